@@ -1,0 +1,1 @@
+"""pieced configuration."""

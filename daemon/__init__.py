@@ -1,0 +1,1 @@
+"""pieced daemon and command line."""

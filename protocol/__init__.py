@@ -1,0 +1,1 @@
+"""pieced wire protocol and client library."""

@@ -1,0 +1,1 @@
+"""pieced storage: metainfo, layout, backends, hashing and the buffer pool."""

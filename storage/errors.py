@@ -1,0 +1,137 @@
+"""Error types with stable numeric codes.
+
+The storage engine raises these, the daemon puts ``code`` and ``message`` on the
+wire, and the client library turns them back into the same classes with
+:func:`error_from_code`. Storage is the lowest layer, so the one definition lives
+here and everything above imports it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Codes are part of the wire protocol: never renumber, only append."""
+
+    INTERNAL = 1
+    BAD_REQUEST = 2
+    BAD_METAINFO = 3
+    UNKNOWN_TORRENT = 4
+    ALREADY_REGISTERED = 5
+    OUT_OF_RANGE = 6
+    PATH_ESCAPE = 7
+    IO_ERROR = 8
+    PROTOCOL = 9
+    TOO_LARGE = 10
+    ACCESS_DENIED = 11
+    CONFIG = 12
+    NO_HASHES = 13
+
+
+class PiecedError(Exception):
+    """Base of every error pieced reports; ``code`` says which kind it is."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+
+    @property
+    def kind(self) -> str:
+        """Lower-case name of the code, used as the ``kind`` label on /metrics."""
+        return self.code.name.lower()
+
+    def __str__(self) -> str:
+        if self.errno is not None:
+            name = _errno.errorcode.get(self.errno, str(self.errno))
+            return f"{self.message} [{name}]"
+        return self.message
+
+
+class BadRequest(PiecedError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class BadMetainfo(PiecedError):
+    code = ErrorCode.BAD_METAINFO
+
+
+class UnknownTorrent(PiecedError):
+    code = ErrorCode.UNKNOWN_TORRENT
+
+
+class AlreadyRegistered(PiecedError):
+    code = ErrorCode.ALREADY_REGISTERED
+
+
+class OutOfRange(PiecedError):
+    code = ErrorCode.OUT_OF_RANGE
+
+
+class PathEscape(PiecedError):
+    code = ErrorCode.PATH_ESCAPE
+
+
+class StorageIOError(PiecedError):
+    """A disk error; ``errno`` carries the OS error number (ENOSPC, EIO, ENOENT...)."""
+
+    code = ErrorCode.IO_ERROR
+
+    @classmethod
+    def wrap(cls, exc: OSError, what: str) -> StorageIOError:
+        return cls(f"{what}: {exc.strerror or exc}", errno=exc.errno)
+
+
+class ProtocolError(PiecedError):
+    code = ErrorCode.PROTOCOL
+
+
+class TooLarge(PiecedError):
+    code = ErrorCode.TOO_LARGE
+
+
+class AccessDenied(PiecedError):
+    code = ErrorCode.ACCESS_DENIED
+
+
+class ConfigError(PiecedError):
+    code = ErrorCode.CONFIG
+
+
+class NoHashes(PiecedError):
+    """The torrent has no hashes of the asked kind (v2 check on a v1 torrent...)."""
+
+    code = ErrorCode.NO_HASHES
+
+
+_BY_CODE: dict[int, type[PiecedError]] = {
+    cls.code: cls
+    for cls in (
+        PiecedError,
+        BadRequest,
+        BadMetainfo,
+        UnknownTorrent,
+        AlreadyRegistered,
+        OutOfRange,
+        PathEscape,
+        StorageIOError,
+        ProtocolError,
+        TooLarge,
+        AccessDenied,
+        ConfigError,
+        NoHashes,
+    )
+}
+
+
+def error_from_code(code: int, message: str, errno: int | None = None) -> PiecedError:
+    """Rebuild the typed error a peer reported; unknown codes become PiecedError."""
+    cls = _BY_CODE.get(code, PiecedError)
+    err = cls(message, errno=errno)
+    if cls is PiecedError and code != ErrorCode.INTERNAL:
+        err.code = ErrorCode.INTERNAL
+    return err

@@ -1,0 +1,372 @@
+"""Files on disk: the handle pool and the posix, mmap and disabled backends.
+
+A backend knows files, not pieces: it is handed :class:`Segment` lists by the
+layout and buffers by the caller, and moves bytes. Writes are vectored
+(``os.pwritev`` of the caller's own buffers, so a ring buffer's two slices reach the
+kernel without a copy); reads land in the caller's buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import OutOfRange, PathEscape, StorageIOError
+from .hashing import Buffer, sub_views
+from .layout import Segment
+from .metainfo import Metainfo
+
+BACKENDS = ("posix", "mmap", "disabled")
+_IOV_MAX = 1024
+
+
+class HandlePool:
+    """A bounded LRU of open file descriptors shared by every torrent.
+
+    A handle in use is never closed under its user: eviction skips busy entries, so
+    the pool may briefly exceed its bound rather than close a descriptor another
+    thread is writing through (which could then land in a reused descriptor).
+    """
+
+    def __init__(self, max_open: int = 512) -> None:
+        self.max_open = max_open
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[tuple[object, int, bool], list[int]] = OrderedDict()  # [fd, users]
+
+    @contextlib.contextmanager
+    def acquire(self, owner: object, index: int, path: Path, writable: bool) -> Iterator[int]:
+        key = (owner, index, writable)
+        with self._lock:
+            entry = self._fds.get(key)
+            if entry is not None:
+                entry[1] += 1
+                self._fds.move_to_end(key)
+        if entry is None:
+            fd = _open(path, writable)
+            with self._lock:
+                entry = self._fds.get(key)
+                if entry is None:
+                    entry = self._fds[key] = [fd, 1]
+                    fd = -1
+                else:
+                    entry[1] += 1
+                self._evict_locked()
+            if fd >= 0:  # lost a race to open the same file: keep the other one
+                os.close(fd)
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        excess = len(self._fds) - self.max_open
+        if excess <= 0:
+            return
+        for key in [k for k, e in self._fds.items() if e[1] == 0][:excess]:
+            os.close(self._fds.pop(key)[0])
+
+    def close(self, owner: object) -> None:
+        """Close every idle handle of ``owner`` (a torrent being moved or dropped)."""
+        with self._lock:
+            for key in [k for k in self._fds if k[0] is owner]:
+                fd, users = self._fds[key]
+                if users == 0:
+                    del self._fds[key]
+                    os.close(fd)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._fds)
+
+
+def _open(path: Path, writable: bool) -> int:
+    # O_NOFOLLOW: a symlink planted where a payload file belongs is refused, not followed.
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        if writable:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path, flags | os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path, flags | os.O_RDONLY)
+    except OSError as exc:
+        raise StorageIOError.wrap(exc, f"open {path}") from None
+
+
+class FileStorage:
+    """The posix backend: pread/pwritev through the shared handle pool."""
+
+    name = "posix"
+
+    def __init__(
+        self, meta: Metainfo, save_path: Path, handles: HandlePool, preallocate: bool = False
+    ) -> None:
+        self.meta = meta
+        self.save_path = save_path
+        self.handles = handles
+        self.preallocate = preallocate
+        self._names: dict[int, tuple[str, ...]] = {}
+        self._sized: set[int] = set()
+        self._dirty: set[int] = set()
+        self._lock = threading.Lock()
+
+    # -- paths -------------------------------------------------------------
+    def file_path(self, index: int) -> Path:
+        parts = self._names.get(index, self.meta.files[index].path)
+        return self.save_path.joinpath(*parts)
+
+    def stored_files(self) -> Iterator[int]:
+        return (i for i, f in enumerate(self.meta.files) if f.stored)
+
+    # -- I/O -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _fd(self, index: int, writable: bool) -> Iterator[int]:
+        with self.handles.acquire(self, index, self.file_path(index), writable) as fd:
+            if writable and index not in self._sized:
+                self._size_file(fd, index)
+            yield fd
+
+    def _size_file(self, fd: int, index: int) -> None:
+        """Give a file its full length on first write: sparse, or allocated if asked."""
+        length = self.meta.files[index].length
+        try:
+            if self.preallocate and length:
+                os.posix_fallocate(fd, 0, length)
+            elif os.fstat(fd).st_size < length:
+                os.ftruncate(fd, length)
+        except OSError as exc:
+            raise StorageIOError.wrap(exc, f"size {self.file_path(index)}") from None
+        with self._lock:
+            self._sized.add(index)
+
+    def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
+        """Write the logical concatenation of ``bufs`` to ``segments``; bytes written."""
+        written = 0
+        for seg in segments:
+            if not seg.stored:
+                continue
+            views = sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length)
+            with self._fd(seg.file_index, True) as fd:
+                self._pwritev_all(fd, views, seg.file_offset, seg.file_index)
+            with self._lock:
+                self._dirty.add(seg.file_index)
+            written += seg.length
+        return written
+
+    def _pwritev_all(self, fd: int, views: list[memoryview], offset: int, index: int) -> None:
+        while views:
+            try:
+                n = os.pwritev(fd, views[:_IOV_MAX], offset)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
+            offset += n
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
+        """Fill ``out`` from ``segments``; pad bytes and holes past a file's end read as zeros."""
+        for seg in segments:
+            dst = out[seg.buf_offset : seg.buf_offset + seg.length]
+            if not seg.stored:
+                dst[:] = bytes(seg.length)
+                continue
+            with self._fd(seg.file_index, False) as fd:
+                done = 0
+                while done < seg.length:
+                    try:
+                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
+                    except OSError as exc:
+                        raise StorageIOError.wrap(
+                            exc, f"read {self.file_path(seg.file_index)}"
+                        ) from None
+                    if n == 0:
+                        dst[done:] = bytes(seg.length - done)
+                        break
+                    done += n
+
+    def sync(self, indices: Sequence[int] | None = None) -> None:
+        """fdatasync the files written since their last sync (all, or the given ones)."""
+        with self._lock:
+            todo = sorted(self._dirty if indices is None else self._dirty & set(indices))
+            self._dirty.difference_update(todo)
+        for index in todo:
+            with self._fd(index, True) as fd:
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    with self._lock:
+                        self._dirty.add(index)
+                    raise StorageIOError.wrap(exc, f"sync {self.file_path(index)}") from None
+
+    # -- life cycle -------------------------------------------------------------
+    def close(self) -> None:
+        self.handles.close(self)
+
+    def delete_files(self) -> None:
+        self.close()
+        for index in self.stored_files():
+            with contextlib.suppress(FileNotFoundError):
+                self.file_path(index).unlink()
+        _prune_empty_dirs(self.save_path, self.meta)
+
+    def move(self, new_path: Path) -> None:
+        """Move every existing payload file under ``new_path`` (rename, or copy across devices)."""
+        self.close()
+        moved: list[tuple[Path, Path]] = []
+        try:
+            for index in self.stored_files():
+                src = self.file_path(index)
+                dst = new_path.joinpath(*self._names.get(index, self.meta.files[index].path))
+                if not src.exists():
+                    continue
+                if dst.exists():
+                    raise StorageIOError(f"move: {dst} already exists", errno=errno.EEXIST)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(src, dst)
+                moved.append((src, dst))
+        except OSError as exc:
+            for src, dst in reversed(moved):
+                shutil.move(dst, src)
+            raise StorageIOError.wrap(exc, "move") from None
+        except StorageIOError:
+            for src, dst in reversed(moved):
+                shutil.move(dst, src)
+            raise
+        _prune_empty_dirs(self.save_path, self.meta)
+        self.save_path = new_path
+
+    def rename(self, index: int, new_name: str) -> None:
+        """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
+        if not 0 <= index < len(self.meta.files) or not self.meta.files[index].stored:
+            raise OutOfRange(f"file index {index} is not a payload file")
+        parts = tuple(new_name.split("/"))
+        if new_name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
+            raise PathEscape(f"new name {new_name!r} must be a relative path inside the save path")
+        self.close()
+        src = self.file_path(index)
+        dst = self.save_path.joinpath(*parts)
+        if src.exists():
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(src, dst)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, "rename") from None
+        self._names[index] = parts
+
+
+class MmapStorage(FileStorage):
+    """The mmap backend: payload files mapped shared, written and read by memcpy.
+
+    Mappings are made at the file's full length (sparse), so a write never faults
+    past the end; ``sync`` is msync. Durability has the same meaning as posix.
+    """
+
+    name = "mmap"
+
+    def __init__(
+        self, meta: Metainfo, save_path: Path, handles: HandlePool, preallocate: bool = False
+    ) -> None:
+        super().__init__(meta, save_path, handles, preallocate)
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def _map(self, index: int) -> mmap.mmap:
+        m = self._maps.get(index)
+        if m is None:
+            with self._fd(index, True) as fd:
+                m = mmap.mmap(fd, self.meta.files[index].length)
+            with self._lock:
+                m = self._maps.setdefault(index, m)
+        return m
+
+    def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
+        written = 0
+        for seg in segments:
+            if not seg.stored:
+                continue
+            m = self._map(seg.file_index)
+            pos = seg.file_offset
+            for v in sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length):
+                m[pos : pos + v.nbytes] = v
+                pos += v.nbytes
+            with self._lock:
+                self._dirty.add(seg.file_index)
+            written += seg.length
+        return written
+
+    def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
+        for seg in segments:
+            dst = out[seg.buf_offset : seg.buf_offset + seg.length]
+            if not seg.stored:
+                dst[:] = bytes(seg.length)
+                continue
+            m = self._map(seg.file_index)
+            dst[:] = m[seg.file_offset : seg.file_offset + seg.length]
+
+    def sync(self, indices: Sequence[int] | None = None) -> None:
+        with self._lock:
+            todo = sorted(self._dirty if indices is None else self._dirty & set(indices))
+            self._dirty.difference_update(todo)
+        for index in todo:
+            try:
+                self._maps[index].flush()
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, f"msync {self.file_path(index)}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            maps, self._maps = self._maps, {}
+        for m in maps.values():
+            m.close()
+        super().close()
+
+
+class DisabledStorage(FileStorage):
+    """Accepts every write and stores nothing; reads are zeros.
+
+    For measuring the rest of the pipeline (protocol, hashing, cache) without disk.
+    """
+
+    name = "disabled"
+
+    def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
+        return sum(s.length for s in segments if s.stored)
+
+    def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
+        for seg in segments:
+            out[seg.buf_offset : seg.buf_offset + seg.length] = bytes(seg.length)
+
+    def sync(self, indices: Sequence[int] | None = None) -> None:
+        return None
+
+    def delete_files(self) -> None:
+        return None
+
+    def move(self, new_path: Path) -> None:
+        self.save_path = new_path
+
+
+def make_storage(
+    backend: str, meta: Metainfo, save_path: Path, handles: HandlePool, preallocate: bool = False
+) -> FileStorage:
+    cls = {"posix": FileStorage, "mmap": MmapStorage, "disabled": DisabledStorage}.get(backend)
+    if cls is None:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return cls(meta, save_path, handles, preallocate)
+
+
+def _prune_empty_dirs(save_path: Path, meta: Metainfo) -> None:
+    """Remove the torrent's now-empty folders, deepest first, never the save path itself."""
+    dirs = {save_path.joinpath(*f.path[:i]) for f in meta.files for i in range(1, len(f.path))}
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()

@@ -1,0 +1,253 @@
+"""Piece hashing: SHA-1 (v1), SHA-256 Merkle (v2), and the worker pool that runs them.
+
+hashlib releases the GIL for buffers over 2 KiB, so plain threads hash on every
+core; a thread pool avoids the pickling and copying a process pool would need.
+
+Two ways a piece gets hashed:
+- :class:`PieceHasher` follows a piece while its blocks arrive: SHA-1 over the
+  in-order prefix and one SHA-256 leaf per 16 KiB block as each block lands (in
+  any order), so the completing block costs almost nothing and nothing is read back
+  in the common case;
+- :func:`check_piece` hashes a whole piece already in memory or mapped (verify,
+  recheck, explicit ``hash_piece``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .merkle import BLOCK_SIZE, leaf_count, merkle_root
+from .metainfo import V2Piece
+
+Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
+_ZEROS = bytes(256 * 1024)
+
+
+def sub_views(bufs: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
+    """Views of bytes [start, end) of the logical concatenation of ``bufs``, no copy."""
+    out: list[memoryview] = []
+    pos = 0
+    for b in bufs:
+        mv = b if isinstance(b, memoryview) else memoryview(b)
+        n = mv.nbytes
+        lo, hi = max(start - pos, 0), min(end - pos, n)
+        if lo < hi:
+            out.append(mv[lo:hi])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def feed_zeros(h: Any, n: int) -> None:
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        h.update(_ZEROS[:k] if k < len(_ZEROS) else _ZEROS)
+        n -= k
+
+
+def sha256_of(views: Sequence[Buffer]) -> bytes:
+    if len(views) == 1:
+        return hashlib.sha256(views[0]).digest()
+    h = hashlib.sha256()
+    for v in views:
+        h.update(v)
+    return h.digest()
+
+
+def v2_root(data: Buffer, v2: V2Piece) -> bytes:
+    """Merkle root of a v2 piece's data (its file's bytes only, no pad)."""
+    mv = memoryview(data)[: v2.data_length]
+    sha = hashlib.sha256
+    leaves = [sha(mv[i : i + BLOCK_SIZE]).digest() for i in range(0, v2.data_length, BLOCK_SIZE)]
+    return merkle_root(leaves, v2.width)
+
+
+def check_piece(
+    views: Sequence[Buffer], v1_expected: bytes | None, v2: V2Piece | None
+) -> tuple[bool | None, bool | None]:
+    """(v1 ok, v2 ok) for a whole piece given as consecutive views (None: no such hash).
+
+    The v2 part of a piece always lies in one file, so it is the first view.
+    """
+    ok1 = ok2 = None
+    if v1_expected is not None:
+        h = hashlib.sha1()
+        for v in views:
+            h.update(v)
+        ok1 = h.digest() == v1_expected
+    if v2 is not None:
+        first = views[0]
+        if memoryview(first).nbytes < v2.data_length:
+            first = b"".join(views)
+        ok2 = v2_root(first, v2) == v2.expected
+    return ok1, ok2
+
+
+class _Intervals:
+    """Sorted, merged [start, end) ranges: which bytes of a piece have arrived."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self) -> None:
+        self.spans: list[list[int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        spans = self.spans
+        i = 0
+        while i < len(spans) and spans[i][1] < start:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] <= end:
+            start = min(start, spans[j][0])
+            end = max(end, spans[j][1])
+            j += 1
+        spans[i:j] = [[start, end]]
+
+    def covers(self, start: int, end: int) -> bool:
+        return any(s <= start and end <= e for s, e in self.spans)
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self.spans)
+
+
+class PieceHasher:
+    """Hash state of one piece whose blocks are arriving.
+
+    ``pads`` are the piece's pad ranges: they count as received zeros, since a peer
+    never sends them. A write over bytes already hashed (a duplicate block)
+    invalidates what it touches, so the result is always the hash of the latest data.
+    """
+
+    __slots__ = ("_pads", "_sha1", "_sha1_pos", "leaves", "received", "size", "v2")
+
+    def __init__(
+        self, size: int, want_v1: bool, v2: V2Piece | None, pads: Sequence[tuple[int, int]] = ()
+    ) -> None:
+        self.size = size
+        self.v2 = v2
+        self._sha1 = hashlib.sha1() if want_v1 else None
+        self._sha1_pos = 0
+        self.leaves: dict[int, bytes] = {}
+        self.received = _Intervals()
+        self._pads = list(pads)
+        for s, e in self._pads:
+            self.received.add(s, e)
+        self._advance_over_pads()
+
+    @property
+    def complete(self) -> bool:
+        return self.received.covers(0, self.size)
+
+    @property
+    def received_bytes(self) -> int:
+        return self.received.total()
+
+    def add(self, begin: int, bufs: Sequence[Buffer]) -> None:
+        """Account for a block written at ``begin`` (given as one or more slices)."""
+        length = sum(memoryview(b).nbytes for b in bufs)
+        end = begin + length
+        self.received.add(begin, end)
+        if self._sha1 is not None:
+            if begin < self._sha1_pos:
+                self._sha1 = hashlib.sha1()
+                self._sha1_pos = 0
+                self._advance_over_pads()
+            if begin == self._sha1_pos:
+                for v in bufs:
+                    self._sha1.update(v)
+                self._sha1_pos = end
+                self._advance_over_pads()
+        if self.v2 is not None:
+            self._add_leaves(begin, end, bufs)
+
+    def _add_leaves(self, begin: int, end: int, bufs: Sequence[Buffer]) -> None:
+        assert self.v2 is not None
+        limit = self.v2.data_length
+        first = begin // BLOCK_SIZE
+        last = min(end, limit)
+        k = first
+        while k * BLOCK_SIZE < last:
+            lo = k * BLOCK_SIZE
+            hi = min(lo + BLOCK_SIZE, limit)
+            if lo >= begin and hi <= end:
+                self.leaves[k] = sha256_of(sub_views(bufs, lo - begin, hi - begin))
+            else:
+                self.leaves.pop(k, None)
+            k += 1
+
+    def _advance_over_pads(self) -> None:
+        if self._sha1 is None:
+            return
+        for s, e in self._pads:
+            if s == self._sha1_pos:
+                feed_zeros(self._sha1, e - s)
+                self._sha1_pos = e
+
+    def finish(
+        self, fetch: Callable[[int, int], Buffer]
+    ) -> tuple[bytes | None, bytes | None]:
+        """(SHA-1 digest, v2 root) of the complete piece.
+
+        ``fetch(begin, length)`` supplies bytes this state did not see in order
+        (blocks that arrived out of order, or partial leaves): normally not called.
+        """
+        d1 = d2 = None
+        if self._sha1 is not None:
+            if self._sha1_pos < self.size:
+                self._sha1.update(fetch(self._sha1_pos, self.size - self._sha1_pos))
+            d1 = self._sha1.digest()
+        if self.v2 is not None:
+            n = leaf_count(self.v2.data_length)
+            leaves = []
+            for k in range(n):
+                leaf = self.leaves.get(k)
+                if leaf is None:
+                    lo = k * BLOCK_SIZE
+                    hi = min(lo + BLOCK_SIZE, self.v2.data_length)
+                    leaf = hashlib.sha256(fetch(lo, hi - lo)).digest()
+                leaves.append(leaf)
+            d2 = merkle_root(leaves, self.v2.width)
+        return d1, d2
+
+
+class HashPool:
+    """The hashing workers: one thread per core unless told otherwise.
+
+    Tracks queue depth and latency, which /metrics reports; the daemon's and the
+    offline verifier's hashing both go through one of these.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pieced-hash")
+        self._lock = threading.Lock()
+        self.queued = 0
+        self.jobs = 0
+        self.seconds = 0.0
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        with self._lock:
+            self.queued += 1
+        start = time.perf_counter()
+
+        def run() -> T:
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self.queued -= 1
+                    self.jobs += 1
+                    self.seconds += time.perf_counter() - start
+
+        return self._pool.submit(run)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

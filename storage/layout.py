@@ -1,0 +1,86 @@
+"""Piece <-> file mapping.
+
+The torrent is one linear byte space; files (pad files included) tile it back to
+back, so a (piece, begin, length) range becomes a few (file, offset, length)
+segments found by bisection. Pad bytes are real bytes of piece space (they are
+hashed as zeros by v1) but never touch the disk, so segments say which is which.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from .errors import OutOfRange
+from .metainfo import Metainfo
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """``length`` bytes at ``file_offset`` of file ``file_index``, starting
+    ``buf_offset`` bytes into the caller's buffer. ``stored`` is false for pad files
+    and symlinks, whose bytes are zeros that are never written."""
+
+    file_index: int
+    file_offset: int
+    length: int
+    buf_offset: int
+    stored: bool
+
+
+class Layout:
+    def __init__(self, meta: Metainfo) -> None:
+        self.piece_length = meta.piece_length
+        self.num_pieces = meta.num_pieces
+        self.total_size = meta.total_size
+        self._last_piece_size = meta.piece_size(meta.num_pieces - 1) if meta.num_pieces else 0
+        # Only files that occupy bytes take part in the search (zero-length ones cover nothing).
+        self._index = [i for i, f in enumerate(meta.files) if f.length > 0]
+        self._starts = [meta.files[i].offset for i in self._index]
+        self._files = meta.files
+
+    def piece_size(self, piece: int) -> int:
+        return self._last_piece_size if piece == self.num_pieces - 1 else self.piece_length
+
+    def check(self, piece: int, begin: int, length: int) -> None:
+        """Refuse a range that is not inside one piece (OutOfRange, naming it)."""
+        if not 0 <= piece < self.num_pieces:
+            raise OutOfRange(f"piece {piece} is out of range (0..{self.num_pieces - 1})")
+        size = self.piece_size(piece)
+        if begin < 0 or length < 0 or begin + length > size:
+            raise OutOfRange(
+                f"range begin={begin} length={length} is outside piece {piece} of {size} bytes"
+            )
+
+    def map(self, piece: int, begin: int, length: int) -> list[Segment]:
+        """Segments covering the range, in order; the range must pass :meth:`check`."""
+        self.check(piece, begin, length)
+        return self.map_offset(piece * self.piece_length + begin, length)
+
+    def map_offset(self, offset: int, length: int) -> list[Segment]:
+        out: list[Segment] = []
+        k = bisect.bisect_right(self._starts, offset) - 1
+        done = 0
+        while done < length:
+            idx = self._index[k]
+            f = self._files[idx]
+            pos = offset + done
+            n = min(length - done, f.end - pos)
+            out.append(Segment(idx, pos - f.offset, n, done, f.stored))
+            done += n
+            k += 1
+        return out
+
+    def file_to_piece(self, file_index: int, file_offset: int) -> tuple[int, int]:
+        """(piece, begin) of a byte of a file: the inverse of :meth:`map`."""
+        f = self._files[file_index]
+        if not 0 <= file_offset < f.length:
+            raise OutOfRange(f"offset {file_offset} is outside file {file_index}")
+        return divmod(f.offset + file_offset, self.piece_length)
+
+    def file_pieces(self, file_index: int) -> range:
+        """Pieces holding at least one byte of the file."""
+        f = self._files[file_index]
+        if f.length == 0:
+            return range(0)
+        return range(f.offset // self.piece_length, (f.end - 1) // self.piece_length + 1)

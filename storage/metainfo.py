@@ -1,0 +1,434 @@
+"""Parsing and validating .torrent metainfo: v1, v2 (BEP 52), hybrid, BEP 47 pad files.
+
+Everything a client hands us is untrusted: a metainfo is refused, with a message
+that names the offending key, unless every file path stays inside the save path,
+every length adds up, and every v2 piece layer hashes to its file's ``pieces root``.
+Once a :class:`Metainfo` exists, the rest of the engine may trust it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import bencodepy
+
+from .errors import BadMetainfo, TooLarge
+from .merkle import BLOCK_SIZE, leaf_count, piece_width, root_from_layer
+
+MAX_METAINFO_BYTES = 64 * 1024 * 1024
+MAX_FILES = 1_000_000
+MAX_PIECES = 4_000_000
+_LEGACY_PAD_PREFIX = "_____padding_file_"
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of the torrent, placed in the torrent's linear byte space.
+
+    ``offset`` is where the file starts in that space; pad files (BEP 47, and the
+    implicit alignment of v2-only torrents, which are given pad entries here as
+    libtorrent does) occupy space but are never written to disk.
+    """
+
+    path: tuple[str, ...]
+    length: int
+    offset: int
+    pad: bool = False
+    attr: str = ""
+    pieces_root: bytes | None = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def stored(self) -> bool:
+        """Whether the file has bytes on disk (pad files and symlinks do not)."""
+        return not self.pad and "l" not in self.attr
+
+
+@dataclass(frozen=True, slots=True)
+class V2Piece:
+    """What a v2 check of one piece needs: which file, how many bytes, what root."""
+
+    file_index: int
+    index_in_file: int
+    data_length: int
+    width: int
+    expected: bytes
+
+
+@dataclass(frozen=True)
+class Metainfo:
+    name: str
+    piece_length: int
+    files: tuple[FileEntry, ...]
+    total_size: int
+    num_pieces: int
+    info_hash_v1: bytes | None
+    info_hash_v2: bytes | None
+    pieces_v1: bytes | None
+    piece_layers: dict[bytes, bytes] = field(repr=False)
+    raw: bytes = field(repr=False)
+    # Per v2 file with data, in file order: its first piece and its index in files.
+    _v2_first_piece: tuple[int, ...] = field(repr=False, default=())
+    _v2_file_index: tuple[int, ...] = field(repr=False, default=())
+
+    @property
+    def info_hash(self) -> bytes:
+        """The 20-byte key: v1 SHA-1, or the v2 SHA-256 truncated for v2-only torrents."""
+        if self.info_hash_v1 is not None:
+            return self.info_hash_v1
+        assert self.info_hash_v2 is not None
+        return self.info_hash_v2[:20]
+
+    @property
+    def aliases(self) -> tuple[bytes, ...]:
+        """Every 20-byte key this torrent answers to (a hybrid answers to two)."""
+        keys = [self.info_hash]
+        if self.info_hash_v2 is not None and self.info_hash_v2[:20] != keys[0]:
+            keys.append(self.info_hash_v2[:20])
+        return tuple(keys)
+
+    @property
+    def has_v1(self) -> bool:
+        return self.pieces_v1 is not None
+
+    @property
+    def has_v2(self) -> bool:
+        return self.info_hash_v2 is not None
+
+    def piece_size(self, piece: int) -> int:
+        if piece == self.num_pieces - 1:
+            return self.total_size - piece * self.piece_length
+        return self.piece_length
+
+    def v1_hash(self, piece: int) -> bytes:
+        assert self.pieces_v1 is not None
+        return self.pieces_v1[piece * 20 : piece * 20 + 20]
+
+    def v2_piece(self, piece: int) -> V2Piece | None:
+        """The v2 view of a piece, or None for a v1-only torrent."""
+        if not self.has_v2:
+            return None
+        i = bisect.bisect_right(self._v2_first_piece, piece) - 1
+        fidx = self._v2_file_index[i]
+        f = self.files[fidx]
+        j = piece - self._v2_first_piece[i]
+        data_length = min(self.piece_length, f.length - j * self.piece_length)
+        assert f.pieces_root is not None
+        if f.length > self.piece_length:
+            expected = self.piece_layers[f.pieces_root][j * 32 : j * 32 + 32]
+        else:
+            expected = f.pieces_root
+        return V2Piece(fidx, j, data_length, piece_width(f.length, self.piece_length), expected)
+
+
+def parse(
+    data: bytes,
+    *,
+    max_bytes: int = MAX_METAINFO_BYTES,
+    max_files: int = MAX_FILES,
+    max_pieces: int = MAX_PIECES,
+) -> Metainfo:
+    """Parse and fully validate .torrent bytes; raise BadMetainfo naming the problem."""
+    if len(data) > max_bytes:
+        raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
+    try:
+        top = bencodepy.decode(data)
+    except Exception as exc:
+        raise BadMetainfo(f"not valid bencode: {exc}") from None
+    if not isinstance(top, dict):
+        raise BadMetainfo("metainfo is not a dictionary")
+    info = top.get(b"info")
+    if not isinstance(info, dict):
+        raise BadMetainfo("'info' is missing or not a dictionary")
+    info_bytes = _info_span(data)
+
+    name = _component(_get(info, b"name", bytes, "info"), "info.name", info.get(b"name.utf-8"))
+    piece_length = _get(info, b"piece length", int, "info")
+    if piece_length <= 0:
+        raise BadMetainfo(f"'piece length' must be positive, got {piece_length}")
+    meta_version = info.get(b"meta version")
+    has_v2 = meta_version is not None
+    if has_v2 and meta_version != 2:
+        raise BadMetainfo(f"unsupported 'meta version' {meta_version!r}")
+    has_v1 = b"pieces" in info
+    if not has_v1 and not has_v2:
+        raise BadMetainfo("'info' has neither 'pieces' (v1) nor 'meta version' 2 (v2)")
+    if has_v2 and (piece_length < BLOCK_SIZE or piece_length & (piece_length - 1)):
+        raise BadMetainfo(f"v2 'piece length' must be a power of two >= 16 KiB, got {piece_length}")
+
+    v2_files: list[FileEntry] = []
+    if has_v2:
+        tree = _get(info, b"file tree", dict, "info")
+        v2_files = _walk_tree(tree, name, max_files)
+        if not v2_files:
+            raise BadMetainfo("'file tree' has no files")
+
+    if has_v1:
+        pieces = _get(info, b"pieces", bytes, "info")
+        if len(pieces) % 20:
+            raise BadMetainfo(f"'pieces' length {len(pieces)} is not a multiple of 20")
+        v1_files = _v1_files(info, name, max_files)
+        files = v1_files
+        if has_v2:
+            _check_hybrid(v1_files, v2_files, piece_length)
+            # v2 carries the pieces roots; v1 carries the pad files: merge them.
+            roots = iter(v2_files)
+            files = [
+                f if f.pad else _with_root(f, next(roots)) for f in v1_files
+            ]
+    else:
+        pieces = None
+        files = _align_v2(v2_files, piece_length)
+
+    total = files[-1].end if files else 0
+    num_pieces = (total + piece_length - 1) // piece_length
+    if num_pieces > max_pieces:
+        raise TooLarge(f"torrent has {num_pieces} pieces, the limit is {max_pieces}")
+    if pieces is not None and len(pieces) // 20 != num_pieces:
+        raise BadMetainfo(
+            f"'pieces' holds {len(pieces) // 20} hashes but the files need {num_pieces} pieces"
+        )
+
+    layers: dict[bytes, bytes] = {}
+    first_piece: list[int] = []
+    file_of: list[int] = []
+    if has_v2:
+        raw_layers = top.get(b"piece layers", {})
+        if not isinstance(raw_layers, dict):
+            raise BadMetainfo("'piece layers' is not a dictionary")
+        for idx, f in enumerate(files):
+            if f.pad or f.length == 0:
+                continue
+            assert f.pieces_root is not None
+            first_piece.append(f.offset // piece_length)
+            file_of.append(idx)
+            if f.length <= piece_length:
+                continue
+            layer = raw_layers.get(f.pieces_root)
+            where = "/".join(f.path)
+            if not isinstance(layer, bytes):
+                raise BadMetainfo(f"'piece layers' has no layer for file {where!r}")
+            want = 32 * ((f.length + piece_length - 1) // piece_length)
+            if len(layer) != want:
+                raise BadMetainfo(
+                    f"piece layer of {where!r} is {len(layer)} bytes, expected {want}"
+                )
+            if root_from_layer(layer, piece_length) != f.pieces_root:
+                raise BadMetainfo(f"piece layer of {where!r} does not hash to its 'pieces root'")
+            layers[f.pieces_root] = layer
+
+    meta = Metainfo(
+        name=name,
+        piece_length=piece_length,
+        files=tuple(files),
+        total_size=total,
+        num_pieces=num_pieces,
+        info_hash_v1=hashlib.sha1(info_bytes).digest() if has_v1 else None,
+        info_hash_v2=hashlib.sha256(info_bytes).digest() if has_v2 else None,
+        pieces_v1=pieces,
+        piece_layers=layers,
+        raw=data,
+        _v2_first_piece=tuple(first_piece),
+        _v2_file_index=tuple(file_of),
+    )
+    return meta
+
+
+def _with_root(f: FileEntry, v2: FileEntry) -> FileEntry:
+    return FileEntry(f.path, f.length, f.offset, f.pad, f.attr or v2.attr, v2.pieces_root)
+
+
+def _get(d: dict[bytes, Any], key: bytes, typ: type, where: str) -> Any:
+    if key not in d:
+        raise BadMetainfo(f"'{where}.{key.decode()}' is missing")
+    value = d[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise BadMetainfo(f"'{where}.{key.decode()}' must be {_typename(typ)}")
+    return value
+
+
+def _typename(typ: type) -> str:
+    return {bytes: "a string", int: "an integer", dict: "a dictionary", list: "a list"}[typ]
+
+
+def _component(raw: Any, where: str, utf8: Any = None) -> str:
+    """One path component, refused unless it is a plain name inside its folder."""
+    if isinstance(utf8, bytes):
+        raw = utf8
+    if not isinstance(raw, bytes):
+        raise BadMetainfo(f"{where} must be a string")
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadMetainfo(f"{where} is not valid UTF-8") from None
+    if s in ("", ".", ".."):
+        raise BadMetainfo(f"{where} is {s!r}: empty and dot components are not allowed")
+    if "\0" in s:
+        raise BadMetainfo(f"{where} contains a NUL byte")
+    if "/" in s or "\\" in s:
+        raise BadMetainfo(f"{where} {s!r} contains a path separator")
+    return s
+
+
+def _is_pad(path: tuple[str, ...], attr: str) -> bool:
+    return "p" in attr or path[-1].startswith(_LEGACY_PAD_PREFIX)
+
+
+def _attr(d: dict[bytes, Any], where: str) -> str:
+    a = d.get(b"attr", b"")
+    if not isinstance(a, bytes):
+        raise BadMetainfo(f"{where}.attr must be a string")
+    return a.decode("ascii", "replace")
+
+
+def _length(d: dict[bytes, Any], where: str) -> int:
+    n = _get(d, b"length", int, where)
+    if n < 0:
+        raise BadMetainfo(f"'{where}.length' is negative")
+    return int(n)
+
+
+def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> list[FileEntry]:
+    if b"files" not in info:
+        length = _length(info, "info")
+        return [FileEntry((name,), length, 0, attr=_attr(info, "info"))]
+    raw = _get(info, b"files", list, "info")
+    if not raw:
+        raise BadMetainfo("'info.files' is empty")
+    if len(raw) > max_files:
+        raise TooLarge(f"torrent has {len(raw)} files, the limit is {max_files}")
+    out: list[FileEntry] = []
+    offset = 0
+    for i, fd in enumerate(raw):
+        where = f"info.files[{i}]"
+        if not isinstance(fd, dict):
+            raise BadMetainfo(f"'{where}' is not a dictionary")
+        length = _length(fd, where)
+        parts = fd.get(b"path.utf-8", fd.get(b"path"))
+        if not isinstance(parts, list) or not parts:
+            raise BadMetainfo(f"'{where}.path' must be a non-empty list")
+        path = tuple(_component(p, f"{where}.path[{j}]") for j, p in enumerate(parts))
+        attr = _attr(fd, where)
+        out.append(FileEntry((name, *path), length, offset, _is_pad(path, attr), attr))
+        offset += length
+    return out
+
+
+def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEntry]:
+    """Files of a v2 file tree in its (sorted) order, offsets not yet assigned."""
+    out: list[FileEntry] = []
+
+    def walk(node: dict[bytes, Any], prefix: tuple[str, ...], depth: int) -> Iterator[FileEntry]:
+        if depth > 256:
+            raise BadMetainfo("'file tree' is nested too deeply")
+        for key in sorted(node):
+            child = node[key]
+            where = "file tree/" + "/".join((*prefix, key.decode("utf-8", "replace")))
+            if not isinstance(child, dict):
+                raise BadMetainfo(f"'{where}' is not a dictionary")
+            comp = _component(key, f"'{where}'")
+            if b"" in child:
+                if len(child) != 1:
+                    raise BadMetainfo(f"'{where}' is both a file and a folder")
+                leaf = child[b""]
+                if not isinstance(leaf, dict):
+                    raise BadMetainfo(f"'{where}' file entry is not a dictionary")
+                length = _length(leaf, where)
+                root = leaf.get(b"pieces root")
+                if length > 0 and (not isinstance(root, bytes) or len(root) != 32):
+                    raise BadMetainfo(f"'{where}' needs a 32-byte 'pieces root'")
+                yield FileEntry(
+                    (*prefix, comp), length, 0, attr=_attr(leaf, where),
+                    pieces_root=root if length > 0 else None,
+                )
+            else:
+                yield from walk(child, (*prefix, comp), depth + 1)
+
+    for f in walk(tree, (), 0):
+        out.append(f)
+        if len(out) > max_files:
+            raise TooLarge(f"torrent has more than {max_files} files")
+    single = len(out) == 1 and len(out[0].path) == 1
+    if not single:
+        out = [FileEntry((name, *f.path), f.length, 0, f.pad, f.attr, f.pieces_root) for f in out]
+    return out
+
+
+def _align_v2(files: list[FileEntry], piece_length: int) -> list[FileEntry]:
+    """Place v2-only files on piece boundaries, with pad entries as libtorrent adds them."""
+    out: list[FileEntry] = []
+    pos = 0
+    last_data = max((i for i, f in enumerate(files) if f.length), default=-1)
+    for i, f in enumerate(files):
+        out.append(FileEntry(f.path, f.length, pos, f.pad, f.attr, f.pieces_root))
+        pos += f.length
+        if i < last_data and pos % piece_length:
+            gap = piece_length - pos % piece_length
+            out.append(FileEntry((".pad", str(gap)), gap, pos, pad=True, attr="p"))
+            pos += gap
+    return out
+
+
+def _check_hybrid(v1: list[FileEntry], v2: list[FileEntry], piece_length: int) -> None:
+    data = [f for f in v1 if not f.pad]
+    if len(data) != len(v2):
+        raise BadMetainfo(
+            f"hybrid torrent: v1 lists {len(data)} files but the v2 file tree has {len(v2)}"
+        )
+    for a, b in zip(data, v2, strict=True):
+        if a.path != b.path or a.length != b.length:
+            raise BadMetainfo(
+                f"hybrid torrent: v1 file {'/'.join(a.path)!r} ({a.length} bytes) does not "
+                f"match v2 file {'/'.join(b.path)!r} ({b.length} bytes)"
+            )
+        if a.length and a.offset % piece_length:
+            raise BadMetainfo(
+                f"hybrid torrent: file {'/'.join(a.path)!r} does not start on a piece boundary"
+            )
+
+
+def _info_span(data: bytes) -> bytes:
+    """The exact bytes of the top-level 'info' value: hashes are over the original
+    encoding, which a decode/re-encode round trip would not preserve."""
+    if data[:1] != b"d":
+        raise BadMetainfo("metainfo is not a dictionary")
+    pos = 1
+    while pos < len(data) and data[pos : pos + 1] != b"e":
+        key_end = _skip(data, pos)
+        key = data[data.index(b":", pos) + 1 : key_end]
+        value_end = _skip(data, key_end)
+        if key == b"info":
+            return data[key_end:value_end]
+        pos = value_end
+    raise BadMetainfo("'info' is missing")
+
+
+def _skip(data: bytes, pos: int) -> int:
+    """End offset of the bencoded value at ``pos`` (input already validated by decode)."""
+    c = data[pos : pos + 1]
+    if c == b"i":
+        return data.index(b"e", pos) + 1
+    if c in (b"l", b"d"):
+        pos += 1
+        while data[pos : pos + 1] != b"e":
+            pos = _skip(data, pos)
+        return pos + 1
+    colon = data.index(b":", pos)
+    return colon + 1 + int(data[pos:colon])
+
+
+__all__ = [
+    "BLOCK_SIZE",
+    "FileEntry",
+    "Metainfo",
+    "V2Piece",
+    "leaf_count",
+    "parse",
+]
