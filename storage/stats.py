@@ -1,0 +1,90 @@
+"""Counters the storage layer owns (SPEC section 6), cheap enough for the hot path.
+
+Kept as plain numbers under one lock so the engine has no dependency on
+prometheus-client; the daemon's /metrics reads :meth:`Stats.snapshot`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# Upper bounds in seconds, as prometheus-client's default histogram buckets.
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class Histogram:
+    __slots__ = ("counts", "sum", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.total = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(LATENCY_BUCKETS) and value > LATENCY_BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.total += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"buckets": list(LATENCY_BUCKETS), "counts": list(self.counts),
+                "sum": self.sum, "count": self.total}
+
+
+COUNTERS = (
+    "bytes_written",
+    "bytes_read",
+    "blocks_written",
+    "blocks_written_through",
+    "duplicate_blocks",
+    "cache_hits",
+    "cache_misses",
+    "pieces_verified",
+    "pieces_failed",
+    "syncs",
+)
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.errors: dict[str, int] = {}
+        self.latency: dict[str, Histogram] = {
+            "read": Histogram(), "write": Histogram(), "sync": Histogram(), "hash": Histogram(),
+        }
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def error(self, errno: int | None, kind: str = "io_error") -> None:
+        """Count an error by kind, and by errno name for I/O errors (ENOSPC, EIO...)."""
+        label = _errno.errorcode.get(errno, kind) if errno is not None else kind
+        with self._lock:
+            self.errors[label] = self.errors.get(label, 0) + 1
+
+    @contextmanager
+    def timed(self, op: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.latency[op].observe(elapsed)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                **self.counters,
+                "errors": dict(self.errors),
+                "latency": {k: h.snapshot() for k, h in self.latency.items()},
+            }
