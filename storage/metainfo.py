@@ -185,7 +185,7 @@ def parse(
             ]
     else:
         pieces = None
-        files = _align_v2(v2_files, piece_length)
+        files = _align_v2(v2_files, piece_length, name)
 
     total = files[-1].end if files else 0
     num_pieces = (total + piece_length - 1) // piece_length
@@ -361,17 +361,18 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
     return out
 
 
-def _align_v2(files: list[FileEntry], piece_length: int) -> list[FileEntry]:
-    """Place v2-only files on piece boundaries, with pad entries as libtorrent adds them."""
+def _align_v2(files: list[FileEntry], piece_length: int, name: str) -> list[FileEntry]:
+    """Place v2-only files on piece boundaries with pad entries, exactly as libtorrent
+    lays them out (the last file padded too, pads named NAME/.pad/SIZE), so piece and
+    file indices agree with it."""
     out: list[FileEntry] = []
     pos = 0
-    last_data = max((i for i, f in enumerate(files) if f.length), default=-1)
-    for i, f in enumerate(files):
+    for f in files:
         out.append(FileEntry(f.path, f.length, pos, f.pad, f.attr, f.pieces_root))
         pos += f.length
-        if i < last_data and pos % piece_length:
+        if pos % piece_length:
             gap = piece_length - pos % piece_length
-            out.append(FileEntry((".pad", str(gap)), gap, pos, pad=True, attr="p"))
+            out.append(FileEntry((name, ".pad", str(gap)), gap, pos, pad=True, attr="p"))
             pos += gap
     return out
 

@@ -1,0 +1,155 @@
+"""Metainfo parsing against torrents made by real tools, and refusal of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import bencodepy
+import libtorrent as lt
+import pytest
+
+from pieced.storage.errors import BadMetainfo, TooLarge
+from pieced.storage.metainfo import parse
+from tests.realtools import (
+    make_torrent_lt,
+    make_torrent_mktorrent,
+    make_torrent_transmission,
+)
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+@pytest.mark.parametrize("piece_length", [16384, 65536, 4 * 1024 * 1024])
+def test_matches_libtorrent(odd_payload: tuple[Path, Path], kind: Any, piece_length: int) -> None:
+    _, content = odd_payload
+    raw = make_torrent_lt(content, piece_length, kind)
+    meta = parse(raw)
+    ti = lt.torrent_info(raw)
+    hashes = ti.info_hashes()
+    if kind != "v2":
+        assert meta.info_hash_v1 == bytes.fromhex(str(hashes.v1))
+    else:
+        assert meta.info_hash_v1 is None
+    if kind != "v1":
+        assert meta.info_hash_v2 == bytes.fromhex(str(hashes.v2))
+        assert meta.info_hash_v2 is not None
+        assert meta.info_hash == (meta.info_hash_v1 or meta.info_hash_v2[:20])
+    assert meta.num_pieces == ti.num_pieces()
+    assert meta.total_size == ti.total_size()
+    fs = ti.layout()
+    ours = [f for f in meta.files]
+    # libtorrent adds pad files for v2 and hybrids just as we do: same list, same offsets.
+    assert [("/".join(f.path), f.length, f.offset, f.pad) for f in ours] == [
+        (fs.file_path(i), fs.file_size(i), fs.file_offset(i), bool(fs.file_flags(i) & lt.file_storage.flag_pad_file))
+        for i in range(fs.num_files())
+    ]
+
+
+def test_hybrid_answers_to_both_hashes(odd_payload: tuple[Path, Path]) -> None:
+    meta = parse(make_torrent_lt(odd_payload[1], 65536, "hybrid"))
+    assert meta.info_hash_v2 is not None
+    assert meta.aliases == (meta.info_hash_v1, meta.info_hash_v2[:20])
+
+
+def test_single_file_torrents(tmp_path: Path) -> None:
+    f = tmp_path / "single.bin"
+    f.write_bytes(bytes(range(256)) * 1000)
+    for kind in ("v1", "v2", "hybrid"):
+        meta = parse(make_torrent_lt(f, 16384, kind))  # type: ignore[arg-type]
+        assert [x.path for x in meta.files if not x.pad] == [("single.bin",)]
+        assert sum(x.length for x in meta.files if not x.pad) == 256000
+        assert meta.total_size == lt.torrent_info(make_torrent_lt(f, 16384, kind)).total_size()  # type: ignore[arg-type]
+
+
+def test_mktorrent_and_transmission(tmp_path: Path) -> None:
+    from tests.realtools import make_payload
+
+    content = make_payload(tmp_path, {"x/a": 70000, "b": 1, "c": 65536}, seed=3)
+    for raw in (make_torrent_mktorrent(content, 32768), make_torrent_transmission(content, 32768)):
+        meta = parse(raw)
+        assert meta.info_hash_v1 == hashlib.sha1(bencodepy.encode(bencodepy.decode(raw)[b"info"])).digest()
+        assert meta.total_size == 70000 + 1 + 65536
+        assert meta.num_pieces == (meta.total_size + 32767) // 32768
+
+
+def _v1(files: list[dict[bytes, Any]] | None = None, **info: Any) -> dict[bytes, Any]:
+    base: dict[bytes, Any] = {
+        b"name": b"t",
+        b"piece length": 16384,
+        b"pieces": bytes(20),
+        b"files": files if files is not None else [{b"length": 10, b"path": [b"a"]}],
+    }
+    base.update({k.encode().replace(b"_", b" "): v for k, v in info.items()})
+    return base
+
+
+def _bad(info: dict[bytes, Any], **top: Any) -> bytes:
+    return bencodepy.encode({b"info": info, **{k.encode(): v for k, v in top.items()}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"d4:infod", "not valid bencode"),
+        (b"i42e", "not a dictionary"),
+        (bencodepy.encode({b"announce": b"x"}), "'info' is missing"),
+        (_bad(_v1(files=[{b"length": 10, b"path": [b".."]}])), "'..'"),
+        (_bad(_v1(files=[{b"length": 10, b"path": [b"a", b""]}])), "empty"),
+        (_bad(_v1(files=[{b"length": 10, b"path": [b"/etc/passwd"]}])), "path separator"),
+        (_bad(_v1(files=[{b"length": 10, b"path": [b"a\0b"]}])), "NUL"),
+        (_bad(_v1(files=[{b"length": 10, b"path": []}])), "non-empty list"),
+        (_bad(_v1(files=[{b"length": -1, b"path": [b"a"]}])), "negative"),
+        (_bad(_v1(files=[{b"length": b"10", b"path": [b"a"]}])), "must be an integer"),
+        (_bad(_v1(name=b"..")), "info.name"),
+        (_bad(_v1(pieces=bytes(21))), "not a multiple of 20"),
+        (_bad(_v1(pieces=bytes(40))), "holds 2 hashes but the files need 1"),
+        (_bad(_v1(piece_length=0)), "must be positive"),
+        (_bad({b"name": b"t", b"piece length": 16384}), "neither 'pieces'"),
+    ],
+)
+def test_refuses_bad_metainfo(raw: bytes, message: str) -> None:
+    with pytest.raises(BadMetainfo, match=message.replace("(", r"\(")):
+        parse(raw)
+
+
+def test_refuses_oversized_metainfo() -> None:
+    with pytest.raises(TooLarge):
+        parse(_bad(_v1()), max_bytes=10)
+
+
+def test_refuses_wrong_piece_layers(odd_payload: tuple[Path, Path]) -> None:
+    raw = make_torrent_lt(odd_payload[1], 16384, "v2")
+    top = bencodepy.decode(raw)
+    layers = top[b"piece layers"]
+    root = next(iter(layers))
+    good = layers[root]
+    top[b"piece layers"][root] = good[:-32]
+    with pytest.raises(BadMetainfo, match="expected"):
+        parse(bencodepy.encode(top))
+    top[b"piece layers"][root] = bytes(32) + good[32:]
+    with pytest.raises(BadMetainfo, match="does not hash to its 'pieces root'"):
+        parse(bencodepy.encode(top))
+    del top[b"piece layers"][root]
+    with pytest.raises(BadMetainfo, match="has no layer"):
+        parse(bencodepy.encode(top))
+
+
+def test_refuses_inconsistent_hybrid(odd_payload: tuple[Path, Path]) -> None:
+    top = bencodepy.decode(make_torrent_lt(odd_payload[1], 16384, "hybrid"))
+    files = top[b"info"][b"files"]
+    first = next(f for f in files if f[b"length"] > 0)
+    first[b"length"] += 1
+    with pytest.raises(BadMetainfo, match="hybrid torrent"):
+        parse(bencodepy.encode(top))
+
+
+def test_v2_path_escape_refused() -> None:
+    info = {
+        b"name": b"t",
+        b"piece length": 16384,
+        b"meta version": 2,
+        b"file tree": {b"..": {b"": {b"length": 1, b"pieces root": bytes(32)}}},
+    }
+    with pytest.raises(BadMetainfo, match="'..'"):
+        parse(bencodepy.encode({b"info": info}))
