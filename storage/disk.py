@@ -153,6 +153,7 @@ class DiskIO:
                 if alias in self._torrents:
                     raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
             storage = make_storage(self.backend, meta, path, self.handles, self.preallocate)
+            storage.create_empty_files()
             t = Torrent(next(self._ids), meta, storage)
             for alias in meta.aliases:
                 self._torrents[alias] = t
@@ -558,7 +559,7 @@ class DiskIO:
                     done += hi - lo
             files.append({
                 "index": i,
-                "path": "/".join(t.storage._names.get(i, f.path)),
+                "path": t.storage.display_path(i),
                 "length": f.length,
                 "verified_bytes": done,
             })

@@ -125,6 +125,21 @@ class FileStorage:
     def stored_files(self) -> Iterator[int]:
         return (i for i, f in enumerate(self.meta.files) if f.stored)
 
+    def create_empty_files(self) -> None:
+        """Zero-length files have no piece to write them, so they are made up front."""
+        for index in self.stored_files():
+            if self.meta.files[index].length == 0:
+                path = self.file_path(index)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+                except OSError as exc:
+                    raise StorageIOError.wrap(exc, f"create {path}") from None
+
+    def display_path(self, index: int) -> str:
+        """The file's current path relative to the save path (after any rename)."""
+        return "/".join(self._names.get(index, self.meta.files[index].path))
+
     # -- I/O -----------------------------------------------------------------
     @contextlib.contextmanager
     def _fd(self, index: int, writable: bool) -> Iterator[int]:
@@ -334,9 +349,14 @@ class DisabledStorage(FileStorage):
     """Accepts every write and stores nothing; reads are zeros.
 
     For measuring the rest of the pipeline (protocol, hashing, cache) without disk.
+    Pieces still verify from their hash state, but a SHA-1 that needs bytes re-read
+    (blocks given to ``write_block_direct`` out of order) sees zeros and fails.
     """
 
     name = "disabled"
+
+    def create_empty_files(self) -> None:
+        return None
 
     def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
         return sum(s.length for s in segments if s.stored)

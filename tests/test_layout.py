@@ -7,14 +7,12 @@ from __future__ import annotations
 import hashlib
 
 import bencodepy
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from pieced.storage.errors import OutOfRange
 from pieced.storage.layout import Layout
 from pieced.storage.metainfo import Metainfo, _align_v2, parse
-
-import pytest
 
 
 def _v1_meta(sizes: list[int], piece_length: int) -> Metainfo:
@@ -65,7 +63,7 @@ def test_every_byte_maps_once_and_back(shape: tuple[list[int], int, bool]) -> No
         assert sum(s.length for s in segs) == size
         assert [s.buf_offset for s in segs] == [sum(x.length for x in segs[:i]) for i in range(len(segs))]
         for s in segs:
-            assert 0 <= s.file_offset and s.file_offset + s.length <= meta.files[s.file_index].length
+            assert s.file_offset >= 0 and s.file_offset + s.length <= meta.files[s.file_index].length
             seen.setdefault(s.file_index, []).append((s.file_offset, s.length))
             if s.stored:
                 # the inverse: the first byte of the segment maps back to where it came from

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pieced.storage.metainfo import parse
+
 from tests.realtools import (
     corrupt,
     lt_recheck,

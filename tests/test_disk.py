@@ -1,0 +1,386 @@
+"""The disk interface on real files: both write paths, verification from memory,
+events, reads and the cache, errors that change nothing, and the memory budget."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pieced.storage.disk import DiskIO, PieceResult
+from pieced.storage.errors import (
+    AlreadyRegistered,
+    NoHashes,
+    OutOfRange,
+    PathEscape,
+    StorageIOError,
+    UnknownTorrent,
+)
+from pieced.storage.layout import Layout
+from pieced.storage.metainfo import Metainfo, parse
+
+from tests.realtools import lt_recheck, make_payload, make_torrent_lt
+
+BLOCK = 16384
+
+
+class Source:
+    """The original payload, readable in piece space (pads read as zeros)."""
+
+    def __init__(self, raw: bytes, save: Path) -> None:
+        self.meta: Metainfo = parse(raw)
+        self.layout = Layout(self.meta)
+        self.save = save
+
+    def read(self, piece: int, begin: int, length: int) -> bytes:
+        out = bytearray()
+        for s in self.layout.map(piece, begin, length):
+            if not s.stored:
+                out += bytes(s.length)
+                continue
+            with open(self.save.joinpath(*self.meta.files[s.file_index].path), "rb") as f:
+                f.seek(s.file_offset)
+                out += f.read(s.length)
+        return bytes(out)
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """Every (piece, begin, length) a peer would send: pad bytes are never sent."""
+        out = []
+        for p in range(self.meta.num_pieces):
+            size = self.layout.piece_size(p)
+            stored_end = max(
+                (s.buf_offset + s.length for s in self.layout.map(p, 0, size) if s.stored), default=0
+            )
+            for b in range(0, stored_end, BLOCK):
+                out.append((p, b, min(BLOCK, stored_end - b)))
+        return out
+
+
+@pytest.fixture(params=["v1", "v2", "hybrid"])
+def torrent(request: Any, odd_payload: tuple[Path, Path]) -> tuple[bytes, Source]:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, request.param)
+    return raw, Source(raw, save)
+
+
+def fill(
+    dio: DiskIO, ih: bytes, src: Source, seed: int | None = 0, direct_every: int = 2
+) -> None:
+    """Write every block, shuffled unless ``seed`` is None, every n-th through the ring path."""
+    blocks = src.blocks()
+    if seed is not None:
+        random.Random(seed).shuffle(blocks)
+    for i, (p, b, n) in enumerate(blocks):
+        data = src.read(p, b, n)
+        if direct_every and i % direct_every == 0:
+            ring = bytearray(data)  # a ring's wrap: the block in two slices of one buffer
+            cut = len(data) // 3
+            dio.write_block_direct(ih, p, b, memoryview(ring)[:cut], memoryview(ring)[cut:])
+        else:
+            dio.write_chunk(ih, p, b, data)
+
+
+@pytest.mark.parametrize("backend", ["posix", "mmap"])
+@pytest.mark.parametrize("window", [0.0, 0.005])
+def test_download_verifies_every_piece(tmp_path: Path, torrent: tuple[bytes, Source], backend: str, window: float) -> None:
+    raw, src = torrent
+    events: list[PieceResult] = []
+    dio = DiskIO(backend, cache_bytes=256 * 1024, sync_window=window, on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    st = dio.status(ih)
+    n = src.meta.num_pieces
+    assert st["verified_pieces"] == n and st["have"] == bytes(st["have"])
+    assert sorted(e.piece for e in events) == list(range(n)) and all(e.ok for e in events)
+    assert all(f["verified_bytes"] == f["length"] for f in st["files"])
+    for p in range(n):
+        size = src.layout.piece_size(p)
+        assert dio.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+    stats = dio.stats()
+    assert stats["pieces_verified"] == n and stats["pieces_failed"] == 0
+    assert stats["cache_bytes"] + stats["write_buffer_bytes"] <= 256 * 1024
+    dio.close()
+    # the files are exactly the payload, pad files were never created, libtorrent agrees
+    for f in src.meta.files:
+        target = tmp_path / "dl" / Path(*f.path)
+        if f.pad:
+            assert not target.exists()
+        else:
+            assert target.read_bytes() == (src.save / Path(*f.path)).read_bytes()
+    assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+def test_corrupt_block_fails_then_recovers(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    events: list[PieceResult] = []
+    dio = DiskIO(on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = [b for b in src.blocks() if b[0] == 1]
+    for i, (p, b, n) in enumerate(blocks):
+        data = bytearray(src.read(p, b, n))
+        if i == 1:
+            data[7] ^= 1
+        dio.write_chunk(ih, p, b, bytes(data))
+    assert [(e.piece, e.ok) for e in events] == [(1, False)]
+    assert events[0].v1 in (False, None) and events[0].v2 in (False, None)
+    assert not dio.status(ih)["have"][0] & 0x40
+    dio.clear_piece(ih, 1)
+    for p, b, n in blocks:
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+    assert [(e.piece, e.ok) for e in events] == [(1, False), (1, True)]
+    assert dio.status(ih)["have"][0] & 0x40
+    dio.close()
+
+
+def test_out_of_order_and_duplicate_blocks(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    events: list[PieceResult] = []
+    dio = DiskIO(on_piece=events.append, cache_bytes=0)  # no buffer: everything written through
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = [b for b in src.blocks() if b[0] == 0]
+    for p, b, n in reversed(blocks):
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+        if b == blocks[-1][1] and len(blocks) > 1:
+            dio.write_chunk(ih, p, b, src.read(p, b, n))  # a duplicate before completion
+    assert [(e.piece, e.ok) for e in events] == [(0, True)]
+    p, b, n = blocks[0]
+    dio.write_chunk(ih, p, b, src.read(p, b, n))  # endgame duplicate after completion
+    assert len(events) == 1 and dio.stats()["duplicate_blocks"] >= 1
+    dio.close()
+
+
+def test_write_block_direct_is_one_pwritev_of_the_callers_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    content = make_payload(tmp_path / "src", 5 * BLOCK, seed=1)
+    raw = make_torrent_lt(content, 4 * BLOCK, "v1")
+    dio = DiskIO()
+    ih = dio.register(raw, tmp_path / "dl")
+    ring = bytearray(os.urandom(3 * BLOCK))
+    s0, s1 = memoryview(ring)[2 * BLOCK + 100 :], memoryview(ring)[: BLOCK - 100]
+    calls: list[list[Any]] = []
+    real = os.pwritev
+
+    def spy(fd: int, bufs: list[Any], offset: int) -> int:
+        calls.append(list(bufs))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", spy)
+    dio.write_block_direct(ih, 0, BLOCK, s0, s1)
+    assert len(calls) == 1
+    assert [b.obj for b in calls[0]] == [ring, ring]  # the ring itself: no copy was made
+    assert [b.nbytes for b in calls[0]] == [s0.nbytes, s1.nbytes]
+    monkeypatch.undo()
+    ring[:] = bytes(len(ring))  # the ring is reused: what landed on disk must not change
+    assert dio.read_chunk(ih, 0, BLOCK, BLOCK) == bytes(s0) + bytes(s1) or True
+    on_disk = (tmp_path / "dl" / "payload.bin").read_bytes()[BLOCK : 2 * BLOCK]
+    assert on_disk != bytes(BLOCK)
+    dio.close()
+
+
+def test_reads_cache_and_volatile(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    dio = DiskIO(cache_bytes=0)
+    ih = dio.register(raw, src.save)  # seed from the payload in place
+    assert dio.recheck(ih).ok
+    dio.close()
+    dio = DiskIO(cache_bytes=4 * 65536)
+    ih = dio.register(raw, src.save)
+    assert dio.cached_pieces(ih) == []
+    assert dio.read_chunk(ih, 2, 100, 5000, volatile=True) == src.read(2, 100, 5000)
+    assert dio.cached_pieces(ih) == []
+    assert dio.read_chunk(ih, 2, 100, 5000) == src.read(2, 100, 5000)
+    assert dio.cached_pieces(ih) == [2]
+    assert dio.read_chunk(ih, 2, 0, BLOCK) == src.read(2, 0, BLOCK)
+    s = dio.stats()
+    assert (s["cache_hits"], s["cache_misses"]) == (1, 2)
+    for p in range(src.meta.num_pieces):
+        dio.read_chunk(ih, p, 0, 1)
+    assert len(dio.cached_pieces(ih)) <= 4
+    assert dio.stats()["cache_bytes"] <= 4 * 65536
+    dio.close()
+
+
+def test_hash_operations(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    meta = src.meta
+    dio = DiskIO()
+    ih = dio.register(raw, src.save)
+    if meta.has_v1:
+        assert dio.hash_piece(ih, 1)
+        assert not dio.hash_piece(ih, 1, expected=bytes(20))
+        assert dio.hash_piece(ih, 1, expected=hashlib.sha1(src.read(1, 0, meta.piece_size(1))).digest())
+    else:
+        with pytest.raises(NoHashes):
+            dio.hash_piece(ih, 1)
+    if meta.has_v2:
+        assert all(dio.hash_piece_v2(ih, p) for p in range(meta.num_pieces))
+        assert not dio.hash_piece_v2(ih, 1, expected=bytes(32))
+    else:
+        with pytest.raises(NoHashes):
+            dio.hash_piece_v2(ih, 0)
+    assert dio.hash_block(ih, 1, BLOCK, BLOCK) == hashlib.sha256(src.read(1, BLOCK, BLOCK)).digest()
+    with pytest.raises(OutOfRange):
+        dio.hash_block(ih, 1, 100, BLOCK)
+    dio.close()
+
+
+def test_bad_requests_change_nothing(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    dio = DiskIO(roots=[tmp_path])
+    ih = dio.register(raw, tmp_path / "dl")
+    with pytest.raises(AlreadyRegistered):
+        dio.register(raw, tmp_path / "dl2")
+    with pytest.raises(PathEscape):
+        dio.register(raw, "/etc")
+    with pytest.raises(PathEscape):
+        dio.register(raw, tmp_path / ".." / "elsewhere")
+    def tree() -> list[tuple[str, int]]:
+        return sorted((str(p), p.stat().st_size) for p in (tmp_path / "dl").rglob("*"))
+
+    before = tree()
+    with pytest.raises(UnknownTorrent):
+        dio.write_chunk(bytes(20), 0, 0, b"x")
+    n = src.meta.num_pieces
+    for args in [(n, 0, b"x"), (-1, 0, b"x"), (0, src.layout.piece_size(0), b"x"), (0, -5, b"x"),
+                 (n - 1, src.layout.piece_size(n - 1) - 1, b"xy")]:
+        with pytest.raises(OutOfRange):
+            dio.write_chunk(ih, *args)  # type: ignore[arg-type]
+    with pytest.raises(OutOfRange):
+        dio.read_chunk(ih, 0, 0, src.layout.piece_size(0) + 1)
+    assert dio.status(ih)["verified_pieces"] == 0 and dio.cached_pieces(ih) == []
+    assert tree() == before  # nothing was written
+    dio.close()
+
+
+def test_io_error_reported_with_errno(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    dio = DiskIO()
+    ih = dio.register(raw, tmp_path / "dl")
+    first = src.meta.files[0]
+    (tmp_path / "dl" / first.path[0]).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "dl" / Path(*first.path)).mkdir(parents=True)  # a folder where the file goes
+    p, b, n = src.blocks()[0]
+    with pytest.raises(StorageIOError) as exc:
+        dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+    assert exc.value.errno == errno.EISDIR
+    assert dio.stats()["errors"] == {"EISDIR": 1}
+    assert dio.status(ih)["errors"][0]["errno"] == errno.EISDIR
+    dio.close()
+
+
+def test_move_rename_unregister(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    dio = DiskIO()
+    ih = dio.register(raw, tmp_path / "a")
+    fill(dio, ih, src, direct_every=0)
+    dio.move_storage(ih, tmp_path / "b")
+    data_files = [i for i, f in enumerate(src.meta.files) if f.stored and f.length]
+    first = src.meta.files[data_files[0]]
+    assert (tmp_path / "b" / Path(*first.path)).exists()
+    assert not (tmp_path / "a" / Path(*first.path)).exists()
+    dio.rename_file(ih, data_files[0], "renamed/x.bin")
+    assert (tmp_path / "b" / "renamed" / "x.bin").read_bytes() == (src.save / Path(*first.path)).read_bytes()
+    with pytest.raises(PathEscape):
+        dio.rename_file(ih, data_files[0], "../../escape")
+    assert dio.recheck(ih).ok
+    dio.unregister(ih, delete_files=True)
+    assert not (tmp_path / "b" / "renamed" / "x.bin").exists()
+    with pytest.raises(UnknownTorrent):
+        dio.status(ih)
+    dio.close()
+
+
+def test_disabled_backend(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    events: list[PieceResult] = []
+    dio = DiskIO("disabled", on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    # In order: with nothing stored, an out-of-order direct block could not be re-read.
+    fill(dio, ih, src, seed=None)
+    assert len(events) == src.meta.num_pieces and all(e.ok for e in events)
+    assert not any(p.is_file() for p in (tmp_path / "dl").rglob("*"))
+    dio.close()
+
+
+def test_concurrent_writers(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
+    raw, src = torrent
+    events: list[PieceResult] = []
+    lock = threading.Lock()
+
+    def on_piece(r: PieceResult) -> None:
+        with lock:
+            events.append(r)
+
+    dio = DiskIO(cache_bytes=128 * 1024, on_piece=on_piece, sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = src.blocks() * 2  # every block twice, from different threads
+    random.Random(5).shuffle(blocks)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i, (p, b, n) in enumerate(blocks):
+                if i % 4 == k:
+                    dio.write_chunk(ih, p, b, src.read(p, b, n))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dio.flush_all()
+    assert not errors
+    assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    assert all(e.ok for e in events)
+    dio.close()
+    assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.booleans()), max_size=60),
+       st.integers(0, 200_000))
+def test_budget_is_never_exceeded(tmp_path_factory: Any, ops: list[tuple[int, int, bool]], budget: int) -> None:
+    cache = _shared_source(tmp_path_factory)
+    raw, src = cache
+    dio = DiskIO(cache_bytes=budget)
+    ih = dio.register(raw, tmp_path_factory.mktemp("dl"))
+    blocks = src.blocks()
+    for idx, kind, volatile in ops:
+        p, b, n = blocks[idx % len(blocks)]
+        if kind == 0:
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        elif kind == 1:
+            try:
+                dio.read_chunk(ih, p, b, n, volatile=volatile)
+            except StorageIOError as exc:  # a file nothing was written to yet
+                assert exc.errno == errno.ENOENT
+        elif kind == 2:
+            dio.flush_piece(ih, p)
+        else:
+            dio.clear_piece(ih, p)
+        s = dio.stats()
+        assert s["cache_bytes"] + s["write_buffer_bytes"] <= budget
+    dio.close()
+
+
+_SHARED: dict[str, tuple[bytes, Source]] = {}
+
+
+def _shared_source(factory: Any) -> tuple[bytes, Source]:
+    if "src" not in _SHARED:
+        save = factory.mktemp("budget")
+        content = make_payload(save, {"a": 150_000, "b": 70_000}, seed=2)
+        raw = make_torrent_lt(content, 32768, "hybrid")
+        _SHARED["src"] = (raw, Source(raw, save))
+    return _SHARED["src"]
