@@ -21,7 +21,9 @@ of ``--repeat``, runs of the contenders interleaved so drift hits all alike):
 
 Whole processes, because that is what a user waits for: interpreter start-up and
 imports count (``python_startup_seconds`` in the output says how much of that is bare
-CPython). Ratios: ``fraction_of_raw`` = raw / tool time (1.0 = at the limit) and
+CPython). Each run's CPU time (user + system, all threads) is reported next to its wall
+clock: it shows how much work each contender does, and it is what to trust when the
+load average shows the host was busy. Ratios: ``fraction_of_raw`` = raw / tool time (1.0 = at the limit) and
 ``libtorrent_over_pieced`` = libtorrent / pieced time (> 1: pieced is faster).
 """
 
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -136,7 +139,12 @@ def warm_cache(content: Path) -> float:
 
 
 def run_timed(cmd: list[str], timeout: float) -> dict[str, Any]:
-    """Run ``cmd``, returning wall-clock seconds, exit status and (parsed) stdout."""
+    """Run ``cmd``, returning wall-clock and CPU seconds, exit status and (parsed) stdout.
+
+    CPU seconds (user + system, all threads) are taken from ``RUSAGE_CHILDREN`` deltas:
+    on a shared host they stay put when a neighbour steals a core and wall clock does not.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -145,7 +153,9 @@ def run_timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout}s"}
     seconds = time.perf_counter() - t
-    out: dict[str, Any] = {"seconds": seconds, "rc": proc.returncode}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out: dict[str, Any] = {"seconds": seconds, "cpu_seconds": cpu, "rc": proc.returncode}
     try:
         out["json"] = json.loads(proc.stdout)
     except ValueError:
@@ -192,6 +202,9 @@ def main() -> int:
     warm = warm_cache(content)
     log(f"page cache warmed ({size / GiB / warm:.1f} GiB/s)")
 
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        log(f"load average is {load_before[0]:.2f}: something else is running, expect noise")
     py = sys.executable
     startup = min(run_timed([py, "-c", "pass"], 60).get("seconds", float("nan")) for _ in range(3))
     commands: dict[Kind, dict[str, list[str]]] = {
@@ -232,7 +245,8 @@ def main() -> int:
         entry: dict[str, Any] = {"torrent": str(torrents[k]), "pieces": ti.num_pieces()}
         best: dict[str, float] = {}
         for tool, tool_runs in runs[k].items():
-            ok = [x["seconds"] for x in tool_runs if "seconds" in x]
+            good = [x for x in tool_runs if "seconds" in x]
+            ok = [x["seconds"] for x in good]
             errors = sorted({x["error"] for x in tool_runs if "error" in x})
             e: dict[str, Any] = {}
             if ok:
@@ -241,6 +255,7 @@ def main() -> int:
                     "seconds": round(best[tool], 4),
                     "gib_per_s": round(size / GiB / best[tool], 3),
                     "runs": [round(s, 4) for s in ok],
+                    "cpu_seconds_runs": [round(x["cpu_seconds"], 4) for x in good],
                 }
             if errors:
                 e["error"] = errors[0] if len(errors) == 1 else errors
@@ -270,6 +285,8 @@ def main() -> int:
                 "libtorrent": lt.__version__,
                 "platform": platform.platform(),
                 "python_startup_seconds": round(startup, 4),
+                # The host may be shared: a high load average means noisy figures.
+                "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                 "results": results,
             },
             indent=2,

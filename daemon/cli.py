@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -114,6 +115,112 @@ def _ranges(pieces: list[int]) -> str:
     return ", ".join(out)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pieced.config.settings import load
+    from pieced.storage.errors import ConfigError
+
+    from .main import run
+
+    overrides = {
+        "socket": args.socket, "state_dir": args.state_dir, "http_port": args.http_port,
+        "http_host": args.http_host, "backend": args.backend, "cache_bytes": args.cache_bytes,
+    }
+    try:
+        settings = load(Path(args.config) if args.config else None, overrides=overrides)
+    except ConfigError as exc:
+        print(f"pieced: configuration error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run(settings)
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from pieced.protocol.client import Client
+
+    return Client(args.socket)
+
+
+def _ih_arg(text: str) -> bytes:
+    try:
+        ih = bytes.fromhex(text)
+    except ValueError:
+        ih = b""
+    if len(ih) != 20:
+        raise SystemExit(f"pieced: {text!r} is not a 40-hex-digit info_hash")
+    return ih
+
+
+def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, default=_jsonable)
+        sys.stdout.write("\n")
+    else:
+        print(human)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(type(value).__name__)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        ih = c.register(Path(args.torrent).read_bytes(), Path(args.save_path).resolve())
+        _print(args, {"info_hash": ih.hex()}, ih.hex())
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        rows = c.torrents()
+    lines = [f"{r['info_hash']}  {r['verified_pieces']:>7}/{r['num_pieces']:<7}  {r['name']}" for r in rows]
+    _print(args, rows, "\n".join(lines) if lines else "no torrents")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.status(_ih_arg(args.info_hash))
+    human = [f"{st['name']}  {st['verified_pieces']}/{st['num_pieces']} pieces verified",
+             f"  save path: {st['save_path']}"]
+    for f in st["files"]:
+        human.append(f"  {f['verified_bytes'] * 100 // max(f['length'], 1):3d}%  {f['path']}")
+    for e in st["errors"]:
+        human.append(f"  error: {e['message']}")
+    _print(args, st, "\n".join(human))
+    return EXIT_OK
+
+
+def cmd_recheck(args: argparse.Namespace) -> int:
+    ih = _ih_arg(args.info_hash)
+    with _client(args) as c:
+        st = c.status(ih)
+        bar = ProgressBar(st["num_pieces"], st["piece_length"])
+        c.core.on_event = lambda name, f: bar(f["done"], f["total"]) if name == "recheck_progress" else None
+        res = c.recheck(ih)
+    failed = sorted(set(res.get("failed_v1") or []) | set(res.get("failed_v2") or []))
+    _print(args, res, f"{res['verified']}/{res['num_pieces']} pieces verify"
+           + (f"; failed: {_ranges(failed)}" if failed else ""))
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.unregister(_ih_arg(args.info_hash), delete_files=args.delete_files)
+    _print(args, {"removed": args.info_hash}, f"removed {args.info_hash}")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.stats()
+    keys = ("torrents", "connected_clients", "bytes_written", "bytes_read", "pieces_verified",
+            "pieces_failed", "cache_hits", "cache_misses", "cache_bytes", "write_buffer_bytes")
+    _print(args, s, "\n".join(f"{k:20} {s.get(k)}" for k in keys))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pieced", description="BitTorrent piece-storage daemon")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +231,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--threads", type=int, default=None, help="hashing threads (default: cores)")
     v.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("run", help="run the daemon in the foreground")
+    r.add_argument("--config", default=os.environ.get("PIECED_CONFIG"), help="TOML file")
+    r.add_argument("--socket", help="Unix socket path")
+    r.add_argument("--state-dir", help="state folder")
+    r.add_argument("--http-host", help="HTTP address (default 127.0.0.1)")
+    r.add_argument("--http-port", help="HTTP port (default 9731; 0 picks one)")
+    r.add_argument("--backend", help="posix, mmap or disabled")
+    r.add_argument("--cache-bytes", help="byte budget of cache + write buffer")
+    r.set_defaults(func=cmd_run)
+
+    default_socket = os.environ.get("PIECED_SOCKET", "var/pieced.sock")
+    commands = [
+        ("add", "register a torrent", cmd_add),
+        ("ls", "list registered torrents", cmd_ls),
+        ("status", "a torrent's verified pieces, files and errors", cmd_status),
+        ("recheck", "verify a torrent's data on disk", cmd_recheck),
+        ("rm", "unregister a torrent", cmd_rm),
+        ("stats", "the daemon's counters", cmd_stats),
+    ]
+    for name, help_, func in commands:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--socket", default=default_socket, help="the daemon's socket")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "add":
+            p.add_argument("torrent", help="the .torrent file")
+            p.add_argument("--save-path", required=True, help="where the payload goes")
+        elif name in ("status", "recheck", "rm"):
+            p.add_argument("info_hash", help="40 hex digits")
+        if name == "rm":
+            p.add_argument("--delete-files", action="store_true", help="also delete the payload")
+        p.set_defaults(func=func)
     return parser
 
 
@@ -133,7 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_BAD_INPUT if exc.code else EXIT_OK
-    rc: int = args.func(args)
+    from pieced.storage.errors import PiecedError
+
+    try:
+        rc: int = args.func(args)
+    except PiecedError as exc:
+        print(f"pieced {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ConnectionError, FileNotFoundError) as exc:
+        print(f"pieced {args.command}: cannot reach the daemon: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return rc
 
 

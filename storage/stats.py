@@ -34,8 +34,13 @@ class Histogram:
         self.total += 1
 
     def snapshot(self) -> dict[str, Any]:
-        return {"buckets": list(LATENCY_BUCKETS), "counts": list(self.counts),
-                "sum": self.sum, "count": self.total}
+        # Integers only (microseconds): the snapshot travels over bencode as it is.
+        return {
+            "buckets_us": [round(b * 1e6) for b in LATENCY_BUCKETS],
+            "counts": list(self.counts),
+            "sum_us": round(self.sum * 1e6),
+            "count": self.total,
+        }
 
 
 COUNTERS = (

@@ -10,6 +10,9 @@ must then match it exactly, for every maker, kind and piece size.
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -293,3 +296,38 @@ def test_session_settings_are_offline() -> None:
     assert not (s["enable_dht"] or s["enable_lsd"] or s["enable_upnp"] or s["enable_natpmp"])
     assert s["listen_interfaces"].startswith("127.0.0.1:")
     assert s["hashing_threads"] >= 1
+
+
+RAW_HASH = Path(__file__).resolve().parent.parent / "bench" / "raw_hash.py"
+
+
+def test_bench_raw_hash_agrees_with_libtorrent(tmp_path: Path) -> None:
+    """bench/raw_hash.py is the benchmark's "physical limit"; it only means something if
+    it does the real work, so its verdicts must match libtorrent's, piece for piece."""
+    pl = 32 * KiB
+    content = make_payload(tmp_path, payload_specs(pl)["nested"])
+    victims = [(content / "a/b/c.bin", pl), (content / "a/one.bin", 0), (content / "z.bin", pl)]
+    for maker in MAKERS:
+        torrent = MAKERS[maker](content, pl)
+        tfile = tmp_path / f"{maker}.torrent"
+        tfile.write_bytes(torrent)
+        for victim in [None, *victims]:
+            if victim:
+                corrupt(*victim)
+            want = [i for i, ok in enumerate(lt_recheck(torrent, tmp_path)) if not ok]
+            proc = subprocess.run(
+                [sys.executable, str(RAW_HASH), str(tfile), str(tmp_path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            out = json.loads(proc.stdout)
+            assert proc.returncode == (1 if want else 0), proc.stderr
+            if maker == "lt-v2":
+                assert out["failed_v1"] == [] and out["failed_v2"] == want
+            elif maker == "lt-hybrid":
+                assert out["failed_v1"] == out["failed_v2"] == want
+            else:
+                assert out["failed_v1"] == want and out["failed_v2"] == []
+            if victim:
+                corrupt(*victim)

@@ -1,0 +1,183 @@
+"""Settings: embedded defaults < TOML file < ``PIECED_*`` environment < command line.
+
+Every key is declared once in :data:`FIELDS` with its type and a check; anything
+else, or a value that fails its check, stops start-up with a message that names
+the key, where it came from and what is wrong. ``config/pieced.toml`` documents
+every key with its default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from pieced.storage.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: str = "var"
+    socket: str = "var/pieced.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    allow_uids: list[int] = field(default_factory=list)
+    allow_gids: list[int] = field(default_factory=list)
+    http_host: str = "127.0.0.1"
+    http_port: int = 9731
+    backend: str = "posix"
+    cache_bytes: int = 256 * MiB
+    cache_policy: str = "arc"
+    hash_workers: int = 0
+    io_workers: int = 0
+    max_open_files: int = 512
+    preallocate: bool = False
+    sync_window_ms: int = 10
+    roots: list[str] = field(default_factory=list)
+    client_buffer_bytes: int = 8 * MiB
+    max_frame_bytes: int = 8 * MiB
+    max_clients: int = 256
+    max_files: int = 1_000_000
+    max_pieces: int = 4_000_000
+    log_level: str = "info"
+
+    def resolved(self, base: Path | None = None) -> Settings:
+        """Relative paths are taken from ``base`` (the folder the daemon started in)."""
+        base = base or Path.cwd()
+        roots = self.roots or [str(base)]
+        return replace(
+            self,
+            state_dir=str((base / self.state_dir).resolve()),
+            socket=str((base / self.socket).resolve()),
+            roots=[str((base / r).resolve()) for r in roots],
+        )
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _port(v: Any) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number (0-65535)"
+
+
+def _mode(v: Any) -> str | None:
+    return None if 0 <= v <= 0o777 else "must be a file mode such as 0o660"
+
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "socket_mode": _mode,
+    "http_port": _port,
+    "backend": _choice("posix", "mmap", "disabled"),
+    "cache_bytes": _non_negative,
+    "cache_policy": _choice("arc", "lru"),
+    "hash_workers": _non_negative,
+    "io_workers": _non_negative,
+    "max_open_files": _positive,
+    "sync_window_ms": _non_negative,
+    "client_buffer_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
+    "max_frame_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
+    "max_clients": _positive,
+    "max_files": _positive,
+    "max_pieces": _positive,
+    "log_level": _choice("debug", "info", "warning", "error"),
+}
+
+_TYPES: dict[str, Any] = get_type_hints(Settings)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    typ = _TYPES[key]
+    if isinstance(value, str) and typ is not str:
+        value = _parse_text(key, value, typ, source)
+    if typ in (list[int], list[str]):
+        inner = int if typ == list[int] else str
+        if not isinstance(value, list) or not all(isinstance(x, inner) and not isinstance(x, bool) for x in value):
+            raise ConfigError(f"{source}: '{key}' must be a list of {inner.__name__}")
+        return list(value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false")
+        return value
+    if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{source}: '{key}' must be an integer, not {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{source}: '{key}' must be a string, not {value!r}")
+    check = CHECKS.get(key)
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{source}: '{key}' = {value!r} {problem}")
+    return value
+
+
+def _parse_text(key: str, text: str, typ: Any, source: str) -> Any:
+    """Environment variables and flags are text: read them as TOML values would be."""
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{source}: '{key}' must be true or false, not {text!r}")
+    if typ is int:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise ConfigError(f"{source}: '{key}' must be an integer, not {text!r}") from None
+    if typ == list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{source}: '{key}' must be integers separated by commas") from None
+    if typ == list[str]:
+        return [x for x in text.split(":") if x]
+    return text
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, value in data.items():
+            if key not in _TYPES:
+                raise ConfigError(f"{path}: unknown key '{key}'")
+            values[key] = _coerce(key, value, str(path))
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if not name.startswith("PIECED_") or name in ("PIECED_CONFIG",):
+            continue
+        key = name[len("PIECED_"):].lower()
+        if key not in _TYPES:
+            raise ConfigError(f"environment: unknown setting {name}")
+        values[key] = _coerce(key, value, f"environment {name}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _TYPES:
+            raise ConfigError(f"command line: unknown setting '{key}'")
+        values[key] = _coerce(key, value, "command line")
+    return Settings(**values)

@@ -1,0 +1,114 @@
+"""HTTP observability: /healthz, /stats, /torrents[/IH] (JSON) and /metrics.
+
+Everything is read from the engine at request time: no second set of counters to
+keep in step. /metrics maps the engine's snapshot onto Prometheus families with
+prometheus-client's own exposition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from pieced.storage.disk import DiskIO
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from .server import Server
+
+
+def status_json(disk: DiskIO, ih: bytes) -> dict[str, Any]:
+    st = disk.status(ih)
+    st["have"] = st["have"].hex()
+    return st
+
+
+class _Collector:
+    def __init__(self, disk: DiskIO, server: Server) -> None:
+        self.disk = disk
+        self.server = server
+
+    def collect(self) -> Iterator[Any]:
+        s = self.disk.stats()
+        backend = [s["backend"]]
+        for name, help_ in [
+            ("bytes_written", "Payload bytes written to disk"),
+            ("bytes_read", "Payload bytes read from disk"),
+            ("cache_hits", "Reads served from the piece cache"),
+            ("cache_misses", "Reads that went to disk"),
+            ("pieces_verified", "Pieces that passed their hash check and are durable"),
+            ("pieces_failed", "Pieces that failed their hash check"),
+            ("blocks_written", "Blocks accepted"),
+            ("duplicate_blocks", "Blocks for pieces already complete"),
+            ("syncs", "fdatasync batches"),
+        ]:
+            c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])
+            c.add_metric(backend, s[name])
+            yield c
+        errors = CounterMetricFamily("pieced_errors", "Errors by kind (errno name for I/O)", labels=["kind"])
+        for kind, n in sorted(s["errors"].items()):
+            errors.add_metric([kind], n)
+        yield errors
+        for name, help_, value in [
+            ("cache_bytes", "Bytes of clean pieces cached", s["cache_bytes"]),
+            ("write_buffer_bytes", "Bytes buffered, not yet written", s["write_buffer_bytes"]),
+            ("budget_bytes", "The byte budget shared by cache and write buffer", s["budget_bytes"]),
+            ("hash_queue_depth", "Hash jobs queued or running", s["hash_queue_depth"]),
+            ("open_files", "Open payload file descriptors", s["open_files"]),
+            ("torrents", "Registered torrents", s["torrents"]),
+            ("connected_clients", "Clients connected on the socket", len(self.server.clients)),
+        ]:
+            g = GaugeMetricFamily(f"pieced_{name}", help_)
+            g.add_metric([], value)
+            yield g
+        for op, h in s["latency"].items():
+            buckets = []
+            acc = 0
+            for bound, n in zip([*h["buckets_us"], None], h["counts"], strict=True):
+                acc += n
+                buckets.append(("+Inf" if bound is None else repr(bound / 1e6), acc))
+            fam = HistogramMetricFamily(
+                f"pieced_{op}_latency_seconds", f"Latency of {op} operations", labels=["backend"]
+            )
+            fam.add_metric(backend, buckets, h["sum_us"] / 1e6)
+            yield fam
+
+
+def make_app(disk: DiskIO, server: Server) -> web.Application:
+    registry = CollectorRegistry()
+    registry.register(_Collector(disk, server))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(disk.stats() | server.stats())
+
+    async def torrents(request: web.Request) -> web.Response:
+        return web.json_response([status_json(disk, ih) for ih in disk.torrents()])
+
+    async def torrent(request: web.Request) -> web.Response:
+        try:
+            ih = bytes.fromhex(request.match_info["ih"])
+            return web.json_response(status_json(disk, ih))
+        except ValueError:
+            raise web.HTTPBadRequest(text="info_hash must be 40 hex digits\n") from None
+        except Exception as exc:  # UnknownTorrent and friends
+            raise web.HTTPNotFound(text=f"{exc}\n") from None
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/torrents", torrents)
+    app.router.add_get("/torrents/{ih}", torrent)
+    app.router.add_get("/metrics", metrics)
+    return app

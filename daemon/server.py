@@ -1,0 +1,619 @@
+"""The Unix-socket server: the thin I/O edge around the sans-I/O protocol.
+
+Each connection reads with ``recvmsg_into`` straight into its own receive ring
+(asyncio transports would copy, and would drop the SCM_RIGHTS a client uses to
+pass its shared-memory ring). Parsed requests go to the connection's *lane*: a
+queue drained in order by one worker thread at a time, so a client's requests
+take effect in the order it sent them, disk and hashing stay off the event loop,
+and different clients run in parallel. Replies come back to the loop in batches.
+
+Flow control: an inline block's bytes stay in the ring until they are handled; when
+the ring is full the connection stops reading from its socket, and the client's
+writes block in its kernel buffer. Memory per client is its ring, nothing more.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pieced.protocol.frames import (
+    FLAG_FLUSH,
+    FLAG_VOLATILE,
+    MAX_BLOCK,
+    Frame,
+    FrameReader,
+    FrameType,
+    RecvRing,
+    encode_ack,
+    encode_control,
+    encode_data_header,
+)
+from pieced.protocol.messages import (
+    check_hello,
+    encode_error,
+    encode_event,
+    encode_response,
+    from_wire,
+    hello,
+    to_wire,
+)
+from pieced.storage.disk import DiskIO, PieceResult
+from pieced.storage.errors import (
+    AccessDenied,
+    BadRequest,
+    PiecedError,
+    ProtocolError,
+    StorageIOError,
+)
+
+log = logging.getLogger("pieced.server")
+
+Out = bytes | memoryview
+Job = Callable[[], tuple[list[Out], tuple[int, int] | None]]
+_MAX_OUT_BYTES = 8 * 1024 * 1024
+_REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
+
+
+class Server:
+    def __init__(
+        self,
+        disk: DiskIO,
+        *,
+        ring_bytes: int = 8 * 1024 * 1024,
+        max_frame: int = 8 * 1024 * 1024,
+        workers: int | None = None,
+        max_clients: int = 256,
+        allow_uids: set[int] | None = None,
+        allow_gids: set[int] | None = None,
+    ) -> None:
+        self.disk = disk
+        self.ring_bytes = max(ring_bytes, max_frame + 4)
+        self.max_frame = max_frame
+        self.max_clients = max_clients
+        self.allow_uids = allow_uids
+        self.allow_gids = allow_gids
+        self.executor = ThreadPoolExecutor(workers or (os.cpu_count() or 1) + 2, "pieced-io")
+        self.clients: set[Connection] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self.accepted = 0
+        self.refused = 0
+        disk.on_piece = self._on_piece
+
+    # -- listening --------------------------------------------------------------------
+    def start(self, listener: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        self._listener = listener
+        self.loop.add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            reason = self._refuse_reason(sock)
+            if reason is not None:
+                self.refused += 1
+                with contextlib.suppress(OSError):
+                    sock.send(encode_error(0, AccessDenied(reason)))
+                sock.close()
+                continue
+            self.accepted += 1
+            conn = Connection(self, sock)
+            self.clients.add(conn)
+            conn.start()
+
+    def _refuse_reason(self, sock: socket.socket) -> str | None:
+        if len(self.clients) >= self.max_clients:
+            return f"too many clients (limit {self.max_clients})"
+        if self.allow_uids is None and self.allow_gids is None:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid, uid, gid = array.array("i", creds)
+        if uid == 0 or uid == os.getuid():
+            return None
+        if self.allow_uids is not None and uid in self.allow_uids:
+            return None
+        if self.allow_gids is not None and gid in self.allow_gids:
+            return None
+        return f"uid {uid} gid {gid} (pid {pid}) is not allowed to use this daemon"
+
+    async def close(self) -> None:
+        """Stop accepting, finish every lane, drop the clients."""
+        if self._listener is not None and self.loop is not None:
+            self.loop.remove_reader(self._listener.fileno())
+        for conn in list(self.clients):
+            conn.close()
+        for conn in list(self.clients):
+            await conn.drained()
+        self.executor.shutdown(wait=True)
+
+    # -- events -------------------------------------------------------------------------
+    def _on_piece(self, result: PieceResult) -> None:
+        """Called from worker threads when a piece completes (after its sync, if good)."""
+        if self.loop is None:
+            return
+        name = "piece_verified" if result.ok else "piece_failed"
+        fields = {"ih": result.info_hash, "piece": result.piece, "v1": result.v1, "v2": result.v2}
+        frame = encode_event(name, fields)
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self.loop.call_soon_threadsafe(self._broadcast, result.info_hash, frame)
+
+    def _broadcast(self, ih: bytes, frame: bytes) -> None:
+        for conn in list(self.clients):
+            if ih in conn.subscriptions:
+                conn.send([frame])
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connected_clients": len(self.clients),
+            "clients_accepted": self.accepted,
+            "clients_refused": self.refused,
+        }
+
+
+class Connection:
+    """One client: its socket, its receive ring, its lane, its shared-memory ring."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.disk = server.disk
+        self.sock = sock
+        self.fd = sock.fileno()
+        assert server.loop is not None
+        self.loop = server.loop
+        self.ring = RecvRing(server.ring_bytes)
+        self.reader = FrameReader(self.ring, server.max_frame)
+        self.subscriptions: set[bytes] = set()
+        self.handshaken = False
+        self.closed = False
+        self.reading = False
+        self._closing_after_send = False
+        self._out: collections.deque[Out] = collections.deque()
+        self._out_bytes = 0
+        self._writing = False
+        self._lane: collections.deque[Job] = collections.deque()
+        self._lane_lock = threading.Lock()
+        self._lane_busy = False
+        self._lane_idle = asyncio.Event()
+        self._lane_idle.set()
+        self._fds: list[int] = []
+        self.shm: mmap.mmap | None = None
+        self.shm_view: memoryview | None = None
+
+    def start(self) -> None:
+        self._resume_reading()
+
+    # -- reading ------------------------------------------------------------------------
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.closed:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+
+    def _on_readable(self) -> None:
+        buf = self.ring.writable()
+        if not buf:
+            self._pause_reading()
+            return
+        try:
+            n, anc, _flags, _ = self.sock.recvmsg_into([buf], socket.CMSG_SPACE(4 * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if n == 0:
+            self.close()
+            return
+        self.ring.wrote(n)
+        self._parse()
+
+    def _parse(self) -> None:
+        jobs: list[Job] = []
+        while not self.closed:
+            try:
+                frame = self.reader.next_frame()
+                if frame is None:
+                    break
+                job = self._dispatch(frame)
+            except PiecedError as exc:
+                # The stream can no longer be trusted: say why, then hang up.
+                self._fail(exc)
+                break
+            if job is not None:
+                jobs.append(job)
+        if jobs:
+            self._enqueue(jobs)
+        if not self.ring.writable() or self._out_bytes > _MAX_OUT_BYTES:
+            self._pause_reading()
+
+    def _fail(self, exc: PiecedError) -> None:
+        self.send([encode_error(0, exc)])
+        self._closing_after_send = True
+        self._pause_reading()
+        if not self._out:
+            self.close()
+
+    # -- dispatch (event-loop thread) -----------------------------------------------------
+    def _dispatch(self, frame: Frame) -> Job | None:
+        if not self.handshaken:
+            if frame.type != FrameType.HELLO:
+                raise ProtocolError("the first frame must be HELLO")
+            check_hello(frame.body, "client")
+            self.handshaken = True
+            reply = hello("server", "pieced", max_frame=self.server.max_frame,
+                          ring_bytes=self.server.ring_bytes, max_block=MAX_BLOCK)
+            self.send([encode_control(FrameType.HELLO, frame.id, to_wire(reply))])
+            return None
+        t = frame.type
+        if t == FrameType.REQUEST:
+            return self._request_job(frame)
+        if t == FrameType.WRITE:
+            return self._write_job(frame)
+        if t == FrameType.WRITE_RING:
+            return self._ring_job(frame)
+        if t == FrameType.READ:
+            return self._read_job(frame)
+        raise ProtocolError(f"a client does not send {t.name} frames")
+
+    def _request_job(self, frame: Frame) -> Job | None:
+        msg = from_wire(frame.body)
+        op = msg.pop("op", None)
+        rid = frame.id
+        if op == "attach_ring":
+            # Must run here: the descriptor arrived with these bytes, on this thread.
+            try:
+                self._attach_ring(msg)
+                self.send([encode_response(rid, {"size": len(self.shm or b"")})])
+            except PiecedError as exc:
+                self.send([encode_error(rid, exc)])
+            return None
+        handler = OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            err = BadRequest(f"unknown op {op!r}")
+            self.send([encode_error(rid, err)])
+            return None
+        ih = msg.get("ih")
+        if isinstance(ih, bytes):
+            self.subscriptions.add(ih)
+
+        def job() -> tuple[list[Out], tuple[int, int] | None]:
+            try:
+                result = handler(self, rid, msg)
+                return [encode_response(rid, result)], None
+            except PiecedError as exc:
+                return [encode_error(rid, exc)], None
+            except (TypeError, KeyError, ValueError) as exc:
+                return [encode_error(rid, BadRequest(f"{op}: bad arguments: {exc}"))], None
+
+        return job
+
+    def _write_job(self, frame: Frame) -> Job:
+        self.subscriptions.add(frame.info_hash)
+        rid, views, token = frame.id, frame.payload, frame.token
+
+        def job() -> tuple[list[Out], tuple[int, int] | None]:
+            # The copy out of the ring is what lets the ring move on while the block
+            # waits, buffered, for the rest of its piece (write_chunk semantics).
+            data = b"".join(views) if len(views) > 1 else bytes(views[0]) if views else b""
+            try:
+                self.disk.write_chunk(frame.info_hash, frame.piece, frame.begin, data,
+                                      flush=bool(frame.flags & FLAG_FLUSH))
+                return [encode_ack(rid)], token
+            except PiecedError as exc:
+                return [encode_error(rid, exc)], token
+
+        return job
+
+    def _ring_job(self, frame: Frame) -> Job:
+        self.subscriptions.add(frame.info_hash)
+        rid = frame.id
+
+        def job() -> tuple[list[Out], tuple[int, int] | None]:
+            try:
+                s0, s1 = self._ring_slices(frame.ring_offset, frame.length)
+                self.disk.write_block_direct(frame.info_hash, frame.piece, frame.begin, s0, s1)
+                if frame.flags & FLAG_FLUSH:
+                    self.disk.flush_piece(frame.info_hash, frame.piece)
+                return [encode_ack(rid)], None
+            except PiecedError as exc:
+                return [encode_error(rid, exc)], None
+
+        return job
+
+    def _read_job(self, frame: Frame) -> Job:
+        rid = frame.id
+
+        def job() -> tuple[list[Out], tuple[int, int] | None]:
+            try:
+                if frame.length > MAX_BLOCK:
+                    raise BadRequest(f"reads are limited to {MAX_BLOCK} bytes")
+                data = self.disk.read_chunk(frame.info_hash, frame.piece, frame.begin,
+                                            frame.length, volatile=bool(frame.flags & FLAG_VOLATILE))
+                return [encode_data_header(rid, len(data)), data], None
+            except PiecedError as exc:
+                return [encode_error(rid, exc)], None
+
+        return job
+
+    # -- the shared-memory ring ------------------------------------------------------------
+    def _attach_ring(self, msg: dict[str, Any]) -> None:
+        fds, self._fds = self._fds, []
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise BadRequest("attach_ring needs exactly one descriptor passed with SCM_RIGHTS")
+        fd = fds[0]
+        try:
+            size = msg.get("size")
+            st = os.fstat(fd)
+            if not isinstance(size, int) or size <= 0 or st.st_size != size:
+                raise BadRequest(f"ring size {size!r} does not match the descriptor ({st.st_size})")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if not seals & _REQUIRED_SEALS:
+                # Without F_SEAL_SHRINK a client could truncate the memfd under our
+                # mapping and make the daemon fault (SIGBUS) mid-copy.
+                raise BadRequest("the ring must be a memfd sealed with F_SEAL_SHRINK")
+            self._drop_shm()
+            self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self.shm_view = memoryview(self.shm)
+        except OSError as exc:
+            raise StorageIOError.wrap(exc, "attach_ring") from None
+        finally:
+            os.close(fd)
+
+    def _ring_slices(self, offset: int, length: int) -> tuple[memoryview, memoryview]:
+        view = self.shm_view
+        if view is None:
+            raise BadRequest("no shared-memory ring is attached")
+        size = view.nbytes
+        if not 0 <= offset < size or not 0 < length <= min(size, MAX_BLOCK):
+            raise BadRequest(f"ring range offset={offset} length={length} is outside the ring ({size})")
+        end = offset + length
+        if end <= size:
+            return view[offset:end], view[0:0]
+        return view[offset:size], view[0 : end - size]
+
+    def _drop_shm(self) -> None:
+        if self.shm_view is not None:
+            self.shm_view.release()
+            self.shm_view = None
+        if self.shm is not None:
+            with contextlib.suppress(BufferError):
+                self.shm.close()
+            self.shm = None
+
+    # -- the lane (worker threads) ------------------------------------------------------------
+    def _enqueue(self, jobs: list[Job]) -> None:
+        with self._lane_lock:
+            self._lane.extend(jobs)
+            if self._lane_busy:
+                return
+            self._lane_busy = True
+        self._lane_idle.clear()
+        self.server.executor.submit(self._drain_lane)
+
+    def _drain_lane(self) -> None:
+        while True:
+            with self._lane_lock:
+                if not self._lane:
+                    self._lane_busy = False
+                    break
+                batch = list(self._lane)
+                self._lane.clear()
+            out: list[Out] = []
+            tokens: list[tuple[int, int]] = []
+            for job in batch:
+                try:
+                    frames, token = job()
+                except Exception as exc:  # a bug must not kill the lane
+                    log.exception("request failed")
+                    frames, token = [encode_error(0, PiecedError(f"internal error: {exc}"))], None
+                out.extend(frames)
+                if token is not None:
+                    tokens.append(token)
+            self._post(self._completed, out, tokens)
+        self._post(self._lane_idle.set)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _completed(self, out: list[Out], tokens: list[tuple[int, int]]) -> None:
+        for token in tokens:
+            self.ring.release(token)
+        if not self.closed:
+            self.send(out)
+            if self.ring.writable() and self._out_bytes <= _MAX_OUT_BYTES and not self._closing_after_send:
+                self._resume_reading()
+                if self.ring.unparsed:
+                    self._parse()
+
+    async def drained(self) -> None:
+        await self._lane_idle.wait()
+        self._drop_shm()
+
+    # -- writing --------------------------------------------------------------------------
+    def send(self, frames: list[Out]) -> None:
+        if self.closed:
+            return
+        for f in frames:
+            self._out.append(f)
+            self._out_bytes += len(f)
+        self._flush_out()
+
+    def _flush_out(self) -> None:
+        while self._out:
+            chunk = list(self._out)[:64]
+            try:
+                n = self.sock.sendmsg(chunk)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            self._out_bytes -= n
+            while n:
+                head = self._out[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self._out.popleft()
+                else:
+                    self._out[0] = memoryview(head)[n:]
+                    n = 0
+        if self._out and not self._writing:
+            self._writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        elif not self._out:
+            if self._writing:
+                self._writing = False
+                self.loop.remove_writer(self.fd)
+            if self._closing_after_send:
+                self.close()
+
+    def _on_writable(self) -> None:
+        self._flush_out()
+        if not self._out and self.ring.writable() and not self._closing_after_send:
+            self._resume_reading()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pause_reading()
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self.sock.close()
+        self.server.clients.discard(self)
+        if not self._lane_busy:
+            self._drop_shm()
+
+
+# -- operations (worker threads) ------------------------------------------------------------
+
+def _ih(msg: dict[str, Any]) -> bytes:
+    ih = msg.get("ih")
+    if not isinstance(ih, bytes) or len(ih) != 20:
+        raise BadRequest("'ih' must be the 20-byte info_hash")
+    return ih
+
+
+def _int(msg: dict[str, Any], key: str) -> int:
+    v = msg.get(key)
+    if not isinstance(v, int):
+        raise BadRequest(f"'{key}' must be an integer")
+    return v
+
+
+def _str(msg: dict[str, Any], key: str) -> str:
+    v = msg.get(key)
+    if not isinstance(v, str):
+        raise BadRequest(f"'{key}' must be a string")
+    return v
+
+
+def _op_register(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    metainfo = m.get("metainfo")
+    if not isinstance(metainfo, bytes):
+        raise BadRequest("'metainfo' must be the .torrent bytes")
+    ih = c.disk.register(metainfo, _str(m, "save_path"))
+    t = c.disk.torrent(ih)
+    c.subscriptions.update(t.meta.aliases)
+    return {"ih": ih, "aliases": list(t.meta.aliases)}
+
+
+def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    ih = _ih(m)
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = done * 100 // max(total, 1)
+        if pct != last[0]:
+            last[0] = pct
+            frame = encode_event("recheck_progress", {"ih": ih, "id": rid, "done": done, "total": total})
+            c._post(c.send, [frame])
+
+    r = c.disk.recheck(ih, progress)
+    return {"num_pieces": r.num_pieces, "failed_v1": r.failed_v1, "failed_v2": r.failed_v2,
+            "verified": sum(r.have)}
+
+
+def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    return c.disk.status(_ih(m))
+
+
+def _op_list(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    out = []
+    for ih in c.disk.torrents():
+        st = c.disk.status(ih)
+        out.append({k: st[k] for k in ("info_hash", "name", "num_pieces", "verified_pieces",
+                                        "total_size", "save_path")} | {"ih": ih})
+    return out
+
+
+def _op_stats(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    return c.disk.stats() | c.server.stats()
+
+
+def _op_subscribe(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    c.subscriptions.add(_ih(m))
+    return 1
+
+
+OPS: dict[str, Callable[[Connection, int, dict[str, Any]], Any]] = {
+    "register": _op_register,
+    "unregister": lambda c, r, m: c.disk.unregister(_ih(m), bool(m.get("delete_files", 0))),
+    "list": _op_list,
+    "read_piece": lambda c, r, m: {"data": c.disk.read_piece(_ih(m), _int(m, "piece"))},
+    "hash_piece": lambda c, r, m: c.disk.hash_piece(_ih(m), _int(m, "piece"), m.get("expected")),
+    "hash_piece_v2": lambda c, r, m: c.disk.hash_piece_v2(_ih(m), _int(m, "piece"), m.get("expected")),
+    "hash_block": lambda c, r, m: {"digest": c.disk.hash_block(
+        _ih(m), _int(m, "piece"), _int(m, "begin"), _int(m, "length"))},
+    "clear_piece": lambda c, r, m: c.disk.clear_piece(_ih(m), _int(m, "piece")),
+    "flush_piece": lambda c, r, m: c.disk.flush_piece(_ih(m), _int(m, "piece")),
+    "flush_all": lambda c, r, m: c.disk.flush_all(),
+    "cached_pieces": lambda c, r, m: c.disk.cached_pieces(_ih(m)),
+    "stats": _op_stats,
+    "status": _op_status,
+    "recheck": _op_recheck,
+    "move_storage": lambda c, r, m: c.disk.move_storage(_ih(m), _str(m, "new_path")),
+    "rename_file": lambda c, r, m: c.disk.rename_file(_ih(m), _int(m, "index"), _str(m, "new_name")),
+    "subscribe": _op_subscribe,
+}
+
+__all__ = ["OPS", "Connection", "Server"]

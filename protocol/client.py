@@ -1,0 +1,635 @@
+"""The client library torrent-client plugins import.
+
+``Client`` (blocking) and ``AsyncClient`` (asyncio) are thin shells around one
+sans-I/O core, :class:`ClientCore`, which builds frames and turns received frames
+into completions and events; the daemon parses with the very same FrameReader.
+
+Writes are pipelined: ``write_chunk`` and ``write_block_direct`` return once the
+block is sent (the blocking client waits only when ``window`` writes are in
+flight). A write's error is raised by the next call that waits for the daemon,
+or by ``wait_writes()``. Every other call waits for its reply. Events
+(``piece_verified``, ``piece_failed``, ``recheck_progress``...) go to the
+``on_event`` callback as ``(name, fields)``, and are kept in ``events`` otherwise.
+
+    from pieced.protocol.client import Client
+    with Client("var/pieced.sock") as c:
+        ih = c.register(torrent_bytes, save_path="/srv/torrents")
+        c.write_chunk(ih, piece, begin, block)
+        assert c.hash_piece(ih, piece)
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import fcntl
+import itertools
+import mmap
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pieced.storage.errors import PiecedError, ProtocolError
+
+from .frames import (
+    FLAG_FLUSH,
+    FLAG_VOLATILE,
+    Frame,
+    FrameReader,
+    FrameType,
+    RecvRing,
+    encode_control,
+    encode_read,
+    encode_write_header,
+    encode_write_ring,
+)
+from .messages import check_hello, decode_error, encode_request, from_wire, hello, to_wire
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+DEFAULT_SOCKET = "var/pieced.sock"
+
+
+class ShmRing:
+    """The client's half of the zero-copy transport: a sealed memfd used as a ring.
+
+    Space is handed out in order and freed, possibly out of order, when the daemon
+    acknowledges the block; a block may wrap around the end (the daemon writes the
+    two slices with one pwritev).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("pieced-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        self.map = mmap.mmap(self.fd, size)
+        self.view = memoryview(self.map)
+        self.head = 0
+        self.tail = 0
+        self._freed: dict[int, int] = {}
+
+    def free_bytes(self) -> int:
+        return self.size - (self.head - self.tail)
+
+    def reserve(self, n: int) -> tuple[int, memoryview, memoryview] | None:
+        """Claim ``n`` bytes: (ring offset, first slice, second slice) to fill, or None if full.
+
+        A plugin may ``recv_into`` these slices straight from a peer's socket; then the
+        block is never copied between the network and the disk.
+        """
+        if n > self.free_bytes():
+            return None
+        start = self.head % self.size
+        self.head += n
+        first = min(n, self.size - start)
+        return start, self.view[start : start + first], self.view[0 : n - first]
+
+    def put(self, data: bytes | memoryview) -> tuple[int, tuple[int, int]] | None:
+        """Copy a block in; returns (ring offset, release token), or None when full."""
+        n = memoryview(data).nbytes
+        pos = self.head
+        got = self.reserve(n)
+        if got is None:
+            return None
+        offset, a, b = got
+        src = memoryview(data)
+        a[:] = src[: a.nbytes]
+        if b.nbytes:
+            b[:] = src[a.nbytes :]
+        return offset, (pos, pos + n)
+
+    def release(self, token: tuple[int, int]) -> None:
+        self._freed[token[0]] = token[1]
+        while self.tail in self._freed:
+            self.tail = self._freed.pop(self.tail)
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+@dataclass
+class _Waiter:
+    kind: str  # "request", "write", "read"
+    result: Any = None
+    error: PiecedError | None = None
+    done: bool = False
+    token: tuple[int, int] | None = None
+
+
+class ClientCore:
+    """Sans-I/O client state: ids, frames to send, replies received."""
+
+    def __init__(self, max_frame: int = 8 * 1024 * 1024) -> None:
+        self.ring = RecvRing(max(2 * max_frame, 4 * 1024 * 1024))
+        self.reader = FrameReader(self.ring, max_frame)
+        self._ids = itertools.count(1)
+        self.waiters: dict[int, _Waiter] = {}
+        self.write_errors: collections.deque[PiecedError] = collections.deque()
+        self.events: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self.on_event: EventCallback | None = None
+        self.shm: ShmRing | None = None
+        self.server_hello: dict[str, Any] | None = None
+        self.writes_in_flight = 0
+
+    def hello(self) -> bytes:
+        self.waiters[0] = _Waiter("hello")
+        return encode_control(FrameType.HELLO, 0, to_wire(hello("client", "pieced.protocol.client")))
+
+    def request(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        rid = next(self._ids)
+        self.waiters[rid] = _Waiter("request")
+        return rid, encode_request(rid, op, args)
+
+    def write(self, ih: bytes, piece: int, begin: int, length: int, flush: bool) -> tuple[int, bytes]:
+        rid = next(self._ids)
+        self.waiters[rid] = _Waiter("write")
+        self.writes_in_flight += 1
+        return rid, encode_write_header(rid, ih, piece, begin, length, FLAG_FLUSH if flush else 0)
+
+    def write_ring(
+        self, ih: bytes, piece: int, begin: int, offset: int, length: int,
+        token: tuple[int, int], flush: bool,
+    ) -> tuple[int, bytes]:
+        rid = next(self._ids)
+        self.waiters[rid] = _Waiter("write", token=token)
+        self.writes_in_flight += 1
+        return rid, encode_write_ring(rid, ih, piece, begin, offset, length, FLAG_FLUSH if flush else 0)
+
+    def read(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool) -> tuple[int, bytes]:
+        rid = next(self._ids)
+        self.waiters[rid] = _Waiter("read")
+        return rid, encode_read(rid, ih, piece, begin, length, FLAG_VOLATILE if volatile else 0)
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were received into ``ring.writable()``: process whole frames."""
+        self.ring.wrote(n)
+        while True:
+            frame = self.reader.next_frame()
+            if frame is None:
+                return
+            self._handle(frame)
+
+    def _handle(self, f: Frame) -> None:
+        if f.type == FrameType.EVENT:
+            msg = from_wire(f.body)
+            name = str(msg.pop("event", ""))
+            if self.on_event is not None:
+                self.on_event(name, msg)
+            else:
+                self.events.append((name, msg))
+            return
+        if f.type == FrameType.ERROR and f.id == 0 and 0 not in self.waiters:
+            raise decode_error(f.body)  # the daemon is hanging up on us: say why
+        w = self.waiters.pop(f.id, None)
+        if w is None:
+            if f.token is not None:
+                self.ring.release(f.token)
+            raise ProtocolError(f"reply to unknown request id {f.id}")
+        w.done = True
+        if f.type == FrameType.ERROR:
+            w.error = decode_error(f.body)
+        elif f.type == FrameType.HELLO:
+            self.server_hello = check_hello(f.body, "server")
+        elif f.type == FrameType.RESPONSE:
+            w.result = from_wire(f.body).get("result")
+        elif f.type == FrameType.DATA:
+            w.result = b"".join(f.payload)
+            assert f.token is not None
+            self.ring.release(f.token)
+        elif f.type != FrameType.ACK:
+            raise ProtocolError(f"a daemon does not send {f.type.name} frames")
+        if w.kind == "write":
+            self.writes_in_flight -= 1
+            if w.token is not None and self.shm is not None:
+                self.shm.release(w.token)
+            if w.error is not None:
+                self.write_errors.append(w.error)
+
+    def raise_write_error(self) -> None:
+        if self.write_errors:
+            raise self.write_errors.popleft()
+
+
+def _rights(fds: list[int] | None) -> list[tuple[int, int, bytes]]:
+    """Ancillary data passing descriptors with SCM_RIGHTS."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def _hexless(ih: bytes | str) -> bytes:
+    if isinstance(ih, str):
+        return bytes.fromhex(ih)
+    return bytes(ih)
+
+
+class Client:
+    """Blocking client. Not thread-safe: one per thread, or guard it with a lock."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_SOCKET,
+        *,
+        timeout: float | None = 60.0,
+        on_event: EventCallback | None = None,
+        window: int = 256,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.window = window
+        self.core = ClientCore()
+        self.core.on_event = on_event
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+            self._send(self.core.hello())
+            self._wait(0)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            try:
+                if self.core.writes_in_flight and not self._broken():
+                    self.wait_writes()
+            finally:
+                self.sock.close()
+                if self.core.shm is not None:
+                    self.core.shm.close()
+                    self.core.shm = None
+
+    def _broken(self) -> bool:
+        return self.sock.fileno() < 0
+
+    @property
+    def events(self) -> collections.deque[tuple[str, dict[str, Any]]]:
+        return self.core.events
+
+    # -- I/O ------------------------------------------------------------------------------
+    def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+        anc = _rights(fds)
+        views = [memoryview(p) for p in parts]
+        first = True
+        while views:
+            n = self.sock.sendmsg(views, anc if first else [])
+            first = False
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    def _pump(self) -> None:
+        buf = self.core.ring.writable()
+        n = self.sock.recv_into(buf)
+        if n == 0:
+            raise ConnectionError("the daemon closed the connection")
+        self.core.received(n)
+
+    def _wait(self, rid: int) -> None:
+        while rid in self.core.waiters:
+            self._pump()
+
+    def _call(self, op: str, **args: Any) -> Any:
+        rid, frame = self.core.request(op, args)
+        waiter = self.core.waiters[rid]
+        self._send(frame)
+        while not waiter.done:
+            self._pump()
+        self.core.raise_write_error()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    def _throttle(self) -> None:
+        while self.core.writes_in_flight >= self.window:
+            self._pump()
+
+    def wait_writes(self) -> None:
+        """Wait until every write sent so far is acknowledged; raise the first error."""
+        while self.core.writes_in_flight:
+            self._pump()
+        self.core.raise_write_error()
+
+    # -- operations ---------------------------------------------------------------------------
+    def register(self, metainfo: bytes, save_path: str | os.PathLike[str]) -> bytes:
+        res = self._call("register", metainfo=metainfo, save_path=os.fspath(save_path))
+        return bytes(res["ih"])
+
+    def unregister(self, ih: bytes, delete_files: bool = False) -> None:
+        self._call("unregister", ih=_hexless(ih), delete_files=delete_files)
+
+    def torrents(self) -> list[dict[str, Any]]:
+        return list(self._call("list") or [])
+
+    def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
+                    flush: bool = False) -> None:
+        """Send a block inline (the bytes follow the header in the stream)."""
+        self.core.raise_write_error()
+        self._throttle()
+        _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
+        self._send(header, data)
+
+    def attach_ring(self, size: int = 16 * 1024 * 1024) -> None:
+        """Create a shared-memory ring and hand it to the daemon (SCM_RIGHTS)."""
+        if self.core.shm is not None:
+            raise ProtocolError("a ring is already attached")
+        shm = ShmRing(size)
+        rid, frame = self.core.request("attach_ring", {"size": size})
+        waiter = self.core.waiters[rid]
+        self._send(frame, fds=[shm.fd])
+        while not waiter.done:
+            self._pump()
+        if waiter.error is not None:
+            shm.close()
+            raise waiter.error
+        self.core.shm = shm
+
+    def write_block_direct(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
+                           flush: bool = False) -> None:
+        """Send a block through the shared ring: only (offset, length) crosses the socket."""
+        if self.core.shm is None:
+            self.attach_ring()
+        shm = self.core.shm
+        assert shm is not None
+        self.core.raise_write_error()
+        self._throttle()
+        n = memoryview(data).nbytes
+        if n > shm.size:
+            raise ValueError(f"block of {n} bytes is larger than the ring ({shm.size})")
+        placed = shm.put(data)
+        while placed is None:
+            if not self.core.writes_in_flight:
+                raise ProtocolError("ring full with no write in flight")
+            self._pump()
+            placed = shm.put(data)
+        offset, token = placed
+        _, frame = self.core.write_ring(ih, piece, begin, offset, n, token, flush)
+        self._send(frame)
+
+    def read_chunk(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False) -> bytes:
+        rid, frame = self.core.read(_hexless(ih), piece, begin, length, volatile)
+        waiter = self.core.waiters[rid]
+        self._send(frame)
+        while not waiter.done:
+            self._pump()
+        self.core.raise_write_error()
+        if waiter.error is not None:
+            raise waiter.error
+        return bytes(waiter.result)
+
+    def read_piece(self, ih: bytes, piece: int) -> bytes:
+        return bytes(self._call("read_piece", ih=_hexless(ih), piece=piece)["data"])
+
+    def hash_piece(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
+        return bool(self._call("hash_piece", ih=_hexless(ih), piece=piece, expected=expected))
+
+    def hash_piece_v2(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
+        return bool(self._call("hash_piece_v2", ih=_hexless(ih), piece=piece, expected=expected))
+
+    def hash_block(self, ih: bytes, piece: int, begin: int, length: int) -> bytes:
+        res = self._call("hash_block", ih=_hexless(ih), piece=piece, begin=begin, length=length)
+        return bytes(res["digest"])
+
+    def clear_piece(self, ih: bytes, piece: int) -> None:
+        self._call("clear_piece", ih=_hexless(ih), piece=piece)
+
+    def flush_piece(self, ih: bytes, piece: int) -> None:
+        self._call("flush_piece", ih=_hexless(ih), piece=piece)
+
+    def flush_all(self) -> None:
+        self._call("flush_all")
+
+    def cached_pieces(self, ih: bytes) -> list[int]:
+        return list(self._call("cached_pieces", ih=_hexless(ih)) or [])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call("stats"))
+
+    def status(self, ih: bytes) -> dict[str, Any]:
+        return dict(self._call("status", ih=_hexless(ih)))
+
+    def recheck(self, ih: bytes) -> dict[str, Any]:
+        """Verify everything on disk; progress arrives as ``recheck_progress`` events."""
+        return dict(self._call("recheck", ih=_hexless(ih)))
+
+    def move_storage(self, ih: bytes, new_path: str | os.PathLike[str]) -> None:
+        self._call("move_storage", ih=_hexless(ih), new_path=os.fspath(new_path))
+
+    def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
+        self._call("rename_file", ih=_hexless(ih), index=index, new_name=new_name)
+
+    def subscribe(self, ih: bytes) -> None:
+        self._call("subscribe", ih=_hexless(ih))
+
+
+class AsyncClient:
+    """asyncio client: the same operations, awaited; writes may be issued concurrently."""
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_SOCKET, *,
+                 on_event: EventCallback | None = None, window: int = 256) -> None:
+        self.path = os.fspath(path)
+        self.window = window
+        self.core = ClientCore()
+        self.core.on_event = on_event
+        self.sock: socket.socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._failure: BaseException | None = None
+
+    async def connect(self) -> AsyncClient:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, self.path)
+        self.sock = sock
+        self._reader = asyncio.create_task(self._read_loop())
+        await self._send(self.core.hello())
+        await self._until(lambda: 0 not in self.core.waiters)
+        return self
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            if self.sock is not None and self._failure is None and self.core.writes_in_flight:
+                await self.wait_writes()
+        finally:
+            if self._reader is not None:
+                self._reader.cancel()
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+            if self.core.shm is not None:
+                self.core.shm.close()
+                self.core.shm = None
+
+    @property
+    def events(self) -> collections.deque[tuple[str, dict[str, Any]]]:
+        return self.core.events
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sock is not None
+        try:
+            while True:
+                n = await loop.sock_recv_into(self.sock, self.core.ring.writable())
+                if n == 0:
+                    raise ConnectionError("the daemon closed the connection")
+                self.core.received(n)
+                self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._failure = exc
+            self._wake.set()
+
+    async def _until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            if self._failure is not None:
+                raise self._failure
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sock is not None
+        async with self._send_lock:
+            if fds:
+                data = b"".join(parts)
+                sent = self.sock.sendmsg([data], _rights(fds))  # small control frame: fits the buffer
+                if sent < len(data):
+                    await loop.sock_sendall(self.sock, data[sent:])
+                return
+            for p in parts:
+                await loop.sock_sendall(self.sock, p)
+
+    async def _call(self, op: str, **args: Any) -> Any:
+        rid, frame = self.core.request(op, args)
+        waiter = self.core.waiters[rid]
+        await self._send(frame)
+        await self._until(lambda: waiter.done)
+        self.core.raise_write_error()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    async def wait_writes(self) -> None:
+        await self._until(lambda: self.core.writes_in_flight == 0)
+        self.core.raise_write_error()
+
+    async def register(self, metainfo: bytes, save_path: str | os.PathLike[str]) -> bytes:
+        res = await self._call("register", metainfo=metainfo, save_path=os.fspath(save_path))
+        return bytes(res["ih"])
+
+    async def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
+                          flush: bool = False) -> None:
+        self.core.raise_write_error()
+        await self._until(lambda: self.core.writes_in_flight < self.window)
+        _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
+        await self._send(header, data)
+
+    async def attach_ring(self, size: int = 16 * 1024 * 1024) -> None:
+        shm = ShmRing(size)
+        rid, frame = self.core.request("attach_ring", {"size": size})
+        waiter = self.core.waiters[rid]
+        await self._send(frame, fds=[shm.fd])
+        await self._until(lambda: waiter.done)
+        if waiter.error is not None:
+            shm.close()
+            raise waiter.error
+        self.core.shm = shm
+
+    async def write_block_direct(self, ih: bytes, piece: int, begin: int,
+                                 data: bytes | memoryview, flush: bool = False) -> None:
+        if self.core.shm is None:
+            await self.attach_ring()
+        shm = self.core.shm
+        assert shm is not None
+        self.core.raise_write_error()
+        await self._until(lambda: self.core.writes_in_flight < self.window)
+        placed = shm.put(data)
+        while placed is None:
+            await self._until(lambda: shm.free_bytes() >= memoryview(data).nbytes)
+            placed = shm.put(data)
+        offset, token = placed
+        _, frame = self.core.write_ring(ih, piece, begin, offset, memoryview(data).nbytes, token, flush)
+        await self._send(frame)
+
+    async def read_chunk(self, ih: bytes, piece: int, begin: int, length: int,
+                         volatile: bool = False) -> bytes:
+        rid, frame = self.core.read(_hexless(ih), piece, begin, length, volatile)
+        waiter = self.core.waiters[rid]
+        await self._send(frame)
+        await self._until(lambda: waiter.done)
+        if waiter.error is not None:
+            raise waiter.error
+        return bytes(waiter.result)
+
+    async def unregister(self, ih: bytes, delete_files: bool = False) -> None:
+        await self._call("unregister", ih=_hexless(ih), delete_files=delete_files)
+
+    async def torrents(self) -> list[dict[str, Any]]:
+        return list(await self._call("list") or [])
+
+    async def read_piece(self, ih: bytes, piece: int) -> bytes:
+        return bytes((await self._call("read_piece", ih=_hexless(ih), piece=piece))["data"])
+
+    async def hash_piece(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
+        return bool(await self._call("hash_piece", ih=_hexless(ih), piece=piece, expected=expected))
+
+    async def hash_piece_v2(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
+        return bool(await self._call("hash_piece_v2", ih=_hexless(ih), piece=piece, expected=expected))
+
+    async def hash_block(self, ih: bytes, piece: int, begin: int, length: int) -> bytes:
+        res = await self._call("hash_block", ih=_hexless(ih), piece=piece, begin=begin, length=length)
+        return bytes(res["digest"])
+
+    async def clear_piece(self, ih: bytes, piece: int) -> None:
+        await self._call("clear_piece", ih=_hexless(ih), piece=piece)
+
+    async def flush_piece(self, ih: bytes, piece: int) -> None:
+        await self._call("flush_piece", ih=_hexless(ih), piece=piece)
+
+    async def flush_all(self) -> None:
+        await self._call("flush_all")
+
+    async def cached_pieces(self, ih: bytes) -> list[int]:
+        return list(await self._call("cached_pieces", ih=_hexless(ih)) or [])
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(await self._call("stats"))
+
+    async def status(self, ih: bytes) -> dict[str, Any]:
+        return dict(await self._call("status", ih=_hexless(ih)))
+
+    async def recheck(self, ih: bytes) -> dict[str, Any]:
+        return dict(await self._call("recheck", ih=_hexless(ih)))
+
+    async def move_storage(self, ih: bytes, new_path: str | os.PathLike[str]) -> None:
+        await self._call("move_storage", ih=_hexless(ih), new_path=os.fspath(new_path))
+
+    async def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
+        await self._call("rename_file", ih=_hexless(ih), index=index, new_name=new_name)
+
+    async def subscribe(self, ih: bytes) -> None:
+        await self._call("subscribe", ih=_hexless(ih))

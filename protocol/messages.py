@@ -1,0 +1,124 @@
+"""Control messages: what goes inside HELLO, REQUEST, RESPONSE, ERROR and EVENT frames.
+
+Bencode has integers, byte strings, lists and dictionaries only, so values are
+mapped once, here, for both ends: text is UTF-8, booleans are 0/1, None is left
+out of dictionaries, floats are not sent (counters are integers, times are in
+microseconds). Byte strings come back as ``str`` unless the key names binary
+data (:data:`BINARY_KEYS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pieced.storage.errors import PiecedError, ProtocolError, error_from_code
+
+from .frames import PROTOCOL_VERSION, FrameType, encode_control
+
+# Keys whose values are raw bytes, never text.
+BINARY_KEYS = frozenset({"ih", "metainfo", "have", "expected", "digest", "aliases", "data"})
+
+OPS = (
+    "register",
+    "unregister",
+    "list",
+    "read_piece",
+    "hash_piece",
+    "hash_piece_v2",
+    "hash_block",
+    "clear_piece",
+    "flush_piece",
+    "flush_all",
+    "cached_pieces",
+    "stats",
+    "status",
+    "recheck",
+    "move_storage",
+    "rename_file",
+    "attach_ring",
+    "subscribe",
+)
+
+EVENTS = ("piece_verified", "piece_failed", "disk_error", "recheck_progress")
+
+
+def to_wire(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, dict):
+        return {str(k).encode(): to_wire(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [to_wire(v) for v in value]
+    if isinstance(value, float):
+        raise TypeError("floats do not go on the wire: send integer microseconds")
+    raise TypeError(f"cannot send {type(value).__name__} on the wire")
+
+
+def from_wire(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            name = k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)
+            out[name] = from_wire(v, name)
+        return out
+    if isinstance(value, list):
+        return [from_wire(v, key) for v in value]
+    if isinstance(value, bytes) and key not in BINARY_KEYS:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def hello(role: str, name: str, **features: Any) -> dict[str, Any]:
+    return {"magic": "pieced", "version": PROTOCOL_VERSION, "role": role, "name": name, **features}
+
+
+def check_hello(body: dict[bytes, Any], role: str) -> dict[str, Any]:
+    msg = from_wire(body)
+    if msg.get("magic") != "pieced":
+        raise ProtocolError("handshake: not a pieced peer")
+    if msg.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"handshake: protocol version {msg.get('version')!r} is not supported "
+            f"(this side speaks {PROTOCOL_VERSION})"
+        )
+    if msg.get("role") != role:
+        raise ProtocolError(f"handshake: expected a {role}")
+    return dict(msg)
+
+
+def encode_error(rid: int, err: PiecedError) -> bytes:
+    body: dict[str, Any] = {"code": int(err.code), "message": err.message}
+    if err.errno is not None:
+        body["errno"] = err.errno
+    return encode_control(FrameType.ERROR, rid, to_wire(body))
+
+
+def decode_error(body: dict[bytes, Any]) -> PiecedError:
+    msg = from_wire(body)
+    code = msg.get("code")
+    text = msg.get("message", "")
+    if not isinstance(code, int) or not isinstance(text, str):
+        return ProtocolError("malformed ERROR frame")
+    errno = msg.get("errno")
+    return error_from_code(code, text, errno if isinstance(errno, int) else None)
+
+
+def encode_request(rid: int, op: str, args: dict[str, Any]) -> bytes:
+    return encode_control(FrameType.REQUEST, rid, to_wire({"op": op, **args}))
+
+
+def encode_response(rid: int, result: Any) -> bytes:
+    return encode_control(FrameType.RESPONSE, rid, to_wire({"result": result}))
+
+
+def encode_event(name: str, fields: dict[str, Any]) -> bytes:
+    return encode_control(FrameType.EVENT, 0, to_wire({"event": name, **fields}))
