@@ -374,6 +374,9 @@ class Connection:
             raise BadRequest("attach_ring needs exactly one descriptor passed with SCM_RIGHTS")
         fd = fds[0]
         try:
+            if self.shm is not None:
+                # Blocks in flight point into the attached ring: it cannot be swapped.
+                raise BadRequest("a ring is already attached to this connection")
             size = msg.get("size")
             st = os.fstat(fd)
             if not isinstance(size, int) or size <= 0 or st.st_size != size:
@@ -386,7 +389,6 @@ class Connection:
                 # Without F_SEAL_SHRINK a client could truncate the memfd under our
                 # mapping and make the daemon fault (SIGBUS) mid-copy.
                 raise BadRequest("the ring must be a memfd sealed with F_SEAL_SHRINK")
-            self._drop_shm()
             self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             self.shm_view = memoryview(self.shm)
         except OSError as exc:

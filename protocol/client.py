@@ -449,6 +449,7 @@ class AsyncClient:
         self.sock: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
+        self._attach_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
 
@@ -549,6 +550,11 @@ class AsyncClient:
         await self._send(header, data)
 
     async def attach_ring(self, size: int = 16 * 1024 * 1024) -> None:
+        async with self._attach_lock:
+            if self.core.shm is None:
+                await self._attach(size)
+
+    async def _attach(self, size: int) -> None:
         shm = ShmRing(size)
         rid, frame = self.core.request("attach_ring", {"size": size})
         waiter = self.core.waiters[rid]
