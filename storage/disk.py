@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from .bufferpool import BufferPool, PieceData
@@ -219,10 +220,10 @@ class DiskIO:
             if self.pool.overlaps_other(key, begin, begin + length):
                 self._write_out(t, piece, self.pool.take_dirty(key))
             if flush or not self.pool.add_dirty(key, begin, block):
-                self._write_through(t, piece, begin, [block])
+                self._write_through(t, piece, begin, (block,), length)
                 if flush:
                     self._sync(t, t.files_of(piece))
-            partial.hasher.add(begin, [block])
+            partial.hasher.add(begin, (block,), length)
             self.metrics.add("blocks_written")
             if partial.hasher.complete:
                 return self._complete(t, piece, partial)
@@ -236,19 +237,19 @@ class DiskIO:
         The slices are only read during the call: the caller may reuse them after.
         """
         t = self._get(ih)
-        length = memoryview(s0).nbytes + memoryview(s1).nbytes
+        n1 = memoryview(s1).nbytes
+        bufs = (s0, s1) if n1 else (s0,)
+        length = memoryview(s0).nbytes + n1
         t.layout.check(piece, begin, length)
         partial = self._partial(t, piece)
         if partial is None:
             return None
-        bufs = [s0, s1] if memoryview(s1).nbytes else [s0]
         with partial.lock:
             if partial.done:
                 self.metrics.add("duplicate_blocks")
                 return None
-            self._write_through(t, piece, begin, bufs)
-            partial.hasher.add(begin, bufs)
-            self.metrics.add("blocks_written")
+            self._write_through(t, piece, begin, bufs, length, blocks=1)
+            partial.hasher.add(begin, bufs, length)
             if partial.hasher.complete:
                 return self._complete(t, piece, partial)
         return None
@@ -268,18 +269,22 @@ class DiskIO:
                 partial = t.partial[piece] = _Partial(hasher)
             return partial
 
-    def _write_through(self, t: Torrent, piece: int, begin: int, bufs: Sequence[Buffer]) -> None:
-        length = sum(memoryview(b).nbytes for b in bufs)
-        self.pool.discard_dirty((t.id, piece), begin, begin + length)
-        segs = t.layout.map(piece, begin, length)
+    def _write_through(
+        self, t: Torrent, piece: int, begin: int, bufs: Sequence[Buffer], length: int,
+        blocks: int = 0,
+    ) -> None:
+        """Write a range straight to disk (the range has passed ``layout.check``)."""
+        key = (t.id, piece)
+        if self.pool.has_dirty(key):
+            self.pool.discard_dirty(key, begin, begin + length)
+        segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
+        start = perf_counter()
         try:
-            with self.metrics.timed("write"):
-                n = t.storage.writev(segs, bufs)
+            n = t.storage.writev(segs, bufs)
         except StorageIOError as exc:
             self._record_error(t, exc, piece)
             raise
-        self.metrics.add("bytes_written", n)
-        self.metrics.add("blocks_written_through")
+        self.metrics.wrote(perf_counter() - start, n, blocks, 1)
 
     def _write_out(self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write buffered blocks, one vectored write per run of adjacent blocks."""
@@ -288,9 +293,10 @@ class DiskIO:
         for begin, data in [*blocks, (-1, b"")]:
             if run and begin != end:
                 segs = t.layout.map(piece, start, end - start)
+                started = perf_counter()
                 try:
-                    with self.metrics.timed("write"):
-                        self.metrics.add("bytes_written", t.storage.writev(segs, run))
+                    n = t.storage.writev(segs, run)
+                    self.metrics.wrote(perf_counter() - started, n, 0, 0)
                 except StorageIOError as exc:
                     self._record_error(t, exc, piece)
                     raise

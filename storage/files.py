@@ -40,32 +40,44 @@ class HandlePool:
         self._lock = threading.Lock()
         self._fds: OrderedDict[tuple[object, int, bool], list[int]] = OrderedDict()  # [fd, users]
 
-    @contextlib.contextmanager
-    def acquire(self, owner: object, index: int, path: Path, writable: bool) -> Iterator[int]:
+    def get(self, owner: object, index: int, path: Path, writable: bool) -> list[int]:
+        """An open handle as ``[fd, users]``, counted as in use until :meth:`put`.
+
+        A plain call pair rather than a context manager: this runs once per block.
+        """
         key = (owner, index, writable)
         with self._lock:
             entry = self._fds.get(key)
             if entry is not None:
                 entry[1] += 1
                 self._fds.move_to_end(key)
-        if entry is None:
-            fd = _open(path, writable)
-            with self._lock:
-                entry = self._fds.get(key)
-                if entry is None:
-                    entry = self._fds[key] = [fd, 1]
-                    fd = -1
-                else:
-                    entry[1] += 1
+                return entry
+        fd = _open(path, writable)
+        with self._lock:
+            entry = self._fds.get(key)
+            if entry is None:
+                entry = self._fds[key] = [fd, 1]
+                fd = -1
+            else:
+                entry[1] += 1
+            self._evict_locked()
+        if fd >= 0:  # lost a race to open the same file: keep the other one
+            os.close(fd)
+        return entry
+
+    def put(self, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if len(self._fds) > self.max_open:
                 self._evict_locked()
-            if fd >= 0:  # lost a race to open the same file: keep the other one
-                os.close(fd)
+
+    @contextlib.contextmanager
+    def acquire(self, owner: object, index: int, path: Path, writable: bool) -> Iterator[int]:
+        entry = self.get(owner, index, path, writable)
         try:
             yield entry[0]
         finally:
-            with self._lock:
-                entry[1] -= 1
-                self._evict_locked()
+            self.put(entry)
 
     def _evict_locked(self) -> None:
         excess = len(self._fds) - self.max_open
@@ -113,14 +125,18 @@ class FileStorage:
         self.handles = handles
         self.preallocate = preallocate
         self._names: dict[int, tuple[str, ...]] = {}
+        self._paths: dict[int, Path] = {}  # built once: joinpath costs more than a pwrite
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
         self._lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------
     def file_path(self, index: int) -> Path:
-        parts = self._names.get(index, self.meta.files[index].path)
-        return self.save_path.joinpath(*parts)
+        path = self._paths.get(index)
+        if path is None:
+            parts = self._names.get(index, self.meta.files[index].path)
+            path = self._paths[index] = self.save_path.joinpath(*parts)
+        return path
 
     def stored_files(self) -> Iterator[int]:
         return (i for i, f in enumerate(self.meta.files) if f.stored)
@@ -164,18 +180,40 @@ class FileStorage:
     def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
         """Write the logical concatenation of ``bufs`` to ``segments``; bytes written."""
         written = 0
+        single = len(segments) == 1
         for seg in segments:
             if not seg.stored:
                 continue
-            views = sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length)
-            with self._fd(seg.file_index, True) as fd:
-                self._pwritev_all(fd, views, seg.file_offset, seg.file_index)
-            with self._lock:
-                self._dirty.add(seg.file_index)
+            index = seg.file_index
+            # One segment covering all of bufs (the usual block): hand them over as they are.
+            views = list(bufs) if single else sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length)
+            entry = self.handles.get(self, index, self.file_path(index), True)
+            try:
+                if index not in self._sized:
+                    self._size_file(entry[0], index)
+                n = os.pwritev(entry[0], views[:_IOV_MAX], seg.file_offset)
+                if n != seg.length:  # a short write: finish it the slow way
+                    self._pwritev_all(entry[0], [memoryview(v) for v in views], seg.file_offset, index, n)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
+            finally:
+                self.handles.put(entry)
+            if index not in self._dirty:
+                with self._lock:
+                    self._dirty.add(index)
             written += seg.length
         return written
 
-    def _pwritev_all(self, fd: int, views: list[memoryview], offset: int, index: int) -> None:
+    def _pwritev_all(
+        self, fd: int, views: list[memoryview], offset: int, index: int, done: int = 0
+    ) -> None:
+        n = done
+        offset += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
         while views:
             try:
                 n = os.pwritev(fd, views[:_IOV_MAX], offset)
@@ -259,6 +297,7 @@ class FileStorage:
             raise
         _prune_empty_dirs(self.save_path, self.meta)
         self.save_path = new_path
+        self._paths.clear()
 
     def rename(self, index: int, new_name: str) -> None:
         """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
@@ -277,6 +316,7 @@ class FileStorage:
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "rename") from None
         self._names[index] = parts
+        self._paths.pop(index, None)
 
 
 class MmapStorage(FileStorage):
@@ -373,6 +413,7 @@ class DisabledStorage(FileStorage):
 
     def move(self, new_path: Path) -> None:
         self.save_path = new_path
+        self._paths.clear()
 
 
 def make_storage(

@@ -101,6 +101,11 @@ class _Intervals:
 
     def add(self, start: int, end: int) -> None:
         spans = self.spans
+        if spans and spans[-1][1] == start:
+            # The usual case, the next block in order: the last span grows, and nothing
+            # follows it that could need merging.
+            spans[-1][1] = end
+            return
         i = 0
         while i < len(spans) and spans[i][1] < start:
             i += 1
@@ -112,7 +117,10 @@ class _Intervals:
         spans[i:j] = [[start, end]]
 
     def covers(self, start: int, end: int) -> bool:
-        return any(s <= start and end <= e for s, e in self.spans)
+        spans = self.spans
+        if len(spans) == 1:
+            return spans[0][0] <= start and end <= spans[0][1]
+        return any(s <= start and end <= e for s, e in spans)
 
     def total(self) -> int:
         return sum(e - s for s, e in self.spans)
@@ -150,9 +158,10 @@ class PieceHasher:
     def received_bytes(self) -> int:
         return self.received.total()
 
-    def add(self, begin: int, bufs: Sequence[Buffer]) -> None:
+    def add(self, begin: int, bufs: Sequence[Buffer], length: int | None = None) -> None:
         """Account for a block written at ``begin`` (given as one or more slices)."""
-        length = sum(memoryview(b).nbytes for b in bufs)
+        if length is None:
+            length = sum(memoryview(b).nbytes for b in bufs)
         end = begin + length
         self.received.add(begin, end)
         if self._sha1 is not None:
@@ -171,6 +180,13 @@ class PieceHasher:
     def _add_leaves(self, begin: int, end: int, bufs: Sequence[Buffer]) -> None:
         assert self.v2 is not None
         limit = self.v2.data_length
+        n = end - begin
+        if len(bufs) == 1 and begin % BLOCK_SIZE == 0 and (
+            n == BLOCK_SIZE or (end == limit and n < BLOCK_SIZE)
+        ):
+            # One aligned leaf in one buffer (the usual block): hash it as it is.
+            self.leaves[begin // BLOCK_SIZE] = hashlib.sha256(bufs[0]).digest()
+            return
         first = begin // BLOCK_SIZE
         last = min(end, limit)
         k = first

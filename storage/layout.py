@@ -9,14 +9,13 @@ hashed as zeros by v1) but never touch the disk, so segments say which is which.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import OutOfRange
 from .metainfo import Metainfo
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """``length`` bytes at ``file_offset`` of file ``file_index``, starting
     ``buf_offset`` bytes into the caller's buffer. ``stored`` is false for pad files
     and symlinks, whose bytes are zeros that are never written."""

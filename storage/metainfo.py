@@ -11,8 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import bencodepy
 
@@ -25,8 +24,7 @@ MAX_PIECES = 4_000_000
 _LEGACY_PAD_PREFIX = "_____padding_file_"
 
 
-@dataclass(frozen=True, slots=True)
-class FileEntry:
+class FileEntry(NamedTuple):
     """One file of the torrent, placed in the torrent's linear byte space.
 
     ``offset`` is where the file starts in that space; pad files (BEP 47, and the
@@ -51,8 +49,7 @@ class FileEntry:
         return not self.pad and "l" not in self.attr
 
 
-@dataclass(frozen=True, slots=True)
-class V2Piece:
+class V2Piece(NamedTuple):
     """What a v2 check of one piece needs: which file, how many bytes, what root."""
 
     file_index: int
@@ -62,21 +59,44 @@ class V2Piece:
     expected: bytes
 
 
-@dataclass(frozen=True)
 class Metainfo:
-    name: str
-    piece_length: int
-    files: tuple[FileEntry, ...]
-    total_size: int
-    num_pieces: int
-    info_hash_v1: bytes | None
-    info_hash_v2: bytes | None
-    pieces_v1: bytes | None
-    piece_layers: dict[bytes, bytes] = field(repr=False)
-    raw: bytes = field(repr=False)
-    # Per v2 file with data, in file order: its first piece and its index in files.
-    _v2_first_piece: tuple[int, ...] = field(repr=False, default=())
-    _v2_file_index: tuple[int, ...] = field(repr=False, default=())
+    """A parsed, validated torrent. Treat it as immutable.
+
+    A plain class rather than a dataclass: ``pieced verify`` imports this module,
+    and its start-up counts (dataclass creation and its imports cost milliseconds).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        piece_length: int,
+        files: tuple[FileEntry, ...],
+        total_size: int,
+        num_pieces: int,
+        info_hash_v1: bytes | None,
+        info_hash_v2: bytes | None,
+        pieces_v1: bytes | None,
+        piece_layers: dict[bytes, bytes],
+        raw: bytes,
+        _v2_first_piece: tuple[int, ...] = (),
+        _v2_file_index: tuple[int, ...] = (),
+    ) -> None:
+        self.name = name
+        self.piece_length = piece_length
+        self.files = files
+        self.total_size = total_size
+        self.num_pieces = num_pieces
+        self.info_hash_v1 = info_hash_v1
+        self.info_hash_v2 = info_hash_v2
+        self.pieces_v1 = pieces_v1
+        self.piece_layers = piece_layers
+        self.raw = raw
+        # Per v2 file with data, in file order: its first piece and its index in files.
+        self._v2_first_piece = _v2_first_piece
+        self._v2_file_index = _v2_file_index
+
+    def __repr__(self) -> str:
+        return f"Metainfo(name={self.name!r}, pieces={self.num_pieces}, files={len(self.files)})"
 
     @property
     def info_hash(self) -> bytes:

@@ -16,8 +16,8 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import StorageIOError
 from .hashing import Buffer, HashPool, check_piece
@@ -28,12 +28,11 @@ BATCH_BYTES = 8 * 1024 * 1024
 Progress = Callable[[int, int], None]  # (pieces done, pieces total)
 
 
-@dataclass
-class VerifyResult:
+class VerifyResult(NamedTuple):
     num_pieces: int
     failed_v1: list[int] | None
     failed_v2: list[int] | None
-    have: list[bool] = field(repr=False)
+    have: list[bool]
     bytes_hashed: int = 0
 
     @property
