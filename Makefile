@@ -32,9 +32,11 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/bin/python
 	touch $@ $(VENV)/.run-deps
 
 tools:
-	@command -v mktorrent >/dev/null && command -v transmission-create >/dev/null || { \
+	@command -v mktorrent >/dev/null && command -v transmission-create >/dev/null \
+	  && command -v systemd-analyze >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mktorrent transmission-cli >/dev/null; }
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq mktorrent transmission-cli systemd >/dev/null; }
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/recheck.py

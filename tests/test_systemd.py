@@ -1,0 +1,53 @@
+"""The systemd protocols with real sockets: READY/STATUS/STOPPING over $NOTIFY_SOCKET,
+and a listening socket handed over with LISTEN_FDS (socket activation)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pieced.protocol.client import Client
+
+
+def test_notify_and_socket_activation(tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "activated.sock"))
+    listener.listen(8)
+    fd = listener.fileno()
+
+    def as_fd3() -> None:  # what systemd does: the socket is descriptor 3 of the service
+        os.dup2(fd, 3)
+
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "LISTEN_FDS": "1",
+           "WATCHDOG_USEC": "200000"}
+    # LISTEN_PID/WATCHDOG_PID must name the daemon itself: exec keeps the shell's pid.
+    script = (f'LISTEN_PID=$$ WATCHDOG_PID=$$ exec {sys.executable} -m pieced.daemon.cli run '
+              f'--http-port 0 --socket {tmp_path}/unused.sock')
+    proc = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, env=env, preexec_fn=as_fd3, pass_fds=(3, fd),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        assert any("STATUS=" in m for m in messages)
+        assert not (tmp_path / "unused.sock").exists()  # it took systemd's socket instead
+        with Client(tmp_path / "activated.sock") as c:
+            assert c.stats()["connected_clients"] == 1
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        listener.close()
+        notify.close()
