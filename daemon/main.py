@@ -66,6 +66,7 @@ def make_disk(settings: Settings) -> DiskIO:
         preallocate=settings.preallocate,
         sync_window=settings.sync_window_ms / 1000,
         roots=[Path(r) for r in settings.roots],
+        state_dir=Path(settings.state_dir),
         metainfo_limits={
             "max_bytes": settings.max_frame_bytes,
             "max_files": settings.max_files,
@@ -78,6 +79,8 @@ async def serve(settings: Settings) -> None:
     settings = settings.resolved()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     disk = make_disk(settings)
+    for problem in disk.load_errors:
+        log.warning("%s", problem)
     server = Server(
         disk,
         ring_bytes=settings.client_buffer_bytes,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,11 @@ from .errors import (
     UnknownTorrent,
 )
 from .files import BACKENDS, FileStorage, HandlePool, make_storage
-from .hashing import Buffer, HashPool, PieceHasher, v2_root
+from .hashing import Buffer, HashPool, PieceHasher, check_piece, v2_root
 from .layout import Layout
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
+from .state import StateStore, file_stamp
 from .stats import Stats
 from .verify import PreadReader, Progress, VerifyResult, verify
 
@@ -57,6 +59,7 @@ class PieceResult:
 
 
 PieceCallback = Callable[[PieceResult], None]
+RESUME_INTERVAL = 1.0  # seconds between saves of a torrent's bitfield while it downloads
 
 
 class _Partial:
@@ -80,6 +83,9 @@ class Torrent:
         self.partial: dict[int, _Partial] = {}
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        self.resume_saved = 0.0
+        self.resume_dirty = False
+        self.reverifying = 0  # pieces still being re-verified after a restart
 
     @property
     def key(self) -> bytes:
@@ -128,6 +134,7 @@ class DiskIO:
         roots: Sequence[Path] | None = None,
         on_piece: PieceCallback | None = None,
         metainfo_limits: dict[str, int] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -144,6 +151,10 @@ class DiskIO:
         self._torrents: dict[bytes, Torrent] = {}
         self._ids = itertools.count(1)
         self._committer = _GroupCommit(self, sync_window)
+        self.state = StateStore(state_dir) if state_dir is not None else None
+        self.load_errors: list[str] = []
+        if self.state is not None:
+            self._load_state()
 
     # -- registration ------------------------------------------------------------------
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
@@ -158,7 +169,96 @@ class DiskIO:
             t = Torrent(next(self._ids), meta, storage)
             for alias in meta.aliases:
                 self._torrents[alias] = t
+        if self.state is not None:
+            self.state.save_metainfo(t.key, metainfo)
+            self.save_resume(t)
         return meta.info_hash
+
+    # -- durable state ----------------------------------------------------------------
+    def save_resume(self, t: Torrent) -> None:
+        """Record the torrent's save path, renames, verified bits and file stamps.
+
+        Only bits whose data is durable are ever set, so saving them is always safe.
+        """
+        if self.state is None:
+            return
+        with t.lock:
+            have = bytes(t.have)
+            t.resume_saved = time.monotonic()
+            t.resume_dirty = False
+        files = [file_stamp(t.storage.file_path(i)) if f.stored else [0, 0]
+                 for i, f in enumerate(t.meta.files)]
+        resume = {
+            b"save_path": str(t.storage.save_path).encode(),
+            b"have": have,
+            b"files": files,
+            b"renames": {str(i).encode(): "/".join(p).encode()
+                         for i, p in t.storage.renames.items()},
+        }
+        try:
+            self.state.save_resume(t.key, resume)
+        except OSError as exc:
+            self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
+
+    def _load_state(self) -> None:
+        """Re-register every saved torrent; keep the bits of files unchanged since saved."""
+        assert self.state is not None
+        for raw, resume in self.state.load_all():
+            try:
+                meta = parse(raw, **self.metainfo_limits)
+                save = resume.get(b"save_path", b"").decode()
+                storage = make_storage(self.backend, meta, Path(save), self.handles,
+                                       self.preallocate)
+                for k, v in dict(resume.get(b"renames", {})).items():
+                    storage.renames[int(k)] = tuple(v.decode().split("/"))
+                storage.create_empty_files()
+            except Exception as exc:  # a damaged record must not stop the daemon
+                self.load_errors.append(f"state record skipped: {exc}")
+                continue
+            t = Torrent(next(self._ids), meta, storage)
+            have = resume.get(b"have", b"")
+            stamps = resume.get(b"files", [])
+            if isinstance(have, bytes) and len(have) == len(t.have):
+                t.have[:] = have
+                changed = [i for i, f in enumerate(meta.files) if f.stored and (
+                    i >= len(stamps) or list(stamps[i]) != file_stamp(storage.file_path(i)))]
+                suspect = sorted({p for i in changed for p in t.layout.file_pieces(i) if t.has(p)})
+                for p in suspect:
+                    t.set_have(p, False)
+            else:
+                suspect = []
+            with self._lock:
+                for alias in meta.aliases:
+                    self._torrents[alias] = t
+            if suspect:
+                # Files written after the last save (a crash) or changed behind our back:
+                # their recorded pieces count again only once they re-verify.
+                threading.Thread(target=self._reverify, args=(t, suspect),
+                                 name="pieced-reverify", daemon=True).start()
+
+    def _reverify(self, t: Torrent, pieces: list[int]) -> None:
+        def read(piece: int, buf: memoryview) -> None:
+            t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
+
+        reader = PreadReader(read, t.meta.piece_length)
+        meta = t.meta
+        t.reverifying = len(pieces)
+        for p in pieces:
+            views = reader.views(p, meta.piece_size(p))
+            if views is not None:
+                try:
+                    ok1, ok2 = self.hash_pool.submit(
+                        check_piece, views, meta.v1_hash(p) if meta.has_v1 else None,
+                        meta.v2_piece(p),
+                    ).result()
+                except RuntimeError:  # shutting down: the rest stay unverified, as saved
+                    return
+                if ok1 is not False and ok2 is not False:
+                    with t.lock:
+                        if p not in t.partial:
+                            t.set_have(p, True)
+            t.reverifying -= 1
+        self.save_resume(t)
 
     def _check_save_path(self, path: Path) -> Path:
         if "\0" in str(path):
@@ -183,6 +283,8 @@ class DiskIO:
                 self._torrents.pop(alias, None)
         for piece in self.pool.pieces_of(t.id):
             self.pool.drop((t.id, piece))
+        if self.state is not None:
+            self.state.remove(t.key)
         if delete_files:
             t.storage.delete_files()
         t.storage.close()
@@ -363,6 +465,10 @@ class DiskIO:
         with t.lock:
             for p, _ in pieces:
                 t.set_have(p, True)
+            t.resume_dirty = True
+            due = time.monotonic() - t.resume_saved >= RESUME_INTERVAL
+        if due:
+            self.save_resume(t)
         self.metrics.add("pieces_verified", len(pieces))
         for _, r in pieces:
             self._notify(r)
@@ -530,6 +636,7 @@ class DiskIO:
         with t.lock:
             for p, ok in enumerate(result.have):
                 t.set_have(p, ok)
+        self.save_resume(t)
         self.metrics.add("bytes_read", result.bytes_hashed)
         return result
 
@@ -538,11 +645,13 @@ class DiskIO:
         path = self._check_save_path(Path(new_path))
         self._flush_torrent(t, sync=True)
         t.storage.move(path)
+        self.save_resume(t)
 
     def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
         t = self._get(ih)
         self._flush_torrent(t, sync=True)
         t.storage.rename(index, new_name)
+        self.save_resume(t)
 
     # -- reporting ------------------------------------------------------------------------
     def status(self, ih: bytes) -> dict[str, Any]:
@@ -582,6 +691,7 @@ class DiskIO:
             "have": have,
             "verified_pieces": verified,
             "partial_pieces": partial,
+            "reverifying_pieces": t.reverifying,
             "files": files,
             "errors": errors,
         }
@@ -612,6 +722,7 @@ class DiskIO:
                 torrents = {t.id: t for t in self._torrents.values()}
             for t in torrents.values():
                 t.storage.close()
+                self.save_resume(t)  # after the final sync: stamps match the files
 
 
 def _sha1(data: bytes) -> bytes:

@@ -124,7 +124,7 @@ class FileStorage:
         self.save_path = save_path
         self.handles = handles
         self.preallocate = preallocate
-        self._names: dict[int, tuple[str, ...]] = {}
+        self.renames: dict[int, tuple[str, ...]] = {}
         self._paths: dict[int, Path] = {}  # built once: joinpath costs more than a pwrite
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
@@ -134,7 +134,7 @@ class FileStorage:
     def file_path(self, index: int) -> Path:
         path = self._paths.get(index)
         if path is None:
-            parts = self._names.get(index, self.meta.files[index].path)
+            parts = self.renames.get(index, self.meta.files[index].path)
             path = self._paths[index] = self.save_path.joinpath(*parts)
         return path
 
@@ -154,7 +154,7 @@ class FileStorage:
 
     def display_path(self, index: int) -> str:
         """The file's current path relative to the save path (after any rename)."""
-        return "/".join(self._names.get(index, self.meta.files[index].path))
+        return "/".join(self.renames.get(index, self.meta.files[index].path))
 
     # -- I/O -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -279,7 +279,7 @@ class FileStorage:
         try:
             for index in self.stored_files():
                 src = self.file_path(index)
-                dst = new_path.joinpath(*self._names.get(index, self.meta.files[index].path))
+                dst = new_path.joinpath(*self.renames.get(index, self.meta.files[index].path))
                 if not src.exists():
                     continue
                 if dst.exists():
@@ -315,7 +315,7 @@ class FileStorage:
                 os.rename(src, dst)
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "rename") from None
-        self._names[index] = parts
+        self.renames[index] = parts
         self._paths.pop(index, None)
 
 
