@@ -6,8 +6,9 @@ into completions and events; the daemon parses with the very same FrameReader.
 
 Writes are pipelined: ``write_chunk`` and ``write_block_direct`` return once the
 block is sent (the blocking client waits only when ``window`` writes are in
-flight). A write's error is raised by the next call that waits for the daemon,
-or by ``wait_writes()``. Every other call waits for its reply. Events
+flight). When a write fails, the next call first lets every write in flight
+settle, then raises the first error, once; how many more writes of that burst
+failed is in its ``others`` attribute. Every other call waits for its reply. Events
 (``piece_verified``, ``piece_failed``, ``recheck_progress``...) go to the
 ``on_event`` callback as ``(name, fields)``, and are kept in ``events`` otherwise.
 
@@ -211,9 +212,15 @@ class ClientCore:
             if w.error is not None:
                 self.write_errors.append(w.error)
 
-    def raise_write_error(self) -> None:
-        if self.write_errors:
-            raise self.write_errors.popleft()
+    def take_write_error(self) -> PiecedError | None:
+        """The first pending write error, with the count of the others (``err.others``);
+        call only once no write is in flight, so one burst is reported exactly once."""
+        if not self.write_errors:
+            return None
+        first = self.write_errors.popleft()
+        first.others = len(self.write_errors)
+        self.write_errors.clear()
+        return first
 
 
 def _rights(fds: list[int] | None) -> list[tuple[int, int, bytes]]:
@@ -310,10 +317,18 @@ class Client:
         self._send(frame)
         while not waiter.done:
             self._pump()
-        self.core.raise_write_error()
+        self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
+
+    def _raise_write_error(self) -> None:
+        if self.core.write_errors:
+            while self.core.writes_in_flight:
+                self._pump()
+            err = self.core.take_write_error()
+            if err is not None:
+                raise err
 
     def _throttle(self) -> None:
         while self.core.writes_in_flight >= self.window:
@@ -323,7 +338,7 @@ class Client:
         """Wait until every write sent so far is acknowledged; raise the first error."""
         while self.core.writes_in_flight:
             self._pump()
-        self.core.raise_write_error()
+        self._raise_write_error()
 
     # -- operations ---------------------------------------------------------------------------
     def register(self, metainfo: bytes, save_path: str | os.PathLike[str]) -> bytes:
@@ -339,7 +354,7 @@ class Client:
     def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                     flush: bool = False) -> None:
         """Send a block inline (the bytes follow the header in the stream)."""
-        self.core.raise_write_error()
+        self._raise_write_error()
         self._throttle()
         _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
         self._send(header, data)
@@ -366,7 +381,7 @@ class Client:
             self.attach_ring()
         shm = self.core.shm
         assert shm is not None
-        self.core.raise_write_error()
+        self._raise_write_error()
         self._throttle()
         n = memoryview(data).nbytes
         if n > shm.size:
@@ -387,7 +402,7 @@ class Client:
         self._send(frame)
         while not waiter.done:
             self._pump()
-        self.core.raise_write_error()
+        self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return bytes(waiter.result)
@@ -529,14 +544,20 @@ class AsyncClient:
         waiter = self.core.waiters[rid]
         await self._send(frame)
         await self._until(lambda: waiter.done)
-        self.core.raise_write_error()
+        await self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
 
     async def wait_writes(self) -> None:
         await self._until(lambda: self.core.writes_in_flight == 0)
-        self.core.raise_write_error()
+        err = self.core.take_write_error()
+        if err is not None:
+            raise err
+
+    async def _raise_write_error(self) -> None:
+        if self.core.write_errors:
+            await self.wait_writes()
 
     async def register(self, metainfo: bytes, save_path: str | os.PathLike[str]) -> bytes:
         res = await self._call("register", metainfo=metainfo, save_path=os.fspath(save_path))
@@ -544,7 +565,7 @@ class AsyncClient:
 
     async def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                           flush: bool = False) -> None:
-        self.core.raise_write_error()
+        await self._raise_write_error()
         await self._until(lambda: self.core.writes_in_flight < self.window)
         _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
         await self._send(header, data)
@@ -571,7 +592,7 @@ class AsyncClient:
             await self.attach_ring()
         shm = self.core.shm
         assert shm is not None
-        self.core.raise_write_error()
+        await self._raise_write_error()
         await self._until(lambda: self.core.writes_in_flight < self.window)
         placed = shm.put(data)
         while placed is None:

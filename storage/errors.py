@@ -39,6 +39,7 @@ class PiecedError(Exception):
         super().__init__(message)
         self.message = message
         self.errno = errno
+        self.others = 0  # further errors of the same burst (pipelined writes), if any
 
     @property
     def kind(self) -> str:
