@@ -136,10 +136,11 @@ class ClientCore:
         self.on_event: EventCallback | None = None
         self.shm: ShmRing | None = None
         self.server_hello: dict[str, Any] | None = None
+        self.hello_waiter = _Waiter("hello")
         self.writes_in_flight = 0
 
     def hello(self) -> bytes:
-        self.waiters[0] = _Waiter("hello")
+        self.hello_waiter = self.waiters[0] = _Waiter("hello")
         return encode_control(FrameType.HELLO, 0, to_wire(hello("client", "pieced.protocol.client")))
 
     def request(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
@@ -212,6 +213,11 @@ class ClientCore:
             if w.error is not None:
                 self.write_errors.append(w.error)
 
+    def hello_done(self) -> None:
+        """Raise the daemon's refusal of the handshake (AccessDenied, a version mismatch)."""
+        if self.hello_waiter.error is not None:
+            raise self.hello_waiter.error
+
     def take_write_error(self) -> PiecedError | None:
         """The first pending write error, with the count of the others (``err.others``);
         call only once no write is in flight, so one burst is reported exactly once."""
@@ -256,8 +262,12 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
-            self._send(self.core.hello())
+            try:
+                self._send(self.core.hello())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused at once (AccessDenied...): the reason is waiting to be read
             self._wait(0)
+            self.core.hello_done()
         except BaseException:
             self.sock.close()
             raise
@@ -475,8 +485,12 @@ class AsyncClient:
         await loop.sock_connect(sock, self.path)
         self.sock = sock
         self._reader = asyncio.create_task(self._read_loop())
-        await self._send(self.core.hello())
+        try:
+            await self._send(self.core.hello())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at once: the reason is waiting to be read
         await self._until(lambda: 0 not in self.core.waiters)
+        self.core.hello_done()
         return self
 
     async def __aenter__(self) -> AsyncClient:

@@ -135,7 +135,13 @@ class FileStorage:
         path = self._paths.get(index)
         if path is None:
             parts = self.renames.get(index, self.meta.files[index].path)
-            path = self._paths[index] = self.save_path.joinpath(*parts)
+            path = self.save_path.joinpath(*parts)
+            # A symlinked folder inside the save path must not lead the payload (or the
+            # folders made for it) elsewhere; the file itself is opened with O_NOFOLLOW.
+            real = Path(os.path.realpath(path.parent))
+            if not real.is_relative_to(os.path.realpath(self.save_path)):
+                raise PathEscape(f"{path} leads outside the save path (through a symlink)")
+            self._paths[index] = path
         return path
 
     def stored_files(self) -> Iterator[int]:

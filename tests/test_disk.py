@@ -384,3 +384,29 @@ def _shared_source(factory: Any) -> tuple[bytes, Source]:
         raw = make_torrent_lt(content, 32768, "hybrid")
         _SHARED["src"] = (raw, Source(raw, save))
     return _SHARED["src"]
+
+
+def test_symlinks_never_lead_out_of_the_save_path(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "payload").symlink_to(outside)  # the torrent's folder, planted as a symlink
+    dio = DiskIO()
+    with pytest.raises(PathEscape):
+        ih = dio.register(raw, dl)  # the empty file would be made through it
+    dio.close()
+    (dl / "payload").unlink()
+    (dl / "payload").mkdir()
+    (dl / "payload" / "a.bin").symlink_to(outside / "victim")  # a file planted as a symlink
+    dio = DiskIO()
+    ih = dio.register(raw, dl)
+    p, b, n = src.blocks()[0]
+    with pytest.raises(StorageIOError) as exc:
+        dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+    assert exc.value.errno == errno.ELOOP
+    assert list(outside.iterdir()) == []
+    dio.close()

@@ -1,0 +1,53 @@
+"""Access control with real credentials: the socket is 0660, and SO_PEERCRED decides
+which other users may talk to the daemon."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from pieced.protocol.client import Client
+from pieced.storage.errors import AccessDenied
+
+from tests.conftest import Daemon
+
+
+def _connect_as(uid: int, sock: Path) -> int:
+    """Fork, drop to ``uid``, connect; exit 0 = served, 3 = AccessDenied, 4 = no access."""
+    pid = os.fork()
+    if pid == 0:  # child: only sockets and os._exit from here on
+        code = 1
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                with Client(sock, timeout=10) as c:
+                    c.stats()
+                code = 0
+            except AccessDenied:
+                code = 3
+            except PermissionError:
+                code = 4
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_socket_mode_and_peer_credentials() -> None:
+    root = Path(tempfile.mkdtemp(prefix="pieced-access-"))
+    root.chmod(0o755)  # other users must be able to reach the socket's folder
+    (root / "var").mkdir(mode=0o755)
+    d = Daemon(root, env={"PIECED_ALLOW_UIDS": "12345"})
+    try:
+        mode = stat.S_IMODE(d.socket.stat().st_mode)
+        assert mode == 0o660
+        assert _connect_as(65534, d.socket) == 4  # not owner, not group: the kernel says no
+        d.socket.chmod(0o666)  # open the door, so SO_PEERCRED is what decides
+        assert _connect_as(65534, d.socket) == 3  # nobody: refused with AccessDenied
+        assert _connect_as(12345, d.socket) == 0  # listed uid: served
+        with Client(d.socket) as c:  # the daemon's own user always is
+            assert c.stats()["clients_refused"] == 1
+    finally:
+        assert d.stop() == 0, d.stderr()
