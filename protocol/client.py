@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
 import fcntl
 import itertools
 import mmap
@@ -262,10 +263,9 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
-            try:
+            # Refused at once (AccessDenied...): the reason is waiting to be read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._send(self.core.hello())
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # refused at once (AccessDenied...): the reason is waiting to be read
             self._wait(0)
             self.core.hello_done()
         except BaseException:
@@ -485,10 +485,8 @@ class AsyncClient:
         await loop.sock_connect(sock, self.path)
         self.sock = sock
         self._reader = asyncio.create_task(self._read_loop())
-        try:
-            await self._send(self.core.hello())
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused at once: the reason is waiting to be read
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await self._send(self.core.hello())  # if refused, the reason is read next
         await self._until(lambda: 0 not in self.core.waiters)
         self.core.hello_done()
         return self
