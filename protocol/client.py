@@ -321,16 +321,19 @@ class Client:
         while rid in self.core.waiters:
             self._pump()
 
-    def _call(self, op: str, **args: Any) -> Any:
-        rid, frame = self.core.request(op, args)
+    def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
+        """Send one request frame and wait for its reply; raise its error, if any."""
         waiter = self.core.waiters[rid]
-        self._send(frame)
+        self._send(frame, fds=fds)
         while not waiter.done:
             self._pump()
         self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
+
+    def _call(self, op: str, **args: Any) -> Any:
+        return self._roundtrip(*self.core.request(op, args))
 
     def _raise_write_error(self) -> None:
         if self.core.write_errors:
@@ -374,14 +377,11 @@ class Client:
         if self.core.shm is not None:
             raise ProtocolError("a ring is already attached")
         shm = ShmRing(size)
-        rid, frame = self.core.request("attach_ring", {"size": size})
-        waiter = self.core.waiters[rid]
-        self._send(frame, fds=[shm.fd])
-        while not waiter.done:
-            self._pump()
-        if waiter.error is not None:
+        try:
+            self._roundtrip(*self.core.request("attach_ring", {"size": size}), fds=[shm.fd])
+        except BaseException:
             shm.close()
-            raise waiter.error
+            raise
         self.core.shm = shm
 
     def write_block_direct(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
@@ -407,15 +407,7 @@ class Client:
         self._send(frame)
 
     def read_chunk(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False) -> bytes:
-        rid, frame = self.core.read(_hexless(ih), piece, begin, length, volatile)
-        waiter = self.core.waiters[rid]
-        self._send(frame)
-        while not waiter.done:
-            self._pump()
-        self._raise_write_error()
-        if waiter.error is not None:
-            raise waiter.error
-        return bytes(waiter.result)
+        return bytes(self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
 
     def read_piece(self, ih: bytes, piece: int) -> bytes:
         return bytes(self._call("read_piece", ih=_hexless(ih), piece=piece)["data"])
@@ -551,15 +543,17 @@ class AsyncClient:
             for p in parts:
                 await loop.sock_sendall(self.sock, p)
 
-    async def _call(self, op: str, **args: Any) -> Any:
-        rid, frame = self.core.request(op, args)
+    async def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
         waiter = self.core.waiters[rid]
-        await self._send(frame)
+        await self._send(frame, fds=fds)
         await self._until(lambda: waiter.done)
         await self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
+
+    async def _call(self, op: str, **args: Any) -> Any:
+        return await self._roundtrip(*self.core.request(op, args))
 
     async def wait_writes(self) -> None:
         await self._until(lambda: self.core.writes_in_flight == 0)
@@ -589,13 +583,11 @@ class AsyncClient:
 
     async def _attach(self, size: int) -> None:
         shm = ShmRing(size)
-        rid, frame = self.core.request("attach_ring", {"size": size})
-        waiter = self.core.waiters[rid]
-        await self._send(frame, fds=[shm.fd])
-        await self._until(lambda: waiter.done)
-        if waiter.error is not None:
+        try:
+            await self._roundtrip(*self.core.request("attach_ring", {"size": size}), fds=[shm.fd])
+        except BaseException:
             shm.close()
-            raise waiter.error
+            raise
         self.core.shm = shm
 
     async def write_block_direct(self, ih: bytes, piece: int, begin: int,
@@ -616,13 +608,7 @@ class AsyncClient:
 
     async def read_chunk(self, ih: bytes, piece: int, begin: int, length: int,
                          volatile: bool = False) -> bytes:
-        rid, frame = self.core.read(_hexless(ih), piece, begin, length, volatile)
-        waiter = self.core.waiters[rid]
-        await self._send(frame)
-        await self._until(lambda: waiter.done)
-        if waiter.error is not None:
-            raise waiter.error
-        return bytes(waiter.result)
+        return bytes(await self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
 
     async def unregister(self, ih: bytes, delete_files: bool = False) -> None:
         await self._call("unregister", ih=_hexless(ih), delete_files=delete_files)
