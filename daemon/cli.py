@@ -267,11 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_BAD_INPUT if exc.code else EXIT_OK
+    if args.command != "run":
+        # Piped into `head`: end quietly as other Unix tools do. Never in the daemon,
+        # where a client hanging up must not kill the process.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from pieced.storage.errors import PiecedError
 
     try:

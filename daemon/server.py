@@ -155,12 +155,16 @@ class Server:
         name = "piece_verified" if result.ok else "piece_failed"
         fields = {"ih": result.info_hash, "piece": result.piece, "v1": result.v1, "v2": result.v2}
         frame = encode_event(name, fields)
+        try:  # a hybrid torrent's clients may know it by either of its two keys
+            keys = frozenset(self.disk.torrent(result.info_hash).meta.aliases)
+        except PiecedError:
+            keys = frozenset((result.info_hash,))
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self.loop.call_soon_threadsafe(self._broadcast, result.info_hash, frame)
+            self.loop.call_soon_threadsafe(self._broadcast, keys, frame)
 
-    def _broadcast(self, ih: bytes, frame: bytes) -> None:
+    def _broadcast(self, keys: frozenset[bytes], frame: bytes) -> None:
         for conn in list(self.clients):
-            if ih in conn.subscriptions:
+            if not keys.isdisjoint(conn.subscriptions):
                 conn.send([frame])
 
     def stats(self) -> dict[str, Any]:
@@ -315,7 +319,7 @@ class Connection:
             except (TypeError, KeyError, ValueError) as exc:
                 return [encode_error(rid, BadRequest(f"{op}: bad arguments: {exc}"))], None
 
-        return job
+        return self._guard(rid, None, job)
 
     def _write_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
@@ -332,7 +336,7 @@ class Connection:
             except PiecedError as exc:
                 return [encode_error(rid, exc)], token
 
-        return job
+        return self._guard(rid, token, job)
 
     def _ring_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
@@ -348,7 +352,7 @@ class Connection:
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
 
-        return job
+        return self._guard(rid, None, job)
 
     def _read_job(self, frame: Frame) -> Job:
         rid = frame.id
@@ -363,7 +367,7 @@ class Connection:
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
 
-        return job
+        return self._guard(rid, None, job)
 
     # -- the shared-memory ring ------------------------------------------------------------
     def _attach_ring(self, msg: dict[str, Any]) -> None:
@@ -418,6 +422,20 @@ class Connection:
             self.shm = None
 
     # -- the lane (worker threads) ------------------------------------------------------------
+    @staticmethod
+    def _guard(rid: int, token: tuple[int, int] | None, job: Job) -> Job:
+        """A job whose unexpected failure (a bug) still answers its own request id and
+        frees its ring space, so the client is never left waiting."""
+
+        def guarded() -> tuple[list[Out], tuple[int, int] | None]:
+            try:
+                return job()
+            except Exception as exc:
+                log.exception("request %d failed", rid)
+                return [encode_error(rid, PiecedError(f"internal error: {exc}"))], token
+
+        return guarded
+
     def _enqueue(self, jobs: list[Job]) -> None:
         with self._lane_lock:
             self._lane.extend(jobs)

@@ -259,3 +259,21 @@ def test_sigterm_flushes_buffered_pieces(tmp_path: Path, odd_payload: tuple[Path
         c.wait_writes()
     assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+def test_events_reach_clients_using_the_v2_alias(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, save)
+    with Client(daemon.socket) as owner:
+        ih = owner.register(raw, daemon.root / "dl")
+        alias = owner.status(ih)["info_hash_v2"]
+        v2_key = bytes.fromhex(alias)[:20]
+        with Client(daemon.socket) as other:
+            other.subscribe(v2_key)  # knows the torrent only by its truncated v2 hash
+            for p, b, n in src.blocks():
+                if p == 0:
+                    other.write_chunk(v2_key, p, b, src.read(p, b, n))
+            other.wait_writes()
+            other.flush_all()
+            assert ("piece_verified", 0) in [(e[0], e[1]["piece"]) for e in other.events]
