@@ -213,24 +213,21 @@ class FileStorage:
     def _pwritev_all(
         self, fd: int, views: list[memoryview], offset: int, index: int, done: int = 0
     ) -> None:
+        """Finish a vectored write of which ``done`` bytes are already written."""
         n = done
-        offset += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-        while views:
-            try:
-                n = os.pwritev(fd, views[:_IOV_MAX], offset)
-            except OSError as exc:
-                raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
+        while True:
             offset += n
             while views and n >= views[0].nbytes:
                 n -= views[0].nbytes
                 views.pop(0)
             if n:
                 views[0] = views[0][n:]
+            if not views:
+                return
+            try:
+                n = os.pwritev(fd, views[:_IOV_MAX], offset)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
 
     def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
         """Fill ``out`` from ``segments``; pad bytes and holes past a file's end read as zeros."""

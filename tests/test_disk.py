@@ -410,3 +410,18 @@ def test_symlinks_never_lead_out_of_the_save_path(tmp_path: Path, odd_payload: t
     assert exc.value.errno == errno.ELOOP
     assert list(outside.iterdir()) == []
     dio.close()
+
+
+def test_piece_of_more_blocks_than_iov_max(tmp_path: Path) -> None:
+    """A 32 MiB piece written out from 2048 buffered blocks: more than IOV_MAX (1024)
+    views, so the vectored write must be finished in several calls."""
+    content = make_payload(tmp_path / "src", 32 * 1024 * 1024 + 5, seed=4)
+    raw = make_torrent_lt(content, 32 * 1024 * 1024, "v1")
+    src = Source(raw, tmp_path / "src")
+    events: list[PieceResult] = []
+    dio = DiskIO(cache_bytes=64 * 1024 * 1024, on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None, direct_every=0)
+    dio.close()
+    assert [e.ok for e in events] == [True, True]
+    assert (tmp_path / "dl" / "payload.bin").read_bytes() == content.read_bytes()
