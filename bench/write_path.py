@@ -81,7 +81,7 @@ import libtorrent as lt  # noqa: E402
 from pieced.storage.disk import DiskIO, PieceResult  # noqa: E402
 from pieced.storage.metainfo import Metainfo, parse  # noqa: E402
 
-from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
+from tests.realtools import cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 16384
@@ -134,15 +134,8 @@ def prepare_payload(workdir: Path, size: int) -> tuple[Path, bool]:
 
 def prepare_torrent(workdir: Path, content: Path, piece_length: int, kind: Kind) -> bytes:
     """Make (or reuse) the ``kind`` torrent; torrents are deleted with the payload."""
-    path = workdir / "torrents" / f"{kind}-{piece_length}.torrent"
-    if not path.exists():
-        log(f"making {kind} torrent, {piece_length // 1024} KiB pieces")
-        t = time.perf_counter()
-        data = make_torrent_lt(content, piece_length, kind)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        log(f"  made in {time.perf_counter() - t:.1f}s")
-    return path.read_bytes()
+    log(f"{kind} torrent, {piece_length // 1024} KiB pieces")
+    return cached_torrent_lt(workdir, content, piece_length, kind).read_bytes()
 
 
 def warm_cache(path: Path) -> float:

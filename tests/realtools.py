@@ -31,6 +31,7 @@ __all__ = [
     "MKTORRENT_MIN_PIECE_LENGTH",
     "TRACKER_URL",
     "TorrentKind",
+    "cached_torrent_lt",
     "corrupt",
     "lt_recheck",
     "lt_session_settings",
@@ -147,6 +148,19 @@ def make_torrent_lt(content: Path, piece_length: int, kind: TorrentKind) -> byte
 #: mktorrent 1.1 accepts ``-l 15`` to ``-l 28`` only.
 MKTORRENT_MIN_PIECE_LENGTH = 1 << 15
 MKTORRENT_MAX_PIECE_LENGTH = 1 << 28
+
+
+def cached_torrent_lt(workdir: Path, content: Path, piece_length: int, kind: TorrentKind) -> Path:
+    """The libtorrent-made ``kind`` torrent of ``content``, made once under ``workdir``.
+
+    Benchmarks reuse their (large) payloads between runs; the torrent goes with it.
+    """
+    path = workdir / "torrents" / f"{kind}-{piece_length}.torrent"
+    if not path.exists():
+        data = make_torrent_lt(content, piece_length, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return path
 
 
 def make_torrent_mktorrent(content: Path, piece_length: int) -> bytes:
