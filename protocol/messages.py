@@ -18,30 +18,6 @@ from .frames import PROTOCOL_VERSION, FrameType, encode_control
 # Keys whose values are raw bytes, never text.
 BINARY_KEYS = frozenset({"ih", "metainfo", "have", "expected", "digest", "aliases", "data"})
 
-OPS = (
-    "register",
-    "unregister",
-    "list",
-    "read_piece",
-    "hash_piece",
-    "hash_piece_v2",
-    "hash_block",
-    "clear_piece",
-    "flush_piece",
-    "flush_all",
-    "cached_pieces",
-    "stats",
-    "status",
-    "recheck",
-    "move_storage",
-    "rename_file",
-    "attach_ring",
-    "subscribe",
-)
-
-EVENTS = ("piece_verified", "piece_failed", "disk_error", "recheck_progress")
-
-
 def to_wire(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)

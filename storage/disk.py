@@ -84,7 +84,6 @@ class Torrent:
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.resume_saved = 0.0
-        self.resume_dirty = False
         self.reverifying = 0  # pieces still being re-verified after a restart
 
     @property
@@ -185,7 +184,6 @@ class DiskIO:
         with t.lock:
             have = bytes(t.have)
             t.resume_saved = time.monotonic()
-            t.resume_dirty = False
         files = [file_stamp(t.storage.file_path(i)) if f.stored else [0, 0]
                  for i, f in enumerate(t.meta.files)]
         resume = {
@@ -465,7 +463,6 @@ class DiskIO:
         with t.lock:
             for p, _ in pieces:
                 t.set_have(p, True)
-            t.resume_dirty = True
             due = time.monotonic() - t.resume_saved >= RESUME_INTERVAL
         if due:
             self.save_resume(t)

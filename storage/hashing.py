@@ -122,8 +122,6 @@ class _Intervals:
             return spans[0][0] <= start and end <= spans[0][1]
         return any(s <= start and end <= e for s, e in spans)
 
-    def total(self) -> int:
-        return sum(e - s for s, e in self.spans)
 
 
 class PieceHasher:
@@ -154,9 +152,6 @@ class PieceHasher:
     def complete(self) -> bool:
         return self.received.covers(0, self.size)
 
-    @property
-    def received_bytes(self) -> int:
-        return self.received.total()
 
     def add(self, begin: int, bufs: Sequence[Buffer], length: int | None = None) -> None:
         """Account for a block written at ``begin`` (given as one or more slices)."""

@@ -70,9 +70,3 @@ def piece_width(file_length: int, piece_length: int) -> int:
     if file_length > piece_length:
         return piece_length // BLOCK_SIZE
     return next_pow2(leaf_count(file_length))
-
-
-def leaves_of(data: bytes | memoryview) -> list[bytes]:
-    """SHA-256 leaves of a buffer that starts on a 16 KiB boundary of its file."""
-    mv = memoryview(data)
-    return [sha256(mv[i : i + BLOCK_SIZE]).digest() for i in range(0, len(mv), BLOCK_SIZE)]
