@@ -18,6 +18,14 @@ of ``--repeat``, runs of the contenders interleaved so drift hits all alike):
     ``.venv/bin/pieced verify TORRENT --data SAVE_PATH --json``, which must exit 0 with
     empty ``failed_v1`` / ``failed_v2``. A missing or failing command is recorded as an
     ``error`` for that entry rather than stopping the benchmark.
+``pieced_recheck_full`` / ``pieced_recheck``
+    ``pieced recheck IH [--full] --json`` against a daemon this script starts (state in
+    ``WORKDIR/var``) with the torrent registered and rechecked once, so that every piece
+    has its BLAKE3 fingerprint: ``--full`` hashes with the torrent's own hashes, the
+    plain recheck with the fingerprints (it must report a fingerprint hit per piece).
+``raw_blake3``
+    ``bench/raw_hash.py --blake3``: one BLAKE3 per piece over mmap slices on every core,
+    the limit for ``pieced_recheck``.
 
 Whole processes, because that is what a user waits for: interpreter start-up and
 imports count (``python_startup_seconds`` in the output says how much of that is bare
@@ -169,9 +177,45 @@ def judge(tool: str, run: dict[str, Any]) -> str | None:
         return "did not print a JSON object"
     if tool == "libtorrent" and j.get("failed"):
         return f"libtorrent failed pieces {j['failed'][:10]}"
-    if tool in ("raw", "pieced") and (j.get("failed_v1") or j.get("failed_v2")):
+    if tool != "libtorrent" and (j.get("failed_v1") or j.get("failed_v2")):
         return f"failed pieces v1={j.get('failed_v1', [])[:10]} v2={j.get('failed_v2', [])[:10]}"
+    if tool == "pieced_recheck" and j.get("fingerprint_hits") != j.get("num_pieces"):
+        return f"only {j.get('fingerprint_hits')} of {j.get('num_pieces')} fingerprint hits"
     return None
+
+
+class BenchDaemon:
+    """``pieced run`` in ``workdir`` (which holds the payload, so it is an allowed root),
+    with fresh state, on a private socket; the torrents are registered and rechecked once
+    so that every piece has a fingerprint."""
+
+    def __init__(self, pieced: Path, workdir: Path, save_path: Path) -> None:
+        shutil.rmtree(workdir / "var", ignore_errors=True)
+        self.pieced = pieced
+        self.socket = workdir / "var" / "pieced.sock"
+        self.save_path = save_path
+        self.proc = subprocess.Popen(
+            [str(pieced), "run", "--http-port", "0"], cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert self.proc.stdout is not None
+        if "listening" not in self.proc.stdout.readline():
+            self.proc.kill()
+            raise SystemExit("the daemon did not start")
+
+    def cli(self, *args: str) -> list[str]:
+        return [str(self.pieced), *args, "--json", "--socket", str(self.socket)]
+
+    def add(self, torrent: Path) -> str:
+        out = subprocess.run(self.cli("add", str(torrent), "--save-path", str(self.save_path)),
+                             capture_output=True, text=True, check=True, timeout=600)
+        ih = str(json.loads(out.stdout)["info_hash"])
+        subprocess.run(self.cli("recheck", ih), capture_output=True, check=True, timeout=1800)
+        return ih
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
 
 
 def main() -> int:
@@ -200,8 +244,12 @@ def main() -> int:
         log(f"load average is {load_before[0]:.2f}: something else is running, expect noise")
     py = sys.executable
     startup = min(run_timed([py, "-c", "pass"], 60).get("seconds", float("nan")) for _ in range(3))
+    daemon = BenchDaemon(args.pieced, workdir, save_path)
+    ihs = {k: daemon.add(t) for k, t in torrents.items()}
     commands: dict[Kind, dict[str, list[str]]] = {
         k: {
+            "raw_blake3": [py, str(REPO / "bench" / "raw_hash.py"), str(t), str(save_path),
+                           "--blake3"],
             "raw": [py, str(REPO / "bench" / "raw_hash.py"), str(t), str(save_path)],
             "libtorrent": [
                 py,
@@ -213,6 +261,8 @@ def main() -> int:
                 str(args.timeout),
             ],
             "pieced": [str(args.pieced), "verify", str(t), "--data", str(save_path), "--json"],
+            "pieced_recheck_full": daemon.cli("recheck", ihs[k], "--full"),
+            "pieced_recheck": daemon.cli("recheck", ihs[k]),
         }
         for k, t in torrents.items()
     }
@@ -222,7 +272,7 @@ def main() -> int:
     for r in range(args.repeat):
         for k in kinds:
             for tool, cmd in commands[k].items():
-                if tool == "pieced" and r and any("error" in x for x in runs[k][tool]):
+                if tool.startswith("pieced") and r and any("error" in x for x in runs[k][tool]):
                     continue  # it failed once; do not wait for it again
                 # libtorrent leaves the page cache colder behind it (whatever runs next,
                 # raw included, takes ~25% longer), so every run starts from a re-warmed one.
@@ -235,6 +285,7 @@ def main() -> int:
                 shown = f"{run['seconds']:.3f}s" if "seconds" in run else run["error"]
                 log(f"run {r + 1}/{args.repeat} {k:6} {tool:10} {shown}")
 
+    daemon.stop()
     results: dict[str, Any] = {}
     for k in kinds:
         ti = lt.torrent_info(torrents[k].read_bytes())
@@ -256,11 +307,15 @@ def main() -> int:
             if errors:
                 e["error"] = errors[0] if len(errors) == 1 else errors
             entry[tool] = e
-        for tool in ("libtorrent", "pieced"):
+        for tool in ("libtorrent", "pieced", "pieced_recheck_full"):
             if tool in best and "raw" in best:
                 entry[tool]["fraction_of_raw"] = round(best["raw"] / best[tool], 3)
-        if "libtorrent" in best and "pieced" in best:
-            entry["libtorrent_over_pieced"] = round(best["libtorrent"] / best["pieced"], 3)
+        if "pieced_recheck" in best and "raw_blake3" in best:
+            entry["pieced_recheck"]["fraction_of_raw_blake3"] = round(
+                best["raw_blake3"] / best["pieced_recheck"], 3)
+        for tool in ("pieced", "pieced_recheck_full", "pieced_recheck", "raw_blake3"):
+            if "libtorrent" in best and tool in best:
+                entry[f"libtorrent_over_{tool}"] = round(best["libtorrent"] / best[tool], 3)
         raw_json = next((x["json"] for x in runs[k]["raw"] if "json" in x), None)
         if raw_json:
             entry["raw"]["in_process_hash_seconds"] = raw_json["hash_seconds"]

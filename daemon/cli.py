@@ -198,7 +198,7 @@ def cmd_recheck(args: argparse.Namespace) -> int:
         st = c.status(ih)
         bar = ProgressBar(st["num_pieces"], st["piece_length"])
         c.core.on_event = lambda name, f: bar(f["done"], f["total"]) if name == "recheck_progress" else None
-        res = c.recheck(ih)
+        res = c.recheck(ih, full=args.full)
     failed = sorted(set(res.get("failed_v1") or []) | set(res.get("failed_v2") or []))
     _print(args, res, f"{res['verified']}/{res['num_pieces']} pieces verify"
            + (f"; failed: {_ranges(failed)}" if failed else ""))
@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("info_hash", help="40 hex digits")
         if name == "rm":
             p.add_argument("--delete-files", action="store_true", help="also delete the payload")
+        if name == "recheck":
+            p.add_argument("--full", action="store_true",
+                           help="hash every piece with the torrent's own hashes, "
+                                "ignoring the BLAKE3 fingerprints")
         p.set_defaults(func=func)
     return parser
 

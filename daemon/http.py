@@ -46,10 +46,16 @@ class _Collector:
             ("blocks_written", "Blocks accepted"),
             ("duplicate_blocks", "Blocks for pieces already complete"),
             ("syncs", "fdatasync batches"),
+            ("fingerprint_hits", "Pieces a recheck found good by their BLAKE3 fingerprint"),
         ]:
             c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])
             c.add_metric(backend, s[name])
             yield c
+        dropped = CounterMetricFamily(
+            "pieced_clients_dropped", "Clients disconnected for not reading what was sent to them"
+        )
+        dropped.add_metric([], self.server.dropped)
+        yield dropped
         errors = CounterMetricFamily("pieced_errors", "Errors by kind (errno name for I/O)", labels=["kind"])
         for kind, n in sorted(s["errors"].items()):
             errors.add_metric([kind], n)

@@ -8,8 +8,12 @@ take effect in the order it sent them, disk and hashing stay off the event loop,
 and different clients run in parallel. Replies come back to the loop in batches.
 
 Flow control: an inline block's bytes stay in the ring until they are handled; when
-the ring is full the connection stops reading from its socket, and the client's
-writes block in its kernel buffer. Memory per client is its ring, nothing more.
+the ring is full, or the lane already holds MAX_QUEUED_JOBS requests, the connection
+stops reading from its socket, and the client's writes block in its kernel buffer.
+Replies are bounded too: the lane pauses while a client's unsent output is over
+``Server.out_limit``, and a client whose output still grows past ``drop_limit``
+(events to a client that never reads) is disconnected. Memory per client is its
+ring, its queued requests and that output, nothing more.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import itertools
 import logging
 import mmap
 import os
@@ -31,6 +36,7 @@ from typing import Any
 from pieced.protocol.frames import (
     FLAG_FLUSH,
     FLAG_VOLATILE,
+    LENGTH_AFTER,
     MAX_BLOCK,
     Frame,
     FrameReader,
@@ -56,13 +62,17 @@ from pieced.storage.errors import (
     PiecedError,
     ProtocolError,
     StorageIOError,
+    TooLarge,
 )
 
 log = logging.getLogger("pieced.server")
 
 Out = bytes | memoryview
 Job = Callable[[], tuple[list[Out], tuple[int, int] | None]]
-_MAX_OUT_BYTES = 8 * 1024 * 1024
+# Parsed requests waiting in one connection's lane before it stops reading that client:
+# control, READ and WRITE_RING frames leave the receive ring once parsed, so the ring
+# alone does not bound them.
+MAX_QUEUED_JOBS = 4096
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
 
 
@@ -81,6 +91,11 @@ class Server:
         self.disk = disk
         self.ring_bytes = max(ring_bytes, max_frame + 4)
         self.max_frame = max_frame
+        # Unsent output per client: over out_limit its lane and its reading pause; lane
+        # replies then stay under 2 * out_limit + one frame (<= 3 * ring_bytes), so only
+        # events can push it past drop_limit, and that client is disconnected.
+        self.out_limit = self.ring_bytes
+        self.drop_limit = 4 * self.ring_bytes
         self.max_clients = max_clients
         self.allow_uids = allow_uids
         self.allow_gids = allow_gids
@@ -90,6 +105,7 @@ class Server:
         self._listener: socket.socket | None = None
         self.accepted = 0
         self.refused = 0
+        self.dropped = 0
         disk.on_piece = self._on_piece
 
     # -- listening --------------------------------------------------------------------
@@ -172,6 +188,7 @@ class Server:
             "connected_clients": len(self.clients),
             "clients_accepted": self.accepted,
             "clients_refused": self.refused,
+            "clients_dropped": self.dropped,
         }
 
 
@@ -209,9 +226,24 @@ class Connection:
 
     # -- reading ------------------------------------------------------------------------
     def _resume_reading(self) -> None:
-        if not self.reading and not self.closed:
+        if not self.reading and not self.closed and not self._closing_after_send:
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
+
+    def _input_blocked(self) -> bool:
+        """Flow control: stop reading while any of the client's buffers is full."""
+        return (not self.ring.writable() or self._out_bytes > self.server.out_limit
+                or len(self._lane) >= MAX_QUEUED_JOBS)
+
+    def _resume(self) -> None:
+        """Undo the pauses whose cause is gone (a batch done, or output sent)."""
+        if self.closed or self._closing_after_send:
+            return
+        self._kick_lane()
+        if self.ring.unparsed:  # frames left unparsed while the lane was full
+            self._parse()
+        if not self._input_blocked():
+            self._resume_reading()
 
     def _pause_reading(self) -> None:
         if self.reading:
@@ -243,7 +275,7 @@ class Connection:
 
     def _parse(self) -> None:
         jobs: list[Job] = []
-        while not self.closed:
+        while not self.closed and len(self._lane) + len(jobs) < MAX_QUEUED_JOBS:
             try:
                 frame = self.reader.next_frame()
                 if frame is None:
@@ -257,7 +289,7 @@ class Connection:
                 jobs.append(job)
         if jobs:
             self._enqueue(jobs)
-        if not self.ring.writable() or self._out_bytes > _MAX_OUT_BYTES:
+        if self._input_blocked():
             self._pause_reading()
 
     def _fail(self, exc: PiecedError) -> None:
@@ -289,31 +321,34 @@ class Connection:
             return self._read_job(frame)
         raise ProtocolError(f"a client does not send {t.name} frames")
 
-    def _request_job(self, frame: Frame) -> Job | None:
+    def _request_job(self, frame: Frame) -> Job:
         msg = from_wire(frame.body)
         op = msg.pop("op", None)
         rid = frame.id
+        handler: Op | None = OPS.get(op) if isinstance(op, str) else None
         if op == "attach_ring":
-            # Must run here: the descriptor arrived with these bytes, on this thread.
-            try:
-                self._attach_ring(msg)
-                self.send([encode_response(rid, {"size": len(self.shm or b"")})])
-            except PiecedError as exc:
-                self.send([encode_error(rid, exc)])
-            return None
-        handler = OPS.get(op) if isinstance(op, str) else None
-        if handler is None:
-            err = BadRequest(f"unknown op {op!r}")
-            self.send([encode_error(rid, err)])
-            return None
-        ih = msg.get("ih")
-        if isinstance(ih, bytes):
-            self.subscriptions.add(ih)
+            # The descriptors arrived with these bytes: take them now, on this thread;
+            # the ring is attached in the lane, after the frames sent before this one.
+            fds, self._fds = self._fds, []
+
+            def attach(c: Connection, r: int, m: dict[str, Any]) -> Any:
+                return c._attach_ring(m, fds)
+
+            handler = attach
+        elif handler is not None and isinstance(msg.get("ih"), bytes):
+            self.subscriptions.add(msg["ih"])
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
             try:
-                result = handler(self, rid, msg)
-                return [encode_response(rid, result)], None
+                if handler is None:
+                    raise BadRequest(f"unknown op {op!r}")
+                reply = encode_response(rid, handler(self, rid, msg))
+                if len(reply) - 4 > self.server.max_frame:
+                    raise TooLarge(f"a reply of {len(reply) - 4} bytes exceeds the frame limit of "
+                                   f"{self.server.max_frame}" + (
+                                       "; read the piece in blocks with READ (read_chunk)"
+                                       if op == "read_piece" else ""))
+                return [reply], None
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
             except (TypeError, KeyError, ValueError) as exc:
@@ -326,6 +361,8 @@ class Connection:
         rid, views, token = frame.id, frame.payload, frame.token
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
+            if frame.length > MAX_BLOCK:  # skipped by the reader: views is empty
+                return [encode_error(rid, BadRequest(f"blocks are limited to {MAX_BLOCK} bytes"))], token
             # The copy out of the ring is what lets the ring move on while the block
             # waits, buffered, for the rest of its piece (write_chunk semantics).
             data = b"".join(views) if len(views) > 1 else bytes(views[0]) if views else b""
@@ -356,11 +393,12 @@ class Connection:
 
     def _read_job(self, frame: Frame) -> Job:
         rid = frame.id
+        limit = min(MAX_BLOCK, self.server.max_frame - LENGTH_AFTER)  # DATA fits one frame
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
             try:
-                if frame.length > MAX_BLOCK:
-                    raise BadRequest(f"reads are limited to {MAX_BLOCK} bytes")
+                if frame.length > limit:
+                    raise BadRequest(f"reads are limited to {limit} bytes")
                 data = self.disk.read_chunk(frame.info_hash, frame.piece, frame.begin,
                                             frame.length, volatile=bool(frame.flags & FLAG_VOLATILE))
                 return [encode_data_header(rid, len(data)), data], None
@@ -370,8 +408,8 @@ class Connection:
         return self._guard(rid, None, job)
 
     # -- the shared-memory ring ------------------------------------------------------------
-    def _attach_ring(self, msg: dict[str, Any]) -> None:
-        fds, self._fds = self._fds, []
+    def _attach_ring(self, msg: dict[str, Any], fds: list[int]) -> dict[str, int]:
+        """The attach_ring op (in the lane), with the descriptors received before it."""
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -399,6 +437,7 @@ class Connection:
             raise StorageIOError.wrap(exc, "attach_ring") from None
         finally:
             os.close(fd)
+        return {"size": size}
 
     def _ring_slices(self, offset: int, length: int) -> tuple[memoryview, memoryview]:
         view = self.shm_view
@@ -439,33 +478,59 @@ class Connection:
     def _enqueue(self, jobs: list[Job]) -> None:
         with self._lane_lock:
             self._lane.extend(jobs)
-            if self._lane_busy:
-                return
-            self._lane_busy = True
+        self._kick_lane()
+
+    def _kick_lane(self) -> None:
+        """Start the lane's worker (loop thread only) if it has jobs and is not running,
+        unless the client's unsent output is over the limit: then :meth:`_resume` starts
+        it once the client has read enough. A closed connection finishes its jobs."""
+        if self._lane_busy or not self._lane:
+            return
+        if self._out_bytes > self.server.out_limit and not self.closed:
+            return
+        self._lane_busy = True
         self._lane_idle.clear()
         self.server.executor.submit(self._drain_lane)
 
     def _drain_lane(self) -> None:
-        while True:
+        """Worker thread: run the lane's jobs in order, posting their replies in batches.
+        Stops when the lane is empty, or once this run has produced out_limit bytes of
+        replies (the rest waits, in order, for the loop to restart it)."""
+        limit = self.server.out_limit
+        produced = 0
+        while produced <= limit:
             with self._lane_lock:
                 if not self._lane:
-                    self._lane_busy = False
                     break
                 batch = list(self._lane)
                 self._lane.clear()
             out: list[Out] = []
             tokens: list[tuple[int, int]] = []
-            for job in batch:
+            for i, job in enumerate(batch):
                 try:
                     frames, token = job()
                 except Exception as exc:  # a bug must not kill the lane
                     log.exception("request failed")
                     frames, token = [encode_error(0, PiecedError(f"internal error: {exc}"))], None
                 out.extend(frames)
+                for f in frames:
+                    produced += len(f)
                 if token is not None:
                     tokens.append(token)
+                if produced > limit:
+                    with self._lane_lock:
+                        self._lane.extendleft(reversed(batch[i + 1 :]))
+                    break
             self._post(self._completed, out, tokens)
-        self._post(self._lane_idle.set)
+        self._post(self._lane_stopped)
+
+    def _lane_stopped(self) -> None:
+        self._lane_busy = False
+        self._kick_lane()
+        if not self._lane_busy and not self._lane:
+            self._lane_idle.set()
+            if self.closed:
+                self._drop_shm()
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):
@@ -474,12 +539,8 @@ class Connection:
     def _completed(self, out: list[Out], tokens: list[tuple[int, int]]) -> None:
         for token in tokens:
             self.ring.release(token)
-        if not self.closed:
-            self.send(out)
-            if self.ring.writable() and self._out_bytes <= _MAX_OUT_BYTES and not self._closing_after_send:
-                self._resume_reading()
-                if self.ring.unparsed:
-                    self._parse()
+        self.send(out)
+        self._resume()
 
     async def drained(self) -> None:
         await self._lane_idle.wait()
@@ -493,10 +554,17 @@ class Connection:
             self._out.append(f)
             self._out_bytes += len(f)
         self._flush_out()
+        if self._out_bytes > self.server.drop_limit and not self.closed:
+            # Only events get here (lane replies pause at out_limit): the client does
+            # not read them, and they cannot be held back, so it goes.
+            log.warning("dropping a client that does not read: %d bytes unsent (limit %d)",
+                        self._out_bytes, self.server.drop_limit)
+            self.server.dropped += 1
+            self.close()
 
     def _flush_out(self) -> None:
         while self._out:
-            chunk = list(self._out)[:64]
+            chunk = list(itertools.islice(self._out, 64))
             try:
                 n = self.sock.sendmsg(chunk)
             except (BlockingIOError, InterruptedError):
@@ -525,8 +593,8 @@ class Connection:
 
     def _on_writable(self) -> None:
         self._flush_out()
-        if not self._out and self.ring.writable() and not self._closing_after_send:
-            self._resume_reading()
+        if self._out_bytes <= self.server.out_limit:
+            self._resume()
 
     def close(self) -> None:
         if self.closed:
@@ -540,6 +608,9 @@ class Connection:
         self._fds = []
         self.sock.close()
         self.server.clients.discard(self)
+        self._out.clear()
+        self._out_bytes = 0
+        self._kick_lane()  # a lane paused on output carries out its jobs all the same
         if not self._lane_busy:
             self._drop_shm()
 
@@ -588,9 +659,9 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
             frame = encode_event("recheck_progress", {"ih": ih, "id": rid, "done": done, "total": total})
             c._post(c.send, [frame])
 
-    r = c.disk.recheck(ih, progress)
+    r = c.disk.recheck(ih, progress, full=bool(m.get("full", 0)))
     return {"num_pieces": r.num_pieces, "failed_v1": r.failed_v1, "failed_v2": r.failed_v2,
-            "verified": sum(r.have)}
+            "verified": sum(r.have), "fingerprint_hits": r.fingerprint_hits}
 
 
 def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
@@ -615,7 +686,8 @@ def _op_subscribe(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     return 1
 
 
-OPS: dict[str, Callable[[Connection, int, dict[str, Any]], Any]] = {
+Op = Callable[[Connection, int, dict[str, Any]], Any]
+OPS: dict[str, Op] = {
     "register": _op_register,
     "unregister": lambda c, r, m: c.disk.unregister(_ih(m), bool(m.get("delete_files", 0))),
     "list": _op_list,
@@ -636,4 +708,4 @@ OPS: dict[str, Callable[[Connection, int, dict[str, Any]], Any]] = {
     "subscribe": _op_subscribe,
 }
 
-__all__ = ["OPS", "Connection", "Server"]
+__all__ = ["MAX_QUEUED_JOBS", "OPS", "Connection", "Server"]

@@ -34,11 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pieced.storage.errors import PiecedError, ProtocolError
+from pieced.storage.errors import PiecedError, ProtocolError, TooLarge
 
 from .frames import (
+    DEFAULT_MAX_FRAME,
     FLAG_FLUSH,
     FLAG_VOLATILE,
+    LENGTH_AFTER,
+    WRITE_EXT,
     Frame,
     FrameReader,
     FrameType,
@@ -124,11 +127,19 @@ class _Waiter:
     token: tuple[int, int] | None = None
 
 
-class ClientCore:
-    """Sans-I/O client state: ids, frames to send, replies received."""
+def _ring_capacity(max_frame: int) -> int:
+    return max(2 * max_frame, 4 * 1024 * 1024)
 
-    def __init__(self, max_frame: int = 8 * 1024 * 1024) -> None:
-        self.ring = RecvRing(max(2 * max_frame, 4 * 1024 * 1024))
+
+class ClientCore:
+    """Sans-I/O client state: ids, frames to send, replies received.
+
+    ``max_frame`` is the frame limit until the daemon's HELLO says otherwise: from
+    then on the daemon's ``max_frame`` bounds frames in both directions.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.ring = RecvRing(_ring_capacity(max_frame))
         self.reader = FrameReader(self.ring, max_frame)
         self._ids = itertools.count(1)
         self.waiters: dict[int, _Waiter] = {}
@@ -144,12 +155,24 @@ class ClientCore:
         self.hello_waiter = self.waiters[0] = _Waiter("hello")
         return encode_control(FrameType.HELLO, 0, to_wire(hello("client", "pieced.protocol.client")))
 
+    @property
+    def max_frame(self) -> int:
+        return self.reader.max_frame
+
+    def _check_size(self, length: int, what: str) -> None:
+        """Refuse, before sending, a frame the daemon would hang up on (its ``length`` field)."""
+        if length > self.max_frame:
+            raise TooLarge(f"{what} of {length} bytes exceeds the frame limit of {self.max_frame}")
+
     def request(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
         rid = next(self._ids)
+        frame = encode_request(rid, op, args)
+        self._check_size(len(frame) - 4, f"{op} request")
         self.waiters[rid] = _Waiter("request")
-        return rid, encode_request(rid, op, args)
+        return rid, frame
 
     def write(self, ih: bytes, piece: int, begin: int, length: int, flush: bool) -> tuple[int, bytes]:
+        self._check_size(LENGTH_AFTER + WRITE_EXT.size + length, "WRITE frame")
         rid = next(self._ids)
         self.waiters[rid] = _Waiter("write")
         self.writes_in_flight += 1
@@ -163,6 +186,19 @@ class ClientCore:
         self.waiters[rid] = _Waiter("write", token=token)
         self.writes_in_flight += 1
         return rid, encode_write_ring(rid, ih, piece, begin, offset, length, FLAG_FLUSH if flush else 0)
+
+    def ring_put(self, data: bytes | memoryview) -> tuple[int, tuple[int, int]] | None:
+        """Copy a block into the attached ring: (offset, release token), or None while
+        the ring has no room for it yet (replies to writes in flight will free some)."""
+        shm = self.shm
+        assert shm is not None
+        n = memoryview(data).nbytes
+        if n > shm.size:
+            raise ValueError(f"block of {n} bytes is larger than the ring ({shm.size})")
+        placed = shm.put(data)
+        if placed is None and not self.writes_in_flight:
+            raise ProtocolError("ring full with no write in flight")
+        return placed
 
     def read(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool) -> tuple[int, bytes]:
         rid = next(self._ids)
@@ -199,6 +235,9 @@ class ClientCore:
             w.error = decode_error(f.body)
         elif f.type == FrameType.HELLO:
             self.server_hello = check_hello(f.body, "server")
+            max_frame = self.server_hello.get("max_frame")
+            if isinstance(max_frame, int) and max_frame >= LENGTH_AFTER:
+                self._adopt_max_frame(max_frame)
         elif f.type == FrameType.RESPONSE:
             w.result = from_wire(f.body).get("result")
         elif f.type == FrameType.DATA:
@@ -213,6 +252,17 @@ class ClientCore:
                 self.shm.release(w.token)
             if w.error is not None:
                 self.write_errors.append(w.error)
+
+    def _adopt_max_frame(self, max_frame: int) -> None:
+        """Take the daemon's frame limit; grow the receive ring if it cannot hold such a
+        frame (nothing is held in it at handshake time but unparsed bytes, moved over)."""
+        self.reader.max_frame = max_frame
+        if self.ring.capacity < max_frame + 4:
+            rest = self.ring.peek(self.ring.unparsed)
+            self.ring = RecvRing(_ring_capacity(max_frame))
+            self.ring.writable()[: len(rest)] = rest
+            self.ring.wrote(len(rest))
+            self.reader = FrameReader(self.ring, max_frame)
 
     def hello_done(self) -> None:
         """Raise the daemon's refusal of the handshake (AccessDenied, a version mismatch)."""
@@ -389,20 +439,14 @@ class Client:
         """Send a block through the shared ring: only (offset, length) crosses the socket."""
         if self.core.shm is None:
             self.attach_ring()
-        shm = self.core.shm
-        assert shm is not None
         self._raise_write_error()
         self._throttle()
-        n = memoryview(data).nbytes
-        if n > shm.size:
-            raise ValueError(f"block of {n} bytes is larger than the ring ({shm.size})")
-        placed = shm.put(data)
+        placed = self.core.ring_put(data)
         while placed is None:
-            if not self.core.writes_in_flight:
-                raise ProtocolError("ring full with no write in flight")
             self._pump()
-            placed = shm.put(data)
+            placed = self.core.ring_put(data)
         offset, token = placed
+        n = memoryview(data).nbytes
         _, frame = self.core.write_ring(ih, piece, begin, offset, n, token, flush)
         self._send(frame)
 
@@ -440,9 +484,12 @@ class Client:
     def status(self, ih: bytes) -> dict[str, Any]:
         return dict(self._call("status", ih=_hexless(ih)))
 
-    def recheck(self, ih: bytes) -> dict[str, Any]:
-        """Verify everything on disk; progress arrives as ``recheck_progress`` events."""
-        return dict(self._call("recheck", ih=_hexless(ih)))
+    def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
+        """Verify everything on disk; progress arrives as ``recheck_progress`` events.
+
+        Pieces are checked against their BLAKE3 fingerprints where they have one;
+        ``full`` uses the torrent's own hashes for every piece."""
+        return dict(self._call("recheck", ih=_hexless(ih), full=int(full)))
 
     def move_storage(self, ih: bytes, new_path: str | os.PathLike[str]) -> None:
         self._call("move_storage", ih=_hexless(ih), new_path=os.fspath(new_path))
@@ -598,12 +645,13 @@ class AsyncClient:
         assert shm is not None
         await self._raise_write_error()
         await self._until(lambda: self.core.writes_in_flight < self.window)
-        placed = shm.put(data)
+        n = memoryview(data).nbytes
+        placed = self.core.ring_put(data)
         while placed is None:
-            await self._until(lambda: shm.free_bytes() >= memoryview(data).nbytes)
-            placed = shm.put(data)
+            await self._until(lambda: shm.free_bytes() >= n)
+            placed = self.core.ring_put(data)
         offset, token = placed
-        _, frame = self.core.write_ring(ih, piece, begin, offset, memoryview(data).nbytes, token, flush)
+        _, frame = self.core.write_ring(ih, piece, begin, offset, n, token, flush)
         await self._send(frame)
 
     async def read_chunk(self, ih: bytes, piece: int, begin: int, length: int,
@@ -647,8 +695,8 @@ class AsyncClient:
     async def status(self, ih: bytes) -> dict[str, Any]:
         return dict(await self._call("status", ih=_hexless(ih)))
 
-    async def recheck(self, ih: bytes) -> dict[str, Any]:
-        return dict(await self._call("recheck", ih=_hexless(ih)))
+    async def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
+        return dict(await self._call("recheck", ih=_hexless(ih), full=int(full)))
 
     async def move_storage(self, ih: bytes, new_path: str | os.PathLike[str]) -> None:
         await self._call("move_storage", ih=_hexless(ih), new_path=os.fspath(new_path))

@@ -65,7 +65,9 @@ _EXT = {FrameType.WRITE: WRITE_EXT, FrameType.WRITE_RING: RING_EXT, FrameType.RE
 class Frame:
     """A parsed frame. ``body`` is the decoded dictionary of a control frame;
     ``payload`` is a block's bytes as one or two views into the receive ring,
-    valid until :meth:`RecvRing.release` of ``token``."""
+    valid until :meth:`RecvRing.release` of ``token``. A WRITE whose block is over
+    MAX_BLOCK has ``length`` > MAX_BLOCK and no payload: it was skipped, and is
+    answered with an error."""
 
     type: FrameType
     flags: int
@@ -247,8 +249,11 @@ class FrameReader:
         if ftype == FrameType.WRITE:
             frame.length = body_len - ext.size
             if frame.length > MAX_BLOCK:
-                raise TooLarge(f"block of {frame.length} bytes exceeds {MAX_BLOCK}")
-            frame.payload, frame.token = ring.take(frame.length)
+                # The frame itself is within max_frame, so the stream is intact: skip the
+                # block at once (no payload, no token) and let the receiver refuse it.
+                ring.consume(frame.length)
+            else:
+                frame.payload, frame.token = ring.take(frame.length)
         elif ftype == FrameType.WRITE_RING:
             frame.ring_offset, frame.length = fields[3], fields[4]
         else:

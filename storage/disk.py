@@ -37,8 +37,8 @@ from .errors import (
     StorageIOError,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileStorage, HandlePool, make_storage
-from .hashing import Buffer, HashPool, PieceHasher, check_piece, v2_root
+from .files import BACKENDS, FileStorage, FileVanished, HandlePool, make_storage
+from .hashing import FINGERPRINT_BYTES, NO_FINGERPRINT, Buffer, HashPool, PieceHasher, v2_root
 from .layout import Layout
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
@@ -80,6 +80,9 @@ class Torrent:
         self.layout = Layout(meta)
         self.storage = storage
         self.have = bytearray((meta.num_pieces + 7) // 8)
+        # BLAKE3 of each piece as last verified (zeros: none yet); see hashing.fingerprint.
+        self.fingerprints = bytearray(meta.num_pieces * FINGERPRINT_BYTES)
+        self.fingerprints_saved = True
         self.partial: dict[int, _Partial] = {}
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -98,6 +101,16 @@ class Torrent:
             self.have[piece >> 3] |= 0x80 >> (piece & 7)
         else:
             self.have[piece >> 3] &= ~(0x80 >> (piece & 7)) & 0xFF
+
+    def fingerprint(self, piece: int) -> bytes | None:
+        fp = bytes(self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES])
+        return None if fp == NO_FINGERPRINT else fp
+
+    def set_fingerprint(self, piece: int, fp: bytes) -> None:
+        """Caller holds ``lock``. Only ever given the fingerprint of bytes that passed the
+        torrent's own hashes, so it stays a valid shortcut whatever happens to the bit."""
+        self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES] = fp
+        self.fingerprints_saved = False
 
     def pads(self, piece: int) -> list[tuple[int, int]]:
         size = self.layout.piece_size(piece)
@@ -184,6 +197,8 @@ class DiskIO:
         with t.lock:
             have = bytes(t.have)
             t.resume_saved = time.monotonic()
+            fps = None if t.fingerprints_saved else bytes(t.fingerprints)
+            t.fingerprints_saved = True
         files = [file_stamp(t.storage.file_path(i)) if f.stored else [0, 0]
                  for i, f in enumerate(t.meta.files)]
         resume = {
@@ -194,14 +209,19 @@ class DiskIO:
                          for i, p in t.storage.renames.items()},
         }
         try:
+            if fps is not None:
+                self.state.save_fingerprints(t.key, fps)
             self.state.save_resume(t.key, resume)
         except OSError as exc:
+            if fps is not None:
+                with t.lock:
+                    t.fingerprints_saved = False
             self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
 
     def _load_state(self) -> None:
         """Re-register every saved torrent; keep the bits of files unchanged since saved."""
         assert self.state is not None
-        for raw, resume in self.state.load_all():
+        for raw, resume, fps in self.state.load_all():
             try:
                 meta = parse(raw, **self.metainfo_limits)
                 save = resume.get(b"save_path", b"").decode()
@@ -214,6 +234,8 @@ class DiskIO:
                 self.load_errors.append(f"state record skipped: {exc}")
                 continue
             t = Torrent(next(self._ids), meta, storage)
+            if len(fps) == len(t.fingerprints):
+                t.fingerprints[:] = fps
             have = resume.get(b"have", b"")
             stamps = resume.get(b"files", [])
             if isinstance(have, bytes) and len(have) == len(t.have):
@@ -235,28 +257,45 @@ class DiskIO:
                                  name="pieced-reverify", daemon=True).start()
 
     def _reverify(self, t: Torrent, pieces: list[int]) -> None:
-        def read(piece: int, buf: memoryview) -> None:
-            t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
-
-        reader = PreadReader(read, t.meta.piece_length)
-        meta = t.meta
+        """Re-verify pieces of files changed since the last save (fingerprints first)."""
         t.reverifying = len(pieces)
-        for p in pieces:
-            views = reader.views(p, meta.piece_size(p))
-            if views is not None:
-                try:
-                    ok1, ok2 = self.hash_pool.submit(
-                        check_piece, views, meta.v1_hash(p) if meta.has_v1 else None,
-                        meta.v2_piece(p),
-                    ).result()
-                except RuntimeError:  # shutting down: the rest stay unverified, as saved
-                    return
-                if ok1 is not False and ok2 is not False:
-                    with t.lock:
-                        if p not in t.partial:
-                            t.set_have(p, True)
-            t.reverifying -= 1
+
+        def progress(done: int, total: int) -> None:
+            t.reverifying = total - done
+
+        try:
+            result = self._verify(t, pieces, progress, full=False)
+        except RuntimeError:  # shutting down: the rest stay unverified, as saved
+            return
+        with t.lock:
+            for p in pieces:
+                if result.have[p] and p not in t.partial:
+                    t.set_have(p, True)
+        t.reverifying = 0
         self.save_resume(t)
+
+    def _verify(
+        self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
+    ) -> VerifyResult:
+        """Hash pieces as they are on disk; record the fingerprints this computed."""
+        def read(piece: int, buf: memoryview) -> None:
+            try:
+                t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
+            except FileVanished as exc:
+                if exc.written:  # deleted under us (not a file never written): say so
+                    self._record_error(t, exc, piece)
+                raise
+
+        with t.lock:
+            known = bytes(t.fingerprints)
+        reader = PreadReader(read, t.meta.piece_length)
+        result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
+        with t.lock:
+            for p, fp in (result.new_fingerprints or {}).items():
+                t.set_fingerprint(p, fp)
+        self.metrics.add("bytes_read", result.bytes_hashed)
+        self.metrics.add("fingerprint_hits", result.fingerprint_hits)
+        return result
 
     def _check_save_path(self, path: Path) -> Path:
         if "\0" in str(path):
@@ -412,7 +451,7 @@ class DiskIO:
         """Verify a piece whose last block just arrived (caller holds the piece lock)."""
         key = (t.id, piece)
         with self.metrics.timed("hash"):
-            d1, d2 = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
+            d1, d2, fp = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
         ok1 = d1 == t.meta.v1_hash(piece) if d1 is not None else None
         v2 = partial.hasher.v2
         ok2 = d2 == v2.expected if d2 is not None and v2 is not None else None
@@ -421,6 +460,9 @@ class DiskIO:
         result = PieceResult(t.key, piece, ok, ok1, ok2)
         partial.done = True
         if ok:
+            if fp is not None:
+                with t.lock:
+                    t.set_fingerprint(piece, fp)
             try:
                 self._write_out(t, piece, blocks)
             finally:
@@ -488,6 +530,27 @@ class DiskIO:
         with t.lock:
             t.errors.append({"piece": piece, "errno": exc.errno, "message": str(exc)})
             del t.errors[:-32]
+        if isinstance(exc, FileVanished):
+            self._file_vanished(t, exc)
+
+    def _file_vanished(self, t: Torrent, exc: FileVanished) -> None:
+        """A payload file is gone: its pieces are verified no more (a write re-creates it
+        empty), and pieces partly written to it start over, their bytes gone with it.
+
+        Runs under at most one piece lock; a reset piece is marked done without taking
+        its lock (no thread holds two), so its writers drop what they still send.
+        """
+        dropped = []
+        with t.lock:
+            for p in t.layout.file_pieces(exc.file_index):
+                if t.has(p):
+                    t.set_have(p, False)
+                    dropped.append(p)
+                elif exc.written and (partial := t.partial.pop(p, None)) is not None:
+                    partial.done = True
+                    dropped.append(p)
+        for p in dropped:
+            self.pool.drop((t.id, p))
 
     # -- reads ------------------------------------------------------------------------
     def _read_range(self, t: Torrent, piece: int, begin: int, length: int) -> bytearray:
@@ -619,22 +682,23 @@ class DiskIO:
         return sorted(self.pool.pieces_of(self._get(ih).id))
 
     # -- whole-torrent operations ----------------------------------------------------------
-    def recheck(self, ih: bytes, progress: Progress | None = None) -> VerifyResult:
-        """Verify everything on disk with the torrent's own hashes; replaces the bitfield."""
+    def recheck(
+        self, ih: bytes, progress: Progress | None = None, full: bool = False
+    ) -> VerifyResult:
+        """Verify everything on disk; replaces the bitfield.
+
+        A piece with a fingerprint is checked against it (BLAKE3: faster than SHA-1,
+        and one hash for a hybrid's two); a mismatch, or no fingerprint, falls back to
+        the torrent's own hashes. ``full`` always uses the torrent's hashes.
+        """
         t = self._get(ih)
         self._flush_torrent(t, sync=True)
         self._committer.drain()
-
-        def read(piece: int, buf: memoryview) -> None:
-            t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
-
-        reader = PreadReader(read, t.meta.piece_length)
-        result = verify(t.meta, reader, self.hash_pool, progress)
+        result = self._verify(t, None, progress, full)
         with t.lock:
             for p, ok in enumerate(result.have):
                 t.set_have(p, ok)
         self.save_resume(t)
-        self.metrics.add("bytes_read", result.bytes_hashed)
         return result
 
     def move_storage(self, ih: bytes, new_path: str | Path) -> None:

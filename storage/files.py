@@ -27,6 +27,19 @@ BACKENDS = ("posix", "mmap", "disabled")
 _IOV_MAX = 1024
 
 
+class FileVanished(StorageIOError):
+    """A payload file was deleted, or cut short, behind the daemon's back (ENOENT).
+
+    ``written``: this process had written the file, so bytes of pieces not yet
+    verified may have gone with it (their hash state must start over).
+    """
+
+    def __init__(self, message: str, file_index: int, written: bool) -> None:
+        super().__init__(message, errno=errno.ENOENT)
+        self.file_index = file_index
+        self.written = written
+
+
 class HandlePool:
     """A bounded LRU of open file descriptors shared by every torrent.
 
@@ -68,6 +81,8 @@ class HandlePool:
     def put(self, entry: list[int]) -> None:
         with self._lock:
             entry[1] -= 1
+            if len(entry) > 2 and entry[1] == 0:  # forgotten while in use: close it now
+                os.close(entry[0])
             if len(self._fds) > self.max_open:
                 self._evict_locked()
 
@@ -94,6 +109,18 @@ class HandlePool:
                 if users == 0:
                     del self._fds[key]
                     os.close(fd)
+
+    def forget(self, owner: object, index: int) -> None:
+        """Drop the handles of one file (it vanished): idle ones now, busy ones at ``put``."""
+        with self._lock:
+            for writable in (False, True):
+                entry = self._fds.pop((owner, index, writable), None)
+                if entry is None:
+                    continue
+                if entry[1] == 0:
+                    os.close(entry[0])
+                else:
+                    entry.append(1)  # the mark ``put`` looks for
 
     @property
     def open_count(self) -> int:
@@ -165,10 +192,43 @@ class FileStorage:
     # -- I/O -----------------------------------------------------------------
     @contextlib.contextmanager
     def _fd(self, index: int, writable: bool) -> Iterator[int]:
-        with self.handles.acquire(self, index, self.file_path(index), writable) as fd:
+        try:
+            entry = self.handles.get(self, index, self.file_path(index), writable)
+        except StorageIOError as exc:
+            if exc.errno == errno.ENOENT and not writable and index in self._sized:
+                raise self._vanished(index, exc.message) from None  # we wrote it: deleted
+            raise
+        try:
             if writable and index not in self._sized:
-                self._size_file(fd, index)
-            yield fd
+                self._size_file(entry[0], index)
+            else:
+                self._check_linked(entry[0], index)
+            yield entry[0]
+        finally:
+            self.handles.put(entry)
+
+    def _check_linked(self, fd: int, index: int) -> None:
+        """Raise :class:`FileVanished` if ``fd`` no longer is the payload file as written:
+        unlinked (its folder removed too), or shorter than the length we gave it."""
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
+        if st.st_nlink == 0 or (
+            index in self._sized and st.st_size < self.meta.files[index].length
+        ):
+            raise self._vanished(
+                index, f"{self.file_path(index)}: deleted or truncated behind pieced's back"
+            )
+
+    def _vanished(self, index: int, message: str) -> FileVanished:
+        """Forget what we knew of a vanished file: a write creates it anew."""
+        self.handles.forget(self, index)
+        with self._lock:
+            written = index in self._sized
+            self._sized.discard(index)
+            self._dirty.discard(index)
+        return FileVanished(message, index, written)
 
     def _size_file(self, fd: int, index: int) -> None:
         """Give a file its full length on first write: sparse, or allocated if asked."""
@@ -197,6 +257,8 @@ class FileStorage:
             try:
                 if index not in self._sized:
                     self._size_file(entry[0], index)
+                else:
+                    self._check_linked(entry[0], index)
                 n = os.pwritev(entry[0], views[:_IOV_MAX], seg.file_offset)
                 if n != seg.length:  # a short write: finish it the slow way
                     self._pwritev_all(entry[0], [memoryview(v) for v in views], seg.file_offset, index, n)

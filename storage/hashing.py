@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from blake3 import blake3
+
 from .merkle import BLOCK_SIZE, leaf_count, merkle_root
 from .metainfo import V2Piece
 
@@ -60,6 +62,23 @@ def sha256_of(views: Sequence[Buffer]) -> bytes:
     for v in views:
         h.update(v)
     return h.digest()
+
+
+FINGERPRINT_BYTES = 16
+NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+
+
+def fingerprint(views: Sequence[Buffer]) -> bytes:
+    """BLAKE3 of a piece's bytes (pads as zeros), cut to 128 bits.
+
+    It stands in for the torrent's own hashes when data is rechecked: only ever taken
+    of bytes that passed them, so a match proves the piece is still what was verified.
+    128 bits keep second preimages out of reach and the state file small.
+    """
+    h = blake3()
+    for v in views:
+        h.update(v)
+    return h.digest(FINGERPRINT_BYTES)
 
 
 def v2_root(data: Buffer, v2: V2Piece) -> bytes:
@@ -127,31 +146,40 @@ class _Intervals:
 class PieceHasher:
     """Hash state of one piece whose blocks are arriving.
 
-    ``pads`` are the piece's pad ranges: they count as received zeros, since a peer
-    never sends them. A write over bytes already hashed (a duplicate block)
-    invalidates what it touches, so the result is always the hash of the latest data.
+    The in-order prefix feeds SHA-1 (v1) and the BLAKE3 fingerprint; v2 leaves are
+    hashed as each block lands, in any order. ``pads`` are the piece's pad ranges:
+    they count as received zeros, since a peer never sends them. A write over bytes
+    already hashed (a duplicate block) invalidates what it touches, so the result is
+    always the hash of the latest data.
     """
 
-    __slots__ = ("_pads", "_sha1", "_sha1_pos", "leaves", "received", "size", "v2")
+    __slots__ = ("_fp", "_pads", "_pos", "_sha1", "_want_fp", "_want_v1", "leaves",
+                 "received", "size", "v2")
 
     def __init__(
-        self, size: int, want_v1: bool, v2: V2Piece | None, pads: Sequence[tuple[int, int]] = ()
+        self, size: int, want_v1: bool, v2: V2Piece | None,
+        pads: Sequence[tuple[int, int]] = (), want_fingerprint: bool = True,
     ) -> None:
         self.size = size
         self.v2 = v2
-        self._sha1 = hashlib.sha1() if want_v1 else None
-        self._sha1_pos = 0
+        self._want_v1 = want_v1
+        self._want_fp = want_fingerprint
         self.leaves: dict[int, bytes] = {}
         self.received = _Intervals()
         self._pads = list(pads)
         for s, e in self._pads:
             self.received.add(s, e)
-        self._advance_over_pads()
+        self._restart_prefix()
 
     @property
     def complete(self) -> bool:
         return self.received.covers(0, self.size)
 
+    def _restart_prefix(self) -> None:
+        self._sha1 = hashlib.sha1() if self._want_v1 else None
+        self._fp = blake3() if self._want_fp else None
+        self._pos = 0
+        self._advance_over_pads()
 
     def add(self, begin: int, bufs: Sequence[Buffer], length: int | None = None) -> None:
         """Account for a block written at ``begin`` (given as one or more slices)."""
@@ -159,16 +187,17 @@ class PieceHasher:
             length = sum(memoryview(b).nbytes for b in bufs)
         end = begin + length
         self.received.add(begin, end)
-        if self._sha1 is not None:
-            if begin < self._sha1_pos:
-                self._sha1 = hashlib.sha1()
-                self._sha1_pos = 0
-                self._advance_over_pads()
-            if begin == self._sha1_pos:
-                for v in bufs:
-                    self._sha1.update(v)
-                self._sha1_pos = end
-                self._advance_over_pads()
+        if begin < self._pos:
+            self._restart_prefix()
+        if begin == self._pos:
+            sha1, fp = self._sha1, self._fp
+            for v in bufs:
+                if sha1 is not None:
+                    sha1.update(v)
+                if fp is not None:
+                    fp.update(v)
+            self._pos = end
+            self._advance_over_pads()
         if self.v2 is not None:
             self._add_leaves(begin, end, bufs)
 
@@ -195,26 +224,32 @@ class PieceHasher:
             k += 1
 
     def _advance_over_pads(self) -> None:
-        if self._sha1 is None:
-            return
         for s, e in self._pads:
-            if s == self._sha1_pos:
-                feed_zeros(self._sha1, e - s)
-                self._sha1_pos = e
+            if s == self._pos:
+                if self._sha1 is not None:
+                    feed_zeros(self._sha1, e - s)
+                if self._fp is not None:
+                    feed_zeros(self._fp, e - s)
+                self._pos = e
 
     def finish(
         self, fetch: Callable[[int, int], Buffer]
-    ) -> tuple[bytes | None, bytes | None]:
-        """(SHA-1 digest, v2 root) of the complete piece.
+    ) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(SHA-1 digest, v2 root, fingerprint) of the complete piece.
 
         ``fetch(begin, length)`` supplies bytes this state did not see in order
         (blocks that arrived out of order, or partial leaves): normally not called.
         """
-        d1 = d2 = None
+        d1 = d2 = fp = None
+        if (self._sha1 is not None or self._fp is not None) and self._pos < self.size:
+            rest = fetch(self._pos, self.size - self._pos)
+            for h in (self._sha1, self._fp):
+                if h is not None:
+                    h.update(rest)
         if self._sha1 is not None:
-            if self._sha1_pos < self.size:
-                self._sha1.update(fetch(self._sha1_pos, self.size - self._sha1_pos))
             d1 = self._sha1.digest()
+        if self._fp is not None:
+            fp = self._fp.digest(FINGERPRINT_BYTES)
         if self.v2 is not None:
             n = leaf_count(self.v2.data_length)
             leaves = []
@@ -226,7 +261,7 @@ class PieceHasher:
                     leaf = hashlib.sha256(fetch(lo, hi - lo)).digest()
                 leaves.append(leaf)
             d2 = merkle_root(leaves, self.v2.width)
-        return d1, d2
+        return d1, d2, fp
 
 
 class HashPool:

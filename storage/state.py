@@ -5,6 +5,8 @@ Layout under the state directory, one folder per torrent::
     torrents/<info_hash hex>/metainfo.torrent   the .torrent bytes, written at register
     torrents/<info_hash hex>/resume             bencoded: save path, bitfield, renames,
                                                 (size, mtime_ns) of every payload file
+    torrents/<info_hash hex>/fingerprints       16 bytes per piece: BLAKE3 of its data
+                                                as last verified (zeros: none)
 
 Every file is replaced atomically (temp file, fsync, rename, fsync of the folder), so
 a crash leaves the old version or the new one, never a torn one. The bitfield is
@@ -58,13 +60,18 @@ class StateStore:
     def save_resume(self, ih: bytes, resume: dict[bytes, Any]) -> None:
         write_atomic(self._dir(ih) / "resume", bencodepy.encode(resume))
 
+    def save_fingerprints(self, ih: bytes, table: bytes) -> None:
+        """Only a shortcut for rechecks (a stale one just costs the full hash), but
+        written as atomically as the rest, so it is never half of two versions."""
+        write_atomic(self._dir(ih) / "fingerprints", table)
+
     def remove(self, ih: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self._dir(ih))
 
-    def load_all(self) -> list[tuple[bytes, dict[bytes, Any]]]:
-        """(metainfo bytes, resume dict) of every saved torrent; unreadable ones are skipped
-        and reported by the caller, never silently trusted."""
+    def load_all(self) -> list[tuple[bytes, dict[bytes, Any], bytes]]:
+        """(metainfo bytes, resume dict, fingerprint table) of every saved torrent;
+        unreadable parts come back empty and are never silently trusted."""
         out = []
         for d in sorted(self.root.iterdir()):
             try:
@@ -77,7 +84,11 @@ class StateStore:
                     resume = {}
             except Exception:
                 resume = {}
-            out.append((raw, resume))
+            try:
+                fps = (d / "fingerprints").read_bytes()
+            except OSError:
+                fps = b""
+            out.append((raw, resume, fps))
         return out
 
 

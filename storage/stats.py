@@ -52,6 +52,7 @@ COUNTERS = (
     "pieces_verified",
     "pieces_failed",
     "syncs",
+    "fingerprint_hits",
 )
 
 

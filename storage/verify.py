@@ -15,12 +15,12 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import StorageIOError
-from .hashing import Buffer, HashPool, check_piece
+from .hashing import FINGERPRINT_BYTES, NO_FINGERPRINT, Buffer, HashPool, check_piece, fingerprint
 from .layout import Layout
 from .metainfo import Metainfo
 
@@ -34,6 +34,8 @@ class VerifyResult(NamedTuple):
     failed_v2: list[int] | None
     have: list[bool]
     bytes_hashed: int = 0
+    fingerprint_hits: int = 0  # pieces found good by their fingerprint alone
+    new_fingerprints: dict[int, bytes] | None = None  # piece -> fingerprint computed
 
     @property
     def ok(self) -> bool:
@@ -113,6 +115,8 @@ class MmapReader:
 
 
 Reader = PreadReader | MmapReader
+# (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)
+Row = tuple[int, bool | None, bool | None, int, bytes | None, bool]
 
 
 def verify(
@@ -120,35 +124,60 @@ def verify(
     reader: Reader,
     pool: HashPool,
     progress: Progress | None = None,
-    pieces: range | None = None,
+    pieces: Sequence[int] | None = None,
+    fingerprints: bytes | None = None,
+    trust_fingerprints: bool = True,
 ) -> VerifyResult:
-    """Hash every piece (or the given range) with the torrent's own v1 and v2 hashes."""
-    todo = pieces if pieces is not None else range(meta.num_pieces)
+    """Hash every piece (or the given ones), in batches on the hash pool.
+
+    ``fingerprints`` (a torrent's table, see :func:`hashing.fingerprint`): a piece
+    whose fingerprint matches is good without its torrent hashes, unless
+    ``trust_fingerprints`` is off (a full recheck); a piece that passes its torrent
+    hashes and has no (or a stale) fingerprint gets one, in ``new_fingerprints``.
+    Without a table no fingerprint is computed at all.
+    """
+    todo = list(pieces) if pieces is not None else range(meta.num_pieces)
     have = [False] * meta.num_pieces
     failed_v1: list[int] | None = [] if meta.has_v1 else None
     failed_v2: list[int] | None = [] if meta.has_v2 else None
+    new_fps: dict[int, bytes] = {}
     per_batch = max(1, BATCH_BYTES // meta.piece_length)
     window = 2 * pool.workers + 2
-    done = 0
-    hashed = 0
+    done = hashed = hits = 0
+    fail = (False if meta.has_v1 else None, False if meta.has_v2 else None)
+    good = (True if meta.has_v1 else None, True if meta.has_v2 else None)
+    FP = FINGERPRINT_BYTES
 
-    def run(batch: range) -> list[tuple[int, bool | None, bool | None, int]]:
-        out = []
+    def run(batch: Sequence[int]) -> list[Row]:
+        out: list[Row] = []
         for p in batch:
             size = meta.piece_size(p)
             views = reader.views(p, size)
             if views is None:
-                out.append((p, False if meta.has_v1 else None, False if meta.has_v2 else None, 0))
+                out.append((p, *fail, 0, None, False))
                 continue
+            known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
+            if known == NO_FINGERPRINT:
+                known = None
+            fp = None
+            if known is not None and trust_fingerprints:
+                fp = fingerprint(views)
+                if fp == known:
+                    out.append((p, *good, size, None, True))
+                    continue
             ok1, ok2 = check_piece(
                 views, meta.v1_hash(p) if meta.has_v1 else None, meta.v2_piece(p)
             )
-            out.append((p, ok1, ok2, size))
+            new = None
+            stale = known is None or fp is not None  # fp set here means it did not match
+            if fingerprints is not None and ok1 is not False and ok2 is not False and stale:
+                new = fp if fp is not None else fingerprint(views)
+            out.append((p, ok1, ok2, size, new, False))
         return out
 
-    def batches() -> Iterator[range]:
-        for start in range(todo.start, todo.stop, per_batch):
-            yield range(start, min(start + per_batch, todo.stop))
+    def batches() -> Iterator[Sequence[int]]:
+        for start in range(0, len(todo), per_batch):
+            yield todo[start : start + per_batch]
 
     pending = []
     it = batches()
@@ -161,14 +190,17 @@ def verify(
         nxt = next(it, None)
         if nxt is not None:
             pending.append(pool.submit(run, nxt))
-        for p, ok1, ok2, size in fut.result():
+        for p, ok1, ok2, size, new, hit in fut.result():
             hashed += size
             if ok1 is False and failed_v1 is not None:
                 failed_v1.append(p)
             if ok2 is False and failed_v2 is not None:
                 failed_v2.append(p)
             have[p] = ok1 is not False and ok2 is not False
+            if new is not None:
+                new_fps[p] = new
+            hits += hit
             done += 1
         if progress is not None:
             progress(done, len(todo))
-    return VerifyResult(meta.num_pieces, failed_v1, failed_v2, have, hashed)
+    return VerifyResult(meta.num_pieces, failed_v1, failed_v2, have, hashed, hits, new_fps)

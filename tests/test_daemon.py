@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
+import errno
+import itertools
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -16,14 +21,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pieced.protocol.client import AsyncClient, Client
-from pieced.protocol.frames import HEADER, FrameType, encode_control, encode_write_header
-from pieced.protocol.messages import hello, to_wire
-from pieced.storage.errors import BadRequest, OutOfRange, PiecedError, UnknownTorrent
+from pieced.daemon.server import MAX_QUEUED_JOBS
+from pieced.protocol.client import AsyncClient, Client, ShmRing
+from pieced.protocol.frames import (
+    HEADER,
+    MAX_BLOCK,
+    Frame,
+    FrameReader,
+    FrameType,
+    RecvRing,
+    encode_control,
+    encode_read,
+    encode_write_header,
+)
+from pieced.protocol.messages import encode_request, hello, to_wire
+from pieced.storage.errors import (
+    BadRequest,
+    OutOfRange,
+    PiecedError,
+    TooLarge,
+    UnknownTorrent,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
-from tests.realtools import lt_recheck, make_torrent_lt
+from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
 
@@ -277,3 +299,292 @@ def test_events_reach_clients_using_the_v2_alias(daemon: Daemon, odd_payload: tu
             other.wait_writes()
             other.flush_all()
             assert ("piece_verified", 0) in [(e[0], e[1]["piece"]) for e in other.events]
+
+
+# -- limits, ordering and flow control -------------------------------------------------------
+
+MiB = 1024 * 1024
+# The smallest buffers the settings allow: 64 KiB frames, a 64 KiB receive ring and so
+# 64 KiB of unsent output before a client's lane pauses.
+SMALL_BUFFERS = {"PIECED_MAX_FRAME_BYTES": "65536", "PIECED_CLIENT_BUFFER_BYTES": "65536"}
+
+
+class RawConn:
+    """A bare protocol peer on the daemon's socket: frames go out exactly as given, and
+    nothing is read unless asked; what arrives is parsed with the project's FrameReader."""
+
+    def __init__(self, path: Path, sndbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if sndbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.reader = FrameReader(RecvRing(8 * MiB), 4 * MiB)
+        self.sock.sendall(encode_control(FrameType.HELLO, 0, to_wire(hello("client", "raw"))))
+        (reply,) = self.replies(1)
+        assert reply.type == FrameType.HELLO
+
+    def _frames(self) -> list[Frame]:
+        """Every complete frame received so far, events left out."""
+        out = []
+        while (f := self.reader.next_frame()) is not None:
+            if f.token is not None:
+                f.payload = (memoryview(b"".join(f.payload)),)
+                self.reader.ring.release(f.token)
+            if f.type != FrameType.EVENT:
+                out.append(f)
+        return out
+
+    def _recv(self, flags: int = 0) -> None:
+        n = self.sock.recv_into(self.reader.ring.writable(), 0, flags)
+        if n == 0:
+            raise ConnectionError("the daemon closed the connection")
+        self.reader.ring.wrote(n)
+
+    def replies(self, count: int) -> list[Frame]:
+        """The next ``count`` replies, in the order they arrived."""
+        out = self._frames()
+        while len(out) < count:
+            self._recv()
+            out += self._frames()
+        assert len(out) == count, out
+        return out
+
+    def available(self) -> list[Frame]:
+        """The replies that can be read without waiting."""
+        with contextlib.suppress(BlockingIOError):
+            self._recv(socket.MSG_DONTWAIT)
+        return self._frames()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _write_all(c: Client, ih: bytes, src: Source) -> None:
+    for p, b, n in src.blocks():
+        c.write_block_direct(ih, p, b, src.read(p, b, n))
+    c.wait_writes()
+    c.flush_all()
+
+
+@pytest.mark.parametrize("max_frame", [64 * 1024, 8 * MiB, 32 * MiB])
+def test_no_frame_exceeds_the_negotiated_limit(tmp_path: Path, max_frame: int) -> None:
+    """max_frame from the daemon's HELLO bounds frames both ways: the client adopts it,
+    and a reply that would be larger (a 9 MiB piece) is a TooLarge error for that
+    request, not a frame that breaks the connection."""
+    content = make_payload(tmp_path / "src", 9 * MiB, seed=3)
+    raw = make_torrent_lt(content, 16 * MiB, "v1")
+    src = Source(raw, tmp_path / "src")
+    piece = src.read(0, 0, 9 * MiB)
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(max_frame)})
+    try:
+        with Client(d.socket) as c:
+            assert c.core.max_frame == max_frame
+            ih = c.register(raw, tmp_path / "dl")
+            _write_all(c, ih, src)
+            assert c.status(ih)["verified_pieces"] == 1
+            if max_frame > 9 * MiB + 64:
+                assert c.read_piece(ih, 0) == piece
+            else:
+                with pytest.raises(TooLarge, match=r"exceeds the frame limit.*read_chunk"):
+                    c.read_piece(ih, 0)
+            limit = min(MAX_BLOCK, max_frame - 8)
+            if limit < MAX_BLOCK:
+                with pytest.raises(BadRequest, match=f"reads are limited to {limit} bytes"):
+                    c.read_chunk(ih, 0, 0, limit + 1)
+                with pytest.raises(TooLarge):  # refused by the client before it is sent
+                    c.write_chunk(ih, 0, 0, bytes(max_frame))
+            # the connection is still good
+            assert c.read_chunk(ih, 0, 4096, limit) == piece[4096 : 4096 + limit]
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_every_reply_keeps_its_place_in_the_lane(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """attach_ring and unknown ops go through the lane like every request: an unknown
+    op's error does not overtake an earlier request's reply, and a WRITE_RING sent
+    before attach_ring finds no ring while one sent after it uses the new ring."""
+    conn = RawConn(daemon.socket)
+    conn.sock.sendall(encode_request(1, "flush_all", {}) + encode_request(2, "frobnicate", {})
+                      + encode_request(3, "attach_ring", {"size": 4096}))  # no descriptor
+    replies = conn.replies(3)
+    assert [(f.id, f.type) for f in replies] == [
+        (1, FrameType.RESPONSE), (2, FrameType.ERROR), (3, FrameType.ERROR)]
+    conn.close()
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, daemon.root / "dl")
+        shm = ShmRing(65536)
+        p, b, n = src.blocks()[0]
+        offset, token = shm.put(src.read(p, b, n))
+        before, f1 = c.core.write_ring(ih, p, b, offset, n, token, False)
+        attach, f2 = c.core.request("attach_ring", {"size": shm.size})
+        after, f3 = c.core.write_ring(ih, p, b, offset, n, token, False)
+        waiters = [c.core.waiters[rid] for rid in (before, attach, after)]
+        c._send(f1 + f2 + f3, fds=[shm.fd])  # one sendmsg: parsed together
+        while not all(w.done for w in waiters):
+            c._pump()
+        c.core.shm = shm
+        assert isinstance(waiters[0].error, BadRequest)
+        assert "no shared-memory ring" in str(waiters[0].error)
+        assert waiters[1].error is None and waiters[1].result == {"size": 65536}
+        assert waiters[2].error is None
+        assert isinstance(c.core.take_write_error(), BadRequest)
+        assert c.read_chunk(ih, p, b, n) == src.read(p, b, n)
+
+
+def test_inline_block_over_max_block_is_refused_and_the_connection_kept(
+    daemon: Daemon, odd_payload: tuple[Path, Path]
+) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, daemon.root / "dl")
+        c.write_chunk(ih, 0, 0, bytes(MAX_BLOCK + 1))  # within max_frame (8 MiB)
+        with pytest.raises(BadRequest, match=f"blocks are limited to {MAX_BLOCK} bytes"):
+            c.wait_writes()
+        _write_all(c, ih, src)
+        assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+
+
+def test_a_block_larger_than_the_ring_is_refused_by_both_clients(
+    daemon: Daemon, odd_payload: tuple[Path, Path]
+) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    block = src.read(0, 0, 16384)
+
+    async def main() -> None:
+        async with AsyncClient(daemon.socket) as c:
+            ih = await c.register(raw, daemon.root / "dl")
+            await c.attach_ring(65536)
+            with pytest.raises(ValueError, match="larger than the ring"):
+                # (wait_for only turns the hang this used to be into a failure)
+                await asyncio.wait_for(c.write_block_direct(ih, 0, 0, bytes(65537)), 60)
+            await c.write_block_direct(ih, 0, 0, block)
+            await c.wait_writes()
+
+    asyncio.run(main())
+    with Client(daemon.socket) as c:
+        ih = src.meta.info_hash
+        c.attach_ring(65536)
+        with pytest.raises(ValueError, match="larger than the ring"):
+            c.write_block_direct(ih, 0, 0, bytes(65537))
+        assert c.read_chunk(ih, 0, 0, 16384) == block
+
+
+def test_a_client_that_never_reads_its_events_is_dropped(tmp_path: Path) -> None:
+    """Events to a subscriber that never reads cannot be held back; past the daemon's
+    bound it is disconnected (and counted) instead of growing the daemon's memory, and
+    the client doing the work is not disturbed."""
+    content = make_payload(tmp_path / "src", 16384 + 1, seed=4)  # piece 1 is one byte
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path, env=SMALL_BUFFERS)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            deaf = RawConn(d.socket)
+            deaf.sock.sendall(encode_request(1, "subscribe", {"ih": ih}))  # and never reads again
+            for _ in range(20_000):  # each a piece_failed event: ~1.4 MB of them
+                c.write_chunk(ih, 1, 0, b"?")
+            _write_all(c, ih, src)  # flush_all: every event has been sent (or dropped) by now
+            assert c.status(ih)["verified_pieces"] == 2
+            assert sum(name == "piece_failed" for name, _ in c.events) == 20_000
+            stats = c.stats()
+            assert stats["clients_dropped"] == 1 and stats["connected_clients"] == 1
+            with urllib.request.urlopen(f"http://{d.http}/metrics", timeout=10) as resp:
+                families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+            assert families["pieced_clients_dropped"].samples[0].value == 1
+            with contextlib.suppress(ConnectionError):  # what was in flight, then EOF
+                while True:
+                    deaf.available() or deaf._recv()
+            deaf.close()
+    finally:
+        assert d.stop() == 0
+    assert "dropping a client that does not read" in d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["write", "read"])
+def test_flow_control_stops_reading_a_client_the_lane_cannot_keep_up_with(
+    tmp_path: Path, kind: str
+) -> None:
+    """SPEC 3: with its buffers full the daemon stops reading a client instead of growing
+    its memory, so the client's sends block. The storage is made slow for real: piece 0
+    lives in a FIFO, so a READ of it blocks the connection's lane (in open) until the
+    test opens the other end. Inline WRITEs then fill the receive ring; small frames
+    (READ here) fill the lane's queue of parsed requests."""
+    content = make_payload(tmp_path / "src", {"a-stuck": 16384, "b-data": 4 * MiB}, seed=5)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    (tmp_path / "dl" / "payload").mkdir(parents=True)
+    fifo = tmp_path / "dl" / "payload" / "a-stuck"
+    os.mkfifo(fifo)
+    d = Daemon(tmp_path, env=SMALL_BUFFERS)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            ring_bytes = c.core.server_hello["ring_bytes"] if c.core.server_hello else 0
+        conn = RawConn(d.socket, sndbuf=65536)
+        conn.sock.setblocking(False)
+        sndbuf = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        files = [f.path[-1] for f in src.meta.files]  # libtorrent orders them its own way
+        stuck = sum(f.length for f in src.meta.files[: files.index("a-stuck")]) // 16384
+        others = [p for p in range(src.meta.num_pieces) if p != stuck]
+        frames = [encode_read(1, ih, stuck, 0, 16384)]
+        if kind == "write":
+            frames += [encode_write_header(rid, ih, p, 0, 16384) + src.read(p, 0, 16384)
+                       for rid, p in zip(itertools.count(2), others, strict=False)]
+            bound = ring_bytes + sndbuf + 65536
+        else:
+            frames += [encode_read(rid, ih, others[0], 0, 1) for rid in range(2, 100_002)]
+            bound = ring_bytes + MAX_QUEUED_JOBS * len(frames[1]) + sndbuf + 65536
+        data = memoryview(b"".join(frames))
+        ends = list(itertools.accumulate(len(f) for f in frames))
+        sent = 0
+        while sent < len(data):
+            try:
+                sent += conn.sock.send(data[sent : sent + 65536])
+            except BlockingIOError:
+                if not select.select([], [conn.sock], [], 2)[1]:
+                    break  # the daemon has stopped reading us
+        assert sent < len(data), "the daemon read everything though it could not carry it out"
+        assert sent <= bound
+
+        wait_for(lambda: release(fifo))
+        # Finish the frame cut short, reading replies meanwhile; every frame is answered, in order.
+        k = bisect.bisect_left(ends, sent)
+        got: list[Frame] = []
+        while sent < ends[k] or len(got) < k + 1:
+            r, w, _ = select.select([conn.sock], [conn.sock] if sent < ends[k] else [], [], 30)
+            assert r or w, "stalled"
+            if w:
+                sent += conn.sock.send(data[sent : ends[k]])
+            if r:
+                got += conn.available()
+        assert [f.id for f in got] == list(range(1, k + 2))
+        assert got[0].type == FrameType.ERROR  # a FIFO cannot be pread
+        conn.close()
+        if kind == "write":
+            assert all(f.type == FrameType.ACK for f in got[1:])
+            with Client(d.socket) as c:
+                c.flush_all()
+                assert c.status(ih)["verified_pieces"] == k
+    finally:
+        release(fifo)  # else a failed test leaves the daemon stuck in open()
+        assert d.stop() == 0, d.stderr()
+
+
+def release(fifo: Path) -> bool:
+    """Open the FIFO's writing end and close it: a reader blocked in open() goes on."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        assert exc.errno == errno.ENXIO  # nobody is opening it (yet)
+        return False
+    return True

@@ -1,12 +1,19 @@
-"""Disk full on a real (tiny tmpfs) filesystem: the client gets ENOSPC, /metrics counts
-it, other torrents keep working, and no piece is recorded verified that is not on disk."""
+"""Faults on real filesystems under a real daemon: a disk full (tiny tmpfs), a payload
+file made read-only, a payload file or folder deleted mid-download. In each case the
+client gets the error with its errno, /metrics counts it, other torrents keep working,
+no piece is recorded (or served as) verified that is not on disk, and the torrent
+completes once the client sends the lost pieces again."""
 
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pieced.protocol.client import Client
@@ -14,7 +21,7 @@ from pieced.storage.errors import StorageIOError
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
-from tests.realtools import make_payload, make_torrent_lt
+from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
 
@@ -64,3 +71,237 @@ def test_disk_full(tmp_path: Path, tiny_fs: Path) -> None:
         assert enospc and enospc[0] >= 1
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _metric_errors(http: str, kind: str) -> float:
+    """The value of ``pieced_errors{kind=...}`` on /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as resp:
+        fams = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    fam = fams.get("pieced_errors")
+    if fam is None:
+        return 0.0
+    return sum(s.value for s in fam.samples if s.labels.get("kind") == kind)
+
+
+def _has(have: bytes, p: int) -> bool:
+    return bool(have[p >> 3] & (0x80 >> (p & 7)))
+
+
+def _on_disk(dl: Source, p: int) -> bytes | None:
+    """Piece ``p`` as it stands in the downloaded files (None: a file is missing)."""
+    try:
+        return dl.read(p, 0, dl.layout.piece_size(p))
+    except OSError:
+        return None
+
+
+def _assert_verified_on_disk(c: Client, ih: bytes, src: Source, dl: Source) -> dict[str, Any]:
+    """Every piece ``status`` reports verified holds the right bytes on disk."""
+    c.flush_all()
+    st = c.status(ih)
+    for p in range(src.meta.num_pieces):
+        if _has(st["have"], p):
+            assert _on_disk(dl, p) == src.read(p, 0, src.layout.piece_size(p)), f"piece {p}"
+    return st
+
+
+def _send(c: Client, ih: bytes, src: Source, blocks: list[tuple[int, int, int]]) -> None:
+    """Every other block through the shared ring, the rest inline; then wait for the acks."""
+    for i, (p, b, n) in enumerate(blocks):
+        if i % 2:
+            c.write_block_direct(ih, p, b, src.read(p, b, n))
+        else:
+            c.write_chunk(ih, p, b, src.read(p, b, n))
+    c.wait_writes()
+
+
+def _refill(c: Client, ih: bytes, src: Source) -> None:
+    """What a client does after a file error: start over every piece not verified."""
+    have = c.status(ih)["have"]
+    missing = [p for p in range(src.meta.num_pieces) if not _has(have, p)]
+    for p in missing:
+        c.clear_piece(ih, p)
+    _send(c, ih, src, [blk for blk in src.blocks() if blk[0] in missing])
+
+
+def _other_torrent(tmp_path: Path) -> tuple[bytes, Source]:
+    content = make_payload(tmp_path / "src_other", 150_000, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    return raw, Source(raw, tmp_path / "src_other")
+
+
+def _fill_other(c: Client, ih: bytes, src: Source) -> None:
+    _send(c, ih, src, src.blocks())
+    c.flush_all()
+    assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+    for p in range(src.meta.num_pieces):
+        size = src.layout.piece_size(p)
+        assert c.read_piece(ih, p) == src.read(p, 0, size)
+
+
+# ------------------------------------------------------------------- read-only payload
+
+TWO_FILES = {"a.bin": 100_000, "b.bin": 100_000}
+
+
+def _make_read_only(how: str, content: Path) -> Callable[[], None]:
+    """Make ``content/b.bin`` unwritable for root too; return the undo.
+
+    ``ro-mount``: the payload folder is bind-mounted read-only over itself (EROFS), as
+    when a filesystem goes read-only; ``immutable``: ``chmod 0444`` and ``chattr +i``
+    (EPERM), since the mode alone does not stop root, which the tests and daemon run as.
+    Either way the daemon has not opened b.bin yet: a descriptor already open for
+    writing keeps working (as with any program), so the fault shows on its next open.
+    """
+    b = content / "b.bin"
+    if how == "ro-mount":
+        subprocess.run(["mount", "--bind", str(content), str(content)], check=True)
+        r = subprocess.run(["mount", "-o", "remount,bind,ro", str(content)], capture_output=True, text=True)
+        if r.returncode:
+            subprocess.run(["umount", "-l", str(content)], check=True)
+            pytest.skip(f"read-only bind mount refused: {r.stderr.strip()}")
+
+        def unmount() -> None:  # lazily: the daemon may hold a handle opened through it
+            subprocess.run(["umount", "-l", str(content)], check=True)
+        return unmount
+    b.touch()
+    b.chmod(0o444)
+    r = subprocess.run(["chattr", "+i", str(b)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"chattr +i not supported here: {r.stderr.strip()}")
+
+    def undo() -> None:
+        subprocess.run(["chattr", "-i", str(b)], check=True)
+        b.chmod(0o644)
+    return undo
+
+
+@pytest.mark.parametrize(("how", "expect"), [("ro-mount", errno.EROFS), ("immutable", errno.EPERM)])
+def test_read_only_payload_file(tmp_path: Path, tiny_fs: Path, how: str, expect: int) -> None:
+    content = make_payload(tmp_path / "src", TWO_FILES, seed=3)
+    raw = make_torrent_lt(content, 16384, "v1")  # v1: a piece runs across the two files
+    src = Source(raw, tmp_path / "src")
+    dl = Source(raw, tiny_fs)
+    raw_o, src_o = _other_torrent(tmp_path)
+    a_index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "a.bin")
+    a_end = src.meta.files[a_index].end
+    in_a = [blk for blk in src.blocks() if (blk[0] + 1) * 16384 <= a_end]
+    rest = [blk for blk in src.blocks() if (blk[0] + 1) * 16384 > a_end]
+    d = Daemon(tmp_path)
+    undo: Callable[[], None] | None = None
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tiny_fs)
+            ih_o = c.register(raw_o, tmp_path / "dl_other")
+            _send(c, ih, src, in_a)  # the torrent is running: a.bin is open and written
+            assert _assert_verified_on_disk(c, ih, src, dl)["verified_pieces"] == len({p for p, _, _ in in_a})
+            undo = _make_read_only(how, tiny_fs / "payload")
+            with pytest.raises(StorageIOError) as exc:
+                _send(c, ih, src, rest)
+            assert exc.value.errno == expect, exc.value
+            # the other torrent is not disturbed, before or after the error is reported
+            _fill_other(c, ih_o, src_o)
+            st = _assert_verified_on_disk(c, ih, src, dl)
+            assert any(e["errno"] == expect for e in st["errors"]), st["errors"]
+            assert not any(_has(st["have"], p) for p, _, _ in rest)  # b.bin holds nothing
+            assert st["verified_pieces"] == len({p for p, _, _ in in_a})
+            for p in {p for p, _, _ in in_a}:  # what was verified is still served
+                assert c.read_chunk(ih, p, 0, 16384) == src.read(p, 0, 16384)
+            assert _metric_errors(d.http, errno.errorcode[expect]) >= 1
+            # writable again: the client starts the failed pieces over and they verify
+            undo()
+            undo = None
+            _refill(c, ih, src)
+            st = _assert_verified_on_disk(c, ih, src, dl)
+            assert st["verified_pieces"] == src.meta.num_pieces
+            assert c.recheck(ih)["failed_v1"] == []
+        assert (tiny_fs / "payload" / "b.bin").read_bytes() == (content / "b.bin").read_bytes()
+    finally:
+        if undo is not None:
+            undo()
+        assert d.stop() == 0, d.stderr()
+
+
+# -------------------------------------------------------------------- vanished payload
+
+VANISH_FILES = {"a.bin": 70_000, "sub/b.bin": 90_000, "sub/c.bin": 40_000, "z.bin": 50_000}
+
+
+@pytest.mark.parametrize(
+    ("how", "kind", "reads_first"),
+    [("unlink", "v1", True), ("unlink", "hybrid", False), ("rmtree", "hybrid", True), ("rmtree", "v1", False)],
+)
+def test_vanished_payload_file(tmp_path: Path, how: str, kind: TorrentKind, reads_first: bool) -> None:
+    """A payload file deleted (or its folder removed) mid-download: the client hears of it
+    with ENOENT, no piece is reported verified (or served as such) whose bytes are not on
+    disk, the other torrent goes on, and re-sending the lost pieces completes the torrent."""
+    content = make_payload(tmp_path / "src", VANISH_FILES, seed=4)
+    raw = make_torrent_lt(content, 32768, kind)  # two blocks a piece: a piece can be half done
+    src = Source(raw, tmp_path / "src")
+    save = tmp_path / "dl"
+    dl = Source(raw, save)
+    raw_o, src_o = _other_torrent(tmp_path)
+    b_index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "b.bin")
+    b_pieces = sorted(src.layout.file_pieces(b_index))
+    blocks = src.blocks()
+    # everything up to the middle of b.bin arrives; the piece there is left half done
+    half = b_pieces[len(b_pieces) // 2]
+    first = [blk for blk in blocks if blk[0] < half] + [blk for blk in blocks if blk[0] == half][:1]
+    second = [blk for blk in blocks if blk not in first]
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, save)
+            ih_o = c.register(raw_o, tmp_path / "dl_other")
+            _send(c, ih, src, first)
+            st = _assert_verified_on_disk(c, ih, src, dl)
+            lost = {p for p in b_pieces if _has(st["have"], p)}
+            assert lost, "some pieces of b.bin verified before it vanishes"
+            for p in sorted(lost)[:1]:  # served once from disk: a read handle is open too
+                assert c.read_chunk(ih, p, 0, 100, volatile=True) == src.read(p, 0, 100)
+
+            target = save / "payload" / "sub" / "b.bin"
+            if how == "unlink":
+                os.unlink(target)
+            else:
+                shutil.rmtree(target.parent)
+
+            errors: list[StorageIOError] = []
+            if reads_first:  # what was verified: an error, or the true bytes (a cached copy)
+                for p in sorted(lost):
+                    try:
+                        data = c.read_piece(ih, p)
+                    except StorageIOError as exc:
+                        errors.append(exc)
+                    else:
+                        assert data == src.read(p, 0, src.layout.piece_size(p)), f"piece {p}"
+            try:  # the download goes on
+                _send(c, ih, src, second)
+            except StorageIOError as exc:
+                errors.append(exc)
+            assert errors and all(e.errno == errno.ENOENT for e in errors), errors
+            _fill_other(c, ih_o, src_o)
+
+            st = _assert_verified_on_disk(c, ih, src, dl)
+            assert any(e["errno"] == errno.ENOENT for e in st["errors"]), st["errors"]
+            assert not any(_has(st["have"], p) for p in lost)
+            assert _metric_errors(d.http, "ENOENT") >= 1
+            for p in range(src.meta.num_pieces):  # verified means served as it is on disk
+                if _has(st["have"], p):
+                    assert c.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
+            res = c.recheck(ih)  # a recheck agrees with the disk
+            assert res["failed_v1" if kind == "v1" else "failed_v2"]
+            st = _assert_verified_on_disk(c, ih, src, dl)
+            assert not any(_has(st["have"], p) for p in lost)
+
+            # the client starts over every piece not verified: the torrent completes
+            _refill(c, ih, src)
+            st = _assert_verified_on_disk(c, ih, src, dl)
+            assert st["verified_pieces"] == src.meta.num_pieces
+            assert c.recheck(ih)["failed_v1" if kind == "v1" else "failed_v2"] == []
+        assert target.read_bytes() == (content / "sub" / "b.bin").read_bytes()
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert all(lt_recheck(raw, save))

@@ -9,8 +9,10 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pieced.protocol.client import ClientCore
 from pieced.protocol.frames import (
     HEADER,
+    MAX_BLOCK,
     FrameReader,
     FrameType,
     RecvRing,
@@ -20,7 +22,7 @@ from pieced.protocol.frames import (
     encode_write_header,
     encode_write_ring,
 )
-from pieced.protocol.messages import decode_error, encode_error, from_wire, to_wire
+from pieced.protocol.messages import decode_error, encode_error, from_wire, hello, to_wire
 from pieced.storage.errors import OutOfRange, PiecedError, StorageIOError, TooLarge
 
 
@@ -172,3 +174,39 @@ def test_ring_release_out_of_order() -> None:
     ring.wrote(10)
     assert ring.writable().nbytes == 90
     random.seed(0)
+
+
+def test_inline_block_over_max_block_is_skipped_not_fatal() -> None:
+    """Within max_frame the stream is intact: the reader skips the block (the daemon then
+    answers its id with an error) and the next frame parses."""
+    ih = bytes(range(20))
+    reader = FrameReader(RecvRing(4 * MAX_BLOCK), max_frame=2 * MAX_BLOCK)
+    big = encode_write_header(7, ih, 1, 0, MAX_BLOCK + 1) + bytes(MAX_BLOCK + 1)
+    small = encode_write_header(8, ih, 1, 0, 3) + b"abc"
+    first, second = feed_all(reader, big + small, 65536)
+    assert (first.type, first.id, first.length, first.payload, first.token) == (
+        FrameType.WRITE, 7, MAX_BLOCK + 1, (), None)
+    assert second.id == 8 and b"".join(second.payload) == b"abc"
+    assert reader.ring.used == 0
+    with pytest.raises(TooLarge):  # over max_frame it is still fatal
+        feed_all(FrameReader(RecvRing(2 * MAX_BLOCK + 64), max_frame=MAX_BLOCK), big, 65536)
+
+
+def test_client_adopts_the_daemons_max_frame() -> None:
+    """The daemon's HELLO sets the limit for frames both ways: the client's reader takes
+    it (its ring grows to hold such a frame), and the client refuses to send more."""
+    for max_frame in (64 * 1024, 32 * 1024 * 1024):
+        core = ClientCore()
+        core.hello()
+        reply = encode_control(FrameType.HELLO, 0, to_wire(hello("server", "pieced", max_frame=max_frame)))
+        buf = core.ring.writable()
+        buf[: len(reply)] = reply
+        core.received(len(reply))
+        core.hello_done()
+        assert core.max_frame == core.reader.max_frame == max_frame
+        assert core.ring.capacity >= max_frame + 4 and core.reader.ring is core.ring
+        with pytest.raises(TooLarge):
+            core.write(bytes(20), 0, 0, max_frame, False)
+        with pytest.raises(TooLarge):
+            core.request("register", {"metainfo": bytes(max_frame)})
+        assert core.writes_in_flight == 0 and not core.waiters

@@ -1,0 +1,135 @@
+"""BLAKE3 fingerprints: taken of every piece as it verifies, kept in the state directory,
+and used by recheck in place of the torrent's hashes while they match; never trusted
+to fail a piece, and never used by ``recheck --full``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pieced.storage.disk import DiskIO
+from pieced.storage.hashing import FINGERPRINT_BYTES, fingerprint
+
+from tests.conftest import Daemon
+from tests.realtools import corrupt, make_torrent_lt
+from tests.test_disk import Source, fill
+
+
+@pytest.fixture(params=["v1", "v2", "hybrid"])
+def source(request: pytest.FixtureRequest, odd_payload: tuple[Path, Path]) -> tuple[bytes, Source]:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 32768, request.param)
+    return raw, Source(raw, save)
+
+
+def test_every_verified_piece_gets_the_fingerprint_of_its_bytes(
+    tmp_path: Path, source: tuple[bytes, Source]
+) -> None:
+    raw, src = source
+    dio = DiskIO(sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)  # shuffled blocks, half through the ring path: gaps get read back
+    dio.flush_all()
+    t = dio.torrent(ih)
+    for p in range(src.meta.num_pieces):
+        expected = fingerprint([src.read(p, 0, src.layout.piece_size(p))])
+        assert t.fingerprint(p) == expected, p
+        assert len(expected) == FINGERPRINT_BYTES
+
+    r = dio.recheck(ih)
+    assert r.ok and r.fingerprint_hits == src.meta.num_pieces and not r.new_fingerprints
+    full = dio.recheck(ih, full=True)
+    assert full.ok and full.fingerprint_hits == 0 and not full.new_fingerprints
+    dio.close()
+
+
+def test_changed_data_falls_back_to_the_torrent_hashes(
+    tmp_path: Path, source: tuple[bytes, Source]
+) -> None:
+    raw, src = source
+    dio = DiskIO()
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None)
+    dio.flush_all()
+    n = src.meta.num_pieces
+    big = max(src.meta.files, key=lambda f: f.length)
+    corrupt(tmp_path / "dl" / Path(*big.path), 40000)
+    bad = (big.offset + 40000) // 32768
+    r = dio.recheck(ih)
+    assert r.have == [p != bad for p in range(n)]
+    assert r.fingerprint_hits == n - 1
+    if src.meta.has_v1:
+        assert r.failed_v1 == [bad]
+    if src.meta.has_v2:
+        assert r.failed_v2 == [bad]
+    # The failed piece keeps its old fingerprint: a hint, never a verdict.
+    assert dio.torrent(ih).fingerprint(bad) == fingerprint([src.read(bad, 0, 32768)])
+    assert not dio.status(ih)["have"][bad >> 3] & (0x80 >> (bad & 7))
+
+    # A stale fingerprint on good data (a lost state write, say) costs a full hash of
+    # that piece, which passes and replaces it.
+    corrupt(tmp_path / "dl" / Path(*big.path), 40000)  # flip it back
+    t = dio.torrent(ih)
+    with t.lock:
+        t.set_fingerprint(3, b"\x01" * FINGERPRINT_BYTES)
+    r = dio.recheck(ih)
+    assert r.ok and r.fingerprint_hits == n - 1 and set(r.new_fingerprints or {}) == {3}
+    assert t.fingerprint(3) == fingerprint([src.read(3, 0, src.layout.piece_size(3))])
+    dio.close()
+
+
+def test_fingerprints_persist_and_are_made_by_the_first_recheck(
+    tmp_path: Path, odd_payload: tuple[Path, Path]
+) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    n = Source(raw, save).meta.num_pieces
+    state = tmp_path / "state"
+
+    # Data that was already there: no fingerprints until a recheck has used the
+    # torrent's hashes once.
+    dio = DiskIO(state_dir=state)
+    ih = dio.register(raw, save)
+    r = dio.recheck(ih)
+    assert r.ok and r.fingerprint_hits == 0 and len(r.new_fingerprints or {}) == n
+    dio.close()
+    table = state / "torrents" / ih.hex() / "fingerprints"
+    assert table.stat().st_size == n * FINGERPRINT_BYTES
+
+    again = DiskIO(state_dir=state)
+    r = again.recheck(ih)
+    assert r.ok and r.fingerprint_hits == n
+    again.close()
+
+    # A lost or damaged table only costs speed.
+    table.write_bytes(b"short")
+    third = DiskIO(state_dir=state)
+    r = third.recheck(ih)
+    assert r.ok and r.fingerprint_hits == 0
+    third.close()
+    assert table.stat().st_size == n * FINGERPRINT_BYTES
+
+
+def test_cli_recheck_full_and_fingerprinted(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    save, content = odd_payload
+    tfile = daemon.root / "t.torrent"
+    tfile.write_bytes(make_torrent_lt(content, 65536, "v1"))
+    sock = ["--socket", str(daemon.socket)]
+
+    def pieced(*args: str) -> dict[str, int]:
+        r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", *args, "--json", *sock],
+                           capture_output=True, text=True, cwd=daemon.root, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out: dict[str, int] = json.loads(r.stdout)
+        return out
+
+    ih = str(pieced("add", str(tfile), "--save-path", str(save))["info_hash"])
+    first = pieced("recheck", ih)
+    assert first["fingerprint_hits"] == 0 and first["verified"] == first["num_pieces"]
+    second = pieced("recheck", ih)
+    assert second["fingerprint_hits"] == second["num_pieces"] == second["verified"]
+    full = pieced("recheck", ih, "--full")
+    assert full["fingerprint_hits"] == 0 and full["verified"] == full["num_pieces"]
