@@ -22,7 +22,6 @@ failed is in its ``others`` attribute. Every other call waits for its reply. Eve
 from __future__ import annotations
 
 import array
-import asyncio
 import collections
 import contextlib
 import fcntl
@@ -32,7 +31,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pieced.storage.errors import PiecedError, ProtocolError, TooLarge
 
@@ -52,6 +51,11 @@ from .frames import (
     encode_write_ring,
 )
 from .messages import check_hello, decode_error, encode_request, from_wire, hello, to_wire
+
+if TYPE_CHECKING:
+    # asyncio is imported where AsyncClient needs it: it costs ~60 ms of start-up that
+    # every blocking user (the pieced command included) would otherwise pay.
+    import asyncio
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 DEFAULT_SOCKET = "var/pieced.sock"
@@ -506,6 +510,8 @@ class AsyncClient:
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_SOCKET, *,
                  on_event: EventCallback | None = None, window: int = 256) -> None:
+        import asyncio
+
         self.path = os.fspath(path)
         self.window = window
         self.core = ClientCore()
@@ -518,6 +524,8 @@ class AsyncClient:
         self._failure: BaseException | None = None
 
     async def connect(self) -> AsyncClient:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -555,6 +563,8 @@ class AsyncClient:
         return self.core.events
 
     async def _read_loop(self) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         assert self.sock is not None
         try:
@@ -578,6 +588,8 @@ class AsyncClient:
             await self._wake.wait()
 
     async def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         assert self.sock is not None
         async with self._send_lock:

@@ -375,10 +375,18 @@ class DiskIO:
 
         The slices are only read during the call: the caller may reuse them after.
         """
-        t = self._get(ih)
         n1 = memoryview(s1).nbytes
-        bufs = (s0, s1) if n1 else (s0,)
-        length = memoryview(s0).nbytes + n1
+        return self.write_blocks_direct(ih, piece, begin, (s0, s1) if n1 else (s0,), 1)
+
+    def write_blocks_direct(
+        self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int
+    ) -> PieceResult | None:
+        """``write_block_direct`` of a run of ``blocks`` adjacent blocks of one piece,
+        given as any number of slices: still one pwritev and one pass of the hashers.
+        The daemon merges the ring writes a client sent back to back into one of these.
+        """
+        t = self._get(ih)
+        length = sum(memoryview(b).nbytes for b in bufs)
         t.layout.check(piece, begin, length)
         partial = self._partial(t, piece)
         if partial is None:
@@ -387,7 +395,7 @@ class DiskIO:
             if partial.done:
                 self.metrics.add("duplicate_blocks")
                 return None
-            self._write_through(t, piece, begin, bufs, length, blocks=1)
+            self._write_through(t, piece, begin, bufs, length, blocks=blocks)
             partial.hasher.add(begin, bufs, length)
             if partial.hasher.complete:
                 return self._complete(t, piece, partial)
