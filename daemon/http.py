@@ -45,7 +45,7 @@ class _Collector:
             ("pieces_failed", "Pieces that failed their hash check"),
             ("blocks_written", "Blocks accepted"),
             ("duplicate_blocks", "Blocks for pieces already complete"),
-            ("syncs", "fdatasync batches"),
+            ("syncs", "fdatasync calls (files made durable)"),
             ("fingerprint_hits", "Pieces a recheck found good by their BLAKE3 fingerprint"),
         ]:
             c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])

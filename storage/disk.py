@@ -527,11 +527,12 @@ class DiskIO:
     def _sync(self, t: Torrent, files: Sequence[int] | None) -> None:
         try:
             with self.metrics.timed("sync"):
-                t.storage.sync(files)
+                synced = t.storage.sync(files)
         except StorageIOError as exc:
             self._record_error(t, exc, None)
             raise
-        self.metrics.add("syncs")
+        if synced:
+            self.metrics.add("syncs", synced)
 
     def _record_error(self, t: Torrent, exc: StorageIOError, piece: int | None) -> None:
         self.metrics.error(exc.errno)

@@ -312,8 +312,9 @@ class FileStorage:
                         break
                     done += n
 
-    def sync(self, indices: Sequence[int] | None = None) -> None:
-        """fdatasync the files written since their last sync (all, or the given ones)."""
+    def sync(self, indices: Sequence[int] | None = None) -> int:
+        """fdatasync the files written since their last sync (all, or the given ones);
+        returns how many it synced."""
         with self._lock:
             todo = sorted(self._dirty if indices is None else self._dirty & set(indices))
             self._dirty.difference_update(todo)
@@ -325,6 +326,7 @@ class FileStorage:
                     with self._lock:
                         self._dirty.add(index)
                     raise StorageIOError.wrap(exc, f"sync {self.file_path(index)}") from None
+        return len(todo)
 
     # -- life cycle -------------------------------------------------------------
     def close(self) -> None:
@@ -432,7 +434,7 @@ class MmapStorage(FileStorage):
             m = self._map(seg.file_index)
             dst[:] = m[seg.file_offset : seg.file_offset + seg.length]
 
-    def sync(self, indices: Sequence[int] | None = None) -> None:
+    def sync(self, indices: Sequence[int] | None = None) -> int:
         with self._lock:
             todo = sorted(self._dirty if indices is None else self._dirty & set(indices))
             self._dirty.difference_update(todo)
@@ -441,6 +443,7 @@ class MmapStorage(FileStorage):
                 self._maps[index].flush()
             except OSError as exc:
                 raise StorageIOError.wrap(exc, f"msync {self.file_path(index)}") from None
+        return len(todo)
 
     def close(self) -> None:
         with self._lock:
@@ -470,8 +473,8 @@ class DisabledStorage(FileStorage):
         for seg in segments:
             out[seg.buf_offset : seg.buf_offset + seg.length] = bytes(seg.length)
 
-    def sync(self, indices: Sequence[int] | None = None) -> None:
-        return None
+    def sync(self, indices: Sequence[int] | None = None) -> int:
+        return 0
 
     def delete_files(self) -> None:
         return None

@@ -425,3 +425,28 @@ def test_piece_of_more_blocks_than_iov_max(tmp_path: Path) -> None:
     dio.close()
     assert [e.ok for e in events] == [True, True]
     assert (tmp_path / "dl" / "payload.bin").read_bytes() == content.read_bytes()
+
+
+def test_syncs_counts_real_fdatasyncs(
+    tmp_path: Path, torrent: tuple[bytes, Source], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``syncs`` counter is the number of fdatasync calls made: a flush with nothing
+    dirty makes none and counts none."""
+    raw, src = torrent
+    calls = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    dio = DiskIO()
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    assert calls and dio.stats()["syncs"] == len(calls)
+    before = len(calls)
+    dio.flush_all()
+    assert len(calls) == before and dio.stats()["syncs"] == before
+    dio.close()
