@@ -59,6 +59,7 @@ from pieced.storage.disk import DiskIO, PieceResult
 from pieced.storage.errors import (
     AccessDenied,
     BadRequest,
+    ErrorCode,
     PiecedError,
     ProtocolError,
     StorageIOError,
@@ -107,6 +108,7 @@ class Server:
         self.refused = 0
         self.dropped = 0
         disk.on_piece = self._on_piece
+        disk.on_error = self._on_disk_error
 
     # -- listening --------------------------------------------------------------------
     def start(self, listener: socket.socket) -> None:
@@ -170,11 +172,21 @@ class Server:
             return
         name = "piece_verified" if result.ok else "piece_failed"
         fields = {"ih": result.info_hash, "piece": result.piece, "v1": result.v1, "v2": result.v2}
+        self._event(result.info_hash, name, fields)
+
+    def _on_disk_error(self, ih: bytes, entry: dict[str, Any]) -> None:
+        """Called from worker threads when storage records an I/O error of a torrent."""
+        fields = {"ih": ih, "code": int(ErrorCode.IO_ERROR), **entry}
+        self._event(ih, "disk_error", fields)
+
+    def _event(self, ih: bytes, name: str, fields: dict[str, Any]) -> None:
+        if self.loop is None:
+            return
         frame = encode_event(name, fields)
         try:  # a hybrid torrent's clients may know it by either of its two keys
-            keys = frozenset(self.disk.torrent(result.info_hash).meta.aliases)
+            keys = frozenset(self.disk.torrent(ih).meta.aliases)
         except PiecedError:
-            keys = frozenset((result.info_hash,))
+            keys = frozenset((ih,))
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self.loop.call_soon_threadsafe(self._broadcast, keys, frame)
 

@@ -59,6 +59,9 @@ class PieceResult:
 
 
 PieceCallback = Callable[[PieceResult], None]
+# (torrent key, {"piece", "errno", "message"}): a storage error was recorded.
+ErrorCallback = Callable[[bytes, dict[str, Any]], None]
+ERROR_EVENT_INTERVAL = 1.0  # seconds between two on_error calls of one torrent and errno
 RESUME_INTERVAL = 1.0  # seconds between saves of a torrent's bitfield while it downloads
 
 
@@ -87,6 +90,7 @@ class Torrent:
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.resume_saved = 0.0
+        self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
         self.reverifying = 0  # pieces still being re-verified after a restart
 
     @property
@@ -157,6 +161,7 @@ class DiskIO:
         self.preallocate = preallocate
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
         self.on_piece = on_piece
+        self.on_error: ErrorCallback | None = None
         self.metainfo_limits = metainfo_limits or {}
         self.metrics = Stats()
         self._lock = threading.Lock()
@@ -536,9 +541,18 @@ class DiskIO:
 
     def _record_error(self, t: Torrent, exc: StorageIOError, piece: int | None) -> None:
         self.metrics.error(exc.errno)
+        entry = {"piece": piece, "errno": exc.errno, "message": str(exc)}
+        now = time.monotonic()
         with t.lock:
-            t.errors.append({"piece": piece, "errno": exc.errno, "message": str(exc)})
+            t.errors.append(entry)
             del t.errors[:-32]
+            # A full disk fails every block: one report a second per kind is enough
+            # (status keeps the last 32, /metrics counts them all).
+            due = now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL) >= ERROR_EVENT_INTERVAL
+            if due:
+                t.error_reported[exc.errno] = now
+        if due and self.on_error is not None:
+            self.on_error(t.key, entry)
         if isinstance(exc, FileVanished):
             self._file_vanished(t, exc)
 

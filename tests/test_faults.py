@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ def test_disk_full(tmp_path: Path, tiny_fs: Path) -> None:
         with Client(d.socket) as c:
             ih_big = c.register(raw_big, tiny_fs)
             ih_small = c.register(raw_small, tmp_path / "dl")
+            started = time.monotonic()
             with pytest.raises(StorageIOError) as exc:
                 for p, b, n in sb.blocks():
                     c.write_block_direct(ih_big, p, b, sb.read(p, b, n))
@@ -59,6 +61,11 @@ def test_disk_full(tmp_path: Path, tiny_fs: Path) -> None:
             assert c.status(ih_small)["verified_pieces"] == ss.meta.num_pieces
             st = c.status(ih_big)
             assert any(e["errno"] == errno.ENOSPC for e in st["errors"])
+            # Pushed too, as disk_error events: at most one a second per torrent and errno.
+            pushed = [f for name, f in c.events if name == "disk_error"]
+            assert pushed and all(f["ih"] == ih_big and f["errno"] == errno.ENOSPC
+                                  and f["code"] == 8 for f in pushed)
+            assert len(pushed) <= 1 + time.monotonic() - started
             on_disk = (tiny_fs / "payload.bin").read_bytes()
             for p in range(sb.meta.num_pieces):
                 if st["have"][p >> 3] & (0x80 >> (p & 7)):
