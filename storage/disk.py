@@ -250,6 +250,9 @@ class DiskIO:
                 suspect = sorted({p for i in changed for p in t.layout.file_pieces(i) if t.has(p)})
                 for p in suspect:
                     t.set_have(p, False)
+                storage.known_written(
+                    i for i, f in enumerate(meta.files)
+                    if f.stored and any(t.has(p) for p in t.layout.file_pieces(i)))
             else:
                 suspect = []
             with self._lock:

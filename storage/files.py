@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import OutOfRange, PathEscape, StorageIOError
@@ -220,6 +220,12 @@ class FileStorage:
             raise self._vanished(
                 index, f"{self.file_path(index)}: deleted or truncated behind pieced's back"
             )
+
+    def known_written(self, indices: Iterable[int]) -> None:
+        """Files an earlier run of the daemon wrote and sized (they hold verified pieces):
+        from now on their disappearance is noticed, as for files written in this run."""
+        with self._lock:
+            self._sized.update(indices)
 
     def _vanished(self, index: int, message: str) -> FileVanished:
         """Forget what we knew of a vanished file: a write creates it anew."""

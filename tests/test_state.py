@@ -3,14 +3,18 @@ and after a crash every piece it reports verified really is on disk."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
+from pieced.storage.errors import StorageIOError
+from pieced.storage.layout import Layout
 
 from tests.conftest import Daemon
 from tests.realtools import corrupt, lt_recheck, make_torrent_lt
@@ -110,3 +114,35 @@ def _on_disk(src: Source, save: Path, piece: int) -> bytes:
             f.seek(s.file_offset)
             out += f.read(s.length).ljust(s.length, b"\0")
     return bytes(out)
+
+
+def test_a_file_deleted_after_a_restart_loses_its_pieces(
+    tmp_path: Path, odd_payload: tuple[Path, Path]
+) -> None:
+    """A restarted engine knows which files it wrote in its earlier life: one deleted
+    under it is reported (ENOENT) and its pieces lose their bits, even when a write
+    re-creates it before anything reads it."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    dio = DiskIO(state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.close()
+
+    again = DiskIO(state_dir=tmp_path / "state")
+    assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+    big = max(range(len(src.meta.files)), key=lambda i: src.meta.files[i].length)
+    lost = set(Layout(src.meta).file_pieces(big))
+    (tmp_path / "dl").joinpath(*src.meta.files[big].path).unlink()
+    # A write into the lost file re-creates it: that must not go unnoticed.
+    p = min(lost)
+    with pytest.raises(StorageIOError) as exc:
+        again.clear_piece(ih, p)
+        again.write_chunk(ih, p, 0, src.read(p, 0, 16384), flush=True)
+    assert exc.value.errno == errno.ENOENT
+    st = again.status(ih)
+    for q in lost:
+        assert not st["have"][q >> 3] & (0x80 >> (q & 7)), q
+    assert any(e["errno"] == errno.ENOENT for e in st["errors"])
+    again.close()
