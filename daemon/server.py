@@ -679,7 +679,9 @@ class _RingRun:
             bufs = (s0, s1) if s1.nbytes else (s0,)
             first.conn.disk.write_blocks_direct(first.ih, first.piece, first.begin, bufs,
                                                 len(self.writes))
-        except Exception:
+        except Exception as exc:
+            if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
+                log.exception("merged ring write failed; retrying its blocks one by one")
             out: list[Out] = []
             for w in self.writes:
                 out.extend(w()[0])
