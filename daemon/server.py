@@ -465,17 +465,7 @@ class Connection:
     # -- the lane (worker threads) ------------------------------------------------------------
     @staticmethod
     def _guard(rid: int, token: tuple[int, int] | None, job: Job) -> Job:
-        """A job whose unexpected failure (a bug) still answers its own request id and
-        frees its ring space, so the client is never left waiting."""
-
-        def guarded() -> tuple[list[Out], tuple[int, int] | None]:
-            try:
-                return job()
-            except Exception as exc:
-                log.exception("request %d failed", rid)
-                return [encode_error(rid, PiecedError(f"internal error: {exc}"))], token
-
-        return guarded
+        return lambda: _run_guarded(rid, token, job)
 
     def _enqueue(self, jobs: list[Job]) -> None:
         with self._lane_lock:
@@ -618,6 +608,18 @@ class Connection:
             self._drop_shm()
 
 
+def _run_guarded(
+    rid: int, token: tuple[int, int] | None, job: Job
+) -> tuple[list[Out], tuple[int, int] | None]:
+    """Run a lane job so that its unexpected failure (a bug) still answers its own
+    request id and frees its ring space: the client is never left waiting."""
+    try:
+        return job()
+    except Exception as exc:
+        log.exception("request %d failed", rid)
+        return [encode_error(rid, PiecedError(f"internal error: {exc}"))], token
+
+
 # -- ring writes, one at a time or merged (worker threads) ----------------------------------
 
 class _RingWrite:
@@ -648,18 +650,17 @@ class _RingWrite:
         )
 
     def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
-        rid = self.rid
+        return _run_guarded(self.rid, None, self._write)
+
+    def _write(self) -> tuple[list[Out], tuple[int, int] | None]:
         try:
             s0, s1 = self.conn._ring_slices(self.offset, self.length)
             self.conn.disk.write_block_direct(self.ih, self.piece, self.begin, s0, s1)
             if self.flags & FLAG_FLUSH:
                 self.conn.disk.flush_piece(self.ih, self.piece)
-            return [encode_ack(rid)], None
+            return [encode_ack(self.rid)], None
         except PiecedError as exc:
-            return [encode_error(rid, exc)], None
-        except Exception as exc:  # a bug: still answer this id
-            log.exception("request %d failed", rid)
-            return [encode_error(rid, PiecedError(f"internal error: {exc}"))], None
+            return [encode_error(self.rid, exc)], None
 
 
 class _RingRun:

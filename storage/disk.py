@@ -476,9 +476,8 @@ class DiskIO:
         result = PieceResult(t.key, piece, ok, ok1, ok2)
         partial.done = True
         if ok:
-            if fp is not None:
-                with t.lock:
-                    t.set_fingerprint(piece, fp)
+            with t.lock:
+                t.set_fingerprint(piece, fp)
             try:
                 self._write_out(t, piece, blocks)
             finally:

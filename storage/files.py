@@ -86,14 +86,6 @@ class HandlePool:
             if len(self._fds) > self.max_open:
                 self._evict_locked()
 
-    @contextlib.contextmanager
-    def acquire(self, owner: object, index: int, path: Path, writable: bool) -> Iterator[int]:
-        entry = self.get(owner, index, path, writable)
-        try:
-            yield entry[0]
-        finally:
-            self.put(entry)
-
     def _evict_locked(self) -> None:
         excess = len(self._fds) - self.max_open
         if excess <= 0:

@@ -153,17 +153,14 @@ class PieceHasher:
     always the hash of the latest data.
     """
 
-    __slots__ = ("_fp", "_pads", "_pos", "_sha1", "_want_fp", "_want_v1", "leaves",
-                 "received", "size", "v2")
+    __slots__ = ("_fp", "_pads", "_pos", "_sha1", "_want_v1", "leaves", "received", "size", "v2")
 
     def __init__(
-        self, size: int, want_v1: bool, v2: V2Piece | None,
-        pads: Sequence[tuple[int, int]] = (), want_fingerprint: bool = True,
+        self, size: int, want_v1: bool, v2: V2Piece | None, pads: Sequence[tuple[int, int]] = ()
     ) -> None:
         self.size = size
         self.v2 = v2
         self._want_v1 = want_v1
-        self._want_fp = want_fingerprint
         self.leaves: dict[int, bytes] = {}
         self.received = _Intervals()
         self._pads = list(pads)
@@ -177,7 +174,7 @@ class PieceHasher:
 
     def _restart_prefix(self) -> None:
         self._sha1 = hashlib.sha1() if self._want_v1 else None
-        self._fp = blake3() if self._want_fp else None
+        self._fp = blake3()
         self._pos = 0
         self._advance_over_pads()
 
@@ -194,8 +191,7 @@ class PieceHasher:
             for v in bufs:
                 if sha1 is not None:
                     sha1.update(v)
-                if fp is not None:
-                    fp.update(v)
+                fp.update(v)
             self._pos = end
             self._advance_over_pads()
         if self.v2 is not None:
@@ -228,28 +224,26 @@ class PieceHasher:
             if s == self._pos:
                 if self._sha1 is not None:
                     feed_zeros(self._sha1, e - s)
-                if self._fp is not None:
-                    feed_zeros(self._fp, e - s)
+                feed_zeros(self._fp, e - s)
                 self._pos = e
 
     def finish(
         self, fetch: Callable[[int, int], Buffer]
-    ) -> tuple[bytes | None, bytes | None, bytes | None]:
+    ) -> tuple[bytes | None, bytes | None, bytes]:
         """(SHA-1 digest, v2 root, fingerprint) of the complete piece.
 
         ``fetch(begin, length)`` supplies bytes this state did not see in order
         (blocks that arrived out of order, or partial leaves): normally not called.
         """
-        d1 = d2 = fp = None
-        if (self._sha1 is not None or self._fp is not None) and self._pos < self.size:
+        d1 = d2 = None
+        if self._pos < self.size:
             rest = fetch(self._pos, self.size - self._pos)
-            for h in (self._sha1, self._fp):
-                if h is not None:
-                    h.update(rest)
+            if self._sha1 is not None:
+                self._sha1.update(rest)
+            self._fp.update(rest)
         if self._sha1 is not None:
             d1 = self._sha1.digest()
-        if self._fp is not None:
-            fp = self._fp.digest(FINGERPRINT_BYTES)
+        fp = self._fp.digest(FINGERPRINT_BYTES)
         if self.v2 is not None:
             n = leaf_count(self.v2.data_length)
             leaves = []
