@@ -77,6 +77,22 @@ MAX_QUEUED_JOBS = 4096
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
 
 
+class Observer:
+    """What storage reports to (piece results, disk errors), made before the engine
+    and handed to its constructor; the server, made after, attaches to it."""
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+
+    def piece(self, result: PieceResult) -> None:
+        if self.server is not None:
+            self.server._on_piece(result)
+
+    def disk_error(self, ih: bytes, entry: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server._on_disk_error(ih, entry)
+
+
 class Server:
     def __init__(
         self,
@@ -88,6 +104,7 @@ class Server:
         max_clients: int = 256,
         allow_uids: set[int] | None = None,
         allow_gids: set[int] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.disk = disk
         self.ring_bytes = max(ring_bytes, max_frame + 4)
@@ -107,8 +124,8 @@ class Server:
         self.accepted = 0
         self.refused = 0
         self.dropped = 0
-        disk.on_piece = self._on_piece
-        disk.on_error = self._on_disk_error
+        if observer is not None:
+            observer.server = self
 
     # -- listening --------------------------------------------------------------------
     def start(self, listener: socket.socket) -> None:
@@ -803,4 +820,4 @@ OPS: dict[str, Op] = {
     "subscribe": _op_subscribe,
 }
 
-__all__ = ["MAX_QUEUED_JOBS", "OPS", "Connection", "Server"]
+__all__ = ["MAX_QUEUED_JOBS", "OPS", "Connection", "Observer", "Server"]

@@ -6,6 +6,11 @@ shrinks by the same amount and evicts clean pieces. Dirty bytes are never evicte
 when they would overflow the budget, :meth:`BufferPool.add_dirty` says no and the
 caller writes the block straight through to disk. So memory is bounded by the
 budget whatever the clients do, and no data is dropped to make room.
+
+A third kind shares the budget: *staged* pieces, the copy of a piece written through
+the shared ring that becomes its cache entry once it verifies. Staging takes at most
+half the budget and never more than is free of dirty bytes; a piece that finds no
+room is simply not cached.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class BufferPool:
         self._lock = threading.Lock()
         self._dirty: dict[Key, dict[int, bytes]] = {}
         self.dirty_bytes = 0
+        self.staged_bytes = 0
         self._clean: ArcCache[Key, PieceData] | LruCache[Key, PieceData] = (
             ArcCache(budget) if policy == "arc" else LruCache(budget)
         )
@@ -78,7 +84,7 @@ class BufferPool:
             blocks[begin] = data
             self.dirty_bytes += delta
             self._clean.pop(key)
-            self._clean.resize(self.budget - self.dirty_bytes)
+            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
             return True
 
     def overlaps_other(self, key: Key, begin: int, end: int) -> bool:
@@ -91,6 +97,24 @@ class BufferPool:
                 b < end and begin < b + len(d) and not (b == begin and b + len(d) == end)
                 for b, d in blocks.items()
             )
+
+    def stage(self, size: int) -> bytearray | None:
+        """A buffer for a piece's copy, counted against the budget, or None if no room."""
+        with self._lock:
+            if (self.staged_bytes + size > self.budget // 2
+                    or self.dirty_bytes + self.staged_bytes + size > self.budget):
+                return None
+            self.staged_bytes += size
+            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
+        return bytearray(size)
+
+    def unstage(self, size: int, key: Key | None = None, piece: PieceData | None = None) -> None:
+        """Give back a staged buffer's bytes; with ``piece``, cache it under ``key``."""
+        with self._lock:
+            self.staged_bytes -= size
+            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
+            if key is not None and piece is not None and key not in self._dirty:
+                self._clean.put(key, piece, piece.size)
 
     def has_dirty(self, key: Key) -> bool:
         return key in self._dirty
@@ -106,7 +130,7 @@ class BufferPool:
             if not blocks:
                 return []
             self.dirty_bytes -= sum(len(d) for d in blocks.values())
-            self._clean.resize(self.budget - self.dirty_bytes)
+            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
             return sorted(blocks.items())
 
     def discard_dirty(self, key: Key, begin: int, end: int) -> None:
@@ -119,7 +143,7 @@ class BufferPool:
                 self.dirty_bytes -= len(blocks.pop(b))
             if not blocks:
                 del self._dirty[key]
-            self._clean.resize(self.budget - self.dirty_bytes)
+            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
 
     def dirty_keys(self) -> list[Key]:
         with self._lock:
@@ -142,9 +166,16 @@ class BufferPool:
             self._clean.pop(key)
 
     def pieces_of(self, tid: int) -> set[int]:
+        """Pieces of a torrent held in memory, buffered or cached."""
         with self._lock:
             keys = list(self._dirty) + self._clean.keys()
         return {p for t, p in keys if t == tid}
+
+    def cached_of(self, tid: int) -> list[int]:
+        """Pieces of a torrent in the clean cache (not those only buffered)."""
+        with self._lock:
+            keys = self._clean.keys()
+        return [p for t, p in keys if t == tid]
 
     @property
     def cache_bytes(self) -> int:

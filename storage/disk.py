@@ -1,34 +1,44 @@
-"""The disk interface: what a torrent client asks of storage (SPEC section 2).
+"""The disk interface: what a torrent client asks of storage.
 
-It ties the other modules together: metainfo says what a torrent is, the layout
-maps pieces to files, a backend moves bytes, the buffer pool holds dirty blocks and
-cached pieces, the hashers verify. Every operation is thread-safe; the daemon calls
-them from worker threads, tests and ``pieced verify`` call them directly.
+It ties the other modules together: metainfo says what a torrent is, the layout maps
+pieces to files (``layout.py``), a backend moves bytes (``files.py``), the buffer pool
+holds dirty blocks and cached pieces (``bufferpool.py``), the hashers verify
+(``hashing.py``), the torrent keeps its piece states and fence (``torrent.py``), the
+group commit makes verified pieces durable (``commit.py``) and the state folder
+remembers them (``resume.py``). Every operation is thread-safe; the daemon calls them
+from worker threads, tests and ``pieced verify`` call them directly.
 
-Life of a block: it is buffered (or written through when the budget is full, or at
-once with ``flush``/``write_block_direct``) and fed to its piece's hasher. The block
-that completes a piece triggers verification from the hash state, with no read-back
-in the common case; a good piece is written out, cached clean and, once its data is
-fdatasync'ed, recorded in the ``have`` bitfield and announced; a bad one is dropped.
+Life of a block: its torrent is held shared (the fence), its piece goes from missing to
+partial, the block is buffered (or written through when the budget is full, or at once
+with ``flush``/``write_block_direct``) and fed to its piece's hasher; pad bytes are
+checked to be zeros and never stored. The block that completes a piece moves it to
+hashing and verifies it from the hash state, with no read-back in the common case; a
+good piece is written out, cached clean, and committing until the group commit has
+fdatasync'ed its data and journaled it; then it is verified and announced. A bad one
+goes back to missing and is announced failed.
 
-Locks, always taken in this order: ``DiskIO._lock`` (the torrent table), a piece's
-lock (its writes and hash state), a torrent's lock (its bitfield and partial
-pieces), the buffer pool's lock. No thread holds two piece locks.
+Locks, always taken in this order: a torrent's fence, ``DiskIO._lock`` (the torrent
+table), a piece's lock (its writes and hash state), a torrent's journal lock, a
+torrent's ``lock`` (its states and partial pieces), the buffer pool's lock. No thread
+holds two piece locks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 from .bufferpool import BufferPool, PieceData
+from .commit import GroupCommit
 from .errors import (
     AlreadyRegistered,
     NoHashes,
@@ -37,14 +47,16 @@ from .errors import (
     StorageIOError,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileStorage, FileVanished, HandlePool, make_storage
-from .hashing import FINGERPRINT_BYTES, NO_FINGERPRINT, Buffer, HashPool, PieceHasher, v2_root
-from .layout import Layout
+from .files import BACKENDS, FileVanished, HandlePool, make_storage
+from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .merkle import BLOCK_SIZE
-from .metainfo import Metainfo, parse
-from .state import StateStore, file_stamp
+from .metainfo import parse
+from .resume import REC_CLEARED, REC_VERIFIED, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
+from .torrent import COMMITTING, HASHING, MISSING, PARTIAL, VERIFIED, Partial, Torrent
 from .verify import PreadReader, Progress, VerifyResult, verify
+
+log = logging.getLogger("pieced.storage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,79 +74,20 @@ PieceCallback = Callable[[PieceResult], None]
 # (torrent key, {"piece", "errno", "message"}): a storage error was recorded.
 ErrorCallback = Callable[[bytes, dict[str, Any]], None]
 ERROR_EVENT_INTERVAL = 1.0  # seconds between two on_error calls of one torrent and errno
-RESUME_INTERVAL = 1.0  # seconds between saves of a torrent's bitfield while it downloads
-
-
-class _Partial:
-    """A piece some of whose blocks have arrived."""
-
-    __slots__ = ("done", "hasher", "lock")
-
-    def __init__(self, hasher: PieceHasher) -> None:
-        self.hasher = hasher
-        self.lock = threading.Lock()
-        self.done = False
-
-
-class Torrent:
-    def __init__(self, tid: int, meta: Metainfo, storage: FileStorage) -> None:
-        self.id = tid
-        self.meta = meta
-        self.layout = Layout(meta)
-        self.storage = storage
-        self.have = bytearray((meta.num_pieces + 7) // 8)
-        # BLAKE3 of each piece as last verified (zeros: none yet); see hashing.fingerprint.
-        self.fingerprints = bytearray(meta.num_pieces * FINGERPRINT_BYTES)
-        self.fingerprints_saved = True
-        self.partial: dict[int, _Partial] = {}
-        self.errors: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.resume_saved = 0.0
-        self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
-        self.reverifying = 0  # pieces still being re-verified after a restart
-
-    @property
-    def key(self) -> bytes:
-        return self.meta.info_hash
-
-    def has(self, piece: int) -> bool:
-        return bool(self.have[piece >> 3] & (0x80 >> (piece & 7)))
-
-    def set_have(self, piece: int, value: bool) -> None:
-        if value:
-            self.have[piece >> 3] |= 0x80 >> (piece & 7)
-        else:
-            self.have[piece >> 3] &= ~(0x80 >> (piece & 7)) & 0xFF
-
-    def fingerprint(self, piece: int) -> bytes | None:
-        fp = bytes(self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES])
-        return None if fp == NO_FINGERPRINT else fp
-
-    def set_fingerprint(self, piece: int, fp: bytes) -> None:
-        """Caller holds ``lock``. Only ever given the fingerprint of bytes that passed the
-        torrent's own hashes, so it stays a valid shortcut whatever happens to the bit."""
-        self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES] = fp
-        self.fingerprints_saved = False
-
-    def pads(self, piece: int) -> list[tuple[int, int]]:
-        size = self.layout.piece_size(piece)
-        return [
-            (s.buf_offset, s.buf_offset + s.length)
-            for s in self.layout.map(piece, 0, size)
-            if not s.stored
-        ]
-
-    def files_of(self, piece: int) -> list[int]:
-        size = self.layout.piece_size(piece)
-        return [s.file_index for s in self.layout.map(piece, 0, size) if s.stored]
+# Journal records after which the torrent's resume record is rewritten (compaction);
+# a torrent of many pieces waits longer, its record being bigger.
+COMPACT_RECORDS = 4096
+Pending = tuple[PieceResult, bytes]  # a committing piece's result and fingerprint
 
 
 class DiskIO:
     """Storage for many torrents behind one buffer budget, handle pool and hash pool.
 
-    ``sync_window``: 0 syncs each verified piece before it is recorded; a positive
-    window batches the fdatasyncs of every piece verified within it (group commit).
-    ``roots``: save paths must resolve inside one of these (None: anywhere).
+    ``sync_window``: 0 syncs and journals each verified piece before it is announced;
+    a positive window batches the fdatasyncs of every piece verified within it (group
+    commit). ``roots``: save paths must resolve inside one of these (None: anywhere).
+    ``on_piece`` and ``on_error`` observe results and storage errors; they are called
+    from worker threads.
     """
 
     def __init__(
@@ -149,6 +102,7 @@ class DiskIO:
         sync_window: float = 0.0,
         roots: Sequence[Path] | None = None,
         on_piece: PieceCallback | None = None,
+        on_error: ErrorCallback | None = None,
         metainfo_limits: dict[str, int] | None = None,
         state_dir: Path | None = None,
     ) -> None:
@@ -161,13 +115,14 @@ class DiskIO:
         self.preallocate = preallocate
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
         self.on_piece = on_piece
-        self.on_error: ErrorCallback | None = None
+        self.on_error = on_error
         self.metainfo_limits = metainfo_limits or {}
         self.metrics = Stats()
         self._lock = threading.Lock()
         self._torrents: dict[bytes, Torrent] = {}
+        self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
         self._ids = itertools.count(1)
-        self._committer = _GroupCommit(self, sync_window)
+        self._committer = GroupCommit(self._commit, sync_window)
         self.state = StateStore(state_dir) if state_dir is not None else None
         self.load_errors: list[str] = []
         if self.state is not None:
@@ -177,133 +132,92 @@ class DiskIO:
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
         meta = parse(metainfo, **self.metainfo_limits)
         path = self._check_save_path(Path(save_path))
+        storage = make_storage(self.backend, meta, path, self.handles, self.preallocate)
+        t = Torrent(next(self._ids), meta, storage)
         with self._lock:
             for alias in meta.aliases:
                 if alias in self._torrents:
                     raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
-            storage = make_storage(self.backend, meta, path, self.handles, self.preallocate)
-            storage.create_empty_files()
-            t = Torrent(next(self._ids), meta, storage)
             for alias in meta.aliases:
                 self._torrents[alias] = t
-        if self.state is not None:
-            self.state.save_metainfo(t.key, metainfo)
-            self.save_resume(t)
-        return meta.info_hash
-
-    # -- durable state ----------------------------------------------------------------
-    def save_resume(self, t: Torrent) -> None:
-        """Record the torrent's save path, renames, verified bits and file stamps.
-
-        Only bits whose data is durable are ever set, so saving them is always safe.
-        """
-        if self.state is None:
-            return
-        with t.lock:
-            have = bytes(t.have)
-            t.resume_saved = time.monotonic()
-            fps = None if t.fingerprints_saved else bytes(t.fingerprints)
-            t.fingerprints_saved = True
-        files = [file_stamp(t.storage.file_path(i)) if f.stored else [0, 0]
-                 for i, f in enumerate(t.meta.files)]
-        resume = {
-            b"save_path": str(t.storage.save_path).encode(),
-            b"have": have,
-            b"files": files,
-            b"renames": {str(i).encode(): "/".join(p).encode()
-                         for i, p in t.storage.renames.items()},
-        }
         try:
-            if fps is not None:
-                self.state.save_fingerprints(t.key, fps)
-            self.state.save_resume(t.key, resume)
-        except OSError as exc:
-            if fps is not None:
-                with t.lock:
-                    t.fingerprints_saved = False
-            self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
-
-    def _load_state(self) -> None:
-        """Re-register every saved torrent; keep the bits of files unchanged since saved."""
-        assert self.state is not None
-        for raw, resume, fps in self.state.load_all():
-            try:
-                meta = parse(raw, **self.metainfo_limits)
-                save = resume.get(b"save_path", b"").decode()
-                storage = make_storage(self.backend, meta, Path(save), self.handles,
-                                       self.preallocate)
-                for k, v in dict(resume.get(b"renames", {})).items():
-                    storage.renames[int(k)] = tuple(v.decode().split("/"))
-                storage.create_empty_files()
-            except Exception as exc:  # a damaged record must not stop the daemon
-                self.load_errors.append(f"state record skipped: {exc}")
-                continue
-            t = Torrent(next(self._ids), meta, storage)
-            if len(fps) == len(t.fingerprints):
-                t.fingerprints[:] = fps
-            have = resume.get(b"have", b"")
-            stamps = resume.get(b"files", [])
-            if isinstance(have, bytes) and len(have) == len(t.have):
-                t.have[:] = have
-                changed = [i for i, f in enumerate(meta.files) if f.stored and (
-                    i >= len(stamps) or list(stamps[i]) != file_stamp(storage.file_path(i)))]
-                suspect = sorted({p for i in changed for p in t.layout.file_pieces(i) if t.has(p)})
-                for p in suspect:
-                    t.set_have(p, False)
-                storage.known_written(
-                    i for i, f in enumerate(meta.files)
-                    if f.stored and any(t.has(p) for p in t.layout.file_pieces(i)))
-            else:
-                suspect = []
+            storage.create_empty_files()
+            if self.state is not None:
+                rec = self.state.create(t.key, metainfo, path)
+                self._records[t.id] = rec
+                with rec.save_lock:
+                    self._save(t, rec)
+        except BaseException as exc:
             with self._lock:
                 for alias in meta.aliases:
-                    self._torrents[alias] = t
-            if suspect:
-                # Files written after the last save (a crash) or changed behind our back:
-                # their recorded pieces count again only once they re-verify.
-                threading.Thread(target=self._reverify, args=(t, suspect),
-                                 name="pieced-reverify", daemon=True).start()
+                    self._torrents.pop(alias, None)
+            storage.close()
+            if isinstance(exc, OSError):
+                raise StorageIOError.wrap(exc, "register") from None
+            raise
+        return meta.info_hash
 
-    def _reverify(self, t: Torrent, pieces: list[int]) -> None:
-        """Re-verify pieces of files changed since the last save (fingerprints first)."""
-        t.reverifying = len(pieces)
-
-        def progress(done: int, total: int) -> None:
-            t.reverifying = total - done
-
+    def unregister(self, ih: bytes, delete_files: bool = False) -> None:
+        """Forget a torrent, after the block I/O in flight. Pieces still committing are
+        cancelled: no event of the torrent follows the reply to this call."""
+        t = self._get(ih)
+        t.enter_alone()
         try:
-            result = self._verify(t, pieces, progress, full=False)
-        except RuntimeError:  # shutting down: the rest stay unverified, as saved
-            return
-        with t.lock:
-            for p in pieces:
-                if result.have[p] and p not in t.partial:
-                    t.set_have(p, True)
-        t.reverifying = 0
-        self.save_resume(t)
+            self._committer.take(t)
+            if not delete_files:
+                with contextlib.suppress(StorageIOError):  # recorded; the files stay as they are
+                    self._flush_torrent(t, sync=True)
+            rec = self._records.pop(t.id, None)
+            if rec is not None:
+                with rec.save_lock, rec.journal_lock:
+                    rec.remove()
+            with t.lock:
+                t.removed = True
+                partials, t.partial = list(t.partial.values()), {}
+            for partial in partials:
+                self._drop_partial(partial)
+            with self._lock:
+                for alias in t.meta.aliases:
+                    self._torrents.pop(alias, None)
+            for piece in self.pool.pieces_of(t.id):
+                self.pool.drop((t.id, piece))
+            if delete_files:
+                t.storage.delete_files()
+            t.storage.close()
+        finally:
+            t.leave_alone()
 
-    def _verify(
-        self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
-    ) -> VerifyResult:
-        """Hash pieces as they are on disk; record the fingerprints this computed."""
-        def read(piece: int, buf: memoryview) -> None:
-            try:
-                t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
-            except FileVanished as exc:
-                if exc.written:  # deleted under us (not a file never written): say so
-                    self._record_error(t, exc, piece)
-                raise
+    def torrents(self) -> list[bytes]:
+        with self._lock:
+            return sorted({t.key for t in self._torrents.values()})
 
-        with t.lock:
-            known = bytes(t.fingerprints)
-        reader = PreadReader(read, t.meta.piece_length)
-        result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
-        with t.lock:
-            for p, fp in (result.new_fingerprints or {}).items():
-                t.set_fingerprint(p, fp)
-        self.metrics.add("bytes_read", result.bytes_hashed)
-        self.metrics.add("fingerprint_hits", result.fingerprint_hits)
-        return result
+    def torrent(self, ih: bytes) -> Torrent:
+        return self._get(ih)
+
+    def _get(self, ih: bytes) -> Torrent:
+        t = self._torrents.get(bytes(ih))
+        if t is None:
+            raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
+        return t
+
+    def _enter(self, ih: bytes) -> Torrent:
+        """The torrent, held shared: the caller must ``leave()`` it."""
+        t = self._get(ih)
+        t.enter()
+        return t
+
+    @contextlib.contextmanager
+    def _alone(self, ih: bytes) -> Iterator[Torrent]:
+        """The torrent held alone, its committing pieces committed: a fenced operation."""
+        t = self._get(ih)
+        t.enter_alone()
+        try:
+            pieces = self._committer.take(t)
+            if pieces:
+                self._commit(t, pieces)
+            yield t
+        finally:
+            t.leave_alone()
 
     def _check_save_path(self, path: Path) -> Path:
         if "\0" in str(path):
@@ -320,32 +234,174 @@ class DiskIO:
             raise StorageIOError.wrap(exc, f"create save path {resolved}") from None
         return resolved
 
-    def unregister(self, ih: bytes, delete_files: bool = False) -> None:
-        t = self._get(ih)
-        self._flush_torrent(t, sync=not delete_files)
-        with self._lock:
-            for alias in t.meta.aliases:
-                self._torrents.pop(alias, None)
-        for piece in self.pool.pieces_of(t.id):
-            self.pool.drop((t.id, piece))
-        if self.state is not None:
-            self.state.remove(t.key)
-        if delete_files:
-            t.storage.delete_files()
-        t.storage.close()
+    # -- durable state ----------------------------------------------------------------
+    def _save(self, t: Torrent, rec: TorrentRecord, stamps: bool = False) -> None:
+        """Compact the journal into the resume record (caller holds ``rec.save_lock``).
 
-    def torrents(self) -> list[bytes]:
-        with self._lock:
-            return sorted({t.key for t in self._torrents.values()})
+        The bitfield is taken and the journal starts its next generation under the
+        journal lock, so the record and the new generation together hold every
+        piece: none is lost if the write below fails or the process dies during it.
+        """
+        if rec.removed:
+            return
+        with rec.journal_lock:
+            with t.lock:
+                have, fps = bytes(t.have), bytes(t.fingerprints)
+            gen = rec.rotate()
+        files = None
+        if stamps:
+            files = [file_stamp(t.storage.file_path(i)) if f.stored else [0, 0]
+                     for i, f in enumerate(t.meta.files)]
+        try:
+            rec.write_resume(have, fps, gen, files)
+        except OSError as exc:  # the journal still holds it all
+            self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
 
-    def torrent(self, ih: bytes) -> Torrent:
-        return self._get(ih)
+    def _compact_if_due(self, t: Torrent) -> None:
+        rec = self._records.get(t.id)
+        if rec is None or rec.records < max(COMPACT_RECORDS, t.meta.num_pieces // 8):
+            return
+        if rec.save_lock.acquire(blocking=False):  # another thread is already saving
+            try:
+                self._save(t, rec)
+            finally:
+                rec.save_lock.release()
 
-    def _get(self, ih: bytes) -> Torrent:
-        t = self._torrents.get(bytes(ih))
-        if t is None:
-            raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
-        return t
+    def _save_now(self, t: Torrent, stamps: bool = False) -> None:
+        rec = self._records.get(t.id)
+        if rec is not None:
+            with rec.save_lock:
+                self._save(t, rec, stamps)
+
+    def _save_location(self, t: Torrent) -> None:
+        rec = self._records.get(t.id)
+        if rec is None:
+            return
+        try:
+            with rec.save_lock:
+                rec.write_location(t.storage.save_path, dict(t.storage.renames))
+        except OSError as exc:
+            raise StorageIOError.wrap(exc, "save the torrent's location") from None
+
+    def _load_state(self) -> None:
+        """Re-register every saved torrent with the pieces its record and journal prove."""
+        assert self.state is not None
+        loaded, self.load_errors = self.state.load_all(
+            lambda raw: parse(raw, **self.metainfo_limits).num_pieces)
+        for saved, next_gen in loaded:
+            try:
+                meta = parse(saved.metainfo, **self.metainfo_limits)
+                storage = make_storage(self.backend, meta, Path(saved.save_path), self.handles,
+                                       self.preallocate)
+                storage.renames.update(saved.renames)
+            except Exception as exc:  # a damaged record must not stop the daemon
+                self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
+                continue
+            t = Torrent(next(self._ids), meta, storage)
+            t.fingerprints[:] = saved.fingerprints
+            n = meta.num_pieces
+            have = saved.have
+            for p in range(n):
+                if have[p >> 3] & (0x80 >> (p & 7)):
+                    t.set_state(p, VERIFIED)
+            suspect: set[int] = set()
+            for i, f in enumerate(meta.files):
+                if not f.stored or f.length == 0:
+                    continue
+                pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
+                if not pieces:
+                    continue
+                stamp = file_stamp(storage.file_path(i))
+                if stamp[0] < f.length:  # gone or cut short: its pieces went with it
+                    for p in pieces:
+                        t.set_state(p, MISSING)
+                elif self.state.was_clean and saved.stamps is not None and (
+                    i >= len(saved.stamps) or saved.stamps[i] != stamp
+                ):
+                    suspect.update(pieces)  # changed behind our back while we were stopped
+            for p in suspect:
+                t.set_state(p, MISSING)
+            storage.known_written(
+                i for i, f in enumerate(meta.files)
+                if f.stored and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
+            with contextlib.suppress(StorageIOError):
+                storage.create_empty_files()
+            rec = self.state.record(saved.ih_hex, next_gen)
+            self._records[t.id] = rec
+            with self._lock:
+                for alias in meta.aliases:
+                    self._torrents[alias] = t
+            with rec.save_lock:
+                self._save(t, rec)  # the replayed journals become the resume record
+            if saved.damaged is not None:
+                # Only what the journal proved is known: recheck the rest.
+                self.load_errors.append(
+                    f"torrent {saved.ih_hex}: {saved.damaged}; rebuilt from its journal "
+                    f"({t.count(VERIFIED)} pieces), rechecking the rest")
+                suspect = {p for p in range(n) if t.state[p] == MISSING}
+            if suspect:
+                threading.Thread(target=self._reverify, args=(t, sorted(suspect)),
+                                 name="pieced-reverify", daemon=True).start()
+
+    def _reverify(self, t: Torrent, pieces: list[int]) -> None:
+        """Verify pieces whose data may be there but is not known good (fingerprints first)."""
+        t.reverifying = len(pieces)
+
+        def progress(done: int, total: int) -> None:
+            t.reverifying = total - done
+
+        try:
+            with self._alone(t.key):
+                todo = [p for p in pieces if t.state[p] == MISSING]
+                result = self._verify(t, todo, progress, full=False)
+                self._apply_verify(t, todo, result)
+                self._save_now(t)
+        except (RuntimeError, UnknownTorrent):  # shutting down, or unregistered meanwhile
+            pass
+        finally:
+            t.reverifying = 0
+
+    def _verify(
+        self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
+    ) -> VerifyResult:
+        """Hash pieces as they are on disk; record the fingerprints this computed."""
+        def read(piece: int, buf: memoryview) -> None:
+            try:
+                t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
+            except FileVanished as exc:
+                if exc.written:  # deleted under us (not a file never written): say so
+                    self._record_error(t, exc, piece)
+                raise
+
+        known = bytes(t.fingerprints)
+        reader = PreadReader(read, t.meta.piece_length)
+        result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
+        with t.lock:
+            for p, fp in (result.new_fingerprints or {}).items():
+                t.set_fingerprint(p, fp)
+        self.metrics.add("bytes_read", result.bytes_hashed)
+        self.metrics.add("fingerprint_hits", result.fingerprint_hits)
+        return result
+
+    def _apply_verify(self, t: Torrent, pieces: Sequence[int], result: VerifyResult) -> None:
+        """Set the states of verified pieces (caller holds the torrent alone)."""
+        cleared = []
+        rec = self._records.get(t.id)
+        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            with t.lock:
+                for p in pieces:
+                    if result.have[p]:
+                        t.set_state(p, VERIFIED)
+                    elif t.state[p] == VERIFIED:
+                        t.set_state(p, MISSING)
+                        cleared.append(p)
+            if rec is not None and cleared:
+                try:
+                    rec.append([(REC_CLEARED, p, bytes(16)) for p in cleared])
+                except OSError as exc:
+                    log.warning("could not journal cleared pieces: %s", exc)
+        for p in cleared:
+            self.pool.drop((t.id, p))
 
     # -- writes -----------------------------------------------------------------------
     def write_chunk(
@@ -355,26 +411,42 @@ class DiskIO:
         t = self._get(ih)
         length = memoryview(data).nbytes
         t.layout.check(piece, begin, length)
-        partial = self._partial(t, piece)
-        if partial is None:
-            return None
         block = data if isinstance(data, bytes) else bytes(data)
-        key = (t.id, piece)
-        with partial.lock:
-            if partial.done:
-                self.metrics.add("duplicate_blocks")
+        t.enter()
+        try:
+            partial = self._partial(t, piece, stage=False)
+            if partial is None:
                 return None
-            if self.pool.overlaps_other(key, begin, begin + length):
-                self._write_out(t, piece, self.pool.take_dirty(key))
-            if flush or not self.pool.add_dirty(key, begin, block):
-                self._write_through(t, piece, begin, (block,), length)
+            with partial.lock:
+                if partial.done:
+                    self.metrics.add("duplicate_blocks")
+                    return None
+                if partial.pads:
+                    runs = self._cut_pads(partial, begin, (block,), length)
+                    for b, views, n in runs:
+                        self._buffer(t, piece, partial, b, b"".join(views), n, flush)
+                else:
+                    self._buffer(t, piece, partial, begin, block, length, flush)
                 if flush:
                     self._sync(t, t.files_of(piece))
-            partial.hasher.add(begin, (block,), length)
-            self.metrics.add("blocks_written")
-            if partial.hasher.complete:
-                return self._complete(t, piece, partial)
-        return None
+                self.metrics.add("blocks_written")
+                if partial.hasher.complete:
+                    return self._complete(t, piece, partial)
+            return None
+        finally:
+            t.leave()
+
+    def _buffer(self, t: Torrent, piece: int, partial: Partial, begin: int, block: bytes,
+                length: int, through: bool) -> None:
+        """One run of stored bytes of an inline block: buffered, or written through."""
+        key = (t.id, piece)
+        if self.pool.overlaps_other(key, begin, begin + length):
+            self._write_out(t, piece, self.pool.take_dirty(key))
+        if through or not self.pool.add_dirty(key, begin, block):
+            self._write_through(t, piece, begin, (block,), length)
+        if partial.stage is not None:
+            partial.stage[begin : begin + length] = block
+        partial.hasher.add(begin, (block,), length)
 
     def write_block_direct(
         self, ih: bytes, piece: int, begin: int, s0: Buffer, s1: Buffer = b""
@@ -396,33 +468,89 @@ class DiskIO:
         t = self._get(ih)
         length = sum(memoryview(b).nbytes for b in bufs)
         t.layout.check(piece, begin, length)
-        partial = self._partial(t, piece)
-        if partial is None:
-            return None
-        with partial.lock:
-            if partial.done:
-                self.metrics.add("duplicate_blocks")
-                return None
-            self._write_through(t, piece, begin, bufs, length, blocks=blocks)
-            partial.hasher.add(begin, bufs, length)
-            if partial.hasher.complete:
-                return self._complete(t, piece, partial)
-        return None
-
-    def _partial(self, t: Torrent, piece: int) -> _Partial | None:
-        """The piece's hash state, or None when the piece is already verified (a duplicate)."""
-        with t.lock:
-            if t.has(piece):
-                self.metrics.add("duplicate_blocks")
-                return None
-            partial = t.partial.get(piece)
+        t.enter()
+        try:
+            partial = self._partial(t, piece, stage=True)
             if partial is None:
-                v2 = t.meta.v2_piece(piece)
-                hasher = PieceHasher(
-                    t.layout.piece_size(piece), t.meta.has_v1, v2, t.pads(piece)
-                )
-                partial = t.partial[piece] = _Partial(hasher)
-            return partial
+                return None
+            with partial.lock:
+                if partial.done:
+                    self.metrics.add("duplicate_blocks")
+                    return None
+                runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
+                        else ((begin, bufs, length),))
+                for b, views, n in runs:
+                    self._write_through(t, piece, b, views, n, blocks=blocks)
+                    blocks = 0
+                    stage = partial.stage
+                    if stage is not None:
+                        pos = b
+                        for v in views:
+                            end = pos + memoryview(v).nbytes
+                            stage[pos:end] = v
+                            pos = end
+                    partial.hasher.add(b, views, n)
+                if partial.hasher.complete:
+                    return self._complete(t, piece, partial)
+            return None
+        finally:
+            t.leave()
+
+    def _partial(self, t: Torrent, piece: int, stage: bool) -> Partial | None:
+        """The piece's hash state, made if it is missing; None (a counted duplicate) when
+        it is hashing, committing or verified. ``stage``: keep a copy of its bytes for
+        the cache, if the budget has room (the direct path; buffered blocks are their
+        own copy)."""
+        with t.lock:
+            state = t.state[piece]
+            if state == PARTIAL:
+                return t.partial[piece]
+            if state != MISSING:
+                self.metrics.add("duplicate_blocks")
+                return None
+        size = t.layout.piece_size(piece)
+        pads = t.pads(piece)
+        hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads)
+        buf = self.pool.stage(size) if stage else None
+        with t.lock:
+            if t.state[piece] == MISSING:
+                partial = t.partial[piece] = Partial(hasher, pads, buf)
+                t.set_state(piece, PARTIAL)
+                self.pool.drop((t.id, piece))  # what a read cached of it is stale from now on
+                return partial
+            state = t.state[piece]
+            found = t.partial.get(piece) if state == PARTIAL else None
+        if buf is not None:
+            self.pool.unstage(size)
+        if found is None:
+            self.metrics.add("duplicate_blocks")
+        return found
+
+    def _cut_pads(
+        self, partial: Partial, begin: int, bufs: Sequence[Buffer], length: int
+    ) -> list[tuple[int, Sequence[Buffer], int]]:
+        """The runs of a block outside its piece's pads, as (begin, views, length).
+
+        A peer sends whole 16 KiB blocks, so one may run from a file's end into a pad,
+        or lie inside one; the pad bytes must be zeros (else the piece fails, as in
+        libtorrent) and are never stored or hashed again: the hasher counts pads as
+        zeros already. A v2 leaf so hashes only its file's bytes.
+        """
+        end = begin + length
+        runs: list[tuple[int, Sequence[Buffer], int]] = []
+        pos = begin
+        for s, e in partial.pads:
+            if e <= pos or s >= end:
+                continue
+            lo, hi = max(s, pos), min(e, end)
+            if pos < lo:
+                runs.append((pos, sub_views(bufs, pos - begin, lo - begin), lo - pos))
+            if any(v.tobytes().strip(b"\0") for v in sub_views(bufs, lo - begin, hi - begin)):
+                partial.hasher.bad_pad = True
+            pos = hi
+        if pos < end:
+            runs.append((pos, sub_views(bufs, pos - begin, end - begin), end - pos))
+        return runs
 
     def _write_through(
         self, t: Torrent, piece: int, begin: int, bufs: Sequence[Buffer], length: int,
@@ -463,35 +591,58 @@ class DiskIO:
             run.append(data)
             end += len(data)
 
-    def _complete(self, t: Torrent, piece: int, partial: _Partial) -> PieceResult:
-        """Verify a piece whose last block just arrived (caller holds the piece lock)."""
+    def _complete(self, t: Torrent, piece: int, partial: Partial) -> PieceResult:
+        """Verify a piece whose last block just arrived (caller holds the piece lock and
+        the torrent shared)."""
         key = (t.id, piece)
-        with self.metrics.timed("hash"):
-            d1, d2, fp = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
-        ok1 = d1 == t.meta.v1_hash(piece) if d1 is not None else None
-        v2 = partial.hasher.v2
-        ok2 = d2 == v2.expected if d2 is not None and v2 is not None else None
-        ok = ok1 is not False and ok2 is not False
-        blocks = self.pool.take_dirty(key)
-        result = PieceResult(t.key, piece, ok, ok1, ok2)
         partial.done = True
-        if ok:
-            with t.lock:
-                t.set_fingerprint(piece, fp)
-            try:
+        with t.lock:
+            t.set_state(piece, HASHING)
+        stage, partial.stage = partial.stage, None
+        try:
+            with self.metrics.timed("hash"):
+                d1, d2, fp = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
+            ok1 = d1 == t.meta.v1_hash(piece) if d1 is not None else None
+            v2 = partial.hasher.v2
+            ok2 = d2 == v2.expected if d2 is not None and v2 is not None else None
+            if partial.hasher.bad_pad:  # non-zero bytes where a pad is: as v1 would say
+                if ok1 is not None:
+                    ok1 = False
+                else:
+                    ok2 = False
+            ok = ok1 is not False and ok2 is not False
+            result = PieceResult(t.key, piece, ok, ok1, ok2)
+            blocks = self.pool.take_dirty(key)
+            if ok:
                 self._write_out(t, piece, blocks)
-            finally:
-                with t.lock:
-                    t.partial.pop(piece, None)
+        except BaseException:
+            with t.lock:
+                t.partial.pop(piece, None)
+                if t.state[piece] == HASHING:
+                    t.set_state(piece, MISSING)
+            if stage is not None:
+                self.pool.unstage(len(stage))
+            raise
+        with t.lock:
+            t.partial.pop(piece, None)
+            # A vanished file may have sent the piece back to missing meanwhile.
+            ok = ok and t.state[piece] == HASHING
+            t.set_state(piece, COMMITTING if ok else MISSING)
+        if not ok:
+            if stage is not None:
+                self.pool.unstage(len(stage))
+            self.pool.drop(key)
+            self.metrics.add("pieces_failed")
+            failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
+            self._notify(failed)
+            return failed
+        if stage is not None:
+            self.pool.unstage(len(stage), key, PieceData.whole(stage))
+        else:
             cached = self._as_piece(t, piece, blocks)
             if cached is not None:
                 self.pool.put(key, cached)
-            self._committer.verified(t, piece, result)
-        else:
-            with t.lock:
-                t.partial.pop(piece, None)
-            self.metrics.add("pieces_failed")
-            self._notify(result)
+        self._committer.verified(t, piece, (result, fp))
         return result
 
     def _as_piece(
@@ -508,24 +659,48 @@ class DiskIO:
             return None
         return PieceData([b for b, _ in parts], [d for _, d in parts])
 
-    def _commit(self, t: Torrent, pieces: list[tuple[int, PieceResult]]) -> None:
-        """Make verified pieces durable, then record and announce them."""
+    def _commit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
+        """Make committing pieces durable, journal them, then mark and announce them.
+        The caller holds the torrent (shared, or alone)."""
         files = sorted({f for p, _ in pieces for f in t.files_of(p)})
         try:
             self._sync(t, files)
         except StorageIOError:
-            for _, r in pieces:
-                self._notify(PieceResult(r.info_hash, r.piece, False, r.v1, r.v2))
+            self._uncommit(t, pieces)
             return
-        with t.lock:
-            for p, _ in pieces:
-                t.set_have(p, True)
-            due = time.monotonic() - t.resume_saved >= RESUME_INTERVAL
-        if due:
-            self.save_resume(t)
-        self.metrics.add("pieces_verified", len(pieces))
-        for _, r in pieces:
+        rec = self._records.get(t.id)
+        error = None
+        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            with t.lock:  # pieces a vanished file or clear_piece took back are not recorded
+                live = [(p, r, fp) for p, (r, fp) in pieces if t.state[p] == COMMITTING]
+            try:
+                if rec is not None:
+                    rec.append([(REC_VERIFIED, p, fp) for p, _, fp in live])
+            except OSError as exc:
+                error = StorageIOError.wrap(exc, "journal verified pieces")
+            else:
+                with t.lock:
+                    for p, _, fp in live:
+                        t.set_state(p, VERIFIED)
+                        t.set_fingerprint(p, fp)
+        if error is not None:
+            self._record_error(t, error, None)
+            self._uncommit(t, [(p, (r, fp)) for p, r, fp in live])
+            return
+        self.metrics.add("pieces_verified", len(live))
+        for _, r, _ in live:
             self._notify(r)
+        self._compact_if_due(t)
+
+    def _uncommit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
+        """Pieces that could not be made durable or journaled: missing again, and failed."""
+        with t.lock:
+            back = [(p, r) for p, (r, _) in pieces if t.state[p] == COMMITTING]
+            for p, _ in back:
+                t.set_state(p, MISSING)
+        for p, r in back:  # the hashes matched (v1/v2 say so); the data is not durable
+            self.pool.drop((t.id, p))
+            self._notify(PieceResult(t.key, p, False, r.v1, r.v2))
 
     def _notify(self, result: PieceResult) -> None:
         if self.on_piece is not None:
@@ -553,7 +728,7 @@ class DiskIO:
             due = now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL) >= ERROR_EVENT_INTERVAL
             if due:
                 t.error_reported[exc.errno] = now
-        if due and self.on_error is not None:
+        if due and self.on_error is not None and not t.removed:
             self.on_error(t.key, entry)
         if isinstance(exc, FileVanished):
             self._file_vanished(t, exc)
@@ -566,14 +741,27 @@ class DiskIO:
         its lock (no thread holds two), so its writers drop what they still send.
         """
         dropped = []
-        with t.lock:
-            for p in t.layout.file_pieces(exc.file_index):
-                if t.has(p):
-                    t.set_have(p, False)
+        cleared = []
+        rec = self._records.get(t.id)
+        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            with t.lock:
+                for p in t.layout.file_pieces(exc.file_index):
+                    state = t.state[p]
+                    if state == VERIFIED:
+                        cleared.append(p)
+                    elif state in (HASHING, COMMITTING):
+                        pass  # their writer or committer sees the state change
+                    elif state == PARTIAL and exc.written:
+                        self._drop_partial(t.partial.pop(p))
+                    else:
+                        continue
+                    t.set_state(p, MISSING)
                     dropped.append(p)
-                elif exc.written and (partial := t.partial.pop(p, None)) is not None:
-                    partial.done = True
-                    dropped.append(p)
+            if rec is not None and cleared:
+                try:
+                    rec.append([(REC_CLEARED, p, bytes(16)) for p in cleared])
+                except OSError as err:
+                    log.warning("could not journal pieces of a vanished file: %s", err)
         for p in dropped:
             self.pool.drop((t.id, p))
 
@@ -606,6 +794,13 @@ class DiskIO:
         """Read for seeding; whole pieces are cached unless ``volatile``."""
         t = self._get(ih)
         t.layout.check(piece, begin, length)
+        t.enter()
+        try:
+            return self._read_chunk(t, piece, begin, length, volatile)
+        finally:
+            t.leave()
+
+    def _read_chunk(self, t: Torrent, piece: int, begin: int, length: int, volatile: bool) -> bytes:
         key = (t.id, piece)
         if self.pool.has_dirty(key):
             return bytes(self._read_range(t, piece, begin, length))
@@ -614,7 +809,8 @@ class DiskIO:
             self.metrics.add("cache_hits")
             return cached.read(begin, length)
         self.metrics.add("cache_misses")
-        if volatile:
+        if volatile or t.state[piece] in (PARTIAL, HASHING):
+            # A piece still arriving is not cached: the copy would be stale at once.
             return bytes(self._read_range(t, piece, begin, length))
         data = self._read_range(t, piece, 0, t.layout.piece_size(piece))
         self.pool.put(key, PieceData.whole(data))
@@ -624,8 +820,12 @@ class DiskIO:
         """A whole piece, with its buffered blocks flushed to disk first."""
         t = self._get(ih)
         t.layout.check(piece, 0, 0)
-        self.flush_piece(ih, piece, sync=False)
-        return self.read_chunk(ih, piece, 0, t.layout.piece_size(piece))
+        t.enter()
+        try:
+            self._flush_piece(t, piece, sync=False)
+            return self._read_chunk(t, piece, 0, t.layout.piece_size(piece), False)
+        finally:
+            t.leave()
 
     # -- hashing ------------------------------------------------------------------------
     def hash_piece(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
@@ -665,21 +865,48 @@ class DiskIO:
 
     # -- buffer management ----------------------------------------------------------------
     def clear_piece(self, ih: bytes, piece: int) -> None:
-        """Start a piece over: drop its buffered blocks, hash state and verified bit."""
+        """Start a piece over: drop its buffered blocks and hash state, and forget it
+        was verified (a hash failure seen by the client, or data it no longer trusts)."""
         t = self._get(ih)
         t.layout.check(piece, 0, 0)
-        with t.lock:
-            partial = t.partial.pop(piece, None)
-            t.set_have(piece, False)
-        if partial is not None:
-            with partial.lock:
-                partial.done = True
-        self.pool.drop((t.id, piece))
+        t.enter()
+        try:
+            rec = self._records.get(t.id)
+            with rec.journal_lock if rec is not None else contextlib.nullcontext():
+                with t.lock:
+                    state = t.state[piece]
+                    partial = t.partial.pop(piece, None)
+                    t.set_state(piece, MISSING)
+                if state == VERIFIED and rec is not None:
+                    try:
+                        rec.append([(REC_CLEARED, piece, bytes(16))])
+                    except OSError as exc:
+                        raise StorageIOError.wrap(exc, "journal the cleared piece") from None
+            if partial is not None:
+                with partial.lock:
+                    self._drop_partial(partial)
+            self.pool.drop((t.id, piece))
+        finally:
+            t.leave()
+
+    def _drop_partial(self, partial: Partial) -> None:
+        """A partial piece reset from outside: its later blocks count as duplicates."""
+        partial.done = True
+        stage, partial.stage = partial.stage, None
+        if stage is not None:
+            self.pool.unstage(len(stage))
 
     def flush_piece(self, ih: bytes, piece: int, sync: bool = True) -> None:
         """Write a piece's buffered blocks and fdatasync its files."""
         t = self._get(ih)
         t.layout.check(piece, 0, 0)
+        t.enter()
+        try:
+            self._flush_piece(t, piece, sync)
+        finally:
+            t.leave()
+
+    def _flush_piece(self, t: Torrent, piece: int, sync: bool) -> None:
         with t.lock:
             partial = t.partial.get(piece)
         if partial is not None:
@@ -689,55 +916,76 @@ class DiskIO:
             self._sync(t, t.files_of(piece))
 
     def flush_all(self) -> None:
+        """Make every buffered block durable, and wait for the pieces committing."""
         with self._lock:
             torrents = {t.id: t for t in self._torrents.values()}
         for t in torrents.values():
-            self._flush_torrent(t, sync=True)
+            try:
+                t.enter()
+            except UnknownTorrent:
+                continue
+            try:
+                self._flush_torrent(t, sync=True)
+            finally:
+                t.leave()
         self._committer.drain()
 
     def _flush_torrent(self, t: Torrent, sync: bool) -> None:
+        """Write out a torrent's buffered blocks (the caller holds it)."""
         for tid, piece in self.pool.dirty_keys():
             if tid == t.id:
-                self.flush_piece(t.key, piece, sync=False)
+                self._flush_piece(t, piece, sync=False)
         if sync:
             self._sync(t, None)
 
     def cached_pieces(self, ih: bytes) -> list[int]:
-        """Pieces held in memory (buffered or cached), for SuggestPiece."""
-        return sorted(self.pool.pieces_of(self._get(ih).id))
+        """Verified pieces held in memory, for SuggestPiece."""
+        t = self._get(ih)
+        return sorted(p for p in self.pool.cached_of(t.id) if t.state[p] == VERIFIED)
 
-    # -- whole-torrent operations ----------------------------------------------------------
+    # -- whole-torrent operations: fences ---------------------------------------------------
     def recheck(
         self, ih: bytes, progress: Progress | None = None, full: bool = False
     ) -> VerifyResult:
-        """Verify everything on disk; replaces the bitfield.
+        """Verify what is on disk, after the block I/O in flight and alone on the torrent.
 
-        A piece with a fingerprint is checked against it (BLAKE3: faster than SHA-1,
-        and one hash for a hybrid's two); a mismatch, or no fingerprint, falls back to
-        the torrent's own hashes. ``full`` always uses the torrent's hashes.
+        Pieces being downloaded (partial) are left as they are; every other piece ends
+        up verified or missing as its data says. A piece with a fingerprint is checked
+        against it (BLAKE3: faster than SHA-1, and one hash for a hybrid's two); a
+        mismatch, or no fingerprint, falls back to the torrent's own hashes. ``full``
+        always uses the torrent's hashes.
         """
-        t = self._get(ih)
-        self._flush_torrent(t, sync=True)
-        self._committer.drain()
-        result = self._verify(t, None, progress, full)
-        with t.lock:
-            for p, ok in enumerate(result.have):
-                t.set_have(p, ok)
-        self.save_resume(t)
-        return result
+        with self._alone(ih) as t:
+            self._flush_torrent(t, sync=True)  # what is read below is durable
+            with t.lock:
+                todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
+            result = self._verify(t, todo, progress, full)
+            self._apply_verify(t, todo, result)
+            self._save_now(t)
+            return result
 
     def move_storage(self, ih: bytes, new_path: str | Path) -> None:
-        t = self._get(ih)
         path = self._check_save_path(Path(new_path))
-        self._flush_torrent(t, sync=True)
-        t.storage.move(path)
-        self.save_resume(t)
+        with self._alone(ih) as t:
+            self._flush_torrent(t, sync=True)
+            old = t.storage.save_path
+            t.storage.move(path)
+            try:
+                self._save_location(t)
+            except StorageIOError:
+                t.storage.move(old)
+                raise
 
     def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
-        t = self._get(ih)
-        self._flush_torrent(t, sync=True)
-        t.storage.rename(index, new_name)
-        self.save_resume(t)
+        with self._alone(ih) as t:
+            self._flush_torrent(t, sync=True)
+            old = t.storage.renames.get(index)
+            t.storage.rename(index, new_name)
+            try:
+                self._save_location(t)
+            except StorageIOError:
+                t.storage.rename(index, "/".join(old or t.meta.files[index].path))
+                raise
 
     # -- reporting ------------------------------------------------------------------------
     def status(self, ih: bytes) -> dict[str, Any]:
@@ -745,7 +993,8 @@ class DiskIO:
         meta = t.meta
         with t.lock:
             have = bytes(t.have)
-            partial = len(t.partial)
+            counts = {name: t.count(s) for name, s in (
+                ("partial", PARTIAL), ("hashing", HASHING), ("committing", COMMITTING))}
             errors = list(t.errors)
         verified = sum(bin(b).count("1") for b in have)
         files = []
@@ -776,20 +1025,23 @@ class DiskIO:
             "total_size": meta.total_size,
             "have": have,
             "verified_pieces": verified,
-            "partial_pieces": partial,
+            "partial_pieces": counts["partial"],
+            "hashing_pieces": counts["hashing"],
+            "committing_pieces": counts["committing"],
             "reverifying_pieces": t.reverifying,
             "files": files,
             "errors": errors,
         }
 
     def stats(self) -> dict[str, Any]:
-        """The counters of SPEC section 6 that storage owns, and its gauges."""
+        """The counters storage owns, and its gauges."""
         snap = self.metrics.snapshot()
         snap.update(
             backend=self.backend,
             torrents=len(self.torrents()),
             cache_bytes=self.pool.cache_bytes,
             write_buffer_bytes=self.pool.dirty_bytes,
+            staged_bytes=self.pool.staged_bytes,
             budget_bytes=self.pool.budget,
             hash_queue_depth=self.hash_pool.queued,
             hash_workers=self.hash_pool.workers,
@@ -808,74 +1060,16 @@ class DiskIO:
                 torrents = {t.id: t for t in self._torrents.values()}
             for t in torrents.values():
                 t.storage.close()
-                self.save_resume(t)  # after the final sync: stamps match the files
+                self._save_now(t, stamps=True)  # after the final sync: stamps match the files
+                rec = self._records.get(t.id)
+                if rec is not None:
+                    rec.close()
+            if self.state is not None:
+                self.state.mark_clean()
 
 
 def _sha1(data: bytes) -> bytes:
     return hashlib.sha1(data).digest()
-
-
-class _GroupCommit:
-    """Batches the fdatasync of verified pieces: one sync per file per window.
-
-    With a zero window each piece is synced and recorded by the thread that verified
-    it; otherwise a committer thread wakes once per window.
-    """
-
-    def __init__(self, disk: DiskIO, window: float) -> None:
-        self.disk = disk
-        self.window = window
-        self._cond = threading.Condition()
-        self._pending: dict[int, tuple[Torrent, list[tuple[int, PieceResult]]]] = {}
-        self._busy = False
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        if window > 0:
-            self._thread = threading.Thread(target=self._run, name="pieced-commit", daemon=True)
-            self._thread.start()
-
-    def verified(self, t: Torrent, piece: int, result: PieceResult) -> None:
-        if self._thread is None:
-            self.disk._commit(t, [(piece, result)])
-            return
-        with self._cond:
-            self._pending.setdefault(t.id, (t, []))[1].append((piece, result))
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stop:
-                    self._cond.wait()
-                if self._stop and not self._pending:
-                    return
-            threading.Event().wait(self.window)
-            with self._cond:
-                batch, self._pending = self._pending, {}
-                self._busy = True
-            for t, pieces in batch.values():
-                self.disk._commit(t, pieces)
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    def drain(self) -> None:
-        """Wait until every piece verified so far is committed."""
-        if self._thread is None:
-            return
-        with self._cond:
-            self._cond.notify_all()
-            while self._pending or self._busy:
-                self._cond.wait(0.05)
-
-    def stop(self) -> None:
-        if self._thread is None:
-            return
-        self.drain()
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join()
 
 
 __all__ = ["DiskIO", "PieceResult", "Torrent"]

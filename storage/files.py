@@ -371,13 +371,22 @@ class FileStorage:
         parts = tuple(new_name.split("/"))
         if new_name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise PathEscape(f"new name {new_name!r} must be a relative path inside the save path")
+        if parts == self.renames.get(index, self.meta.files[index].path):
+            return
+        taken = any(self.renames.get(i, f.path) == parts
+                    for i, f in enumerate(self.meta.files) if i != index and f.stored)
+        dst = self.save_path.joinpath(*parts)
+        if taken or os.path.lexists(dst):
+            raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
         self.close()
         src = self.file_path(index)
-        dst = self.save_path.joinpath(*parts)
         if src.exists():
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(src, dst)
+                # link + unlink, not rename: rename would silently replace a file that
+                # appeared at the target meanwhile; link refuses it (EEXIST).
+                os.link(src, dst, follow_symlinks=False)
+                os.unlink(src)
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "rename") from None
         self.renames[index] = parts

@@ -148,12 +148,15 @@ class PieceHasher:
 
     The in-order prefix feeds SHA-1 (v1) and the BLAKE3 fingerprint; v2 leaves are
     hashed as each block lands, in any order. ``pads`` are the piece's pad ranges:
-    they count as received zeros, since a peer never sends them. A write over bytes
+    they count as received zeros; the caller feeds only the stored bytes of a block
+    that runs into a pad (and checks its pad bytes are zeros). A write over bytes
     already hashed (a duplicate block) invalidates what it touches, so the result is
     always the hash of the latest data.
     """
 
-    __slots__ = ("_fp", "_pads", "_pos", "_sha1", "_want_v1", "leaves", "received", "size", "v2")
+    __slots__ = (
+        "_fp", "_pads", "_pos", "_sha1", "_want_v1", "bad_pad", "leaves", "received", "size", "v2",
+    )
 
     def __init__(
         self, size: int, want_v1: bool, v2: V2Piece | None, pads: Sequence[tuple[int, int]] = ()
@@ -162,6 +165,7 @@ class PieceHasher:
         self.v2 = v2
         self._want_v1 = want_v1
         self.leaves: dict[int, bytes] = {}
+        self.bad_pad = False  # a block had non-zero bytes where a pad is: the piece fails
         self.received = _Intervals()
         self._pads = list(pads)
         for s, e in self._pads:
@@ -201,7 +205,7 @@ class PieceHasher:
         assert self.v2 is not None
         limit = self.v2.data_length
         n = end - begin
-        if len(bufs) == 1 and begin % BLOCK_SIZE == 0 and (
+        if len(bufs) == 1 and begin % BLOCK_SIZE == 0 and end <= limit and (
             n == BLOCK_SIZE or (end == limit and n < BLOCK_SIZE)
         ):
             # One aligned leaf in one buffer (the usual block): hash it as it is.

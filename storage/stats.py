@@ -1,4 +1,4 @@
-"""Counters the storage layer owns (SPEC section 6), cheap enough for the hot path.
+"""Counters the storage layer owns, cheap enough for the hot path.
 
 Kept as plain numbers under one lock so the engine has no dependency on
 prometheus-client; the daemon's /metrics reads :meth:`Stats.snapshot`.

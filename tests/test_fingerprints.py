@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bencodepy
 import pytest
 from pieced.storage.disk import DiskIO
 from pieced.storage.hashing import FINGERPRINT_BYTES, fingerprint
@@ -96,8 +97,12 @@ def test_fingerprints_persist_and_are_made_by_the_first_recheck(
     r = dio.recheck(ih)
     assert r.ok and r.fingerprint_hits == 0 and len(r.new_fingerprints or {}) == n
     dio.close()
-    table = state / "torrents" / ih.hex() / "fingerprints"
-    assert table.stat().st_size == n * FINGERPRINT_BYTES
+    resume = state / "torrents" / ih.hex() / "resume"
+
+    def table() -> bytes:
+        return bytes(bencodepy.decode(resume.read_bytes())[b"fingerprints"])
+
+    assert len(table()) == n * FINGERPRINT_BYTES and table() != bytes(n * FINGERPRINT_BYTES)
 
     again = DiskIO(state_dir=state)
     r = again.recheck(ih)
@@ -105,12 +110,14 @@ def test_fingerprints_persist_and_are_made_by_the_first_recheck(
     again.close()
 
     # A lost or damaged table only costs speed.
-    table.write_bytes(b"short")
+    record = bencodepy.decode(resume.read_bytes())
+    record[b"fingerprints"] = b"short"
+    resume.write_bytes(bencodepy.encode(record))
     third = DiskIO(state_dir=state)
     r = third.recheck(ih)
     assert r.ok and r.fingerprint_hits == 0
     third.close()
-    assert table.stat().st_size == n * FINGERPRINT_BYTES
+    assert len(table()) == n * FINGERPRINT_BYTES
 
 
 def test_cli_recheck_full_and_fingerprinted(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:

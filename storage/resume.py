@@ -1,0 +1,327 @@
+"""Durable state: registrations, verified pieces, and the journal between two saves.
+
+Layout under the state directory::
+
+    clean                                   exists only while the daemon is stopped
+                                            cleanly (removed at start-up)
+    torrents/<info_hash hex>/metainfo.torrent   the .torrent bytes, written at register
+    torrents/<info_hash hex>/location       bencoded: save path and renames (written at
+                                            register, move and rename)
+    torrents/<info_hash hex>/resume         bencoded: bitfield, BLAKE3 fingerprint of
+                                            every verified piece, the journal generation
+                                            that follows it, and at a clean stop the
+                                            (size, mtime_ns) of every payload file
+    torrents/<info_hash hex>/journal.<gen>  fixed-size records appended since then
+
+Why a journal: the group commit fdatasyncs a batch of verified pieces' data, then
+appends one record per piece (index and fingerprint) and fdatasyncs the journal, and
+only then announces them. Appending is cheap, so every announced piece is on disk
+before its event leaves, and a restart after kill -9 or power loss knows it at once,
+without rehashing. The resume record is the journal compacted: written atomically
+(a temporary file with a unique name, fsync, rename, fsync of the folder) by one
+saver per torrent, after which the journal starts a new generation and the old one is
+deleted. A crash between those steps leaves both, and loading replays every
+generation from the resume record's on.
+
+A record is ``kind, piece, fingerprint, crc32``; a torn tail (a crash mid-append)
+fails its checksum and is ignored: its piece was never announced. A bit is cleared
+(``clear_piece``, a vanished file) by a CLEARED record, so replaying in order gives
+the state as it was.
+
+Every decoded field is checked. A resume record that does not decode is never
+replaced by defaults: the torrent keeps its location, gets the bits its journals
+prove, and is rechecked for the rest; a location that does not decode makes the
+torrent's state unusable, and it is skipped with a message, never loaded into the
+daemon's start folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+import zlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import bencodepy
+
+from .hashing import FINGERPRINT_BYTES
+
+RECORD = struct.Struct("<BxxxI16sI")  # kind, piece, fingerprint, crc32 of the first 24 bytes
+REC_VERIFIED = 1
+REC_CLEARED = 2
+_JOURNAL = re.compile(r"journal\.(\d+)")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new bytes.
+
+    The temporary file has a unique name: two writers never share (and tear) one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def encode_records(records: list[tuple[int, int, bytes]]) -> bytes:
+    out = bytearray()
+    for kind, piece, fp in records:
+        head = struct.pack("<BxxxI16s", kind, piece, fp)
+        out += head + struct.pack("<I", zlib.crc32(head))
+    return bytes(out)
+
+
+def decode_records(data: bytes) -> list[tuple[int, int, bytes]]:
+    """The records up to the first torn or damaged one."""
+    out = []
+    for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
+        kind, piece, fp, crc = RECORD.unpack_from(data, off)
+        if zlib.crc32(data[off : off + RECORD.size - 4]) != crc or kind not in (
+            REC_VERIFIED, REC_CLEARED
+        ):
+            break
+        out.append((kind, piece, fp))
+    return out
+
+
+class Loaded(NamedTuple):
+    """One torrent's saved state, checked and with its journals replayed."""
+
+    ih_hex: str
+    metainfo: bytes
+    save_path: str
+    renames: dict[int, tuple[str, ...]]
+    have: bytearray  # bitfield of the verified pieces
+    fingerprints: bytearray  # the fingerprint table (zeros: none)
+    stamps: list[list[int]] | None  # per file, saved at a clean stop
+    damaged: str | None  # why the resume record could not be used, if it could not
+
+
+class TorrentRecord:
+    """The state folder of one torrent, and its journal. One writer at a time:
+    ``save_lock`` serialises savers, ``journal_lock`` appends and generation changes."""
+
+    def __init__(self, folder: Path, gen: int = 0) -> None:
+        self.folder = folder
+        self.gen = gen
+        self.save_lock = threading.Lock()
+        self.journal_lock = threading.Lock()
+        self.removed = False
+        self.records = 0  # appended since the last compaction
+        self._fd = -1
+
+    # -- the journal (caller holds journal_lock) -----------------------------------
+    def append(self, records: list[tuple[int, int, bytes]]) -> None:
+        """Append and fdatasync: on return the records survive any crash."""
+        if self.removed or not records:
+            return
+        if self._fd < 0:
+            self._fd = os.open(self.folder / f"journal.{self.gen}",
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fsync_dir(self.folder)  # the new file's name is as durable as its records
+        view = memoryview(encode_records(records))
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fdatasync(self._fd)
+        self.records += len(records)
+
+    def rotate(self) -> int:
+        """Start the next generation; returns it. Records appended from now on go there."""
+        self._close_journal()
+        self.gen += 1
+        self.records = 0
+        return self.gen
+
+    def _close_journal(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- whole files (caller holds save_lock) ------------------------------------------
+    def write_resume(self, have: bytes, fingerprints: bytes, gen: int,
+                     stamps: list[list[int]] | None) -> None:
+        if self.removed:
+            return
+        resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen}
+        if stamps is not None:
+            resume[b"files"] = stamps
+        write_atomic(self.folder / "resume", bencodepy.encode(resume))
+        for old in self.journals():
+            if old < gen:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / f"journal.{old}").unlink()
+
+    def write_location(self, save_path: Path, renames: dict[int, tuple[str, ...]]) -> None:
+        if self.removed:
+            return
+        write_atomic(self.folder / "location", bencodepy.encode({
+            b"save_path": str(save_path).encode(),
+            b"renames": {str(i).encode(): "/".join(p).encode() for i, p in renames.items()},
+        }))
+
+    def journals(self) -> list[int]:
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _JOURNAL.fullmatch(n)))
+
+    def remove(self) -> None:
+        """Forget the torrent (caller holds both locks): nothing is written after this."""
+        self.removed = True
+        self._close_journal()
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.folder)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.folder.parent)
+
+    def close(self) -> None:
+        with self.journal_lock:
+            self._close_journal()
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.root = self.state_dir / "torrents"
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.state_dir / "clean"
+        # Payload file stamps are trusted only after a clean stop: after a crash the
+        # files we were writing have changed since the last save, by our own hand.
+        self.was_clean = marker.exists()
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+            fsync_dir(self.state_dir)
+
+    def mark_clean(self) -> None:
+        write_atomic(self.state_dir / "clean", b"")
+
+    def create(self, ih: bytes, raw: bytes, save_path: Path) -> TorrentRecord:
+        folder = self.root / ih.hex()
+        if folder.exists():  # left over from a torrent whose removal did not finish
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        write_atomic(folder / "metainfo.torrent", raw)
+        rec = TorrentRecord(folder)
+        rec.write_location(save_path, {})
+        return rec
+
+    def record(self, ih_hex: str, gen: int) -> TorrentRecord:
+        return TorrentRecord(self.root / ih_hex, gen)
+
+    def load_all(self, num_pieces_of: Any) -> tuple[list[tuple[Loaded, int]], list[str]]:
+        """Every saved torrent as (state, next journal generation), and the problems met.
+
+        ``num_pieces_of(metainfo bytes)`` parses the metainfo (raising on bad input)
+        and says how many pieces it has, so records can be range-checked.
+        """
+        out: list[tuple[Loaded, int]] = []
+        problems: list[str] = []
+        for folder in sorted(self.root.iterdir()):
+            try:
+                loaded = self._load(folder, num_pieces_of)
+            except Exception as exc:
+                problems.append(f"state of torrent {folder.name} skipped: {exc}")
+                continue
+            out.append(loaded)
+        return out, problems
+
+    def _load(self, folder: Path, num_pieces_of: Any) -> tuple[Loaded, int]:
+        raw = (folder / "metainfo.torrent").read_bytes()
+        n = int(num_pieces_of(raw))
+        resume = _decode_dict(folder / "resume")
+        location = _decode_dict(folder / "location")
+        if location is None and resume is not None and b"save_path" in resume:
+            location = resume  # written by a version that kept the location in the resume
+        if location is None or not isinstance(location.get(b"save_path"), bytes):
+            raise ValueError("its location record is missing or damaged")
+        save_path = location[b"save_path"].decode()
+        renames: dict[int, tuple[str, ...]] = {}
+        for k, v in dict(location.get(b"renames", {})).items():
+            renames[int(k)] = tuple(bytes(v).decode().split("/"))
+
+        nbytes = (n + 7) // 8
+        have = bytearray(nbytes)
+        fps = bytearray(n * FINGERPRINT_BYTES)
+        damaged = None
+        gen = 0
+        stamps = None
+        if resume is None or not isinstance(resume.get(b"have", b""), bytes) or len(
+            resume.get(b"have", b"")
+        ) != nbytes:
+            damaged = "its resume record is missing or damaged"
+        else:
+            have[:] = resume[b"have"]
+            table = resume.get(b"fingerprints")
+            if table is None:  # an older version kept them in a file of their own
+                with contextlib.suppress(OSError):
+                    table = (folder / "fingerprints").read_bytes()
+            if isinstance(table, bytes) and len(table) == len(fps):
+                fps[:] = table
+            g = resume.get(b"gen", 0)
+            gen = g if isinstance(g, int) and g >= 0 else 0
+            files = resume.get(b"files")
+            if isinstance(files, list) and all(
+                isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)
+                for s in files
+            ):
+                stamps = files
+        rec = TorrentRecord(folder)
+        gens = [g for g in rec.journals() if damaged or g >= gen]
+        for g in gens:
+            for kind, piece, fp in decode_records((folder / f"journal.{g}").read_bytes()):
+                if not 0 <= piece < n:
+                    continue
+                bit = 0x80 >> (piece & 7)
+                if kind == REC_VERIFIED:
+                    have[piece >> 3] |= bit
+                    fps[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES] = fp
+                else:
+                    have[piece >> 3] &= ~bit & 0xFF
+        # Appends go to a new generation: never after a torn record, which would hide them.
+        next_gen = max([gen, *rec.journals()]) + 1
+        loaded = Loaded(folder.name, raw, save_path, renames, have, fps, stamps, damaged)
+        return loaded, next_gen
+
+
+def _decode_dict(path: Path) -> dict[bytes, Any] | None:
+    try:
+        value = bencodepy.decode(path.read_bytes())
+    except Exception:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def file_stamp(path: Path) -> list[int]:
+    """[size, mtime_ns] of a payload file, or [-1, 0] when it does not exist."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return [-1, 0]
+    return [st.st_size, st.st_mtime_ns]

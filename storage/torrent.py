@@ -1,0 +1,205 @@
+"""A torrent inside the engine: its piece states, its fence, its partial pieces.
+
+Every piece is in exactly one state, and only the transitions below change it (each
+under ``Torrent.lock``; the ``have`` bitfield follows the state, nothing else sets it):
+
+    missing ──first block──▶ partial ──last block──▶ hashing ──pass──▶ committing
+       ▲                        │                       │                  │
+       └───── clear, vanished ──┴──────── fail ─────────┘     data + journal record
+       ▲                                                       fdatasync'ed
+       └──────── clear, vanished, recheck fails ──── verified ◀────────────┘
+
+A block for a piece that is hashing, committing or verified is a duplicate: counted,
+acknowledged, never written. So bytes that verified are never overwritten by a late
+copy of one of their blocks.
+
+The fence is libtorrent's fence job as a lock: block I/O of every connection holds the
+torrent shared; recheck, move, rename and unregister hold it alone, so they run after
+the block jobs in flight and before the next ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .errors import UnknownTorrent
+from .files import FileStorage
+from .hashing import FINGERPRINT_BYTES, NO_FINGERPRINT, PieceHasher
+from .layout import Layout
+from .metainfo import Metainfo
+
+MISSING, PARTIAL, HASHING, COMMITTING, VERIFIED = range(5)
+STATE_NAMES = ("missing", "partial", "hashing", "committing", "verified")
+
+
+class Fence:
+    """A readers-writer lock that prefers its writer.
+
+    Once an exclusive holder waits, new shared holders wait behind it, so a recheck is
+    not starved by a steady stream of blocks. Not re-entrant: code that holds the fence
+    never acquires it again (the committer only ever tries, see :meth:`try_shared`).
+    """
+
+    __slots__ = ("_cond", "_exclusive", "_shared", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+
+    def try_shared(self) -> bool:
+        """Shared if nobody holds or awaits it exclusively; never waits."""
+        with self._cond:
+            if self._exclusive or self._waiting:
+                return False
+            self._shared += 1
+            return True
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if not self._shared:
+                self._cond.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @property
+    def contended(self) -> bool:
+        """Someone holds or awaits it exclusively."""
+        return self._exclusive or self._waiting > 0
+
+
+class Partial:
+    """A piece some of whose blocks have arrived: its hash state, its pad ranges and,
+    when the budget allowed, a copy of its bytes that becomes its cache entry once it
+    verifies (so pieces written through the shared ring can be suggested and served
+    from memory)."""
+
+    __slots__ = ("done", "hasher", "lock", "pads", "stage")
+
+    def __init__(
+        self, hasher: PieceHasher, pads: list[tuple[int, int]], stage: bytearray | None
+    ) -> None:
+        self.hasher = hasher
+        self.pads = pads
+        self.stage = stage
+        self.lock = threading.Lock()
+        self.done = False  # verified, failed or dropped: further blocks are duplicates
+
+
+class Torrent:
+    def __init__(self, tid: int, meta: Metainfo, storage: FileStorage) -> None:
+        self.id = tid
+        self.meta = meta
+        self.layout = Layout(meta)
+        self.storage = storage
+        self.state = bytearray(meta.num_pieces)  # one of MISSING..VERIFIED per piece
+        self.have = bytearray((meta.num_pieces + 7) // 8)  # VERIFIED, as a bitfield
+        # BLAKE3 of each piece as last verified (zeros: none yet); see hashing.fingerprint.
+        self.fingerprints = bytearray(meta.num_pieces * FINGERPRINT_BYTES)
+        self.partial: dict[int, Partial] = {}
+        self.errors: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.fence = Fence()
+        self.removed = False  # unregistered: jobs that still hold it fail UnknownTorrent
+        self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
+        self.reverifying = 0  # pieces still being re-verified after a restart
+        # Verified pieces whose data is written but not yet durable: (piece, result),
+        # committed by the group commit or by the next fenced operation.
+        self.pending: list[tuple[int, Any]] = []
+
+    @property
+    def key(self) -> bytes:
+        return self.meta.info_hash
+
+    # -- the fence -------------------------------------------------------------------
+    def enter(self) -> None:
+        """Hold the torrent shared (block I/O); UnknownTorrent once it is unregistered."""
+        self.fence.acquire_shared()
+        if self.removed:
+            self.fence.release_shared()
+            raise UnknownTorrent(f"unknown info_hash {self.key.hex()}")
+
+    def leave(self) -> None:
+        self.fence.release_shared()
+
+    def enter_alone(self) -> None:
+        self.fence.acquire_exclusive()
+        if self.removed:
+            self.fence.release_exclusive()
+            raise UnknownTorrent(f"unknown info_hash {self.key.hex()}")
+
+    def leave_alone(self) -> None:
+        self.fence.release_exclusive()
+
+    # -- piece states (caller holds ``lock``) -------------------------------------------
+    def has(self, piece: int) -> bool:
+        return self.state[piece] == VERIFIED
+
+    def set_state(self, piece: int, state: int) -> None:
+        self.state[piece] = state
+        bit = 0x80 >> (piece & 7)
+        if state == VERIFIED:
+            self.have[piece >> 3] |= bit
+        else:
+            self.have[piece >> 3] &= ~bit & 0xFF
+
+    def count(self, state: int) -> int:
+        return self.state.count(state)
+
+    def fingerprint(self, piece: int) -> bytes | None:
+        fp = bytes(self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES])
+        return None if fp == NO_FINGERPRINT else fp
+
+    def set_fingerprint(self, piece: int, fp: bytes) -> None:
+        """Only ever given the fingerprint of bytes that passed the torrent's own hashes,
+        so it stays a valid shortcut whatever happens to the piece's state."""
+        self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES] = fp
+
+    # -- layout shortcuts ------------------------------------------------------------------
+    def pads(self, piece: int) -> list[tuple[int, int]]:
+        """Ranges of the piece that are never stored (BEP 47 pads, symlinks): zeros."""
+        size = self.layout.piece_size(piece)
+        return [
+            (s.buf_offset, s.buf_offset + s.length)
+            for s in self.layout.map(piece, 0, size)
+            if not s.stored
+        ]
+
+    def files_of(self, piece: int) -> list[int]:
+        size = self.layout.piece_size(piece)
+        return [s.file_index for s in self.layout.map(piece, 0, size) if s.stored]
+
+
+__all__ = [
+    "COMMITTING",
+    "HASHING",
+    "MISSING",
+    "PARTIAL",
+    "STATE_NAMES",
+    "VERIFIED",
+    "Fence",
+    "Partial",
+    "Torrent",
+]
