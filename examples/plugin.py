@@ -1,9 +1,13 @@
 """A torrent-client plugin in miniature: hand every block of a torrent to pieced.
 
 The payload folder stands in for the peers (it holds the torrent's file or top-level
-folder, like ``pieced verify --data``). Blocks of 16 KiB go out in piece order through
+folder, like ``pieced verify --data``). Blocks go out in piece order, exactly as a peer
+(libtorrent) sends them: 16 KiB from the start of the piece, the last one cut at the
+piece's end. With v1 hashes (v1 and hybrid torrents) a block runs on from a file's end
+into the pad file after it, the pad part being zeros, and a block wholly inside a pad
+is not sent; in a v2-only torrent a block stops at its file's end. They travel through
 the shared-memory ring (``write_block_direct``) or, with ``--inline``, in the socket
-stream (``write_chunk``); pad-file bytes are never sent. Exit status 1 if a piece fails:
+stream (``write_chunk``). Exit status 1 if a piece fails:
     .venv/bin/python examples/plugin.py FILE.torrent PAYLOAD_DIR SAVE_PATH --socket SOCK [--inline]
 """
 
@@ -32,6 +36,9 @@ class Source:
         self.fds: dict[int, int] = {}
 
     def read(self, seg: Segment) -> bytes:
+        """A segment's bytes: a file's from disk, zeros for a pad file."""
+        if not seg.stored:
+            return bytes(seg.length)
         fd = self.fds.get(seg.file_index)
         if fd is None:
             path = self.root.joinpath(*self.meta.files[seg.file_index].path)
@@ -46,17 +53,21 @@ class Source:
             os.close(fd)
 
 
-def stored_runs(layout: Layout, piece: int, begin: int, length: int) -> list[tuple[int, list[Segment]]]:
-    """(offset in the piece, segments) of each run of stored bytes of a block: pads are cut out."""
-    runs: list[tuple[int, list[Segment]]] = []
-    for seg in layout.map(piece, begin, length):
-        if not seg.stored:
-            continue
-        if runs and runs[-1][1][-1].buf_offset + runs[-1][1][-1].length == seg.buf_offset:
-            runs[-1][1].append(seg)
-        else:
-            runs.append((begin + seg.buf_offset, [seg]))
-    return runs
+def peer_blocks(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, list[Segment]]]:
+    """(begin, segments) of each block of a piece, as a peer requests and sends them."""
+    size = layout.piece_size(piece)
+    out: list[tuple[int, list[Segment]]] = []
+    for begin in range(0, size, BLOCK):
+        segs = layout.map(piece, begin, min(BLOCK, size - begin))
+        pads = [i for i, s in enumerate(segs) if meta.files[s.file_index].pad]
+        if len(pads) == len(segs):
+            continue  # wholly inside a pad: never requested
+        if pads and not meta.has_v1:
+            segs = segs[: pads[0]]  # v2-only: the block stops at the file's end
+            if not segs:
+                continue
+        out.append((begin, segs))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("already registered: blocks of pieces it has are ignored")
             write = c.write_chunk if args.inline else c.write_block_direct
             for piece in range(meta.num_pieces):
-                size = layout.piece_size(piece)
-                for begin in range(0, size, BLOCK):
-                    for offset, segs in stored_runs(layout, piece, begin, min(BLOCK, size - begin)):
-                        data = b"".join(source.read(s) for s in segs)
-                        write(ih, piece, offset, data)
-                        sent, writes = sent + len(data), writes + 1
+                for begin, segs in peer_blocks(meta, layout, piece):
+                    data = b"".join(source.read(s) for s in segs)
+                    write(ih, piece, begin, data)
+                    sent, writes = sent + len(data), writes + 1
             c.wait_writes()  # every block acknowledged (handled, not yet verified)
             c.flush_all()  # durable; its reply comes after every piece event before it
             st = c.status(ih)

@@ -7,17 +7,21 @@ when they would overflow the budget, :meth:`BufferPool.add_dirty` says no and th
 caller writes the block straight through to disk. So memory is bounded by the
 budget whatever the clients do, and no data is dropped to make room.
 
-A third kind shares the budget: *staged* pieces, the copy of a piece written through
-the shared ring that becomes its cache entry once it verifies. Staging takes at most
-half the budget and never more than is free of dirty bytes; a piece that finds no
-room is simply not cached.
+A clean piece is either bytes held here (:class:`PieceData`: blocks that were buffered,
+or a piece read for seeding) or, for a piece written straight to its file (the shared
+ring's path, or a write-through), a :class:`ResidentPiece`: no copy, the bytes are the
+file's, still in the kernel's page cache right after they were written, and read from
+it only while they are still there (a read that would touch the disk is refused). Both
+count their size against the budget, so the cache never offers more than it holds:
+copying every ring block once more to hold it here would cost the write path a copy and
+a page fault per page for bytes the kernel already keeps.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .cache import ArcCache, LruCache
 from .hashing import Buffer
@@ -57,6 +61,26 @@ class PieceData:
         return [memoryview(b) for b in self._blocks]
 
 
+class ResidentPiece:
+    """A verified piece whose bytes are in the page cache, read from there or not at all.
+
+    ``fetch(begin, length)`` returns the bytes, or None when part of them has left the
+    page cache (the entry is then dropped, and the caller reads the usual way).
+    """
+
+    __slots__ = ("fetch", "size")
+
+    def __init__(self, size: int, fetch: Callable[[int, int], bytes | None]) -> None:
+        self.size = size
+        self.fetch = fetch
+
+    def read(self, begin: int, length: int) -> bytes | None:
+        return self.fetch(begin, length)
+
+
+Clean = PieceData | ResidentPiece
+
+
 class BufferPool:
     def __init__(self, budget: int, policy: str = "arc") -> None:
         if policy not in ("arc", "lru"):
@@ -65,8 +89,7 @@ class BufferPool:
         self._lock = threading.Lock()
         self._dirty: dict[Key, dict[int, bytes]] = {}
         self.dirty_bytes = 0
-        self.staged_bytes = 0
-        self._clean: ArcCache[Key, PieceData] | LruCache[Key, PieceData] = (
+        self._clean: ArcCache[Key, Clean] | LruCache[Key, Clean] = (
             ArcCache(budget) if policy == "arc" else LruCache(budget)
         )
 
@@ -84,7 +107,7 @@ class BufferPool:
             blocks[begin] = data
             self.dirty_bytes += delta
             self._clean.pop(key)
-            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
+            self._clean.resize(self.budget - self.dirty_bytes)
             return True
 
     def overlaps_other(self, key: Key, begin: int, end: int) -> bool:
@@ -97,24 +120,6 @@ class BufferPool:
                 b < end and begin < b + len(d) and not (b == begin and b + len(d) == end)
                 for b, d in blocks.items()
             )
-
-    def stage(self, size: int) -> bytearray | None:
-        """A buffer for a piece's copy, counted against the budget, or None if no room."""
-        with self._lock:
-            if (self.staged_bytes + size > self.budget // 2
-                    or self.dirty_bytes + self.staged_bytes + size > self.budget):
-                return None
-            self.staged_bytes += size
-            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
-        return bytearray(size)
-
-    def unstage(self, size: int, key: Key | None = None, piece: PieceData | None = None) -> None:
-        """Give back a staged buffer's bytes; with ``piece``, cache it under ``key``."""
-        with self._lock:
-            self.staged_bytes -= size
-            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
-            if key is not None and piece is not None and key not in self._dirty:
-                self._clean.put(key, piece, piece.size)
 
     def has_dirty(self, key: Key) -> bool:
         return key in self._dirty
@@ -130,7 +135,7 @@ class BufferPool:
             if not blocks:
                 return []
             self.dirty_bytes -= sum(len(d) for d in blocks.values())
-            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
+            self._clean.resize(self.budget - self.dirty_bytes)
             return sorted(blocks.items())
 
     def discard_dirty(self, key: Key, begin: int, end: int) -> None:
@@ -143,18 +148,18 @@ class BufferPool:
                 self.dirty_bytes -= len(blocks.pop(b))
             if not blocks:
                 del self._dirty[key]
-            self._clean.resize(self.budget - self.dirty_bytes - self.staged_bytes)
+            self._clean.resize(self.budget - self.dirty_bytes)
 
     def dirty_keys(self) -> list[Key]:
         with self._lock:
             return list(self._dirty)
 
     # -- read cache --------------------------------------------------------------
-    def get(self, key: Key, volatile: bool = False) -> PieceData | None:
+    def get(self, key: Key, volatile: bool = False) -> Clean | None:
         with self._lock:
             return self._clean.peek(key) if volatile else self._clean.get(key)
 
-    def put(self, key: Key, piece: PieceData) -> None:
+    def put(self, key: Key, piece: Clean) -> None:
         with self._lock:
             if key not in self._dirty:
                 self._clean.put(key, piece, piece.size)

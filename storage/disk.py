@@ -37,7 +37,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from .bufferpool import BufferPool, PieceData
+from .bufferpool import BufferPool, PieceData, ResidentPiece
 from .commit import GroupCommit
 from .errors import (
     AlreadyRegistered,
@@ -175,7 +175,7 @@ class DiskIO:
                 t.removed = True
                 partials, t.partial = list(t.partial.values()), {}
             for partial in partials:
-                self._drop_partial(partial)
+                partial.done = True
             with self._lock:
                 for alias in t.meta.aliases:
                     self._torrents.pop(alias, None)
@@ -300,10 +300,7 @@ class DiskIO:
             t = Torrent(next(self._ids), meta, storage)
             t.fingerprints[:] = saved.fingerprints
             n = meta.num_pieces
-            have = saved.have
-            for p in range(n):
-                if have[p >> 3] & (0x80 >> (p & 7)):
-                    t.set_state(p, VERIFIED)
+            t.load_have(saved.have)
             suspect: set[int] = set()
             for i, f in enumerate(meta.files):
                 if not f.stored or f.length == 0:
@@ -414,7 +411,7 @@ class DiskIO:
         block = data if isinstance(data, bytes) else bytes(data)
         t.enter()
         try:
-            partial = self._partial(t, piece, stage=False)
+            partial = self._partial(t, piece)
             if partial is None:
                 return None
             with partial.lock:
@@ -444,8 +441,6 @@ class DiskIO:
             self._write_out(t, piece, self.pool.take_dirty(key))
         if through or not self.pool.add_dirty(key, begin, block):
             self._write_through(t, piece, begin, (block,), length)
-        if partial.stage is not None:
-            partial.stage[begin : begin + length] = block
         partial.hasher.add(begin, (block,), length)
 
     def write_block_direct(
@@ -470,7 +465,7 @@ class DiskIO:
         t.layout.check(piece, begin, length)
         t.enter()
         try:
-            partial = self._partial(t, piece, stage=True)
+            partial = self._partial(t, piece)
             if partial is None:
                 return None
             with partial.lock:
@@ -482,13 +477,6 @@ class DiskIO:
                 for b, views, n in runs:
                     self._write_through(t, piece, b, views, n, blocks=blocks)
                     blocks = 0
-                    stage = partial.stage
-                    if stage is not None:
-                        pos = b
-                        for v in views:
-                            end = pos + memoryview(v).nbytes
-                            stage[pos:end] = v
-                            pos = end
                     partial.hasher.add(b, views, n)
                 if partial.hasher.complete:
                     return self._complete(t, piece, partial)
@@ -496,11 +484,9 @@ class DiskIO:
         finally:
             t.leave()
 
-    def _partial(self, t: Torrent, piece: int, stage: bool) -> Partial | None:
+    def _partial(self, t: Torrent, piece: int) -> Partial | None:
         """The piece's hash state, made if it is missing; None (a counted duplicate) when
-        it is hashing, committing or verified. ``stage``: keep a copy of its bytes for
-        the cache, if the budget has room (the direct path; buffered blocks are their
-        own copy)."""
+        it is hashing, committing or verified."""
         with t.lock:
             state = t.state[piece]
             if state == PARTIAL:
@@ -511,17 +497,14 @@ class DiskIO:
         size = t.layout.piece_size(piece)
         pads = t.pads(piece)
         hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads)
-        buf = self.pool.stage(size) if stage else None
         with t.lock:
             if t.state[piece] == MISSING:
-                partial = t.partial[piece] = Partial(hasher, pads, buf)
+                partial = t.partial[piece] = Partial(hasher, pads)
                 t.set_state(piece, PARTIAL)
                 self.pool.drop((t.id, piece))  # what a read cached of it is stale from now on
                 return partial
             state = t.state[piece]
             found = t.partial.get(piece) if state == PARTIAL else None
-        if buf is not None:
-            self.pool.unstage(size)
         if found is None:
             self.metrics.add("duplicate_blocks")
         return found
@@ -598,7 +581,6 @@ class DiskIO:
         partial.done = True
         with t.lock:
             t.set_state(piece, HASHING)
-        stage, partial.stage = partial.stage, None
         try:
             with self.metrics.timed("hash"):
                 d1, d2, fp = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
@@ -620,8 +602,6 @@ class DiskIO:
                 t.partial.pop(piece, None)
                 if t.state[piece] == HASHING:
                     t.set_state(piece, MISSING)
-            if stage is not None:
-                self.pool.unstage(len(stage))
             raise
         with t.lock:
             t.partial.pop(piece, None)
@@ -629,19 +609,14 @@ class DiskIO:
             ok = ok and t.state[piece] == HASHING
             t.set_state(piece, COMMITTING if ok else MISSING)
         if not ok:
-            if stage is not None:
-                self.pool.unstage(len(stage))
             self.pool.drop(key)
             self.metrics.add("pieces_failed")
             failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
             self._notify(failed)
             return failed
-        if stage is not None:
-            self.pool.unstage(len(stage), key, PieceData.whole(stage))
-        else:
-            cached = self._as_piece(t, piece, blocks)
-            if cached is not None:
-                self.pool.put(key, cached)
+        # Cached either way: the buffered blocks themselves, or (written straight to the
+        # file) the page cache's copy, which the write just made.
+        self.pool.put(key, self._as_piece(t, piece, blocks) or self._resident(t, piece))
         self._committer.verified(t, piece, (result, fp))
         return result
 
@@ -658,6 +633,19 @@ class DiskIO:
         if pos != t.layout.piece_size(piece):
             return None
         return PieceData([b for b, _ in parts], [d for _, d in parts])
+
+    def _resident(self, t: Torrent, piece: int) -> ResidentPiece:
+        def fetch(begin: int, length: int) -> bytes | None:
+            out = bytearray(length)
+            try:
+                found = t.storage.read_resident(t.layout.map(piece, begin, length),
+                                                memoryview(out))
+            except StorageIOError as exc:  # as a plain read would report it
+                self._record_error(t, exc, piece)
+                raise
+            return bytes(out) if found else None
+
+        return ResidentPiece(t.layout.piece_size(piece), fetch)
 
     def _commit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         """Make committing pieces durable, journal them, then mark and announce them.
@@ -752,7 +740,7 @@ class DiskIO:
                     elif state in (HASHING, COMMITTING):
                         pass  # their writer or committer sees the state change
                     elif state == PARTIAL and exc.written:
-                        self._drop_partial(t.partial.pop(p))
+                        t.partial.pop(p).done = True
                     else:
                         continue
                     t.set_state(p, MISSING)
@@ -806,8 +794,11 @@ class DiskIO:
             return bytes(self._read_range(t, piece, begin, length))
         cached = self.pool.get(key, volatile)
         if cached is not None:
-            self.metrics.add("cache_hits")
-            return cached.read(begin, length)
+            hit = cached.read(begin, length)
+            if hit is not None:
+                self.metrics.add("cache_hits")
+                return hit
+            self.pool.drop(key)  # the page cache let it go: read it the usual way
         self.metrics.add("cache_misses")
         if volatile or t.state[piece] in (PARTIAL, HASHING):
             # A piece still arriving is not cached: the copy would be stale at once.
@@ -884,17 +875,10 @@ class DiskIO:
                         raise StorageIOError.wrap(exc, "journal the cleared piece") from None
             if partial is not None:
                 with partial.lock:
-                    self._drop_partial(partial)
+                    partial.done = True
             self.pool.drop((t.id, piece))
         finally:
             t.leave()
-
-    def _drop_partial(self, partial: Partial) -> None:
-        """A partial piece reset from outside: its later blocks count as duplicates."""
-        partial.done = True
-        stage, partial.stage = partial.stage, None
-        if stage is not None:
-            self.pool.unstage(len(stage))
 
     def flush_piece(self, ih: bytes, piece: int, sync: bool = True) -> None:
         """Write a piece's buffered blocks and fdatasync its files."""
@@ -996,7 +980,7 @@ class DiskIO:
             counts = {name: t.count(s) for name, s in (
                 ("partial", PARTIAL), ("hashing", HASHING), ("committing", COMMITTING))}
             errors = list(t.errors)
-        verified = sum(bin(b).count("1") for b in have)
+            verified = t.count(VERIFIED)
         files = []
         for i, f in enumerate(meta.files):
             if f.pad:
@@ -1041,7 +1025,6 @@ class DiskIO:
             torrents=len(self.torrents()),
             cache_bytes=self.pool.cache_bytes,
             write_buffer_bytes=self.pool.dirty_bytes,
-            staged_bytes=self.pool.staged_bytes,
             budget_bytes=self.pool.budget,
             hash_queue_depth=self.hash_pool.queued,
             hash_workers=self.hash_pool.workers,

@@ -148,6 +148,7 @@ class FileStorage:
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
         self._lock = threading.Lock()
+        self._nowait = os.RWF_NOWAIT  # 0 once the file system has said it has no such flag
 
     # -- paths -------------------------------------------------------------
     def file_path(self, index: int) -> Path:
@@ -310,6 +311,35 @@ class FileStorage:
                         break
                     done += n
 
+    def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
+        """Fill ``out`` only from the page cache (preadv with RWF_NOWAIT): False, and
+        nothing read from the disk, when part of it is not there any more."""
+        for seg in segments:
+            dst = out[seg.buf_offset : seg.buf_offset + seg.length]
+            if not seg.stored:
+                dst[:] = bytes(seg.length)
+                continue
+            with self._fd(seg.file_index, False) as fd:
+                done = 0
+                while done < seg.length:
+                    try:
+                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done, self._nowait)
+                    except BlockingIOError:
+                        return False
+                    except OSError as exc:
+                        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and self._nowait:
+                            # A file system without RWF_NOWAIT (tmpfs, some FUSE): its
+                            # reads are what they are; read as usual.
+                            self._nowait = 0
+                            continue
+                        raise StorageIOError.wrap(
+                            exc, f"read {self.file_path(seg.file_index)}"
+                        ) from None
+                    if n == 0:
+                        return False  # cut short behind our back: let a plain read say so
+                    done += n
+        return True
+
     def sync(self, indices: Sequence[int] | None = None) -> int:
         """fdatasync the files written since their last sync (all, or the given ones);
         returns how many it synced."""
@@ -441,6 +471,11 @@ class MmapStorage(FileStorage):
             m = self._map(seg.file_index)
             dst[:] = m[seg.file_offset : seg.file_offset + seg.length]
 
+    def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
+        """Mapped pages are the page cache: a read from them is what any mmap read is."""
+        self.readinto(segments, out)
+        return True
+
     def sync(self, indices: Sequence[int] | None = None) -> int:
         with self._lock:
             todo = sorted(self._dirty if indices is None else self._dirty & set(indices))
@@ -479,6 +514,9 @@ class DisabledStorage(FileStorage):
     def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
         for seg in segments:
             out[seg.buf_offset : seg.buf_offset + seg.length] = bytes(seg.length)
+
+    def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
+        return False  # nothing is stored, so nothing is cached either
 
     def sync(self, indices: Sequence[int] | None = None) -> int:
         return 0

@@ -62,6 +62,47 @@ class Source:
                 out.append((p, b, min(BLOCK, stored_end - b)))
         return out
 
+    def peer_blocks(self, clip_at_file_end: bool | None = None) -> list[tuple[int, int, int]]:
+        """Every (piece, begin, length) in the order libtorrent 2.1 requests them.
+
+        Blocks are 16 KiB from the piece's start, the last one cut at the piece's end.
+        By default (a torrent with v1 hashes) a block runs on from a file's end into the
+        pad file after it, the pad part being zeros (``read`` gives them), and a block
+        wholly inside a pad is never asked for. With ``clip_at_file_end`` (the default
+        for a v2-only torrent) a block stops where its file's data stops: it never runs
+        into the alignment pad that follows, and one starting inside a pad is skipped.
+        """
+        if clip_at_file_end is None:
+            clip_at_file_end = not self.meta.has_v1
+        out = []
+        for p in range(self.meta.num_pieces):
+            size = self.layout.piece_size(p)
+            for b in range(0, size, BLOCK):
+                n = min(BLOCK, size - b)
+                segs = self.layout.map(p, b, n)
+                pads = [s for s in segs if self.meta.files[s.file_index].pad]
+                if len(pads) == len(segs):
+                    continue  # wholly inside a pad
+                if clip_at_file_end and pads:
+                    n = pads[0].buf_offset
+                    if n == 0:
+                        continue
+                out.append((p, b, n))
+        return out
+
+    def pad_only_blocks(self) -> list[tuple[int, int, int]]:
+        """(piece, begin, length) of ranges wholly inside pads that a peer might still send
+        (zeros): each 16 KiB block of the piece lying in a pad, and the pad part of each
+        block that runs from a file's end into a pad."""
+        out = []
+        for p in range(self.meta.num_pieces):
+            size = self.layout.piece_size(p)
+            for b in range(0, size, BLOCK):
+                for s in self.layout.map(p, b, min(BLOCK, size - b)):
+                    if self.meta.files[s.file_index].pad:
+                        out.append((p, b + s.buf_offset, s.length))
+        return out
+
 
 @pytest.fixture(params=["v1", "v2", "hybrid"])
 def torrent(request: Any, odd_payload: tuple[Path, Path]) -> tuple[bytes, Source]:
@@ -194,6 +235,7 @@ def test_reads_cache_and_volatile(tmp_path: Path, torrent: tuple[bytes, Source])
     dio.close()
     dio = DiskIO(cache_bytes=4 * 65536)
     ih = dio.register(raw, src.save)
+    assert dio.recheck(ih).ok  # only pieces known verified are offered for SuggestPiece
     assert dio.cached_pieces(ih) == []
     assert dio.read_chunk(ih, 2, 100, 5000, volatile=True) == src.read(2, 100, 5000)
     assert dio.cached_pieces(ih) == []

@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -146,3 +147,68 @@ def test_a_file_deleted_after_a_restart_loses_its_pieces(
         assert not st["have"][q >> 3] & (0x80 >> (q & 7)), q
     assert any(e["errno"] == errno.ENOENT for e in st["errors"])
     again.close()
+
+
+def test_journal_alone_restores_every_verified_piece(
+    tmp_path: Path, odd_payload: tuple[Path, Path]
+) -> None:
+    """No close, no save: what the journal holds (every announced piece) is what a
+    restart reports, at once and without rehashing; concurrent compactions never tear it."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    src = Source(raw, save)
+    announced: list[int] = []
+    dio = DiskIO(state_dir=tmp_path / "state", sync_window=0.002,
+                 on_piece=lambda r: r.ok and announced.append(r.piece))
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = src.peer_blocks()
+    half = blocks[: len(blocks) // 2]
+    threads = [threading.Thread(target=lambda k=k: [
+        dio.write_chunk(ih, p, b, src.read(p, b, n)) for i, (p, b, n) in enumerate(half)
+        if i % 3 == k]) for k in range(3)]
+    saver = threading.Thread(target=lambda: [dio._save_now(dio.torrent(ih)) for _ in range(20)])
+    for t in [*threads, saver]:
+        t.start()
+    for t in [*threads, saver]:
+        t.join()
+    dio._committer.drain()
+    assert announced
+    # the engine is dropped as a crash would drop it: no flush, no final save
+    again = DiskIO(state_dir=tmp_path / "state")
+    st = again.status(ih)
+    have = {p for p in range(src.meta.num_pieces) if st["have"][p >> 3] & (0x80 >> (p & 7))}
+    assert have == set(announced) and st["reverifying_pieces"] == 0
+    assert again.stats()["bytes_read"] == 0  # nothing was rehashed
+    for p in have:
+        assert _on_disk(src, tmp_path / "dl", p) == src.read(p, 0, src.layout.piece_size(p))
+    again.close()
+
+
+def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
+    tmp_path: Path, odd_payload: tuple[Path, Path]
+) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    state = tmp_path / "state"
+    dio = DiskIO(state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.close()
+    folder = state / "torrents" / ih.hex()
+    (folder / "resume").write_bytes(b"d4:have")  # torn beyond repair
+    again = DiskIO(state_dir=state)
+    assert any("resume record" in e and "rechecking" in e for e in again.load_errors)
+    st = wait_reverified(again, ih)
+    # never the daemon's start folder: the location record still says where it is
+    assert st["save_path"] == str((tmp_path / "dl").resolve())
+    assert st["verified_pieces"] == src.meta.num_pieces
+    again.close()
+
+    (folder / "location").write_bytes(b"garbage")
+    (folder / "resume").write_bytes(b"garbage")
+    third = DiskIO(state_dir=state)
+    assert third.torrents() == []  # skipped, and said why
+    assert any(ih.hex() in e and "location" in e for e in third.load_errors)
+    third.close()
+    assert (folder / "metainfo.torrent").exists()  # kept for the operator to look at
