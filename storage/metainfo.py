@@ -403,8 +403,12 @@ def _check_hybrid(v1: list[FileEntry], v2: list[FileEntry], piece_length: int) -
         raise BadMetainfo(
             f"hybrid torrent: v1 lists {len(data)} files but the v2 file tree has {len(v2)}"
         )
+    # A folder of one file: libtorrent writes the v2 tree as a single file at its root
+    # (the v2 single-file form) beside a v1 list of NAME/FILE, and takes the v1 paths.
+    single = len(v2) == 1 and len(v2[0].path) == 1
     for a, b in zip(data, v2, strict=True):
-        if a.path != b.path or a.length != b.length:
+        same = a.path == b.path or (single and a.path[-1:] == b.path)
+        if not same or a.length != b.length:
             raise BadMetainfo(
                 f"hybrid torrent: v1 file {'/'.join(a.path)!r} ({a.length} bytes) does not "
                 f"match v2 file {'/'.join(b.path)!r} ({b.length} bytes)"

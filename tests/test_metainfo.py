@@ -14,6 +14,7 @@ from pieced.storage.errors import BadMetainfo, TooLarge
 from pieced.storage.metainfo import parse
 
 from tests.realtools import (
+    make_payload,
     make_torrent_lt,
     make_torrent_mktorrent,
     make_torrent_transmission,
@@ -61,6 +62,19 @@ def test_single_file_torrents(tmp_path: Path) -> None:
         assert [x.path for x in meta.files if not x.pad] == [("single.bin",)]
         assert sum(x.length for x in meta.files if not x.pad) == 256000
         assert meta.total_size == lt.torrent_info(make_torrent_lt(f, 16384, kind)).total_size()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_a_folder_of_one_file(tmp_path: Path, kind: Any) -> None:
+    """libtorrent writes a one-file folder's v2 tree as a single file at its root, and a
+    hybrid's v1 list as NAME/FILE: it takes the v1 paths; so do we (the stored files)."""
+    content = make_payload(tmp_path, {"a.bin": 100_000}, seed=1)
+    raw = make_torrent_lt(content, 16384, kind)
+    meta = parse(raw)
+    fs = lt.torrent_info(raw).layout()
+    theirs = [(fs.file_path(i), fs.file_size(i), fs.file_offset(i)) for i in range(fs.num_files())
+              if not fs.file_flags(i) & lt.file_storage.flag_pad_file]
+    assert [("/".join(f.path), f.length, f.offset) for f in meta.files if not f.pad] == theirs
 
 
 def test_mktorrent_and_transmission(tmp_path: Path) -> None:
