@@ -411,7 +411,7 @@ class DiskIO:
         block = data if isinstance(data, bytes) else bytes(data)
         t.enter()
         try:
-            partial = self._partial(t, piece)
+            partial = self._partial(t, piece, 1)
             if partial is None:
                 return None
             with partial.lock:
@@ -465,12 +465,12 @@ class DiskIO:
         t.layout.check(piece, begin, length)
         t.enter()
         try:
-            partial = self._partial(t, piece)
+            partial = self._partial(t, piece, blocks)
             if partial is None:
                 return None
             with partial.lock:
                 if partial.done:
-                    self.metrics.add("duplicate_blocks")
+                    self.metrics.add("duplicate_blocks", blocks)
                     return None
                 runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
                         else ((begin, bufs, length),))
@@ -484,15 +484,15 @@ class DiskIO:
         finally:
             t.leave()
 
-    def _partial(self, t: Torrent, piece: int) -> Partial | None:
-        """The piece's hash state, made if it is missing; None (a counted duplicate) when
-        it is hashing, committing or verified."""
+    def _partial(self, t: Torrent, piece: int, blocks: int) -> Partial | None:
+        """The piece's hash state, made if it is missing; None when it is hashing,
+        committing or verified: ``blocks`` duplicates, counted."""
         with t.lock:
             state = t.state[piece]
             if state == PARTIAL:
                 return t.partial[piece]
             if state != MISSING:
-                self.metrics.add("duplicate_blocks")
+                self.metrics.add("duplicate_blocks", blocks)
                 return None
         size = t.layout.piece_size(piece)
         pads = t.pads(piece)
@@ -506,7 +506,7 @@ class DiskIO:
             state = t.state[piece]
             found = t.partial.get(piece) if state == PARTIAL else None
         if found is None:
-            self.metrics.add("duplicate_blocks")
+            self.metrics.add("duplicate_blocks", blocks)
         return found
 
     def _cut_pads(

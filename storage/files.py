@@ -94,13 +94,15 @@ class HandlePool:
             os.close(self._fds.pop(key)[0])
 
     def close(self, owner: object) -> None:
-        """Close every idle handle of ``owner`` (a torrent being moved or dropped)."""
+        """Close every handle of ``owner`` (a torrent being moved or dropped): idle ones
+        now, busy ones when their user puts them back."""
         with self._lock:
             for key in [k for k in self._fds if k[0] is owner]:
-                fd, users = self._fds[key]
-                if users == 0:
-                    del self._fds[key]
-                    os.close(fd)
+                entry = self._fds.pop(key)
+                if entry[1] == 0:
+                    os.close(entry[0])
+                else:
+                    entry.append(1)  # the mark ``put`` looks for
 
     def forget(self, owner: object, index: int) -> None:
         """Drop the handles of one file (it vanished): idle ones now, busy ones at ``put``."""

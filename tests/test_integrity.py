@@ -1,0 +1,648 @@
+"""Integrity under concurrency, at the daemon level: a real ``pieced run``, real clients
+(several connections, threads), real torrents made by libtorrent.
+
+What these tests hold the daemon to:
+
+1. A block for a piece that is hashing, committing or verified is a duplicate: ACKed,
+   counted in ``duplicate_blocks``, never written (also when two peers race for the
+   same piece in the end game and the late copy differs).
+2. A ``recheck`` does not undo pieces verified by writes that ran during it.
+3. Torrent-wide operations (``move_storage``, ``unregister``, ``register`` again,
+   ``rename_file``) are fences: no write, commit or event of the torrent crosses them.
+4. Pieces written through the shared ring are cached like inline ones (SuggestPiece).
+5. No descriptor outlives a torrent that readers were using when it was unregistered.
+6. Blocks shaped as a real peer sends them (whole 16 KiB blocks running into BEP 47
+   pad files, the pad part zeros) verify; a non-zero pad byte fails its piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pieced.protocol.client import Client
+from pieced.storage.errors import StorageIOError, UnknownTorrent
+
+from tests.conftest import Daemon
+from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
+from tests.test_disk import Source
+
+BLOCK = 16384
+MiB = 1024 * 1024
+TIMEOUT = 30.0  # seconds: any single wait in these tests; they take a few seconds each
+
+Event = tuple[str, dict[str, Any]]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def start(root: Path, **env: str) -> tuple[Daemon, threading.Thread, list[str]]:
+    """A daemon (settings given as ``PIECED_*`` variables, by lower-case key) whose stderr
+    is drained in the background, so that a chatty daemon never blocks on a full pipe."""
+    d = Daemon(root, env={f"PIECED_{k.upper()}": v for k, v in env.items()})
+    log: list[str] = []
+
+    def drain() -> None:
+        if d.proc.stderr is not None:
+            log.extend(d.proc.stderr)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return d, thread, log
+
+
+@contextlib.contextmanager
+def running(root: Path, **env: str) -> Iterator[Daemon]:
+    """:func:`start`, then a clean stop (SIGTERM, exit status 0) at the end."""
+    d, drain, log = start(root, **env)
+    try:
+        yield d
+    finally:
+        rc = d.stop() if d.proc.poll() is None else d.proc.returncode
+        drain.join(5)
+    assert rc == 0, "".join(log)
+
+
+class Events:
+    """Thread-safe event log for ``Client(on_event=...)``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[Event] = []
+
+    def __call__(self, name: str, fields: dict[str, Any]) -> None:
+        with self.lock:
+            self.items.append((name, fields))
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.items)
+
+    def pieces(self, name: str, ih: bytes) -> list[int]:
+        """The pieces of ``name`` events of torrent ``ih``, in arrival order."""
+        with self.lock:
+            return [f["piece"] for n, f in self.items if n == name and f.get("ih") == ih]
+
+    def after(self, since: int, ih: bytes) -> list[Event]:
+        """Events of torrent ``ih`` from the ``since``-th on."""
+        with self.lock:
+            return [(n, f) for n, f in self.items[since:] if f.get("ih") == ih]
+
+
+def client(d: Daemon, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> Client:
+    return Client(d.socket, timeout=TIMEOUT, on_event=on_event)
+
+
+def has(have: bytes, piece: int) -> bool:
+    return bool(have[piece >> 3] & (0x80 >> (piece & 7)))
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+def run_threads(*targets: Callable[[], None]) -> None:
+    """Run the callables in threads at once; re-raise the first failure; bounded in time."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(targets))
+
+    def wrap(fn: Callable[[], None]) -> None:
+        try:
+            start.wait(TIMEOUT)
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(fn,), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * TIMEOUT)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]
+
+
+def on_disk(src: Source, save: Path, piece: int) -> bytes:
+    """The piece as it is in the files under ``save`` (pads and missing bytes as zeros)."""
+    out = bytearray()
+    for s in src.layout.map(piece, 0, src.layout.piece_size(piece)):
+        if not s.stored:
+            out += bytes(s.length)
+            continue
+        try:
+            with open(save.joinpath(*src.meta.files[s.file_index].path), "rb") as f:
+                f.seek(s.file_offset)
+                out += f.read(s.length).ljust(s.length, b"\0")
+        except FileNotFoundError:
+            out += bytes(s.length)
+    return bytes(out)
+
+
+def whole(src: Source, piece: int) -> bytes:
+    return src.read(piece, 0, src.layout.piece_size(piece))
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if not p.is_dir()) if folder.exists() else []
+
+
+def send(c: Client, ih: bytes, piece: int, begin: int, data: bytes, ring: bool) -> None:
+    (c.write_block_direct if ring else c.write_chunk)(ih, piece, begin, data)
+
+
+def download(c: Client, ih: bytes, src: Source, blocks: list[tuple[int, int, int]] | None = None,
+             ring: bool | None = None) -> None:
+    """Send blocks (all by default), alternating transports unless ``ring`` says which."""
+    for i, (p, b, n) in enumerate(src.blocks() if blocks is None else blocks):
+        send(c, ih, p, b, src.read(p, b, n), bool(i % 2) if ring is None else ring)
+    c.wait_writes()
+
+
+def flipped(data: bytes) -> bytes:
+    return bytes(x ^ 0xFF for x in data)
+
+
+def pads(src: Source, piece: int) -> list[tuple[int, int]]:
+    """The pad ranges [lo, hi) of a piece, in piece offsets."""
+    size = src.layout.piece_size(piece)
+    return [(s.buf_offset, s.buf_offset + s.length)
+            for s in src.layout.map(piece, 0, size) if not s.stored]
+
+
+def peer_blocks(src: Source) -> list[tuple[int, int, int]]:
+    """Blocks as libtorrent 2.1 requests them: whole 16 KiB blocks aligned to the piece
+    start, clipped only at the piece's end, so one may run from a file's end into a BEP 47
+    pad file; only blocks wholly inside a pad are never requested."""
+    out = []
+    for p in range(src.meta.num_pieces):
+        size = src.layout.piece_size(p)
+        for b in range(0, size, BLOCK):
+            n = min(BLOCK, size - b)
+            if not any(lo <= b and b + n <= hi for lo, hi in pads(src, p)):
+                out.append((p, b, n))
+    return out
+
+
+def torrent(root: Path, spec: dict[str, int] | int, piece_length: int, kind: TorrentKind,
+            seed: int) -> tuple[bytes, Source]:
+    content = make_payload(root / "src", spec, seed=seed)
+    raw = make_torrent_lt(content, piece_length, kind)
+    return raw, Source(raw, root / "src")
+
+
+# -- 1. piece states: duplicates are never written -------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["verified", "committing"])
+def test_blocks_for_done_pieces_are_acked_counted_and_never_written(
+    tmp_path: Path, state: str
+) -> None:
+    """Different bytes sent for pieces already verified (``verified``) or whose last block
+    was just ACKed and whose commit is still pending (``committing``, inside a 1 s sync
+    window), through both transports, are ACKed, counted as duplicates and never reach
+    the disk or the cache."""
+    raw, src = torrent(tmp_path, {"a.bin": 300_000, "b/c.bin": 123_457, "d": 40_000},
+                       65536, "v1", seed=11)
+    dl = tmp_path / "dl"
+    n = src.meta.num_pieces
+    with running(tmp_path, sync_window_ms="1000") as d, client(d) as c:
+        ih = c.register(raw, dl)
+        download(c, ih, src)
+        if state == "verified":
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == n
+        before = c.stats()["duplicate_blocks"]
+        sent = 0
+        for i, (p, b, ln) in enumerate(src.blocks()):
+            # alternating transports: no two ring writes in a row, so none are merged
+            send(c, ih, p, b, flipped(src.read(p, b, ln)), ring=bool(i % 2))
+            sent += 1
+        c.wait_writes()  # no error: duplicates are acknowledged
+        c.flush_all()
+        for p in range(n):
+            assert on_disk(src, dl, p) == whole(src, p), f"piece {p} overwritten on disk"
+            assert c.read_chunk(ih, p, 0, src.layout.piece_size(p)) == whole(src, p), p
+            assert c.read_piece(ih, p) == whole(src, p), p
+        st = c.status(ih)
+        assert st["verified_pieces"] == n and all(has(st["have"], p) for p in range(n))
+        assert c.stats()["duplicate_blocks"] - before >= sent
+
+
+def test_endgame_race_a_late_wrong_block_never_overwrites_a_verified_piece(tmp_path: Path) -> None:
+    """End game: two connections send the same pieces at the same time, the second one's
+    copy of each piece's last block is wrong. Whatever the interleaving, a piece reported
+    verified has its original bytes on disk and in reads once flushed (a late copy that
+    arrives while the piece is hashing or committing is a duplicate)."""
+    raw, src = torrent(tmp_path, 2 * MiB + 12_345, 65536, "v1", seed=12)
+    n = src.meta.num_pieces
+    by_piece: dict[int, list[tuple[int, int, int]]] = {}
+    for blk in src.blocks():
+        by_piece.setdefault(blk[0], []).append(blk)
+    with running(tmp_path, sync_window_ms="200") as d:
+        for rnd in range(3):
+            dl = tmp_path / f"dl{rnd}"
+            events = Events()
+            with client(d, events) as a, client(d) as b:
+                ih = a.register(raw, dl)
+
+                def good(a: Client = a, ih: bytes = ih) -> None:
+                    for p in range(n):
+                        for i, (_, beg, ln) in enumerate(by_piece[p]):
+                            send(a, ih, p, beg, src.read(p, beg, ln), ring=bool((p + i) % 2))
+                    a.wait_writes()
+
+                def late(b: Client = b, ih: bytes = ih, rnd: int = rnd) -> None:
+                    for p in range(n):
+                        blocks = by_piece[p]
+                        for i, (_, beg, ln) in enumerate(blocks):
+                            data = src.read(p, beg, ln)
+                            if i == len(blocks) - 1:
+                                data = flipped(data)
+                            send(b, ih, p, beg, data, ring=bool((p + i + rnd) % 2))
+                    b.wait_writes()  # duplicates and a failing piece are no write errors
+
+                run_threads(good, late)
+                a.flush_all()
+                b.flush_all()
+                verified = set(events.pieces("piece_verified", ih))
+                assert verified, "no piece verified: the race proved nothing"
+                st = a.status(ih)
+                for p in sorted(verified):
+                    assert has(st["have"], p), p
+                    assert on_disk(src, dl, p) == whole(src, p), (
+                        f"round {rnd}: piece {p} was reported verified but a late block "
+                        f"overwrote it on disk")
+                    assert a.read_chunk(ih, p, 0, src.layout.piece_size(p)) == whole(src, p)
+                for p in range(n):  # and the bitfield never claims more than the disk holds
+                    if has(st["have"], p):
+                        assert on_disk(src, dl, p) == whole(src, p), (rnd, p)
+                a.unregister(ih)
+
+
+# -- 2. recheck does not undo concurrent verifications -----------------------------------------
+
+
+def test_recheck_keeps_pieces_verified_while_it_ran(tmp_path: Path) -> None:
+    """Connection A rechecks a 32 MiB torrent of 16 KiB pieces, every other piece of it
+    on disk and verified, while connection B downloads the missing ones, starting once
+    the recheck has reported progress (so it has already hashed some of them as missing).
+    Every piece B got a ``piece_verified`` for keeps its bit; at the end the torrent is
+    complete and on disk."""
+    raw, src = torrent(tmp_path, 32 * MiB, BLOCK, "v1", seed=21)
+    n = src.meta.num_pieces
+    dl = tmp_path / "dl"
+    first = [blk for blk in src.blocks() if blk[0] % 2 == 0]
+    rest = [blk for blk in src.blocks() if blk[0] % 2 == 1]
+    progressed = threading.Event()
+
+    def on_progress(name: str, fields: dict[str, Any]) -> None:
+        if name == "recheck_progress" and 0 < fields["done"] < fields["total"]:
+            progressed.set()
+
+    events = Events()
+    # One hash worker: the recheck hashes its 8 MiB batches one after the other, so its
+    # first progress event comes early, with most of its work still to do.
+    with running(tmp_path, hash_workers="1") as d, client(d, on_progress) as a, \
+            client(d, events) as b:
+        ih = a.register(raw, dl)
+        download(a, ih, src, first, ring=True)
+        a.flush_all()
+        result: dict[str, Any] = {}
+
+        def recheck() -> None:
+            try:
+                result.update(a.recheck(ih, full=True))
+            finally:
+                progressed.set()
+
+        def write() -> None:
+            progressed.wait(TIMEOUT)
+            download(b, ih, src, rest)
+
+        run_threads(recheck, write)
+        assert result["num_pieces"] == n
+        b.flush_all()
+        verified = set(events.pieces("piece_verified", ih))
+        assert verified == {p for p, _, _ in rest}, "not every piece B sent was verified"
+        st = b.status(ih)
+        lost = sorted(p for p in verified if not has(st["have"], p))
+        assert not lost, f"{len(lost)} pieces verified during the recheck lost their bit: {lost[:10]}"
+        assert st["verified_pieces"] == n
+        for p in range(n):
+            assert on_disk(src, dl, p) == whole(src, p), p
+    assert all(lt_recheck(raw, dl))
+
+
+# -- 3. torrent-wide operations are fences ------------------------------------------------------
+
+
+def test_move_storage_while_another_connection_writes(tmp_path: Path) -> None:
+    """A moves the torrent (several times) while B downloads it: B's writes all succeed,
+    every piece verifies, the files end up only in the last folder, and libtorrent
+    agrees with them."""
+    # many files: moving them takes a while, and writes land in the middle of it
+    spec = {f"f{k:03d}.bin": 100_000 + 977 * k for k in range(128)}
+    raw, src = torrent(tmp_path, spec, BLOCK, "v1", seed=31)
+    n = src.meta.num_pieces
+    blocks = src.blocks()
+    folders = [tmp_path / "dl0"]
+    events = Events()
+    with running(tmp_path) as d, client(d) as a, client(d, events) as b:
+        ih = a.register(raw, folders[0])
+        writing = threading.Event()
+        done = threading.Event()
+
+        def write() -> None:
+            try:
+                for i, (p, beg, ln) in enumerate(blocks):
+                    send(b, ih, p, beg, src.read(p, beg, ln), ring=bool(i % 2))
+                    if i == 32:
+                        writing.set()
+                b.wait_writes()  # raises the first write error, if any
+            finally:
+                writing.set()
+                done.set()
+
+        def move() -> None:
+            writing.wait(TIMEOUT)
+            k = 1
+            while not done.is_set() or k < 3:
+                folders.append(tmp_path / f"dl{k}")
+                a.move_storage(ih, folders[-1])
+                k += 1
+
+        run_threads(write, move)
+        b.flush_all()
+        st = a.status(ih)
+        assert st["save_path"] == str(folders[-1].resolve())
+        missing = sorted(set(range(n)) - set(events.pieces("piece_verified", ih)))
+        assert not missing, (f"{len(missing)} pieces not verified, e.g. {missing[:5]}; failed: "
+                             f"{events.pieces('piece_failed', ih)[:5]}")
+        assert st["verified_pieces"] == n
+    for old in folders[:-1]:
+        assert files_under(old) == [], f"files (re)created under {old}"
+    for f in src.meta.files:
+        assert folders[-1].joinpath(*f.path).read_bytes() == src.save.joinpath(*f.path).read_bytes()
+    assert all(lt_recheck(raw, folders[-1]))
+
+
+@pytest.mark.parametrize("who", ["same", "other"])
+def test_unregister_with_delete_right_after_the_last_blocks(tmp_path: Path, who: str) -> None:
+    """Blocks sent, then at once (no waiting for events) unregister with delete_files,
+    from the writing connection or another one: no payload file is left or re-created
+    in the save folder, and no event of the torrent arrives after the reply."""
+    raw, src = torrent(tmp_path, {"a.bin": 700_000, "sub/b.bin": 333_333}, 65536, "v1",
+                       seed=32)
+    dl = tmp_path / "dl"
+    events = Events()
+    with running(tmp_path, sync_window_ms="500") as d, client(d, events) as u, client(d) as w:
+        ih = u.register(raw, dl)
+        writer = u if who == "same" else w
+        for i, (p, b, ln) in enumerate(src.blocks()):
+            send(writer, ih, p, b, src.read(p, b, ln), ring=bool(i % 2))
+        u.unregister(ih, delete_files=True)
+        mark = len(events)
+        if writer is w:
+            with contextlib.suppress(UnknownTorrent):  # blocks that came after the unregister
+                w.wait_writes()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # pump u's socket for a second (> the sync window)
+            u.stats()
+            time.sleep(0.05)
+        late = events.after(mark, ih)
+        assert late == [], f"{len(late)} events after the unregister reply, e.g. {late[:3]}"
+        assert files_under(dl) == [], f"payload files left or re-created: {files_under(dl)}"
+        with pytest.raises(UnknownTorrent):
+            u.status(ih)
+
+
+def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(tmp_path: Path) -> None:
+    """Unregister and register again with another save path while pieces of the first
+    registration wait for their group commit (1 s window), after a download that has
+    been running for more than a second; SIGKILL; the restarted daemon has the torrent
+    at the new path, and every piece it calls verified is there, intact."""
+    raw, src = torrent(tmp_path, 1 * MiB + 777, 65536, "v1", seed=33)
+    blocks = src.blocks()
+    half = len(blocks) // 2
+    old, new = tmp_path / "dl-old", tmp_path / "dl-new"
+    d, _, _ = start(tmp_path, sync_window_ms="1000")
+    try:
+        with client(d) as c:
+            ih = c.register(raw, old)
+            download(c, ih, src, blocks[:half])
+            c.flush_all()
+            time.sleep(1.1)  # the download goes on for a while
+            download(c, ih, src, blocks[half:])  # ACKed: these pieces now await their commit
+            c.unregister(ih)
+            assert c.register(raw, new) == ih
+            assert c.status(ih)["save_path"] == str(new.resolve())
+            time.sleep(1.5)  # past the window: the first registration's commits are done
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(10)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+    with running(tmp_path, sync_window_ms="1000") as d2, client(d2) as c:
+        wait_for(lambda: c.status(ih)["reverifying_pieces"] == 0)
+        st = c.status(ih)
+        assert st["save_path"] == str(new.resolve())
+        for p in range(src.meta.num_pieces):
+            if has(st["have"], p):
+                assert on_disk(src, new, p) == whole(src, p), f"piece {p} claimed but not at {new}"
+
+
+def test_rename_a_file_onto_another_payload_file_is_refused(tmp_path: Path) -> None:
+    """rename_file to the path of another file of the torrent: EEXIST, nothing changes."""
+    raw, src = torrent(tmp_path, {"a.bin": 100_000, "b.bin": 80_000, "c/d.bin": 20_000},
+                       BLOCK, "v1", seed=34)
+    dl = tmp_path / "dl"
+    with running(tmp_path) as d, client(d) as c:
+        ih = c.register(raw, dl)
+        download(c, ih, src)
+        c.flush_all()
+        files = c.status(ih)["files"]
+        paths = {f["index"]: f["path"] for f in files}
+        by_name = {p.rsplit("/", 1)[-1]: i for i, p in paths.items()}
+        a, b = by_name["a.bin"], by_name["b.bin"]
+        before = {i: dl.joinpath(*p.split("/")).read_bytes() for i, p in paths.items()}
+        for i, target in ((a, paths[b]), (b, paths[a]), (by_name["d.bin"], paths[a])):
+            with pytest.raises(StorageIOError) as exc:
+                c.rename_file(ih, i, target)
+            assert exc.value.errno == errno.EEXIST, exc.value
+        st = c.status(ih)
+        assert {f["index"]: f["path"] for f in st["files"]} == paths
+        assert st["verified_pieces"] == src.meta.num_pieces
+        for i, p in paths.items():
+            assert dl.joinpath(*p.split("/")).read_bytes() == before[i], p
+        for p in range(src.meta.num_pieces):
+            assert c.read_chunk(ih, p, 0, src.layout.piece_size(p)) == whole(src, p)
+
+
+# -- 4. SuggestPiece on the ring path ------------------------------------------------------------
+
+
+def test_pieces_written_through_the_ring_are_cached(tmp_path: Path) -> None:
+    """A torrent downloaded only with write_block_direct: its pieces are in the cache
+    (the default budget, 256 MiB, holds them all), the last one verified included, and
+    read_piece of a cached piece returns its bytes."""
+    raw, src = torrent(tmp_path, {"a.bin": 300_001, "b/c.bin": 99_999}, 65536, "v1", seed=41)
+    n = src.meta.num_pieces
+    events = Events()
+    with running(tmp_path) as d, client(d, events) as c:
+        ih = c.register(raw, tmp_path / "dl")
+        download(c, ih, src, ring=True)
+        c.flush_all()
+        order = events.pieces("piece_verified", ih)
+        assert sorted(order) == list(range(n))
+        cached = c.cached_pieces(ih)
+        assert cached, "no piece written through the ring is cached"
+        assert order[-1] in cached
+        assert cached == list(range(n))
+        for p in (order[-1], cached[0]):
+            assert c.read_piece(ih, p) == whole(src, p)
+
+
+# -- 5. descriptors -------------------------------------------------------------------------------
+
+
+def test_no_descriptor_leaks_when_readers_race_unregister(tmp_path: Path) -> None:
+    """A reads pieces (read_chunk, volatile: from the files every time) in a loop while B
+    unregisters and registers the torrent again and again (~2 s); once it is unregistered
+    for good the daemon holds exactly the descriptors it held before the torrent was
+    registered (same connections open)."""
+    # 300 small files in 1 MiB pieces: reading a piece opens and reads some 250 files,
+    # long enough for unregisters to land in the middle of reads
+    spec = {f"f{k:03d}.bin": 3_000 + 7 * k for k in range(300)}
+    raw, src = torrent(tmp_path, spec, MiB, "v1", seed=51)
+    n = src.meta.num_pieces
+    dl = tmp_path / "dl"
+    with running(tmp_path) as d:
+        with client(d) as c:  # put the payload on disk, then forget the torrent
+            ih = c.register(raw, dl)
+            download(c, ih, src)
+            c.flush_all()
+            c.unregister(ih)
+        pid = d.proc.pid
+        with client(d) as a, client(d) as b:
+            a.stats()
+            wait_for(lambda: b.stats()["connected_clients"] == 2)  # the first one is gone
+            time.sleep(0.2)
+            fds = f"/proc/{pid}/fd"
+            baseline = open_fds(fds)
+            stop = threading.Event()
+            reads = [0]
+
+            def read() -> None:
+                rng = random.Random(5)
+                while not stop.is_set():
+                    p = rng.randrange(n)
+                    with contextlib.suppress(UnknownTorrent):
+                        a.read_chunk(ih, p, 0, src.layout.piece_size(p), volatile=True)
+                        reads[0] += 1
+
+            def churn() -> None:
+                try:
+                    end = time.monotonic() + 2.0
+                    while time.monotonic() < end:
+                        assert b.register(raw, dl) == ih
+                        time.sleep(0.002)
+                        b.unregister(ih)
+                finally:
+                    stop.set()
+
+            run_threads(read, churn)
+            assert reads[0] > 0
+            with pytest.raises(UnknownTorrent):
+                b.status(ih)
+            end = time.monotonic() + 2
+            while len(open_fds(fds)) > len(baseline) and time.monotonic() < end:
+                time.sleep(0.05)
+            now = open_fds(fds)
+            extra = sorted(set(now) - set(baseline))
+            leaked = sorted(now[x] for x in extra)
+            assert len(now) == len(baseline), (
+                f"{len(now) - len(baseline)} descriptors leaked, e.g. {leaked[:5]}")
+
+
+def open_fds(folder: str) -> dict[str, str]:
+    """A process's open descriptors (from /proc/PID/fd) and what each one is."""
+    out = {}
+    for x in os.listdir(folder):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            out[x] = os.readlink(f"{folder}/{x}")
+    return out
+
+
+# -- 6. blocks as a real peer sends them ------------------------------------------------------
+
+HYBRID_FILES = {"a.bin": 40_000, "b.bin": 70_001, "c/d.bin": 16_385, "e.bin": 5_000,
+                "f.bin": 100_003}
+
+
+@pytest.mark.parametrize("transport", ["inline", "ring"])
+def test_peer_shaped_blocks_running_into_pads_verify(tmp_path: Path, transport: str) -> None:
+    """A hybrid torrent (libtorrent pads every file to a piece boundary) downloaded in
+    whole 16 KiB blocks, the pad part of a block sent as zeros: every piece verifies,
+    the files are the payload."""
+    raw, src = torrent(tmp_path, HYBRID_FILES, 32768, "hybrid", seed=61)
+    n = src.meta.num_pieces
+    blocks = peer_blocks(src)
+    assert any(lo < b + ln and b < hi for p, b, ln in blocks for lo, hi in pads(src, p)), (
+        "no block runs into a pad: the torrent does not test what it should")
+    dl = tmp_path / "dl"
+    events = Events()
+    with running(tmp_path) as d, client(d, events) as c:
+        ih = c.register(raw, dl)
+        download(c, ih, src, blocks, ring=transport == "ring")
+        c.flush_all()
+        assert events.pieces("piece_failed", ih) == []
+        assert sorted(events.pieces("piece_verified", ih)) == list(range(n))
+        assert c.status(ih)["verified_pieces"] == n
+    for f in src.meta.files:
+        if not f.pad:
+            assert dl.joinpath(*f.path).read_bytes() == src.save.joinpath(*f.path).read_bytes()
+    assert all(lt_recheck(raw, dl))
+
+
+@pytest.mark.parametrize("transport", ["inline", "ring"])
+def test_a_nonzero_byte_in_a_pad_fails_its_piece(tmp_path: Path, transport: str) -> None:
+    """The same peer-shaped download, but one block carries a non-zero byte where the
+    pad file is: that piece fails (pads are zeros), every other piece verifies."""
+    raw, src = torrent(tmp_path, HYBRID_FILES, 32768, "hybrid", seed=62)
+    n = src.meta.num_pieces
+    blocks = peer_blocks(src)
+    # a block that starts in a file and runs into its pad: one byte in the middle of
+    # the pad part is set
+    bad = next((p, b, lo - b + (b + ln - lo) // 2) for p, b, ln in blocks
+               for lo, _ in pads(src, p) if b < lo < b + ln)
+    events = Events()
+    with running(tmp_path) as d, client(d, events) as c:
+        ih = c.register(raw, tmp_path / "dl")
+        for p, b, ln in blocks:
+            data = bytearray(src.read(p, b, ln))
+            if (p, b) == bad[:2]:
+                assert data[bad[2]] == 0
+                data[bad[2]] = 0x5A
+            send(c, ih, p, b, bytes(data), ring=transport == "ring")
+        c.wait_writes()
+        c.flush_all()
+        assert events.pieces("piece_failed", ih) == [bad[0]]
+        assert sorted(events.pieces("piece_verified", ih)) == [p for p in range(n) if p != bad[0]]
+        st = c.status(ih)
+        assert not has(st["have"], bad[0])
+        assert st["verified_pieces"] == n - 1
