@@ -172,7 +172,7 @@ class DiskIO:
                 with rec.save_lock, rec.journal_lock:
                     rec.remove()
             with t.lock:
-                t.removed = True
+                t.remove()
                 partials, t.partial = list(t.partial.values()), {}
             for partial in partials:
                 partial.done = True
@@ -409,7 +409,8 @@ class DiskIO:
         length = memoryview(data).nbytes
         t.layout.check(piece, begin, length)
         block = data if isinstance(data, bytes) else bytes(data)
-        t.enter()
+        if not t.fence.acquire_shared():
+            raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         try:
             partial = self._partial(t, piece, 1)
             if partial is None:
@@ -431,7 +432,7 @@ class DiskIO:
                     return self._complete(t, piece, partial)
             return None
         finally:
-            t.leave()
+            t.fence.release_shared()
 
     def _buffer(self, t: Torrent, piece: int, partial: Partial, begin: int, block: bytes,
                 length: int, through: bool) -> None:
@@ -463,7 +464,8 @@ class DiskIO:
         t = self._get(ih)
         length = sum(memoryview(b).nbytes for b in bufs)
         t.layout.check(piece, begin, length)
-        t.enter()
+        if not t.fence.acquire_shared():
+            raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         try:
             partial = self._partial(t, piece, blocks)
             if partial is None:
@@ -472,17 +474,19 @@ class DiskIO:
                 if partial.done:
                     self.metrics.add("duplicate_blocks", blocks)
                     return None
-                runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
-                        else ((begin, bufs, length),))
-                for b, views, n in runs:
-                    self._write_through(t, piece, b, views, n, blocks=blocks)
-                    blocks = 0
-                    partial.hasher.add(b, views, n)
+                if partial.pads:
+                    for b, views, n in self._cut_pads(partial, begin, bufs, length):
+                        self._write_through(t, piece, b, views, n, blocks=blocks)
+                        blocks = 0
+                        partial.hasher.add(b, views, n)
+                else:
+                    self._write_through(t, piece, begin, bufs, length, blocks=blocks)
+                    partial.hasher.add(begin, bufs, length)
                 if partial.hasher.complete:
                     return self._complete(t, piece, partial)
             return None
         finally:
-            t.leave()
+            t.fence.release_shared()
 
     def _partial(self, t: Torrent, piece: int, blocks: int) -> Partial | None:
         """The piece's hash state, made if it is missing; None when it is hashing,

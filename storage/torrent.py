@@ -40,37 +40,49 @@ class Fence:
     Once an exclusive holder waits, new shared holders wait behind it, so a recheck is
     not starved by a steady stream of blocks. Not re-entrant: code that holds the fence
     never acquires it again (the committer only ever tries, see :meth:`try_shared`).
+    Taken twice per block, so the uncontended paths are one plain lock round trip.
     """
 
-    __slots__ = ("_cond", "_exclusive", "_shared", "_waiting")
+    __slots__ = ("_cond", "_exclusive", "_lock", "_shared", "_waiting", "closed")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
+        self.closed = False  # its torrent is gone: acquiring fails
 
-    def acquire_shared(self) -> None:
+    def acquire_shared(self) -> bool:
+        """Hold it shared; False (and not held) once the torrent is gone."""
+        with self._lock:
+            if not self._exclusive and not self._waiting and not self.closed:
+                self._shared += 1
+                return True
         with self._cond:
             while self._exclusive or self._waiting:
                 self._cond.wait()
+            if self.closed:
+                return False
             self._shared += 1
+            return True
 
     def try_shared(self) -> bool:
         """Shared if nobody holds or awaits it exclusively; never waits."""
-        with self._cond:
-            if self._exclusive or self._waiting:
+        with self._lock:
+            if self._exclusive or self._waiting or self.closed:
                 return False
             self._shared += 1
             return True
 
     def release_shared(self) -> None:
-        with self._cond:
+        with self._lock:
             self._shared -= 1
-            if not self._shared:
+            if not self._shared and self._waiting:
                 self._cond.notify_all()
 
-    def acquire_exclusive(self) -> None:
+    def acquire_exclusive(self) -> bool:
+        """Hold it alone; False (and not held) once the torrent is gone."""
         with self._cond:
             self._waiting += 1
             try:
@@ -78,7 +90,11 @@ class Fence:
                     self._cond.wait()
             finally:
                 self._waiting -= 1
+            if self.closed:
+                self._cond.notify_all()  # shared waiters held back by this one
+                return False
             self._exclusive = True
+            return True
 
     def release_exclusive(self) -> None:
         with self._cond:
@@ -117,7 +133,7 @@ class Torrent:
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.fence = Fence()
-        self.removed = False  # unregistered: jobs that still hold it fail UnknownTorrent
+
         self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
         self.reverifying = 0  # pieces still being re-verified after a restart
         # Verified pieces whose data is written but not yet durable: (piece, result),
@@ -128,25 +144,31 @@ class Torrent:
     def key(self) -> bytes:
         return self.meta.info_hash
 
+    @property
+    def removed(self) -> bool:
+        """Unregistered: jobs that still hold a reference fail UnknownTorrent."""
+        return self.fence.closed
+
     # -- the fence -------------------------------------------------------------------
     def enter(self) -> None:
-        """Hold the torrent shared (block I/O); UnknownTorrent once it is unregistered."""
-        self.fence.acquire_shared()
-        if self.removed:
-            self.fence.release_shared()
+        """Hold the torrent shared (block I/O); UnknownTorrent once it is unregistered.
+        The write paths inline this (``fence.acquire_shared``): it runs per block."""
+        if not self.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {self.key.hex()}")
 
     def leave(self) -> None:
         self.fence.release_shared()
 
     def enter_alone(self) -> None:
-        self.fence.acquire_exclusive()
-        if self.removed:
-            self.fence.release_exclusive()
+        if not self.fence.acquire_exclusive():
             raise UnknownTorrent(f"unknown info_hash {self.key.hex()}")
 
     def leave_alone(self) -> None:
         self.fence.release_exclusive()
+
+    def remove(self) -> None:
+        """Mark it gone (the caller holds it alone): every later acquisition fails."""
+        self.fence.closed = True
 
     # -- piece states (caller holds ``lock``) -------------------------------------------
     def has(self, piece: int) -> bool:
