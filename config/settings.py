@@ -44,6 +44,7 @@ class Settings:
     max_clients: int = 256
     max_files: int = 1_000_000
     max_pieces: int = 4_000_000
+    max_piece_length: int = 64 * MiB
     log_level: str = "info"
 
     def resolved(self, base: Path | None = None) -> Settings:
@@ -96,10 +97,12 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_clients": _positive,
     "max_files": _positive,
     "max_pieces": _positive,
+    "max_piece_length": lambda v: None if v >= 16 * 1024 else "must be at least 16384",
     "log_level": _choice("debug", "info", "warning", "error"),
 }
 
 _TYPES: dict[str, Any] = get_type_hints(Settings)
+_OCTAL = frozenset({"socket_mode"})
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -136,9 +139,12 @@ def _parse_text(key: str, text: str, typ: Any, source: str) -> Any:
         raise ConfigError(f"{source}: '{key}' must be true or false, not {text!r}")
     if typ is int:
         try:
+            if key in _OCTAL:  # file modes are octal however they are written: 660, 0660, 0o660
+                return int(text.lower().removeprefix("0o"), 8)
             return int(text, 0)
         except ValueError:
-            raise ConfigError(f"{source}: '{key}' must be an integer, not {text!r}") from None
+            kind = "an octal file mode such as 0660" if key in _OCTAL else "an integer"
+            raise ConfigError(f"{source}: '{key}' must be {kind}, not {text!r}") from None
     if typ == list[int]:
         try:
             return [int(x) for x in text.split(",") if x.strip()]

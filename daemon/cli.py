@@ -165,8 +165,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    try:  # before connecting: a missing .torrent is not a daemon that cannot be reached
+        raw = Path(args.torrent).read_bytes()
+    except OSError as exc:
+        print(f"pieced add: cannot read {args.torrent}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     with _client(args) as c:
-        ih = c.register(Path(args.torrent).read_bytes(), Path(args.save_path).resolve())
+        ih = c.register(raw, Path(args.save_path).resolve())
         _print(args, {"info_hash": ih.hex()}, ih.hex())
     return EXIT_OK
 

@@ -73,6 +73,7 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
             "max_bytes": settings.max_frame_bytes,
             "max_files": settings.max_files,
             "max_pieces": settings.max_pieces,
+            "max_piece_length": settings.max_piece_length,
         },
     )
 

@@ -74,6 +74,13 @@ Job = Callable[[], tuple[list[Out], tuple[int, int] | None]]
 # control, READ and WRITE_RING frames leave the receive ring once parsed, so the ring
 # alone does not bound them.
 MAX_QUEUED_JOBS = 4096
+# Descriptors received and not yet taken by an attach_ring frame still being read.
+MAX_PENDING_FDS = 4
+# Operations that may run for seconds (whole-torrent work, syncs): their lane moves to
+# the long-job workers while they run.
+LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rename_file",
+                      "flush_all"})
+LONG_WORKERS = 64
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
 
 
@@ -118,6 +125,11 @@ class Server:
         self.allow_uids = allow_uids
         self.allow_gids = allow_gids
         self.executor = ThreadPoolExecutor(workers or (os.cpu_count() or 1) + 2, "pieced-io")
+        # Lanes whose next job may take long (LONG_OPS, or a block of a torrent that a
+        # fenced operation holds) run here instead, so that they never take every
+        # worker from short requests of other clients. Threads start only when needed;
+        # a lane waiting on a fence holds one, hence the generous bound.
+        self.long_executor = ThreadPoolExecutor(LONG_WORKERS, "pieced-long")
         self.clients: set[Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -181,6 +193,7 @@ class Server:
         for conn in list(self.clients):
             await conn.drained()
         self.executor.shutdown(wait=True)
+        self.long_executor.shutdown(wait=True)
 
     # -- events -------------------------------------------------------------------------
     def _on_piece(self, result: PieceResult) -> None:
@@ -295,12 +308,22 @@ class Connection:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                self._fds.extend(fds)
+                for fd in fds:  # only attach_ring takes one; never hold more than a few
+                    if len(self._fds) < MAX_PENDING_FDS:
+                        self._fds.append(fd)
+                    else:
+                        os.close(fd)
         if n == 0:
             self.close()
             return
         self.ring.wrote(n)
         self._parse()
+        if self._fds and not self.ring.unparsed:
+            # Every frame these bytes brought is parsed and none was an attach_ring that
+            # took them: descriptors nobody asked for are closed at once.
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
 
     def _parse(self) -> None:
         jobs: list[Job] = []
@@ -383,7 +406,8 @@ class Connection:
             except (TypeError, KeyError, ValueError) as exc:
                 return [encode_error(rid, BadRequest(f"{op}: bad arguments: {exc}"))], None
 
-        return self._guard(rid, None, job)
+        ih = msg.get("ih")
+        return _Job(rid, None, job, op in LONG_OPS, ih if isinstance(ih, bytes) else None)
 
     def _write_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
@@ -402,7 +426,7 @@ class Connection:
             except PiecedError as exc:
                 return [encode_error(rid, exc)], token
 
-        return self._guard(rid, token, job)
+        return _Job(rid, token, job, False, frame.info_hash)
 
     def _ring_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
@@ -422,7 +446,7 @@ class Connection:
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
 
-        return self._guard(rid, None, job)
+        return _Job(rid, None, job, False, frame.info_hash)
 
     # -- the shared-memory ring ------------------------------------------------------------
     def _attach_ring(self, msg: dict[str, Any], fds: list[int]) -> dict[str, int]:
@@ -480,10 +504,6 @@ class Connection:
             self.shm = None
 
     # -- the lane (worker threads) ------------------------------------------------------------
-    @staticmethod
-    def _guard(rid: int, token: tuple[int, int] | None, job: Job) -> Job:
-        return lambda: _run_guarded(rid, token, job)
-
     def _enqueue(self, jobs: list[Job]) -> None:
         with self._lane_lock:
             self._lane.extend(jobs)
@@ -499,15 +519,28 @@ class Connection:
             return
         self._lane_busy = True
         self._lane_idle.clear()
-        self.server.executor.submit(self._drain_lane)
+        if self._is_long(self._lane[0]):
+            self.server.long_executor.submit(self._drain_lane, True)
+        else:
+            self.server.executor.submit(self._drain_lane, False)
 
-    def _drain_lane(self) -> None:
+    def _is_long(self, job: Job) -> bool:
+        """Whether a job may keep its worker long: a long op, or a job on a torrent that
+        a fenced operation holds or awaits (it will wait for it)."""
+        if getattr(job, "long", False):
+            return True
+        ih = getattr(job, "ih", None)
+        return ih is not None and self.disk.fenced(ih)
+
+    def _drain_lane(self, long: bool) -> None:
         """Worker thread: run the lane's jobs in order, posting their replies in batches.
-        Stops when the lane is empty, or once this run has produced out_limit bytes of
-        replies (the rest waits, in order, for the loop to restart it)."""
+        Stops when the lane is empty, once this run has produced out_limit bytes of
+        replies, or (on a short-job worker) at a job that may take long: the rest waits,
+        in order, for the loop to restart it on the right workers."""
         limit = self.server.out_limit
         produced = 0
-        while produced <= limit:
+        moving = False
+        while produced <= limit and not moving:
             with self._lane_lock:
                 if not self._lane:
                     break
@@ -517,6 +550,11 @@ class Connection:
             tokens: list[tuple[int, int]] = []
             batch = _coalesce(batch)
             for i, job in enumerate(batch):
+                if not long and self._is_long(job):
+                    with self._lane_lock:
+                        self._lane.extendleft(reversed(batch[i:]))
+                    moving = True
+                    break
                 try:
                     frames, token = job()
                 except Exception as exc:  # a bug must not kill the lane
@@ -637,6 +675,20 @@ def _run_guarded(
         return [encode_error(rid, PiecedError(f"internal error: {exc}"))], token
 
 
+class _Job:
+    """A lane job with what the lane needs to know to place it: whether it may run long,
+    and which torrent it touches (a job on a fenced torrent waits for the fence)."""
+
+    __slots__ = ("fn", "ih", "long", "rid", "token")
+
+    def __init__(self, rid: int, token: tuple[int, int] | None, fn: Job, long: bool,
+                 ih: bytes | None) -> None:
+        self.rid, self.token, self.fn, self.long, self.ih = rid, token, fn, long, ih
+
+    def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
+        return _run_guarded(self.rid, self.token, self.fn)
+
+
 # -- ring writes, one at a time or merged (worker threads) ----------------------------------
 
 class _RingWrite:
@@ -645,6 +697,7 @@ class _RingWrite:
     the ring) go to disk as one pwritev and one pass of the hashers."""
 
     __slots__ = ("begin", "conn", "flags", "ih", "length", "offset", "piece", "rid")
+    long = False
 
     def __init__(self, conn: Connection, frame: Frame) -> None:
         self.conn = conn
@@ -684,10 +737,12 @@ class _RingRun:
     """Adjacent ring writes done as one; if that fails, each is retried on its own so
     that every request gets exactly the answer it would have had alone."""
 
-    __slots__ = ("writes",)
+    __slots__ = ("ih", "writes")
+    long = False
 
     def __init__(self, writes: list[_RingWrite]) -> None:
         self.writes = writes
+        self.ih = writes[0].ih
 
     def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
         first = self.writes[0]

@@ -200,6 +200,12 @@ class DiskIO:
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         return t
 
+    def fenced(self, ih: bytes) -> bool:
+        """Whether a torrent-wide operation holds or awaits the torrent: its block I/O
+        will wait (the daemon runs such jobs off its short-request workers)."""
+        t = self._torrents.get(bytes(ih))
+        return t is not None and t.fence.contended
+
     def _enter(self, ih: bytes) -> Torrent:
         """The torrent, held shared: the caller must ``leave()`` it."""
         t = self._get(ih)

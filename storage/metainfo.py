@@ -13,14 +13,16 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-import bencodepy
-
+from .bencode import BencodeError, decode
 from .errors import BadMetainfo, TooLarge
 from .merkle import BLOCK_SIZE, leaf_count, piece_width, root_from_layer
 
 MAX_METAINFO_BYTES = 64 * 1024 * 1024
 MAX_FILES = 1_000_000
 MAX_PIECES = 4_000_000
+MAX_PIECE_LENGTH = 64 * 1024 * 1024
+MAX_NAME_BYTES = 255  # a path component, as file systems allow (NAME_MAX)
+MAX_PATH_BYTES = 4096  # a whole path below the save path (PATH_MAX)
 _LEGACY_PAD_PREFIX = "_____padding_file_"
 
 
@@ -154,14 +156,19 @@ def parse(
     max_bytes: int = MAX_METAINFO_BYTES,
     max_files: int = MAX_FILES,
     max_pieces: int = MAX_PIECES,
+    max_piece_length: int = MAX_PIECE_LENGTH,
 ) -> Metainfo:
-    """Parse and fully validate .torrent bytes; raise BadMetainfo naming the problem."""
+    """Parse and fully validate .torrent bytes; raise BadMetainfo naming the problem.
+
+    The bencode must be canonical (see ``bencode.py``): a duplicate key, keys out of
+    order or ``i+10e`` could make this parser and another read one info hash two ways.
+    """
     if len(data) > max_bytes:
         raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
     try:
-        top = bencodepy.decode(data)
-    except Exception as exc:
-        raise BadMetainfo(f"not valid bencode: {exc}") from None
+        top = decode(data)
+    except BencodeError as exc:
+        raise BadMetainfo(f"not canonical bencode: {exc}") from None
     if not isinstance(top, dict):
         raise BadMetainfo("metainfo is not a dictionary")
     info = top.get(b"info")
@@ -173,6 +180,8 @@ def parse(
     piece_length = _get(info, b"piece length", int, "info")
     if piece_length <= 0:
         raise BadMetainfo(f"'piece length' must be positive, got {piece_length}")
+    if piece_length > max_piece_length:
+        raise TooLarge(f"'piece length' {piece_length} is over the limit of {max_piece_length}")
     meta_version = info.get(b"meta version")
     has_v2 = meta_version is not None
     if has_v2 and meta_version != 2:
@@ -208,6 +217,9 @@ def parse(
         files = _align_v2(v2_files, piece_length, name)
 
     total = files[-1].end if files else 0
+    if not any(f.length for f in files if f.stored):
+        raise BadMetainfo("the torrent holds no data: every file is empty (total size 0)")
+    _check_files(files, name, piece_length)
     num_pieces = (total + piece_length - 1) // piece_length
     if num_pieces > max_pieces:
         raise TooLarge(f"torrent has {num_pieces} pieces, the limit is {max_pieces}")
@@ -259,6 +271,41 @@ def parse(
         _v2_file_index=tuple(file_of),
     )
     return meta
+
+
+def _check_files(files: list[FileEntry], name: str, piece_length: int) -> None:
+    """What each entry may be on its own passed; now the files as a whole: paths that a
+    file system can hold and that do not collide, and pieces that hold data."""
+    seen: dict[tuple[str, ...], str] = {}
+    for f in files:
+        where = "/".join(f.path)
+        if not f.stored:
+            if "l" in f.attr and not f.pad and f.length:
+                raise BadMetainfo(f"symlink entry {where!r} has a length ({f.length}): "
+                                  "a symlink carries no data")
+            if f.pad:
+                first = -(-f.offset // piece_length) * piece_length
+                if first + piece_length <= f.end:
+                    raise BadMetainfo(f"pad file {where!r} covers the whole of piece "
+                                      f"{first // piece_length}: a piece of pad only")
+            continue
+        for part in f.path:
+            if len(part.encode()) > MAX_NAME_BYTES:
+                raise BadMetainfo(f"path component {part[:40]!r}... of {where[:80]!r} is over "
+                                  f"{MAX_NAME_BYTES} bytes")
+        if len(where.encode()) > MAX_PATH_BYTES:
+            raise BadMetainfo(f"path {where[:80]!r}... is over {MAX_PATH_BYTES} bytes")
+        if f.path in seen:
+            if seen[f.path] == "file":
+                raise BadMetainfo(f"path {where!r} is listed twice")
+            raise BadMetainfo(f"{where!r} is both a file and the folder of another file")
+        seen[f.path] = "file"
+        for i in range(1, len(f.path)):
+            folder = f.path[:i]
+            if seen.get(folder, "folder") == "file":
+                raise BadMetainfo(f"{'/'.join(folder)!r} is both a file and the folder of "
+                                  f"{where!r}")
+            seen[folder] = "folder"
 
 
 def _with_root(f: FileEntry, v2: FileEntry) -> FileEntry:

@@ -22,6 +22,14 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     assert (s.backend, s.cache_bytes, s.http_port) == ("mmap", 2097152, 3)
 
 
+@pytest.mark.parametrize("written", ["0660", "660", "0o660", "0O660"])
+def test_file_modes_are_octal_however_written(tmp_path: Path, written: str) -> None:
+    assert load(None, env={"PIECED_SOCKET_MODE": written}).socket_mode == 0o660
+    f = tmp_path / "p.toml"
+    f.write_text(f'socket_mode = "{written}"\n')
+    assert load(f, env={}).socket_mode == 0o660
+
+
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
@@ -34,6 +42,8 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
         ("x = [\n", {}, "p.toml"),
         ("", {"PIECED_NOPE": "1"}, "unknown setting PIECED_NOPE"),
         ("", {"PIECED_SYNC_WINDOW_MS": "-1"}, "must be >= 0"),
+        ("", {"PIECED_SOCKET_MODE": "0999"}, "must be an octal file mode"),
+        ("", {"PIECED_SOCKET_MODE": "0o1777"}, "must be a file mode"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -106,7 +106,7 @@ def _bad(info: dict[bytes, Any], **top: Any) -> bytes:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (b"d4:infod", "not valid bencode"),
+        (b"d4:infod", "not canonical bencode"),
         (b"i42e", "not a dictionary"),
         (bencodepy.encode({b"announce": b"x"}), "'info' is missing"),
         (_bad(_v1(files=[{b"length": 10, b"path": [b".."]}])), "'..'"),

@@ -1,0 +1,129 @@
+"""What one client can make the daemon hold is bounded, and others go on meanwhile."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import time
+from pathlib import Path
+
+from pieced.protocol.client import Client
+from pieced.protocol.frames import FrameType
+from pieced.protocol.messages import encode_request
+
+from tests.conftest import Daemon
+from tests.realtools import make_payload, make_torrent_lt
+from tests.test_daemon import RawConn
+from tests.test_disk import Source
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_descriptors_sent_with_other_frames_are_closed_at_once(daemon: Daemon) -> None:
+    """300 requests each carrying 4 descriptors: the daemon keeps none of them, answers
+    every request, and another client downloads a torrent meanwhile."""
+    pid = daemon.proc.pid
+    before = _fds(pid)
+    raw_conn = RawConn(daemon.socket)
+    spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", spare).tobytes())]
+    peak = 0
+    try:
+        for i in range(300):
+            raw_conn.sock.sendmsg([encode_request(i + 1, "stats", {})], rights)
+            if i % 50 == 49:
+                peak = max(peak, _fds(pid))
+        replies = raw_conn.replies(300)
+        assert all(r.type == FrameType.RESPONSE for r in replies)
+    finally:
+        for fd in spare:
+            os.close(fd)
+    # the connection itself is one descriptor; at most a handful wait for an attach_ring
+    assert peak <= before + 1 + 4, (before, peak)
+    assert _fds(pid) <= before + 1
+
+    content = make_payload(daemon.root / "src", {"a.bin": 300_000, "b.bin": 70_001}, seed=2)
+    raw = make_torrent_lt(content, 32768, "hybrid")
+    src = Source(raw, daemon.root / "src")
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, daemon.root / "dl")
+        for p, b, n in src.peer_blocks():
+            c.write_block_direct(ih, p, b, src.read(p, b, n))
+        c.wait_writes()
+        c.flush_all()
+        assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+    raw_conn.sock.close()
+    deadline = time.monotonic() + 10
+    while _fds(pid) > before + 1 and time.monotonic() < deadline:  # the payload handles may stay open
+        time.sleep(0.05)
+
+
+def test_cli_add_names_a_missing_torrent_file(daemon: Daemon, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pieced.daemon.cli", "add", str(tmp_path / "missing.torrent"),
+         "--save-path", str(tmp_path), "--socket", str(daemon.socket)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    assert "cannot read" in r.stderr and "missing.torrent" in r.stderr
+    assert "cannot reach the daemon" not in r.stderr
+
+
+def test_short_requests_are_answered_while_four_rechecks_run(tmp_path: Path) -> None:
+    """Four connections recheck four torrents at once (one hashing thread, so they last);
+    a fifth asks for stats all along and is answered while all four still run. Before,
+    the rechecks took every request worker and stats waited for one of them to end."""
+    import threading
+
+    d = Daemon(tmp_path, env={"PIECED_HASH_WORKERS": "1"})
+    try:
+        # one payload, four torrents of it (four piece sizes: four info hashes)
+        content = make_payload(tmp_path / "src", 96 * 1024 * 1024, seed=1)
+        torrents = [(make_torrent_lt(content, 16384 << k, "hybrid"), tmp_path / "src")
+                    for k in range(4)]
+        first_done = threading.Event()
+        started = threading.Barrier(5)
+        errors: list[BaseException] = []
+
+        def recheck(raw: bytes, save: Path) -> None:
+            try:
+                with Client(d.socket) as c:
+                    ih = c.register(raw, save)
+                    started.wait(30)
+                    assert c.recheck(ih, full=True)["verified"] > 0
+                    first_done.set()
+            except BaseException as exc:
+                errors.append(exc)
+                first_done.set()
+
+        threads = [threading.Thread(target=recheck, args=t) for t in torrents]
+        for t in threads:
+            t.start()
+        latencies = []
+        answered_while_all_ran = 0
+        with Client(d.socket) as c:
+            started.wait(30)
+            time.sleep(0.05)  # let the four recheck requests reach the daemon
+            while any(t.is_alive() for t in threads):
+                t0 = time.perf_counter()
+                c.stats()
+                latencies.append(time.perf_counter() - t0)
+                if not first_done.is_set():
+                    answered_while_all_ran += 1
+                time.sleep(0.005)
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    finally:
+        assert d.stop() == 0, d.stderr()
+    latencies.sort()
+    print(f"stats during four rechecks: {len(latencies)} calls, {answered_while_all_ran} while "
+          f"all four ran; p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, max "
+          f"{latencies[-1] * 1000:.1f} ms")
+    assert answered_while_all_ran >= 5, answered_while_all_ran
