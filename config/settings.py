@@ -45,6 +45,7 @@ class Settings:
     max_files: int = 1_000_000
     max_pieces: int = 4_000_000
     max_piece_length: int = 64 * MiB
+    max_partial_pieces: int = 16384
     log_level: str = "info"
 
     def resolved(self, base: Path | None = None) -> Settings:
@@ -97,6 +98,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_clients": _positive,
     "max_files": _positive,
     "max_pieces": _positive,
+    "max_partial_pieces": _positive,
     "max_piece_length": lambda v: None if v >= 16 * 1024 else "must be at least 16384",
     "log_level": _choice("debug", "info", "warning", "error"),
 }

@@ -67,6 +67,7 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
         sync_window=settings.sync_window_ms / 1000,
         roots=[Path(r) for r in settings.roots],
         state_dir=Path(settings.state_dir),
+        max_partial_pieces=settings.max_partial_pieces,
         on_piece=observer.piece if observer is not None else None,
         on_error=observer.disk_error if observer is not None else None,
         metainfo_limits={

@@ -38,7 +38,18 @@ def decode(data: bytes, *, max_depth: int = 512) -> Any:
 
 
 def _where(path: tuple[str, ...]) -> str:
+    if len(path) > 12:  # a nesting bomb's path: its head and its depth say enough
+        path = (*path[:8], f"...({len(path) - 10} more)...", *path[-2:])
     return "".join(path).lstrip(".") or "the top-level value"
+
+
+def _key(key: bytes) -> str:
+    """A key as it reads in a message: text, or hex when it is binary (a pieces root)."""
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return key.hex()
+    return text if text.isprintable() else key.hex()
 
 
 class _Decoder:
@@ -85,7 +96,7 @@ class _Decoder:
                 if not 0x30 <= data[pos] <= 0x39:
                     raise self.fail(path, pos, "a dictionary key must be a string")
                 key, kpos = self.string(pos, path)
-                name = key.decode("utf-8", "replace")
+                name = _key(key)
                 if last is not None and key <= last:
                     why = "duplicate key" if key == last else "keys out of order"
                     raise self.fail((*path, f".{name}"), pos, why)

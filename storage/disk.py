@@ -45,6 +45,7 @@ from .errors import (
     OutOfRange,
     PathEscape,
     StorageIOError,
+    TooLarge,
     UnknownTorrent,
 )
 from .files import BACKENDS, FileVanished, HandlePool, make_storage
@@ -77,6 +78,7 @@ ERROR_EVENT_INTERVAL = 1.0  # seconds between two on_error calls of one torrent 
 # Journal records after which the torrent's resume record is rewritten (compaction);
 # a torrent of many pieces waits longer, its record being bigger.
 COMPACT_RECORDS = 4096
+MAX_CACHED_READ = 16 * 1024 * 1024  # see DiskIO._cacheable
 Pending = tuple[PieceResult, bytes]  # a committing piece's result and fingerprint
 
 
@@ -105,6 +107,7 @@ class DiskIO:
         on_error: ErrorCallback | None = None,
         metainfo_limits: dict[str, int] | None = None,
         state_dir: Path | None = None,
+        max_partial_pieces: int = 16384,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -118,6 +121,11 @@ class DiskIO:
         self.on_error = on_error
         self.metainfo_limits = metainfo_limits or {}
         self.metrics = Stats()
+        self.max_partial_pieces = max_partial_pieces
+        self._partials = 0
+        self._partials_lock = threading.Lock()
+        # The largest piece a read brings whole into the cache (the rest are read by range).
+        self._cacheable = min(MAX_CACHED_READ, cache_bytes // 4)
         self._lock = threading.Lock()
         self._torrents: dict[bytes, Torrent] = {}
         self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
@@ -174,6 +182,7 @@ class DiskIO:
             with t.lock:
                 t.remove()
                 partials, t.partial = list(t.partial.values()), {}
+            self._count_partials(-len(partials))
             for partial in partials:
                 partial.done = True
             with self._lock:
@@ -509,6 +518,7 @@ class DiskIO:
         hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads)
         with t.lock:
             if t.state[piece] == MISSING:
+                self._count_partials(1)
                 partial = t.partial[piece] = Partial(hasher, pads)
                 t.set_state(piece, PARTIAL)
                 self.pool.drop((t.id, piece))  # what a read cached of it is stale from now on
@@ -518,6 +528,17 @@ class DiskIO:
         if found is None:
             self.metrics.add("duplicate_blocks", blocks)
         return found
+
+    def _count_partials(self, delta: int) -> None:
+        """Pieces in progress, daemon-wide: each holds hash state (a few KiB) outside the
+        byte budget, so their number is bounded instead. Refusing a block's new piece
+        past the bound leaves the rest as it was."""
+        with self._partials_lock:
+            if delta > 0 and self._partials + delta > self.max_partial_pieces:
+                raise TooLarge(
+                    f"{self._partials} pieces are in progress, the limit "
+                    f"(max_partial_pieces) is {self.max_partial_pieces}: finish or clear some")
+            self._partials += delta
 
     def _cut_pads(
         self, partial: Partial, begin: int, bufs: Sequence[Buffer], length: int
@@ -609,12 +630,14 @@ class DiskIO:
                 self._write_out(t, piece, blocks)
         except BaseException:
             with t.lock:
-                t.partial.pop(piece, None)
+                if t.partial.pop(piece, None) is not None:
+                    self._count_partials(-1)
                 if t.state[piece] == HASHING:
                     t.set_state(piece, MISSING)
             raise
         with t.lock:
-            t.partial.pop(piece, None)
+            if t.partial.pop(piece, None) is not None:
+                self._count_partials(-1)
             # A vanished file may have sent the piece back to missing meanwhile.
             ok = ok and t.state[piece] == HASHING
             t.set_state(piece, COMMITTING if ok else MISSING)
@@ -751,6 +774,7 @@ class DiskIO:
                         pass  # their writer or committer sees the state change
                     elif state == PARTIAL and exc.written:
                         t.partial.pop(p).done = True
+                        self._count_partials(-1)
                     else:
                         continue
                     t.set_state(p, MISSING)
@@ -810,10 +834,12 @@ class DiskIO:
                 return hit
             self.pool.drop(key)  # the page cache let it go: read it the usual way
         self.metrics.add("cache_misses")
-        if volatile or t.state[piece] in (PARTIAL, HASHING):
-            # A piece still arriving is not cached: the copy would be stale at once.
+        size = t.layout.piece_size(piece)
+        if volatile or t.state[piece] in (PARTIAL, HASHING) or size > self._cacheable:
+            # A piece still arriving is not cached: the copy would be stale at once. Nor
+            # is one too big for the budget: a read of 16 bytes then costs 16 bytes.
             return bytes(self._read_range(t, piece, begin, length))
-        data = self._read_range(t, piece, 0, t.layout.piece_size(piece))
+        data = self._read_range(t, piece, 0, size)
         self.pool.put(key, PieceData.whole(data))
         return bytes(memoryview(data)[begin : begin + length])
 
@@ -878,6 +904,8 @@ class DiskIO:
                     state = t.state[piece]
                     partial = t.partial.pop(piece, None)
                     t.set_state(piece, MISSING)
+                    if partial is not None:
+                        self._count_partials(-1)
                 if state == VERIFIED and rec is not None:
                     try:
                         rec.append([(REC_CLEARED, piece, bytes(16))])

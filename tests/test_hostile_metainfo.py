@@ -1,0 +1,721 @@
+"""Hostile .torrent files, one table row each: the exact bytes, what libtorrent says of
+them, and what pieced must do.
+
+Every row starts from a small torrent made by libtorrent (or mktorrent) and edits its
+bencoded bytes by hand, through a codec that keeps keys in the order written and keeps
+duplicates, and can write tokens verbatim (``Raw``) that no encoder would produce.
+
+For each row three things are checked:
+
+* libtorrent 2.1's verdict on the same bytes (``lt.torrent_info`` and
+  ``lt.load_torrent_buffer``, which agree on every row), kept in the table as data, so
+  the table records where pieced is stricter than libtorrent, or as strict;
+* ``parse`` refuses with the expected error class and a message naming the offending key
+  or path (or accepts, for the control rows);
+* ``DiskIO.register`` refuses as well and leaves nothing behind: the save folder stays
+  empty and no torrent folder appears in the state dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import libtorrent as lt
+import pytest
+from pieced.storage.disk import DiskIO
+from pieced.storage.errors import BadMetainfo, PiecedError, TooLarge
+from pieced.storage.metainfo import parse
+
+from tests.realtools import make_payload, make_torrent_lt, make_torrent_mktorrent
+
+PIECE = 16384
+PAYLOAD = {"a.bin": 20000, "sub/b.bin": 40000, "c.txt": 133, "empty": 0}
+ACCEPTED = "accepted"
+
+# libtorrent 2.1.1's messages that several rows share
+LT_DIGIT = "expected digit in bencoded string [bdecode:1]"
+LT_EOF = "unexpected end of file in bencoded string [bdecode:3]"
+LT_BENCODING = "invalid bencoding [libtorrent:15]"
+LT_PIECE_LENGTH = "invalid or missing 'piece length' entry in torrent file [libtorrent:6]"
+LT_NO_DATA = "invalid length of torrent [libtorrent:9]"
+LT_HASH_COUNT = "incorrect number of piece hashes in torrent file [libtorrent:12]"
+LT_LAYER = "a piece layer is invalid [libtorrent:215]"
+
+
+# --------------------------------------------------------------------------- codec
+
+
+class BDict(list[tuple[bytes, Any]]):
+    """A bencoded dictionary as written: keys in file order, duplicates kept."""
+
+
+class Raw(bytes):
+    """Bytes that ``encode`` writes verbatim (a token no encoder would produce)."""
+
+
+def decode(raw: bytes) -> Any:
+    """Decode canonical bencode (the makers' output) into ints, bytes, lists, BDicts."""
+    value, end = _decode_at(raw, 0)
+    assert end == len(raw), "trailing bytes in a maker's output"
+    return value
+
+
+def _decode_at(raw: bytes, pos: int) -> tuple[Any, int]:
+    c = raw[pos : pos + 1]
+    if c == b"i":
+        end = raw.index(b"e", pos)
+        return int(raw[pos + 1 : end]), end + 1
+    if c in (b"l", b"d"):
+        items: list[Any] = []
+        pos += 1
+        while raw[pos : pos + 1] != b"e":
+            item, pos = _decode_at(raw, pos)
+            items.append(item)
+        if c == b"l":
+            return items, pos + 1
+        return BDict(zip(items[::2], items[1::2], strict=True)), pos + 1
+    colon = raw.index(b":", pos)
+    start = colon + 1
+    end = start + int(raw[pos:colon])
+    return raw[start:end], end
+
+
+def encode(value: Any) -> bytes:
+    if isinstance(value, Raw):
+        return bytes(value)
+    if isinstance(value, bytes):
+        return b"%d:%s" % (len(value), value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return b"i%de" % value
+    if isinstance(value, BDict):
+        return b"d" + b"".join(encode(k) + encode(v) for k, v in value) + b"e"
+    if isinstance(value, list):
+        return b"l" + b"".join(encode(v) for v in value) + b"e"
+    raise TypeError(f"cannot bencode {value!r}")
+
+
+def get(d: BDict, key: bytes, default: Any = None) -> Any:
+    return next((v for k, v in d if k == key), default)
+
+
+def at(value: Any, *steps: bytes | int) -> Any:
+    """Walk into dicts (first occurrence of a key) and lists (an index)."""
+    for step in steps:
+        value = value[step] if isinstance(step, int) else get(value, step)
+    return value
+
+
+def put(d: BDict, key: bytes, value: Any) -> None:
+    """Replace the (first) value of ``key``, or insert it where sorted order wants it."""
+    for i, (k, _) in enumerate(d):
+        if k == key:
+            d[i] = (key, value)
+            return
+    i = 0
+    while i < len(d) and d[i][0] < key:
+        i += 1
+    d.insert(i, (key, value))
+
+
+def drop(d: BDict, key: bytes) -> None:
+    d[:] = [(k, v) for k, v in d if k != key]
+
+
+def again(d: BDict, key: bytes, value: Any) -> None:
+    """Write ``key`` a second time, right after its first occurrence."""
+    i = next(i for i, (k, _) in enumerate(d) if k == key)
+    d.insert(i + 1, (key, value))
+
+
+def rename(d: BDict, old: bytes, new: bytes) -> None:
+    """Rename a key, keeping its value, and put it back in sorted order."""
+    value = at(d, old)
+    drop(d, old)
+    put(d, new, value)
+
+
+def swap(d: BDict, a: bytes, b: bytes) -> None:
+    """Exchange the positions of two keys (and their values)."""
+    i = next(i for i, (k, _) in enumerate(d) if k == a)
+    j = next(i for i, (k, _) in enumerate(d) if k == b)
+    d[i], d[j] = d[j], d[i]
+
+
+# --------------------------------------------------------------------------- rows
+
+Bases = dict[str, bytes]
+Build = Callable[[Bases], bytes]
+
+
+class Row(NamedTuple):
+    id: str
+    build: Build
+    libtorrent: str  # ACCEPTED, or libtorrent's error message
+    error: type[PiecedError] | None  # None: pieced accepts
+    names: str = ""  # what pieced's message must contain
+
+
+def base(kind: str) -> Build:
+    return lambda b: b[kind]
+
+
+def edited(kind: str, change: Callable[[BDict], object]) -> Build:
+    """The ``kind`` base torrent, decoded, changed in place, encoded again."""
+
+    def build(b: Bases) -> bytes:
+        top = decode(b[kind])
+        change(top)
+        return encode(top)
+
+    return build
+
+
+def replaced(kind: str, old: bytes, new: bytes) -> Build:
+    """The ``kind`` base torrent with one exact run of bytes replaced."""
+
+    def build(b: Bases) -> bytes:
+        assert b[kind].count(old) == 1, old
+        return b[kind].replace(old, new)
+
+    return build
+
+
+def info(top: BDict) -> BDict:
+    return at(top, b"info")  # type: ignore[no-any-return]
+
+
+def v1_file(top: BDict, name: bytes) -> BDict:
+    """The v1 ``files`` entry whose path ends with ``name``."""
+    return next(f for f in at(top, b"info", b"files") if at(f, b"path")[-1] == name)  # type: ignore[no-any-return]
+
+
+def set_path(name: bytes, *path: bytes) -> Callable[[BDict], None]:
+    """Give the v1 file ``name`` another path."""
+    return lambda top: put(v1_file(top, name), b"path", list(path))
+
+
+def tree(top: BDict, *path: bytes) -> BDict:
+    return at(top, b"info", b"file tree", *path)  # type: ignore[no-any-return]
+
+
+def single(length: int, piece_length: int, pieces: int | None = None) -> Callable[[BDict], None]:
+    """Make the single-file base say ``length`` bytes in pieces of ``piece_length``."""
+
+    def change(top: BDict) -> None:
+        put(info(top), b"length", length)
+        put(info(top), b"piece length", piece_length)
+        count = -(-length // piece_length) if pieces is None else pieces
+        put(info(top), b"pieces", bytes(20 * count))
+
+    return change
+
+
+def unknown_keys(top: BDict) -> None:
+    put(info(top), b"private", 1)
+    put(info(top), b"source", b"x")
+
+
+def dup_info(top: BDict) -> None:
+    second = BDict(info(top))
+    put(second, b"name", b"other")
+    again(top, b"info", second)
+
+
+def dup_pieces(top: BDict) -> None:
+    again(info(top), b"pieces", bytes(len(at(top, b"info", b"pieces"))))
+
+
+def dup_length(top: BDict) -> None:
+    again(v1_file(top, b"c.txt"), b"length", 134)
+
+
+def dup_tree_node(top: BDict) -> None:
+    again(tree(top), b"c.txt", at(tree(top), b"a.bin"))
+
+
+def dup_pieces_root(top: BDict) -> None:
+    again(tree(top, b"c.txt", b""), b"pieces root", bytes(32))
+
+
+def dup_piece_layer(top: BDict) -> None:
+    layers: BDict = at(top, b"piece layers")
+    key, value = layers[0]
+    again(layers, key, bytes(len(value)))
+
+
+def all_empty(top: BDict) -> None:
+    for f in at(top, b"info", b"files"):
+        put(f, b"length", 0)
+    put(info(top), b"pieces", b"")
+
+
+def v2_only_empty(top: BDict) -> None:
+    put(info(top), b"file tree", BDict([(b"empty", BDict([(b"", BDict([(b"length", 0)]))]))]))
+    drop(top, b"piece layers")
+
+
+def pad_only_piece(top: BDict) -> None:
+    """Grow the first pad file by a whole piece: that piece holds nothing but pad bytes."""
+    pad = next(f for f in at(top, b"info", b"files") if get(f, b"attr") == b"p")
+    length = at(pad, b"length")
+    put(pad, b"length", length + PIECE)
+    where = 20 * ((20000 + length) // PIECE)
+    pieces = at(top, b"info", b"pieces")
+    zeros = hashlib.sha1(bytes(PIECE)).digest()
+    put(info(top), b"pieces", pieces[:where] + zeros + pieces[where:])
+
+
+def v1_pad(length: int) -> Callable[[BDict], None]:
+    """Put a pad file of ``length`` bytes after the first file of the v1 base."""
+
+    def change(top: BDict) -> None:
+        files = at(top, b"info", b"files")
+        pad = BDict([(b"attr", b"p"), (b"length", length), (b"path", [b".pad", b"%d" % length])])
+        files.insert(1, pad)
+        total = sum(at(f, b"length") for f in files)
+        put(info(top), b"pieces", bytes(20 * -(-total // PIECE)))
+
+    return change
+
+
+def symlink_with_length(top: BDict) -> None:
+    f = v1_file(top, b"c.txt")
+    put(f, b"attr", b"l")
+    put(f, b"symlink path", [b"a.bin"])
+
+
+def short_layer(top: BDict) -> None:
+    root = at(tree(top, b"sub", b"b.bin", b""), b"pieces root")
+    put(at(top, b"piece layers"), root, at(top, b"piece layers", root)[:-32])
+
+
+def wrong_layer(top: BDict) -> None:
+    root = at(tree(top, b"sub", b"b.bin", b""), b"pieces root")
+    put(at(top, b"piece layers"), root, bytes(96))
+
+
+def missing_layer(top: BDict) -> None:
+    root = at(tree(top, b"sub", b"b.bin", b""), b"pieces root")
+    drop(at(top, b"piece layers"), root)
+
+
+def both_file_and_folder(top: BDict) -> None:
+    put(tree(top, b"sub"), b"", BDict([(b"length", 0)]))
+
+
+def deep_path(top: BDict) -> None:
+    put(v1_file(top, b"c.txt"), b"path", [b"deep", *[b"d" * 200] * 21])
+
+
+ROWS: list[Row] = [
+    # -- controls: pieced accepts these (files differing only in case included)
+    Row("control: libtorrent v1", base("v1"), ACCEPTED, None),
+    Row("control: libtorrent v2", base("v2"), ACCEPTED, None),
+    Row("control: libtorrent hybrid", base("hybrid"), ACCEPTED, None),
+    Row("control: libtorrent v1 single file", base("single"), ACCEPTED, None),
+    Row("control: mktorrent v1", base("mktorrent"), ACCEPTED, None),
+    Row(
+        "control: files differing only in case",
+        edited("v1", set_path(b"c.txt", b"A.BIN")),
+        ACCEPTED,
+        None,
+    ),
+    Row(
+        "control: unknown keys in info",
+        edited("v1", unknown_keys),
+        ACCEPTED,
+        None,
+    ),
+    Row(
+        "control: a 255-byte component",
+        edited("v1", set_path(b"c.txt", b"long" + b"x" * 251)),
+        ACCEPTED,
+        None,
+    ),
+    Row("control: v1 pad file shorter than a piece", edited("v1", v1_pad(12768)), ACCEPTED, None),
+    Row("control: 64 MiB pieces", edited("single", single(133, 1 << 26)), ACCEPTED, None),
+    # -- duplicate keys
+    Row("second top-level info", edited("v1", dup_info), ACCEPTED, BadMetainfo, "info"),
+    Row("second pieces in info", edited("v1", dup_pieces), ACCEPTED, BadMetainfo, "pieces"),
+    Row(
+        "second length in a files entry", edited("v1", dup_length), ACCEPTED, BadMetainfo, "length"
+    ),
+    Row(
+        "second c.txt in a v2 file tree node",
+        edited("v2", dup_tree_node),
+        LT_BENCODING,
+        BadMetainfo,
+        "c.txt",
+    ),
+    Row(
+        "second pieces root in a v2 file",
+        edited("v2", dup_pieces_root),
+        LT_BENCODING,
+        BadMetainfo,
+        "pieces root",
+    ),
+    Row(
+        "second key in piece layers",
+        edited("v2", dup_piece_layer),
+        LT_LAYER,
+        BadMetainfo,
+        "piece layers",
+    ),
+    # -- unsorted keys
+    Row(
+        "unsorted info keys",
+        edited("v1", lambda t: swap(info(t), b"piece length", b"pieces")),
+        ACCEPTED,
+        BadMetainfo,
+        "piece",
+    ),
+    Row(
+        "unsorted top-level keys",
+        edited("v1", lambda t: swap(t, b"created by", b"creation date")),
+        ACCEPTED,
+        BadMetainfo,
+        "creat",
+    ),
+    Row(
+        "unsorted v2 file tree",
+        edited("v2", lambda t: swap(tree(t), b"c.txt", b"empty")),
+        LT_BENCODING,
+        BadMetainfo,
+        "c.txt",
+    ),
+    # -- integers and string lengths that are not canonical
+    Row("i+133e", replaced("v1", b"i133e", b"i+133e"), LT_DIGIT, BadMetainfo, "length"),
+    Row("i 133e", replaced("v1", b"i133e", b"i 133e"), LT_DIGIT, BadMetainfo, "length"),
+    Row("i1_33e", replaced("v1", b"i133e", b"i1_33e"), LT_DIGIT, BadMetainfo, "length"),
+    Row("i0133e", replaced("v1", b"i133e", b"i0133e"), ACCEPTED, BadMetainfo, "length"),
+    Row("i-0e", replaced("v1", b"i0e", b"i-0e"), ACCEPTED, BadMetainfo, "length"),
+    Row("ie", replaced("v1", b"i0e", b"ie"), LT_DIGIT, BadMetainfo, "length"),
+    Row(
+        "string length 07:payload",
+        replaced("v1", b"7:payload", b"07:payload"),
+        ACCEPTED,
+        BadMetainfo,
+        "name",
+    ),
+    Row(
+        "string length past the end",
+        replaced("v1", b"7:payload", b"99999:payload"),
+        LT_EOF,
+        BadMetainfo,
+        "name",
+    ),
+    Row(
+        "piece length over 64 bits",
+        replaced("v1", b"i16384e", b"i99999999999999999999e"),
+        LT_PIECE_LENGTH,
+        TooLarge,
+        "piece length",
+    ),
+    # -- the shape of the input
+    Row("trailing bytes", lambda b: b["v1"] + b"\n", ACCEPTED, BadMetainfo, "trailing"),
+    Row("truncated in pieces", lambda b: b["v1"][:-30], LT_EOF, BadMetainfo, "pieces"),
+    Row(
+        "nesting bomb in info",
+        edited("v1", lambda t: put(info(t), b"x-bomb", Raw(b"l" * 100_000 + b"e" * 100_000))),
+        "bencoded nesting depth exceeded [bdecode:5]",
+        BadMetainfo,
+        "x-bomb",
+    ),
+    Row(
+        "info is a list",
+        edited("v1", lambda t: put(t, b"info", [])),
+        "missing or invalid 'info' section in torrent file [libtorrent:4]",
+        BadMetainfo,
+        "info",
+    ),
+    Row(
+        "name missing",
+        edited("v1", lambda t: drop(info(t), b"name")),
+        "missing name in torrent file [libtorrent:7]",
+        BadMetainfo,
+        "name",
+    ),
+    # -- file paths
+    Row(
+        "same path twice",
+        edited("v1", set_path(b"c.txt", b"a.bin")),
+        ACCEPTED,
+        BadMetainfo,
+        "a.bin",
+    ),
+    Row(
+        "file a beside folder a/b",
+        edited("v1", set_path(b"c.txt", b"sub")),
+        ACCEPTED,
+        BadMetainfo,
+        "sub",
+    ),
+    Row(
+        "v2 node both file and folder",
+        edited("v2", both_file_and_folder),
+        "failed to parse files from torrent file [libtorrent:10]",
+        BadMetainfo,
+        "sub",
+    ),
+    Row(
+        "a 256-byte component",
+        edited("v1", set_path(b"c.txt", b"long" + b"x" * 252)),
+        ACCEPTED,
+        BadMetainfo,
+        "long",
+    ),
+    Row("a path over 4096 bytes", edited("v1", deep_path), ACCEPTED, BadMetainfo, "deep"),
+    Row(
+        "empty component",
+        edited("v1", set_path(b"c.txt", b"sub", b"")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "component .",
+        edited("v1", set_path(b"c.txt", b".", b"c.txt")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "component ..",
+        edited("v1", set_path(b"c.txt", b"..", b"c.txt")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "NUL in a component",
+        edited("v1", set_path(b"c.txt", b"c\0.txt")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "/ in a component",
+        edited("v1", set_path(b"c.txt", b"sub/c.txt")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "\\ in a component",
+        edited("v1", set_path(b"c.txt", b"..\\c.txt")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "absolute path",
+        edited("v1", set_path(b"c.txt", b"/etc", b"c.txt")),
+        ACCEPTED,
+        BadMetainfo,
+        "path",
+    ),
+    Row(
+        "absolute name",
+        edited("v1", lambda t: put(info(t), b"name", b"/tmp/payload")),
+        ACCEPTED,
+        BadMetainfo,
+        "name",
+    ),
+    Row(
+        "name not UTF-8",
+        edited("v1", lambda t: put(info(t), b"name", b"pay\xffload")),
+        ACCEPTED,
+        BadMetainfo,
+        "name",
+    ),
+    Row(
+        "v2 file tree key ..",
+        edited("v2", lambda t: rename(tree(t), b"c.txt", b"..")),
+        ACCEPTED,
+        BadMetainfo,
+        "..",
+    ),
+    # -- sizes
+    Row(
+        "total size 0, one file",
+        edited("single", single(0, PIECE)),
+        LT_NO_DATA,
+        BadMetainfo,
+        "total size",
+    ),
+    Row(
+        "total size 0, all files empty",
+        edited("v1", all_empty),
+        LT_NO_DATA,
+        BadMetainfo,
+        "total size",
+    ),
+    Row("total size 0, v2", edited("v2", v2_only_empty), LT_NO_DATA, BadMetainfo, "total size"),
+    Row(
+        "piece length 0",
+        edited("single", single(133, 0, 1)),
+        LT_PIECE_LENGTH,
+        BadMetainfo,
+        "piece length",
+    ),
+    Row(
+        "piece length negative",
+        edited("single", single(133, -PIECE, 1)),
+        LT_PIECE_LENGTH,
+        BadMetainfo,
+        "piece length",
+    ),
+    Row(
+        "v2 piece length 8 KiB",
+        edited("v2", lambda t: put(info(t), b"piece length", 8192)),
+        LT_PIECE_LENGTH,
+        BadMetainfo,
+        "piece length",
+    ),
+    Row(
+        "v2 piece length 48 KiB",
+        edited("v2", lambda t: put(info(t), b"piece length", 3 * PIECE)),
+        LT_PIECE_LENGTH,
+        BadMetainfo,
+        "piece length",
+    ),
+    Row(
+        "1 GiB pieces, 133 bytes",
+        edited("single", single(133, 1 << 30)),
+        LT_PIECE_LENGTH,
+        TooLarge,
+        "piece length",
+    ),
+    Row(
+        "4 EiB in 2^55-byte pieces",
+        edited("single", single(1 << 62, 1 << 55)),
+        LT_PIECE_LENGTH,
+        TooLarge,
+        "piece length",
+    ),
+    Row(
+        "pieces not a multiple of 20",
+        edited("v1", lambda t: put(info(t), b"pieces", at(t, b"info", b"pieces")[:-1])),
+        LT_HASH_COUNT,
+        BadMetainfo,
+        "pieces",
+    ),
+    Row(
+        "pieces one hash too many",
+        edited("v1", lambda t: put(info(t), b"pieces", at(t, b"info", b"pieces") + bytes(20))),
+        LT_HASH_COUNT,
+        BadMetainfo,
+        "pieces",
+    ),
+    # -- pad files and symlinks
+    Row(
+        "hybrid piece of pad bytes only",
+        edited("hybrid", pad_only_piece),
+        "the v1 and v2 file metadata does not match [libtorrent:213]",
+        BadMetainfo,
+        ".pad",
+    ),
+    Row(
+        "v1 piece of pad bytes only",
+        edited("v1", v1_pad(12768 + PIECE)),
+        ACCEPTED,
+        BadMetainfo,
+        ".pad",
+    ),
+    Row("symlink with a length", edited("v1", symlink_with_length), ACCEPTED, BadMetainfo, "c.txt"),
+    # -- v2 hashes and version
+    Row("v2 piece layer 32 bytes short", edited("v2", short_layer), LT_LAYER, BadMetainfo, "b.bin"),
+    Row(
+        "v2 piece layer of other hashes", edited("v2", wrong_layer), LT_LAYER, BadMetainfo, "b.bin"
+    ),
+    Row("v2 piece layer missing", edited("v2", missing_layer), ACCEPTED, BadMetainfo, "b.bin"),
+    Row(
+        "v2 pieces root of 31 bytes",
+        edited("v2", lambda t: put(tree(t, b"c.txt", b""), b"pieces root", bytes(31))),
+        "a v2 file entry has no root hash [libtorrent:216]",
+        BadMetainfo,
+        "c.txt",
+    ),
+    Row(
+        "meta version 3",
+        edited("v2", lambda t: put(info(t), b"meta version", 3)),
+        "the torrent file has an unknown meta version [libtorrent:210]",
+        BadMetainfo,
+        "meta version",
+    ),
+]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Bases:
+    """The torrents every row starts from, made once: a folder of four files (one of
+    them empty) as v1, v2 and hybrid, the same folder by mktorrent, and one 133-byte
+    file as v1."""
+    root = tmp_path_factory.mktemp("bases")
+    folder = make_payload(root / "multi", PAYLOAD, seed=5)
+    one = make_payload(root / "single", 133, seed=6)
+    made = {kind: make_torrent_lt(folder, PIECE, kind) for kind in ("v1", "v2", "hybrid")}
+    made["single"] = make_torrent_lt(one, PIECE, "v1")
+    made["mktorrent"] = make_torrent_mktorrent(folder, 2 * PIECE)
+    return made
+
+
+def libtorrent_verdict(raw: bytes) -> str:
+    """What libtorrent says of ``raw``: ACCEPTED or its error message. Its two ways in
+    (``torrent_info`` and ``load_torrent_buffer``) must agree."""
+    verdicts = []
+    for load in (lt.torrent_info, lt.load_torrent_buffer):
+        try:
+            load(raw)
+        except RuntimeError as exc:
+            verdicts.append(str(exc))
+        else:
+            verdicts.append(ACCEPTED)
+    assert verdicts[0] == verdicts[1], verdicts
+    return verdicts[0]
+
+
+ROW_PARAMS = [pytest.param(row, id=row.id) for row in ROWS]
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_libtorrent_verdict(row: Row, bases: Bases) -> None:
+    assert libtorrent_verdict(row.build(bases)) == row.libtorrent
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_parse(row: Row, bases: Bases) -> None:
+    raw = row.build(bases)
+    if row.error is None:
+        parse(raw)
+        return
+    with pytest.raises(row.error) as caught:
+        parse(raw)
+    assert row.names in str(caught.value)
+
+
+@pytest.mark.parametrize("row", ROW_PARAMS)
+def test_register(row: Row, bases: Bases, tmp_path: Path) -> None:
+    raw = row.build(bases)
+    save = tmp_path / "save"
+    save.mkdir()
+    state = tmp_path / "state"
+    disk = DiskIO(hash_workers=1, cache_bytes=1 << 20, state_dir=state)
+    try:
+        if row.error is None:
+            disk.register(raw, save)
+            assert len(list((state / "torrents").iterdir())) == 1
+            return
+        with pytest.raises(row.error) as caught:
+            disk.register(raw, save)
+        assert row.names in str(caught.value)
+        assert sorted(save.rglob("*")) == []
+        assert sorted((state / "torrents").iterdir()) == []
+    finally:
+        disk.close()
