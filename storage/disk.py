@@ -142,27 +142,38 @@ class DiskIO:
         path = self._check_save_path(Path(save_path))
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate)
         t = Torrent(next(self._ids), meta, storage)
-        with self._lock:
-            for alias in meta.aliases:
-                if alias in self._torrents:
-                    raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
-            for alias in meta.aliases:
-                self._torrents[alias] = t
+        # Held alone until its files and state record exist: a client that finds it in
+        # the table (an unregister, a write) waits for a torrent that is whole, or gone.
+        t.enter_alone()
         try:
-            storage.create_empty_files()
-            if self.state is not None:
-                rec = self.state.create(t.key, metainfo, path)
-                self._records[t.id] = rec
-                with rec.save_lock:
-                    self._save(t, rec)
-        except BaseException as exc:
             with self._lock:
                 for alias in meta.aliases:
-                    self._torrents.pop(alias, None)
-            storage.close()
-            if isinstance(exc, OSError):
-                raise StorageIOError.wrap(exc, "register") from None
-            raise
+                    if alias in self._torrents:
+                        raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
+                for alias in meta.aliases:
+                    self._torrents[alias] = t
+            try:
+                storage.create_empty_files()
+                if self.state is not None:
+                    rec = self.state.create(t.key, metainfo, path)
+                    self._records[t.id] = rec
+                    with rec.save_lock:
+                        self._save(t, rec)
+            except BaseException as exc:
+                made = self._records.pop(t.id, None)
+                if made is not None:
+                    with made.save_lock, made.journal_lock:
+                        made.remove()
+                t.remove()
+                with self._lock:
+                    for alias in meta.aliases:
+                        self._torrents.pop(alias, None)
+                storage.close()
+                if isinstance(exc, OSError):
+                    raise StorageIOError.wrap(exc, "register") from None
+                raise
+        finally:
+            t.leave_alone()
         return meta.info_hash
 
     def unregister(self, ih: bytes, delete_files: bool = False) -> None:

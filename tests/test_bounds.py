@@ -157,3 +157,90 @@ def test_pieces_in_progress_are_bounded(tmp_path: Path) -> None:
     assert st["verified_pieces"] == src.meta.num_pieces and st["partial_pieces"] == 0
     assert dio._partials == 0
     dio.close()
+
+
+def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path) -> None:
+    """Two clients register and unregister one torrent while a third writes its blocks
+    and a fourth rechecks it, for a bounded time: every refusal has its code (never
+    INTERNAL), and after kill -9 the torrent is registered with its save path, or absent,
+    never half there."""
+    import signal
+    import threading
+
+    from pieced.storage.errors import ErrorCode, PiecedError
+
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "b/c.bin": 200_001}, seed=8)
+    raw = make_torrent_lt(content, 32768, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    ih = src.meta.info_hash
+    d = Daemon(tmp_path)
+    seen: dict[str, int] = {}
+    internal: list[str] = []
+    lock = threading.Lock()
+    end = time.monotonic() + 4.0
+
+    def note(exc: PiecedError) -> None:
+        with lock:
+            seen[exc.code.name] = seen.get(exc.code.name, 0) + 1
+            if exc.code == ErrorCode.INTERNAL:
+                internal.append(str(exc))
+
+    def churn(k: int) -> None:
+        with Client(d.socket) as c:
+            while time.monotonic() < end:
+                for call in (lambda: c.register(raw, tmp_path / f"dl{k}"),
+                             lambda: c.unregister(ih, delete_files=k == 1)):
+                    try:
+                        call()
+                    except PiecedError as exc:
+                        note(exc)
+
+    def write() -> None:
+        with Client(d.socket) as c:
+            while time.monotonic() < end:
+                for p, b, n in src.peer_blocks():
+                    try:
+                        c.write_chunk(ih, p, b, src.read(p, b, n))
+                        c.wait_writes()
+                    except PiecedError as exc:
+                        note(exc)
+
+    def recheck() -> None:
+        with Client(d.socket) as c:
+            while time.monotonic() < end:
+                try:
+                    c.recheck(ih)
+                except PiecedError as exc:
+                    note(exc)
+
+    threads = [threading.Thread(target=f, args=a) for f, a in
+               [(churn, (0,)), (churn, (1,)), (write, ()), (recheck, ())]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    print("refusals seen:", seen)
+    assert not internal, internal[:5]
+    assert seen.get("UNKNOWN_TORRENT", 0) + seen.get("ALREADY_REGISTERED", 0) > 0  # it did race
+    with Client(d.socket) as c:
+        listed = {t["ih"]: t for t in c.torrents()}
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    d2 = Daemon(tmp_path)
+    try:
+        with Client(d2.socket) as c:
+            after = {t["ih"]: t for t in c.torrents()}
+            assert set(after) == set(listed)
+            for key, t in after.items():
+                assert t["save_path"] == listed[key]["save_path"]
+                assert c.status(key)["num_pieces"] == src.meta.num_pieces
+    finally:
+        rc = d2.stop()
+    err = d2.stderr()
+    assert rc == 0, err
+    assert "skipped" not in err and "damaged" not in err, err
+    folders = list((tmp_path / "var" / "torrents").iterdir())
+    assert len(folders) == len(listed)
+    for f in folders:  # never half a record
+        assert {p.name for p in f.iterdir()} >= {"metainfo.torrent", "location", "resume"}
