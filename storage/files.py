@@ -12,16 +12,16 @@ import contextlib
 import errno
 import mmap
 import os
-import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutOfRange, PathEscape, StorageIOError
+from .errors import OutOfRange, PathEscape, PiecedError, StorageIOError
 from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import Metainfo
+from .paths import Beneath
 
 BACKENDS = ("posix", "mmap", "disabled")
 _IOV_MAX = 1024
@@ -53,8 +53,9 @@ class HandlePool:
         self._lock = threading.Lock()
         self._fds: OrderedDict[tuple[object, int, bool], list[int]] = OrderedDict()  # [fd, users]
 
-    def get(self, owner: object, index: int, path: Path, writable: bool) -> list[int]:
-        """An open handle as ``[fd, users]``, counted as in use until :meth:`put`.
+    def get(self, owner: FileStorage, index: int, writable: bool) -> list[int]:
+        """An open handle as ``[fd, users]``, counted as in use until :meth:`put`; a
+        missing one is opened with ``owner.open_file``.
 
         A plain call pair rather than a context manager: this runs once per block.
         """
@@ -65,7 +66,7 @@ class HandlePool:
                 entry[1] += 1
                 self._fds.move_to_end(key)
                 return entry
-        fd = _open(path, writable)
+        fd = owner.open_file(index, writable)
         with self._lock:
             entry = self._fds.get(key)
             if entry is None:
@@ -121,18 +122,6 @@ class HandlePool:
         return len(self._fds)
 
 
-def _open(path: Path, writable: bool) -> int:
-    # O_NOFOLLOW: a symlink planted where a payload file belongs is refused, not followed.
-    flags = os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        if writable:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(path, flags | os.O_RDWR | os.O_CREAT, 0o644)
-        return os.open(path, flags | os.O_RDONLY)
-    except OSError as exc:
-        raise StorageIOError.wrap(exc, f"open {path}") from None
-
-
 class FileStorage:
     """The posix backend: pread/pwritev through the shared handle pool."""
 
@@ -146,25 +135,24 @@ class FileStorage:
         self.handles = handles
         self.preallocate = preallocate
         self.renames: dict[int, tuple[str, ...]] = {}
-        self._paths: dict[int, Path] = {}  # built once: joinpath costs more than a pwrite
+        self.root = Beneath(save_path)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
         self._lock = threading.Lock()
         self._nowait = os.RWF_NOWAIT  # 0 once the file system has said it has no such flag
 
     # -- paths -------------------------------------------------------------
+    def parts(self, index: int) -> tuple[str, ...]:
+        """The file's path below the save path, after any rename."""
+        return self.renames.get(index, self.meta.files[index].path)
+
     def file_path(self, index: int) -> Path:
-        path = self._paths.get(index)
-        if path is None:
-            parts = self.renames.get(index, self.meta.files[index].path)
-            path = self.save_path.joinpath(*parts)
-            # A symlinked folder inside the save path must not lead the payload (or the
-            # folders made for it) elsewhere; the file itself is opened with O_NOFOLLOW.
-            real = Path(os.path.realpath(path.parent))
-            if not real.is_relative_to(os.path.realpath(self.save_path)):
-                raise PathEscape(f"{path} leads outside the save path (through a symlink)")
-            self._paths[index] = path
-        return path
+        """For messages and stamps only: opening goes through ``root`` (paths.py)."""
+        return self.save_path.joinpath(*self.parts(index))
+
+    def open_file(self, index: int, writable: bool) -> int:
+        flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
+        return self.root.open(self.parts(index), flags, create_dirs=writable)
 
     def stored_files(self) -> Iterator[int]:
         return (i for i, f in enumerate(self.meta.files) if f.stored)
@@ -173,22 +161,18 @@ class FileStorage:
         """Zero-length files have no piece to write them, so they are made up front."""
         for index in self.stored_files():
             if self.meta.files[index].length == 0:
-                path = self.file_path(index)
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-                except OSError as exc:
-                    raise StorageIOError.wrap(exc, f"create {path}") from None
+                os.close(self.root.open(self.parts(index), os.O_WRONLY | os.O_CREAT,
+                                        create_dirs=True))
 
     def display_path(self, index: int) -> str:
         """The file's current path relative to the save path (after any rename)."""
-        return "/".join(self.renames.get(index, self.meta.files[index].path))
+        return "/".join(self.parts(index))
 
     # -- I/O -----------------------------------------------------------------
     @contextlib.contextmanager
     def _fd(self, index: int, writable: bool) -> Iterator[int]:
         try:
-            entry = self.handles.get(self, index, self.file_path(index), writable)
+            entry = self.handles.get(self, index, writable)
         except StorageIOError as exc:
             if exc.errno == errno.ENOENT and not writable and index in self._sized:
                 raise self._vanished(index, exc.message) from None  # we wrote it: deleted
@@ -254,7 +238,7 @@ class FileStorage:
             index = seg.file_index
             # One segment covering all of bufs (the usual block): hand them over as they are.
             views = list(bufs) if single else sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length)
-            entry = self.handles.get(self, index, self.file_path(index), True)
+            entry = self.handles.get(self, index, True)
             try:
                 if index not in self._sized:
                     self._size_file(entry[0], index)
@@ -359,42 +343,55 @@ class FileStorage:
         return len(todo)
 
     # -- life cycle -------------------------------------------------------------
-    def close(self) -> None:
+    def close_handles(self) -> None:
+        """Drop the open payload files (they are about to move, or be renamed)."""
         self.handles.close(self)
 
+    def close(self) -> None:
+        self.close_handles()
+        self.root.close()
+
     def delete_files(self) -> None:
-        self.close()
+        self.close_handles()
         for index in self.stored_files():
-            with contextlib.suppress(FileNotFoundError):
-                self.file_path(index).unlink()
-        _prune_empty_dirs(self.save_path, self.meta)
+            with contextlib.suppress(FileNotFoundError, PathEscape):
+                self.root.unlink(self.parts(index))
+        self._prune(self.root)
+
+    def _prune(self, root: Beneath) -> None:
+        """Remove the torrent's now-empty folders, deepest first, never the save path."""
+        dirs = {p[:i] for p in map(self.parts, self.stored_files()) for i in range(1, len(p))}
+        for d in sorted(dirs, key=len, reverse=True):
+            root.rmdir(d)
 
     def move(self, new_path: Path) -> None:
-        """Move every existing payload file under ``new_path`` (rename, or copy across devices)."""
-        self.close()
-        moved: list[tuple[Path, Path]] = []
+        """Move every existing payload file under ``new_path`` (link, or copy across
+        devices), never replacing a file there; undone if any step fails."""
+        self.close_handles()
+        new_root = Beneath(new_path)
+        moved: list[tuple[str, ...]] = []
         try:
             for index in self.stored_files():
-                src = self.file_path(index)
-                dst = new_path.joinpath(*self.renames.get(index, self.meta.files[index].path))
-                if not src.exists():
+                parts = self.parts(index)
+                if not self.root.exists(parts):
                     continue
-                if dst.exists():
-                    raise StorageIOError(f"move: {dst} already exists", errno=errno.EEXIST)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(src, dst)
-                moved.append((src, dst))
-        except OSError as exc:
-            for src, dst in reversed(moved):
-                shutil.move(dst, src)
-            raise StorageIOError.wrap(exc, "move") from None
-        except StorageIOError:
-            for src, dst in reversed(moved):
-                shutil.move(dst, src)
+                if new_root.exists(parts):
+                    raise StorageIOError(f"move: {new_path.joinpath(*parts)} already exists",
+                                         errno=errno.EEXIST)
+                self.root.move(parts, new_root, parts)
+                moved.append(parts)
+        except (OSError, PiecedError) as exc:
+            for parts in reversed(moved):
+                with contextlib.suppress(OSError, PiecedError):
+                    new_root.move(parts, self.root, parts)
+            new_root.close()
+            if isinstance(exc, OSError):
+                raise StorageIOError.wrap(exc, "move") from None
             raise
-        _prune_empty_dirs(self.save_path, self.meta)
+        self._prune(self.root)
+        self.root.close()
+        self.root = new_root
         self.save_path = new_path
-        self._paths.clear()
 
     def rename(self, index: int, new_name: str) -> None:
         """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
@@ -403,26 +400,20 @@ class FileStorage:
         parts = tuple(new_name.split("/"))
         if new_name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise PathEscape(f"new name {new_name!r} must be a relative path inside the save path")
-        if parts == self.renames.get(index, self.meta.files[index].path):
+        if parts == self.parts(index):
             return
-        taken = any(self.renames.get(i, f.path) == parts
-                    for i, f in enumerate(self.meta.files) if i != index and f.stored)
-        dst = self.save_path.joinpath(*parts)
-        if taken or os.path.lexists(dst):
+        taken = any(self.parts(i) == parts for i in self.stored_files() if i != index)
+        if taken or self.root.exists(parts):
+            dst = self.save_path.joinpath(*parts)
             raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
-        self.close()
-        src = self.file_path(index)
-        if src.exists():
+        self.close_handles()
+        src = self.parts(index)
+        if self.root.exists(src):
             try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                # link + unlink, not rename: rename would silently replace a file that
-                # appeared at the target meanwhile; link refuses it (EEXIST).
-                os.link(src, dst, follow_symlinks=False)
-                os.unlink(src)
+                self.root.move(src, self.root, parts)
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "rename") from None
         self.renames[index] = parts
-        self._paths.pop(index, None)
 
 
 class MmapStorage(FileStorage):
@@ -489,12 +480,12 @@ class MmapStorage(FileStorage):
                 raise StorageIOError.wrap(exc, f"msync {self.file_path(index)}") from None
         return len(todo)
 
-    def close(self) -> None:
+    def close_handles(self) -> None:
         with self._lock:
             maps, self._maps = self._maps, {}
         for m in maps.values():
             m.close()
-        super().close()
+        super().close_handles()
 
 
 class DisabledStorage(FileStorage):
@@ -527,8 +518,9 @@ class DisabledStorage(FileStorage):
         return None
 
     def move(self, new_path: Path) -> None:
+        self.root.close()
+        self.root = Beneath(new_path)
         self.save_path = new_path
-        self._paths.clear()
 
 
 def make_storage(
@@ -538,11 +530,3 @@ def make_storage(
     if cls is None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return cls(meta, save_path, handles, preallocate)
-
-
-def _prune_empty_dirs(save_path: Path, meta: Metainfo) -> None:
-    """Remove the torrent's now-empty folders, deepest first, never the save path itself."""
-    dirs = {save_path.joinpath(*f.path[:i]) for f in meta.files for i in range(1, len(f.path))}
-    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            d.rmdir()

@@ -105,7 +105,7 @@ def test_bad_input_exit_2(tmp_path: Path, odd_payload: tuple[Path, Path]) -> Non
     save, content = odd_payload
     raw = make_torrent_lt(content, 16384, "v1")
     rc, _, err = run_verify(b"not bencode", save, tmp_path)
-    assert rc == 2 and "not valid bencode" in err
+    assert rc == 2 and "not canonical bencode" in err
     rc, _, err = run_verify(raw, tmp_path / "nowhere", tmp_path)
     assert rc == 2 and "not a directory" in err
     proc = subprocess.run([*PIECED, "verify", str(tmp_path / "missing.torrent"), "--data", str(save)],

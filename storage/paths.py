@@ -1,0 +1,162 @@
+"""Payload paths, resolved beneath a torrent's save-path folder at every use.
+
+A save path is checked against the configured roots once, at register or move; what
+is below it can change at any time (a folder swapped for a symlink, a file hard-linked
+to one outside). So no payload path is ever handed to the kernel whole: the save-path
+folder is held open, and every open, mkdir, unlink, rename and rmdir walks down from
+that descriptor one component at a time (``openat`` with ``O_NOFOLLOW | O_DIRECTORY``,
+``mkdirat``, ``unlinkat``...), refusing any symlink on the way. A payload file must be
+a regular file with one link: a hard link planted to a file elsewhere is refused, not
+written through or served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import PathEscape, StorageIOError
+
+Parts = Sequence[str]
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Beneath:
+    """A folder held open (from first use on), and the paths below it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._lock = threading.Lock()
+
+    def root(self) -> int:
+        if self._fd < 0:
+            with self._lock:
+                if self._fd < 0:
+                    try:
+                        self._fd = os.open(self.path, _DIR_FLAGS)
+                    except OSError as exc:
+                        raise _error(exc, f"open the save path {self.path}") from None
+        return self._fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    @contextlib.contextmanager
+    def folder(self, parts: Parts, create: bool) -> Iterator[int]:
+        """A descriptor of the folder ``parts`` (relative), made if ``create``."""
+        fd = os.dup(self.root())
+        try:
+            for i, name in enumerate(parts):
+                try:
+                    nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = self.path.joinpath(*parts[: i + 1])
+                        raise PathEscape(f"{where} is not a folder (a symlink or a file): "
+                                         "refusing to go through it") from None
+                    raise
+                os.close(fd)
+                fd = nxt
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open(self, parts: Parts, flags: int, create_dirs: bool = False) -> int:
+        """Open a payload file: a regular file with one link, or PathEscape."""
+        where = self.path.joinpath(*parts)
+        try:
+            with self.folder(parts[:-1], create_dirs) as dfd:
+                fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        except PathEscape:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathEscape(f"{where} is a symlink: refusing to follow it") from None
+            raise _error(exc, f"open {where}") from None
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise _error(exc, f"stat {where}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)
+            why = "is not a regular file" if not stat.S_ISREG(st.st_mode) else (
+                f"has {st.st_nlink} hard links (one may lead out of the save path)")
+            raise PathEscape(f"{where} {why}: refusing to use it")
+        return fd
+
+    def exists(self, parts: Parts) -> bool:
+        try:
+            with self.folder(parts[:-1], False) as dfd:
+                os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except (OSError, PathEscape):
+            return False
+        return True
+
+    def unlink(self, parts: Parts) -> None:
+        """Remove a payload file (a symlink in its place is removed, never followed)."""
+        with contextlib.suppress(FileNotFoundError), self.folder(parts[:-1], False) as dfd:
+            os.unlink(parts[-1], dir_fd=dfd)
+
+    def rmdir(self, parts: Parts) -> None:
+        """Remove a folder if it is empty; anything else is left as it is."""
+        with contextlib.suppress(OSError, PathEscape), self.folder(parts[:-1], False) as dfd:
+            os.rmdir(parts[-1], dir_fd=dfd)
+
+    def move(self, src: Parts, dst_root: Beneath, dst: Parts) -> None:
+        """Move a file to ``dst`` below ``dst_root`` (possibly this one), never replacing
+        what is there: link and unlink on one file system, a copy across two."""
+        with self.folder(src[:-1], False) as sfd, dst_root.folder(dst[:-1], True) as dfd:
+            try:
+                os.link(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _copy(sfd, src[-1], dfd, dst[-1])
+            os.unlink(src[-1], dir_fd=sfd)
+
+
+def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o644, dir_fd=dfd)
+        try:
+            size = os.fstat(fin).st_size
+            done = 0
+            while done < size:
+                n = os.copy_file_range(fin, fout, size - done, done, done)
+                if n == 0:
+                    break
+                done += n
+            os.fsync(fout)
+        except BaseException:
+            os.close(fout)
+            with contextlib.suppress(OSError):
+                os.unlink(dst, dir_fd=dfd)
+            raise
+        os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def _error(exc: OSError, what: str) -> StorageIOError:
+    return StorageIOError.wrap(exc, what)
+
+
+__all__ = ["Beneath", "Parts"]

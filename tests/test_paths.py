@@ -1,0 +1,133 @@
+"""Payload paths resolved beneath the save path at every use: symlinks and hard links
+swapped in at each step never lead a write, read, rename, move or delete out of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pieced.storage.disk import DiskIO
+from pieced.storage.errors import PathEscape, PiecedError, StorageIOError
+
+from tests.realtools import make_payload, make_torrent_lt
+from tests.test_disk import Source
+
+FILES = {"a.bin": 70_000, "sub/b.bin": 90_000, "sub/deep/c.bin": 40_000, "z.bin": 50_000}
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every entry below ``root``: file bytes, or where a symlink points."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture
+def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+    content = make_payload(tmp_path / "src", FILES, seed=9)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    canary = make_payload(tmp_path / "canary",
+                          {"victim": 4096, "sub/b.bin": 100, "payload/a.bin": 10}, seed=1)
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    # one open file at a time: every payload open walks its path again, as after an
+    # eviction from the handle pool (an open handle is the file it was: no swap reaches it)
+    dio = DiskIO(roots=[roots], cache_bytes=0, max_open_files=1)
+    yield raw, src, canary, roots, dio
+    dio.close()
+
+
+def _write(dio: DiskIO, ih: bytes, src: Source, files: set[str]) -> list[PiecedError]:
+    """Send the blocks of the pieces of the named files; the refusals they got."""
+    errors = []
+    idx = {i for i, f in enumerate(src.meta.files) if "/".join(f.path[1:]) in files}
+    pieces = {p for i in idx for p in src.layout.file_pieces(i)}
+    for p, b, n in src.blocks():
+        if p in pieces:
+            try:
+                dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+            except PiecedError as exc:
+                errors.append(exc)
+    return errors
+
+
+def test_swapped_subfolder_and_save_path(setup) -> None:  # type: ignore[no-untyped-def]
+    raw, src, canary, roots, dio = setup
+    before = _tree(canary)
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, {"a.bin", "sub/b.bin"})
+    # a subfolder swapped for a symlink out of the roots: refused, nothing written there
+    (dl / "payload" / "sub").rename(dl / "payload" / "sub.real")
+    (dl / "payload" / "sub").symlink_to(canary / "sub")
+    dio.read_chunk(ih, 0, 0, 10, volatile=True)  # another file takes the one open handle
+    errors = _write(dio, ih, src, {"sub/b.bin", "sub/deep/c.bin"})
+    assert errors and all(isinstance(e, PathEscape) for e in errors), errors
+    b_index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "b.bin")
+    with pytest.raises(PathEscape):  # nor read from there
+        dio.read_chunk(ih, src.layout.file_pieces(b_index)[1], 0, 10, volatile=True)
+    # the save-path folder itself swapped: the daemon keeps the folder it registered
+    (dl / "payload" / "sub").unlink()
+    (dl / "payload" / "sub.real").rename(dl / "payload" / "sub")
+    dl.rename(roots / "dl.real")
+    dl.symlink_to(canary)
+    assert not _write(dio, ih, src, {"z.bin"})
+    assert (roots / "dl.real" / "payload" / "z.bin").exists()
+    # a delete through the swapped save path removes only what is beneath the real one
+    dio.unregister(ih, delete_files=True)
+    assert _tree(canary) == before
+    assert not (roots / "dl.real" / "payload" / "z.bin").exists()
+
+
+def test_hard_links_and_symlinked_files_are_refused(setup) -> None:  # type: ignore[no-untyped-def]
+    raw, src, canary, roots, dio = setup
+    before = _tree(canary)
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    target = dl / "payload" / "a.bin"
+    target.parent.mkdir(parents=True)
+    os.link(canary / "victim", target)  # planted before the first write
+    errors = _write(dio, ih, src, {"a.bin"})
+    assert errors and all(isinstance(e, PathEscape) and "hard links" in str(e) for e in errors)
+    target.unlink()
+    target.symlink_to(canary / "victim")
+    errors = _write(dio, ih, src, {"a.bin"})
+    assert errors and all(isinstance(e, PathEscape) for e in errors)
+    # rm --delete-files removes the symlink, never what it points to
+    dio.unregister(ih, delete_files=True)
+    assert not target.is_symlink() and _tree(canary) == before
+
+
+def test_rename_and_move_never_leave_the_roots(setup) -> None:  # type: ignore[no-untyped-def]
+    raw, src, canary, roots, dio = setup
+    before = _tree(canary)
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))
+    (dl / "out").symlink_to(canary)
+    with pytest.raises(PathEscape):
+        dio.rename_file(ih, 0, "out/stolen.bin")  # into a symlinked folder
+    st = dio.status(ih)
+    assert st["verified_pieces"] == src.meta.num_pieces
+    # a move target that holds a symlink where the torrent's folder goes
+    new = roots / "new"
+    new.mkdir()
+    (new / "payload").symlink_to(canary / "payload")
+    with pytest.raises((PathEscape, StorageIOError)):
+        dio.move_storage(ih, new)
+    assert dio.status(ih)["save_path"] == str(dl)
+    assert all((dl / "payload").joinpath(*f.split("/")).exists() for f in FILES)
+    assert _tree(canary) == before
+    # and a move to a clean target works, with every piece still verified there
+    dio.move_storage(ih, roots / "clean")
+    assert dio.recheck(ih).ok
+    assert _tree(canary) == before
