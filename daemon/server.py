@@ -81,6 +81,9 @@ MAX_PENDING_FDS = 4
 LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rename_file",
                       "flush_all"})
 LONG_WORKERS = 64
+# Values a control body from a client may hold: every request is a handful (a .torrent
+# travels as one string), so this only stops bodies built to be slow to decode.
+MAX_REQUEST_VALUES = 4096
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
 
 
@@ -245,7 +248,7 @@ class Connection:
         assert server.loop is not None
         self.loop = server.loop
         self.ring = RecvRing(server.ring_bytes)
-        self.reader = FrameReader(self.ring, server.max_frame)
+        self.reader = FrameReader(self.ring, server.max_frame, MAX_REQUEST_VALUES)
         self.subscriptions: set[bytes] = set()
         self.handshaken = False
         self.closed = False

@@ -26,6 +26,7 @@ from enum import IntEnum
 from typing import Any
 
 import bencodepy
+from pieced.storage.bencode import BencodeError, decode
 from pieced.storage.errors import ProtocolError, TooLarge
 
 PROTOCOL_VERSION = 1
@@ -200,11 +201,17 @@ class FrameReader:
     error the stream is unusable and the connection is dropped.
     """
 
-    def __init__(self, ring: RecvRing, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, ring: RecvRing, max_frame: int = DEFAULT_MAX_FRAME, max_values: int | None = None
+    ) -> None:
+        """``max_values``: the most values a control body may hold (see bencode.decode);
+        the daemon's requests are small, so it refuses a body of a million empty lists
+        after a few thousand instead of spending seconds decoding it."""
         if max_frame + 4 > ring.capacity:
             raise ValueError("the ring must hold at least one frame of max_frame bytes")
         self.ring = ring
         self.max_frame = max_frame
+        self.max_values = max_values
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed."""
@@ -230,7 +237,7 @@ class FrameReader:
             ring.consume(HEADER_SIZE)
             raw = ring.peek(body_len)
             ring.consume(body_len)
-            return Frame(ftype, flags, rid, body=_decode_body(raw))
+            return Frame(ftype, flags, rid, body=_decode_body(raw, self.max_values))
         if ftype in (FrameType.ACK, FrameType.DATA):
             ring.consume(HEADER_SIZE)
             if ftype == FrameType.ACK:
@@ -261,11 +268,11 @@ class FrameReader:
         return frame
 
 
-def _decode_body(raw: bytes) -> dict[bytes, Any]:
+def _decode_body(raw: bytes, max_values: int | None = None) -> dict[bytes, Any]:
     try:
-        body = bencodepy.decode(raw)
-    except Exception:
-        raise ProtocolError("control payload is not valid bencode") from None
+        body = decode(raw, max_depth=64, max_values=max_values)
+    except BencodeError as exc:
+        raise ProtocolError(f"control payload is not canonical bencode: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("control payload is not a dictionary")
     return body

@@ -28,9 +28,14 @@ class BencodeError(ValueError):
 _DIGITS = frozenset(b"0123456789")
 
 
-def decode(data: bytes, *, max_depth: int = 512) -> Any:
-    """The value encoded by ``data``, which must be exactly one canonical value."""
-    value, end = _Decoder(bytes(data), max_depth).value(0, (), 0)
+def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) -> Any:
+    """The value encoded by ``data``, which must be exactly one canonical value.
+
+    ``max_values`` bounds how many values (strings, integers, lists, dictionaries) it
+    may hold: a small body of a million empty lists costs seconds and hundreds of MiB to
+    decode, so a reader that expects small messages says so and stops early.
+    """
+    value, end = _Decoder(bytes(data), max_depth, max_values).value(0, (), 0)
     if end != len(data):
         raise BencodeError(f"{len(data) - end} bytes of trailing data after the value "
                            f"(offset {end})")
@@ -53,12 +58,13 @@ def _key(key: bytes) -> str:
 
 
 class _Decoder:
-    __slots__ = ("data", "max_depth", "n")
+    __slots__ = ("budget", "data", "max_depth", "n")
 
-    def __init__(self, data: bytes, max_depth: int) -> None:
+    def __init__(self, data: bytes, max_depth: int, max_values: int | None) -> None:
         self.data = data
         self.n = len(data)
         self.max_depth = max_depth
+        self.budget = max_values if max_values is not None else -1
 
     def fail(self, path: tuple[str, ...], pos: int, why: str) -> BencodeError:
         return BencodeError(f"{_where(path)}: {why} (offset {pos})")
@@ -67,6 +73,10 @@ class _Decoder:
         data = self.data
         if pos >= self.n:
             raise self.fail(path, pos, "truncated: a value was expected")
+        if self.budget >= 0:
+            if self.budget == 0:
+                raise self.fail(path, pos, "too many values")
+            self.budget -= 1
         c = data[pos]
         if c == 0x69:  # i
             return self.integer(pos, path)

@@ -317,7 +317,13 @@ class DiskIO:
         for saved, next_gen in loaded:
             try:
                 meta = parse(saved.metainfo, **self.metainfo_limits)
-                storage = make_storage(self.backend, meta, Path(saved.save_path), self.handles,
+                save = Path(saved.save_path)
+                if self.roots is not None and not any(
+                        save.resolve().is_relative_to(r) for r in self.roots):
+                    # The roots changed, or the folder was swapped while we were stopped.
+                    raise PathEscape(f"its save path {save} is outside the allowed roots "
+                                     "(kept on disk, not loaded)")
+                storage = make_storage(self.backend, meta, save, self.handles,
                                        self.preallocate)
                 storage.renames.update(saved.renames)
             except Exception as exc:  # a damaged record must not stop the daemon

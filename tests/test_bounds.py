@@ -244,3 +244,26 @@ def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path) -> No
     assert len(folders) == len(listed)
     for f in folders:  # never half a record
         assert {p.name for p in f.iterdir()} >= {"metainfo.torrent", "location", "resume"}
+
+
+def test_a_bencode_bomb_is_refused_early_and_disturbs_no_one(daemon: Daemon) -> None:
+    """An 8 MB request body of four million empty lists: refused after a few thousand
+    values (not decoded for seconds into hundreds of MiB), that client is dropped, and
+    another client is answered meanwhile."""
+    import threading
+
+    from pieced.protocol.frames import HEADER
+
+    body = b"d1:xl" + b"le" * 4_000_000 + b"ee"
+    frame = HEADER.pack(8 + len(body), FrameType.REQUEST, 0, 0, 1) + body
+    bomb = RawConn(daemon.socket)
+    sent = threading.Thread(target=lambda: bomb.sock.sendall(frame))
+    with Client(daemon.socket) as c:
+        sent.start()
+        for _ in range(20):
+            assert c.stats()["connected_clients"] >= 1
+        (reply,) = bomb.replies(1)
+        sent.join(30)
+        assert reply.type == FrameType.ERROR
+        assert b"too many values" in bytes(reply.body.get(b"message", b""))
+        assert c.stats()["connected_clients"] == 1  # the bomb was dropped, we were not

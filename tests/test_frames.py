@@ -167,7 +167,7 @@ def test_specific_errors() -> None:
     assert isinstance(first_error(HEADER.pack(10**6, 2, 0, 0, 1)), TooLarge)
     assert "shorter than its header" in str(first_error(HEADER.pack(3, 2, 0, 0, 1)))
     assert "unknown frame type" in str(first_error(HEADER.pack(8, 99, 0, 0, 1)))
-    assert "not valid bencode" in str(first_error(HEADER.pack(8 + 3, 2, 0, 0, 1) + b"xyz"))
+    assert "not canonical bencode" in str(first_error(HEADER.pack(8 + 3, 2, 0, 0, 1) + b"xyz"))
     assert "malformed extension" in str(first_error(HEADER.pack(8 + 3, 17, 0, 0, 1) + b"abc"))
     assert "reserved" in str(first_error(HEADER.pack(8, 20, 0, 1, 1)))
 

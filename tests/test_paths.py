@@ -131,3 +131,22 @@ def test_rename_and_move_never_leave_the_roots(setup) -> None:  # type: ignore[n
     dio.move_storage(ih, roots / "clean")
     assert dio.recheck(ih).ok
     assert _tree(canary) == before
+
+
+def test_a_save_path_swapped_while_stopped_is_not_loaded(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    raw, _src, canary, roots, _dio = setup
+    state = tmp_path / "state"
+    first = DiskIO(roots=[roots], state_dir=state)
+    ih = first.register(raw, roots / "dl")
+    first.close()
+    (roots / "dl").rename(roots / "dl.real")
+    (roots / "dl").symlink_to(canary)  # while the daemon was stopped
+    again = DiskIO(roots=[roots], state_dir=state)
+    assert again.torrents() == []
+    assert any(ih.hex() in e and "outside the allowed roots" in e for e in again.load_errors)
+    again.close()
+    (roots / "dl").unlink()
+    (roots / "dl.real").rename(roots / "dl")
+    third = DiskIO(roots=[roots], state_dir=state)  # put back: known again, nothing lost
+    assert third.torrents() == [ih]
+    third.close()
