@@ -42,6 +42,7 @@ class Settings:
     client_buffer_bytes: int = 8 * MiB
     max_frame_bytes: int = 8 * MiB
     max_clients: int = 256
+    handshake_timeout_ms: int = 10_000
     max_files: int = 1_000_000
     max_pieces: int = 4_000_000
     max_piece_length: int = 64 * MiB
@@ -96,6 +97,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "client_buffer_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
     "max_frame_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
     "max_clients": _positive,
+    "handshake_timeout_ms": _positive,
     "max_files": _positive,
     "max_pieces": _positive,
     "max_partial_pieces": _positive,

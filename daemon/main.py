@@ -95,6 +95,7 @@ async def serve(settings: Settings) -> None:
         allow_uids=set(settings.allow_uids) or None,
         allow_gids=set(settings.allow_gids) or None,
         observer=observer,
+        handshake_timeout=settings.handshake_timeout_ms / 1000,
     )
     passed = systemd.listen_fds()
     listener = passed[0] if passed else bind_socket(settings)

@@ -115,6 +115,7 @@ class Server:
         allow_uids: set[int] | None = None,
         allow_gids: set[int] | None = None,
         observer: Observer | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.disk = disk
         self.ring_bytes = max(ring_bytes, max_frame + 4)
@@ -125,6 +126,7 @@ class Server:
         self.out_limit = self.ring_bytes
         self.drop_limit = 4 * self.ring_bytes
         self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
         self.allow_uids = allow_uids
         self.allow_gids = allow_gids
         self.executor = ThreadPoolExecutor(workers or (os.cpu_count() or 1) + 2, "pieced-io")
@@ -251,6 +253,7 @@ class Connection:
         self.reader = FrameReader(self.ring, server.max_frame, MAX_REQUEST_VALUES)
         self.subscriptions: set[bytes] = set()
         self.handshaken = False
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.reading = False
         self._closing_after_send = False
@@ -268,6 +271,24 @@ class Connection:
 
     def start(self) -> None:
         self._resume_reading()
+        # A connection that never says HELLO would hold a client slot for ever.
+        self._hello_timer = self.loop.call_later(self.server.handshake_timeout,
+                                                 self._handshake_due)
+
+    def _cancel_hello_timer(self) -> None:
+        """The timer holds the connection (and its buffer): let both go when done."""
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def _handshake_due(self) -> None:
+        self._hello_timer = None
+        if not self.handshaken and not self.closed:
+            log.info("dropping a client that sent no HELLO within %.1f s",
+                     self.server.handshake_timeout)
+            self.server.dropped += 1
+            self._fail(ProtocolError(
+                f"no HELLO within {self.server.handshake_timeout:g} s"))
 
     # -- reading ------------------------------------------------------------------------
     def _resume_reading(self) -> None:
@@ -361,6 +382,7 @@ class Connection:
                 raise ProtocolError("the first frame must be HELLO")
             check_hello(frame.body, "client")
             self.handshaken = True
+            self._cancel_hello_timer()
             reply = hello("server", "pieced", max_frame=self.server.max_frame,
                           ring_bytes=self.server.ring_bytes, max_block=MAX_BLOCK)
             self.send([encode_control(FrameType.HELLO, frame.id, to_wire(reply))])
@@ -651,6 +673,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self._cancel_hello_timer()
         self._pause_reading()
         if self._writing:
             self.loop.remove_writer(self.fd)

@@ -20,6 +20,7 @@ the block is on disk. The daemon and the client use the same reader.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -135,7 +136,10 @@ class RecvRing:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.buf = bytearray(capacity)
+        # Anonymous memory, not a bytearray (which is zeroed, so all resident at once):
+        # a page costs memory only once bytes have passed through it, so an idle
+        # connection's buffer costs next to nothing.
+        self.buf = mmap.mmap(-1, capacity)
         self.view = memoryview(self.buf)
         self.head = 0  # total bytes ever written (monotonic)
         self.parsed = 0  # total bytes parsed

@@ -267,3 +267,42 @@ def test_a_bencode_bomb_is_refused_early_and_disturbs_no_one(daemon: Daemon) -> 
         assert reply.type == FrameType.ERROR
         assert b"too many values" in bytes(reply.body.get(b"message", b""))
         assert c.stats()["connected_clients"] == 1  # the bomb was dropped, we were not
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Path) -> None:
+    """250 connections that never send a byte: each costs no receive buffer until bytes
+    arrive, and each is dropped when its HELLO is overdue, freeing its client slot."""
+    d = Daemon(tmp_path, env={"PIECED_HANDSHAKE_TIMEOUT_MS": "1500"})
+    socks = []
+    try:
+        with Client(d.socket) as c:
+            before = _rss(d.proc.pid)
+            for _ in range(250):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                socks.append(s)
+            deadline = time.monotonic() + 10
+            while c.stats()["connected_clients"] < 251 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert c.stats()["connected_clients"] == 251
+            grown = _rss(d.proc.pid) - before
+            assert grown < 64 * 1024 * 1024, grown  # not 250 x 8 MiB
+            deadline = time.monotonic() + 20
+            while c.stats()["connected_clients"] > 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.stats()["connected_clients"] == 1  # they went; the client that spoke did not
+        for s in socks:  # each got the reason before the daemon hung up
+            s.settimeout(5)
+            assert s.recv(4096)
+    finally:
+        for s in socks:
+            s.close()
+        assert d.stop() == 0
