@@ -424,11 +424,7 @@ class DiskIO:
                     elif t.state[p] == VERIFIED:
                         t.set_state(p, MISSING)
                         cleared.append(p)
-            if rec is not None and cleared:
-                try:
-                    rec.append([(REC_CLEARED, p, bytes(16)) for p in cleared])
-                except OSError as exc:
-                    log.warning("could not journal cleared pieces: %s", exc)
+            _journal_cleared(rec, cleared)
         for p in cleared:
             self.pool.drop((t.id, p))
 
@@ -796,11 +792,7 @@ class DiskIO:
                         continue
                     t.set_state(p, MISSING)
                     dropped.append(p)
-            if rec is not None and cleared:
-                try:
-                    rec.append([(REC_CLEARED, p, bytes(16)) for p in cleared])
-                except OSError as err:
-                    log.warning("could not journal pieces of a vanished file: %s", err)
+            _journal_cleared(rec, cleared)
         for p in dropped:
             self.pool.drop((t.id, p))
 
@@ -1104,6 +1096,19 @@ class DiskIO:
                     rec.close()
             if self.state is not None:
                 self.state.mark_clean()
+
+
+def _journal_cleared(rec: TorrentRecord | None, pieces: list[int]) -> None:
+    """Journal pieces no longer verified (caller holds the journal lock). A failure is
+    logged, not raised: the bits are cleared in memory and the next resume save records
+    that; a crash before it brings them back, to be caught by the load-time file checks
+    (a vanished or short file) or a recheck."""
+    if rec is None or not pieces:
+        return
+    try:
+        rec.append([(REC_CLEARED, p, bytes(16)) for p in pieces])
+    except OSError as exc:
+        log.warning("could not journal %d cleared pieces: %s", len(pieces), exc)
 
 
 def _sha1(data: bytes) -> bytes:

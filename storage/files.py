@@ -278,28 +278,15 @@ class FileStorage:
 
     def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
         """Fill ``out`` from ``segments``; pad bytes and holes past a file's end read as zeros."""
-        for seg in segments:
-            dst = out[seg.buf_offset : seg.buf_offset + seg.length]
-            if not seg.stored:
-                dst[:] = bytes(seg.length)
-                continue
-            with self._fd(seg.file_index, False) as fd:
-                done = 0
-                while done < seg.length:
-                    try:
-                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
-                    except OSError as exc:
-                        raise StorageIOError.wrap(
-                            exc, f"read {self.file_path(seg.file_index)}"
-                        ) from None
-                    if n == 0:
-                        dst[done:] = bytes(seg.length - done)
-                        break
-                    done += n
+        self._pread(segments, out, 0)
 
     def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
         """Fill ``out`` only from the page cache (preadv with RWF_NOWAIT): False, and
         nothing read from the disk, when part of it is not there any more."""
+        return self._pread(segments, out, self._nowait)
+
+    def _pread(self, segments: Sequence[Segment], out: memoryview, nowait: int) -> bool:
+        resident = nowait != 0
         for seg in segments:
             dst = out[seg.buf_offset : seg.buf_offset + seg.length]
             if not seg.stored:
@@ -309,20 +296,23 @@ class FileStorage:
                 done = 0
                 while done < seg.length:
                     try:
-                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done, self._nowait)
+                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done, nowait)
                     except BlockingIOError:
                         return False
                     except OSError as exc:
-                        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and self._nowait:
+                        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and nowait:
                             # A file system without RWF_NOWAIT (tmpfs, some FUSE): its
                             # reads are what they are; read as usual.
-                            self._nowait = 0
+                            self._nowait = nowait = 0
                             continue
                         raise StorageIOError.wrap(
                             exc, f"read {self.file_path(seg.file_index)}"
                         ) from None
                     if n == 0:
-                        return False  # cut short behind our back: let a plain read say so
+                        if resident:
+                            return False  # cut short behind our back: a plain read says so
+                        dst[done:] = bytes(seg.length - done)
+                        break
                     done += n
         return True
 
