@@ -261,6 +261,9 @@ class Connection:
         self._out_bytes = 0
         self._writing = False
         self._lane: collections.deque[Job] = collections.deque()
+        # Bytes of request bodies parsed and waiting in the lane (copied out of the ring,
+        # so the ring alone does not bound them): over ring_bytes, reading pauses.
+        self._queued_bytes = 0
         self._lane_lock = threading.Lock()
         self._lane_busy = False
         self._lane_idle = asyncio.Event()
@@ -299,7 +302,8 @@ class Connection:
     def _input_blocked(self) -> bool:
         """Flow control: stop reading while any of the client's buffers is full."""
         return (not self.ring.writable() or self._out_bytes > self.server.out_limit
-                or len(self._lane) >= MAX_QUEUED_JOBS)
+                or len(self._lane) >= MAX_QUEUED_JOBS
+                or self._queued_bytes > self.server.ring_bytes)
 
     def _resume(self) -> None:
         """Undo the pauses whose cause is gone (a batch done, or output sent)."""
@@ -432,7 +436,9 @@ class Connection:
                 return [encode_error(rid, BadRequest(f"{op}: bad arguments: {exc}"))], None
 
         ih = msg.get("ih")
-        return _Job(rid, None, job, op in LONG_OPS, ih if isinstance(ih, bytes) else None)
+        size = frame.length  # the body's size: what the decoded request holds, about
+        self._queued_bytes += size
+        return _Job(rid, None, job, op in LONG_OPS, ih if isinstance(ih, bytes) else None, size)
 
     def _write_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
@@ -573,6 +579,7 @@ class Connection:
                 self._lane.clear()
             out: list[Out] = []
             tokens: list[tuple[int, int]] = []
+            freed = 0
             batch = _coalesce(batch)
             for i, job in enumerate(batch):
                 if not long and self._is_long(job):
@@ -586,6 +593,7 @@ class Connection:
                     log.exception("request failed")
                     frames, token = [encode_error(0, PiecedError(f"internal error: {exc}"))], None
                 out.extend(frames)
+                freed += getattr(job, "size", 0)
                 for f in frames:
                     produced += len(f)
                 if token is not None:
@@ -594,7 +602,7 @@ class Connection:
                     with self._lane_lock:
                         self._lane.extendleft(reversed(batch[i + 1 :]))
                     break
-            self._post(self._completed, out, tokens)
+            self._post(self._completed, out, tokens, freed)
         self._post(self._lane_stopped)
 
     def _lane_stopped(self) -> None:
@@ -609,7 +617,8 @@ class Connection:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(fn, *args)
 
-    def _completed(self, out: list[Out], tokens: list[tuple[int, int]]) -> None:
+    def _completed(self, out: list[Out], tokens: list[tuple[int, int]], freed: int) -> None:
+        self._queued_bytes -= freed
         for token in tokens:
             self.ring.release(token)
         self.send(out)
@@ -705,11 +714,12 @@ class _Job:
     """A lane job with what the lane needs to know to place it: whether it may run long,
     and which torrent it touches (a job on a fenced torrent waits for the fence)."""
 
-    __slots__ = ("fn", "ih", "long", "rid", "token")
+    __slots__ = ("fn", "ih", "long", "rid", "size", "token")
 
     def __init__(self, rid: int, token: tuple[int, int] | None, fn: Job, long: bool,
-                 ih: bytes | None) -> None:
+                 ih: bytes | None, size: int = 0) -> None:
         self.rid, self.token, self.fn, self.long, self.ih = rid, token, fn, long, ih
+        self.size = size  # request body bytes it holds, until it has run
 
     def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
         return _run_guarded(self.rid, self.token, self.fn)

@@ -241,7 +241,8 @@ class FrameReader:
             ring.consume(HEADER_SIZE)
             raw = ring.peek(body_len)
             ring.consume(body_len)
-            return Frame(ftype, flags, rid, body=_decode_body(raw, self.max_values))
+            return Frame(ftype, flags, rid, body=_decode_body(raw, self.max_values),
+                         length=body_len)
         if ftype in (FrameType.ACK, FrameType.DATA):
             ring.consume(HEADER_SIZE)
             if ftype == FrameType.ACK:

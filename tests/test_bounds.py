@@ -306,3 +306,36 @@ def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Pa
         for s in socks:
             s.close()
         assert d.stop() == 0
+
+
+def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """A recheck, then 200 requests of 1 MiB each, sent at once: the daemon parses only
+    about a receive buffer's worth behind the busy lane and stops reading the rest until
+    the lane catches up (before, all 200 MiB were parsed and held)."""
+    import threading
+
+    d = Daemon(tmp_path, env={"PIECED_HASH_WORKERS": "1"})
+    try:
+        content = make_payload(tmp_path / "src", 96 * 1024 * 1024, seed=3)
+        raw = make_torrent_lt(content, 16384, "hybrid")
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+        conn = RawConn(d.socket)
+        big = encode_request(2, "frobnicate", {"x": b"x" * (1024 * 1024)})
+        frames = [encode_request(1, "recheck", {"ih": ih, "full": 1})]
+        frames += [big] * 200
+        sender = threading.Thread(target=lambda: conn.sock.sendall(b"".join(frames)))
+        before = _rss(d.proc.pid)
+        sender.start()
+        peak = before
+        while sender.is_alive():
+            peak = max(peak, _rss(d.proc.pid))
+            time.sleep(0.01)
+        replies = conn.replies(201)
+        assert replies[0].type == FrameType.RESPONSE
+        assert all(r.type == FrameType.ERROR for r in replies[1:])
+        grown = peak - before
+        print(f"daemon RSS grew {grown / 2**20:.1f} MiB while 200 MiB of requests were sent")
+        assert grown < 100 * 1024 * 1024, grown
+    finally:
+        assert d.stop() == 0, d.stderr()
