@@ -44,6 +44,7 @@ from .errors import (
     NoHashes,
     OutOfRange,
     PathEscape,
+    PiecedError,
     StorageIOError,
     TooLarge,
     UnknownTorrent,
@@ -353,8 +354,10 @@ class DiskIO:
             storage.known_written(
                 i for i, f in enumerate(meta.files)
                 if f.stored and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
-            with contextlib.suppress(StorageIOError):
+            try:
                 storage.create_empty_files()
+            except PiecedError as exc:  # a vanished folder, a planted symlink: say so, go on
+                self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
             rec = self.state.record(saved.ih_hex, next_gen)
             self._records[t.id] = rec
             with self._lock:

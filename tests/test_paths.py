@@ -150,3 +150,24 @@ def test_a_save_path_swapped_while_stopped_is_not_loaded(setup, tmp_path: Path) 
     third = DiskIO(roots=[roots], state_dir=state)  # put back: known again, nothing lost
     assert third.torrents() == [ih]
     third.close()
+
+
+def test_a_symlink_planted_for_an_empty_file_while_stopped(
+    tmp_path: Path, odd_payload: tuple[Path, Path]
+) -> None:
+    """Empty files are made at load: one planted as a symlink is refused and reported,
+    and the daemon still starts with every torrent."""
+    _, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    state, dl = tmp_path / "state", tmp_path / "dl"
+    first = DiskIO(state_dir=state)
+    ih = first.register(raw, dl)
+    first.close()
+    empty = dl / "payload" / "empty"
+    empty.unlink()
+    empty.symlink_to(tmp_path / "elsewhere")
+    again = DiskIO(state_dir=state)
+    assert again.torrents() == [ih]
+    assert any("symlink" in e for e in again.load_errors), again.load_errors
+    assert not (tmp_path / "elsewhere").exists()
+    again.close()
