@@ -46,7 +46,7 @@ class Settings:
     max_files: int = 1_000_000
     max_pieces: int = 4_000_000
     max_piece_length: int = 64 * MiB
-    max_partial_pieces: int = 8192
+    max_partial_pieces: int = 4096
     log_level: str = "info"
 
     def resolved(self, base: Path | None = None) -> Settings:

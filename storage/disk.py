@@ -108,7 +108,7 @@ class DiskIO:
         on_error: ErrorCallback | None = None,
         metainfo_limits: dict[str, int] | None = None,
         state_dir: Path | None = None,
-        max_partial_pieces: int = 8192,
+        max_partial_pieces: int = 4096,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

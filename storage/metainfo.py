@@ -79,7 +79,6 @@ class Metainfo:
         info_hash_v2: bytes | None,
         pieces_v1: bytes | None,
         piece_layers: dict[bytes, bytes],
-        raw: bytes,
         _v2_first_piece: tuple[int, ...] = (),
         _v2_file_index: tuple[int, ...] = (),
     ) -> None:
@@ -92,7 +91,6 @@ class Metainfo:
         self.info_hash_v2 = info_hash_v2
         self.pieces_v1 = pieces_v1
         self.piece_layers = piece_layers
-        self.raw = raw
         # Per v2 file with data, in file order: its first piece and its index in files.
         self._v2_first_piece = _v2_first_piece
         self._v2_file_index = _v2_file_index
@@ -266,7 +264,6 @@ def parse(
         info_hash_v2=hashlib.sha256(info_bytes).digest() if has_v2 else None,
         pieces_v1=pieces,
         piece_layers=layers,
-        raw=data,
         _v2_first_piece=tuple(first_piece),
         _v2_file_index=tuple(file_of),
     )

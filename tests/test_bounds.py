@@ -339,3 +339,46 @@ def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) 
         assert grown < 100 * 1024 * 1024, grown
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -> None:
+    """A torrent of 1,000,000 pieces; a client writes 16 bytes into 20,000 scattered
+    pieces. Past max_partial_pieces each new piece is refused (TOO_LARGE, its id only),
+    and the daemon's RSS stays within its budget plus 64 MiB."""
+    import random
+
+    import bencodepy
+    from pieced.storage.errors import TooLarge
+
+    n = 1_000_000
+    info = {b"name": b"huge.bin", b"piece length": 16384, b"length": 16384 * n,
+            b"pieces": random.Random(1).randbytes(20 * n)}
+    raw = bencodepy.encode({b"info": info})
+    budget = 16 * 1024 * 1024
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(32 * 1024 * 1024),
+                              "PIECED_CACHE_BYTES": str(budget)})
+    try:
+        base = _rss(d.proc.pid)
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            refused = unsent = 0
+            pieces = random.Random(2).sample(range(n), 20_000)
+            for p in pieces:
+                try:  # a refusal is raised at the next call (which sends nothing), with
+                    c.write_chunk(ih, p, 0, b"x" * 16)  # the rest of its burst
+                except TooLarge as exc:
+                    refused += 1 + exc.others
+                    unsent += 1
+            try:
+                c.wait_writes()
+            except TooLarge as exc:
+                refused += 1 + exc.others
+            st = c.status(ih)
+            assert st["partial_pieces"] == 4096
+            assert refused == 20_000 - unsent - 4096
+            peak = _rss(d.proc.pid)
+        print(f"1M-piece torrent: RSS at start {base / 2**20:.1f} MiB, with 4096 partial "
+              f"pieces {peak / 2**20:.1f} MiB")
+        assert peak <= budget + 64 * 1024 * 1024 + base, peak
+    finally:
+        assert d.stop() == 0, d.stderr()
