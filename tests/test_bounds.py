@@ -382,3 +382,48 @@ def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -
         assert peak <= budget + 64 * 1024 * 1024 + base, peak
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> None:
+    """READs of 16 bytes from 64 MiB pieces, from four connections at once: each reads
+    its 16 bytes, not the whole piece (which would not fit the 16 MiB budget anyway)."""
+    import threading
+
+    import bencodepy
+
+    piece = 64 * 1024 * 1024
+    info = {b"name": b"big.bin", b"piece length": piece, b"length": 4 * piece,
+            b"pieces": bytes(20 * 4)}
+    raw = bencodepy.encode({b"info": info})
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    with open(dl / "big.bin", "wb") as f:  # sparse: reads are zeros, nothing on disk
+        f.truncate(4 * piece)
+    budget = 16 * 1024 * 1024
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)})
+    errors: list[BaseException] = []
+    try:
+        base = _rss(d.proc.pid)
+        with Client(d.socket) as c:
+            ih = c.register(raw, dl)
+
+        def reader(k: int) -> None:
+            try:
+                with Client(d.socket) as rc:
+                    for i in range(50):
+                        assert rc.read_chunk(ih, (k + i) % 4, piece - 16 - i, 16) == bytes(16)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        peak = base
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, _rss(d.proc.pid))
+            time.sleep(0.005)
+        assert not errors, errors
+        print(f"huge-piece reads: RSS {base / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB")
+        assert peak - base < 32 * 1024 * 1024, peak - base  # four whole pieces: 256 MiB
+    finally:
+        assert d.stop() == 0, d.stderr()
