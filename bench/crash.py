@@ -82,10 +82,7 @@ import json
 import os
 import platform
 import random
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -101,6 +98,7 @@ import libtorrent as lt  # noqa: E402
 from pieced.config.settings import Settings  # noqa: E402
 from pieced.protocol.client import Client  # noqa: E402
 
+from bench.daemon_proc import DaemonProcess  # noqa: E402
 from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
@@ -228,69 +226,14 @@ def prepare_torrent(workdir: Path, kind: TorrentKind, piece_length: int,
 # --------------------------------------------------------------------------- the daemon
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     """``pieced run --http-port 0`` with ``folder`` as its cwd: default socket, state and
-    roots are all under it. Its stderr is appended to ``folder/daemon.log``."""
+    roots are all under it; one log over every start."""
 
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
-        self.folder = folder
+        super().__init__(folder, [sys.executable, "-m", "pieced.daemon.cli", "run",
+                                  "--http-port", "0"], env, append_log=True)
         self.socket = folder / "var" / "pieced.sock"
-        self.env = env
-        self.log_path = folder / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as errlog:
-            errlog.write(f"--- start at {time.strftime('%H:%M:%S')}\n".encode())
-            errlog.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0"],
-                cwd=self.folder, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=errlog,
-            )
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        seen = b""
-        while b"listening" not in seen:
-            left = deadline - time.monotonic()
-            chunk = b"-"
-            if left > 0 and select.select([fd], [], [], min(left, 0.5))[0]:
-                chunk = os.read(fd, 4096)  # b"": it exited
-                seen += chunk
-            if left <= 0 or not chunk:
-                self.kill()
-                raise RuntimeError(f"the daemon did not start: {seen!r}\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL, and reap it."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def stop(self, timeout: float) -> None:
-        """SIGTERM: a clean stop, which must exit 0."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise RuntimeError(f"the daemon did not stop on SIGTERM\n{self.log_tail()}") from None
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if rc != 0:
-            raise RuntimeError(f"the daemon exited {rc} on SIGTERM\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-n:]
-        return ""
 
 
 class CrashClient(Client):

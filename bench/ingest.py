@@ -62,7 +62,6 @@ import json
 import os
 import platform
 import pstats
-import select
 import shutil
 import signal
 import statistics
@@ -82,6 +81,7 @@ from pieced.protocol.frames import Frame, FrameType  # noqa: E402
 from pieced.storage.disk import DiskIO, PieceResult  # noqa: E402
 from pieced.storage.metainfo import Metainfo, parse  # noqa: E402
 
+from bench.daemon_proc import DaemonProcess  # noqa: E402
 from bench.write_path import filesystem_of, prepare_payload, prepare_torrent  # noqa: E402
 
 MiB = 1 << 20
@@ -252,74 +252,25 @@ def cpu_delta(pid: int, before: dict[int, float], after: dict[int, float]) -> di
     }
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     """``pieced run`` in ``folder`` (its cwd, so its default root), stopped with SIGTERM."""
 
     def __init__(self, folder: Path, opts: argparse.Namespace, profile_out: Path | None = None):
-        self.folder = folder
         self.socket = folder / "pieced.sock"
         args = ["run", "--socket", str(self.socket), "--state-dir", str(folder / "state"),
                 "--http-port", "0", "--backend", opts.backend,
                 "--cache-bytes", str(opts.cache_bytes)]
         if profile_out is not None:
-            self.cmd = [sys.executable, str(Path(__file__).resolve()), PROFILED_DAEMON,
-                        str(profile_out), *args]
+            cmd = [sys.executable, str(Path(__file__).resolve()), PROFILED_DAEMON,
+                   str(profile_out), *args]
         else:
-            self.cmd = [sys.executable, "-m", "pieced.daemon.cli", *args]
-        self.log_path = folder / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+            cmd = [sys.executable, "-m", "pieced.daemon.cli", *args]
+        super().__init__(folder, cmd)
         self.startup_status: dict[str, int] = {}
 
     def start(self, timeout: float = 60.0) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as errlog:
-            self.proc = subprocess.Popen(self.cmd, cwd=self.folder, stdout=subprocess.PIPE,
-                                         stderr=errlog, stdin=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        seen = b""
-        while b"listening" not in seen:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                self.kill()
-                raise RuntimeError(f"daemon did not start: {seen!r}\n{self.log_tail()}")
-            ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-            if ready:
-                chunk = os.read(fd, 4096)
-                if not chunk and self.proc.poll() is not None:
-                    continue
-                seen += chunk
-        self.startup_status = proc_status(self.proc.pid)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_tail(self, n: int = 4000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-n:]
-        return ""
-
-    def stop(self, timeout: float = 300.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise RuntimeError(f"daemon did not stop on SIGTERM\n{self.log_tail()}") from None
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if rc != 0:
-            raise RuntimeError(f"daemon exited {rc}\n{self.log_tail()}")
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        super().start(timeout)
+        self.startup_status = proc_status(self.pid)
 
 
 # --------------------------------------------------------------------------- variants

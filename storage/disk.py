@@ -227,12 +227,6 @@ class DiskIO:
         t = self._torrents.get(bytes(ih))
         return t is not None and t.fence.contended
 
-    def _enter(self, ih: bytes) -> Torrent:
-        """The torrent, held shared: the caller must ``leave()`` it."""
-        t = self._get(ih)
-        t.enter()
-        return t
-
     @contextlib.contextmanager
     def _alone(self, ih: bytes) -> Iterator[Torrent]:
         """The torrent held alone, its committing pieces committed: a fenced operation."""
@@ -665,15 +659,19 @@ class DiskIO:
             return failed
         # Cached either way: the buffered blocks themselves, or (written straight to the
         # file) the page cache's copy, which the write just made.
-        self.pool.put(key, self._as_piece(t, piece, blocks) or self._resident(t, piece))
+        self.pool.put(key, self._as_piece(t, piece, blocks, partial.pads)
+                      or self._resident(t, piece))
         self._committer.verified(t, piece, (result, fp))
         return result
 
     def _as_piece(
-        self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]]
+        self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]],
+        pads: list[tuple[int, int]],
     ) -> PieceData | None:
         """The verified blocks as a cacheable piece, when they tile it (pads filled with zeros)."""
-        parts = sorted([*blocks, *((s, bytes(e - s)) for s, e in t.pads(piece))])
+        if not blocks:  # written straight to the file: nothing here to tile it with
+            return None
+        parts = sorted([*blocks, *((s, bytes(e - s)) for s, e in pads)])
         pos = 0
         for begin, data in parts:
             if begin != pos:

@@ -31,7 +31,6 @@ from .layout import Layout
 from .metainfo import Metainfo
 
 MISSING, PARTIAL, HASHING, COMMITTING, VERIFIED = range(5)
-STATE_NAMES = ("missing", "partial", "hashing", "committing", "verified")
 _BITS_TO_STATE = bytes.maketrans(b"01", bytes((MISSING, VERIFIED)))
 
 
@@ -227,7 +226,6 @@ __all__ = [
     "HASHING",
     "MISSING",
     "PARTIAL",
-    "STATE_NAMES",
     "VERIFIED",
     "Fence",
     "Partial",

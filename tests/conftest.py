@@ -1,5 +1,6 @@
-"""Shared fixtures: payloads with the awkward sizes the issues ask for, and torrents of
-them made by the real tools in ``tests/realtools.py``."""
+"""Shared fixtures: payloads with awkward sizes (empty, one byte, a piece, a piece plus
+one, nested folders), and torrents of them made by the real tools in
+``tests/realtools.py``."""
 
 from __future__ import annotations
 

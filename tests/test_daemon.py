@@ -64,6 +64,38 @@ def wait_for(cond: Any, timeout: float = 20) -> None:
         time.sleep(0.01)
 
 
+def write_from_three_clients(
+    path: Path, ih: bytes, src: Source, blocks: list[tuple[int, int, int]], ring_size: int
+) -> None:
+    """Three connections share the blocks (every third each): one sends inline, one
+    through a shared ring of ``ring_size`` bytes, one alternates; all at once."""
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            with Client(path) as c:
+                if k == 2:
+                    c.attach_ring(ring_size)
+                for i, (p, b, n) in enumerate(blocks):
+                    if i % 3 != k:
+                        continue
+                    data = src.read(p, b, n)
+                    if k == 2 or (k == 1 and i % 2):
+                        c.write_block_direct(ih, p, b, data)
+                    else:
+                        c.write_chunk(ih, p, b, data)
+                c.wait_writes()
+        except BaseException as exc:  # reported below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
 def test_three_clients_both_transports(daemon: Daemon, odd_payload: tuple[Path, Path], kind: Any) -> None:
     save, content = odd_payload
@@ -77,31 +109,8 @@ def test_three_clients_both_transports(daemon: Daemon, odd_payload: tuple[Path, 
         assert ih == src.meta.info_hash
         blocks = src.blocks()
         random.Random(3).shuffle(blocks)
-        errors: list[BaseException] = []
-
-        def worker(k: int) -> None:
-            try:
-                with Client(daemon.socket) as c:
-                    if k == 2:
-                        c.attach_ring(256 * 1024 + 4096)  # odd size: blocks wrap around the end
-                    for i, (p, b, n) in enumerate(blocks):
-                        if i % 3 != k:
-                            continue
-                        data = src.read(p, b, n)
-                        if k == 2 or (k == 1 and i % 2):
-                            c.write_block_direct(ih, p, b, data)
-                        else:
-                            c.write_chunk(ih, p, b, data)
-                    c.wait_writes()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        # odd ring size: blocks wrap around its end
+        write_from_three_clients(daemon.socket, ih, src, blocks, 256 * 1024 + 4096)
         n = src.meta.num_pieces
         while len(events) < n:
             c0.stats()  # pumps the socket, delivering events

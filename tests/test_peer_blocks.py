@@ -32,6 +32,7 @@ from pieced.storage.disk import DiskIO, PieceResult
 
 from tests.conftest import ODD_FILES, Daemon
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
+from tests.test_daemon import write_from_three_clients
 from tests.test_disk import BLOCK, Source
 
 Kind = Literal["v1", "v1-pads", "v1-pads-no-tail", "v2", "hybrid"]
@@ -444,31 +445,7 @@ def test_daemon_verifies_peer_blocks_from_three_connections(
     n_pieces = src.meta.num_pieces
     with Client(daemon.socket, on_event=on_event) as c0:
         ih = c0.register(raw, dl)
-        errors: list[BaseException] = []
-
-        def worker(k: int) -> None:
-            try:
-                with Client(daemon.socket) as c:
-                    if k == 1:
-                        c.attach_ring(5 * BLOCK + 4096)
-                    for i, (p, b, n) in enumerate(plan):
-                        if i % 3 != k:
-                            continue
-                        data = src.read(p, b, n)
-                        if k == 1 or (k == 2 and i % 2):
-                            c.write_block_direct(ih, p, b, data)
-                        else:
-                            c.write_chunk(ih, p, b, data)
-                    c.wait_writes()
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        write_from_three_clients(daemon.socket, ih, src, plan, 5 * BLOCK + 4096)
         c0.flush_all()  # its reply follows every piece event before it
         with lock:
             verdicts = [(name, f["piece"], f.get("v1"), f.get("v2")) for name, f in events

@@ -1,0 +1,81 @@
+"""A `pieced run` subprocess for the benchmarks: started in a folder of its own, waited
+for until it says it is listening, stopped with SIGTERM (which must exit 0) or killed.
+Its stderr goes to ``folder/daemon.log``, whose tail every error message carries."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+class DaemonProcess:
+    def __init__(self, folder: Path, cmd: list[str], env: dict[str, str] | None = None,
+                 append_log: bool = False) -> None:
+        self.folder = folder
+        self.cmd = cmd
+        self.env = env
+        self.append_log = append_log  # one log over many starts (crash rounds)
+        self.log_path = folder / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab" if self.append_log else "wb") as errlog:
+            errlog.write(f"--- start at {time.strftime('%H:%M:%S')}\n".encode())
+            errlog.flush()
+            self.proc = subprocess.Popen(self.cmd, cwd=self.folder, env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=errlog)
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        seen = b""
+        while b"listening" not in seen:
+            left = deadline - time.monotonic()
+            chunk = b"-"
+            if left > 0 and select.select([fd], [], [], min(left, 0.5))[0]:
+                chunk = os.read(fd, 4096)  # b"": it exited
+                seen += chunk
+            if left <= 0 or not chunk:
+                self.kill()
+                raise RuntimeError(f"the daemon did not start: {seen!r}\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def stop(self, timeout: float = 300.0) -> int:
+        """SIGTERM: a clean stop, which must exit 0."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"the daemon did not stop on SIGTERM\n{self.log_tail()}") from None
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if rc != 0:
+            raise RuntimeError(f"the daemon exited {rc} on SIGTERM\n{self.log_tail()}")
+        return rc
+
+    def log_tail(self, n: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-n:]
+        return ""
