@@ -37,6 +37,7 @@ class Settings:
     io_workers: int = 0
     max_open_files: int = 512
     preallocate: bool = False
+    allow_hard_links: bool = False
     sync_window_ms: int = 10
     roots: list[str] = field(default_factory=list)
     client_buffer_bytes: int = 8 * MiB

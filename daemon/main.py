@@ -64,6 +64,7 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
         hash_workers=settings.hash_workers or None,
         max_open_files=settings.max_open_files,
         preallocate=settings.preallocate,
+        allow_hard_links=settings.allow_hard_links,
         sync_window=settings.sync_window_ms / 1000,
         roots=[Path(r) for r in settings.roots],
         state_dir=Path(settings.state_dir),

@@ -102,6 +102,7 @@ class DiskIO:
         hash_workers: int | None = None,
         max_open_files: int = 512,
         preallocate: bool = False,
+        allow_hard_links: bool = False,
         sync_window: float = 0.0,
         roots: Sequence[Path] | None = None,
         on_piece: PieceCallback | None = None,
@@ -117,6 +118,7 @@ class DiskIO:
         self.hash_pool = HashPool(hash_workers)
         self.handles = HandlePool(max_open_files)
         self.preallocate = preallocate
+        self.allow_hard_links = allow_hard_links
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
         self.on_piece = on_piece
         self.on_error = on_error
@@ -141,7 +143,8 @@ class DiskIO:
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
         meta = parse(metainfo, **self.metainfo_limits)
         path = self._check_save_path(Path(save_path))
-        storage = make_storage(self.backend, meta, path, self.handles, self.preallocate)
+        storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
+                               self.allow_hard_links)
         t = Torrent(next(self._ids), meta, storage)
         # Held alone until its files and state record exist: a client that finds it in
         # the table (an unregister, a write) waits for a torrent that is whole, or gone.
@@ -319,7 +322,7 @@ class DiskIO:
                     raise PathEscape(f"its save path {save} is outside the allowed roots "
                                      "(kept on disk, not loaded)")
                 storage = make_storage(self.backend, meta, save, self.handles,
-                                       self.preallocate)
+                                       self.preallocate, self.allow_hard_links)
                 storage.renames.update(saved.renames)
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")

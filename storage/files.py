@@ -128,14 +128,19 @@ class FileStorage:
     name = "posix"
 
     def __init__(
-        self, meta: Metainfo, save_path: Path, handles: HandlePool, preallocate: bool = False
+        self,
+        meta: Metainfo,
+        save_path: Path,
+        handles: HandlePool,
+        preallocate: bool = False,
+        allow_hard_links: bool = False,
     ) -> None:
         self.meta = meta
         self.save_path = save_path
         self.handles = handles
         self.preallocate = preallocate
         self.renames: dict[int, tuple[str, ...]] = {}
-        self.root = Beneath(save_path)  # every payload path is resolved beneath it
+        self.root = Beneath(save_path, allow_hard_links)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
         self._lock = threading.Lock()
@@ -358,7 +363,7 @@ class FileStorage:
         """Move every existing payload file under ``new_path`` (link, or copy across
         devices), never replacing a file there; undone if any step fails."""
         self.close_handles()
-        new_root = Beneath(new_path)
+        new_root = Beneath(new_path, self.root.allow_hard_links)
         moved: list[tuple[str, ...]] = []
         try:
             for index in self.stored_files():
@@ -509,14 +514,19 @@ class DisabledStorage(FileStorage):
 
     def move(self, new_path: Path) -> None:
         self.root.close()
-        self.root = Beneath(new_path)
+        self.root = Beneath(new_path, self.root.allow_hard_links)
         self.save_path = new_path
 
 
 def make_storage(
-    backend: str, meta: Metainfo, save_path: Path, handles: HandlePool, preallocate: bool = False
+    backend: str,
+    meta: Metainfo,
+    save_path: Path,
+    handles: HandlePool,
+    preallocate: bool = False,
+    allow_hard_links: bool = False,
 ) -> FileStorage:
     cls = {"posix": FileStorage, "mmap": MmapStorage, "disabled": DisabledStorage}.get(backend)
     if cls is None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return cls(meta, save_path, handles, preallocate)
+    return cls(meta, save_path, handles, preallocate, allow_hard_links)

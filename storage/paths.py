@@ -27,10 +27,17 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Beneath:
-    """A folder held open (from first use on), and the paths below it."""
+    """A folder held open (from first use on), and the paths below it.
 
-    def __init__(self, path: Path) -> None:
+    ``allow_hard_links``: payload files with other links are used as they are. For
+    libraries whose files are hard-linked into a media folder on purpose; anyone who can
+    write below the save path can then make the daemon write a file elsewhere on the
+    same file system.
+    """
+
+    def __init__(self, path: Path, allow_hard_links: bool = False) -> None:
         self.path = path
+        self.allow_hard_links = allow_hard_links
         self._fd = -1
         self._lock = threading.Lock()
 
@@ -93,7 +100,7 @@ class Beneath:
         except OSError as exc:
             os.close(fd)
             raise _error(exc, f"stat {where}") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        if not stat.S_ISREG(st.st_mode) or (st.st_nlink > 1 and not self.allow_hard_links):
             os.close(fd)
             why = "is not a regular file" if not stat.S_ISREG(st.st_mode) else (
                 f"has {st.st_nlink} hard links (one may lead out of the save path)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pieced.storage.disk import DiskIO
 from pieced.storage.errors import PathEscape, PiecedError, StorageIOError
+from pieced.storage.metainfo import parse
 
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_disk import Source
@@ -105,6 +106,38 @@ def test_hard_links_and_symlinked_files_are_refused(setup) -> None:  # type: ign
     # rm --delete-files removes the symlink, never what it points to
     dio.unregister(ih, delete_files=True)
     assert not target.is_symlink() and _tree(canary) == before
+
+
+def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path) -> None:
+    """A library hard-linked into a media folder is seeded as it is when the operator
+    allows hard links; symlinks are still refused."""
+    content = make_payload(tmp_path / "roots" / "dl", FILES, seed=4)
+    raw = make_torrent_lt(content, 32768, "v1")
+    media = tmp_path / "roots" / "media"
+    for rel in FILES:
+        (media / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(content / rel, media / rel)
+    strict = DiskIO(roots=[tmp_path / "roots"], cache_bytes=0)
+    lenient = DiskIO(roots=[tmp_path / "roots"], cache_bytes=0, max_open_files=1,
+                     allow_hard_links=True)
+    try:
+        ih = strict.register(raw, tmp_path / "roots" / "dl")
+        with pytest.raises(PathEscape, match="hard links"):
+            strict.read_chunk(ih, 0, 0, 16, volatile=True)
+        ih = lenient.register(raw, tmp_path / "roots" / "dl")
+        lenient.recheck(ih, full=True)
+        meta = parse(raw)
+        assert lenient.status(ih)["verified_pieces"] == meta.num_pieces
+        last = meta.files[-1].path  # the file of the last piece
+        target = tmp_path.joinpath("roots", "dl", *last)
+        target.unlink()
+        target.symlink_to(media.joinpath(*last[1:]))
+        lenient.read_chunk(ih, 0, 0, 16, volatile=True)  # another file takes the one handle
+        with pytest.raises(PathEscape):
+            lenient.read_chunk(ih, meta.num_pieces - 1, 0, 16, volatile=True)
+    finally:
+        strict.close()
+        lenient.close()
 
 
 def test_rename_and_move_never_leave_the_roots(setup) -> None:  # type: ignore[no-untyped-def]
