@@ -49,7 +49,7 @@ from .errors import (
     TooLarge,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileVanished, HandlePool, make_storage
+from .files import BACKENDS, FileVanished, HandlePool, make_storage, watch_leases
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .merkle import BLOCK_SIZE
 from .metainfo import parse
@@ -114,6 +114,9 @@ class DiskIO:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
+        if backend == "mmap" and not watch_leases():
+            log.warning("mmap backend started outside the main thread: files are not "
+                        "mapped (read and written as by posix)")
         self.pool = BufferPool(cache_bytes, cache_policy)
         self.hash_pool = HashPool(hash_workers)
         self.handles = HandlePool(max_open_files)
@@ -394,16 +397,16 @@ class DiskIO:
         self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
     ) -> VerifyResult:
         """Hash pieces as they are on disk; record the fingerprints this computed."""
-        def read(piece: int, buf: memoryview) -> None:
+        def read(piece: int, begin: int, buf: memoryview) -> None:
             try:
-                t.storage.readinto(t.layout.map(piece, 0, buf.nbytes), buf)
+                t.storage.readinto(t.layout.map(piece, begin, buf.nbytes), buf)
             except FileVanished as exc:
                 if exc.written:  # deleted under us (not a file never written): say so
                     self._record_error(t, exc, piece)
                 raise
 
         known = bytes(t.fingerprints)
-        reader = PreadReader(read, t.meta.piece_length)
+        reader = PreadReader(read)
         result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
         with t.lock:
             for p, fp in (result.new_fingerprints or {}).items():
