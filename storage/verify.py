@@ -2,7 +2,8 @@
 
 Work is handed to the hash pool in batches of consecutive pieces (a few MiB each),
 not piece by piece: with 16 KiB pieces a future per piece would cost more than the
-hashing. Each worker reads into a buffer of its own and hashes it there.
+hashing. Each worker reads into a buffer of its own and hashes it there; pieces larger
+than STREAM_BYTES are read and hashed in parts, so the buffer never grows past it.
 
 Two readers: ``pread`` (safe against files truncated behind our back, used by the
 daemon) and ``mmap`` (no copy out of the page cache, used by the offline verifier,
@@ -19,8 +20,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from blake3 import blake3
+
 from .errors import StorageIOError
-from .hashing import FINGERPRINT_BYTES, NO_FINGERPRINT, Buffer, HashPool, check_piece, fingerprint
+from .hashing import (
+    FINGERPRINT_BYTES,
+    NO_FINGERPRINT,
+    Buffer,
+    HashPool,
+    PieceHasher,
+    check_piece,
+    fingerprint,
+)
 from .layout import Layout
 from .metainfo import Metainfo
 
@@ -42,23 +53,46 @@ class VerifyResult(NamedTuple):
         return all(self.have)
 
 
-class PreadReader:
-    """Reads pieces with preadv into a per-thread buffer, via a storage's ``readinto``."""
+STREAM_BYTES = 4 * 1024 * 1024  # pieces larger than this are read and hashed in parts
+_buffers = threading.local()
 
-    def __init__(self, read: Callable[[int, memoryview], None], piece_length: int) -> None:
+
+def _thread_buffer(size: int) -> memoryview:
+    """The hashing thread's read buffer, shared by every recheck it works for: a thread
+    holds at most one, of at most STREAM_BYTES, however large the pieces."""
+    buf: memoryview | None = getattr(_buffers, "buf", None)
+    if buf is None or buf.nbytes < size:
+        buf = _buffers.buf = memoryview(bytearray(size))
+    return buf
+
+
+class PreadReader:
+    """Reads pieces with preadv, via a storage's ``readinto(piece, begin, out)``, into
+    the hashing thread's buffer."""
+
+    def __init__(self, read: Callable[[int, int, memoryview], None]) -> None:
         self._read = read
-        self._piece_length = piece_length
-        self._local = threading.local()
 
     def views(self, piece: int, size: int) -> list[Buffer] | None:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = memoryview(bytearray(self._piece_length))
+        buf = _thread_buffer(size)[:size]
         try:
-            self._read(piece, buf[:size])
+            self._read(piece, 0, buf)
         except StorageIOError:
             return None
-        return [buf[:size]]
+        return [buf]
+
+    def stream(self, piece: int, size: int, consume: Callable[[memoryview], object]) -> bool:
+        """Hand the piece to ``consume`` in consecutive parts of at most STREAM_BYTES;
+        False if it could not be read."""
+        buf = _thread_buffer(min(size, STREAM_BYTES))
+        for begin in range(0, size, STREAM_BYTES):
+            part = buf[: min(STREAM_BYTES, size - begin)]
+            try:
+                self._read(piece, begin, part)
+            except StorageIOError:
+                return False
+            consume(part)
+        return True
 
 
 class MmapReader:
@@ -115,6 +149,10 @@ class MmapReader:
 
 
 Reader = PreadReader | MmapReader
+
+
+def _unreachable(begin: int, length: int) -> Buffer:
+    raise AssertionError("a piece fed whole and in order needs nothing fetched")
 # (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)
 Row = tuple[int, bool | None, bool | None, int, bytes | None, bool]
 
@@ -152,13 +190,16 @@ def verify(
         out: list[Row] = []
         for p in batch:
             size = meta.piece_size(p)
+            known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
+            if known == NO_FINGERPRINT:
+                known = None
+            if size > STREAM_BYTES and isinstance(reader, PreadReader):
+                out.append(streamed(reader, p, size, known))
+                continue
             views = reader.views(p, size)
             if views is None:
                 out.append((p, *fail, 0, None, False))
                 continue
-            known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
-            if known == NO_FINGERPRINT:
-                known = None
             fp = None
             if known is not None and trust_fingerprints:
                 fp = fingerprint(views)
@@ -174,6 +215,32 @@ def verify(
                 new = fp if fp is not None else fingerprint(views)
             out.append((p, ok1, ok2, size, new, False))
         return out
+
+    def streamed(reader: PreadReader, p: int, size: int, known: bytes | None) -> Row:
+        """A large piece, read in parts: its fingerprint first (when it has one), then,
+        if that does not match, its torrent hashes and fingerprint in a second pass."""
+        if known is not None and trust_fingerprints:
+            h = blake3()
+            if not reader.stream(p, size, h.update):
+                return (p, *fail, 0, None, False)
+            if h.digest(FP) == known:
+                return (p, *good, size, None, True)
+        v2 = meta.v2_piece(p)
+        hasher = PieceHasher(size, meta.has_v1, v2)
+        pos = 0
+
+        def feed(part: memoryview) -> None:
+            nonlocal pos
+            hasher.add(pos, (part,))
+            pos += part.nbytes
+
+        if not reader.stream(p, size, feed):
+            return (p, *fail, 0, None, False)
+        d1, d2, fp = hasher.finish(_unreachable)
+        ok1 = d1 == meta.v1_hash(p) if meta.has_v1 else None
+        ok2 = d2 == v2.expected if v2 is not None else None
+        keep = fingerprints is not None and ok1 is not False and ok2 is not False
+        return (p, ok1, ok2, size, fp if keep else None, False)
 
     def batches() -> Iterator[Sequence[int]]:
         for start in range(0, len(todo), per_batch):

@@ -424,3 +424,86 @@ def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> Non
         assert peak - base < 32 * 1024 * 1024, peak - base  # four whole pieces: 256 MiB
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path) -> None:
+    """Three connections recheck three torrents of 64 MiB pieces at once: each hashing
+    thread reads into one buffer of at most 4 MiB, not a piece-sized one per recheck."""
+    import hashlib
+    import threading
+
+    import bencodepy
+
+    piece = 64 * 1024 * 1024
+    zero_hash = hashlib.sha1(bytes(piece)).digest()
+    torrents = []
+    for k in range(3):
+        name = f"zeros{k}.bin".encode()
+        info = {b"name": name, b"piece length": piece, b"length": 2 * piece,
+                b"pieces": zero_hash * 2}
+        dl = tmp_path / f"dl{k}"
+        dl.mkdir()
+        with open(dl / name.decode(), "wb") as f:  # sparse: zeros, nothing on disk
+            f.truncate(2 * piece)
+        torrents.append((bencodepy.encode({b"info": info}), dl))
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(16 * 1024 * 1024)})
+    errors: list[BaseException] = []
+    try:
+        with Client(d.socket) as c:
+            ihs = [c.register(raw, dl) for raw, dl in torrents]
+        base = _rss(d.proc.pid)
+
+        def recheck(ih: bytes) -> None:
+            try:
+                with Client(d.socket) as rc:
+                    assert rc.recheck(ih, full=True)["verified"] == 2
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=recheck, args=(ih,)) for ih in ihs]
+        for t in threads:
+            t.start()
+        peak = base
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, _rss(d.proc.pid))
+            time.sleep(0.005)
+        assert not errors, errors
+        print(f"huge-piece rechecks: RSS {base / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB")
+        # piece-sized buffers: two hashing threads x three rechecks x 64 MiB
+        assert peak - base < 32 * 1024 * 1024, peak - base
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieces_read_in_parts_verify_as_whole_ones(tmp_path: Path) -> None:
+    """A hybrid of 8 MiB pieces (read in parts by a recheck): every piece verifies, and a
+    byte changed in a piece's second part fails that piece alone, by fingerprint and by
+    the torrent's own hashes."""
+    from pieced.storage.disk import DiskIO
+    from pieced.storage.verify import STREAM_BYTES
+
+    piece = 8 * 1024 * 1024
+    assert piece > STREAM_BYTES
+    content = make_payload(tmp_path / "dl", {"a.bin": piece + 5, "b.bin": 2 * piece + 70_000},
+                           seed=6)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    dio = DiskIO(roots=[tmp_path], cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        first = dio.recheck(ih)
+        assert first.ok and first.fingerprint_hits == 0
+        assert dio.recheck(ih).fingerprint_hits == first.num_pieces
+        meta = dio._torrents[ih].meta
+        b_index = next(i for i, f in enumerate(meta.files) if f.path[-1] == "b.bin")
+        start = dio._torrents[ih].layout.file_pieces(b_index)[0]
+        with open(content / "b.bin", "r+b") as f:  # 6 MiB into the file's second piece
+            f.seek(piece + 6 * 1024 * 1024)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))
+        for full in (False, True):
+            result = dio.recheck(ih, full=full)
+            assert result.failed_v1 == [start + 1] and result.failed_v2 == [start + 1], full
+            assert sum(result.have) == result.num_pieces - 1
+    finally:
+        dio.close()
