@@ -129,6 +129,7 @@ class _Waiter:
     error: PiecedError | None = None
     done: bool = False
     token: tuple[int, int] | None = None
+    notify: Callable[[], None] | None = None  # called once done (AsyncClient wakes its task)
 
 
 def _ring_capacity(max_frame: int) -> int:
@@ -154,6 +155,7 @@ class ClientCore:
         self.server_hello: dict[str, Any] | None = None
         self.hello_waiter = _Waiter("hello")
         self.writes_in_flight = 0
+        self.writes_done = 0  # grows with every write reply: what write-window waiters watch
 
     def hello(self) -> bytes:
         self.hello_waiter = self.waiters[0] = _Waiter("hello")
@@ -252,10 +254,13 @@ class ClientCore:
             raise ProtocolError(f"a daemon does not send {f.type.name} frames")
         if w.kind == "write":
             self.writes_in_flight -= 1
+            self.writes_done += 1
             if w.token is not None and self.shm is not None:
                 self.shm.release(w.token)
             if w.error is not None:
                 self.write_errors.append(w.error)
+        if w.notify is not None:
+            w.notify()
 
     def _adopt_max_frame(self, max_frame: int) -> None:
         """Take the daemon's frame limit; grow the receive ring if it cannot hold such a
@@ -532,9 +537,11 @@ class AsyncClient:
         await loop.sock_connect(sock, self.path)
         self.sock = sock
         self._reader = asyncio.create_task(self._read_loop())
+        hello = self.core.hello()
+        woken = self._arm(self.core.hello_waiter)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await self._send(self.core.hello())  # if refused, the reason is read next
-        await self._until(lambda: 0 not in self.core.waiters)
+            await self._send(hello)  # if refused, the reason is read next
+        await self._sleep(self.core.hello_waiter, woken)
         self.core.hello_done()
         return self
 
@@ -567,18 +574,24 @@ class AsyncClient:
 
         loop = asyncio.get_running_loop()
         assert self.sock is not None
+        core = self.core
         try:
             while True:
-                n = await loop.sock_recv_into(self.sock, self.core.ring.writable())
+                n = await loop.sock_recv_into(self.sock, core.ring.writable())
                 if n == 0:
                     raise ConnectionError("the daemon closed the connection")
-                self.core.received(n)
-                self._wake.set()
+                done = core.writes_done
+                core.received(n)  # wakes the task of each request answered
+                if core.writes_done != done:
+                    self._wake.set()  # writers waiting for room in the window or ring
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             self._failure = exc
             self._wake.set()
+            for w in list(core.waiters.values()):
+                if w.notify is not None:
+                    w.notify()
 
     async def _until(self, cond: Callable[[], bool]) -> None:
         while not cond():
@@ -602,10 +615,31 @@ class AsyncClient:
             for p in parts:
                 await loop.sock_sendall(self.sock, p)
 
+    def _arm(self, waiter: _Waiter) -> asyncio.Future[None]:
+        """A future set when the reply ``waiter`` stands for arrives (or the connection
+        fails): each request wakes its own task, and no other."""
+        import asyncio
+
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        waiter.notify = wake
+        return fut
+
+    async def _sleep(self, waiter: _Waiter, woken: asyncio.Future[None]) -> None:
+        if not waiter.done and self._failure is None:
+            await woken
+        if not waiter.done and self._failure is not None:
+            raise self._failure
+
     async def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
         waiter = self.core.waiters[rid]
+        woken = self._arm(waiter)
         await self._send(frame, fds=fds)
-        await self._until(lambda: waiter.done)
+        await self._sleep(waiter, woken)
         await self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
