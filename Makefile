@@ -16,7 +16,7 @@ test: $(VENV)/.test-deps tools lint
 # tree of symlinks laid out as they install (pieced/storage -> storage, ...).
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
-	@mkdir -p .typecheck/pieced && for p in daemon protocol storage config; do \
+	@mkdir -p .typecheck/pieced && for p in daemon protocol storage peer config; do \
 	  ln -sfn ../../$$p .typecheck/pieced/$$p; done
 	$(BIN)/mypy
 

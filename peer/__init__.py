@@ -1,0 +1,1 @@
+"""pieced-peer: a BitTorrent peer whose storage is the pieced daemon."""

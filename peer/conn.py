@@ -1,0 +1,268 @@
+"""One peer connection's protocol state, both directions, without I/O.
+
+``PeerConnection.receive`` takes bytes from the socket and returns the events the
+plugin acts on; the ``send_*`` methods update the state and append the message to
+``outbox`` for the plugin to write. The rules that libtorrent holds a peer to live
+here: no fast-extension message unless both sides set the fast bit, and (with it)
+every request answered by a piece or a reject of exactly its length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import bencodepy
+
+from . import wire
+from .picker import BLOCK, Block
+from .wire import WireError
+
+KEEPALIVE_SECONDS = 60.0
+DEFAULT_REQQ = 250  # what libtorrent assumes of a peer that names no ``reqq``
+MAX_PEER_QUEUE = 500  # requests a peer may have waiting on us; more is abuse
+OUR_REQQ = MAX_PEER_QUEUE
+
+
+class PeerConnection:
+    """The state of one connection; ``info_hashes`` are the keys it may use (a hybrid
+    has two: the v1 hash and the truncated v2 one)."""
+
+    def __init__(
+        self,
+        info_hashes: tuple[bytes, ...],
+        peer_id: bytes,
+        piece_sizes: list[int],
+        *,
+        v2: bool,
+        outgoing_hash: bytes | None = None,
+    ) -> None:
+        self.info_hashes = info_hashes
+        self.peer_id = peer_id
+        self.piece_sizes = piece_sizes
+        self.num_pieces = len(piece_sizes)
+        self.v2 = v2
+        self.parser = wire.Parser(handshake=True, max_message=max(1 << 21, self.num_pieces // 8 + 64))
+        self.outbox: list[bytes | memoryview] = []
+        self.reserved = wire.make_reserved(extended=True, fast=True, v2=v2)
+        self.info_hash: bytes | None = outgoing_hash
+        self.remote_id: bytes | None = None
+        self.handshaken = False
+        self.fast = False
+        self.extended = False
+        self.am_choking = True
+        self.am_interested = False
+        self.peer_choking = True
+        self.peer_interested = False
+        self.peer_has = bytearray(self.num_pieces)
+        self.peer_count = 0  # pieces it has
+        self.reqq = DEFAULT_REQQ
+        self.allowed_fast: set[int] = set()  # pieces it lets us ask for while choked
+        self.given_fast: set[int] = set()  # pieces we let it ask for while we choke it
+        self.our_requests: dict[Block, float] = {}  # asked, not yet answered -> when
+        self.peer_requests: deque[Block] = deque()  # it asked, not yet served
+        self.last_received = time.monotonic()
+        self.last_sent = self.last_received
+        if outgoing_hash is not None:
+            self._send(wire.handshake(outgoing_hash, peer_id, self.reserved))
+
+    # -- helpers -------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        self.outbox.append(data)
+        self.last_sent = time.monotonic()
+
+    def take_outbox(self) -> list[bytes | memoryview]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    @property
+    def is_seed(self) -> bool:
+        return self.peer_count == self.num_pieces
+
+    def _valid_block(self, piece: int, begin: int, length: int) -> bool:
+        return (0 <= piece < self.num_pieces and begin >= 0 and 0 < length <= BLOCK
+                and begin + length <= self.piece_sizes[piece])
+
+    # -- receiving -------------------------------------------------------------------------
+    def receive(self, data: bytes | bytearray | memoryview) -> list[wire.Event]:
+        """The events the plugin acts on; raises WireError when the peer broke the
+        protocol (the connection is to be closed)."""
+        self.last_received = time.monotonic()
+        out: list[wire.Event] = []
+        for ev in self.parser.feed(data):
+            if self._apply(ev):
+                out.append(ev)
+        return out
+
+    def _apply(self, ev: wire.Event) -> bool:
+        if isinstance(ev, wire.Handshake):
+            if ev.info_hash not in self.info_hashes:
+                raise WireError("handshake for a torrent we do not serve")
+            if self.info_hash is None:  # incoming: answer with the key it used
+                self.info_hash = ev.info_hash
+                self._send(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
+            self.remote_id = ev.peer_id
+            self.handshaken = True
+            self.fast = wire.supports_fast(ev.reserved)
+            self.extended = wire.supports_extended(ev.reserved)
+            if self.extended:
+                self._send(wire.extended(0, bencodepy.encode(
+                    {b"m": {}, b"reqq": OUR_REQQ, b"v": b"pieced-peer"})))
+            return True
+        if not self.handshaken:
+            raise WireError("message before the handshake")
+        fast_only = (wire.HaveAll, wire.HaveNone, wire.SuggestPiece, wire.RejectRequest,
+                     wire.AllowedFast)
+        if isinstance(ev, fast_only) and not self.fast:
+            raise WireError(f"{type(ev).__name__} without the fast extension")
+        if isinstance(ev, wire.Bitfield):
+            have = wire.pieces_from_bits(ev.bits, self.num_pieces)
+            self.peer_has = bytearray(have)
+            self.peer_count = sum(have)
+        elif isinstance(ev, wire.HaveAll):
+            self.peer_has = bytearray(b"\x01" * self.num_pieces)
+            self.peer_count = self.num_pieces
+        elif isinstance(ev, wire.HaveNone):
+            self.peer_has = bytearray(self.num_pieces)
+            self.peer_count = 0
+        elif isinstance(ev, wire.Have):
+            if not 0 <= ev.piece < self.num_pieces:
+                raise WireError(f"HAVE of piece {ev.piece} of {self.num_pieces}")
+            if self.peer_has[ev.piece]:
+                return False
+            self.peer_has[ev.piece] = 1
+            self.peer_count += 1
+        elif isinstance(ev, wire.Choke):
+            self.peer_choking = True
+            if not self.fast:  # without the fast extension a choke drops every request
+                self.our_requests.clear()
+        elif isinstance(ev, wire.Unchoke):
+            self.peer_choking = False
+        elif isinstance(ev, wire.Interested):
+            self.peer_interested = True
+        elif isinstance(ev, wire.NotInterested):
+            self.peer_interested = False
+        elif isinstance(ev, wire.Request):
+            if not self._valid_block(ev.piece, ev.begin, ev.length):
+                raise WireError(f"request out of range: {ev}")
+            blk = (ev.piece, ev.begin, ev.length)
+            if self.am_choking and ev.piece not in self.given_fast:
+                if self.fast:
+                    self._send(wire.reject_request(*blk))
+                return False
+            if len(self.peer_requests) >= MAX_PEER_QUEUE:
+                if self.fast:
+                    self._send(wire.reject_request(*blk))
+                return False
+            self.peer_requests.append(blk)
+        elif isinstance(ev, wire.Cancel):
+            blk = (ev.piece, ev.begin, ev.length)
+            try:
+                self.peer_requests.remove(blk)
+            except ValueError:
+                return False  # already served, or being read: the piece goes out
+            if self.fast:
+                self._send(wire.reject_request(*blk))
+        elif isinstance(ev, wire.Piece):
+            blk = (ev.piece, ev.begin, len(ev.data))
+            if self.our_requests.pop(blk, None) is None:
+                return False  # not asked for (late after a cancel, or unsolicited)
+        elif isinstance(ev, wire.RejectRequest):
+            blk = (ev.piece, ev.begin, ev.length)
+            if self.our_requests.pop(blk, None) is None:
+                return False
+        elif isinstance(ev, wire.AllowedFast):
+            if 0 <= ev.piece < self.num_pieces:
+                self.allowed_fast.add(ev.piece)
+        elif isinstance(ev, wire.Extended):
+            if ev.ext_id == 0:
+                try:
+                    msg = bencodepy.decode(ev.payload)
+                    reqq = msg.get(b"reqq") if isinstance(msg, dict) else None
+                    if isinstance(reqq, int) and reqq > 0:
+                        self.reqq = min(reqq, 2000)
+                except Exception:
+                    raise WireError("extension handshake is not bencode") from None
+        elif isinstance(ev, wire.SuggestPiece) and not 0 <= ev.piece < self.num_pieces:
+            return False
+        return True
+
+    # -- sending ----------------------------------------------------------------------------
+    def send_bitfield(self, have: bytearray) -> None:
+        """Our pieces right after the handshake (HAVE_ALL / HAVE_NONE where allowed)."""
+        count = sum(have)
+        if self.fast and count == self.num_pieces:
+            self._send(wire.have_all())
+        elif self.fast and count == 0:
+            self._send(wire.have_none())
+        elif count:
+            self._send(wire.bitfield(wire.bits_from_pieces(have, self.num_pieces)))
+
+    def send_interested(self, interested: bool) -> None:
+        if interested != self.am_interested:
+            self.am_interested = interested
+            self._send(wire.interested() if interested else wire.not_interested())
+
+    def send_choke(self, choke: bool) -> None:
+        if choke == self.am_choking:
+            return
+        self.am_choking = choke
+        if not choke:
+            self._send(wire.unchoke())
+            return
+        self._send(wire.choke())
+        # Requests it had queued are void; with the fast extension each gets a reject,
+        # except those for pieces it may ask for while choked.
+        keep: deque[Block] = deque()
+        for blk in self.peer_requests:
+            if blk[0] in self.given_fast:
+                keep.append(blk)
+            elif self.fast:
+                self._send(wire.reject_request(*blk))
+        self.peer_requests = keep
+
+    def send_request(self, blk: Block) -> None:
+        self.our_requests[blk] = time.monotonic()
+        self._send(wire.request(*blk))
+
+    def send_cancel(self, blk: Block) -> None:
+        if self.our_requests.pop(blk, None) is not None:
+            self._send(wire.cancel(*blk))
+
+    def send_have(self, piece: int) -> None:
+        self._send(wire.have(piece))
+
+    def send_suggest(self, piece: int) -> None:
+        if self.fast:
+            self._send(wire.suggest_piece(piece))
+
+    def send_allowed_fast(self, piece: int) -> None:
+        if self.fast and piece not in self.given_fast:
+            self.given_fast.add(piece)
+            self._send(wire.allowed_fast(piece))
+
+    def send_reject(self, blk: Block) -> None:
+        if self.fast:
+            self._send(wire.reject_request(*blk))
+
+    def send_piece(self, blk: Block, data: bytes | memoryview) -> None:
+        self.outbox.append(wire.piece_header(*blk))
+        self.outbox.append(data)
+        self.last_sent = time.monotonic()
+
+    def send_hash_reject(self, ev: wire.HashRequest) -> None:
+        self._send(wire.hash_reject(ev.pieces_root, ev.base_layer, ev.index, ev.length,
+                                    ev.proof_layers))
+
+    def send_hashes(self, ev: wire.HashRequest, hashes: bytes) -> None:
+        self._send(wire.hashes(ev.pieces_root, ev.base_layer, ev.index, ev.length,
+                               ev.proof_layers, hashes))
+
+    def keepalive_due(self, now: float) -> bool:
+        return now - self.last_sent >= KEEPALIVE_SECONDS
+
+    def send_keepalive(self) -> None:
+        self._send(wire.keep_alive())
+
+    def can_request(self, piece: int) -> bool:
+        return not self.peer_choking or (self.fast and piece in self.allowed_fast)

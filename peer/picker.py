@@ -1,0 +1,165 @@
+"""Which block to ask which peer for: rarest piece first, pieces finished before new
+ones are started, and an end game that asks a second peer for what is still missing.
+
+Pure state, no I/O: the plugin tells it what peers have and what arrived, and asks it
+for requests to send.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from pieced.storage.layout import Layout
+from pieced.storage.metainfo import Metainfo
+
+BLOCK = 16384
+
+Block = tuple[int, int, int]  # (piece, begin, length)
+
+
+def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, int]]:
+    """The (begin, length) of each block of ``piece`` a peer is asked for.
+
+    Blocks are 16 KiB from the piece's start. One that runs from a file's end into a
+    BEP 47 pad runs on (the pad part is zeros), as libtorrent asks; one wholly inside a
+    pad is never asked for (the daemon counts pads as received). In a v2-only torrent a
+    block stops at its file's end: the space after it is alignment, not data.
+    """
+    size = layout.piece_size(piece)
+    clip = not meta.has_v1
+    out = []
+    for b in range(0, size, BLOCK):
+        n = min(BLOCK, size - b)
+        segs = layout.map(piece, b, n)
+        pads = [s for s in segs if not s.stored]
+        if len(pads) == len(segs):
+            continue
+        if clip and pads:
+            n = pads[0].buf_offset
+            if n == 0:
+                continue
+        out.append((b, n))
+    return out
+
+
+class Picker:
+    """Piece and block selection for one torrent."""
+
+    def __init__(self, meta: Metainfo, have: Iterable[bool]) -> None:
+        self.meta = meta
+        self.layout = Layout(meta)
+        n = meta.num_pieces
+        self.have = bytearray(1 if h else 0 for h in have)
+        assert len(self.have) == n
+        self.availability = [0] * n
+        self._plans: dict[int, list[tuple[int, int]]] = {}
+        # Blocks of pieces under way: asked for (block -> peers asked) and received.
+        self.requested: dict[Block, set[object]] = {}
+        self.received: set[Block] = set()
+        self.started: dict[int, int] = {}  # piece -> blocks not yet received
+        self._order = list(range(n))
+        random.shuffle(self._order)  # ties between equally rare pieces broken at random
+
+    @property
+    def complete(self) -> bool:
+        return all(self.have)
+
+    def left(self) -> int:
+        return self.have.count(0)
+
+    def plan(self, piece: int) -> list[tuple[int, int]]:
+        p = self._plans.get(piece)
+        if p is None:
+            p = self._plans[piece] = block_plan(self.meta, self.layout, piece)
+        return p
+
+    # -- what peers have --------------------------------------------------------------
+    def peer_has(self, pieces: Iterable[int]) -> None:
+        for p in pieces:
+            self.availability[p] += 1
+
+    def peer_lost(self, pieces: Iterable[int]) -> None:
+        for p in pieces:
+            self.availability[p] -= 1
+
+    # -- what we get -----------------------------------------------------------------
+    def block_received(self, block: Block) -> set[object]:
+        """Record a block; the other peers it was asked of (to cancel there)."""
+        asked = self.requested.pop(block, set())
+        if block in self.received or block[0] not in self.started:
+            return asked
+        self.received.add(block)
+        self.started[block[0]] -= 1
+        return asked
+
+    def piece_verified(self, piece: int) -> None:
+        self.have[piece] = 1
+        self._forget(piece)
+
+    def piece_failed(self, piece: int) -> None:
+        """All of the piece is asked for again (a block was bad; which one is unknown)."""
+        self._forget(piece)
+
+    def _forget(self, piece: int) -> None:
+        self.started.pop(piece, None)
+        for b, n in self.plan(piece):
+            self.received.discard((piece, b, n))
+            self.requested.pop((piece, b, n), None)
+
+    def peer_gone(self, peer: object) -> None:
+        """Its outstanding requests may be given to others."""
+        for block in [b for b, who in self.requested.items() if peer in who]:
+            who = self.requested[block]
+            who.discard(peer)
+            if not who:
+                del self.requested[block]
+
+    def request_dropped(self, peer: object, block: Block) -> None:
+        who = self.requested.get(block)
+        if who is not None:
+            who.discard(peer)
+            if not who:
+                del self.requested[block]
+
+    # -- what to ask for -----------------------------------------------------------------
+    def pick(self, peer: object, peer_has: bytearray | None, want: int,
+             allowed: Iterable[int] | None = None) -> list[Block]:
+        """Up to ``want`` blocks to ask ``peer`` for (``peer_has``: None when it has
+        all). ``allowed``: only these pieces (a choked peer's allowed-fast set)."""
+        out: list[Block] = []
+
+        def has(p: int) -> bool:
+            return not self.have[p] and (peer_has is None or bool(peer_has[p]))
+
+        def take(p: int, endgame: bool) -> bool:
+            for b, n in self.plan(p):
+                blk = (p, b, n)
+                if blk in self.received:
+                    continue
+                who = self.requested.get(blk)
+                if who and (not endgame or peer in who or len(who) > 1):
+                    continue
+                self.requested.setdefault(blk, set()).add(peer)
+                self.started.setdefault(p, len(self.plan(p)))
+                out.append(blk)
+                if len(out) >= want:
+                    return True
+            return False
+
+        candidates = list(allowed) if allowed is not None else None
+        # pieces already started first: finished pieces are what peers can be given
+        for p in list(self.started):
+            if (candidates is None or p in candidates) and has(p) and take(p, False):
+                return out
+        pool = candidates if candidates is not None else self._order
+        fresh = [p for p in pool if has(p) and p not in self.started]
+        fresh.sort(key=self.availability.__getitem__)
+        for p in fresh:
+            if take(p, False):
+                return out
+        if not out:  # nothing new to ask for: end game, a second peer for what is late
+            for p in list(self.started):
+                if (candidates is None or p in candidates) and has(p) and take(p, True):
+                    return out
+        return out

@@ -1,0 +1,649 @@
+"""``pieced-peer``: download and seed a torrent over the BitTorrent wire, with the
+pieced daemon as its storage.
+
+Blocks from peers go to the daemon through the shared-memory ring
+(``write_block_direct``); the daemon verifies each piece and says so with a
+``piece_verified`` or ``piece_failed`` event, and only then is the piece announced
+(HAVE) to peers. Blocks asked of us are read from the daemon, several at a time, and
+pieces the daemon holds in its cache are offered to peers with SuggestPiece.
+
+The protocol lives in ``wire.py`` (bytes <-> messages) and ``conn.py`` (one
+connection's rules); ``picker.py`` chooses what to ask for. This file is the asyncio
+edge: sockets, the daemon client, timers and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blake3 import blake3
+from pieced.protocol.client import DEFAULT_SOCKET, AsyncClient
+from pieced.storage.errors import AlreadyRegistered, PiecedError
+from pieced.storage.metainfo import Metainfo, parse
+
+from . import wire
+from .conn import PeerConnection
+from .picker import Block, Picker
+from .tracker import Tracker
+from .wire import WireError
+
+log = logging.getLogger("pieced.peer")
+
+PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
+READS_PER_PEER = 16  # reads from the daemon in flight for one peer's requests
+UNCHOKE_SLOTS = 4
+CHOKE_INTERVAL = 10.0
+REQUEST_TIMEOUT = 30.0
+PEER_TIMEOUT = 120.0
+MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
+SUGGESTS_PER_PEER = 8
+
+
+@dataclass
+class Options:
+    torrent: Path
+    save_path: Path
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    listen: tuple[str, int] | None = None
+    seed: bool = False
+    socket: str = DEFAULT_SOCKET
+    max_peers: int = 50
+
+
+@dataclass
+class Summary:
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+    peers: int = 0  # peers that completed a handshake
+    pieces_failed: int = 0
+    peers_dropped_for_bad_data: int = 0
+    suggests_sent: int = 0
+    complete: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Peer:
+    """The asyncio side of one connection."""
+
+    def __init__(self, conn: PeerConnection, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, addr: str) -> None:
+        self.conn = conn
+        self.reader = reader
+        self.writer = writer
+        self.addr = addr
+        self.bad = 0
+        self.banned: set[int] = set()  # pieces that failed with its data alone
+        self.wanted = 0  # pieces it has that we lack (and have not banned it for)
+        self.suggested: set[int] = set()
+        self.reads = 0  # reads from the daemon in flight for it
+        self.closed = False
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        for part in self.conn.take_outbox():
+            self.writer.write(part)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+class Swarm:
+    """One torrent's peers, its picker and its daemon connection."""
+
+    def __init__(self, opts: Options, raw: bytes, meta: Metainfo) -> None:
+        self.opts = opts
+        self.raw = raw
+        self.meta = meta
+        self.peer_id = b"-PD0001-" + os.urandom(6).hex().encode()
+        self.piece_sizes = [meta.piece_size(p) for p in range(meta.num_pieces)]
+        self.client = AsyncClient(opts.socket, on_event=self._on_event, window=512)
+        self.ih = meta.info_hash
+        self.picker: Picker | None = None
+        self.peers: set[Peer] = set()
+        self.connecting: set[tuple[str, int]] = set()
+        # piece -> begin -> (peer, BLAKE3 of its block): who sent what, for the piece
+        # under way and for pieces that failed with blocks of several peers (suspects),
+        # so that once the piece verifies the peers whose blocks differed are known.
+        self.blocks_from: dict[int, dict[int, tuple[Peer, bytes]]] = {}
+        self.suspects: dict[int, list[tuple[int, Peer, bytes]]] = {}
+        self.summary = Summary()
+        self.done = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.listen_port = 0
+        self.tracker: Tracker | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cached: list[int] = []
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.client.connect()
+        await self.client.attach_ring()
+        try:
+            self.ih = await self.client.register(self.raw, self.opts.save_path)
+        except AlreadyRegistered:
+            st = await self.client.status(self.ih)
+            if Path(st["save_path"]) != self.opts.save_path.resolve():
+                log.warning("the torrent is registered with save path %s", st["save_path"])
+        await self.client.subscribe(self.ih)
+        st = await self.client.status(self.ih)
+        have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
+        self.picker = Picker(self.meta, have)
+        if self.opts.listen is not None:
+            host, port = self.opts.listen
+            self.server = await asyncio.start_server(self._incoming, host, port)
+            self.listen_port = self.server.sockets[0].getsockname()[1]
+            print(f"pieced-peer: listening on {host}:{self.listen_port}", file=sys.stderr,
+                  flush=True)
+        for host, port in self.opts.peers:
+            self.connect(host, port)
+        if self.meta_trackers():
+            self.tracker = Tracker(self.meta_trackers(), self.ih, self.peer_id,
+                                   self.listen_port or 6881)
+            self._spawn(self._announce_loop())
+        self._spawn(self._timers())
+        if self.picker.complete:
+            self.summary.complete = True
+            self.done.set()
+
+    def meta_trackers(self) -> list[str]:
+        from pieced.storage.bencode import decode
+
+        top = decode(self.raw)
+        urls: list[str] = []
+        if isinstance(top, dict):
+            a = top.get(b"announce")
+            if isinstance(a, bytes):
+                urls.append(a.decode("utf-8", "replace"))
+            for tier in top.get(b"announce-list", []) or []:
+                for u in tier if isinstance(tier, list) else []:
+                    if isinstance(u, bytes) and u.decode("utf-8", "replace") not in urls:
+                        urls.append(u.decode("utf-8", "replace"))
+        return [u for u in urls if u.startswith(("http://", "https://"))]
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self.tracker is not None:
+            with contextlib.suppress(Exception):
+                await self.tracker.announce("stopped", self._counters())
+            await self.tracker.close()
+        if self.server is not None:
+            self.server.close()
+        for p in list(self.peers):
+            p.close()
+        with contextlib.suppress(PiecedError, OSError, ConnectionError):
+            await self.client.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _counters(self) -> dict[str, int]:
+        assert self.picker is not None
+        left = sum(self.piece_sizes[p] for p in range(self.meta.num_pieces)
+                   if not self.picker.have[p])
+        return {"uploaded": self.summary.bytes_up, "downloaded": self.summary.bytes_down,
+                "left": left}
+
+    # -- connections -----------------------------------------------------------------------
+    def connect(self, host: str, port: int) -> None:
+        if (host, port) in self.connecting or len(self.peers) >= self.opts.max_peers:
+            return
+        if port == self.listen_port and host in ("127.0.0.1", "localhost") and port:
+            return  # ourselves, as a tracker may list us
+        self.connecting.add((host, port))
+        self._spawn(self._outgoing(host, port))
+
+    async def _outgoing(self, host: str, port: int) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except (TimeoutError, OSError) as exc:
+            log.info("cannot connect to %s:%d: %s", host, port, exc)
+            self.connecting.discard((host, port))
+            return
+        conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
+                              v2=self.meta.has_v2, outgoing_hash=self.ih)
+        try:
+            await self._serve_peer(Peer(conn, reader, writer, f"{host}:{port}"))
+        finally:
+            self.connecting.discard((host, port))
+
+    async def _incoming(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        addr = writer.get_extra_info("peername")
+        if len(self.peers) >= self.opts.max_peers:
+            writer.close()
+            return
+        conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
+                              v2=self.meta.has_v2)
+        await self._serve_peer(Peer(conn, reader, writer, f"{addr[0]}:{addr[1]}"))
+
+    async def _serve_peer(self, peer: Peer) -> None:
+        self.peers.add(peer)
+        _nodelay(peer.writer)
+        try:
+            peer.flush()
+            while not peer.closed:
+                data = await peer.reader.read(256 * 1024)
+                if not data:
+                    break
+                for ev in peer.conn.receive(data):
+                    await self._handle(peer, ev)
+                peer.flush()
+                if peer.writer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
+                    await peer.writer.drain()
+        except WireError as exc:
+            log.info("%s broke the protocol: %s", peer.addr, exc)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.info("%s: %s", peer.addr, exc)
+        finally:
+            self._drop(peer)
+
+    def _drop(self, peer: Peer) -> None:
+        peer.close()
+        if peer not in self.peers:
+            return
+        self.peers.discard(peer)
+        if self.picker is not None:
+            self.picker.peer_gone(peer)
+            self.picker.peer_lost(i for i, h in enumerate(peer.conn.peer_has) if h)
+            self._fill_all()
+
+    # -- messages from a peer -----------------------------------------------------------------
+    async def _handle(self, peer: Peer, ev: wire.Event) -> None:
+        picker = self.picker
+        assert picker is not None
+        conn = peer.conn
+        if isinstance(ev, wire.Handshake):
+            self.summary.peers += 1
+            conn.send_bitfield(picker.have)
+        elif isinstance(ev, (wire.Bitfield, wire.HaveAll, wire.HaveNone)):
+            picker.peer_has(i for i, h in enumerate(conn.peer_has) if h)
+            peer.wanted = sum(1 for i, h in enumerate(conn.peer_has)
+                              if h and not picker.have[i] and i not in peer.banned)
+            self._fill(peer)
+        elif isinstance(ev, wire.Have):
+            picker.peer_has((ev.piece,))
+            if not picker.have[ev.piece] and ev.piece not in peer.banned:
+                peer.wanted += 1
+            self._fill(peer)
+        elif isinstance(ev, (wire.Unchoke, wire.AllowedFast)):
+            self._fill(peer)
+        elif isinstance(ev, wire.Choke):
+            if not conn.fast:
+                picker.peer_gone(peer)
+                self._fill_all()
+        elif isinstance(ev, wire.Piece):
+            await self._block(peer, ev)
+        elif isinstance(ev, wire.RejectRequest):
+            picker.request_dropped(peer, (ev.piece, ev.begin, ev.length))
+            self._fill(peer)
+        elif isinstance(ev, wire.Interested):
+            self._choke_round(newcomer=peer)
+            await self._suggest(peer)
+        elif isinstance(ev, wire.NotInterested):
+            self._choke_round()
+        elif isinstance(ev, wire.Request):
+            self._pump_reads(peer)
+        elif isinstance(ev, wire.HashRequest):
+            conn.send_hash_reject(ev)
+
+    async def _block(self, peer: Peer, ev: wire.Piece) -> None:
+        assert self.picker is not None
+        blk = (ev.piece, ev.begin, len(ev.data))
+        others = self.picker.block_received(blk)
+        for other in others:
+            if other is not peer and isinstance(other, Peer):
+                other.conn.send_cancel(blk)
+                other.flush()
+        if self.picker.have[ev.piece]:
+            return
+        self.summary.bytes_down += len(ev.data)
+        self.blocks_from.setdefault(ev.piece, {})[ev.begin] = (peer, blake3(ev.data).digest(16))
+        try:
+            await self.client.write_block_direct(self.ih, ev.piece, ev.begin, ev.data)
+        except PiecedError as exc:
+            log.warning("the daemon refused a block of piece %d: %s", ev.piece, exc)
+        self._fill(peer)
+
+    # -- what we ask for ---------------------------------------------------------------------
+    def _fill(self, peer: Peer) -> None:
+        picker = self.picker
+        if picker is None or peer.closed or not peer.conn.handshaken:
+            return
+        conn = peer.conn
+        wanted = peer.wanted > 0
+        conn.send_interested(wanted)
+        if wanted:
+            room = min(PIPELINE, conn.reqq) - len(conn.our_requests)
+            allowed = None
+            if conn.peer_choking:
+                allowed = [p for p in conn.allowed_fast if p not in peer.banned] if conn.fast else []
+            if room > 0 and (allowed is None or allowed):
+                mask = conn.peer_has
+                if peer.banned:
+                    mask = bytearray(mask)
+                    for p in peer.banned:
+                        mask[p] = 0
+                for blk in picker.pick(peer, mask, room, allowed):
+                    conn.send_request(blk)
+        peer.flush()
+
+    def _fill_all(self) -> None:
+        for p in list(self.peers):
+            self._fill(p)
+
+    # -- what we give -------------------------------------------------------------------------
+    def _pump_reads(self, peer: Peer) -> None:
+        while peer.conn.peer_requests and peer.reads < READS_PER_PEER:
+            blk = peer.conn.peer_requests.popleft()
+            peer.reads += 1
+            self._spawn(self._serve_block(peer, blk))
+
+    async def _serve_block(self, peer: Peer, blk: Block) -> None:
+        try:
+            assert self.picker is not None
+            if not self.picker.have[blk[0]]:
+                peer.conn.send_reject(blk)
+                return
+            try:
+                data = await self.client.read_chunk(self.ih, *blk)
+            except PiecedError as exc:
+                log.warning("read of piece %d for %s failed: %s", blk[0], peer.addr, exc)
+                peer.conn.send_reject(blk)
+                return
+            if peer.conn.am_choking and blk[0] not in peer.conn.given_fast:
+                peer.conn.send_reject(blk)  # choked while it was being read
+                return
+            peer.conn.send_piece(blk, data)
+            self.summary.bytes_up += len(data)
+            if blk[1] == 0:  # the piece is in the daemon's cache now: offer it around
+                self._offer(blk[0], but=peer)
+        finally:
+            peer.reads -= 1
+            peer.flush()
+            if not peer.closed:
+                self._pump_reads(peer)
+
+    async def _suggest(self, peer: Peer, pieces: Iterable[int] | None = None) -> None:
+        """Offer pieces the daemon holds in memory: a peer that takes them is served
+        without a disk read."""
+        if not peer.conn.fast or self.picker is None:
+            return
+        if pieces is None:
+            try:
+                self._cached = await self.client.cached_pieces(self.ih)
+            except PiecedError:
+                return
+            pieces = self._cached
+        sent = 0
+        for p in pieces:
+            if sent >= SUGGESTS_PER_PEER:
+                break
+            if self.picker.have[p] and not peer.conn.peer_has[p] and p not in peer.suggested:
+                peer.suggested.add(p)
+                peer.conn.send_suggest(p)
+                self.summary.suggests_sent += 1
+                sent += 1
+        peer.flush()
+
+    def _offer(self, piece: int, but: Peer | None = None) -> None:
+        """Suggest a piece just verified or read to the interested peers that lack it."""
+        for p in self.peers:
+            conn = p.conn
+            if (p is not but and conn.fast and conn.handshaken and conn.peer_interested
+                    and not conn.peer_has[piece] and piece not in p.suggested
+                    and len(p.suggested) < 4096):
+                p.suggested.add(piece)
+                conn.send_suggest(piece)
+                self.summary.suggests_sent += 1
+                p.flush()
+
+    def _choke_round(self, newcomer: Peer | None = None) -> None:
+        """Unchoke up to UNCHOKE_SLOTS interested peers; the rest take turns (called
+        every CHOKE_INTERVAL, the longest-unchoked give way)."""
+        interested = [p for p in self.peers if p.conn.peer_interested and not p.closed]
+        unchoked = [p for p in interested if not p.conn.am_choking]
+        if newcomer is not None:
+            if newcomer.conn.am_choking and len(unchoked) < UNCHOKE_SLOTS:
+                newcomer.conn.send_choke(False)
+                newcomer.flush()
+            return
+        for p in self.peers:
+            if not p.conn.peer_interested and not p.conn.am_choking:
+                p.conn.send_choke(True)
+                p.flush()
+        waiting = [p for p in interested if p.conn.am_choking]
+        if waiting and len(unchoked) >= UNCHOKE_SLOTS:
+            out = unchoked.pop(0)  # rotate one slot
+            out.conn.send_choke(True)
+            out.flush()
+        for p in waiting[: max(0, UNCHOKE_SLOTS - len(unchoked))]:
+            p.conn.send_choke(False)
+            p.flush()
+
+    # -- the daemon's events ------------------------------------------------------------------
+    def _on_event(self, name: str, msg: dict[str, Any]) -> None:
+        picker = self.picker
+        if picker is None or name not in ("piece_verified", "piece_failed"):
+            return
+        piece = int(msg.get("piece", -1))
+        if not 0 <= piece < self.meta.num_pieces:
+            return
+        sent = self.blocks_from.pop(piece, {})
+        if name == "piece_verified":
+            if picker.have[piece]:
+                return
+            picker.piece_verified(piece)
+            for p in list(self.peers):
+                if p.conn.peer_has[piece] and piece not in p.banned:
+                    p.wanted -= 1
+                if p.conn.handshaken:
+                    p.conn.send_have(piece)
+                self._fill(p)
+            for begin, peer, digest in self.suspects.pop(piece, []):
+                good = sent.get(begin)
+                if good is not None and good[1] != digest:
+                    self._blame(peer, piece)  # its block of the failed attempt was not this
+            self._offer(piece)
+            if picker.complete:
+                self.summary.complete = True
+                self.done.set()
+                if self.tracker is not None:
+                    self._spawn(self.tracker.announce("completed", self._counters()))
+            return
+        self.summary.pieces_failed += 1
+        picker.piece_failed(piece)
+        givers = {peer for peer, _ in sent.values()}
+        log.info("piece %d failed its hash (data from %s)", piece,
+                 ", ".join(p.addr for p in givers))
+        if len(givers) == 1:
+            self._blame(givers.pop(), piece)
+        else:  # which one lied is known once the piece verifies with other blocks
+            self.suspects.setdefault(piece, []).extend(
+                (begin, peer, digest) for begin, (peer, digest) in sent.items())
+        self._fill_all()
+
+    def _blame(self, peer: Peer, piece: int) -> None:
+        """``peer`` sent bad data for ``piece``: never ask it for that piece again, and
+        drop it after MAX_BAD_PIECES such pieces."""
+        peer.bad += 1
+        if piece not in peer.banned:
+            peer.banned.add(piece)
+            if peer.conn.peer_has[piece] and not self.picker_has(piece):
+                peer.wanted -= 1
+        if peer.bad >= MAX_BAD_PIECES and not peer.closed:
+            log.warning("dropping %s: %d pieces failed with its data", peer.addr, peer.bad)
+            self.summary.peers_dropped_for_bad_data += 1
+            self._drop(peer)
+
+    def picker_has(self, piece: int) -> bool:
+        return self.picker is not None and bool(self.picker.have[piece])
+
+    # -- timers -----------------------------------------------------------------------------
+    async def _timers(self) -> None:
+        last_choke = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for p in list(self.peers):
+                conn = p.conn
+                if now - conn.last_received > PEER_TIMEOUT:
+                    log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)
+                    self._drop(p)
+                    continue
+                late = [b for b, t in conn.our_requests.items() if now - t > REQUEST_TIMEOUT]
+                for blk in late:
+                    conn.send_cancel(blk)
+                    assert self.picker is not None
+                    self.picker.request_dropped(p, blk)
+                if conn.keepalive_due(now):
+                    conn.send_keepalive()
+                if late:
+                    self._fill(p)
+                p.flush()
+            if now - last_choke >= CHOKE_INTERVAL:
+                last_choke = now
+                self._choke_round()
+                for p in list(self.peers):
+                    if p.conn.peer_interested and not p.conn.am_choking:
+                        await self._suggest(p)
+
+    async def _announce_loop(self) -> None:
+        assert self.tracker is not None
+        event = "started"
+        while True:
+            interval = 1800.0
+            try:
+                peers, interval = await self.tracker.announce(event, self._counters())
+                for host, port in peers:
+                    self.connect(host, port)
+                event = ""
+            except Exception as exc:
+                log.warning("announce failed: %s", exc)
+                interval = 60.0
+            await asyncio.sleep(max(30.0, min(interval, 3600.0)) if event == "" else 60.0)
+
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    import socket
+
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- command line -------------------------------------------------------------------------
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pieced-peer",
+        description="Download and seed a torrent over BitTorrent, stored by the pieced daemon.")
+    ap.add_argument("torrent", type=Path, help="the .torrent file")
+    ap.add_argument("--save-path", type=Path, required=True,
+                    help="the folder that holds (or will hold) the torrent's file or folder")
+    ap.add_argument("--peer", action="append", type=_hostport, default=[], metavar="HOST:PORT",
+                    help="a peer to connect to (repeatable)")
+    ap.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
+                    help="accept incoming peers here (port 0: any free port)")
+    ap.add_argument("--seed", action="store_true",
+                    help="keep serving once complete, until SIGINT or SIGTERM")
+    ap.add_argument("--socket", default=os.environ.get("PIECED_SOCKET", DEFAULT_SOCKET),
+                    help="the daemon's socket")
+    ap.add_argument("--json", action="store_true", help="print one summary object at the end")
+    return ap
+
+
+async def run(opts: Options, *, show_progress: bool = False) -> Summary:
+    raw = opts.torrent.read_bytes()
+    meta = parse(raw)
+    swarm = Swarm(opts, raw, meta)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, swarm.stop.set)
+    started = time.monotonic()
+    try:
+        await swarm.start()
+        progress = asyncio.ensure_future(_progress(swarm)) if show_progress else None
+        waits = [asyncio.ensure_future(swarm.stop.wait())]
+        if not opts.seed:
+            waits.append(asyncio.ensure_future(swarm.done.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if progress is not None:
+            progress.cancel()
+            print(file=sys.stderr)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await swarm.close()
+    swarm.summary.seconds = round(time.monotonic() - started, 3)
+    return swarm.summary
+
+
+async def _progress(swarm: Swarm) -> None:
+    while True:
+        picker = swarm.picker
+        if picker is not None:
+            n = swarm.meta.num_pieces
+            done = n - picker.left()
+            bar = "#" * (30 * done // max(1, n))
+            print(f"\r[{bar:<30}] {100 * done // max(1, n):3d}%  {len(swarm.peers)} peers  "
+                  f"down {swarm.summary.bytes_down >> 20} MiB  up {swarm.summary.bytes_up >> 20} MiB",
+                  end="", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PIECED_PEER_LOG", "WARNING").upper(),
+                        format="pieced-peer: %(message)s")
+    try:
+        raw_ok = args.torrent.is_file()
+        if not raw_ok:
+            print(f"pieced-peer: cannot read {args.torrent}: no such file", file=sys.stderr)
+            return 2
+        opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
+                       args.seed, args.socket)
+        summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
+    except PiecedError as exc:
+        print(f"pieced-peer: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ConnectionError) as exc:
+        print(f"pieced-peer: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+    return 0 if summary.complete or args.seed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""HTTP tracker announces (BEP 3) with compact peer lists (BEP 23).
+
+``parse_response`` is pure (bytes in, peers out) so it can be tested and fuzzed
+alone; ``Tracker`` is the aiohttp edge that tries each URL in turn.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+from typing import Any
+
+import bencodepy
+
+
+class TrackerError(Exception):
+    """The tracker refused us, or answered something that is not an announce reply."""
+
+
+Peers = list[tuple[str, int]]
+
+
+def parse_response(body: bytes) -> tuple[Peers, float]:
+    """(peers, re-announce interval in seconds) of an announce reply.
+
+    Read leniently (bencode.py, not the daemon's canonical decoder): trackers in the
+    wild send unsorted keys, and nothing here is keyed by a hash of the bytes.
+    """
+    try:
+        msg = bencodepy.decode(body)
+    except Exception as exc:
+        raise TrackerError(f"reply is not bencode: {exc}") from None
+    if not isinstance(msg, dict):
+        raise TrackerError("reply is not a dictionary")
+    if b"failure reason" in msg:
+        reason = msg[b"failure reason"]
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        raise TrackerError(f"tracker says: {text}")
+    interval = msg.get(b"interval", 1800)
+    if not isinstance(interval, int) or interval <= 0:
+        interval = 1800
+    peers: Peers = []
+    raw = msg.get(b"peers", b"")
+    if isinstance(raw, bytes):  # compact: 4 bytes of address, 2 of port
+        for i in range(0, len(raw) - len(raw) % 6, 6):
+            ip = ".".join(str(b) for b in raw[i : i + 4])
+            port = int.from_bytes(raw[i + 4 : i + 6], "big")
+            if port:
+                peers.append((ip, port))
+    elif isinstance(raw, list):
+        for entry in raw:
+            if not isinstance(entry, dict):
+                continue
+            addr, num = entry.get(b"ip"), entry.get(b"port")
+            if isinstance(addr, bytes) and isinstance(num, int) and 0 < num < 65536:
+                try:
+                    peers.append((str(ipaddress.ip_address(addr.decode("ascii"))), num))
+                except (ValueError, UnicodeDecodeError):
+                    continue
+    raw6 = msg.get(b"peers6", b"")
+    if isinstance(raw6, bytes):
+        for i in range(0, len(raw6) - len(raw6) % 18, 18):
+            ip = str(ipaddress.IPv6Address(raw6[i : i + 16]))
+            port = int.from_bytes(raw6[i + 16 : i + 18], "big")
+            if port:
+                peers.append((ip, port))
+    return peers, float(interval)
+
+
+def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: str,
+                 counters: dict[str, int]) -> str:
+    query = {
+        "info_hash": info_hash,
+        "peer_id": peer_id,
+        "port": str(port),
+        "uploaded": str(counters.get("uploaded", 0)),
+        "downloaded": str(counters.get("downloaded", 0)),
+        "left": str(counters.get("left", 0)),
+        "compact": "1",
+        "numwant": "50",
+    }
+    if event:
+        query["event"] = event
+    sep = "&" if "?" in base else "?"
+    return base + sep + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+
+
+class Tracker:
+    def __init__(self, urls: list[str], info_hash: bytes, peer_id: bytes, port: int) -> None:
+        self.urls = urls
+        self.info_hash = info_hash
+        self.peer_id = peer_id
+        self.port = port
+        self._session: Any = None
+
+    async def announce(self, event: str, counters: dict[str, int]) -> tuple[Peers, float]:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        last: Exception = TrackerError("no tracker")
+        for url in self.urls:
+            full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters)
+            try:
+                async with self._session.get(full) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        raise TrackerError(f"{url}: HTTP {resp.status}")
+                return parse_response(body)
+            except (aiohttp.ClientError, TrackerError, TimeoutError) as exc:
+                last = exc
+        raise last
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
