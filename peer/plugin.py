@@ -42,7 +42,8 @@ from .wire import WireError
 log = logging.getLogger("pieced.peer")
 
 PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
-READS_PER_PEER = 16  # reads from the daemon in flight for one peer's requests
+READS_PER_PEER = 8  # reads from the daemon in flight for one peer's requests
+READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for (its largest READ)
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
@@ -70,6 +71,7 @@ class Summary:
     peers: int = 0  # peers that completed a handshake
     pieces_failed: int = 0
     peers_dropped_for_bad_data: int = 0
+    bad_peers: list[str] = field(default_factory=list)  # peers that sent bad blocks
     suggests_sent: int = 0
     complete: bool = False
 
@@ -132,6 +134,7 @@ class Swarm:
         self.tracker: Tracker | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
+        self._completed_announced = False
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +166,7 @@ class Swarm:
         if self.picker.complete:
             self.summary.complete = True
             self.done.set()
+        self._completed_announced = self.picker.complete  # nothing to announce then
 
     def meta_trackers(self) -> list[str]:
         from pieced.storage.bencode import decode
@@ -184,6 +188,8 @@ class Swarm:
             t.cancel()
         if self.tracker is not None:
             with contextlib.suppress(Exception):
+                if self.summary.complete and not self._completed_announced:
+                    await self.tracker.announce("completed", self._counters())
                 await self.tracker.announce("stopped", self._counters())
             await self.tracker.close()
         if self.server is not None:
@@ -324,7 +330,8 @@ class Swarm:
             await self.client.write_block_direct(self.ih, ev.piece, ev.begin, ev.data)
         except PiecedError as exc:
             log.warning("the daemon refused a block of piece %d: %s", ev.piece, exc)
-        self._fill(peer)
+        if len(peer.conn.our_requests) <= min(PIPELINE, peer.conn.reqq) // 2:
+            self._fill(peer)  # in batches of half the pipeline: one send, not one per block
 
     # -- what we ask for ---------------------------------------------------------------------
     def _fill(self, peer: Peer) -> None:
@@ -355,30 +362,49 @@ class Swarm:
 
     # -- what we give -------------------------------------------------------------------------
     def _pump_reads(self, peer: Peer) -> None:
-        while peer.conn.peer_requests and peer.reads < READS_PER_PEER:
-            blk = peer.conn.peer_requests.popleft()
+        """Start reads for the peer's queued requests. Requests for consecutive blocks of
+        one piece (what peers send) are read from the daemon as one range of up to
+        READ_BYTES: one round trip for many blocks."""
+        queue = peer.conn.peer_requests
+        limit = min(READ_BYTES, self.client.core.max_frame - 1024)  # a DATA frame holds it
+        while queue and peer.reads < READS_PER_PEER:
+            run = [queue.popleft()]
+            size = run[0][2]
+            while queue and size + queue[0][2] <= limit:
+                nxt, last = queue[0], run[-1]
+                if nxt[0] != last[0] or nxt[1] != last[1] + last[2]:
+                    break
+                run.append(queue.popleft())
+                size += nxt[2]
             peer.reads += 1
-            self._spawn(self._serve_block(peer, blk))
+            self._spawn(self._serve_blocks(peer, run))
 
-    async def _serve_block(self, peer: Peer, blk: Block) -> None:
+    async def _serve_blocks(self, peer: Peer, run: list[Block]) -> None:
+        piece, begin = run[0][0], run[0][1]
+        size = sum(b[2] for b in run)
         try:
             assert self.picker is not None
-            if not self.picker.have[blk[0]]:
-                peer.conn.send_reject(blk)
+            if not self.picker.have[piece]:
+                for blk in run:
+                    peer.conn.send_reject(blk)
                 return
             try:
-                data = await self.client.read_chunk(self.ih, *blk)
+                data = memoryview(await self.client.read_chunk(self.ih, piece, begin, size))
             except PiecedError as exc:
-                log.warning("read of piece %d for %s failed: %s", blk[0], peer.addr, exc)
-                peer.conn.send_reject(blk)
+                log.warning("read of piece %d for %s failed: %s", piece, peer.addr, exc)
+                for blk in run:
+                    peer.conn.send_reject(blk)
                 return
-            if peer.conn.am_choking and blk[0] not in peer.conn.given_fast:
-                peer.conn.send_reject(blk)  # choked while it was being read
-                return
-            peer.conn.send_piece(blk, data)
-            self.summary.bytes_up += len(data)
-            if blk[1] == 0:  # the piece is in the daemon's cache now: offer it around
-                self._offer(blk[0], but=peer)
+            conn = peer.conn
+            for blk in run:
+                if conn.am_choking and piece not in conn.given_fast:
+                    conn.send_reject(blk)  # choked while it was being read
+                    continue
+                off = blk[1] - begin
+                conn.send_piece(blk, data[off : off + blk[2]])
+                self.summary.bytes_up += blk[2]
+            if begin == 0:  # the piece is in the daemon's cache now: offer it around
+                self._offer(piece, but=peer)
         finally:
             peer.reads -= 1
             peer.flush()
@@ -469,8 +495,6 @@ class Swarm:
             if picker.complete:
                 self.summary.complete = True
                 self.done.set()
-                if self.tracker is not None:
-                    self._spawn(self.tracker.announce("completed", self._counters()))
             return
         self.summary.pieces_failed += 1
         picker.piece_failed(piece)
@@ -488,6 +512,8 @@ class Swarm:
         """``peer`` sent bad data for ``piece``: never ask it for that piece again, and
         drop it after MAX_BAD_PIECES such pieces."""
         peer.bad += 1
+        if peer.addr not in self.summary.bad_peers:
+            self.summary.bad_peers.append(peer.addr)
         if piece not in peer.banned:
             peer.banned.add(piece)
             if peer.conn.peer_has[piece] and not self.picker_has(piece):
@@ -530,19 +556,31 @@ class Swarm:
                         await self._suggest(p)
 
     async def _announce_loop(self) -> None:
+        """Announce on start, on completion (at once) and every interval after."""
         assert self.tracker is not None
         event = "started"
         while True:
-            interval = 1800.0
             try:
                 peers, interval = await self.tracker.announce(event, self._counters())
+                if event == "completed":
+                    self._completed_announced = True
                 for host, port in peers:
                     self.connect(host, port)
-                event = ""
             except Exception as exc:
                 log.warning("announce failed: %s", exc)
                 interval = 60.0
-            await asyncio.sleep(max(30.0, min(interval, 3600.0)) if event == "" else 60.0)
+            event = ""
+            sleep = asyncio.ensure_future(asyncio.sleep(max(30.0, min(interval, 3600.0))))
+            waits: list[asyncio.Future[Any]] = [sleep]
+            if not self._completed_announced:
+                waits.append(asyncio.ensure_future(self.done.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self.done.is_set() and not self._completed_announced:
+                event = "completed"
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:

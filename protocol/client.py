@@ -527,6 +527,9 @@ class AsyncClient:
         self._attach_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
+        self._out: list[bytes] = []  # small frames queued this turn of the loop
+        self._flush_scheduled = False
+        self._flusher: asyncio.Task[None] | None = None
 
     async def connect(self) -> AsyncClient:
         import asyncio
@@ -558,6 +561,8 @@ class AsyncClient:
         finally:
             if self._reader is not None:
                 self._reader.cancel()
+            if self._flusher is not None:
+                self._flusher.cancel()
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
@@ -587,11 +592,16 @@ class AsyncClient:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The connection is lost: every waiting task wakes and raises ``exc``."""
+        if self._failure is None:
             self._failure = exc
-            self._wake.set()
-            for w in list(core.waiters.values()):
-                if w.notify is not None:
-                    w.notify()
+        self._wake.set()
+        for w in list(self.core.waiters.values()):
+            if w.notify is not None:
+                w.notify()
 
     async def _until(self, cond: Callable[[], bool]) -> None:
         while not cond():
@@ -606,14 +616,56 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         assert self.sock is not None
         async with self._send_lock:
+            if self._out:  # queued frames go first: they were sent first
+                queued = b"".join(self._out)
+                self._out.clear()
+                await loop.sock_sendall(self.sock, queued)
             if fds:
                 data = b"".join(parts)
                 sent = self.sock.sendmsg([data], _rights(fds))  # small control frame: fits the buffer
                 if sent < len(data):
                     await loop.sock_sendall(self.sock, data[sent:])
-                return
-            for p in parts:
-                await loop.sock_sendall(self.sock, p)
+            else:
+                for p in parts:
+                    await loop.sock_sendall(self.sock, p)
+        if self._out and not self._flush_scheduled:  # queued while we held the lock
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_out)
+
+    def _post(self, frame: bytes) -> None:
+        """Send a small frame with the others queued in this turn of the event loop: a
+        download's write and read requests cost one send per turn, not one each."""
+        import asyncio
+
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        import asyncio
+
+        self._flush_scheduled = False
+        if not self._out or self._send_lock.locked() or self.sock is None:
+            return  # a send in progress takes them when it is done
+        data = b"".join(self._out)
+        self._out.clear()
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if n < len(data):  # the socket is full: the rest waits for room, in order
+            self._out.append(data[n:])
+            self._flusher = asyncio.ensure_future(self._drain_out())
+
+    async def _drain_out(self) -> None:
+        try:
+            await self._send()
+        except OSError as exc:
+            self._fail(exc)
 
     def _arm(self, waiter: _Waiter) -> asyncio.Future[None]:
         """A future set when the reply ``waiter`` stands for arrives (or the connection
@@ -638,7 +690,10 @@ class AsyncClient:
     async def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
         waiter = self.core.waiters[rid]
         woken = self._arm(waiter)
-        await self._send(frame, fds=fds)
+        if fds or len(frame) > 4096:
+            await self._send(frame, fds=fds)
+        else:
+            self._post(frame)
         await self._sleep(waiter, woken)
         await self._raise_write_error()
         if waiter.error is not None:
@@ -698,7 +753,7 @@ class AsyncClient:
             placed = self.core.ring_put(data)
         offset, token = placed
         _, frame = self.core.write_ring(ih, piece, begin, offset, n, token, flush)
-        await self._send(frame)
+        self._post(frame)
 
     async def read_chunk(self, ih: bytes, piece: int, begin: int, length: int,
                          volatile: bool = False) -> bytes:

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,4 +105,178 @@ def test_download_from_libtorrent_then_seed_to_libtorrent(tmp_path: Path, kind: 
         _same_tree(content, tmp_path / "leech" / "payload", files)
         assert up["bytes_up"] >= sum(files.values()) and up["suggests_sent"] >= 1
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def _corrupt_every_piece(path: Path, piece: int) -> None:
+    """Flip one byte in every piece-sized stretch of the file (a liar's copy)."""
+    with open(path, "r+b") as f:
+        size = path.stat().st_size
+        for off in range(piece // 2, size, piece):
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path) -> None:
+    """Two libtorrent seeders, one serving a corrupted copy (changed after it checked
+    it): pieces fail, are asked for again, the liar alone is blamed (and dropped), and
+    every byte in the end is the real one."""
+    import shutil
+
+    piece = 16384
+    files = {"a.bin": 60 * piece + 123, "b.bin": 20 * piece}
+    content = make_payload(tmp_path / "good", files, seed=5)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "good", seed=True) as good, \
+                LtPeer(raw, tmp_path / "bad", seed=True) as bad:
+            for rel in files:
+                _corrupt_every_piece(tmp_path / "bad" / "payload" / rel, piece)
+            summary = download(torrent, tmp_path / "dl", d, bad.port, good.port)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert summary["pieces_failed"] >= 1, summary
+        assert summary["bad_peers"] == [f"127.0.0.1:{bad.port}"], summary
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieced_peer_in_the_middle_of_two_seeders_and_a_leecher(tmp_path: Path) -> None:
+    """Two libtorrent seeders -> pieced-peer (stores in pieced) -> a libtorrent leecher
+    that knows only pieced-peer: pieces reach it as pieced verifies them."""
+    piece = 65536
+    files = _files(piece) | {"big.bin": 40 * piece + 5}
+    content = make_payload(tmp_path / "seed", files, seed=8)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as s1, \
+                LtPeer(raw, tmp_path / "seed", seed=True) as s2, \
+                LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True) as leecher:
+            middle = Seeding(torrent, tmp_path / "dl", d, "--peer", f"127.0.0.1:{s1.port}",
+                             "--peer", f"127.0.0.1:{s2.port}")
+            leecher.connect("127.0.0.1", middle.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+            summary = middle.stop()
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert summary["complete"] and summary["bytes_up"] >= sum(files.values())
+        assert summary["peers"] == 3
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
+    """A seeder closes mid-download: its requests go to the other one. A leecher closes
+    mid-piece: the seeding side serves the next leecher as if nothing happened."""
+    import time
+
+    piece = 262144
+    files = {"a.bin": 24 * piece + 77}
+    content = make_payload(tmp_path / "seed", files, seed=9)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    # 6 MiB at 1 MiB/s: time to leave midway (rate limits apply to loopback peers too)
+    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s1, \
+                LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s2:
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}",
+                         "--peer", f"127.0.0.1:{s2.port}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+            assert proc.poll() is None  # still downloading
+            s1.close()
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            assert json.loads(out)["complete"]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        first = LtPeer(raw, tmp_path / "leech1", seed=False,
+                       settings={"download_rate_limit": 1024 * 1024, "limit_loopback": True})
+        first.connect("127.0.0.1", seeding.port)
+        time.sleep(1.0)
+        progress = first.status()["progress"]
+        first.close()
+        assert 0 < progress < 1, progress
+        with LtPeer(raw, tmp_path / "leech2", seed=False) as second:
+            second.connect("127.0.0.1", seeding.port)
+            second.wait_finished(60)
+            assert second.hash_failures() == 0
+        seeding.stop()
+        _same_tree(content, tmp_path / "leech2" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
+    """No --peer: the HTTP tracker (written here with aiohttp) names the seeder, in BEP 23
+    compact form; pieced-peer announces started, then completed, then stopped."""
+    import asyncio
+
+    import bencodepy
+    from aiohttp import web
+
+    piece = 65536
+    files = _files(piece)
+    content = make_payload(tmp_path / "seed", files, seed=3)
+    raw = make_torrent_lt(content, piece, "v2")
+    seen: list[dict[str, str]] = []
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    def serve() -> None:
+        async def announce(request: web.Request) -> web.Response:
+            seen.append(dict(request.query))
+            compact = bytes([127, 0, 0, 1]) + state["seeder"].to_bytes(2, "big")
+            return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": compact}))
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/announce", announce)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            state["port"] = runner.addresses[0][1]
+            state["stop"] = asyncio.Event()
+            ready.set()
+            await state["stop"].wait()
+            await runner.cleanup()
+
+        state["loop"] = asyncio.new_event_loop()
+        state["loop"].run_until_complete(main())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    top = bencodepy.decode(raw)
+    top[b"announce"] = f"http://127.0.0.1:{state['port']}/announce".encode()
+    with_tracker = bencodepy.encode(top)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(with_tracker)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            state["seeder"] = seeder.port
+            download(torrent, tmp_path / "dl", d)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        events = [q.get("event", "") for q in seen]
+        assert events[0] == "started" and "completed" in events and events[-1] == "stopped", events
+        assert all(q["compact"] == "1" and int(q["port"]) > 0 for q in seen)
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        t.join(10)
         assert d.stop() == 0, d.stderr()
