@@ -35,6 +35,7 @@ from pieced.storage.metainfo import Metainfo, parse
 
 from . import wire
 from .conn import PeerConnection
+from .hashes import HashServer
 from .picker import Block, Picker
 from .tracker import Tracker
 from .wire import WireError
@@ -73,6 +74,7 @@ class Summary:
     peers_dropped_for_bad_data: int = 0
     bad_peers: list[str] = field(default_factory=list)  # peers that sent bad blocks
     suggests_sent: int = 0
+    hash_requests_served: int = 0
     complete: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -119,6 +121,7 @@ class Swarm:
         self.client = AsyncClient(opts.socket, on_event=self._on_event, window=512)
         self.ih = meta.info_hash
         self.picker: Picker | None = None
+        self.hash_server = HashServer(meta)
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()
         # piece -> begin -> (peer, BLAKE3 of its block): who sent what, for the piece
@@ -312,7 +315,13 @@ class Swarm:
         elif isinstance(ev, wire.Request):
             self._pump_reads(peer)
         elif isinstance(ev, wire.HashRequest):
-            conn.send_hash_reject(ev)
+            hashes = self.hash_server.answer(ev.pieces_root, ev.base_layer, ev.index,
+                                             ev.length, ev.proof_layers)
+            if hashes is None:
+                conn.send_hash_reject(ev)
+            else:
+                conn.send_hashes(ev, hashes)
+                self.summary.hash_requests_served += 1
 
     async def _block(self, peer: Peer, ev: wire.Piece) -> None:
         assert self.picker is not None

@@ -280,3 +280,41 @@ def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         t.join(10)
         assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v2", "hybrid"])
+def test_a_leecher_without_piece_layers_gets_them_from_us(tmp_path: Path, kind: str) -> None:
+    """libtorrent given only the info dictionary (the .torrent without ``piece layers``)
+    asks for the piece layer in hash requests; pieced-peer answers them from its own
+    .torrent, with the proofs, and the leecher finishes with no hash failure."""
+    import bencodepy
+
+    piece = 32768
+    files = {"a.bin": 37 * piece + 5, "b.bin": 5 * piece, "small": 1000}
+    content = make_payload(tmp_path / "seed", files, seed=12)
+    raw = make_torrent_lt(content, piece, kind)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    top = bencodepy.decode(raw)
+    assert top.pop(b"piece layers")
+    bare = bencodepy.encode(top)
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "seed")
+            assert c.recheck(ih)["verified"] > 0
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        with LtPeer(bare, tmp_path / "leech", seed=False, log_peer=True) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+            asked = [line for line in leecher.peer_log() if "HASH_REQUEST" in line]
+            answered = [line for line in leecher.peer_log() if "<== HASHES" in line]
+            rejected = [line for line in leecher.peer_log() if "HASH_REJECT" in line]
+        summary = seeding.stop()
+        # a hybrid's leecher checks pieces with SHA-1 and needs no piece layer
+        assert len(answered) == len(asked) == summary["hash_requests_served"]
+        assert (kind == "hybrid" or len(answered) >= 1) and not rejected, asked[:5]
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()

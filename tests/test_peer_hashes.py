@@ -1,0 +1,98 @@
+"""Hash requests answered from the piece layers: every answer proves its nodes against
+the file's root, and what cannot be answered from the piece layer is refused."""
+
+from __future__ import annotations
+
+from hashlib import sha256
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pieced.peer.hashes import HashServer
+from pieced.storage.merkle import BLOCK_SIZE, leaf_count, next_pow2
+from pieced.storage.metainfo import parse
+
+from tests.realtools import make_payload, make_torrent_lt
+
+PIECE = 32768
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("hashes")
+    content = make_payload(root, {"big.bin": 45 * PIECE + 7, "mid.bin": 4 * PIECE,
+                                  "small.bin": 1000}, seed=2)
+    return parse(make_torrent_lt(content, PIECE, "v2"))
+
+
+def _verify(root: bytes, length: int, base: int, index: int, count: int, proof_layers: int,
+            hashes: bytes) -> bool:
+    """Check an answer the way a receiver does: fold the nodes up, then the uncles."""
+    nodes = [hashes[i : i + 32] for i in range(0, count * 32, 32)]
+    uncles = [hashes[i : i + 32] for i in range(count * 32, len(hashes), 32)]
+    width = next_pow2(count)
+    nodes += [b"?" * 32] * (width - count)  # unknown: must not be needed when count is 2^k
+    level, pos = nodes, index
+    while len(level) > 1:
+        level = [sha256(level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
+        pos //= 2
+    node = level[0]
+    height = base + (width.bit_length() - 1)
+    num_layers = next_pow2(leaf_count(length)).bit_length() - 1
+    for uncle in uncles:
+        node = sha256(uncle + node).digest() if pos % 2 else sha256(node + uncle).digest()
+        pos //= 2
+        height += 1
+    return height == num_layers and node == root
+
+
+def test_the_piece_layer_with_its_proof(meta) -> None:  # type: ignore[no-untyped-def]
+    server = HashServer(meta)
+    big = next(f for f in meta.files if f.path[-1] == "big.bin")
+    assert big.pieces_root is not None
+    ph = (PIECE // BLOCK_SIZE).bit_length() - 1
+    num_layers = next_pow2(leaf_count(big.length)).bit_length() - 1
+    # all 64 (padded) nodes of the piece layer at once, with no uncle needed
+    width = next_pow2(leaf_count(big.length)) >> ph
+    full = server.answer(big.pieces_root, ph, 0, width, num_layers - ph - 1)
+    assert full is not None and len(full) == 32 * width
+    assert full[: 45 * 32] == meta.piece_layers[big.pieces_root][: 45 * 32]
+    assert _verify(big.pieces_root, big.length, ph, 0, width, num_layers - ph - 1, full)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_answer_proves_itself(meta, data) -> None:  # type: ignore[no-untyped-def]
+    server = HashServer(meta)
+    f = data.draw(st.sampled_from([f for f in meta.files if f.pieces_root is not None
+                                   and f.length > 0]))
+    num_layers = next_pow2(leaf_count(f.length)).bit_length() - 1
+    base = data.draw(st.integers(0, max(0, num_layers)))
+    k = data.draw(st.integers(0, 6))
+    count = 1 << k
+    index = data.draw(st.integers(0, 80)) // count * count  # aligned, as requesters do
+    proof_layers = data.draw(st.integers(0, num_layers))
+    got = server.answer(f.pieces_root, base, index, count, proof_layers)
+    ph = (PIECE // BLOCK_SIZE).bit_length() - 1
+    level_size = next_pow2(leaf_count(f.length)) >> base if base <= num_layers else 0
+    answerable = (f.length > PIECE and ph <= base < num_layers
+                  and index + count <= level_size and proof_layers < num_layers - base)
+    if not answerable:
+        assert got is None
+        return
+    assert got is not None
+    # with enough proof layers the answer reaches the root
+    if proof_layers == num_layers - base - 1:
+        assert _verify(f.pieces_root, f.length, base, index, count, proof_layers, got)
+
+
+def test_refusals(meta) -> None:  # type: ignore[no-untyped-def]
+    server = HashServer(meta)
+    big = next(f for f in meta.files if f.path[-1] == "big.bin")
+    small = next(f for f in meta.files if f.path[-1] == "small.bin")
+    assert server.answer(bytes(32), 1, 0, 1, 0) is None  # no such file
+    assert server.answer(big.pieces_root, 0, 0, 4, 0) is None  # block hashes: need the data
+    assert server.answer(small.pieces_root, 0, 0, 1, 0) is None  # one piece: no piece layer
+    assert server.answer(big.pieces_root, 1, 0, 0, 0) is None  # count 0
+    assert server.answer(big.pieces_root, 1, 60, 8, 0) is None  # past the layer's end
+    assert server.answer(big.pieces_root, 1, 0, 1, 99) is None  # more proof than the tree
