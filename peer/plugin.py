@@ -145,6 +145,10 @@ class Swarm:
         await self.client.attach_ring()
         try:
             self.ih = await self.client.register(self.raw, self.opts.save_path)
+            # Newly registered: what is already on disk is checked first, as any client
+            # does with a torrent added over existing data (files that are not there
+            # cost nothing to check).
+            await self.client.recheck(self.ih)
         except AlreadyRegistered:
             st = await self.client.status(self.ih)
             if Path(st["save_path"]) != self.opts.save_path.resolve():
