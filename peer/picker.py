@@ -128,6 +128,8 @@ class Picker:
         """Up to ``want`` blocks to ask ``peer`` for (``peer_has``: None when it has
         all). ``allowed``: only these pieces (a choked peer's allowed-fast set)."""
         out: list[Block] = []
+        if want <= 0:
+            return out
 
         def has(p: int) -> bool:
             return not self.have[p] and (peer_has is None or bool(peer_has[p]))

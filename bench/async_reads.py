@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Reads through ``AsyncClient`` with many in flight: does a reply wake only its waiter?
+
+Prints one JSON object. A daemon (fresh, in ``--workdir``) holds a verified torrent of
+``--size-mib`` MiB; one ``AsyncClient`` reads every 16 KiB block of it with ``--inflight``
+reads outstanding at a time (that many tasks, each reading the next block), for
+each value of ``--inflight``, best of ``--repeat``. If every reply woke every waiting
+task, a reply would cost O(reads in flight) and 512 in flight would be slower than 64;
+with a wake per waiter the rate does not fall as the number in flight grows.
+
+    python bench/async_reads.py --inflight 1,64,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pieced.protocol.client import AsyncClient, Client  # noqa: E402
+
+from bench.daemon_proc import DaemonProcess  # noqa: E402
+from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
+
+BLOCK = 16384
+
+
+async def read_all(sock: str, ih: bytes, blocks: list[tuple[int, int]], inflight: int) -> float:
+    async with AsyncClient(sock, window=inflight) as c:
+        todo = iter(blocks)
+
+        async def reader() -> None:
+            for piece, begin in todo:
+                data = await c.read_chunk(ih, piece, begin, BLOCK)
+                assert len(data) == BLOCK
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(reader() for _ in range(inflight)))
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--inflight", default="1,64,512")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "async_reads")
+    args = ap.parse_args()
+    work = args.workdir.resolve()
+    shutil.rmtree(work / "daemon", ignore_errors=True)
+    content = make_payload(work / "src", {"data.bin": args.size_mib * 1024 * 1024}, seed=4)
+    piece = 1024 * 1024
+    raw = make_torrent_lt(content, piece, "v1")
+    daemon = DaemonProcess(work / "daemon", [sys.executable, "-m", "pieced.daemon.cli", "run",
+                                             "--http-port", "0"],
+                           env={**os.environ, "PIECED_ROOTS": str(work)})
+    daemon.start()
+    sock = str(work / "daemon" / "var" / "pieced.sock")
+    out: dict[str, object] = {"size_mib": args.size_mib, "block": BLOCK}
+    try:
+        with Client(sock) as c:
+            ih = c.register(raw, work / "src")
+            assert c.recheck(ih)["verified"] == args.size_mib
+        blocks = [(p, b) for p in range(args.size_mib) for b in range(0, piece, BLOCK)]
+        for n in (int(x) for x in args.inflight.split(",")):
+            best = min(asyncio.run(read_all(sock, ih, blocks, n)) for _ in range(args.repeat))
+            out[f"inflight_{n}"] = {"seconds": round(best, 3),
+                                    "reads_per_s": round(len(blocks) / best),
+                                    "mib_s": round(args.size_mib / best, 1)}
+            print(f"{n} in flight: {best:.3f} s", file=sys.stderr, flush=True)
+    finally:
+        daemon.stop()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
