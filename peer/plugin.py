@@ -100,8 +100,9 @@ class Peer:
     def flush(self) -> None:
         if self.closed:
             return
-        for part in self.conn.take_outbox():
-            self.writer.write(part)
+        parts = self.conn.take_outbox()
+        if parts:  # one write, so one send, for all the messages of this turn
+            self.writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def close(self) -> None:
         if not self.closed:
