@@ -134,7 +134,9 @@ def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path) 
     shutil.copytree(tmp_path / "good", tmp_path / "bad")
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "good", seed=True) as good, \
+        # the honest one slow (1 MiB/s), so that the liar's blocks are taken too
+        slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+        with LtPeer(raw, tmp_path / "good", seed=True, settings=slow) as good, \
                 LtPeer(raw, tmp_path / "bad", seed=True) as bad:
             for rel in files:
                 _corrupt_every_piece(tmp_path / "bad" / "payload" / rel, piece)
@@ -195,7 +197,12 @@ def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
                 peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}",
                          "--peer", f"127.0.0.1:{s2.port}"),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(1.0)
+            with Client(d.socket) as c:  # leave once a first piece is in, none too early
+                deadline = time.monotonic() + 30
+                while not c.torrents() or c.status(c.torrents()[0]["info_hash"])[
+                        "verified_pieces"] == 0:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.02)
             assert proc.poll() is None  # still downloading
             s1.close()
             out, err = proc.communicate(timeout=120)
@@ -207,8 +214,10 @@ def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
         first = LtPeer(raw, tmp_path / "leech1", seed=False,
                        settings={"download_rate_limit": 1024 * 1024, "limit_loopback": True})
         first.connect("127.0.0.1", seeding.port)
-        time.sleep(1.0)
-        progress = first.status()["progress"]
+        deadline = time.monotonic() + 30
+        while (progress := first.status()["progress"]) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         first.close()
         assert 0 < progress < 1, progress
         with LtPeer(raw, tmp_path / "leech2", seed=False) as second:
