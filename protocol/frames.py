@@ -125,6 +125,9 @@ def encode_ack(rid: int, flags: int = 0) -> bytes:
 
 # -- the receive ring -------------------------------------------------------------------
 
+TRIM_OVER = 1024 * 1024 + 64  # more than the largest block frame
+
+
 class RecvRing:
     """A fixed receive buffer used as a ring, with out-of-order release.
 
@@ -145,6 +148,7 @@ class RecvRing:
         self.parsed = 0  # total bytes parsed
         self.tail = 0  # total bytes freed
         self._released: dict[int, int] = {}  # start -> end of regions freed out of order
+        self._trim = False  # a region larger than any block passed: give pages back when empty
 
     @property
     def used(self) -> int:
@@ -196,6 +200,13 @@ class RecvRing:
         self._released[start] = end
         while self.tail in self._released:
             self.tail = self._released.pop(self.tail)
+        if end - start > TRIM_OVER:
+            self._trim = True
+        if self._trim and self.tail == self.head:
+            # One large control frame (a big metainfo) touched pages no block stream
+            # needs: return them to the kernel rather than hold them while connected.
+            self._trim = False
+            self.buf.madvise(mmap.MADV_DONTNEED)
 
 
 class FrameReader:

@@ -26,6 +26,7 @@ holds two piece locks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import logging
@@ -59,6 +60,7 @@ from .torrent import COMMITTING, HASHING, MISSING, PARTIAL, VERIFIED, Partial, T
 from .verify import PreadReader, Progress, VerifyResult, verify
 
 log = logging.getLogger("pieced.storage")
+PARTIAL_FLOOR = 64  # pieces in progress any torrent may have, whatever the others hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +406,12 @@ class DiskIO:
                 if exc.written:  # deleted under us (not a file never written): say so
                     self._record_error(t, exc, piece)
                 raise
+            except PathEscape as exc:
+                # A symlink or hard link where a payload file should be: the piece fails
+                # (recorded, with EPERM) and the recheck goes on with the others.
+                err = StorageIOError(str(exc), errno=errno.EPERM)
+                self._record_error(t, err, piece)
+                raise err from None
 
         known = bytes(t.fingerprints)
         reader = PreadReader(read)
@@ -534,7 +542,7 @@ class DiskIO:
         hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads)
         with t.lock:
             if t.state[piece] == MISSING:
-                self._count_partials(1)
+                self._count_partials(1, held=len(t.partial))
                 partial = t.partial[piece] = Partial(hasher, pads)
                 t.set_state(piece, PARTIAL)
                 self.pool.drop((t.id, piece))  # what a read cached of it is stale from now on
@@ -545,12 +553,15 @@ class DiskIO:
             self.metrics.add("duplicate_blocks", blocks)
         return found
 
-    def _count_partials(self, delta: int) -> None:
+    def _count_partials(self, delta: int, held: int = 0) -> None:
         """Pieces in progress, daemon-wide: each holds hash state (a few KiB) outside the
         byte budget, so their number is bounded instead. Refusing a block's new piece
-        past the bound leaves the rest as it was."""
+        past the bound leaves the rest as it was. A torrent that ``held`` fewer than
+        PARTIAL_FLOOR pieces in progress is never refused: one client filling the bound
+        with its torrent does not stop the downloads of the others."""
         with self._partials_lock:
-            if delta > 0 and self._partials + delta > self.max_partial_pieces:
+            if (delta > 0 and held >= PARTIAL_FLOOR
+                    and self._partials + delta > self.max_partial_pieces):
                 raise TooLarge(
                     f"{self._partials} pieces are in progress, the limit "
                     f"(max_partial_pieces) is {self.max_partial_pieces}: finish or clear some")

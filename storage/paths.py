@@ -84,26 +84,41 @@ class Beneath:
             os.close(fd)
 
     def open(self, parts: Parts, flags: int, create_dirs: bool = False) -> int:
-        """Open a payload file: a regular file with one link, or PathEscape."""
+        """Open a payload file: a regular file with one link, or PathEscape.
+
+        The link count is read after the open, from the name and from the descriptor,
+        both of one inode: read from the descriptor alone it could be 1 because the name
+        beneath the save path was swapped away just after the open, leaving a file
+        elsewhere (hard-linked in for the moment of the open) as the one we hold.
+        """
         where = self.path.joinpath(*parts)
         try:
             with self.folder(parts[:-1], create_dirs) as dfd:
                 fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+                try:
+                    named = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    os.close(fd)
+                    if exc.errno == errno.ENOENT:  # swapped away at once: not ours to use
+                        raise PathEscape(f"{where} changed while being opened: refusing "
+                                         "to use it") from None
+                    raise
         except PathEscape:
             raise
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise PathEscape(f"{where} is a symlink: refusing to follow it") from None
             raise _error(exc, f"open {where}") from None
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
+        why = ""
+        if not stat.S_ISREG(st.st_mode):
+            why = "is not a regular file"
+        elif (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+            why = "changed while being opened"
+        elif max(st.st_nlink, named.st_nlink) > 1 and not self.allow_hard_links:
+            why = f"has {max(st.st_nlink, named.st_nlink)} hard links (one may lead out of the save path)"
+        if why:
             os.close(fd)
-            raise _error(exc, f"stat {where}") from None
-        if not stat.S_ISREG(st.st_mode) or (st.st_nlink > 1 and not self.allow_hard_links):
-            os.close(fd)
-            why = "is not a regular file" if not stat.S_ISREG(st.st_mode) else (
-                f"has {st.st_nlink} hard links (one may lead out of the save path)")
             raise PathEscape(f"{where} {why}: refusing to use it")
         return fd
 

@@ -204,3 +204,77 @@ def test_a_symlink_planted_for_an_empty_file_while_stopped(
     assert any("symlink" in e for e in again.load_errors), again.load_errors
     assert not (tmp_path / "elsewhere").exists()
     again.close()
+
+
+def test_swaps_while_writes_run(setup) -> None:  # type: ignore[no-untyped-def]
+    """A writer and a reader run flat out while another thread swaps, over and over, a
+    subfolder for a symlink out of the roots and a payload file for a hard link to a
+    file outside them: no byte outside the roots changes, whatever the timing."""
+    import threading
+    import time
+
+    raw, src, canary, roots, dio = setup
+    before = _tree(canary)
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))  # every file exists and is sized
+    sub = dl / "payload" / "sub"
+    a_bin = dl / "payload" / "a.bin"
+    stop = threading.Event()
+    swaps = [0]
+    refused: list[PiecedError] = []
+
+    def swapper() -> None:
+        import shutil
+
+        real_sub, real_a = dl / "payload" / "sub.real", dl / "payload" / "a.real"
+        while not stop.is_set():
+            sub.rename(real_sub)
+            tmp_link = dl / "payload" / "link.tmp"
+            os.symlink(canary / "sub", tmp_link)
+            try:
+                os.replace(tmp_link, sub)
+            except OSError:  # the writer made the folder anew first: no swap this round
+                tmp_link.unlink()
+            a_bin.rename(real_a)
+            os.link(canary / "victim", tmp_link)
+            os.replace(tmp_link, a_bin)  # over whatever the writer made there meanwhile
+            time.sleep(0.001)
+            while True:
+                if sub.is_symlink():
+                    sub.unlink()
+                elif sub.exists():  # the writer made the folder anew in between: drop it
+                    shutil.rmtree(sub, ignore_errors=True)
+                try:
+                    real_sub.rename(sub)
+                    break
+                except OSError:  # ... and again: once more
+                    continue
+            os.replace(real_a, a_bin)
+            swaps[0] += 1
+
+    def worker() -> None:
+        while not stop.is_set():
+            for p, b, n in src.blocks():
+                try:
+                    dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+                    dio.read_chunk(ih, p, b, n, volatile=True)
+                except PiecedError as exc:
+                    refused.append(exc)
+            try:  # clears what verified, so blocks are written again
+                dio.recheck(ih, full=True)
+            except PiecedError as exc:  # its sync reopens a file swapped meanwhile
+                refused.append(exc)
+
+    threads = [threading.Thread(target=swapper), threading.Thread(target=worker)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert swaps[0] > 50 and refused, (swaps[0], len(refused))
+    assert all(isinstance(e, (PathEscape, StorageIOError)) for e in refused)
+    after = _tree(canary)
+    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+                             if before.get(k) != after.get(k)}
