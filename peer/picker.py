@@ -58,6 +58,11 @@ class Picker:
         self.requested: dict[Block, set[object]] = {}
         self.received: set[Block] = set()
         self.started: dict[int, int] = {}  # piece -> blocks not yet received
+        # Outside end game a piece's blocks are asked for in order: the first never
+        # asked for is at its cursor, and blocks given back (rejected, their peer gone)
+        # wait in ``_returned``, so a pick does not walk the blocks already asked for.
+        self._cursor: dict[int, int] = {}
+        self._returned: dict[int, list[Block]] = {}
         self._order = list(range(n))
         random.shuffle(self._order)  # ties between equally rare pieces broken at random
 
@@ -103,6 +108,8 @@ class Picker:
 
     def _forget(self, piece: int) -> None:
         self.started.pop(piece, None)
+        self._cursor.pop(piece, None)
+        self._returned.pop(piece, None)
         for b, n in self.plan(piece):
             self.received.discard((piece, b, n))
             self.requested.pop((piece, b, n), None)
@@ -110,10 +117,7 @@ class Picker:
     def peer_gone(self, peer: object) -> None:
         """Its outstanding requests may be given to others."""
         for block in [b for b, who in self.requested.items() if peer in who]:
-            who = self.requested[block]
-            who.discard(peer)
-            if not who:
-                del self.requested[block]
+            self.request_dropped(peer, block)
 
     def request_dropped(self, peer: object, block: Block) -> None:
         who = self.requested.get(block)
@@ -121,6 +125,8 @@ class Picker:
             who.discard(peer)
             if not who:
                 del self.requested[block]
+                if block not in self.received and block[0] in self.started:
+                    self._returned.setdefault(block[0], []).append(block)
 
     # -- what to ask for -----------------------------------------------------------------
     def pick(self, peer: object, peer_has: bytearray | None, want: int,
@@ -135,15 +141,38 @@ class Picker:
             return not self.have[p] and (peer_has is None or bool(peer_has[p]))
 
         def take(p: int, endgame: bool) -> bool:
-            for b, n in self.plan(p):
+            plan = self.plan(p)
+            self.started.setdefault(p, len(plan))
+            if not endgame:
+                back = self._returned.get(p)
+                while back:
+                    blk = back.pop()
+                    if blk not in self.received and not self.requested.get(blk):
+                        self.requested[blk] = {peer}
+                        out.append(blk)
+                        if len(out) >= want:
+                            return True
+                i = self._cursor.get(p, 0)
+                while i < len(plan):
+                    b, n = plan[i]
+                    i += 1
+                    blk = (p, b, n)
+                    if blk in self.received or self.requested.get(blk):
+                        continue
+                    self.requested[blk] = {peer}
+                    out.append(blk)
+                    if len(out) >= want:
+                        break
+                self._cursor[p] = i
+                return len(out) >= want
+            for b, n in plan:
                 blk = (p, b, n)
                 if blk in self.received:
                     continue
                 who = self.requested.get(blk)
-                if who and (not endgame or peer in who or len(who) > 1):
+                if who and (peer in who or len(who) > 1):
                     continue
                 self.requested.setdefault(blk, set()).add(peer)
-                self.started.setdefault(p, len(self.plan(p)))
                 out.append(blk)
                 if len(out) >= want:
                     return True

@@ -139,6 +139,7 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
         self._completed_announced = False
+        self.lost: BaseException | None = None  # the daemon connection, if it broke
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -545,6 +546,10 @@ class Swarm:
         last_choke = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
+            if self.client.failure is not None:  # no storage, nothing to serve: stop
+                self.lost = self.client.failure
+                self.stop.set()
+                return
             now = time.monotonic()
             for p in list(self.peers):
                 conn = p.conn
@@ -658,6 +663,8 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
             loop.remove_signal_handler(sig)
         await swarm.close()
     swarm.summary.seconds = round(time.monotonic() - started, 3)
+    if swarm.lost is not None:
+        raise ConnectionError(f"lost the daemon: {swarm.lost}")
     return swarm.summary
 
 
@@ -690,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pieced-peer: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:
-        print(f"pieced-peer: cannot reach the daemon at {args.socket}: {exc}", file=sys.stderr)
+        print(f"pieced-peer: the daemon at {args.socket}: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary.as_dict()))

@@ -574,6 +574,11 @@ class AsyncClient:
     def events(self) -> collections.deque[tuple[str, dict[str, Any]]]:
         return self.core.events
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the connection to the daemon is lost, or None while it is up."""
+        return self._failure
+
     async def _read_loop(self) -> None:
         import asyncio
 
@@ -744,10 +749,13 @@ class AsyncClient:
             await self.attach_ring()
         shm = self.core.shm
         assert shm is not None
-        await self._raise_write_error()
-        await self._until(lambda: self.core.writes_in_flight < self.window)
+        core = self.core
+        if core.write_errors:  # tested here: a coroutine per block costs what the write does
+            await self._raise_write_error()
+        if core.writes_in_flight >= self.window:
+            await self._until(lambda: core.writes_in_flight < self.window)
         n = memoryview(data).nbytes
-        placed = self.core.ring_put(data)
+        placed = core.ring_put(data)
         while placed is None:
             await self._until(lambda: shm.free_bytes() >= n)
             placed = self.core.ring_put(data)

@@ -55,6 +55,20 @@ def download(torrent: Path, save: Path, d: Daemon, *peers: int, timeout: float =
     return summary
 
 
+_running: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_plugin_left() -> Any:
+    """A test that fails half-way leaves no pieced-peer behind."""
+    yield
+    while _running:
+        proc = _running.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class Seeding:
     """``pieced-peer --seed --listen 127.0.0.1:0`` in the background."""
 
@@ -62,6 +76,7 @@ class Seeding:
         self.proc = subprocess.Popen(
             peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", "--seed", *extra),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _running.append(self.proc)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()
         assert "listening on" in line, line + self.proc.stderr.read()
@@ -197,6 +212,7 @@ def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
                 peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}",
                          "--peer", f"127.0.0.1:{s2.port}"),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
             with Client(d.socket) as c:  # leave once a first piece is in, none too early
                 deadline = time.monotonic() + 30
                 while not c.torrents() or c.status(c.torrents()[0]["info_hash"])[
@@ -327,3 +343,16 @@ def test_a_leecher_without_piece_layers_gets_them_from_us(tmp_path: Path, kind: 
         _same_tree(content, tmp_path / "leech" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path) -> None:
+    """Its storage gone, a seeding pieced-peer says so and exits 2 (not serve on)."""
+    files = {"a.bin": 100_000}
+    content = make_payload(tmp_path / "seed", files, seed=13)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(make_torrent_lt(content, 16384, "v1"))
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    assert d.stop() == 0
+    _, err = seeding.proc.communicate(timeout=30)
+    assert seeding.proc.returncode == 2 and "lost the daemon" in err, err
