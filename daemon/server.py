@@ -465,7 +465,7 @@ class Connection:
 
     def _read_job(self, frame: Frame) -> Job:
         rid = frame.id
-        limit = min(MAX_BLOCK, self.server.max_frame - LENGTH_AFTER)  # DATA fits one frame
+        limit = self.server.max_frame - LENGTH_AFTER  # as much as one DATA frame holds
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
             try:

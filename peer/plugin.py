@@ -44,7 +44,7 @@ log = logging.getLogger("pieced.peer")
 
 PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
 READS_PER_PEER = 8  # reads from the daemon in flight for one peer's requests
-READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for (its largest READ)
+READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for: 64 blocks a round trip
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
