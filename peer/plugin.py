@@ -167,8 +167,9 @@ class Swarm:
                   flush=True)
         for host, port in self.opts.peers:
             self.connect(host, port)
-        if self.meta_trackers():
-            self.tracker = Tracker(self.meta_trackers(), self.ih, self.peer_id,
+        urls = self.meta_trackers()
+        if urls:
+            self.tracker = Tracker(urls, self.ih, self.peer_id,
                                    self.listen_port or 6881)
             self._spawn(self._announce_loop())
         self._spawn(self._timers())
@@ -178,6 +179,7 @@ class Swarm:
         self._completed_announced = self.picker.complete  # nothing to announce then
 
     def meta_trackers(self) -> list[str]:
+        """The .torrent's HTTP(S) announce URLs, ``announce`` first, each once."""
         from pieced.storage.bencode import decode
 
         top = decode(self.raw)

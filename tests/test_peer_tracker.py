@@ -1,0 +1,62 @@
+"""Announce replies, read without sockets: compact (BEP 23) and dictionary peer lists,
+IPv6, refusals, and garbage that never raises anything but TrackerError."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import bencodepy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pieced.peer.tracker import TrackerError, announce_url, parse_response
+
+
+def test_compact_peers_and_interval() -> None:
+    body = bencodepy.encode({b"interval": 900, b"peers": bytes([10, 0, 0, 1, 0x1A, 0xE1,
+                                                                127, 0, 0, 1, 0, 0,
+                                                                192, 168, 1, 2, 0x1A, 0xE2, 9])})
+    peers, interval = parse_response(body)
+    assert peers == [("10.0.0.1", 6881), ("192.168.1.2", 6882)]  # port 0 and a stray byte left out
+    assert interval == 900
+
+
+def test_dictionary_peers_and_ipv6() -> None:
+    body = bencodepy.encode({
+        b"peers": [{b"ip": b"10.1.2.3", b"port": 51413}, {b"ip": b"not an ip", b"port": 1},
+                   {b"ip": b"10.1.2.4", b"port": 70000}, b"junk"],
+        b"peers6": bytes(15) + b"\x01" + b"\x1a\xe1",
+    })
+    peers, interval = parse_response(body)
+    assert peers == [("10.1.2.3", 51413), ("::1", 6881)]
+    assert interval == 1800  # none given
+
+
+@pytest.mark.parametrize("body,why", [
+    (bencodepy.encode({b"failure reason": b"unregistered torrent"}), "unregistered torrent"),
+    (b"<html>not bencode</html>", "not bencode"),
+    (bencodepy.encode([1, 2]), "not a dictionary"),
+])
+def test_refusals(body: bytes, why: str) -> None:
+    with pytest.raises(TrackerError, match=why):
+        parse_response(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_raises_only_tracker_error(body: bytes) -> None:
+    try:
+        peers, interval = parse_response(body)
+    except TrackerError:
+        return
+    assert interval > 0 and all(0 < port < 65536 for _, port in peers)
+
+
+def test_announce_url_escapes_binary_hashes() -> None:
+    ih = bytes(range(20))
+    url = announce_url("http://t.example/announce?key=1", ih, b"-PD0001-abcdefabcdef", 6881,
+                       "started", {"uploaded": 1, "downloaded": 2, "left": 3})
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert urllib.parse.unquote_to_bytes(url.split("info_hash=")[1].split("&")[0]) == ih
+    assert query["key"] == ["1"] and query["event"] == ["started"] and query["compact"] == ["1"]
+    assert query["left"] == ["3"] and query["port"] == ["6881"]
