@@ -25,7 +25,6 @@ class BencodeError(ValueError):
     pass
 
 
-_DIGITS = frozenset(b"0123456789")
 
 
 def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) -> Any:
@@ -35,17 +34,36 @@ def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) 
     may hold: a small body of a million empty lists costs seconds and hundreds of MiB to
     decode, so a reader that expects small messages says so and stops early.
     """
-    value, end = _Decoder(bytes(data), max_depth, max_values).value(0, (), 0)
+    return decode_spanning(data, None, max_depth=max_depth, max_values=max_values)[0]
+
+
+def decode_spanning(
+    data: bytes, key: bytes | None, *, max_depth: int = 512, max_values: int | None = None
+) -> tuple[Any, tuple[int, int] | None]:
+    """:func:`decode`, and where the value of ``key`` in the top-level dictionary lies in
+    ``data`` (start, end), or None: a torrent's info hash is over those exact bytes."""
+    dec = _Decoder(bytes(data), max_depth, max_values, key)
+    value, end = dec.value(0, None, 0)
     if end != len(data):
         raise BencodeError(f"{len(data) - end} bytes of trailing data after the value "
                            f"(offset {end})")
-    return value
+    return value, dec.span
 
 
-def _where(path: tuple[str, ...]) -> str:
-    if len(path) > 12:  # a nesting bomb's path: its head and its depth say enough
-        path = (*path[:8], f"...({len(path) - 10} more)...", *path[-2:])
-    return "".join(path).lstrip(".") or "the top-level value"
+# A value's place, for messages only: (parent place, list index or dict key), built as
+# the decoder goes down (a pair per level: cheap), spelled out only when an error is.
+Path = tuple["Path", int | bytes] | None
+
+
+def _where(path: Path) -> str:
+    steps: list[str] = []
+    while path is not None:
+        path, step = path
+        steps.append(f"[{step}]" if isinstance(step, int) else f".{_key(step)}")
+    steps.reverse()
+    if len(steps) > 12:  # a nesting bomb's path: its head and its depth say enough
+        steps = [*steps[:8], f"...({len(steps) - 10} more)...", *steps[-2:]]
+    return "".join(steps).lstrip(".") or "the top-level value"
 
 
 def _key(key: bytes) -> str:
@@ -58,18 +76,21 @@ def _key(key: bytes) -> str:
 
 
 class _Decoder:
-    __slots__ = ("budget", "data", "max_depth", "n")
+    __slots__ = ("budget", "data", "max_depth", "n", "span", "want")
 
-    def __init__(self, data: bytes, max_depth: int, max_values: int | None) -> None:
+    def __init__(self, data: bytes, max_depth: int, max_values: int | None,
+                 want: bytes | None = None) -> None:
         self.data = data
         self.n = len(data)
         self.max_depth = max_depth
         self.budget = max_values if max_values is not None else -1
+        self.want = want  # a top-level key whose value's span is recorded
+        self.span: tuple[int, int] | None = None
 
-    def fail(self, path: tuple[str, ...], pos: int, why: str) -> BencodeError:
+    def fail(self, path: Path, pos: int, why: str) -> BencodeError:
         return BencodeError(f"{_where(path)}: {why} (offset {pos})")
 
-    def value(self, pos: int, path: tuple[str, ...], depth: int) -> tuple[Any, int]:
+    def value(self, pos: int, path: Path, depth: int) -> tuple[Any, int]:
         data = self.data
         if pos >= self.n:
             raise self.fail(path, pos, "truncated: a value was expected")
@@ -90,49 +111,67 @@ class _Decoder:
             while True:
                 if pos >= self.n:
                     raise self.fail(path, pos, "truncated list")
-                if data[pos] == 0x65:  # e
+                c = data[pos]
+                if c == 0x65:  # e
                     return out, pos + 1
-                item, pos = self.value(pos, (*path, f"[{len(out)}]"), depth + 1)
+                if 0x30 <= c <= 0x39 and self.budget < 0:  # a string: the usual item
+                    item, pos = self.string(pos, (path, len(out)))
+                else:
+                    item, pos = self.value(pos, (path, len(out)), depth + 1)
                 out.append(item)
         if c == 0x64:  # d
             d: dict[bytes, Any] = {}
-            last: bytes | None = None
+            last = b""
+            first = True
+            top = depth == 0 and self.want is not None
             pos += 1
             while True:
                 if pos >= self.n:
                     raise self.fail(path, pos, "truncated dictionary")
-                if data[pos] == 0x65:
+                c = data[pos]
+                if c == 0x65:
                     return d, pos + 1
-                if not 0x30 <= data[pos] <= 0x39:
+                if not 0x30 <= c <= 0x39:
                     raise self.fail(path, pos, "a dictionary key must be a string")
-                key, kpos = self.string(pos, path)
-                name = _key(key)
-                if last is not None and key <= last:
+                # the key, inline (as string() would read it): keys are half the values
+                colon = data.find(b":", pos, pos + 21)
+                digits = data[pos:colon] if colon > 0 else b""
+                if not digits.isdigit() or (c == 0x30 and colon - pos > 1):
+                    key, kpos = self.string(pos, path)  # raises, naming the problem
+                kpos = colon + 1 + int(digits)
+                if kpos > self.n:
+                    raise self.fail(path, pos, "truncated string")
+                key = data[colon + 1 : kpos]
+                if not first and key <= last:
                     why = "duplicate key" if key == last else "keys out of order"
-                    raise self.fail((*path, f".{name}"), pos, why)
+                    raise self.fail((path, key), pos, why)
+                first = False
                 last = key
-                d[key], pos = self.value(kpos, (*path, f".{name}"), depth + 1)
+                d[key], pos = self.value(kpos, (path, key), depth + 1)
+                if top and key == self.want:
+                    self.span = (kpos, pos)
         raise self.fail(path, pos, f"unexpected byte {chr(c)!r}")
 
-    def integer(self, pos: int, path: tuple[str, ...]) -> tuple[int, int]:
+    def integer(self, pos: int, path: Path) -> tuple[int, int]:
         data = self.data
         end = data.find(b"e", pos + 1)
         if end < 0:
             raise self.fail(path, pos, "truncated integer")
         body = data[pos + 1 : end]
         digits = body[1:] if body[:1] == b"-" else body
-        if (not digits or not _DIGITS.issuperset(digits)
+        if (not digits.isdigit()
                 or (digits[0] == 0x30 and (len(digits) > 1 or body[:1] == b"-"))):
             raise self.fail(path, pos, f"integer {body[:24]!r} is not canonical")
         return int(body), end + 1
 
-    def string(self, pos: int, path: tuple[str, ...]) -> tuple[bytes, int]:
+    def string(self, pos: int, path: Path) -> tuple[bytes, int]:
         data = self.data
         colon = data.find(b":", pos, pos + 21)
         if colon < 0:
             raise self.fail(path, pos, "string length without ':'")
         digits = data[pos:colon]
-        if not _DIGITS.issuperset(digits) or (digits[0] == 0x30 and len(digits) > 1):
+        # bytes.isdigit is ASCII digits only; an empty length fails it too
+        if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
             raise self.fail(path, pos, f"string length {digits!r} is not canonical")
         end = colon + 1 + int(digits)
         if end > self.n:
@@ -140,4 +179,4 @@ class _Decoder:
         return data[colon + 1 : end], end
 
 
-__all__ = ["BencodeError", "decode"]
+__all__ = ["BencodeError", "decode", "decode_spanning"]

@@ -53,7 +53,7 @@ from .errors import (
 from .files import BACKENDS, FileVanished, HandlePool, make_storage, watch_leases
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .merkle import BLOCK_SIZE
-from .metainfo import parse
+from .metainfo import Metainfo, parse
 from .resume import REC_CLEARED, REC_VERIFIED, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
 from .torrent import COMMITTING, HASHING, MISSING, PARTIAL, VERIFIED, Partial, Torrent
@@ -316,10 +316,10 @@ class DiskIO:
         """Re-register every saved torrent with the pieces its record and journal prove."""
         assert self.state is not None
         loaded, self.load_errors = self.state.load_all(
-            lambda raw: parse(raw, **self.metainfo_limits).num_pieces)
+            lambda raw: parse(raw, **self.metainfo_limits))
         for saved, next_gen in loaded:
             try:
-                meta = parse(saved.metainfo, **self.metainfo_limits)
+                meta: Metainfo = saved.metainfo
                 save = Path(saved.save_path)
                 if self.roots is not None and not any(
                         save.resolve().is_relative_to(r) for r in self.roots):

@@ -114,7 +114,7 @@ class Loaded(NamedTuple):
     """One torrent's saved state, checked and with its journals replayed."""
 
     ih_hex: str
-    metainfo: bytes
+    metainfo: Any  # what ``load_all``'s parser made of the metainfo file
     save_path: str
     renames: dict[int, tuple[str, ...]]
     have: bytearray  # bitfield of the verified pieces
@@ -235,26 +235,27 @@ class StateStore:
     def record(self, ih_hex: str, gen: int) -> TorrentRecord:
         return TorrentRecord(self.root / ih_hex, gen)
 
-    def load_all(self, num_pieces_of: Any) -> tuple[list[tuple[Loaded, int]], list[str]]:
+    def load_all(self, parse: Any) -> tuple[list[tuple[Loaded, int]], list[str]]:
         """Every saved torrent as (state, next journal generation), and the problems met.
 
-        ``num_pieces_of(metainfo bytes)`` parses the metainfo (raising on bad input)
-        and says how many pieces it has, so records can be range-checked.
+        ``parse(metainfo bytes)`` parses the metainfo (raising on bad input) into an
+        object with ``num_pieces``, so records can be range-checked; it is what
+        ``Loaded.metainfo`` holds (parsed once: a torrent of 100,000 files takes a while).
         """
         out: list[tuple[Loaded, int]] = []
         problems: list[str] = []
         for folder in sorted(self.root.iterdir()):
             try:
-                loaded = self._load(folder, num_pieces_of)
+                loaded = self._load(folder, parse)
             except Exception as exc:
                 problems.append(f"state of torrent {folder.name} skipped: {exc}")
                 continue
             out.append(loaded)
         return out, problems
 
-    def _load(self, folder: Path, num_pieces_of: Any) -> tuple[Loaded, int]:
-        raw = (folder / "metainfo.torrent").read_bytes()
-        n = int(num_pieces_of(raw))
+    def _load(self, folder: Path, parse: Any) -> tuple[Loaded, int]:
+        meta = parse((folder / "metainfo.torrent").read_bytes())
+        n = int(meta.num_pieces)
         resume = _decode_dict(folder / "resume")
         location = _decode_dict(folder / "location")
         if location is None and resume is not None and b"save_path" in resume:
@@ -306,7 +307,7 @@ class StateStore:
                     have[piece >> 3] &= ~bit & 0xFF
         # Appends go to a new generation: never after a torn record, which would hide them.
         next_gen = max([gen, *rec.journals()]) + 1
-        loaded = Loaded(folder.name, raw, save_path, renames, have, fps, stamps, damaged)
+        loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged)
         return loaded, next_gen
 
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Registering, restarting with and removing a torrent of many files, through a daemon.
+
+Prints one JSON object. The metainfo is made here (bencode.py): ``--files`` files of
+``--file-bytes`` bytes each in folders of 1,000, ``--piece-kib`` pieces, random piece
+hashes (nothing is verified; no payload is written). Timed: ``register`` (the
+request, up to its reply), a restart (SIGTERM, then a new ``pieced run`` up to its
+first answered request, start-up of the interpreter included; ``bare_start`` is the
+same with no torrent, for comparison) and ``unregister``. RSS of the daemon after each.
+
+    python bench/huge_torrents.py --files 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import bencodepy  # noqa: E402
+from pieced.protocol.client import Client  # noqa: E402
+
+from bench.daemon_proc import DaemonProcess  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def started(folder: Path) -> tuple[DaemonProcess, float]:
+    """A daemon, and the seconds from its launch to its first answered request."""
+    d = DaemonProcess(folder, [sys.executable, "-m", "pieced.daemon.cli", "run",
+                               "--http-port", "0"], env=dict(os.environ))
+    t0 = time.perf_counter()
+    d.start()
+    with Client(str(folder / "var" / "pieced.sock")) as c:
+        c.torrents()
+    return d, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--file-bytes", type=int, default=1000)
+    ap.add_argument("--piece-kib", type=int, default=64)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "huge")
+    args = ap.parse_args()
+    n, size, piece = args.files, args.file_bytes, args.piece_kib * 1024
+    files = [{b"length": size, b"path": [f"d{i // 1000}".encode(), f"f{i}.bin".encode()]}
+             for i in range(n)]
+    pieces = -(-n * size // piece)
+    info = {b"name": b"many", b"piece length": piece, b"files": files,
+            b"pieces": random.Random(1).randbytes(20 * pieces)}
+    raw = bencodepy.encode({b"info": info})
+    work = args.workdir.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out: dict[str, object] = {"files": n, "pieces": pieces, "metainfo_bytes": len(raw)}
+
+    d, secs = started(work / "bare")
+    out["bare_start_s"] = round(secs, 3)
+    d.stop()
+
+    folder = work / "daemon"
+    d, _ = started(folder)
+    sock = str(folder / "var" / "pieced.sock")
+    out["rss_idle_mib"] = rss_mib(d.pid)
+    with Client(sock) as c:
+        t0 = time.perf_counter()
+        ih = c.register(raw, folder / "dl")
+        out["register_s"] = round(time.perf_counter() - t0, 3)
+    out["rss_registered_mib"] = rss_mib(d.pid)
+    d.stop()
+    d, secs = started(folder)
+    out["restart_s"] = round(secs, 3)
+    out["rss_restarted_mib"] = rss_mib(d.pid)
+    with Client(sock) as c:
+        t0 = time.perf_counter()
+        c.unregister(ih)
+        out["unregister_s"] = round(time.perf_counter() - t0, 3)
+    out["rss_removed_mib"] = rss_mib(d.pid)
+    d.stop()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
