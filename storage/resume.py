@@ -37,6 +37,7 @@ daemon's start folder.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import re
@@ -169,8 +170,8 @@ class TorrentRecord:
         if self.removed:
             return
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen}
-        if stamps is not None:
-            resume[b"files"] = stamps
+        if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
+            resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
         write_atomic(self.folder / "resume", bencodepy.encode(resume))
         for old in self.journals():
             if old < gen:
@@ -287,8 +288,12 @@ class StateStore:
                 fps[:] = table
             g = resume.get(b"gen", 0)
             gen = g if isinstance(g, int) and g >= 0 else 0
-            files = resume.get(b"files")
-            if isinstance(files, list) and all(
+            packed = resume.get(b"stamps")
+            files = resume.get(b"files")  # written by a version that kept them as lists
+            if isinstance(packed, bytes) and len(packed) % 16 == 0:
+                flat = array.array("q", packed)
+                stamps = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+            elif isinstance(files, list) and all(
                 isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)
                 for s in files
             ):
