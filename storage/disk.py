@@ -414,7 +414,10 @@ class DiskIO:
                 raise err from None
 
         known = bytes(t.fingerprints)
-        reader = PreadReader(read)
+        def advise(piece: int, size: int) -> None:
+            t.storage.advise(t.layout.map(piece, 0, size))
+
+        reader = PreadReader(read, advise)
         result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
         with t.lock:
             for p, fp in (result.new_fingerprints or {}).items():

@@ -332,6 +332,19 @@ class FileStorage:
                 done += n
         return True
 
+    def advise(self, segments: Sequence[Segment]) -> None:
+        """Start reading ``segments`` into the page cache (POSIX_FADV_WILLNEED): a
+        recheck asks for the pieces it hashes next. Best effort: errors are the read's
+        to report."""
+        for seg in segments:
+            if not seg.stored or not seg.length:
+                continue
+            try:
+                with self._fd(seg.file_index, False) as fd:
+                    os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
+            except (OSError, PiecedError):
+                continue
+
     def sync(self, indices: Sequence[int] | None = None) -> int:
         """fdatasync the files written since their last sync (all, or the given ones);
         returns how many it synced."""
@@ -589,6 +602,22 @@ class MmapStorage(FileStorage):
                 return True
         return super()._pread_segment(seg, dst, nowait)
 
+    def advise(self, segments: Sequence[Segment]) -> None:
+        # Through the map where there is one: a second open would break its lease.
+        rest = []
+        for seg in segments:
+            if not seg.stored or not seg.length:
+                continue
+            with self._map_lock:
+                entry = self._maps.get(seg.file_index)
+                if entry is not None:
+                    start = seg.file_offset - seg.file_offset % mmap.PAGESIZE
+                    entry[1].madvise(mmap.MADV_WILLNEED, start,
+                                     seg.file_offset + seg.length - start)
+                    continue
+            rest.append(seg)
+        super().advise(rest)
+
     def _datasync(self, index: int) -> None:
         with self._map_lock:
             entry = self._maps.get(index)
@@ -637,6 +666,9 @@ class DisabledStorage(FileStorage):
 
     def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
         return False  # nothing is stored, so nothing is cached either
+
+    def advise(self, segments: Sequence[Segment]) -> None:
+        return None
 
     def sync(self, indices: Sequence[int] | None = None) -> int:
         return 0

@@ -70,8 +70,16 @@ class PreadReader:
     """Reads pieces with preadv, via a storage's ``readinto(piece, begin, out)``, into
     the hashing thread's buffer."""
 
-    def __init__(self, read: Callable[[int, int, memoryview], None]) -> None:
+    def __init__(self, read: Callable[[int, int, memoryview], None],
+                 advise: Callable[[int, int], None] | None = None) -> None:
         self._read = read
+        self._advise = advise
+
+    def prefetch(self, pieces: Sequence[int], size: Callable[[int], int]) -> None:
+        """Ask the kernel to start reading ``pieces`` now (they are hashed soon)."""
+        if self._advise is not None:
+            for p in pieces:
+                self._advise(p, size(p))
 
     def views(self, piece: int, size: int) -> list[Buffer] | None:
         buf = _thread_buffer(size)[:size]
@@ -127,6 +135,18 @@ class MmapReader:
             return m
         finally:
             os.close(fd)
+
+    def prefetch(self, pieces: Sequence[int], size: Callable[[int], int]) -> None:
+        """Start the reading of ``pieces`` (MADV_WILLNEED): the disk works while the
+        pieces before them are hashed."""
+        for p in pieces:
+            for seg in self._layout.map(p, 0, size(p)):
+                m = self._map(seg.file_index) if seg.stored else None
+                if m is None or not seg.length:
+                    continue
+                start = seg.file_offset - seg.file_offset % mmap.PAGESIZE
+                with contextlib.suppress(OSError, ValueError):
+                    m.madvise(mmap.MADV_WILLNEED, start, seg.file_offset + seg.length - start)
 
     def views(self, piece: int, size: int) -> list[Buffer] | None:
         out: list[Buffer] = []
@@ -249,6 +269,7 @@ def verify(
     pending = []
     it = batches()
     for b in it:
+        reader.prefetch(b, meta.piece_size)
         pending.append(pool.submit(run, b))
         if len(pending) >= window:
             break
@@ -256,6 +277,7 @@ def verify(
         fut = pending.pop(0)
         nxt = next(it, None)
         if nxt is not None:
+            reader.prefetch(nxt, meta.piece_size)
             pending.append(pool.submit(run, nxt))
         for p, ok1, ok2, size, new, hit in fut.result():
             hashed += size
