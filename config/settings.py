@@ -42,6 +42,7 @@ class Settings:
     roots: list[str] = field(default_factory=list)
     client_buffer_bytes: int = 8 * MiB
     max_frame_bytes: int = 8 * MiB
+    max_metainfo_bytes: int = 64 * MiB
     max_clients: int = 256
     handshake_timeout_ms: int = 10_000
     max_files: int = 1_000_000
@@ -97,6 +98,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "sync_window_ms": _non_negative,
     "client_buffer_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
     "max_frame_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
+    "max_metainfo_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
     "max_clients": _positive,
     "handshake_timeout_ms": _positive,
     "max_files": _positive,

@@ -65,6 +65,7 @@ from pieced.storage.errors import (
     StorageIOError,
     TooLarge,
 )
+from pieced.storage.metainfo import MAX_METAINFO_BYTES
 
 log = logging.getLogger("pieced.server")
 
@@ -74,7 +75,8 @@ Job = Callable[[], tuple[list[Out], tuple[int, int] | None]]
 # control, READ and WRITE_RING frames leave the receive ring once parsed, so the ring
 # alone does not bound them.
 MAX_QUEUED_JOBS = 4096
-# Descriptors received and not yet taken by an attach_ring frame still being read.
+# Descriptors received and not yet taken by the attach_ring (or register of a metainfo
+# passed as a descriptor) frame still being read.
 MAX_PENDING_FDS = 4
 # Operations that may run for seconds (whole-torrent work, syncs): their lane moves to
 # the long-job workers while they run.
@@ -336,7 +338,7 @@ class Connection:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                for fd in fds:  # only attach_ring takes one; never hold more than a few
+                for fd in fds:  # attach_ring and register take one; never hold more than a few
                     if len(self._fds) < MAX_PENDING_FDS:
                         self._fds.append(fd)
                     else:
@@ -347,8 +349,8 @@ class Connection:
         self.ring.wrote(n)
         self._parse()
         if self._fds and not self.ring.unparsed:
-            # Every frame these bytes brought is parsed and none was an attach_ring that
-            # took them: descriptors nobody asked for are closed at once.
+            # Every frame these bytes brought is parsed and none was a request that took
+            # them: descriptors nobody asked for are closed at once.
             for fd in self._fds:
                 os.close(fd)
             self._fds = []
@@ -416,6 +418,15 @@ class Connection:
                 return c._attach_ring(m, fds)
 
             handler = attach
+        elif op == "register" and "metainfo" not in msg:
+            # A metainfo larger than a frame comes in a memfd, taken as attach_ring's.
+            taken, self._fds = self._fds, []
+
+            def register(c: Connection, r: int, m: dict[str, Any]) -> Any:
+                m["metainfo"] = c._read_metainfo(m, taken)
+                return _op_register(c, r, m)
+
+            handler = register
         elif handler is not None and isinstance(msg.get("ih"), bytes):
             self.subscriptions.add(msg["ih"])
 
@@ -480,6 +491,31 @@ class Connection:
         return _Job(rid, None, job, False, frame.info_hash)
 
     # -- the shared-memory ring ------------------------------------------------------------
+    def _read_metainfo(self, msg: dict[str, Any], fds: list[int]) -> bytes:
+        """The metainfo of a register that passed it as a descriptor (closed here)."""
+        try:
+            if len(fds) != 1:
+                raise BadRequest("register needs 'metainfo', or 'metainfo_size' and exactly "
+                                 "one descriptor passed with SCM_RIGHTS")
+            size = msg.get("metainfo_size")
+            limit = self.disk.metainfo_limits.get("max_bytes", MAX_METAINFO_BYTES)
+            if not isinstance(size, int) or size <= 0:
+                raise BadRequest("'metainfo_size' must be a positive integer")
+            if size > limit:
+                raise TooLarge(f"metainfo of {size} bytes exceeds max_metainfo_bytes ({limit})")
+            try:
+                if os.fstat(fds[0]).st_size != size:
+                    raise BadRequest(f"metainfo_size {size} does not match the descriptor")
+                data = os.pread(fds[0], size, 0)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, "register: read the metainfo") from None
+            if len(data) != size:
+                raise BadRequest("the descriptor held less than metainfo_size bytes")
+            return data
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def _attach_ring(self, msg: dict[str, Any], fds: list[int]) -> dict[str, int]:
         """The attach_ring op (in the lane), with the descriptors received before it."""
         if len(fds) != 1:

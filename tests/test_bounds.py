@@ -437,13 +437,13 @@ def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -
             b"pieces": random.Random(1).randbytes(20 * n)}
     raw = bencodepy.encode({b"info": info})
     budget = 16 * 1024 * 1024
-    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(32 * 1024 * 1024),
-                              "PIECED_CACHE_BYTES": str(budget)})
+    # default frame limit (8 MiB): the 20 MB metainfo goes in a memfd
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)})
     try:
         base = _rss(d.proc.pid)
         with Client(d.socket) as c:
             # Registering the 20 MB metainfo costs a few times its size for a moment
-            # (bounded by max_frame_bytes); the bound below is on what the writes hold.
+            # (bounded by max_metainfo_bytes); the bound below is on what the writes hold.
             ih = c.register(raw, tmp_path / "dl")
         with Client(d.socket) as c, Meanwhile(d, budget):
             refused = unsent = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import bisect
 import contextlib
@@ -638,3 +639,60 @@ def test_ring_writes_sent_back_to_back_are_merged(daemon: Daemon, odd_payload: t
             if p != bad_piece:
                 size = src.layout.piece_size(p)
                 assert c2.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+
+
+def test_a_metainfo_larger_than_a_frame_registers_through_a_memfd(tmp_path: Path) -> None:
+    """With a 64 KiB frame limit, a 300 KB .torrent goes in a memfd (both clients); a
+    descriptor that does not hold what the request says is refused, clearly, and the
+    connection goes on; one over max_metainfo_bytes is refused with TOO_LARGE."""
+    import asyncio
+    import os
+
+    import bencodepy
+    from pieced.protocol.client import AsyncClient
+    from pieced.protocol.frames import FrameType
+    from pieced.protocol.messages import encode_request
+    from pieced.storage.errors import TooLarge
+
+    def torrent(n: int, name: bytes) -> bytes:
+        info = {b"name": name, b"piece length": 16384, b"length": 16384 * n,
+                b"pieces": os.urandom(20 * n)}
+        return bencodepy.encode({b"info": info})
+
+    big, big2 = torrent(15_000, b"a.bin"), torrent(15_000, b"b.bin")  # 300 KB each
+    huge = torrent(60_000, b"c.bin")  # 1.2 MB
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(64 * 1024),
+                              "PIECED_MAX_METAINFO_BYTES": str(1024 * 1024)})
+    try:
+        with Client(d.socket) as c:
+            assert c.core.max_frame == 64 * 1024
+            ih = c.register(big, tmp_path / "dl")
+            assert c.status(ih)["num_pieces"] == 15_000
+            with pytest.raises(TooLarge, match="max_metainfo_bytes"):
+                c.register(huge, tmp_path / "dl")
+
+            async def via_async() -> bytes:
+                async with AsyncClient(d.socket) as ac:
+                    return await ac.register(big2, tmp_path / "dl2")
+
+            ih2 = asyncio.run(via_async())
+            assert c.status(ih2)["num_pieces"] == 15_000
+            # a descriptor holding less than it is said to: refused, connection kept
+            raw = RawConn(d.socket)
+            fd = os.memfd_create("short")
+            os.write(fd, big[:1000])
+            req = encode_request(1, "register", {"metainfo_size": len(big),
+                                                 "save_path": str(tmp_path / "dl3")})
+            raw.sock.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [fd]).tobytes())])
+            os.close(fd)
+            (reply,) = raw.replies(1)
+            assert reply.type == FrameType.ERROR
+            assert b"does not match the descriptor" in bytes(reply.body.get(b"message", b""))
+            raw.sock.sendall(encode_request(2, "register", {"metainfo_size": 10,
+                                                            "save_path": "x"}))
+            (reply,) = raw.replies(1)  # no descriptor at all
+            assert b"exactly one descriptor" in bytes(reply.body.get(b"message", b""))
+            assert len(c.torrents()) == 2
+    finally:
+        assert d.stop() == 0, d.stderr()
