@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,10 +75,68 @@ class Summary:
     bad_peers: list[str] = field(default_factory=list)  # peers that sent bad blocks
     suggests_sent: int = 0
     hash_requests_served: int = 0
+    blocks_reordered: int = 0  # arrived ahead of their turn, held to keep piece order
     complete: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class InOrder:
+    """Blocks of a piece handed to the daemon in the piece's order.
+
+    Peers answer a run of requests out of order now and then (libtorrent reads blocks on
+    several disk threads). The daemon hashes a piece's in-order prefix as blocks arrive
+    and must read back from disk what came out of order, so a block that runs ahead is
+    held here (up to HOLD_BYTES in all) until the blocks before it are in.
+    """
+
+    HOLD_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, plan: Callable[[int], list[tuple[int, int]]]) -> None:
+        self._plan = plan
+        self._next: dict[int, int] = {}  # piece -> index in its plan of the block due next
+        self._held: dict[int, dict[int, bytes]] = {}  # piece -> begin -> a block ahead
+        self._passed: dict[int, set[int]] = {}  # blocks ahead sent anyway (over the bound)
+        self.held_bytes = 0
+        self.reordered = 0  # blocks that arrived ahead of their turn
+
+    def arrived(self, piece: int, begin: int, data: bytes) -> list[tuple[int, bytes]]:
+        """The (begin, data) blocks to send now, in order."""
+        plan = self._plan(piece)
+        i = self._next.get(piece, 0)
+        if i >= len(plan) or begin != plan[i][0]:
+            if i < len(plan) and begin > plan[i][0]:
+                self.reordered += 1
+                held = self._held.setdefault(piece, {})
+                if begin not in held and self.held_bytes + len(data) <= self.HOLD_BYTES:
+                    held[begin] = data
+                    self.held_bytes += len(data)
+                    return []
+                self._passed.setdefault(piece, set()).add(begin)
+            return [(begin, data)]  # past the bound, or behind (a duplicate): as it is
+        out = [(begin, data)]
+        i += 1
+        held = self._held.get(piece, {})
+        passed = self._passed.get(piece, set())
+        while i < len(plan):
+            b = plan[i][0]
+            if b in held:
+                block = held.pop(b)
+                self.held_bytes -= len(block)
+                out.append((b, block))
+            elif b not in passed:
+                break
+            i += 1
+        self._next[piece] = i
+        return out
+
+    def forget(self, piece: int) -> None:
+        """The piece is verified or failed: what was held of it is of no use."""
+        self._next.pop(piece, None)
+        self._passed.pop(piece, None)
+        for block in self._held.pop(piece, {}).values():
+            self.held_bytes -= len(block)
 
 
 class Peer:
@@ -123,6 +181,7 @@ class Swarm:
         self.ih = meta.info_hash
         self.picker: Picker | None = None
         self.hash_server = HashServer(meta)
+        self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()
         # piece -> begin -> (peer, BLAKE3 of its block): who sent what, for the piece
@@ -159,6 +218,7 @@ class Swarm:
         st = await self.client.status(self.ih)
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
+        self.order = InOrder(self.picker.plan)
         if self.opts.listen is not None:
             host, port = self.opts.listen
             self.server = await asyncio.start_server(self._incoming, host, port)
@@ -343,10 +403,11 @@ class Swarm:
             return
         self.summary.bytes_down += len(ev.data)
         self.blocks_from.setdefault(ev.piece, {})[ev.begin] = (peer, blake3(ev.data).digest(16))
-        try:
-            await self.client.write_block_direct(self.ih, ev.piece, ev.begin, ev.data)
-        except PiecedError as exc:
-            log.warning("the daemon refused a block of piece %d: %s", ev.piece, exc)
+        for begin, data in self.order.arrived(ev.piece, ev.begin, ev.data):
+            try:
+                await self.client.write_block_direct(self.ih, ev.piece, begin, data)
+            except PiecedError as exc:
+                log.warning("the daemon refused a block of piece %d: %s", ev.piece, exc)
         if len(peer.conn.our_requests) <= min(PIPELINE, peer.conn.reqq) // 2:
             self._fill(peer)  # in batches of half the pipeline: one send, not one per block
 
@@ -494,6 +555,7 @@ class Swarm:
         if not 0 <= piece < self.meta.num_pieces:
             return
         sent = self.blocks_from.pop(piece, {})
+        self.order.forget(piece)
         if name == "piece_verified":
             if picker.have[piece]:
                 return
@@ -665,6 +727,7 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
             loop.remove_signal_handler(sig)
         await swarm.close()
     swarm.summary.seconds = round(time.monotonic() - started, 3)
+    swarm.summary.blocks_reordered = swarm.order.reordered
     if swarm.lost is not None:
         raise ConnectionError(f"lost the daemon: {swarm.lost}")
     return swarm.summary
