@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType
@@ -349,6 +350,17 @@ def test_a_bencode_bomb_is_refused_early_and_disturbs_no_one(daemon: Daemon) -> 
         assert c.stats()  # ...and we were not
 
 
+def _peak_rss_while(d: Daemon, threads: list[Any], base: int) -> int:
+    """Start ``threads`` and sample the daemon's RSS until they end: the highest seen."""
+    for t in threads:
+        t.start()
+    peak = base
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, _rss(d.proc.pid))
+        time.sleep(0.005)
+    return peak
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -502,12 +514,7 @@ def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> Non
 
         threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
         with Meanwhile(d, budget):
-            for t in threads:
-                t.start()
-            peak = base
-            while any(t.is_alive() for t in threads):
-                peak = max(peak, _rss(d.proc.pid))
-                time.sleep(0.005)
+            peak = _peak_rss_while(d, threads, base)
         assert not errors, errors
         print(f"huge-piece reads: RSS {base / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB")
         assert peak - base < 32 * 1024 * 1024, peak - base  # four whole pieces: 256 MiB
@@ -551,12 +558,7 @@ def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path) -> None:
 
         threads = [threading.Thread(target=recheck, args=(ih,)) for ih in ihs]
         with Meanwhile(d, 16 * 1024 * 1024):
-            for t in threads:
-                t.start()
-            peak = base
-            while any(t.is_alive() for t in threads):
-                peak = max(peak, _rss(d.proc.pid))
-                time.sleep(0.005)
+            peak = _peak_rss_while(d, threads, base)
         assert not errors, errors
         print(f"huge-piece rechecks: RSS {base / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB")
         # piece-sized buffers: two hashing threads x three rechecks x 64 MiB
