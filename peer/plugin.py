@@ -43,6 +43,9 @@ from .wire import WireError
 log = logging.getLogger("pieced.peer")
 
 PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
+# What a peer's socket buffers before we parse it (asyncio's default, 64 KiB, wakes the
+# loop every four blocks).
+STREAM_LIMIT = 1024 * 1024
 READS_PER_PEER = 8  # reads from the daemon in flight for one peer's requests
 READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for: 64 blocks a round trip
 UNCHOKE_SLOTS = 4
@@ -221,7 +224,8 @@ class Swarm:
         self.order = InOrder(self.picker.plan)
         if self.opts.listen is not None:
             host, port = self.opts.listen
-            self.server = await asyncio.start_server(self._incoming, host, port)
+            self.server = await asyncio.start_server(self._incoming, host, port,
+                                                     limit=STREAM_LIMIT)
             self.listen_port = self.server.sockets[0].getsockname()[1]
             print(f"pieced-peer: listening on {host}:{self.listen_port}", file=sys.stderr,
                   flush=True)
@@ -294,7 +298,8 @@ class Swarm:
 
     async def _outgoing(self, host: str, port: int) -> None:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=STREAM_LIMIT), 10)
         except (TimeoutError, OSError) as exc:
             log.info("cannot connect to %s:%d: %s", host, port, exc)
             self.connecting.discard((host, port))
@@ -321,7 +326,7 @@ class Swarm:
         try:
             peer.flush()
             while not peer.closed:
-                data = await peer.reader.read(256 * 1024)
+                data = await peer.reader.read(STREAM_LIMIT)
                 if not data:
                     break
                 for ev in peer.conn.receive(data):
