@@ -516,14 +516,18 @@ class DiskIO:
                 if partial.done:
                     self.metrics.add("duplicate_blocks", blocks)
                     return None
-                if partial.pads:
-                    for b, views, n in self._cut_pads(partial, begin, bufs, length):
+                runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
+                        else [(begin, bufs, length)])
+                for b, views, n in runs:
+                    if t.storage.gathers_writes:
+                        # Copied out of the ring into the piece's buffer, written with the
+                        # rest of the piece: one large write instead of one a block.
+                        self._buffer(t, piece, partial, b, b"".join(views), n, False)
+                        self.metrics.add("blocks_written", blocks)
+                    else:
                         self._write_through(t, piece, b, views, n, blocks=blocks)
-                        blocks = 0
                         partial.hasher.add(b, views, n)
-                else:
-                    self._write_through(t, piece, begin, bufs, length, blocks=blocks)
-                    partial.hasher.add(begin, bufs, length)
+                    blocks = 0
                 if partial.hasher.complete:
                     return self._complete(t, piece, partial)
             return None
@@ -678,9 +682,13 @@ class DiskIO:
             self._notify(failed)
             return failed
         # Cached either way: the buffered blocks themselves, or (written straight to the
-        # file) the page cache's copy, which the write just made.
-        self.pool.put(key, self._as_piece(t, piece, blocks, partial.pads)
-                      or self._resident(t, piece))
+        # file) the page cache's copy, which the write just made (a backend that keeps
+        # nothing there caches only what it has in hand).
+        cached: PieceData | ResidentPiece | None = self._as_piece(t, piece, blocks, partial.pads)
+        if cached is None and t.storage.page_cached:
+            cached = self._resident(t, piece)
+        if cached is not None:
+            self.pool.put(key, cached)
         self._committer.verified(t, piece, (result, fp))
         return result
 
