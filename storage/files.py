@@ -652,18 +652,20 @@ class DirectStorage(FileStorage):
     For libraries larger than memory, whose pages would otherwise push everything else
     out of the page cache: the daemon's own cache (``cache_bytes``) is then the only one.
     O_DIRECT wants file offsets, lengths and buffers aligned to the device's blocks
-    (ALIGN covers 512-byte and 4 KiB devices). Each write goes through a page-aligned
-    bounce buffer of the thread's own; a block that starts or ends inside a page (files
-    of a multi-file torrent rarely start on a page) reads that page first and writes it
-    back whole (read-modify-write), under the file's lock, since the neighbouring block
-    shares the page. A file's last page is written whole too, then the file cut back to
-    its length.
+    (ALIGN covers 512-byte and 4 KiB devices). Each call moves at most CHUNK bytes
+    through a page-aligned bounce buffer of the thread's own; a block that starts or ends
+    inside a page (files of a multi-file torrent rarely start on a page) reads that page
+    first and writes it back whole (read-modify-write), under the file's lock, since the
+    neighbouring block shares the page. A file's last page is written whole too, then
+    the file cut back to its length. Blocks handed over one by one are gathered into
+    their piece first (``gathers_writes``): a 16 KiB O_DIRECT write waits for the device.
     """
 
     name = "direct"
     page_cached = False
     gathers_writes = True  # a 16 KiB O_DIRECT write waits for the device: write pieces
     ALIGN = 4096
+    CHUNK = 4 * 1024 * 1024  # the most one O_DIRECT call moves
 
     def __init__(
         self,
@@ -702,7 +704,27 @@ class DirectStorage(FileStorage):
         with self._lock:
             return self._file_locks.setdefault(index, threading.Lock())
 
+    def _chunks(self, seg: Segment) -> list[Segment]:
+        """``seg`` cut at multiples of CHUNK in the file: a thread's bounce buffer stays
+        at CHUNK (+ a page) whatever the piece length."""
+        out = []
+        off, end = seg.file_offset, seg.file_offset + seg.length
+        while off < end:
+            cut = min(end, (off // self.CHUNK + 1) * self.CHUNK)
+            out.append(seg._replace(file_offset=off, length=cut - off,
+                                    buf_offset=seg.buf_offset + off - seg.file_offset))
+            off = cut
+        return out
+
     def _pwrite_segment(self, seg: Segment, views: Sequence[Buffer]) -> None:
+        if seg.length <= self.CHUNK:
+            self._pwrite_chunk(seg, views)
+            return
+        for part in self._chunks(seg):
+            rel = part.file_offset - seg.file_offset
+            self._pwrite_chunk(part, sub_views(views, rel, rel + part.length))
+
+    def _pwrite_chunk(self, seg: Segment, views: Sequence[Buffer]) -> None:
         index = seg.file_index
         length = self.meta.files[index].length
         A = self.ALIGN
@@ -762,6 +784,12 @@ class DirectStorage(FileStorage):
     def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
         if nowait:
             return False  # nothing is in the page cache: the daemon's cache is the only one
+        for part in self._chunks(seg):
+            rel = part.file_offset - seg.file_offset
+            self._pread_chunk(part, dst[rel : rel + part.length])
+        return True
+
+    def _pread_chunk(self, seg: Segment, dst: memoryview) -> None:
         A = self.ALIGN
         start = seg.file_offset - seg.file_offset % A
         end = seg.file_offset + seg.length
@@ -775,7 +803,6 @@ class DirectStorage(FileStorage):
                     exc, f"read {self.file_path(seg.file_index)}") from None
             off = seg.file_offset - start
             dst[:] = buf[off : off + seg.length]
-        return True
 
     def advise(self, segments: Sequence[Segment]) -> None:
         return None  # read-ahead fills the page cache, which this backend does not use

@@ -91,3 +91,24 @@ def test_a_daemon_on_the_direct_backend(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+def test_pieces_larger_than_one_direct_call(tmp_path: Path) -> None:
+    """8 MiB pieces (written and read 4 MiB at a time), files starting mid-page."""
+    content = make_payload(tmp_path / "src", {"a.bin": 9 * 1024 * 1024 + 5,
+                                              "b.bin": 5 * 1024 * 1024 - 3}, seed=19)
+    raw = make_torrent_lt(content, 8 * 1024 * 1024, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO("direct", cache_bytes=64 * 1024 * 1024, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for p, b, n in src.peer_blocks():
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        dio.pool.drop((dio._torrents[ih].id, 1))  # read it from the disk, not the cache
+        assert dio.read_piece(ih, 1) == src.read(1, 0, src.layout.piece_size(1))
+        assert dio.recheck(ih, full=True).ok
+    finally:
+        dio.close()
+    assert (tmp_path / "dl" / "payload" / "b.bin").read_bytes() == (content / "b.bin").read_bytes()
