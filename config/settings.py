@@ -89,7 +89,7 @@ def _mode(v: Any) -> str | None:
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "socket_mode": _mode,
     "http_port": _port,
-    "backend": _choice("posix", "mmap", "direct", "disabled"),
+    "backend": _choice("posix", "mmap", "direct", "uring", "disabled"),
     "cache_bytes": _non_negative,
     "cache_policy": _choice("arc", "lru"),
     "hash_workers": _non_negative,

@@ -50,7 +50,14 @@ from .errors import (
     TooLarge,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileVanished, HandlePool, make_storage, watch_leases
+from .files import (
+    BACKENDS,
+    FileVanished,
+    HandlePool,
+    check_uring,
+    make_storage,
+    watch_leases,
+)
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
@@ -116,6 +123,8 @@ class DiskIO:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
+        if backend == "uring":
+            check_uring()  # refused here, with the reason, rather than at the first write
         if backend == "mmap" and not watch_leases():
             log.warning("mmap backend started outside the main thread: files are not "
                         "mapped (read and written as by posix)")

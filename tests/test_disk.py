@@ -128,7 +128,7 @@ def fill(
             dio.write_chunk(ih, p, b, data)
 
 
-@pytest.mark.parametrize("backend", ["posix", "mmap"])
+@pytest.mark.parametrize("backend", ["posix", "mmap", "direct", "uring"])
 @pytest.mark.parametrize("window", [0.0, 0.005])
 def test_download_verifies_every_piece(tmp_path: Path, torrent: tuple[bytes, Source], backend: str, window: float) -> None:
     raw, src = torrent

@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
-"""The O_DIRECT backend against posix: time to write and verify a torrent, and how much
-of the page cache each leaves behind.
+"""The storage backends side by side (posix, direct, uring): time to write and verify a
+torrent, and how much of the page cache each leaves behind.
 
 Prints one JSON object. A ``--size-mib`` MiB payload of three files (sizes not multiples
 of 4 KiB, so blocks share pages at file boundaries), a ``--kind`` torrent of
-``--piece-kib`` pieces; for each backend, best of ``--repeat``: ``DiskIO(backend)``
+``--piece-kib`` pieces; for each of ``--backends``, best of ``--repeat`` (the backends
+in turn): ``DiskIO(backend)``
 in this process takes every block with ``write_block_direct`` in order, then
 ``flush_all`` (every piece verified and durable). ``page_cache_mib``: how much the
 system's page cache ("Cached" in /proc/meminfo) grew during the run (the save folder is
 deleted and the payload dropped from the cache before each run), i.e. what the backend
 pushed into memory that other programs could have used.
 
-    python bench/direct_backend.py --size-mib 1024
+    python bench/backends.py --size-mib 1024
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def main() -> None:
     ap.add_argument("--piece-kib", type=int, default=1024)
     ap.add_argument("--kind", default="v1")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "direct")
+    ap.add_argument("--backends", default="posix,direct,uring")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "backends")
     args = ap.parse_args()
     work = args.workdir.resolve()
     third = (args.size_mib << 20) // 3
@@ -67,7 +69,7 @@ def main() -> None:
     drop(work / "src")
     out: dict[str, object] = {"size_mib": args.size_mib, "piece_kib": args.piece_kib,
                               "kind": args.kind}
-    for backend in ("posix", "direct") * args.repeat:
+    for backend in args.backends.split(",") * args.repeat:
         save = work / "dl"
         shutil.rmtree(save, ignore_errors=True)
         os.sync()
