@@ -112,7 +112,9 @@ class InOrder:
             if i < len(plan) and begin > plan[i][0]:
                 self.reordered += 1
                 held = self._held.setdefault(piece, {})
-                if begin not in held and self.held_bytes + len(data) <= self.HOLD_BYTES:
+                if begin in held:
+                    return []  # the same block again (end game): the one held will do
+                if self.held_bytes + len(data) <= self.HOLD_BYTES:
                     held[begin] = data
                     self.held_bytes += len(data)
                     return []
