@@ -50,20 +50,15 @@ from .errors import (
     TooLarge,
     UnknownTorrent,
 )
-from .files import (
-    BACKENDS,
-    FileVanished,
-    HandlePool,
-    check_uring,
-    make_storage,
-    watch_leases,
-)
+from .files import BACKENDS, FileVanished, HandlePool, make_storage
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
+from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
 from .resume import REC_CLEARED, REC_VERIFIED, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
 from .torrent import COMMITTING, HASHING, MISSING, PARTIAL, VERIFIED, Partial, Torrent
+from .uring import check_uring
 from .verify import PreadReader, Progress, VerifyResult, verify
 
 log = logging.getLogger("pieced.storage")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
-from pieced.storage.files import check_uring
+from pieced.storage.uring import check_uring
 
 from tests.conftest import Daemon
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt

@@ -1,0 +1,226 @@
+"""The mmap backend: payload files mapped shared, under a lease that keeps them safe
+to map (see :class:`MmapStorage`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+from .files import FileStorage, FileVanished, HandlePool
+from .hashing import Buffer
+from .layout import Segment
+from .metainfo import Metainfo
+
+# Mapped files and the leases that keep them safe to map -------------------------------
+_leasing: weakref.WeakSet[MmapStorage] = weakref.WeakSet()
+_leasing_lock = threading.Lock()
+_watching = False
+
+
+def watch_leases() -> bool:
+    """Install the handler of lease breaks (SIGIO, whose default action would end the
+    process); only the main thread can. True once it is installed: before that the
+    mmap backend maps nothing and works as posix does."""
+    global _watching
+    if not _watching and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGIO, _on_lease_break)
+        _watching = True
+    return _watching
+
+
+def _on_lease_break(signum: int, frame: object) -> None:
+    # Runs between two bytecodes of the main thread, which may hold a storage's lock:
+    # the release runs on a thread of its own.
+    threading.Thread(target=release_broken_leases, name="lease-break", daemon=True).start()
+
+
+def release_broken_leases() -> int:
+    """Unmap every file another process has asked for; how many were unmapped."""
+    with _leasing_lock:
+        storages = list(_leasing)
+    return sum(s.release_broken() for s in storages)
+
+
+class MmapStorage(FileStorage):
+    """The mmap backend: payload files mapped shared, written and read by memcpy.
+
+    A mapped file truncated by another process would kill the daemon: the next access
+    past the new end faults (SIGBUS), and Python cannot recover from that. So a file is
+    mapped only while the daemon holds a write lease on it (``F_SETLEASE``): another
+    process's open or truncate of the file first waits while the kernel signals the
+    daemon, which unmaps the file and gives the lease back, within milliseconds. The
+    file is then read and written with pread/pwritev, as by the posix backend, until
+    the lease can be taken again (once no one else has the file open). Files the
+    daemon cannot lease (open elsewhere, owned by another user, on a file system
+    without leases) are never mapped. Mappings cover the file's full length (sparse),
+    so a write never faults past its end.
+    """
+
+    name = "mmap"
+    RETRY_SECONDS = 1.0  # after a lease is broken or refused, how long until the next try
+
+    def __init__(
+        self,
+        meta: Metainfo,
+        save_path: Path,
+        handles: HandlePool,
+        preallocate: bool = False,
+        allow_hard_links: bool = False,
+    ) -> None:
+        super().__init__(meta, save_path, handles, preallocate, allow_hard_links)
+        self._maps: dict[int, tuple[int, mmap.mmap]] = {}  # file -> (leased fd, map)
+        self._retry: dict[int, float] = {}  # file -> when its lease may be tried again
+        # Held while a map is used or dropped (the copy runs under the GIL anyway);
+        # reentrant because a vanished file is unmapped from inside its own write.
+        self._map_lock = threading.RLock()
+        # One file mapped at a time: a second open of the same file would break the
+        # first one's fresh lease.
+        self._open_lock = threading.Lock()
+        with _leasing_lock:
+            _leasing.add(self)
+
+    def _map(self, index: int, writing: bool) -> None:
+        """Lease and map a file if it can be; nothing happens otherwise. A read maps
+        only a file the daemon has sized: it never creates or extends one."""
+        if not _watching or not self.meta.files[index].length or not (writing or index in self._sized):
+            return
+        with self._open_lock:
+            if index in self._maps or self._retry.get(index, 0.0) > time.monotonic():
+                return
+            fd = self.open_file(index, True)
+            try:
+                if index not in self._sized:
+                    self._size_file(fd, index)
+                else:
+                    self._check_linked(fd, index)
+                if not self._lease(fd, index):
+                    os.close(fd)
+                    self._retry[index] = time.monotonic() + self.RETRY_SECONDS
+                    return
+                m = mmap.mmap(fd, self.meta.files[index].length)
+            except BaseException:
+                os.close(fd)
+                raise
+            with self._map_lock:
+                self._maps[index] = (fd, m)
+        # A break that came before the map was listed found nothing to release.
+        self.release_broken()
+
+    def _lease(self, fd: int, index: int) -> bool:
+        for attempt in (0, 1):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN or attempt:
+                    return False
+                self.handles.forget(self, index)  # our own idle handles count as opens
+        return False
+
+    def release_broken(self) -> int:
+        """Unmap the files whose lease another process is breaking."""
+        released = 0
+        with self._map_lock:
+            for index, (fd, _) in list(self._maps.items()):
+                try:
+                    kind = fcntl.fcntl(fd, fcntl.F_GETLEASE)
+                except OSError:
+                    kind = -1
+                if kind != fcntl.F_WRLCK:
+                    self._unmap(index)
+                    released += 1
+        return released
+
+    def _unmap(self, index: int, retry: bool = True) -> None:
+        """Drop a file's map and lease; the caller holds ``_map_lock``. Dirty pages stay
+        in the page cache, synced by the next fdatasync like any write."""
+        fd, m = self._maps.pop(index)
+        m.close()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        if retry:
+            self._retry[index] = time.monotonic() + self.RETRY_SECONDS
+
+    def _pwrite_segment(self, seg: Segment, views: Sequence[Buffer]) -> None:
+        index = seg.file_index
+        if index not in self._maps:
+            self._map(index, True)
+        with self._map_lock:
+            entry = self._maps.get(index)
+            if entry is not None:
+                fd, m = entry
+                self._check_linked(fd, index)
+                pos = seg.file_offset
+                for v in views:
+                    n = memoryview(v).nbytes
+                    m[pos : pos + n] = v
+                    pos += n
+                if index not in self._dirty:
+                    with self._lock:
+                        self._dirty.add(index)
+                return
+        super()._pwrite_segment(seg, views)
+
+    def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
+        index = seg.file_index
+        if index not in self._maps:
+            self._map(index, False)
+        with self._map_lock:
+            entry = self._maps.get(index)
+            if entry is not None:
+                # Mapped pages are the page cache: a read from them is what any mmap read is.
+                self._check_linked(entry[0], index)
+                dst[:] = entry[1][seg.file_offset : seg.file_offset + seg.length]
+                return True
+        return super()._pread_segment(seg, dst, nowait)
+
+    def advise(self, segments: Sequence[Segment]) -> None:
+        # Through the map where there is one: a second open would break its lease.
+        rest = []
+        for seg in segments:
+            if not seg.stored or not seg.length:
+                continue
+            with self._map_lock:
+                entry = self._maps.get(seg.file_index)
+                if entry is not None:
+                    start = seg.file_offset - seg.file_offset % mmap.PAGESIZE
+                    entry[1].madvise(mmap.MADV_WILLNEED, start,
+                                     seg.file_offset + seg.length - start)
+                    continue
+            rest.append(seg)
+        super().advise(rest)
+
+    def _datasync(self, index: int) -> None:
+        with self._map_lock:
+            entry = self._maps.get(index)
+            fd = os.dup(entry[0]) if entry is not None else -1  # a dup keeps the lease
+        if fd < 0:
+            super()._datasync(index)
+            return
+        try:
+            os.fdatasync(fd)  # writes back the map's dirty pages, as msync would
+        finally:
+            os.close(fd)
+
+    def _vanished(self, index: int, message: str) -> FileVanished:
+        with self._map_lock:
+            if index in self._maps:
+                self._unmap(index, retry=False)
+        return super()._vanished(index, message)
+
+    def close_handles(self) -> None:
+        with self._map_lock:
+            for index in list(self._maps):
+                self._unmap(index, retry=False)
+            self._retry.clear()
+        super().close_handles()

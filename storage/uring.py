@@ -1,0 +1,165 @@
+"""The uring backend: a call's reads and writes submitted together through io_uring
+(the ``liburing`` package), on a ring per thread (see :class:`UringStorage`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import StorageIOError
+from .files import _IOV_MAX, FileStorage
+from .hashing import Buffer, sub_views
+from .layout import Segment
+
+# io_uring ------------------------------------------------------------------------------
+_rings = threading.local()  # one ring per thread, shared by every torrent it works for
+
+
+def check_uring() -> None:
+    """Raise StorageIOError, saying why, where io_uring cannot be used (an old kernel, a
+    seccomp filter, io_uring_disabled, the liburing package missing)."""
+    try:
+        ring = _thread_ring()
+        results = ring.run([("nop", -1, None, 0)])
+    except (ImportError, OSError) as exc:
+        raise StorageIOError(f"io_uring is not available here ({exc}): choose another "
+                             "backend, such as posix", errno=getattr(exc, "errno", None)
+                             or errno.ENOSYS) from None
+    if results[0] < 0:
+        raise StorageIOError(f"io_uring refused a no-op ({os.strerror(-results[0])}): choose "
+                             "another backend, such as posix", errno=-results[0])
+
+
+class _Ring:
+    """One thread's io_uring: a list of operations in, their results out (negative
+    errno on failure), submitted together and waited on together."""
+
+    DEPTH = 64
+
+    def __init__(self) -> None:
+        import liburing
+
+        self.lib = liburing
+        self.ring = liburing.Ring()
+        self.cqe = liburing.Cqe()
+        liburing.io_uring_queue_init(self.DEPTH, self.ring)
+
+    def run(self, ops: Sequence[tuple[str, int, Any, int]]) -> list[int]:
+        """``ops``: ("readv" | "writev" | "nop", fd, Iovec, offset)."""
+        lib, ring, cqe = self.lib, self.ring, self.cqe
+        results = [0] * len(ops)
+        for first in range(0, len(ops), self.DEPTH):
+            batch = ops[first : first + self.DEPTH]
+            for i, (kind, fd, iov, offset) in enumerate(batch):
+                sqe = lib.io_uring_get_sqe(ring)
+                if kind == "writev":
+                    lib.io_uring_prep_writev(sqe, fd, iov, offset)
+                elif kind == "readv":
+                    lib.io_uring_prep_readv(sqe, fd, iov, offset)
+                else:
+                    lib.io_uring_prep_nop(sqe)
+                sqe.user_data = first + i
+            lib.io_uring_submit_and_wait(ring, len(batch))
+            got = 0
+            while got < len(batch):
+                lib.io_uring_wait_cqe(ring, cqe)
+                ready = lib.io_uring_cq_ready(ring)
+                for j in range(ready):
+                    c = cqe[j]
+                    try:
+                        res = c.res
+                    except OSError as exc:  # the binding raises a failed operation's errno
+                        res = -(exc.errno or errno.EIO)
+                    results[c.user_data] = res
+                lib.io_uring_cq_advance(ring, ready)
+                got += ready
+        return results
+
+
+def _thread_ring() -> _Ring:
+    ring: _Ring | None = getattr(_rings, "ring", None)
+    if ring is None:
+        ring = _rings.ring = _Ring()
+    return ring
+
+
+class UringStorage(FileStorage):
+    """The io_uring backend: the segments of one call (a block across files, a piece
+    being read) are submitted together and waited on together, on the calling thread's
+    ring; the ring's two slices still go out as one vectored write. Reads that must not
+    touch the disk (RWF_NOWAIT, for the cache) go as in posix.
+    """
+
+    name = "uring"
+    gathers_writes = True
+
+    def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
+        import liburing
+
+        todo = [s for s in segments if s.stored]
+        if not todo:
+            return 0
+        single = len(segments) == 1
+        entries: list[list[int]] = []
+        ops: list[tuple[str, int, Any, int]] = []
+        views: list[Sequence[Buffer]] = []
+        try:
+            for seg in todo:
+                entry = self.handles.get(self, seg.file_index, True)
+                entries.append(entry)
+                if seg.file_index not in self._sized:
+                    self._size_file(entry[0], seg.file_index)
+                else:
+                    self._check_linked(entry[0], seg.file_index)
+                v: Sequence[Buffer] = list(bufs) if single else sub_views(
+                    bufs, seg.buf_offset, seg.buf_offset + seg.length)
+                views.append(v)
+                ops.append(("writev", entry[0], liburing.Iovec(v[:_IOV_MAX]), seg.file_offset))
+            results = _thread_ring().run(ops)
+            for seg, entry, v, res in zip(todo, entries, views, results, strict=True):
+                if res < 0:
+                    raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),
+                                              f"write {self.file_path(seg.file_index)}")
+                if res != seg.length:  # short: finish it the plain way
+                    self._pwritev_all(entry[0], [memoryview(b) for b in v], seg.file_offset,
+                                      seg.file_index, res)
+        finally:
+            for entry in entries:
+                self.handles.put(entry)
+        with self._lock:
+            self._dirty.update(s.file_index for s in todo)
+        return sum(s.length for s in todo)
+
+    def _pread(self, segments: Sequence[Segment], out: memoryview, nowait: int) -> bool:
+        import liburing
+
+        if nowait:
+            return super()._pread(segments, out, nowait)
+        with contextlib.ExitStack() as stack:
+            ops: list[tuple[str, int, Any, int]] = []
+            todo = []
+            for seg in segments:
+                dst = out[seg.buf_offset : seg.buf_offset + seg.length]
+                if not seg.stored:
+                    dst[:] = bytes(seg.length)
+                    continue
+                fd = stack.enter_context(self._fd(seg.file_index, False))
+                ops.append(("readv", fd, liburing.Iovec([dst]), seg.file_offset))
+                todo.append((seg, fd, dst))
+            results = _thread_ring().run(ops)
+            for (seg, fd, dst), res in zip(todo, results, strict=True):
+                if res < 0:
+                    raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),
+                                              f"read {self.file_path(seg.file_index)}")
+                done = res
+                while done < seg.length:  # short (a file cut short, or a signal): go on
+                    n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
+                    if n == 0:
+                        dst[done:] = bytes(seg.length - done)
+                        break
+                    done += n
+        return True
