@@ -1,0 +1,133 @@
+"""pieced-peer, seeding, against peers that break the rules: each is answered as the
+rules say or dropped, and a libtorrent leecher beside them still gets every byte."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+from pieced.peer import wire
+from pieced.storage.metainfo import parse
+
+from tests.conftest import Daemon
+from tests.ltpeer import LtPeer
+from tests.realtools import make_payload, make_torrent_lt
+from tests.test_peer_libtorrent import Seeding, _same_tree
+
+
+class RawPeer:
+    """A hand-driven peer on a plain socket, speaking through the codec under test's
+    encoders (the bytes are the protocol's; the parser checks what comes back)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.parser = wire.Parser(handshake=True)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def events(self, until: float = 2.0) -> tuple[list[wire.Event], bool]:
+        """What arrives within ``until`` seconds of quiet, and whether the peer closed."""
+        out: list[wire.Event] = []
+        self.sock.settimeout(until)
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                return out, False
+            except ConnectionResetError:
+                return out, True
+            if not data:
+                return out, True
+            out.extend(self.parser.feed(data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_peers_that_break_the_rules(tmp_path: Path) -> None:
+    piece = 32768
+    files = {"a.bin": 20 * piece + 99, "b.bin": 5000}
+    content = make_payload(tmp_path / "seed", files, seed=31)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    ih = meta.info_hash
+    me = b"-XX0001-" + bytes(12)
+    fast = wire.make_reserved(extended=False, fast=True)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        # 1. a torrent it does not serve: dropped without a word
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(bytes(20), me, fast))
+        got, closed = p.events()
+        assert closed and not got
+        p.close()
+
+        # 2. a length prefix of 2 GiB after the handshake: dropped
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(ih, me, fast))
+        p.send(struct.pack(">I", 1 << 31))
+        got, closed = p.events()
+        assert closed  # (the answer to its handshake may not even have left)
+        p.close()
+
+        # 3. fast messages without the fast bit: dropped
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(ih, me, bytes(8)) + wire.have_all())
+        got, closed = p.events()
+        assert closed and not any(isinstance(e, (wire.HaveAll, wire.HaveNone)) for e in got)
+        p.close()
+
+        # 4. requests while choked, with fast: every one rejected, exactly as asked
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(ih, me, fast) + wire.have_none())
+        full = meta.num_pieces - 1  # every piece but the short last one
+        asks = [(i % full, (i // full) % 2 * 16384, 16384) for i in range(40)]
+        p.send(b"".join(wire.request(*a) for a in asks))
+        got, closed = p.events()
+        assert not closed
+        rejects = [(e.piece, e.begin, e.length) for e in got if isinstance(e, wire.RejectRequest)]
+        assert sorted(rejects) == sorted(asks)
+        assert any(isinstance(e, wire.HaveAll) for e in got)
+        # ... then interested, unchoked, and a request past the end of a piece: dropped
+        p.send(wire.interested())
+        got, closed = p.events()
+        assert any(isinstance(e, wire.Unchoke) for e in got)
+        p.send(wire.request(0, piece - 100, 16384))
+        got, closed = p.events()
+        assert closed
+        p.close()
+
+        # 5. a flood of requests over the queue bound: the surplus rejected, the rest served
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(ih, me, fast) + wire.have_none() + wire.interested())
+        got, _ = p.events(1.0)
+        assert any(isinstance(e, wire.Unchoke) for e in got)
+        flood = [(i % full, 0, 16384) for i in range(900)]
+        p.send(b"".join(wire.request(*a) for a in flood))
+        pieces = rejects_n = 0
+        deadline = time.monotonic() + 30
+        while pieces + rejects_n < len(flood) and time.monotonic() < deadline:
+            got, closed = p.events(2.0)
+            assert not closed
+            pieces += sum(isinstance(e, wire.Piece) for e in got)
+            rejects_n += sum(isinstance(e, wire.RejectRequest) for e in got)
+            if not got:
+                break
+        assert pieces + rejects_n == len(flood) and pieces > 0 and rejects_n > 0
+        p.close()
+
+        # and an honest leecher still gets every byte
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
