@@ -100,7 +100,11 @@ class _Decoder:
             self.budget -= 1
         c = data[pos]
         if c == 0x69:  # i
-            return self.integer(pos, path)
+            end = data.find(b"e", pos + 1)
+            body = data[pos + 1 : end] if end > 0 else b""
+            if body.isdigit() and (body[0] != 0x30 or end - pos == 2):
+                return int(body), end + 1  # the usual, a non-negative canonical integer
+            return self.integer(pos, path)  # negatives, and errors named
         if 0x30 <= c <= 0x39:
             return self.string(pos, path)
         if depth >= self.max_depth:

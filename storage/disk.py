@@ -341,7 +341,8 @@ class DiskIO:
             n = meta.num_pieces
             t.load_have(saved.have)
             suspect: set[int] = set()
-            for i, f in enumerate(meta.files):
+            # (a torrent with nothing verified, a new download, has no file to look at)
+            for i, f in enumerate(meta.files if VERIFIED in t.state else ()):
                 if not f.stored or f.length == 0:
                     continue
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
@@ -357,9 +358,10 @@ class DiskIO:
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
-            storage.known_written(
-                i for i, f in enumerate(meta.files)
-                if f.stored and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
+            if VERIFIED in t.state:
+                storage.known_written(
+                    i for i, f in enumerate(meta.files)
+                    if f.stored and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
             try:
                 storage.create_empty_files()
             except PiecedError as exc:  # a vanished folder, a planted symlink: say so, go on
