@@ -131,3 +131,72 @@ def test_peers_that_break_the_rules(tmp_path: Path) -> None:
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
+    """pieced-peer downloads from a libtorrent seeder and from a rogue one that answers
+    requests with blocks of the wrong length and blocks never asked for, then names a
+    piece that does not exist: the rogue is dropped, nothing it sent is stored, and the
+    download completes with the real bytes."""
+    import json
+    import subprocess
+    import threading
+
+    from tests.test_peer_libtorrent import peer_cmd
+
+    piece = 32768
+    files = {"a.bin": 30 * piece + 7}
+    content = make_payload(tmp_path / "seed", files, seed=32)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    listener = socket.create_server(("127.0.0.1", 0))
+    rogue_port = listener.getsockname()[1]
+    seen: dict[str, int] = {"requests": 0}
+
+    def rogue() -> None:
+        conn, _ = listener.accept()
+        parser = wire.Parser(handshake=True)
+        conn.settimeout(10)
+        try:
+            while True:
+                data = conn.recv(1 << 16)
+                if not data:
+                    return
+                for ev in parser.feed(data):
+                    if isinstance(ev, wire.Handshake):
+                        conn.sendall(wire.handshake(ev.info_hash, b"-RG0001-" + bytes(12),
+                                                    wire.make_reserved(extended=False))
+                                     + wire.have_all() + wire.unchoke())
+                    elif isinstance(ev, wire.Request):
+                        seen["requests"] += 1
+                        junk = bytes([0xEE]) * 100
+                        # the block asked for, cut short; and one nobody asks for (peers
+                        # ask for blocks at multiples of 16 KiB)
+                        conn.sendall(wire.piece(ev.piece, ev.begin, junk)
+                                     + wire.piece(ev.piece, 100, bytes([0xEE]) * 16384))
+                        if seen["requests"] >= 20:
+                            conn.sendall(wire.have(meta.num_pieces + 5))
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=rogue, daemon=True)
+    t.start()
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as good:
+            r = subprocess.run(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{rogue_port}",
+                         "--peer", f"127.0.0.1:{good.port}"),
+                capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout)
+        assert summary["complete"] and summary["pieces_failed"] == 0, summary
+        assert seen["requests"] > 0  # the rogue was asked, and what it sent was not taken
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
