@@ -8,13 +8,11 @@ import mmap
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 from .errors import StorageIOError
-from .files import FileStorage, HandlePool
+from .files import FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
-from .metainfo import Metainfo
 
 
 class DirectStorage(FileStorage):
@@ -38,15 +36,7 @@ class DirectStorage(FileStorage):
     ALIGN = 4096
     CHUNK = 4 * 1024 * 1024  # the most one O_DIRECT call moves
 
-    def __init__(
-        self,
-        meta: Metainfo,
-        save_path: Path,
-        handles: HandlePool,
-        preallocate: bool = False,
-        allow_hard_links: bool = False,
-    ) -> None:
-        super().__init__(meta, save_path, handles, preallocate, allow_hard_links)
+    def _setup(self) -> None:
         self._file_locks: dict[int, threading.Lock] = {}
         self._local = threading.local()
 

@@ -147,6 +147,10 @@ class FileStorage:
         self._dirty: set[int] = set()
         self._lock = threading.Lock()
         self._nowait = os.RWF_NOWAIT  # 0 once the file system has said it has no such flag
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a backend built on this one adds to its state."""
 
     # -- paths -------------------------------------------------------------
     def parts(self, index: int) -> tuple[str, ...]:

@@ -13,12 +13,10 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from pathlib import Path
 
-from .files import FileStorage, FileVanished, HandlePool
+from .files import FileStorage, FileVanished
 from .hashing import Buffer
 from .layout import Segment
-from .metainfo import Metainfo
 
 # Mapped files and the leases that keep them safe to map -------------------------------
 _leasing: weakref.WeakSet[MmapStorage] = weakref.WeakSet()
@@ -68,15 +66,7 @@ class MmapStorage(FileStorage):
     name = "mmap"
     RETRY_SECONDS = 1.0  # after a lease is broken or refused, how long until the next try
 
-    def __init__(
-        self,
-        meta: Metainfo,
-        save_path: Path,
-        handles: HandlePool,
-        preallocate: bool = False,
-        allow_hard_links: bool = False,
-    ) -> None:
-        super().__init__(meta, save_path, handles, preallocate, allow_hard_links)
+    def _setup(self) -> None:
         self._maps: dict[int, tuple[int, mmap.mmap]] = {}  # file -> (leased fd, map)
         self._retry: dict[int, float] = {}  # file -> when its lease may be tried again
         # Held while a map is used or dropped (the copy runs under the GIL anyway);
