@@ -43,7 +43,7 @@ class DirectStorage(FileStorage):
     def open_file(self, index: int, writable: bool) -> int:
         flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
         try:
-            return self.root.open(self.parts(index), flags | os.O_DIRECT, create_dirs=writable)
+            return self._open_payload(index, flags | os.O_DIRECT, writable)
         except StorageIOError as exc:
             if exc.errno == errno.EINVAL:
                 raise StorageIOError(

@@ -145,6 +145,8 @@ class FileStorage:
         self.root = Beneath(save_path, allow_hard_links)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
+        self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
+        self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         self._lock = threading.Lock()
         self._nowait = os.RWF_NOWAIT  # 0 once the file system has said it has no such flag
         self._setup()
@@ -163,7 +165,46 @@ class FileStorage:
 
     def open_file(self, index: int, writable: bool) -> int:
         flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
-        return self.root.open(self.parts(index), flags, create_dirs=writable)
+        return self._open_payload(index, flags, writable)
+
+    def _open_payload(self, index: int, flags: int, create_dirs: bool) -> int:
+        """Open a payload file, and hold it to the file it was at its first open.
+
+        ``Beneath.open`` refuses a symlink, and a file with other links, at the moment
+        of the open; a swapper quick enough can still time an outside file's link count
+        around it. So a file, once opened, is known by its inode, and another one in its
+        place later (a hard link swapped in) is refused. When the daemon has seen its own
+        file go (``_vanished``), the file is made anew with O_EXCL, so the new inode is
+        one it created; whatever else is found in its place is refused, until a restart.
+        """
+        with self._lock:
+            recreate = index in self._recreate
+        if recreate and flags & os.O_CREAT:
+            flags |= os.O_EXCL
+        try:
+            fd = self.root.open(self.parts(index), flags, create_dirs=create_dirs)
+        except StorageIOError as exc:
+            if recreate and exc.errno == errno.EEXIST:
+                raise PathEscape(f"{self.file_path(index)} went away and something else was "
+                                 "put in its place: refusing to use it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
+        me = (st.st_dev, st.st_ino)
+        with self._lock:
+            if index in self._recreate and not flags & os.O_EXCL:
+                known = None  # read while it is to be made anew: whatever this is, not ours
+            else:
+                self._recreate.discard(index)
+                known = self._identity.setdefault(index, me)
+        if known != me:
+            os.close(fd)
+            raise PathEscape(f"{self.file_path(index)} is not the file pieced opened there "
+                             "before (another was put in its place): refusing to use it")
+        return fd
 
     def stored_files(self) -> Iterator[int]:
         return (i for i, f in enumerate(self.meta.files) if f.stored)
@@ -224,6 +265,8 @@ class FileStorage:
             written = index in self._sized
             self._sized.discard(index)
             self._dirty.discard(index)
+            if self._identity.pop(index, None) is not None:
+                self._recreate.add(index)
         return FileVanished(message, index, written)
 
     def _size_file(self, fd: int, index: int) -> None:
@@ -416,6 +459,9 @@ class FileStorage:
         self.root.close()
         self.root = new_root
         self.save_path = new_path
+        with self._lock:
+            self._identity.clear()  # a copy across devices is another inode: learnt anew
+            self._recreate.clear()
 
     def rename(self, index: int, new_name: str) -> None:
         """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
