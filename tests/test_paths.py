@@ -278,3 +278,29 @@ def test_swaps_while_writes_run(setup) -> None:  # type: ignore[no-untyped-def]
     after = _tree(canary)
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
                              if before.get(k) != after.get(k)}
+
+
+def test_a_file_put_back_is_refused_until_registered_again(setup) -> None:  # type: ignore[no-untyped-def]
+    """A payload file deleted (the daemon sees it go) and then put back by someone is not
+    used: whatever is found in its place could be a link out of the roots, timed against
+    the checks. Registering the torrent again looks at the files afresh."""
+    raw, src, _canary, roots, dio = setup
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))
+    dio.flush_all()
+    n = src.meta.num_pieces
+    assert dio.status(ih)["verified_pieces"] == n
+    a_bin = dl / "payload" / "a.bin"
+    kept = a_bin.read_bytes()
+    a_bin.unlink()
+    with pytest.raises(PiecedError):  # it went: noticed
+        dio.read_chunk(ih, 0, 0, 16, volatile=True)
+    a_bin.write_bytes(kept)  # put back, by someone else
+    errors = _write(dio, ih, src, {"a.bin"})
+    assert errors and all(isinstance(e, PathEscape) for e in errors)
+    assert not dio.recheck(ih, full=True).ok  # the pieces of a.bin are not taken
+    dio.unregister(ih)
+    ih = dio.register(raw, dl)
+    assert dio.recheck(ih, full=True).ok
+    assert dio.status(ih)["verified_pieces"] == n
