@@ -127,9 +127,7 @@ class DirectStorage(FileStorage):
             raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
         finally:
             self.handles.put(entry)
-        if index not in self._dirty:
-            with self._lock:
-                self._dirty.add(index)
+        self._mark_dirty(index)
 
     @staticmethod
     def _read_aligned(fd: int, out: memoryview, offset: int) -> None:

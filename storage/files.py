@@ -310,7 +310,11 @@ class FileStorage:
             raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
         finally:
             self.handles.put(entry)
-        if index not in self._dirty:
+        self._mark_dirty(index)
+
+    def _mark_dirty(self, index: int) -> None:
+        """A write reached the file: the next sync fdatasyncs it."""
+        if index not in self._dirty:  # (read without the lock: the usual case costs nothing)
             with self._lock:
                 self._dirty.add(index)
 

@@ -155,9 +155,7 @@ class MmapStorage(FileStorage):
                     n = memoryview(v).nbytes
                     m[pos : pos + n] = v
                     pos += n
-                if index not in self._dirty:
-                    with self._lock:
-                        self._dirty.add(index)
+                self._mark_dirty(index)
                 return
         super()._pwrite_segment(seg, views)
 
