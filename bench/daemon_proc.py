@@ -13,6 +13,19 @@ import time
 from pathlib import Path
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/PID/status that describe memory, in bytes."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "Threads"):
+                parts = rest.split()
+                if parts:
+                    out[key] = int(parts[0]) * (1024 if parts[-1] == "kB" else 1)
+    return out
+
+
 class DaemonProcess:
     def __init__(self, folder: Path, cmd: list[str], env: dict[str, str] | None = None,
                  append_log: bool = False) -> None:

@@ -28,14 +28,11 @@ sys.path.insert(0, str(ROOT))
 import bencodepy  # noqa: E402
 from pieced.protocol.client import Client  # noqa: E402
 
-from bench.daemon_proc import DaemonProcess  # noqa: E402
+from bench.daemon_proc import DaemonProcess, proc_status  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+    return round(proc_status(pid).get("VmRSS", 0) / 2**20, 1)
 
 
 def started(folder: Path) -> tuple[DaemonProcess, float]:

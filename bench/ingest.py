@@ -81,7 +81,7 @@ from pieced.protocol.frames import Frame, FrameType  # noqa: E402
 from pieced.storage.disk import DiskIO, PieceResult  # noqa: E402
 from pieced.storage.metainfo import Metainfo, parse  # noqa: E402
 
-from bench.daemon_proc import DaemonProcess  # noqa: E402
+from bench.daemon_proc import DaemonProcess, proc_status  # noqa: E402
 from bench.write_path import filesystem_of, prepare_payload, prepare_torrent  # noqa: E402
 
 MiB = 1 << 20
@@ -213,19 +213,6 @@ def latency_summary(lat_ns: list[int]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the daemon
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """The kB fields of /proc/PID/status that describe memory, in bytes."""
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "Threads"):
-                parts = rest.split()
-                if parts:
-                    out[key] = int(parts[0]) * (1024 if parts[-1] == "kB" else 1)
-    return out
 
 
 def thread_cpu(pid: int) -> dict[int, float]:

@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemon_proc import DaemonProcess  # noqa: E402
+from bench.daemon_proc import DaemonProcess, proc_status  # noqa: E402
 from tests.ltpeer import LtPeer  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
 
@@ -50,13 +50,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def log(msg: str) -> None:
@@ -150,7 +143,7 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "plugin_cpu_s_per_gib": round(pcpu / gib, 2), "daemon_cpu_s_per_gib": round(dcpu / gib, 2),
             "leecher_hash_failures": failures, "suggests_sent": summary["suggests_sent"],
         }
-        out["daemon_peak_rss_mib"] = round(peak_rss(daemon.pid) / 2**20, 1)
+        out["daemon_peak_rss_mib"] = round(proc_status(daemon.pid).get("VmHWM", 0) / 2**20, 1)
         out["daemon_budget_mib"] = args.cache_mib
     finally:
         daemon.stop()

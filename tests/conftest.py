@@ -28,6 +28,21 @@ def odd_payload(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "save", content
 
 
+def proc_bytes(pid: int, key: str = "VmRSS") -> int:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM...), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def open_fds(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class Daemon:
     """A real ``pieced run`` subprocess on a private socket, state dir and HTTP port."""
 

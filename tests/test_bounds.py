@@ -13,22 +13,10 @@ from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType
 from pieced.protocol.messages import encode_request
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, open_fds, proc_bytes
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn
 from tests.test_disk import Source
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field}")
 
 
 class Meanwhile:
@@ -45,7 +33,7 @@ class Meanwhile:
 
         self.d = d
         self.budget = budget
-        self.base = _status_kib(d.proc.pid, "VmRSS")
+        self.base = proc_bytes(d.proc.pid, "VmRSS")
         # The peak from here on: "5" resets VmHWM to the current RSS (Linux >= 4.0).
         with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
             f.write("5")
@@ -84,7 +72,7 @@ class Meanwhile:
         assert not self.thread.is_alive(), "the well-behaved client is stuck"
         assert not self.errors, self.errors
         assert self.rounds >= 1
-        peak = _status_kib(self.d.proc.pid, "VmHWM")
+        peak = proc_bytes(self.d.proc.pid, "VmHWM")
         print(f"meanwhile: {self.rounds} downloads verified; daemon peak RSS "
               f"{peak / 2**20:.1f} MiB (at the start {self.base / 2**20:.1f} MiB, budget "
               f"{self.budget / 2**20:.0f} MiB)")
@@ -95,7 +83,7 @@ def test_descriptors_sent_with_other_frames_are_closed_at_once(daemon: Daemon) -
     """300 requests each carrying 4 descriptors: the daemon keeps none of them, answers
     every request, and another client downloads a torrent meanwhile."""
     pid = daemon.proc.pid
-    before = _fds(pid)
+    before = open_fds(pid)
     raw_conn = RawConn(daemon.socket)
     spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", spare).tobytes())]
@@ -105,7 +93,7 @@ def test_descriptors_sent_with_other_frames_are_closed_at_once(daemon: Daemon) -
             for i in range(300):
                 raw_conn.sock.sendmsg([encode_request(i + 1, "stats", {})], rights)
                 if i % 50 == 49:
-                    peak = max(peak, _fds(pid))
+                    peak = max(peak, open_fds(pid))
             replies = raw_conn.replies(300)
             assert all(r.type == FrameType.RESPONSE for r in replies)
     finally:
@@ -114,7 +102,7 @@ def test_descriptors_sent_with_other_frames_are_closed_at_once(daemon: Daemon) -
     # the connection itself is one descriptor; at most a handful wait for an attach_ring;
     # the well-behaved client's connection, ring and payload files a few more
     assert peak <= before + 1 + 4 + 8, (before, peak)
-    assert _fds(pid) <= before + 1
+    assert open_fds(pid) <= before + 1
 
     content = make_payload(daemon.root / "src", {"a.bin": 300_000, "b.bin": 70_001}, seed=2)
     raw = make_torrent_lt(content, 32768, "hybrid")
@@ -356,17 +344,9 @@ def _peak_rss_while(d: Daemon, threads: list[Any], base: int) -> int:
         t.start()
     peak = base
     while any(t.is_alive() for t in threads):
-        peak = max(peak, _rss(d.proc.pid))
+        peak = max(peak, proc_bytes(d.proc.pid))
         time.sleep(0.005)
     return peak
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Path) -> None:
@@ -376,7 +356,7 @@ def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Pa
     socks = []
     try:
         with Client(d.socket) as c:
-            before = _rss(d.proc.pid)
+            before = proc_bytes(d.proc.pid)
             for _ in range(250):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(d.socket))
@@ -385,7 +365,7 @@ def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Pa
             while c.stats()["connected_clients"] < 251 and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert c.stats()["connected_clients"] == 251
-            grown = _rss(d.proc.pid) - before
+            grown = proc_bytes(d.proc.pid) - before
             assert grown < 64 * 1024 * 1024, grown  # not 250 x 8 MiB
             with Meanwhile(d):  # a client downloads while they time out
                 for s in socks:  # each gets the reason before the daemon hangs up
@@ -418,12 +398,12 @@ def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) 
         frames = [encode_request(1, "recheck", {"ih": ih, "full": 1})]
         frames += [big] * 200
         sender = threading.Thread(target=lambda: conn.sock.sendall(b"".join(frames)))
-        before = _rss(d.proc.pid)
+        before = proc_bytes(d.proc.pid)
         with Meanwhile(d):
             sender.start()
             peak = before
             while sender.is_alive():
-                peak = max(peak, _rss(d.proc.pid))
+                peak = max(peak, proc_bytes(d.proc.pid))
                 time.sleep(0.01)
             replies = conn.replies(201)
         assert replies[0].type == FrameType.RESPONSE
@@ -452,7 +432,7 @@ def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -
     # default frame limit (8 MiB): the 20 MB metainfo goes in a memfd
     d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)})
     try:
-        base = _rss(d.proc.pid)
+        base = proc_bytes(d.proc.pid)
         with Client(d.socket) as c:
             # Registering the 20 MB metainfo costs a few times its size for a moment
             # (bounded by max_metainfo_bytes); the bound below is on what the writes hold.
@@ -473,7 +453,7 @@ def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -
             st = c.status(ih)
             assert st["partial_pieces"] == 4096
             assert refused == 20_000 - unsent - 4096
-            peak = _rss(d.proc.pid)
+            peak = proc_bytes(d.proc.pid)
         print(f"1M-piece torrent: RSS at start {base / 2**20:.1f} MiB, with 4096 partial "
               f"pieces {peak / 2**20:.1f} MiB")
         assert peak <= budget + 64 * 1024 * 1024 + base, peak
@@ -500,7 +480,7 @@ def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> Non
     d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)})
     errors: list[BaseException] = []
     try:
-        base = _rss(d.proc.pid)
+        base = proc_bytes(d.proc.pid)
         with Client(d.socket) as c:
             ih = c.register(raw, dl)
 
@@ -547,7 +527,7 @@ def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path) -> None:
     try:
         with Client(d.socket) as c:
             ihs = [c.register(raw, dl) for raw, dl in torrents]
-        base = _rss(d.proc.pid)
+        base = proc_bytes(d.proc.pid)
 
         def recheck(ih: bytes) -> None:
             try:

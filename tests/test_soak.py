@@ -28,7 +28,7 @@ import pytest
 from pieced.protocol.client import Client
 from pieced.storage.errors import StorageIOError, UnknownTorrent
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, open_fds, proc_bytes
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
@@ -158,25 +158,13 @@ def _observe(sock: Path, stop: threading.Event, errors: list[BaseException]) -> 
         errors.append(exc)
 
 
-def _rss(pid: int, key: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def _settled_fds(pid: int, target: int) -> int:
     """The fd count once closing connections have been reaped (polled, not timed)."""
     end = time.monotonic() + 30
-    n = _fds(pid)
+    n = open_fds(pid)
     while n > target and time.monotonic() < end:
         time.sleep(0.05)
-        n = _fds(pid)
+        n = open_fds(pid)
     return n
 
 
@@ -209,7 +197,7 @@ def test_soak(tmp_path: Path) -> None:
 
     def sample() -> None:
         while not sampling.is_set():
-            peak[0] = max(peak[0], _rss(pid))
+            peak[0] = max(peak[0], proc_bytes(pid))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -218,8 +206,8 @@ def test_soak(tmp_path: Path) -> None:
     fds_after: list[int] = []
     rss_after: list[int] = []  # between rounds, no client connected
     try:
-        baseline = _fds(pid)
-        rss_start = _rss(pid)
+        baseline = open_fds(pid)
+        rss_start = proc_bytes(pid)
         rnd = 0
         kept: list[Path] = []
         while True:
@@ -247,7 +235,7 @@ def test_soak(tmp_path: Path) -> None:
             assert not errors, errors
             assert d.proc.poll() is None, d.stderr()
             fds_after.append(_settled_fds(pid, baseline))
-            rss_after.append(_rss(pid))
+            rss_after.append(proc_bytes(pid))
             if rnd % 2 == 1:  # unregistered with delete_files: nothing of them is left
                 for k, save in enumerate(saves):
                     files = workers[k].torrent.src.meta.files
@@ -272,7 +260,7 @@ def test_soak(tmp_path: Path) -> None:
                 assert c.status(ih)["verified_pieces"] == t.src.meta.num_pieces
                 c.unregister(ih)
         fds_after.append(_settled_fds(pid, baseline))
-        hwm = _rss(pid, "VmHWM")
+        hwm = proc_bytes(pid, "VmHWM")
     finally:
         sampling.set()
         sampler.join()
