@@ -18,6 +18,7 @@ to ``dict[bytes, ...]``. Encoding is left to ``bencodepy``, whose output is cano
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -25,6 +26,8 @@ class BencodeError(ValueError):
     pass
 
 
+# Reads one value at ``pos`` in place of the decoder (see ``decode_spanning``'s ``hook``).
+Hook = Callable[["_Decoder", int, "Path", int], tuple[Any, int]]
 
 
 def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) -> Any:
@@ -38,11 +41,18 @@ def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) 
 
 
 def decode_spanning(
-    data: bytes, key: bytes | None, *, max_depth: int = 512, max_values: int | None = None
+    data: bytes, key: bytes | None, *, max_depth: int = 512, max_values: int | None = None,
+    hook: tuple[bytes, Hook] | None = None,
 ) -> tuple[Any, tuple[int, int] | None]:
     """:func:`decode`, and where the value of ``key`` in the top-level dictionary lies in
-    ``data`` (start, end), or None: a torrent's info hash is over those exact bytes."""
-    dec = _Decoder(bytes(data), max_depth, max_values, key)
+    ``data`` (start, end), or None: a torrent's info hash is over those exact bytes.
+
+    ``hook`` = (name, reader): the value of ``name`` inside the dictionary of ``key``
+    (a torrent's ``info.files``) is read by ``reader(decoder, pos, path, depth)``
+    instead, which returns (value, end). A reader that knows the usual shape of a large
+    value can read it without a Python object per item; for anything else it calls
+    ``decoder.value``, so the rules above hold all the same."""
+    dec = _Decoder(bytes(data), max_depth, max_values, key, hook)
     value, end = dec.value(0, None, 0)
     if end != len(data):
         raise BencodeError(f"{len(data) - end} bytes of trailing data after the value "
@@ -76,16 +86,17 @@ def _key(key: bytes) -> str:
 
 
 class _Decoder:
-    __slots__ = ("budget", "data", "max_depth", "n", "span", "want")
+    __slots__ = ("budget", "data", "hook", "max_depth", "n", "span", "want")
 
     def __init__(self, data: bytes, max_depth: int, max_values: int | None,
-                 want: bytes | None = None) -> None:
+                 want: bytes | None = None, hook: tuple[bytes, Hook] | None = None) -> None:
         self.data = data
         self.n = len(data)
         self.max_depth = max_depth
         self.budget = max_values if max_values is not None else -1
         self.want = want  # a top-level key whose value's span is recorded
         self.span: tuple[int, int] | None = None
+        self.hook = hook if want is not None else None
 
     def fail(self, path: Path, pos: int, why: str) -> BencodeError:
         return BencodeError(f"{_where(path)}: {why} (offset {pos})")
@@ -151,6 +162,10 @@ class _Decoder:
                     raise self.fail((path, key), pos, why)
                 first = False
                 last = key
+                if (depth == 1 and self.hook is not None and key == self.hook[0]
+                        and path == (None, self.want)):
+                    d[key], pos = self.hook[1](self, kpos, (path, key), depth + 1)
+                    continue
                 d[key], pos = self.value(kpos, (path, key), depth + 1)
                 if top and key == self.want:
                     self.span = (kpos, pos)

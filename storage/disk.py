@@ -51,6 +51,7 @@ from .errors import (
     UnknownTorrent,
 )
 from .files import BACKENDS, FileVanished, HandlePool, make_storage
+from .filetable import UNSTORED
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
@@ -283,8 +284,8 @@ class DiskIO:
             gen = rec.rotate()
         files = None
         if stamps:
-            files = [file_stamp(t.storage.file_path(i)) if f.stored else [0, 0]
-                     for i, f in enumerate(t.meta.files)]
+            files = [file_stamp(t.storage.file_path(i)) if not flag & UNSTORED else [0, 0]
+                     for i, flag in enumerate(t.meta.files.flags)]
         try:
             rec.write_resume(have, fps, gen, files)
         except OSError as exc:  # the journal still holds it all
@@ -342,14 +343,15 @@ class DiskIO:
             t.load_have(saved.have)
             suspect: set[int] = set()
             # (a torrent with nothing verified, a new download, has no file to look at)
-            for i, f in enumerate(meta.files if VERIFIED in t.state else ()):
-                if not f.stored or f.length == 0:
+            lengths, flags = meta.files.lengths, meta.files.flags
+            for i in range(len(lengths) if VERIFIED in t.state else 0):
+                if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
                 if not pieces:
                     continue
                 stamp = file_stamp(storage.file_path(i))
-                if stamp[0] < f.length:  # gone or cut short: its pieces went with it
+                if stamp[0] < lengths[i]:  # gone or cut short: its pieces went with it
                     for p in pieces:
                         t.set_state(p, MISSING)
                 elif self.state.was_clean and saved.stamps is not None and (
@@ -360,8 +362,8 @@ class DiskIO:
                 t.set_state(p, MISSING)
             if VERIFIED in t.state:
                 storage.known_written(
-                    i for i, f in enumerate(meta.files)
-                    if f.stored and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
+                    i for i, flag in enumerate(flags)
+                    if not flag & UNSTORED and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
             try:
                 storage.create_empty_files()
             except PiecedError as exc:  # a vanished folder, a planted symlink: say so, go on

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import OutOfRange, PathEscape, PiecedError, StorageIOError
+from .filetable import UNSTORED
 from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import Metainfo
@@ -207,12 +208,14 @@ class FileStorage:
         return fd
 
     def stored_files(self) -> Iterator[int]:
-        return (i for i, f in enumerate(self.meta.files) if f.stored)
+        files = self.meta.files
+        return (i for i, f in enumerate(files.flags) if not f & UNSTORED)
 
     def create_empty_files(self) -> None:
         """Zero-length files have no piece to write them, so they are made up front."""
+        lengths = self.meta.files.lengths
         for index in self.stored_files():
-            if self.meta.files[index].length == 0:
+            if lengths[index] == 0:
                 os.close(self.root.open(self.parts(index), os.O_WRONLY | os.O_CREAT,
                                         create_dirs=True))
 

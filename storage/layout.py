@@ -9,9 +9,11 @@ hashed as zeros by v1) but never touch the disk, so segments say which is which.
 from __future__ import annotations
 
 import bisect
+from array import array
 from typing import NamedTuple
 
 from .errors import OutOfRange
+from .filetable import UNSTORED
 from .metainfo import Metainfo
 
 
@@ -33,10 +35,13 @@ class Layout:
         self.num_pieces = meta.num_pieces
         self.total_size = meta.total_size
         self._last_piece_size = meta.piece_size(meta.num_pieces - 1) if meta.num_pieces else 0
-        # Only files that occupy bytes take part in the search (zero-length ones cover nothing).
-        self._index = [i for i, f in enumerate(meta.files) if f.length > 0]
-        self._starts = [meta.files[i].offset for i in self._index]
-        self._files = meta.files
+        # Only files that occupy bytes take part in the search (zero-length ones cover
+        # nothing). Arrays, read by columns: a torrent of 100,000 files is 1.6 MB here.
+        files = meta.files
+        self._offsets = offsets = files.offsets
+        self._stored = files.flags
+        self._index = array("q", (i for i, n in enumerate(files.lengths) if n))
+        self._starts = array("q", map(offsets.__getitem__, self._index))
 
     def piece_size(self, piece: int) -> int:
         return self._last_piece_size if piece == self.num_pieces - 1 else self.piece_length
@@ -60,26 +65,27 @@ class Layout:
         out: list[Segment] = []
         k = bisect.bisect_right(self._starts, offset) - 1
         done = 0
+        offsets = self._offsets
         while done < length:
             idx = self._index[k]
-            f = self._files[idx]
             pos = offset + done
-            n = min(length - done, f.end - pos)
-            out.append(Segment(idx, pos - f.offset, n, done, f.stored))
+            start = offsets[idx]
+            n = min(length - done, offsets[idx + 1] - pos)
+            out.append(Segment(idx, pos - start, n, done, not self._stored[idx] & UNSTORED))
             done += n
             k += 1
         return out
 
     def file_to_piece(self, file_index: int, file_offset: int) -> tuple[int, int]:
         """(piece, begin) of a byte of a file: the inverse of :meth:`map`."""
-        f = self._files[file_index]
-        if not 0 <= file_offset < f.length:
+        start, end = self._offsets[file_index], self._offsets[file_index + 1]
+        if not 0 <= file_offset < end - start:
             raise OutOfRange(f"offset {file_offset} is outside file {file_index}")
-        return divmod(f.offset + file_offset, self.piece_length)
+        return divmod(start + file_offset, self.piece_length)
 
     def file_pieces(self, file_index: int) -> range:
         """Pieces holding at least one byte of the file."""
-        f = self._files[file_index]
-        if f.length == 0:
+        start, end = self._offsets[file_index], self._offsets[file_index + 1]
+        if start == end:
             return range(0)
-        return range(f.offset // self.piece_length, (f.end - 1) // self.piece_length + 1)
+        return range(start // self.piece_length, (end - 1) // self.piece_length + 1)

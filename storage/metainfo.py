@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import re
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, NamedTuple
 
-from .bencode import BencodeError, decode_spanning
-from .errors import BadMetainfo, TooLarge
+from .bencode import BencodeError, Path, _Decoder, decode_spanning
+from .errors import BadMetainfo, PiecedError, TooLarge
+from .filetable import UNSTORED, FileEntry, FileTable, TableBuilder
 from .merkle import BLOCK_SIZE, leaf_count, piece_width, root_from_layer
 
 MAX_METAINFO_BYTES = 64 * 1024 * 1024
@@ -24,31 +27,6 @@ MAX_PIECE_LENGTH = 64 * 1024 * 1024
 MAX_NAME_BYTES = 255  # a path component, as file systems allow (NAME_MAX)
 MAX_PATH_BYTES = 4096  # a whole path below the save path (PATH_MAX)
 _LEGACY_PAD_PREFIX = "_____padding_file_"
-
-
-class FileEntry(NamedTuple):
-    """One file of the torrent, placed in the torrent's linear byte space.
-
-    ``offset`` is where the file starts in that space; pad files (BEP 47, and the
-    implicit alignment of v2-only torrents, which are given pad entries here as
-    libtorrent does) occupy space but are never written to disk.
-    """
-
-    path: tuple[str, ...]
-    length: int
-    offset: int
-    pad: bool = False
-    attr: str = ""
-    pieces_root: bytes | None = None
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-    @property
-    def stored(self) -> bool:
-        """Whether the file has bytes on disk (pad files and symlinks do not)."""
-        return not self.pad and "l" not in self.attr
 
 
 class V2Piece(NamedTuple):
@@ -72,7 +50,7 @@ class Metainfo:
         self,
         name: str,
         piece_length: int,
-        files: tuple[FileEntry, ...],
+        files: FileTable,
         total_size: int,
         num_pieces: int,
         info_hash_v1: bytes | None,
@@ -164,7 +142,8 @@ def parse(
     if len(data) > max_bytes:
         raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
     try:
-        top, span = decode_spanning(data, b"info")
+        top, span = decode_spanning(data, b"info",
+                                    hook=(b"files", partial(_read_v1_files, max_files)))
     except BencodeError as exc:
         raise BadMetainfo(f"not canonical bencode: {exc}") from None
     if not isinstance(top, dict):
@@ -202,23 +181,24 @@ def parse(
         pieces = _get(info, b"pieces", bytes, "info")
         if len(pieces) % 20:
             raise BadMetainfo(f"'pieces' length {len(pieces)} is not a multiple of 20")
-        v1_files = _v1_files(info, name, max_files)
-        files = v1_files
+        files = _v1_files(info, name, max_files)
         if has_v2:
+            v1_files = list(files)
             _check_hybrid(v1_files, v2_files, piece_length)
             # v2 carries the pieces roots; v1 carries the pad files: merge them.
             roots = iter(v2_files)
-            files = [
-                f if f.pad else _with_root(f, next(roots)) for f in v1_files
-            ]
+            files = FileTable.of(f if f.pad else _with_root(f, next(roots)) for f in v1_files)
     else:
         pieces = None
-        files = _align_v2(v2_files, piece_length, name)
+        files = FileTable.of(_align_v2(v2_files, piece_length, name))
 
-    total = files[-1].end if files else 0
-    if not any(f.length for f in files if f.stored):
+    total = files.total
+    flags, lengths = files.flags, files.lengths
+    if not any(lengths[i] for i in range(len(files)) if not flags[i] & UNSTORED):
         raise BadMetainfo("the torrent holds no data: every file is empty (total size 0)")
-    _check_files(files, name, piece_length)
+    if not _surely_fine(files):
+        _check_files(list(files), name, piece_length)
+    _check_special(files, piece_length)
     num_pieces = (total + piece_length - 1) // piece_length
     if num_pieces > max_pieces:
         raise TooLarge(f"torrent has {num_pieces} pieces, the limit is {max_pieces}")
@@ -258,7 +238,7 @@ def parse(
     meta = Metainfo(
         name=name,
         piece_length=piece_length,
-        files=tuple(files),
+        files=files,
         total_size=total,
         num_pieces=num_pieces,
         info_hash_v1=hashlib.sha1(info_bytes).digest() if has_v1 else None,
@@ -271,22 +251,57 @@ def parse(
     return meta
 
 
+def _surely_fine(files: FileTable) -> bool:
+    """Whether the paths are surely within the limits and collide nowhere, found at
+    the speed of a torrent of 100,000 files; when not sure, :func:`_check_files` looks
+    file by file and names what is wrong (or finds nothing)."""
+    names = files.names()
+    stored = [(fid, nm) for fid, nm, fl in zip(files.folder_index(), names, files.flags,
+                                                strict=True) if not fl & UNSTORED]
+    taken = set(stored)
+    if len(taken) != len(stored):
+        return False  # a path listed twice
+    folders = files.folders
+    fids = {parts: fid for fid, parts in enumerate(folders)}
+    longest_folder = 0
+    for parts in folders:
+        longest_folder = max(longest_folder, len("/".join(parts)))
+        if any(len(part) * 4 > MAX_NAME_BYTES for part in parts):
+            return False
+        for k in range(1, len(parts) + 1):  # a folder that is also a file
+            parent = fids.get(parts[: k - 1])
+            if parent is not None and (parent, parts[k - 1]) in taken:
+                return False
+    longest_name = max(map(len, names), default=0)
+    return (longest_name * 4 <= MAX_NAME_BYTES
+            and (longest_folder + 1 + longest_name) * 4 <= MAX_PATH_BYTES)
+
+
+def _check_special(files: FileTable, piece_length: int) -> None:
+    """Pad files and symlinks: what they may be on their own."""
+    for i in files.special():
+        f = files[i]
+        if f.stored:
+            continue
+        where = "/".join(f.path)
+        if "l" in f.attr and not f.pad and f.length:
+            raise BadMetainfo(f"symlink entry {where!r} has a length ({f.length}): "
+                              "a symlink carries no data")
+        if f.pad:
+            first = -(-f.offset // piece_length) * piece_length
+            if first + piece_length <= f.end:
+                raise BadMetainfo(f"pad file {where!r} covers the whole of piece "
+                                  f"{first // piece_length}: a piece of pad only")
+
+
 def _check_files(files: list[FileEntry], name: str, piece_length: int) -> None:
-    """What each entry may be on its own passed; now the files as a whole: paths that a
-    file system can hold and that do not collide, and pieces that hold data."""
+    """The files as a whole, one by one: paths that a file system can hold and that do
+    not collide. Named errors for what :func:`_surely_fine` was not sure of."""
     seen: dict[tuple[str, ...], str] = {}
     for f in files:
-        where = "/".join(f.path)
         if not f.stored:
-            if "l" in f.attr and not f.pad and f.length:
-                raise BadMetainfo(f"symlink entry {where!r} has a length ({f.length}): "
-                                  "a symlink carries no data")
-            if f.pad:
-                first = -(-f.offset // piece_length) * piece_length
-                if first + piece_length <= f.end:
-                    raise BadMetainfo(f"pad file {where!r} covers the whole of piece "
-                                      f"{first // piece_length}: a piece of pad only")
             continue
+        where = "/".join(f.path)
         for part in f.path:  # (UTF-8 takes at most 4 bytes a character)
             if len(part) * 4 > MAX_NAME_BYTES and len(part.encode()) > MAX_NAME_BYTES:
                 raise BadMetainfo(f"path component {part[:40]!r}... of {where[:80]!r} is over "
@@ -360,35 +375,145 @@ def _length(d: dict[bytes, Any], where: str) -> int:
     return int(n)
 
 
-def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> list[FileEntry]:
+class _ReadFiles:
+    """``info.files`` as :func:`_read_v1_files` read it: a table's builder, filled, its
+    folders not yet under the torrent's name (``name`` comes after ``files``), and the
+    first error in an entry, raised once the whole metainfo has decoded (so that a
+    bencode error anywhere comes first, as when the list is decoded whole)."""
+
+    __slots__ = ("builder", "count", "error")
+
+    def __init__(self, builder: TableBuilder, count: int, error: PiecedError | None) -> None:
+        self.builder = builder
+        self.count = count
+        self.error = error
+
+
+# The usual file entry up to its path's items: an optional one-letter attr, a canonical
+# length. Keys in this order are the canonical order (attr < length < path).
+_ENTRY = re.compile(rb"d(?:4:attr1:([a-z]))?6:lengthi(0|[1-9][0-9]{0,17})e4:pathl")
+
+
+def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
+                   depth: int) -> tuple[Any, int]:
+    """Read a v1 ``files`` list straight into a :class:`TableBuilder`: a torrent of
+    100,000 files makes no dictionary, list or path tuple per file.
+
+    Entries of the usual shape are read here, with the decoder's rules (canonical
+    lengths, keys in order) held by :data:`_ENTRY` and the checks below; any other
+    entry, or anything odd in one, is decoded by the decoder and read the long way,
+    which names what is wrong.
+    """
+    data = dec.data
+    if data[pos : pos + 1] != b"l" or dec.budget >= 0 or depth + 3 >= dec.max_depth:
+        return dec.value(pos, path, depth)
+    b = TableBuilder()
+    folders: dict[tuple[bytes, ...], int] = {}
+    match = _ENTRY.match
+    add_folder, add_name = b.folder_of.append, b.names.append
+    add_length, add_flags = b.lengths.append, b.flags.append
+    error: PiecedError | None = None
+    pos += 1
+    i = 0
+    while True:
+        c = data[pos : pos + 1]
+        if c == b"e":
+            if i > max_files:
+                error = TooLarge(f"torrent has {i} files, the limit is {max_files}")
+            return _ReadFiles(b, i, error), pos + 1
+        if not c:
+            raise dec.fail(path, pos, "truncated list")
+        if i == max_files:
+            error = error or BadMetainfo("too many files")  # stop building; count them
+        m = match(data, pos) if error is None else None
+        if m is not None:
+            p = m.end()
+            parts: list[bytes] = []
+            try:
+                while data[p] != 0x65:  # e: the end of the path
+                    colon = data.find(b":", p, p + 4)  # a component is at most 255 bytes
+                    digits = data[p:colon]
+                    if colon < 0 or not digits.isdigit() or digits[0] == 0x30:
+                        break
+                    end = colon + 1 + int(digits)
+                    if end > dec.n or end - colon > 256:
+                        break
+                    parts.append(data[colon + 1 : end])
+                    p = end
+                else:
+                    if parts and data[p + 1] == 0x65:  # and the end of the entry
+                        raw_folder = tuple(parts[:-1])
+                        fid = folders.get(raw_folder)
+                        if fid is None:
+                            fid = folders[raw_folder] = b.folder(tuple(
+                                _component(part, f"info.files[{i}].path[{j}]")
+                                for j, part in enumerate(raw_folder)))
+                        name = _plain_name(parts[-1])
+                        attr = m.group(1)
+                        if attr is None and not name.startswith(_LEGACY_PAD_PREFIX):
+                            add_folder(fid)  # b.add(), inline: the usual file
+                            add_name(name)
+                            add_length(int(m.group(2)))
+                            add_flags(0)
+                        else:
+                            a = "" if attr is None else attr.decode()
+                            b.add(fid, name, int(m.group(2)),
+                                  "p" in a or name.startswith(_LEGACY_PAD_PREFIX), a)
+                        pos = p + 2
+                        i += 1
+                        continue
+            except (IndexError, ValueError, UnicodeDecodeError, BadMetainfo):
+                pass  # the long way says what is wrong
+        fd, pos = dec.value(pos, (path, i), depth + 1)
+        if error is None:
+            try:
+                length, fpath, attr = _v1_file(fd, f"info.files[{i}]")
+                b.add(b.folder(fpath[:-1]), fpath[-1], length, _is_pad(fpath, attr), attr)
+            except PiecedError as exc:
+                error = exc
+        i += 1
+
+
+def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> FileTable:
     if b"files" not in info:
         length = _length(info, "info")
-        return [FileEntry((name,), length, 0, attr=_attr(info, "info"))]
+        b = TableBuilder()
+        attr = _attr(info, "info")
+        b.add(b.folder(()), name, length, False, attr)
+        return b.build()
+    raw = info[b"files"]
+    if isinstance(raw, _ReadFiles):
+        if not raw.count:
+            raise BadMetainfo("'info.files' is empty")
+        if raw.error is not None:
+            raise raw.error
+        return raw.builder.build((name,))
     raw = _get(info, b"files", list, "info")
     if not raw:
         raise BadMetainfo("'info.files' is empty")
     if len(raw) > max_files:
         raise TooLarge(f"torrent has {len(raw)} files, the limit is {max_files}")
-    out: list[FileEntry] = []
-    offset = 0
+    b = TableBuilder()
     for i, fd in enumerate(raw):
-        # The common case at the speed of a torrent of 100,000 files; anything unusual
-        # goes the long way, which names what is wrong.
-        got = fd.get(b"length") if type(fd) is dict else None
-        parts = fd.get(b"path.utf-8", fd.get(b"path")) if type(fd) is dict else None
-        raw_attr = fd.get(b"attr") if type(fd) is dict else None
-        try:
-            if (type(got) is not int or got < 0 or type(parts) is not list or not parts
-                    or (raw_attr is not None and type(raw_attr) is not bytes)):
-                raise ValueError
-            length = int(got)
-            path = tuple(map(_plain_name, parts))
-            attr = "" if raw_attr is None else raw_attr.decode("ascii", "replace")
-        except (ValueError, TypeError, AttributeError):
-            length, path, attr = _v1_file_slowly(fd, f"info.files[{i}]")
-        out.append(FileEntry((name, *path), length, offset, _is_pad(path, attr), attr))
-        offset += length
-    return out
+        length, path, attr = _v1_file(fd, f"info.files[{i}]")
+        b.add(b.folder(path[:-1]), path[-1], length, _is_pad(path, attr), attr)
+    return b.build((name,))
+
+
+def _v1_file(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
+    """(length, path below the torrent's folder, attr) of one decoded file entry."""
+    got = fd.get(b"length") if type(fd) is dict else None
+    parts = fd.get(b"path.utf-8", fd.get(b"path")) if type(fd) is dict else None
+    raw_attr = fd.get(b"attr") if type(fd) is dict else None
+    try:
+        if (type(got) is not int or got < 0 or type(parts) is not list or not parts
+                or (raw_attr is not None and type(raw_attr) is not bytes)):
+            raise ValueError
+        path = tuple(map(_plain_name, parts))
+        attr = "" if raw_attr is None else raw_attr.decode("ascii", "replace")
+        return int(got), path, attr
+    except (ValueError, TypeError, AttributeError):
+        return _v1_file_slowly(fd, where)
 
 
 def _plain_name(raw: bytes) -> str:

@@ -1,0 +1,150 @@
+"""The file table and the fast reader of a v1 file list, against the long way.
+
+``parse`` reads a v1 ``info.files`` list without a Python object per file; every
+entry of an unusual shape goes through the general decoder. These tests parse the
+same bytes both ways (the fast reader swapped for the decoder) and want the same
+files, or the same error, for generated torrents and for byte-level damage to them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import bencodepy
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pieced.storage import metainfo
+from pieced.storage.errors import PiecedError
+from pieced.storage.filetable import FileEntry, FileTable
+from pieced.storage.metainfo import parse
+
+PIECE = 16384
+
+
+def _long_way(max_files: int, dec: Any, pos: int, path: Any, depth: int) -> Any:
+    return dec.value(pos, path, depth)
+
+
+def outcome(data: bytes, monkeypatch: pytest.MonkeyPatch | None = None) -> Any:
+    """(files as entries, num_pieces), or the error's type and message."""
+    try:
+        m = parse(data)
+    except PiecedError as exc:
+        return type(exc).__name__, str(exc)
+    return list(m.files), m.num_pieces, m.info_hash
+
+
+def both_ways(data: bytes) -> tuple[Any, Any]:
+    fast = outcome(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metainfo, "_read_v1_files", _long_way)
+        slow = outcome(data)
+    return fast, slow
+
+
+def torrent(entries: list[dict[bytes, Any]], name: bytes = b"t") -> bytes:
+    total = sum(e.get(b"length", 0) if isinstance(e.get(b"length"), int) else 0 for e in entries)
+    pieces = max(1, -(-total // PIECE))
+    info = {b"name": name, b"piece length": PIECE, b"files": entries,
+            b"pieces": bytes(20 * pieces)}
+    return bencodepy.encode({b"info": info})
+
+
+names = st.one_of(
+    st.sampled_from([b"a", b"b.bin", b"sub", b"_____padding_file_0", b".pad", b"..", b".",
+                     b"", b"x/y", b"x\\y", b"nul\0", b"\xff\xfe", "é".encode(), b"e", b"ee",
+                     b"0", b"12:", b"x" * 255, b"y" * 256]),
+    st.binary(min_size=1, max_size=6),
+)
+entries = st.fixed_dictionaries(
+    {b"length": st.one_of(st.integers(0, 40_000), st.just(-1))},
+    optional={
+        b"path": st.lists(names, min_size=0, max_size=4),
+        b"attr": st.sampled_from([b"p", b"x", b"l", b"h", b"px", b""]),
+        b"path.utf-8": st.lists(names, min_size=1, max_size=2),
+        b"md5sum": st.just(b"0" * 32),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(entries, min_size=0, max_size=12))
+def test_the_fast_reader_agrees_with_the_decoder(files: list[dict[bytes, Any]]) -> None:
+    fast, slow = both_ways(torrent(files))
+    assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_file_lists_fail_or_read_alike(data: st.DataObject) -> None:
+    files = [{b"length": 1000 + i, b"path": [b"d%d" % (i % 3), b"f%d.bin" % i]}
+             for i in range(6)]
+    files[2] = {b"attr": b"p", b"length": 7, b"path": [b".pad", b"7"]}
+    raw = bytearray(torrent(files))
+    start = raw.index(b"5:filesl") + 8
+    end = raw.index(b"4:name")
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(start, end - 1))
+        op = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        byte = data.draw(st.sampled_from(b"0123456789:eldi-/.\0xp"))
+        if op == "set":
+            raw[at] = byte
+        elif op == "insert":
+            raw.insert(at, byte)
+        else:
+            del raw[at]
+    fast, slow = both_ways(bytes(raw))
+    assert fast == slow
+
+
+def test_many_files_are_columns_not_objects() -> None:
+    n = 20_000
+    files = [{b"length": 100, b"path": [b"d%d" % (i // 1000), b"f%d" % i]} for i in range(n)]
+    m = parse(torrent(files))
+    table = m.files
+    assert isinstance(table, FileTable)
+    assert len(table) == n and len(table.folders) == 20
+    assert table[12345] == FileEntry(("t", "d12", "f12345"), 100, 1_234_500)
+    assert table[-1].path == ("t", "d19", f"f{n - 1}")
+    assert table.total == 100 * n and table.end(5) == 600
+    with pytest.raises(IndexError):
+        table[n]
+    assert list(table)[:2] == table[:2]
+
+
+def test_collisions_found_among_many() -> None:
+    files = [{b"length": 10, b"path": [b"d", b"f%d" % i]} for i in range(5000)]
+    files.append({b"length": 10, b"path": [b"d", b"f17"]})
+    with pytest.raises(PiecedError, match="listed twice"):
+        parse(torrent(files))
+    files[-1] = {b"length": 10, b"path": [b"d", b"f17", b"inner"]}
+    with pytest.raises(PiecedError, match="both a file and the folder"):
+        parse(torrent(files))
+    # pads may share a name: they are never written
+    pads = [{b"length": 10, b"path": [b"d", b"f%d" % i]} for i in range(3)]
+    pads[1:1] = [{b"attr": b"p", b"length": PIECE - 10, b"path": [b".pad", b"16374"]}]
+    pads[3:3] = [{b"attr": b"p", b"length": PIECE - 10, b"path": [b".pad", b"16374"]}]
+    assert len(parse(torrent(pads)).files) == 5
+
+
+def test_a_table_is_built_from_entries_in_place() -> None:
+    with pytest.raises(ValueError, match="back to back"):
+        FileTable.of([FileEntry(("a",), 5, 0), FileEntry(("b",), 5, 7)])
+    t = FileTable.of([FileEntry(("a", "x"), 5, 0, attr="x"),
+                      FileEntry(("a", "p"), 3, 5, pad=True, attr="p"),
+                      FileEntry(("r",), 4, 8, pieces_root=os.urandom(32))])
+    assert [f.stored for f in t] == [True, False, True]
+    assert t[0].attr == "x" and t.pieces_root(2) == t[2].pieces_root and t.total == 12
+    assert list(t.special()) == [0, 1]
+
+
+def test_too_many_files_is_counted_either_way() -> None:
+    files = [{b"length": 10, b"path": [b"f%d" % i]} for i in range(5)]
+    files[1] = {b"length": -1, b"path": [b"bad"]}  # the count is refused first, as before
+    data = torrent(files)
+    with pytest.raises(PiecedError, match="torrent has 5 files, the limit is 3"):
+        parse(data, max_files=3)
+    with pytest.raises(PiecedError, match="negative"):
+        parse(data, max_files=5)
