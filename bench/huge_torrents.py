@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Registering, restarting with and removing a torrent of many files, through a daemon.
+"""Registering, restarting with and removing a huge torrent, through a daemon, beside
+libtorrent's parse-and-add of the same metainfo.
 
 Prints one JSON object. The metainfo is made here (bencode.py): ``--files`` files of
 ``--file-bytes`` bytes each in folders of 1,000, ``--piece-kib`` pieces, random piece
 hashes (nothing is verified; no payload is written). Timed: ``register`` (the
-request, up to its reply), a restart (SIGTERM, then a new ``pieced run`` up to its
-first answered request, start-up of the interpreter included; ``bare_start`` is the
-same with no torrent, for comparison) and ``unregister``. RSS of the daemon after each.
+request, up to its reply), ``status``, a restart (SIGTERM, then a new ``pieced run``
+up to its first answered request, start-up of the interpreter included;
+``bare_start`` is the same with no torrent, for comparison) and ``unregister``. RSS
+of the daemon after each. ``libtorrent``: in a fresh interpreter, ``torrent_info``
+of the same bytes and ``add_torrent`` to a session, timed, with the RSS it added.
 
     python bench/huge_torrents.py --files 100000
+    python bench/huge_torrents.py --files 1 --file-bytes 17179869184 --piece-kib 16
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,6 +82,9 @@ def main() -> None:
         t0 = time.perf_counter()
         ih = c.register(raw, folder / "dl")
         out["register_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        c.status(ih)
+        out["status_s"] = round(time.perf_counter() - t0, 3)
     out["rss_registered_mib"] = rss_mib(d.pid)
     d.stop()
     d, secs = started(folder)
@@ -88,7 +96,34 @@ def main() -> None:
         out["unregister_s"] = round(time.perf_counter() - t0, 3)
     out["rss_removed_mib"] = rss_mib(d.pid)
     d.stop()
+    meta = work / "huge.torrent"
+    meta.write_bytes(raw)
+    lt = subprocess.run([sys.executable, "-c", LIBTORRENT, str(meta), str(work / "lt")],
+                        capture_output=True, text=True, check=True)
+    out["libtorrent"] = json.loads(lt.stdout)
     print(json.dumps(out, indent=2))
+
+
+LIBTORRENT = """
+import json, sys, time
+import libtorrent as lt
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+s = lt.session({'enable_dht': False, 'enable_lsd': False, 'enable_upnp': False,
+                'enable_natpmp': False, 'listen_interfaces': '127.0.0.1:0'})
+raw = open(sys.argv[1], 'rb').read()
+before = rss()
+t0 = time.perf_counter()
+ti = lt.torrent_info(raw)
+parsed = time.perf_counter() - t0
+h = s.add_torrent({'ti': ti, 'save_path': sys.argv[2],
+                   'flags': lt.torrent_flags.paused | lt.torrent_flags.no_verify_files})
+added = time.perf_counter() - t0
+print(json.dumps({'parse_s': round(parsed, 3), 'parse_and_add_s': round(added, 3),
+                  'rss_added_mib': round(rss() - before, 1)}))
+"""
 
 
 if __name__ == "__main__":

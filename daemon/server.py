@@ -910,7 +910,7 @@ def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 def _op_list(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     out = []
     for ih in c.disk.torrents():
-        st = c.disk.status(ih)
+        st = c.disk.status(ih, files=False)
         out.append({k: st[k] for k in ("info_hash", "name", "num_pieces", "verified_pieces",
                                         "total_size", "save_path")} | {"ih": ih})
     return out

@@ -51,7 +51,7 @@ from .errors import (
     UnknownTorrent,
 )
 from .files import BACKENDS, FileVanished, HandlePool, make_storage
-from .filetable import UNSTORED
+from .filetable import PAD, UNSTORED
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
@@ -1056,32 +1056,45 @@ class DiskIO:
                 raise
 
     # -- reporting ------------------------------------------------------------------------
-    def status(self, ih: bytes) -> dict[str, Any]:
+    def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:
+        """What a client shows of a torrent; ``files=False`` leaves out the per-file
+        progress (a list of 100,000 entries for some torrents)."""
         t = self._get(ih)
-        meta = t.meta
         with t.lock:
             have = bytes(t.have)
             counts = {name: t.count(s) for name, s in (
                 ("partial", PARTIAL), ("hashing", HASHING), ("committing", COMMITTING))}
             errors = list(t.errors)
             verified = t.count(VERIFIED)
-        files = []
-        for i, f in enumerate(meta.files):
-            if f.pad:
+        return self._status(t, have, counts, errors, verified,
+                            self._file_progress(t, have, verified) if files else None)
+
+    def _file_progress(self, t: Torrent, have: bytes, verified: int) -> list[dict[str, Any]]:
+        """Verified bytes per file (pads left out), read off the columns: all or nothing
+        at once when the torrent is, piece by piece only for files partly there."""
+        table, plen = t.meta.files, t.meta.piece_length
+        offsets, flags = table.offsets, table.flags
+        whole = verified == t.meta.num_pieces
+        out = []
+        for i in range(len(table)):
+            if flags[i] & PAD:
                 continue
-            done = 0
-            for p in t.layout.file_pieces(i):
-                if have[p >> 3] & (0x80 >> (p & 7)):
-                    lo = max(f.offset, p * meta.piece_length)
-                    hi = min(f.end, (p + 1) * meta.piece_length)
-                    done += hi - lo
-            files.append({
-                "index": i,
-                "path": t.storage.display_path(i),
-                "length": f.length,
-                "verified_bytes": done,
-            })
-        return {
+            start, end = offsets[i], offsets[i + 1]
+            if whole or not verified or start == end:
+                done = end - start if whole else 0
+            else:
+                done = 0
+                for p in range(start // plen, (end - 1) // plen + 1):
+                    if have[p >> 3] & (0x80 >> (p & 7)):
+                        done += min(end, (p + 1) * plen) - max(start, p * plen)
+            out.append({"index": i, "path": t.storage.display_path(i), "length": end - start,
+                        "verified_bytes": done})
+        return out
+
+    def _status(self, t: Torrent, have: bytes, counts: dict[str, int], errors: list[Any],
+                verified: int, files: list[dict[str, Any]] | None) -> dict[str, Any]:
+        meta = t.meta
+        st = {
             "info_hash": t.key.hex(),
             "info_hash_v1": meta.info_hash_v1.hex() if meta.info_hash_v1 else None,
             "info_hash_v2": meta.info_hash_v2.hex() if meta.info_hash_v2 else None,
@@ -1097,9 +1110,11 @@ class DiskIO:
             "hashing_pieces": counts["hashing"],
             "committing_pieces": counts["committing"],
             "reverifying_pieces": t.reverifying,
-            "files": files,
             "errors": errors,
         }
+        if files is not None:
+            st["files"] = files
+        return st
 
     def stats(self) -> dict[str, Any]:
         """The counters storage owns, and its gauges."""

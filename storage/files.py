@@ -158,7 +158,7 @@ class FileStorage:
     # -- paths -------------------------------------------------------------
     def parts(self, index: int) -> tuple[str, ...]:
         """The file's path below the save path, after any rename."""
-        return self.renames.get(index, self.meta.files[index].path)
+        return self.renames.get(index) or self.meta.files.path(index)
 
     def file_path(self, index: int) -> Path:
         """For messages and stamps only: opening goes through ``root`` (paths.py)."""

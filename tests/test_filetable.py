@@ -148,3 +148,40 @@ def test_too_many_files_is_counted_either_way() -> None:
         parse(data, max_files=3)
     with pytest.raises(PiecedError, match="negative"):
         parse(data, max_files=5)
+
+
+def test_per_file_progress_counts_the_verified_bytes_of_each_file(tmp_path: Any) -> None:
+    """Files of odd sizes across pieces, some pieces verified: each file's verified
+    bytes are its bytes inside verified pieces, counted the plain way here."""
+    import hashlib
+    import random
+
+    from pieced.storage.disk import DiskIO
+
+    rng = random.Random(5)
+    sizes = [rng.choice([0, 1, 5000, PIECE, PIECE + 1, 3 * PIECE - 7]) for _ in range(14)]
+    sizes[3] = 2 * PIECE
+    payload = rng.randbytes(sum(sizes))
+    files = [{b"length": n, b"path": [b"f%d" % i]} for i, n in enumerate(sizes)]
+    pieces = b"".join(hashlib.sha1(payload[o : o + PIECE]).digest()
+                      for o in range(0, len(payload), PIECE))
+    raw = bencodepy.encode({b"info": {b"name": b"t", b"piece length": PIECE,
+                                      b"files": files, b"pieces": pieces}})
+    dio = DiskIO(roots=[tmp_path], cache_bytes=0)
+    try:
+        ih = dio.register(raw, str(tmp_path))
+        good = sorted(rng.sample(range(len(pieces) // 20), 4))
+        for p in good:
+            dio.write_chunk(ih, p, 0, payload[p * PIECE : (p + 1) * PIECE], flush=True)
+            assert dio.hash_piece(ih, p)
+        dio.flush_all()
+        st = dio.status(ih)
+        assert "files" not in dio.status(ih, files=False)
+        offset = 0
+        for i, n in enumerate(sizes):
+            want = sum(1 for b in range(offset, offset + n) if b // PIECE in good)
+            assert st["files"][i] == {"index": i, "path": f"t/f{i}", "length": n,
+                                      "verified_bytes": want}
+            offset += n
+    finally:
+        dio.close()
