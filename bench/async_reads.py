@@ -7,8 +7,11 @@ reads outstanding at a time (that many tasks, each reading the next block), for
 each value of ``--inflight``, best of ``--repeat``. If every reply woke every waiting
 task, a reply would cost O(reads in flight) and 512 in flight would be slower than 64;
 with a wake per waiter the rate does not fall as the number in flight grows.
+``daemon_cpu_s_per_gib``: the daemon's user + system CPU over the best round, per GiB
+read (what seeding costs it, as ``pieced-peer`` reads 1 MiB at a time).
 
     python bench/async_reads.py --inflight 1,64,512
+    python bench/async_reads.py --size-mib 1024 --piece-kib 4096 --read-kib 1024 --inflight 8
 """
 
 from __future__ import annotations
@@ -30,17 +33,23 @@ from pieced.protocol.client import AsyncClient, Client  # noqa: E402
 from bench.daemon_proc import DaemonProcess  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
 
-BLOCK = 16384
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
-async def read_all(sock: str, ih: bytes, blocks: list[tuple[int, int]], inflight: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+async def read_all(sock: str, ih: bytes, blocks: list[tuple[int, int]], inflight: int,
+                   size: int) -> float:
     async with AsyncClient(sock, window=inflight) as c:
         todo = iter(blocks)
 
         async def reader() -> None:
             for piece, begin in todo:
-                data = await c.read_chunk(ih, piece, begin, BLOCK)
-                assert len(data) == BLOCK
+                data = await c.read_chunk(ih, piece, begin, size)
+                assert len(data) == size
 
         t0 = time.perf_counter()
         await asyncio.gather(*(reader() for _ in range(inflight)))
@@ -51,30 +60,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--inflight", default="1,64,512")
+    ap.add_argument("--piece-kib", type=int, default=1024)
+    ap.add_argument("--read-kib", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "async_reads")
     args = ap.parse_args()
     work = args.workdir.resolve()
     shutil.rmtree(work / "daemon", ignore_errors=True)
     content = make_payload(work / "src", {"data.bin": args.size_mib * 1024 * 1024}, seed=4)
-    piece = 1024 * 1024
+    piece, size = args.piece_kib * 1024, args.read_kib * 1024
     raw = make_torrent_lt(content, piece, "v1")
     daemon = DaemonProcess(work / "daemon", [sys.executable, "-m", "pieced.daemon.cli", "run",
                                              "--http-port", "0"],
                            env={**os.environ, "PIECED_ROOTS": str(work)})
     daemon.start()
     sock = str(work / "daemon" / "var" / "pieced.sock")
-    out: dict[str, object] = {"size_mib": args.size_mib, "block": BLOCK}
+    out: dict[str, object] = {"size_mib": args.size_mib, "piece": piece, "read": size}
     try:
         with Client(sock) as c:
             ih = c.register(raw, work / "src")
-            assert c.recheck(ih)["verified"] == args.size_mib
-        blocks = [(p, b) for p in range(args.size_mib) for b in range(0, piece, BLOCK)]
+            assert c.recheck(ih)["verified"] == args.size_mib * 1024 * 1024 // piece
+        blocks = [(p, b) for p in range(args.size_mib * 1024 * 1024 // piece)
+                  for b in range(0, piece, size)]
         for n in (int(x) for x in args.inflight.split(",")):
-            best = min(asyncio.run(read_all(sock, ih, blocks, n)) for _ in range(args.repeat))
+            rounds = []
+            for _ in range(args.repeat):
+                c0 = cpu_seconds(daemon.pid)
+                secs = asyncio.run(read_all(sock, ih, blocks, n, size))
+                rounds.append((secs, cpu_seconds(daemon.pid) - c0))
+            best, cpu = min(rounds)
             out[f"inflight_{n}"] = {"seconds": round(best, 3),
                                     "reads_per_s": round(len(blocks) / best),
-                                    "mib_s": round(args.size_mib / best, 1)}
+                                    "mib_s": round(args.size_mib / best, 1),
+                                    "daemon_cpu_s_per_gib": round(cpu * 1024 / args.size_mib, 2)}
             print(f"{n} in flight: {best:.3f} s", file=sys.stderr, flush=True)
     finally:
         daemon.stop()

@@ -482,9 +482,9 @@ class Connection:
             try:
                 if frame.length > limit:
                     raise BadRequest(f"reads are limited to {limit} bytes")
-                data = self.disk.read_chunk(frame.info_hash, frame.piece, frame.begin,
+                data = self.disk.read_chunk_view(frame.info_hash, frame.piece, frame.begin,
                                             frame.length, volatile=bool(frame.flags & FLAG_VOLATILE))
-                return [encode_data_header(rid, len(data)), data], None
+                return [encode_data_header(rid, len(data)), memoryview(data)], None
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
 

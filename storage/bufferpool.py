@@ -43,12 +43,14 @@ class PieceData:
     def whole(cls, data: Buffer) -> PieceData:
         return cls([0], [data])
 
-    def read(self, begin: int, length: int) -> bytes:
+    def read(self, begin: int, length: int) -> Buffer:
+        """The bytes, as a view when one block holds them all (a piece's blocks are
+        never written again once cached), else joined."""
         i = bisect.bisect_right(self._starts, begin) - 1
         off = begin - self._starts[i]
         block = memoryview(self._blocks[i])
         if off + length <= block.nbytes:
-            return bytes(block[off : off + length])
+            return block[off : off + length]
         out = bytearray()
         while len(out) < length:
             block = memoryview(self._blocks[i])

@@ -860,6 +860,13 @@ class DiskIO:
         self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False
     ) -> bytes:
         """Read for seeding; whole pieces are cached unless ``volatile``."""
+        return bytes(self.read_chunk_view(ih, piece, begin, length, volatile))
+
+    def read_chunk_view(
+        self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False
+    ) -> Buffer:
+        """:meth:`read_chunk` without the copy: a view of the cached piece, which nothing
+        writes into again, for a caller that sends it and lets it go (the daemon)."""
         t = self._get(ih)
         t.layout.check(piece, begin, length)
         t.enter()
@@ -868,10 +875,11 @@ class DiskIO:
         finally:
             t.leave()
 
-    def _read_chunk(self, t: Torrent, piece: int, begin: int, length: int, volatile: bool) -> bytes:
+    def _read_chunk(self, t: Torrent, piece: int, begin: int, length: int,
+                    volatile: bool) -> Buffer:
         key = (t.id, piece)
         if self.pool.has_dirty(key):
-            return bytes(self._read_range(t, piece, begin, length))
+            return self._read_range(t, piece, begin, length)
         cached = self.pool.get(key, volatile)
         if cached is not None:
             hit = cached.read(begin, length)
@@ -884,10 +892,10 @@ class DiskIO:
         if volatile or t.state[piece] in (PARTIAL, HASHING) or size > self._cacheable:
             # A piece still arriving is not cached: the copy would be stale at once. Nor
             # is one too big for the budget: a read of 16 bytes then costs 16 bytes.
-            return bytes(self._read_range(t, piece, begin, length))
+            return self._read_range(t, piece, begin, length)
         data = self._read_range(t, piece, 0, size)
         self.pool.put(key, PieceData.whole(data))
-        return bytes(memoryview(data)[begin : begin + length])
+        return memoryview(data)[begin : begin + length]
 
     def read_piece(self, ih: bytes, piece: int) -> bytes:
         """A whole piece, with its buffered blocks flushed to disk first."""
@@ -896,7 +904,7 @@ class DiskIO:
         t.enter()
         try:
             self._flush_piece(t, piece, sync=False)
-            return self._read_chunk(t, piece, 0, t.layout.piece_size(piece), False)
+            return bytes(self._read_chunk(t, piece, 0, t.layout.piece_size(piece), False))
         finally:
             t.leave()
 
