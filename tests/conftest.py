@@ -1,14 +1,64 @@
 """Shared fixtures: payloads with awkward sizes (empty, one byte, a piece, a piece plus
 one, nested folders), and torrents of them made by the real tools in
-``tests/realtools.py``."""
+``tests/realtools.py``; the daemon as a subprocess; and the storage backends.
+
+Backends: a test that takes a ``backend`` argument runs once on each of
+:data:`BACKENDS` (ids are the names), and passes it on, to ``DiskIO(backend, ...)`` or to
+``Daemon(..., backend=backend)`` (the ``daemon`` fixture does so itself). Backends a test
+does not apply to are declared beside it, each with its reason::
+
+    @pytest.mark.backends(exclude={"disabled": "stores nothing: reads the bytes back"})
+
+They stay in the parametrization, skipped with that reason, so every run lists them
+(``-ra``). A backend that cannot run here (io_uring refused by the kernel) is no
+exclusion: its tests fail.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pieced.storage.files import BACKENDS
 
 from tests.realtools import make_payload
+
+#: What ``disabled`` cannot be held to: it keeps no byte, so there is nothing to read
+#: back, compare or find after a restart. The usual exclusion of byte-checking tests.
+STORES_NOTHING = "stores nothing: the test reads back or compares stored bytes"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(exclude={name: reason}): backends a test taking `backend` "
+                   "does not apply to, each with the reason (listed as skipped)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize every test that takes ``backend`` over :data:`BACKENDS`."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    if any("backend" in _argnames(m) for m in metafunc.definition.iter_markers("parametrize")):
+        return  # the test names its backends itself
+    exclude: dict[str, str] = {}
+    for marker in metafunc.definition.iter_markers("backends"):
+        for name, why in marker.kwargs.get("exclude", {}).items():
+            exclude.setdefault(name, why)  # the closest marker's reason wins
+    unknown = set(exclude) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown backends {unknown}")
+    metafunc.parametrize("backend", [
+        pytest.param(name, id=name, marks=[pytest.mark.skip(
+            reason=f"not on the {name} backend: {exclude[name]}")] if name in exclude else [])
+        for name in BACKENDS])
+
+
+def _argnames(marker: pytest.Mark) -> list[str]:
+    names: Any = marker.args[0] if marker.args else marker.kwargs.get("argnames", ())
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",")]
+    return list(names)
 
 # 0 bytes, 1 byte, exactly a piece, a piece plus one, nested folders (piece = 64 KiB here).
 ODD_FILES = {
@@ -44,19 +94,26 @@ def open_fds(pid: int) -> int:
 
 
 class Daemon:
-    """A real ``pieced run`` subprocess on a private socket, state dir and HTTP port."""
+    """A real ``pieced run`` subprocess on a private socket, state dir and HTTP port.
 
-    def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    ``backend``: run on that storage backend (``PIECED_BACKEND``); the daemon must say
+    so in its first line, or this fails.
+    """
+
+    def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None,
+                 backend: str | None = None) -> None:
         import os
         import subprocess
         import sys
 
         self.root = root
         self.socket = root / "var" / "pieced.sock"
+        env = {**os.environ, **(env or {})}
+        if backend is not None:
+            env["PIECED_BACKEND"] = backend
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0", *extra],
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})},
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -64,6 +121,9 @@ class Daemon:
             self.proc.kill()
             raise RuntimeError(f"daemon did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
         self.http = line.split("http://")[1].split()[0]
+        if backend is not None and f"(backend {backend})" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"daemon is not on the {backend} backend: {line!r}")
 
     def stop(self, timeout: float = 30) -> int:
         import signal
@@ -81,8 +141,10 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
-    d = Daemon(tmp_path)
+def daemon(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A daemon in ``tmp_path``, on the test's ``backend`` if it takes one."""
+    callspec = getattr(request.node, "callspec", None)
+    d = Daemon(tmp_path, backend=callspec.params.get("backend") if callspec else None)
     yield d
     rc = d.stop()
     assert rc == 0, d.stderr()
