@@ -12,9 +12,11 @@ import signal
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
-from .files import FileStorage, FileVanished
+from .errors import StorageIOError
+from .files import FileStorage, FileVanished, HandlePool
 from .hashing import Buffer
 from .layout import Segment
 
@@ -22,6 +24,12 @@ from .layout import Segment
 _leasing: weakref.WeakSet[MmapStorage] = weakref.WeakSet()
 _leasing_lock = threading.Lock()
 _watching = False
+# The mapped files of each handle pool, least recently used first: a map holds its file
+# open, so they count against the pool's bound (max_open_files) as its descriptors do.
+# Keyed by (id(storage), file), to a weak reference to the storage.
+_Lru = OrderedDict[tuple[int, int], "weakref.ref[MmapStorage]"]
+_mapped: weakref.WeakKeyDictionary[HandlePool, _Lru] = weakref.WeakKeyDictionary()
+_mapped_lock = threading.Lock()  # taken after a storage's _map_lock, never before
 
 
 def watch_leases() -> bool:
@@ -60,7 +68,10 @@ class MmapStorage(FileStorage):
     the lease can be taken again (once no one else has the file open). Files the
     daemon cannot lease (open elsewhere, owned by another user, on a file system
     without leases) are never mapped. Mappings cover the file's full length (sparse),
-    so a write never faults past its end.
+    so a write never faults past its end, and a store allocates its blocks first
+    (``posix_fallocate``), so a full disk is ENOSPC, not SIGBUS. A map holds its file
+    open (two descriptors: the leased one and mmap's own): at most ``max_open_files``
+    files are mapped, the least recently used one unmapped to map another.
     """
 
     name = "mmap"
@@ -86,7 +97,15 @@ class MmapStorage(FileStorage):
         with self._open_lock:
             if index in self._maps or self._retry.get(index, 0.0) > time.monotonic():
                 return
-            fd = self.open_file(index, True)
+            if writing:
+                fd = self.open_file(index, True)
+            else:
+                try:  # never O_CREAT: a file gone behind our back is not made again
+                    fd = self._open_payload(index, os.O_RDWR, False)
+                except StorageIOError as exc:
+                    if exc.errno == errno.ENOENT and not isinstance(exc, FileVanished):
+                        return  # the plain read finds it gone, and says so
+                    raise
             try:
                 if index not in self._sized:
                     self._size_file(fd, index)
@@ -102,8 +121,32 @@ class MmapStorage(FileStorage):
                 raise
             with self._map_lock:
                 self._maps[index] = (fd, m)
+                with _mapped_lock:
+                    lru = _mapped.setdefault(self.handles, OrderedDict())
+                    lru[(id(self), index)] = weakref.ref(self)
+                    excess = []
+                    while len(lru) > self.handles.max_open:
+                        (_, victim), ref = lru.popitem(last=False)
+                        excess.append((ref(), victim))
         # A break that came before the map was listed found nothing to release.
         self.release_broken()
+        for storage, victim in excess:  # the least recently used maps, past the bound
+            if storage is not None:
+                storage.unmap(victim)
+
+    def unmap(self, index: int) -> None:
+        """Drop a file's map, if it has one (it is read and written by pread/pwritev
+        until it is mapped again)."""
+        with self._map_lock:
+            if index in self._maps:
+                self._unmap(index, retry=False)
+
+    def _used(self, index: int) -> None:
+        """A map was used: it is the most recently used one (caller holds _map_lock)."""
+        with _mapped_lock:
+            lru = _mapped.get(self.handles)
+            if lru is not None and (id(self), index) in lru:
+                lru.move_to_end((id(self), index))
 
     def _lease(self, fd: int, index: int) -> bool:
         for attempt in (0, 1):
@@ -134,6 +177,10 @@ class MmapStorage(FileStorage):
         """Drop a file's map and lease; the caller holds ``_map_lock``. Dirty pages stay
         in the page cache, synced by the next fdatasync like any write."""
         fd, m = self._maps.pop(index)
+        with _mapped_lock:
+            lru = _mapped.get(self.handles)
+            if lru is not None:
+                lru.pop((id(self), index), None)
         m.close()
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -150,6 +197,16 @@ class MmapStorage(FileStorage):
             if entry is not None:
                 fd, m = entry
                 self._check_linked(fd, index)
+                self._used(index)
+                if not self.preallocate:
+                    # A store into a hole the file system cannot fill (a full disk, a
+                    # quota) is SIGBUS, which kills the daemon: the blocks are allocated
+                    # first, so a full disk is ENOSPC here, as with a write.
+                    try:
+                        os.posix_fallocate(fd, seg.file_offset, seg.length)
+                    except OSError as exc:
+                        raise StorageIOError.wrap(
+                            exc, f"write {self.file_path(index)}") from None
                 pos = seg.file_offset
                 for v in views:
                     n = memoryview(v).nbytes
@@ -168,6 +225,7 @@ class MmapStorage(FileStorage):
             if entry is not None:
                 # Mapped pages are the page cache: a read from them is what any mmap read is.
                 self._check_linked(entry[0], index)
+                self._used(index)
                 dst[:] = entry[1][seg.file_offset : seg.file_offset + seg.length]
                 return True
         return super()._pread_segment(seg, dst, nowait)

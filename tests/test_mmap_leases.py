@@ -143,3 +143,91 @@ def test_truncated_while_mapped_the_daemon_lives_on(tmp_path: Path, torrent) -> 
     finally:
         rc = d.stop()
     assert rc == 0
+
+
+def _payload_fds(folder: Path) -> int:
+    """Descriptors of this process open on files below ``folder``."""
+    import contextlib
+    import os
+
+    n = 0
+    for x in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            n += os.readlink(f"/proc/self/fd/{x}").startswith(str(folder))
+    return n
+
+
+def _mapped_below(folder: Path) -> int:
+    """Files below ``folder`` this process maps now."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return len({line.split()[-1] for line in lines if str(folder) in line})
+
+
+def test_mapped_files_count_against_max_open_files(tmp_path: Path) -> None:
+    """Forty files on a pool of four descriptors: at most four files are mapped at a
+    time (a map holds its file open: the leased descriptor and mmap's own), so the
+    payload descriptors stay bounded whatever the number of files, and every piece
+    still verifies and reads back. Before, every file written stayed mapped: a large
+    torrent ran the process out of descriptors (EMFILE)."""
+    content = make_payload(tmp_path / "src", {f"f{k:02d}.bin": 20_000 + k for k in range(40)},
+                           seed=8)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    dl = tmp_path / "dl"
+    dio = DiskIO("mmap", cache_bytes=0, max_open_files=4)
+    try:
+        ih = dio.register(raw, dl)
+        most_mapped = most_fds = 0
+        for i, (p, b, n) in enumerate(src.blocks()):
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+            if i % 4 == 0:
+                most_mapped = max(most_mapped, _mapped_below(dl))
+                most_fds = max(most_fds, _payload_fds(dl))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        for p in range(src.meta.num_pieces):
+            size = src.layout.piece_size(p)
+            assert dio.read_chunk(ih, p, 0, size, volatile=True) == src.read(p, 0, size)
+            most_mapped = max(most_mapped, _mapped_below(dl))
+            most_fds = max(most_fds, _payload_fds(dl))
+        assert 0 < most_mapped <= 4, most_mapped
+        assert most_fds <= 4 + 2 * 4, most_fds  # the pool's, and two a map
+    finally:
+        dio.close()
+
+
+def test_a_file_deleted_while_unmapped_is_not_made_again_by_a_read(
+    tmp_path: Path, torrent, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """Another program reads a payload file (its map goes, for the reader), then the
+    file is deleted: the next read reports it gone (ENOENT) and its pieces are verified
+    no more, as on posix. Before, the read mapped the file again by opening it with
+    O_CREAT: it made an empty file in its place, refused that one as another file put
+    there, and the pieces of the deleted file stayed verified."""
+    import errno
+
+    from pieced.storage.mapped import MmapStorage
+
+    monkeypatch.setattr(MmapStorage, "RETRY_SECONDS", 0.0)  # mapped again at the next use
+    raw, src = torrent
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        big = tmp_path / "dl" / "payload" / "big.bin"
+        index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "big.bin")
+        lost = set(src.layout.file_pieces(index))
+        assert _mapped(big)
+        subprocess.run(["cat", str(big)], stdout=subprocess.DEVNULL, check=True, timeout=40)
+        assert not _mapped(big)
+        big.unlink()
+        with pytest.raises(PiecedError) as exc:
+            dio.read_chunk(ih, max(lost), 0, 16384, volatile=True)
+        assert exc.value.errno == errno.ENOENT, exc.value
+        assert not big.exists(), f"a read made the deleted file again ({exc.value!r})"
+        have = dio.status(ih)["have"]
+        assert not any(have[p >> 3] & (0x80 >> (p & 7)) for p in lost)
+    finally:
+        dio.close()
