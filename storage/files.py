@@ -149,6 +149,7 @@ class FileStorage:
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         self._lock = threading.Lock()
+        self._remake = threading.Lock()  # held while a file seen gone is made anew
         self._nowait = os.RWF_NOWAIT  # 0 once the file system has said it has no such flag
         self._setup()
 
@@ -176,18 +177,36 @@ class FileStorage:
         around it. So a file, once opened, is known by its inode, and another one in its
         place later (a hard link swapped in) is refused. When the daemon has seen its own
         file go (``_vanished``), the file is made anew with O_EXCL, so the new inode is
-        one it created; whatever else is found in its place is refused, until a restart.
+        one it created (by one thread: the others then open that one); whatever else is
+        found in its place is refused, until a restart. A known file found gone when it
+        is opened again (no descriptor of it was open) went behind the daemon's back:
+        that open says so (``_vanished``) and creates nothing.
         """
         with self._lock:
             recreate = index in self._recreate
         if recreate and flags & os.O_CREAT:
-            flags |= os.O_EXCL
+            with self._remake:
+                with self._lock:
+                    recreate = index in self._recreate  # or made anew meanwhile
+                if recreate:
+                    return self._open_known(index, flags | os.O_EXCL, create_dirs)
+        return self._open_known(index, flags, create_dirs)
+
+    def _open_known(self, index: int, flags: int, create_dirs: bool) -> int:
+        with self._lock:
+            recreate = index in self._recreate
+            known = index in self._identity
+        if known:
+            flags &= ~os.O_CREAT
         try:
             fd = self.root.open(self.parts(index), flags, create_dirs=create_dirs)
         except StorageIOError as exc:
             if recreate and exc.errno == errno.EEXIST:
                 raise PathEscape(f"{self.file_path(index)} went away and something else was "
                                  "put in its place: refusing to use it") from None
+            if known and exc.errno == errno.ENOENT:
+                raise self._vanished(index, f"{self.file_path(index)}: deleted behind "
+                                            "pieced's back") from None
             raise
         try:
             st = os.fstat(fd)
@@ -197,11 +216,11 @@ class FileStorage:
         me = (st.st_dev, st.st_ino)
         with self._lock:
             if index in self._recreate and not flags & os.O_EXCL:
-                known = None  # read while it is to be made anew: whatever this is, not ours
+                first = None  # read while it is to be made anew: whatever this is, not ours
             else:
                 self._recreate.discard(index)
-                known = self._identity.setdefault(index, me)
-        if known != me:
+                first = self._identity.setdefault(index, me)
+        if first != me:
             os.close(fd)
             raise PathEscape(f"{self.file_path(index)} is not the file pieced opened there "
                              "before (another was put in its place): refusing to use it")

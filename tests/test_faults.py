@@ -18,12 +18,17 @@ from typing import Any
 
 import pytest
 from pieced.protocol.client import Client
+from pieced.storage.disk import DiskIO
 from pieced.storage.errors import StorageIOError
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
+
+# Every test runs on each backend (``backend``, see conftest.py), but not on disabled:
+pytestmark = pytest.mark.backends(exclude={
+    "disabled": "stores nothing: no write reaches a file system to fail"})
 
 
 @pytest.fixture
@@ -36,13 +41,13 @@ def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
-def test_disk_full(tmp_path: Path, tiny_fs: Path) -> None:
+def test_disk_full(tmp_path: Path, tiny_fs: Path, backend: str) -> None:
     big = make_payload(tmp_path / "src_big", 600_000, seed=1)
     small = make_payload(tmp_path / "src_small", 100_000, seed=2)
     raw_big = make_torrent_lt(big, 65536, "v1")
     raw_small = make_torrent_lt(small, 16384, "v1")
     sb, ss = Source(raw_big, tmp_path / "src_big"), Source(raw_small, tmp_path / "src_small")
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, backend=backend)
     try:
         with Client(d.socket) as c:
             ih_big = c.register(raw_big, tiny_fs)
@@ -186,7 +191,9 @@ def _make_read_only(how: str, content: Path) -> Callable[[], None]:
 
 
 @pytest.mark.parametrize(("how", "expect"), [("ro-mount", errno.EROFS), ("immutable", errno.EPERM)])
-def test_read_only_payload_file(tmp_path: Path, tiny_fs: Path, how: str, expect: int) -> None:
+def test_read_only_payload_file(
+    tmp_path: Path, tiny_fs: Path, how: str, expect: int, backend: str
+) -> None:
     content = make_payload(tmp_path / "src", TWO_FILES, seed=3)
     raw = make_torrent_lt(content, 16384, "v1")  # v1: a piece runs across the two files
     src = Source(raw, tmp_path / "src")
@@ -196,7 +203,7 @@ def test_read_only_payload_file(tmp_path: Path, tiny_fs: Path, how: str, expect:
     a_end = src.meta.files[a_index].end
     in_a = [blk for blk in src.blocks() if (blk[0] + 1) * 16384 <= a_end]
     rest = [blk for blk in src.blocks() if (blk[0] + 1) * 16384 > a_end]
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, backend=backend)
     undo: Callable[[], None] | None = None
     try:
         with Client(d.socket) as c:
@@ -240,7 +247,9 @@ VANISH_FILES = {"a.bin": 70_000, "sub/b.bin": 90_000, "sub/c.bin": 40_000, "z.bi
     ("how", "kind", "reads_first"),
     [("unlink", "v1", True), ("unlink", "hybrid", False), ("rmtree", "hybrid", True), ("rmtree", "v1", False)],
 )
-def test_vanished_payload_file(tmp_path: Path, how: str, kind: TorrentKind, reads_first: bool) -> None:
+def test_vanished_payload_file(
+    tmp_path: Path, how: str, kind: TorrentKind, reads_first: bool, backend: str
+) -> None:
     """A payload file deleted (or its folder removed) mid-download: the client hears of it
     with ENOENT, no piece is reported verified (or served as such) whose bytes are not on
     disk, the other torrent goes on, and re-sending the lost pieces completes the torrent."""
@@ -257,7 +266,7 @@ def test_vanished_payload_file(tmp_path: Path, how: str, kind: TorrentKind, read
     half = b_pieces[len(b_pieces) // 2]
     first = [blk for blk in blocks if blk[0] < half] + [blk for blk in blocks if blk[0] == half][:1]
     second = [blk for blk in blocks if blk not in first]
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, backend=backend)
     try:
         with Client(d.socket) as c:
             ih = c.register(raw, save)
@@ -312,3 +321,104 @@ def test_vanished_payload_file(tmp_path: Path, how: str, kind: TorrentKind, read
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, save))
+
+
+# ------------------------------------------------- vanished with no descriptor open
+
+def _file_blocks(src: Source, name: str) -> tuple[int, list[tuple[int, int, int]]]:
+    """The index of the file named ``name`` and the blocks of the pieces it alone holds."""
+    index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == name)
+    pieces = set(src.layout.file_pieces(index))
+    return index, [blk for blk in src.blocks() if blk[0] in pieces]
+
+
+def test_a_file_deleted_while_no_descriptor_is_open_is_reported_gone(
+    tmp_path: Path, backend: str
+) -> None:
+    """One descriptor for the whole pool: a payload file is closed (another file took
+    the handle) when it is deleted. The next write into it hears ENOENT, its verified
+    pieces are verified no more, and no file is made in its place by that write; the
+    write after it makes the file anew and the torrent completes. Before, the write
+    made an empty file there with O_CREAT and then refused it as another file put in
+    its place (PathEscape), every time, keeping the deleted file's pieces verified."""
+    content = make_payload(tmp_path / "src", {"a.bin": 200_000, "b.bin": 100_000}, seed=6)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    a_index, a_blocks = _file_blocks(src, "a.bin")
+    _, b_blocks = _file_blocks(src, "b.bin")
+    dio = DiskIO(backend, cache_bytes=0, max_open_files=1)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        later = a_blocks[-2]  # a.bin's piece left for after the delete
+        for p, b, n in [blk for blk in a_blocks if blk != later] + b_blocks:
+            dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+        dio.flush_all()
+        st = dio.status(ih)
+        assert st["verified_pieces"] == src.meta.num_pieces - 1
+        p, b, n = b_blocks[0]
+        assert dio.read_chunk(ih, p, b, n, volatile=True) == src.read(p, b, n)  # b.bin's turn
+        a_bin = tmp_path / "dl" / "payload" / "a.bin"
+        a_bin.unlink()
+        with pytest.raises(StorageIOError) as exc:
+            dio.write_chunk(ih, later[0], later[1], src.read(*later), flush=True)
+        assert exc.value.errno == errno.ENOENT, exc.value
+        assert not a_bin.exists()
+        have = dio.status(ih)["have"]
+        assert not any(_has(have, q) for q in src.layout.file_pieces(a_index))
+        for p in {blk[0] for blk in a_blocks}:  # the client starts them over: made anew
+            dio.clear_piece(ih, p)
+        for p, b, n in a_blocks:
+            dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert a_bin.read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        dio.close()
+
+
+def test_writers_racing_to_make_a_vanished_file_anew_do_not_refuse_each_other(
+    tmp_path: Path, backend: str
+) -> None:
+    """A payload file seen to go is made anew (O_EXCL) by the first write into it;
+    four threads writing into it at once must not take one another's new file for
+    something else put in its place. Before, the losers of the race got PathEscape
+    (in most rounds on posix)."""
+    import threading
+
+    content = make_payload(tmp_path / "src", 1_000_000, seed=7)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    blocks = src.blocks()
+
+    def write(dio: DiskIO, ih: bytes, k: int, start: threading.Barrier,
+              errors: list[BaseException]) -> None:
+        try:
+            start.wait(30)
+            for p, b, n in blocks[1 + k : 17 : 4]:
+                dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    for rnd in range(10):
+        dio = DiskIO(backend, cache_bytes=0)
+        try:
+            dl = tmp_path / f"dl{rnd}"
+            ih = dio.register(raw, dl)
+            p, b, n = blocks[0]
+            dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+            next(dl.rglob("*.bin")).unlink()
+            with pytest.raises(StorageIOError) as exc:  # seen to go
+                dio.read_chunk(ih, 0, 0, 16, volatile=True)
+            assert exc.value.errno == errno.ENOENT
+            errors: list[BaseException] = []
+            start = threading.Barrier(4)
+            threads = [threading.Thread(target=write, args=(dio, ih, k, start, errors))
+                       for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, f"round {rnd}: {errors[0]!r}"
+            assert dio.status(ih)["verified_pieces"] == 16
+        finally:
+            dio.close()
