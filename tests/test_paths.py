@@ -15,6 +15,10 @@ from tests.realtools import make_payload, make_torrent_lt
 from tests.test_disk import Source
 
 FILES = {"a.bin": 70_000, "sub/b.bin": 90_000, "sub/deep/c.bin": 40_000, "z.bin": 50_000}
+# Every test runs on each backend (``backend``, see conftest.py) but these, on disabled:
+OPENS_NO_PATH = pytest.mark.backends(exclude={
+    "disabled": "makes and opens no payload path: nothing beneath the save path is "
+                "resolved, so nothing is refused (nor written)"})
 
 
 def _tree(root: Path) -> dict[str, bytes | str]:
@@ -32,7 +36,7 @@ def _tree(root: Path) -> dict[str, bytes | str]:
 
 
 @pytest.fixture
-def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+def setup(tmp_path: Path, backend: str):  # type: ignore[no-untyped-def]
     content = make_payload(tmp_path / "src", FILES, seed=9)
     raw = make_torrent_lt(content, 32768, "v1")
     src = Source(raw, tmp_path / "src")
@@ -40,9 +44,10 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
                           {"victim": 4096, "sub/b.bin": 100, "payload/a.bin": 10}, seed=1)
     roots = tmp_path / "roots"
     roots.mkdir()
-    # one open file at a time: every payload open walks its path again, as after an
-    # eviction from the handle pool (an open handle is the file it was: no swap reaches it)
-    dio = DiskIO(roots=[roots], cache_bytes=0, max_open_files=1)
+    # one open file at a time (a mapped one counts): every payload open walks its path
+    # again, as after an eviction from the handle pool (an open handle is the file it
+    # was: no swap reaches it)
+    dio = DiskIO(backend, roots=[roots], cache_bytes=0, max_open_files=1)
     yield raw, src, canary, roots, dio
     dio.close()
 
@@ -61,6 +66,7 @@ def _write(dio: DiskIO, ih: bytes, src: Source, files: set[str]) -> list[PiecedE
     return errors
 
 
+@OPENS_NO_PATH
 def test_swapped_subfolder_and_save_path(setup) -> None:  # type: ignore[no-untyped-def]
     raw, src, canary, roots, dio = setup
     before = _tree(canary)
@@ -89,6 +95,7 @@ def test_swapped_subfolder_and_save_path(setup) -> None:  # type: ignore[no-unty
     assert not (roots / "dl.real" / "payload" / "z.bin").exists()
 
 
+@OPENS_NO_PATH
 def test_hard_links_and_symlinked_files_are_refused(setup) -> None:  # type: ignore[no-untyped-def]
     raw, src, canary, roots, dio = setup
     before = _tree(canary)
@@ -108,7 +115,8 @@ def test_hard_links_and_symlinked_files_are_refused(setup) -> None:  # type: ign
     assert not target.is_symlink() and _tree(canary) == before
 
 
-def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path) -> None:
+@OPENS_NO_PATH
+def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path, backend: str) -> None:
     """A library hard-linked into a media folder is seeded as it is when the operator
     allows hard links; symlinks are still refused."""
     content = make_payload(tmp_path / "roots" / "dl", FILES, seed=4)
@@ -117,8 +125,8 @@ def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path) -> None:
     for rel in FILES:
         (media / rel).parent.mkdir(parents=True, exist_ok=True)
         os.link(content / rel, media / rel)
-    strict = DiskIO(roots=[tmp_path / "roots"], cache_bytes=0)
-    lenient = DiskIO(roots=[tmp_path / "roots"], cache_bytes=0, max_open_files=1,
+    strict = DiskIO(backend, roots=[tmp_path / "roots"], cache_bytes=0)
+    lenient = DiskIO(backend, roots=[tmp_path / "roots"], cache_bytes=0, max_open_files=1,
                      allow_hard_links=True)
     try:
         ih = strict.register(raw, tmp_path / "roots" / "dl")
@@ -140,6 +148,7 @@ def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path) -> None:
         lenient.close()
 
 
+@OPENS_NO_PATH
 def test_rename_and_move_never_leave_the_roots(setup) -> None:  # type: ignore[no-untyped-def]
     raw, src, canary, roots, dio = setup
     before = _tree(canary)
@@ -166,46 +175,48 @@ def test_rename_and_move_never_leave_the_roots(setup) -> None:  # type: ignore[n
     assert _tree(canary) == before
 
 
-def test_a_save_path_swapped_while_stopped_is_not_loaded(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_save_path_swapped_while_stopped_is_not_loaded(setup, tmp_path: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
     raw, _src, canary, roots, _dio = setup
     state = tmp_path / "state"
-    first = DiskIO(roots=[roots], state_dir=state)
+    first = DiskIO(backend, roots=[roots], state_dir=state)
     ih = first.register(raw, roots / "dl")
     first.close()
     (roots / "dl").rename(roots / "dl.real")
     (roots / "dl").symlink_to(canary)  # while the daemon was stopped
-    again = DiskIO(roots=[roots], state_dir=state)
+    again = DiskIO(backend, roots=[roots], state_dir=state)
     assert again.torrents() == []
     assert any(ih.hex() in e and "outside the allowed roots" in e for e in again.load_errors)
     again.close()
     (roots / "dl").unlink()
     (roots / "dl.real").rename(roots / "dl")
-    third = DiskIO(roots=[roots], state_dir=state)  # put back: known again, nothing lost
+    third = DiskIO(backend, roots=[roots], state_dir=state)  # put back: known again, nothing lost
     assert third.torrents() == [ih]
     third.close()
 
 
+@OPENS_NO_PATH
 def test_a_symlink_planted_for_an_empty_file_while_stopped(
-    tmp_path: Path, odd_payload: tuple[Path, Path]
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
 ) -> None:
     """Empty files are made at load: one planted as a symlink is refused and reported,
     and the daemon still starts with every torrent."""
     _, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     state, dl = tmp_path / "state", tmp_path / "dl"
-    first = DiskIO(state_dir=state)
+    first = DiskIO(backend, state_dir=state)
     ih = first.register(raw, dl)
     first.close()
     empty = dl / "payload" / "empty"
     empty.unlink()
     empty.symlink_to(tmp_path / "elsewhere")
-    again = DiskIO(state_dir=state)
+    again = DiskIO(backend, state_dir=state)
     assert again.torrents() == [ih]
     assert any("symlink" in e for e in again.load_errors), again.load_errors
     assert not (tmp_path / "elsewhere").exists()
     again.close()
 
 
+@OPENS_NO_PATH
 def test_swaps_while_writes_run(setup) -> None:  # type: ignore[no-untyped-def]
     """A writer and a reader run flat out while another thread swaps, over and over, a
     subfolder for a symlink out of the roots and a payload file for a hard link to a
@@ -280,6 +291,7 @@ def test_swaps_while_writes_run(setup) -> None:  # type: ignore[no-untyped-def]
                              if before.get(k) != after.get(k)}
 
 
+@OPENS_NO_PATH
 def test_a_file_put_back_is_refused_until_registered_again(setup) -> None:  # type: ignore[no-untyped-def]
     """A payload file deleted (the daemon sees it go) and then put back by someone is not
     used: whatever is found in its place could be a link out of the roots, timed against

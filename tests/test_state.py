@@ -17,9 +17,13 @@ from pieced.storage.disk import DiskIO
 from pieced.storage.errors import StorageIOError
 from pieced.storage.layout import Layout
 
-from tests.conftest import Daemon
+from tests.conftest import STORES_NOTHING, Daemon
 from tests.realtools import corrupt, lt_recheck, make_torrent_lt
 from tests.test_disk import Source, fill
+
+# Every test runs on each backend (``backend``, see conftest.py), but not on disabled: a
+# restart finds no file behind its verified pieces, and forgets them.
+pytestmark = pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 
 
 def wait_reverified(dio: DiskIO, ih: bytes) -> dict:
@@ -29,17 +33,19 @@ def wait_reverified(dio: DiskIO, ih: bytes) -> dict:
     return st
 
 
-def test_restart_knows_torrents_and_bits(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
+def test_restart_knows_torrents_and_bits(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
+) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "hybrid")
     src = Source(raw, save)
-    dio = DiskIO(state_dir=tmp_path / "state", sync_window=0.005)
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.005)
     ih = dio.register(raw, tmp_path / "dl")
     fill(dio, ih, src)
     dio.rename_file(ih, 0, "renamed.bin")
     dio.close()
 
-    again = DiskIO(state_dir=tmp_path / "state")
+    again = DiskIO(backend, state_dir=tmp_path / "state")
     assert again.torrents() == [ih]
     st = again.status(ih)
     assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
@@ -49,17 +55,17 @@ def test_restart_knows_torrents_and_bits(tmp_path: Path, odd_payload: tuple[Path
 
     # A file changed behind the daemon's back: its pieces re-verify, the bad one stays out.
     corrupt(tmp_path / "dl" / "renamed.bin", 70000)
-    third = DiskIO(state_dir=tmp_path / "state")
+    third = DiskIO(backend, state_dir=tmp_path / "state")
     st = wait_reverified(third, ih)
     bad = 70000 // 65536
     assert st["verified_pieces"] == src.meta.num_pieces - 1
     assert not st["have"][bad >> 3] & (0x80 >> (bad & 7))
     third.unregister(ih)
     third.close()
-    assert DiskIO(state_dir=tmp_path / "state").torrents() == []
+    assert DiskIO(backend, state_dir=tmp_path / "state").torrents() == []
 
 
-def test_crash_rounds(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
+def test_crash_rounds(tmp_path: Path, odd_payload: tuple[Path, Path], backend: str) -> None:
     """SIGKILL the daemon mid-download, many times; after each restart every piece
     reported verified is byte-identical on disk, and the download can finish."""
     save, content = odd_payload
@@ -70,7 +76,7 @@ def test_crash_rounds(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
     ih = b""
     survived = []
     for round_ in range(6):
-        d = Daemon(tmp_path)
+        d = Daemon(tmp_path, backend=backend)
         with Client(d.socket) as c:
             if round_ == 0:
                 ih = c.register(raw, dl)
@@ -118,7 +124,7 @@ def _on_disk(src: Source, save: Path, piece: int) -> bytes:
 
 
 def test_a_file_deleted_after_a_restart_loses_its_pieces(
-    tmp_path: Path, odd_payload: tuple[Path, Path]
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
 ) -> None:
     """A restarted engine knows which files it wrote in its earlier life: one deleted
     under it is reported (ENOENT) and its pieces lose their bits, even when a write
@@ -126,12 +132,12 @@ def test_a_file_deleted_after_a_restart_loses_its_pieces(
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, save)
-    dio = DiskIO(state_dir=tmp_path / "state")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
     ih = dio.register(raw, tmp_path / "dl")
     fill(dio, ih, src)
     dio.close()
 
-    again = DiskIO(state_dir=tmp_path / "state")
+    again = DiskIO(backend, state_dir=tmp_path / "state")
     assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
     big = max(range(len(src.meta.files)), key=lambda i: src.meta.files[i].length)
     lost = set(Layout(src.meta).file_pieces(big))
@@ -150,7 +156,7 @@ def test_a_file_deleted_after_a_restart_loses_its_pieces(
 
 
 def test_journal_alone_restores_every_verified_piece(
-    tmp_path: Path, odd_payload: tuple[Path, Path]
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
 ) -> None:
     """No close, no save: what the journal holds (every announced piece) is what a
     restart reports, at once and without rehashing; concurrent compactions never tear it."""
@@ -158,7 +164,7 @@ def test_journal_alone_restores_every_verified_piece(
     raw = make_torrent_lt(content, 16384, "hybrid")
     src = Source(raw, save)
     announced: list[int] = []
-    dio = DiskIO(state_dir=tmp_path / "state", sync_window=0.002,
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002,
                  on_piece=lambda r: r.ok and announced.append(r.piece))
     ih = dio.register(raw, tmp_path / "dl")
     blocks = src.peer_blocks()
@@ -173,8 +179,12 @@ def test_journal_alone_restores_every_verified_piece(
         t.join()
     dio._committer.drain()
     assert announced
-    # the engine is dropped as a crash would drop it: no flush, no final save
-    again = DiskIO(state_dir=tmp_path / "state")
+    # the engine is dropped as a crash would drop it: no flush, no final save; only its
+    # open files and maps go, as with the process (a map's lease would make this test's
+    # own reads of the files below wait for lease-break-time: its SIGIO may be taken by
+    # another thread while the main thread waits in open)
+    dio.torrent(ih).storage.close_handles()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
     st = again.status(ih)
     have = {p for p in range(src.meta.num_pieces) if st["have"][p >> 3] & (0x80 >> (p & 7))}
     assert have == set(announced) and st["reverifying_pieces"] == 0
@@ -185,19 +195,19 @@ def test_journal_alone_restores_every_verified_piece(
 
 
 def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
-    tmp_path: Path, odd_payload: tuple[Path, Path]
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
 ) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, save)
     state = tmp_path / "state"
-    dio = DiskIO(state_dir=state)
+    dio = DiskIO(backend, state_dir=state)
     ih = dio.register(raw, tmp_path / "dl")
     fill(dio, ih, src)
     dio.close()
     folder = state / "torrents" / ih.hex()
     (folder / "resume").write_bytes(b"d4:have")  # torn beyond repair
-    again = DiskIO(state_dir=state)
+    again = DiskIO(backend, state_dir=state)
     assert any("resume record" in e and "rechecking" in e for e in again.load_errors)
     st = wait_reverified(again, ih)
     # never the daemon's start folder: the location record still says where it is
@@ -207,7 +217,7 @@ def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
 
     (folder / "location").write_bytes(b"garbage")
     (folder / "resume").write_bytes(b"garbage")
-    third = DiskIO(state_dir=state)
+    third = DiskIO(backend, state_dir=state)
     assert third.torrents() == []  # skipped, and said why
     assert any(ih.hex() in e and "location" in e for e in third.load_errors)
     third.close()
