@@ -43,10 +43,19 @@ class _Ring:
     def __init__(self) -> None:
         import liburing
 
+        self.live = False
         self.lib = liburing
         self.ring = liburing.Ring()
         self.cqe = liburing.Cqe()
         liburing.io_uring_queue_init(self.DEPTH, self.ring)
+        self.live = True
+
+    def __del__(self) -> None:
+        # The thread that owned it ended (its thread-local went): close the ring.
+        if self.live:
+            self.live = False
+            with contextlib.suppress(Exception):
+                self.lib.io_uring_queue_exit(self.ring)
 
     def run(self, ops: Sequence[tuple[str, int, Any, int]]) -> list[int]:
         """``ops``: ("readv" | "writev" | "nop", fd, Iovec, offset)."""

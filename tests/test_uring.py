@@ -36,3 +36,43 @@ def test_reads_across_files_in_one_submission(tmp_path: Path) -> None:
         assert dio.read_piece(ih, 0) == src.read(0, 0, src.layout.piece_size(0))
     finally:
         dio.close()
+
+
+def test_a_thread_that_ends_takes_its_ring_with_it(tmp_path: Path) -> None:
+    """Rings are made one a thread, at its first I/O: a thread that ends closes its
+    ring. Before, each one stayed open (a descriptor and its queues) for the life of
+    the process: every short-lived thread that wrote or read leaked one."""
+    import contextlib
+    import gc
+    import os
+    import threading
+
+    def rings() -> int:
+        n = 0
+        for x in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                n += os.readlink(f"/proc/self/fd/{x}") == "anon_inode:[io_uring]"
+        return n
+
+    content = make_payload(tmp_path / "src", 300_000, seed=25)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO("uring", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        before = rings()
+        for p in range(src.meta.num_pieces):  # each piece from a thread of its own
+            def work(p: int = p) -> None:
+                for q, b, n in src.blocks():
+                    if q == p:
+                        dio.write_chunk(ih, q, b, src.read(q, b, n), flush=True)
+                dio.read_chunk(ih, p, 0, 100, volatile=True)
+
+            t = threading.Thread(target=work)
+            t.start()
+            t.join()
+        gc.collect()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert rings() - before <= 1, rings() - before  # a worker of the hash pool may keep one
+    finally:
+        dio.close()
