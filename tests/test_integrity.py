@@ -13,6 +13,10 @@ What these tests hold the daemon to:
 5. No descriptor outlives a torrent that readers were using when it was unregistered.
 6. Blocks shaped as a real peer sends them (whole 16 KiB blocks running into BEP 47
    pad files, the pad part zeros) verify; a non-zero pad byte fails its piece.
+
+Every test runs on each storage backend (``backend``, see conftest.py); on ``disabled``,
+which stores nothing, those whose point is the stored bytes are left out (each says why),
+and the others check that no payload file is made where the rest compare the files.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import pytest
 from pieced.protocol.client import Client
 from pieced.storage.errors import StorageIOError, UnknownTorrent
 
-from tests.conftest import Daemon
+from tests.conftest import STORES_NOTHING, Daemon
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
@@ -46,10 +50,11 @@ Event = tuple[str, dict[str, Any]]
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def start(root: Path, **env: str) -> tuple[Daemon, threading.Thread, list[str]]:
-    """A daemon (settings given as ``PIECED_*`` variables, by lower-case key) whose stderr
-    is drained in the background, so that a chatty daemon never blocks on a full pipe."""
-    d = Daemon(root, env={f"PIECED_{k.upper()}": v for k, v in env.items()})
+def start(root: Path, backend: str, **env: str) -> tuple[Daemon, threading.Thread, list[str]]:
+    """A daemon on ``backend`` (other settings given as ``PIECED_*`` variables, by
+    lower-case key) whose stderr is drained in the background, so that a chatty daemon
+    never blocks on a full pipe."""
+    d = Daemon(root, env={f"PIECED_{k.upper()}": v for k, v in env.items()}, backend=backend)
     log: list[str] = []
 
     def drain() -> None:
@@ -62,9 +67,9 @@ def start(root: Path, **env: str) -> tuple[Daemon, threading.Thread, list[str]]:
 
 
 @contextlib.contextmanager
-def running(root: Path, **env: str) -> Iterator[Daemon]:
+def running(root: Path, backend: str, **env: str) -> Iterator[Daemon]:
     """:func:`start`, then a clean stop (SIGTERM, exit status 0) at the end."""
-    d, drain, log = start(root, **env)
+    d, drain, log = start(root, backend, **env)
     try:
         yield d
     finally:
@@ -161,6 +166,18 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if not p.is_dir()) if folder.exists() else []
 
 
+def assert_payload(raw: bytes, src: Source, folder: Path, backend: str) -> None:
+    """The files under ``folder`` are the payload, and libtorrent agrees; on the backend
+    that stores nothing, there is no payload file at all."""
+    if backend == "disabled":
+        assert files_under(folder) == [], f"disabled made files: {files_under(folder)[:5]}"
+        return
+    for f in src.meta.files:
+        if not f.pad:
+            assert folder.joinpath(*f.path).read_bytes() == src.save.joinpath(*f.path).read_bytes()
+    assert all(lt_recheck(raw, folder))
+
+
 def send(c: Client, ih: bytes, piece: int, begin: int, data: bytes, ring: bool) -> None:
     (c.write_block_direct if ring else c.write_chunk)(ih, piece, begin, data)
 
@@ -208,9 +225,10 @@ def torrent(root: Path, spec: dict[str, int] | int, piece_length: int, kind: Tor
 # -- 1. piece states: duplicates are never written -------------------------------------------
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize("state", ["verified", "committing"])
 def test_blocks_for_done_pieces_are_acked_counted_and_never_written(
-    tmp_path: Path, state: str
+    tmp_path: Path, state: str, backend: str
 ) -> None:
     """Different bytes sent for pieces already verified (``verified``) or whose last block
     was just ACKed and whose commit is still pending (``committing``, inside a 1 s sync
@@ -220,7 +238,7 @@ def test_blocks_for_done_pieces_are_acked_counted_and_never_written(
                        65536, "v1", seed=11)
     dl = tmp_path / "dl"
     n = src.meta.num_pieces
-    with running(tmp_path, sync_window_ms="1000") as d, client(d) as c:
+    with running(tmp_path, backend, sync_window_ms="1000") as d, client(d) as c:
         ih = c.register(raw, dl)
         download(c, ih, src)
         if state == "verified":
@@ -242,8 +260,10 @@ def test_blocks_for_done_pieces_are_acked_counted_and_never_written(
         assert st["verified_pieces"] == n and all(has(st["have"], p) for p in range(n))
         assert c.stats()["duplicate_blocks"] - before >= sent
 
-
-def test_endgame_race_a_late_wrong_block_never_overwrites_a_verified_piece(tmp_path: Path) -> None:
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_endgame_race_a_late_wrong_block_never_overwrites_a_verified_piece(
+    tmp_path: Path, backend: str
+) -> None:
     """End game: two connections send the same pieces at the same time, the second one's
     copy of each piece's last block is wrong. Whatever the interleaving, a piece reported
     verified has its original bytes on disk and in reads once flushed (a late copy that
@@ -253,7 +273,7 @@ def test_endgame_race_a_late_wrong_block_never_overwrites_a_verified_piece(tmp_p
     by_piece: dict[int, list[tuple[int, int, int]]] = {}
     for blk in src.blocks():
         by_piece.setdefault(blk[0], []).append(blk)
-    with running(tmp_path, sync_window_ms="200") as d:
+    with running(tmp_path, backend, sync_window_ms="200") as d:
         for rnd in range(3):
             dl = tmp_path / f"dl{rnd}"
             events = Events()
@@ -296,8 +316,11 @@ def test_endgame_race_a_late_wrong_block_never_overwrites_a_verified_piece(tmp_p
 
 # -- 2. recheck does not undo concurrent verifications -----------------------------------------
 
-
-def test_recheck_keeps_pieces_verified_while_it_ran(tmp_path: Path) -> None:
+@pytest.mark.backends(exclude={"disabled": "stores nothing: a recheck reads zeros, finds "
+                                            "no piece"})
+def test_recheck_keeps_pieces_verified_while_it_ran(
+    tmp_path: Path, backend: str
+) -> None:
     """Connection A rechecks a 32 MiB torrent of 16 KiB pieces, every other piece of it
     on disk and verified, while connection B downloads the missing ones, starting once
     the recheck has reported progress (so it has already hashed some of them as missing).
@@ -317,7 +340,7 @@ def test_recheck_keeps_pieces_verified_while_it_ran(tmp_path: Path) -> None:
     events = Events()
     # One hash worker: the recheck hashes its 8 MiB batches one after the other, so its
     # first progress event comes early, with most of its work still to do.
-    with running(tmp_path, hash_workers="1") as d, client(d, on_progress) as a, \
+    with running(tmp_path, backend, hash_workers="1") as d, client(d, on_progress) as a, \
             client(d, events) as b:
         ih = a.register(raw, dl)
         download(a, ih, src, first, ring=True)
@@ -351,7 +374,9 @@ def test_recheck_keeps_pieces_verified_while_it_ran(tmp_path: Path) -> None:
 # -- 3. torrent-wide operations are fences ------------------------------------------------------
 
 
-def test_move_storage_while_another_connection_writes(tmp_path: Path) -> None:
+def test_move_storage_while_another_connection_writes(
+    tmp_path: Path, backend: str
+) -> None:
     """A moves the torrent (several times) while B downloads it: B's writes all succeed,
     every piece verifies, the files end up only in the last folder, and libtorrent
     agrees with them."""
@@ -362,7 +387,7 @@ def test_move_storage_while_another_connection_writes(tmp_path: Path) -> None:
     blocks = src.blocks()
     folders = [tmp_path / "dl0"]
     events = Events()
-    with running(tmp_path) as d, client(d) as a, client(d, events) as b:
+    with running(tmp_path, backend) as d, client(d) as a, client(d, events) as b:
         ih = a.register(raw, folders[0])
         writing = threading.Event()
         done = threading.Event()
@@ -396,13 +421,13 @@ def test_move_storage_while_another_connection_writes(tmp_path: Path) -> None:
         assert st["verified_pieces"] == n
     for old in folders[:-1]:
         assert files_under(old) == [], f"files (re)created under {old}"
-    for f in src.meta.files:
-        assert folders[-1].joinpath(*f.path).read_bytes() == src.save.joinpath(*f.path).read_bytes()
-    assert all(lt_recheck(raw, folders[-1]))
+    assert_payload(raw, src, folders[-1], backend)
 
 
 @pytest.mark.parametrize("who", ["same", "other"])
-def test_unregister_with_delete_right_after_the_last_blocks(tmp_path: Path, who: str) -> None:
+def test_unregister_with_delete_right_after_the_last_blocks(
+    tmp_path: Path, who: str, backend: str
+) -> None:
     """Blocks sent, then at once (no waiting for events) unregister with delete_files,
     from the writing connection or another one: no payload file is left or re-created
     in the save folder, and no event of the torrent arrives after the reply."""
@@ -410,7 +435,7 @@ def test_unregister_with_delete_right_after_the_last_blocks(tmp_path: Path, who:
                        seed=32)
     dl = tmp_path / "dl"
     events = Events()
-    with running(tmp_path, sync_window_ms="500") as d, client(d, events) as u, client(d) as w:
+    with running(tmp_path, backend, sync_window_ms="500") as d, client(d, events) as u, client(d) as w:
         ih = u.register(raw, dl)
         writer = u if who == "same" else w
         for i, (p, b, ln) in enumerate(src.blocks()):
@@ -431,7 +456,9 @@ def test_unregister_with_delete_right_after_the_last_blocks(tmp_path: Path, who:
             u.status(ih)
 
 
-def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(tmp_path: Path) -> None:
+def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(
+    tmp_path: Path, backend: str
+) -> None:
     """Unregister and register again with another save path while pieces of the first
     registration wait for their group commit (1 s window), after a download that has
     been running for more than a second; SIGKILL; the restarted daemon has the torrent
@@ -440,7 +467,7 @@ def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(tmp_path: 
     blocks = src.blocks()
     half = len(blocks) // 2
     old, new = tmp_path / "dl-old", tmp_path / "dl-new"
-    d, _, _ = start(tmp_path, sync_window_ms="1000")
+    d, _, _ = start(tmp_path, backend, sync_window_ms="1000")
     try:
         with client(d) as c:
             ih = c.register(raw, old)
@@ -457,7 +484,7 @@ def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(tmp_path: 
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
-    with running(tmp_path, sync_window_ms="1000") as d2, client(d2) as c:
+    with running(tmp_path, backend, sync_window_ms="1000") as d2, client(d2) as c:
         wait_for(lambda: c.status(ih)["reverifying_pieces"] == 0)
         st = c.status(ih)
         assert st["save_path"] == str(new.resolve())
@@ -465,13 +492,15 @@ def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(tmp_path: 
             if has(st["have"], p):
                 assert on_disk(src, new, p) == whole(src, p), f"piece {p} claimed but not at {new}"
 
-
-def test_rename_a_file_onto_another_payload_file_is_refused(tmp_path: Path) -> None:
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_rename_a_file_onto_another_payload_file_is_refused(
+    tmp_path: Path, backend: str
+) -> None:
     """rename_file to the path of another file of the torrent: EEXIST, nothing changes."""
     raw, src = torrent(tmp_path, {"a.bin": 100_000, "b.bin": 80_000, "c/d.bin": 20_000},
                        BLOCK, "v1", seed=34)
     dl = tmp_path / "dl"
-    with running(tmp_path) as d, client(d) as c:
+    with running(tmp_path, backend) as d, client(d) as c:
         ih = c.register(raw, dl)
         download(c, ih, src)
         c.flush_all()
@@ -495,15 +524,18 @@ def test_rename_a_file_onto_another_payload_file_is_refused(tmp_path: Path) -> N
 
 # -- 4. SuggestPiece on the ring path ------------------------------------------------------------
 
-
-def test_pieces_written_through_the_ring_are_cached(tmp_path: Path) -> None:
+@pytest.mark.backends(exclude={"disabled": "keeps no copy of a piece written straight "
+                                            "through (nothing in the page cache) to cache"})
+def test_pieces_written_through_the_ring_are_cached(
+    tmp_path: Path, backend: str
+) -> None:
     """A torrent downloaded only with write_block_direct: its pieces are in the cache
     (the default budget, 256 MiB, holds them all), the last one verified included, and
     read_piece of a cached piece returns its bytes."""
     raw, src = torrent(tmp_path, {"a.bin": 300_001, "b/c.bin": 99_999}, 65536, "v1", seed=41)
     n = src.meta.num_pieces
     events = Events()
-    with running(tmp_path) as d, client(d, events) as c:
+    with running(tmp_path, backend) as d, client(d, events) as c:
         ih = c.register(raw, tmp_path / "dl")
         download(c, ih, src, ring=True)
         c.flush_all()
@@ -520,7 +552,9 @@ def test_pieces_written_through_the_ring_are_cached(tmp_path: Path) -> None:
 # -- 5. descriptors -------------------------------------------------------------------------------
 
 
-def test_no_descriptor_leaks_when_readers_race_unregister(tmp_path: Path) -> None:
+def test_no_descriptor_leaks_when_readers_race_unregister(
+    tmp_path: Path, backend: str
+) -> None:
     """A reads pieces (read_chunk, volatile: from the files every time) in a loop while B
     unregisters and registers the torrent again and again (~2 s); once it is unregistered
     for good the daemon holds exactly the descriptors it held before the torrent was
@@ -531,7 +565,7 @@ def test_no_descriptor_leaks_when_readers_race_unregister(tmp_path: Path) -> Non
     raw, src = torrent(tmp_path, spec, MiB, "v1", seed=51)
     n = src.meta.num_pieces
     dl = tmp_path / "dl"
-    with running(tmp_path) as d:
+    with running(tmp_path, backend) as d:
         with client(d) as c:  # put the payload on disk, then forget the torrent
             ih = c.register(raw, dl)
             download(c, ih, src)
@@ -577,14 +611,21 @@ def test_no_descriptor_leaks_when_readers_race_unregister(tmp_path: Path) -> Non
             leaked = sorted(now[x] for x in extra)
             assert len(now) == len(baseline), (
                 f"{len(now) - len(baseline)} descriptors leaked, e.g. {leaked[:5]}")
+            # uring's rings are the threads', one at most each (made at a thread's first
+            # I/O, closed when it ends): counted apart from the torrent's descriptors
+            threads = len(os.listdir(f"/proc/{pid}/task"))
+            assert len(open_fds(fds, rings=True)) <= threads
 
 
-def open_fds(folder: str) -> dict[str, str]:
-    """A process's open descriptors (from /proc/PID/fd) and what each one is."""
+def open_fds(folder: str, rings: bool = False) -> dict[str, str]:
+    """A process's open descriptors (from /proc/PID/fd) and what each one is: io_uring
+    instances only if ``rings``, else everything but them."""
     out = {}
     for x in os.listdir(folder):
         with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-            out[x] = os.readlink(f"{folder}/{x}")
+            what = os.readlink(f"{folder}/{x}")
+            if (what == "anon_inode:[io_uring]") == rings:
+                out[x] = what
     return out
 
 
@@ -595,7 +636,9 @@ HYBRID_FILES = {"a.bin": 40_000, "b.bin": 70_001, "c/d.bin": 16_385, "e.bin": 5_
 
 
 @pytest.mark.parametrize("transport", ["inline", "ring"])
-def test_peer_shaped_blocks_running_into_pads_verify(tmp_path: Path, transport: str) -> None:
+def test_peer_shaped_blocks_running_into_pads_verify(
+    tmp_path: Path, transport: str, backend: str
+) -> None:
     """A hybrid torrent (libtorrent pads every file to a piece boundary) downloaded in
     whole 16 KiB blocks, the pad part of a block sent as zeros: every piece verifies,
     the files are the payload."""
@@ -606,21 +649,20 @@ def test_peer_shaped_blocks_running_into_pads_verify(tmp_path: Path, transport: 
         "no block runs into a pad: the torrent does not test what it should")
     dl = tmp_path / "dl"
     events = Events()
-    with running(tmp_path) as d, client(d, events) as c:
+    with running(tmp_path, backend) as d, client(d, events) as c:
         ih = c.register(raw, dl)
         download(c, ih, src, blocks, ring=transport == "ring")
         c.flush_all()
         assert events.pieces("piece_failed", ih) == []
         assert sorted(events.pieces("piece_verified", ih)) == list(range(n))
         assert c.status(ih)["verified_pieces"] == n
-    for f in src.meta.files:
-        if not f.pad:
-            assert dl.joinpath(*f.path).read_bytes() == src.save.joinpath(*f.path).read_bytes()
-    assert all(lt_recheck(raw, dl))
+    assert_payload(raw, src, dl, backend)
 
 
 @pytest.mark.parametrize("transport", ["inline", "ring"])
-def test_a_nonzero_byte_in_a_pad_fails_its_piece(tmp_path: Path, transport: str) -> None:
+def test_a_nonzero_byte_in_a_pad_fails_its_piece(
+    tmp_path: Path, transport: str, backend: str
+) -> None:
     """The same peer-shaped download, but one block carries a non-zero byte where the
     pad file is: that piece fails (pads are zeros), every other piece verifies."""
     raw, src = torrent(tmp_path, HYBRID_FILES, 32768, "hybrid", seed=62)
@@ -631,7 +673,7 @@ def test_a_nonzero_byte_in_a_pad_fails_its_piece(tmp_path: Path, transport: str)
     bad = next((p, b, lo - b + (b + ln - lo) // 2) for p, b, ln in blocks
                for lo, _ in pads(src, p) if b < lo < b + ln)
     events = Events()
-    with running(tmp_path) as d, client(d, events) as c:
+    with running(tmp_path, backend) as d, client(d, events) as c:
         ih = c.register(raw, tmp_path / "dl")
         for p, b, ln in blocks:
             data = bytearray(src.read(p, b, ln))
