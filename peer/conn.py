@@ -111,6 +111,9 @@ class PeerConnection:
             return True
         if not self.handshaken:
             raise WireError("message before the handshake")
+        if type(ev) is wire.Piece:  # the message of a download, tested first; dropped
+            # when not asked for (late after a cancel, or unsolicited)
+            return self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is not None
         fast_only = (wire.HaveAll, wire.HaveNone, wire.SuggestPiece, wire.RejectRequest,
                      wire.AllowedFast)
         if isinstance(ev, fast_only) and not self.fast:
@@ -163,10 +166,6 @@ class PeerConnection:
                 return False  # already served, or being read: the piece goes out
             if self.fast:
                 self._send(wire.reject_request(*blk))
-        elif isinstance(ev, wire.Piece):
-            blk = (ev.piece, ev.begin, len(ev.data))
-            if self.our_requests.pop(blk, None) is None:
-                return False  # not asked for (late after a cancel, or unsolicited)
         elif isinstance(ev, wire.RejectRequest):
             blk = (ev.piece, ev.begin, ev.length)
             if self.our_requests.pop(blk, None) is None:

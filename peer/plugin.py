@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blake3 import blake3
 from pieced.protocol.client import DEFAULT_SOCKET, AsyncClient
 from pieced.storage.errors import AlreadyRegistered, PiecedError
 from pieced.storage.metainfo import Metainfo, parse
 
 from . import wire
+from .blame import Attribution
 from .conn import PeerConnection
 from .hashes import HashServer
 from .picker import Block, Picker
@@ -189,11 +189,7 @@ class Swarm:
         self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()
-        # piece -> begin -> (peer, BLAKE3 of its block): who sent what, for the piece
-        # under way and for pieces that failed with blocks of several peers (suspects),
-        # so that once the piece verifies the peers whose blocks differed are known.
-        self.blocks_from: dict[int, dict[int, tuple[Peer, bytes]]] = {}
-        self.suspects: dict[int, list[tuple[int, Peer, bytes]]] = {}
+        self.blame: Attribution[Peer] = Attribution()  # who sent the blocks of a bad piece
         self.summary = Summary()
         self.done = asyncio.Event()
         self.stop = asyncio.Event()
@@ -355,6 +351,9 @@ class Swarm:
 
     # -- messages from a peer -----------------------------------------------------------------
     async def _handle(self, peer: Peer, ev: wire.Event) -> None:
+        if type(ev) is wire.Piece:  # the message of a download: tested first
+            await self._block(peer, ev)
+            return
         picker = self.picker
         assert picker is not None
         conn = peer.conn
@@ -409,10 +408,13 @@ class Swarm:
         if self.picker.have[ev.piece]:
             return
         self.summary.bytes_down += len(ev.data)
-        self.blocks_from.setdefault(ev.piece, {})[ev.begin] = (peer, blake3(ev.data).digest(16))
+        self.blame.block(ev.piece, ev.begin, peer, ev.data)
+        client = self.client
         for begin, data in self.order.arrived(ev.piece, ev.begin, ev.data):
+            if client.try_write_block_direct(self.ih, ev.piece, begin, data):
+                continue
             try:
-                await self.client.write_block_direct(self.ih, ev.piece, begin, data)
+                await client.write_block_direct(self.ih, ev.piece, begin, data)
             except PiecedError as exc:
                 log.warning("the daemon refused a block of piece %d: %s", ev.piece, exc)
         if len(peer.conn.our_requests) <= min(PIPELINE, peer.conn.reqq) // 2:
@@ -561,9 +563,9 @@ class Swarm:
         piece = int(msg.get("piece", -1))
         if not 0 <= piece < self.meta.num_pieces:
             return
-        sent = self.blocks_from.pop(piece, {})
         self.order.forget(piece)
         if name == "piece_verified":
+            liars = self.blame.verified(piece)
             if picker.have[piece]:
                 return
             picker.piece_verified(piece)
@@ -573,10 +575,8 @@ class Swarm:
                 if p.conn.handshaken:
                     p.conn.send_have(piece)
                 self._fill(p)
-            for begin, peer, digest in self.suspects.pop(piece, []):
-                good = sent.get(begin)
-                if good is not None and good[1] != digest:
-                    self._blame(peer, piece)  # its block of the failed attempt was not this
+            for peer in liars:
+                self._blame(peer, piece)  # its block of a failed attempt was not this
             self._offer(piece)
             if picker.complete:
                 self.summary.complete = True
@@ -584,14 +584,10 @@ class Swarm:
             return
         self.summary.pieces_failed += 1
         picker.piece_failed(piece)
-        givers = {peer for peer, _ in sent.values()}
-        log.info("piece %d failed its hash (data from %s)", piece,
-                 ", ".join(p.addr for p in givers))
-        if len(givers) == 1:
-            self._blame(givers.pop(), piece)
-        else:  # which one lied is known once the piece verifies with other blocks
-            self.suspects.setdefault(piece, []).extend(
-                (begin, peer, digest) for begin, (peer, digest) in sent.items())
+        log.info("piece %d failed its hash (data from %d peers)", piece,
+                 self.blame.giver_count(piece))
+        for peer in self.blame.failed(piece):  # its only giver; else known once it verifies
+            self._blame(peer, piece)
         self._fill_all()
 
     def _blame(self, peer: Peer, piece: int) -> None:

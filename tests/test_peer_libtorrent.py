@@ -134,13 +134,15 @@ def _corrupt_every_piece(path: Path, piece: int) -> None:
             f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("piece", [16384, 65536])
+def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
+                                                                piece: int) -> None:
     """Two libtorrent seeders, one serving a corrupted copy (changed after it checked
     it): pieces fail, are asked for again, the liar alone is blamed (and dropped), and
-    every byte in the end is the real one."""
+    every byte in the end is the real one. With pieces of four blocks, a piece's blocks
+    come from both seeders, so which one lied is found by comparing blocks."""
     import shutil
 
-    piece = 16384
     files = {"a.bin": 60 * piece + 123, "b.bin": 20 * piece}
     content = make_payload(tmp_path / "good", files, seed=5)
     raw = make_torrent_lt(content, piece, "hybrid")

@@ -1,0 +1,91 @@
+"""Which peer sent the bad block of a piece that failed its hash.
+
+A piece's hash says only that one of its blocks is wrong. When every block came from
+one peer, that peer lied. When several peers gave blocks, the piece is asked for again,
+and once it verifies, each earlier block is compared with the good one: a peer whose
+block differs lied (libtorrent's "smart ban" does the same with the blocks it reads
+back from disk).
+
+Comparing needs a digest of each block of the failed attempt, and hashing every block
+of every download for a failure that almost never comes costs a tenth of the plugin's
+CPU. So the blocks of a piece's first giver are not hashed: if the piece fails and
+every hashed block of the other givers matches the good piece, the wrong block can only
+be one of the first giver's. A piece that failed before is hashed whole on its next
+attempt, since that attempt is the reference the earlier ones are compared with.
+
+Sans-I/O: peers are any hashable objects; the caller acts on the verdicts.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from blake3 import blake3
+
+P = TypeVar("P")
+
+# (begin, peer, BLAKE3 of the block, or None for the first giver's unhashed blocks)
+_Sent = list[tuple[int, P, bytes | None]]
+
+
+class Attribution(Generic[P]):
+    def __init__(self) -> None:
+        self._sent: dict[int, dict[int, tuple[P, bytes | None]]] = {}
+        self._first: dict[int, P] = {}
+        self._suspects: dict[int, list[_Sent[P]]] = {}  # piece -> its failed attempts
+        self.hashed = 0  # blocks hashed, for the curious
+
+    def block(self, piece: int, begin: int, peer: P, data: bytes | memoryview) -> None:
+        """A block of ``piece`` from ``peer`` is on its way to storage."""
+        sent = self._sent.get(piece)
+        if sent is None:
+            sent = self._sent[piece] = {}
+            self._first[piece] = peer
+        if peer == self._first[piece] and piece not in self._suspects:
+            sent[begin] = (peer, None)
+        else:
+            self.hashed += 1
+            sent[begin] = (peer, blake3(data).digest(16))
+
+    def failed(self, piece: int) -> list[P]:
+        """The piece failed its hash: the peers known at once to have lied (its only
+        giver); with several givers, the verdict waits for the piece to verify."""
+        sent = self._sent.pop(piece, {})
+        self._first.pop(piece, None)
+        givers = list(dict.fromkeys(peer for peer, _ in sent.values()))
+        if len(givers) == 1:
+            return givers
+        if givers:
+            self._suspects.setdefault(piece, []).append(
+                [(begin, peer, digest) for begin, (peer, digest) in sent.items()])
+        return []
+
+    def verified(self, piece: int) -> list[P]:
+        """The piece verified: the peers whose blocks of earlier failed attempts differ
+        from the good ones (or, where every hashed block of an attempt matches, that
+        attempt's first giver, whose blocks were not hashed)."""
+        good = self._sent.pop(piece, {})
+        self._first.pop(piece, None)
+        liars: dict[P, None] = {}
+        for attempt in self._suspects.pop(piece, []):
+            found = unsure = False
+            for begin, peer, digest in attempt:
+                if digest is None:
+                    continue
+                now = good.get(begin)
+                if now is None or now[1] is None:
+                    unsure = True  # nothing to compare it with: no verdict on the rest
+                elif now[1] != digest:
+                    liars[peer] = None
+                    found = True
+            if not found and not unsure:
+                for _, peer, digest in attempt:
+                    if digest is None:
+                        liars[peer] = None
+        return list(liars)
+
+    def giver_count(self, piece: int) -> int:
+        return len({peer for peer, _ in self._sent.get(piece, {}).values()})
+
+
+__all__ = ["Attribution"]

@@ -1,0 +1,89 @@
+"""Telling which peer sent the bad block of a failed piece (peer/blame.py), without
+sockets: blocks from several peers, liars among them, the piece failing and then
+verifying with good blocks."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pieced.peer.blame import Attribution
+
+BLOCK = 16384
+
+
+def good(begin: int) -> bytes:
+    return begin.to_bytes(8, "big") * (BLOCK // 8)
+
+
+def bad(begin: int) -> bytes:
+    return b"\xff" + good(begin)[1:]
+
+
+def test_a_piece_from_one_peer_blames_it_without_hashing() -> None:
+    a: Attribution[str] = Attribution()
+    for b in range(0, 8 * BLOCK, BLOCK):
+        a.block(0, b, "A", bad(b) if b == 3 * BLOCK else good(b))
+    assert a.hashed == 0
+    assert a.failed(0) == ["A"]
+    for b in range(0, 8 * BLOCK, BLOCK):
+        a.block(0, b, "C", good(b))
+    assert a.verified(0) == []
+
+
+def test_a_hashed_liar_and_an_unhashed_liar_are_found() -> None:
+    # first giver A (unhashed) honest, B (hashed) lies: B
+    a: Attribution[str] = Attribution()
+    a.block(5, 0, "A", good(0))
+    a.block(5, BLOCK, "B", bad(BLOCK))
+    a.block(5, 2 * BLOCK, "A", good(2 * BLOCK))
+    assert a.hashed == 1
+    assert a.failed(5) == []
+    for b in range(0, 3 * BLOCK, BLOCK):
+        a.block(5, b, "C", good(b))
+    assert a.hashed == 4  # a piece that failed is hashed whole next time
+    assert a.verified(5) == ["B"]
+    # first giver A lies, B honest: A, though its blocks were never hashed
+    a.block(6, 0, "A", bad(0))
+    a.block(6, BLOCK, "B", good(BLOCK))
+    assert a.failed(6) == []
+    a.block(6, 0, "B", good(0))
+    a.block(6, BLOCK, "B", good(BLOCK))
+    assert a.verified(6) == ["A"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_an_honest_peer_is_never_blamed(data: st.DataObject) -> None:
+    """Blocks of one piece from up to four peers, some of them liars, over one or two
+    failed attempts: whoever is blamed lied, and when an attempt had several givers
+    and every hashed block in it can be compared, a liar of it is found."""
+    peers = ["A", "B", "C", "D"]
+    liars = set(data.draw(st.lists(st.sampled_from(peers), min_size=1, max_size=3)))
+    nblocks = data.draw(st.integers(1, 6))
+    a: Attribution[str] = Attribution()
+    blamed: list[str] = []
+    lied: set[str] = set()
+    verified = False
+    for _ in range(data.draw(st.integers(1, 2))):
+        givers = data.draw(st.lists(st.sampled_from(peers), min_size=nblocks, max_size=nblocks))
+        sent_bad = False
+        for i, who in enumerate(givers):
+            lie = who in liars and data.draw(st.booleans())
+            if lie:
+                sent_bad = True
+                lied.add(who)
+            a.block(0, i * BLOCK, who, bad(i * BLOCK) if lie else good(i * BLOCK))
+        if sent_bad:
+            blamed += a.failed(0)
+        else:  # every block good: the piece verifies
+            blamed += a.verified(0)
+            verified = True
+            break
+    if not verified:
+        honest = [p for p in peers if p not in liars] or ["E"]
+        for i in range(nblocks):
+            a.block(0, i * BLOCK, honest[0], good(i * BLOCK))
+        blamed += a.verified(0)
+    assert set(blamed) <= lied, (blamed, liars)
+    if lied:
+        assert blamed, (blamed, liars)
