@@ -14,6 +14,8 @@ from .files import FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
 
+_bounces = threading.local()  # each thread's bounce buffer, shared by every torrent
+
 
 class DirectStorage(FileStorage):
     """The O_DIRECT backend: payload files read and written past the page cache.
@@ -38,7 +40,6 @@ class DirectStorage(FileStorage):
 
     def _setup(self) -> None:
         self._file_locks: dict[int, threading.Lock] = {}
-        self._local = threading.local()
 
     def open_file(self, index: int, writable: bool) -> int:
         flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
@@ -53,12 +54,13 @@ class DirectStorage(FileStorage):
             raise
 
     def _bounce(self, size: int) -> memoryview:
-        """The thread's page-aligned buffer (an anonymous map), grown as needed."""
-        buf: memoryview | None = getattr(self._local, "buf", None)
+        """The thread's page-aligned buffer (an anonymous map), grown as needed: one a
+        thread, whatever the number of torrents (a call uses it and is done with it)."""
+        buf: memoryview | None = getattr(_bounces, "buf", None)
         if buf is None or buf.nbytes < size:
             cap = max(size, 1024 * 1024)
             cap += -cap % self.ALIGN
-            buf = self._local.buf = memoryview(mmap.mmap(-1, cap))
+            buf = _bounces.buf = memoryview(mmap.mmap(-1, cap))
         return buf
 
     def _lock_of(self, index: int) -> threading.Lock:

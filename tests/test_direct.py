@@ -123,3 +123,39 @@ def test_pieces_larger_than_one_direct_call(tmp_path: Path) -> None:
     finally:
         dio.close()
     assert (tmp_path / "dl" / "payload" / "b.bin").read_bytes() == (content / "b.bin").read_bytes()
+
+
+def test_bounce_buffers_are_one_a_thread_not_one_a_thread_and_torrent(tmp_path: Path) -> None:
+    """Eight torrents of 8 MiB pieces rechecked one after the other: the hashing threads
+    read them through their bounce buffers (4 MiB each, touched whole), one a thread
+    whatever the number of torrents. Before, each torrent kept its own for each thread
+    for as long as it was registered: the memory grew with the number of torrents."""
+    import hashlib
+
+    import bencodepy
+
+    from tests.conftest import proc_bytes
+
+    piece = 8 * 1024 * 1024
+    zero_hash = hashlib.sha1(bytes(piece)).digest()
+    dio = DiskIO("direct", cache_bytes=0, hash_workers=2, roots=[tmp_path])
+    try:
+        torrents = []
+        for k in range(8):
+            name = f"zeros{k}.bin"
+            info = {b"name": name.encode(), b"piece length": piece, b"length": 2 * piece,
+                    b"pieces": zero_hash * 2}
+            dl = tmp_path / f"dl{k}"
+            dl.mkdir()
+            with open(dl / name, "wb") as f:  # sparse: zeros, nothing on disk
+                f.truncate(2 * piece)
+            torrents.append(dio.register(bencodepy.encode({b"info": info}), dl))
+        assert dio.recheck(torrents[0], full=True).ok  # the threads and their buffers exist
+        base = proc_bytes(os.getpid())
+        for ih in torrents[1:]:
+            assert dio.recheck(ih, full=True).ok
+        grown = proc_bytes(os.getpid()) - base
+        print(f"seven more rechecks: RSS grew {grown / 2**20:.1f} MiB")
+        assert grown < 16 * 1024 * 1024, grown  # 7 torrents x 2 threads x 4 MiB before
+    finally:
+        dio.close()
