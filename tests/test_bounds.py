@@ -1,4 +1,10 @@
-"""What one client can make the daemon hold is bounded, and others go on meanwhile."""
+"""What one client can make the daemon hold is bounded, and others go on meanwhile.
+
+The bounds that storage keeps (pieces in progress, reads and rechecks of huge pieces,
+the register/unregister fences) are held on each storage backend (``backend``, see
+conftest.py); those of the protocol (frames, connections, descriptors passed) on the
+default one.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType
 from pieced.protocol.messages import encode_request
 
-from tests.conftest import Daemon, open_fds, proc_bytes
+from tests.conftest import STORES_NOTHING, Daemon, open_fds, proc_bytes
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn
 from tests.test_disk import Source
@@ -185,11 +192,10 @@ def test_short_requests_are_answered_while_four_rechecks_run(tmp_path: Path) -> 
     assert answered_while_all_ran >= 5, answered_while_all_ran
 
 
-def test_pieces_in_progress_are_bounded(tmp_path: Path) -> None:
+def test_pieces_in_progress_are_bounded(tmp_path: Path, backend: str) -> None:
     """Each piece in progress holds hash state outside the byte budget: past the bound a
     block that would start one more is refused, clearly, and changes nothing; another
     torrent, with fewer than PARTIAL_FLOOR pieces in progress, still downloads."""
-    import pytest
     from pieced.storage.disk import PARTIAL_FLOOR, DiskIO
     from pieced.storage.errors import TooLarge
 
@@ -200,7 +206,7 @@ def test_pieces_in_progress_are_bounded(tmp_path: Path) -> None:
     raw2 = make_torrent_lt(other, 32768, "v1")
     src2 = Source(raw2, tmp_path / "src2")
     bound = PARTIAL_FLOOR + 3
-    dio = DiskIO(max_partial_pieces=bound)
+    dio = DiskIO(backend, max_partial_pieces=bound)
     ih = dio.register(raw, tmp_path / "dl")
     first = {p: (p, b, min(n, 100)) for p, b, n in src.peer_blocks() if b == 0}
     for p in range(bound):
@@ -226,7 +232,7 @@ def test_pieces_in_progress_are_bounded(tmp_path: Path) -> None:
     dio.close()
 
 
-def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path) -> None:
+def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path, backend: str) -> None:
     """Two clients register and unregister one torrent while a third writes its blocks
     and a fourth rechecks it, for a bounded time: every refusal has its code (never
     INTERNAL), and after kill -9 the torrent is registered with its save path, or absent,
@@ -240,7 +246,7 @@ def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path) -> No
     raw = make_torrent_lt(content, 32768, "hybrid")
     src = Source(raw, tmp_path / "src")
     ih = src.meta.info_hash
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, backend=backend)
     seen: dict[str, int] = {}
     internal: list[str] = []
     lock = threading.Lock()
@@ -294,7 +300,7 @@ def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path) -> No
         listed = {t["ih"]: t for t in c.torrents()}
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait(10)
-    d2 = Daemon(tmp_path)
+    d2 = Daemon(tmp_path, backend=backend)
     try:
         with Client(d2.socket) as c:
             after = {t["ih"]: t for t in c.torrents()}
@@ -415,7 +421,9 @@ def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) 
         assert d.stop() == 0, d.stderr()
 
 
-def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -> None:
+def test_a_million_piece_torrent_with_scattered_partial_pieces(
+    tmp_path: Path, backend: str
+) -> None:
     """A torrent of 1,000,000 pieces; a client writes 16 bytes into 20,000 scattered
     pieces. Past max_partial_pieces each new piece is refused (TOO_LARGE, its id only),
     and the daemon's RSS stays within its budget plus 64 MiB."""
@@ -430,7 +438,7 @@ def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -
     raw = bencodepy.encode({b"info": info})
     budget = 16 * 1024 * 1024
     # default frame limit (8 MiB): the 20 MB metainfo goes in a memfd
-    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)})
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)}, backend=backend)
     try:
         base = proc_bytes(d.proc.pid)
         with Client(d.socket) as c:
@@ -461,7 +469,7 @@ def test_a_million_piece_torrent_with_scattered_partial_pieces(tmp_path: Path) -
         assert d.stop() == 0, d.stderr()
 
 
-def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> None:
+def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path, backend: str) -> None:
     """READs of 16 bytes from 64 MiB pieces, from four connections at once: each reads
     its 16 bytes, not the whole piece (which would not fit the 16 MiB budget anyway)."""
     import threading
@@ -477,7 +485,7 @@ def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> Non
     with open(dl / "big.bin", "wb") as f:  # sparse: reads are zeros, nothing on disk
         f.truncate(4 * piece)
     budget = 16 * 1024 * 1024
-    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)})
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(budget)}, backend=backend)
     errors: list[BaseException] = []
     try:
         base = proc_bytes(d.proc.pid)
@@ -502,7 +510,7 @@ def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path) -> Non
         assert d.stop() == 0, d.stderr()
 
 
-def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path) -> None:
+def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path, backend: str) -> None:
     """Three connections recheck three torrents of 64 MiB pieces at once: each hashing
     thread reads into one buffer of at most 4 MiB, not a piece-sized one per recheck."""
     import hashlib
@@ -522,7 +530,7 @@ def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path) -> None:
         with open(dl / name.decode(), "wb") as f:  # sparse: zeros, nothing on disk
             f.truncate(2 * piece)
         torrents.append((bencodepy.encode({b"info": info}), dl))
-    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(16 * 1024 * 1024)})
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(16 * 1024 * 1024)}, backend=backend)
     errors: list[BaseException] = []
     try:
         with Client(d.socket) as c:
@@ -547,7 +555,8 @@ def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
-def test_pieces_read_in_parts_verify_as_whole_ones(tmp_path: Path) -> None:
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_pieces_read_in_parts_verify_as_whole_ones(tmp_path: Path, backend: str) -> None:
     """A hybrid of 8 MiB pieces (read in parts by a recheck): every piece verifies, and a
     byte changed in a piece's second part fails that piece alone, by fingerprint and by
     the torrent's own hashes."""
@@ -559,7 +568,7 @@ def test_pieces_read_in_parts_verify_as_whole_ones(tmp_path: Path) -> None:
     content = make_payload(tmp_path / "dl", {"a.bin": piece + 5, "b.bin": 2 * piece + 70_000},
                            seed=6)
     raw = make_torrent_lt(content, piece, "hybrid")
-    dio = DiskIO(roots=[tmp_path], cache_bytes=0)
+    dio = DiskIO(backend, roots=[tmp_path], cache_bytes=0)
     try:
         ih = dio.register(raw, tmp_path / "dl")
         first = dio.recheck(ih)

@@ -7,7 +7,8 @@ rehashing), and every piece reported verified must have the payload's bytes on d
 rounds are ``bench/crash.py``'s, imported from there (``python bench/crash.py`` runs more
 of them and prints the figures): start, check what the last kill left, write the missing
 blocks shuffled over both transports, SIGKILL a random delay after a random block or a
-random announcement.
+random announcement. On each storage backend that stores (``backend``, see conftest.py),
+given to the daemons as ``PIECED_BACKEND``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.crash import crash_rounds, prepare_torrent, summarise
+from tests.conftest import STORES_NOTHING
 from tests.realtools import TorrentKind
 
 ROUNDS = 15
@@ -28,11 +30,14 @@ SHOWN = ("kill", "blocks_to_write", "blocks_sent", "kill_trigger", "killed_after
 
 
 @pytest.mark.slow
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize(("kind", "piece_length", "seed"),
                          [("v1", 32768, 1), ("hybrid", 65536, 2)])
 def test_a_sigkill_forgets_no_announced_piece_and_vouches_for_no_wrong_one(
-    tmp_path: Path, kind: TorrentKind, piece_length: int, seed: int
+    tmp_path: Path, kind: TorrentKind, piece_length: int, seed: int, backend: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("PIECED_BACKEND", backend)  # the rounds' daemons take our environment
     t = prepare_torrent(tmp_path / "work", kind, piece_length)
     kills = crash_rounds(t, tmp_path / "run", ROUNDS, seed=seed)
     totals = summarise(kills)

@@ -13,7 +13,8 @@ For each row three things are checked:
 * ``parse`` refuses with the expected error class and a message naming the offending key
   or path (or accepts, for the control rows);
 * ``DiskIO.register`` refuses as well and leaves nothing behind: the save folder stays
-  empty and no torrent folder appears in the state dir.
+  empty and no torrent folder appears in the state dir; on each storage backend
+  (``backend``, see conftest.py).
 """
 
 from __future__ import annotations
@@ -701,12 +702,12 @@ def test_parse(row: Row, bases: Bases) -> None:
 
 
 @pytest.mark.parametrize("row", ROW_PARAMS)
-def test_register(row: Row, bases: Bases, tmp_path: Path) -> None:
+def test_register(row: Row, bases: Bases, tmp_path: Path, backend: str) -> None:
     raw = row.build(bases)
     save = tmp_path / "save"
     save.mkdir()
     state = tmp_path / "state"
-    disk = DiskIO(hash_workers=1, cache_bytes=1 << 20, state_dir=state)
+    disk = DiskIO(backend, hash_workers=1, cache_bytes=1 << 20, state_dir=state)
     try:
         if row.error is None:
             disk.register(raw, save)
