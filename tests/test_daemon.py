@@ -1,4 +1,9 @@
-"""The daemon as a subprocess, driven through its socket by the real client library."""
+"""The daemon as a subprocess, driven through its socket by the real client library.
+
+Downloads, corrupt pieces, bad input and the flush at SIGTERM run on each storage backend
+(``backend``, see conftest.py; the ``daemon`` fixture starts on it); the protocol's own
+tests on the default one.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from pieced.storage.errors import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon
+from tests.conftest import STORES_NOTHING, Daemon
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
@@ -97,8 +102,11 @@ def write_from_three_clients(
     assert not errors, errors
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
-def test_three_clients_both_transports(daemon: Daemon, odd_payload: tuple[Path, Path], kind: Any) -> None:
+def test_three_clients_both_transports(
+    daemon: Daemon, odd_payload: tuple[Path, Path], kind: Any, backend: str
+) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, kind)
     src = Source(raw, save)
@@ -131,7 +139,9 @@ def test_three_clients_both_transports(daemon: Daemon, odd_payload: tuple[Path, 
     assert all(lt_recheck(raw, dl))
 
 
-def test_corrupt_piece_fails_and_other_torrents_go_on(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+def test_corrupt_piece_fails_and_other_torrents_go_on(
+    daemon: Daemon, odd_payload: tuple[Path, Path], backend: str
+) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "hybrid")
     src = Source(raw, save)
@@ -149,7 +159,9 @@ def test_corrupt_piece_fails_and_other_torrents_go_on(daemon: Daemon, odd_payloa
         assert not c.status(ih)["have"][0] & 0x40
 
 
-def test_bad_input_gets_errors_and_disturbs_no_one(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+def test_bad_input_gets_errors_and_disturbs_no_one(
+    daemon: Daemon, odd_payload: tuple[Path, Path], backend: str
+) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, save)
@@ -279,11 +291,14 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     json.loads(pieced("stats", "--json", *sock).stdout)
 
 
-def test_sigterm_flushes_buffered_pieces(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_sigterm_flushes_buffered_pieces(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
+) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, save)
-    d = Daemon(tmp_path, env={"PIECED_SYNC_WINDOW_MS": "1000"})
+    d = Daemon(tmp_path, env={"PIECED_SYNC_WINDOW_MS": "1000"}, backend=backend)
     with Client(d.socket) as c:
         ih = c.register(raw, tmp_path / "dl")
         for p, b, n in src.blocks():
