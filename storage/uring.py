@@ -39,11 +39,11 @@ class _Ring:
     errno on failure), submitted together and waited on together."""
 
     DEPTH = 64
+    live = False  # io_uring_queue_init succeeded: the ring is to be closed
 
     def __init__(self) -> None:
         import liburing
 
-        self.live = False
         self.lib = liburing
         self.ring = liburing.Ring()
         self.cqe = liburing.Cqe()
