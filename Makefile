@@ -1,11 +1,12 @@
 # The two commands of the README's quick start: `make run` and `make test`.
 # Everything the project needs is installed from here: a venv in .venv and, for the
-# tests, the real torrent makers (mktorrent, transmission-create) from Debian.
+# tests, the real torrent makers (mktorrent, transmission-create) and the browser the
+# status page is tested in (chromium) from Debian.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench tools
+.PHONY: run test lint bench tools screenshot
 run: $(VENV)/.run-deps
 	$(BIN)/pieced run
 
@@ -33,10 +34,16 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/bin/python
 
 tools:
 	@command -v mktorrent >/dev/null && command -v transmission-create >/dev/null \
-	  && command -v systemd-analyze >/dev/null || { \
+	  && command -v systemd-analyze >/dev/null && command -v chromium >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  $$SUDO apt-get install -y -qq mktorrent transmission-cli systemd >/dev/null; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq mktorrent transmission-cli systemd chromium >/dev/null; }
+
+# docs/status-page.png: the status page mid-download, as the browser test sees it.
+screenshot: $(VENV)/.test-deps tools
+	STATUS_PAGE_SCREENSHOT=docs/status-page.png $(BIN)/pytest -q tests/test_page.py \
+	  -k test_page_follows_a_download
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/recheck.py

@@ -8,7 +8,9 @@ every key with its default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,7 @@ class Settings:
     allow_gids: list[int] = field(default_factory=list)
     http_host: str = "127.0.0.1"
     http_port: int = 9731
+    http_token: str = ""
     backend: str = "posix"
     cache_bytes: int = 256 * MiB
     cache_policy: str = "arc"
@@ -86,9 +89,30 @@ def _mode(v: Any) -> str | None:
     return None if 0 <= v <= 0o777 else "must be a file mode such as 0o660"
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")
+
+
+def _token(v: Any) -> str | None:
+    """At least 16 characters that need no escaping in a URL (``?token=`` carries it)."""
+    if v == "" or _TOKEN.fullmatch(v):
+        return None
+    return "must be empty or at least 16 characters of A-Z a-z 0-9 . _ ~ -"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an HTTP address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every address)
+        return False
+
+
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "socket_mode": _mode,
     "http_port": _port,
+    "http_token": _token,
     "backend": _choice("posix", "mmap", "direct", "uring", "disabled"),
     "cache_bytes": _non_negative,
     "cache_policy": _choice("arc", "lru"),
@@ -193,4 +217,19 @@ def load(
         if key not in _TYPES:
             raise ConfigError(f"command line: unknown setting '{key}'")
         values[key] = _coerce(key, value, "command line")
-    return Settings(**values)
+    settings = Settings(**values)
+    problem = exposure_problem(settings)
+    if problem:
+        raise ConfigError(problem)
+    return settings
+
+
+def exposure_problem(settings: Settings) -> str | None:
+    """The HTTP server shows every torrent's name, files and errors: anywhere but on
+    loopback it answers only requests that carry the token."""
+    if settings.http_token or is_loopback(settings.http_host):
+        return None
+    return (f"http_host = {settings.http_host!r} is not a loopback address and http_token is "
+            "not set: anyone who can reach that address would see every torrent. Set "
+            "http_token (in the config file or PIECED_HTTP_TOKEN) or keep http_host = "
+            "\"127.0.0.1\"")

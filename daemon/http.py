@@ -1,4 +1,5 @@
-"""HTTP observability: /healthz, /stats, /torrents[/IH] (JSON) and /metrics.
+"""HTTP observability: the status page at / (``page.py``), /healthz, /stats,
+/torrents[/IH] (JSON) and /metrics. Read-only: every route is a GET.
 
 Everything is read from the engine at request time: no second set of counters to
 keep in step. /metrics maps the engine's snapshot onto Prometheus families with
@@ -7,6 +8,7 @@ prometheus-client's own exposition.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
+from .feed import TICK
+from .guard import add_headers, require_token
+from .page import add_page
 from .server import Server
 
 
@@ -85,7 +90,9 @@ class _Collector:
             yield fam
 
 
-def make_app(disk: DiskIO, server: Server) -> web.Application:
+def make_app(disk: DiskIO, server: Server, token: str = "",
+             page_interval: float = TICK) -> web.Application:
+    """``token``: the http_token every request must carry ("" asks for none)."""
     registry = CollectorRegistry()
     registry.register(_Collector(disk, server))
 
@@ -96,12 +103,16 @@ def make_app(disk: DiskIO, server: Server) -> web.Application:
         return web.json_response(disk.stats() | server.stats())
 
     async def torrents(request: web.Request) -> web.Response:
-        return web.json_response([status_json(disk, ih) for ih in disk.torrents()])
+        # status counts pieces: off the loop
+        loop = asyncio.get_running_loop()
+        return web.json_response(await loop.run_in_executor(
+            None, lambda: [status_json(disk, ih) for ih in disk.torrents()]))
 
     async def torrent(request: web.Request) -> web.Response:
         try:
             ih = bytes.fromhex(request.match_info["ih"])
-            return web.json_response(status_json(disk, ih))
+            loop = asyncio.get_running_loop()
+            return web.json_response(await loop.run_in_executor(None, status_json, disk, ih))
         except ValueError:
             raise web.HTTPBadRequest(text="info_hash must be 40 hex digits\n") from None
         except Exception as exc:  # UnknownTorrent and friends
@@ -111,10 +122,12 @@ def make_app(disk: DiskIO, server: Server) -> web.Application:
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[require_token(token)] if token else [])
+    app.on_response_prepare.append(add_headers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/stats", stats)
     app.router.add_get("/torrents", torrents)
     app.router.add_get("/torrents/{ih}", torrent)
     app.router.add_get("/metrics", metrics)
+    add_page(app, disk, server, token, page_interval)
     return app

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 
 from aiohttp import web
-from pieced.config.settings import Settings
+from pieced.config.settings import Settings, exposure_problem
 from pieced.storage.disk import DiskIO
 
 from . import systemd
@@ -82,6 +82,9 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
 
 async def serve(settings: Settings) -> None:
     settings = settings.resolved()
+    problem = exposure_problem(settings)
+    if problem:
+        raise SystemExit(f"pieced: {problem}")
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     observer = Observer()
     disk = make_disk(settings, observer)
@@ -102,7 +105,7 @@ async def serve(settings: Settings) -> None:
     listener = passed[0] if passed else bind_socket(settings)
     server.start(listener)
 
-    runner = web.AppRunner(make_app(disk, server), access_log=None)
+    runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     await site.start()
