@@ -47,3 +47,4 @@ screenshot: $(VENV)/.test-deps tools
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/recheck.py
+	$(BIN)/python bench/recheck.py --cold

@@ -1,44 +1,73 @@
 #!/usr/bin/env python3
-"""How fast does pieced recheck a torrent, next to libtorrent and the physical limit?
+"""How fast does pieced recheck a torrent: every backend, warm or cold, beside libtorrent
+and the limits of this machine.
 
-Prints one JSON object on stdout (progress goes to stderr). For a payload of
-``--size-mib`` MiB (a few files of odd sizes in nested folders, generated once into
-``--workdir`` and reused while the size matches) it makes a v1 and a hybrid torrent with
-libtorrent, warms the page cache, and then times, as whole processes (wall clock, best
-of ``--repeat``, runs of the contenders interleaved so drift hits all alike):
+    .venv/bin/python bench/recheck.py --size-mib 2048 --piece-kib 4096 --repeat 3
+    .venv/bin/python bench/recheck.py --size-mib 2048 --piece-kib 4096 --repeat 3 --cold
 
-``raw``
-    ``bench/raw_hash.py``: hashlib on every core over zero-copy mmap slices, doing the
-    hashing a full check needs (SHA-1 per piece; for hybrid also SHA-256 per 16 KiB
-    leaf and the merkle tree up to the piece layer) and nothing else: the limit.
+Prints one JSON object on stdout; progress goes to stderr. The payload is ``--size-mib``
+MiB in 7 files of odd sizes in nested folders (one of 0 bytes, one of 1 byte), made once
+in ``--workdir`` and reused while its size matches; the torrents (``--kinds``, of
+``--piece-kib`` pieces) are made by libtorrent. Every entry is a whole process (start-up
+and imports count: that is what a user waits for), timed by wall clock, best of
+``--repeat``, the runs of all entries interleaved so that drift hits all alike.
+
+Before every run the page cache is set up for it and then checked with ``mincore``:
+
+* *cold*: each file is ``fsync``-ed and dropped with ``POSIX_FADV_DONTNEED``; if more
+  than 1 % of the payload's pages are still resident the benchmark stops (it would be measuring
+  memory, not the disk);
+* *warm*: every file is read once, through the page cache.
+
+The fraction of the payload resident just before each run is in the JSON
+(``resident_runs``). The entries:
+
+``read/buffered-2t``, ``read/buffered-4t``, ``read/direct-2t``, ``read/direct-4t`` (always cold)
+    The cold read limit: every file read once, 4 MiB at a time, nothing hashed, by 2 or
+    4 threads taking the 4 MiB chunks in turn; ``buffered`` is ``os.preadv`` through
+    the page cache, ``direct`` is ``O_DIRECT`` into a page-aligned buffer (an anonymous
+    mmap), past it. The fastest of the four is *the* read limit.
+``raw`` (always warm)
+    ``bench/raw_hash.py``: hashlib on every core over mmap'ed files doing only the
+    hashing a full check needs (SHA-1 per piece; for hybrid also SHA-256 per 16 KiB leaf
+    and the Merkle tree): the hash limit.
+``raw_blake3`` (always warm, measured in warm mode only)
+    ``bench/raw_hash.py --blake3``: one BLAKE3 per piece on every core, nothing else:
+    the limit for a fingerprint recheck.
 ``libtorrent``
-    A Python process running ``tests.realtools.lt_recheck`` (a real libtorrent session,
-    ``hashing_threads`` = cores), which must find every piece good.
-``pieced``
-    ``.venv/bin/pieced verify TORRENT --data SAVE_PATH --json``, which must exit 0 with
-    empty ``failed_v1`` / ``failed_v2``. A missing or failing command is recorded as an
-    ``error`` for that entry rather than stopping the benchmark.
-``pieced_recheck_full`` / ``pieced_recheck``
-    ``pieced recheck IH [--full] --json`` against a daemon this script starts (state in
-    ``WORKDIR/var``) with the torrent registered and rechecked once, so that every piece
-    has its BLAKE3 fingerprint: ``--full`` hashes with the torrent's own hashes, the
-    plain recheck with the fingerprints (it must report a fingerprint hit per piece).
-``raw_blake3``
-    ``bench/raw_hash.py --blake3``: one BLAKE3 per piece over mmap slices on every core,
-    the limit for ``pieced_recheck``.
+    ``bench/lt_check.py``: a libtorrent session checking the data as operators tune it
+    for checking (``hashing_threads`` 2, ``aio_threads`` 4, ``checking_mem_usage`` 4096).
+``pieced_verify``
+    ``pieced verify TORRENT --data DIR --json``, the offline verifier (mmap, no daemon).
+``pieced_recheck_full/BACKEND``
+    ``pieced recheck IH --full --json`` against a daemon of that backend
+    (``PIECED_BACKEND`` = posix, mmap, direct, uring), one daemon per backend, all
+    started by this script with the torrents registered and rechecked once: the
+    torrent's own hashes, every byte read from the files.
+``pieced_recheck/BACKEND`` (warm only)
+    ``pieced recheck IH --json``: the recheck against the BLAKE3 fingerprints, which must
+    all hit.
 
-Whole processes, because that is what a user waits for: interpreter start-up and
-imports count (``python_startup_seconds`` in the output says how much of that is bare
-CPython). Each run's CPU time (user + system, all threads) is reported next to its wall
-clock: it shows how much work each contender does, and it is what to trust when the
-load average shows the host was busy. Ratios: ``fraction_of_raw`` = raw / tool time (1.0 = at the limit) and
-``libtorrent_over_pieced`` = libtorrent / pieced time (> 1: pieced is faster).
+Each run's CPU seconds (user + system, all threads) are reported next to its wall clock
+(``cpu_seconds_runs``; for a daemon recheck that is the client, and the daemon's own are
+``daemon_cpu_seconds_runs``): they show how much work each entry does and are what to
+trust when the load average says the host was busy. ``ratios`` per kind:
+``over_limit`` = time / limit, where the limit is max(read limit, hash limit) when cold
+and the hash limit when warm (``raw_blake3`` for the fingerprint recheck), so 1.0 is at
+the limit; ``libtorrent_over`` = libtorrent's time / this entry's (> 1: pieced is
+faster); ``cpu_over_raw`` = the least CPU seconds of a run of this entry (client and
+daemon) over those of ``raw`` (``raw_blake3`` for the fingerprint recheck): the work
+done beside the bare hashing, which a busy host does not blur as it does wall clock.
+``goals`` says which of the recheck goals a run meets (by wall clock).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import platform
 import resource
@@ -46,36 +75,56 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import libtorrent as lt  # noqa: E402
 
-from tests.realtools import cached_torrent_lt, make_payload  # noqa: E402
+from bench.daemon_proc import DaemonProcess  # noqa: E402
+from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
-Kind = Literal["v1", "hybrid"]
-KINDS: tuple[Kind, ...] = ("v1", "hybrid")
 SEED = 0
+KINDS = ("v1", "hybrid")
+BACKENDS = ("posix", "mmap", "direct", "uring")
+#: Stop a cold run when more of the payload than this is still in the page cache.
+MAX_COLD_RESIDENT = 0.01
+#: Goals, as time over the limit: a cold full recheck within 1.15x of max(read limit,
+#: hash limit), a warm one within 1.05x of the hash limit, a warm fingerprint recheck
+#: within 1.1x of the bare BLAKE3 pass.
+GOALS = {("cold", "pieced_recheck_full"): 1.15, ("warm", "pieced_recheck_full"): 1.05,
+         ("warm", "pieced_recheck"): 1.10}
 
-LT_CHILD = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from tests.realtools import lt_recheck
-have = lt_recheck(Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]), float(sys.argv[4]))
-bad = [i for i, ok in enumerate(have) if not ok]
-print(json.dumps({"pieces": len(have), "failed": bad}))
-sys.exit(1 if bad or not have else 0)
+READ_CHILD = """
+import json, mmap, os, sys, threading
+mode, n, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+chunk = 4 << 20
+flags = os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0)
+jobs = []
+for p in paths:
+    fd = os.open(p, flags)
+    jobs += [(fd, off) for off in range(0, os.fstat(fd).st_size, chunk)]
+got = [0] * n
+def work(k):
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+    for fd, off in jobs[k::n]:
+        got[k] += os.preadv(fd, [buf], off)
+ts = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps({"bytes": sum(got)}))
 """
 
 
 def log(msg: str) -> None:
     print(f"[recheck] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- payload
 
 
 def payload_spec(size: int) -> dict[str, int]:
@@ -121,31 +170,96 @@ def prepare_payload(workdir: Path, size: int) -> tuple[Path, dict[str, int], boo
     return top, spec, False
 
 
-def prepare_torrent(workdir: Path, content: Path, piece_length: int, kind: Kind) -> Path:
-    """Make (or reuse) the ``kind`` torrent; torrents are deleted with the payload."""
-    log(f"{kind} torrent, {piece_length // 1024} KiB pieces")
-    return cached_torrent_lt(workdir, content, piece_length, kind)
+# --------------------------------------------------------------------------- page cache
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_BIT0 = bytes(i & 1 for i in range(256))
 
 
-def warm_cache(content: Path) -> float:
-    """Read every file once so that every contender starts from a warm page cache."""
+def resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), by ``mincore`` over a
+    read-only shared map of the file, which faults nothing in."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0, 0
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            return vec.raw.translate(_BIT0).count(1), pages
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def resident_fraction(files: list[Path]) -> float:
+    counts = [resident_pages(f) for f in files]
+    total = sum(n for _, n in counts)
+    return sum(r for r, _ in counts) / total if total else 0.0
+
+
+def evict(files: list[Path]) -> float:
+    """Drop ``files`` from the page cache and return the fraction still resident, which
+    must be at most ``MAX_COLD_RESIDENT``: ``POSIX_FADV_DONTNEED`` leaves alone pages
+    that a process (a daemon of the mmap backend, say) has mapped, and this would then
+    measure memory, not the disk.
+    """
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    frac = resident_fraction(files)
+    if frac > MAX_COLD_RESIDENT:
+        raise SystemExit(f"eviction failed: {frac:.1%} of the payload is still in the page "
+                         "cache after POSIX_FADV_DONTNEED; cold figures would be warm ones")
+    return frac
+
+
+def warm(files: list[Path]) -> float:
+    """Read every file once so that the page cache holds it; return the fraction
+    resident afterwards (1.0 unless memory is short)."""
     buf = bytearray(8 * MiB)
     view = memoryview(buf)
-    t = time.perf_counter()
-    for f in sorted(p for p in content.rglob("*") if p.is_file()):
+    for f in files:
         with f.open("rb", buffering=0) as fh:
             while fh.readinto(view):
                 pass
-    return time.perf_counter() - t
+    return resident_fraction(files)
 
 
-def run_timed(cmd: list[str], timeout: float) -> dict[str, Any]:
-    """Run ``cmd``, returning wall-clock and CPU seconds, exit status and (parsed) stdout.
+# --------------------------------------------------------------------------- processes
 
-    CPU seconds (user + system, all threads) are taken from ``RUSAGE_CHILDREN`` deltas:
-    on a shared host they stay put when a neighbour steals a core and wall clock does not.
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_timed(cmd: list[str], timeout: float, daemon_pid: int | None = None) -> dict[str, Any]:
+    """Run ``cmd``: wall-clock and CPU seconds, exit status and (parsed) stdout.
+
+    CPU seconds are ``RUSAGE_CHILDREN`` deltas (the process and all its threads) and, for
+    a request to a daemon, the daemon's own from /proc.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    d0 = proc_cpu_seconds(daemon_pid) if daemon_pid else 0.0
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -157,6 +271,8 @@ def run_timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out: dict[str, Any] = {"seconds": seconds, "cpu_seconds": cpu, "rc": proc.returncode}
+    if daemon_pid:
+        out["daemon_cpu_seconds"] = proc_cpu_seconds(daemon_pid) - d0
     try:
         out["json"] = json.loads(proc.stdout)
     except ValueError:
@@ -165,184 +281,257 @@ def run_timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     return out
 
 
-def judge(tool: str, run: dict[str, Any]) -> str | None:
+def judge(name: str, run: dict[str, Any], size: int) -> str | None:
     """Why this run does not count (None if it is a clean, all-pieces-good run)."""
     if "error" in run:
         return str(run["error"])
-    j = run.get("json")
     if run["rc"] != 0:
         tail = (run.get("stderr") or run.get("stdout") or "").strip().splitlines()[-3:]
         return f"exit status {run['rc']}: {' | '.join(tail)}"
+    j = run.get("json")
     if not isinstance(j, dict):
         return "did not print a JSON object"
-    if tool == "libtorrent" and j.get("failed"):
+    if name.startswith("read/") and j.get("bytes") != size:
+        return f"read {j.get('bytes')} bytes of {size}"
+    if name == "libtorrent" and j.get("failed"):
         return f"libtorrent failed pieces {j['failed'][:10]}"
-    if tool != "libtorrent" and (j.get("failed_v1") or j.get("failed_v2")):
+    if j.get("failed_v1") or j.get("failed_v2"):
         return f"failed pieces v1={j.get('failed_v1', [])[:10]} v2={j.get('failed_v2', [])[:10]}"
-    if tool == "pieced_recheck" and j.get("fingerprint_hits") != j.get("num_pieces"):
+    if name.startswith("pieced_recheck/") and j.get("fingerprint_hits") != j.get("num_pieces"):
         return f"only {j.get('fingerprint_hits')} of {j.get('num_pieces')} fingerprint hits"
     return None
 
 
-class BenchDaemon:
-    """``pieced run`` in ``workdir`` (which holds the payload, so it is an allowed root),
-    with fresh state, on a private socket; the torrents are registered and rechecked once
-    so that every piece has a fingerprint."""
+class Daemon:
+    """``pieced run`` of one backend in ``WORKDIR/daemons/BACKEND`` (fresh state, its own
+    socket), allowed to read the payload (``PIECED_ROOTS``)."""
 
-    def __init__(self, pieced: Path, workdir: Path, save_path: Path) -> None:
-        shutil.rmtree(workdir / "var", ignore_errors=True)
+    def __init__(self, pieced: Path, workdir: Path, backend: str) -> None:
         self.pieced = pieced
-        self.socket = workdir / "var" / "pieced.sock"
-        self.save_path = save_path
-        self.proc = subprocess.Popen(
-            [str(pieced), "run", "--http-port", "0"], cwd=workdir,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        assert self.proc.stdout is not None
-        if "listening" not in self.proc.stdout.readline():
-            self.proc.kill()
-            raise SystemExit("the daemon did not start")
+        self.backend = backend
+        folder = workdir / "daemons" / backend
+        shutil.rmtree(folder, ignore_errors=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIECED_")}
+        env |= {"PIECED_BACKEND": backend, "PIECED_ROOTS": str(workdir)}
+        self.socket = folder / "var" / "pieced.sock"
+        self.proc = DaemonProcess(folder, [str(pieced), "run", "--http-port", "0"], env=env)
+        self.proc.start()
 
     def cli(self, *args: str) -> list[str]:
         return [str(self.pieced), *args, "--json", "--socket", str(self.socket)]
 
-    def add(self, torrent: Path) -> str:
-        out = subprocess.run(self.cli("add", str(torrent), "--save-path", str(self.save_path)),
+    def register(self, torrent: Path, save_path: Path) -> str:
+        """Add ``torrent`` and recheck it once (every piece gets its fingerprint)."""
+        out = subprocess.run(self.cli("add", str(torrent), "--save-path", str(save_path)),
                              capture_output=True, text=True, check=True, timeout=600)
         ih = str(json.loads(out.stdout)["info_hash"])
         subprocess.run(self.cli("recheck", ih), capture_output=True, check=True, timeout=1800)
         return ih
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+
+def start_daemons(pieced: Path, workdir: Path, backends: list[str]) -> dict[str, Daemon]:
+    """One daemon per backend; a backend whose daemon does not start is left out."""
+    out = {}
+    for b in backends:
+        try:
+            out[b] = Daemon(pieced, workdir, b)
+        except RuntimeError as e:
+            log(f"the {b} daemon did not start, left out: {str(e).splitlines()[0]}")
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+Entry = tuple[str, list[str], str, int | None]  # name, command, cache state, daemon pid
+
+
+def plan(args: argparse.Namespace, files: list[Path], save_path: Path,
+         torrents: dict[str, Path], daemons: dict[str, Daemon],
+         ihs: dict[tuple[str, str], str]) -> dict[str, list[Entry]]:
+    """Per group ("limits" and each kind), what to run, in which order, in which cache."""
+    py, bench = sys.executable, REPO / "bench"
+    mode = "cold" if args.cold else "warm"
+    limits: list[Entry] = [
+        (f"read/{how}-{n}t", [py, "-c", READ_CHILD, how, str(n), *map(str, files)], "cold", None)
+        for how in ("buffered", "direct") for n in (2, 4)
+    ]
+    groups: dict[str, list[Entry]] = {"limits": limits}
+    for kind, t in torrents.items():
+        raw = [py, str(bench / "raw_hash.py"), str(t), str(save_path)]
+        entries: list[Entry] = [("raw", raw, "warm", None)]
+        if not args.cold:
+            entries.append(("raw_blake3", [*raw, "--blake3"], "warm", None))
+        entries.append(("libtorrent", [py, str(bench / "lt_check.py"), str(t), str(save_path),
+                                       "--timeout", str(args.timeout)], mode, None))
+        entries.append(("pieced_verify", [str(args.pieced), "verify", str(t), "--data",
+                                          str(save_path), "--json"], mode, None))
+        for b, d in daemons.items():
+            ih = ihs[(b, kind)]
+            entries.append((f"pieced_recheck_full/{b}", d.cli("recheck", ih, "--full"), mode,
+                            d.proc.pid))
+            if not args.cold:
+                entries.append((f"pieced_recheck/{b}", d.cli("recheck", ih), mode, d.proc.pid))
+        groups[kind] = entries
+    return groups
+
+
+def run_all(groups: dict[str, list[Entry]], files: list[Path], size: int, repeat: int,
+            timeout: float) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``repeat`` rounds of every entry, interleaved; each run after its cache set-up."""
+    prepare: dict[str, Callable[[list[Path]], float]] = {"cold": evict, "warm": warm}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        g: {name: [] for name, *_ in entries} for g, entries in groups.items()}
+    for r in range(repeat):
+        for g, entries in groups.items():
+            for name, cmd, cache, pid in entries:
+                if r and all("error" in x for x in runs[g][name]):
+                    continue  # it failed every time so far: do not wait for it again
+                resident = prepare[cache](files)
+                if cache == "warm" and resident < 0.99:
+                    log(f"only {resident:.1%} of the payload stayed in the page cache")
+                run = run_timed(cmd, timeout, pid)
+                why = judge(name, run, size)
+                run = {"error": why} if why else run
+                run["resident"] = resident
+                runs[g][name].append(run)
+                shown = f"{run['seconds']:.3f}s" if "seconds" in run else run["error"]
+                log(f"run {r + 1}/{repeat} {g:6} {name:28} {cache} "
+                    f"(resident {resident:.1%}) {shown}")
+    return runs
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def summarize(tool_runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
+    good = [x for x in tool_runs if "seconds" in x]
+    e: dict[str, Any] = {}
+    if good:
+        best = min(x["seconds"] for x in good)
+        e = {"seconds": round(best, 4), "gib_per_s": round(size / GiB / best, 3),
+             "runs": [round(x["seconds"], 4) for x in good],
+             "cpu_seconds_runs": [round(x["cpu_seconds"], 3) for x in good]}
+        if "daemon_cpu_seconds" in good[0]:
+            e["daemon_cpu_seconds_runs"] = [round(x["daemon_cpu_seconds"], 3) for x in good]
+        # The least CPU a run took, the daemon's included: the work, whatever the load.
+        e["cpu_seconds"] = round(min(x["cpu_seconds"] + x.get("daemon_cpu_seconds", 0.0)
+                                     for x in good), 3)
+    e["resident_runs"] = [round(x["resident"], 4) for x in tool_runs]
+    errors = sorted({x["error"] for x in tool_runs if "error" in x})
+    if errors:
+        e["error"] = errors[0] if len(errors) == 1 else errors
+    return e
+
+
+def ratios(entry: dict[str, Any], read_limit: float | None, cold: bool) -> dict[str, Any]:
+    """Each figure over its limit, libtorrent over each pieced figure, and the goals."""
+    def best(name: str, key: str = "seconds") -> float | None:
+        s: float | None = entry.get(name, {}).get(key)
+        return s
+
+    hash_limit = best("raw")
+    if hash_limit is None or (cold and read_limit is None):
+        return {"error": "no limit to compare with"}
+    limit = max(read_limit or 0.0, hash_limit) if cold else hash_limit
+    mode = "cold" if cold else "warm"
+    out: dict[str, Any] = {"limit_seconds": round(limit, 4), "over_limit": {},
+                           "cpu_over_raw": {}, "libtorrent_over": {}, "goals": {}}
+    lt_s = best("libtorrent")
+    for name in entry:
+        s = best(name)
+        if s is None or name.startswith("raw"):
+            continue
+        base = best("raw_blake3") if name.startswith("pieced_recheck/") else limit
+        if base:
+            out["over_limit"][name] = round(s / base, 3)
+        raw = "raw_blake3" if name.startswith("pieced_recheck/") else "raw"
+        cpu, raw_cpu = best(name, "cpu_seconds"), best(raw, "cpu_seconds")
+        if cpu and raw_cpu:
+            out["cpu_over_raw"][name] = round(cpu / raw_cpu, 3)
+        if lt_s and name != "libtorrent":
+            out["libtorrent_over"][name] = round(lt_s / s, 3)
+        goal = GOALS.get((mode, name.split("/")[0]))
+        if goal and base:
+            out["goals"][name] = {"goal": goal, "ratio": round(s / base, 3),
+                                  "met": s / base <= goal}
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--piece-length", type=int, default=MiB, help="bytes (power of two)")
+    ap.add_argument("--cold", action="store_true", help="evict the payload before every run")
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--piece-kib", type=int, default=4096)
+    ap.add_argument("--kinds", default="v1,hybrid", help="comma-separated: v1, hybrid")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="daemon backends")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "recheck")
-    ap.add_argument("--only", choices=KINDS, help="just this torrent kind")
     ap.add_argument("--pieced", type=Path, default=REPO / ".venv" / "bin" / "pieced")
     ap.add_argument("--timeout", type=float, default=1800, help="per process, seconds")
     args = ap.parse_args()
-    kinds = [args.only] if args.only else list(KINDS)
+    args.pieced = args.pieced.absolute()  # the daemons run in folders of their own
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        raise SystemExit(f"--kinds: choose from {', '.join(KINDS)}")
+    load_start = os.getloadavg()
+    if load_start[0] > 0.5:
+        log(f"load average is {load_start[0]:.2f}: something else is running, expect noise")
     size = args.size_mib * MiB
     args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir.resolve()
 
     content, spec, reused = prepare_payload(workdir, size)
     save_path = content.parent
-    torrents = {k: prepare_torrent(workdir, content, args.piece_length, k) for k in kinds}
-    warm = warm_cache(content)
-    log(f"page cache warmed ({size / GiB / warm:.1f} GiB/s)")
-
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5:
-        log(f"load average is {load_before[0]:.2f}: something else is running, expect noise")
+    files = [content / rel for rel in spec]
+    torrents = {k: cached_torrent_lt(workdir, content, args.piece_kib * 1024,
+                                     cast(TorrentKind, k)) for k in kinds}
     py = sys.executable
     startup = min(run_timed([py, "-c", "pass"], 60).get("seconds", float("nan")) for _ in range(3))
-    daemon = BenchDaemon(args.pieced, workdir, save_path)
-    ihs = {k: daemon.add(t) for k, t in torrents.items()}
-    commands: dict[Kind, dict[str, list[str]]] = {
-        k: {
-            "raw_blake3": [py, str(REPO / "bench" / "raw_hash.py"), str(t), str(save_path),
-                           "--blake3"],
-            "raw": [py, str(REPO / "bench" / "raw_hash.py"), str(t), str(save_path)],
-            "libtorrent": [
-                py,
-                "-c",
-                LT_CHILD,
-                str(REPO),
-                str(t),
-                str(save_path),
-                str(args.timeout),
-            ],
-            "pieced": [str(args.pieced), "verify", str(t), "--data", str(save_path), "--json"],
-            "pieced_recheck_full": daemon.cli("recheck", ihs[k], "--full"),
-            "pieced_recheck": daemon.cli("recheck", ihs[k]),
-        }
-        for k, t in torrents.items()
-    }
-    runs: dict[Kind, dict[str, list[dict[str, Any]]]] = {
-        k: {tool: [] for tool in commands[k]} for k in kinds
-    }
-    for r in range(args.repeat):
-        for k in kinds:
-            for tool, cmd in commands[k].items():
-                if tool.startswith("pieced") and r and any("error" in x for x in runs[k][tool]):
-                    continue  # it failed once; do not wait for it again
-                # libtorrent leaves the page cache colder behind it (whatever runs next,
-                # raw included, takes ~25% longer), so every run starts from a re-warmed one.
-                warm_cache(content)
-                run = run_timed(cmd, args.timeout)
-                why = judge(tool, run)
-                if why:
-                    run = {"error": why}
-                runs[k][tool].append(run)
-                shown = f"{run['seconds']:.3f}s" if "seconds" in run else run["error"]
-                log(f"run {r + 1}/{args.repeat} {k:6} {tool:10} {shown}")
+    warm(files)
+    daemons = start_daemons(args.pieced, workdir, args.backends.split(","))
+    try:
+        ihs = {(b, k): d.register(t, save_path) for b, d in daemons.items()
+               for k, t in torrents.items()}
+        log(f"daemons up and torrents registered: {', '.join(daemons)}")
+        groups = plan(args, files, save_path, torrents, daemons, ihs)
+        runs = run_all(groups, files, size, args.repeat, args.timeout)
+    finally:
+        for d in daemons.values():
+            d.proc.stop()
 
-    daemon.stop()
+    limits = {name: summarize(r, size) for name, r in runs.pop("limits").items()}
+    fastest = min((v["seconds"], k) for k, v in limits.items() if "seconds" in v) \
+        if any("seconds" in v for v in limits.values()) else None
     results: dict[str, Any] = {}
-    for k in kinds:
-        ti = lt.torrent_info(torrents[k].read_bytes())
-        entry: dict[str, Any] = {"torrent": str(torrents[k]), "pieces": ti.num_pieces()}
-        best: dict[str, float] = {}
-        for tool, tool_runs in runs[k].items():
-            good = [x for x in tool_runs if "seconds" in x]
-            ok = [x["seconds"] for x in good]
-            errors = sorted({x["error"] for x in tool_runs if "error" in x})
-            e: dict[str, Any] = {}
-            if ok:
-                best[tool] = min(ok)
-                e = {
-                    "seconds": round(best[tool], 4),
-                    "gib_per_s": round(size / GiB / best[tool], 3),
-                    "runs": [round(s, 4) for s in ok],
-                    "cpu_seconds_runs": [round(x["cpu_seconds"], 4) for x in good],
-                }
-            if errors:
-                e["error"] = errors[0] if len(errors) == 1 else errors
-            entry[tool] = e
-        for tool in ("libtorrent", "pieced", "pieced_recheck_full"):
-            if tool in best and "raw" in best:
-                entry[tool]["fraction_of_raw"] = round(best["raw"] / best[tool], 3)
-        if "pieced_recheck" in best and "raw_blake3" in best:
-            entry["pieced_recheck"]["fraction_of_raw_blake3"] = round(
-                best["raw_blake3"] / best["pieced_recheck"], 3)
-        for tool in ("pieced", "pieced_recheck_full", "pieced_recheck", "raw_blake3"):
-            if "libtorrent" in best and tool in best:
-                entry[f"libtorrent_over_{tool}"] = round(best["libtorrent"] / best[tool], 3)
-        raw_json = next((x["json"] for x in runs[k]["raw"] if "json" in x), None)
-        if raw_json:
-            entry["raw"]["in_process_hash_seconds"] = raw_json["hash_seconds"]
-        results[k] = entry
-
-    print(
-        json.dumps(
-            {
-                "benchmark": "recheck",
-                "size_bytes": size,
-                "size_mib": args.size_mib,
-                "piece_length": args.piece_length,
-                "repeat": args.repeat,
-                "files": spec,
-                "payload_reused": reused,
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "libtorrent": lt.__version__,
-                "platform": platform.platform(),
-                "python_startup_seconds": round(startup, 4),
-                # The host may be shared: a high load average means noisy figures.
-                "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    for kind, kind_runs in runs.items():
+        entry = {name: summarize(r, size) for name, r in kind_runs.items()}
+        torrent = torrents[kind]
+        results[kind] = {"torrent": str(torrent),
+                         "pieces": lt.torrent_info(str(torrent)).num_pieces(),
+                         **entry,
+                         "ratios": ratios(entry, fastest[0] if fastest else None, args.cold)}
+    print(json.dumps({
+        "benchmark": "recheck",
+        "mode": "cold" if args.cold else "warm",
+        "command": " ".join([Path(py).name, *sys.argv]),
+        "size_bytes": size,
+        "piece_length": args.piece_kib * 1024,
+        "repeat": args.repeat,
+        "files": spec,
+        "payload_reused": reused,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "libtorrent": lt.__version__,
+        "platform": platform.platform(),
+        "backends": list(daemons),
+        "python_startup_seconds": round(startup, 4),
+        # The host may be shared: a high load average means noisy figures.
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "read_limit": {"entry": fastest[1], "seconds": round(fastest[0], 4)} if fastest else None,
+        "limits": limits,
+        "results": results,
+    }, indent=2))
     return 0
 
 
