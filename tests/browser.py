@@ -35,6 +35,14 @@ FLAGS = [
     # Ten tabs open at once are all "in the foreground": no throttled timers.
     "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
     "--disable-backgrounding-occluded-windows",
+    # Loopback only: no name is resolved (pages are asked for by address), no service
+    # of the browser's own is called.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--dns-prefetch-disable", "--no-pings", "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection", "--disable-default-apps",
+    "--disable-breakpad", "--metrics-recording-only", "--no-proxy-server",
+    "--disable-features=OptimizationHints,MediaRouter,Translate,NetworkTimeServiceQuerying,"
+    "AutofillServerCommunication,CertificateTransparencyComponentUpdater,DnsOverHttps",
 ]
 
 

@@ -221,6 +221,13 @@ async def _download_scenario(d: Daemon, c: Client, src: Source, ih: bytes, bad: 
                                   "return t && t.includes('making-of.mp4') && t; })()", what="the hover")
         assert re.search(rf"Pieces? {probe:,}", tip) and "verified" in tip, tip
         await page.screenshot(shots / "04-cached-hover.png")
+
+        # The torrent shown is unregistered: the page goes back to the list.
+        c.unregister(ih_b)
+        await page.wait_for(f"window.piecedPage.selected() === null && "
+                            f"window.piecedPage.rows().join() === '{ih.hex()}'",
+                            what="the unregistered torrent gone from the page")
+        assert await page.eval("document.getElementById('detail').hidden") is True
         await page.close()
         assert_clean(page)
     finally:

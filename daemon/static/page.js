@@ -629,12 +629,15 @@
     connect();
   }
 
+  /** The torrent shown is gone (unregistered): back to the list, watching nothing. */
   function forget() {
     history.replaceState(null, '', location.pathname + location.search);
     S.selected = null;
     S.map = null;
+    hideTip();
     $('detail').hidden = true;
     renderTorrents();
+    connect();
   }
 
   // -- charts ------------------------------------------------------------------------------------
