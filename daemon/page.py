@@ -74,6 +74,8 @@ def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = ""
         return handler
 
     async def events(request: web.Request) -> web.StreamResponse:
+        if request.method == "HEAD":  # no stream to follow: it would never end
+            return web.Response(content_type="text/event-stream", headers=no_store)
         key = None
         if request.query.get("ih"):
             with contextlib.suppress(PiecedError):
