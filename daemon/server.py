@@ -65,6 +65,7 @@ from pieced.storage.errors import (
     StorageIOError,
     TooLarge,
 )
+from pieced.storage.merkle import BLOCK_SIZE
 from pieced.storage.metainfo import MAX_METAINFO_BYTES
 
 log = logging.getLogger("pieced.server")
@@ -823,7 +824,7 @@ class _RingRun:
             s0, s1 = first.conn._ring_slices(first.offset, total, limit=total)
             bufs = (s0, s1) if s1.nbytes else (s0,)
             first.conn.disk.write_blocks_direct(first.ih, first.piece, first.begin, bufs,
-                                                len(self.writes))
+                                                sum(-(-w.length // BLOCK_SIZE) for w in self.writes))
         except Exception as exc:
             if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
                 log.exception("merged ring write failed; retrying its blocks one by one")

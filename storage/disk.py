@@ -499,10 +499,13 @@ class DiskIO:
     ) -> PieceResult | None:
         """Write a block given as two slices (a ring buffer's wrap) with one pwritev, no copy.
 
-        The slices are only read during the call: the caller may reuse them after.
+        The slices are only read during the call: the caller may reuse them after. A
+        "block" may be a run of 16 KiB blocks (a client merges what it wrote back to
+        back); the counters count 16 KiB blocks.
         """
-        n1 = memoryview(s1).nbytes
-        return self.write_blocks_direct(ih, piece, begin, (s0, s1) if n1 else (s0,), 1)
+        n0, n1 = memoryview(s0).nbytes, memoryview(s1).nbytes
+        return self.write_blocks_direct(ih, piece, begin, (s0, s1) if n1 else (s0,),
+                                        max(1, -(-(n0 + n1) // BLOCK_SIZE)))
 
     def write_blocks_direct(
         self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int

@@ -1,0 +1,78 @@
+"""AsyncClient merges the blocks of one piece that a plugin writes back to back in one
+turn of the event loop into one ring write: one frame and one reply for the run, the
+daemon counting every 16 KiB block of it, every piece verified."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pieced.protocol.client import AsyncClient, Client
+
+from tests.conftest import Daemon
+from tests.realtools import make_torrent_lt
+from tests.test_disk import Source
+
+
+def test_blocks_written_back_to_back_go_as_one_write(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")  # pads: blocks running into them too
+    src = Source(raw, save)
+    blocks = src.blocks()
+    pieces = sorted({p for p, _, _ in blocks})
+
+    async def run() -> tuple[int, int, int]:
+        async with AsyncClient(daemon.socket) as c:
+            ih = await c.register(raw, daemon.root / "dl")
+            await c.attach_ring(4 * 1024 * 1024)
+            before = (await c.stats())["blocks_written"]
+            done0 = c.core.writes_done
+            direct = 0
+            for p, b, n in blocks:  # all in one turn of the loop: nothing awaited
+                direct += c.try_write_block_direct(ih, p, b, src.read(p, b, n))
+            await c.wait_writes()
+            replies = c.core.writes_done - done0
+            await c.flush_all()
+            st = await c.status(ih)
+            assert st["verified_pieces"] == src.meta.num_pieces, st
+            return direct, replies, (await c.stats())["blocks_written"] - before
+
+    direct, replies, written = asyncio.run(run())
+    assert direct == len(blocks)
+    assert replies == len(pieces)  # one write a piece: its blocks are adjacent
+    assert written == len(blocks)
+    with Client(daemon.socket) as c:
+        ih = src.meta.info_hash
+        for p in pieces:
+            size = src.layout.piece_size(p)
+            assert c.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+
+
+def test_a_run_stops_where_the_blocks_stop_following_each_other(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """A block that does not follow the last one, and a block to flush, each start a new
+    write; everything still lands where it belongs."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    blocks = src.blocks()
+    first = [b for b in blocks if b[0] == 0]
+    assert len(first) == 4
+    order = [first[1], first[2], first[0], first[3]]  # 1, 2 adjacent; then back to 0
+
+    async def run() -> int:
+        async with AsyncClient(daemon.socket) as c:
+            ih = await c.register(raw, daemon.root / "dl")
+            await c.attach_ring(4 * 1024 * 1024)
+            done0 = c.core.writes_done
+            for p, b, n in order[:3]:
+                assert c.try_write_block_direct(ih, p, b, src.read(p, b, n))
+            p, b, n = order[3]
+            assert c.try_write_block_direct(ih, p, b, src.read(p, b, n), flush=True)
+            await c.wait_writes()
+            await c.flush_all()  # the group commit: verified pieces are recorded
+            assert (await c.status(ih))["have"][0] & 0x80
+            return c.core.writes_done - done0
+
+    assert asyncio.run(run()) == 3  # [1, 2], [0], [3 with flush]
