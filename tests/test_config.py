@@ -22,6 +22,11 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     assert (s.backend, s.cache_bytes, s.http_port) == ("mmap", 2097152, 3)
 
 
+def test_pieced_peer_variables_do_not_stop_the_daemon() -> None:
+    """The daemon and pieced-peer may share one environment (a unit, a shell)."""
+    assert load(ROOT / "config" / "pieced.toml", env={"PIECED_PEER_LOG": "info"}) == Settings()
+
+
 @pytest.mark.parametrize("written", ["0660", "660", "0o660", "0O660"])
 def test_file_modes_are_octal_however_written(tmp_path: Path, written: str) -> None:
     assert load(None, env={"PIECED_SOCKET_MODE": written}).socket_mode == 0o660
