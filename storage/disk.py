@@ -995,9 +995,11 @@ class DiskIO:
             self._sync(t, t.files_of(piece))
 
     def flush_all(self) -> None:
-        """Make every buffered block durable, and wait for the pieces committing."""
+        """Make every buffered block durable, and wait for the pieces committing. A
+        torrent's storage error (recorded on it) is raised after the others are done."""
         with self._lock:
             torrents = {t.id: t for t in self._torrents.values()}
+        failed: StorageIOError | None = None
         for t in torrents.values():
             try:
                 t.enter()
@@ -1005,9 +1007,13 @@ class DiskIO:
                 continue
             try:
                 self._flush_torrent(t, sync=True)
+            except StorageIOError as exc:
+                failed = failed or exc
             finally:
                 t.leave()
         self._committer.drain()
+        if failed is not None:
+            raise failed
 
     def _flush_torrent(self, t: Torrent, sync: bool) -> None:
         """Write out a torrent's buffered blocks (the caller holds it)."""

@@ -6,6 +6,7 @@ completes once the client sends the lost pieces again."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -58,6 +59,12 @@ def test_disk_full(tmp_path: Path, tiny_fs: Path, backend: str) -> None:
                     c.write_block_direct(ih_big, p, b, sb.read(p, b, n))
                 c.wait_writes()
             assert exc.value.errno == errno.ENOSPC
+            # the client drops what it could not store (a backend that gathers a piece's
+            # blocks before writing them holds some, which no flush could write)
+            have = c.status(ih_big)["have"]
+            for p in range(sb.meta.num_pieces):
+                if not have[p >> 3] & (0x80 >> (p & 7)):
+                    c.clear_piece(ih_big, p)
             # the other torrent is unaffected
             for p, b, n in ss.blocks():
                 c.write_chunk(ih_small, p, b, ss.read(p, b, n))
@@ -421,4 +428,33 @@ def test_writers_racing_to_make_a_vanished_file_anew_do_not_refuse_each_other(
             assert not errors, f"round {rnd}: {errors[0]!r}"
             assert dio.status(ih)["verified_pieces"] == 16
         finally:
+            dio.close()
+
+
+def test_flush_all_flushes_every_torrent_when_one_disk_is_full(
+    tmp_path: Path, tiny_fs: Path, backend: str
+) -> None:
+    """flush_all with blocks buffered for a torrent on a full disk and for another one:
+    it reports the full disk (ENOSPC), and the other torrent's blocks are written all
+    the same. Before, the first torrent's error ended the flush: the torrents after it
+    were neither written nor synced, and the pieces committing were not waited for."""
+    big = make_payload(tmp_path / "src_big", 600_000, seed=1)
+    small = make_payload(tmp_path / "src_small", 100_000, seed=2)
+    raw_big, raw_small = make_torrent_lt(big, 65536, "v1"), make_torrent_lt(small, 65536, "v1")
+    sb, ss = Source(raw_big, tmp_path / "src_big"), Source(raw_small, tmp_path / "src_small")
+    dio = DiskIO(backend, cache_bytes=16 * 1024 * 1024)
+    try:
+        ih_big = dio.register(raw_big, tiny_fs)  # flushed first
+        ih_small = dio.register(raw_small, tmp_path / "dl")
+        for p, b, n in sb.blocks():  # three blocks of each piece: buffered, 432 KiB
+            if b < 3 * 16384:
+                dio.write_chunk(ih_big, p, b, sb.read(p, b, n))
+        p, b, n = ss.blocks()[0]
+        dio.write_chunk(ih_small, p, b, ss.read(p, b, n))
+        with pytest.raises(StorageIOError) as exc:
+            dio.flush_all()
+        assert exc.value.errno == errno.ENOSPC
+        assert (tmp_path / "dl" / "payload.bin").read_bytes()[:n] == ss.read(p, b, n)
+    finally:
+        with contextlib.suppress(StorageIOError):
             dio.close()
