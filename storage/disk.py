@@ -425,7 +425,7 @@ class DiskIO:
         def advise(piece: int, size: int) -> None:
             t.storage.advise(t.layout.map(piece, 0, size))
 
-        reader = PreadReader(read, advise)
+        reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False))
         result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
         with t.lock:
             for p, fp in (result.new_fingerprints or {}).items():

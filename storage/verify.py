@@ -8,15 +8,21 @@ than STREAM_BYTES are read and hashed in parts, so the buffer never grows past i
 Two readers: ``pread`` (safe against files truncated behind our back, used by the
 daemon) and ``mmap`` (no copy out of the page cache, used by the offline verifier,
 which is a short-lived process where a SIGBUS on a truncated file only ends itself).
+For a backend that reads past the page cache (O_DIRECT), where asking the kernel to
+read ahead starts nothing, the ``pread`` reader reads ahead itself (:class:`ReadAhead`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,29 +65,302 @@ _buffers = threading.local()
 
 def _thread_buffer(size: int) -> memoryview:
     """The hashing thread's read buffer, shared by every recheck it works for: a thread
-    holds at most one, of at most STREAM_BYTES, however large the pieces."""
+    holds at most one, of at most STREAM_BYTES, however large the pieces. Page-aligned
+    (an anonymous map), so that an O_DIRECT read lands in it without a bounce."""
     buf: memoryview | None = getattr(_buffers, "buf", None)
     if buf is None or buf.nbytes < size:
-        buf = _buffers.buf = memoryview(bytearray(size))
+        buf = _buffers.buf = memoryview(mmap.mmap(-1, max(size, 1)))
     return buf
+
+
+Read = Callable[[int, int, memoryview], None]  # (piece, begin, out): StorageIOError if not
+
+# the states of a part read ahead
+QUEUED, READING, READ, FAILED, TAKEN = range(5)
+
+
+class _Part:
+    """Bytes [begin, begin + length) of a piece, read ahead into ``job``'s slot at
+    ``offset``."""
+
+    __slots__ = ("begin", "error", "job", "length", "offset", "orphan", "piece", "state")
+
+    def __init__(self, piece: int, begin: int, length: int, job: _Job, offset: int) -> None:
+        self.piece, self.begin, self.length = piece, begin, length
+        self.job, self.offset = job, offset
+        self.state = QUEUED
+        self.error: BaseException | None = None
+        self.orphan = False  # no one will take it: released as soon as it is read
+
+    def view(self) -> memoryview:
+        assert self.job.slot is not None
+        return self.job.slot[self.offset : self.offset + self.length]
+
+
+class _Job:
+    """What one reader reads into one slot: consecutive whole pieces, or one part of a
+    piece longer than STREAM_BYTES."""
+
+    __slots__ = ("held", "key", "parts", "read", "slot")
+
+    def __init__(self, read: Read, key: tuple[int, int, int]) -> None:
+        self.read = read
+        self.parts: list[_Part] = []
+        self.key = key
+        self.slot: memoryview | None = None
+        self.held = 0  # parts read (or being read) into the slot and not yet released
+
+
+class ReadAhead:
+    """Reader threads that read pieces into buffers of their own (slots) while the hash
+    workers hash the pieces before them: for a backend that reads past the page cache
+    (O_DIRECT), where POSIX_FADV_WILLNEED starts nothing and each worker would otherwise
+    wait for its own read, so that reading never overlapped hashing.
+
+    One per process, shared by every recheck, as the hash pool is. A slot holds
+    STREAM_BYTES: consecutive whole pieces, each at a page-aligned offset, or one part of
+    a longer piece (hashed part by part, as :meth:`PreadReader.stream` does). Slots are
+    page-aligned anonymous maps, made as needed, reused, and unmapped when the readers
+    have been idle for IDLE seconds.
+
+    At most ``workers + READERS`` slots exist (16 MiB with two hash workers), whatever
+    the piece length and however many rechecks run: one for each hash worker to hash,
+    and one for each reader to fill meanwhile, which is what keeps the disk and the
+    hashing busy together. More would only read further ahead of the hashing, which
+    makes neither faster, while holding more memory.
+
+    Nothing ever waits for a slot: a hash worker that wants a part no reader has started
+    while every slot is taken (the readers are ahead on other pieces, or on another
+    recheck whose batches queue behind this one's on the hash pool) takes the part back
+    and reads it itself, as without read-ahead. Readers take the queued parts in the
+    order the workers are expected to want them (batches in turn over the workers, a
+    batch's slots in order).
+    """
+
+    READERS = 2
+    IDLE = 2.0
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.slots = workers + self.READERS
+        self._cond = threading.Condition()
+        self._queue: list[tuple[tuple[int, int, int], int, _Job]] = []  # a heap
+        self._order = itertools.count()
+        self._free: list[memoryview] = []
+        self._made = 0  # slots in existence
+        self._readers = 0
+        self.max_reading = 0  # the most reads at once seen (for tests)
+        self._reading = 0
+
+    # -- the hash workers' side ---------------------------------------------------------
+    def submit(self, jobs: Sequence[_Job]) -> None:
+        with self._cond:
+            for job in jobs:
+                heapq.heappush(self._queue, (job.key, next(self._order), job))
+            if self._readers < self.READERS:
+                for _ in range(self.READERS - self._readers):
+                    self._readers += 1
+                    threading.Thread(target=self._run, name="pieced-readahead",
+                                     daemon=True).start()
+            self._cond.notify_all()
+
+    def take(self, part: _Part) -> int:
+        """Wait for ``part`` to be read: READ if it was (its view is then the caller's
+        until :meth:`release`), FAILED if it could not be (``error`` says why), TAKEN if
+        the caller is to read it itself (it was not started, and no slot is free to
+        start it)."""
+        with self._cond:
+            while part.state == READING or (part.state == QUEUED and self._slot_free()):
+                self._cond.wait()
+            state = part.state
+            if state == READ:
+                return READ
+            if state == FAILED:
+                self._release(part)
+                return FAILED
+            part.state = TAKEN  # (if QUEUED: the reader skips it)
+            return TAKEN
+
+    def release(self, part: _Part) -> None:
+        with self._cond:
+            self._release(part)
+
+    def drop(self, part: _Part) -> None:
+        """No one will take ``part``: its slot goes back as soon as it is read."""
+        with self._cond:
+            if part.state == QUEUED:
+                part.state = TAKEN
+            elif part.state == READING:
+                part.orphan = True
+            elif part.state in (READ, FAILED):
+                self._release(part)
+
+    def _slot_free(self) -> bool:
+        return bool(self._free) or self._made < self.slots
+
+    def _release(self, part: _Part) -> None:
+        if part.state == TAKEN:
+            return
+        part.state = TAKEN
+        job = part.job
+        job.held -= 1
+        if job.held == 0 and job.slot is not None:
+            self._free.append(job.slot)
+            job.slot = None
+            self._cond.notify_all()
+
+    # -- the readers' side --------------------------------------------------------------
+    def _next(self) -> tuple[_Job, list[_Part]] | None:
+        """The next job to read and its parts still wanted, with a slot; None when idle
+        for IDLE seconds (this reader then ends)."""
+        with self._cond:
+            while True:
+                while self._queue and not any(p.state == QUEUED for p in self._queue[0][2].parts):
+                    heapq.heappop(self._queue)  # every part taken back by the workers
+                if self._queue and self._slot_free():
+                    job = heapq.heappop(self._queue)[2]
+                    if self._free:
+                        job.slot = self._free.pop()
+                    else:
+                        self._made += 1
+                        job.slot = memoryview(mmap.mmap(-1, STREAM_BYTES))
+                    todo = [p for p in job.parts if p.state == QUEUED]
+                    for p in todo:
+                        p.state = READING
+                    job.held = len(todo) + 1  # + the reader's own hold, while it reads
+                    self._reading += 1
+                    self.max_reading = max(self.max_reading, self._reading)
+                    self._cond.notify_all()  # a slot fewer: a worker may now read itself
+                    return job, todo
+                if not self._cond.wait(self.IDLE) and not self._queue:
+                    self._readers -= 1
+                    if not self._readers:  # idle: the slots go back to the system
+                        self._made -= len(self._free)
+                        self._free.clear()
+                    return None
+
+    def _run(self) -> None:
+        while (got := self._next()) is not None:
+            job, todo = got
+            try:
+                for part in todo:
+                    try:
+                        job.read(part.piece, part.begin, part.view())
+                        state = READ
+                    except Exception as exc:  # StorageIOError: the piece fails
+                        part.error, state = exc, FAILED
+                    with self._cond:
+                        part.state = state
+                        if part.orphan:
+                            self._release(part)
+                        self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._reading -= 1
+                    job.held -= 1
+                    if job.held == 0 and job.slot is not None:
+                        self._free.append(job.slot)
+                        job.slot = None
+                    self._cond.notify_all()
+
+
+_read_ahead: ReadAhead | None = None
+_read_ahead_lock = threading.Lock()
+
+
+def read_ahead(workers: int) -> ReadAhead:
+    """The process's read-ahead (sized for the hash pool's ``workers``)."""
+    global _read_ahead
+    with _read_ahead_lock:
+        if _read_ahead is None or _read_ahead.workers != workers:
+            _read_ahead = ReadAhead(workers)
+        return _read_ahead
 
 
 class PreadReader:
     """Reads pieces with preadv, via a storage's ``readinto(piece, begin, out)``, into
-    the hashing thread's buffer."""
+    the hashing thread's buffer; or, with ``read_ahead`` (a backend past the page
+    cache), on the :class:`ReadAhead` readers ahead of the hashing."""
 
-    def __init__(self, read: Callable[[int, int, memoryview], None],
-                 advise: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, read: Read, advise: Callable[[int, int], None] | None = None,
+                 read_ahead: bool = False) -> None:
         self._read = read
         self._advise = advise
+        self._wants_ahead = read_ahead
+        self._ahead: ReadAhead | None = None
+        self._parts: dict[tuple[int, int], _Part] = {}  # read ahead, not yet taken
+        self._held: dict[int, _Part] = {}  # piece -> its part in a view handed out
+        self._batches = 0
+
+    def start(self, workers: int) -> None:
+        """A verification starts, with ``workers`` hashing."""
+        if self._wants_ahead:
+            self._ahead = read_ahead(workers)
+
+    def finish(self) -> None:
+        """The verification ended (or failed): give back whatever is still read ahead."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        parts = list(self._parts.values()) + list(self._held.values())
+        self._parts.clear()
+        self._held.clear()
+        for part in parts:
+            ahead.drop(part)
 
     def prefetch(self, pieces: Sequence[int], size: Callable[[int], int]) -> None:
-        """Ask the kernel to start reading ``pieces`` now (they are hashed soon)."""
+        """Start reading ``pieces`` now (they are hashed soon): by the kernel
+        (POSIX_FADV_WILLNEED), or by the read-ahead."""
         if self._advise is not None:
             for p in pieces:
                 self._advise(p, size(p))
+        if self._ahead is None:
+            return
+        # Batches go to the workers in turn: worker k hashes batch n * workers + k, so
+        # the slots of batches that are hashed together are read in turn.
+        seq = self._batches
+        self._batches += 1
+        jobs: list[_Job] = []
+        job: _Job | None = None
+        used = 0
+        for p in pieces:
+            n = size(p)
+            for begin in range(0, n, STREAM_BYTES):
+                length = min(STREAM_BYTES, n - begin)
+                span = length + -length % mmap.PAGESIZE
+                if job is None or used + span > STREAM_BYTES:
+                    job = _Job(self._read, (seq // self._ahead.workers, len(jobs), seq))
+                    jobs.append(job)
+                    used = 0
+                part = _Part(p, begin, length, job, used)
+                job.parts.append(part)
+                self._parts[(p, begin)] = part
+                used += span
+        self._ahead.submit(jobs)
+
+    def _take(self, piece: int, begin: int) -> tuple[bool, _Part | None]:
+        """(False, None) if the part read ahead at ``begin`` of ``piece`` could not be
+        read; (True, part) if it was; (True, None) if the caller is to read it itself."""
+        part = self._parts.pop((piece, begin), None) if self._parts else None
+        if part is None:
+            return True, None
+        assert self._ahead is not None
+        got = self._ahead.take(part)
+        if got is READ:
+            return True, part
+        if got is FAILED:
+            if not isinstance(part.error, StorageIOError):
+                raise part.error or AssertionError  # what the read raised, as if here
+            return False, None
+        return True, None  # not started: read it here
 
     def views(self, piece: int, size: int) -> list[Buffer] | None:
+        ok, got = self._take(piece, 0)
+        if not ok:
+            return None
+        if got is not None:
+            self._held[piece] = got
+            return [got.view()]
         buf = _thread_buffer(size)[:size]
         try:
             self._read(piece, 0, buf)
@@ -89,11 +368,37 @@ class PreadReader:
             return None
         return [buf]
 
+    def done(self, piece: int, size: int) -> None:
+        """The caller is done with ``piece``'s views (a part of it left untaken, after a
+        failed read, goes back too)."""
+        if self._ahead is None:
+            return
+        held = self._held.pop(piece, None)
+        if held is not None:
+            self._ahead.release(held)
+        if self._parts:
+            for begin in range(0, size, STREAM_BYTES):
+                part = self._parts.pop((piece, begin), None)
+                if part is not None:
+                    self._ahead.drop(part)
+
     def stream(self, piece: int, size: int, consume: Callable[[memoryview], object]) -> bool:
         """Hand the piece to ``consume`` in consecutive parts of at most STREAM_BYTES;
         False if it could not be read."""
-        buf = _thread_buffer(min(size, STREAM_BYTES))
+        buf: memoryview | None = None
         for begin in range(0, size, STREAM_BYTES):
+            ok, got = self._take(piece, begin)
+            if not ok:
+                return False
+            if got is not None:
+                assert self._ahead is not None
+                try:
+                    consume(got.view())
+                finally:
+                    self._ahead.release(got)
+                continue
+            if buf is None:
+                buf = _thread_buffer(min(size, STREAM_BYTES))
             part = buf[: min(STREAM_BYTES, size - begin)]
             try:
                 self._read(piece, begin, part)
@@ -147,6 +452,15 @@ class MmapReader:
                 start = seg.file_offset - seg.file_offset % mmap.PAGESIZE
                 with contextlib.suppress(OSError, ValueError):
                     m.madvise(mmap.MADV_WILLNEED, start, seg.file_offset + seg.length - start)
+
+    def start(self, workers: int) -> None:
+        return None
+
+    def finish(self) -> None:
+        return None
+
+    def done(self, piece: int, size: int) -> None:
+        return None
 
     def views(self, piece: int, size: int) -> list[Buffer] | None:
         out: list[Buffer] = []
@@ -210,31 +524,34 @@ def verify(
         out: list[Row] = []
         for p in batch:
             size = meta.piece_size(p)
-            known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
-            if known == NO_FINGERPRINT:
-                known = None
-            if size > STREAM_BYTES and isinstance(reader, PreadReader):
-                out.append(streamed(reader, p, size, known))
-                continue
-            views = reader.views(p, size)
-            if views is None:
-                out.append((p, *fail, 0, None, False))
-                continue
-            fp = None
-            if known is not None and trust_fingerprints:
-                fp = fingerprint(views)
-                if fp == known:
-                    out.append((p, *good, size, None, True))
-                    continue
-            ok1, ok2 = check_piece(
-                views, meta.v1_hash(p) if meta.has_v1 else None, meta.v2_piece(p)
-            )
-            new = None
-            stale = known is None or fp is not None  # fp set here means it did not match
-            if fingerprints is not None and ok1 is not False and ok2 is not False and stale:
-                new = fp if fp is not None else fingerprint(views)
-            out.append((p, ok1, ok2, size, new, False))
+            try:
+                out.append(one(p, size))
+            finally:
+                reader.done(p, size)  # its views (a buffer read ahead) are given back
         return out
+
+    def one(p: int, size: int) -> Row:
+        known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
+        if known == NO_FINGERPRINT:
+            known = None
+        if size > STREAM_BYTES and isinstance(reader, PreadReader):
+            return streamed(reader, p, size, known)
+        views = reader.views(p, size)
+        if views is None:
+            return (p, *fail, 0, None, False)
+        fp = None
+        if known is not None and trust_fingerprints:
+            fp = fingerprint(views)
+            if fp == known:
+                return (p, *good, size, None, True)
+        ok1, ok2 = check_piece(
+            views, meta.v1_hash(p) if meta.has_v1 else None, meta.v2_piece(p)
+        )
+        new = None
+        stale = known is None or fp is not None  # fp set here means it did not match
+        if fingerprints is not None and ok1 is not False and ok2 is not False and stale:
+            new = fp if fp is not None else fingerprint(views)
+        return (p, ok1, ok2, size, new, False)
 
     def streamed(reader: PreadReader, p: int, size: int, known: bytes | None) -> Row:
         """A large piece, read in parts: its fingerprint first (when it has one), then,
@@ -266,30 +583,40 @@ def verify(
         for start in range(0, len(todo), per_batch):
             yield todo[start : start + per_batch]
 
-    pending = []
+    pending: list[Future[list[Row]]] = []
     it = batches()
-    for b in it:
-        reader.prefetch(b, meta.piece_size)
-        pending.append(pool.submit(run, b))
-        if len(pending) >= window:
-            break
-    while pending:
-        fut = pending.pop(0)
-        nxt = next(it, None)
-        if nxt is not None:
-            reader.prefetch(nxt, meta.piece_size)
-            pending.append(pool.submit(run, nxt))
-        for p, ok1, ok2, size, new, hit in fut.result():
-            hashed += size
-            if ok1 is False and failed_v1 is not None:
-                failed_v1.append(p)
-            if ok2 is False and failed_v2 is not None:
-                failed_v2.append(p)
-            have[p] = ok1 is not False and ok2 is not False
-            if new is not None:
-                new_fps[p] = new
-            hits += hit
-            done += 1
-        if progress is not None:
-            progress(done, len(todo))
+    reader.start(pool.workers)
+    try:
+        for b in it:
+            reader.prefetch(b, meta.piece_size)
+            pending.append(pool.submit(run, b))
+            if len(pending) >= window:
+                break
+        while pending:
+            fut = pending[0]
+            nxt = next(it, None)
+            if nxt is not None:
+                reader.prefetch(nxt, meta.piece_size)
+                pending.append(pool.submit(run, nxt))
+            rows = fut.result()
+            pending.pop(0)
+            for p, ok1, ok2, size, new, hit in rows:
+                hashed += size
+                if ok1 is False and failed_v1 is not None:
+                    failed_v1.append(p)
+                if ok2 is False and failed_v2 is not None:
+                    failed_v2.append(p)
+                have[p] = ok1 is not False and ok2 is not False
+                if new is not None:
+                    new_fps[p] = new
+                hits += hit
+                done += 1
+            if progress is not None:
+                progress(done, len(todo))
+    finally:
+        if pending:  # failed: let the batches still running end before what they read goes
+            for f in pending:
+                f.cancel()
+            futures_wait(pending)
+        reader.finish()
     return VerifyResult(meta.num_pieces, failed_v1, failed_v2, have, hashed, hits, new_fps)
