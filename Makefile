@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench tools screenshot
+.PHONY: run test lint bench bench-all tools screenshot
 run: $(VENV)/.run-deps
 	$(BIN)/pieced run
 
@@ -48,3 +48,7 @@ screenshot: $(VENV)/.test-deps tools
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/recheck.py
 	$(BIN)/python bench/recheck.py --cold
+
+# Every benchmark of BENCHMARKS.md in one run (about 40 minutes): JSON in bench/out/all/.
+bench-all: $(VENV)/.test-deps tools
+	bash bench/all.sh
