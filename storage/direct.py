@@ -93,7 +93,7 @@ class DirectStorage(FileStorage):
 
     def _pwrite_chunk(self, seg: Segment, views: Sequence[Buffer]) -> None:
         index = seg.file_index
-        length = self.meta.files[index].length
+        length = self.meta.files.lengths[index]
         A = self.ALIGN
         start = seg.file_offset - seg.file_offset % A
         end = seg.file_offset + seg.length

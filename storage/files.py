@@ -268,7 +268,7 @@ class FileStorage:
         except OSError as exc:
             raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
         if st.st_nlink == 0 or (
-            index in self._sized and st.st_size < self.meta.files[index].length
+            index in self._sized and st.st_size < self.meta.files.lengths[index]
         ):
             raise self._vanished(
                 index, f"{self.file_path(index)}: deleted or truncated behind pieced's back"
@@ -293,7 +293,7 @@ class FileStorage:
 
     def _size_file(self, fd: int, index: int) -> None:
         """Give a file its full length on first write: sparse, or allocated if asked."""
-        length = self.meta.files[index].length
+        length = self.meta.files.lengths[index]
         try:
             if self.preallocate and length:
                 os.posix_fallocate(fd, 0, length)
@@ -491,7 +491,7 @@ class FileStorage:
 
     def rename(self, index: int, new_name: str) -> None:
         """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
-        if not 0 <= index < len(self.meta.files) or not self.meta.files[index].stored:
+        if not 0 <= index < len(self.meta.files) or not self.meta.files.stored(index):
             raise OutOfRange(f"file index {index} is not a payload file")
         parts = tuple(new_name.split("/"))
         if new_name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):

@@ -92,7 +92,7 @@ class MmapStorage(FileStorage):
     def _map(self, index: int, writing: bool) -> None:
         """Lease and map a file if it can be; nothing happens otherwise. A read maps
         only a file the daemon has sized: it never creates or extends one."""
-        if not _watching or not self.meta.files[index].length or not (writing or index in self._sized):
+        if not _watching or not self.meta.files.lengths[index] or not (writing or index in self._sized):
             return
         with self._open_lock:
             if index in self._maps or self._retry.get(index, 0.0) > time.monotonic():
@@ -115,7 +115,7 @@ class MmapStorage(FileStorage):
                     os.close(fd)
                     self._retry[index] = time.monotonic() + self.RETRY_SECONDS
                     return
-                m = mmap.mmap(fd, self.meta.files[index].length)
+                m = mmap.mmap(fd, self.meta.files.lengths[index])
             except BaseException:
                 os.close(fd)
                 raise
