@@ -35,9 +35,9 @@ from typing import Any
 from pieced.storage.disk import DiskIO, PieceResult, Torrent
 from pieced.storage.errors import PiecedError
 from pieced.storage.filetable import PAD
-from pieced.storage.torrent import MISSING
+from pieced.storage.torrent import MISSING, file_progress
 
-from .piecemap import composite, diff, encode_runs, file_progress, runs_size
+from .piecemap import composite, diff, encode_runs, runs_size
 from .server import Server
 
 log = logging.getLogger("pieced.page")

@@ -14,7 +14,7 @@ import base64
 import struct
 from collections.abc import Iterable
 
-from pieced.storage.torrent import MISSING, VERIFIED
+from pieced.storage.torrent import MISSING
 
 FAILED = 5
 CACHED = 8
@@ -74,18 +74,3 @@ def encode_runs(new: bytes | bytearray, runs: list[tuple[int, int]]) -> str:
 def runs_size(runs: list[tuple[int, int]]) -> int:
     return sum(_RUN.size + hi - lo for lo, hi in runs)
 
-
-def file_progress(state: bytes, piece_length: int, offset: int, length: int) -> int:
-    """Verified bytes of a file at ``offset``: its inner pieces are counted at C speed,
-    only the two it may share with its neighbours are looked at one by one."""
-    if length == 0:
-        return 0
-    first, last = offset // piece_length, (offset + length - 1) // piece_length
-    if first == last:
-        return length if state[first] == VERIFIED else 0
-    done = state.count(VERIFIED, first + 1, last) * piece_length
-    if state[first] == VERIFIED:
-        done += (first + 1) * piece_length - offset
-    if state[last] == VERIFIED:
-        done += offset + length - last * piece_length
-    return done

@@ -58,7 +58,16 @@ from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
 from .resume import REC_CLEARED, REC_VERIFIED, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
-from .torrent import COMMITTING, HASHING, MISSING, PARTIAL, VERIFIED, Partial, Torrent
+from .torrent import (
+    COMMITTING,
+    HASHING,
+    MISSING,
+    PARTIAL,
+    VERIFIED,
+    Partial,
+    Torrent,
+    file_progress,
+)
 from .uring import check_uring
 from .verify import PreadReader, Progress, VerifyResult, verify
 
@@ -1083,30 +1092,17 @@ class DiskIO:
                 ("partial", PARTIAL), ("hashing", HASHING), ("committing", COMMITTING))}
             errors = list(t.errors)
             verified = t.count(VERIFIED)
+            state = bytes(t.state) if files else b""
         return self._status(t, have, counts, errors, verified,
-                            self._file_progress(t, have, verified) if files else None)
+                            self._file_progress(t, state) if files else None)
 
-    def _file_progress(self, t: Torrent, have: bytes, verified: int) -> list[dict[str, Any]]:
-        """Verified bytes per file (pads left out), read off the columns: all or nothing
-        at once when the torrent is, piece by piece only for files partly there."""
+    def _file_progress(self, t: Torrent, state: bytes) -> list[dict[str, Any]]:
+        """Verified bytes per file (pads left out), read off the columns."""
         table, plen = t.meta.files, t.meta.piece_length
-        offsets, flags = table.offsets, table.flags
-        whole = verified == t.meta.num_pieces
-        out = []
-        for i in range(len(table)):
-            if flags[i] & PAD:
-                continue
-            start, end = offsets[i], offsets[i + 1]
-            if whole or not verified or start == end:
-                done = end - start if whole else 0
-            else:
-                done = 0
-                for p in range(start // plen, (end - 1) // plen + 1):
-                    if have[p >> 3] & (0x80 >> (p & 7)):
-                        done += min(end, (p + 1) * plen) - max(start, p * plen)
-            out.append({"index": i, "path": t.storage.display_path(i), "length": end - start,
-                        "verified_bytes": done})
-        return out
+        offsets, lengths, flags = table.offsets, table.lengths, table.flags
+        return [{"index": i, "path": t.storage.display_path(i), "length": lengths[i],
+                 "verified_bytes": file_progress(state, plen, offsets[i], lengths[i])}
+                for i in range(len(table)) if not flags[i] & PAD]
 
     def _status(self, t: Torrent, have: bytes, counts: dict[str, int], errors: list[Any],
                 verified: int, files: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -29,9 +29,9 @@ from typing import Any
 
 import bencodepy
 import pytest
-from pieced.daemon.piecemap import CACHED, FAILED, composite, diff, encode_runs, file_progress
+from pieced.daemon.piecemap import CACHED, FAILED, composite, diff, encode_runs
 from pieced.protocol.client import Client
-from pieced.storage.torrent import MISSING, PARTIAL, VERIFIED
+from pieced.storage.torrent import MISSING, PARTIAL, VERIFIED, file_progress
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.browser import Browser, Page
