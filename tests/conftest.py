@@ -78,6 +78,21 @@ def odd_payload(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "save", content
 
 
+
+def sparse_zero_torrent(folder: Path, name: str, piece: int, pieces: int) -> bytes:
+    """A single-file v1 torrent of ``pieces`` pieces of zeros, its file already in
+    ``folder`` and sparse (nothing on disk): huge pieces to recheck, for free."""
+    import hashlib
+
+    import bencodepy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "wb") as f:
+        f.truncate(pieces * piece)
+    info = {b"name": name.encode(), b"piece length": piece, b"length": pieces * piece,
+            b"pieces": hashlib.sha1(bytes(piece)).digest() * pieces}
+    return bytes(bencodepy.encode({b"info": info}))
+
 def proc_bytes(pid: int, key: str = "VmRSS") -> int:
     """A kB field of /proc/PID/status (VmRSS, VmHWM...), in bytes."""
     with open(f"/proc/{pid}/status") as f:

@@ -20,7 +20,7 @@ from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType
 from pieced.protocol.messages import encode_request
 
-from tests.conftest import STORES_NOTHING, Daemon, open_fds, proc_bytes
+from tests.conftest import STORES_NOTHING, Daemon, open_fds, proc_bytes, sparse_zero_torrent
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn
 from tests.test_disk import Source
@@ -516,23 +516,11 @@ def test_small_reads_of_huge_pieces_cost_what_they_return(tmp_path: Path, backen
 def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path, backend: str) -> None:
     """Three connections recheck three torrents of 64 MiB pieces at once: each hashing
     thread reads into one buffer of at most 4 MiB, not a piece-sized one per recheck."""
-    import hashlib
     import threading
 
-    import bencodepy
-
     piece = 64 * 1024 * 1024
-    zero_hash = hashlib.sha1(bytes(piece)).digest()
-    torrents = []
-    for k in range(3):
-        name = f"zeros{k}.bin".encode()
-        info = {b"name": name, b"piece length": piece, b"length": 2 * piece,
-                b"pieces": zero_hash * 2}
-        dl = tmp_path / f"dl{k}"
-        dl.mkdir()
-        with open(dl / name.decode(), "wb") as f:  # sparse: zeros, nothing on disk
-            f.truncate(2 * piece)
-        torrents.append((bencodepy.encode({b"info": info}), dl))
+    torrents = [(sparse_zero_torrent(tmp_path / f"dl{k}", f"zeros{k}.bin", piece, 2),
+                 tmp_path / f"dl{k}") for k in range(3)]
     d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(16 * 1024 * 1024)}, backend=backend)
     errors: list[BaseException] = []
     try:

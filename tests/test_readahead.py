@@ -18,7 +18,7 @@ from pieced.storage import verify as verify_mod
 from pieced.storage.disk import DiskIO
 from pieced.storage.verify import STREAM_BYTES, ReadAhead
 
-from tests.conftest import proc_bytes
+from tests.conftest import proc_bytes, sparse_zero_torrent
 from tests.realtools import corrupt, make_payload, make_torrent_lt
 
 # odd sizes: files start and end inside pages, pieces span files
@@ -213,24 +213,13 @@ def test_memory_read_ahead_is_bounded(tmp_path: Path) -> None:
     process's peak RSS grows by no more than the read-ahead's slots plus the hash
     workers' own buffers (for the parts they read themselves), 4 MiB each, and a little
     slack; reading whole pieces ahead would take 64 MiB for each."""
-    import hashlib
 
-    import bencodepy
 
     piece = 64 * 1024 * 1024
-    zero_hash = hashlib.sha1(bytes(piece)).digest()
     dio = DiskIO("direct", roots=[tmp_path], cache_bytes=0, hash_workers=2)
     try:
-        ihs = []
-        for k in range(3):
-            name = f"zeros{k}.bin".encode()
-            info = {b"name": name, b"piece length": piece, b"length": 3 * piece,
-                    b"pieces": zero_hash * 3}
-            dl = tmp_path / f"dl{k}"
-            dl.mkdir()
-            with open(dl / name.decode(), "wb") as f:  # sparse: nothing on disk
-                f.truncate(3 * piece)
-            ihs.append(dio.register(bencodepy.encode({b"info": info}), dl))
+        ihs = [dio.register(sparse_zero_torrent(tmp_path / f"dl{k}", f"zeros{k}.bin", piece, 3),
+                            tmp_path / f"dl{k}") for k in range(3)]
         ahead = verify_mod.read_ahead(dio.hash_pool.workers)
         bound = (ahead.slots + dio.hash_pool.workers) * STREAM_BYTES
         base = proc_bytes(os.getpid())
