@@ -49,6 +49,6 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/recheck.py
 	$(BIN)/python bench/recheck.py --cold
 
-# Every benchmark of BENCHMARKS.md in one run (about 40 minutes): JSON in bench/out/all/.
+# Every benchmark of BENCHMARKS.md in one run (about 10 minutes): JSON in bench/out/all/.
 bench-all: $(VENV)/.test-deps tools
 	bash bench/all.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of BENCHMARKS.md, one after the other, in one run on this machine.
 # Each prints JSON; it is kept in bench/out/all/NAME.json (progress in NAME.err), with
-# machine.json saying what ran where. Run it on a quiet machine: about 40 minutes.
+# machine.json saying what ran where. Run it on a quiet machine: about 10 minutes.
 #
 #   bash bench/all.sh            # or: make bench-all
 set -euo pipefail
