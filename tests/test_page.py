@@ -290,6 +290,46 @@ def describe(latencies: list[float]) -> str:
             f"max {latencies[-1] * 1000:.1f} ms")
 
 
+def test_the_page_shows_the_last_errors_with_their_errno(tmp_path: Path) -> None:
+    """A payload file swapped for a symlink out of the save path: the recheck refuses it
+    (EPERM) and the page's errors table says so, with the errno and the path, while the
+    rest of the torrent stays verified."""
+    files = {"a.bin": 300_000, "b.bin": 200_000}
+    content = make_payload(tmp_path / "dl", files, seed=4)
+    raw = make_torrent_lt(content, 32 * 1024, "v1")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            n = c.recheck(ih)["verified"]
+            (tmp_path / "elsewhere").write_bytes((content / "b.bin").read_bytes())
+            (content / "b.bin").unlink()
+            (content / "b.bin").symlink_to(tmp_path / "elsewhere")
+            after = c.recheck(ih, full=True)["verified"]
+            assert 0 < after < n
+
+        async def look() -> list[str]:
+            browser = await Browser.launch(tmp_path)
+            try:
+                page = await open_page(browser, f"http://{d.http}/#{ih.hex()}")
+                await page.wait_for(f"window.piecedPage.counts().verified === {after}",
+                                    what="the map after the recheck")
+                await page.wait_for("!document.getElementById('errors').hidden",
+                                    what="the errors table shown")
+                rows: list[str] = await page.eval(
+                    "[...document.querySelectorAll('#errors tbody tr')].map(r => r.textContent)")
+                await page.screenshot(tmp_path / "errors.png")
+                assert_clean(page)
+                return rows
+            finally:
+                await browser.close()
+
+        rows = asyncio.run(look())
+        assert rows and any("EPERM (1)" in r and "b.bin" in r for r in rows), rows
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_million_pieces_ten_pages_and_the_loop_stays_responsive(tmp_path: Path) -> None:
     """A torrent of 1,000,000 pieces (16 KiB of zeros each, so any piece written with
     zeros verifies) open in ten tabs (ten browser contexts: ten event streams) while a
