@@ -30,15 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from pieced.protocol.client import AsyncClient, Client  # noqa: E402
 
-from bench.daemon_proc import DaemonProcess  # noqa: E402
+from bench.daemon_proc import DaemonProcess, cpu_seconds  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def read_all(sock: str, ih: bytes, blocks: list[tuple[int, int]], inflight: int,

@@ -40,16 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemon_proc import DaemonProcess, proc_status  # noqa: E402
+from bench.daemon_proc import DaemonProcess, cpu_seconds, proc_status  # noqa: E402
 from tests.ltpeer import LtPeer  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def log(msg: str) -> None:

@@ -84,7 +84,7 @@ sys.path.insert(0, str(REPO))
 
 import libtorrent as lt  # noqa: E402
 
-from bench.daemon_proc import DaemonProcess  # noqa: E402
+from bench.daemon_proc import DaemonProcess, cpu_seconds  # noqa: E402
 from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
@@ -246,12 +246,6 @@ def warm(files: list[Path]) -> float:
 # --------------------------------------------------------------------------- processes
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_timed(cmd: list[str], timeout: float, daemon_pid: int | None = None) -> dict[str, Any]:
     """Run ``cmd``: wall-clock and CPU seconds, exit status and (parsed) stdout.
 
@@ -259,7 +253,7 @@ def run_timed(cmd: list[str], timeout: float, daemon_pid: int | None = None) -> 
     a request to a daemon, the daemon's own from /proc.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    d0 = proc_cpu_seconds(daemon_pid) if daemon_pid else 0.0
+    d0 = cpu_seconds(daemon_pid) if daemon_pid else 0.0
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -272,7 +266,7 @@ def run_timed(cmd: list[str], timeout: float, daemon_pid: int | None = None) -> 
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out: dict[str, Any] = {"seconds": seconds, "cpu_seconds": cpu, "rc": proc.returncode}
     if daemon_pid:
-        out["daemon_cpu_seconds"] = proc_cpu_seconds(daemon_pid) - d0
+        out["daemon_cpu_seconds"] = cpu_seconds(daemon_pid) - d0
     try:
         out["json"] = json.loads(proc.stdout)
     except ValueError:
