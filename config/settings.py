@@ -134,7 +134,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 # PIECED_* variables that are not settings: the config file's path, and pieced-peer's log
 # level (one environment may run the daemon and pieced-peer alike).
-_OTHER_COMMANDS = ("PIECED_CONFIG", "PIECED_PEER_LOG")
+_NOT_SETTINGS = ("PIECED_CONFIG", "PIECED_PEER_LOG")
 
 _TYPES: dict[str, Any] = get_type_hints(Settings)
 _OCTAL = frozenset({"socket_mode"})
@@ -209,7 +209,7 @@ def load(
             values[key] = _coerce(key, value, str(path))
     env = os.environ if env is None else env
     for name, value in env.items():
-        if not name.startswith("PIECED_") or name in _OTHER_COMMANDS:
+        if not name.startswith("PIECED_") or name in _NOT_SETTINGS:
             continue
         key = name[len("PIECED_"):].lower()
         if key not in _TYPES:

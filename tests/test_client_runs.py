@@ -17,9 +17,9 @@ from tests.test_disk import Source
 def test_blocks_written_back_to_back_go_as_one_write(
         daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     save, content = odd_payload
-    raw = make_torrent_lt(content, 65536, "hybrid")  # pads: blocks running into them too
+    raw = make_torrent_lt(content, 65536, "hybrid")
     src = Source(raw, save)
-    blocks = src.blocks()
+    blocks = src.peer_blocks()  # as libtorrent sends them: 16 KiB, running into pads
     pieces = sorted({p for p, _, _ in blocks})
 
     async def run() -> tuple[int, int, int]:
