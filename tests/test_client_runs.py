@@ -76,3 +76,54 @@ def test_a_run_stops_where_the_blocks_stop_following_each_other(
             return c.core.writes_done - done0
 
     assert asyncio.run(run()) == 3  # [1, 2], [0], [3 with flush]
+
+
+def test_two_clients_merging_runs_of_the_same_pieces_at_once(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """Two connections send every block of the same torrent at once, each as merged
+    runs (as two plugins in end game would): every piece verifies once, none fails, and
+    what one sent after the other completed a piece is counted as duplicate."""
+    import threading
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, save)
+    blocks = src.peer_blocks()
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, daemon.root / "dl")
+        before = c.stats()
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    async def send(order: list[tuple[int, int, int]]) -> None:
+        async with AsyncClient(daemon.socket) as ac:
+            await ac.attach_ring(4 * 1024 * 1024)
+            start.wait()
+            for p, b, n in order:
+                if not ac.try_write_block_direct(ih, p, b, src.read(p, b, n)):
+                    await ac.write_block_direct(ih, p, b, src.read(p, b, n))
+            await ac.wait_writes()
+
+    def client(order: list[tuple[int, int, int]]) -> None:
+        try:
+            asyncio.run(send(order))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    # the second from the last piece back, each piece's blocks in order: runs both ways
+    backwards = sorted(blocks, key=lambda blk: (-blk[0], blk[1]))
+    threads = [threading.Thread(target=client, args=(o,)) for o in (blocks, backwards)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with Client(daemon.socket) as c:
+        c.flush_all()
+        st, after = c.status(ih), c.stats()
+        assert st["verified_pieces"] == src.meta.num_pieces
+        assert after["pieces_failed"] == before["pieces_failed"]
+        assert after["pieces_verified"] - before["pieces_verified"] == src.meta.num_pieces
+        for p in range(src.meta.num_pieces):
+            size = src.layout.piece_size(p)
+            assert c.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
