@@ -4,13 +4,29 @@ Its stderr goes to ``folder/daemon.log``, whose tail every error message carries
 
 from __future__ import annotations
 
+import compileall
 import contextlib
+import functools
 import os
 import select
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def byte_compile() -> None:
+    """Compile the package's modules to bytecode once, as ``pip install`` does: the
+    editable install of the checkout has none, and a machine with
+    PYTHONDONTWRITEBYTECODE set never writes any, so every ``pieced`` process would
+    compile its modules anew (about 15 ms of each command's start-up). Timings of whole
+    ``pieced`` processes are of an installed program, not of that."""
+    for pkg in ("config", "daemon", "peer", "protocol", "storage"):
+        compileall.compile_dir(REPO / pkg, quiet=1)
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -43,6 +59,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
+        byte_compile()
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab" if self.append_log else "wb") as errlog:
             errlog.write(f"--- start at {time.strftime('%H:%M:%S')}\n".encode())

@@ -30,7 +30,6 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pieced.storage.errors import PiecedError, ProtocolError, TooLarge
@@ -123,14 +122,18 @@ class ShmRing:
         os.close(self.fd)
 
 
-@dataclass
 class _Waiter:
-    kind: str  # "request", "write", "read"
-    result: Any = None
-    error: PiecedError | None = None
-    done: bool = False
-    token: tuple[int, int] | None = None
-    notify: Callable[[], None] | None = None  # called once done (AsyncClient wakes its task)
+    """One reply awaited (a slotted class: one is made per request)."""
+
+    __slots__ = ("done", "error", "kind", "notify", "result", "token")
+
+    def __init__(self, kind: str, notify: Callable[[], None] | None = None) -> None:
+        self.kind = kind  # "request", "write", "read"
+        self.result: Any = None
+        self.error: PiecedError | None = None
+        self.done = False
+        self.token: tuple[int, int] | None = None
+        self.notify = notify  # called once done (AsyncClient wakes its task)
 
 
 def _ring_capacity(max_frame: int) -> int:
@@ -211,7 +214,8 @@ class ClientCore:
         token: tuple[int, int], flush: bool,
     ) -> tuple[int, bytes]:
         rid = next(self._ids)
-        self.waiters[rid] = _Waiter("write", token=token)
+        self.waiters[rid] = w = _Waiter("write")
+        w.token = token
         self.writes_in_flight += 1
         return rid, encode_write_ring(rid, ih, piece, begin, offset, length, FLAG_FLUSH if flush else 0)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -63,25 +62,33 @@ CONTROL = {FrameType.HELLO, FrameType.REQUEST, FrameType.RESPONSE, FrameType.ERR
 _EXT = {FrameType.WRITE: WRITE_EXT, FrameType.WRITE_RING: RING_EXT, FrameType.READ: READ_EXT}
 
 
-@dataclass
 class Frame:
     """A parsed frame. ``body`` is the decoded dictionary of a control frame;
     ``payload`` is a block's bytes as one or two views into the receive ring,
     valid until :meth:`RecvRing.release` of ``token``. A WRITE whose block is over
     MAX_BLOCK has ``length`` > MAX_BLOCK and no payload: it was skipped, and is
-    answered with an error."""
+    answered with an error.
 
-    type: FrameType
-    flags: int
-    id: int
-    body: dict[bytes, Any] = field(default_factory=dict)
-    info_hash: bytes = b""
-    piece: int = 0
-    begin: int = 0
-    length: int = 0
-    ring_offset: int = 0
-    payload: tuple[memoryview, ...] = ()
-    token: tuple[int, int] | None = None
+    A plain class with slots, not a dataclass: one is made per frame, on both ends."""
+
+    __slots__ = ("begin", "body", "flags", "id", "info_hash", "length", "payload", "piece",
+                 "ring_offset", "token", "type")
+
+    def __init__(
+        self, type: FrameType, flags: int, id: int, body: dict[bytes, Any] | None = None,
+        info_hash: bytes = b"", piece: int = 0, begin: int = 0, length: int = 0,
+        ring_offset: int = 0, payload: tuple[memoryview, ...] = (),
+        token: tuple[int, int] | None = None,
+    ) -> None:
+        self.type, self.flags, self.id = type, flags, id
+        self.body: dict[bytes, Any] = {} if body is None else body
+        self.info_hash, self.piece, self.begin, self.length = info_hash, piece, begin, length
+        self.ring_offset, self.payload, self.token = ring_offset, payload, token
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in (
+            "type", "flags", "id", "body", "info_hash", "piece", "begin", "length"))
+        return f"Frame({fields})"
 
 
 # -- encoding -------------------------------------------------------------------------

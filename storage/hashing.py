@@ -8,8 +8,8 @@ Two ways a piece gets hashed:
   in-order prefix and one SHA-256 leaf per 16 KiB block as each block lands (in
   any order), so the completing block costs almost nothing and nothing is read back
   in the common case;
-- :func:`check_piece` hashes a whole piece already in memory or mapped (verify,
-  recheck, explicit ``hash_piece``).
+- :class:`PieceCheck` (and :func:`check_piece`) hashes a whole piece already in memory
+  or mapped, fed in order (verify, recheck, explicit ``hash_piece``).
 """
 
 from __future__ import annotations
@@ -83,10 +83,52 @@ def fingerprint(views: Sequence[Buffer]) -> bytes:
 
 def v2_root(data: Buffer, v2: V2Piece) -> bytes:
     """Merkle root of a v2 piece's data (its file's bytes only, no pad)."""
-    mv = memoryview(data)[: v2.data_length]
-    sha = hashlib.sha256
-    leaves = [sha(mv[i : i + BLOCK_SIZE]).digest() for i in range(0, v2.data_length, BLOCK_SIZE)]
-    return merkle_root(leaves, v2.width)
+    check = PieceCheck(False, v2, False)
+    check.update(memoryview(data)[: v2.data_length])
+    root = check.result()[1]
+    assert root is not None
+    return root
+
+
+class PieceCheck:
+    """The hashes of a whole piece fed in order, in one part or several (a piece larger
+    than a recheck's read buffer is read and hashed a part at a time).
+
+    Parts are consecutive; up to the end of the v2 data, each part but the last holds
+    whole 16 KiB leaves. The fingerprint is taken only when asked for: a full recheck
+    of data that has one does not need it.
+    """
+
+    __slots__ = ("_fp", "_leaves", "_pos", "_sha1", "v2")
+
+    def __init__(self, want_v1: bool, v2: V2Piece | None, want_fingerprint: bool) -> None:
+        self._sha1 = hashlib.sha1() if want_v1 else None
+        self._fp = blake3() if want_fingerprint else None
+        self.v2 = v2
+        self._leaves: list[bytes] = []
+        self._pos = 0
+
+    def update(self, part: memoryview) -> None:
+        if self._sha1 is not None:
+            self._sha1.update(part)
+        if self._fp is not None:
+            self._fp.update(part)
+        n = part.nbytes
+        v2 = self.v2
+        if v2 is not None and self._pos < v2.data_length:
+            assert self._pos % BLOCK_SIZE == 0, "parts before the last are whole leaves"
+            end = min(n, v2.data_length - self._pos)
+            sha = hashlib.sha256
+            self._leaves += [sha(part[i : min(i + BLOCK_SIZE, end)]).digest()
+                             for i in range(0, end, BLOCK_SIZE)]
+        self._pos += n
+
+    def result(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(SHA-1 digest, v2 root, fingerprint): None for what was not asked for."""
+        d1 = self._sha1.digest() if self._sha1 is not None else None
+        d2 = merkle_root(self._leaves, self.v2.width) if self.v2 is not None else None
+        fp = self._fp.digest(FINGERPRINT_BYTES) if self._fp is not None else None
+        return d1, d2, fp
 
 
 def check_piece(
@@ -96,18 +138,14 @@ def check_piece(
 
     The v2 part of a piece always lies in one file, so it is the first view.
     """
-    ok1 = ok2 = None
-    if v1_expected is not None:
-        h = hashlib.sha1()
-        for v in views:
-            h.update(v)
-        ok1 = h.digest() == v1_expected
-    if v2 is not None:
-        first = views[0]
-        if memoryview(first).nbytes < v2.data_length:
-            first = b"".join(views)
-        ok2 = v2_root(first, v2) == v2.expected
-    return ok1, ok2
+    if v2 is not None and memoryview(views[0]).nbytes < v2.data_length:
+        views = [b"".join(views)]
+    check = PieceCheck(v1_expected is not None, v2, False)
+    for v in views:
+        check.update(memoryview(v))
+    d1, d2, _ = check.result()
+    return (d1 == v1_expected if v1_expected is not None else None,
+            d2 == v2.expected if v2 is not None else None)
 
 
 class _Intervals:

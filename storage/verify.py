@@ -34,7 +34,7 @@ from .hashing import (
     NO_FINGERPRINT,
     Buffer,
     HashPool,
-    PieceHasher,
+    PieceCheck,
     check_piece,
     fingerprint,
 )
@@ -485,8 +485,6 @@ class MmapReader:
 Reader = PreadReader | MmapReader
 
 
-def _unreachable(begin: int, length: int) -> Buffer:
-    raise AssertionError("a piece fed whole and in order needs nothing fetched")
 # (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)
 Row = tuple[int, bool | None, bool | None, int, bytes | None, bool]
 
@@ -554,30 +552,26 @@ def verify(
         return (p, ok1, ok2, size, new, False)
 
     def streamed(reader: PreadReader, p: int, size: int, known: bytes | None) -> Row:
-        """A large piece, read in parts: its fingerprint first (when it has one), then,
-        if that does not match, its torrent hashes and fingerprint in a second pass."""
+        """A piece read in parts: its fingerprint first (when it has one), then, if that
+        does not match, its torrent hashes (and a fingerprint if it has none) in a
+        second pass."""
+        fp: bytes | None = None
         if known is not None and trust_fingerprints:
             h = blake3()
             if not reader.stream(p, size, h.update):
                 return (p, *fail, 0, None, False)
-            if h.digest(FP) == known:
+            fp = h.digest(FP)
+            if fp == known:
                 return (p, *good, size, None, True)
         v2 = meta.v2_piece(p)
-        hasher = PieceHasher(size, meta.has_v1, v2)
-        pos = 0
-
-        def feed(part: memoryview) -> None:
-            nonlocal pos
-            hasher.add(pos, (part,))
-            pos += part.nbytes
-
-        if not reader.stream(p, size, feed):
+        check = PieceCheck(meta.has_v1, v2, fingerprints is not None and known is None)
+        if not reader.stream(p, size, check.update):
             return (p, *fail, 0, None, False)
-        d1, d2, fp = hasher.finish(_unreachable)
+        d1, d2, new = check.result()
         ok1 = d1 == meta.v1_hash(p) if meta.has_v1 else None
         ok2 = d2 == v2.expected if v2 is not None else None
         keep = fingerprints is not None and ok1 is not False and ok2 is not False
-        return (p, ok1, ok2, size, fp if keep else None, False)
+        return (p, ok1, ok2, size, (new or fp) if keep else None, False)
 
     def batches() -> Iterator[Sequence[int]]:
         for start in range(0, len(todo), per_batch):

@@ -577,5 +577,10 @@ def test_pieces_read_in_parts_verify_as_whole_ones(tmp_path: Path, backend: str)
             result = dio.recheck(ih, full=full)
             assert result.failed_v1 == [start + 1] and result.failed_v2 == [start + 1], full
             assert sum(result.have) == result.num_pieces - 1
+        with open(content / "b.bin", "r+b") as f:  # put back: the piece's fingerprint,
+            f.seek(piece + 6 * 1024 * 1024)       # of the bytes it verified with, holds
+            f.write(byte)
+        again = dio.recheck(ih)
+        assert again.ok and again.fingerprint_hits == again.num_pieces
     finally:
         dio.close()
