@@ -14,7 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 

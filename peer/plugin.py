@@ -144,6 +144,19 @@ class InOrder:
             self.held_bytes -= len(block)
 
 
+IOV_MAX = 1024  # buffers one writev takes
+
+
+def _after(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """What is left of ``parts`` once their first ``n`` bytes are sent."""
+    for i, part in enumerate(parts):
+        size = len(part) if isinstance(part, bytes) else part.nbytes
+        if n < size:
+            return [memoryview(part)[n:] if n else part, *parts[i + 1 :]]
+        n -= size
+    return []
+
+
 class Peer:
     """The asyncio side of one connection."""
 
@@ -161,11 +174,28 @@ class Peer:
         self.closed = False
 
     def flush(self) -> None:
+        """Send the messages of this turn: straight to the socket with one gathering
+        write while the transport holds nothing unsent (blocks go from the buffer they
+        were read into, not joined to their headers first: a copy of every byte sent),
+        and what the socket does not take then goes to the transport, joined."""
         if self.closed:
             return
         parts = self.conn.take_outbox()
-        if parts:  # one write, so one send, for all the messages of this turn
-            self.writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        if not parts:
+            return
+        transport = self.writer.transport
+        if len(parts) > 1 and transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            sock = transport.get_extra_info("socket")
+            try:
+                sent = os.writev(sock.fileno(), parts[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport's own write meets the error and reports it
+            parts = _after(parts, sent)
+            if not parts:
+                return
+        self.writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def close(self) -> None:
         if not self.closed:

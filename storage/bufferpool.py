@@ -20,6 +20,7 @@ a page fault per page for bytes the kernel already keeps.
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -72,15 +73,74 @@ class ResidentPiece:
 
     __slots__ = ("fetch", "size")
 
-    def __init__(self, size: int, fetch: Callable[[int, int], bytes | None]) -> None:
+    def __init__(self, size: int, fetch: Callable[[int, int], Buffer | None]) -> None:
         self.size = size
         self.fetch = fetch
 
-    def read(self, begin: int, length: int) -> bytes | None:
+    def read(self, begin: int, length: int) -> Buffer | None:
         return self.fetch(begin, length)
 
 
 Clean = PieceData | ResidentPiece
+
+
+class PieceBuffer(bytearray):
+    """A whole piece read from disk for the cache: given back to the :class:`Recycler`
+    when the cache lets it go."""
+
+    __slots__ = ()
+
+
+class Recycler:
+    """Buffers of pieces the cache let go, used again for the next pieces read.
+
+    A new buffer of a few MiB is fresh memory from the kernel, zero-filled page by page
+    on first touch and handed back when freed: measured while seeding 4 MiB pieces, that
+    was 44 % of the daemon's CPU, more than the reads and the sends together. So a piece
+    buffer evicted from the cache is kept here (at most ``max_bytes`` of them: memory
+    beyond the cache's budget) and given out again, as it is, for the next piece of its
+    size: the read overwrites every byte. A buffer is given out again only when this
+    list holds the last reference to it (CPython's reference count): a view of it that
+    is still being sent to a client keeps it out of use until the send is done.
+    """
+
+    # References to a buffer no one else holds, as getrefcount sees them in take():
+    # the list's, the local variable's and getrefcount's own argument.
+    _ALONE = 3
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free: list[PieceBuffer] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.reused = 0
+
+    def take(self, size: int) -> PieceBuffer:
+        """A buffer of ``size`` bytes, of unspecified content."""
+        with self._lock:
+            free = self._free
+            for i in range(len(free)):
+                buf = free[i]
+                if len(buf) == size and sys.getrefcount(buf) <= self._ALONE:
+                    del self._free[i]
+                    self._bytes -= size
+                    self.reused += 1
+                    return buf
+        return PieceBuffer(size)
+
+    def give(self, piece: object) -> None:
+        """The cache let ``piece`` go: keep its buffer if it is one of ours (the oldest
+        kept go to the allocator when there is no room)."""
+        if not isinstance(piece, PieceData) or len(piece._blocks) != 1:
+            return
+        buf = piece._blocks[0]
+        if type(buf) is not PieceBuffer or len(buf) > self.max_bytes:
+            return
+        with self._lock:
+            self._free.append(buf)
+            self._bytes += len(buf)
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._free.pop(0))
 
 
 class BufferPool:
@@ -88,12 +148,15 @@ class BufferPool:
         if policy not in ("arc", "lru"):
             raise ValueError(f"cache policy must be 'arc' or 'lru', not {policy!r}")
         self.budget = budget
+        # Beyond the budget: buffers of evicted pieces, kept for the next ones read.
+        self.recycler = Recycler(min(budget // 16, 16 * 1024 * 1024))
         self._lock = threading.Lock()
         self._dirty: dict[Key, dict[int, bytes]] = {}
         self.dirty_bytes = 0
         self._clean: ArcCache[Key, Clean] | LruCache[Key, Clean] = (
             ArcCache(budget) if policy == "arc" else LruCache(budget)
         )
+        self._clean.on_evict = self.recycler.give
 
     # -- write buffer --------------------------------------------------------------
     def add_dirty(self, key: Key, begin: int, data: bytes) -> bool:
@@ -108,7 +171,7 @@ class BufferPool:
                 blocks = self._dirty[key] = {}
             blocks[begin] = data
             self.dirty_bytes += delta
-            self._clean.pop(key)
+            self.recycler.give(self._clean.pop(key))
             self._clean.resize(self.budget - self.dirty_bytes)
             return True
 
@@ -170,7 +233,8 @@ class BufferPool:
         """Forget a piece entirely, buffered and cached."""
         self.take_dirty(key)
         with self._lock:
-            self._clean.pop(key)
+            gone = self._clean.pop(key)
+        self.recycler.give(gone)
 
     def pieces_of(self, tid: int) -> set[int]:
         """Pieces of a torrent held in memory, buffered or cached."""

@@ -28,7 +28,7 @@ write buffer and this cache together, and a second lock here would only add cost
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -73,6 +73,7 @@ class ArcCache(Generic[K, V]):
         self._b2_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.on_evict: Callable[[V], None] | None = None  # given each value evicted
 
     # Read-only views. capacity changes only through resize(), which evicts.
 
@@ -247,7 +248,7 @@ class ArcCache(Generic[K, V]):
         while self._t1_bytes + self._t2_bytes > limit:
             t1 = self._t1_bytes
             if self._t1 and (t1 > self._p or (hit_in_b2 and t1 == self._p) or not self._t2):
-                key, (_, vsize) = self._t1.popitem(last=False)
+                key, (value, vsize) = self._t1.popitem(last=False)
                 self._t1_bytes -= vsize
                 # A zero-byte ghost could never be trimmed by the byte bounds
                 # and its hit would move p by nothing, so it is not kept.
@@ -255,12 +256,14 @@ class ArcCache(Generic[K, V]):
                     self._b1[key] = vsize
                     self._b1_bytes += vsize
             else:
-                key, (_, vsize) = self._t2.popitem(last=False)
+                key, (value, vsize) = self._t2.popitem(last=False)
                 self._t2_bytes -= vsize
                 if vsize:
                     self._b2[key] = vsize
                     self._b2_bytes += vsize
             evicted.append(key)
+            if self.on_evict is not None:
+                self.on_evict(value)
 
     def _trim_ghosts(self) -> None:
         """Keep ARC's directory bounds, in bytes: T1+B1 <= c and T1+T2+B1+B2 <= 2c.
@@ -297,6 +300,7 @@ class LruCache(Generic[K, V]):
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.on_evict: Callable[[V], None] | None = None  # given each value evicted
 
     @property
     def capacity(self) -> int:
@@ -356,7 +360,9 @@ class LruCache(Generic[K, V]):
     def _evict_down_to(self, limit: int) -> list[K]:
         evicted: list[K] = []
         while self._used > limit:
-            key, (_, size) = self._entries.popitem(last=False)
+            key, (value, size) = self._entries.popitem(last=False)
             self._used -= size
             evicted.append(key)
+            if self.on_evict is not None:
+                self.on_evict(value)
         return evicted

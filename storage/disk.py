@@ -730,7 +730,7 @@ class DiskIO:
         return PieceData([b for b, _ in parts], [d for _, d in parts])
 
     def _resident(self, t: Torrent, piece: int) -> ResidentPiece:
-        def fetch(begin: int, length: int) -> bytes | None:
+        def fetch(begin: int, length: int) -> bytearray | None:
             out = bytearray(length)
             try:
                 found = t.storage.read_resident(t.layout.map(piece, begin, length),
@@ -738,7 +738,7 @@ class DiskIO:
             except StorageIOError as exc:  # as a plain read would report it
                 self._record_error(t, exc, piece)
                 raise
-            return bytes(out) if found else None
+            return out if found else None
 
         return ResidentPiece(t.layout.piece_size(piece), fetch)
 
@@ -846,9 +846,12 @@ class DiskIO:
             self.pool.drop((t.id, p))
 
     # -- reads ------------------------------------------------------------------------
-    def _read_range(self, t: Torrent, piece: int, begin: int, length: int) -> bytearray:
-        """Bytes of a piece as they stand: buffered blocks over what is on disk."""
-        out = bytearray(length)
+    def _read_range(self, t: Torrent, piece: int, begin: int, length: int,
+                    out: bytearray | None = None) -> bytearray:
+        """Bytes of a piece as they stand: buffered blocks over what is on disk (into
+        ``out``, whose every byte is written, if given)."""
+        if out is None:
+            out = bytearray(length)
         view = memoryview(out)
         end = begin + length
         gaps = [(begin, end)]
@@ -905,7 +908,7 @@ class DiskIO:
             # A piece still arriving is not cached: the copy would be stale at once. Nor
             # is one too big for the budget: a read of 16 bytes then costs 16 bytes.
             return self._read_range(t, piece, begin, length)
-        data = self._read_range(t, piece, 0, size)
+        data = self._read_range(t, piece, 0, size, self.pool.recycler.take(size))
         self.pool.put(key, PieceData.whole(data))
         return memoryview(data)[begin : begin + length]
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import threading
@@ -24,7 +25,7 @@ def check_uring() -> None:
     seccomp filter, io_uring_disabled, the liburing package missing)."""
     try:
         ring = _thread_ring()
-        results = ring.run([("nop", -1, None, 0)])
+        results = ring.run([("nop", -1, (), 0)])
     except (ImportError, OSError) as exc:
         raise StorageIOError(f"io_uring is not available here ({exc}): choose another "
                              "backend, such as posix", errno=getattr(exc, "errno", None)
@@ -32,6 +33,81 @@ def check_uring() -> None:
     if results[0] < 0:
         raise StorageIOError(f"io_uring refused a no-op ({os.strerror(-results[0])}): choose "
                              "another backend, such as posix", errno=-results[0])
+
+
+class _Iov(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer: a buffer export, taken and given back through the C API."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PyBUF_WRITABLE = 0x1
+
+
+class _Slot:
+    """The iovec array of one operation in flight, in a ``liburing.Iovec`` made once.
+
+    ``liburing.Iovec(buffers)`` takes an export of every buffer it is given and never
+    gives it back: whatever passed through one could never be freed (every block
+    written, every piece read) nor unmapped (a client's ring). So each ring makes its
+    Iovecs once, over a buffer of its own, and points their entries at each
+    operation's buffers, holding an export of each (taken and released through the C
+    API) only while the kernel works on it. The Iovec's layout (the entry count, then
+    the pointer to its ``struct iovec`` array, after the object header) is checked when
+    it is made; a liburing laid out otherwise is refused with the rest of io_uring.
+    """
+
+    def __init__(self, lib: Any) -> None:
+        self._own = bytearray(1)  # the export Iovec keeps forever is of this
+        self.iovec = lib.Iovec([self._own] * _IOV_MAX)
+        state = id(self.iovec) + object.__basicsize__
+        self._count = ctypes.c_size_t.from_address(state)
+        array = ctypes.c_void_p.from_address(state + ctypes.sizeof(ctypes.c_size_t)).value
+        own = _PyBuffer()
+        _get_buffer(self._own, own, 0)
+        try:
+            if (type(self.iovec).__basicsize__ < object.__basicsize__ + 2 * 8
+                    or self._count.value != _IOV_MAX or not array):
+                raise OSError(errno.ENOTSUP, "liburing.Iovec is not laid out as expected")
+            self._entries = (_Iov * _IOV_MAX).from_address(array)
+            first = self._entries[0]
+            if first.base != own.buf or first.len != 1:
+                raise OSError(errno.ENOTSUP, "liburing.Iovec is not laid out as expected")
+        finally:
+            _release_buffer(own)
+        self._held: list[_PyBuffer] = []
+
+    def point(self, bufs: Sequence[Buffer], writable: bool) -> Any:
+        """The Iovec, its entries on ``bufs`` (at most IOV_MAX), each held till release()."""
+        flags = _PyBUF_WRITABLE if writable else 0
+        entries, held = self._entries, self._held
+        for i, b in enumerate(bufs):
+            pb = _PyBuffer()
+            _get_buffer(b, pb, flags)
+            held.append(pb)
+            entries[i].base = pb.buf
+            entries[i].len = pb.len
+        self._count.value = len(bufs)
+        return self.iovec
+
+    def release(self) -> None:
+        for pb in self._held:
+            _release_buffer(pb)
+        self._held.clear()
 
 
 class _Ring:
@@ -47,6 +123,7 @@ class _Ring:
         self.lib = liburing
         self.ring = liburing.Ring()
         self.cqe = liburing.Cqe()
+        self.slots: list[_Slot] = []  # made as batches need them, up to DEPTH
         liburing.io_uring_queue_init(self.DEPTH, self.ring)
         self.live = True
 
@@ -57,35 +134,46 @@ class _Ring:
             with contextlib.suppress(Exception):
                 self.lib.io_uring_queue_exit(self.ring)
 
-    def run(self, ops: Sequence[tuple[str, int, Any, int]]) -> list[int]:
-        """``ops``: ("readv" | "writev" | "nop", fd, Iovec, offset)."""
+    def run(self, ops: Sequence[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
+        """``ops``: ("readv" | "writev" | "nop", fd, buffers, offset); the buffers of a
+        read must be writable."""
         lib, ring, cqe = self.lib, self.ring, self.cqe
         results = [0] * len(ops)
         for first in range(0, len(ops), self.DEPTH):
             batch = ops[first : first + self.DEPTH]
-            for i, (kind, fd, iov, offset) in enumerate(batch):
-                sqe = lib.io_uring_get_sqe(ring)
-                if kind == "writev":
-                    lib.io_uring_prep_writev(sqe, fd, iov, offset)
-                elif kind == "readv":
-                    lib.io_uring_prep_readv(sqe, fd, iov, offset)
-                else:
-                    lib.io_uring_prep_nop(sqe)
-                sqe.user_data = first + i
-            lib.io_uring_submit_and_wait(ring, len(batch))
-            got = 0
-            while got < len(batch):
-                lib.io_uring_wait_cqe(ring, cqe)
-                ready = lib.io_uring_cq_ready(ring)
-                for j in range(ready):
-                    c = cqe[j]
-                    try:
-                        res = c.res
-                    except OSError as exc:  # the binding raises a failed operation's errno
-                        res = -(exc.errno or errno.EIO)
-                    results[c.user_data] = res
-                lib.io_uring_cq_advance(ring, ready)
-                got += ready
+            while len(self.slots) < len(batch):
+                self.slots.append(_Slot(lib))
+            try:
+                # Every buffer is taken (a read-only one for a read raises here) before
+                # any entry is queued: none is left queued, to go with the next batch.
+                iovecs = [self.slots[i].point(bufs, kind == "readv") if kind != "nop" else None
+                          for i, (kind, _, bufs, _) in enumerate(batch)]
+                for i, (kind, fd, _, offset) in enumerate(batch):
+                    sqe = lib.io_uring_get_sqe(ring)
+                    if kind == "writev":
+                        lib.io_uring_prep_writev(sqe, fd, iovecs[i], offset)
+                    elif kind == "readv":
+                        lib.io_uring_prep_readv(sqe, fd, iovecs[i], offset)
+                    else:
+                        lib.io_uring_prep_nop(sqe)
+                    sqe.user_data = first + i
+                lib.io_uring_submit_and_wait(ring, len(batch))
+                got = 0
+                while got < len(batch):
+                    lib.io_uring_wait_cqe(ring, cqe)
+                    ready = lib.io_uring_cq_ready(ring)
+                    for j in range(ready):
+                        c = cqe[j]
+                        try:
+                            res = c.res
+                        except OSError as exc:  # the binding raises a failed operation's errno
+                            res = -(exc.errno or errno.EIO)
+                        results[c.user_data] = res
+                    lib.io_uring_cq_advance(ring, ready)
+                    got += ready
+            finally:
+                for slot in self.slots[: len(batch)]:
+                    slot.release()
         return results
 
 
@@ -107,14 +195,13 @@ class UringStorage(FileStorage):
     gathers_writes = True
 
     def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
-        import liburing
 
         todo = [s for s in segments if s.stored]
         if not todo:
             return 0
         single = len(segments) == 1
         entries: list[list[int]] = []
-        ops: list[tuple[str, int, Any, int]] = []
+        ops: list[tuple[str, int, Sequence[Buffer], int]] = []
         views: list[Sequence[Buffer]] = []
         try:
             for seg in todo:
@@ -127,7 +214,7 @@ class UringStorage(FileStorage):
                 v: Sequence[Buffer] = list(bufs) if single else sub_views(
                     bufs, seg.buf_offset, seg.buf_offset + seg.length)
                 views.append(v)
-                ops.append(("writev", entry[0], liburing.Iovec(v[:_IOV_MAX]), seg.file_offset))
+                ops.append(("writev", entry[0], v[:_IOV_MAX], seg.file_offset))
             results = _thread_ring().run(ops)
             for seg, entry, v, res in zip(todo, entries, views, results, strict=True):
                 if res < 0:
@@ -144,12 +231,11 @@ class UringStorage(FileStorage):
         return sum(s.length for s in todo)
 
     def _pread(self, segments: Sequence[Segment], out: memoryview, nowait: int) -> bool:
-        import liburing
 
         if nowait:
             return super()._pread(segments, out, nowait)
         with contextlib.ExitStack() as stack:
-            ops: list[tuple[str, int, Any, int]] = []
+            ops: list[tuple[str, int, Sequence[Buffer], int]] = []
             todo = []
             for seg in segments:
                 dst = out[seg.buf_offset : seg.buf_offset + seg.length]
@@ -157,7 +243,7 @@ class UringStorage(FileStorage):
                     dst[:] = bytes(seg.length)
                     continue
                 fd = stack.enter_context(self._fd(seg.file_index, False))
-                ops.append(("readv", fd, liburing.Iovec([dst]), seg.file_offset))
+                ops.append(("readv", fd, [dst], seg.file_offset))
                 todo.append((seg, fd, dst))
             results = _thread_ring().run(ops)
             for (seg, fd, dst), res in zip(todo, results, strict=True):

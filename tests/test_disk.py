@@ -543,3 +543,93 @@ def test_syncs_counts_real_fdatasyncs(
     dio.flush_all()
     assert len(calls) == before and dio.stats()["syncs"] == before
     dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_seeding_reads_reuse_evicted_buffers_never_one_still_sent(
+    tmp_path: Path, torrent: tuple[bytes, Source], backend: str
+) -> None:
+    """Pieces read for seeding through a cache of four: the buffers of evicted pieces are
+    used again for the next ones read (the reads stop costing fresh memory), every read
+    returns the piece's bytes, and a view handed out before its piece was evicted (a
+    reply still being sent) keeps its bytes however many pieces are read after it."""
+    raw, src = torrent
+    dio = DiskIO(backend, cache_bytes=4 * 65536)
+    dio.pool.recycler.max_bytes = 2 * 65536  # the default of so small a budget is 0
+    try:
+        ih = dio.register(raw, src.save)
+        assert dio.recheck(ih).ok
+        n = src.meta.num_pieces
+        full = [p for p in range(n) if src.layout.piece_size(p) == 65536]
+        held = {p: dio.read_chunk_view(ih, p, 1000, 3000) for p in full[:2]}
+        for _ in range(3):
+            for p in range(n):
+                size = src.layout.piece_size(p)
+                got = dio.read_chunk_view(ih, p, 0, size)
+                assert bytes(got) == src.read(p, 0, size), p
+                del got
+        assert dio.pool.recycler.reused > 0
+        for p, view in held.items():
+            assert bytes(view) == src.read(p, 1000, 3000), p
+    finally:
+        dio.close()
+
+
+def test_recycler_gives_a_buffer_again_only_when_no_one_holds_it() -> None:
+    from pieced.storage.bufferpool import PieceBuffer, PieceData, Recycler
+
+    r = Recycler(3 * 1000)
+    a = r.take(1000)
+    assert isinstance(a, PieceBuffer)
+    a[:] = b"a" * 1000
+    sending = memoryview(a)[10:20]
+    r.give(PieceData.whole(a))
+    del a
+    assert r.take(1000) is not None and r.reused == 0  # a view of it is still being sent
+    assert bytes(sending) == b"a" * 10
+    del sending
+    b = r.take(1000)
+    assert r.reused == 1 and bytes(b[:3]) == b"aaa"  # the same buffer, as it was
+    assert len(r.take(999)) == 999 and r.reused == 1  # only a buffer of the size asked
+    r.give(PieceData.whole(bytearray(1000)))  # not one of ours: not kept
+    r.give(PieceData([0, 500], [PieceBuffer(500), PieceBuffer(500)]))  # nor blocks
+    for _ in range(5):
+        r.give(PieceData.whole(PieceBuffer(1000)))
+    assert r._bytes == 3000 and len(r._free) == 3  # bounded: the oldest went
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_no_backend_keeps_hold_of_the_buffers_it_is_given(
+    tmp_path: Path, torrent: tuple[bytes, Source], backend: str
+) -> None:
+    """Every block written through a client's ring (a shared map here) and every piece
+    read: once the calls return, the backend holds no export of their buffers, so a
+    client's ring can be unmapped when it leaves and read buffers go back to memory.
+    (The liburing package's Iovec keeps every buffer it is given: used as it is, the
+    uring backend pinned all of them.)"""
+    import mmap
+
+    raw, src = torrent
+    dio = DiskIO(backend, cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        ring = mmap.mmap(-1, 1024 * 1024)
+        view = memoryview(ring)
+        at = 0
+        for p, b, n in src.blocks():
+            if at + n > len(ring):
+                at = 0
+            view[at : at + n] = src.read(p, b, n)
+            cut = at + n // 3
+            dio.write_block_direct(ih, p, b, view[at:cut], view[cut : at + n])
+            at += n
+        dio.flush_all()
+        assert all(dio.status(ih, files=False)["have"]) or dio.recheck(ih).ok
+        view.release()
+        ring.close()  # BufferError if an export of it were still held
+        out = bytearray(src.layout.piece_size(0))
+        dio._read_range(dio._torrents[ih], 0, 0, len(out), out)
+        assert bytes(out) == src.read(0, 0, len(out))
+        out.extend(b"x")  # BufferError if an export of it were still held
+    finally:
+        dio.close()

@@ -68,3 +68,60 @@ def test_any_arrival_order_gives_every_block_once_in_order(seed: int) -> None:
     for p, plan in PLANS.items():
         assert sent[p] == [b for b, _ in plan]
     assert order.held_bytes == 0
+
+
+def test_after_drops_exactly_the_bytes_sent() -> None:
+    from pieced.peer.plugin import _after
+
+    parts: list[bytes | memoryview] = [b"abc", memoryview(b"defgh"), b"", b"ij"]
+    whole = b"abcdefghij"
+    for n in range(len(whole) + 1):
+        rest = _after(parts, n)
+        assert b"".join(bytes(p) for p in rest) == whole[n:], n
+
+
+def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
+    """Peer.flush writes straight to the socket while the transport holds nothing, and
+    gives the transport whatever the socket did not take: a reader that lags far behind
+    (the socket full, writes cut short, the transport buffering) still gets every byte,
+    in order."""
+    import asyncio
+    import random
+
+    from pieced.peer.conn import PeerConnection
+    from pieced.peer.plugin import Peer
+
+    rng = random.Random(5)
+    messages = [rng.randbytes(rng.choice([13, 16384, 70000])) for _ in range(400)]
+    want = b"".join(messages)
+
+    async def main() -> bytes:
+        got = bytearray()
+        done = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(0.3)  # let the sender fill the socket first
+            while len(got) < len(want):
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                got.extend(chunk)
+            done.set()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = PeerConnection.__new__(PeerConnection)
+        conn.outbox = []
+        peer = Peer(conn, reader, writer, "test")
+        for i in range(0, len(messages), 7):
+            conn.outbox.extend(memoryview(m) if i % 2 else m for m in messages[i : i + 7])
+            peer.flush()
+            await asyncio.sleep(0)
+        await asyncio.wait_for(done.wait(), 30)
+        writer.close()
+        server.close()
+        return bytes(got)
+
+    assert asyncio.run(main()) == want
