@@ -732,15 +732,18 @@ class DiskIO:
     def _resident(self, t: Torrent, piece: int) -> ResidentPiece:
         def fetch(begin: int, length: int) -> bytearray | None:
             out = bytearray(length)
-            try:
-                found = t.storage.read_resident(t.layout.map(piece, begin, length),
-                                                memoryview(out))
-            except StorageIOError as exc:  # as a plain read would report it
-                self._record_error(t, exc, piece)
-                raise
-            return out if found else None
+            return out if self._read_resident(t, piece, begin, out) else None
 
         return ResidentPiece(t.layout.piece_size(piece), fetch)
+
+    def _read_resident(self, t: Torrent, piece: int, begin: int, out: bytearray) -> bool:
+        """Fill ``out`` from ``begin`` of the piece, only from the page cache."""
+        try:
+            return t.storage.read_resident(t.layout.map(piece, begin, len(out)),
+                                           memoryview(out))
+        except StorageIOError as exc:  # as a plain read would report it
+            self._record_error(t, exc, piece)
+            raise
 
     def _commit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         """Make committing pieces durable, journal them, then mark and announce them.
@@ -897,6 +900,16 @@ class DiskIO:
             return self._read_range(t, piece, begin, length)
         cached = self.pool.get(key, volatile)
         if cached is not None:
+            if not volatile and isinstance(cached, ResidentPiece):
+                # The first read of a piece written straight to its file: all of it comes
+                # into the cache from the page cache (never from the disk), into a buffer
+                # used again, so that the reads of its other blocks are hits instead of
+                # one more fresh buffer and one more read each.
+                size = cached.size
+                buf = self.pool.recycler.take(size)
+                if self._read_resident(t, piece, 0, buf):
+                    cached = PieceData.whole(buf)
+                    self.pool.put(key, cached)
             hit = cached.read(begin, length)
             if hit is not None:
                 self.metrics.add("cache_hits")

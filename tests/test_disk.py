@@ -633,3 +633,37 @@ def test_no_backend_keeps_hold_of_the_buffers_it_is_given(
         out.extend(b"x")  # BufferError if an export of it were still held
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={
+    "disabled": STORES_NOTHING,
+    "direct": "keeps nothing in the page cache: a piece written straight through is not cached",
+    "uring": "gathers a piece's blocks before writing them: it caches the blocks themselves",
+})
+def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
+    tmp_path: Path, torrent: tuple[bytes, Source], backend: str
+) -> None:
+    """Pieces written with write_block_direct are cached as their files' pages; the
+    first (not volatile) read of one brings the whole piece into the cache, into a
+    recycled buffer, and the piece's other blocks are then read from there."""
+    from pieced.storage.bufferpool import PieceBuffer, PieceData, ResidentPiece
+
+    raw, src = torrent
+    dio = DiskIO(backend)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src, seed=None, direct_every=1)
+        dio.flush_all()
+        t = dio._torrents[ih]
+        p = src.meta.num_pieces // 2
+        size = src.layout.piece_size(p)
+        assert isinstance(dio.pool.get((t.id, p), volatile=True), ResidentPiece)
+        assert bytes(dio.read_chunk_view(ih, p, 0, 100, volatile=True)) == src.read(p, 0, 100)
+        assert isinstance(dio.pool.get((t.id, p), volatile=True), ResidentPiece)
+        assert bytes(dio.read_chunk_view(ih, p, 10, 200)) == src.read(p, 10, 200)
+        entry = dio.pool.get((t.id, p), volatile=True)
+        assert isinstance(entry, PieceData) and type(entry.read(0, size)) is memoryview
+        assert isinstance(entry.read(0, size).obj, PieceBuffer)
+        assert bytes(entry.read(0, size)) == src.read(p, 0, size)
+    finally:
+        dio.close()

@@ -549,6 +549,16 @@ def test_pieces_written_through_the_ring_are_cached(
         assert cached == list(range(n))
         for p in (order[-1], cached[0]):
             assert c.read_piece(ih, p) == whole(src, p)
+        # Seeding a piece written straight to its file: its first block read brings all
+        # of it in from the page cache, and its other blocks are then hits.
+        p = cached[-1]
+        size = src.layout.piece_size(p)
+        before = c.stats()
+        got = b"".join(c.read_chunk(ih, p, b, min(16384, size - b)) for b in range(0, size, 16384))
+        assert got == whole(src, p)
+        after = c.stats()
+        assert after["cache_misses"] == before["cache_misses"]
+        assert after["cache_hits"] - before["cache_hits"] == -(-size // 16384)
 
 
 # -- 5. descriptors -------------------------------------------------------------------------------
