@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pieced.protocol.client import DEFAULT_SOCKET, AsyncClient
-from pieced.storage.errors import AlreadyRegistered, PiecedError
+from pieced.storage.errors import AlreadyRegistered, PiecedError, ProtocolError
 from pieced.storage.metainfo import Metainfo, parse
 
 from . import wire
@@ -195,7 +195,9 @@ class Peer:
             parts = _after(parts, sent)
             if not parts:
                 return
-        self.writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        # Joined, so the transport holds bytes of its own: the buffers the blocks came in
+        # are used again once this returns (a transport may keep what it is given).
+        self.writer.write(b"".join(parts))
 
     def close(self) -> None:
         if not self.closed:
@@ -216,6 +218,7 @@ class Swarm:
         self.ih = meta.info_hash
         self.picker: Picker | None = None
         self.hash_server = HashServer(meta)
+        self._read_bufs: list[bytearray] = []  # buffers of reads for seeding, used again
         self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()
@@ -505,9 +508,14 @@ class Swarm:
                 for blk in run:
                     peer.conn.send_reject(blk)
                 return
+            buf = self._read_bufs.pop() if self._read_bufs else bytearray(READ_BYTES)
+            data = memoryview(buf)[:size]
             try:
-                data = memoryview(await self.client.read_chunk(self.ih, piece, begin, size))
+                got = await self.client.read_chunk_into(self.ih, piece, begin, data)
+                if got != size:
+                    raise ProtocolError(f"the daemon sent {got} bytes for a read of {size}")
             except PiecedError as exc:
+                self._read_bufs.append(buf)  # the reply came: nothing lands in it later
                 log.warning("read of piece %d for %s failed: %s", piece, peer.addr, exc)
                 for blk in run:
                     peer.conn.send_reject(blk)
@@ -522,6 +530,8 @@ class Swarm:
                 self.summary.bytes_up += blk[2]
             if begin == 0:  # the piece is in the daemon's cache now: offer it around
                 self._offer(piece, but=peer)
+            peer.flush()  # the kernel or the transport has its own copy of data then
+            self._read_bufs.append(buf)
         finally:
             peer.reads -= 1
             peer.flush()

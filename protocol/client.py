@@ -125,7 +125,7 @@ class ShmRing:
 class _Waiter:
     """One reply awaited (a slotted class: one is made per request)."""
 
-    __slots__ = ("done", "error", "kind", "notify", "result", "token")
+    __slots__ = ("done", "error", "into", "kind", "notify", "result", "token")
 
     def __init__(self, kind: str, notify: Callable[[], None] | None = None) -> None:
         self.kind = kind  # "request", "write", "read"
@@ -134,6 +134,7 @@ class _Waiter:
         self.done = False
         self.token: tuple[int, int] | None = None
         self.notify = notify  # called once done (AsyncClient wakes its task)
+        self.into: memoryview | None = None  # a read's bytes go here, not to a new bytes
 
 
 def _ring_capacity(max_frame: int) -> int:
@@ -232,9 +233,15 @@ class ClientCore:
             raise ProtocolError("ring full with no write in flight")
         return placed
 
-    def read(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool) -> tuple[int, bytes]:
+    def read(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool,
+             into: memoryview | None = None) -> tuple[int, bytes]:
+        """A READ; its bytes are copied into ``into`` (which must hold ``length`` bytes)
+        if given, else returned as a new bytes."""
+        if into is not None and into.nbytes < length:
+            raise ValueError(f"a buffer of {into.nbytes} bytes cannot take a read of {length}")
         rid = next(self._ids)
-        self.waiters[rid] = _Waiter("read")
+        self.waiters[rid] = w = _Waiter("read")
+        w.into = into
         return rid, encode_read(rid, ih, piece, begin, length, FLAG_VOLATILE if volatile else 0)
 
     def received(self, n: int) -> None:
@@ -276,7 +283,19 @@ class ClientCore:
         elif f.type == FrameType.RESPONSE:
             w.result = from_wire(f.body).get("result")
         elif f.type == FrameType.DATA:
-            w.result = b"".join(f.payload)
+            if w.into is None:
+                w.result = b"".join(f.payload)
+            else:
+                n = sum(v.nbytes for v in f.payload)
+                if n > w.into.nbytes:
+                    w.error = ProtocolError(f"the daemon sent {n} bytes for a read of "
+                                            f"{w.into.nbytes}")
+                else:
+                    at = 0
+                    for v in f.payload:
+                        w.into[at : at + v.nbytes] = v
+                        at += v.nbytes
+                    w.result = n
             assert f.token is not None
             self.ring.release(f.token)
         elif f.type != FrameType.ACK:
@@ -495,6 +514,15 @@ class Client:
 
     def read_chunk(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False) -> bytes:
         return bytes(self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
+
+    def read_chunk_into(self, ih: bytes, piece: int, begin: int, out: memoryview,
+                        volatile: bool = False) -> int:
+        """:meth:`read_chunk` of ``out.nbytes`` bytes into ``out``, how many it got: for
+        a caller that reads again and again into buffers of its own (a seeder), no new
+        bytes each time. ``out`` is the reply's until the call returns; after a call that
+        did not return (cancelled, the connection lost) the reply may still land in it."""
+        return int(self._roundtrip(*self.core.read(_hexless(ih), piece, begin, out.nbytes,
+                                                   volatile, out)))
 
     def read_piece(self, ih: bytes, piece: int) -> bytes:
         return bytes(self._call("read_piece", ih=_hexless(ih), piece=piece)["data"])
@@ -866,6 +894,12 @@ class AsyncClient:
     async def read_chunk(self, ih: bytes, piece: int, begin: int, length: int,
                          volatile: bool = False) -> bytes:
         return bytes(await self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
+
+    async def read_chunk_into(self, ih: bytes, piece: int, begin: int, out: memoryview,
+                              volatile: bool = False) -> int:
+        """:meth:`read_chunk` of ``out.nbytes`` bytes into ``out`` (see ``Client``)."""
+        return int(await self._roundtrip(*self.core.read(_hexless(ih), piece, begin,
+                                                         out.nbytes, volatile, out)))
 
     async def unregister(self, ih: bytes, delete_files: bool = False) -> None:
         await self._call("unregister", ih=_hexless(ih), delete_files=delete_files)

@@ -127,3 +127,45 @@ def test_two_clients_merging_runs_of_the_same_pieces_at_once(
         for p in range(src.meta.num_pieces):
             size = src.layout.piece_size(p)
             assert c.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+
+
+def test_reads_into_a_buffer_of_the_callers(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """read_chunk_into (both clients): the bytes of read_chunk, in the caller's buffer,
+    used again and again, with many reads in flight each into its own; a read past the
+    piece's end is refused as read_chunk's is, and the connection goes on."""
+    import pytest
+    from pieced.storage.errors import PiecedError
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, save)
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, save)
+        assert c.recheck(ih).get("verified") == src.meta.num_pieces
+        buf = bytearray(70_000)
+        for p in range(src.meta.num_pieces):
+            size = src.layout.piece_size(p)
+            for begin, n in ((0, size), (size // 3, size - size // 3), (5, 1)):
+                view = memoryview(buf)[:n]
+                assert c.read_chunk_into(ih, p, begin, view) == n
+                assert bytes(view) == src.read(p, begin, n) == c.read_chunk(ih, p, begin, n)
+        with pytest.raises(PiecedError):  # past the piece's end: refused, as read_chunk is
+            c.read_chunk_into(ih, 0, src.layout.piece_size(0) - 5, memoryview(buf)[:10])
+        assert c.read_chunk(ih, 0, 0, 10) == src.read(0, 0, 10)  # the connection goes on
+
+    async def run() -> None:
+        async with AsyncClient(daemon.socket) as c:
+            bufs = [bytearray(16384) for _ in range(32)]
+            blocks = [b for b in src.blocks() if b[2] == 16384]
+
+            async def one(i: int, p: int, b: int) -> None:
+                view = memoryview(bufs[i % len(bufs)])
+                assert await c.read_chunk_into(ih, p, b, view) == 16384
+                assert bytes(view) == src.read(p, b, 16384)
+
+            for start in range(0, len(blocks), len(bufs)):
+                await asyncio.gather(*(one(i, p, b) for i, (p, b, _) in
+                                       enumerate(blocks[start : start + len(bufs)])))
+
+    asyncio.run(run())
