@@ -187,7 +187,7 @@ class Peer:
         if len(parts) > 1 and transport.get_write_buffer_size() == 0 and not transport.is_closing():
             sock = transport.get_extra_info("socket")
             try:
-                sent = os.writev(sock.fileno(), parts[:IOV_MAX])
+                sent = os.writev(sock.fileno(), parts[:IOV_MAX]) if sock is not None else 0
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:

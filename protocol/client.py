@@ -237,8 +237,13 @@ class ClientCore:
              into: memoryview | None = None) -> tuple[int, bytes]:
         """A READ; its bytes are copied into ``into`` (which must hold ``length`` bytes)
         if given, else returned as a new bytes."""
-        if into is not None and into.nbytes < length:
-            raise ValueError(f"a buffer of {into.nbytes} bytes cannot take a read of {length}")
+        if into is not None:
+            if into.readonly:
+                raise ValueError("a read needs a writable buffer")
+            if into.nbytes < length:
+                raise ValueError(f"a buffer of {into.nbytes} bytes cannot take a read of {length}")
+            if into.format != "B" or into.ndim != 1:
+                into = into.cast("B")  # copied into bytewise (C-contiguous, or this raises)
         rid = next(self._ids)
         self.waiters[rid] = w = _Waiter("read")
         w.into = into

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import errno
@@ -76,31 +77,43 @@ class _Slot:
         self.iovec = lib.Iovec([self._own] * _IOV_MAX)
         state = id(self.iovec) + object.__basicsize__
         self._count = ctypes.c_size_t.from_address(state)
-        array = ctypes.c_void_p.from_address(state + ctypes.sizeof(ctypes.c_size_t)).value
+        table = ctypes.c_void_p.from_address(state + ctypes.sizeof(ctypes.c_size_t)).value
         own = _PyBuffer()
         _get_buffer(self._own, own, 0)
         try:
             if (type(self.iovec).__basicsize__ < object.__basicsize__ + 2 * 8
-                    or self._count.value != _IOV_MAX or not array):
+                    or self._count.value != _IOV_MAX or not table):
                 raise OSError(errno.ENOTSUP, "liburing.Iovec is not laid out as expected")
-            self._entries = (_Iov * _IOV_MAX).from_address(array)
-            first = self._entries[0]
-            if first.base != own.buf or first.len != 1:
+            first = _Iov.from_address(table)
+            if first.base != own.buf or first.len != 1 or ctypes.sizeof(_Iov) != 16:
                 raise OSError(errno.ENOTSUP, "liburing.Iovec is not laid out as expected")
         finally:
             _release_buffer(own)
+        self._array: int = table  # its struct iovec entries: (base, length), 8 bytes each
         self._held: list[_PyBuffer] = []
+        self._kept: list[bytes] = []
 
     def point(self, bufs: Sequence[Buffer], writable: bool) -> Any:
-        """The Iovec, its entries on ``bufs`` (at most IOV_MAX), each held till release()."""
+        """The Iovec, its entries on ``bufs`` (at most IOV_MAX), each held till release().
+
+        A ``bytes`` (a gathered block: most of what is written) is held by reference,
+        its bytes found at a fixed offset in the object (checked at start-up), with no
+        export to take: immutable, it cannot move or change while it is referenced."""
         flags = _PyBUF_WRITABLE if writable else 0
-        entries, held = self._entries, self._held
-        for i, b in enumerate(bufs):
+        held, kept = self._held, self._kept
+        vals = array.array("Q")
+        for b in bufs:
+            if type(b) is bytes and not writable and _BYTES_DATA:
+                kept.append(b)
+                vals.append(id(b) + _BYTES_DATA)
+                vals.append(len(b))
+                continue
             pb = _PyBuffer()
             _get_buffer(b, pb, flags)
             held.append(pb)
-            entries[i].base = pb.buf
-            entries[i].len = pb.len
+            vals.append(pb.buf)
+            vals.append(pb.len)
+        ctypes.memmove(self._array, vals.buffer_info()[0], len(vals) * vals.itemsize)
         self._count.value = len(bufs)
         return self.iovec
 
@@ -108,6 +121,24 @@ class _Slot:
         for pb in self._held:
             _release_buffer(pb)
         self._held.clear()
+        self._kept.clear()
+
+
+def _bytes_data_offset() -> int:
+    """Where a bytes object's bytes start in it, as the buffer protocol gives them; 0 if
+    that is not the same for every bytes object (then every buffer is exported)."""
+    offsets = set()
+    for probe in (b"probe", b"x" * 5000, bytes(range(256))):
+        pb = _PyBuffer()
+        _get_buffer(probe, pb, 0)
+        try:
+            offsets.add(pb.buf - id(probe))
+        finally:
+            _release_buffer(pb)
+    return offsets.pop() if len(offsets) == 1 else 0
+
+
+_BYTES_DATA = _bytes_data_offset()
 
 
 class _Ring:

@@ -169,3 +169,25 @@ def test_reads_into_a_buffer_of_the_callers(
                                        enumerate(blocks[start : start + len(bufs)])))
 
     asyncio.run(run())
+
+
+def test_read_into_a_buffer_it_cannot_fill_is_refused_before_it_is_sent(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """A read-only buffer, or one of items wider than a byte (taken bytewise), never
+    breaks the connection: the first is refused at once, the second is filled."""
+    import array
+
+    import pytest
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, save)
+        c.recheck(ih)
+        with pytest.raises(ValueError):
+            c.read_chunk_into(ih, 0, 0, memoryview(bytes(100)))
+        words = array.array("I", bytes(400))
+        assert c.read_chunk_into(ih, 0, 8, memoryview(words)) == 400
+        assert words.tobytes() == src.read(0, 8, 400)
+        assert c.read_chunk(ih, 0, 0, 10) == src.read(0, 0, 10)
