@@ -900,7 +900,7 @@ class DiskIO:
             return self._read_range(t, piece, begin, length)
         cached = self.pool.get(key, volatile)
         if cached is not None:
-            if not volatile and isinstance(cached, ResidentPiece):
+            if not volatile and isinstance(cached, ResidentPiece) and cached.size <= self._cacheable:
                 # The first read of a piece written straight to its file: all of it comes
                 # into the cache from the page cache (never from the disk), into a buffer
                 # used again, so that the reads of its other blocks are hits instead of
