@@ -83,13 +83,13 @@ def test_after_drops_exactly_the_bytes_sent() -> None:
 def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
     """Peer.flush writes straight to the socket while the transport holds nothing, and
     gives the transport whatever the socket did not take: a reader that lags far behind
-    (the socket full, writes cut short, the transport buffering) still gets every byte,
-    in order."""
+    (the socket full, writes cut short, the transport buffering, the sender draining)
+    still gets every byte, in order."""
     import asyncio
     import random
 
     from pieced.peer.conn import PeerConnection
-    from pieced.peer.plugin import Peer
+    from pieced.peer.plugin import Inbox, Peer
 
     rng = random.Random(5)
     messages = [rng.randbytes(rng.choice([13, 16384, 70000])) for _ in range(400)]
@@ -111,17 +111,81 @@ def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        transport, inbox = await asyncio.get_running_loop().create_connection(
+            Inbox, "127.0.0.1", port)
+        assert isinstance(transport, asyncio.Transport)
         conn = PeerConnection.__new__(PeerConnection)
         conn.outbox = []
-        peer = Peer(conn, reader, writer, "test")
+        peer = Peer(conn, transport, inbox, "test")
         for i in range(0, len(messages), 7):
             conn.outbox.extend(memoryview(m) if i % 2 else m for m in messages[i : i + 7])
             peer.flush()
+            if transport.get_write_buffer_size() > 4 * 1024 * 1024:
+                await inbox.drain()  # returns once the reader has caught up
             await asyncio.sleep(0)
         await asyncio.wait_for(done.wait(), 30)
-        writer.close()
+        transport.close()
         server.close()
         return bytes(got)
 
     assert asyncio.run(main()) == want
+
+
+def test_inbox_hands_over_every_byte_in_order_through_its_one_buffer() -> None:
+    """Inbox: a sender far faster than the reader fills its buffer (reading pauses), and
+    the reader still gets every byte in order, then the end of the stream; a connection
+    reset by the other end ends the reading too (with the reset raised, or as the end of
+    the stream), never a wait forever."""
+    import asyncio
+    import random
+    import socket
+
+    from pieced.peer.plugin import Inbox
+
+    rng = random.Random(9)
+    want = rng.randbytes(5 * 1024 * 1024 + 123)
+
+    async def main() -> tuple[bytes, int]:
+        async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for i in range(0, len(want), 100_000):
+                writer.write(want[i : i + 100_000])
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(send, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, inbox = await asyncio.get_running_loop().create_connection(
+            lambda: Inbox(64 * 1024), "127.0.0.1", port)
+        got = bytearray()
+        most = 0
+        while (data := await inbox.receive()) is not None:
+            most = max(most, data.nbytes)
+            got += data
+            inbox.consumed()
+            if rng.random() < 0.3:
+                await asyncio.sleep(0.002)  # a slow reader: the buffer fills
+        server.close()
+        return bytes(got), most
+
+    got, most = asyncio.run(main())
+    assert got == want
+    assert most == 64 * 1024  # it did fill, and reading went on after
+
+    async def reset() -> None:
+        async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            writer.transport.abort()
+
+        server = await asyncio.start_server(rst, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, inbox = await asyncio.get_running_loop().create_connection(
+            Inbox, "127.0.0.1", port)
+        try:
+            while await asyncio.wait_for(inbox.receive(), 10) is not None:
+                inbox.consumed()
+        except ConnectionError:
+            pass  # the reset, raised to the reader
+        server.close()
+
+    asyncio.run(reset())
