@@ -44,6 +44,11 @@ class PieceData:
     def whole(cls, data: Buffer) -> PieceData:
         return cls([0], [data])
 
+    @property
+    def buffer(self) -> Buffer | None:
+        """The one buffer that holds the whole piece, if it is held so."""
+        return self._blocks[0] if len(self._blocks) == 1 else None
+
     def read(self, begin: int, length: int) -> Buffer:
         """The bytes, as a view when one block holds them all (a piece's blocks are
         never written again once cached), else joined."""
@@ -131,9 +136,7 @@ class Recycler:
     def give(self, piece: object) -> None:
         """The cache let ``piece`` go: keep its buffer if it is one of ours (the oldest
         kept go to the allocator when there is no room)."""
-        if not isinstance(piece, PieceData) or len(piece._blocks) != 1:
-            return
-        buf = piece._blocks[0]
+        buf = piece.buffer if isinstance(piece, PieceData) else None
         if type(buf) is not PieceBuffer or len(buf) > self.max_bytes:
             return
         with self._lock:
