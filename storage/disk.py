@@ -899,18 +899,19 @@ class DiskIO:
         if self.pool.has_dirty(key):
             return self._read_range(t, piece, begin, length)
         cached = self.pool.get(key, volatile)
+        spare: bytearray | None = None  # a buffer taken for the piece, for the miss below
         if cached is not None:
             if not volatile and isinstance(cached, ResidentPiece) and cached.size <= self._cacheable:
                 # The first read of a piece written straight to its file: all of it comes
                 # into the cache from the page cache (never from the disk), into a buffer
                 # used again, so that the reads of its other blocks are hits instead of
                 # one more fresh buffer and one more read each.
-                size = cached.size
-                buf = self.pool.recycler.take(size)
-                if self._read_resident(t, piece, 0, buf):
-                    cached = PieceData.whole(buf)
+                spare = self.pool.recycler.take(cached.size)
+                if self._read_resident(t, piece, 0, spare):
+                    cached = PieceData.whole(spare)
                     self.pool.put(key, cached)
-            hit = cached.read(begin, length)
+                    spare = None
+            hit = cached.read(begin, length) if spare is None else None
             if hit is not None:
                 self.metrics.add("cache_hits")
                 return hit
@@ -921,7 +922,9 @@ class DiskIO:
             # A piece still arriving is not cached: the copy would be stale at once. Nor
             # is one too big for the budget: a read of 16 bytes then costs 16 bytes.
             return self._read_range(t, piece, begin, length)
-        data = self._read_range(t, piece, 0, size, self.pool.recycler.take(size))
+        if spare is None or len(spare) != size:
+            spare = self.pool.recycler.take(size)
+        data = self._read_range(t, piece, 0, size, spare)
         self.pool.put(key, PieceData.whole(data))
         return memoryview(data)[begin : begin + length]
 

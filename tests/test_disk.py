@@ -665,5 +665,24 @@ def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
         assert isinstance(entry, PieceData) and type(entry.read(0, size)) is memoryview
         assert isinstance(entry.read(0, size).obj, PieceBuffer)
         assert bytes(entry.read(0, size)) == src.read(p, 0, size)
+        # A piece whose pages the kernel has let go meanwhile: read the usual way, once.
+        q = src.meta.num_pieces - 1
+        qsize = src.layout.piece_size(q)
+        assert isinstance(dio.pool.get((t.id, q), volatile=True), ResidentPiece)
+        for root, _, names in os.walk(tmp_path / "dl"):
+            for name in names:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        before = dio.stats()
+        assert bytes(dio.read_chunk_view(ih, q, 0, qsize)) == src.read(q, 0, qsize)
+        after = dio.stats()
+        assert (after["cache_hits"] + after["cache_misses"]
+                - before["cache_hits"] - before["cache_misses"]) == 1
+        entry = dio.pool.get((t.id, q), volatile=True)
+        assert isinstance(entry, PieceData) and bytes(entry.read(0, qsize)) == src.read(q, 0, qsize)
     finally:
         dio.close()
