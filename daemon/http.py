@@ -52,6 +52,7 @@ class _Collector:
             ("duplicate_blocks", "Blocks for pieces already complete"),
             ("syncs", "fdatasync calls (files made durable)"),
             ("fingerprint_hits", "Pieces a recheck found good by their BLAKE3 fingerprint"),
+            ("piece_buffers_reused", "Pieces read into the buffer of an evicted one"),
         ]:
             c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])
             c.add_metric(backend, s[name])
@@ -69,6 +70,8 @@ class _Collector:
             ("cache_bytes", "Bytes of clean pieces cached", s["cache_bytes"]),
             ("write_buffer_bytes", "Bytes buffered, not yet written", s["write_buffer_bytes"]),
             ("budget_bytes", "The byte budget shared by cache and write buffer", s["budget_bytes"]),
+            ("recycled_bytes", "Buffers of evicted pieces kept for the next reads (beyond the "
+             "budget)", s["recycled_bytes"]),
             ("hash_queue_depth", "Hash jobs queued or running", s["hash_queue_depth"]),
             ("open_files", "Open payload file descriptors", s["open_files"]),
             ("torrents", "Registered torrents", s["torrents"]),

@@ -120,6 +120,11 @@ class Recycler:
         self._lock = threading.Lock()
         self.reused = 0
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of evicted pieces' buffers kept (beyond the budget)."""
+        return self._bytes
+
     def take(self, size: int) -> PieceBuffer:
         """A buffer of ``size`` bytes, of unspecified content."""
         with self._lock:

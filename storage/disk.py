@@ -1157,6 +1157,8 @@ class DiskIO:
             cache_bytes=self.pool.cache_bytes,
             write_buffer_bytes=self.pool.dirty_bytes,
             budget_bytes=self.pool.budget,
+            recycled_bytes=self.pool.recycler.held_bytes,
+            piece_buffers_reused=self.pool.recycler.reused,
             hash_queue_depth=self.hash_pool.queued,
             hash_workers=self.hash_pool.workers,
             open_files=self.handles.open_count,

@@ -561,6 +561,48 @@ def test_pieces_written_through_the_ring_are_cached(
         assert after["cache_hits"] - before["cache_hits"] == -(-size // 16384)
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_three_clients_seeding_through_a_small_cache_get_every_byte_right(
+    tmp_path: Path, backend: str
+) -> None:
+    """Three connections read every piece of one torrent at once, each in its own order,
+    through a cache of 64 pieces: pieces are evicted all the time and their buffers used
+    again for the next pieces read, while the other clients' reads run on the daemon's
+    other workers. Every byte each client gets is the piece's, and buffers were used
+    again. (That a buffer still being sent is never used again is pinned down in
+    process, where a reply can be held: tests/test_disk.py.)"""
+    raw, src = torrent(tmp_path, {"a.bin": 2_400_003, "b/c.bin": 1_100_000}, 16384, "v1",
+                       seed=43)
+    n = src.meta.num_pieces
+    assert n > 3 * 64
+    with running(tmp_path, backend, cache_bytes=str(64 * 16384)) as d:
+        with client(d) as c:
+            ih = c.register(raw, tmp_path / "src")
+            assert c.recheck(ih)["verified"] == n
+
+        def reader(seed: int) -> Callable[[], None]:
+            def run() -> None:
+                order = list(range(n))
+                random.Random(seed).shuffle(order)
+                buf = bytearray(16384)
+                with client(d) as c:
+                    for i, p in enumerate(order):
+                        size = src.layout.piece_size(p)
+                        if i % 2:
+                            view = memoryview(buf)[:size]
+                            assert c.read_chunk_into(ih, p, 0, view) == size
+                            assert bytes(view) == whole(src, p), p
+                        else:
+                            half = size // 2
+                            got = c.read_chunk(ih, p, 0, half) + c.read_chunk(ih, p, half, size - half)
+                            assert got == whole(src, p), p
+            return run
+
+        run_threads(reader(1), reader(2), reader(3))
+        with client(d) as c:
+            assert c.stats()["piece_buffers_reused"] > 0
+
+
 # -- 5. descriptors -------------------------------------------------------------------------------
 
 
