@@ -16,6 +16,8 @@ exclusion: its tests fail.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +165,26 @@ def daemon(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-u
     yield d
     rc = d.stop()
     assert rc == 0, d.stderr()
+
+
+def run_threads(*targets: Callable[[], None], timeout: float = 30.0) -> None:
+    """Run the callables in threads at once; re-raise the first failure; bounded in time
+    (``timeout`` for the start, twice that for the work)."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(targets))
+
+    def wrap(fn: Callable[[], None]) -> None:
+        try:
+            start.wait(timeout)
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(fn,), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * timeout)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]

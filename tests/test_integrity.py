@@ -36,7 +36,7 @@ import pytest
 from pieced.protocol.client import Client
 from pieced.storage.errors import StorageIOError, UnknownTorrent
 
-from tests.conftest import STORES_NOTHING, Daemon
+from tests.conftest import STORES_NOTHING, Daemon, run_threads
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
@@ -118,28 +118,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out")
         time.sleep(0.01)
-
-
-def run_threads(*targets: Callable[[], None]) -> None:
-    """Run the callables in threads at once; re-raise the first failure; bounded in time."""
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(targets))
-
-    def wrap(fn: Callable[[], None]) -> None:
-        try:
-            start.wait(TIMEOUT)
-            fn()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=(fn,), daemon=True) for fn in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(2 * TIMEOUT)
-    assert not any(t.is_alive() for t in threads), "a worker thread hung"
-    if errors:
-        raise errors[0]
 
 
 def on_disk(src: Source, save: Path, piece: int) -> bytes:

@@ -18,7 +18,7 @@ from pieced.storage.errors import PiecedError
 
 from tests.conftest import Daemon
 from tests.realtools import make_payload, make_torrent_lt
-from tests.test_disk import Source
+from tests.test_disk import Source, fill
 
 FILES = {"big.bin": 3 * 1024 * 1024 + 7, "small.bin": 300_000}
 
@@ -44,16 +44,22 @@ def torrent(tmp_path: Path) -> tuple[bytes, Source]:
     return raw, Source(raw, tmp_path / "src")
 
 
+def _written(dio: DiskIO, raw: bytes, src: Source, tmp_path: Path) -> tuple[bytes, Path]:
+    """Register in ``tmp_path/dl``, write every block in order and flush: (the info hash,
+    the big file, which the daemon has mapped)."""
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None, direct_every=0)
+    dio.flush_all()
+    big = tmp_path / "dl" / "payload" / "big.bin"
+    assert _mapped(big)
+    return ih, big
+
+
 def test_a_reader_takes_the_map_away_and_it_comes_back(tmp_path: Path, torrent) -> None:  # type: ignore[no-untyped-def]
     raw, src = torrent
     dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
     try:
-        ih = dio.register(raw, tmp_path / "dl")
-        for p, b, n in src.blocks():
-            dio.write_chunk(ih, p, b, src.read(p, b, n))
-        dio.flush_all()
-        big = tmp_path / "dl" / "payload" / "big.bin"
-        assert _mapped(big)
+        ih, big = _written(dio, raw, src, tmp_path)
         # another program reads the file: it is unmapped for it, and the data is whole
         seen = subprocess.run(["sha1sum", str(big)], capture_output=True, text=True,
                               check=True, timeout=40).stdout.split()[0]
@@ -212,14 +218,9 @@ def test_a_file_deleted_while_unmapped_is_not_made_again_by_a_read(
     raw, src = torrent
     dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
     try:
-        ih = dio.register(raw, tmp_path / "dl")
-        for p, b, n in src.blocks():
-            dio.write_chunk(ih, p, b, src.read(p, b, n))
-        dio.flush_all()
-        big = tmp_path / "dl" / "payload" / "big.bin"
+        ih, big = _written(dio, raw, src, tmp_path)
         index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "big.bin")
         lost = set(src.layout.file_pieces(index))
-        assert _mapped(big)
         subprocess.run(["cat", str(big)], stdout=subprocess.DEVNULL, check=True, timeout=40)
         assert not _mapped(big)
         big.unlink()

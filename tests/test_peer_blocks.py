@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO, PieceResult
 
-from tests.conftest import ODD_FILES, Daemon
+from tests.conftest import ODD_FILES, Daemon, run_threads
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_daemon import write_from_three_clients
 from tests.test_disk import BLOCK, Source
@@ -181,21 +182,14 @@ def download(
     for p, b, n in plan:
         cut = rng.randint(1, n - 1) if n > 1 and rng.random() < 0.75 else n
         work[rng.randrange(clients)].append((p, b, n, rng.random() < 0.5, cut))
-    errors: list[BaseException] = []
 
-    def client(items: list[tuple[int, int, int, bool, int]]) -> None:
-        try:
+    def client(items: list[tuple[int, int, int, bool, int]]) -> Callable[[], None]:
+        def run() -> None:
             for p, b, n, direct, cut in items:
                 send(dio, ih, p, b, src.read(p, b, n), direct, cut)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        return run
 
-    threads = [threading.Thread(target=client, args=(items,)) for items in work]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_threads(*(client(items) for items in work))
 
 
 @pytest.mark.parametrize("kind", KINDS)

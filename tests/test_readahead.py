@@ -10,6 +10,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pieced.storage import verify as verify_mod
 from pieced.storage.disk import DiskIO
 from pieced.storage.verify import STREAM_BYTES, ReadAhead
 
-from tests.conftest import proc_bytes, sparse_zero_torrent
+from tests.conftest import proc_bytes, run_threads, sparse_zero_torrent
 from tests.realtools import corrupt, make_payload, make_torrent_lt
 
 # odd sizes: files start and end inside pages, pieces span files
@@ -225,20 +226,13 @@ def test_memory_read_ahead_is_bounded(tmp_path: Path) -> None:
         base = proc_bytes(os.getpid())
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM from here on
-        errors: list[BaseException] = []
 
-        def recheck(ih: bytes) -> None:
-            try:
+        def recheck(ih: bytes) -> Callable[[], None]:
+            def run() -> None:
                 assert sum(dio.recheck(ih, full=True).have) == 3
-            except BaseException as exc:
-                errors.append(exc)
+            return run
 
-        threads = [threading.Thread(target=recheck, args=(ih,)) for ih in ihs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        run_threads(*(recheck(ih) for ih in ihs))
         peak = proc_bytes(os.getpid(), "VmHWM")
         print(f"read ahead: {ahead.slots} slots, bound {bound / 2**20:.0f} MiB; RSS "
               f"{base / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB")
