@@ -36,13 +36,17 @@ class PeerConnection:
         *,
         v2: bool,
         outgoing_hash: bytes | None = None,
+        views: bool = False,
     ) -> None:
+        """``views``: blocks are handed out as views of the buffer given to
+        :meth:`receive`, valid until the caller reuses it (see ``wire.Parser``)."""
         self.info_hashes = info_hashes
         self.peer_id = peer_id
         self.piece_sizes = piece_sizes
         self.num_pieces = len(piece_sizes)
         self.v2 = v2
-        self.parser = wire.Parser(handshake=True, max_message=max(1 << 21, self.num_pieces // 8 + 64))
+        self.parser = wire.Parser(handshake=True, max_message=max(1 << 21, self.num_pieces // 8 + 64),
+                                  views=views)
         self.outbox: list[bytes | memoryview] = []
         self.reserved = wire.make_reserved(extended=True, fast=True, v2=v2)
         self.info_hash: bytes | None = outgoing_hash

@@ -7,6 +7,7 @@ for requests to send.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterable
 
@@ -28,7 +29,7 @@ def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, in
     """
     size = layout.piece_size(piece)
     if all(s.stored for s in layout.map(piece, 0, size)):  # no pad in it: the usual piece
-        return [(b, min(BLOCK, size - b)) for b in range(0, size, BLOCK)]
+        return _plain_plan(size)
     clip = not meta.has_v1
     out = []
     for b in range(0, size, BLOCK):
@@ -43,6 +44,13 @@ def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, in
                 continue
         out.append((b, n))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_plan(size: int) -> list[tuple[int, int]]:
+    """The plan of a piece without pads: the same for every piece of its size, so made
+    once and shared (read-only; a torrent of a million pieces holds one, not a million)."""
+    return [(b, min(BLOCK, size - b)) for b in range(0, size, BLOCK)]
 
 
 class Picker:

@@ -104,8 +104,10 @@ class InOrder:
         self.held_bytes = 0
         self.reordered = 0  # blocks that arrived ahead of their turn
 
-    def arrived(self, piece: int, begin: int, data: bytes) -> list[tuple[int, bytes]]:
-        """The (begin, data) blocks to send now, in order."""
+    def arrived(self, piece: int, begin: int,
+                data: bytes | memoryview) -> list[tuple[int, bytes | memoryview]]:
+        """The (begin, data) blocks to send now, in order (``data`` among them as given:
+        it is used before the caller's buffer is)."""
         plan = self._plan(piece)
         i = self._next.get(piece, 0)
         if i >= len(plan) or begin != plan[i][0]:
@@ -115,7 +117,7 @@ class InOrder:
                 if begin in held:
                     return []  # the same block again (end game): the one held will do
                 if self.held_bytes + len(data) <= self.HOLD_BYTES:
-                    held[begin] = data
+                    held[begin] = bytes(data)  # a view of a buffer used again: copied
                     self.held_bytes += len(data)
                     return []
                 self._passed.setdefault(piece, set()).add(begin)
@@ -164,14 +166,16 @@ class Inbox(asyncio.BufferedProtocol):
     asyncio's StreamReader copies what arrives into a buffer that grows and shrinks and
     hands each read out as a new bytes object of up to STREAM_LIMIT: fresh memory each
     time, and a page fault every 4 KiB of it (measured at about a sixth of the plugin's
-    CPU while downloading). The parser copies what it keeps of a message out of a
-    buffer that is not bytes, so the buffer is free again as soon as it has parsed it.
+    CPU while downloading). What :meth:`receive` gives stays put until :meth:`consumed`:
+    the blocks parsed from it are views of it, copied once, into the daemon's ring, while
+    their events are handled; what arrives meanwhile is appended behind it.
     """
 
     def __init__(self, size: int = STREAM_LIMIT,
                  on_connect: Callable[[asyncio.Transport, Inbox], None] | None = None) -> None:
         self._view = memoryview(bytearray(size))
         self._end = 0
+        self._given = 0  # bytes handed out by receive(), in use until consumed()
         self._eof = False
         self._error: BaseException | None = None
         self._reading_paused = False
@@ -231,11 +235,17 @@ class Inbox(asyncio.BufferedProtocol):
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        self._given = self._end
         return self._view[: self._end]
 
     def consumed(self) -> None:
-        """Everything receive() gave is parsed: the buffer takes new bytes from its start."""
-        self._end = 0
+        """What receive() gave is used up: the buffer takes new bytes from its start,
+        after any that arrived since (moved to the front)."""
+        given, end = self._given, self._end
+        self._given = 0
+        self._end = end - given
+        if self._end:
+            self._view[: self._end] = bytes(self._view[given:end])
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -426,7 +436,7 @@ class Swarm:
             self.connecting.discard((host, port))
             return
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                              v2=self.meta.has_v2, outgoing_hash=self.ih)
+                              v2=self.meta.has_v2, outgoing_hash=self.ih, views=True)
         try:
             assert isinstance(transport, asyncio.Transport)
             await self._serve_peer(Peer(conn, transport, inbox, f"{host}:{port}"))
@@ -442,7 +452,7 @@ class Swarm:
             transport.close()
             return
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                              v2=self.meta.has_v2)
+                              v2=self.meta.has_v2, views=True)
         await self._serve_peer(Peer(conn, transport, inbox, f"{addr[0]}:{addr[1]}"))
 
     async def _serve_peer(self, peer: Peer) -> None:
@@ -456,11 +466,10 @@ class Swarm:
                 if data is None:
                     break
                 try:
-                    events = peer.conn.receive(data)
+                    for ev in peer.conn.receive(data):  # blocks are views of ``data``
+                        await self._handle(peer, ev)
                 finally:
-                    inbox.consumed()  # parsed: what the events hold are copies
-                for ev in events:
-                    await self._handle(peer, ev)
+                    inbox.consumed()
                 peer.flush()
                 if peer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
                     await inbox.drain()

@@ -192,11 +192,15 @@ class Request:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Piece:
+    """A block. Not frozen, unlike the other events: a frozen dataclass is built through
+    ``object.__setattr__`` per field, and a download makes 65,536 of these a GiB. From a
+    parser made with ``views=True``, ``data`` is a view of the buffer fed to it."""
+
     piece: int
     begin: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +385,7 @@ def piece_header(piece: int, begin: int, length: int) -> bytes:
     return _MSG_PIECE.pack(9 + length, MsgId.PIECE, piece, begin)
 
 
-def piece(piece: int, begin: int, data: bytes) -> bytes:
+def piece(piece: int, begin: int, data: bytes | memoryview) -> bytes:
     return _MSG_PIECE.pack(9 + len(data), MsgId.PIECE, piece, begin) + data
 
 
@@ -628,16 +632,21 @@ class Parser:
     a message cut by the end of a feed is held back, and a block's bytes are copied
     once into its :class:`Piece` either way (twice for the part of a cut block that
     arrived in a mutable buffer, which has to be copied before the caller reuses it).
+    With ``views=True`` a whole block is not copied at all: its :class:`Piece` holds a
+    view of the buffer given to :meth:`feed`, valid until the caller reuses that buffer
+    (a caller that copies each block once to where it goes saves the parser's copy).
     A :class:`WireError` leaves the stream at an unknown position, so the parser then
     refuses everything: the events decoded earlier in the failing feed are lost with
     the connection they belong to.
     """
 
-    __slots__ = ("_chunks", "_error", "_expect_handshake", "_max", "_pending")
+    __slots__ = ("_chunks", "_error", "_expect_handshake", "_max", "_pending", "_views")
 
-    def __init__(self, *, handshake: bool = True, max_message: int = 1 << 21) -> None:
+    def __init__(self, *, handshake: bool = True, max_message: int = 1 << 21,
+                 views: bool = False) -> None:
         self._expect_handshake = handshake
         self._max = max_message
+        self._views = views
         self._chunks: list[memoryview | bytearray] = []
         self._pending = 0
         self._error: str | None = None
@@ -679,7 +688,9 @@ class Parser:
             pos = HANDSHAKE_LEN
         limit = self._max
         unpack = _U32.unpack_from
+        header = _II.unpack_from
         append = events.append
+        views = self._views
         while n - pos >= 4:
             (length,) = unpack(mv, pos)
             if length == 0:
@@ -691,7 +702,12 @@ class Parser:
             end = pos + 4 + length
             if end > n:
                 break
-            append(_decode(mv, pos + 4, end))
+            if mv[pos + 4] == _PIECE and length >= _PIECE_HEAD - 4:  # a download's message
+                index, begin = header(mv, pos + 5)
+                block = mv[pos + _PIECE_HEAD : end]
+                append(Piece(index, begin, block if views else bytes(block)))
+            else:
+                append(_decode(mv, pos + 4, end))
             pos = end
         return pos
 

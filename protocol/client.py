@@ -98,18 +98,25 @@ class ShmRing:
         return start, self.view[start : start + first], self.view[0 : n - first]
 
     def put(self, data: bytes | memoryview) -> tuple[int, tuple[int, int]] | None:
-        """Copy a block in; returns (ring offset, release token), or None when full."""
-        n = memoryview(data).nbytes
-        pos = self.head
-        got = self.reserve(n)
-        if got is None:
-            return None
-        offset, a, b = got
+        """Copy a block in; returns (ring offset, release token), or None when full.
+        (A plugin puts tens of thousands of blocks a second: no slices are made but for
+        a block that wraps.)"""
         src = memoryview(data)
-        a[:] = src[: a.nbytes]
-        if b.nbytes:
-            b[:] = src[a.nbytes :]
-        return offset, (pos, pos + n)
+        n = src.nbytes
+        pos = self.head
+        size = self.size
+        if n > size - (pos - self.tail):
+            return None
+        start = pos % size
+        self.head = pos + n
+        if start + n <= size:
+            self.map[start : start + n] = src if src.format == "B" else src.cast("B")
+        else:
+            src = src.cast("B") if src.format != "B" else src
+            first = size - start
+            self.view[start:] = src[:first]
+            self.view[: n - first] = src[first:]
+        return start, (pos, pos + n)
 
     def release(self, token: tuple[int, int]) -> None:
         self._freed[token[0]] = token[1]

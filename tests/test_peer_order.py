@@ -53,6 +53,60 @@ def test_forget_drops_what_was_held() -> None:
     assert order.arrived(0, 0, b"x") == [(0, b"x")]  # a new attempt starts from the start
 
 
+def test_inbox_keeps_what_arrives_while_the_last_receive_is_in_use() -> None:
+    """The blocks of a receive are views of the Inbox's buffer, used while their events
+    are handled, and the handling may wait (for room in the daemon's ring): what arrives
+    meanwhile lands behind them and must come out of the next receive, in order."""
+    import asyncio
+
+    from pieced.peer.plugin import Inbox
+
+    async def main() -> list[bytes]:
+        go = asyncio.Event()
+
+        async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"first part")
+            await go.wait()
+            writer.write(b"second part")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(send, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, inbox = await asyncio.get_running_loop().create_connection(
+            Inbox, "127.0.0.1", port)
+        got = []
+        data = await inbox.receive()
+        assert data is not None
+        got.append(bytes(data))
+        go.set()  # more comes while what was received is in use
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if bytes(data) != got[0] or inbox._end > len(got[0]):
+                break
+        assert bytes(data) == got[0]  # not overwritten while in use
+        inbox.consumed()
+        while (data := await inbox.receive()) is not None:
+            got.append(bytes(data))
+            inbox.consumed()
+        server.close()
+        return got
+
+    got = asyncio.run(main())
+    assert b"".join(got) == b"first partsecond part"
+
+
+def test_a_held_block_is_a_copy_of_the_buffer_it_came_in() -> None:
+    """Blocks come as views of a connection's receive buffer, which takes new bytes once
+    they are handled: one held for later must not change with it."""
+    order = InOrder(PLANS.__getitem__)
+    buf = bytearray(b"A" * 100)
+    assert order.arrived(0, BLOCK, memoryview(buf)[10:20]) == []
+    buf[:] = b"Z" * 100
+    got = order.arrived(0, 0, b"first")
+    assert got == [(0, b"first"), (BLOCK, b"A" * 10)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**32))
 def test_any_arrival_order_gives_every_block_once_in_order(seed: int) -> None:

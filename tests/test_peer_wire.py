@@ -257,6 +257,25 @@ def test_mutable_input_may_be_reused_after_feed() -> None:
     assert p.feed(view) == [Piece(1, 0, b"A" * 10000)]
 
 
+def test_views_parser_hands_out_whole_blocks_uncopied_and_cut_ones_right() -> None:
+    """``views=True``: a block whole in the buffer fed is a view of that buffer (the
+    caller copies it once, where it goes); one cut by the end of a feed is still right
+    after the caller reuses the buffer it began in."""
+    a, b, c = (bytes([n]) * BLOCK for n in (1, 2, 3))
+    stream = piece(0, 0, a) + have(7) + piece(0, BLOCK, b) + piece(0, 2 * BLOCK, c)
+    cut = len(stream) - 5000
+    p = Parser(handshake=False, views=True)
+    buf = bytearray(stream[:cut])
+    got = p.feed(buf)
+    assert got == [Piece(0, 0, a), Have(7), Piece(0, BLOCK, b)]
+    first = got[0].data
+    assert isinstance(first, memoryview) and first.obj is buf
+    buf[13] = 0xFF  # the view is of the caller's buffer, not a copy
+    assert first[0] == 0xFF
+    buf[:] = b"Z" * len(buf)  # reused: the held-back start of the third block is a copy
+    assert p.feed(memoryview(bytearray(stream[cut:]))) == [Piece(0, 2 * BLOCK, c)]
+
+
 def test_large_bytes_tail_is_held_without_copy_and_stays_right() -> None:
     data = bytes(range(256)) * 200
     msg = piece(2, BLOCK, data) + have(3)
@@ -492,6 +511,24 @@ def test_any_events_any_cuts(hs: Handshake | None, events: list[Event], data: st
     out: list[Event] = []
     for kind, a, b in zip(kinds, [0, *cuts], [*cuts, len(wire)], strict=False):
         out += p.feed(kind(wire[a:b]))
+    assert out == events
+
+
+@given(st.lists(events_st, max_size=12), st.data())
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_views_parser_gives_the_events_of_the_copying_one(events: list[Event],
+                                                          data: st.DataObject) -> None:
+    wire = b"".join(encode(e) for e in events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    p = Parser(handshake=False, views=True)
+    out: list[Event] = []
+    for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=False):
+        part = bytearray(wire[a:b])
+        got = p.feed(part)
+        # what the caller uses before it reuses its buffer
+        out += [Piece(e.piece, e.begin, bytes(e.data)) if isinstance(e, Piece) else e
+                for e in got]
+        part[:] = bytes(len(part))
     assert out == events
 
 
