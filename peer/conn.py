@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 
 import bencodepy
 
@@ -99,6 +100,9 @@ class PeerConnection:
         return out
 
     def _apply(self, ev: wire.Event) -> bool:
+        if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested first;
+            # dropped when not asked for (late after a cancel, or unsolicited)
+            return self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is not None
         if isinstance(ev, wire.Handshake):
             if ev.info_hash not in self.info_hashes:
                 raise WireError("handshake for a torrent we do not serve")
@@ -115,9 +119,6 @@ class PeerConnection:
             return True
         if not self.handshaken:
             raise WireError("message before the handshake")
-        if type(ev) is wire.Piece:  # the message of a download, tested first; dropped
-            # when not asked for (late after a cancel, or unsolicited)
-            return self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is not None
         fast_only = (wire.HaveAll, wire.HaveNone, wire.SuggestPiece, wire.RejectRequest,
                      wire.AllowedFast)
         if isinstance(ev, fast_only) and not self.fast:
@@ -225,8 +226,18 @@ class PeerConnection:
         self.peer_requests = keep
 
     def send_request(self, blk: Block) -> None:
-        self.our_requests[blk] = time.monotonic()
-        self._send(wire.request(*blk))
+        self.send_requests((blk,))
+
+    def send_requests(self, blocks: Iterable[Block]) -> None:
+        """Several requests, as one piece of the outbox (a download sends 65,536 a GiB)."""
+        now = time.monotonic()
+        ours = self.our_requests
+        msgs = []
+        for blk in blocks:
+            ours[blk] = now
+            msgs.append(wire.request(*blk))
+        if msgs:
+            self._send(b"".join(msgs))
 
     def send_cancel(self, blk: Block) -> None:
         if self.our_requests.pop(blk, None) is not None:

@@ -17,6 +17,7 @@ from pieced.storage.metainfo import Metainfo
 BLOCK = 16384
 
 Block = tuple[int, int, int]  # (piece, begin, length)
+_NOBODY: frozenset[object] = frozenset()
 
 
 def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, int]]:
@@ -99,14 +100,14 @@ class Picker:
             self.availability[p] -= 1
 
     # -- what we get -----------------------------------------------------------------
-    def block_received(self, block: Block) -> set[object]:
-        """Record a block; the other peers it was asked of (to cancel there)."""
-        asked = self.requested.pop(block, set())
-        if block in self.received or block[0] not in self.started:
-            return asked
-        self.received.add(block)
-        self.started[block[0]] -= 1
-        return asked
+    def block_received(self, block: Block) -> set[object] | frozenset[object]:
+        """Record a block; the peers it was asked of (to cancel at the others)."""
+        asked = self.requested.pop(block, None)
+        started = self.started
+        if block[0] in started and block not in self.received:
+            self.received.add(block)
+            started[block[0]] -= 1
+        return asked if asked is not None else _NOBODY
 
     def piece_verified(self, piece: int) -> None:
         self.have[piece] = 1

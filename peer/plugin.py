@@ -124,8 +124,13 @@ class InOrder:
             return [(begin, data)]  # past the bound, or behind (a duplicate): as it is
         out = [(begin, data)]
         i += 1
-        held = self._held.get(piece, {})
-        passed = self._passed.get(piece, set())
+        waiting = self._held.get(piece)
+        passed = self._passed.get(piece)
+        if not waiting and not passed:  # the usual case: nothing waits behind it
+            self._next[piece] = i
+            return out
+        held = waiting or {}
+        passed = passed or set()
         while i < len(plan):
             b = plan[i][0]
             if b in held:
@@ -467,7 +472,12 @@ class Swarm:
                     break
                 try:
                     for ev in peer.conn.receive(data):  # blocks are views of ``data``
-                        await self._handle(peer, ev)
+                        if type(ev) is wire.Piece:  # a download's message: no coroutine
+                            late = self._take_block(peer, ev)
+                            if late:
+                                await self._write_late(ev.piece, late)
+                        else:
+                            await self._handle(peer, ev)
                 finally:
                     inbox.consumed()
                 peer.flush()
@@ -539,27 +549,44 @@ class Swarm:
                 self.summary.hash_requests_served += 1
 
     async def _block(self, peer: Peer, ev: wire.Piece) -> None:
-        assert self.picker is not None
-        blk = (ev.piece, ev.begin, len(ev.data))
-        others = self.picker.block_received(blk)
-        for other in others:
+        late = self._take_block(peer, ev)
+        if late:
+            await self._write_late(ev.piece, late)
+
+    def _take_block(self, peer: Peer, ev: wire.Piece) -> list[tuple[int, bytes | memoryview]]:
+        """A block from ``peer``, handed to the daemon connection without a coroutine (a
+        download has 65,536 a GiB); returns the blocks it could not take at once, to be
+        awaited with :meth:`_write_late`."""
+        picker = self.picker
+        assert picker is not None
+        piece = ev.piece
+        data = ev.data
+        blk = (piece, ev.begin, len(data))
+        for other in picker.block_received(blk):
             if other is not peer and isinstance(other, Peer):
                 other.conn.send_cancel(blk)
                 other.flush()
-        if self.picker.have[ev.piece]:
-            return
-        self.summary.bytes_down += len(ev.data)
-        self.blame.block(ev.piece, ev.begin, peer, ev.data)
-        client = self.client
-        for begin, data in self.order.arrived(ev.piece, ev.begin, ev.data):
-            if client.try_write_block_direct(self.ih, ev.piece, begin, data):
-                continue
-            try:
-                await client.write_block_direct(self.ih, ev.piece, begin, data)
-            except PiecedError as exc:
-                log.warning("the daemon refused a block of piece %d: %s", ev.piece, exc)
-        if len(peer.conn.our_requests) <= min(PIPELINE, peer.conn.reqq) // 2:
+        late: list[tuple[int, bytes | memoryview]] = []
+        if not picker.have[piece]:
+            self.summary.bytes_down += len(data)
+            self.blame.block(piece, ev.begin, peer, data)
+            client = self.client
+            ready = self.order.arrived(piece, ev.begin, data)
+            for k, (begin, block) in enumerate(ready):
+                if not client.try_write_block_direct(self.ih, piece, begin, block):
+                    late = ready[k:]
+                    break
+        conn = peer.conn
+        if len(conn.our_requests) <= min(PIPELINE, conn.reqq) // 2:
             self._fill(peer)  # in batches of half the pipeline: one send, not one per block
+        return late
+
+    async def _write_late(self, piece: int, blocks: list[tuple[int, bytes | memoryview]]) -> None:
+        for begin, data in blocks:
+            try:
+                await self.client.write_block_direct(self.ih, piece, begin, data)
+            except PiecedError as exc:
+                log.warning("the daemon refused a block of piece %d: %s", piece, exc)
 
     # -- what we ask for ---------------------------------------------------------------------
     def _fill(self, peer: Peer) -> None:
@@ -580,8 +607,7 @@ class Swarm:
                     mask = bytearray(mask)
                     for p in peer.banned:
                         mask[p] = 0
-                for blk in picker.pick(peer, mask, room, allowed):
-                    conn.send_request(blk)
+                conn.send_requests(picker.pick(peer, mask, room, allowed))
         peer.flush()
 
     def _fill_all(self) -> None:
