@@ -18,7 +18,11 @@ CPU: seconds of user + system time per GiB moved, for ``pieced-peer`` and the da
 (from ``/proc/PID/stat``). Memory: the daemon's peak RSS (``VmHWM``) against its cache
 budget. ``ratio_to_lt`` = lt_to_lt seconds / this transfer's seconds (1.0: as fast as
 libtorrent to libtorrent). With ``--repeat N`` the three transfers run N rounds in turn
-and each figure is its best round's (the machine is shared and noisy).
+and each figure is its best round's (the machine is shared and noisy). Before each
+transfer, untimed, the page cache's dirty data is written out (``sync``): the payload just
+made, or the 1 GiB the previous transfer wrote, is otherwise written back by the kernel
+during the next transfer, on the same two cores, and whichever transfer comes next pays
+for it.
 
     python bench/peer_transfer.py --size-mib 1024 --kinds v1,hybrid
 """
@@ -49,6 +53,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def settle() -> None:
+    """No dirty data left from what ran before: the transfer timed next pays only for its
+    own writes."""
+    os.sync()
+
+
 def fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -68,6 +78,7 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log(f"{kind}: lt -> lt")
     with LtPeer(raw, src, seed=True) as seeder, \
             LtPeer(raw, fresh(work / "lt-leech"), seed=False) as leecher:
+        settle()
         t0 = time.monotonic()
         leecher.connect("127.0.0.1", seeder.port)
         leecher.wait_finished(3600)
@@ -86,6 +97,7 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         log(f"{kind}: lt -> pieced-peer -> pieced")
         with LtPeer(raw, src, seed=True) as seeder:
+            settle()
             d0 = cpu_seconds(daemon.pid)
             t0 = time.monotonic()
             proc = subprocess.Popen(
@@ -118,6 +130,7 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         assert proc.stderr is not None
         port = int(proc.stderr.readline().rsplit(":", 1)[1])
         with LtPeer(raw, fresh(work / "leech"), seed=False) as leecher:
+            settle()
             d0 = cpu_seconds(daemon.pid)
             p0 = cpu_seconds(proc.pid)
             t0 = time.monotonic()
