@@ -274,6 +274,7 @@ class Connection:
         self._fds: list[int] = []
         self.shm: mmap.mmap | None = None
         self.shm_view: memoryview | None = None
+        self.shm_writable = False
 
     def start(self) -> None:
         self._resume_reading()
@@ -403,6 +404,8 @@ class Connection:
             return self._ring_job(frame)
         if t == FrameType.READ:
             return self._read_job(frame)
+        if t == FrameType.READ_RING:
+            return self._read_ring_job(frame)
         raise ProtocolError(f"a client does not send {t.name} frames")
 
     def _request_job(self, frame: Frame) -> Job:
@@ -491,6 +494,34 @@ class Connection:
 
         return _Job(rid, None, job, False, frame.info_hash)
 
+    def _read_ring_job(self, frame: Frame) -> Job:
+        """A READ whose bytes go into the client's ring, not the socket: one copy, from
+        the piece cache into memory the client sends from, where a DATA reply costs a
+        copy into the socket here and one out of it in the client."""
+        rid = frame.id
+        limit = self.server.max_frame - LENGTH_AFTER  # what a READ may ask for
+
+        def job() -> tuple[list[Out], tuple[int, int] | None]:
+            try:
+                if frame.length > limit:
+                    raise BadRequest(f"reads are limited to {limit} bytes")
+                s0, s1 = self._ring_slices(frame.ring_offset, frame.length, limit)
+                if not self.shm_writable:
+                    raise BadRequest("the ring is read-only to the daemon (sealed against "
+                                     "writes): READ_RING needs a writable ring")
+                data = self.disk.read_chunk_view(frame.info_hash, frame.piece, frame.begin,
+                                                 frame.length,
+                                                 volatile=bool(frame.flags & FLAG_VOLATILE))
+                src = memoryview(data)
+                s0[:] = src[: s0.nbytes]
+                if s1.nbytes:
+                    s1[:] = src[s0.nbytes :]
+                return [encode_ack(rid)], None
+            except PiecedError as exc:
+                return [encode_error(rid, exc)], None
+
+        return _Job(rid, None, job, False, frame.info_hash)
+
     # -- the shared-memory ring ------------------------------------------------------------
     def _read_metainfo(self, msg: dict[str, Any], fds: list[int]) -> bytes:
         """The metainfo of a register that passed it as a descriptor (closed here)."""
@@ -540,7 +571,11 @@ class Connection:
                 # Without F_SEAL_SHRINK a client could truncate the memfd under our
                 # mapping and make the daemon fault (SIGBUS) mid-copy.
                 raise BadRequest("the ring must be a memfd sealed with F_SEAL_SHRINK")
-            self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            try:  # writable, for READ_RING; a ring sealed against writes is read-only
+                self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                self.shm_writable = True
+            except PermissionError:
+                self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             self.shm_view = memoryview(self.shm)
         except OSError as exc:
             raise StorageIOError.wrap(exc, "attach_ring") from None
@@ -570,6 +605,7 @@ class Connection:
             with contextlib.suppress(BufferError):
                 self.shm.close()
             self.shm = None
+        self.shm_writable = False
 
     # -- the lane (worker threads) ------------------------------------------------------------
     def _enqueue(self, jobs: list[Job]) -> None:

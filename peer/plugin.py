@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pieced.protocol.client import DEFAULT_SOCKET, AsyncClient
-from pieced.storage.errors import AlreadyRegistered, PiecedError, ProtocolError
+from pieced.storage.errors import AlreadyRegistered, PiecedError
 from pieced.storage.metainfo import Metainfo, parse
 
 from . import wire
@@ -42,7 +42,7 @@ from .wire import WireError
 
 log = logging.getLogger("pieced.peer")
 
-PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
+PIPELINE = int(os.environ.get("XP_PIPE", "128"))  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
 # What a peer's socket buffers before we parse it (asyncio's default, 64 KiB, wakes the
 # loop every four blocks): the size of each connection's receive buffer (Inbox).
 STREAM_LIMIT = 1024 * 1024
@@ -283,9 +283,9 @@ class Peer:
         write while the transport holds nothing unsent (blocks go from the buffer they
         were read into, not joined to their headers first: a copy of every byte sent),
         and what the socket does not take then goes to the transport, joined."""
-        if self.closed:
-            return
         parts = self.conn.take_outbox()
+        if self.closed:
+            return  # dropped: nothing keeps them (blocks may be views of the daemon ring)
         if not parts:
             return
         transport = self.transport
@@ -307,6 +307,7 @@ class Peer:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.conn.take_outbox()  # blocks queued for it may be views of the daemon ring
             self.transport.close()
 
 
@@ -323,7 +324,6 @@ class Swarm:
         self.ih = meta.info_hash
         self.picker: Picker | None = None
         self.hash_server = HashServer(meta)
-        self._read_bufs: list[bytearray] = []  # buffers of reads for seeding, used again
         self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()
@@ -642,30 +642,28 @@ class Swarm:
                 for blk in run:
                     peer.conn.send_reject(blk)
                 return
-            buf = self._read_bufs.pop() if self._read_bufs else bytearray(READ_BYTES)
-            data = memoryview(buf)[:size]
             try:
-                got = await self.client.read_chunk_into(self.ih, piece, begin, data)
-                if got != size:
-                    raise ProtocolError(f"the daemon sent {got} bytes for a read of {size}")
+                chunk = await self.client.read_chunk_ring(self.ih, piece, begin, size)
             except PiecedError as exc:
-                self._read_bufs.append(buf)  # the reply came: nothing lands in it later
                 log.warning("read of piece %d for %s failed: %s", piece, peer.addr, exc)
                 for blk in run:
                     peer.conn.send_reject(blk)
                 return
-            conn = peer.conn
-            for blk in run:
-                if conn.am_choking and piece not in conn.given_fast:
-                    conn.send_reject(blk)  # choked while it was being read
-                    continue
-                off = blk[1] - begin
-                conn.send_piece(blk, data[off : off + blk[2]])
-                self.summary.bytes_up += blk[2]
-            if begin == 0:  # the piece is in the daemon's cache now: offer it around
-                self._offer(piece, but=peer)
-            peer.flush()  # the kernel or the transport has its own copy of data then
-            self._read_bufs.append(buf)
+            with chunk:
+                data = chunk.data
+                conn = peer.conn
+                for blk in run:
+                    if conn.am_choking and piece not in conn.given_fast:
+                        conn.send_reject(blk)  # choked while it was being read
+                        continue
+                    off = blk[1] - begin
+                    conn.send_piece(blk, data[off : off + blk[2]])
+                    self.summary.bytes_up += blk[2]
+                if begin == 0:  # the piece is in the daemon's cache now: offer it around
+                    self._offer(piece, but=peer)
+                # The kernel or the transport has its own copy once this returns; a closed
+                # peer's queue is dropped: nothing refers to the ring's bytes after.
+                peer.flush()
         finally:
             peer.reads -= 1
             peer.flush()

@@ -47,6 +47,7 @@ from .frames import (
     RecvRing,
     encode_control,
     encode_read,
+    encode_read_ring,
     encode_write_header,
     encode_write_ring,
 )
@@ -118,6 +119,28 @@ class ShmRing:
             self.view[: n - first] = src[first:]
         return start, (pos, pos + n)
 
+    def reserve_contiguous(self, n: int) -> tuple[int, memoryview, tuple[int, int]] | None:
+        """Claim ``n`` bytes in one run, for the daemon to read into (READ_RING): (ring
+        offset, the view, release token), or None while the ring has no room. When the
+        run would wrap, the end of the ring is skipped (and counted free at once)."""
+        size = self.size
+        if not 0 < n <= size:
+            raise ValueError(f"a read of {n} bytes does not fit a ring of {size}")
+        if self.head == self.tail and self.head % size:  # empty: start over at its start
+            self.head = self.tail = self.head + size - self.head % size
+        pos = self.head
+        start = pos % size
+        skip = size - start if start + n > size else 0
+        if skip + n > self.free_bytes():
+            return None
+        if skip:
+            self.head = pos + skip
+            self.release((pos, pos + skip))
+            pos += skip
+            start = 0
+        self.head = pos + n
+        return start, self.view[start : start + n], (pos, pos + n)
+
     def release(self, token: tuple[int, int]) -> None:
         self._freed[token[0]] = token[1]
         while self.tail in self._freed:
@@ -125,14 +148,48 @@ class ShmRing:
 
     def close(self) -> None:
         self.view.release()
-        self.map.close()
+        # A view of it still held somewhere (a chunk not released) keeps the mapping
+        # alive until it goes; the descriptor is closed either way.
+        with contextlib.suppress(BufferError):
+            self.map.close()
         os.close(self.fd)
+
+
+class RingChunk:
+    """Bytes the daemon read into the shared ring (``read_chunk_ring``): ``data`` is a
+    view of the ring, valid until :meth:`release` (or the end of a ``with`` block) gives
+    the space back. Views sliced from ``data`` must not be used after that either: the
+    space is written again by the next block or read that takes it."""
+
+    __slots__ = ("_on_release", "_ring", "_token", "data")
+
+    def __init__(self, data: memoryview, ring: ShmRing, token: tuple[int, int],
+                 on_release: Callable[[], None] | None = None) -> None:
+        self.data = data
+        self._ring = ring
+        self._token: tuple[int, int] | None = token
+        self._on_release = on_release
+
+    def release(self) -> None:
+        if self._token is None:
+            return
+        token, self._token = self._token, None
+        self.data.release()
+        self._ring.release(token)
+        if self._on_release is not None:
+            self._on_release()
+
+    def __enter__(self) -> RingChunk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Waiter:
     """One reply awaited (a slotted class: one is made per request)."""
 
-    __slots__ = ("done", "error", "into", "kind", "notify", "result", "token")
+    __slots__ = ("done", "error", "into", "kind", "notify", "orphan", "result", "token")
 
     def __init__(self, kind: str, notify: Callable[[], None] | None = None) -> None:
         self.kind = kind  # "request", "write", "read"
@@ -142,6 +199,7 @@ class _Waiter:
         self.token: tuple[int, int] | None = None
         self.notify = notify  # called once done (AsyncClient wakes its task)
         self.into: memoryview | None = None  # a read's bytes go here, not to a new bytes
+        self.orphan = False  # nobody waits any more (cancelled): free its ring space on reply
 
 
 def _ring_capacity(max_frame: int) -> int:
@@ -256,6 +314,24 @@ class ClientCore:
         w.into = into
         return rid, encode_read(rid, ih, piece, begin, length, FLAG_VOLATILE if volatile else 0)
 
+    def read_ring(self, ih: bytes, piece: int, begin: int, length: int,
+                  volatile: bool) -> tuple[int, bytes] | None:
+        """A READ_RING into space claimed in the attached ring, or None while the ring has
+        no room for it. Once answered, the waiter's ``result`` is (the view of the bytes,
+        the token of the space to release); after an error the space is freed here."""
+        shm = self.shm
+        assert shm is not None
+        placed = shm.reserve_contiguous(length)
+        if placed is None:
+            return None
+        offset, view, token = placed
+        rid = next(self._ids)
+        self.waiters[rid] = w = _Waiter("read_ring")
+        w.token = token
+        w.into = view
+        return rid, encode_read_ring(rid, ih, piece, begin, offset, length,
+                                     FLAG_VOLATILE if volatile else 0)
+
     def received(self, n: int) -> None:
         """``n`` bytes were received into ``ring.writable()``: process whole frames."""
         self.ring.wrote(n)
@@ -312,6 +388,13 @@ class ClientCore:
             self.ring.release(f.token)
         elif f.type != FrameType.ACK:
             raise ProtocolError(f"a daemon does not send {f.type.name} frames")
+        if w.kind == "read_ring":
+            assert w.token is not None and w.into is not None
+            if w.error is None and not w.orphan:
+                w.result = (w.into, w.token)  # the caller releases them
+            elif self.shm is not None:
+                w.into.release()
+                self.shm.release(w.token)
         if w.kind == "write":
             self.writes_in_flight -= 1
             self.writes_done += 1
@@ -527,6 +610,26 @@ class Client:
     def read_chunk(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False) -> bytes:
         return bytes(self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
 
+    def read_chunk_ring(self, ih: bytes, piece: int, begin: int, length: int,
+                        volatile: bool = False) -> RingChunk:
+        """:meth:`read_chunk` into the shared ring (attached first if need be): the daemon
+        puts the bytes there and only a header crosses the socket each way. Release the
+        chunk once done with its bytes (``with client.read_chunk_ring(...) as chunk:``):
+        until then its space in the ring is taken."""
+        if self.core.shm is None:
+            self.attach_ring()
+        got = self.core.read_ring(_hexless(ih), piece, begin, length, volatile)
+        while got is None:
+            if not self.core.writes_in_flight:
+                raise ProtocolError("the ring is full of chunks not yet released")
+            self._pump()  # replies to writes free ring space
+            got = self.core.read_ring(_hexless(ih), piece, begin, length, volatile)
+        rid, frame = got
+        shm = self.core.shm
+        assert shm is not None
+        view, token = self._roundtrip(rid, frame)
+        return RingChunk(view, shm, token)
+
     def read_chunk_into(self, ih: bytes, piece: int, begin: int, out: memoryview,
                         volatile: bool = False) -> int:
         """:meth:`read_chunk` of ``out.nbytes`` bytes into ``out``, how many it got: for
@@ -669,9 +772,10 @@ class AsyncClient:
                 if n == 0:
                     raise ConnectionError("the daemon closed the connection")
                 done = core.writes_done
+                tail = core.shm.tail if core.shm is not None else 0
                 core.received(n)  # wakes the task of each request answered
-                if core.writes_done != done:
-                    self._wake.set()  # writers waiting for room in the window or ring
+                if core.writes_done != done or (core.shm is not None and core.shm.tail != tail):
+                    self._wake.set()  # writers (and reads) waiting for room in the window or ring
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -906,6 +1010,33 @@ class AsyncClient:
     async def read_chunk(self, ih: bytes, piece: int, begin: int, length: int,
                          volatile: bool = False) -> bytes:
         return bytes(await self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
+
+    async def read_chunk_ring(self, ih: bytes, piece: int, begin: int, length: int,
+                              volatile: bool = False) -> RingChunk:
+        """:meth:`read_chunk` into the shared ring (see ``Client``); reads may be many in
+        flight. While the ring has no room the call waits for writes in flight and
+        chunks released to free some (so a task must not hold chunks while it waits for
+        another: release each once its bytes are sent)."""
+        import asyncio
+
+        if self.core.shm is None:
+            await self.attach_ring()
+        shm = self.core.shm
+        assert shm is not None
+        key = _hexless(ih)
+        got = self.core.read_ring(key, piece, begin, length, volatile)
+        while got is None:
+            await self._until(lambda: shm.free_bytes() >= 2 * length or not (
+                self.core.writes_in_flight or shm.head != shm.tail))
+            got = self.core.read_ring(key, piece, begin, length, volatile)
+        rid, frame = got
+        waiter = self.core.waiters[rid]
+        try:
+            view, token = await self._roundtrip(rid, frame)
+        except asyncio.CancelledError:
+            waiter.orphan = True  # its space is freed when the reply comes, not before
+            raise
+        return RingChunk(view, shm, token, self._wake.set)
 
     async def read_chunk_into(self, ih: bytes, piece: int, begin: int, out: memoryview,
                               volatile: bool = False) -> int:

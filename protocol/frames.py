@@ -42,7 +42,7 @@ DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 MAX_BLOCK = 1024 * 1024
 
 FLAG_FLUSH = 0x01  # WRITE / WRITE_RING: persist at once
-FLAG_VOLATILE = 0x01  # READ: do not keep the piece in cache
+FLAG_VOLATILE = 0x01  # READ / READ_RING: do not keep the piece in cache
 
 
 class FrameType(IntEnum):
@@ -56,10 +56,12 @@ class FrameType(IntEnum):
     READ = 18
     DATA = 19
     ACK = 20
+    READ_RING = 21
 
 
 CONTROL = {FrameType.HELLO, FrameType.REQUEST, FrameType.RESPONSE, FrameType.ERROR, FrameType.EVENT}
-_EXT = {FrameType.WRITE: WRITE_EXT, FrameType.WRITE_RING: RING_EXT, FrameType.READ: READ_EXT}
+_EXT = {FrameType.WRITE: WRITE_EXT, FrameType.WRITE_RING: RING_EXT, FrameType.READ: READ_EXT,
+        FrameType.READ_RING: RING_EXT}
 
 
 class Frame:
@@ -120,6 +122,16 @@ def encode_write_ring(
 
 def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
     return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(ih, piece, begin, length)
+
+
+def encode_read_ring(
+    rid: int, ih: bytes, piece: int, begin: int, offset: int, length: int, flags: int = 0
+) -> bytes:
+    """A READ whose bytes the daemon puts into the client's shared ring at ``offset``
+    (answered with an ACK): for a seeder, no bytes cross the socket."""
+    return _header(FrameType.READ_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
+        ih, piece, begin, offset, length
+    )
 
 
 def encode_data_header(rid: int, length: int) -> bytes:
@@ -284,7 +296,7 @@ class FrameReader:
                 ring.consume(frame.length)
             else:
                 frame.payload, frame.token = ring.take(frame.length)
-        elif ftype == FrameType.WRITE_RING:
+        elif ftype in (FrameType.WRITE_RING, FrameType.READ_RING):
             frame.ring_offset, frame.length = fields[3], fields[4]
         else:
             frame.length = fields[3]

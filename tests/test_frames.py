@@ -19,6 +19,7 @@ from pieced.protocol.frames import (
     encode_ack,
     encode_control,
     encode_read,
+    encode_read_ring,
     encode_write_header,
     encode_write_ring,
 )
@@ -68,7 +69,7 @@ u32 = st.integers(0, 2**32 - 1)
 
 @st.composite
 def frames(draw: st.DrawFn) -> tuple[bytes, tuple]:
-    kind = draw(st.sampled_from(["req", "write", "ring", "read", "ack"]))
+    kind = draw(st.sampled_from(["req", "write", "ring", "read", "read_ring", "ack"]))
     rid = draw(u32)
     ih = draw(ih_st)
     if kind == "req":
@@ -84,6 +85,9 @@ def frames(draw: st.DrawFn) -> tuple[bytes, tuple]:
     if kind == "read":
         p, b, n = draw(u32), draw(u32), draw(u32)
         return encode_read(rid, ih, p, b, n, 1), ("read", rid, ih, p, b, n)
+    if kind == "read_ring":
+        p, b, off, n = draw(u32), draw(u32), draw(st.integers(0, 2**64 - 1)), draw(u32)
+        return encode_read_ring(rid, ih, p, b, off, n, 1), ("read_ring", rid, ih, p, b, off, n)
     return encode_ack(rid), ("ack", rid)
 
 
@@ -123,6 +127,9 @@ def test_round_trip_through_a_wrapping_ring(items: list, chunk: int, skew: int) 
             assert (f.info_hash, f.piece, f.begin, f.ring_offset, f.length) == want[2:]
         elif kind == "read":
             assert (f.info_hash, f.piece, f.begin, f.length, f.flags) == (*want[2:], 1)
+        elif kind == "read_ring":
+            assert f.type == FrameType.READ_RING and f.flags == 1
+            assert (f.info_hash, f.piece, f.begin, f.ring_offset, f.length) == want[2:]
         else:
             assert f.type == FrameType.ACK
     assert ring.used == 0  # every byte was released

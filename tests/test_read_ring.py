@@ -1,0 +1,230 @@
+"""read_chunk_ring: the daemon reads a torrent's bytes into the client's shared ring
+(READ_RING, answered with an ACK), so a seeder's bytes never cross the socket.
+
+Both clients, many reads in flight through a ring too small for all of them at once,
+three connections at once, a read cancelled before its reply, and bad READ_RING frames
+from a bare connection: each refused with a clear error, the connection going on."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import fcntl
+import mmap
+import os
+import random
+import socket
+from pathlib import Path
+
+import pytest
+from pieced.protocol.client import AsyncClient, Client, ShmRing
+from pieced.protocol.frames import FrameType, encode_control, encode_read_ring, encode_write_ring
+from pieced.protocol.messages import to_wire
+from pieced.storage.errors import BadRequest, OutOfRange, ProtocolError
+
+from tests.conftest import Daemon
+from tests.realtools import make_torrent_lt
+from tests.test_daemon import RawConn
+from tests.test_disk import Source
+
+
+def _registered(daemon: Daemon, odd_payload: tuple[Path, Path], kind: str = "hybrid"
+                ) -> tuple[bytes, Source]:
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, kind)
+    src = Source(raw, save)
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, save)
+        assert c.recheck(ih).get("verified") == src.meta.num_pieces
+    return ih, src
+
+
+def test_reads_into_the_ring_give_the_bytes_of_read_chunk(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """Blocking client: every piece, whole and in parts (one of one byte), the bytes
+    read_chunk gives; the space comes back on release, the view dies with it, and a read
+    the daemon refuses frees its space at once."""
+    ih, src = _registered(daemon, odd_payload)
+    with Client(daemon.socket) as c:
+        c.attach_ring(256 * 1024)  # smaller than the reads below, taken in turn: it wraps
+        shm = c.core.shm
+        assert shm is not None
+        for p in range(src.meta.num_pieces):
+            size = src.layout.piece_size(p)
+            for begin, n in ((0, size), (size // 3, size - size // 3), (5, 1)):
+                with c.read_chunk_ring(ih, p, begin, n) as chunk:
+                    assert bytes(chunk.data) == src.read(p, begin, n) == c.read_chunk(ih, p, begin, n)
+                    kept = chunk.data
+                assert shm.head == shm.tail  # released
+                with pytest.raises(ValueError):
+                    bytes(kept)  # the view is released with its space
+        with pytest.raises(OutOfRange):  # past the piece's end: refused, as read_chunk is
+            c.read_chunk_ring(ih, 0, src.layout.piece_size(0) - 5, 10)
+        assert shm.head == shm.tail
+        held = c.read_chunk_ring(ih, 0, 0, 65536)
+        with pytest.raises(ProtocolError, match="not yet released"):  # nothing will free it
+            c.read_chunk_ring(ih, 1, 0, 256 * 1024 - 1000)
+        held.release()
+        held.release()  # twice: nothing more
+        assert c.read_chunk(ih, 0, 0, 10) == src.read(0, 0, 10)  # the connection goes on
+
+
+def test_many_reads_in_flight_through_a_small_ring(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """AsyncClient: 48 reads at once of up to 40 KiB through a 128 KiB ring: they wait
+    for room, each gets its own bytes, and every byte of the ring is free at the end."""
+    ih, src = _registered(daemon, odd_payload)
+    rng = random.Random(4)
+    reads = []
+    for _ in range(300):
+        p = rng.randrange(src.meta.num_pieces)
+        size = src.layout.piece_size(p)
+        begin = rng.randrange(size)
+        reads.append((p, begin, rng.randint(1, min(40 * 1024, size - begin))))
+
+    async def run() -> None:
+        async with AsyncClient(daemon.socket) as c:
+            await c.attach_ring(128 * 1024)
+
+            async def one(p: int, begin: int, n: int) -> None:
+                chunk = await c.read_chunk_ring(ih, p, begin, n)
+                try:
+                    assert bytes(chunk.data) == src.read(p, begin, n)
+                    await asyncio.sleep(0)  # held across a turn, as a seeder's send is
+                finally:
+                    chunk.release()
+
+            for start in range(0, len(reads), 48):
+                await asyncio.gather(*(one(*r) for r in reads[start : start + 48]))
+            shm = c.core.shm
+            assert shm is not None and shm.head == shm.tail
+
+    asyncio.run(run())
+
+
+def test_three_connections_read_into_their_rings_at_once(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """Three seeders of one torrent, each through its own ring, every byte checked."""
+    ih, src = _registered(daemon, odd_payload, "v1")
+    blocks = [(p, b, n) for p, b, n in src.blocks()]
+
+    async def seeder(seed: int) -> int:
+        order = blocks[:]
+        random.Random(seed).shuffle(order)
+        async with AsyncClient(daemon.socket) as c:
+            await c.attach_ring(512 * 1024)
+
+            async def one(p: int, b: int, n: int) -> None:
+                with await c.read_chunk_ring(ih, p, b, n) as chunk:
+                    assert bytes(chunk.data) == src.read(p, b, n)
+
+            for start in range(0, len(order), 16):
+                await asyncio.gather(*(one(*blk) for blk in order[start : start + 16]))
+        return len(order)
+
+    async def run() -> list[int]:
+        return list(await asyncio.gather(*(seeder(s) for s in range(3))))
+
+    assert asyncio.run(run()) == [len(blocks)] * 3
+
+
+def test_a_cancelled_read_keeps_its_space_until_the_reply(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """The daemon may still be writing into a cancelled read's space: it is freed when
+    the reply comes, not when the caller gives up, and the next reads are right."""
+    ih, src = _registered(daemon, odd_payload)
+
+    async def run() -> None:
+        async with AsyncClient(daemon.socket) as c:
+            await c.attach_ring(256 * 1024)
+            shm = c.core.shm
+            assert shm is not None
+            task = asyncio.ensure_future(c.read_chunk_ring(ih, 0, 0, 65536))
+            await asyncio.sleep(0)  # sent (queued for this turn's send)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert shm.head - shm.tail == 65536  # still taken: the reply has not come
+            await c.stats()  # answered after the read, in order
+            assert shm.head == shm.tail
+            for p in range(src.meta.num_pieces):
+                with await c.read_chunk_ring(ih, p, 0, 1000) as chunk:
+                    assert bytes(chunk.data) == src.read(p, 0, 1000)
+
+    asyncio.run(run())
+
+
+def test_bad_read_ring_frames_are_refused_and_change_nothing(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """From a bare connection: READ_RING without a ring, outside the ring, longer than a
+    read may be, and into a ring sealed against writes (which the daemon maps read-only:
+    ring writes still work there). Each gets an ERROR that says why; the ring is not
+    written and the connection goes on."""
+    ih, src = _registered(daemon, odd_payload, "v1")
+    conn = RawConn(daemon.socket)
+    conn.sock.sendall(encode_read_ring(7, ih, 0, 0, 0, 100))
+    (err,) = conn.replies(1)
+    assert err.type == FrameType.ERROR and b"no shared-memory ring" in err.body[b"message"]
+
+    ring = ShmRing(65536)
+    ring.map[:] = b"\xee" * 65536
+    conn.sock.sendmsg([encode_control(FrameType.REQUEST, 8, to_wire({"op": "attach_ring",
+                                                                     "size": 65536}))],
+                      _rights(ring.fd))
+    (ok,) = conn.replies(1)
+    assert ok.type == FrameType.RESPONSE
+    for rid, offset, length, why in ((9, 65536, 10, b"outside the ring"),
+                                     (10, 65000, 1000, None),  # wraps: written in two parts
+                                     (11, 0, 65537, b"outside the ring"),
+                                     (12, 0, 9 * 1024 * 1024, b"limited to")):
+        conn.sock.sendall(encode_read_ring(rid, ih, 0, 0, offset, length))
+        (reply,) = conn.replies(1)
+        if why is None:
+            assert reply.type == FrameType.ACK
+            got = bytes(ring.map[65000:]) + bytes(ring.map[: 1000 - 536])
+            assert got == src.read(0, 0, 1000)
+            ring.map[:] = b"\xee" * 65536
+        else:
+            assert reply.type == FrameType.ERROR and why in reply.body[b"message"], reply
+            assert bytes(ring.map) == b"\xee" * 65536
+    ring.close()
+
+    # sealed against writes: read-only to the daemon
+    sealed = RawConn(daemon.socket)
+    fd = os.memfd_create("sealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 65536)
+    block = src.read(0, 0, 16384)
+    os.pwrite(fd, block, 0)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    sealed.sock.sendmsg([encode_control(FrameType.REQUEST, 1, to_wire({"op": "attach_ring",
+                                                                       "size": 65536}))],
+                        _rights(fd))
+    (ok,) = sealed.replies(1)
+    assert ok.type == FrameType.RESPONSE
+    sealed.sock.sendall(encode_read_ring(2, ih, 0, 0, 0, 100))
+    (reply,) = sealed.replies(1)
+    assert reply.type == FrameType.ERROR and b"read-only" in reply.body[b"message"]
+    view = mmap.mmap(fd, 65536, prot=mmap.PROT_READ)
+    assert view[:100] == block[:100]  # untouched
+    sealed.sock.sendall(encode_write_ring(3, ih, 0, 0, 0, 16384))  # writes still work
+    (ack,) = sealed.replies(1)
+    assert ack.type == FrameType.ACK, ack
+    view.close()
+    os.close(fd)
+    with Client(daemon.socket) as c:
+        assert c.read_chunk(ih, 0, 0, 16384) == block
+
+
+def _rights(fd: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+
+
+def test_a_read_into_the_ring_is_refused_before_it_is_sent_when_it_cannot_fit(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    ih, _ = _registered(daemon, odd_payload)
+    with Client(daemon.socket) as c:
+        c.attach_ring(65536)
+        with pytest.raises(ValueError, match="does not fit"):
+            c.read_chunk_ring(ih, 0, 0, 65537)
+        with pytest.raises(BadRequest):
+            c._call("frobnicate")  # the connection goes on
