@@ -42,7 +42,7 @@ from .wire import WireError
 
 log = logging.getLogger("pieced.peer")
 
-PIPELINE = int(os.environ.get("XP_PIPE", "128"))  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
+PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
 # What a peer's socket buffers before we parse it (asyncio's default, 64 KiB, wakes the
 # loop every four blocks): the size of each connection's receive buffer (Inbox).
 STREAM_LIMIT = 1024 * 1024
