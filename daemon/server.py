@@ -274,7 +274,7 @@ class Connection:
         self._fds: list[int] = []
         self.shm: mmap.mmap | None = None
         self.shm_view: memoryview | None = None
-        self.shm_writable = False
+        self.shm_fd: int | None = None  # the ring's memfd, for READ_RING (None: read-only)
 
     def start(self) -> None:
         self._resume_reading()
@@ -506,16 +506,18 @@ class Connection:
                 if frame.length > limit:
                     raise BadRequest(f"reads are limited to {limit} bytes")
                 s0, s1 = self._ring_slices(frame.ring_offset, frame.length, limit)
-                if not self.shm_writable:
-                    raise BadRequest("the ring is read-only to the daemon (sealed against "
-                                     "writes): READ_RING needs a writable ring")
+                fd = self.shm_fd
+                if fd is None:
+                    raise BadRequest(_READ_ONLY_RING)
                 data = self.disk.read_chunk_view(frame.info_hash, frame.piece, frame.begin,
                                                  frame.length,
                                                  volatile=bool(frame.flags & FLAG_VOLATILE))
                 src = memoryview(data)
-                s0[:] = src[: s0.nbytes]
+                # Through the descriptor, not the mapping: the ring's pages then never
+                # enter the daemon's page tables (its memory is the client's, not ours).
+                _pwrite_all(fd, src[: s0.nbytes], frame.ring_offset)
                 if s1.nbytes:
-                    s1[:] = src[s0.nbytes :]
+                    _pwrite_all(fd, src[s0.nbytes :], 0)
                 return [encode_ack(rid)], None
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
@@ -571,16 +573,19 @@ class Connection:
                 # Without F_SEAL_SHRINK a client could truncate the memfd under our
                 # mapping and make the daemon fault (SIGBUS) mid-copy.
                 raise BadRequest("the ring must be a memfd sealed with F_SEAL_SHRINK")
-            try:  # writable, for READ_RING; a ring sealed against writes is read-only
-                self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                self.shm_writable = True
-            except PermissionError:
-                self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             self.shm_view = memoryview(self.shm)
+            # READ_RING writes into the ring through the descriptor, kept for that when
+            # the client can write it too (opened read-write, not sealed against writes).
+            writable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+                        and not seals & _WRITE_SEALS)
+            if writable:
+                self.shm_fd, fd = fd, -1
         except OSError as exc:
             raise StorageIOError.wrap(exc, "attach_ring") from None
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         return {"size": size}
 
     def _ring_slices(
@@ -605,7 +610,9 @@ class Connection:
             with contextlib.suppress(BufferError):
                 self.shm.close()
             self.shm = None
-        self.shm_writable = False
+        if self.shm_fd is not None:
+            os.close(self.shm_fd)
+            self.shm_fd = None
 
     # -- the lane (worker threads) ------------------------------------------------------------
     def _enqueue(self, jobs: list[Job]) -> None:
@@ -769,6 +776,23 @@ class Connection:
         self._kick_lane()  # a lane paused on output carries out its jobs all the same
         if not self._lane_busy:
             self._drop_shm()
+
+
+_READ_ONLY_RING = ("the ring is read-only to the daemon (its descriptor is not open for "
+                   "writing, or sealed against writes): READ_RING needs a writable ring")
+_WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` into the ring's memfd at ``offset``."""
+    try:
+        while data.nbytes:
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+    except PermissionError:
+        raise BadRequest(_READ_ONLY_RING) from None
+    except OSError as exc:
+        raise StorageIOError.wrap(exc, "READ_RING: write into the ring") from None
 
 
 def _run_guarded(

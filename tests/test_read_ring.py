@@ -69,6 +69,36 @@ def test_reads_into_the_ring_give_the_bytes_of_read_chunk(
         assert c.read_chunk(ih, 0, 0, 10) == src.read(0, 0, 10)  # the connection goes on
 
 
+def _rss_shmem_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem in /proc/PID/status")
+
+
+def test_reading_into_the_ring_does_not_make_it_the_daemons_memory(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """The ring is the client's memory: the daemon puts read bytes in through the
+    descriptor, so none of its pages enters the daemon's resident set (through a
+    writable mapping, every page of the ring would, 8 MiB here)."""
+    ih, src = _registered(daemon, odd_payload)
+    before = _rss_shmem_kib(daemon.proc.pid)
+    with Client(daemon.socket) as c:
+        c.attach_ring(8 * 1024 * 1024)
+        blocks = list(src.blocks())
+        total = 0
+        last = None
+        while total < 3 * 8 * 1024 * 1024:  # round the ring three times
+            for p, b, n in blocks:
+                chunk = c.read_chunk_ring(ih, p, b, n)
+                assert bytes(chunk.data[:64]) == src.read(p, b, min(n, 64))
+                if last is not None:
+                    last.release()  # one held at a time: the ring never empties, and
+                last = chunk  # each read goes where the one before it ended
+                total += n
+        assert _rss_shmem_kib(daemon.proc.pid) - before < 1024
+
+
 def test_many_reads_in_flight_through_a_small_ring(
         daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     """AsyncClient: 48 reads at once of up to 40 KiB through a 128 KiB ring: they wait
