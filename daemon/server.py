@@ -71,7 +71,10 @@ from pieced.storage.metainfo import MAX_METAINFO_BYTES
 log = logging.getLogger("pieced.server")
 
 Out = bytes | memoryview
-Job = Callable[[], tuple[list[Out], tuple[int, int] | None]]
+Token = tuple[int, int]
+# A lane job: the frames of its replies, and the receive-ring space to free once they
+# are sent (one range, several, or none).
+Job = Callable[[], tuple[list[Out], Token | list[Token] | None]]
 # Parsed requests waiting in one connection's lane before it stops reading that client:
 # control, READ and WRITE_RING frames leave the receive ring once parsed, so the ring
 # alone does not bound them.
@@ -457,22 +460,7 @@ class Connection:
 
     def _write_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
-        rid, views, token = frame.id, frame.payload, frame.token
-
-        def job() -> tuple[list[Out], tuple[int, int] | None]:
-            if frame.length > MAX_BLOCK:  # skipped by the reader: views is empty
-                return [encode_error(rid, BadRequest(f"blocks are limited to {MAX_BLOCK} bytes"))], token
-            # The copy out of the ring is what lets the ring move on while the block
-            # waits, buffered, for the rest of its piece (write_chunk semantics).
-            data = b"".join(views) if len(views) > 1 else bytes(views[0]) if views else b""
-            try:
-                self.disk.write_chunk(frame.info_hash, frame.piece, frame.begin, data,
-                                      flush=bool(frame.flags & FLAG_FLUSH))
-                return [encode_ack(rid)], token
-            except PiecedError as exc:
-                return [encode_error(rid, exc)], token
-
-        return _Job(rid, token, job, False, frame.info_hash)
+        return _InlineWrite(self, frame)
 
     def _ring_job(self, frame: Frame) -> Job:
         self.subscriptions.add(frame.info_hash)
@@ -676,7 +664,9 @@ class Connection:
                 freed += getattr(job, "size", 0)
                 for f in frames:
                     produced += len(f)
-                if token is not None:
+                if isinstance(token, list):
+                    tokens.extend(token)
+                elif token is not None:
                     tokens.append(token)
                 if produced > limit:
                     with self._lane_lock:
@@ -796,8 +786,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _run_guarded(
-    rid: int, token: tuple[int, int] | None, job: Job
-) -> tuple[list[Out], tuple[int, int] | None]:
+    rid: int, token: Token | None, job: Job
+) -> tuple[list[Out], Token | list[Token] | None]:
     """Run a lane job so that its unexpected failure (a bug) still answers its own
     request id and frees its ring space: the client is never left waiting."""
     try:
@@ -818,7 +808,7 @@ class _Job:
         self.rid, self.token, self.fn, self.long, self.ih = rid, token, fn, long, ih
         self.size = size  # request body bytes it holds, until it has run
 
-    def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
+    def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
         return _run_guarded(self.rid, self.token, self.fn)
 
 
@@ -852,7 +842,7 @@ class _RingWrite:
             and 0 < self.length <= MAX_BLOCK
         )
 
-    def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
+    def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
         return _run_guarded(self.rid, None, self._write)
 
     def _write(self) -> tuple[list[Out], tuple[int, int] | None]:
@@ -895,23 +885,102 @@ class _RingRun:
         return [encode_ack(w.rid) for w in self.writes], None
 
 
+class _InlineWrite:
+    """A WRITE job: the block is written to its file from the receive ring where it
+    arrived, as a WRITE_RING block is from the shared ring (no copy), and its ring space
+    is freed once the reply is sent. Blocks sent back to back (same piece, adjacent in
+    it) go as one pwritev and one pass of the hashers (_InlineRun)."""
+
+    __slots__ = ("begin", "conn", "flags", "ih", "length", "piece", "rid", "token", "views")
+    long = False
+
+    def __init__(self, conn: Connection, frame: Frame) -> None:
+        self.conn = conn
+        self.rid = frame.id
+        self.ih = frame.info_hash
+        self.piece = frame.piece
+        self.begin = frame.begin
+        self.length = frame.length
+        self.flags = frame.flags
+        self.views = frame.payload  # empty for a block over MAX_BLOCK: skipped, refused
+        self.token = frame.token
+
+    def follows(self, prev: _InlineWrite) -> bool:
+        return (not self.flags and not prev.flags and self.ih == prev.ih
+                and self.piece == prev.piece and self.begin == prev.begin + prev.length
+                and 0 < self.length <= MAX_BLOCK and 0 < prev.length <= MAX_BLOCK)
+
+    def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
+        return _run_guarded(self.rid, self.token, self._write)
+
+    def _write(self) -> tuple[list[Out], Token | list[Token] | None]:
+        if self.length > MAX_BLOCK:
+            error = BadRequest(f"blocks are limited to {MAX_BLOCK} bytes")
+            return [encode_error(self.rid, error)], self.token
+        disk = self.conn.disk
+        try:
+            disk.write_blocks_direct(self.ih, self.piece, self.begin, self.views or (b"",),
+                                     max(1, -(-self.length // BLOCK_SIZE)))
+            if self.flags & FLAG_FLUSH:
+                disk.flush_piece(self.ih, self.piece)
+            return [encode_ack(self.rid)], self.token
+        except PiecedError as exc:
+            return [encode_error(self.rid, exc)], self.token
+
+
+class _InlineRun:
+    """Adjacent inline writes done as one (one pwritev of all their slices); if that
+    fails, each is retried on its own, as _RingRun does."""
+
+    __slots__ = ("ih", "writes")
+    long = False
+
+    def __init__(self, writes: list[_InlineWrite]) -> None:
+        self.writes = writes
+        self.ih = writes[0].ih
+
+    def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
+        first = self.writes[0]
+        tokens = [w.token for w in self.writes if w.token is not None]
+        try:
+            views = [v for w in self.writes for v in w.views]
+            first.conn.disk.write_blocks_direct(
+                first.ih, first.piece, first.begin, views,
+                sum(-(-w.length // BLOCK_SIZE) for w in self.writes))
+        except Exception as exc:
+            if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
+                log.exception("merged inline write failed; retrying its blocks one by one")
+            out: list[Out] = []
+            for w in self.writes:
+                out.extend(w._write()[0])
+            return out, tokens
+        return [encode_ack(w.rid) for w in self.writes], tokens
+
+
 def _coalesce(batch: list[Job]) -> list[Job]:
-    """The batch with each run of adjacent ring writes replaced by one _RingRun."""
+    """The batch with each run of adjacent ring writes replaced by one _RingRun, and of
+    adjacent inline writes by one _InlineRun."""
     out: list[Job] = []
-    run: list[_RingWrite] = []
+    run: list[Any] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            taken = run[:]
+            out.append(_RingRun(taken) if isinstance(taken[0], _RingWrite) else _InlineRun(taken))
+        run.clear()
+
     for job in batch:
-        if isinstance(job, _RingWrite) and run and job.follows(run[-1]):
+        if run and type(job) is type(run[0]) and job.follows(run[-1]):  # type: ignore[attr-defined]
             run.append(job)
             continue
-        if run:
-            out.append(run[0] if len(run) == 1 else _RingRun(run))
-            run = []
-        if isinstance(job, _RingWrite):
+        close_run()
+        if isinstance(job, _RingWrite | _InlineWrite):
             run.append(job)
         else:
             out.append(job)
-    if run:
-        out.append(run[0] if len(run) == 1 else _RingRun(run))
+    close_run()
     return out
 
 

@@ -656,6 +656,55 @@ def test_ring_writes_sent_back_to_back_are_merged(daemon: Daemon, odd_payload: t
                 assert c2.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_inline_writes_go_to_disk_from_the_receive_buffer_merged(
+        daemon: Daemon, odd_payload: tuple[Path, Path], backend: str) -> None:
+    """Inline WRITEs are written from the daemon's receive buffer, as ring writes are
+    from the shared ring: nothing is held in the write buffer for them (but on a backend
+    that gathers a piece's blocks), blocks sent back to back go as fewer writes than
+    blocks, and a run holding bad blocks falls back to one write each, so every block
+    gets exactly its own answer."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, save)
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, daemon.root / "dl")
+        p0, b0, n0 = src.blocks()[0]
+        c.write_chunk(ih, p0, b0, src.read(p0, b0, n0))  # a piece begun, far from done
+        c.wait_writes()
+        begun = c.stats()["write_buffer_bytes"]
+        before = c.stats()
+        parts: list[bytes] = []
+        blocks = src.blocks()
+        bad_piece = blocks[-1][0]
+        for p, b, n in blocks:
+            data = src.read(p, b, n)
+            if p == bad_piece:
+                data += bytes(65536)  # runs past the piece's end
+            parts += [c.core.write(ih, p, b, len(data), False)[1], data]
+        c._send(*parts)  # one sendmsg: the daemon parses them into few lane batches
+        with pytest.raises(OutOfRange) as exc:
+            c.wait_writes()
+        buffered = c.stats()["write_buffer_bytes"]
+        c.flush_all()
+        after = c.stats()
+        st = c.status(ih)
+    bad = len([1 for p, _, _ in blocks if p == bad_piece])
+    assert exc.value.others == bad - 1
+    assert st["verified_pieces"] == src.meta.num_pieces - 1
+    written = after["blocks_written"] - before["blocks_written"]
+    calls = after["latency"]["write"]["count"] - before["latency"]["write"]["count"]
+    assert written == len(blocks) - bad
+    if backend not in ("direct", "uring"):
+        assert begun == buffered == 0  # written through, not held
+        assert 0 < calls < written
+    with Client(daemon.socket) as c2:
+        for p in range(src.meta.num_pieces):
+            if p != bad_piece:
+                size = src.layout.piece_size(p)
+                assert c2.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+
+
 def test_a_metainfo_larger_than_a_frame_registers_through_a_memfd(tmp_path: Path) -> None:
     """With a 64 KiB frame limit, a 300 KB .torrent goes in a memfd (both clients); a
     descriptor that does not hold what the request says is refused, clearly, and the
