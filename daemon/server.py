@@ -29,7 +29,7 @@ import mmap
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,6 +65,7 @@ from pieced.storage.errors import (
     StorageIOError,
     TooLarge,
 )
+from pieced.storage.hashing import Buffer
 from pieced.storage.merkle import BLOCK_SIZE
 from pieced.storage.metainfo import MAX_METAINFO_BYTES
 
@@ -814,84 +815,12 @@ class _Job:
 
 # -- ring writes, one at a time or merged (worker threads) ----------------------------------
 
-class _RingWrite:
-    """A WRITE_RING job. Kept as data, not a closure, so that the lane can see runs of
-    them: blocks a client sent back to back (same piece, adjacent in the piece and in
-    the ring) go to disk as one pwritev and one pass of the hashers."""
+class _BlockWrite:
+    """A WRITE or WRITE_RING job. Kept as data, not a closure, so that the lane can see
+    runs of them: blocks a client sent back to back (same piece, adjacent in it) go to
+    disk as one pwritev and one pass of the hashers (_WriteRun)."""
 
-    __slots__ = ("begin", "conn", "flags", "ih", "length", "offset", "piece", "rid")
-    long = False
-
-    def __init__(self, conn: Connection, frame: Frame) -> None:
-        self.conn = conn
-        self.rid = frame.id
-        self.ih = frame.info_hash
-        self.piece = frame.piece
-        self.begin = frame.begin
-        self.offset = frame.ring_offset
-        self.length = frame.length
-        self.flags = frame.flags
-
-    def follows(self, prev: _RingWrite) -> bool:
-        view = self.conn.shm_view
-        return (
-            view is not None and not self.flags and not prev.flags
-            and self.ih == prev.ih and self.piece == prev.piece
-            and self.begin == prev.begin + prev.length
-            and self.offset == (prev.offset + prev.length) % view.nbytes
-            and 0 < self.length <= MAX_BLOCK
-        )
-
-    def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
-        return _run_guarded(self.rid, None, self._write)
-
-    def _write(self) -> tuple[list[Out], tuple[int, int] | None]:
-        try:
-            s0, s1 = self.conn._ring_slices(self.offset, self.length)
-            self.conn.disk.write_block_direct(self.ih, self.piece, self.begin, s0, s1)
-            if self.flags & FLAG_FLUSH:
-                self.conn.disk.flush_piece(self.ih, self.piece)
-            return [encode_ack(self.rid)], None
-        except PiecedError as exc:
-            return [encode_error(self.rid, exc)], None
-
-
-class _RingRun:
-    """Adjacent ring writes done as one; if that fails, each is retried on its own so
-    that every request gets exactly the answer it would have had alone."""
-
-    __slots__ = ("ih", "writes")
-    long = False
-
-    def __init__(self, writes: list[_RingWrite]) -> None:
-        self.writes = writes
-        self.ih = writes[0].ih
-
-    def __call__(self) -> tuple[list[Out], tuple[int, int] | None]:
-        first = self.writes[0]
-        total = sum(w.length for w in self.writes)
-        try:
-            s0, s1 = first.conn._ring_slices(first.offset, total, limit=total)
-            bufs = (s0, s1) if s1.nbytes else (s0,)
-            first.conn.disk.write_blocks_direct(first.ih, first.piece, first.begin, bufs,
-                                                sum(-(-w.length // BLOCK_SIZE) for w in self.writes))
-        except Exception as exc:
-            if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
-                log.exception("merged ring write failed; retrying its blocks one by one")
-            out: list[Out] = []
-            for w in self.writes:
-                out.extend(w()[0])
-            return out, None
-        return [encode_ack(w.rid) for w in self.writes], None
-
-
-class _InlineWrite:
-    """A WRITE job: the block is written to its file from the receive ring where it
-    arrived, as a WRITE_RING block is from the shared ring (no copy), and its ring space
-    is freed once the reply is sent. Blocks sent back to back (same piece, adjacent in
-    it) go as one pwritev and one pass of the hashers (_InlineRun)."""
-
-    __slots__ = ("begin", "conn", "flags", "ih", "length", "piece", "rid", "token", "views")
+    __slots__ = ("begin", "conn", "flags", "ih", "length", "piece", "rid", "token")
     long = False
 
     def __init__(self, conn: Connection, frame: Frame) -> None:
@@ -902,24 +831,25 @@ class _InlineWrite:
         self.begin = frame.begin
         self.length = frame.length
         self.flags = frame.flags
-        self.views = frame.payload  # empty for a block over MAX_BLOCK: skipped, refused
-        self.token = frame.token
+        self.token: Token | None = None  # receive-ring space to free once answered
 
-    def follows(self, prev: _InlineWrite) -> bool:
-        return (not self.flags and not prev.flags and self.ih == prev.ih
-                and self.piece == prev.piece and self.begin == prev.begin + prev.length
+    def follows(self, prev: _BlockWrite) -> bool:
+        return (type(prev) is type(self) and not self.flags and not prev.flags
+                and self.ih == prev.ih and self.piece == prev.piece
+                and self.begin == prev.begin + prev.length
                 and 0 < self.length <= MAX_BLOCK and 0 < prev.length <= MAX_BLOCK)
+
+    def bufs(self, writes: list[_BlockWrite]) -> Sequence[Buffer]:
+        """The bytes of ``writes`` (this one first, the others following it)."""
+        raise NotImplementedError
 
     def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
         return _run_guarded(self.rid, self.token, self._write)
 
     def _write(self) -> tuple[list[Out], Token | list[Token] | None]:
-        if self.length > MAX_BLOCK:
-            error = BadRequest(f"blocks are limited to {MAX_BLOCK} bytes")
-            return [encode_error(self.rid, error)], self.token
-        disk = self.conn.disk
         try:
-            disk.write_blocks_direct(self.ih, self.piece, self.begin, self.views or (b"",),
+            disk = self.conn.disk
+            disk.write_blocks_direct(self.ih, self.piece, self.begin, self.bufs([self]),
                                      max(1, -(-self.length // BLOCK_SIZE)))
             if self.flags & FLAG_FLUSH:
                 disk.flush_piece(self.ih, self.piece)
@@ -928,14 +858,54 @@ class _InlineWrite:
             return [encode_error(self.rid, exc)], self.token
 
 
-class _InlineRun:
-    """Adjacent inline writes done as one (one pwritev of all their slices); if that
-    fails, each is retried on its own, as _RingRun does."""
+class _RingWrite(_BlockWrite):
+    """A WRITE_RING: the block is in the client's shared ring."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, conn: Connection, frame: Frame) -> None:
+        super().__init__(conn, frame)
+        self.offset = frame.ring_offset
+
+    def follows(self, prev: _BlockWrite) -> bool:
+        view = self.conn.shm_view
+        return (super().follows(prev) and view is not None and isinstance(prev, _RingWrite)
+                and self.offset == (prev.offset + prev.length) % view.nbytes)
+
+    def bufs(self, writes: list[_BlockWrite]) -> Sequence[Buffer]:
+        total = sum(w.length for w in writes)  # a run: each of its writes <= MAX_BLOCK
+        s0, s1 = self.conn._ring_slices(self.offset, total,
+                                        limit=MAX_BLOCK if len(writes) == 1 else total)
+        return (s0, s1) if s1.nbytes else (s0,)
+
+
+class _InlineWrite(_BlockWrite):
+    """A WRITE: the block is written to its file from the receive ring where it arrived,
+    as a WRITE_RING block is from the shared ring (no copy), and its space there is freed
+    once the reply is sent."""
+
+    __slots__ = ("views",)
+
+    def __init__(self, conn: Connection, frame: Frame) -> None:
+        super().__init__(conn, frame)
+        self.views = frame.payload  # empty for a block over MAX_BLOCK: skipped, refused
+        self.token = frame.token
+
+    def bufs(self, writes: list[_BlockWrite]) -> Sequence[Buffer]:
+        if self.length > MAX_BLOCK:  # skipped by the reader (a run holds none such)
+            raise BadRequest(f"blocks are limited to {MAX_BLOCK} bytes")
+        views = [v for w in writes if isinstance(w, _InlineWrite) for v in w.views]
+        return views or (b"",)
+
+
+class _WriteRun:
+    """Adjacent block writes done as one; if that fails, each is retried on its own so
+    that every request gets exactly the answer it would have had alone."""
 
     __slots__ = ("ih", "writes")
     long = False
 
-    def __init__(self, writes: list[_InlineWrite]) -> None:
+    def __init__(self, writes: list[_BlockWrite]) -> None:
         self.writes = writes
         self.ih = writes[0].ih
 
@@ -943,44 +913,34 @@ class _InlineRun:
         first = self.writes[0]
         tokens = [w.token for w in self.writes if w.token is not None]
         try:
-            views = [v for w in self.writes for v in w.views]
             first.conn.disk.write_blocks_direct(
-                first.ih, first.piece, first.begin, views,
+                first.ih, first.piece, first.begin, first.bufs(self.writes),
                 sum(-(-w.length // BLOCK_SIZE) for w in self.writes))
         except Exception as exc:
             if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
-                log.exception("merged inline write failed; retrying its blocks one by one")
+                log.exception("merged write failed; retrying its blocks one by one")
             out: list[Out] = []
             for w in self.writes:
-                out.extend(w._write()[0])
+                out.extend(_run_guarded(w.rid, None, w._write)[0])
             return out, tokens
         return [encode_ack(w.rid) for w in self.writes], tokens
 
 
 def _coalesce(batch: list[Job]) -> list[Job]:
-    """The batch with each run of adjacent ring writes replaced by one _RingRun, and of
-    adjacent inline writes by one _InlineRun."""
+    """The batch with each run of adjacent block writes replaced by one _WriteRun."""
     out: list[Job] = []
-    run: list[Any] = []
-
-    def close_run() -> None:
-        if len(run) == 1:
-            out.append(run[0])
-        elif run:
-            taken = run[:]
-            out.append(_RingRun(taken) if isinstance(taken[0], _RingWrite) else _InlineRun(taken))
-        run.clear()
-
-    for job in batch:
-        if run and type(job) is type(run[0]) and job.follows(run[-1]):  # type: ignore[attr-defined]
+    run: list[_BlockWrite] = []
+    for job in [*batch, None]:  # None: the end, which closes the last run
+        if isinstance(job, _BlockWrite) and run and job.follows(run[-1]):
             run.append(job)
             continue
-        close_run()
-        if isinstance(job, _RingWrite | _InlineWrite):
+        if run:
+            out.append(run[0] if len(run) == 1 else _WriteRun(run))
+            run = []
+        if isinstance(job, _BlockWrite):
             run.append(job)
-        else:
+        elif job is not None:
             out.append(job)
-    close_run()
     return out
 
 

@@ -617,58 +617,21 @@ def release(fifo: Path) -> bool:
     return True
 
 
-def test_ring_writes_sent_back_to_back_are_merged(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
-    """Adjacent ring writes that reach the lane together go to disk as one write (fewer
-    pwritev calls than blocks); a run holding a bad block falls back to one write each,
-    so every block still gets exactly its own answer."""
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("transport", ["ring", "inline"])
+def test_block_writes_sent_back_to_back_are_merged(
+        daemon: Daemon, odd_payload: tuple[Path, Path], backend: str, transport: str) -> None:
+    """Adjacent block writes (through the shared ring, or inline: written from the
+    daemon's receive buffer) that reach the lane together go to disk as one write (fewer
+    pwritev calls than blocks); a run holding bad blocks falls back to one write each, so
+    every block still gets exactly its own answer. Inline blocks are not held in the
+    write buffer (but on a backend that gathers a piece's blocks before writing them)."""
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "hybrid")
     src = Source(raw, save)
     with Client(daemon.socket) as c:
         ih = c.register(raw, daemon.root / "dl")
         c.attach_ring(4 * 1024 * 1024)
-        before = c.stats()
-        frames: list[bytes] = []
-        blocks = src.blocks()
-        bad_piece = blocks[-1][0]
-        for p, b, n in blocks:
-            data = src.read(p, b, n)
-            placed = c.core.ring_put(data)
-            assert placed is not None
-            length = n if p != bad_piece else n + 65536  # runs past the piece's end
-            frames.append(c.core.write_ring(ih, p, b, placed[0], length, placed[1], False)[1])
-        c._send(*frames)  # one sendmsg: the daemon parses them into one lane batch
-        with pytest.raises(OutOfRange) as exc:
-            c.wait_writes()
-        c.flush_all()  # drains the group commit: verified pieces are recorded
-        after = c.stats()
-        st = c.status(ih)
-    assert exc.value.others == len([1 for p, _, _ in blocks if p == bad_piece]) - 1
-    assert st["verified_pieces"] == src.meta.num_pieces - 1
-    written = after["blocks_written"] - before["blocks_written"]
-    calls = after["latency"]["write"]["count"] - before["latency"]["write"]["count"]
-    assert written == len(blocks) - exc.value.others - 1
-    assert calls < written
-    with Client(daemon.socket) as c2:
-        for p in range(src.meta.num_pieces):
-            if p != bad_piece:
-                size = src.layout.piece_size(p)
-                assert c2.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
-
-
-@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
-def test_inline_writes_go_to_disk_from_the_receive_buffer_merged(
-        daemon: Daemon, odd_payload: tuple[Path, Path], backend: str) -> None:
-    """Inline WRITEs are written from the daemon's receive buffer, as ring writes are
-    from the shared ring: nothing is held in the write buffer for them (but on a backend
-    that gathers a piece's blocks), blocks sent back to back go as fewer writes than
-    blocks, and a run holding bad blocks falls back to one write each, so every block
-    gets exactly its own answer."""
-    save, content = odd_payload
-    raw = make_torrent_lt(content, 65536, "hybrid")
-    src = Source(raw, save)
-    with Client(daemon.socket) as c:
-        ih = c.register(raw, daemon.root / "dl")
         p0, b0, n0 = src.blocks()[0]
         c.write_chunk(ih, p0, b0, src.read(p0, b0, n0))  # a piece begun, far from done
         c.wait_writes()
@@ -679,14 +642,20 @@ def test_inline_writes_go_to_disk_from_the_receive_buffer_merged(
         bad_piece = blocks[-1][0]
         for p, b, n in blocks:
             data = src.read(p, b, n)
-            if p == bad_piece:
-                data += bytes(65536)  # runs past the piece's end
-            parts += [c.core.write(ih, p, b, len(data), False)[1], data]
+            if transport == "ring":
+                placed = c.core.ring_put(data)
+                assert placed is not None
+                length = n if p != bad_piece else n + 65536  # runs past the piece's end
+                parts.append(c.core.write_ring(ih, p, b, placed[0], length, placed[1], False)[1])
+            else:
+                if p == bad_piece:
+                    data += bytes(65536)  # runs past the piece's end
+                parts += [c.core.write(ih, p, b, len(data), False)[1], data]
         c._send(*parts)  # one sendmsg: the daemon parses them into few lane batches
         with pytest.raises(OutOfRange) as exc:
             c.wait_writes()
         buffered = c.stats()["write_buffer_bytes"]
-        c.flush_all()
+        c.flush_all()  # drains the group commit: verified pieces are recorded
         after = c.stats()
         st = c.status(ih)
     bad = len([1 for p, _, _ in blocks if p == bad_piece])
