@@ -245,6 +245,74 @@ def test_bad_read_ring_frames_are_refused_and_change_nothing(
         assert c.read_chunk(ih, 0, 0, 16384) == block
 
 
+def test_any_read_ring_frames_each_get_their_answer(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """300 READ_RING frames from a bare connection, sent back to back without waiting:
+    pieces, begins, ring offsets and lengths at random, in range or not, some wrapping
+    round the ring's end. Each gets its own reply, in order: an ACK for exactly the valid
+    ones, whose bytes are where they were asked to be (where a later read did not write
+    over them), or an ERROR; no byte that no acknowledged read covers has changed."""
+    ih, src = _registered(daemon, odd_payload, "hybrid")
+    size = 256 * 1024
+    conn = RawConn(daemon.socket)
+    ring = ShmRing(size)
+    conn.sock.sendmsg([encode_control(FrameType.REQUEST, 1, to_wire({"op": "attach_ring",
+                                                                     "size": size}))],
+                      _rights(ring.fd))
+    (ok,) = conn.replies(1)
+    assert ok.type == FrameType.RESPONSE
+    rng = random.Random(11)
+    asks = []
+    for rid in range(2, 302):
+        if rng.random() < 0.6:  # a valid read, anywhere in the ring (wrapping or not)
+            piece = rng.randrange(src.meta.num_pieces)
+            psize = src.layout.piece_size(piece)
+            begin = rng.randrange(psize)
+            length = rng.randint(1, min(psize - begin, 40_000))
+            asks.append((rid, piece, begin, rng.randrange(size), length))
+            continue
+        piece = rng.choice([rng.randrange(src.meta.num_pieces), src.meta.num_pieces, 2**32 - 1])
+        psize = src.layout.piece_size(piece) if piece < src.meta.num_pieces else 65536
+        begin = rng.choice([0, rng.randrange(psize), psize, psize + 7])
+        length = rng.choice([1, rng.randint(1, 40_000), max(0, psize - begin), 0, size + 1])
+        offset = rng.choice([rng.randrange(size), size - 100, size, 2**63])
+        asks.append((rid, piece, begin, offset, length))
+    ring.map[:] = b"\xee" * size
+    conn.sock.sendall(b"".join(encode_read_ring(rid, ih, p, b, o, n) for rid, p, b, o, n in asks))
+    replies = conn.replies(len(asks))
+    acks = 0
+    written = bytearray(size)  # 1 where an acknowledged read put bytes
+    last: dict[int, int] = {}  # ring byte -> the index of the last read written there
+    for i, ((rid, piece, begin, offset, length), reply) in enumerate(zip(asks, replies, strict=True)):
+        assert reply.id == rid  # in order, one each
+        valid = (piece < src.meta.num_pieces and 0 < length <= size and offset < size
+                 and begin + length <= src.layout.piece_size(piece))
+        if reply.type == FrameType.ACK:
+            assert valid, (rid, piece, begin, offset, length)
+            acks += 1
+            for k in range(length):
+                pos = (offset + k) % size
+                written[pos] = 1
+                last[pos] = i
+        else:
+            assert reply.type == FrameType.ERROR and not valid, (rid, reply.body)
+    # each byte holds what the last read that covered it asked for; no other byte moved
+    for pos in range(size):
+        if not written[pos]:
+            assert ring.map[pos] == 0xEE, pos
+    for i, (_rid, piece, begin, offset, length) in enumerate(asks):
+        want = src.read(piece, begin, length) if i in set(last.values()) else b""
+        for k in range(len(want)):
+            pos = (offset + k) % size
+            if last[pos] == i:
+                assert ring.map[pos] == want[k], (i, pos)
+    assert acks > 150
+    ring.close()
+    conn.close()
+    with Client(daemon.socket) as c:  # the daemon goes on
+        assert c.read_chunk(ih, 0, 0, 100) == src.read(0, 0, 100)
+
+
 def _rights(fd: int) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
 
