@@ -332,6 +332,18 @@ class ClientCore:
         return rid, encode_read_ring(rid, ih, piece, begin, offset, length,
                                      FLAG_VOLATILE if volatile else 0)
 
+    def drop_read_ring(self, w: _Waiter) -> None:
+        """The caller of a READ_RING gives up on it (cancelled, or another error raised in
+        its stead): its ring space is freed now if the reply came, else when it comes
+        (the daemon may still be writing there)."""
+        if not w.done:
+            w.orphan = True
+        elif isinstance(w.result, tuple) and self.shm is not None:
+            view, token = w.result
+            w.result = None
+            view.release()
+            self.shm.release(token)
+
     def received(self, n: int) -> None:
         """``n`` bytes were received into ``ring.writable()``: process whole frames."""
         self.ring.wrote(n)
@@ -627,7 +639,12 @@ class Client:
         rid, frame = got
         shm = self.core.shm
         assert shm is not None
-        view, token = self._roundtrip(rid, frame)
+        waiter = self.core.waiters[rid]
+        try:
+            view, token = self._roundtrip(rid, frame)
+        except BaseException:
+            self.core.drop_read_ring(waiter)  # its error, or a write's raised first
+            raise
         return RingChunk(view, shm, token)
 
     def read_chunk_into(self, ih: bytes, piece: int, begin: int, out: memoryview,
@@ -1017,8 +1034,6 @@ class AsyncClient:
         flight. While the ring has no room the call waits for writes in flight and
         chunks released to free some (so a task must not hold chunks while it waits for
         another: release each once its bytes are sent)."""
-        import asyncio
-
         if self.core.shm is None:
             await self.attach_ring()
         shm = self.core.shm
@@ -1033,8 +1048,8 @@ class AsyncClient:
         waiter = self.core.waiters[rid]
         try:
             view, token = await self._roundtrip(rid, frame)
-        except asyncio.CancelledError:
-            waiter.orphan = True  # its space is freed when the reply comes, not before
+        except BaseException:  # cancelled, its error, or a write's raised first
+            self.core.drop_read_ring(waiter)
             raise
         return RingChunk(view, shm, token, self._wake.set)
 

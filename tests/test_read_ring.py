@@ -158,6 +158,38 @@ def test_three_connections_read_into_their_rings_at_once(
     assert asyncio.run(run()) == [len(blocks)] * 3
 
 
+def test_a_read_answered_when_a_write_error_is_raised_frees_its_space(
+        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+    """A write's error is raised by the next call, and a read into the ring may be that
+    call: its reply has come by then, and its space must go back to the ring, not stay
+    taken by a chunk nobody got (both clients)."""
+    ih, src = _registered(daemon, odd_payload)
+    with Client(daemon.socket) as c:
+        c.attach_ring(256 * 1024)
+        shm = c.core.shm
+        assert shm is not None
+        c.write_chunk(ih, 0, 10**6, b"x")  # past the piece's end: its ERROR comes later
+        with pytest.raises(OutOfRange):
+            c.read_chunk_ring(ih, 0, 0, 65536)
+        assert shm.head == shm.tail
+        with c.read_chunk_ring(ih, 1, 0, 1000) as chunk:
+            assert bytes(chunk.data) == src.read(1, 0, 1000)
+
+    async def run() -> None:
+        async with AsyncClient(daemon.socket) as c:
+            await c.attach_ring(256 * 1024)
+            shm = c.core.shm
+            assert shm is not None
+            await c.write_chunk(ih, 0, 10**6, b"x")
+            with pytest.raises(OutOfRange):
+                await c.read_chunk_ring(ih, 0, 0, 65536)
+            assert shm.head == shm.tail
+            with await c.read_chunk_ring(ih, 1, 0, 1000) as chunk:
+                assert bytes(chunk.data) == src.read(1, 0, 1000)
+
+    asyncio.run(run())
+
+
 def test_a_cancelled_read_keeps_its_space_until_the_reply(
         daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     """The daemon may still be writing into a cancelled read's space: it is freed when
