@@ -100,9 +100,11 @@ class PeerConnection:
         return out
 
     def _apply(self, ev: wire.Event) -> bool:
-        if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested first;
-            # dropped when not asked for (late after a cancel, or unsolicited)
+        if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested
+            # first; dropped when not asked for (late after a cancel, or unsolicited)
             return self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is not None
+        if type(ev) is wire.Request and self.handshaken:  # seeding's message, tested next
+            return self._request(ev)
         if isinstance(ev, wire.Handshake):
             if ev.info_hash not in self.info_hashes:
                 raise WireError("handshake for a torrent we do not serve")
@@ -151,18 +153,7 @@ class PeerConnection:
         elif isinstance(ev, wire.NotInterested):
             self.peer_interested = False
         elif isinstance(ev, wire.Request):
-            if not self._valid_block(ev.piece, ev.begin, ev.length):
-                raise WireError(f"request out of range: {ev}")
-            blk = (ev.piece, ev.begin, ev.length)
-            if self.am_choking and ev.piece not in self.given_fast:
-                if self.fast:
-                    self._send(wire.reject_request(*blk))
-                return False
-            if len(self.peer_requests) >= MAX_PEER_QUEUE:
-                if self.fast:
-                    self._send(wire.reject_request(*blk))
-                return False
-            self.peer_requests.append(blk)
+            return self._request(ev)
         elif isinstance(ev, wire.Cancel):
             blk = (ev.piece, ev.begin, ev.length)
             try:
@@ -189,6 +180,20 @@ class PeerConnection:
                     raise WireError("extension handshake is not bencode") from None
         elif isinstance(ev, wire.SuggestPiece) and not 0 <= ev.piece < self.num_pieces:
             return False
+        return True
+
+    def _request(self, ev: wire.Request) -> bool:
+        """Queue a peer's request; False (with a reject under the fast extension) when it
+        asks while we choke it, or its queue is full."""
+        if not self._valid_block(ev.piece, ev.begin, ev.length):
+            raise WireError(f"request out of range: {ev}")
+        blk = (ev.piece, ev.begin, ev.length)
+        if (self.am_choking and ev.piece not in self.given_fast) or \
+                len(self.peer_requests) >= MAX_PEER_QUEUE:
+            if self.fast:
+                self._send(wire.reject_request(*blk))
+            return False
+        self.peer_requests.append(blk)
         return True
 
     # -- sending ----------------------------------------------------------------------------

@@ -470,16 +470,21 @@ class Swarm:
                 data = await inbox.receive()
                 if data is None:
                     break
+                asked = False
                 try:
                     for ev in peer.conn.receive(data):  # blocks are views of ``data``
                         if type(ev) is wire.Piece:  # a download's message: no coroutine
                             late = self._take_block(peer, ev)
                             if late:
                                 await self._write_late(ev.piece, late)
+                        elif type(ev) is wire.Request:  # queued by the connection:
+                            asked = True  # its reads start once, after the lot
                         else:
                             await self._handle(peer, ev)
                 finally:
                     inbox.consumed()
+                if asked:
+                    self._pump_reads(peer)
                 peer.flush()
                 if peer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
                     await inbox.drain()

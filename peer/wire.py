@@ -532,6 +532,7 @@ _HASH_MSGS: dict[int, type[HashRequest] | type[HashReject]] = {
 }
 
 _PIECE = int(MsgId.PIECE)
+_REQUEST = int(MsgId.REQUEST)
 _PIECE_HEAD = 13  # length prefix, id, index, begin
 # A partial message from an immutable ``bytes`` is kept as a view when at least this
 # long; shorter tails are copied into one growing buffer, so a peer trickling single
@@ -689,6 +690,7 @@ class Parser:
         limit = self._max
         unpack = _U32.unpack_from
         header = _II.unpack_from
+        request3 = _III.unpack_from
         append = events.append
         views = self._views
         while n - pos >= 4:
@@ -702,10 +704,13 @@ class Parser:
             end = pos + 4 + length
             if end > n:
                 break
-            if mv[pos + 4] == _PIECE and length >= _PIECE_HEAD - 4:  # a download's message
+            mid = mv[pos + 4]
+            if mid == _PIECE and length >= _PIECE_HEAD - 4:  # a download's message
                 index, begin = header(mv, pos + 5)
                 block = mv[pos + _PIECE_HEAD : end]
                 append(Piece(index, begin, block if views else bytes(block)))
+            elif mid == _REQUEST and length == 13:  # a seeder's
+                append(Request(*request3(mv, pos + 5)))
             else:
                 append(_decode(mv, pos + 4, end))
             pos = end
