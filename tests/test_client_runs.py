@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from pieced.protocol.client import AsyncClient, Client
 
 from tests.conftest import Daemon
@@ -78,10 +79,12 @@ def test_a_run_stops_where_the_blocks_stop_following_each_other(
     assert asyncio.run(run()) == 3  # [1, 2], [0], [3 with flush]
 
 
+@pytest.mark.parametrize("transport", ["ring", "inline"])
 def test_two_clients_merging_runs_of_the_same_pieces_at_once(
-        daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
+        daemon: Daemon, odd_payload: tuple[Path, Path], transport: str) -> None:
     """Two connections send every block of the same torrent at once, each as merged
-    runs (as two plugins in end game would): every piece verifies once, none fails, and
+    runs (as two plugins in end game would; through the shared ring, or inline, which the
+    daemon merges as it does ring writes): every piece verifies once, none fails, and
     what one sent after the other completed a piece is counted as duplicate."""
     import threading
 
@@ -100,7 +103,9 @@ def test_two_clients_merging_runs_of_the_same_pieces_at_once(
             await ac.attach_ring(4 * 1024 * 1024)
             start.wait()
             for p, b, n in order:
-                if not ac.try_write_block_direct(ih, p, b, src.read(p, b, n)):
+                if transport == "inline":
+                    await ac.write_chunk(ih, p, b, src.read(p, b, n))
+                elif not ac.try_write_block_direct(ih, p, b, src.read(p, b, n)):
                     await ac.write_block_direct(ih, p, b, src.read(p, b, n))
             await ac.wait_writes()
 

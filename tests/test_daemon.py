@@ -625,7 +625,8 @@ def test_block_writes_sent_back_to_back_are_merged(
     daemon's receive buffer) that reach the lane together go to disk as one write (fewer
     pwritev calls than blocks); a run holding bad blocks falls back to one write each, so
     every block still gets exactly its own answer. Inline blocks are not held in the
-    write buffer (but on a backend that gathers a piece's blocks before writing them)."""
+    write buffer (but on a backend that gathers a piece's blocks before writing them).
+    Blocks are shaped as libtorrent sends them, so runs hold blocks running into pads."""
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "hybrid")
     src = Source(raw, save)
@@ -638,7 +639,7 @@ def test_block_writes_sent_back_to_back_are_merged(
         begun = c.stats()["write_buffer_bytes"]
         before = c.stats()
         parts: list[bytes] = []
-        blocks = src.blocks()
+        blocks = src.peer_blocks()  # as libtorrent sends them: 16 KiB, running into pads
         bad_piece = blocks[-1][0]
         for p, b, n in blocks:
             data = src.read(p, b, n)
