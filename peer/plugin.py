@@ -54,6 +54,12 @@ REQUEST_TIMEOUT = 30.0
 PEER_TIMEOUT = 120.0
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
 SUGGESTS_PER_PEER = 8
+# A peer we dial (from --peer or a tracker) that cannot be reached, or whose connection
+# ends while pieces are missing, is dialled again: after RETRY_FIRST seconds, twice as
+# long after each attempt that brought no block, up to RETRY_MAX (libtorrent's wait).
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+MAX_KNOWN = 1000  # addresses kept to dial; a tracker's further ones are left out
 
 
 @dataclass
@@ -65,6 +71,21 @@ class Options:
     seed: bool = False
     socket: str = DEFAULT_SOCKET
     max_peers: int = 50
+
+
+class NoSources(Exception):
+    """Nothing to download from or seed to: no peer, no listening socket, no tracker."""
+
+
+@dataclass
+class Dial:
+    """What we know of an address we dial, across its connections."""
+
+    fails: int = 0  # attempts in a row that brought no block
+    due: float = 0.0  # when to dial it again (monotonic); 0: not waiting to
+    bad: int = 0  # pieces that failed with its data, over all its connections
+    banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
+    dropped: bool = False  # dropped for bad data: never dialled again
 
 
 @dataclass
@@ -276,6 +297,7 @@ class Peer:
         self.wanted = 0  # pieces it has that we lack (and have not banned it for)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
+        self.blocks = 0  # blocks it sent us
         self.closed = False
 
     def flush(self) -> None:
@@ -327,6 +349,7 @@ class Swarm:
         self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()
+        self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
         self.blame: Attribution[Peer] = Attribution()  # who sent the blocks of a bad piece
         self.summary = Summary()
         self.done = asyncio.Event()
@@ -365,9 +388,13 @@ class Swarm:
             self.listen_port = self.server.sockets[0].getsockname()[1]
             print(f"pieced-peer: listening on {host}:{self.listen_port}", file=sys.stderr,
                   flush=True)
+        urls = self.meta_trackers()
+        if (not self.opts.peers and self.opts.listen is None and not urls
+                and (self.opts.seed or not self.picker.complete)):
+            raise NoSources("no peer to download from or seed to: give --peer HOST:PORT or "
+                            "--listen HOST:PORT (the torrent names no HTTP tracker)")
         for host, port in self.opts.peers:
             self.connect(host, port)
-        urls = self.meta_trackers()
         if urls:
             self.tracker = Tracker(urls, self.ih, self.peer_id,
                                    self.listen_port or 6881)
@@ -425,28 +452,53 @@ class Swarm:
 
     # -- connections -----------------------------------------------------------------------
     def connect(self, host: str, port: int) -> None:
-        if (host, port) in self.connecting or len(self.peers) >= self.opts.max_peers:
-            return
         if port == self.listen_port and host in ("127.0.0.1", "localhost") and port:
             return  # ourselves, as a tracker may list us
-        self.connecting.add((host, port))
-        self._spawn(self._outgoing(host, port))
+        addr = (host, port)
+        dial = self.known.get(addr)
+        if dial is None:
+            if len(self.known) >= MAX_KNOWN:
+                return
+            dial = self.known[addr] = Dial()
+        if dial.dropped or addr in self.connecting or len(self.peers) >= self.opts.max_peers:
+            return
+        dial.due = 0.0
+        self.connecting.add(addr)
+        self._spawn(self._outgoing(host, port, dial))
 
-    async def _outgoing(self, host: str, port: int) -> None:
+    async def _outgoing(self, host: str, port: int, dial: Dial) -> None:
+        peer: Peer | None = None
         try:
             transport, inbox = await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(Inbox, host, port), 10)
         except (TimeoutError, OSError) as exc:
             log.info("cannot connect to %s:%d: %s", host, port, exc)
-            self.connecting.discard((host, port))
-            return
-        conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                              v2=self.meta.has_v2, outgoing_hash=self.ih, views=True)
-        try:
+        else:
+            conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
+                                  v2=self.meta.has_v2, outgoing_hash=self.ih, views=True)
             assert isinstance(transport, asyncio.Transport)
-            await self._serve_peer(Peer(conn, transport, inbox, f"{host}:{port}"))
+            peer = Peer(conn, transport, inbox, f"{host}:{port}")
+            peer.bad, peer.banned = dial.bad, dial.banned  # what it did before counts
+            await self._serve_peer(peer)
         finally:
             self.connecting.discard((host, port))
+            if peer is not None:
+                dial.bad = peer.bad
+                dial.dropped = peer.bad >= MAX_BAD_PIECES
+            dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
+            if not self.done.is_set() and not dial.dropped:
+                wait = RETRY_FIRST * 2 ** max(0, dial.fails - 1)
+                dial.due = time.monotonic() + min(RETRY_MAX, wait)
+
+    def _redial(self, now: float) -> None:
+        """Dial again the addresses whose wait is over, while pieces are missing."""
+        if self.done.is_set():
+            return
+        for (host, port), dial in list(self.known.items()):
+            if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
+                return
+            if dial.due and dial.due <= now:
+                self.connect(host, port)
 
     def _accepted(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         self._spawn(self._incoming(transport, inbox))
@@ -567,6 +619,7 @@ class Swarm:
         piece = ev.piece
         data = ev.data
         blk = (piece, ev.begin, len(data))
+        peer.blocks += 1
         for other in picker.block_received(blk):
             if other is not peer and isinstance(other, Peer):
                 other.conn.send_cancel(blk)
@@ -795,6 +848,7 @@ class Swarm:
                 self.stop.set()
                 return
             now = time.monotonic()
+            self._redial(now)
             for p in list(self.peers):
                 conn = p.conn
                 if now - conn.last_received > PEER_TIMEOUT:
@@ -938,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
                        args.seed, args.socket)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
-    except PiecedError as exc:
+    except (PiecedError, NoSources) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:

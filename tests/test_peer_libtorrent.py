@@ -358,3 +358,82 @@ def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path) -> None:
     assert d.stop() == 0
     _, err = seeding.proc.communicate(timeout=30)
     assert seeding.proc.returncode == 2 and "lost the daemon" in err, err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _verified(socket_path: str) -> int:
+    with Client(socket_path) as c:
+        listed = c.torrents()
+        return int(listed[0]["verified_pieces"]) if listed else 0
+
+
+def test_a_seeder_not_up_yet_or_gone_for_a_while_is_dialled_again(tmp_path: Path) -> None:
+    """pieced-peer starts before its only seeder listens, and the seeder leaves mid-download
+    and comes back on the same port: each time the peer is dialled again (as libtorrent
+    does), and the download completes. Before, a peer was dialled once: the download
+    waited for ever."""
+    import time
+
+    piece = 262144
+    files = {"a.bin": 24 * piece + 77}
+    content = make_payload(tmp_path / "seed", files, seed=10)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    port = _free_port()
+    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    d = Daemon(tmp_path)
+    try:
+        proc = subprocess.Popen(
+            peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{port}"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _running.append(proc)
+        time.sleep(1.5)  # its first dials are refused: nothing listens there yet
+        assert proc.poll() is None
+        with LtPeer(raw, tmp_path / "seed", seed=True, port=port, settings=slow):
+            deadline = time.monotonic() + 30
+            while _verified(d.socket) == 0:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+        got = _verified(d.socket)
+        assert 0 < got < 25 and proc.poll() is None  # the seeder left mid-download
+        time.sleep(1.5)  # dialled again meanwhile, and refused
+        with LtPeer(raw, tmp_path / "seed", seed=True, port=port):
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["peers"] >= 2, summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_no_peer_to_talk_to_is_an_error(tmp_path: Path) -> None:
+    """No --peer, no --listen and no tracker: nothing could ever come, so pieced-peer says
+    so and exits 2 instead of waiting for ever; with --listen it waits for peers."""
+    content = make_payload(tmp_path / "seed", {"a.bin": 100_000}, seed=14)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(make_torrent_lt(content, 16384, "v1"))
+    d = Daemon(tmp_path)
+    try:
+        for save, extra in ((tmp_path / "dl", ()), (tmp_path / "seed", ("--seed",))):
+            r = subprocess.run(peer_cmd(torrent, save, d.socket, *extra), capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 2 and "--peer HOST:PORT" in r.stderr, r.stderr
+            with Client(d.socket) as c:
+                for t in c.torrents():
+                    c.unregister(bytes.fromhex(t["info_hash"]))
+        r = subprocess.run(peer_cmd(torrent, tmp_path / "seed", d.socket), capture_output=True,
+                           text=True, timeout=60)  # complete already: nothing to do
+        assert r.returncode == 0 and json.loads(r.stdout)["complete"], r.stderr
+        seeding = Seeding(torrent, tmp_path / "seed", d)  # --listen: it waits for peers
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
