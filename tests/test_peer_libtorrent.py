@@ -17,7 +17,7 @@ from pieced.protocol.client import Client
 
 from tests.conftest import Daemon
 from tests.ltpeer import LtPeer, make_torrent_v1_pads
-from tests.realtools import make_payload, make_torrent_lt
+from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 
 
 def _files(piece: int) -> dict[str, int]:
@@ -437,3 +437,46 @@ def test_no_peer_to_talk_to_is_an_error(tmp_path: Path) -> None:
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
+        tmp_path: Path, kind: str) -> None:
+    """Three pieced-peer processes (three daemon connections) download the same torrent
+    into the same daemon from the same seeders at once, as a user running it twice over
+    would: pieces the others verified are announced to each, blocks written twice are
+    counted duplicates, every process ends complete, and the bytes on disk are the
+    seeders' (libtorrent rechecks them)."""
+    piece = 65536
+    files = {"a.bin": 60 * piece + 333, "b.bin": 17 * piece + 1, "one": 1}
+    content = make_payload(tmp_path / "seed", files, seed=15)
+    raw = make_torrent_lt(content, piece, kind)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as s1, \
+                LtPeer(raw, tmp_path / "seed", seed=True) as s2:
+            peers = ("--peer", f"127.0.0.1:{s1.port}", "--peer", f"127.0.0.1:{s2.port}")
+            procs = [subprocess.Popen(peer_cmd(torrent, tmp_path / "dl", d.socket, *peers),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(3)]
+            _running.extend(procs)
+            outs = [p.communicate(timeout=120) for p in procs]
+        downloaded = []
+        for p, (out, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err
+            summary = json.loads(out)
+            assert summary["complete"] and summary["pieces_failed"] == 0, summary
+            downloaded.append(summary["bytes_down"])
+        assert sum(1 for n in downloaded if n) >= 2, downloaded  # they did run side by side
+        with Client(d.socket) as c:
+            listed = c.torrents()
+            assert len(listed) == 1
+            assert listed[0]["verified_pieces"] == listed[0]["num_pieces"]
+            ih = bytes.fromhex(listed[0]["info_hash"])
+            assert c.recheck(ih, full=True)["failed_v1" if kind == "v1" else "failed_v2"] == []
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert all(lt_recheck(raw, tmp_path / "dl"))
