@@ -512,19 +512,24 @@ class DiskIO:
         "block" may be a run of 16 KiB blocks (a client merges what it wrote back to
         back); the counters count 16 KiB blocks.
         """
-        n0, n1 = memoryview(s0).nbytes, memoryview(s1).nbytes
+        n0 = s0.nbytes if type(s0) is memoryview else memoryview(s0).nbytes
+        n1 = s1.nbytes if type(s1) is memoryview else len(s1) if type(s1) is bytes else memoryview(s1).nbytes
+        n = n0 + n1
         return self.write_blocks_direct(ih, piece, begin, (s0, s1) if n1 else (s0,),
-                                        max(1, -(-(n0 + n1) // BLOCK_SIZE)))
+                                        max(1, -(-n // BLOCK_SIZE)), n)
 
     def write_blocks_direct(
-        self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int
+        self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int,
+        length: int | None = None,
     ) -> PieceResult | None:
         """``write_block_direct`` of a run of ``blocks`` adjacent blocks of one piece,
-        given as any number of slices: still one pwritev and one pass of the hashers.
-        The daemon merges the ring writes a client sent back to back into one of these.
+        given as any number of slices (``length`` bytes in all, when the caller knows):
+        still one pwritev and one pass of the hashers. The daemon merges the ring writes
+        a client sent back to back into one of these.
         """
         t = self._get(ih)
-        length = sum(memoryview(b).nbytes for b in bufs)
+        if length is None:
+            length = sum(memoryview(b).nbytes for b in bufs)
         t.layout.check(piece, begin, length)
         if not t.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
