@@ -480,3 +480,47 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+@pytest.mark.parametrize("kind", ["v1-pads", "hybrid"])
+def test_pieced_peer_killed_mid_download_resumes(tmp_path: Path, kind: str) -> None:
+    """pieced-peer killed with SIGKILL mid-download (its ring writes cut off, pieces half
+    written in the daemon): run again, it keeps what was verified and completes, and
+    the bytes on disk are the seeder's."""
+    import time
+
+    piece = 65536
+    files = {"a.bin": 50 * piece + 999, "b.bin": 30 * piece + 3}
+    content = make_payload(tmp_path / "seed", files, seed=16)
+    raw = _torrent(kind, content, piece)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s1:
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
+            deadline = time.monotonic() + 30
+            while _verified(d.socket) < 3:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            proc.kill()
+            proc.wait()
+        before = _verified(d.socket)
+        assert 3 <= before
+        with LtPeer(raw, tmp_path / "seed", seed=True) as s2:
+            summary = download(torrent, tmp_path / "dl", d, s2.port)
+        assert summary["bytes_down"] < sum(files.values())  # what was verified stayed
+        with Client(d.socket) as c:
+            listed = c.torrents()
+            ih = bytes.fromhex(listed[0]["info_hash"])
+            assert listed[0]["verified_pieces"] == listed[0]["num_pieces"]
+            res = c.recheck(ih, full=True)
+            assert not res.get("failed_v1") and not res.get("failed_v2"), res
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert all(lt_recheck(raw, tmp_path / "dl"))
