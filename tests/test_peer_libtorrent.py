@@ -524,3 +524,46 @@ def test_pieced_peer_killed_mid_download_resumes(tmp_path: Path, kind: str) -> N
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+def test_daemon_killed_under_pieced_peer_keeps_what_it_reported(tmp_path: Path) -> None:
+    """The daemon is killed with SIGKILL mid-download: pieced-peer says it lost the daemon
+    and exits 2; the restarted daemon reports verified every piece it reported verified
+    before the kill, and pieced-peer run again completes the download."""
+    import time
+
+    piece = 65536
+    files = {"a.bin": 70 * piece + 5, "b.bin": 9 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=17)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s1:
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
+            deadline = time.monotonic() + 30
+            while _verified(d.socket) < 5:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            with Client(d.socket) as c:
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+                reported = bytes(c.status(ih)["have"])
+            d.proc.kill()
+            d.proc.wait()
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 2 and "lost the daemon" in err, err
+        d = Daemon(tmp_path)
+        with Client(d.socket) as c:
+            have = bytes(c.status(ih)["have"])
+        assert all(h & r == r for h, r in zip(have, reported, strict=True)), (have, reported)
+        with LtPeer(raw, tmp_path / "seed", seed=True) as s2:
+            download(torrent, tmp_path / "dl", d, s2.port)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert all(lt_recheck(raw, tmp_path / "dl"))
