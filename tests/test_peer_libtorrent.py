@@ -510,7 +510,7 @@ def test_pieced_peer_killed_mid_download_resumes(tmp_path: Path, kind: str) -> N
             proc.kill()
             proc.wait()
         before = _verified(d.socket)
-        assert 3 <= before
+        assert before >= 3
         with LtPeer(raw, tmp_path / "seed", seed=True) as s2:
             summary = download(torrent, tmp_path / "dl", d, s2.port)
         assert summary["bytes_down"] < sum(files.values())  # what was verified stayed
