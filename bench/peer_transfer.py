@@ -12,13 +12,20 @@ pieces) three transfers, timed from the first connection to the last byte verifi
     a libtorrent seeder -> ``pieced-peer`` -> a fresh pieced daemon (blocks through the
     shared-memory ring, every piece verified and durable before ``pieced-peer`` exits).
 ``pieced_to_lt``
-    the daemon that just downloaded it -> ``pieced-peer --seed`` -> a libtorrent leecher.
+    a pieced daemon with the payload registered (checked before the clock starts) ->
+    ``pieced-peer --seed`` -> a libtorrent leecher.
+
+Each transfer has daemons of its own, started before and stopped after it, and what it
+wrote is deleted once it is timed, so the three are independent of one another.
 
 CPU: seconds of user + system time per GiB moved, for ``pieced-peer`` and the daemon
 (from ``/proc/PID/stat``). Memory: the daemon's peak RSS (``VmHWM``) against its cache
 budget. ``ratio_to_lt`` = lt_to_lt seconds / this transfer's seconds (1.0: as fast as
-libtorrent to libtorrent). With ``--repeat N`` the three transfers run N rounds in turn
-and each figure is its best round's (the machine is shared and noisy). Before each
+libtorrent to libtorrent). With ``--repeat N`` the three transfers run N rounds, the
+order turning by one each round so that each transfer comes first, second and third in
+turn (on this machine where a transfer comes in a round changes its time by up to half),
+and each figure is its best round's; every round's time is in ``runs_seconds``, and the
+medians and their ratios in ``median_seconds`` and ``median_ratio_to_lt``. Before each
 transfer, untimed, the page cache's dirty data is written out (``sync``): the payload just
 made, or the 1 GiB the previous transfer wrote, is otherwise written back by the kernel
 during the next transfer, on the same two cores, and whichever transfer comes next pays
@@ -35,18 +42,19 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemon_proc import DaemonProcess, cpu_seconds, proc_status  # noqa: E402
 from tests.ltpeer import LtPeer  # noqa: E402
-from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
+from tests.realtools import TorrentKind, make_payload, make_torrent_lt  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -65,44 +73,58 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    size = args.size_mib * 1024 * 1024
-    src = work / "src"
-    content = make_payload(src, {"data.bin": size}, seed=1)
-    raw = make_torrent_lt(content, args.piece_kib * 1024, kind)
-    torrent = work / f"{kind}.torrent"
-    torrent.write_bytes(raw)
-    gib = size / 2**30
-    out: dict[str, Any] = {}
+TRANSFERS = ("lt_to_lt", "lt_to_pieced", "pieced_to_lt")
 
-    log(f"{kind}: lt -> lt")
-    with LtPeer(raw, src, seed=True) as seeder, \
-            LtPeer(raw, fresh(work / "lt-leech"), seed=False) as leecher:
+
+class Setup:
+    """One torrent's payload, its .torrent and what every transfer needs."""
+
+    def __init__(self, kind: str, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.src = work / "src"
+        content = make_payload(self.src, {"data.bin": args.size_mib * 1024 * 1024}, seed=1)
+        self.raw = make_torrent_lt(content, args.piece_kib * 1024, cast(TorrentKind, kind))
+        self.torrent = work / f"{kind}.torrent"
+        self.torrent.write_bytes(self.raw)
+        self.gib = args.size_mib / 1024
+        self.env = {**os.environ, "PIECED_CACHE_BYTES": str(args.cache_mib * 1024 * 1024),
+                    "PIECED_ROOTS": str(work)}
+
+    def daemon(self, name: str) -> DaemonProcess:
+        folder = fresh(self.work / name)
+        d = DaemonProcess(folder, [sys.executable, "-m", "pieced.daemon.cli", "run",
+                                   "--http-port", "0"], env=self.env)
+        d.start()
+        return d
+
+
+def lt_to_lt(s: Setup) -> dict[str, Any]:
+    with LtPeer(s.raw, s.src, seed=True) as seeder, \
+            LtPeer(s.raw, fresh(s.work / "lt-leech"), seed=False) as leecher:
         settle()
         t0 = time.monotonic()
         leecher.connect("127.0.0.1", seeder.port)
         leecher.wait_finished(3600)
         secs = time.monotonic() - t0
         assert leecher.hash_failures() == 0
-    out["lt_to_lt"] = {"seconds": round(secs, 3), "mib_s": round(args.size_mib / secs, 1)}
-    shutil.rmtree(work / "lt-leech")
+    shutil.rmtree(s.work / "lt-leech")
+    return {"seconds": round(secs, 3), "mib_s": round(s.args.size_mib / secs, 1)}
 
-    daemon_dir = fresh(work / "daemon")
-    env = {**os.environ, "PIECED_CACHE_BYTES": str(args.cache_mib * 1024 * 1024)}
-    daemon = DaemonProcess(daemon_dir, [sys.executable, "-m", "pieced.daemon.cli", "run",
-                                        "--http-port", "0"], env=env)
-    daemon.start()
-    sock = str(daemon_dir / "var" / "pieced.sock")
-    dl = fresh(daemon_dir / "dl")
+
+def lt_to_pieced(s: Setup) -> dict[str, Any]:
+    """A fresh daemon downloads the torrent; its folder goes once it is done."""
+    daemon = s.daemon("daemon-down")
+    sock = str(daemon.folder / "var" / "pieced.sock")
     try:
-        log(f"{kind}: lt -> pieced-peer -> pieced")
-        with LtPeer(raw, src, seed=True) as seeder:
+        with LtPeer(s.raw, s.src, seed=True) as seeder:
             settle()
             d0 = cpu_seconds(daemon.pid)
             t0 = time.monotonic()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pieced.peer.plugin", str(torrent), "--save-path", str(dl),
-                 "--peer", f"127.0.0.1:{seeder.port}", "--socket", sock, "--json"],
+                [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
+                 str(fresh(daemon.folder / "dl")), "--peer", f"127.0.0.1:{seeder.port}",
+                 "--socket", sock, "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             cpu = 0.0
             while proc.poll() is None:
@@ -115,21 +137,31 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 raise RuntimeError(f"pieced-peer failed: {stderr}")
             summary = json.loads(stdout)
             dcpu = cpu_seconds(daemon.pid) - d0
-        out["lt_to_pieced"] = {
-            "seconds": round(secs, 3), "mib_s": round(args.size_mib / secs, 1),
-            "ratio_to_lt": round(out["lt_to_lt"]["seconds"] / secs, 2),
-            "plugin_cpu_s_per_gib": round(cpu / gib, 2), "daemon_cpu_s_per_gib": round(dcpu / gib, 2),
+        rss = proc_status(daemon.pid).get("VmHWM", 0)
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.folder, ignore_errors=True)
+    return {"seconds": round(secs, 3), "mib_s": round(s.args.size_mib / secs, 1),
+            "plugin_cpu_s_per_gib": round(cpu / s.gib, 2),
+            "daemon_cpu_s_per_gib": round(dcpu / s.gib, 2),
             "pieces_failed": summary["pieces_failed"],
-        }
+            "daemon_peak_rss_mib": round(rss / 2**20, 1)}
 
-        log(f"{kind}: pieced -> pieced-peer --seed -> lt")
+
+def pieced_to_lt(s: Setup) -> dict[str, Any]:
+    """A daemon with the payload registered (checked, untimed) seeds it to a fresh
+    libtorrent leecher through ``pieced-peer --seed``."""
+    daemon = s.daemon("daemon-up")
+    sock = str(daemon.folder / "var" / "pieced.sock")
+    proc: subprocess.Popen[str] | None = None
+    try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pieced.peer.plugin", str(torrent), "--save-path", str(dl),
-             "--listen", "127.0.0.1:0", "--seed", "--socket", sock, "--json"],
+            [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
+             str(s.src), "--listen", "127.0.0.1:0", "--seed", "--socket", sock, "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
-        port = int(proc.stderr.readline().rsplit(":", 1)[1])
-        with LtPeer(raw, fresh(work / "leech"), seed=False) as leecher:
+        port = int(proc.stderr.readline().rsplit(":", 1)[1])  # once registered and checked
+        with LtPeer(s.raw, fresh(s.work / "leech"), seed=False) as leecher:
             settle()
             d0 = cpu_seconds(daemon.pid)
             p0 = cpu_seconds(proc.pid)
@@ -143,18 +175,52 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=60)
         summary = json.loads(stdout)
-        out["pieced_to_lt"] = {
-            "seconds": round(secs, 3), "mib_s": round(args.size_mib / secs, 1),
-            "ratio_to_lt": round(out["lt_to_lt"]["seconds"] / secs, 2),
-            "plugin_cpu_s_per_gib": round(pcpu / gib, 2), "daemon_cpu_s_per_gib": round(dcpu / gib, 2),
-            "leecher_hash_failures": failures, "suggests_sent": summary["suggests_sent"],
-        }
-        out["daemon_peak_rss_mib"] = round(proc_status(daemon.pid).get("VmHWM", 0) / 2**20, 1)
-        out["daemon_budget_mib"] = args.cache_mib
+        rss = proc_status(daemon.pid).get("VmHWM", 0)
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         daemon.stop()
-        shutil.rmtree(work / "leech", ignore_errors=True)
-        shutil.rmtree(daemon_dir, ignore_errors=True)
+        shutil.rmtree(daemon.folder, ignore_errors=True)
+        shutil.rmtree(s.work / "leech", ignore_errors=True)
+    return {"seconds": round(secs, 3), "mib_s": round(s.args.size_mib / secs, 1),
+            "plugin_cpu_s_per_gib": round(pcpu / s.gib, 2),
+            "daemon_cpu_s_per_gib": round(dcpu / s.gib, 2),
+            "leecher_hash_failures": failures, "suggests_sent": summary["suggests_sent"],
+            "daemon_peak_rss_mib": round(rss / 2**20, 1)}
+
+
+RUN = {"lt_to_lt": lt_to_lt, "lt_to_pieced": lt_to_pieced, "pieced_to_lt": pieced_to_lt}
+
+
+def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``--repeat`` rounds of the three transfers, the order turning by one each round
+    (round 1: lt_to_lt first, round 2: lt_to_pieced first...): where a transfer comes in
+    a round changes its time on this machine, so each takes each place in turn."""
+    s = Setup(kind, args, work)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in TRANSFERS}
+    orders = []
+    for r in range(args.repeat):
+        order = TRANSFERS[r % 3:] + TRANSFERS[: r % 3]
+        orders.append(list(order))
+        for name in order:
+            log(f"{kind}: round {r + 1}: {name}")
+            runs[name].append(RUN[name](s))
+    best = {k: min(rows, key=lambda row: row["seconds"]) for k, rows in runs.items()}
+    for key in ("lt_to_pieced", "pieced_to_lt"):
+        best[key] = {**best[key],
+                     "ratio_to_lt": round(best["lt_to_lt"]["seconds"] / best[key]["seconds"], 2)}
+    out: dict[str, Any] = dict(best)
+    out["daemon_peak_rss_mib"] = max(row["daemon_peak_rss_mib"]
+                                     for k in ("lt_to_pieced", "pieced_to_lt") for row in runs[k])
+    out["daemon_budget_mib"] = args.cache_mib
+    out["orders"] = orders
+    out["runs_seconds"] = {k: [row["seconds"] for row in rows] for k, rows in runs.items()}
+    # The medians, beside the best rounds: a best round of lt_to_lt alone moves a ratio.
+    med = {k: statistics.median(v) for k, v in out["runs_seconds"].items()}
+    out["median_seconds"] = {k: round(v, 3) for k, v in med.items()}
+    out["median_ratio_to_lt"] = {k: round(med["lt_to_lt"] / med[k], 2)
+                                 for k in ("lt_to_pieced", "pieced_to_lt")}
     return out
 
 
@@ -165,7 +231,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="v1,hybrid")
     ap.add_argument("--cache-mib", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds of the three transfers; each figure is from its best round")
+                    help="rounds of the three transfers (their order turning each round); "
+                         "each figure is from its best round")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "peer")
     args = ap.parse_args()
     work = args.workdir.resolve()
@@ -174,15 +241,7 @@ def main() -> None:
                               "cpus": os.cpu_count()}
     result["repeat"] = args.repeat
     for kind in args.kinds.split(","):
-        rounds = [run_kind(kind, args, work) for _ in range(args.repeat)]
-        best: dict[str, Any] = {}
-        for key in ("lt_to_lt", "lt_to_pieced", "pieced_to_lt"):
-            best[key] = min((r[key] for r in rounds), key=lambda row: row["seconds"])
-        for key in ("lt_to_pieced", "pieced_to_lt"):
-            best[key]["ratio_to_lt"] = round(best["lt_to_lt"]["seconds"] / best[key]["seconds"], 2)
-        best["daemon_peak_rss_mib"] = max(r["daemon_peak_rss_mib"] for r in rounds)
-        best["daemon_budget_mib"] = args.cache_mib
-        result[kind] = best
+        result[kind] = run_kind(kind, args, work)
     print(json.dumps(result, indent=2))
 
 
