@@ -4,11 +4,13 @@ v1, v1 with pads, v2-only and hybrid torrents made by libtorrent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,21 @@ def _same_tree(a: Path, b: Path, files: dict[str, int]) -> None:
         got = (b / rel).read_bytes()
         assert len(got) == size, rel
         assert got == (a / rel).read_bytes(), rel
+
+
+# 1 MiB/s from a libtorrent seeder: time to act mid-download (rate limits apply to
+# loopback peers too with limit_loopback)
+SLOW: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+
+
+def _made(tmp_path: Path, files: dict[str, int], piece: int, kind: str,
+          seed: int) -> tuple[Path, bytes, Path]:
+    """A payload in ``tmp_path/seed`` and its torrent: (content, metainfo, .torrent file)."""
+    content = make_payload(tmp_path / "seed", files, seed=seed)
+    raw = _torrent(kind, content, piece)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    return content, raw, torrent
 
 
 def peer_cmd(torrent: Path, save: Path, socket: Path, *extra: str) -> list[str]:
@@ -152,8 +169,7 @@ def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
     d = Daemon(tmp_path)
     try:
         # the honest one slow (1 MiB/s), so that the liar's blocks are taken too
-        slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
-        with LtPeer(raw, tmp_path / "good", seed=True, settings=slow) as good, \
+        with LtPeer(raw, tmp_path / "good", seed=True, settings=SLOW) as good, \
                 LtPeer(raw, tmp_path / "bad", seed=True) as bad:
             for rel in files:
                 _corrupt_every_piece(tmp_path / "bad" / "payload" / rel, piece)
@@ -204,12 +220,11 @@ def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
     raw = make_torrent_lt(content, piece, "hybrid")
     torrent = tmp_path / "t.torrent"
     torrent.write_bytes(raw)
-    # 6 MiB at 1 MiB/s: time to leave midway (rate limits apply to loopback peers too)
-    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    # 6 MiB at 1 MiB/s: time to leave midway
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s1, \
-                LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s2:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as s1, \
+                LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as s2:
             proc = subprocess.Popen(
                 peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}",
                          "--peer", f"127.0.0.1:{s2.port}"),
@@ -383,12 +398,8 @@ def test_a_seeder_not_up_yet_or_gone_for_a_while_is_dialled_again(tmp_path: Path
 
     piece = 262144
     files = {"a.bin": 24 * piece + 77}
-    content = make_payload(tmp_path / "seed", files, seed=10)
-    raw = make_torrent_lt(content, piece, "v1")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=10)
     port = _free_port()
-    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
     d = Daemon(tmp_path)
     try:
         proc = subprocess.Popen(
@@ -397,7 +408,7 @@ def test_a_seeder_not_up_yet_or_gone_for_a_while_is_dialled_again(tmp_path: Path
         _running.append(proc)
         time.sleep(1.5)  # its first dials are refused: nothing listens there yet
         assert proc.poll() is None
-        with LtPeer(raw, tmp_path / "seed", seed=True, port=port, settings=slow):
+        with LtPeer(raw, tmp_path / "seed", seed=True, port=port, settings=SLOW):
             deadline = time.monotonic() + 30
             while _verified(d.socket) == 0:
                 assert time.monotonic() < deadline and proc.poll() is None
@@ -449,10 +460,7 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
     seeders' (libtorrent rechecks them)."""
     piece = 65536
     files = {"a.bin": 60 * piece + 333, "b.bin": 17 * piece + 1, "one": 1}
-    content = make_payload(tmp_path / "seed", files, seed=15)
-    raw = make_torrent_lt(content, piece, kind)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=15)
     d = Daemon(tmp_path)
     try:
         with LtPeer(raw, tmp_path / "seed", seed=True) as s1, \
@@ -482,31 +490,37 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
     assert all(lt_recheck(raw, tmp_path / "dl"))
 
 
+@contextlib.contextmanager
+def _downloading_slowly(raw: bytes, torrent: Path, tmp_path: Path, d: Daemon,
+                        pieces: int) -> Iterator[subprocess.Popen[str]]:
+    """pieced-peer downloading into ``tmp_path/dl`` from a libtorrent seeder at 1 MiB/s,
+    handed over once the daemon has verified ``pieces`` pieces; the seeder stays up
+    until the block ends."""
+    import time
+
+    with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as seeder:
+        proc = subprocess.Popen(
+            peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _running.append(proc)
+        deadline = time.monotonic() + 30
+        while _verified(d.socket) < pieces:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        yield proc
+
+
 @pytest.mark.parametrize("kind", ["v1-pads", "hybrid"])
 def test_pieced_peer_killed_mid_download_resumes(tmp_path: Path, kind: str) -> None:
     """pieced-peer killed with SIGKILL mid-download (its ring writes cut off, pieces half
     written in the daemon): run again, it keeps what was verified and completes, and
     the bytes on disk are the seeder's."""
-    import time
-
     piece = 65536
     files = {"a.bin": 50 * piece + 999, "b.bin": 30 * piece + 3}
-    content = make_payload(tmp_path / "seed", files, seed=16)
-    raw = _torrent(kind, content, piece)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
-    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=16)
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s1:
-            proc = subprocess.Popen(
-                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            _running.append(proc)
-            deadline = time.monotonic() + 30
-            while _verified(d.socket) < 3:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.02)
+        with _downloading_slowly(raw, torrent, tmp_path, d, 3) as proc:
             proc.kill()
             proc.wait()
         before = _verified(d.socket)
@@ -530,26 +544,12 @@ def test_daemon_killed_under_pieced_peer_keeps_what_it_reported(tmp_path: Path) 
     """The daemon is killed with SIGKILL mid-download: pieced-peer says it lost the daemon
     and exits 2; the restarted daemon reports verified every piece it reported verified
     before the kill, and pieced-peer run again completes the download."""
-    import time
-
     piece = 65536
     files = {"a.bin": 70 * piece + 5, "b.bin": 9 * piece}
-    content = make_payload(tmp_path / "seed", files, seed=17)
-    raw = make_torrent_lt(content, piece, "hybrid")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
-    slow: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+    content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=17)
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as s1:
-            proc = subprocess.Popen(
-                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{s1.port}"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            _running.append(proc)
-            deadline = time.monotonic() + 30
-            while _verified(d.socket) < 5:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.02)
+        with _downloading_slowly(raw, torrent, tmp_path, d, 5) as proc:
             with Client(d.socket) as c:
                 ih = bytes.fromhex(c.torrents()[0]["info_hash"])
                 reported = bytes(c.status(ih)["have"])
