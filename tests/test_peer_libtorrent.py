@@ -457,19 +457,33 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
     into the same daemon from the same seeders at once, as a user running it twice over
     would: pieces the others verified are announced to each, blocks written twice are
     counted duplicates, every process ends complete, and the bytes on disk are the
-    seeders' (libtorrent rechecks them)."""
+    seeders' (libtorrent rechecks them). The seeders are slow (1 MiB/s each) and the
+    second and third processes start once the first is under way, so that all three
+    download side by side however long a process takes to start."""
+    import time
+
     piece = 65536
     files = {"a.bin": 60 * piece + 333, "b.bin": 17 * piece + 1, "one": 1}
     content, raw, torrent = _made(tmp_path, files, piece, kind, seed=15)
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True) as s1, \
-                LtPeer(raw, tmp_path / "seed", seed=True) as s2:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as s1, \
+                LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as s2:
             peers = ("--peer", f"127.0.0.1:{s1.port}", "--peer", f"127.0.0.1:{s2.port}")
-            procs = [subprocess.Popen(peer_cmd(torrent, tmp_path / "dl", d.socket, *peers),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for _ in range(3)]
-            _running.extend(procs)
+
+            def start() -> subprocess.Popen[str]:
+                proc = subprocess.Popen(peer_cmd(torrent, tmp_path / "dl", d.socket, *peers),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+                _running.append(proc)
+                return proc
+
+            procs = [start()]
+            deadline = time.monotonic() + 30
+            while _verified(d.socket) == 0:
+                assert time.monotonic() < deadline and procs[0].poll() is None
+                time.sleep(0.02)
+            procs += [start(), start()]
             outs = [p.communicate(timeout=120) for p in procs]
         downloaded = []
         for p, (out, err) in zip(procs, outs, strict=True):
