@@ -155,8 +155,8 @@ def _corrupt_every_piece(path: Path, piece: int) -> None:
 def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
                                                                 piece: int) -> None:
     """Two libtorrent seeders, one serving a corrupted copy (changed after it checked
-    it): pieces fail, are asked for again, the liar alone is blamed (and dropped), and
-    every byte in the end is the real one. With pieces of four blocks, a piece's blocks
+    it): pieces fail, are asked for again, the liar alone is blamed (and dropped, and not
+    dialled again), and every byte in the end is the real one. With pieces of four blocks, a piece's blocks
     come from both seeders, so which one lied is found by comparing blocks."""
     import shutil
 
@@ -177,6 +177,8 @@ def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
         _same_tree(content, tmp_path / "dl" / "payload", files)
         assert summary["pieces_failed"] >= 1, summary
         assert summary["bad_peers"] == [f"127.0.0.1:{bad.port}"], summary
+        # dropped, and never dialled again (two handshakes: the good one's and the liar's)
+        assert summary["peers_dropped_for_bad_data"] == 1 and summary["peers"] == 2, summary
     finally:
         assert d.stop() == 0, d.stderr()
 
