@@ -487,7 +487,7 @@ class Swarm:
                 dial.dropped = peer.bad >= MAX_BAD_PIECES
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
             if not self.done.is_set() and not dial.dropped:
-                wait = RETRY_FIRST * 2 ** max(0, dial.fails - 1)
+                wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
                 dial.due = time.monotonic() + min(RETRY_MAX, wait)
 
     def _redial(self, now: float) -> None:
