@@ -490,7 +490,7 @@ class Connection:
         rid = frame.id
         limit = self.server.max_frame - LENGTH_AFTER  # what a READ may ask for
 
-        def job() -> tuple[list[Out], tuple[int, int] | None]:
+        def job() -> tuple[list[Out], Token | None]:
             try:
                 if frame.length > limit:
                     raise BadRequest(f"reads are limited to {limit} bytes")

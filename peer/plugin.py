@@ -85,7 +85,11 @@ class Dial:
     due: float = 0.0  # when to dial it again (monotonic); 0: not waiting to
     bad: int = 0  # pieces that failed with its data, over all its connections
     banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
-    dropped: bool = False  # dropped for bad data: never dialled again
+
+    @property
+    def dropped(self) -> bool:
+        """Dropped for bad data: never dialled again."""
+        return self.bad >= MAX_BAD_PIECES
 
 
 @dataclass
@@ -484,7 +488,6 @@ class Swarm:
             self.connecting.discard((host, port))
             if peer is not None:
                 dial.bad = peer.bad
-                dial.dropped = peer.bad >= MAX_BAD_PIECES
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
             if not self.done.is_set() and not dial.dropped:
                 wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
