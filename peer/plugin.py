@@ -52,6 +52,9 @@ UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
 PEER_TIMEOUT = 120.0
+# A connection whose handshake has not arrived by then is closed (libtorrent's
+# handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
+HANDSHAKE_TIMEOUT = 10.0
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
 SUGGESTS_PER_PEER = 8
 # A peer we dial (from --peer or a tracker) that cannot be reached, or whose connection
@@ -303,6 +306,7 @@ class Peer:
         self.reads = 0  # reads from the daemon in flight for it
         self.blocks = 0  # blocks it sent us
         self.closed = False
+        self.opened = time.monotonic()
 
     def flush(self) -> None:
         """Send the messages of this turn: straight to the socket with one gathering
@@ -854,6 +858,10 @@ class Swarm:
             self._redial(now)
             for p in list(self.peers):
                 conn = p.conn
+                if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:
+                    log.info("%s sent no handshake in %.0f s: dropped", p.addr, now - p.opened)
+                    self._drop(p)
+                    continue
                 if now - conn.last_received > PEER_TIMEOUT:
                     log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)
                     self._drop(p)
@@ -920,6 +928,16 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pieced-peer",
@@ -935,6 +953,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="keep serving once complete, until SIGINT or SIGTERM")
     ap.add_argument("--socket", default=os.environ.get("PIECED_SOCKET", DEFAULT_SOCKET),
                     help="the daemon's socket")
+    ap.add_argument("--max-peers", type=_positive, default=Options.max_peers, metavar="N",
+                    help="connections at once, both ways (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one summary object at the end")
     return ap
 
@@ -993,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pieced-peer: cannot read {args.torrent}: no such file", file=sys.stderr)
             return 2
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
-                       args.seed, args.socket)
+                       args.seed, args.socket, args.max_peers)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)

@@ -200,3 +200,67 @@ def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
     finally:
         listener.close()
         assert d.stop() == 0, d.stderr()
+
+
+def test_peers_that_never_handshake_lose_their_slots(tmp_path: Path) -> None:
+    """With every connection slot (``--max-peers``) taken by peers that send no
+    handshake, one silent and one dribbling a byte a second, a newcomer is turned away;
+    the handshake deadline then frees the slots, and a libtorrent leecher gets every
+    byte. Without the deadline the dribbler would hold its slot for ever."""
+    piece = 32768
+    files = {"a.bin": 12 * piece + 5}
+    content = make_payload(tmp_path / "seed", files, seed=33)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--max-peers", "2")
+    try:
+        silent = RawPeer(seeding.port)
+        dribbler = RawPeer(seeding.port)
+        hello = wire.handshake(meta.info_hash, b"-XX0001-" + bytes(12), wire.make_reserved())
+        time.sleep(0.5)
+        late = RawPeer(seeding.port)  # over the limit: closed at once
+        late.send(hello)
+        got, closed = late.events()
+        assert closed and not got
+        late.close()
+        # the dribbler's bytes (never a whole handshake) keep it from looking idle
+        started = time.monotonic()
+        closed_at: dict[str, float] = {}
+        dribbled = 0
+        dribbler.sock.setblocking(False)
+        silent.sock.setblocking(False)
+        while len(closed_at) < 2 and time.monotonic() - started < 40:
+            for name, p in (("silent", silent), ("dribbler", dribbler)):
+                if name in closed_at:
+                    continue
+                try:
+                    if p.sock.recv(1) == b"":
+                        closed_at[name] = time.monotonic() - started
+                        continue
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    closed_at[name] = time.monotonic() - started
+                    continue
+                if name == "dribbler":
+                    try:
+                        p.sock.send(hello[dribbled : dribbled + 1])
+                        dribbled += 1
+                    except OSError:
+                        closed_at[name] = time.monotonic() - started
+            time.sleep(1.0)
+        assert set(closed_at) == {"silent", "dribbler"}, closed_at
+        assert dribbled < len(hello)
+        silent.close()
+        dribbler.close()
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
