@@ -80,6 +80,12 @@ class NoSources(Exception):
     """Nothing to download from or seed to: no peer, no listening socket, no tracker."""
 
 
+class StorageFailed(Exception):
+    """The daemon could not store or read the torrent (a full disk, a read-only or
+    vanished file, EIO): like libtorrent, which pauses a torrent on a file error, the
+    plugin stops, and says why, instead of waiting for pieces that cannot be stored."""
+
+
 @dataclass
 class Dial:
     """What we know of an address we dial, across its connections."""
@@ -369,6 +375,7 @@ class Swarm:
         self._cached: list[int] = []
         self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
+        self.storage_error: str | None = None  # why the daemon could not store the torrent
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -651,7 +658,16 @@ class Swarm:
             try:
                 await self.client.write_block_direct(self.ih, piece, begin, data)
             except PiecedError as exc:
-                log.warning("the daemon refused a block of piece %d: %s", piece, exc)
+                # A block the daemon refused (this one or one written before it) is lost,
+                # and which piece it was is not known here: the piece would never verify.
+                self._storage_failed(f"the daemon refused a block: {_describe(exc)}")
+                return
+
+    def _storage_failed(self, why: str) -> None:
+        if self.storage_error is None:
+            self.storage_error = why
+            log.info("stopping: %s", why)
+        self.stop.set()
 
     # -- what we ask for ---------------------------------------------------------------------
     def _fill(self, peer: Peer) -> None:
@@ -794,6 +810,12 @@ class Swarm:
 
     # -- the daemon's events ------------------------------------------------------------------
     def _on_event(self, name: str, msg: dict[str, Any]) -> None:
+        if name == "disk_error":
+            piece = msg.get("piece")
+            where = f" (piece {piece})" if isinstance(piece, int) else ""
+            self._storage_failed(f"the daemon cannot store the torrent{where}: "
+                                 f"{msg.get('message', 'I/O error')} (errno {msg.get('errno')})")
+            return
         picker = self.picker
         if picker is None or name not in ("piece_verified", "piece_failed"):
             return
@@ -987,7 +1009,13 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     swarm.summary.blocks_reordered = swarm.order.reordered
     if swarm.lost is not None:
         raise ConnectionError(f"lost the daemon: {swarm.lost}")
+    if swarm.storage_error is not None:
+        raise StorageFailed(swarm.storage_error)
     return swarm.summary
+
+
+def _describe(exc: PiecedError) -> str:
+    return f"{exc.message} (errno {exc.errno})" if exc.errno is not None else str(exc)
 
 
 async def _progress(swarm: Swarm) -> None:
@@ -1015,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
                        args.seed, args.socket, args.max_peers)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
-    except (PiecedError, NoSources) as exc:
+    except (PiecedError, NoSources, StorageFailed) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from pieced.protocol.client import Client
+from pieced.storage.metainfo import parse
 
 from tests.conftest import Daemon
 from tests.ltpeer import LtPeer, make_torrent_v1_pads
@@ -583,3 +584,47 @@ def test_daemon_killed_under_pieced_peer_keeps_what_it_reported(tmp_path: Path) 
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 256 KiB (the tests run as root: mounting is part of the test)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: Path) -> None:
+    """pieced-peer downloading onto a disk that fills up stops with the daemon's error
+    (exit 2, the errno named) instead of waiting for ever for pieces that cannot be
+    stored; another download through the same daemon is unaffected, and once there is
+    room a second run keeps what was verified and completes."""
+    piece = 32768
+    files = {"a.bin": 20 * piece + 77}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=18)
+    other_files = {"b.bin": 9 * 16384 + 5}
+    other_content = make_payload(tmp_path / "other", other_files, seed=19)
+    other_raw = make_torrent_lt(other_content, 16384, "v1")
+    other_torrent = tmp_path / "other.torrent"
+    other_torrent.write_bytes(other_raw)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            r = subprocess.run(peer_cmd(torrent, tiny_fs, d.socket, "--peer",
+                                        f"127.0.0.1:{seeder.port}"),
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2, (r.returncode, r.stderr)
+            assert "No space left on device" in r.stderr and "errno 28" in r.stderr, r.stderr
+            before = _verified(d.socket)
+            assert 0 < before < parse(raw).num_pieces
+            with LtPeer(other_raw, tmp_path / "other", seed=True) as s2:
+                download(other_torrent, tmp_path / "dl2", d, s2.port)
+            _same_tree(other_content, tmp_path / "dl2" / "payload", other_files)
+            subprocess.run(["mount", "-o", "remount,size=4m", str(tiny_fs)], check=True)
+            summary = download(torrent, tiny_fs, d, seeder.port)
+        assert summary["bytes_down"] < sum(files.values())  # what was verified stayed
+        _same_tree(content, tiny_fs / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
