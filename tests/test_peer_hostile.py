@@ -264,3 +264,56 @@ def test_peers_that_never_handshake_lose_their_slots(tmp_path: Path) -> None:
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_requests_of_any_size_inside_a_piece_are_served_exactly(tmp_path: Path) -> None:
+    """A leecher may ask for any range of up to 16 KiB inside a piece, not only 16 KiB
+    blocks from its start: libtorrent with ``disable_v1_hashes`` asks for v2-sized blocks
+    on a hybrid (stopping at each file's end), others ask for odd ranges. Each is answered
+    with exactly the bytes asked for (pads as zeros); one byte past the piece is refused
+    by dropping the peer."""
+    from tests.test_disk import Source
+
+    piece = 65536
+    files = {"a.bin": 3 * piece + 1234, "b.bin": 2 * piece + 7, "c.bin": 999}
+    content = make_payload(tmp_path / "seed", files, seed=34)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    src = Source(raw, tmp_path / "seed")
+    meta = src.meta
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes(12), wire.make_reserved())
+               + wire.have_none() + wire.interested())
+        got, closed = p.events(1.0)
+        assert not closed and any(isinstance(e, wire.Unchoke) for e in got)
+        last = meta.num_pieces - 1
+        asks = [(0, 1, 1), (0, 100, 5000), (1, piece - 16384, 16384), (1, piece - 3, 3),
+                (3, 1234 - 200, 200),  # the end of a.bin's data ...
+                (3, 1234 - 200, 16384),  # ... and running on into its pad
+                (3, 1234, 16384),  # wholly inside the pad: zeros
+                (last, 0, min(16384, src.layout.piece_size(last))),
+                (last, src.layout.piece_size(last) - 1, 1)]
+        p.send(b"".join(wire.request(*a) for a in asks))
+        answers: dict[tuple[int, int, int], bytes] = {}
+        deadline = time.monotonic() + 20
+        while len(answers) < len(asks) and time.monotonic() < deadline:
+            got, closed = p.events(2.0)
+            assert not closed
+            for e in got:
+                if isinstance(e, wire.Piece):
+                    answers[(e.piece, e.begin, len(e.data))] = bytes(e.data)
+                assert not isinstance(e, wire.RejectRequest), e
+        assert sorted(answers) == sorted(asks)
+        for a in asks:
+            assert answers[a] == src.read(*a), a
+        p.send(wire.request(last, src.layout.piece_size(last) - 1, 2))
+        _, closed = p.events()
+        assert closed
+        p.close()
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
