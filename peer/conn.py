@@ -68,6 +68,7 @@ class PeerConnection:
         self.peer_requests: deque[Block] = deque()  # it asked, not yet served
         self.last_received = time.monotonic()
         self.last_sent = self.last_received
+        self.unchoked_at = 0.0  # when we last unchoked it
         if outgoing_hash is not None:
             self._send(wire.handshake(outgoing_hash, peer_id, self.reserved))
 
@@ -217,6 +218,7 @@ class PeerConnection:
             return
         self.am_choking = choke
         if not choke:
+            self.unchoked_at = time.monotonic()
             self._send(wire.unchoke())
             return
         self._send(wire.choke())
@@ -285,3 +287,18 @@ class PeerConnection:
 
     def can_request(self, piece: int) -> bool:
         return not self.peer_choking or (self.fast and piece in self.allowed_fast)
+
+
+def choke_round(conns: Iterable[PeerConnection], slots: int) -> tuple[list[PeerConnection], list[PeerConnection]]:
+    """This round's changes of who we choke, as (to choke, to unchoke): peers that lost
+    interest are choked; while interested peers wait, the one unchoked longest gives its
+    slot to the one that waited longest; free slots go to the longest waiting."""
+    conns = list(conns)
+    interested = [c for c in conns if c.peer_interested]
+    choke = [c for c in conns if not c.peer_interested and not c.am_choking]
+    unchoked = sorted((c for c in interested if not c.am_choking), key=lambda c: c.unchoked_at)
+    waiting = sorted((c for c in interested if c.am_choking), key=lambda c: c.unchoked_at)
+    if waiting and len(unchoked) >= slots:
+        choke.append(unchoked.pop(0))
+    return choke, waiting[: max(0, slots - len(unchoked))]
+

@@ -34,7 +34,7 @@ from pieced.storage.metainfo import Metainfo, parse
 
 from . import wire
 from .blame import Attribution
-from .conn import PeerConnection
+from .conn import PeerConnection, choke_round
 from .hashes import HashServer
 from .picker import Block, Picker
 from .tracker import Tracker
@@ -787,26 +787,23 @@ class Swarm:
 
     def _choke_round(self, newcomer: Peer | None = None) -> None:
         """Unchoke up to UNCHOKE_SLOTS interested peers; the rest take turns (called
-        every CHOKE_INTERVAL, the longest-unchoked give way)."""
-        interested = [p for p in self.peers if p.conn.peer_interested and not p.closed]
-        unchoked = [p for p in interested if not p.conn.am_choking]
+        every CHOKE_INTERVAL: see ``choke_round``). A ``newcomer`` that became
+        interested is unchoked at once if a slot is free."""
         if newcomer is not None:
-            if newcomer.conn.am_choking and len(unchoked) < UNCHOKE_SLOTS:
+            unchoked = sum(1 for p in self.peers if p.conn.peer_interested
+                           and not p.conn.am_choking and not p.closed)
+            if newcomer.conn.am_choking and unchoked < UNCHOKE_SLOTS:
                 newcomer.conn.send_choke(False)
                 newcomer.flush()
             return
-        for p in self.peers:
-            if not p.conn.peer_interested and not p.conn.am_choking:
-                p.conn.send_choke(True)
-                p.flush()
-        waiting = [p for p in interested if p.conn.am_choking]
-        if waiting and len(unchoked) >= UNCHOKE_SLOTS:
-            out = unchoked.pop(0)  # rotate one slot
-            out.conn.send_choke(True)
-            out.flush()
-        for p in waiting[: max(0, UNCHOKE_SLOTS - len(unchoked))]:
-            p.conn.send_choke(False)
-            p.flush()
+        by_conn = {p.conn: p for p in self.peers if not p.closed}
+        choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS)
+        for conn in choke:
+            conn.send_choke(True)
+            by_conn[conn].flush()
+        for conn in unchoke:
+            conn.send_choke(False)
+            by_conn[conn].flush()
 
     # -- the daemon's events ------------------------------------------------------------------
     def _on_event(self, name: str, msg: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pieced.peer import wire
-from pieced.peer.conn import DEFAULT_REQQ, OUR_REQQ, PeerConnection
+from pieced.peer.conn import DEFAULT_REQQ, OUR_REQQ, PeerConnection, choke_round
 from pieced.peer.picker import BLOCK, Picker, block_plan
 
 from tests.conftest import ODD_FILES
@@ -376,6 +376,49 @@ def test_choking_rejects_every_queued_request_but_allowed_fast(
     assert list(c.peer_requests) == kept
     c.send_choke(True)  # already choking: nothing more
     assert c.take_outbox() == [] and list(c.peer_requests) == kept
+
+
+@given(st.integers(1, 5), st.integers(0, 9), st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=30))
+@settings(max_examples=100, deadline=None)
+def test_choke_rounds_take_turns(slots: int, n: int, changes: list[tuple[int, bool]]) -> None:
+    """Rounds of ``choke_round`` with peers coming and losing interest: never more than
+    ``slots`` unchoked after a round, only interested ones; a round with peers waiting
+    and every slot taken chokes the one unchoked longest and unchokes the one that
+    waited longest; with interest steady every interested peer gets its turn."""
+    conns = [incoming() for _ in range(n)]
+    for c in conns:
+        c.receive(wire.interested())
+
+    def one_round() -> tuple[list[PeerConnection], list[PeerConnection]]:
+        before_unchoked = sorted((c for c in conns if c.peer_interested and not c.am_choking),
+                                 key=lambda c: c.unchoked_at)
+        before_waiting = sorted((c for c in conns if c.peer_interested and c.am_choking),
+                                key=lambda c: c.unchoked_at)
+        choke, unchoke = choke_round(conns, slots)
+        for c in choke:
+            c.send_choke(True)
+        for c in unchoke:
+            c.send_choke(False)
+        now_unchoked = [c for c in conns if not c.am_choking]
+        assert len(now_unchoked) <= slots and all(c.peer_interested for c in now_unchoked)
+        if before_waiting and len(before_unchoked) >= slots:
+            assert before_unchoked[0] in choke and unchoke == before_waiting[:1]
+        elif before_waiting:
+            assert unchoke == before_waiting[: slots - len(before_unchoked)]
+        return choke, unchoke
+
+    for i, interested in changes:
+        if i < n:
+            conns[i].receive(wire.interested() if interested else wire.not_interested())
+        one_round()
+    for c in conns:  # interest steady from here: everyone's turn comes
+        if not c.peer_interested:
+            c.receive(wire.interested())
+    turns: set[int] = set()
+    for _ in range(n + 1):
+        one_round()
+        turns |= {i for i, c in enumerate(conns) if not c.am_choking}
+    assert turns == set(range(n))
 
 
 @pytest.mark.parametrize("fast", [True, False])
