@@ -85,6 +85,9 @@ def main() -> None:
         t0 = time.perf_counter()
         c.status(ih)
         out["status_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        c.status(ih, files=False)  # what a plugin asks: no per-file list
+        out["status_no_files_s"] = round(time.perf_counter() - t0, 3)
     out["rss_registered_mib"] = rss_mib(d.pid)
     d.stop()
     d, secs = started(folder)

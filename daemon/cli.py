@@ -200,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_recheck(args: argparse.Namespace) -> int:
     ih = _ih_arg(args.info_hash)
     with _client(args) as c:
-        st = c.status(ih)
+        st = c.status(ih, files=False)
         bar = ProgressBar(st["num_pieces"], st["piece_length"])
         c.core.on_event = lambda name, f: bar(f["done"], f["total"]) if name == "recheck_progress" else None
         res = c.recheck(ih, full=args.full)

@@ -994,7 +994,10 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 
 
 def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
-    return c.disk.status(_ih(m))
+    files = m.get("files", 1)
+    if files not in (0, 1):
+        raise BadRequest("'files' must be 0 or 1")
+    return c.disk.status(_ih(m), files=bool(files))
 
 
 def _op_list(c: Connection, rid: int, m: dict[str, Any]) -> Any:

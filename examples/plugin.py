@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     sent, writes = sent + len(data), writes + 1
             c.wait_writes()  # every block acknowledged (handled, not yet verified)
             c.flush_all()  # durable; its reply comes after every piece event before it
-            st = c.status(ih)
+            st = c.status(ih, files=False)
     except (PiecedError, OSError) as exc:
         print(f"plugin: {exc}", file=sys.stderr)
         return 2

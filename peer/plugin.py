@@ -388,11 +388,11 @@ class Swarm:
             # cost nothing to check).
             await self.client.recheck(self.ih)
         except AlreadyRegistered:
-            st = await self.client.status(self.ih)
+            st = await self.client.status(self.ih, files=False)
             if Path(st["save_path"]) != self.opts.save_path.resolve():
                 log.warning("the torrent is registered with save path %s", st["save_path"])
         await self.client.subscribe(self.ih)
-        st = await self.client.status(self.ih)
+        st = await self.client.status(self.ih, files=False)
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
         self.order = InOrder(self.picker.plan)

@@ -685,8 +685,10 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
-    def status(self, ih: bytes) -> dict[str, Any]:
-        return dict(self._call("status", ih=_hexless(ih)))
+    def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:
+        """The torrent's state; ``files=False`` leaves out the per-file progress (one
+        entry per file: for a torrent of 100,000 files most of the reply)."""
+        return dict(self._call("status", ih=_hexless(ih), files=int(files)))
 
     def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
         """Verify everything on disk; progress arrives as ``recheck_progress`` events.
@@ -1094,8 +1096,8 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         return dict(await self._call("stats"))
 
-    async def status(self, ih: bytes) -> dict[str, Any]:
-        return dict(await self._call("status", ih=_hexless(ih)))
+    async def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:
+        return dict(await self._call("status", ih=_hexless(ih), files=int(files)))
 
     async def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
         return dict(await self._call("recheck", ih=_hexless(ih), full=int(full)))

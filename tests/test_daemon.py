@@ -127,6 +127,9 @@ def test_three_clients_both_transports(
         assert sorted(f["piece"] for name, f in events if name == "piece_verified") == list(range(n))
         st = c0.status(ih)
         assert st["verified_pieces"] == n
+        lean = c0.status(ih, files=False)  # the per-file list left out, the rest the same
+        assert "files" not in lean and len(st["files"]) == sum(1 for f in src.meta.files if not f.pad)
+        assert lean == {k: v for k, v in st.items() if k != "files"}
         for p in range(n):
             size = src.layout.piece_size(p)
             assert c0.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
@@ -177,6 +180,8 @@ def test_bad_input_gets_errors_and_disturbs_no_one(
             c._call("frobnicate")
         with pytest.raises(UnknownTorrent):
             c.status(bytes(20))
+        with pytest.raises(BadRequest, match="'files' must be 0 or 1"):
+            c._call("status", ih=ih, files=2)
         with pytest.raises(OutOfRange):
             c.read_chunk(ih, src.meta.num_pieces, 0, 10)
         c.write_chunk(ih, 0, 10**6, b"x")
