@@ -47,6 +47,16 @@ class RawPeer:
         self.sock.close()
 
 
+def _an_honest_leecher_gets_every_byte(raw: bytes, seeding: Seeding, tmp_path: Path,
+                                       content: Path, files: dict[str, int]) -> None:
+    """A libtorrent leecher downloads everything from ``seeding``, without a hash failure."""
+    with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+        leecher.connect("127.0.0.1", seeding.port)
+        leecher.wait_finished(60)
+        assert leecher.hash_failures() == 0
+    _same_tree(content, tmp_path / "leech" / "payload", files)
+
+
 def test_peers_that_break_the_rules(tmp_path: Path) -> None:
     piece = 32768
     files = {"a.bin": 20 * piece + 99, "b.bin": 5000}
@@ -122,12 +132,7 @@ def test_peers_that_break_the_rules(tmp_path: Path) -> None:
         assert pieces + rejects_n == len(flood) and pieces > 0 and rejects_n > 0
         p.close()
 
-        # and an honest leecher still gets every byte
-        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            leecher.wait_finished(60)
-            assert leecher.hash_failures() == 0
-        _same_tree(content, tmp_path / "leech" / "payload", files)
+        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
@@ -256,11 +261,7 @@ def test_peers_that_never_handshake_lose_their_slots(tmp_path: Path) -> None:
         assert dribbled < len(hello)
         silent.close()
         dribbler.close()
-        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            leecher.wait_finished(60)
-            assert leecher.hash_failures() == 0
-        _same_tree(content, tmp_path / "leech" / "payload", files)
+        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
