@@ -3,11 +3,16 @@ rules say or dropped, and a libtorrent leecher beside them still gets every byte
 
 from __future__ import annotations
 
+import contextlib
+import json
+import random
+import signal
 import socket
 import struct
 import time
 from pathlib import Path
 
+import bencodepy
 from pieced.peer import wire
 from pieced.storage.metainfo import parse
 
@@ -317,4 +322,197 @@ def test_requests_of_any_size_inside_a_piece_are_served_exactly(tmp_path: Path) 
         p.close()
         seeding.stop()
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def _random_message(rng: random.Random, num_pieces: int, piece: int,
+                    roots: list[bytes]) -> bytes:
+    """One message a careless or hostile peer might send: well formed or not, in range or
+    not (values near the edges are likelier than others)."""
+    def index() -> int:
+        return rng.choice([0, num_pieces - 1, num_pieces, rng.randrange(num_pieces + 3),
+                           rng.randrange(1 << 32)])
+
+    def begin() -> int:
+        return rng.choice([0, 16384, piece - 16384, piece - 1, piece, rng.randrange(piece + 2)])
+
+    def length() -> int:
+        return rng.choice([16384, 1, 16385, 0, rng.randrange(1, 20000)])
+
+    kind = rng.randrange(22)
+    if kind == 0:
+        return wire.request(index(), begin(), length())
+    if kind == 1:
+        return wire.have(index())
+    if kind == 2:
+        return wire.bitfield(rng.randbytes(rng.choice([(num_pieces + 7) // 8, 0, 1, 99])))
+    if kind == 3:
+        return wire.cancel(index(), begin(), length())
+    if kind == 4:
+        return wire.reject_request(index(), begin(), length())
+    if kind == 5:
+        return wire.suggest_piece(index())
+    if kind == 6:
+        return wire.allowed_fast(index())
+    if kind == 7:
+        return rng.choice([wire.have_all(), wire.have_none(), wire.keep_alive()])
+    if kind == 8:
+        return rng.choice([wire.interested(), wire.not_interested(), wire.choke(),
+                           wire.unchoke()])
+    if kind == 9:
+        return wire.port(rng.randrange(1 << 16))
+    if kind == 10:  # an extension handshake with odd values
+        body = {b"m": rng.choice([{}, {b"ut_pex": 1}, b"x"]),
+                b"reqq": rng.choice([0, -5, 1, 250, 1 << 40, b"many"])}
+        return wire.extended(0, bencodepy.encode(body))
+    if kind == 11:
+        return wire.extended(rng.randrange(256), rng.randbytes(rng.randrange(40)))
+    if kind in (12, 13):
+        root = rng.choice([*roots, rng.randbytes(32)])
+        return wire.hash_request(root, rng.choice([0, 1, 2, 9, 40]),
+                                 rng.choice([0, 1, 2, 512, 1 << 31]),
+                                 rng.choice([0, 1, 2, 3, 4, 512, 1 << 31]),
+                                 rng.choice([0, 1, 2, 20, 1 << 31]))
+    if kind == 14:
+        root = rng.choice([*roots, rng.randbytes(32)])
+        return wire.hash_reject(root, 0, 0, 2, 0)
+    if kind == 15:
+        return wire.piece(index(), begin(), rng.randbytes(rng.choice([16384, 7, 0])))
+    if kind == 16:  # a message id nobody defined, with a body
+        return struct.pack(">IB", 6, rng.randrange(24, 256)) + rng.randbytes(5)
+    if kind == 17:  # a known id with the wrong body size
+        mid = rng.choice([0, 4, 6, 8, 13, 14, 17, 21])
+        n = rng.choice([0, 3, 20])
+        return struct.pack(">IB", 1 + n, mid) + rng.randbytes(n)
+    if kind == 18:
+        return rng.randbytes(rng.randrange(1, 64))  # garbage
+    return wire.request(rng.randrange(num_pieces), rng.randrange(piece // 16384) * 16384,
+                        16384)  # plain and valid
+
+
+def test_random_peers_never_break_a_seeding_pieced_peer(tmp_path: Path) -> None:
+    """Peers sending random sequences of messages, well formed or not, in range or not,
+    to a seeding pieced-peer (hybrid torrent, so hash requests too), eight at a time: it
+    answers or drops each, logs no unhandled error, keeps serving an honest libtorrent
+    leecher and stops cleanly on SIGTERM."""
+    import threading
+
+    piece = 32768
+    files = {"a.bin": 9 * piece + 123, "b.bin": 3 * piece, "c.bin": 5000}
+    content = make_payload(tmp_path / "seed", files, seed=35)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    roots = [f.pieces_root for f in meta.files if f.pieces_root is not None]
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        def one(seed: int) -> None:
+            rng = random.Random(seed)
+            key = meta.info_hash if rng.random() < 0.9 else rng.randbytes(20)
+            reserved = wire.make_reserved(extended=rng.random() < 0.8,
+                                          fast=rng.random() < 0.8, v2=rng.random() < 0.5)
+            try:
+                with socket.create_connection(("127.0.0.1", seeding.port), timeout=5) as s:
+                    s.sendall(wire.handshake(key, b"-FZ0001-" + rng.randbytes(12), reserved))
+                    s.settimeout(0.05)
+                    for _ in range(rng.randrange(1, 40)):
+                        s.sendall(_random_message(rng, meta.num_pieces, piece, roots))
+                        with contextlib.suppress(TimeoutError):
+                            s.recv(1 << 16)
+            except OSError:
+                pass  # dropped by pieced-peer: allowed, what else is checked is below
+
+        for start in range(0, 160, 8):
+            threads = [threading.Thread(target=one, args=(start + k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert seeding.proc.poll() is None, seeding.proc.communicate()[1]
+        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        seeding.proc.send_signal(signal.SIGTERM)
+        out, err = seeding.proc.communicate(timeout=30)
+        assert seeding.proc.returncode == 0, err
+        assert "Traceback" not in err and "exception" not in err.lower(), err
+        assert json.loads(out)["bytes_up"] >= sum(files.values())
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_random_seeders_never_break_a_downloading_pieced_peer(tmp_path: Path) -> None:
+    """pieced-peer downloads from a libtorrent seeder and from six peers that answer its
+    handshake, say they have everything and then send random messages, among them
+    blocks of random bytes for what it asks: it completes with the seeder's bytes, none
+    of theirs, and logs no unhandled error."""
+    import subprocess
+    import threading
+
+    from tests.test_peer_libtorrent import peer_cmd
+
+    piece = 32768
+    files = {"a.bin": 14 * piece + 9, "b.bin": 2 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=36)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    roots = [f.pieces_root for f in meta.files if f.pieces_root is not None]
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(6)]
+    stop = threading.Event()
+
+    def rogue(k: int, listener: socket.socket) -> None:
+        rng = random.Random(100 + k)
+        listener.settimeout(1.0)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            parser = wire.Parser(handshake=True)
+            conn.settimeout(0.05)
+            try:
+                with conn:
+                    for _ in range(300):
+                        if stop.is_set():
+                            return
+                        try:
+                            data = conn.recv(1 << 16)
+                            if not data:
+                                break
+                        except TimeoutError:
+                            data = b""
+                        for ev in parser.feed(data):
+                            if isinstance(ev, wire.Handshake):
+                                conn.sendall(wire.handshake(ev.info_hash, b"-RZ0001-" + bytes(12),
+                                                            wire.make_reserved(v2=True))
+                                             + wire.have_all() + wire.unchoke())
+                            elif isinstance(ev, wire.Request) and rng.random() < 0.7:
+                                conn.sendall(wire.piece(ev.piece, ev.begin, rng.randbytes(ev.length)))
+                        if rng.random() < 0.3:
+                            conn.sendall(_random_message(rng, meta.num_pieces, piece, roots))
+            except (OSError, wire.WireError):
+                continue
+
+    threads = [threading.Thread(target=rogue, args=(k, s), daemon=True)
+               for k, s in enumerate(listeners)]
+    for t in threads:
+        t.start()
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as good:
+            args = [a for s in listeners for a in ("--peer", f"127.0.0.1:{s.getsockname()[1]}")]
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, *args,
+                                        "--peer", f"127.0.0.1:{good.port}"),
+                               capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr and "exception" not in r.stderr.lower(), r.stderr
+        summary = json.loads(r.stdout)
+        assert summary["complete"], summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        stop.set()
+        for s in listeners:
+            s.close()
         assert d.stop() == 0, d.stderr()
