@@ -726,14 +726,12 @@ class Connection:
                 self.close()
                 return
             self._out_bytes -= n
-            while n:
-                head = self._out[0]
-                if n >= len(head):
-                    n -= len(head)
-                    self._out.popleft()
-                else:
-                    self._out[0] = memoryview(head)[n:]
-                    n = 0
+            # Empty parts are dropped too (a DATA frame of a zero-length read ends in
+            # one): left at the head, sendmsg would send them for ever, 0 bytes a time.
+            while self._out and n >= len(self._out[0]):
+                n -= len(self._out.popleft())
+            if n:
+                self._out[0] = memoryview(self._out[0])[n:]
         if self._out and not self._writing:
             self._writing = True
             self.loop.add_writer(self.fd, self._on_writable)

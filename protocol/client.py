@@ -272,19 +272,29 @@ class ClientCore:
     def write(self, ih: bytes, piece: int, begin: int, length: int, flush: bool) -> tuple[int, bytes]:
         self._check_size(LENGTH_AFTER + WRITE_EXT.size + length, "WRITE frame")
         rid = next(self._ids)
+        # Encoded first: a field that does not fit raises here, and no waiter is left
+        # behind for a write never sent (wait_writes would wait for it for ever).
+        header = encode_write_header(rid, ih, piece, begin, length, FLAG_FLUSH if flush else 0)
         self.waiters[rid] = _Waiter("write")
         self.writes_in_flight += 1
-        return rid, encode_write_header(rid, ih, piece, begin, length, FLAG_FLUSH if flush else 0)
+        return rid, header
 
     def write_ring(
         self, ih: bytes, piece: int, begin: int, offset: int, length: int,
         token: tuple[int, int], flush: bool,
     ) -> tuple[int, bytes]:
         rid = next(self._ids)
+        try:
+            frame = encode_write_ring(rid, ih, piece, begin, offset, length,
+                                      FLAG_FLUSH if flush else 0)
+        except PiecedError:
+            if self.shm is not None:
+                self.shm.release(token)  # the block placed for it goes back
+            raise
         self.waiters[rid] = w = _Waiter("write")
         w.token = token
         self.writes_in_flight += 1
-        return rid, encode_write_ring(rid, ih, piece, begin, offset, length, FLAG_FLUSH if flush else 0)
+        return rid, frame
 
     def ring_put(self, data: bytes | memoryview) -> tuple[int, tuple[int, int]] | None:
         """Copy a block into the attached ring: (offset, release token), or None while
@@ -311,9 +321,10 @@ class ClientCore:
             if into.format != "B" or into.ndim != 1:
                 into = into.cast("B")  # copied into bytewise (C-contiguous, or this raises)
         rid = next(self._ids)
+        frame = encode_read(rid, ih, piece, begin, length, FLAG_VOLATILE if volatile else 0)
         self.waiters[rid] = w = _Waiter("read")
         w.into = into
-        return rid, encode_read(rid, ih, piece, begin, length, FLAG_VOLATILE if volatile else 0)
+        return rid, frame
 
     def read_ring(self, ih: bytes, piece: int, begin: int, length: int,
                   volatile: bool) -> tuple[int, bytes] | None:
@@ -327,11 +338,17 @@ class ClientCore:
             return None
         offset, view, token = placed
         rid = next(self._ids)
+        try:
+            frame = encode_read_ring(rid, ih, piece, begin, offset, length,
+                                     FLAG_VOLATILE if volatile else 0)
+        except PiecedError:
+            view.release()
+            shm.release(token)
+            raise
         self.waiters[rid] = w = _Waiter("read_ring")
         w.token = token
         w.into = view
-        return rid, encode_read_ring(rid, ih, piece, begin, offset, length,
-                                     FLAG_VOLATILE if volatile else 0)
+        return rid, frame
 
     def drop_read_ring(self, w: _Waiter) -> None:
         """The caller of a READ_RING gives up on it (cancelled, or another error raised in

@@ -27,7 +27,7 @@ from typing import Any
 
 import bencodepy
 from pieced.storage.bencode import BencodeError, decode
-from pieced.storage.errors import ProtocolError, TooLarge
+from pieced.storage.errors import BadRequest, OutOfRange, PiecedError, ProtocolError, TooLarge
 
 PROTOCOL_VERSION = 1
 MAGIC = b"pieced"
@@ -104,24 +104,44 @@ def encode_control(ftype: FrameType, rid: int, body: dict[str, Any] | dict[bytes
     return _header(ftype, 0, rid, len(payload)) + payload
 
 
+def _unencodable(exc: struct.error, piece: object, begin: object, length: object) -> PiecedError:
+    """The typed error for a block frame whose fields do not fit it (a negative or
+    over-32-bit piece, begin or length; a field of the wrong type): what the daemon would
+    have answered, raised before anything is sent."""
+    what = f"piece {piece!r}, begin {begin!r}, length {length!r}"
+    if all(type(v) is int for v in (piece, begin, length)):
+        return OutOfRange(f"{what}: outside the frame's unsigned 32-bit fields")
+    return BadRequest(f"{what}: {exc}")
+
+
 def encode_write_header(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
     """Header of an inline WRITE; the caller sends the block bytes right after it
     (with sendmsg, so the block is not copied into a joined buffer)."""
-    return _header(FrameType.WRITE, flags, rid, WRITE_EXT.size + length) + WRITE_EXT.pack(
-        ih, piece, begin
-    )
+    try:
+        return _header(FrameType.WRITE, flags, rid, WRITE_EXT.size + length) + WRITE_EXT.pack(
+            ih, piece, begin
+        )
+    except struct.error as exc:
+        raise _unencodable(exc, piece, begin, length) from None
 
 
 def encode_write_ring(
     rid: int, ih: bytes, piece: int, begin: int, offset: int, length: int, flags: int = 0
 ) -> bytes:
-    return _header(FrameType.WRITE_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
-        ih, piece, begin, offset, length
-    )
+    try:
+        return _header(FrameType.WRITE_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
+            ih, piece, begin, offset, length
+        )
+    except struct.error as exc:
+        raise _unencodable(exc, piece, begin, length) from None
 
 
 def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
-    return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(ih, piece, begin, length)
+    try:
+        return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(
+            ih, piece, begin, length)
+    except struct.error as exc:
+        raise _unencodable(exc, piece, begin, length) from None
 
 
 def encode_read_ring(
@@ -129,9 +149,12 @@ def encode_read_ring(
 ) -> bytes:
     """A READ whose bytes the daemon puts into the client's shared ring at ``offset``
     (answered with an ACK): for a seeder, no bytes cross the socket."""
-    return _header(FrameType.READ_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
-        ih, piece, begin, offset, length
-    )
+    try:
+        return _header(FrameType.READ_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
+            ih, piece, begin, offset, length
+        )
+    except struct.error as exc:
+        raise _unencodable(exc, piece, begin, length) from None
 
 
 def encode_data_header(rid: int, length: int) -> bytes:

@@ -1,0 +1,191 @@
+"""Clients sending random requests over the daemon's real socket: every one gets a typed
+answer (never an internal error), the daemon logs no unhandled exception, and a
+well-behaved client beside them downloads its torrent as if they were not there."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import bencodepy
+import pytest
+from pieced.protocol.client import Client
+from pieced.storage.errors import ErrorCode, OutOfRange, PiecedError, UnknownTorrent
+
+from tests.conftest import Daemon
+from tests.realtools import make_payload, make_torrent_lt
+from tests.test_daemon import wait_for
+from tests.test_disk import Source
+
+OPS = ["register", "unregister", "list", "read_piece", "hash_piece", "hash_piece_v2",
+       "hash_block", "clear_piece", "flush_piece", "flush_all", "cached_pieces", "stats",
+       "status", "recheck", "move_storage", "rename_file", "subscribe", "attach_ring",
+       "frobnicate"]
+
+
+def _value(rng: random.Random, key: str, ih: bytes, raw: bytes, root: Path) -> Any:
+    """A value for argument ``key``: the right kind and in range sometimes, anything
+    else the rest of the time."""
+    anything = [0, -1, 1 << 40, b"", "text", [1, 2], {b"a": 1}, rng.randbytes(20)]
+    if key == "ih":
+        return rng.choice([ih, ih, ih, rng.randbytes(20), ih[:10], *anything])
+    if key in ("piece", "index"):
+        return rng.choice([0, 1, 2, 5, 1 << 31, -3, *anything])
+    if key in ("begin", "length", "size"):
+        return rng.choice([0, 1, 16384, 65536, 1 << 31, *anything])
+    if key in ("new_path", "save_path"):
+        return rng.choice([str(root / "moved"), str(root / "b"), "/", "../up", "a\x00b",
+                           str(root / "b" / ".." / ".." / "x"), *anything])
+    if key == "new_name":
+        return rng.choice(["renamed.bin", "../out.bin", "/abs.bin", "a/b.bin", "", "a\x00",
+                           *anything])
+    if key == "metainfo":
+        return rng.choice([raw, raw[:-7], rng.randbytes(100),
+                           bencodepy.encode({b"info": {b"name": b"x"}}), *anything])
+    if key in ("full", "delete_files", "files", "volatile"):
+        return rng.choice([0, 1, 2, "x"])
+    if key == "expected":
+        return rng.choice([rng.randbytes(20), rng.randbytes(32), 7, "x"])
+    return rng.choice(anything)
+
+
+KEYS = ["ih", "piece", "begin", "length", "index", "new_path", "new_name", "metainfo",
+        "save_path", "full", "delete_files", "files", "expected", "size", "bogus"]
+
+
+def test_random_requests_get_typed_answers_and_disturb_no_one(tmp_path: Path) -> None:
+    good_content = make_payload(tmp_path / "src_good", {"g.bin": 700_000, "h.bin": 3}, seed=40)
+    good_raw = make_torrent_lt(good_content, 32768, "hybrid")
+    src = Source(good_raw, tmp_path / "src_good")
+    fuzz_content = make_payload(tmp_path / "src_fuzz", {"f.bin": 200_000}, seed=41)
+    fuzz_raw = make_torrent_lt(fuzz_content, 16384, "v1")
+    d = Daemon(tmp_path)
+    internal: list[str] = []
+    broken: list[str] = []  # anything but a typed error, on the client's side
+    try:
+        good = Client(d.socket)
+        ih = good.register(good_raw, tmp_path / "dl")
+        blocks = src.blocks()
+        half = len(blocks) // 2
+        for p, b, n in blocks[:half]:
+            good.write_block_direct(ih, p, b, src.read(p, b, n))
+        good.wait_writes()
+        with Client(d.socket) as c:
+            fuzz_ih = c.register(fuzz_raw, tmp_path / "b")
+
+        def fuzzer(seed: int) -> None:
+            rng = random.Random(seed)
+            c = Client(d.socket)
+            try:
+                for _ in range(300):
+                    op = rng.choice(OPS) if rng.random() < 0.9 else "read_piece"
+                    args = {k: _value(rng, k, fuzz_ih, fuzz_raw, tmp_path)
+                            for k in rng.sample(KEYS, rng.randrange(4))}
+                    args.setdefault("ih", fuzz_ih) if rng.random() < 0.7 else None
+                    try:
+                        if rng.random() < 0.15:  # a block, inline, anywhere
+                            c.write_chunk(fuzz_ih, rng.choice([0, 3, 12, 13, 99]),
+                                          rng.choice([0, 16384, 5, 1 << 20]),
+                                          rng.randbytes(rng.choice([16384, 1, 100])))
+                            c.wait_writes()
+                        elif rng.random() < 0.1:
+                            c.read_chunk(fuzz_ih, rng.choice([0, 12, 13, -1]),
+                                         rng.choice([0, 100, 16383]), rng.choice([1, 16384, 0]))
+                        else:
+                            c._call(op, **args)
+                    except PiecedError as exc:
+                        if exc.code == ErrorCode.INTERNAL:
+                            internal.append(f"{op} {args!r}: {exc}")
+                        if isinstance(exc, UnknownTorrent) and rng.random() < 0.5:
+                            with contextlib.suppress(PiecedError):  # back, for more to do
+                                c.register(fuzz_raw, tmp_path / "b")
+            except BaseException as exc:
+                broken.append(repr(exc))
+                raise
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=fuzzer, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert d.proc.poll() is None
+        assert not internal, internal[:5]
+        assert not broken, broken[:5]
+
+        for p, b, n in blocks[half:]:
+            good.write_block_direct(ih, p, b, src.read(p, b, n))
+        good.wait_writes()
+        wait_for(lambda: good.status(ih, files=False)["verified_pieces"] == src.meta.num_pieces)
+        for p in range(src.meta.num_pieces):
+            size = src.layout.piece_size(p)
+            assert good.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+        good.close()
+    finally:
+        code = d.stop()
+        err = d.stderr()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+
+
+def test_a_zero_length_read_does_not_freeze_the_daemon(tmp_path: Path) -> None:
+    """A READ of 0 bytes is answered with an empty DATA frame, and the daemon goes on
+    serving everyone. Its reply used to end in an empty part that the send loop tried
+    to send for ever, 0 bytes a time, on the event loop: every client froze."""
+    content = make_payload(tmp_path / "src", {"f.bin": 50_000}, seed=42)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket, timeout=10) as a, Client(d.socket, timeout=10) as b:
+            ih = a.register(raw, tmp_path / "dl")
+            for p, begin, n in src.blocks():
+                a.write_chunk(ih, p, begin, src.read(p, begin, n))
+            a.wait_writes()
+            assert a.read_chunk(ih, 0, 0, 0) == b""
+            assert a.read_chunk(ih, 0, 100, 0) == b""
+            assert b.stats()["torrents"] == 1  # another client is answered
+            assert a.read_chunk(ih, 1, 0, 10) == src.read(1, 0, 10)  # and this one too
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_fields_that_do_not_fit_a_frame_are_refused_by_the_client_and_leave_it_usable(
+    tmp_path: Path,
+) -> None:
+    """A negative or over-32-bit piece, begin or length raises OutOfRange in the client
+    library before anything is sent (it raised struct.error, and a write left a reply
+    awaited that never came: the next wait_writes waited for ever); the ring space taken
+    for it is given back, and the connection goes on."""
+    content = make_payload(tmp_path / "src", {"f.bin": 50_000}, seed=43)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket, timeout=10) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            c.attach_ring(65536)
+            for bad in ((-1, 0, 1), (1 << 32, 0, 1), (0, -1, 1), (0, 0, 1 << 32)):
+                with pytest.raises(OutOfRange):
+                    c.read_chunk(ih, *bad)
+                if bad[:2] == (0, 0):
+                    continue  # a write's length is its data's; a ring read's, the ring's
+                with pytest.raises(OutOfRange):
+                    c.read_chunk_ring(ih, bad[0], bad[1], 1)
+                with pytest.raises(OutOfRange):
+                    c.write_chunk(ih, bad[0], bad[1], b"x")
+                for _ in range(8):  # more than the ring holds, were its space kept
+                    with pytest.raises(OutOfRange):
+                        c.write_block_direct(ih, bad[0], bad[1], bytes(16384))
+            c.wait_writes()  # nothing awaited that was never sent
+            for p, begin, n in src.blocks():
+                c.write_block_direct(ih, p, begin, src.read(p, begin, n))
+            c.wait_writes()
+            wait_for(lambda: c.status(ih, files=False)["verified_pieces"] == src.meta.num_pieces)
+    finally:
+        assert d.stop() == 0, d.stderr()
