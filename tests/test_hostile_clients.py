@@ -13,6 +13,17 @@ from typing import Any
 import bencodepy
 import pytest
 from pieced.protocol.client import Client
+from pieced.protocol.frames import (
+    CONTROL,
+    HEADER,
+    LENGTH_AFTER,
+    READ_EXT,
+    RING_EXT,
+    WRITE_EXT,
+    FrameType,
+    encode_control,
+)
+from pieced.protocol.messages import hello, to_wire
 from pieced.storage.errors import ErrorCode, OutOfRange, PiecedError, UnknownTorrent
 
 from tests.conftest import Daemon
@@ -189,3 +200,94 @@ def test_fields_that_do_not_fit_a_frame_are_refused_by_the_client_and_leave_it_u
             wait_for(lambda: c.status(ih, files=False)["verified_pieces"] == src.meta.num_pieces)
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def _random_frame(rng: random.Random, ih: bytes) -> bytes:
+    """A frame as a broken or hostile client might send it: any type (those only the
+    daemon sends too), any flags and id, fields in range or not, bodies well formed or
+    not, lengths that agree with the body or not."""
+    ftype = rng.choice([FrameType.REQUEST] * 8 + [FrameType.WRITE] * 3 + [FrameType.READ] * 2
+                       + [FrameType.WRITE_RING, FrameType.READ_RING, *FrameType, 0, 6, 22, 255])
+    flags = rng.choice([0, 0, 1, 2, 255])
+    rid = rng.choice([0, 1, rng.randrange(1 << 32)])
+    key = rng.choice([ih, ih, rng.randbytes(20)])
+    piece = rng.choice([0, 1, 3, 1 << 31, rng.randrange(1 << 32)])
+    begin = rng.choice([0, 16384, 5, rng.randrange(1 << 32)])
+    length = rng.choice([0, 1, 16384, 1 << 20, (1 << 20) + 1, rng.randrange(1 << 32)])
+    if ftype == FrameType.WRITE:
+        body = WRITE_EXT.pack(key, piece, begin) + rng.randbytes(rng.choice([0, 1, 16384, 100]))
+    elif ftype in (FrameType.WRITE_RING, FrameType.READ_RING):
+        body = RING_EXT.pack(key, piece, begin, rng.choice([0, 100, 1 << 40]), length)
+    elif ftype == FrameType.READ:
+        body = READ_EXT.pack(key, piece, begin, length)
+    elif ftype in CONTROL:
+        body = rng.choice([
+            bencodepy.encode({b"op": rng.choice([b"status", b"list", b"read_piece", b"stats",
+                                                 b"recheck", b"x"]), b"ih": key,
+                              b"piece": rng.randrange(-2, 5)}),
+            bencodepy.encode([1, 2]), bencodepy.encode(5), b"d2:opi1ee", b"le", b"",
+            rng.randbytes(rng.randrange(50)),
+            bencodepy.encode(to_wire(hello("client", "again"))),
+        ])
+    else:
+        body = rng.randbytes(rng.randrange(40))
+    stated = len(body) + LENGTH_AFTER
+    if rng.random() < 0.05:  # a length that does not match what follows
+        stated = rng.choice([0, 1, LENGTH_AFTER - 1, stated + 7, stated - 1])
+    return HEADER.pack(stated & 0xFFFFFFFF, ftype & 0xFF, flags, 0, rid) + body
+
+
+def test_random_frames_neither_freeze_nor_crash_the_daemon(tmp_path: Path) -> None:
+    """Connections sending random frames after a proper handshake, six at a time
+    (reconnecting when the daemon hangs up on them): a well-behaved client is answered
+    all along, the daemon logs no unhandled exception and stops cleanly."""
+    import socket
+
+    content = make_payload(tmp_path / "src", {"f.bin": 120_000}, seed=44)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path)
+    broken: list[str] = []
+    try:
+        good = Client(d.socket, timeout=15)
+        ih = good.register(raw, tmp_path / "dl")
+        hello_frame = encode_control(FrameType.HELLO, 0, to_wire(hello("client", "fuzz")))
+
+        def fuzzer(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(40):  # connections
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.settimeout(0.05)
+                        s.connect(str(d.socket))
+                        try:
+                            s.sendall(hello_frame)
+                            for _ in range(rng.randrange(1, 30)):
+                                s.sendall(_random_frame(rng, ih))
+                                with contextlib.suppress(TimeoutError):
+                                    s.recv(1 << 16)
+                        except OSError:
+                            pass  # hung up on: allowed
+            except BaseException as exc:
+                broken.append(repr(exc))
+                raise
+
+        threads = [threading.Thread(target=fuzzer, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        blocks = src.blocks()
+        for i, (p, begin, n) in enumerate(blocks):  # the good client, meanwhile
+            good.write_block_direct(ih, p, begin, src.read(p, begin, n))
+            if i % 8 == 0:
+                assert good.stats()["torrents"] >= 1
+        good.wait_writes()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads) and not broken, broken[:3]
+        wait_for(lambda: good.status(ih, files=False)["verified_pieces"] == src.meta.num_pieces)
+        good.close()
+    finally:
+        code = d.stop()
+        err = d.stderr()
+    assert code == 0, err
+    assert "Traceback" not in err, err
