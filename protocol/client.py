@@ -50,8 +50,11 @@ from .frames import (
     encode_read_ring,
     encode_write_header,
     encode_write_ring,
+    unencodable,
 )
 from .messages import check_hello, decode_error, encode_request, from_wire, hello, to_wire
+
+_U32 = 0xFFFFFFFF  # a frame's piece and begin fields
 
 if TYPE_CHECKING:
     # asyncio is imported where AsyncClient needs it: it costs ~60 ms of start-up that
@@ -1011,6 +1014,9 @@ class AsyncClient:
             return True
         if core.writes_in_flight + (run is not None) >= self.window or n > shm.size:
             return False
+        if not (0 <= piece <= _U32 and 0 <= begin <= _U32):
+            # Refused now: a run is framed later, in a callback, where it could only be lost.
+            raise unencodable(piece, begin, n)
         placed = shm.put(data)
         if placed is None:
             return False

@@ -104,7 +104,8 @@ def encode_control(ftype: FrameType, rid: int, body: dict[str, Any] | dict[bytes
     return _header(ftype, 0, rid, len(payload)) + payload
 
 
-def _unencodable(exc: struct.error, piece: object, begin: object, length: object) -> PiecedError:
+def unencodable(piece: object, begin: object, length: object,
+                exc: struct.error | None = None) -> PiecedError:
     """The typed error for a block frame whose fields do not fit it (a negative or
     over-32-bit piece, begin or length; a field of the wrong type): what the daemon would
     have answered, raised before anything is sent."""
@@ -122,7 +123,7 @@ def encode_write_header(rid: int, ih: bytes, piece: int, begin: int, length: int
             ih, piece, begin
         )
     except struct.error as exc:
-        raise _unencodable(exc, piece, begin, length) from None
+        raise unencodable(piece, begin, length, exc) from None
 
 
 def encode_write_ring(
@@ -133,7 +134,7 @@ def encode_write_ring(
             ih, piece, begin, offset, length
         )
     except struct.error as exc:
-        raise _unencodable(exc, piece, begin, length) from None
+        raise unencodable(piece, begin, length, exc) from None
 
 
 def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
@@ -141,7 +142,7 @@ def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags:
         return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(
             ih, piece, begin, length)
     except struct.error as exc:
-        raise _unencodable(exc, piece, begin, length) from None
+        raise unencodable(piece, begin, length, exc) from None
 
 
 def encode_read_ring(
@@ -154,7 +155,7 @@ def encode_read_ring(
             ih, piece, begin, offset, length
         )
     except struct.error as exc:
-        raise _unencodable(exc, piece, begin, length) from None
+        raise unencodable(piece, begin, length, exc) from None
 
 
 def encode_data_header(rid: int, length: int) -> bytes:

@@ -4,6 +4,7 @@ well-behaved client beside them downloads its torrent as if they were not there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import bencodepy
 import pytest
-from pieced.protocol.client import Client
+from pieced.protocol.client import AsyncClient, Client
 from pieced.protocol.frames import (
     CONTROL,
     HEADER,
@@ -194,9 +195,26 @@ def test_fields_that_do_not_fit_a_frame_are_refused_by_the_client_and_leave_it_u
                     with pytest.raises(OutOfRange):
                         c.write_block_direct(ih, bad[0], bad[1], bytes(16384))
             c.wait_writes()  # nothing awaited that was never sent
-            for p, begin, n in src.blocks():
-                c.write_block_direct(ih, p, begin, src.read(p, begin, n))
-            c.wait_writes()
+
+        async def the_async_client() -> None:
+            async with AsyncClient(d.socket) as ac:
+                await ac.attach_ring(65536)
+                for piece, begin in ((-1, 0), (1 << 32, 0), (0, 1 << 33)):
+                    with pytest.raises(OutOfRange):  # its blocks are framed later, in runs
+                        ac.try_write_block_direct(ih, piece, begin, bytes(16384))
+                    with pytest.raises(OutOfRange):
+                        await ac.write_block_direct(ih, piece, begin, bytes(16384))
+                    with pytest.raises(OutOfRange):
+                        await ac.read_chunk(ih, piece, begin, 1)
+                await ac.wait_writes()
+                for p, begin, n in src.blocks():
+                    data = src.read(p, begin, n)
+                    if not ac.try_write_block_direct(ih, p, begin, data):
+                        await ac.write_block_direct(ih, p, begin, data)
+                await ac.wait_writes()
+
+        asyncio.run(the_async_client())
+        with Client(d.socket, timeout=10) as c:
             wait_for(lambda: c.status(ih, files=False)["verified_pieces"] == src.meta.num_pieces)
     finally:
         assert d.stop() == 0, d.stderr()
