@@ -13,7 +13,7 @@ from typing import Any
 
 import bencodepy
 import pytest
-from pieced.protocol.client import AsyncClient, Client
+from pieced.protocol.client import AsyncClient, Client, _Waiter
 from pieced.protocol.frames import (
     CONTROL,
     HEADER,
@@ -23,6 +23,7 @@ from pieced.protocol.frames import (
     WRITE_EXT,
     FrameType,
     encode_control,
+    encode_write_ring,
 )
 from pieced.protocol.messages import hello, to_wire
 from pieced.storage.errors import ErrorCode, OutOfRange, PiecedError, UnknownTorrent
@@ -77,6 +78,23 @@ KEYS = ["ih", "piece", "begin", "length", "index", "new_path", "new_name", "meta
         "save_path", "full", "delete_files", "files", "expected", "size", "bogus"]
 
 
+RING = 64 * 1024 + 4096
+
+
+def _forged_ring_write(c: Client, ih: bytes, rng: random.Random) -> None:
+    """A WRITE_RING whose offset and length the client library never chose: at the
+    ring's end, wrapping, past it, of 0 bytes or over a block; its answer awaited."""
+    rid = next(c.core._ids)
+    c.core.waiters[rid] = _Waiter("request")
+    offset = rng.choice([0, RING - 1, RING - 16384, RING, RING + 5, rng.randrange(1 << 40)])
+    length = rng.choice([0, 1, 16384, RING, RING + 1, 1 << 20, (1 << 20) + 1])
+    c._send(encode_write_ring(rid, ih, rng.choice([0, 1, 12]), rng.choice([0, 16384]),
+                              offset, length))
+    c._wait(rid)
+    w = c.core.waiters.pop(rid, None)
+    assert w is None  # answered, with an ACK or an error
+
+
 def test_random_requests_get_typed_answers_and_disturb_no_one(tmp_path: Path) -> None:
     good_content = make_payload(tmp_path / "src_good", {"g.bin": 700_000, "h.bin": 3}, seed=40)
     good_raw = make_torrent_lt(good_content, 32768, "hybrid")
@@ -115,6 +133,10 @@ def test_random_requests_get_typed_answers_and_disturb_no_one(tmp_path: Path) ->
                         elif rng.random() < 0.1:
                             c.read_chunk(fuzz_ih, rng.choice([0, 12, 13, -1]),
                                          rng.choice([0, 100, 16383]), rng.choice([1, 16384, 0]))
+                        elif rng.random() < 0.1:  # a ring write pointing anywhere
+                            if c.core.shm is None:
+                                c.attach_ring(RING)
+                            _forged_ring_write(c, fuzz_ih, rng)
                         else:
                             c._call(op, **args)
                     except PiecedError as exc:
