@@ -240,6 +240,8 @@ def test_fields_that_do_not_fit_a_frame_are_refused_by_the_client_and_leave_it_u
                     if not ac.try_write_block_direct(ih, p, begin, data):
                         await ac.write_block_direct(ih, p, begin, data)
                 await ac.wait_writes()
+                assert await ac.read_chunk(ih, 0, 0, 0) == b""  # answered, and the next too
+                assert await ac.read_chunk(ih, 0, 5, 3) == src.read(0, 5, 3)
 
         asyncio.run(the_async_client())
         with Client(d.socket, timeout=10) as c:
