@@ -838,6 +838,20 @@ class AsyncClient:
             await self._wake.wait()
 
     async def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+        """Send one frame, whole, even when the caller is cancelled meanwhile: a frame cut
+        short would make the daemon misread every frame after it, and a write whose frame
+        never left would be awaited for ever (its reply counted on). A cancellation is
+        honoured once the frame is out."""
+        import asyncio
+
+        sending = asyncio.ensure_future(self._send_whole(*parts, fds=fds))
+        try:
+            await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            await sending
+            raise
+
+    async def _send_whole(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
         import asyncio
 
         loop = asyncio.get_running_loop()
