@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pieced.protocol.client import DEFAULT_SOCKET, AsyncClient
+from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
 from pieced.storage.errors import AlreadyRegistered, PiecedError
 from pieced.storage.metainfo import Metainfo, parse
 
@@ -183,9 +183,6 @@ class InOrder:
         self._passed.pop(piece, None)
         for block in self._held.pop(piece, {}).values():
             self.held_bytes -= len(block)
-
-
-IOV_MAX = 1024  # buffers one writev takes
 
 
 def _after(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:

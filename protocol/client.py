@@ -62,7 +62,11 @@ if TYPE_CHECKING:
     import asyncio
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+#: A frame of the async client waiting to be sent: [views still to send, descriptors to
+#: pass with its first byte, the future its sender awaits (None if nobody does)].
+_Outgoing = list[Any]
 DEFAULT_SOCKET = "var/pieced.sock"
+IOV_MAX = 1024  # buffers one sendmsg or writev takes (Linux)
 
 
 class ShmRing:
@@ -740,7 +744,6 @@ class AsyncClient:
         self.core.on_event = on_event
         self.sock: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._send_lock = asyncio.Lock()
         self._attach_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
@@ -749,7 +752,10 @@ class AsyncClient:
         # [ih, piece, begin, ring offset, length, token start, token end].
         self._run: list[Any] | None = None
         self._flush_scheduled = False
-        self._flusher: asyncio.Task[None] | None = None
+        # Frames waiting for room in the socket, in order: [views left, fds, sender's future].
+        self._pending: collections.deque[_Outgoing] = collections.deque()
+        self._watching = False  # the loop calls _write_pending when the socket has room
+        self._send_failed: BaseException | None = None  # what the last attempt to send met
 
     async def connect(self) -> AsyncClient:
         import asyncio
@@ -782,9 +788,8 @@ class AsyncClient:
         finally:
             if self._reader is not None:
                 self._reader.cancel()
-            if self._flusher is not None:
-                self._flusher.cancel()
             if self.sock is not None:
+                self._drop_pending(ConnectionError("the client is closed"))
                 self.sock.close()
                 self.sock = None
             if self.core.shm is not None:
@@ -825,6 +830,7 @@ class AsyncClient:
         """The connection is lost: every waiting task wakes and raises ``exc``."""
         if self._failure is None:
             self._failure = exc
+        self._drop_pending(exc)
         self._wake.set()
         for w in list(self.core.waiters.values()):
             if w.notify is not None:
@@ -837,42 +843,103 @@ class AsyncClient:
             self._wake.clear()
             await self._wake.wait()
 
+    # -- sending: frames in order, whole, without a task per frame -------------------------
     async def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
-        """Send one frame, whole, even when the caller is cancelled meanwhile: a frame cut
-        short would make the daemon misread every frame after it, and a write whose frame
-        never left would be awaited for ever (its reply counted on). A cancellation is
-        honoured once the frame is out."""
+        """Send one frame, after every frame sent before it, and return once it is out.
+
+        A frame goes out whole even when its caller is cancelled: a frame cut short would
+        make the daemon misread every frame after it, and a write whose frame never left
+        would be awaited for ever (its reply counted on). While nothing waits to be sent,
+        the frame goes to the socket at once; what the socket does not take waits in a
+        queue that the event loop sends from as the socket has room. A caller cancelled
+        while its frame waits there is let go at once: what is left of the frame is
+        copied first, so that the caller may use its buffer again.
+        """
         import asyncio
 
-        sending = asyncio.ensure_future(self._send_whole(*parts, fds=fds))
+        self._end_run()
+        self._queue_posted()
+        entry: _Outgoing = [[memoryview(p) for p in parts], fds, None]
+        self._pending.append(entry)
+        self._write_pending()
+        if not self._pending or self._pending[-1] is not entry:  # no longer queued
+            if self._send_failed is not None:
+                raise self._send_failed
+            return  # out at once: the usual case
+        fut = entry[2] = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.shield(sending)
+            await fut
         except asyncio.CancelledError:
-            await sending
+            if entry[0]:  # not all out yet: the caller's buffer is theirs again
+                entry[0][:] = [memoryview(b"".join(entry[0]))]
             raise
 
-    async def _send_whole(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+    def _queue_posted(self) -> None:
+        """The small frames posted this turn join the queue, before what comes next."""
+        if self._out:
+            self._pending.append([[memoryview(f) for f in self._out], None, None])
+            self._out.clear()
+
+    def _write_pending(self) -> None:
+        """Send queued frames while the socket takes them; when it is full, have the
+        event loop call again once it has room."""
+        q, sock = self._pending, self.sock
+        self._send_failed = None
+        while q and sock is not None:
+            views: list[memoryview] = []
+            anc: list[tuple[int, int, bytes]] = []
+            for i, (vs, fds, _) in enumerate(q):
+                if fds:  # descriptors ride on the first byte of their frame
+                    if i:
+                        break
+                    anc = _rights(fds)
+                views += vs
+                if len(views) >= IOV_MAX:
+                    break
+            try:
+                n = sock.sendmsg(views[:IOV_MAX], anc)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # the stream is broken: no queued frame can follow
+                self._drop_pending(exc)
+                return
+            if anc and n:
+                q[0][1] = None
+            while q:  # what was sent leaves the queue; its senders are told
+                e = q[0]
+                vs = e[0]
+                while vs and n >= vs[0].nbytes:
+                    n -= vs[0].nbytes
+                    vs.pop(0)
+                if vs:
+                    if n:
+                        vs[0] = vs[0][n:]
+                    break
+                q.popleft()
+                if e[2] is not None and not e[2].done():
+                    e[2].set_result(None)
+        self._watch_writable(bool(q) and sock is not None)
+
+    def _watch_writable(self, on: bool) -> None:
+        if on == self._watching or self.sock is None:
+            return
         import asyncio
 
         loop = asyncio.get_running_loop()
-        assert self.sock is not None
-        self._end_run()
-        async with self._send_lock:
-            if self._out:  # queued frames go first: they were sent first
-                queued = b"".join(self._out)
-                self._out.clear()
-                await loop.sock_sendall(self.sock, queued)
-            if fds:
-                data = b"".join(parts)
-                sent = self.sock.sendmsg([data], _rights(fds))  # small control frame: fits the buffer
-                if sent < len(data):
-                    await loop.sock_sendall(self.sock, data[sent:])
-            else:
-                for p in parts:
-                    await loop.sock_sendall(self.sock, p)
-        if self._out and not self._flush_scheduled:  # queued while we held the lock
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_out)
+        if on:
+            loop.add_writer(self.sock.fileno(), self._write_pending)
+        else:
+            loop.remove_writer(self.sock.fileno())
+        self._watching = on
+
+    def _drop_pending(self, exc: BaseException) -> None:
+        """The frames still queued cannot be sent: their senders raise ``exc``."""
+        self._send_failed = exc
+        self._watch_writable(False)
+        for _, _, fut in self._pending:
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
 
     def _post(self, frame: bytes) -> None:
         """Send a small frame with the others queued in this turn of the event loop: a
@@ -899,30 +966,14 @@ class AsyncClient:
             self._schedule_flush()
 
     def _flush_out(self) -> None:
-        import asyncio
-
         self._end_run()
         self._flush_scheduled = False
-        if not self._out or self._send_lock.locked() or self.sock is None:
-            return  # a send in progress takes them when it is done
-        data = b"".join(self._out)
-        self._out.clear()
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self._fail(exc)
+        if not self._out or self.sock is None:
             return
-        if n < len(data):  # the socket is full: the rest waits for room, in order
-            self._out.append(data[n:])
-            self._flusher = asyncio.ensure_future(self._drain_out())
-
-    async def _drain_out(self) -> None:
-        try:
-            await self._send()
-        except OSError as exc:
-            self._fail(exc)
+        self._queue_posted()
+        self._write_pending()
+        if self._send_failed is not None:
+            self._fail(self._send_failed)
 
     def _arm(self, waiter: _Waiter) -> asyncio.Future[None]:
         """A future set when the reply ``waiter`` stands for arrives (or the connection
