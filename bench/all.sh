@@ -42,6 +42,7 @@ run crash $PY bench/crash.py --rounds 100
 run peer_transfer $PY bench/peer_transfer.py --size-mib 1024 --kinds v1,hybrid --repeat 3
 run async_reads $PY bench/async_reads.py --size-mib 128 --repeat 5 --inflight 1,64,512
 run seeding_reads $PY bench/async_reads.py --size-mib 1024 --piece-kib 4096 --read-kib 1024 --inflight 8 --via data,into,ring
+run async_writes $PY bench/async_reads.py --size-mib 256 --repeat 3 --inflight 64,256 --via write_chunk,write_ring
 run huge_files $PY bench/huge_torrents.py --files 100000
 run huge_pieces $PY bench/huge_torrents.py --files 1 --file-bytes 17179869184 --piece-kib 16
 run backends $PY bench/backends.py --size-mib 1024 --backends posix,direct,uring
