@@ -67,6 +67,7 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 _Outgoing = list[Any]
 DEFAULT_SOCKET = "var/pieced.sock"
 IOV_MAX = 1024  # buffers one sendmsg or writev takes (Linux)
+SEND_BYTES = 1 << 20  # the most the async client offers the socket in one sendmsg
 
 
 class ShmRing:
@@ -888,14 +889,17 @@ class AsyncClient:
         while q and sock is not None:
             views: list[memoryview] = []
             anc: list[tuple[int, int, bytes]] = []
+            size = 0
             for i, (vs, fds, _) in enumerate(q):
                 if fds:  # descriptors ride on the first byte of their frame
                     if i:
                         break
                     anc = _rights(fds)
                 views += vs
-                if len(views) >= IOV_MAX:
-                    break
+                for v in vs:
+                    size += v.nbytes
+                if len(views) >= IOV_MAX or size >= SEND_BYTES:
+                    break  # more than a socket takes at once: the rest waits its turn
             try:
                 n = sock.sendmsg(views[:IOV_MAX], anc)
             except (BlockingIOError, InterruptedError):
