@@ -94,6 +94,7 @@ class Dial:
     due: float = 0.0  # when to dial it again (monotonic); 0: not waiting to
     bad: int = 0  # pieces that failed with its data, over all its connections
     banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
+    busy: bool = False  # being dialled, or connected
 
     @property
     def dropped(self) -> bool:
@@ -359,7 +360,7 @@ class Swarm:
         self.hash_server = HashServer(meta)
         self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
-        self.connecting: set[tuple[str, int]] = set()
+        self.connecting: set[tuple[str, int]] = set()  # dialled, not yet connected
         self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
         self.blame: Attribution[Peer] = Attribution()  # who sent the blocks of a bad piece
         self.summary = Summary()
@@ -472,9 +473,14 @@ class Swarm:
             if len(self.known) >= MAX_KNOWN:
                 return
             dial = self.known[addr] = Dial()
-        if dial.dropped or addr in self.connecting or len(self.peers) >= self.opts.max_peers:
+        if dial.dropped or dial.busy:
+            return
+        if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
+            if not dial.due:
+                dial.due = time.monotonic()  # dialled by _redial once there is room
             return
         dial.due = 0.0
+        dial.busy = True
         self.connecting.add(addr)
         self._spawn(self._outgoing(host, port, dial))
 
@@ -486,6 +492,7 @@ class Swarm:
         except (TimeoutError, OSError) as exc:
             log.info("cannot connect to %s:%d: %s", host, port, exc)
         else:
+            self.connecting.discard((host, port))  # a peer now: counted in self.peers
             conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                                   v2=self.meta.has_v2, outgoing_hash=self.ih, views=True)
             assert isinstance(transport, asyncio.Transport)
@@ -494,6 +501,7 @@ class Swarm:
             await self._serve_peer(peer)
         finally:
             self.connecting.discard((host, port))
+            dial.busy = False
             if peer is not None:
                 dial.bad = peer.bad
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
@@ -505,18 +513,19 @@ class Swarm:
         """Dial again the addresses whose wait is over, while pieces are missing."""
         if self.done.is_set():
             return
-        for (host, port), dial in list(self.known.items()):
+        due = sorted((dial.due, addr) for addr, dial in self.known.items()
+                     if dial.due and dial.due <= now)
+        for _, (host, port) in due:  # who has waited longest first (new addresses too)
             if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
                 return
-            if dial.due and dial.due <= now:
-                self.connect(host, port)
+            self.connect(host, port)
 
     def _accepted(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         self._spawn(self._incoming(transport, inbox))
 
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         addr = transport.get_extra_info("peername")
-        if len(self.peers) >= self.opts.max_peers:
+        if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
             transport.close()
             return
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,

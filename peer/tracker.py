@@ -19,6 +19,10 @@ class TrackerError(Exception):
 
 Peers = list[tuple[str, int]]
 
+#: The longest announce reply read: 50 peers take 300 bytes in compact form, a few KiB
+#: in the dictionary form; a tracker sending more is cut off, not buffered without end.
+MAX_REPLY = 2 * 1024 * 1024
+
 
 def parse_response(body: bytes) -> tuple[Peers, float]:
     """(peers, re-announce interval in seconds) of an announce reply.
@@ -85,6 +89,19 @@ def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: 
     return base + sep + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
 
 
+async def _read_reply(resp: Any, url: str) -> bytes:
+    """The reply's body, refused (TrackerError) past MAX_REPLY bytes."""
+    too_long = TrackerError(f"{url}: reply larger than {MAX_REPLY} bytes")
+    if resp.content_length is not None and resp.content_length > MAX_REPLY:
+        raise too_long
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_REPLY:
+            raise too_long
+    return bytes(body)
+
+
 class Tracker:
     def __init__(self, urls: list[str], info_hash: bytes, peer_id: bytes, port: int) -> None:
         self.urls = urls
@@ -103,9 +120,9 @@ class Tracker:
             full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters)
             try:
                 async with self._session.get(full) as resp:
-                    body = await resp.read()
                     if resp.status != 200:
                         raise TrackerError(f"{url}: HTTP {resp.status}")
+                    body = await _read_reply(resp, url)
                 return parse_response(body)
             except (aiohttp.ClientError, TrackerError, TimeoutError) as exc:
                 last = exc

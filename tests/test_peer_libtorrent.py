@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,18 +266,14 @@ def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
-def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
-    """No --peer: the HTTP tracker (written here with aiohttp) names the seeder, in BEP 23
-    compact form; pieced-peer announces started, then completed, then stopped."""
+@contextlib.contextmanager
+def _tracker(reply: Callable[[dict[str, str]], bytes]) -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """An HTTP tracker on loopback (aiohttp, on a thread of its own) answering every
+    announce with ``reply(query)``; yields its port and the queries it got."""
     import asyncio
 
-    import bencodepy
     from aiohttp import web
 
-    piece = 65536
-    files = _files(piece)
-    content = make_payload(tmp_path / "seed", files, seed=3)
-    raw = make_torrent_lt(content, piece, "v2")
     seen: list[dict[str, str]] = []
     ready = threading.Event()
     state: dict[str, Any] = {}
@@ -285,8 +281,7 @@ def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
     def serve() -> None:
         async def announce(request: web.Request) -> web.Response:
             seen.append(dict(request.query))
-            compact = bytes([127, 0, 0, 1]) + state["seeder"].to_bytes(2, "big")
-            return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": compact}))
+            return web.Response(body=reply(dict(request.query)))
 
         async def main() -> None:
             app = web.Application()
@@ -307,23 +302,170 @@ def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     assert ready.wait(10)
+    try:
+        yield state["port"], seen
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        t.join(10)
+
+
+def _with_tracker(raw: bytes, port: int, path: Path) -> Path:
+    """``raw`` with the tracker on ``port`` as its announce URL, written to ``path``."""
+    import bencodepy
+
     top = bencodepy.decode(raw)
-    top[b"announce"] = f"http://127.0.0.1:{state['port']}/announce".encode()
-    with_tracker = bencodepy.encode(top)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(with_tracker)
+    top[b"announce"] = f"http://127.0.0.1:{port}/announce".encode()
+    path.write_bytes(bencodepy.encode(top))
+    return path
+
+
+def _compact(*ports: int) -> bytes:
+    return b"".join(bytes([127, 0, 0, 1]) + p.to_bytes(2, "big") for p in ports)
+
+
+def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
+    """No --peer: the HTTP tracker (written here with aiohttp) names the seeder, in BEP 23
+    compact form; pieced-peer announces started, then completed, then stopped."""
+    import bencodepy
+
+    piece = 65536
+    files = _files(piece)
+    content = make_payload(tmp_path / "seed", files, seed=3)
+    raw = make_torrent_lt(content, piece, "v2")
+    state: dict[str, int] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        return bencodepy.encode({b"interval": 60, b"peers": _compact(state["seeder"])})
+
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
-            state["seeder"] = seeder.port
-            download(torrent, tmp_path / "dl", d)
+        with _tracker(reply) as (port, seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                state["seeder"] = seeder.port
+                download(torrent, tmp_path / "dl", d)
         _same_tree(content, tmp_path / "dl" / "payload", files)
         events = [q.get("event", "") for q in seen]
         assert events[0] == "started" and "completed" in events and events[-1] == "stopped", events
         assert all(q["compact"] == "1" and int(q["port"]) > 0 for q in seen)
     finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        t.join(10)
+        assert d.stop() == 0, d.stderr()
+
+
+class SilentPeers:
+    """Listening sockets that accept connections and never say a word; counts how many
+    of their connections are open at once, at most."""
+
+    def __init__(self, n: int) -> None:
+        import selectors
+        import socket
+
+        self.sel = selectors.DefaultSelector()
+        self.ports: list[int] = []
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(16)
+            self.sel.register(s, selectors.EVENT_READ, "listen")
+            self.ports.append(s.getsockname()[1])
+        self.open = self.most_open = self.accepted = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import selectors
+
+        while not self.stopping:
+            for key, _ in self.sel.select(0.05):
+                sock = key.fileobj
+                assert not isinstance(sock, int)
+                if key.data == "listen":
+                    conn, _ = sock.accept()
+                    self.sel.register(conn, selectors.EVENT_READ, "conn")
+                    self.accepted += 1
+                    self.open += 1
+                    self.most_open = max(self.most_open, self.open)
+                else:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:  # closed by the other side
+                        self.sel.unregister(sock)
+                        sock.close()
+                        self.open -= 1
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(10)
+
+
+def test_a_tracker_naming_more_peers_than_max_peers(tmp_path: Path) -> None:
+    """The tracker names four peers that accept and never answer, then the seeder; with
+    --max-peers 3, pieced-peer never has more than three connections open or being
+    opened at once, and dials the addresses it had no room for once the silent ones
+    are dropped (no handshake in 10 s): the download completes."""
+    import bencodepy
+
+    piece = 16384
+    files = {"a.bin": 5 * piece + 7}
+    content = make_payload(tmp_path / "seed", files, seed=8)
+    raw = make_torrent_lt(content, piece, "v1")
+    silent = SilentPeers(4)
+    state: dict[str, int] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        return bencodepy.encode({b"interval": 3600,
+                                 b"peers": _compact(*silent.ports, state["seeder"])})
+
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(reply) as (port, _):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                state["seeder"] = seeder.port
+                summary = download(torrent, tmp_path / "dl", d, extra=("--max-peers", "3"))
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert summary["peers"] >= 1
+        assert silent.most_open <= 3
+        # The fourth and the seeder were dialled once there was room, before the three
+        # dropped ones were dialled again (at most one of those got a slot with them).
+        assert 4 <= silent.accepted <= 5, silent.accepted
+    finally:
+        silent.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_tracker_reply_too_large_is_refused(tmp_path: Path) -> None:
+    """A tracker that answers with 8 MiB of peers: the announce fails with a message
+    (nothing of it is kept), and the download goes on from the peer given with --peer."""
+    import bencodepy
+
+    piece = 16384
+    files = {"a.bin": 3 * piece + 1}
+    content = make_payload(tmp_path / "seed", files, seed=9)
+    raw = make_torrent_lt(content, piece, "v1")
+
+    def reply(query: dict[str, str]) -> bytes:
+        return bencodepy.encode({b"interval": 60, b"peers": bytes(8 << 20)})
+
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(reply) as (port, seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                r = subprocess.run(
+                    peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                             f"127.0.0.1:{seeder.port}"),
+                    capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["complete"]
+        assert seen and "larger than" in r.stderr, r.stderr
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
         assert d.stop() == 0, d.stderr()
 
 
