@@ -323,27 +323,37 @@ def _compact(*ports: int) -> bytes:
     return b"".join(bytes([127, 0, 0, 1]) + p.to_bytes(2, "big") for p in ports)
 
 
+def _download_via_tracker(raw: bytes, tmp_path: Path, d: Daemon, silent: list[int] | None = None,
+                          extra: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """pieced-peer with no --peer downloads into ``tmp_path/dl``; its tracker names the
+    ports ``silent``, then a libtorrent seeder of ``tmp_path/seed``. (summary, announces)"""
+    import bencodepy
+
+    state: dict[str, int] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        peers = _compact(*(silent or []), state["seeder"])
+        return bencodepy.encode({b"interval": 60, b"peers": peers})
+
+    with _tracker(reply) as (port, seen):
+        torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            state["seeder"] = seeder.port
+            summary = download(torrent, tmp_path / "dl", d, extra=extra)
+    return summary, seen
+
+
 def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
     """No --peer: the HTTP tracker (written here with aiohttp) names the seeder, in BEP 23
     compact form; pieced-peer announces started, then completed, then stopped."""
-    import bencodepy
 
     piece = 65536
     files = _files(piece)
     content = make_payload(tmp_path / "seed", files, seed=3)
     raw = make_torrent_lt(content, piece, "v2")
-    state: dict[str, int] = {}
-
-    def reply(query: dict[str, str]) -> bytes:
-        return bencodepy.encode({b"interval": 60, b"peers": _compact(state["seeder"])})
-
     d = Daemon(tmp_path)
     try:
-        with _tracker(reply) as (port, seen):
-            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
-            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
-                state["seeder"] = seeder.port
-                download(torrent, tmp_path / "dl", d)
+        _, seen = _download_via_tracker(raw, tmp_path, d)
         _same_tree(content, tmp_path / "dl" / "payload", files)
         events = [q.get("event", "") for q in seen]
         assert events[0] == "started" and "completed" in events and events[-1] == "stopped", events
@@ -408,26 +418,16 @@ def test_a_tracker_naming_more_peers_than_max_peers(tmp_path: Path) -> None:
     --max-peers 3, pieced-peer never has more than three connections open or being
     opened at once, and dials the addresses it had no room for once the silent ones
     are dropped (no handshake in 10 s): the download completes."""
-    import bencodepy
 
     piece = 16384
     files = {"a.bin": 5 * piece + 7}
     content = make_payload(tmp_path / "seed", files, seed=8)
     raw = make_torrent_lt(content, piece, "v1")
     silent = SilentPeers(4)
-    state: dict[str, int] = {}
-
-    def reply(query: dict[str, str]) -> bytes:
-        return bencodepy.encode({b"interval": 3600,
-                                 b"peers": _compact(*silent.ports, state["seeder"])})
-
     d = Daemon(tmp_path)
     try:
-        with _tracker(reply) as (port, _):
-            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
-            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
-                state["seeder"] = seeder.port
-                summary = download(torrent, tmp_path / "dl", d, extra=("--max-peers", "3"))
+        summary, _ = _download_via_tracker(raw, tmp_path, d, silent=silent.ports,
+                                           extra=("--max-peers", "3"))
         _same_tree(content, tmp_path / "dl" / "payload", files)
         assert summary["peers"] >= 1
         assert silent.most_open <= 3
