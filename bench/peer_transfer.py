@@ -20,7 +20,7 @@ wrote is deleted once it is timed, so the three are independent of one another.
 
 CPU: seconds of user + system time per GiB moved, for ``pieced-peer`` and the daemon
 (from ``/proc/PID/stat``). Memory: the daemon's peak RSS (``VmHWM``) against its cache
-budget. ``ratio_to_lt`` = lt_to_lt seconds / this transfer's seconds (1.0: as fast as
+budget, and ``pieced-peer``'s (its shared ring with the daemon included). ``ratio_to_lt`` = lt_to_lt seconds / this transfer's seconds (1.0: as fast as
 libtorrent to libtorrent). A download by ``pieced-peer`` ends once every piece is durable
 (the daemon reports a piece verified only after its fdatasync), libtorrent's when the
 last piece is in the page cache: ``durable_seconds`` is lt_to_lt with the leecher's files
@@ -141,9 +141,11 @@ def lt_to_pieced(s: Setup) -> dict[str, Any]:
                  "--socket", sock, "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             cpu = 0.0
+            prss = 0
             while proc.poll() is None:
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
                     cpu = cpu_seconds(proc.pid)
+                    prss = proc_status(proc.pid).get("VmHWM", prss)
                 time.sleep(0.05)
             secs = time.monotonic() - t0
             stdout, stderr = proc.communicate()
@@ -159,7 +161,8 @@ def lt_to_pieced(s: Setup) -> dict[str, Any]:
             "plugin_cpu_s_per_gib": round(cpu / s.gib, 2),
             "daemon_cpu_s_per_gib": round(dcpu / s.gib, 2),
             "pieces_failed": summary["pieces_failed"],
-            "daemon_peak_rss_mib": round(rss / 2**20, 1)}
+            "daemon_peak_rss_mib": round(rss / 2**20, 1),
+            "plugin_peak_rss_mib": round(prss / 2**20, 1)}
 
 
 def pieced_to_lt(s: Setup) -> dict[str, Any]:
@@ -186,6 +189,7 @@ def pieced_to_lt(s: Setup) -> dict[str, Any]:
             pcpu = cpu_seconds(proc.pid) - p0
             dcpu = cpu_seconds(daemon.pid) - d0
             failures = leecher.hash_failures()
+        prss = proc_status(proc.pid).get("VmHWM", 0)
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=60)
         summary = json.loads(stdout)
@@ -201,7 +205,8 @@ def pieced_to_lt(s: Setup) -> dict[str, Any]:
             "plugin_cpu_s_per_gib": round(pcpu / s.gib, 2),
             "daemon_cpu_s_per_gib": round(dcpu / s.gib, 2),
             "leecher_hash_failures": failures, "suggests_sent": summary["suggests_sent"],
-            "daemon_peak_rss_mib": round(rss / 2**20, 1)}
+            "daemon_peak_rss_mib": round(rss / 2**20, 1),
+            "plugin_peak_rss_mib": round(prss / 2**20, 1)}
 
 
 RUN = {"lt_to_lt": lt_to_lt, "lt_to_pieced": lt_to_pieced, "pieced_to_lt": pieced_to_lt}
@@ -231,6 +236,8 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out["daemon_peak_rss_mib"] = max(row["daemon_peak_rss_mib"]
                                      for k in ("lt_to_pieced", "pieced_to_lt") for row in runs[k])
     out["daemon_budget_mib"] = args.cache_mib
+    out["plugin_peak_rss_mib"] = max(row["plugin_peak_rss_mib"]
+                                     for k in ("lt_to_pieced", "pieced_to_lt") for row in runs[k])
     out["orders"] = orders
     out["runs_seconds"] = {k: [row["seconds"] for row in rows] for k, rows in runs.items()}
     # The medians, beside the best rounds: a best round of lt_to_lt alone moves a ratio.
