@@ -136,21 +136,41 @@ class TorrentRecord:
         self.removed = False
         self.records = 0  # appended since the last compaction
         self._fd = -1
+        self._good = 0  # bytes of whole records in the open journal
 
     # -- the journal (caller holds journal_lock) -----------------------------------
     def append(self, records: list[tuple[int, int, bytes]]) -> None:
-        """Append and fdatasync: on return the records survive any crash."""
+        """Append and fdatasync: on return the records survive any crash.
+
+        On an error (a full disk can take part of a record) the journal is cut back to
+        its last whole record before the error is raised: replay stops at the first
+        torn record, so a record appended after one would be lost, with the piece it
+        announced. When even that fails, the next append starts a new generation."""
         if self.removed or not records:
             return
         if self._fd < 0:
             self._fd = os.open(self.folder / f"journal.{self.gen}",
                                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self._good = os.fstat(self._fd).st_size
             fsync_dir(self.folder)  # the new file's name is as durable as its records
-        view = memoryview(encode_records(records))
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fdatasync(self._fd)
+        data = encode_records(records)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fdatasync(self._fd)
+        except OSError:
+            self._cut_back()
+            raise
+        self._good += len(data)
         self.records += len(records)
+
+    def _cut_back(self) -> None:
+        try:
+            os.ftruncate(self._fd, self._good)
+        except OSError:
+            self._close_journal()
+            self.gen += 1  # replayed after this one, which ends at its torn record
 
     def rotate(self) -> int:
         """Start the next generation; returns it. Records appended from now on go there."""

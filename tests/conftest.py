@@ -17,7 +17,7 @@ exclusion: its tests fail.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,19 @@ ODD_FILES = {
     "sub/deeper/plus1": 65537,
     "z/tail.dat": 12345,
 }
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 256 KiB, to fill up (the tests run as root: mounting is part of the
+    test)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 @pytest.fixture

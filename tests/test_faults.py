@@ -32,16 +32,6 @@ pytestmark = pytest.mark.backends(exclude={
     "disabled": "stores nothing: no write reaches a file system to fail"})
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    # The tests run as root here (CI and make test); mounting is part of the test.
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 def test_disk_full(tmp_path: Path, tiny_fs: Path, backend: str) -> None:
     big = make_payload(tmp_path / "src_big", 600_000, seed=1)
     small = make_payload(tmp_path / "src_small", 100_000, seed=2)

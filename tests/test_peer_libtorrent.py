@@ -728,16 +728,6 @@ def test_daemon_killed_under_pieced_peer_keeps_what_it_reported(tmp_path: Path) 
     assert all(lt_recheck(raw, tmp_path / "dl"))
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 256 KiB (the tests run as root: mounting is part of the test)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: Path) -> None:
     """pieced-peer downloading onto a disk that fills up stops with the daemon's error
     (exit 2, the errno named) instead of waiting for ever for pieces that cannot be

@@ -197,6 +197,54 @@ def test_journal_alone_restores_every_verified_piece(
     again.close()
 
 
+def test_a_full_state_disk_loses_no_announced_piece(
+    tmp_path: Path, tiny_fs: Path, backend: str
+) -> None:
+    """The state folder's disk fills up mid-download, then has room again. Appends to
+    the journal fail meanwhile (those pieces are failed, not announced), and one of them
+    leaves part of a record behind; every piece announced before and after must be
+    there when the journal is replayed (a restart after a crash). A journal record
+    appended after a torn one used to be lost with the pieces it announced: 254 of 400
+    here."""
+    import shutil
+
+    from tests.realtools import make_payload
+
+    content = make_payload(tmp_path / "src", 400 * 16384, seed=3)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    announced: set[int] = set()
+    failed: list[int] = []
+    dio = DiskIO(backend, state_dir=tiny_fs / "state",
+                 on_piece=lambda r: announced.add(r.piece) if r.ok else failed.append(r.piece))
+    ih = dio.register(raw, tmp_path / "dl")
+
+    def write(pieces: list[int]) -> None:
+        for p in pieces:
+            for _, b, n in (blk for blk in src.blocks() if blk[0] == p):
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+
+    write(list(range(100)))  # the journal has records in its last page of the disk
+    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(filler, bytes(4096))
+    os.close(filler)
+    write(list(range(100, 200)))
+    assert failed and len(announced) > 100  # some records fitted, then the disk was full
+    os.unlink(tiny_fs / "filler")
+    write([*failed, *range(200, 400)])
+    assert len(announced) == src.meta.num_pieces
+    # The state as a crash would leave it (everything appended was fdatasync'ed).
+    shutil.copytree(tiny_fs / "state", tmp_path / "after")
+    dio.torrent(ih).storage.close_handles()
+    again = DiskIO(backend, state_dir=tmp_path / "after")
+    st = again.status(ih)
+    have = {p for p in range(src.meta.num_pieces) if st["have"][p >> 3] & (0x80 >> (p & 7))}
+    assert have == announced and st["reverifying_pieces"] == 0
+    again.close()
+
+
 def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
     tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
 ) -> None:
