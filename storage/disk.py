@@ -471,25 +471,28 @@ class DiskIO:
         if not t.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         try:
-            partial = self._partial(t, piece, 1)
-            if partial is None:
-                return None
-            with partial.lock:
-                if partial.done:
-                    self.metrics.add("duplicate_blocks")
+            while True:
+                partial = self._partial(t, piece, 1)
+                if partial is None:
                     return None
-                if partial.pads:
-                    runs = self._cut_pads(partial, begin, (block,), length)
-                    for b, views, n in runs:
-                        self._buffer(t, piece, partial, b, b"".join(views), n, flush)
-                else:
-                    self._buffer(t, piece, partial, begin, block, length, flush)
-                if flush:
-                    self._sync(t, t.files_of(piece))
-                self.metrics.add("blocks_written")
-                if partial.hasher.complete:
-                    return self._complete(t, piece, partial)
-            return None
+                with partial.lock:
+                    if partial.done:
+                        if partial.cleared:
+                            continue  # started over meanwhile: to the piece's new hash state
+                        self.metrics.add("duplicate_blocks")
+                        return None
+                    if partial.pads:
+                        runs = self._cut_pads(partial, begin, (block,), length)
+                        for b, views, n in runs:
+                            self._buffer(t, piece, partial, b, b"".join(views), n, flush)
+                    else:
+                        self._buffer(t, piece, partial, begin, block, length, flush)
+                    if flush:
+                        self._sync(t, t.files_of(piece))
+                    self.metrics.add("blocks_written")
+                    if partial.hasher.complete:
+                        return self._complete(t, piece, partial)
+                return None
         finally:
             t.fence.release_shared()
 
@@ -534,28 +537,31 @@ class DiskIO:
         if not t.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         try:
-            partial = self._partial(t, piece, blocks)
-            if partial is None:
-                return None
-            with partial.lock:
-                if partial.done:
-                    self.metrics.add("duplicate_blocks", blocks)
+            while True:
+                partial = self._partial(t, piece, blocks)
+                if partial is None:
                     return None
-                runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
-                        else [(begin, bufs, length)])
-                for b, views, n in runs:
-                    if t.storage.gathers_writes:
-                        # Copied out of the ring into the piece's buffer, written with the
-                        # rest of the piece: one large write instead of one a block.
-                        self._buffer(t, piece, partial, b, b"".join(views), n, False)
-                        self.metrics.add("blocks_written", blocks)
-                    else:
-                        self._write_through(t, piece, b, views, n, blocks=blocks)
-                        partial.hasher.add(b, views, n)
-                    blocks = 0
-                if partial.hasher.complete:
-                    return self._complete(t, piece, partial)
-            return None
+                with partial.lock:
+                    if partial.done:
+                        if partial.cleared:
+                            continue  # started over meanwhile: to the piece's new hash state
+                        self.metrics.add("duplicate_blocks", blocks)
+                        return None
+                    runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
+                            else [(begin, bufs, length)])
+                    for b, views, n in runs:
+                        if t.storage.gathers_writes:
+                            # Copied out of the ring into the piece's buffer, written with
+                            # the rest of the piece: one large write instead of one a block.
+                            self._buffer(t, piece, partial, b, b"".join(views), n, False)
+                            self.metrics.add("blocks_written", blocks)
+                        else:
+                            self._write_through(t, piece, b, views, n, blocks=blocks)
+                            partial.hasher.add(b, views, n)
+                        blocks = 0
+                    if partial.hasher.complete:
+                        return self._complete(t, piece, partial)
+                return None
         finally:
             t.fence.release_shared()
 
@@ -669,8 +675,13 @@ class DiskIO:
         the torrent shared)."""
         key = (t.id, piece)
         partial.done = True
+        # The piece's state and its buffered blocks are this hash state's while it is the
+        # piece's: a vanished file can take it back meanwhile (and a new one start), and
+        # nothing this one does may then touch what belongs to the next.
         with t.lock:
-            t.set_state(piece, HASHING)
+            mine = t.partial.get(piece) is partial
+            if mine:
+                t.set_state(piece, HASHING)
         try:
             with self.metrics.timed("hash"):
                 d1, d2, fp = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
@@ -684,24 +695,27 @@ class DiskIO:
                     ok2 = False
             ok = ok1 is not False and ok2 is not False
             result = PieceResult(t.key, piece, ok, ok1, ok2)
-            blocks = self.pool.take_dirty(key)
-            if ok:
+            with t.lock:  # taken together with the check: no other hash state's blocks
+                mine = t.partial.get(piece) is partial
+                blocks = self.pool.take_dirty(key) if mine else []
+            if ok and mine:
                 self._write_out(t, piece, blocks)
         except BaseException:
             with t.lock:
-                if t.partial.pop(piece, None) is not None:
+                if t.partial.get(piece) is partial:
+                    del t.partial[piece]
                     self._count_partials(-1)
-                if t.state[piece] == HASHING:
                     t.set_state(piece, MISSING)
             raise
         with t.lock:
-            if t.partial.pop(piece, None) is not None:
+            mine = t.partial.get(piece) is partial
+            if mine:
+                del t.partial[piece]
                 self._count_partials(-1)
-            # A vanished file may have sent the piece back to missing meanwhile.
-            ok = ok and t.state[piece] == HASHING
-            t.set_state(piece, COMMITTING if ok else MISSING)
-        if not ok:
-            self.pool.drop(key)
+                t.set_state(piece, COMMITTING if ok else MISSING)
+        if not mine or not ok:
+            if mine:
+                self.pool.drop(key)
             self.metrics.add("pieces_failed")
             failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
             self._notify(failed)
@@ -840,8 +854,11 @@ class DiskIO:
                     state = t.state[p]
                     if state == VERIFIED:
                         cleared.append(p)
-                    elif state in (HASHING, COMMITTING):
-                        pass  # their writer or committer sees the state change
+                    elif state == HASHING:  # its writer sees it taken back
+                        t.partial.pop(p)
+                        self._count_partials(-1)
+                    elif state == COMMITTING:
+                        pass  # the committer sees the state change
                     elif state == PARTIAL and exc.written:
                         t.partial.pop(p).done = True
                         self._count_partials(-1)
@@ -903,6 +920,7 @@ class DiskIO:
         key = (t.id, piece)
         if self.pool.has_dirty(key):
             return self._read_range(t, piece, begin, length)
+        epoch = t.epoch[piece]  # what is read below is cached only if this does not move
         cached = self.pool.get(key, volatile)
         spare: bytearray | None = None  # a buffer taken for the piece, for the miss below
         if cached is not None:
@@ -914,7 +932,7 @@ class DiskIO:
                 spare = self.pool.recycler.take(cached.size)
                 if self._read_resident(t, piece, 0, spare):
                     cached = PieceData.whole(spare)
-                    self.pool.put(key, cached)
+                    self._cache_read(t, piece, epoch, cached)
                     spare = None
             hit = cached.read(begin, length) if spare is None else None
             if hit is not None:
@@ -923,15 +941,23 @@ class DiskIO:
             self.pool.drop(key)  # the page cache let it go: read it the usual way
         self.metrics.add("cache_misses")
         size = t.layout.piece_size(piece)
-        if volatile or t.state[piece] in (PARTIAL, HASHING) or size > self._cacheable:
-            # A piece still arriving is not cached: the copy would be stale at once. Nor
-            # is one too big for the budget: a read of 16 bytes then costs 16 bytes.
+        if volatile or t.state[piece] < COMMITTING or size > self._cacheable:
+            # Only a verified piece is cached: a copy of one still arriving would be stale
+            # at once. Nor is one too big for the budget: a read of 16 bytes then costs 16.
             return self._read_range(t, piece, begin, length)
         if spare is None or len(spare) != size:
             spare = self.pool.recycler.take(size)
         data = self._read_range(t, piece, 0, size, spare)
-        self.pool.put(key, PieceData.whole(data))
+        self._cache_read(t, piece, epoch, PieceData.whole(data))
         return memoryview(data)[begin : begin + length]
+
+    def _cache_read(self, t: Torrent, piece: int, epoch: int, data: PieceData) -> None:
+        """Cache a piece read whole, unless it started to change since ``epoch`` was
+        taken: its copy may hold bytes from before, and must not replace the piece that
+        was verified meanwhile."""
+        with t.lock:
+            if t.epoch[piece] == epoch:
+                self.pool.put((t.id, piece), data)
 
     def read_piece(self, ih: bytes, piece: int) -> bytes:
         """A whole piece, with its buffered blocks flushed to disk first."""
@@ -989,21 +1015,30 @@ class DiskIO:
         t.enter()
         try:
             rec = self._records.get(t.id)
-            with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            while True:
                 with t.lock:
-                    state = t.state[piece]
-                    partial = t.partial.pop(piece, None)
-                    t.set_state(piece, MISSING)
+                    partial = t.partial.get(piece)
+                # A piece being written or hashed is cleared between two of its blocks,
+                # never while its last one is being verified: its hash state is locked.
+                with partial.lock if partial is not None else contextlib.nullcontext():
+                    with rec.journal_lock if rec is not None else contextlib.nullcontext():
+                        with t.lock:
+                            if t.partial.get(piece) is not partial:
+                                continue  # a block started (or finished) it meanwhile
+                            state = t.state[piece]
+                            if partial is not None:
+                                del t.partial[piece]
+                                self._count_partials(-1)
+                            t.set_state(piece, MISSING)
+                        if state == VERIFIED and rec is not None:
+                            try:
+                                rec.append([(REC_CLEARED, piece, bytes(16))])
+                            except OSError as exc:
+                                raise StorageIOError.wrap(
+                                    exc, "journal the cleared piece") from None
                     if partial is not None:
-                        self._count_partials(-1)
-                if state == VERIFIED and rec is not None:
-                    try:
-                        rec.append([(REC_CLEARED, piece, bytes(16))])
-                    except OSError as exc:
-                        raise StorageIOError.wrap(exc, "journal the cleared piece") from None
-            if partial is not None:
-                with partial.lock:
-                    partial.done = True
+                        partial.done = partial.cleared = True
+                break
             self.pool.drop((t.id, piece))
         finally:
             t.leave()
@@ -1079,6 +1114,8 @@ class DiskIO:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
             result = self._verify(t, todo, progress, full)
             self._apply_verify(t, todo, result)
+            for p in self.pool.cached_of(t.id):  # read again from what was just checked
+                self.pool.drop((t.id, p))
             self._save_now(t)
             return result
 

@@ -126,13 +126,16 @@ class Fence:
 class Partial:
     """A piece some of whose blocks have arrived: its hash state and its pad ranges."""
 
-    __slots__ = ("done", "hasher", "lock", "pads")
+    __slots__ = ("cleared", "done", "hasher", "lock", "pads")
 
     def __init__(self, hasher: PieceHasher, pads: list[tuple[int, int]]) -> None:
         self.hasher = hasher
         self.pads = pads
         self.lock = threading.Lock()
         self.done = False  # verified, failed or dropped: further blocks are duplicates
+        # Started over by clear_piece: a block that waited for this lock goes to the
+        # piece's next hash state instead.
+        self.cleared = False
 
 
 class Torrent:
@@ -142,6 +145,10 @@ class Torrent:
         self.layout = Layout(meta)
         self.storage = storage
         self.state = bytearray(meta.num_pieces)  # one of MISSING..VERIFIED per piece
+        # Per piece, a count (mod 256) of the times its bytes may have started to change
+        # (back to missing, a first block): a read that filled the cache keeps its copy
+        # only if the count did not move while it read.
+        self.epoch = bytearray(meta.num_pieces)
         self.have = bytearray((meta.num_pieces + 7) // 8)  # VERIFIED, as a bitfield
         # BLAKE3 of each piece as last verified (zeros: none yet); see hashing.fingerprint.
         # Anonymous memory: pages of pieces never verified cost nothing (16 MiB for a
@@ -194,6 +201,8 @@ class Torrent:
 
     def set_state(self, piece: int, state: int) -> None:
         self.state[piece] = state
+        if state <= PARTIAL:  # MISSING or PARTIAL: what is on disk may change from now on
+            self.epoch[piece] = (self.epoch[piece] + 1) & 0xFF
         bit = 0x80 >> (piece & 7)
         if state == VERIFIED:
             self.have[piece >> 3] |= bit

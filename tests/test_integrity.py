@@ -540,6 +540,111 @@ def test_pieces_written_through_the_ring_are_cached(
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_reads_racing_a_download_leave_no_stale_copy_in_the_cache(
+    tmp_path: Path, backend: str
+) -> None:
+    """One connection downloads 2,048 pieces in order through the ring, one piece at a
+    time, while two others keep reading the next pieces, not yet there. A read that
+    began before a piece arrived used to put its copy (zeros) in the cache over the
+    piece verified meanwhile: 2 to 7 pieces a run then read back as zeros for good."""
+    raw, src = torrent(tmp_path, 2048 * BLOCK, BLOCK, "v1", seed=61)
+    n = src.meta.num_pieces
+    data = [whole(src, p) for p in range(n)]
+    with running(tmp_path, backend) as d, client(d) as w:
+        ih = w.register(raw, tmp_path / "dl")
+        w.write_block_direct(ih, n - 1, 0, data[n - 1])  # the file at its full length
+        w.wait_writes()
+        at = [0]
+        stop = threading.Event()
+
+        def reader() -> None:
+            with client(d) as r:
+                while not stop.is_set():
+                    for q in range(at[0] + 1, min(at[0] + 3, n - 1)):
+                        r.read_chunk(ih, q, 0, BLOCK)
+
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for t in readers:
+            t.start()
+        try:
+            for p in range(n - 1):
+                at[0] = p
+                w.write_block_direct(ih, p, 0, data[p])
+                w.wait_writes()
+        finally:
+            stop.set()
+            for t in readers:
+                t.join(TIMEOUT)
+        w.flush_all()
+        assert w.status(ih, files=False)["verified_pieces"] == n
+        wrong = [p for p in range(n) if w.read_chunk(ih, p, 0, BLOCK) != data[p]]
+        assert wrong == [], f"verified pieces read back wrong: {wrong}"
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_clear_piece_while_the_piece_is_being_verified(tmp_path: Path, backend: str) -> None:
+    """A clears nothing it did not see: the piece's last block arrives (its hash takes a
+    while: 32 MiB, read back from the disk), another connection clears the piece, and a
+    third sends the piece again with a bad first block. The clear waits for the
+    verification, then takes the piece back; blocks that came while it was hashing
+    are duplicates; the piece never ends verified with the bad block, not even after
+    a kill -9. Before, the clear took the piece back in the middle of its hashing, and
+    the first verification, ending, committed the third connection's piece: announced
+    verified, journaled, with the bad block on disk."""
+    piece = 32 * MiB
+    raw, src = torrent(tmp_path, 3 * piece, piece, "v1", seed=62)
+    part = MiB
+    verified = Events()
+    d, drain, _ = start(tmp_path, backend, sync_window_ms="0")
+    try:
+        with client(d, verified) as a, client(d) as b, client(d) as c:
+            ih = a.register(raw, tmp_path / "dl")
+            for p in range(src.meta.num_pieces):
+                good = [src.read(p, k, part) for k in range(0, piece, part)]
+                bad = bytes([good[0][0] ^ 0xFF]) + good[0][1:]
+                for k in [0, *range(2, len(good))]:
+                    a.write_chunk(ih, p, k * part, good[k])
+                a.wait_writes()
+                a.write_chunk(ih, p, part, good[1])  # the last block: hashing from the disk
+                clearing = threading.Thread(target=c.clear_piece, args=(ih, p))
+                time.sleep(0.005)
+                clearing.start()
+                time.sleep(0.002)
+                for k in [*range(1, len(good)), 0]:  # b: the piece again, block 0 bad, last
+                    b.write_chunk(ih, p, k * part, good[k] if k else bad)
+                b.wait_writes()
+                a.wait_writes()
+                clearing.join(TIMEOUT)
+            a.flush_all()
+            st = a.status(ih, files=False)
+        assert verified.pieces("piece_verified", ih)  # the first verifications did end
+        for p in range(src.meta.num_pieces):  # whatever is verified holds the good bytes
+            if has(st["have"], p):
+                assert _on_disk(tmp_path / "dl", src, p) == whole(src, p), p
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        drain.join(5)
+    with running(tmp_path, backend) as d2, client(d2) as c2:
+        st = c2.status(ih, files=False)
+        for p in range(src.meta.num_pieces):
+            if has(st["have"], p):
+                assert _on_disk(tmp_path / "dl", src, p) == whole(src, p), p
+                assert c2.hash_piece(ih, p)
+
+
+def _on_disk(folder: Path, src: Source, piece: int) -> bytes:
+    """A piece's bytes as the payload file holds them (one-file torrents)."""
+    (f,) = src.meta.files
+    with open(folder.joinpath(*f.path), "rb") as fh:
+        fh.seek(piece * src.meta.piece_length)
+        return fh.read(src.layout.piece_size(piece))
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 def test_three_clients_seeding_through_a_small_cache_get_every_byte_right(
     tmp_path: Path, backend: str
 ) -> None:
