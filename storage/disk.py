@@ -219,14 +219,18 @@ class DiskIO:
             self._count_partials(-len(partials))
             for partial in partials:
                 partial.done = True
-            with self._lock:
-                for alias in t.meta.aliases:
-                    self._torrents.pop(alias, None)
             for piece in self.pool.pieces_of(t.id):
                 self.pool.drop((t.id, piece))
-            if delete_files:
-                t.storage.delete_files()
-            t.storage.close()
+            try:
+                if delete_files:
+                    t.storage.delete_files()
+                t.storage.close()
+            finally:
+                # Known until its files are gone: a register of the same torrent meanwhile
+                # is refused (already registered), and its files are never the ones deleted.
+                with self._lock:
+                    for alias in t.meta.aliases:
+                        self._torrents.pop(alias, None)
         finally:
             t.leave_alone()
 

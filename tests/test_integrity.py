@@ -436,6 +436,46 @@ def test_unregister_with_delete_right_after_the_last_blocks(
             u.status(ih)
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_register_again_while_an_unregister_deletes_the_files(
+    tmp_path: Path, backend: str
+) -> None:
+    """One connection unregisters a torrent of 400 files with delete_files; another
+    registers it again at the same save path the moment it can, and downloads it. The
+    second registration is refused until the files are gone, and none of its files is
+    deleted: before, it could register while the deletion ran, and lost about half of
+    its files, verified pieces and all."""
+    from pieced.storage.errors import AlreadyRegistered
+
+    spec = {f"d{i % 5}/f{i}.bin": 20000 + 37 * i for i in range(400)}
+    raw, src = torrent(tmp_path, spec, BLOCK, "v1", seed=63)
+    dl = tmp_path / "dl"
+    with running(tmp_path, backend) as d, client(d) as u, client(d) as c:
+        ih = u.register(raw, dl)
+        download(u, ih, src, ring=True)
+        u.flush_all()
+        downloaded = threading.Event()
+
+        def register_again() -> None:  # and download at once, from the last file back
+            while True:
+                with contextlib.suppress(AlreadyRegistered):
+                    c.register(raw, dl)
+                    break
+            download(c, ih, src, list(reversed(src.blocks())), ring=True)
+            c.flush_all()
+            downloaded.set()
+
+        again = threading.Thread(target=register_again)
+        again.start()
+        u.unregister(ih, delete_files=True)
+        again.join(TIMEOUT)
+        assert downloaded.is_set()
+        st = c.status(ih, files=False)
+        assert st["verified_pieces"] == src.meta.num_pieces and st["errors"] == []
+        assert c.recheck(ih, full=True)["verified"] == src.meta.num_pieces
+    assert_payload(raw, src, dl, backend)
+
+
 def test_reregister_elsewhere_inside_a_commit_window_survives_a_crash(
     tmp_path: Path, backend: str
 ) -> None:
