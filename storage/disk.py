@@ -50,13 +50,13 @@ from .errors import (
     TooLarge,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileVanished, HandlePool, make_storage
+from .files import BACKENDS, FileStorage, FileVanished, HandlePool, make_storage
 from .filetable import PAD, UNSTORED
 from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
-from .resume import REC_CLEARED, REC_VERIFIED, StateStore, TorrentRecord, file_stamp
+from .resume import REC_CLEARED, REC_VERIFIED, Loaded, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
 from .torrent import (
     COMMITTING,
@@ -330,6 +330,25 @@ class DiskIO:
         except OSError as exc:
             raise StorageIOError.wrap(exc, "save the torrent's location") from None
 
+    def _finish_move(self, saved: Loaded, storage: FileStorage) -> bool:
+        """Finish a move or rename a crash cut short (the files not yet where the record
+        says are where they were). True if the record is to be written anew."""
+        if saved.previous is None:
+            return False
+        old, renames = saved.previous
+        if self.roots is not None and not any(
+                Path(old).resolve().is_relative_to(r) for r in self.roots):
+            return True  # not looked for outside the roots; the record is written anew
+        try:
+            n = storage.finish_move(Path(old), renames)
+        except (OSError, PiecedError) as exc:
+            self.load_errors.append(f"torrent {saved.ih_hex}: finishing its move: {exc}")
+            return False
+        if n:
+            log.info("torrent %s: %d files moved to %s, where a move was going", saved.ih_hex,
+                     n, storage.save_path)
+        return True
+
     def _load_state(self) -> None:
         """Re-register every saved torrent with the pieces its record and journal prove."""
         assert self.state is not None
@@ -350,6 +369,7 @@ class DiskIO:
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 continue
+            moved = self._finish_move(saved, storage)
             t = Torrent(next(self._ids), meta, storage)
             t.fingerprints[:] = saved.fingerprints
             n = meta.num_pieces
@@ -388,6 +408,11 @@ class DiskIO:
                     self._torrents[alias] = t
             with rec.save_lock:
                 self._save(t, rec)  # the replayed journals become the resume record
+            if moved:
+                try:
+                    self._save_location(t)  # the move is over
+                except StorageIOError as exc:
+                    self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
             if saved.damaged is not None:
                 # Only what the journal proved is known: recheck the rest.
                 self.load_errors.append(
@@ -1126,25 +1151,50 @@ class DiskIO:
     def move_storage(self, ih: bytes, new_path: str | Path) -> None:
         path = self._check_save_path(Path(new_path))
         with self._alone(ih) as t:
+            if path == t.storage.save_path:
+                return  # there already
             self._flush_torrent(t, sync=True)
-            old = t.storage.save_path
-            t.storage.move(path)
-            try:
-                self._save_location(t)
-            except StorageIOError:
-                t.storage.move(old)
-                raise
+            renames = dict(t.storage.renames)
+            self._moving(t, lambda: t.storage.move(path), path, renames,
+                         (t.storage.save_path, renames))
 
     def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
         with self._alone(ih) as t:
             self._flush_torrent(t, sync=True)
-            old = t.storage.renames.get(index)
-            t.storage.rename(index, new_name)
+            parts = t.storage.rename_target(index, new_name)
+            if parts is None:
+                return
+            renames = dict(t.storage.renames)
+            self._moving(t, lambda: t.storage.rename(index, new_name), t.storage.save_path,
+                         {**renames, index: parts}, (t.storage.save_path, renames))
+
+    def _moving(self, t: Torrent, move: Callable[[], None], path: Path,
+                renames: dict[int, tuple[str, ...]],
+                previous: tuple[Path, dict[int, tuple[str, ...]]]) -> None:
+        """Move or rename files crash-safely: where they go is recorded first, with where
+        they were, so that a restart after a crash part-way finishes the move (a file
+        left where it was would be taken for gone, its verified pieces with it); then
+        the files move; then the record says where they are."""
+        rec = self._records.get(t.id)
+        if rec is not None:
             try:
-                self._save_location(t)
-            except StorageIOError:
-                t.storage.rename(index, "/".join(old or t.meta.files[index].path))
-                raise
+                with rec.save_lock:
+                    rec.write_location(path, renames, previous)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, "save the torrent's location") from None
+        try:
+            move()  # undone by itself if it fails part-way
+        except BaseException:
+            # The files are back where they were: recorded so, with where they were going
+            # as the place to bring back from, should any have stayed there.
+            if rec is not None:
+                with contextlib.suppress(OSError), rec.save_lock:
+                    rec.write_location(previous[0], previous[1], (path, renames))
+            raise
+        try:
+            self._save_location(t)
+        except StorageIOError as exc:  # the record above already leads a restart there
+            self._record_error(t, exc, None)
 
     # -- reporting ------------------------------------------------------------------------
     def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:

@@ -505,19 +505,50 @@ class FileStorage:
             self._identity.clear()  # a copy across devices is another inode: learnt anew
             self._recreate.clear()
 
-    def rename(self, index: int, new_name: str) -> None:
-        """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
+    def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]]) -> int:
+        """Bring under the save path, as named now, the files a move or rename cut short
+        by a crash left where they were (``old_path``, named by ``old_renames``); a file
+        already in place is left alone. Returns how many were moved."""
+        old_root = Beneath(old_path, self.root.allow_hard_links) if old_path != self.save_path \
+            else self.root
+        moved = 0
+        try:
+            for index in self.stored_files():
+                parts = self.parts(index)
+                was = old_renames.get(index) or self.meta.files.path(index)
+                if (old_root is self.root and was == parts) or self.root.exists(parts) \
+                        or not old_root.exists(was):
+                    continue
+                old_root.move(was, self.root, parts)
+                moved += 1
+            if moved and old_root is not self.root:
+                self._prune(old_root)
+        finally:
+            if old_root is not self.root:
+                old_root.close()
+        return moved
+
+    def rename_target(self, index: int, new_name: str) -> tuple[str, ...] | None:
+        """The path a rename of file ``index`` to ``new_name`` gives it, refused (typed
+        errors) as :meth:`rename` would refuse it; None when it is its name already."""
         if not 0 <= index < len(self.meta.files) or not self.meta.files.stored(index):
             raise OutOfRange(f"file index {index} is not a payload file")
         parts = tuple(new_name.split("/"))
         if new_name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise PathEscape(f"new name {new_name!r} must be a relative path inside the save path")
         if parts == self.parts(index):
-            return
+            return None
         taken = any(self.parts(i) == parts for i in self.stored_files() if i != index)
         if taken or self.root.exists(parts):
             dst = self.save_path.joinpath(*parts)
             raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
+        return parts
+
+    def rename(self, index: int, new_name: str) -> None:
+        """Rename one file; ``new_name`` is a relative path that must stay inside the save path."""
+        parts = self.rename_target(index, new_name)
+        if parts is None:
+            return
         self.close_handles()
         src = self.parts(index)
         if self.root.exists(src):

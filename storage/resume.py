@@ -6,7 +6,9 @@ Layout under the state directory::
                                             cleanly (removed at start-up)
     torrents/<info_hash hex>/metainfo.torrent   the .torrent bytes, written at register
     torrents/<info_hash hex>/location       bencoded: save path and renames (written at
-                                            register, move and rename)
+                                            register, move and rename; during a move
+                                            or rename also where the files were, so
+                                            that a restart finishes what a crash cut)
     torrents/<info_hash hex>/resume         bencoded: bitfield, BLAKE3 fingerprint of
                                             every verified piece, the journal generation
                                             that follows it, and at a clean stop the
@@ -122,6 +124,9 @@ class Loaded(NamedTuple):
     fingerprints: bytearray  # the fingerprint table (zeros: none)
     stamps: list[list[int]] | None  # per file, saved at a clean stop
     damaged: str | None  # why the resume record could not be used, if it could not
+    # A move or rename was under way (save path, renames the files had before it): files
+    # not yet where the record says are still there.
+    previous: tuple[str, dict[int, tuple[str, ...]]] | None = None
 
 
 class TorrentRecord:
@@ -198,13 +203,16 @@ class TorrentRecord:
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / f"journal.{old}").unlink()
 
-    def write_location(self, save_path: Path, renames: dict[int, tuple[str, ...]]) -> None:
+    def write_location(self, save_path: Path, renames: dict[int, tuple[str, ...]],
+                       previous: tuple[Path, dict[int, tuple[str, ...]]] | None = None) -> None:
+        """Where the files are; with ``previous``, where they are being moved from (a
+        move or rename under way: a restart finishes it, see ``Loaded.previous``)."""
         if self.removed:
             return
-        write_atomic(self.folder / "location", bencodepy.encode({
-            b"save_path": str(save_path).encode(),
-            b"renames": {str(i).encode(): "/".join(p).encode() for i, p in renames.items()},
-        }))
+        record: dict[bytes, Any] = _location(save_path, renames)
+        if previous is not None:
+            record[b"from"] = _location(*previous)
+        write_atomic(self.folder / "location", bencodepy.encode(record))
 
     def journals(self) -> list[int]:
         try:
@@ -281,12 +289,13 @@ class StateStore:
         location = _decode_dict(folder / "location")
         if location is None and resume is not None and b"save_path" in resume:
             location = resume  # written by a version that kept the location in the resume
-        if location is None or not isinstance(location.get(b"save_path"), bytes):
-            raise ValueError("its location record is missing or damaged")
-        save_path = location[b"save_path"].decode()
-        renames: dict[int, tuple[str, ...]] = {}
-        for k, v in dict(location.get(b"renames", {})).items():
-            renames[int(k)] = tuple(bytes(v).decode().split("/"))
+        save_path, renames = _read_location(location)
+        previous = None
+        if location is not None and b"from" in location:
+            try:
+                previous = _read_location(location[b"from"])
+            except (ValueError, TypeError, UnicodeDecodeError):
+                previous = None  # the files are looked for where the record says, only
 
         nbytes = (n + 7) // 8
         have = bytearray(nbytes)
@@ -332,8 +341,23 @@ class StateStore:
                     have[piece >> 3] &= ~bit & 0xFF
         # Appends go to a new generation: never after a torn record, which would hide them.
         next_gen = max([gen, *rec.journals()]) + 1
-        loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged)
+        loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
+                        previous)
         return loaded, next_gen
+
+
+def _location(save_path: Path, renames: dict[int, tuple[str, ...]]) -> dict[bytes, Any]:
+    return {b"save_path": str(save_path).encode(),
+            b"renames": {str(i).encode(): "/".join(p).encode() for i, p in renames.items()}}
+
+
+def _read_location(record: Any) -> tuple[str, dict[int, tuple[str, ...]]]:
+    if not isinstance(record, dict) or not isinstance(record.get(b"save_path"), bytes):
+        raise ValueError("its location record is missing or damaged")
+    renames: dict[int, tuple[str, ...]] = {}
+    for k, v in dict(record.get(b"renames", {})).items():
+        renames[int(k)] = tuple(bytes(v).decode().split("/"))
+    return record[b"save_path"].decode(), renames
 
 
 def _decode_dict(path: Path) -> dict[bytes, Any] | None:
