@@ -135,16 +135,20 @@ class DirectStorage(FileStorage):
             self.handles.put(entry)
         self._mark_dirty(index)
 
-    @staticmethod
-    def _read_aligned(fd: int, out: memoryview, offset: int) -> None:
-        """Fill ``out`` from ``offset``; past the end of the file, zeros."""
+    def _read_aligned(self, fd: int, out: memoryview, offset: int) -> None:
+        """Fill ``out`` from ``offset``; past the end of the file, zeros.
+
+        A read that stops short of a block boundary met the end of the file: the rest
+        is zeros, and no read is made at that unaligned offset. (One would be refused
+        with EINVAL, not answered with 0, while a write of the file's last block has
+        the file a block long for a moment.)"""
         done = 0
         while done < out.nbytes:
             n = os.preadv(fd, [out[done:]], offset + done)
-            if n == 0:
+            done += n
+            if n == 0 or n % self.ALIGN:
                 out[done:] = bytes(out.nbytes - done)
                 return
-            done += n
 
     def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
         if nowait:

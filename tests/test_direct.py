@@ -159,3 +159,55 @@ def test_bounce_buffers_are_one_a_thread_not_one_a_thread_and_torrent(tmp_path: 
         assert grown < 16 * 1024 * 1024, grown  # 7 torrents x 2 threads x 4 MiB before
     finally:
         dio.close()
+
+
+def test_reads_of_a_verified_piece_while_the_file_end_is_written(tmp_path: Path) -> None:
+    """A piece is seeded (read again and again) while another piece that shares its
+    file's last page is cleared and written again and again: downloading and seeding at
+    once. Writing that last page makes the file a page long for a moment; a read that
+    met the file's end used to read on from that unaligned offset and fail with EINVAL
+    (about one read in twenty), recorded as a disk error."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 48_000}, seed=19)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    seeded, written = n - 2, n - 1  # both hold bytes of b.bin's last page
+    d = Daemon(tmp_path, backend="direct")
+    with Client(d.socket) as c:
+        ih = c.register(raw, tmp_path / "dl")
+        for p, b, ln in src.blocks():
+            c.write_block_direct(ih, p, b, src.read(p, b, ln))
+        c.wait_writes()
+        c.flush_all()
+    assert d.stop() == 0
+    d = Daemon(tmp_path, backend="direct")  # a cache that holds nothing: reads go to the disk
+    try:
+        with Client(d.socket) as c:
+            want = src.read(seeded, 0, 16384)
+            again = src.read(written, 0, src.layout.piece_size(written))
+            stop = threading.Event()
+            wrong: list[object] = []
+
+            def seed() -> None:
+                with Client(d.socket) as r:
+                    while not stop.is_set():
+                        try:  # volatile: from the disk each time, not from the cache
+                            if r.read_chunk(ih, seeded, 0, 16384, volatile=True) != want:
+                                wrong.append("bytes")
+                        except Exception as exc:
+                            wrong.append(exc)
+
+            seeder = threading.Thread(target=seed)
+            seeder.start()
+            try:
+                for _ in range(400):
+                    c.clear_piece(ih, written)
+                    c.write_block_direct(ih, written, 0, again)
+                    c.wait_writes()
+            finally:
+                stop.set()
+                seeder.join(30)
+            assert wrong == []
+            assert c.status(ih, files=False)["errors"] == []
+    finally:
+        assert d.stop() == 0
