@@ -667,7 +667,11 @@ class DiskIO:
         """Write a range straight to disk (the range has passed ``layout.check``)."""
         key = (t.id, piece)
         if self.pool.has_dirty(key):
-            self.pool.discard_dirty(key, begin, begin + length)
+            self.pool.discard_dirty(key, begin, begin + length)  # superseded whole
+            if self.pool.overlaps_other(key, begin, begin + length):
+                # Buffered blocks this one covers in part: on disk first, so that the
+                # newer bytes land over theirs (written later, they would undo them).
+                self._write_out(t, piece, self.pool.take_dirty(key))
         segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
         start = perf_counter()
         try:
