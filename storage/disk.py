@@ -161,6 +161,7 @@ class DiskIO:
     # -- registration ------------------------------------------------------------------
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
         meta = parse(metainfo, **self.metainfo_limits)
+        self._refuse_registered(meta)  # before the save path is made: refused, nothing made
         path = self._check_save_path(Path(save_path))
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links)
@@ -170,9 +171,7 @@ class DiskIO:
         t.enter_alone()
         try:
             with self._lock:
-                for alias in meta.aliases:
-                    if alias in self._torrents:
-                        raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
+                self._refuse_registered(meta)  # again: another register may have won meanwhile
                 for alias in meta.aliases:
                     self._torrents[alias] = t
             try:
@@ -198,6 +197,11 @@ class DiskIO:
         finally:
             t.leave_alone()
         return meta.info_hash
+
+    def _refuse_registered(self, meta: Metainfo) -> None:
+        for alias in meta.aliases:
+            if alias in self._torrents:
+                raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
 
     def unregister(self, ih: bytes, delete_files: bool = False) -> None:
         """Forget a torrent, after the block I/O in flight. Pieces still committing are

@@ -344,6 +344,7 @@ def test_bad_requests_change_nothing(
     ih = dio.register(raw, tmp_path / "dl")
     with pytest.raises(AlreadyRegistered):
         dio.register(raw, tmp_path / "dl2")
+    assert not (tmp_path / "dl2").exists()  # refused before the save path was made
     with pytest.raises(PathEscape):
         dio.register(raw, "/etc")
     with pytest.raises(PathEscape):
