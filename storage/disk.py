@@ -161,8 +161,9 @@ class DiskIO:
     # -- registration ------------------------------------------------------------------
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
         meta = parse(metainfo, **self.metainfo_limits)
+        path = self._check_save_path(Path(save_path), make=False)
         self._refuse_registered(meta)  # before the save path is made: refused, nothing made
-        path = self._check_save_path(Path(save_path))
+        path = self._check_save_path(path)
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links)
         t = Torrent(next(self._ids), meta, storage)
@@ -270,7 +271,8 @@ class DiskIO:
         finally:
             t.leave_alone()
 
-    def _check_save_path(self, path: Path) -> Path:
+    def _check_save_path(self, path: Path, make: bool = True) -> Path:
+        """The save path, resolved, refused outside the roots; made unless ``make`` is off."""
         if "\0" in str(path):
             raise PathEscape("save path contains a NUL byte")
         if not path.is_absolute():
@@ -279,10 +281,11 @@ class DiskIO:
         if self.roots is not None and not any(resolved.is_relative_to(r) for r in self.roots):
             allowed = ", ".join(str(r) for r in self.roots)
             raise PathEscape(f"save path {resolved} is outside the allowed roots ({allowed})")
-        try:
-            resolved.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageIOError.wrap(exc, f"create save path {resolved}") from None
+        if make:
+            try:
+                resolved.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, f"create save path {resolved}") from None
         return resolved
 
     # -- durable state ----------------------------------------------------------------
