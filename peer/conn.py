@@ -68,6 +68,7 @@ class PeerConnection:
         self.peer_requests: deque[Block] = deque()  # it asked, not yet served
         self.last_received = time.monotonic()
         self.last_sent = self.last_received
+        self.last_block = 0.0  # when the last block we asked for came (monotonic)
         self.unchoked_at = 0.0  # when we last unchoked it
         if outgoing_hash is not None:
             self._send(wire.handshake(outgoing_hash, peer_id, self.reserved))
@@ -103,7 +104,10 @@ class PeerConnection:
     def _apply(self, ev: wire.Event) -> bool:
         if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested
             # first; dropped when not asked for (late after a cancel, or unsolicited)
-            return self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is not None
+            if self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is None:
+                return False
+            self.last_block = self.last_received
+            return True
         if type(ev) is wire.Request and self.handshaken:  # seeding's message, tested next
             return self._request(ev)
         if isinstance(ev, wire.Handshake):
@@ -278,6 +282,14 @@ class PeerConnection:
     def send_hashes(self, ev: wire.HashRequest, hashes: bytes) -> None:
         self._send(wire.hashes(ev.pieces_root, ev.base_layer, ev.index, ev.length,
                                ev.proof_layers, hashes))
+
+    def late_requests(self, now: float, timeout: float) -> list[Block]:
+        """Requests to give up on: asked ``timeout`` seconds ago or more, with no block
+        from the peer since. A peer working through a deep queue at its own pace keeps
+        sending blocks, so none of its requests is late (as in libtorrent); one that
+        stopped sending has all its old ones late."""
+        since = self.last_block
+        return [b for b, t in self.our_requests.items() if now - max(t, since) >= timeout]
 
     def keepalive_due(self, now: float) -> bool:
         return now - self.last_sent >= KEEPALIVE_SECONDS

@@ -1,5 +1,5 @@
 """Which block to ask which peer for: rarest piece first, pieces finished before new
-ones are started, and an end game that asks a second peer for what is still missing.
+ones are started, and an end game that asks an idle peer for what another is late with.
 
 Pure state, no I/O: the plugin tells it what peers have and what arrived, and asks it
 for requests to send.
@@ -15,6 +15,7 @@ from pieced.storage.layout import Layout
 from pieced.storage.metainfo import Metainfo
 
 BLOCK = 16384
+ENDGAME_BLOCKS = 4  # blocks already asked of another given to an idle peer at a time
 
 Block = tuple[int, int, int]  # (piece, begin, length)
 _NOBODY: frozenset[object] = frozenset()
@@ -141,9 +142,12 @@ class Picker:
 
     # -- what to ask for -----------------------------------------------------------------
     def pick(self, peer: object, peer_has: bytearray | None, want: int,
-             allowed: Iterable[int] | None = None) -> list[Block]:
+             allowed: Iterable[int] | None = None, outstanding: int = 0) -> list[Block]:
         """Up to ``want`` blocks to ask ``peer`` for (``peer_has``: None when it has
-        all). ``allowed``: only these pieces (a choked peer's allowed-fast set)."""
+        all). ``allowed``: only these pieces (a choked peer's allowed-fast set).
+        ``outstanding``: the peer's requests not yet answered; in the end game only a
+        peer with none is given blocks already asked of another, ENDGAME_BLOCKS at a
+        time (as libtorrent does: each such block is sent twice, one copy wasted)."""
         out: list[Block] = []
         if want <= 0:
             return out
@@ -200,7 +204,8 @@ class Picker:
         for p in fresh:
             if take(p, False):
                 return out
-        if not out:  # nothing new to ask for: end game, a second peer for what is late
+        if not out and not outstanding:  # nothing new to ask for: end game, an idle
+            want = min(want, ENDGAME_BLOCKS)  # peer asked for what another is late with
             for p in list(self.started):
                 if (candidates is None or p in candidates) and has(p) and take(p, True):
                     return out

@@ -51,6 +51,7 @@ READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for: 64 block
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
+STOP_ANNOUNCE_TIMEOUT = 5.0  # seconds an exit waits for the trackers (libtorrent: 5 too)
 PEER_TIMEOUT = 120.0
 # A connection whose handshake has not arrived by then is closed (libtorrent's
 # handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
@@ -80,6 +81,11 @@ class NoSources(Exception):
     """Nothing to download from or seed to: no peer, no listening socket, no tracker."""
 
 
+class ElsewhereAlready(Exception):
+    """The torrent is registered with another save path than the one given: nothing is
+    downloaded or seeded from a folder the user did not name."""
+
+
 class StorageFailed(Exception):
     """The daemon could not store or read the torrent (a full disk, a read-only or
     vanished file, EIO): like libtorrent, which pauses a torrent on a file error, the
@@ -95,6 +101,7 @@ class Dial:
     bad: int = 0  # pieces that failed with its data, over all its connections
     banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
     busy: bool = False  # being dialled, or connected
+    warned: bool = False  # told the user it closed before its handshake
 
     @property
     def dropped(self) -> bool:
@@ -388,7 +395,10 @@ class Swarm:
         except AlreadyRegistered:
             st = await self.client.status(self.ih, files=False)
             if Path(st["save_path"]) != self.opts.save_path.resolve():
-                log.warning("the torrent is registered with save path %s", st["save_path"])
+                raise ElsewhereAlready(
+                    f"the torrent is registered with save path {st['save_path']}, not "
+                    f"{self.opts.save_path}: run with --save-path {st['save_path']} "
+                    "(or remove it with `pieced rm` to start over in the other)") from None
         await self.client.subscribe(self.ih)
         st = await self.client.status(self.ih, files=False)
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
@@ -438,10 +448,8 @@ class Swarm:
         for t in list(self._tasks):
             t.cancel()
         if self.tracker is not None:
-            with contextlib.suppress(Exception):
-                if self.summary.complete and not self._completed_announced:
-                    await self.tracker.announce("completed", self._counters())
-                await self.tracker.announce("stopped", self._counters())
+            with contextlib.suppress(Exception):  # a tracker that does not answer: let it be
+                await asyncio.wait_for(self._final_announces(), STOP_ANNOUNCE_TIMEOUT)
             await self.tracker.close()
         if self.server is not None:
             self.server.close()
@@ -449,6 +457,12 @@ class Swarm:
             p.close()
         with contextlib.suppress(PiecedError, OSError, ConnectionError):
             await self.client.close()
+
+    async def _final_announces(self) -> None:
+        assert self.tracker is not None
+        if self.summary.complete and not self._completed_announced:
+            await self.tracker.announce_all("completed", self._counters())
+        await self.tracker.announce_all("stopped", self._counters())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -502,6 +516,11 @@ class Swarm:
         finally:
             self.connecting.discard((host, port))
             dial.busy = False
+            if peer is not None and not peer.conn.handshaken and not dial.warned:
+                dial.warned = True  # once an address: it is dialled again and again
+                log.warning("%s:%d closed the connection before its handshake (a peer that "
+                            "requires encryption does so: pieced-peer speaks plain "
+                            "BitTorrent only)", host, port)
             if peer is not None:
                 dial.bad = peer.bad
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
@@ -572,10 +591,14 @@ class Swarm:
         if peer not in self.peers:
             return
         self.peers.discard(peer)
+        if peer.conn.handshaken:
+            log.info("%s: gone", peer.addr)
         if self.picker is not None:
             self.picker.peer_gone(peer)
             self.picker.peer_lost(i for i, h in enumerate(peer.conn.peer_has) if h)
             self._fill_all()
+        if not peer.conn.am_choking and peer.conn.peer_interested:
+            self._choke_round()  # its unchoke slot is free: the peer waiting longest gets it
 
     # -- messages from a peer -----------------------------------------------------------------
     async def _handle(self, peer: Peer, ev: wire.Event) -> None:
@@ -587,6 +610,7 @@ class Swarm:
         conn = peer.conn
         if isinstance(ev, wire.Handshake):
             self.summary.peers += 1
+            log.info("%s: connected", peer.addr)
             conn.send_bitfield(picker.have)
         elif isinstance(ev, (wire.Bitfield, wire.HaveAll, wire.HaveNone)):
             picker.peer_has(i for i, h in enumerate(conn.peer_has) if h)
@@ -694,7 +718,8 @@ class Swarm:
                     mask = bytearray(mask)
                     for p in peer.banned:
                         mask[p] = 0
-                conn.send_requests(picker.pick(peer, mask, room, allowed))
+                conn.send_requests(picker.pick(peer, mask, room, allowed,
+                                               outstanding=len(conn.our_requests)))
         peer.flush()
 
     def _fill_all(self) -> None:
@@ -891,7 +916,7 @@ class Swarm:
                     log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)
                     self._drop(p)
                     continue
-                late = [b for b, t in conn.our_requests.items() if now - t > REQUEST_TIMEOUT]
+                late = conn.late_requests(now, REQUEST_TIMEOUT)
                 for blk in late:
                     conn.send_cancel(blk)
                     assert self.picker is not None
@@ -1007,8 +1032,9 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        # The time of the transfer: saying goodbye to trackers and daemon is not part of it.
+        swarm.summary.seconds = round(time.monotonic() - started, 3)
         await swarm.close()
-    swarm.summary.seconds = round(time.monotonic() - started, 3)
     swarm.summary.blocks_reordered = swarm.order.reordered
     if swarm.lost is not None:
         raise ConnectionError(f"lost the daemon: {swarm.lost}")
@@ -1046,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
                        args.seed, args.socket, args.max_peers)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
-    except (PiecedError, NoSources, StorageFailed) as exc:
+    except (PiecedError, NoSources, ElsewhereAlready, StorageFailed) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:

@@ -113,20 +113,32 @@ class Tracker:
     async def announce(self, event: str, counters: dict[str, int]) -> tuple[Peers, float]:
         import aiohttp
 
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
         last: Exception = TrackerError("no tracker")
-        for url in self.urls:
-            full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters)
+        for url in self.urls:  # in turn, until one answers
             try:
-                async with self._session.get(full) as resp:
-                    if resp.status != 200:
-                        raise TrackerError(f"{url}: HTTP {resp.status}")
-                    body = await _read_reply(resp, url)
-                return parse_response(body)
+                return await self._announce(url, event, counters)
             except (aiohttp.ClientError, TrackerError, TimeoutError) as exc:
                 last = exc
         raise last
+
+    async def announce_all(self, event: str, counters: dict[str, int]) -> None:
+        """Tell every tracker at once (``stopped``, ``completed``), answered or not."""
+        import asyncio
+
+        await asyncio.gather(*(self._announce(url, event, counters) for url in self.urls),
+                             return_exceptions=True)
+
+    async def _announce(self, url: str, event: str, counters: dict[str, int]) -> tuple[Peers, float]:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters)
+        async with self._session.get(full) as resp:
+            if resp.status != 200:
+                raise TrackerError(f"{url}: HTTP {resp.status}")
+            body = await _read_reply(resp, url)
+        return parse_response(body)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -602,7 +602,8 @@ def _check_pstr(prefix: bytes) -> None:
     # HTTP request or an encrypted stream is refused at once instead of after 68 bytes.
     if prefix != PROTOCOL[: len(prefix)]:
         if prefix[0] != _PSTR_LEN - 1:
-            raise WireError(f"handshake protocol length is {prefix[0]}, expected {_PSTR_LEN - 1}")
+            raise WireError(f"handshake protocol length is {prefix[0]}, expected {_PSTR_LEN - 1} "
+                            "(an encrypted handshake? pieced-peer speaks plain BitTorrent only)")
         raise WireError(f"handshake protocol is {prefix[1:]!r}, expected {PROTOCOL[1:]!r}")
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pieced.peer import wire
 from pieced.peer.conn import DEFAULT_REQQ, OUR_REQQ, PeerConnection, choke_round
-from pieced.peer.picker import BLOCK, Picker, block_plan
+from pieced.peer.picker import BLOCK, ENDGAME_BLOCKS, Picker, block_plan
 
 from tests.conftest import ODD_FILES
 from tests.ltpeer import make_torrent_v1_pads
@@ -457,6 +457,38 @@ def test_choke_from_the_peer_clears_our_requests_only_without_fast(fast: bool) -
     assert rejects == ([wire.RejectRequest(*blk) for blk in mine] if fast else [])
 
 
+def test_requests_are_late_only_when_the_peer_stops_sending() -> None:
+    """b asks a for 40 blocks at once; a answers one every second, slower than the time
+    out: none of the requests waiting behind is late, since blocks keep coming. Once a
+    stops sending, every request asked that long ago, and not answered, is. (Each
+    request timed on its own, the ones at the back of a slow peer's queue timed out and
+    were asked again, and the peer sent them twice.)"""
+    sizes = [BLOCK] * 40
+    a = PeerConnection((IH,), A_ID, sizes, v2=False)
+    b = PeerConnection((IH,), B_ID, sizes, v2=False, outgoing_hash=IH)
+    ab, ba = Link(a, b, False), Link(b, a, False)
+    settle(ab, ba)
+    a.send_choke(False)
+    settle(ab, ba)
+    blocks = valid_blocks(sizes)
+    t0 = b.last_received
+    for blk in blocks:
+        b.send_request(blk)
+        b.our_requests[blk] = t0  # all asked at t0
+    ba.deliver()
+    timeout = 5.0
+    for k in range(20):  # one block a second: 20 s, four times the time out
+        blk = a.peer_requests.popleft()
+        a.send_piece(blk, bytes(blk[2]))
+        ab.deliver()
+        assert b.last_block >= t0  # noted when it came...
+        b.last_block = t0 + k + 1  # ... which, by the clock of this test, is now
+        assert b.late_requests(t0 + k + 1.5, timeout) == []
+    # a goes quiet: what is still asked becomes late, timeout seconds after its last block
+    assert b.late_requests(t0 + 20 + timeout - 0.5, timeout) == []
+    assert sorted(b.late_requests(t0 + 20 + timeout, timeout)) == sorted(blocks[20:])
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_answers_to_what_we_no_longer_want_are_not_events(fast: bool) -> None:
     a, b, ab, ba = connect(fast=fast)
@@ -832,14 +864,17 @@ def test_two_peers_against_a_model(
         other = "B" if peer == "A" else "A"
         fresh = {blk for blk in wanted(peer) if blk not in out["A"] | out["B"]}
         late = {blk for blk in wanted(peer) if blk in out[other] and blk not in out[peer]}
-        got = pk.pick(peer, masks[peer], want)
+        busy = data.draw(st.booleans())  # the peer has requests out
+        got = pk.pick(peer, masks[peer], want, outstanding=int(busy))
         assert len(got) <= want and len(set(got)) == len(got)
         assert not set(got) & out[peer], "the same block asked twice of one peer"
         assert set(got) <= set(wanted(peer))
         if fresh:
             assert got and set(got) <= fresh, "a second peer asked before end game"
+        elif busy:
+            assert got == [], "end game for a peer that still has requests out"
         else:
-            assert set(got) <= late
+            assert set(got) <= late and len(got) <= ENDGAME_BLOCKS
             assert bool(got) == bool(late), "end game asks nobody for what is late"
         out[peer] |= set(got)
 
@@ -975,15 +1010,21 @@ def test_end_game(torrents: dict[str, Source]) -> None:
     rest = pk.pick("B", None, len(blocks))
     assert not set(half) & set(rest)  # not in end game yet: B is given what A was not
     assert sorted(half + rest) == sorted(blocks)
-    # now every missing block is asked of someone: a third peer gets late ones
-    late = pk.pick("C", None, len(blocks))
-    assert set(late) == set(blocks) and len(late) == len(blocks)
-    assert pk.pick("C", None, len(blocks)) == []  # never twice to one peer
+    # now every missing block is asked of someone: a third peer, idle, gets late ones,
+    # ENDGAME_BLOCKS at a time (each is sent twice: the end game wastes no more than that)
+    assert pk.pick("C", None, len(blocks), outstanding=1) == []  # not idle: nothing
+    late: list[Block] = []
+    while got := pk.pick("C", None, len(blocks)):
+        assert len(got) <= ENDGAME_BLOCKS
+        late += got
+    assert set(late) == set(blocks) and len(late) == len(blocks)  # never twice to one peer
     assert pk.block_received(half[0]) == {"A", "C"}
     assert pk.pick("A", None, len(blocks)) == []  # A has nothing new to be asked for
     # A is gone: its blocks go to B (asked of C already, so B is a second peer)
     pk.peer_gone("A")
-    again = pk.pick("B", None, len(blocks))
+    again: list[Block] = []
+    while got := pk.pick("B", None, len(blocks)):
+        again += got
     assert set(again) == set(half[1:]) and not set(again) & set(rest)
 
 

@@ -520,3 +520,44 @@ def test_random_seeders_never_break_a_downloading_pieced_peer(tmp_path: Path) ->
         for s in listeners:
             s.close()
         assert d.stop() == 0, d.stderr()
+
+
+def test_an_unchoke_slot_freed_by_a_leecher_that_leaves_is_given_at_once(
+        tmp_path: Path) -> None:
+    """Five interested peers on a seeding pieced-peer with four unchoke slots: four are
+    unchoked, the fifth waits. One of the four leaves (as a libtorrent leecher does once
+    it has everything): the fifth is unchoked at once, not at the next choke round, ten
+    seconds on (with five leechers, the fifth finished ten seconds after the others)."""
+    from pieced.peer.plugin import CHOKE_INTERVAL, UNCHOKE_SLOTS
+
+    piece = 32768
+    files = {"a.bin": 8 * piece + 5}
+    make_payload(tmp_path / "seed", files, seed=33)
+    raw = make_torrent_lt(tmp_path / "seed" / "payload", piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    ih = parse(raw).info_hash
+    fast = wire.make_reserved(extended=False, fast=True)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    started = time.monotonic()
+    peers: list[RawPeer] = []
+    try:
+        for k in range(UNCHOKE_SLOTS + 1):
+            p = RawPeer(seeding.port)
+            p.send(wire.handshake(ih, b"-XX0001-" + bytes([k]) * 12, fast)
+                   + wire.have_none() + wire.interested())
+            peers.append(p)
+            got, closed = p.events(0.3)
+            assert not closed
+            unchoked = any(isinstance(e, wire.Unchoke) for e in got)
+            assert unchoked == (k < UNCHOKE_SLOTS), (k, got)
+        peers[0].close()
+        got, closed = peers[-1].events(0.5)
+        assert time.monotonic() - started < CHOKE_INTERVAL * 0.8  # the round is not due
+        assert any(isinstance(e, wire.Unchoke) for e in got), got
+    finally:
+        for p in peers:
+            p.close()
+        seeding.stop()
+        assert d.stop() == 0, d.stderr()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -591,6 +592,101 @@ def test_no_peer_to_talk_to_is_an_error(tmp_path: Path) -> None:
         assert r.returncode == 0 and json.loads(r.stdout)["complete"], r.stderr
         seeding = Seeding(torrent, tmp_path / "seed", d)  # --listen: it waits for peers
         seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_torrent_registered_with_another_save_path_is_refused(tmp_path: Path) -> None:
+    """The torrent is registered with one save path and pieced-peer is given another:
+    it says where the torrent is and exits 2, making nothing in the path it was given.
+    (It used to go on with the registered path: "complete", with nothing in the folder
+    the user named.)"""
+    content = make_payload(tmp_path / "seed", {"a.bin": 50_000}, seed=16)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(make_torrent_lt(content, 16384, "v1"))
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            assert c.recheck(c.register(torrent.read_bytes(), tmp_path / "seed"))["verified"]
+        r = subprocess.run(peer_cmd(torrent, tmp_path / "other", d.socket),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f"registered with save path {tmp_path / 'seed'}" in r.stderr, r.stderr
+        assert not (tmp_path / "other").exists()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_trackers_that_never_answer_hold_up_the_exit_a_few_seconds_only(
+        tmp_path: Path) -> None:
+    """Three trackers that take the connection and never answer: the download (from the
+    seeder given with --peer) is not held up, and at the end the exit waits for their
+    "completed" and "stopped" a few seconds in all (libtorrent gives them 5), not 15 s
+    each, one after the other (it took 48 s)."""
+    import socket
+    import time
+
+    from pieced.peer.plugin import STOP_ANNOUNCE_TIMEOUT
+
+    content = make_payload(tmp_path / "seed", {"a.bin": 300_000}, seed=17)
+    raw = make_torrent_lt(content, 16384, "v1")
+    listeners = []
+    for _ in range(3):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # connections wait in the backlog, never read or answered
+        listeners.append(s)
+    import bencodepy
+
+    top = bencodepy.decode(raw)
+    top[b"announce-list"] = [[f"http://127.0.0.1:{s.getsockname()[1]}/announce".encode()]
+                             for s in listeners]
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(bencodepy.encode(top))
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            t0 = time.monotonic()
+            summary = download(torrent, tmp_path / "dl", d, seeder.port, timeout=60)
+            took = time.monotonic() - t0
+        assert summary["complete"]
+        assert took < STOP_ANNOUNCE_TIMEOUT + 10, took  # before: 15 s a tracker, in turn
+        assert summary["seconds"] < took  # the transfer's time, without the goodbyes
+    finally:
+        for s in listeners:
+            s.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_seeder_that_requires_encryption_is_named_as_such(tmp_path: Path) -> None:
+    """A libtorrent seeder with encryption required closes every plain connection.
+    pieced-peer, which speaks plain BitTorrent only, says so once (it used to dial
+    again and again in silence), and keeps trying until stopped."""
+    import libtorrent as lt
+
+    content = make_payload(tmp_path / "seed", {"a.bin": 100_000}, seed=18)
+    raw = make_torrent_lt(content, 16384, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    forced = {"in_enc_policy": int(lt.enc_policy.pe_forced),
+              "out_enc_policy": int(lt.enc_policy.pe_forced),
+              "allowed_enc_level": int(lt.enc_level.both)}
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=forced) as seeder:
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
+            assert proc.stderr is not None
+            ready, _, _ = select.select([proc.stderr], [], [], 30)
+            line = proc.stderr.readline() if ready else ""  # the first thing it says
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        assert "closed the connection before its handshake" in line, line + err
+        assert "encryption" in line
+        assert (line + err).count("before its handshake") == 1  # once, though dialled again
+        assert proc.returncode == 1 and not json.loads(out)["complete"]
     finally:
         assert d.stop() == 0, d.stderr()
 
