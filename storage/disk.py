@@ -453,12 +453,15 @@ class DiskIO:
     ) -> VerifyResult:
         """Hash pieces as they are on disk; record the fingerprints this computed."""
         def read(piece: int, begin: int, buf: memoryview) -> None:
+            segs = t.layout.map(piece, begin, buf.nbytes)
             try:
-                t.storage.readinto(t.layout.map(piece, begin, buf.nbytes), buf)
+                t.storage.readinto(segs, buf)
             except FileVanished as exc:
                 if exc.written:  # deleted under us (not a file never written): say so
                     self._record_error(t, exc, piece)
-                raise
+                if exc.gone:
+                    raise
+                t.storage.readinto(segs, buf)  # cut short: what is left is read as it is
             except PathEscape as exc:
                 # A symlink or hard link where a payload file should be: the piece fails
                 # (recorded, with EPERM) and the recheck goes on with the others.

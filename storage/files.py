@@ -32,13 +32,15 @@ class FileVanished(StorageIOError):
     """A payload file was deleted, or cut short, behind the daemon's back (ENOENT).
 
     ``written``: this process had written the file, so bytes of pieces not yet
-    verified may have gone with it (their hash state must start over).
+    verified may have gone with it (their hash state must start over). ``gone``: the
+    file left its place (False: it is there, cut short, and what is left can be read).
     """
 
-    def __init__(self, message: str, file_index: int, written: bool) -> None:
+    def __init__(self, message: str, file_index: int, written: bool, gone: bool = True) -> None:
         super().__init__(message, errno=errno.ENOENT)
         self.file_index = file_index
         self.written = written
+        self.gone = gone
 
 
 class HandlePool:
@@ -220,6 +222,10 @@ class FileStorage:
             else:
                 self._recreate.discard(index)
                 first = self._identity.setdefault(index, me)
+        if first is None:
+            os.close(fd)  # (a writer may be making it this moment: not there yet, for a read)
+            raise StorageIOError(f"{self.file_path(index)} is gone, and not made anew yet",
+                                 errno=errno.ENOENT)
         if first != me:
             os.close(fd)
             raise PathEscape(f"{self.file_path(index)} is not the file pieced opened there "
@@ -267,12 +273,14 @@ class FileStorage:
             st = os.fstat(fd)
         except OSError as exc:
             raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
-        if st.st_nlink == 0 or (
-            index in self._sized and st.st_size < self.meta.files.lengths[index]
-        ):
-            raise self._vanished(
-                index, f"{self.file_path(index)}: deleted or truncated behind pieced's back"
-            )
+        if st.st_nlink == 0:
+            raise self._vanished(index, f"{self.file_path(index)}: deleted behind pieced's back")
+        if index in self._sized and st.st_size < self.meta.files.lengths[index]:
+            # Cut short, but still ours: its pieces are gone, and the next write gives it
+            # its length again (it is not made anew: that is for a file gone from its
+            # place, where anything found later is a stranger).
+            raise self._vanished(index, f"{self.file_path(index)}: truncated behind "
+                                        "pieced's back", gone=False)
 
     def known_written(self, indices: Iterable[int]) -> None:
         """Files an earlier run of the daemon wrote and sized (they hold verified pieces):
@@ -280,16 +288,17 @@ class FileStorage:
         with self._lock:
             self._sized.update(indices)
 
-    def _vanished(self, index: int, message: str) -> FileVanished:
-        """Forget what we knew of a vanished file: a write creates it anew."""
+    def _vanished(self, index: int, message: str, gone: bool = True) -> FileVanished:
+        """Forget what we knew of a vanished file: a write sizes it again and, if it is
+        ``gone`` from its place, creates it anew."""
         self.handles.forget(self, index)
         with self._lock:
             written = index in self._sized
             self._sized.discard(index)
             self._dirty.discard(index)
-            if self._identity.pop(index, None) is not None:
+            if gone and self._identity.pop(index, None) is not None:
                 self._recreate.add(index)
-        return FileVanished(message, index, written)
+        return FileVanished(message, index, written, gone)
 
     def _size_file(self, fd: int, index: int) -> None:
         """Give a file its full length on first write: sparse, or allocated if asked."""

@@ -258,11 +258,11 @@ class MmapStorage(FileStorage):
         finally:
             os.close(fd)
 
-    def _vanished(self, index: int, message: str) -> FileVanished:
+    def _vanished(self, index: int, message: str, gone: bool = True) -> FileVanished:
         with self._map_lock:
             if index in self._maps:
                 self._unmap(index, retry=False)
-        return super()._vanished(index, message)
+        return super()._vanished(index, message, gone)
 
     def close_handles(self) -> None:
         with self._map_lock:

@@ -373,6 +373,42 @@ def test_a_file_deleted_while_no_descriptor_is_open_is_reported_gone(
         dio.close()
 
 
+def test_a_file_truncated_behind_our_back_is_written_again(
+    tmp_path: Path, backend: str
+) -> None:
+    """Another program cuts a payload file short (the same file, shorter). A recheck
+    finds the pieces past the cut gone; sent again, they are written into the same
+    file, which gets its length back, and the torrent completes. Before, the file was
+    taken for one gone from its place: every write and read of it was refused
+    (PathEscape, "something else was put in its place") until a restart."""
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "b.bin": 100_000}, seed=7)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        a_bin = tmp_path / "dl" / "payload" / "a.bin"
+        dio.torrent(ih).storage.close_handles()  # (a map's lease would hold the truncate up)
+        os.truncate(a_bin, 100_000)
+        dio.recheck(ih)
+        have = dio.status(ih)["have"]
+        lost = [p for p in range(src.meta.num_pieces) if not _has(have, p)]
+        assert lost and all(p * 16384 + 16384 > 100_000 for p in lost)
+        for p, b, n in src.blocks():
+            if p in lost:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        dio.torrent(ih).storage.close_handles()
+        assert a_bin.read_bytes() == (content / "a.bin").read_bytes()
+        assert dio.recheck(ih, full=True).ok
+    finally:
+        dio.close()
+
+
 def test_writers_racing_to_make_a_vanished_file_anew_do_not_refuse_each_other(
     tmp_path: Path, backend: str
 ) -> None:

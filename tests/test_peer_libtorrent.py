@@ -828,8 +828,9 @@ def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: 
     """pieced-peer downloading onto a disk that fills up stops with the daemon's error
     (exit 2, the errno named) instead of waiting for ever for pieces that cannot be
     stored; another download through the same daemon is unaffected, and once there is
-    room a second run keeps what was verified and completes."""
-    piece = 32768
+    room a second run keeps what was verified and completes. (Pieces of one block: each
+    block that fits verifies a piece, in whatever order the seeder sends them.)"""
+    piece = 16384
     files = {"a.bin": 20 * piece + 77}
     content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=18)
     other_files = {"b.bin": 9 * 16384 + 5}
