@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -592,6 +593,29 @@ def test_no_peer_to_talk_to_is_an_error(tmp_path: Path) -> None:
         assert r.returncode == 0 and json.loads(r.stdout)["complete"], r.stderr
         seeding = Seeding(torrent, tmp_path / "seed", d)  # --listen: it waits for peers
         seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_the_end_game_asks_few_blocks_twice(tmp_path: Path) -> None:
+    """Eight libtorrent seeders, one pieced-peer: the seeders send not much more than the
+    blocks needed (libtorrent -> libtorrent: about 1 %). The end game used to ask an
+    idle peer for up to half its pipeline of what others were already sending: the
+    seeders sent 1,421 blocks for 769 needed."""
+    piece = 32768
+    files = {"a.bin": 12 * 1024 * 1024, "b": 1}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=112)
+    needed = sum(-(-n // 16384) for n in files.values())
+    d = Daemon(tmp_path)
+    try:
+        with contextlib.ExitStack() as stack:
+            seeders = [stack.enter_context(LtPeer(raw, tmp_path / "seed", seed=True,
+                                                  log_peer=True)) for _ in range(8)]
+            download(torrent, tmp_path / "dl", d, *(s.port for s in seeders))
+            time.sleep(1.0)  # the seeders' last sends reach their logs
+            sent = sum(1 for s in seeders for line in s.peer_log() if "==> PIECE" in line)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert needed <= sent <= 1.25 * needed, (sent, needed)
     finally:
         assert d.stop() == 0, d.stderr()
 
