@@ -283,7 +283,11 @@ class UringStorage(FileStorage):
                                               f"read {self.file_path(seg.file_index)}")
                 done = res
                 while done < seg.length:  # short (a file cut short, or a signal): go on
-                    n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
+                    try:
+                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
+                    except OSError as exc:
+                        raise StorageIOError.wrap(
+                            exc, f"read {self.file_path(seg.file_index)}") from None
                     if n == 0:
                         dst[done:] = bytes(seg.length - done)
                         break
