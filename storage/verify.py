@@ -19,6 +19,7 @@ import heapq
 import itertools
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -429,15 +430,25 @@ class MmapReader:
     def _open(self, index: int) -> mmap.mmap | None:
         f = self._meta.files[index]
         try:
-            fd = os.open(self._save_path.joinpath(*f.path), os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO in a payload file's place must not hang the open.
+            fd = os.open(self._save_path.joinpath(*f.path),
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            if os.fstat(fd).st_size < f.length:
-                return None  # a short file cannot hold its pieces: they fail
-            m = mmap.mmap(fd, f.length, prot=mmap.PROT_READ)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None  # its pieces fail
+            # A short file holds the pieces before its end (those past it fail, in
+            # ``views``), as in libtorrent.
+            size = min(st.st_size, f.length)
+            if not size:
+                return None
+            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
             m.madvise(mmap.MADV_SEQUENTIAL)
             return m
+        except (OSError, ValueError):
+            return None
         finally:
             os.close(fd)
 
@@ -469,8 +480,8 @@ class MmapReader:
                 out.append(bytes(seg.length))
                 continue
             m = self._map(seg.file_index)
-            if m is None:
-                return None
+            if m is None or seg.file_offset + seg.length > len(m):
+                return None  # the file, or this part of it, is not there
             out.append(memoryview(m)[seg.file_offset : seg.file_offset + seg.length])
         return out
 

@@ -101,6 +101,48 @@ def test_missing_and_short_files_fail_their_pieces(tmp_path: Path, odd_payload: 
     assert len(lt_failed) == 4 + 1
 
 
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_a_file_cut_short_fails_the_pieces_libtorrent_fails(
+    tmp_path: Path, kind: Any
+) -> None:
+    """A file one byte short, or cut to half: only the pieces that need its missing bytes
+    fail, the ones libtorrent fails (before, every piece of the file failed)."""
+    content = make_payload(tmp_path / "save", {"a.bin": 200_000, "b.bin": 70_000}, seed=9)
+    raw = make_torrent_lt(content, 65536, kind)
+    for size in (199_999, 100_000):
+        with open(content / "a.bin", "r+b") as f:
+            f.truncate(size)
+        rc, out, _ = run_verify(raw, tmp_path / "save", tmp_path)
+        assert rc == 1
+        lt_failed = [p for p, ok in enumerate(lt_recheck(raw, tmp_path / "save")) if not ok]
+        assert 0 not in lt_failed
+        for key in ("failed_v1", "failed_v2"):
+            assert out[key] in (None, lt_failed), (key, out[key], lt_failed)
+
+
+def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(tmp_path: Path) -> None:
+    """A FIFO where a payload file should be: opening it to read waited for a writer for
+    ever, so `pieced verify` and a daemon's recheck never ended (and the daemon could not
+    stop). Now its pieces fail, the others verify, and both end."""
+    import os
+
+    content = make_payload(tmp_path / "save", {"a.bin": 200_000, "b.bin": 70_000}, seed=10)
+    raw = make_torrent_lt(content, 65536, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    (content / "a.bin").unlink()
+    os.mkfifo(content / "a.bin")
+    rc, out, _ = run_verify(raw, tmp_path / "save", tmp_path)  # (a time limit of its own)
+    assert rc == 1 and out["failed_v1"] == [0, 1, 2, 3]  # a.bin is in the first four
+    recheck = (  # the storage engine's recheck, in a process of its own: it may hang
+        "import sys; from pathlib import Path; from pieced.storage.disk import DiskIO\n"
+        "d = DiskIO('posix'); raw = Path(sys.argv[1]).read_bytes()\n"
+        "print(d.recheck(d.register(raw, Path(sys.argv[2])), full=True).failed_v1)\n"
+        "d.close()\n")
+    r = subprocess.run([sys.executable, "-c", recheck, str(tmp_path / "t.torrent"),
+                        str(tmp_path / "save")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[0, 1, 2, 3]", r.stderr
+
+
 def test_bad_input_exit_2(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 16384, "v1")
