@@ -134,20 +134,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
+
+
+class Unreachable(Exception):
+    """The daemon's socket could not be reached, or the connection to it broke."""
+
+
 def _client(args: argparse.Namespace) -> Any:
     from pieced.protocol.client import Client
 
-    return Client(args.socket)
+    try:
+        return Client(args.socket)
+    except (OSError, ConnectionError) as exc:  # no such socket, not a socket, a bad path,
+        raise Unreachable(f"cannot reach the daemon at {args.socket}: {exc}") from None
 
 
 def _ih_arg(text: str) -> bytes:
+    """An info_hash as given on the command line: 40 hex digits, or the 64 of a v2
+    info_hash (which the daemon knows by its first 20 bytes, as BEP 52 and libtorrent)."""
+    from pieced.storage.errors import BadRequest
+
     try:
         ih = bytes.fromhex(text)
     except ValueError:
         ih = b""
-    if len(ih) != 20:
-        raise SystemExit(f"pieced: {text!r} is not a 40-hex-digit info_hash")
-    return ih
+    if len(ih) not in (20, 32):
+        raise BadRequest(f"{text!r} is not an info_hash (40 hex digits, or 64 for v2)")
+    return ih[:20]
 
 
 def _print(args: argparse.Namespace, data: Any, human: str) -> None:
@@ -234,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("torrent", help="the .torrent file")
     v.add_argument("--data", required=True, help="the save path: the folder holding the payload")
     v.add_argument("--json", action="store_true", help="print one JSON object")
-    v.add_argument("--threads", type=int, default=None, help="hashing threads (default: cores)")
+    v.add_argument("--threads", type=_positive, default=None,
+                   help="hashing threads (default: cores)")
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("run", help="run the daemon in the foreground")
@@ -276,28 +298,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_BAD_INPUT if exc.code else EXIT_OK
-    if args.command != "run":
-        # Piped into `head`: end quietly as other Unix tools do. Never in the daemon,
-        # where a client hanging up must not kill the process.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from pieced.storage.errors import PiecedError
 
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        if _stdout_gone():  # piped into `head`: end quietly, as other Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} hung up: "
+              f"{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except PiecedError as exc:
         print(f"pieced {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ConnectionError, FileNotFoundError) as exc:
-        print(f"pieced {args.command}: cannot reach the daemon: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except Unreachable as exc:
+        print(f"pieced {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConnectionError as exc:
+        print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} hung up: "
+              f"{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return rc
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

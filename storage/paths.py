@@ -94,10 +94,16 @@ class Beneath:
         where = self.path.joinpath(*parts)
         try:
             with self.folder(parts[:-1], create_dirs) as dfd:
-                # O_NONBLOCK: a FIFO put in a payload file's place must not hang the
-                # open (it is refused below, as anything but a regular file is).
-                fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                             0o644, dir_fd=dfd)
+                flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    # O_NONBLOCK: a FIFO put in a payload file's place must not hang the
+                    # open (it is refused below, as anything but a regular file is).
+                    fd = os.open(parts[-1], flags | os.O_NONBLOCK, 0o644, dir_fd=dfd)
+                except BlockingIOError:
+                    # A lease on the file (another process's, or a map of ours): wait
+                    # for its holder to let go, as any open does. (A FIFO never answers
+                    # so: its non-blocking open succeeds.)
+                    fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
                 try:
                     named = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
                     st = os.fstat(fd)
@@ -123,8 +129,7 @@ class Beneath:
         if why:
             os.close(fd)
             raise PathEscape(f"{where} {why}: refusing to use it")
-        if not flags & os.O_NONBLOCK:
-            os.set_blocking(fd, True)
+        os.set_blocking(fd, True)
         return fd
 
     def exists(self, parts: Parts) -> bool:

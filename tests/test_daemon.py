@@ -11,12 +11,12 @@ import array
 import asyncio
 import bisect
 import contextlib
-import errno
 import itertools
 import json
 import os
 import random
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -546,17 +546,19 @@ def test_a_client_that_never_reads_its_events_is_dropped(tmp_path: Path) -> None
 def test_flow_control_stops_reading_a_client_the_lane_cannot_keep_up_with(
     tmp_path: Path, kind: str
 ) -> None:
-    """SPEC 3: with its buffers full the daemon stops reading a client instead of growing
-    its memory, so the client's sends block. The storage is made slow for real: piece 0
-    lives in a FIFO, so a READ of it blocks the connection's lane (in open) until the
-    test opens the other end. Inline WRITEs then fill the receive ring; small frames
-    (READ here) fill the lane's queue of parsed requests."""
+    """With its buffers full the daemon stops reading a client instead of growing its
+    memory, so the client's sends block. The storage is made slow for real: the test
+    holds a write lease on piece 0's file, so a READ of it blocks the connection's lane
+    (in open, until the test lets the lease go: the kernel makes an opener wait for
+    that). Inline WRITEs then fill the receive ring; small frames (READ here) fill the
+    lane's queue of parsed requests."""
     content = make_payload(tmp_path / "src", {"a-stuck": 16384, "b-data": 4 * MiB}, seed=5)
     raw = make_torrent_lt(content, 16384, "v1")
     src = Source(raw, tmp_path / "src")
     (tmp_path / "dl" / "payload").mkdir(parents=True)
-    fifo = tmp_path / "dl" / "payload" / "a-stuck"
-    os.mkfifo(fifo)
+    stuck_file = tmp_path / "dl" / "payload" / "a-stuck"
+    shutil.copyfile(content / "a-stuck", stuck_file)
+    lease = Lease(stuck_file)
     d = Daemon(tmp_path, env=SMALL_BUFFERS)
     try:
         with Client(d.socket) as c:
@@ -588,7 +590,8 @@ def test_flow_control_stops_reading_a_client_the_lane_cannot_keep_up_with(
         assert sent < len(data), "the daemon read everything though it could not carry it out"
         assert sent <= bound
 
-        wait_for(lambda: release(fifo))
+        wait_for(lambda: lease.broken)  # the lane is waiting in open
+        lease.release()
         # Finish the frame cut short, reading replies meanwhile; every frame is answered, in order.
         k = bisect.bisect_left(ends, sent)
         got: list[Frame] = []
@@ -600,7 +603,7 @@ def test_flow_control_stops_reading_a_client_the_lane_cannot_keep_up_with(
             if r:
                 got += conn.available()
         assert [f.id for f in got] == list(range(1, k + 2))
-        assert got[0].type == FrameType.ERROR  # a FIFO cannot be pread
+        assert got[0].type == FrameType.DATA  # read once the lease was let go
         conn.close()
         if kind == "write":
             assert all(f.type == FrameType.ACK for f in got[1:])
@@ -608,18 +611,36 @@ def test_flow_control_stops_reading_a_client_the_lane_cannot_keep_up_with(
                 c.flush_all()
                 assert c.status(ih)["verified_pieces"] == k
     finally:
-        release(fifo)  # else a failed test leaves the daemon stuck in open()
+        lease.release()  # else a failed test leaves the daemon waiting in open()
         assert d.stop() == 0, d.stderr()
 
 
-def release(fifo: Path) -> bool:
-    """Open the FIFO's writing end and close it: a reader blocked in open() goes on."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError as exc:
-        assert exc.errno == errno.ENXIO  # nobody is opening it (yet)
-        return False
-    return True
+class Lease:
+    """A write lease of this process on a file: another process's open of it waits (in
+    the kernel) until :meth:`release`, or the lease break time (45 s by default)."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+        import signal
+
+        self.broken = False
+
+        def on_break(signum: int, frame: object) -> None:  # SIGIO: someone opens it
+            self.broken = True
+
+        self._previous = signal.signal(signal.SIGIO, on_break)
+        self.fd: int | None = os.open(path, os.O_RDWR)
+        fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+
+    def release(self) -> None:
+        import fcntl
+        import signal
+
+        if self.fd is not None:
+            fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            os.close(self.fd)
+            self.fd = None
+            signal.signal(signal.SIGIO, self._previous)
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
