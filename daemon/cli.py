@@ -96,7 +96,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         failed = sorted(set(result.failed_v1 or []) | set(result.failed_v2 or []))
-        print(f"{meta.name}: {meta.num_pieces - len(failed)}/{meta.num_pieces} pieces verify")
+        print(f"{_shown(meta.name)}: {meta.num_pieces - len(failed)}/{meta.num_pieces} pieces verify")
         if result.failed_v1 is not None:
             print(f"  v1 failed: {_ranges(result.failed_v1) or 'none'}")
         if result.failed_v2 is not None:
@@ -171,6 +171,14 @@ def _ih_arg(text: str) -> bytes:
     return ih[:20]
 
 
+def _shown(text: str) -> str:
+    """A name from a .torrent, for a terminal: control characters (an escape sequence
+    that clears the screen or retitles it, a newline that forges a line) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _print(args: argparse.Namespace, data: Any, human: str) -> None:
     if args.json:
         json.dump(data, sys.stdout, default=_jsonable)
@@ -200,7 +208,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as c:
         rows = c.torrents()
-    lines = [f"{r['info_hash']}  {r['verified_pieces']:>7}/{r['num_pieces']:<7}  {r['name']}" for r in rows]
+    lines = [f"{r['info_hash']}  {r['verified_pieces']:>7}/{r['num_pieces']:<7}  {_shown(r['name'])}"
+             for r in rows]
     _print(args, rows, "\n".join(lines) if lines else "no torrents")
     return EXIT_OK
 
@@ -208,12 +217,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         st = c.status(_ih_arg(args.info_hash))
-    human = [f"{st['name']}  {st['verified_pieces']}/{st['num_pieces']} pieces verified",
-             f"  save path: {st['save_path']}"]
+    human = [f"{_shown(st['name'])}  {st['verified_pieces']}/{st['num_pieces']} pieces verified",
+             f"  save path: {_shown(st['save_path'])}"]
     for f in st["files"]:
-        human.append(f"  {f['verified_bytes'] * 100 // max(f['length'], 1):3d}%  {f['path']}")
+        human.append(f"  {f['verified_bytes'] * 100 // max(f['length'], 1):3d}%  {_shown(f['path'])}")
     for e in st["errors"]:
-        human.append(f"  error: {e['message']}")
+        human.append(f"  error: {_shown(e['message'])}")
     _print(args, st, "\n".join(human))
     return EXIT_OK
 

@@ -143,6 +143,21 @@ def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(tmp_path: 
     assert r.returncode == 0 and r.stdout.strip() == "[0, 1, 2, 3]", r.stderr
 
 
+def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
+    """A torrent named with an escape sequence (one that clears a terminal and sets its
+    title): printed as is, it did so; now its control characters are shown escaped."""
+    name = "evil\x1b[2J\x1b]0;pwned\x07name"
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / name).write_bytes(bytes(range(256)) * 100)
+    raw = make_torrent_lt(tmp_path / "save" / name, 16384, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    proc = subprocess.run([*PIECED, "verify", str(tmp_path / "t.torrent"), "--data",
+                           str(tmp_path / "save")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07name" in proc.stdout, proc.stdout
+
+
 def test_bad_input_exit_2(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
     save, content = odd_payload
     raw = make_torrent_lt(content, 16384, "v1")
