@@ -130,7 +130,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pieced: configuration error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    run(settings)
+    try:
+        run(settings)
+    except SystemExit as exc:  # a start-up refusal, already worded
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    except OSError as exc:  # the state folder or socket path unusable, ...
+        print(f"pieced run: cannot start: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

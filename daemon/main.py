@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -49,10 +50,20 @@ def bind_socket(settings: Settings) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, settings.socket_mode)
-    if settings.socket_group:
-        os.chown(path, -1, grp.getgrnam(settings.socket_group).gr_gid)
-    sock.listen(128)
+    try:
+        os.chmod(path, settings.socket_mode)
+        if settings.socket_group:
+            try:
+                gid = grp.getgrnam(settings.socket_group).gr_gid
+            except KeyError:
+                raise SystemExit(f"pieced: socket_group {settings.socket_group!r}: "
+                                 "no such group") from None
+            os.chown(path, -1, gid)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        path.unlink(missing_ok=True)  # not left behind for the next start to trip on
+        raise
     return sock
 
 
@@ -108,7 +119,17 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # the port is taken, the host unknown: say so, leave nothing
+        await server.close()
+        await runner.cleanup()
+        await loop_executor(disk.close)
+        if not passed:
+            Path(settings.socket).unlink(missing_ok=True)
+        listener.close()
+        raise SystemExit(f"pieced: cannot serve HTTP on {settings.http_host}:"
+                         f"{settings.http_port}: {exc.strerror or exc}") from None
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
 
     loop = asyncio.get_running_loop()
@@ -136,6 +157,10 @@ async def serve(settings: Settings) -> None:
             Path(settings.socket).unlink()
     listener.close()
     log.info("stopped")
+
+
+async def loop_executor(fn: Callable[[], None]) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 async def _watchdog(interval: float) -> None:
