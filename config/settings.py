@@ -81,6 +81,18 @@ def _choice(*allowed: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _between(lo: int, hi: int, unit: str = "") -> Callable[[Any], str | None]:
+    """A count or size a daemon can actually use: a huge one is accepted at start-up
+    only to fail later, on every client (a receive buffer of 2**62 bytes cannot be made)."""
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}{unit}"
+
+    return check
+
+
+GiB = 1024 * MiB
+
+
 def _port(v: Any) -> str | None:
     return None if 0 <= v <= 65535 else "must be a port number (0-65535)"
 
@@ -116,15 +128,15 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "backend": _choice("posix", "mmap", "direct", "uring", "disabled"),
     "cache_bytes": _non_negative,
     "cache_policy": _choice("arc", "lru"),
-    "hash_workers": _non_negative,
-    "io_workers": _non_negative,
-    "max_open_files": _positive,
-    "sync_window_ms": _non_negative,
-    "client_buffer_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
-    "max_frame_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
-    "max_metainfo_bytes": lambda v: None if v >= 64 * 1024 else "must be at least 65536",
-    "max_clients": _positive,
-    "handshake_timeout_ms": _positive,
+    "hash_workers": _between(0, 1024),
+    "io_workers": _between(0, 1024),
+    "max_open_files": _between(1, 1 << 20),
+    "sync_window_ms": _between(0, 60_000, " (ms)"),
+    "client_buffer_bytes": _between(64 * 1024, 4 * GiB, " bytes"),
+    "max_frame_bytes": _between(64 * 1024, 1 * GiB, " bytes"),
+    "max_metainfo_bytes": _between(64 * 1024, 1 * GiB, " bytes"),
+    "max_clients": _between(1, 1 << 16),
+    "handshake_timeout_ms": _between(1, 3_600_000, " (ms)"),
     "max_files": _positive,
     "max_pieces": _positive,
     "max_partial_pieces": _positive,
