@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from pieced.config.args import positive_int
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -143,16 +145,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return n
-
-
 class Unreachable(Exception):
     """The daemon's socket could not be reached, or the connection to it broke."""
 
@@ -273,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("torrent", help="the .torrent file")
     v.add_argument("--data", required=True, help="the save path: the folder holding the payload")
     v.add_argument("--json", action="store_true", help="print one JSON object")
-    v.add_argument("--threads", type=_positive, default=None,
+    v.add_argument("--threads", type=positive_int, default=None,
                    help="hashing threads (default: cores)")
     v.set_defaults(func=cmd_verify)
 

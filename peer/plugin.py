@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pieced.config.args import positive_int
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
 from pieced.storage.errors import AlreadyRegistered, PiecedError
 from pieced.storage.metainfo import Metainfo, parse
@@ -978,16 +979,6 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return n
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pieced-peer",
@@ -1003,7 +994,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="keep serving once complete, until SIGINT or SIGTERM")
     ap.add_argument("--socket", default=os.environ.get("PIECED_SOCKET", DEFAULT_SOCKET),
                     help="the daemon's socket")
-    ap.add_argument("--max-peers", type=_positive, default=Options.max_peers, metavar="N",
+    ap.add_argument("--max-peers", type=positive_int, default=Options.max_peers, metavar="N",
                     help="connections at once, both ways (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="print one summary object at the end")
     return ap
