@@ -121,6 +121,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+SECRET = {"http_token"}  # never repeated in a message
+
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "socket_mode": _mode,
     "http_port": _port,
@@ -172,7 +174,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     check = CHECKS.get(key)
     problem = check(value) if check else None
     if problem:
-        raise ConfigError(f"{source}: '{key}' = {value!r} {problem}")
+        shown = "(not shown)" if key in SECRET else repr(value)  # logs keep what they get
+        raise ConfigError(f"{source}: '{key}' = {shown} {problem}")
     return value
 
 

@@ -55,13 +55,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pieced.storage.errors import PiecedError
     from pieced.storage.hashing import HashPool
     from pieced.storage.layout import Layout
-    from pieced.storage.metainfo import parse
+    from pieced.storage.metainfo import parse, read_metainfo
     from pieced.storage.verify import MmapReader, verify
 
     try:
-        meta = parse(Path(args.torrent).read_bytes())
+        meta = parse(read_metainfo(args.torrent))
     except OSError as exc:
-        print(f"pieced verify: cannot read {args.torrent}: {exc.strerror}", file=sys.stderr)
+        print(f"pieced verify: cannot read {args.torrent}: {exc.strerror or exc}",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     except PiecedError as exc:
         print(f"pieced verify: {args.torrent}: {exc}", file=sys.stderr)
@@ -195,8 +196,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from pieced.storage.metainfo import read_metainfo
+
     try:  # before connecting: a missing .torrent is not a daemon that cannot be reached
-        raw = Path(args.torrent).read_bytes()
+        raw = read_metainfo(args.torrent)
     except OSError as exc:
         print(f"pieced add: cannot read {args.torrent}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

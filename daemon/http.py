@@ -23,7 +23,7 @@ from prometheus_client.core import (
 
 from .feed import TICK
 from .guard import add_headers, require_token
-from .page import add_page
+from .page import add_page, parse_ih
 from .server import Server
 
 
@@ -112,12 +112,10 @@ def make_app(disk: DiskIO, server: Server, token: str = "",
             None, lambda: [status_json(disk, ih) for ih in disk.torrents()]))
 
     async def torrent(request: web.Request) -> web.Response:
+        ih = parse_ih(request.match_info["ih"])  # 400 unless 40 or 64 hex digits
         try:
-            ih = bytes.fromhex(request.match_info["ih"])
             loop = asyncio.get_running_loop()
             return web.json_response(await loop.run_in_executor(None, status_json, disk, ih))
-        except ValueError:
-            raise web.HTTPBadRequest(text="info_hash must be 40 hex digits\n") from None
         except Exception as exc:  # UnknownTorrent and friends
             raise web.HTTPNotFound(text=f"{exc}\n") from None
 

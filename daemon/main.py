@@ -134,7 +134,9 @@ async def serve(settings: Settings) -> None:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A hang-up (a closed terminal; `kill -HUP`) stops cleanly too: nothing is to be
+    # reloaded, and dying of it would skip the drain and the clean mark.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     watchdog = systemd.watchdog_interval()
     pinger = asyncio.create_task(_watchdog(watchdog)) if watchdog else None
@@ -181,9 +183,27 @@ def _bound_malloc() -> None:
         ctypes.CDLL(None).mallopt(m_mmap_threshold, 64 * 1024)
 
 
+class _BadRequestsBriefly(logging.Filter):
+    """aiohttp logs a request it cannot parse (a URL of 10,000 bytes, a bad header) at
+    ERROR, with a traceback: any HTTP client could fill the log so. Such a request is
+    told 400 and logged at DEBUG in one line; the errors of our own handlers stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "bad HTTP request: %s", (exc,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+        return True
+
+
 def run(settings: Settings) -> None:
     _bound_malloc()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_BadRequestsBriefly())
     import uvloop
 
     uvloop.run(serve(settings))

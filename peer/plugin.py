@@ -31,7 +31,7 @@ from typing import Any
 from pieced.config.args import positive_int
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
 from pieced.storage.errors import AlreadyRegistered, PiecedError
-from pieced.storage.metainfo import Metainfo, parse
+from pieced.storage.metainfo import Metainfo, parse, read_metainfo
 
 from . import wire
 from .blame import Attribution
@@ -1001,7 +1001,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def run(opts: Options, *, show_progress: bool = False) -> Summary:
-    raw = opts.torrent.read_bytes()
+    raw = read_metainfo(opts.torrent)
     meta = parse(raw)
     swarm = Swarm(opts, raw, meta)
     loop = asyncio.get_running_loop()
@@ -1056,9 +1056,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PIECED_PEER_LOG", "WARNING").upper(),
                         format="pieced-peer: %(message)s")
     try:
-        raw_ok = args.torrent.is_file()
-        if not raw_ok:
-            print(f"pieced-peer: cannot read {args.torrent}: no such file", file=sys.stderr)
+        try:
+            read_metainfo(args.torrent)
+        except OSError as exc:
+            print(f"pieced-peer: cannot read {args.torrent}: {exc.strerror or exc}",
+                  file=sys.stderr)
             return 2
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
                        args.seed, args.socket, args.max_peers)

@@ -9,8 +9,11 @@ Once a :class:`Metainfo` exists, the rest of the engine may trust it.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
+import os
 import re
+import stat
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, NamedTuple
@@ -124,6 +127,30 @@ class Metainfo:
         else:
             expected = f.pieces_root
         return V2Piece(fidx, j, data_length, piece_width(f.length, self.piece_length), expected)
+
+
+def read_metainfo(path: str | os.PathLike[str], max_bytes: int = MAX_METAINFO_BYTES) -> bytes:
+    """A .torrent file's bytes, read no further than ``max_bytes`` (``/dev/zero`` given
+    for a .torrent would be read for ever): OSError if it cannot be read or is not a
+    regular file (a FIFO's open does not wait), TooLarge past the limit."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        chunks = []
+        got = 0
+        while got <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    if got > max_bytes:
+        raise TooLarge(f"{os.fspath(path)} is larger than {max_bytes} bytes: not a .torrent")
+    return b"".join(chunks)
 
 
 def parse(

@@ -283,6 +283,15 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     assert stats["torrents"] == 1 and stats["bytes_read"] > 0
     (t,) = json.loads(get("/torrents"))
     assert t["info_hash"] == ih and bytes.fromhex(t["have"]) == bytes.fromhex(json.loads(get(f"/torrents/{ih}"))["have"])
+    # the whole v2 info_hash of the hybrid names it too, on the command line and over HTTP
+    assert json.loads(get(f"/torrents/{t['info_hash_v2']}"))["info_hash"] == ih
+    assert pieced("status", t["info_hash_v2"], "--json", *sock).returncode == 0
+    for bad in ("abc", "ab" * 4000):
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            get(f"/torrents/{bad}")
+        assert exc.value.code == 400
+    r = pieced("status", "abc", *sock)
+    assert r.returncode == 2 and "not an info_hash" in r.stderr
     families = {f.name: f for f in text_string_to_metric_families(get("/metrics").decode())}
     assert families["pieced_bytes_read"].samples[0].value == stats["bytes_read"]
     assert "pieced_read_latency_seconds" in families and "pieced_connected_clients" in families

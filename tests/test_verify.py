@@ -170,6 +170,10 @@ def test_bad_input_exit_2(tmp_path: Path, odd_payload: tuple[Path, Path]) -> Non
     assert proc.returncode == 2
     proc = subprocess.run([*PIECED, "verify"], capture_output=True, text=True)
     assert proc.returncode == 2
+    # not a file: refused at once (a device or a FIFO was read, or waited on, for ever)
+    proc = subprocess.run([*PIECED, "verify", "/dev/zero", "--data", str(save)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr
 
 
 def test_human_output_and_quiet_progress(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
