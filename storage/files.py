@@ -407,6 +407,11 @@ class FileStorage:
                 if n == 0:
                     if resident:
                         return False  # cut short behind our back: a plain read says so
+                    if seg.file_index in self._sized:
+                        # Given its length by us, and shorter now: cut short since it was
+                        # checked at its open (zeros here would pass for its bytes).
+                        raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}:"
+                                             " truncated behind pieced's back", gone=False)
                     dst[done:] = bytes(seg.length - done)
                     break
                 done += n

@@ -115,7 +115,11 @@ class MmapStorage(FileStorage):
                     os.close(fd)
                     self._retry[index] = time.monotonic() + self.RETRY_SECONDS
                     return
-                m = mmap.mmap(fd, self.meta.files.lengths[index])
+                try:
+                    m = mmap.mmap(fd, self.meta.files.lengths[index])
+                except ValueError:  # cut short between the check and the lease
+                    raise self._vanished(index, f"{self.file_path(index)}: truncated "
+                                                "behind pieced's back", gone=False) from None
             except BaseException:
                 os.close(fd)
                 raise

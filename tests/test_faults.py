@@ -409,6 +409,38 @@ def test_a_file_truncated_behind_our_back_is_written_again(
         dio.close()
 
 
+@pytest.mark.backends(exclude={
+    "direct": "reads through its own loop (O_DIRECT blocks), which this does not change",
+    "uring": "reads through its own loop (io_uring), which this does not change"})
+def test_a_truncation_between_the_check_and_the_read_is_not_read_as_zeros(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file cut short after its length was checked and before the read (the check
+    is made to miss it here, as a truncation landing between the two would): the read
+    reports the file truncated (ENOENT) and its pieces are verified no more, instead of
+    serving zeros as the bytes of a verified piece."""
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000}, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        storage = dio.torrent(ih).storage
+        storage.close_handles()
+        os.truncate(tmp_path / "dl" / "payload" / "a.bin", 100_000)
+        monkeypatch.setattr(type(storage), "_check_linked", lambda self, fd, index: None)
+        with pytest.raises(StorageIOError) as exc:
+            dio.read_chunk(ih, 10, 0, 16384, volatile=True)
+        assert exc.value.errno == errno.ENOENT and "truncated" in str(exc.value)
+        assert not _has(dio.status(ih)["have"], 10)  # (a recheck finds what is left)
+        assert dio.recheck(ih).failed_v1 == list(range(100_000 // 16384, src.meta.num_pieces))
+    finally:
+        dio.close()
+
+
 def test_writers_racing_to_make_a_vanished_file_anew_do_not_refuse_each_other(
     tmp_path: Path, backend: str
 ) -> None:
