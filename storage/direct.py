@@ -135,7 +135,7 @@ class DirectStorage(FileStorage):
             self.handles.put(entry)
         self._mark_dirty(index)
 
-    def _read_aligned(self, fd: int, out: memoryview, offset: int) -> None:
+    def _read_aligned(self, fd: int, out: memoryview, offset: int) -> int:
         """Fill ``out`` from ``offset``; past the end of the file, zeros.
 
         A read that stops short of a block boundary met the end of the file: the rest
@@ -148,7 +148,8 @@ class DirectStorage(FileStorage):
             done += n
             if n == 0 or n % self.ALIGN:
                 out[done:] = bytes(out.nbytes - done)
-                return
+                break
+        return done
 
     def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
         if nowait:
@@ -169,19 +170,28 @@ class DirectStorage(FileStorage):
                     # Straight into the caller's buffer (a recheck's, page-aligned); only
                     # a tail shorter than a block (the file's end) goes through the bounce.
                     body = seg.length - seg.length % A
-                    self._read_aligned(fd, dst[:body], start)
-                    if body < seg.length:
+                    got = self._read_aligned(fd, dst[:body], start)
+                    if body < seg.length and got == body:
                         buf = self._bounce(A)[:A]
-                        self._read_aligned(fd, buf, start + body)
+                        got += self._read_aligned(fd, buf, start + body)
                         dst[body:] = buf[: seg.length - body]
+                    self._check_read(seg, start + got)
                     return
                 buf = self._bounce(end - start)[: end - start]
-                self._read_aligned(fd, buf, start)
+                got = self._read_aligned(fd, buf, start)
             except OSError as exc:
                 raise StorageIOError.wrap(
                     exc, f"read {self.file_path(seg.file_index)}") from None
+            self._check_read(seg, start + got)
             off = seg.file_offset - start
             dst[:] = buf[off : off + seg.length]
+
+    def _check_read(self, seg: Segment, end: int) -> None:
+        """A read that stopped short of the segment, in a file the daemon gave its
+        length: cut short since its check (zeros would pass for its bytes)."""
+        if end < seg.file_offset + seg.length and seg.file_index in self._sized:
+            raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}: "
+                                 "truncated behind pieced's back", gone=False)
 
     def advise(self, segments: Sequence[Segment]) -> None:
         return None  # read-ahead fills the page cache, which this backend does not use

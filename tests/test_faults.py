@@ -409,9 +409,6 @@ def test_a_file_truncated_behind_our_back_is_written_again(
         dio.close()
 
 
-@pytest.mark.backends(exclude={
-    "direct": "reads through its own loop (O_DIRECT blocks), which this does not change",
-    "uring": "reads through its own loop (io_uring), which this does not change"})
 def test_a_truncation_between_the_check_and_the_read_is_not_read_as_zeros(
     tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
