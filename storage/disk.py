@@ -163,7 +163,7 @@ class DiskIO:
         meta = parse(metainfo, **self.metainfo_limits)
         path = self._check_save_path(Path(save_path), make=False)
         self._refuse_registered(meta)  # before the save path is made: refused, nothing made
-        path = self._check_save_path(path)
+        _make_folder(path)
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links)
         t = Torrent(next(self._ids), meta, storage)
@@ -282,10 +282,7 @@ class DiskIO:
             allowed = ", ".join(str(r) for r in self.roots)
             raise PathEscape(f"save path {resolved} is outside the allowed roots ({allowed})")
         if make:
-            try:
-                resolved.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StorageIOError.wrap(exc, f"create save path {resolved}") from None
+            _make_folder(resolved)
         return resolved
 
     # -- durable state ----------------------------------------------------------------
@@ -1292,6 +1289,13 @@ class DiskIO:
                     rec.close()
             if self.state is not None:
                 self.state.mark_clean()
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageIOError.wrap(exc, f"create save path {path}") from None
 
 
 def _journal_cleared(rec: TorrentRecord | None, pieces: list[int]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bencodepy
 from pieced.peer import wire
-from pieced.storage.metainfo import parse
+from pieced.storage.metainfo import Metainfo, parse
 
 from tests.conftest import Daemon
 from tests.ltpeer import LtPeer
@@ -60,6 +60,19 @@ def _an_honest_leecher_gets_every_byte(raw: bytes, seeding: Seeding, tmp_path: P
         leecher.wait_finished(60)
         assert leecher.hash_failures() == 0
     _same_tree(content, tmp_path / "leech" / "payload", files)
+
+
+def _hybrid(tmp_path: Path, files: dict[str, int], piece: int, seed: int
+            ) -> tuple[Path, bytes, Metainfo, Path, list[bytes]]:
+    """A hybrid torrent of ``files`` in ``tmp_path/seed``: (content, metainfo bytes, parsed,
+    .torrent file, the files' pieces roots), for peers that send hash requests too."""
+    content = make_payload(tmp_path / "seed", files, seed=seed)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    return content, raw, meta, torrent, [f.pieces_root for f in meta.files
+                                         if f.pieces_root is not None]
 
 
 def test_peers_that_break_the_rules(tmp_path: Path) -> None:
@@ -399,12 +412,7 @@ def test_random_peers_never_break_a_seeding_pieced_peer(tmp_path: Path) -> None:
 
     piece = 32768
     files = {"a.bin": 9 * piece + 123, "b.bin": 3 * piece, "c.bin": 5000}
-    content = make_payload(tmp_path / "seed", files, seed=35)
-    raw = make_torrent_lt(content, piece, "hybrid")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
-    roots = [f.pieces_root for f in meta.files if f.pieces_root is not None]
+    content, raw, meta, torrent, roots = _hybrid(tmp_path, files, piece, seed=35)
     d = Daemon(tmp_path)
     seeding = Seeding(torrent, tmp_path / "seed", d)
     try:
@@ -453,12 +461,7 @@ def test_random_seeders_never_break_a_downloading_pieced_peer(tmp_path: Path) ->
 
     piece = 32768
     files = {"a.bin": 14 * piece + 9, "b.bin": 2 * piece}
-    content = make_payload(tmp_path / "seed", files, seed=36)
-    raw = make_torrent_lt(content, piece, "hybrid")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
-    roots = [f.pieces_root for f in meta.files if f.pieces_root is not None]
+    content, raw, meta, torrent, roots = _hybrid(tmp_path, files, piece, seed=36)
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(6)]
     stop = threading.Event()
 
