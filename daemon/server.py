@@ -264,6 +264,7 @@ class Connection:
         self.closed = False
         self.reading = False
         self._closing_after_send = False
+        self._failing: PiecedError | None = None  # said once the lane's jobs are done
         self._out: collections.deque[Out] = collections.deque()
         self._out_bytes = 0
         self._writing = False
@@ -303,7 +304,8 @@ class Connection:
 
     # -- reading ------------------------------------------------------------------------
     def _resume_reading(self) -> None:
-        if not self.reading and not self.closed and not self._closing_after_send:
+        if (not self.reading and not self.closed and not self._closing_after_send
+                and self._failing is None):
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
 
@@ -318,6 +320,8 @@ class Connection:
         if self.closed or self._closing_after_send:
             return
         self._kick_lane()
+        if self._failing is not None:
+            return  # nothing more is read: the lane finishes, then the error is said
         if self.ring.unparsed:  # frames left unparsed while the lane was full
             self._parse()
         if not self._input_blocked():
@@ -363,6 +367,7 @@ class Connection:
 
     def _parse(self) -> None:
         jobs: list[Job] = []
+        failed: PiecedError | None = None
         while not self.closed and len(self._lane) + len(jobs) < MAX_QUEUED_JOBS:
             try:
                 frame = self.reader.next_frame()
@@ -370,17 +375,34 @@ class Connection:
                     break
                 job = self._dispatch(frame)
             except PiecedError as exc:
-                # The stream can no longer be trusted: say why, then hang up.
-                self._fail(exc)
+                # The stream can no longer be trusted: say why, then hang up (after the
+                # requests before it, as if they had come in a read of their own).
+                failed = exc
+                break
+            except Exception as exc:  # a bug here must not leave the connection wedged
+                log.exception("parsing a client's frame failed")
+                failed = PiecedError(f"the daemon failed to parse a frame: {exc}")
                 break
             if job is not None:
                 jobs.append(job)
         if jobs:
             self._enqueue(jobs)
+        if failed is not None:
+            self._fail(failed)
+            return
         if self._input_blocked():
             self._pause_reading()
 
     def _fail(self, exc: PiecedError) -> None:
+        """Say why the connection ends, then hang up: after the replies to the requests
+        read before the cause, which the lane may still be carrying out."""
+        self._pause_reading()
+        if self._lane_busy or self._lane:
+            self._failing = exc  # said by _lane_stopped
+            return
+        self._fail_now(exc)
+
+    def _fail_now(self, exc: PiecedError) -> None:
         self.send([encode_error(0, exc)])
         self._closing_after_send = True
         self._pause_reading()
@@ -683,6 +705,9 @@ class Connection:
             self._lane_idle.set()
             if self.closed:
                 self._drop_shm()
+            elif self._failing is not None:
+                exc, self._failing = self._failing, None
+                self._fail_now(exc)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):

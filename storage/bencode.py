@@ -6,7 +6,7 @@ read as 10, keys out of order) let an attacker publish one info hash over two me
 This decoder accepts only the canonical form that every encoder writes:
 
 * integers ``i<digits>e``: digits only, no sign but a leading ``-``, no leading zero
-  (``i0e`` is zero), no ``-0``;
+  (``i0e`` is zero), no ``-0``, at most ``MAX_INT_DIGITS`` digits;
 * strings ``<length>:<bytes>``: the length in digits only, no leading zero;
 * dictionary keys are strings in strictly increasing byte order: no duplicates;
 * nothing after the top-level value, nesting at most ``max_depth`` deep.
@@ -24,6 +24,12 @@ from typing import Any
 
 class BencodeError(ValueError):
     pass
+
+
+#: Digits an integer may have. Far beyond any count or length (a 64-bit one has 19 at
+#: most), so a value out of range still reaches the check that names it; a longer one
+#: would cost time quadratic in its length to convert.
+MAX_INT_DIGITS = 64
 
 
 # Reads one value at ``pos`` in place of the decoder (see ``decode_spanning``'s ``hook``).
@@ -113,9 +119,9 @@ class _Decoder:
         if c == 0x69:  # i
             end = data.find(b"e", pos + 1)
             body = data[pos + 1 : end] if end > 0 else b""
-            if body.isdigit() and (body[0] != 0x30 or end - pos == 2):
+            if body.isdigit() and (body[0] != 0x30 or end - pos == 2) and end - pos <= MAX_INT_DIGITS:
                 return int(body), end + 1  # the usual, a non-negative canonical integer
-            return self.integer(pos, path)  # negatives, and errors named
+            return self.integer(pos, path)  # negatives, long ones, and errors named
         if 0x30 <= c <= 0x39:
             return self.string(pos, path)
         if depth >= self.max_depth:
@@ -181,6 +187,9 @@ class _Decoder:
         if (not digits.isdigit()
                 or (digits[0] == 0x30 and (len(digits) > 1 or body[:1] == b"-"))):
             raise self.fail(path, pos, f"integer {body[:24]!r} is not canonical")
+        if len(digits) > MAX_INT_DIGITS:
+            raise self.fail(path, pos, f"integer of {len(digits)} digits: at most "
+                            f"{MAX_INT_DIGITS} are read")
         return int(body), end + 1
 
     def string(self, pos: int, path: Path) -> tuple[bytes, int]:

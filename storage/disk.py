@@ -56,6 +56,7 @@ from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
+from .paths import anchor_of
 from .resume import REC_CLEARED, REC_VERIFIED, Loaded, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
 from .torrent import (
@@ -161,11 +162,17 @@ class DiskIO:
     # -- registration ------------------------------------------------------------------
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
         meta = parse(metainfo, **self.metainfo_limits)
-        path = self._check_save_path(Path(save_path), make=False)
+        path = self._check_save_path(Path(save_path))
         self._refuse_registered(meta)  # before the save path is made: refused, nothing made
-        _make_folder(path)
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
-                               self.allow_hard_links)
+                               self.allow_hard_links, self.roots)
+        try:
+            # Made, and held open from now on, walking down from its root: a parent
+            # folder swapped for a symlink later, or meanwhile, leads nowhere else.
+            storage.root.root(create=True)
+        except BaseException:
+            storage.close()
+            raise
         t = Torrent(next(self._ids), meta, storage)
         # Held alone until its files and state record exist: a client that finds it in
         # the table (an unregister, a write) waits for a torrent that is whole, or gone.
@@ -271,18 +278,14 @@ class DiskIO:
         finally:
             t.leave_alone()
 
-    def _check_save_path(self, path: Path, make: bool = True) -> Path:
-        """The save path, resolved, refused outside the roots; made unless ``make`` is off."""
+    def _check_save_path(self, path: Path) -> Path:
+        """The save path, resolved, refused outside the roots (the storage makes it)."""
         if "\0" in str(path):
             raise PathEscape("save path contains a NUL byte")
         if not path.is_absolute():
             path = Path.cwd() / path
         resolved = path.resolve()
-        if self.roots is not None and not any(resolved.is_relative_to(r) for r in self.roots):
-            allowed = ", ".join(str(r) for r in self.roots)
-            raise PathEscape(f"save path {resolved} is outside the allowed roots ({allowed})")
-        if make:
-            _make_folder(resolved)
+        anchor_of(resolved, self.roots)
         return resolved
 
     # -- durable state ----------------------------------------------------------------
@@ -368,8 +371,10 @@ class DiskIO:
                     raise PathEscape(f"its save path {save} is outside the allowed roots "
                                      "(kept on disk, not loaded)")
                 storage = make_storage(self.backend, meta, save, self.handles,
-                                       self.preallocate, self.allow_hard_links)
+                                       self.preallocate, self.allow_hard_links, self.roots)
                 storage.renames.update(saved.renames)
+                with contextlib.suppress(PiecedError):  # gone for now: said at its first use
+                    storage.root.root()
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 continue
@@ -1289,13 +1294,6 @@ class DiskIO:
                     rec.close()
             if self.state is not None:
                 self.state.mark_clean()
-
-
-def _make_folder(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageIOError.wrap(exc, f"create save path {path}") from None
 
 
 def _journal_cleared(rec: TorrentRecord | None, pieces: list[int]) -> None:

@@ -17,12 +17,12 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutOfRange, PathEscape, PiecedError, StorageIOError
+from .errors import BadRequest, OutOfRange, PathEscape, PiecedError, StorageIOError
 from .filetable import UNSTORED
 from .hashing import Buffer, sub_views
 from .layout import Segment
-from .metainfo import Metainfo
-from .paths import Beneath
+from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
+from .paths import Beneath, anchor_of
 
 BACKENDS = ("posix", "mmap", "direct", "uring", "disabled")
 _IOV_MAX = 1024
@@ -139,13 +139,16 @@ class FileStorage:
         handles: HandlePool,
         preallocate: bool = False,
         allow_hard_links: bool = False,
+        roots: Sequence[Path] | None = None,
     ) -> None:
         self.meta = meta
         self.save_path = save_path
         self.handles = handles
         self.preallocate = preallocate
+        self.roots = roots  # resolved; a save path lies in one of them (None: anywhere)
+        self.allow_hard_links = allow_hard_links
         self.renames: dict[int, tuple[str, ...]] = {}
-        self.root = Beneath(save_path, allow_hard_links)  # every payload path is resolved beneath it
+        self.root = self.beneath(save_path)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
         self._dirty: set[int] = set()
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
@@ -159,6 +162,10 @@ class FileStorage:
         """What a backend built on this one adds to its state."""
 
     # -- paths -------------------------------------------------------------
+    def beneath(self, path: Path) -> Beneath:
+        """A save path's folder, reached from the root it lies in (PathEscape outside)."""
+        return Beneath(path, self.allow_hard_links, anchor_of(path, self.roots))
+
     def parts(self, index: int) -> tuple[str, ...]:
         """The file's path below the save path, after any rename."""
         return self.renames.get(index) or self.meta.files.path(index)
@@ -491,9 +498,10 @@ class FileStorage:
         """Move every existing payload file under ``new_path`` (link, or copy across
         devices), never replacing a file there; undone if any step fails."""
         self.close_handles()
-        new_root = Beneath(new_path, self.root.allow_hard_links)
+        new_root = self.beneath(new_path)
         moved: list[tuple[str, ...]] = []
         try:
+            new_root.root(create=True)
             for index in self.stored_files():
                 parts = self.parts(index)
                 if not self.root.exists(parts):
@@ -523,8 +531,7 @@ class FileStorage:
         """Bring under the save path, as named now, the files a move or rename cut short
         by a crash left where they were (``old_path``, named by ``old_renames``); a file
         already in place is left alone. Returns how many were moved."""
-        old_root = Beneath(old_path, self.root.allow_hard_links) if old_path != self.save_path \
-            else self.root
+        old_root = self.beneath(old_path) if old_path != self.save_path else self.root
         moved = 0
         try:
             for index in self.stored_files():
@@ -550,6 +557,12 @@ class FileStorage:
         parts = tuple(new_name.split("/"))
         if new_name.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise PathEscape(f"new name {new_name!r} must be a relative path inside the save path")
+        # As a torrent's own paths are held to at register: what a file system can hold.
+        if any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+            raise BadRequest(f"new name {new_name[:80]!r}: a path component is over "
+                             f"{MAX_NAME_BYTES} bytes")
+        if len(new_name.encode()) > MAX_PATH_BYTES:
+            raise BadRequest(f"new name {new_name[:80]!r}... is over {MAX_PATH_BYTES} bytes")
         if parts == self.parts(index):
             return None
         taken = any(self.parts(i) == parts for i in self.stored_files() if i != index)
@@ -608,7 +621,8 @@ class DisabledStorage(FileStorage):
 
     def move(self, new_path: Path) -> None:
         self.root.close()
-        self.root = Beneath(new_path, self.root.allow_hard_links)
+        self.root = self.beneath(new_path)
+        self.root.root(create=True)
         self.save_path = new_path
 
 
@@ -619,6 +633,7 @@ def make_storage(
     handles: HandlePool,
     preallocate: bool = False,
     allow_hard_links: bool = False,
+    roots: Sequence[Path] | None = None,
 ) -> FileStorage:
     from .direct import DirectStorage  # the backends that subclass this module's
     from .mapped import MmapStorage
@@ -629,4 +644,4 @@ def make_storage(
         "uring": UringStorage, "disabled": DisabledStorage}.get(backend)
     if cls is None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return cls(meta, save_path, handles, preallocate, allow_hard_links)
+    return cls(meta, save_path, handles, preallocate, allow_hard_links, roots)

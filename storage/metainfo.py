@@ -166,6 +166,15 @@ def parse(
     The bencode must be canonical (see ``bencode.py``): a duplicate key, keys out of
     order or ``i+10e`` could make this parser and another read one info hash two ways.
     """
+    try:
+        return _parse(data, max_bytes, max_files, max_pieces, max_piece_length)
+    except OverflowError:  # from the file table's 64-bit arrays, the one place sizes add up
+        raise TooLarge("a file's length or the torrent's total size is over "
+                       f"{(1 << 63) - 1} bytes") from None
+
+
+def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
+           max_piece_length: int) -> Metainfo:
     if len(data) > max_bytes:
         raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
     try:
@@ -305,7 +314,11 @@ def _surely_fine(files: FileTable) -> bool:
 
 
 def _check_special(files: FileTable, piece_length: int) -> None:
-    """Pad files and symlinks: what they may be on their own."""
+    """Pad files and symlinks: what they may be. No piece may be pad bytes only (no
+    block of it would ever be sent), whether one pad file covers it or several in a row
+    (empty files between them hold no bytes either)."""
+    total = files.total
+    run_start = run_end = -1
     for i in files.special():
         f = files[i]
         if f.stored:
@@ -314,9 +327,12 @@ def _check_special(files: FileTable, piece_length: int) -> None:
         if "l" in f.attr and not f.pad and f.length:
             raise BadMetainfo(f"symlink entry {where!r} has a length ({f.length}): "
                               "a symlink carries no data")
-        if f.pad:
-            first = -(-f.offset // piece_length) * piece_length
-            if first + piece_length <= f.end:
+        if f.pad and f.length:
+            if f.offset != run_end:
+                run_start = f.offset
+            run_end = f.end
+            first = -(-run_start // piece_length) * piece_length
+            if first < run_end and min(first + piece_length, total) <= run_end:
                 raise BadMetainfo(f"pad file {where!r} covers the whole of piece "
                                   f"{first // piece_length}: a piece of pad only")
 

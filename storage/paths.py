@@ -1,9 +1,10 @@
 """Payload paths, resolved beneath a torrent's save-path folder at every use.
 
-A save path is checked against the configured roots once, at register or move; what
-is below it can change at any time (a folder swapped for a symlink, a file hard-linked
-to one outside). So no payload path is ever handed to the kernel whole: the save-path
-folder is held open, and every open, mkdir, unlink, rename and rmdir walks down from
+A save path is checked against the configured roots once, at register or move, and
+opened then by walking down from the root it lies in; what is below it can change at
+any time (a folder swapped for a symlink, a file hard-linked to one outside). So no
+payload path is ever handed to the kernel whole: the save-path folder is held open,
+and every open, mkdir, unlink, rename and rmdir walks down from
 that descriptor one component at a time (``openat`` with ``O_NOFOLLOW | O_DIRECTORY``,
 ``mkdirat``, ``unlinkat``...), refusing any symlink on the way. A payload file must be
 a regular file with one link: a hard link planted to a file elsewhere is refused, not
@@ -29,26 +30,32 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class Beneath:
     """A folder held open (from first use on), and the paths below it.
 
+    ``anchor``: the folder the path is reached from, one component at a time, no
+    symlink followed on the way (the configured root it lies in; ``/`` when any path
+    will do). Opened whole, ``O_NOFOLLOW`` would refuse only a symlink in its last
+    component: a parent folder swapped for a symlink would lead the daemon outside its
+    roots.
+
     ``allow_hard_links``: payload files with other links are used as they are. For
     libraries whose files are hard-linked into a media folder on purpose; anyone who can
     write below the save path can then make the daemon write a file elsewhere on the
     same file system.
     """
 
-    def __init__(self, path: Path, allow_hard_links: bool = False) -> None:
+    def __init__(self, path: Path, allow_hard_links: bool = False,
+                 anchor: Path | None = None) -> None:
         self.path = path
+        self.anchor = anchor if anchor is not None else Path(path.anchor or "/")
         self.allow_hard_links = allow_hard_links
         self._fd = -1
         self._lock = threading.Lock()
 
-    def root(self) -> int:
+    def root(self, create: bool = False) -> int:
+        """The folder's descriptor, opened (and made, if ``create``) at the first call."""
         if self._fd < 0:
             with self._lock:
                 if self._fd < 0:
-                    try:
-                        self._fd = os.open(self.path, _DIR_FLAGS)
-                    except OSError as exc:
-                        raise _error(exc, f"open the save path {self.path}") from None
+                    self._fd = open_folder(self.path, self.anchor, create)
         return self._fd
 
     def close(self) -> None:
@@ -60,25 +67,8 @@ class Beneath:
     @contextlib.contextmanager
     def folder(self, parts: Parts, create: bool) -> Iterator[int]:
         """A descriptor of the folder ``parts`` (relative), made if ``create``."""
-        fd = os.dup(self.root())
+        fd = _walk(os.dup(self.root()), parts, create, self.path)
         try:
-            for i, name in enumerate(parts):
-                try:
-                    nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(name, 0o755, dir_fd=fd)
-                    nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        where = self.path.joinpath(*parts[: i + 1])
-                        raise PathEscape(f"{where} is not a folder (a symlink or a file): "
-                                         "refusing to go through it") from None
-                    raise
-                os.close(fd)
-                fd = nxt
             yield fd
         finally:
             os.close(fd)
@@ -163,6 +153,61 @@ class Beneath:
             os.unlink(src[-1], dir_fd=sfd)
 
 
+def open_folder(path: Path, anchor: Path, create: bool) -> int:
+    """A descriptor of folder ``path``, reached from ``anchor`` (which holds it) one
+    component at a time, refusing symlinks; the missing folders made if ``create``."""
+    try:
+        rel = path.relative_to(anchor).parts
+        fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except ValueError:
+        raise PathEscape(f"{path} is not inside {anchor}") from None
+    except OSError as exc:
+        raise _error(exc, f"open {anchor}") from None
+    try:
+        return _walk(fd, rel, create, anchor)
+    except OSError as exc:
+        raise _error(exc, f"open the save path {path}") from None
+
+
+def anchor_of(path: Path, roots: Sequence[Path] | None) -> Path:
+    """The root a resolved save path lies in (``/`` when ``roots`` is None: anywhere),
+    or PathEscape naming the roots."""
+    if roots is None:
+        return Path(path.anchor or "/")
+    for r in roots:
+        if path.is_relative_to(r):
+            return r
+    allowed = ", ".join(str(r) for r in roots)
+    raise PathEscape(f"save path {path} is outside the allowed roots ({allowed})")
+
+
+def _walk(fd: int, parts: Parts, create: bool, base: Path) -> int:
+    """Down from the folder ``fd`` (taken: closed here, or returned moved on) through
+    ``parts``, one ``openat`` a component, never through a symlink."""
+    try:
+        for i, name in enumerate(parts):
+            try:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    where = base.joinpath(*parts[: i + 1])
+                    raise PathEscape(f"{where} is not a folder (a symlink or a file): "
+                                     "refusing to go through it") from None
+                raise
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
     try:
@@ -191,4 +236,4 @@ def _error(exc: OSError, what: str) -> StorageIOError:
     return StorageIOError.wrap(exc, what)
 
 
-__all__ = ["Beneath", "Parts"]
+__all__ = ["Beneath", "Parts", "anchor_of", "open_folder"]

@@ -25,12 +25,12 @@ from pieced.protocol.frames import (
     encode_control,
     encode_write_ring,
 )
-from pieced.protocol.messages import hello, to_wire
+from pieced.protocol.messages import decode_error, encode_request, hello, to_wire
 from pieced.storage.errors import ErrorCode, OutOfRange, PiecedError, UnknownTorrent
 
 from tests.conftest import Daemon
 from tests.realtools import make_payload, make_torrent_lt
-from tests.test_daemon import wait_for
+from tests.test_daemon import RawConn, wait_for
 from tests.test_disk import Source
 
 
@@ -168,6 +168,32 @@ def test_random_requests_get_typed_answers_and_disturb_no_one(tmp_path: Path) ->
             size = src.layout.piece_size(p)
             assert good.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
         good.close()
+    finally:
+        _stops_cleanly(d)
+
+
+def test_a_request_with_a_huge_integer_fails_the_connection_after_the_ones_before(
+    tmp_path: Path,
+) -> None:
+    """An integer of 5,000 digits in a request is a protocol error said to the client
+    (the connection then closes), not an exception in the daemon's read loop that left
+    the requests read with it unanswered and the connection open, mute."""
+    d = Daemon(tmp_path)
+    try:
+        c = RawConn(d.socket)
+        body = b"d2:op5:stats5:piecei" + b"7" * 5000 + b"ee"
+        huge = HEADER.pack(LENGTH_AFTER + len(body), FrameType.REQUEST, 0, 0, 3) + body
+        c.sock.sendall(encode_request(2, "stats", {}) + huge)
+        first, second = c.replies(2)
+        assert (first.type, first.id) == (FrameType.RESPONSE, 2)
+        assert second.type == FrameType.ERROR
+        err = decode_error(second.body)
+        assert err.code == ErrorCode.PROTOCOL and "digits" in str(err), err
+        with pytest.raises(ConnectionError):
+            c.replies(1)
+        c.close()
+        with Client(d.socket, timeout=10) as other:  # and the daemon serves on
+            assert other.stats()["torrents"] == 0
     finally:
         _stops_cleanly(d)
 

@@ -282,6 +282,21 @@ def v1_pad(length: int) -> Callable[[BDict], None]:
     return change
 
 
+def two_pads(length: int) -> Callable[[BDict], None]:
+    """``v1_pad(length)`` as two pad files, one after the other (neither covers a piece
+    alone)."""
+
+    def change(top: BDict) -> None:
+        v1_pad(length)(top)
+        files = at(top, b"info", b"files")
+        half = length // 2
+        files[1] = BDict([(b"attr", b"p"), (b"length", half), (b"path", [b".pad", b"%d" % half])])
+        rest = length - half
+        files.insert(2, BDict([(b"attr", b"p"), (b"length", rest), (b"path", [b".pad", b"x%d" % rest])]))
+
+    return change
+
+
 def symlink_with_length(top: BDict) -> None:
     f = v1_file(top, b"c.txt")
     put(f, b"attr", b"l")
@@ -407,6 +422,34 @@ ROWS: list[Row] = [
         LT_EOF,
         BadMetainfo,
         "name",
+    ),
+    Row(
+        "integer of 5,000 digits",
+        replaced("v1", b"i133e", b"i%se" % (b"1" * 5000)),
+        "integer overflow [bdecode:7]",
+        BadMetainfo,
+        "digits",
+    ),
+    Row(
+        "file length 2^63",
+        edited("v1", lambda t: put(v1_file(t, b"c.txt"), b"length", 1 << 63)),
+        ACCEPTED,
+        TooLarge,
+        "total size",
+    ),
+    Row(
+        "two file lengths adding up past 2^63",
+        edited("v1", lambda t: [put(v1_file(t, n), b"length", 1 << 62) for n in (b"a.bin", b"b.bin")]),
+        LT_NO_DATA,
+        TooLarge,
+        "total size",
+    ),
+    Row(
+        "v2 file length 2^63",
+        edited("v2", lambda t: put(tree(t, b"c.txt", b""), b"length", 1 << 63)),
+        ACCEPTED,
+        TooLarge,
+        "total size",
     ),
     Row(
         "piece length over 64 bits",
@@ -622,6 +665,13 @@ ROWS: list[Row] = [
     Row(
         "v1 piece of pad bytes only",
         edited("v1", v1_pad(12768 + PIECE)),
+        ACCEPTED,
+        BadMetainfo,
+        ".pad",
+    ),
+    Row(
+        "v1 piece of pad bytes only, in two pad files",
+        edited("v1", two_pads(12768 + PIECE)),
         ACCEPTED,
         BadMetainfo,
         ".pad",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from pieced.storage.disk import DiskIO
-from pieced.storage.errors import PathEscape, PiecedError, StorageIOError
+from pieced.storage.errors import BadRequest, PathEscape, PiecedError, StorageIOError
 from pieced.storage.metainfo import parse
 
 from tests.realtools import make_payload, make_torrent_lt
@@ -148,6 +148,20 @@ def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path, backend: s
         lenient.close()
 
 
+def test_a_rename_to_a_name_no_file_system_holds_is_refused(setup) -> None:  # type: ignore[no-untyped-def]
+    """Names over 255 bytes a component or 4,096 in all are refused as a torrent's own
+    paths are at register: nothing renamed, and the file still written where it was."""
+    raw, src, _canary, roots, dio = setup
+    ih = dio.register(raw, roots / "dl")
+    for name in ("x" * 256, "é" * 128, "/".join(["d"] * 2100), "sub/" + "y" * 300):
+        with pytest.raises(BadRequest):
+            dio.rename_file(ih, 0, name)
+    assert dio.status(ih)["files"][0]["path"] == "payload/a.bin"
+    assert not _write(dio, ih, src, {"a.bin"})
+    dio.rename_file(ih, 0, "z" * 255)  # at the limit: fine
+    assert dio.status(ih)["files"][0]["path"].endswith("z" * 255)
+
+
 @OPENS_NO_PATH
 def test_rename_and_move_never_leave_the_roots(setup) -> None:  # type: ignore[no-untyped-def]
     raw, src, canary, roots, dio = setup
@@ -192,6 +206,44 @@ def test_a_save_path_swapped_while_stopped_is_not_loaded(setup, tmp_path: Path, 
     third = DiskIO(backend, roots=[roots], state_dir=state)  # put back: known again, nothing lost
     assert third.torrents() == [ih]
     third.close()
+
+
+@OPENS_NO_PATH
+def test_a_parent_of_the_save_path_swapped_for_a_symlink(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The save path is reached from its root one folder at a time and held open from
+    register on: a parent folder swapped for a symlink, before the first write or while
+    the daemon is stopped, never leads a write or a read out of the roots."""
+    raw, src, canary, roots, dio = setup
+    ih = dio.register(raw, roots / "a" / "b")
+    (roots / "a").rename(roots / "a.real")
+    (roots / "a").symlink_to(canary)  # canary/b is there to be written into
+    (canary / "b").mkdir()
+    before = _tree(canary)
+    assert not _write(dio, ih, src, {"a.bin"})  # into the folder registered, as it is now
+    assert _tree(canary) == before
+    real = roots / "a.real" / "b" / "payload" / "a.bin"
+    assert real.read_bytes() == (tmp_path / "src" / "payload" / "a.bin").read_bytes()
+    # restarted: the folder is looked for again, from the root, and a symlink refused
+    state = tmp_path / "state"
+    first = DiskIO(dio.backend, roots=[roots], state_dir=state)
+    ih = first.register(raw, roots / "c" / "d")
+    assert not _write(first, ih, src, {"a.bin"})
+    first.close()
+    (roots / "c").rename(roots / "c.real")
+    other = roots / "other" / "d" / "payload"
+    other.mkdir(parents=True)
+    (other / "a.bin").write_bytes(b"other")
+    (roots / "c").symlink_to(roots / "other")  # inside the roots, but through a symlink
+    again = DiskIO(dio.backend, roots=[roots], state_dir=state, cache_bytes=0)
+    try:
+        with pytest.raises(PathEscape, match="symlink"):
+            again.read_chunk(ih, 0, 0, 100, volatile=True)
+        with pytest.raises(PathEscape, match="symlink"):
+            again.write_chunk(ih, 1, 0, src.read(1, 0, 16384), flush=True)
+        assert (other / "a.bin").read_bytes() == b"other"
+        assert (roots / "c.real" / "d" / "payload" / "a.bin").read_bytes() == real.read_bytes()
+    finally:
+        again.close()
 
 
 @OPENS_NO_PATH
