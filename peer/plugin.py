@@ -468,8 +468,24 @@ class Swarm:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        t.add_done_callback(self._task_done)
         return t
+
+    def _task_done(self, t: asyncio.Task[Any]) -> None:
+        """A task's failure is looked at, never left for asyncio to print: the daemon
+        lost stops us (said once, at the end); anything else is a bug, logged."""
+        self._tasks.discard(t)
+        if t.cancelled() or (exc := t.exception()) is None:
+            return
+        if self.client.failure is not None:
+            self._lost()
+            return
+        log.error("a task failed", exc_info=exc)
+
+    def _lost(self) -> None:
+        """The daemon connection broke: no storage, nothing to serve or fetch."""
+        self.lost = self.client.failure
+        self.stop.set()
 
     def _counters(self) -> dict[str, int]:
         assert self.picker is not None
@@ -733,6 +749,8 @@ class Swarm:
         one piece (what peers send) are read from the daemon as one range of up to
         READ_BYTES: one round trip for many blocks."""
         queue = peer.conn.peer_requests
+        if self.client.failure is not None:
+            return  # nothing to read from: we are stopping
         limit = min(READ_BYTES, self.client.core.max_frame - 1024)  # a DATA frame holds it
         while queue and peer.reads < READS_PER_PEER:
             run = [queue.popleft()]
@@ -902,8 +920,7 @@ class Swarm:
         while True:
             await asyncio.sleep(1.0)
             if self.client.failure is not None:  # no storage, nothing to serve: stop
-                self.lost = self.client.failure
-                self.stop.set()
+                self._lost()
                 return
             now = time.monotonic()
             self._redial(now)
@@ -1009,7 +1026,18 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
         loop.add_signal_handler(sig, swarm.stop.set)
     started = time.monotonic()
     try:
-        await swarm.start()
+        # A signal is heeded at once, also while the daemon checks what is on disk (for
+        # a large torrent, hours): the check goes on in the daemon, and is not ours to wait for.
+        starting = asyncio.ensure_future(swarm.start())
+        stopped = asyncio.ensure_future(swarm.stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return swarm.summary  # (closed by the finally below)
+        starting.result()
         progress = asyncio.ensure_future(_progress(swarm)) if show_progress else None
         waits = [asyncio.ensure_future(swarm.stop.wait())]
         if not opts.seed:

@@ -30,7 +30,7 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pieced.storage.errors import PiecedError, ProtocolError, TooLarge
 
@@ -837,10 +837,17 @@ class AsyncClient:
             if w.notify is not None:
                 w.notify()
 
+    def _raise_failure(self) -> NoReturn:
+        """Raise the failure that broke the connection. Every waiting task raises the one
+        object: each raise starts its traceback afresh (else each adds the frames of all
+        the raises before it, and a thousand reads in flight print a book)."""
+        assert self._failure is not None
+        raise self._failure.with_traceback(None)
+
     async def _until(self, cond: Callable[[], bool]) -> None:
         while not cond():
             if self._failure is not None:
-                raise self._failure
+                self._raise_failure()
             self._wake.clear()
             await self._wake.wait()
 
@@ -997,7 +1004,7 @@ class AsyncClient:
         if not waiter.done and self._failure is None:
             await woken
         if not waiter.done and self._failure is not None:
-            raise self._failure
+            self._raise_failure()
 
     async def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
         waiter = self.core.waiters[rid]

@@ -52,7 +52,7 @@ from .errors import (
 )
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, make_storage
 from .filetable import PAD, UNSTORED
-from .hashing import Buffer, HashPool, PieceHasher, sub_views, v2_root
+from .hashing import NO_FINGERPRINT, Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, parse
@@ -485,10 +485,27 @@ class DiskIO:
         return result
 
     def _apply_verify(self, t: Torrent, pieces: Sequence[int], result: VerifyResult) -> None:
-        """Set the states of verified pieces (caller holds the torrent alone)."""
+        """Set the states of checked pieces (caller holds the torrent alone).
+
+        A piece found good is reported verified only as a download's is: once its data
+        is durable (its files fdatasynced, dirty or not: the bytes may have been written
+        by a daemon that died, or by another program) and it is journaled.
+        """
+        with t.lock:
+            found = [p for p in pieces if result.have[p] and t.state[p] != VERIFIED]
+        if found:
+            self._sync(t, sorted({f for p in found for f in t.files_of(p)}), force=True)
         cleared = []
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            if rec is not None and found:
+                try:
+                    rec.append([(REC_VERIFIED, p, t.fingerprint(p) or NO_FINGERPRINT)
+                                for p in found])
+                except OSError as exc:
+                    error = StorageIOError.wrap(exc, "journal verified pieces")
+                    self._record_error(t, error, None)
+                    raise error from None
             with t.lock:
                 for p in pieces:
                     if result.have[p]:
@@ -856,10 +873,10 @@ class DiskIO:
         if self.on_piece is not None:
             self.on_piece(result)
 
-    def _sync(self, t: Torrent, files: Sequence[int] | None) -> None:
+    def _sync(self, t: Torrent, files: Sequence[int] | None, force: bool = False) -> None:
         try:
             with self.metrics.timed("sync"):
-                synced = t.storage.sync(files)
+                synced = t.storage.sync(files, force)
         except StorageIOError as exc:
             self._record_error(t, exc, None)
             raise

@@ -150,10 +150,12 @@ class FileStorage:
         self.renames: dict[int, tuple[str, ...]] = {}
         self.root = self.beneath(save_path)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
-        self._dirty: set[int] = set()
+        self._dirty: set[int] = set()  # written since their last sync began
+        self._syncing: dict[int, int] = {}  # file -> syncs of it running
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         self._lock = threading.Lock()
+        self._synced = threading.Condition(self._lock)  # notified as each sync ends
         self._remake = threading.Lock()  # held while a file seen gone is made anew
         self._nowait = os.RWF_NOWAIT  # 0 once the file system has said it has no such flag
         self._setup()
@@ -453,20 +455,64 @@ class FileStorage:
         except OSError:  # EAGAIN: not in the page cache (or no RWF_NOWAIT here)
             return False
 
-    def sync(self, indices: Sequence[int] | None = None) -> int:
-        """fdatasync the files written since their last sync (all, or the given ones);
-        returns how many it synced."""
+    def sync(self, indices: Sequence[int] | None = None, force: bool = False) -> int:
+        """Make every write made to the files (all, or the given ones) before this call
+        durable; returns how many files it fdatasynced. ``force``: the given files, dirty
+        or not (written by someone else, whose writes we did not see).
+
+        A file another thread is syncing is not dirty any more, yet not durable either:
+        its writes before that sync began are covered only once that sync has returned,
+        so this waits for it (and syncs the file itself if that sync failed).
+        """
+        wanted = None if indices is None else set(indices)
         with self._lock:
-            todo = sorted(self._dirty if indices is None else self._dirty & set(indices))
-            self._dirty.difference_update(todo)
+            if force and wanted is not None:
+                todo = sorted(wanted)
+            else:
+                todo = sorted(self._dirty if wanted is None else self._dirty & wanted)
+            others = [i for i in self._syncing if i not in todo and (wanted is None or i in wanted)]
+            self._take_for_sync(todo)
+        count = self._sync_taken(todo)
+        if others:
+            with self._lock:
+                while any(i in self._syncing for i in others):
+                    self._synced.wait()
+                failed = sorted(i for i in others if i in self._dirty)
+                self._take_for_sync(failed)
+            count += self._sync_taken(failed)
+        self.root.sync_made()  # the names of the files and folders made: durable too
+        return count
+
+    def _take_for_sync(self, todo: Sequence[int]) -> None:
+        """(Caller holds ``_lock``.) The files are this thread's to sync now."""
+        self._dirty.difference_update(todo)
         for index in todo:
-            try:
-                self._datasync(index)
-            except OSError as exc:
-                with self._lock:
-                    self._dirty.add(index)
-                raise StorageIOError.wrap(exc, f"sync {self.file_path(index)}") from None
-        return len(todo)
+            self._syncing[index] = self._syncing.get(index, 0) + 1
+
+    def _sync_taken(self, todo: Sequence[int]) -> int:
+        done = 0
+        skip = 0  # the file that failed, when it is not ours to sync any more
+        try:
+            for index in todo:
+                try:
+                    self._datasync(index)
+                except OSError as exc:
+                    raise StorageIOError.wrap(exc, f"sync {self.file_path(index)}") from None
+                except PiecedError:  # swapped, or gone: what we wrote is not there to sync
+                    skip = 1
+                    raise
+                done += 1
+        finally:
+            with self._lock:
+                # Not made durable: dirty still (but a file found gone is not ours to sync).
+                self._dirty.update(i for i in todo[done + skip:] if i in self._sized)
+                for index in todo:
+                    if self._syncing[index] == 1:
+                        del self._syncing[index]
+                    else:
+                        self._syncing[index] -= 1
+                self._synced.notify_all()
+        return done
 
     def _datasync(self, index: int) -> None:
         with self._fd(index, True) as fd:
@@ -511,6 +557,8 @@ class FileStorage:
                                          errno=errno.EEXIST)
                 self.root.move(parts, new_root, parts)
                 moved.append(parts)
+            new_root.sync_made()  # where the files are now: durable before it is recorded
+            self.root.sync_made()
         except (OSError, PiecedError) as exc:
             for parts in reversed(moved):
                 with contextlib.suppress(OSError, PiecedError):
@@ -542,6 +590,8 @@ class FileStorage:
                     continue
                 old_root.move(was, self.root, parts)
                 moved += 1
+            self.root.sync_made()
+            old_root.sync_made()
             if moved and old_root is not self.root:
                 self._prune(old_root)
         finally:
@@ -581,6 +631,7 @@ class FileStorage:
         if self.root.exists(src):
             try:
                 self.root.move(src, self.root, parts)
+                self.root.sync_made()  # the new name durable before it is recorded
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "rename") from None
         self.renames[index] = parts
@@ -613,7 +664,7 @@ class DisabledStorage(FileStorage):
     def advise(self, segments: Sequence[Segment]) -> None:
         return None
 
-    def sync(self, indices: Sequence[int] | None = None) -> int:
+    def sync(self, indices: Sequence[int] | None = None, force: bool = False) -> int:
         return 0
 
     def delete_files(self) -> None:

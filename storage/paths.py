@@ -40,6 +40,10 @@ class Beneath:
     libraries whose files are hard-linked into a media folder on purpose; anyone who can
     write below the save path can then make the daemon write a file elsewhere on the
     same file system.
+
+    The folders whose entries this made or moved (a new file, folder or link) are
+    remembered until :meth:`sync_made` fsyncs them: a file's data made durable is not
+    enough while its name may still be lost.
     """
 
     def __init__(self, path: Path, allow_hard_links: bool = False,
@@ -49,6 +53,37 @@ class Beneath:
         self.allow_hard_links = allow_hard_links
         self._fd = -1
         self._lock = threading.Lock()
+        self._made: set[tuple[str, ...]] = set()  # folders (relative) with entries to fsync
+        self._syncing_made = threading.Lock()  # held for a whole sync_made
+
+    def _changed(self, folder: Parts) -> None:
+        with self._lock:
+            self._made.add(tuple(folder))
+
+    def sync_made(self) -> int:
+        """fsync the folders whose entries this made or moved since their last fsync;
+        returns how many. A second caller waits for a sync in progress (it covers what
+        that caller made too), so no caller goes on before the names are durable."""
+        if not self._made and not self._syncing_made.locked():
+            return 0  # (the usual case: nothing made since, and no sync of it under way)
+        with self._syncing_made:
+            with self._lock:
+                made, self._made = self._made, set()
+            done = 0
+            todo = sorted(made)
+            try:
+                for parts in todo:
+                    try:
+                        with self.folder(parts, False) as dfd:
+                            os.fsync(dfd)
+                    except (FileNotFoundError, PathEscape):
+                        pass  # gone, or not ours any more: nothing of ours there to keep
+                    done += 1
+            except OSError as exc:
+                with self._lock:
+                    self._made.update(todo[done:])
+                raise _error(exc, f"sync the folder {self.path.joinpath(*todo[done])}") from None
+            return done
 
     def root(self, create: bool = False) -> int:
         """The folder's descriptor, opened (and made, if ``create``) at the first call."""
@@ -67,7 +102,10 @@ class Beneath:
     @contextlib.contextmanager
     def folder(self, parts: Parts, create: bool) -> Iterator[int]:
         """A descriptor of the folder ``parts`` (relative), made if ``create``."""
-        fd = _walk(os.dup(self.root()), parts, create, self.path)
+        made: list[Parts] = []
+        fd = _walk(os.dup(self.root()), parts, create, self.path, made)
+        for folder in made:
+            self._changed(folder)
         try:
             yield fd
         finally:
@@ -85,15 +123,35 @@ class Beneath:
         try:
             with self.folder(parts[:-1], create_dirs) as dfd:
                 flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-                try:
-                    # O_NONBLOCK: a FIFO put in a payload file's place must not hang the
-                    # open (it is refused below, as anything but a regular file is).
-                    fd = os.open(parts[-1], flags | os.O_NONBLOCK, 0o644, dir_fd=dfd)
-                except BlockingIOError:
-                    # A lease on the file (another process's, or a map of ours): wait
-                    # for its holder to let go, as any open does. (A FIFO never answers
-                    # so: its non-blocking open succeeds.)
-                    fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
+
+                def attempt(flags: int) -> int:
+                    try:
+                        # O_NONBLOCK: a FIFO put in a payload file's place must not hang
+                        # the open (it is refused below, as anything but a regular file is).
+                        return os.open(parts[-1], flags | os.O_NONBLOCK, 0o644, dir_fd=dfd)
+                    except BlockingIOError:
+                        # A lease on the file (another process's, or a map of ours): wait
+                        # for its holder to let go, as any open does. (A FIFO never
+                        # answers so: its non-blocking open succeeds.)
+                        return os.open(parts[-1], flags, 0o644, dir_fd=dfd)
+
+                if flags & os.O_CREAT and not flags & os.O_EXCL:
+                    # Made by this open, or there already? (A new name is to be synced.)
+                    for _ in range(3):
+                        try:
+                            fd = attempt(flags | os.O_EXCL)
+                            break
+                        except FileExistsError:
+                            with contextlib.suppress(FileNotFoundError):
+                                fd = attempt(flags & ~os.O_CREAT)
+                                flags &= ~os.O_CREAT
+                                break
+                    else:
+                        fd = attempt(flags)  # deleted and made again meanwhile: made, say
+                else:
+                    fd = attempt(flags)
+                if flags & os.O_CREAT:
+                    self._changed(parts[:-1])
                 try:
                     named = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
                     st = os.fstat(fd)
@@ -150,7 +208,9 @@ class Beneath:
                 if exc.errno != errno.EXDEV:
                     raise
                 _copy(sfd, src[-1], dfd, dst[-1])
+            dst_root._changed(dst[:-1])
             os.unlink(src[-1], dir_fd=sfd)
+            self._changed(src[:-1])
 
 
 def open_folder(path: Path, anchor: Path, create: bool) -> int:
@@ -163,9 +223,22 @@ def open_folder(path: Path, anchor: Path, create: bool) -> int:
         raise PathEscape(f"{path} is not inside {anchor}") from None
     except OSError as exc:
         raise _error(exc, f"open {anchor}") from None
+    made: list[Parts] = []
     try:
-        return _walk(fd, rel, create, anchor)
+        out = _walk(fd, rel, create, anchor, made)
     except OSError as exc:
+        raise _error(exc, f"open the save path {path}") from None
+    try:
+        for parts in made:  # the folders made, durable before anything is kept in them
+            dfd = _walk(os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
+                        parts, False, anchor)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return out
+    except OSError as exc:
+        os.close(out)
         raise _error(exc, f"open the save path {path}") from None
 
 
@@ -181,9 +254,11 @@ def anchor_of(path: Path, roots: Sequence[Path] | None) -> Path:
     raise PathEscape(f"save path {path} is outside the allowed roots ({allowed})")
 
 
-def _walk(fd: int, parts: Parts, create: bool, base: Path) -> int:
+def _walk(fd: int, parts: Parts, create: bool, base: Path,
+          made: list[Parts] | None = None) -> int:
     """Down from the folder ``fd`` (taken: closed here, or returned moved on) through
-    ``parts``, one ``openat`` a component, never through a symlink."""
+    ``parts``, one ``openat`` a component, never through a symlink. The folders in which
+    this made one go to ``made`` (as prefixes of ``parts``)."""
     try:
         for i, name in enumerate(parts):
             try:
@@ -191,8 +266,12 @@ def _walk(fd: int, parts: Parts, create: bool, base: Path) -> int:
             except FileNotFoundError:
                 if not create:
                     raise
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(name, 0o755, dir_fd=fd)
+                    if made is not None:
+                        made.append(parts[:i])
+                except FileExistsError:
+                    pass
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):

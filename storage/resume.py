@@ -239,7 +239,9 @@ class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "torrents"
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.state_dir)  # the folder's name is durable before any record in it
         marker = self.state_dir / "clean"
         # Payload file stamps are trusted only after a clean stop: after a crash the
         # files we were writing have changed since the last save, by our own hand.
@@ -256,6 +258,7 @@ class StateStore:
         if folder.exists():  # left over from a torrent whose removal did not finish
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
+        fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
         write_atomic(folder / "metainfo.torrent", raw)
         rec = TorrentRecord(folder)
         rec.write_location(save_path, {})

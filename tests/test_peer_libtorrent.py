@@ -20,7 +20,7 @@ import pytest
 from pieced.protocol.client import Client
 from pieced.storage.metainfo import parse
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, sparse_zero_torrent
 from tests.ltpeer import LtPeer, make_torrent_v1_pads
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 
@@ -880,4 +880,64 @@ def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: 
         assert summary["bytes_down"] < sum(files.values())  # what was verified stayed
         _same_tree(content, tiny_fs / "payload", files)
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_signal_during_the_first_check_stops_pieced_peer_at_once(tmp_path: Path) -> None:
+    """SIGTERM while the daemon checks what is on disk of a newly registered torrent (for
+    a large one, hours): pieced-peer stops at once, cleanly, and leaves the check to the
+    daemon, instead of heeding the signal only once the check is over."""
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 2048)  # 8 GiB
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        proc = subprocess.Popen(
+            peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0", "--seed"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _running.append(proc)
+        with Client(d.socket) as c:
+            deadline = time.monotonic() + 30
+            while not c.torrents():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            time.sleep(0.2)  # the check under way
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+            st = c.status(bytes.fromhex(c.torrents()[0]["info_hash"]))
+        assert proc.returncode == 0, err
+        assert "listening on" not in err and "Traceback" not in err, err
+        assert st["verified_pieces"] < st["num_pieces"]  # not waited for: still checking
+        assert json.loads(out)["complete"] is False
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_the_daemon_lost_while_seeding_is_said_in_one_line(tmp_path: Path) -> None:
+    """The daemon killed while pieced-peer --seed has reads in flight for a leecher: it
+    exits 2 saying it lost the daemon, once, instead of printing a traceback for every
+    read that was waiting (each longer than the one before: 34,000 lines in one case)."""
+    piece = 65536
+    files = {"a.bin": 640 * piece}
+    _content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=21)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            download(torrent, tmp_path / "dl", d, seeder.port)
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        fast = {"download_rate_limit": 4 << 20, "limit_loopback": True}
+        with LtPeer(raw, tmp_path / "leech", seed=False, settings=fast) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            deadline = time.monotonic() + 60
+            while leecher.status()["total_payload_download"] < 4 << 20:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            d.proc.kill()
+            d.proc.wait()
+            _, err = seeding.proc.communicate(timeout=60)
+        assert seeding.proc.returncode == 2, err
+        assert "lost the daemon" in err, err
+        assert "Traceback" not in err and "exception" not in err.lower(), err[:3000]
+    finally:
+        d = Daemon(tmp_path)
         assert d.stop() == 0, d.stderr()

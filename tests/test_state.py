@@ -19,7 +19,7 @@ from pieced.storage.errors import StorageIOError
 from pieced.storage.layout import Layout
 
 from tests.conftest import STORES_NOTHING, Daemon
-from tests.realtools import corrupt, lt_recheck, make_torrent_lt
+from tests.realtools import corrupt, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source, fill
 
 # Every test runs on each backend (``backend``, see conftest.py), but not on disabled: a
@@ -347,3 +347,177 @@ def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
     assert any(ih.hex() in e and "location" in e for e in third.load_errors)
     third.close()
     assert (folder / "metainfo.torrent").exists()  # kept for the operator to look at
+
+
+@pytest.mark.parametrize("window", [0.0, 0.005])
+def test_a_piece_is_announced_only_once_every_sync_of_its_files_has_returned(
+    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Piece 3 has three blocks in a.bin and its last in b.bin. While another thread's
+    sync of a.bin is still running (a slow disk, made here by holding that fdatasync
+    back), the last block completes the piece: its commit must wait for that sync, which
+    is what makes its first three blocks durable, not find a.bin clean and announce the
+    piece (a power loss then would leave a verified piece without its bytes)."""
+    pl = 65536
+    content = make_payload(tmp_path / "src", {"a.bin": 3 * pl + 3 * 16384, "b.bin": 200_000},
+                           seed=4)
+    raw = make_torrent_lt(content, pl, "v1")
+    src = Source(raw, content.parent)
+    announced: list[int] = []
+    dio = DiskIO(backend, sync_window=window, on_piece=lambda r: announced.append(r.piece))
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = {p: [(b, n) for q, b, n in src.blocks() if q == p] for p in (0, 3)}
+    for b, n in blocks[0]:
+        dio.write_block_direct(ih, 0, b, src.read(0, b, n))
+    dio.flush_all()
+    assert announced == [0]
+
+    real, held, release = os.fdatasync, threading.Event(), threading.Event()
+
+    def slow(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/a.bin") and not release.is_set():
+            held.set()
+            release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    for b, n in blocks[3][:3]:
+        dio.write_block_direct(ih, 3, b, src.read(3, b, n))
+    flusher = threading.Thread(target=dio.flush_piece, args=(ih, 3))
+    flusher.start()
+    b, n = blocks[3][3]
+    # (with no sync window the piece is committed by the call that completes it)
+    last = threading.Thread(target=dio.write_block_direct, args=(ih, 3, b, src.read(3, b, n)))
+    try:
+        assert held.wait(30), "the flush never synced a.bin"
+        last.start()
+        time.sleep(0.5)
+        assert announced == [0], "piece 3 announced while a.bin's sync had not returned"
+    finally:
+        release.set()
+        flusher.join(30)
+        if last.ident is not None:
+            last.join(30)
+    dio.flush_all()
+    assert announced == [0, 3]
+    dio.close()
+
+
+_DIES_RECHECKING = """
+import json, os, sys
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+from pieced.storage import resume
+from pieced.storage.disk import DiskIO
+raw = Path({torrent!r}).read_bytes()
+dio = DiskIO({backend!r}, state_dir=Path({state!r}))
+ih = dio.register(raw, Path({save!r}))
+def die(self, *a, **k):  # the recheck's resume save: its pieces already shown verified
+    Path({seen!r}).write_text(json.dumps(dio.status(ih)["verified_pieces"]))
+    os._exit(9)
+resume.TorrentRecord.write_resume = die
+dio.recheck(ih)
+os._exit(0)
+"""
+
+
+def test_pieces_a_recheck_found_are_durable_before_they_are_shown_verified(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Data already on disk (a restart, files copied in): a recheck reports its pieces
+    verified only once their files are fdatasynced (whoever wrote them) and the pieces
+    journaled, as a download's are. Before, status showed them verified while only the
+    resume record still to be written would remember them (a kill -9 then forgot them
+    all), and no payload file was synced at all."""
+    import shutil
+    import subprocess
+    import sys
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, save)
+    (tmp_path / "t.torrent").write_bytes(raw)
+    dl = tmp_path / "dl"
+    shutil.copytree(save, dl)
+    script = _DIES_RECHECKING.format(
+        repo=str(Path(__file__).resolve().parent.parent), torrent=str(tmp_path / "t.torrent"),
+        backend=backend, state=str(tmp_path / "state"), save=str(dl),
+        seen=str(tmp_path / "seen"))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 9, r.stderr
+    assert int((tmp_path / "seen").read_text()) == src.meta.num_pieces
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = again.torrents()[0]
+    st = again.status(ih)
+    assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
+    again.unregister(ih)
+
+    # in order: every payload file synced, then the pieces journaled
+    order: list[str] = []
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (
+        order.append(os.readlink(f"/proc/self/fd/{fd}")), real_sync(fd))[1])
+    from pieced.storage import resume
+    real_append = resume.TorrentRecord.append
+    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
+        order.append(f"journal {len(recs)}"), real_append(self, recs))[1])
+    ih = again.register(raw, dl)
+    assert again.recheck(ih).ok
+    journaled = order.index(f"journal {src.meta.num_pieces}")
+    stored = {str(dl.joinpath(*f.path)) for i, f in enumerate(src.meta.files)
+              if f.length and src.meta.files.stored(i)}
+    assert stored <= set(order[:journaled]), order
+    again.close()
+
+
+def test_the_names_of_new_files_and_moved_ones_are_durable_before_they_are_relied_on(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file's data made durable is not enough while its name can still be lost (a
+    power loss then loses the file, and its verified pieces with it): the folders of the
+    files and folders a download makes are fsynced before their pieces are journaled,
+    and after a move, those the files left and went to before the new place is
+    recorded."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    log: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        log.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    from pieced.storage import resume
+    real_append, real_location = resume.TorrentRecord.append, resume.TorrentRecord.write_location
+    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
+        log.append(f"journal {sorted(p for _, p, _ in recs)}"), real_append(self, recs))[1])
+    monkeypatch.setattr(resume.TorrentRecord, "write_location", lambda self, path, *a: (
+        log.append(f"location {path}"), real_location(self, path, *a))[1])
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
+    dl = tmp_path / "dl" / "deeper"
+    ih = dio.register(raw, dl)
+    assert str(tmp_path / "dl") in log  # the save path's own name
+    fill(dio, ih, src)
+    dio.flush_all()
+
+    def folders(root: Path, index: int) -> list[str]:
+        """The folders a file's name lives in, from its own up to the save path."""
+        path = root.joinpath(*src.meta.files[index].path)
+        return [str(p) for p in path.parents if p.is_relative_to(root)]
+
+    for i, f in enumerate(src.meta.files):
+        if not f.length or not src.meta.files.stored(i):
+            continue
+        first = next(k for k, e in enumerate(log) if e.startswith("journal")
+                     and set(src.layout.file_pieces(i)) & set(eval(e[8:])))
+        assert set(folders(dl, i)) <= set(log[:first]), "\n".join(map(str, [f.path, *log]))
+    new = tmp_path / "moved"
+    del log[:]
+    dio.move_storage(ih, new)
+    last = max(k for k, e in enumerate(log) if e == f"location {new}")
+    for i, f in enumerate(src.meta.files):
+        if f.length and src.meta.files.stored(i):
+            assert set(folders(new, i)) <= set(log[:last]), log
+            assert str(dl.joinpath(*f.path).parent) in log[:last]
+    dio.close()
