@@ -400,7 +400,8 @@ class Feed:
         hi = bisect.bisect_left(offsets, end, 0, len(table))  # files starting before end
         named: list[dict[str, Any]] = []
         i = lo
-        while i < hi and len(named) < limit:
+        # (bounded: a range of a million pad and empty files would walk them all)
+        while i < hi and len(named) < limit and i - lo < 65536:
             if not table.flags[i] & PAD and table.lengths[i] and offsets[i + 1] > start:
                 named.append({"i": i, "path": t.storage.display_path(i),
                               "length": table.lengths[i]})

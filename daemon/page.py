@@ -123,7 +123,9 @@ def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = ""
         except (KeyError, ValueError):
             raise web.HTTPBadRequest(text="first (and last) must be piece numbers\n") from None
         try:
-            return web.json_response(feed.piece_files(key, first, last), headers=no_store)
+            files = await asyncio.get_running_loop().run_in_executor(
+                feed.executor, feed.piece_files, key, first, last)
+            return web.json_response(files, headers=no_store)
         except PiecedError as exc:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
 

@@ -83,10 +83,10 @@ MAX_QUEUED_JOBS = 4096
 # Descriptors received and not yet taken by the attach_ring (or register of a metainfo
 # passed as a descriptor) frame still being read.
 MAX_PENDING_FDS = 4
-# Operations that may run for seconds (whole-torrent work, syncs): their lane moves to
-# the long-job workers while they run.
+# Operations that may run for seconds (whole-torrent work, syncs, whole pieces of up to
+# 64 MiB read and hashed): their lane moves to the long-job workers while they run.
 LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rename_file",
-                      "flush_all"})
+                      "flush_all", "flush_piece", "read_piece", "hash_piece", "hash_piece_v2"})
 LONG_WORKERS = 64
 # Values a control body from a client may hold: every request is a handful (a .torrent
 # travels as one string), so this only stops bodies built to be slow to decode.

@@ -400,6 +400,15 @@ class Swarm:
                     f"the torrent is registered with save path {st['save_path']}, not "
                     f"{self.opts.save_path}: run with --save-path {st['save_path']} "
                     "(or remove it with `pieced rm` to start over in the other)") from None
+            while st["reverifying_pieces"]:
+                # The daemon is finishing a check a crash cut short: what it finds on disk
+                # is not to be fetched again.
+                await asyncio.sleep(0.2)
+                st = await self.client.status(self.ih, files=False)
+            if not st["verified_pieces"] and not st["partial_pieces"]:
+                # Nothing known of it: maybe never checked (the daemon went down between
+                # the register and the check). What is on disk is checked now.
+                await self.client.recheck(self.ih)
         await self.client.subscribe(self.ih)
         st = await self.client.status(self.ih, files=False)
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)

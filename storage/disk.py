@@ -415,19 +415,25 @@ class DiskIO:
             with self._lock:
                 for alias in meta.aliases:
                     self._torrents[alias] = t
-            with rec.save_lock:
-                self._save(t, rec)  # the replayed journals become the resume record
-            if moved:
-                try:
-                    self._save_location(t)  # the move is over
-                except StorageIOError as exc:
-                    self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
             if saved.damaged is not None:
                 # Only what the journal proved is known: recheck the rest.
                 self.load_errors.append(
                     f"torrent {saved.ih_hex}: {saved.damaged}; rebuilt from its journal "
                     f"({t.count(VERIFIED)} pieces), rechecking the rest")
                 suspect = {p for p in range(n) if t.state[p] == MISSING}
+            elif saved.checking:  # a recheck a crash cut short: finished now
+                suspect = {p for p in range(n) if t.state[p] == MISSING}
+            with rec.save_lock:
+                try:  # before the record below forgets them: a crash meanwhile loses none
+                    rec.mark_checking(bool(suspect))
+                except OSError as exc:
+                    self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
+                self._save(t, rec)  # the replayed journals become the resume record
+            if moved:
+                try:
+                    self._save_location(t)  # the move is over
+                except StorageIOError as exc:
+                    self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
             if suspect:
                 threading.Thread(target=self._reverify, args=(t, sorted(suspect)),
                                  name="pieced-reverify", daemon=True).start()
@@ -440,7 +446,7 @@ class DiskIO:
             t.reverifying = total - done
 
         try:
-            with self._alone(t.key):
+            with self._alone(t.key), self._checking(t):
                 todo = [p for p in pieces if t.state[p] == MISSING]
                 result = self._verify(t, todo, progress, full=False)
                 self._apply_verify(t, todo, result)
@@ -449,6 +455,23 @@ class DiskIO:
             pass
         finally:
             t.reverifying = 0
+
+    @contextlib.contextmanager
+    def _checking(self, t: Torrent) -> Iterator[None]:
+        """A check of the torrent's files under way: recorded, so that a crash before
+        its end has it carried out again after the restart (the pieces it would have
+        found otherwise stay unknown for good)."""
+        rec = self._records.get(t.id)
+        if rec is not None:
+            with rec.save_lock:
+                try:
+                    rec.mark_checking(True)
+                except OSError as exc:
+                    raise StorageIOError.wrap(exc, "record the check under way") from None
+        yield
+        if rec is not None:
+            with rec.save_lock, contextlib.suppress(OSError):  # (then checked again)
+                rec.mark_checking(False)
 
     def _verify(
         self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
@@ -1170,7 +1193,7 @@ class DiskIO:
         mismatch, or no fingerprint, falls back to the torrent's own hashes. ``full``
         always uses the torrent's hashes.
         """
-        with self._alone(ih) as t:
+        with self._alone(ih) as t, self._checking(t):
             self._flush_torrent(t, sync=True)  # what is read below is durable
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]

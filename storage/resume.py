@@ -14,6 +14,8 @@ Layout under the state directory::
                                             that follows it, and at a clean stop the
                                             (size, mtime_ns) of every payload file
     torrents/<info_hash hex>/journal.<gen>  fixed-size records appended since then
+    torrents/<info_hash hex>/checking       exists while a check of the files (a
+                                            recheck) is under way: a restart finishes it
 
 Why a journal: the group commit fdatasyncs a batch of verified pieces' data, then
 appends one record per piece (index and fingerprint) and fdatasyncs the journal, and
@@ -59,6 +61,7 @@ RECORD = struct.Struct("<BxxxI16sI")  # kind, piece, fingerprint, crc32 of the f
 REC_VERIFIED = 1
 REC_CLEARED = 2
 _JOURNAL = re.compile(r"journal\.(\d+)")
+CHECKING = "checking"  # present while a check of the files is under way
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -127,6 +130,8 @@ class Loaded(NamedTuple):
     # A move or rename was under way (save path, renames the files had before it): files
     # not yet where the record says are still there.
     previous: tuple[str, dict[int, tuple[str, ...]]] | None = None
+    # A check of the files was under way: its pieces not yet found are to be looked for.
+    checking: bool = False
 
 
 class TorrentRecord:
@@ -213,6 +218,18 @@ class TorrentRecord:
         if previous is not None:
             record[b"from"] = _location(*previous)
         write_atomic(self.folder / "location", bencodepy.encode(record))
+
+    def mark_checking(self, on: bool) -> None:
+        """Say (durably) that a check of the files is under way, or over: one cut short
+        by a crash is carried out again after the restart."""
+        if self.removed:
+            return
+        path = self.folder / CHECKING
+        if on:
+            write_atomic(path, b"")
+        elif path.exists():
+            path.unlink()
+            fsync_dir(self.folder)
 
     def journals(self) -> list[int]:
         try:
@@ -345,7 +362,7 @@ class StateStore:
         # Appends go to a new generation: never after a torn record, which would hide them.
         next_gen = max([gen, *rec.journals()]) + 1
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous)
+                        previous, (folder / CHECKING).exists())
         return loaded, next_gen
 
 

@@ -436,3 +436,46 @@ def test_async_calls_cancelled_at_random_leave_the_client_usable(tmp_path: Path,
         asyncio.run(asyncio.wait_for(main(), 120))
     finally:
         _stops_cleanly(d)
+
+
+def test_clients_hashing_whole_pieces_leave_workers_for_the_others(tmp_path: Path) -> None:
+    """More clients than the daemon has workers for short requests each keep a pipeline
+    of hash_piece requests on 64 MiB pieces: another client's stats is answered while
+    every one of them still waits for answers, not once one of them is done (that took
+    18 s in one case)."""
+    import os
+
+    from tests.conftest import sparse_zero_torrent
+
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 64 << 20, 4)
+    hogs, per = (os.cpu_count() or 1) + 4, 6
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+
+        async def run() -> list[int]:
+            clients = [await AsyncClient(d.socket).connect() for _ in range(hogs + 1)]
+            victim, rest = clients[0], clients[1:]
+            done = [0] * hogs
+
+            async def hog(k: int, c: AsyncClient) -> None:
+                async def one(piece: int) -> None:
+                    assert await c.hash_piece(ih, piece)
+                    done[k] += 1
+                await asyncio.gather(*(one(i % 4) for i in range(per)))
+
+            tasks = [asyncio.ensure_future(hog(k, c)) for k, c in enumerate(rest)]
+            await asyncio.sleep(0.3)  # every hog's requests are in
+            assert not any(t.done() for t in tasks)
+            await victim.stats()
+            seen = list(done)
+            await asyncio.gather(*tasks)
+            for c in clients:
+                await c.close()
+            return seen
+
+        seen = asyncio.run(run())
+        assert all(n < per for n in seen), seen
+    finally:
+        _stops_cleanly(d)

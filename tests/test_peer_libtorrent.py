@@ -941,3 +941,45 @@ def test_the_daemon_lost_while_seeding_is_said_in_one_line(tmp_path: Path) -> No
     finally:
         d = Daemon(tmp_path)
         assert d.stop() == 0, d.stderr()
+
+
+def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """pieced-peer --seed over a complete copy: the daemon is killed while it checks the
+    files for the newly registered torrent. Restarted, it finishes the check by itself,
+    and pieced-peer run again (told the torrent is registered already) seeds the whole
+    torrent to a libtorrent leecher, instead of finding nothing verified."""
+    piece = 65536
+    files = {"a.bin": 900 * piece + 7, "b.bin": 300 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=22)
+    dl = tmp_path / "dl" / "payload"
+    dl.parent.mkdir()
+    import shutil
+
+    shutil.copytree(content, dl)
+    d = Daemon(tmp_path)
+    try:
+        proc = subprocess.Popen(
+            peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0", "--seed"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _running.append(proc)
+        with Client(d.socket) as c:
+            deadline = time.monotonic() + 30
+            while not c.torrents():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.005)
+        d.proc.kill()  # at once: the check has hardly begun
+        d.proc.wait()
+        proc.communicate(timeout=60)
+        d = Daemon(tmp_path)
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        up = seeding.stop()
+        assert up["complete"] and up["bytes_up"] >= sum(files.values())
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()

@@ -521,3 +521,58 @@ def test_the_names_of_new_files_and_moved_ones_are_durable_before_they_are_relie
             assert set(folders(new, i)) <= set(log[:last]), log
             assert str(dl.joinpath(*f.path).parent) in log[:last]
     dio.close()
+
+
+_DIES_CHECKING = """
+import os, sys
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+from pieced.storage import disk
+raw = Path({torrent!r}).read_bytes()
+dio = disk.DiskIO({backend!r}, state_dir=Path({state!r}))
+ih = dio.register(raw, Path({save!r}))
+real = disk.verify
+def verify(meta, reader, pool, progress, *a, **k):
+    def dying(done, total):
+        if done * 2 >= total:
+            os._exit(9)  # half-way through the check
+    return real(meta, reader, pool, dying, *a, **k)
+disk.verify = verify
+dio.recheck(ih, full=True)
+os._exit(0)
+"""
+
+
+def test_a_check_cut_short_by_a_crash_is_finished_after_the_restart(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
+) -> None:
+    """The data is on disk; the process dies half-way through its recheck. Restarted,
+    the daemon checks the files again by itself (a plugin that registered the torrent
+    and asked for the check is told it is registered already, and would never ask
+    again): every piece ends up verified, and a later restart has nothing to redo."""
+    import shutil
+    import subprocess
+    import sys
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    src = Source(raw, save)
+    (tmp_path / "t.torrent").write_bytes(raw)
+    dl = tmp_path / "dl"
+    shutil.copytree(save, dl)
+    script = _DIES_CHECKING.format(
+        repo=str(Path(__file__).resolve().parent.parent), torrent=str(tmp_path / "t.torrent"),
+        backend=backend, state=str(tmp_path / "state"), save=str(dl))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 9, r.stderr
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = again.torrents()[0]
+    st = wait_reverified(again, ih)
+    assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
+    again.close()
+    third = DiskIO(backend, state_dir=tmp_path / "state")
+    st = third.status(ih)
+    assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
+    assert not list((tmp_path / "state").rglob("checking"))
+    third.close()
