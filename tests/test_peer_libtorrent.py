@@ -883,6 +883,21 @@ def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: 
         assert d.stop() == 0, d.stderr()
 
 
+def _seeding_registered(torrent: Path, save: Path, d: Daemon) -> subprocess.Popen[str]:
+    """``pieced-peer --seed`` started, returned as soon as its torrent is registered (the
+    daemon checking what is on disk)."""
+    proc = subprocess.Popen(
+        peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", "--seed"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _running.append(proc)
+    with Client(d.socket) as c:
+        deadline = time.monotonic() + 30
+        while not c.torrents():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+    return proc
+
+
 def test_a_signal_during_the_first_check_stops_pieced_peer_at_once(tmp_path: Path) -> None:
     """SIGTERM while the daemon checks what is on disk of a newly registered torrent (for
     a large one, hours): pieced-peer stops at once, cleanly, and leaves the check to the
@@ -892,15 +907,8 @@ def test_a_signal_during_the_first_check_stops_pieced_peer_at_once(tmp_path: Pat
     torrent.write_bytes(raw)
     d = Daemon(tmp_path)
     try:
-        proc = subprocess.Popen(
-            peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0", "--seed"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _running.append(proc)
+        proc = _seeding_registered(torrent, tmp_path / "dl", d)
         with Client(d.socket) as c:
-            deadline = time.monotonic() + 30
-            while not c.torrents():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.01)
             time.sleep(0.2)  # the check under way
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
@@ -960,15 +968,7 @@ def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
     shutil.copytree(content, dl)
     d = Daemon(tmp_path)
     try:
-        proc = subprocess.Popen(
-            peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0", "--seed"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _running.append(proc)
-        with Client(d.socket) as c:
-            deadline = time.monotonic() + 30
-            while not c.torrents():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.005)
+        proc = _seeding_registered(torrent, tmp_path / "dl", d)
         d.proc.kill()  # at once: the check has hardly begun
         d.proc.wait()
         proc.communicate(timeout=60)

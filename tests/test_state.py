@@ -247,6 +247,18 @@ def test_a_full_state_disk_loses_no_announced_piece(
 
 # A child process that registers and downloads a torrent, then dies (os._exit, as by
 # kill -9) during a move or a rename: right after the ``die_after``-th file is moved.
+def _dies(script: str, **fields: str) -> None:
+    """Run ``script`` (its fields filled in, ``repo`` too) in a process of its own, which
+    must die where the script means it to (status 9)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", script.format(
+        repo=str(Path(__file__).resolve().parent.parent), **fields)],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr  # it died where it was meant to
+
+
 _DIES_MOVING = """
 import os, sys
 from pathlib import Path
@@ -285,8 +297,6 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     restart finishes the move: every file where it was going, every piece verified, the
     bytes right. Before, the files already moved were taken for gone, with the verified
     pieces they held (318 of 3,937 pieces were left in one case)."""
-    import subprocess
-    import sys
 
     from tests.realtools import make_payload
 
@@ -296,13 +306,9 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     (tmp_path / "t.torrent").write_bytes(raw)
     src = Source(raw, tmp_path / "src")
     old, new = tmp_path / "old", tmp_path / "new"
-    script = _DIES_MOVING.format(
-        repo=str(Path(__file__).resolve().parent.parent), torrent=str(tmp_path / "t.torrent"),
-        src=str(tmp_path / "src"), backend=backend, state=str(tmp_path / "state"),
-        old=str(old), new=str(new), op=op, die_after=die_after)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 9, r.stderr  # it died where it was meant to
+    _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
+          backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
+          die_after=str(die_after))
     again = DiskIO(backend, state_dir=tmp_path / "state")
     ih = again.torrents()[0]
     st = again.status(ih)
@@ -403,6 +409,19 @@ def test_a_piece_is_announced_only_once_every_sync_of_its_files_has_returned(
     dio.close()
 
 
+def _on_disk(tmp_path: Path, odd_payload: tuple[Path, Path],
+             piece: int) -> tuple[bytes, Source, Path]:
+    """A hybrid torrent of the payload (also in ``t.torrent``), and a copy of the payload
+    in ``dl``, as a restart or files copied in would find it: (metainfo, source, dl)."""
+    import shutil
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, piece, "hybrid")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    shutil.copytree(save, tmp_path / "dl")
+    return raw, Source(raw, save), tmp_path / "dl"
+
+
 _DIES_RECHECKING = """
 import json, os, sys
 from pathlib import Path
@@ -430,23 +449,9 @@ def test_pieces_a_recheck_found_are_durable_before_they_are_shown_verified(
     journaled, as a download's are. Before, status showed them verified while only the
     resume record still to be written would remember them (a kill -9 then forgot them
     all), and no payload file was synced at all."""
-    import shutil
-    import subprocess
-    import sys
-
-    save, content = odd_payload
-    raw = make_torrent_lt(content, 65536, "hybrid")
-    src = Source(raw, save)
-    (tmp_path / "t.torrent").write_bytes(raw)
-    dl = tmp_path / "dl"
-    shutil.copytree(save, dl)
-    script = _DIES_RECHECKING.format(
-        repo=str(Path(__file__).resolve().parent.parent), torrent=str(tmp_path / "t.torrent"),
-        backend=backend, state=str(tmp_path / "state"), save=str(dl),
-        seen=str(tmp_path / "seen"))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 9, r.stderr
+    raw, src, dl = _on_disk(tmp_path, odd_payload, 65536)
+    _dies(_DIES_RECHECKING, torrent=str(tmp_path / "t.torrent"), backend=backend,
+          state=str(tmp_path / "state"), save=str(dl), seen=str(tmp_path / "seen"))
     assert int((tmp_path / "seen").read_text()) == src.meta.num_pieces
     again = DiskIO(backend, state_dir=tmp_path / "state")
     ih = again.torrents()[0]
@@ -550,22 +555,9 @@ def test_a_check_cut_short_by_a_crash_is_finished_after_the_restart(
     the daemon checks the files again by itself (a plugin that registered the torrent
     and asked for the check is told it is registered already, and would never ask
     again): every piece ends up verified, and a later restart has nothing to redo."""
-    import shutil
-    import subprocess
-    import sys
-
-    save, content = odd_payload
-    raw = make_torrent_lt(content, 16384, "hybrid")
-    src = Source(raw, save)
-    (tmp_path / "t.torrent").write_bytes(raw)
-    dl = tmp_path / "dl"
-    shutil.copytree(save, dl)
-    script = _DIES_CHECKING.format(
-        repo=str(Path(__file__).resolve().parent.parent), torrent=str(tmp_path / "t.torrent"),
-        backend=backend, state=str(tmp_path / "state"), save=str(dl))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 9, r.stderr
+    _raw, src, dl = _on_disk(tmp_path, odd_payload, 16384)
+    _dies(_DIES_CHECKING, torrent=str(tmp_path / "t.torrent"), backend=backend,
+          state=str(tmp_path / "state"), save=str(dl))
     again = DiskIO(backend, state_dir=tmp_path / "state")
     ih = again.torrents()[0]
     st = wait_reverified(again, ih)
