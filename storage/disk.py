@@ -453,6 +453,8 @@ class DiskIO:
                 self._save_now(t)
         except (RuntimeError, UnknownTorrent):  # shutting down, or unregistered meanwhile
             pass
+        except PiecedError as exc:  # recorded on the torrent; the check is done again next start
+            log.warning("torrent %s: checking its files failed: %s", t.key.hex(), exc)
         finally:
             t.reverifying = 0
 

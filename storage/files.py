@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -151,7 +152,8 @@ class FileStorage:
         self.root = self.beneath(save_path)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
         self._dirty: set[int] = set()  # written since their last sync began
-        self._syncing: dict[int, int] = {}  # file -> syncs of it running
+        self._syncing: dict[int, set[int]] = {}  # file -> the syncs of it running (tickets)
+        self._tickets = itertools.count()
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         self._lock = threading.Lock()
@@ -209,6 +211,8 @@ class FileStorage:
             known = index in self._identity
         if known:
             flags &= ~os.O_CREAT
+        elif flags & os.O_CREAT:
+            self._name_written(index)  # the first write of this process: its name too
         try:
             fd = self.root.open(self.parts(index), flags, create_dirs=create_dirs)
         except StorageIOError as exc:
@@ -465,31 +469,39 @@ class FileStorage:
         so this waits for it (and syncs the file itself if that sync failed).
         """
         wanted = None if indices is None else set(indices)
+        if force and wanted is not None:
+            for index in wanted:  # made by someone else: their names may not be durable
+                self._name_written(index)
         with self._lock:
             if force and wanted is not None:
                 todo = sorted(wanted)
             else:
                 todo = sorted(self._dirty if wanted is None else self._dirty & wanted)
-            others = [i for i in self._syncing if i not in todo and (wanted is None or i in wanted)]
-            self._take_for_sync(todo)
-        count = self._sync_taken(todo)
+            # The syncs running now: waited for, not those that start later (a busy file
+            # is synced over and over by its writers, and would never be free).
+            others = {i: set(tickets) for i, tickets in self._syncing.items()
+                      if i not in todo and (wanted is None or i in wanted)}
+            ticket = self._take_for_sync(todo)
+        count = self._sync_taken(todo, ticket)
         if others:
             with self._lock:
-                while any(i in self._syncing for i in others):
+                while any(self._syncing.get(i, set()) & t for i, t in others.items()):
                     self._synced.wait()
                 failed = sorted(i for i in others if i in self._dirty)
-                self._take_for_sync(failed)
-            count += self._sync_taken(failed)
+                ticket = self._take_for_sync(failed)
+            count += self._sync_taken(failed, ticket)
         self.root.sync_made()  # the names of the files and folders made: durable too
         return count
 
-    def _take_for_sync(self, todo: Sequence[int]) -> None:
-        """(Caller holds ``_lock``.) The files are this thread's to sync now."""
+    def _take_for_sync(self, todo: Sequence[int]) -> int:
+        """(Caller holds ``_lock``.) The files are this thread's to sync now: its ticket."""
+        ticket = next(self._tickets)
         self._dirty.difference_update(todo)
         for index in todo:
-            self._syncing[index] = self._syncing.get(index, 0) + 1
+            self._syncing.setdefault(index, set()).add(ticket)
+        return ticket
 
-    def _sync_taken(self, todo: Sequence[int]) -> int:
+    def _sync_taken(self, todo: Sequence[int], ticket: int) -> int:
         done = 0
         skip = 0  # the file that failed, when it is not ours to sync any more
         try:
@@ -507,16 +519,25 @@ class FileStorage:
                 # Not made durable: dirty still (but a file found gone is not ours to sync).
                 self._dirty.update(i for i in todo[done + skip:] if i in self._sized)
                 for index in todo:
-                    if self._syncing[index] == 1:
+                    running = self._syncing[index]
+                    running.discard(ticket)
+                    if not running:
                         del self._syncing[index]
-                    else:
-                        self._syncing[index] -= 1
                 self._synced.notify_all()
         return done
 
     def _datasync(self, index: int) -> None:
-        with self._fd(index, True) as fd:
+        # A file this process has not written (a forced sync, for a recheck) is synced
+        # through a read-only handle: a check changes nothing, and needs no write access.
+        with self._fd(index, index in self._sized) as fd:
             os.fdatasync(fd)
+
+    def _name_written(self, index: int) -> None:
+        """The file's name, and its folders' up to the save path, may have been made by
+        someone else (a daemon that died, another program): synced with the next sync."""
+        parts = self.parts(index)
+        for k in range(len(parts)):
+            self.root.changed(parts[:k])
 
     # -- life cycle -------------------------------------------------------------
     def close_handles(self) -> None:
@@ -631,9 +652,14 @@ class FileStorage:
         if self.root.exists(src):
             try:
                 self.root.move(src, self.root, parts)
-                self.root.sync_made()  # the new name durable before it is recorded
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "rename") from None
+            try:
+                self.root.sync_made()  # the new name durable before it is recorded
+            except PiecedError:
+                with contextlib.suppress(OSError, PiecedError):  # undone, as a move is
+                    self.root.move(parts, self.root, src)
+                raise
         self.renames[index] = parts
 
 

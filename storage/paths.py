@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import PathEscape, StorageIOError
@@ -56,7 +56,11 @@ class Beneath:
         self._made: set[tuple[str, ...]] = set()  # folders (relative) with entries to fsync
         self._syncing_made = threading.Lock()  # held for a whole sync_made
 
-    def _changed(self, folder: Parts) -> None:
+    def changed(self, folder: Parts) -> None:
+        """An entry of the folder (relative) was, or is about to be, made or moved: the
+        next :meth:`sync_made` fsyncs it. (Said before a change and after it: a thread
+        that finds the entry made finds it pending, and a sync that ran in between, too
+        early, does not take it off for good.)"""
         with self._lock:
             self._made.add(tuple(folder))
 
@@ -102,10 +106,7 @@ class Beneath:
     @contextlib.contextmanager
     def folder(self, parts: Parts, create: bool) -> Iterator[int]:
         """A descriptor of the folder ``parts`` (relative), made if ``create``."""
-        made: list[Parts] = []
-        fd = _walk(os.dup(self.root()), parts, create, self.path, made)
-        for folder in made:
-            self._changed(folder)
+        fd = _walk(os.dup(self.root()), parts, create, self.path, self.changed)
         try:
             yield fd
         finally:
@@ -135,23 +136,11 @@ class Beneath:
                         # answers so: its non-blocking open succeeds.)
                         return os.open(parts[-1], flags, 0o644, dir_fd=dfd)
 
-                if flags & os.O_CREAT and not flags & os.O_EXCL:
-                    # Made by this open, or there already? (A new name is to be synced.)
-                    for _ in range(3):
-                        try:
-                            fd = attempt(flags | os.O_EXCL)
-                            break
-                        except FileExistsError:
-                            with contextlib.suppress(FileNotFoundError):
-                                fd = attempt(flags & ~os.O_CREAT)
-                                flags &= ~os.O_CREAT
-                                break
-                    else:
-                        fd = attempt(flags)  # deleted and made again meanwhile: made, say
-                else:
-                    fd = attempt(flags)
                 if flags & os.O_CREAT:
-                    self._changed(parts[:-1])
+                    self.changed(parts[:-1])  # (it may make the name)
+                fd = attempt(flags)
+                if flags & os.O_CREAT:
+                    self.changed(parts[:-1])
                 try:
                     named = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
                     st = os.fstat(fd)
@@ -202,15 +191,17 @@ class Beneath:
         """Move a file to ``dst`` below ``dst_root`` (possibly this one), never replacing
         what is there: link and unlink on one file system, a copy across two."""
         with self.folder(src[:-1], False) as sfd, dst_root.folder(dst[:-1], True) as dfd:
+            dst_root.changed(dst[:-1])
             try:
                 os.link(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
                 _copy(sfd, src[-1], dfd, dst[-1])
-            dst_root._changed(dst[:-1])
+            dst_root.changed(dst[:-1])
+            self.changed(src[:-1])
             os.unlink(src[-1], dir_fd=sfd)
-            self._changed(src[:-1])
+            self.changed(src[:-1])
 
 
 def open_folder(path: Path, anchor: Path, create: bool) -> int:
@@ -225,7 +216,7 @@ def open_folder(path: Path, anchor: Path, create: bool) -> int:
         raise _error(exc, f"open {anchor}") from None
     made: list[Parts] = []
     try:
-        out = _walk(fd, rel, create, anchor, made)
+        out = _walk(fd, rel, create, anchor, made.append)
     except OSError as exc:
         raise _error(exc, f"open the save path {path}") from None
     try:
@@ -237,8 +228,10 @@ def open_folder(path: Path, anchor: Path, create: bool) -> int:
             finally:
                 os.close(dfd)
         return out
-    except OSError as exc:
+    except (OSError, PathEscape) as exc:
         os.close(out)
+        if isinstance(exc, PathEscape):
+            raise
         raise _error(exc, f"open the save path {path}") from None
 
 
@@ -255,10 +248,10 @@ def anchor_of(path: Path, roots: Sequence[Path] | None) -> Path:
 
 
 def _walk(fd: int, parts: Parts, create: bool, base: Path,
-          made: list[Parts] | None = None) -> int:
+          making: Callable[[Parts], None] | None = None) -> int:
     """Down from the folder ``fd`` (taken: closed here, or returned moved on) through
-    ``parts``, one ``openat`` a component, never through a symlink. The folders in which
-    this made one go to ``made`` (as prefixes of ``parts``)."""
+    ``parts``, one ``openat`` a component, never through a symlink. ``making`` is told
+    of each folder (a prefix of ``parts``) in which one is about to be made."""
     try:
         for i, name in enumerate(parts):
             try:
@@ -266,12 +259,12 @@ def _walk(fd: int, parts: Parts, create: bool, base: Path,
             except FileNotFoundError:
                 if not create:
                     raise
-                try:
+                if making is not None:
+                    making(parts[:i])
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o755, dir_fd=fd)
-                    if made is not None:
-                        made.append(parts[:i])
-                except FileExistsError:
-                    pass
+                    if making is not None:
+                        making(parts[:i])
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):

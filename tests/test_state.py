@@ -409,7 +409,7 @@ def test_a_piece_is_announced_only_once_every_sync_of_its_files_has_returned(
     dio.close()
 
 
-def _on_disk(tmp_path: Path, odd_payload: tuple[Path, Path],
+def _copied_in(tmp_path: Path, odd_payload: tuple[Path, Path],
              piece: int) -> tuple[bytes, Source, Path]:
     """A hybrid torrent of the payload (also in ``t.torrent``), and a copy of the payload
     in ``dl``, as a restart or files copied in would find it: (metainfo, source, dl)."""
@@ -449,7 +449,7 @@ def test_pieces_a_recheck_found_are_durable_before_they_are_shown_verified(
     journaled, as a download's are. Before, status showed them verified while only the
     resume record still to be written would remember them (a kill -9 then forgot them
     all), and no payload file was synced at all."""
-    raw, src, dl = _on_disk(tmp_path, odd_payload, 65536)
+    raw, src, dl = _copied_in(tmp_path, odd_payload, 65536)
     _dies(_DIES_RECHECKING, torrent=str(tmp_path / "t.torrent"), backend=backend,
           state=str(tmp_path / "state"), save=str(dl), seen=str(tmp_path / "seen"))
     assert int((tmp_path / "seen").read_text()) == src.meta.num_pieces
@@ -555,7 +555,7 @@ def test_a_check_cut_short_by_a_crash_is_finished_after_the_restart(
     the daemon checks the files again by itself (a plugin that registered the torrent
     and asked for the check is told it is registered already, and would never ask
     again): every piece ends up verified, and a later restart has nothing to redo."""
-    _raw, src, dl = _on_disk(tmp_path, odd_payload, 16384)
+    _raw, src, dl = _copied_in(tmp_path, odd_payload, 16384)
     _dies(_DIES_CHECKING, torrent=str(tmp_path / "t.torrent"), backend=backend,
           state=str(tmp_path / "state"), save=str(dl))
     again = DiskIO(backend, state_dir=tmp_path / "state")
@@ -568,3 +568,130 @@ def test_a_check_cut_short_by_a_crash_is_finished_after_the_restart(
     assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
     assert not list((tmp_path / "state").rglob("checking"))
     third.close()
+
+
+def test_a_recheck_changes_nothing_it_reads(tmp_path: Path, backend: str) -> None:
+    """A recheck makes the data it finds durable without writing to it: files on a
+    read-only file system are checked (and then served) all the same, and a file cut
+    short stays as it is, neither lengthened nor allocated (with ``preallocate``)."""
+    import shutil
+    import subprocess
+
+    content = make_payload(tmp_path / "src", {"a.bin": 70_000, "sub/b.bin": 50_000}, seed=8)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    src = Source(raw, content.parent)
+    dl = tmp_path / "dl"
+    shutil.copytree(content.parent, dl)
+    os.truncate(dl / "payload" / "a.bin", 40_000)
+    dio = DiskIO(backend, preallocate=True)
+    ih = dio.register(raw, dl)
+    assert not dio.recheck(ih).ok
+    assert (dl / "payload" / "a.bin").stat().st_size == 40_000
+    assert 0 < dio.status(ih)["verified_pieces"] < src.meta.num_pieces
+    dio.close()
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(ro)], check=True)
+    try:
+        shutil.copytree(content, ro / "payload")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        dio = DiskIO(backend)
+        ih = dio.register(raw, ro)
+        assert dio.recheck(ih).ok
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert dio.read_chunk(ih, 1, 0, 100, volatile=True) == src.read(1, 0, 100)
+        dio.close()
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=True)
+
+
+_DIES_WRITING = """
+import os, sys
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+from pieced.storage.disk import DiskIO
+from tests.test_disk import Source
+raw = Path({torrent!r}).read_bytes()
+src = Source(raw, Path({src!r}))
+dio = DiskIO({backend!r}, state_dir=Path({state!r}), sync_window=60)
+ih = dio.register(raw, Path({save!r}))
+done = set()
+for p, b, n in src.blocks():  # one block into every file: files and folders made
+    for s in src.layout.map(p, b, n):
+        if s.stored and s.file_index not in done:
+            dio.write_chunk(ih, p, b, src.read(p, b, n), flush=False)
+            done.add(s.file_index)
+os._exit(9)  # nothing synced
+"""
+
+
+def test_names_made_by_a_process_that_died_are_synced_before_their_pieces_are_journaled(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The files and folders of a download were made by a daemon that died before it
+    synced anything. Restarted, the daemon syncs their names too before it journals the
+    pieces in them: it knows them as made by someone else, not as made by itself."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 16384, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    src = Source(raw, save)
+    dl = tmp_path / "dl"
+    _dies(_DIES_WRITING, torrent=str(tmp_path / "t.torrent"), src=str(save), backend=backend,
+          state=str(tmp_path / "state"), save=str(dl))
+    log: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        log.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    from pieced.storage import resume
+    real_append = resume.TorrentRecord.append
+    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
+        log.append(f"journal {sorted(p for _, p, _ in recs)}"), real_append(self, recs))[1])
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
+    ih = dio.torrents()[0]
+    fill(dio, ih, src)
+    dio.flush_all()
+    for i, f in enumerate(src.meta.files):
+        if f.length and src.meta.files.stored(i):
+            first = next(k for k, e in enumerate(log) if e.startswith("journal")
+                         and set(src.layout.file_pieces(i)) & set(eval(e[8:])))
+            path = dl.joinpath(*f.path)
+            assert {str(p) for p in path.parents if p.is_relative_to(dl)} <= set(log[:first]), log
+    assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    dio.close()
+
+
+def test_a_rename_whose_name_cannot_be_made_durable_is_undone(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An I/O error syncing the folder of a renamed file: the rename fails and is undone,
+    the file where the daemon says it is, its pieces still verified and read."""
+    import errno
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, save)
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/renamed"):
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StorageIOError):
+        dio.rename_file(ih, 0, "renamed/first.bin")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    st = dio.status(ih)
+    first = "/".join(src.meta.files[0].path)
+    assert st["files"][0]["path"] == first
+    assert st["verified_pieces"] == src.meta.num_pieces
+    assert dio.read_chunk(ih, 0, 0, 1, volatile=True) == src.read(0, 0, 1)
+    assert (tmp_path / "dl" / first).exists()
+    dio.close()
