@@ -13,11 +13,16 @@ every hashed block of the other givers matches the good piece, the wrong block c
 be one of the first giver's. A piece that failed before is hashed whole on its next
 attempt, since that attempt is the reference the earlier ones are compared with.
 
+Other clients of the daemon may write blocks of the same piece (another plugin on the
+same torrent): a verdict is given on an attempt only when this process sent every
+block of it (``blocks_in``), else the bad block may have been theirs.
+
 Sans-I/O: peers are any hashable objects; the caller acts on the verdicts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from blake3 import blake3
@@ -29,10 +34,14 @@ _Sent = list[tuple[int, P, bytes | None]]
 
 
 class Attribution(Generic[P]):
-    def __init__(self) -> None:
+    """``blocks_in(piece)``: how many blocks a whole attempt at the piece has."""
+
+    def __init__(self, blocks_in: Callable[[int], int]) -> None:
+        self._blocks_in = blocks_in
         self._sent: dict[int, dict[int, tuple[P, bytes | None]]] = {}
         self._first: dict[int, P] = {}
-        self._suspects: dict[int, list[_Sent[P]]] = {}  # piece -> its failed attempts
+        # piece -> its failed attempts, and whether each was all ours
+        self._suspects: dict[int, list[tuple[_Sent[P], bool]]] = {}
         self.hashed = 0  # blocks hashed, for the curious
 
     def block(self, piece: int, begin: int, peer: P, data: bytes | memoryview) -> None:
@@ -53,11 +62,12 @@ class Attribution(Generic[P]):
         sent = self._sent.pop(piece, {})
         self._first.pop(piece, None)
         givers = list(dict.fromkeys(peer for peer, _ in sent.values()))
-        if len(givers) == 1:
+        whole = len(sent) >= self._blocks_in(piece)
+        if len(givers) == 1 and whole:
             return givers
         if givers:
             self._suspects.setdefault(piece, []).append(
-                [(begin, peer, digest) for begin, (peer, digest) in sent.items()])
+                ([(begin, peer, digest) for begin, (peer, digest) in sent.items()], whole))
         return []
 
     def verified(self, piece: int) -> list[P]:
@@ -67,8 +77,8 @@ class Attribution(Generic[P]):
         good = self._sent.pop(piece, {})
         self._first.pop(piece, None)
         liars: dict[P, None] = {}
-        for attempt in self._suspects.pop(piece, []):
-            found = unsure = False
+        for attempt, whole in self._suspects.pop(piece, []):
+            found, unsure = False, not whole  # (a block not ours may have been the bad one)
             for begin, peer, digest in attempt:
                 if digest is None:
                     continue

@@ -114,6 +114,12 @@ class Picker:
         self.have[piece] = 1
         self._forget(piece)
 
+    def piece_lost(self, piece: int) -> None:
+        """A piece we had is not verified any more (another client's recheck failed it):
+        wanted again, from the start."""
+        self.have[piece] = 0
+        self._forget(piece)
+
     def piece_failed(self, piece: int) -> None:
         """All of the piece is asked for again (a block was bad; which one is unknown)."""
         self._forget(piece)

@@ -30,7 +30,7 @@ from typing import Any
 
 from pieced.config.args import positive_int
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
-from pieced.storage.errors import AlreadyRegistered, PiecedError
+from pieced.storage.errors import AlreadyRegistered, PiecedError, UnknownTorrent
 from pieced.storage.metainfo import Metainfo, parse, read_metainfo
 
 from . import wire
@@ -57,6 +57,9 @@ PEER_TIMEOUT = 120.0
 # A connection whose handshake has not arrived by then is closed (libtorrent's
 # handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
 HANDSHAKE_TIMEOUT = 10.0
+# Seconds between two looks at what the daemon has verified: other clients may recheck
+# the torrent (failing pieces), or remove and add it again (its events then stop).
+RECONCILE_INTERVAL = 5.0
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
 SUGGESTS_PER_PEER = 8
 # A peer we dial (from --peer or a tracker) that cannot be reached, or whose connection
@@ -370,7 +373,8 @@ class Swarm:
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()  # dialled, not yet connected
         self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
-        self.blame: Attribution[Peer] = Attribution()  # who sent the blocks of a bad piece
+        # who sent the blocks of a bad piece
+        self.blame: Attribution[Peer] = Attribution(self._blocks_in)
         self.summary = Summary()
         self.done = asyncio.Event()
         self.stop = asyncio.Event()
@@ -381,6 +385,9 @@ class Swarm:
         self._cached: list[int] = []
         self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
+        self._told_verified: set[int] = set()  # piece_verified since the last reconcile
+        self._confirming = False  # a reconcile is under way
+        self._waiting: set[int] = set()  # pieces whole at the last look, not verified
         self.storage_error: str | None = None  # why the daemon could not store the torrent
 
     # -- life cycle ------------------------------------------------------------------------
@@ -785,7 +792,11 @@ class Swarm:
             try:
                 chunk = await self.client.read_chunk_ring(self.ih, piece, begin, size)
             except PiecedError as exc:
-                log.warning("read of piece %d for %s failed: %s", piece, peer.addr, exc)
+                if isinstance(exc, UnknownTorrent):  # removed by another client: stop
+                    self._storage_failed("the torrent is no longer registered in the daemon "
+                                         "(removed by another client)")
+                else:
+                    log.warning("read of piece %d for %s failed: %s", piece, peer.addr, exc)
                 for blk in run:
                     peer.conn.send_reject(blk)
                 return
@@ -880,30 +891,84 @@ class Swarm:
             return
         self.order.forget(piece)
         if name == "piece_verified":
+            self._told_verified.add(piece)
             liars = self.blame.verified(piece)
             if picker.have[piece]:
                 return
-            picker.piece_verified(piece)
-            for p in list(self.peers):
-                if p.conn.peer_has[piece] and piece not in p.banned:
-                    p.wanted -= 1
-                if p.conn.handshaken:
-                    p.conn.send_have(piece)
-                self._fill(p)
+            self._gained(piece)
             for peer in liars:
                 self._blame(peer, piece)  # its block of a failed attempt was not this
-            self._offer(piece)
-            if picker.complete:
-                self.summary.complete = True
-                self.done.set()
             return
-        self.summary.pieces_failed += 1
+        givers = self.blame.giver_count(piece)
+        if givers:  # (else another client's: not ours to count)
+            self.summary.pieces_failed += 1
         picker.piece_failed(piece)
-        log.info("piece %d failed its hash (data from %d peers)", piece,
-                 self.blame.giver_count(piece))
+        log.info("piece %d failed its hash (data from %d peers)", piece, givers)
         for peer in self.blame.failed(piece):  # its only giver; else known once it verifies
             self._blame(peer, piece)
         self._fill_all()
+
+    def _gained(self, piece: int) -> None:
+        """The daemon has the piece verified: say so to every peer, offer it around; the
+        download ends once the daemon confirms it has them all."""
+        assert self.picker is not None
+        self.picker.piece_verified(piece)
+        for p in list(self.peers):
+            if p.conn.peer_has[piece] and piece not in p.banned:
+                p.wanted -= 1
+            if p.conn.handshaken:
+                p.conn.send_have(piece)
+            self._fill(p)
+        self._offer(piece)
+        if self.picker.complete and not self.done.is_set() and not self._confirming:
+            self._confirming = True
+            self._spawn(self._reconcile())
+
+    def _piece_lost(self, piece: int) -> None:
+        """The daemon no longer has the piece verified: not served (a peer asking is
+        refused), and fetched again."""
+        assert self.picker is not None
+        self.picker.piece_lost(piece)
+        self.summary.complete = False
+        for p in list(self.peers):
+            if p.conn.peer_has[piece] and piece not in p.banned:
+                p.wanted += 1
+            self._fill(p)
+
+    async def _reconcile(self) -> None:
+        """Take the daemon's word on what is verified (our own view follows its events,
+        and other clients may change its state without any); once it has every piece,
+        the download is complete."""
+        picker = self.picker
+        assert picker is not None
+        self._told_verified = set()  # verified after the status was asked for: ours is newer
+        try:
+            st = await self.client.status(self.ih, files=False)
+        except UnknownTorrent:
+            self._storage_failed("the torrent is no longer registered in the daemon "
+                                 "(removed by another client)")
+            return
+        finally:
+            self._confirming = False
+        have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
+        for p, h in enumerate(have):
+            if h and not picker.have[p]:
+                self._gained(p)
+            elif not h and picker.have[p] and p not in self._told_verified:
+                log.info("piece %d is not verified in the daemon any more: fetched again", p)
+                self._piece_lost(p)
+        # Every block sent, and no word of the piece from the daemon since the last look
+        # (its blocks went to a registration that is gone): asked for again.
+        waiting = {p for p, left in picker.started.items() if not left and not have[p]}
+        for p in waiting & self._waiting:
+            log.info("piece %d: every block stored, no word from the daemon: asked for again", p)
+            self.order.forget(p)
+            picker.piece_failed(p)
+        self._waiting = waiting - self._waiting
+        self._fill_all()
+        if picker.complete and not self.done.is_set():
+            self.summary.complete = True
+            self.done.set()
 
     def _blame(self, peer: Peer, piece: int) -> None:
         """``peer`` sent bad data for ``piece``: never ask it for that piece again, and
@@ -920,12 +985,16 @@ class Swarm:
             self.summary.peers_dropped_for_bad_data += 1
             self._drop(peer)
 
+    def _blocks_in(self, piece: int) -> int:
+        assert self.picker is not None
+        return len(self.picker.plan(piece))
+
     def picker_has(self, piece: int) -> bool:
         return self.picker is not None and bool(self.picker.have[piece])
 
     # -- timers -----------------------------------------------------------------------------
     async def _timers(self) -> None:
-        last_choke = time.monotonic()
+        last_choke = last_look = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             if self.client.failure is not None:  # no storage, nothing to serve: stop
@@ -933,6 +1002,10 @@ class Swarm:
                 return
             now = time.monotonic()
             self._redial(now)
+            if now - last_look >= RECONCILE_INTERVAL and not self._confirming:
+                last_look = now
+                self._confirming = True
+                self._spawn(self._reconcile())
             for p in list(self.peers):
                 conn = p.conn
                 if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:

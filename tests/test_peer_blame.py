@@ -20,7 +20,7 @@ def bad(begin: int) -> bytes:
 
 
 def test_a_piece_from_one_peer_blames_it_without_hashing() -> None:
-    a: Attribution[str] = Attribution()
+    a: Attribution[str] = Attribution(lambda piece: 8)
     for b in range(0, 8 * BLOCK, BLOCK):
         a.block(0, b, "A", bad(b) if b == 3 * BLOCK else good(b))
     assert a.hashed == 0
@@ -32,7 +32,7 @@ def test_a_piece_from_one_peer_blames_it_without_hashing() -> None:
 
 def test_a_hashed_liar_and_an_unhashed_liar_are_found() -> None:
     # first giver A (unhashed) honest, B (hashed) lies: B
-    a: Attribution[str] = Attribution()
+    a: Attribution[str] = Attribution(lambda piece: 3 if piece == 5 else 2)
     a.block(5, 0, "A", good(0))
     a.block(5, BLOCK, "B", bad(BLOCK))
     a.block(5, 2 * BLOCK, "A", good(2 * BLOCK))
@@ -60,7 +60,7 @@ def test_an_honest_peer_is_never_blamed(data: st.DataObject) -> None:
     peers = ["A", "B", "C", "D"]
     liars = set(data.draw(st.lists(st.sampled_from(peers), min_size=1, max_size=3)))
     nblocks = data.draw(st.integers(1, 6))
-    a: Attribution[str] = Attribution()
+    a: Attribution[str] = Attribution(lambda piece: nblocks)
     blamed: list[str] = []
     lied: set[str] = set()
     verified = False
@@ -87,3 +87,46 @@ def test_an_honest_peer_is_never_blamed(data: st.DataObject) -> None:
     assert set(blamed) <= lied, (blamed, liars)
     if lied:
         assert blamed, (blamed, liars)
+
+
+def test_blocks_another_client_wrote_blame_no_one_of_ours() -> None:
+    """Another client of the daemon (a second plugin on the torrent) wrote one block of
+    the piece, a bad one: our only giver, who sent the other blocks, is not blamed for
+    the failure, nor once the piece verifies."""
+    a: Attribution[str] = Attribution(lambda piece: 3)
+    a.block(0, 0, "A", good(0))
+    a.block(0, 2 * BLOCK, "A", good(2 * BLOCK))  # block 1 came from elsewhere, bad
+    assert a.failed(0) == []
+    for b in range(0, 3 * BLOCK, BLOCK):
+        a.block(0, b, "A", good(b))
+    assert a.verified(0) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_with_blocks_from_elsewhere_an_honest_peer_is_never_blamed(data: st.DataObject) -> None:
+    """As above, with some blocks of each attempt written by another client (good or
+    bad, not seen here): whoever is blamed lied."""
+    peers = ["A", "B", "C"]
+    liars = set(data.draw(st.lists(st.sampled_from(peers), max_size=2)))
+    nblocks = data.draw(st.integers(1, 6))
+    a: Attribution[str] = Attribution(lambda piece: nblocks)
+    blamed: list[str] = []
+    lied: set[str] = set()
+    for _ in range(data.draw(st.integers(1, 3))):
+        bad_piece = False
+        for i in range(nblocks):
+            who = data.draw(st.sampled_from([*peers, "elsewhere"]))
+            lie = data.draw(st.booleans()) and (who in liars or who == "elsewhere")
+            bad_piece |= lie
+            if who == "elsewhere":
+                continue
+            if lie:
+                lied.add(who)
+            a.block(0, i * BLOCK, who, bad(i * BLOCK) if lie else good(i * BLOCK))
+        if bad_piece:
+            blamed += a.failed(0)
+        else:
+            blamed += a.verified(0)
+            break
+    assert set(blamed) <= lied, (blamed, liars, lied)

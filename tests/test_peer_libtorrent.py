@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import signal
 import subprocess
@@ -92,10 +93,12 @@ def _no_plugin_left() -> Any:
 class Seeding:
     """``pieced-peer --seed --listen 127.0.0.1:0`` in the background."""
 
-    def __init__(self, torrent: Path, save: Path, d: Daemon, *extra: str) -> None:
+    def __init__(self, torrent: Path, save: Path, d: Daemon, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", "--seed", *extra),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env} if env else None)
         _running.append(self.proc)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()
@@ -981,5 +984,83 @@ def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
         up = seeding.stop()
         assert up["complete"] and up["bytes_up"] >= sum(files.values())
         _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieced_peer_follows_what_other_clients_do_to_its_torrent(tmp_path: Path) -> None:
+    """Other clients of the daemon act on the torrent pieced-peer seeds. A recheck that
+    fails a piece (a byte flipped on disk): pieced-peer stops serving that piece, so a
+    leecher gets no bad data (it used to serve it, and the leecher failed its hash). The
+    torrent removed: pieced-peer stops, exit 2, saying so (it went on refusing every
+    request, and exited 0 as complete)."""
+    piece = 65536
+    files = {"a.bin": 40 * piece}
+    _content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=23)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            download(torrent, tmp_path / "dl", d, seeder.port)
+        seeding = Seeding(torrent, tmp_path / "dl", d, env={"PIECED_PEER_LOG": "info"})
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.extend(seeding.proc.stderr or []),
+                                  daemon=True)
+        reader.start()
+        with open(tmp_path / "dl" / "payload" / "a.bin", "r+b") as f:
+            f.seek(5 * piece + 100)
+            f.write(b"\xff")
+        with Client(d.socket) as c:
+            ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+            assert c.recheck(ih, full=True)["failed_v1"] == [5]
+            deadline = time.monotonic() + 30
+            while not any("piece 5 is not verified" in line for line in list(said)):
+                assert time.monotonic() < deadline, said
+                time.sleep(0.05)
+            with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+                leecher.connect("127.0.0.1", seeding.port)
+                deadline = time.monotonic() + 60
+                while leecher.status()["num_pieces"] < 39:
+                    assert time.monotonic() < deadline, leecher.status()
+                    time.sleep(0.1)
+                time.sleep(1)
+                st = leecher.status()
+                assert st["hash_failures"] == 0 and st["num_pieces"] == 39, st
+            c.unregister(ih)
+        seeding.proc.wait(timeout=60)
+        reader.join(10)
+        err = "".join(said)
+        assert seeding.proc.returncode == 2, err
+        assert "no longer registered" in err, err
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_download_whose_torrent_another_client_adds_again_ends_only_when_whole(
+    tmp_path: Path,
+) -> None:
+    """Mid-download another client removes the torrent and adds it again at once (the
+    new registration knows nothing verified, and sends pieced-peer no events): pieced-peer
+    either stops saying the daemon refused a block, or completes with every piece
+    verified in the daemon; it used to exit 0 "complete" with pieces the daemon had not."""
+    piece = 65536
+    files = {"a.bin": 60 * piece + 11}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=24)
+    d = Daemon(tmp_path)
+    try:
+        with _downloading_slowly(raw, torrent, tmp_path, d, 8) as proc:
+            with Client(d.socket) as c:
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+                c.unregister(ih)
+                c.register(raw, tmp_path / "dl")
+            out, err = proc.communicate(timeout=180)
+        with Client(d.socket) as c:
+            st = c.status(ih, files=False)
+        if proc.returncode == 0:
+            assert json.loads(out)["complete"]
+            assert st["verified_pieces"] == st["num_pieces"], (st["verified_pieces"], err)
+            _same_tree(content, tmp_path / "dl" / "payload", files)
+        else:
+            assert proc.returncode == 2 and ("refused a block" in err
+                                             or "no longer registered" in err), err
     finally:
         assert d.stop() == 0, d.stderr()
