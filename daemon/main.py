@@ -151,6 +151,7 @@ async def serve(settings: Settings) -> None:
     log.info("stopping: draining clients and flushing")
     if pinger:
         pinger.cancel()
+    disk.stop_checks()  # a recheck under way ends now, not when it is done
     await server.close()
     await runner.cleanup()
     await loop.run_in_executor(None, disk.close)

@@ -154,6 +154,7 @@ class DiskIO:
         self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
         self._ids = itertools.count(1)
         self._committer = GroupCommit(self._commit, sync_window)
+        self._stopping = threading.Event()  # set: checks of files in progress give up
         self.state = StateStore(state_dir) if state_dir is not None else None
         self.load_errors: list[str] = []
         if self.state is not None:
@@ -496,12 +497,21 @@ class DiskIO:
                 self._record_error(t, err, piece)
                 raise err from None
 
+        def progress_or_stop(done: int, total: int) -> None:
+            if self._stopping.is_set():  # (the checking mark stays: done again at start-up)
+                raise StorageIOError("the check was cut short: the daemon is stopping (it "
+                                     "is carried out again when it starts)",
+                                     errno=errno.ECANCELED)
+            if progress is not None:
+                progress(done, total)
+
         known = bytes(t.fingerprints)
         def advise(piece: int, size: int) -> None:
             t.storage.advise(t.layout.map(piece, 0, size))
 
         reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False))
-        result = verify(t.meta, reader, self.hash_pool, progress, pieces, known, not full)
+        result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
+                        not full)
         with t.lock:
             for p, fp in (result.new_fingerprints or {}).items():
                 t.set_fingerprint(p, fp)
@@ -1319,8 +1329,14 @@ class DiskIO:
         )
         return snap
 
+    def stop_checks(self) -> None:
+        """Cut short the checks of files in progress (a recheck, the start-up check): a
+        stop does not wait for them; each is carried out again at the next start."""
+        self._stopping.set()
+
     def close(self) -> None:
         """Flush and sync everything, then stop the workers. Nothing verified is lost."""
+        self.stop_checks()
         try:
             self.flush_all()
         finally:

@@ -695,3 +695,46 @@ def test_a_rename_whose_name_cannot_be_made_durable_is_undone(
     assert dio.read_chunk(ih, 0, 0, 1, volatile=True) == src.read(0, 0, 1)
     assert (tmp_path / "dl" / first).exists()
     dio.close()
+
+
+def test_a_stop_cuts_a_recheck_short_and_the_restart_finishes_it(
+    tmp_path: Path, backend: str
+) -> None:
+    """SIGTERM while a client's recheck of a large torrent runs: the daemon stops at once
+    (cleanly, status 0) instead of when the recheck is done, the recheck's client is told
+    why, and the restarted daemon carries the check out in the background."""
+    from tests.conftest import sparse_zero_torrent
+
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 2048)  # 8 GiB
+    d = Daemon(tmp_path, backend=backend)
+    outcome: list[BaseException | None] = []
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+
+        def recheck() -> None:
+            try:
+                with Client(d.socket, timeout=120) as c:
+                    c.recheck(ih, full=True)
+                outcome.append(None)
+            except (StorageIOError, OSError) as exc:
+                outcome.append(exc)
+
+        checker = threading.Thread(target=recheck)
+        checker.start()
+        time.sleep(1.0)
+        assert checker.is_alive()  # (8 GiB take this machine several seconds)
+        assert d.stop() == 0
+        checker.join(60)
+        assert outcome and outcome[0] is not None, outcome
+        d = Daemon(tmp_path, backend=backend)
+        with Client(d.socket) as c:
+            st = c.status(ih, files=False)
+            assert st["reverifying_pieces"] > 0, st  # carried out again
+            deadline = time.monotonic() + 120
+            while (st := c.status(ih, files=False))["reverifying_pieces"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert st["verified_pieces"] == st["num_pieces"]
+    finally:
+        assert d.stop() == 0, d.stderr()
