@@ -62,7 +62,8 @@ class Picker:
         self.meta = meta
         self.layout = Layout(meta)
         n = meta.num_pieces
-        self.have = bytearray(1 if h else 0 for h in have)
+        self.have = bytearray(1 if h else 0 for h in have)  # (changed by the methods below)
+        self._left = self.have.count(0)
         assert len(self.have) == n
         self.availability = [0] * n
         self._plans: dict[int, list[tuple[int, int]]] = {}
@@ -80,10 +81,10 @@ class Picker:
 
     @property
     def complete(self) -> bool:
-        return all(self.have)
+        return not self._left
 
     def left(self) -> int:
-        return self.have.count(0)
+        return self._left
 
     def plan(self, piece: int) -> list[tuple[int, int]]:
         p = self._plans.get(piece)
@@ -111,12 +112,14 @@ class Picker:
         return asked if asked is not None else _NOBODY
 
     def piece_verified(self, piece: int) -> None:
+        self._left -= not self.have[piece]
         self.have[piece] = 1
         self._forget(piece)
 
     def piece_lost(self, piece: int) -> None:
         """A piece we had is not verified any more (another client's recheck failed it):
         wanted again, from the start."""
+        self._left += self.have[piece]
         self.have[piece] = 0
         self._forget(piece)
 

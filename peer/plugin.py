@@ -386,6 +386,7 @@ class Swarm:
         self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
         self._told_verified: set[int] = set()  # piece_verified since the last reconcile
+        self._told_failed: set[int] = set()  # piece_failed since the last reconcile
         self._confirming = False  # a reconcile is under way
         self._waiting: set[int] = set()  # pieces whole at the last look, not verified
         self.storage_error: str | None = None  # why the daemon could not store the torrent
@@ -407,9 +408,9 @@ class Swarm:
                     f"the torrent is registered with save path {st['save_path']}, not "
                     f"{self.opts.save_path}: run with --save-path {st['save_path']} "
                     "(or remove it with `pieced rm` to start over in the other)") from None
-            while st["reverifying_pieces"]:
-                # The daemon is finishing a check a crash cut short: what it finds on disk
-                # is not to be fetched again.
+            while st["reverifying_pieces"] or st.get("checking"):
+                # The daemon is checking the files (for another client, or finishing a
+                # check a crash cut short): what it finds is not to be fetched again.
                 await asyncio.sleep(0.2)
                 st = await self.client.status(self.ih, files=False)
             if not st["verified_pieces"] and not st["partial_pieces"]:
@@ -899,6 +900,8 @@ class Swarm:
             for peer in liars:
                 self._blame(peer, piece)  # its block of a failed attempt was not this
             return
+        self._told_failed.add(piece)
+        self._waiting.discard(piece)
         givers = self.blame.giver_count(piece)
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
@@ -908,9 +911,10 @@ class Swarm:
             self._blame(peer, piece)
         self._fill_all()
 
-    def _gained(self, piece: int) -> None:
+    def _gained(self, piece: int, fill: bool = True) -> None:
         """The daemon has the piece verified: say so to every peer, offer it around; the
-        download ends once the daemon confirms it has them all."""
+        download ends once the daemon confirms it has them all. (``fill``: ask the peers
+        for more now; a reconcile that gains many pieces does so once, at its end.)"""
         assert self.picker is not None
         self.picker.piece_verified(piece)
         for p in list(self.peers):
@@ -918,9 +922,10 @@ class Swarm:
                 p.wanted -= 1
             if p.conn.handshaken:
                 p.conn.send_have(piece)
-            self._fill(p)
+            if fill:
+                self._fill(p)
         self._offer(piece)
-        if self.picker.complete and not self.done.is_set() and not self._confirming:
+        if fill and self.picker.complete and not self.done.is_set() and not self._confirming:
             self._confirming = True
             self._spawn(self._reconcile())
 
@@ -930,6 +935,13 @@ class Swarm:
         assert self.picker is not None
         self.picker.piece_lost(piece)
         self.summary.complete = False
+        self._waiting.discard(piece)
+        if self.done.is_set():  # (seeding) the peers left once we had it all: dial again
+            self.done.clear()
+            now = time.monotonic()
+            for dial in self.known.values():
+                if not dial.busy and not dial.dropped and not dial.due:
+                    dial.due = now
         for p in list(self.peers):
             if p.conn.peer_has[piece] and piece not in p.banned:
                 p.wanted += 1
@@ -942,6 +954,7 @@ class Swarm:
         picker = self.picker
         assert picker is not None
         self._told_verified = set()  # verified after the status was asked for: ours is newer
+        self._told_failed = set()
         try:
             st = await self.client.status(self.ih, files=False)
         except UnknownTorrent:
@@ -953,7 +966,7 @@ class Swarm:
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         for p, h in enumerate(have):
             if h and not picker.have[p]:
-                self._gained(p)
+                self._gained(p, fill=False)
             elif not h and picker.have[p] and p not in self._told_verified:
                 log.info("piece %d is not verified in the daemon any more: fetched again", p)
                 self._piece_lost(p)
@@ -964,9 +977,9 @@ class Swarm:
             log.info("piece %d: every block stored, no word from the daemon: asked for again", p)
             self.order.forget(p)
             picker.piece_failed(p)
-        self._waiting = waiting - self._waiting
+        self._waiting = waiting - self._waiting - self._told_failed
         self._fill_all()
-        if picker.complete and not self.done.is_set():
+        if picker.complete:
             self.summary.complete = True
             self.done.set()
 

@@ -471,7 +471,11 @@ class DiskIO:
                     rec.mark_checking(True)
                 except OSError as exc:
                     raise StorageIOError.wrap(exc, "record the check under way") from None
-        yield
+        t.checking += 1  # (said in status: a client need not ask for another)
+        try:
+            yield
+        finally:
+            t.checking -= 1
         if rec is not None:
             with rec.save_lock, contextlib.suppress(OSError):  # (then checked again)
                 rec.mark_checking(False)
@@ -1306,6 +1310,7 @@ class DiskIO:
             "hashing_pieces": counts["hashing"],
             "committing_pieces": counts["committing"],
             "reverifying_pieces": t.reverifying,
+            "checking": t.checking,
             "errors": errors,
         }
         if files is not None:

@@ -161,6 +161,7 @@ class Torrent:
 
         self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
         self.reverifying = 0  # pieces still being re-verified after a restart
+        self.checking = 0  # checks of its files (recheck, start-up check) under way
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.
         self.pending: list[tuple[int, Any]] = []

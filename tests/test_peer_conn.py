@@ -1057,3 +1057,22 @@ def test_pick_returns_at_most_want(torrents: dict[str, Source], want: int) -> No
     got = pk.pick("A", None, want)
     assert len(got) == want
     assert set(pk.requested) == set(got)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 1000)), max_size=60))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_left_counts_the_pieces_missing_whatever_is_gained_and_lost(
+    torrents: dict[str, Source], ops: list[tuple[bool, int]],
+) -> None:
+    """The picker counts missing pieces as they are verified and lost (a reconcile that
+    gains 65,536 pieces asks after each whether it is complete)."""
+    meta = torrents["v1/odd/16k"].meta
+    pk = Picker(meta, [False] * meta.num_pieces)
+    ops = [(g, p % meta.num_pieces) for g, p in ops]
+    for gained, p in ops:
+        if gained:
+            pk.piece_verified(p)
+        else:
+            pk.piece_lost(p)
+        assert pk.left() == pk.have.count(0)
+        assert pk.complete == all(pk.have)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pieced.peer.plugin import RECONCILE_INTERVAL
 from pieced.protocol.client import Client
 from pieced.storage.metainfo import parse
 
@@ -48,6 +49,8 @@ def _same_tree(a: Path, b: Path, files: dict[str, int]) -> None:
 # 1 MiB/s from a libtorrent seeder: time to act mid-download (rate limits apply to
 # loopback peers too with limit_loopback)
 SLOW: dict[str, Any] = {"upload_rate_limit": 1024 * 1024, "limit_loopback": True}
+# Long enough for pieced-peer to take the daemon's word on what is verified again
+RECONCILE_WAIT = RECONCILE_INTERVAL + 2.0
 
 
 def _made(tmp_path: Path, files: dict[str, int], piece: int, kind: str,
@@ -1062,5 +1065,62 @@ def test_a_download_whose_torrent_another_client_adds_again_ends_only_when_whole
         else:
             assert proc.returncode == 2 and ("refused a block" in err
                                              or "no longer registered" in err), err
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_seeding_pieced_peer_fetches_again_a_piece_another_client_failed(
+    tmp_path: Path,
+) -> None:
+    """pieced-peer --seed, with a libtorrent seeder given by --peer: another client's
+    recheck fails a piece (a byte flipped on disk). pieced-peer dials the seeder again
+    (it had let it go, having everything) and fetches the piece; its summary says
+    complete."""
+    piece = 65536
+    files = {"a.bin": 40 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=25)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            download(torrent, tmp_path / "dl", d, seeder.port)
+            seeding = Seeding(torrent, tmp_path / "dl", d, "--peer", f"127.0.0.1:{seeder.port}")
+            time.sleep(2)  # connected to the seeder, and let go: both have everything
+            with open(tmp_path / "dl" / "payload" / "a.bin", "r+b") as f:
+                f.seek(5 * piece + 100)
+                f.write(b"\xff")
+            with Client(d.socket) as c:
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+                assert c.recheck(ih, full=True)["failed_v1"] == [5]
+                deadline = time.monotonic() + 60
+                while (st := c.status(ih, files=False))["verified_pieces"] < 40:
+                    assert time.monotonic() < deadline, st
+                    time.sleep(0.2)
+            time.sleep(RECONCILE_WAIT)  # pieced-peer learns it has it again
+            up = seeding.stop()
+        assert up["complete"], up
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_two_pieced_peers_over_existing_data_check_it_once(tmp_path: Path) -> None:
+    """Two pieced-peer --seed over the same existing data, started together: the second
+    finds the first's check under way and waits for it, instead of asking for a second
+    check of every byte."""
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 1024)  # 4 GiB
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        first = _seeding_registered(torrent, tmp_path / "dl", d)
+        second = Seeding(torrent, tmp_path / "dl", d)
+        assert first.stderr is not None and "listening on" in first.stderr.readline()
+        with Client(d.socket) as c:
+            read = c.stats()["bytes_read"]
+        assert read < 1.5 * (4 << 30), read
+        second.stop()
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+        assert first.returncode == 0
     finally:
         assert d.stop() == 0, d.stderr()
