@@ -253,16 +253,14 @@ def _dies(script: str, **fields: str) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", script.format(
+    head = "import json, os, sys\nfrom pathlib import Path\nsys.path[:0] = [{repo!r}]\n"
+    r = subprocess.run([sys.executable, "-c", (head + script).format(
         repo=str(Path(__file__).resolve().parent.parent), **fields)],
         capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr  # it died where it was meant to
 
 
 _DIES_MOVING = """
-import os, sys
-from pathlib import Path
-sys.path[:0] = [{repo!r}]
 from pieced.storage import paths
 from pieced.storage.disk import DiskIO
 from tests.test_disk import Source, fill
@@ -409,6 +407,20 @@ def test_a_piece_is_announced_only_once_every_sync_of_its_files_has_returned(
     dio.close()
 
 
+def _spied(monkeypatch: pytest.MonkeyPatch, syscall: str) -> list[str]:
+    """What happens, in order: the path of each file ``os.<syscall>`` is given, and each
+    journal append (``journal [its pieces]``)."""
+    from pieced.storage import resume
+
+    log: list[str] = []
+    real, real_append = getattr(os, syscall), resume.TorrentRecord.append
+    monkeypatch.setattr(os, syscall, lambda fd: (
+        log.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
+        log.append(f"journal {sorted(p for _, p, _ in recs)}"), real_append(self, recs))[1])
+    return log
+
+
 def _copied_in(tmp_path: Path, odd_payload: tuple[Path, Path],
              piece: int) -> tuple[bytes, Source, Path]:
     """A hybrid torrent of the payload (also in ``t.torrent``), and a copy of the payload
@@ -423,9 +435,6 @@ def _copied_in(tmp_path: Path, odd_payload: tuple[Path, Path],
 
 
 _DIES_RECHECKING = """
-import json, os, sys
-from pathlib import Path
-sys.path[:0] = [{repo!r}]
 from pieced.storage import resume
 from pieced.storage.disk import DiskIO
 raw = Path({torrent!r}).read_bytes()
@@ -460,17 +469,10 @@ def test_pieces_a_recheck_found_are_durable_before_they_are_shown_verified(
     again.unregister(ih)
 
     # in order: every payload file synced, then the pieces journaled
-    order: list[str] = []
-    real_sync = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (
-        order.append(os.readlink(f"/proc/self/fd/{fd}")), real_sync(fd))[1])
-    from pieced.storage import resume
-    real_append = resume.TorrentRecord.append
-    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
-        order.append(f"journal {len(recs)}"), real_append(self, recs))[1])
+    order = _spied(monkeypatch, "fdatasync")
     ih = again.register(raw, dl)
     assert again.recheck(ih).ok
-    journaled = order.index(f"journal {src.meta.num_pieces}")
+    journaled = order.index(f"journal {list(range(src.meta.num_pieces))}")
     stored = {str(dl.joinpath(*f.path)) for i, f in enumerate(src.meta.files)
               if f.length and src.meta.files.stored(i)}
     assert stored <= set(order[:journaled]), order
@@ -489,14 +491,9 @@ def test_the_names_of_new_files_and_moved_ones_are_durable_before_they_are_relie
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, save)
-    log: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (
-        log.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    log = _spied(monkeypatch, "fsync")
     from pieced.storage import resume
-    real_append, real_location = resume.TorrentRecord.append, resume.TorrentRecord.write_location
-    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
-        log.append(f"journal {sorted(p for _, p, _ in recs)}"), real_append(self, recs))[1])
+    real_location = resume.TorrentRecord.write_location
     monkeypatch.setattr(resume.TorrentRecord, "write_location", lambda self, path, *a: (
         log.append(f"location {path}"), real_location(self, path, *a))[1])
     dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
@@ -529,9 +526,6 @@ def test_the_names_of_new_files_and_moved_ones_are_durable_before_they_are_relie
 
 
 _DIES_CHECKING = """
-import os, sys
-from pathlib import Path
-sys.path[:0] = [{repo!r}]
 from pieced.storage import disk
 raw = Path({torrent!r}).read_bytes()
 dio = disk.DiskIO({backend!r}, state_dir=Path({state!r}))
@@ -607,9 +601,6 @@ def test_a_recheck_changes_nothing_it_reads(tmp_path: Path, backend: str) -> Non
 
 
 _DIES_WRITING = """
-import os, sys
-from pathlib import Path
-sys.path[:0] = [{repo!r}]
 from pieced.storage.disk import DiskIO
 from tests.test_disk import Source
 raw = Path({torrent!r}).read_bytes()
@@ -640,14 +631,7 @@ def test_names_made_by_a_process_that_died_are_synced_before_their_pieces_are_jo
     dl = tmp_path / "dl"
     _dies(_DIES_WRITING, torrent=str(tmp_path / "t.torrent"), src=str(save), backend=backend,
           state=str(tmp_path / "state"), save=str(dl))
-    log: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (
-        log.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
-    from pieced.storage import resume
-    real_append = resume.TorrentRecord.append
-    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
-        log.append(f"journal {sorted(p for _, p, _ in recs)}"), real_append(self, recs))[1])
+    log = _spied(monkeypatch, "fsync")
     dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
     ih = dio.torrents()[0]
     fill(dio, ih, src)
