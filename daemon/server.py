@@ -29,6 +29,7 @@ import mmap
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -88,6 +89,9 @@ MAX_PENDING_FDS = 4
 LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rename_file",
                       "flush_all", "flush_piece", "read_piece", "hash_piece", "hash_piece_v2"})
 LONG_WORKERS = 64
+# Seconds a stop waits for the clients' lanes to finish (their replies sent) before it
+# drops the clients (a lane can wait for a client that reads nothing).
+DRAIN_SECONDS = 5.0
 # Values a control body from a client may hold: every request is a handful (a .torrent
 # travels as one string), so this only stops bodies built to be slow to decode.
 MAX_REQUEST_VALUES = 4096
@@ -197,12 +201,22 @@ class Server:
         return f"uid {uid} gid {gid} (pid {pid}) is not allowed to use this daemon"
 
     async def close(self) -> None:
-        """Stop accepting, finish every lane, drop the clients."""
+        """Stop accepting and reading, let every lane finish and its replies go out (a
+        recheck cut short says so; an unregister says it was done), then drop the
+        clients. Bounded: a client that reads nothing holds its lane, and is dropped."""
         if self._listener is not None and self.loop is not None:
             self.loop.remove_reader(self._listener.fileno())
-        for conn in list(self.clients):
+        conns = list(self.clients)
+        for conn in conns:
+            conn.stop_reading()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(c.drained() for c in conns)), DRAIN_SECONDS)
+        deadline = time.monotonic() + 1.0
+        while any(c.unsent() for c in conns) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in conns:
             conn.close()
-        for conn in list(self.clients):
+        for conn in conns:
             await conn.drained()
         self.executor.shutdown(wait=True)
         self.long_executor.shutdown(wait=True)
@@ -265,6 +279,7 @@ class Connection:
         self.reading = False
         self._closing_after_send = False
         self._failing: PiecedError | None = None  # said once the lane's jobs are done
+        self._stopped = False  # the daemon is stopping: nothing more is read
         self._out: collections.deque[Out] = collections.deque()
         self._out_bytes = 0
         self._writing = False
@@ -305,7 +320,7 @@ class Connection:
     # -- reading ------------------------------------------------------------------------
     def _resume_reading(self) -> None:
         if (not self.reading and not self.closed and not self._closing_after_send
-                and self._failing is None):
+                and self._failing is None and not self._stopped):
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
 
@@ -320,12 +335,20 @@ class Connection:
         if self.closed or self._closing_after_send:
             return
         self._kick_lane()
-        if self._failing is not None:
-            return  # nothing more is read: the lane finishes, then the error is said
+        if self._failing is not None or self._stopped:
+            return  # nothing more is read: the lane finishes (then the error is said)
         if self.ring.unparsed:  # frames left unparsed while the lane was full
             self._parse()
         if not self._input_blocked():
             self._resume_reading()
+
+    def stop_reading(self) -> None:
+        """The daemon is stopping: no more requests are read from this client."""
+        self._stopped = True
+        self._pause_reading()
+
+    def unsent(self) -> bool:
+        return not self.closed and bool(self._out)
 
     def _pause_reading(self) -> None:
         if self.reading:

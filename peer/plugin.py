@@ -386,9 +386,8 @@ class Swarm:
         self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
         self._told_verified: set[int] = set()  # piece_verified since the last reconcile
-        self._told_failed: set[int] = set()  # piece_failed since the last reconcile
         self._confirming = False  # a reconcile is under way
-        self._waiting: set[int] = set()  # pieces whole at the last look, not verified
+        self._registration: Any = None  # the daemon's registration of the torrent
         self.storage_error: str | None = None  # why the daemon could not store the torrent
 
     # -- life cycle ------------------------------------------------------------------------
@@ -408,17 +407,20 @@ class Swarm:
                     f"the torrent is registered with save path {st['save_path']}, not "
                     f"{self.opts.save_path}: run with --save-path {st['save_path']} "
                     "(or remove it with `pieced rm` to start over in the other)") from None
+            waited = False
             while st["reverifying_pieces"] or st.get("checking"):
                 # The daemon is checking the files (for another client, or finishing a
                 # check a crash cut short): what it finds is not to be fetched again.
+                waited = True
                 await asyncio.sleep(0.2)
                 st = await self.client.status(self.ih, files=False)
-            if not st["verified_pieces"] and not st["partial_pieces"]:
+            if not waited and not st["verified_pieces"] and not st["partial_pieces"]:
                 # Nothing known of it: maybe never checked (the daemon went down between
                 # the register and the check). What is on disk is checked now.
                 await self.client.recheck(self.ih)
         await self.client.subscribe(self.ih)
         st = await self.client.status(self.ih, files=False)
+        self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
         self.order = InOrder(self.picker.plan)
@@ -900,8 +902,6 @@ class Swarm:
             for peer in liars:
                 self._blame(peer, piece)  # its block of a failed attempt was not this
             return
-        self._told_failed.add(piece)
-        self._waiting.discard(piece)
         givers = self.blame.giver_count(piece)
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
@@ -935,7 +935,6 @@ class Swarm:
         assert self.picker is not None
         self.picker.piece_lost(piece)
         self.summary.complete = False
-        self._waiting.discard(piece)
         if self.done.is_set():  # (seeding) the peers left once we had it all: dial again
             self.done.clear()
             now = time.monotonic()
@@ -954,7 +953,6 @@ class Swarm:
         picker = self.picker
         assert picker is not None
         self._told_verified = set()  # verified after the status was asked for: ours is newer
-        self._told_failed = set()
         try:
             st = await self.client.status(self.ih, files=False)
         except UnknownTorrent:
@@ -970,14 +968,16 @@ class Swarm:
             elif not h and picker.have[p] and p not in self._told_verified:
                 log.info("piece %d is not verified in the daemon any more: fetched again", p)
                 self._piece_lost(p)
-        # Every block sent, and no word of the piece from the daemon since the last look
-        # (its blocks went to a registration that is gone): asked for again.
-        waiting = {p for p, left in picker.started.items() if not left and not have[p]}
-        for p in waiting & self._waiting:
-            log.info("piece %d: every block stored, no word from the daemon: asked for again", p)
-            self.order.forget(p)
-            picker.piece_failed(p)
-        self._waiting = waiting - self._waiting - self._told_failed
+        if st.get("registration") != self._registration:
+            # Removed and added again by another client: the blocks of the pieces under
+            # way went with the registration that is gone, and so did our subscription.
+            self._registration = st.get("registration")
+            log.info("the torrent was registered again in the daemon: the pieces under way "
+                     "are asked for again")
+            for p in [p for p in picker.started if not have[p]]:
+                self.order.forget(p)
+                picker.piece_failed(p)
+            await self.client.subscribe(self.ih)
         self._fill_all()
         if picker.complete:
             self.summary.complete = True
@@ -1127,29 +1127,30 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
         stopped = asyncio.ensure_future(swarm.stop.wait())
         await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        if not starting.done():
+        if not starting.done():  # a signal, or the daemon's error (said below)
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            return swarm.summary  # (closed by the finally below)
-        starting.result()
-        progress = asyncio.ensure_future(_progress(swarm)) if show_progress else None
-        waits = [asyncio.ensure_future(swarm.stop.wait())]
-        if not opts.seed:
-            waits.append(asyncio.ensure_future(swarm.done.wait()))
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for w in waits:
-            w.cancel()
-        if progress is not None:
-            progress.cancel()
-            print(file=sys.stderr)
+        else:
+            starting.result()
+            progress = asyncio.ensure_future(_progress(swarm)) if show_progress else None
+            waits = [asyncio.ensure_future(swarm.stop.wait())]
+            if not opts.seed:
+                waits.append(asyncio.ensure_future(swarm.done.wait()))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if progress is not None:
+                progress.cancel()
+                print(file=sys.stderr)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         # The time of the transfer: saying goodbye to trackers and daemon is not part of it.
         swarm.summary.seconds = round(time.monotonic() - started, 3)
         await swarm.close()
-    swarm.summary.blocks_reordered = swarm.order.reordered
+    if swarm.picker is not None:  # (started)
+        swarm.summary.blocks_reordered = swarm.order.reordered
     if swarm.lost is not None:
         raise ConnectionError(f"lost the daemon: {swarm.lost}")
     if swarm.storage_error is not None:

@@ -422,11 +422,14 @@ class DiskIO:
                     f"torrent {saved.ih_hex}: {saved.damaged}; rebuilt from its journal "
                     f"({t.count(VERIFIED)} pieces), rechecking the rest")
                 suspect = {p for p in range(n) if t.state[p] == MISSING}
-            elif saved.checking:  # a recheck a crash cut short: finished now
+            elif saved.checking == "all":  # a recheck cut short: carried out again, whole
+                suspect = set(range(n))
+            elif saved.checking:  # the pieces not yet found are looked for
                 suspect = {p for p in range(n) if t.state[p] == MISSING}
             with rec.save_lock:
                 try:  # before the record below forgets them: a crash meanwhile loses none
-                    rec.mark_checking(bool(suspect))
+                    rec.mark_checking(("all" if saved.checking == "all" else "missing")
+                                      if suspect else None)
                 except OSError as exc:
                     self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
                 self._save(t, rec)  # the replayed journals become the resume record
@@ -436,31 +439,35 @@ class DiskIO:
                 except StorageIOError as exc:
                     self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
             if suspect:
-                threading.Thread(target=self._reverify, args=(t, sorted(suspect)),
+                threading.Thread(target=self._reverify,
+                                 args=(t, sorted(suspect), saved.checking == "all"),
                                  name="pieced-reverify", daemon=True).start()
 
-    def _reverify(self, t: Torrent, pieces: list[int]) -> None:
-        """Verify pieces whose data may be there but is not known good (fingerprints first)."""
+    def _reverify(self, t: Torrent, pieces: list[int], whole: bool = False) -> None:
+        """Verify pieces whose data may be there but is not known good (fingerprints
+        first); ``whole``: verified ones too (a recheck cut short, carried out again)."""
         t.reverifying = len(pieces)
 
         def progress(done: int, total: int) -> None:
-            t.reverifying = total - done
+            t.reverifying = max(1, total - done)  # 0 once what it found is shown
 
         try:
-            with self._alone(t.key), self._checking(t):
-                todo = [p for p in pieces if t.state[p] == MISSING]
+            with self._alone(t.key), self._checking(t, "all" if whole else "missing"):
+                todo = [p for p in pieces if t.state[p] == MISSING or (
+                    whole and t.state[p] == VERIFIED)]
                 result = self._verify(t, todo, progress, full=False)
                 self._apply_verify(t, todo, result)
                 self._save_now(t)
         except (RuntimeError, UnknownTorrent):  # shutting down, or unregistered meanwhile
             pass
         except PiecedError as exc:  # recorded on the torrent; the check is done again next start
-            log.warning("torrent %s: checking its files failed: %s", t.key.hex(), exc)
+            (log.info if exc.errno == errno.ECANCELED else log.warning)(
+                "torrent %s: checking its files: %s", t.key.hex(), exc)
         finally:
             t.reverifying = 0
 
     @contextlib.contextmanager
-    def _checking(self, t: Torrent) -> Iterator[None]:
+    def _checking(self, t: Torrent, scope: str) -> Iterator[None]:
         """A check of the torrent's files under way: recorded, so that a crash before
         its end has it carried out again after the restart (the pieces it would have
         found otherwise stay unknown for good)."""
@@ -468,7 +475,7 @@ class DiskIO:
         if rec is not None:
             with rec.save_lock:
                 try:
-                    rec.mark_checking(True)
+                    rec.mark_checking(scope)
                 except OSError as exc:
                     raise StorageIOError.wrap(exc, "record the check under way") from None
         t.checking += 1  # (said in status: a client need not ask for another)
@@ -478,7 +485,7 @@ class DiskIO:
             t.checking -= 1
         if rec is not None:
             with rec.save_lock, contextlib.suppress(OSError):  # (then checked again)
-                rec.mark_checking(False)
+                rec.mark_checking(None)
 
     def _verify(
         self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
@@ -1209,7 +1216,7 @@ class DiskIO:
         mismatch, or no fingerprint, falls back to the torrent's own hashes. ``full``
         always uses the torrent's hashes.
         """
-        with self._alone(ih) as t, self._checking(t):
+        with self._alone(ih) as t, self._checking(t, "all"):
             self._flush_torrent(t, sync=True)  # what is read below is durable
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
@@ -1311,6 +1318,7 @@ class DiskIO:
             "committing_pieces": counts["committing"],
             "reverifying_pieces": t.reverifying,
             "checking": t.checking,
+            "registration": t.id,
             "errors": errors,
         }
         if files is not None:

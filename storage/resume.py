@@ -95,6 +95,15 @@ def fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
+def _checking_scope(path: Path) -> str | None:
+    try:
+        return "all" if path.read_bytes() == b"all" else "missing"
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "all"
+
+
 def encode_records(records: list[tuple[int, int, bytes]]) -> bytes:
     out = bytearray()
     for kind, piece, fp in records:
@@ -130,8 +139,9 @@ class Loaded(NamedTuple):
     # A move or rename was under way (save path, renames the files had before it): files
     # not yet where the record says are still there.
     previous: tuple[str, dict[int, tuple[str, ...]]] | None = None
-    # A check of the files was under way: its pieces not yet found are to be looked for.
-    checking: bool = False
+    # A check of the files was under way: None (none), "missing" (its pieces not yet
+    # found are to be looked for), "all" (a recheck: every piece is checked again).
+    checking: str | None = None
 
 
 class TorrentRecord:
@@ -219,14 +229,15 @@ class TorrentRecord:
             record[b"from"] = _location(*previous)
         write_atomic(self.folder / "location", bencodepy.encode(record))
 
-    def mark_checking(self, on: bool) -> None:
-        """Say (durably) that a check of the files is under way, or over: one cut short
-        by a crash is carried out again after the restart."""
+    def mark_checking(self, scope: str | None) -> None:
+        """Say (durably) that a check of the files is under way (``scope``: "missing"
+        pieces, or "all"), or over (None): one cut short by a crash or a stop is carried
+        out again after the restart."""
         if self.removed:
             return
         path = self.folder / CHECKING
-        if on:
-            write_atomic(path, b"")
+        if scope is not None:
+            write_atomic(path, scope.encode())
         elif path.exists():
             path.unlink()
             fsync_dir(self.folder)
@@ -362,7 +373,7 @@ class StateStore:
         # Appends go to a new generation: never after a torn record, which would hide them.
         next_gen = max([gen, *rec.journals()]) + 1
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous, (folder / CHECKING).exists())
+                        previous, _checking_scope(folder / CHECKING))
         return loaded, next_gen
 
 

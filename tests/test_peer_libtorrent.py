@@ -5,6 +5,7 @@ v1, v1 with pads, v2-only and hybrid torrents made by libtorrent."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -1103,11 +1104,14 @@ def test_a_seeding_pieced_peer_fetches_again_a_piece_another_client_failed(
         assert d.stop() == 0, d.stderr()
 
 
-def test_two_pieced_peers_over_existing_data_check_it_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("good", [True, False])
+def test_two_pieced_peers_over_existing_data_check_it_once(tmp_path: Path, good: bool) -> None:
     """Two pieced-peer --seed over the same existing data, started together: the second
     finds the first's check under way and waits for it, instead of asking for a second
-    check of every byte."""
+    check of every byte; also when that check finds nothing good."""
     raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 1024)  # 4 GiB
+    if not good:  # other hashes: no piece of the data verifies
+        raw = raw.replace(hashlib.sha1(bytes(4 << 20)).digest(), bytes(20))
     torrent = tmp_path / "t.torrent"
     torrent.write_bytes(raw)
     d = Daemon(tmp_path)
@@ -1122,5 +1126,45 @@ def test_two_pieced_peers_over_existing_data_check_it_once(tmp_path: Path) -> No
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
         assert first.returncode == 0
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_storage_error_while_starting_stops_pieced_peer_saying_so(tmp_path: Path) -> None:
+    """The daemon cannot read the torrent's file (a folder in its place) while it checks
+    it for pieced-peer: pieced-peer exits 2 with the daemon's error and errno, in either
+    mode, instead of ending quietly (1, or 0 with --seed)."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000}, seed=26)
+    raw = make_torrent_lt(content, 16384, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    for seed in (False, True):
+        root = tmp_path / ("seed" if seed else "down")
+        save = root / "dl"
+        (save / "payload" / "a.bin").mkdir(parents=True)
+        d = Daemon(root)
+        try:
+            r = subprocess.run(peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0",
+                                        *(["--seed"] if seed else [])),
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, (seed, r.returncode, r.stderr)
+            assert "errno" in r.stderr, r.stderr
+        finally:
+            assert d.stop() == 0, d.stderr()
+
+
+def test_pieces_slow_to_be_made_durable_are_not_fetched_twice(tmp_path: Path) -> None:
+    """A daemon that makes pieces durable only every 12 s (its sync window): pieced-peer
+    waits for their word instead of taking pieces whose blocks are all stored, and not
+    yet announced, for lost and fetching them again."""
+    piece = 65536
+    files = {"a.bin": 40 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=27)
+    d = Daemon(tmp_path, env={"PIECED_SYNC_WINDOW_MS": "12000"})
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            down = download(torrent, tmp_path / "dl", d, seeder.port)
+        assert down["bytes_down"] == sum(files.values()), down
+        _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()

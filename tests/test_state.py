@@ -464,7 +464,8 @@ def test_pieces_a_recheck_found_are_durable_before_they_are_shown_verified(
     assert int((tmp_path / "seen").read_text()) == src.meta.num_pieces
     again = DiskIO(backend, state_dir=tmp_path / "state")
     ih = again.torrents()[0]
-    st = again.status(ih)
+    assert again.status(ih)["verified_pieces"] == src.meta.num_pieces  # at once
+    st = wait_reverified(again, ih)  # (the recheck, cut short, carried out again)
     assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
     again.unregister(ih)
 
@@ -686,15 +687,21 @@ def test_a_stop_cuts_a_recheck_short_and_the_restart_finishes_it(
 ) -> None:
     """SIGTERM while a client's recheck of a large torrent runs: the daemon stops at once
     (cleanly, status 0) instead of when the recheck is done, the recheck's client is told
-    why, and the restarted daemon carries the check out in the background."""
+    why (ECANCELED: the reply reaches it before the daemon lets it go), and the restarted
+    daemon carries the whole check out in the background: a verified piece gone bad is
+    found, as the recheck would have."""
     from tests.conftest import sparse_zero_torrent
 
     raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 2048)  # 8 GiB
     d = Daemon(tmp_path, backend=backend)
     outcome: list[BaseException | None] = []
     try:
-        with Client(d.socket) as c:
+        with Client(d.socket, timeout=120) as c:
             ih = c.register(raw, tmp_path / "dl")
+            assert c.recheck(ih)["verified"] == 2048
+        with open(tmp_path / "dl" / "zeros.bin", "r+b") as f:  # a verified piece goes bad
+            f.seek(2000 * (4 << 20) + 5)
+            f.write(b"\x01")
 
         def recheck() -> None:
             try:
@@ -710,15 +717,17 @@ def test_a_stop_cuts_a_recheck_short_and_the_restart_finishes_it(
         assert checker.is_alive()  # (8 GiB take this machine several seconds)
         assert d.stop() == 0
         checker.join(60)
-        assert outcome and outcome[0] is not None, outcome
+        assert outcome and isinstance(outcome[0], StorageIOError), outcome
+        assert outcome[0].errno == errno.ECANCELED, outcome
         d = Daemon(tmp_path, backend=backend)
         with Client(d.socket) as c:
             st = c.status(ih, files=False)
-            assert st["reverifying_pieces"] > 0, st  # carried out again
+            assert st["reverifying_pieces"] > 0, st  # carried out again, whole
             deadline = time.monotonic() + 120
             while (st := c.status(ih, files=False))["reverifying_pieces"]:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-            assert st["verified_pieces"] == st["num_pieces"]
+            assert st["verified_pieces"] == st["num_pieces"] - 1
+            assert not st["have"][2000 >> 3] & (0x80 >> (2000 & 7))
     finally:
         assert d.stop() == 0, d.stderr()
