@@ -94,6 +94,13 @@ class Attribution(Generic[P]):
                         liars[peer] = None
         return list(liars)
 
+    def forget(self, piece: int) -> None:
+        """The piece's attempt came to nothing, through no fault of its givers (its bytes
+        were lost on the way to disk): no verdict on it. Earlier failed attempts wait
+        for the piece to verify, as before."""
+        self._sent.pop(piece, None)
+        self._first.pop(piece, None)
+
     def giver_count(self, piece: int) -> int:
         return len({peer for peer, _ in self._sent.get(piece, {}).values()})
 

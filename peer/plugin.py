@@ -902,10 +902,17 @@ class Swarm:
             for peer in liars:
                 self._blame(peer, piece)  # its block of a failed attempt was not this
             return
+        picker.piece_failed(piece)
+        if not (msg.get("v1") == 0 or msg.get("v2") == 0):
+            # Not a hash that failed: its bytes could not be made durable, or were lost
+            # with their file. No peer is to blame; the piece is fetched again.
+            self.blame.forget(piece)
+            log.info("piece %d was not stored: fetched again", piece)
+            self._fill_all()
+            return
         givers = self.blame.giver_count(piece)
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
-        picker.piece_failed(piece)
         log.info("piece %d failed its hash (data from %d peers)", piece, givers)
         for peer in self.blame.failed(piece):  # its only giver; else known once it verifies
             self._blame(peer, piece)

@@ -50,7 +50,7 @@ from .errors import (
     TooLarge,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileStorage, FileVanished, HandlePool, make_storage
+from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
 from .hashing import NO_FINGERPRINT, Buffer, HashPool, PieceHasher, sub_views, v2_root
 from .mapped import watch_leases
@@ -944,32 +944,44 @@ class DiskIO:
         if due and self.on_error is not None and not t.removed:
             self.on_error(t.key, entry)
         if isinstance(exc, FileVanished):
-            self._file_vanished(t, exc)
+            self._start_over(t, exc.file_index, verified=True, partial=exc.written)
+        elif isinstance(exc, WriteLost):
+            # The pieces synced before are durable; those whose bytes the file held since
+            # are not: they start over, and the file may be synced again.
+            self._start_over(t, exc.file_index, verified=False, partial=True)
+            t.storage.lost_handled(exc)
 
-    def _file_vanished(self, t: Torrent, exc: FileVanished) -> None:
-        """A payload file is gone: its pieces are verified no more (a write re-creates it
-        empty), and pieces partly written to it start over, their bytes gone with it.
+    def _start_over(self, t: Torrent, index: int, verified: bool, partial: bool) -> None:
+        """What a payload file held may be gone (it vanished, or its write-back failed):
+        its pieces start over. Verified ones (if ``verified``: the file itself went) are
+        verified no more, and a write re-creates the file empty; those hashing or
+        committing are failed; those partly written (if ``partial``) start over, their
+        bytes gone with it.
 
         Runs under at most one piece lock; a reset piece is marked done without taking
-        its lock (no thread holds two), so its writers drop what they still send.
+        its lock (no thread holds two), so its writers drop what they still send. The
+        pieces failed or started over are told as failed (without v1/v2: no hash said
+        so), so that their blocks are sent again.
         """
         dropped = []
         cleared = []
+        failed = []
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
             with t.lock:
-                for p in t.layout.file_pieces(exc.file_index):
+                for p in t.layout.file_pieces(index):
                     state = t.state[p]
-                    if state == VERIFIED:
+                    if state == VERIFIED and verified:
                         cleared.append(p)
-                    elif state == HASHING:  # its writer sees it taken back
+                    elif state == HASHING:  # its writer sees it taken back, and fails it
                         t.partial.pop(p)
                         self._count_partials(-1)
-                    elif state == COMMITTING:
-                        pass  # the committer sees the state change
-                    elif state == PARTIAL and exc.written:
+                    elif state == COMMITTING:  # its committer leaves it out
+                        failed.append(p)
+                    elif state == PARTIAL and partial:
                         t.partial.pop(p).done = True
                         self._count_partials(-1)
+                        failed.append(p)
                     else:
                         continue
                     t.set_state(p, MISSING)
@@ -977,6 +989,8 @@ class DiskIO:
             _journal_cleared(rec, cleared)
         for p in dropped:
             self.pool.drop((t.id, p))
+        for p in failed:
+            self._notify(PieceResult(t.key, p, False, None, None))
 
     # -- reads ------------------------------------------------------------------------
     def _read_range(self, t: Torrent, piece: int, begin: int, length: int,
@@ -1233,6 +1247,7 @@ class DiskIO:
             if path == t.storage.save_path:
                 return  # there already
             self._flush_torrent(t, sync=True)
+            t.storage.check_move(path)
             renames = dict(t.storage.renames)
             self._moving(t, lambda: t.storage.move(path), path, renames,
                          (t.storage.save_path, renames))
@@ -1264,11 +1279,17 @@ class DiskIO:
         try:
             move()  # undone by itself if it fails part-way
         except BaseException:
-            # The files are back where they were: recorded so, with where they were going
-            # as the place to bring back from, should any have stayed there.
+            # The files are back where they were: recorded so; if some stayed where they
+            # were going, with that place to bring them back from (and only then: a file
+            # of the torrent's names there would be taken for the torrent's).
             if rec is not None:
+                try:
+                    stranded = t.storage.left_at(path, renames)
+                except (OSError, PiecedError):
+                    stranded = True
                 with contextlib.suppress(OSError), rec.save_lock:
-                    rec.write_location(previous[0], previous[1], (path, renames))
+                    rec.write_location(previous[0], previous[1],
+                                       (path, renames) if stranded else None)
             raise
         try:
             self._save_location(t)

@@ -44,6 +44,22 @@ class FileVanished(StorageIOError):
         self.gone = gone
 
 
+class WriteLost(StorageIOError):
+    """A payload file's write-back failed: fdatasync said so (EIO, ENOSPC...), and what
+    was written to the file since its last good sync may not be on disk.
+
+    The kernel reports such an error once, to one fdatasync: the next one returns 0 with
+    the data still gone. So a file stays lost (every sync of it fails, and so does a sync
+    that ran beside the one told) until the pieces whose bytes it held have started over
+    (``FileStorage.lost_handled``); ``generation`` counts its failures.
+    """
+
+    def __init__(self, message: str, file_index: int, generation: int, err: int | None) -> None:
+        super().__init__(message, errno=err)
+        self.file_index = file_index
+        self.generation = generation
+
+
 class HandlePool:
     """A bounded LRU of open file descriptors shared by every torrent.
 
@@ -153,6 +169,9 @@ class FileStorage:
         self._sized: set[int] = set()
         self._dirty: set[int] = set()  # written since their last sync began
         self._syncing: dict[int, set[int]] = {}  # file -> the syncs of it running (tickets)
+        self._failures: dict[int, int] = {}  # file -> how many of its syncs failed
+        self._lost: dict[int, tuple[str, int | None]] = {}  # lost writes not handled yet:
+        # file -> (message, errno) of the failure
         self._tickets = itertools.count()
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
@@ -466,7 +485,9 @@ class FileStorage:
 
         A file another thread is syncing is not dirty any more, yet not durable either:
         its writes before that sync began are covered only once that sync has returned,
-        so this waits for it (and syncs the file itself if that sync failed).
+        so this waits for it (and syncs the file itself if that sync could not run).
+        Raises WriteLost when a sync of a file failed, this one's or one that may have
+        taken the error that was this one's to see.
         """
         wanted = None if indices is None else set(indices)
         if force and wanted is not None:
@@ -481,17 +502,47 @@ class FileStorage:
             # is synced over and over by its writers, and would never be free).
             others = {i: set(tickets) for i, tickets in self._syncing.items()
                       if i not in todo and (wanted is None or i in wanted)}
+            seen = self._failures_of([*todo, *others])
             ticket = self._take_for_sync(todo)
-        count = self._sync_taken(todo, ticket)
+        count = self._sync_taken(todo, ticket, seen)
         if others:
             with self._lock:
                 while any(self._syncing.get(i, set()) & t for i, t in others.items()):
                     self._synced.wait()
+                self._check_failures(others, seen)
                 failed = sorted(i for i in others if i in self._dirty)
                 ticket = self._take_for_sync(failed)
-            count += self._sync_taken(failed, ticket)
+            count += self._sync_taken(failed, ticket, seen)
         self.root.sync_made()  # the names of the files and folders made: durable too
         return count
+
+    def _failures_of(self, indices: Iterable[int]) -> dict[int, int]:
+        """(Caller holds ``_lock``.) The failed syncs of each file so far; WriteLost for
+        a file whose lost writes are not handled yet."""
+        for index in indices:
+            if index in self._lost:
+                raise self._lost_error(index)
+        return {i: self._failures.get(i, 0) for i in indices}
+
+    def _check_failures(self, indices: Iterable[int], seen: dict[int, int]) -> None:
+        """(Caller holds ``_lock``.) WriteLost if a sync of these files failed since
+        ``seen``."""
+        for index in indices:
+            if self._failures.get(index, 0) != seen.get(index, 0):
+                raise self._lost_error(index)
+
+    def _lost_error(self, index: int) -> WriteLost:
+        """(Caller holds ``_lock``.)"""
+        message, err = self._lost.get(
+            index, (f"sync {self.file_path(index)}: a write-back failed meanwhile", errno.EIO))
+        return WriteLost(message, index, self._failures[index], err)
+
+    def lost_handled(self, error: WriteLost) -> None:
+        """The pieces whose bytes the file held when its sync failed have started over:
+        it may be synced again (unless it failed again since)."""
+        with self._lock:
+            if self._failures.get(error.file_index) == error.generation:
+                self._lost.pop(error.file_index, None)
 
     def _take_for_sync(self, todo: Sequence[int]) -> int:
         """(Caller holds ``_lock``.) The files are this thread's to sync now: its ticket."""
@@ -501,18 +552,21 @@ class FileStorage:
             self._syncing.setdefault(index, set()).add(ticket)
         return ticket
 
-    def _sync_taken(self, todo: Sequence[int], ticket: int) -> int:
+    def _sync_taken(self, todo: Sequence[int], ticket: int, seen: dict[int, int]) -> int:
         done = 0
         skip = 0  # the file that failed, when it is not ours to sync any more
+        beside: dict[int, set[int]] = {}  # file -> the other syncs of it when ours returned
         try:
             for index in todo:
                 try:
                     self._datasync(index)
                 except OSError as exc:
-                    raise StorageIOError.wrap(exc, f"sync {self.file_path(index)}") from None
+                    raise self._write_lost(index, exc) from None
                 except PiecedError:  # swapped, or gone: what we wrote is not there to sync
                     skip = 1
                     raise
+                with self._lock:
+                    beside[index] = self._syncing[index] - {ticket}
                 done += 1
         finally:
             with self._lock:
@@ -524,7 +578,22 @@ class FileStorage:
                     if not running:
                         del self._syncing[index]
                 self._synced.notify_all()
+        if any(beside.values()):
+            # A sync of the same file that ran beside ours may have been the one told of a
+            # write-back error that lost our writes too (ours then returned 0): its end is
+            # waited for, and its failure is ours.
+            with self._lock:
+                while any(self._syncing.get(i, set()) & t for i, t in beside.items()):
+                    self._synced.wait()
+                self._check_failures(beside, seen)
         return done
+
+    def _write_lost(self, index: int, exc: OSError) -> WriteLost:
+        with self._lock:
+            self._failures[index] = self._failures.get(index, 0) + 1
+            self._lost[index] = (f"sync {self.file_path(index)}: {exc.strerror or exc}",
+                                 exc.errno)
+            return self._lost_error(index)
 
     def _datasync(self, index: int) -> None:
         # A file this process has not written (a forced sync, for a recheck) is synced
@@ -561,6 +630,35 @@ class FileStorage:
         for d in sorted(dirs, key=len, reverse=True):
             root.rmdir(d)
 
+    def check_move(self, new_path: Path) -> None:
+        """Refuse (EEXIST) a move to a folder that holds a file of one of the torrent's
+        names already, before anything is recorded or moved: a file found at the new
+        place after a crash part-way is then one the move put there, never a stranger's
+        to be taken for the torrent's."""
+        new_root = self.beneath(new_path)
+        try:
+            for index in self.stored_files():
+                parts = self.parts(index)
+                if new_root.exists(parts):
+                    raise StorageIOError(f"move: {new_path.joinpath(*parts)} already exists",
+                                         errno=errno.EEXIST)
+        finally:
+            new_root.close()
+
+    def left_at(self, path: Path, renames: dict[int, tuple[str, ...]]) -> bool:
+        """Whether a file of the torrent is at ``path`` under ``renames`` though that is
+        not its place now (a move that failed, and could not be undone whole)."""
+        root = self.root if path == self.save_path else self.beneath(path)
+        try:
+            for index in self.stored_files():
+                there = renames.get(index) or self.meta.files.path(index)
+                if not (root is self.root and there == self.parts(index)) and root.exists(there):
+                    return True
+            return False
+        finally:
+            if root is not self.root:
+                root.close()
+
     def move(self, new_path: Path) -> None:
         """Move every existing payload file under ``new_path`` (link, or copy across
         devices), never replacing a file there; undone if any step fails."""
@@ -584,6 +682,8 @@ class FileStorage:
             for parts in reversed(moved):
                 with contextlib.suppress(OSError, PiecedError):
                     new_root.move(parts, self.root, parts)
+            with contextlib.suppress(OSError, PiecedError):
+                self._prune(new_root)  # the folders the move made there, if empty
             new_root.close()
             if isinstance(exc, OSError):
                 raise StorageIOError.wrap(exc, "move") from None
@@ -603,12 +703,27 @@ class FileStorage:
         old_root = self.beneath(old_path) if old_path != self.save_path else self.root
         moved = 0
         try:
+            self.root.root(create=True)  # (recorded as where to go before it was made)
             for index in self.stored_files():
                 parts = self.parts(index)
                 was = old_renames.get(index) or self.meta.files.path(index)
-                if (old_root is self.root and was == parts) or self.root.exists(parts) \
-                        or not old_root.exists(was):
+                if old_root is self.root and was == parts:
                     continue
+                old = old_root.stat(was)
+                if old is None:
+                    continue  # moved already (or never made)
+                new = self.root.stat(parts)
+                if new is not None:
+                    if (new.st_dev, new.st_ino) == (old.st_dev, old.st_ino):
+                        # Cut short between the link and the unlink: the old name goes.
+                        old_root.changed(was[:-1])
+                        old_root.unlink(was)
+                        moved += 1
+                        continue
+                    # A copy across file systems cut short (the new place held none of
+                    # the torrent's names when the move began): it is made again.
+                    self.root.changed(parts[:-1])
+                    self.root.unlink(parts)
                 old_root.move(was, self.root, parts)
                 moved += 1
             self.root.sync_made()

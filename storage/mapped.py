@@ -4,6 +4,8 @@ to map (see :class:`MmapStorage`)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -30,6 +32,24 @@ _watching = False
 _Lru = OrderedDict[tuple[int, int], "weakref.ref[MmapStorage]"]
 _mapped: weakref.WeakKeyDictionary[HandlePool, _Lru] = weakref.WeakKeyDictionary()
 _mapped_lock = threading.Lock()  # taken after a storage's _map_lock, never before
+
+
+# File systems whose pages are their storage: a fault on a hole of a mapped file there
+# must allocate a page, and a full one answers with SIGBUS, which kills the daemon (a
+# read of a piece never written, on a full tmpfs). Their files are never mapped.
+_TMPFS_MAGIC = 0x01021994
+_HUGETLBFS_MAGIC = 0x958458F6
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _faults_allocate(fd: int) -> bool:
+    """Whether a fault on a hole of ``fd``'s file takes space from its file system
+    (tmpfs); True where that cannot be told (nothing is mapped then)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type (a long) comes first
+    if _libc.fstatfs(fd, buf) != 0:
+        return True
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in (_TMPFS_MAGIC,
+                                                                _HUGETLBFS_MAGIC)
 
 
 def watch_leases() -> bool:
@@ -67,7 +87,8 @@ class MmapStorage(FileStorage):
     file is then read and written with pread/pwritev, as by the posix backend, until
     the lease can be taken again (once no one else has the file open). Files the
     daemon cannot lease (open elsewhere, owned by another user, on a file system
-    without leases) are never mapped. Mappings cover the file's full length (sparse),
+    without leases) are never mapped, nor are files on tmpfs (a fault on a hole there
+    takes a page from the file system, and a full one answers SIGBUS). Mappings cover the file's full length (sparse),
     so a write never faults past its end, and a store allocates its blocks first
     (``posix_fallocate``), so a full disk is ENOSPC, not SIGBUS. A map holds its file
     open (two descriptors: the leased one and mmap's own): at most ``max_open_files``
@@ -111,6 +132,10 @@ class MmapStorage(FileStorage):
                     self._size_file(fd, index)
                 else:
                     self._check_linked(fd, index)
+                if _faults_allocate(fd):
+                    os.close(fd)
+                    self._retry[index] = float("inf")  # until it moves
+                    return
                 if not self._lease(fd, index):
                     os.close(fd)
                     self._retry[index] = time.monotonic() + self.RETRY_SECONDS

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .errors import PathEscape, StorageIOError
+from .errors import PathEscape, PiecedError, StorageIOError
 
 Parts = Sequence[str]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -170,12 +170,15 @@ class Beneath:
         return fd
 
     def exists(self, parts: Parts) -> bool:
+        return self.stat(parts) is not None
+
+    def stat(self, parts: Parts) -> os.stat_result | None:
+        """What is at ``parts`` (a symlink itself, not followed); None if nothing."""
         try:
             with self.folder(parts[:-1], False) as dfd:
-                os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
-        except (OSError, PathEscape):
-            return False
-        return True
+                return os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except (OSError, PiecedError):  # (the save path itself missing, too)
+            return None
 
     def unlink(self, parts: Parts) -> None:
         """Remove a payload file (a symlink in its place is removed, never followed)."""
@@ -286,13 +289,7 @@ def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
         fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                        0o644, dir_fd=dfd)
         try:
-            size = os.fstat(fin).st_size
-            done = 0
-            while done < size:
-                n = os.copy_file_range(fin, fout, size - done, done, done)
-                if n == 0:
-                    break
-                done += n
+            _copy_bytes(fin, fout, os.fstat(fin).st_size)
             os.fsync(fout)
         except BaseException:
             os.close(fout)
@@ -302,6 +299,28 @@ def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
         os.close(fout)
     finally:
         os.close(fin)
+
+
+def _copy_bytes(fin: int, fout: int, size: int) -> None:
+    """In the kernel: copy_file_range, or sendfile where the two file systems are of
+    different kinds (copy_file_range refuses those, EXDEV, since Linux 5.19)."""
+    done = 0
+    ranged = True
+    while done < size:
+        if ranged:
+            try:
+                n = os.copy_file_range(fin, fout, size - done, done, done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                ranged = False
+                os.lseek(fout, done, os.SEEK_SET)  # sendfile writes at the file position
+                continue
+        else:
+            n = os.sendfile(fout, fin, done, size - done)
+        if n == 0:
+            break
+        done += n
 
 
 def _error(exc: OSError, what: str) -> StorageIOError:

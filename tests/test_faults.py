@@ -82,6 +82,41 @@ def test_disk_full(tmp_path: Path, tiny_fs: Path, backend: str) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_piece_never_written_is_read_on_a_full_tmpfs(
+    tmp_path: Path, tiny_fs: Path, backend: str,
+) -> None:
+    """A payload file on a tmpfs is sparse where nothing was written; once the tmpfs is
+    full, a fault on such a hole through a map must take a page the file system does not
+    have, and the kernel answers SIGBUS, which killed the daemon (mmap backend). Reads,
+    hashes and a recheck of pieces never written must answer, on every backend, and
+    the daemon go on serving another torrent."""
+    content = make_payload(tmp_path / "src", 2_000_000, seed=4)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    other_raw, other = _other_torrent(tmp_path)
+    d = Daemon(tmp_path, backend=backend)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tiny_fs)
+            _send(c, ih, src, [blk for blk in src.blocks() if blk[0] == 0])
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == 1
+            with contextlib.suppress(OSError), open(tiny_fs / "filler", "wb") as f:
+                while True:
+                    f.write(b"x" * 4096)
+                    f.flush()
+            assert c.read_piece(ih, 0) == src.read(0, 0, 65536)
+            assert c.read_chunk(ih, 20, 0, 16384) == bytes(16384)  # a hole reads as zeros
+            assert c.hash_piece(ih, 21) is False
+            c.recheck(ih, full=True)
+            st = c.status(ih)
+            assert st["verified_pieces"] == 1 and _has(st["have"], 0)
+            other_ih = c.register(other_raw, tmp_path / "dl_other")
+            _fill_other(c, other_ih, other)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _metric_errors(http: str, kind: str) -> float:

@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -261,7 +262,7 @@ def _dies(script: str, **fields: str) -> None:
 
 
 _DIES_MOVING = """
-from pieced.storage import paths
+from pieced.storage import files, paths
 from pieced.storage.disk import DiskIO
 from tests.test_disk import Source, fill
 raw = Path({torrent!r}).read_bytes()
@@ -270,14 +271,27 @@ dio = DiskIO({backend!r}, state_dir=Path({state!r}), sync_window=0.002)
 ih = dio.register(raw, Path({old!r}))
 fill(dio, ih, src)
 dio.flush_all()
-moved = [0]
-real = paths.Beneath.move
-def move(self, *a, **k):
-    real(self, *a, **k)
-    moved[0] += 1
-    if moved[0] == {die_after}:
-        os._exit(9)
-paths.Beneath.move = move
+how, _, n = {how!r}.partition(":")
+def die(*a, **k):
+    os._exit(9)
+if how == "after":  # the n-th file moved
+    moved = [0]
+    real = paths.Beneath.move
+    def move(self, *a, **k):
+        real(self, *a, **k)
+        moved[0] += 1
+        if moved[0] == int(n):
+            die()
+    paths.Beneath.move = move
+elif how == "recorded":  # where the files go is recorded; nothing made or moved yet
+    files.FileStorage.move = die
+elif how == "linked":  # the first file has both names: linked, not yet unlinked
+    paths.os.unlink = die
+elif how == "copying":  # half of the first file copied to the other file system
+    def half(fin, fout, size):
+        os.sendfile(fout, fin, 0, size // 2)
+        die()
+    paths._copy_bytes = half
 if {op!r} == "move":
     dio.move_storage(ih, Path({new!r}))
 else:
@@ -286,15 +300,33 @@ os._exit(0)
 """
 
 
-@pytest.mark.parametrize("op,die_after", [("move", 7), ("move", 1), ("rename", 1)])
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A file system of its own (a tmpfs), for moves across devices."""
+    import subprocess
+
+    mnt = tmp_path / "other_fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("op,how", [
+    ("move", "after:7"), ("move", "after:1"), ("move", "recorded"), ("move", "linked"),
+    ("move", "copying"), ("rename", "after:1"), ("rename", "linked")])
 def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
-    tmp_path: Path, backend: str, op: str, die_after: int
+    tmp_path: Path, backend: str, op: str, how: str, request: pytest.FixtureRequest
 ) -> None:
-    """The process dies part-way through a move_storage (some files moved, the others
-    not yet) or right after a file is renamed, before the new location is recorded. A
-    restart finishes the move: every file where it was going, every piece verified, the
-    bytes right. Before, the files already moved were taken for gone, with the verified
-    pieces they held (318 of 3,937 pieces were left in one case)."""
+    """The process dies part-way through a move_storage or a rename_file: after some
+    files moved (before, the files already moved were taken for gone, with the verified
+    pieces they held: 318 of 3,937 pieces in one case); once the move is recorded,
+    before its folder is made (the restart could not open it, and every piece was
+    lost); between the link of a file's new name and the unlink of its old one (the
+    file kept two names, and was refused as a hard link); half-way through the copy of
+    a file to another file system (the half copy was taken as moved). A restart finishes
+    the move: every file where it was going and nowhere else, every piece verified, the
+    bytes right."""
 
     from tests.realtools import make_payload
 
@@ -303,10 +335,11 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     raw = make_torrent_lt(content, 16384, "hybrid")
     (tmp_path / "t.torrent").write_bytes(raw)
     src = Source(raw, tmp_path / "src")
-    old, new = tmp_path / "old", tmp_path / "new"
+    old = tmp_path / "old"
+    new = (request.getfixturevalue("other_fs") if how == "copying" else tmp_path) / "new"
     _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
           backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
-          die_after=str(die_after))
+          how=how)
     again = DiskIO(backend, state_dir=tmp_path / "state")
     ih = again.torrents()[0]
     st = again.status(ih)
@@ -318,9 +351,77 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
             parts = ("renamed", "first.bin") if op == "rename" and i == 0 else f.path
             assert where.joinpath(*parts).read_bytes() == (tmp_path / "src").joinpath(
                 *f.path).read_bytes()
-    assert not any(p.is_file() for p in old.rglob("*")) if op == "move" else True
+            assert os.stat(where.joinpath(*parts)).st_nlink == 1
+    for p in range(src.meta.num_pieces):  # every file usable (not refused as a hard link)
+        assert again.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
+    if op == "move":
+        assert not any(p.is_file() for p in old.rglob("*"))
+    else:
+        assert not old.joinpath(*src.meta.files[0].path).exists()
     assert again.recheck(ih, full=True).ok
     again.close()
+
+
+def test_a_move_to_a_folder_holding_one_of_the_names_is_refused_before_anything_moves(
+    tmp_path: Path, backend: str
+) -> None:
+    """The new folder holds a file of one of the torrent's names: a stranger's, or one
+    the torrent has not written yet. The move is refused (EEXIST) before any file moves
+    or the move is recorded: a crash part-way through it used to leave a restart taking
+    the stranger's file for the torrent's (its pieces verified, its bytes wrong), and a
+    refused move was recorded as one to bring files back from, so that the next start
+    took that folder's files for the torrent's missing ones."""
+    from tests.realtools import make_payload
+
+    spec = {"a.bin": 100_000, "b.bin": 100_000, "c.bin": 100_000}
+    content = make_payload(tmp_path / "src", spec, seed=6)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    target = tmp_path / "target" / content.name
+    target.mkdir(parents=True)
+    stranger = b"USER DATA " * 10_000
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "old")
+    for p, b, n in src.blocks():  # a.bin and b.bin only: c.bin is not made yet
+        if p * 16384 + b < 200_000 - 16384:
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    before = dio.status(ih)["verified_pieces"]
+    for name in ("c.bin", "b.bin"):  # one not written yet, one written
+        (target / name).write_bytes(stranger)
+        with pytest.raises(StorageIOError) as exc:
+            dio.move_storage(ih, tmp_path / "target")
+        assert exc.value.errno == errno.EEXIST
+        assert sorted(p.name for p in target.iterdir()) == sorted({"c.bin", name})
+        assert (tmp_path / "old" / content.name / "a.bin").exists()
+    dio.close()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    st = again.status(ih)
+    assert st["save_path"] == str(tmp_path / "old") and st["verified_pieces"] == before
+    assert (target / "b.bin").read_bytes() == stranger == (target / "c.bin").read_bytes()
+    assert not (tmp_path / "old" / content.name / "c.bin").exists()
+    again.close()
+
+
+def test_a_move_to_another_file_system(tmp_path: Path, other_fs: Path, backend: str) -> None:
+    """A move across file systems copies the files (copy_file_range refuses file systems
+    of two kinds, as ext4 and tmpfs: sendfile then), and the old ones go."""
+    from tests.realtools import make_payload
+
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "d/b.bin": 70_000}, seed=7)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "old")
+    fill(dio, ih, src)
+    dio.flush_all()
+    dio.move_storage(ih, other_fs / "new")
+    assert not any(p.is_file() for p in (tmp_path / "old").rglob("*"))
+    for rel in ("a.bin", "d/b.bin"):
+        assert (other_fs / "new" / content.name / rel).read_bytes() == (content / rel).read_bytes()
+    assert dio.recheck(ih, full=True).ok
+    assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    dio.close()
 
 
 def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
@@ -731,3 +832,160 @@ def test_a_stop_cuts_a_recheck_short_and_the_restart_finishes_it(
             assert not st["have"][2000 >> 3] & (0x80 >> (2000 & 7))
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+class _WriteBackFails:
+    """fdatasync as the kernel answers it when a write-back of a file failed: the error
+    is told once, to the first fdatasync of the file to look (here: the first one of
+    ``name`` after ``arm``), and every later one returns 0, the data still gone.
+    ``hold``: that first call waits for ``release`` before it fails (a slow disk)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.name = name
+        self.armed = False
+        self.hold = False
+        self.held, self.release = threading.Event(), threading.Event()
+        self.real = os.fdatasync
+        self.calls = 0
+        monkeypatch.setattr(os, "fdatasync", self)
+
+    def __call__(self, fd: int) -> None:
+        if self.armed and os.readlink(f"/proc/self/fd/{fd}").endswith("/" + self.name):
+            self.calls += 1
+            if self.calls == 1:
+                if self.hold:
+                    self.held.set()
+                    self.release.wait(30)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self.real(fd)
+
+
+def _lost_write_setup(
+    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
+) -> tuple[DiskIO, bytes, Source, dict[int, list[tuple[int, int]]], list[tuple[int, bool]],
+           _WriteBackFails]:
+    """Pieces 0-2 in a.bin, piece 3 in a.bin (three blocks) and b.bin (its last)."""
+    pl = 65536
+    content = make_payload(tmp_path / "src", {"a.bin": 3 * pl + 3 * 16384, "b.bin": 200_000},
+                           seed=5)
+    raw = make_torrent_lt(content, pl, "v1")
+    src = Source(raw, content.parent)
+    told: list[tuple[int, bool]] = []
+    dio = DiskIO(backend, sync_window=window, on_piece=lambda r: told.append((r.piece, r.ok)))
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = {p: [(b, n) for q, b, n in src.blocks() if q == p] for p in range(4)}
+    return dio, ih, src, blocks, told, _WriteBackFails(monkeypatch, "a.bin")
+
+
+def _flushing(dio: DiskIO) -> threading.Thread:
+    """``flush_all`` on a thread of its own (its error, the one injected, is expected)."""
+    def flush() -> None:
+        with contextlib.suppress(StorageIOError):
+            dio.flush_all()
+
+    flusher = threading.Thread(target=flush)
+    flusher.start()
+    return flusher
+
+
+def _sent_again_verifies(dio: DiskIO, ih: bytes, src: Source, pieces: list[int],
+                         told: list[tuple[int, bool]]) -> None:
+    """The pieces sent again whole verify: the file is synced again, and what the
+    status shows verified is on disk."""
+    for p in pieces:
+        dio.clear_piece(ih, p)
+        for q, b, n in src.blocks():
+            if q == p:
+                dio.write_block_direct(ih, q, b, src.read(q, b, n))
+    dio.flush_all()
+    assert {p for p, ok in told if ok} >= set(pieces)
+    st = dio.status(ih)
+    for p in pieces:
+        assert st["have"][p >> 3] & (0x80 >> (p & 7)), p
+    dio.close()
+
+
+@pytest.mark.parametrize("window", [0.0, 0.005])
+def test_a_sync_that_failed_is_not_made_good_by_the_next_one(
+    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush's fdatasync of a.bin fails (a write-back error, on a slow disk) while
+    piece 3 completes with its last block in b.bin. Its commit waits for that sync of
+    a.bin, which holds its first three blocks; the sync failed, so the piece is not
+    durable. It was synced again, the kernel (which tells a write-back error once)
+    answered 0, and the piece was announced verified with its blocks lost."""
+    dio, ih, src, blocks, told, fails = _lost_write_setup(tmp_path, backend, window, monkeypatch)
+    for b, n in blocks[3][:3]:
+        dio.write_block_direct(ih, 3, b, src.read(3, b, n))
+    fails.armed = fails.hold = True
+    flusher = _flushing(dio)
+    b, n = blocks[3][3]
+    last = threading.Thread(target=dio.write_block_direct, args=(ih, 3, b, src.read(3, b, n)))
+    try:
+        assert fails.held.wait(30), "the flush never synced a.bin"
+        last.start()
+        time.sleep(0.3)
+    finally:
+        fails.release.set()
+        flusher.join(30)
+        if last.ident is not None:
+            last.join(30)
+    dio.flush_all()
+    assert (3, True) not in told, "piece 3 announced verified though a.bin's sync failed"
+    assert not dio.status(ih)["have"][0] & (0x80 >> 3)
+    _sent_again_verifies(dio, ih, src, [3], told)
+
+
+@pytest.mark.parametrize("window", [0.0, 0.005])
+def test_a_sync_beside_the_one_that_failed_fails_too(
+    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two syncs of a.bin at once: the flush's, which the kernel tells of a write-back
+    error (it returns last), and the commit's of piece 1 (its last block was written to
+    a.bin after the flush's sync began), which returns 0 at once: the error was the
+    other's to see. The piece's first blocks may be what was lost: not verified."""
+    dio, ih, src, blocks, told, fails = _lost_write_setup(tmp_path, backend, window, monkeypatch)
+    for b, n in blocks[1][:3]:
+        dio.write_block_direct(ih, 1, b, src.read(1, b, n))
+    fails.armed = fails.hold = True
+    flusher = _flushing(dio)
+    b, n = blocks[1][3]
+    last = threading.Thread(target=dio.write_block_direct, args=(ih, 1, b, src.read(1, b, n)))
+    try:
+        assert fails.held.wait(30), "the flush never synced a.bin"
+        last.start()
+        time.sleep(0.3)
+    finally:
+        fails.release.set()
+        flusher.join(30)
+        if last.ident is not None:
+            last.join(30)
+    with contextlib.suppress(StorageIOError):
+        dio.flush_all()
+    assert (1, True) not in told, "piece 1 announced verified though a.bin's sync failed"
+    _sent_again_verifies(dio, ih, src, [1], told)
+
+
+def test_pieces_under_way_start_over_when_their_file_lost_writes(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three blocks of each of pieces 0-2 written to a.bin; its write-back fails (the
+    flush is told EIO). Those blocks may be gone: the pieces start over (told failed,
+    so that they are sent again), instead of verifying later with their last block
+    over bytes that never reached the disk. Piece 3's, in memory, is dropped too."""
+    dio, ih, src, blocks, told, fails = _lost_write_setup(tmp_path, backend, 0.0, monkeypatch)
+    for p in range(3):
+        for b, n in blocks[p][:3]:
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+    fails.armed = True
+    with pytest.raises(StorageIOError) as exc:
+        dio.flush_all()
+    assert exc.value.errno == errno.EIO
+    assert sorted(p for p, ok in told if not ok) == [0, 1, 2]
+    for p in range(3):
+        b, n = blocks[p][3]
+        dio.write_block_direct(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    assert not any(ok for _, ok in told)
+    assert dio.status(ih)["verified_pieces"] == 0
+    _sent_again_verifies(dio, ih, src, [0, 1, 2], told)
