@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import bencodepy
 
@@ -61,6 +61,7 @@ class PeerConnection:
         self.peer_interested = False
         self.peer_has = bytearray(self.num_pieces)
         self.peer_count = 0  # pieces it has
+        self.told_pieces = False  # it sent its BITFIELD, HAVE_ALL or HAVE_NONE (or a HAVE)
         self.reqq = DEFAULT_REQQ
         self.allowed_fast: set[int] = set()  # pieces it lets us ask for while choked
         self.given_fast: set[int] = set()  # pieces we let it ask for while we choke it
@@ -113,6 +114,8 @@ class PeerConnection:
         if isinstance(ev, wire.Handshake):
             if ev.info_hash not in self.info_hashes:
                 raise WireError("handshake for a torrent we do not serve")
+            if ev.peer_id == self.peer_id:
+                raise WireError("a connection to ourselves")
             if self.info_hash is None:  # incoming: answer with the key it used
                 self.info_hash = ev.info_hash
                 self._send(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
@@ -130,6 +133,14 @@ class PeerConnection:
                      wire.AllowedFast)
         if isinstance(ev, fast_only) and not self.fast:
             raise WireError(f"{type(ev).__name__} without the fast extension")
+        if isinstance(ev, (wire.Bitfield, wire.HaveAll, wire.HaveNone)):
+            # One of them, before any HAVE (BEP 3, BEP 6): each costs work in proportion
+            # to the pieces, and a stream of them would take the peer's CPU for ever.
+            if self.told_pieces:
+                raise WireError(f"{type(ev).__name__} after the peer said what it has")
+            self.told_pieces = True
+        elif isinstance(ev, wire.Have):
+            self.told_pieces = True
         if isinstance(ev, wire.Bitfield):
             have = wire.pieces_from_bits(ev.bits, self.num_pieces)
             self.peer_has = bytearray(have)
@@ -301,16 +312,24 @@ class PeerConnection:
         return not self.peer_choking or (self.fast and piece in self.allowed_fast)
 
 
-def choke_round(conns: Iterable[PeerConnection], slots: int) -> tuple[list[PeerConnection], list[PeerConnection]]:
+def choke_round(conns: Iterable[PeerConnection], slots: int,
+                stalled: Container[PeerConnection] = ()) -> tuple[list[PeerConnection], list[PeerConnection]]:
     """This round's changes of who we choke, as (to choke, to unchoke): peers that lost
-    interest are choked; while interested peers wait, the one unchoked longest gives its
-    slot to the one that waited longest; free slots go to the longest waiting."""
+    interest are choked; while interested peers wait, the ``stalled`` ones (they take
+    nothing we send) give their slots up, or else the one unchoked longest gives its
+    slot to the one that waited longest; free slots go to the longest waiting, those
+    that stalled last."""
     conns = list(conns)
     interested = [c for c in conns if c.peer_interested]
     choke = [c for c in conns if not c.peer_interested and not c.am_choking]
     unchoked = sorted((c for c in interested if not c.am_choking), key=lambda c: c.unchoked_at)
-    waiting = sorted((c for c in interested if c.am_choking), key=lambda c: c.unchoked_at)
-    if waiting and len(unchoked) >= slots:
-        choke.append(unchoked.pop(0))
+    waiting = sorted((c for c in interested if c.am_choking),
+                     key=lambda c: (c in stalled, c.unchoked_at))
+    if waiting:
+        stuck = [c for c in unchoked if c in stalled][: len(waiting)]
+        if stuck:
+            choke += stuck
+            unchoked = [c for c in unchoked if c not in stuck]
+        elif len(unchoked) >= slots:
+            choke.append(unchoked.pop(0))
     return choke, waiting[: max(0, slots - len(unchoked))]
-

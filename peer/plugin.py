@@ -57,6 +57,9 @@ PEER_TIMEOUT = 120.0
 # A connection whose handshake has not arrived by then is closed (libtorrent's
 # handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
 HANDSHAKE_TIMEOUT = 10.0
+STALL_SECONDS = 5.0  # a peer that takes nothing we send for this long gives its slots up
+IDLE_SECONDS = 10.0  # a peer interested in nothing either way may give its place after
+OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
 RECONCILE_INTERVAL = 5.0
@@ -316,12 +319,26 @@ class Peer:
         self.addr = addr
         self.bad = 0
         self.banned: set[int] = set()  # pieces that failed with its data alone
+        self.refused: set[int] = set()  # pieces it rejected a request of, since its unchoke
         self.wanted = 0  # pieces it has that we lack (and have not banned it for)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
         self.blocks = 0  # blocks it sent us
         self.closed = False
         self.opened = time.monotonic()
+        self.queued = 0  # bytes handed to its socket or transport
+        self._sent_mark = 0  # bytes gone out at the last look, and when they last moved
+        self._moved_at = self.opened
+
+    def stalled(self, now: float) -> bool:
+        """Nothing we sent it has gone out since STALL_SECONDS ago (it does not read), by
+        looks at least that far apart: a slow reader takes some between any two."""
+        unsent = self.transport.get_write_buffer_size()
+        sent = self.queued - unsent
+        if sent != self._sent_mark or not unsent:
+            self._sent_mark, self._moved_at = sent, now
+            return False
+        return now - self._moved_at >= STALL_SECONDS
 
     def flush(self) -> None:
         """Send the messages of this turn: straight to the socket with one gathering
@@ -333,6 +350,7 @@ class Peer:
             return  # dropped: nothing keeps them (blocks may be views of the daemon ring)
         if not parts:
             return
+        self.queued += sum(len(p) for p in parts)
         transport = self.transport
         if len(parts) > 1 and transport.get_write_buffer_size() == 0 and not transport.is_closing():
             sock = transport.get_extra_info("socket")
@@ -581,8 +599,12 @@ class Swarm:
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         addr = transport.get_extra_info("peername")
         if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
-            transport.close()
-            return
+            idle = self._idlest()
+            if idle is None:
+                transport.close()
+                return
+            log.info("%s: dropped for a newcomer (nothing to exchange)", idle.addr)
+            self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True)
         await self._serve_peer(Peer(conn, transport, inbox, f"{addr[0]}:{addr[1]}"))
@@ -608,6 +630,8 @@ class Swarm:
                             asked = True  # its reads start once, after the lot
                         else:
                             await self._handle(peer, ev)
+                            if type(ev) is wire.HashRequest and not await self._sent(peer):
+                                break
                 finally:
                     inbox.consumed()
                 if asked:
@@ -621,6 +645,26 @@ class Swarm:
             log.info("%s: %s", peer.addr, exc)
         finally:
             self._drop(peer)
+
+    def _idlest(self) -> Peer | None:
+        """A peer whose place a newcomer may take: one that has not read what we sent
+        for STALL_SECONDS, or one interested in nothing either way for IDLE_SECONDS
+        (connections that hold a place and do nothing must not shut everyone else out);
+        the one connected longest."""
+        now = time.monotonic()
+        idle = [p for p in self.peers if not p.closed and (
+            p.stalled(now) or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
+                                     and not p.conn.peer_interested))]
+        return min(idle, key=lambda p: p.opened, default=None)
+
+    async def _sent(self, peer: Peer) -> bool:
+        """Send what is queued for the peer; past OUT_LIMIT unsent, wait for it to read
+        (what one message makes us send can be large: a HASHES answer is up to 256 KiB
+        for a request of 53 bytes). False once the connection is closing."""
+        peer.flush()
+        if peer.transport.get_write_buffer_size() > OUT_LIMIT:
+            await peer.inbox.drain()
+        return not (peer.closed or peer.transport.is_closing())
 
     def _drop(self, peer: Peer) -> None:
         peer.close()
@@ -659,6 +703,8 @@ class Swarm:
                 peer.wanted += 1
             self._fill(peer)
         elif isinstance(ev, (wire.Unchoke, wire.AllowedFast)):
+            if type(ev) is wire.Unchoke:
+                peer.refused.clear()
             self._fill(peer)
         elif isinstance(ev, wire.Choke):
             if not conn.fast:
@@ -667,6 +713,9 @@ class Swarm:
         elif isinstance(ev, wire.Piece):
             await self._block(peer, ev)
         elif isinstance(ev, wire.RejectRequest):
+            # Not asked of it again until it unchokes us anew: a peer that rejects every
+            # request would otherwise be asked for the same block again at once, for ever.
+            peer.refused.add(ev.piece)
             picker.request_dropped(peer, (ev.piece, ev.begin, ev.length))
             self._fill(peer)
         elif isinstance(ev, wire.Interested):
@@ -750,9 +799,9 @@ class Swarm:
                 allowed = [p for p in conn.allowed_fast if p not in peer.banned] if conn.fast else []
             if room > 0 and (allowed is None or allowed):
                 mask = conn.peer_has
-                if peer.banned:
+                if peer.banned or peer.refused:
                     mask = bytearray(mask)
-                    for p in peer.banned:
+                    for p in (*peer.banned, *peer.refused):
                         mask[p] = 0
                 conn.send_requests(picker.pick(peer, mask, room, allowed,
                                                outstanding=len(conn.our_requests)))
@@ -862,15 +911,24 @@ class Swarm:
         """Unchoke up to UNCHOKE_SLOTS interested peers; the rest take turns (called
         every CHOKE_INTERVAL: see ``choke_round``). A ``newcomer`` that became
         interested is unchoked at once if a slot is free."""
+        now = time.monotonic()
         if newcomer is not None:
-            unchoked = sum(1 for p in self.peers if p.conn.peer_interested
-                           and not p.conn.am_choking and not p.closed)
-            if newcomer.conn.am_choking and unchoked < UNCHOKE_SLOTS:
-                newcomer.conn.send_choke(False)
-                newcomer.flush()
+            if not newcomer.conn.am_choking:
+                return
+            unchoked = [p for p in self.peers if p.conn.peer_interested
+                        and not p.conn.am_choking and not p.closed]
+            if len(unchoked) >= UNCHOKE_SLOTS:
+                stuck = next((p for p in unchoked if p.stalled(now)), None)
+                if stuck is None:
+                    return
+                stuck.conn.send_choke(True)  # its slot: it takes nothing we send
+                stuck.flush()
+            newcomer.conn.send_choke(False)
+            newcomer.flush()
             return
         by_conn = {p.conn: p for p in self.peers if not p.closed}
-        choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS)
+        stalled = {c for c, p in by_conn.items() if p.stalled(now)}
+        choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS, stalled)
         for conn in choke:
             conn.send_choke(True)
             by_conn[conn].flush()
@@ -1046,6 +1104,7 @@ class Swarm:
                 if late:
                     self._fill(p)
                 p.flush()
+                p.stalled(now)  # (a look a second: its marks stay fresh)
             if now - last_choke >= CHOKE_INTERVAL:
                 last_choke = now
                 self._choke_round()

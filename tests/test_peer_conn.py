@@ -1076,3 +1076,28 @@ def test_left_counts_the_pieces_missing_whatever_is_gained_and_lost(
             pk.piece_lost(p)
         assert pk.left() == pk.have.count(0)
         assert pk.complete == all(pk.have)
+
+
+def test_a_connection_to_ourselves_is_dropped() -> None:
+    """A handshake with our own peer id is our own dial come back (a tracker hands out
+    our address): dropped, as libtorrent does."""
+    c = PeerConnection((IH,), A_ID, list(SIZES), v2=False)
+    with pytest.raises(wire.WireError):
+        c.receive(wire.handshake(IH, A_ID, wire.make_reserved(fast=True)))
+
+
+def test_stalled_peers_give_their_unchoke_slots_to_those_waiting() -> None:
+    """Unchoked peers that take nothing we send (``stalled``) are choked while others
+    wait, all of them in one round, and the waiting peers that did not stall go first."""
+    conns = [incoming() for _ in range(8)]
+    for c in conns:
+        c.receive(wire.interested())
+    for c in conns[:4]:
+        c.send_choke(False)
+    stuck = {conns[0], conns[2], conns[5]}  # two unchoked, one waiting
+    choke, unchoke = choke_round(conns, 4, stuck)
+    assert set(choke) == {conns[0], conns[2]}
+    assert len(unchoke) == 2 and conns[5] not in unchoke
+    assert set(unchoke) <= {conns[4], conns[6], conns[7]}
+    # nobody waiting: a stalled peer keeps its slot (there is no one to give it to)
+    assert choke_round(conns[:4], 4, stuck) == ([], [])

@@ -564,3 +564,159 @@ def test_an_unchoke_slot_freed_by_a_leecher_that_leaves_is_given_at_once(
             p.close()
         seeding.stop()
         assert d.stop() == 0, d.stderr()
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
+
+
+def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path: Path) -> None:
+    """A peer sends 20,000 hash requests of 53 bytes, each answered by 64 KiB of hashes,
+    and reads nothing, then hangs up. pieced-peer answered every request of what it had
+    received before it waited for the peer to read: 1 MB of requests made 1.25 GiB of
+    answers (7.5 GiB, with bigger files, when the peer went away). It now waits for the
+    peer to read past a few MiB unsent, and stops answering once the peer is gone."""
+    piece = 16384
+    files = {"a.bin": 2048 * piece, "b.bin": 3 * piece}
+    content, raw, meta, torrent, roots = _hybrid(tmp_path, files, piece, seed=41)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        p = RawPeer(seeding.port)
+        p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes(12),
+                              wire.make_reserved(extended=True, fast=True, v2=True))
+               + wire.have_none())
+        ask = wire.hash_request(roots[0], 0, 0, 2048, 0)
+        p.send(ask * 20_000)  # (the kernel's buffers take it all)
+        time.sleep(3)
+        assert _rss(seeding.proc.pid)[0] < 200 << 20
+        p.close()
+        time.sleep(3)
+        assert seeding.proc.poll() is None
+        assert _rss(seeding.proc.pid)[1] < 300 << 20
+        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_what_a_peer_has_is_said_once(tmp_path: Path) -> None:
+    """BITFIELD, HAVE_ALL or HAVE_NONE come once, before any HAVE (BEP 3, BEP 6). Each
+    one costs work in proportion to the pieces: a stream of HAVE_ALL (1 MB of them)
+    held the event loop for over a minute, every other peer waiting. A second one, or
+    one after a HAVE, closes the connection."""
+    piece = 16384
+    files = {"a.bin": 4000 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=42)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    hello = wire.handshake(meta.info_hash, b"-XX0001-" + bytes(12),
+                           wire.make_reserved(extended=False, fast=True))
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        for second in (wire.have_all() * 200_000, wire.have_none(),
+                       wire.bitfield(bytes((meta.num_pieces + 7) // 8))):
+            p = RawPeer(seeding.port)
+            p.send(hello + wire.have_all())
+            with contextlib.suppress(OSError):
+                p.send(second)
+            got, closed = p.events(5.0)
+            assert closed
+            p.close()
+        p = RawPeer(seeding.port)
+        p.send(hello + wire.have(3) + wire.have_all())
+        got, closed = p.events(5.0)
+        assert closed
+        p.close()
+        p = RawPeer(seeding.port)  # the rules kept: served
+        p.send(hello + wire.have_none() + wire.have(3) + wire.interested())
+        got, closed = p.events(2.0)
+        assert not closed and any(isinstance(e, wire.Unchoke) for e in got)
+        p.close()
+        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path: Path) -> None:
+    """Every connection slot (``--max-peers 2``) held by peers that handshook, want
+    nothing and send keep-alives: a newcomer was turned away for as long as they
+    stayed. One of them now gives its place to the newcomer (as libtorrent drops a peer
+    to make room), and a libtorrent leecher gets every byte."""
+    piece = 32768
+    files = {"a.bin": 12 * piece + 5}
+    content = make_payload(tmp_path / "seed", files, seed=43)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--max-peers", "2")
+    try:
+        squatters = [RawPeer(seeding.port) for _ in range(2)]
+        for i, p in enumerate(squatters):
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                  wire.make_reserved(extended=False, fast=True))
+                   + wire.have_all())
+        deadline = time.monotonic() + 13  # past IDLE_SECONDS, with keep-alives all along
+        while time.monotonic() < deadline:
+            for p in squatters:
+                p.send(wire.keep_alive())
+            time.sleep(1.0)
+        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        closed = 0
+        for p in squatters:
+            _, gone = p.events(0.5)
+            closed += gone
+            p.close()
+        assert closed == 1  # one place was needed
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> None:
+    """Ten peers interested, asking for blocks and never reading what is sent: they
+    held the four unchoke slots, turning one slot every 10 s, so a leecher waited its
+    turn behind them (110 s behind 40 of them). A peer that has taken nothing sent for
+    a few seconds gives its slot to the next who asks, and the leecher is served at
+    once."""
+    piece = 65536
+    files = {"a.bin": 64 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=44)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        hogs = []
+        asks = b"".join(wire.request(p, b, 16384) for p in range(meta.num_pieces)
+                        for b in range(0, piece, 16384))[: 13 * 490]  # under the queue bound
+        for i in range(10):
+            p = RawPeer(seeding.port)
+            p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                  wire.make_reserved(extended=False, fast=True))
+                   + wire.have_none() + wire.interested() + asks)
+            hogs.append(p)
+        time.sleep(8)  # (past STALL_SECONDS)
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(45)  # behind ten hogs, one slot every 10 s: over 60 s
+            assert leecher.hash_failures() == 0
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        for p in hogs:
+            p.close()
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
