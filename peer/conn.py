@@ -23,6 +23,8 @@ KEEPALIVE_SECONDS = 60.0
 DEFAULT_REQQ = 250  # what libtorrent assumes of a peer that names no ``reqq``
 MAX_PEER_QUEUE = 500  # requests a peer may have waiting on us; more is abuse
 OUR_REQQ = MAX_PEER_QUEUE
+UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
+METADATA_PIECE = 16384  # the torrent's metadata is handed out in pieces of this size
 
 
 class PeerConnection:
@@ -38,9 +40,14 @@ class PeerConnection:
         v2: bool,
         outgoing_hash: bytes | None = None,
         views: bool = False,
+        metadata: bytes | None = None,
     ) -> None:
         """``views``: blocks are handed out as views of the buffer given to
-        :meth:`receive`, valid until the caller reuses it (see ``wire.Parser``)."""
+        :meth:`receive`, valid until the caller reuses it (see ``wire.Parser``).
+        ``metadata``: the torrent's info dictionary, handed out to peers that ask for it
+        (BEP 9: a leecher that has only the info hash, from a magnet link)."""
+        self.metadata = metadata
+        self.remote_ut_metadata = 0  # its id of ut_metadata (0: it has none)
         self.info_hashes = info_hashes
         self.peer_id = peer_id
         self.piece_sizes = piece_sizes
@@ -124,8 +131,11 @@ class PeerConnection:
             self.fast = wire.supports_fast(ev.reserved)
             self.extended = wire.supports_extended(ev.reserved)
             if self.extended:
-                self._send(wire.extended(0, bencodepy.encode(
-                    {b"m": {}, b"reqq": OUR_REQQ, b"v": b"pieced-peer"})))
+                hello: dict[bytes, object] = {b"m": {}, b"reqq": OUR_REQQ, b"v": b"pieced-peer"}
+                if self.metadata is not None:
+                    hello[b"m"] = {b"ut_metadata": UT_METADATA}
+                    hello[b"metadata_size"] = len(self.metadata)
+                self._send(wire.extended(0, bencodepy.encode(hello)))
             return True
         if not self.handshaken:
             raise WireError("message before the handshake")
@@ -189,14 +199,42 @@ class PeerConnection:
             if ev.ext_id == 0:
                 try:
                     msg = bencodepy.decode(ev.payload)
-                    reqq = msg.get(b"reqq") if isinstance(msg, dict) else None
-                    if isinstance(reqq, int) and reqq > 0:
-                        self.reqq = min(reqq, 2000)
                 except Exception:
                     raise WireError("extension handshake is not bencode") from None
+                if isinstance(msg, dict):
+                    reqq = msg.get(b"reqq")
+                    if isinstance(reqq, int) and reqq > 0:
+                        self.reqq = min(reqq, 2000)
+                    m = msg.get(b"m")
+                    ut = m.get(b"ut_metadata") if isinstance(m, dict) else None
+                    if isinstance(ut, int):
+                        self.remote_ut_metadata = ut if 0 < ut < 256 else 0
+            elif ev.ext_id == UT_METADATA and self.metadata is not None:
+                self._metadata_asked(ev.payload)
         elif isinstance(ev, wire.SuggestPiece) and not 0 <= ev.piece < self.num_pieces:
             return False
         return True
+
+    def _metadata_asked(self, payload: bytes) -> None:
+        """A ut_metadata message: a request is answered with its piece of the metadata,
+        or rejected past the end; what else comes (data, rejects: we ask for none) is
+        left alone."""
+        try:
+            msg = bencodepy.decode(payload)
+        except Exception:  # (a data message has bytes after its dictionary)
+            return
+        if not isinstance(msg, dict) or msg.get(b"msg_type") != 0 or not self.remote_ut_metadata:
+            return
+        piece = msg.get(b"piece")
+        assert self.metadata is not None
+        size = len(self.metadata)
+        if isinstance(piece, int) and piece >= 0 and piece * METADATA_PIECE < size:
+            head = bencodepy.encode({b"msg_type": 1, b"piece": piece, b"total_size": size})
+            chunk = self.metadata[piece * METADATA_PIECE : (piece + 1) * METADATA_PIECE]
+            self._send(wire.extended(self.remote_ut_metadata, head + chunk))
+        else:
+            reject = {b"msg_type": 2, b"piece": piece if isinstance(piece, int) else 0}
+            self._send(wire.extended(self.remote_ut_metadata, bencodepy.encode(reject)))
 
     def _request(self, ev: wire.Request) -> bool:
         """Queue a peer's request; False (with a reject under the fast extension) when it

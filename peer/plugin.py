@@ -88,6 +88,19 @@ class NoSources(Exception):
     """Nothing to download from or seed to: no peer, no listening socket, no tracker."""
 
 
+class CannotListen(Exception):
+    """``--listen``'s address cannot be bound (in use, or not this host's)."""
+
+
+# Messages whose answer may be much larger than they are (hashes, the metadata): what
+# they make us send is bounded by how fast the peer reads (``Swarm._sent``).
+_ANSWERED = (wire.HashRequest, wire.Extended)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ElsewhereAlready(Exception):
     """The torrent is registered with another save path than the one given: nothing is
     downloaded or seeded from a folder the user did not name."""
@@ -381,7 +394,9 @@ class Swarm:
         self.opts = opts
         self.raw = raw
         self.meta = meta
-        self.peer_id = b"-PD0001-" + os.urandom(6).hex().encode()
+        self.peer_id = b"-PZ0001-" + os.urandom(6).hex().encode()
+        span = meta.info_span
+        self.metadata = bytes(raw[span[0] : span[1]])  # handed to peers that ask (BEP 9)
         self.piece_sizes = [meta.piece_size(p) for p in range(meta.num_pieces)]
         self.client = AsyncClient(opts.socket, on_event=self._on_event, window=512)
         self.ih = meta.info_hash
@@ -444,11 +459,15 @@ class Swarm:
         self.order = InOrder(self.picker.plan)
         if self.opts.listen is not None:
             host, port = self.opts.listen
-            self.server = await asyncio.get_running_loop().create_server(
-                lambda: Inbox(on_connect=self._accepted), host, port)
+            try:
+                self.server = await asyncio.get_running_loop().create_server(
+                    lambda: Inbox(on_connect=self._accepted), host, port)
+            except OSError as exc:
+                raise CannotListen(f"cannot listen on {_address(host, port)}: "
+                                   f"{exc.strerror or exc}") from None
             self.listen_port = self.server.sockets[0].getsockname()[1]
-            print(f"pieced-peer: listening on {host}:{self.listen_port}", file=sys.stderr,
-                  flush=True)
+            print(f"pieced-peer: listening on {_address(host, self.listen_port)}",
+                  file=sys.stderr, flush=True)
         urls = self.meta_trackers()
         if (not self.opts.peers and self.opts.listen is None and not urls
                 and (self.opts.seed or not self.picker.complete)):
@@ -562,7 +581,8 @@ class Swarm:
         else:
             self.connecting.discard((host, port))  # a peer now: counted in self.peers
             conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                                  v2=self.meta.has_v2, outgoing_hash=self.ih, views=True)
+                                  v2=self.meta.has_v2, outgoing_hash=self.ih, views=True,
+                                  metadata=self.metadata)
             assert isinstance(transport, asyncio.Transport)
             peer = Peer(conn, transport, inbox, f"{host}:{port}")
             peer.bad, peer.banned = dial.bad, dial.banned  # what it did before counts
@@ -572,19 +592,25 @@ class Swarm:
             dial.busy = False
             if peer is not None and not peer.conn.handshaken and not dial.warned:
                 dial.warned = True  # once an address: it is dialled again and again
-                log.warning("%s:%d closed the connection before its handshake (a peer that "
-                            "requires encryption does so: pieced-peer speaks plain "
-                            "BitTorrent only)", host, port)
+                log.warning("%s closed the connection before its handshake (it may not "
+                            "have the torrent, or be paused, or require encryption: "
+                            "pieced-peer speaks plain BitTorrent only)", _address(host, port))
             if peer is not None:
                 dial.bad = peer.bad
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
-            if not self.done.is_set() and not dial.dropped:
+            if self._dialling() and not dial.dropped:
                 wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
                 dial.due = time.monotonic() + min(RETRY_MAX, wait)
 
+    def _dialling(self) -> bool:
+        """Whether the addresses we know are dialled again: while pieces are missing,
+        and all along when seeding (a leecher named with ``--peer`` may start after us,
+        or leave and come back)."""
+        return self.opts.seed or not self.done.is_set()
+
     def _redial(self, now: float) -> None:
-        """Dial again the addresses whose wait is over, while pieces are missing."""
-        if self.done.is_set():
+        """Dial again the addresses whose wait is over."""
+        if not self._dialling():
             return
         due = sorted((dial.due, addr) for addr, dial in self.known.items()
                      if dial.due and dial.due <= now)
@@ -606,7 +632,7 @@ class Swarm:
             log.info("%s: dropped for a newcomer (nothing to exchange)", idle.addr)
             self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                              v2=self.meta.has_v2, views=True)
+                              v2=self.meta.has_v2, views=True, metadata=self.metadata)
         await self._serve_peer(Peer(conn, transport, inbox, f"{addr[0]}:{addr[1]}"))
 
     async def _serve_peer(self, peer: Peer) -> None:
@@ -630,7 +656,7 @@ class Swarm:
                             asked = True  # its reads start once, after the lot
                         else:
                             await self._handle(peer, ev)
-                            if type(ev) is wire.HashRequest and not await self._sent(peer):
+                            if type(ev) in _ANSWERED and not await self._sent(peer):
                                 break
                 finally:
                     inbox.consumed()
@@ -1255,7 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
                        args.seed, args.socket, args.max_peers)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
-    except (PiecedError, NoSources, ElsewhereAlready, StorageFailed) as exc:
+    except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, CannotListen) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:

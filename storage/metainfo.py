@@ -62,6 +62,7 @@ class Metainfo:
         piece_layers: dict[bytes, bytes],
         _v2_first_piece: tuple[int, ...] = (),
         _v2_file_index: tuple[int, ...] = (),
+        info_span: tuple[int, int] = (0, 0),
     ) -> None:
         self.name = name
         self.piece_length = piece_length
@@ -75,6 +76,9 @@ class Metainfo:
         # Per v2 file with data, in file order: its first piece and its index in files.
         self._v2_first_piece = _v2_first_piece
         self._v2_file_index = _v2_file_index
+        # Where the info dictionary lies in the metainfo's bytes: the info hashes are
+        # over them, and they are the torrent's metadata a peer hands out (BEP 9).
+        self.info_span = info_span
 
     def __repr__(self) -> str:
         return f"Metainfo(name={self.name!r}, pieces={self.num_pieces}, files={len(self.files)})"
@@ -283,6 +287,7 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
         piece_layers=layers,
         _v2_first_piece=tuple(first_piece),
         _v2_file_index=tuple(file_of),
+        info_span=span,
     )
     return meta
 

@@ -158,6 +158,8 @@ class LtPeer:
     has checked it and is seeding (``RuntimeError`` if it finds an error, ``TimeoutError``
     after ``timeout`` seconds). ``seed=False``: ``save_path`` is created if need be and
     should be empty. ``port`` 0 picks a free port; ``LtPeer.port`` is the real one.
+    ``magnet``: the torrent is added by its info hashes alone (a magnet link), its
+    metadata to come from peers (BEP 9).
     ``log_peer`` turns on every alert category and keeps the ``peer_log_alert`` lines.
     ``settings`` override entries of ``lt_peer_settings()``.
     """
@@ -172,6 +174,7 @@ class LtPeer:
         log_peer: bool = False,
         settings: dict[str, Any] | None = None,
         timeout: float = 60.0,
+        magnet: bool = False,
     ) -> None:
         self.torrent = torrent
         self.save_path = Path(save_path)
@@ -206,7 +209,10 @@ class LtPeer:
             self.port: int = self._wait_listening(timeout)
             self.save_path.mkdir(parents=True, exist_ok=True)
             atp = lt.add_torrent_params()
-            atp.ti = self.ti
+            if magnet:  # the info hashes alone, as from a magnet link: the rest from peers
+                atp.info_hashes = self.ti.info_hashes()
+            else:
+                atp.ti = self.ti
             atp.save_path = str(self.save_path)
             # Not auto-managed (never queued), not paused, no trackers or web seeds from
             # the .torrent, no peer sources but the ones given by hand.
@@ -220,7 +226,8 @@ class LtPeer:
             atp.trackers = []
             atp.url_seeds = []
             self.handle = self._ses.add_torrent(atp)
-            self._wait_checked(timeout)
+            if not magnet:  # (without the metadata there is nothing to check)
+                self._wait_checked(timeout)
         except BaseException:
             self.close()
             raise

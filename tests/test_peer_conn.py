@@ -1101,3 +1101,37 @@ def test_stalled_peers_give_their_unchoke_slots_to_those_waiting() -> None:
     assert set(unchoke) <= {conns[4], conns[6], conns[7]}
     # nobody waiting: a stalled peer keeps its slot (there is no one to give it to)
     assert choke_round(conns[:4], 4, stuck) == ([], [])
+
+
+def test_the_metadata_is_handed_out_in_pieces() -> None:
+    """BEP 9: the extension handshake offers ut_metadata with the metadata's size; a
+    request is answered with that piece of it (16 KiB, the last one shorter), one past
+    the end is rejected, and nothing is sent to a peer that did not offer ut_metadata."""
+    from pieced.peer.conn import METADATA_PIECE, UT_METADATA
+
+    info = bytes(range(256)) * 150  # 38,400 bytes: three pieces
+    c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, metadata=info)
+    c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True)))
+    hello = [e for e in wire.Parser(handshake=True).feed(b"".join(c.take_outbox()))
+             if isinstance(e, wire.Extended)]
+    offer = bencodepy.decode(hello[0].payload)
+    assert offer[b"m"][b"ut_metadata"] == UT_METADATA and offer[b"metadata_size"] == len(info)
+
+    def ask(piece: int) -> list[wire.Event]:
+        c.receive(wire.extended(UT_METADATA, bencodepy.encode({b"msg_type": 0, b"piece": piece})))
+        p = wire.Parser(handshake=False)
+        return list(p.feed(b"".join(c.take_outbox())))
+
+    assert ask(0) == []  # it offered no ut_metadata of its own: no id to answer with
+    c.receive(wire.extended(0, bencodepy.encode({b"m": {b"ut_metadata": 7}})))
+    got = b""
+    for piece in range(3):
+        (ev,) = ask(piece)
+        assert isinstance(ev, wire.Extended) and ev.ext_id == 7
+        head = bencodepy.encode({b"msg_type": 1, b"piece": piece, b"total_size": len(info)})
+        assert ev.payload.startswith(head)
+        got += ev.payload[len(head):]
+    assert got == info and len(ev.payload) - len(head) == len(info) - 2 * METADATA_PIECE
+    (ev,) = ask(3)
+    assert isinstance(ev, wire.Extended)
+    assert bencodepy.decode(ev.payload) == {b"msg_type": 2, b"piece": 3}

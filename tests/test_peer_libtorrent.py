@@ -516,6 +516,85 @@ def test_a_leecher_without_piece_layers_gets_them_from_us(tmp_path: Path, kind: 
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_a_leecher_from_a_magnet_link_gets_the_metadata_from_us(tmp_path: Path,
+                                                               kind: str) -> None:
+    """libtorrent given only the info hash (a magnet link), pieced-peer --seed its only
+    peer: it asks for the metadata (BEP 9's ut_metadata), gets the info dictionary from
+    us in 16 KiB pieces (the metadata of 2,000 pieces is over 40 KiB for v1), then the
+    data (and, v2, the piece layers by hash requests). It used to wait for the metadata
+    for ever."""
+    piece = 16384
+    files = {"a.bin": 2000 * piece + 5, "b.bin": 3 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=14)
+    raw = make_torrent_lt(content, piece, kind)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        with LtPeer(raw, tmp_path / "leech", seed=False, magnet=True) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        seeding.stop()
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_seeder_dials_its_peers_until_they_answer(tmp_path: Path) -> None:
+    """pieced-peer --seed --peer ADDR, started before the leecher at ADDR listens (and
+    after it has left, for it to come back): ADDR is dialled again, with the backoff of
+    a download. It was dialled once, and the seeder served no one."""
+    import socket
+
+    piece = 32768
+    files = {"a.bin": 40 * piece + 3}
+    content = make_payload(tmp_path / "seed", files, seed=15)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d, "--peer", f"127.0.0.1:{port}")
+        time.sleep(2)  # refused: nobody listens there yet
+        with LtPeer(raw, tmp_path / "leech", seed=False, port=port) as leecher:
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        summary = seeding.stop()
+        assert summary["peers"] >= 1 and summary["bytes_up"] >= sum(files.values())
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_an_address_that_cannot_be_listened_on_is_said_so(tmp_path: Path) -> None:
+    """``--listen`` on a port in use: exit 2 saying it cannot listen there (it blamed
+    the daemon)."""
+    import socket
+
+    files = {"a.bin": 50_000}
+    content = make_payload(tmp_path / "seed", files, seed=16)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(make_torrent_lt(content, 16384, "v1"))
+    d = Daemon(tmp_path)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as busy:
+            port = busy.getsockname()[1]
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "seed", d.socket, "--seed",
+                                        "--listen", f"127.0.0.1:{port}"),
+                               capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+        assert "daemon" not in r.stderr, r.stderr
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path) -> None:
     """Its storage gone, a seeding pieced-peer says so and exits 2 (not serve on)."""
     files = {"a.bin": 100_000}

@@ -54,7 +54,7 @@ def test_garbage_raises_only_tracker_error(body: bytes) -> None:
 
 def test_announce_url_escapes_binary_hashes() -> None:
     ih = bytes(range(20))
-    url = announce_url("http://t.example/announce?key=1", ih, b"-PD0001-abcdefabcdef", 6881,
+    url = announce_url("http://t.example/announce?key=1", ih, b"-PZ0001-abcdefabcdef", 6881,
                        "started", {"uploaded": 1, "downloaded": 2, "left": 3})
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert urllib.parse.unquote_to_bytes(url.split("info_hash=")[1].split("&")[0]) == ih
