@@ -106,7 +106,19 @@ class ElsewhereAlready(Exception):
     downloaded or seeded from a folder the user did not name."""
 
 
-class StorageFailed(Exception):
+class Stopped(Exception):
+    """A run that ended on an error once under way: ``summary`` says what it did."""
+
+    def __init__(self, message: str, summary: Summary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class DaemonLost(Stopped, ConnectionError):
+    """The connection to the daemon broke."""
+
+
+class StorageFailed(Stopped):
     """The daemon could not store or read the torrent (a full disk, a read-only or
     vanished file, EIO): like libtorrent, which pauses a torrent on a file error, the
     plugin stops, and says why, instead of waiting for pieces that cannot be stored."""
@@ -1244,9 +1256,9 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     if swarm.picker is not None:  # (started)
         swarm.summary.blocks_reordered = swarm.order.reordered
     if swarm.lost is not None:
-        raise ConnectionError(f"lost the daemon: {swarm.lost}")
+        raise DaemonLost(f"lost the daemon: {swarm.lost}", swarm.summary)
     if swarm.storage_error is not None:
-        raise StorageFailed(swarm.storage_error)
+        raise StorageFailed(swarm.storage_error, swarm.summary)
     return swarm.summary
 
 
@@ -1267,6 +1279,12 @@ async def _progress(swarm: Swarm) -> None:
         await asyncio.sleep(0.5)
 
 
+def _said(args: argparse.Namespace, exc: BaseException) -> None:
+    """With ``--json``, the summary of a run that ended on an error once under way."""
+    if args.json and isinstance(exc, Stopped):
+        print(json.dumps(exc.summary.as_dict()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("PIECED_PEER_LOG", "WARNING").upper(),
@@ -1283,9 +1301,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, CannotListen) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)
+        _said(args, exc)
         return 2
     except (OSError, ConnectionError) as exc:
         print(f"pieced-peer: the daemon at {args.socket}: {exc}", file=sys.stderr)
+        _said(args, exc)
         return 2
     if args.json:
         print(json.dumps(summary.as_dict()))

@@ -596,7 +596,8 @@ def test_an_address_that_cannot_be_listened_on_is_said_so(tmp_path: Path) -> Non
 
 
 def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path) -> None:
-    """Its storage gone, a seeding pieced-peer says so and exits 2 (not serve on)."""
+    """Its storage gone, a seeding pieced-peer says so and exits 2 (not serve on), its
+    ``--json`` summary printed all the same."""
     files = {"a.bin": 100_000}
     content = make_payload(tmp_path / "seed", files, seed=13)
     torrent = tmp_path / "t.torrent"
@@ -604,8 +605,9 @@ def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path) -> None:
     d = Daemon(tmp_path)
     seeding = Seeding(torrent, tmp_path / "seed", d)
     assert d.stop() == 0
-    _, err = seeding.proc.communicate(timeout=30)
+    out, err = seeding.proc.communicate(timeout=30)
     assert seeding.proc.returncode == 2 and "lost the daemon" in err, err
+    assert json.loads(out)["complete"] is True
 
 
 def _free_port() -> int:
