@@ -78,6 +78,7 @@ class PeerConnection:
         self.last_sent = self.last_received
         self.last_block = 0.0  # when the last block we asked for came (monotonic)
         self.unchoked_at = 0.0  # when we last unchoked it
+        self.stalls = 0  # times it lost its unchoke slot for reading nothing we sent
         if outgoing_hash is not None:
             self._send(wire.handshake(outgoing_hash, peer_id, self.reserved))
 
@@ -351,23 +352,26 @@ class PeerConnection:
 
 
 def choke_round(conns: Iterable[PeerConnection], slots: int,
-                stalled: Container[PeerConnection] = ()) -> tuple[list[PeerConnection], list[PeerConnection]]:
+                stalled: Container[PeerConnection] = (), rotate: bool = True,
+                ) -> tuple[list[PeerConnection], list[PeerConnection]]:
     """This round's changes of who we choke, as (to choke, to unchoke): peers that lost
     interest are choked; while interested peers wait, the ``stalled`` ones (they take
-    nothing we send) give their slots up, or else the one unchoked longest gives its
-    slot to the one that waited longest; free slots go to the longest waiting, those
-    that stalled last."""
+    nothing we send) give their slots up, or else (if ``rotate``) the one unchoked
+    longest gives its slot to the one that waited longest; free slots go to the longest
+    waiting, those that stalled before last."""
     conns = list(conns)
     interested = [c for c in conns if c.peer_interested]
     choke = [c for c in conns if not c.peer_interested and not c.am_choking]
     unchoked = sorted((c for c in interested if not c.am_choking), key=lambda c: c.unchoked_at)
     waiting = sorted((c for c in interested if c.am_choking),
-                     key=lambda c: (c in stalled, c.unchoked_at))
+                     key=lambda c: (c in stalled, c.stalls, c.unchoked_at))
     if waiting:
         stuck = [c for c in unchoked if c in stalled][: len(waiting)]
         if stuck:
+            for c in stuck:
+                c.stalls += 1
             choke += stuck
             unchoked = [c for c in unchoked if c not in stuck]
-        elif len(unchoked) >= slots:
+        elif rotate and len(unchoked) >= slots:
             choke.append(unchoked.pop(0))
     return choke, waiting[: max(0, slots - len(unchoked))]

@@ -352,6 +352,7 @@ class Peer:
         self.closed = False
         self.opened = time.monotonic()
         self.queued = 0  # bytes handed to its socket or transport
+        self.served_at = 0.0  # when we last sent it a block (monotonic)
         self._sent_mark = 0  # bytes gone out at the last look, and when they last moved
         self._moved_at = self.opened
 
@@ -364,6 +365,14 @@ class Peer:
             self._sent_mark, self._moved_at = sent, now
             return False
         return now - self._moved_at >= STALL_SECONDS
+
+    def wastes_slot(self, now: float) -> bool:
+        """Unchoked for STALL_SECONDS or more, and it takes nothing we send, or has been
+        sent nothing for that long (it asks for nothing): its unchoke slot is wasted."""
+        stalled = self.stalled(now)  # (a look, whatever the answer: its marks stay fresh)
+        conn = self.conn
+        return (not conn.am_choking and now - conn.unchoked_at >= STALL_SECONDS
+                and (stalled or now - self.served_at >= STALL_SECONDS))
 
     def flush(self) -> None:
         """Send the messages of this turn: straight to the socket with one gathering
@@ -686,13 +695,14 @@ class Swarm:
 
     def _idlest(self) -> Peer | None:
         """A peer whose place a newcomer may take: one that has not read what we sent
-        for STALL_SECONDS, or one interested in nothing either way for IDLE_SECONDS
-        (connections that hold a place and do nothing must not shut everyone else out);
-        the one connected longest."""
+        for STALL_SECONDS, one that wasted an unchoke slot and waits for another, or one
+        interested in nothing either way for IDLE_SECONDS (connections that hold a place
+        and do nothing must not shut everyone else out); the one connected longest."""
         now = time.monotonic()
         idle = [p for p in self.peers if not p.closed and (
-            p.stalled(now) or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
-                                     and not p.conn.peer_interested))]
+            p.stalled(now) or (p.conn.stalls and p.conn.am_choking)
+            or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
+                and not p.conn.peer_interested))]
         return min(idle, key=lambda p: p.opened, default=None)
 
     async def _sent(self, peer: Peer) -> bool:
@@ -900,6 +910,7 @@ class Swarm:
                     off = blk[1] - begin
                     conn.send_piece(blk, data[off : off + blk[2]])
                     self.summary.bytes_up += blk[2]
+                    peer.served_at = time.monotonic()
                 if begin == 0:  # the piece is in the daemon's cache now: offer it around
                     self._offer(piece, but=peer)
                 # The kernel or the transport has its own copy once this returns; a closed
@@ -945,10 +956,11 @@ class Swarm:
                 self.summary.suggests_sent += 1
                 p.flush()
 
-    def _choke_round(self, newcomer: Peer | None = None) -> None:
+    def _choke_round(self, newcomer: Peer | None = None, rotate: bool = True) -> None:
         """Unchoke up to UNCHOKE_SLOTS interested peers; the rest take turns (called
-        every CHOKE_INTERVAL: see ``choke_round``). A ``newcomer`` that became
-        interested is unchoked at once if a slot is free."""
+        every CHOKE_INTERVAL: see ``choke_round``; between rounds, every second, with
+        ``rotate`` off). A ``newcomer`` that became interested is unchoked at once if a
+        slot is free, or held by a peer that reads nothing."""
         now = time.monotonic()
         if newcomer is not None:
             if not newcomer.conn.am_choking:
@@ -956,21 +968,28 @@ class Swarm:
             unchoked = [p for p in self.peers if p.conn.peer_interested
                         and not p.conn.am_choking and not p.closed]
             if len(unchoked) >= UNCHOKE_SLOTS:
-                stuck = next((p for p in unchoked if p.stalled(now)), None)
+                stuck = next((p for p in unchoked if p.wastes_slot(now)), None)
                 if stuck is None:
                     return
-                stuck.conn.send_choke(True)  # its slot: it takes nothing we send
+                log.info("%s takes nothing we send: its unchoke slot goes to %s",
+                         stuck.addr, newcomer.addr)
+                stuck.conn.stalls += 1
+                stuck.conn.send_choke(True)
                 stuck.flush()
             newcomer.conn.send_choke(False)
             newcomer.flush()
             return
         by_conn = {p.conn: p for p in self.peers if not p.closed}
-        stalled = {c for c, p in by_conn.items() if p.stalled(now)}
-        choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS, stalled)
+        stalled = {c for c, p in by_conn.items() if p.wastes_slot(now)}
+        choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS, stalled, rotate)
         for conn in choke:
+            if conn in stalled:
+                log.info("%s takes nothing we send: its unchoke slot goes to another",
+                         by_conn[conn].addr)
             conn.send_choke(True)
             by_conn[conn].flush()
         for conn in unchoke:
+            log.debug("%s unchoked", by_conn[conn].addr)
             conn.send_choke(False)
             by_conn[conn].flush()
 
@@ -1142,13 +1161,14 @@ class Swarm:
                 if late:
                     self._fill(p)
                 p.flush()
-                p.stalled(now)  # (a look a second: its marks stay fresh)
             if now - last_choke >= CHOKE_INTERVAL:
                 last_choke = now
                 self._choke_round()
                 for p in list(self.peers):
                     if p.conn.peer_interested and not p.conn.am_choking:
                         await self._suggest(p)
+            else:  # between rounds, only the slots of peers that read nothing change hands
+                self._choke_round(rotate=False)
 
     async def _announce_loop(self) -> None:
         """Announce on start, on completion (at once) and every interval after."""

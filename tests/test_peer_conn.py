@@ -1099,8 +1099,20 @@ def test_stalled_peers_give_their_unchoke_slots_to_those_waiting() -> None:
     assert set(choke) == {conns[0], conns[2]}
     assert len(unchoke) == 2 and conns[5] not in unchoke
     assert set(unchoke) <= {conns[4], conns[6], conns[7]}
+    assert conns[0].stalls == conns[2].stalls == 1
     # nobody waiting: a stalled peer keeps its slot (there is no one to give it to)
     assert choke_round(conns[:4], 4, stuck) == ([], [])
+    # between rounds (no rotation) only the slots of stalled peers change hands
+    for c in choke:
+        c.send_choke(True)
+    for c in unchoke:
+        c.send_choke(False)
+    assert choke_round(conns, 4, set(), rotate=False) == ([], [])
+    hog = unchoke[0]
+    choke, unchoke = choke_round(conns, 4, {hog}, rotate=False)
+    # a peer that stalled before waits behind those that never did
+    assert choke == [hog] and len(unchoke) == 1
+    assert unchoke[0] not in (conns[0], conns[2])
 
 
 def test_the_metadata_is_handed_out_in_pieces() -> None:

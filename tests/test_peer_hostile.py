@@ -684,11 +684,12 @@ def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path:
 
 
 def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> None:
-    """Ten peers interested, asking for blocks and never reading what is sent: they
-    held the four unchoke slots, turning one slot every 10 s, so a leecher waited its
-    turn behind them (110 s behind 40 of them). A peer that has taken nothing sent for
-    a few seconds gives its slot to the next who asks, and the leecher is served at
-    once."""
+    """Ten peers interested, asking for blocks (at once, while still choked: every
+    request rejected) and never reading: they held the four unchoke slots, turning one
+    slot every 10 s, so a leecher waited its turn behind them (110 s behind 40 of
+    them). A peer unchoked for a few seconds that has taken nothing sent, or been sent
+    nothing, gives its slot to one waiting (those that wasted a slot before wait last),
+    and the leecher is served within seconds."""
     piece = 65536
     files = {"a.bin": 64 * piece}
     content = make_payload(tmp_path / "seed", files, seed=44)
