@@ -134,6 +134,7 @@ class Dial:
     banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
     busy: bool = False  # being dialled, or connected
     warned: bool = False  # told the user it closed before its handshake
+    given: bool = False  # named by the user (--peer): never forgotten
 
     @property
     def dropped(self) -> bool:
@@ -496,6 +497,8 @@ class Swarm:
                             "--listen HOST:PORT (the torrent names no HTTP tracker)")
         for host, port in self.opts.peers:
             self.connect(host, port)
+            if (host, port) in self.known:
+                self.known[host, port].given = True
         if urls:
             self.tracker = Tracker(urls, self.ih, self.peer_id,
                                    self.listen_port or 6881)
@@ -578,7 +581,7 @@ class Swarm:
         addr = (host, port)
         dial = self.known.get(addr)
         if dial is None:
-            if len(self.known) >= MAX_KNOWN:
+            if len(self.known) >= MAX_KNOWN and not self._forget_one():
                 return
             dial = self.known[addr] = Dial()
         if dial.dropped or dial.busy:
@@ -591,6 +594,17 @@ class Swarm:
         dial.busy = True
         self.connecting.add(addr)
         self._spawn(self._outgoing(host, port, dial))
+
+    def _forget_one(self) -> bool:
+        """Make room among the addresses we know: the one that failed most often (not
+        one connected, one given with --peer, or one dropped for bad data, which must
+        not come back), so that peers a tracker names later are dialled too."""
+        worst = max(((d.fails, addr) for addr, d in self.known.items()
+                     if d.fails and not d.busy and not d.given and not d.dropped), default=None)
+        if worst is None:
+            return False
+        del self.known[worst[1]]
+        return True
 
     async def _outgoing(self, host: str, port: int, dial: Dial) -> None:
         peer: Peer | None = None

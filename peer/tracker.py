@@ -43,6 +43,7 @@ def parse_response(body: bytes) -> tuple[Peers, float]:
     interval = msg.get(b"interval", 1800)
     if not isinstance(interval, int) or interval <= 0:
         interval = 1800
+    interval = min(interval, 86400)  # (a float of 400 digits is an OverflowError)
     peers: Peers = []
     raw = msg.get(b"peers", b"")
     if isinstance(raw, bytes):  # compact: 4 bytes of address, 2 of port
@@ -85,6 +86,7 @@ def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: 
     }
     if event:
         query["event"] = event
+    base = base.split("#", 1)[0]  # a fragment is not sent: the query goes before it
     sep = "&" if "?" in base else "?"
     return base + sep + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
 
@@ -119,6 +121,8 @@ class Tracker:
                 return await self._announce(url, event, counters)
             except (aiohttp.ClientError, TrackerError, TimeoutError) as exc:
                 last = exc
+            except Exception as exc:  # whatever else one URL does (a host IDNA refuses...)
+                last = TrackerError(f"{url}: {type(exc).__name__}: {exc}")  # is its own
         raise last
 
     async def announce_all(self, event: str, counters: dict[str, int]) -> None:

@@ -448,6 +448,41 @@ def test_a_tracker_naming_more_peers_than_max_peers(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_peers_a_tracker_names_later_are_dialled_though_the_first_reply_filled_the_list(
+    tmp_path: Path,
+) -> None:
+    """The first announce names 1,000 addresses where nobody listens (the most
+    pieced-peer keeps), the next ones only the seeder: it made no room for the seeder,
+    for good, and downloaded nothing. Addresses that keep failing now give their place."""
+    import bencodepy
+    from pieced.peer.plugin import MAX_KNOWN
+
+    piece = 16384
+    files = {"a.bin": 5 * piece + 7}
+    content = make_payload(tmp_path / "seed", files, seed=9)
+    raw = make_torrent_lt(content, piece, "v1")
+    dead = b"".join(bytes([127, 1, i >> 8, i & 255]) + (9).to_bytes(2, "big")
+                    for i in range(1, MAX_KNOWN + 1))  # (the discard port: nobody there)
+    state: dict[str, int] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        state["n"] = state.get("n", 0) + 1
+        peers = dead if state["n"] == 1 else _compact(state["seeder"])
+        return bencodepy.encode({b"interval": 1, b"peers": peers})
+
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(reply) as (port, _seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                state["seeder"] = seeder.port
+                summary = download(torrent, tmp_path / "dl", d, timeout=120)
+        assert summary["complete"] and state["n"] >= 2
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_tracker_reply_too_large_is_refused(tmp_path: Path) -> None:
     """A tracker that answers with 8 MiB of peers: the announce fails with a message
     (nothing of it is kept), and the download goes on from the peer given with --peer."""

@@ -60,3 +60,49 @@ def test_announce_url_escapes_binary_hashes() -> None:
     assert urllib.parse.unquote_to_bytes(url.split("info_hash=")[1].split("&")[0]) == ih
     assert query["key"] == ["1"] and query["event"] == ["started"] and query["compact"] == ["1"]
     assert query["left"] == ["3"] and query["port"] == ["6881"]
+
+
+def test_an_interval_too_large_for_a_float_is_bounded() -> None:
+    body = b"d8:intervali" + b"9" * 400 + b"e5:peers0:e"
+    assert parse_response(body)[1] == 86400  # (float() of it raised OverflowError)
+
+
+def test_a_fragment_of_the_announce_url_is_left_out() -> None:
+    url = announce_url("http://t.example/announce?k=1#frag", bytes(20), b"-PZ0001-abcdefabcdef",
+                       6881, "", {})
+    parts = urllib.parse.urlsplit(url)
+    assert not parts.fragment and "info_hash" in urllib.parse.parse_qs(parts.query)
+
+
+def test_a_tracker_that_fails_in_any_way_leaves_the_next_one_asked() -> None:
+    """A URL the HTTP client refuses (a host IDNA cannot encode) raised out of the
+    announce: the trackers after it were never asked, at any announce."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    async def main() -> None:
+        async def good(req: web.Request) -> web.Response:
+            return web.Response(body=bencodepy.encode(
+                {b"interval": 60, b"peers": bytes([127, 0, 0, 1, 0x1A, 0xE1])}))
+
+        app = web.Application()
+        app.router.add_get("/good", good)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            for first in ("http://ex..ample/announce", "http://" + "a" * 64 + ".org/announce"):
+                t = Tracker([first, f"http://127.0.0.1:{port}/good"], bytes(20),
+                            b"-PZ0001-abcdefabcdef", 6881)
+                try:
+                    assert await t.announce("started", {}) == ([("127.0.0.1", 6881)], 60.0)
+                finally:
+                    await t.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
