@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
+import struct
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -95,6 +98,20 @@ class CannotListen(Exception):
 # Messages whose answer may be much larger than they are (hashes, the metadata): what
 # they make us send is bounded by how fast the peer reads (``Swarm._sent``).
 _ANSWERED = (wire.HashRequest, wire.Extended)
+
+
+def _kernel_unsent(transport: asyncio.Transport) -> int:
+    """Bytes in the socket's send queue that the peer has not acknowledged (SIOCOUTQ):
+    a slow reader takes some of them every moment, one that reads nothing none."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                     b"\0\0\0\0"))[0]
+        return queued
+    except OSError:
+        return 0
 
 
 def _address(host: str, port: int) -> str:
@@ -358,9 +375,9 @@ class Peer:
         self._moved_at = self.opened
 
     def stalled(self, now: float) -> bool:
-        """Nothing we sent it has gone out since STALL_SECONDS ago (it does not read), by
-        looks at least that far apart: a slow reader takes some between any two."""
-        unsent = self.transport.get_write_buffer_size()
+        """Nothing we sent it has reached it since STALL_SECONDS ago (it does not read),
+        by looks at least that far apart: a slow reader takes some between any two."""
+        unsent = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
         sent = self.queued - unsent
         if sent != self._sent_mark or not unsent:
             self._sent_mark, self._moved_at = sent, now
@@ -760,6 +777,7 @@ class Swarm:
                               if h and not picker.have[i] and i not in peer.banned)
             self._fill(peer)
         elif isinstance(ev, wire.Have):
+            peer.refused.discard(ev.piece)  # (it may have lost it, and got it back)
             picker.peer_has((ev.piece,))
             if not picker.have[ev.piece] and ev.piece not in peer.banned:
                 peer.wanted += 1
@@ -1177,6 +1195,8 @@ class Swarm:
                 p.flush()
             if now - last_choke >= CHOKE_INTERVAL:
                 last_choke = now
+                for p in self.peers:  # what a peer rejected is asked of it again, now
+                    p.refused.clear()  # and then (a reject may have passing causes)
                 self._choke_round()
                 for p in list(self.peers):
                     if p.conn.peer_interested and not p.conn.am_choking:

@@ -338,24 +338,29 @@ class DiskIO:
         except OSError as exc:
             raise StorageIOError.wrap(exc, "save the torrent's location") from None
 
-    def _finish_move(self, saved: Loaded, storage: FileStorage) -> bool:
+    def _finish_move(self, saved: Loaded, storage: FileStorage) -> tuple[bool, set[int]]:
         """Finish a move or rename a crash cut short (the files not yet where the record
-        says are where they were). True if the record is to be written anew."""
+        says are where they were). (Whether the record is to be written anew, the files
+        whose pieces are to be checked again.)"""
         if saved.previous is None:
-            return False
+            return False, set()
         old, renames = saved.previous
         if self.roots is not None and not any(
                 Path(old).resolve().is_relative_to(r) for r in self.roots):
-            return True  # not looked for outside the roots; the record is written anew
+            return True, set()  # not looked for outside the roots; the record is written anew
         try:
-            n = storage.finish_move(Path(old), renames)
+            n, doubtful = storage.finish_move(Path(old), renames)
         except (OSError, PiecedError) as exc:
             self.load_errors.append(f"torrent {saved.ih_hex}: finishing its move: {exc}")
-            return False
+            return False, set()
         if n:
             log.info("torrent %s: %d files moved to %s, where a move was going", saved.ih_hex,
                      n, storage.save_path)
-        return True
+        for i in sorted(doubtful):
+            self.load_errors.append(
+                f"torrent {saved.ih_hex}: {storage.file_path(i)} is in the way of its move "
+                f"from {old} (left as it is, and both kept): its pieces are checked again")
+        return True, doubtful
 
     def _load_state(self) -> None:
         """Re-register every saved torrent with the pieces its record and journal prove."""
@@ -379,12 +384,13 @@ class DiskIO:
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 continue
-            moved = self._finish_move(saved, storage)
+            moved, doubtful = self._finish_move(saved, storage)
             t = Torrent(next(self._ids), meta, storage)
             t.fingerprints[:] = saved.fingerprints
             n = meta.num_pieces
             t.load_have(saved.have)
-            suspect: set[int] = set()
+            suspect: set[int] = {p for i in doubtful for p in t.layout.file_pieces(i)
+                                 if t.state[p] == VERIFIED}
             # (a torrent with nothing verified, a new download, has no file to look at)
             lengths, flags = meta.files.lengths, meta.files.flags
             for i in range(len(lengths) if VERIFIED in t.state else 0):
@@ -1276,20 +1282,17 @@ class DiskIO:
                     rec.write_location(path, renames, previous)
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "save the torrent's location") from None
+        t.storage.stranded = False
         try:
-            move()  # undone by itself if it fails part-way
+            move()  # undone by itself if it fails part-way (``stranded`` if not whole)
         except BaseException:
             # The files are back where they were: recorded so; if some stayed where they
             # were going, with that place to bring them back from (and only then: a file
             # of the torrent's names there would be taken for the torrent's).
             if rec is not None:
-                try:
-                    stranded = t.storage.left_at(path, renames)
-                except (OSError, PiecedError):
-                    stranded = True
                 with contextlib.suppress(OSError), rec.save_lock:
                     rec.write_location(previous[0], previous[1],
-                                       (path, renames) if stranded else None)
+                                       (path, renames) if t.storage.stranded else None)
             raise
         try:
             self._save_location(t)

@@ -23,7 +23,7 @@ from .filetable import UNSTORED
 from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
-from .paths import Beneath, anchor_of
+from .paths import Beneath, anchor_of, part_name
 
 BACKENDS = ("posix", "mmap", "direct", "uring", "disabled")
 _IOV_MAX = 1024
@@ -165,6 +165,7 @@ class FileStorage:
         self.roots = roots  # resolved; a save path lies in one of them (None: anywhere)
         self.allow_hard_links = allow_hard_links
         self.renames: dict[int, tuple[str, ...]] = {}
+        self.stranded = False  # a move or rename failed, and was not undone whole
         self.root = self.beneath(save_path)  # every payload path is resolved beneath it
         self._sized: set[int] = set()
         self._dirty: set[int] = set()  # written since their last sync began
@@ -578,14 +579,13 @@ class FileStorage:
                     if not running:
                         del self._syncing[index]
                 self._synced.notify_all()
-        if any(beside.values()):
-            # A sync of the same file that ran beside ours may have been the one told of a
-            # write-back error that lost our writes too (ours then returned 0): its end is
-            # waited for, and its failure is ours.
-            with self._lock:
-                while any(self._syncing.get(i, set()) & t for i, t in beside.items()):
-                    self._synced.wait()
-                self._check_failures(beside, seen)
+        # A sync of the same file that ran beside ours may have been the one told of a
+        # write-back error that lost our writes too (ours then returned 0): those still
+        # running are waited for, and a failure of any since ours began is ours.
+        with self._lock:
+            while any(self._syncing.get(i, set()) & t for i, t in beside.items()):
+                self._synced.wait()
+            self._check_failures(todo, seen)
         return done
 
     def _write_lost(self, index: int, exc: OSError) -> WriteLost:
@@ -645,20 +645,6 @@ class FileStorage:
         finally:
             new_root.close()
 
-    def left_at(self, path: Path, renames: dict[int, tuple[str, ...]]) -> bool:
-        """Whether a file of the torrent is at ``path`` under ``renames`` though that is
-        not its place now (a move that failed, and could not be undone whole)."""
-        root = self.root if path == self.save_path else self.beneath(path)
-        try:
-            for index in self.stored_files():
-                there = renames.get(index) or self.meta.files.path(index)
-                if not (root is self.root and there == self.parts(index)) and root.exists(there):
-                    return True
-            return False
-        finally:
-            if root is not self.root:
-                root.close()
-
     def move(self, new_path: Path) -> None:
         """Move every existing payload file under ``new_path`` (link, or copy across
         devices), never replacing a file there; undone if any step fails."""
@@ -679,9 +665,12 @@ class FileStorage:
             new_root.sync_made()  # where the files are now: durable before it is recorded
             self.root.sync_made()
         except (OSError, PiecedError) as exc:
+            self.stranded = False
             for parts in reversed(moved):
-                with contextlib.suppress(OSError, PiecedError):
+                try:
                     new_root.move(parts, self.root, parts)
+                except (OSError, PiecedError):
+                    self.stranded = True
             with contextlib.suppress(OSError, PiecedError):
                 self._prune(new_root)  # the folders the move made there, if empty
             new_root.close()
@@ -696,12 +685,15 @@ class FileStorage:
             self._identity.clear()  # a copy across devices is another inode: learnt anew
             self._recreate.clear()
 
-    def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]]) -> int:
+    def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]]
+                    ) -> tuple[int, set[int]]:
         """Bring under the save path, as named now, the files a move or rename cut short
-        by a crash left where they were (``old_path``, named by ``old_renames``); a file
-        already in place is left alone. Returns how many were moved."""
+        by a crash left where they were (``old_path``, named by ``old_renames``).
+        Returns how many it moved, and the files found at both places that are not one
+        file (nothing is deleted of them: their pieces are to be checked again)."""
         old_root = self.beneath(old_path) if old_path != self.save_path else self.root
         moved = 0
+        doubtful: set[int] = set()
         try:
             self.root.root(create=True)  # (recorded as where to go before it was made)
             for index in self.stored_files():
@@ -709,21 +701,23 @@ class FileStorage:
                 was = old_renames.get(index) or self.meta.files.path(index)
                 if old_root is self.root and was == parts:
                     continue
+                for root, p in ((old_root, was), (self.root, parts)):  # half copies left
+                    root.unlink((*p[:-1], part_name(p[-1])))
                 old = old_root.stat(was)
                 if old is None:
                     continue  # moved already (or never made)
                 new = self.root.stat(parts)
                 if new is not None:
-                    if (new.st_dev, new.st_ino) == (old.st_dev, old.st_ino):
-                        # Cut short between the link and the unlink: the old name goes.
+                    # Cut short between the link (or the copy, whole: a half one never
+                    # has the name) and the unlink: the old name goes.
+                    if (new.st_dev, new.st_ino) == (old.st_dev, old.st_ino) or \
+                            _same_bytes(old_root, was, self.root, parts):
                         old_root.changed(was[:-1])
                         old_root.unlink(was)
                         moved += 1
-                        continue
-                    # A copy across file systems cut short (the new place held none of
-                    # the torrent's names when the move began): it is made again.
-                    self.root.changed(parts[:-1])
-                    self.root.unlink(parts)
+                    else:  # not the torrent's to pick from (someone else's in its way)
+                        doubtful.add(index)
+                    continue
                 old_root.move(was, self.root, parts)
                 moved += 1
             self.root.sync_made()
@@ -733,7 +727,7 @@ class FileStorage:
         finally:
             if old_root is not self.root:
                 old_root.close()
-        return moved
+        return moved, doubtful
 
     def rename_target(self, index: int, new_name: str) -> tuple[str, ...] | None:
         """The path a rename of file ``index`` to ``new_name`` gives it, refused (typed
@@ -772,10 +766,41 @@ class FileStorage:
             try:
                 self.root.sync_made()  # the new name durable before it is recorded
             except PiecedError:
-                with contextlib.suppress(OSError, PiecedError):  # undone, as a move is
+                self.stranded = False
+                try:  # undone, as a move is
                     self.root.move(parts, self.root, src)
+                except (OSError, PiecedError):
+                    self.stranded = True
                 raise
         self.renames[index] = parts
+
+
+def _same_bytes(a: Beneath, pa: tuple[str, ...], b: Beneath, pb: tuple[str, ...]) -> bool:
+    """Whether two files hold the same bytes (read through, a MiB at a time)."""
+    try:
+        fa = a.open(pa, os.O_RDONLY)
+    except (OSError, PiecedError):
+        return False
+    try:
+        try:
+            fb = b.open(pb, os.O_RDONLY)
+        except (OSError, PiecedError):
+            return False
+        try:
+            if os.fstat(fa).st_size != os.fstat(fb).st_size:
+                return False
+            pos = 0
+            while True:
+                x, y = os.pread(fa, 1 << 20, pos), os.pread(fb, 1 << 20, pos)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+                pos += len(x)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
 
 
 class DisabledStorage(FileStorage):

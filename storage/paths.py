@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import threading
@@ -283,20 +284,30 @@ def _walk(fd: int, parts: Parts, create: bool, base: Path,
     return fd
 
 
+def part_name(name: str) -> str:
+    """The name a copy across file systems is made under, beside its final name: only a
+    whole copy, synced, ever has the final name (a half copy left by a crash must not be
+    taken for the file)."""
+    return ".pieced-part-" + hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
 def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
+    part = part_name(dst)
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
     try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part, dir_fd=dfd)  # one a crash left
+        fout = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                        0o644, dir_fd=dfd)
         try:
             _copy_bytes(fin, fout, os.fstat(fin).st_size)
             os.fsync(fout)
-        except BaseException:
+            os.link(part, dst, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+        finally:
             os.close(fout)
             with contextlib.suppress(OSError):
-                os.unlink(dst, dir_fd=dfd)
-            raise
-        os.close(fout)
+                os.unlink(part, dir_fd=dfd)
+        os.fsync(dfd)  # the copy's name durable before the original's goes
     finally:
         os.close(fin)
 
@@ -319,7 +330,7 @@ def _copy_bytes(fin: int, fout: int, size: int) -> None:
         else:
             n = os.sendfile(fout, fin, done, size - done)
         if n == 0:
-            break
+            raise OSError(errno.EIO, f"copy ended at byte {done} of {size}")
         done += n
 
 

@@ -292,6 +292,18 @@ elif how == "copying":  # half of the first file copied to the other file system
         os.sendfile(fout, fin, 0, size // 2)
         die()
     paths._copy_bytes = half
+elif how == "undoing":  # the second file finds no room; half-way through copying the
+    calls = [0]         # first one back, the process dies
+    real_copy = paths._copy_bytes
+    def copy(fin, fout, size):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(28, "No space left on device")
+        if calls[0] == 3:
+            os.sendfile(fout, fin, 0, size // 2)
+            die()
+        real_copy(fin, fout, size)
+    paths._copy_bytes = copy
 if {op!r} == "move":
     dio.move_storage(ih, Path({new!r}))
 else:
@@ -314,7 +326,7 @@ def other_fs(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.parametrize("op,how", [
     ("move", "after:7"), ("move", "after:1"), ("move", "recorded"), ("move", "linked"),
-    ("move", "copying"), ("rename", "after:1"), ("rename", "linked")])
+    ("move", "copying"), ("move", "undoing"), ("rename", "after:1"), ("rename", "linked")])
 def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     tmp_path: Path, backend: str, op: str, how: str, request: pytest.FixtureRequest
 ) -> None:
@@ -324,9 +336,10 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     before its folder is made (the restart could not open it, and every piece was
     lost); between the link of a file's new name and the unlink of its old one (the
     file kept two names, and was refused as a hard link); half-way through the copy of
-    a file to another file system (the half copy was taken as moved). A restart finishes
-    the move: every file where it was going and nowhere else, every piece verified, the
-    bytes right."""
+    a file to another file system (the half copy was taken as moved); half-way through
+    copying a file back while undoing a move that failed (the whole copy was deleted
+    for the half one). A restart finishes the move: every file where it was going and
+    nowhere else, every piece verified, the bytes right."""
 
     from tests.realtools import make_payload
 
@@ -336,7 +349,8 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     (tmp_path / "t.torrent").write_bytes(raw)
     src = Source(raw, tmp_path / "src")
     old = tmp_path / "old"
-    new = (request.getfixturevalue("other_fs") if how == "copying" else tmp_path) / "new"
+    other = how in ("copying", "undoing")
+    new = (request.getfixturevalue("other_fs") if other else tmp_path) / "new"
     _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
           backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
           how=how)
@@ -847,6 +861,8 @@ class _WriteBackFails:
         self.held, self.release = threading.Event(), threading.Event()
         self.real = os.fdatasync
         self.calls = 0
+        self.second_after_first = False  # the second call returns after the first failed
+        self.failed = threading.Event()
         monkeypatch.setattr(os, "fdatasync", self)
 
     def __call__(self, fd: int) -> None:
@@ -856,22 +872,30 @@ class _WriteBackFails:
                 if self.hold:
                     self.held.set()
                     self.release.wait(30)
+                self.failed.set()
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
+            if self.calls == 2 and self.second_after_first:
+                self.failed.wait(30)
+                time.sleep(0.2)  # the failed sync is over and gone
         self.real(fd)
 
 
 def _lost_write_setup(
-    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch,
+    slow_errors: bool = False,
 ) -> tuple[DiskIO, bytes, Source, dict[int, list[tuple[int, int]]], list[tuple[int, bool]],
            _WriteBackFails]:
-    """Pieces 0-2 in a.bin, piece 3 in a.bin (three blocks) and b.bin (its last)."""
+    """Pieces 0-2 in a.bin, piece 3 in a.bin (three blocks) and b.bin (its last).
+    ``slow_errors``: the error's report (``on_error``) takes a while, as a busy daemon's
+    may: the pieces it takes back are taken back late."""
     pl = 65536
     content = make_payload(tmp_path / "src", {"a.bin": 3 * pl + 3 * 16384, "b.bin": 200_000},
                            seed=5)
     raw = make_torrent_lt(content, pl, "v1")
     src = Source(raw, content.parent)
     told: list[tuple[int, bool]] = []
-    dio = DiskIO(backend, sync_window=window, on_piece=lambda r: told.append((r.piece, r.ok)))
+    dio = DiskIO(backend, sync_window=window, on_piece=lambda r: told.append((r.piece, r.ok)),
+                 on_error=(lambda *_: time.sleep(0.6)) if slow_errors else None)
     ih = dio.register(raw, tmp_path / "dl")
     blocks = {p: [(b, n) for q, b, n in src.blocks() if q == p] for p in range(4)}
     return dio, ih, src, blocks, told, _WriteBackFails(monkeypatch, "a.bin")
@@ -936,18 +960,23 @@ def test_a_sync_that_failed_is_not_made_good_by_the_next_one(
     _sent_again_verifies(dio, ih, src, [3], told)
 
 
-@pytest.mark.parametrize("window", [0.0, 0.005])
+@pytest.mark.parametrize("window,order", [(0.0, "first"), (0.005, "first"), (0.0, "last"),
+                                          (0.005, "last")])
 def test_a_sync_beside_the_one_that_failed_fails_too(
-    tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, backend: str, window: float, order: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two syncs of a.bin at once: the flush's, which the kernel tells of a write-back
-    error (it returns last), and the commit's of piece 1 (its last block was written to
-    a.bin after the flush's sync began), which returns 0 at once: the error was the
-    other's to see. The piece's first blocks may be what was lost: not verified."""
-    dio, ih, src, blocks, told, fails = _lost_write_setup(tmp_path, backend, window, monkeypatch)
+    error, and the commit's of piece 1 (its last block was written to a.bin after the
+    flush's sync began), which returns 0: the error was the other's to see. The
+    commit's sync returns first (the failed one still running), or last (the failed
+    one over and gone). The piece's first blocks may be what was lost: not verified."""
+    dio, ih, src, blocks, told, fails = _lost_write_setup(tmp_path, backend, window, monkeypatch,
+                                                          slow_errors=order == "last")
     for b, n in blocks[1][:3]:
         dio.write_block_direct(ih, 1, b, src.read(1, b, n))
     fails.armed = fails.hold = True
+    fails.second_after_first = order == "last"
     flusher = _flushing(dio)
     b, n = blocks[1][3]
     last = threading.Thread(target=dio.write_block_direct, args=(ih, 1, b, src.read(1, b, n)))
@@ -989,3 +1018,43 @@ def test_pieces_under_way_start_over_when_their_file_lost_writes(
     assert not any(ok for _, ok in told)
     assert dio.status(ih)["verified_pieces"] == 0
     _sent_again_verifies(dio, ih, src, [0, 1, 2], told)
+
+
+def test_a_file_put_in_the_way_of_a_move_is_never_taken_for_the_torrents(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program writes a file of one of the torrent's names into the new folder
+    while the move runs: the move meets it, fails and is undone whole. It was recorded
+    as a move to bring files back from (any file of the torrent's names there taken for
+    one the undo left behind), and the next start replaced the torrent's own file with
+    the stranger's, its pieces verified over the stranger's bytes."""
+    from pieced.storage import paths
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 100_000}, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "old")
+    fill(dio, ih, src)
+    dio.flush_all()
+    stranger = b"NOT THE TORRENT'S " * 6000
+    real = paths.Beneath.move
+
+    def move(self: paths.Beneath, *a: object, **k: object) -> None:
+        real(self, *a, **k)  # type: ignore[arg-type]
+        (tmp_path / "new" / content.name / "b.bin").write_bytes(stranger)
+
+    monkeypatch.setattr(paths.Beneath, "move", move)
+    with pytest.raises(StorageIOError) as exc:
+        dio.move_storage(ih, tmp_path / "new")
+    assert exc.value.errno == errno.EEXIST
+    monkeypatch.undo()
+    dio.close()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    st = again.status(ih)
+    assert st["save_path"] == str(tmp_path / "old")
+    assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0
+    for p in range(src.meta.num_pieces):
+        assert again.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
+    assert (tmp_path / "new" / content.name / "b.bin").read_bytes() == stranger
+    again.close()
