@@ -26,6 +26,57 @@ from .guard import add_headers, require_token
 from .page import add_page, parse_ih
 from .server import Server
 
+# HTTP connections: what one may hold of the daemon's descriptors. A connection idle
+# after a response is closed after KEEPALIVE_SECONDS; one that has not finished a
+# request HEADER_SECONDS after it opened (silent, or headers a byte at a time) is
+# closed; past MAX_CONNECTIONS the oldest ones not serving a request go first.
+KEEPALIVE_SECONDS = 15.0
+HEADER_SECONDS = 20.0
+MAX_CONNECTIONS = 128
+
+
+def guard_connections(server: web.Server, limit: int = MAX_CONNECTIONS,
+                      header_seconds: float = HEADER_SECONDS) -> asyncio.Task[None]:
+    """Keep the HTTP connections that hold a place and do nothing from taking the
+    daemon's descriptors (a few hundred slow or silent ones took them all, and its
+    clients were refused): one over ``limit`` closes, as it comes, the oldest connection
+    not serving a request; once a second, those that have not finished a request
+    ``header_seconds`` after they opened are closed. Returns the task of the latter."""
+    import time
+
+    opened: dict[Any, float] = {}  # handler -> when its connection opened
+    made, lost = server.connection_made, server.connection_lost
+
+    def idle(h: Any) -> bool:
+        return getattr(h, "_current_request", None) is None
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        made(handler, transport)
+        opened[handler] = time.monotonic()
+        conns = server.connections
+        if len(conns) > limit:
+            victim = min((h for h in conns if idle(h)), default=None,
+                         key=lambda h: opened.get(h, 0.0))
+            (victim or handler).force_close()
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        opened.pop(handler, None)
+        lost(handler, exc)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for h in list(server.connections):
+                if idle(h) and getattr(h, "_request_count", 1) == 0 and \
+                        now - opened.setdefault(h, now) >= header_seconds:
+                    h.force_close()
+
+    return asyncio.create_task(sweep())
+
 
 def status_json(disk: DiskIO, ih: bytes) -> dict[str, Any]:
     st = disk.status(ih)

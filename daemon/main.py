@@ -24,7 +24,7 @@ from pieced.config.settings import Settings, exposure_problem
 from pieced.storage.disk import DiskIO
 
 from . import systemd
-from .http import make_app
+from .http import KEEPALIVE_SECONDS, guard_connections, make_app
 from .server import Observer, Server
 
 log = logging.getLogger("pieced")
@@ -116,7 +116,8 @@ async def serve(settings: Settings) -> None:
     listener = passed[0] if passed else bind_socket(settings)
     server.start(listener)
 
-    runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None)
+    runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,
+                           keepalive_timeout=KEEPALIVE_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     try:
@@ -140,6 +141,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     watchdog = systemd.watchdog_interval()
     pinger = asyncio.create_task(_watchdog(watchdog)) if watchdog else None
+    assert runner.server is not None
+    guard = guard_connections(runner.server)
 
     systemd.notify("READY=1\nSTATUS=serving")
     # One line on stdout that scripts (and the tests) can wait for.
@@ -151,6 +154,7 @@ async def serve(settings: Settings) -> None:
     log.info("stopping: draining clients and flushing")
     if pinger:
         pinger.cancel()
+    guard.cancel()
     disk.stop_checks()  # a recheck under way ends now, not when it is done
     await server.close()
     await runner.cleanup()
@@ -170,6 +174,18 @@ async def _watchdog(interval: float) -> None:
     while True:
         systemd.notify("WATCHDOG=1")
         await asyncio.sleep(interval)
+
+
+def _raise_open_files() -> None:
+    """Payload files, clients and HTTP connections each hold a descriptor: the soft
+    limit (often 1024) is raised to the hard one, as far as 1,048,576."""
+    import resource
+
+    with contextlib.suppress(OSError, ValueError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _bound_malloc() -> None:
@@ -203,6 +219,7 @@ class _BadRequestsBriefly(logging.Filter):
 
 def run(settings: Settings) -> None:
     _bound_malloc()
+    _raise_open_files()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_BadRequestsBriefly())
     import uvloop

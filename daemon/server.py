@@ -92,6 +92,7 @@ LONG_WORKERS = 64
 # Seconds a stop waits for the clients' lanes to finish (their replies sent) before it
 # drops the clients (a lane can wait for a client that reads nothing).
 DRAIN_SECONDS = 5.0
+ACCEPT_PAUSE = 0.5  # seconds without accepting after accept failed (out of descriptors)
 # Values a control body from a client may hold: every request is a handful (a .torrent
 # travels as one string), so this only stops bodies built to be slow to decode.
 MAX_REQUEST_VALUES = 4096
@@ -157,6 +158,7 @@ class Server:
 
     # -- listening --------------------------------------------------------------------
     def start(self, listener: socket.socket) -> None:
+        self._closing = False
         self.loop = asyncio.get_running_loop()
         listener.setblocking(False)
         self._listener = listener
@@ -170,7 +172,13 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                # Out of descriptors (EMFILE) or memory: the listener stays readable, and
+                # accepting again at once would spin. Paused a moment, said once a pause.
+                log.warning("accept failed: %s; accepting again in %.1f s", exc,
+                            ACCEPT_PAUSE)
+                assert self.loop is not None
+                self.loop.remove_reader(self._listener.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
                 return
             sock.setblocking(False)
             reason = self._refuse_reason(sock)
@@ -184,6 +192,11 @@ class Server:
             conn = Connection(self, sock)
             self.clients.add(conn)
             conn.start()
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None and self._listener.fileno() >= 0 and not self._closing:
+            assert self.loop is not None
+            self.loop.add_reader(self._listener.fileno(), self._accept)
 
     def _refuse_reason(self, sock: socket.socket) -> str | None:
         if len(self.clients) >= self.max_clients:
@@ -204,6 +217,7 @@ class Server:
         """Stop accepting and reading, let every lane finish and its replies go out (a
         recheck cut short says so; an unregister says it was done), then drop the
         clients. Bounded: a client that reads nothing holds its lane, and is dropped."""
+        self._closing = True
         if self._listener is not None and self.loop is not None:
             self.loop.remove_reader(self._listener.fileno())
         conns = list(self.clients)

@@ -765,3 +765,46 @@ def test_a_metainfo_larger_than_a_frame_registers_through_a_memfd(tmp_path: Path
             assert len(c.torrents()) == 2
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_http_connections_that_do_nothing_cannot_take_every_descriptor(tmp_path: Path) -> None:
+    """Hundreds of HTTP connections that send half a request and wait, against a daemon
+    whose descriptors are few: they were kept for ever, the descriptors ran out, and the
+    daemon's accept on its Unix socket failed, returned and was called again at once
+    (all of a core, a log line each time), its clients shut out for good. Now an accept
+    that fails pauses, connections past a bound are closed as they come, and those that
+    have not finished a request in 20 s are closed: the clients get in again."""
+    import resource
+
+    d = Daemon(tmp_path)
+    try:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (200, 200))
+        host, port = d.http.rsplit(":", 1)
+        held = []
+        for _ in range(260):
+            with contextlib.suppress(OSError):
+                s = socket.create_connection((host, int(port)), timeout=5)
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+                held.append(s)
+        cpu = _cpu_seconds(d.proc.pid)
+        time.sleep(2)
+        assert _cpu_seconds(d.proc.pid) - cpu < 1.0  # not spinning on a failed accept
+        deadline = time.monotonic() + 40
+        while True:
+            try:
+                with Client(d.socket, timeout=5) as c:
+                    assert c.torrents() == []
+                break
+            except (OSError, TimeoutError):
+                assert time.monotonic() < deadline, "the clients are shut out"
+        with urllib.request.urlopen(f"http://{d.http}/healthz", timeout=10) as resp:
+            assert resp.read() == b"ok\n"
+        for s in held:
+            s.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
