@@ -912,6 +912,27 @@ def _flushing(dio: DiskIO) -> threading.Thread:
     return flusher
 
 
+def _last_block_during_a_failing_flush(
+    dio: DiskIO, ih: bytes, src: Source, blocks: dict[int, list[tuple[int, int]]], piece: int,
+    fails: _WriteBackFails,
+) -> None:
+    """A flush whose fdatasync of a.bin is held, then fails; meanwhile the last block of
+    ``piece`` completes it."""
+    flusher = _flushing(dio)
+    b, n = blocks[piece][3]
+    last = threading.Thread(target=dio.write_block_direct,
+                            args=(ih, piece, b, src.read(piece, b, n)))
+    try:
+        assert fails.held.wait(30), "the flush never synced a.bin"
+        last.start()
+        time.sleep(0.3)
+    finally:
+        fails.release.set()
+        flusher.join(30)
+        if last.ident is not None:
+            last.join(30)
+
+
 def _sent_again_verifies(dio: DiskIO, ih: bytes, src: Source, pieces: list[int],
                          told: list[tuple[int, bool]]) -> None:
     """The pieces sent again whole verify: the file is synced again, and what the
@@ -942,18 +963,7 @@ def test_a_sync_that_failed_is_not_made_good_by_the_next_one(
     for b, n in blocks[3][:3]:
         dio.write_block_direct(ih, 3, b, src.read(3, b, n))
     fails.armed = fails.hold = True
-    flusher = _flushing(dio)
-    b, n = blocks[3][3]
-    last = threading.Thread(target=dio.write_block_direct, args=(ih, 3, b, src.read(3, b, n)))
-    try:
-        assert fails.held.wait(30), "the flush never synced a.bin"
-        last.start()
-        time.sleep(0.3)
-    finally:
-        fails.release.set()
-        flusher.join(30)
-        if last.ident is not None:
-            last.join(30)
+    _last_block_during_a_failing_flush(dio, ih, src, blocks, 3, fails)
     dio.flush_all()
     assert (3, True) not in told, "piece 3 announced verified though a.bin's sync failed"
     assert not dio.status(ih)["have"][0] & (0x80 >> 3)
@@ -977,18 +987,7 @@ def test_a_sync_beside_the_one_that_failed_fails_too(
         dio.write_block_direct(ih, 1, b, src.read(1, b, n))
     fails.armed = fails.hold = True
     fails.second_after_first = order == "last"
-    flusher = _flushing(dio)
-    b, n = blocks[1][3]
-    last = threading.Thread(target=dio.write_block_direct, args=(ih, 1, b, src.read(1, b, n)))
-    try:
-        assert fails.held.wait(30), "the flush never synced a.bin"
-        last.start()
-        time.sleep(0.3)
-    finally:
-        fails.release.set()
-        flusher.join(30)
-        if last.ident is not None:
-            last.join(30)
+    _last_block_during_a_failing_flush(dio, ih, src, blocks, 1, fails)
     with contextlib.suppress(StorageIOError):
         dio.flush_all()
     assert (1, True) not in told, "piece 1 announced verified though a.bin's sync failed"
