@@ -62,6 +62,17 @@ def _an_honest_leecher_gets_every_byte(raw: bytes, seeding: Seeding, tmp_path: P
     _same_tree(content, tmp_path / "leech" / "payload", files)
 
 
+def _v1(tmp_path: Path, files: dict[str, int], piece: int, seed: int
+        ) -> tuple[Path, bytes, Metainfo, Path]:
+    """A v1 torrent of ``files`` in ``tmp_path/seed``: (content, metainfo bytes, parsed,
+    .torrent file)."""
+    content = make_payload(tmp_path / "seed", files, seed=seed)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    return content, raw, parse(raw), torrent
+
+
 def _hybrid(tmp_path: Path, files: dict[str, int], piece: int, seed: int
             ) -> tuple[Path, bytes, Metainfo, Path, list[bytes]]:
     """A hybrid torrent of ``files`` in ``tmp_path/seed``: (content, metainfo bytes, parsed,
@@ -78,11 +89,7 @@ def _hybrid(tmp_path: Path, files: dict[str, int], piece: int, seed: int
 def test_peers_that_break_the_rules(tmp_path: Path) -> None:
     piece = 32768
     files = {"a.bin": 20 * piece + 99, "b.bin": 5000}
-    content = make_payload(tmp_path / "seed", files, seed=31)
-    raw = make_torrent_lt(content, piece, "v1")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=31)
     ih = meta.info_hash
     me = b"-XX0001-" + bytes(12)
     fast = wire.make_reserved(extended=False, fast=True)
@@ -169,11 +176,7 @@ def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
 
     piece = 32768
     files = {"a.bin": 30 * piece + 7}
-    content = make_payload(tmp_path / "seed", files, seed=32)
-    raw = make_torrent_lt(content, piece, "v1")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=32)
     listener = socket.create_server(("127.0.0.1", 0))
     rogue_port = listener.getsockname()[1]
     seen: dict[str, int] = {"requests": 0}
@@ -232,11 +235,7 @@ def test_peers_that_never_handshake_lose_their_slots(tmp_path: Path) -> None:
     byte. Without the deadline the dribbler would hold its slot for ever."""
     piece = 32768
     files = {"a.bin": 12 * piece + 5}
-    content = make_payload(tmp_path / "seed", files, seed=33)
-    raw = make_torrent_lt(content, piece, "v1")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=33)
     d = Daemon(tmp_path)
     seeding = Seeding(torrent, tmp_path / "seed", d, "--max-peers", "2")
     try:
@@ -611,11 +610,7 @@ def test_what_a_peer_has_is_said_once(tmp_path: Path) -> None:
     one after a HAVE, closes the connection."""
     piece = 16384
     files = {"a.bin": 4000 * piece}
-    content = make_payload(tmp_path / "seed", files, seed=42)
-    raw = make_torrent_lt(content, piece, "v1")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=42)
     hello = wire.handshake(meta.info_hash, b"-XX0001-" + bytes(12),
                            wire.make_reserved(extended=False, fast=True))
     d = Daemon(tmp_path)
@@ -653,11 +648,7 @@ def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path:
     to make room), and a libtorrent leecher gets every byte."""
     piece = 32768
     files = {"a.bin": 12 * piece + 5}
-    content = make_payload(tmp_path / "seed", files, seed=43)
-    raw = make_torrent_lt(content, piece, "v1")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=43)
     d = Daemon(tmp_path)
     seeding = Seeding(torrent, tmp_path / "seed", d, "--max-peers", "2")
     try:
@@ -692,11 +683,7 @@ def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> No
     and the leecher is served within seconds."""
     piece = 65536
     files = {"a.bin": 64 * piece}
-    content = make_payload(tmp_path / "seed", files, seed=44)
-    raw = make_torrent_lt(content, piece, "v1")
-    meta = parse(raw)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=44)
     d = Daemon(tmp_path)
     seeding = Seeding(torrent, tmp_path / "seed", d)
     try:
