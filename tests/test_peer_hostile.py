@@ -19,7 +19,7 @@ from pieced.storage.metainfo import Metainfo, parse
 from tests.conftest import Daemon
 from tests.ltpeer import LtPeer
 from tests.realtools import make_payload, make_torrent_lt
-from tests.test_peer_libtorrent import Seeding, _same_tree
+from tests.test_peer_libtorrent import Seeding, _same_tree, leecher_gets_every_byte
 
 
 class RawPeer:
@@ -50,16 +50,6 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _an_honest_leecher_gets_every_byte(raw: bytes, seeding: Seeding, tmp_path: Path,
-                                       content: Path, files: dict[str, int]) -> None:
-    """A libtorrent leecher downloads everything from ``seeding``, without a hash failure."""
-    with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
-        leecher.connect("127.0.0.1", seeding.port)
-        leecher.wait_finished(60)
-        assert leecher.hash_failures() == 0
-    _same_tree(content, tmp_path / "leech" / "payload", files)
 
 
 def _v1(tmp_path: Path, files: dict[str, int], piece: int, seed: int
@@ -157,7 +147,7 @@ def test_peers_that_break_the_rules(tmp_path: Path) -> None:
         assert pieces + rejects_n == len(flood) and pieces > 0 and rejects_n > 0
         p.close()
 
-        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
@@ -278,7 +268,7 @@ def test_peers_that_never_handshake_lose_their_slots(tmp_path: Path) -> None:
         assert dribbled < len(hello)
         silent.close()
         dribbler.close()
-        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
@@ -438,7 +428,7 @@ def test_random_peers_never_break_a_seeding_pieced_peer(tmp_path: Path) -> None:
             for t in threads:
                 t.join(60)
             assert seeding.proc.poll() is None, seeding.proc.communicate()[1]
-        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.proc.send_signal(signal.SIGTERM)
         out, err = seeding.proc.communicate(timeout=30)
         assert seeding.proc.returncode == 0, err
@@ -597,7 +587,7 @@ def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path
         time.sleep(3)
         assert seeding.proc.poll() is None
         assert _rss(seeding.proc.pid)[1] < 300 << 20
-        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
@@ -635,7 +625,7 @@ def test_what_a_peer_has_is_said_once(tmp_path: Path) -> None:
         got, closed = p.events(2.0)
         assert not closed and any(isinstance(e, wire.Unchoke) for e in got)
         p.close()
-        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
         assert d.stop() == 0, d.stderr()
@@ -662,7 +652,7 @@ def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path:
             for p in squatters:
                 p.send(wire.keep_alive())
             time.sleep(1.0)
-        _an_honest_leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         closed = 0
         for p in squatters:
             _, gone = p.events(0.5)

@@ -117,6 +117,17 @@ class Seeding:
         return summary
 
 
+def leecher_gets_every_byte(raw: bytes, seeding: Seeding, tmp_path: Path, content: Path,
+                            files: dict[str, int], magnet: bool = False) -> None:
+    """A libtorrent leecher (from a magnet link, if ``magnet``) downloads everything
+    from ``seeding`` into ``tmp_path/leech``, without a hash failure."""
+    with LtPeer(raw, tmp_path / "leech", seed=False, magnet=magnet) as leecher:
+        leecher.connect("127.0.0.1", seeding.port)
+        leecher.wait_finished(60)
+        assert leecher.hash_failures() == 0
+    _same_tree(content, tmp_path / "leech" / "payload", files)
+
+
 @pytest.mark.parametrize("kind,piece", [
     ("v1", 16384), ("v1-pads", 65536), ("v2", 262144), ("hybrid", 4 * 1024 * 1024),
 ])
@@ -568,12 +579,8 @@ def test_a_leecher_from_a_magnet_link_gets_the_metadata_from_us(tmp_path: Path,
     d = Daemon(tmp_path)
     try:
         seeding = Seeding(torrent, tmp_path / "seed", d)
-        with LtPeer(raw, tmp_path / "leech", seed=False, magnet=True) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            leecher.wait_finished(60)
-            assert leecher.hash_failures() == 0
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files, magnet=True)
         seeding.stop()
-        _same_tree(content, tmp_path / "leech" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
 

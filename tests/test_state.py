@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pieced.protocol.client import Client
@@ -417,18 +418,27 @@ def test_a_move_to_a_folder_holding_one_of_the_names_is_refused_before_anything_
     again.close()
 
 
-def test_a_move_to_another_file_system(tmp_path: Path, other_fs: Path, backend: str) -> None:
-    """A move across file systems copies the files (copy_file_range refuses file systems
-    of two kinds, as ext4 and tmpfs: sendfile then), and the old ones go."""
-    from tests.realtools import make_payload
+def _filled_at_old(tmp_path: Path, backend: str, files: dict[str, int], kind: str,
+                   seed: int) -> tuple[Path, Source, DiskIO, bytes]:
+    """A torrent of ``files`` (16 KiB pieces) registered at ``tmp_path/old`` with a
+    state folder, every piece written and durable: (content, source, engine, ih)."""
+    from tests.realtools import TorrentKind
 
-    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "d/b.bin": 70_000}, seed=7)
-    raw = make_torrent_lt(content, 16384, "hybrid")
+    content = make_payload(tmp_path / "src", files, seed=seed)
+    raw = make_torrent_lt(content, 16384, cast(TorrentKind, kind))
     src = Source(raw, tmp_path / "src")
     dio = DiskIO(backend, state_dir=tmp_path / "state")
     ih = dio.register(raw, tmp_path / "old")
     fill(dio, ih, src)
     dio.flush_all()
+    return content, src, dio, ih
+
+
+def test_a_move_to_another_file_system(tmp_path: Path, other_fs: Path, backend: str) -> None:
+    """A move across file systems copies the files (copy_file_range refuses file systems
+    of two kinds, as ext4 and tmpfs: sendfile then), and the old ones go."""
+    content, src, dio, ih = _filled_at_old(tmp_path, backend, {"a.bin": 300_000,
+                                                              "d/b.bin": 70_000}, "hybrid", 7)
     dio.move_storage(ih, other_fs / "new")
     assert not any(p.is_file() for p in (tmp_path / "old").rglob("*"))
     for rel in ("a.bin", "d/b.bin"):
@@ -1029,13 +1039,8 @@ def test_a_file_put_in_the_way_of_a_move_is_never_taken_for_the_torrents(
     the stranger's, its pieces verified over the stranger's bytes."""
     from pieced.storage import paths
 
-    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 100_000}, seed=8)
-    raw = make_torrent_lt(content, 16384, "v1")
-    src = Source(raw, tmp_path / "src")
-    dio = DiskIO(backend, state_dir=tmp_path / "state")
-    ih = dio.register(raw, tmp_path / "old")
-    fill(dio, ih, src)
-    dio.flush_all()
+    content, src, dio, ih = _filled_at_old(tmp_path, backend, {"a.bin": 100_000,
+                                                              "b.bin": 100_000}, "v1", 8)
     stranger = b"NOT THE TORRENT'S " * 6000
     real = paths.Beneath.move
 
