@@ -86,9 +86,13 @@ MAX_QUEUED_JOBS = 4096
 MAX_PENDING_FDS = 4
 # Operations that may run for seconds (whole-torrent work, syncs, whole pieces of up to
 # 64 MiB read and hashed): their lane moves to the long-job workers while they run.
+# ``status`` and ``list`` too: a torrent of 100,000 files takes a second to report.
 LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rename_file",
-                      "flush_all", "flush_piece", "read_piece", "hash_piece", "hash_piece_v2"})
+                      "flush_all", "flush_piece", "read_piece", "hash_piece", "hash_piece_v2",
+                      "status", "list"})
 LONG_WORKERS = 64
+# Keys of torrents the daemon does not have that one connection may subscribe to.
+MAX_UNKNOWN_SUBSCRIPTIONS = 1024
 # Seconds a stop waits for the clients' lanes to finish (their replies sent) before it
 # drops the clients (a lane can wait for a client that reads nothing).
 DRAIN_SECONDS = 5.0
@@ -494,13 +498,15 @@ class Connection:
                 return _op_register(c, r, m)
 
             handler = register
-        elif handler is not None and isinstance(msg.get("ih"), bytes):
-            self.subscriptions.add(msg["ih"])
+
+        key = msg.get("ih") if handler is not None and op != "attach_ring" else None
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
             try:
                 if handler is None:
                     raise BadRequest(f"unknown op {op!r}")
+                if isinstance(key, bytes):
+                    self.subscribe_known(key)
                 reply = encode_response(rid, handler(self, rid, msg))
                 if len(reply) - 4 > self.server.max_frame:
                     raise TooLarge(f"a reply of {len(reply) - 4} bytes exceeds the frame limit of "
@@ -519,12 +525,17 @@ class Connection:
         return _Job(rid, None, job, op in LONG_OPS, ih if isinstance(ih, bytes) else None, size)
 
     def _write_job(self, frame: Frame) -> Job:
-        self.subscriptions.add(frame.info_hash)
         return _InlineWrite(self, frame)
 
     def _ring_job(self, frame: Frame) -> Job:
-        self.subscriptions.add(frame.info_hash)
         return _RingWrite(self, frame)
+
+    def subscribe_known(self, ih: bytes) -> None:
+        """(Worker thread, before the request on ``ih`` runs.) Events for ``ih`` from now
+        on, if the daemon has that torrent: a key it does not know is not kept, so that
+        requests naming made-up keys cannot grow the connection's memory."""
+        if ih not in self.subscriptions and self.disk.knows(ih):
+            self.subscriptions.add(ih)
 
     def _read_job(self, frame: Frame) -> Job:
         rid = frame.id
@@ -908,6 +919,7 @@ class _BlockWrite:
 
     def _write(self) -> tuple[list[Out], Token | list[Token] | None]:
         try:
+            self.conn.subscribe_known(self.ih)
             disk = self.conn.disk
             disk.write_blocks_direct(self.ih, self.piece, self.begin, self.bufs([self]),
                                      max(1, -(-self.length // BLOCK_SIZE)))
@@ -973,6 +985,7 @@ class _WriteRun:
         first = self.writes[0]
         tokens = [w.token for w in self.writes if w.token is not None]
         try:
+            first.conn.subscribe_known(first.ih)
             first.conn.disk.write_blocks_direct(
                 first.ih, first.piece, first.begin, first.bufs(self.writes),
                 sum(-(-w.length // BLOCK_SIZE) for w in self.writes))
@@ -1027,11 +1040,19 @@ def _str(msg: dict[str, Any], key: str) -> str:
     return v
 
 
+def _path(msg: dict[str, Any], key: str) -> str:
+    """A folder named by a client: an empty one is a mistake, not the daemon's own folder."""
+    v = _str(msg, key)
+    if not v:
+        raise BadRequest(f"'{key}' must name a folder, not be empty")
+    return v
+
+
 def _op_register(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     metainfo = m.get("metainfo")
     if not isinstance(metainfo, bytes):
         raise BadRequest("'metainfo' must be the .torrent bytes")
-    ih = c.disk.register(metainfo, _str(m, "save_path"))
+    ih = c.disk.register(metainfo, _path(m, "save_path"))
     t = c.disk.torrent(ih)
     c.subscriptions.update(t.meta.aliases)
     return {"ih": ih, "aliases": list(t.meta.aliases)}
@@ -1074,7 +1095,15 @@ def _op_stats(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 
 
 def _op_subscribe(c: Connection, rid: int, m: dict[str, Any]) -> Any:
-    c.subscriptions.add(_ih(m))
+    ih = _ih(m)
+    if ih not in c.subscriptions and not c.disk.knows(ih):
+        # A torrent not registered yet (another client may register it later): kept,
+        # but only so many, or a client could grow the daemon's memory without end.
+        unknown = sum(1 for k in list(c.subscriptions) if not c.disk.knows(k))
+        if unknown >= MAX_UNKNOWN_SUBSCRIPTIONS:
+            raise TooLarge(f"this connection is subscribed to {unknown} keys the daemon does "
+                           f"not have, the most it keeps ({MAX_UNKNOWN_SUBSCRIPTIONS})")
+    c.subscriptions.add(ih)
     return 1
 
 
@@ -1095,7 +1124,7 @@ OPS: dict[str, Op] = {
     "stats": _op_stats,
     "status": _op_status,
     "recheck": _op_recheck,
-    "move_storage": lambda c, r, m: c.disk.move_storage(_ih(m), _str(m, "new_path")),
+    "move_storage": lambda c, r, m: c.disk.move_storage(_ih(m), _path(m, "new_path")),
     "rename_file": lambda c, r, m: c.disk.rename_file(_ih(m), _int(m, "index"), _str(m, "new_name")),
     "subscribe": _op_subscribe,
 }

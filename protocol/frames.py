@@ -99,8 +99,10 @@ def _header(ftype: FrameType, flags: int, rid: int, rest: int) -> bytes:
     return HEADER.pack(LENGTH_AFTER + rest, ftype, flags, 0, rid)
 
 
-def encode_control(ftype: FrameType, rid: int, body: dict[str, Any] | dict[bytes, Any]) -> bytes:
-    payload: bytes = bencodepy.encode(body)
+def encode_control(ftype: FrameType, rid: int,
+                   body: dict[str, Any] | dict[bytes, Any] | bytes) -> bytes:
+    """A control frame; ``body`` is a dictionary, or one already bencoded."""
+    payload: bytes = body if isinstance(body, bytes) else bencodepy.encode(body)
     return _header(ftype, 0, rid, len(payload)) + payload
 
 

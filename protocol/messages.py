@@ -36,6 +36,57 @@ def to_wire(value: Any) -> Any:
     raise TypeError(f"cannot send {type(value).__name__} on the wire")
 
 
+def wire_bencode(value: Any) -> bytes:
+    """``bencode(to_wire(value))`` in one pass, without the intermediate copy: a status
+    reply lists every file of a torrent (100,000 entries for some), and building it twice
+    in Python held the GIL for long enough to slow every other client down."""
+    out: list[bytes] = []
+    _encode(value, out.append)
+    return b"".join(out)
+
+
+def _encode(value: Any, put: Any) -> None:
+    t = type(value)
+    if t is int:
+        put(b"i%de" % value)
+    elif t is str:
+        b = value.encode()
+        put(b"%d:" % len(b))
+        put(b)
+    elif t is bytes:
+        put(b"%d:" % len(value))
+        put(value)
+    elif t is dict:
+        items = sorted((str(k).encode(), v) for k, v in value.items() if v is not None)
+        put(b"d")
+        for i in range(1, len(items)):
+            if items[i][0] == items[i - 1][0]:
+                raise ValueError(f"key {items[i][0]!r} twice in one dictionary")
+        for k, v in items:
+            put(b"%d:" % len(k))
+            put(k)
+            _encode(v, put)
+        put(b"e")
+    elif t is list or t is tuple:
+        put(b"l")
+        for v in value:
+            _encode(v, put)
+        put(b"e")
+    elif isinstance(value, int) and not isinstance(value, float):  # bool, IntEnum
+        put(b"i%de" % int(value))
+    elif isinstance(value, bytes | bytearray | memoryview):
+        _encode(bytes(value), put)
+    elif isinstance(value, str):
+        _encode(str(value), put)
+    elif isinstance(value, dict):
+        _encode(dict(value), put)
+    elif isinstance(value, list | tuple):
+        _encode(list(value), put)
+    else:
+        to_wire(value)  # raises the TypeError that says why
+        raise TypeError(f"cannot send {type(value).__name__} on the wire")
+
+
 def from_wire(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         out = {}
@@ -93,7 +144,7 @@ def encode_request(rid: int, op: str, args: dict[str, Any]) -> bytes:
 
 
 def encode_response(rid: int, result: Any) -> bytes:
-    return encode_control(FrameType.RESPONSE, rid, to_wire({"result": result}))
+    return encode_control(FrameType.RESPONSE, rid, wire_bencode({"result": result}))
 
 
 def encode_event(name: str, fields: dict[str, Any]) -> bytes:

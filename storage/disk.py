@@ -42,6 +42,7 @@ from .bufferpool import BufferPool, PieceData, ResidentPiece
 from .commit import GroupCommit
 from .errors import (
     AlreadyRegistered,
+    BadRequest,
     NoHashes,
     OutOfRange,
     PathEscape,
@@ -253,6 +254,10 @@ class DiskIO:
 
     def torrent(self, ih: bytes) -> Torrent:
         return self._get(ih)
+
+    def knows(self, ih: bytes) -> bool:
+        """Whether a torrent is registered under ``ih`` (any of its keys)."""
+        return bytes(ih) in self._torrents
 
     def _get(self, ih: bytes) -> Torrent:
         t = self._torrents.get(bytes(ih))
@@ -576,7 +581,7 @@ class DiskIO:
         """Buffered write of one block; returns the piece's result if it completed it."""
         t = self._get(ih)
         length = memoryview(data).nbytes
-        t.layout.check(piece, begin, length)
+        _check_write(t, piece, begin, length)
         block = data if isinstance(data, bytes) else bytes(data)
         if not t.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
@@ -643,7 +648,7 @@ class DiskIO:
         t = self._get(ih)
         if length is None:
             length = sum(memoryview(b).nbytes for b in bufs)
-        t.layout.check(piece, begin, length)
+        _check_write(t, piece, begin, length)
         if not t.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         try:
@@ -1019,7 +1024,8 @@ class DiskIO:
                 with self.metrics.timed("read"):
                     t.storage.readinto(segs, view[s - begin : e - begin])
             except StorageIOError as exc:
-                self._record_error(t, exc, piece)
+                if not _never_made(exc):
+                    self._record_error(t, exc, piece)
                 raise
             self.metrics.add("bytes_read", e - s)
         return out
@@ -1107,6 +1113,8 @@ class DiskIO:
             if not t.meta.has_v1:
                 raise NoHashes("torrent has no v1 piece hashes: use hash_piece_v2")
             expected = t.meta.v1_hash(piece)
+        else:
+            expected = _digest(expected, 20, "a SHA-1 digest")
         data = self.read_piece(ih, piece)
         with self.metrics.timed("hash"):
             return self.hash_pool.submit(_sha1, data).result() == bytes(expected)
@@ -1118,10 +1126,11 @@ class DiskIO:
         v2 = t.meta.v2_piece(piece)
         if v2 is None:
             raise NoHashes("torrent has no v2 hashes: use hash_piece")
+        want = v2.expected if expected is None else _digest(expected, 32, "a SHA-256 root")
         data = self.read_piece(ih, piece)
         with self.metrics.timed("hash"):
             root = self.hash_pool.submit(v2_root, data, v2).result()
-        return root == (bytes(expected) if expected is not None else v2.expected)
+        return root == want
 
     def hash_block(self, ih: bytes, piece: int, begin: int, length: int) -> bytes:
         """SHA-256 of one 16 KiB leaf block (the last one of a file may be shorter)."""
@@ -1402,6 +1411,32 @@ def _journal_cleared(rec: TorrentRecord | None, pieces: list[int]) -> None:
         rec.append([(REC_CLEARED, p, bytes(16)) for p in pieces])
     except OSError as exc:
         log.warning("could not journal %d cleared pieces: %s", len(pieces), exc)
+
+
+def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:
+    """A block to write lies inside its piece and holds at least one byte: an empty one
+    would make its piece partial (a slot of ``max_partial_pieces``) with nothing in it."""
+    if length <= 0:
+        raise OutOfRange(f"a block to write holds at least one byte (piece={piece}, "
+                         f"begin={begin}, length={length})")
+    t.layout.check(piece, begin, length)
+
+
+def _never_made(exc: StorageIOError) -> bool:
+    """A read found no file where no block was ever written (nor a verified piece kept):
+    the reader's answer, not the torrent's error. Told to every client of the torrent as
+    one, it stopped their downloads for a read of a piece nobody had."""
+    return exc.errno == errno.ENOENT and not isinstance(exc, FileVanished)
+
+
+def _digest(value: object, size: int, what: str) -> bytes:
+    """An ``expected`` hash given by a caller: exactly ``size`` bytes, or BadRequest (an
+    empty or short value would only ever compare unequal, and read as a failed piece)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)) or memoryview(value).nbytes != size:
+        shown = f"{memoryview(value).nbytes} bytes" if isinstance(
+            value, (bytes, bytearray, memoryview)) else type(value).__name__
+        raise BadRequest(f"'expected' must be {what} of {size} bytes, not {shown}")
+    return bytes(value)
 
 
 def _sha1(data: bytes) -> bytes:
