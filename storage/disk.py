@@ -295,7 +295,7 @@ class DiskIO:
         return resolved
 
     # -- durable state ----------------------------------------------------------------
-    def _save(self, t: Torrent, rec: TorrentRecord, stamps: bool = False) -> None:
+    def _save(self, t: Torrent, rec: TorrentRecord, stamps: bool = False) -> bool:
         """Compact the journal into the resume record (caller holds ``rec.save_lock``).
 
         The bitfield is taken and the journal starts its next generation under the
@@ -303,10 +303,11 @@ class DiskIO:
         piece: none is lost if the write below fails or the process dies during it.
         """
         if rec.removed:
-            return
+            return True
         with rec.journal_lock:
             with t.lock:
                 have, fps = bytes(t.have), bytes(t.fingerprints)
+                unrecorded = set(t.unrecorded)
             gen = rec.rotate()
         files = None
         if stamps:
@@ -316,6 +317,11 @@ class DiskIO:
             rec.write_resume(have, fps, gen, files)
         except OSError as exc:  # the journal still holds it all
             self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
+            return False
+        if unrecorded:  # the record now says they are not verified
+            with t.lock:
+                t.unrecorded.difference_update(unrecorded)
+        return True
 
     def _compact_if_due(self, t: Torrent) -> None:
         rec = self._records.get(t.id)
@@ -327,11 +333,12 @@ class DiskIO:
             finally:
                 rec.save_lock.release()
 
-    def _save_now(self, t: Torrent, stamps: bool = False) -> None:
+    def _save_now(self, t: Torrent, stamps: bool = False) -> bool:
         rec = self._records.get(t.id)
-        if rec is not None:
-            with rec.save_lock:
-                self._save(t, rec, stamps)
+        if rec is None:
+            return True
+        with rec.save_lock:
+            return self._save(t, rec, stamps)
 
     def _save_location(self, t: Torrent) -> None:
         rec = self._records.get(t.id)
@@ -428,14 +435,15 @@ class DiskIO:
                 for alias in meta.aliases:
                     self._torrents[alias] = t
             if saved.damaged is not None:
-                # Only what the journal proved is known: recheck the rest.
                 self.load_errors.append(
                     f"torrent {saved.ih_hex}: {saved.damaged}; rebuilt from its journal "
-                    f"({t.count(VERIFIED)} pieces), rechecking the rest")
-                suspect = {p for p in range(n) if t.state[p] == MISSING}
-            elif saved.checking == "all":  # a recheck cut short: carried out again, whole
-                suspect = set(range(n))
-            elif saved.checking:  # the pieces not yet found are looked for
+                    f"({t.count(VERIFIED)} pieces), rechecking "
+                    f"{'every piece' if saved.checking == 'all' else 'the rest'}")
+            if saved.checking == "all":  # a recheck cut short (or a damaged journal):
+                suspect = set(range(n))     # carried out again, whole
+            elif saved.checking or saved.damaged is not None:
+                # Only what the journal proved is known, or a check was looking for the
+                # pieces not yet found: they are looked for.
                 suspect = {p for p in range(n) if t.state[p] == MISSING}
             with rec.save_lock:
                 try:  # before the record below forgets them: a crash meanwhile loses none
@@ -494,7 +502,9 @@ class DiskIO:
             yield
         finally:
             t.checking -= 1
-        if rec is not None:
+        if rec is not None and not t.unrecorded:
+            # (Pieces this check failed that the journal could not be told of keep the
+            # mark: the next start checks them again, not takes them as verified.)
             with rec.save_lock, contextlib.suppress(OSError):  # (then checked again)
                 rec.mark_checking(None)
 
@@ -552,7 +562,6 @@ class DiskIO:
             found = [p for p in pieces if result.have[p] and t.state[p] != VERIFIED]
         if found:
             self._sync(t, sorted({f for p in found for f in t.files_of(p)}), force=True)
-        cleared = []
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
             if rec is not None and found:
@@ -564,13 +573,15 @@ class DiskIO:
                     self._record_error(t, error, None)
                     raise error from None
             with t.lock:
+                cleared = [p for p in pieces if not result.have[p] and t.state[p] == VERIFIED]
+            self._journal_clears(t, rec, cleared)
+            with t.lock:
                 for p in pieces:
                     if result.have[p]:
                         t.set_state(p, VERIFIED)
+                        t.unrecorded.discard(p)  # journaled verified just above
                     elif t.state[p] == VERIFIED:
                         t.set_state(p, MISSING)
-                        cleared.append(p)
-            _journal_cleared(rec, cleared)
         for p in cleared:
             self.pool.drop((t.id, p))
 
@@ -690,6 +701,8 @@ class DiskIO:
             if state != MISSING:
                 self.metrics.add("duplicate_blocks", blocks)
                 return None
+        if t.unrecorded and piece in t.unrecorded:
+            self._record_unrecorded(t)
         size = t.layout.piece_size(piece)
         pads = t.pads(piece)
         hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads)
@@ -962,6 +975,48 @@ class DiskIO:
             self._start_over(t, exc.file_index, verified=False, partial=True)
             t.storage.lost_handled(exc)
 
+    def _journal_clears(self, t: Torrent, rec: TorrentRecord | None, pieces: list[int],
+                        must: bool = False) -> None:
+        """Journal that verified pieces are verified no more, before they are marked so
+        (caller holds the journal lock, not ``t.lock``): from the moment they are, blocks
+        may land in them, and a crash before the record would bring them back verified
+        over the new bytes. When the record cannot be written (a full state folder):
+        with ``must``, the error is raised and nothing changes; otherwise (their data is
+        gone or bad all the same) they go into ``t.unrecorded``, where no block is
+        written until the record is, and the error is reported."""
+        if rec is None or not pieces:
+            return
+        try:
+            rec.append([(REC_CLEARED, p, bytes(16)) for p in pieces])
+        except OSError as exc:
+            error = StorageIOError.wrap(exc, "journal pieces that are not verified any more")
+            if must:
+                raise error from None
+            with t.lock:
+                t.unrecorded.update(pieces)
+            self._record_error(t, error, None)
+            return
+        with t.lock:
+            t.unrecorded.difference_update(pieces)
+
+    def _record_unrecorded(self, t: Torrent) -> None:
+        """Journal the pieces of ``t.unrecorded`` now, or raise: a block is about to be
+        written into one of them."""
+        rec = self._records.get(t.id)
+        if rec is None:
+            return
+        with rec.journal_lock:
+            with t.lock:
+                todo = sorted(p for p in t.unrecorded if t.state[p] != VERIFIED)
+            try:
+                rec.append([(REC_CLEARED, p, bytes(16)) for p in todo])
+            except OSError as exc:
+                raise StorageIOError.wrap(
+                    exc, f"journal that piece {todo[0]} is not verified any more, before "
+                         "anything is written into it") from None
+            with t.lock:
+                t.unrecorded.difference_update(todo)
+
     def _start_over(self, t: Torrent, index: int, verified: bool, partial: bool) -> None:
         """What a payload file held may be gone (it vanished, or its write-back failed):
         its pieces start over. Verified ones (if ``verified``: the file itself went) are
@@ -975,15 +1030,18 @@ class DiskIO:
         so), so that their blocks are sent again.
         """
         dropped = []
-        cleared = []
         failed = []
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            if verified:  # journaled first: a write may re-create the file at once after
+                with t.lock:
+                    cleared = [p for p in t.layout.file_pieces(index) if t.state[p] == VERIFIED]
+                self._journal_clears(t, rec, cleared)
             with t.lock:
                 for p in t.layout.file_pieces(index):
                     state = t.state[p]
                     if state == VERIFIED and verified:
-                        cleared.append(p)
+                        pass
                     elif state == HASHING:  # its writer sees it taken back, and fails it
                         t.partial.pop(p)
                         self._count_partials(-1)
@@ -997,7 +1055,6 @@ class DiskIO:
                         continue
                     t.set_state(p, MISSING)
                     dropped.append(p)
-            _journal_cleared(rec, cleared)
         for p in dropped:
             self.pool.drop((t.id, p))
         for p in failed:
@@ -1163,16 +1220,18 @@ class DiskIO:
                             if t.partial.get(piece) is not partial:
                                 continue  # a block started (or finished) it meanwhile
                             state = t.state[piece]
-                            if partial is not None:
-                                del t.partial[piece]
-                                self._count_partials(-1)
-                            t.set_state(piece, MISSING)
-                        if state == VERIFIED and rec is not None:
-                            try:
-                                rec.append([(REC_CLEARED, piece, bytes(16))])
-                            except OSError as exc:
-                                raise StorageIOError.wrap(
-                                    exc, "journal the cleared piece") from None
+                            if state != VERIFIED:
+                                if partial is not None:
+                                    del t.partial[piece]
+                                    self._count_partials(-1)
+                                t.set_state(piece, MISSING)
+                        if state == VERIFIED:
+                            # Journaled before it is missing (no block can land in it
+                            # meanwhile: it stays verified, and only the journal lock's
+                            # holder changes that); if that fails, nothing changed.
+                            self._journal_clears(t, rec, [piece], must=True)
+                            with t.lock:
+                                t.set_state(piece, MISSING)
                     if partial is not None:
                         partial.done = partial.cleared = True
                 break
@@ -1390,27 +1449,20 @@ class DiskIO:
             self.hash_pool.shutdown()
             with self._lock:
                 torrents = {t.id: t for t in self._torrents.values()}
+            saved = True
             for t in torrents.values():
                 t.storage.close()
-                self._save_now(t, stamps=True)  # after the final sync: stamps match the files
+                # After the final sync: stamps match the files.
+                saved = self._save_now(t, stamps=True) and saved
                 rec = self._records.get(t.id)
                 if rec is not None:
                     rec.close()
             if self.state is not None:
-                self.state.mark_clean()
-
-
-def _journal_cleared(rec: TorrentRecord | None, pieces: list[int]) -> None:
-    """Journal pieces no longer verified (caller holds the journal lock). A failure is
-    logged, not raised: the bits are cleared in memory and the next resume save records
-    that; a crash before it brings them back, to be caught by the load-time file checks
-    (a vanished or short file) or a recheck."""
-    if rec is None or not pieces:
-        return
-    try:
-        rec.append([(REC_CLEARED, p, bytes(16)) for p in pieces])
-    except OSError as exc:
-        log.warning("could not journal %d cleared pieces: %s", len(pieces), exc)
+                try:
+                    if saved:  # else the next start is a crash's: nothing taken on trust
+                        self.state.mark_clean()
+                finally:
+                    self.state.close()
 
 
 def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:

@@ -2,8 +2,10 @@
 
 Layout under the state directory::
 
+    lock                                    flock'ed by the one daemon using the folder
     clean                                   exists only while the daemon is stopped
-                                            cleanly (removed at start-up)
+                                            cleanly (removed at start-up; not written
+                                            when the final save failed)
     torrents/<info_hash hex>/metainfo.torrent   the .torrent bytes, written at register
     torrents/<info_hash hex>/location       bencoded: save path and renames (written at
                                             register, move and rename; during a move
@@ -28,7 +30,9 @@ deleted. A crash between those steps leaves both, and loading replays every
 generation from the resume record's on.
 
 A record is ``kind, piece, fingerprint, crc32``; a torn tail (a crash mid-append)
-fails its checksum and is ignored: its piece was never announced. A bit is cleared
+fails its checksum and is ignored: its piece was never announced. A bad record with
+good ones after it is damage, not a crash: no piece of that torrent is then taken on
+trust. The resume record carries a crc32 of itself too. A bit is cleared
 (``clear_piece``, a vanished file) by a CLEARED record, so replaying in order gives
 the state as it was.
 
@@ -43,6 +47,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
@@ -62,6 +68,10 @@ REC_VERIFIED = 1
 REC_CLEARED = 2
 _JOURNAL = re.compile(r"journal\.(\d+)")
 CHECKING = "checking"  # present while a check of the files is under way
+REMOVING = ".removing-"  # a torrent's folder being deleted: never loaded, deleted at start
+LOCK = "lock"  # held (flock) by the one daemon using the state folder
+# The temporary files of write_atomic: a crash can leave them behind.
+_TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean)\..+")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -114,15 +124,27 @@ def encode_records(records: list[tuple[int, int, bytes]]) -> bytes:
 
 def decode_records(data: bytes) -> list[tuple[int, int, bytes]]:
     """The records up to the first torn or damaged one."""
-    out = []
+    return _decode_records(data)[0]
+
+
+def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool]:
+    """(the good records, whether a damaged one lies among them). A crash tears only
+    the last record (an append that failed is cut back, or goes on in a new
+    generation), so a bad record with good ones after it is damage: its piece may
+    have been one cleared, and replaying the rest would not say so."""
+    out: list[tuple[int, int, bytes]] = []
+    damaged = False
     for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
         kind, piece, fp, crc = RECORD.unpack_from(data, off)
         if zlib.crc32(data[off : off + RECORD.size - 4]) != crc or kind not in (
             REC_VERIFIED, REC_CLEARED
         ):
-            break
+            damaged = True
+            continue
+        if damaged:
+            return out + _decode_records(data[off:])[0], True
         out.append((kind, piece, fp))
-    return out
+    return out, False
 
 
 class Loaded(NamedTuple):
@@ -212,6 +234,7 @@ class TorrentRecord:
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen}
         if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
             resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
+        resume[b"crc"] = zlib.crc32(bencodepy.encode(resume))
         write_atomic(self.folder / "resume", bencodepy.encode(resume))
         for old in self.journals():
             if old < gen:
@@ -250,17 +273,32 @@ class TorrentRecord:
         return sorted(int(m.group(1)) for n in names if (m := _JOURNAL.fullmatch(n)))
 
     def remove(self) -> None:
-        """Forget the torrent (caller holds both locks): nothing is written after this."""
+        """Forget the torrent (caller holds both locks): nothing is written after this.
+
+        The folder is renamed out of the way first, one atomic step: a crash part-way
+        through deleting its files must not leave a record that a restart would load
+        (without its resume record, as a torrent to check again)."""
         self.removed = True
         self._close_journal()
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.folder)
-        with contextlib.suppress(OSError):
-            fsync_dir(self.folder.parent)
+        gone = self.folder.with_name(REMOVING + self.folder.name)
+        try:
+            os.replace(self.folder, gone)
+        except FileNotFoundError:
+            return
+        except OSError:
+            gone = self.folder  # (renaming failed: deleted where it is, as it can be)
+        else:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.folder.parent)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def close(self) -> None:
         with self.journal_lock:
             self._close_journal()
+
+
+class StateInUse(OSError):
+    """Another process (a daemon) holds the state folder."""
 
 
 class StateStore:
@@ -270,6 +308,16 @@ class StateStore:
         if not self.root.is_dir():
             self.root.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.state_dir)  # the folder's name is durable before any record in it
+        # One daemon per state folder, taken before anything in it is read or changed: a
+        # second one started by mistake compacted the first one's journals away under it.
+        self._lock_fd = os.open(self.state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StateInUse(errno.EBUSY, f"the state folder {self.state_dir} is in use by "
+                                          "another pieced daemon") from None
         marker = self.state_dir / "clean"
         # Payload file stamps are trusted only after a clean stop: after a crash the
         # files we were writing have changed since the last save, by our own hand.
@@ -281,15 +329,26 @@ class StateStore:
     def mark_clean(self) -> None:
         write_atomic(self.state_dir / "clean", b"")
 
+    def close(self) -> None:
+        """Let the state folder go (another daemon may use it from now on)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
     def create(self, ih: bytes, raw: bytes, save_path: Path) -> TorrentRecord:
         folder = self.root / ih.hex()
         if folder.exists():  # left over from a torrent whose removal did not finish
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
-        write_atomic(folder / "metainfo.torrent", raw)
-        rec = TorrentRecord(folder)
-        rec.write_location(save_path, {})
+        try:
+            fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
+            write_atomic(folder / "metainfo.torrent", raw)
+            rec = TorrentRecord(folder)
+            rec.write_location(save_path, {})
+        except BaseException:
+            # (A full state folder:) no half-made record is left to be met at every start.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return rec
 
     def record(self, ih_hex: str, gen: int) -> TorrentRecord:
@@ -305,6 +364,9 @@ class StateStore:
         out: list[tuple[Loaded, int]] = []
         problems: list[str] = []
         for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(REMOVING):  # its removal was cut short: finished now
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
             try:
                 loaded = self._load(folder, parse)
             except Exception as exc:
@@ -314,6 +376,10 @@ class StateStore:
         return out, problems
 
     def _load(self, folder: Path, parse: Any) -> tuple[Loaded, int]:
+        for name in os.listdir(folder):
+            if _TEMPORARY.fullmatch(name):  # a write_atomic a crash cut short
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / name)
         meta = parse((folder / "metainfo.torrent").read_bytes())
         n = int(meta.num_pieces)
         resume = _decode_dict(folder / "resume")
@@ -336,7 +402,7 @@ class StateStore:
         stamps = None
         if resume is None or not isinstance(resume.get(b"have", b""), bytes) or len(
             resume.get(b"have", b"")
-        ) != nbytes:
+        ) != nbytes or not _crc_matches(resume):
             damaged = "its resume record is missing or damaged"
         else:
             have[:] = resume[b"have"]
@@ -360,8 +426,11 @@ class StateStore:
                 stamps = files
         rec = TorrentRecord(folder)
         gens = [g for g in rec.journals() if damaged or g >= gen]
+        torn = False
         for g in gens:
-            for kind, piece, fp in decode_records((folder / f"journal.{g}").read_bytes()):
+            records, bad = _decode_records((folder / f"journal.{g}").read_bytes())
+            torn = torn or bad
+            for kind, piece, fp in records:
                 if not 0 <= piece < n:
                     continue
                 bit = 0x80 >> (piece & 7)
@@ -372,6 +441,12 @@ class StateStore:
                     have[piece >> 3] &= ~bit & 0xFF
         # Appends go to a new generation: never after a torn record, which would hide them.
         next_gen = max([gen, *rec.journals()]) + 1
+        if torn:
+            # A damaged record among good ones: what it said is unknown (a piece it
+            # cleared would come back verified), so no piece is taken on trust; each is
+            # looked for again (its fingerprint kept: found again at the cost of BLAKE3).
+            damaged = "a record of its journal is damaged, so no piece is taken as verified"
+            have[:] = bytes(len(have))
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
                         previous, _checking_scope(folder / CHECKING))
         return loaded, next_gen
@@ -389,6 +464,16 @@ def _read_location(record: Any) -> tuple[str, dict[int, tuple[str, ...]]]:
     for k, v in dict(record.get(b"renames", {})).items():
         renames[int(k)] = tuple(bytes(v).decode().split("/"))
     return record[b"save_path"].decode(), renames
+
+
+def _crc_matches(resume: dict[bytes, Any]) -> bool:
+    """The resume record's checksum (over the record without it) holds; a record from a
+    version that wrote none passes."""
+    crc = resume.get(b"crc")
+    if crc is None:
+        return True
+    rest = {k: v for k, v in resume.items() if k != b"crc"}
+    return isinstance(crc, int) and zlib.crc32(bencodepy.encode(rest)) == crc
 
 
 def _decode_dict(path: Path) -> dict[bytes, Any] | None:

@@ -112,6 +112,9 @@ def test_fingerprints_persist_and_are_made_by_the_first_recheck(
     # A lost or damaged table only costs speed.
     record = bencodepy.decode(resume.read_bytes())
     record[b"fingerprints"] = b"short"
+    # (Without its checksum, as an older version wrote it: a record whose checksum fails
+    # is damaged as a whole, and its torrent's pieces are checked again.)
+    del record[b"crc"]
     resume.write_bytes(bencodepy.encode(record))
     third = DiskIO(state_dir=state)
     r = third.recheck(ih)

@@ -189,6 +189,8 @@ def test_journal_alone_restores_every_verified_piece(
     # own reads of the files below wait for lease-break-time: its SIGIO may be taken by
     # another thread while the main thread waits in open)
     dio.torrent(ih).storage.close_handles()
+    assert dio.state is not None
+    dio.state.close()  # the state folder's lock, which goes with the process
     again = DiskIO(backend, state_dir=tmp_path / "state")
     st = again.status(ih)
     have = {p for p in range(src.meta.num_pieces) if st["have"][p >> 3] & (0x80 >> (p & 7))}
@@ -1061,4 +1063,234 @@ def test_a_file_put_in_the_way_of_a_move_is_never_taken_for_the_torrents(
     for p in range(src.meta.num_pieces):
         assert again.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
     assert (tmp_path / "new" / content.name / "b.bin").read_bytes() == stranger
+    again.close()
+
+
+def _verified(st: dict) -> set[int]:
+    return {p for p in range(len(st["have"]) * 8) if st["have"][p >> 3] & (0x80 >> (p & 7))}
+
+
+def _crash_copy(dio: DiskIO, state: Path, to: Path, ih: bytes) -> DiskIO:
+    """A new engine on a copy of ``state`` as it stands (every append was fdatasync'ed:
+    what a crash leaves), ``dio`` left running."""
+    import shutil
+
+    shutil.rmtree(to, ignore_errors=True)
+    shutil.copytree(state, to)
+    dio.torrent(ih).storage.close_handles()  # (a map's lease would hold this test's reads)
+    return DiskIO(dio.backend, state_dir=to)
+
+
+def test_a_second_engine_on_one_state_folder_is_refused_before_it_touches_it(
+        tmp_path: Path, backend: str) -> None:
+    """A second daemon started on the same state folder (by mistake, or with its own
+    socket) used to load it, compact the first one's journals away under it and remove
+    its clean mark: the pieces the first announced after that were lost at its next
+    crash (10 of 20). It is refused now, before it reads or changes anything; the
+    folder is free again once the first is closed."""
+    from pieced.storage.resume import StateInUse
+
+    content = make_payload(tmp_path / "src", 20 * 16384, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    before = sorted(os.listdir(state / "torrents" / ih.hex()))
+    with pytest.raises(StateInUse, match="in use by another pieced daemon"):
+        DiskIO(backend, state_dir=state)
+    assert sorted(os.listdir(state / "torrents" / ih.hex())) == before
+    dio.close()
+    again = DiskIO(backend, state_dir=state)
+    assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+    again.close()
+
+
+def test_a_second_daemon_on_one_state_folder_says_why_and_costs_the_first_nothing(
+        tmp_path: Path) -> None:
+    """The same with real daemons, the second on a socket of its own: it exits saying
+    why, and everything the first announces after it survives the first's kill -9."""
+    content = make_payload(tmp_path / "src", 20 * 16384, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    blocks = src.blocks()
+    first = Daemon(tmp_path)
+    try:
+        with Client(first.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            for p, b, n in blocks[: len(blocks) // 2]:
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            with pytest.raises(RuntimeError, match="in use by another pieced daemon"):
+                Daemon(tmp_path, env={"PIECED_SOCKET": str(tmp_path / "other.sock")})
+            for p, b, n in blocks[len(blocks) // 2 :]:
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+        first.proc.kill()
+        first.proc.wait()
+        again = Daemon(tmp_path)
+        with Client(again.socket) as c:
+            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert again.stop() == 0
+    finally:
+        first.proc.kill()
+
+
+def test_pieces_cleared_while_the_state_disk_is_full_never_come_back_verified(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """While the state folder's disk is full, the record that a piece is verified no
+    more cannot be written. ``clear_piece`` then fails and changes nothing; a piece
+    whose file vanished, or that a recheck found bad, is not verified any more in
+    memory, and takes no block until the record is written (a block written into it
+    would otherwise come back verified, over the new bytes, after a crash: that
+    happened for all three). Once there is room again, the download finishes, and a
+    crash at any point reports only pieces whose bytes are right."""
+    import shutil
+
+    content = make_payload(tmp_path / "src", {"a.bin": 12 * 16384, "b.bin": 12 * 16384},
+                           seed=10)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    state = tiny_fs / "state"
+    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, k in src.blocks():
+        if p != n - 1:  # the last piece waits
+            dio.write_chunk(ih, p, b, src.read(p, b, k))
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == n - 1
+    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(filler, bytes(4096))
+    os.close(filler)
+    dio._save_now(dio.torrent(ih))  # fails (no room), and the journal starts a new file
+    assert dio.status(ih)["errors"]
+
+    # clear_piece: refused, nothing changed.
+    with pytest.raises(StorageIOError) as exc:
+        dio.clear_piece(ih, 3)
+    assert exc.value.errno == errno.ENOSPC
+    assert _verified(dio.status(ih)) == set(range(n - 1))
+    # A file deleted behind our back (seen by the next write): its pieces are gone, and
+    # take no block meanwhile.
+    dl = tmp_path / "dl" / "payload"
+    os.unlink(dl / "b.bin")
+    with pytest.raises(StorageIOError) as exc:
+        dio.write_chunk(ih, n - 1, 0, src.read(n - 1, 0, 16384), flush=True)
+    assert exc.value.errno == errno.ENOENT
+    gone = set(range(n)) - _verified(dio.status(ih))
+    assert len(gone) > 1 and all(p >= 11 for p in gone)
+    first = min(gone)
+    with pytest.raises(StorageIOError) as exc:
+        dio.write_chunk(ih, first, 0, src.read(first, 0, 16384))
+    assert exc.value.errno == errno.ENOSPC
+    assert not (dl / "b.bin").exists()  # nothing was written
+    # A recheck that finds a piece bad (room for its mark that a check is under way, one
+    # page, and none for the journal after it).
+    os.truncate(tiny_fs / "filler", os.path.getsize(tiny_fs / "filler") - 4096)
+    dio.torrent(ih).storage.close_handles()  # (a map's lease would hold this test's open)
+    corrupt(dl / "a.bin", 5 * 16384 + 100)
+    result = dio.recheck(ih, full=True)
+    assert 5 in result.failed_v1
+    assert 5 not in _verified(dio.status(ih))
+    with pytest.raises(StorageIOError):
+        dio.write_chunk(ih, 5, 0, src.read(5, 0, 16384))
+
+    def truth(engine: DiskIO) -> None:
+        st = wait_reverified(engine, ih)
+        engine.torrent(ih).storage.close_handles()
+        for p in _verified(st):
+            assert _on_disk(src, tmp_path / "dl", p) == src.read(p, 0, src.layout.piece_size(p)), p
+
+    crashed = _crash_copy(dio, state, tmp_path / "crash1", ih)
+    truth(crashed)
+    crashed.close()
+    # Room again: the pieces take their blocks, the download finishes.
+    os.unlink(tiny_fs / "filler")
+    for p, b, k in src.blocks():
+        if p in gone or p == 5:
+            dio.write_chunk(ih, p, b, src.read(p, b, k))
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == n
+    crashed = _crash_copy(dio, state, tmp_path / "crash2", ih)
+    truth(crashed)
+    assert wait_reverified(crashed, ih)["verified_pieces"] == n
+    crashed.close()
+    dio.close()
+    shutil.rmtree(state)
+
+
+def test_a_crash_while_a_torrent_is_removed_does_not_bring_it_back(
+        tmp_path: Path, backend: str) -> None:
+    """A kill -9 part-way through deleting a removed torrent's state folder left a
+    folder that the restart loaded (without its resume record: checked again, and all
+    its pieces verified): the torrent came back. The folder is renamed out of the way
+    first now, in one step."""
+    content = make_payload(tmp_path / "src", 6 * 16384, seed=11)
+    raw = make_torrent_lt(content, 16384, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    _dies("""
+import shutil
+from pieced.storage import resume
+from pieced.storage.disk import DiskIO
+from tests.test_disk import Source, fill
+raw = Path({torrent!r}).read_bytes()
+dio = DiskIO({backend!r}, state_dir=Path({state!r}))
+ih = dio.register(raw, Path({dl!r}))
+fill(dio, ih, Source(raw, Path({src!r})))
+dio.flush_all()
+def die(path, *a, **k):
+    os.unlink(os.path.join(path, "resume"))  # the first of its files deleted, then killed
+    os._exit(9)
+resume.shutil.rmtree = die
+dio.unregister(ih)
+""", torrent=str(tmp_path / "t.torrent"), backend=backend, state=str(tmp_path / "state"),
+          dl=str(tmp_path / "dl"), src=str(tmp_path / "src"))
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert again.torrents() == [] and again.load_errors == []
+    assert os.listdir(tmp_path / "state" / "torrents") == []
+    again.close()
+
+
+def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
+        tmp_path: Path, backend: str) -> None:
+    """One damaged record in the middle of a journal used to end the replay there,
+    silently: the records after it were lost, and a piece it had cleared came back
+    verified over bytes changed since. Now the good records are kept (their
+    fingerprints), no piece is taken as verified, the problem is said, and every piece
+    is found again by a check."""
+    content = make_payload(tmp_path / "src", 12 * 16384, seed=12)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None)
+    dio.flush_all()
+    dio.clear_piece(ih, 4)
+    dio.clear_piece(ih, 6)  # a good record after the one to be damaged
+    dio.torrent(ih).storage.close_handles()
+    assert dio.state is not None
+    dio.state.close()  # (the process dies)
+    corrupt(tmp_path / "dl" / "payload.bin", 4 * 16384 + 7)  # piece 4's bytes change
+    folder = state / "torrents" / ih.hex()
+    from pieced.storage.resume import REC_CLEARED, RECORD
+
+    journal = max(folder.glob("journal.*"), key=lambda p: int(p.suffix[1:]))
+    data = bytearray(journal.read_bytes())
+    cleared = [off for off in range(0, len(data), RECORD.size) if data[off] == REC_CLEARED]
+    assert len(cleared) == 2
+    data[cleared[0] + 4] ^= 0x01  # the CLEARED record of piece 4, damaged
+    with open(journal, "r+b") as f:  # (no new name: the record stays where it was)
+        f.write(data)
+    again = DiskIO(backend, state_dir=state)
+    assert any("journal is damaged" in e for e in again.load_errors), again.load_errors
+    st = wait_reverified(again, ih)
+    assert _verified(st) == set(range(n)) - {4}  # piece 6's bytes are good: found again
     again.close()
