@@ -176,8 +176,12 @@ class PeerConnection:
         elif isinstance(ev, wire.Unchoke):
             self.peer_choking = False
         elif isinstance(ev, wire.Interested):
+            if self.peer_interested:
+                return False  # said again: nothing changes, nothing to do
             self.peer_interested = True
         elif isinstance(ev, wire.NotInterested):
+            if not self.peer_interested:
+                return False
             self.peer_interested = False
         elif isinstance(ev, wire.Request):
             return self._request(ev)

@@ -68,6 +68,7 @@ OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it t
 RECONCILE_INTERVAL = 5.0
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
 SUGGESTS_PER_PEER = 8
+CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a second
 # A peer we dial (from --peer or a tracker) that cannot be reached, or whose connection
 # ends while pieces are missing, is dialled again: after RETRY_FIRST seconds, twice as
 # long after each attempt that brought no block, up to RETRY_MAX (libtorrent's wait).
@@ -455,6 +456,7 @@ class Swarm:
         self.tracker: Tracker | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
+        self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
         self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
         self._told_verified: set[int] = set()  # piece_verified since the last reconcile
@@ -668,7 +670,15 @@ class Swarm:
                      if dial.due and dial.due <= now)
         for _, (host, port) in due:  # who has waited longest first (new addresses too)
             if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
-                return
+                # A peer holding a place and doing nothing gives it up, as for a newcomer
+                # that dials us: else peers with nothing to exchange, filling every
+                # place, kept a seeder that came up later from ever being dialled.
+                idle = self._idlest()
+                if idle is None:
+                    return
+                log.info("%s: dropped to dial %s (nothing to exchange)", idle.addr,
+                         _address(host, port))
+                self._drop(idle)
             self.connect(host, port)
 
     def _accepted(self, transport: asyncio.Transport, inbox: Inbox) -> None:
@@ -960,10 +970,15 @@ class Swarm:
         if not peer.conn.fast or self.picker is None:
             return
         if pieces is None:
-            try:
-                self._cached = await self.client.cached_pieces(self.ih)
-            except PiecedError:
-                return
+            now = time.monotonic()
+            if now - self._cached_at >= CACHED_ASK_SECONDS:
+                # Asked of the daemon at most so often, whoever turns interested: a peer
+                # saying INTERESTED and NOT_INTERESTED in turn made one request each.
+                self._cached_at = now
+                try:
+                    self._cached = await self.client.cached_pieces(self.ih)
+                except PiecedError:
+                    return
             pieces = self._cached
         sent = 0
         for p in pieces:

@@ -168,6 +168,7 @@ class DiskIO:
         self._refuse_registered(meta)  # before the save path is made: refused, nothing made
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links, self.roots)
+        new_folders = [f for f in (path, *path.parents) if not f.exists()]  # unmade if refused
         try:
             # Made, and held open from now on, walking down from its root: a parent
             # folder swapped for a symlink later, or meanwhile, leads nowhere else.
@@ -181,7 +182,18 @@ class DiskIO:
         t.enter_alone()
         try:
             with self._lock:
-                self._refuse_registered(meta)  # again: another register may have won meanwhile
+                try:  # again: another register may have won meanwhile
+                    self._refuse_registered(meta)
+                except AlreadyRegistered:
+                    # Refused, nothing left: not the folder's descriptor, nor the folders
+                    # this made (those another torrent has come to use stay).
+                    storage.close()
+                    used = {o.storage.save_path for o in self._torrents.values()}
+                    for folder in new_folders:
+                        if not any(u == folder or u.is_relative_to(folder) for u in used):
+                            with contextlib.suppress(OSError):
+                                folder.rmdir()  # (only if empty)
+                    raise
                 for alias in meta.aliases:
                     self._torrents[alias] = t
             try:
@@ -581,9 +593,7 @@ class DiskIO:
                         t.set_state(p, VERIFIED)
                         t.unrecorded.discard(p)  # journaled verified just above
                     elif t.state[p] == VERIFIED:
-                        t.set_state(p, MISSING)
-        for p in cleared:
-            self.pool.drop((t.id, p))
+                        self._to_missing(t, p)
 
     # -- writes -----------------------------------------------------------------------
     def write_chunk(
@@ -837,17 +847,18 @@ class DiskIO:
                 if t.partial.get(piece) is partial:
                     del t.partial[piece]
                     self._count_partials(-1)
-                    t.set_state(piece, MISSING)
+                    self._to_missing(t, piece)
             raise
         with t.lock:
             mine = t.partial.get(piece) is partial
             if mine:
                 del t.partial[piece]
                 self._count_partials(-1)
-                t.set_state(piece, COMMITTING if ok else MISSING)
+                if ok:
+                    t.set_state(piece, COMMITTING)
+                else:
+                    self._to_missing(t, piece)
         if not mine or not ok:
-            if mine:
-                self.pool.drop(key)
             self.metrics.add("pieces_failed")
             failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
             self._notify(failed)
@@ -934,10 +945,17 @@ class DiskIO:
         with t.lock:
             back = [(p, r) for p, (r, _) in pieces if t.state[p] == COMMITTING]
             for p, _ in back:
-                t.set_state(p, MISSING)
+                self._to_missing(t, p)
         for p, r in back:  # the hashes matched (v1/v2 say so); the data is not durable
-            self.pool.drop((t.id, p))
             self._notify(PieceResult(t.key, p, False, r.v1, r.v2))
+
+    def _to_missing(self, t: Torrent, piece: int) -> None:
+        """(Caller holds ``t.lock``.) The piece is missing again, and what the pool holds
+        of it goes at once: dropped later, it would take with it the blocks a new hash
+        state of the piece buffered meanwhile (its piece would then verify from the hash
+        state, over the old bytes on disk)."""
+        t.set_state(piece, MISSING)
+        self.pool.drop((t.id, piece))
 
     def _notify(self, result: PieceResult) -> None:
         if self.on_piece is not None:
@@ -1029,7 +1047,6 @@ class DiskIO:
         pieces failed or started over are told as failed (without v1/v2: no hash said
         so), so that their blocks are sent again.
         """
-        dropped = []
         failed = []
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
@@ -1053,10 +1070,7 @@ class DiskIO:
                         failed.append(p)
                     else:
                         continue
-                    t.set_state(p, MISSING)
-                    dropped.append(p)
-        for p in dropped:
-            self.pool.drop((t.id, p))
+                    self._to_missing(t, p)
         for p in failed:
             self._notify(PieceResult(t.key, p, False, None, None))
 
@@ -1224,18 +1238,21 @@ class DiskIO:
                                 if partial is not None:
                                     del t.partial[piece]
                                     self._count_partials(-1)
-                                t.set_state(piece, MISSING)
+                                self._to_missing(t, piece)
                         if state == VERIFIED:
                             # Journaled before it is missing (no block can land in it
                             # meanwhile: it stays verified, and only the journal lock's
                             # holder changes that); if that fails, nothing changed.
                             self._journal_clears(t, rec, [piece], must=True)
                             with t.lock:
-                                t.set_state(piece, MISSING)
+                                self._to_missing(t, piece)
                     if partial is not None:
                         partial.done = partial.cleared = True
                 break
-            self.pool.drop((t.id, piece))
+            if state == COMMITTING:
+                # Verified, not yet durable: its committer leaves it out. Its writer is
+                # told, as of any piece taken back (no hash failed: without v1/v2).
+                self._notify(PieceResult(t.key, piece, False, None, None))
         finally:
             t.leave()
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -715,3 +716,122 @@ def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
         assert isinstance(entry, PieceData) and bytes(entry.read(0, qsize)) == src.read(q, 0, qsize)
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_blocks_that_land_while_a_piece_is_cleared_are_never_dropped(
+        tmp_path: Path, backend: str) -> None:
+    """clear_piece let its piece go (missing) and only then dropped what the buffer pool
+    held of it: the blocks another client wrote meanwhile, buffered by a backend that
+    gathers a piece before writing it, went with that drop, and the piece verified from
+    its hash state over the old bytes on disk (announced, and kept after a restart). The
+    pool lets go of a piece at the moment it is missing again, now. (The drop is made
+    slow here, to hold that moment open.)"""
+    content = make_payload(tmp_path / "src", 8 * BLOCK * 4, seed=13)
+    raw = make_torrent_lt(content, 4 * BLOCK, "v1")
+    src = Source(raw, tmp_path / "src")
+    events: list[PieceResult] = []
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002,
+                 on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, n in src.blocks():
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    piece = 3
+    dio.torrent(ih).storage.close_handles()  # (a map's lease would hold this test's open)
+    with open(tmp_path / "dl" / "payload.bin", "r+b") as f:  # bad bytes behind our back
+        f.seek(piece * 4 * BLOCK)
+        f.write(bytes(4 * BLOCK))
+    slow_drop = dio.pool.drop
+
+    def drop(key: Any) -> None:
+        if threading.current_thread() is threading.main_thread():  # the clear's
+            time.sleep(0.2)
+        slow_drop(key)
+
+    dio.pool.drop = drop  # type: ignore[method-assign]
+    blocks = [blk for blk in src.blocks() if blk[0] == piece]
+
+    def send_again() -> None:
+        time.sleep(0.05)  # the clear is under way
+        for p, b, n in blocks[:-1]:
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        time.sleep(0.3)  # the last block after the clear's drop
+        p, b, n = blocks[-1]
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+
+    writer = threading.Thread(target=send_again)
+    writer.start()
+    dio.clear_piece(ih, piece)
+    writer.join()
+    dio.pool.drop = slow_drop  # type: ignore[method-assign]
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    dio.torrent(ih).storage.close_handles()
+    with open(tmp_path / "dl" / "payload.bin", "rb") as f:
+        f.seek(piece * 4 * BLOCK)
+        assert f.read(4 * BLOCK) == src.read(piece, 0, 4 * BLOCK)
+    dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_piece_cleared_before_it_is_durable_is_told_failed(
+        tmp_path: Path, backend: str) -> None:
+    """A piece that passed its hashes and waits for the group commit, cleared by another
+    client: it used to get no event at all (its writer waited for one for ever); it gets
+    piece_failed, without v1/v2 (no hash failed it), and no piece_verified."""
+    content = make_payload(tmp_path / "src", 4 * BLOCK, seed=14)
+    raw = make_torrent_lt(content, 2 * BLOCK, "v1")
+    src = Source(raw, tmp_path / "src")
+    events: list[PieceResult] = []
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=1.0,
+                 on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, n in src.blocks():
+        if p == 0:
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+    assert dio.status(ih)["committing_pieces"] == 1
+    dio.clear_piece(ih, 0)
+    dio.flush_all()
+    assert [(e.piece, e.ok, e.v1) for e in events] == [(0, False, None)]
+    assert dio.status(ih)["verified_pieces"] == 0
+    dio.close()
+
+
+def test_a_register_that_loses_a_race_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Two registers of one torrent at once, with different save paths: the loser is
+    refused (already registered) and used to keep its save path's descriptor open for
+    good and leave the folder it made; a client repeating it used up the daemon's
+    descriptors."""
+    content = make_payload(tmp_path / "src", 2 * BLOCK, seed=15)
+    raw = make_torrent_lt(content, BLOCK, "v1")
+    dio = DiskIO("posix", state_dir=tmp_path / "state")
+    fds = len(os.listdir("/proc/self/fd"))
+    refused = 0
+    for k in range(30):
+        start = threading.Barrier(2)
+        out: list[bytes | Exception] = []
+
+        def register(side: str, k: int = k, start: threading.Barrier = start,
+                     out: list[bytes | Exception] = out) -> None:
+            start.wait()
+            try:
+                out.append(dio.register(raw, tmp_path / f"round{k}" / side / "deep"))
+            except AlreadyRegistered as exc:
+                out.append(exc)
+
+        threads = [threading.Thread(target=register, args=(side,)) for side in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [x for x in out if isinstance(x, bytes)]
+        assert len(won) == 1, out
+        refused += 1
+        kept = dio.status(won[0])["save_path"]
+        made = [str(p) for p in (tmp_path / f"round{k}").rglob("*") if p.is_dir()]
+        assert all(kept == m or kept.startswith(m + "/") for m in made), (kept, made)
+        dio.unregister(won[0], delete_files=True)
+    assert refused == 30
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    dio.close()

@@ -1147,3 +1147,14 @@ def test_the_metadata_is_handed_out_in_pieces() -> None:
     (ev,) = ask(3)
     assert isinstance(ev, wire.Extended)
     assert bencodepy.decode(ev.payload) == {b"msg_type": 2, b"piece": 3}
+
+
+def test_interest_said_again_is_no_event() -> None:
+    """INTERESTED when the peer is interested already (or NOT_INTERESTED when it is not)
+    changes nothing and is no event: each one used to cost the plugin a choke round and
+    the daemon a request, so a stream of them kept both busy."""
+    c = incoming()
+    events = c.receive(wire.interested() * 1000)
+    assert [type(e) for e in events] == [wire.Interested] and c.peer_interested
+    events = c.receive(wire.not_interested() * 3 + wire.interested() + wire.interested())
+    assert [type(e) for e in events] == [wire.NotInterested, wire.Interested]

@@ -614,6 +614,66 @@ def test_a_seeder_dials_its_peers_until_they_answer(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_peers_with_nothing_to_exchange_make_room_for_a_seeder_to_be_dialled(
+        tmp_path: Path) -> None:
+    """Every place of a downloading pieced-peer (``--max-peers 2``) taken by peers that
+    came in, have nothing and want nothing (keep-alives all along), and its seeder up
+    only later: the seeder was never dialled again, and the download waited for ever.
+    A peer with nothing to exchange now gives its place to a due dial, as to a newcomer
+    that dials us."""
+    import socket
+
+    from pieced.peer import wire
+
+    piece = 32768
+    files = {"a.bin": 30 * piece + 9}
+    content = make_payload(tmp_path / "seed", files, seed=17)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    meta = parse(raw)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = Daemon(tmp_path)
+    proc = subprocess.Popen(
+        peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0",
+                 "--max-peers", "2", "--peer", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _running.append(proc)
+    squatters: list[socket.socket] = []
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "listening on" in line, line
+        ours = int(line.rsplit(":", 1)[1])
+        for i in range(2):
+            s = socket.create_connection(("127.0.0.1", ours), timeout=10)
+            s.sendall(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                     wire.make_reserved(extended=False, fast=True))
+                      + wire.have_none())
+            squatters.append(s)
+        time.sleep(3)  # the seeder's address refused, and due again; every place taken
+        with LtPeer(raw, tmp_path / "seed", seed=True, port=port):
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                for s in squatters:
+                    with contextlib.suppress(OSError):
+                        s.sendall(wire.keep_alive())
+                time.sleep(1)
+            out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        for s in squatters:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_an_address_that_cannot_be_listened_on_is_said_so(tmp_path: Path) -> None:
     """``--listen`` on a port in use: exit 2 saying it cannot listen there (it blamed
     the daemon)."""
