@@ -1294,3 +1294,37 @@ def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
     st = wait_reverified(again, ih)
     assert _verified(st) == set(range(n)) - {4}  # piece 6's bytes are good: found again
     again.close()
+
+
+def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """A register that cannot write its record (the state folder's disk is full) fails
+    and leaves nothing: it used to leave a half-made folder, met with a warning at every
+    later start. Leftovers of writes a crash cut short (temporary files, a folder whose
+    removal was under way) are cleaned at start-up, silently."""
+    content = make_payload(tmp_path / "src", 4 * 16384, seed=16)
+    raw = make_torrent_lt(content, 16384, "v1")
+    state = tiny_fs / "state"
+    dio = DiskIO(backend, state_dir=state)
+    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(filler, bytes(4096))
+    os.close(filler)
+    with pytest.raises(StorageIOError) as exc:
+        dio.register(raw, tmp_path / "dl")
+    assert exc.value.errno == errno.ENOSPC
+    assert os.listdir(state / "torrents") == [] and dio.torrents() == []
+    os.unlink(tiny_fs / "filler")
+    ih = dio.register(raw, tmp_path / "dl")
+    dio.close()
+    folder = state / "torrents" / ih.hex()
+    (folder / ".resume.k3j2h1").write_bytes(b"half")
+    (folder / ".location.x9y8z7").write_bytes(b"")
+    (state / "torrents" / ".removing-00ff").mkdir()
+    (state / "torrents" / ".removing-00ff" / "resume").write_bytes(b"gone")
+    again = DiskIO(backend, state_dir=state)
+    assert again.load_errors == [] and again.torrents() == [ih]
+    assert sorted(os.listdir(state / "torrents")) == [ih.hex()]
+    assert not [n for n in os.listdir(folder) if n.startswith(".")]
+    again.close()
