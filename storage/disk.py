@@ -151,6 +151,7 @@ class DiskIO:
         # The largest piece a read brings whole into the cache (the rest are read by range).
         self._cacheable = min(MAX_CACHED_READ, cache_bytes // 4)
         self._lock = threading.Lock()
+        self._making: list[Path] = []  # save paths of registers under way (under _lock)
         self._torrents: dict[bytes, Torrent] = {}
         self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
         self._ids = itertools.count(1)
@@ -169,13 +170,23 @@ class DiskIO:
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links, self.roots)
         new_folders = [f for f in (path, *path.parents) if not f.exists()]  # unmade if refused
+        with self._lock:
+            self._making.append(path)  # (a refused register leaves this one's folders)
         try:
-            # Made, and held open from now on, walking down from its root: a parent
-            # folder swapped for a symlink later, or meanwhile, leads nowhere else.
-            storage.root.root(create=True)
-        except BaseException:
-            storage.close()
-            raise
+            try:
+                # Made, and held open from now on, walking down from its root: a parent
+                # folder swapped for a symlink later, or meanwhile, leads nowhere else.
+                storage.root.root(create=True)
+            except BaseException:
+                storage.close()
+                raise
+            return self._register(meta, metainfo, path, storage, new_folders)
+        finally:
+            with self._lock:
+                self._making.remove(path)
+
+    def _register(self, meta: Metainfo, metainfo: bytes, path: Path, storage: FileStorage,
+                  new_folders: list[Path]) -> bytes:
         t = Torrent(next(self._ids), meta, storage)
         # Held alone until its files and state record exist: a client that finds it in
         # the table (an unregister, a write) waits for a torrent that is whole, or gone.
@@ -189,6 +200,9 @@ class DiskIO:
                     # this made (those another torrent has come to use stay).
                     storage.close()
                     used = {o.storage.save_path for o in self._torrents.values()}
+                    others = list(self._making)  # registers under way, ours among them
+                    others.remove(path)
+                    used.update(others)
                     for folder in new_folders:
                         if not any(u == folder or u.is_relative_to(folder) for u in used):
                             with contextlib.suppress(OSError):
@@ -711,7 +725,10 @@ class DiskIO:
             if state != MISSING:
                 self.metrics.add("duplicate_blocks", blocks)
                 return None
-        if t.unrecorded and piece in t.unrecorded:
+        if t.unrecorded:
+            # Any new piece, not only those: a block in another piece of a vanished file
+            # would make it anew, at its full length, and after a crash the pieces the
+            # journal still says verified would be taken as such, over its zeros.
             self._record_unrecorded(t)
         size = t.layout.piece_size(piece)
         pads = t.pads(piece)
@@ -1000,8 +1017,8 @@ class DiskIO:
         may land in them, and a crash before the record would bring them back verified
         over the new bytes. When the record cannot be written (a full state folder):
         with ``must``, the error is raised and nothing changes; otherwise (their data is
-        gone or bad all the same) they go into ``t.unrecorded``, where no block is
-        written until the record is, and the error is reported."""
+        gone or bad all the same) they go into ``t.unrecorded`` (the torrent starts no
+        piece until the record is written), and the error is reported."""
         if rec is None or not pieces:
             return
         try:
@@ -1018,14 +1035,16 @@ class DiskIO:
             t.unrecorded.difference_update(pieces)
 
     def _record_unrecorded(self, t: Torrent) -> None:
-        """Journal the pieces of ``t.unrecorded`` now, or raise: a block is about to be
-        written into one of them."""
+        """Journal the pieces of ``t.unrecorded`` now, or raise: a block is about to start
+        a piece of the torrent."""
         rec = self._records.get(t.id)
         if rec is None:
             return
         with rec.journal_lock:
-            with t.lock:
-                todo = sorted(p for p in t.unrecorded if t.state[p] != VERIFIED)
+            with t.lock:  # (one verified again since was journaled so: nothing to say)
+                t.unrecorded.difference_update([p for p in t.unrecorded
+                                                if t.state[p] == VERIFIED])
+                todo = sorted(t.unrecorded)
             try:
                 rec.append([(REC_CLEARED, p, bytes(16)) for p in todo])
             except OSError as exc:

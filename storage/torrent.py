@@ -161,9 +161,9 @@ class Torrent:
 
         self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
         # Pieces no longer verified whose journal still says so (the record saying they
-        # were cleared could not be written: a full state folder). Nothing is written into
-        # them until it is, or a resume record says so: a crash would bring them back
-        # verified, over the new bytes.
+        # were cleared could not be written: a full state folder). No piece of the torrent
+        # is started until it is, or a resume record says so: a crash would bring them
+        # back verified, over new bytes (or over a vanished file made anew, zeros).
         self.unrecorded: set[int] = set()
         self.reverifying = 0  # pieces still being re-verified after a restart
         self.checking = 0  # checks of its files (recheck, start-up check) under way

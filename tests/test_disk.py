@@ -835,3 +835,47 @@ def test_a_register_that_loses_a_race_leaves_nothing_behind(tmp_path: Path) -> N
     assert refused == 30
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
     dio.close()
+
+
+def test_a_register_that_loses_a_race_leaves_the_folders_of_others_under_way(
+        tmp_path: Path) -> None:
+    """The loser of a race to register one torrent removes the folders it made, but not
+    one another register (of another torrent) has made its save path meanwhile and is
+    about to use: that one's files were made in a folder deleted under it. (Each
+    register is held a while before it takes its place, to line the three up.)"""
+    a = make_payload(tmp_path / "a", 2 * BLOCK, seed=17)
+    b = make_payload(tmp_path / "b", {"other.bin": 2 * BLOCK}, seed=18)
+    raw_a, raw_b = make_torrent_lt(a, BLOCK, "v1"), make_torrent_lt(b, BLOCK, "v1")
+    dio = DiskIO("posix", state_dir=tmp_path / "state")
+    shared = tmp_path / "dl" / "new" / "sub"
+    held = {tmp_path / "dl" / "x1": 0.1, shared: 0.2}
+    real = dio._register
+
+    def late(meta: Any, metainfo: bytes, path: Path, *rest: Any) -> bytes:
+        time.sleep(held.get(path, 0.5))
+        return real(meta, metainfo, path, *rest)
+
+    dio._register = late  # type: ignore[method-assign]
+    out: dict[str, Any] = {}
+
+    def register(name: str, raw: bytes, path: Path) -> None:
+        try:
+            out[name] = dio.register(raw, path)
+        except AlreadyRegistered as exc:
+            out[name] = exc
+
+    threads = [threading.Thread(target=register, args=args) for args in (
+        ("x1", raw_a, tmp_path / "dl" / "x1"), ("x2", raw_a, shared), ("y", raw_b, shared))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(out["x2"], AlreadyRegistered) and isinstance(out["y"], bytes), out
+    src = Source(raw_b, tmp_path / "b")
+    for p, begin, n in src.blocks():
+        dio.write_chunk(out["y"], p, begin, src.read(p, begin, n))
+    dio.flush_all()
+    assert dio.status(out["y"])["verified_pieces"] == src.meta.num_pieces
+    assert ((shared / "payload" / "other.bin").read_bytes()
+            == (tmp_path / "b" / "payload" / "other.bin").read_bytes())
+    dio.close()

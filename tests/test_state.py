@@ -1186,9 +1186,10 @@ def test_pieces_cleared_while_the_state_disk_is_full_never_come_back_verified(
     gone = set(range(n)) - _verified(dio.status(ih))
     assert len(gone) > 1 and all(p >= 11 for p in gone)
     first = min(gone)
-    with pytest.raises(StorageIOError) as exc:
-        dio.write_chunk(ih, first, 0, src.read(first, 0, 16384))
-    assert exc.value.errno == errno.ENOSPC
+    for p in (first, n - 1):  # nor does a piece never verified: it would make the file
+        with pytest.raises(StorageIOError) as exc:  # anew at its length, zeros under
+            dio.write_chunk(ih, p, 0, src.read(p, 0, 16384))  # the others
+        assert exc.value.errno == errno.ENOSPC
     assert not (dl / "b.bin").exists()  # nothing was written
     # A recheck that finds a piece bad (room for its mark that a check is under way, one
     # page, and none for the journal after it).
