@@ -187,7 +187,7 @@ class DiskIO:
 
     def _register(self, meta: Metainfo, metainfo: bytes, path: Path, storage: FileStorage,
                   new_folders: list[Path]) -> bytes:
-        t = Torrent(next(self._ids), meta, storage)
+        t = self._torrent(meta, storage)
         # Held alone until its files and state record exist: a client that finds it in
         # the table (an unregister, a write) waits for a torrent that is whole, or gone.
         t.enter_alone()
@@ -233,6 +233,11 @@ class DiskIO:
         finally:
             t.leave_alone()
         return meta.info_hash
+
+    def _torrent(self, meta: Metainfo, storage: FileStorage) -> Torrent:
+        t = Torrent(next(self._ids), meta, storage)
+        storage.before_remaking = lambda index: self._before_remaking(t, index)
+        return t
 
     def _refuse_registered(self, meta: Metainfo) -> None:
         for alias in meta.aliases:
@@ -423,7 +428,7 @@ class DiskIO:
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 continue
             moved, doubtful = self._finish_move(saved, storage)
-            t = Torrent(next(self._ids), meta, storage)
+            t = self._torrent(meta, storage)
             t.fingerprints[:] = saved.fingerprints
             n = meta.num_pieces
             t.load_have(saved.have)
@@ -608,6 +613,11 @@ class DiskIO:
                         t.unrecorded.discard(p)  # journaled verified just above
                     elif t.state[p] == VERIFIED:
                         self._to_missing(t, p)
+                checked = set(pieces)  # files seen gone, now checked as they are: settled
+                settled = [i for i in t.storage.remaking() if all(
+                    p in checked or t.state[p] != VERIFIED for p in t.layout.file_pieces(i))]
+        for i in settled:
+            t.storage.settled(i)
 
     # -- writes -----------------------------------------------------------------------
     def write_chunk(
@@ -1053,6 +1063,21 @@ class DiskIO:
                          "anything is written into it") from None
             with t.lock:
                 t.unrecorded.difference_update(todo)
+
+    def _before_remaking(self, t: Torrent, index: int) -> None:
+        """A file seen gone (or cut short) is about to be given its length again, by a
+        write: its pieces still verified are not any more, journaled first (whoever saw
+        it go may not have said so yet, or at all); while the journal cannot record that,
+        the write fails, and the file stays as it is."""
+        pieces = t.layout.file_pieces(index)
+        with t.lock:
+            stale = any(t.state[p] == VERIFIED for p in pieces)
+        if stale:
+            self._start_over(t, index, verified=True, partial=False)
+        with t.lock:
+            unrecorded = not t.unrecorded.isdisjoint(pieces)
+        if unrecorded:
+            self._record_unrecorded(t)  # raises while the state disk is full
 
     def _start_over(self, t: Torrent, index: int, verified: bool, partial: bool) -> None:
         """What a payload file held may be gone (it vanished, or its write-back failed):

@@ -15,7 +15,7 @@ import itertools
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import BadRequest, OutOfRange, PathEscape, PiecedError, StorageIOError
@@ -176,6 +176,12 @@ class FileStorage:
         self._tickets = itertools.count()
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
+        # Files seen gone (or cut short) after we wrote them: before one is given its length
+        # again, ``before_remaking(index)`` (set by the disk interface) makes sure the
+        # journal no longer calls its pieces verified, or raises: at its full length it
+        # would pass for them after a crash, zeros under verified pieces.
+        self._remaking: set[int] = set()
+        self.before_remaking: Callable[[int], None] | None = None
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)  # notified as each sync ends
         self._remake = threading.Lock()  # held while a file seen gone is made anew
@@ -315,6 +321,16 @@ class FileStorage:
             raise self._vanished(index, f"{self.file_path(index)}: truncated behind "
                                         "pieced's back", gone=False)
 
+    def remaking(self) -> list[int]:
+        """The files seen gone (or cut short) whose pieces are not yet settled."""
+        with self._lock:
+            return sorted(self._remaking)
+
+    def settled(self, index: int) -> None:
+        """A check has seen the file as it is now: its verified pieces are its own."""
+        with self._lock:
+            self._remaking.discard(index)
+
     def known_written(self, indices: Iterable[int]) -> None:
         """Files an earlier run of the daemon wrote and sized (they hold verified pieces):
         from now on their disappearance is noticed, as for files written in this run."""
@@ -327,6 +343,8 @@ class FileStorage:
         self.handles.forget(self, index)
         with self._lock:
             written = index in self._sized
+            if written:  # its pieces may be verified still: see _size_file
+                self._remaking.add(index)
             self._sized.discard(index)
             self._dirty.discard(index)
             if gone and self._identity.pop(index, None) is not None:
@@ -334,7 +352,14 @@ class FileStorage:
         return FileVanished(message, index, written, gone)
 
     def _size_file(self, fd: int, index: int) -> None:
-        """Give a file its full length on first write: sparse, or allocated if asked."""
+        """Give a file its full length on first write: sparse, or allocated if asked.
+
+        Not a file seen gone or cut short while the journal may still call its pieces
+        verified (see ``before_remaking``)."""
+        with self._lock:
+            remaking = index in self._remaking
+        if remaking and self.before_remaking is not None:
+            self.before_remaking(index)  # (raises while it cannot be recorded)
         length = self.meta.files.lengths[index]
         try:
             if self.preallocate and length:
@@ -345,6 +370,7 @@ class FileStorage:
             raise StorageIOError.wrap(exc, f"size {self.file_path(index)}") from None
         with self._lock:
             self._sized.add(index)
+            self._remaking.discard(index)
 
     def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
         """Write the logical concatenation of ``bufs`` to ``segments``; bytes written."""

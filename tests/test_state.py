@@ -1329,3 +1329,62 @@ def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
     assert sorted(os.listdir(state / "torrents")) == [ih.hex()]
     assert not [n for n in os.listdir(folder) if n.startswith(".")]
     again.close()
+
+
+def test_a_write_under_way_does_not_make_a_vanished_file_anew_before_it_is_recorded(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """A block already past its checks and on its way into a file (a piece under way)
+    when the file is found gone, the state disk full: the write made the file anew at
+    its full length, and after a crash the journal's verified pieces of the file passed
+    for good, zeros. Such a file is not given its length until the journal records that
+    its pieces are not verified any more (the write fails while it cannot)."""
+    content = make_payload(tmp_path / "src", {"a.bin": 12 * 16384, "b.bin": 12 * 16384},
+                           seed=19)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    state = tiny_fs / "state"
+    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, k in src.blocks():
+        if p < n - 2:
+            dio.write_chunk(ih, p, b, src.read(p, b, k))
+    dio.write_block_direct(ih, n - 1, 0, src.read(n - 1, 0, 16384))  # the last piece under way
+    dio.flush_all()
+    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(filler, bytes(4096))
+    os.close(filler)
+    dio._save_now(dio.torrent(ih))  # fails (no room), and the journal starts a new file
+    b_bin = tmp_path / "dl" / "payload" / "b.bin"
+    os.unlink(b_bin)
+    storage = dio.torrent(ih).storage
+    real = storage.writev
+
+    def writev(segs: object, bufs: object) -> int:
+        if threading.current_thread().name == "late":
+            time.sleep(0.3)  # past its checks, not yet in the file
+        return real(segs, bufs)  # type: ignore[arg-type]
+
+    storage.writev = writev  # type: ignore[method-assign]
+
+    def write(p: int, b: int) -> None:
+        with contextlib.suppress(StorageIOError):  # (through the ring: written through)
+            dio.write_block_direct(ih, p, b, src.read(p, b, 16384))
+
+    late = threading.Thread(target=write, args=(n - 1, 16384), name="late")
+    late.start()
+    time.sleep(0.1)
+    write(n - 2, 0)  # finds the file gone
+    late.join()
+    storage.writev = real  # type: ignore[method-assign]
+    assert not b_bin.exists() or b_bin.stat().st_size < 12 * 16384
+    crashed = _crash_copy(dio, state, tmp_path / "crash", ih)
+    st = wait_reverified(crashed, ih)
+    crashed.torrent(ih).storage.close_handles()
+    wrong = [p for p in _verified(st)
+             if _on_disk(src, tmp_path / "dl", p) != src.read(p, 0, src.layout.piece_size(p))]
+    assert wrong == [] and len(_verified(st)) == 6
+    crashed.close()
+    dio.close()
