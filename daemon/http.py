@@ -32,6 +32,10 @@ from .server import Server
 # request HEADER_SECONDS after it opened (silent, or headers a byte at a time) is
 # closed; past MAX_CONNECTIONS the oldest ones not serving a request go first.
 KEEPALIVE_SECONDS = 15.0
+# What a stop waits for HTTP responses under way: a client that reads nothing of a
+# large one (the /torrents of a torrent of 40,000 files) held it up for two minutes,
+# past systemd's stop timeout, before the final flush and the clean mark.
+HTTP_SHUTDOWN_SECONDS = 2.0
 HEADER_SECONDS = 20.0
 MAX_CONNECTIONS = 128
 

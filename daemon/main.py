@@ -24,7 +24,7 @@ from pieced.config.settings import Settings, exposure_problem
 from pieced.storage.disk import DiskIO
 
 from . import systemd
-from .http import KEEPALIVE_SECONDS, guard_connections, make_app
+from .http import HTTP_SHUTDOWN_SECONDS, KEEPALIVE_SECONDS, guard_connections, make_app
 from .server import Observer, Server
 
 log = logging.getLogger("pieced")
@@ -117,7 +117,8 @@ async def serve(settings: Settings) -> None:
     server.start(listener)
 
     runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,
-                           keepalive_timeout=KEEPALIVE_SECONDS)
+                           keepalive_timeout=KEEPALIVE_SECONDS,
+                           shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     try:

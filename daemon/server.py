@@ -1081,6 +1081,18 @@ def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     return c.disk.status(_ih(m), files=bool(files))
 
 
+def _op_read_piece(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    ih, piece = _ih(m), _int(m, "piece")
+    t = c.disk.torrent(ih)
+    t.layout.check(piece, 0, 0)
+    if t.layout.piece_size(piece) + 64 > c.server.max_frame:
+        # Refused before it is read: a whole piece of up to 64 MiB for nothing, each.
+        raise TooLarge(f"a reply of piece {piece} ({t.layout.piece_size(piece)} bytes) exceeds "
+                       f"the frame limit of {c.server.max_frame}; read the piece in blocks "
+                       "with READ (read_chunk)")
+    return {"data": c.disk.read_piece(ih, piece)}
+
+
 def _op_list(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     out = []
     for ih in c.disk.torrents():
@@ -1112,7 +1124,7 @@ OPS: dict[str, Op] = {
     "register": _op_register,
     "unregister": lambda c, r, m: c.disk.unregister(_ih(m), bool(m.get("delete_files", 0))),
     "list": _op_list,
-    "read_piece": lambda c, r, m: {"data": c.disk.read_piece(_ih(m), _int(m, "piece"))},
+    "read_piece": _op_read_piece,
     "hash_piece": lambda c, r, m: c.disk.hash_piece(_ih(m), _int(m, "piece"), m.get("expected")),
     "hash_piece_v2": lambda c, r, m: c.disk.hash_piece_v2(_ih(m), _int(m, "piece"), m.get("expected")),
     "hash_block": lambda c, r, m: {"digest": c.disk.hash_block(

@@ -53,10 +53,10 @@ from .errors import (
 )
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
-from .hashing import NO_FINGERPRINT, Buffer, HashPool, PieceHasher, sub_views, v2_root
+from .hashing import NO_FINGERPRINT, Buffer, HashPool, PieceCheck, PieceHasher, sub_views
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
-from .metainfo import Metainfo, parse
+from .metainfo import Metainfo, V2Piece, parse
 from .paths import anchor_of
 from .resume import REC_CLEARED, REC_VERIFIED, Loaded, StateStore, TorrentRecord, file_stamp
 from .stats import Stats
@@ -75,6 +75,7 @@ from .verify import PreadReader, Progress, VerifyResult, verify
 
 log = logging.getLogger("pieced.storage")
 PARTIAL_FLOOR = 64  # pieces in progress any torrent may have, whatever the others hold
+HASH_PART = 1 << 20  # what hash_piece reads and hashes at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -1230,9 +1231,27 @@ class DiskIO:
             expected = t.meta.v1_hash(piece)
         else:
             expected = _digest(expected, 20, "a SHA-1 digest")
-        data = self.read_piece(ih, piece)
-        with self.metrics.timed("hash"):
-            return self.hash_pool.submit(_sha1, data).result() == bytes(expected)
+        d1, _ = self._hash_as_it_stands(t, piece, True, None)
+        return d1 == bytes(expected)
+
+    def _hash_as_it_stands(self, t: Torrent, piece: int, want_v1: bool,
+                           v2: V2Piece | None) -> tuple[bytes | None, bytes | None]:
+        """(SHA-1, v2 root) of a piece as it stands, read and hashed a part at a time:
+        a whole piece of up to 64 MiB in memory for each of a few dozen clients' calls at
+        once took gigabytes, outside the cache budget."""
+        size = t.layout.piece_size(piece)
+        check = PieceCheck(want_v1, v2, False)
+        limit = size if want_v1 or v2 is None else v2.data_length
+        t.enter()
+        try:
+            with self.metrics.timed("hash"):
+                for off in range(0, limit, HASH_PART):
+                    check.update(memoryview(
+                        self._read_range(t, piece, off, min(HASH_PART, limit - off))))
+        finally:
+            t.leave()
+        d1, d2, _ = check.result()
+        return d1, d2
 
     def hash_piece_v2(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
         """BEP 52 Merkle check of a piece against the piece layer (or a given root)."""
@@ -1242,9 +1261,7 @@ class DiskIO:
         if v2 is None:
             raise NoHashes("torrent has no v2 hashes: use hash_piece")
         want = v2.expected if expected is None else _digest(expected, 32, "a SHA-256 root")
-        data = self.read_piece(ih, piece)
-        with self.metrics.timed("hash"):
-            root = self.hash_pool.submit(v2_root, data, v2).result()
+        _, root = self._hash_as_it_stands(t, piece, False, v2)
         return root == want
 
     def hash_block(self, ih: bytes, piece: int, begin: int, length: int) -> bytes:
@@ -1550,10 +1567,6 @@ def _digest(value: object, size: int, what: str) -> bytes:
             value, (bytes, bytearray, memoryview)) else type(value).__name__
         raise BadRequest(f"'expected' must be {what} of {size} bytes, not {shown}")
     return bytes(value)
-
-
-def _sha1(data: bytes) -> bytes:
-    return hashlib.sha1(data).digest()
 
 
 __all__ = ["DiskIO", "PieceResult", "Torrent"]

@@ -808,3 +808,76 @@ def test_http_connections_that_do_nothing_cannot_take_every_descriptor(tmp_path:
             s.close()
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def _many_files(n: int, name_bytes: int = 150) -> bytes:
+    """A legal v1 torrent of ``n`` one-byte files with long names (nothing on disk)."""
+    import bencodepy
+
+    files = [{b"length": 1, b"path": [b"d%d" % (i // 1000), b"f" * name_bytes + b"%d" % i]}
+             for i in range(n)]
+    info = {b"name": b"many", b"piece length": 16384, b"files": files,
+            b"pieces": random.Random(1).randbytes(20 * -(-n // 16384))}
+    return bencodepy.encode({b"info": info})
+
+
+def test_an_http_client_that_reads_nothing_does_not_hold_up_a_stop(tmp_path: Path) -> None:
+    """A client asks for a large JSON document (/torrents of a torrent of 40,000 files,
+    megabytes) and reads none of it: a SIGTERM then took two minutes (past systemd's stop
+    timeout) before the final flush. Now the stop waits a moment for it, then goes on."""
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket, timeout=60) as c:
+            c.register(_many_files(40_000), tmp_path / "dl")
+        host, port = d.http.rstrip("/").rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(f"GET /torrents HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        time.sleep(3)  # the response is under way, stuck behind a full socket
+        started = time.monotonic()
+        assert d.stop(timeout=60) == 0, d.stderr()
+        assert time.monotonic() - started < 20
+        s.close()
+    finally:
+        d.proc.kill()
+
+
+def test_whole_piece_requests_cost_memory_within_bounds(tmp_path: Path) -> None:
+    """Clients asking for hashes and reads of whole 64 MiB pieces, a dozen calls at once:
+    each call held a copy of its piece (and read_piece read it before refusing it as
+    too large for a reply): 800 MiB to 1.3 GiB of daemon memory over a 32 MiB budget.
+    Hashes are made a part at a time now, and a piece too large for a reply is refused
+    before it is read."""
+    from tests.conftest import sparse_zero_torrent
+
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 64 << 20, 4)
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(32 << 20)})
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+        base = _vm_hwm(d.proc.pid)
+
+        async def run() -> None:
+            clients = [await AsyncClient(d.socket).connect() for _ in range(12)]
+
+            async def calls(c: AsyncClient) -> None:
+                for p in range(3):
+                    assert await c.hash_piece(ih, p)
+                    with contextlib.suppress(TooLarge):
+                        await c.read_piece(ih, p)
+            await asyncio.gather(*(calls(c) for c in clients))
+            for c in clients:
+                await c.close()
+
+        asyncio.run(run())
+        grown = _vm_hwm(d.proc.pid) - base
+        assert grown < 200 << 20, grown >> 20
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
