@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -164,13 +165,20 @@ def _ih_arg(text: str) -> bytes:
     info_hash (which the daemon knows by its first 20 bytes, as BEP 52 and libtorrent)."""
     from pieced.storage.errors import BadRequest
 
-    try:
-        ih = bytes.fromhex(text)
-    except ValueError:
-        ih = b""
-    if len(ih) not in (20, 32):
+    if not re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", text):
         raise BadRequest(f"{text!r} is not an info_hash (40 hex digits, or 64 for v2)")
-    return ih[:20]
+    return bytes.fromhex(text)[:20]
+
+
+def _known(c: Any, text: str) -> bytes:
+    """The daemon's key for an info_hash given on the command line; a 64-digit one must
+    be the torrent's whole v2 hash, not only start as it does (``rm`` would remove it)."""
+    from pieced.storage.errors import UnknownTorrent
+
+    ih = _ih_arg(text)
+    if len(text) == 64 and (c.status(ih, files=False).get("info_hash_v2") or "") != text.lower():
+        raise UnknownTorrent(f"unknown info_hash {text.lower()}")
+    return ih
 
 
 def _shown(text: str) -> str:
@@ -219,11 +227,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pieced.storage.errors import TooLarge
+
     with _client(args) as c:
-        st = c.status(_ih_arg(args.info_hash))
+        ih = _known(c, args.info_hash)
+        try:
+            st = c.status(ih)
+        except TooLarge:  # a file list larger than a reply (a torrent of 40,000 files)
+            st = c.status(ih, files=False)
     human = [f"{_shown(st['name'])}  {st['verified_pieces']}/{st['num_pieces']} pieces verified",
              f"  save path: {_shown(st['save_path'])}"]
-    for f in st["files"]:
+    if "files" not in st:
+        human.append("  (too many files to list in one reply: see "
+                     f"http://HOST:PORT/torrents/{args.info_hash.lower()})")
+    for f in st.get("files", []):
         human.append(f"  {f['verified_bytes'] * 100 // max(f['length'], 1):3d}%  {_shown(f['path'])}")
     for e in st["errors"]:
         human.append(f"  error: {_shown(e['message'])}")
@@ -232,8 +249,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_recheck(args: argparse.Namespace) -> int:
-    ih = _ih_arg(args.info_hash)
     with _client(args) as c:
+        ih = _known(c, args.info_hash)
         st = c.status(ih, files=False)
         bar = ProgressBar(st["num_pieces"], st["piece_length"])
         c.core.on_event = lambda name, f: bar(f["done"], f["total"]) if name == "recheck_progress" else None
@@ -246,7 +263,7 @@ def cmd_recheck(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        c.unregister(_ih_arg(args.info_hash), delete_files=args.delete_files)
+        c.unregister(_known(c, args.info_hash), delete_files=args.delete_files)
     _print(args, {"removed": args.info_hash}, f"removed {args.info_hash}")
     return EXIT_OK
 

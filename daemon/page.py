@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,15 +37,15 @@ ASSETS = {
 }
 
 
+_HEX_IH = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
+
+
 def parse_ih(text: str) -> bytes:
-    """40 hex digits (v1, or a v2 hash cut to 20 bytes), or 64 (a whole v2 hash)."""
-    try:
-        ih = bytes.fromhex(text)
-    except ValueError:
-        ih = b""
-    if len(ih) not in (20, 32):
+    """40 hex digits (v1, or a v2 hash cut to 20 bytes), or 64 (a whole v2 hash, all of
+    it checked by the storage's lookup), nothing else (no spaces)."""
+    if not _HEX_IH.fullmatch(text):
         raise web.HTTPBadRequest(text="info_hash must be 40 or 64 hex digits\n")
-    return ih[:20]
+    return bytes.fromhex(text)
 
 
 def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = "",

@@ -292,9 +292,12 @@ class DiskIO:
         return bytes(ih) in self._torrents
 
     def _get(self, ih: bytes) -> Torrent:
-        t = self._torrents.get(bytes(ih))
-        if t is None:
-            raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
+        """The torrent of a 20-byte key, or of a whole (32-byte) v2 info-hash, whose
+        last 12 bytes must be the torrent's too (not any hash that starts the same)."""
+        key = bytes(ih)
+        t = self._torrents.get(key[:20] if len(key) == 32 else key)
+        if t is None or (len(key) == 32 and t.meta.info_hash_v2 != key):
+            raise UnknownTorrent(f"unknown info_hash {key.hex()}")
         return t
 
     def fenced(self, ih: bytes) -> bool:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -881,3 +882,46 @@ def _vm_hwm(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
+
+
+def test_a_whole_v2_hash_must_match_all_of_it_and_status_lists_what_fits(
+        tmp_path: Path) -> None:
+    """A 64-digit info-hash was cut to its first 40 digits: one with a wrong tail found
+    the torrent, and ``pieced rm`` removed it. Hex with spaces in it was taken too. And
+    ``pieced status`` of a torrent whose file list does not fit one reply (40,000 files)
+    failed (exit 2); it reports the rest, and says where the list is."""
+    content = make_payload(tmp_path / "src", 40_000, seed=20)
+    d = Daemon(tmp_path)
+
+    def pieced(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pieced.daemon.cli", *args,
+                               "--socket", str(d.socket)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60)
+
+    def get(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{d.http}{path}", timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(make_torrent_lt(content, 16384, "v2"), tmp_path / "dl")
+            full = c.status(ih, files=False)["info_hash_v2"]
+            many = c.register(_many_files(40_000, 200), tmp_path / "many")
+        wrong = full[:40] + ("0" * 24 if full[40:] != "0" * 24 else "1" * 24)
+        for cmd in (("status", wrong), ("rm", wrong), ("status", full[:20] + " " + full[21:])):
+            r = pieced(*cmd)
+            assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert get(f"/torrents/{wrong}") == 404
+        assert get(f"/torrents/{full}") == 200 and get(f"/torrents/{full[:40]}") == 200
+        assert pieced("status", full).returncode == 0
+        r = pieced("status", many.hex())
+        assert r.returncode == 0 and "too many files to list" in r.stdout, r.stderr
+        st = json.loads(pieced("status", many.hex(), "--json").stdout)
+        assert st["num_pieces"] == 3 and "files" not in st
+        with Client(d.socket) as c:
+            assert len(c.torrents()) == 2
+    finally:
+        assert d.stop() == 0, d.stderr()
