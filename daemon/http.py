@@ -24,7 +24,7 @@ from prometheus_client.core import (
 
 from .feed import TICK
 from .guard import add_headers, require_token
-from .page import add_page, parse_ih
+from .page import EVENTS_PATH, add_page, parse_ih
 from .server import Server
 
 # HTTP connections: what one may hold of the daemon's descriptors. A connection idle
@@ -55,13 +55,25 @@ def guard_connections(server: web.Server, limit: int = MAX_CONNECTIONS,
     def idle(h: Any) -> bool:
         return getattr(h, "_current_request", None) is None
 
+    def streaming(h: Any) -> bool:
+        """Following the status page's event stream: a request that never ends, so a
+        place it may give up (128 of them shut /healthz and /metrics out)."""
+        request = getattr(h, "_current_request", None)
+        return request is not None and request.path == EVENTS_PATH
+
     def connection_made(handler: Any, transport: Any) -> None:
         made(handler, transport)
         opened[handler] = time.monotonic()
         conns = server.connections
         if len(conns) > limit:
-            victim = min((h for h in conns if idle(h)), default=None,
+            others = [h for h in conns if h is not handler]
+            victim = min((h for h in others if idle(h)), default=None,
                          key=lambda h: opened.get(h, 0.0))
+            if victim is None:
+                victim = min((h for h in others if streaming(h)), default=None,
+                             key=lambda h: opened.get(h, 0.0))
+                if victim is not None and victim.transport is not None:
+                    victim.transport.close()  # (a stream's request never ends by itself)
             (victim or handler).force_close()
 
     def connection_lost(handler: Any, exc: BaseException | None = None) -> None:

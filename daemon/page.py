@@ -37,6 +37,7 @@ ASSETS = {
 }
 
 
+EVENTS_PATH = "/page/events"  # the event stream the page follows
 _HEX_IH = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
 
 
@@ -140,7 +141,7 @@ def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = ""
     for name in ASSETS:
         app.router.add_get(f"/{name}", asset(name))
     app.router.add_get("/favicon.ico", asset("favicon.svg"))
-    app.router.add_get("/page/events", events)
+    app.router.add_get(EVENTS_PATH, events)
     app.router.add_get("/page/map/{ih}", piece_map)
     app.router.add_get("/page/files/{ih}", piece_files)
     app.on_startup.append(start)

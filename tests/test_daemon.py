@@ -925,3 +925,25 @@ def test_a_whole_v2_hash_must_match_all_of_it_and_status_lists_what_fits(
             assert len(c.torrents()) == 2
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_event_streams_do_not_shut_monitoring_out(tmp_path: Path) -> None:
+    """128 status-page event streams (requests that never end, one client's) held every
+    HTTP place: /healthz and /metrics were refused. Past the bound the oldest stream now
+    gives its place up."""
+    d = Daemon(tmp_path)
+    streams = []
+    try:
+        host, port = d.http.rsplit(":", 1)
+        for _ in range(140):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"GET /page/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            streams.append(s)
+        time.sleep(1)
+        for path in ("/healthz", "/metrics"):
+            with urllib.request.urlopen(f"http://{d.http}{path}", timeout=10) as resp:
+                assert resp.status == 200
+    finally:
+        for s in streams:
+            s.close()
+        assert d.stop() == 0, d.stderr()

@@ -19,6 +19,7 @@ from pieced.storage.metainfo import Metainfo, parse
 from tests.conftest import Daemon
 from tests.ltpeer import LtPeer
 from tests.realtools import make_payload, make_torrent_lt
+from tests.test_daemon import _cpu_seconds
 from tests.test_peer_libtorrent import Seeding, _same_tree, leecher_gets_every_byte
 
 
@@ -730,10 +731,3 @@ def test_a_peer_saying_interested_over_and_over_costs_the_daemon_nothing(
     finally:
         assert d.stop() == 0, d.stderr()
 
-
-def _cpu_seconds(pid: int) -> float:
-    """User and system time of a process so far."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
