@@ -563,6 +563,14 @@ class DiskIO:
                 err = StorageIOError(str(exc), errno=errno.EPERM)
                 self._record_error(t, err, piece)
                 raise err from None
+            except StorageIOError as exc:
+                if exc.errno in _NOT_THERE:
+                    raise  # no file (or not a file) where the piece's bytes would be
+                # The disk failing to read (EIO; EINVAL: O_DIRECT on a file system that
+                # has none...) says nothing of the bytes: the check stops with the error,
+                # every piece as it was, instead of failing good pieces.
+                self._record_error(t, exc, piece)
+                raise _CheckFailed(exc) from None
 
         def progress_or_stop(done: int, total: int) -> None:
             if self._stopping.is_set():  # (the checking mark stays: done again at start-up)
@@ -577,8 +585,11 @@ class DiskIO:
             t.storage.advise(t.layout.map(piece, 0, size))
 
         reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False))
-        result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
-                        not full)
+        try:
+            result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
+                            not full)
+        except _CheckFailed as exc:
+            raise exc.error from None
         with t.lock:
             for p, fp in (result.new_fingerprints or {}).items():
                 t.set_fingerprint(p, fp)
@@ -1553,6 +1564,19 @@ def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:
         raise OutOfRange(f"a block to write holds at least one byte (piece={piece}, "
                          f"begin={begin}, length={length})")
     t.layout.check(piece, begin, length)
+
+
+# A read's errors that mean the piece's bytes are not there (the piece fails a check).
+_NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENXIO, errno.ELOOP})
+
+
+class _CheckFailed(Exception):
+    """A check's read failed for another reason: it ends the check (not a StorageIOError,
+    which would fail the piece and go on)."""
+
+    def __init__(self, error: StorageIOError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _never_made(exc: StorageIOError) -> bool:

@@ -4,6 +4,7 @@ whole by several threads at once, and a daemon on it serves three clients."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
+from pieced.storage.errors import StorageIOError
 
 from tests.conftest import Daemon
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_daemon import write_from_three_clients
-from tests.test_disk import Source
+from tests.test_disk import Source, fill
 
 # no file a multiple of 4 KiB: every file boundary falls inside a page
 FILES = {"a.bin": 100_001, "b.bin": 3, "c/d.bin": 77_777, "e.bin": 250_000, "f.bin": 1}
@@ -211,3 +213,38 @@ def test_reads_of_a_verified_piece_while_the_file_end_is_written(tmp_path: Path)
             assert c.status(ih, files=False)["errors"] == []
     finally:
         assert d.stop() == 0
+
+
+def test_a_check_on_a_file_system_without_o_direct_says_so_and_fails_nothing(
+        tmp_path: Path) -> None:
+    """Files moved to a file system that refuses O_DIRECT (ramfs): a recheck on the
+    direct backend took every read's EINVAL for a bad piece, said nothing, and left
+    none of the good pieces verified. It now ends with the error (its errno said), every
+    piece as it was; other I/O errors of a check do the same, as a libtorrent user would
+    see a file error, not a torrent whose every piece fails."""
+    import subprocess
+
+    content = make_payload(tmp_path / "src", {"a.bin": 70_000, "b.bin": 50_000}, seed=21)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ram)], check=True)
+    dio = DiskIO("direct", state_dir=tmp_path / "state", roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src)
+        dio.flush_all()
+        n = src.meta.num_pieces
+        dio.move_storage(ih, ram / "dl")
+        with pytest.raises(StorageIOError) as exc:
+            dio.recheck(ih, full=True)
+        assert exc.value.errno == errno.EINVAL
+        st = dio.status(ih)
+        assert st["verified_pieces"] == n and st["errors"]
+        dio.move_storage(ih, tmp_path / "back")
+        assert dio.recheck(ih, full=True).ok
+        assert dio.status(ih)["verified_pieces"] == n
+    finally:
+        dio.close()
+        subprocess.run(["umount", "-l", str(ram)], check=True)
