@@ -229,11 +229,7 @@ def test_a_full_state_disk_loses_no_announced_piece(
                 dio.write_chunk(ih, p, b, src.read(p, b, n))
 
     write(list(range(100)))  # the journal has records in its last page of the disk
-    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(filler, bytes(4096))
-    os.close(filler)
+    _fill_up(tiny_fs)
     write(list(range(100, 200)))
     assert failed and len(announced) > 100  # some records fitted, then the disk was full
     os.unlink(tiny_fs / "filler")
@@ -1066,6 +1062,15 @@ def test_a_file_put_in_the_way_of_a_move_is_never_taken_for_the_torrents(
     again.close()
 
 
+def _fill_up(fs: Path) -> None:
+    """No room left on ``fs`` (its file ``filler`` takes it all)."""
+    filler = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(filler, bytes(4096))
+    os.close(filler)
+
+
 def _verified(st: dict) -> set[int]:
     return {p for p in range(len(st["have"]) * 8) if st["have"][p >> 3] & (0x80 >> (p & 7))}
 
@@ -1163,11 +1168,7 @@ def test_pieces_cleared_while_the_state_disk_is_full_never_come_back_verified(
             dio.write_chunk(ih, p, b, src.read(p, b, k))
     dio.flush_all()
     assert dio.status(ih)["verified_pieces"] == n - 1
-    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(filler, bytes(4096))
-    os.close(filler)
+    _fill_up(tiny_fs)
     dio._save_now(dio.torrent(ih))  # fails (no room), and the journal starts a new file
     assert dio.status(ih)["errors"]
 
@@ -1307,11 +1308,7 @@ def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
     raw = make_torrent_lt(content, 16384, "v1")
     state = tiny_fs / "state"
     dio = DiskIO(backend, state_dir=state)
-    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(filler, bytes(4096))
-    os.close(filler)
+    _fill_up(tiny_fs)
     with pytest.raises(StorageIOError) as exc:
         dio.register(raw, tmp_path / "dl")
     assert exc.value.errno == errno.ENOSPC
@@ -1351,11 +1348,7 @@ def test_a_write_under_way_does_not_make_a_vanished_file_anew_before_it_is_recor
             dio.write_chunk(ih, p, b, src.read(p, b, k))
     dio.write_block_direct(ih, n - 1, 0, src.read(n - 1, 0, 16384))  # the last piece under way
     dio.flush_all()
-    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(filler, bytes(4096))
-    os.close(filler)
+    _fill_up(tiny_fs)
     dio._save_now(dio.torrent(ih))  # fails (no room), and the journal starts a new file
     b_bin = tmp_path / "dl" / "payload" / "b.bin"
     os.unlink(b_bin)
