@@ -97,6 +97,14 @@ async def serve(settings: Settings) -> None:
     if problem:
         raise SystemExit(f"pieced: {problem}")
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # A hang-up (a closed terminal; `kill -HUP`) stops cleanly too: nothing is to be
+    # reloaded, and dying of it would skip the drain and the clean mark. Taken before the
+    # state is loaded: a stop asked for during a long start-up (systemd's, at its start
+    # timeout) is carried out once the start-up is over, not by dying in the middle of it.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
     observer = Observer()
     disk = make_disk(settings, observer)
     for problem in disk.load_errors:
@@ -134,12 +142,6 @@ async def serve(settings: Settings) -> None:
                          f"{settings.http_port}: {exc.strerror or exc}") from None
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    # A hang-up (a closed terminal; `kill -HUP`) stops cleanly too: nothing is to be
-    # reloaded, and dying of it would skip the drain and the clean mark.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
     watchdog = systemd.watchdog_interval()
     pinger = asyncio.create_task(_watchdog(watchdog)) if watchdog else None
     assert runner.server is not None

@@ -7,10 +7,11 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Sequence
 
-from .errors import StorageIOError
+from .errors import PiecedError, StorageIOError
 from .files import FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
@@ -56,6 +57,29 @@ class DirectStorage(FileStorage):
                     "(the direct backend needs one that does, such as ext4 or xfs)",
                     errno=errno.EINVAL) from None
             raise
+
+    def after_crash(self) -> None:
+        """A crash between a file's last page written whole and the cut back to its
+        length leaves the file up to a page longer than it is, for good (a piece found
+        good is never written again): it is cut back here. A file longer by more than
+        that is not of our making, and is left as it is."""
+        A = self.ALIGN
+        lengths = self.meta.files.lengths
+        for index in self.stored_files():
+            length = lengths[index]
+            parts = self.parts(index)
+            st = self.root.stat(parts) if length % A else None
+            if st is None or not stat.S_ISREG(st.st_mode) or not (
+                    length < st.st_size <= length + A - length % A):
+                continue
+            try:
+                fd = self.root.open(parts, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, length)
+                finally:
+                    os.close(fd)
+            except (OSError, PiecedError):
+                pass  # (left longer: its pieces are as good; the next write cuts it too)
 
     def _bounce(self, size: int) -> memoryview:
         """The thread's page-aligned buffer (an anonymous map), grown as needed: one a
@@ -189,7 +213,7 @@ class DirectStorage(FileStorage):
     def _check_read(self, seg: Segment, end: int) -> None:
         """A read that stopped short of the segment, in a file the daemon gave its
         length: cut short since its check (zeros would pass for its bytes)."""
-        if end < seg.file_offset + seg.length and seg.file_index in self._sized:
+        if end < seg.file_offset + seg.length and self.known_whole(seg.file_index):
             raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}: "
                                  "truncated behind pieced's back", gone=False)
 

@@ -414,6 +414,9 @@ class DiskIO:
         assert self.state is not None
         loaded, self.load_errors = self.state.load_all(
             lambda raw: parse(raw, **self.metainfo_limits))
+        # Whether every torrent's record now says what the file stamps put in doubt
+        # (a record not rewritten keeps its stamps, to be compared at the next start).
+        recorded = True
         for saved, next_gen in loaded:
             try:
                 meta: Metainfo = saved.metainfo
@@ -430,8 +433,11 @@ class DiskIO:
                     storage.root.root()
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
+                recorded = False
                 continue
             moved, doubtful = self._finish_move(saved, storage)
+            if not self.state.was_clean:
+                storage.after_crash()
             t = self._torrent(meta, storage)
             t.fingerprints[:] = saved.fingerprints
             n = meta.num_pieces
@@ -486,7 +492,9 @@ class DiskIO:
                                       if suspect else None)
                 except OSError as exc:
                     self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
-                self._save(t, rec)  # the replayed journals become the resume record
+                # The replayed journals become the resume record, without the pieces
+                # in doubt.
+                recorded = self._save(t, rec) and recorded
             if moved:
                 try:
                     self._save_location(t)  # the move is over
@@ -496,6 +504,11 @@ class DiskIO:
                 threading.Thread(target=self._reverify,
                                  args=(t, sorted(suspect), saved.checking == "all"),
                                  name="pieced-reverify", daemon=True).start()
+        if recorded:
+            try:
+                self.state.mark_running()
+            except OSError as exc:
+                self.load_errors.append(f"state folder: {exc}")
 
     def _reverify(self, t: Torrent, pieces: list[int], whole: bool = False) -> None:
         """Verify pieces whose data may be there but is not known good (fingerprints
@@ -606,8 +619,9 @@ class DiskIO:
         """
         with t.lock:
             found = [p for p in pieces if result.have[p] and t.state[p] != VERIFIED]
+        holding = sorted({f for p in found for f in t.files_of(p)})
         if found:
-            self._sync(t, sorted({f for p in found for f in t.files_of(p)}), force=True)
+            self._sync(t, holding, force=True)
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
             if rec is not None and found:
@@ -633,6 +647,7 @@ class DiskIO:
                     p in checked or t.state[p] != VERIFIED for p in t.layout.file_pieces(i))]
         for i in settled:
             t.storage.settled(i)
+        t.storage.found_whole(holding)
 
     # -- writes -----------------------------------------------------------------------
     def write_chunk(

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import itertools
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -167,7 +168,10 @@ class FileStorage:
         self.renames: dict[int, tuple[str, ...]] = {}
         self.stranded = False  # a move or rename failed, and was not undone whole
         self.root = self.beneath(save_path)  # every payload path is resolved beneath it
-        self._sized: set[int] = set()
+        self._sized: set[int] = set()  # given their length by us (or an earlier run)
+        # Found at full length by a check, with verified pieces (perhaps on a read-only
+        # file system: not ours to write): shorter later, they were cut behind our back.
+        self._whole: set[int] = set()
         self._dirty: set[int] = set()  # written since their last sync began
         self._syncing: dict[int, set[int]] = {}  # file -> the syncs of it running (tickets)
         self._failures: dict[int, int] = {}  # file -> how many of its syncs failed
@@ -271,6 +275,10 @@ class FileStorage:
                              "before (another was put in its place): refusing to use it")
         return fd
 
+    def after_crash(self) -> None:
+        """Put right what a crash can leave half done by this backend's own writes, at
+        the start after it (before any block of this process is written)."""
+
     def stored_files(self) -> Iterator[int]:
         files = self.meta.files
         return (i for i, f in enumerate(files.flags) if not f & UNSTORED)
@@ -293,7 +301,7 @@ class FileStorage:
         try:
             entry = self.handles.get(self, index, writable)
         except StorageIOError as exc:
-            if exc.errno == errno.ENOENT and not writable and index in self._sized:
+            if exc.errno == errno.ENOENT and not writable and self.known_whole(index):
                 raise self._vanished(index, exc.message) from None  # we wrote it: deleted
             raise
         try:
@@ -314,7 +322,7 @@ class FileStorage:
             raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
         if st.st_nlink == 0:
             raise self._vanished(index, f"{self.file_path(index)}: deleted behind pieced's back")
-        if index in self._sized and st.st_size < self.meta.files.lengths[index]:
+        if self.known_whole(index) and st.st_size < self.meta.files.lengths[index]:
             # Cut short, but still ours: its pieces are gone, and the next write gives it
             # its length again (it is not made anew: that is for a file gone from its
             # place, where anything found later is a stranger).
@@ -337,12 +345,33 @@ class FileStorage:
         with self._lock:
             self._sized.update(indices)
 
+    def found_whole(self, indices: Iterable[int]) -> None:
+        """Files a check found verified pieces in, at their full length: from now on one
+        cut short or gone is noticed as for files this daemon wrote. (A read past the end
+        of such a file cut short behind our back read zeros, served for verified pieces.)
+        One still short is left out: its verified pieces lie before its end, and it
+        stays as it is until a write gives it its length."""
+        lengths = self.meta.files.lengths
+        whole = []
+        for index in indices:
+            st = self.root.stat(self.parts(index))
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= lengths[index]:
+                whole.append(index)
+        with self._lock:
+            self._whole.update(whole)
+
+    def known_whole(self, index: int) -> bool:
+        """Whether the file is known to be at its full length: one found shorter was cut
+        short behind our back (its bytes past the cut are gone, not zeros)."""
+        return index in self._sized or index in self._whole
+
     def _vanished(self, index: int, message: str, gone: bool = True) -> FileVanished:
         """Forget what we knew of a vanished file: a write sizes it again and, if it is
         ``gone`` from its place, creates it anew."""
         self.handles.forget(self, index)
         with self._lock:
-            written = index in self._sized
+            written = index in self._sized or index in self._whole
+            self._whole.discard(index)
             if written:  # its pieces may be verified still: see _size_file
                 self._remaking.add(index)
             self._sized.discard(index)
@@ -466,7 +495,7 @@ class FileStorage:
                 if n == 0:
                     if resident:
                         return False  # cut short behind our back: a plain read says so
-                    if seg.file_index in self._sized:
+                    if self.known_whole(seg.file_index):
                         # Given its length by us, and shorter now: cut short since it was
                         # checked at its open (zeros here would pass for its bytes).
                         raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}:"

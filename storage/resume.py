@@ -4,8 +4,9 @@ Layout under the state directory::
 
     lock                                    flock'ed by the one daemon using the folder
     clean                                   exists only while the daemon is stopped
-                                            cleanly (removed at start-up; not written
-                                            when the final save failed)
+                                            cleanly (not written when the final save
+                                            failed; removed once a start-up has
+                                            recorded what the file stamps told it)
     torrents/<info_hash hex>/metainfo.torrent   the .torrent bytes, written at register
     torrents/<info_hash hex>/location       bencoded: save path and renames (written at
                                             register, move and rename; during a move
@@ -70,6 +71,7 @@ _JOURNAL = re.compile(r"journal\.(\d+)")
 CHECKING = "checking"  # present while a check of the files is under way
 REMOVING = ".removing-"  # a torrent's folder being deleted: never loaded, deleted at start
 LOCK = "lock"  # held (flock) by the one daemon using the state folder
+CLEAN = "clean"  # present while the daemon is stopped cleanly: file stamps then count
 # The temporary files of write_atomic: a crash can leave them behind.
 _TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean)\..+")
 
@@ -318,16 +320,22 @@ class StateStore:
             os.close(self._lock_fd)
             raise StateInUse(errno.EBUSY, f"the state folder {self.state_dir} is in use by "
                                           "another pieced daemon") from None
-        marker = self.state_dir / "clean"
-        # Payload file stamps are trusted only after a clean stop: after a crash the
+        # Payload file stamps are compared only after a clean stop: after a crash the
         # files we were writing have changed since the last save, by our own hand.
-        self.was_clean = marker.exists()
-        with contextlib.suppress(FileNotFoundError):
-            marker.unlink()
-            fsync_dir(self.state_dir)
+        self.was_clean = (self.state_dir / CLEAN).exists()
 
     def mark_clean(self) -> None:
-        write_atomic(self.state_dir / "clean", b"")
+        write_atomic(self.state_dir / CLEAN, b"")
+
+    def mark_running(self) -> None:
+        """The stop was clean, and the start-up has recorded (durably) which pieces the
+        file stamps put in doubt: from now on the daemon changes files itself, so a
+        crash is a crash. Removed any earlier, a start-up cut short (kill -9, power
+        loss) made the next one take every piece of a file changed while the daemon
+        was stopped on trust."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / CLEAN).unlink()
+            fsync_dir(self.state_dir)
 
     def close(self) -> None:
         """Let the state folder go (another daemon may use it from now on)."""

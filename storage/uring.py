@@ -289,7 +289,7 @@ class UringStorage(FileStorage):
                         raise StorageIOError.wrap(
                             exc, f"read {self.file_path(seg.file_index)}") from None
                     if n == 0:
-                        if seg.file_index in self._sized:  # cut short since its check
+                        if self.known_whole(seg.file_index):  # cut short since its check
                             raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}"
                                                  ": truncated behind pieced's back", gone=False)
                         dst[done:] = bytes(seg.length - done)

@@ -947,3 +947,41 @@ def test_event_streams_do_not_shut_monitoring_out(tmp_path: Path) -> None:
         for s in streams:
             s.close()
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_stop_asked_for_during_start_up_is_a_clean_stop(tmp_path: Path) -> None:
+    """A SIGTERM while the daemon loads its state (systemd's stop, or its start timeout,
+    on a big library) killed it on the spot: a crash's restart, and the files' stamps of
+    the last clean stop no longer counted. Now it finishes starting, then stops cleanly."""
+    import signal
+
+    d = Daemon(tmp_path)
+    with Client(d.socket) as c:
+        c.register(_many_files(60_000, 20), tmp_path / "dl")
+    assert d.stop() == 0, d.stderr()
+    clean, lock = tmp_path / "var" / "clean", str(tmp_path / "var" / "lock")
+    assert clean.exists()
+    proc = subprocess.Popen([sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _holds_open(proc.pid, lock):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)  # it holds its state folder: it is loading it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    assert clean.exists()
+
+
+def _holds_open(pid: int, path: str) -> bool:
+    """Whether the process has ``path`` open (its descriptors come and go meanwhile)."""
+    with contextlib.suppress(FileNotFoundError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                    return True
+    return False

@@ -248,3 +248,32 @@ def test_a_check_on_a_file_system_without_o_direct_says_so_and_fails_nothing(
     finally:
         dio.close()
         subprocess.run(["umount", "-l", str(ram)], check=True)
+
+
+def test_a_file_end_a_crash_left_a_page_long_is_cut_back_at_the_restart(tmp_path: Path) -> None:
+    """A file's last page is written whole, then the file cut back to its length: a
+    kill -9 between the two left the file up to a page longer, for good (a piece found
+    good is never written again). The start after a crash cuts it back; a file longer
+    by more than a page is not of the daemon's making, and is left as it is."""
+    content = make_payload(tmp_path / "src", FILES, seed=19)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO("direct", state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    dio.torrent(ih).storage.close_handles()
+    assert dio.state is not None
+    dio.state.close()  # killed: no clean stop
+    dl = tmp_path / "dl" / content.name
+    for name, extra in (("a.bin", 4096 - 100_001 % 4096), ("c/d.bin", 5000)):
+        with open(dl / name, "ab") as f:
+            f.write(bytes(extra))  # what the write of a last page whole leaves
+    again = DiskIO("direct", state_dir=tmp_path / "state")
+    try:
+        assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert (dl / "a.bin").stat().st_size == FILES["a.bin"]
+        assert (dl / "c/d.bin").stat().st_size == FILES["c/d.bin"] + 5000
+        assert all(lt_recheck(raw, tmp_path / "dl"))
+    finally:
+        again.close()

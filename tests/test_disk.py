@@ -879,3 +879,35 @@ def test_a_register_that_loses_a_race_leaves_the_folders_of_others_under_way(
     assert ((shared / "payload" / "other.bin").read_bytes()
             == (tmp_path / "b" / "payload" / "other.bin").read_bytes())
     dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_file_found_whole_by_a_check_and_cut_short_later_is_never_read_as_zeros(
+        tmp_path: Path, backend: str) -> None:
+    """Data already on disk, found good by a check, then a file cut short behind the
+    daemon's back: a read of a verified piece past the new end returned zeros, without
+    an error, and a seeder served them as the piece (libtorrent banned it for the hash
+    failures). Now the read fails as for a file the daemon wrote, and the file's pieces
+    are no longer verified."""
+    piece = 65536
+    files = {"a.bin": 12 * piece + 5, "b.bin": 3 * piece}
+    content = make_payload(tmp_path / "save", files, seed=18)
+    raw = make_torrent_lt(content, piece, "v1")
+    meta = parse(raw)
+    errors: list[Any] = []
+    dio = DiskIO(backend, cache_bytes=0, on_error=lambda ih, e: errors.append(e))
+    try:
+        ih = dio.register(raw, tmp_path / "save")
+        dio.recheck(ih)
+        assert dio.status(ih)["verified_pieces"] == meta.num_pieces
+        with open(content / "a.bin", "r+b") as f:
+            f.truncate(piece)
+        with pytest.raises(StorageIOError):
+            dio.read_chunk(ih, 9, 0, 16384)
+        have = dio.status(ih)["have"]
+        assert [p for p in range(meta.num_pieces) if have[p >> 3] & (0x80 >> (p & 7))] == \
+            list(range(13, meta.num_pieces))  # b.bin's (piece 12 is a.bin's tail too)
+        assert errors
+    finally:
+        dio.torrent(ih).storage.close_handles()
+        dio.close()

@@ -1381,3 +1381,42 @@ def test_a_write_under_way_does_not_make_a_vanished_file_anew_before_it_is_recor
     assert wrong == [] and len(_verified(st)) == 6
     crashed.close()
     dio.close()
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_a_file_changed_while_stopped_is_looked_at_again_even_after_start_ups_cut_short(
+        tmp_path: Path, odd_payload: tuple[Path, Path], backend: str, cut: int) -> None:
+    """After a clean stop a file's pieces are taken on trust only if the file is as the
+    stop left it (size, mtime). The clean mark went as soon as a start-up opened the state
+    folder: one killed before it recorded the pieces in doubt (``cut`` = 1) made the next
+    take the changed file's pieces verified over wrong bytes. A start-up cut short after
+    it recorded them (``cut`` = 2: the one after the first) keeps them in doubt too."""
+    from pieced.storage.resume import StateStore
+
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.close()  # a clean stop: the files' stamps are recorded
+    first = next(s for s in src.layout.map(0, 0, 1) if s.stored)
+    changed = (tmp_path / "dl").joinpath(*src.meta.files[first.file_index].path)
+    corrupt(changed, first.file_offset)  # piece 0, the file's size as it was
+    later = changed.stat().st_mtime_ns + 10**9
+    os.utime(changed, ns=(later, later))
+    if cut:
+        StateStore(state).close()  # killed once it had opened the state folder
+    if cut == 2:
+        killed = DiskIO(backend, state_dir=state)  # killed once it had loaded it
+        killed.stop_checks()
+        killed.torrent(ih).storage.close_handles()
+        assert killed.state is not None
+        killed.state.close()
+    again = DiskIO(backend, state_dir=state)
+    try:
+        st = wait_reverified(again, ih)
+        assert _verified(st) == set(range(src.meta.num_pieces)) - {0}
+    finally:
+        again.close()
