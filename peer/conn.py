@@ -169,11 +169,17 @@ class PeerConnection:
                 return False
             self.peer_has[ev.piece] = 1
             self.peer_count += 1
+        elif isinstance(ev, wire.KeepAlive):
+            return False  # (the time it came is noted above)
         elif isinstance(ev, wire.Choke):
+            if self.peer_choking:
+                return False  # said again: nothing changes (a stream of them cost a pick each)
             self.peer_choking = True
             if not self.fast:  # without the fast extension a choke drops every request
                 self.our_requests.clear()
         elif isinstance(ev, wire.Unchoke):
+            if not self.peer_choking:
+                return False
             self.peer_choking = False
         elif isinstance(ev, wire.Interested):
             if self.peer_interested:
@@ -198,8 +204,9 @@ class PeerConnection:
             if self.our_requests.pop(blk, None) is None:
                 return False
         elif isinstance(ev, wire.AllowedFast):
-            if 0 <= ev.piece < self.num_pieces:
-                self.allowed_fast.add(ev.piece)
+            if not 0 <= ev.piece < self.num_pieces or ev.piece in self.allowed_fast:
+                return False
+            self.allowed_fast.add(ev.piece)
         elif isinstance(ev, wire.Extended):
             if ev.ext_id == 0:
                 try:

@@ -105,13 +105,13 @@ def _kernel_unsent(transport: asyncio.Transport) -> int:
     """Bytes in the socket's send queue that the peer has not acknowledged (SIOCOUTQ):
     a slow reader takes some of them every moment, one that reads nothing none."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
+    if sock is None or transport.is_closing() or sock.fileno() < 0:
+        return 0  # (closed by its peer a moment ago: its Peer is not dropped yet)
     try:
         queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
                                                      b"\0\0\0\0"))[0]
         return queued
-    except OSError:
+    except (OSError, ValueError):
         return 0
 
 
@@ -894,7 +894,8 @@ class Swarm:
                     for p in (*peer.banned, *peer.refused):
                         mask[p] = 0
                 conn.send_requests(picker.pick(peer, mask, room, allowed,
-                                               outstanding=len(conn.our_requests)))
+                                               outstanding=len(conn.our_requests),
+                                               peer_count=conn.peer_count))
         peer.flush()
 
     def _fill_all(self) -> None:
@@ -1183,41 +1184,50 @@ class Swarm:
                 self._lost()
                 return
             now = time.monotonic()
-            self._redial(now)
-            if now - last_look >= RECONCILE_INTERVAL and not self._confirming:
-                last_look = now
-                self._confirming = True
-                self._spawn(self._reconcile())
+            try:
+                if now - last_look >= RECONCILE_INTERVAL and not self._confirming:
+                    last_look = now
+                    self._confirming = True
+                    self._spawn(self._reconcile())
+                chokes = now - last_choke >= CHOKE_INTERVAL
+                if chokes:
+                    last_choke = now
+                await self._tick(now, chokes)
+            except Exception:  # one peer's oddity must not end every timeout for good
+                log.exception("a timer round failed")
+
+    async def _tick(self, now: float, chokes: bool) -> None:
+        """One second's round: dials due, timeouts, keep-alives, choking."""
+        self._redial(now)
+        for p in list(self.peers):
+            conn = p.conn
+            if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:
+                log.info("%s sent no handshake in %.0f s: dropped", p.addr, now - p.opened)
+                self._drop(p)
+                continue
+            if now - conn.last_received > PEER_TIMEOUT:
+                log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)
+                self._drop(p)
+                continue
+            late = conn.late_requests(now, REQUEST_TIMEOUT)
+            for blk in late:
+                conn.send_cancel(blk)
+                assert self.picker is not None
+                self.picker.request_dropped(p, blk)
+            if conn.keepalive_due(now):
+                conn.send_keepalive()
+            if late:
+                self._fill(p)
+            p.flush()
+        if chokes:
+            for p in self.peers:  # what a peer rejected is asked of it again, now
+                p.refused.clear()  # and then (a reject may have passing causes)
+            self._choke_round()
             for p in list(self.peers):
-                conn = p.conn
-                if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:
-                    log.info("%s sent no handshake in %.0f s: dropped", p.addr, now - p.opened)
-                    self._drop(p)
-                    continue
-                if now - conn.last_received > PEER_TIMEOUT:
-                    log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)
-                    self._drop(p)
-                    continue
-                late = conn.late_requests(now, REQUEST_TIMEOUT)
-                for blk in late:
-                    conn.send_cancel(blk)
-                    assert self.picker is not None
-                    self.picker.request_dropped(p, blk)
-                if conn.keepalive_due(now):
-                    conn.send_keepalive()
-                if late:
-                    self._fill(p)
-                p.flush()
-            if now - last_choke >= CHOKE_INTERVAL:
-                last_choke = now
-                for p in self.peers:  # what a peer rejected is asked of it again, now
-                    p.refused.clear()  # and then (a reject may have passing causes)
-                self._choke_round()
-                for p in list(self.peers):
-                    if p.conn.peer_interested and not p.conn.am_choking:
-                        await self._suggest(p)
-            else:  # between rounds, only the slots of peers that read nothing change hands
-                self._choke_round(rotate=False)
+                if p.conn.peer_interested and not p.conn.am_choking:
+                    await self._suggest(p)
+        else:  # between rounds, only the slots of peers that read nothing change hands
+            self._choke_round(rotate=False)
 
     async def _announce_loop(self) -> None:
         """Announce on start, on completion (at once) and every interval after."""
