@@ -255,9 +255,8 @@ class Picker:
         """The pieces not started that the peer has and we lack, rarest first."""
         have, started = self.have, self.started
         n = len(have)
-        if peer_has is not None and count is None:
-            count = peer_has.count(1)
-        if peer_has is not None and count is not None and count * SPARSE < n:
+        if peer_has is not None and (
+                peer_has.count(1) if count is None else count) * SPARSE < n:
             mine = []
             p = peer_has.find(1)
             while p >= 0:

@@ -105,13 +105,13 @@ def _kernel_unsent(transport: asyncio.Transport) -> int:
     """Bytes in the socket's send queue that the peer has not acknowledged (SIOCOUTQ):
     a slow reader takes some of them every moment, one that reads nothing none."""
     sock = transport.get_extra_info("socket")
-    if sock is None or transport.is_closing() or sock.fileno() < 0:
+    if sock is None or transport.is_closing():
         return 0  # (closed by its peer a moment ago: its Peer is not dropped yet)
     try:
         queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
                                                      b"\0\0\0\0"))[0]
         return queued
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # (ValueError: its descriptor closed meanwhile)
         return 0
 
 

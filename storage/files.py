@@ -354,6 +354,8 @@ class FileStorage:
         lengths = self.meta.files.lengths
         whole = []
         for index in indices:
+            if self.known_whole(index):
+                continue  # (a file of its own, or found so before: no stat of it again)
             st = self.root.stat(self.parts(index))
             if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= lengths[index]:
                 whole.append(index)

@@ -446,17 +446,25 @@ def test_a_move_to_another_file_system(tmp_path: Path, other_fs: Path, backend: 
     dio.close()
 
 
-def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
-    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
-) -> None:
+def _downloaded_and_stopped(tmp_path: Path, odd_payload: tuple[Path, Path],
+                            backend: str) -> tuple[Source, bytes]:
+    """A v1 torrent of ``odd_payload`` downloaded into ``tmp_path/dl`` by an engine on
+    ``tmp_path/state``, stopped cleanly: (its source, its info-hash)."""
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, save)
-    state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state)
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
     ih = dio.register(raw, tmp_path / "dl")
     fill(dio, ih, src)
     dio.close()
+    return src, ih
+
+
+def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
+) -> None:
+    src, ih = _downloaded_and_stopped(tmp_path, odd_payload, backend)
+    state = tmp_path / "state"
     folder = state / "torrents" / ih.hex()
     (folder / "resume").write_bytes(b"d4:have")  # torn beyond repair
     again = DiskIO(backend, state_dir=state)
@@ -1393,14 +1401,8 @@ def test_a_file_changed_while_stopped_is_looked_at_again_even_after_start_ups_cu
     it recorded them (``cut`` = 2: the one after the first) keeps them in doubt too."""
     from pieced.storage.resume import StateStore
 
-    save, content = odd_payload
-    raw = make_torrent_lt(content, 65536, "v1")
-    src = Source(raw, save)
+    src, ih = _downloaded_and_stopped(tmp_path, odd_payload, backend)  # stamps recorded
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state)
-    ih = dio.register(raw, tmp_path / "dl")
-    fill(dio, ih, src)
-    dio.close()  # a clean stop: the files' stamps are recorded
     first = next(s for s in src.layout.map(0, 0, 1) if s.stored)
     changed = (tmp_path / "dl").joinpath(*src.meta.files[first.file_index].path)
     corrupt(changed, first.file_offset)  # piece 0, the file's size as it was
