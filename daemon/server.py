@@ -572,6 +572,9 @@ class Connection:
                                                  frame.length,
                                                  volatile=bool(frame.flags & FLAG_VOLATILE))
                 src = memoryview(data)
+                if src.nbytes != frame.length:  # (a bug) the client takes the whole space
+                    raise StorageIOError(f"READ_RING: {src.nbytes} bytes read of "
+                                         f"{frame.length}")
                 # Through the descriptor, not the mapping: the ring's pages then never
                 # enter the daemon's page tables (its memory is the client's, not ours).
                 _pwrite_all(fd, src[: s0.nbytes], frame.ring_offset)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 
 import bencodepy
 
@@ -25,6 +25,18 @@ MAX_PEER_QUEUE = 500  # requests a peer may have waiting on us; more is abuse
 OUR_REQQ = MAX_PEER_QUEUE
 UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
 METADATA_PIECE = 16384  # the torrent's metadata is handed out in pieces of this size
+# Messages that change nothing, or only flip a state back and forth (keep-alives, CHOKE,
+# INTERESTED, a HAVE said again, a request while choked...), that a peer may send at
+# once, and a second over time. An honest peer sends a few a minute, a few hundred when
+# a choke voids its queue; a stream of them (200,000 INTERESTED / NOT_INTERESTED a
+# MiB, each a choke round) is a peer taking our CPU: it is dropped.
+CHATTER_BURST = 5000
+CHATTER_RATE = 500.0
+# Events whose number is bounded by something else (the pieces, our requests, the
+# peer's queue, how fast it reads our answers): no chatter, however many.
+_USEFUL: frozenset[type] = frozenset({
+    wire.Handshake, wire.Bitfield, wire.HaveAll, wire.HaveNone, wire.Have, wire.Piece,
+    wire.Request, wire.Cancel, wire.RejectRequest, wire.HashRequest})
 
 
 class PeerConnection:
@@ -41,11 +53,13 @@ class PeerConnection:
         outgoing_hash: bytes | None = None,
         views: bool = False,
         metadata: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``views``: blocks are handed out as views of the buffer given to
         :meth:`receive`, valid until the caller reuses it (see ``wire.Parser``).
         ``metadata``: the torrent's info dictionary, handed out to peers that ask for it
         (BEP 9: a leecher that has only the info hash, from a magnet link)."""
+        self._clock = clock
         self.metadata = metadata
         self.remote_ut_metadata = 0  # its id of ut_metadata (0: it has none)
         self.info_hashes = info_hashes
@@ -74,8 +88,10 @@ class PeerConnection:
         self.given_fast: set[int] = set()  # pieces we let it ask for while we choke it
         self.our_requests: dict[Block, float] = {}  # asked, not yet answered -> when
         self.peer_requests: deque[Block] = deque()  # it asked, not yet served
-        self.last_received = time.monotonic()
+        self.last_received = clock()
         self.last_sent = self.last_received
+        self._chatter = float(CHATTER_BURST)  # what it may still send of CHATTER_BURST
+        self._chatter_at = self.last_received
         self.last_block = 0.0  # when the last block we asked for came (monotonic)
         self.unchoked_at = 0.0  # when we last unchoked it
         self.stalls = 0  # times it lost its unchoke slot for reading nothing we sent
@@ -85,7 +101,7 @@ class PeerConnection:
     # -- helpers -------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
         self.outbox.append(data)
-        self.last_sent = time.monotonic()
+        self.last_sent = self._clock()
 
     def take_outbox(self) -> list[bytes | memoryview]:
         out, self.outbox = self.outbox, []
@@ -103,11 +119,26 @@ class PeerConnection:
     def receive(self, data: bytes | bytearray | memoryview) -> list[wire.Event]:
         """The events the plugin acts on; raises WireError when the peer broke the
         protocol (the connection is to be closed)."""
-        self.last_received = time.monotonic()
+        now = self.last_received = self._clock()
+        # The chatter budget (a token bucket) refilled for the time since the last feed;
+        # a peer that runs past it breaks the protocol, at the message that does.
+        budget = min(CHATTER_BURST, self._chatter + (now - self._chatter_at) * CHATTER_RATE)
+        self._chatter_at = now
         out: list[wire.Event] = []
-        for ev in self.parser.feed(data):
-            if self._apply(ev):
-                out.append(ev)
+        try:
+            for ev in self.parser.feed(data):
+                if self._apply(ev):
+                    out.append(ev)
+                    if type(ev) in _USEFUL:
+                        continue
+                # It changed nothing, or flipped a state, suggested, used an extension.
+                budget -= 1
+                if budget < 0:
+                    raise WireError(f"more than {CHATTER_BURST} messages that change "
+                                    f"nothing or flip a state back and forth, or more "
+                                    f"than {CHATTER_RATE:.0f} a second")
+        finally:
+            self._chatter = budget
         return out
 
     def _apply(self, ev: wire.Event) -> bool:
@@ -283,7 +314,7 @@ class PeerConnection:
             return
         self.am_choking = choke
         if not choke:
-            self.unchoked_at = time.monotonic()
+            self.unchoked_at = self._clock()
             self._send(wire.unchoke())
             return
         self._send(wire.choke())
@@ -302,7 +333,7 @@ class PeerConnection:
 
     def send_requests(self, blocks: Iterable[Block]) -> None:
         """Several requests, as one piece of the outbox (a download sends 65,536 a GiB)."""
-        now = time.monotonic()
+        now = self._clock()
         ours = self.our_requests
         msgs = []
         for blk in blocks:
@@ -334,7 +365,7 @@ class PeerConnection:
     def send_piece(self, blk: Block, data: bytes | memoryview) -> None:
         self.outbox.append(wire.piece_header(*blk))
         self.outbox.append(data)
-        self.last_sent = time.monotonic()
+        self.last_sent = self._clock()
 
     def send_hash_reject(self, ev: wire.HashRequest) -> None:
         self._send(wire.hash_reject(ev.pieces_root, ev.base_layer, ev.index, ev.length,

@@ -50,8 +50,14 @@ PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq
 # What a peer's socket buffers before we parse it (asyncio's default, 64 KiB, wakes the
 # loop every four blocks): the size of each connection's receive buffer (Inbox).
 STREAM_LIMIT = 1024 * 1024
+TURN_EVENTS = 255  # one peer's events handled between two turns of the loop, less one
 READS_PER_PEER = 8  # reads from the daemon in flight for one peer's requests
 READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for: 64 blocks a round trip
+# Bytes of blocks for one peer read from the daemon and not yet taken by its socket: no
+# read starts past it (a peer that asks for 500 blocks and reads none held 8 MiB of
+# them, and every peer may); reads go on once it takes its share (SEND_LOW_WATER).
+SEND_AHEAD = 2 * 1024 * 1024
+SEND_LOW_WATER = 256 * 1024
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
@@ -67,6 +73,7 @@ OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it t
 # the torrent (failing pieces), or remove and add it again (its events then stop).
 RECONCILE_INTERVAL = 5.0
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
+BAD_PEERS_LISTED = 100  # peers named in the summary's bad_peers (the first ones)
 SUGGESTS_PER_PEER = 8
 CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a second
 # A peer we dial (from --peer or a tracker) that cannot be reached, or whose connection
@@ -142,22 +149,39 @@ class StorageFailed(Stopped):
     plugin stops, and says why, instead of waiting for pieces that cannot be stored."""
 
 
+@dataclass(eq=False)
+class Conduct:
+    """What a source of data did, across its connections: the pieces that failed with
+    its data. An address we dial has one (its :class:`Dial`'s); peers that dial us have
+    one per IP address, since their port is new at each connection (libtorrent, too,
+    bans an IP): a liar that hangs up and comes back is known again. Blame is kept
+    against these, not against connections (a connection holds a MiB of buffer)."""
+
+    addr: str
+    bad: int = 0  # pieces that failed with its data, over all its connections
+    banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
+    live: int = 0  # its connections open now
+
+    @property
+    def dropped(self) -> bool:
+        """Dropped for bad data: never dialled again, nor let in."""
+        return self.bad >= MAX_BAD_PIECES
+
+
 @dataclass
 class Dial:
     """What we know of an address we dial, across its connections."""
 
+    conduct: Conduct
     fails: int = 0  # attempts in a row that brought no block
     due: float = 0.0  # when to dial it again (monotonic); 0: not waiting to
-    bad: int = 0  # pieces that failed with its data, over all its connections
-    banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
     busy: bool = False  # being dialled, or connected
     warned: bool = False  # told the user it closed before its handshake
     given: bool = False  # named by the user (--peer): never forgotten
 
     @property
     def dropped(self) -> bool:
-        """Dropped for bad data: never dialled again."""
-        return self.bad >= MAX_BAD_PIECES
+        return self.conduct.dropped
 
 
 @dataclass
@@ -168,7 +192,7 @@ class Summary:
     peers: int = 0  # peers that completed a handshake
     pieces_failed: int = 0
     peers_dropped_for_bad_data: int = 0
-    bad_peers: list[str] = field(default_factory=list)  # peers that sent bad blocks
+    bad_peers: list[str] = field(default_factory=list)  # the first BAD_PEERS_LISTED liars
     suggests_sent: int = 0
     hash_requests_served: int = 0
     blocks_reordered: int = 0  # arrived ahead of their turn, held to keep piece order
@@ -279,6 +303,7 @@ class Inbox(asyncio.BufferedProtocol):
         self._drainer: asyncio.Future[None] | None = None
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
+        self.on_drain: Callable[[], None] | None = None  # called when the peer took its share
 
     # -- the loop's side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -314,6 +339,13 @@ class Inbox(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         self._wake()
+        if self.on_drain is not None:
+            self.on_drain()
+
+    @property
+    def writing_paused(self) -> bool:
+        """The transport holds more than its high-water mark unsent."""
+        return self._writing_paused
 
     def _wake(self) -> None:
         for fut in (self._waiter, self._drainer):
@@ -356,17 +388,18 @@ class Peer:
     """The asyncio side of one connection."""
 
     def __init__(self, conn: PeerConnection, transport: asyncio.Transport, inbox: Inbox,
-                 addr: str) -> None:
+                 addr: str, conduct: Conduct) -> None:
         self.conn = conn
         self.transport = transport
         self.inbox = inbox
         self.addr = addr
-        self.bad = 0
-        self.banned: set[int] = set()  # pieces that failed with its data alone
+        self.conduct = conduct
+        self.banned = conduct.banned  # pieces never asked of it: they failed with its data
         self.refused: set[int] = set()  # pieces it rejected a request of, since its unchoke
         self.wanted = 0  # pieces it has that we lack (and have not banned it for)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
+        self.reading = 0  # bytes they ask for
         self.blocks = 0  # blocks it sent us
         self.closed = False
         self.opened = time.monotonic()
@@ -446,8 +479,9 @@ class Swarm:
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()  # dialled, not yet connected
         self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
+        self.strangers: dict[str, Conduct] = {}  # IP -> what peers that dial us from it did
         # who sent the blocks of a bad piece
-        self.blame: Attribution[Peer] = Attribution(self._blocks_in)
+        self.blame: Attribution[Conduct] = Attribution(self._blocks_in)
         self.summary = Summary()
         self.done = asyncio.Event()
         self.stop = asyncio.Event()
@@ -602,7 +636,7 @@ class Swarm:
         if dial is None:
             if len(self.known) >= MAX_KNOWN and not self._forget_one():
                 return
-            dial = self.known[addr] = Dial()
+            dial = self.known[addr] = Dial(Conduct(_address(host, port)))
         if dial.dropped or dial.busy:
             return
         if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
@@ -638,8 +672,7 @@ class Swarm:
                                   v2=self.meta.has_v2, outgoing_hash=self.ih, views=True,
                                   metadata=self.metadata)
             assert isinstance(transport, asyncio.Transport)
-            peer = Peer(conn, transport, inbox, f"{host}:{port}")
-            peer.bad, peer.banned = dial.bad, dial.banned  # what it did before counts
+            peer = Peer(conn, transport, inbox, _address(host, port), dial.conduct)
             await self._serve_peer(peer)
         finally:
             self.connecting.discard((host, port))
@@ -649,8 +682,6 @@ class Swarm:
                 log.warning("%s closed the connection before its handshake (it may not "
                             "have the torrent, or be paused, or require encryption: "
                             "pieced-peer speaks plain BitTorrent only)", _address(host, port))
-            if peer is not None:
-                dial.bad = peer.bad
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
             if self._dialling() and not dial.dropped:
                 wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
@@ -686,6 +717,12 @@ class Swarm:
 
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         addr = transport.get_extra_info("peername")
+        conduct = self.strangers.get(addr[0])
+        if conduct is None:
+            conduct = self._stranger(addr[0])
+        elif conduct.dropped:
+            transport.close()  # sent bad data before: not let in again
+            return
         if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
             idle = self._idlest()
             if idle is None:
@@ -695,12 +732,29 @@ class Swarm:
             self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata)
-        await self._serve_peer(Peer(conn, transport, inbox, f"{addr[0]}:{addr[1]}"))
+        await self._serve_peer(Peer(conn, transport, inbox, _address(addr[0], addr[1]), conduct))
+
+    def _stranger(self, ip: str) -> Conduct:
+        """A new record for peers that dial us from ``ip``, kept with up to MAX_KNOWN
+        others: the oldest one of a peer gone that sent nothing bad makes room; when
+        none does (an attack from many addresses), the newcomer's is not kept."""
+        conduct = Conduct(ip)
+        strangers = self.strangers
+        if len(strangers) >= MAX_KNOWN:
+            clean = next((k for k, c in strangers.items() if not (c.live or c.bad)), None)
+            if clean is None:
+                return conduct
+            del strangers[clean]
+        strangers[ip] = conduct
+        return conduct
 
     async def _serve_peer(self, peer: Peer) -> None:
         self.peers.add(peer)
+        peer.conduct.live += 1
         _nodelay(peer.transport)
         inbox = peer.inbox
+        peer.transport.set_write_buffer_limits(high=SEND_AHEAD // 2, low=SEND_LOW_WATER)
+        inbox.on_drain = lambda: self._pump_reads(peer)
         try:
             peer.flush()
             while not peer.closed:
@@ -709,7 +763,14 @@ class Swarm:
                     break
                 asked = False
                 try:
-                    for ev in peer.conn.receive(data):  # blocks are views of ``data``
+                    for n, ev in enumerate(peer.conn.receive(data)):  # blocks: views of data
+                        if n & TURN_EVENTS == TURN_EVENTS:
+                            # A long run of events lets the other peers and the daemon's
+                            # replies have their turn: one peer's MiB of requests, or of
+                            # haves, is not every other peer's wait.
+                            await asyncio.sleep(0)
+                            if peer.closed:
+                                break
                         if type(ev) is wire.Piece:  # a download's message: no coroutine
                             late = self._take_block(peer, ev)
                             if late:
@@ -760,6 +821,7 @@ class Swarm:
         if peer not in self.peers:
             return
         self.peers.discard(peer)
+        peer.conduct.live -= 1
         if peer.conn.handshaken:
             log.info("%s: gone", peer.addr)
         if self.picker is not None:
@@ -846,7 +908,7 @@ class Swarm:
         late: list[tuple[int, bytes | memoryview]] = []
         if not picker.have[piece]:
             self.summary.bytes_down += len(data)
-            self.blame.block(piece, ev.begin, peer, data)
+            self.blame.block(piece, ev.begin, peer.conduct, data)
             client = self.client
             ready = self.order.arrived(piece, ev.begin, data)
             for k, (begin, block) in enumerate(ready):
@@ -908,10 +970,12 @@ class Swarm:
         one piece (what peers send) are read from the daemon as one range of up to
         READ_BYTES: one round trip for many blocks."""
         queue = peer.conn.peer_requests
-        if self.client.failure is not None:
-            return  # nothing to read from: we are stopping
+        if self.client.failure is not None or peer.closed:
+            return  # nothing to read from (we are stopping), or nobody to send to
         limit = min(READ_BYTES, self.client.core.max_frame - 1024)  # a DATA frame holds it
-        while queue and peer.reads < READS_PER_PEER:
+        transport = peer.transport
+        while (queue and peer.reads < READS_PER_PEER and not peer.inbox.writing_paused
+               and peer.reading + transport.get_write_buffer_size() < SEND_AHEAD):
             run = [queue.popleft()]
             size = run[0][2]
             while queue and size + queue[0][2] <= limit:
@@ -921,6 +985,7 @@ class Swarm:
                 run.append(queue.popleft())
                 size += nxt[2]
             peer.reads += 1
+            peer.reading += size
             self._spawn(self._serve_blocks(peer, run))
 
     async def _serve_blocks(self, peer: Peer, run: list[Block]) -> None:
@@ -961,6 +1026,7 @@ class Swarm:
                 peer.flush()
         finally:
             peer.reads -= 1
+            peer.reading -= size
             peer.flush()
             if not peer.closed:
                 self._pump_reads(peer)
@@ -1062,8 +1128,8 @@ class Swarm:
             if picker.have[piece]:
                 return
             self._gained(piece)
-            for peer in liars:
-                self._blame(peer, piece)  # its block of a failed attempt was not this
+            for liar in liars:
+                self._blame(liar, piece)  # its block of a failed attempt was not this
             return
         picker.piece_failed(piece)
         if not (msg.get("v1") == 0 or msg.get("v2") == 0):
@@ -1077,8 +1143,8 @@ class Swarm:
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
         log.info("piece %d failed its hash (data from %d peers)", piece, givers)
-        for peer in self.blame.failed(piece):  # its only giver; else known once it verifies
-            self._blame(peer, piece)
+        for liar in self.blame.failed(piece):  # its only giver; else known once it verifies
+            self._blame(liar, piece)
         self._fill_all()
 
     def _gained(self, piece: int, fill: bool = True) -> None:
@@ -1153,20 +1219,25 @@ class Swarm:
             self.summary.complete = True
             self.done.set()
 
-    def _blame(self, peer: Peer, piece: int) -> None:
-        """``peer`` sent bad data for ``piece``: never ask it for that piece again, and
-        drop it after MAX_BAD_PIECES such pieces."""
-        peer.bad += 1
-        if peer.addr not in self.summary.bad_peers:
-            self.summary.bad_peers.append(peer.addr)
-        if piece not in peer.banned:
-            peer.banned.add(piece)
-            if peer.conn.peer_has[piece] and not self.picker_has(piece):
-                peer.wanted -= 1
-        if peer.bad >= MAX_BAD_PIECES and not peer.closed:
-            log.warning("dropping %s: %d pieces failed with its data", peer.addr, peer.bad)
+    def _blame(self, liar: Conduct, piece: int) -> None:
+        """``liar`` sent bad data for ``piece``: never ask it for that piece again, and
+        drop it (every connection of it, now and to come) after MAX_BAD_PIECES such
+        pieces."""
+        liar.bad += 1
+        listed = self.summary.bad_peers
+        if len(listed) < BAD_PEERS_LISTED and liar.addr not in listed:
+            listed.append(liar.addr)
+        mine = [p for p in self.peers if p.conduct is liar]
+        if piece not in liar.banned:
+            liar.banned.add(piece)
+            for p in mine:
+                if p.conn.peer_has[piece] and not self.picker_has(piece):
+                    p.wanted -= 1
+        if liar.bad == MAX_BAD_PIECES:
+            log.warning("dropping %s: %d pieces failed with its data", liar.addr, liar.bad)
             self.summary.peers_dropped_for_bad_data += 1
-            self._drop(peer)
+            for p in mine:
+                self._drop(p)
 
     def _blocks_in(self, piece: int) -> int:
         assert self.picker is not None

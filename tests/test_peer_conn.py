@@ -1189,3 +1189,76 @@ def test_a_pick_costs_about_the_same_whatever_the_number_of_pieces(sparse: bool)
     small = min(_picks_seconds(10_000, 1 if sparse else 10_000) for _ in range(3))
     large = min(_picks_seconds(400_000, 1 if sparse else 400_000) for _ in range(3))
     assert large < 8 * small, (large, small)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _clocked(fast: bool = True) -> tuple[PeerConnection, Clock]:
+    clock = Clock()
+    c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, clock=clock)
+    c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=fast)))
+    c.take_outbox()
+    return c, clock
+
+
+FLOODS = {
+    "keepalive": wire.keep_alive(),
+    "interest": wire.interested() + wire.not_interested(),
+    "unchoke": wire.unchoke() + wire.choke(),
+    "have_again": wire.have(1),
+    "cancel_unknown": wire.cancel(0, 0, BLOCK),
+    "request_choked": wire.request(0, 0, BLOCK),
+    "suggest": wire.suggest_piece(0),
+    "reject_unknown": wire.reject_request(0, 0, BLOCK),
+    "extended": wire.extended(7, b"d1:xi0ee"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOODS))
+def test_a_peer_streaming_messages_that_change_nothing_is_dropped(name: str) -> None:
+    """A MiB of keep-alives is 262,144 messages, of INTERESTED / NOT_INTERESTED 209,715
+    (each a choke round in the plugin): every one was handled, one chunk after another,
+    while every other peer waited its turn (an honest leecher took minutes instead of a
+    second). Past a burst and a rate no honest peer comes near, the peer broke the
+    protocol; more of them later, at the rate, are taken."""
+    from pieced.peer.conn import CHATTER_BURST, CHATTER_RATE
+
+    c, clock = _clocked()
+    c.receive(wire.have(1))  # (so that the next HAVE of it is said again)
+    msg = FLOODS[name]
+    per = len(parse_all(msg))
+    c.receive(msg * ((CHATTER_BURST - 10) // per))  # a burst, taken
+    with pytest.raises(wire.WireError, match="change nothing"):
+        c.receive(msg * (1 + 20 // per))
+    c, clock = _clocked()
+    c.receive(wire.have(1))
+    for _ in range(50):  # at the rate, for as long as it likes
+        clock.now += 1.0
+        c.receive(msg * int(CHATTER_RATE // per))
+    with pytest.raises(wire.WireError):
+        c.receive(msg * (CHATTER_BURST // per + 1))
+
+
+def test_an_honest_peer_never_runs_out_of_chatter() -> None:
+    """What libtorrent sends over an hour, at its busiest: a keep-alive a minute, a
+    change of interest and of choke every few seconds, ten ALLOWED_FAST and SUGGESTs,
+    and every minute 500 requests in flight rejected by a choke."""
+    c, clock = _clocked()
+    c.receive(wire.have_none() + b"".join(wire.allowed_fast(p % 3) for p in range(10))
+              + b"".join(wire.suggest_piece(p % 3) for p in range(10)))
+    for second in range(3600):
+        clock.now += 1.0
+        data = b""
+        if second % 60 == 0:
+            data += wire.keep_alive() + wire.request(0, 0, BLOCK) * 500
+        if second % 3 == 0:
+            data += wire.interested() if second % 2 else wire.not_interested()
+            data += wire.unchoke() if second % 2 else wire.choke()
+        if data:
+            c.receive(data)

@@ -143,7 +143,7 @@ def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
     import random
 
     from pieced.peer.conn import PeerConnection
-    from pieced.peer.plugin import Inbox, Peer
+    from pieced.peer.plugin import Conduct, Inbox, Peer
 
     rng = random.Random(5)
     messages = [rng.randbytes(rng.choice([13, 16384, 70000])) for _ in range(400)]
@@ -170,7 +170,7 @@ def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
         assert isinstance(transport, asyncio.Transport)
         conn = PeerConnection.__new__(PeerConnection)
         conn.outbox = []
-        peer = Peer(conn, transport, inbox, "test")
+        peer = Peer(conn, transport, inbox, "test", Conduct("test"))
         for i in range(0, len(messages), 7):
             conn.outbox.extend(memoryview(m) if i % 2 else m for m in messages[i : i + 7])
             peer.flush()
