@@ -600,7 +600,7 @@ class DiskIO:
         reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False))
         try:
             result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
-                            not full)
+                            not full, self._unreadable(t))
         except _CheckFailed as exc:
             raise exc.error from None
         with t.lock:
@@ -609,6 +609,19 @@ class DiskIO:
         self.metrics.add("bytes_read", result.bytes_hashed)
         self.metrics.add("fingerprint_hits", result.fingerprint_hits)
         return result
+
+    def _unreadable(self, t: Torrent) -> set[int]:
+        """Pieces whose stored bytes all lie in files that are not there (see
+        ``FileStorage.absent_files``): a check fails them without asking for them. A
+        piece that shares bytes with any other file is read as before: what its read
+        finds of that file (cut short, gone) is the check's to tell."""
+        absent = t.storage.absent_files()
+        out: set[int] = set()
+        for i in absent:
+            pieces = t.layout.file_pieces(i)
+            out.update(pieces[1:-1])  # wholly inside the file
+            out.update(p for p in {pieces[0], pieces[-1]} if _only_in(t, p, absent))
+        return out
 
     def _apply_verify(self, t: Torrent, pieces: Sequence[int], result: VerifyResult) -> None:
         """Set the states of checked pieces (caller holds the torrent alone).
@@ -1579,6 +1592,12 @@ def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:
         raise OutOfRange(f"a block to write holds at least one byte (piece={piece}, "
                          f"begin={begin}, length={length})")
     t.layout.check(piece, begin, length)
+
+
+def _only_in(t: Torrent, piece: int, files: set[int]) -> bool:
+    """Whether every stored byte of the piece lies in one of ``files``."""
+    segs = t.layout.map(piece, 0, t.layout.piece_size(piece))
+    return all(s.file_index in files for s in segs if s.stored)
 
 
 # A read's errors that mean the piece's bytes are not there (the piece fails a check).

@@ -362,6 +362,29 @@ class FileStorage:
         with self._lock:
             self._whole.update(whole)
 
+    def absent_files(self) -> set[int]:
+        """The payload files with bytes that are not there, and that the daemon knows
+        nothing of (never opened, sized or found whole): a read of one could only fail,
+        and change nothing. A check fails their pieces without reading them: a look at
+        each file (each folder, for the files of a missing one), not two failed opens
+        a piece. A known file found gone is left out: the read that finds it gone is
+        what tells its pieces, and the journal, so."""
+        lengths = self.meta.files.lengths
+        with self._lock:
+            known = self._identity.keys() | self._recreate | self._sized | self._whole
+        folders: dict[tuple[str, ...], bool] = {}  # folder -> missing
+        absent = set()
+        for index in self.stored_files():
+            if not lengths[index] or index in known:
+                continue
+            parts = self.parts(index)
+            folder = tuple(parts[:-1])
+            if folder and folder not in folders:
+                folders[folder] = self.root.missing(folder)
+            if (folder and folders[folder]) or self.root.missing(parts):
+                absent.add(index)
+        return absent
+
     def known_whole(self, index: int) -> bool:
         """Whether the file is known to be at its full length: one found shorter was cut
         short behind our back (its bytes past the cut are gone, not zeros)."""
@@ -883,6 +906,9 @@ class DisabledStorage(FileStorage):
 
     def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
         return False  # nothing is stored, so nothing is cached either
+
+    def absent_files(self) -> set[int]:
+        return set()  # every read succeeds (zeros), whatever is on disk
 
     def advise(self, segments: Sequence[Segment]) -> None:
         return None

@@ -181,6 +181,19 @@ class Beneath:
         except (OSError, PiecedError):  # (the save path itself missing, too)
             return None
 
+    def missing(self, parts: Parts) -> bool:
+        """Whether nothing is at ``parts``, or one of its folders is missing (ENOENT):
+        an open of it could only fail so. Anything else (a symlink on the way, no
+        access, a save path out of reach) is not missing: an open says what it is."""
+        try:
+            with self.folder(parts[:-1], False) as dfd:
+                os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        except (OSError, PiecedError):
+            return False
+        return False
+
     def unlink(self, parts: Parts) -> None:
         """Remove a payload file (a symlink in its place is removed, never followed)."""
         with contextlib.suppress(FileNotFoundError), self.folder(parts[:-1], False) as dfd:

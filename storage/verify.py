@@ -21,7 +21,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
@@ -508,6 +508,7 @@ def verify(
     pieces: Sequence[int] | None = None,
     fingerprints: bytes | None = None,
     trust_fingerprints: bool = True,
+    unreadable: Collection[int] = (),
 ) -> VerifyResult:
     """Hash every piece (or the given ones), in batches on the hash pool.
 
@@ -516,6 +517,10 @@ def verify(
     ``trust_fingerprints`` is off (a full recheck); a piece that passes its torrent
     hashes and has no (or a stale) fingerprint gets one, in ``new_fingerprints``.
     Without a table no fingerprint is computed at all.
+
+    ``unreadable``: pieces the caller knows cannot be read (their files are not
+    there); they fail as a failed read fails them, without being asked for, so that
+    a torrent with nothing on disk yet costs no read, nor open, per piece.
     """
     todo = list(pieces) if pieces is not None else range(meta.num_pieces)
     have = [False] * meta.num_pieces
@@ -532,6 +537,9 @@ def verify(
     def run(batch: Sequence[int]) -> list[Row]:
         out: list[Row] = []
         for p in batch:
+            if p in unreadable:
+                out.append((p, *fail, 0, None, False))
+                continue
             size = meta.piece_size(p)
             try:
                 out.append(one(p, size))
@@ -588,21 +596,30 @@ def verify(
         for start in range(0, len(todo), per_batch):
             yield todo[start : start + per_batch]
 
+    def submit(batch: Sequence[int]) -> Future[list[Row]]:
+        """The batch on the pool, its readable pieces asked for first; a batch with
+        none is done here (nothing to hash: it would only wait its turn on the pool)."""
+        wanted = [p for p in batch if p not in unreadable] if unreadable else batch
+        if not wanted:
+            done_now: Future[list[Row]] = Future()
+            done_now.set_result(run(batch))
+            return done_now
+        reader.prefetch(wanted, meta.piece_size)
+        return pool.submit(run, batch)
+
     pending: list[Future[list[Row]]] = []
     it = batches()
     reader.start(pool.workers)
     try:
         for b in it:
-            reader.prefetch(b, meta.piece_size)
-            pending.append(pool.submit(run, b))
+            pending.append(submit(b))
             if len(pending) >= window:
                 break
         while pending:
             fut = pending[0]
             nxt = next(it, None)
             if nxt is not None:
-                reader.prefetch(nxt, meta.piece_size)
-                pending.append(pool.submit(run, nxt))
+                pending.append(submit(nxt))
             rows = fut.result()
             pending.pop(0)
             for p, ok1, ok2, size, new, hit in rows:

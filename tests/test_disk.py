@@ -26,6 +26,7 @@ from pieced.storage.errors import (
 )
 from pieced.storage.layout import Layout
 from pieced.storage.metainfo import Metainfo, parse
+from pieced.storage.paths import Beneath
 
 from tests.conftest import STORES_NOTHING
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
@@ -910,4 +911,55 @@ def test_a_file_found_whole_by_a_check_and_cut_short_later_is_never_read_as_zero
         assert errors
     finally:
         dio.torrent(ih).storage.close_handles()
+        dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": "reads no file: its checks hash zeros, whatever is on disk"})
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_a_check_asks_nothing_of_files_that_are_not_there(
+        tmp_path: Path, backend: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new torrent's files are not on disk yet, and its first check (which a client
+    runs right after register) found that out with two failed opens a piece: seconds for
+    100,000 pieces. A check now looks at each file, and fails the pieces of the files
+    that are not there without asking for them; a piece shared with a file that is
+    there is read as before, and the check finds what libtorrent finds."""
+    piece = 16384
+    files = {"a.bin": 3 * piece + 100, "b.bin": 40 * piece + 7, "sub/c.bin": 20 * piece,
+             "z.bin": 2 * piece + 5}
+    content = make_payload(tmp_path / "save", files, seed=19)
+    raw = make_torrent_lt(content, piece, kind)
+    meta = parse(raw)
+    opened: list[tuple[str, ...]] = []
+    real_open = Beneath.open
+
+    def counting(self: Beneath, parts: Any, flags: int, create_dirs: bool = False) -> int:
+        opened.append(tuple(parts))
+        return real_open(self, parts, flags, create_dirs)
+
+    monkeypatch.setattr(Beneath, "open", counting)
+    dio = DiskIO(backend, cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "new")  # nothing there at all
+        result = dio.recheck(ih)
+        assert opened == []
+        every = list(range(meta.num_pieces))
+        assert not any(result.have)
+        assert (result.failed_v1, result.failed_v2) == (
+            every if meta.has_v1 else None, every if meta.has_v2 else None)
+        assert dio.status(ih, files=False)["verified_pieces"] == 0
+        dio.unregister(ih)
+
+        (content / "b.bin").unlink()
+        (content / "sub" / "c.bin").unlink()
+        (content / "sub").rmdir()
+        ih = dio.register(raw, tmp_path / "save")
+        opened.clear()
+        result = dio.recheck(ih)
+        assert result.have == lt_recheck(raw, tmp_path / "save")
+        assert any(result.have)
+        gone = [p for p in opened if p[-1] in ("b.bin", "c.bin")]
+        # At most the four pieces they share with a file that is there, each opened for
+        # the read-ahead advice and for the read.
+        assert len(gone) <= 2 * 4, gone
+    finally:
         dio.close()
