@@ -91,6 +91,9 @@ LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rena
                       "flush_all", "flush_piece", "read_piece", "hash_piece", "hash_piece_v2",
                       "status", "list"})
 LONG_WORKERS = 64
+# Operations that only answer (nothing changes): those of a client gone are not run. A
+# client could queue MAX_QUEUED_JOBS reads of a frame each (32 GiB) and hang up.
+QUERIES = frozenset({"list", "read_piece", "hash_block", "cached_pieces", "stats", "status"})
 # Keys of torrents the daemon does not have that one connection may subscribe to.
 MAX_UNKNOWN_SUBSCRIPTIONS = 1024
 # Seconds a stop waits for the clients' lanes to finish (their replies sent) before it
@@ -502,6 +505,8 @@ class Connection:
         key = msg.get("ih") if handler is not None and op != "attach_ring" else None
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
+            if self.closed and op in QUERIES:
+                return [], None  # nobody to answer
             try:
                 if handler is None:
                     raise BadRequest(f"unknown op {op!r}")
@@ -542,6 +547,8 @@ class Connection:
         limit = self.server.max_frame - LENGTH_AFTER  # as much as one DATA frame holds
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
+            if self.closed:
+                return [], None  # nobody to read for
             try:
                 if frame.length > limit:
                     raise BadRequest(f"reads are limited to {limit} bytes")
@@ -561,6 +568,8 @@ class Connection:
         limit = self.server.max_frame - LENGTH_AFTER  # what a READ may ask for
 
         def job() -> tuple[list[Out], Token | None]:
+            if self.closed:
+                return [], None  # nobody to read for (its ring is going)
             try:
                 if frame.length > limit:
                     raise BadRequest(f"reads are limited to {limit} bytes")
