@@ -93,6 +93,7 @@ LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rena
 LONG_WORKERS = 64
 # Operations that only answer (nothing changes): those of a client gone are not run. A
 # client could queue MAX_QUEUED_JOBS reads of a frame each (32 GiB) and hang up.
+REPORT_ENTRIES = 1000  # files (status) or torrents (list) that make a report a big one
 QUERIES = frozenset({"list", "read_piece", "hash_block", "cached_pieces", "stats", "status"})
 # Keys of torrents the daemon does not have that one connection may subscribe to.
 MAX_UNKNOWN_SUBSCRIPTIONS = 1024
@@ -154,6 +155,13 @@ class Server:
         # worker from short requests of other clients. Threads start only when needed;
         # a lane waiting on a fence holds one, hence the generous bound.
         self.long_executor = ThreadPoolExecutor(LONG_WORKERS, "pieced-long")
+        # Reports of many files or torrents are Python through and through: run side by
+        # side they gain nothing (one interpreter lock) and starve every other thread of
+        # it, the event loop's too (16 clients asking status of a 30,000-file torrent
+        # held another's stats for two seconds; one at a time, a fifth of a second). The
+        # others wait, asleep. (A report waits for nothing else: no fence, only the
+        # torrent's lock, briefly.)
+        self.report_slot = threading.Lock()
         self.clients: set[Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -512,7 +520,11 @@ class Connection:
                     raise BadRequest(f"unknown op {op!r}")
                 if isinstance(key, bytes):
                     self.subscribe_known(key)
-                reply = encode_response(rid, handler(self, rid, msg))
+                if _big_report(self, op, msg):
+                    with self.server.report_slot:
+                        reply = encode_response(rid, handler(self, rid, msg))
+                else:
+                    reply = encode_response(rid, handler(self, rid, msg))
                 if len(reply) - 4 > self.server.max_frame:
                     raise TooLarge(f"a reply of {len(reply) - 4} bytes exceeds the frame limit of "
                                    f"{self.server.max_frame}" + (
@@ -1091,6 +1103,20 @@ def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     if files not in (0, 1):
         raise BadRequest("'files' must be 0 or 1")
     return c.disk.status(_ih(m), files=bool(files))
+
+
+def _big_report(c: Connection, op: Any, m: dict[str, Any]) -> bool:
+    """Whether a request is a report of over REPORT_ENTRIES files or torrents (run one
+    at a time). A request that names no torrent known is not: its error says why."""
+    if op == "list":
+        return len(c.disk.torrents()) > REPORT_ENTRIES
+    if op != "status" or m.get("files", 1) == 0:
+        return False
+    ih = m.get("ih")
+    try:
+        return isinstance(ih, bytes) and len(c.disk.torrent(ih).meta.files) > REPORT_ENTRIES
+    except PiecedError:
+        return False
 
 
 def _op_read_piece(c: Connection, rid: int, m: dict[str, Any]) -> Any:

@@ -613,10 +613,12 @@ def test_clients_asking_status_of_a_huge_torrent_leave_workers_for_the_others(
     """``status`` of a torrent of many files takes long (a third of a second for
     30,000): more clients asking it than the daemon has workers for short requests used
     to hold every one of them, and another client's stats waited until nearly all of
-    them were answered (13 or 14 of 16). Now it is answered while most of them are still
-    under way. (Told by order, not by time: the askers send their requests and read
-    nothing until the end. The stats still waits some: the statuses take the one
-    interpreter lock in turn with everything else.)"""
+    them were answered (13 or 14 of 16). Run side by side on other workers, they took
+    the one interpreter lock from everything else, the event loop too: the stats waited
+    two seconds, until 2 to 14 of them were answered, depending on the machine's load.
+    Big reports now run one at a time, and the stats is answered before almost any.
+    (Told by order, not by time: the askers send their requests and read nothing until
+    the end.)"""
     import os
     import select
 
@@ -636,7 +638,7 @@ def test_clients_asking_status_of_a_huge_torrent_leave_workers_for_the_others(
             time.sleep(0.05)  # (taken in by the daemon)
             assert c.stats()["torrents"] == 1
             answered = select.select([a.sock for a in askers], [], [], 0)[0]
-            assert len(answered) < len(askers) // 2, f"{len(answered)} statuses answered first"
+            assert len(answered) < 4, f"{len(answered)} statuses answered first"
             for a in askers:  # every status is answered all the same
                 (reply,) = a.replies(1)
                 assert reply.type == FrameType.RESPONSE
