@@ -614,14 +614,23 @@ class DiskIO:
         """Pieces whose stored bytes all lie in files that are not there (see
         ``FileStorage.absent_files``): a check fails them without asking for them. A
         piece that shares bytes with any other file is read as before: what its read
-        finds of that file (cut short, gone) is the check's to tell."""
+        finds of that file (cut short, gone) is the check's to tell. (One pass over the
+        files and one over the pieces: a piece holds the bytes of thousands of small
+        files in some torrents.)"""
         absent = t.storage.absent_files()
-        out: set[int] = set()
-        for i in absent:
-            pieces = t.layout.file_pieces(i)
-            out.update(pieces[1:-1])  # wholly inside the file
-            out.update(p for p in {pieces[0], pieces[-1]} if _only_in(t, p, absent))
-        return out
+        if not absent:
+            return set()
+        layout, lengths = t.layout, t.meta.files.lengths
+        touched = bytearray(t.meta.num_pieces)  # 1: bytes of an absent file; 2: of another
+        for i in t.storage.stored_files():
+            if lengths[i]:
+                r = layout.file_pieces(i)
+                mark = 1 if i in absent else 2
+                for p in (r[0], r[-1]):  # (the pieces between hold this file's bytes alone)
+                    touched[p] |= mark
+                if len(r) > 2:
+                    touched[r[1] : r[-1]] = bytes([mark]) * (len(r) - 2)
+        return {p for p, m in enumerate(touched) if m == 1}
 
     def _apply_verify(self, t: Torrent, pieces: Sequence[int], result: VerifyResult) -> None:
         """Set the states of checked pieces (caller holds the torrent alone).
@@ -1592,12 +1601,6 @@ def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:
         raise OutOfRange(f"a block to write holds at least one byte (piece={piece}, "
                          f"begin={begin}, length={length})")
     t.layout.check(piece, begin, length)
-
-
-def _only_in(t: Torrent, piece: int, files: set[int]) -> bool:
-    """Whether every stored byte of the piece lies in one of ``files``."""
-    segs = t.layout.map(piece, 0, t.layout.piece_size(piece))
-    return all(s.file_index in files for s in segs if s.stored)
 
 
 # A read's errors that mean the piece's bytes are not there (the piece fails a check).
