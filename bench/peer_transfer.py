@@ -2,7 +2,8 @@
 """pieced-peer against libtorrent on the same torrent, over loopback TCP, in one run.
 
 Prints one JSON object on stdout (progress on stderr). For each ``--kinds`` torrent
-(libtorrent-made, ``--size-mib`` MiB in one file of deterministic data, ``--piece-kib``
+(libtorrent-made, ``--size-mib`` MiB of deterministic data in one file, or in
+``--files`` files of sizes from 0 bytes to a few pieces in 37 folders, ``--piece-kib``
 pieces) three transfers, timed from the first connection to the last byte verified:
 
 ``lt_to_lt``
@@ -35,6 +36,7 @@ during the next transfer, on the same two cores, and whichever transfer comes ne
 for it.
 
     python bench/peer_transfer.py --size-mib 1024 --kinds v1,hybrid
+    python bench/peer_transfer.py --size-mib 300 --files 12000 --piece-kib 16 --kinds v1
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -79,6 +82,20 @@ def fresh(path: Path) -> Path:
 TRANSFERS = ("lt_to_lt", "lt_to_pieced", "pieced_to_lt")
 
 
+def payload_files(total: int, count: int) -> dict[str, int]:
+    """``count`` files of ``total`` bytes in all: sizes from 0 to a few 16 KiB blocks,
+    odd ones among them, in 37 folders (a torrent of many small files); one file if 1."""
+    if count <= 1:
+        return {"data.bin": total}
+    rng = random.Random(5)
+    sizes = [rng.choice((0, 1, 3, 16383, 16384, 16385, 32771, 81920, 100000))
+             for _ in range(count)]
+    scale = total / max(1, sum(sizes))
+    files = {f"d{i % 37}/f{i:06d}.bin": int(n * scale) for i, n in enumerate(sizes)}
+    files["d0/last.bin"] = total - sum(files.values())
+    return files
+
+
 class Setup:
     """One torrent's payload, its .torrent and what every transfer needs."""
 
@@ -86,7 +103,8 @@ class Setup:
         self.args = args
         self.work = work
         self.src = work / "src"
-        content = make_payload(self.src, {"data.bin": args.size_mib * 1024 * 1024}, seed=1)
+        content = make_payload(self.src, payload_files(args.size_mib * 1024 * 1024, args.files),
+                               seed=1)
         self.raw = make_torrent_lt(content, args.piece_kib * 1024, cast(TorrentKind, kind))
         self.torrent = work / f"{kind}.torrent"
         self.torrent.write_bytes(self.raw)
@@ -255,6 +273,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--piece-kib", type=int, default=4096)
+    ap.add_argument("--files", type=int, default=1,
+                    help="the payload in this many files of mixed small sizes (default: one)")
     ap.add_argument("--kinds", default="v1,hybrid")
     ap.add_argument("--cache-mib", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1,
@@ -264,7 +284,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"size_mib": args.size_mib, "piece_kib": args.piece_kib,
+    result: dict[str, Any] = {"size_mib": args.size_mib, "files": args.files, "piece_kib": args.piece_kib,
                               "cpus": os.cpu_count()}
     result["repeat"] = args.repeat
     for kind in args.kinds.split(","):

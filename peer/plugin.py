@@ -432,13 +432,15 @@ class Peer:
         were read into, not joined to their headers first: a copy of every byte sent),
         and what the socket does not take then goes to the transport, joined."""
         parts = self.conn.take_outbox()
-        if self.closed:
+        if self.closed or not parts:
             return  # dropped: nothing keeps them (blocks may be views of the daemon ring)
-        if not parts:
+        transport = self.transport
+        if transport.is_closing():
+            # Gone (its Peer is dropped once the loop gets to it): a write now is an
+            # error that asyncio logs, one line each (thousands, for HAVEs to it).
             return
         self.queued += sum(len(p) for p in parts)
-        transport = self.transport
-        if len(parts) > 1 and transport.get_write_buffer_size() == 0 and not transport.is_closing():
+        if len(parts) > 1 and transport.get_write_buffer_size() == 0:
             sock = transport.get_extra_info("socket")
             try:
                 sent = os.writev(sock.fileno(), parts[:IOV_MAX]) if sock is not None else 0

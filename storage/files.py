@@ -112,7 +112,13 @@ class HandlePool:
         excess = len(self._fds) - self.max_open
         if excess <= 0:
             return
-        for key in [k for k, e in self._fds.items() if e[1] == 0][:excess]:
+        victims = []  # the least recently used idle ones: found near the front, not by a
+        for key, e in self._fds.items():  # walk of all (each open of a torrent of
+            if e[1] == 0:  # 12,000 small files walked the 512 open ones)
+                victims.append(key)
+                if len(victims) == excess:
+                    break
+        for key in victims:
             os.close(self._fds.pop(key)[0])
 
     def close(self, owner: object) -> None:
