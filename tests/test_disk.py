@@ -973,3 +973,31 @@ def test_a_check_asks_nothing_of_files_that_are_not_there(
         assert len(gone) <= 2 * 4, gone
     finally:
         dio.close()
+
+
+def test_the_handle_pool_closes_the_least_recently_used_idle_handles(tmp_path: Path) -> None:
+    """Past its bound the pool closes the handles used longest ago, never one in use
+    (a writer's descriptor closed under it could be reused by another file)."""
+    from pieced.storage.files import HandlePool
+
+    opened: list[int] = []
+
+    class Owner:
+        def open_file(self, index: int, writable: bool) -> int:
+            opened.append(index)
+            return os.open(tmp_path / f"f{index}", os.O_CREAT | os.O_RDWR, 0o644)
+
+    owner = Owner()
+    pool = HandlePool(max_open=3)
+    busy = pool.get(owner, 0, True)  # in use all along
+    for i in (1, 2, 3):
+        pool.put(pool.get(owner, i, True))  # four open: 1, the oldest idle one, closed
+    pool.put(pool.get(owner, 2, True))  # 2 used again: 3 is now the oldest idle one
+    pool.put(pool.get(owner, 4, True))
+    opened.clear()
+    for i in (0, 2, 4, 3, 1):
+        pool.put(pool.get(owner, i, True))
+    assert opened == [3, 1]
+    assert os.fstat(busy[0])  # (never closed under its user)
+    pool.put(busy)
+    pool.close(owner)
