@@ -736,7 +736,7 @@ class FileStorage:
         devices), never replacing a file there; undone if any step fails."""
         self.close_handles()
         new_root = self.beneath(new_path)
-        moved: list[tuple[str, ...]] = []
+        moved: list[tuple[int, tuple[str, ...]]] = []
         try:
             new_root.root(create=True)
             for index in self.stored_files():
@@ -747,16 +747,22 @@ class FileStorage:
                     raise StorageIOError(f"move: {new_path.joinpath(*parts)} already exists",
                                          errno=errno.EEXIST)
                 self.root.move(parts, new_root, parts)
-                moved.append(parts)
+                moved.append((index, parts))
             new_root.sync_made()  # where the files are now: durable before it is recorded
             self.root.sync_made()
         except (OSError, PiecedError) as exc:
             self.stranded = False
-            for parts in reversed(moved):
+            for index, parts in reversed(moved):
                 try:
                     new_root.move(parts, self.root, parts)
                 except (OSError, PiecedError):
                     self.stranded = True
+                with self._lock:
+                    # Copied there and back across devices: another inode, our own all
+                    # the same (else it was refused as one put in its place, and its
+                    # verified pieces were lost at the next check).
+                    self._identity.pop(index, None)
+                    self._recreate.discard(index)
             with contextlib.suppress(OSError, PiecedError):
                 self._prune(new_root)  # the folders the move made there, if empty
             new_root.close()
@@ -831,9 +837,20 @@ class FileStorage:
             raise BadRequest(f"new name {new_name[:80]!r}... is over {MAX_PATH_BYTES} bytes")
         if parts == self.parts(index):
             return None
-        taken = any(self.parts(i) == parts for i in self.stored_files() if i != index)
-        if taken or self.root.exists(parts):
-            dst = self.save_path.joinpath(*parts)
+        dst = self.save_path.joinpath(*parts)
+        for i in self.stored_files():
+            other = self.parts(i)
+            k = min(len(other), len(parts))
+            if i == index or other[:k] != parts[:k]:
+                continue
+            if other == parts:
+                raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
+            # One a folder of the other (as register refuses a file and a folder of one
+            # name): one of the two files could never be written.
+            raise StorageIOError(
+                f"rename: {dst} and {self.save_path.joinpath(*other)}, another file of the "
+                "torrent, would be a file and a folder of one name", errno=errno.EEXIST)
+        if self.root.exists(parts):
             raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
         return parts
 

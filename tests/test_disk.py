@@ -21,6 +21,7 @@ from pieced.storage.errors import (
     NoHashes,
     OutOfRange,
     PathEscape,
+    PiecedError,
     StorageIOError,
     UnknownTorrent,
 )
@@ -1001,3 +1002,85 @@ def test_the_handle_pool_closes_the_least_recently_used_idle_handles(tmp_path: P
     assert os.fstat(busy[0])  # (never closed under its user)
     pool.put(busy)
     pool.close(owner)
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_move_across_devices_undone_leaves_the_torrent_as_it_was(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move across file systems copies each file; one that fails part-way (a file
+    where one of the torrent's folders must go) copies back what it moved. The copies
+    back are other inodes than the files the daemon had opened, which it then refused as
+    files put in their place: their verified pieces could not be read, and the next
+    check dropped them for good. (Across file systems here: ``link`` fails with EXDEV,
+    as it does between two of them.)"""
+    import pieced.storage.paths as paths
+
+    real_link = os.link
+
+    def no_link(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int,
+                follow_symlinks: bool) -> None:
+        if src_dir_fd != dst_dir_fd:  # (a copy's own link of its part file, in one folder)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd,
+                  follow_symlinks=follow_symlinks)
+
+    content = make_payload(tmp_path / "src", {"a.bin": 200_000, "c.bin": 70_001,
+                                              "d/b.bin": 90_000}, seed=23)
+    raw = make_torrent_lt(content, 32768, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "a")
+        fill(dio, ih, src, direct_every=0)
+        n = src.meta.num_pieces
+        assert dio.status(ih, files=False)["verified_pieces"] == n
+        (tmp_path / "b" / "payload").mkdir(parents=True)
+        (tmp_path / "b" / "payload" / "d").write_bytes(b"in the way")
+        # Held open, so that the copies back cannot be given the inodes they had.
+        held = [os.open(f, os.O_RDONLY) for f in (tmp_path / "a").rglob("*.bin")]
+        monkeypatch.setattr(paths.os, "link", no_link)
+        with pytest.raises(PiecedError):
+            dio.move_storage(ih, tmp_path / "b")
+        monkeypatch.undo()
+        for fd in held:
+            os.close(fd)
+        assert dio.status(ih, files=False)["save_path"] == str(tmp_path / "a")
+        for p in range(n):
+            assert dio.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
+        assert dio.recheck(ih).ok
+        assert dio.status(ih, files=False)["verified_pieces"] == n
+    finally:
+        dio.close()
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_a_rename_that_makes_a_file_and_a_folder_of_one_name_is_refused(
+        tmp_path: Path, kind: str) -> None:
+    """Renaming a file to a path below another file of the torrent (which would become
+    a folder), or to the name of another file's folder, was taken: the other file could
+    never be written again (EISDIR, or a false PathEscape), and the torrent never
+    completed, restart or not. It is refused (EEXIST), as register refuses a file and a
+    folder of one name, and nothing changes."""
+    content = make_payload(tmp_path / "src", {"a.bin": 70_000, "d/b.bin": 50_000}, seed=29)
+    raw = make_torrent_lt(content, 16384, kind)
+    src = Source(raw, tmp_path / "src")
+    meta = src.meta
+    a = next(i for i, f in enumerate(meta.files) if f.stored and f.path[-1] == "a.bin")
+    root = meta.files[a].path[0]
+    dio = DiskIO("posix")
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        a_blocks = [b for b in src.blocks() if b[0] in Layout(meta).file_pieces(a)]
+        for p, begin, n in a_blocks:  # a.bin written, b.bin not yet
+            dio.write_chunk(ih, p, begin, src.read(p, begin, n))
+        dio.flush_all()
+        for name in (f"{root}/d/b.bin/a.bin", f"{root}/d"):
+            with pytest.raises(StorageIOError) as exc:
+                dio.rename_file(ih, a, name)
+            assert exc.value.errno == errno.EEXIST, exc.value
+        fill(dio, ih, src, direct_every=0)  # b.bin can be written
+        assert dio.recheck(ih).ok
+        dio.rename_file(ih, a, f"{root}/e/a.bin")  # a rename that clashes with nothing
+        assert dio.recheck(ih).ok
+    finally:
+        dio.close()
