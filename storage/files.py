@@ -723,10 +723,20 @@ class FileStorage:
         to be taken for the torrent's."""
         new_root = self.beneath(new_path)
         try:
+            folders: set[tuple[str, ...]] = set()
             for index in self.stored_files():
                 parts = self.parts(index)
+                folders.update(parts[:k] for k in range(1, len(parts)))
                 if new_root.exists(parts):
                     raise StorageIOError(f"move: {new_path.joinpath(*parts)} already exists",
+                                         errno=errno.EEXIST)
+            # Something not a folder where the torrent has one: found here, not by the
+            # move half-way (which then has to put back what it moved).
+            for folder in sorted(folders, key=len):
+                st = new_root.stat(folder)
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    raise StorageIOError(f"move: {new_path.joinpath(*folder)} is in the way "
+                                         "(the torrent has a folder of that name)",
                                          errno=errno.EEXIST)
         finally:
             new_root.close()

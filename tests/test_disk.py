@@ -1007,12 +1007,13 @@ def test_the_handle_pool_closes_the_least_recently_used_idle_handles(tmp_path: P
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 def test_a_move_across_devices_undone_leaves_the_torrent_as_it_was(
         tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A move across file systems copies each file; one that fails part-way (a file
-    where one of the torrent's folders must go) copies back what it moved. The copies
-    back are other inodes than the files the daemon had opened, which it then refused as
-    files put in their place: their verified pieces could not be read, and the next
-    check dropped them for good. (Across file systems here: ``link`` fails with EXDEV,
-    as it does between two of them.)"""
+    """A move across file systems copies each file; one that fails part-way (the new
+    place's disk full at the last file) copies back what it moved. The copies back are
+    other inodes than the files the daemon had opened, which it then refused as files put
+    in their place: their verified pieces could not be read, and the next check dropped
+    them for good. (Across file systems here: ``link`` between two folders fails with
+    EXDEV, as it does between two file systems; the copy's own link of the last file
+    into place, with ENOSPC.)"""
     import pieced.storage.paths as paths
 
     real_link = os.link
@@ -1021,6 +1022,8 @@ def test_a_move_across_devices_undone_leaves_the_torrent_as_it_was(
                 follow_symlinks: bool) -> None:
         if src_dir_fd != dst_dir_fd:  # (a copy's own link of its part file, in one folder)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
+        if dst == "b.bin":  # (the last file: it never has to be put back)
+            raise OSError(errno.ENOSPC, "No space left on device")
         real_link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd,
                   follow_symlinks=follow_symlinks)
 
@@ -1034,8 +1037,6 @@ def test_a_move_across_devices_undone_leaves_the_torrent_as_it_was(
         fill(dio, ih, src, direct_every=0)
         n = src.meta.num_pieces
         assert dio.status(ih, files=False)["verified_pieces"] == n
-        (tmp_path / "b" / "payload").mkdir(parents=True)
-        (tmp_path / "b" / "payload" / "d").write_bytes(b"in the way")
         # Held open, so that the copies back cannot be given the inodes they had.
         held = [os.open(f, os.O_RDONLY) for f in (tmp_path / "a").rglob("*.bin")]
         monkeypatch.setattr(paths.os, "link", no_link)
@@ -1081,6 +1082,32 @@ def test_a_rename_that_makes_a_file_and_a_folder_of_one_name_is_refused(
         fill(dio, ih, src, direct_every=0)  # b.bin can be written
         assert dio.recheck(ih).ok
         dio.rename_file(ih, a, f"{root}/e/a.bin")  # a rename that clashes with nothing
+        assert dio.recheck(ih).ok
+    finally:
+        dio.close()
+
+
+def test_a_move_to_where_a_file_is_in_the_way_of_a_folder_is_refused_before_it_starts(
+        tmp_path: Path) -> None:
+    """A file at the new place where the torrent has a folder was found by the move
+    half-way (PATH_ESCAPE, then every file moved so far put back); it is refused up front
+    like a file of one of the torrent's names (EEXIST), and nothing moves."""
+    content = make_payload(tmp_path / "src", {"a.bin": 70_000, "d/b.bin": 50_000}, seed=31)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    root = src.meta.files[0].path[0]
+    dio = DiskIO("posix")
+    try:
+        ih = dio.register(raw, tmp_path / "a")
+        fill(dio, ih, src, direct_every=0)
+        (tmp_path / "b" / root).mkdir(parents=True)
+        (tmp_path / "b" / root / "d").write_bytes(b"in the way")
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+        with pytest.raises(StorageIOError) as exc:
+            dio.move_storage(ih, tmp_path / "b")
+        assert exc.value.errno == errno.EEXIST and "in the way" in str(exc.value)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+                      if p.is_file()) == before
         assert dio.recheck(ih).ok
     finally:
         dio.close()
