@@ -564,20 +564,14 @@ def test_an_unchoke_slot_freed_by_a_leecher_that_leaves_is_given_at_once(
         assert d.stop() == 0, d.stderr()
 
 
-def _rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process, in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
-
-
-def _anon(pid: int) -> int:
-    """A process's resident memory of its own (RssAnon): not the pages of the daemon's
-    ring it has touched, which are shared and bounded by the ring's size."""
+def _memory(pid: int, field: str) -> int:
+    """A process's memory figure from /proc/PID/status, in bytes: VmRSS, VmHWM (its
+    peak), or RssAnon (its own pages: not those of the daemon's ring it has touched,
+    which are shared and bounded by the ring's size)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon")
+    raise AssertionError(f"no {field} for {pid}")
 
 
 def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path: Path) -> None:
@@ -600,11 +594,11 @@ def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path
         ask = wire.hash_request(roots[0], 0, 0, 2048, 0)
         p.send(ask * 20_000)  # (the kernel's buffers take it all)
         time.sleep(3)
-        assert _rss(seeding.proc.pid)[0] < 200 << 20
+        assert _memory(seeding.proc.pid, "VmRSS") < 200 << 20
         p.close()
         time.sleep(3)
         assert seeding.proc.poll() is None
-        assert _rss(seeding.proc.pid)[1] < 300 << 20
+        assert _memory(seeding.proc.pid, "VmHWM") < 300 << 20
         leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()
     finally:
@@ -899,7 +893,7 @@ def test_peers_that_ask_for_much_and_read_nothing_cost_bounded_memory(tmp_path: 
                    + wire.have_none())
             hogs.append(p)
         time.sleep(1)
-        base = _anon(seeding.proc.pid)  # (with their connections' own buffers)
+        base = _memory(seeding.proc.pid, "RssAnon")  # (with their connections' own buffers)
         for p in hogs:
             p.send(wire.interested())
 
@@ -919,7 +913,7 @@ def test_peers_that_ask_for_much_and_read_nothing_cost_bounded_memory(tmp_path: 
             t.start()
         for t in askers:
             t.join(45)
-        grown = _anon(seeding.proc.pid) - base
+        grown = _memory(seeding.proc.pid, "RssAnon") - base
         asked = 12 * len(asks) // 17 * 16384
         assert grown < asked // 3, (grown >> 20, asked >> 20)
         leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
