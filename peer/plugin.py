@@ -153,9 +153,10 @@ class StorageFailed(Stopped):
 class Conduct:
     """What a source of data did, across its connections: the pieces that failed with
     its data. An address we dial has one (its :class:`Dial`'s); peers that dial us have
-    one per IP address, since their port is new at each connection (libtorrent, too,
-    bans an IP): a liar that hangs up and comes back is known again. Blame is kept
-    against these, not against connections (a connection holds a MiB of buffer)."""
+    one per IP address and peer id, since their port is new at each connection: a liar
+    that hangs up and comes back is known again, and other peers behind the same address
+    are not blamed for it. Blame is kept against these, not against connections (a
+    connection holds a MiB of buffer)."""
 
     addr: str
     bad: int = 0  # pieces that failed with its data, over all its connections
@@ -395,6 +396,7 @@ class Peer:
         self.addr = addr
         self.conduct = conduct
         self.banned = conduct.banned  # pieces never asked of it: they failed with its data
+        self.stranger: str | None = None  # its IP, when it dialled us
         self.refused: set[int] = set()  # pieces it rejected a request of, since its unchoke
         self.wanted = 0  # pieces it has that we lack (and have not banned it for)
         self.suggested: set[int] = set()
@@ -481,7 +483,8 @@ class Swarm:
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()  # dialled, not yet connected
         self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
-        self.strangers: dict[str, Conduct] = {}  # IP -> what peers that dial us from it did
+        # (IP, peer id) -> what the peer that dials us from there did
+        self.strangers: dict[tuple[str, bytes], Conduct] = {}
         # who sent the blocks of a bad piece
         self.blame: Attribution[Conduct] = Attribution(self._blocks_in)
         self.summary = Summary()
@@ -719,12 +722,6 @@ class Swarm:
 
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         addr = transport.get_extra_info("peername")
-        conduct = self.strangers.get(addr[0])
-        if conduct is None:
-            conduct = self._stranger(addr[0])
-        elif conduct.dropped:
-            transport.close()  # sent bad data before: not let in again
-            return
         if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
             idle = self._idlest()
             if idle is None:
@@ -734,21 +731,37 @@ class Swarm:
             self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata)
-        await self._serve_peer(Peer(conn, transport, inbox, _address(addr[0], addr[1]), conduct))
+        peer = Peer(conn, transport, inbox, _address(addr[0], addr[1]), Conduct(addr[0]))
+        peer.stranger = addr[0]  # known by its peer id too, once it says it
+        await self._serve_peer(peer)
 
-    def _stranger(self, ip: str) -> Conduct:
-        """A new record for peers that dial us from ``ip``, kept with up to MAX_KNOWN
-        others: the oldest one of a peer gone that sent nothing bad makes room; when
-        none does (an attack from many addresses), the newcomer's is not kept."""
-        conduct = Conduct(ip)
-        strangers = self.strangers
-        if len(strangers) >= MAX_KNOWN:
-            clean = next((k for k, c in strangers.items() if not (c.live or c.bad)), None)
-            if clean is None:
-                return conduct
-            del strangers[clean]
-        strangers[ip] = conduct
-        return conduct
+    def _known_stranger(self, peer: Peer, peer_id: bytes) -> bool:
+        """A peer that dialled us said who it is: what it did before is its own again.
+        False (the peer is dropped) if that was sending bad data."""
+        ip = peer.stranger
+        assert ip is not None
+        key = (ip, peer_id)
+        conduct = self.strangers.get(key)
+        if conduct is None:
+            conduct = peer.conduct
+            strangers = self.strangers
+            if len(strangers) >= MAX_KNOWN:
+                # The oldest record of a peer gone that sent nothing bad makes room; when
+                # none does (an attack from many addresses), the newcomer's is not kept.
+                clean = next((k for k, c in strangers.items() if not (c.live or c.bad)), None)
+                if clean is None:
+                    return True
+                del strangers[clean]
+            strangers[key] = conduct
+            return True
+        if conduct.dropped:
+            log.info("%s: sent bad data before: not let in again", peer.addr)
+            self._drop(peer)
+            return False
+        peer.conduct.live -= 1
+        conduct.live += 1
+        peer.conduct, peer.banned = conduct, conduct.banned
+        return True
 
     async def _serve_peer(self, peer: Peer) -> None:
         self.peers.add(peer)
@@ -781,6 +794,8 @@ class Swarm:
                             asked = True  # its reads start once, after the lot
                         else:
                             await self._handle(peer, ev)
+                            if peer.closed:  # (dropped by what it said: the rest is moot)
+                                break
                             if type(ev) in _ANSWERED and not await self._sent(peer):
                                 break
                 finally:
@@ -842,6 +857,8 @@ class Swarm:
         assert picker is not None
         conn = peer.conn
         if isinstance(ev, wire.Handshake):
+            if peer.stranger is not None and not self._known_stranger(peer, ev.peer_id):
+                return
             self.summary.peers += 1
             log.info("%s: connected", peer.addr)
             conn.send_bitfield(picker.have)
