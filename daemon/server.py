@@ -91,9 +91,9 @@ LONG_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rena
                       "flush_all", "flush_piece", "read_piece", "hash_piece", "hash_piece_v2",
                       "status", "list"})
 LONG_WORKERS = 64
+REPORT_ENTRIES = 1000  # files (status) or torrents (list) that make a report a big one
 # Operations that only answer (nothing changes): those of a client gone are not run. A
 # client could queue MAX_QUEUED_JOBS reads of a frame each (32 GiB) and hang up.
-REPORT_ENTRIES = 1000  # files (status) or torrents (list) that make a report a big one
 QUERIES = frozenset({"list", "read_piece", "hash_block", "cached_pieces", "stats", "status"})
 # Keys of torrents the daemon does not have that one connection may subscribe to.
 MAX_UNKNOWN_SUBSCRIPTIONS = 1024
@@ -520,10 +520,8 @@ class Connection:
                     raise BadRequest(f"unknown op {op!r}")
                 if isinstance(key, bytes):
                     self.subscribe_known(key)
-                if _big_report(self, op, msg):
-                    with self.server.report_slot:
-                        reply = encode_response(rid, handler(self, rid, msg))
-                else:
+                big = _big_report(self, op, msg)
+                with self.server.report_slot if big else contextlib.nullcontext():
                     reply = encode_response(rid, handler(self, rid, msg))
                 if len(reply) - 4 > self.server.max_frame:
                     raise TooLarge(f"a reply of {len(reply) - 4} bytes exceeds the frame limit of "
