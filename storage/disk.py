@@ -30,6 +30,7 @@ import errno
 import hashlib
 import itertools
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,15 @@ from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, V2Piece, parse
 from .paths import anchor_of
-from .resume import REC_CLEARED, REC_VERIFIED, Loaded, StateStore, TorrentRecord, file_stamp
+from .resume import (
+    REC_CLEARED,
+    REC_VERIFIED,
+    Deletion,
+    Loaded,
+    StateStore,
+    TorrentRecord,
+    file_stamp,
+)
 from .stats import Stats
 from .torrent import (
     COMMITTING,
@@ -258,7 +267,10 @@ class DiskIO:
             rec = self._records.pop(t.id, None)
             if rec is not None:
                 with rec.save_lock, rec.journal_lock:
-                    rec.remove()
+                    try:
+                        rec.remove(delete_files)
+                    except OSError as exc:  # (the mark of files to delete: still here)
+                        raise StorageIOError.wrap(exc, "unregister") from None
             with t.lock:
                 t.remove()
                 partials, t.partial = list(t.partial.values()), {}
@@ -270,6 +282,8 @@ class DiskIO:
             try:
                 if delete_files:
                     t.storage.delete_files()
+                    if rec is not None:  # (not reached on an error: the next start tries)
+                        rec.discard()
                 t.storage.close()
             finally:
                 # Known until its files are gone: a register of the same torrent meanwhile
@@ -412,8 +426,10 @@ class DiskIO:
     def _load_state(self) -> None:
         """Re-register every saved torrent with the pieces its record and journal prove."""
         assert self.state is not None
-        loaded, self.load_errors = self.state.load_all(
+        loaded, deletions, self.load_errors = self.state.load_all(
             lambda raw: parse(raw, **self.metainfo_limits))
+        for deletion in deletions:
+            self._finish_deletion(deletion)
         # Whether every torrent's record now says what the file stamps put in doubt
         # (a record not rewritten keeps its stamps, to be compared at the next start).
         recorded = True
@@ -509,6 +525,28 @@ class DiskIO:
                 self.state.mark_running()
             except OSError as exc:
                 self.load_errors.append(f"state folder: {exc}")
+
+    def _finish_deletion(self, gone: Deletion) -> None:
+        """Delete the files of a torrent removed with them, which a crash (or an error)
+        left behind, before any torrent is loaded: as the removal would have."""
+        try:
+            save = Path(gone.save_path)
+            if self.roots is not None and not any(
+                    save.resolve().is_relative_to(r) for r in self.roots):
+                raise PathEscape(f"its save path {save} is outside the allowed roots")
+            storage = make_storage(self.backend, gone.metainfo, save, self.handles,
+                                   roots=self.roots)
+            storage.renames.update(gone.renames)
+            try:
+                storage.root.root()
+                storage.delete_files()
+            finally:
+                storage.close()
+        except (OSError, PiecedError) as exc:
+            if exc.errno != errno.ENOENT:  # (a save path gone took its files with it)
+                self.load_errors.append(f"torrent {gone.ih_hex} was removed, but its "
+                                        f"files could not all be deleted: {exc}")
+        shutil.rmtree(gone.folder, ignore_errors=True)
 
     def _reverify(self, t: Torrent, pieces: list[int], whole: bool = False) -> None:
         """Verify pieces whose data may be there but is not known good (fingerprints

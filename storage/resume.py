@@ -70,10 +70,11 @@ REC_CLEARED = 2
 _JOURNAL = re.compile(r"journal\.(\d+)")
 CHECKING = "checking"  # present while a check of the files is under way
 REMOVING = ".removing-"  # a torrent's folder being deleted: never loaded, deleted at start
+DELETING = "delete-files"  # in a torrent's folder: it is removed with its payload files
 LOCK = "lock"  # held (flock) by the one daemon using the state folder
 CLEAN = "clean"  # present while the daemon is stopped cleanly: file stamps then count
 # The temporary files of write_atomic: a crash can leave them behind.
-_TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean)\..+")
+_TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean|delete-files)\..+")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -166,6 +167,16 @@ class Loaded(NamedTuple):
     # A check of the files was under way: None (none), "missing" (its pieces not yet
     # found are to be looked for), "all" (a recheck: every piece is checked again).
     checking: str | None = None
+
+
+class Deletion(NamedTuple):
+    """A torrent removed with its files, whose files a crash may have left behind."""
+
+    folder: Path  # its state folder, deleted once its files are
+    ih_hex: str
+    metainfo: Any
+    save_path: str
+    renames: dict[int, tuple[str, ...]]
 
 
 class TorrentRecord:
@@ -274,14 +285,18 @@ class TorrentRecord:
             return []
         return sorted(int(m.group(1)) for n in names if (m := _JOURNAL.fullmatch(n)))
 
-    def remove(self) -> None:
+    def remove(self, delete_files: bool = False) -> None:
         """Forget the torrent (caller holds both locks): nothing is written after this.
 
         The folder is renamed out of the way first, one atomic step: a crash part-way
         through deleting its files must not leave a record that a restart would load
-        (without its resume record, as a torrent to check again)."""
+        (without its resume record, as a torrent to check again). With
+        ``delete_files`` the folder is kept, so marked, until ``discard``: the payload
+        files a crash leaves behind are deleted at the next start."""
         self.removed = True
         self._close_journal()
+        if delete_files:
+            write_atomic(self.folder / DELETING, b"")
         gone = self.folder.with_name(REMOVING + self.folder.name)
         try:
             os.replace(self.folder, gone)
@@ -292,7 +307,13 @@ class TorrentRecord:
         else:
             with contextlib.suppress(OSError):
                 fsync_dir(self.folder.parent)
-        shutil.rmtree(gone, ignore_errors=True)
+        self.folder = gone
+        if not delete_files:
+            self.discard()
+
+    def discard(self) -> None:
+        """Delete a removed torrent's folder (its payload files are gone)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def close(self) -> None:
         with self.journal_lock:
@@ -347,6 +368,8 @@ class StateStore:
         folder = self.root / ih.hex()
         if folder.exists():  # left over from a torrent whose removal did not finish
             shutil.rmtree(folder)
+        # Files an earlier removal could not delete are this torrent's now: kept.
+        shutil.rmtree(self.root / (REMOVING + ih.hex()), ignore_errors=True)
         folder.mkdir(parents=True)
         try:
             fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
@@ -362,16 +385,30 @@ class StateStore:
     def record(self, ih_hex: str, gen: int) -> TorrentRecord:
         return TorrentRecord(self.root / ih_hex, gen)
 
-    def load_all(self, parse: Any) -> tuple[list[tuple[Loaded, int]], list[str]]:
-        """Every saved torrent as (state, next journal generation), and the problems met.
+    def load_all(self, parse: Any) -> tuple[list[tuple[Loaded, int]], list[Deletion], list[str]]:
+        """Every saved torrent as (state, next journal generation), the torrents whose
+        removal with their files a crash cut short, and the problems met.
 
         ``parse(metainfo bytes)`` parses the metainfo (raising on bad input) into an
         object with ``num_pieces``, so records can be range-checked; it is what
         ``Loaded.metainfo`` holds (parsed once: a torrent of 100,000 files takes a while).
         """
         out: list[tuple[Loaded, int]] = []
+        deletions: list[Deletion] = []
         problems: list[str] = []
         for folder in sorted(self.root.iterdir()):
+            ih_hex = folder.name.removeprefix(REMOVING)
+            if (folder / DELETING).exists():
+                try:
+                    meta = parse((folder / "metainfo.torrent").read_bytes())
+                    save_path, renames = _read_location(_decode_dict(folder / "location"))
+                except Exception as exc:
+                    problems.append(f"torrent {ih_hex} was removed, but its files could "
+                                    f"not be deleted: {exc}")
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                deletions.append(Deletion(folder, ih_hex, meta, save_path, renames))
+                continue
             if folder.name.startswith(REMOVING):  # its removal was cut short: finished now
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
@@ -381,7 +418,7 @@ class StateStore:
                 problems.append(f"state of torrent {folder.name} skipped: {exc}")
                 continue
             out.append(loaded)
-        return out, problems
+        return out, deletions, problems
 
     def _load(self, folder: Path, parse: Any) -> tuple[Loaded, int]:
         for name in os.listdir(folder):

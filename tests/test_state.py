@@ -1267,6 +1267,101 @@ dio.unregister(ih)
     again.close()
 
 
+_DIES_DELETING = """
+from pieced.storage import paths, resume
+from pieced.storage.disk import DiskIO
+from tests.test_disk import Source, fill
+raw = Path({torrent!r}).read_bytes()
+dio = DiskIO({backend!r}, state_dir=Path({state!r}))
+ih = dio.register(raw, Path({dl!r}))
+fill(dio, ih, Source(raw, Path({src!r})))
+dio.flush_all()
+def die(*a, **k):
+    os._exit(9)
+how = {how!r}
+if how == "marked":  # the record says its files go; nothing renamed or deleted yet
+    real_write = resume.write_atomic
+    def write(path, data):
+        real_write(path, data)
+        if path.name == resume.DELETING:
+            die()
+    resume.write_atomic = write
+elif how.startswith("unlinked:"):  # that many payload files deleted
+    left = [int(how.split(":")[1])]
+    real = paths.Beneath.unlink
+    def unlink(self, parts):
+        if left[0] == 0:
+            die()
+        left[0] -= 1
+        real(self, parts)
+    paths.Beneath.unlink = unlink
+elif how == "deleted":  # every payload file deleted; the record not yet
+    resume.shutil.rmtree = die
+elif how.startswith("refused"):  # a file cannot be deleted: the error is the client's
+    real = paths.Beneath.unlink
+    def unlink(self, parts):
+        if parts[-1] == "b.bin":
+            raise PermissionError(13, "Permission denied")
+        real(self, parts)
+    paths.Beneath.unlink = unlink
+    try:
+        dio.unregister(ih, delete_files=True)
+    except Exception as exc:
+        print(exc, file=sys.stderr)
+        paths.Beneath.unlink = real
+        if how == "refused, registered again":
+            ih = dio.register(raw, Path({dl!r}))
+            fill(dio, ih, Source(raw, Path({src!r})))
+            dio.close()
+        os._exit(9)
+    os._exit(0)
+dio.unregister(ih, delete_files=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["marked", "unlinked:0", "unlinked:1", "unlinked:3",
+                                 "deleted", "refused"])
+def test_a_torrent_removed_with_its_files_loses_them_even_if_the_removal_is_cut_short(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """A kill -9 part-way through ``unregister(delete_files)`` left the files it had
+    not deleted yet, the torrent forgotten: nothing would ever delete them. The record
+    now says that the files go before anything goes, and the restart finishes the
+    deletion; so does it after a file that could not be deleted."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40000, "sub/b.bin": 70000,
+                                              "sub/deeper/c.bin": 1, "d.bin": 16384})
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    dl = tmp_path / "dl"
+    _dies(_DIES_DELETING, torrent=str(tmp_path / "t.torrent"), backend=backend,
+          state=str(tmp_path / "state"), dl=str(dl), src=str(tmp_path / "src"), how=how)
+    if backend not in STORES_NOTHING and how != "deleted":
+        assert (dl / "payload").is_dir()  # (what the restart has to delete)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert again.torrents() == [] and again.load_errors == []
+    assert os.listdir(tmp_path / "state" / "torrents") == []
+    assert not (dl / "payload").exists(), sorted(p.name for p in dl.rglob("*"))
+    assert dl.is_dir()  # (the save path stays)
+    again.close()
+
+
+def test_a_torrent_registered_again_keeps_the_files_an_earlier_removal_left(
+        tmp_path: Path, backend: str) -> None:
+    """The files a failed removal could not delete are deleted at the next start,
+    unless the torrent was registered again meanwhile: they are its files now."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40000, "sub/b.bin": 70000})
+    raw = make_torrent_lt(content, 16384, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    _dies(_DIES_DELETING, torrent=str(tmp_path / "t.torrent"), backend=backend,
+          state=str(tmp_path / "state"), dl=str(tmp_path / "dl"), src=str(tmp_path / "src"),
+          how="refused, registered again")
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    [ih] = again.torrents()
+    assert again.load_errors == []
+    assert wait_reverified(again, ih)["verified_pieces"] == again.torrent(ih).meta.num_pieces
+    again.close()
+
+
 def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
         tmp_path: Path, backend: str) -> None:
     """One damaged record in the middle of a journal used to end the replay there,
