@@ -260,6 +260,13 @@ class DiskIO:
         t = self._get(ih)
         t.enter_alone()
         try:
+            rec = self._records.get(t.id)
+            if delete_files and rec is not None:
+                with rec.save_lock:
+                    try:
+                        rec.mark_deleting()
+                    except OSError as exc:  # nothing changed: still registered
+                        raise StorageIOError.wrap(exc, "unregister") from None
             self._committer.take(t)
             if not delete_files:
                 with contextlib.suppress(StorageIOError):  # recorded; the files stay as they are
@@ -267,10 +274,7 @@ class DiskIO:
             rec = self._records.pop(t.id, None)
             if rec is not None:
                 with rec.save_lock, rec.journal_lock:
-                    try:
-                        rec.remove(delete_files)
-                    except OSError as exc:  # (the mark of files to delete: still here)
-                        raise StorageIOError.wrap(exc, "unregister") from None
+                    rec.remove(keep=delete_files)
             with t.lock:
                 t.remove()
                 partials, t.partial = list(t.partial.values()), {}

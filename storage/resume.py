@@ -285,18 +285,21 @@ class TorrentRecord:
             return []
         return sorted(int(m.group(1)) for n in names if (m := _JOURNAL.fullmatch(n)))
 
-    def remove(self, delete_files: bool = False) -> None:
+    def mark_deleting(self) -> None:
+        """Say (durably) that the torrent is being removed with its payload files: from
+        now on a restart deletes what is left of them, and loads nothing of it."""
+        write_atomic(self.folder / DELETING, b"")
+
+    def remove(self, keep: bool = False) -> None:
         """Forget the torrent (caller holds both locks): nothing is written after this.
 
         The folder is renamed out of the way first, one atomic step: a crash part-way
         through deleting its files must not leave a record that a restart would load
-        (without its resume record, as a torrent to check again). With
-        ``delete_files`` the folder is kept, so marked, until ``discard``: the payload
-        files a crash leaves behind are deleted at the next start."""
+        (without its resume record, as a torrent to check again). With ``keep`` the
+        folder (marked ``mark_deleting``) stays until ``discard``: the payload files a
+        crash leaves behind are deleted at the next start."""
         self.removed = True
         self._close_journal()
-        if delete_files:
-            write_atomic(self.folder / DELETING, b"")
         gone = self.folder.with_name(REMOVING + self.folder.name)
         try:
             os.replace(self.folder, gone)
@@ -308,7 +311,7 @@ class TorrentRecord:
             with contextlib.suppress(OSError):
                 fsync_dir(self.folder.parent)
         self.folder = gone
-        if not delete_files:
+        if not keep:
             self.discard()
 
     def discard(self) -> None:

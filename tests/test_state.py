@@ -1345,6 +1345,37 @@ def test_a_torrent_removed_with_its_files_loses_them_even_if_the_removal_is_cut_
     again.close()
 
 
+def test_a_removal_with_files_that_cannot_be_recorded_changes_nothing(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pieced.storage import resume
+
+    content = make_payload(tmp_path / "src", {"a.bin": 40000, "sub/b.bin": 70000})
+    raw = make_torrent_lt(content, 16384, "v1")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, Source(raw, tmp_path / "src"))
+    dio.flush_all()
+    real = resume.write_atomic
+
+    def full(path: Path, data: bytes) -> None:
+        if path.name == resume.DELETING:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(resume, "write_atomic", full)
+    with pytest.raises(StorageIOError):
+        dio.unregister(ih, delete_files=True)
+    n = dio.torrent(ih).meta.num_pieces
+    assert dio.torrents() == [ih] and dio.status(ih)["verified_pieces"] == n
+    monkeypatch.undo()
+    dio.close()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert again.torrents() == [ih] and wait_reverified(again, ih)["verified_pieces"] == n
+    again.unregister(ih, delete_files=True)
+    assert not (tmp_path / "dl" / "payload").exists()
+    again.close()
+
+
 def test_a_torrent_registered_again_keeps_the_files_an_earlier_removal_left(
         tmp_path: Path, backend: str) -> None:
     """The files a failed removal could not delete are deleted at the next start,
