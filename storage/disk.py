@@ -364,7 +364,8 @@ class DiskIO:
             gen = rec.rotate()
         files = None
         if stamps:
-            files = [file_stamp(t.storage.file_path(i)) if not flag & UNSTORED else [0, 0]
+            files = [file_stamp(t.storage.file_path(i), t.storage.identity(i))
+                     if not flag & UNSTORED else [0, 0, 0, 0]
                      for i, flag in enumerate(t.meta.files.flags)]
         try:
             rec.write_resume(have, fps, gen, files)
@@ -477,7 +478,7 @@ class DiskIO:
                     for p in pieces:
                         t.set_state(p, MISSING)
                 elif self.state.was_clean and saved.stamps is not None and (
-                    i >= len(saved.stamps) or saved.stamps[i] != stamp
+                    i >= len(saved.stamps) or saved.stamps[i] != stamp[:len(saved.stamps[i])]
                 ):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
@@ -1477,6 +1478,9 @@ class DiskIO:
         """
         with self._alone(ih) as t, self._checking(t, "all"):
             self._flush_torrent(t, sync=True)  # what is read below is durable
+            # The files as they are now under their names, as libtorrent checks them: a
+            # file renamed or swapped in meanwhile is the one checked, and written after.
+            t.storage.look_again()
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
             result = self._verify(t, todo, progress, full)

@@ -281,6 +281,21 @@ class FileStorage:
                              "before (another was put in its place): refusing to use it")
         return fd
 
+    def identity(self, index: int) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file the daemon has used at the file's place, if any."""
+        with self._lock:
+            return self._identity.get(index)
+
+    def look_again(self) -> None:
+        """Take the files as they are now under their names, as a start does (a user's
+        recheck): open descriptors would still read and write a file renamed away, and
+        a file put in the place of one is known from now on (the opens still refuse
+        symlinks and files with other links)."""
+        self.close_handles()
+        with self._lock:
+            self._identity.clear()
+            self._recreate.clear()
+
     def after_crash(self) -> None:
         """Put right what a crash can leave half done by this backend's own writes, at
         the start after it (before any block of this process is written)."""

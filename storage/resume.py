@@ -247,6 +247,7 @@ class TorrentRecord:
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen}
         if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
             resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
+            resume[b"stamp_fields"] = STAMP_FIELDS
         resume[b"crc"] = zlib.crc32(bencodepy.encode(resume))
         write_atomic(self.folder / "resume", bencodepy.encode(resume))
         for old in self.journals():
@@ -464,9 +465,11 @@ class StateStore:
             gen = g if isinstance(g, int) and g >= 0 else 0
             packed = resume.get(b"stamps")
             files = resume.get(b"files")  # written by a version that kept them as lists
-            if isinstance(packed, bytes) and len(packed) % 16 == 0:
-                flat = array.array("q", packed)
-                stamps = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+            width = resume.get(b"stamp_fields", 2)
+            if isinstance(packed, bytes) and width in (2, STAMP_FIELDS) and len(
+                    packed) % (8 * width) == 0:
+                flat = array.array("q", packed).tolist()
+                stamps = [flat[i:i + width] for i in range(0, len(flat), width)]
             elif isinstance(files, list) and all(
                 isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)
                 for s in files
@@ -532,10 +535,20 @@ def _decode_dict(path: Path) -> dict[bytes, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def file_stamp(path: Path) -> list[int]:
-    """[size, mtime_ns] of a payload file, or [-1, 0] when it does not exist."""
+def file_stamp(path: Path, identity: tuple[int, int] | None = None) -> list[int]:
+    """[size, mtime_ns, ctime_ns, inode] of a payload file, or [-1, 0, 0, 0] when it does
+    not exist: what a clean stop records, and the next start compares. The change time
+    cannot be set back as the modification time can (``touch -d``), and a file put in
+    the place of another has another inode. With ``identity`` (the file the daemon
+    used, as (st_dev, st_ino)), a stamp of another file never matches."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except OSError:
-        return [-1, 0]
-    return [st.st_size, st.st_mtime_ns]
+        return [-1, 0, 0, 0]
+    ctime = st.st_ctime_ns
+    if identity is not None and identity != (st.st_dev, st.st_ino):
+        ctime = -1  # not the file the daemon wrote and read: what it holds is unknown
+    return [st.st_size, st.st_mtime_ns, ctime, st.st_ino]
+
+
+STAMP_FIELDS = 4  # of a file_stamp (a record written before ctime and inode has two)

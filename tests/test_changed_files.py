@@ -1,0 +1,131 @@
+"""Payload files changed behind the daemon's back (renamed, swapped, rewritten with their
+times put back), running or stopped: no piece is reported verified that libtorrent's
+check of the same files fails, and a piece written again lands in the file under its
+name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pieced.storage.disk import DiskIO
+
+from tests.conftest import STORES_NOTHING
+from tests.realtools import lt_recheck, make_payload, make_torrent_lt
+from tests.test_disk import Source, fill
+from tests.test_state import wait_reverified
+
+pytestmark = pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+
+PIECE = 32768
+
+
+def _verified(st: dict) -> list[bool]:
+    return [bool(st["have"][p >> 3] & (0x80 >> (p & 7))) for p in range(st["num_pieces"])]
+
+
+def _downloaded(tmp_path: Path, backend: str, kind: str) -> tuple[bytes, Source, DiskIO, bytes]:
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000,
+                                              "dir/c.bin": 200000, "d.bin": 7})
+    raw = make_torrent_lt(content, PIECE, kind)
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    assert all(_verified(dio.status(ih)))
+    return raw, src, dio, ih
+
+
+def _swap(folder: Path) -> None:
+    """Swap two files of one size under their names, as ``mv`` does."""
+    os.rename(folder / "b.bin", folder / "tmp")
+    os.rename(folder / "c.bin", folder / "b.bin")
+    os.rename(folder / "tmp", folder / "c.bin")
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["fingerprints", "full"])
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_recheck_sees_files_swapped_while_the_daemon_runs(
+        tmp_path: Path, backend: str, kind: str, full: bool) -> None:
+    """Files swapped while the daemon had them open: the recheck read the old files
+    through the descriptors it held, found every piece good, and the pieces written
+    again after it went to the file now under the other name (verified, and wrong)."""
+    raw, src, dio, ih = _downloaded(tmp_path, backend, kind)
+    _swap(tmp_path / "dl" / "payload" / "dir")
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)  # (the swap changed what libtorrent finds)
+    result = dio.recheck(ih, full=full)
+    assert list(result.have) == truth
+    assert _verified(dio.status(ih)) == truth
+    # Written again: into the files under their names now, and good there.
+    fill(dio, ih, src)
+    dio.flush_all()
+    assert all(_verified(dio.status(ih)))
+    assert all(lt_recheck(raw, tmp_path / "dl"))
+    assert dio.status(ih)["errors"] == []
+    dio.close()
+
+
+def test_files_swapped_while_the_daemon_runs_are_not_trusted_after_a_clean_stop(
+        tmp_path: Path, backend: str) -> None:
+    """The stamps of a clean stop were taken of the files under the names then, not of
+    those the daemon had written: the restart trusted the swapped files."""
+    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    _swap(tmp_path / "dl" / "payload" / "dir")
+    dio.close()
+    truth = lt_recheck(raw, tmp_path / "dl")
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert _verified(wait_reverified(again, ih)) == truth
+    again.close()
+
+
+@pytest.mark.parametrize("how", ["rewritten", "swapped"])
+def test_files_changed_while_stopped_with_their_times_put_back_are_checked(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """Bytes changed while the daemon was stopped, the modification time put back
+    (``touch -d``, ``cp -p``, ``rsync -t``): the size and time matched, so the restart
+    trusted the pieces. Their change time and inode now count too."""
+    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    dio.close()
+    folder = tmp_path / "dl" / "payload" / "dir"
+    times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
+    if how == "rewritten":
+        with open(folder / "b.bin", "r+b") as f:
+            f.seek(70000)
+            f.write(b"planted!")
+    else:
+        _swap(folder)
+    for n, st in times.items():
+        os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert _verified(wait_reverified(again, ih)) == truth
+    again.close()
+
+
+def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) -> None:
+    """A resume record written before stamps held the change time and inode holds size
+    and modification time: a restart compares those, and does not take every file of
+    every torrent for changed."""
+    import array
+
+    import bencodepy
+    from pieced.storage import resume
+
+    _, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    dio.close()
+    [record] = (tmp_path / "state" / "torrents").glob("*/resume")
+    old = bencodepy.decode(record.read_bytes())
+    flat = array.array("q", old[b"stamps"])
+    assert old[b"stamp_fields"] == 4
+    old[b"stamps"] = array.array("q", [x for i in range(0, len(flat), 4)
+                                       for x in flat[i:i + 2]]).tobytes()
+    del old[b"stamp_fields"], old[b"crc"]
+    resume.write_atomic(record, bencodepy.encode(old))
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    st = again.status(ih)
+    assert all(_verified(st)) and st["reverifying_pieces"] == 0
+    again.close()
