@@ -285,7 +285,7 @@ class DiskIO:
                 self.pool.drop((t.id, piece))
             try:
                 if delete_files:
-                    t.storage.delete_files()
+                    t.storage.delete_files(keep=self._held_by_others(t.storage.save_path, t))
                     if rec is not None:  # (not reached on an error: the next start tries)
                         rec.discard()
                 t.storage.close()
@@ -297,6 +297,19 @@ class DiskIO:
                         self._torrents.pop(alias, None)
         finally:
             t.leave_alone()
+
+    def _held_by_others(self, save: Path, but: Torrent | None = None) -> set[Path]:
+        """The payload paths of the other torrents in, above or below ``save``: a torrent
+        removed with its files leaves those (another torrent still holds its pieces
+        there; cross-seeded torrents share their files)."""
+        with self._lock:
+            others = {o.id: o for o in self._torrents.values() if o is not but}.values()
+        held: set[Path] = set()
+        for o in others:
+            there = o.storage.save_path
+            if there == save or there.is_relative_to(save) or save.is_relative_to(there):
+                held.update(o.storage.file_path(i) for i in o.storage.stored_files())
+        return held
 
     def torrents(self) -> list[bytes]:
         with self._lock:
@@ -433,8 +446,6 @@ class DiskIO:
         assert self.state is not None
         loaded, deletions, self.load_errors = self.state.load_all(
             lambda raw: parse(raw, **self.metainfo_limits))
-        for deletion in deletions:
-            self._finish_deletion(deletion)
         # Whether every torrent's record now says what the file stamps put in doubt
         # (a record not rewritten keeps its stamps, to be compared at the next start).
         recorded = True
@@ -525,6 +536,8 @@ class DiskIO:
                 threading.Thread(target=self._reverify,
                                  args=(t, sorted(suspect), saved.checking == "all"),
                                  name="pieced-reverify", daemon=True).start()
+        for deletion in deletions:  # (after the torrents: files one of them holds stay)
+            self._finish_deletion(deletion)
         if recorded:
             try:
                 self.state.mark_running()
@@ -544,7 +557,7 @@ class DiskIO:
             storage.renames.update(gone.renames)
             try:
                 storage.root.root()
-                storage.delete_files()
+                storage.delete_files(keep=self._held_by_others(save))
             finally:
                 storage.close()
         except (OSError, PiecedError) as exc:

@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import BadRequest, OutOfRange, PathEscape, PiecedError, StorageIOError
@@ -718,9 +718,12 @@ class FileStorage:
         self.close_handles()
         self.root.close()
 
-    def delete_files(self) -> None:
+    def delete_files(self, keep: Container[Path] = ()) -> None:
+        """Delete the payload files, but those at a path in ``keep`` (another torrent's)."""
         self.close_handles()
         for index in self.stored_files():
+            if self.file_path(index) in keep:
+                continue
             with contextlib.suppress(FileNotFoundError, PathEscape):
                 self.root.unlink(self.parts(index))
         self._prune(self.root)
@@ -964,7 +967,7 @@ class DisabledStorage(FileStorage):
     def sync(self, indices: Sequence[int] | None = None, force: bool = False) -> int:
         return 0
 
-    def delete_files(self) -> None:
+    def delete_files(self, keep: Container[Path] = ()) -> None:
         return None
 
     def move(self, new_path: Path) -> None:

@@ -5,6 +5,7 @@ name."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 
@@ -129,3 +130,41 @@ def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) 
     st = again.status(ih)
     assert all(_verified(st)) and st["reverifying_pieces"] == 0
     again.close()
+
+
+@pytest.mark.parametrize("when", ["at once", "at the next start"])
+def test_a_torrent_removed_with_its_files_leaves_those_another_torrent_holds(
+        tmp_path: Path, backend: str, when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-seeding: a v1 and a hybrid torrent of one payload in one save path share
+    its files. Removing one with its files deleted the other's too, whose pieces were
+    still reported verified."""
+    from pieced.storage import files
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    a = dio.register(raw_a, tmp_path / "dl")
+    fill(dio, a, Source(raw_a, tmp_path / "src"))
+    b = dio.register(raw_b, tmp_path / "dl")
+    # (On mmap, B's opens break A's leases. The daemon opens files on worker threads,
+    # while its main thread takes the lease-break signal; here too.)
+    checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
+    assert all(checked.result().have)
+    if when == "at once":
+        dio.unregister(b, delete_files=True)
+    else:  # the deletion fails part-way: finished by the next start
+        def fails(self: files.FileStorage, keep: object = ()) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(files.FileStorage, "delete_files", fails)
+        with pytest.raises(OSError):
+            dio.unregister(b, delete_files=True)
+        monkeypatch.undo()
+        dio.close()
+        dio = DiskIO(backend, state_dir=tmp_path / "state")
+        assert dio.load_errors == []
+    assert dio.torrents() == [a]
+    assert all(_verified(wait_reverified(dio, a)))
+    assert all(lt_recheck(raw_a, tmp_path / "dl"))
+    dio.close()
