@@ -62,6 +62,10 @@ UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
 STOP_ANNOUNCE_TIMEOUT = 5.0  # seconds an exit waits for the trackers (libtorrent: 5 too)
+# Seconds an exit waits for the daemon to take the blocks already sent to it (its pieces
+# are then verified, not fetched again next time): a daemon that does not answer (a hung
+# disk) must not hold a signal up.
+STOP_DAEMON_TIMEOUT = 3.0
 PEER_TIMEOUT = 120.0
 # A connection whose handshake has not arrived by then is closed (libtorrent's
 # handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
@@ -594,8 +598,8 @@ class Swarm:
             self.server.close()
         for p in list(self.peers):
             p.close()
-        with contextlib.suppress(PiecedError, OSError, ConnectionError):
-            await self.client.close()
+        with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):
+            await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
 
     async def _final_announces(self) -> None:
         assert self.tracker is not None
@@ -1417,11 +1421,13 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
                 progress.cancel()
                 print(file=sys.stderr)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         # The time of the transfer: saying goodbye to trackers and daemon is not part of it.
         swarm.summary.seconds = round(time.monotonic() - started, 3)
-        await swarm.close()
+        try:
+            await swarm.close()
+        finally:  # (a second signal meanwhile ends nothing sooner, nor loses the summary)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
     if swarm.picker is not None:  # (started)
         swarm.summary.blocks_reordered = swarm.order.reordered
     if swarm.lost is not None:

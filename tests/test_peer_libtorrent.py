@@ -1111,6 +1111,46 @@ def test_a_signal_during_the_first_check_stops_pieced_peer_at_once(tmp_path: Pat
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Path) -> None:
+    """SIGTERM to a downloading pieced-peer whose daemon does not answer (stopped, as one
+    stuck in fdatasync on a hung disk would be): it waited for the daemon to take the
+    blocks in flight for as long as the daemon stayed silent. It now waits a few seconds
+    and exits with its summary; what the daemon verified is kept."""
+    piece = 262144
+    files = {"a.bin": 100 * piece + 5}
+    _content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=23)
+    d = Daemon(tmp_path)
+    slow = {"upload_rate_limit": 2 << 20, "limit_loopback": True}
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as seeder:
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 60
+                while not c.torrents() or c.status(bytes.fromhex(
+                        c.torrents()[0]["info_hash"]))["verified_pieces"] < 3:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.5)  # blocks sent meanwhile wait in the daemon's socket
+                proc.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                out, err = proc.communicate(timeout=60)
+                took = time.monotonic() - started
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+        assert took < 20, took  # (before: until the daemon answered again)
+        assert proc.returncode == 1 and not json.loads(out)["complete"], err
+        with Client(d.socket) as c:
+            assert c.status(ih)["verified_pieces"] >= 3
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_the_daemon_lost_while_seeding_is_said_in_one_line(tmp_path: Path) -> None:
     """The daemon killed while pieced-peer --seed has reads in flight for a leecher: it
     exits 2 saying it lost the daemon, once, instead of printing a traceback for every
