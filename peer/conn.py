@@ -154,7 +154,11 @@ class PeerConnection:
             if ev.info_hash not in self.info_hashes:
                 raise WireError("handshake for a torrent we do not serve")
             if ev.peer_id == self.peer_id:
-                raise WireError("a connection to ourselves")
+                if self.info_hash is None:
+                    # Answered first, as libtorrent does: the side that dialled (us, at
+                    # an address of ours) learns it too, and dials it no more.
+                    self._send(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
+                raise wire.Ourselves("a connection to ourselves")
             if self.info_hash is None:  # incoming: answer with the key it used
                 self.info_hash = ev.info_hash
                 self._send(wire.handshake(ev.info_hash, self.peer_id, self.reserved))

@@ -42,7 +42,7 @@ from .conn import PeerConnection, choke_round
 from .hashes import HashServer
 from .picker import Block, Picker
 from .tracker import Tracker
-from .wire import WireError
+from .wire import Ourselves, WireError
 
 log = logging.getLogger("pieced.peer")
 
@@ -61,6 +61,7 @@ SEND_LOW_WATER = 256 * 1024
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0
+ANNOUNCE_RETRY_FIRST = 10.0  # seconds after a failed announce, doubled at each failure
 STOP_ANNOUNCE_TIMEOUT = 5.0  # seconds an exit waits for the trackers (libtorrent: 5 too)
 # Seconds an exit waits for the daemon to take the blocks already sent to it (its pieces
 # are then verified, not fetched again next time): a daemon that does not answer (a hung
@@ -166,11 +167,12 @@ class Conduct:
     bad: int = 0  # pieces that failed with its data, over all its connections
     banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
     live: int = 0  # its connections open now
+    ourselves: bool = False  # an address of ours (a tracker lists us under any of them)
 
     @property
     def dropped(self) -> bool:
-        """Dropped for bad data: never dialled again, nor let in."""
-        return self.bad >= MAX_BAD_PIECES
+        """Dropped for bad data, or found to be us: never dialled again, nor let in."""
+        return self.bad >= MAX_BAD_PIECES or self.ourselves
 
 
 @dataclass
@@ -686,7 +688,8 @@ class Swarm:
         finally:
             self.connecting.discard((host, port))
             dial.busy = False
-            if peer is not None and not peer.conn.handshaken and not dial.warned:
+            if peer is not None and not peer.conn.handshaken and not dial.warned and (
+                    not dial.conduct.ourselves):
                 dial.warned = True  # once an address: it is dialled again and again
                 log.warning("%s closed the connection before its handshake (it may not "
                             "have the torrent, or be paused, or require encryption: "
@@ -809,6 +812,10 @@ class Swarm:
                 peer.flush()
                 if peer.transport.get_write_buffer_size() > 4 * 1024 * 1024:
                     await inbox.drain()
+        except Ourselves:
+            peer.conduct.ourselves = True  # (an address we dialled: not dialled again)
+            peer.flush()  # (our answer, when it dialled us)
+            log.info("%s is ourselves", peer.addr)
         except WireError as exc:
             log.info("%s broke the protocol: %s", peer.addr, exc)
         except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -1327,18 +1334,22 @@ class Swarm:
         """Announce on start, on completion (at once) and every interval after."""
         assert self.tracker is not None
         event = "started"
+        fails = 0
         while True:
             try:
                 peers, interval = await self.tracker.announce(event, self._counters())
                 if event == "completed":
                     self._completed_announced = True
+                event = ""  # (said: a failed "started" is sent again, as libtorrent does)
+                fails = 0
                 for host, port in peers:
                     self.connect(host, port)
+                wait = max(30.0, min(interval, 3600.0))
             except Exception as exc:
                 log.warning("announce failed: %s", exc)
-                interval = 60.0
-            event = ""
-            sleep = asyncio.ensure_future(asyncio.sleep(max(30.0, min(interval, 3600.0))))
+                wait = min(ANNOUNCE_RETRY_FIRST * 2 ** min(fails, 16), 3600.0)
+                fails += 1
+            sleep = asyncio.ensure_future(asyncio.sleep(wait))
             waits: list[asyncio.Future[Any]] = [sleep]
             if not self._completed_announced:
                 waits.append(asyncio.ensure_future(self.done.wait()))

@@ -7,6 +7,7 @@ alone; ``Tracker`` is the aiohttp edge that tries each URL in turn.
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from typing import Any
 
@@ -22,6 +23,11 @@ Peers = list[tuple[str, int]]
 #: The longest announce reply read: 50 peers take 300 bytes in compact form, a few KiB
 #: in the dictionary form; a tracker sending more is cut off, not buffered without end.
 MAX_REPLY = 2 * 1024 * 1024
+
+
+# A host name as a peer's address: letters, digits and hyphens in dot-separated labels.
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+                       r"(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
 def parse_response(body: bytes) -> tuple[Peers, float]:
@@ -59,9 +65,13 @@ def parse_response(body: bytes) -> tuple[Peers, float]:
             addr, num = entry.get(b"ip"), entry.get(b"port")
             if isinstance(addr, bytes) and isinstance(num, int) and 0 < num < 65536:
                 try:
-                    peers.append((str(ipaddress.ip_address(addr.decode("ascii"))), num))
-                except (ValueError, UnicodeDecodeError):
+                    host = addr.decode("ascii")
+                    peers.append((str(ipaddress.ip_address(host)), num))
+                except UnicodeDecodeError:
                     continue
+                except ValueError:  # a DNS name (BEP 3 allows one): resolved when dialled
+                    if _HOSTNAME.fullmatch(host):
+                        peers.append((host.lower().rstrip("."), num))
     raw6 = msg.get(b"peers6", b"")
     if isinstance(raw6, bytes):
         for i in range(0, len(raw6) - len(raw6) % 18, 18):
@@ -142,7 +152,10 @@ class Tracker:
             if resp.status != 200:
                 raise TrackerError(f"{url}: HTTP {resp.status}")
             body = await _read_reply(resp, url)
-        return parse_response(body)
+        try:
+            return parse_response(body)
+        except TrackerError as exc:
+            raise TrackerError(f"{url}: {exc}") from None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -143,6 +143,10 @@ class WireError(Exception):
     """The peer sent something no correct peer sends: the connection should be dropped."""
 
 
+class Ourselves(WireError):
+    """The handshake carried our own peer id: we dialled an address of our own."""
+
+
 @dataclass(frozen=True, slots=True)
 class Handshake:
     reserved: bytes

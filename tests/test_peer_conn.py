@@ -1082,8 +1082,15 @@ def test_a_connection_to_ourselves_is_dropped() -> None:
     """A handshake with our own peer id is our own dial come back (a tracker hands out
     our address): dropped, as libtorrent does."""
     c = PeerConnection((IH,), A_ID, list(SIZES), v2=False)
-    with pytest.raises(wire.WireError):
+    with pytest.raises(wire.Ourselves):
         c.receive(wire.handshake(IH, A_ID, wire.make_reserved(fast=True)))
+    # Answered first, so that the side that dialled (us) learns it too, from our id.
+    [answer] = wire.Parser().feed(b"".join(c.take_outbox()))
+    assert isinstance(answer, wire.Handshake) and answer.peer_id == A_ID
+    dialled = PeerConnection((IH,), A_ID, list(SIZES), v2=False, outgoing_hash=IH)
+    dialled.take_outbox()
+    with pytest.raises(wire.Ourselves):
+        dialled.receive(wire.handshake(IH, A_ID, wire.make_reserved(fast=True)))
 
 
 def test_stalled_peers_give_their_unchoke_slots_to_those_waiting() -> None:

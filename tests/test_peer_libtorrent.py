@@ -363,6 +363,41 @@ def _download_via_tracker(raw: bytes, tmp_path: Path, d: Daemon, silent: list[in
     return summary, seen
 
 
+def test_a_failed_first_announce_is_sent_again_as_started_and_names_are_dialled(
+        tmp_path: Path) -> None:
+    """A tracker that refuses the first announce: the next one said no event, so the
+    tracker never heard "started" (libtorrent sends it until one is answered). Its next
+    reply names the seeder by a host name (BEP 3 allows one), which was left out: the
+    download never began."""
+    import bencodepy
+    from pieced.peer.plugin import ANNOUNCE_RETRY_FIRST
+
+    piece = 65536
+    content = make_payload(tmp_path / "seed", {"a.bin": 5 * piece + 3}, seed=31)
+    raw = make_torrent_lt(content, piece, "v1")
+    d = Daemon(tmp_path)
+    state: dict[str, int] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        if not state.get("refused"):
+            state["refused"] = 1
+            return bencodepy.encode({b"failure reason": b"busy, try again"})
+        return bencodepy.encode({b"interval": 60, b"peers": [
+            {b"ip": b"localhost", b"port": state["seeder"]}]})
+
+    try:
+        with _tracker(reply) as (port, seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                state["seeder"] = seeder.port
+                download(torrent, tmp_path / "dl", d, timeout=ANNOUNCE_RETRY_FIRST + 60)
+        events = [q.get("event", "") for q in seen]
+        assert events[:2] == ["started", "started"], events
+        assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
     """No --peer: the HTTP tracker (written here with aiohttp) names the seeder, in BEP 23
     compact form; pieced-peer announces started, then completed, then stopped."""
@@ -1148,6 +1183,60 @@ def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Pa
         with Client(d.socket) as c:
             assert c.status(ih)["verified_pieces"] >= 3
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_an_address_found_to_be_ourselves_is_not_dialled_again(tmp_path: Path) -> None:
+    """A tracker (or ``--peer``) may name us under an address other than the one we
+    listen on: the handshake told so (our own peer id), but the address was dialled
+    again and again, for as long as we seeded, with a warning that it hung up."""
+    import socket
+
+    piece = 65536
+    _content, _raw, torrent = _made(tmp_path, {"a.bin": 3 * piece}, piece, "v1", seed=29)
+    d = Daemon(tmp_path)
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(0.2)
+    dials: list[socket.socket] = []
+    stop = threading.Event()
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def serve(port: int) -> None:  # another address of ours: every connection to us
+        while not stop.is_set():
+            try:
+                a, _ = relay.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # (closed: the test is over)
+                return
+            dials.append(a)
+            b = socket.create_connection(("127.0.0.1", port))
+            dials.append(b)
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=pipe, args=(x, y), daemon=True).start()
+
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
+                          f"127.0.0.1:{relay.getsockname()[1]}")
+        server = threading.Thread(target=serve, args=(seeding.port,), daemon=True)
+        server.start()
+        time.sleep(8)  # dialled again after 1, 2 and 4 s if it is not known for us
+        seeding.proc.send_signal(signal.SIGTERM)
+        _, err = seeding.proc.communicate(timeout=30)
+        assert seeding.proc.returncode == 0, err
+        assert len(dials) // 2 == 1, len(dials) // 2
+        assert "before its handshake" not in err, err
+    finally:
+        stop.set()
+        relay.close()
+        for sock in dials:
+            sock.close()
         assert d.stop() == 0, d.stderr()
 
 

@@ -21,6 +21,15 @@ def test_compact_peers_and_interval() -> None:
     assert interval == 900
 
 
+def test_peers_named_by_host_name_are_kept_and_others_left_out() -> None:
+    names = [b"localhost", b"Peer-1.Example.org.", b"-bad.example", b"a" * 64 + b".org",
+             b"under_score.org", b"sp ace", b"\xff.org", b"x." * 130]
+    body = bencodepy.encode({b"peers": [{b"ip": n, b"port": 7000 + i}
+                                        for i, n in enumerate(names)]})
+    peers, _ = parse_response(body)
+    assert peers == [("localhost", 7000), ("peer-1.example.org", 7001)]
+
+
 def test_dictionary_peers_and_ipv6() -> None:
     body = bencodepy.encode({
         b"peers": [{b"ip": b"10.1.2.3", b"port": 51413}, {b"ip": b"not an ip", b"port": 1},
