@@ -31,6 +31,7 @@ class GroupCommit:
         self._waiting: dict[int, Torrent] = {}  # torrents with pending pieces
         self._busy = False
         self._stop = False
+        self._hurry = threading.Event()  # set: the window is cut short (a drain waits)
         self._thread: threading.Thread | None = None
         if window > 0:
             self._thread = threading.Thread(target=self._run, name="pieced-commit", daemon=True)
@@ -62,8 +63,9 @@ class GroupCommit:
                     self._cond.wait()
                 if self._stop and not self._waiting:
                     return
-            threading.Event().wait(self.window)
+            self._hurry.wait(self.window)
             with self._cond:
+                self._hurry.clear()
                 torrents = list(self._waiting.values())
                 self._busy = True
             for t in torrents:
@@ -87,6 +89,7 @@ class GroupCommit:
         with self._cond:
             self._cond.notify_all()
             while self._waiting or self._busy:
+                self._hurry.set()
                 self._cond.wait(0.05)
 
     def stop(self) -> None:

@@ -275,15 +275,15 @@ class MmapStorage(FileStorage):
             rest.append(seg)
         super().advise(rest)
 
-    def _datasync(self, index: int) -> None:
+    def _datasync(self, index: int, synced_dev: int | None = None) -> None:
         with self._map_lock:
             entry = self._maps.get(index)
             fd = os.dup(entry[0]) if entry is not None else -1  # a dup keeps the lease
         if fd < 0:
-            super()._datasync(index)
+            super()._datasync(index, synced_dev)
             return
         try:
-            os.fdatasync(fd)  # writes back the map's dirty pages, as msync would
+            self._sync_fd(fd, synced_dev)  # the map's dirty pages, as msync would
         finally:
             os.close(fd)
 

@@ -966,6 +966,104 @@ def _sent_again_verifies(dio: DiskIO, ih: bytes, src: Source, pieces: list[int],
     dio.close()
 
 
+def _many_files(tmp_path: Path, backend: str, n: int = 40
+                ) -> tuple[DiskIO, bytes, Source, list[tuple[int, bool]]]:
+    """A torrent of ``n`` small files (16 KiB pieces across them), registered."""
+    content = make_payload(tmp_path / "src", {f"d{i % 3}/f{i:02d}.bin": 9000 + 700 * i
+                                              for i in range(n)}, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, content.parent)
+    told: list[tuple[int, bool]] = []
+    # (A window longer than the test: its flush commits every piece in one batch.)
+    dio = DiskIO(backend, on_piece=lambda r: told.append((r.piece, r.ok)), sync_window=60)
+    return dio, dio.register(raw, tmp_path / "dl"), src, told
+
+
+def _payload_of(fd: int) -> str:
+    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("error", [False, True], ids=["clean", "write-back error"])
+def test_a_sync_of_many_files_is_one_syncfs_and_still_tells_each_files_errors(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch, error: bool) -> None:
+    """A sync of many files is one syncfs (one journal commit and cache flush, not one
+    a file), then each file's write-back errors are collected from its descriptor:
+    a write-back error of one file fails its pieces only, as its fdatasync's would."""
+    from pieced.storage import files
+
+    dio, ih, src, told = _many_files(tmp_path, backend)
+    calls: dict[str, list[str]] = {"syncfs": [], "written_back": [], "fdatasync": []}
+    real_syncfs, real_back, real_fdatasync = files.syncfs, files.written_back, os.fdatasync
+
+    def spy_syncfs(fd: int) -> None:
+        calls["syncfs"].append("")
+        real_syncfs(fd)
+
+    def spy_back(fd: int) -> None:
+        name = _payload_of(fd)
+        calls["written_back"].append(name)
+        if error and name == "f07.bin" and calls["written_back"].count(name) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # told once, as the kernel does
+        real_back(fd)
+
+    def spy_fdatasync(fd: int) -> None:
+        if _payload_of(fd).startswith("f"):
+            calls["fdatasync"].append(_payload_of(fd))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(files, "syncfs", spy_syncfs)
+    monkeypatch.setattr(files, "written_back", spy_back)
+    monkeypatch.setattr(os, "fdatasync", spy_fdatasync)
+    fill(dio, ih, src)
+    if not error:
+        dio.flush_all()
+        assert len(calls["syncfs"]) == 1 and calls["fdatasync"] == []
+        assert sorted(calls["written_back"]) == [f"f{i:02d}.bin" for i in range(40)]
+        assert sorted(p for p, ok in told if ok) == list(range(src.meta.num_pieces))
+        dio.close()
+        return
+    with pytest.raises(StorageIOError):
+        dio.flush_all()
+    layout = Layout(src.meta)
+    lost = set(layout.file_pieces(next(i for i in range(40)
+                                       if src.meta.files[i].path[-1] == "f07.bin")))
+    good = {p for p, ok in told if ok}
+    assert good == set(range(src.meta.num_pieces)) - lost, sorted(lost)
+    _sent_again_verifies(dio, ih, src, sorted(lost), told)
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_files_on_another_file_system_than_the_save_path_are_fdatasynced(
+        tmp_path: Path, backend: str, other_fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A syncfs makes the save path's file system durable, not one mounted on a folder
+    of the torrent: the files there are fdatasynced each."""
+    import subprocess
+
+    mounted = tmp_path / "dl" / "payload" / "d1"
+    mounted.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(other_fs), str(mounted)], check=True)
+    try:
+        dio, ih, src, told = _many_files(tmp_path, backend)
+        synced: list[str] = []
+        real = os.fdatasync
+
+        def spy(fd: int) -> None:
+            synced.append(_payload_of(fd))
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", spy)
+        fill(dio, ih, src)
+        dio.flush_all()
+        assert sorted(p for p, ok in told if ok) == list(range(src.meta.num_pieces))
+        # (d1 holds every third file: those, and only those, fdatasynced)
+        assert sorted(n for n in synced if n.startswith("f")) == [
+            f"f{i:02d}.bin" for i in range(40) if i % 3 == 1]
+        dio.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mounted)], check=True)
+
+
 @pytest.mark.parametrize("window", [0.0, 0.005])
 def test_a_sync_that_failed_is_not_made_good_by_the_next_one(
     tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
