@@ -267,6 +267,9 @@ class DiskIO:
                         rec.mark_deleting()
                     except OSError as exc:  # nothing changed: still registered
                         raise StorageIOError.wrap(exc, "unregister") from None
+            if delete_files:
+                with self._lock:  # (two torrents sharing files, removed at once with them)
+                    t.deleting = True
             self._committer.take(t)
             if not delete_files:
                 with contextlib.suppress(StorageIOError):  # recorded; the files stay as they are
@@ -303,7 +306,8 @@ class DiskIO:
         removed with its files leaves those (another torrent still holds its pieces
         there; cross-seeded torrents share their files)."""
         with self._lock:
-            others = {o.id: o for o in self._torrents.values() if o is not but}.values()
+            others = {o.id: o for o in self._torrents.values()
+                      if o is not but and not o.deleting}.values()
         held: set[Path] = set()
         for o in others:
             there = o.storage.save_path
@@ -377,8 +381,7 @@ class DiskIO:
             gen = rec.rotate()
         files = None
         if stamps:
-            files = [file_stamp(t.storage.file_path(i), t.storage.identity(i))
-                     if not flag & UNSTORED else [0, 0, 0, 0]
+            files = [self._stamp(t.storage, i) if not flag & UNSTORED else [0, 0, 0, 0]
                      for i, flag in enumerate(t.meta.files.flags)]
         try:
             rec.write_resume(have, fps, gen, files)
@@ -389,6 +392,18 @@ class DiskIO:
             with t.lock:
                 t.unrecorded.difference_update(unrecorded)
         return True
+
+    @staticmethod
+    def _stamp(storage: FileStorage, index: int) -> list[int]:
+        """The stamp a clean stop records of a payload file: one that never matches if
+        the file under its name is not the one the daemon used (opened, or checked at
+        its start and not opened since)."""
+        identity = storage.identity(index)
+        stamp = file_stamp(storage.file_path(index), identity)
+        seen = storage.start_stamps.get(index)
+        if identity is None and seen is not None and stamp != seen:
+            stamp[2] = -1  # changed behind our back since the start: what it holds is unknown
+        return stamp
 
     def _compact_if_due(self, t: Torrent) -> None:
         rec = self._records.get(t.id)
@@ -484,7 +499,7 @@ class DiskIO:
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
                 if not pieces:
                     continue
-                stamp = file_stamp(storage.file_path(i))
+                stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i))
                 if stamp[0] < lengths[i]:  # gone or cut short: its pieces went with it
                     for p in pieces:
                         t.set_state(p, MISSING)
@@ -1493,7 +1508,10 @@ class DiskIO:
             self._flush_torrent(t, sync=True)  # what is read below is durable
             # The files as they are now under their names, as libtorrent checks them: a
             # file renamed or swapped in meanwhile is the one checked, and written after.
-            t.storage.look_again()
+            # A piece under way in a file that changed so starts over (its hash state
+            # holds blocks that went to the other file), told as failed.
+            for index in sorted(t.storage.look_again()):
+                self._start_over(t, index, verified=False, partial=True)
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
             result = self._verify(t, todo, progress, full)

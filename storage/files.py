@@ -217,6 +217,9 @@ class FileStorage:
         # file -> (message, errno) of the failure
         self._tickets = itertools.count()
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
+        # file -> its stamp (resume.file_stamp) at the start that loaded the torrent: a
+        # file not opened since is the one checked then only if its stamp is the same.
+        self.start_stamps: dict[int, list[int]] = {}
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         # Files seen gone (or cut short) after we wrote them: before one is given its length
         # again, ``before_remaking(index)`` (set by the disk interface) makes sure the
@@ -318,15 +321,25 @@ class FileStorage:
         with self._lock:
             return self._identity.get(index)
 
-    def look_again(self) -> None:
+    def look_again(self) -> set[int]:
         """Take the files as they are now under their names, as a start does (a user's
         recheck): open descriptors would still read and write a file renamed away, and
         a file put in the place of one is known from now on (the opens still refuse
-        symlinks and files with other links)."""
+        symlinks and files with other links). Returns the files the daemon had used
+        that are not under their names any more (gone, or another file in their place):
+        what was written to them is not where their pieces are now."""
         self.close_handles()
+        with self._lock:
+            known = dict(self._identity)
+        changed = set()
+        for index, ident in known.items():
+            st = self.root.stat(self.parts(index))
+            if st is None or (st.st_dev, st.st_ino) != ident:
+                changed.add(index)
         with self._lock:
             self._identity.clear()
             self._recreate.clear()
+        return changed
 
     def after_crash(self) -> None:
         """Put right what a crash can leave half done by this backend's own writes, at

@@ -166,6 +166,7 @@ class Torrent:
         # back verified, over new bytes (or over a vanished file made anew, zeros).
         self.unrecorded: set[int] = set()
         self.reverifying = 0  # pieces still being re-verified after a restart
+        self.deleting = False  # being unregistered with its files: it holds none of them
         self.checking = 0  # checks of its files (recheck, start-up check) under way
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.

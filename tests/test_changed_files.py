@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -167,4 +168,89 @@ def test_a_torrent_removed_with_its_files_leaves_those_another_torrent_holds(
     assert dio.torrents() == [a]
     assert all(_verified(wait_reverified(dio, a)))
     assert all(lt_recheck(raw_a, tmp_path / "dl"))
+    dio.close()
+
+
+def test_a_piece_under_way_in_a_file_swapped_before_a_recheck_starts_over(
+        tmp_path: Path, backend: str) -> None:
+    """Half a piece written, its file swapped for another, a recheck (which takes the
+    files under their names from then on), then the rest of the piece: it verified from
+    its hash state, its first half in the other file (wrong on disk under its name).
+    The recheck now starts such a piece over, told as failed."""
+    content = make_payload(tmp_path / "src", {"b.bin": 4 * PIECE, "c.bin": 4 * PIECE})
+    raw = make_torrent_lt(content, PIECE, "v1")
+    src = Source(raw, tmp_path / "src")
+    told: list[tuple[int, bool]] = []
+    dio = DiskIO(backend, on_piece=lambda r: told.append((r.piece, r.ok)))
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = src.blocks()
+    first = [(p, b, n) for p, b, n in blocks if p == 1][:1]
+    for p, b, n in [x for x in blocks if x[0] != 1] + first:
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    folder = tmp_path / "dl" / "payload"
+    os.rename(folder / "b.bin", folder / "t")
+    os.rename(folder / "c.bin", folder / "b.bin")
+    os.rename(folder / "t", folder / "c.bin")
+    checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, ih)
+    checked.result()
+    assert (1, False) in told  # started over: its blocks are to be sent again
+    for p, b, n in [x for x in blocks if x[0] == 1]:
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert _verified(dio.status(ih))[1] and truth[1]
+    assert [ok for p, ok in told if p == 1] == [False, True]
+    dio.close()
+
+
+@pytest.mark.parametrize("how", ["swapped", "rewritten"])
+def test_files_changed_during_a_run_that_never_opened_them_are_not_trusted(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """A run that never opened the files (nothing asked of them) recorded at its clean
+    stop the stamps of whatever was under their names then: files swapped, or rewritten
+    with their times put back, while it ran were trusted by the next start."""
+    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    dio.close()
+    idle = DiskIO(backend, state_dir=tmp_path / "state")
+    assert all(_verified(idle.status(ih)))
+    folder = tmp_path / "dl" / "payload" / "dir"
+    if how == "swapped":
+        _swap(folder)
+    else:
+        st = os.stat(folder / "b.bin")
+        with open(folder / "b.bin", "r+b") as f:
+            f.seek(70000)
+            f.write(b"planted!")
+        os.utime(folder / "b.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    idle.close()
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert _verified(wait_reverified(again, ih)) == truth
+    again.close()
+
+
+def test_two_cross_seeded_torrents_removed_with_their_files_at_once_leave_none(
+        tmp_path: Path, backend: str) -> None:
+    """Each removal kept the files for the other, itself being removed with them: both
+    left every file, for good."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    a = dio.register(raw_a, tmp_path / "dl")
+    fill(dio, a, Source(raw_a, tmp_path / "src"))
+    b = dio.register(raw_b, tmp_path / "dl")
+    gate = threading.Barrier(2)
+
+    def remove(ih: bytes) -> None:
+        gate.wait()
+        dio.unregister(ih, delete_files=True)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(remove, a), pool.submit(remove, b)]:
+            done.result()
+    assert dio.torrents() == []
+    assert not (tmp_path / "dl" / "payload").exists()
     dio.close()
