@@ -95,11 +95,19 @@ def guard_connections(server: web.Server, limit: int = MAX_CONNECTIONS,
     return asyncio.create_task(sweep())
 
 
-async def _json_off_loop(make: Callable[[], Any]) -> web.Response:
+BUILDING = 2  # JSON reports built at once: more hold the interpreter's lock in turn
+
+
+async def _json_off_loop(make: Callable[[], Any], slots: asyncio.Semaphore) -> web.Response:
+    """A JSON report built off the loop, ``slots`` at a time: a hundred requests for a
+    torrent of 30,000 files at once starved the loop, and the daemon's clients with it,
+    for seconds."""
+
     def body() -> bytes:
         return json.dumps(make()).encode()
 
-    data = await asyncio.get_running_loop().run_in_executor(None, body)
+    async with slots:
+        data = await asyncio.get_running_loop().run_in_executor(None, body)
     return web.Response(body=data, content_type="application/json")
 
 
@@ -183,13 +191,16 @@ def make_app(disk: DiskIO, server: Server, token: str = "",
 
     # A status counts pieces, and its JSON is megabytes for a torrent of 100,000 files
     # (75 ms to write): both off the loop that serves the daemon's clients.
+    building = asyncio.Semaphore(BUILDING)
+
     async def torrents(request: web.Request) -> web.Response:
-        return await _json_off_loop(lambda: [status_json(disk, ih) for ih in disk.torrents()])
+        return await _json_off_loop(lambda: [status_json(disk, ih) for ih in disk.torrents()],
+                                    building)
 
     async def torrent(request: web.Request) -> web.Response:
         ih = parse_ih(request.match_info["ih"])  # 400 unless 40 or 64 hex digits
         try:
-            return await _json_off_loop(lambda: status_json(disk, ih))
+            return await _json_off_loop(lambda: status_json(disk, ih), building)
         except Exception as exc:  # UnknownTorrent and friends
             raise web.HTTPNotFound(text=f"{exc}\n") from None
 

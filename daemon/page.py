@@ -96,10 +96,11 @@ def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = ""
                 await sub.wake.wait()
                 for message in sub.take(after):
                     await resp.write(message)
-        except (ConnectionResetError, RuntimeError):  # the page went, or the daemon stops
-            pass
+        except (ConnectionError, RuntimeError):  # the page went, or the daemon stops
+            pass  # (aiohttp: a bare ConnectionError when it goes while a write waits)
         finally:
             feed.subscribers.discard(sub)
+            sub.queue.clear()  # (what it had not read goes now, not when it is collected)
         return resp
 
     async def piece_map(request: web.Request) -> web.Response:
