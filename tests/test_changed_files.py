@@ -133,6 +133,18 @@ def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) 
     again.close()
 
 
+def _cross_seeded(tmp_path: Path, backend: str) -> tuple[bytes, DiskIO, bytes, bytes]:
+    """A v1 torrent downloaded, and a hybrid one of the same payload registered in the
+    same save path (cross-seeding: they share its files). (v1 metainfo, engine, v1, hybrid)"""
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    a = dio.register(raw_a, tmp_path / "dl")
+    fill(dio, a, Source(raw_a, tmp_path / "src"))
+    return raw_a, dio, a, dio.register(raw_b, tmp_path / "dl")
+
+
 @pytest.mark.parametrize("when", ["at once", "at the next start"])
 def test_a_torrent_removed_with_its_files_leaves_those_another_torrent_holds(
         tmp_path: Path, backend: str, when: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,13 +153,7 @@ def test_a_torrent_removed_with_its_files_leaves_those_another_torrent_holds(
     still reported verified."""
     from pieced.storage import files
 
-    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
-    raw_a = make_torrent_lt(content, PIECE, "v1")
-    raw_b = make_torrent_lt(content, PIECE, "hybrid")
-    dio = DiskIO(backend, state_dir=tmp_path / "state")
-    a = dio.register(raw_a, tmp_path / "dl")
-    fill(dio, a, Source(raw_a, tmp_path / "src"))
-    b = dio.register(raw_b, tmp_path / "dl")
+    raw_a, dio, a, b = _cross_seeded(tmp_path, backend)
     # (On mmap, B's opens break A's leases. The daemon opens files on worker threads,
     # while its main thread takes the lease-break signal; here too.)
     checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
@@ -235,13 +241,7 @@ def test_two_cross_seeded_torrents_removed_with_their_files_at_once_leave_none(
         tmp_path: Path, backend: str) -> None:
     """Each removal kept the files for the other, itself being removed with them: both
     left every file, for good."""
-    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
-    raw_a = make_torrent_lt(content, PIECE, "v1")
-    raw_b = make_torrent_lt(content, PIECE, "hybrid")
-    dio = DiskIO(backend, state_dir=tmp_path / "state")
-    a = dio.register(raw_a, tmp_path / "dl")
-    fill(dio, a, Source(raw_a, tmp_path / "src"))
-    b = dio.register(raw_b, tmp_path / "dl")
+    _, dio, a, b = _cross_seeded(tmp_path, backend)
     gate = threading.Barrier(2)
 
     def remove(ih: bytes) -> None:
