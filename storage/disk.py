@@ -260,14 +260,14 @@ class DiskIO:
         t = self._get(ih)
         t.enter_alone()
         try:
-            rec = self._records.get(t.id)
-            if delete_files and rec is not None:
-                with rec.save_lock:
-                    try:
-                        rec.mark_deleting()
-                    except OSError as exc:  # nothing changed: still registered
-                        raise StorageIOError.wrap(exc, "unregister") from None
             if delete_files:
+                rec = self._records.get(t.id)
+                if rec is not None:
+                    with rec.save_lock:
+                        try:
+                            rec.mark_deleting()
+                        except OSError as exc:  # nothing changed: still registered
+                            raise StorageIOError.wrap(exc, "unregister") from None
                 with self._lock:  # (two torrents sharing files, removed at once with them)
                     t.deleting = True
             self._committer.take(t)
@@ -439,8 +439,7 @@ class DiskIO:
         if saved.previous is None:
             return False, set()
         old, renames = saved.previous
-        if self.roots is not None and not any(
-                Path(old).resolve().is_relative_to(r) for r in self.roots):
+        if self._outside_roots(Path(old)):
             return True, set()  # not looked for outside the roots; the record is written anew
         try:
             n, doubtful = storage.finish_move(Path(old), renames)
@@ -456,6 +455,12 @@ class DiskIO:
                 f"from {old} (left as it is, and both kept): its pieces are checked again")
         return True, doubtful
 
+    def _outside_roots(self, path: Path) -> bool:
+        """Whether a recorded path now resolves outside the allowed roots (they changed,
+        or a folder was swapped while the daemon was stopped)."""
+        return self.roots is not None and not any(
+            path.resolve().is_relative_to(r) for r in self.roots)
+
     def _load_state(self) -> None:
         """Re-register every saved torrent with the pieces its record and journal prove."""
         assert self.state is not None
@@ -468,8 +473,7 @@ class DiskIO:
             try:
                 meta: Metainfo = saved.metainfo
                 save = Path(saved.save_path)
-                if self.roots is not None and not any(
-                        save.resolve().is_relative_to(r) for r in self.roots):
+                if self._outside_roots(save):
                     # The roots changed, or the folder was swapped while we were stopped.
                     raise PathEscape(f"its save path {save} is outside the allowed roots "
                                      "(kept on disk, not loaded)")
@@ -561,11 +565,11 @@ class DiskIO:
 
     def _finish_deletion(self, gone: Deletion) -> None:
         """Delete the files of a torrent removed with them, which a crash (or an error)
-        left behind, before any torrent is loaded: as the removal would have."""
+        left behind, as the removal would have: after the saved torrents are loaded, so
+        that the files one of them names too stay."""
         try:
             save = Path(gone.save_path)
-            if self.roots is not None and not any(
-                    save.resolve().is_relative_to(r) for r in self.roots):
+            if self._outside_roots(save):
                 raise PathEscape(f"its save path {save} is outside the allowed roots")
             storage = make_storage(self.backend, gone.metainfo, save, self.handles,
                                    roots=self.roots)

@@ -69,6 +69,15 @@ def peer_cmd(torrent: Path, save: Path, socket: Path, *extra: str) -> list[str]:
             "--socket", str(socket), "--json", *extra]
 
 
+def downloading(torrent: Path, save: Path, d: Daemon, *peers: int) -> subprocess.Popen[str]:
+    """``pieced-peer`` downloading from ``peers`` in the background (its output piped)."""
+    args = [a for p in peers for a in ("--peer", f"127.0.0.1:{p}")]
+    proc = subprocess.Popen(peer_cmd(torrent, save, d.socket, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _running.append(proc)
+    return proc
+
+
 def download(torrent: Path, save: Path, d: Daemon, *peers: int, timeout: float = 120,
              extra: tuple[str, ...] = ()) -> dict[str, Any]:
     args = [a for p in peers for a in ("--peer", f"127.0.0.1:{p}")]
@@ -774,10 +783,7 @@ def test_a_seeder_not_up_yet_or_gone_for_a_while_is_dialled_again(tmp_path: Path
     port = _free_port()
     d = Daemon(tmp_path)
     try:
-        proc = subprocess.Popen(
-            peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{port}"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _running.append(proc)
+        proc = downloading(torrent, tmp_path / "dl", d, port)
         time.sleep(1.5)  # its first dials are refused: nothing listens there yet
         assert proc.poll() is None
         with LtPeer(raw, tmp_path / "seed", seed=True, port=port, settings=SLOW):
@@ -923,10 +929,7 @@ def test_a_seeder_that_requires_encryption_is_named_as_such(tmp_path: Path) -> N
     d = Daemon(tmp_path)
     try:
         with LtPeer(raw, tmp_path / "seed", seed=True, settings=forced) as seeder:
-            proc = subprocess.Popen(
-                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            _running.append(proc)
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
             assert proc.stderr is not None
             ready, _, _ = select.select([proc.stderr], [], [], 30)
             line = proc.stderr.readline() if ready else ""  # the first thing it says
@@ -1003,10 +1006,7 @@ def _downloading_slowly(raw: bytes, torrent: Path, tmp_path: Path, d: Daemon,
     import time
 
     with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as seeder:
-        proc = subprocess.Popen(
-            peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _running.append(proc)
+        proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
         deadline = time.monotonic() + 30
         while _verified(d.socket) < pieces:
             assert time.monotonic() < deadline and proc.poll() is None
@@ -1158,10 +1158,7 @@ def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Pa
     slow = {"upload_rate_limit": 2 << 20, "limit_loopback": True}
     try:
         with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as seeder:
-            proc = subprocess.Popen(
-                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            _running.append(proc)
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
             with Client(d.socket) as c:
                 deadline = time.monotonic() + 60
                 while not c.torrents() or c.status(bytes.fromhex(
