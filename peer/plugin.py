@@ -100,6 +100,9 @@ class Options:
     max_peers: int = 50
 
 
+DEFAULT_LISTEN_PORT = 6881  # without --listen, when trackers are to be told a port
+
+
 class NoSources(Exception):
     """Nothing to download from or seed to: no peer, no listening socket, no tracker."""
 
@@ -543,18 +546,22 @@ class Swarm:
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
         self.order = InOrder(self.picker.plan)
+        urls = self.meta_trackers()
         if self.opts.listen is not None:
             host, port = self.opts.listen
             try:
-                self.server = await asyncio.get_running_loop().create_server(
-                    lambda: Inbox(on_connect=self._accepted), host, port)
+                await self._listen(host, port)
             except OSError as exc:
                 raise CannotListen(f"cannot listen on {_address(host, port)}: "
                                    f"{exc.strerror or exc}") from None
-            self.listen_port = self.server.sockets[0].getsockname()[1]
-            print(f"pieced-peer: listening on {_address(host, self.listen_port)}",
-                  file=sys.stderr, flush=True)
-        urls = self.meta_trackers()
+        elif urls:
+            # Trackers hand our port to the swarm: a port nobody answers on would make
+            # us a leecher that no peer can reach. libtorrent's default: 6881 on every
+            # interface, or a port the system picks when 6881 is taken.
+            try:
+                await self._listen(None, DEFAULT_LISTEN_PORT)
+            except OSError:
+                await self._listen("0.0.0.0", 0)
         if (not self.opts.peers and self.opts.listen is None and not urls
                 and (self.opts.seed or not self.picker.complete)):
             raise NoSources("no peer to download from or seed to: give --peer HOST:PORT or "
@@ -564,14 +571,22 @@ class Swarm:
             if (host, port) in self.known:
                 self.known[host, port].given = True
         if urls:
-            self.tracker = Tracker(urls, self.ih, self.peer_id,
-                                   self.listen_port or 6881)
+            self.tracker = Tracker(urls, self.ih, self.peer_id, self.listen_port)
             self._spawn(self._announce_loop())
         self._spawn(self._timers())
         if self.picker.complete:
             self.summary.complete = True
             self.done.set()
         self._completed_announced = self.picker.complete  # nothing to announce then
+
+    async def _listen(self, host: str | None, port: int) -> None:
+        """Accept incoming peers on ``host`` (None: every interface) and ``port``
+        (0: one the system picks)."""
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: Inbox(on_connect=self._accepted), host, port)
+        self.listen_port = self.server.sockets[0].getsockname()[1]
+        print(f"pieced-peer: listening on {_address(host or '0.0.0.0', self.listen_port)}",
+              file=sys.stderr, flush=True)
 
     def meta_trackers(self) -> list[str]:
         """The .torrent's HTTP(S) announce URLs, ``announce`` first, each once."""
@@ -1389,7 +1404,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--peer", action="append", type=_hostport, default=[], metavar="HOST:PORT",
                     help="a peer to connect to (repeatable)")
     ap.add_argument("--listen", type=_hostport, metavar="HOST:PORT",
-                    help="accept incoming peers here (port 0: any free port)")
+                    help="accept incoming peers here (port 0: any free port); without it, a "
+                         "torrent with trackers listens on port 6881 of every interface, "
+                         "or on a free port when 6881 is taken")
     ap.add_argument("--seed", action="store_true",
                     help="keep serving once complete, until SIGINT or SIGTERM")
     ap.add_argument("--socket", default=os.environ.get("PIECED_SOCKET", DEFAULT_SOCKET),

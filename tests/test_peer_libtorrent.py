@@ -426,6 +426,54 @@ def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_without_listen_a_torrent_with_trackers_announces_a_port_it_answers_on(
+        tmp_path: Path) -> None:
+    """No --listen, and the torrent names a tracker: pieced-peer told the tracker port
+    6881 and listened nowhere, so the peers the tracker sent there found nobody (or
+    another program). It listens as libtorrent does, on 6881, or (taken here) a free
+    port, and announces that one; a leecher the tracker sent there downloads."""
+    import socket
+
+    import bencodepy
+
+    piece = 65536
+    files = {"a.bin": 3 * piece + 7}
+    content = make_payload(tmp_path / "seed", files, seed=41)
+    raw = make_torrent_lt(content, piece, "v1")
+    d = Daemon(tmp_path)
+    taken = socket.socket()
+    try:
+        with contextlib.suppress(OSError):  # (taken by someone else already: as good)
+            taken.bind(("0.0.0.0", 6881))
+            taken.listen(1)
+        with _tracker(lambda q: bencodepy.encode({b"interval": 60, b"peers": b""})) as (
+                port, seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            proc = subprocess.Popen(peer_cmd(torrent, tmp_path / "seed", d.socket, "--seed"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
+            assert proc.stderr is not None
+            assert select.select([proc.stderr], [], [], 30)[0], "pieced-peer says nothing"
+            line = proc.stderr.readline()
+            assert "listening on" in line, line
+            listening = int(line.rsplit(":", 1)[1])
+            assert listening not in (0, 6881)
+            deadline = time.monotonic() + 30
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert seen and int(seen[0]["port"]) == listening, seen
+            with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+                leecher.connect("127.0.0.1", listening)
+                leecher.wait_finished(60)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        taken.close()
+        assert d.stop() == 0, d.stderr()
+
+
 class SilentPeers:
     """Listening sockets that accept connections and never say a word; counts how many
     of their connections are open at once, at most."""
