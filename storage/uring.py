@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import array
 import contextlib
-import ctypes
 import errno
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from .errors import StorageIOError
 from .files import _IOV_MAX, FileStorage
@@ -19,11 +19,19 @@ from .layout import Segment
 
 # io_uring ------------------------------------------------------------------------------
 _rings = threading.local()  # one ring per thread, shared by every torrent it works for
+# Buffers an iovec of the package takes: it checks against _SC_IOV_MAX, the name of the
+# sysconf setting (60), not its value (1024).
+_IOVEC_MAX = 60
 
 
 def check_uring() -> None:
     """Raise StorageIOError, saying why, where io_uring cannot be used (an old kernel, a
-    seccomp filter, io_uring_disabled, the liburing package missing)."""
+    seccomp filter, io_uring_disabled, the liburing package missing or built for another
+    CPU)."""
+    crashed = _probe_in_child()
+    if crashed:
+        raise StorageIOError(f"io_uring is not available here (the liburing package {crashed}):"
+                             " choose another backend, such as posix", errno=errno.ENOSYS)
     try:
         ring = _thread_ring()
         results = ring.run([("nop", -1, (), 0)])
@@ -36,114 +44,38 @@ def check_uring() -> None:
                              "another backend, such as posix", errno=-results[0])
 
 
-class _Iov(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+_probed: list[str] = []  # what the child found, once a process
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's Py_buffer: a buffer export, taken and given back through the C API."""
-
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
-                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
-                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-_PyBUF_WRITABLE = 0x1
-
-
-class _Slot:
-    """The iovec array of one operation in flight, in a ``liburing.Iovec`` made once.
-
-    ``liburing.Iovec(buffers)`` takes an export of every buffer it is given and never
-    gives it back: whatever passed through one could never be freed (every block
-    written, every piece read) nor unmapped (a client's ring). So each ring makes its
-    Iovecs once, over a buffer of its own, and points their entries at each
-    operation's buffers, holding an export of each (taken and released through the C
-    API) only while the kernel works on it. The Iovec's layout (the entry count, then
-    the pointer to its ``struct iovec`` array, after the object header) is checked when
-    it is made; a liburing laid out otherwise is refused with the rest of io_uring.
-    """
-
-    def __init__(self, lib: Any) -> None:
-        self._own = bytearray(1)  # the export Iovec keeps forever is of this
-        self.iovec = lib.Iovec([self._own] * _IOV_MAX)
-        state = id(self.iovec) + object.__basicsize__
-        self._count = ctypes.c_size_t.from_address(state)
-        table = ctypes.c_void_p.from_address(state + ctypes.sizeof(ctypes.c_size_t)).value
-        own = _PyBuffer()
-        _get_buffer(self._own, own, 0)
+def _probe_in_child() -> str:
+    """Make a ring in a child process first: a binding built for instructions this CPU
+    lacks (a wheel of the package needs AVX-512) dies of SIGILL, and would take the
+    daemon with it. What went wrong there, or "" when it worked (or could not be run)."""
+    if not _probed:
+        code = ("import liburing; r = liburing.io_uring(); "
+                "liburing.io_uring_queue_init(2, r); liburing.io_uring_queue_exit(r)")
         try:
-            if (type(self.iovec).__basicsize__ < object.__basicsize__ + 2 * 8
-                    or self._count.value != _IOV_MAX or not table):
-                raise OSError(errno.ENOTSUP, "liburing.Iovec is not laid out as expected")
-            first = _Iov.from_address(table)
-            if first.base != own.buf or first.len != 1 or ctypes.sizeof(_Iov) != 16:
-                raise OSError(errno.ENOTSUP, "liburing.Iovec is not laid out as expected")
-        finally:
-            _release_buffer(own)
-        self._array: int = table  # its struct iovec entries: (base, length), 8 bytes each
-        self._held: list[_PyBuffer] = []
-        self._kept: list[bytes] = []
-
-    def point(self, bufs: Sequence[Buffer], writable: bool) -> Any:
-        """The Iovec, its entries on ``bufs`` (at most IOV_MAX), each held till release().
-
-        A ``bytes`` (a gathered block: most of what is written) is held by reference,
-        its bytes found at a fixed offset in the object (checked at start-up), with no
-        export to take: immutable, it cannot move or change while it is referenced."""
-        flags = _PyBUF_WRITABLE if writable else 0
-        held, kept = self._held, self._kept
-        vals = array.array("Q")
-        for b in bufs:
-            if type(b) is bytes and not writable and _BYTES_DATA:
-                kept.append(b)
-                vals.append(id(b) + _BYTES_DATA)
-                vals.append(len(b))
-                continue
-            pb = _PyBuffer()
-            _get_buffer(b, pb, flags)
-            held.append(pb)
-            vals.append(pb.buf)
-            vals.append(pb.len)
-        ctypes.memmove(self._array, vals.buffer_info()[0], len(vals) * vals.itemsize)
-        self._count.value = len(bufs)
-        return self.iovec
-
-    def release(self) -> None:
-        for pb in self._held:
-            _release_buffer(pb)
-        self._held.clear()
-        self._kept.clear()
-
-
-def _bytes_data_offset() -> int:
-    """Where a bytes object's bytes start in it, as the buffer protocol gives them; 0 if
-    that is not the same for every bytes object (then every buffer is exported)."""
-    offsets = set()
-    for probe in (b"probe", b"x" * 5000, bytes(range(256))):
-        pb = _PyBuffer()
-        _get_buffer(probe, pb, 0)
-        try:
-            offsets.add(pb.buf - id(probe))
-        finally:
-            _release_buffer(pb)
-    return offsets.pop() if len(offsets) == 1 else 0
-
-
-_BYTES_DATA = _bytes_data_offset()
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError):
+            _probed.append("")  # (no child to be had: the checks here say what they find)
+        else:
+            if done.returncode < 0:
+                sig = signal.Signals(-done.returncode).name
+                _probed.append(f"dies of {sig} on this machine: a build for another CPU?")
+            else:
+                _probed.append("")
+    return _probed[0]
 
 
 class _Ring:
     """One thread's io_uring: a list of operations in, their results out (negative
-    errno on failure), submitted together and waited on together."""
+    errno on failure), submitted together and waited on together.
+
+    Each operation's buffers go into an ``iovec`` of the package made for it, which
+    holds them (not an export: the buffer objects) only until the batch is done, so
+    nothing written or read stays pinned, and a client's ring can be unmapped when it
+    leaves."""
 
     DEPTH = 64
     live = False  # io_uring_queue_init succeeded: the ring is to be closed
@@ -152,14 +84,18 @@ class _Ring:
         import liburing
 
         self.lib = liburing
-        self.ring = liburing.Ring()
-        self.cqe = liburing.Cqe()
-        self.slots: list[_Slot] = []  # made as batches need them, up to DEPTH
+        self.ring = liburing.io_uring()
+        self.cqe = liburing.io_uring_cqe()
         liburing.io_uring_queue_init(self.DEPTH, self.ring)
         self.live = True
 
     def __del__(self) -> None:
         # The thread that owned it ended (its thread-local went): close the ring.
+        self.close()
+
+    def close(self) -> None:
+        if getattr(_rings, "ring", None) is self:
+            _rings.ring = None
         if self.live:
             self.live = False
             with contextlib.suppress(Exception):
@@ -167,44 +103,71 @@ class _Ring:
 
     def run(self, ops: Sequence[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
         """``ops``: ("readv" | "writev" | "nop", fd, buffers, offset); the buffers of a
-        read must be writable."""
+        read must be writable. An operation of more buffers than an iovec of the
+        package takes goes as several, at their offsets; its result is what the first
+        of them that came short or failed leaves (bytes done before it, or its errno)."""
+        parts: list[tuple[int, tuple[str, int, Sequence[memoryview], int]]] = []
+        for i, (kind, fd, bufs, offset) in enumerate(ops):
+            views = [memoryview(b) for b in bufs]
+            views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v
+                     for v in views if v.nbytes]
+            if kind == "nop" or not views:
+                parts.append((i, ("nop", -1, (), 0)))
+                continue
+            if kind == "readv" and any(v.readonly for v in views):
+                raise BufferError("a read into a read-only buffer")
+            for k in range(0, len(views), _IOVEC_MAX):
+                chunk = views[k : k + _IOVEC_MAX]
+                parts.append((i, (kind, fd, chunk, offset)))
+                offset += sum(v.nbytes for v in chunk)
+        got = self._submit([op for _, op in parts])
+        results = [0] * len(ops)
+        short = [False] * len(ops)
+        for (i, (_, _, sent, _)), res in zip(parts, got, strict=True):
+            if short[i]:
+                continue
+            if res < 0:
+                short[i] = True
+                results[i] = results[i] or res
+                continue
+            results[i] += res
+            short[i] = res < sum(v.nbytes for v in sent)
+        return results
+
+    def _submit(self, ops: Sequence[tuple[str, int, Sequence[memoryview], int]]) -> list[int]:
+        """Each op (at most _IOVEC_MAX buffers, none empty) one entry, DEPTH at a time."""
         lib, ring, cqe = self.lib, self.ring, self.cqe
         results = [0] * len(ops)
         for first in range(0, len(ops), self.DEPTH):
             batch = ops[first : first + self.DEPTH]
-            while len(self.slots) < len(batch):
-                self.slots.append(_Slot(lib))
+            iovecs = [lib.iovec(bufs) if kind != "nop" else None for kind, _, bufs, _ in batch]
+            for i, (kind, fd, _, offset) in enumerate(batch):
+                sqe = lib.io_uring_get_sqe(ring)
+                iov = iovecs[i]
+                if iov is None:
+                    lib.io_uring_prep_nop(sqe)
+                elif kind == "writev":
+                    lib.io_uring_prep_writev(sqe, fd, iov, len(iov), offset)
+                else:
+                    lib.io_uring_prep_readv(sqe, fd, iov, offset)
+                sqe.user_data = first + i + 1  # (0 is refused: "no data")
             try:
-                # Every buffer is taken (a read-only one for a read raises here) before
-                # any entry is queued: none is left queued, to go with the next batch.
-                iovecs = [self.slots[i].point(bufs, kind == "readv") if kind != "nop" else None
-                          for i, (kind, _, bufs, _) in enumerate(batch)]
-                for i, (kind, fd, _, offset) in enumerate(batch):
-                    sqe = lib.io_uring_get_sqe(ring)
-                    if kind == "writev":
-                        lib.io_uring_prep_writev(sqe, fd, iovecs[i], offset)
-                    elif kind == "readv":
-                        lib.io_uring_prep_readv(sqe, fd, iovecs[i], offset)
-                    else:
-                        lib.io_uring_prep_nop(sqe)
-                    sqe.user_data = first + i
                 lib.io_uring_submit_and_wait(ring, len(batch))
-                got = 0
-                while got < len(batch):
-                    lib.io_uring_wait_cqe(ring, cqe)
-                    ready = lib.io_uring_cq_ready(ring)
-                    for j in range(ready):
-                        c = cqe[j]
-                        try:
-                            res = c.res
-                        except OSError as exc:  # the binding raises a failed operation's errno
-                            res = -(exc.errno or errno.EIO)
-                        results[c.user_data] = res
-                    lib.io_uring_cq_advance(ring, ready)
-                    got += ready
-            finally:
-                for slot in self.slots[: len(batch)]:
-                    slot.release()
+                for _ in batch:
+                    # One completion at a time: the package's cqe[j] and its batch peek
+                    # do not follow the completion queue round its end.
+                    while (err := lib.io_uring_wait_cqe(ring, cqe)) == -errno.EINTR:
+                        pass
+                    if err < 0:
+                        raise OSError(-err, os.strerror(-err))
+                    results[cqe.user_data - 1] = cqe.res
+                    lib.io_uring_cqe_seen(ring, cqe)
+            except BaseException:
+                # Entries or completions left behind would be taken for the next call's:
+                # this thread starts on a new ring.
+                self.close()
+                raise
+            del iovecs  # the buffers are the caller's again
         return results
 
 

@@ -637,8 +637,8 @@ def test_no_backend_keeps_hold_of_the_buffers_it_is_given(
     """Every block written through a client's ring (a shared map here) and every piece
     read: once the calls return, the backend holds no export of their buffers, so a
     client's ring can be unmapped when it leaves and read buffers go back to memory.
-    (The liburing package's Iovec keeps every buffer it is given: used as it is, the
-    uring backend pinned all of them.)"""
+    (A version of the liburing package kept every buffer given to its Iovec: the uring
+    backend pinned all of them.)"""
     import mmap
 
     raw, src = torrent

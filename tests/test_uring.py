@@ -76,3 +76,28 @@ def test_a_thread_that_ends_takes_its_ring_with_it(tmp_path: Path) -> None:
         assert rings() - before <= 1, rings() - before  # a worker of the hash pool may keep one
     finally:
         dio.close()
+
+
+def test_a_binding_that_dies_on_this_cpu_is_refused_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The liburing wheels of 2026 are built for AVX-512: on a CPU without it, making a
+    ring killed the whole process with SIGILL (the test suite with it). The backend now
+    makes a ring in a child first; a child killed so refuses the backend, with a message,
+    and this process lives on. (The binding's death is played by a package on the
+    child's path that kills itself with SIGILL, as the real one does on such CPUs.)"""
+    import pieced.storage.uring as uring
+    from pieced.storage.errors import StorageIOError
+
+    fake = tmp_path / "liburing"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, signal\n"
+        "def io_uring():\n"
+        "    os.kill(os.getpid(), signal.SIGILL)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(uring, "_probed", [])
+    with pytest.raises(StorageIOError, match="SIGILL"):
+        check_uring()
+    monkeypatch.setattr(uring, "_probed", [])
+    monkeypatch.delenv("PYTHONPATH")
+    check_uring()  # the real binding, in a child and here
