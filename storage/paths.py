@@ -151,22 +151,28 @@ class Beneath:
                         raise PathEscape(f"{where} changed while being opened: refusing "
                                          "to use it") from None
                     raise
+                why = _refusal(st, named, self.allow_hard_links)
+                if not why and not self.allow_hard_links:
+                    # A rename over the name drops the file's link before the name lets
+                    # go of it: looked at in that moment, a hard link to a file outside,
+                    # being swapped away, shows one link at our name. The folder's lock
+                    # waits for a rename in it to finish; name and count are then
+                    # looked at again.
+                    try:
+                        _wait_for_renames(dfd)
+                        why = _refusal(os.fstat(fd), os.stat(parts[-1], dir_fd=dfd,
+                                                             follow_symlinks=False), False)
+                    except OSError:
+                        why = "changed while being opened"
+                if why:
+                    os.close(fd)
+                    raise PathEscape(f"{where} {why}: refusing to use it")
         except PathEscape:
             raise
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise PathEscape(f"{where} is a symlink: refusing to follow it") from None
             raise _error(exc, f"open {where}") from None
-        why = ""
-        if not stat.S_ISREG(st.st_mode):
-            why = "is not a regular file"
-        elif (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
-            why = "changed while being opened"
-        elif max(st.st_nlink, named.st_nlink) > 1 and not self.allow_hard_links:
-            why = f"has {max(st.st_nlink, named.st_nlink)} hard links (one may lead out of the save path)"
-        if why:
-            os.close(fd)
-            raise PathEscape(f"{where} {why}: refusing to use it")
         os.set_blocking(fd, True)
         return fd
 
@@ -219,6 +225,35 @@ class Beneath:
             self.changed(src[:-1])
             os.unlink(src[-1], dir_fd=sfd)
             self.changed(src[:-1])
+
+
+def _refusal(st: os.stat_result, named: os.stat_result, allow_hard_links: bool) -> str:
+    """Why a payload file opened (``st``, from its descriptor; ``named``, from its name
+    after the open) is not to be used, or ""."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+        return "changed while being opened"
+    links = max(st.st_nlink, named.st_nlink)
+    if links > 1 and not allow_hard_links:
+        return f"has {links} hard links (one may lead out of the save path)"
+    return ""
+
+
+_NOT_THERE = ".pieced-never-there"
+
+
+def _wait_for_renames(dfd: int) -> None:
+    """Return once a rename or unlink under way in the folder has finished: the unlink
+    of a name that is not there takes the folder's lock (and fails). A read-only file
+    system refuses it before, and renames nothing either."""
+    try:
+        os.unlink(_NOT_THERE, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
 
 
 def open_folder(path: Path, anchor: Path, create: bool) -> int:
