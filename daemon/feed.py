@@ -46,34 +46,32 @@ TICK = 0.5  # seconds between two samples (and two pushes to every page)
 HISTORY = 240  # samples kept for the charts: two minutes
 FAILED_HOLD = 5.0  # seconds a piece that failed its hash shows as failed
 FILES_SHOWN = 1000  # files listed with their progress (a torrent may have a million)
-MAX_QUEUED = 16  # pushes waiting for a slow page before it is told to start over
+# Ticks kept for the pages (shared by all of them): a page whose write has waited this
+# many ticks is let go (it reconnects, and loads everything anew), so that what a page
+# that reads nothing holds is one of these ticks, never a copy of its own.
+MAX_QUEUED = 16
 RESYNC = b"event: resync\ndata: {}\n\n"
+SLICE = 16384  # bytes handed to a page's transport at a time (then its drain is awaited)
 
 
 class Subscriber:
-    """One open page: the torrent it watches and the pushes it has not read yet."""
+    """One open page: the torrent it watches, the last tick it was sent, and while a
+    write to it waits, the tick at which that write began."""
 
-    __slots__ = ("ih", "queue", "wake")
+    __slots__ = ("ih", "sent", "transport", "waiting", "wake")
 
-    def __init__(self, ih: bytes | None) -> None:
+    def __init__(self, ih: bytes | None, transport: asyncio.Transport | None = None) -> None:
         self.ih = ih
-        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.sent = 0
         self.wake = asyncio.Event()
+        self.waiting: int | None = None  # the first tick of what is being written
+        self.transport = transport
 
-    def push(self, tick: int, message: bytes) -> None:
-        if len(self.queue) >= MAX_QUEUED:
-            # Dropped pushes leave its map behind: it loads everything again instead.
-            self.queue.clear()
-            message = RESYNC
-        self.queue.append((tick, message))
+    def cut(self) -> None:
+        """Let a page go that reads nothing: what its transport holds goes with it."""
+        if self.transport is not None:
+            self.transport.abort()
         self.wake.set()
-
-    def take(self, after: int) -> list[bytes]:
-        """Pushes of samples taken after ``after`` (older ones are in its hello)."""
-        out = [m for t, m in self.queue if t > after]
-        self.queue.clear()
-        self.wake.clear()
-        return out
 
 
 @dataclass
@@ -90,9 +88,20 @@ class _View:
 
 @dataclass
 class Tick:
+    """One sample as every page is sent it, encoded once and shared by them all: a
+    page watching torrent K is sent ``head`` and then ``parts[K]`` (``NO_PART`` if it
+    watches none)."""
+
     n: int
-    common: str  # JSON members every page gets: the sample, the torrents when changed
-    parts: dict[bytes, str] = field(default_factory=dict)  # per watched torrent
+    head: bytes = b""  # the event up to the watched torrent's member
+    parts: dict[bytes, bytes] = field(default_factory=dict)  # per watched torrent
+
+    def chunks(self, ih: bytes | None) -> tuple[bytes, bytes]:
+        part = self.parts.get(ih, NO_PART) if ih is not None else NO_PART
+        return self.head, part
+
+
+NO_PART = b"null}\n\n"
 
 
 class Feed:
@@ -105,8 +114,11 @@ class Feed:
         self.closing = asyncio.Event()
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
         self._task: asyncio.Task[None] | None = None
+        # The last MAX_QUEUED ticks (on the loop): every page is sent from these.
+        self.pushes: collections.deque[Tick] = collections.deque(maxlen=MAX_QUEUED)
         # Touched on the page thread only:
         self._tick = 0
+        self._hellos: tuple[int, bytes, dict[bytes, bytes]] = (-1, b"", {})
         self._views: dict[bytes, _View] = {}
         self._failed: dict[bytes, dict[int, float]] = {}
         self._prev: tuple[float, dict[str, int]] | None = None
@@ -162,14 +174,34 @@ class Feed:
         return [frozenset(c.subscriptions) for c in self.server.clients]
 
     def _dispatch(self, tick: Tick) -> None:
-        messages: dict[bytes | None, bytes] = {}
-        for s in self.subscribers:
-            msg = messages.get(s.ih)
-            if msg is None:
-                part = tick.parts.get(s.ih, "null") if s.ih is not None else "null"
-                body = f'{{"tick":{tick.n},{tick.common},"torrent":{part}}}'
-                msg = messages[s.ih] = b"event: tick\ndata: " + body.encode() + b"\n\n"
-            s.push(tick.n, msg)
+        """Keeps a tick once for every page and wakes them. A page whose write has
+        waited MAX_QUEUED ticks is let go: a queue of its own per page, or its wait on
+        a tick no longer kept, made memory grow with pages x torrents."""
+        self.pushes.append(tick)
+        for s in list(self.subscribers):
+            if s.waiting is not None and tick.n - s.waiting >= MAX_QUEUED:
+                self.subscribers.discard(s)
+                s.cut()
+            else:
+                s.wake.set()
+
+    def latest(self) -> int:
+        """The number of the last tick handed to the pages."""
+        return self.pushes[-1].n if self.pushes else 0
+
+    def pending(self, sub: Subscriber) -> tuple[int, list[bytes]]:
+        """What a page is to be sent next: (the first tick of it, the chunks), the
+        ticks after the last it was sent, or word to start over if some of those are
+        no longer kept."""
+        sub.wake.clear()
+        kept = self.pushes
+        first = sub.sent + 1
+        if not kept or kept[-1].n < first:
+            return first, []
+        sub.sent = kept[-1].n
+        if kept[0].n > first:
+            return sub.sent, [RESYNC]  # its map is behind: it loads everything again
+        return first, [c for t in kept if t.n >= first for c in t.chunks(sub.ih)]
 
     def key(self, ih: bytes) -> bytes:
         """The torrent's own key for any of its aliases (UnknownTorrent if none)."""
@@ -183,37 +215,51 @@ class Feed:
         sample = self._stats(now, connected)
         self._collect_failures(now)
         members = [f'"stats":{json.dumps(sample)}']
-        tick = Tick(self._tick, "")
+        tick = Tick(self._tick)
         if live:
             torrents = json.dumps(self._summaries(clients))
             if torrents != self._torrents_sent:
                 self._torrents_sent = torrents
                 members.append(f'"torrents":{torrents}')
             for key in watched:
-                tick.parts[key] = self._update(key, now)
+                tick.parts[key] = self._update(key, now).encode() + b"}\n\n"
         else:
             self._torrents_sent = ""
         for key in [k for k in self._views if k not in watched]:
             del self._views[key]
-        tick.common = ",".join(members)
+        tick.head = (f'event: tick\ndata: {{"tick":{tick.n},' + ",".join(members)
+                     + ',"torrent":').encode()
         return tick
 
-    def hello(self, key: bytes | None, clients: list[frozenset[bytes]]) -> tuple[int, bytes]:
+    def hello(self, key: bytes | None,
+              clients: list[frozenset[bytes]]) -> tuple[int, bytes, bytes]:
         """What a page starts from: the charts' history, the torrents, and the watched
-        torrent's files and errors as the next pushes will change them."""
-        torrent = "null"
-        if key is not None:
-            try:
-                view = self._view(key, time.monotonic())
-                files_total = self._static_of(self.disk.torrent(key))["files"]
-                torrent = (f'{{"ih":"{key.hex()}","seq":{view.seq},"files":{view.files},'
-                           f'"files_total":{files_total},"errors":{view.errors}}}')
-            except PiecedError:
-                pass
-        body = (f'{{"tick":{self._tick},"interval":{self.interval},"hold":{FAILED_HOLD},'
-                f'"history":{json.dumps(list(self.history))},'
-                f'"torrents":{json.dumps(self._summaries(clients))},"torrent":{torrent}}}')
-        return self._tick, body.encode()
+        torrent's files and errors as the next pushes will change them. As (tick, head,
+        part): the pages that open within one tick share them (a hello is the size of
+        the torrent list, and forty pages that read nothing held forty of them)."""
+        tick, head, parts = self._hellos
+        if tick != self._tick:
+            head = (f'retry: 2000\nevent: hello\ndata: {{"tick":{self._tick},'
+                    f'"interval":{self.interval},"hold":{FAILED_HOLD},'
+                    f'"history":{json.dumps(list(self.history))},'
+                    f'"torrents":{json.dumps(self._summaries(clients))},"torrent":').encode()
+            parts = {}
+            self._hellos = (self._tick, head, parts)
+        if key is None:
+            return self._tick, head, NO_PART
+        part = parts.get(key)
+        if part is None:
+            part = parts[key] = self._hello_torrent(key).encode() + b"}\n\n"
+        return self._tick, head, part
+
+    def _hello_torrent(self, key: bytes) -> str:
+        try:
+            view = self._view(key, time.monotonic())
+            files_total = self._static_of(self.disk.torrent(key))["files"]
+        except PiecedError:
+            return "null"
+        return (f'{{"ih":"{key.hex()}","seq":{view.seq},"files":{view.files},'
+                f'"files_total":{files_total},"errors":{view.errors}}}')
 
     def map_gz(self, key: bytes) -> tuple[int, int, bytes]:
         """(sequence number, pieces, gzip of the map) of a watched torrent's view."""

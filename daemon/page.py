@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gzip
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,7 +27,7 @@ from aiohttp.typedefs import Handler
 from pieced.storage.disk import DiskIO
 from pieced.storage.errors import PiecedError
 
-from .feed import TICK, Feed, Subscriber
+from .feed import SLICE, TICK, Feed, Subscriber
 from .server import Server
 
 PAGE_DIR = Path(__file__).resolve().parent / "static"
@@ -83,25 +84,38 @@ def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = ""
             with contextlib.suppress(PiecedError):
                 key = feed.key(parse_ih(request.query["ih"]))
         loop = asyncio.get_running_loop()
-        sub = Subscriber(key)
-        feed.subscribers.add(sub)  # before the hello: no push falls between the two
+        sub = Subscriber(key, request.transport)
+        feed.subscribers.add(sub)  # before the hello: watched from the next sample on
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **no_store,
                                            "X-Accel-Buffering": "no"})
         try:
-            after, hello = await loop.run_in_executor(feed.executor, feed.hello, key,
-                                                      feed.client_keys())
+            sub.sent, head, part = await loop.run_in_executor(
+                feed.executor, feed.hello, key, feed.client_keys())
             await resp.prepare(request)
-            await resp.write(b"retry: 2000\nevent: hello\ndata: " + hello + b"\n\n")
+            await send(resp, sub, sub.sent, (head, part))
             while not feed.closing.is_set():
                 await sub.wake.wait()
-                for message in sub.take(after):
-                    await resp.write(message)
+                await send(resp, sub, *feed.pending(sub))
         except (ConnectionError, RuntimeError):  # the page went, or the daemon stops
             pass  # (aiohttp: a bare ConnectionError when it goes while a write waits)
         finally:
             feed.subscribers.discard(sub)
-            sub.queue.clear()  # (what it had not read goes now, not when it is collected)
         return resp
+
+    async def send(resp: web.StreamResponse, sub: Subscriber, since: int,
+                   chunks: Iterable[bytes]) -> None:
+        """Writes the chunks of ticks ``since`` and later (shared with the other pages)
+        a slice at a time, waiting for the page to take each: a page that reads nothing
+        holds a slice in its transport, not a copy, and is marked waiting, for the feed
+        to let it go once those ticks are no longer kept for the others."""
+        sub.waiting = since
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                for i in range(0, len(view), SLICE):
+                    await resp.write(view[i:i + SLICE])
+        finally:
+            sub.waiting = None
 
     async def piece_map(request: web.Request) -> web.Response:
         key = known(request.match_info["ih"])
@@ -147,4 +161,8 @@ def add_page(app: web.Application, disk: DiskIO, server: Server, token: str = ""
     app.router.add_get("/page/files/{ih}", piece_files)
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
+    app[FEED] = feed  # (what it holds, for tests and for a look in a debugger)
     return feed
+
+
+FEED = web.AppKey("feed", Feed)

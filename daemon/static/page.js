@@ -79,6 +79,24 @@
   };
   const fmtPerS = (n) => (n === null || n === undefined ? '–' : `${n < 10 ? n.toFixed(1) : Math.round(n).toLocaleString('en-US')}/s`);
 
+  // Bidirectional controls in a name (U+202E RIGHT-TO-LEFT OVERRIDE and its kin) reorder
+  // what is drawn: "holiday<U+202E>gpj.exe" shows as "holidayexe.jpg". Names, paths and
+  // messages show each such control as what it is, as "[U+202E]".
+  const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  function escapeControls(text) {
+    return String(text).replace(BIDI_CONTROLS,
+      (c) => `[U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}]`);
+  }
+
+  /** A name, escaped and isolated (<bdi>): right-to-left text in it does not carry the
+   *  text around it (a size, an info hash) along. */
+  function nameEl(text) {
+    return el('bdi', '', escapeControls(text));
+  }
+
+  // An info hash in the fragment: a key (40 hex digits) or a whole v2 hash (64).
+  const IH_TEXT = /^(?:[0-9a-f]{40}|[0-9a-f]{64})$/;
+
   function el(tag, cls, text) {
     const e = document.createElement(tag);
     if (cls) e.className = cls;
@@ -148,10 +166,14 @@
     drawCharts();
     updateFacts();
     if (S.selected && !h.torrent) {
+      const asked = S.selected;
       forget(); // unregistered, or never known
+      showUnknown(asked);
       return;
     }
     if (h.torrent) {
+      // Asked for by a v2 hash or another alias: the torrent goes by its key from here on.
+      if (h.torrent.ih !== S.selected) adopt(h.torrent.ih);
       S.files = h.torrent.files;
       S.filesTotal = h.torrent.files_total;
       S.errors = h.torrent.errors;
@@ -500,7 +522,11 @@
 
   function fillTipFiles(box, data) {
     box.replaceChildren();
-    for (const f of data.files) box.append(el('div', '', `${f.path}  (${fmtBytes(f.length)})`));
+    for (const f of data.files) {
+      const line = el('div');
+      line.append(nameEl(f.path), document.createTextNode(`  (${fmtBytes(f.length)})`));
+      box.append(line);
+    }
     if (data.more) box.append(document.createTextNode(`and ${fmtInt(data.more)} more file${data.more === 1 ? '' : 's'}`));
     if (!data.files.length && !data.more) box.textContent = 'no stored file (padding)';
   }
@@ -516,7 +542,8 @@
 
   function renderTorrents() {
     const q = S.filter.trim().toLowerCase();
-    const rows = S.torrents.filter((t) => !q || t.name.toLowerCase().includes(q) || t.ih.includes(q));
+    const rows = S.torrents.filter((t) => !q || t.name.toLowerCase().includes(q) ||
+      escapeControls(t.name).toLowerCase().includes(q) || t.ih.includes(q));
     const { key, dir } = S.sort;
     rows.sort((a, b) => {
       const x = a[key];
@@ -532,9 +559,9 @@
       const tr = el('tr');
       tr.dataset.ih = t.ih;
       if (t.ih === S.selected) tr.className = 'selected';
-      const name = el('td', 'name', t.name);
-      name.append(el('span', 'ih-short', t.ih.slice(0, 8)));
-      name.title = `${t.name}\n${t.ih}`;
+      const name = el('td', 'name');
+      name.append(nameEl(t.name), el('span', 'ih-short', t.ih.slice(0, 8)));
+      name.title = `${escapeControls(t.name)}\n${t.ih}`;
       const pct = el('td', 'num');
       const wrap = el('span', 'pct');
       wrap.append(bar(t.pct), el('span', '', fmtPct(t.pct)));
@@ -561,7 +588,7 @@
   function renderDetailHead() {
     const t = S.selected && S.byIh.get(S.selected);
     if (!t) return;
-    setText($('d-name'), t.name);
+    setText($('d-name'), escapeControls(t.name));
     setText($('d-ih'), t.ih);
     setText($('d-facts'), [
       fmtBytes(t.size),
@@ -577,8 +604,9 @@
     const tbody = $('files').tBodies[0];
     tbody.replaceChildren(...S.files.map((f) => {
       const tr = el('tr');
-      const path = el('td', 'path', f.path);
-      path.title = f.path;
+      const path = el('td', 'path');
+      path.append(nameEl(f.path));
+      path.title = escapeControls(f.path);
       const frac = f.length ? f.done / f.length : 1;
       const prog = el('td');
       const wrap = el('span', 'pct');
@@ -599,8 +627,8 @@
       const tr = el('tr');
       const code = e.code || (e.errno !== null && e.errno !== undefined ? String(e.errno) : '–');
       const c = el('td', 'code', e.errno !== null && e.errno !== undefined ? `${code} (${e.errno})` : code);
-      const msg = el('td', 'msg', e.message);
-      msg.title = e.message;
+      const msg = el('td', 'msg', escapeControls(e.message));
+      msg.title = escapeControls(e.message);
       tr.append(c, el('td', 'num', e.piece === null || e.piece === undefined ? '–' : fmtInt(e.piece)), msg);
       return tr;
     }));
@@ -610,8 +638,9 @@
 
   // -- selection -------------------------------------------------------------------------------
   function select(ih) {
-    ih = ih && /^[0-9a-f]{40}$/.test(ih) ? ih : null;
+    ih = ih && IH_TEXT.test(ih) ? ih : null;
     if (ih === S.selected) return;
+    $('unknown').hidden = true;
     S.selected = ih;
     S.map = null;
     S.seq = 0;
@@ -627,6 +656,21 @@
     }
     for (const tr of $('torrents').tBodies[0].rows) tr.classList.toggle('selected', tr.dataset.ih === ih);
     connect();
+  }
+
+  /** The torrent asked for by another of its hashes, known now by its key. */
+  function adopt(key) {
+    S.selected = key;
+    renderTorrents();
+    renderDetailHead();
+  }
+
+  /** A hash asked for that no torrent has: said so above the list (the page shows the
+   *  list, as it would with no hash). */
+  function showUnknown(ih) {
+    const p = $('unknown');
+    p.replaceChildren('No torrent is registered under the info hash ', el('code', '', ih), '.');
+    p.hidden = false;
   }
 
   /** The torrent shown is gone (unregistered): back to the list, watching nothing. */
@@ -803,7 +847,7 @@
       }
     });
     const ih = location.hash.slice(1).toLowerCase();
-    if (/^[0-9a-f]{40}$/.test(ih)) select(ih);
+    if (IH_TEXT.test(ih)) select(ih);
     else connect();
   }
 
