@@ -493,6 +493,7 @@ class DiskIO:
             t.fingerprints[:] = saved.fingerprints
             n = meta.num_pieces
             t.load_have(saved.have)
+            said = [p for p, st in enumerate(t.state) if st == VERIFIED]
             suspect: set[int] = {p for i in doubtful for p in t.layout.file_pieces(i)
                                  if t.state[p] == VERIFIED}
             # (a torrent with nothing verified, a new download, has no file to look at)
@@ -544,7 +545,10 @@ class DiskIO:
                 except OSError as exc:
                     self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
                 # The replayed journals become the resume record, without the pieces
-                # in doubt.
+                # in doubt. Until it is written (a full state disk), the record still
+                # says those are verified: they take no block (as any piece whose
+                # loss is not recorded), or a crash would bring them back over it.
+                t.unrecorded.update(p for p in said if t.state[p] != VERIFIED)
                 recorded = self._save(t, rec) and recorded
             if moved:
                 try:

@@ -1192,6 +1192,52 @@ def _crash_copy(dio: DiskIO, state: Path, to: Path, ih: bytes) -> DiskIO:
     return DiskIO(dio.backend, state_dir=to)
 
 
+def test_pieces_lost_while_stopped_and_not_recorded_at_the_start_never_come_back(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """After a crash, a file cut short while the daemon was down loses its pieces at the
+    start; with the state disk full then, that could not be recorded, and nothing else
+    held the pieces back: a block written into the file gave it its length again
+    (zeros), and after the next crash the old record said its pieces were verified (12
+    of 25 in the hunt that found it). They now take no block until recorded lost."""
+    import shutil
+
+    content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384, "b.bin": 8 * 16384},
+                           seed=12)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    first = DiskIO(backend, state_dir=tiny_fs / "a", sync_window=0.002)
+    ih = first.register(raw, tmp_path / "dl")
+    fill(first, ih, src)
+    first.flush_all()
+    assert first.status(ih)["verified_pieces"] == n
+    shutil.copytree(tiny_fs / "a", tiny_fs / "b")  # a crash: no clean mark in the copy
+    first.close()
+    shutil.rmtree(tiny_fs / "a")
+    os.truncate(tmp_path / "dl" / "payload" / "b.bin", 0)  # while the daemon is down
+    _fill_up(tiny_fs)
+    second = DiskIO(backend, state_dir=tiny_fs / "b", sync_window=0.002)
+    assert second.status(ih)["verified_pieces"] == n // 2  # b.bin's went, unrecorded
+    last = n - 1
+    with pytest.raises(StorageIOError) as exc:  # no room yet to record them lost
+        second.write_chunk(ih, last, 0, src.read(last, 0, 16384), flush=True)
+    assert exc.value.errno == errno.ENOSPC
+    os.unlink(tiny_fs / "filler")  # room again: recorded, then written
+    second.write_chunk(ih, last, 0, src.read(last, 0, 16384), flush=True)
+    second.flush_all()
+    assert (tmp_path / "dl" / "payload" / "b.bin").stat().st_size == 8 * 16384
+    third = _crash_copy(second, tiny_fs / "b", tmp_path / "c", ih)
+    try:
+        st = wait_reverified(third, ih)
+        third.torrent(ih).storage.close_handles()
+        for p in _verified(st):
+            assert _on_disk(src, tmp_path / "dl", p) == src.read(p, 0, 16384), p
+        assert _verified(st) >= set(range(n // 2)) | {last}
+    finally:
+        third.close()
+        second.close()
+
+
 def test_a_second_engine_on_one_state_folder_is_refused_before_it_touches_it(
         tmp_path: Path, backend: str) -> None:
     """A second daemon started on the same state folder (by mistake, or with its own
