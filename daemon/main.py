@@ -115,6 +115,7 @@ async def serve(settings: Settings) -> None:
         max_frame=settings.max_frame_bytes,
         workers=settings.io_workers or None,
         max_clients=settings.max_clients,
+        max_ring=settings.max_ring_bytes,
         allow_uids=set(settings.allow_uids) or None,
         allow_gids=set(settings.allow_gids) or None,
         observer=observer,

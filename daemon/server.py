@@ -132,6 +132,7 @@ class Server:
         max_frame: int = 8 * 1024 * 1024,
         workers: int | None = None,
         max_clients: int = 256,
+        max_ring: int = 256 * 1024 * 1024,
         allow_uids: set[int] | None = None,
         allow_gids: set[int] | None = None,
         observer: Observer | None = None,
@@ -146,6 +147,7 @@ class Server:
         self.out_limit = self.ring_bytes
         self.drop_limit = 4 * self.ring_bytes
         self.max_clients = max_clients
+        self.max_ring = max_ring
         self.handshake_timeout = handshake_timeout
         self.allow_uids = allow_uids
         self.allow_gids = allow_gids
@@ -324,6 +326,7 @@ class Connection:
         self.shm: mmap.mmap | None = None
         self.shm_view: memoryview | None = None
         self.shm_fd: int | None = None  # the ring's memfd, for READ_RING (None: read-only)
+        self.shm_probe: int | None = None  # a description of its own, to look for holes
 
     def start(self) -> None:
         self._resume_reading()
@@ -646,6 +649,11 @@ class Connection:
             st = os.fstat(fd)
             if not isinstance(size, int) or size <= 0 or st.st_size != size:
                 raise BadRequest(f"ring size {size!r} does not match the descriptor ({st.st_size})")
+            if size > self.server.max_ring:
+                # What the daemon writes into it (READ_RING) where the client never did
+                # is memory of the daemon's: bounded per client.
+                raise TooLarge(f"a ring of {size} bytes exceeds max_ring_bytes "
+                               f"({self.server.max_ring})")
             try:
                 seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             except OSError:
@@ -656,6 +664,7 @@ class Connection:
                 raise BadRequest("the ring must be a memfd sealed with F_SEAL_SHRINK")
             self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             self.shm_view = memoryview(self.shm)
+            self.shm_probe = _own_description(fd)
             # READ_RING writes into the ring through the descriptor, kept for that when
             # the client can write it too (opened read-write, not sealed against writes).
             writable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
@@ -694,6 +703,29 @@ class Connection:
         if self.shm_fd is not None:
             os.close(self.shm_fd)
             self.shm_fd = None
+        if self.shm_probe is not None:
+            os.close(self.shm_probe)
+            self.shm_probe = None
+
+    def _check_written(self, s0: memoryview, offset: int, s1: memoryview) -> None:
+        """A WRITE_RING's bytes must be ones the client wrote: a range it never wrote
+        is a hole in the memfd, and reading it here would make the kernel give the
+        daemon a page of zeros for each, memory of the daemon's (a 1 TiB ring read
+        where empty grew the daemon by a gigabyte a second)."""
+        fd = self.shm_probe
+        if fd is None:
+            return
+        for start, view in ((offset, s0), (0, s1)):
+            if not view.nbytes:
+                continue
+            try:
+                hole = os.lseek(fd, start, os.SEEK_HOLE)
+            except OSError as exc:
+                raise StorageIOError.wrap(exc, "WRITE_RING: look at the ring") from None
+            if hole < start + view.nbytes:
+                raise BadRequest(f"the ring holds nothing written at offset {hole} "
+                                 f"(WRITE_RING of offset {offset}): write the block into "
+                                 "the ring before sending it")
 
     # -- the lane (worker threads) ------------------------------------------------------------
     def _enqueue(self, jobs: list[Job]) -> None:
@@ -867,6 +899,15 @@ _READ_ONLY_RING = ("the ring is read-only to the daemon (its descriptor is not o
 _WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 
 
+def _own_description(fd: int) -> int:
+    """The file of ``fd`` opened again, read-only: a seek on it moves no offset the
+    client shares (a descriptor passed with SCM_RIGHTS is the client's description)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)  # (no /proc: pwrite and mmap, all the client needs, take none)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """All of ``data`` into the ring's memfd at ``offset``."""
     try:
@@ -970,6 +1011,9 @@ class _RingWrite(_BlockWrite):
         total = sum(w.length for w in writes)  # a run: each of its writes <= MAX_BLOCK
         s0, s1 = self.conn._ring_slices(self.offset, total,
                                         limit=MAX_BLOCK if len(writes) == 1 else total)
+        if len(writes) == 1:  # (a run that fails is tried again a write at a time)
+            self.conn.disk.check_write(self.ih, self.piece, self.begin, self.length)
+        self.conn._check_written(s0, self.offset, s1)
         return (s0, s1) if s1.nbytes else (s0,)
 
 

@@ -812,6 +812,11 @@ class DiskIO:
         return self.write_blocks_direct(ih, piece, begin, (s0, s1) if n1 else (s0,),
                                         max(1, -(-n // BLOCK_SIZE)), n)
 
+    def check_write(self, ih: bytes, piece: int, begin: int, length: int) -> None:
+        """Raise what a write of this range would be refused with (an unknown torrent,
+        a range outside its piece), before its bytes are looked at."""
+        _check_write(self._get(ih), piece, begin, length)
+
     def write_blocks_direct(
         self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int,
         length: int | None = None,

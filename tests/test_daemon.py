@@ -40,8 +40,9 @@ from pieced.protocol.frames import (
     encode_control,
     encode_read,
     encode_write_header,
+    encode_write_ring,
 )
-from pieced.protocol.messages import encode_request, hello, to_wire
+from pieced.protocol.messages import decode_error, encode_request, hello, to_wire
 from pieced.storage.errors import (
     BadRequest,
     OutOfRange,
@@ -985,3 +986,84 @@ def _holds_open(pid: int, path: str) -> bool:
                 if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
                     return True
     return False
+
+
+def _rss_shmem_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem")
+
+
+def test_a_ring_read_where_the_client_never_wrote_costs_the_daemon_nothing(
+        tmp_path: Path) -> None:
+    """A client attaches a sparse ring (a memfd of 1 GiB it never wrote) and sends
+    WRITE_RING blocks from its empty parts: each page the daemon read was a new page of
+    zeros, memory of the daemon's (its RssShmem grew by the gigabyte in the hunt that
+    found it, and stayed while the client did). Such blocks are refused now, nothing
+    written; blocks the client wrote still go; a ring over max_ring_bytes is refused."""
+    import fcntl
+    import mmap
+
+    content = make_payload(tmp_path / "src", 4 * 65536, seed=31)
+    raw_torrent = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw_torrent, tmp_path / "src")
+    d = Daemon(tmp_path, env={"PIECED_MAX_RING_BYTES": str(2048 * MiB)})
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw_torrent, tmp_path / "dl")
+        raw = RawConn(d.socket)
+        size = 1024 * MiB
+        fd = os.memfd_create("sparse", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        ring = mmap.mmap(fd, size)
+        raw.sock.sendmsg([encode_request(1, "attach_ring", {"size": size})],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        (reply,) = raw.replies(1)
+        assert reply.type == FrameType.RESPONSE, reply
+        before = _rss_shmem_kib(d.proc.pid)
+        step = 1 << 20
+        rid = 10
+        for k in range(256):  # 256 MiB of never-written ring, a block a MiB
+            raw.sock.sendall(encode_write_ring(rid + k, ih, 0, 0, 4096 + k * step, 16384))
+        replies = raw.replies(256)
+        assert all(r.type == FrameType.ERROR and isinstance(decode_error(r.body), BadRequest)
+                   for r in replies), replies[0]
+        assert "nothing written" in decode_error(replies[0].body).message
+        assert _rss_shmem_kib(d.proc.pid) - before < 16 * 1024  # not 256 MiB
+        with Client(d.socket) as c:
+            assert c.status(ih)["verified_pieces"] == 0
+        # written blocks, one of them across a page the client wrote only in part
+        at = 8 * step + 100
+        for i, (p, b, n) in enumerate(src.blocks()):
+            ring[at : at + n] = src.read(p, b, n)
+            raw.sock.sendall(encode_write_ring(1000 + i, ih, p, b, at, n))
+            at += n
+        replies = raw.replies(len(src.blocks()))
+        assert all(r.type == FrameType.ACK for r in replies), replies
+        with Client(d.socket) as c:
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+        raw.close()
+        ring.close()
+        os.close(fd)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    (tmp_path / "small").mkdir()
+    small = Daemon(tmp_path / "small", env={"PIECED_MAX_RING_BYTES": str(1 << 20)})
+    try:
+        raw = RawConn(small.socket)
+        fd = os.memfd_create("big", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 2 << 20)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        raw.sock.sendmsg([encode_request(1, "attach_ring", {"size": 2 << 20})],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        (reply,) = raw.replies(1)
+        assert reply.type == FrameType.ERROR
+        err = decode_error(reply.body)
+        assert isinstance(err, TooLarge) and "max_ring_bytes" in err.message, err
+        raw.close()
+        os.close(fd)
+    finally:
+        assert small.stop() == 0, small.stderr()
