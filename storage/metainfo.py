@@ -402,7 +402,25 @@ def _component(raw: Any, where: str, utf8: Any = None) -> str:
         raise BadMetainfo(f"{where} contains a NUL byte")
     if "/" in s or "\\" in s:
         raise BadMetainfo(f"{where} {s!r} contains a path separator")
+    if not s.isprintable():
+        s = _sanitize(s)
     return s
+
+
+# Characters libtorrent leaves out of file names: zero-width, invisible, or changing the
+# writing direction, they make a name look like another (``invoice<RLO>fdp.exe``).
+_INVISIBLE = frozenset([0x061C, *range(0x200B, 0x2010), *range(0x202A, 0x202F),
+                        *range(0x2060, 0x2065), *range(0x2066, 0x206A), 0xFEFF])
+
+
+def _sanitize(s: str) -> str:
+    """The name libtorrent stores ``s`` under: control characters (C0, DEL, C1) made
+    ``_``, invisible ones left out; a name left empty or all dots is ``_``. The files of
+    a torrent are then where libtorrent and the clients built on it put them, and a
+    download made by one is found by the other."""
+    out = "".join("_" if ord(c) < 32 or 0x7F <= ord(c) <= 0x9F else c
+                  for c in s if ord(c) not in _INVISIBLE)
+    return "_" if out in ("", ".", "..") else out
 
 
 def _is_pad(path: tuple[str, ...], attr: str) -> bool:
@@ -568,7 +586,7 @@ def _plain_name(raw: bytes) -> str:
     """A path component that needs no message: ValueError (or UnicodeDecodeError, or
     AttributeError for a non-string) sends the caller the long way."""
     s = raw.decode("utf-8")
-    if s in ("", ".", "..") or "\0" in s or "/" in s or "\\" in s:
+    if s in ("", ".", "..") or "\0" in s or "/" in s or "\\" in s or not s.isprintable():
         raise ValueError(s)
     return s
 

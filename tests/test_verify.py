@@ -145,17 +145,20 @@ def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(tmp_path: 
 
 def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
     """A torrent named with an escape sequence (one that clears a terminal and sets its
-    title): printed as is, it did so; now its control characters are shown escaped."""
+    title): printed as is, it did so. Its control characters are now ``_`` in the name,
+    as libtorrent stores it, and none reaches the terminal."""
     name = "evil\x1b[2J\x1b]0;pwned\x07name"
-    (tmp_path / "save").mkdir()
-    (tmp_path / "save" / name).write_bytes(bytes(range(256)) * 100)
-    raw = make_torrent_lt(tmp_path / "save" / name, 16384, "v1")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / name).write_bytes(bytes(range(256)) * 100)
+    raw = make_torrent_lt(tmp_path / "src" / name, 16384, "v1")
     (tmp_path / "t.torrent").write_bytes(raw)
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "evil_[2J_]0;pwned_name").write_bytes(bytes(range(256)) * 100)
     proc = subprocess.run([*PIECED, "verify", str(tmp_path / "t.torrent"), "--data",
                            str(tmp_path / "save")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
-    assert "evil\\x1b[2J\\x1b]0;pwned\\x07name" in proc.stdout, proc.stdout
+    assert "evil_[2J_]0;pwned_name" in proc.stdout, proc.stdout
 
 
 def test_bad_input_exit_2(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
@@ -186,3 +189,36 @@ def test_human_output_and_quiet_progress(tmp_path: Path, odd_payload: tuple[Path
     assert proc.returncode == 1
     assert "v1 failed: 1\n" in proc.stdout and "v2 failed: 1\n" in proc.stdout
     assert proc.stderr == ""  # piped: no progress bar
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_names_with_control_and_invisible_characters_are_where_libtorrent_puts_them(
+        tmp_path: Path, kind: str) -> None:
+    """File names holding control characters (made ``_``) or invisible ones that change
+    how a name reads (left out: ``in<RLO>gpj.exe`` is ``ingpj.exe``) are stored where
+    libtorrent stores them. They were kept as they came: a download libtorrent made
+    verified as all failed, and the spoofing names reached the disk."""
+    import shutil
+
+    import libtorrent as lt
+    from pieced.storage.metainfo import parse
+
+    files = {"a\x01.bin": 20000, "in\u202egpj.exe": 30000, "z\u200b/t\tab": 5,
+             "\u200b\u200c": 9, "x\x85y": 3, "ok": 40000}
+    content = make_payload(tmp_path / "src", files, seed=4)
+    raw = make_torrent_lt(content, 16384, kind)
+    fs = lt.torrent_info(raw).layout()
+    theirs = [fs.file_path(i) for i in range(fs.num_files())
+              if not fs.file_flags(i) & lt.file_storage.flag_pad_file]
+    assert ["/".join(f.path) for f in parse(raw).files if not f.pad] == theirs
+    assert not any(c in p for p in theirs for c in "\x01\t\x85\u202e\u200b")
+    # the payload laid out as libtorrent's download of it is: every piece verifies
+    by_size = {size: name for name, size in files.items()}
+    for i in range(fs.num_files()):
+        if fs.file_flags(i) & lt.file_storage.flag_pad_file:
+            continue
+        dst = tmp_path / "lt" / fs.file_path(i)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(content / by_size[fs.file_size(i)], dst)
+    code, out, err = run_verify(raw, tmp_path / "lt", tmp_path)
+    assert code == 0, (out, err)
