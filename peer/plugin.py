@@ -1284,6 +1284,28 @@ class Swarm:
             for p in mine:
                 self._drop(p)
 
+    def _lift_bans(self) -> None:
+        """Pieces that every connected peer having them is banned for are asked of them
+        again. The blame can be wrong: another client of the daemon may have written a
+        bad block into the same attempt (the daemon hashes what all of them wrote), and
+        a ban for good left such a piece with no source, the download stalled for ever.
+        A peer that really sends bad data is dropped after MAX_BAD_PIECES all the same."""
+        picker = self.picker
+        if picker is None:
+            return
+        banned = {piece for p in self.peers for piece in p.banned if not picker.have[piece]}
+        for piece in banned:
+            sources = [p for p in self.peers if p.conn.peer_has[piece]]
+            if not sources or any(piece not in p.banned for p in sources):
+                continue
+            log.info("piece %d: asked again of the peers it failed with (no other has it)",
+                     piece)
+            for p in sources:
+                p.banned.discard(piece)  # (the set of its conduct: every connection of it)
+            for p in sources:
+                p.wanted += 1
+                self._fill(p)
+
     def _blocks_in(self, piece: int) -> int:
         assert self.picker is not None
         return len(self.picker.plan(piece))
@@ -1315,6 +1337,7 @@ class Swarm:
     async def _tick(self, now: float, chokes: bool) -> None:
         """One second's round: dials due, timeouts, keep-alives, choking."""
         self._redial(now)
+        self._lift_bans()
         for p in list(self.peers):
             conn = p.conn
             if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:

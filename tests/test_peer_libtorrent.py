@@ -474,6 +474,44 @@ def test_without_listen_a_torrent_with_trackers_announces_a_port_it_answers_on(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_bad_block_another_client_wrote_does_not_cost_the_only_source(
+        tmp_path: Path) -> None:
+    """pieced-peer downloads from one honest libtorrent seeder while another client of
+    the daemon writes a wrong block into every piece: the pieces under way fail, all
+    their blocks came through pieced-peer, so it blamed the seeder and never asked it
+    for those pieces again: its only source, the download stalled for good. Pieces
+    that no other peer has are now asked again of the peers blamed for them."""
+    piece = 1 << 20
+    n = 8
+    content = make_payload(tmp_path / "seed", {"a.bin": n * piece - 100}, seed=43)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 1 << 20, "limit_loopback": True}) as seeder:
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 30
+                while not c.torrents() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                ih = parse(raw).info_hash
+                time.sleep(2.0)  # a few pieces done, some under way
+                for p in range(n):
+                    with contextlib.suppress(Exception):  # (verified already: refused)
+                        c.write_chunk(ih, p, 0, b"\xee" * 16384)
+            out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["pieces_failed"] >= 1, summary
+        with Client(d.socket) as c:
+            assert c.status(ih)["verified_pieces"] == n
+        assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 class SilentPeers:
     """Listening sockets that accept connections and never say a word; counts how many
     of their connections are open at once, at most."""
