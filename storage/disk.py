@@ -55,6 +55,7 @@ from .errors import (
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
 from .hashing import NO_FINGERPRINT, Buffer, HashPool, PieceCheck, PieceHasher, sub_views
+from .layout import Segment
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, V2Piece, parse
@@ -220,6 +221,7 @@ class DiskIO:
                     raise
                 for alias in meta.aliases:
                     self._torrents[alias] = t
+            self._reshare()
             try:
                 storage.create_empty_files()
                 if self.state is not None:
@@ -236,6 +238,7 @@ class DiskIO:
                 with self._lock:
                     for alias in meta.aliases:
                         self._torrents.pop(alias, None)
+                self._reshare()
                 storage.close()
                 if isinstance(exc, OSError):
                     raise StorageIOError.wrap(exc, "register") from None
@@ -298,6 +301,7 @@ class DiskIO:
                 with self._lock:
                     for alias in t.meta.aliases:
                         self._torrents.pop(alias, None)
+                self._reshare()
         finally:
             t.leave_alone()
 
@@ -314,6 +318,67 @@ class DiskIO:
             if there == save or there.is_relative_to(save) or save.is_relative_to(there):
                 held.update(o.storage.file_path(i) for i in o.storage.stored_files())
         return held
+
+    def _reshare(self) -> None:
+        """Find the files two registered torrents share (cross-seeding: one payload,
+        two torrents): ``t.shared`` of each. Torrents are paired by where their files
+        begin (a save path joined with the torrent's name, or with a renamed file's
+        first part), the same place or one inside the other; only the files of such
+        pairs are compared, path by path."""
+        with self._lock:
+            torrents = list({t.id: t for t in self._torrents.values()}.values())
+        tops: dict[Path, list[Torrent]] = {}
+        for t in torrents:
+            for top in _tops(t):
+                tops.setdefault(top, []).append(t)
+        by_id = {t.id: t for t in torrents}
+        pairs: set[tuple[int, int]] = set()
+        for top, here in tops.items():
+            for up in (top, *top.parents):
+                for o in tops.get(up, ()):
+                    pairs.update((min(t.id, o.id), max(t.id, o.id)) for t in here if t is not o)
+        shared: dict[int, dict[int, list[tuple[Torrent, int]]]] = {}
+        paths: dict[int, dict[Path, int]] = {}
+        for a, b in sorted(pairs):
+            for t in (by_id[a], by_id[b]):
+                if t.id not in paths:
+                    paths[t.id] = {t.storage.file_path(i): i for i in t.storage.stored_files()}
+            other = paths[b]
+            for path, i in paths[a].items():
+                j = other.get(path)
+                if j is not None:
+                    shared.setdefault(a, {}).setdefault(i, []).append((by_id[b], j))
+                    shared.setdefault(b, {}).setdefault(j, []).append((by_id[a], i))
+        for t in torrents:
+            t.shared = shared.get(t.id, {})
+
+    def _overwriting(self, t: Torrent, segs: Sequence[Segment]) -> list[tuple[Torrent, list[int]]]:
+        """Before ``t`` writes ``segs``: the pieces of the other torrents sharing those
+        files that the bytes land in start over, as for a file that vanished (journaled
+        first); returns those that were verified, to be checked again once written.
+        The write wins, as in libtorrent; but what the other torrent verified is not
+        taken on trust any more (a bad block for one of two cross-seeded torrents went
+        into the other's verified piece, which stayed reported verified)."""
+        out: list[tuple[Torrent, list[int]]] = []
+        for seg in segs:
+            others = t.shared.get(seg.file_index) if seg.stored else None
+            for x, j in others or ():
+                start = x.meta.files.offsets[j] + seg.file_offset
+                size = x.layout.piece_length
+                pieces = range(start // size, (start + seg.length - 1) // size + 1)
+                with x.lock:
+                    verified = [p for p in pieces if x.state[p] == VERIFIED]
+                self._start_over(x, j, verified=True, partial=True, pieces=pieces)
+                if verified:
+                    out.append((x, verified))
+        return out
+
+    def _check_overwritten(self, found: list[tuple[Torrent, list[int]]]) -> None:
+        """Check again the pieces of other torrents a write went into (what is on disk
+        now may be as good as before: cross-seeded torrents hold the same bytes)."""
+        for x, pieces in found:
+            threading.Thread(target=self._reverify, args=(x, pieces), daemon=True,
+                             name="pieced-reverify").start()
 
     def torrents(self) -> list[bytes]:
         with self._lock:
@@ -559,6 +624,7 @@ class DiskIO:
                 threading.Thread(target=self._reverify,
                                  args=(t, sorted(suspect), saved.checking == "all"),
                                  name="pieced-reverify", daemon=True).start()
+        self._reshare()
         for deletion in deletions:  # (after the torrents: files one of them holds stay)
             self._finish_deletion(deletion)
         if recorded:
@@ -945,12 +1011,16 @@ class DiskIO:
                 # newer bytes land over theirs (written later, they would undo them).
                 self._write_out(t, piece, self.pool.take_dirty(key))
         segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
+        found = self._overwriting(t, segs) if t.shared else None
         start = perf_counter()
         try:
             n = t.storage.writev(segs, bufs)
         except StorageIOError as exc:
             self._record_error(t, exc, piece)
             raise
+        finally:
+            if found:
+                self._check_overwritten(found)
         self.metrics.wrote(perf_counter() - start, n, blocks, 1)
 
     def _write_out(self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]]) -> None:
@@ -960,6 +1030,7 @@ class DiskIO:
         for begin, data in [*blocks, (-1, b"")]:
             if run and begin != end:
                 segs = t.layout.map(piece, start, end - start)
+                found = self._overwriting(t, segs) if t.shared else None
                 started = perf_counter()
                 try:
                     n = t.storage.writev(segs, run)
@@ -967,6 +1038,9 @@ class DiskIO:
                 except StorageIOError as exc:
                     self._record_error(t, exc, piece)
                     raise
+                finally:
+                    if found:
+                        self._check_overwritten(found)
                 run = []
             if begin < 0:
                 break
@@ -1215,7 +1289,8 @@ class DiskIO:
         if unrecorded:
             self._record_unrecorded(t)  # raises while the state disk is full
 
-    def _start_over(self, t: Torrent, index: int, verified: bool, partial: bool) -> None:
+    def _start_over(self, t: Torrent, index: int, verified: bool, partial: bool,
+                    pieces: Sequence[int] | None = None) -> None:
         """What a payload file held may be gone (it vanished, or its write-back failed):
         its pieces start over. Verified ones (if ``verified``: the file itself went) are
         verified no more, and a write re-creates the file empty; those hashing or
@@ -1225,17 +1300,18 @@ class DiskIO:
         Runs under at most one piece lock; a reset piece is marked done without taking
         its lock (no thread holds two), so its writers drop what they still send. The
         pieces failed or started over are told as failed (without v1/v2: no hash said
-        so), so that their blocks are sent again.
+        so), so that their blocks are sent again. ``pieces``: only those of the file.
         """
         failed = []
+        todo = t.layout.file_pieces(index) if pieces is None else pieces
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
-                    cleared = [p for p in t.layout.file_pieces(index) if t.state[p] == VERIFIED]
+                    cleared = [p for p in todo if t.state[p] == VERIFIED]
                 self._journal_clears(t, rec, cleared)
             with t.lock:
-                for p in t.layout.file_pieces(index):
+                for p in todo:
                     state = t.state[p]
                     if state == VERIFIED and verified:
                         pass
@@ -1581,6 +1657,8 @@ class DiskIO:
                     rec.write_location(previous[0], previous[1],
                                        (path, renames) if t.storage.stranded else None)
             raise
+        finally:
+            self._reshare()  # (moved or not: where its files are now)
         try:
             self._save_location(t)
         except StorageIOError as exc:  # the record above already leads a restart there
@@ -1682,6 +1760,14 @@ class DiskIO:
                         self.state.mark_clean()
                 finally:
                     self.state.close()
+
+
+def _tops(t: Torrent) -> set[Path]:
+    """Where the torrent's files begin: the save path joined with its name (its
+    folder, or its one file), and with the first part of each renamed file."""
+    save = t.storage.save_path
+    return {save / t.storage.parts(i)[0] for i in {0, *t.storage.renames}
+            if i < len(t.meta.files.lengths)}
 
 
 def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:

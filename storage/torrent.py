@@ -167,6 +167,9 @@ class Torrent:
         self.unrecorded: set[int] = set()
         self.reverifying = 0  # pieces still being re-verified after a restart
         self.deleting = False  # being unregistered with its files: it holds none of them
+        # file -> (another torrent, its file) at the same path: cross-seeded torrents share
+        # their files, and a write through one changes what the other verified
+        self.shared: dict[int, list[tuple[Torrent, int]]] = {}
         self.checking = 0  # checks of its files (recheck, start-up check) under way
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.

@@ -9,6 +9,7 @@ import concurrent.futures
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pieced.storage.disk import DiskIO
@@ -254,3 +255,59 @@ def test_two_cross_seeded_torrents_removed_with_their_files_at_once_leave_none(
     assert dio.torrents() == []
     assert not (tmp_path / "dl" / "payload").exists()
     dio.close()
+
+
+def _off_main(pool: concurrent.futures.ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on ``pool``'s thread, this one polling (not blocked) meanwhile."""
+    import time
+
+    done = pool.submit(fn, *args)
+    while not done.done():
+        time.sleep(0.01)
+    return done.result()
+
+
+def test_a_bad_block_for_one_of_two_cross_seeded_torrents_unverifies_the_other(
+        tmp_path: Path, backend: str) -> None:
+    """Two torrents of one payload share its files. Bad blocks written for one (its
+    piece fails) went into pieces the other had verified, which stayed reported
+    verified, were served, and were kept after a crash (libtorrent does the same: its
+    torrents do not know of each other). The other's pieces under such a write now
+    start over and are checked again: the bad ones are not verified any more, before
+    or after a crash; once the good blocks are written, both torrents are whole."""
+    import shutil
+
+    from tests.test_state import _on_disk
+
+    raw_a, dio, a, b = _cross_seeded(tmp_path, backend)
+    src_a = Source(raw_a, tmp_path / "src")
+    raw_b = make_torrent_lt(next((tmp_path / "src").iterdir()), PIECE, "hybrid")
+    # (mmap: files opened off the main thread, which polls: a lease break's signal may
+    # reach another thread, and its handler runs once the main thread runs again)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    size = dio.torrent(b).layout.piece_size(0)
+    results = _off_main(pool, lambda: [
+        dio.write_block_direct(b, 0, at, b"\xee" * min(16384, size - at))
+        for at in range(0, size, 16384)])
+    assert results[-1] is not None and not results[-1].ok  # B's piece 0 failed
+    st = _off_main(pool, wait_reverified, dio, a)
+    lost = [p for p, v in enumerate(_verified(st)) if not v]
+    if dio.torrent(b).storage.gathers_writes:
+        assert lost == []  # a piece's blocks gathered, the bad ones never written
+    else:
+        assert 0 in lost  # A's piece under B's piece 0: not verified any more
+    wrong = _off_main(pool, lambda: [p for p, v in enumerate(_verified(st)) if v and _on_disk(
+        src_a, tmp_path / "dl", p) != src_a.read(p, 0, src_a.layout.piece_size(p))])
+    assert wrong == []
+    shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+    crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash"))
+    st = _off_main(pool, wait_reverified, crashed, a)
+    _off_main(pool, crashed.close)
+    assert not any(_verified(st)[p] for p in lost)
+    # B's good blocks: B whole, and A whole again, as checked from the disk
+    _off_main(pool, fill, dio, b, Source(raw_b, tmp_path / "src"))
+    _off_main(pool, dio.flush_all)
+    assert all(_verified(dio.status(b)))
+    assert all(_off_main(pool, dio.recheck, a).have)
+    _off_main(pool, dio.close)
+    pool.shutdown()
