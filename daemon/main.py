@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -221,11 +222,39 @@ class _BadRequestsBriefly(logging.Filter):
         return True
 
 
+# Descriptors a client may hold: its socket, its ring's two, 4 received and not yet taken.
+FDS_PER_CLIENT = 7
+# Held besides payload files and clients: HTTP connections (at most 128), the state
+# folder's files, the torrents' folders, the listening sockets.
+FDS_RESERVED = 256
+
+
+def fit_descriptors(settings: Settings, limit: int) -> Settings:
+    """``max_open_files`` and ``max_clients`` lowered to fit the descriptor limit:
+    past it, idle clients took the last descriptors, and other clients' writes failed
+    with EMFILE (recorded as their torrents' errors) while new clients waited unanswered
+    in the backlog. Within it, a client over ``max_clients`` is refused at once."""
+    room = max(limit - FDS_RESERVED, 2 * FDS_PER_CLIENT)
+    files = max(1, min(settings.max_open_files, room // 2))
+    clients = max(1, min(settings.max_clients, (room - files) // FDS_PER_CLIENT))
+    if (files, clients) != (settings.max_open_files, settings.max_clients):
+        log.warning("%d descriptors allowed (RLIMIT_NOFILE): max_open_files %d -> %d, "
+                    "max_clients %d -> %d (raise LimitNOFILE to have them back)", limit,
+                    settings.max_open_files, files, settings.max_clients, clients)
+        settings = replace(settings, max_open_files=files, max_clients=clients)
+    return settings
+
+
 def run(settings: Settings) -> None:
     _bound_malloc()
     _raise_open_files()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_BadRequestsBriefly())
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY:
+        settings = fit_descriptors(settings, soft)
     import uvloop
 
     uvloop.run(serve(settings))

@@ -127,11 +127,11 @@ class Daemon:
     """A real ``pieced run`` subprocess on a private socket, state dir and HTTP port.
 
     ``backend``: run on that storage backend (``PIECED_BACKEND``); the daemon must say
-    so in its first line, or this fails.
+    so in its first line, or this fails. ``wrap``: a command it runs under (``prlimit``).
     """
 
     def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, wrap: tuple[str, ...] = ()) -> None:
         import os
         import subprocess
         import sys
@@ -142,7 +142,7 @@ class Daemon:
         if backend is not None:
             env["PIECED_BACKEND"] = backend
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0", *extra],
+            [*wrap, sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0", *extra],
             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         assert self.proc.stdout is not None

@@ -1067,3 +1067,40 @@ def test_a_ring_read_where_the_client_never_wrote_costs_the_daemon_nothing(
         os.close(fd)
     finally:
         assert small.stop() == 0, small.stderr()
+
+
+def test_a_low_descriptor_limit_lowers_the_client_bound_instead_of_starving_clients(
+        tmp_path: Path) -> None:
+    """Under a descriptor limit too low for max_clients and max_open_files (400 here),
+    idle clients took the last descriptors: the writes of a client already connected
+    failed with EMFILE, recorded as its torrent's errors, and new clients waited
+    unanswered. The bounds are lowered to fit at start-up, said in the log: a client
+    past them is refused at once, and the others' writes go on."""
+    from pieced.daemon.main import FDS_PER_CLIENT, FDS_RESERVED
+
+    content = make_payload(tmp_path / "src", 40 * 16384, seed=33)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path, wrap=("prlimit", "--nofile=400:400"))
+    clients = (400 - FDS_RESERVED - (400 - FDS_RESERVED) // 2) // FDS_PER_CLIENT
+    held: list[Client] = []
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            c.attach_ring(1 << 20)
+            for _ in range(clients - 1):  # idle clients, each with its ring
+                idle = Client(d.socket)
+                idle.attach_ring(1 << 20)
+                held.append(idle)
+            with pytest.raises(Exception, match="too many clients"):
+                Client(d.socket, timeout=10)
+            for p, b, n in src.blocks():
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            st = c.status(ih)
+            assert st["verified_pieces"] == src.meta.num_pieces and not st["errors"]
+    finally:
+        for idle in held:
+            idle.close()
+        assert d.stop() == 0
+    assert "max_clients 256 ->" in d.stderr()
