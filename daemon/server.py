@@ -22,6 +22,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import ctypes
 import fcntl
 import itertools
 import logging
@@ -327,6 +328,7 @@ class Connection:
         self.shm_view: memoryview | None = None
         self.shm_fd: int | None = None  # the ring's memfd, for READ_RING (None: read-only)
         self.shm_probe: int | None = None  # a description of its own, to look for holes
+        self.shm_addr = 0  # where the ring is mapped here (for mincore)
 
     def start(self) -> None:
         self._resume_reading()
@@ -665,6 +667,7 @@ class Connection:
             self.shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             self.shm_view = memoryview(self.shm)
             self.shm_probe = _own_description(fd)
+            self.shm_addr = _address_of(self.shm_view)
             # READ_RING writes into the ring through the descriptor, kept for that when
             # the client can write it too (opened read-write, not sealed against writes).
             writable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
@@ -706,20 +709,27 @@ class Connection:
         if self.shm_probe is not None:
             os.close(self.shm_probe)
             self.shm_probe = None
+        self.shm_addr = 0
 
     def _check_written(self, s0: memoryview, offset: int, s1: memoryview) -> None:
         """A WRITE_RING's bytes must be ones the client wrote: a range it never wrote
         is a hole in the memfd, and reading it here would make the kernel give the
         daemon a page of zeros for each, memory of the daemon's (a 1 TiB ring read
-        where empty grew the daemon by a gigabyte a second)."""
-        fd = self.shm_probe
-        if fd is None:
+        where empty grew the daemon by a gigabyte a second). The pages are looked up
+        in the page cache (``mincore`` of our map: a call, not a walk of the file); one
+        not there (a hole, or a page the kernel swapped out) is then asked of the file
+        itself (SEEK_HOLE, which takes a swapped page for data)."""
+        fd, base = self.shm_probe, self.shm_addr
+        if fd is None or not base:
             return
         for start, view in ((offset, s0), (0, s1)):
             if not view.nbytes:
                 continue
+            missing = _first_not_resident(base, start, view.nbytes)
+            if missing is None:
+                continue
             try:
-                hole = os.lseek(fd, start, os.SEEK_HOLE)
+                hole = os.lseek(fd, missing, os.SEEK_HOLE)
             except OSError as exc:
                 raise StorageIOError.wrap(exc, "WRITE_RING: look at the ring") from None
             if hole < start + view.nbytes:
@@ -897,6 +907,45 @@ class Connection:
 _READ_ONLY_RING = ("the ring is read-only to the daemon (its descriptor is not open for "
                    "writing, or sealed against writes): READ_RING needs a writable ring")
 _WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+
+
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+
+
+class _Py_buffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def _address_of(view: memoryview) -> int:
+    """Where a (read-only) buffer's bytes are; 0 if that cannot be learnt."""
+    pb = _Py_buffer()
+    try:
+        if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(view), ctypes.byref(pb), 0):
+            return 0
+    except Exception:
+        return 0
+    addr = pb.buf or 0
+    ctypes.pythonapi.PyBuffer_Release(ctypes.byref(pb))
+    return int(addr)
+
+
+def _first_not_resident(base: int, offset: int, length: int) -> int | None:
+    """The offset of the first page of ``[offset, offset + length)`` of the map at
+    ``base`` that is not in the page cache, or None when all are."""
+    first = offset - offset % _PAGE
+    pages = (offset + length - first + _PAGE - 1) // _PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(base + first, pages * _PAGE, vec) != 0:
+        return first  # (cannot tell: the file is asked)
+    i = bytes(vec).find(0)  # (a page in the cache is 1: the other bits are reserved)
+    return None if i < 0 else first + i * _PAGE
 
 
 def _own_description(fd: int) -> int:
