@@ -159,6 +159,7 @@ class DiskIO:
         self.max_partial_pieces = max_partial_pieces
         self._partials = 0
         self._partials_lock = threading.Lock()
+        self._shared_writes = threading.Lock()  # writes into files torrents share (_store)
         # The largest piece a read brings whole into the cache (the rest are read by range).
         self._cacheable = min(MAX_CACHED_READ, cache_bytes // 4)
         self._lock = threading.Lock()
@@ -352,33 +353,98 @@ class DiskIO:
         for t in torrents:
             t.shared = shared.get(t.id, {})
 
-    def _overwriting(self, t: Torrent, segs: Sequence[Segment]) -> list[tuple[Torrent, list[int]]]:
-        """Before ``t`` writes ``segs``: the pieces of the other torrents sharing those
-        files that the bytes land in start over, as for a file that vanished (journaled
-        first); returns those that were verified, to be checked again once written.
-        The write wins, as in libtorrent; but what the other torrent verified is not
-        taken on trust any more (a bad block for one of two cross-seeded torrents went
-        into the other's verified piece, which stayed reported verified)."""
-        out: list[tuple[Torrent, list[int]]] = []
+    def _store(self, t: Torrent, segs: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
+        """``t.storage.writev``, and what it means for the torrents sharing the files.
+
+        Cross-seeded torrents share their files: bytes written for one land in pieces
+        the others may have verified, or have under way. The write wins, as in
+        libtorrent, but what the others verified is not taken on trust any more (a bad
+        block for one went into the other's verified piece, which stayed reported
+        verified). Before a write that changes the bytes there, their pieces under it
+        start over, as for a file that vanished (journaled first), and are checked
+        again once it is done; a write of the bytes already there (two torrents of one
+        payload both downloading: the usual case) changes nothing. Each write counts in
+        ``written_into`` before and after, so a check that read a piece meanwhile does
+        not take its answer; a piece a check found good during the write, or one a
+        write of the same bytes may have put back over another's, is checked again.
+        """
+        if not t.shared:
+            return t.storage.writev(segs, bufs)
+        # One write into shared files at a time: a write of "the bytes already there"
+        # is that only if no other lands between the look and the write.
+        with self._shared_writes:
+            return self._store_shared(t, segs, bufs)
+
+    def _store_shared(self, t: Torrent, segs: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
+        plan = []
         for seg in segs:
             others = t.shared.get(seg.file_index) if seg.stored else None
-            for x, j in others or ():
+            if not others:
+                continue
+            same = self._same_bytes(t, seg, bufs)
+            for x, j in others:
                 start = x.meta.files.offsets[j] + seg.file_offset
                 size = x.layout.piece_length
                 pieces = range(start // size, (start + seg.length - 1) // size + 1)
                 with x.lock:
-                    verified = [p for p in pieces if x.state[p] == VERIFIED]
-                self._start_over(x, j, verified=True, partial=True, pieces=pieces)
-                if verified:
-                    out.append((x, verified))
-        return out
+                    if not same:
+                        for p in pieces:
+                            x.written_into[p] = x.written_into.get(p, 0) + 1
+                            self.pool.drop((x.id, p))  # (what it cached of them is stale)
+                    seen = [x.written_into.get(p, 0) for p in pieces]
+                    verified = [p for p in pieces if x.state[p] == VERIFIED] if not same else []
+                if not same:
+                    self._start_over(x, j, verified=True, partial=True, pieces=pieces)
+                plan.append((x, j, pieces, same, seen, verified))
+        try:
+            return t.storage.writev(segs, bufs)
+        finally:
+            for x, j, pieces, same, seen, verified in plan:
+                with x.lock:
+                    moved = seen != [x.written_into.get(p, 0) for p in pieces]
+                    if not same or moved:
+                        for p in pieces:
+                            x.written_into[p] = x.written_into.get(p, 0) + 1
+                            self.pool.drop((x.id, p))
+                    found = [p for p in pieces if x.state[p] == VERIFIED] if (
+                        not same or moved) else []
+                if found:
+                    self._start_over(x, j, verified=True, partial=False, pieces=found)
+                self._check_again(x, sorted({*verified, *found}))
 
-    def _check_overwritten(self, found: list[tuple[Torrent, list[int]]]) -> None:
-        """Check again the pieces of other torrents a write went into (what is on disk
-        now may be as good as before: cross-seeded torrents hold the same bytes)."""
-        for x, pieces in found:
-            threading.Thread(target=self._reverify, args=(x, pieces), daemon=True,
+    @staticmethod
+    def _same_bytes(t: Torrent, seg: Segment, bufs: Sequence[Buffer]) -> bool:
+        """Whether the file already holds, where ``seg`` goes, the bytes to be written."""
+        new = b"".join(sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length))
+        old = bytearray(seg.length)
+        try:
+            t.storage.readinto([seg._replace(buf_offset=0)], memoryview(old))
+        except PiecedError:
+            return False  # (cannot tell: taken as changed)
+        return old == new
+
+    def _check_again(self, t: Torrent, pieces: Sequence[int]) -> None:
+        """Queue pieces to be checked on the torrent's one checking thread, started if
+        none runs: one a write would pile up threads, each waiting for the torrent."""
+        if not pieces:
+            return
+        with t.lock:
+            t.to_check.update(pieces)
+            t.reverifying = max(t.reverifying, len(t.to_check))
+            start, t.checker = not t.checker, True
+        if start:
+            threading.Thread(target=self._checker, args=(t,), daemon=True,
                              name="pieced-reverify").start()
+
+    def _checker(self, t: Torrent) -> None:
+        while True:
+            with t.lock:
+                todo = sorted(t.to_check)
+                t.to_check.clear()
+                if not todo or t.removed:
+                    t.checker = False
+                    return
+            self._reverify(t, todo)
 
     def torrents(self) -> list[bytes]:
         with self._lock:
@@ -621,6 +687,7 @@ class DiskIO:
                 except StorageIOError as exc:
                     self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
             if suspect:
+                t.reverifying = len(suspect)  # (said from now on, not once the thread runs)
                 threading.Thread(target=self._reverify,
                                  args=(t, sorted(suspect), saved.checking == "all"),
                                  name="pieced-reverify", daemon=True).start()
@@ -667,8 +734,10 @@ class DiskIO:
             with self._alone(t.key), self._checking(t, "all" if whole else "missing"):
                 todo = [p for p in pieces if t.state[p] == MISSING or (
                     whole and t.state[p] == VERIFIED)]
+                with t.lock:
+                    gens = dict(t.written_into)
                 result = self._verify(t, todo, progress, full=False)
-                self._apply_verify(t, todo, result)
+                self._apply_verify(t, todo, result, gens)
                 self._save_now(t)
         except (RuntimeError, UnknownTorrent):  # shutting down, or unregistered meanwhile
             pass
@@ -676,7 +745,8 @@ class DiskIO:
             (log.info if exc.errno == errno.ECANCELED else log.warning)(
                 "torrent %s: checking its files: %s", t.key.hex(), exc)
         finally:
-            t.reverifying = 0
+            with t.lock:
+                t.reverifying = len(t.to_check)  # (0, unless more were queued meanwhile)
 
     @contextlib.contextmanager
     def _checking(self, t: Torrent, scope: str) -> Iterator[None]:
@@ -777,20 +847,37 @@ class DiskIO:
                     touched[r[1] : r[-1]] = bytes([mark]) * (len(r) - 2)
         return {p for p, m in enumerate(touched) if m == 1}
 
-    def _apply_verify(self, t: Torrent, pieces: Sequence[int], result: VerifyResult) -> None:
+    def _apply_verify(self, t: Torrent, pieces: Sequence[int], result: VerifyResult,
+                      gens: dict[int, int]) -> None:
         """Set the states of checked pieces (caller holds the torrent alone).
 
         A piece found good is reported verified only as a download's is: once its data
         is durable (its files fdatasynced, dirty or not: the bytes may have been written
-        by a daemon that died, or by another program) and it is journaled.
+        by a daemon that died, or by another program) and it is journaled. A piece
+        another torrent sharing its file wrote into since ``gens`` (taken before the
+        check read it) is left as it is, and checked again.
         """
+        def written_since() -> set[int]:
+            # (caller holds t.lock) A write's count goes up before it starts over the
+            # pieces it lands in, which waits for the journal lock: counts read under
+            # that lock, and pieces set as they say under it, are never both stale.
+            return {p for p, n in t.written_into.items() if gens.get(p) != n}
+
+        asked = set(pieces)
         with t.lock:
-            found = [p for p in pieces if result.have[p] and t.state[p] != VERIFIED]
+            moved = written_since()
+            found = [p for p in pieces if result.have[p] and t.state[p] != VERIFIED
+                     and p not in moved]
         holding = sorted({f for p in found for f in t.files_of(p)})
         if found:
             self._sync(t, holding, force=True)
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            with t.lock:
+                moved = written_since()
+            if moved:
+                pieces = [p for p in pieces if p not in moved]
+                found = [p for p in found if p not in moved]
             if rec is not None and found:
                 try:
                     rec.append([(REC_VERIFIED, p, t.fingerprint(p) or NO_FINGERPRINT)
@@ -803,6 +890,10 @@ class DiskIO:
                 cleared = [p for p in pieces if not result.have[p] and t.state[p] == VERIFIED]
             self._journal_clears(t, rec, cleared)
             with t.lock:
+                if rec is None:  # (no journal lock orders us with writes: looked at here)
+                    late = written_since() - moved
+                    moved |= late
+                    pieces = [p for p in pieces if p not in late]
                 for p in pieces:
                     if result.have[p]:
                         t.set_state(p, VERIFIED)
@@ -815,6 +906,7 @@ class DiskIO:
         for i in settled:
             t.storage.settled(i)
         t.storage.found_whole(holding)
+        self._check_again(t, sorted(moved.intersection(asked)))  # written into meanwhile
 
     # -- writes -----------------------------------------------------------------------
     def write_chunk(
@@ -1011,16 +1103,12 @@ class DiskIO:
                 # newer bytes land over theirs (written later, they would undo them).
                 self._write_out(t, piece, self.pool.take_dirty(key))
         segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
-        found = self._overwriting(t, segs) if t.shared else None
         start = perf_counter()
         try:
-            n = t.storage.writev(segs, bufs)
+            n = self._store(t, segs, bufs)
         except StorageIOError as exc:
             self._record_error(t, exc, piece)
             raise
-        finally:
-            if found:
-                self._check_overwritten(found)
         self.metrics.wrote(perf_counter() - start, n, blocks, 1)
 
     def _write_out(self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]]) -> None:
@@ -1030,17 +1118,13 @@ class DiskIO:
         for begin, data in [*blocks, (-1, b"")]:
             if run and begin != end:
                 segs = t.layout.map(piece, start, end - start)
-                found = self._overwriting(t, segs) if t.shared else None
                 started = perf_counter()
                 try:
-                    n = t.storage.writev(segs, run)
+                    n = self._store(t, segs, run)
                     self.metrics.wrote(perf_counter() - started, n, 0, 0)
                 except StorageIOError as exc:
                     self._record_error(t, exc, piece)
                     raise
-                finally:
-                    if found:
-                        self._check_overwritten(found)
                 run = []
             if begin < 0:
                 break
@@ -1603,8 +1687,9 @@ class DiskIO:
                 self._start_over(t, index, verified=False, partial=True)
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
+                gens = dict(t.written_into)
             result = self._verify(t, todo, progress, full)
-            self._apply_verify(t, todo, result)
+            self._apply_verify(t, todo, result, gens)
             for p in self.pool.cached_of(t.id):  # read again from what was just checked
                 self.pool.drop((t.id, p))
             self._save_now(t)
@@ -1763,11 +1848,12 @@ class DiskIO:
 
 
 def _tops(t: Torrent) -> set[Path]:
-    """Where the torrent's files begin: the save path joined with its name (its
-    folder, or its one file), and with the first part of each renamed file."""
-    save = t.storage.save_path
-    return {save / t.storage.parts(i)[0] for i in {0, *t.storage.renames}
-            if i < len(t.meta.files.lengths)}
+    """Where the torrent's files begin: the save path joined with the first part of
+    its files' paths as the metainfo has them (its name: its folder, or its one file),
+    and with the first part of each renamed file."""
+    save, files = t.storage.save_path, t.meta.files
+    named = {save / files.path(0)[0]} if len(files.lengths) else set()
+    return named | {save / parts[0] for parts in t.storage.renames.values()}
 
 
 def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:

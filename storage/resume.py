@@ -130,11 +130,13 @@ def decode_records(data: bytes) -> list[tuple[int, int, bytes]]:
     return _decode_records(data)[0]
 
 
-def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool]:
-    """(the good records, whether a damaged one lies among them). A crash tears only
-    the last record (an append that failed is cut back, or goes on in a new
-    generation), so a bad record with good ones after it is damage: its piece may
-    have been one cleared, and replaying the rest would not say so."""
+def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool, bool]:
+    """(the good records, whether a damaged one lies among them, whether the last
+    whole record is bad). A crash tears only the last record (an append that failed
+    is cut back, or goes on in a new generation), so a bad record with good ones after
+    it is damage: its piece may have been one cleared, and replaying the rest would
+    not say so. A bad last record is a torn append, or damage: it may have said a
+    piece was verified."""
     out: list[tuple[int, int, bytes]] = []
     damaged = False
     for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
@@ -145,9 +147,9 @@ def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool]:
             damaged = True
             continue
         if damaged:
-            return out + _decode_records(data[off:])[0], True
+            return out + _decode_records(data[off:])[0], True, False
         out.append((kind, piece, fp))
-    return out, False
+    return out, False, damaged
 
 
 class Loaded(NamedTuple):
@@ -477,10 +479,11 @@ class StateStore:
                 stamps = files
         rec = TorrentRecord(folder)
         gens = [g for g in rec.journals() if damaged or g >= gen]
-        torn = False
+        torn = tail = False
         for g in gens:
-            records, bad = _decode_records((folder / f"journal.{g}").read_bytes())
+            records, bad, ends_bad = _decode_records((folder / f"journal.{g}").read_bytes())
             torn = torn or bad
+            tail = tail or ends_bad
             for kind, piece, fp in records:
                 if not 0 <= piece < n:
                     continue
@@ -498,8 +501,13 @@ class StateStore:
             # looked for again (its fingerprint kept: found again at the cost of BLAKE3).
             damaged = "a record of its journal is damaged, so no piece is taken as verified"
             have[:] = bytes(len(have))
+        checking = _checking_scope(folder / CHECKING)
+        if tail and not torn and checking is None:
+            # What the record said is unknown: a piece it told verified (a bit flipped
+            # after the append) is looked for among those missing, found at its hash.
+            checking = "missing"
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous, _checking_scope(folder / CHECKING))
+                        previous, checking)
         return loaded, next_gen
 
 

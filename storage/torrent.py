@@ -170,6 +170,11 @@ class Torrent:
         # file -> (another torrent, its file) at the same path: cross-seeded torrents share
         # their files, and a write through one changes what the other verified
         self.shared: dict[int, list[tuple[Torrent, int]]] = {}
+        # piece -> writes another torrent made into it: a check that read the piece
+        # before one of them does not take its answer (it is checked again)
+        self.written_into: dict[int, int] = {}
+        self.to_check: set[int] = set()  # pieces such writes left to check again
+        self.checker = False  # a thread is checking them
         self.checking = 0  # checks of its files (recheck, start-up check) under way
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.

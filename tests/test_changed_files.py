@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +312,88 @@ def test_a_bad_block_for_one_of_two_cross_seeded_torrents_unverifies_the_other(
     assert all(_off_main(pool, dio.recheck, a).have)
     _off_main(pool, dio.close)
     pool.shutdown()
+
+
+def _wrong_verified(dio: DiskIO, ih: bytes, src: Source) -> list[int]:
+    """Pieces ``ih`` reports verified whose bytes on disk (after any rename) are not
+    the payload's."""
+    t = dio.torrent(ih)
+    st = wait_reverified(dio, ih)
+    wrong = []
+    for p, v in enumerate(_verified(st)):
+        if v:
+            on = b"".join(
+                Path(t.storage.file_path(s.file_index)).read_bytes()[s.file_offset:s.file_offset + s.length]
+                for s in t.layout.map(p, 0, t.layout.piece_size(p)) if s.stored)
+            if on != src.read(p, 0, t.layout.piece_size(p)):
+                wrong.append(p)
+    return wrong
+
+
+def test_a_write_into_a_cross_seeded_piece_while_it_is_checked_is_not_missed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write for one torrent sends the other's piece to be checked again; a second
+    write (bad bytes) landing while that check had read the piece and not yet said
+    what it found was missed: the piece ended verified over the bad bytes. A check now
+    leaves a piece written into since it began as it is, and checks it again. (A write
+    of the bytes already there changes nothing, and asks for no check.)"""
+    big = 1 << 20
+    content = make_payload(tmp_path / "src", 2 * big, seed=17)
+    raw_x = make_torrent_lt(content, big, "v1")
+    raw_t = make_torrent_lt(content, 16384, "v1")
+    dio = DiskIO("posix", state_dir=tmp_path / "state")
+    x = dio.register(raw_x, tmp_path / "dl")
+    src_x = Source(raw_x, tmp_path / "src")
+    fill(dio, x, src_x)
+    dio.flush_all()
+    t = dio.register(raw_t, tmp_path / "dl")
+    good = Source(raw_t, tmp_path / "src")
+    original = DiskIO._verify
+    once: list[bool] = []
+
+    def checks_then_meets_a_write(self: DiskIO, tor: Any, *args: Any, **kw: Any) -> Any:
+        result = original(self, tor, *args, **kw)
+        if tor.key == x and not once:  # read, not yet applied: the bad block lands
+            once.append(True)
+            self.write_block_direct(t, 1, 0, b"\xee" * 16384)
+        return result
+
+    monkeypatch.setattr(DiskIO, "_verify", checks_then_meets_a_write)
+    dio.write_block_direct(t, 0, 0, good.read(0, 0, 16384))  # the same bytes: no check
+    assert all(_verified(dio.status(x))) and not once
+    dio._check_again(dio.torrent(x), [0])  # a check of X's piece 0 (as a bad write asks)
+    deadline = time.monotonic() + 30
+    while not once and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert once
+    assert _wrong_verified(dio, x, src_x) == []
+    assert not _verified(dio.status(x))[0]
+    dio.close()
+
+
+def test_sharing_is_found_after_a_torrents_first_file_is_renamed_away(
+        tmp_path: Path) -> None:
+    """A torrent whose first file was renamed out of its folder was not seen to share
+    its other files with a torrent registered after: that one's bad blocks went into
+    its verified pieces, which stayed verified."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "b.bin": 300000}, seed=18)
+    raw_a = make_torrent_lt(content, 32768, "v1")
+    raw_b = make_torrent_lt(content, 32768, "hybrid")
+    dio = DiskIO("posix", state_dir=tmp_path / "state")
+    a = dio.register(raw_a, tmp_path / "dl")
+    src_a = Source(raw_a, tmp_path / "src")
+    fill(dio, a, src_a)
+    dio.flush_all()
+    ta = dio.torrent(a)
+    dio.rename_file(a, 0, "elsewhere/" + ta.storage.parts(0)[-1])
+    b = dio.register(raw_b, tmp_path / "dl")
+    tb = dio.torrent(b)
+    assert ta.shared
+    j = next(i for i in tb.storage.stored_files() if tb.storage.parts(i)[-1] == "b.bin")
+    for p in tb.layout.file_pieces(j):
+        size = tb.layout.piece_size(p)
+        for at in range(0, size, 16384):
+            dio.write_block_direct(b, p, at, b"\xee" * min(16384, size - at))
+    dio.flush_all()
+    assert _wrong_verified(dio, a, src_a) == []
+    dio.close()

@@ -1576,6 +1576,42 @@ def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
     again.close()
 
 
+def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
+        tmp_path: Path, backend: str) -> None:
+    """A damaged last record of a journal was taken for an append a crash cut short,
+    silently: when it was whole and then damaged (a bit flipped on the disk), the piece
+    it said verified, whose event had been sent, was forgotten, never looked for. The
+    pieces not verified are now checked after such a start, and it is found again."""
+    from pieced.storage.resume import REC_VERIFIED, RECORD
+
+    content = make_payload(tmp_path / "src", 12 * 16384, seed=13)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None)
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == n
+    dio.torrent(ih).storage.close_handles()
+    assert dio.state is not None
+    dio.state.close()  # (the process dies)
+    folder = state / "torrents" / ih.hex()
+    journal = max(folder.glob("journal.*"), key=lambda p: int(p.suffix[1:]))
+    data = bytearray(journal.read_bytes())
+    assert len(data) >= RECORD.size and len(data) % RECORD.size == 0
+    last = len(data) - RECORD.size
+    assert data[last] == REC_VERIFIED
+    data[last + 9] ^= 0x10  # the last record's fingerprint, one bit
+    with open(journal, "r+b") as f:
+        f.write(data)
+    again = DiskIO(backend, state_dir=state)
+    st = wait_reverified(again, ih)
+    assert st["verified_pieces"] == n
+    again.close()
+
+
 def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
         tmp_path: Path, tiny_fs: Path, backend: str) -> None:
     """A register that cannot write its record (the state folder's disk is full) fails
