@@ -636,9 +636,15 @@ class DiskIO:
                 if not pieces:
                     continue
                 stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i))
-                if stamp[0] < lengths[i]:  # gone or cut short: its pieces went with it
+                if stamp[0] < lengths[i]:
+                    # Gone or short: the pieces with bytes past its end went with them. A
+                    # file short from the start (another client's partial download, sparse)
+                    # keeps those a check found before its end, as in libtorrent.
+                    begin, size = meta.files.offsets[i], max(stamp[0], 0)
+                    pl = t.layout.piece_length
                     for p in pieces:
-                        t.set_state(p, MISSING)
+                        if min((p + 1) * pl, begin + lengths[i]) - begin > size:
+                            t.set_state(p, MISSING)
                 elif self.state.was_clean and saved.stamps is not None and (
                     i >= len(saved.stamps) or saved.stamps[i] != stamp[:len(saved.stamps[i])]
                 ):

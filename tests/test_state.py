@@ -1612,6 +1612,43 @@ def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
     again.close()
 
 
+@pytest.mark.parametrize("stop", ["clean", "crash"])
+def test_pieces_found_in_a_file_shorter_than_its_length_stay_verified_after_a_restart(
+        tmp_path: Path, backend: str, stop: str) -> None:
+    """A file shorter than the torrent says (another client's partial download: libtorrent
+    leaves files as long as what it wrote) has the pieces before its end found by a
+    check; every start after forgot them all, silently, and they were downloaded again.
+    Only pieces with bytes past the file's end are missing now (libtorrent keeps them
+    too); a file cut shorter while the daemon is down still loses those past its end."""
+    import shutil
+
+    content = make_payload(tmp_path / "src", {"a.bin": 5 * 16384, "b.bin": 10 * 16384},
+                           seed=14)
+    raw = make_torrent_lt(content, 16384, "v1")
+    dl = tmp_path / "dl"
+    shutil.copytree(content, dl / content.name)
+    os.truncate(dl / content.name / "b.bin", 4 * 16384 + 100)  # a partial download
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, dl)
+    checked = dio.recheck(ih)
+    found = [p for p, h in enumerate(checked.have) if h]
+    assert found == list(range(9))  # a.bin's 5, b.bin's first 4
+    dio.torrent(ih).storage.close_handles()
+    if stop == "clean":
+        dio.close()
+    else:
+        assert dio.state is not None
+        dio.state.close()  # (the process dies)
+    again = DiskIO(backend, state_dir=state)
+    assert sorted(_verified(wait_reverified(again, ih))) == found
+    again.close()
+    os.truncate(dl / content.name / "b.bin", 2 * 16384)  # cut shorter while stopped
+    third = DiskIO(backend, state_dir=state)
+    assert sorted(_verified(wait_reverified(third, ih))) == list(range(7))
+    third.close()
+
+
 def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
         tmp_path: Path, tiny_fs: Path, backend: str) -> None:
     """A register that cannot write its record (the state folder's disk is full) fails
