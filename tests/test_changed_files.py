@@ -135,15 +135,23 @@ def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) 
     again.close()
 
 
+def _complete(tmp_path: Path, raw: bytes, backend: str = "posix") -> tuple[DiskIO, bytes, Source]:
+    """An engine with ``raw`` downloaded whole from ``tmp_path/src`` into ``tmp_path/dl``."""
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    src = Source(raw, tmp_path / "src")
+    fill(dio, ih, src)
+    dio.flush_all()
+    return dio, ih, src
+
+
 def _cross_seeded(tmp_path: Path, backend: str) -> tuple[bytes, DiskIO, bytes, bytes]:
     """A v1 torrent downloaded, and a hybrid one of the same payload registered in the
     same save path (cross-seeding: they share its files). (v1 metainfo, engine, v1, hybrid)"""
     content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
     raw_a = make_torrent_lt(content, PIECE, "v1")
     raw_b = make_torrent_lt(content, PIECE, "hybrid")
-    dio = DiskIO(backend, state_dir=tmp_path / "state")
-    a = dio.register(raw_a, tmp_path / "dl")
-    fill(dio, a, Source(raw_a, tmp_path / "src"))
+    dio, a, _ = _complete(tmp_path, raw_a, backend)
     return raw_a, dio, a, dio.register(raw_b, tmp_path / "dl")
 
 
@@ -341,11 +349,7 @@ def test_a_write_into_a_cross_seeded_piece_while_it_is_checked_is_not_missed(
     content = make_payload(tmp_path / "src", 2 * big, seed=17)
     raw_x = make_torrent_lt(content, big, "v1")
     raw_t = make_torrent_lt(content, 16384, "v1")
-    dio = DiskIO("posix", state_dir=tmp_path / "state")
-    x = dio.register(raw_x, tmp_path / "dl")
-    src_x = Source(raw_x, tmp_path / "src")
-    fill(dio, x, src_x)
-    dio.flush_all()
+    dio, x, src_x = _complete(tmp_path, raw_x)
     t = dio.register(raw_t, tmp_path / "dl")
     good = Source(raw_t, tmp_path / "src")
     original = DiskIO._verify
@@ -379,11 +383,7 @@ def test_sharing_is_found_after_a_torrents_first_file_is_renamed_away(
     content = make_payload(tmp_path / "src", {"a.bin": 100000, "b.bin": 300000}, seed=18)
     raw_a = make_torrent_lt(content, 32768, "v1")
     raw_b = make_torrent_lt(content, 32768, "hybrid")
-    dio = DiskIO("posix", state_dir=tmp_path / "state")
-    a = dio.register(raw_a, tmp_path / "dl")
-    src_a = Source(raw_a, tmp_path / "src")
-    fill(dio, a, src_a)
-    dio.flush_all()
+    dio, a, src_a = _complete(tmp_path, raw_a)
     ta = dio.torrent(a)
     dio.rename_file(a, 0, "elsewhere/" + ta.storage.parts(0)[-1])
     b = dio.register(raw_b, tmp_path / "dl")

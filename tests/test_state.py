@@ -1537,6 +1537,26 @@ def test_a_torrent_registered_again_keeps_the_files_an_earlier_removal_left(
     again.close()
 
 
+def _journaled(tmp_path: Path, backend: str, seed: int) -> tuple[DiskIO, bytes, int]:
+    """A payload of 12 pieces (``tmp_path/src``) downloaded into ``tmp_path/dl`` by an
+    engine on ``tmp_path/state``, its pieces in its journal. (engine, ih, pieces)"""
+    content = make_payload(tmp_path / "src", 12 * 16384, seed=seed)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None)
+    dio.flush_all()
+    return dio, ih, src.meta.num_pieces
+
+
+def _dies(dio: DiskIO, ih: bytes) -> None:
+    """The engine's process dies: nothing more reaches its state folder."""
+    dio.torrent(ih).storage.close_handles()
+    assert dio.state is not None
+    dio.state.close()
+
+
 def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
         tmp_path: Path, backend: str) -> None:
     """One damaged record in the middle of a journal used to end the replay there,
@@ -1544,20 +1564,11 @@ def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
     verified over bytes changed since. Now the good records are kept (their
     fingerprints), no piece is taken as verified, the problem is said, and every piece
     is found again by a check."""
-    content = make_payload(tmp_path / "src", 12 * 16384, seed=12)
-    raw = make_torrent_lt(content, 16384, "v1")
-    src = Source(raw, tmp_path / "src")
-    n = src.meta.num_pieces
+    dio, ih, n = _journaled(tmp_path, backend, seed=12)
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
-    ih = dio.register(raw, tmp_path / "dl")
-    fill(dio, ih, src, seed=None)
-    dio.flush_all()
     dio.clear_piece(ih, 4)
     dio.clear_piece(ih, 6)  # a good record after the one to be damaged
-    dio.torrent(ih).storage.close_handles()
-    assert dio.state is not None
-    dio.state.close()  # (the process dies)
+    _dies(dio, ih)
     corrupt(tmp_path / "dl" / "payload.bin", 4 * 16384 + 7)  # piece 4's bytes change
     folder = state / "torrents" / ih.hex()
     from pieced.storage.resume import REC_CLEARED, RECORD
@@ -1584,19 +1595,10 @@ def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
     pieces not verified are now checked after such a start, and it is found again."""
     from pieced.storage.resume import REC_VERIFIED, RECORD
 
-    content = make_payload(tmp_path / "src", 12 * 16384, seed=13)
-    raw = make_torrent_lt(content, 16384, "v1")
-    src = Source(raw, tmp_path / "src")
-    n = src.meta.num_pieces
+    dio, ih, n = _journaled(tmp_path, backend, seed=13)
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
-    ih = dio.register(raw, tmp_path / "dl")
-    fill(dio, ih, src, seed=None)
-    dio.flush_all()
     assert dio.status(ih)["verified_pieces"] == n
-    dio.torrent(ih).storage.close_handles()
-    assert dio.state is not None
-    dio.state.close()  # (the process dies)
+    _dies(dio, ih)
     folder = state / "torrents" / ih.hex()
     journal = max(folder.glob("journal.*"), key=lambda p: int(p.suffix[1:]))
     data = bytearray(journal.read_bytes())
