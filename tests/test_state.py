@@ -1550,7 +1550,7 @@ def _journaled(tmp_path: Path, backend: str, seed: int) -> tuple[DiskIO, bytes, 
     return dio, ih, src.meta.num_pieces
 
 
-def _dies(dio: DiskIO, ih: bytes) -> None:
+def _engine_dies(dio: DiskIO, ih: bytes) -> None:
     """The engine's process dies: nothing more reaches its state folder."""
     dio.torrent(ih).storage.close_handles()
     assert dio.state is not None
@@ -1568,7 +1568,7 @@ def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
     state = tmp_path / "state"
     dio.clear_piece(ih, 4)
     dio.clear_piece(ih, 6)  # a good record after the one to be damaged
-    _dies(dio, ih)
+    _engine_dies(dio, ih)
     corrupt(tmp_path / "dl" / "payload.bin", 4 * 16384 + 7)  # piece 4's bytes change
     folder = state / "torrents" / ih.hex()
     from pieced.storage.resume import REC_CLEARED, RECORD
@@ -1598,7 +1598,7 @@ def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
     dio, ih, n = _journaled(tmp_path, backend, seed=13)
     state = tmp_path / "state"
     assert dio.status(ih)["verified_pieces"] == n
-    _dies(dio, ih)
+    _engine_dies(dio, ih)
     folder = state / "torrents" / ih.hex()
     journal = max(folder.glob("journal.*"), key=lambda p: int(p.suffix[1:]))
     data = bytearray(journal.read_bytes())
