@@ -213,8 +213,26 @@ def cmd_add(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     with _client(args) as c:
         ih = c.register(raw, Path(args.save_path).resolve())
-        _print(args, {"info_hash": ih.hex()}, ih.hex())
+        out: dict[str, Any] = {"info_hash": ih.hex()}
+        if not args.no_check:
+            # What is on disk already (a download made elsewhere, a torrent added again)
+            # is found at once, as any client checks a torrent added over existing data;
+            # missing files cost nothing to check.
+            out.update(_check(c, ih, full=False))
+            if sys.stderr.isatty():
+                print(f"{out['verified']}/{out['num_pieces']} pieces found on disk",
+                      file=sys.stderr)
+        _print(args, out, ih.hex())
     return EXIT_OK
+
+
+def _check(c: Any, ih: bytes, full: bool) -> dict[str, Any]:
+    """A recheck, with its progress bar on a terminal."""
+    st = c.status(ih, files=False)
+    bar = ProgressBar(st["num_pieces"], st["piece_length"])
+    c.core.on_event = lambda name, f: bar(f["done"], f["total"]) if name == "recheck_progress" else None
+    result: dict[str, Any] = c.recheck(ih, full=full)
+    return result
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -250,11 +268,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_recheck(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        ih = _known(c, args.info_hash)
-        st = c.status(ih, files=False)
-        bar = ProgressBar(st["num_pieces"], st["piece_length"])
-        c.core.on_event = lambda name, f: bar(f["done"], f["total"]) if name == "recheck_progress" else None
-        res = c.recheck(ih, full=args.full)
+        res = _check(c, _known(c, args.info_hash), args.full)
     failed = sorted(set(res.get("failed_v1") or []) | set(res.get("failed_v2") or []))
     _print(args, res, f"{res['verified']}/{res['num_pieces']} pieces verify"
            + (f"; failed: {_ranges(failed)}" if failed else ""))
@@ -315,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             p.add_argument("torrent", help="the .torrent file")
             p.add_argument("--save-path", required=True, help="where the payload goes")
+            p.add_argument("--no-check", action="store_true",
+                           help="do not look for the payload's pieces on disk (a torrent "
+                                "added over existing data is otherwise checked at once)")
         elif name in ("status", "recheck", "rm"):
             p.add_argument("info_hash", help="40 hex digits")
         if name == "rm":

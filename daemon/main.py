@@ -83,6 +83,7 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
         max_partial_pieces=settings.max_partial_pieces,
         on_piece=observer.piece if observer is not None else None,
         on_error=observer.disk_error if observer is not None else None,
+        on_change=observer.changed if observer is not None else None,
         metainfo_limits={
             "max_bytes": settings.max_metainfo_bytes,
             "max_files": settings.max_files,

@@ -123,6 +123,10 @@ class Observer:
         if self.server is not None:
             self.server._on_disk_error(ih, entry)
 
+    def changed(self, ih: bytes) -> None:
+        if self.server is not None:
+            self.server._event(ih, "pieces_changed", {"ih": ih})
+
 
 class Server:
     def __init__(

@@ -77,6 +77,7 @@ OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it t
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
 RECONCILE_INTERVAL = 5.0
+_REMOVED = "the torrent is no longer registered in the daemon (removed by another client)"
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
 BAD_PEERS_LISTED = 100  # peers named in the summary's bad_peers (the first ones)
 SUGGESTS_PER_PEER = 8
@@ -509,6 +510,12 @@ class Swarm:
         self.lost: BaseException | None = None  # the daemon connection, if it broke
         self._told_verified: set[int] = set()  # piece_verified since the last reconcile
         self._confirming = False  # a reconcile is under way
+        self._again = False  # and another is to follow it
+        self._looking = 0  # reconciles under way
+        # Clear from the daemon's word that pieces changed (a check, another client) until
+        # a reconcile has taken in what it has now: nothing is offered or served meanwhile.
+        self.settled = asyncio.Event()
+        self.settled.set()
         self._registration: Any = None  # the daemon's registration of the torrent
         self.storage_error: str | None = None  # why the daemon could not store the torrent
 
@@ -887,6 +894,7 @@ class Swarm:
                 return
             self.summary.peers += 1
             log.info("%s: connected", peer.addr)
+            await self.settled.wait()  # (the daemon said pieces changed: what it has now)
             conn.send_bitfield(picker.have)
         elif isinstance(ev, (wire.Bitfield, wire.HaveAll, wire.HaveNone)):
             picker.peer_has(i for i, h in enumerate(conn.peer_has) if h)
@@ -972,7 +980,8 @@ class Swarm:
             except PiecedError as exc:
                 # A block the daemon refused (this one or one written before it) is lost,
                 # and which piece it was is not known here: the piece would never verify.
-                self._storage_failed(f"the daemon refused a block: {_describe(exc)}")
+                self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
+                                     f"the daemon refused a block: {_describe(exc)}")
                 return
 
     def _storage_failed(self, why: str) -> None:
@@ -1038,6 +1047,7 @@ class Swarm:
         size = sum(b[2] for b in run)
         try:
             assert self.picker is not None
+            await self.settled.wait()  # (pieces may have gone: not served until known)
             if not self.picker.have[piece]:
                 for blk in run:
                     peer.conn.send_reject(blk)
@@ -1046,8 +1056,7 @@ class Swarm:
                 chunk = await self.client.read_chunk_ring(self.ih, piece, begin, size)
             except PiecedError as exc:
                 if isinstance(exc, UnknownTorrent):  # removed by another client: stop
-                    self._storage_failed("the torrent is no longer registered in the daemon "
-                                         "(removed by another client)")
+                    self._storage_failed(_REMOVED)
                 else:
                     log.warning("read of piece %d for %s failed: %s", piece, peer.addr, exc)
                 for blk in run:
@@ -1161,7 +1170,13 @@ class Swarm:
                                  f"{msg.get('message', 'I/O error')} (errno {msg.get('errno')})")
             return
         picker = self.picker
-        if picker is None or name not in ("piece_verified", "piece_failed"):
+        if picker is None:
+            return
+        if name == "pieces_changed":  # (a check, another client's): the daemon is asked
+            self.settled.clear()
+            self._look_again()
+            return
+        if name not in ("piece_verified", "piece_failed"):
             return
         piece = int(msg.get("piece", -1))
         if not 0 <= piece < self.meta.num_pieces:
@@ -1175,6 +1190,10 @@ class Swarm:
             self._gained(piece)
             for liar in liars:
                 self._blame(liar, piece)  # its block of a failed attempt was not this
+            return
+        if picker.have[piece]:  # verified no more (another client cleared it)
+            log.info("piece %d is not verified in the daemon any more: fetched again", piece)
+            self._piece_lost(piece)
             return
         picker.piece_failed(piece)
         if not (msg.get("v1") == 0 or msg.get("v2") == 0):
@@ -1207,8 +1226,7 @@ class Swarm:
                 self._fill(p)
         self._offer(piece)
         if fill and self.picker.complete and not self.done.is_set() and not self._confirming:
-            self._confirming = True
-            self._spawn(self._reconcile())
+            self._look_again()
 
     def _piece_lost(self, piece: int) -> None:
         """The daemon no longer has the piece verified: not served (a peer asking is
@@ -1227,18 +1245,38 @@ class Swarm:
                 p.wanted += 1
             self._fill(p)
 
+    def _look_again(self) -> None:
+        """Reconcile with the daemon now, or once the reconcile under way is done (what
+        changed may have come after its look)."""
+        if self._confirming:
+            self._again = True
+            return
+        self._confirming = True
+        self._spawn(self._reconcile())
+
     async def _reconcile(self) -> None:
         """Take the daemon's word on what is verified (our own view follows its events,
         and other clients may change its state without any); once it has every piece,
         the download is complete."""
+        self._looking += 1
+        try:
+            await self._look()
+        finally:
+            self._looking -= 1
+            if self._again:
+                self._again = False
+                self._look_again()
+            elif not self._looking:
+                self.settled.set()
+
+    async def _look(self) -> None:
         picker = self.picker
         assert picker is not None
         self._told_verified = set()  # verified after the status was asked for: ours is newer
         try:
             st = await self.client.status(self.ih, files=False)
         except UnknownTorrent:
-            self._storage_failed("the torrent is no longer registered in the daemon "
-                                 "(removed by another client)")
+            self._storage_failed(_REMOVED)
             return
         finally:
             self._confirming = False
@@ -1325,8 +1363,7 @@ class Swarm:
             try:
                 if now - last_look >= RECONCILE_INTERVAL and not self._confirming:
                     last_look = now
-                    self._confirming = True
-                    self._spawn(self._reconcile())
+                    self._look_again()
                 chokes = now - last_choke >= CHOKE_INTERVAL
                 if chokes:
                     last_choke = now

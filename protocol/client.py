@@ -9,7 +9,8 @@ block is sent (the blocking client waits only when ``window`` writes are in
 flight). When a write fails, the next call first lets every write in flight
 settle, then raises the first error, once; how many more writes of that burst
 failed is in its ``others`` attribute. Every other call waits for its reply. Events
-(``piece_verified``, ``piece_failed``, ``disk_error``, ``recheck_progress``) go to the
+(``piece_verified``, ``piece_failed``, ``pieces_changed``, ``disk_error``,
+``recheck_progress``) go to the
 ``on_event`` callback as ``(name, fields)``, and are kept in ``events`` otherwise.
 
     from pieced.protocol.client import Client

@@ -102,6 +102,9 @@ class PieceResult:
 PieceCallback = Callable[[PieceResult], None]
 # (torrent key, {"piece", "errno", "message"}): a storage error was recorded.
 ErrorCallback = Callable[[bytes, dict[str, Any]], None]
+# A torrent's verified pieces changed other than by a piece's result (a check found
+# pieces, or lost them; a file vanished): its key.
+ChangeCallback = Callable[[bytes], None]
 ERROR_EVENT_INTERVAL = 1.0  # seconds between two on_error calls of one torrent and errno
 # Journal records after which the torrent's resume record is rewritten (compaction);
 # a torrent of many pieces waits longer, its record being bigger.
@@ -116,8 +119,9 @@ class DiskIO:
     ``sync_window``: 0 syncs and journals each verified piece before it is announced;
     a positive window batches the fdatasyncs of every piece verified within it (group
     commit). ``roots``: save paths must resolve inside one of these (None: anywhere).
-    ``on_piece`` and ``on_error`` observe results and storage errors; they are called
-    from worker threads.
+    ``on_piece`` and ``on_error`` observe results and storage errors, ``on_change`` the
+    verified pieces that came or went otherwise (a check, a vanished file); they are
+    called from worker threads.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class DiskIO:
         roots: Sequence[Path] | None = None,
         on_piece: PieceCallback | None = None,
         on_error: ErrorCallback | None = None,
+        on_change: ChangeCallback | None = None,
         metainfo_limits: dict[str, int] | None = None,
         state_dir: Path | None = None,
         max_partial_pieces: int = 4096,
@@ -154,6 +159,7 @@ class DiskIO:
         self.roots = [Path(r).resolve() for r in roots] if roots is not None else None
         self.on_piece = on_piece
         self.on_error = on_error
+        self.on_change = on_change
         self.metainfo_limits = metainfo_limits or {}
         self.metrics = Stats()
         self.max_partial_pieces = max_partial_pieces
@@ -912,6 +918,8 @@ class DiskIO:
         for i in settled:
             t.storage.settled(i)
         t.storage.found_whole(holding)
+        if found or cleared:
+            self._changed(t)
         self._check_again(t, sorted(moved.intersection(asked)))  # written into meanwhile
 
     # -- writes -----------------------------------------------------------------------
@@ -1288,6 +1296,12 @@ class DiskIO:
         if self.on_piece is not None:
             self.on_piece(result)
 
+    def _changed(self, t: Torrent) -> None:
+        """Verified pieces came or went without a piece result of their own: a client
+        that follows the torrent's pieces is to look at them again."""
+        if self.on_change is not None:
+            self.on_change(t.key)
+
     def _sync(self, t: Torrent, files: Sequence[int] | None, force: bool = False) -> None:
         try:
             with self.metrics.timed("sync"):
@@ -1396,6 +1410,7 @@ class DiskIO:
         todo = t.layout.file_pieces(index) if pieces is None else pieces
         rec = self._records.get(t.id)
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
+            cleared = []
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
                     cleared = [p for p in todo if t.state[p] == VERIFIED]
@@ -1419,6 +1434,8 @@ class DiskIO:
                     self._to_missing(t, p)
         for p in failed:
             self._notify(PieceResult(t.key, p, False, None, None))
+        if cleared:
+            self._changed(t)
 
     # -- reads ------------------------------------------------------------------------
     def _read_range(self, t: Torrent, piece: int, begin: int, length: int,
@@ -1611,9 +1628,10 @@ class DiskIO:
                     if partial is not None:
                         partial.done = partial.cleared = True
                 break
-            if state == COMMITTING:
-                # Verified, not yet durable: its committer leaves it out. Its writer is
-                # told, as of any piece taken back (no hash failed: without v1/v2).
+            if state in (PARTIAL, COMMITTING, VERIFIED):
+                # Its blocks are gone (a piece committing: its committer leaves it out).
+                # Whoever sends them, or serves the piece, is told, as of any piece
+                # taken back (no hash failed: without v1/v2).
                 self._notify(PieceResult(t.key, piece, False, None, None))
         finally:
             t.leave()

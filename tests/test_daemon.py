@@ -164,6 +164,41 @@ def test_corrupt_piece_fails_and_other_torrents_go_on(
         assert not c.status(ih)["have"][0] & 0x40
 
 
+def test_a_recheck_and_a_clear_by_one_client_are_told_to_the_others(
+    daemon: Daemon, odd_payload: tuple[Path, Path]
+) -> None:
+    """Two clients follow one torrent; a third rechecks it after a byte changed on disk,
+    then clears a piece: the other two get ``pieces_changed`` (their view of the verified
+    pieces is stale: they ask ``status``), the rechecking one before its RESPONSE, and
+    ``piece_failed`` for the cleared piece. Before, a recheck told nobody, and a client
+    serving the torrent went on serving the piece it failed."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    with Client(daemon.socket) as a, Client(daemon.socket) as b, Client(daemon.socket) as c:
+        ih = a.register(raw, save)
+        b.subscribe(ih)
+        c.recheck(ih)
+        n = c.status(ih)["verified_pieces"]
+        assert n == c.status(ih)["num_pieces"] and ("pieces_changed", {"ih": ih}) in c.events
+        first = next(f for f in content.rglob("*") if f.is_file() and f.stat().st_size > 65536)
+        with open(first, "r+b") as f:
+            f.write(b"\xff" if f.read(1) != b"\xff" else b"\0")
+        c.events.clear()
+        failed = c.recheck(ih, full=True)["failed_v1"]
+        assert len(failed) == 1 and ("pieces_changed", {"ih": ih}) in c.events
+        c.clear_piece(ih, n - 1)
+        for x in (a, b):
+            wait_for(lambda x=x: x.stats() and any(e[0] == "piece_failed" for e in x.events))
+            assert [e for e in x.events if e[0] == "pieces_changed"] == [
+                ("pieces_changed", {"ih": ih})] * 2
+            (_name, fields), = [e for e in x.events if e[0] == "piece_failed"]
+            assert fields["piece"] == n - 1 and "v1" not in fields
+        c.recheck(ih)  # finds the cleared piece (its bytes are still there)
+        c.recheck(ih)  # nothing comes or goes
+        a.stats()
+        assert len([e for e in a.events if e[0] == "pieces_changed"]) == 3
+
+
 def test_bad_input_gets_errors_and_disturbs_no_one(
     daemon: Daemon, odd_payload: tuple[Path, Path], backend: str
 ) -> None:

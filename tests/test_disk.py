@@ -25,6 +25,7 @@ from pieced.storage.errors import (
     StorageIOError,
     UnknownTorrent,
 )
+from pieced.storage.files import FileVanished
 from pieced.storage.layout import Layout
 from pieced.storage.metainfo import Metainfo, parse
 from pieced.storage.paths import Beneath
@@ -797,6 +798,54 @@ def test_a_piece_cleared_before_it_is_durable_is_told_failed(
     dio.flush_all()
     assert [(e.piece, e.ok, e.v1) for e in events] == [(0, False, None)]
     assert dio.status(ih)["verified_pieces"] == 0
+    dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_pieces_taken_back_by_a_clear_a_check_or_a_vanished_file_are_told(
+        tmp_path: Path, backend: str) -> None:
+    """Whoever follows a torrent's pieces learns of each way one stops (or starts) being
+    verified without a download of its own: a piece cleared with blocks written, or
+    verified, is told failed (without v1/v2), as one cleared while committing always was
+    (a client sending its blocks used to wait for a verdict for ever; one serving it went
+    on serving it); a recheck that fails or finds pieces, and a file found gone, tell
+    ``on_change``. A clear of a missing piece, and a recheck that changes nothing, tell
+    nothing."""
+    content = make_payload(tmp_path / "src", {"a.bin": 6 * BLOCK, "b.bin": 2 * BLOCK}, seed=16)
+    raw = make_torrent_lt(content, 2 * BLOCK, "v1")
+    src = Source(raw, tmp_path / "src")
+    events: list[PieceResult] = []
+    changed: list[bytes] = []
+    dio = DiskIO(backend, state_dir=tmp_path / "state", on_piece=events.append,
+                 on_change=changed.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, n in src.blocks():
+        if p != 1 or b == 0:  # piece 1 half written
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == 3
+    events.clear()
+    dio.clear_piece(ih, 1)  # partial
+    dio.clear_piece(ih, 2)  # verified
+    dio.clear_piece(ih, 1)  # missing now: nothing to tell
+    assert [(e.piece, e.ok, e.v1, e.v2) for e in events] == [(1, False, None, None),
+                                                             (2, False, None, None)]
+    assert changed == []
+    dio.recheck(ih)  # finds piece 2 again
+    assert changed == [ih] and dio.status(ih)["verified_pieces"] == 3
+    dio.recheck(ih)
+    assert changed == [ih]  # nothing came or went
+    with open(tmp_path / "dl" / "payload" / "a.bin", "r+b") as f:
+        f.seek(5 * BLOCK)
+        f.write(b"\xff")
+    dio.recheck(ih, full=True)  # fails piece 2
+    assert changed == [ih, ih] and dio.status(ih)["verified_pieces"] == 2
+    dio.torrent(ih).storage.close_handles()
+    (tmp_path / "dl" / "payload" / "b.bin").unlink()
+    with pytest.raises(FileVanished):
+        dio.read_piece(ih, 3)
+    assert changed == [ih, ih, ih] and dio.status(ih)["verified_pieces"] == 1
+    assert [e.piece for e in events] == [1, 2]  # (the check and the loss: no piece event)
     dio.close()
 
 

@@ -136,8 +136,9 @@ def test_cli_recheck_full_and_fingerprinted(daemon: Daemon, odd_payload: tuple[P
         out: dict[str, int] = json.loads(r.stdout)
         return out
 
-    ih = str(pieced("add", str(tfile), "--save-path", str(save))["info_hash"])
-    first = pieced("recheck", ih)
+    # add checks what is on disk: the first look, with the torrent's own hashes
+    first = pieced("add", str(tfile), "--save-path", str(save))
+    ih = str(first["info_hash"])
     assert first["fingerprint_hits"] == 0 and first["verified"] == first["num_pieces"]
     second = pieced("recheck", ih)
     assert second["fingerprint_hits"] == second["num_pieces"] == second["verified"]

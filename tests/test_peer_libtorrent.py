@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -1430,6 +1431,86 @@ def test_pieced_peer_follows_what_other_clients_do_to_its_torrent(tmp_path: Path
         err = "".join(said)
         assert seeding.proc.returncode == 2, err
         assert "no longer registered" in err, err
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid", "v2"])
+def test_pieces_another_clients_recheck_fails_are_not_offered_to_a_leecher_right_after(
+    tmp_path: Path, kind: str,
+) -> None:
+    """pieced-peer --seed; three pieces damaged on disk and failed by another client's
+    recheck; a libtorrent leecher connects as soon as the recheck has answered, with a
+    good libtorrent seeder beside: pieced-peer's bitfield leaves those pieces out, and the
+    leecher finishes without a hash failure. pieced-peer used to learn of a recheck only
+    at its next look at the daemon (every 5 s): meanwhile it said it had every piece,
+    and served the damaged ones."""
+    piece = 65536
+    files = {"a.bin": 40 * piece + 777, "one": 1}
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=26)
+    shutil.copytree(tmp_path / "seed", tmp_path / "dl")
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        with Client(d.socket) as c:
+            ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+            assert c.status(ih, files=False)["verified_pieces"] == c.status(ih)["num_pieces"]
+            with open(tmp_path / "dl" / "payload" / "a.bin", "r+b") as f:
+                for k in (5, 6, 7):
+                    f.seek(k * piece + 100)
+                    f.write(b"\xff" * 8)
+            res = c.recheck(ih, full=True)
+            assert sorted({*(res.get("failed_v1") or []), *(res.get("failed_v2") or [])}) == [
+                5, 6, 7], res
+        with LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True) as leecher, \
+                LtPeer(raw, tmp_path / "seed", seed=True) as good:
+            leecher.connect("127.0.0.1", seeding.port)
+            deadline = time.monotonic() + 30
+            while not (said := [line for line in leecher.peer_log()
+                                if "<== BITFIELD" in line or "<== HAVE_ALL" in line]):
+                assert time.monotonic() < deadline, "pieced-peer sent no bitfield"
+                time.sleep(0.05)
+            leecher.connect("127.0.0.1", good.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        assert not any("HAVE_ALL" in line for line in said), said
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_pieces_under_way_another_client_clears_are_fetched_again(
+    tmp_path: Path, kind: str,
+) -> None:
+    """Mid-download another client clears every piece not verified yet, among them
+    pieces whose first blocks pieced-peer has written: pieced-peer learns of it
+    (``piece_failed``), fetches them whole again and completes. It used to send the rest
+    of their blocks and wait for a verdict that never came, for ever."""
+    piece = 262144
+    files = {"a.bin": 5 * 1024 * 1024 + 777, "b/c.bin": 1024 * 1024 + 3, "one": 1}
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=27)
+    d = Daemon(tmp_path)
+    try:
+        with _downloading_slowly(raw, torrent, tmp_path, d, 2) as proc:
+            with Client(d.socket) as c:
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+                deadline = time.monotonic() + 30
+                while not (st := c.status(ih, files=False))["partial_pieces"]:
+                    assert time.monotonic() < deadline, st
+                    time.sleep(0.02)
+                have = bytes(st["have"])
+                for p in range(st["num_pieces"]):
+                    if not have[p // 8] >> (7 - p % 8) & 1:
+                        c.clear_piece(ih, p)
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"]
+        with Client(d.socket) as c:
+            st = c.status(ih, files=False)
+            assert st["verified_pieces"] == st["num_pieces"]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
 
