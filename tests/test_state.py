@@ -99,6 +99,12 @@ def test_crash_rounds(tmp_path: Path, odd_payload: tuple[Path, Path], backend: s
             rng.shuffle(todo)
             for p, b, n in todo[: rng.randint(5, max(6, len(todo) // 2))]:
                 (c.write_block_direct if rng.random() < 0.5 else c.write_chunk)(ih, p, b, src.read(p, b, n))
+            # (each block is a piece: at least one more is verified before the kill, also on
+            # a machine so busy that the first group commit comes late; the rest are in flight)
+            deadline = time.monotonic() + 30
+            while c.status(ih)["verified_pieces"] <= len(verified) < src.meta.num_pieces:
+                assert time.monotonic() < deadline, "no piece verified in 30 s"
+                time.sleep(0.005)
             time.sleep(rng.random() * 0.05)
             os.kill(d.proc.pid, signal.SIGKILL)
             d.proc.wait(10)
