@@ -569,20 +569,39 @@ class DiskIO:
         except OSError as exc:
             raise StorageIOError.wrap(exc, "save the torrent's location") from None
 
-    def _finish_move(self, saved: Loaded, storage: FileStorage) -> tuple[bool, set[int]]:
+    def _finish_move(self, saved: Loaded, storage: FileStorage
+                     ) -> tuple[FileStorage, bool, set[int]]:
         """Finish a move or rename a crash cut short (the files not yet where the record
-        says are where they were). (Whether the record is to be written anew, the files
-        whose pieces are to be checked again.)"""
+        says are where they were), or, when that cannot be done (the place it was going
+        to is full, read-only, or has a file in the way), undo it: the files go back
+        where they were, and the torrent stays there. (The storage the torrent is to
+        have, whether the record is to be written anew, the files whose pieces are to be
+        checked again.) PiecedError when neither can be done: the torrent is not loaded,
+        and its record is left as it is for a later start (a verified piece of a file
+        not found where the torrent is loaded would be forgotten)."""
         if saved.previous is None:
-            return False, set()
+            return storage, False, set()
         old, renames = saved.previous
         if self._outside_roots(Path(old)):
-            return True, set()  # not looked for outside the roots; the record is written anew
+            return storage, True, set()  # not looked for outside the roots; recorded anew
         try:
             n, doubtful = storage.finish_move(Path(old), renames)
         except (OSError, PiecedError) as exc:
-            self.load_errors.append(f"torrent {saved.ih_hex}: finishing its move: {exc}")
-            return False, set()
+            back = make_storage(self.backend, saved.metainfo, Path(old), self.handles,
+                                self.preallocate, self.allow_hard_links, self.roots)
+            back.renames.update(renames)
+            try:
+                n, doubtful = back.finish_move(storage.save_path, dict(storage.renames))
+            except (OSError, PiecedError) as again:
+                back.close()
+                raise StorageIOError(
+                    f"its move to {storage.save_path} could not be finished ({exc}) nor "
+                    f"undone ({again}): left as it is until a start can do either") from None
+            storage.close()
+            self.load_errors.append(
+                f"torrent {saved.ih_hex}: its move to {storage.save_path} could not be "
+                f"finished ({exc}): undone, its files are in {old}")
+            storage, old = back, str(storage.save_path)  # (brought back from there)
         if n:
             log.info("torrent %s: %d files moved to %s, where a move was going", saved.ih_hex,
                      n, storage.save_path)
@@ -590,7 +609,7 @@ class DiskIO:
             self.load_errors.append(
                 f"torrent {saved.ih_hex}: {storage.file_path(i)} is in the way of its move "
                 f"from {old} (left as it is, and both kept): its pieces are checked again")
-        return True, doubtful
+        return storage, True, doubtful
 
     def _outside_roots(self, path: Path) -> bool:
         """Whether a recorded path now resolves outside the allowed roots (they changed,
@@ -623,7 +642,13 @@ class DiskIO:
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 recorded = False
                 continue
-            moved, doubtful = self._finish_move(saved, storage)
+            try:
+                storage, moved, doubtful = self._finish_move(saved, storage)
+            except PiecedError as exc:
+                storage.close()
+                self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
+                recorded = False
+                continue
             if not self.state.was_clean:
                 storage.after_crash()
             t = self._torrent(meta, storage)

@@ -26,6 +26,7 @@ from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
 from .paths import Beneath, anchor_of, part_name
+from .resume import file_stamp
 
 BACKENDS = ("posix", "mmap", "direct", "uring", "disabled")
 _IOV_MAX = 1024
@@ -801,6 +802,11 @@ class FileStorage:
         to be taken for the torrent's."""
         new_root = self.beneath(new_path)
         try:
+            try:  # a file (or a symlink) on the way to it: never a folder to go through
+                new_root.root()
+            except StorageIOError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
             folders: set[tuple[str, ...]] = set()
             for index in self.stored_files():
                 parts = self.parts(index)
@@ -825,6 +831,7 @@ class FileStorage:
         self.close_handles()
         new_root = self.beneath(new_path)
         moved: list[tuple[int, tuple[str, ...]]] = []
+        carried: list[tuple[int, bool]] = []
         try:
             new_root.root(create=True)
             for index in self.stored_files():
@@ -834,8 +841,11 @@ class FileStorage:
                 if new_root.exists(parts):
                     raise StorageIOError(f"move: {new_path.joinpath(*parts)} already exists",
                                          errno=errno.EEXIST)
+                known = self._known_now(index)
                 self.root.move(parts, new_root, parts)
                 moved.append((index, parts))
+                if known is not None:
+                    carried.append((index, known))
             new_root.sync_made()  # where the files are now: durable before it is recorded
             self.root.sync_made()
         except (OSError, PiecedError) as exc:
@@ -864,6 +874,41 @@ class FileStorage:
         with self._lock:
             self._identity.clear()  # a copy across devices is another inode: learnt anew
             self._recreate.clear()
+        for index, opened in carried:
+            self._carry(index, opened)
+
+    def _known_now(self, index: int) -> bool | None:
+        """Whether the file under the file's name is one the daemon knows (about to be
+        moved by it): True if it is the one it used there, False if, not used since the
+        start, it is the one checked then; None if neither (unknown, or changed)."""
+        path = self.file_path(index)
+        with self._lock:
+            used = self._identity.get(index)
+            seen = self.start_stamps.get(index)
+        if used is not None:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                return None
+            return True if (st.st_dev, st.st_ino) == used else None
+        if seen is not None and file_stamp(path) == seen:
+            return False
+        return None
+
+    def _carry(self, index: int, opened: bool) -> None:
+        """A file the daemon knew, moved by it: known at its new place as it was at the
+        old one (a stop's stamp of it, then the next start, take it as the same file,
+        which the move's new change time and, across devices, new inode would deny)."""
+        path = self.file_path(index)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return
+        with self._lock:
+            if opened:
+                self._identity[index] = (st.st_dev, st.st_ino)
+            elif index in self.start_stamps:
+                self.start_stamps[index] = file_stamp(path)
 
     def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]]
                     ) -> tuple[int, set[int]]:
@@ -882,7 +927,8 @@ class FileStorage:
                 if old_root is self.root and was == parts:
                     continue
                 for root, p in ((old_root, was), (self.root, parts)):  # half copies left
-                    root.unlink((*p[:-1], part_name(p[-1])))
+                    with contextlib.suppress(OSError, PiecedError):  # (a read-only place:
+                        root.unlink((*p[:-1], part_name(p[-1])))  # left there, harmless)
                 old = old_root.stat(was)
                 if old is None:
                     continue  # moved already (or never made)
@@ -933,13 +979,20 @@ class FileStorage:
                 continue
             if other == parts:
                 raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
-            # One a folder of the other (as register refuses a file and a folder of one
-            # name): one of the two files could never be written.
+            # One a folder of the other: one of the two files could never be written.
             raise StorageIOError(
                 f"rename: {dst} and {self.save_path.joinpath(*other)}, another file of the "
                 "torrent, would be a file and a folder of one name", errno=errno.EEXIST)
         if self.root.exists(parts):
             raise StorageIOError(f"rename: {dst} already exists", errno=errno.EEXIST)
+        for k in range(1, len(parts)):  # found here, not half-way through the rename
+            st = self.root.stat(parts[:k])
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise PathEscape(f"{self.save_path.joinpath(*parts[:k])} is a symlink: "
+                                 "refusing to go through it")
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                raise StorageIOError(f"rename: {self.save_path.joinpath(*parts[:k])} is in "
+                                     "the way (not a folder)", errno=errno.EEXIST)
         return parts
 
     def rename(self, index: int, new_name: str) -> None:
@@ -949,6 +1002,7 @@ class FileStorage:
             return
         self.close_handles()
         src = self.parts(index)
+        known = self._known_now(index)
         if self.root.exists(src):
             try:
                 self.root.move(src, self.root, parts)
@@ -964,6 +1018,8 @@ class FileStorage:
                     self.stranded = True
                 raise
         self.renames[index] = parts
+        if known is not None:
+            self._carry(index, known)
 
 
 def _same_bytes(a: Beneath, pa: tuple[str, ...], b: Beneath, pb: tuple[str, ...]) -> bool:

@@ -149,8 +149,8 @@ def test_allow_hard_links_seeds_a_hard_linked_library(tmp_path: Path, backend: s
 
 
 def test_a_rename_to_a_name_no_file_system_holds_is_refused(setup) -> None:  # type: ignore[no-untyped-def]
-    """Names over 255 bytes a component or 4,096 in all are refused as a torrent's own
-    paths are at register: nothing renamed, and the file still written where it was."""
+    """Names over 255 bytes a component or 4,096 in all (what no file system holds) are
+    refused: nothing renamed, and the file still written where it was."""
     raw, src, _canary, roots, dio = setup
     ih = dio.register(raw, roots / "dl")
     for name in ("x" * 256, "é" * 128, "/".join(["d"] * 2100), "sub/" + "y" * 300):

@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import cast
 import pytest
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
-from pieced.storage.errors import StorageIOError
+from pieced.storage.errors import PiecedError, StorageIOError
 from pieced.storage.layout import Layout
 
 from tests.conftest import STORES_NOTHING, Daemon
@@ -290,6 +291,7 @@ if how == "after":  # the n-th file moved
     paths.Beneath.move = move
 elif how == "recorded":  # where the files go is recorded; nothing made or moved yet
     files.FileStorage.move = die
+    files.FileStorage.rename = die
 elif how == "linked":  # the first file has both names: linked, not yet unlinked
     paths.os.unlink = die
 elif how == "copying":  # half of the first file copied to the other file system
@@ -379,6 +381,126 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
         assert not old.joinpath(*src.meta.files[0].path).exists()
     assert again.recheck(ih, full=True).ok
     again.close()
+
+
+@pytest.mark.parametrize("op,how,then", [
+    ("move", "recorded", "blocked"), ("rename", "recorded", "blocked"),
+    ("move", "after:1", "full"), ("move", "after:1", "read-only")])
+def test_a_move_a_restart_cannot_finish_is_undone_and_keeps_every_verified_piece(
+    tmp_path: Path, other_fs: Path, backend: str, op: str, how: str, then: str
+) -> None:
+    """The process dies part-way through a move or rename, and by the next start the
+    place it was going to cannot take the files: a file now stands where a folder of it
+    was to be (blocked), the file system is full, or read-only. The start used to load
+    the torrent there all the same, take its files for gone and forget every verified
+    piece for good (0 of 92 in one case), also once the place could take them again. Now
+    the move is undone: the files go back where they were, and the torrent, every piece
+    verified, stays there; when even that cannot be done (the file already moved cannot
+    leave a read-only file system), the torrent is left as it is, not loaded, and a later
+    start, once the place can take them, finishes the move with every piece."""
+    from tests.realtools import make_payload
+
+    spec = {f"d{i % 3}/f{i}.bin": 20000 + 1000 * i for i in range(6)}
+    content = make_payload(tmp_path / "src", spec, seed=8)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    src = Source(raw, tmp_path / "src")
+    old = tmp_path / "old"
+    new = other_fs / "new" if then != "blocked" else tmp_path / "new" / "deep"
+    _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
+          backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
+          how=how)
+    if then == "blocked":
+        in_the_way = old / "renamed" if op == "rename" else tmp_path / "new"
+        in_the_way.write_bytes(b"someone else's")
+    elif then == "full":
+        with contextlib.suppress(OSError):
+            (other_fs / "filler").write_bytes(bytes(64 << 20))
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(other_fs)], check=True)
+
+    def every_piece_at(where: Path, names: str) -> None:
+        again = DiskIO(backend, state_dir=tmp_path / "state")
+        try:
+            ih = again.torrents()[0]
+            st = again.status(ih)
+            assert st["save_path"] == str(where), (st, again.load_errors)
+            assert st["verified_pieces"] == src.meta.num_pieces, again.load_errors
+            assert st["reverifying_pieces"] == 0
+            for p in range(src.meta.num_pieces):
+                assert again.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
+            assert again.status(ih)["files"][0]["path"] == names
+        finally:
+            again.close()
+
+    first = src.meta.files.path(0)
+    if then != "read-only":
+        every_piece_at(old, "/".join((content.name, *first[1:])))
+        if then == "blocked":
+            assert in_the_way.read_bytes() == b"someone else's"
+        return
+    cut = DiskIO(backend, state_dir=tmp_path / "state")
+    assert cut.torrents() == [] and any("could not be finished" in e for e in cut.load_errors)
+    cut.close()
+    subprocess.run(["mount", "-o", "remount,rw", str(other_fs)], check=True)
+    every_piece_at(new, "/".join((content.name, *first[1:])))
+
+
+@pytest.mark.parametrize("op", ["move", "move-across", "rename"])
+@pytest.mark.parametrize("used", [False, True])
+def test_files_the_daemon_moved_are_known_at_the_next_start(
+    tmp_path: Path, other_fs: Path, backend: str, op: str, used: bool
+) -> None:
+    """A torrent loaded at a start (its files checked by their stamps then), its files
+    read since (``used``) or not, moved or renamed by the daemon, then a clean stop: the
+    next start reports every piece verified at once. The move gave the files a new change
+    time (and, across devices, a new inode), and the stop's stamps said they were not
+    the files known: every piece was checked again (all 184 of them, after a rename 61)."""
+    _content, src, dio, ih = _filled_at_old(
+        tmp_path, backend, {"a.bin": 300_000, "d/b.bin": 70_000, "c.bin": 50_000}, "v1", 9)
+    dio.close()
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    if used:
+        for p in range(src.meta.num_pieces):
+            dio.read_piece(ih, p)
+    if op == "rename":
+        dio.rename_file(ih, 1, "elsewhere/b.bin")
+    else:
+        dio.move_storage(ih, (other_fs if op == "move-across" else tmp_path) / "new")
+    dio.close()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    st = again.status(ih)
+    assert st["verified_pieces"] == src.meta.num_pieces and st["reverifying_pieces"] == 0, (
+        st["verified_pieces"], again.load_errors)
+    for p in range(src.meta.num_pieces):
+        assert again.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p))
+    again.close()
+
+
+def test_a_move_or_rename_through_a_file_is_refused_before_it_is_recorded(
+    tmp_path: Path, backend: str
+) -> None:
+    """A move to a folder below a file, a rename into a folder that is a file: refused
+    at once, nothing recorded, nothing moved (the move was recorded first, and refused
+    half-way: a crash then left a restart to finish a move that could never be)."""
+    _content, src, dio, ih = _filled_at_old(tmp_path, backend, {"a.bin": 100_000,
+                                                              "b.bin": 50_000}, "v1", 10)
+    (tmp_path / "blocker").write_bytes(b"x")
+    (tmp_path / "old" / "junk").write_bytes(b"y")
+    location = sorted((tmp_path / "state").rglob("location"))
+    before = [f.read_bytes() for f in location]
+    with pytest.raises(PiecedError):
+        dio.move_storage(ih, tmp_path / "blocker" / "sub")
+    with pytest.raises(StorageIOError) as exc:
+        dio.rename_file(ih, 0, "junk/a.bin")
+    assert exc.value.errno == errno.EEXIST
+    assert [f.read_bytes() for f in location] == before
+    st = dio.status(ih)
+    assert st["save_path"] == str(tmp_path / "old")
+    assert st["verified_pieces"] == src.meta.num_pieces
+    assert (tmp_path / "blocker").read_bytes() == b"x"
+    dio.close()
 
 
 def test_a_move_to_a_folder_holding_one_of_the_names_is_refused_before_anything_moves(
