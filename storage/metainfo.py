@@ -4,6 +4,11 @@ Everything a client hands us is untrusted: a metainfo is refused, with a message
 that names the offending key, unless every file path stays inside the save path,
 every length adds up, and every v2 piece layer hashes to its file's ``pieces root``.
 Once a :class:`Metainfo` exists, the rest of the engine may trust it.
+
+File names are the ones libtorrent gives the files, so that a download made by either
+is found by the other: each name sanitized as libtorrent sanitizes it (:func:`_sanitize`),
+files whose paths collide renamed as libtorrent renames them (:func:`_renames`), the
+torrent's folder named as libtorrent names it (:func:`_torrent_name`).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
+from itertools import compress
 from typing import Any, NamedTuple
 
 from .bencode import BencodeError, Path, _Decoder, decode_spanning
 from .errors import BadMetainfo, PiecedError, TooLarge
-from .filetable import UNSTORED, FileEntry, FileTable, TableBuilder
+from .filetable import PAD, UNSTORED, FileEntry, FileTable, TableBuilder
 from .merkle import BLOCK_SIZE, leaf_count, piece_width, root_from_layer
 
 MAX_METAINFO_BYTES = 64 * 1024 * 1024
@@ -29,6 +35,11 @@ MAX_PIECES = 4_000_000
 MAX_PIECE_LENGTH = 64 * 1024 * 1024
 MAX_NAME_BYTES = 255  # a path component, as file systems allow (NAME_MAX)
 MAX_PATH_BYTES = 4096  # a whole path below the save path (PATH_MAX)
+MAX_PATH_PARTS = 100  # names in a v1 file's path, as libtorrent allows
+MAX_NESTING = 99  # lists and dictionaries in one another, as libtorrent allows (a v2 tree's depth)
+# FileTable flags made selectors for itertools.compress: not a pad; a pad.
+_NOT_PAD = bytes(0 if b & PAD else 1 for b in range(256))
+_PAD_ONLY = bytes(1 if b & PAD else 0 for b in range(256))
 _LEGACY_PAD_PREFIX = "_____padding_file_"
 
 
@@ -182,7 +193,7 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
     if len(data) > max_bytes:
         raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
     try:
-        top, span = decode_spanning(data, b"info",
+        top, span = decode_spanning(data, b"info", max_depth=MAX_NESTING,
                                     hook=(b"files", partial(_read_v1_files, max_files)))
     except BencodeError as exc:
         raise BadMetainfo(f"not canonical bencode: {exc}") from None
@@ -194,7 +205,9 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
     # The hashes are over the info value's exact bytes (a view: 20 MB for a million pieces).
     info_bytes = memoryview(data)[span[0] : span[1]]
 
-    name = _component(_get(info, b"name", bytes, "info"), "info.name", info.get(b"name.utf-8"))
+    raw_name = info.get(b"name.utf-8")  # preferred, as libtorrent does, when a string
+    if not isinstance(raw_name, bytes):
+        raw_name = _get(info, b"name", bytes, "info")
     piece_length = _get(info, b"piece length", int, "info")
     if piece_length <= 0:
         raise BadMetainfo(f"'piece length' must be positive, got {piece_length}")
@@ -209,6 +222,7 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
         raise BadMetainfo("'info' has neither 'pieces' (v1) nor 'meta version' 2 (v2)")
     if has_v2 and (piece_length < BLOCK_SIZE or piece_length & (piece_length - 1)):
         raise BadMetainfo(f"v2 'piece length' must be a power of two >= 16 KiB, got {piece_length}")
+    name = _torrent_name(raw_name, has_v1 and b"files" not in info, info_bytes)
 
     v2_files: list[FileEntry] = []
     if has_v2:
@@ -236,8 +250,8 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
     flags, lengths = files.flags, files.lengths
     if not any(lengths[i] for i in range(len(files)) if not flags[i] & UNSTORED):
         raise BadMetainfo("the torrent holds no data: every file is empty (total size 0)")
-    if not _surely_fine(files):
-        _check_files(list(files), name, piece_length)
+    if not _surely_fine(files, name, has_v2):
+        files = _check_files(files, name, has_v2, piece_length)
     _check_special(files, piece_length)
     num_pieces = (total + piece_length - 1) // piece_length
     if num_pieces > max_pieces:
@@ -292,26 +306,74 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
     return meta
 
 
-def _surely_fine(files: FileTable) -> bool:
+def _surely_fine(files: FileTable, name: str, lt_pads: bool) -> bool:
     """Whether the paths are surely within the limits and collide nowhere, found at
     the speed of a torrent of 100,000 files; when not sure, :func:`_check_files` looks
-    file by file and names what is wrong (or finds nothing)."""
+    file by file, renames what collides as libtorrent does, and names what is wrong.
+
+    Collisions are as libtorrent sees them: letters A-Z and a-z alike, pad files too
+    (``lt_pads``: v2 pads, named NAME/.pad/SIZE), a file beside a folder of its name."""
     names = files.names()
-    stored = [(fid, nm) for fid, nm, fl in zip(files.folder_index(), names, files.flags,
-                                                strict=True) if not fl & UNSTORED]
-    taken = set(stored)
-    if len(taken) != len(stored):
-        return False  # a path listed twice
     folders = files.folders
-    fids = {parts: fid for fid, parts in enumerate(folders)}
+    low = [tuple(part.lower() for part in parts) for parts in folders]
+    fids = {parts: fid for fid, parts in enumerate(low)}
+    if len(fids) != len(low):
+        return False  # two folders one but for case: their files may collide
+    # (str.lower() lowers more than A-Z: names it finds apart, libtorrent does too)
+    joined = "/".join(names)
+    lowered = joined.lower()
+    lnames = names if lowered == joined else lowered.split("/")
+    flags, fidx = files.flags, files.folder_index()
+    pads: set[tuple[int, str]] = set()
+    if flags.count(0) == len(flags):  # no pad, no symlink: the usual torrent
+        data_fids: Iterable[int] = fidx
+        data_names = lnames
+    else:
+        keep, drop = flags.translate(_NOT_PAD), flags.translate(_PAD_ONLY)
+        data_fids, data_names = list(compress(fidx, keep)), list(compress(lnames, keep))
+        sized = set(zip(compress(fidx, drop), compress(lnames, drop),
+                        compress(files.lengths, drop), strict=True))
+        pads = {(fid, nm) for fid, nm, _ in sized}
+        if len(pads) != len(sized):
+            return False  # pads of one path and two sizes
+        if lt_pads and any(folders[fid] != (name, ".pad") or nm != str(length)
+                           for fid, nm, length in sized):
+            return False  # named otherwise in the v1 list: look with libtorrent's names
+    # Two files of one path, or a file where a folder or a pad is: among names that are
+    # all different (usual), only where a folder's or a pad's name is a file's too.
+    unique = set(data_names)
+    taken: set[tuple[int, str]] | None = None
+    if len(unique) != len(data_names):
+        taken = set(zip(data_fids, data_names, strict=True))
+        if len(taken) != len(data_names):
+            return False  # a path listed twice
+
+    def held(fid: int, nm: str) -> bool:
+        nonlocal taken
+        if (fid, nm) in pads:
+            return True
+        if nm not in unique:
+            return False
+        if taken is None:
+            taken = set(zip(data_fids, data_names, strict=True))
+        return (fid, nm) in taken
+
+    if any(nm in unique for _, nm in pads):
+        if taken is None:
+            taken = set(zip(data_fids, data_names, strict=True))
+        if not taken.isdisjoint(pads):
+            return False  # a pad where a file is
+    root = fids.get((name.lower(),))
+    if lt_pads and root is not None and held(root, ".pad"):
+        return False  # libtorrent's pad folder, there even when the v1 list has no pads
     longest_folder = 0
-    for parts in folders:
+    for parts in low:
         longest_folder = max(longest_folder, len("/".join(parts)))
         if any(len(part) * 4 > MAX_NAME_BYTES for part in parts):
             return False
         for k in range(1, len(parts) + 1):  # a folder that is also a file
             parent = fids.get(parts[: k - 1])
-            if parent is not None and (parent, parts[k - 1]) in taken:
+            if parent is not None and held(parent, parts[k - 1]):
                 return False
     longest_name = max(map(len, names), default=0)
     return (longest_name * 4 <= MAX_NAME_BYTES
@@ -342,11 +404,20 @@ def _check_special(files: FileTable, piece_length: int) -> None:
                                   f"{first // piece_length}: a piece of pad only")
 
 
-def _check_files(files: list[FileEntry], name: str, piece_length: int) -> None:
-    """The files as a whole, one by one: paths that a file system can hold and that do
-    not collide. Named errors for what :func:`_surely_fine` was not sure of."""
+def _check_files(files: FileTable, name: str, lt_pads: bool, piece_length: int) -> FileTable:
+    """The files as a whole, one by one: paths that collide renamed as libtorrent renames
+    them (see :func:`_renames`), then refused unless a file system can hold them. Named
+    errors for what :func:`_surely_fine` was not sure of."""
+    entries = list(files)
+    data = [f for f in entries if not f.pad]
+    if len(data) > 1 or len(data[0].path) > 1:  # (one file at the root collides with none)
+        renamed = _renames(entries, name, lt_pads, piece_length)
+        if renamed:
+            entries = [f._replace(path=renamed[i]) if i in renamed else f
+                       for i, f in enumerate(entries)]
+            files = FileTable.of(entries)
     seen: dict[tuple[str, ...], str] = {}
-    for f in files:
+    for f in entries:
         if not f.stored:
             continue
         where = "/".join(f.path)
@@ -356,9 +427,12 @@ def _check_files(files: list[FileEntry], name: str, piece_length: int) -> None:
                                   f"{MAX_NAME_BYTES} bytes")
         if len(where) * 4 > MAX_PATH_BYTES and len(where.encode()) > MAX_PATH_BYTES:
             raise BadMetainfo(f"path {where[:80]!r}... is over {MAX_PATH_BYTES} bytes")
+        # What the renaming leaves in one place: the name a file was renamed to, when a
+        # later file has that very name (libtorrent gives both files the one path).
         if f.path in seen:
             if seen[f.path] == "file":
-                raise BadMetainfo(f"path {where!r} is listed twice")
+                raise BadMetainfo(f"two files of the torrent are stored at {where!r} (one "
+                                  "is renamed there to be apart from a third)")
             raise BadMetainfo(f"{where!r} is both a file and the folder of another file")
         seen[f.path] = "file"
         for i in range(1, len(f.path)):
@@ -367,6 +441,70 @@ def _check_files(files: list[FileEntry], name: str, piece_length: int) -> None:
                 raise BadMetainfo(f"{'/'.join(folder)!r} is both a file and the folder of "
                                   f"{where!r}")
             seen[folder] = "folder"
+    return files
+
+
+#: Renames libtorrent makes, at most, to keep a torrent's files apart (more: it refuses it).
+MAX_RENAMES = 500
+
+
+def _renames(entries: list[FileEntry], name: str, lt_pads: bool,
+             piece_length: int) -> dict[int, tuple[str, ...]]:
+    """The new paths of the files that libtorrent renames, by index: a file whose path
+    (letters A-Z and a-z alike) is a folder's, or an earlier file's, is NAME.1.EXT, or
+    the first of NAME.2.EXT... that no folder or file has yet; a pad file of the path and
+    size of an earlier pad is left as it is. Folders first, then the files in order;
+    pad files take part, under libtorrent's names for them (``lt_pads``: NAME/.pad/SIZE,
+    as the v2 layout names them; its folder NAME/.pad is there as soon as a file is
+    not a whole number of pieces, with or without a pad after it in a hybrid's v1 list).
+
+    As libtorrent does, a file is matched against the others' names as they were, not as
+    renamed: a later file named what an earlier one was renamed to keeps its name, and
+    :func:`_check_files` refuses the two files at one path."""
+
+    def key(path: str) -> bytes:
+        return path.encode().lower()  # (bytes: A-Z lowered, nothing else)
+
+    paths = ["/".join((name, ".pad", str(f.length)) if f.pad and lt_pads else f.path)
+             for f in entries]
+    match: dict[bytes, int] = {}  # path -> -1 (a folder) or the file first there
+    if lt_pads and any(f.length % piece_length for f in entries if not f.pad):
+        match[key(f"{name}/.pad")] = -1
+    for path in paths:
+        cut = path.rfind("/")
+        while cut > len(name):
+            match[key(path[:cut])] = -1
+            cut = path.rfind("/", 0, cut)
+    taken = set(match)  # every path so far, renamed ones included
+    renamed: dict[int, tuple[str, ...]] = {}
+    collisions = 0
+    for i, path in enumerate(paths):
+        k = key(path)
+        other = match.get(k)
+        if other is None:
+            match[k] = i
+            taken.add(k)
+            continue
+        f = entries[i]
+        if other >= 0 and f.pad and entries[other].pad and f.length == entries[other].length:
+            continue
+        dot = path.rfind(".")
+        base, ext = (path[:dot], path[dot:]) if dot > path.rfind("/") else (path, "")
+        n = 0
+        while True:
+            n += 1
+            new = f"{base}.{n}{ext}"
+            if key(new) not in taken:
+                taken.add(key(new))
+                break
+            collisions += 1
+            if collisions > MAX_RENAMES:
+                raise BadMetainfo(f"too many files of one path: {path[:80]!r} and others "
+                                  f"need over {MAX_RENAMES} tries of a new name (libtorrent "
+                                  "refuses it too)")
+        if not f.pad:
+            renamed[i] = tuple(new.split("/"))
+    return renamed
 
 
 def _with_root(f: FileEntry, v2: FileEntry) -> FileEntry:
@@ -386,41 +524,135 @@ def _typename(typ: type) -> str:
     return {bytes: "a string", int: "an integer", dict: "a dictionary", list: "a list"}[typ]
 
 
-def _component(raw: Any, where: str, utf8: Any = None) -> str:
-    """One path component, refused unless it is a plain name inside its folder."""
-    if isinstance(utf8, bytes):
-        raw = utf8
+def _torrent_name(raw: bytes, single_v1: bool, info_bytes: memoryview) -> str:
+    """The torrent's name as libtorrent stores it: ``info.name`` sanitized (:func:`_sanitize`,
+    where "." is nothing). A v1 single-file torrent is refused when nothing is left of it
+    for the file's name; a folder left without a name is named by the hex SHA-1 of the
+    info dictionary, as libtorrent names it (for v2-only torrents too)."""
+    _refuse_escape(raw, "info.name")
+    name = _sanitize(raw, force=False)
+    if single_v1 and (not raw or not name):
+        raise BadMetainfo(f"info.name {_shown(raw)!r} leaves no name for the torrent's one "
+                          "file (libtorrent refuses it too)")
+    return name or hashlib.sha1(info_bytes).hexdigest()
+
+
+def _component(raw: Any, where: str) -> str:
+    """One path component of a file, as libtorrent stores it (:func:`_sanitize`); refused
+    when it would reach out of its folder read as a path (see :func:`_refuse_escape`)."""
     if not isinstance(raw, bytes):
         raise BadMetainfo(f"{where} must be a string")
-    try:
-        s = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadMetainfo(f"{where} is not valid UTF-8") from None
-    if s in ("", ".", ".."):
-        raise BadMetainfo(f"{where} is {s!r}: empty and dot components are not allowed")
-    if "\0" in s:
+    _refuse_escape(raw, where)
+    return _sanitize(raw)
+
+
+def _shown(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+_SEPARATORS = re.compile(rb"[/\\]")
+
+
+def _refuse_escape(raw: bytes, where: str) -> None:
+    """Refuse what a path must never hold, even though a sanitized name would hold none
+    of it: a NUL byte, ``..``, a path from the root (``/etc``). libtorrent drops the
+    separators and the NUL and stores ``..`` as ``_``; a name that asks for any of them
+    is a try to escape the save path."""
+    if b"\0" in raw:
         raise BadMetainfo(f"{where} contains a NUL byte")
-    if "/" in s or "\\" in s:
-        raise BadMetainfo(f"{where} {s!r} contains a path separator")
-    if not s.isprintable():
-        s = _sanitize(s)
-    return s
+    if raw[:1] in (b"/", b"\\"):
+        raise BadMetainfo(f"{where} {_shown(raw)!r} is an absolute path")
+    if b".." in raw and b".." in _SEPARATORS.split(raw):
+        raise BadMetainfo(f"{where} {_shown(raw)!r} climbs out of its folder with '..'")
 
 
 # Characters libtorrent leaves out of file names: zero-width, invisible, or changing the
-# writing direction, they make a name look like another (``invoice<RLO>fdp.exe``).
+# writing direction, they make a name look like another (``invoice<RLO>fdp.exe``); and
+# the path separators and NUL.
 _INVISIBLE = frozenset([0x061C, *range(0x200B, 0x2010), *range(0x202A, 0x202F),
                         *range(0x2060, 0x2065), *range(0x2066, 0x206A), 0xFEFF])
+_LEFT_OUT = _INVISIBLE | {0, 0x2F, 0x5C}
+#: Past this many bytes libtorrent cuts a name short, keeping its extension.
+NAME_CUT = 240
 
 
-def _sanitize(s: str) -> str:
-    """The name libtorrent stores ``s`` under: control characters (C0, DEL, C1) made
-    ``_``, invisible ones left out; a name left empty or all dots is ``_``. The files of
-    a torrent are then where libtorrent and the clients built on it put them, and a
-    download made by one is found by the other."""
-    out = "".join("_" if ord(c) < 32 or 0x7F <= ord(c) <= 0x9F else c
-                  for c in s if ord(c) not in _INVISIBLE)
-    return "_" if out in ("", ".", "..") else out
+def _sanitize(raw: bytes, force: bool = True) -> str:
+    """The name libtorrent stores a path component (or, ``force`` false, a torrent's
+    name) under. A bad UTF-8 sequence is one ``_`` (see :func:`_codepoint` for how far
+    it runs), a control character (C0, DEL, C1) is ``_``, an invisible one or a path
+    separator is left out. A name that reaches 240 bytes is cut there, keeping an
+    extension (a dot in its last 9 bytes). A name left empty or of one or two dots is
+    ``_`` ("" where not ``force``; "." is "" there too). The files of a torrent are then
+    where libtorrent and the clients built on it put them, and a download made by one is
+    found by the other."""
+    if len(raw) <= NAME_CUT:
+        try:
+            return _plain_name(raw)
+        except ValueError:  # (UnicodeDecodeError is one)
+            pass
+    if not raw:
+        return "_"
+    if raw == b"." and not force:
+        return ""
+    out = bytearray()
+    added = dots = 0
+    cut = False
+    i, n = 0, len(raw)
+    while i < n:
+        cp, size = _codepoint(raw, i)
+        if cp in _LEFT_OUT:
+            i += size
+            continue
+        if cp < 32 or 0x7F <= cp <= 0x9F:  # (a bad sequence is -1)
+            out.append(0x5F)
+            added += 1
+            i += size
+            continue
+        out += raw[i : i + size]
+        dots += cp == 0x2E
+        added += size
+        if added >= NAME_CUT and not cut:
+            dot = raw.rfind(b".", max(n - 10, i) + 1)
+            if dot < 0:
+                break
+            cut = True
+            i = dot
+            continue
+        i += size
+    if added == dots and added <= 2:
+        return "_" if force else ""
+    return out.decode()
+
+
+def _codepoint(raw: bytes, i: int) -> tuple[int, int]:
+    """The code point at ``raw[i]`` and its length, -1 for a bad sequence, which runs as
+    libtorrent reads it: the length its first byte announces (its last bytes too when
+    they are cut short; one byte when the first is no first byte)."""
+    b = raw[i]
+    if b < 0x80:
+        return b, 1
+    if b >> 5 == 0b110:
+        size = 2
+    elif b >> 4 == 0b1110:
+        size = 3
+    elif b >> 3 == 0b11110:
+        size = 4
+    elif b >> 2 == 0b111110:
+        size = 5
+    else:
+        return -1, 1
+    if size > len(raw) - i:
+        return -1, len(raw) - i
+    if size > 4:
+        return -1, size
+    cp = b & (0x7F >> size)
+    for c in raw[i + 1 : i + size]:
+        if not 0x80 <= c <= 0xBF:
+            return -1, size
+        cp = cp << 6 | c & 0x3F
+    if cp < (0x80, 0x800, 0x10000)[size - 2] or cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+        return -1, size
+    return cp, size
 
 
 def _is_pad(path: tuple[str, ...], attr: str) -> bool:
@@ -497,12 +729,12 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
             parts: list[bytes] = []
             try:
                 while data[p] != 0x65:  # e: the end of the path
-                    colon = data.find(b":", p, p + 4)  # a component is at most 255 bytes
+                    colon = data.find(b":", p, p + 4)  # (a plain component: 240 bytes at most)
                     digits = data[p:colon]
                     if colon < 0 or not digits.isdigit() or digits[0] == 0x30:
                         break
                     end = colon + 1 + int(digits)
-                    if end > dec.n or end - colon > 256:
+                    if end > dec.n or end - colon > NAME_CUT + 1:
                         break
                     parts.append(data[colon + 1 : end])
                     p = end
@@ -511,6 +743,8 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
                         raw_folder = tuple(parts[:-1])
                         fid = folders.get(raw_folder)
                         if fid is None:
+                            if len(parts) > MAX_PATH_PARTS:
+                                raise ValueError  # the long way says what is wrong
                             fid = folders[raw_folder] = b.folder(tuple(
                                 _component(part, f"info.files[{i}].path[{j}]")
                                 for j, part in enumerate(raw_folder)))
@@ -569,13 +803,18 @@ def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> FileTable:
 def _v1_file(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
     """(length, path below the torrent's folder, attr) of one decoded file entry."""
     got = fd.get(b"length") if type(fd) is dict else None
-    parts = fd.get(b"path.utf-8", fd.get(b"path")) if type(fd) is dict else None
+    parts = fd.get(b"path.utf-8") if type(fd) is dict else None
+    if type(parts) is not list and type(fd) is dict:
+        parts = fd.get(b"path")
     raw_attr = fd.get(b"attr") if type(fd) is dict else None
     try:
         if (type(got) is not int or got < 0 or type(parts) is not list or not parts
                 or (raw_attr is not None and type(raw_attr) is not bytes)):
             raise ValueError
         path = tuple(map(_plain_name, parts))
+        if len(parts) > MAX_PATH_PARTS or (len(b"".join(parts)) > NAME_CUT
+                                           and max(map(len, parts)) > NAME_CUT):
+            raise ValueError  # a path too deep, or a name libtorrent cuts short
         attr = "" if raw_attr is None else raw_attr.decode("ascii", "replace")
         return int(got), path, attr
     except (ValueError, TypeError, AttributeError):
@@ -583,8 +822,11 @@ def _v1_file(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
 
 
 def _plain_name(raw: bytes) -> str:
-    """A path component that needs no message: ValueError (or UnicodeDecodeError, or
-    AttributeError for a non-string) sends the caller the long way."""
+    """A path component of at most :data:`NAME_CUT` bytes (the caller's to see to) that
+    libtorrent stores as it is, and needs no message: ValueError (or UnicodeDecodeError,
+    or AttributeError for a non-string) sends the caller the long way (:func:`_sanitize`).
+    Strict UTF-8 holds no sequence libtorrent finds bad; a printable name no control or
+    invisible character."""
     s = raw.decode("utf-8")
     if s in ("", ".", "..") or "\0" in s or "/" in s or "\\" in s or not s.isprintable():
         raise ValueError(s)
@@ -595,11 +837,19 @@ def _v1_file_slowly(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
     if not isinstance(fd, dict):
         raise BadMetainfo(f"'{where}' is not a dictionary")
     length = _length(fd, where)
-    parts = fd.get(b"path.utf-8", fd.get(b"path"))
+    parts = fd.get(b"path.utf-8")  # preferred, as libtorrent does, when a list
+    if not isinstance(parts, list):
+        parts = fd.get(b"path")
+    attr = _attr(fd, where)
+    if (not isinstance(parts, list) or not parts) and "p" in attr:
+        return length, (".pad", str(length)), attr  # a pad needs no path: libtorrent's name
     if not isinstance(parts, list) or not parts:
         raise BadMetainfo(f"'{where}.path' must be a non-empty list")
+    if len(parts) > MAX_PATH_PARTS:
+        raise BadMetainfo(f"'{where}.path' has {len(parts)} names, over {MAX_PATH_PARTS} "
+                          "(libtorrent refuses it too)")
     path = tuple(_component(p, f"{where}.path[{j}]") for j, p in enumerate(parts))
-    return length, path, _attr(fd, where)
+    return length, path, attr
 
 
 def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEntry]:
@@ -614,6 +864,8 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
             where = "file tree/" + "/".join((*prefix, key.decode("utf-8", "replace")))
             if not isinstance(child, dict):
                 raise BadMetainfo(f"'{where}' is not a dictionary")
+            if not key:
+                raise BadMetainfo(f"'{where}' has an empty name")
             comp = _component(key, f"'{where}'")
             if b"" in child:
                 if len(child) != 1:

@@ -11,15 +11,18 @@ For each row three things are checked:
   ``lt.load_torrent_buffer``, which agree on every row), kept in the table as data, so
   the table records where pieced is stricter than libtorrent, or as strict;
 * ``parse`` refuses with the expected error class and a message naming the offending key
-  or path (or accepts, for the control rows);
+  or path; or accepts (the control rows, and the file names libtorrent makes good), each
+  file at the path ``lt.torrent_info`` gives it below the save path;
 * ``DiskIO.register`` refuses as well and leaves nothing behind: the save folder stays
-  empty and no torrent folder appears in the state dir; on each storage backend
-  (``backend``, see conftest.py).
+  empty and no torrent folder appears in the state dir; or accepts, its files where
+  libtorrent's are, and (rows that say where the files land) the payload written there;
+  on each storage backend (``backend``, see conftest.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +34,7 @@ from pieced.storage.errors import BadMetainfo, PiecedError, TooLarge
 from pieced.storage.metainfo import parse
 
 from tests.realtools import make_payload, make_torrent_lt, make_torrent_mktorrent
+from tests.test_names import paths
 
 PIECE = 16384
 PAYLOAD = {"a.bin": 20000, "sub/b.bin": 40000, "c.txt": 133, "empty": 0}
@@ -157,6 +161,15 @@ class Row(NamedTuple):
     libtorrent: str  # ACCEPTED, or libtorrent's error message
     error: type[PiecedError] | None  # None: pieced accepts
     names: str = ""  # what pieced's message must contain
+    lands: tuple[str, ...] = ()  # accepted: every file's path (pads left out), if given
+
+
+def v1_paths(c_txt: str = "c.txt", name: str = "payload") -> tuple[str, ...]:
+    """Where the v1 base's files are stored below the save path, ``c.txt`` at ``c_txt``."""
+    return tuple(f"{name}/{path}" for path in ("a.bin", "empty", "sub/b.bin", c_txt))
+
+
+CUT = "long" + "x" * 236  # a name past 240 bytes, cut to 240 as libtorrent cuts it
 
 
 def base(kind: str) -> Build:
@@ -327,7 +340,7 @@ def deep_path(top: BDict) -> None:
 
 
 ROWS: list[Row] = [
-    # -- controls: pieced accepts these (files differing only in case included)
+    # -- controls: pieced accepts these
     Row("control: libtorrent v1", base("v1"), ACCEPTED, None),
     Row("control: libtorrent v2", base("v2"), ACCEPTED, None),
     Row("control: libtorrent hybrid", base("hybrid"), ACCEPTED, None),
@@ -338,6 +351,7 @@ ROWS: list[Row] = [
         edited("v1", set_path(b"c.txt", b"A.BIN")),
         ACCEPTED,
         None,
+        lands=v1_paths("A.1.BIN"),  # a.bin to libtorrent too: renamed as it renames it
     ),
     Row(
         "control: unknown keys in info",
@@ -350,6 +364,7 @@ ROWS: list[Row] = [
         edited("v1", set_path(b"c.txt", b"long" + b"x" * 251)),
         ACCEPTED,
         None,
+        lands=v1_paths(CUT),
     ),
     Row("control: v1 pad file shorter than a piece", edited("v1", v1_pad(12768)), ACCEPTED, None),
     Row("control: 64 MiB pieces", edited("single", single(133, 1 << 26)), ACCEPTED, None),
@@ -482,21 +497,7 @@ ROWS: list[Row] = [
         BadMetainfo,
         "name",
     ),
-    # -- file paths
-    Row(
-        "same path twice",
-        edited("v1", set_path(b"c.txt", b"a.bin")),
-        ACCEPTED,
-        BadMetainfo,
-        "a.bin",
-    ),
-    Row(
-        "file a beside folder a/b",
-        edited("v1", set_path(b"c.txt", b"sub")),
-        ACCEPTED,
-        BadMetainfo,
-        "sub",
-    ),
+    # -- file paths libtorrent refuses, or that would leave the save path: refused
     Row(
         "v2 node both file and folder",
         edited("v2", both_file_and_folder),
@@ -504,76 +505,41 @@ ROWS: list[Row] = [
         BadMetainfo,
         "sub",
     ),
-    Row(
-        "a 256-byte component",
-        edited("v1", set_path(b"c.txt", b"long" + b"x" * 252)),
-        ACCEPTED,
-        BadMetainfo,
-        "long",
-    ),
     Row("a path over 4096 bytes", edited("v1", deep_path), ACCEPTED, BadMetainfo, "deep"),
-    Row(
-        "empty component",
-        edited("v1", set_path(b"c.txt", b"sub", b"")),
-        ACCEPTED,
-        BadMetainfo,
-        "path",
-    ),
-    Row(
-        "component .",
-        edited("v1", set_path(b"c.txt", b".", b"c.txt")),
-        ACCEPTED,
-        BadMetainfo,
-        "path",
-    ),
     Row(
         "component ..",
         edited("v1", set_path(b"c.txt", b"..", b"c.txt")),
         ACCEPTED,
         BadMetainfo,
-        "path",
+        "info.files[3].path[0] '..' climbs out of its folder",
     ),
     Row(
         "NUL in a component",
         edited("v1", set_path(b"c.txt", b"c\0.txt")),
         ACCEPTED,
         BadMetainfo,
-        "path",
-    ),
-    Row(
-        "/ in a component",
-        edited("v1", set_path(b"c.txt", b"sub/c.txt")),
-        ACCEPTED,
-        BadMetainfo,
-        "path",
+        "info.files[3].path[0] contains a NUL byte",
     ),
     Row(
         "\\ in a component",
         edited("v1", set_path(b"c.txt", b"..\\c.txt")),
         ACCEPTED,
         BadMetainfo,
-        "path",
+        "info.files[3].path[0] '..\\\\c.txt' climbs out of its folder",
     ),
     Row(
         "absolute path",
         edited("v1", set_path(b"c.txt", b"/etc", b"c.txt")),
         ACCEPTED,
         BadMetainfo,
-        "path",
+        "info.files[3].path[0] '/etc' is an absolute path",
     ),
     Row(
         "absolute name",
         edited("v1", lambda t: put(info(t), b"name", b"/tmp/payload")),
         ACCEPTED,
         BadMetainfo,
-        "name",
-    ),
-    Row(
-        "name not UTF-8",
-        edited("v1", lambda t: put(info(t), b"name", b"pay\xffload")),
-        ACCEPTED,
-        BadMetainfo,
-        "name",
+        "info.name '/tmp/payload' is an absolute path",
     ),
     Row(
         "v2 file tree key ..",
@@ -581,6 +547,56 @@ ROWS: list[Row] = [
         ACCEPTED,
         BadMetainfo,
         "..",
+    ),
+    # -- file paths libtorrent makes good: accepted, each file where libtorrent stores it
+    Row(
+        "same path twice",
+        edited("v1", set_path(b"c.txt", b"a.bin")),
+        ACCEPTED,
+        None,
+        lands=v1_paths("a.1.bin"),
+    ),
+    Row(
+        "file a beside folder a/b",
+        edited("v1", set_path(b"c.txt", b"sub")),
+        ACCEPTED,
+        None,
+        lands=v1_paths("sub.1"),
+    ),
+    Row(
+        "a 256-byte component",
+        edited("v1", set_path(b"c.txt", b"long" + b"x" * 252)),
+        ACCEPTED,
+        None,
+        lands=v1_paths(CUT),
+    ),
+    Row(
+        "empty component",
+        edited("v1", set_path(b"c.txt", b"sub", b"")),
+        ACCEPTED,
+        None,
+        lands=v1_paths("sub/_"),
+    ),
+    Row(
+        "component .",
+        edited("v1", set_path(b"c.txt", b".", b"c.txt")),
+        ACCEPTED,
+        None,
+        lands=v1_paths("_/c.txt"),
+    ),
+    Row(
+        "/ in a component",
+        edited("v1", set_path(b"c.txt", b"sub/c.txt")),
+        ACCEPTED,
+        None,
+        lands=v1_paths("subc.txt"),
+    ),
+    Row(
+        "name not UTF-8",
+        edited("v1", lambda t: put(info(t), b"name", b"pay\xffload")),
+        ACCEPTED,
+        None,
+        lands=v1_paths(name="pay_load"),
     ),
     # -- sizes
     Row(
@@ -704,12 +720,16 @@ ROWS: list[Row] = [
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> Bases:
-    """The torrents every row starts from, made once: a folder of four files (one of
-    them empty) as v1, v2 and hybrid, the same folder by mktorrent, and one 133-byte
-    file as v1."""
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of four files (one of them empty) the multi-file bases are made of."""
+    return make_payload(tmp_path_factory.mktemp("multi"), PAYLOAD, seed=5)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> Bases:
+    """The torrents every row starts from, made once: ``folder`` as v1, v2 and hybrid,
+    the same folder by mktorrent, and one 133-byte file as v1."""
     root = tmp_path_factory.mktemp("bases")
-    folder = make_payload(root / "multi", PAYLOAD, seed=5)
     one = make_payload(root / "single", 133, seed=6)
     made = {kind: make_torrent_lt(folder, PIECE, kind) for kind in ("v1", "v2", "hybrid")}
     made["single"] = make_torrent_lt(one, PIECE, "v1")
@@ -732,6 +752,27 @@ def libtorrent_verdict(raw: bytes) -> str:
     return verdicts[0]
 
 
+def lt_stored(raw: bytes) -> list[str]:
+    """The paths ``lt.torrent_info`` stores the files at below the save path (pads left
+    out): its ``files()``, the renames it makes applied (``layout()`` is the names as
+    the torrent lists them, before any rename)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # files(): deprecated in 2.x
+        fs = lt.torrent_info(raw).files()
+    return [fs.file_path(i) for i in range(fs.num_files())
+            if not fs.file_flags(i) & lt.file_storage.flag_pad_file]
+
+
+def landed(row: Row, raw: bytes) -> list[str]:
+    """Where the files of an accepted row are stored: pieced's paths, checked against
+    libtorrent's (``paths`` holds them to ``load_torrent_buffer``'s, renames applied;
+    here to ``torrent_info``'s too) and against the row."""
+    got = paths(raw)
+    assert got == lt_stored(raw)
+    assert not row.lands or got == list(row.lands)
+    return got
+
+
 ROW_PARAMS = [pytest.param(row, id=row.id) for row in ROWS]
 
 
@@ -744,7 +785,7 @@ def test_libtorrent_verdict(row: Row, bases: Bases) -> None:
 def test_parse(row: Row, bases: Bases) -> None:
     raw = row.build(bases)
     if row.error is None:
-        parse(raw)
+        landed(row, raw)
         return
     with pytest.raises(row.error) as caught:
         parse(raw)
@@ -752,7 +793,7 @@ def test_parse(row: Row, bases: Bases) -> None:
 
 
 @pytest.mark.parametrize("row", ROW_PARAMS)
-def test_register(row: Row, bases: Bases, tmp_path: Path, backend: str) -> None:
+def test_register(row: Row, bases: Bases, folder: Path, tmp_path: Path, backend: str) -> None:
     raw = row.build(bases)
     save = tmp_path / "save"
     save.mkdir()
@@ -760,8 +801,17 @@ def test_register(row: Row, bases: Bases, tmp_path: Path, backend: str) -> None:
     disk = DiskIO(backend, hash_workers=1, cache_bytes=1 << 20, state_dir=state)
     try:
         if row.error is None:
-            disk.register(raw, save)
+            ih = disk.register(raw, save)
             assert len(list((state / "torrents").iterdir())) == 1
+            where = landed(row, raw)
+            assert [f["path"] for f in disk.status(ih)["files"]] == where
+            if row.lands and backend != "disabled":  # (it stores nothing)
+                write_v1_payload(disk, ih, bases, folder)
+                meta = parse(raw)
+                on_disk = {str(p.relative_to(save)): p.read_bytes()
+                           for p in save.rglob("*") if p.is_file()}
+                assert on_disk == {"/".join(f.path): (folder.parent / base).read_bytes()
+                                   for f, base in zip(meta.files, v1_paths(), strict=True)}
             return
         with pytest.raises(row.error) as caught:
             disk.register(raw, save)
@@ -770,3 +820,14 @@ def test_register(row: Row, bases: Bases, tmp_path: Path, backend: str) -> None:
         assert sorted((state / "torrents").iterdir()) == []
     finally:
         disk.close()
+
+
+def write_v1_payload(disk: DiskIO, ih: bytes, bases: Bases, folder: Path) -> None:
+    """Write every piece of a row edited from the v1 base (its files' names changed,
+    their lengths and order not: the base's bytes in the base's order), flushed."""
+    linear = b"".join((folder.parent / path).read_bytes() for path in v1_paths())
+    assert len(linear) == parse(bases["v1"]).total_size
+    for p in range(0, -(-len(linear) // PIECE)):
+        result = disk.write_chunk(ih, p, 0, linear[p * PIECE : (p + 1) * PIECE])
+        assert result is not None and result.ok, p
+    disk.flush_all()

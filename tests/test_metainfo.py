@@ -19,6 +19,7 @@ from tests.realtools import (
     make_torrent_mktorrent,
     make_torrent_transmission,
 )
+from tests.test_names import paths
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
@@ -110,8 +111,8 @@ def _bad(info: dict[bytes, Any], **top: Any) -> bytes:
         (b"i42e", "not a dictionary"),
         (bencodepy.encode({b"announce": b"x"}), "'info' is missing"),
         (_bad(_v1(files=[{b"length": 10, b"path": [b".."]}])), "'..'"),
-        (_bad(_v1(files=[{b"length": 10, b"path": [b"a", b""]}])), "empty"),
-        (_bad(_v1(files=[{b"length": 10, b"path": [b"/etc/passwd"]}])), "path separator"),
+        (_bad(_v1(files=[{b"length": 10, b"path": [b"/etc/passwd"]}])),
+         "path[0] '/etc/passwd' is an absolute path"),
         (_bad(_v1(files=[{b"length": 10, b"path": [b"a\0b"]}])), "NUL"),
         (_bad(_v1(files=[{b"length": 10, b"path": []}])), "non-empty list"),
         (_bad(_v1(files=[{b"length": -1, b"path": [b"a"]}])), "negative"),
@@ -126,6 +127,13 @@ def _bad(info: dict[bytes, Any], **top: Any) -> bytes:
 def test_refuses_bad_metainfo(raw: bytes, message: str) -> None:
     with pytest.raises(BadMetainfo, match=re.escape(message)):
         parse(raw)
+
+
+def test_an_empty_name_in_a_path_is_stored_as_libtorrent_stores_it() -> None:
+    """An empty name in a v1 file's path (refused once) is ``_``, where libtorrent puts it."""
+    raw = _bad(_v1(files=[{b"length": 10, b"path": [b"a", b""]}]))
+    assert paths(raw) == ["t/a/_"]
+    assert [f.path for f in parse(raw).files] == [("t", "a", "_")]
 
 
 def test_refuses_oversized_metainfo() -> None:
