@@ -1276,6 +1276,9 @@ class DiskIO:
         except StorageIOError:
             self._uncommit(t, pieces)
             return
+        if self._root_moved(t):  # what was written is not under the save path
+            self._uncommit(t, pieces)
+            return
         rec = self._records.get(t.id)
         error = None
         with rec.journal_lock if rec is not None else contextlib.nullcontext():
@@ -1299,6 +1302,22 @@ class DiskIO:
         for _, r, _ in live:
             self._notify(r)
         self._compact_if_due(t)
+
+    def _root_moved(self, t: Torrent) -> bool:
+        """Whether the save-path folder the torrent's files are in was renamed away or
+        replaced behind our back: then the folder at the save path is the torrent's
+        from now on, and every piece of a file used in the old one starts over
+        (journaled first: a restart would find them missing there all the same)."""
+        moved = t.storage.root_moved()
+        if moved is None:
+            return False
+        self._record_error(t, StorageIOError(
+            f"{t.storage.save_path} is not the folder the torrent's files were written in "
+            "any more (renamed away or replaced behind pieced's back): its pieces there "
+            "start over", errno=errno.ENOENT), None)
+        for index, written in moved:
+            self._start_over(t, index, verified=True, partial=written)
+        return True
 
     def _uncommit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         """Pieces that could not be made durable or journaled: missing again, and failed."""
@@ -1728,6 +1747,7 @@ class DiskIO:
         """
         with self._alone(ih) as t, self._checking(t, "all"):
             self._flush_torrent(t, sync=True)  # what is read below is durable
+            self._root_moved(t)  # (the folder at the save path is the one checked)
             # The files as they are now under their names, as libtorrent checks them: a
             # file renamed or swapped in meanwhile is the one checked, and written after.
             # A piece under way in a file that changed so starts over (its hash state

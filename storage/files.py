@@ -342,6 +342,24 @@ class FileStorage:
             self._recreate.clear()
         return changed
 
+    def root_moved(self) -> list[tuple[int, bool]] | None:
+        """None while the save path still names the folder the files were written in;
+        else (it was renamed away, or replaced, behind our back) the folder at the save
+        path is the torrent's from now on, its files are strangers (made anew, or
+        refused), and what the daemon knew of the old ones is forgotten: returns the
+        files it had written or used there, each with whether it had written it."""
+        if self.root.in_place():
+            return None
+        self.close_handles()
+        self.root.close()  # (opened again by its path)
+        out = []
+        for index in self.stored_files():
+            with self._lock:
+                used = index in self._identity or index in self._sized or index in self._whole
+            if used:
+                out.append((index, self._vanished(index, "").written))
+        return out
+
     def after_crash(self) -> None:
         """Put right what a crash can leave half done by this backend's own writes, at
         the start after it (before any block of this process is written)."""

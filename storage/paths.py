@@ -104,6 +104,19 @@ class Beneath:
                 os.close(self._fd)
                 self._fd = -1
 
+    def in_place(self) -> bool:
+        """Whether the folder held open is still the one at its path: one renamed away,
+        or replaced, behind our back is not (writes would go on landing in it, under
+        no name the torrent has)."""
+        fd = self._fd
+        if fd < 0:
+            return True  # (opened by its path at its next use)
+        try:
+            here, held = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
     @contextlib.contextmanager
     def folder(self, parts: Parts, create: bool) -> Iterator[int]:
         """A descriptor of the folder ``parts`` (relative), made if ``create``."""
