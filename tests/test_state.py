@@ -319,6 +319,22 @@ os._exit(0)
 """
 
 
+def _dies_moving(tmp_path: Path, backend: str, files: int, seed: int, new: Path, op: str,
+                 how: str) -> tuple[Path, Source, Path]:
+    """A hybrid torrent of ``files`` files in three folders, downloaded into
+    ``tmp_path/old`` by a process that then dies part-way through a move to ``new`` (or
+    a rename of its first file) as ``how`` says: (content, source, old save path)."""
+    spec = {f"d{i % 3}/f{i}.bin": 20000 + 1000 * i for i in range(files)}
+    content = make_payload(tmp_path / "src", spec, seed=seed)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    old = tmp_path / "old"
+    _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
+          backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
+          how=how)
+    return content, Source(raw, tmp_path / "src"), old
+
+
 @pytest.fixture
 def other_fs(tmp_path: Path) -> Iterator[Path]:
     """A file system of its own (a tmpfs), for moves across devices."""
@@ -348,19 +364,9 @@ def test_a_crash_during_a_move_or_rename_keeps_every_verified_piece(
     for the half one). A restart finishes the move: every file where it was going and
     nowhere else, every piece verified, the bytes right."""
 
-    from tests.realtools import make_payload
-
-    spec = {f"d{i % 3}/f{i}.bin": 20000 + 1000 * i for i in range(12)}
-    content = make_payload(tmp_path / "src", spec, seed=5)
-    raw = make_torrent_lt(content, 16384, "hybrid")
-    (tmp_path / "t.torrent").write_bytes(raw)
-    src = Source(raw, tmp_path / "src")
-    old = tmp_path / "old"
     other = how in ("copying", "undoing")
     new = (request.getfixturevalue("other_fs") if other else tmp_path) / "new"
-    _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
-          backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
-          how=how)
+    _content, src, old = _dies_moving(tmp_path, backend, 12, 5, new, op, how)
     again = DiskIO(backend, state_dir=tmp_path / "state")
     ih = again.torrents()[0]
     st = again.status(ih)
@@ -398,18 +404,8 @@ def test_a_move_a_restart_cannot_finish_is_undone_and_keeps_every_verified_piece
     verified, stays there; when even that cannot be done (the file already moved cannot
     leave a read-only file system), the torrent is left as it is, not loaded, and a later
     start, once the place can take them, finishes the move with every piece."""
-    from tests.realtools import make_payload
-
-    spec = {f"d{i % 3}/f{i}.bin": 20000 + 1000 * i for i in range(6)}
-    content = make_payload(tmp_path / "src", spec, seed=8)
-    raw = make_torrent_lt(content, 16384, "hybrid")
-    (tmp_path / "t.torrent").write_bytes(raw)
-    src = Source(raw, tmp_path / "src")
-    old = tmp_path / "old"
     new = other_fs / "new" if then != "blocked" else tmp_path / "new" / "deep"
-    _dies(_DIES_MOVING, torrent=str(tmp_path / "t.torrent"), src=str(tmp_path / "src"),
-          backend=backend, state=str(tmp_path / "state"), old=str(old), new=str(new), op=op,
-          how=how)
+    content, src, old = _dies_moving(tmp_path, backend, 6, 8, new, op, how)
     if then == "blocked":
         in_the_way = old / "renamed" if op == "rename" else tmp_path / "new"
         in_the_way.write_bytes(b"someone else's")
