@@ -64,10 +64,7 @@ done beside the bare hashing, which a busy host does not blur as it does wall cl
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
 import platform
 import resource
@@ -85,6 +82,7 @@ sys.path.insert(0, str(REPO))
 import libtorrent as lt  # noqa: E402
 
 from bench.daemon_proc import DaemonProcess, cpu_seconds  # noqa: E402
+from tests.pagecache import page_residency  # noqa: E402
 from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
@@ -172,37 +170,10 @@ def prepare_payload(workdir: Path, size: int) -> tuple[Path, dict[str, int], boo
 
 # --------------------------------------------------------------------------- page cache
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_BIT0 = bytes(i & 1 for i in range(256))
-
-
 def resident_pages(path: Path) -> tuple[int, int]:
-    """(pages of ``path`` in the page cache, pages in all), by ``mincore`` over a
-    read-only shared map of the file, which faults nothing in."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0, 0
-    pages = -(-size // mmap.PAGESIZE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), f"mmap {path}")
-        try:
-            vec = ctypes.create_string_buffer(pages)
-            if _libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore {path}")
-            return vec.raw.translate(_BIT0).count(1), pages
-        finally:
-            _libc.munmap(addr, size)
-    finally:
-        os.close(fd)
+    """(pages of ``path`` in the page cache, pages in all)."""
+    pages = page_residency(path)
+    return pages.count(1), len(pages)
 
 
 def resident_fraction(files: list[Path]) -> float:
