@@ -571,8 +571,9 @@ class FileStorage:
         self._pread(segments, out, 0)
 
     def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
-        """Fill ``out`` only from the page cache (preadv with RWF_NOWAIT): False, and
-        nothing read from the disk, when part of it is not there any more."""
+        """Fill ``out`` only from the page cache (preadv with RWF_NOWAIT): False, without
+        waiting for the disk, when part of it is not there any more (the kernel starts
+        reading it in all the same: the read that follows a miss finds it sooner)."""
         return self._pread(segments, out, self._nowait)
 
     def _pread(self, segments: Sequence[Segment], out: memoryview, nowait: int) -> bool:
