@@ -1152,6 +1152,15 @@ def _int(msg: dict[str, Any], key: str) -> int:
     return v
 
 
+def _flag(msg: dict[str, Any], key: str, default: int) -> bool:
+    """A 0/1 argument (absent: ``default``). Anything else is refused, never taken for
+    its truthiness: a flag sent as "0" or b"no" must not delete a torrent's files."""
+    v = msg.get(key, default)
+    if not isinstance(v, int) or v not in (0, 1):
+        raise BadRequest(f"'{key}' must be 0 or 1")
+    return bool(v)
+
+
 def _str(msg: dict[str, Any], key: str) -> str:
     v = msg.get(key)
     if not isinstance(v, str):
@@ -1178,7 +1187,7 @@ def _op_register(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 
 
 def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
-    ih = _ih(m)
+    ih, full = _ih(m), _flag(m, "full", 0)
     last = [-1]
 
     def progress(done: int, total: int) -> None:
@@ -1188,16 +1197,14 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
             frame = encode_event("recheck_progress", {"ih": ih, "id": rid, "done": done, "total": total})
             c._post(c.send, [frame])
 
-    r = c.disk.recheck(ih, progress, full=bool(m.get("full", 0)))
+    r = c.disk.recheck(ih, progress, full=full)
     return {"num_pieces": r.num_pieces, "failed_v1": r.failed_v1, "failed_v2": r.failed_v2,
             "verified": sum(r.have), "fingerprint_hits": r.fingerprint_hits}
 
 
 def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
-    files = m.get("files", 1)
-    if files not in (0, 1):
-        raise BadRequest("'files' must be 0 or 1")
-    return c.disk.status(_ih(m), files=bool(files))
+    files = _flag(m, "files", 1)
+    return c.disk.status(_ih(m), files=files)
 
 
 def _big_report(c: Connection, op: Any, m: dict[str, Any]) -> bool:
@@ -1255,7 +1262,7 @@ def _op_subscribe(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 Op = Callable[[Connection, int, dict[str, Any]], Any]
 OPS: dict[str, Op] = {
     "register": _op_register,
-    "unregister": lambda c, r, m: c.disk.unregister(_ih(m), bool(m.get("delete_files", 0))),
+    "unregister": lambda c, r, m: c.disk.unregister(_ih(m), _flag(m, "delete_files", 0)),
     "list": _op_list,
     "read_piece": _op_read_piece,
     "hash_piece": lambda c, r, m: c.disk.hash_piece(_ih(m), _int(m, "piece"), m.get("expected")),

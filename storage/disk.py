@@ -270,14 +270,24 @@ class DiskIO:
         t = self._get(ih)
         t.enter_alone()
         try:
-            if delete_files:
-                rec = self._records.get(t.id)
-                if rec is not None:
-                    with rec.save_lock:
-                        try:
+            rec = self._records.get(t.id)
+            if rec is not None:
+                # The step that commits the removal, before anything else changes: the
+                # record says the files go, or (the files kept) it is set aside, never
+                # to be loaded again. When the state folder refuses it (read-only, a
+                # folder not ours) nothing changed: the torrent is still registered (a
+                # record left in place would bring it back at the next start).
+                with rec.save_lock, rec.journal_lock:
+                    try:
+                        if delete_files:
                             rec.mark_deleting()
-                        except OSError as exc:  # nothing changed: still registered
-                            raise StorageIOError.wrap(exc, "unregister") from None
+                        else:
+                            rec.set_aside()
+                    except OSError as exc:
+                        raise StorageIOError.wrap(
+                            exc, f"unregister: its state record {rec.folder} cannot be "
+                                 "changed") from None
+            if delete_files:
                 with self._lock:  # (two torrents sharing files, removed at once with them)
                     t.deleting = True
             self._committer.take(t)
@@ -518,7 +528,8 @@ class DiskIO:
             gen = rec.rotate()
         files = None
         if stamps:
-            files = [self._stamp(t.storage, i) if not flag & UNSTORED else [0, 0, 0, 0]
+            folders: dict[str, bool] = {}
+            files = [self._stamp(t.storage, i, folders) if not flag & UNSTORED else [0, 0, 0, 0]
                      for i, flag in enumerate(t.meta.files.flags)]
         try:
             rec.write_resume(have, fps, gen, files)
@@ -531,12 +542,12 @@ class DiskIO:
         return True
 
     @staticmethod
-    def _stamp(storage: FileStorage, index: int) -> list[int]:
+    def _stamp(storage: FileStorage, index: int, folders: dict[str, bool]) -> list[int]:
         """The stamp a clean stop records of a payload file: one that never matches if
         the file under its name is not the one the daemon used (opened, or checked at
         its start and not opened since)."""
         identity = storage.identity(index)
-        stamp = file_stamp(storage.file_path(index), identity)
+        stamp = file_stamp(storage.file_path(index), identity, folders)
         seen = storage.start_stamps.get(index)
         if identity is None and seen is not None and stamp != seen:
             stamp[2] = -1  # changed behind our back since the start: what it holds is unknown
@@ -660,13 +671,15 @@ class DiskIO:
                                  if t.state[p] == VERIFIED}
             # (a torrent with nothing verified, a new download, has no file to look at)
             lengths, flags = meta.files.lengths, meta.files.flags
+            folders: dict[str, bool] = {}  # (each looked at once)
             for i in range(len(lengths) if VERIFIED in t.state else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
                 if not pieces:
                     continue
-                stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i))
+                stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i),
+                                                             folders=folders)
                 if stamp[0] < lengths[i]:
                     # Gone or short: the pieces with bytes past its end went with them. A
                     # file short from the start (another client's partial download, sparse)

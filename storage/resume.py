@@ -53,6 +53,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -293,27 +294,55 @@ class TorrentRecord:
         now on a restart deletes what is left of them, and loads nothing of it."""
         write_atomic(self.folder / DELETING, b"")
 
-    def remove(self, keep: bool = False) -> None:
-        """Forget the torrent (caller holds both locks): nothing is written after this.
-
-        The folder is renamed out of the way first, one atomic step: a crash part-way
-        through deleting its files must not leave a record that a restart would load
-        (without its resume record, as a torrent to check again). With ``keep`` the
-        folder (marked ``mark_deleting``) stays until ``discard``: the payload files a
-        crash leaves behind are deleted at the next start."""
-        self.removed = True
-        self._close_journal()
+    def set_aside(self) -> None:
+        """Rename the folder out of the way (``.removing-<hex>``), in one atomic step
+        (caller holds both locks): from then on a restart deletes it and never loads the
+        torrent, whatever becomes of the rest of the removal. OSError when the folder
+        cannot be renamed (a read-only state file system, a folder made immutable or
+        not ours): nothing has changed then, and the removal must be refused, for a
+        record left where it is would bring the torrent back at the next start, its old
+        bitfield taken on trust over files the user was told are no longer its own."""
+        if self.folder.name.startswith(REMOVING):
+            return
         gone = self.folder.with_name(REMOVING + self.folder.name)
         try:
             os.replace(self.folder, gone)
         except FileNotFoundError:
-            return
-        except OSError:
-            gone = self.folder  # (renaming failed: deleted where it is, as it can be)
-        else:
-            with contextlib.suppress(OSError):
-                fsync_dir(self.folder.parent)
+            return  # (no record left to load: nothing to set aside)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # What an earlier removal of the torrent could not delete is in the way:
+            # it was to go anyway.
+            shutil.rmtree(gone, ignore_errors=True)
+            os.replace(self.folder, gone)
         self.folder = gone
+        with contextlib.suppress(OSError):
+            fsync_dir(gone.parent)
+
+    def remove(self, keep: bool = False) -> None:
+        """Forget the torrent (caller holds both locks): nothing is written after this.
+
+        The folder is renamed out of the way first (``set_aside``, unless done already),
+        one atomic step: a crash part-way through deleting its files must not leave a
+        record that a restart would load (without its resume record, as a torrent to
+        check again). With ``keep`` the folder (marked ``mark_deleting``) stays until
+        ``discard``: the payload files a crash leaves behind are deleted at the next
+        start."""
+        self.removed = True
+        self._close_journal()
+        if not self.folder.name.startswith(REMOVING):
+            gone = self.folder.with_name(REMOVING + self.folder.name)
+            try:
+                os.replace(self.folder, gone)
+            except FileNotFoundError:
+                return
+            except OSError:
+                gone = self.folder  # (renaming failed: deleted where it is, as it can be)
+            else:
+                with contextlib.suppress(OSError):
+                    fsync_dir(self.folder.parent)
+            self.folder = gone
         if not keep:
             self.discard()
 
@@ -543,20 +572,68 @@ def _decode_dict(path: Path) -> dict[bytes, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def file_stamp(path: Path, identity: tuple[int, int] | None = None) -> list[int]:
+def file_stamp(path: Path, identity: tuple[int, int] | None = None,
+               folders: dict[str, bool] | None = None) -> list[int]:
     """[size, mtime_ns, ctime_ns, inode] of a payload file, or [-1, 0, 0, 0] when it does
     not exist: what a clean stop records, and the next start compares. The change time
     cannot be set back as the modification time can (``touch -d``), and a file put in
     the place of another has another inode. With ``identity`` (the file the daemon
-    used, as (st_dev, st_ino)), a stamp of another file never matches."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
+    used, as (st_dev, st_ino)), a stamp of another file never matches.
+
+    Anything the daemon would not open as the payload file counts as gone: a symlink, a
+    FIFO or a folder in its place (a symlink's own size, or a folder's, passed for a
+    small file's length), or a file reached through a symlink on its path (a save
+    folder swapped for one): the daemon's opens refuse them all (paths.py), so none of
+    their pieces can be verified. ``folders``: what was found of the folders so far, in
+    a pass over many files (each folder is looked at once)."""
+    st = _payload_stat(path, folders)
+    if st is None:
         return [-1, 0, 0, 0]
     ctime = st.st_ctime_ns
     if identity is not None and identity != (st.st_dev, st.st_ino):
         ctime = -1  # not the file the daemon wrote and read: what it holds is unknown
     return [st.st_size, st.st_mtime_ns, ctime, st.st_ino]
+
+
+# A descriptor of the name itself, not a symlink's target, opening nothing (a FIFO does
+# not block); without O_PATH a non-blocking read-only open does.
+_STAT_FLAGS = (getattr(os, "O_PATH", 0) or os.O_RDONLY | os.O_NONBLOCK) | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _payload_stat(path: Path, folders: dict[str, bool] | None = None) -> os.stat_result | None:
+    """The status of ``path`` if it is a regular file reached through no symlink
+    (save paths are resolved when given, and the daemon's roots at its start: a symlink
+    anywhere on the path came later), else None."""
+    want = os.path.abspath(path)
+    try:
+        st = os.stat(want, follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    folder = os.path.dirname(want)
+    plain = folders.get(folder) if folders is not None else None
+    if plain is None:
+        plain = _no_symlink_to(folder)
+        if folders is not None:
+            folders[folder] = plain
+    return st if plain else None
+
+
+def _no_symlink_to(folder: str) -> bool:
+    """Whether ``folder`` (absolute) is reached through no symlink."""
+    try:
+        fd = os.open(folder, _STAT_FLAGS)
+    except OSError:
+        return False
+    try:
+        try:  # where the kernel found it: one lookup, not one a component
+            there = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (no /proc)
+            there = os.path.realpath(folder)
+    finally:
+        os.close(fd)
+    return there == folder
 
 
 STAMP_FIELDS = 4  # of a file_stamp (a record written before ctime and inode has two)

@@ -130,6 +130,8 @@ class Daemon:
     so in its first line, or this fails. ``wrap``: a command it runs under (``prlimit``).
     """
 
+    started: list[Daemon] = []  # (the test's: none outlives it)
+
     def __init__(self, root: Path, *extra: str, env: dict[str, str] | None = None,
                  backend: str | None = None, wrap: tuple[str, ...] = ()) -> None:
         import os
@@ -138,6 +140,7 @@ class Daemon:
 
         self.root = root
         self.socket = root / "var" / "pieced.sock"
+        Daemon.started.append(self)
         env = {**os.environ, **(env or {})}
         if backend is not None:
             env["PIECED_BACKEND"] = backend
@@ -168,6 +171,17 @@ class Daemon:
 
     def stderr(self) -> str:
         return self.proc.stderr.read() if self.proc.stderr else ""
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left() -> Iterator[None]:
+    """A test that fails half-way (before its ``stop``) leaves no daemon running."""
+    yield
+    while Daemon.started:
+        d = Daemon.started.pop()
+        if getattr(d, "proc", None) is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
 
 
 @pytest.fixture

@@ -1,0 +1,218 @@
+"""Edges of the durable state, each found by a hunt: a flag taken for its truthiness
+deleted payload files, a removal the state folder refused answered OK (and the torrent
+came back, trusted), and a symlink, FIFO or folder in a payload file's place (or a save
+folder swapped for a symlink) kept its pieces verified across a crash."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pieced.protocol.client import Client
+from pieced.storage.disk import DiskIO
+from pieced.storage.errors import BadRequest, StorageIOError
+
+from tests.conftest import STORES_NOTHING, Daemon
+from tests.realtools import make_payload, make_torrent_lt
+from tests.test_disk import Source, fill
+
+
+def _verified(st: dict) -> set[int]:
+    return {p for p in range(len(st["have"]) * 8) if st["have"][p >> 3] & (0x80 >> (p & 7))}
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+# -- 1. 0/1 flags: anything else is BAD_REQUEST, and changes nothing ------------------------
+
+BAD_FLAGS = ["0", b"no", [0], "false", 2, -1, {"x": 1}]
+
+
+def test_a_flag_other_than_0_or_1_is_refused_and_changes_nothing(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """``unregister`` tested ``delete_files`` for its truthiness: a client that sent it
+    as "0", b"no", [0] or "false" had the torrent's payload files deleted, with OK. Every
+    0/1 flag of every op (``delete_files``, ``recheck``'s ``full``, ``status``'s
+    ``files``) is now 0 or 1, or BAD_REQUEST before anything is done."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40000, "sub/b.bin": 20000}, seed=3)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    dl = tmp_path / "dl"
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, dl)
+        for p, b, size in src.blocks():
+            c.write_chunk(ih, p, b, src.read(p, b, size))
+        c.wait_writes()
+        c.flush_all()
+        files = _files_under(dl)
+        assert len(files) == 2 and c.status(ih)["verified_pieces"] == n
+        for value in BAD_FLAGS:
+            for op, key in [("unregister", "delete_files"), ("recheck", "full"),
+                            ("status", "files")]:
+                with pytest.raises(BadRequest, match=f"'{key}' must be 0 or 1"):
+                    c._call(op, ih=ih, **{key: value})
+            assert _files_under(dl) == files, value
+            assert [x["ih"] for x in c.torrents()] == [ih], value
+            assert c.status(ih)["verified_pieces"] == n, value
+        # 0 and 1 (and the client's booleans) still do what they say.
+        assert "files" not in c._call("status", ih=ih, files=0)
+        assert "files" in c._call("status", ih=ih, files=1)
+        assert c._call("recheck", ih=ih, full=1)["verified"] == n
+        assert c._call("recheck", ih=ih, full=0)["verified"] == n
+        c._call("unregister", ih=ih, delete_files=0)
+        assert [x["ih"] for x in c.torrents()] == [] and _files_under(dl) == files
+        ih = c.register(raw, dl)
+        c.recheck(ih)
+        c.unregister(ih, delete_files=True)
+        assert [x["ih"] for x in c.torrents()] == [] and _files_under(dl) == set()
+
+
+# -- 2. a removal the state folder refuses changes nothing -----------------------------------
+
+@contextlib.contextmanager
+def _unchangeable(folder: Path, how: str) -> Iterator[None]:
+    """``folder`` (a torrent's state folder) as a state file system gone read-only, or
+    a folder the daemon may not change, leaves it: the kernel refuses every change."""
+    if how == "immutable":
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"chattr +i: {done.stderr.decode().strip()}")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:  # a read-only bind mount of the folder over itself
+        done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"mount --bind: {done.stderr.decode().strip()}")
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+            yield
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("how", ["immutable", "read-only"])
+def test_a_removal_the_state_folder_refuses_fails_and_changes_nothing(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """``unregister`` (the files kept) answered OK when the torrent's state folder could
+    not be changed (the record left where it was, deleted in place as it could be:
+    nothing); after the restart the torrent was back, its old bitfield trusted, and
+    pieces whose bytes the user had changed since were served as verified. It is now
+    IO_ERROR, nothing changed (as with ``delete_files``); once the folder can be changed
+    the removal goes through, and the restart does not bring the torrent back."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40000, "sub/b.bin": 70000}, seed=5)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == n
+    folder = state / "torrents" / ih.hex()
+    with _unchangeable(folder, how):
+        with pytest.raises(StorageIOError, match="unregister") as exc:
+            dio.unregister(ih)
+        assert exc.value.errno in (errno.EPERM, errno.EROFS, errno.EBUSY, errno.EACCES)
+        assert dio.torrents() == [ih] and dio.status(ih)["verified_pieces"] == n
+        assert dio.read_chunk(ih, n - 1, 0, 10) == src.read(n - 1, 0, 10)
+    assert sorted(os.listdir(state / "torrents")) == [ih.hex()]
+    dio.unregister(ih)
+    assert dio.torrents() == []
+    dio.close()
+    again = DiskIO(backend, state_dir=state)
+    try:
+        assert again.torrents() == [] and again.load_errors == []
+        assert os.listdir(state / "torrents") == []
+        assert (tmp_path / "dl" / "payload" / "a.bin").exists()  # (the files were kept)
+    finally:
+        again.close()
+
+
+# -- 3. what the daemon would not open as a payload file is gone at the start ----------------
+
+def _tamper(kind: str, dl: Path, elsewhere: Path) -> None:
+    small = dl / "payload" / "e.bin"
+    if kind == "symlink":  # a symlink longer than the 10-byte file it replaces
+        target = elsewhere / "e.bin"
+        target.write_bytes(b"Z" * 10)
+        small.unlink()
+        os.symlink(target, small)
+    elif kind == "fifo":
+        small.unlink()
+        os.mkfifo(small)
+    elif kind == "folder":  # (4096 bytes, to lstat)
+        small.unlink()
+        small.mkdir()
+    elif kind == "save folder symlink":  # the save folder swapped for a symlink to a copy
+        shutil.copytree(dl, elsewhere / "dl")
+        (elsewhere / "dl" / "payload" / "sub" / "b.bin").write_bytes(bytes(3 * 16384 + 5))
+        shutil.rmtree(dl)
+        os.symlink(elsewhere / "dl", dl)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("stop", ["crash", "clean"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "save folder symlink"])
+def test_what_is_not_a_regular_file_beneath_the_save_path_loses_its_pieces_at_the_start(
+        tmp_path: Path, backend: str, kind: str, stop: str) -> None:
+    """After a kill -9, a start compared only the sizes of payload files, taken with
+    lstat and no look at the file's type: a symlink (its own length), or a folder, in
+    the place of a small file, or a save folder swapped for a symlink (files reached
+    through it), kept their pieces verified, which the daemon then refused to read (it
+    opens nothing through a symlink). Such files count as gone now: their pieces are
+    not verified; the rest stay."""
+    content = make_payload(tmp_path / "src", {"a.bin": 3 * 16384, "e.bin": 10,
+                                              "sub/b.bin": 3 * 16384 + 5}, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    dl, elsewhere = tmp_path / "dl", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
+    ih = dio.register(raw, dl)
+    fill(dio, ih, src)
+    dio.flush_all()
+    st = dio.status(ih)
+    assert st["verified_pieces"] == n
+    t = dio.torrent(ih)
+    small = next(f["index"] for f in st["files"] if f["path"].endswith("e.bin"))
+    touched = set(t.layout.file_pieces(small))
+    state = tmp_path / "state"
+    if stop == "crash":  # what a kill -9 leaves: every append was fdatasync'ed
+        shutil.copytree(tmp_path / "state", tmp_path / "crashed")
+        state = tmp_path / "crashed"
+    dio.close()
+    _tamper(kind, dl, elsewhere)
+    again = DiskIO(backend, state_dir=state)
+    try:
+        end = time.monotonic() + 30
+        while (st := again.status(ih))["reverifying_pieces"] and time.monotonic() < end:
+            time.sleep(0.01)
+        have = _verified(st)
+        if kind == "save folder symlink":
+            assert have == set(), sorted(have)
+        else:
+            assert not have & touched, sorted(have & touched)
+            if stop == "crash":  # (a clean stop's stamps put the others in doubt too)
+                assert have == set(range(n)) - touched
+        for p in have:  # every piece still said verified is served, with its bytes
+            size = t.layout.piece_size(p)
+            assert again.read_chunk(ih, p, 0, size) == src.read(p, 0, size), p
+    finally:
+        again.close()
