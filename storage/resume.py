@@ -331,18 +331,8 @@ class TorrentRecord:
         start."""
         self.removed = True
         self._close_journal()
-        if not self.folder.name.startswith(REMOVING):
-            gone = self.folder.with_name(REMOVING + self.folder.name)
-            try:
-                os.replace(self.folder, gone)
-            except FileNotFoundError:
-                return
-            except OSError:
-                gone = self.folder  # (renaming failed: deleted where it is, as it can be)
-            else:
-                with contextlib.suppress(OSError):
-                    fsync_dir(self.folder.parent)
-            self.folder = gone
+        with contextlib.suppress(OSError):  # (renaming failed: deleted where it is, as it can be)
+            self.set_aside()
         if not keep:
             self.discard()
 
@@ -595,9 +585,8 @@ def file_stamp(path: Path, identity: tuple[int, int] | None = None,
     return [st.st_size, st.st_mtime_ns, ctime, st.st_ino]
 
 
-# A descriptor of the name itself, not a symlink's target, opening nothing (a FIFO does
-# not block); without O_PATH a non-blocking read-only open does.
-_STAT_FLAGS = (getattr(os, "O_PATH", 0) or os.O_RDONLY | os.O_NONBLOCK) | os.O_NOFOLLOW | os.O_CLOEXEC
+# A descriptor of a folder itself (never a symlink's target), that opens nothing.
+_FOLDER_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _payload_stat(path: Path, folders: dict[str, bool] | None = None) -> os.stat_result | None:
@@ -623,7 +612,7 @@ def _payload_stat(path: Path, folders: dict[str, bool] | None = None) -> os.stat
 def _no_symlink_to(folder: str) -> bool:
     """Whether ``folder`` (absolute) is reached through no symlink."""
     try:
-        fd = os.open(folder, _STAT_FLAGS)
+        fd = os.open(folder, _FOLDER_FLAGS)
     except OSError:
         return False
     try:
