@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable
+from typing import Any
 
 import bencodepy
 
@@ -24,6 +25,7 @@ DEFAULT_REQQ = 250  # what libtorrent assumes of a peer that names no ``reqq``
 MAX_PEER_QUEUE = 500  # requests a peer may have waiting on us; more is abuse
 OUR_REQQ = MAX_PEER_QUEUE
 UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
+LT_DONTHAVE = 7  # our id of BEP 54's lt_donthave (libtorrent's own)
 METADATA_PIECE = 16384  # the torrent's metadata is handed out in pieces of this size
 # Messages that change nothing, or only flip a state back and forth (keep-alives, CHOKE,
 # INTERESTED, a HAVE said again, a request while choked...), that a peer may send at
@@ -37,6 +39,23 @@ CHATTER_RATE = 500.0
 _USEFUL: frozenset[type] = frozenset({
     wire.Handshake, wire.Bitfield, wire.HaveAll, wire.HaveNone, wire.Have, wire.Piece,
     wire.Request, wire.Cancel, wire.RejectRequest, wire.HashRequest})
+
+
+class DontHave:
+    """The peer no longer has a piece it said it had (BEP 54's ``lt_donthave``, an
+    extension message whose id the connection negotiated): already taken out of
+    ``peer_has`` when this is returned."""
+
+    __slots__ = ("piece",)
+
+    def __init__(self, piece: int) -> None:
+        self.piece = piece
+
+    def __repr__(self) -> str:
+        return f"DontHave(piece={self.piece})"
+
+
+Event = wire.Event | DontHave
 
 
 class PeerConnection:
@@ -62,6 +81,7 @@ class PeerConnection:
         self._clock = clock
         self.metadata = metadata
         self.remote_ut_metadata = 0  # its id of ut_metadata (0: it has none)
+        self.remote_donthave = 0  # its id of lt_donthave (0: it has none)
         self.info_hashes = info_hashes
         self.peer_id = peer_id
         self.piece_sizes = piece_sizes
@@ -116,7 +136,7 @@ class PeerConnection:
                 and begin + length <= self.piece_sizes[piece])
 
     # -- receiving -------------------------------------------------------------------------
-    def receive(self, data: bytes | bytearray | memoryview) -> list[wire.Event]:
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """The events the plugin acts on; raises WireError when the peer broke the
         protocol (the connection is to be closed)."""
         now = self.last_received = self._clock()
@@ -124,13 +144,17 @@ class PeerConnection:
         # a peer that runs past it breaks the protocol, at the message that does.
         budget = min(CHATTER_BURST, self._chatter + (now - self._chatter_at) * CHATTER_RATE)
         self._chatter_at = now
-        out: list[wire.Event] = []
+        out: list[Event] = []
         try:
             for ev in self.parser.feed(data):
                 if self._apply(ev):
-                    out.append(ev)
                     if type(ev) in _USEFUL:
+                        out.append(ev)
                         continue
+                    if type(ev) is wire.Extended and ev.ext_id == LT_DONTHAVE:
+                        out.append(DontHave(int.from_bytes(ev.payload, "big")))
+                    else:
+                        out.append(ev)
                 # It changed nothing, or flipped a state, suggested, used an extension.
                 budget -= 1
                 if budget < 0:
@@ -167,9 +191,10 @@ class PeerConnection:
             self.fast = wire.supports_fast(ev.reserved)
             self.extended = wire.supports_extended(ev.reserved)
             if self.extended:
-                hello: dict[bytes, object] = {b"m": {}, b"reqq": OUR_REQQ, b"v": b"pieced-peer"}
+                ours: dict[bytes, int] = {b"lt_donthave": LT_DONTHAVE}
+                hello: dict[bytes, object] = {b"m": ours, b"reqq": OUR_REQQ, b"v": b"pieced-peer"}
                 if self.metadata is not None:
-                    hello[b"m"] = {b"ut_metadata": UT_METADATA}
+                    ours[b"ut_metadata"] = UT_METADATA
                     hello[b"metadata_size"] = len(self.metadata)
                 self._send(wire.extended(0, bencodepy.encode(hello)))
             return True
@@ -253,11 +278,21 @@ class PeerConnection:
                     if isinstance(reqq, int) and reqq > 0:
                         self.reqq = min(reqq, 2000)
                     m = msg.get(b"m")
-                    ut = m.get(b"ut_metadata") if isinstance(m, dict) else None
-                    if isinstance(ut, int):
-                        self.remote_ut_metadata = ut if 0 < ut < 256 else 0
+                    if isinstance(m, dict):  # (a later handshake may change or drop an id)
+                        self.remote_ut_metadata = _ext_id(m, b"ut_metadata", self.remote_ut_metadata)
+                        self.remote_donthave = _ext_id(m, b"lt_donthave", self.remote_donthave)
             elif ev.ext_id == UT_METADATA and self.metadata is not None:
                 self._metadata_asked(ev.payload)
+            elif ev.ext_id == LT_DONTHAVE:
+                # As libtorrent: a message of another size, a piece out of range, or one
+                # it never said it had, is ignored (and counts as chatter).
+                if len(ev.payload) != 4:
+                    return False
+                piece = int.from_bytes(ev.payload, "big")
+                if piece >= self.num_pieces or not self.peer_has[piece]:
+                    return False
+                self.peer_has[piece] = 0
+                self.peer_count -= 1
         elif isinstance(ev, wire.SuggestPiece) and not 0 <= ev.piece < self.num_pieces:
             return False
         return True
@@ -353,6 +388,11 @@ class PeerConnection:
     def send_have(self, piece: int) -> None:
         self._send(wire.have(piece))
 
+    def send_dont_have(self, piece: int) -> None:
+        """Tell a peer that supports ``lt_donthave`` we no longer have ``piece``."""
+        if self.remote_donthave and self.handshaken:
+            self._send(wire.extended(self.remote_donthave, piece.to_bytes(4, "big")))
+
     def send_suggest(self, piece: int) -> None:
         if self.fast:
             self._send(wire.suggest_piece(piece))
@@ -395,6 +435,13 @@ class PeerConnection:
 
     def can_request(self, piece: int) -> bool:
         return not self.peer_choking or (self.fast and piece in self.allowed_fast)
+
+
+def _ext_id(m: dict[Any, Any], name: bytes, old: int) -> int:
+    """A peer's id for an extension from its handshake's ``m``: 0 turns it off, a value
+    that is not an id leaves the old one (BEP 10)."""
+    v = m.get(name, old)
+    return v if isinstance(v, int) and 0 <= v < 256 else old
 
 
 def choke_round(conns: Iterable[PeerConnection], slots: int,

@@ -38,7 +38,7 @@ from pieced.storage.metainfo import Metainfo, parse, read_metainfo
 
 from . import wire
 from .blame import Attribution
-from .conn import PeerConnection, choke_round
+from .conn import DontHave, PeerConnection, choke_round
 from .hashes import HashServer
 from .picker import Block, Picker
 from .tracker import Tracker
@@ -882,7 +882,7 @@ class Swarm:
             self._choke_round()  # its unchoke slot is free: the peer waiting longest gets it
 
     # -- messages from a peer -----------------------------------------------------------------
-    async def _handle(self, peer: Peer, ev: wire.Event) -> None:
+    async def _handle(self, peer: Peer, ev: wire.Event | DontHave) -> None:
         if type(ev) is wire.Piece:  # the message of a download: tested first
             await self._block(peer, ev)
             return
@@ -907,6 +907,11 @@ class Swarm:
             if not picker.have[ev.piece] and ev.piece not in peer.banned:
                 peer.wanted += 1
             self._fill(peer)
+        elif type(ev) is DontHave:  # (already out of what the connection says it has)
+            picker.peer_lost((ev.piece,))
+            if not picker.have[ev.piece] and ev.piece not in peer.banned:
+                peer.wanted -= 1
+            self._fill(peer)  # (no longer interested, when that was all it had for us)
         elif isinstance(ev, (wire.Unchoke, wire.AllowedFast)):
             if type(ev) is wire.Unchoke:
                 peer.refused.clear()
@@ -1243,6 +1248,7 @@ class Swarm:
         for p in list(self.peers):
             if p.conn.peer_has[piece] and piece not in p.banned:
                 p.wanted += 1
+            p.conn.send_dont_have(piece)  # (BEP 54, to those that take it, as libtorrent)
             self._fill(p)
 
     def _look_again(self) -> None:

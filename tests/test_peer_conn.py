@@ -1156,6 +1156,48 @@ def test_the_metadata_is_handed_out_in_pieces() -> None:
     assert bencodepy.decode(ev.payload) == {b"msg_type": 2, b"piece": 3}
 
 
+def test_lt_donthave_both_ways() -> None:
+    """BEP 54, as libtorrent has it: our extension handshake offers lt_donthave (id 7);
+    a peer's lt_donthave of a piece it had takes it out of what it has and is an event;
+    one of another size, out of range, or of a piece it never had changes nothing; we
+    send ours only to a peer that offered the extension, with its id (which a later
+    handshake may change, or turn off with 0)."""
+    from pieced.peer.conn import LT_DONTHAVE, DontHave
+
+    c = PeerConnection((IH,), A_ID, list(SIZES), v2=False)
+    c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True)))
+    hello = [e for e in wire.Parser(handshake=True).feed(b"".join(c.take_outbox()))
+             if isinstance(e, wire.Extended)]
+    assert bencodepy.decode(hello[0].payload)[b"m"] == {b"lt_donthave": LT_DONTHAVE}
+
+    c.send_dont_have(1)
+    assert c.take_outbox() == []  # it offered no lt_donthave: nothing to say it with
+    assert c.receive(wire.have_all()) and c.peer_count == 3
+
+    def dont(piece: int, size: int = 4) -> list[Any]:
+        return c.receive(wire.extended(LT_DONTHAVE, piece.to_bytes(8, "big")[-size:]))
+
+    (ev,) = dont(1)
+    assert type(ev) is DontHave and ev.piece == 1
+    assert list(c.peer_has) == [1, 0, 1] and c.peer_count == 2
+    assert dont(1) == []  # said again: it no longer had it
+    assert dont(3) == [] and dont(2**32 - 1) == []  # out of range
+    assert dont(0, size=5) == [] and dont(0, size=3) == []  # not 4 bytes
+    assert list(c.peer_has) == [1, 0, 1] and c.peer_count == 2
+    assert c.receive(wire.have(1)) and c.peer_count == 3  # and back
+
+    c.receive(wire.extended(0, bencodepy.encode({b"m": {b"lt_donthave": 9}})))
+    c.send_dont_have(2)
+    (ev,) = wire.Parser(handshake=False).feed(b"".join(c.take_outbox()))
+    assert ev == wire.Extended(9, (2).to_bytes(4, "big"))
+    c.receive(wire.extended(0, bencodepy.encode({b"m": {b"ut_pex": 1}})))  # additive
+    c.send_dont_have(2)
+    assert len(c.take_outbox()) == 1
+    c.receive(wire.extended(0, bencodepy.encode({b"m": {b"lt_donthave": 0}})))  # off
+    c.send_dont_have(2)
+    assert c.take_outbox() == []
+
+
 def test_interest_said_again_is_no_event() -> None:
     """INTERESTED when the peer is interested already (or NOT_INTERESTED when it is not)
     changes nothing and is no event: each one used to cost the plugin a choke round and

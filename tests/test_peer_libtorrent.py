@@ -19,7 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import bencodepy
+import libtorrent as lt
 import pytest
+from pieced.peer import wire
 from pieced.peer.plugin import RECONCILE_INTERVAL
 from pieced.protocol.client import Client
 from pieced.storage.metainfo import parse
@@ -1477,6 +1480,106 @@ def test_pieces_another_clients_recheck_fails_are_not_offered_to_a_leecher_right
         _same_tree(content, tmp_path / "leech" / "payload", files)
         seeding.stop()
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_pieces_a_seeding_pieced_peer_loses_are_taken_back_with_lt_donthave(
+    tmp_path: Path, kind: str,
+) -> None:
+    """pieced-peer --seed has said it has every piece to a libtorrent leecher; another
+    client's recheck then fails three of them (damaged on disk): pieced-peer tells the
+    leecher it no longer has them (BEP 54 ``lt_donthave``, as libtorrent does), which
+    then fetches them from a good seeder without a hash failure. (The leecher does not
+    want those three until then: it must not have fetched their damaged bytes first.)"""
+    piece = 65536
+    files = {"a.bin": 40 * piece + 777, "one": 1}
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=28)
+    shutil.copytree(tmp_path / "seed", tmp_path / "dl")
+    lost = (5, 6, 7)
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        with LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True) as leecher:
+            n = leecher.ti.num_pieces()
+            leecher.handle.prioritize_pieces([0 if k in lost else 1 for k in range(n)])
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_log("<== HAVE_ALL", timeout=30)
+            with Client(d.socket) as c:
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+                with open(tmp_path / "dl" / "payload" / "a.bin", "r+b") as f:
+                    for k in lost:
+                        f.seek(k * piece + 100)
+                        f.write(b"\xff" * 8)
+                res = c.recheck(ih, full=True)
+                assert sorted({*(res.get("failed_v1") or []), *(res.get("failed_v2") or [])}) == [
+                    *lost], res
+            said = leecher.wait_log("<== DONT_HAVE", timeout=30, count=len(lost))
+            assert sorted(int(line.rsplit(":", 1)[1].strip(" ]")) for line in said) == [*lost], said
+            (ours,) = leecher.handle.get_peer_info()
+            assert [k for k in range(n) if not ours.pieces[k]] == [*lost]
+            leecher.handle.prioritize_pieces([1] * n)
+            with LtPeer(raw, tmp_path / "seed", seed=True) as good:
+                leecher.connect("127.0.0.1", good.port)
+                leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_peer_that_takes_its_pieces_back_with_lt_donthave_is_no_longer_wanted(
+    tmp_path: Path,
+) -> None:
+    """A peer (a socket driven by hand) offers lt_donthave, says it has pieces 0-4, and
+    once pieced-peer is interested takes them back with lt_donthave: pieced-peer says
+    NOT_INTERESTED; a HAVE of one of them makes it interested again."""
+    import socket as sockets
+
+    from pieced.peer.conn import LT_DONTHAVE
+
+    piece = 32768
+    files = {"a.bin": 12 * piece + 5}
+    _content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=29)
+    n = lt.torrent_info(raw).num_pieces()
+    listener = sockets.create_server(("127.0.0.1", 0))
+    d = Daemon(tmp_path)
+    proc = None
+    try:
+        proc = downloading(torrent, tmp_path / "dl", d, listener.getsockname()[1])
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        parser = wire.Parser(handshake=True)
+        seen: list[wire.Event] = []
+
+        def until(kind: type) -> None:
+            while not any(type(e) is kind for e in seen):
+                data = conn.recv(1 << 16)
+                assert data, f"closed; it said {seen}"
+                seen.extend(parser.feed(data))
+
+        until(wire.Handshake)
+        hs = next(e for e in seen if isinstance(e, wire.Handshake))
+        bits = bytearray(n)
+        bits[0:5] = b"\x01" * 5
+        conn.sendall(wire.handshake(hs.info_hash, b"-RP0001-" + bytes(12), wire.make_reserved())
+                     + wire.extended(0, bencodepy.encode({b"m": {b"lt_donthave": 3}}))
+                     + wire.bitfield(wire.bits_from_pieces(bits, n)))
+        until(wire.Interested)
+        seen.clear()
+        conn.sendall(b"".join(wire.extended(LT_DONTHAVE, k.to_bytes(4, "big")) for k in range(5)))
+        until(wire.NotInterested)
+        seen.clear()
+        conn.sendall(wire.have(2))
+        until(wire.Interested)
+        conn.close()
+    finally:
+        listener.close()
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
         assert d.stop() == 0, d.stderr()
 
 
