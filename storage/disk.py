@@ -230,6 +230,12 @@ class DiskIO:
                     self._torrents[alias] = t
             self._reshare()
             try:
+                with self._lock:  # (see _not_shared: one of the two sees the other)
+                    moving = {o for os_ in t.shared.values() for o, _ in os_ if o.moving}
+                if moving:
+                    raise BadRequest(
+                        f"files of this torrent are being moved by torrent "
+                        f"{min(o.key.hex() for o in moving)}: register it again once that is done")
                 storage.create_empty_files()
                 if self.state is not None:
                     rec = self.state.create(t.key, metainfo, path)
@@ -1782,14 +1788,15 @@ class DiskIO:
         with self._alone(ih) as t:
             if path == t.storage.save_path:
                 return  # there already
-            self._flush_torrent(t, sync=True)
-            t.storage.check_move(path)
-            renames = dict(t.storage.renames)
-            self._moving(t, lambda: t.storage.move(path), path, renames,
-                         (t.storage.save_path, renames))
+            with self._not_shared(t, None):
+                self._flush_torrent(t, sync=True)
+                t.storage.check_move(path)
+                renames = dict(t.storage.renames)
+                self._moving(t, lambda: t.storage.move(path), path, renames,
+                             (t.storage.save_path, renames))
 
     def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
-        with self._alone(ih) as t:
+        with self._alone(ih) as t, self._not_shared(t, index):
             self._flush_torrent(t, sync=True)
             parts = t.storage.rename_target(index, new_name)
             if parts is None:
@@ -1797,6 +1804,29 @@ class DiskIO:
             renames = dict(t.storage.renames)
             self._moving(t, lambda: t.storage.rename(index, new_name), t.storage.save_path,
                          {**renames, index: parts}, (t.storage.save_path, renames))
+
+    @contextlib.contextmanager
+    def _not_shared(self, t: Torrent, index: int | None) -> Iterator[None]:
+        """Refuse to move (``index`` None) or rename files another registered torrent
+        shares (cross-seeding): they would be taken from under it, its verified pieces
+        and open files left behind. Held for the move: a register that would come to
+        share them meanwhile is refused instead (it looks after it has joined)."""
+        with self._lock:
+            t.moving = True
+            shared = t.shared if index is None else {index: t.shared.get(index, [])}
+            others = {(o.key.hex(), i) for i, os_ in shared.items() for o, _ in os_
+                      if not o.deleting}
+        try:
+            if others:
+                ih_hex, i = min(others)
+                what = "move the files of" if index is None else "rename a file of"
+                raise BadRequest(
+                    f"cannot {what} this torrent: {t.storage.file_path(i)} is shared with "
+                    f"torrent {ih_hex} (cross-seeding); move or remove that one first")
+            yield
+        finally:
+            with self._lock:
+                t.moving = False
 
     def _moving(self, t: Torrent, move: Callable[[], None], path: Path,
                 renames: dict[int, tuple[str, ...]],

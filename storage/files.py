@@ -819,6 +819,19 @@ class FileStorage:
         names already, before anything is recorded or moved: a file found at the new
         place after a crash part-way is then one the move put there, never a stranger's
         to be taken for the torrent's."""
+        # Into a folder of its own files (a file "a" and a folder "x", moved into "x"):
+        # a file would land where another is, or is yet to be, and the next be moved on
+        # from there in its turn (libtorrent makes that mess; it is refused here).
+        here: dict[Path, int] = {}
+        for j in range(len(self.meta.files.lengths)):
+            parts = self.parts(j)
+            for k in range(1, len(parts) + 1):
+                here.setdefault(self.save_path.joinpath(*parts[:k]), j)
+        for index in self.stored_files():
+            there = new_path.joinpath(*self.parts(index))
+            if there in here:
+                raise BadRequest(f"move: {there} is the place of the torrent's own "
+                                 f"{self.file_path(here[there])}, or of one of its folders")
         new_root = self.beneath(new_path)
         try:
             try:  # a file (or a symlink) on the way to it: never a folder to go through

@@ -170,6 +170,7 @@ class Torrent:
         # file -> (another torrent, its file) at the same path: cross-seeded torrents share
         # their files, and a write through one changes what the other verified
         self.shared: dict[int, list[tuple[Torrent, int]]] = {}
+        self.moving = False  # its files are being moved or renamed (a fenced operation)
         # piece -> writes another torrent made into it: a check that read the piece
         # before one of them does not take its answer (it is checked again)
         self.written_into: dict[int, int] = {}

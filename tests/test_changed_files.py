@@ -397,3 +397,99 @@ def test_sharing_is_found_after_a_torrents_first_file_is_renamed_away(
     dio.flush_all()
     assert _wrong_verified(dio, a, src_a) == []
     dio.close()
+
+
+def test_files_another_torrent_shares_are_neither_moved_nor_renamed(
+        tmp_path: Path, backend: str) -> None:
+    """Cross-seeding: moving one of two torrents that share their files took the files
+    from under the other, whose pieces stayed reported verified over files no longer
+    there (lost at the next start), and whose open files then took a bad peer's blocks
+    for the first one's verified pieces. A move or rename of shared files is refused,
+    naming the other torrent, and changes nothing; with that one gone, the move is done."""
+    from pieced.storage.errors import BadRequest
+
+    _, dio, a, b = _cross_seeded(tmp_path, backend)
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # (mmap: see _off_main)
+    assert all(_off_main(pool, dio.recheck, b).have)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "dl").rglob("*"))
+    for ih, other in ((a, b), (b, a)):
+        with pytest.raises(BadRequest, match=f"shared with torrent {other.hex()}"):
+            _off_main(pool, dio.move_storage, ih, tmp_path / "elsewhere")
+        for index in dio.torrent(ih).storage.stored_files():
+            with pytest.raises(BadRequest, match="shared with torrent"):
+                _off_main(pool, dio.rename_file, ih, index, "renamed.bin")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "dl").rglob("*")) == before
+    assert not (tmp_path / "elsewhere").exists()
+    assert all(_verified(dio.status(a))) and all(_verified(dio.status(b)))
+    _off_main(pool, dio.unregister, b)
+    _off_main(pool, dio.move_storage, a, tmp_path / "elsewhere")
+    assert all(_verified(dio.status(a)))
+    assert all(_off_main(pool, dio.recheck, a).have)
+    _off_main(pool, dio.close)
+    pool.shutdown()
+
+
+def test_a_register_that_would_share_the_files_of_a_torrent_being_moved_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a torrent's files are on their way elsewhere, a torrent of the same payload
+    registered in the same save path would come to share files that are leaving: it is
+    refused (register again once the move is done), and the move completes whole."""
+    from pieced.storage.errors import BadRequest
+    from pieced.storage.files import FileStorage
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    dio, a, _ = _complete(tmp_path, raw_a)
+    moving, go = threading.Event(), threading.Event()
+    original = FileStorage.move
+
+    def slow_move(self: FileStorage, new_path: Path) -> None:
+        moving.set()
+        assert go.wait(30)
+        original(self, new_path)
+
+    monkeypatch.setattr(FileStorage, "move", slow_move)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        moved = pool.submit(dio.move_storage, a, tmp_path / "elsewhere")
+        assert moving.wait(30)
+        with pytest.raises(BadRequest, match=f"being moved by torrent {a.hex()}"):
+            dio.register(raw_b, tmp_path / "dl")
+        go.set()
+        moved.result()
+    assert dio.torrents() == [a]
+    assert all(_verified(dio.status(a)))
+    assert all(dio.recheck(a).have)
+    b = dio.register(raw_b, tmp_path / "dl")  # now: nothing of it there, nothing shared
+    assert not dio.torrent(b).shared and not any(_verified(dio.status(b)))
+    dio.close()
+
+
+def test_a_move_into_a_folder_of_the_torrents_own_files_is_refused(tmp_path: Path) -> None:
+    """A torrent "payload" of files payload/a.bin and payload/payload/a.bin, only the
+    first downloaded, moved into its own folder: the first file went where the second belongs, and
+    was then moved on as the second (libtorrent does the same): pieces reported verified
+    over a file no longer there. Such a move is refused, and changes nothing."""
+    from pieced.storage.errors import BadRequest
+
+    content = make_payload(tmp_path / "src", {"a.bin": 65536, "payload/a.bin": 65536})
+    raw = make_torrent_lt(content, 16384, "v1")
+    dio = DiskIO("posix", state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    src = Source(raw, tmp_path / "src")
+    t = dio.torrent(ih)
+    first = next(i for i in t.storage.stored_files() if t.storage.parts(i) == ("payload", "a.bin"))
+    for p in t.layout.file_pieces(first):
+        size = t.layout.piece_size(p)
+        for at in range(0, size, 16384):
+            dio.write_block_direct(ih, p, at, src.read(p, at, min(16384, size - at)))
+    dio.flush_all()
+    have = _verified(dio.status(ih))
+    assert any(have)
+    with pytest.raises(BadRequest, match="own"):
+        dio.move_storage(ih, tmp_path / "dl" / "payload")
+    assert (tmp_path / "dl" / "payload" / "a.bin").is_file()
+    assert not (tmp_path / "dl" / "payload" / "payload" / "payload").exists()
+    assert _verified(dio.status(ih)) == have
+    assert dio.recheck(ih).have == have
+    dio.close()
