@@ -22,8 +22,19 @@ from .wire import WireError
 
 KEEPALIVE_SECONDS = 60.0
 DEFAULT_REQQ = 250  # what libtorrent assumes of a peer that names no ``reqq``
-MAX_PEER_QUEUE = 500  # requests a peer may have waiting on us; more is abuse
+# Requests a peer may have waiting on us (libtorrent's ``max_allowed_in_request_queue``);
+# more is abuse. A leecher that keeps a deep queue (Transmission asks for seconds of
+# data at a time) is slowed down by a shallow one.
+MAX_PEER_QUEUE = 2000
 OUR_REQQ = MAX_PEER_QUEUE
+# Requests we keep outstanding at one peer, as libtorrent sizes them: a slow start from
+# START_QUEUE growing by one a block received until a second's download is no larger than
+# the one before, then QUEUE_SECONDS of the peer's rate, within [MIN_QUEUE, MAX_QUEUE]
+# and the peer's ``reqq``.
+START_QUEUE = 4
+MIN_QUEUE = 2
+MAX_QUEUE = 500
+QUEUE_SECONDS = 3.0
 UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
 LT_DONTHAVE = 7  # our id of BEP 54's lt_donthave (libtorrent's own)
 METADATA_PIECE = 16384  # the torrent's metadata is handed out in pieces of this size
@@ -113,6 +124,13 @@ class PeerConnection:
         self._chatter = float(CHATTER_BURST)  # what it may still send of CHATTER_BURST
         self._chatter_at = self.last_received
         self.last_block = 0.0  # when the last block we asked for came (monotonic)
+        self.downloaded = 0  # bytes of the blocks we asked for that came
+        self.slow_start = True
+        self._wanted_queue = START_QUEUE
+        self._last_second = 0.0  # bytes a second that came between the last two ticks
+        self._tick_downloaded = 0
+        self._rate = 0.0  # bytes a second, smoothed over the last ticks
+        self._tick_at = self.last_received
         self.unchoked_at = 0.0  # when we last unchoked it
         self.stalls = 0  # times it lost its unchoke slot for reading nothing we sent
         if outgoing_hash is not None:
@@ -168,9 +186,13 @@ class PeerConnection:
     def _apply(self, ev: wire.Event) -> bool:
         if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested
             # first; dropped when not asked for (late after a cancel, or unsolicited)
-            if self.our_requests.pop((ev.piece, ev.begin, len(ev.data)), None) is None:
+            n = len(ev.data)
+            if self.our_requests.pop((ev.piece, ev.begin, n), None) is None:
                 return False
             self.last_block = self.last_received
+            self.downloaded += n
+            if self.slow_start and self._wanted_queue < MAX_QUEUE:
+                self._wanted_queue += 1
             return True
         if type(ev) is wire.Request and self.handshaken:  # seeding's message, tested next
             return self._request(ev)
@@ -432,6 +454,30 @@ class PeerConnection:
 
     def send_keepalive(self) -> None:
         self._send(wire.keep_alive())
+
+    @property
+    def queue_size(self) -> int:
+        """How many of our requests to keep outstanding at this peer now."""
+        return min(self._wanted_queue, self.reqq)
+
+    def second_tick(self) -> None:
+        """Once a second: the download rate, and from it the queue size (libtorrent's
+        ``update_desired_queue_size``). Slow start ends once a second brings no more than
+        the one before (and we are not choked: nothing was asked then)."""
+        now = self._clock()
+        seconds = max(now - self._tick_at, 0.001)
+        self._tick_at = now
+        got = self.downloaded - self._tick_downloaded
+        self._tick_downloaded = self.downloaded
+        rate = got / seconds
+        self._rate = (self._rate + rate) / 2 if self._rate else rate
+        if (self.slow_start and not self.peer_choking and self._last_second > 0
+                and self._last_second + 5000 >= rate):
+            self.slow_start = False
+        self._last_second = rate
+        if not self.slow_start:
+            want = int(QUEUE_SECONDS * self._rate / BLOCK)
+            self._wanted_queue = max(MIN_QUEUE, min(MAX_QUEUE, want))
 
     def can_request(self, piece: int) -> bool:
         return not self.peer_choking or (self.fast and piece in self.allowed_fast)

@@ -46,7 +46,6 @@ from .wire import Ourselves, WireError
 
 log = logging.getLogger("pieced.peer")
 
-PIPELINE = 128  # blocks asked of one peer at a time (2 MiB), at most its ``reqq``
 # What a peer's socket buffers before we parse it (asyncio's default, 64 KiB, wakes the
 # loop every four blocks): the size of each connection's receive buffer (Inbox).
 STREAM_LIMIT = 1024 * 1024
@@ -974,7 +973,7 @@ class Swarm:
                     late = ready[k:]
                     break
         conn = peer.conn
-        if len(conn.our_requests) <= min(PIPELINE, conn.reqq) // 2:
+        if len(conn.our_requests) <= conn.queue_size // 2:
             self._fill(peer)  # in batches of half the pipeline: one send, not one per block
         return late
 
@@ -1004,7 +1003,7 @@ class Swarm:
         wanted = peer.wanted > 0
         conn.send_interested(wanted)
         if wanted:
-            room = min(PIPELINE, conn.reqq) - len(conn.our_requests)
+            room = conn.queue_size - len(conn.our_requests)
             allowed = None
             if conn.peer_choking:
                 allowed = [p for p in conn.allowed_fast if p not in peer.banned] if conn.fast else []
@@ -1391,6 +1390,7 @@ class Swarm:
                 log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)
                 self._drop(p)
                 continue
+            conn.second_tick()
             late = conn.late_requests(now, REQUEST_TIMEOUT)
             for blk in late:
                 conn.send_cancel(blk)

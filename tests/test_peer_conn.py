@@ -1363,3 +1363,42 @@ def test_pieces_with_blocks_given_back_are_picked_again() -> None:
     pk.block_received(first[0])
     pk.peer_gone("B")
     assert pk.pick("C", None, 1, peer_count=n) == [first[1]]
+
+
+def test_the_request_queue_is_sized_as_libtorrent_sizes_it() -> None:
+    """Slow start from START_QUEUE, one more a block received; it ends once a second
+    brings no more than the one before; from then on the queue holds QUEUE_SECONDS of
+    the peer's rate, within [MIN_QUEUE, MAX_QUEUE] and the peer's ``reqq``."""
+    from pieced.peer.conn import MAX_QUEUE, MIN_QUEUE, QUEUE_SECONDS, START_QUEUE
+
+    clock = Clock()
+    pieces = [4 * BLOCK] * 1000
+    c = PeerConnection((IH,), A_ID, pieces, v2=False, clock=clock)
+    c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True)))
+    c.receive(wire.extended(0, bencodepy.encode({b"reqq": 2000})) + wire.unchoke())
+    assert c.queue_size == START_QUEUE and c.slow_start
+    blocks = iter([(p, b * BLOCK, BLOCK) for p in range(1000) for b in range(4)])
+
+    def second(n: int) -> None:
+        """``n`` blocks asked for and received, then a second's tick."""
+        asked = [next(blocks) for _ in range(n)]
+        c.send_requests(asked)
+        c.receive(b"".join(wire.piece(p, b, bytes(size)) for p, b, size in asked))
+        clock.now += 1.0
+        c.second_tick()
+
+    second(10)
+    assert c.queue_size == START_QUEUE + 10 and c.slow_start
+    second(20)  # faster: still starting
+    assert c.queue_size == START_QUEUE + 30 and c.slow_start
+    second(20)  # no faster: slow start is over, the queue follows the rate
+    assert not c.slow_start
+    assert c.queue_size == int(QUEUE_SECONDS * 17.5)  # (10, 20, 20 blocks a second, smoothed)
+    second(1000)
+    assert c.queue_size == MAX_QUEUE
+    for _ in range(12):  # (the rate halves each second)
+        second(0)
+    assert c.queue_size == MIN_QUEUE  # a peer that stopped sending
+    second(1000)
+    c.receive(wire.extended(0, bencodepy.encode({b"reqq": 50})))
+    assert c.queue_size == 50  # never more than it takes

@@ -16,6 +16,7 @@ from pathlib import Path
 import bencodepy
 import pytest
 from pieced.peer import wire
+from pieced.peer.conn import MAX_PEER_QUEUE
 from pieced.storage.metainfo import Metainfo, parse
 
 from tests.conftest import Daemon
@@ -142,7 +143,7 @@ def test_peers_that_break_the_rules(tmp_path: Path) -> None:
         p.send(wire.handshake(ih, me, fast) + wire.have_none() + wire.interested())
         got, _ = p.events(1.0)
         assert any(isinstance(e, wire.Unchoke) for e in got)
-        flood = [(i % full, 0, 16384) for i in range(900)]
+        flood = [(i % full, 0, 16384) for i in range(MAX_PEER_QUEUE + 400)]
         p.send(b"".join(wire.request(*a) for a in flood))
         pieces = rejects_n = 0
         deadline = time.monotonic() + 30
