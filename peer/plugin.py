@@ -418,24 +418,32 @@ class Peer:
         self.served_at = 0.0  # when we last sent it a block (monotonic)
         self._sent_mark = 0  # bytes gone out at the last look, and when they last moved
         self._moved_at = self.opened
+        self.unsent = 0  # bytes sent to it not yet taken, at the last look
 
     def stalled(self, now: float) -> bool:
         """Nothing we sent it has reached it since STALL_SECONDS ago (it does not read),
         by looks at least that far apart: a slow reader takes some between any two."""
-        unsent = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
+        unsent = self.unsent = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
         sent = self.queued - unsent
         if sent != self._sent_mark or not unsent:
             self._sent_mark, self._moved_at = sent, now
             return False
         return now - self._moved_at >= STALL_SECONDS
 
-    def wastes_slot(self, now: float) -> bool:
-        """Unchoked for STALL_SECONDS or more, and it takes nothing we send, or has been
-        sent nothing for that long (it asks for nothing): its unchoke slot is wasted."""
+    def wastes_slot(self, now: float) -> str | None:
+        """Why its unchoke slot is wasted, if it is: unchoked for STALL_SECONDS or more,
+        and it takes nothing we send, or has been sent nothing for that long and has
+        nothing left to take (it asks for nothing; a slow reader still working through
+        what it asked for asks for no more meanwhile, and keeps its slot)."""
         stalled = self.stalled(now)  # (a look, whatever the answer: its marks stay fresh)
         conn = self.conn
-        return (not conn.am_choking and now - conn.unchoked_at >= STALL_SECONDS
-                and (stalled or now - self.served_at >= STALL_SECONDS))
+        if conn.am_choking or now - conn.unchoked_at < STALL_SECONDS:
+            return None
+        if stalled:
+            return "takes nothing we send"
+        if now - self.served_at >= STALL_SECONDS and not self.unsent:
+            return "asks for nothing"
+        return None
 
     def flush(self) -> None:
         """Send the messages of this turn: straight to the socket with one gathering
@@ -716,7 +724,9 @@ class Swarm:
                             "have the torrent, or be paused, or require encryption: "
                             "pieced-peer speaks plain BitTorrent only)", _address(host, port))
             dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
-            if self._dialling() and not dial.dropped:
+            if peer is not None and peer.conn.is_seed and self.done.is_set():
+                dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
+            elif self._dialling() and not dial.dropped:
                 wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
                 dial.due = time.monotonic() + min(RETRY_MAX, wait)
 
@@ -1140,11 +1150,11 @@ class Swarm:
             unchoked = [p for p in self.peers if p.conn.peer_interested
                         and not p.conn.am_choking and not p.closed]
             if len(unchoked) >= UNCHOKE_SLOTS:
-                stuck = next((p for p in unchoked if p.wastes_slot(now)), None)
+                why, stuck = next(((w, p) for p in unchoked if (w := p.wastes_slot(now))),
+                                  (None, None))
                 if stuck is None:
                     return
-                log.info("%s takes nothing we send: its unchoke slot goes to %s",
-                         stuck.addr, newcomer.addr)
+                log.info("%s %s: its unchoke slot goes to %s", stuck.addr, why, newcomer.addr)
                 stuck.conn.stalls += 1
                 stuck.conn.send_choke(True)
                 stuck.flush()
@@ -1152,12 +1162,12 @@ class Swarm:
             newcomer.flush()
             return
         by_conn = {p.conn: p for p in self.peers if not p.closed}
-        stalled = {c for c, p in by_conn.items() if p.wastes_slot(now)}
+        stalled = {c: why for c, p in by_conn.items() if (why := p.wastes_slot(now))}
         choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS, stalled, rotate)
         for conn in choke:
             if conn in stalled:
-                log.info("%s takes nothing we send: its unchoke slot goes to another",
-                         by_conn[conn].addr)
+                log.info("%s %s: its unchoke slot goes to another", by_conn[conn].addr,
+                         stalled[conn])
             conn.send_choke(True)
             by_conn[conn].flush()
         for conn in unchoke:
@@ -1382,6 +1392,10 @@ class Swarm:
         self._lift_bans()
         for p in list(self.peers):
             conn = p.conn
+            if conn.told_pieces and conn.is_seed and self.done.is_set():
+                log.info("%s: a seed, as we are: dropped", p.addr)  # (as libtorrent does)
+                self._drop(p)
+                continue
             if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:
                 log.info("%s sent no handshake in %.0f s: dropped", p.addr, now - p.opened)
                 self._drop(p)

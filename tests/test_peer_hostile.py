@@ -645,10 +645,11 @@ def test_what_a_peer_has_is_said_once(tmp_path: Path) -> None:
 
 
 def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path: Path) -> None:
-    """Every connection slot (``--max-peers 2``) held by peers that handshook, want
-    nothing and send keep-alives: a newcomer was turned away for as long as they
-    stayed. One of them now gives its place to the newcomer (as libtorrent drops a peer
-    to make room), and a libtorrent leecher gets every byte."""
+    """Every connection slot (``--max-peers 2``) held by peers that handshook, have
+    nothing, want nothing and send keep-alives: a newcomer was turned away for as long as
+    they stayed. One of them now gives its place to the newcomer (as libtorrent drops a
+    peer to make room), and a libtorrent leecher gets every byte. (Seeds would not stay
+    at all: two seeds have nothing to exchange.)"""
     piece = 32768
     files = {"a.bin": 12 * piece + 5}
     content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=43)
@@ -659,7 +660,7 @@ def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path:
         for i, p in enumerate(squatters):
             p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
                                   wire.make_reserved(extended=False, fast=True))
-                   + wire.have_all())
+                   + wire.have_none())
         deadline = time.monotonic() + 13  # past IDLE_SECONDS, with keep-alives all along
         while time.monotonic() < deadline:
             for p in squatters:

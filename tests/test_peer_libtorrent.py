@@ -1583,6 +1583,46 @@ def test_a_peer_that_takes_its_pieces_back_with_lt_donthave_is_no_longer_wanted(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_seeding_pieced_peer_leaves_a_seed_alone(tmp_path: Path) -> None:
+    """Two seeds have nothing to exchange: pieced-peer --seed, given a seed's address,
+    drops the connection once it knows (as libtorrent does) and does not dial it again.
+    It used to keep it, or (a peer that closes seed-to-seed connections, as Transmission
+    does after 30 s) dial it again every half a minute for ever."""
+    import socket as sockets
+
+    piece = 32768
+    files = {"a.bin": 6 * piece + 5}
+    _content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=30)
+    n = lt.torrent_info(raw).num_pieces()
+    listener = sockets.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
+                          f"127.0.0.1:{listener.getsockname()[1]}")
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        parser = wire.Parser(handshake=True)
+        seen: list[wire.Event] = []
+        while not any(isinstance(e, wire.Handshake) for e in seen):
+            seen.extend(parser.feed(conn.recv(1 << 16)))
+        hs = next(e for e in seen if isinstance(e, wire.Handshake))
+        conn.sendall(wire.handshake(hs.info_hash, b"-RS0001-" + bytes(12), wire.make_reserved())
+                     + wire.have_all())
+        start = time.monotonic()
+        while conn.recv(1 << 16):  # until pieced-peer closes it
+            pass
+        assert time.monotonic() - start < 10
+        conn.close()
+        listener.settimeout(12)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # not dialled again
+        assert n and seeding.stop()["complete"]
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
 def test_pieces_under_way_another_client_clears_are_fetched_again(
     tmp_path: Path, kind: str,
