@@ -1,22 +1,14 @@
 """pieced-peer against a second BitTorrent implementation: Transmission (Debian's
-transmission-cli), seeding to pieced-peer and downloading from it, over loopback.
-
-transmission-cli has no way to be given a peer: pieced-peer dials it (``--peer``), with
-Transmission's uTP, DHT, local peer discovery and encryption off (its uTP-only dialling is
-said in the README). Transmission unchokes and says it is interested at its 10-second
-rounds, so each transfer takes some 10-20 s whatever its size.
+transmission-cli, ``tests/trpeer.py``), seeding to pieced-peer and downloading from it,
+over loopback. pieced-peer dials it (``--peer``). Transmission unchokes and says it is
+interested at its 10-second rounds, so each transfer takes some 10-20 s whatever its size.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,60 +17,9 @@ from pieced.protocol.client import Client
 from tests.conftest import Daemon
 from tests.realtools import make_payload, make_torrent_mktorrent, make_torrent_transmission
 from tests.test_peer_libtorrent import Seeding, _same_tree, peer_cmd
+from tests.trpeer import Transmission
 
-SETTINGS = {
-    "dht-enabled": False, "lpd-enabled": False, "utp-enabled": False, "pex-enabled": False,
-    "port-forwarding-enabled": False, "encryption": 0, "message-level": 2,
-    "speed-limit-down-enabled": False, "speed-limit-up-enabled": False,
-    "rename-partial-files": False, "rpc-enabled": False, "ratio-limit-enabled": False,
-    "idle-seeding-limit-enabled": False, "start-added-torrents": True,
-}
 FILES = {"a.bin": 3 * 262144 + 1234, "sub/b.bin": 262144, "sub/one": 1, "c.bin": 700000}
-
-
-class Transmission:
-    """transmission-cli on one torrent, its configuration and home under ``root``."""
-
-    def __init__(self, root: Path, torrent: Path, download: Path) -> None:
-        cfg = root / "tr-cfg"
-        cfg.mkdir(parents=True)
-        with socket.socket() as s:  # a free port, for its listening socket
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        (cfg / "settings.json").write_text(json.dumps({**SETTINGS, "peer-port": self.port}))
-        download.mkdir(parents=True, exist_ok=True)
-        self.log = root / "tr.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                ["transmission-cli", "-g", str(cfg), "-w", str(download), "-p", str(self.port),
-                 str(torrent)],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(root)})
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.log.read_text()
-                assert time.monotonic() < deadline, "transmission-cli does not listen"
-                time.sleep(0.1)
-
-    def wait_seeding(self, timeout: float) -> None:
-        """Until it says it seeds: it has every piece, checked."""
-        deadline = time.monotonic() + timeout
-        while not re.search(r"\bSeeding\b", self.log.read_text(errors="replace")):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()[-2000:]
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _torrent(tmp_path: Path, maker: str) -> tuple[Path, Path]:
