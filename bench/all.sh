@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of BENCHMARKS.md, one after the other, in one run on this machine.
 # Each prints JSON; it is kept in bench/out/all/NAME.json (progress in NAME.err), with
-# machine.json saying what ran where. Run it on a quiet machine: about 10 minutes.
+# machine.json saying what ran where. Run it on a quiet machine: about 15 minutes.
 #
 #   bash bench/all.sh            # or: make bench-all
 set -euo pipefail
@@ -40,6 +40,7 @@ run sync_window $PY bench/sync_window.py --no-check
 run cache $PY bench/cache_arc_vs_lru.py
 run crash $PY bench/crash.py --rounds 100
 run peer_transfer $PY bench/peer_transfer.py --size-mib 1024 --kinds v1,hybrid --repeat 3
+run peer_transmission $PY bench/peer_transmission.py --size-mib 256 --repeat 2
 run async_reads $PY bench/async_reads.py --size-mib 128 --repeat 5 --inflight 1,64,512
 run seeding_reads $PY bench/async_reads.py --size-mib 1024 --piece-kib 4096 --read-kib 1024 --inflight 8 --via data,into,ring
 run async_writes $PY bench/async_reads.py --size-mib 256 --repeat 3 --inflight 64,256 --via write_chunk,write_ring
