@@ -404,6 +404,77 @@ def test_move_storage_while_another_connection_writes(
     assert_payload(raw, src, folders[-1], backend)
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_files_another_clients_torrent_shares_are_not_moved_from_under_it(
+    tmp_path: Path, backend: str
+) -> None:
+    """Cross-seeding over three connections. A downloads a v1 torrent; B registers a
+    hybrid torrent of the same payload in the same save path (they share its files)
+    and checks it. A's move and B's rename of shared files are refused over the wire,
+    naming the other torrent, and change nothing (no event for B, every piece verified
+    on both). With B's torrent removed, A moves its files while C registers B's torrent
+    at the old place again and again: each register is refused while A's files are
+    leaving, or finds nothing of them there, or (first) makes A's move wait its turn
+    and be refused; A never loses a piece, and C never finds one of A's files."""
+    from pieced.protocol.client import PiecedError
+
+    spec = {f"f{k:02d}.bin": 200_000 + 977 * k for k in range(24)}
+    raw_a, src = torrent(tmp_path, spec, BLOCK, "v1", seed=33)
+    raw_b = make_torrent_lt(next((tmp_path / "src").iterdir()), 2 * BLOCK, "hybrid")
+    n = src.meta.num_pieces
+    events = Events()
+    with running(tmp_path, backend) as d, client(d) as a, client(d, events) as b, \
+            client(d) as c:
+        ih_a = a.register(raw_a, tmp_path / "dl")
+        download(a, ih_a, src)
+        a.flush_all()
+        ih_b = b.register(raw_b, tmp_path / "dl")
+        b.subscribe(ih_b)
+        assert b.recheck(ih_b, full=True)["verified"] == b.status(ih_b)["num_pieces"]
+        seen = len(events)
+        with pytest.raises(PiecedError, match=f"shared with torrent {ih_b.hex()}"):
+            a.move_storage(ih_a, tmp_path / "elsewhere")
+        with pytest.raises(PiecedError, match=f"shared with torrent {ih_a.hex()}"):
+            b.rename_file(ih_b, 0, "renamed.bin")
+        assert events.after(seen, ih_b) == []
+        assert a.status(ih_a)["verified_pieces"] == n
+        assert b.status(ih_b)["verified_pieces"] == b.status(ih_b)["num_pieces"]
+        assert not (tmp_path / "elsewhere").exists()
+        b.unregister(ih_b)
+
+        moved = threading.Event()
+        found: list[int] = []
+
+        def move() -> None:
+            for k in range(200):  # refused while C's registration shares the files
+                try:
+                    a.move_storage(ih_a, tmp_path / "dl1")
+                    break
+                except PiecedError as exc:
+                    assert "shared with torrent" in str(exc), exc
+                    time.sleep(0.001 * k)
+            moved.set()
+
+        def register() -> None:
+            while not moved.is_set():
+                try:
+                    ih = c.register(raw_b, tmp_path / "dl")
+                except PiecedError as exc:
+                    assert "being moved" in str(exc), exc
+                    continue
+                found.append(c.status(ih)["verified_pieces"])
+                c.unregister(ih)
+
+        run_threads(move, register)
+        st = a.status(ih_a)
+        assert st["save_path"] == str((tmp_path / "dl1").resolve())
+        assert st["verified_pieces"] == n
+        assert a.recheck(ih_a, full=True)["verified"] == n
+        assert set(found) <= {0}  # (a registration never took A's files for its own)
+    assert files_under(tmp_path / "dl") == []
+    assert_payload(raw_a, src, tmp_path / "dl1", backend)
+
+
 @pytest.mark.parametrize("who", ["same", "other"])
 def test_unregister_with_delete_right_after_the_last_blocks(
     tmp_path: Path, who: str, backend: str
