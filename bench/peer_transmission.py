@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.peer_transfer import fresh, log, settle  # noqa: E402
+from bench.peer_transfer import fresh, leech, log, settle  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402
 from tests.ltpeer import LtPeer  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
@@ -68,12 +68,7 @@ def tr_to_lt(s: Setup) -> dict[str, Any]:
     try:
         tr.wait_seeding(600)  # its check of the payload, untimed
         with LtPeer(s.raw, fresh(s.work / "leech"), seed=False) as leecher:
-            settle()
-            t0 = time.monotonic()
-            leecher.connect("127.0.0.1", tr.port)
-            leecher.wait_finished(3600)
-            secs = time.monotonic() - t0
-            assert leecher.hash_failures() == 0
+            secs = leech(leecher, tr.port)
     finally:
         tr.close()
     return _seconds(s, secs)
