@@ -714,6 +714,74 @@ def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> No
         assert d.stop() == 0, d.stderr()
 
 
+def test_slow_readers_still_taking_what_they_asked_for_keep_their_unchoke_slots(
+        tmp_path: Path) -> None:
+    """Four peers each ask for 40 blocks at once and read them at about 40 KB/s, asking
+    for no more meanwhile (as Transmission does while it works through what it asked
+    for). Everything they asked for is handed to their sockets at once, so nothing is
+    sent to them after the first second. A fifth peer is interested and waits. A peer
+    was taken to "ask for nothing" once it had been sent nothing for a few seconds, so
+    every second the slot went round: one of them lost it to the peer choked the
+    second before, the waiter among them (unchoked, choked, unchoked again). Now a peer
+    with bytes still on their way to it keeps its slot: over the choke round's ten
+    seconds the waiter is unchoked once at most (the round's rotation) and never choked."""
+    piece = 65536
+    files = {"a.bin": 48 * piece}
+    _, _, meta, torrent = _v1(tmp_path, files, piece, seed=45)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    got = [0] * 4
+    stop = threading.Event()
+
+    def read_slowly(i: int, p: RawPeer) -> None:
+        p.sock.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                data = p.sock.recv(2048)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            got[i] += sum(len(ev.data) for ev in p.parser.feed(data)
+                          if isinstance(ev, wire.Piece))
+            time.sleep(0.05)
+
+    readers: list[threading.Thread] = []
+    try:
+        slow = [RawPeer(seeding.port, rcvbuf=4096) for _ in range(4)]
+        for i, p in enumerate(slow):
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                  wire.make_reserved(extended=False, fast=True))
+                   + wire.have_none() + wire.interested())
+            time.sleep(0.3)  # unchoked at once (a free slot): asks while unchoked
+            p.send(b"".join(wire.request(12 * i + k // 4, (k % 4) * 16384, 16384)
+                            for k in range(40)))
+            readers.append(threading.Thread(target=read_slowly, args=(i, p), daemon=True))
+            readers[-1].start()
+        time.sleep(1.0)
+        waiter = RawPeer(seeding.port)
+        waiter.send(wire.handshake(meta.info_hash, b"-XX0001-" + b"w" * 12,
+                                   wire.make_reserved(extended=False, fast=True))
+                    + wire.have_none() + wire.interested())
+        time.sleep(10.0)  # (past STALL_SECONDS: the slow readers were sent nothing since)
+        said = [type(ev).__name__ for ev in waiter.events(0.5)[0]
+                if isinstance(ev, (wire.Choke, wire.Unchoke))]
+        stop.set()
+        for r in readers:
+            r.join(5)
+        assert said in ([], ["Unchoke"]), said
+        assert all(200_000 <= g < 40 * 16384 for g in got), got  # (they read, slowly)
+        waiter.close()
+        for p in slow:
+            p.close()
+        seeding.stop()
+    finally:
+        stop.set()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_peer_saying_interested_over_and_over_costs_the_daemon_nothing(
         tmp_path: Path) -> None:
     """Every INTERESTED (and each change of mind) used to make pieced-peer ask the daemon
