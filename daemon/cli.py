@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--state-dir", help="state folder")
     r.add_argument("--http-host", help="HTTP address (default 127.0.0.1)")
     r.add_argument("--http-port", help="HTTP port (default 9731; 0 picks one)")
-    r.add_argument("--backend", help="posix, mmap or disabled")
+    r.add_argument("--backend", help="posix, mmap, uring, direct or disabled")
     r.add_argument("--cache-bytes", help="byte budget of cache + write buffer")
     r.set_defaults(func=cmd_run)
 
