@@ -21,6 +21,7 @@ import pytest
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
 from pieced.storage.errors import StorageIOError
+from pieced.storage.hashing import fingerprint
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
@@ -548,3 +549,46 @@ def test_flush_all_flushes_every_torrent_when_one_disk_is_full(
     finally:
         with contextlib.suppress(StorageIOError):
             dio.close()
+
+
+@pytest.mark.backends(exclude={
+    "disabled": "stores nothing: no write reaches a file system to fail",
+    "direct": "gathers a piece's blocks and writes them at its end: no run is written alone",
+    "uring": "gathers a piece's blocks and writes them at its end: no run is written alone"})
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_long_run_whose_write_fails_is_taken_whole_when_sent_again(
+        tmp_path: Path, backend: str, kind: TorrentKind) -> None:
+    """A run of 640 KiB (blocks merged from the ring) whose write fails, the disk full:
+    nothing of it counts in its piece's hash state, and the run sent again once there is
+    room completes the piece, verified, with the fingerprint of its bytes (a run hashed
+    twice would fail it)."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(fs)], check=True)
+    try:
+        content = make_payload(tmp_path / "src", 2**20, seed=4)
+        raw = make_torrent_lt(content, 2**20, kind)
+        src = Source(raw, tmp_path / "src")
+        (fs / "filler").write_bytes(bytes(1024 * 1024))  # 512 KiB left
+        dio = DiskIO(backend, sync_window=0.002)
+        try:
+            ih = dio.register(raw, fs)
+            head = bytearray(src.read(0, 0, 384 * 1024))
+            assert dio.write_blocks_direct(ih, 0, 0, [memoryview(head)], 24) is None
+            rest = bytearray(src.read(0, 384 * 1024, 640 * 1024))
+            views = [memoryview(rest)[:100_000], memoryview(rest)[100_000:]]
+            with pytest.raises(StorageIOError) as exc:
+                dio.write_blocks_direct(ih, 0, 384 * 1024, views, 40)
+            assert exc.value.errno in (errno.ENOSPC, errno.EFBIG)
+            assert dio.status(ih)["verified_pieces"] == 0
+            (fs / "filler").unlink()
+            result = dio.write_blocks_direct(ih, 0, 384 * 1024, views, 40)
+            assert result is not None and result.ok
+            dio.flush_all()
+            assert dio.status(ih)["verified_pieces"] == 1
+            assert dio.torrent(ih).fingerprint(0) == fingerprint([src.read(0, 0, 2**20)])
+            assert dio.recheck(ih).fingerprint_hits == 1
+        finally:
+            dio.close()
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=True)

@@ -5,6 +5,7 @@ to fail a piece, and never used by ``recheck --full``."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pieced.storage.disk import DiskIO
 from pieced.storage.hashing import FINGERPRINT_BYTES, fingerprint
 
 from tests.conftest import Daemon
-from tests.realtools import corrupt, make_torrent_lt
+from tests.realtools import corrupt, make_payload, make_torrent_lt
 from tests.test_disk import Source, fill
 
 
@@ -144,3 +145,46 @@ def test_cli_recheck_full_and_fingerprinted(daemon: Daemon, odd_payload: tuple[P
     assert second["fingerprint_hits"] == second["num_pieces"] == second["verified"]
     full = pieced("recheck", ih, "--full")
     assert full["fingerprint_hits"] == 0 and full["verified"] == full["num_pieces"]
+
+
+LONG_FILES = {"a.bin": 3 * 2**20 + 12345, "b/c.bin": 700_000, "b/d": 1, "e.dat": 2**20}
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_runs_of_blocks_in_two_slices_give_each_piece_the_hashes_of_its_bytes(
+        tmp_path: Path, kind: str) -> None:
+    """The daemon merges the ring writes a client sent back to back into runs of up to
+    a piece (``write_blocks_direct``). Runs of every length (16 KiB to a whole piece,
+    some not on 16 KiB bounds, some running into pads), each in two slices cut anywhere
+    (a ring's wrap): every piece is verified, with the fingerprint of its bytes."""
+    save = tmp_path / "save"
+    content = make_payload(save, LONG_FILES, seed=11)
+    raw = make_torrent_lt(content, 2**20, kind)  # type: ignore[arg-type]
+    src = Source(raw, save)
+    rng = random.Random(kind)
+    dio = DiskIO(sync_window=0.002)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        runs = 0
+        for p, _, _ in {(p, 0, 0) for p, _, _ in src.blocks()}:
+            ends = [b + n for q, b, n in src.blocks() if q == p]
+            pos, end = 0, max(ends)
+            while pos < end:
+                n = min(end - pos, rng.choice((16384, 100_000, 262144, 300_001, 2**20)))
+                data = bytearray(src.read(p, pos, n))
+                cut = rng.randrange(n + 1)
+                dio.write_blocks_direct(ih, p, pos, [memoryview(data)[:cut],
+                                                     memoryview(data)[cut:]],
+                                        -(-n // 16384), n)
+                runs += n >= 256 * 1024
+                pos += n
+        dio.flush_all()
+        assert runs >= 5
+        t = dio.torrent(ih)
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        for p in range(src.meta.num_pieces):
+            assert t.fingerprint(p) == fingerprint([src.read(p, 0, src.layout.piece_size(p))]), p
+        r = dio.recheck(ih)
+        assert r.ok and r.fingerprint_hits == src.meta.num_pieces
+    finally:
+        dio.close()
