@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pieced.config.args import positive_int
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
@@ -42,6 +42,7 @@ from .conn import DontHave, PeerConnection, choke_round
 from .hashes import HashServer
 from .picker import Block, Picker
 from .tracker import Tracker
+from .utp import refusal
 from .wire import Ourselves, WireError
 
 log = logging.getLogger("pieced.peer")
@@ -288,6 +289,39 @@ def _after(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
     return []
 
 
+class UtpRefuser(asyncio.DatagramProtocol):
+    """The listening port's UDP side: a uTP SYN gets a RESET (``utp.py``), so that a
+    peer that dials over uTP first falls back to TCP at once; at most ``RESETS_PER_SECOND``
+    of them, and nothing else is answered."""
+
+    RESETS_PER_SECOND = 50
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self._second = 0
+        self._sent = 0
+        self._seq = int.from_bytes(os.urandom(2), "big")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (asyncio's own datagram transport does not derive from DatagramTransport)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        now = time.monotonic()
+        if int(now) != self._second:
+            self._second, self._sent = int(now), 0
+        if self._sent >= self.RESETS_PER_SECOND or self.transport is None:
+            return
+        self._seq = (self._seq + 1) & 0xFFFF
+        reply = refusal(data, int(time.time() * 1e6), self._seq)
+        if reply is not None:
+            self._sent += 1
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # (an ICMP error for a RESET sent: nothing to do)
+
+
 class Inbox(asyncio.BufferedProtocol):
     """A peer connection's protocol: what the peer sends lands in one buffer of the
     connection's own, used again for every read, and the write side's flow control.
@@ -508,6 +542,7 @@ class Swarm:
         self.done = asyncio.Event()
         self.stop = asyncio.Event()
         self.server: asyncio.Server | None = None
+        self.utp: asyncio.DatagramTransport | None = None
         self.listen_port = 0
         self.tracker: Tracker | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -599,6 +634,12 @@ class Swarm:
         self.server = await asyncio.get_running_loop().create_server(
             lambda: Inbox(on_connect=self._accepted), host, port)
         self.listen_port = self.server.sockets[0].getsockname()[1]
+        try:
+            self.utp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                UtpRefuser, local_addr=(host or "0.0.0.0", self.listen_port))
+        except OSError as exc:  # (the UDP port is another program's: peers wait for it)
+            log.info("uTP attempts on port %d are not refused (%s): peers that try uTP "
+                     "first fall back to TCP only after their timeout", self.listen_port, exc)
         print(f"pieced-peer: listening on {_address(host or '0.0.0.0', self.listen_port)}",
               file=sys.stderr, flush=True)
 
@@ -627,6 +668,8 @@ class Swarm:
             await self.tracker.close()
         if self.server is not None:
             self.server.close()
+        if self.utp is not None:
+            self.utp.close()
         for p in list(self.peers):
             p.close()
         with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):

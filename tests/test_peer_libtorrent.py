@@ -1033,6 +1033,42 @@ def test_a_seeder_that_requires_encryption_is_named_as_such(tmp_path: Path) -> N
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_libtorrent_with_its_default_transports_falls_back_to_tcp_at_once(
+        tmp_path: Path) -> None:
+    """libtorrent as it comes (uTP on, encryption "enabled") dials a new peer over uTP
+    first, and over TCP only once that attempt fails: pieced-peer, which has no uTP,
+    did not answer, so every libtorrent that met it waited out its uTP connect timeout
+    first (5 s here, "Connection timed out" in its log). The listening port's UDP side
+    now answers a uTP SYN with a RESET: the attempt fails at once ("Connection reset"),
+    libtorrent dials again over TCP (its encrypted handshake refused, then plain), and
+    downloads every byte."""
+    content = make_payload(tmp_path / "seed", {"a.bin": 300_000}, seed=19)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    as_it_comes = {"enable_incoming_utp": True, "enable_outgoing_utp": True,
+                   "in_enc_policy": int(lt.enc_policy.pe_enabled),
+                   "out_enc_policy": int(lt.enc_policy.pe_enabled),
+                   "allowed_enc_level": int(lt.enc_level.both)}
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        with LtPeer(raw, tmp_path / "leech", seed=False, settings=as_it_comes,
+                    log_peer=True) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+            log = leecher.peer_log()
+        first = [line for line in log if "CONNECTION [" in line or "CONNECTION_FAILED" in line]
+        assert "type: uTP" in first[0], first  # (libtorrent tries uTP first, as said above)
+        assert "CONNECTION_FAILED" in first[1] and "reset" in first[1], first[:3]
+        assert "type: TCP" in first[2], first[:3]
+        _same_tree(content, tmp_path / "leech" / "payload", {"a.bin": 300_000})
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
 def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
         tmp_path: Path, kind: str) -> None:
