@@ -71,6 +71,10 @@ PEER_TIMEOUT = 120.0
 # A connection whose handshake has not arrived by then is closed (libtorrent's
 # handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
 HANDSHAKE_TIMEOUT = 10.0
+# A piece the daemon stops having verified this many times in one run (after we had it)
+# is changed by another client over and over: two torrents giving one file different
+# bytes, each re-fetching what the other's writes take back, for ever. The run stops.
+LOSSES_PER_PIECE = 3
 STALL_SECONDS = 5.0  # a peer that takes nothing we send for this long gives its slots up
 IDLE_SECONDS = 10.0  # a peer interested in nothing either way may give its place after
 OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
@@ -560,6 +564,7 @@ class Swarm:
         self.settled.set()
         self._registration: Any = None  # the daemon's registration of the torrent
         self.storage_error: str | None = None  # why the daemon could not store the torrent
+        self._losses: dict[int, int] = {}  # piece -> times the daemon took it back
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -1291,6 +1296,13 @@ class Swarm:
         assert self.picker is not None
         self.picker.piece_lost(piece)
         self.summary.complete = False
+        lost = self._losses[piece] = self._losses.get(piece, 0) + 1
+        if lost >= LOSSES_PER_PIECE:
+            self._storage_failed(
+                f"piece {piece} was verified, then taken back by the daemon {lost} times: "
+                "another client keeps writing other bytes into its files (a torrent that "
+                "shares a file path with this one but not its contents?); stopping rather "
+                "than fetching it again for ever")
         if self.done.is_set():  # (seeding) the peers left once we had it all: dial again
             self.done.clear()
             now = time.monotonic()

@@ -1069,6 +1069,64 @@ def test_a_libtorrent_with_its_default_transports_falls_back_to_tcp_at_once(
         assert d.stop() == 0, d.stderr()
 
 
+def test_two_torrents_giving_one_file_other_bytes_do_not_take_it_from_each_other_for_ever(
+        tmp_path: Path) -> None:
+    """Two torrents in one save path name one file with other contents (a re-release
+    that shares ``a.bin`` but not ``b.bin``), each downloaded and seeded by a pieced-peer
+    of its own from a libtorrent seeder. Each write of one takes back the pieces the
+    other had verified in that file (the daemon's rule for shared files), and each
+    pieced-peer fetched them again: neither ever completed, and the two downloaded
+    the file over and over. Now a pieced-peer that has lost one piece three times stops,
+    saying why (exit 2), and the other completes."""
+    piece = 65536
+    c1 = make_payload(tmp_path / "s1", {"a.bin": 300_005, "b.bin": 500_000}, seed=171)
+    c2 = make_payload(tmp_path / "s2", {"b.bin": 500_000}, seed=172)
+    shutil.copy(c1 / "a.bin", c2 / "a.bin")
+    raws = [make_torrent_lt(c, piece, "hybrid") for c in (c1, c2)]
+    torrents = [tmp_path / "t1.torrent", tmp_path / "t2.torrent"]
+    for t, raw in zip(torrents, raws, strict=True):
+        t.write_bytes(raw)
+    d = Daemon(tmp_path)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        with LtPeer(raws[0], tmp_path / "s1", seed=True, settings=SLOW) as s1, \
+                LtPeer(raws[1], tmp_path / "s2", seed=True, settings=SLOW) as s2:
+            for t, seeder in zip(torrents, (s1, s2), strict=True):
+                procs.append(subprocess.Popen(
+                    peer_cmd(t, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seeder.port}",
+                             "--seed"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                _running.append(procs[-1])
+                time.sleep(2)  # (the first under way when the second starts)
+            deadline = time.monotonic() + 120
+            while all(p.poll() is None for p in procs):
+                assert time.monotonic() < deadline, "both still fetching each other's pieces"
+                time.sleep(0.5)
+            (loser,) = [i for i, p in enumerate(procs) if p.poll() is not None]
+            winner = 1 - loser
+            _, err = procs[loser].communicate(timeout=30)
+            assert procs[loser].returncode == 2, err
+            assert "taken back by the daemon 3 times" in err, err
+            ih = hashlib.sha1(bencodepy.encode(bencodepy.decode(raws[winner])[b"info"])).digest()
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 60
+                while True:
+                    st = c.status(ih, files=False)
+                    if st["verified_pieces"] == st["num_pieces"]:
+                        break
+                    assert time.monotonic() < deadline, st["verified_pieces"]
+                    time.sleep(0.5)
+            procs[winner].send_signal(signal.SIGTERM)
+            out, err = procs[winner].communicate(timeout=30)
+            assert procs[winner].returncode == 0, err
+            assert json.loads(out)["complete"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
 def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
         tmp_path: Path, kind: str) -> None:
