@@ -873,12 +873,16 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
                 leaf = child[b""]
                 if not isinstance(leaf, dict):
                     raise BadMetainfo(f"'{where}' file entry is not a dictionary")
-                length = _length(leaf, where)
+                attr = _attr(leaf, where)
+                # A symlink's entry (attr "l") has its "symlink path" and no length in
+                # the torrents libtorrent makes: it holds no data (one with a length is
+                # refused with the v1 form's, in _check_special).
+                length = 0 if "l" in attr and b"length" not in leaf else _length(leaf, where)
                 root = leaf.get(b"pieces root")
                 if length > 0 and (not isinstance(root, bytes) or len(root) != 32):
                     raise BadMetainfo(f"'{where}' needs a 32-byte 'pieces root'")
                 yield FileEntry(
-                    (*prefix, comp), length, 0, attr=_attr(leaf, where),
+                    (*prefix, comp), length, 0, attr=attr,
                     pieces_root=root if length > 0 else None,
                 )
             else:

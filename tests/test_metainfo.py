@@ -176,3 +176,35 @@ def test_v2_path_escape_refused() -> None:
     }
     with pytest.raises(BadMetainfo, match=r"'\.\.'"):
         parse(bencodepy.encode({b"info": info}))
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_symlink_entries_libtorrent_makes_are_taken_in_every_kind(
+        tmp_path: Path, kind: str) -> None:
+    """libtorrent's ``create_torrent.symlinks`` lists a symlink of the payload as an
+    entry with attr "l" and a "symlink path": in a v1 file list with length 0, in a v2
+    file tree with no length at all. The v2 form was refused ("'file tree/.../link.bin
+    .length' is missing") where libtorrent downloads it; now it is an entry of no data
+    in both, and every piece verifies against the payload."""
+    import os
+
+    from pieced.storage.disk import DiskIO
+
+    src = tmp_path / "seed" / "payload"
+    src.mkdir(parents=True)
+    (src / "data.bin").write_bytes(os.urandom(100_000))
+    os.symlink("data.bin", src / "link.bin")
+    flags = {"v1": lt.create_torrent.v1_only, "v2": lt.create_torrent.v2_only, "hybrid": 0}[kind]
+    ct = lt.create_torrent(lt.list_files(str(src), lambda p: True, lt.create_torrent.symlinks),
+                           16384, flags | lt.create_torrent.symlinks)
+    lt.set_piece_hashes(ct, str(src.parent))
+    raw = bytes(lt.bencode(ct.generate()))
+    link = [f for f in parse(raw).files if f.path[-1] == "link.bin"]
+    assert len(link) == 1 and link[0].length == 0 and "l" in link[0].attr
+    dio = DiskIO(sync_window=0.002)
+    try:
+        ih = dio.register(raw, tmp_path / "seed")
+        assert dio.recheck(ih, full=True).ok
+        assert dio.status(ih, files=False)["verified_pieces"] == parse(raw).num_pieces
+    finally:
+        dio.close()
