@@ -18,10 +18,10 @@ pieces) three transfers, timed from the first connection to the last byte verifi
 
 Each transfer has daemons of its own, started before and stopped after it, and what it
 wrote is set aside once it is timed, so the three are independent of one another. With
-``--files``, what a transfer wrote is deleted only at the end of the run: on ext4 a file
-made within about 30 s (``vm.dirty_expire_centisecs``) of thousands of deletions is made
-about 15 times more slowly (its inode allocator steps over the inodes just freed), so
-the transfer after one that deleted 12,000 files paid for them.
+``--files``, what a transfer wrote is deleted only at the end of the run: on ext4
+without a journal (this VM's) a file made within a minute or more of thousands of
+deletions is made about 15 times more slowly (its inode allocator steps over inodes
+freed recently), so the transfer after one that deleted 12,000 files paid for them.
 
 CPU: seconds of user + system time per GiB moved, for ``pieced-peer`` and the daemon
 (from ``/proc/PID/stat``). Memory: the daemon's peak RSS (``VmHWM``) against its cache

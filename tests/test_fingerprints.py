@@ -166,9 +166,11 @@ def test_runs_of_blocks_in_two_slices_give_each_piece_the_hashes_of_its_bytes(
     try:
         ih = dio.register(raw, tmp_path / "dl")
         runs = 0
-        for p, _, _ in {(p, 0, 0) for p, _, _ in src.blocks()}:
-            ends = [b + n for q, b, n in src.blocks() if q == p]
-            pos, end = 0, max(ends)
+        ends: dict[int, int] = {}  # piece -> the end of its stored bytes
+        for p, b, n in src.blocks():
+            ends[p] = max(ends.get(p, 0), b + n)
+        for p, end in ends.items():
+            pos = 0
             while pos < end:
                 n = min(end - pos, rng.choice((16384, 100_000, 262144, 300_001, 2**20)))
                 data = bytearray(src.read(p, pos, n))

@@ -1106,7 +1106,7 @@ def test_two_torrents_giving_one_file_other_bytes_do_not_take_it_from_each_other
             _, err = procs[loser].communicate(timeout=30)
             assert procs[loser].returncode == 2, err
             assert "taken back by the daemon 3 times" in err, err
-            ih = hashlib.sha1(bencodepy.encode(bencodepy.decode(raws[winner])[b"info"])).digest()
+            ih = parse(raws[winner]).info_hash
             with Client(d.socket) as c:
                 deadline = time.monotonic() + 60
                 while True:
