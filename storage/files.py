@@ -286,7 +286,7 @@ class FileStorage:
         elif flags & os.O_CREAT:
             self._name_written(index)  # the first write of this process: its name too
         try:
-            fd = self.root.open(self.parts(index), flags, create_dirs=create_dirs)
+            fd, st = self.root.open_stat(self.parts(index), flags, create_dirs=create_dirs)
         except StorageIOError as exc:
             if recreate and exc.errno == errno.EEXIST:
                 raise PathEscape(f"{self.file_path(index)} went away and something else was "
@@ -295,11 +295,6 @@ class FileStorage:
                 raise self._vanished(index, f"{self.file_path(index)}: deleted behind "
                                             "pieced's back") from None
             raise
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            os.close(fd)
-            raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
         me = (st.st_dev, st.st_ino)
         with self._lock:
             if index in self._recreate and not flags & os.O_EXCL:
