@@ -285,8 +285,12 @@ class FileStorage:
             flags &= ~os.O_CREAT
         elif flags & os.O_CREAT:
             self._name_written(index)  # the first write of this process: its name too
+        parts = self.parts(index)
         try:
-            fd, st = self.root.open_stat(self.parts(index), flags, create_dirs=create_dirs)
+            made = None
+            if flags & os.O_CREAT and not known and not recreate:
+                made = self.root.create(parts, flags, create_dirs)  # (a new download's)
+            fd, st = made or self.root.open_stat(parts, flags, create_dirs=create_dirs)
         except StorageIOError as exc:
             if recreate and exc.errno == errno.EEXIST:
                 raise PathEscape(f"{self.file_path(index)} went away and something else was "

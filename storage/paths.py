@@ -134,6 +134,37 @@ class Beneath:
         """Open a payload file: a regular file with one link, or PathEscape."""
         return self.open_stat(parts, flags, create_dirs)[0]
 
+    def create(self, parts: Parts, flags: int,
+               create_dirs: bool = False) -> tuple[int, os.stat_result] | None:
+        """Make a payload file that is not there (``O_CREAT | O_EXCL``), with its
+        ``fstat``; None if anything has the name (a symlink too): :meth:`open_stat` it.
+
+        A file made by this very call is new, empty, regular, with one link, and no one
+        else has held it: none of :meth:`open_stat`'s checks has anything to find. (Most
+        first writes of a download make their file: for a torrent of 12,000 small files,
+        6 system calls where an open of a file found there takes 10.)
+        """
+        flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            dfd = _walk(self.root(), parts[:-1], create_dirs, self.path, self.changed,
+                        owned=False)
+            try:
+                self.changed(parts[:-1])  # (before and after: see changed)
+                try:
+                    fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
+                except FileExistsError:
+                    return None
+                self.changed(parts[:-1])
+                try:
+                    return fd, os.fstat(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise _error(exc, f"make {self.path.joinpath(*parts)}") from None
+
     def open_stat(self, parts: Parts, flags: int,
                   create_dirs: bool = False) -> tuple[int, os.stat_result]:
         """:meth:`open`, with the descriptor's ``fstat`` (taken for the checks anyway).
