@@ -26,7 +26,22 @@ RANK_SECONDS = 1.0
 # not by a walk down the order of every piece.
 SPARSE = 16
 
+# Equally rare pieces are taken a run of this many bytes at a time, the runs in random
+# order (libtorrent's piece extent affinity): a torrent of small files is then written
+# file after file, each opened once, not one piece here and one there (a random piece
+# of 12,000 files each time made the daemon open a file for nearly every piece).
+EXTENT = 4 * 1024 * 1024
+
 Block = tuple[int, int, int]  # (piece, begin, length)
+
+
+def extent_order(pieces: int, piece_length: int) -> list[int]:
+    """Every piece, in runs of :data:`EXTENT` bytes of pieces in order, the runs
+    shuffled: the order ties between equally rare pieces are broken in."""
+    run = max(1, EXTENT // piece_length)
+    starts = list(range(0, pieces, run))
+    random.shuffle(starts)
+    return [p for s in starts for p in range(s, min(s + run, pieces))]
 _NOBODY: frozenset[object] = frozenset()
 
 
@@ -94,8 +109,7 @@ class Picker:
         # wait in ``_returned``, so a pick does not walk the blocks already asked for.
         self._cursor: dict[int, int] = {}
         self._returned: dict[int, list[Block]] = {}
-        self._order = list(range(n))
-        random.shuffle(self._order)  # ties between equally rare pieces broken at random
+        self._order = extent_order(n, meta.piece_length)
         self._tie = [0] * n  # piece -> its place in _order
         for i, p in enumerate(self._order):
             self._tie[p] = i
