@@ -139,7 +139,10 @@ class Setup:
     def __init__(self, kind: str, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        self.src = work / "src"
+        # A folder for each payload: make_payload writes the files of its spec over
+        # what is there and deletes nothing, so one folder for all runs made a torrent of
+        # the 1 GiB file of one run and the 12,000 small files of another together.
+        self.src = work / f"src-{args.files}x{args.size_mib}MiB"
         content = make_payload(self.src, payload_files(args.size_mib * 1024 * 1024, args.files),
                                seed=1)
         self.raw = make_torrent_lt(content, args.piece_kib * 1024, cast(TorrentKind, kind))
