@@ -288,9 +288,10 @@ class FileStorage:
         parts = self.parts(index)
         try:
             made = None
+            mode = self.file_mode(index)
             if flags & os.O_CREAT and not known and not recreate:
-                made = self.root.create(parts, flags, create_dirs)  # (a new download's)
-            fd, st = made or self.root.open_stat(parts, flags, create_dirs=create_dirs)
+                made = self.root.create(parts, flags, create_dirs, mode)  # (a new download's)
+            fd, st = made or self.root.open_stat(parts, flags, create_dirs, mode)
         except StorageIOError as exc:
             if recreate and exc.errno == errno.EEXIST:
                 raise PathEscape(f"{self.file_path(index)} went away and something else was "
@@ -373,7 +374,11 @@ class FileStorage:
         for index in self.stored_files():
             if lengths[index] == 0:
                 os.close(self.root.open(self.parts(index), os.O_WRONLY | os.O_CREAT,
-                                        create_dirs=True))
+                                        True, self.file_mode(index)))
+
+    def file_mode(self, index: int) -> int:
+        """The mode a payload file is made with."""
+        return 0o755 if self.meta.files.executable(index) else 0o644
 
     def display_path(self, index: int) -> str:
         """The file's current path relative to the save path (after any rename)."""

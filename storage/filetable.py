@@ -151,6 +151,10 @@ class FileTable(Sequence[FileEntry]):
     def pad(self, i: int) -> bool:
         return bool(self.flags[i] & PAD)
 
+    def executable(self, i: int) -> bool:
+        """BEP 47's ``x`` attribute: the file is made 0o755, as libtorrent makes it."""
+        return "x" in self._attrs.get(i, "")
+
     def end(self, i: int) -> int:
         return self.offsets[i + 1]
 

@@ -130,12 +130,14 @@ class Beneath:
         finally:
             os.close(fd)
 
-    def open(self, parts: Parts, flags: int, create_dirs: bool = False) -> int:
-        """Open a payload file: a regular file with one link, or PathEscape."""
-        return self.open_stat(parts, flags, create_dirs)[0]
+    def open(self, parts: Parts, flags: int, create_dirs: bool = False,
+             mode: int = 0o644) -> int:
+        """Open a payload file: a regular file with one link, or PathEscape. ``mode``:
+        a file made by the open gets it (0o755 for an executable)."""
+        return self.open_stat(parts, flags, create_dirs, mode)[0]
 
-    def create(self, parts: Parts, flags: int,
-               create_dirs: bool = False) -> tuple[int, os.stat_result] | None:
+    def create(self, parts: Parts, flags: int, create_dirs: bool = False,
+               mode: int = 0o644) -> tuple[int, os.stat_result] | None:
         """Make a payload file that is not there (``O_CREAT | O_EXCL``), with its
         ``fstat``; None if anything has the name (a symlink too): :meth:`open_stat` it.
 
@@ -151,7 +153,7 @@ class Beneath:
             try:
                 self.changed(parts[:-1])  # (before and after: see changed)
                 try:
-                    fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
+                    fd = os.open(parts[-1], flags, mode, dir_fd=dfd)
                 except FileExistsError:
                     return None
                 self.changed(parts[:-1])
@@ -165,8 +167,8 @@ class Beneath:
         except OSError as exc:
             raise _error(exc, f"make {self.path.joinpath(*parts)}") from None
 
-    def open_stat(self, parts: Parts, flags: int,
-                  create_dirs: bool = False) -> tuple[int, os.stat_result]:
+    def open_stat(self, parts: Parts, flags: int, create_dirs: bool = False,
+                  mode: int = 0o644) -> tuple[int, os.stat_result]:
         """:meth:`open`, with the descriptor's ``fstat`` (taken for the checks anyway).
 
         The link count is read after the open, from the name and from the descriptor,
@@ -190,12 +192,12 @@ class Beneath:
                 try:
                     # O_NONBLOCK: a FIFO put in a payload file's place must not hang the
                     # open (it is refused below, as anything but a regular file is).
-                    fd = os.open(name, flags | os.O_NONBLOCK, 0o644, dir_fd=dfd)
+                    fd = os.open(name, flags | os.O_NONBLOCK, mode, dir_fd=dfd)
                 except BlockingIOError:
                     # A lease on the file (another process's, or a map of ours): wait for
                     # its holder to let go, as any open does. (A FIFO never answers so:
                     # its non-blocking open succeeds.)
-                    fd = os.open(name, flags, 0o644, dir_fd=dfd)
+                    fd = os.open(name, flags, mode, dir_fd=dfd)
                 if creating:
                     self.changed(parts[:-1])
                 try:
@@ -409,10 +411,11 @@ def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part, dir_fd=dfd)  # one a crash left
+        st = os.fstat(fin)
         fout = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       0o644, dir_fd=dfd)
+                       st.st_mode & 0o777, dir_fd=dfd)  # (an executable stays one)
         try:
-            _copy_bytes(fin, fout, os.fstat(fin).st_size)
+            _copy_bytes(fin, fout, st.st_size)
             os.fsync(fout)
             os.link(part, dst, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
         finally:

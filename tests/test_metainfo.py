@@ -179,6 +179,45 @@ def test_v2_path_escape_refused() -> None:
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_files_libtorrent_marks_executable_are_made_executable(
+        tmp_path: Path, kind: str) -> None:
+    """libtorrent gives an executable file of the payload the attr "x" and makes it
+    0o755 when it downloads it; the daemon made every file 0o644."""
+    import os
+    import stat
+
+    from pieced.storage.disk import DiskIO
+
+    from tests.test_disk import Source
+
+    src = tmp_path / "seed" / "payload"
+    src.mkdir(parents=True)
+    for name, size, mode in [("run.sh", 40_000, 0o755), ("data.bin", 30_000, 0o644),
+                             ("empty-tool", 0, 0o755)]:
+        (src / name).write_bytes(os.urandom(size))
+        os.chmod(src / name, mode)
+    flags = {"v1": lt.create_torrent.v1_only, "v2": lt.create_torrent.v2_only, "hybrid": 0}[kind]
+    ct = lt.create_torrent(lt.list_files(str(src), lambda p: True, 0), 16384, flags)
+    lt.set_piece_hashes(ct, str(src.parent))
+    raw = bytes(lt.bencode(ct.generate()))
+    marked = {f.path[-1] for f in parse(raw).files if "x" in f.attr}
+    assert marked == {"run.sh", "empty-tool"}
+    source = Source(raw, tmp_path / "seed")
+    dio = DiskIO(sync_window=0.002)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for p, b, n in source.blocks():
+            dio.write_chunk(ih, p, b, source.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih, files=False)["verified_pieces"] == parse(raw).num_pieces
+    finally:
+        dio.close()
+    for name in ("run.sh", "data.bin", "empty-tool"):
+        mode = stat.S_IMODE((tmp_path / "dl" / "payload" / name).stat().st_mode)
+        assert bool(mode & 0o111) == (name in marked), (name, oct(mode))
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
 def test_symlink_entries_libtorrent_makes_are_taken_in_every_kind(
         tmp_path: Path, kind: str) -> None:
     """libtorrent's ``create_torrent.symlinks`` lists a symlink of the payload as an
