@@ -51,12 +51,23 @@ log = logging.getLogger("pieced.peer")
 # loop every four blocks): the size of each connection's receive buffer (Inbox).
 STREAM_LIMIT = 1024 * 1024
 TURN_EVENTS = 255  # one peer's events handled between two turns of the loop, less one
-READS_PER_PEER = 8  # reads from the daemon in flight for one peer's requests
 READ_BYTES = 1024 * 1024  # the most one read from the daemon asks for: 64 blocks a round trip
 # Bytes of blocks for one peer read from the daemon and not yet taken by its socket: no
 # read starts past it (a peer that asks for 500 blocks and reads none held 8 MiB of
 # them, and every peer may); reads go on once it takes its share (SEND_LOW_WATER).
 SEND_AHEAD = 2 * 1024 * 1024
+# Reads from the daemon in flight for one peer's requests: at least a few (fewer, longer
+# reads: the blocks of a piece asked for meanwhile join one), and for small pieces, which
+# no read runs past, enough of them to fill SEND_AHEAD (8 reads of 16 KiB pieces kept a
+# libtorrent leecher waiting on the daemon's round trips: 64 seeded 12,000 small files
+# in 8.4-8.7 s, against 11.0-11.3 s).
+READS_PER_PEER = (8, 64)
+
+
+def reads_per_peer(piece_length: int) -> int:
+    """How many reads from the daemon one peer may have in flight (READS_PER_PEER)."""
+    low, high = READS_PER_PEER
+    return max(low, min(high, SEND_AHEAD // max(1, piece_length)))
 SEND_LOW_WATER = 256 * 1024
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
@@ -526,6 +537,7 @@ class Swarm:
         self.opts = opts
         self.raw = raw
         self.meta = meta
+        self.reads_per_peer = reads_per_peer(meta.piece_length)
         self.peer_id = b"-PZ0001-" + os.urandom(6).hex().encode()
         span = meta.info_span
         self.metadata = bytes(raw[span[0] : span[1]])  # handed to peers that ask (BEP 9)
@@ -1090,7 +1102,7 @@ class Swarm:
             return  # nothing to read from (we are stopping), or nobody to send to
         limit = min(READ_BYTES, self.client.core.max_frame - 1024)  # a DATA frame holds it
         transport = peer.transport
-        while (queue and peer.reads < READS_PER_PEER and not peer.inbox.writing_paused
+        while (queue and peer.reads < self.reads_per_peer and not peer.inbox.writing_paused
                and peer.reading + transport.get_write_buffer_size() < SEND_AHEAD):
             run = [queue.popleft()]
             size = run[0][2]

@@ -1237,6 +1237,23 @@ def test_equally_rare_pieces_are_taken_a_run_of_4_mib_at_a_time(piece_kib: int) 
     assert len(orders) > 1  # the runs in random order (all four the same: 1 in 120**3)
 
 
+def test_reads_in_flight_for_a_peer_fill_the_send_ahead_with_small_pieces() -> None:
+    """No read from the daemon runs past a piece: with 8 in flight, a libtorrent leecher
+    of 16 KiB pieces waited on the daemon's round trips. Small pieces get as many reads
+    as fill SEND_AHEAD (up to 64); large ones keep 8, so that blocks asked for meanwhile
+    join longer reads."""
+    from pieced.peer.plugin import READ_BYTES, SEND_AHEAD, reads_per_peer
+
+    assert reads_per_peer(16 * 1024) == 64
+    assert reads_per_peer(64 * 1024) == 32
+    for kib in (256, 1024, 4096, 16384):
+        assert reads_per_peer(kib * 1024) == 8
+    for kib in (16, 32, 64, 128, 256, 512, 1024, 4096):
+        pl = kib * 1024
+        # what a peer's reads may hold at once stays within SEND_AHEAD, or 8 reads
+        assert reads_per_peer(pl) * min(pl, READ_BYTES) <= max(SEND_AHEAD, 8 * READ_BYTES)
+
+
 def _picks_seconds(n: int, peer_pieces: int) -> float:
     """Seconds of 300 picks that each start a new piece (one-block pieces), another
     peer's HAVE between two of them, for a peer with ``peer_pieces`` of ``n`` pieces."""
