@@ -110,6 +110,12 @@ def test_hard_links_and_symlinked_files_are_refused(setup) -> None:  # type: ign
     target.symlink_to(canary / "victim")
     errors = _write(dio, ih, src, {"a.bin"})
     assert errors and all(isinstance(e, PathEscape) for e in errors)
+    # a symlink to nothing yet: the first write's create (O_EXCL) makes nothing through it
+    target.unlink()
+    target.symlink_to(canary / "made-through-a-link")
+    errors = _write(dio, ih, src, {"a.bin"})
+    assert errors and all(isinstance(e, PathEscape) for e in errors)
+    assert not (canary / "made-through-a-link").exists()
     # rm --delete-files removes the symlink, never what it points to
     dio.unregister(ih, delete_files=True)
     assert not target.is_symlink() and _tree(canary) == before
