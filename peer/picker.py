@@ -33,6 +33,7 @@ SPARSE = 16
 EXTENT = 4 * 1024 * 1024
 
 Block = tuple[int, int, int]  # (piece, begin, length)
+_NOBODY: frozenset[object] = frozenset()
 
 
 def extent_order(pieces: int, piece_length: int) -> list[int]:
@@ -42,7 +43,6 @@ def extent_order(pieces: int, piece_length: int) -> list[int]:
     starts = list(range(0, pieces, run))
     random.shuffle(starts)
     return [p for s in starts for p in range(s, min(s + run, pieces))]
-_NOBODY: frozenset[object] = frozenset()
 
 
 def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, int]]:

@@ -62,12 +62,6 @@ SEND_AHEAD = 2 * 1024 * 1024
 # libtorrent leecher waiting on the daemon's round trips: 64 seeded 12,000 small files
 # in 8.4-8.7 s, against 11.0-11.3 s).
 READS_PER_PEER = (8, 64)
-
-
-def reads_per_peer(piece_length: int) -> int:
-    """How many reads from the daemon one peer may have in flight (READS_PER_PEER)."""
-    low, high = READS_PER_PEER
-    return max(low, min(high, SEND_AHEAD // max(1, piece_length)))
 SEND_LOW_WATER = 256 * 1024
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
@@ -302,6 +296,12 @@ def _after(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
             return [memoryview(part)[n:] if n else part, *parts[i + 1 :]]
         n -= size
     return []
+
+
+def reads_per_peer(piece_length: int) -> int:
+    """How many reads from the daemon one peer may have in flight (READS_PER_PEER)."""
+    low, high = READS_PER_PEER
+    return max(low, min(high, SEND_AHEAD // max(1, piece_length)))
 
 
 class UtpRefuser(asyncio.DatagramProtocol):
