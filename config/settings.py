@@ -38,7 +38,7 @@ class Settings:
     cache_policy: str = "arc"
     hash_workers: int = 0
     io_workers: int = 0
-    max_open_files: int = 512
+    max_open_files: int = 16384
     preallocate: bool = False
     allow_hard_links: bool = False
     sync_window_ms: int = 10

@@ -131,7 +131,7 @@ class DiskIO:
         cache_bytes: int = 256 * 1024 * 1024,
         cache_policy: str = "arc",
         hash_workers: int | None = None,
-        max_open_files: int = 512,
+        max_open_files: int = 16384,
         preallocate: bool = False,
         allow_hard_links: bool = False,
         sync_window: float = 0.0,

@@ -102,7 +102,7 @@ class HandlePool:
     thread is writing through (which could then land in a reused descriptor).
     """
 
-    def __init__(self, max_open: int = 512) -> None:
+    def __init__(self, max_open: int) -> None:
         self.max_open = max_open
         self._lock = threading.Lock()
         self._fds: OrderedDict[tuple[object, int, bool], list[int]] = OrderedDict()  # [fd, users]
