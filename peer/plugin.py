@@ -457,6 +457,11 @@ class Peer:
         self.stranger: str | None = None  # its IP, when it dialled us
         self.refused: set[int] = set()  # pieces it rejected a request of, since its unchoke
         self.wanted = 0  # pieces it has that we lack (and have not banned it for)
+        # The pieces it has as the picker counts them, moved by its events one at a time:
+        # the connection's ``peer_has`` is already past every event of a read when the
+        # first is handled (a BITFIELD and a DONTHAVE of every piece in one read, counted
+        # from it, took each piece off twice, and the peer looked to have nothing we lack).
+        self.counted = bytearray(conn.num_pieces)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
         self.reading = 0  # bytes they ask for
@@ -945,7 +950,7 @@ class Swarm:
             log.info("%s: gone", peer.addr)
         if self.picker is not None:
             self.picker.peer_gone(peer)
-            self.picker.peer_lost(i for i, h in enumerate(peer.conn.peer_has) if h)
+            self.picker.peer_lost(i for i, h in enumerate(peer.counted) if h)
             self._fill_all()
         if not peer.conn.am_choking and peer.conn.peer_interested:
             self._choke_round()  # its unchoke slot is free: the peer waiting longest gets it
@@ -966,20 +971,29 @@ class Swarm:
             await self.settled.wait()  # (the daemon said pieces changed: what it has now)
             conn.send_bitfield(picker.have)
         elif isinstance(ev, (wire.Bitfield, wire.HaveAll, wire.HaveNone)):
-            picker.peer_has(i for i, h in enumerate(conn.peer_has) if h)
-            peer.wanted = sum(1 for i, h in enumerate(conn.peer_has)
+            n = conn.num_pieces  # (the connection took one of them only, before any HAVE)
+            told = (bytearray(wire.pieces_from_bits(ev.bits, n)) if type(ev) is wire.Bitfield
+                    else bytearray(b"\x01" * n) if type(ev) is wire.HaveAll else bytearray(n))
+            old, peer.counted = peer.counted, told
+            picker.peer_lost(i for i in range(n) if old[i] and not told[i])
+            picker.peer_has(i for i in range(n) if told[i] and not old[i])
+            peer.wanted = sum(1 for i, h in enumerate(told)
                               if h and not picker.have[i] and i not in peer.banned)
             self._fill(peer)
         elif isinstance(ev, wire.Have):
             peer.refused.discard(ev.piece)  # (it may have lost it, and got it back)
-            picker.peer_has((ev.piece,))
-            if not picker.have[ev.piece] and ev.piece not in peer.banned:
-                peer.wanted += 1
+            if not peer.counted[ev.piece]:
+                peer.counted[ev.piece] = 1
+                picker.peer_has((ev.piece,))
+                if not picker.have[ev.piece] and ev.piece not in peer.banned:
+                    peer.wanted += 1
             self._fill(peer)
-        elif type(ev) is DontHave:  # (already out of what the connection says it has)
-            picker.peer_lost((ev.piece,))
-            if not picker.have[ev.piece] and ev.piece not in peer.banned:
-                peer.wanted -= 1
+        elif type(ev) is DontHave:
+            if peer.counted[ev.piece]:
+                peer.counted[ev.piece] = 0
+                picker.peer_lost((ev.piece,))
+                if not picker.have[ev.piece] and ev.piece not in peer.banned:
+                    peer.wanted -= 1
             self._fill(peer)  # (no longer interested, when that was all it had for us)
         elif isinstance(ev, (wire.Unchoke, wire.AllowedFast)):
             if type(ev) is wire.Unchoke:
@@ -1078,7 +1092,7 @@ class Swarm:
             if conn.peer_choking:
                 allowed = [p for p in conn.allowed_fast if p not in peer.banned] if conn.fast else []
             if room > 0 and (allowed is None or allowed):
-                mask = conn.peer_has
+                mask = peer.counted
                 if peer.banned or peer.refused:
                     mask = bytearray(mask)
                     for p in (*peer.banned, *peer.refused):
@@ -1292,7 +1306,7 @@ class Swarm:
         assert self.picker is not None
         self.picker.piece_verified(piece)
         for p in list(self.peers):
-            if p.conn.peer_has[piece] and piece not in p.banned:
+            if p.counted[piece] and piece not in p.banned:
                 p.wanted -= 1
             if p.conn.handshaken:
                 p.conn.send_have(piece)
@@ -1322,7 +1336,7 @@ class Swarm:
                 if not dial.busy and not dial.dropped and not dial.due:
                     dial.due = now
         for p in list(self.peers):
-            if p.conn.peer_has[piece] and piece not in p.banned:
+            if p.counted[piece] and piece not in p.banned:
                 p.wanted += 1
             p.conn.send_dont_have(piece)  # (BEP 54, to those that take it, as libtorrent)
             self._fill(p)
@@ -1396,7 +1410,7 @@ class Swarm:
         if piece not in liar.banned:
             liar.banned.add(piece)
             for p in mine:
-                if p.conn.peer_has[piece] and not self.picker_has(piece):
+                if p.counted[piece] and not self.picker_has(piece):
                     p.wanted -= 1
         if liar.bad == MAX_BAD_PIECES:
             log.warning("dropping %s: %d pieces failed with its data", liar.addr, liar.bad)
@@ -1415,7 +1429,7 @@ class Swarm:
             return
         banned = {piece for p in self.peers for piece in p.banned if not picker.have[piece]}
         for piece in banned:
-            sources = [p for p in self.peers if p.conn.peer_has[piece]]
+            sources = [p for p in self.peers if p.counted[piece]]
             if not sources or any(piece not in p.banned for p in sources):
                 continue
             log.info("piece %d: asked again of the peers it failed with (no other has it)",

@@ -228,6 +228,73 @@ def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_what_a_seeder_says_it_has_is_counted_message_by_message(tmp_path: Path) -> None:
+    """A seeder sends its BITFIELD (every piece) and an lt_donthave of every piece in one
+    write, then a HAVE of every piece a second later. The connection takes in all of a
+    read before its events are handled; what the peer has was counted from what the
+    connection held after the whole read, so every piece was taken off twice and the
+    HAVEs only brought the count back to nothing: pieced-peer was never interested, and
+    waited for ever. Counted event by event, it downloads everything."""
+    import subprocess
+
+    from pieced.peer.conn import LT_DONTHAVE
+
+    from tests.test_peer_libtorrent import peer_cmd
+
+    piece = 65536
+    files = {"a.bin": 24 * piece + 5}
+    content, _raw, meta, torrent = _v1(tmp_path, files, piece, seed=41)
+    data = (content / "a.bin").read_bytes()
+    n = meta.num_pieces
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served = {"blocks": 0}
+
+    def seeder() -> None:
+        conn, _ = listener.accept()
+        parser = wire.Parser(handshake=True)
+        conn.settimeout(30)
+        try:
+            while True:
+                got = conn.recv(1 << 16)
+                if not got:
+                    return
+                for ev in parser.feed(got):
+                    if isinstance(ev, wire.Handshake):
+                        conn.sendall(
+                            wire.handshake(ev.info_hash, b"-DH0001-" + bytes(12),
+                                           wire.make_reserved(extended=True))
+                            + wire.bitfield(wire.bits_from_pieces([True] * n, n))
+                            + b"".join(wire.extended(LT_DONTHAVE, i.to_bytes(4, "big"))
+                                       for i in range(n))
+                            + wire.unchoke())
+                        time.sleep(1)
+                        conn.sendall(b"".join(wire.have(i) for i in range(n)))
+                    elif isinstance(ev, wire.Request):
+                        at = ev.piece * piece + ev.begin
+                        conn.sendall(wire.piece(ev.piece, ev.begin, data[at : at + ev.length]))
+                        served["blocks"] += 1
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=seeder, daemon=True)
+    t.start()
+    d = Daemon(tmp_path)
+    try:
+        r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket,
+                                    "--peer", f"127.0.0.1:{port}"),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["complete"]
+        assert served["blocks"] >= n
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_peers_that_never_handshake_lose_their_slots(tmp_path: Path) -> None:
     """With every connection slot (``--max-peers``) taken by peers that send no
     handshake, one silent and one dribbling a byte a second, a newcomer is turned away;
