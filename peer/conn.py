@@ -45,6 +45,16 @@ METADATA_PIECE = 16384  # the torrent's metadata is handed out in pieces of this
 # MiB, each a choke round) is a peer taking our CPU: it is dropped.
 CHATTER_BURST = 5000
 CHATTER_RATE = 500.0
+# An extension message is decoded by bencode in Python, about a microsecond a byte on
+# the event loop: it costs one unit of chatter per EXT_CHATTER_BYTES (at least one), so
+# a stream of large ones is dropped as soon as one of small ones would be.
+EXT_CHATTER_BYTES = 64
+# Past these, an extension handshake or a ut_metadata message breaks the protocol.
+# libtorrent's handshakes are a few hundred bytes; a ut_metadata message is a small
+# dictionary and, in a data message, at most 16 KiB of the metadata (libtorrent drops a
+# peer that sends one of more than 17 KiB).
+MAX_EXT_HANDSHAKE = 16 * 1024
+MAX_UT_METADATA = 17 * 1024
 # Events whose number is bounded by something else (the pieces, our requests, the
 # peer's queue, how fast it reads our answers): no chatter, however many.
 _USEFUL: frozenset[type] = frozenset({
@@ -174,11 +184,15 @@ class PeerConnection:
                     else:
                         out.append(ev)
                 # It changed nothing, or flipped a state, suggested, used an extension.
-                budget -= 1
+                if type(ev) is wire.Extended:
+                    budget -= 1 + len(ev.payload) // EXT_CHATTER_BYTES
+                else:
+                    budget -= 1
                 if budget < 0:
                     raise WireError(f"more than {CHATTER_BURST} messages that change "
                                     f"nothing or flip a state back and forth, or more "
-                                    f"than {CHATTER_RATE:.0f} a second")
+                                    f"than {CHATTER_RATE:.0f} a second (an extension "
+                                    f"message counts one per {EXT_CHATTER_BYTES} bytes)")
         finally:
             self._chatter = budget
         return out
@@ -290,6 +304,11 @@ class PeerConnection:
                 return False
             self.allowed_fast.add(ev.piece)
         elif isinstance(ev, wire.Extended):
+            limit = (MAX_EXT_HANDSHAKE if ev.ext_id == 0
+                     else MAX_UT_METADATA if ev.ext_id == UT_METADATA else None)
+            if limit is not None and len(ev.payload) > limit:
+                what = "extension handshake" if ev.ext_id == 0 else "ut_metadata message"
+                raise WireError(f"{what} of {len(ev.payload)} bytes (at most {limit})")
             if ev.ext_id == 0:
                 try:
                     msg = bencodepy.decode(ev.payload)

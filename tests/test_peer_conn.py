@@ -1339,6 +1339,39 @@ def test_a_peer_streaming_messages_that_change_nothing_is_dropped(name: str) -> 
         c.receive(msg * (CHATTER_BURST // per + 1))
 
 
+def test_extension_messages_cost_chatter_by_their_size_and_are_bounded() -> None:
+    """A peer sent extension handshakes of 2 MiB of bencode, each decoded in Python on
+    the event loop for over a second and counted as one message of chatter: fifteen of
+    them made a libtorrent leecher beside it take 20 s instead of 0.3 s. An extension
+    message now costs a unit of chatter per 64 bytes, and a handshake or a ut_metadata
+    message past its bound (16 KiB; 17 KiB, as libtorrent) breaks the protocol."""
+    from pieced.peer.conn import MAX_EXT_HANDSHAKE, MAX_UT_METADATA, UT_METADATA
+
+    def handshake(size: int) -> bytes:
+        body = bencodepy.encode({b"m": {}, b"x": b""})
+        pad = size - len(body) - 2  # (the string grows by its own length's digits too)
+        body = bencodepy.encode({b"m": {}, b"x": b"z" * pad})
+        body = bencodepy.encode({b"m": {}, b"x": b"z" * (pad - (len(body) - size))})
+        assert len(body) == size
+        return wire.extended(0, body)
+
+    c, _ = _clocked()
+    c.receive(handshake(100) * 1000)  # small ones: a thousand, taken
+    c, _ = _clocked()
+    eight_kib = handshake(8192)  # 129 units each
+    c.receive(eight_kib * 30)  # a burst of them, taken
+    with pytest.raises(wire.WireError, match="change nothing"):
+        c.receive(eight_kib * 10)
+    c, _ = _clocked()
+    c.receive(handshake(MAX_EXT_HANDSHAKE))
+    with pytest.raises(wire.WireError, match="extension handshake of 16385 bytes"):
+        c.receive(handshake(MAX_EXT_HANDSHAKE + 1))
+    c, _ = _clocked()
+    c.receive(wire.extended(UT_METADATA, b"d8:msg_typei1e5:piecei0ee" + bytes(16384)))
+    with pytest.raises(wire.WireError, match="ut_metadata message of"):
+        c.receive(wire.extended(UT_METADATA, bytes(MAX_UT_METADATA + 1)))
+
+
 def test_an_honest_peer_never_runs_out_of_chatter() -> None:
     """What libtorrent sends over an hour, at its busiest: a keep-alive a minute, a
     change of interest and of choke every few seconds, ten ALLOWED_FAST and SUGGESTs,
