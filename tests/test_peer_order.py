@@ -170,6 +170,7 @@ def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
         assert isinstance(transport, asyncio.Transport)
         conn = PeerConnection.__new__(PeerConnection)
         conn.outbox = []
+        conn.num_pieces = 0
         peer = Peer(conn, transport, inbox, "test", Conduct("test"))
         for i in range(0, len(messages), 7):
             conn.outbox.extend(memoryview(m) if i % 2 else m for m in messages[i : i + 7])
