@@ -254,8 +254,14 @@ class InOrder:
             if i < len(plan) and begin > plan[i][0]:
                 self.reordered += 1
                 held = self._held.setdefault(piece, {})
-                if begin in held:
-                    return []  # the same block again (end game): the one held will do
+                old = held.get(begin)
+                if old is not None:
+                    # The same block again (end game): the newest copy is the one written,
+                    # as the blame's record of who sent the block says (a bad copy held
+                    # and a good one dropped had the good sender blamed for a failure).
+                    held[begin] = bytes(data)
+                    self.held_bytes += len(data) - len(old)
+                    return []
                 if self.held_bytes + len(data) <= self.HOLD_BYTES:
                     held[begin] = bytes(data)  # a view of a buffer used again: copied
                     self.held_bytes += len(data)

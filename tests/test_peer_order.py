@@ -23,9 +23,11 @@ def test_in_order_passes_at_once_and_ahead_waits() -> None:
     assert order.arrived(0, 0, _data(0, 0)) == [(0, _data(0, 0))]
     assert order.arrived(0, 2 * BLOCK, _data(0, 2 * BLOCK)) == []  # ahead: held
     assert order.arrived(0, 3 * BLOCK, _data(0, 3 * BLOCK)) == []
-    assert order.arrived(0, 3 * BLOCK, _data(0, 3 * BLOCK)) == []  # again: dropped
-    got = order.arrived(0, BLOCK, _data(0, BLOCK))  # the gap: all three go, in order
-    assert [b for b, _ in got] == [BLOCK, 2 * BLOCK, 3 * BLOCK]
+    assert order.arrived(0, 3 * BLOCK, b"another copy") == []  # again: it replaces the
+    got = order.arrived(0, BLOCK, _data(0, BLOCK))  # held one; the gap: all three go
+    assert got == [(BLOCK, _data(0, BLOCK)), (2 * BLOCK, _data(0, 2 * BLOCK)),
+                   (3 * BLOCK, b"another copy")]  # (the newest copy: whose sender the
+    # blame has on record for the block)
     assert order.held_bytes == 0 and order.reordered == 3
     # a plan with a skipped block: the next one is due after it
     assert [b for b, _ in order.arrived(1, 3 * BLOCK, b"x")] == []
