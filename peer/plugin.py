@@ -1291,7 +1291,7 @@ class Swarm:
         if name == "disk_error":
             piece = msg.get("piece")
             where = f" (piece {piece})" if isinstance(piece, int) else ""
-            self._storage_failed(f"the daemon cannot store the torrent{where}: "
+            self._storage_failed(f"the daemon met an error on the torrent's files{where}: "
                                  f"{msg.get('message', 'I/O error')} (errno {msg.get('errno')})")
             return
         picker = self.picker
@@ -1401,6 +1401,17 @@ class Swarm:
                 self._look_again()
             elif not self._looking:
                 self.settled.set()
+
+    async def recount(self) -> None:
+        """After an error of the daemon on the torrent's files: whether it still has
+        every piece, for the summary (a file deleted while seeding took its pieces with
+        it; the daemon tells of them before the error). Not known counts as not."""
+        self.summary.complete = False
+        with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):
+            st = await asyncio.wait_for(self.client.status(self.ih, files=False),
+                                        STOP_DAEMON_TIMEOUT)
+            self.summary.complete = all(wire.pieces_from_bits(bytes(st["have"]),
+                                                              self.meta.num_pieces))
 
     async def _look(self) -> None:
         picker = self.picker
@@ -1643,6 +1654,8 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
+            if swarm.storage_error is not None and swarm.lost is None:
+                await swarm.recount()
             if progress is not None:
                 progress.cancel()
                 print(file=sys.stderr)

@@ -1387,15 +1387,19 @@ class DiskIO:
             due = now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL) >= ERROR_EVENT_INTERVAL
             if due:
                 t.error_reported[exc.errno] = now
-        if due and self.on_error is not None and not t.removed:
-            self.on_error(t.key, entry)
-        if isinstance(exc, FileVanished):
-            self._start_over(t, exc.file_index, verified=True, partial=exc.written)
-        elif isinstance(exc, WriteLost):
-            # The pieces synced before are durable; those whose bytes the file held since
-            # are not: they start over, and the file may be synced again.
-            self._start_over(t, exc.file_index, verified=False, partial=True)
-            t.storage.lost_handled(exc)
+        try:
+            if isinstance(exc, FileVanished):
+                self._start_over(t, exc.file_index, verified=True, partial=exc.written)
+            elif isinstance(exc, WriteLost):
+                # The pieces synced before are durable; those whose bytes the file held
+                # since are not: they start over, and the file may be synced again.
+                self._start_over(t, exc.file_index, verified=False, partial=True)
+                t.storage.lost_handled(exc)
+        finally:
+            # Said after the pieces it cost are told (piece_failed): a client that stops
+            # on the error knows by then what it still has.
+            if due and self.on_error is not None and not t.removed:
+                self.on_error(t.key, entry)
 
     def _journal_clears(self, t: Torrent, rec: TorrentRecord | None, pieces: list[int],
                         must: bool = False) -> None:

@@ -860,6 +860,46 @@ def _verified(socket_path: str) -> int:
         return int(listed[0]["verified_pieces"]) if listed else 0
 
 
+def test_a_file_deleted_while_seeding_stops_pieced_peer_saying_what_is_left(
+        tmp_path: Path) -> None:
+    """A payload file deleted while a libtorrent leecher downloads from a seeding
+    pieced-peer: the daemon's read finds it gone, and pieced-peer stops (exit 2) saying
+    the daemon met an error on the torrent's files, not that it cannot store them (it was
+    a read). Its summary said ``complete`` still: the daemon now tells of the pieces
+    the file took with it before the error, and the summary asks what is left."""
+    import time
+
+    piece = 262144
+    files = {"a.bin": 120 * piece + 1000, "b.bin": 3 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=9)
+    raw = _torrent("v1", content, piece)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        with LtPeer(raw, tmp_path / "leech", seed=False,
+                    settings={"download_rate_limit": 3_000_000, "limit_loopback": True}
+                    ) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            deadline = time.monotonic() + 60
+            while leecher.status()["progress"] < 0.2:
+                assert time.monotonic() < deadline, leecher.status()
+                time.sleep(0.1)
+            (content / "a.bin").unlink()
+            out, err = seeding.proc.communicate(timeout=60)
+        assert seeding.proc.returncode == 2, err
+        assert "the daemon met an error on the torrent's files" in err, err
+        assert "deleted behind pieced's back" in err, err
+        summary = json.loads(out)
+        assert summary["complete"] is False, summary
+        with Client(d.socket) as c:
+            st = c.status(c.torrents()[0]["info_hash"])
+        assert st["verified_pieces"] <= 4, st  # b.bin's pieces, and no more
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_seeder_not_up_yet_or_gone_for_a_while_is_dialled_again(tmp_path: Path) -> None:
     """pieced-peer starts before its only seeder listens, and the seeder leaves mid-download
     and comes back on the same port: each time the peer is dialled again (as libtorrent
