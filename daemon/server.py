@@ -1204,7 +1204,7 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 
 def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     files = _flag(m, "files", 1)
-    return c.disk.status(_ih(m), files=files)
+    return c.disk.status(_ih(m), files=files, partial=_flag(m, "partial", 0))
 
 
 def _big_report(c: Connection, op: Any, m: dict[str, Any]) -> bool:

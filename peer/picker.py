@@ -159,6 +159,20 @@ class Picker:
                 self._open.pop(piece, None)
         return asked if asked is not None else _NOBODY
 
+    def held(self, piece: int, blocks: Iterable[Block]) -> None:
+        """Blocks of a piece the daemon holds already (an earlier run stopped in the
+        middle of it): the piece is under way with those received, and its other
+        blocks are asked for before any new piece's."""
+        if self.have[piece]:
+            return
+        plan = self.plan(piece)
+        if piece not in self.started:
+            self.started[piece] = len(plan)
+            if plan:
+                self._unfinished[piece] = self._open[piece] = None
+        for blk in blocks:
+            self.block_received(blk)
+
     def piece_verified(self, piece: int) -> None:
         self._left -= not self.have[piece]
         self.have[piece] = 1

@@ -26,7 +26,7 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -219,6 +219,7 @@ class Summary:
     suggests_sent: int = 0
     hash_requests_served: int = 0
     blocks_reordered: int = 0  # arrived ahead of their turn, held to keep piece order
+    blocks_resumed: int = 0  # held by the daemon at the start (of pieces under way)
     complete: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -288,6 +289,18 @@ class InOrder:
             i += 1
         self._next[piece] = i
         return out
+
+    def had(self, piece: int, begins: Collection[int]) -> None:
+        """Blocks of the piece the daemon holds already (from an earlier run): not
+        waited for."""
+        plan = self._plan(piece)
+        i = self._next.get(piece, 0)
+        while i < len(plan) and plan[i][0] in begins:
+            i += 1
+        self._next[piece] = i
+        ahead = {b for b, _ in plan[i:] if b in begins}
+        if ahead:
+            self._passed.setdefault(piece, set()).update(ahead)
 
     def forget(self, piece: int) -> None:
         """The piece is verified or failed: what was held of it is of no use."""
@@ -645,11 +658,13 @@ class Swarm:
                 # the register and the check). What is on disk is checked now.
                 await self.client.recheck(self.ih)
         await self.client.subscribe(self.ih)
-        st = await self.client.status(self.ih, files=False)
+        st = await self.client.status(self.ih, files=False, partial=True)
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
         self.order = InOrder(self.picker.plan)
+        for piece, spans in st.get("partial", []):
+            self._resume(piece, spans)
         urls = self.meta_trackers()
         if self.opts.listen is not None:
             host, port = self.opts.listen
@@ -1401,6 +1416,19 @@ class Swarm:
                 self._look_again()
             elif not self._looking:
                 self.settled.set()
+
+    def _resume(self, piece: int, spans: list[list[int]]) -> None:
+        """A piece the daemon holds ``spans`` of (an earlier run stopped in the middle
+        of it): only its other blocks are fetched."""
+        assert self.picker is not None
+        if not 0 <= piece < self.meta.num_pieces:
+            return
+        held = [(piece, b, n) for b, n in self.picker.plan(piece)
+                if any(s <= b and b + n <= e for s, e in spans)]
+        if held:
+            self.picker.held(piece, held)
+            self.order.had(piece, {b for _, b, _ in held})
+            self.summary.blocks_resumed += len(held)
 
     async def recount(self) -> None:
         """After an error of the daemon on the torrent's files: whether it still has

@@ -484,6 +484,14 @@ def _hexless(ih: bytes | str) -> bytes:
     return bytes(ih)
 
 
+def _status_args(ih: bytes | str, files: bool, partial: bool) -> dict[str, Any]:
+    """A status request's arguments (``partial`` sent only when asked for)."""
+    args: dict[str, Any] = {"ih": _hexless(ih), "files": int(files)}
+    if partial:
+        args["partial"] = 1
+    return args
+
+
 class Client:
     """Blocking client. Not thread-safe: one per thread, or guard it with a lock."""
 
@@ -711,10 +719,11 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
-    def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:
+    def status(self, ih: bytes, files: bool = True, partial: bool = False) -> dict[str, Any]:
         """The torrent's state; ``files=False`` leaves out the per-file progress (one
-        entry per file: for a torrent of 100,000 files most of the reply)."""
-        return dict(self._call("status", ih=_hexless(ih), files=int(files)))
+        entry per file: for a torrent of 100,000 files most of the reply); ``partial``
+        adds the byte ranges the daemon holds of each piece under way."""
+        return dict(self._call("status", **_status_args(ih, files, partial)))
 
     def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
         """Verify everything on disk; progress arrives as ``recheck_progress`` events.
@@ -1196,8 +1205,8 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         return dict(await self._call("stats"))
 
-    async def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:
-        return dict(await self._call("status", ih=_hexless(ih), files=int(files)))
+    async def status(self, ih: bytes, files: bool = True, partial: bool = False) -> dict[str, Any]:
+        return dict(await self._call("status", **_status_args(ih, files, partial)))
 
     async def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
         return dict(await self._call("recheck", ih=_hexless(ih), full=int(full)))

@@ -1866,9 +1866,10 @@ class DiskIO:
             self._record_error(t, exc, None)
 
     # -- reporting ------------------------------------------------------------------------
-    def status(self, ih: bytes, files: bool = True) -> dict[str, Any]:
+    def status(self, ih: bytes, files: bool = True, partial: bool = False) -> dict[str, Any]:
         """What a client shows of a torrent; ``files=False`` leaves out the per-file
-        progress (a list of 100,000 entries for some torrents)."""
+        progress (a list of 100,000 entries for some torrents). ``partial``: with the
+        byte ranges held of each piece under way (see :meth:`partial_ranges`)."""
         t = self._get(ih)
         with t.lock:
             have = bytes(t.have)
@@ -1877,8 +1878,28 @@ class DiskIO:
             errors = list(t.errors)
             verified = t.count(VERIFIED)
             state = bytes(t.state) if files else b""
-        return self._status(t, have, counts, errors, verified,
-                            self._file_progress(t, state) if files else None)
+        st = self._status(t, have, counts, errors, verified,
+                          self._file_progress(t, state) if files else None)
+        if partial:
+            st["partial"] = self.partial_ranges(ih)
+        return st
+
+    def partial_ranges(self, ih: bytes) -> list[list[Any]]:
+        """``[piece, [[begin, end], ...]]`` for each piece under way: the bytes of it the
+        daemon holds (pads included), in order. A client that starts again (a plugin
+        stopped mid-piece) sends only the rest, as libtorrent keeps partial pieces
+        across a restart instead of fetching them whole again."""
+        t = self._get(ih)
+        with t.lock:
+            under_way = sorted(((p, part) for p, part in t.partial.items()
+                                if t.state[p] == PARTIAL), key=lambda x: x[0])
+        out: list[list[Any]] = []
+        for p, part in under_way:
+            with part.lock:
+                if part.done:
+                    continue
+                out.append([p, [[a, b] for a, b in part.hasher.received.spans]])
+        return out
 
     def _file_progress(self, t: Torrent, state: bytes) -> list[dict[str, Any]]:
         """Verified bytes per file (pads left out), read off the columns."""

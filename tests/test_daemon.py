@@ -56,6 +56,8 @@ from tests.conftest import STORES_NOTHING, Daemon
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
+BLOCK_16K = 16384
+
 
 def collect(events: list[tuple[str, dict[str, Any]]], lock: threading.Lock) -> Any:
     def on_event(name: str, fields: dict[str, Any]) -> None:
@@ -197,6 +199,32 @@ def test_a_recheck_and_a_clear_by_one_client_are_told_to_the_others(
         c.recheck(ih)  # nothing comes or goes
         a.stats()
         assert len([e for e in a.events if e[0] == "pieces_changed"]) == 3
+
+
+def test_status_tells_the_bytes_held_of_each_piece_under_way(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A plugin that stops in the middle of a piece and starts again asks which bytes
+    the daemon holds of the pieces under way (``partial``), and sends only the rest."""
+    piece = 65536
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * piece + 100}, seed=61)
+    raw = make_torrent_lt(content, piece, "v1")
+    src = Source(raw, tmp_path / "src")
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, daemon.root / "dl")
+        assert c.status(ih, files=False, partial=True)["partial"] == []
+        assert "partial" not in c.status(ih, files=False)
+        for p, b in ((1, 0), (1, 2 * BLOCK_16K), (1, 3 * BLOCK_16K), (3, BLOCK_16K), (0, 0)):
+            c.write_chunk(ih, p, b, src.read(p, b, BLOCK_16K))
+        for b in range(BLOCK_16K, piece, BLOCK_16K):  # piece 0 completes: not under way
+            c.write_chunk(ih, 0, b, src.read(0, b, BLOCK_16K))
+        c.wait_writes()
+        st = c.status(ih, files=False, partial=True)
+        assert st["partial"] == [[1, [[0, BLOCK_16K], [2 * BLOCK_16K, piece]]],
+                                 [3, [[BLOCK_16K, 2 * BLOCK_16K]]]]
+        assert st["partial_pieces"] == 2
+        with pytest.raises(BadRequest, match="'partial' must be 0 or 1"):
+            c._call("status", ih=ih, partial=2)
 
 
 def test_bad_input_gets_errors_and_disturbs_no_one(

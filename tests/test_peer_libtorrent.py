@@ -900,6 +900,52 @@ def test_a_file_deleted_while_seeding_stops_pieced_peer_saying_what_is_left(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_again(
+        tmp_path: Path) -> None:
+    """pieced-peer stopped (SIGINT) in the middle of a 4 MiB piece, then started again:
+    the blocks the daemon holds of the piece under way are not fetched again (they were:
+    with 64 MiB pieces, a stop cost up to a whole piece's download again, where
+    libtorrent keeps partial pieces)."""
+    piece = 4 * 1024 * 1024
+    files = {"a.bin": 5 * piece + 777}
+    content = make_payload(tmp_path / "seed", files, seed=17)
+    raw = _torrent("v1", content, piece)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    total = sum(files.values())
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 4_000_000, "limit_loopback": True}) as seeder:
+            first = downloading(torrent, tmp_path / "dl", d, seeder.port)
+            held: list[Any] = []
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 60
+                while not held:
+                    assert time.monotonic() < deadline, "no piece under way"
+                    time.sleep(0.05)
+                    if c.torrents():
+                        st = c.status(c.torrents()[0]["info_hash"], files=False, partial=True)
+                        held = [r for r in st["partial"]
+                                if sum(e - b for b, e in r[1]) >= piece // 4]
+                first.send_signal(signal.SIGINT)
+                first.communicate(timeout=30)
+                ih = c.torrents()[0]["info_hash"]
+                st = c.status(ih, files=False, partial=True)
+            assert st["partial"], st  # (a stop leaves the daemon what it was given)
+            verified = sum(min(piece, total - p * piece)
+                           for p, h in enumerate(wire.pieces_from_bits(bytes(st["have"]),
+                                                                       st["num_pieces"])) if h)
+            kept = sum(e - b for _, spans in st["partial"] for b, e in spans)
+            again = download(torrent, tmp_path / "dl", d, seeder.port)
+        assert again["blocks_resumed"] == sum(-(-(e - b) // 16384) for _, spans in st["partial"]
+                                              for b, e in spans), (again, st["partial"])
+        assert again["bytes_down"] == total - verified - kept, (again, verified, kept)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_seeder_not_up_yet_or_gone_for_a_while_is_dialled_again(tmp_path: Path) -> None:
     """pieced-peer starts before its only seeder listens, and the seeder leaves mid-download
     and comes back on the same port: each time the peer is dialled again (as libtorrent
