@@ -33,7 +33,7 @@ from typing import Any, cast
 
 from pieced.config.args import positive_int
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
-from pieced.storage.errors import AlreadyRegistered, PiecedError, UnknownTorrent
+from pieced.storage.errors import AlreadyRegistered, PiecedError, TooLarge, UnknownTorrent
 from pieced.storage.metainfo import Metainfo, parse, read_metainfo
 
 from . import wire
@@ -658,7 +658,10 @@ class Swarm:
                 # the register and the check). What is on disk is checked now.
                 await self.client.recheck(self.ih)
         await self.client.subscribe(self.ih)
-        st = await self.client.status(self.ih, files=False, partial=True)
+        try:
+            st = await self.client.status(self.ih, files=False, partial=True)
+        except TooLarge:  # (thousands of pieces under way, each in many parts: fetched
+            st = await self.client.status(self.ih, files=False)  # again, whole)
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)

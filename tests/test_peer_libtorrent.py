@@ -25,6 +25,7 @@ import pytest
 from pieced.peer import wire
 from pieced.peer.plugin import RECONCILE_INTERVAL
 from pieced.protocol.client import Client
+from pieced.storage.errors import PiecedError
 from pieced.storage.metainfo import parse
 
 from tests.conftest import Daemon, sparse_zero_torrent
@@ -941,6 +942,37 @@ def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_a
         assert again["blocks_resumed"] == sum(-(-(e - b) // 16384) for _, spans in st["partial"]
                                               for b, e in spans), (again, st["partial"])
         assert again["bytes_down"] == total - verified - kept, (again, verified, kept)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieces_under_way_in_too_many_parts_to_tell_are_fetched_whole(tmp_path: Path) -> None:
+    """The ranges held of the pieces under way do not fit the daemon's frame limit (every
+    other block of 120 pieces, and a limit of 64 KiB): pieced-peer fetches those pieces
+    whole instead of failing to start."""
+    from tests.test_disk import Source
+
+    piece = 1024 * 1024
+    files = {"a.bin": 128 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=19)
+    raw = _torrent("v1", content, piece)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    src = Source(raw, tmp_path / "seed")
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(64 * 1024)})
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            for p in range(120):
+                for b in range(0, piece, 2 * 16384):
+                    c.write_chunk(ih, p, b, src.read(p, b, 16384))
+            c.wait_writes()
+            with pytest.raises(PiecedError, match="frame limit"):
+                c.status(ih, files=False, partial=True)
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            summary = download(torrent, tmp_path / "dl", d, seeder.port)
+        assert summary["blocks_resumed"] == 0
         _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
