@@ -981,6 +981,23 @@ def test_peer_gone_returns_its_blocks(torrents: dict[str, Source]) -> None:
     assert pk.block_received(a[0]) == {"B"}
 
 
+def test_blocks_the_daemon_holds_are_not_asked_for_and_their_piece_comes_first(
+        torrents: dict[str, Source]) -> None:
+    """A piece the daemon holds part of (an earlier run stopped in it): its other blocks
+    are asked for before any new piece's, and the held ones never."""
+    meta = torrents["v2/odd/64k"].meta
+    pk = Picker(meta, [False] * meta.num_pieces)
+    p = 5
+    plan = [(p, b, m) for b, m in pk.plan(p)]
+    assert len(plan) > 2
+    pk.held(p, plan[::2])
+    got = pk.pick("A", None, len(plan))
+    assert got[: len(plan[1::2])] == plan[1::2], got
+    assert not set(got) & set(plan[::2])
+    pk.piece_failed(p)  # a failed attempt: every block of it is wanted again
+    assert set(plan) <= set(pk.pick("B", None, 10_000))
+
+
 def test_piece_failed_makes_every_block_pickable_again(torrents: dict[str, Source]) -> None:
     meta = torrents["v2/odd/64k"].meta
     pk = Picker(meta, [False] * meta.num_pieces)
