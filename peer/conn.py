@@ -55,6 +55,11 @@ EXT_CHATTER_BYTES = 64
 # peer that sends one of more than 17 KiB).
 MAX_EXT_HANDSHAKE = 16 * 1024
 MAX_UT_METADATA = 17 * 1024
+# Pieces a peer may let us ask for while it chokes us (ALLOWED_FAST) that are kept:
+# libtorrent offers 5, BEP 6 suggests 10. Each pick while choked walks them, so a peer
+# naming every piece of a large torrent would make every pick walk them all; past this
+# many, more are ignored (and count as chatter).
+MAX_ALLOWED_FAST = 64
 # Events whose number is bounded by something else (the pieces, our requests, the
 # peer's queue, how fast it reads our answers): no chatter, however many.
 _USEFUL: frozenset[type] = frozenset({
@@ -300,7 +305,8 @@ class PeerConnection:
             if self.our_requests.pop(blk, None) is None:
                 return False
         elif isinstance(ev, wire.AllowedFast):
-            if not 0 <= ev.piece < self.num_pieces or ev.piece in self.allowed_fast:
+            if (not 0 <= ev.piece < self.num_pieces or ev.piece in self.allowed_fast
+                    or len(self.allowed_fast) >= MAX_ALLOWED_FAST):
                 return False
             self.allowed_fast.add(ev.piece)
         elif isinstance(ev, wire.Extended):

@@ -1389,6 +1389,23 @@ def test_extension_messages_cost_chatter_by_their_size_and_are_bounded() -> None
         c.receive(wire.extended(UT_METADATA, bytes(MAX_UT_METADATA + 1)))
 
 
+def test_allowed_fast_pieces_kept_are_bounded() -> None:
+    """Each pick while choked walks the pieces a peer allows us: a peer naming every
+    piece of a large torrent would have made every pick walk them all. The first
+    MAX_ALLOWED_FAST are kept (libtorrent offers 5); more are ignored."""
+    from pieced.peer.conn import MAX_ALLOWED_FAST
+
+    c, _ = _clocked()
+    c.receive(b"".join(wire.allowed_fast(p % len(SIZES)) for p in range(3)))
+    assert c.allowed_fast == {0, 1, 2}
+    n = MAX_ALLOWED_FAST + 50
+    sizes = [BLOCK] * n
+    big = PeerConnection((IH,), A_ID, sizes, v2=False, clock=Clock())
+    big.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True)))
+    big.receive(b"".join(wire.allowed_fast(p) for p in range(n)))
+    assert big.allowed_fast == set(range(MAX_ALLOWED_FAST))
+
+
 def test_an_honest_peer_never_runs_out_of_chatter() -> None:
     """What libtorrent sends over an hour, at its busiest: a keep-alive a minute, a
     change of interest and of choke every few seconds, ten ALLOWED_FAST and SUGGESTs,
