@@ -1406,6 +1406,23 @@ def test_allowed_fast_pieces_kept_are_bounded() -> None:
     assert big.allowed_fast == set(range(MAX_ALLOWED_FAST))
 
 
+def test_a_peer_asking_and_cancelling_over_and_over_is_dropped() -> None:
+    """A REQUEST and its CANCEL change nothing, and each CANCEL looks through the peer's
+    queue: a stream of such pairs behind a full queue took 2 s of CPU a MiB, and never
+    counted as chatter. Cancels now do; an end game's few hundred are taken."""
+    from pieced.peer.conn import CHATTER_BURST
+
+    c, _ = _clocked()
+    c.receive(wire.interested())
+    c.send_choke(False)
+    c.take_outbox()
+    pair = wire.request(0, 0, BLOCK) + wire.cancel(0, 0, BLOCK)
+    c.receive(pair * 1000)
+    assert not c.peer_requests
+    with pytest.raises(wire.WireError, match="change nothing"):
+        c.receive(pair * CHATTER_BURST)
+
+
 def test_an_honest_peer_never_runs_out_of_chatter() -> None:
     """What libtorrent sends over an hour, at its busiest: a keep-alive a minute, a
     change of interest and of choke every few seconds, ten ALLOWED_FAST and SUGGESTs,
