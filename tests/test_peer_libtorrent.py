@@ -1254,11 +1254,14 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
     counted duplicates, every process ends complete, and the bytes on disk are the
     seeders' (libtorrent rechecks them). The seeders are slow (1 MiB/s each) and the
     second and third processes start once the first is under way, so that all three
-    download side by side however long a process takes to start."""
+    download side by side however long a process takes to start. (The pieces the first
+    has under way are the others' first: they fetch what the daemon does not hold of
+    them, as after a restart, racing the first for the same blocks; 10 MiB at the
+    seeders' 2 MiB/s leaves them time to start on pieces of their own.)"""
     import time
 
     piece = 65536
-    files = {"a.bin": 60 * piece + 333, "b.bin": 17 * piece + 1, "one": 1}
+    files = {"a.bin": 140 * piece + 333, "b.bin": 17 * piece + 1, "one": 1}
     content, raw, torrent = _made(tmp_path, files, piece, kind, seed=15)
     d = Daemon(tmp_path)
     try:
