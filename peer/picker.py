@@ -165,13 +165,18 @@ class Picker:
         blocks are asked for before any new piece's."""
         if self.have[piece]:
             return
+        self._start(piece)
+        for blk in blocks:
+            self.block_received(blk)
+
+    def _start(self, piece: int) -> list[tuple[int, int]]:
+        """The piece under way (if it was not), every block still to come; its plan."""
         plan = self.plan(piece)
         if piece not in self.started:
             self.started[piece] = len(plan)
             if plan:
                 self._unfinished[piece] = self._open[piece] = None
-        for blk in blocks:
-            self.block_received(blk)
+        return plan
 
     def piece_verified(self, piece: int) -> None:
         self._left -= not self.have[piece]
@@ -235,11 +240,7 @@ class Picker:
             return not self.have[p] and (peer_has is None or bool(peer_has[p]))
 
         def take(p: int, endgame: bool) -> bool:
-            plan = self.plan(p)
-            if p not in self.started:
-                self.started[p] = len(plan)
-                if plan:
-                    self._unfinished[p] = self._open[p] = None
+            plan = self._start(p)
             if not endgame:
                 back = self._returned.get(p)
                 while back:
