@@ -175,6 +175,12 @@ class Server:
         self.accepted = 0
         self.refused = 0
         self.dropped = 0
+        # What worker threads hand the loop (lane replies, events), in the order they
+        # hand it: one wake-up of the loop for whatever arrived since it last looked.
+        self._mail: collections.deque[tuple[Callable[..., None] | None, tuple[Any, ...]]] = (
+            collections.deque())
+        self._mail_lock = threading.Lock()
+        self._mail_due = False
         if observer is not None:
             observer.server = self
 
@@ -279,13 +285,47 @@ class Server:
             keys = frozenset(self.disk.torrent(ih).meta.aliases)
         except PiecedError:
             keys = frozenset((ih,))
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self.loop.call_soon_threadsafe(self._broadcast, keys, frame)
+        self.post(None, keys, frame)
 
-    def _broadcast(self, keys: frozenset[bytes], frame: bytes) -> None:
-        for conn in list(self.clients):
-            if not keys.isdisjoint(conn.subscriptions):
-                conn.send([frame])
+    def post(self, fn: Callable[..., None] | None, *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop (from any thread), after everything posted
+        before it; ``fn`` None posts an event, ``(keys, frame)``, for the clients
+        subscribed to any of its keys. A group commit announces tens of pieces at once:
+        the loop wakes once for them all, and each client gets them in one send."""
+        with self._mail_lock:
+            self._mail.append((fn, args))
+            if self._mail_due:
+                return
+            self._mail_due = True
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._mail_lock:
+            mail, self._mail = self._mail, collections.deque()
+            self._mail_due = False
+        events: dict[Connection, list[Out]] = {}
+        for fn, args in mail:
+            if fn is None:
+                keys, frame = args
+                for conn in self.clients:
+                    if not keys.isdisjoint(conn.subscriptions):
+                        events.setdefault(conn, []).append(frame)
+                continue
+            if events:  # what a client was told so far goes before what follows
+                self._send_events(events)
+            try:
+                fn(*args)
+            except Exception:  # one failure must not lose the rest of the mail
+                log.exception("posted call %r failed", fn)
+        self._send_events(events)
+
+    @staticmethod
+    def _send_events(events: dict[Connection, list[Out]]) -> None:
+        for conn, frames in events.items():
+            conn.send(frames)
+        events.clear()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -826,8 +866,7 @@ class Connection:
                 self._fail_now(exc)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(fn, *args)
+        self.server.post(fn, *args)
 
     def _completed(self, out: list[Out], tokens: list[tuple[int, int]], freed: int) -> None:
         self._queued_bytes -= freed
@@ -914,7 +953,9 @@ _WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 
 
 _PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None, use_errno=True)
+# mincore is a call of a microsecond: made holding the interpreter's lock (PyDLL), a
+# lane does not give that lock up at each block and wait to get it back.
+_libc = ctypes.PyDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
 

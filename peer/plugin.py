@@ -628,6 +628,7 @@ class Swarm:
         self._registration: Any = None  # the daemon's registration of the torrent
         self.storage_error: str | None = None  # why the daemon could not store the torrent
         self._losses: dict[int, int] = {}  # piece -> times the daemon took it back
+        self._to_flush: dict[Peer, None] = {}  # peers to send what this turn queued
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -1134,7 +1135,9 @@ class Swarm:
         self.stop.set()
 
     # -- what we ask for ---------------------------------------------------------------------
-    def _fill(self, peer: Peer) -> None:
+    def _fill(self, peer: Peer, soon: bool = False) -> None:
+        """Ask the peer for more, if it has what we lack; sent at once, or with ``soon``
+        at the end of the turn (see :meth:`_flush_soon`)."""
         picker = self.picker
         if picker is None or peer.closed or not peer.conn.handshaken:
             return
@@ -1155,7 +1158,24 @@ class Swarm:
                 conn.send_requests(picker.pick(peer, mask, room, allowed,
                                                outstanding=len(conn.our_requests),
                                                peer_count=conn.peer_count))
-        peer.flush()
+        if soon:
+            self._flush_soon(peer)
+        else:
+            peer.flush()
+
+    def _flush_soon(self, peer: Peer) -> None:
+        """Send the peer what is queued for it once this turn of the loop is over. The
+        daemon's events come in batches (a group commit announces tens of pieces at
+        once): a HAVE, a SuggestPiece and a few requests a piece, each batch is then one
+        send to each peer, not several a piece."""
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_queued)
+        self._to_flush[peer] = None
+
+    def _flush_queued(self) -> None:
+        peers, self._to_flush = self._to_flush, {}
+        for p in peers:
+            p.flush()
 
     def _fill_all(self) -> None:
         for p in list(self.peers):
@@ -1265,7 +1285,7 @@ class Swarm:
                 p.suggested.add(piece)
                 conn.send_suggest(piece)
                 self.summary.suggests_sent += 1
-                p.flush()
+                self._flush_soon(p)
 
     def _choke_round(self, newcomer: Peer | None = None, rotate: bool = True) -> None:
         """Unchoke up to UNCHOKE_SLOTS interested peers; the rest take turns (called
@@ -1366,7 +1386,9 @@ class Swarm:
             if p.conn.handshaken:
                 p.conn.send_have(piece)
             if fill:
-                self._fill(p)
+                self._fill(p, soon=True)
+            else:
+                self._flush_soon(p)
         self._offer(piece)
         if fill and self.picker.complete and not self.done.is_set() and not self._confirming:
             self._look_again()

@@ -148,4 +148,4 @@ def encode_response(rid: int, result: Any) -> bytes:
 
 
 def encode_event(name: str, fields: dict[str, Any]) -> bytes:
-    return encode_control(FrameType.EVENT, 0, to_wire({"event": name, **fields}))
+    return encode_control(FrameType.EVENT, 0, wire_bencode({"event": name, **fields}))

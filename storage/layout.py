@@ -42,6 +42,9 @@ class Layout:
         self._stored = files.flags
         self._index = array("q", (i for i, n in enumerate(files.lengths) if n))
         self._starts = array("q", map(offsets.__getitem__, self._index))
+        # Whether any byte of piece space is never stored (pads, symlinks): most
+        # torrents have none, and then no piece has pads to look for.
+        self.unstored = any(files.flags[i] & UNSTORED for i in self._index)
 
     def piece_size(self, piece: int) -> int:
         return self._last_piece_size if piece == self.num_pieces - 1 else self.piece_length

@@ -250,6 +250,8 @@ class Torrent:
     # -- layout shortcuts ------------------------------------------------------------------
     def pads(self, piece: int) -> list[tuple[int, int]]:
         """Ranges of the piece that are never stored (BEP 47 pads, symlinks): zeros."""
+        if not self.layout.unstored:
+            return []
         size = self.layout.piece_size(piece)
         return [
             (s.buf_offset, s.buf_offset + s.length)
