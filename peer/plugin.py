@@ -617,7 +617,9 @@ class Swarm:
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
         self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
-        self._told_verified: set[int] = set()  # piece_verified since the last reconcile
+        # Pieces with an event since the reconcile under way asked for the daemon's status:
+        # the event is as new as its snapshot or newer, and the picker follows it already.
+        self._told: set[int] = set()
         self._confirming = False  # a reconcile is under way
         self._again = False  # and another is to follow it
         self._looking = 0  # reconciles under way
@@ -1345,8 +1347,8 @@ class Swarm:
         if not 0 <= piece < self.meta.num_pieces:
             return
         self.order.forget(piece)
+        self._told.add(piece)
         if name == "piece_verified":
-            self._told_verified.add(piece)
             liars = self.blame.verified(piece)
             if picker.have[piece]:
                 return
@@ -1469,7 +1471,7 @@ class Swarm:
     async def _look(self) -> None:
         picker = self.picker
         assert picker is not None
-        self._told_verified = set()  # verified after the status was asked for: ours is newer
+        self._told = set()
         try:
             st = await self.client.status(self.ih, files=False)
         except UnknownTorrent:
@@ -1478,10 +1480,13 @@ class Swarm:
         finally:
             self._confirming = False
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
+        told = self._told  # (events that came with or before the reply: newer than it)
         for p, h in enumerate(have):
+            if p in told:
+                continue
             if h and not picker.have[p]:
                 self._gained(p, fill=False)
-            elif not h and picker.have[p] and p not in self._told_verified:
+            elif not h and picker.have[p]:
                 log.info("piece %d is not verified in the daemon any more: fetched again", p)
                 self._piece_lost(p)
         if st.get("registration") != self._registration:

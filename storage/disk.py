@@ -928,7 +928,7 @@ class DiskIO:
         if found:
             self._sync(t, holding, force=True)
         rec = self._records.get(t.id)
-        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+        with _ordering(t, rec):
             with t.lock:
                 moved = written_since()
             if moved:
@@ -1135,14 +1135,21 @@ class DiskIO:
         end = begin + length
         runs: list[tuple[int, Sequence[Buffer], int]] = []
         pos = begin
+        bad = partial.hasher.bad_pads
         for s, e in partial.pads:
             if e <= pos or s >= end:
                 continue
             lo, hi = max(s, pos), min(e, end)
             if pos < lo:
                 runs.append((pos, sub_views(bufs, pos - begin, lo - begin), lo - pos))
-            if any(v.tobytes().strip(b"\0") for v in sub_views(bufs, lo - begin, hi - begin)):
-                partial.hasher.bad_pad = True
+            bad.remove(lo, hi)  # these bytes replace what was sent there before
+            at = lo
+            for v in sub_views(bufs, lo - begin, hi - begin):
+                b = v.tobytes()
+                head = len(b) - len(b.lstrip(b"\0"))
+                if head < len(b):
+                    bad.add(at + head, at + len(b.rstrip(b"\0")))
+                at += len(b)
             pos = hi
         if pos < end:
             runs.append((pos, sub_views(bufs, pos - begin, end - begin), end - pos))
@@ -1209,7 +1216,7 @@ class DiskIO:
             ok1 = d1 == t.meta.v1_hash(piece) if d1 is not None else None
             v2 = partial.hasher.v2
             ok2 = d2 == v2.expected if d2 is not None and v2 is not None else None
-            if partial.hasher.bad_pad:  # non-zero bytes where a pad is: as v1 would say
+            if partial.hasher.bad_pads.spans:  # non-zero bytes where a pad is: as v1 would say
                 if ok1 is not None:
                     ok1 = False
                 else:
@@ -1300,7 +1307,7 @@ class DiskIO:
             return
         rec = self._records.get(t.id)
         error = None
-        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+        with _ordering(t, rec):
             with t.lock:  # pieces a vanished file or clear_piece took back are not recorded
                 live = [(p, r, fp) for p, (r, fp) in pieces if t.state[p] == COMMITTING]
             try:
@@ -1313,13 +1320,15 @@ class DiskIO:
                     for p, _, fp in live:
                         t.set_state(p, VERIFIED)
                         t.set_fingerprint(p, fp)
+                # Told before the lock is let go: a clear of one of them, journaled after
+                # this, is told after it too.
+                for _, r, _ in live:
+                    self._notify(r)
         if error is not None:
             self._record_error(t, error, None)
             self._uncommit(t, [(p, (r, fp)) for p, r, fp in live])
             return
         self.metrics.add("pieces_verified", len(live))
-        for _, r, _ in live:
-            self._notify(r)
         self._compact_if_due(t)
 
     def _root_moved(self, t: Torrent) -> bool:
@@ -1476,7 +1485,7 @@ class DiskIO:
         failed = []
         todo = t.layout.file_pieces(index) if pieces is None else pieces
         rec = self._records.get(t.id)
-        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+        with _ordering(t, rec):
             cleared = []
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
@@ -1499,8 +1508,8 @@ class DiskIO:
                     else:
                         continue
                     self._to_missing(t, p)
-        for p in failed:
-            self._notify(PieceResult(t.key, p, False, None, None))
+            for p in failed:
+                self._notify(PieceResult(t.key, p, False, None, None))
         if cleared:
             self._changed(t)
 
@@ -1675,7 +1684,7 @@ class DiskIO:
                 # A piece being written or hashed is cleared between two of its blocks,
                 # never while its last one is being verified: its hash state is locked.
                 with partial.lock if partial is not None else contextlib.nullcontext():
-                    with rec.journal_lock if rec is not None else contextlib.nullcontext():
+                    with _ordering(t, rec):
                         with t.lock:
                             if t.partial.get(piece) is not partial:
                                 continue  # a block started (or finished) it meanwhile
@@ -1692,14 +1701,15 @@ class DiskIO:
                             self._journal_clears(t, rec, [piece], must=True)
                             with t.lock:
                                 self._to_missing(t, piece)
+                        if state in (PARTIAL, COMMITTING, VERIFIED):
+                            # Its blocks are gone (a piece committing: its committer
+                            # leaves it out). Whoever sends them, or serves the piece, is
+                            # told, as of any piece taken back (no hash failed: without
+                            # v1/v2), in order with the commit that verified it.
+                            self._notify(PieceResult(t.key, piece, False, None, None))
                     if partial is not None:
                         partial.done = partial.cleared = True
                 break
-            if state in (PARTIAL, COMMITTING, VERIFIED):
-                # Its blocks are gone (a piece committing: its committer leaves it out).
-                # Whoever sends them, or serves the piece, is told, as of any piece
-                # taken back (no hash failed: without v1/v2).
-                self._notify(PieceResult(t.key, piece, False, None, None))
         finally:
             t.leave()
 
@@ -1982,6 +1992,12 @@ class DiskIO:
                         self.state.mark_clean()
                 finally:
                     self.state.close()
+
+
+def _ordering(t: Torrent, rec: TorrentRecord | None) -> threading.Lock:
+    """The lock that orders a torrent's changes of verified pieces, their journal
+    records and their events (see ``Torrent.order_lock``)."""
+    return rec.journal_lock if rec is not None else t.order_lock
 
 
 def _tops(t: Torrent) -> set[Path]:

@@ -179,6 +179,18 @@ class _Intervals:
             return spans[0][0] <= start and end <= spans[0][1]
         return any(s <= start and end <= e for s, e in spans)
 
+    def remove(self, start: int, end: int) -> None:
+        kept: list[list[int]] = []
+        for s, e in self.spans:
+            if e <= start or s >= end:
+                kept.append([s, e])
+                continue
+            if s < start:
+                kept.append([s, start])
+            if e > end:
+                kept.append([end, e])
+        self.spans = kept
+
 
 
 class PieceHasher:
@@ -193,7 +205,7 @@ class PieceHasher:
     """
 
     __slots__ = (
-        "_fp", "_pads", "_pos", "_sha1", "_want_v1", "bad_pad", "leaves", "received", "size", "v2",
+        "_fp", "_pads", "_pos", "_sha1", "_want_v1", "bad_pads", "leaves", "received", "size", "v2",
     )
 
     def __init__(
@@ -203,7 +215,10 @@ class PieceHasher:
         self.v2 = v2
         self._want_v1 = want_v1
         self.leaves: dict[int, bytes] = {}
-        self.bad_pad = False  # a block had non-zero bytes where a pad is: the piece fails
+        # Where the latest block to cover a pad had non-zero bytes (from its first such
+        # byte to its last): the piece fails while any is left; a block sent again with
+        # zeros there takes its range off.
+        self.bad_pads = _Intervals()
         self.received = _Intervals()
         self._pads = list(pads)
         for s, e in self._pads:

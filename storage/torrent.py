@@ -157,6 +157,10 @@ class Torrent:
         self.partial: dict[int, Partial] = {}
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        # Taken before ``lock`` while verified pieces are journaled, marked and announced,
+        # or taken back and announced, so that their events go out in the order of the
+        # changes; when the torrent has a resume record, its journal lock does this.
+        self.order_lock = threading.Lock()
         self.fence = Fence()
 
         self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran

@@ -408,6 +408,64 @@ def test_non_zero_pad_byte_fails_the_piece_until_resent_with_zeros(
     assert all(lt_recheck(raw, tmp_path / "dl"))
 
 
+@pytest.mark.parametrize("kind", PAD_KINDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_block_sent_again_into_a_pad_counts_as_its_latest_copy(
+    tmp_path: Path, kind: Kind, path: str
+) -> None:
+    """Within one attempt at a piece, a block that runs into a pad and is sent again
+    replaces its earlier copy, pad bytes included: non-zero pad bytes then zeros verify,
+    zeros then non-zero bytes fail, and a later write that zeroes only some of the bad
+    bytes still fails the piece."""
+    # each file ends in its piece's second, third or fourth block (the rest is pad)
+    files = {"a.bin": 20_000, "b.bin": 40_000, "c.bin": 50_001, "d.bin": 17_000, "e": 3}
+    content = make_payload(tmp_path / "save", files, seed=7)
+    raw = make_torrent(content, 65536, kind)
+    src = Source(raw, tmp_path / "save")
+    blocks = src.peer_blocks()
+
+    def pad_start(p: int, b: int, n: int) -> int | None:
+        """Where the block's pad part starts (offset into the block), if it has one."""
+        segs = src.layout.map(p, b, n)
+        last = segs[-1]
+        return last.buf_offset if src.meta.files[last.file_index].pad and last.buf_offset else None
+
+    # (blocks of pieces with another block to come: the case's copies are sent first,
+    # and the piece is completed only by the others)
+    into_pad = [(p, b, n, k) for p, b, n in blocks if (k := pad_start(p, b, n)) is not None
+                and n - k >= 2 and sum(q == p for q, _, _ in blocks) > 1]
+    assert len(into_pad) >= 3, "the torrent has too few blocks running into pads"
+    cases = dict(zip(("bad-then-good", "good-then-bad", "partly-zeroed"), into_pad, strict=False))
+    pieces = {c[0]: name for name, c in cases.items()}
+    assert len(pieces) == 3, "each case needs a piece of its own"
+    events: list[PieceResult] = []
+    dio = DiskIO(on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    for case, (p, b, n, k) in cases.items():
+        good = src.read(p, b, n)
+        bad = bytearray(good)
+        bad[k] = bad[-1] = 0x5A
+        if case == "bad-then-good":
+            send_by(dio, ih, p, b, bytes(bad), path)
+            send_by(dio, ih, p, b, good, path)
+        elif case == "good-then-bad":
+            send_by(dio, ih, p, b, good, path)
+            send_by(dio, ih, p, b, bytes(bad), path)
+        else:  # the whole block with two bad bytes, then all but its last byte zeroed
+            send_by(dio, ih, p, b, bytes(bad), path)
+            send_by(dio, ih, p, b, good[:-1], path)
+    assert events == [], "a case's piece was complete before its other blocks came"
+    sent = {c[:2] for c in cases.values()}
+    for p, b, n in blocks:
+        if (p, b) not in sent:
+            send_by(dio, ih, p, b, src.read(p, b, n), path)
+    dio.flush_all()
+    got = {p: [r[0] for r in rs] for p, rs in results_by_piece(events).items()}
+    want = {p: [pieces.get(p) in (None, "bad-then-good")] for p in range(src.meta.num_pieces)}
+    assert got == want, f"cases {cases}: {results_by_piece(events)}"
+    dio.close()
+
+
 # --------------------------------------------------------------------------- the daemon
 
 DAEMON_FILES = {**ODD_FILES, "x/short": BLOCK - 1, "x/long": BLOCK + 1, "x/one-block": BLOCK}
