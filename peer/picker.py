@@ -54,7 +54,8 @@ def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, in
     block stops at its file's end: the space after it is alignment, not data.
     """
     size = layout.piece_size(piece)
-    if all(s.stored for s in layout.map(piece, 0, size)):  # no pad in it: the usual piece
+    if not layout.unstored or all(s.stored for s in layout.map(piece, 0, size)):
+        # no pad in it: the usual piece
         return _plain_plan(size)
     clip = not meta.has_v1
     out = []
