@@ -30,6 +30,7 @@ import errno
 import hashlib
 import itertools
 import logging
+import re
 import shutil
 import threading
 import time
@@ -54,7 +55,15 @@ from .errors import (
 )
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
-from .hashing import NO_FINGERPRINT, Buffer, HashPool, PieceCheck, PieceHasher, sub_views
+from .hashing import (
+    NO_FINGERPRINT,
+    Buffer,
+    HashPool,
+    Intervals,
+    PieceCheck,
+    PieceHasher,
+    sub_views,
+)
 from .layout import Segment
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
@@ -928,7 +937,7 @@ class DiskIO:
         if found:
             self._sync(t, holding, force=True)
         rec = self._records.get(t.id)
-        with _ordering(t, rec):
+        with rec.journal_lock if rec is not None else contextlib.nullcontext():
             with t.lock:
                 moved = written_since()
             if moved:
@@ -1146,9 +1155,8 @@ class DiskIO:
             at = lo
             for v in sub_views(bufs, lo - begin, hi - begin):
                 b = v.tobytes()
-                head = len(b) - len(b.lstrip(b"\0"))
-                if head < len(b):
-                    bad.add(at + head, at + len(b.rstrip(b"\0")))
+                if b.strip(b"\0"):
+                    _add_nonzero_runs(bad, b, at)
                 at += len(b)
             pos = hi
         if pos < end:
@@ -1235,6 +1243,7 @@ class DiskIO:
                     self._count_partials(-1)
                     self._to_missing(t, piece)
             raise
+        failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
         with t.lock:
             mine = t.partial.get(piece) is partial
             if mine:
@@ -1244,10 +1253,11 @@ class DiskIO:
                     t.set_state(piece, COMMITTING)
                 else:
                     self._to_missing(t, piece)
+            if not mine or not ok:
+                self._to_tell(t, [failed])
         if not mine or not ok:
             self.metrics.add("pieces_failed")
-            failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
-            self._notify(failed)
+            self._tell(t)
             return failed
         # Cached either way: the buffered blocks themselves, or (written straight to the
         # file) the page cache's copy, which the write just made (a backend that keeps
@@ -1307,7 +1317,7 @@ class DiskIO:
             return
         rec = self._records.get(t.id)
         error = None
-        with _ordering(t, rec):
+        with rec.journal_lock if rec is not None else contextlib.nullcontext():
             with t.lock:  # pieces a vanished file or clear_piece took back are not recorded
                 live = [(p, r, fp) for p, (r, fp) in pieces if t.state[p] == COMMITTING]
             try:
@@ -1320,15 +1330,13 @@ class DiskIO:
                     for p, _, fp in live:
                         t.set_state(p, VERIFIED)
                         t.set_fingerprint(p, fp)
-                # Told before the lock is let go: a clear of one of them, journaled after
-                # this, is told after it too.
-                for _, r, _ in live:
-                    self._notify(r)
+                    self._to_tell(t, [r for _, r, _ in live])
         if error is not None:
             self._record_error(t, error, None)
             self._uncommit(t, [(p, (r, fp)) for p, r, fp in live])
             return
         self.metrics.add("pieces_verified", len(live))
+        self._tell(t)
         self._compact_if_due(t)
 
     def _root_moved(self, t: Torrent) -> bool:
@@ -1353,8 +1361,9 @@ class DiskIO:
             back = [(p, r) for p, (r, _) in pieces if t.state[p] == COMMITTING]
             for p, _ in back:
                 self._to_missing(t, p)
-        for p, r in back:  # the hashes matched (v1/v2 say so); the data is not durable
-            self._notify(PieceResult(t.key, p, False, r.v1, r.v2))
+            # the hashes matched (v1/v2 say so); the data is not durable
+            self._to_tell(t, [PieceResult(t.key, p, False, r.v1, r.v2) for p, r in back])
+        self._tell(t)
 
     def _to_missing(self, t: Torrent, piece: int) -> None:
         """(Caller holds ``t.lock``.) The piece is missing again, and what the pool holds
@@ -1364,9 +1373,31 @@ class DiskIO:
         t.set_state(piece, MISSING)
         self.pool.drop((t.id, piece))
 
-    def _notify(self, result: PieceResult) -> None:
-        if self.on_piece is not None:
-            self.on_piece(result)
+    @staticmethod
+    def _to_tell(t: Torrent, results: list[PieceResult]) -> None:
+        """(Caller holds ``t.lock``, having just changed these pieces' states.) Their
+        results, queued in the order of the changes: see :meth:`_tell`."""
+        with t.tell_lock:
+            t.to_tell.extend(results)
+
+    def _tell(self, t: Torrent) -> None:
+        """Hand ``on_piece`` the torrent's queued results, in order, one thread at a time,
+        holding no lock of the torrent's (the callback may call back into this engine, a
+        ``clear_piece`` of a piece it was just told of: its result is told next). A
+        piece verified then cleared is so told in that order, whichever threads did it."""
+        while True:
+            with t.tell_lock:
+                if t.telling or not t.to_tell:
+                    return
+                t.telling = True
+                batch, t.to_tell = t.to_tell, []
+            try:
+                if self.on_piece is not None:
+                    for r in batch:
+                        self.on_piece(r)
+            finally:
+                with t.tell_lock:
+                    t.telling = False
 
     def _changed(self, t: Torrent) -> None:
         """Verified pieces came or went without a piece result of their own: a client
@@ -1485,7 +1516,7 @@ class DiskIO:
         failed = []
         todo = t.layout.file_pieces(index) if pieces is None else pieces
         rec = self._records.get(t.id)
-        with _ordering(t, rec):
+        with rec.journal_lock if rec is not None else contextlib.nullcontext():
             cleared = []
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
@@ -1508,8 +1539,8 @@ class DiskIO:
                     else:
                         continue
                     self._to_missing(t, p)
-            for p in failed:
-                self._notify(PieceResult(t.key, p, False, None, None))
+                self._to_tell(t, [PieceResult(t.key, p, False, None, None) for p in failed])
+        self._tell(t)
         if cleared:
             self._changed(t)
 
@@ -1684,7 +1715,11 @@ class DiskIO:
                 # A piece being written or hashed is cleared between two of its blocks,
                 # never while its last one is being verified: its hash state is locked.
                 with partial.lock if partial is not None else contextlib.nullcontext():
-                    with _ordering(t, rec):
+                    with rec.journal_lock if rec is not None else contextlib.nullcontext():
+                        # Its blocks are gone (a piece committing: its committer leaves
+                        # it out). Whoever sends them, or serves the piece, is told, as of
+                        # any piece taken back (no hash failed: without v1/v2).
+                        told = [PieceResult(t.key, piece, False, None, None)]
                         with t.lock:
                             if t.partial.get(piece) is not partial:
                                 continue  # a block started (or finished) it meanwhile
@@ -1694,6 +1729,8 @@ class DiskIO:
                                     del t.partial[piece]
                                     self._count_partials(-1)
                                 self._to_missing(t, piece)
+                                if state in (PARTIAL, COMMITTING):
+                                    self._to_tell(t, told)
                         if state == VERIFIED:
                             # Journaled before it is missing (no block can land in it
                             # meanwhile: it stays verified, and only the journal lock's
@@ -1701,15 +1738,11 @@ class DiskIO:
                             self._journal_clears(t, rec, [piece], must=True)
                             with t.lock:
                                 self._to_missing(t, piece)
-                        if state in (PARTIAL, COMMITTING, VERIFIED):
-                            # Its blocks are gone (a piece committing: its committer
-                            # leaves it out). Whoever sends them, or serves the piece, is
-                            # told, as of any piece taken back (no hash failed: without
-                            # v1/v2), in order with the commit that verified it.
-                            self._notify(PieceResult(t.key, piece, False, None, None))
+                                self._to_tell(t, told)
                     if partial is not None:
                         partial.done = partial.cleared = True
                 break
+            self._tell(t)
         finally:
             t.leave()
 
@@ -1994,10 +2027,24 @@ class DiskIO:
                     self.state.close()
 
 
-def _ordering(t: Torrent, rec: TorrentRecord | None) -> threading.Lock:
-    """The lock that orders a torrent's changes of verified pieces, their journal
-    records and their events (see ``Torrent.order_lock``)."""
-    return rec.journal_lock if rec is not None else t.order_lock
+_NONZERO = re.compile(rb"[^\0]+")
+MAX_PAD_RUNS = 64  # runs of non-zero pad bytes kept exactly, per copy of a range
+
+
+def _add_nonzero_runs(bad: Intervals, data: bytes, at: int) -> None:
+    """Mark where ``data`` (bytes of pad ranges, from ``at``) is not zero. Up to
+    MAX_PAD_RUNS runs exactly; past that (junk, not a peer's slip) from its first
+    non-zero byte to its last, which at worst fails a piece that a later copy of just
+    the bad bytes would have mended."""
+    runs: list[tuple[int, int]] = []
+    for m in _NONZERO.finditer(data):
+        if len(runs) == MAX_PAD_RUNS:
+            head = len(data) - len(data.lstrip(b"\0"))
+            bad.add(at + head, at + len(data.rstrip(b"\0")))
+            return
+        runs.append(m.span())
+    for s, e in runs:
+        bad.add(at + s, at + e)
 
 
 def _tops(t: Torrent) -> set[Path]:

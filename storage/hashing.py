@@ -14,7 +14,9 @@ Two ways a piece gets hashed:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import operator
 import os
 import threading
 import time
@@ -148,8 +150,9 @@ def check_piece(
             d2 == v2.expected if v2 is not None else None)
 
 
-class _Intervals:
-    """Sorted, merged [start, end) ranges: which bytes of a piece have arrived."""
+class Intervals:
+    """Sorted, merged [start, end) ranges: which bytes of a piece have arrived. Found by
+    bisection: a client writing a piece a byte here and a byte there makes thousands."""
 
     __slots__ = ("spans",)
 
@@ -163,34 +166,33 @@ class _Intervals:
             # follows it that could need merging.
             spans[-1][1] = end
             return
-        i = 0
-        while i < len(spans) and spans[i][1] < start:
-            i += 1
-        j = i
-        while j < len(spans) and spans[j][0] <= end:
-            start = min(start, spans[j][0])
-            end = max(end, spans[j][1])
-            j += 1
+        i = bisect.bisect_left(spans, start, key=_END)  # the first that ends at or after it
+        j = bisect.bisect_right(spans, end, key=_START)  # past the last that starts by its end
+        if i < j:
+            start = min(start, spans[i][0])
+            end = max(end, spans[j - 1][1])
         spans[i:j] = [[start, end]]
 
     def covers(self, start: int, end: int) -> bool:
         spans = self.spans
         if len(spans) == 1:
             return spans[0][0] <= start and end <= spans[0][1]
-        return any(s <= start and end <= e for s, e in spans)
+        i = bisect.bisect_right(spans, start, key=_START) - 1
+        return i >= 0 and spans[i][1] >= end
 
     def remove(self, start: int, end: int) -> None:
-        kept: list[list[int]] = []
-        for s, e in self.spans:
-            if e <= start or s >= end:
-                kept.append([s, e])
-                continue
-            if s < start:
-                kept.append([s, start])
-            if e > end:
-                kept.append([end, e])
-        self.spans = kept
+        spans = self.spans
+        i = bisect.bisect_right(spans, start, key=_END)  # the first that ends past it
+        j = bisect.bisect_left(spans, end, key=_START)  # the first that starts at its end
+        if i >= j:
+            return
+        left = [[spans[i][0], start]] if spans[i][0] < start else []
+        right = [[end, spans[j - 1][1]]] if spans[j - 1][1] > end else []
+        spans[i:j] = left + right
 
+
+_START = operator.itemgetter(0)
+_END = operator.itemgetter(1)
 
 
 class PieceHasher:
@@ -218,8 +220,8 @@ class PieceHasher:
         # Where the latest block to cover a pad had non-zero bytes (from its first such
         # byte to its last): the piece fails while any is left; a block sent again with
         # zeros there takes its range off.
-        self.bad_pads = _Intervals()
-        self.received = _Intervals()
+        self.bad_pads = Intervals()
+        self.received = Intervals()
         self._pads = list(pads)
         for s, e in self._pads:
             self.received.add(s, e)

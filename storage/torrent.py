@@ -157,10 +157,12 @@ class Torrent:
         self.partial: dict[int, Partial] = {}
         self.errors: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        # Taken before ``lock`` while verified pieces are journaled, marked and announced,
-        # or taken back and announced, so that their events go out in the order of the
-        # changes; when the torrent has a resume record, its journal lock does this.
-        self.order_lock = threading.Lock()
+        # Piece results not yet handed to the engine's ``on_piece``, queued (under
+        # ``lock``) as the pieces change, and the thread handing them out, one at a time,
+        # so that they are told in the order of the changes (DiskIO._tell).
+        self.to_tell: list[Any] = []
+        self.tell_lock = threading.Lock()  # (taken last: nothing is taken under it)
+        self.telling = False
         self.fence = Fence()
 
         self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran

@@ -415,6 +415,42 @@ def test_move_rename_unregister(
     dio.close()
 
 
+@pytest.mark.parametrize("window", [0.0, 0.005])
+@pytest.mark.parametrize("state", [False, True], ids=["no-state", "state"])
+def test_on_piece_may_call_back_into_the_engine(
+    tmp_path: Path, torrent: tuple[bytes, Source], window: float, state: bool
+) -> None:
+    """A callback told of a verified piece clears it at once (a client that no longer
+    trusts it): the call returns, and the clear is told after the verdict."""
+    raw, src = torrent
+    events: list[tuple[int, bool]] = []
+    box: list[DiskIO] = []
+
+    def on_piece(r: PieceResult) -> None:
+        events.append((r.piece, r.ok))
+        if r.ok:
+            box[0].clear_piece(r.info_hash, r.piece)
+
+    dio = DiskIO(sync_window=window, on_piece=on_piece,
+                 state_dir=tmp_path / "state" if state else None)
+    box.append(dio)
+    ih = dio.register(raw, tmp_path / "dl")
+    done = threading.Event()
+
+    def work() -> None:
+        for p, b, n in src.blocks():
+            if p == 0:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    assert done.wait(30), f"the engine hung in a callback that called it: told {events}"
+    assert events == [(0, True), (0, False)]
+    assert dio.status(ih)["verified_pieces"] == 0
+    dio.close()
+
+
 def test_disabled_backend(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
     raw, src = torrent
     events: list[PieceResult] = []

@@ -415,8 +415,8 @@ def test_a_block_sent_again_into_a_pad_counts_as_its_latest_copy(
 ) -> None:
     """Within one attempt at a piece, a block that runs into a pad and is sent again
     replaces its earlier copy, pad bytes included: non-zero pad bytes then zeros verify,
-    zeros then non-zero bytes fail, and a later write that zeroes only some of the bad
-    bytes still fails the piece."""
+    zeros then non-zero bytes fail, a later write that zeroes only some of the bad bytes
+    still fails the piece, and writes of a zero over each bad byte mend it."""
     # each file ends in its piece's second, third or fourth block (the rest is pad)
     files = {"a.bin": 20_000, "b.bin": 40_000, "c.bin": 50_001, "d.bin": 17_000, "e": 3}
     content = make_payload(tmp_path / "save", files, seed=7)
@@ -435,9 +435,10 @@ def test_a_block_sent_again_into_a_pad_counts_as_its_latest_copy(
     into_pad = [(p, b, n, k) for p, b, n in blocks if (k := pad_start(p, b, n)) is not None
                 and n - k >= 2 and sum(q == p for q, _, _ in blocks) > 1]
     assert len(into_pad) >= 3, "the torrent has too few blocks running into pads"
-    cases = dict(zip(("bad-then-good", "good-then-bad", "partly-zeroed"), into_pad, strict=False))
+    names = ("bad-then-good", "good-then-bad", "partly-zeroed", "each-bad-byte-zeroed")
+    cases = dict(zip(names, into_pad, strict=False))
     pieces = {c[0]: name for name, c in cases.items()}
-    assert len(pieces) == 3, "each case needs a piece of its own"
+    assert len(pieces) == len(names), "each case needs a piece of its own"
     events: list[PieceResult] = []
     dio = DiskIO(on_piece=events.append)
     ih = dio.register(raw, tmp_path / "dl")
@@ -451,9 +452,13 @@ def test_a_block_sent_again_into_a_pad_counts_as_its_latest_copy(
         elif case == "good-then-bad":
             send_by(dio, ih, p, b, good, path)
             send_by(dio, ih, p, b, bytes(bad), path)
-        else:  # the whole block with two bad bytes, then all but its last byte zeroed
+        elif case == "partly-zeroed":  # two bad bytes, then all but the last zeroed
             send_by(dio, ih, p, b, bytes(bad), path)
             send_by(dio, ih, p, b, good[:-1], path)
+        else:  # two bad bytes far apart, then each sent again alone, as a zero
+            send_by(dio, ih, p, b, bytes(bad), path)
+            send_by(dio, ih, p, b + k, b"\0", path)
+            send_by(dio, ih, p, b + n - 1, b"\0", path)
     assert events == [], "a case's piece was complete before its other blocks came"
     sent = {c[:2] for c in cases.values()}
     for p, b, n in blocks:
@@ -461,7 +466,8 @@ def test_a_block_sent_again_into_a_pad_counts_as_its_latest_copy(
             send_by(dio, ih, p, b, src.read(p, b, n), path)
     dio.flush_all()
     got = {p: [r[0] for r in rs] for p, rs in results_by_piece(events).items()}
-    want = {p: [pieces.get(p) in (None, "bad-then-good")] for p in range(src.meta.num_pieces)}
+    want = {p: [pieces.get(p) in (None, "bad-then-good", "each-bad-byte-zeroed")]
+            for p in range(src.meta.num_pieces)}
     assert got == want, f"cases {cases}: {results_by_piece(events)}"
     dio.close()
 
