@@ -324,7 +324,10 @@ class Server:
     @staticmethod
     def _send_events(events: dict[Connection, list[Out]]) -> None:
         for conn, frames in events.items():
-            conn.send(frames)
+            try:
+                conn.send(frames)
+            except Exception:  # (a bug: the other clients, and the rest of the mail, go on)
+                log.exception("sending events to a client failed")
         events.clear()
 
     def stats(self) -> dict[str, Any]:
