@@ -183,6 +183,7 @@ class DiskIO:
         self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
         self._ids = itertools.count(1)
         self._committer = GroupCommit(self._commit, sync_window)
+        self._telling = threading.local()  # .here: this thread is inside on_piece
         self._stopping = threading.Event()  # set: checks of files in progress give up
         self.state = StateStore(state_dir) if state_dir is not None else None
         self.load_errors: list[str] = []
@@ -1391,13 +1392,31 @@ class DiskIO:
                     return
                 t.telling = True
                 batch, t.to_tell = t.to_tell, []
+            self._telling.here = True
             try:
                 if self.on_piece is not None:
                     for r in batch:
                         self.on_piece(r)
             finally:
+                self._telling.here = False
                 with t.tell_lock:
                     t.telling = False
+                    t.told.notify_all()
+
+    def _all_told(self, t: Torrent) -> None:
+        """Wait until the torrent's queued piece results have been handed to
+        ``on_piece``, whichever thread hands them out: what a barrier such as
+        :meth:`flush_all` waited for is then told before it returns. (Not from within
+        ``on_piece``: the results queued behind the one being told wait for it.)"""
+        if getattr(self._telling, "here", False):
+            return
+        while True:
+            self._tell(t)  # what is queued and not being told: told here
+            with t.tell_lock:
+                while t.telling:
+                    t.told.wait()
+                if not t.to_tell:
+                    return
 
     def _changed(self, t: Torrent) -> None:
         """Verified pieces came or went without a piece result of their own: a client
@@ -1783,6 +1802,8 @@ class DiskIO:
             finally:
                 t.leave()
         self._committer.drain()
+        for t in torrents.values():  # the results of what was drained, told before
+            self._all_told(t)
         if failed is not None:
             raise failed
 

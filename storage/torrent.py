@@ -162,6 +162,7 @@ class Torrent:
         # so that they are told in the order of the changes (DiskIO._tell).
         self.to_tell: list[Any] = []
         self.tell_lock = threading.Lock()  # (taken last: nothing is taken under it)
+        self.told = threading.Condition(self.tell_lock)  # notified when a teller is done
         self.telling = False
         self.fence = Fence()
 

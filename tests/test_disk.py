@@ -451,6 +451,54 @@ def test_on_piece_may_call_back_into_the_engine(
     dio.close()
 
 
+@pytest.mark.parametrize("window", [0.0, 0.005])
+def test_flush_all_returns_after_the_results_of_what_it_waited_for(
+    tmp_path: Path, torrent: tuple[bytes, Source], window: float
+) -> None:
+    """``flush_all`` is a barrier for piece results: a piece committed before it returns
+    is told before it returns, even when the thread handing the results out is another
+    one (here: a writer whose hash failure is still being told when the commit ends)."""
+    raw, src = torrent
+    told: list[str] = []
+    failing = threading.Event()
+    go = threading.Event()
+
+    def on_piece(r: PieceResult) -> None:
+        if not r.ok:
+            failing.set()
+            go.wait(30)  # the writer's thread is busy telling for a while
+        told.append(f"{r.piece} {'verified' if r.ok else 'failed'}")
+
+    dio = DiskIO(sync_window=window, on_piece=on_piece)
+    ih = dio.register(raw, tmp_path / "dl")
+    blocks = src.blocks()
+    assert {p for p, _, _ in blocks} >= {0, 1}
+
+    def bad_writer() -> None:
+        for p, b, n in blocks:
+            if p == 0:
+                dio.write_chunk(ih, p, b, bytes(n) if b == 0 else src.read(p, b, n))
+
+    threading.Thread(target=bad_writer, daemon=True).start()
+    assert failing.wait(30)
+    for p, b, n in blocks:
+        if p == 1:
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+    flushed = threading.Event()
+
+    def flush() -> None:
+        dio.flush_all()
+        told.append("flush_all returned")
+        flushed.set()
+
+    threading.Thread(target=flush, daemon=True).start()
+    flushed.wait(0.5)  # returns at once only if it does not wait for the telling
+    go.set()
+    assert flushed.wait(30)
+    assert told.index("1 verified") < told.index("flush_all returned"), told
+    dio.close()
+
+
 def test_disabled_backend(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
     raw, src = torrent
     events: list[PieceResult] = []
