@@ -188,6 +188,7 @@ class DirectStorage(FileStorage):
         start = seg.file_offset - seg.file_offset % A
         end = seg.file_offset + seg.length
         end += -end % A
+        whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
         with self._fd(seg.file_index, False) as fd:
             try:
                 if start == seg.file_offset and _aligned(dst, A):
@@ -199,21 +200,22 @@ class DirectStorage(FileStorage):
                         buf = self._bounce(A)[:A]
                         got += self._read_aligned(fd, buf, start + body)
                         dst[body:] = buf[: seg.length - body]
-                    self._check_read(seg, start + got)
+                    self._check_read(seg, start + got, whole)
                     return
                 buf = self._bounce(end - start)[: end - start]
                 got = self._read_aligned(fd, buf, start)
             except OSError as exc:
                 raise StorageIOError.wrap(
                     exc, f"read {self.file_path(seg.file_index)}") from None
-            self._check_read(seg, start + got)
+            self._check_read(seg, start + got, whole)
             off = seg.file_offset - start
             dst[:] = buf[off : off + seg.length]
 
-    def _check_read(self, seg: Segment, end: int) -> None:
-        """A read that stopped short of the segment, in a file the daemon gave its
-        length: cut short since its check (zeros would pass for its bytes)."""
-        if end < seg.file_offset + seg.length and self.known_whole(seg.file_index):
+    def _check_read(self, seg: Segment, end: int, whole: bool) -> None:
+        """A read that stopped short of the segment, in a file the daemon had given its
+        length before the read began: cut short since its check (zeros would pass for
+        its bytes)."""
+        if end < seg.file_offset + seg.length and whole:
             raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}: "
                                  "truncated behind pieced's back", gone=False)
 

@@ -387,31 +387,42 @@ class FileStorage:
     # -- I/O -----------------------------------------------------------------
     @contextlib.contextmanager
     def _fd(self, index: int, writable: bool) -> Iterator[int]:
+        # Whole as of before the open: a first write may make and size the file
+        # meanwhile, and a file not there then was not one we had written.
+        whole = self.known_whole(index)
         try:
             entry = self.handles.get(self, index, writable)
         except StorageIOError as exc:
-            if exc.errno == errno.ENOENT and not writable and self.known_whole(index):
+            if (exc.errno == errno.ENOENT and not writable and whole
+                    and not isinstance(exc, FileVanished)):  # (not said twice)
                 raise self._vanished(index, exc.message) from None  # we wrote it: deleted
             raise
         try:
             if writable and index not in self._sized:
                 self._size_file(entry[0], index)
             else:
-                self._check_linked(entry[0], index)
+                self._check_linked(entry[0], index, whole)
             yield entry[0]
         finally:
             self.handles.put(entry)
 
-    def _check_linked(self, fd: int, index: int) -> None:
+    def _check_linked(self, fd: int, index: int, whole: bool | None = None) -> None:
         """Raise :class:`FileVanished` if ``fd`` no longer is the payload file as written:
-        unlinked (its folder removed too), or shorter than the length we gave it."""
+        unlinked (its folder removed too), or shorter than the length we gave it.
+
+        ``whole``: whether the file was known to be at its full length before ``fd`` was
+        opened (by default, now). Taken before the look at it: a file found short that
+        only became known whole since (another thread's first write sized it) was not
+        cut short."""
+        if whole is None:
+            whole = self.known_whole(index)
         try:
             st = os.fstat(fd)
         except OSError as exc:
             raise StorageIOError.wrap(exc, f"stat {self.file_path(index)}") from None
         if st.st_nlink == 0:
             raise self._vanished(index, f"{self.file_path(index)}: deleted behind pieced's back")
-        if self.known_whole(index) and st.st_size < self.meta.files.lengths[index]:
+        if whole and st.st_size < self.meta.files.lengths[index]:
             # Cut short, but still ours: its pieces are gone, and the next write gives it
             # its length again (it is not made anew: that is for a file gone from its
             # place, where anything found later is a stranger).
@@ -591,6 +602,7 @@ class FileStorage:
 
     def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
         resident = nowait != 0
+        whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
         with self._fd(seg.file_index, False) as fd:
             done = 0
             while done < seg.length:
@@ -610,7 +622,7 @@ class FileStorage:
                 if n == 0:
                     if resident:
                         return False  # cut short behind our back: a plain read says so
-                    if self.known_whole(seg.file_index):
+                    if whole:
                         # Given its length by us, and shorter now: cut short since it was
                         # checked at its open (zeros here would pass for its bytes).
                         raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}:"

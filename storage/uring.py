@@ -236,11 +236,12 @@ class UringStorage(FileStorage):
                 if not seg.stored:
                     dst[:] = bytes(seg.length)
                     continue
+                whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
                 fd = stack.enter_context(self._fd(seg.file_index, False))
                 ops.append(("readv", fd, [dst], seg.file_offset))
-                todo.append((seg, fd, dst))
+                todo.append((seg, fd, dst, whole))
             results = _thread_ring().run(ops)
-            for (seg, fd, dst), res in zip(todo, results, strict=True):
+            for (seg, fd, dst, whole), res in zip(todo, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),
                                               f"read {self.file_path(seg.file_index)}")
@@ -252,7 +253,7 @@ class UringStorage(FileStorage):
                         raise StorageIOError.wrap(
                             exc, f"read {self.file_path(seg.file_index)}") from None
                     if n == 0:
-                        if self.known_whole(seg.file_index):  # cut short since its check
+                        if whole:  # cut short since its check
                             raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}"
                                                  ": truncated behind pieced's back", gone=False)
                         dst[done:] = bytes(seg.length - done)

@@ -11,6 +11,8 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -464,12 +466,100 @@ def test_a_truncation_between_the_check_and_the_read_is_not_read_as_zeros(
         storage = dio.torrent(ih).storage
         storage.close_handles()
         os.truncate(tmp_path / "dl" / "payload" / "a.bin", 100_000)
-        monkeypatch.setattr(type(storage), "_check_linked", lambda self, fd, index: None)
+        monkeypatch.setattr(type(storage), "_check_linked", lambda self, fd, index, *_: None)
         with pytest.raises(StorageIOError) as exc:
             dio.read_chunk(ih, 10, 0, 16384, volatile=True)
         assert exc.value.errno == errno.ENOENT and "truncated" in str(exc.value)
         assert not _has(dio.status(ih)["have"], 10)  # (a recheck finds what is left)
         assert dio.recheck(ih).failed_v1 == list(range(100_000 // 16384, src.meta.num_pieces))
+    finally:
+        dio.close()
+
+
+@pytest.mark.parametrize("step", ["open", "fstat", "read"])
+def test_a_read_racing_the_first_write_of_a_file_does_not_take_it_for_one_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A read of a file that another thread's first write makes and sizes meanwhile:
+    what the read found (no file, or an empty one) came before the sizing, and does not
+    make the file one deleted or cut short behind our back. (It did: the file's pieces
+    started over, and after an open that found no file every later write of it was
+    refused as a file put in the place of ours.) The read is held, by the test, right
+    after it looked (``step``) and before it judged what it saw."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000}, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dl = tmp_path / "dl"
+    if step != "open":  # an empty file there, as one made by the user or another tool
+        (dl / "payload").mkdir(parents=True)
+        (dl / "payload" / "a.bin").write_bytes(b"")
+    dio = DiskIO("posix", cache_bytes=0)
+    try:
+        ih = dio.register(raw, dl)
+        reader: list[int] = []
+        looked, go = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            if reader and threading.get_ident() == reader[0] and not looked.is_set():
+                looked.set()
+                assert go.wait(30)
+
+        if step == "open":
+            real_get = dio.handles.get
+
+            def get(owner: Any, index: int, writable: bool) -> list[int]:
+                try:
+                    return real_get(owner, index, writable)
+                except StorageIOError:
+                    hold()
+                    raise
+            monkeypatch.setattr(dio.handles, "get", get)
+        elif step == "fstat":
+            real_fstat = os.fstat
+
+            def fstat(fd: int) -> os.stat_result:
+                st = real_fstat(fd)
+                if sys._getframe(1).f_code.co_name == "_check_linked":
+                    hold()
+                return st
+            monkeypatch.setattr(os, "fstat", fstat)
+        else:
+            real_preadv = os.preadv
+
+            def preadv(fd: int, bufs: Any, offset: int, flags: int = 0) -> int:
+                n = real_preadv(fd, bufs, offset, flags)
+                if not flags:  # (not a look at the page cache alone)
+                    hold()
+                return n
+            monkeypatch.setattr(os, "preadv", preadv)
+        outcome: list[object] = []
+
+        def read() -> None:
+            reader.append(threading.get_ident())
+            try:
+                outcome.append(dio.read_chunk(ih, 0, 0, 16384, volatile=True))
+            except StorageIOError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        assert looked.wait(30)
+        last = src.meta.num_pieces - 1  # the first write of the file: made and sized
+        assert dio.write_block_direct(ih, last, 0, src.read(last, 0, 100_000 - last * 16384))
+        go.set()
+        thread.join(30)
+        if step == "open":  # no file yet when it looked: a plain ENOENT
+            assert isinstance(outcome[0], StorageIOError) and "behind" not in str(outcome[0])
+        else:  # an empty file: its bytes are zeros
+            assert outcome == [bytes(16384)]
+        for p, b, n in src.blocks():
+            if p != last:
+                dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        st = dio.status(ih)
+        assert st["verified_pieces"] == src.meta.num_pieces, st["errors"]
+        assert not st["errors"]
+        assert dio.read_chunk(ih, 0, 0, 16384) == src.read(0, 0, 16384)
     finally:
         dio.close()
 
