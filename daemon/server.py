@@ -1315,7 +1315,7 @@ OPS: dict[str, Op] = {
         _ih(m), _int(m, "piece"), _int(m, "begin"), _int(m, "length"))},
     "clear_piece": lambda c, r, m: c.disk.clear_piece(_ih(m), _int(m, "piece")),
     "flush_piece": lambda c, r, m: c.disk.flush_piece(_ih(m), _int(m, "piece")),
-    "flush_all": lambda c, r, m: c.disk.flush_all(),
+    "flush_all": lambda c, r, m: c.disk.flush_all(raise_for=list(c.subscriptions)),
     "cached_pieces": lambda c, r, m: c.disk.cached_pieces(_ih(m)),
     "stats": _op_stats,
     "status": _op_status,

@@ -34,7 +34,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -1784,11 +1784,15 @@ class DiskIO:
         if sync:
             self._sync(t, t.files_of(piece))
 
-    def flush_all(self) -> None:
+    def flush_all(self, raise_for: Collection[bytes] | None = None) -> None:
         """Make every buffered block durable, and wait for the pieces committing. A
-        torrent's storage error (recorded on it) is raised after the others are done."""
+        torrent's storage error (recorded on it) is raised after the others are done:
+        with ``raise_for``, only that of a torrent known by one of these keys (a
+        daemon's client hears of its own torrents' errors, not of the others')."""
         with self._lock:
             torrents = {t.id: t for t in self._torrents.values()}
+            mine = (None if raise_for is None else
+                    {t.id for k, t in self._torrents.items() if k in raise_for})
         failed: StorageIOError | None = None
         for t in torrents.values():
             try:
@@ -1798,7 +1802,8 @@ class DiskIO:
             try:
                 self._flush_torrent(t, sync=True)
             except StorageIOError as exc:
-                failed = failed or exc
+                if mine is None or t.id in mine:
+                    failed = failed or exc
             finally:
                 t.leave()
         self._committer.drain()

@@ -643,6 +643,48 @@ def test_flush_all_flushes_every_torrent_when_one_disk_is_full(
 
 @pytest.mark.backends(exclude={
     "disabled": "stores nothing: no write reaches a file system to fail",
+    "mmap": "a flush of a mapped file deleted meanwhile goes through its map: no error "
+            "for anyone (its next write finds it gone)"})
+def test_one_clients_broken_torrent_does_not_fail_another_clients_flush_all(
+    tmp_path: Path, backend: str
+) -> None:
+    """Client A's payload file is deleted under a piece half written; client B, with a
+    torrent of its own, downloads it and calls ``flush_all`` (which flushes every
+    torrent of the daemon): B's call succeeds, its pieces verified, and A hears of its
+    file (a ``disk_error`` event with ENOENT, in its status too). Before, B got A's
+    error as its own."""
+    content_a = make_payload(tmp_path / "src_a", {"a": 600_000, "b": 333_333}, seed=3)
+    raw_a = make_torrent_lt(content_a, 32768, "hybrid")
+    sa = Source(raw_a, tmp_path / "src_a")
+    raw_b, sb = _other_torrent(tmp_path)
+    told: list[dict[str, Any]] = []
+    d = Daemon(tmp_path, backend=backend)
+    try:
+        with (Client(d.socket, on_event=lambda name, ev: told.append({"event": name, **ev})) as a,
+              Client(d.socket) as b):
+            ih_a = a.register(raw_a, tmp_path / "A")
+            ih_b = b.register(raw_b, tmp_path / "B")
+            blocks = [blk for blk in sa.blocks() if blk[0] == 1] + sa.blocks()[:1]
+            _send(a, ih_a, sa, blocks)
+            a.flush_all()
+            p, bb, n = next(blk for blk in sa.blocks() if blk[0] == 2)
+            a.write_chunk(ih_a, p, bb, sa.read(p, bb, n))  # half of piece 2
+            a.wait_writes()
+            os.unlink(tmp_path / "A" / "payload" / "a")
+            _send(b, ih_b, sb, sb.blocks())
+            b.flush_all()  # A's broken file is not B's error
+            assert b.status(ih_b)["verified_pieces"] == sb.meta.num_pieces
+            assert any(e["errno"] == errno.ENOENT for e in a.status(ih_a)["errors"])
+            with contextlib.suppress(StorageIOError):
+                a.flush_all()  # (A's own: its error, or nothing left to flush)
+            assert any(e["event"] == "disk_error" and e["errno"] == errno.ENOENT
+                       for e in told), told
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.backends(exclude={
+    "disabled": "stores nothing: no write reaches a file system to fail",
     "direct": "gathers a piece's blocks and writes them at its end: no run is written alone",
     "uring": "gathers a piece's blocks and writes them at its end: no run is written alone"})
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
