@@ -33,6 +33,7 @@ OUR_REQQ = MAX_PEER_QUEUE
 # and the peer's ``reqq``.
 START_QUEUE = 4
 MIN_QUEUE = 2
+MIN_REQUEST_TIMEOUT = 2.0  # seconds (libtorrent's floor too)
 MAX_QUEUE = 500
 QUEUE_SECONDS = 3.0
 UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
@@ -142,6 +143,16 @@ class PeerConnection:
         self._chatter = float(CHATTER_BURST)  # what it may still send of CHATTER_BURST
         self._chatter_at = self.last_received
         self.last_block = 0.0  # when the last block we asked for came (monotonic)
+        self._fragment_at = 0.0  # when part of a message last came (a block on its way)
+        # How long the peer keeps us waiting for a block (from the request, or from its
+        # last block when it works through a queue): smoothed, and its mean deviation,
+        # as TCP times its round trips; from them the time out of a request.
+        self._wait_mean = 0.0
+        self._wait_dev = 0.0
+        self._waits = 0
+        # It let requests time out: asked for one block at a time, given none asked of
+        # others (the end game), until a block of it comes (libtorrent's snubbed peer).
+        self.snubbed = False
         self.downloaded = 0  # bytes of the blocks we asked for that came
         self.slow_start = True
         self._wanted_queue = START_QUEUE
@@ -176,6 +187,7 @@ class PeerConnection:
         """The events the plugin acts on; raises WireError when the peer broke the
         protocol (the connection is to be closed)."""
         now = self.last_received = self._clock()
+        held = self.parser.held
         # The chatter budget (a token bucket) refilled for the time since the last feed;
         # a peer that runs past it breaks the protocol, at the message that does.
         budget = min(CHATTER_BURST, self._chatter + (now - self._chatter_at) * CHATTER_RATE)
@@ -203,15 +215,20 @@ class PeerConnection:
                                     f"message counts one per {EXT_CHATTER_BYTES} bytes)")
         finally:
             self._chatter = budget
+        if self.parser.held and self.parser.held != held:
+            self._fragment_at = now  # more of a block (or another message) on its way
         return out
 
     def _apply(self, ev: wire.Event) -> bool:
         if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested
             # first; dropped when not asked for (late after a cancel, or unsolicited)
             n = len(ev.data)
-            if self.our_requests.pop((ev.piece, ev.begin, n), None) is None:
+            asked = self.our_requests.pop((ev.piece, ev.begin, n), None)
+            if asked is None:
                 return False
+            self._waited(self.last_received - max(asked, self.last_block, self._fragment_at))
             self.last_block = self.last_received
+            self.snubbed = False
             self.downloaded += n
             if self.slow_start and self._wanted_queue < MAX_QUEUE:
                 self._wanted_queue += 1
@@ -471,11 +488,42 @@ class PeerConnection:
 
     def late_requests(self, now: float, timeout: float) -> list[Block]:
         """Requests to give up on: asked ``timeout`` seconds ago or more, with no block
-        from the peer since. A peer working through a deep queue at its own pace keeps
-        sending blocks, so none of its requests is late (as in libtorrent); one that
-        stopped sending has all its old ones late."""
-        since = self.last_block
+        from the peer since (nor part of one). A peer working through a deep queue at its
+        own pace keeps sending blocks, so none of its requests is late (as in
+        libtorrent); one that stopped sending has all its old ones late."""
+        since = max(self.last_block, self._fragment_at)
         return [b for b, t in self.our_requests.items() if now - max(t, since) >= timeout]
+
+    def _waited(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        if not self._waits:
+            self._wait_mean = seconds
+        else:
+            self._wait_dev += (abs(seconds - self._wait_mean) - self._wait_dev) / 4
+            self._wait_mean += (seconds - self._wait_mean) / 8
+        self._waits += 1
+
+    def request_timeout(self, longest: float) -> float:
+        """How long a request may wait, from how long this peer has kept us waiting so
+        far: the mean and four deviations, at least MIN_REQUEST_TIMEOUT and at most
+        ``longest`` (as libtorrent's ``request_timeout()``). A peer that serves at once
+        and then goes quiet (a hung disk, a stopped process) is found out in seconds,
+        not after ``longest``; one that always takes long is given as long."""
+        if not self._waits:
+            return longest
+        mean, dev = self._wait_mean, self._wait_dev
+        wait = mean * 1.2 if self._waits < 2 else mean + 4 * dev
+        return min(longest, max(MIN_REQUEST_TIMEOUT, wait))
+
+    def give_up_late(self, now: float, longest: float) -> list[Block]:
+        """Cancel the requests the peer let time out (see :meth:`request_timeout`) and
+        snub it; returns them, to be asked of others."""
+        late = self.late_requests(now, self.request_timeout(longest))
+        for blk in late:
+            self.send_cancel(blk)
+        if late:
+            self.snubbed = True
+        return late
 
     def keepalive_due(self, now: float) -> bool:
         return now - self.last_sent >= KEEPALIVE_SECONDS
@@ -486,7 +534,7 @@ class PeerConnection:
     @property
     def queue_size(self) -> int:
         """How many of our requests to keep outstanding at this peer now."""
-        return min(self._wanted_queue, self.reqq)
+        return 1 if self.snubbed else min(self._wanted_queue, self.reqq)
 
     def second_tick(self) -> None:
         """Once a second: the download rate, and from it the queue size (libtorrent's

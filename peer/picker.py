@@ -226,13 +226,17 @@ class Picker:
     # -- what to ask for -----------------------------------------------------------------
     def pick(self, peer: object, peer_has: bytearray | None, want: int,
              allowed: Iterable[int] | None = None, outstanding: int = 0,
-             peer_count: int | None = None) -> list[Block]:
+             peer_count: int | None = None, endgame: bool = True,
+             live: Callable[[object], bool] | None = None) -> list[Block]:
         """Up to ``want`` blocks to ask ``peer`` for (``peer_has``: None when it has
         all; ``peer_count``: how many it has, if known). ``allowed``: only these pieces
         (a choked peer's allowed-fast set).
         ``outstanding``: the peer's requests not yet answered; in the end game only a
         peer with none is given blocks already asked of another, ENDGAME_BLOCKS at a
-        time (as libtorrent does: each such block is sent twice, one copy wasted)."""
+        time (as libtorrent does: each such block is sent twice, one copy wasted), and
+        not to a third peer while two ``live`` ones have it (by default every peer is
+        live; one that lets requests time out is not, and does not count). Without
+        ``endgame`` the peer is given no block already asked of another."""
         out: list[Block] = []
         if want <= 0:
             return out
@@ -271,7 +275,8 @@ class Picker:
                 if blk in self.received:
                     continue
                 who = self.requested.get(blk)
-                if who and (peer in who or len(who) > 1):
+                if who and (peer in who or (len(who) > 1 and (
+                        live is None or sum(1 for w in who if live(w)) > 1))):
                     continue
                 self.requested.setdefault(blk, set()).add(peer)
                 out.append(blk)
@@ -293,7 +298,7 @@ class Picker:
         for p in fresh:
             if take(p, False):
                 return out
-        if not out and not outstanding:  # nothing new to ask for: end game, an idle
+        if endgame and not out and not outstanding:  # nothing new to ask for: end game, an idle
             want = min(want, ENDGAME_BLOCKS)  # peer asked for what another is late with
             for p in list(self._unfinished):
                 if (candidates is None or p in candidates) and has(p) and take(p, True):

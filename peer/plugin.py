@@ -68,7 +68,7 @@ READS_PER_PEER = (8, 64)
 SEND_LOW_WATER = 256 * 1024
 UNCHOKE_SLOTS = 4
 CHOKE_INTERVAL = 10.0
-REQUEST_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0  # the longest a request waits (PeerConnection.request_timeout)
 ANNOUNCE_RETRY_FIRST = 10.0  # seconds after a failed announce, doubled at each failure
 STOP_ANNOUNCE_TIMEOUT = 5.0  # seconds an exit waits for the trackers (libtorrent: 5 too)
 # Seconds an exit waits for the daemon to take the blocks already sent to it (its pieces
@@ -579,6 +579,11 @@ class Peer:
             self.closed = True
             self.conn.take_outbox()  # blocks queued for it may be views of the daemon ring
             self.transport.close()
+
+
+def _live(peer: object) -> bool:
+    """Whether a peer holding a block counts in the end game (see Picker.pick)."""
+    return not cast(Peer, peer).conn.snubbed
 
 
 class Swarm:
@@ -1159,7 +1164,8 @@ class Swarm:
                         mask[p] = 0
                 conn.send_requests(picker.pick(peer, mask, room, allowed,
                                                outstanding=len(conn.our_requests),
-                                               peer_count=conn.peer_count))
+                                               peer_count=conn.peer_count,
+                                               endgame=not conn.snubbed, live=_live))
         if soon:
             self._flush_soon(peer)
         else:
@@ -1577,6 +1583,7 @@ class Swarm:
         """One second's round: dials due, timeouts, keep-alives, choking."""
         self._redial(now)
         self._lift_bans()
+        gave_up = False
         for p in list(self.peers):
             conn = p.conn
             if conn.told_pieces and conn.is_seed and self.done.is_set():
@@ -1592,16 +1599,19 @@ class Swarm:
                 self._drop(p)
                 continue
             conn.second_tick()
-            late = conn.late_requests(now, REQUEST_TIMEOUT)
+            late = conn.give_up_late(now, REQUEST_TIMEOUT)
             for blk in late:
-                conn.send_cancel(blk)
                 assert self.picker is not None
                 self.picker.request_dropped(p, blk)
+            if late:
+                log.info("%s let %d requests time out: snubbed", p.addr, len(late))
+                gave_up = True
             if conn.keepalive_due(now):
                 conn.send_keepalive()
-            if late:
-                self._fill(p)
             p.flush()
+        if gave_up:  # what the late peers had is asked of the others (the idle first)
+            for p in sorted(self.peers, key=lambda q: len(q.conn.our_requests)):
+                self._fill(p)
         if chokes:
             for p in self.peers:  # what a peer rejected is asked of it again, now
                 p.refused.clear()  # and then (a reject may have passing causes)

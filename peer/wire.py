@@ -657,6 +657,11 @@ class Parser:
         self._pending = 0
         self._error: str | None = None
 
+    @property
+    def held(self) -> int:
+        """Bytes held of a message not complete yet (part of a block on its way)."""
+        return self._pending
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._error is not None:
             raise WireError(self._error)

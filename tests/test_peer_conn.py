@@ -20,7 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pieced.peer import wire
-from pieced.peer.conn import DEFAULT_REQQ, OUR_REQQ, PeerConnection, choke_round
+from pieced.peer.conn import (
+    DEFAULT_REQQ,
+    MIN_REQUEST_TIMEOUT,
+    OUR_REQQ,
+    PeerConnection,
+    choke_round,
+)
 from pieced.peer.picker import BLOCK, ENDGAME_BLOCKS, Picker, block_plan
 
 from tests.conftest import ODD_FILES
@@ -488,6 +494,63 @@ def test_requests_are_late_only_when_the_peer_stops_sending() -> None:
     # a goes quiet: what is still asked becomes late, timeout seconds after its last block
     assert b.late_requests(t0 + 20 + timeout - 0.5, timeout) == []
     assert sorted(b.late_requests(t0 + 20 + timeout, timeout)) == sorted(blocks[20:])
+
+
+def test_a_peer_that_served_at_once_then_went_quiet_is_found_out_in_seconds() -> None:
+    """The time a request may wait follows how long the peer has kept us waiting (as
+    libtorrent's request time out): before any block, the longest (30 s here); after
+    blocks that came at once, MIN_REQUEST_TIMEOUT. A peer that stops (a hung disk, a
+    stopped process) has its requests given up after that, is snubbed (one request at a
+    time) and unsnubbed by its next block. A block coming slowly, part after part, is
+    no silence: its request is not late."""
+    now = [1000.0]
+    sizes = [BLOCK] * 48
+    a = PeerConnection((IH,), A_ID, sizes, v2=False, clock=lambda: now[0])
+    b = PeerConnection((IH,), B_ID, sizes, v2=False, outgoing_hash=IH, clock=lambda: now[0])
+    ab, ba = Link(a, b, False), Link(b, a, False)
+    settle(ab, ba)
+    a.send_choke(False)
+    settle(ab, ba)
+    blocks = valid_blocks(sizes)
+    b.send_request(blocks[0])
+    ba.deliver()
+    now[0] += 2.5
+    assert b.request_timeout(30.0) == 30.0  # nothing known of the peer yet
+    assert b.give_up_late(now[0], 30.0) == [] and not b.snubbed
+    for blk in blocks[:30]:  # served at once (the first after its wait)
+        if blk != blocks[0]:
+            b.send_request(blk)
+            ba.deliver()
+        a.send_piece(a.peer_requests.popleft(), bytes(blk[2]))
+        now[0] += 0.01
+        ab.deliver()
+    assert b.request_timeout(30.0) == MIN_REQUEST_TIMEOUT
+    assert b.queue_size > 1
+    for blk in blocks[30:34]:
+        b.send_request(blk)
+    ba.deliver()  # ... and a goes quiet, but for keep-alives
+    now[0] += MIN_REQUEST_TIMEOUT - 0.5
+    a.send_keepalive()
+    ab.deliver()
+    assert b.give_up_late(now[0], 30.0) == []
+    now[0] += 0.5
+    assert sorted(b.give_up_late(now[0], 30.0)) == blocks[30:34]
+    assert b.snubbed and b.queue_size == 1 and not b.our_requests
+    ba.collect()
+    assert [e for e in ba.log if isinstance(e, wire.Cancel)] == [wire.Cancel(*blk) for blk in blocks[30:34]]
+    # asked again: a sends it part by part, every second, over four times the time out
+    b.send_request(blocks[34])
+    ba.deliver()
+    a.send_piece(a.peer_requests.popleft(), bytes(BLOCK))
+    ab.collect()
+    for _ in range(8):
+        now[0] += 1.0
+        ab.deliver(len(ab.flight) // 4 or 1)
+        if not b.our_requests:
+            break
+        assert b.give_up_late(now[0], 30.0) == []
+    ab.deliver()
+    assert not b.our_requests and not b.snubbed  # the block came: unsnubbed
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -1044,6 +1107,29 @@ def test_end_game(torrents: dict[str, Source]) -> None:
     while got := pk.pick("B", None, len(blocks)):
         again += got
     assert set(again) == set(half[1:]) and not set(again) & set(rest)
+
+
+def test_the_end_game_gives_a_third_peer_what_two_late_peers_hold(
+        torrents: dict[str, Source]) -> None:
+    """In the end game a block is asked of two peers at most; but peers that let
+    requests time out (snubbed) do not count: an idle peer is given what two of them
+    hold. (It never was: a download whose last blocks two stalled peers held waited
+    for the longest time out, while a third peer sat idle.) A snubbed peer itself is
+    given nothing asked of others."""
+    meta = torrents["v1-pads/odd/64k"].meta
+    pk = Picker(meta, [False] * meta.num_pieces)
+    blocks = all_blocks(pk)
+    held = pk.pick("A", None, len(blocks))
+    assert sorted(held) == sorted(blocks)
+    twice = pk.pick("B", None, len(blocks))  # idle: end-game copies
+    assert twice and set(twice) <= set(held)
+    late = {"A", "B"}
+    live = lambda q: q not in late  # noqa: E731
+    assert pk.pick("C", None, len(blocks), endgame=False, live=live) == []
+    assert not set(pk.pick("C", None, len(blocks))) & set(twice)  # both live: not to C
+    third = pk.pick("D", None, len(blocks), live=live)
+    assert set(twice) <= set(third) or len(third) == ENDGAME_BLOCKS
+    assert set(third) & set(twice)  # what two late peers hold goes to a third
 
 
 @given(st.sampled_from(PICK_KEYS), st.data())

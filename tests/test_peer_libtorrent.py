@@ -31,6 +31,7 @@ from pieced.storage.metainfo import parse
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.ltpeer import LtPeer, make_torrent_v1_pads
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
+from tests.test_disk import Source
 
 
 def _files(piece: int) -> dict[str, int]:
@@ -1056,6 +1057,109 @@ def test_the_end_game_asks_few_blocks_twice(tmp_path: Path) -> None:
         _same_tree(content, tmp_path / "dl" / "payload", files)
         assert needed <= sent <= 1.25 * needed, (sent, needed)
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+class FreezingSeeds:
+    """Seeders that serve requests (about 1.6 MB/s each) for ``serve`` seconds from the
+    first, then answer nothing more while keeping the connection up with a keep-alive a
+    second (a disk that hung, a process stopped): made here, on the project's own wire
+    codec."""
+
+    def __init__(self, n: int, raw: bytes, src: Source, serve: float) -> None:
+        import socket
+
+        meta = parse(raw)
+        self.ih = meta.info_hash_v1 or (meta.info_hash_v2 or b"")[:20]
+        self.src, self.serve = src, serve
+        self.socks = []
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(4)
+            self.socks.append(s)
+        self.ports = [s.getsockname()[1] for s in self.socks]
+        self.stopping = threading.Event()
+        self.served = 0
+        self.threads = [threading.Thread(target=self._accept, args=(s, i), daemon=True)
+                        for i, s in enumerate(self.socks)]
+        for t in self.threads:
+            t.start()
+
+    def _accept(self, listener: Any, i: int) -> None:
+        listener.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn, i), daemon=True).start()
+
+    def _serve(self, conn: Any, i: int) -> None:
+        parser = wire.Parser(handshake=True)
+        conn.settimeout(1.0)
+        peer_id = b"-FZ0001-" + b"%012d" % i
+        first: float | None = None
+        with conn:
+            while not self.stopping.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    conn.sendall(wire.keep_alive())
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                for ev in parser.feed(data):
+                    if isinstance(ev, wire.Handshake):
+                        conn.sendall(wire.handshake(self.ih, peer_id,
+                                                    wire.make_reserved(extended=False))
+                                     + wire.have_all() + wire.unchoke())
+                    elif isinstance(ev, wire.Request):
+                        first = first or time.monotonic()
+                        if time.monotonic() - first < self.serve:
+                            self.served += 1
+                            conn.sendall(wire.piece(ev.piece, ev.begin, self.src.read(
+                                ev.piece, ev.begin, ev.length)))
+                            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(5)
+        for s in self.socks:
+            s.close()
+
+
+def test_blocks_two_stalled_seeders_hold_are_fetched_from_a_third_in_seconds(
+        tmp_path: Path) -> None:
+    """Two seeders serve for two seconds, then stop answering but keep their
+    connections up, holding the requests they were given; a libtorrent seeder serves
+    everything at 1 MiB/s. pieced-peer finds the two out from how fast they had answered
+    (in seconds, as libtorrent does), not after the longest a request may wait (30 s),
+    and asks the third for what they held. It used to wait that long: the third was
+    never idle (the end game only gives an idle peer blocks asked of others), and
+    blocks asked of both stalled peers went to no third one."""
+    from pieced.peer.plugin import REQUEST_TIMEOUT
+
+    files = {"a.bin": 12_000_000}
+    content, raw, torrent = _made(tmp_path, files, 1 << 20, "v1", seed=118)
+    src = Source(raw, content.parent)
+    d = Daemon(tmp_path)
+    frozen = FreezingSeeds(2, raw, src, serve=2.0)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 1 << 20,
+                              "ignore_limits_on_local_network": False}) as seeder:
+            started = time.monotonic()
+            summary = download(torrent, tmp_path / "dl", d, *frozen.ports, seeder.port)
+            took = time.monotonic() - started
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert frozen.served > 0  # (they took part before they stalled)
+        assert took < REQUEST_TIMEOUT, summary
+    finally:
+        frozen.close()
         assert d.stop() == 0, d.stderr()
 
 
