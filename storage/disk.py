@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import logging
@@ -57,6 +58,7 @@ from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, m
 from .filetable import PAD, UNSTORED
 from .hashing import (
     NO_FINGERPRINT,
+    Aside,
     Buffer,
     HashPool,
     Intervals,
@@ -95,6 +97,9 @@ from .verify import PreadReader, Progress, VerifyResult, verify
 log = logging.getLogger("pieced.storage")
 PARTIAL_FLOOR = 64  # pieces in progress any torrent may have, whatever the others hold
 HASH_PART = 1 << 20  # what hash_piece reads and hashes at a time
+# A write from this size on is hashed by two threads (PieceHasher.add_beside): below
+# it the hand-over (tens of microseconds) would cost more than it saves.
+ASIDE_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +167,9 @@ class DiskIO:
                         "mapped (read and written as by posix)")
         self.pool = BufferPool(cache_bytes, cache_policy)
         self.hash_pool = HashPool(hash_workers)
+        # Threads that hash part of a large block beside the thread writing it: one
+        # fewer than the hash workers (none on one core), see PieceHasher.add_beside.
+        self._aside = Aside(self.hash_pool.workers - 1) if self.hash_pool.workers > 1 else None
         self.handles = HandlePool(max_open_files)
         self.preallocate = preallocate
         self.allow_hard_links = allow_hard_links
@@ -1077,6 +1085,10 @@ class DiskIO:
                             # the rest of the piece: one large write instead of one a block.
                             self._buffer(t, piece, partial, b, b"".join(views), n, False)
                             self.metrics.add("blocks_written", blocks)
+                        elif n >= ASIDE_BYTES and self._aside is not None:
+                            partial.hasher.add_beside(b, views, n, functools.partial(
+                                self._write_through, t, piece, b, views, n, blocks=blocks),
+                                self._aside)
                         else:
                             self._write_through(t, piece, b, views, n, blocks=blocks)
                             partial.hasher.add(b, views, n)
@@ -2035,6 +2047,8 @@ class DiskIO:
         finally:
             self._committer.stop()
             self.hash_pool.shutdown()
+            if self._aside is not None:
+                self._aside.close()
             with self._lock:
                 torrents = {t.id: t for t in self._torrents.values()}
             saved = True

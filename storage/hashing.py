@@ -15,6 +15,7 @@ Two ways a piece gets hashed:
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import operator
 import os
@@ -195,6 +196,43 @@ _START = operator.itemgetter(0)
 _END = operator.itemgetter(1)
 
 
+def _feed(bufs: Sequence[Buffer], *hashers: Any) -> None:
+    for v in bufs:
+        for h in hashers:
+            if h is not None:
+                h.update(v)
+
+
+class Aside:
+    """Threads that take part of a lane's hashing (:meth:`PieceHasher.add_beside`).
+
+    A job not started when its lane gets to it is done by the lane itself: with more
+    lanes than spare cores, a lane never waits in a queue for work it can do.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pieced-aside")
+
+    def start(self, fn: Callable[[], T]) -> Future[T]:
+        return self._pool.submit(fn)
+
+    @staticmethod
+    def finish(job: Future[T], fn: Callable[[], T]) -> T:
+        """The job's result, done here if no thread has taken it yet."""
+        if job.cancel():
+            return fn()
+        return job.result()
+
+    @staticmethod
+    def drop(job: Future[Any]) -> None:
+        """Cancel the job, or wait until it is done (it reads the caller's buffers)."""
+        if not job.cancel():
+            job.exception()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class PieceHasher:
     """Hash state of one piece whose blocks are arriving.
 
@@ -257,6 +295,19 @@ class PieceHasher:
             self._add_leaves(begin, end, bufs)
 
     def _add_leaves(self, begin: int, end: int, bufs: Sequence[Buffer]) -> None:
+        got, gone = self._leaves_of(begin, end, bufs)
+        self._take_leaves(got, gone)
+
+    def _take_leaves(self, got: dict[int, bytes], gone: list[int]) -> None:
+        self.leaves.update(got)
+        for k in gone:
+            self.leaves.pop(k, None)
+
+    def _leaves_of(
+        self, begin: int, end: int, bufs: Sequence[Buffer]
+    ) -> tuple[dict[int, bytes], list[int]]:
+        """The leaves a block of [begin, end) makes whole, and those it touches in part
+        (whose hash is stale from now on). Changes nothing: another thread may call it."""
         assert self.v2 is not None
         limit = self.v2.data_length
         n = end - begin
@@ -264,8 +315,9 @@ class PieceHasher:
             n == BLOCK_SIZE or (end == limit and n < BLOCK_SIZE)
         ):
             # One aligned leaf in one buffer (the usual block): hash it as it is.
-            self.leaves[begin // BLOCK_SIZE] = hashlib.sha256(bufs[0]).digest()
-            return
+            return {begin // BLOCK_SIZE: hashlib.sha256(bufs[0]).digest()}, []
+        got: dict[int, bytes] = {}
+        gone: list[int] = []
         first = begin // BLOCK_SIZE
         last = min(end, limit)
         k = first
@@ -273,10 +325,76 @@ class PieceHasher:
             lo = k * BLOCK_SIZE
             hi = min(lo + BLOCK_SIZE, limit)
             if lo >= begin and hi <= end:
-                self.leaves[k] = sha256_of(sub_views(bufs, lo - begin, hi - begin))
+                got[k] = sha256_of(sub_views(bufs, lo - begin, hi - begin))
             else:
-                self.leaves.pop(k, None)
+                gone.append(k)
             k += 1
+        return got, gone
+
+    def add_beside(
+        self, begin: int, bufs: Sequence[Buffer], length: int, write: Callable[[], None],
+        aside: Aside,
+    ) -> None:
+        """``write()`` (the block's write), then ``add``: but the hashing shared between
+        this thread and one of ``aside``'s, the write done meanwhile. For a large block
+        on a machine with cores to spare, where one thread doing it all would take the
+        sum of them (a hybrid's SHA-1, SHA-256 leaves and fingerprint, each about a
+        millisecond a MiB). The other thread hashes into copies, taken in only once the
+        write succeeded: when ``write`` raises, nothing of the block is accounted for,
+        as when ``add`` is not called. The slices are no longer read when it returns."""
+        end = begin + length
+        if begin < self._pos:  # written again over what was hashed: the plain way
+            write()
+            self.add(begin, bufs, length)
+            return
+        in_order = begin == self._pos
+        sha1, fp, fp_there = self._sha1, self._fp, None
+        v1_there = in_order and sha1 is not None
+        there: Callable[[], Any]
+        if v1_there:
+            assert sha1 is not None
+            # SHA-1 over there (with the fingerprint for a hybrid, whose leaves are
+            # hashed here); here the write and the rest.
+            sha1 = sha1.copy()
+            fp_there = fp.copy() if self.v2 is not None else None
+            there = functools.partial(_feed, bufs, sha1, fp_there)
+        elif self.v2 is not None:
+            there = functools.partial(self._leaves_of, begin, end, bufs)
+        else:  # (a v1 block out of order: nothing to hash until the prefix reaches it)
+            write()
+            self.add(begin, bufs, length)
+            return
+        job = aside.start(there)
+        try:
+            write()
+        except BaseException:
+            aside.drop(job)
+            raise
+        here: tuple[dict[int, bytes], list[int]] | None = None
+        try:
+            # Here: the fingerprint of a v1 block, or a hybrid's leaves beside its SHA-1.
+            if v1_there:
+                if self.v2 is not None:
+                    here = self._leaves_of(begin, end, bufs)
+                else:
+                    _feed(bufs, fp)
+            elif in_order:  # v2 only: the leaves over there, the fingerprint here
+                _feed(bufs, fp)
+        finally:
+            got = aside.finish(job, there)  # (the slices are not read after this)
+        # The write succeeded: the block counts.
+        if v1_there:
+            self._sha1 = sha1
+            if fp_there is not None:
+                self._fp = fp_there
+        else:
+            here = got
+        if here is not None:
+            self._take_leaves(*here)
+        self.received.add(begin, end)
+        if in_order:
+            self._pos = end
+            self._advance_over_pads()
 
     def _advance_over_pads(self) -> None:
         for s, e in self._pads:

@@ -26,6 +26,7 @@ from pieced.storage.errors import (
     UnknownTorrent,
 )
 from pieced.storage.files import FileVanished
+from pieced.storage.hashing import Aside
 from pieced.storage.layout import Layout
 from pieced.storage.metainfo import Metainfo, parse
 from pieced.storage.paths import Beneath
@@ -497,6 +498,68 @@ def test_flush_all_returns_after_the_results_of_what_it_waited_for(
     assert flushed.wait(30)
     assert told.index("1 verified") < told.index("flush_all returned"), told
     dio.close()
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
+def test_runs_hashed_by_two_threads_get_the_verdicts_of_one(tmp_path: Path, kind: str) -> None:
+    """Runs of blocks of 128 KiB and more are hashed by two threads at once (one of them
+    the writer's), the other thread's share taken in once the write is done. The same
+    runs, in the same random orders, with rewrites, bad bytes (pads included) and pieces
+    started again, give the same verdicts and fingerprints as one thread hashing it all."""
+    content = make_payload(tmp_path / "src", {"a.bin": 700_001, "b/c.bin": 1_300_000,
+                                              "one": 1, "d.bin": 262_144}, seed=11)
+    raw = make_torrent_lt(content, 512 * 1024, kind)  # type: ignore[arg-type]
+    src = Source(raw, tmp_path / "src")
+    rng = random.Random(5)
+    # (piece, begin, data, where a ring's wrap cuts it, a clear after) of each run
+    ops: list[tuple[int, int, bytes, int, bool]] = []
+    for _ in range(8):  # each piece downloaded eight times over, cleared in between
+        for p in range(src.meta.num_pieces):
+            ops.append((p, 0, b"", 0, True))
+            blocks = [(b, n) for q, b, n in src.peer_blocks() if q == p]
+            runs: list[tuple[int, int]] = []
+            for b, n in blocks:  # adjacent blocks merged into runs of 1 to 32 blocks
+                if runs and runs[-1][0] + runs[-1][1] == b and rng.random() < 0.9:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n)
+                else:
+                    runs.append((b, n))
+            if rng.random() < 0.5:
+                rng.shuffle(runs)
+            for b, n in runs + rng.sample(runs, min(2, len(runs))):  # and some again
+                data = bytearray(src.read(p, b, n))
+                if rng.random() < 0.15:
+                    data[rng.randrange(n)] ^= 0x5A  # a bad byte (in a pad, at times)
+                ops.append((p, b, bytes(data), rng.randrange(n + 1), rng.random() < 0.02))
+
+    class Counting(Aside):
+        started = 0
+
+        def start(self, fn: Any) -> Any:
+            Counting.started += 1
+            return super().start(fn)
+
+    told: dict[int, list[tuple[int, bool, bytes | None]]] = {1: [], 2: []}
+    fingerprints = {}
+    for workers in (1, 2):
+        dio = DiskIO(hash_workers=workers, on_piece=lambda r, w=workers: told[w].append(
+            (r.piece, r.ok, r.v1 if r.v1 is not None else r.v2)))
+        if workers == 2:
+            dio._aside = Counting(1)
+        ih = dio.register(raw, tmp_path / f"dl{workers}")
+        for p, b, data, cut, clear in ops:
+            view = memoryview(data)
+            if data:
+                dio.write_blocks_direct(ih, p, b, [view[:cut], view[cut:]], -(-len(data) // BLOCK))
+            if clear:
+                dio.clear_piece(ih, p)
+        dio.flush_all()
+        t = dio.torrent(ih)
+        fingerprints[workers] = [t.fingerprint(p) for p in range(src.meta.num_pieces)]
+        dio.close()
+    assert Counting.started > 40  # (the two-thread path was taken)
+    assert told[1] == told[2]
+    assert {ok for _, ok, _ in told[1]} == {True, False}
+    assert fingerprints[1] == fingerprints[2]
 
 
 def test_disabled_backend(tmp_path: Path, torrent: tuple[bytes, Source]) -> None:
