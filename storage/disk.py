@@ -191,7 +191,7 @@ class DiskIO:
         self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
         self._ids = itertools.count(1)
         self._committer = GroupCommit(self._commit, sync_window)
-        self._telling = threading.local()  # .here: this thread is inside on_piece
+        self._telling = threading.local()  # .depth: this thread is inside on_piece
         self._stopping = threading.Event()  # set: checks of files in progress give up
         self.state = StateStore(state_dir) if state_dir is not None else None
         self.load_errors: list[str] = []
@@ -1404,13 +1404,14 @@ class DiskIO:
                     return
                 t.telling = True
                 batch, t.to_tell = t.to_tell, []
-            self._telling.here = True
+            here = self._telling
+            here.depth = getattr(here, "depth", 0) + 1  # (a callback may tell another torrent)
             try:
                 if self.on_piece is not None:
                     for r in batch:
                         self.on_piece(r)
             finally:
-                self._telling.here = False
+                here.depth -= 1
                 with t.tell_lock:
                     t.telling = False
                     t.told.notify_all()
@@ -1420,7 +1421,7 @@ class DiskIO:
         ``on_piece``, whichever thread hands them out: what a barrier such as
         :meth:`flush_all` waited for is then told before it returns. (Not from within
         ``on_piece``: the results queued behind the one being told wait for it.)"""
-        if getattr(self._telling, "here", False):
+        if getattr(self._telling, "depth", 0):
             return
         while True:
             self._tell(t)  # what is queued and not being told: told here
