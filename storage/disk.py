@@ -946,7 +946,7 @@ class DiskIO:
         if found:
             self._sync(t, holding, force=True)
         rec = self._records.get(t.id)
-        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+        with _journal_lock(rec):
             with t.lock:
                 moved = written_since()
             if moved:
@@ -1330,7 +1330,7 @@ class DiskIO:
             return
         rec = self._records.get(t.id)
         error = None
-        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+        with _journal_lock(rec):
             with t.lock:  # pieces a vanished file or clear_piece took back are not recorded
                 live = [(p, r, fp) for p, (r, fp) in pieces if t.state[p] == COMMITTING]
             try:
@@ -1548,7 +1548,7 @@ class DiskIO:
         failed = []
         todo = t.layout.file_pieces(index) if pieces is None else pieces
         rec = self._records.get(t.id)
-        with rec.journal_lock if rec is not None else contextlib.nullcontext():
+        with _journal_lock(rec):
             cleared = []
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
@@ -1747,7 +1747,7 @@ class DiskIO:
                 # A piece being written or hashed is cleared between two of its blocks,
                 # never while its last one is being verified: its hash state is locked.
                 with partial.lock if partial is not None else contextlib.nullcontext():
-                    with rec.journal_lock if rec is not None else contextlib.nullcontext():
+                    with _journal_lock(rec):
                         # Its blocks are gone (a piece committing: its committer leaves
                         # it out). Whoever sends them, or serves the piece, is told, as of
                         # any piece taken back (no hash failed: without v1/v2).
@@ -2066,6 +2066,12 @@ class DiskIO:
                         self.state.mark_clean()
                 finally:
                     self.state.close()
+
+
+def _journal_lock(rec: TorrentRecord | None) -> contextlib.AbstractContextManager[Any]:
+    """The torrent's journal lock, held while a change is journaled and made (nothing
+    to hold for a torrent without a state folder)."""
+    return rec.journal_lock if rec is not None else contextlib.nullcontext()
 
 
 _NONZERO = re.compile(rb"[^\0]+")

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from blake3 import blake3
 
@@ -284,30 +284,34 @@ class PieceHasher:
         if begin < self._pos:
             self._restart_prefix()
         if begin == self._pos:
-            sha1, fp = self._sha1, self._fp
-            for v in bufs:
-                if sha1 is not None:
-                    sha1.update(v)
-                fp.update(v)
+            _feed(bufs, self._sha1, self._fp)
             self._pos = end
             self._advance_over_pads()
         if self.v2 is not None:
             self._add_leaves(begin, end, bufs)
 
     def _add_leaves(self, begin: int, end: int, bufs: Sequence[Buffer]) -> None:
-        got, gone = self._leaves_of(begin, end, bufs)
-        self._take_leaves(got, gone)
+        for k in self._leaves_of(begin, end, bufs, self.leaves):
+            self.leaves.pop(k, None)
 
-    def _take_leaves(self, got: dict[int, bytes], gone: list[int]) -> None:
+    def _leaves_apart(
+        self, begin: int, end: int, bufs: Sequence[Buffer]
+    ) -> tuple[dict[int, bytes], Sequence[int]]:
+        """:meth:`_leaves_of` into a dict of its own: another thread's share."""
+        got: dict[int, bytes] = {}
+        return got, self._leaves_of(begin, end, bufs, got)
+
+    def _take_leaves(self, got: dict[int, bytes], gone: Sequence[int]) -> None:
         self.leaves.update(got)
         for k in gone:
             self.leaves.pop(k, None)
 
     def _leaves_of(
-        self, begin: int, end: int, bufs: Sequence[Buffer]
-    ) -> tuple[dict[int, bytes], list[int]]:
-        """The leaves a block of [begin, end) makes whole, and those it touches in part
-        (whose hash is stale from now on). Changes nothing: another thread may call it."""
+        self, begin: int, end: int, bufs: Sequence[Buffer], into: dict[int, bytes]
+    ) -> Sequence[int]:
+        """Hash into ``into`` the leaves a block of [begin, end) makes whole; return
+        those it touches in part (whose hash is stale from now on). Changes nothing of
+        the hasher's: another thread may call it with a dict of its own."""
         assert self.v2 is not None
         limit = self.v2.data_length
         n = end - begin
@@ -315,8 +319,8 @@ class PieceHasher:
             n == BLOCK_SIZE or (end == limit and n < BLOCK_SIZE)
         ):
             # One aligned leaf in one buffer (the usual block): hash it as it is.
-            return {begin // BLOCK_SIZE: hashlib.sha256(bufs[0]).digest()}, []
-        got: dict[int, bytes] = {}
+            into[begin // BLOCK_SIZE] = hashlib.sha256(bufs[0]).digest()
+            return ()
         gone: list[int] = []
         first = begin // BLOCK_SIZE
         last = min(end, limit)
@@ -325,11 +329,11 @@ class PieceHasher:
             lo = k * BLOCK_SIZE
             hi = min(lo + BLOCK_SIZE, limit)
             if lo >= begin and hi <= end:
-                got[k] = sha256_of(sub_views(bufs, lo - begin, hi - begin))
+                into[k] = sha256_of(sub_views(bufs, lo - begin, hi - begin))
             else:
                 gone.append(k)
             k += 1
-        return got, gone
+        return gone
 
     def add_beside(
         self, begin: int, bufs: Sequence[Buffer], length: int, write: Callable[[], None],
@@ -359,7 +363,7 @@ class PieceHasher:
             fp_there = fp.copy() if self.v2 is not None else None
             there = functools.partial(_feed, bufs, sha1, fp_there)
         elif self.v2 is not None:
-            there = functools.partial(self._leaves_of, begin, end, bufs)
+            there = functools.partial(self._leaves_apart, begin, end, bufs)
         else:  # (a v1 block out of order: nothing to hash until the prefix reaches it)
             write()
             self.add(begin, bufs, length)
@@ -370,27 +374,24 @@ class PieceHasher:
         except BaseException:
             aside.drop(job)
             raise
-        here: tuple[dict[int, bytes], list[int]] | None = None
-        try:
+        try:  # the write succeeded: the block counts
             # Here: the fingerprint of a v1 block, or a hybrid's leaves beside its SHA-1.
             if v1_there:
                 if self.v2 is not None:
-                    here = self._leaves_of(begin, end, bufs)
+                    self._add_leaves(begin, end, bufs)
                 else:
                     _feed(bufs, fp)
             elif in_order:  # v2 only: the leaves over there, the fingerprint here
                 _feed(bufs, fp)
         finally:
             got = aside.finish(job, there)  # (the slices are not read after this)
-        # The write succeeded: the block counts.
         if v1_there:
             self._sha1 = sha1
             if fp_there is not None:
                 self._fp = fp_there
         else:
-            here = got
-        if here is not None:
-            self._take_leaves(*here)
+            leaves, gone = cast(tuple[dict[int, bytes], Sequence[int]], got)
+            self._take_leaves(leaves, gone)
         self.received.add(begin, end)
         if in_order:
             self._pos = end
