@@ -1810,7 +1810,10 @@ def test_pieces_a_seeding_pieced_peer_loses_are_taken_back_with_lt_donthave(
     client's recheck then fails three of them (damaged on disk): pieced-peer tells the
     leecher it no longer has them (BEP 54 ``lt_donthave``, as libtorrent does), which
     then fetches them from a good seeder without a hash failure. (The leecher does not
-    want those three until then: it must not have fetched their damaged bytes first.)"""
+    want those three until then: it must not have fetched their damaged bytes first. Nor
+    may it close the connection once it has every piece it wants, as libtorrent does with
+    an upload-only peer it is not interested in, before the recheck is done: the test
+    would then wait for a DONT_HAVE on a connection that is gone.)"""
     piece = 65536
     files = {"a.bin": 40 * piece + 777, "one": 1}
     content, raw, torrent = _made(tmp_path, files, piece, kind, seed=28)
@@ -1819,7 +1822,8 @@ def test_pieces_a_seeding_pieced_peer_loses_are_taken_back_with_lt_donthave(
     d = Daemon(tmp_path)
     try:
         seeding = Seeding(torrent, tmp_path / "dl", d)
-        with LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True) as leecher:
+        with LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True,
+                    settings={"close_redundant_connections": False}) as leecher:
             n = leecher.ti.num_pieces()
             leecher.handle.prioritize_pieces([0 if k in lost else 1 for k in range(n)])
             leecher.connect("127.0.0.1", seeding.port)
