@@ -95,15 +95,19 @@ def stalled(port: int, path: str, rcvbuf: int = 4096) -> socket.socket:
     return s
 
 
-def closed_by_server(s: socket.socket) -> bool:
-    """Whether the daemon let the connection go (EOF or reset after what it had sent)."""
-    s.setblocking(False)
+def closed_by_server(s: socket.socket, quiet: float = 2.0) -> bool:
+    """Whether the daemon let the connection go: what it had sent is read to the EOF or
+    reset (True), or until nothing more comes for ``quiet`` seconds (False). Not until
+    the first read that would wait: a connection let go may still have megabytes on their
+    way from the kernel, which on a loaded machine does not always have the next ones
+    ready at once (12 reports cut off were taken for 8 to 10)."""
+    s.settimeout(quiet)
     try:
         while True:
             data = s.recv(1 << 20)
             if not data:
                 return True
-    except BlockingIOError:
+    except TimeoutError:
         return False
     except ConnectionError:
         return True
