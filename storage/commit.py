@@ -14,11 +14,14 @@ skipped, and the fenced operation commits (or, for unregister, cancels) what wai
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from .torrent import Torrent
+
+log = logging.getLogger("pieced.storage")
 
 Commit = Callable[[Torrent, list[tuple[int, Any]]], None]
 
@@ -68,18 +71,24 @@ class GroupCommit:
                 self._hurry.clear()
                 torrents = list(self._waiting.values())
                 self._busy = True
-            for t in torrents:
-                if not t.fence.try_shared():
-                    continue  # a fenced operation commits (or cancels) them
-                try:
-                    pieces = self.take(t)
-                    if pieces and not t.removed:
-                        self._commit(t, pieces)
-                finally:
-                    t.fence.release_shared()
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+            try:
+                for t in torrents:
+                    if not t.fence.try_shared():
+                        continue  # a fenced operation commits (or cancels) them
+                    try:
+                        pieces = self.take(t)
+                        if pieces and not t.removed:
+                            self._commit(t, pieces)
+                    except Exception:
+                        # (The commit took its pieces back.) One torrent's trouble stops
+                        # neither the others' commits nor the drains that wait for them.
+                        log.exception("commit of pieces of torrent %s", t.key.hex())
+                    finally:
+                        t.fence.release_shared()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def drain(self) -> None:
         """Wait until every piece verified so far is committed (or cancelled).

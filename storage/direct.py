@@ -11,7 +11,7 @@ import stat
 import threading
 from collections.abc import Sequence
 
-from .errors import PiecedError, StorageIOError
+from .errors import PathEscape, PiecedError, StorageIOError
 from .files import FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
@@ -52,6 +52,10 @@ class DirectStorage(FileStorage):
             return self._open_payload(index, flags | os.O_DIRECT, writable)
         except StorageIOError as exc:
             if exc.errno == errno.EINVAL:
+                st = self.root.stat(self.parts(index))
+                if st is not None and not stat.S_ISREG(st.st_mode):  # (O_DIRECT on a FIFO)
+                    raise PathEscape(f"{self.file_path(index)} is not a regular file: "
+                                     "refusing to use it") from None
                 raise StorageIOError(
                     f"{self.file_path(index)}: its file system does not support O_DIRECT "
                     "(the direct backend needs one that does, such as ext4 or xfs)",

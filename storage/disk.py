@@ -332,10 +332,14 @@ class DiskIO:
                 self.pool.drop((t.id, piece))
             try:
                 if delete_files:
-                    t.storage.delete_files(keep=self._held_by_others(t.storage.save_path, t))
+                    try:
+                        t.storage.delete_files(keep=self._held_by_others(t.storage.save_path, t))
+                    finally:
+                        t.storage.close()
                     if rec is not None:  # (not reached on an error: the next start tries)
                         rec.discard()
-                t.storage.close()
+                else:
+                    t.storage.close()
             finally:
                 # Known until its files are gone: a register of the same torrent meanwhile
                 # is refused (already registered), and its files are never the ones deleted.
@@ -1319,10 +1323,19 @@ class DiskIO:
     def _commit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         """Make committing pieces durable, journal them, then mark and announce them.
         The caller holds the torrent (shared, or alone)."""
+        try:
+            self._commit_pieces(t, pieces)
+        except BaseException:
+            # Whatever went wrong (an error nobody foresaw, an ``on_piece`` that raised),
+            # no piece is left committing for ever: those not verified are taken back.
+            self._uncommit(t, pieces)
+            raise
+
+    def _commit_pieces(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         files = sorted({f for p, _ in pieces for f in t.files_of(p)})
         try:
             self._sync(t, files)
-        except StorageIOError:
+        except PiecedError:  # (recorded) not durable where the torrent's files are
             self._uncommit(t, pieces)
             return
         if self._root_moved(t):  # what was written is not under the save path
@@ -1438,17 +1451,19 @@ class DiskIO:
             self.on_change(t.key)
 
     def _sync(self, t: Torrent, files: Sequence[int] | None, force: bool = False) -> None:
+        """Raises what the sync met, recorded on the torrent: a disk error, or a payload
+        file found swapped for what pieced refuses to use (PathEscape)."""
         try:
             with self.metrics.timed("sync"):
                 synced = t.storage.sync(files, force)
-        except StorageIOError as exc:
+        except PiecedError as exc:
             self._record_error(t, exc, None)
             raise
         if synced:
             self.metrics.add("syncs", synced)
 
-    def _record_error(self, t: Torrent, exc: StorageIOError, piece: int | None) -> None:
-        self.metrics.error(exc.errno)
+    def _record_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
+        self.metrics.error(exc.errno, exc.kind)
         entry = {"piece": piece, "errno": exc.errno, "message": str(exc)}
         now = time.monotonic()
         with t.lock:
@@ -1801,20 +1816,27 @@ class DiskIO:
         """Make every buffered block durable, and wait for the pieces committing. A
         torrent's storage error (recorded on it) is raised after the others are done:
         with ``raise_for``, only that of a torrent known by one of these keys (a
-        daemon's client hears of its own torrents' errors, not of the others')."""
+        daemon's client hears of its own torrents' errors, not of the others'), and the
+        other torrents are flushed only if no fenced operation holds or awaits them."""
         with self._lock:
             torrents = {t.id: t for t in self._torrents.values()}
             mine = (None if raise_for is None else
                     {t.id for k, t in self._torrents.items() if k in raise_for})
-        failed: StorageIOError | None = None
+        failed: PiecedError | None = None
         for t in torrents.values():
-            try:
-                t.enter()
-            except UnknownTorrent:
+            if mine is None or t.id in mine:
+                try:
+                    t.enter()
+                except UnknownTorrent:
+                    continue
+            elif not t.fence.try_shared():
+                # Another client's torrent in a fenced operation (a recheck, a move of
+                # minutes) is not waited for: its blocks are not the caller's to make
+                # durable (a recheck or a move flushes them as it begins).
                 continue
             try:
                 self._flush_torrent(t, sync=True)
-            except StorageIOError as exc:
+            except PiecedError as exc:  # (recorded on the torrent, told to its clients)
                 if mine is None or t.id in mine:
                     failed = failed or exc
             finally:
@@ -1877,6 +1899,11 @@ class DiskIO:
             with self._not_shared(t, None):
                 self._flush_torrent(t, sync=True)
                 t.storage.check_move(path)
+                # A file put in the place of one of the torrent's behind pieced's back is
+                # refused where it is; moved, it would be taken for the torrent's at the
+                # new place: its pieces start over first.
+                for index in t.storage.changed_files():
+                    self._start_over(t, index, verified=True, partial=True)
                 renames = dict(t.storage.renames)
                 self._moving(t, lambda: t.storage.move(path), path, renames,
                              (t.storage.save_path, renames))
@@ -2045,6 +2072,10 @@ class DiskIO:
         self.stop_checks()
         try:
             self.flush_all()
+        except PiecedError as exc:
+            # A torrent's error (its files deleted, a disk gone): recorded on it, its
+            # pieces taken back; the others are flushed and the stop goes on.
+            log.warning("at the stop: %s", exc)
         finally:
             self._committer.stop()
             self.hash_pool.shutdown()

@@ -751,6 +751,12 @@ class FileStorage:
                     self._datasync(index, synced_dev)
                 except OSError as exc:
                     raise self._write_lost(index, exc) from None
+                except PathEscape as exc:
+                    # Something pieced refuses to use is at the file's name now (a
+                    # symlink, a hard link, another file): what was written to the file
+                    # is not there, as if it had been deleted.
+                    skip = 1
+                    raise self._vanished(index, exc.message) from None
                 except PiecedError:  # swapped, or gone: what we wrote is not there to sync
                     skip = 1
                     raise
@@ -817,12 +823,18 @@ class FileStorage:
     def delete_files(self, keep: Container[Path] = ()) -> None:
         """Delete the payload files, but those at a path in ``keep`` (another torrent's)."""
         self.close_handles()
+        failed: StorageIOError | None = None
         for index in self.stored_files():
             if self.file_path(index) in keep:
                 continue
-            with contextlib.suppress(FileNotFoundError, PathEscape):
-                self.root.unlink(self.parts(index))
+            try:
+                with contextlib.suppress(FileNotFoundError, PathEscape):
+                    self.root.unlink(self.parts(index))
+            except OSError as exc:  # (the others are deleted all the same)
+                failed = failed or StorageIOError.wrap(exc, f"delete {self.file_path(index)}")
         self._prune(self.root)
+        if failed is not None:
+            raise failed
 
     def _prune(self, root: Beneath) -> None:
         """Remove the torrent's now-empty folders, deepest first, never the save path."""
@@ -924,6 +936,18 @@ class FileStorage:
             self._recreate.clear()
         for index, opened in carried:
             self._carry(index, opened)
+
+    def changed_files(self) -> list[int]:
+        """The files the daemon knew (used, or checked at the start) whose names hold
+        another file now, put there behind its back: what their verified pieces were
+        found in is not what a move would carry to the new place."""
+        changed = []
+        for index in self.stored_files():
+            with self._lock:
+                knew = index in self._identity or index in self.start_stamps
+            if knew and self.root.exists(self.parts(index)) and self._known_now(index) is None:
+                changed.append(index)
+        return changed
 
     def _known_now(self, index: int) -> bool | None:
         """Whether the file under the file's name is one the daemon knows (about to be

@@ -280,10 +280,19 @@ class Beneath:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                _copy(sfd, src[-1], dfd, dst[-1])
+                _copy(sfd, src[-1], dfd, dst[-1], self.allow_hard_links,
+                      self.path.joinpath(*src))
             dst_root.changed(dst[:-1])
             self.changed(src[:-1])
-            os.unlink(src[-1], dir_fd=sfd)
+            try:
+                os.unlink(src[-1], dir_fd=sfd)
+            except BaseException:
+                # Not moved after all: the new name goes (the file stays where it was,
+                # and the undo of the move, which knows only the files moved, would
+                # leave it there in the way of the next move).
+                with contextlib.suppress(OSError):
+                    os.unlink(dst[-1], dir_fd=dfd)
+                raise
             self.changed(src[:-1])
 
 
@@ -405,13 +414,22 @@ def part_name(name: str) -> str:
     return ".pieced-part-" + hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
-def _copy(sfd: int, src: str, dfd: int, dst: str) -> None:
+def _copy(sfd: int, src: str, dfd: int, dst: str, allow_hard_links: bool,
+          where: Path) -> None:
+    """Copy a payload file to another file system: only what an open of it for use
+    would take (a regular file, with one link unless hard links are allowed; a FIFO
+    put in its place must not hang the move, a hard link must not bring in a file from
+    outside the save path)."""
     part = part_name(dst)
-    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=sfd)
     try:
+        st = os.fstat(fin)
+        why = _refusal(st, os.stat(src, dir_fd=sfd, follow_symlinks=False), allow_hard_links)
+        if why:
+            raise PathEscape(f"{where} {why}: refusing to move it")
+        fcntl.fcntl(fin, fcntl.F_SETFL, os.O_RDONLY)  # O_NONBLOCK off
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part, dir_fd=dfd)  # one a crash left
-        st = os.fstat(fin)
         fout = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                        st.st_mode & 0o777, dir_fd=dfd)  # (an executable stays one)
         try:

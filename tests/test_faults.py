@@ -724,3 +724,77 @@ def test_a_long_run_whose_write_fails_is_taken_whole_when_sent_again(
             dio.close()
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=True)
+
+
+def test_flush_all_does_not_wait_for_another_clients_fenced_torrent(
+        tmp_path: Path, backend: str) -> None:
+    """Client A's torrent is held by a long recheck (a fence: it runs alone on its
+    torrent); client B's ``flush_all`` of its own torrent returns meanwhile, its pieces
+    verified. It used to wait for the whole recheck (and for ever behind a move that
+    hung). A's own ``flush_all`` still waits for its torrent."""
+    raw_a, sa = _other_torrent(tmp_path)
+    content_b = make_payload(tmp_path / "src_b", 200_000, seed=5)
+    raw_b = make_torrent_lt(content_b, 16384, "v1")
+    sb = Source(raw_b, tmp_path / "src_b")
+    dio = DiskIO(backend, sync_window=0.01)
+    started, release = threading.Event(), threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        started.set()
+        release.wait(60)
+
+    try:
+        ih_a = dio.register(raw_a, tmp_path / "A")
+        ih_b = dio.register(raw_b, tmp_path / "B")
+        for p, b, n in sa.blocks():
+            dio.write_chunk(ih_a, p, b, sa.read(p, b, n))
+        dio.flush_all()
+        checking = threading.Thread(target=lambda: dio.recheck(ih_a, progress, full=True))
+        checking.start()
+        assert started.wait(30)
+        for p, b, n in sb.blocks():
+            dio.write_chunk(ih_b, p, b, sb.read(p, b, n))
+        flushed = threading.Event()
+        threading.Thread(target=lambda: (dio.flush_all(raise_for=[ih_b]), flushed.set()),
+                         daemon=True).start()
+        assert flushed.wait(30), "B's flush_all waited for A's recheck"
+        assert checking.is_alive()
+        assert dio.status(ih_b)["verified_pieces"] == sb.meta.num_pieces
+        mine = threading.Event()
+        threading.Thread(target=lambda: (dio.flush_all(raise_for=[ih_a]), mine.set()),
+                         daemon=True).start()
+        assert not mine.wait(0.5)  # A's own waits for its torrent
+        release.set()
+        checking.join(60)
+        assert mine.wait(30)
+    finally:
+        release.set()
+        dio.close()
+
+
+def test_a_stop_after_a_torrents_folder_was_deleted_is_clean(tmp_path: Path, backend: str) -> None:
+    """Blocks written but not yet synced, then the torrent's save folder deleted behind
+    the daemon's back: SIGTERM stops it with status 0 (the error is recorded and
+    logged; the service did not stop as failed), and the other torrent's pieces are
+    known verified at the next start."""
+    raw_a, sa = _other_torrent(tmp_path)
+    content_b = make_payload(tmp_path / "src_b", 200_000, seed=5)
+    raw_b = make_torrent_lt(content_b, 16384, "v1")
+    sb = Source(raw_b, tmp_path / "src_b")
+    d = Daemon(tmp_path, backend=backend, env={"PIECED_SYNC_WINDOW_MS": "60000"})
+    try:
+        with Client(d.socket) as c:
+            ih_b = c.register(raw_b, tmp_path / "B")
+            _send(c, ih_b, sb, sb.blocks())
+            c.flush_all()
+            ih_a = c.register(raw_a, tmp_path / "A")
+            _send(c, ih_a, sa, sa.blocks()[:-1])  # (the last piece waits, unwritten)
+        shutil.rmtree(tmp_path / "A")
+    finally:
+        assert d.stop() == 0, d.stderr()
+    d = Daemon(tmp_path, backend=backend)
+    try:
+        with Client(d.socket) as c:
+            assert c.status(ih_b)["verified_pieces"] == sb.meta.num_pieces
+    finally:
+        assert d.stop() == 0, d.stderr()

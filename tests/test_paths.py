@@ -3,6 +3,7 @@ swapped in at each step never lead a write, read, rename, move or delete out of 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -378,3 +379,226 @@ def test_a_file_put_back_is_refused_until_registered_again(setup) -> None:  # ty
     ih = dio.register(raw, dl)
     assert dio.recheck(ih, full=True).ok
     assert dio.status(ih)["verified_pieces"] == n
+
+
+def _swap_for_symlink(path: Path, to: Path) -> None:
+    """Put a symlink in the place of ``path`` (the file itself set aside, never deleted:
+    what was written to it is not at its name any more)."""
+    path.rename(path.with_name(path.name + ".set-aside"))
+    path.symlink_to(to)
+
+
+@OPENS_NO_PATH
+@pytest.mark.parametrize("first", ["flush_all", "committer"])
+def test_a_file_swapped_before_its_pieces_are_committed_costs_only_its_pieces(
+        tmp_path: Path, backend: str, first: str) -> None:
+    """A payload file swapped for a symlink while a verified piece of it waits in the
+    group commit, its descriptor closed: the sync finds what pieced refuses at its name,
+    so the piece is not made durable there: it is failed, never reported verified, and
+    the commits of every other piece go on (the committer thread used to die of it: no
+    piece of any torrent was committed again, and flush_all and the stop hung), whether
+    a ``flush_all`` or the committer's own window meets the swap first."""
+    import threading
+
+    content = make_payload(tmp_path / "src", FILES, seed=9)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    other = make_payload(tmp_path / "src2", {"o.bin": 100_000}, seed=4)
+    raw2 = make_torrent_lt(other, 32768, "v1")
+    src2 = Source(raw2, tmp_path / "src2")
+    canary = make_payload(tmp_path / "canary", {"victim": 4096}, seed=1)
+    before = _tree(canary)
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    results = []
+    window = 0.5 if first == "committer" else 30.0
+    dio = DiskIO(backend, roots=[roots], cache_bytes=0, max_open_files=1, sync_window=window,
+                 on_piece=results.append)
+    try:
+        dl = roots / "dl"
+        ih = dio.register(raw, dl)
+        ih2 = dio.register(raw2, roots / "dl2")
+        for p, b, n in src.blocks():
+            if p == 0:  # a.bin's first piece: verified, and waiting to be committed
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        p, b, n = src.blocks()[-1]  # z.bin opened: a.bin's descriptor closed
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+        _swap_for_symlink(dl / "payload" / "a.bin", canary / "victim")
+        if first == "flush_all":
+            with pytest.raises(StorageIOError, match="symlink"):
+                dio.flush_all()
+        else:
+            deadline = threading.Event()
+            for _ in range(100):  # the committer's window passes
+                if any(r.piece == 0 for r in results):
+                    break
+                deadline.wait(0.05)
+            dio.flush_all()  # (nothing left for it to meet)
+        assert any("symlink" in e["message"] for e in dio.status(ih)["errors"])
+        assert [(r.piece, r.ok) for r in results if r.info_hash == ih] == [(0, False)]
+        assert not dio.status(ih)["have"][0] & 0x80
+        # the other torrent's pieces are committed, and flush_all is a barrier still
+        for p, b, n in src2.blocks():
+            dio.write_chunk(ih2, p, b, src2.read(p, b, n))
+        dio.flush_all(raise_for=[ih2])
+        assert dio.status(ih2)["verified_pieces"] == src2.meta.num_pieces
+        assert _tree(canary) == before
+    finally:
+        dio.close()  # returns (it hung when the committer had died)
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A file system of its own (a tmpfs) beneath the roots, for moves across devices."""
+    import subprocess
+
+    mnt = tmp_path / "roots" / "other_fs"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@OPENS_NO_PATH
+@pytest.mark.parametrize("swap", ["another file", "hard link", "FIFO"])
+@pytest.mark.parametrize("where", ["same file system", "another file system"])
+def test_a_move_carries_no_file_swapped_in_behind_our_back_as_the_torrents(
+        setup, other_fs: Path, backend: str, swap: str, where: str) -> None:  # type: ignore[no-untyped-def]
+    """A verified file replaced behind pieced's back (another file's bytes, a hard link
+    to a file outside the roots, a FIFO) is refused where it is; a move_storage then
+    must not make it the torrent's at the new place. Its pieces start over before the
+    move, the rest stay verified; across file systems the copy takes no FIFO (the open
+    hung the move, and the stop, for ever) and no hard link (the outside file's bytes
+    were copied in, and served as the verified pieces)."""
+    raw, src, canary, roots, dio = setup
+    before = _tree(canary)
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))
+    dio.flush_all()
+    a_bin = dl / "payload" / "a.bin"
+    a_pieces = set(src.layout.file_pieces(0))
+    a_bin.rename(dl / "a.set-aside")
+    if swap == "another file":
+        a_bin.write_bytes(os.urandom(70_000))
+    elif swap == "hard link":
+        os.link(canary / "victim", a_bin)
+    else:
+        os.mkfifo(a_bin)
+    with pytest.raises(PiecedError):
+        dio.read_chunk(ih, 0, 0, 16384)  # refused where it is
+    new = (other_fs if where == "another file system" else roots) / "new"
+    try:
+        dio.move_storage(ih, new)
+        moved = True
+    except PathEscape:  # the copy across file systems refuses what an open would
+        assert where == "another file system" and swap != "another file"
+        moved = False
+    st = dio.status(ih)
+    assert st["save_path"] == str(new if moved else dl)
+    have = [bool(st["have"][p // 8] & (0x80 >> p % 8)) for p in range(src.meta.num_pieces)]
+    assert [p for p, h in enumerate(have) if not h] == sorted(a_pieces)
+    for p in range(src.meta.num_pieces):
+        if have[p]:
+            size = src.layout.piece_size(p)
+            assert dio.read_chunk(ih, p, 0, size) == src.read(p, 0, size)
+    assert _tree(canary) == before
+    if moved and swap != "another file":  # (pieced may not use it there either)
+        with pytest.raises(PiecedError):
+            dio.read_chunk(ih, 0, 0, 16384)
+    (new / "payload" / "a.bin").unlink(missing_ok=True)
+    (dl / "payload" / "a.bin").unlink(missing_ok=True)
+    # fetched again (the first writes are told the file went): every piece verified
+    for _ in range(3):
+        if not _write(dio, ih, src, {"a.bin"}):
+            break
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+
+
+def _chattr(flag: str, path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["chattr", flag, str(path)], check=True)
+
+
+def _fds_under(folder: Path) -> list[str]:
+    """This process's descriptors of anything at or below ``folder``."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == str(folder) or target.startswith(f"{folder}/"):
+            out.append(target)
+    return out
+
+
+@OPENS_NO_PATH
+def test_a_removal_whose_files_cannot_be_deleted_says_so_with_its_errno(
+        setup, backend: str) -> None:  # type: ignore[no-untyped-def]
+    """``unregister(delete_files=True)`` where a file cannot be deleted (immutable:
+    EPERM; read-only for a daemon not run as root): an I/O error with its errno, the
+    other files deleted all the same, nothing of the save folder held open (it raised a
+    bare OSError, an internal error on the wire, and kept the save folder's descriptor
+    each time)."""
+    raw, src, _canary, roots, dio = setup
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))
+    dio.flush_all()
+    stuck = dl / "payload" / "sub" / "b.bin"
+    _chattr("+i", stuck)
+    try:
+        with pytest.raises(StorageIOError) as exc:
+            dio.unregister(ih, delete_files=True)
+        assert exc.value.errno == errno.EPERM and "b.bin" in str(exc.value)
+        assert _fds_under(dl) == []
+        assert not (dl / "payload" / "a.bin").exists() and stuck.exists()
+        with pytest.raises(PiecedError):
+            dio.status(ih)  # removed all the same
+    finally:
+        _chattr("-i", stuck)
+
+
+@OPENS_NO_PATH
+def test_a_move_undone_across_file_systems_leaves_no_copy_behind(
+        setup, other_fs: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
+    """A move to another file system whose source file cannot be removed once copied
+    (immutable: EPERM) is undone, and the copy goes with it: it was left at the
+    destination, in the way of the next move there."""
+    raw, src, _canary, roots, dio = setup
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))
+    dio.flush_all()
+    stuck = dl / "payload" / "z.bin"
+    _chattr("+i", stuck)
+    try:
+        with pytest.raises(StorageIOError) as exc:
+            dio.move_storage(ih, other_fs / "new")
+        assert exc.value.errno == errno.EPERM
+        assert [p for p in (other_fs / "new").rglob("*") if p.is_file()] == []
+        assert dio.status(ih)["save_path"] == str(dl)
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    finally:
+        _chattr("-i", stuck)
+    dio.move_storage(ih, other_fs / "new")  # nothing in the way now
+    assert dio.recheck(ih).ok
+
+
+@pytest.mark.parametrize("backend", ["direct"])
+def test_a_fifo_in_a_files_place_is_named_as_such_on_direct(
+        setup, backend: str) -> None:  # type: ignore[no-untyped-def]
+    """O_DIRECT on a FIFO fails with EINVAL, which the direct backend took for a file
+    system without O_DIRECT: a FIFO is refused as what it is."""
+    raw, src, _canary, roots, dio = setup
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, set(FILES))
+    dio.flush_all()
+    (dl / "payload" / "a.bin").unlink()
+    os.mkfifo(dl / "payload" / "a.bin")
+    with pytest.raises(PiecedError, match="not a regular file"):
+        dio.hash_piece(ih, 0)
