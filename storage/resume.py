@@ -72,6 +72,7 @@ _JOURNAL = re.compile(r"journal\.(\d+)")
 CHECKING = "checking"  # present while a check of the files is under way
 REMOVING = ".removing-"  # a torrent's folder being deleted: never loaded, deleted at start
 DELETING = "delete-files"  # in a torrent's folder: it is removed with its payload files
+MAKING = ".new-"  # a torrent's folder being made by a register: never loaded, deleted at start
 LOCK = "lock"  # held (flock) by the one daemon using the state folder
 CLEAN = "clean"  # present while the daemon is stopped cleanly: file stamps then count
 # The temporary files of write_atomic: a crash can leave them behind.
@@ -337,7 +338,12 @@ class TorrentRecord:
             self.discard()
 
     def discard(self) -> None:
-        """Delete a removed torrent's folder (its payload files are gone)."""
+        """Delete a removed torrent's folder (its payload files are gone). The mark
+        goes first: a crash during the deletion then leaves a folder the next start
+        deletes without a word, not a mark with its metainfo gone, which it took for
+        files it could not delete."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.folder / DELETING)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def close(self) -> None:
@@ -395,17 +401,20 @@ class StateStore:
             shutil.rmtree(folder)
         # Files an earlier removal could not delete are this torrent's now: kept.
         shutil.rmtree(self.root / (REMOVING + ih.hex()), ignore_errors=True)
-        folder.mkdir(parents=True)
+        # Made whole aside, then put in place by one rename: no half-made record (a
+        # full state folder, a crash) is left to be met at every start.
+        making = self.root / (MAKING + ih.hex())
+        shutil.rmtree(making, ignore_errors=True)
+        making.mkdir(parents=True)
         try:
+            write_atomic(making / "metainfo.torrent", raw)
+            TorrentRecord(making).write_location(save_path, {})
+            os.rename(making, folder)
             fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
-            write_atomic(folder / "metainfo.torrent", raw)
-            rec = TorrentRecord(folder)
-            rec.write_location(save_path, {})
         except BaseException:
-            # (A full state folder:) no half-made record is left to be met at every start.
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(making, ignore_errors=True)
             raise
-        return rec
+        return TorrentRecord(folder)
 
     def record(self, ih_hex: str, gen: int) -> TorrentRecord:
         return TorrentRecord(self.root / ih_hex, gen)
@@ -434,8 +443,8 @@ class StateStore:
                     continue
                 deletions.append(Deletion(folder, ih_hex, meta, save_path, renames))
                 continue
-            if folder.name.startswith(REMOVING):  # its removal was cut short: finished now
-                shutil.rmtree(folder, ignore_errors=True)
+            if folder.name.startswith((REMOVING, MAKING)):  # a removal or a register cut
+                shutil.rmtree(folder, ignore_errors=True)  # short: finished, or undone
                 continue
             try:
                 loaded = self._load(folder, parse)

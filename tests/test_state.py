@@ -1535,6 +1535,61 @@ dio.unregister(ih)
     again.close()
 
 
+_DIES_REGISTERING = """
+from pieced.storage import resume
+from pieced.storage.disk import DiskIO
+raw = Path({torrent!r}).read_bytes()
+dio = DiskIO({backend!r}, state_dir=Path({state!r}))
+how = {how!r}
+def die(*a, **k):
+    os._exit(9)
+if how == "deleting":  # a removal with the files: its folder's deletion cut short
+    from tests.test_disk import Source, fill
+    ih = dio.register(raw, Path({dl!r}))
+    fill(dio, ih, Source(raw, Path({src!r})))
+    dio.flush_all()
+    def part_deleted(path, *a, **k):
+        for name in ("metainfo.torrent", "location"):
+            os.unlink(os.path.join(path, name))
+        die()
+    resume.shutil.rmtree = part_deleted
+    dio.unregister(ih, delete_files=True)
+real_write = resume.write_atomic
+def write(path, data):
+    if how == "metainfo":
+        die()
+    real_write(path, data)
+    if path.name == how:
+        die()
+resume.write_atomic = write
+dio.register(raw, Path({dl!r}))
+"""
+
+
+@pytest.mark.parametrize("how", ["metainfo", "metainfo.torrent", "location", "deleting"])
+def test_a_register_or_removal_cut_short_leaves_nothing_to_warn_of_at_every_start(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """A kill -9 part-way through ``register`` (its state folder made, its metainfo or
+    location not yet written) left a half-made record that every later start warned
+    of; one part-way through deleting the folder of a torrent removed with its files
+    left its mark that the files go without the metainfo, which the next start took for
+    files it could not delete. The record is made aside and put in place by a rename
+    now, and the mark goes first."""
+    content = make_payload(tmp_path / "src", 6 * 16384, seed=11)
+    raw = make_torrent_lt(content, 16384, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    _dies(_DIES_REGISTERING, torrent=str(tmp_path / "t.torrent"), backend=backend,
+          state=str(tmp_path / "state"), dl=str(tmp_path / "dl"), src=str(tmp_path / "src"),
+          how=how)
+    for _ in range(2):
+        again = DiskIO(backend, state_dir=tmp_path / "state")
+        try:
+            assert again.torrents() == [] and again.load_errors == []
+            assert os.listdir(tmp_path / "state" / "torrents") == []
+        finally:
+            again.close()
+
+
 _DIES_DELETING = """
 from pieced.storage import paths, resume
 from pieced.storage.disk import DiskIO
