@@ -1252,8 +1252,12 @@ def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 
 
 def _big_report(c: Connection, op: Any, m: dict[str, Any]) -> bool:
-    """Whether a request is a report of over REPORT_ENTRIES files or torrents (run one
-    at a time). A request that names no torrent known is not: its error says why."""
+    """Whether a request is a report of over REPORT_ENTRIES files or torrents, or a
+    register whose metainfo, larger than a frame, comes in a descriptor (run one at a
+    time: each holds megabytes while it runs, and a few dozen clients asking at once
+    held gigabytes). A request that names no torrent known is not: its error says why."""
+    if op == "register":
+        return "metainfo" not in m
     if op == "list":
         return len(c.disk.torrents()) > REPORT_ENTRIES
     if op != "status" or m.get("files", 1) == 0:

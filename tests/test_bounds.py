@@ -599,3 +599,46 @@ def test_pieces_read_in_parts_verify_as_whole_ones(tmp_path: Path, backend: str)
         assert again.ok and again.fingerprint_hits == again.num_pieces
     finally:
         dio.close()
+
+
+def test_registers_of_large_metainfo_at_once_hold_one_at_a_time(tmp_path: Path) -> None:
+    """Twelve clients register at once a 40 MB metainfo (more than a frame: it comes in
+    a memfd), which fails to parse: each is read and parsed in turn, so the daemon holds
+    the megabytes of one or two at a time, not twelve (sixteen such registers took it to
+    0.9 GiB), and every client gets its error."""
+    import threading
+
+    import bencodepy
+    from pieced.storage.errors import BadMetainfo
+
+    n = 2_000_000  # 40 MB of hashes for a torrent of one piece
+    info = {b"name": b"z.bin", b"piece length": 16384, b"length": 5, b"pieces": bytes(20 * n)}
+    raw = bencodepy.encode({b"info": info})
+    d = Daemon(tmp_path)
+    try:
+        base = proc_bytes(d.proc.pid)
+        with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
+            f.write("5")  # VmHWM from here
+        errors: list[BaseException] = []
+        go = threading.Barrier(12)
+
+        def register(k: int) -> None:
+            with Client(d.socket) as c:
+                go.wait(30)
+                try:
+                    c.register(raw, tmp_path / f"dl{k}")
+                except BaseException as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=register, args=(k,)) for k in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(errors) == 12 and all(isinstance(e, BadMetainfo) for e in errors), errors
+        peak = proc_bytes(d.proc.pid, "VmHWM") - base
+        print(f"12 registers of {len(raw) / 2**20:.0f} MiB at once: daemon peak "
+              f"+{peak / 2**20:.0f} MiB")
+        assert peak < 4 * len(raw), peak
+    finally:
+        assert d.stop() == 0, d.stderr()
