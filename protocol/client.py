@@ -33,7 +33,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pieced.storage.errors import PiecedError, ProtocolError, TooLarge
+from pieced.storage.errors import BadRequest, PiecedError, ProtocolError, TooLarge
 
 from .frames import (
     DEFAULT_MAX_FRAME,
@@ -80,6 +80,8 @@ class ShmRing:
     """
 
     def __init__(self, size: int) -> None:
+        if type(size) is not int or size <= 0:
+            raise BadRequest(f"a ring's size must be a positive number of bytes, not {size!r}")
         self.size = size
         self.fd = os.memfd_create("pieced-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)

@@ -582,6 +582,13 @@ def test_a_block_larger_than_the_ring_is_refused_by_both_clients(
         with pytest.raises(ValueError, match="larger than the ring"):
             c.write_block_direct(ih, 0, 0, bytes(65537))
         assert c.read_chunk(ih, 0, 0, 16384) == block
+    with Client(daemon.socket) as c:  # a ring of no size: said so, and the client goes on
+        for size in (0, -1, 2.5):
+            with pytest.raises(BadRequest, match="positive number of bytes"):
+                c.attach_ring(size)  # type: ignore[arg-type]
+        c.attach_ring(65536)
+        c.write_block_direct(src.meta.info_hash, 0, 0, block)
+        c.wait_writes()
 
 
 def test_a_client_that_never_reads_its_events_is_dropped(tmp_path: Path) -> None:
