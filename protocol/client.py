@@ -481,9 +481,16 @@ def _rights(fds: list[int] | None) -> list[tuple[int, int, bytes]]:
 
 
 def _hexless(ih: bytes | str) -> bytes:
+    """An info_hash given as bytes, or as hex digits; anything else is refused before
+    it is sent (``bytes(7)`` would have asked for a torrent of seven zero bytes)."""
     if isinstance(ih, str):
-        return bytes.fromhex(ih)
-    return bytes(ih)
+        try:
+            return bytes.fromhex(ih)
+        except ValueError:
+            raise BadRequest(f"an info_hash is 20 bytes, or hex digits, not {ih!r:.70}") from None
+    if isinstance(ih, (bytes, bytearray, memoryview)):
+        return bytes(ih)
+    raise BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
 
 
 def _status_args(ih: bytes | str, files: bool, partial: bool) -> dict[str, Any]:

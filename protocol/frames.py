@@ -107,10 +107,12 @@ def encode_control(ftype: FrameType, rid: int,
 
 
 def unencodable(piece: object, begin: object, length: object,
-                exc: struct.error | None = None) -> PiecedError:
+                exc: struct.error | None = None, ih: object = b"") -> PiecedError:
     """The typed error for a block frame whose fields do not fit it (a negative or
     over-32-bit piece, begin or length; a field of the wrong type): what the daemon would
     have answered, raised before anything is sent."""
+    if not isinstance(ih, (bytes, bytearray, memoryview)):
+        return BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
     what = f"piece {piece!r}, begin {begin!r}, length {length!r}"
     if all(type(v) is int for v in (piece, begin, length)):
         return OutOfRange(f"{what}: outside the frame's unsigned 32-bit fields")
@@ -125,7 +127,7 @@ def encode_write_header(rid: int, ih: bytes, piece: int, begin: int, length: int
             ih, piece, begin
         )
     except struct.error as exc:
-        raise unencodable(piece, begin, length, exc) from None
+        raise unencodable(piece, begin, length, exc, ih) from None
 
 
 def encode_write_ring(
@@ -136,7 +138,7 @@ def encode_write_ring(
             ih, piece, begin, offset, length
         )
     except struct.error as exc:
-        raise unencodable(piece, begin, length, exc) from None
+        raise unencodable(piece, begin, length, exc, ih) from None
 
 
 def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
@@ -144,7 +146,7 @@ def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags:
         return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(
             ih, piece, begin, length)
     except struct.error as exc:
-        raise unencodable(piece, begin, length, exc) from None
+        raise unencodable(piece, begin, length, exc, ih) from None
 
 
 def encode_read_ring(
@@ -157,7 +159,7 @@ def encode_read_ring(
             ih, piece, begin, offset, length
         )
     except struct.error as exc:
-        raise unencodable(piece, begin, length, exc) from None
+        raise unencodable(piece, begin, length, exc, ih) from None
 
 
 def encode_data_header(rid: int, length: int) -> bytes:

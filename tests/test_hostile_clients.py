@@ -257,6 +257,11 @@ def test_fields_that_do_not_fit_a_frame_are_refused_by_the_client_and_leave_it_u
                 for _ in range(8):  # more than the ring holds, were its space kept
                     with pytest.raises(OutOfRange):
                         c.write_block_direct(ih, bad[0], bad[1], bytes(16384))
+            for not_ih in (7, None, [ih], "zz"):  # not an info_hash at all
+                with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
+                    c.write_chunk(not_ih, 0, 0, b"x")  # type: ignore[arg-type]
+                with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
+                    c.read_chunk(not_ih, 0, 0, 1)  # type: ignore[arg-type]
             c.wait_writes()  # nothing awaited that was never sent
 
         async def the_async_client() -> None:
