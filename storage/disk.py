@@ -1333,11 +1333,18 @@ class DiskIO:
 
     def _commit_pieces(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         files = sorted({f for p, _ in pieces for f in t.files_of(p)})
-        try:
-            self._sync(t, files)
-        except PiecedError:  # (recorded) not durable where the torrent's files are
-            self._uncommit(t, pieces)
-            return
+        for _ in files:
+            try:
+                self._sync(t, files)
+                break
+            except FileVanished:
+                # (Recorded: that file's pieces started over, and it is not to be synced
+                # any more.) The batch's other files are synced again: their pieces are
+                # as good as they were.
+                continue
+            except PiecedError:  # (recorded) not durable where the torrent's files are
+                self._uncommit(t, pieces)
+                return
         if self._root_moved(t):  # what was written is not under the save path
             self._uncommit(t, pieces)
             return

@@ -891,7 +891,7 @@ class FileStorage:
         self.close_handles()
         new_root = self.beneath(new_path)
         moved: list[tuple[int, tuple[str, ...]]] = []
-        carried: list[tuple[int, bool]] = []
+        carried: dict[int, bool] = {}
         try:
             new_root.root(create=True)
             for index in self.stored_files():
@@ -905,7 +905,7 @@ class FileStorage:
                 self.root.move(parts, new_root, parts)
                 moved.append((index, parts))
                 if known is not None:
-                    carried.append((index, known))
+                    carried[index] = known
             new_root.sync_made()  # where the files are now: durable before it is recorded
             self.root.sync_made()
         except (OSError, PiecedError) as exc:
@@ -918,9 +918,11 @@ class FileStorage:
                 with self._lock:
                     # Copied there and back across devices: another inode, our own all
                     # the same (else it was refused as one put in its place, and its
-                    # verified pieces were lost at the next check).
+                    # verified pieces were lost at the next check or move).
                     self._identity.pop(index, None)
                     self._recreate.discard(index)
+                if index in carried:
+                    self._carry(index, carried[index])
             with contextlib.suppress(OSError, PiecedError):
                 self._prune(new_root)  # the folders the move made there, if empty
             new_root.close()
@@ -934,7 +936,7 @@ class FileStorage:
         with self._lock:
             self._identity.clear()  # a copy across devices is another inode: learnt anew
             self._recreate.clear()
-        for index, opened in carried:
+        for index, opened in carried.items():
             self._carry(index, opened)
 
     def changed_files(self) -> list[int]:
@@ -944,8 +946,20 @@ class FileStorage:
         changed = []
         for index in self.stored_files():
             with self._lock:
-                knew = index in self._identity or index in self.start_stamps
-            if knew and self.root.exists(self.parts(index)) and self._known_now(index) is None:
+                used = self._identity.get(index)
+                seen = self.start_stamps.get(index)
+            if used is None and seen is None:
+                continue
+            st = self.root.stat(self.parts(index))
+            if st is None:
+                continue  # gone: its pieces go when it is next used (or checked)
+            # Another inode: another file (its times alone change with a chmod, a chattr).
+            if used is not None:
+                swapped = (st.st_dev, st.st_ino) != used
+            else:
+                assert seen is not None
+                swapped = st.st_ino != seen[3]
+            if swapped:
                 changed.append(index)
         return changed
 

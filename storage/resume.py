@@ -413,6 +413,7 @@ class StateStore:
             fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
         except BaseException:
             shutil.rmtree(making, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # (refused: it is not registered)
             raise
         return TorrentRecord(folder)
 

@@ -396,8 +396,9 @@ def test_a_file_swapped_before_its_pieces_are_committed_costs_only_its_pieces(
     group commit, its descriptor closed: the sync finds what pieced refuses at its name,
     so the piece is not made durable there: it is failed, never reported verified, and
     the commits of every other piece go on (the committer thread used to die of it: no
-    piece of any torrent was committed again, and flush_all and the stop hung), whether
-    a ``flush_all`` or the committer's own window meets the swap first."""
+    piece of any torrent was committed again, and flush_all and the stop hung; then a
+    piece of another file in the same batch was failed with it), whether a ``flush_all``
+    or the committer's own window meets the swap first."""
     import threading
 
     content = make_payload(tmp_path / "src", FILES, seed=9)
@@ -418,10 +419,15 @@ def test_a_file_swapped_before_its_pieces_are_committed_costs_only_its_pieces(
         dl = roots / "dl"
         ih = dio.register(raw, dl)
         ih2 = dio.register(raw2, roots / "dl2")
+        a_index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "a.bin")
+        last = src.meta.num_pieces - 1
+        # a.bin's first piece, and one of other files only: verified, both waiting to be
+        # committed in one batch
+        other = next(p for p in range(last) if p not in src.layout.file_pieces(a_index))
         for p, b, n in src.blocks():
-            if p == 0:  # a.bin's first piece: verified, and waiting to be committed
+            if p in (0, other):
                 dio.write_chunk(ih, p, b, src.read(p, b, n))
-        p, b, n = src.blocks()[-1]  # z.bin opened: a.bin's descriptor closed
+        p, b, n = src.blocks()[-1]  # the last file opened: a.bin's descriptor closed
         dio.write_chunk(ih, p, b, src.read(p, b, n))
         _swap_for_symlink(dl / "payload" / "a.bin", canary / "victim")
         if first == "flush_all":
@@ -435,8 +441,11 @@ def test_a_file_swapped_before_its_pieces_are_committed_costs_only_its_pieces(
                 deadline.wait(0.05)
             dio.flush_all()  # (nothing left for it to meet)
         assert any("symlink" in e["message"] for e in dio.status(ih)["errors"])
-        assert [(r.piece, r.ok) for r in results if r.info_hash == ih] == [(0, False)]
-        assert not dio.status(ih)["have"][0] & 0x80
+        # the swapped file's piece failed, not the other file's beside it in the batch
+        assert sorted((r.piece, r.ok) for r in results if r.info_hash == ih) == [
+            (0, False), (other, True)]
+        have = dio.status(ih)["have"]
+        assert [p for p in range(last) if have[p // 8] & (0x80 >> p % 8)] == [other]
         # the other torrent's pieces are committed, and flush_all is a barrier still
         for p, b, n in src2.blocks():
             dio.write_chunk(ih2, p, b, src2.read(p, b, n))

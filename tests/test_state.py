@@ -2005,3 +2005,82 @@ def test_a_save_folder_renamed_away_behind_the_daemons_back_takes_nothing_verifi
         again.flush_all()
         assert right_where_said(again) == src.meta.num_pieces
     again.close()
+
+
+def test_a_register_refused_after_its_record_was_put_in_place_leaves_nothing_to_load(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last step of a new torrent's record, the sync of the folder it was renamed
+    into, fails: the register is refused, and no record of it is left for the next
+    start to load (the rename had put a whole one in place)."""
+    from pieced.storage import resume
+
+    content = make_payload(tmp_path / "src", 6 * 16384, seed=11)
+    raw = make_torrent_lt(content, 16384, "v1")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    torrents = tmp_path / "state" / "torrents"
+    real = resume.fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if Path(path) == torrents and any(not p.name.startswith(".") for p in torrents.iterdir()):
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(resume, "fsync_dir", fsync_dir)
+    try:
+        with pytest.raises(StorageIOError):
+            dio.register(raw, tmp_path / "dl")
+        assert dio.torrents() == []
+    finally:
+        dio.close()
+    monkeypatch.setattr(resume, "fsync_dir", real)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        assert again.torrents() == [] and again.load_errors == []
+        assert os.listdir(torrents) == []
+    finally:
+        again.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("how", ["a move undone", "chmod", "chattr"])
+def test_files_pieced_knows_are_not_taken_for_swapped_ones_at_a_move(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """Files known by their stamps from the start (not opened since) whose change time
+    moved without their being replaced (a move the daemon undid, which moved them there
+    and back; a chmod; a chattr) keep their verified pieces at the next move: only
+    another inode at a file's name is another file (they were all started over)."""
+    content = make_payload(tmp_path / "src", {"a.bin": 70_000, "sub/b.bin": 90_000,
+                                              "z.bin": 50_000}, seed=9)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    dio = DiskIO(backend, roots=[roots], state_dir=tmp_path / "state")
+    dl = roots / "dl"
+    ih = dio.register(raw, dl)
+    fill(dio, ih, src)
+    dio.flush_all()
+    dio.close()
+    dio = DiskIO(backend, roots=[roots], state_dir=tmp_path / "state")
+    try:
+        n = src.meta.num_pieces
+        assert dio.status(ih)["verified_pieces"] == n
+        last = dl.joinpath(*src.meta.files[-1].path)
+        if how == "a move undone":  # the last file cannot be moved: the others come back
+            subprocess.run(["chattr", "+i", str(last)], check=True)
+            try:
+                with pytest.raises(StorageIOError):
+                    dio.move_storage(ih, roots / "new")
+            finally:
+                subprocess.run(["chattr", "-i", str(last)], check=True)
+        elif how == "chmod":
+            for i in range(len(src.meta.files)):
+                dl.joinpath(*src.meta.files[i].path).chmod(0o600)
+        else:
+            subprocess.run(["chattr", "+d", str(last)], check=True)  # (no dump: harmless)
+        assert dio.status(ih)["verified_pieces"] == n
+        dio.move_storage(ih, roots / "new")
+        assert dio.status(ih)["verified_pieces"] == n
+        assert dio.recheck(ih, full=True).ok
+    finally:
+        dio.close()
