@@ -51,6 +51,7 @@ from .frames import (
     encode_read_ring,
     encode_write_header,
     encode_write_ring,
+    not_an_info_hash,
     unencodable,
 )
 from .messages import check_hello, decode_error, encode_request, from_wire, hello, to_wire
@@ -490,7 +491,7 @@ def _hexless(ih: bytes | str) -> bytes:
             raise BadRequest(f"an info_hash is 20 bytes, or hex digits, not {ih!r:.70}") from None
     if isinstance(ih, (bytes, bytearray, memoryview)):
         return bytes(ih)
-    raise BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
+    raise not_an_info_hash(ih)
 
 
 def _status_args(ih: bytes | str, files: bool, partial: bool) -> dict[str, Any]:

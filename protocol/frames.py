@@ -106,13 +106,19 @@ def encode_control(ftype: FrameType, rid: int,
     return _header(ftype, 0, rid, len(payload)) + payload
 
 
+def not_an_info_hash(ih: object) -> BadRequest:
+    """The error for an info_hash argument of another type than bytes (or, where the
+    client takes them, hex digits), raised before anything is sent."""
+    return BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
+
+
 def unencodable(piece: object, begin: object, length: object,
                 exc: struct.error | None = None, ih: object = b"") -> PiecedError:
     """The typed error for a block frame whose fields do not fit it (a negative or
     over-32-bit piece, begin or length; a field of the wrong type): what the daemon would
     have answered, raised before anything is sent."""
     if not isinstance(ih, (bytes, bytearray, memoryview)):
-        return BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
+        return not_an_info_hash(ih)
     what = f"piece {piece!r}, begin {begin!r}, length {length!r}"
     if all(type(v) is int for v in (piece, begin, length)):
         return OutOfRange(f"{what}: outside the frame's unsigned 32-bit fields")

@@ -1333,7 +1333,7 @@ class DiskIO:
 
     def _commit_pieces(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         files = sorted({f for p, _ in pieces for f in t.files_of(p)})
-        for _ in files:
+        for _ in range(len(files) + 1):  # (each vanished file is out of the next sync)
             try:
                 self._sync(t, files)
                 break
@@ -1345,6 +1345,9 @@ class DiskIO:
             except PiecedError:  # (recorded) not durable where the torrent's files are
                 self._uncommit(t, pieces)
                 return
+        else:  # files vanishing again and again (made anew meanwhile): none is durable
+            self._uncommit(t, pieces)
+            return
         if self._root_moved(t):  # what was written is not under the save path
             self._uncommit(t, pieces)
             return
