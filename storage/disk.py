@@ -95,6 +95,16 @@ from .uring import check_uring
 from .verify import PreadReader, Progress, VerifyResult, verify
 
 log = logging.getLogger("pieced.storage")
+
+
+def _observe(callback: Callable[..., object], *args: object) -> None:
+    """Call an observer: its bug is not the error of the write or check that told it,
+    and the results told after it must still reach it (a piece result lost here would
+    never be announced)."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("%s raised", getattr(callback, "__name__", "an observer"))
 PARTIAL_FLOOR = 64  # pieces in progress any torrent may have, whatever the others hold
 HASH_PART = 1 << 20  # what hash_piece reads and hashes at a time
 # A write from this size on is hashed by two threads (PieceHasher.add_beside): below
@@ -135,7 +145,8 @@ class DiskIO:
     commit). ``roots``: save paths must resolve inside one of these (None: anywhere).
     ``on_piece`` and ``on_error`` observe results and storage errors, ``on_change`` the
     verified pieces that came or went otherwise (a check, a vanished file); they are
-    called from worker threads.
+    called from worker threads, and what one of them raises is logged, not raised to the
+    caller whose write or check happened to tell it.
     """
 
     def __init__(
@@ -1326,7 +1337,7 @@ class DiskIO:
         try:
             self._commit_pieces(t, pieces)
         except BaseException:
-            # Whatever went wrong (an error nobody foresaw, an ``on_piece`` that raised),
+            # Whatever went wrong (an error nobody foresaw),
             # no piece is left committing for ever: those not verified are taken back.
             self._uncommit(t, pieces)
             raise
@@ -1432,7 +1443,7 @@ class DiskIO:
             try:
                 if self.on_piece is not None:
                     for r in batch:
-                        self.on_piece(r)
+                        _observe(self.on_piece, r)
             finally:
                 here.depth -= 1
                 with t.tell_lock:
@@ -1458,7 +1469,7 @@ class DiskIO:
         """Verified pieces came or went without a piece result of their own: a client
         that follows the torrent's pieces is to look at them again."""
         if self.on_change is not None:
-            self.on_change(t.key)
+            _observe(self.on_change, t.key)
 
     def _sync(self, t: Torrent, files: Sequence[int] | None, force: bool = False) -> None:
         """Raises what the sync met, recorded on the torrent: a disk error, or a payload
@@ -1496,7 +1507,7 @@ class DiskIO:
             # Said after the pieces it cost are told (piece_failed): a client that stops
             # on the error knows by then what it still has.
             if due and self.on_error is not None and not t.removed:
-                self.on_error(t.key, entry)
+                _observe(self.on_error, t.key, entry)
 
     def _journal_clears(self, t: Torrent, rec: TorrentRecord | None, pieces: list[int],
                         must: bool = False) -> None:

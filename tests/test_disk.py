@@ -452,6 +452,32 @@ def test_on_piece_may_call_back_into_the_engine(
     dio.close()
 
 
+@pytest.mark.parametrize("window", [0.0, 0.5])
+def test_an_observer_that_raises_loses_no_result_and_fails_no_write(
+    tmp_path: Path, torrent: tuple[bytes, Source], window: float, caplog: Any
+) -> None:
+    """``on_piece`` raising for one piece (a bug of the observer's): the write that told
+    it returns, the piece stays verified, and every other result of the same group
+    commit is still told."""
+    raw, src = torrent
+    told: list[int] = []
+
+    def on_piece(r: PieceResult) -> None:
+        told.append(r.piece)
+        if len(told) == 1:
+            raise RuntimeError("an observer's bug")
+
+    dio = DiskIO(sync_window=window, on_piece=on_piece)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src, seed=None)
+    dio.flush_all()
+    n = src.meta.num_pieces
+    assert sorted(told) == list(range(n))
+    assert dio.status(ih)["verified_pieces"] == n
+    assert "an observer's bug" in caplog.text
+    dio.close()
+
+
 @pytest.mark.parametrize("window", [0.0, 0.005])
 def test_flush_all_returns_after_the_results_of_what_it_waited_for(
     tmp_path: Path, torrent: tuple[bytes, Source], window: float
