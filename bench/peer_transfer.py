@@ -24,7 +24,12 @@ deletions is made about 15 times more slowly (its inode allocator steps over ino
 freed recently), so the transfer after one that deleted 12,000 files paid for them.
 
 CPU: seconds of user + system time per GiB moved, for ``pieced-peer`` and the daemon
-(from ``/proc/PID/stat``). Memory: the daemon's peak RSS (``VmHWM``) against its cache
+(from ``/proc/PID/stat``), and for libtorrent (this process's threads: both sessions of
+``lt_to_lt``, the seeder of ``lt_to_pieced``, the leecher of ``pieced_to_lt``);
+``total_cpu_s_per_gib`` adds them up, and ``median_total_cpu_ratio_to_lt`` = lt_to_lt's
+over this transfer's (> 1: pieced's transfer costs the two cores less). The kernel's
+writeback threads are counted by none: libtorrent leaves its writes to them, while the
+daemon's fdatasyncs submit its own in its process. Memory: the daemon's peak RSS (``VmHWM``) against its cache
 budget, and ``pieced-peer``'s (its shared ring with the daemon included). ``ratio_to_lt`` = lt_to_lt seconds / this transfer's seconds (1.0: as fast as
 libtorrent to libtorrent). A download by ``pieced-peer`` ends once every piece is durable
 (the daemon reports a piece verified only after its fdatasync), libtorrent's when the
@@ -163,7 +168,9 @@ class Setup:
 def lt_to_lt(s: Setup) -> dict[str, Any]:
     with LtPeer(s.raw, s.src, seed=True) as seeder, \
             LtPeer(s.raw, fresh(s.work / "lt-leech"), seed=False) as leecher:
+        lt0 = time.process_time()
         secs = leech(leecher, seeder.port)
+        lt_cpu = time.process_time() - lt0  # (settle's sync is not CPU of this process)
         t0 = time.monotonic() - secs  # (when it began: the durable time counts from then)
         # What pieced-peer waits for before it ends (every piece verified and durable):
         # libtorrent's finished download, fdatasync'ed.
@@ -177,7 +184,9 @@ def lt_to_lt(s: Setup) -> dict[str, Any]:
         durable = time.monotonic() - t0
     discard(s.work / "lt-leech", s.args.files > 1)
     return {"seconds": round(secs, 3), "mib_s": round(s.args.size_mib / secs, 1),
-            "durable_seconds": round(durable, 3)}
+            "durable_seconds": round(durable, 3),
+            "libtorrent_cpu_s_per_gib": round(lt_cpu / s.gib, 2),
+            "total_cpu_s_per_gib": round(lt_cpu / s.gib, 2)}
 
 
 def lt_to_pieced(s: Setup) -> dict[str, Any]:
@@ -188,6 +197,7 @@ def lt_to_pieced(s: Setup) -> dict[str, Any]:
         with LtPeer(s.raw, s.src, seed=True) as seeder:
             settle()
             d0 = cpu_seconds(daemon.pid)
+            lt0 = time.process_time()
             t0 = time.monotonic()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
@@ -202,6 +212,7 @@ def lt_to_pieced(s: Setup) -> dict[str, Any]:
                     prss = proc_status(proc.pid).get("VmHWM", prss)
                 time.sleep(0.05)
             secs = time.monotonic() - t0
+            lt_cpu = time.process_time() - lt0
             stdout, stderr = proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"pieced-peer failed: {stderr}")
@@ -214,6 +225,8 @@ def lt_to_pieced(s: Setup) -> dict[str, Any]:
     return {"seconds": round(secs, 3), "mib_s": round(s.args.size_mib / secs, 1),
             "plugin_cpu_s_per_gib": round(cpu / s.gib, 2),
             "daemon_cpu_s_per_gib": round(dcpu / s.gib, 2),
+            "libtorrent_cpu_s_per_gib": round(lt_cpu / s.gib, 2),
+            "total_cpu_s_per_gib": round((cpu + dcpu + lt_cpu) / s.gib, 2),
             "pieces_failed": summary["pieces_failed"],
             "daemon_peak_rss_mib": round(rss / 2**20, 1),
             "plugin_peak_rss_mib": round(prss / 2**20, 1)}
@@ -236,10 +249,12 @@ def pieced_to_lt(s: Setup) -> dict[str, Any]:
             settle()
             d0 = cpu_seconds(daemon.pid)
             p0 = cpu_seconds(proc.pid)
+            lt0 = time.process_time()
             t0 = time.monotonic()
             leecher.connect("127.0.0.1", port)
             leecher.wait_finished(3600)
             secs = time.monotonic() - t0
+            lt_cpu = time.process_time() - lt0
             pcpu = cpu_seconds(proc.pid) - p0
             dcpu = cpu_seconds(daemon.pid) - d0
             failures = leecher.hash_failures()
@@ -258,6 +273,8 @@ def pieced_to_lt(s: Setup) -> dict[str, Any]:
     return {"seconds": round(secs, 3), "mib_s": round(s.args.size_mib / secs, 1),
             "plugin_cpu_s_per_gib": round(pcpu / s.gib, 2),
             "daemon_cpu_s_per_gib": round(dcpu / s.gib, 2),
+            "libtorrent_cpu_s_per_gib": round(lt_cpu / s.gib, 2),
+            "total_cpu_s_per_gib": round((pcpu + dcpu + lt_cpu) / s.gib, 2),
             "leecher_hash_failures": failures, "suggests_sent": summary["suggests_sent"],
             "daemon_peak_rss_mib": round(rss / 2**20, 1),
             "plugin_peak_rss_mib": round(prss / 2**20, 1)}
@@ -299,6 +316,13 @@ def run_kind(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out["median_seconds"] = {k: round(v, 3) for k, v in med.items()}
     out["median_ratio_to_lt"] = {k: round(med["lt_to_lt"] / med[k], 2)
                                  for k in ("lt_to_pieced", "pieced_to_lt")}
+    # CPU seconds of every process of a transfer, a GiB: what it costs the two cores,
+    # which holds steady when the machine is busy and the wall clock does not.
+    cpu = {k: statistics.median(row["total_cpu_s_per_gib"] for row in rows)
+           for k, rows in runs.items()}
+    out["median_total_cpu_s_per_gib"] = {k: round(v, 2) for k, v in cpu.items()}
+    out["median_total_cpu_ratio_to_lt"] = {k: round(cpu["lt_to_lt"] / cpu[k], 2)
+                                           for k in ("lt_to_pieced", "pieced_to_lt")}
     durable_med = statistics.median(row["durable_seconds"] for row in runs["lt_to_lt"])
     out["median_ratio_to_lt"]["lt_to_pieced_durable"] = round(
         durable_med / med["lt_to_pieced"], 2)
