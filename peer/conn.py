@@ -85,7 +85,24 @@ class DontHave:
         return f"DontHave(piece={self.piece})"
 
 
-Event = wire.Event | DontHave
+class MetadataRequest:
+    """The peer asked for a piece of the metadata (BEP 9's ut_metadata, msg_type 0).
+    Answered by :meth:`PeerConnection.send_metadata` when the plugin takes it, not when
+    the request is read: one 31-byte request makes up to 16 KiB of answer, so the
+    answers must wait, as the blocks do, for the peer to read them (a read of a few
+    thousand requests, answered at once, was 80 MB queued for a peer that reads none).
+    ``piece`` is None when the request named no number."""
+
+    __slots__ = ("piece",)
+
+    def __init__(self, piece: int | None) -> None:
+        self.piece = piece
+
+    def __repr__(self) -> str:
+        return f"MetadataRequest(piece={self.piece})"
+
+
+Event = wire.Event | DontHave | MetadataRequest
 
 
 class PeerConnection:
@@ -111,6 +128,7 @@ class PeerConnection:
         self._clock = clock
         self.metadata = metadata
         self.remote_ut_metadata = 0  # its id of ut_metadata (0: it has none)
+        self._metadata_piece: int | None = None  # of the ut_metadata request just read
         self.remote_donthave = 0  # its id of lt_donthave (0: it has none)
         self.info_hashes = info_hashes
         self.peer_id = peer_id
@@ -201,6 +219,8 @@ class PeerConnection:
                         continue
                     if type(ev) is wire.Extended and ev.ext_id == LT_DONTHAVE:
                         out.append(DontHave(int.from_bytes(ev.payload, "big")))
+                    elif type(ev) is wire.Extended and ev.ext_id == UT_METADATA:
+                        out.append(MetadataRequest(self._metadata_piece))
                     else:
                         out.append(ev)
                 # It changed nothing, or flipped a state, suggested, used an extension.
@@ -348,8 +368,8 @@ class PeerConnection:
                     if isinstance(m, dict):  # (a later handshake may change or drop an id)
                         self.remote_ut_metadata = _ext_id(m, b"ut_metadata", self.remote_ut_metadata)
                         self.remote_donthave = _ext_id(m, b"lt_donthave", self.remote_donthave)
-            elif ev.ext_id == UT_METADATA and self.metadata is not None:
-                self._metadata_asked(ev.payload)
+            elif ev.ext_id == UT_METADATA:
+                return self._metadata_asked(ev.payload)
             elif ev.ext_id == LT_DONTHAVE:
                 # As libtorrent: a message of another size, a piece out of range, or one
                 # it never said it had, is ignored (and counts as chatter).
@@ -364,25 +384,35 @@ class PeerConnection:
             return False
         return True
 
-    def _metadata_asked(self, payload: bytes) -> None:
-        """A ut_metadata message: a request is answered with its piece of the metadata,
-        or rejected past the end; what else comes (data, rejects: we ask for none) is
-        left alone."""
+    def _metadata_asked(self, payload: bytes) -> bool:
+        """A ut_metadata message: True for a request we can answer (its piece kept for
+        the MetadataRequest event); what else comes (data, rejects: we ask for none, or
+        a request when we offered no metadata or the peer no id to answer with) is left
+        alone."""
+        if self.metadata is None or not self.remote_ut_metadata:
+            return False
         try:
             msg = bencodepy.decode(payload)
         except Exception:  # (a data message has bytes after its dictionary)
-            return
-        if not isinstance(msg, dict) or msg.get(b"msg_type") != 0 or not self.remote_ut_metadata:
-            return
+            return False
+        if not isinstance(msg, dict) or msg.get(b"msg_type") != 0:
+            return False
         piece = msg.get(b"piece")
-        assert self.metadata is not None
+        self._metadata_piece = piece if isinstance(piece, int) else None
+        return True
+
+    def send_metadata(self, ev: MetadataRequest) -> None:
+        """Answer a request with its piece of the metadata, or reject one past the end."""
+        piece = ev.piece
+        if self.metadata is None or not self.remote_ut_metadata:
+            return  # (the peer's later handshake took its id back)
         size = len(self.metadata)
-        if isinstance(piece, int) and piece >= 0 and piece * METADATA_PIECE < size:
+        if piece is not None and piece >= 0 and piece * METADATA_PIECE < size:
             head = bencodepy.encode({b"msg_type": 1, b"piece": piece, b"total_size": size})
             chunk = self.metadata[piece * METADATA_PIECE : (piece + 1) * METADATA_PIECE]
             self._send(wire.extended(self.remote_ut_metadata, head + chunk))
         else:
-            reject = {b"msg_type": 2, b"piece": piece if isinstance(piece, int) else 0}
+            reject = {b"msg_type": 2, b"piece": piece if piece is not None else 0}
             self._send(wire.extended(self.remote_ut_metadata, bencodepy.encode(reject)))
 
     def _request(self, ev: wire.Request) -> bool:

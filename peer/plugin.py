@@ -38,7 +38,7 @@ from pieced.storage.metainfo import Metainfo, parse, read_metainfo
 
 from . import wire
 from .blame import Attribution
-from .conn import DontHave, PeerConnection, choke_round
+from .conn import DontHave, MetadataRequest, PeerConnection, choke_round
 from .hashes import HashServer
 from .picker import Block, Picker
 from .tracker import Tracker
@@ -126,7 +126,7 @@ class CannotListen(Exception):
 
 # Messages whose answer may be much larger than they are (hashes, the metadata): what
 # they make us send is bounded by how fast the peer reads (``Swarm._sent``).
-_ANSWERED = (wire.HashRequest, wire.Extended)
+_ANSWERED = (wire.HashRequest, MetadataRequest)
 
 
 def _kernel_unsent(transport: asyncio.Transport) -> int:
@@ -1019,7 +1019,7 @@ class Swarm:
             self._choke_round()  # its unchoke slot is free: the peer waiting longest gets it
 
     # -- messages from a peer -----------------------------------------------------------------
-    async def _handle(self, peer: Peer, ev: wire.Event | DontHave) -> None:
+    async def _handle(self, peer: Peer, ev: wire.Event | DontHave | MetadataRequest) -> None:
         if type(ev) is wire.Piece:  # the message of a download: tested first
             await self._block(peer, ev)
             return
@@ -1081,6 +1081,8 @@ class Swarm:
             self._choke_round()
         elif isinstance(ev, wire.Request):
             self._pump_reads(peer)
+        elif type(ev) is MetadataRequest:
+            conn.send_metadata(ev)
         elif isinstance(ev, wire.HashRequest):
             hashes = self.hash_server.answer(ev.pieces_root, ev.base_layer, ev.index,
                                              ev.length, ev.proof_layers)

@@ -1229,8 +1229,10 @@ def test_stalled_peers_give_their_unchoke_slots_to_those_waiting() -> None:
 def test_the_metadata_is_handed_out_in_pieces() -> None:
     """BEP 9: the extension handshake offers ut_metadata with the metadata's size; a
     request is answered with that piece of it (16 KiB, the last one shorter), one past
-    the end is rejected, and nothing is sent to a peer that did not offer ut_metadata."""
-    from pieced.peer.conn import METADATA_PIECE, UT_METADATA
+    the end is rejected, and nothing is sent to a peer that did not offer ut_metadata.
+    A request is an event, answered when the plugin takes it (after the peer read what
+    was sent before), never while the bytes are read."""
+    from pieced.peer.conn import METADATA_PIECE, UT_METADATA, MetadataRequest
 
     info = bytes(range(256)) * 150  # 38,400 bytes: three pieces
     c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, metadata=info)
@@ -1241,7 +1243,12 @@ def test_the_metadata_is_handed_out_in_pieces() -> None:
     assert offer[b"m"][b"ut_metadata"] == UT_METADATA and offer[b"metadata_size"] == len(info)
 
     def ask(piece: int) -> list[wire.Event]:
-        c.receive(wire.extended(UT_METADATA, bencodepy.encode({b"msg_type": 0, b"piece": piece})))
+        asked = c.receive(wire.extended(UT_METADATA, bencodepy.encode({b"msg_type": 0,
+                                                                      b"piece": piece})))
+        assert c.take_outbox() == []
+        for ev in asked:
+            assert isinstance(ev, MetadataRequest) and ev.piece == piece
+            c.send_metadata(ev)
         p = wire.Parser(handshake=False)
         return list(p.feed(b"".join(c.take_outbox())))
 

@@ -673,6 +673,41 @@ def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path
         assert d.stop() == 0, d.stderr()
 
 
+def test_metadata_requests_of_peers_that_do_not_read_cost_bounded_memory(tmp_path: Path) -> None:
+    """Six peers send 4,900 ut_metadata requests of 31 bytes each, each answered by a
+    16 KiB piece of the metadata, and read nothing. pieced-peer answered every request
+    of a read at once: 80 MB queued a peer (+478 MiB for twelve of them), held while the
+    peer stayed. The answers now wait for the peer to read, as hashes and blocks do; a
+    leecher from a magnet link still gets the metadata, then every byte."""
+    piece = 16384
+    files = {"a.bin": 2500 * piece + 77}  # 2,501 pieces: 50 KB of metadata, four pieces
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=43)
+    ask = wire.extended(2, bencodepy.encode({b"msg_type": 0, b"piece": 0}))
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        peers = []
+        for i in range(6):
+            p = RawPeer(seeding.port, rcvbuf=4096)
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                  wire.make_reserved(extended=True, fast=True))
+                   + wire.extended(0, bencodepy.encode({b"m": {b"ut_metadata": 2}})))
+            peers.append(p)
+        for p in peers:
+            p.send(ask * 4900)  # (under the chatter burst: a peer may ask this much)
+        time.sleep(3)
+        assert _memory(seeding.proc.pid, "VmRSS") < 200 << 20
+        for p in peers:
+            p.close()
+        time.sleep(1)
+        assert seeding.proc.poll() is None
+        assert _memory(seeding.proc.pid, "VmHWM") < 200 << 20
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files, magnet=True)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_what_a_peer_has_is_said_once(tmp_path: Path) -> None:
     """BITFIELD, HAVE_ALL or HAVE_NONE come once, before any HAVE (BEP 3, BEP 6). Each
     one costs work in proportion to the pieces: a stream of HAVE_ALL (1 MB of them)
