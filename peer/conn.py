@@ -296,7 +296,7 @@ class PeerConnection:
         if isinstance(ev, wire.Bitfield):
             have = wire.pieces_from_bits(ev.bits, self.num_pieces)
             self.peer_has = bytearray(have)
-            self.peer_count = sum(have)
+            self.peer_count = self.peer_has.count(1)
         elif isinstance(ev, wire.HaveAll):
             self.peer_has = bytearray(b"\x01" * self.num_pieces)
             self.peer_count = self.num_pieces
@@ -432,7 +432,7 @@ class PeerConnection:
     # -- sending ----------------------------------------------------------------------------
     def send_bitfield(self, have: bytearray) -> None:
         """Our pieces right after the handshake (HAVE_ALL / HAVE_NONE where allowed)."""
-        count = sum(have)
+        count = len(have) - have.count(0)
         if self.fast and count == self.num_pieces:
             self._send(wire.have_all())
         elif self.fast and count == 0:

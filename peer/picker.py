@@ -36,6 +36,16 @@ Block = tuple[int, int, int]  # (piece, begin, length)
 _NOBODY: frozenset[object] = frozenset()
 
 
+def where(flags: bytes | bytearray, value: int = 1) -> Iterator[int]:
+    """The indices of ``value`` in a have-array (a byte a piece), found by the bytes'
+    own search: what walks a peer's pieces walks those it has (or lacks), not every
+    piece in Python (a peer of a torrent of a million pieces cost 0.2 s each)."""
+    i = flags.find(value)
+    while i >= 0:
+        yield i
+        i = flags.find(value, i + 1)
+
+
 def extent_order(pieces: int, piece_length: int) -> list[int]:
     """Every piece, in runs of :data:`EXTENT` bytes of pieces in order, the runs
     shuffled: the order ties between equally rare pieces are broken in."""
@@ -92,7 +102,11 @@ class Picker:
         self.have = bytearray(1 if h else 0 for h in have)  # (changed by the methods below)
         self._left = self.have.count(0)
         assert len(self.have) == n
+        # How many peers have each piece: availability[p] + seeds. A peer with every
+        # piece is counted once, in ``seeds``, not once a piece: it changes no piece's
+        # rank, and connecting it costs nothing per piece.
         self.availability = [0] * n
+        self.seeds = 0
         self._plans: dict[int, list[tuple[int, int]]] = {}
         # Blocks of pieces under way: asked for (block -> peers asked) and received.
         self.requested: dict[Block, set[object]] = {}
@@ -145,6 +159,13 @@ class Picker:
         for p in pieces:
             self.availability[p] -= 1
         self._rank_stale = True
+
+    def seed_came(self) -> None:
+        """A peer with every piece: one more of each, and no order changes."""
+        self.seeds += 1
+
+    def seed_gone(self) -> None:
+        self.seeds -= 1
 
     # -- what we get -----------------------------------------------------------------
     def block_received(self, block: Block) -> set[object] | frozenset[object]:
@@ -311,12 +332,7 @@ class Picker:
         n = len(have)
         if peer_has is not None and (
                 peer_has.count(1) if count is None else count) * SPARSE < n:
-            mine = []
-            p = peer_has.find(1)
-            while p >= 0:
-                if not have[p] and p not in started:
-                    mine.append(p)
-                p = peer_has.find(1, p + 1)
+            mine = [p for p in where(peer_has) if not have[p] and p not in started]
             avail, tie = self.availability, self._tie
             mine.sort(key=lambda p: (avail[p], tie[p]))
             yield from mine
