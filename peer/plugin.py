@@ -85,6 +85,11 @@ HANDSHAKE_TIMEOUT = 10.0
 LOSSES_PER_PIECE = 3
 STALL_SECONDS = 5.0  # a peer that takes nothing we send for this long gives its slots up
 IDLE_SECONDS = 10.0  # a peer interested in nothing either way may give its place after
+# A peer with pieces we want that has sent us no block for this long (it chokes us, or
+# lets our requests time out), and that we do not serve, may give its place to a
+# newcomer: peers that choke us for ever, filling every place, kept a seed that came
+# later from ever being dialled or let in (libtorrent turns over such peers too).
+UNPRODUCTIVE_SECONDS = 30.0
 OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
@@ -162,6 +167,11 @@ class Stopped(Exception):
 
 class DaemonLost(Stopped, ConnectionError):
     """The connection to the daemon broke."""
+
+
+class NoSourceLeft(Stopped):
+    """Every peer the download could come from was dropped for sending bad data, and
+    none can come (no listening socket, no tracker): waiting would be for ever."""
 
 
 class StorageFailed(Stopped):
@@ -637,6 +647,7 @@ class Swarm:
         self.settled.set()
         self._registration: Any = None  # the daemon's registration of the torrent
         self.storage_error: str | None = None  # why the daemon could not store the torrent
+        self.no_source: str | None = None  # why no piece we lack can come any more
         self._losses: dict[int, int] = {}  # piece -> times the daemon took it back
         self._to_flush: dict[Peer, None] = {}  # peers to send what this turn queued
 
@@ -987,14 +998,18 @@ class Swarm:
 
     def _idlest(self) -> Peer | None:
         """A peer whose place a newcomer may take: one that has not read what we sent
-        for STALL_SECONDS, one that wasted an unchoke slot and waits for another, or one
-        interested in nothing either way for IDLE_SECONDS (connections that hold a place
-        and do nothing must not shut everyone else out); the one connected longest."""
+        for STALL_SECONDS, one that wasted an unchoke slot and waits for another, one
+        interested in nothing either way for IDLE_SECONDS, or one we want pieces from
+        that has sent none for UNPRODUCTIVE_SECONDS while we do not serve it
+        (connections that hold a place and give nothing must not shut everyone else
+        out); the one connected longest."""
         now = time.monotonic()
         idle = [p for p in self.peers if not p.closed and (
             p.stalled(now) or (p.conn.stalls and p.conn.am_choking)
             or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
-                and not p.conn.peer_interested))]
+                and not p.conn.peer_interested)
+            or (p.conn.am_interested and (p.conn.am_choking or not p.conn.peer_interested)
+                and now - max(p.opened, p.conn.last_block) >= UNPRODUCTIVE_SECONDS))]
         return min(idle, key=lambda p: p.opened, default=None)
 
     async def _sent(self, peer: Peer) -> bool:
@@ -1162,6 +1177,25 @@ class Swarm:
                 self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
                                      f"the daemon refused a block: {_describe(exc)}")
                 return
+
+    def _no_source_left(self) -> bool:
+        """Stop a download whose every peer was dropped for bad data, when no other can
+        come (no listening socket, no tracker, nobody connected or being dialled): it
+        would wait for ever, saying nothing."""
+        if (self.opts.seed or self.done.is_set() or self.server is not None
+                or self.tracker is not None or self.peers or self.connecting
+                or not self.known or not all(d.dropped for d in self.known.values())):
+            return False
+        if self.no_source is None:
+            assert self.picker is not None
+            dropped = sorted(_address(*a) for a, d in self.known.items() if not d.conduct.ourselves)
+            self.no_source = (
+                f"every peer was dropped for sending bad data ({', '.join(dropped[:10])}"
+                f"{', ...' if len(dropped) > 10 else ''}) and no other can come: "
+                f"{self.picker.left()} pieces missing")
+            log.info("stopping: %s", self.no_source)
+        self.stop.set()
+        return True
 
     def _storage_failed(self, why: str) -> None:
         if self.storage_error is None:
@@ -1609,6 +1643,8 @@ class Swarm:
 
     async def _tick(self, now: float, chokes: bool) -> None:
         """One second's round: dials due, timeouts, keep-alives, choking."""
+        if self._no_source_left():
+            return
         self._redial(now)
         self._lift_bans()
         gave_up = False
@@ -1769,6 +1805,8 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
         raise DaemonLost(f"lost the daemon: {swarm.lost}", swarm.summary)
     if swarm.storage_error is not None:
         raise StorageFailed(swarm.storage_error, swarm.summary)
+    if swarm.no_source is not None:
+        raise NoSourceLeft(swarm.no_source, swarm.summary)
     return swarm.summary
 
 
@@ -1809,7 +1847,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
                        args.seed, args.socket, args.max_peers)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
-    except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, CannotListen) as exc:
+    except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,
+            CannotListen) as exc:
         print(f"pieced-peer: {exc}", file=sys.stderr)
         _said(args, exc)
         return 2

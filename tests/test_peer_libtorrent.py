@@ -219,6 +219,38 @@ def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_download_whose_every_seeder_lied_stops_saying_so(tmp_path: Path) -> None:
+    """The only seeder (``--peer``, no ``--listen``, no tracker) serves a corrupted copy:
+    it is dropped for bad data, and then nothing could ever come. pieced-peer waited
+    for ever, saying nothing; it now stops (exit 2) naming the peers it dropped, with
+    its summary, and the daemon has no piece of the lies."""
+    import shutil
+
+    piece = 16384
+    files = {"a.bin": 40 * piece + 5}
+    content = make_payload(tmp_path / "good", files, seed=6)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "bad", seed=True) as bad:
+            _corrupt_every_piece(tmp_path / "bad" / "payload" / "a.bin", piece)
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                                        f"127.0.0.1:{bad.port}"),
+                               capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert (f"every peer was dropped for sending bad data (127.0.0.1:{bad.port})"
+                in r.stderr), r.stderr
+        summary = json.loads(r.stdout)
+        assert not summary["complete"] and summary["peers_dropped_for_bad_data"] == 1
+        with Client(d.socket) as c:
+            assert c.status(parse(raw).info_hash)["verified_pieces"] == 0
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_pieced_peer_in_the_middle_of_two_seeders_and_a_leecher(tmp_path: Path) -> None:
     """Two libtorrent seeders -> pieced-peer (stores in pieced) -> a libtorrent leecher
     that knows only pieced-peer: pieces reach it as pieced verifies them."""
@@ -750,13 +782,15 @@ def test_a_seeder_dials_its_peers_until_they_answer(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("squat", ["nothing", "choking"])
 def test_peers_with_nothing_to_exchange_make_room_for_a_seeder_to_be_dialled(
-        tmp_path: Path) -> None:
+        tmp_path: Path, squat: str) -> None:
     """Every place of a downloading pieced-peer (``--max-peers 2``) taken by peers that
-    came in, have nothing and want nothing (keep-alives all along), and its seeder up
-    only later: the seeder was never dialled again, and the download waited for ever.
-    A peer with nothing to exchange now gives its place to a due dial, as to a newcomer
-    that dials us."""
+    came in and either have nothing and want nothing, or have every piece and choke us
+    for ever (keep-alives all along), and its seeder up only later: the seeder was
+    never dialled again, and the download waited for ever. A peer with nothing to
+    exchange now gives its place to a due dial, as to a newcomer that dials us; so does
+    one we want pieces from that has sent none for 30 s."""
     import socket
 
     from pieced.peer import wire
@@ -787,11 +821,11 @@ def test_peers_with_nothing_to_exchange_make_room_for_a_seeder_to_be_dialled(
             s = socket.create_connection(("127.0.0.1", ours), timeout=10)
             s.sendall(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
                                      wire.make_reserved(extended=False, fast=True))
-                      + wire.have_none())
+                      + (wire.have_none() if squat == "nothing" else wire.have_all()))
             squatters.append(s)
         time.sleep(3)  # the seeder's address refused, and due again; every place taken
         with LtPeer(raw, tmp_path / "seed", seed=True, port=port):
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + (60 if squat == "nothing" else 120)
             while proc.poll() is None and time.monotonic() < deadline:
                 for s in squatters:
                     with contextlib.suppress(OSError):
