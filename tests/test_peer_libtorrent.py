@@ -30,7 +30,7 @@ from pieced.storage.metainfo import parse
 
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.ltpeer import LtPeer, make_torrent_v1_pads
-from tests.realtools import lt_recheck, make_payload, make_torrent_lt
+from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
 
@@ -187,6 +187,20 @@ def _corrupt_every_piece(path: Path, piece: int) -> None:
             f.write(bytes([b[0] ^ 0xFF]))
 
 
+def _good_and_bad_copies(tmp_path: Path, files: dict[str, int], piece: int, kind: TorrentKind,
+                         seed: int) -> tuple[Path, bytes, Path]:
+    """The payload in ``tmp_path/good``, a copy of it in ``tmp_path/bad`` (for a liar to
+    corrupt once its seeder has checked it), and its torrent: (content, metainfo, file)."""
+    import shutil
+
+    content = make_payload(tmp_path / "good", files, seed=seed)
+    raw = make_torrent_lt(content, piece, kind)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    return content, raw, torrent
+
+
 @pytest.mark.parametrize("piece", [16384, 65536])
 def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
                                                                 piece: int) -> None:
@@ -194,14 +208,8 @@ def test_a_lying_seeder_is_found_out_and_the_download_completes(tmp_path: Path,
     it): pieces fail, are asked for again, the liar alone is blamed (and dropped, and not
     dialled again), and every byte in the end is the real one. With pieces of four blocks, a piece's blocks
     come from both seeders, so which one lied is found by comparing blocks."""
-    import shutil
-
     files = {"a.bin": 60 * piece + 123, "b.bin": 20 * piece}
-    content = make_payload(tmp_path / "good", files, seed=5)
-    raw = make_torrent_lt(content, piece, "hybrid")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
-    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    content, raw, torrent = _good_and_bad_copies(tmp_path, files, piece, "hybrid", seed=5)
     d = Daemon(tmp_path)
     try:
         # the honest one slow (1 MiB/s), so that the liar's blocks are taken too
@@ -224,15 +232,9 @@ def test_a_download_whose_every_seeder_lied_stops_saying_so(tmp_path: Path) -> N
     it is dropped for bad data, and then nothing could ever come. pieced-peer waited
     for ever, saying nothing; it now stops (exit 2) naming the peers it dropped, with
     its summary, and the daemon has no piece of the lies."""
-    import shutil
-
     piece = 16384
     files = {"a.bin": 40 * piece + 5}
-    content = make_payload(tmp_path / "good", files, seed=6)
-    raw = make_torrent_lt(content, piece, "v1")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
-    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    _, raw, torrent = _good_and_bad_copies(tmp_path, files, piece, "v1", seed=6)
     d = Daemon(tmp_path)
     try:
         with LtPeer(raw, tmp_path / "bad", seed=True) as bad:
