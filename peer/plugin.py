@@ -1187,12 +1187,12 @@ class Swarm:
                 or not self.known or not all(d.dropped for d in self.known.values())):
             return False
         if self.no_source is None:
-            assert self.picker is not None
             dropped = sorted(_address(*a) for a, d in self.known.items() if not d.conduct.ourselves)
+            left = self.picker.left() if self.picker is not None else self.meta.num_pieces
             self.no_source = (
                 f"every peer was dropped for sending bad data ({', '.join(dropped[:10])}"
                 f"{', ...' if len(dropped) > 10 else ''}) and no other can come: "
-                f"{self.picker.left()} pieces missing")
+                f"{left} pieces missing")
             log.info("stopping: %s", self.no_source)
         self.stop.set()
         return True

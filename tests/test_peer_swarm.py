@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import bencodepy
 from pieced.peer.plugin import Options, Swarm
 from pieced.protocol.client import Client
 from pieced.storage.metainfo import parse
@@ -59,6 +60,75 @@ def test_a_piece_cleared_while_a_status_is_on_its_way_is_not_taken_from_it(
             await swarm._look()  # the daemon's word now: still missing
             assert not picker.have[victim]
         finally:
+            await swarm.close()
+
+    asyncio.run(run())
+
+
+def test_what_peers_have_is_counted_right_as_they_come_and_go(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """How many connected peers have each piece (the picker's rarest-first order), as
+    peers say HAVE_ALL, a BITFIELD, HAVE_NONE, then HAVE and lt_donthave, and leave. A
+    peer with every piece is counted once, as a seed, not a piece at a time: its
+    lt_donthave and HAVE since are counted a piece at a time, and undone when it goes."""
+    from pieced.peer import wire
+    from pieced.peer.conn import LT_DONTHAVE
+
+    n = 6
+    content = make_payload(tmp_path / "src", {"a.bin": n * 16384 - 5}, seed=4)
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
+                   listen=("127.0.0.1", 0), socket=str(daemon.socket))
+
+    async def run() -> None:
+        swarm = Swarm(opts, raw, meta)
+        await swarm.start()
+        writers: dict[str, asyncio.StreamWriter] = {}
+        try:
+            picker = swarm.picker
+            assert picker is not None
+
+            async def counted(expected: list[int]) -> None:
+                for _ in range(500):
+                    if [a + picker.seeds for a in picker.availability] == expected:
+                        return
+                    await asyncio.sleep(0.01)
+                assert [a + picker.seeds for a in picker.availability] == expected
+
+            async def peer(name: str, said: bytes) -> None:
+                _, w = await asyncio.open_connection("127.0.0.1", swarm.listen_port)
+                w.write(wire.handshake(meta.info_hash, b"-XX0001-" + name.encode() * 12,
+                                       wire.make_reserved(extended=True, fast=True))
+                        + wire.extended(0, bencodepy.encode({b"m": {b"lt_donthave": 3}}))
+                        + said)
+                writers[name] = w
+
+            def donthave(piece: int) -> bytes:
+                return wire.extended(LT_DONTHAVE, piece.to_bytes(4, "big"))
+
+            async def leave(name: str) -> None:
+                writers.pop(name).close()
+
+            await peer("a", wire.have_all())
+            await counted([1] * n)
+            await peer("b", wire.bitfield(wire.bits_from_pieces([0, 2], n)))
+            await counted([2, 1, 2, 1, 1, 1])
+            writers["a"].write(donthave(2) + donthave(5) + wire.have(2))
+            await counted([2, 1, 2, 1, 1, 0])
+            await peer("c", wire.have_none() + wire.have(5) + wire.have(1))
+            await counted([2, 2, 2, 1, 1, 1])
+            await leave("a")
+            await counted([1, 1, 1, 0, 0, 1])
+            await leave("b")
+            await counted([0, 1, 0, 0, 0, 1])
+            await leave("c")
+            await counted([0] * n)
+            assert picker.seeds == 0
+        finally:
+            for w in writers.values():
+                w.close()
             await swarm.close()
 
     asyncio.run(run())
