@@ -147,6 +147,7 @@ class PeerConnection:
         self.am_choking = True
         self.am_interested = False
         self.peer_choking = True
+        self.unchoked_us_at = 0.0  # when the peer last unchoked us (monotonic)
         self.peer_interested = False
         self.peer_has = bytearray(self.num_pieces)
         self.peer_count = 0  # pieces it has
@@ -322,6 +323,7 @@ class PeerConnection:
             if not self.peer_choking:
                 return False
             self.peer_choking = False
+            self.unchoked_us_at = self.last_received
         elif isinstance(ev, wire.Interested):
             if self.peer_interested:
                 return False  # said again: nothing changes, nothing to do

@@ -521,6 +521,7 @@ class Peer:
         # It had every piece when it said what it has: counted as a seed by the picker,
         # its DONT_HAVEs (and HAVEs again) since then counted a piece at a time.
         self.seed_counted = False
+        self.replaced = False  # gave its place to a newcomer (see Swarm._idlest)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
         self.reading = 0  # bytes they ask for
@@ -866,6 +867,8 @@ class Swarm:
                 dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
             elif self._dialling() and not dial.dropped:
                 wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
+                if peer is not None and peer.replaced:
+                    wait = RETRY_MAX  # (back at once, it would take another's place)
                 dial.due = time.monotonic() + min(RETRY_MAX, wait)
 
     def _dialling(self) -> bool:
@@ -888,8 +891,9 @@ class Swarm:
                 idle = self._idlest()
                 if idle is None:
                     return
-                log.info("%s: dropped to dial %s (nothing to exchange)", idle.addr,
+                log.info("%s: dropped to dial %s (it holds a place and gives nothing)", idle.addr,
                          _address(host, port))
+                idle.replaced = True
                 self._drop(idle)
             self.connect(host, port)
 
@@ -904,7 +908,8 @@ class Swarm:
                 transport.close()
                 inbox.release()
                 return
-            log.info("%s: dropped for a newcomer (nothing to exchange)", idle.addr)
+            log.info("%s: dropped for a newcomer (it holds a place and gives nothing)", idle.addr)
+            idle.replaced = True
             self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata)
@@ -1000,16 +1005,20 @@ class Swarm:
         """A peer whose place a newcomer may take: one that has not read what we sent
         for STALL_SECONDS, one that wasted an unchoke slot and waits for another, one
         interested in nothing either way for IDLE_SECONDS, or one we want pieces from
-        that has sent none for UNPRODUCTIVE_SECONDS while we do not serve it
-        (connections that hold a place and give nothing must not shut everyone else
-        out); the one connected longest."""
+        that has sent none for UNPRODUCTIVE_SECONDS, nor unchoked us, and chokes us
+        (none of our requests waiting on it) or let our requests time out, while we do
+        not serve it (connections that hold a place and give nothing must not shut
+        everyone else out); the one connected longest. A peer given up so is dialled
+        again only after RETRY_MAX, not at once (to take a place back)."""
         now = time.monotonic()
         idle = [p for p in self.peers if not p.closed and (
             p.stalled(now) or (p.conn.stalls and p.conn.am_choking)
             or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
                 and not p.conn.peer_interested)
             or (p.conn.am_interested and (p.conn.am_choking or not p.conn.peer_interested)
-                and now - max(p.opened, p.conn.last_block) >= UNPRODUCTIVE_SECONDS))]
+                and ((p.conn.peer_choking and not p.conn.our_requests) or p.conn.snubbed)
+                and now - max(p.opened, p.conn.last_block, p.conn.unchoked_us_at)
+                >= UNPRODUCTIVE_SECONDS))]
         return min(idle, key=lambda p: p.opened, default=None)
 
     async def _sent(self, peer: Peer) -> bool:

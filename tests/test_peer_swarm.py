@@ -132,3 +132,58 @@ def test_what_peers_have_is_counted_right_as_they_come_and_go(
             await swarm.close()
 
     asyncio.run(run())
+
+
+def test_only_a_peer_that_gives_nothing_gives_its_place_up(daemon: Daemon, tmp_path: Path) -> None:
+    """At ``max_peers``, a peer with every piece that has kept us choked for 30 s (its
+    connection's age moved back, not waited for) gives its place to a newcomer; the same
+    peer once it unchokes us, our requests on their way to it, does not (it was swapped
+    for a newcomer with nothing to give), nor while our requests wait on it."""
+    from pieced.peer import wire
+    from pieced.peer.plugin import UNPRODUCTIVE_SECONDS
+
+    n = 8
+    content = make_payload(tmp_path / "src", {"a.bin": n * 16384 - 5}, seed=4)
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
+                   listen=("127.0.0.1", 0), socket=str(daemon.socket), max_peers=1)
+
+    async def run() -> None:
+        swarm = Swarm(opts, raw, meta)
+        await swarm.start()
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", swarm.listen_port)
+            writers.append(w)
+            w.write(wire.handshake(meta.info_hash, b"-XX0001-" + b"a" * 12,
+                                   wire.make_reserved(extended=True, fast=True))
+                    + wire.have_all())
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if swarm.peers and next(iter(swarm.peers)).conn.am_interested:
+                    break
+            (a,) = swarm.peers
+            assert swarm._idlest() is None  # (choking us, but not for long yet)
+            a.opened -= UNPRODUCTIVE_SECONDS + 1
+            assert swarm._idlest() is a  # choked all along: nothing given
+            w.write(wire.unchoke())
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if a.conn.our_requests:
+                    break
+            assert a.conn.our_requests and not a.conn.peer_choking
+            assert swarm._idlest() is None  # just unchoked us: our requests are on their way
+            _, w2 = await asyncio.open_connection("127.0.0.1", swarm.listen_port)
+            writers.append(w2)
+            w2.write(wire.handshake(meta.info_hash, b"-XX0001-" + b"b" * 12,
+                                    wire.make_reserved(extended=True, fast=True))
+                     + wire.have_none())
+            await asyncio.sleep(1)
+            assert not a.closed and swarm.peers == {a}
+        finally:
+            for w in writers:
+                w.close()
+            await swarm.close()
+
+    asyncio.run(run())
