@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -21,7 +22,14 @@ from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType
 from pieced.protocol.messages import encode_request
 
-from tests.conftest import STORES_NOTHING, Daemon, open_fds, proc_bytes, sparse_zero_torrent
+from tests.conftest import (
+    STORES_NOTHING,
+    Daemon,
+    open_fds,
+    proc_bytes,
+    run_threads,
+    sparse_zero_torrent,
+)
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn
 from tests.test_disk import Source
@@ -606,7 +614,6 @@ def test_registers_of_large_metainfo_at_once_hold_one_at_a_time(tmp_path: Path) 
     a memfd), which fails to parse: each is read and parsed in turn, so the daemon holds
     the megabytes of one or two at a time, not twelve (sixteen such registers took it to
     0.9 GiB), and every client gets its error."""
-    import threading
 
     import bencodepy
     from pieced.storage.errors import BadMetainfo
@@ -620,22 +627,16 @@ def test_registers_of_large_metainfo_at_once_hold_one_at_a_time(tmp_path: Path) 
         with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
             f.write("5")  # VmHWM from here
         errors: list[BaseException] = []
-        go = threading.Barrier(12)
 
         def register(k: int) -> None:
             with Client(d.socket) as c:
-                go.wait(30)
                 try:
                     c.register(raw, tmp_path / f"dl{k}")
-                except BaseException as exc:
+                except BadMetainfo as exc:
                     errors.append(exc)
 
-        threads = [threading.Thread(target=register, args=(k,)) for k in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert len(errors) == 12 and all(isinstance(e, BadMetainfo) for e in errors), errors
+        run_threads(*(functools.partial(register, k) for k in range(12)), timeout=60)
+        assert len(errors) == 12, errors
         peak = proc_bytes(d.proc.pid, "VmHWM") - base
         print(f"12 registers of {len(raw) / 2**20:.0f} MiB at once: daemon peak "
               f"+{peak / 2**20:.0f} MiB")
