@@ -232,3 +232,117 @@ def test_a_file_deleted_while_unmapped_is_not_made_again_by_a_read(
         assert not any(have[p >> 3] & (0x80 >> (p & 7)) for p in lost)
     finally:
         dio.close()
+
+
+def test_a_recheck_hashes_the_maps_in_place_and_a_truncate_waits_for_the_hash(
+    tmp_path: Path, torrent  # type: ignore[no-untyped-def]
+) -> None:
+    """A recheck on mmap hashes the mapped pages where they lie (no copy out of the page
+    cache). The bytes it is lent stay mapped until it gives them back: another
+    process's truncate of the file waits for that, so no hash can fault past the new
+    end; and once the recheck is over every loan is back (a truncate is not kept
+    waiting)."""
+    raw, src = torrent
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih, big = _written(dio, raw, src, tmp_path)
+        t = dio._torrents[ih]
+        last = src.meta.num_pieces - 1
+        size = src.layout.piece_size(last)
+        lent = t.storage.lend(t.layout.map(last, 0, size))
+        assert lent is not None
+        assert b"".join(bytes(v) for v in lent.views) == src.read(last, 0, size)
+        cut = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({str(big)!r}, 1000)"])
+        try:
+            time.sleep(1.5)
+            assert cut.poll() is None, "the truncate did not wait for the loan"
+            assert big.stat().st_size > 1000
+            assert hashlib.sha1(b"".join(bytes(v) for v in lent.views)).digest() == src.meta.v1_hash(last)
+        finally:
+            lent.release()
+            assert cut.wait(20) == 0
+        assert big.stat().st_size == 1000 and not _mapped(big)
+        # put back whole by another program: mapped again by the recheck, and given
+        # back after it
+        big.write_bytes((tmp_path / "src" / "payload" / "big.bin").read_bytes())
+        time.sleep(t.storage.RETRY_SECONDS + 0.1)
+        assert dio.recheck(ih, full=True).failed_v1 == []
+        assert _mapped(big)
+        took = _other_process("os.truncate(p, 1000)", big)
+        assert took < 20 and not _mapped(big)
+    finally:
+        dio.close()
+
+
+def test_data_already_there_is_mapped_by_the_first_recheck(tmp_path: Path, torrent) -> None:  # type: ignore[no-untyped-def]
+    """Files at their full length that the daemon did not write (a torrent registered
+    over data it is to seed) are mapped for reading too, and hashed in place; a file
+    shorter than its length (another program still writing it) is read as it is."""
+    import shutil
+
+    raw, src = torrent
+    dl = tmp_path / "dl"
+    shutil.copytree(tmp_path / "src", dl)
+    small = dl / "payload" / "small.bin"
+    with open(small, "r+b") as f:
+        f.truncate(1000)
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, dl)
+        res = dio.recheck(ih, full=True)
+        index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "small.bin")
+        assert sorted(res.failed_v1 or []) == sorted(src.layout.file_pieces(index))
+        assert _mapped(dl / "payload" / "big.bin") and not _mapped(small)
+    finally:
+        dio.close()
+
+
+def test_rechecks_while_another_process_cuts_the_file_the_daemon_lives_on(
+    tmp_path: Path, torrent  # type: ignore[no-untyped-def]
+) -> None:
+    """Full rechecks back to back (hashing the maps in place) while another process cuts
+    the file short and grows it again: the daemon lives on, and the pieces of the file
+    cut for good are failed by the last recheck."""
+    raw, src = torrent
+    d = Daemon(tmp_path, env={"PIECED_BACKEND": "mmap", "PIECED_CACHE_BYTES": "0"})
+    try:
+        with Client(str(d.socket)) as c:
+            ih = c.register(raw, save_path=str(tmp_path / "dl"))
+            for p, b, n in src.blocks():
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+        big = tmp_path / "dl" / "payload" / "big.bin"
+        index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "big.bin")
+        stop = threading.Event()
+        checks = [0]
+
+        def rechecker() -> None:
+            with Client(str(d.socket)) as rc:
+                while not stop.is_set():
+                    rc.recheck(ih, full=True)
+                    checks[0] += 1
+
+        threads = [threading.Thread(target=rechecker) for _ in range(2)]
+        for th in threads:
+            th.start()
+        time.sleep(0.3)
+        took = _other_process(
+            "import time; n = os.stat(p).st_size; end = time.monotonic() + 2\n"
+            "while time.monotonic() < end: os.truncate(p, 1000); time.sleep(0.01); "
+            "os.truncate(p, n); time.sleep(0.02)\n"
+            "os.truncate(p, 1000)", big)
+        stop.set()
+        for th in threads:
+            th.join(60)
+        assert d.proc.poll() is None, d.stderr()
+        assert took < 30, f"the truncates waited {took:.1f} s: a lease was not given back"
+        assert checks[0] > 2
+        with Client(str(d.socket)) as c:
+            c.recheck(ih, full=True)
+            have = c.status(ih)["have"]
+        lost = list(src.layout.file_pieces(index))[1:]  # the first may lie in its first 1000 bytes
+        assert not any(have[p >> 3] & (0x80 >> (p & 7)) for p in lost)
+    finally:
+        rc = d.stop()
+    assert rc == 0
