@@ -54,7 +54,7 @@ from .errors import (
     TooLarge,
     UnknownTorrent,
 )
-from .files import BACKENDS, FileStorage, FileVanished, HandlePool, Lent, WriteLost, make_storage
+from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
 from .hashing import (
     NO_FINGERPRINT,
@@ -901,10 +901,7 @@ class DiskIO:
         def advise(piece: int, size: int) -> None:
             t.storage.advise(t.layout.map(piece, 0, size))
 
-        def lend(piece: int, size: int) -> Lent | None:
-            return t.storage.lend(t.layout.map(piece, 0, size))
-
-        reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False), lend)
+        reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False))
         try:
             result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
                             not full, self._unreadable(t))

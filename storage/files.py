@@ -78,22 +78,6 @@ class FileVanished(StorageIOError):
         self.gone = gone
 
 
-class Lent:
-    """Bytes of a storage lent where they lie (views of mapped files), for as long as
-    the borrower needs them: the storage keeps them mapped until :meth:`release`."""
-
-    __slots__ = ("_release", "views")
-
-    def __init__(self, views: list[Buffer], release: Callable[[], None]) -> None:
-        self.views = views
-        self._release: Callable[[], None] | None = release
-
-    def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
 class WriteLost(StorageIOError):
     """A payload file's write-back failed: fdatasync said so (EIO, ENOSPC...), and what
     was written to the file since its last good sync may not be on disk.
@@ -600,12 +584,6 @@ class FileStorage:
     def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
         """Fill ``out`` from ``segments``; pad bytes and holes past a file's end read as zeros."""
         self._pread(segments, out, 0)
-
-    def lend(self, segments: Sequence[Segment]) -> Lent | None:
-        """The bytes of ``segments`` where they lie, without a copy: views of mapped
-        files, valid until the lent object's ``release``. None here, where nothing is
-        mapped: the caller reads them with :meth:`readinto`."""
-        return None
 
     def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
         """Fill ``out`` only from the page cache (preadv with RWF_NOWAIT): False, without

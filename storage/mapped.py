@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from .errors import PiecedError, StorageIOError
-from .files import FileStorage, FileVanished, HandlePool, Lent
+from .files import FileStorage, FileVanished, HandlePool
 from .hashing import Buffer
 from .layout import Segment
 
@@ -107,18 +107,13 @@ class MmapStorage(FileStorage):
         # One file mapped at a time: a second open of the same file would break the
         # first one's fresh lease.
         self._open_lock = threading.Lock()
-        # Views lent out of each map (``lend``): the map stays until they come back.
-        # Lending takes _map_lock and returning does not, so an unmap holding it waits
-        # for them, and no new loan starts meanwhile.
-        self._loans: dict[int, int] = {}
-        self._loans_back = threading.Condition(threading.Lock())
         with _leasing_lock:
             _leasing.add(self)
 
     def _map(self, index: int, writing: bool) -> None:
         """Lease and map a file if it can be; nothing happens otherwise. A read maps
-        only a file at its full length: it never creates or extends one."""
-        if not _watching or not self.meta.files.lengths[index]:
+        only a file the daemon has sized: it never creates or extends one."""
+        if not _watching or not self.meta.files.lengths[index] or not (writing or index in self._sized):
             return
         with self._open_lock:
             if index in self._maps or self._retry.get(index, 0.0) > time.monotonic():
@@ -126,25 +121,17 @@ class MmapStorage(FileStorage):
             if writing:
                 fd = self.open_file(index, True)
             else:
-                ours = index in self._sized  # (before the open: a vanished file is not)
                 try:  # never O_CREAT: a file gone behind our back is not made again
                     fd = self._open_payload(index, os.O_RDWR, False)
                 except StorageIOError as exc:
                     if exc.errno == errno.ENOENT and not isinstance(exc, FileVanished):
                         return  # the plain read finds it gone, and says so
-                    if not ours:  # not a file we wrote (read-only...):
-                        self._retry[index] = time.monotonic() + self.RETRY_SECONDS
-                        return  # read as it is
                     raise
             try:
-                if writing and index not in self._sized:
+                if index not in self._sized:
                     self._size_file(fd, index)
-                elif index in self._sized:
+                else:
                     self._check_linked(fd, index)
-                elif os.fstat(fd).st_size < self.meta.files.lengths[index]:
-                    os.close(fd)  # short (being written by someone else?): read it as it is
-                    self._retry[index] = time.monotonic() + self.RETRY_SECONDS
-                    return
                 if _faults_allocate(fd):
                     os.close(fd)
                     self._retry[index] = float("inf")  # until it moves
@@ -223,9 +210,6 @@ class MmapStorage(FileStorage):
             lru = _mapped.get(self.handles)
             if lru is not None:
                 lru.pop((id(self), index), None)
-        with self._loans_back:  # (a loan is a hash of a few MiB: milliseconds)
-            while self._loans.get(index):
-                self._loans_back.wait()
         m.close()
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -276,62 +260,17 @@ class MmapStorage(FileStorage):
                 return True
         return super()._pread_segment(seg, dst, nowait)
 
-    def lend(self, segments: Sequence[Segment]) -> Lent | None:
-        """Views of the mapped bytes of ``segments`` (a recheck hashes them in place, with
-        no copy out of the page cache); None unless every file they lie in is mapped.
-        The lease that makes a map safe holds for the loan: another process's truncate
-        of the file waits for the unmap, which waits for the loan to come back."""
-        stored = [seg for seg in segments if seg.stored and seg.length]
-        try:
-            for seg in stored:
-                if seg.file_index not in self._maps:
-                    self._map(seg.file_index, False)
-            with self._map_lock:
-                maps = []
-                for seg in stored:  # every check (which may unmap) before any loan
-                    entry = self._maps.get(seg.file_index)
-                    if entry is None:
-                        return None
-                    self._check_linked(entry[0], seg.file_index)
-                    maps.append(entry[1])
-                views: list[Buffer] = []
-                loaned: list[memoryview] = []
-                maps.reverse()
-                for seg in segments:
-                    if not (seg.stored and seg.length):
-                        views.append(bytes(seg.length))
-                        continue
-                    self._used(seg.file_index)
-                    with memoryview(maps.pop()) as whole:
-                        view = whole[seg.file_offset : seg.file_offset + seg.length]
-                    loaned.append(view)
-                    views.append(view)
-                with self._loans_back:
-                    for seg in stored:
-                        self._loans[seg.file_index] = self._loans.get(seg.file_index, 0) + 1
-        except (OSError, PiecedError):
-            return None  # the plain read meets the same trouble, and says what it is
-
-        def release() -> None:
-            for view in loaned:
-                view.release()
-            with self._loans_back:
-                for seg in stored:
-                    left = self._loans[seg.file_index] - 1
-                    if left:
-                        self._loans[seg.file_index] = left
-                    else:
-                        del self._loans[seg.file_index]
-                self._loans_back.notify_all()
-
-        return Lent(views, release)
-
     def advise(self, segments: Sequence[Segment]) -> None:
-        # Through the map where there is one: a second open would break its lease.
+        # Through the map, made first where it can be: an open of the file beside it
+        # (the plain advice's) would break the lease of a map another thread makes
+        # meanwhile, and the file be unmapped for the rest of the recheck.
         rest = []
         for seg in segments:
             if not seg.stored or not seg.length:
                 continue
+            if seg.file_index not in self._maps:
+                with contextlib.suppress(OSError, PiecedError):  # (the read says what)
+                    self._map(seg.file_index, False)
             with self._map_lock:
                 entry = self._maps.get(seg.file_index)
                 if entry is not None:

@@ -30,7 +30,6 @@ from typing import NamedTuple
 from blake3 import blake3
 
 from .errors import StorageIOError
-from .files import Lent
 from .hashing import (
     FINGERPRINT_BYTES,
     NO_FINGERPRINT,
@@ -75,7 +74,6 @@ def _thread_buffer(size: int) -> memoryview:
     return buf
 
 
-Lend = Callable[[int, int], "Lent | None"]  # (piece, size): its bytes where they lie
 Read = Callable[[int, int, memoryview], None]  # (piece, begin, out): StorageIOError if not
 
 # the states of a part read ahead
@@ -286,11 +284,9 @@ class PreadReader:
     cache), on the :class:`ReadAhead` readers ahead of the hashing."""
 
     def __init__(self, read: Read, advise: Callable[[int, int], None] | None = None,
-                 read_ahead: bool = False, lend: Lend | None = None) -> None:
+                 read_ahead: bool = False) -> None:
         self._read = read
         self._advise = advise
-        self._lend = lend
-        self._lent: dict[int, Lent] = {}  # piece -> its bytes, lent where they lie
         self._wants_ahead = read_ahead
         self._ahead: ReadAhead | None = None
         self._parts: dict[tuple[int, int], _Part] = {}  # read ahead, not yet taken
@@ -359,17 +355,6 @@ class PreadReader:
             return False, None
         return True, None  # not started: read it here
 
-    def lent(self, piece: int, size: int) -> list[Buffer] | None:
-        """The piece's bytes where they lie (mapped files), whatever its size, held
-        until :meth:`done`; None where they cannot be lent (then read them)."""
-        if self._lend is None:
-            return None
-        lent = self._lend(piece, size)
-        if lent is None:
-            return None
-        self._lent[piece] = lent
-        return lent.views
-
     def views(self, piece: int, size: int) -> list[Buffer] | None:
         ok, got = self._take(piece, 0)
         if not ok:
@@ -387,10 +372,6 @@ class PreadReader:
     def done(self, piece: int, size: int) -> None:
         """The caller is done with ``piece``'s views (a part of it left untaken, after a
         failed read, goes back too)."""
-        if self._lent:
-            lent = self._lent.pop(piece, None)
-            if lent is not None:
-                lent.release()
         if self._ahead is None:
             return
         held = self._held.pop(piece, None)
@@ -570,11 +551,9 @@ def verify(
         known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
         if known == NO_FINGERPRINT:
             known = None
-        views = reader.lent(p, size) if isinstance(reader, PreadReader) else None
-        if views is None:
-            if size > STREAM_BYTES and isinstance(reader, PreadReader):
-                return streamed(reader, p, size, known)
-            views = reader.views(p, size)
+        if size > STREAM_BYTES and isinstance(reader, PreadReader):
+            return streamed(reader, p, size, known)
+        views = reader.views(p, size)
         if views is None:
             return (p, *fail, 0, None, False)
         fp = None
