@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -352,6 +352,11 @@ class Connection:
         self.ring = RecvRing(server.ring_bytes)
         self.reader = FrameReader(self.ring, server.max_frame, MAX_REQUEST_VALUES)
         self.subscriptions: set[bytes] = set()
+        # Keys `subscribe` took while the daemon did not have them: kept (at most
+        # MAX_UNKNOWN_SUBSCRIPTIONS) until the connection ends. Every other key is kept
+        # while its torrent is registered, and dropped once it is gone (see _subscribe).
+        self.awaited: set[bytes] = set()
+        self._prune_at = 64
         self.handshaken = False
         self._hello_timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -602,7 +607,21 @@ class Connection:
         on, if the daemon has that torrent: a key it does not know is not kept, so that
         requests naming made-up keys cannot grow the connection's memory."""
         if ih not in self.subscriptions and self.disk.knows(ih):
-            self.subscriptions.add(ih)
+            self.subscribe((ih,))
+
+    def subscribe(self, keys: Iterable[bytes]) -> None:
+        """Add ``keys``; now and then (as the set doubles) drop the keys of torrents
+        the daemon no longer has, but for those awaited: a long-lived connection that
+        registers and unregisters torrent after torrent keeps only those it can use."""
+        self.subscriptions.update(keys)
+        if len(self.subscriptions) >= self._prune_at:
+            knows = self.disk.knows
+            # (copies first: lanes of one connection may add keys meanwhile)
+            self.awaited.difference_update([k for k in list(self.awaited) if knows(k)])
+            awaited = self.awaited
+            self.subscriptions.difference_update(
+                [k for k in list(self.subscriptions) if k not in awaited and not knows(k)])
+            self._prune_at = 2 * len(self.subscriptions) + 64
 
     def _read_job(self, frame: Frame) -> Job:
         rid = frame.id
@@ -1226,8 +1245,16 @@ def _op_register(c: Connection, rid: int, m: dict[str, Any]) -> Any:
         raise BadRequest("'metainfo' must be the .torrent bytes")
     ih = c.disk.register(metainfo, _path(m, "save_path"))
     t = c.disk.torrent(ih)
-    c.subscriptions.update(t.meta.aliases)
+    c.subscribe(t.meta.aliases)
     return {"ih": ih, "aliases": list(t.meta.aliases)}
+
+
+def _op_unregister(c: Connection, rid: int, m: dict[str, Any]) -> Any:
+    ih = _ih(m)
+    aliases = c.disk.torrent(ih).meta.aliases
+    c.disk.unregister(ih, _flag(m, "delete_files", 0))
+    c.subscriptions.difference_update([k for k in aliases if k not in c.awaited])
+    return None
 
 
 def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
@@ -1296,21 +1323,22 @@ def _op_stats(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 
 def _op_subscribe(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     ih = _ih(m)
-    if ih not in c.subscriptions and not c.disk.knows(ih):
+    if ih not in c.awaited and not c.disk.knows(ih):
         # A torrent not registered yet (another client may register it later): kept,
         # but only so many, or a client could grow the daemon's memory without end.
-        unknown = sum(1 for k in list(c.subscriptions) if not c.disk.knows(k))
+        unknown = sum(1 for k in list(c.awaited) if not c.disk.knows(k))
         if unknown >= MAX_UNKNOWN_SUBSCRIPTIONS:
             raise TooLarge(f"this connection is subscribed to {unknown} keys the daemon does "
                            f"not have, the most it keeps ({MAX_UNKNOWN_SUBSCRIPTIONS})")
-    c.subscriptions.add(ih)
+        c.awaited.add(ih)
+    c.subscribe((ih,))
     return 1
 
 
 Op = Callable[[Connection, int, dict[str, Any]], Any]
 OPS: dict[str, Op] = {
     "register": _op_register,
-    "unregister": lambda c, r, m: c.disk.unregister(_ih(m), _flag(m, "delete_files", 0)),
+    "unregister": _op_unregister,
     "list": _op_list,
     "read_piece": _op_read_piece,
     "hash_piece": lambda c, r, m: c.disk.hash_piece(_ih(m), _int(m, "piece"), m.get("expected")),

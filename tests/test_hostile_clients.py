@@ -568,6 +568,44 @@ def test_requests_naming_unknown_torrents_do_not_grow_the_daemon(tmp_path: Path)
         _stops_cleanly(d)
 
 
+def test_a_long_lived_connection_keeps_only_the_keys_it_can_use(tmp_path: Path) -> None:
+    """A connection that registers torrent after torrent, each unregistered later (by
+    itself or by another client), keeps no key of those gone: before, each stayed in
+    its subscriptions for good (memory that grew with every torrent), and past 1,024
+    of them its ``subscribe`` of a torrent not registered yet was refused, though it
+    was subscribed to nothing that existed. Awaited keys stay, and events still come."""
+    import libtorrent as lt
+    from pieced.daemon.server import MAX_UNKNOWN_SUBSCRIPTIONS
+
+    content = make_payload(tmp_path / "src", 20_000, seed=4)
+    base = lt.bdecode(make_torrent_lt(content, 16384, "v1"))
+    d = Daemon(tmp_path)
+    try:
+        raw = make_torrent_lt(content, 16384, "v1")
+        src = Source(raw, tmp_path / "src")
+        awaited = hashlib.sha1(lt.bencode(lt.bdecode(raw)[b"info"])).digest()
+        with Client(d.socket, timeout=30) as c, Client(d.socket, timeout=30) as other:
+            c.subscribe(awaited)
+            for i in range(MAX_UNKNOWN_SUBSCRIPTIONS + 10):
+                base[b"info"][b"name"] = f"t{i}.bin".encode()
+                ih = c.register(bytes(lt.bencode(base)), tmp_path / "dl")
+                (c if i % 2 else other).unregister(ih)
+            assert c.stats()["torrents"] == 0
+            c.subscribe((88_888).to_bytes(20, "big"))  # refused (TOO_LARGE) before
+            # the awaited key is still awaited: its events come once it is registered
+            ih = other.register(raw, tmp_path / "dl2")
+            assert ih == awaited
+            for p, begin, n in src.blocks():
+                other.write_chunk(ih, p, begin, src.read(p, begin, n))
+            other.wait_writes()
+            other.flush_all()
+            wait_for(lambda: c.stats() is not None  # (reads what came: events too)
+                     and len([f for name, f in c.events if name == "piece_verified"])
+                     == src.meta.num_pieces)
+    finally:
+        _stops_cleanly(d)
+
+
 def test_empty_blocks_paths_and_expected_hashes_are_refused(tmp_path: Path) -> None:
     """A block of 0 bytes used to be acknowledged and leave its piece partial with nothing
     in it (a slot of max_partial_pieces each); an ``expected`` hash of the wrong size
