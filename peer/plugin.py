@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import signal
 import struct
 import sys
@@ -104,6 +105,11 @@ CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a secon
 # long after each attempt that brought no block, up to RETRY_MAX (libtorrent's wait).
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+# An address that could not be reached this many times in a row is not dialled again
+# until a tracker names it again (libtorrent's max_failcount is 3 too); one given with
+# --peer is dialled for as long as we run.
+MAX_UNREACHED = 3
+CONNECT_TIMEOUT = 10.0
 MAX_KNOWN = 1000  # addresses kept to dial; a tracker's further ones are left out
 
 
@@ -211,6 +217,8 @@ class Dial:
     busy: bool = False  # being dialled, or connected
     warned: bool = False  # told the user it closed before its handshake
     given: bool = False  # named by the user (--peer): never forgotten
+    unreached: int = 0  # attempts in a row that found nobody (no connection at all)
+    seed: bool = False  # seen to have every piece: not dialled while we have them too
 
     @property
     def dropped(self) -> bool:
@@ -522,6 +530,7 @@ class Peer:
         # its DONT_HAVEs (and HAVEs again) since then counted a piece at a time.
         self.seed_counted = False
         self.replaced = False  # gave its place to a newcomer (see Swarm._idlest)
+        self.hung_up = False  # it closed the connection (not we)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
         self.reading = 0  # bytes they ask for
@@ -773,9 +782,9 @@ class Swarm:
 
     async def _final_announces(self) -> None:
         assert self.tracker is not None
-        if self.summary.complete and not self._completed_announced:
-            await self.tracker.announce_all("completed", self._counters())
-        await self.tracker.announce_all("stopped", self._counters())
+        owed = self.summary.complete and not self._completed_announced
+        await self.tracker.goodbye(["completed", "stopped"] if owed else ["stopped"],
+                                   self._counters())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -807,7 +816,9 @@ class Swarm:
                 "left": left}
 
     # -- connections -----------------------------------------------------------------------
-    def connect(self, host: str, port: int) -> None:
+    def connect(self, host: str, port: int, named: bool = True) -> None:
+        """Dial an address, now if there is room, else once there is. ``named``: a
+        tracker or the user names it (again), not a dial of ours coming round."""
         if port == self.listen_port and host in ("127.0.0.1", "localhost") and port:
             return  # ourselves, as a tracker may list us
         addr = (host, port)
@@ -816,9 +827,18 @@ class Swarm:
             if len(self.known) >= MAX_KNOWN and not self._forget_one():
                 return
             dial = self.known[addr] = Dial(Conduct(_address(host, port)))
+        if named:
+            dial.unreached = 0
         if dial.dropped or dial.busy:
             return
-        if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
+        if dial.seed and self.done.is_set():
+            dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
+            return
+        # Dials under way have places of their own: an address that does not answer
+        # holds one for up to CONNECT_TIMEOUT, and a peer dialling us must not be
+        # refused because of them (nor a tracker's long list of dead addresses keep
+        # the live ones from ever being dialled).
+        if len(self.peers) >= self.opts.max_peers or len(self.connecting) >= self.opts.max_peers:
             if not dial.due:
                 dial.due = time.monotonic()  # dialled by _redial once there is room
             return
@@ -840,13 +860,19 @@ class Swarm:
 
     async def _outgoing(self, host: str, port: int, dial: Dial) -> None:
         peer: Peer | None = None
+        full = False
         try:
             transport, inbox = await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(Inbox, host, port), 10)
+                asyncio.get_running_loop().create_connection(Inbox, host, port), CONNECT_TIMEOUT)
         except (TimeoutError, OSError) as exc:
             log.info("cannot connect to %s:%d: %s", host, port, exc)
         else:
             self.connecting.discard((host, port))  # a peer now: counted in self.peers
+            if len(self.peers) >= self.opts.max_peers:  # (filled while we dialled)
+                full = True
+                transport.close()
+                inbox.release()
+                return
             conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                                   v2=self.meta.has_v2, outgoing_hash=self.ih, views=True,
                                   metadata=self.metadata)
@@ -856,20 +882,37 @@ class Swarm:
         finally:
             self.connecting.discard((host, port))
             dial.busy = False
-            if peer is not None and not peer.conn.handshaken and not dial.warned and (
-                    not dial.conduct.ourselves):
-                dial.warned = True  # once an address: it is dialled again and again
-                log.warning("%s closed the connection before its handshake (it may not "
-                            "have the torrent, or be paused, or require encryption: "
-                            "pieced-peer speaks plain BitTorrent only)", _address(host, port))
-            dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
-            if peer is not None and peer.conn.is_seed and self.done.is_set():
-                dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
-            elif self._dialling() and not dial.dropped:
-                wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
-                if peer is not None and peer.replaced:
-                    wait = RETRY_MAX  # (back at once, it would take another's place)
-                dial.due = time.monotonic() + min(RETRY_MAX, wait)
+            if full:
+                dial.due = time.monotonic() + RETRY_FIRST  # (reached: not a failure)
+            else:
+                self._dialled(dial, peer)
+
+    def _dialled(self, dial: Dial, peer: Peer | None) -> None:
+        """A dial ended (``peer``: the connection it made, or None): when to dial again."""
+        if peer is not None and not peer.conn.handshaken and not dial.warned and (
+                not dial.conduct.ourselves):
+            dial.warned = True  # once an address: it is dialled again and again
+            log.warning("%s closed the connection before its handshake (it may not "
+                        "have the torrent, or be paused, or require encryption: "
+                        "pieced-peer speaks plain BitTorrent only)", peer.addr)
+        dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
+        dial.unreached = 0 if peer is not None else dial.unreached + 1
+        if peer is not None and (peer.conn.is_seed or (
+                self.done.is_set() and peer.conn.handshaken and not peer.conn.peer_interested
+                and peer.hung_up)):
+            # It has every piece; or, while we have them all, it closed without
+            # wanting any: a seed too (libtorrent closes on our HAVE_ALL, "upload to
+            # upload", before its own HAVE_ALL has reached us).
+            dial.seed = True
+        if dial.seed and self.done.is_set():
+            dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
+        elif dial.unreached >= MAX_UNREACHED and not dial.given:
+            dial.due = 0.0  # until a tracker names it again
+        elif self._dialling() and not dial.dropped:
+            wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
+            if peer is not None and peer.replaced:
+                wait = RETRY_MAX  # (back at once, it would take another's place)
+            dial.due = time.monotonic() + min(RETRY_MAX, wait)
 
     def _dialling(self) -> bool:
         """Whether the addresses we know are dialled again: while pieces are missing,
@@ -881,10 +924,13 @@ class Swarm:
         """Dial again the addresses whose wait is over."""
         if not self._dialling():
             return
-        due = sorted((dial.due, addr) for addr, dial in self.known.items()
+        due = sorted((dial.unreached, dial.due, addr) for addr, dial in self.known.items()
                      if dial.due and dial.due <= now)
-        for _, (host, port) in due:  # who has waited longest first (new addresses too)
-            if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
+        # Addresses that answered before first; then who has waited longest (new ones too).
+        for _, _, (host, port) in due:
+            if len(self.connecting) >= self.opts.max_peers:
+                return
+            if len(self.peers) >= self.opts.max_peers:
                 # A peer holding a place and doing nothing gives it up, as for a newcomer
                 # that dials us: else peers with nothing to exchange, filling every
                 # place, kept a seeder that came up later from ever being dialled.
@@ -895,14 +941,14 @@ class Swarm:
                          _address(host, port))
                 idle.replaced = True
                 self._drop(idle)
-            self.connect(host, port)
+            self.connect(host, port, named=False)
 
     def _accepted(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         self._spawn(self._incoming(transport, inbox))
 
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         addr = transport.get_extra_info("peername")
-        if len(self.peers) + len(self.connecting) >= self.opts.max_peers:
+        if len(self.peers) >= self.opts.max_peers:
             idle = self._idlest()
             if idle is None:
                 transport.close()
@@ -957,6 +1003,7 @@ class Swarm:
             while not peer.closed:
                 data = await inbox.receive()
                 if data is None:
+                    peer.hung_up = not peer.closed
                     break
                 asked = False
                 try:
@@ -996,6 +1043,7 @@ class Swarm:
         except WireError as exc:
             log.info("%s broke the protocol: %s", peer.addr, exc)
         except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+            peer.hung_up = not peer.closed
             log.info("%s: %s", peer.addr, exc)
         finally:
             self._drop(peer)
@@ -1702,14 +1750,16 @@ class Swarm:
         fails = 0
         while True:
             try:
-                peers, interval = await self.tracker.announce(event, self._counters())
+                reply = await self.tracker.announce(event, self._counters())
+                peers, interval = list(reply.peers), reply.interval
                 if event == "completed":
                     self._completed_announced = True
                 event = ""  # (said: a failed "started" is sent again, as libtorrent does)
                 fails = 0
+                random.shuffle(peers)  # (the seeds may come last in a long list)
                 for host, port in peers:
                     self.connect(host, port)
-                wait = max(30.0, min(interval, 3600.0))
+                wait = max(30.0, interval)  # (at most a day: see parse_response)
             except Exception as exc:
                 log.warning("announce failed: %s", exc)
                 wait = min(ANNOUNCE_RETRY_FIRST * 2 ** min(fails, 16), 3600.0)

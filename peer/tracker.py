@@ -6,10 +6,12 @@ alone; ``Tracker`` is the aiohttp edge that tries each URL in turn.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import re
 import urllib.parse
-from typing import Any
+from typing import Any, NamedTuple
 
 import bencodepy
 
@@ -19,6 +21,12 @@ class TrackerError(Exception):
 
 
 Peers = list[tuple[str, int]]
+
+
+class Reply(NamedTuple):
+    peers: Peers
+    interval: float  # seconds until the next announce
+    tracker_id: bytes | None  # to be sent back in the next announces (BEP 3 "tracker id")
 
 #: The longest announce reply read: 50 peers take 300 bytes in compact form, a few KiB
 #: in the dictionary form; a tracker sending more is cut off, not buffered without end.
@@ -30,8 +38,8 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
                        r"(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
-def parse_response(body: bytes) -> tuple[Peers, float]:
-    """(peers, re-announce interval in seconds) of an announce reply.
+def parse_response(body: bytes) -> Reply:
+    """The peers, re-announce interval and tracker id of an announce reply.
 
     Read leniently (bencode.py, not the daemon's canonical decoder): trackers in the
     wild send unsorted keys, and nothing here is keyed by a hash of the bytes.
@@ -79,11 +87,12 @@ def parse_response(body: bytes) -> tuple[Peers, float]:
             port = int.from_bytes(raw6[i + 16 : i + 18], "big")
             if port:
                 peers.append((ip, port))
-    return peers, float(interval)
+    tid = msg.get(b"tracker id")
+    return Reply(peers, float(interval), tid if isinstance(tid, bytes) and tid else None)
 
 
 def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: str,
-                 counters: dict[str, int]) -> str:
+                 counters: dict[str, int], tracker_id: bytes | None = None) -> str:
     query = {
         "info_hash": info_hash,
         "peer_id": peer_id,
@@ -96,6 +105,8 @@ def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: 
     }
     if event:
         query["event"] = event
+    if tracker_id is not None:
+        query["trackerid"] = tracker_id
     base = base.split("#", 1)[0]  # a fragment is not sent: the query goes before it
     sep = "&" if "?" in base else "?"
     return base + sep + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
@@ -121,8 +132,10 @@ class Tracker:
         self.peer_id = peer_id
         self.port = port
         self._session: Any = None
+        self.answered: list[str] = []  # the URLs that took an announce of ours, in order
+        self._ids: dict[str, bytes] = {}  # URL -> the tracker id it gave
 
-    async def announce(self, event: str, counters: dict[str, int]) -> tuple[Peers, float]:
+    async def announce(self, event: str, counters: dict[str, int]) -> Reply:
         import aiohttp
 
         last: Exception = TrackerError("no tracker")
@@ -135,27 +148,37 @@ class Tracker:
                 last = TrackerError(f"{url}: {type(exc).__name__}: {exc}")  # is its own
         raise last
 
-    async def announce_all(self, event: str, counters: dict[str, int]) -> None:
-        """Tell every tracker at once (``stopped``, ``completed``), answered or not."""
-        import asyncio
+    async def goodbye(self, events: list[str], counters: dict[str, int]) -> None:
+        """Tell the trackers that took our announces ``events`` in turn (``completed``
+        then ``stopped``), each tracker on its own: one that does not answer holds up
+        no other (libtorrent tells only those too)."""
+        async def tell(url: str) -> None:
+            for event in events:
+                with contextlib.suppress(Exception):  # (it may be gone: the next is said)
+                    await self._announce(url, event, counters)
 
-        await asyncio.gather(*(self._announce(url, event, counters) for url in self.urls),
-                             return_exceptions=True)
+        await asyncio.gather(*(tell(url) for url in self.answered))
 
-    async def _announce(self, url: str, event: str, counters: dict[str, int]) -> tuple[Peers, float]:
+    async def _announce(self, url: str, event: str, counters: dict[str, int]) -> Reply:
         import aiohttp
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
-        full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters)
+        full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters,
+                            self._ids.get(url))
         async with self._session.get(full) as resp:
             if resp.status != 200:
                 raise TrackerError(f"{url}: HTTP {resp.status}")
             body = await _read_reply(resp, url)
         try:
-            return parse_response(body)
+            reply = parse_response(body)
         except TrackerError as exc:
             raise TrackerError(f"{url}: {exc}") from None
+        if url not in self.answered:
+            self.answered.append(url)
+        if reply.tracker_id is not None:
+            self._ids[url] = reply.tracker_id[:256]
+        return reply
 
     async def close(self) -> None:
         if self._session is not None:

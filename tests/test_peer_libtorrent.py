@@ -1617,7 +1617,7 @@ def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Pa
                 time.sleep(0.5)  # blocks sent meanwhile wait in the daemon's socket
                 proc.send_signal(signal.SIGTERM)
                 started = time.monotonic()
-                out, err = proc.communicate(timeout=60)
+                out, err = proc.communicate(timeout=40)
                 took = time.monotonic() - started
             finally:
                 os.kill(d.proc.pid, signal.SIGCONT)
@@ -2145,4 +2145,100 @@ def test_pieces_slow_to_be_made_durable_are_not_fetched_twice(tmp_path: Path) ->
         assert down["bytes_down"] == sum(files.values()), down
         _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+class Blackholes:
+    """Loopback addresses that never answer a dial: a listening socket with a backlog of
+    0 whose one place is taken by a connection never accepted (the kernel then drops
+    every further SYN: a connect waits until it times out)."""
+
+    def __init__(self, n: int) -> None:
+        import socket as sockets
+
+        self.socks: list[sockets.socket] = []
+        self.ports: list[int] = []
+        for _ in range(n):
+            listener = sockets.create_server(("127.0.0.1", 0), backlog=0)
+            filler = sockets.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(listener.getsockname())
+            self.socks += [listener, filler]
+            self.ports.append(listener.getsockname()[1])
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def test_a_seeder_dialling_in_is_let_in_while_dials_to_dead_addresses_wait(
+        tmp_path: Path) -> None:
+    """The tracker names only addresses that never answer, more than --max-peers; a
+    seeder that learnt of us elsewhere dials us. It was refused: dials under way took
+    every place of --max-peers for 10 s each, and were made again for ever (no byte in
+    200 s with 300 such addresses). Dials have places of their own now, and an address
+    that was not reached three times in a row waits for a tracker to name it again."""
+    import bencodepy
+
+    piece = 65536
+    content = make_payload(tmp_path / "seed", {"a.bin": 12 * piece + 7}, seed=33)
+    raw = make_torrent_lt(content, piece, "v1")
+    holes = Blackholes(40)
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(lambda q: bencodepy.encode(
+                {b"interval": 60, b"peers": _compact(*holes.ports)})) as (port, _seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            listen = _free_port()
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--max-peers", "4",
+                         "--listen", f"127.0.0.1:{listen}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(proc)
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                time.sleep(2)  # the dials under way by now
+                seeder.connect("127.0.0.1", listen)
+                out, err = proc.communicate(timeout=40)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"]
+        assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        holes.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_seed_that_hangs_up_on_our_have_all_is_not_dialled_again(tmp_path: Path) -> None:
+    """A seeding pieced-peer dials a seed, which closes the connection as soon as it
+    sees we have every piece, before its own HAVE_ALL reaches us (libtorrent: "upload
+    to upload connection"): it was dialled again a second later, and again and again.
+    A peer that hangs up on our HAVE_ALL without wanting anything is a seed too."""
+    import socket as sockets
+
+    piece = 32768
+    _content, _raw, torrent = _made(tmp_path, {"a.bin": 6 * piece + 5}, piece, "v1", seed=34)
+    listener = sockets.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
+                          f"127.0.0.1:{listener.getsockname()[1]}")
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        parser = wire.Parser(handshake=True)
+        seen: list[wire.Event] = []
+        hs = None
+        while hs is None:
+            seen.extend(parser.feed(conn.recv(1 << 16)))
+            hs = next((e for e in seen if isinstance(e, wire.Handshake)), None)
+        conn.sendall(wire.handshake(hs.info_hash, b"-LT2110-" + bytes(12), wire.make_reserved()))
+        while not any(isinstance(e, wire.HaveAll) for e in seen):
+            seen.extend(parser.feed(conn.recv(1 << 16)))
+        conn.close()  # (as libtorrent does, its own HAVE_ALL still unsent)
+        listener.settimeout(12)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # not dialled again
+        assert seeding.stop()["complete"]
+    finally:
+        listener.close()
         assert d.stop() == 0, d.stderr()

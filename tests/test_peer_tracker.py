@@ -16,7 +16,7 @@ def test_compact_peers_and_interval() -> None:
     body = bencodepy.encode({b"interval": 900, b"peers": bytes([10, 0, 0, 1, 0x1A, 0xE1,
                                                                 127, 0, 0, 1, 0, 0,
                                                                 192, 168, 1, 2, 0x1A, 0xE2, 9])})
-    peers, interval = parse_response(body)
+    peers, interval, _ = parse_response(body)
     assert peers == [("10.0.0.1", 6881), ("192.168.1.2", 6882)]  # port 0 and a stray byte left out
     assert interval == 900
 
@@ -26,7 +26,7 @@ def test_peers_named_by_host_name_are_kept_and_others_left_out() -> None:
              b"under_score.org", b"sp ace", b"\xff.org", b"x." * 130]
     body = bencodepy.encode({b"peers": [{b"ip": n, b"port": 7000 + i}
                                         for i, n in enumerate(names)]})
-    peers, _ = parse_response(body)
+    peers = parse_response(body).peers
     assert peers == [("localhost", 7000), ("peer-1.example.org", 7001)]
 
 
@@ -36,7 +36,7 @@ def test_dictionary_peers_and_ipv6() -> None:
                    {b"ip": b"10.1.2.4", b"port": 70000}, b"junk"],
         b"peers6": bytes(15) + b"\x01" + b"\x1a\xe1",
     })
-    peers, interval = parse_response(body)
+    peers, interval, _ = parse_response(body)
     assert peers == [("10.1.2.3", 51413), ("::1", 6881)]
     assert interval == 1800  # none given
 
@@ -55,7 +55,7 @@ def test_refusals(body: bytes, why: str) -> None:
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_tracker_error(body: bytes) -> None:
     try:
-        peers, interval = parse_response(body)
+        peers, interval, _ = parse_response(body)
     except TrackerError:
         return
     assert interval > 0 and all(0 < port < 65536 for _, port in peers)
@@ -108,10 +108,77 @@ def test_a_tracker_that_fails_in_any_way_leaves_the_next_one_asked() -> None:
                 t = Tracker([first, f"http://127.0.0.1:{port}/good"], bytes(20),
                             b"-PZ0001-abcdefabcdef", 6881)
                 try:
-                    assert await t.announce("started", {}) == ([("127.0.0.1", 6881)], 60.0)
+                    assert (await t.announce("started", {}))[:2] == ([("127.0.0.1", 6881)], 60.0)
                 finally:
                     await t.close()
         finally:
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_goodbyes_go_to_the_trackers_that_answered_each_on_its_own() -> None:
+    """``completed`` then ``stopped`` go to each tracker that took an announce of ours,
+    each in its own time: one that hangs holds up no other (before, every URL was told
+    ``completed`` at once and ``stopped`` only after all of them, so a tracker that
+    never answered used up the 5 s an exit waits, and ``stopped`` reached no one); a
+    URL that never answered is told nothing; a tracker id is sent back."""
+    import asyncio
+    import urllib.parse
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    seen: dict[str, list[tuple[str, str | None]]] = {"flaky": [], "good": [], "never": []}
+
+    def record(name: str, req: web.Request) -> None:
+        q = urllib.parse.parse_qs(req.query_string)
+        seen[name].append((q.get("event", [""])[0], q.get("trackerid", [None])[0]))
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def flaky(req: web.Request) -> web.Response:
+            record("flaky", req)
+            if len(seen["flaky"]) == 1:
+                return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": b""}))
+            if len(seen["flaky"]) == 2:
+                return web.Response(status=500)
+            await release.wait()  # gone silent
+            return web.Response(status=500)
+
+        async def good(req: web.Request) -> web.Response:
+            record("good", req)
+            return web.Response(body=bencodepy.encode(
+                {b"interval": 60, b"peers": b"", b"tracker id": b"t-42"}))
+
+        async def never(req: web.Request) -> web.Response:
+            record("never", req)
+            return web.Response(status=500)
+
+        app = web.Application()
+        for name, handler in (("flaky", flaky), ("good", good), ("never", never)):
+            app.router.add_get(f"/{name}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        base = f"http://127.0.0.1:{port}"
+        t = Tracker([f"{base}/flaky", f"{base}/good", f"{base}/never"], bytes(20),
+                    b"-PZ0001-abcdefabcdef", 6881)
+        try:
+            await t.announce("started", {})  # the flaky one answers
+            await t.announce("", {})  # it fails: the good one answers, with its id
+            await t._announce(f"{base}/good", "", {})  # again, as its interval comes
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(t.goodbye(["completed", "stopped"], {}), 3)
+        finally:
+            await t.close()
+            release.set()
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert seen["good"] == [("", None), ("", "t-42"), ("completed", "t-42"), ("stopped", "t-42")]
+    assert [e for e, _ in seen["flaky"]] == ["started", "", "completed"]
+    assert seen["never"] == []
