@@ -11,7 +11,8 @@ settle, then raises the first error, once; how many more writes of that burst
 failed is in its ``others`` attribute. Every other call waits for its reply. Events
 (``piece_verified``, ``piece_failed``, ``pieces_changed``, ``disk_error``,
 ``recheck_progress``) go to the
-``on_event`` callback as ``(name, fields)``, and are kept in ``events`` otherwise.
+``on_event`` callback as ``(name, fields)``, and are kept in ``events`` otherwise
+(the last ``KEPT_EVENTS``; ``events_dropped`` counts those let go).
 
     from pieced.protocol.client import Client
     with Client("var/pieced.sock") as c:
@@ -219,6 +220,10 @@ def _ring_capacity(max_frame: int) -> int:
     return max(2 * max_frame, 4 * 1024 * 1024)
 
 
+#: Events kept in ``events`` (about half a KiB each) when there is no ``on_event``.
+KEPT_EVENTS = 65536
+
+
 class ClientCore:
     """Sans-I/O client state: ids, frames to send, replies received.
 
@@ -232,7 +237,11 @@ class ClientCore:
         self._ids = itertools.count(1)
         self.waiters: dict[int, _Waiter] = {}
         self.write_errors: collections.deque[PiecedError] = collections.deque()
-        self.events: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # A client that only polls (``status`` subscribes it) and never looks at its
+        # events must not keep every one of them: the newest KEPT_EVENTS are.
+        self.events: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(
+            maxlen=KEPT_EVENTS)
+        self.events_dropped = 0
         self.on_event: EventCallback | None = None
         self.shm: ShmRing | None = None
         self.server_hello: dict[str, Any] | None = None
@@ -390,6 +399,8 @@ class ClientCore:
             if self.on_event is not None:
                 self.on_event(name, msg)
             else:
+                if len(self.events) == self.events.maxlen:
+                    self.events_dropped += 1
                 self.events.append((name, msg))
             return
         if f.type == FrameType.ERROR and f.id == 0 and 0 not in self.waiters:

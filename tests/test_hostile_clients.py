@@ -606,6 +606,34 @@ def test_a_long_lived_connection_keeps_only_the_keys_it_can_use(tmp_path: Path) 
         _stops_cleanly(d)
 
 
+def test_a_client_that_only_polls_keeps_a_bounded_number_of_events(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client with no ``on_event`` that polls ``status`` (which subscribes it) kept
+    every event of the torrent in its ``events`` deque, for as long as it ran: the
+    newest ``KEPT_EVENTS`` are kept, and the others counted."""
+    from pieced.protocol import client as client_module
+
+    monkeypatch.setattr(client_module, "KEPT_EVENTS", 10)
+    content = make_payload(tmp_path / "src", 40 * 16384, seed=6)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket, timeout=30) as writer, Client(d.socket, timeout=30) as poller:
+            ih = writer.register(raw, tmp_path / "dl")
+            assert poller.status(ih)["verified_pieces"] == 0
+            for p, begin, n in src.blocks():
+                writer.write_chunk(ih, p, begin, src.read(p, begin, n))
+            writer.wait_writes()
+            writer.flush_all()
+            wait_for(lambda: poller.status(ih)["verified_pieces"] == src.meta.num_pieces
+                     and poller.core.events_dropped + len(poller.events) >= src.meta.num_pieces)
+            assert len(poller.events) == 10
+            assert poller.core.events_dropped >= src.meta.num_pieces - 10
+    finally:
+        _stops_cleanly(d)
+
+
 def test_empty_blocks_paths_and_expected_hashes_are_refused(tmp_path: Path) -> None:
     """A block of 0 bytes used to be acknowledged and leave its piece partial with nothing
     in it (a slot of max_partial_pieces each); an ``expected`` hash of the wrong size
