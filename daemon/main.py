@@ -223,8 +223,9 @@ class _BadRequestsBriefly(logging.Filter):
         return True
 
 
-# Descriptors a client may hold: its socket, its ring's two, 4 received and not yet taken.
-FDS_PER_CLIENT = 7
+# Descriptors a client may hold: its socket, its ring's three (the memfd, a description
+# of our own to probe it, the map's), 4 received and not yet taken.
+FDS_PER_CLIENT = 8
 # Held besides payload files and clients: HTTP connections (at most 128), the state
 # folder's files, the torrents' folders, the listening sockets.
 FDS_RESERVED = 256

@@ -105,6 +105,9 @@ class HandlePool:
     def __init__(self, max_open: int) -> None:
         self.max_open = max_open
         self._lock = threading.Lock()
+        # Descriptors held outside the pool on its budget (the mmap backend's maps, two
+        # each): the pool keeps fewer of its own open, so the bound holds for all.
+        self._reserved = 0
         self._fds: OrderedDict[tuple[object, int, bool], list[int]] = OrderedDict()  # [fd, users]
 
     def get(self, owner: FileStorage, index: int, writable: bool) -> list[int]:
@@ -138,11 +141,17 @@ class HandlePool:
             entry[1] -= 1
             if len(entry) > 2 and entry[1] == 0:  # forgotten while in use: close it now
                 os.close(entry[0])
-            if len(self._fds) > self.max_open:
+            if len(self._fds) + self._reserved > self.max_open:
                 self._evict_locked()
 
+    def reserve(self, n: int) -> None:
+        """``n`` descriptors more (or fewer, if negative) are held on the pool's budget."""
+        with self._lock:
+            self._reserved += n
+            self._evict_locked()
+
     def _evict_locked(self) -> None:
-        excess = len(self._fds) - self.max_open
+        excess = len(self._fds) + self._reserved - self.max_open
         if excess <= 0:
             return
         victims = []  # the least recently used idle ones: found near the front, not by a
@@ -179,7 +188,8 @@ class HandlePool:
 
     @property
     def open_count(self) -> int:
-        return len(self._fds)
+        """Payload descriptors open: the pool's and those held on its budget."""
+        return len(self._fds) + self._reserved
 
 
 class FileStorage:

@@ -23,6 +23,9 @@ from .hashing import Buffer
 from .layout import Segment
 
 # Mapped files and the leases that keep them safe to map -------------------------------
+# A map holds two descriptors (the leased one and mmap's own), counted against the
+# handle pool's bound (max_open_files) with the pool's own.
+FDS_PER_MAP = 2
 _leasing: weakref.WeakSet[MmapStorage] = weakref.WeakSet()
 _leasing_lock = threading.Lock()
 _watching = False
@@ -91,8 +94,9 @@ class MmapStorage(FileStorage):
     takes a page from the file system, and a full one answers SIGBUS). Mappings cover the file's full length (sparse),
     so a write never faults past its end, and a store allocates its blocks first
     (``posix_fallocate``), so a full disk is ENOSPC, not SIGBUS. A map holds its file
-    open (two descriptors: the leased one and mmap's own): at most ``max_open_files``
-    files are mapped, the least recently used one unmapped to map another.
+    open (two descriptors: the leased one and mmap's own), counted against
+    ``max_open_files`` with the handle pool's own: at most half that many files are
+    mapped, the least recently used one unmapped to map another.
     """
 
     name = "mmap"
@@ -150,11 +154,12 @@ class MmapStorage(FileStorage):
                 raise
             with self._map_lock:
                 self._maps[index] = (fd, m)
+                self.handles.reserve(FDS_PER_MAP)
                 with _mapped_lock:
                     lru = _mapped.setdefault(self.handles, OrderedDict())
                     lru[(id(self), index)] = weakref.ref(self)
                     excess = []
-                    while len(lru) > self.handles.max_open:
+                    while FDS_PER_MAP * len(lru) > self.handles.max_open and len(lru) > 1:
                         (_, victim), ref = lru.popitem(last=False)
                         excess.append((ref(), victim))
         # A break that came before the map was listed found nothing to release.
@@ -214,6 +219,7 @@ class MmapStorage(FileStorage):
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         os.close(fd)
+        self.handles.reserve(-FDS_PER_MAP)
         if retry:
             self._retry[index] = time.monotonic() + self.RETRY_SECONDS
 
