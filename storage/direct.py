@@ -3,20 +3,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .errors import PathEscape, PiecedError, StorageIOError
 from .files import FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
 
-_bounces = threading.local()  # each thread's bounce buffer, shared by every torrent
+
+class _Bounces:
+    """Page-aligned bounce buffers (anonymous maps), at most ``limit``, shared by every
+    thread and torrent: a buffer a thread kept for itself stayed as long as the thread
+    (the daemon's pools keep up to about seventy), 4 MiB each, past every budget. A
+    call takes one before any file lock, and holds one at a time: no wait for a buffer
+    is made while holding what its holder needs."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free: list[memoryview] = []
+        self._made = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, size: int, align: int) -> Iterator[memoryview]:
+        with self._cond:
+            while not self._free and self._made >= self.limit:
+                self._cond.wait()
+            buf = self._free.pop() if self._free else None
+            if buf is None:
+                self._made += 1
+        try:
+            if buf is None or buf.nbytes < size:
+                cap = max(size, 1024 * 1024)
+                cap += -cap % align
+                buf = memoryview(mmap.mmap(-1, cap))
+            yield buf
+        except BaseException:
+            if buf is None:  # (the map could not be made)
+                with self._cond:
+                    self._made -= 1
+                    self._cond.notify()
+            raise
+        finally:
+            if buf is not None:
+                with self._cond:
+                    self._free.append(buf)
+                    self._cond.notify()
+
+
+MAX_BOUNCES = 8  # 32 MiB at most (CHUNK each), whatever the number of threads
+_bounces = _Bounces(MAX_BOUNCES)
 
 
 class DirectStorage(FileStorage):
@@ -26,7 +69,7 @@ class DirectStorage(FileStorage):
     out of the page cache: the daemon's own cache (``cache_bytes``) is then the only one.
     O_DIRECT wants file offsets, lengths and buffers aligned to the device's blocks
     (ALIGN covers 512-byte and 4 KiB devices). Each call moves at most CHUNK bytes
-    through a page-aligned bounce buffer of the thread's own; a block that starts or ends
+    through a page-aligned bounce buffer (at most MAX_BOUNCES of them, shared); a block that starts or ends
     inside a page (files of a multi-file torrent rarely start on a page) reads that page
     first and writes it back whole (read-modify-write), under the file's lock, since the
     neighbouring block shares the page. A file's last page is written whole too, then
@@ -85,15 +128,9 @@ class DirectStorage(FileStorage):
             except (OSError, PiecedError):
                 pass  # (left longer: its pieces are as good; the next write cuts it too)
 
-    def _bounce(self, size: int) -> memoryview:
-        """The thread's page-aligned buffer (an anonymous map), grown as needed: one a
-        thread, whatever the number of torrents (a call uses it and is done with it)."""
-        buf: memoryview | None = getattr(_bounces, "buf", None)
-        if buf is None or buf.nbytes < size:
-            cap = max(size, 1024 * 1024)
-            cap += -cap % self.ALIGN
-            buf = _bounces.buf = memoryview(mmap.mmap(-1, cap))
-        return buf
+    def _bounce(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
+        """A page-aligned buffer of at least ``size`` bytes, for the ``with`` block."""
+        return _bounces.take(size, self.ALIGN)
 
     def _lock_of(self, index: int) -> threading.Lock:
         with self._lock:
@@ -135,28 +172,29 @@ class DirectStorage(FileStorage):
             else:
                 self._check_linked(fd, index)
             lock = self._lock_of(index) if partial else None
-            if lock is not None:
-                lock.acquire()
-            try:
-                buf = self._bounce(end - start)[: end - start]
-                if partial:
-                    # the pages the block shares with its neighbours, as they are on disk
-                    self._read_aligned(fd, buf[:A], start)
-                    if end - A > start:
-                        self._read_aligned(fd, buf[-A:], end - A)
-                pos = seg.file_offset - start
-                for v in views:
-                    mv = memoryview(v).cast("B")
-                    buf[pos : pos + mv.nbytes] = mv
-                    pos += mv.nbytes
-                done = 0
-                while done < end - start:
-                    done += os.pwritev(fd, [buf[done:]], start + done)
-                if end > length:  # the last page went whole: the file is longer than it is
-                    os.ftruncate(fd, length)
-            finally:
+            with self._bounce(end - start) as bounce:  # (taken before the file's lock)
+                buf = bounce[: end - start]
                 if lock is not None:
-                    lock.release()
+                    lock.acquire()
+                try:
+                    if partial:
+                        # the pages the block shares with its neighbours, as they are on disk
+                        self._read_aligned(fd, buf[:A], start)
+                        if end - A > start:
+                            self._read_aligned(fd, buf[-A:], end - A)
+                    pos = seg.file_offset - start
+                    for v in views:
+                        mv = memoryview(v).cast("B")
+                        buf[pos : pos + mv.nbytes] = mv
+                        pos += mv.nbytes
+                    done = 0
+                    while done < end - start:
+                        done += os.pwritev(fd, [buf[done:]], start + done)
+                    if end > length:  # the last page went whole: the file is longer than it is
+                        os.ftruncate(fd, length)
+                finally:
+                    if lock is not None:
+                        lock.release()
         except OSError as exc:
             raise StorageIOError.wrap(exc, f"write {self.file_path(index)}") from None
         finally:
@@ -201,19 +239,20 @@ class DirectStorage(FileStorage):
                     body = seg.length - seg.length % A
                     got = self._read_aligned(fd, dst[:body], start)
                     if body < seg.length and got == body:
-                        buf = self._bounce(A)[:A]
-                        got += self._read_aligned(fd, buf, start + body)
-                        dst[body:] = buf[: seg.length - body]
+                        with self._bounce(A) as bounce:
+                            got += self._read_aligned(fd, bounce[:A], start + body)
+                            dst[body:] = bounce[: seg.length - body]
                     self._check_read(seg, start + got, whole)
                     return
-                buf = self._bounce(end - start)[: end - start]
-                got = self._read_aligned(fd, buf, start)
+                with self._bounce(end - start) as bounce:
+                    got = self._read_aligned(fd, bounce[: end - start], start)
+                    if start + got >= seg.file_offset + seg.length or not whole:
+                        off = seg.file_offset - start
+                        dst[:] = bounce[off : off + seg.length]
             except OSError as exc:
                 raise StorageIOError.wrap(
                     exc, f"read {self.file_path(seg.file_index)}") from None
             self._check_read(seg, start + got, whole)
-            off = seg.file_offset - start
-            dst[:] = buf[off : off + seg.length]
 
     def _check_read(self, seg: Segment, end: int, whole: bool) -> None:
         """A read that stopped short of the segment, in a file the daemon had given its

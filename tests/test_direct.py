@@ -153,6 +153,46 @@ def test_bounce_buffers_are_one_a_thread_not_one_a_thread_and_torrent(tmp_path: 
         dio.close()
 
 
+def test_bounce_buffers_are_bounded_whatever_the_number_of_threads(tmp_path: Path) -> None:
+    """Forty-eight threads (the daemon's pools keep about seventy) read 4 MiB pieces at
+    an offset inside a page, through bounce buffers: at most MAX_BOUNCES of them exist,
+    shared, however many threads there are and for as long as they live. Before, each
+    thread kept its own (4 MiB, touched whole) for as long as it lived: 192 MiB here,
+    outside every budget; and every read is right. (The RSS also holds what the C
+    allocator keeps of the threads' 4 MiB replies: tens of MiB, hence the margin.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pieced.storage import direct
+    from pieced.storage.direct import MAX_BOUNCES
+
+    from tests.conftest import proc_bytes
+
+    piece = 4 * 1024 * 1024
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * piece}, seed=21)
+    raw = make_torrent_lt(content, piece, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO("direct", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src, seed=None, direct_every=0)
+        dio.flush_all()
+        with ThreadPoolExecutor(48) as pool:
+            def read(k: int) -> bool:
+                p = k % src.meta.num_pieces
+                return dio.read_chunk(ih, p, 100, piece - 100, volatile=True) == src.read(
+                    p, 100, piece - 100)
+
+            assert all(pool.map(read, range(8)))  # (the buffers there are by now)
+            base = proc_bytes(os.getpid())
+            assert all(pool.map(read, range(8, 300)))
+            grown = proc_bytes(os.getpid()) - base
+            print(f"48 threads reading: RSS grew {grown / 2**20:.1f} MiB")
+            assert direct._bounces._made <= MAX_BOUNCES
+            assert grown < (MAX_BOUNCES + 20) * (piece + 4096), grown
+    finally:
+        dio.close()
+
+
 def test_reads_of_a_verified_piece_while_the_file_end_is_written(tmp_path: Path) -> None:
     """A piece is seeded (read again and again) while another piece that shares its
     file's last page is cleared and written again and again: downloading and seeding at
