@@ -516,7 +516,9 @@ class FileStorage:
         return FileVanished(message, index, written, gone)
 
     def _size_file(self, fd: int, index: int) -> None:
-        """Give a file its full length on first write: sparse, or allocated if asked.
+        """Give a file its length on first write: sparse, or allocated if asked; one
+        found longer is cut to it, as libtorrent does (a download then ends as the
+        bytes it is of, not with the tail of what was there before).
 
         Not a file seen gone or cut short while the journal may still call its pieces
         verified (see ``before_remaking``)."""
@@ -528,7 +530,7 @@ class FileStorage:
         try:
             if self.preallocate and length:
                 os.posix_fallocate(fd, 0, length)
-            elif os.fstat(fd).st_size < length:
+            if os.fstat(fd).st_size != length:
                 os.ftruncate(fd, length)
         except OSError as exc:
             raise StorageIOError.wrap(exc, f"size {self.file_path(index)}") from None

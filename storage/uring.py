@@ -1,5 +1,6 @@
 """The uring backend: a call's reads and writes submitted together through io_uring
-(the ``liburing`` package), on a ring per thread (see :class:`UringStorage`)."""
+(the ``liburing`` package), on a few rings shared by every thread (see
+:class:`UringStorage`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from .hashing import Buffer, sub_views
 from .layout import Segment
 
 # io_uring ------------------------------------------------------------------------------
-_rings = threading.local()  # one ring per thread, shared by every torrent it works for
 # Buffers an iovec of the package takes: it checks against _SC_IOV_MAX, the name of the
 # sysconf setting (60), not its value (1024).
 _IOVEC_MAX = 60
@@ -33,8 +33,7 @@ def check_uring() -> None:
         raise StorageIOError(f"io_uring is not available here (the liburing package {crashed}):"
                              " choose another backend, such as posix", errno=errno.ENOSYS)
     try:
-        ring = _thread_ring()
-        results = ring.run([("nop", -1, (), 0)])
+        results = _rings.run([("nop", -1, (), 0)])
     except (ImportError, OSError) as exc:
         raise StorageIOError(f"io_uring is not available here ({exc}): choose another "
                              "backend, such as posix", errno=getattr(exc, "errno", None)
@@ -69,7 +68,7 @@ def _probe_in_child() -> str:
 
 
 class _Ring:
-    """One thread's io_uring: a list of operations in, their results out (negative
+    """An io_uring: a list of operations in, their results out (negative
     errno on failure), submitted together and waited on together.
 
     Each operation's buffers go into an ``iovec`` of the package made for it, which
@@ -90,12 +89,9 @@ class _Ring:
         self.live = True
 
     def __del__(self) -> None:
-        # The thread that owned it ended (its thread-local went): close the ring.
         self.close()
 
     def close(self) -> None:
-        if getattr(_rings, "ring", None) is self:
-            _rings.ring = None
         if self.live:
             self.live = False
             with contextlib.suppress(Exception):
@@ -164,24 +160,53 @@ class _Ring:
                     lib.io_uring_cqe_seen(ring, cqe)
             except BaseException:
                 # Entries or completions left behind would be taken for the next call's:
-                # this thread starts on a new ring.
+                # the ring is not used again (the pool makes another).
                 self.close()
                 raise
             del iovecs  # the buffers are the caller's again
         return results
 
 
-def _thread_ring() -> _Ring:
-    ring: _Ring | None = getattr(_rings, "ring", None)
-    if ring is None:
-        ring = _rings.ring = _Ring()
-    return ring
+class _Rings:
+    """Rings shared by every thread and torrent, at most ``limit``: a ring a thread kept
+    for itself stayed as long as the thread (the daemon's pools keep about seventy),
+    each with its descriptor and its kernel memory. A ring is held for one batch (a
+    submit and its wait on the disk), so a thread waiting for one waits for I/O only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free: list[_Ring] = []
+        self._made = 0
+        self._cond = threading.Condition()
+
+    def run(self, ops: list[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
+        with self._cond:
+            while not self._free and self._made >= self.limit:
+                self._cond.wait()
+            ring = self._free.pop() if self._free else None
+            if ring is None:
+                self._made += 1
+        try:
+            if ring is None:
+                ring = _Ring()
+            return ring.run(ops)
+        finally:
+            with self._cond:
+                if ring is not None and ring.live:
+                    self._free.append(ring)
+                else:  # (it could not be made, or was closed after a failure)
+                    self._made -= 1
+                self._cond.notify()
+
+
+MAX_RINGS = 8
+_rings = _Rings(MAX_RINGS)
 
 
 class UringStorage(FileStorage):
     """The io_uring backend: the segments of one call (a block across files, a piece
-    being read) are submitted together and waited on together, on the calling thread's
-    ring; the ring's two slices still go out as one vectored write. Reads that must not
+    being read) are submitted together and waited on together, on one of the shared
+    rings; the ring's two slices still go out as one vectored write. Reads that must not
     touch the disk (RWF_NOWAIT, for the cache) go as in posix.
     """
 
@@ -209,7 +234,7 @@ class UringStorage(FileStorage):
                     bufs, seg.buf_offset, seg.buf_offset + seg.length)
                 views.append(v)
                 ops.append(("writev", entry[0], v[:_IOV_MAX], seg.file_offset))
-            results = _thread_ring().run(ops)
+            results = _rings.run(ops)
             for seg, entry, v, res in zip(todo, entries, views, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),
@@ -240,7 +265,7 @@ class UringStorage(FileStorage):
                 fd = stack.enter_context(self._fd(seg.file_index, False))
                 ops.append(("readv", fd, [dst], seg.file_offset))
                 todo.append((seg, fd, dst, whole))
-            results = _thread_ring().run(ops)
+            results = _rings.run(ops)
             for (seg, fd, dst, whole), res in zip(todo, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),

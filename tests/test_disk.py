@@ -1333,3 +1333,34 @@ def test_a_move_to_where_a_file_is_in_the_way_of_a_folder_is_refused_before_it_s
         assert dio.recheck(ih).ok
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": "stores nothing: no file to size"})
+def test_a_file_longer_than_its_torrent_says_is_cut_to_its_length_by_the_first_write(
+        tmp_path: Path, backend: str) -> None:
+    """A download into a save path holding a file longer than the torrent's (an older
+    version, another torrent's file of that name): the bytes past its length stayed, so
+    the download ended verified but not as the bytes it is of. The first write gives
+    the file its length, as libtorrent does; a file only read is left as it is."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 70_001}, seed=12)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dl = tmp_path / "dl" / "payload"
+    dl.mkdir(parents=True)
+    (dl / "a.bin").write_bytes(b"\x01" * 105_000)  # longer, and wrong
+    (dl / "b.bin").write_bytes((content / "b.bin").read_bytes() + b"tail")  # longer, right
+    dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        res = dio.recheck(ih, full=True)
+        index_b = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "b.bin")
+        good = set(range(src.meta.num_pieces)) - set(res.failed_v1 or [])
+        assert set(src.layout.file_pieces(index_b)) - {min(src.layout.file_pieces(index_b))} <= good
+        for p, b, n in src.blocks():
+            if p not in good:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert (dl / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        dio.close()
