@@ -407,6 +407,7 @@ class DiskIO:
                     shared.setdefault(b, {}).setdefault(j, []).append((by_id[a], i))
         for t in torrents:
             t.shared = shared.get(t.id, {})
+            t.storage.shared_files = frozenset(t.shared)
 
     def _store(self, t: Torrent, segs: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
         """``t.storage.writev``, and what it means for the torrents sharing the files.

@@ -218,6 +218,8 @@ class FileStorage:
         self.stranded = False  # a move or rename failed, and was not undone whole
         self.root = self.beneath(save_path)  # every payload path is resolved beneath it
         self._sized: set[int] = set()  # given their length by us (or an earlier run)
+        # Files another registered torrent shares (cross-seeding; set by the disk layer).
+        self.shared_files: Container[int] = frozenset()
         # Found at full length by a check, with verified pieces (perhaps on a read-only
         # file system: not ours to write): shorter later, they were cut behind our back.
         self._whole: set[int] = set()
@@ -518,7 +520,8 @@ class FileStorage:
     def _size_file(self, fd: int, index: int) -> None:
         """Give a file its length on first write: sparse, or allocated if asked; one
         found longer is cut to it, as libtorrent does (a download then ends as the
-        bytes it is of, not with the tail of what was there before).
+        bytes it is of, not with the tail of what was there before), unless another
+        registered torrent shares the file (``shared_files``): its tail is that one's.
 
         Not a file seen gone or cut short while the journal may still call its pieces
         verified (see ``before_remaking``)."""
@@ -530,7 +533,8 @@ class FileStorage:
         try:
             if self.preallocate and length:
                 os.posix_fallocate(fd, 0, length)
-            if os.fstat(fd).st_size != length:
+            size = os.fstat(fd).st_size
+            if size < length or (size > length and index not in self.shared_files):
                 os.ftruncate(fd, length)
         except OSError as exc:
             raise StorageIOError.wrap(exc, f"size {self.file_path(index)}") from None

@@ -1364,3 +1364,30 @@ def test_a_file_longer_than_its_torrent_says_is_cut_to_its_length_by_the_first_w
         assert (dl / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
     finally:
         dio.close()
+
+
+def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_other(
+        tmp_path: Path) -> None:
+    """Two torrents name one file (cross-seeding) with two lengths: the shorter one's
+    first write does not cut the file to its length, which would take the other's
+    verified pieces from under it unannounced (still reported verified)."""
+    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=14)
+    data = (long_content / "x.bin").read_bytes()
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
+    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
+    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 16384, "v1")
+    src_long, src_short = Source(raw_long, long_content), Source(raw_short, tmp_path / "short")
+    dio = DiskIO("posix", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih_long = dio.register(raw_long, tmp_path / "dl")
+        fill(dio, ih_long, src_long, seed=None, direct_every=0)
+        dio.flush_all()
+        ih_short = dio.register(raw_short, tmp_path / "dl")
+        fill(dio, ih_short, src_short, seed=None, direct_every=0)
+        dio.flush_all()
+        assert dio.status(ih_short)["verified_pieces"] == src_short.meta.num_pieces
+        assert (tmp_path / "dl" / "x.bin").read_bytes() == data
+        assert dio.recheck(ih_long, full=True).ok
+    finally:
+        dio.close()
