@@ -105,10 +105,11 @@ CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a secon
 # long after each attempt that brought no block, up to RETRY_MAX (libtorrent's wait).
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
-# An address that could not be reached this many times in a row is not dialled again
-# until a tracker names it again (libtorrent's max_failcount is 3 too); one given with
-# --peer is dialled for as long as we run.
+# An address that could not be reached this many times in a row (libtorrent's
+# max_failcount is 3 too) is dialled again only every UNREACHED_RETRY seconds, after the
+# others, or at once when a tracker names it again; one given with --peer as any other.
 MAX_UNREACHED = 3
+UNREACHED_RETRY = 300.0
 CONNECT_TIMEOUT = 10.0
 MAX_KNOWN = 1000  # addresses kept to dial; a tracker's further ones are left out
 
@@ -906,8 +907,8 @@ class Swarm:
             dial.seed = True
         if dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
-        elif dial.unreached >= MAX_UNREACHED and not dial.given:
-            dial.due = 0.0  # until a tracker names it again
+        elif dial.unreached >= MAX_UNREACHED and not dial.given and self._dialling():
+            dial.due = time.monotonic() + UNREACHED_RETRY  # (or when a tracker names it)
         elif self._dialling() and not dial.dropped:
             wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)
             if peer is not None and peer.replaced:

@@ -367,7 +367,10 @@ def _tracker(reply: Callable[[dict[str, str]], bytes]) -> Iterator[tuple[int, li
             await runner.cleanup()
 
         state["loop"] = asyncio.new_event_loop()
-        state["loop"].run_until_complete(main())
+        try:
+            state["loop"].run_until_complete(main())
+        finally:
+            state["loop"].close()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -2178,7 +2181,7 @@ def test_a_seeder_dialling_in_is_let_in_while_dials_to_dead_addresses_wait(
     seeder that learnt of us elsewhere dials us. It was refused: dials under way took
     every place of --max-peers for 10 s each, and were made again for ever (no byte in
     200 s with 300 such addresses). Dials have places of their own now, and an address
-    that was not reached three times in a row waits for a tracker to name it again."""
+    that was not reached three times in a row is dialled again only every 5 minutes."""
     import bencodepy
 
     piece = 65536
