@@ -10,56 +10,16 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from .errors import PathEscape, PiecedError, StorageIOError
 from .files import FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
-
-
-class _Bounces:
-    """Page-aligned bounce buffers (anonymous maps), at most ``limit``, shared by every
-    thread and torrent: a buffer a thread kept for itself stayed as long as the thread
-    (the daemon's pools keep up to about seventy), 4 MiB each, past every budget. A
-    call takes one before any file lock, and holds one at a time: no wait for a buffer
-    is made while holding what its holder needs."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._free: list[memoryview] = []
-        self._made = 0
-        self._cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def take(self, size: int, align: int) -> Iterator[memoryview]:
-        with self._cond:
-            while not self._free and self._made >= self.limit:
-                self._cond.wait()
-            buf = self._free.pop() if self._free else None
-            if buf is None:
-                self._made += 1
-        try:
-            if buf is None or buf.nbytes < size:
-                cap = max(size, 1024 * 1024)
-                cap += -cap % align
-                buf = memoryview(mmap.mmap(-1, cap))
-            yield buf
-        except BaseException:
-            if buf is None:  # (the map could not be made)
-                with self._cond:
-                    self._made -= 1
-                    self._cond.notify()
-            raise
-        finally:
-            if buf is not None:
-                with self._cond:
-                    self._free.append(buf)
-                    self._cond.notify()
-
+from .sharedpool import SharedPool
 
 MAX_BOUNCES = 8  # 32 MiB at most (CHUNK each), whatever the number of threads
-_bounces = _Bounces(MAX_BOUNCES)
+_bounces: SharedPool[memoryview] = SharedPool(MAX_BOUNCES)
 
 
 class DirectStorage(FileStorage):
@@ -129,8 +89,15 @@ class DirectStorage(FileStorage):
                 pass  # (left longer: its pieces are as good; the next write cuts it too)
 
     def _bounce(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
-        """A page-aligned buffer of at least ``size`` bytes, for the ``with`` block."""
-        return _bounces.take(size, self.ALIGN)
+        """A page-aligned buffer (an anonymous map) of at least ``size`` bytes, for the
+        ``with`` block: one of the shared ones, grown if it is too small."""
+        def fit(buf: memoryview | None) -> memoryview:
+            if buf is not None and buf.nbytes >= size:
+                return buf
+            cap = max(size, 1024 * 1024)
+            return memoryview(mmap.mmap(-1, cap + -cap % self.ALIGN))
+
+        return _bounces.take(fit)
 
     def _lock_of(self, index: int) -> threading.Lock:
         with self._lock:

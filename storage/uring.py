@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 
 from .errors import StorageIOError
 from .files import _IOV_MAX, FileStorage
 from .hashing import Buffer, sub_views
 from .layout import Segment
+from .sharedpool import SharedPool
 
 # io_uring ------------------------------------------------------------------------------
 # Buffers an iovec of the package takes: it checks against _SC_IOV_MAX, the name of the
@@ -33,7 +33,7 @@ def check_uring() -> None:
         raise StorageIOError(f"io_uring is not available here (the liburing package {crashed}):"
                              " choose another backend, such as posix", errno=errno.ENOSYS)
     try:
-        results = _rings.run([("nop", -1, (), 0)])
+        results = _run([("nop", -1, (), 0)])
     except (ImportError, OSError) as exc:
         raise StorageIOError(f"io_uring is not available here ({exc}): choose another "
                              "backend, such as posix", errno=getattr(exc, "errno", None)
@@ -167,40 +167,15 @@ class _Ring:
         return results
 
 
-class _Rings:
-    """Rings shared by every thread and torrent, at most ``limit``: a ring a thread kept
-    for itself stayed as long as the thread (the daemon's pools keep about seventy),
-    each with its descriptor and its kernel memory. A ring is held for one batch (a
-    submit and its wait on the disk), so a thread waiting for one waits for I/O only."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._free: list[_Ring] = []
-        self._made = 0
-        self._cond = threading.Condition()
-
-    def run(self, ops: list[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
-        with self._cond:
-            while not self._free and self._made >= self.limit:
-                self._cond.wait()
-            ring = self._free.pop() if self._free else None
-            if ring is None:
-                self._made += 1
-        try:
-            if ring is None:
-                ring = _Ring()
-            return ring.run(ops)
-        finally:
-            with self._cond:
-                if ring is not None and ring.live:
-                    self._free.append(ring)
-                else:  # (it could not be made, or was closed after a failure)
-                    self._made -= 1
-                self._cond.notify()
-
-
 MAX_RINGS = 8
-_rings = _Rings(MAX_RINGS)
+_rings: SharedPool[_Ring] = SharedPool(MAX_RINGS)
+
+
+def _run(ops: list[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
+    """Run a batch on one of the shared rings (a ring closed after a failure is not
+    used again: another is made)."""
+    with _rings.take(lambda ring: ring or _Ring(), lambda ring: ring.live) as ring:
+        return ring.run(ops)
 
 
 class UringStorage(FileStorage):
@@ -234,7 +209,7 @@ class UringStorage(FileStorage):
                     bufs, seg.buf_offset, seg.buf_offset + seg.length)
                 views.append(v)
                 ops.append(("writev", entry[0], v[:_IOV_MAX], seg.file_offset))
-            results = _rings.run(ops)
+            results = _run(ops)
             for seg, entry, v, res in zip(todo, entries, views, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),
@@ -265,7 +240,7 @@ class UringStorage(FileStorage):
                 fd = stack.enter_context(self._fd(seg.file_index, False))
                 ops.append(("readv", fd, [dst], seg.file_offset))
                 todo.append((seg, fd, dst, whole))
-            results = _rings.run(ops)
+            results = _run(ops)
             for (seg, fd, dst, whole), res in zip(todo, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),

@@ -187,7 +187,7 @@ def test_bounce_buffers_are_bounded_whatever_the_number_of_threads(tmp_path: Pat
             assert all(pool.map(read, range(8, 300)))
             grown = proc_bytes(os.getpid()) - base
             print(f"48 threads reading: RSS grew {grown / 2**20:.1f} MiB")
-            assert direct._bounces._made <= MAX_BOUNCES
+            assert direct._bounces.made <= MAX_BOUNCES
             assert grown < (MAX_BOUNCES + 20) * (piece + 4096), grown
     finally:
         dio.close()
