@@ -1958,6 +1958,25 @@ def test_a_peer_that_takes_its_pieces_back_with_lt_donthave_is_no_longer_wanted(
         assert d.stop() == 0, d.stderr()
 
 
+def _seeding_dials(tmp_path: Path, d: Daemon, listener: Any, seed: int
+                   ) -> tuple[Seeding, Any, wire.Parser, wire.Handshake]:
+    """``pieced-peer --seed`` of a small torrent given ``listener``'s address: its
+    connection there, and the parser that read its handshake (it says no more before ours)."""
+    piece = 32768
+    _content, _raw, torrent = _made(tmp_path, {"a.bin": 6 * piece + 5}, piece, "v1", seed=seed)
+    listener.settimeout(30)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
+                      f"127.0.0.1:{listener.getsockname()[1]}")
+    conn, _ = listener.accept()
+    conn.settimeout(30)
+    parser = wire.Parser(handshake=True)
+    while True:
+        hs = next((e for e in parser.feed(conn.recv(1 << 16)) if isinstance(e, wire.Handshake)),
+                  None)
+        if hs is not None:
+            return seeding, conn, parser, hs
+
+
 def test_a_seeding_pieced_peer_leaves_a_seed_alone(tmp_path: Path) -> None:
     """Two seeds have nothing to exchange: pieced-peer --seed, given a seed's address,
     drops the connection once it knows (as libtorrent does) and does not dial it again.
@@ -1965,22 +1984,10 @@ def test_a_seeding_pieced_peer_leaves_a_seed_alone(tmp_path: Path) -> None:
     does after 30 s) dial it again every half a minute for ever."""
     import socket as sockets
 
-    piece = 32768
-    files = {"a.bin": 6 * piece + 5}
-    _content, _raw, torrent = _made(tmp_path, files, piece, "v1", seed=30)
     listener = sockets.create_server(("127.0.0.1", 0))
-    listener.settimeout(30)
     d = Daemon(tmp_path)
     try:
-        seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
-                          f"127.0.0.1:{listener.getsockname()[1]}")
-        conn, _ = listener.accept()
-        conn.settimeout(30)
-        parser = wire.Parser(handshake=True)
-        seen: list[wire.Event] = []
-        while not any(isinstance(e, wire.Handshake) for e in seen):
-            seen.extend(parser.feed(conn.recv(1 << 16)))
-        hs = next(e for e in seen if isinstance(e, wire.Handshake))
+        seeding, conn, _parser, hs = _seeding_dials(tmp_path, d, listener, 30)
         conn.sendall(wire.handshake(hs.info_hash, b"-RS0001-" + bytes(12), wire.make_reserved())
                      + wire.have_all())
         start = time.monotonic()
@@ -2230,23 +2237,12 @@ def test_a_seed_that_hangs_up_on_our_have_all_is_not_dialled_again(tmp_path: Pat
     A peer that hangs up on our HAVE_ALL without wanting anything is a seed too."""
     import socket as sockets
 
-    piece = 32768
-    _content, _raw, torrent = _made(tmp_path, {"a.bin": 6 * piece + 5}, piece, "v1", seed=34)
     listener = sockets.create_server(("127.0.0.1", 0))
-    listener.settimeout(30)
     d = Daemon(tmp_path)
     try:
-        seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
-                          f"127.0.0.1:{listener.getsockname()[1]}")
-        conn, _ = listener.accept()
-        conn.settimeout(30)
-        parser = wire.Parser(handshake=True)
-        seen: list[wire.Event] = []
-        hs = None
-        while hs is None:
-            seen.extend(parser.feed(conn.recv(1 << 16)))
-            hs = next((e for e in seen if isinstance(e, wire.Handshake)), None)
+        seeding, conn, parser, hs = _seeding_dials(tmp_path, d, listener, 34)
         conn.sendall(wire.handshake(hs.info_hash, b"-LT2110-" + bytes(12), wire.make_reserved()))
+        seen: list[wire.Event] = []
         while not any(isinstance(e, wire.HaveAll) for e in seen):
             seen.extend(parser.feed(conn.recv(1 << 16)))
         conn.close()  # (as libtorrent does, its own HAVE_ALL still unsent)
