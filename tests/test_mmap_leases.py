@@ -55,6 +55,23 @@ def _written(dio: DiskIO, raw: bytes, src: Source, tmp_path: Path) -> tuple[byte
     return ih, big
 
 
+def _daemon_with(tmp_path: Path, raw: bytes, src: Source) -> tuple[Daemon, bytes]:
+    """A daemon on mmap (no cache) that has the torrent, every piece written and
+    verified in ``tmp_path/dl``: (the daemon, the info hash)."""
+    d = Daemon(tmp_path, env={"PIECED_BACKEND": "mmap", "PIECED_CACHE_BYTES": "0"})
+    try:
+        with Client(str(d.socket)) as c:
+            ih = c.register(raw, save_path=str(tmp_path / "dl"))
+            for p, b, n in src.blocks():
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+    except BaseException:
+        d.stop()
+        raise
+    return d, ih
+
+
 def test_a_reader_takes_the_map_away_and_it_comes_back(tmp_path: Path, torrent) -> None:  # type: ignore[no-untyped-def]
     raw, src = torrent
     dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
@@ -92,14 +109,8 @@ def test_truncated_while_mapped_the_daemon_lives_on(tmp_path: Path, torrent) -> 
     other = make_payload(tmp_path / "src2", {"o.bin": 600_000}, seed=5)
     raw2 = make_torrent_lt(other, 65536, "v1")
     src2 = Source(raw2, tmp_path / "src2")
-    d = Daemon(tmp_path, env={"PIECED_BACKEND": "mmap", "PIECED_CACHE_BYTES": "0"})
+    d, ih = _daemon_with(tmp_path, raw, src)
     try:
-        with Client(str(d.socket)) as c:
-            ih = c.register(raw, save_path=str(tmp_path / "dl"))
-            for p, b, n in src.blocks():
-                c.write_chunk(ih, p, b, src.read(p, b, n))
-            c.flush_all()
-            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
         big = tmp_path / "dl" / "payload" / "big.bin"
         index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "big.bin")
         big_pieces = list(src.layout.file_pieces(index))
@@ -247,14 +258,8 @@ def test_rechecks_while_another_process_cuts_the_file_the_daemon_lives_on(
     the file short and grows it again: the daemon lives on, and the pieces of the file
     cut for good are failed by the last recheck."""
     raw, src = torrent
-    d = Daemon(tmp_path, env={"PIECED_BACKEND": "mmap", "PIECED_CACHE_BYTES": "0"})
+    d, ih = _daemon_with(tmp_path, raw, src)
     try:
-        with Client(str(d.socket)) as c:
-            ih = c.register(raw, save_path=str(tmp_path / "dl"))
-            for p, b, n in src.blocks():
-                c.write_chunk(ih, p, b, src.read(p, b, n))
-            c.flush_all()
-            assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
         big = tmp_path / "dl" / "payload" / "big.bin"
         index = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "big.bin")
         stop = threading.Event()

@@ -1977,6 +1977,15 @@ def _seeding_dials(tmp_path: Path, d: Daemon, listener: Any, seed: int
             return seeding, conn, parser, hs
 
 
+def _not_dialled_again(listener: Any, seeding: Seeding) -> None:
+    """Nothing dials ``listener`` for 12 s (pieced-peer's dials come again after 1 s,
+    then 2 s...); then the seeding ends whole."""
+    listener.settimeout(12)
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    assert seeding.stop()["complete"]
+
+
 def test_a_seeding_pieced_peer_leaves_a_seed_alone(tmp_path: Path) -> None:
     """Two seeds have nothing to exchange: pieced-peer --seed, given a seed's address,
     drops the connection once it knows (as libtorrent does) and does not dial it again.
@@ -1995,10 +2004,7 @@ def test_a_seeding_pieced_peer_leaves_a_seed_alone(tmp_path: Path) -> None:
             pass
         assert time.monotonic() - start < 10
         conn.close()
-        listener.settimeout(12)
-        with pytest.raises(TimeoutError):
-            listener.accept()  # not dialled again
-        assert seeding.stop()["complete"]
+        _not_dialled_again(listener, seeding)
     finally:
         listener.close()
         assert d.stop() == 0, d.stderr()
@@ -2246,10 +2252,7 @@ def test_a_seed_that_hangs_up_on_our_have_all_is_not_dialled_again(tmp_path: Pat
         while not any(isinstance(e, wire.HaveAll) for e in seen):
             seen.extend(parser.feed(conn.recv(1 << 16)))
         conn.close()  # (as libtorrent does, its own HAVE_ALL still unsent)
-        listener.settimeout(12)
-        with pytest.raises(TimeoutError):
-            listener.accept()  # not dialled again
-        assert seeding.stop()["complete"]
+        _not_dialled_again(listener, seeding)
     finally:
         listener.close()
         assert d.stop() == 0, d.stderr()
