@@ -616,8 +616,7 @@ class Connection:
         self.subscriptions.update(keys)
         if len(self.subscriptions) >= self._prune_at:
             knows = self.disk.knows
-            # (copies first: lanes of one connection may add keys meanwhile)
-            self.awaited.difference_update([k for k in list(self.awaited) if knows(k)])
+            # (a copy first: lanes of one connection may add keys meanwhile)
             awaited = self.awaited
             self.subscriptions.difference_update(
                 [k for k in list(self.subscriptions) if k not in awaited and not knows(k)])

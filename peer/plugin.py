@@ -106,8 +106,9 @@ CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a secon
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 # An address that could not be reached this many times in a row (libtorrent's
-# max_failcount is 3 too) is dialled again only every UNREACHED_RETRY seconds, after the
-# others, or at once when a tracker names it again; one given with --peer as any other.
+# max_failcount is 3 too), when we know more addresses than we dial at once, is dialled
+# again only every UNREACHED_RETRY seconds, after the others, or at once when a tracker
+# names it again; one given with --peer as any other.
 MAX_UNREACHED = 3
 UNREACHED_RETRY = 300.0
 CONNECT_TIMEOUT = 10.0
@@ -830,6 +831,7 @@ class Swarm:
             dial = self.known[addr] = Dial(Conduct(_address(host, port)))
         if named:
             dial.unreached = 0
+            dial.seed = False  # (a new peer may have taken the address; a seed says so again)
         if dial.dropped or dial.busy:
             return
         if dial.seed and self.done.is_set():
@@ -907,7 +909,9 @@ class Swarm:
             dial.seed = True
         if dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
-        elif dial.unreached >= MAX_UNREACHED and not dial.given and self._dialling():
+        elif (dial.unreached >= MAX_UNREACHED and not dial.given and self._dialling()
+              and len(self.known) > self.opts.max_peers):
+            # More addresses than dials at once: this one makes way for the others.
             dial.due = time.monotonic() + UNREACHED_RETRY  # (or when a tracker names it)
         elif self._dialling() and not dial.dropped:
             wait = RETRY_FIRST * 2 ** min(max(0, dial.fails - 1), 16)  # (no overflow)

@@ -154,11 +154,13 @@ class DirectStorage(FileStorage):
                         mv = memoryview(v).cast("B")
                         buf[pos : pos + mv.nbytes] = mv
                         pos += mv.nbytes
+                    # (a file another torrent shares may be longer: its tail is that one's)
+                    before = os.fstat(fd).st_size if end > length else 0
                     done = 0
                     while done < end - start:
                         done += os.pwritev(fd, [buf[done:]], start + done)
                     if end > length:  # the last page went whole: the file is longer than it is
-                        os.ftruncate(fd, length)
+                        os.ftruncate(fd, max(length, before))
                 finally:
                     if lock is not None:
                         lock.release()

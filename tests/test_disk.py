@@ -1366,11 +1366,13 @@ def test_a_file_longer_than_its_torrent_says_is_cut_to_its_length_by_the_first_w
         dio.close()
 
 
+@pytest.mark.backends(exclude={"disabled": "stores nothing: no file to size"})
 def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_other(
-        tmp_path: Path) -> None:
+        tmp_path: Path, backend: str) -> None:
     """Two torrents name one file (cross-seeding) with two lengths: the shorter one's
     first write does not cut the file to its length, which would take the other's
-    verified pieces from under it unannounced (still reported verified)."""
+    verified pieces from under it unannounced (still reported verified); nor does the
+    direct backend's write of the file's last page, whole."""
     long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=14)
     data = (long_content / "x.bin").read_bytes()
     (tmp_path / "short").mkdir()
@@ -1378,7 +1380,7 @@ def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_ot
     raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
     raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 16384, "v1")
     src_long, src_short = Source(raw_long, long_content), Source(raw_short, tmp_path / "short")
-    dio = DiskIO("posix", cache_bytes=0, roots=[tmp_path])
+    dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
     try:
         ih_long = dio.register(raw_long, tmp_path / "dl")
         fill(dio, ih_long, src_long, seed=None, direct_every=0)

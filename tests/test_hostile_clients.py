@@ -592,9 +592,16 @@ def test_a_long_lived_connection_keeps_only_the_keys_it_can_use(tmp_path: Path) 
                 (c if i % 2 else other).unregister(ih)
             assert c.stats()["torrents"] == 0
             c.subscribe((88_888).to_bytes(20, "big"))  # refused (TOO_LARGE) before
-            # the awaited key is still awaited: its events come once it is registered
+            # the awaited key is still awaited, also after its torrent came and went
+            # between two prunes of the set: its events come once it is registered
             ih = other.register(raw, tmp_path / "dl2")
             assert ih == awaited
+            for i in range(200):  # (prunes, the torrent registered)
+                c.subscribe((1_000_000 + i).to_bytes(20, "big"))
+            other.unregister(ih)
+            for i in range(200, 600):  # (prunes, the torrent gone)
+                c.subscribe((1_000_000 + i).to_bytes(20, "big"))
+            assert other.register(raw, tmp_path / "dl2") == awaited
             for p, begin, n in src.blocks():
                 other.write_chunk(ih, p, begin, src.read(p, begin, n))
             other.wait_writes()

@@ -2256,3 +2256,46 @@ def test_a_seed_that_hangs_up_on_our_have_all_is_not_dialled_again(tmp_path: Pat
     finally:
         listener.close()
         assert d.stop() == 0, d.stderr()
+
+
+def test_an_address_taken_for_a_seed_is_dialled_again_when_a_tracker_names_it(
+        tmp_path: Path) -> None:
+    """A seeding pieced-peer takes a peer that hangs up on its HAVE_ALL for a seed and
+    does not dial it; but when the tracker names that address again (another peer may
+    have taken it: a leecher that started since) it is dialled again. It was not, for
+    as long as pieced-peer ran: a leecher on that address got nothing."""
+    import socket as sockets
+
+    import bencodepy
+
+    listener = sockets.create_server(("127.0.0.1", 0))
+    piece = 32768
+    _content, raw, _torrent = _made(tmp_path, {"a.bin": 6 * piece + 5}, piece, "v1", seed=35)
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(lambda q: bencodepy.encode(
+                {b"interval": 1, b"peers": _compact(listener.getsockname()[1])})) as (port, seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            seeding = Seeding(torrent, tmp_path / "seed", d)
+            listener.settimeout(30)
+            conn, _ = listener.accept()
+            conn.settimeout(30)
+            parser = wire.Parser(handshake=True)
+            events: list[wire.Event] = []
+            while not any(isinstance(e, wire.Handshake) for e in events):
+                events.extend(parser.feed(conn.recv(1 << 16)))
+            hs = next(e for e in events if isinstance(e, wire.Handshake))
+            conn.sendall(wire.handshake(hs.info_hash, b"-LT2110-" + bytes(12),
+                                        wire.make_reserved()))
+            while not any(isinstance(e, wire.HaveAll) for e in events):
+                events.extend(parser.feed(conn.recv(1 << 16)))
+            conn.close()  # (a seed, as libtorrent hangs up on a seed)
+            announced = len(seen)
+            listener.settimeout(60)  # (a re-announce comes every 30 s at most)
+            again, _ = listener.accept()
+            again.close()
+            assert len(seen) > announced
+            assert seeding.stop()["complete"]
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
