@@ -354,7 +354,7 @@ class Connection:
         self.subscriptions: set[bytes] = set()
         # Keys `subscribe` took while the daemon did not have them: kept (at most
         # MAX_UNKNOWN_SUBSCRIPTIONS) until the connection ends. Every other key is kept
-        # while its torrent is registered, and dropped once it is gone (see _subscribe).
+        # while its torrent is registered, and dropped once it is gone (see subscribe).
         self.awaited: set[bytes] = set()
         self._prune_at = 64
         self.handshaken = False
@@ -615,11 +615,10 @@ class Connection:
         registers and unregisters torrent after torrent keeps only those it can use."""
         self.subscriptions.update(keys)
         if len(self.subscriptions) >= self._prune_at:
-            knows = self.disk.knows
-            # (a copy first: lanes of one connection may add keys meanwhile)
-            awaited = self.awaited
-            self.subscriptions.difference_update(
-                [k for k in list(self.subscriptions) if k not in awaited and not knows(k)])
+            knows, awaited = self.disk.knows, self.awaited
+            self.subscriptions.difference_update(  # (walks a copy: lanes of one
+                [k for k in list(self.subscriptions)  # connection may add keys meanwhile)
+                 if k not in awaited and not knows(k)])
             self._prune_at = 2 * len(self.subscriptions) + 64
 
     def _read_job(self, frame: Frame) -> Job:
