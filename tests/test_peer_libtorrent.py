@@ -2236,6 +2236,40 @@ def test_a_seeder_dialling_in_is_let_in_while_dials_to_dead_addresses_wait(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_seeder_among_dead_addresses_is_dialled_before_they_time_out(tmp_path: Path) -> None:
+    """The tracker names a seeder among addresses that never answer, more of them than
+    --max-peers: the seeder must be dialled in the first wave, not after dials to dead
+    addresses have timed out one place at a time (one dial per place of --max-peers
+    took 50 s to find 2 seeders among 300 such addresses). Every dial that times out
+    is logged; none may have before the download is done."""
+    import bencodepy
+    from pieced.peer import plugin
+
+    piece = 65536
+    content = make_payload(tmp_path / "seed", {"a.bin": 12 * piece + 7}, seed=36)
+    raw = make_torrent_lt(content, piece, "v1")
+    max_peers = 3
+    holes = Blackholes(11)  # (with the seeder: as many as dials at once)
+    assert plugin.DIALS_PER_PLACE * max_peers >= 12
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder, _tracker(
+                lambda q: bencodepy.encode({b"interval": 60, b"peers": _compact(
+                    *holes.ports, seeder.port)})) as (port, _seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            proc = subprocess.run(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--max-peers", str(max_peers)),
+                capture_output=True, text=True, timeout=60,
+                env={**os.environ, "PIECED_PEER_LOG": "INFO"})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["complete"]
+        assert "cannot connect" not in proc.stderr
+        assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        holes.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_seed_that_hangs_up_on_our_have_all_is_not_dialled_again(tmp_path: Path) -> None:
     """A seeding pieced-peer dials a seed, which closes the connection as soon as it
     sees we have every piece, before its own HAVE_ALL reaches us (libtorrent: "upload
