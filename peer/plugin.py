@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -164,6 +165,31 @@ def _kernel_unsent(transport: asyncio.Transport) -> int:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOCAL_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "::1/128", "fc00::/7", "fe80::/10"))
+
+
+def is_local(host: str) -> bool:
+    """An address on this machine or its local network (libtorrent's ``is_local``): such
+    peers are dialled first, as libtorrent does; they are the nearest and fastest. A host
+    name is not local until resolved."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in _LOCAL_NETS if net.version == ip.version)
+
+
+def dial_order(peers: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """A tracker's peers in the order they are dialled: local ones first, each group in
+    a random order (the seeds may come last in a long list)."""
+    out = list(peers)
+    random.shuffle(out)
+    out.sort(key=lambda a: not is_local(a[0]))  # (stable: still shuffled)
+    return out
 
 
 class ElsewhereAlready(Exception):
@@ -939,10 +965,11 @@ class Swarm:
         """Dial again the addresses whose wait is over."""
         if not self._dialling():
             return
-        due = sorted((dial.unreached, dial.due, addr) for addr, dial in self.known.items()
-                     if dial.due and dial.due <= now)
-        # Addresses that answered before first; then who has waited longest (new ones too).
-        for _, _, (host, port) in due:
+        due = sorted((dial.unreached, not is_local(addr[0]), dial.due, addr)
+                     for addr, dial in self.known.items() if dial.due and dial.due <= now)
+        # Addresses that answered before first, local ones first among them; then who
+        # has waited longest (new ones too).
+        for *_, (host, port) in due:
             if not self._may_dial():
                 return
             if len(self.peers) >= self.opts.max_peers:
@@ -1771,8 +1798,7 @@ class Swarm:
                     self._completed_announced = True
                 event = ""  # (said: a failed "started" is sent again, as libtorrent does)
                 fails = 0
-                random.shuffle(peers)  # (the seeds may come last in a long list)
-                for host, port in peers:
+                for host, port in dial_order(peers):
                     self.connect(host, port)
                 wait = max(30.0, interval)  # (at most a day: see parse_response)
             except Exception as exc:

@@ -182,3 +182,23 @@ def test_goodbyes_go_to_the_trackers_that_answered_each_on_its_own() -> None:
     assert seen["good"] == [("", None), ("", "t-42"), ("completed", "t-42"), ("stopped", "t-42")]
     assert [e for e, _ in seen["flaky"]] == ["started", "", "completed"]
     assert seen["never"] == []
+
+
+def test_local_peers_are_dialled_first_and_each_group_in_a_random_order() -> None:
+    """libtorrent tries peers on this machine or its local network first (the nearest
+    and fastest); within each group the order is random, since a tracker may list the
+    seeds last."""
+    from pieced.peer.plugin import dial_order, is_local
+
+    local = [("127.0.0.1", 1), ("10.2.3.4", 2), ("172.31.0.9", 3), ("192.168.7.7", 4),
+             ("169.254.1.1", 5), ("::1", 6), ("fd00::5", 7), ("fe80::1", 8)]
+    far = [("8.8.4.4", 9), ("172.32.0.1", 10), ("2001:db8::1", 11), ("peer.example.org", 12),
+           ("11.0.0.1", 13), ("192.169.0.1", 14)]
+    assert all(is_local(h) for h, _ in local) and not any(is_local(h) for h, _ in far)
+    orders = set()
+    for _ in range(50):
+        got = dial_order(far + local)
+        assert sorted(got) == sorted(far + local)
+        assert set(got[:len(local)]) == set(local)
+        orders.add((tuple(got[:len(local)]), tuple(got[len(local):])))
+    assert len({a for a, _ in orders}) > 1 and len({b for _, b in orders}) > 1
