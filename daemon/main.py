@@ -227,7 +227,8 @@ class _BadRequestsBriefly(logging.Filter):
 # of our own to probe it, the map's), 4 received and not yet taken.
 FDS_PER_CLIENT = 8
 # Held besides payload files and clients: HTTP connections (at most 128), the state
-# folder's files, the torrents' folders, the listening sockets.
+# folder's files, the save folders in use or last used (64: storage/paths.py), a
+# journal being appended to, the listening sockets.
 FDS_RESERVED = 256
 
 

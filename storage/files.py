@@ -757,8 +757,8 @@ class FileStorage:
         beside: dict[int, set[int]] = {}  # file -> the other syncs of it when ours returned
         synced_dev = None  # the file system a syncfs made durable, if one did
         if len(todo) >= SYNCFS_FILES:
-            with contextlib.suppress(OSError, PiecedError):  # (then a fdatasync each)
-                root = self.root.root()
+            # (on an error: a fdatasync each)
+            with contextlib.suppress(OSError, PiecedError), self.root.held() as root:
                 syncfs(root)
                 synced_dev = os.fstat(root).st_dev
         try:

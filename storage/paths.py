@@ -3,7 +3,7 @@
 A save path is checked against the configured roots once, at register or move, and
 opened then by walking down from the root it lies in; what is below it can change at
 any time (a folder swapped for a symlink, a file hard-linked to one outside). So no
-payload path is ever handed to the kernel whole: the save-path folder is held open,
+payload path is ever handed to the kernel whole: the save-path folder is opened,
 and every open, mkdir, unlink, rename and rmdir walks down from
 that descriptor one component at a time (``openat`` with ``O_NOFOLLOW | O_DIRECTORY``,
 ``mkdirat``, ``unlinkat``...), refusing any symlink on the way. A payload file must be
@@ -20,6 +20,7 @@ import hashlib
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,8 +33,43 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SETFL_KEPT = os.O_APPEND | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
 
 
+# Save-path folders kept open while no one uses them, the least recently used closed
+# first beyond this: a descriptor for each registered torrent took a daemon with a few
+# thousand torrents past RLIMIT_NOFILE (every open failed with EMFILE, for every client).
+# Counted in the daemon's reserved descriptors.
+IDLE_FOLDERS = 64
+
+
+class _IdleFolders:
+    """The folders held open by no one at the moment, oldest first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[int, Beneath] = OrderedDict()
+
+    def idle(self, b: Beneath) -> None:
+        with self._lock:
+            self._idle[id(b)] = b
+            self._idle.move_to_end(id(b))
+            over = [self._idle.popitem(last=False)[1] for _ in range(len(self._idle) - self.limit)]
+        for victim in over:
+            victim._let_go()
+
+    def busy(self, b: Beneath) -> None:
+        with self._lock:
+            self._idle.pop(id(b), None)
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
+IDLE = _IdleFolders(IDLE_FOLDERS)
+
+
 class Beneath:
-    """A folder held open (from first use on), and the paths below it.
+    """A folder opened at first use (kept open while used, and among the last
+    ``IDLE_FOLDERS`` used), and the paths below it.
 
     ``anchor``: the folder the path is reached from, one component at a time, no
     symlink followed on the way (the configured root it lies in; ``/`` when any path
@@ -57,6 +93,8 @@ class Beneath:
         self.anchor = anchor if anchor is not None else Path(path.anchor or "/")
         self.allow_hard_links = allow_hard_links
         self._fd = -1
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the first open
+        self._users = 0  # holding the descriptor (held)
         self._lock = threading.Lock()
         self._made: set[tuple[str, ...]] = set()  # folders (relative) with entries to fsync
         self._syncing_made = threading.Lock()  # held for a whole sync_made
@@ -94,37 +132,78 @@ class Beneath:
                 raise _error(exc, f"sync the folder {self.path.joinpath(*todo[done])}") from None
             return done
 
-    def root(self, create: bool = False) -> int:
-        """The folder's descriptor, opened (and made, if ``create``) at the first call."""
-        if self._fd < 0:
+    def root(self, create: bool = False) -> None:
+        """Open the folder (made, if ``create``), if it is not open: say now what is
+        wrong with it."""
+        with self.held(create):
+            pass
+
+    @contextlib.contextmanager
+    def held(self, create: bool = False) -> Iterator[int]:
+        """The folder's descriptor, open (and made, if ``create``) until the block ends.
+
+        Opened again by its path after it was let go: a folder found there that is not
+        the one first opened (renamed away or replaced behind our back) is used, and
+        :meth:`in_place` says so until :meth:`close`."""
+        with self._lock:
+            if self._fd < 0:
+                fd = open_folder(self.path, self.anchor, create)
+                if self._ident is None:
+                    try:
+                        st = os.fstat(fd)
+                    except OSError as exc:
+                        os.close(fd)
+                        raise _error(exc, f"open the save path {self.path}") from None
+                    self._ident = (st.st_dev, st.st_ino)
+                self._fd = fd
+            self._users += 1
+            fd = self._fd
+        IDLE.busy(self)
+        try:
+            yield fd
+        finally:
             with self._lock:
-                if self._fd < 0:
-                    self._fd = open_folder(self.path, self.anchor, create)
-        return self._fd
+                self._users -= 1
+                idle = not self._users and self._fd >= 0
+            if idle:
+                IDLE.idle(self)
+
+    def _let_go(self) -> None:
+        """Close the descriptor if no one holds it (it is opened again when needed);
+        the folder's identity is kept."""
+        with self._lock:
+            if not self._users and self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def close(self) -> None:
+        """Close the descriptor and forget the folder: the one at the path is this
+        one's from its next use on."""
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            self._ident = None
+        IDLE.busy(self)
 
     def in_place(self) -> bool:
-        """Whether the folder held open is still the one at its path: one renamed away,
-        or replaced, behind our back is not (writes would go on landing in it, under
-        no name the torrent has)."""
-        fd = self._fd
-        if fd < 0:
+        """Whether the folder first opened is still the one at its path: one renamed
+        away, or replaced, behind our back is not (writes would go on landing in it,
+        under no name the torrent has, or in another folder)."""
+        ident = self._ident
+        if ident is None:
             return True  # (opened by its path at its next use)
         try:
-            here, held = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+            here = os.stat(self.path, follow_symlinks=False)
         except OSError:
             return False
-        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+        return (here.st_dev, here.st_ino) == ident
 
     @contextlib.contextmanager
     def folder(self, parts: Parts, create: bool) -> Iterator[int]:
         """A descriptor of the folder ``parts`` (relative), made if ``create``."""
-        fd = _walk(self.root(), parts, create, self.path, self.changed, owned=False)
+        with self.held() as root:
+            fd = _walk(root, parts, create, self.path, self.changed, owned=False)
         try:
             yield fd
         finally:
@@ -148,8 +227,8 @@ class Beneath:
         """
         flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            dfd = _walk(self.root(), parts[:-1], create_dirs, self.path, self.changed,
-                        owned=False)
+            with self.held() as root:
+                dfd = _walk(root, parts[:-1], create_dirs, self.path, self.changed, owned=False)
             try:
                 self.changed(parts[:-1])  # (before and after: see changed)
                 try:
@@ -184,8 +263,8 @@ class Beneath:
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         creating = flags & os.O_CREAT
         try:
-            dfd = _walk(self.root(), parts[:-1], create_dirs, self.path, self.changed,
-                        owned=False)
+            with self.held() as root:
+                dfd = _walk(root, parts[:-1], create_dirs, self.path, self.changed, owned=False)
             try:
                 if creating:
                     self.changed(parts[:-1])  # (it may make the name)

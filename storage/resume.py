@@ -195,7 +195,8 @@ class TorrentRecord:
         self.removed = False
         self.records = 0  # appended since the last compaction
         self._fd = -1
-        self._good = 0  # bytes of whole records in the open journal
+        self._good = 0  # bytes of whole records in the journal when it was opened
+        self._named = -1  # the generation whose journal's name was made durable
 
     # -- the journal (caller holds journal_lock) -----------------------------------
     def append(self, records: list[tuple[int, int, bytes]]) -> None:
@@ -207,11 +208,7 @@ class TorrentRecord:
         announced. When even that fails, the next append starts a new generation."""
         if self.removed or not records:
             return
-        if self._fd < 0:
-            self._fd = os.open(self.folder / f"journal.{self.gen}",
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            self._good = os.fstat(self._fd).st_size
-            fsync_dir(self.folder)  # the new file's name is as durable as its records
+        self._open_journal()
         data = encode_records(records)
         try:
             view = memoryview(data)
@@ -221,8 +218,24 @@ class TorrentRecord:
         except OSError:
             self._cut_back()
             raise
-        self._good += len(data)
+        finally:
+            # Not held between appends: a daemon with thousands of torrents would hold
+            # a descriptor for each (past RLIMIT_NOFILE, every open failed with EMFILE,
+            # other clients' included). An open costs little beside the fdatasync.
+            self._close_journal()
         self.records += len(records)
+
+    def _open_journal(self) -> None:
+        self._fd = os.open(self.folder / f"journal.{self.gen}",
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            self._good = os.fstat(self._fd).st_size  # (whole records: a torn one was cut)
+            if self._named != self.gen:
+                fsync_dir(self.folder)  # the file's name is as durable as its records
+                self._named = self.gen
+        except OSError:
+            self._close_journal()
+            raise
 
     def _cut_back(self) -> None:
         try:

@@ -17,6 +17,7 @@ from typing import cast
 
 import pytest
 from pieced.protocol.client import Client
+from pieced.storage import paths
 from pieced.storage.disk import DiskIO
 from pieced.storage.errors import PiecedError, StorageIOError
 from pieced.storage.layout import Layout
@@ -1950,8 +1951,10 @@ def test_a_file_changed_while_stopped_is_looked_at_again_even_after_start_ups_cu
 
 @pytest.mark.parametrize("then", ["empty", "other-bytes"])
 @pytest.mark.parametrize("end", ["crash", "clean"])
+@pytest.mark.parametrize("idle_folders", [paths.IDLE_FOLDERS, 0])
 def test_a_save_folder_renamed_away_behind_the_daemons_back_takes_nothing_verified_with_it(
-        tmp_path: Path, backend: str, then: str, end: str) -> None:
+        tmp_path: Path, backend: str, then: str, end: str, idle_folders: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Half a torrent downloaded, its save folder renamed away and made again (empty, or
     holding a copy of the payload with other bytes) behind the engine's back, then the
     rest written. The writes went on into the folder renamed away (it was held open),
@@ -1959,7 +1962,10 @@ def test_a_save_folder_renamed_away_behind_the_daemons_back_takes_nothing_verifi
     crash with the copy in place, reported 62 pieces verified over the copy's bytes. Now
     the first commit after the swap sees the save path name another folder: the pieces
     written there start over (failed, the error said), and every piece reported verified
-    afterwards, and after the restart, has its bytes at the save path."""
+    afterwards, and after the restart, has its bytes at the save path. The same when the
+    folder's descriptor is let go after each use (``idle_folders`` 0: as in a daemon with
+    many torrents), so that the writes after the swap go to the new folder."""
+    monkeypatch.setattr(paths.IDLE, "limit", idle_folders)
     content = make_payload(tmp_path / "src", {"a.bin": 300_000, "sub/b.bin": 200_000},
                            seed=13)
     raw = make_torrent_lt(content, 16384, "v1")
@@ -2005,6 +2011,45 @@ def test_a_save_folder_renamed_away_behind_the_daemons_back_takes_nothing_verifi
         again.flush_all()
         assert right_where_said(again) == src.meta.num_pieces
     again.close()
+
+
+def test_many_torrents_with_verified_pieces_hold_few_descriptors(
+        tmp_path: Path, backend: str) -> None:
+    """Each registered torrent held two descriptors for as long as it was registered
+    (its save folder and its journal): a daemon with a few thousand torrents went past
+    RLIMIT_NOFILE, and then every open failed (EMFILE), other clients' too. Now neither
+    is held between uses, beyond the last ``IDLE_FOLDERS`` folders used; and every
+    torrent still works when its folder is opened again."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    n = paths.IDLE_FOLDERS + 100
+    dio = DiskIO(backend, state_dir=tmp_path / "state", max_open_files=16)
+    try:
+        srcs, raws = [], []
+        for i in range(n):
+            content = make_payload(tmp_path / "src" / str(i), {"a.bin": 20_000 + i}, seed=i)
+            raws.append(make_torrent_lt(content, 16384, "v1"))
+            srcs.append(Source(raws[-1], tmp_path / "src" / str(i)))
+        before = open_fds()
+        ihs = []
+        for i, src in enumerate(srcs):
+            ih = dio.register(raws[i], tmp_path / "save" / str(i))
+            p, b, n_ = src.blocks()[0]
+            dio.write_block_direct(ih, p, b, src.read(p, b, n_))
+            ihs.append(ih)
+        dio.flush_all()
+        assert all(dio.status(ih)["verified_pieces"] == 1 for ih in ihs)
+        grown = open_fds() - before
+        assert grown <= paths.IDLE_FOLDERS + 16 + 8, grown  # (payload files: max_open_files)
+        for ih, src in zip(ihs, srcs, strict=True):  # the first folders let go: opened again
+            fill(dio, ih, src)
+        dio.flush_all()
+        assert all(dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+                   for ih, src in zip(ihs, srcs, strict=True))
+        assert open_fds() - before <= paths.IDLE_FOLDERS + 16 + 8
+    finally:
+        dio.close()
 
 
 def test_a_register_refused_after_its_record_was_put_in_place_leaves_nothing_to_load(
