@@ -1956,6 +1956,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pieced-peer: the daemon at {args.socket}: {exc}", file=sys.stderr)
         _said(args, exc)
         return 2
+    except KeyboardInterrupt:  # (before the run's own handlers were in place)
+        print("pieced-peer: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(summary.as_dict()))
     return 0 if summary.complete or args.seed else 1

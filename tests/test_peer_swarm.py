@@ -187,3 +187,19 @@ def test_only_a_peer_that_gives_nothing_gives_its_place_up(daemon: Daemon, tmp_p
             await swarm.close()
 
     asyncio.run(run())
+
+
+def test_an_interrupt_before_the_run_is_under_way_ends_it_quietly(
+        tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    """Ctrl-C in the moment before pieced-peer's own signal handlers are in place
+    printed a traceback; it says it was interrupted, and exits 130 as a shell would."""
+    from pieced.peer import plugin
+
+    def interrupted(*_: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plugin, "read_metainfo", interrupted)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(b"d4:infod4:name1:xee")
+    assert plugin.main([str(torrent), "--save-path", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "pieced-peer: interrupted\n"
