@@ -697,7 +697,14 @@ def test_a_tracker_reply_too_large_is_refused(tmp_path: Path) -> None:
                 reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()))
                 reader.start()
                 deadline = time.monotonic() + 60
-                while not any("larger than" in line for line in lines):
+
+                def done() -> bool:  # (the download too: seeding goes on until told)
+                    with Client(d.socket) as c:
+                        st = c.torrents()
+                        return bool(st) and c.status(st[0]["info_hash"])[
+                            "verified_pieces"] == parse(raw).num_pieces
+
+                while not (any("larger than" in line for line in lines) and done()):
                     assert time.monotonic() < deadline and proc.poll() is None, lines
                     time.sleep(0.1)
                 proc.send_signal(signal.SIGTERM)
