@@ -106,6 +106,9 @@ ACCEPT_PAUSE = 0.5  # seconds without accepting after accept failed (out of desc
 # travels as one string), so this only stops bodies built to be slow to decode.
 MAX_REQUEST_VALUES = 4096
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
+# Each connection's number, as the writer of its blocks (PieceResult.writers): never
+# reused, as an object's id() is once it is gone.
+_SERIALS = itertools.count(1)
 
 
 class Observer:
@@ -270,6 +273,8 @@ class Server:
             return
         name = "piece_verified" if result.ok else "piece_failed"
         fields = {"ih": result.info_hash, "piece": result.piece, "v1": result.v1, "v2": result.v2}
+        if result.writers:
+            fields["writers"] = result.writers
         self._event(result.info_hash, name, fields)
 
     def _on_disk_error(self, ih: bytes, entry: dict[str, Any]) -> None:
@@ -347,6 +352,7 @@ class Connection:
         self.disk = server.disk
         self.sock = sock
         self.fd = sock.fileno()
+        self.serial = next(_SERIALS)
         assert server.loop is not None
         self.loop = server.loop
         self.ring = RecvRing(server.ring_bytes)
@@ -1099,7 +1105,8 @@ class _BlockWrite:
             self.conn.subscribe_known(self.ih)
             disk = self.conn.disk
             disk.write_blocks_direct(self.ih, self.piece, self.begin, self.bufs([self]),
-                                     max(1, -(-self.length // BLOCK_SIZE)))
+                                     max(1, -(-self.length // BLOCK_SIZE)),
+                                     writer=self.conn.serial)
             if self.flags & FLAG_FLUSH:
                 disk.flush_piece(self.ih, self.piece)
             return [encode_ack(self.rid)], self.token
@@ -1168,7 +1175,8 @@ class _WriteRun:
             first.conn.subscribe_known(first.ih)
             first.conn.disk.write_blocks_direct(
                 first.ih, first.piece, first.begin, first.bufs(self.writes),
-                sum(-(-w.length // BLOCK_SIZE) for w in self.writes))
+                sum(-(-w.length // BLOCK_SIZE) for w in self.writes),
+                writer=first.conn.serial)
         except Exception as exc:
             if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
                 log.exception("merged write failed; retrying its blocks one by one")

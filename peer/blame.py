@@ -15,7 +15,8 @@ attempt, since that attempt is the reference the earlier ones are compared with.
 
 Other clients of the daemon may write blocks of the same piece (another plugin on the
 same torrent): a verdict is given on an attempt only when this process sent every
-block of it (``blocks_in``), else the bad block may have been theirs.
+block of it (``blocks_in``) and the daemon saw no other writer (they may have written
+over one of ours), else the bad block may have been theirs.
 
 Sans-I/O: peers are any hashable objects; the caller acts on the verdicts.
 """
@@ -56,13 +57,15 @@ class Attribution(Generic[P]):
             self.hashed += 1
             sent[begin] = (peer, blake3(data).digest(16))
 
-    def failed(self, piece: int) -> list[P]:
+    def failed(self, piece: int, alone: bool = True) -> list[P]:
         """The piece failed its hash: the peers known at once to have lied (its only
-        giver); with several givers, the verdict waits for the piece to verify."""
+        giver); with several givers, the verdict waits for the piece to verify.
+        ``alone``: no one but this process wrote into the attempt (the daemon says how
+        many did); else the attempt is not all ours, whatever we sent."""
         sent = self._sent.pop(piece, {})
         self._first.pop(piece, None)
         givers = list(dict.fromkeys(peer for peer, _ in sent.values()))
-        whole = len(sent) >= self._blocks_in(piece)
+        whole = alone and len(sent) >= self._blocks_in(piece)
         if len(givers) == 1 and whole:
             return givers
         if givers:

@@ -1539,7 +1539,10 @@ class Swarm:
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
         log.info("piece %d failed its hash (data from %d peers)", piece, givers)
-        for liar in self.blame.failed(piece):  # its only giver; else known once it verifies
+        # Another connection of the daemon wrote into the attempt too: its block may be
+        # the bad one (its only giver; else known once it verifies).
+        alone = int(msg.get("writers", 1)) <= 1
+        for liar in self.blame.failed(piece, alone):
             self._blame(liar, piece)
         self._fill_all()
 

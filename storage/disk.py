@@ -114,13 +114,19 @@ ASIDE_BYTES = 128 * 1024
 
 @dataclass(frozen=True, slots=True)
 class PieceResult:
-    """Outcome of a completed piece; ``v1``/``v2`` are None where the torrent has no such hash."""
+    """Outcome of a completed piece; ``v1``/``v2`` are None where the torrent has no such hash.
+
+    ``writers``: how many writers (the ``writer`` of the writes: the daemon's client
+    connections) gave blocks to the attempt that completed the piece; 0 when it was not
+    completed by writes. A client that blames its peers for a failed piece needs to
+    know whether someone else's block may have been the bad one."""
 
     info_hash: bytes
     piece: int
     ok: bool
     v1: bool | None
     v2: bool | None
+    writers: int = 0
 
 
 PieceCallback = Callable[[PieceResult], None]
@@ -1002,9 +1008,11 @@ class DiskIO:
 
     # -- writes -----------------------------------------------------------------------
     def write_chunk(
-        self, ih: bytes, piece: int, begin: int, data: Buffer, flush: bool = False
+        self, ih: bytes, piece: int, begin: int, data: Buffer, flush: bool = False,
+        writer: int = 0,
     ) -> PieceResult | None:
-        """Buffered write of one block; returns the piece's result if it completed it."""
+        """Buffered write of one block; returns the piece's result if it completed it.
+        ``writer``: who writes (see PieceResult.writers)."""
         t = self._get(ih)
         length = memoryview(data).nbytes
         _check_write(t, piece, begin, length)
@@ -1022,6 +1030,7 @@ class DiskIO:
                             continue  # started over meanwhile: to the piece's new hash state
                         self.metrics.add("duplicate_blocks")
                         return None
+                    partial.writers.add(writer)
                     if partial.pads:
                         runs = self._cut_pads(partial, begin, (block,), length)
                         for b, views, n in runs:
@@ -1048,7 +1057,7 @@ class DiskIO:
         partial.hasher.add(begin, (block,), length)
 
     def write_block_direct(
-        self, ih: bytes, piece: int, begin: int, s0: Buffer, s1: Buffer = b""
+        self, ih: bytes, piece: int, begin: int, s0: Buffer, s1: Buffer = b"", writer: int = 0,
     ) -> PieceResult | None:
         """Write a block given as two slices (a ring buffer's wrap) with one pwritev, no copy.
 
@@ -1060,7 +1069,7 @@ class DiskIO:
         n1 = s1.nbytes if type(s1) is memoryview else len(s1) if type(s1) is bytes else memoryview(s1).nbytes
         n = n0 + n1
         return self.write_blocks_direct(ih, piece, begin, (s0, s1) if n1 else (s0,),
-                                        max(1, -(-n // BLOCK_SIZE)), n)
+                                        max(1, -(-n // BLOCK_SIZE)), n, writer)
 
     def check_write(self, ih: bytes, piece: int, begin: int, length: int) -> None:
         """Raise what a write of this range would be refused with (an unknown torrent,
@@ -1069,7 +1078,7 @@ class DiskIO:
 
     def write_blocks_direct(
         self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int,
-        length: int | None = None,
+        length: int | None = None, writer: int = 0,
     ) -> PieceResult | None:
         """``write_block_direct`` of a run of ``blocks`` adjacent blocks of one piece,
         given as any number of slices (``length`` bytes in all, when the caller knows):
@@ -1093,6 +1102,7 @@ class DiskIO:
                             continue  # started over meanwhile: to the piece's new hash state
                         self.metrics.add("duplicate_blocks", blocks)
                         return None
+                    partial.writers.add(writer)
                     runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
                             else [(begin, bufs, length)])
                     for b, views, n in runs:
@@ -1259,7 +1269,7 @@ class DiskIO:
                 else:
                     ok2 = False
             ok = ok1 is not False and ok2 is not False
-            result = PieceResult(t.key, piece, ok, ok1, ok2)
+            result = PieceResult(t.key, piece, ok, ok1, ok2, len(partial.writers))
             with t.lock:  # taken together with the check: no other hash state's blocks
                 mine = t.partial.get(piece) is partial
                 blocks = self.pool.take_dirty(key) if mine else []
@@ -1272,7 +1282,8 @@ class DiskIO:
                     self._count_partials(-1)
                     self._to_missing(t, piece)
             raise
-        failed = result if not result.ok else PieceResult(t.key, piece, False, None, None)
+        failed = result if not result.ok else PieceResult(t.key, piece, False, None, None,
+                                                          result.writers)
         with t.lock:
             mine = t.partial.get(piece) is partial
             if mine:

@@ -126,11 +126,12 @@ class Fence:
 class Partial:
     """A piece some of whose blocks have arrived: its hash state and its pad ranges."""
 
-    __slots__ = ("cleared", "done", "hasher", "lock", "pads")
+    __slots__ = ("cleared", "done", "hasher", "lock", "pads", "writers")
 
     def __init__(self, hasher: PieceHasher, pads: list[tuple[int, int]]) -> None:
         self.hasher = hasher
         self.pads = pads
+        self.writers: set[int] = set()  # who gave blocks to it (PieceResult.writers)
         self.lock = threading.Lock()
         self.done = False  # verified, failed or dropped: further blocks are duplicates
         # Started over by clear_piece: a block that waited for this lock goes to the

@@ -166,6 +166,46 @@ def test_corrupt_piece_fails_and_other_torrents_go_on(
         assert not c.status(ih)["have"][0] & 0x40
 
 
+def test_piece_events_say_how_many_connections_wrote_into_the_piece(
+    daemon: Daemon, odd_payload: tuple[Path, Path], backend: str
+) -> None:
+    """A client that blames its peers for a failed piece must know whether another
+    client's block may have been the bad one: every piece event says how many
+    connections wrote blocks into the attempt (one through the ring, one inline)."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, save)
+    with Client(daemon.socket) as a, Client(daemon.socket) as b:
+        a.attach_ring(1 << 20)
+        ih = a.register(raw, daemon.root / "dl")
+        b.status(ih)  # (subscribed: b is told too)
+        by_piece: dict[int, list[tuple[int, int, int]]] = {}
+        for p, begin, n in src.blocks():
+            by_piece.setdefault(p, []).append((p, begin, n))
+        assert len(by_piece[0]) > 1 and len(by_piece[1]) > 1 and len(by_piece[2]) > 1
+        for p, begin, n in by_piece[0]:  # all of a's: verified, one writer
+            a.write_block_direct(ih, p, begin, src.read(p, begin, n))
+        for i, (p, begin, n) in enumerate(by_piece[1]):  # half each, and a bad block of b's
+            data = src.read(p, begin, n)
+            if i == 0:
+                b.write_chunk(ih, p, begin, b"\xee" * n)
+                b.wait_writes()
+            else:
+                a.write_block_direct(ih, p, begin, data)
+        for i, (p, begin, n) in enumerate(by_piece[2]):  # a's, b's good block among them
+            (b.write_chunk if i == 0 else a.write_block_direct)(ih, p, begin, src.read(p, begin, n))
+            b.wait_writes()
+        a.wait_writes()
+        a.flush_all()
+        for c in (a, b):
+            wait_for(lambda c=c: c.stats() and {e[1]["piece"] for e in c.events
+                                                if e[0].startswith("piece_")} >= {0, 1, 2})
+            got = {e[1]["piece"]: (e[0], e[1].get("writers")) for e in c.events
+                   if e[0].startswith("piece_")}
+            assert got == {0: ("piece_verified", 1), 1: ("piece_failed", 2),
+                           2: ("piece_verified", 2)}, got
+
+
 def test_a_recheck_and_a_clear_by_one_client_are_told_to_the_others(
     daemon: Daemon, odd_payload: tuple[Path, Path]
 ) -> None:

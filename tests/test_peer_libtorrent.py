@@ -25,7 +25,7 @@ import pytest
 from pieced.peer import wire
 from pieced.peer.plugin import RECONCILE_INTERVAL
 from pieced.protocol.client import Client
-from pieced.storage.errors import PiecedError
+from pieced.storage.errors import PiecedError, UnknownTorrent
 from pieced.storage.metainfo import parse
 
 from tests.conftest import Daemon, sparse_zero_torrent
@@ -551,6 +551,52 @@ def test_a_bad_block_another_client_wrote_does_not_cost_the_only_source(
         assert summary["complete"] and summary["pieces_failed"] >= 1, summary
         with Client(d.socket) as c:
             assert c.status(ih)["verified_pieces"] == n
+        assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_bad_blocks_another_client_writes_into_pieces_under_way_blame_no_peer(
+        tmp_path: Path) -> None:
+    """pieced-peer downloads from one honest libtorrent seeder; another client of the
+    daemon writes a wrong block into five pieces pieced-peer has under way, one at a
+    time. Every block of those attempts came through pieced-peer, so it blamed the
+    seeder for each, dropped it for good after three, and with no source left stopped
+    (exit 2). The daemon now says how many connections wrote into a failed attempt:
+    with two, no peer of ours is blamed."""
+    piece = 262144
+    n = 40
+    content = make_payload(tmp_path / "seed", {"a.bin": n * piece - 100}, seed=44)
+    raw = make_torrent_lt(content, piece, "hybrid")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    ih = parse(raw).info_hash
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 1 << 20, "limit_loopback": True}) as seeder:
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
+            hit: set[int] = set()
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 60
+                while len(hit) < 5 and proc.poll() is None:
+                    assert time.monotonic() < deadline
+                    try:
+                        under_way = [p for p, _ in c.status(ih, files=0, partial=1)["partial"]]
+                    except UnknownTorrent:
+                        under_way = []  # (not registered yet)
+                    for p in under_way:
+                        if p not in hit:
+                            c.write_chunk(ih, p, 0, b"\xee" * 16384)
+                            c.wait_writes()
+                            hit.add(p)
+                            break
+                    time.sleep(0.3)
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and not summary["bad_peers"], summary
+        assert len(hit) == 5
         assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
     finally:
         assert d.stop() == 0, d.stderr()
