@@ -23,6 +23,7 @@ from pathlib import Path
 from aiohttp import web
 from pieced.config.settings import Settings, exposure_problem
 from pieced.storage.disk import DiskIO
+from pieced.storage.resume import make_folders
 
 from . import systemd
 from .http import HTTP_SHUTDOWN_SECONDS, KEEPALIVE_SECONDS, guard_connections, make_app
@@ -98,7 +99,7 @@ async def serve(settings: Settings) -> None:
     problem = exposure_problem(settings)
     if problem:
         raise SystemExit(f"pieced: {problem}")
-    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+    make_folders(Path(settings.state_dir))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # A hang-up (a closed terminal; `kill -HUP`) stops cleanly too: nothing is to be

@@ -349,9 +349,10 @@ class Beneath:
         with contextlib.suppress(OSError, PathEscape), self.folder(parts[:-1], False) as dfd:
             os.rmdir(parts[-1], dir_fd=dfd)
 
-    def move(self, src: Parts, dst_root: Beneath, dst: Parts) -> None:
-        """Move a file to ``dst`` below ``dst_root`` (possibly this one), never replacing
-        what is there: link and unlink on one file system, a copy across two."""
+    def link(self, src: Parts, dst_root: Beneath, dst: Parts) -> None:
+        """Give a file a second name ``dst`` below ``dst_root`` (possibly this one), never
+        replacing what is there: a link on one file system, a copy across two. The new
+        name is durable after ``dst_root.sync_made()``."""
         with self.folder(src[:-1], False) as sfd, dst_root.folder(dst[:-1], True) as dfd:
             dst_root.changed(dst[:-1])
             try:
@@ -362,17 +363,30 @@ class Beneath:
                 _copy(sfd, src[-1], dfd, dst[-1], self.allow_hard_links,
                       self.path.joinpath(*src))
             dst_root.changed(dst[:-1])
-            self.changed(src[:-1])
-            try:
-                os.unlink(src[-1], dir_fd=sfd)
-            except BaseException:
-                # Not moved after all: the new name goes (the file stays where it was,
-                # and the undo of the move, which knows only the files moved, would
-                # leave it there in the way of the next move).
-                with contextlib.suppress(OSError):
-                    os.unlink(dst[-1], dir_fd=dfd)
-                raise
-            self.changed(src[:-1])
+
+    def drop(self, parts: Parts) -> None:
+        """Remove a name :meth:`link` gave another (an error if it is not there)."""
+        with self.folder(parts[:-1], False) as dfd:
+            self.changed(parts[:-1])
+            os.unlink(parts[-1], dir_fd=dfd)
+            self.changed(parts[:-1])
+
+    def move(self, src: Parts, dst_root: Beneath, dst: Parts) -> None:
+        """Move a file to ``dst`` below ``dst_root`` (possibly this one), never replacing
+        what is there. The new name is made durable before the old one goes: with both
+        names' folders synced only after (in any order), a power cut between the two
+        syncs could leave the file under neither name."""
+        self.link(src, dst_root, dst)
+        try:
+            dst_root.sync_made()
+            self.drop(src)
+        except BaseException:
+            # Not moved after all: the new name goes (the file stays where it was,
+            # and the undo of the move, which knows only the files moved, would
+            # leave it there in the way of the next move).
+            with contextlib.suppress(OSError, PiecedError):
+                dst_root.drop(dst)
+            raise
 
 
 def _refusal(st: os.stat_result, named: os.stat_result, allow_hard_links: bool) -> str:
