@@ -306,6 +306,14 @@ class Server:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 self.loop.call_soon_threadsafe(self._deliver)
 
+    def forget_keys(self, keys: Iterable[bytes]) -> None:
+        """(On the loop, posted by an unregister.) No connection follows ``keys`` any
+        more but those awaiting them; unless the torrent was registered again meanwhile
+        (its new registrant subscribed after its register: not to be undone)."""
+        gone = [k for k in keys if not self.disk.knows(k)]
+        for conn in self.clients:
+            conn.subscriptions.difference_update([k for k in gone if k not in conn.awaited])
+
     def _deliver(self) -> None:
         with self._mail_lock:
             mail, self._mail = self._mail, collections.deque()
@@ -1260,6 +1268,10 @@ def _op_unregister(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     aliases = c.disk.torrent(ih).meta.aliases
     c.disk.unregister(ih, _flag(m, "delete_files", 0))
     c.subscriptions.difference_update([k for k in aliases if k not in c.awaited])
+    # Every other connection's too, on the loop (after the events posted before: they
+    # are the torrent's last ones): a client that used the torrent got the events of
+    # whoever registered it again, without a word from it.
+    c.server.post(c.server.forget_keys, aliases)
     return None
 
 

@@ -37,6 +37,7 @@ from pieced.storage.errors import (
     PiecedError,
     UnknownTorrent,
 )
+from pieced.storage.metainfo import parse
 
 from tests.conftest import Daemon
 from tests.realtools import make_payload, make_torrent_lt
@@ -564,6 +565,47 @@ def test_requests_naming_unknown_torrents_do_not_grow_the_daemon(tmp_path: Path)
             c.flush_all()
             wait_for(lambda: len([f for name, f in c.events if name == "piece_verified"])
                      == src.meta.num_pieces)
+    finally:
+        _stops_cleanly(d)
+
+
+@pytest.mark.parametrize("used_by", ["status", "move_storage", "subscribe"])
+def test_a_connection_that_used_a_torrent_is_not_told_of_its_next_registration(
+        tmp_path: Path, used_by: str) -> None:
+    """Client b uses a torrent; client a unregisters it, registers it again and
+    downloads a piece. b, which has not used it since, was still told of that piece:
+    only the unregistering connection dropped the key. A key b awaits (subscribed to
+    while unknown) is kept, as documented."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40_000}, seed=61)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path)
+    try:
+        seen: list[tuple[str, Any]] = []
+        with Client(d.socket) as a, Client(
+                d.socket, on_event=lambda n, f: seen.append((n, f.get("piece")))) as b:
+            if used_by == "subscribe":
+                b.subscribe(parse(raw).info_hash)  # (awaited: not registered yet)
+            ih = a.register(raw, tmp_path / "dl")
+            save = tmp_path / "dl"
+            if used_by == "status":
+                b.status(ih)
+            elif used_by == "move_storage":
+                save = tmp_path / "moved"
+                b.move_storage(ih, save)
+            a.unregister(ih)
+            a.register(raw, save)
+            for p, begin, n in src.blocks():
+                if p == 0:
+                    a.write_chunk(ih, p, begin, src.read(p, begin, n))
+            a.wait_writes()
+            a.flush_all()
+            b.flush_all()  # (names no torrent: subscribes to nothing; a barrier for events)
+            wait_for(lambda: ("piece_verified", 0) in [(n, f.get("piece")) for n, f in a.events])
+            if used_by == "subscribe":
+                assert ("piece_verified", 0) in seen
+            else:
+                assert not [e for e in seen if e[0].startswith("piece_")], seen
     finally:
         _stops_cleanly(d)
 
