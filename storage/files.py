@@ -1044,6 +1044,7 @@ class FileStorage:
         old_root = self.beneath(old_path) if old_path != self.save_path else self.root
         moved = 0
         doubtful: set[int] = set()
+        marked: set[tuple[str, ...]] = set()
         try:
             self.root.root(create=True)  # (recorded as where to go before it was made)
             for index in self.stored_files():
@@ -1051,6 +1052,10 @@ class FileStorage:
                 was = old_renames.get(index) or self.meta.files.path(index)
                 if old_root is self.root and was == parts:
                     continue
+                for k in range(len(parts)):  # folders the process that died made for it:
+                    if parts[:k] not in marked:  # durable (with the next sync) before an
+                        marked.add(parts[:k])  # old name goes
+                        self.root.changed(parts[:k])
                 for root, p in ((old_root, was), (self.root, parts)):  # half copies left
                     with contextlib.suppress(OSError, PiecedError):  # (a read-only place:
                         root.unlink((*p[:-1], part_name(p[-1])))  # left there, harmless)

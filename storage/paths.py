@@ -134,9 +134,24 @@ class Beneath:
 
     def root(self, create: bool = False) -> None:
         """Open the folder (made, if ``create``), if it is not open: say now what is
-        wrong with it."""
+        wrong with it. ``create``: the torrent's files are to be kept there from now on
+        (a register, a move), so the folder's name, and each of its parents' names down
+        from the root it lies in, is made durable too, whoever made them: a folder left
+        unsynced by a process that died (or by ``mkdir -p``) was lost to a power cut,
+        with every piece announced in it."""
         with self.held(create):
-            pass
+            if create:
+                try:
+                    rel = self.path.relative_to(self.anchor).parts
+                    for k in range(len(rel)):  # the root, and each folder to the parent
+                        dfd = _walk(os.open(self.anchor, os.O_RDONLY | os.O_DIRECTORY
+                                            | os.O_CLOEXEC), rel[:k], False, self.anchor)
+                        try:
+                            os.fsync(dfd)
+                        finally:
+                            os.close(dfd)
+                except OSError as exc:
+                    raise _error(exc, f"sync the folders of {self.path}") from None
 
     @contextlib.contextmanager
     def held(self, create: bool = False) -> Iterator[int]:

@@ -110,10 +110,12 @@ def fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def make_folders(path: Path) -> None:
+def make_folders(path: Path, sync_existing: bool = False) -> None:
     """``mkdir -p``, each folder made durable in its parent before anything is kept in
     it: a state folder the daemon made itself was lost whole to a power cut, with every
-    registration and verified piece recorded in it."""
+    registration and verified piece recorded in it. ``sync_existing``: the folders
+    found there too (one made by a process that died before its sync, or by ``mkdir
+    -p``), as far up as they can be opened."""
     missing = []
     at = Path(os.path.abspath(path))
     while not at.is_dir():
@@ -121,6 +123,14 @@ def make_folders(path: Path) -> None:
         if at.parent == at:
             break
         at = at.parent
+    if sync_existing:
+        up = at
+        while up.parent != up:
+            try:
+                fsync_dir(up.parent)
+            except OSError:
+                break  # (not ours to open, or to sync, above: made long before)
+            up = up.parent
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):
             folder.mkdir()
@@ -389,7 +399,7 @@ class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "torrents"
-        make_folders(self.root)  # (durable before any record is kept in it)
+        make_folders(self.root, sync_existing=True)  # (durable before any record in it)
         # One daemon per state folder, taken before anything in it is read or changed: a
         # second one started by mistake compacted the first one's journals away under it.
         self._lock_fd = os.open(self.state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
