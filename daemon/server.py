@@ -274,7 +274,7 @@ class Server:
         name = "piece_verified" if result.ok else "piece_failed"
         fields = {"ih": result.info_hash, "piece": result.piece, "v1": result.v1, "v2": result.v2}
         if result.writers:
-            fields["writers"] = result.writers
+            fields["writers"] = list(result.writers)
         self._event(result.info_hash, name, fields)
 
     def _on_disk_error(self, ih: bytes, entry: dict[str, Any]) -> None:
@@ -541,7 +541,8 @@ class Connection:
             self.handshaken = True
             self._cancel_hello_timer()
             reply = hello("server", "pieced", max_frame=self.server.max_frame,
-                          ring_bytes=self.server.ring_bytes, max_block=MAX_BLOCK)
+                          ring_bytes=self.server.ring_bytes, max_block=MAX_BLOCK,
+                          conn=self.serial)
             self.send([encode_control(FrameType.HELLO, frame.id, to_wire(reply))])
             return None
         t = frame.type

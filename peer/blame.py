@@ -73,12 +73,17 @@ class Attribution(Generic[P]):
                 ([(begin, peer, digest) for begin, (peer, digest) in sent.items()], whole))
         return []
 
-    def verified(self, piece: int) -> list[P]:
+    def verified(self, piece: int, reference: bool = True) -> list[P]:
         """The piece verified: the peers whose blocks of earlier failed attempts differ
         from the good ones (or, where every hashed block of an attempt matches, that
-        attempt's first giver, whose blocks were not hashed)."""
+        attempt's first giver, whose blocks were not hashed). ``reference``: the attempt
+        that verified was all this process's blocks; else what it sent may not be what
+        verified (another client's copy may have replaced it), and no verdict is given."""
         good = self._sent.pop(piece, {})
         self._first.pop(piece, None)
+        if not reference:
+            self._suspects.pop(piece, None)
+            return []
         liars: dict[P, None] = {}
         for attempt, whole in self._suspects.pop(piece, []):
             found, unsure = False, not whole  # (a block not ours may have been the bad one)

@@ -1515,8 +1515,17 @@ class Swarm:
             return
         self.order.forget(piece)
         self._told.add(piece)
+        # Whose blocks the attempt had (the daemon numbers its connections): ours alone,
+        # ours among others', or none of ours. (None: a daemon that does not say.)
+        writers, me = msg.get("writers"), self.client.core.conn
+        if writers is None or me is None:
+            alone = ours = True
+        else:
+            alone, ours = writers == [me], me in writers
         if name == "piece_verified":
-            liars = self.blame.verified(piece)
+            # Earlier attempts are compared with this one only if it was all ours: else
+            # what we sent of it may not be what verified.
+            liars = self.blame.verified(piece, reference=alone)
             if picker.have[piece]:
                 return
             self._gained(piece)
@@ -1535,13 +1544,17 @@ class Swarm:
             log.info("piece %d was not stored: fetched again", piece)
             self._fill_all()
             return
+        if not ours:  # another client's attempt alone: no verdict, nothing of ours lost
+            self.blame.forget(piece)
+            log.info("piece %d failed its hash (another client's blocks)", piece)
+            self._fill_all()
+            return
         givers = self.blame.giver_count(piece)
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
         log.info("piece %d failed its hash (data from %d peers)", piece, givers)
-        # Another connection of the daemon wrote into the attempt too: its block may be
-        # the bad one (its only giver; else known once it verifies).
-        alone = int(msg.get("writers", 1)) <= 1
+        # With another connection's blocks in the attempt, one of theirs may be the bad
+        # one: no verdict until the piece verifies (its only giver; else known then).
         for liar in self.blame.failed(piece, alone):
             self._blame(liar, piece)
         self._fill_all()

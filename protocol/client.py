@@ -258,6 +258,13 @@ class ClientCore:
     def max_frame(self) -> int:
         return self.reader.max_frame
 
+    @property
+    def conn(self) -> int | None:
+        """This connection's number, as the daemon gave it in its HELLO: the one piece
+        events name among their ``writers`` when this connection wrote into the piece."""
+        conn = (self.server_hello or {}).get("conn")
+        return conn if isinstance(conn, int) else None
+
     def _check_size(self, length: int, what: str) -> None:
         """Refuse, before sending, a frame the daemon would hang up on (its ``length`` field)."""
         if length > self.max_frame:

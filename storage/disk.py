@@ -116,17 +116,17 @@ ASIDE_BYTES = 128 * 1024
 class PieceResult:
     """Outcome of a completed piece; ``v1``/``v2`` are None where the torrent has no such hash.
 
-    ``writers``: how many writers (the ``writer`` of the writes: the daemon's client
-    connections) gave blocks to the attempt that completed the piece; 0 when it was not
-    completed by writes. A client that blames its peers for a failed piece needs to
-    know whether someone else's block may have been the bad one."""
+    ``writers``: who gave blocks to the attempt that completed the piece (the
+    ``writer`` of the writes: the daemon's client connections), sorted; empty when it
+    was not completed by writes. A client that blames its peers for a failed piece
+    needs to know whether the attempt was its own, and its own alone."""
 
     info_hash: bytes
     piece: int
     ok: bool
     v1: bool | None
     v2: bool | None
-    writers: int = 0
+    writers: tuple[int, ...] = ()
 
 
 PieceCallback = Callable[[PieceResult], None]
@@ -1269,7 +1269,7 @@ class DiskIO:
                 else:
                     ok2 = False
             ok = ok1 is not False and ok2 is not False
-            result = PieceResult(t.key, piece, ok, ok1, ok2, len(partial.writers))
+            result = PieceResult(t.key, piece, ok, ok1, ok2, tuple(sorted(partial.writers)))
             with t.lock:  # taken together with the check: no other hash state's blocks
                 mine = t.partial.get(piece) is partial
                 blocks = self.pool.take_dirty(key) if mine else []

@@ -169,9 +169,10 @@ def test_corrupt_piece_fails_and_other_torrents_go_on(
 def test_piece_events_say_how_many_connections_wrote_into_the_piece(
     daemon: Daemon, odd_payload: tuple[Path, Path], backend: str
 ) -> None:
-    """A client that blames its peers for a failed piece must know whether another
-    client's block may have been the bad one: every piece event says how many
-    connections wrote blocks into the attempt (one through the ring, one inline)."""
+    """A client that blames its peers for a failed piece must know whether the attempt
+    was its own, and its own alone: every piece event names the connections that wrote
+    blocks into the attempt (one through the ring, one inline) by the numbers their
+    HELLOs gave them."""
     save, content = odd_payload
     raw = make_torrent_lt(content, 65536, "hybrid")
     src = Source(raw, save)
@@ -202,8 +203,10 @@ def test_piece_events_say_how_many_connections_wrote_into_the_piece(
                                                 if e[0].startswith("piece_")} >= {0, 1, 2})
             got = {e[1]["piece"]: (e[0], e[1].get("writers")) for e in c.events
                    if e[0].startswith("piece_")}
-            assert got == {0: ("piece_verified", 1), 1: ("piece_failed", 2),
-                           2: ("piece_verified", 2)}, got
+            both = sorted([a.core.conn, b.core.conn])
+            assert got == {0: ("piece_verified", [a.core.conn]), 1: ("piece_failed", both),
+                           2: ("piece_verified", both)}, got
+        assert a.core.conn != b.core.conn and None not in both
 
 
 def test_a_recheck_and_a_clear_by_one_client_are_told_to_the_others(

@@ -602,6 +602,50 @@ def test_bad_blocks_another_client_writes_into_pieces_under_way_blame_no_peer(
         assert d.stop() == 0, d.stderr()
 
 
+def test_another_clients_own_bad_attempts_blame_no_peer(tmp_path: Path) -> None:
+    """pieced-peer downloads 16 KiB pieces (one block each) from one honest libtorrent
+    seeder while another client writes whole wrong pieces into the missing ones: each
+    such attempt is that client's alone, and fails. pieced-peer, whose blocks of those
+    pieces went into the next attempts, took the failures for its own and dropped its
+    only source (exit 2), as a count of writers (one) could not tell it otherwise. The
+    events name the writers; pieced-peer gives no verdict on attempts it had no part in."""
+    piece = 16384
+    n = 200
+    content = make_payload(tmp_path / "seed", {"a.bin": n * piece + 5}, seed=45)
+    raw = make_torrent_lt(content, piece, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    ih = parse(raw).info_hash
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 512 << 10, "limit_loopback": True}) as seeder:
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
+            written = 0
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 30
+                while not c.torrents():
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+                for _ in range(5):  # passes over the missing pieces
+                    have = c.status(ih, files=0)["have"]
+                    for p in range(n - 1):
+                        if not have[p >> 3] & (0x80 >> (p & 7)):
+                            with contextlib.suppress(PiecedError):
+                                c.write_chunk(ih, p, 0, b"\xee" * piece)
+                                written += 1
+                    c.wait_writes()
+                    time.sleep(0.2)
+            out, err = proc.communicate(timeout=120)
+        assert written >= 10
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and not summary["bad_peers"], summary
+        assert (tmp_path / "dl" / "payload" / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 class SilentPeers:
     """Listening sockets that accept connections and never say a word; counts how many
     of their connections are open at once, at most."""
