@@ -743,6 +743,36 @@ def test_a_state_folder_the_engine_makes_is_durable_before_anything_is_kept_in_i
         dio.close()
 
 
+@pytest.mark.parametrize("op", ["register", "move"])
+def test_save_folders_found_already_there_are_made_durable_before_they_are_relied_on(
+        tmp_path: Path, backend: str, op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save path whose folders are there already (made by ``mkdir -p``, or by a
+    daemon killed before it synced them) was used as it was: only the folders the
+    daemon made itself were fsynced into their parents, and a power cut took the
+    others with every piece announced in them. A register or a move now fsyncs every
+    folder from the root down to the save path's parent, whoever made them; and a
+    state folder's parents are synced at each start."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40_000}, seed=14)
+    raw = make_torrent_lt(content, 16384, "v1")
+    save = tmp_path / "x" / "y" / "save"
+    save.mkdir(parents=True)  # (not synced: as mkdir -p leaves it)
+    state = tmp_path / "s1" / "state"
+    state.mkdir(parents=True)
+    log = _spied(monkeypatch, "fsync")
+    dio = DiskIO(backend, state_dir=state)
+    try:
+        assert str(tmp_path / "s1") in log and str(tmp_path) in log  # (the state's parents)
+        log.clear()
+        ih = dio.register(raw, tmp_path / "elsewhere" if op == "move" else save)
+        if op == "move":
+            log.clear()
+            dio.move_storage(ih, save)
+        for folder in (tmp_path, tmp_path / "x", tmp_path / "x" / "y"):
+            assert str(folder) in log, (folder, log)
+    finally:
+        dio.close()
+
+
 def _copied_in(tmp_path: Path, odd_payload: tuple[Path, Path],
              piece: int) -> tuple[bytes, Source, Path]:
     """A hybrid torrent of the payload (also in ``t.torrent``), and a copy of the payload
