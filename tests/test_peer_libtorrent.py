@@ -527,14 +527,10 @@ def test_a_bad_block_another_client_wrote_does_not_cost_the_only_source(
     that no other peer has are now asked again of the peers blamed for them."""
     piece = 1 << 20
     n = 8
-    content = make_payload(tmp_path / "seed", {"a.bin": n * piece - 100}, seed=43)
-    raw = make_torrent_lt(content, piece, "hybrid")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, {"a.bin": n * piece - 100}, piece, "hybrid", 43)
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True,
-                    settings={"upload_rate_limit": 1 << 20, "limit_loopback": True}) as seeder:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as seeder:
             proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
             with Client(d.socket) as c:
                 deadline = time.monotonic() + 30
@@ -566,15 +562,11 @@ def test_bad_blocks_another_client_writes_into_pieces_under_way_blame_no_peer(
     with two, no peer of ours is blamed."""
     piece = 262144
     n = 40
-    content = make_payload(tmp_path / "seed", {"a.bin": n * piece - 100}, seed=44)
-    raw = make_torrent_lt(content, piece, "hybrid")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, {"a.bin": n * piece - 100}, piece, "hybrid", 44)
     ih = parse(raw).info_hash
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True,
-                    settings={"upload_rate_limit": 1 << 20, "limit_loopback": True}) as seeder:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as seeder:
             proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
             hit: set[int] = set()
             with Client(d.socket) as c:
@@ -611,15 +603,11 @@ def test_another_clients_own_bad_attempts_blame_no_peer(tmp_path: Path) -> None:
     events name the writers; pieced-peer gives no verdict on attempts it had no part in."""
     piece = 16384
     n = 200
-    content = make_payload(tmp_path / "seed", {"a.bin": n * piece + 5}, seed=45)
-    raw = make_torrent_lt(content, piece, "v1")
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, {"a.bin": n * piece + 5}, piece, "v1", 45)
     ih = parse(raw).info_hash
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True,
-                    settings={"upload_rate_limit": 512 << 10, "limit_loopback": True}) as seeder:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings={**SLOW, "upload_rate_limit": 512 << 10}) as seeder:
             proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
             written = 0
             with Client(d.socket) as c:
