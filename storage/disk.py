@@ -70,7 +70,7 @@ from .layout import Segment
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, V2Piece, parse
-from .paths import anchor_of
+from .paths import SaveFolderGone, anchor_of
 from .resume import (
     REC_CLEARED,
     REC_VERIFIED,
@@ -1510,6 +1510,11 @@ class DiskIO:
         try:
             if isinstance(exc, FileVanished):
                 self._start_over(t, exc.file_index, verified=True, partial=exc.written)
+            elif isinstance(exc, SaveFolderGone):
+                # Let go and found gone or another at the next use: as when a commit
+                # finds it so (_root_moved), what was stored in it starts over.
+                for index, written in t.storage.root_moved() or ():
+                    self._start_over(t, index, verified=True, partial=written)
             elif isinstance(exc, WriteLost):
                 # The pieces synced before are durable; those whose bytes the file held
                 # since are not: they start over, and the file may be synced again.
@@ -2193,7 +2198,7 @@ def _never_made(exc: StorageIOError) -> bool:
     """A read found no file where no block was ever written (nor a verified piece kept):
     the reader's answer, not the torrent's error. Told to every client of the torrent as
     one, it stopped their downloads for a read of a piece nobody had."""
-    return exc.errno == errno.ENOENT and not isinstance(exc, FileVanished)
+    return exc.errno == errno.ENOENT and not isinstance(exc, (FileVanished, SaveFolderGone))
 
 
 def _digest(value: object, size: int, what: str) -> bytes:

@@ -33,6 +33,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SETFL_KEPT = os.O_APPEND | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
 
 
+class SaveFolderGone(StorageIOError):
+    """The save folder, let go and opened again by its path, is not there any more, or
+    is another one (renamed away, deleted or replaced behind our back): what was stored
+    in it is to start over (``FileStorage.root_moved``)."""
+
+
 # Save-path folders kept open while no one uses them, the least recently used closed
 # first beyond this: a descriptor for each registered torrent took a daemon with a few
 # thousand torrents past RLIMIT_NOFILE (every open failed with EMFILE, for every client).
@@ -157,19 +163,30 @@ class Beneath:
     def held(self, create: bool = False) -> Iterator[int]:
         """The folder's descriptor, open (and made, if ``create``) until the block ends.
 
-        Opened again by its path after it was let go: a folder found there that is not
-        the one first opened (renamed away or replaced behind our back) is used, and
-        :meth:`in_place` says so until :meth:`close`."""
+        Opened again by its path after it was let go: when the folder first opened is
+        not there any more (renamed away, deleted, or replaced behind our back),
+        :class:`SaveFolderGone`, until :meth:`close` forgets it."""
         with self._lock:
             if self._fd < 0:
-                fd = open_folder(self.path, self.anchor, create)
+                try:
+                    fd = open_folder(self.path, self.anchor, create)
+                except PiecedError as exc:
+                    if self._ident is None:
+                        raise
+                    raise SaveFolderGone(f"{self.path} is not there any more, or not as a "
+                                         f"folder of ours ({exc})", errno=errno.ENOENT) from None
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    os.close(fd)
+                    raise _error(exc, f"open the save path {self.path}") from None
                 if self._ident is None:
-                    try:
-                        st = os.fstat(fd)
-                    except OSError as exc:
-                        os.close(fd)
-                        raise _error(exc, f"open the save path {self.path}") from None
                     self._ident = (st.st_dev, st.st_ino)
+                elif self._ident != (st.st_dev, st.st_ino):
+                    os.close(fd)
+                    raise SaveFolderGone(
+                        f"{self.path} is not the folder the torrent's files were written in "
+                        "(renamed away or replaced behind pieced's back)", errno=errno.ENOENT)
                 self._fd = fd
             self._users += 1
             fd = self._fd
@@ -579,4 +596,4 @@ def _error(exc: OSError, what: str) -> StorageIOError:
     return StorageIOError.wrap(exc, what)
 
 
-__all__ = ["Beneath", "Parts", "anchor_of", "open_folder"]
+__all__ = ["Beneath", "Parts", "SaveFolderGone", "anchor_of", "open_folder"]

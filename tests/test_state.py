@@ -2149,6 +2149,49 @@ def test_a_save_folder_renamed_away_behind_the_daemons_back_takes_nothing_verifi
     again.close()
 
 
+@pytest.mark.parametrize("then", ["gone", "file", "symlink"])
+def test_a_save_folder_gone_while_its_descriptor_was_let_go_takes_its_pieces_with_it(
+        tmp_path: Path, backend: str, then: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torrent's save folder, its descriptor let go (as in a daemon with many
+    torrents), is renamed away and nothing, a file, or a symlink to a folder elsewhere
+    put at its path. Every use of the folder failed from then on (ENOENT, PATH_ESCAPE)
+    but its pieces stayed reported verified, their bytes nowhere at the save path. The
+    next use finds the folder gone: the pieces of its files start over, as when a commit
+    finds the folder replaced, and the error says why."""
+    monkeypatch.setattr(paths.IDLE, "limit", 0)  # (every descriptor let go after its use)
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "sub/b.bin": 60_000}, seed=15)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    save = tmp_path / "save"
+    changed: list[bytes] = []
+    dio = DiskIO(backend, state_dir=tmp_path / "state", on_change=changed.append)
+    try:
+        ih = dio.register(raw, save)
+        blocks = src.blocks()
+        half = [b for b in blocks if b[0] < src.meta.num_pieces // 2]
+        for p, b, n in half:
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces // 2
+        save.rename(tmp_path / "away")
+        if then == "file":
+            save.write_bytes(b"not a folder")
+        elif then == "symlink":
+            (tmp_path / "elsewhere").mkdir()
+            save.symlink_to(tmp_path / "elsewhere")
+        p, b, n = blocks[-1]  # (in sub/b.bin, not opened yet: the folder is needed)
+        with pytest.raises(PiecedError):
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        st = dio.status(ih)
+        assert st["verified_pieces"] == 0, st["verified_pieces"]
+        assert any("not there any more" in e["message"] or "not the folder" in e["message"]
+                   for e in st["errors"]), st["errors"]
+        assert changed
+        assert not any((tmp_path / "elsewhere").rglob("*")) if then == "symlink" else True
+    finally:
+        dio.close()
+
+
 def test_many_torrents_with_verified_pieces_hold_few_descriptors(
         tmp_path: Path, backend: str) -> None:
     """Each registered torrent held two descriptors for as long as it was registered
