@@ -1187,7 +1187,8 @@ class DisabledStorage(FileStorage):
 
     For measuring the rest of the pipeline (protocol, hashing, cache) without disk.
     Pieces still verify from their hash state, but a SHA-1 that needs bytes re-read
-    (blocks given to ``write_block_direct`` out of order) sees zeros and fails.
+    (blocks of a piece written out of order, or one written again, whatever the
+    operation) sees zeros and fails.
     """
 
     name = "disabled"
