@@ -1068,8 +1068,8 @@ class FileStorage:
                     # has the name) and the unlink: the old name goes.
                     if (new.st_dev, new.st_ino) == (old.st_dev, old.st_ino) or \
                             _same_bytes(old_root, was, self.root, parts):
-                        self.root.changed(parts[:-1])  # (made by the process that died:
-                        self.root.sync_made()  # durable before the old name goes)
+                        self.root.sync_made()  # (the folders marked above: durable
+                        # before the old name goes)
                         old_root.changed(was[:-1])
                         old_root.unlink(was)
                         moved += 1

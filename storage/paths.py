@@ -66,9 +66,6 @@ class _IdleFolders:
         with self._lock:
             self._idle.pop(id(b), None)
 
-    def __len__(self) -> int:
-        return len(self._idle)
-
 
 IDLE = _IdleFolders(IDLE_FOLDERS)
 
@@ -149,13 +146,15 @@ class Beneath:
             if create:
                 try:
                     rel = self.path.relative_to(self.anchor).parts
-                    for k in range(len(rel)):  # the root, and each folder to the parent
-                        dfd = _walk(os.open(self.anchor, os.O_RDONLY | os.O_DIRECTORY
-                                            | os.O_CLOEXEC), rel[:k], False, self.anchor)
+                    dfd = os.open(self.anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    for k, name in enumerate(rel):  # the root, and each folder to the parent
                         try:
                             os.fsync(dfd)
-                        finally:
+                        except BaseException:
                             os.close(dfd)
+                            raise
+                        dfd = _walk(dfd, (name,), False, self.anchor.joinpath(*rel[:k]))
+                    os.close(dfd)
                 except OSError as exc:
                     raise _error(exc, f"sync the folders of {self.path}") from None
 
