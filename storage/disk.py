@@ -1218,7 +1218,7 @@ class DiskIO:
         start = perf_counter()
         try:
             n = self._store(t, segs, bufs)
-        except StorageIOError as exc:
+        except (StorageIOError, PathEscape) as exc:  # (a symlink where a file should be)
             self._record_error(t, exc, piece)
             raise
         self.metrics.wrote(perf_counter() - start, n, blocks, 1)
@@ -1234,7 +1234,7 @@ class DiskIO:
                 try:
                     n = self._store(t, segs, run)
                     self.metrics.wrote(perf_counter() - started, n, 0, 0)
-                except StorageIOError as exc:
+                except (StorageIOError, PathEscape) as exc:
                     self._record_error(t, exc, piece)
                     raise
                 run = []
@@ -1649,7 +1649,7 @@ class DiskIO:
             try:
                 with self.metrics.timed("read"):
                     t.storage.readinto(segs, view[s - begin : e - begin])
-            except StorageIOError as exc:
+            except (StorageIOError, PathEscape) as exc:
                 if not _never_made(exc):
                     self._record_error(t, exc, piece)
                 raise
@@ -2194,7 +2194,7 @@ class _CheckFailed(Exception):
         self.error = error
 
 
-def _never_made(exc: StorageIOError) -> bool:
+def _never_made(exc: PiecedError) -> bool:
     """A read found no file where no block was ever written (nor a verified piece kept):
     the reader's answer, not the torrent's error. Told to every client of the torrent as
     one, it stopped their downloads for a read of a piece nobody had."""

@@ -704,6 +704,10 @@ def test_symlinks_never_lead_out_of_the_save_path(
     with pytest.raises(PathEscape, match="symlink"):
         dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
     assert list(outside.iterdir()) == []
+    # The refusal is the torrent's error too, as a disk error is: on status and counted.
+    errors = dio.status(ih)["errors"]
+    assert [e["piece"] for e in errors] == [p] and "symlink" in errors[0]["message"]
+    assert dio.stats()["errors"] == {"path_escape": 1}
     dio.close()
 
 
