@@ -35,11 +35,12 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/bin/python
 tools:
 	@command -v mktorrent >/dev/null && command -v transmission-create >/dev/null \
 	  && command -v systemd-analyze >/dev/null && command -v chromium >/dev/null \
-	  && command -v chattr >/dev/null || { \
+	  && command -v chattr >/dev/null && command -v mkfs.btrfs >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq mktorrent transmission-cli systemd chromium e2fsprogs >/dev/null; }
+	    apt-get install -y -qq mktorrent transmission-cli systemd chromium e2fsprogs \
+	      btrfs-progs >/dev/null; }
 
 # docs/status-page.png: the status page mid-download, as the browser test sees it.
 screenshot: $(VENV)/.test-deps tools

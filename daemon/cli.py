@@ -57,7 +57,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pieced.storage.hashing import HashPool
     from pieced.storage.layout import Layout
     from pieced.storage.metainfo import parse, read_metainfo
-    from pieced.storage.verify import MmapReader, verify
+    from pieced.storage.verify import FolderFiles, Unreadable, verify
 
     try:
         meta = parse(read_metainfo(args.torrent))
@@ -75,12 +75,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     pool = HashPool(args.threads)
-    reader = MmapReader(meta, data, Layout(meta))
+    files = FolderFiles(meta, data, Layout(meta))
     bar = ProgressBar(meta.num_pieces, meta.piece_length)
     try:
-        result = verify(meta, reader, pool, bar)
+        result = verify(meta, files.reader(), pool, bar)
+    except Unreadable as exc:  # not a piece found wrong: nothing can be said of them
+        print(f"{chr(10) if bar.enabled else ''}pieced verify: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
         pool.shutdown()
+        files.close()
     elapsed = time.monotonic() - started
 
     report = {

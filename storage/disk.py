@@ -1051,7 +1051,7 @@ class DiskIO:
         """One run of stored bytes of an inline block: buffered, or written through."""
         key = (t.id, piece)
         if self.pool.overlaps_other(key, begin, begin + length):
-            self._write_out(t, piece, self.pool.take_dirty(key))
+            self._write_out_buffered(t, piece)
         if through or not self.pool.add_dirty(key, begin, block):
             self._write_through(t, piece, begin, (block,), length)
         partial.hasher.add(begin, (block,), length)
@@ -1213,7 +1213,7 @@ class DiskIO:
             if self.pool.overlaps_other(key, begin, begin + length):
                 # Buffered blocks this one covers in part: on disk first, so that the
                 # newer bytes land over theirs (written later, they would undo them).
-                self._write_out(t, piece, self.pool.take_dirty(key))
+                self._write_out_buffered(t, piece)
         segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
         start = perf_counter()
         try:
@@ -1222,6 +1222,30 @@ class DiskIO:
             self._record_error(t, exc, piece)
             raise
         self.metrics.wrote(perf_counter() - start, n, blocks, 1)
+
+    def _write_out_buffered(self, t: Torrent, piece: int) -> None:
+        """Write a piece's buffered blocks (the caller holds its piece lock).
+
+        They leave the buffer to be written: when the write fails (a full disk), they
+        are nowhere any more, while the piece's hash state counts them received, and has
+        hashed some. Sent the rest, the piece passed its hash with bytes that never
+        reached the disk, and was announced verified over zeros (or failed, blaming
+        its sender, where a lost block was read back). So the piece starts over, told
+        failed without v1/v2 (every block of it is to be sent again), as one whose file
+        vanished."""
+        try:
+            self._write_out(t, piece, self.pool.take_dirty((t.id, piece)))
+        except BaseException:
+            with t.lock:
+                partial = t.partial.pop(piece, None)
+                if partial is not None:
+                    partial.done = partial.cleared = True  # (its writers start a new one)
+                    self._count_partials(-1)
+                    self._to_missing(t, piece)
+                    self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
+                                                  tuple(sorted(partial.writers)))])
+            self._tell(t)
+            raise
 
     def _write_out(self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write buffered blocks, one vectored write per run of adjacent blocks."""
@@ -1846,7 +1870,7 @@ class DiskIO:
             partial = t.partial.get(piece)
         if partial is not None:
             with partial.lock:
-                self._write_out(t, piece, self.pool.take_dirty((t.id, piece)))
+                self._write_out_buffered(t, piece)
         if sync:
             self._sync(t, t.files_of(piece))
 

@@ -630,35 +630,41 @@ class FileStorage:
         return True
 
     def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
-        resident = nowait != 0
         whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
         with self._fd(seg.file_index, False) as fd:
-            done = 0
-            while done < seg.length:
-                try:
-                    n = os.preadv(fd, [dst[done:]], seg.file_offset + done, nowait)
-                except BlockingIOError:
-                    return False
-                except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and nowait:
-                        # A file system without RWF_NOWAIT (tmpfs, some FUSE): its
-                        # reads are what they are; read as usual.
-                        self._nowait = nowait = 0
-                        continue
-                    raise StorageIOError.wrap(
-                        exc, f"read {self.file_path(seg.file_index)}"
-                    ) from None
-                if n == 0:
-                    if resident:
-                        return False  # cut short behind our back: a plain read says so
-                    if whole:
-                        # Given its length by us, and shorter now: cut short since it was
-                        # checked at its open (zeros here would pass for its bytes).
-                        raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}:"
-                                             " truncated behind pieced's back", gone=False)
-                    dst[done:] = bytes(seg.length - done)
-                    break
-                done += n
+            return self._pread_fd(fd, seg, dst, nowait, whole)
+
+    def _pread_fd(self, fd: int, seg: Segment, dst: memoryview, nowait: int,
+                  whole: bool) -> bool:
+        """Read a segment from ``fd`` (``whole``: the file was known whole before it was
+        opened, so a short read means it was cut short behind our back)."""
+        resident = nowait != 0
+        done = 0
+        while done < seg.length:
+            try:
+                n = os.preadv(fd, [dst[done:]], seg.file_offset + done, nowait)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and nowait:
+                    # A file system without RWF_NOWAIT (tmpfs, some FUSE): its
+                    # reads are what they are; read as usual.
+                    self._nowait = nowait = 0
+                    continue
+                raise StorageIOError.wrap(
+                    exc, f"read {self.file_path(seg.file_index)}"
+                ) from None
+            if n == 0:
+                if resident:
+                    return False  # cut short behind our back: a plain read says so
+                if whole:
+                    # Given its length by us, and shorter now: cut short since it was
+                    # checked at its open (zeros here would pass for its bytes).
+                    raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}:"
+                                         " truncated behind pieced's back", gone=False)
+                dst[done:] = bytes(seg.length - done)
+                break
+            done += n
         return True
 
     def advise(self, segments: Sequence[Segment]) -> None:

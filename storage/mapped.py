@@ -80,7 +80,8 @@ def release_broken_leases() -> int:
 
 
 class MmapStorage(FileStorage):
-    """The mmap backend: payload files mapped shared, written and read by memcpy.
+    """The mmap backend: payload files mapped shared and written by memcpy; read with
+    pread from the same file (a page that cannot be read in is SIGBUS through a map).
 
     A mapped file truncated by another process would kill the daemon: the next access
     past the new end faults (SIGBUS), and Python cannot recover from that. So a file is
@@ -255,16 +256,22 @@ class MmapStorage(FileStorage):
         index = seg.file_index
         if index not in self._maps:
             self._map(index, False)
+        whole = self.known_whole(index)
         with self._map_lock:
             entry = self._maps.get(index)
             if entry is not None:
-                # Mapped pages are the page cache: a read from them is what any mmap read is.
                 self._check_linked(entry[0], index)
                 self._used(index)
-                with memoryview(entry[1]) as whole:  # (a slice of the map itself is a copy)
-                    dst[:] = whole[seg.file_offset : seg.file_offset + seg.length]
-                return True
-        return super()._pread_segment(seg, dst, nowait)
+                fd = os.dup(entry[0])  # (a dup keeps the lease: no open beside the map)
+        if entry is None:
+            return super()._pread_segment(seg, dst, nowait)
+        # Read with pread from the leased file, not copied out of the map: the same page
+        # cache, but a page the kernel cannot read in (EIO, a bad sector) is SIGBUS when
+        # touched through a map, which killed the daemon at the first read of it.
+        try:
+            return self._pread_fd(fd, seg, dst, nowait, whole)
+        finally:
+            os.close(fd)
 
     def advise(self, segments: Sequence[Segment]) -> None:
         # Through the map, made first where it can be: an open of the file beside it

@@ -409,91 +409,97 @@ class PreadReader:
         return True
 
 
-class MmapReader:
-    """Maps each payload file once, read-only, and hands out slices: zero copy."""
+class Unreadable(Exception):
+    """A payload file that is there but cannot be read (EACCES, EIO...): not a failed
+    piece, whose bytes were read and found wrong; the check cannot say."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"cannot read {path}: {exc.strerror or exc}")
+        self.errno = exc.errno
+
+
+class FolderFiles:
+    """A torrent's files in a folder, read with pread for :class:`PreadReader`, with no
+    daemon (``pieced verify``).
+
+    Not mapped: a page of a mapped file cut short by another process meanwhile, or one
+    the disk cannot read, is SIGBUS, which killed the command without a word. A file
+    missing, not a regular file, or shorter than a piece needs fails the pieces it
+    holds (StorageIOError, as a read fails them); any other error is :class:`Unreadable`.
+    """
 
     def __init__(self, meta: Metainfo, save_path: Path, layout: Layout) -> None:
         self._meta = meta
         self._layout = layout
-        self._maps: dict[int, mmap.mmap | None] = {}
         self._save_path = save_path
+        self._fds: dict[int, int | None] = {}
         self._lock = threading.Lock()
 
-    def _map(self, index: int) -> mmap.mmap | None:
-        if index in self._maps:
-            return self._maps[index]
+    def _fd(self, index: int) -> int | None:
+        if index in self._fds:
+            return self._fds[index]
         with self._lock:
-            if index not in self._maps:
-                self._maps[index] = self._open(index)
-            return self._maps[index]
+            if index not in self._fds:
+                self._fds[index] = self._open(index)
+            return self._fds[index]
 
-    def _open(self, index: int) -> mmap.mmap | None:
-        f = self._meta.files[index]
+    def _open(self, index: int) -> int | None:
+        path = self._save_path.joinpath(*self._meta.files[index].path)
         try:
             # O_NONBLOCK: a FIFO in a payload file's place must not hang the open.
-            fd = os.open(self._save_path.joinpath(*f.path),
-                         os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None  # its pieces fail
-            # A short file holds the pieces before its end (those past it fail, in
-            # ``views``), as in libtorrent.
-            size = min(st.st_size, f.length)
-            if not size:
-                return None
-            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            m.madvise(mmap.MADV_SEQUENTIAL)
-            return m
-        except (OSError, ValueError):
-            return None
-        finally:
+        except OSError as exc:
+            raise Unreadable(path, exc) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
+            return None  # its pieces fail
+        return fd
 
-    def prefetch(self, pieces: Sequence[int], size: Callable[[int], int]) -> None:
-        """Start the reading of ``pieces`` (MADV_WILLNEED): the disk works while the
-        pieces before them are hashed."""
-        for p in pieces:
-            for seg in self._layout.map(p, 0, size(p)):
-                m = self._map(seg.file_index) if seg.stored else None
-                if m is None or not seg.length:
-                    continue
-                start = seg.file_offset - seg.file_offset % mmap.PAGESIZE
-                with contextlib.suppress(OSError, ValueError):
-                    m.madvise(mmap.MADV_WILLNEED, start, seg.file_offset + seg.length - start)
-
-    def start(self, workers: int) -> None:
-        return None
-
-    def finish(self) -> None:
-        return None
-
-    def done(self, piece: int, size: int) -> None:
-        return None
-
-    def views(self, piece: int, size: int) -> list[Buffer] | None:
-        out: list[Buffer] = []
-        for seg in self._layout.map(piece, 0, size):
+    def read(self, piece: int, begin: int, out: memoryview) -> None:
+        pos = 0
+        for seg in self._layout.map(piece, begin, out.nbytes):
+            dst = out[pos : pos + seg.length]
+            pos += seg.length
             if not seg.stored:
-                out.append(bytes(seg.length))
+                dst[:] = bytes(seg.length)
                 continue
-            m = self._map(seg.file_index)
-            if m is None or seg.file_offset + seg.length > len(m):
-                return None  # the file, or this part of it, is not there
-            out.append(memoryview(m)[seg.file_offset : seg.file_offset + seg.length])
-        return out
+            fd = self._fd(seg.file_index)
+            if fd is None:
+                raise StorageIOError("not there")
+            done = 0
+            while done < seg.length:
+                try:
+                    n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
+                except OSError as exc:
+                    path = self._save_path.joinpath(*self._meta.files[seg.file_index].path)
+                    raise Unreadable(path, exc) from None
+                if n == 0:  # shorter than the torrent says: the pieces past its end fail
+                    raise StorageIOError("cut short")
+                done += n
+
+    def advise(self, piece: int, size: int) -> None:
+        """Start reading the piece (POSIX_FADV_WILLNEED): the disk works while the
+        pieces before it are hashed."""
+        for seg in self._layout.map(piece, 0, size):
+            fd = self._fd(seg.file_index) if seg.stored and seg.length else None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
+
+    def reader(self) -> PreadReader:
+        return PreadReader(self.read, self.advise)
 
     def close(self) -> None:
-        for m in self._maps.values():
-            if m is not None:
-                # A view may still be alive somewhere; the map then goes with it.
-                with contextlib.suppress(BufferError):
-                    m.close()
+        with self._lock:
+            for fd in self._fds.values():
+                if fd is not None:
+                    os.close(fd)
+            self._fds.clear()
 
 
-Reader = PreadReader | MmapReader
+Reader = PreadReader
 
 
 # (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)

@@ -86,6 +86,49 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+class UnreadableFs:
+    """A btrfs file system on a loop device, whose data blocks are checksummed: a byte
+    changed in its image behind the file system's back makes the block it lies in
+    unreadable (EIO), as a failing disk's bad sector is."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import subprocess
+
+        self.image = tmp_path / "btrfs.img"
+        self.mount = tmp_path / "btrfs"
+        self.mount.mkdir()
+        with open(self.image, "wb") as f:
+            f.truncate(128 << 20)  # (sparse)
+        subprocess.run(["mkfs.btrfs", "-q", "-f", "--mixed", str(self.image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mount)], check=True)
+
+    def spoil(self, needle: bytes) -> None:
+        """Change a byte of the data block holding ``needle`` (unmounted meanwhile, so
+        that nothing of it stays in the page cache)."""
+        import subprocess
+
+        subprocess.run(["umount", str(self.mount)], check=True)
+        data = self.image.read_bytes()
+        at = data.find(needle)
+        assert at >= 0 and data.find(needle, at + 1) < 0, "the block is stored once"
+        with open(self.image, "r+b") as f:
+            f.seek(at)
+            f.write(bytes([data[at] ^ 0xFF]))
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mount)], check=True)
+
+    def close(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", str(self.mount)], check=False)
+
+
+@pytest.fixture
+def unreadable_fs(tmp_path: Path) -> Iterator[UnreadableFs]:
+    fs = UnreadableFs(tmp_path)
+    yield fs
+    fs.close()
+
+
 @pytest.fixture
 def odd_payload(tmp_path: Path) -> tuple[Path, Path]:
     """(save path, content path) of a multi-file payload with odd sizes."""

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pieced.storage.metainfo import parse
 
+from tests.conftest import UnreadableFs, sparse_zero_torrent
 from tests.realtools import (
     corrupt,
     lt_recheck,
@@ -222,3 +223,44 @@ def test_names_with_control_and_invisible_characters_are_where_libtorrent_puts_t
         shutil.copyfile(content / by_size[fs.file_size(i)], dst)
     code, out, err = run_verify(raw, tmp_path / "lt", tmp_path)
     assert code == 0, (out, err)
+
+
+def test_a_file_the_disk_cannot_read_is_said_so_not_taken_for_bad_pieces(
+    tmp_path: Path, unreadable_fs: UnreadableFs
+) -> None:
+    """A payload file with a block the disk cannot read (EIO): its pieces are neither good
+    nor bad, nothing can be said of them. Read through a map, the page was SIGBUS: the
+    command died without a word (exit status 135). It names the file and the error, and
+    exits 2."""
+    content = make_payload(unreadable_fs.mount / "save", {"a.bin": 40 * 65536}, seed=3)
+    raw = make_torrent_lt(content, 65536, "v1")
+    needle = (content / "a.bin").read_bytes()[7 * 65536 + 4096 : 7 * 65536 + 4160]
+    rc, _, err = run_verify(raw, unreadable_fs.mount / "save", tmp_path)
+    assert rc == 0, err
+    unreadable_fs.spoil(needle)
+    rc, out, err = run_verify(raw, unreadable_fs.mount / "save", tmp_path)
+    assert rc == 2 and out == {}
+    assert "a.bin" in err and "Input/output error" in err
+
+
+def test_a_file_cut_short_during_the_check_fails_pieces_and_kills_nothing(tmp_path: Path) -> None:
+    """Another process truncates a payload file while `pieced verify` reads it: the pieces
+    past its new end fail (exit 1). Read through a map, the first page past the end was
+    SIGBUS, and the command died without a word."""
+    import time
+
+    raw = sparse_zero_torrent(tmp_path / "save", "zeros.bin", 4 << 20, 768)  # 3 GiB
+    tfile = tmp_path / "t.torrent"
+    tfile.write_bytes(raw)
+    proc = subprocess.Popen(
+        [*PIECED, "verify", str(tfile), "--data", str(tmp_path / "save"), "--json",
+         "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    cut_while_running = proc.poll() is None
+    with open(tmp_path / "save" / "zeros.bin", "r+b") as f:
+        f.truncate(1 << 20)  # (within the first piece: every piece fails, wherever it got)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert cut_while_running, "the check ended before the file was cut: make it longer"
+    assert proc.returncode == 1, stderr
+    failed = json.loads(stdout)["failed_v1"]
+    assert failed and failed[-1] == 767
