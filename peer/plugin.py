@@ -1906,6 +1906,7 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
                 await swarm.recount()
             if progress is not None:
                 progress.cancel()
+                _draw(swarm)  # (as it ends: the last tick may be half a second old)
                 print(file=sys.stderr)
     finally:
         # The time of the transfer: saying goodbye to trackers and daemon is not part of it.
@@ -1932,15 +1933,20 @@ def _describe(exc: PiecedError) -> str:
 
 async def _progress(swarm: Swarm) -> None:
     while True:
-        picker = swarm.picker
-        if picker is not None:
-            n = swarm.meta.num_pieces
-            done = n - picker.left()
-            bar = "#" * (30 * done // max(1, n))
-            print(f"\r[{bar:<30}] {100 * done // max(1, n):3d}%  {len(swarm.peers)} peers  "
-                  f"down {swarm.summary.bytes_down >> 20} MiB  up {swarm.summary.bytes_up >> 20} MiB",
-                  end="", file=sys.stderr, flush=True)
+        _draw(swarm)
         await asyncio.sleep(0.5)
+
+
+def _draw(swarm: Swarm) -> None:
+    """The progress line, drawn over the last one."""
+    picker = swarm.picker
+    if picker is not None:
+        n = swarm.meta.num_pieces
+        done = n - picker.left()
+        bar = "#" * (30 * done // max(1, n))
+        print(f"\r[{bar:<30}] {100 * done // max(1, n):3d}%  {len(swarm.peers)} peers  "
+              f"down {swarm.summary.bytes_down >> 20} MiB  up {swarm.summary.bytes_up >> 20} MiB",
+              end="", file=sys.stderr, flush=True)
 
 
 def _said(args: argparse.Namespace, exc: BaseException) -> None:

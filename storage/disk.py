@@ -273,7 +273,7 @@ class DiskIO:
                         f"{min(o.key.hex() for o in moving)}: register it again once that is done")
                 storage.create_empty_files()
                 if self.state is not None:
-                    rec = self.state.create(t.key, metainfo, path)
+                    rec = self.state.create(t.key, metainfo, path, meta.num_pieces)
                     self._records[t.id] = rec
                     with rec.save_lock:
                         self._save(t, rec)

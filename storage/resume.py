@@ -433,7 +433,10 @@ class StateStore:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def create(self, ih: bytes, raw: bytes, save_path: Path) -> TorrentRecord:
+    def create(self, ih: bytes, raw: bytes, save_path: Path, pieces: int) -> TorrentRecord:
+        """A new torrent's state folder, holding its metainfo, its location and a resume
+        record of no piece verified (``pieces``: how many it has): a crash before its
+        first save finds a whole record, not one to be rebuilt and checked again."""
         folder = self.root / ih.hex()
         if folder.exists():  # left over from a torrent whose removal did not finish
             shutil.rmtree(folder)
@@ -446,7 +449,10 @@ class StateStore:
         making.mkdir(parents=True)
         try:
             write_atomic(making / "metainfo.torrent", raw)
-            TorrentRecord(making).write_location(save_path, {})
+            made = TorrentRecord(making)
+            made.write_location(save_path, {})
+            made.write_resume(bytes((pieces + 7) // 8), bytes(pieces * FINGERPRINT_BYTES), 0,
+                              None)
             os.rename(making, folder)
             fsync_dir(self.root)  # the torrent's folder, with all that is recorded in it
         except BaseException:

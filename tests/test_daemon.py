@@ -1217,3 +1217,31 @@ def test_a_low_descriptor_limit_lowers_the_client_bound_instead_of_starving_clie
             idle.close()
         assert d.stop() == 0
     assert "max_clients 256 ->" in d.stderr()
+
+
+def test_the_hello_exchange_of_the_protocol_document_is_what_a_daemon_sends(tmp_path: Path) -> None:
+    """docs/protocol.md's worked HELLO exchange, its bytes sent to a daemon just started:
+    its reply is the document's, byte for byte (the document once showed a reply
+    without ``conn``)."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("### 4.1 Worked example") : doc.index("## 5. Requests")]
+    dumps = [bytes.fromhex("".join(line[6:53] for line in block.strip().splitlines()))
+             for block in re.findall(r"```\n(.*?)```", section, re.S)]
+    assert len(dumps) == 2
+    hello_out, hello_back = dumps
+    d = Daemon(tmp_path)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(d.socket))
+            s.settimeout(10)
+            s.sendall(hello_out)
+            got = b""
+            while len(got) < 4 or len(got) < 4 + int.from_bytes(got[:4], "big"):
+                chunk = s.recv(4096)
+                assert chunk, "the daemon closed the connection"
+                got += chunk
+        assert got == hello_back
+    finally:
+        assert d.stop() == 0, d.stderr()

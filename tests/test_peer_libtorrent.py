@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -172,6 +173,26 @@ def test_download_from_libtorrent_then_seed_to_libtorrent(tmp_path: Path, kind: 
         up = seeding.stop()
         _same_tree(content, tmp_path / "leech" / "payload", files)
         assert up["bytes_up"] >= sum(files.values()) and up["suggests_sent"] >= 1
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_the_progress_bar_on_a_terminal_ends_on_the_finished_download(tmp_path: Path) -> None:
+    """pieced-peer on a terminal draws its progress every half second; the line left on
+    screen once it ended was its last tick's (0 %, 49 %...), not the complete download."""
+    content, raw, torrent = _made(tmp_path, {"a.bin": 12 << 20}, 1 << 20, "v1", seed=8)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, content.parent, seed=True) as seeder:
+            cmd = peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                           f"127.0.0.1:{seeder.port}")
+            cmd.remove("--json")  # (which draws no bar)
+            r = subprocess.run(["script", "-qec", shlex.join(cmd), "/dev/null"],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout
+        last = r.stdout.rstrip().splitlines()[-1]  # (a "\r" reads as a line's end here)
+        assert "100%" in last and "down 12 MiB" in last, repr(r.stdout[-300:])
+        assert (tmp_path / "dl" / content.name / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
     finally:
         assert d.stop() == 0, d.stderr()
 

@@ -70,6 +70,28 @@ def test_restart_knows_torrents_and_bits(
     assert DiskIO(backend, state_dir=tmp_path / "state").torrents() == []
 
 
+def test_a_crash_right_after_a_register_finds_a_whole_record(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon dies between the rename that puts a new torrent's state folder in
+    place and its first save: the folder held no resume record, and the next start took
+    it for a damaged one ("rebuilt from its journal") and looked for every piece of the
+    files again, of a torrent registered with nothing. It is whole from the rename on."""
+    _, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    monkeypatch.setattr(DiskIO, "_save", lambda self, t, rec, stamps=False: True)  # dies here
+    ih = dio.register(raw, tmp_path / "dl")
+    monkeypatch.undo()
+    assert dio.state is not None
+    dio.state.close()  # the state folder's lock, which goes with the process
+    again = DiskIO(backend, state_dir=tmp_path / "state")  # (no close: as after kill -9)
+    assert again.load_errors == []
+    st = again.status(ih)
+    assert st["verified_pieces"] == 0 and st["reverifying_pieces"] == 0
+    again.close()
+
+
 def test_crash_rounds(tmp_path: Path, odd_payload: tuple[Path, Path], backend: str) -> None:
     """SIGKILL the daemon mid-download, many times; after each restart every piece
     reported verified is byte-identical on disk, and the download can finish."""
