@@ -55,6 +55,29 @@ def _faults_allocate(fd: int) -> bool:
                                                                 _HUGETLBFS_MAGIC)
 
 
+_MADV_POPULATE_WRITE = 23  # (Linux 5.14; Python 3.11's mmap has no name for it)
+_populates = True  # the kernel takes it
+
+
+def _pages_in(m: mmap.mmap, offset: int, length: int) -> bool:
+    """Fault a range's pages of the map in for writing, before a store into them: a
+    store into a page the kernel must read in, and cannot (a bad sector), is SIGBUS,
+    which kills the daemon; here it is an error (EFAULT), and False. True on kernels
+    without MADV_POPULATE_WRITE (the store takes its chance, as it always did)."""
+    global _populates
+    if not _populates:
+        return True
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        m.madvise(_MADV_POPULATE_WRITE, start, offset + length - start)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            _populates = False
+            return True
+        return False
+    return True
+
+
 def watch_leases() -> bool:
     """Install the handler of lease breaks (SIGIO, whose default action would end the
     process); only the main thread can. True once it is installed: before that the
@@ -243,6 +266,13 @@ class MmapStorage(FileStorage):
                     except OSError as exc:
                         raise StorageIOError.wrap(
                             exc, f"write {self.file_path(index)}") from None
+                if not _pages_in(m, seg.file_offset, seg.length):
+                    # A page the disk cannot read (EIO): a store into it would be SIGBUS.
+                    # pwrite reads in only pages it writes in part, and says EIO if so.
+                    self._pwritev_all(fd, [memoryview(v) for v in views], seg.file_offset,
+                                      index)
+                    self._mark_dirty(index)
+                    return
                 pos = seg.file_offset
                 for v in views:
                     n = memoryview(v).nbytes
