@@ -54,9 +54,11 @@ class Settings:
     max_piece_length: int = 64 * MiB
     max_partial_pieces: int = 4096
     log_level: str = "info"
+    log_file: str = "var/pieced.log"
 
     def resolved(self, base: Path | None = None) -> Settings:
-        """Relative paths are taken from ``base`` (the folder the daemon started in)."""
+        """Relative paths are taken from ``base`` (the folder the daemon started in).
+        An empty ``log_file`` stays empty: the log goes to stderr only."""
         base = base or Path.cwd()
         roots = self.roots or [str(base)]
         return replace(
@@ -64,6 +66,7 @@ class Settings:
             state_dir=str((base / self.state_dir).resolve()),
             socket=str((base / self.socket).resolve()),
             roots=[str((base / r).resolve()) for r in roots],
+            log_file=str((base / self.log_file).resolve()) if self.log_file else "",
         )
 
 
@@ -156,8 +159,14 @@ _TYPES: dict[str, Any] = get_type_hints(Settings)
 _OCTAL = frozenset({"socket_mode"})
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def _coerce(key: str, value: Any, source: str, *, text: bool = True) -> Any:
+    """``text``: a string is text to read as the key's type (the environment, flags).
+    A TOML file has types of its own: there a value must already be of the key's type,
+    so that ``http_port = "0"`` or ``roots = "/srv"`` is refused, not read as something
+    the file did not say."""
     typ = _TYPES[key]
+    if not text:
+        value = _toml_value(key, value, typ, source)
     if isinstance(value, str) and typ is not str:
         value = _parse_text(key, value, typ, source)
     if typ in (list[int], list[str]):
@@ -171,6 +180,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return value
     if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{source}: '{key}' must be an integer, not {value!r}")
+    if typ is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be a number, not {value!r}")
+        value = float(value)
     if typ is str and not isinstance(value, str):
         raise ConfigError(f"{source}: '{key}' must be a string, not {value!r}")
     check = CHECKS.get(key)
@@ -179,6 +192,66 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         shown = "(not shown)" if key in SECRET else repr(value)  # logs keep what they get
         raise ConfigError(f"{source}: '{key}' = {shown} {problem}")
     return value
+
+
+_TOML_EXPECTED: dict[Any, str] = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list[int]: "a list of int",
+    list[str]: "a list of str",
+}
+
+
+def _is_toml(value: Any, typ: Any) -> bool:
+    """Whether a TOML value is of the key's type. A float takes an integer too (TOML
+    writes 1 for 1.0); nothing else takes a boolean, nor a string."""
+    if typ is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if typ is float:
+        return isinstance(value, (int, float))
+    if typ in (list[int], list[str]):
+        inner = int if typ == list[int] else str
+        return isinstance(value, list) and all(
+            isinstance(x, inner) and not isinstance(x, bool) for x in value)
+    return isinstance(value, typ)
+
+
+def _toml_value(key: str, value: Any, typ: Any, source: str) -> Any:
+    """A value from the TOML file as the key's type, or a message naming the key, the
+    file, the type expected and the one given. The one exception is a file mode, which
+    may also be written as octal text ("0660"): as TOML, 660 would be decimal."""
+    if key in _OCTAL and isinstance(value, str):
+        return value
+    if not _is_toml(value, typ):
+        raise ConfigError(f"{source}: '{key}' must be {_TOML_EXPECTED[typ]}, "
+                          f"not {_toml_shown(key, value)}")
+    return float(value) if typ is float else value
+
+
+def _toml_shown(key: str, value: Any) -> str:
+    """A TOML value with its type: ``the string '0'`` says why 0 was refused."""
+    if isinstance(value, bool):
+        kind = "the boolean"
+        shown = "true" if value else "false"
+    elif isinstance(value, int):
+        kind, shown = "the integer", repr(value)
+    elif isinstance(value, float):
+        kind, shown = "the float", repr(value)
+    elif isinstance(value, str):
+        kind, shown = "the string", repr(value)
+    elif isinstance(value, list):
+        kind, shown = "the array", repr(value)
+    elif isinstance(value, dict):
+        kind, shown = "a table", ""
+    else:  # tomllib's dates and times
+        kind, shown = "the date-time", value.isoformat()
+    if key in SECRET and shown:
+        shown = "(not shown)"
+    return f"{kind} {shown}".rstrip()
 
 
 def _parse_text(key: str, text: str, typ: Any, source: str) -> Any:
@@ -197,6 +270,11 @@ def _parse_text(key: str, text: str, typ: Any, source: str) -> Any:
         except ValueError:
             kind = "an octal file mode such as 0660" if key in _OCTAL else "an integer"
             raise ConfigError(f"{source}: '{key}' must be {kind}, not {text!r}") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{source}: '{key}' must be a number, not {text!r}") from None
     if typ == list[int]:
         try:
             return [int(x) for x in text.split(",") if x.strip()]
@@ -223,7 +301,7 @@ def load(
         for key, value in data.items():
             if key not in _TYPES:
                 raise ConfigError(f"{path}: unknown key '{key}'")
-            values[key] = _coerce(key, value, str(path))
+            values[key] = _coerce(key, value, str(path), text=False)
     env = os.environ if env is None else env
     for name, value in env.items():
         if not name.startswith("PIECED_") or name in _NOT_SETTINGS:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import grp
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -30,6 +31,20 @@ from .http import HTTP_SHUTDOWN_SECONDS, KEEPALIVE_SECONDS, guard_connections, m
 from .server import Observer, Server
 
 log = logging.getLogger("pieced")
+
+
+# sun_path of struct sockaddr_un: a longer path cannot be bound (nor connected to).
+UNIX_PATH_MAX = 108
+
+
+def socket_path_problem(settings: Settings) -> str | None:
+    """The kernel says only "AF_UNIX path too long": the setting, the path and the limit
+    tell what to change (a deep working folder makes a relative ``socket`` long)."""
+    size = len(os.fsencode(settings.socket))
+    if size <= UNIX_PATH_MAX:
+        return None
+    return (f"pieced: 'socket' = {settings.socket!r} is {size} bytes long: a Unix socket path "
+            f"may have at most {UNIX_PATH_MAX} (AF_UNIX); set a shorter socket path")
 
 
 def bind_socket(settings: Settings) -> socket.socket:
@@ -94,11 +109,44 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
     )
 
 
+def socket_name(sock: socket.socket) -> str:
+    """Where a listening socket is bound, as a client would name it."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # the abstract namespace: '@' as systemd writes it
+        return "@" + name[1:].decode(errors="replace") if name[:1] == b"\0" else repr(name)
+    if isinstance(name, str):
+        return name or "(an unnamed socket)"
+    return ":".join(map(str, name[:2]))
+
+
+def warn_missing_roots(settings: Settings) -> None:
+    """A root that is not there is not refused (a mount may come later), but every save
+    path below it is refused until it is: the log says so at once, not at each add."""
+    for root in settings.roots:
+        try:
+            if not stat.S_ISDIR(os.stat(root).st_mode):
+                log.warning("roots: %s is not a folder: no save path can lie below it", root)
+        except FileNotFoundError:
+            log.warning("roots: %s does not exist: every save path below it is refused "
+                        "until it does", root)
+        except OSError as exc:
+            log.warning("roots: %s cannot be reached (%s): every save path below it is "
+                        "refused until it can", root, exc.strerror or exc)
+
+
 async def serve(settings: Settings) -> None:
     settings = settings.resolved()
     problem = exposure_problem(settings)
     if problem:
         raise SystemExit(f"pieced: {problem}")
+    # Taken before the state is made or read: a socket path that cannot be bound stops
+    # the start at once, and one passed by the service manager makes it irrelevant.
+    passed = systemd.listen_fds()
+    if not passed:
+        problem = socket_path_problem(settings)
+        if problem:
+            raise SystemExit(problem)
+    warn_missing_roots(settings)
     make_folders(Path(settings.state_dir))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -124,7 +172,6 @@ async def serve(settings: Settings) -> None:
         observer=observer,
         handshake_timeout=settings.handshake_timeout_ms / 1000,
     )
-    passed = systemd.listen_fds()
     listener = passed[0] if passed else bind_socket(settings)
     server.start(listener)
 
@@ -152,9 +199,14 @@ async def serve(settings: Settings) -> None:
     guard = guard_connections(runner.server)
 
     systemd.notify("READY=1\nSTATUS=serving")
+    # The socket in use: under socket activation the one passed, not the configured one.
+    where = (f"{socket_name(listener)} (passed by the service manager)" if passed
+             else settings.socket)
+    listening = (f"listening on {where} and http://{settings.http_host}:{http_port}"
+                 f" (backend {settings.backend})")
+    log.info("%s", listening)
     # One line on stdout that scripts (and the tests) can wait for.
-    print(f"pieced: listening on {settings.socket} and http://{settings.http_host}:{http_port}"
-          f" (backend {settings.backend})", flush=True)
+    print(f"pieced: {listening}", flush=True)
     await stop.wait()
 
     systemd.notify("STOPPING=1\nSTATUS=flushing")
@@ -249,10 +301,42 @@ def fit_descriptors(settings: Settings, limit: int) -> Settings:
     return settings
 
 
+class _OneLine(logging.Formatter):
+    """One line per record, in the file as in the journal: a traceback or a name with a
+    newline in it would otherwise read as several records, the later ones without a
+    time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
+def setup_logging(settings: Settings) -> None:
+    """stderr (what journald collects under systemd), and ``log_file`` when it is set:
+    appended to, its folder made if missing. A file that cannot be opened stops the
+    start, naming it, rather than leaving a daemon whose log goes nowhere expected."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if settings.log_file:
+        path = Path(settings.log_file)
+        try:
+            # Made durably: by default this is the state folder, made here first.
+            make_folders(path.parent)
+            # Reopened when moved away or deleted (logrotate), not written into for ever.
+            handlers.append(logging.handlers.WatchedFileHandler(path, mode="a",
+                                                                encoding="utf-8"))
+        except OSError as exc:
+            raise SystemExit(f"pieced: log_file {str(path)!r}: cannot open it: "
+                             f"{exc.strerror or exc}") from None
+    formatter = _OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=handlers)
+
+
 def run(settings: Settings) -> None:
     _bound_malloc()
     _raise_open_files()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings.resolved()
+    setup_logging(settings)
     logging.getLogger("aiohttp.server").addFilter(_BadRequestsBriefly())
     import resource
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,45 @@ def test_bad_settings_are_named(tmp_path: Path, text: str, env: dict[str, str], 
         load(f, env=env)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('http_port = "0"\n', "'http_port' must be an integer, not the string '0'"),
+        ("http_port = 80.0\n", "'http_port' must be an integer, not the float 80.0"),
+        ("http_port = true\n", "'http_port' must be an integer, not the boolean true"),
+        ('roots = "/tmp/x"\n', "'roots' must be a list of str, not the string '/tmp/x'"),
+        ('allow_uids = "0"\n', "'allow_uids' must be a list of int, not the string '0'"),
+        ('allow_gids = ["0"]\n', "'allow_gids' must be a list of int, not the array ['0']"),
+        ('preallocate = "yes"\n', "'preallocate' must be true or false, not the string 'yes'"),
+        ("preallocate = 1\n", "'preallocate' must be true or false, not the integer 1"),
+        ("backend = 1\n", "'backend' must be a string, not the integer 1"),
+        ("state_dir = [\"var\"]\n", "'state_dir' must be a string, not the array ['var']"),
+        ("log_file = {}\n", "'log_file' must be a string, not a table"),
+        ("socket = 1979-05-27\n", "'socket' must be a string, not the date-time 1979-05-27"),
+        ("http_token = 12345678901234567\n", "'http_token' must be a string, not the integer"
+                                              " (not shown)"),
+    ],
+)
+def test_a_file_value_of_another_type_is_named(tmp_path: Path, text: str, message: str) -> None:
+    """A TOML file says what type a value is: a string where a number, a list or a flag
+    is expected is a mistake in the file, not text to be read as one (the environment
+    and flags, which are text, are read so)."""
+    f = tmp_path / "p.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load(f, env={})
+    assert str(caught.value) == f"{f}: {message}"
+    assert "12345678901234567" not in str(caught.value)
+
+
+def test_text_is_still_read_from_the_environment_and_flags() -> None:
+    env = {"PIECED_HTTP_PORT": "0", "PIECED_ROOTS": "/a:/b", "PIECED_ALLOW_UIDS": "0,7",
+           "PIECED_PREALLOCATE": "yes", "PIECED_LOG_FILE": ""}
+    s = load(None, env=env, overrides={"allow_gids": "5"})
+    assert (s.http_port, s.roots, s.allow_uids, s.preallocate, s.allow_gids, s.log_file) == (
+        0, ["/a", "/b"], [0, 7], True, [5], "")
+
+
 def test_bad_config_stops_the_daemon(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -90,3 +130,111 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     broken = tmp_path / "pieced.service"
     broken.write_text((units / "pieced.service").read_text().replace("Type=notify", "Type=notfy"))
     assert any("notfy" in p for p in _unit_problems(broken))
+
+
+def test_a_string_in_the_file_stops_the_daemon(tmp_path: Path) -> None:
+    """``http_port = "0"`` once started a daemon on a free port, the file's mistake unseen."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "p.toml"
+    f.write_text('http_port = "0"\n')
+    r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "run", "--config", str(f)],
+                       capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout
+    assert f"{f}: 'http_port' must be an integer, not the string '0'" in r.stderr
+    assert not (tmp_path / "var").exists()
+
+
+def test_the_service_logs_to_stderr_only() -> None:
+    """The unit runs the documented file with its own ``Environment=`` lines: the log
+    goes to journald through stderr, not to a file below its working folder."""
+    unit = (ROOT / "systemd" / "pieced.service").read_text()
+    env = dict(line.removeprefix("Environment=").split("=", 1) for line in unit.splitlines()
+               if line.startswith("Environment="))
+    assert "/etc/pieced/pieced.toml" in unit  # config/pieced.toml, installed
+    s = load(ROOT / "config" / "pieced.toml", env=env)
+    assert s.log_file == "" and s.state_dir == "/var/lib/pieced"
+    assert Settings().log_file == "var/pieced.log"  # make run: next to the state and socket
+
+
+def _log_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_the_embedded_defaults_log_to_var(tmp_path: Path) -> None:
+    """``make run`` keeps state, socket and log under ./var/: the log in var/pieced.log
+    as well as on stderr, one line per record with its time, appended to."""
+    import re
+
+    from tests.conftest import Daemon
+
+    for run in range(2):
+        d = Daemon(tmp_path, env={"PIECED_LOG_FILE": "var/pieced.log"} if run else {})
+        assert d.stop() == 0, d.stderr()
+        lines = _log_lines(tmp_path / "var" / "pieced.log")
+        started = [ln for ln in lines if "INFO pieced: listening on" in ln]
+        assert len(started) == run + 1, lines  # the first run's lines are kept
+        assert f"listening on {tmp_path / 'var' / 'pieced.sock'} and http://" in started[0]
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", started[0])
+        assert lines[-1].endswith("INFO pieced: stopped")
+
+
+def test_an_empty_log_file_logs_to_stderr_only(tmp_path: Path) -> None:
+    from tests.conftest import Daemon
+
+    f = tmp_path / "p.toml"
+    f.write_text('log_file = ""\n')
+    d = Daemon(tmp_path, "--config", str(f))
+    assert d.stop() == 0
+    assert "INFO pieced: listening on" in d.stderr()
+    assert (tmp_path / "var" / "torrents").is_dir()  # the state is there, no log with it
+    assert not (tmp_path / "var" / "pieced.log").exists()
+    assert not list(tmp_path.rglob("*.log"))
+
+
+def test_a_log_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "logs").mkdir()
+    r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0"],
+                       capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                       env={**os.environ, "PIECED_LOG_FILE": "logs"})
+    assert r.returncode == 2, r.stdout
+    assert f"log_file '{tmp_path / 'logs'}': cannot open it: Is a directory" in r.stderr
+    assert not (tmp_path / "var").exists()
+
+
+def test_a_missing_root_is_warned_of(tmp_path: Path) -> None:
+    """Every save path below it would be refused: said at start-up, not only at each
+    add, and not refused (the mount it stands for may come later)."""
+    from tests.conftest import Daemon
+
+    missing, plain = tmp_path / "mnt" / "library", tmp_path / "a-file"
+    plain.write_text("")
+    f = tmp_path / "p.toml"
+    f.write_text(f'roots = ["{missing}", "{plain}", "{tmp_path}"]\n')
+    d = Daemon(tmp_path, "--config", str(f))
+    assert d.stop() == 0
+    warned = [ln for ln in _log_lines(tmp_path / "var" / "pieced.log")
+              if "WARNING pieced: roots:" in ln]
+    assert len(warned) == 2, warned
+    assert f"roots: {missing} does not exist" in warned[0]
+    assert f"roots: {plain} is not a folder" in warned[1]
+    assert f"roots: {missing} does not exist" in d.stderr()
+
+
+def test_a_socket_path_too_long_is_named(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    long = tmp_path / ("s" * 120) / "pieced.sock"
+    r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0",
+                        "--socket", str(long)],
+                       capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout
+    size = len(os.fsencode(str(long)))
+    assert f"'socket' = '{long}' is {size} bytes long: a Unix socket path may have at most 108" \
+        in r.stderr, r.stderr
+    assert not (tmp_path / ("s" * 120)).exists()

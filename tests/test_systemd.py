@@ -38,6 +38,12 @@ def test_notify_and_socket_activation(tmp_path: Path) -> None:
             messages.append(notify.recv(4096).decode())
         assert any("STATUS=" in m for m in messages)
         assert not (tmp_path / "unused.sock").exists()  # it took systemd's socket instead
+        # ... and says so: the socket clients reach, not the one configured and unused.
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert (f"listening on {tmp_path}/activated.sock (passed by the service manager) "
+                "and http://") in line, line
+        assert "unused.sock" not in line
         with Client(tmp_path / "activated.sock") as c:
             assert c.stats()["connected_clients"] == 1
         while not any("WATCHDOG=1" in m for m in messages):
@@ -46,6 +52,8 @@ def test_notify_and_socket_activation(tmp_path: Path) -> None:
         while not any("STOPPING=1" in m for m in messages):
             messages.append(notify.recv(4096).decode())
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        assert proc.stderr is not None
+        assert "activated.sock (passed by the service manager)" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
