@@ -563,8 +563,9 @@ def test_rechecks_of_huge_pieces_read_them_in_parts(tmp_path: Path, backend: str
             peak = _peak_rss_while(d, threads, base)
         assert not errors, errors
         print(f"huge-piece rechecks: RSS {base / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB")
-        # piece-sized buffers: two hashing threads x three rechecks x 64 MiB
-        assert peak - base < 32 * 1024 * 1024, peak - base
+        # piece-sized buffers: two hashing threads x three rechecks x 64 MiB; one of them
+        # alone is over the bound (measured 27-28 MiB, 32.2 MiB once on a busy machine)
+        assert peak - base < 48 * 1024 * 1024, peak - base
     finally:
         assert d.stop() == 0, d.stderr()
 
