@@ -9,7 +9,11 @@ pieces costs the loop nothing but a few writes.
 Each page watches at most one torrent (the one it shows). For each watched torrent the
 sampler keeps the map it last sent (a *view*) and a sequence number; a page loads the
 map once (``map_gz``), then applies the runs that changed, tick after tick. A page that
-misses a step (it was slow, or a sample was larger than a whole map) loads the map anew.
+misses a step (it was slow, or a sample was larger than a whole map) loads the map anew,
+as does every page when the torrent is registered anew (unregistered and registered
+again between two samples: a new map, new files, new errors). The sequence numbers are
+drawn from one counter for every view, so that a torrent's never go back: a page holding
+the map of an earlier registration never takes the new one's for what it has already.
 
 Pieces that fail their hash go back to missing at once in the engine; the feed hears of
 them through ``DiskIO.on_piece`` and shows them failed for ``FAILED_HOLD`` seconds, or
@@ -24,6 +28,7 @@ import collections
 import contextlib
 import errno
 import gzip
+import itertools
 import json
 import logging
 import time
@@ -76,7 +81,9 @@ class Subscriber:
 
 @dataclass
 class _View:
-    """The map of a watched torrent as the pages have it, and what else was sent."""
+    """The map of a watched torrent as the pages have it, and what else was sent.
+    ``renewed``: made for a new registration of the torrent (by a page's hello or map
+    load, or a sample) and not yet announced to the pages that follow it."""
 
     tid: int
     seq: int
@@ -84,6 +91,7 @@ class _View:
     files: str
     errors: str
     gz: tuple[int, bytes] | None = None
+    renewed: bool = False
 
 
 @dataclass
@@ -120,6 +128,7 @@ class Feed:
         self._tick = 0
         self._hellos: tuple[int, bytes, dict[bytes, bytes]] = (-1, b"", {})
         self._views: dict[bytes, _View] = {}
+        self._seq = itertools.count(1)  # the views' sequence numbers, all of them
         self._failed: dict[bytes, dict[int, float]] = {}
         self._prev: tuple[float, dict[str, int]] | None = None
         self._torrents_sent = ""
@@ -273,7 +282,8 @@ class Feed:
         view = self._views.get(key)
         if view is None or view.tid != t.id:
             state, m = self._map(t, now)
-            view = _View(t.id, 1, m, self._files(t, state), self._errors(t))
+            view = _View(t.id, next(self._seq), m, self._files(t, state), self._errors(t),
+                         renewed=view is not None)
             self._views[key] = view
         return view
 
@@ -286,9 +296,18 @@ class Feed:
             self._views.pop(key, None)
             return f'{{"ih":"{key.hex()}","gone":true}}'
         view = self._views.get(key)
-        if view is None or view.tid != t.id:
-            view = self._view(key, now)
-            return f'{{"ih":"{key.hex()}","from":0,"to":{view.seq},"reset":true}}'
+        if view is None or view.tid != t.id or view.renewed:
+            # A new view (a new registration, or a first sample): the pages load its map
+            # and take its files and errors whole, as from a hello.
+            try:
+                view = self._view(key, now)
+            except PiecedError:  # unregistered meanwhile
+                return f'{{"ih":"{key.hex()}","gone":true}}'
+            view.renewed = False
+            files_total = self._static_of(t)["files"]
+            return (f'{{"ih":"{key.hex()}","from":0,"to":{view.seq},"reset":true,'
+                    f'"files":{view.files},"files_total":{files_total},'
+                    f'"errors":{view.errors}}}')
         state, m = self._map(t, now)
         members = [f'"ih":"{key.hex()}"']
         runs = diff(view.map, m)

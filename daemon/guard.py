@@ -3,13 +3,18 @@
 Every response forbids what the status page does not need: no inline script or style,
 no other origin, no framing, no MIME sniffing. With ``http_token`` set, a request must
 carry it (``Authorization: Bearer``, or ``?token=`` for what a browser cannot give a
-header to, such as an EventSource or the page's first load).
+header to, such as an EventSource or the page's first load). Without it (loopback), a
+request must be for a loopback name: a page of another site whose name was made to
+point at 127.0.0.1 (DNS rebinding) is that site's own origin to the browser, which lets
+it read what it is answered; only the Host it names tells it apart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -51,6 +56,89 @@ def require_token(token: str) -> Middleware:
                 text="401: this daemon asks for its http_token (Authorization: Bearer TOKEN "
                      "or ?token=TOKEN)\n",
                 headers={"WWW-Authenticate": 'Bearer realm="pieced"'})
+        return await handler(request)
+
+    return middleware
+
+
+# The names a request may give in its Host (with or without a port) when no token is
+# asked for, besides the address the connection came to (the http_host it listens on).
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_LOOPBACK_ADDRESSES = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+# host [":" port]: a bracketed IPv6 address or a name without colons, and digits.
+_AUTHORITY = re.compile(r"(?:\[([^\]]*)\]|([^:\[\]]*))(?::[0-9]*)?")
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _listening(request: web.Request) -> _Address | None:
+    """The address the request's connection came to: the http_host listened on when
+    that is an address of its own (127.0.0.2, say), as a browser would name it."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, tuple) or not sockname:
+        return None
+    try:
+        return ipaddress.ip_address(str(sockname[0]).partition("%")[0])
+    except ValueError:
+        return None
+
+
+def _is_ours(host: str, bracketed: bool, listening: _Address | None) -> bool:
+    """Whether a host (lower case, no brackets, no port) names this machine's loopback:
+    ``localhost``, 127.0.0.1, ::1 or the address listened on. Addresses are compared as
+    addresses ([0:0::1] is [::1]); an IPv6 one only in brackets, an IPv4 one not."""
+    if host == "localhost" and not bracketed:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if bracketed != (addr.version == 6):
+        return False
+    return addr in _LOOPBACK_ADDRESSES or addr == listening
+
+
+def _host_header_is_ours(value: str, listening: _Address | None) -> bool:
+    m = _AUTHORITY.fullmatch(value.strip().lower())
+    if m is None:
+        return False
+    if m.group(1) is not None:
+        return _is_ours(m.group(1), True, listening)
+    return _is_ours(m.group(2), False, listening)
+
+
+def for_this_machine(request: web.Request) -> bool:
+    """Whether every host the request names is one of this machine's loopback names:
+    each Host header, and the host of the request's URL, which is that of an absolute
+    request line (``GET http://HOST/``: it takes precedence over the Host header) or
+    else the Host's. A request that names none (HTTP/1.0 without a Host) is from no
+    browser: its URL is the address it came to, taken."""
+    listening = _listening(request)
+    if not all(_host_header_is_ours(v, listening) for v in request.headers.getall("Host", [])):
+        return False
+    try:
+        host = (request.url.host or "").lower()
+    except ValueError:  # (no URL can be made of what it gave)
+        return False
+    return _is_ours(host, ":" in host, listening)
+
+
+def require_loopback_host() -> Middleware:
+    """A middleware answering 421 Misdirected Request to a request for any other host
+    than this machine's loopback names (see :func:`for_this_machine`): what a page
+    that rebound its own name to 127.0.0.1 asks for. /healthz too: one rule for every
+    route, and monitoring on this machine asks for 127.0.0.1 or localhost."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not for_this_machine(request):
+            names = list(LOOPBACK_NAMES)
+            listening = _listening(request)
+            if listening is not None and listening not in _LOOPBACK_ADDRESSES:
+                names.append(f"[{listening}]" if listening.version == 6 else str(listening))
+            raise web.HTTPMisdirectedRequest(
+                text=f"421: this daemon answers requests for {', '.join(names)} only (as "
+                     "the Host header, with or without the port); with http_token set, "
+                     "for any name\n")
         return await handler(request)
 
     return middleware

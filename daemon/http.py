@@ -25,7 +25,7 @@ from prometheus_client.core import (
 )
 
 from .feed import TICK
-from .guard import add_headers, require_token
+from .guard import add_headers, require_loopback_host, require_token
 from .page import EVENTS_PATH, add_page, parse_ih
 from .server import Server
 
@@ -264,7 +264,9 @@ class _Collector:
 
 def make_app(disk: DiskIO, server: Server, token: str = "",
              page_interval: float = TICK) -> web.Application:
-    """``token``: the http_token every request must carry ("" asks for none)."""
+    """``token``: the http_token every request must carry. "" asks for none: the
+    server is on loopback, and answers only requests for a loopback name (a page of
+    another site rebound to 127.0.0.1 would read it all otherwise)."""
     registry = CollectorRegistry()
     registry.register(_Collector(disk, server))
 
@@ -292,7 +294,7 @@ def make_app(disk: DiskIO, server: Server, token: str = "",
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    app = web.Application(middlewares=[require_token(token)] if token else [])
+    app = web.Application(middlewares=[require_token(token) if token else require_loopback_host()])
     app[REPORTS] = reports  # (what it holds, for tests and for a look in a debugger)
     app.on_response_prepare.append(add_headers)
     app.router.add_get("/healthz", healthz)

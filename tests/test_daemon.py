@@ -904,7 +904,7 @@ def test_http_connections_that_do_nothing_cannot_take_every_descriptor(tmp_path:
         for _ in range(260):
             with contextlib.suppress(OSError):
                 s = socket.create_connection((host, int(port)), timeout=5)
-                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
                 held.append(s)
         cpu = _cpu_seconds(d.proc.pid)
         time.sleep(2)
@@ -1051,7 +1051,7 @@ def test_event_streams_do_not_shut_monitoring_out(tmp_path: Path) -> None:
         host, port = d.http.rsplit(":", 1)
         for _ in range(140):
             s = socket.create_connection((host, int(port)), timeout=5)
-            s.sendall(b"GET /page/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(f"GET /page/events HTTP/1.1\r\nHost: {d.http}\r\n\r\n".encode())
             streams.append(s)
         time.sleep(1)
         for path in ("/healthz", "/metrics"):

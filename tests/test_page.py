@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,22 +253,35 @@ async def _sort_and_search(page: Page, ih: bytes, ih_b: bytes) -> None:
 # -- a million pieces, ten pages ----------------------------------------------------------------
 # Another client asking for stats every 10 ms, in a process of its own (the test's own
 # interpreter is busy with ten pages' DevTools events), until its stdin closes; then it
-# prints every answer's latency.
+# prints every answer's latency, and how late each of its own 10 ms sleeps ended: what
+# the machine gave a process at that moment, the daemon's loop left out (other work on a
+# shared machine delays the sleeps as it delays the answers; a busy loop, the answers only).
 PROBE = """
 import json, sys, threading, time
 from pieced.protocol.client import Client
 done = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-out = []
+out, late = [], []
 with Client(sys.argv[1]) as c:
     print("ready", flush=True)
     while not done.is_set():
         t0 = time.perf_counter()
         c.stats()
-        out.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        out.append(t1 - t0)
         time.sleep(0.01)
-print(json.dumps(out), flush=True)
+        late.append(max(0.0, time.perf_counter() - t1 - 0.01))
+print(json.dumps([out, late]), flush=True)
 """
+
+
+@dataclass
+class Probed:
+    """What the probe measured over a stretch, each list sorted: the stats calls'
+    latencies, and how late its sleeps ended."""
+
+    calls: list[float]
+    late: list[float]
 
 
 class StatsProbe:
@@ -276,22 +290,42 @@ class StatsProbe:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
 
-    def stop(self) -> list[float]:
+    def stop(self) -> Probed:
         out, _ = self.proc.communicate("", timeout=30)
         assert self.proc.returncode == 0, out
-        latencies: list[float] = json.loads(out.splitlines()[-1])
-        return sorted(latencies)
+        calls, late = json.loads(out.splitlines()[-1])
+        return Probed(sorted(calls), sorted(late))
 
 
-def p99(latencies: list[float]) -> float:
-    return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+def p99(values: list[float]) -> float:
+    return values[min(len(values) - 1, int(len(values) * 0.99))]
 
 
-def describe(latencies: list[float]) -> str:
+def describe(probed: Probed) -> str:
+    calls = probed.calls
+
     def ms(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1000
-    return (f"{len(latencies)} stats calls, p50 {ms(0.5):.1f} ms, p99 {ms(0.99):.1f} ms, "
-            f"max {latencies[-1] * 1000:.1f} ms")
+        return calls[min(len(calls) - 1, int(len(calls) * q))] * 1000
+    return (f"{len(calls)} stats calls, p50 {ms(0.5):.1f} ms, p99 {ms(0.99):.1f} ms, "
+            f"max {calls[-1] * 1000:.1f} ms; the probe's sleeps late by {p99(probed.late) * 1000:.1f} "
+            "ms at the p99")
+
+
+# What the stats calls' p99 may be while ten pages load or are open: LATENCY_FLOOR, or on
+# a machine busy with other work MACHINE_FACTOR times what that work cost, as the larger
+# of the calls' p99 before any page was open and the probe's own sleeps' lateness (p99)
+# in the same stretch (work that came later). Ten pages cost the loop little: 7 to 20 ms
+# at the p99 on an idle machine of two cores, up to 160 ms on a loaded one, never past 5
+# times the larger of those two. A loop that did the pages' work itself (the million-piece
+# map compared once per page, on the loop) answered in 45 to 105 ms on the idle machine,
+# 275 to 425 ms on the loaded one (20 to 30 times the larger of the two).
+LATENCY_FLOOR = 0.050
+MACHINE_FACTOR = 8
+
+
+def latency_bound(baseline: Probed, during: Probed) -> float:
+    return max(LATENCY_FLOOR, MACHINE_FACTOR * p99(baseline.calls),
+               MACHINE_FACTOR * p99(during.late))
 
 
 def test_the_page_shows_the_last_errors_with_their_errno(tmp_path: Path) -> None:
@@ -334,16 +368,114 @@ def test_the_page_shows_the_last_errors_with_their_errno(tmp_path: Path) -> None
         assert d.stop() == 0, d.stderr()
 
 
+def pct_text(f: float) -> str:
+    """A share as the page writes it (fmtPct in page.js)."""
+    p = f * 100
+    if p >= 99.95 and f < 1:
+        return "99.9%"
+    return f"{p:.0f}%" if p in (0, 100) else f"{p:.1f}%"
+
+
+async def page_and_report_agree(page: Page, d: Daemon, ih: bytes) -> tuple[bool, str]:
+    """Whether the page shows the torrent as /torrents/IH reports it: its piece counts,
+    every piece of its map (verified or not) and its Files table; and how they differ."""
+    _, _, body = await asyncio.to_thread(get, f"http://{d.http}/torrents/{ih.hex()}")
+    report = json.loads(body)
+    n = report["num_pieces"]
+    have = bytes.fromhex(report["have"])
+    verified = [bool(have[p // 8] >> (7 - p % 8) & 1) for p in range(n)]
+    shown = await page.eval(f"(() => {{ const P = window.piecedPage; return {{"
+                            f"counts: P.counts(), map: Array.from({{length: {n}}}, (_, p) => "
+                            "(P.piece(p) || {}).state), files: [...document.querySelectorAll("
+                            "'#files tbody tr')].map(r => [r.cells[0].textContent, "
+                            "r.cells[2].textContent])}; })()")
+    files = [[f["path"], pct_text(f["verified_bytes"] / f["length"] if f["length"] else 1)]
+             for f in report["files"]]
+    c = shown["counts"]
+    agree = (c["pieces"] == n and c["verified"] == report["verified_pieces"]
+             and c["partial"] == report["partial_pieces"]
+             and [s == "verified" for s in shown["map"]] == verified
+             and shown["files"] == files)
+    return agree, (f"page: {c}, map {shown['map']}, files {shown['files']}; report: "
+                   f"{report['verified_pieces']} verified, map {verified}, files {files}")
+
+
+def test_a_torrent_registered_anew_at_once_is_shown_anew(tmp_path: Path) -> None:
+    """The torrent shown, with some pieces verified, is unregistered and registered again
+    at once (between two samples) into an empty save path: the page loads the new
+    registration's map and takes its files, whatever it held of the old one (it kept
+    the old map and files for good: the new map's first number was the one it had)."""
+    files = {"a.bin": 300_000, "b.bin": 200_000, "c.bin": 100_000}
+    content = make_payload(tmp_path / "src", files, seed=8)
+    raw = make_torrent_lt(content, 32 * 1024, "v1")
+    (content / "b.bin").unlink()  # the pieces of a.bin and c.bin verify, not the others
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            before = c.recheck(ih)["verified"]
+            assert 0 < before < 19
+
+            async def look() -> None:
+                browser = await Browser.launch(tmp_path)
+                try:
+                    page = await open_page(browser, f"http://{d.http}/#{ih.hex()}")
+                    await page.wait_for(f"window.piecedPage.counts().verified === {before}",
+                                        what="the map of the first registration")
+                    for _ in range(3):
+                        agree, why = await page_and_report_agree(page, d, ih)
+                        assert agree, why
+                        seq = (await counts(page))["seq"]
+                        # Both at once, just after a sample: well within the next one.
+                        ticks = (await counts(page))["ticks"]
+                        await page.wait_for(f"window.piecedPage.counts().ticks > {ticks}")
+                        c.unregister(ih)
+                        c.register(raw, tmp_path / "empty")
+                        await asyncio.sleep(1.0)
+                        if await page.eval("window.piecedPage.selected()") == ih.hex():
+                            break
+                        # (A sample fell between the two: the page was told the torrent
+                        # had gone, and went back to the list. The first registration
+                        # again, shown again, and once more.)
+                        c.unregister(ih)
+                        c.register(raw, tmp_path / "src")
+                        assert c.recheck(ih)["verified"] == before
+                        await page.eval(f"location.hash = '{ih.hex()}'")
+                        await page.wait_for(f"window.piecedPage.counts().verified === {before}",
+                                            what="the first registration shown again")
+                    else:
+                        raise AssertionError("no unregister and register fell within a sample")
+                    loop = asyncio.get_running_loop()
+                    end = loop.time() + 5
+                    while True:
+                        agree, why = await page_and_report_agree(page, d, ih)
+                        if agree:
+                            break
+                        assert loop.time() < end, why
+                        await asyncio.sleep(0.1)
+                    assert (await counts(page))["verified"] == 0
+                    assert (await counts(page))["seq"] > seq  # numbers never go back
+                    assert await page.eval("document.getElementById('files-note')"
+                                           ".textContent") == "(3)"
+                    await page.close()
+                    assert_clean(page)
+                finally:
+                    await browser.close()
+
+            asyncio.run(look())
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_million_pieces_ten_pages_and_the_loop_stays_responsive(tmp_path: Path) -> None:
     """A torrent of 1,000,000 pieces (16 KiB of zeros each, so any piece written with
     zeros verifies) open in ten tabs (ten browser contexts: ten event streams) while a
     client verifies pieces all over it: every page loads the map and follows it to the
     same count, and another client's stats requests are answered within 50 ms at the
-    99th percentile (or, on a machine already slow to answer before any page was open,
-    within 4 times what it answered in then), both while the ten pages load and while
-    they are open. (The
-    browser runs at a lower priority: it stands for an operator's machine, and on two
-    cores would otherwise take the CPU the daemon is measured on.)"""
+    99th percentile (or, on a machine busy with other work, within 8 times what that
+    work cost: see :func:`latency_bound`), both while the ten pages load and while they
+    are open. (The browser runs at a lower priority: it stands for an operator's
+    machine, and on two cores would otherwise take the CPU the daemon is measured on.)"""
     n = 1_000_000
     plen = 16384
     info = {b"name": b"huge.bin", b"piece length": plen, b"length": plen * n,
@@ -362,15 +494,14 @@ def test_a_million_pieces_ten_pages_and_the_loop_stays_responsive(tmp_path: Path
     print(f"1M pieces: before any page: {describe(baseline)}")
     print(f"1M pieces: while ten pages loaded: {describe(loading)}")
     print(f"1M pieces: with ten pages open: {describe(open_)}")
-    # 50 ms; on a machine busy with other work (whose answers before any page was open
-    # were already slow) a few times what it gave then.
-    bound = max(0.050, 4 * p99(baseline))
-    for latencies in (loading, open_):
-        assert p99(latencies) < bound, (describe(latencies), describe(baseline))
+    for during in (loading, open_):
+        bound = latency_bound(baseline, during)
+        assert p99(during.calls) < bound, (f"bound {bound * 1000:.1f} ms", describe(during),
+                                           describe(baseline))
 
 
 async def _million_scenario(d: Daemon, ih: bytes, n: int,
-                            shots: Path) -> tuple[list[float], list[float], list[float]]:
+                            shots: Path) -> tuple[Probed, Probed, Probed]:
     stop = threading.Event()
     written: list[int] = []
     errors: list[BaseException] = []
@@ -395,7 +526,7 @@ async def _million_scenario(d: Daemon, ih: bytes, n: int,
     try:
         writer.start()
         probe = StatsProbe(d.socket)  # the same writes, no page: what the machine gives
-        await asyncio.sleep(3)
+        await asyncio.sleep(5)
         baseline = await asyncio.to_thread(probe.stop)
         probe = StatsProbe(d.socket)
         url = f"http://{d.http}/#{ih.hex()}"

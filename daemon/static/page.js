@@ -195,6 +195,7 @@
       if (t.gone) {
         forget();
       } else {
+        if ('files_total' in t) S.filesTotal = t.files_total;
         if (t.files) { S.files = t.files; renderFiles(); }
         if (t.errors) { S.errors = t.errors; renderErrors(); }
         if ('to' in t) onDelta(t);
@@ -226,13 +227,21 @@
     if (ih !== S.selected || !S.map) return;
     const pending = S.pending;
     S.pending = [];
-    for (const d of pending) onDelta(d);
+    for (const d of pending) onDelta(d, true);
   }
 
-  function onDelta(d) {
+  /** A tick's change to the map. ``queued``: it came while the map was loading, and
+   *  the map loaded (numbered S.seq) may hold it already. */
+  function onDelta(d, queued = false) {
     if (S.loading || !S.map) { S.pending.push(d); return; }
+    // A reset is a new map (the torrent registered anew, or too much changed at once):
+    // loaded whatever this page's number, unless it is the map just loaded or older.
+    if (d.reset) {
+      if (!queued || d.to > S.seq) loadMap();
+      return;
+    }
     if (d.to <= S.seq) return; // already in the map loaded
-    if (d.from !== S.seq || d.reset) { loadMap(); return; }
+    if (d.from !== S.seq) { loadMap(); return; }
     applyRuns(d.runs);
     S.seq = d.to;
     drawDirty();
