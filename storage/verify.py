@@ -499,16 +499,13 @@ class FolderFiles:
             self._fds.clear()
 
 
-Reader = PreadReader
-
-
 # (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)
 Row = tuple[int, bool | None, bool | None, int, bytes | None, bool]
 
 
 def verify(
     meta: Metainfo,
-    reader: Reader,
+    reader: PreadReader,
     pool: HashPool,
     progress: Progress | None = None,
     pieces: Sequence[int] | None = None,
@@ -557,7 +554,7 @@ def verify(
         known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
         if known == NO_FINGERPRINT:
             known = None
-        if size > STREAM_BYTES and isinstance(reader, PreadReader):
+        if size > STREAM_BYTES:
             return streamed(reader, p, size, known)
         views = reader.views(p, size)
         if views is None:
