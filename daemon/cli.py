@@ -142,13 +142,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         run(settings)
     except SystemExit as exc:  # a start-up refusal, already worded
         if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
+            _refused(exc.code)
             return EXIT_BAD_INPUT
         raise
     except OSError as exc:  # the state folder or socket path unusable, ...
-        print(f"pieced run: cannot start: {exc}", file=sys.stderr)
+        _refused(f"pieced run: cannot start: {exc}")
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def _refused(message: str) -> None:
+    """A start-up refusal on stderr, and in the log file too once logging is set up
+    (whose handlers write to stderr already): an operator reading the log finds why the
+    daemon is not running, not only its last start-up lines."""
+    import logging
+
+    if logging.getLogger().handlers:
+        logging.getLogger("pieced").critical("%s", message)
+    else:
+        print(message, file=sys.stderr)
 
 
 class Unreachable(Exception):

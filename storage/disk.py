@@ -1031,12 +1031,13 @@ class DiskIO:
                         self.metrics.add("duplicate_blocks")
                         return None
                     partial.writers.add(writer)
-                    if partial.pads:
-                        runs = self._cut_pads(partial, begin, (block,), length)
-                        for b, views, n in runs:
-                            self._buffer(t, piece, partial, b, b"".join(views), n, flush)
-                    else:
-                        self._buffer(t, piece, partial, begin, block, length, flush)
+                    with self._kept_only_if_written(t, piece, partial):
+                        if partial.pads:
+                            runs = self._cut_pads(partial, begin, (block,), length)
+                            for b, views, n in runs:
+                                self._buffer(t, piece, partial, b, b"".join(views), n, flush)
+                        else:
+                            self._buffer(t, piece, partial, begin, block, length, flush)
                     if flush:
                         self._sync(t, t.files_of(piece))
                     self.metrics.add("blocks_written")
@@ -1105,20 +1106,21 @@ class DiskIO:
                     partial.writers.add(writer)
                     runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
                             else [(begin, bufs, length)])
-                    for b, views, n in runs:
-                        if t.storage.gathers_writes:
-                            # Copied out of the ring into the piece's buffer, written with
-                            # the rest of the piece: one large write instead of one a block.
-                            self._buffer(t, piece, partial, b, b"".join(views), n, False)
-                            self.metrics.add("blocks_written", blocks)
-                        elif n >= ASIDE_BYTES and self._aside is not None:
-                            partial.hasher.add_beside(b, views, n, functools.partial(
-                                self._write_through, t, piece, b, views, n, blocks=blocks),
-                                self._aside)
-                        else:
-                            self._write_through(t, piece, b, views, n, blocks=blocks)
-                            partial.hasher.add(b, views, n)
-                        blocks = 0
+                    with self._kept_only_if_written(t, piece, partial):
+                        for b, views, n in runs:
+                            if t.storage.gathers_writes:
+                                # Copied out of the ring into the piece's buffer, written with
+                                # the rest of the piece: one large write instead of one a block.
+                                self._buffer(t, piece, partial, b, b"".join(views), n, False)
+                                self.metrics.add("blocks_written", blocks)
+                            elif n >= ASIDE_BYTES and self._aside is not None:
+                                partial.hasher.add_beside(b, views, n, functools.partial(
+                                    self._write_through, t, piece, b, views, n, blocks=blocks),
+                                    self._aside)
+                            else:
+                                self._write_through(t, piece, b, views, n, blocks=blocks)
+                                partial.hasher.add(b, views, n)
+                            blocks = 0
                     if partial.hasher.complete:
                         return self._complete(t, piece, partial)
                 return None
@@ -1155,6 +1157,24 @@ class DiskIO:
         if found is None:
             self.metrics.add("duplicate_blocks", blocks)
         return found
+
+    @contextlib.contextmanager
+    def _kept_only_if_written(self, t: Torrent, piece: int, partial: Partial) -> Iterator[None]:
+        """(Caller holds the piece's lock.) A piece made partial for a block whose write
+        failed (a full disk) holds nothing: it goes back to missing, instead of staying
+        "under way" with no byte of it here, a slot of ``max_partial_pieces`` taken for
+        as long as nobody sends it again."""
+        try:
+            yield
+        except BaseException:
+            if partial.hasher.empty and not self.pool.has_dirty((t.id, piece)):
+                with t.lock:
+                    if t.partial.get(piece) is partial and t.state[piece] == PARTIAL:
+                        del t.partial[piece]
+                        partial.done = partial.cleared = True  # (its writers start anew)
+                        self._count_partials(-1)
+                        self._to_missing(t, piece)
+            raise
 
     def _count_partials(self, delta: int, held: int = 0) -> None:
         """Pieces in progress, daemon-wide: each holds hash state (a few KiB) outside the
@@ -1389,8 +1409,9 @@ class DiskIO:
                 # any more.) The batch's other files are synced again: their pieces are
                 # as good as they were.
                 continue
-            except PiecedError:  # (recorded) not durable where the torrent's files are
+            except PiecedError as exc:  # (recorded) not durable where the torrent's files are
                 self._uncommit(t, pieces)
+                self._commit_failed(t, exc)
                 return
         else:  # files vanishing again and again (made anew meanwhile): none is durable
             self._uncommit(t, pieces)
@@ -1417,10 +1438,17 @@ class DiskIO:
         if error is not None:
             self._record_error(t, error, None)
             self._uncommit(t, [(p, (r, fp)) for p, r, fp in live])
+            self._commit_failed(t, error)
             return
         self.metrics.add("pieces_verified", len(live))
         self._tell(t)
         self._compact_if_due(t)
+
+    @staticmethod
+    def _commit_failed(t: Torrent, exc: PiecedError) -> None:
+        with t.lock:
+            t.commit_failures += 1
+            t.commit_error = exc
 
     def _root_moved(self, t: Torrent) -> bool:
         """Whether the save-path folder the torrent's files are in was renamed away or
@@ -1885,6 +1913,7 @@ class DiskIO:
             mine = (None if raise_for is None else
                     {t.id for k, t in self._torrents.items() if k in raise_for})
         failed: PiecedError | None = None
+        counts = {tid: t.commit_failures for tid, t in torrents.items()}
         for t in torrents.values():
             if mine is None or t.id in mine:
                 try:
@@ -1906,6 +1935,12 @@ class DiskIO:
         self._committer.drain()
         for t in torrents.values():  # the results of what was drained, told before
             self._all_told(t)
+            if (failed is None and (mine is None or t.id in mine)
+                    and t.commit_failures != counts[t.id] and not t.removed):
+                # A commit it waited for failed, out of this thread's sight (a journal the
+                # state folder had no room for): its pieces are not verified, and the
+                # caller, told all is durable, would take them for so.
+                failed = t.commit_error
         if failed is not None:
             raise failed
 

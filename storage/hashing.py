@@ -269,6 +269,12 @@ class PieceHasher:
     def complete(self) -> bool:
         return self.received.covers(0, self.size)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing received but the pads (which count as received from the start)."""
+        return (sum(e - s for s, e in self.received.spans)
+                == sum(e - s for s, e in self._pads))
+
     def _restart_prefix(self) -> None:
         self._sha1 = hashlib.sha1() if self._want_v1 else None
         self._fp = blake3()

@@ -24,7 +24,7 @@ import mmap
 import threading
 from typing import Any
 
-from .errors import UnknownTorrent
+from .errors import PiecedError, UnknownTorrent
 from .files import FileStorage
 from .hashing import FINGERPRINT_BYTES, NO_FINGERPRINT, PieceHasher
 from .layout import Layout
@@ -168,6 +168,11 @@ class Torrent:
         self.fence = Fence()
 
         self.error_reported: dict[int | None, float] = {}  # errno -> when on_error last ran
+        # Commits that failed (their pieces taken back, not verified), and the error of
+        # the last: a flush_all raises one that failed while it waited for the group
+        # commit (a journal it could not write, in the committer's thread).
+        self.commit_failures = 0
+        self.commit_error: PiecedError | None = None
         # Pieces no longer verified whose journal still says so (the record saying they
         # were cleared could not be written: a full state folder). No piece of the torrent
         # is started until it is, or a resume record says so: a crash would bring them

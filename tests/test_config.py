@@ -206,6 +206,32 @@ def test_a_log_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> Non
     assert not (tmp_path / "var").exists()
 
 
+def test_a_start_refused_after_the_log_is_open_is_in_the_log(tmp_path: Path) -> None:
+    """A refusal found once logging is set up (the state folder held by another daemon)
+    went to stderr alone: under an init system that keeps only the log file, the log
+    ended on a start-up line and never said why the daemon was not running."""
+    import subprocess
+    import sys
+
+    from tests.conftest import Daemon
+
+    first = Daemon(tmp_path)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0",
+             "--socket", str(tmp_path / "other.sock")],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, "PIECED_LOG_FILE": str(tmp_path / "second.log")})
+        assert r.returncode == 2, r.stderr
+        said = [ln for ln in r.stderr.splitlines() if "in use by another pieced daemon" in ln]
+        assert len(said) == 1, r.stderr  # once, not twice
+        logged = [ln for ln in _log_lines(tmp_path / "second.log")
+                  if "in use by another pieced daemon" in ln]
+        assert len(logged) == 1 and " CRITICAL pieced: " in logged[0], logged
+    finally:
+        assert first.stop() == 0, first.stderr()
+
+
 def test_a_missing_root_is_warned_of(tmp_path: Path) -> None:
     """Every save path below it would be refused: said at start-up, not only at each
     add, and not refused (the mount it stands for may come later)."""

@@ -737,6 +737,56 @@ def test_blocks_a_flush_could_not_write_are_never_taken_for_received(
             dio.close()
 
 
+def test_a_piece_whose_only_block_could_not_be_written_is_missing_not_under_way(
+    tmp_path: Path, tiny_fs: Path, backend: str
+) -> None:
+    """The disk full, the first block of a new piece is refused (ENOSPC), through either
+    write: the piece held nothing, and stayed "under way" all the same (in the status,
+    and a slot of the bounded number of pieces in progress) for as long as nobody sent it
+    again. It is missing; a piece that did hold blocks keeps them; and sent whole once
+    there is room, the piece verifies."""
+    content = make_payload(tmp_path / "src", 4 * 65536, seed=6)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=16 * 1024 * 1024)
+    filler = tiny_fs / "filler"
+    try:
+        ih = dio.register(raw, tiny_fs)
+        dio.write_chunk(ih, 0, 0, src.read(0, 0, 16384), flush=True)  # piece 0: one block
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        refused = []
+        for write in (lambda: dio.write_block_direct(ih, 2, 0, src.read(2, 0, 16384)),
+                      lambda: dio.write_chunk(ih, 3, 16384, src.read(3, 16384, 16384),
+                                              flush=True)):
+            try:
+                write()
+            except StorageIOError as exc:
+                refused.append(exc.errno)
+        # (A backend that gathers a piece's blocks in memory writes them with the piece:
+        # the ring's block is refused at the flush, the inline one flushed at once.)
+        gathers = dio.torrent(ih).storage.gathers_writes
+        assert refused == ([errno.ENOSPC] if gathers else [errno.ENOSPC, errno.ENOSPC])
+        with contextlib.suppress(StorageIOError):
+            dio.flush_all()
+        st = dio.status(ih, partial=True)
+        assert [p for p, _ in st["partial"]] == [0], st["partial"]
+        assert st["partial_pieces"] == 1
+        assert dio._partials == 1  # (the daemon-wide count behind max_partial_pieces)
+        filler.unlink()
+        for p in range(4):
+            for b in range(0, 65536, 16384):
+                dio.write_block_direct(ih, p, b, src.read(p, b, 16384))
+        dio.flush_all()
+        assert dio.status(ih)["have"] == b"\xf0"
+        assert dio._partials == 0
+    finally:
+        with contextlib.suppress(StorageIOError):
+            dio.close()
+
+
 @pytest.mark.backends(exclude={
     "disabled": "stores nothing: no write reaches a file system to fail",
     "mmap": "a flush of a mapped file deleted meanwhile goes through its map: no error "

@@ -275,6 +275,42 @@ def test_a_full_state_disk_loses_no_announced_piece(
     again.close()
 
 
+def test_a_flush_all_whose_pieces_could_not_be_journaled_says_so(
+    tmp_path: Path, tiny_fs: Path, backend: str
+) -> None:
+    """Pieces committing when ``flush_all`` is called, the state folder's disk full: the
+    group commit could not journal them, so they are not verified (told failed), and the
+    error was the torrent's; but ``flush_all``, which waits for those commits, returned
+    as if all were well. It raises the error. With room again, the pieces sent anew are
+    verified and the next ``flush_all`` is quiet."""
+    content = make_payload(tmp_path / "src", 200 * 16384, seed=4)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    told: list[tuple[int, bool]] = []
+    dio = DiskIO(backend, state_dir=tiny_fs / "state", sync_window=60.0,
+                 on_piece=lambda r: told.append((r.piece, r.ok)))
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        _fill_up(tiny_fs)
+        fill(dio, ih, src)  # every piece whole: committing, the window not over
+        with pytest.raises(StorageIOError) as exc:
+            dio.flush_all()
+        assert exc.value.errno == errno.ENOSPC
+        assert any(not ok for _, ok in told)
+        assert _verified(dio.status(ih)) == {p for p, ok in told if ok}
+        os.unlink(tiny_fs / "filler")
+        again = sorted({p for p, ok in told if not ok} - {p for p, ok in told if ok})
+        told.clear()
+        for p, b, n in src.blocks():
+            if p in again:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert _verified(dio.status(ih)) == set(range(src.meta.num_pieces))
+    finally:
+        with contextlib.suppress(PiecedError):
+            dio.close()
+
+
 # A child process that registers and downloads a torrent, then dies (os._exit, as by
 # kill -9) during a move or a rename: right after the ``die_after``-th file is moved.
 def _dies(script: str, **fields: str) -> None:
