@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -165,6 +165,13 @@ class Server:
         # worker from short requests of other clients. Threads start only when needed;
         # a lane waiting on a fence holds one, hence the generous bound.
         self.long_executor = ThreadPoolExecutor(LONG_WORKERS, "pieced-long")
+        # Short workers held by block I/O, by file system (device): one at a time each.
+        # A disk whose writes hang (a USB disk spinning up, a network mount gone) keeps
+        # the worker it holds; four clients writing to it took every short worker, and
+        # every other client's requests waited for that disk. The lanes whose next job
+        # is on a file system that holds one run on the long workers meanwhile.
+        self._short_held: set[Hashable] = set()
+        self._short_lock = threading.Lock()
         # Reports of many files or torrents are Python through and through: run side by
         # side they gain nothing (one interpreter lock) and starve every other thread of
         # it, the event loop's too (16 clients asking status of a 30,000-file torrent
@@ -350,6 +357,22 @@ class Server:
             "clients_refused": self.refused,
             "clients_dropped": self.dropped,
         }
+
+
+    def short_held(self, device: Hashable) -> bool:
+        return device in self._short_held
+
+    def take_short(self, device: Hashable) -> bool:
+        """Hold the short worker of a file system (False: another holds it)."""
+        with self._short_lock:
+            if device in self._short_held:
+                return False
+            self._short_held.add(device)
+            return True
+
+    def give_short(self, devices: Iterable[Hashable]) -> None:
+        with self._short_lock:
+            self._short_held.difference_update(devices)
 
 
 class Connection:
@@ -837,20 +860,33 @@ class Connection:
         else:
             self.server.executor.submit(self._drain_lane, False)
 
-    def _is_long(self, job: Job) -> bool:
-        """Whether a job may keep its worker long: a long op, or a job on a torrent that
-        a fenced operation holds or awaits (it will wait for it)."""
+    def _is_long(self, job: Job, held: Collection[Hashable] = ()) -> bool:
+        """Whether a job may keep its worker long: a long op, a job on a torrent that a
+        fenced operation holds or awaits (it will wait for it), or one on a file system
+        whose short worker another lane holds (``held``: those this lane holds)."""
         if getattr(job, "long", False):
             return True
         ih = getattr(job, "ih", None)
-        return ih is not None and self.disk.fenced(ih)
+        if ih is None:
+            return False
+        if self.disk.fenced(ih):
+            return True
+        device = self.disk.device(ih)
+        return device not in held and self.server.short_held(device)
 
     def _drain_lane(self, long: bool) -> None:
         """Worker thread: run the lane's jobs in order, posting their replies in batches.
         Stops when the lane is empty, once this run has produced out_limit bytes of
         replies, or (on a short-job worker) at a job that may take long: the rest waits,
         in order, for the loop to restart it on the right workers."""
-        limit = self.server.out_limit
+        held: set[Hashable] = set()  # (short workers) file systems whose worker this is
+        try:
+            self._drain(long, self.server.out_limit, held)
+        finally:
+            self.server.give_short(held)
+        self._post(self._lane_stopped)
+
+    def _drain(self, long: bool, limit: int, held: set[Hashable]) -> None:
         produced = 0
         moving = False
         while produced <= limit and not moving:
@@ -864,7 +900,7 @@ class Connection:
             freed = 0
             batch = _coalesce(batch)
             for i, job in enumerate(batch):
-                if not long and self._is_long(job):
+                if not long and (self._is_long(job, held) or not self._hold(job, held)):
                     with self._lane_lock:
                         self._lane.extendleft(reversed(batch[i:]))
                     moving = True
@@ -887,7 +923,20 @@ class Connection:
                         self._lane.extendleft(reversed(batch[i + 1 :]))
                     break
             self._post(self._completed, out, tokens, freed)
-        self._post(self._lane_stopped)
+
+    def _hold(self, job: Job, held: set[Hashable]) -> bool:
+        """(Short workers) hold the short worker of the job's file system, unless this
+        lane holds it already; False if another lane does."""
+        ih = getattr(job, "ih", None)
+        if ih is None:
+            return True
+        device = self.disk.device(ih)
+        if device in held:
+            return True
+        if not self.server.take_short(device):
+            return False
+        held.add(device)
+        return True
 
     def _lane_stopped(self) -> None:
         self._lane_busy = False

@@ -207,7 +207,8 @@ class DiskIO:
         self._torrents: dict[bytes, Torrent] = {}
         self._records: dict[int, TorrentRecord] = {}  # torrent id -> its state folder
         self._ids = itertools.count(1)
-        self._committer = GroupCommit(self._commit, sync_window)
+        self._committer = GroupCommit(self._commit, sync_window,
+                                      lambda t: t.storage.root.device)
         self._telling = threading.local()  # .depth: this thread is inside on_piece
         self._stopping = threading.Event()  # set: checks of files in progress give up
         self.state = StateStore(state_dir) if state_dir is not None else None
@@ -533,6 +534,12 @@ class DiskIO:
         will wait (the daemon runs such jobs off its short-request workers)."""
         t = self._torrents.get(bytes(ih))
         return t is not None and t.fence.contended
+
+    def device(self, ih: bytes) -> int | None:
+        """The file system (device) of the torrent's save path, once opened; None for a
+        torrent not known or not opened yet."""
+        t = self._torrents.get(bytes(ih))
+        return t.storage.root.device if t is not None else None
 
     @contextlib.contextmanager
     def _alone(self, ih: bytes) -> Iterator[Torrent]:
@@ -1904,44 +1911,46 @@ class DiskIO:
 
     def flush_all(self, raise_for: Collection[bytes] | None = None) -> None:
         """Make every buffered block durable, and wait for the pieces committing. A
-        torrent's storage error (recorded on it) is raised after the others are done:
-        with ``raise_for``, only that of a torrent known by one of these keys (a
-        daemon's client hears of its own torrents' errors, not of the others'), and the
-        other torrents are flushed only if no fenced operation holds or awaits them."""
+        torrent's storage error (recorded on it) is raised after the others are done.
+
+        ``raise_for``: the keys of the torrents a daemon's client used. Only those are
+        flushed and waited for: another client's torrent is not the caller's to make
+        durable, and its disk may be one whose writes or syncs hang (a USB disk spinning
+        up, a network mount gone), and a barrier of one client waited for every other
+        client's disk. A client that used none flushes every torrent, waiting for those
+        no fenced operation holds or awaits, and hears of no torrent's error: a barrier
+        for whatever other connections wrote."""
         with self._lock:
-            torrents = {t.id: t for t in self._torrents.values()}
-            mine = (None if raise_for is None else
-                    {t.id for k, t in self._torrents.items() if k in raise_for})
+            if raise_for:
+                torrents = {t.id: t for k, t in self._torrents.items() if k in raise_for}
+            else:
+                torrents = {t.id: t for t in self._torrents.values()}
+        anyone = raise_for is not None and not raise_for
         failed: PiecedError | None = None
         counts = {tid: t.commit_failures for tid, t in torrents.items()}
         for t in torrents.values():
-            if mine is None or t.id in mine:
+            if not anyone:
                 try:
                     t.enter()
                 except UnknownTorrent:
                     continue
             elif not t.fence.try_shared():
-                # Another client's torrent in a fenced operation (a recheck, a move of
-                # minutes) is not waited for: its blocks are not the caller's to make
-                # durable (a recheck or a move flushes them as it begins).
-                continue
+                continue  # (a recheck or a move flushes it as it begins)
             try:
                 self._flush_torrent(t, sync=True)
             except PiecedError as exc:  # (recorded on the torrent, told to its clients)
-                if mine is None or t.id in mine:
-                    failed = failed or exc
+                failed = failed or exc
             finally:
                 t.leave()
-        self._committer.drain()
+        self._committer.drain(torrents.keys() if raise_for else None)
         for t in torrents.values():  # the results of what was drained, told before
             self._all_told(t)
-            if (failed is None and (mine is None or t.id in mine)
-                    and t.commit_failures != counts[t.id] and not t.removed):
+            if failed is None and t.commit_failures != counts[t.id] and not t.removed:
                 # A commit it waited for failed, out of this thread's sight (a journal the
                 # state folder had no room for): its pieces are not verified, and the
                 # caller, told all is durable, would take them for so.
                 failed = t.commit_error
-        if failed is not None:
+        if failed is not None and not anyone:
             raise failed
 
     def _flush_torrent(self, t: Torrent, sync: bool) -> None:

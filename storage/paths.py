@@ -102,6 +102,13 @@ class Beneath:
         self._made: set[tuple[str, ...]] = set()  # folders (relative) with entries to fsync
         self._syncing_made = threading.Lock()  # held for a whole sync_made
 
+    @property
+    def device(self) -> int | None:
+        """The device of the folder as first opened (None before): which file system
+        the files beneath it are on, as far as a sync is concerned."""
+        ident = self._ident
+        return ident[0] if ident is not None else None
+
     def changed(self, folder: Parts) -> None:
         """An entry of the folder (relative) was, or is about to be, made or moved: the
         next :meth:`sync_made` fsyncs it. (Said before a change and after it: a thread

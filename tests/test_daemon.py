@@ -767,6 +767,59 @@ class Lease:
             signal.signal(signal.SIGIO, self._previous)
 
 
+def test_clients_writing_to_a_disk_that_hangs_leave_workers_for_the_others(
+        tmp_path: Path) -> None:
+    """Six clients write to a torrent whose file cannot be opened (the test holds a write
+    lease on it: the kernel makes the daemon's open wait, as a disk that hangs would).
+    Each client's lane held a short worker, waiting, until none was left, and another
+    client's ``stats`` waited for that disk too. One lane at a time holds a short worker
+    for a file system; the others wait on the long workers, and ``stats`` is answered."""
+    content = make_payload(tmp_path / "src", {"stuck": 8 * 16384}, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    (tmp_path / "dl" / "payload").mkdir(parents=True)
+    stuck = tmp_path / "dl" / "payload" / "stuck"
+    with open(stuck, "wb") as f:
+        f.truncate(8 * 16384)  # (there, and none of its pieces)
+    d = Daemon(tmp_path)
+    writers: list[threading.Thread] = []
+    with Client(d.socket) as c:
+        ih = c.register(raw, tmp_path / "dl")
+        assert c.status(ih)["verified_pieces"] == 0
+    lease = Lease(stuck)
+    try:
+
+        def write(p: int) -> None:
+            with Client(d.socket) as w:
+                w.write_chunk(ih, p, 0, src.read(p, 0, 16384), flush=True)  # (on its lane)
+                w.wait_writes()
+
+        for p in range(6):
+            writers.append(threading.Thread(target=write, args=(p,), daemon=True))
+            writers[-1].start()
+        wait_for(lambda: lease.broken)  # a lane is waiting in open
+        time.sleep(0.5)  # (the others meanwhile get to the disk, or wait for it)
+        answered: list[dict[str, Any]] = []
+
+        def ask() -> None:
+            with Client(d.socket) as other:
+                answered.append(other.stats())
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(15)
+        assert answered, "stats waited for another client's disk"
+        lease.release()
+        for w in writers:
+            w.join(30)
+        with Client(d.socket) as c:
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == 6
+    finally:
+        lease.release()
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize("transport", ["ring", "inline"])
 def test_block_writes_sent_back_to_back_are_merged(

@@ -1263,6 +1263,60 @@ def _payload_of(fd: int) -> str:
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_disk_whose_syncs_hang_holds_up_its_own_torrents_only(
+        tmp_path: Path, other_fs: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torrent A on a file system whose syncs hang (a USB disk spinning up, a network
+    mount gone), B on another. One thread committed every torrent's pieces in turn, so
+    B's pieces, written and hashed, were announced only once A's disk answered, and a
+    flush_all of B's client waited for A's disk too. B's are announced and its flush
+    returns while A's sync hangs; A's pieces are announced once it returns."""
+    from pieced.storage import files
+
+    going = threading.Event()  # set: A's disk answers again
+    hanging = threading.Event()  # set: a sync of A's is hanging
+    real_fdatasync, real_syncfs = os.fdatasync, files.syncfs
+
+    def held(real):  # type: ignore[no-untyped-def]
+        def sync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(other_fs)):
+                hanging.set()
+                assert going.wait(60)
+            real(fd)
+        return sync
+
+    monkeypatch.setattr(os, "fdatasync", held(real_fdatasync))
+    monkeypatch.setattr(files, "syncfs", held(real_syncfs))
+    srcs, raws = {}, {}
+    for name, seed in (("a", 1), ("b", 2)):
+        content = make_payload(tmp_path / f"src_{name}", 16 * 16384, seed=seed)
+        raws[name] = make_torrent_lt(content, 16384, "v1")
+        srcs[name] = Source(raws[name], tmp_path / f"src_{name}")
+    told: list[tuple[bytes, int, bool]] = []
+    dio = DiskIO(backend, sync_window=0.005,
+                 on_piece=lambda r: told.append((r.info_hash, r.piece, r.ok)))
+    try:
+        ih_a = dio.register(raws["a"], other_fs)
+        ih_b = dio.register(raws["b"], tmp_path / "B")
+        fill(dio, ih_a, srcs["a"])
+        assert hanging.wait(10), "A's pieces were never committed"
+        fill(dio, ih_b, srcs["b"])
+        flushed = threading.Thread(target=dio.flush_all, kwargs={"raise_for": [ih_b]})
+        flushed.start()
+        flushed.join(20)
+        assert not flushed.is_alive(), "B's flush_all waited for A's disk"
+        assert sorted(p for ih, p, ok in told if ih == ih_b and ok) == list(range(16))
+        assert not [p for ih, p, _ in told if ih == ih_a]  # (still committing)
+        assert dio.status(ih_a)["verified_pieces"] == 0
+        going.set()
+        dio.flush_all()
+        assert sorted(p for ih, p, ok in told if ih == ih_a and ok) == list(range(16))
+        assert dio.status(ih_a)["verified_pieces"] == 16
+    finally:
+        going.set()
+        dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize("error", [False, True], ids=["clean", "write-back error"])
 def test_a_sync_of_many_files_is_one_syncfs_and_still_tells_each_files_errors(
         tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch, error: bool) -> None:
