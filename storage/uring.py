@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -148,8 +149,9 @@ class _Ring:
                     lib.io_uring_prep_readv(sqe, fd, iov, offset)
                 sqe.user_data = first + i + 1  # (0 is refused: "no data")
             try:
-                lib.io_uring_submit_and_wait(ring, len(batch))
-                for _ in batch:
+                lib.io_uring_submit(ring)  # (at once: what would block goes to the kernel's workers)
+                _wait(ring.ring_fd, len(batch))
+                for _ in batch:  # (all there: no wait holds the GIL)
                     # One completion at a time: the package's cqe[j] and its batch peek
                     # do not follow the completion queue round its end.
                     while (err := lib.io_uring_wait_cqe(ring, cqe)) == -errno.EINTR:
@@ -165,6 +167,25 @@ class _Ring:
                 raise
             del iovecs  # the buffers are the caller's again
         return results
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_IO_URING_ENTER = 426  # (the same on every architecture)
+_IORING_ENTER_GETEVENTS = 1
+
+
+def _wait(ring_fd: int, n: int) -> None:
+    """Wait until ``n`` completions are in the ring, with the GIL released. The
+    package's own waits (io_uring_submit_and_wait, io_uring_wait_cqe) hold it while the
+    kernel sleeps: a write held up by a disk that hangs (the journal of a file system
+    waiting for it) then stopped every thread of the daemon, its event loop included,
+    until the disk answered. A foreign call through ctypes lets it go."""
+    while _libc.syscall(_SYS_IO_URING_ENTER, ctypes.c_uint(ring_fd), ctypes.c_uint(0),
+                        ctypes.c_uint(n), ctypes.c_uint(_IORING_ENTER_GETEVENTS),
+                        None, ctypes.c_size_t(0)) < 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
 
 
 MAX_RINGS = 8

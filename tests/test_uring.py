@@ -106,3 +106,35 @@ def test_a_binding_that_dies_on_this_cpu_is_refused_not_followed(
     monkeypatch.setattr(uring, "_probed", [])
     monkeypatch.delenv("PYTHONPATH")
     check_uring()  # the real binding, in a child and here
+
+
+_WAITS_WITHOUT_THE_GIL = """
+import os, threading, time
+from pieced.storage import uring
+rd, wr = os.pipe()
+buf = bytearray(5)
+got = []
+waiting = threading.Thread(target=lambda: got.extend(uring._run([("readv", rd, [buf], 0)])))
+waiting.start()
+time.sleep(0.2)  # the ring is waiting for the read by now
+os.write(wr, b"hello")  # (needs the GIL: a ring that holds it while it waits never sees it)
+waiting.join()
+assert got == [5] and bytes(buf) == b"hello", (got, buf)
+print("ok")
+"""
+
+
+def test_a_ring_waits_without_holding_up_the_other_threads() -> None:
+    """An operation that takes long to complete (here a read of a pipe; in the daemon a
+    write held up by a disk whose journal waits for it) is waited for with the GIL let
+    go. The package's waits held it: every thread of the daemon, the event loop
+    answering every client and the watchdog's pings, stopped until the disk answered."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _WAITS_WITHOUT_THE_GIL],
+                              capture_output=True, text=True, timeout=20, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the thread waiting on the ring held every other thread up")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
