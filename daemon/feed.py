@@ -15,6 +15,14 @@ again between two samples: a new map, new files, new errors). The sequence numbe
 drawn from one counter for every view, so that a torrent's never go back: a page holding
 the map of an earlier registration never takes the new one's for what it has already.
 
+The torrent list goes the same way: a page is sent it whole in its hello, then each
+tick only the rows that changed (a row is a torrent's progress, errors, clients...) and
+the torrents that went, keyed by info hash, in the part of the tick every page shares.
+Thousands of torrents, one of them downloading, then cost a tick one row rather than
+the whole list, and the page one row to write rather than a table to rebuild. The list
+has its own sequence numbers: a change says which version of the list it applies to,
+and a page that holds another (it missed a change) connects again, for a hello.
+
 Pieces that fail their hash go back to missing at once in the engine; the feed hears of
 them through ``DiskIO.on_piece`` and shows them failed for ``FAILED_HOLD`` seconds, or
 until they are written again.
@@ -131,7 +139,11 @@ class Feed:
         self._seq = itertools.count(1)  # the views' sequence numbers, all of them
         self._failed: dict[bytes, dict[int, float]] = {}
         self._prev: tuple[float, dict[str, int]] | None = None
-        self._torrents_sent = ""
+        # The torrent list as the pages have it, by key: (what the row is made of, its
+        # JSON). None while no page is open: the list is then not read at all.
+        self._rows: dict[bytes, tuple[tuple[Any, ...], str]] | None = None
+        self._list_seq = 0
+        self._list_seqs = itertools.count(1)  # never go back: see the module's doc
         self._static: dict[int, dict[str, Any]] = {}
         # Filled from worker threads (deque appends are atomic), drained by the sampler.
         self._failures: collections.deque[tuple[bytes, int, float]] = collections.deque(
@@ -226,14 +238,19 @@ class Feed:
         members = [f'"stats":{json.dumps(sample)}']
         tick = Tick(self._tick)
         if live:
-            torrents = json.dumps(self._summaries(clients))
-            if torrents != self._torrents_sent:
-                self._torrents_sent = torrents
-                members.append(f'"torrents":{torrents}')
-            for key in watched:
-                tick.parts[key] = self._update(key, now).encode() + b"}\n\n"
+            try:
+                changes = self._list_changes(clients)
+                if changes is not None:
+                    members.append(f'"list":{changes}')
+                for key in watched:
+                    tick.parts[key] = self._update(key, now).encode() + b"}\n\n"
+            except BaseException:
+                # A change of the list half made, or made and never sent: the next tick
+                # sends the list whole, which a page takes whatever version it holds.
+                self._rows = None
+                raise
         else:
-            self._torrents_sent = ""
+            self._rows = None
         for key in [k for k in self._views if k not in watched]:
             del self._views[key]
         tick.head = (f'event: tick\ndata: {{"tick":{tick.n},' + ",".join(members)
@@ -242,16 +259,20 @@ class Feed:
 
     def hello(self, key: bytes | None,
               clients: list[frozenset[bytes]]) -> tuple[int, bytes, bytes]:
-        """What a page starts from: the charts' history, the torrents, and the watched
-        torrent's files and errors as the next pushes will change them. As (tick, head,
+        """What a page starts from: the charts' history, and the torrent list and the
+        watched torrent's files and errors as the next pushes will change them (the
+        list as the last tick left it, not as it is now: the next tick's change of it
+        is from that). As (tick, head,
         part): the pages that open within one tick share them (a hello is the size of
         the torrent list, and forty pages that read nothing held forty of them)."""
         tick, head, parts = self._hellos
         if tick != self._tick:
+            if self._rows is None:  # no page followed the list: it starts from here
+                self._list_changes(clients)
             head = (f'retry: 2000\nevent: hello\ndata: {{"tick":{self._tick},'
                     f'"interval":{self.interval},"hold":{FAILED_HOLD},'
                     f'"history":{json.dumps(list(self.history))},'
-                    f'"torrents":{json.dumps(self._summaries(clients))},"torrent":').encode()
+                    f'"list":{self._whole_list()},"torrent":').encode()
             parts = {}
             self._hellos = (self._tick, head, parts)
         if key is None:
@@ -389,29 +410,75 @@ class Feed:
             }
         return s
 
-    def _summaries(self, clients: list[frozenset[bytes]]) -> list[dict[str, Any]]:
-        """One row per torrent. Its verified count is a popcount of the bitfield (an
-        eighth of the map) rather than a count of the states."""
-        out = []
-        live = set()
+    def _list_changes(self, clients: list[frozenset[bytes]]) -> str | None:
+        """The torrent list's change since the last tick, as JSON (None if it did not
+        change): the rows that changed or came (``set``) and the keys of those that went
+        (``gone``), from version ``from`` of the list to ``to``; the whole list
+        (``rows``) if the pages had none. A torrent unregistered and registered again
+        between two ticks is a row that changed (its registration is part of it), even
+        if all it shows is the same.
+
+        A row is encoded only when it changed: the cost of a tick for the torrents that
+        did not is a lookup, a popcount of their bitfield (an eighth of their map) and
+        a comparison of a few numbers."""
+        rows = self._rows
+        whole = rows is None
+        if rows is None:
+            rows = self._rows = {}
+        follows = self._follows(clients)
+        changed: list[str] = []
+        present: set[bytes] = set()
         for key in self.disk.torrents():
             try:
                 t = self.disk.torrent(key)
-            except PiecedError:
+            except PiecedError:  # unregistered meanwhile
                 continue
-            live.add(t.id)
-            aliases = t.meta.aliases
-            out.append({
-                **self._static_of(t),
-                "backend": t.storage.name,
-                "verified": int.from_bytes(bytes(t.have), "big").bit_count(),
-                "partial": len(t.partial),
-                "errors": len(t.errors),
-                "clients": sum(1 for c in clients if not c.isdisjoint(aliases)),
-            })
-        for tid in [tid for tid in self._static if tid not in live]:
-            del self._static[tid]
-        return out
+            present.add(key)
+            facts = (t.id, t.storage.name, int.from_bytes(t.have, "big").bit_count(),
+                     len(t.partial), len(t.errors), follows.get(key, 0))
+            old = rows.get(key)
+            if old is None or old[0] != facts:
+                if old is not None and old[0][0] != t.id:
+                    self._static.pop(old[0][0], None)
+                text = json.dumps({**self._static_of(t), "backend": facts[1],
+                                   "verified": facts[2], "partial": facts[3],
+                                   "errors": facts[4], "clients": facts[5]})
+                rows[key] = (facts, text)
+                changed.append(text)
+        gone = [key for key in rows if key not in present]
+        for key in gone:
+            self._static.pop(rows.pop(key)[0][0], None)
+        if whole:
+            live = {facts[0] for facts, _ in rows.values()}
+            for tid in [tid for tid in self._static if tid not in live]:
+                del self._static[tid]
+            self._list_seq = next(self._list_seqs)
+            return self._whole_list()
+        if not changed and not gone:
+            return None
+        start, self._list_seq = self._list_seq, next(self._list_seqs)
+        return (f'{{"from":{start},"to":{self._list_seq},"set":[{",".join(changed)}],'
+                f'"gone":{json.dumps([key.hex() for key in gone])}}}')
+
+    def _whole_list(self) -> str:
+        """The list as the pages have it, as JSON, version ``to``: for a hello, or for
+        a tick after which the pages' version would be unknown (a page takes a whole
+        list whatever version it holds)."""
+        rows = self._rows or {}
+        return f'{{"to":{self._list_seq},"rows":[{",".join(text for _, text in rows.values())}]}}'
+
+    def _follows(self, clients: list[frozenset[bytes]]) -> dict[bytes, int]:
+        """How many clients follow each torrent (by its key), by any of its aliases: the
+        keys the clients gave, looked up once each, rather than every torrent's aliases
+        looked for in every client's."""
+        counts: collections.Counter[bytes] = collections.Counter()
+        for subscribed in clients:
+            keys = set()
+            for ih in subscribed:
+                with contextlib.suppress(PiecedError):
+                    keys.add(self.key(ih))
+            counts.update(keys)
+        return counts
 
     def _stats(self, now: float, connected: int) -> dict[str, Any]:
         s = self.disk.stats()

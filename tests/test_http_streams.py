@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import socket
@@ -174,6 +175,15 @@ async def traced() -> AsyncIterator[Callable[[], int]]:
         tracemalloc.stop()
 
 
+def every_row_changes(live: Live, ihs: list[bytes]) -> None:
+    """Every torrent followed by a client one tick and by none the next (the feed sends
+    a tick the rows that changed): every tick then carries the whole torrent list."""
+    from pieced.daemon.page import FEED
+
+    flip = itertools.cycle([[frozenset(ihs)], []])
+    live.app[FEED].client_keys = lambda: next(flip)  # type: ignore[method-assign]
+
+
 # -- the status page's event streams ---------------------------------------------------------
 def test_event_streams_of_pages_that_do_not_read_hold_a_bounded_memory(tmp_path: Path) -> None:
     """300 torrents whose list changes every tick (a block written to one of them), and
@@ -195,6 +205,7 @@ def test_event_streams_of_pages_that_do_not_read_hold_a_bounded_memory(tmp_path:
             ihs = [live.register(small_torrent(f"torrent {i:03} " + "n" * 160))
                    for i in range(torrents)]
             block = bytes(BLOCK)
+            every_row_changes(live, ihs)
 
             def change(n: int) -> None:  # the list changes every tick: a new partial piece
                 live.disk.write_chunk(ihs[n % torrents], 0, 0, block)
@@ -290,6 +301,7 @@ def test_an_event_stream_reset_while_a_write_waits_is_let_go_quietly(
             ihs = [live.register(small_torrent(f"torrent {i:03} " + "n" * 160))
                    for i in range(300)]
             block = bytes(BLOCK)
+            every_row_changes(live, ihs)
             reader = Ticks(live, ihs[0], lambda n: live.disk.write_chunk(
                 ihs[n % len(ihs)], 0, 0, block))
             await reader.wait(2)

@@ -1,11 +1,12 @@
 // pieced status page. Plain script, no dependencies: the daemon serves it from its
 // package and the Content-Security-Policy allows nothing else.
 //
-// Data: one EventSource (/page/events) brings a "hello" and then a "tick" twice a
-// second: the stats sample for the charts, the torrent list when it changed, and for
-// the torrent shown, the runs of its piece map that changed since the last tick. The
-// map itself (one byte per piece) is loaded from /page/map/IH once, and again only
-// when a step was missed.
+// Data: one EventSource (/page/events) brings a "hello" (the torrent list whole) and
+// then a "tick" twice a second: the stats sample for the charts, the rows of the torrent
+// list that changed and the torrents that went, and for the torrent shown, the runs of
+// its piece map that changed since the last tick. The map itself (one byte per piece)
+// is loaded from /page/map/IH once, and again only when a step was missed; a change of
+// the list that was missed brings the hello again.
 'use strict';
 
 (() => {
@@ -120,8 +121,6 @@
   // -- state ---------------------------------------------------------------------------
   const HISTORY = 240;
   const S = {
-    torrents: [],
-    byIh: new Map(),
     sort: { key: 'name', dir: 1 },
     filter: '',
     selected: null,
@@ -136,6 +135,7 @@
     errors: [],
     history: [],
     ticks: 0,
+    resyncs: 0,
     es: null,
   };
 
@@ -162,7 +162,7 @@
   function onHello(h) {
     setLive(true);
     S.history = h.history.slice(-HISTORY);
-    setTorrents(h.torrents);
+    setTorrents(h.list.rows, h.list.to);
     drawCharts();
     updateFacts();
     if (S.selected && !h.torrent) {
@@ -186,10 +186,16 @@
   }
 
   function onTick(m) {
+    // A change of a list other than the one this page holds: one was missed (a tick
+    // lost on the way); the page connects again, and its hello brings the list whole.
+    if (m.list && !applyList(m.list)) {
+      S.resyncs++;
+      connect();
+      return;
+    }
     S.ticks++;
     S.history.push(m.stats);
     if (S.history.length > HISTORY) S.history.splice(0, S.history.length - HISTORY);
-    if (m.torrents) setTorrents(m.torrents);
     const t = m.torrent;
     if (t && t.ih === S.selected) {
       if (t.gone) {
@@ -541,62 +547,286 @@
   }
 
   // -- torrents ----------------------------------------------------------------------------
-  function setTorrents(list) {
-    S.torrents = list;
-    S.byIh = new Map(list.map((t) => [t.ih, t]));
-    for (const t of list) t.pct = t.pieces ? t.verified / t.pieces : 0;
+  // The list as the daemon sent it: a record per torrent (its row's data and, once it
+  // was in the table, its row), ``order`` all of them as the table sorts them, ``shown``
+  // those the search matches. The table holds only the rows in and near the window, a
+  // spacer row above and below standing for the others: with thousands of torrents the
+  // browser lays out and paints a screenful of rows, not thousands, whatever changes
+  // elsewhere on the page. The hello brings the list whole; a tick, the rows that
+  // changed and the torrents that went: each record is written (its row, if it is in
+  // the table) and moved in the order if its place changed; the table is made again
+  // (a screenful) only if the order changed.
+  const L = {
+    recs: new Map(), order: [], shown: [], seq: 0,
+    rowH: 32, // a row's height, as drawn (measured)
+    gaps: null, // the two spacer rows
+    frame: 0,
+  };
+  const collator = new Intl.Collator(); // (the order of localeCompare, without its cost per call)
+  // Past this many changes in one tick the records are written, then sorted in one pass
+  // (a few thousand compares), rather than moved one by one.
+  const MANY = 64;
+  const AROUND = 20; // rows in the table past the window's edges (for scrolling)
+
+  /** The table's order: the column sorted on, then the name, then (whatever the
+   *  direction) the info hash, as the daemon lists them. */
+  function compareRecs(a, b) {
+    const { key, dir } = S.sort;
+    const x = a.t[key];
+    const y = b.t[key];
+    const c = typeof x === 'string' ? collator.compare(x, y) : x - y;
+    return (c || collator.compare(a.t.name, b.t.name)) * dir || (a.t.ih < b.t.ih ? -1 : a.t.ih > b.t.ih ? 1 : 0);
+  }
+
+  const query = () => S.filter.trim().toLowerCase();
+  const matches = (r, q) => !q || r.hay.some((s) => s.includes(q));
+
+  function makeRec(t) {
+    return { t, row: null, hay: [t.name.toLowerCase(), escapeControls(t.name).toLowerCase(), t.ih] };
+  }
+
+  /** A record's row, made when it first goes into the table: a list of thousands
+   *  costs the rows that were ever on screen. */
+  function rowOf(r) {
+    if (r.row) return r.row.tr;
+    const t = r.t;
+    const tr = el('tr');
+    tr.dataset.ih = t.ih;
+    const name = el('td', 'name');
+    name.append(nameEl(t.name), el('span', 'ih-short', t.ih.slice(0, 8)));
+    name.title = `${escapeControls(t.name)}\n${t.ih}`;
+    const pct = el('td', 'num');
+    const wrap = el('span', 'pct');
+    const b = bar(0);
+    r.row = {
+      tr, fill: b.firstChild, width: '', pct: el('span'), size: el('td', 'num'), plen: el('td', 'num'),
+      backend: el('td'), errors: el('td', 'num'), clients: el('td', 'num'),
+    };
+    wrap.append(b, r.row.pct);
+    pct.append(wrap);
+    tr.append(name, r.row.size, pct, r.row.plen, r.row.backend, r.row.errors, r.row.clients);
+    writeRec(r);
+    return tr;
+  }
+
+  /** A record's row from its data (if it has one), writing only the cells whose text
+   *  changed: a cell left alone costs the browser nothing at its next frame. */
+  function writeRec(r) {
+    const row = r.row;
+    if (!row) return;
+    const t = r.t;
+    setText(row.size, fmtBytes(t.size));
+    const width = `${Math.max(0, Math.min(1, t.pct)) * 100}%`;
+    if (row.width !== width) {
+      row.width = width;
+      row.fill.style.width = width;
+    }
+    setText(row.pct, fmtPct(t.pct));
+    setText(row.plen, fmtBytes(t.piece_length));
+    setText(row.backend, t.backend);
+    setText(row.errors, fmtInt(t.errors));
+    if (row.errors.classList.contains('bad') !== t.errors > 0) row.errors.classList.toggle('bad');
+    setText(row.clients, fmtInt(t.clients));
+  }
+
+  function prepare(t) {
+    t.pct = t.pieces ? t.verified / t.pieces : 0;
+    return t;
+  }
+
+  /** The whole list (a hello's). The records of torrents still listed are kept, rows
+   *  and all: a page that connects again does not make its table anew. */
+  function setTorrents(list, seq) {
+    const old = L.recs;
+    L.recs = new Map();
+    for (const t of list) {
+      prepare(t);
+      let r = old.get(t.ih);
+      if (r && r.t.name === t.name) {
+        r.t = t;
+        writeRec(r);
+      } else {
+        r = makeRec(t);
+      }
+      L.recs.set(t.ih, r);
+    }
+    L.order = [...L.recs.values()];
+    L.seq = seq;
     renderTorrents();
     renderDetailHead();
   }
 
-  function renderTorrents() {
-    const q = S.filter.trim().toLowerCase();
-    const rows = S.torrents.filter((t) => !q || t.name.toLowerCase().includes(q) ||
-      escapeControls(t.name).toLowerCase().includes(q) || t.ih.includes(q));
+  /** A tick's change to the list; false if it follows a version of the list this page
+   *  does not hold: a change was missed, and applying this one would leave the page
+   *  showing torrents gone or rows out of date until they changed again. */
+  function applyList(l) {
+    if (l.rows) {
+      setTorrents(l.rows, l.to);
+      return true;
+    }
+    if (l.from !== L.seq) return false;
+    const whole = l.set.length + l.gone.length > MANY;
+    let moved = false;
+    for (const ih of l.gone) {
+      const r = L.recs.get(ih);
+      if (!r) continue;
+      L.recs.delete(ih);
+      if (!whole) L.order.splice(L.order.indexOf(r), 1);
+      moved = true;
+    }
+    for (const t of l.set) {
+      prepare(t);
+      let r = L.recs.get(t.ih);
+      if (r && r.t.name !== t.name) { // (one info hash, one name: never, but then anew)
+        if (!whole) L.order.splice(L.order.indexOf(r), 1);
+        r = null;
+      }
+      if (r) {
+        r.t = t;
+        writeRec(r);
+        if (!whole) {
+          const i = L.order.indexOf(r);
+          if (!inPlace(i)) {
+            L.order.splice(i, 1);
+            insert(r);
+            moved = true;
+          }
+        }
+      } else {
+        r = makeRec(t);
+        L.recs.set(t.ih, r);
+        if (!whole) insert(r);
+        moved = true;
+      }
+    }
+    L.seq = l.to;
+    if (whole) {
+      L.order = [...L.recs.values()];
+      renderTorrents();
+    } else if (moved) {
+      renderTorrents(false);
+    }
+    renderDetailHead();
+    return true;
+  }
+
+  /** Whether the record at ``i`` in the order, which changed, is still in its place:
+   *  most changes (a share going up while the list is sorted by name) leave it there,
+   *  and the order and the table untouched. */
+  function inPlace(i) {
+    const o = L.order;
+    return (i === 0 || compareRecs(o[i - 1], o[i]) <= 0) && (i === o.length - 1 || compareRecs(o[i], o[i + 1]) <= 0);
+  }
+
+  /** Puts a record where the order wants it: a bisection, not a sort of the list. */
+  function insert(r) {
+    const o = L.order;
+    let lo = 0;
+    let hi = o.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (compareRecs(o[mid], r) <= 0) lo = mid + 1;
+      else hi = mid;
+    }
+    o.splice(lo, 0, r);
+  }
+
+  /** The torrents the search shows, in order (``sort``: the order made anew, for a new
+   *  sort or a whole list), and the table. */
+  function renderTorrents(sort = true) {
+    if (sort) L.order.sort(compareRecs);
+    const q = query();
+    L.shown = q ? L.order.filter((r) => matches(r, q)) : L.order;
+    renderWindow();
+    $('no-torrents').hidden = L.recs.size > 0;
+    $('no-match').hidden = !(L.recs.size > 0 && L.shown.length === 0);
     const { key, dir } = S.sort;
-    rows.sort((a, b) => {
-      const x = a[key];
-      const y = b[key];
-      const c = typeof x === 'string' ? x.localeCompare(y) : x - y;
-      return (c || a.name.localeCompare(b.name)) * dir;
-    });
-    const tbody = $('torrents').tBodies[0];
-    const shown = JSON.stringify([key, dir, S.torrents.length]) + JSON.stringify(rows.map((t) => [t.ih, t.name, t.size, fmtPct(t.pct), t.piece_length, t.backend, t.errors, t.clients, t.ih === S.selected]));
-    if (shown === S.shownRows) return;
-    S.shownRows = shown;
-    tbody.replaceChildren(...rows.map((t) => {
-      const tr = el('tr');
-      tr.dataset.ih = t.ih;
-      if (t.ih === S.selected) tr.className = 'selected';
-      const name = el('td', 'name');
-      name.append(nameEl(t.name), el('span', 'ih-short', t.ih.slice(0, 8)));
-      name.title = `${escapeControls(t.name)}\n${t.ih}`;
-      const pct = el('td', 'num');
-      const wrap = el('span', 'pct');
-      wrap.append(bar(t.pct), el('span', '', fmtPct(t.pct)));
-      pct.append(wrap);
-      tr.append(
-        name,
-        el('td', 'num', fmtBytes(t.size)),
-        pct,
-        el('td', 'num', fmtBytes(t.piece_length)),
-        el('td', '', t.backend),
-        el('td', t.errors ? 'num bad' : 'num', fmtInt(t.errors)),
-        el('td', 'num', fmtInt(t.clients)),
-      );
-      return tr;
-    }));
-    $('no-torrents').hidden = S.torrents.length > 0;
-    $('no-match').hidden = !(S.torrents.length > 0 && rows.length === 0);
     for (const th of $('torrents').tHead.rows[0].cells) {
       th.classList.toggle('sorted', th.dataset.key === key);
       th.classList.toggle('desc', th.dataset.key === key && dir < 0);
     }
   }
 
+  /** The table: the rows shown that are in or near the window, between two spacers
+   *  as tall as the rows they stand for, so that the page scrolls as if they were all
+   *  there while the browser lays out and paints a screenful. */
+  function renderWindow(measured = false) {
+    const tbody = $('torrents').tBodies[0];
+    const list = L.shown;
+    const n = list.length;
+    const H = L.rowH;
+    const top = tbody.getBoundingClientRect().top;
+    const last = Math.max(0, Math.min(n, Math.ceil((window.innerHeight - top) / H) + AROUND));
+    const first = Math.max(0, Math.min(last, Math.floor(-top / H) - AROUND));
+    if (!L.gaps) {
+      L.gaps = [0, 1].map(() => {
+        const tr = el('tr', 'gap');
+        tr.setAttribute('aria-hidden', 'true');
+        const td = el('td');
+        td.colSpan = 7;
+        tr.append(td);
+        return tr;
+      });
+    }
+    const [above, below] = L.gaps;
+    const want = [];
+    if (first > 0) {
+      setHeight(above, first * H);
+      want.push(above);
+    }
+    for (let i = first; i < last; i++) {
+      const tr = rowOf(list[i]);
+      if (tr.classList.contains('selected') !== (list[i].t.ih === S.selected)) tr.classList.toggle('selected');
+      want.push(tr);
+    }
+    if (last < n) {
+      setHeight(below, (n - last) * H);
+      want.push(below);
+    }
+    const rows = tbody.rows;
+    if (rows.length !== want.length || want.some((tr, i) => rows[i] !== tr)) tbody.replaceChildren(...want);
+    // A row's height as drawn (its fonts may make it taller than thought; the first
+    // after a spacer lacks the border above it): the spacers stand for rows of that
+    // height from now on.
+    if (!measured && last - first >= 3) {
+      const a = rowOf(list[first + 1]).getBoundingClientRect().top;
+      const b = rowOf(list[last - 1]).getBoundingClientRect().top;
+      const h = (b - a) / (last - first - 2);
+      if (h > 0 && Math.abs(h - H) > 0.01) {
+        L.rowH = h;
+        renderWindow(true);
+      }
+    }
+  }
+
+  function setHeight(gap, px) {
+    if (gap.px !== px) {
+      gap.px = px;
+      gap.firstChild.style.height = `${px}px`;
+    }
+  }
+
+  /** The table again at the next frame: once a frame, however many scroll events. */
+  function scheduleWindow() {
+    if (!L.frame) {
+      L.frame = requestAnimationFrame(() => {
+        L.frame = 0;
+        renderWindow();
+      });
+    }
+  }
+
+  /** The selected torrent's row marked, no other. */
+  function markSelected() {
+    for (const tr of $('torrents').tBodies[0].rows) {
+      if (tr.dataset.ih && tr.classList.contains('selected') !== (tr.dataset.ih === S.selected)) tr.classList.toggle('selected');
+    }
+  }
+
   function renderDetailHead() {
-    const t = S.selected && S.byIh.get(S.selected);
-    if (!t) return;
+    const r = S.selected && L.recs.get(S.selected);
+    if (!r) return;
+    const t = r.t;
     setText($('d-name'), escapeControls(t.name));
     setText($('d-ih'), t.ih);
     setText($('d-facts'), [
@@ -663,14 +893,14 @@
       $('d-scale').textContent = 'loading the piece map…';
       renderDetailHead();
     }
-    for (const tr of $('torrents').tBodies[0].rows) tr.classList.toggle('selected', tr.dataset.ih === ih);
+    markSelected();
     connect();
   }
 
   /** The torrent asked for by another of its hashes, known now by its key. */
   function adopt(key) {
     S.selected = key;
-    renderTorrents();
+    markSelected();
     renderDetailHead();
   }
 
@@ -689,7 +919,7 @@
     S.map = null;
     hideTip();
     $('detail').hidden = true;
-    renderTorrents();
+    markSelected();
     connect();
   }
 
@@ -816,7 +1046,7 @@
 
   // -- wiring ------------------------------------------------------------------------------------
   function start() {
-    $('search').addEventListener('input', (e) => { S.filter = e.target.value; renderTorrents(); });
+    $('search').addEventListener('input', (e) => { S.filter = e.target.value; renderTorrents(false); });
     $('torrents').tHead.addEventListener('click', (e) => {
       const th = e.target.closest('th');
       if (!th) return;
@@ -829,6 +1059,7 @@
       if (tr && tr.dataset.ih) location.hash = tr.dataset.ih;
     });
     window.addEventListener('hashchange', () => select(location.hash.slice(1).toLowerCase()));
+    window.addEventListener('scroll', scheduleWindow, { passive: true });
     const canvas = $('map');
     canvas.addEventListener('mousemove', onMapMove);
     canvas.addEventListener('mouseleave', hideTip);
@@ -839,6 +1070,7 @@
         if (S.map) layoutMap();
         chartBoxes = null;
         drawCharts();
+        renderWindow();
       }, 100);
     });
     renderErrors();
@@ -874,7 +1106,16 @@
     },
     series(name) { return S.history.map((s) => s[name]); },
     selected() { return S.selected; },
-    rows() { return [...$('torrents').tBodies[0].rows].map((tr) => tr.dataset.ih); },
+    /** The torrents the list shows (those the search matches), in order; the table
+     *  holds those of their rows in and near the window. */
+    rows() { return L.shown.map((r) => r.t.ih); },
+    /** The torrent list as the page holds it: its version, its torrents, how many the
+     *  search shows, how many rows the table holds, and how many times a change was
+     *  missed (the list loaded anew). */
+    list() {
+      const inTable = [...$('torrents').tBodies[0].rows].filter((tr) => tr.dataset.ih).length;
+      return { seq: L.seq, torrents: L.recs.size, shown: L.shown.length, inTable, resyncs: S.resyncs };
+    },
     /** The viewport point at the middle of the cell that shows ``piece``. */
     cellPoint(piece) {
       const c = Math.floor(piece / M.ppc);
