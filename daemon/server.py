@@ -358,7 +358,6 @@ class Server:
             "clients_dropped": self.dropped,
         }
 
-
     def short_held(self, device: Hashable) -> bool:
         return device in self._short_held
 
