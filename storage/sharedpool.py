@@ -33,12 +33,33 @@ class SharedPool(Generic[T]):
         """An object for the ``with`` block: ``fit`` is given a free one (None when one
         is to be made) and returns the one to use (it, or one made in its place); one
         that ``keep`` refuses afterwards (broken) is dropped, and another made later."""
+        with self._take(fit, keep, True) as obj:
+            assert obj is not None
+            yield obj
+
+    def take_if_free(self, fit: Callable[[T | None], T],
+                     keep: Callable[[T], bool] = lambda _: True
+                     ) -> contextlib.AbstractContextManager[T | None]:
+        """As :meth:`take`, but None at once when every object is taken: their holders
+        may be waiting on a disk that hangs, and the caller has another way."""
+        return self._take(fit, keep, False)
+
+    @contextlib.contextmanager
+    def _take(self, fit: Callable[[T | None], T], keep: Callable[[T], bool],
+              wait: bool) -> Iterator[T | None]:
         with self._cond:
             while not self._free and self.made >= self.limit:
+                if not wait:
+                    break
                 self._cond.wait()
-            got = self._free.pop() if self._free else None
-            if got is None:
-                self.made += 1
+            none_free = not self._free and self.made >= self.limit
+            if not none_free:
+                got = self._free.pop() if self._free else None
+                if got is None:
+                    self.made += 1
+        if none_free:
+            yield None
+            return
         obj = got
         try:
             obj = fit(got)

@@ -199,6 +199,15 @@ def _run(ops: list[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
         return ring.run(ops)
 
 
+def _run_if_free(ops: list[tuple[str, int, Sequence[Buffer], int]]) -> list[int]:
+    """:func:`_run`, or all zeros at once (nothing done: the caller does it all the
+    plain way, as it finishes a short one) when every ring is taken. Their holders
+    may be waiting on a disk that hangs: eight readers of such a disk held every ring,
+    and a write to a healthy disk waited for that one."""
+    with _rings.take_if_free(lambda ring: ring or _Ring(), lambda ring: ring.live) as ring:
+        return ring.run(ops) if ring is not None else [0] * len(ops)
+
+
 class UringStorage(FileStorage):
     """The io_uring backend: the segments of one call (a block across files, a piece
     being read) are submitted together and waited on together, on one of the shared
@@ -230,7 +239,7 @@ class UringStorage(FileStorage):
                     bufs, seg.buf_offset, seg.buf_offset + seg.length)
                 views.append(v)
                 ops.append(("writev", entry[0], v[:_IOV_MAX], seg.file_offset))
-            results = _run(ops)
+            results = _run_if_free(ops)
             for seg, entry, v, res in zip(todo, entries, views, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),
@@ -261,7 +270,7 @@ class UringStorage(FileStorage):
                 fd = stack.enter_context(self._fd(seg.file_index, False))
                 ops.append(("readv", fd, [dst], seg.file_offset))
                 todo.append((seg, fd, dst, whole))
-            results = _run(ops)
+            results = _run_if_free(ops)
             for (seg, fd, dst, whole), res in zip(todo, results, strict=True):
                 if res < 0:
                     raise StorageIOError.wrap(OSError(-res, os.strerror(-res)),

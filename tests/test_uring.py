@@ -138,3 +138,59 @@ def test_a_ring_waits_without_holding_up_the_other_threads() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the thread waiting on the ring held every other thread up")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+_EVERY_RING_HELD = """
+import os, sys, threading, time
+from pathlib import Path
+from pieced.storage import uring
+from pieced.storage.disk import DiskIO
+raw = Path(sys.argv[1]).read_bytes()
+src, save = Path(sys.argv[2]), Path(sys.argv[3])
+dio = DiskIO("uring", cache_bytes=0, sync_window=0)  # (io_uring checked, the package
+ih = dio.register(raw, save)                        # imported: not by eight threads at once)
+pipes = [os.pipe() for _ in range(uring.MAX_RINGS)]
+holders = [threading.Thread(target=uring._run, args=([("readv", rd, [bytearray(1)], 0)],))
+           for rd, _ in pipes]
+for h in holders:
+    h.start()
+while uring._rings.made < uring.MAX_RINGS or uring._rings._free:
+    time.sleep(0.01)  # every ring taken, each waiting on its pipe (a disk that hangs)
+time.sleep(0.2)
+assert all(h.is_alive() for h in holders)
+try:
+    data = src.read_bytes()
+    for b in range(0, len(data), 16384):
+        dio.write_block_direct(ih, 0, b, data[b : b + 16384])
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == 1
+    assert dio.read_piece(ih, 0) == data
+    dio.close()
+    assert all(h.is_alive() for h in holders)  # (every ring was held all along)
+    print("ok")
+finally:
+    for _, wr in pipes:
+        os.write(wr, b"x")
+    for h in holders:
+        h.join()
+"""
+
+
+def test_io_goes_on_when_every_ring_waits_on_a_disk_that_hangs(tmp_path: Path) -> None:
+    """Every shared ring held by a wait that does not end (here reads of pipes; in the
+    daemon, reads of a disk that hangs, by eight clients): a write and a read of another
+    torrent, on a healthy disk, waited for a ring. They go the plain way instead."""
+    import subprocess
+    import sys
+
+    content = make_payload(tmp_path / "src", {"one.bin": 65536}, seed=25)
+    raw = make_torrent_lt(content, 65536, "v1")
+    (tmp_path / "t.torrent").write_bytes(raw)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _EVERY_RING_HELD, str(tmp_path / "t.torrent"),
+             str(content / "one.bin"), str(tmp_path / "dl")],
+            capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the write waited for a ring held by a wait that does not end")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
