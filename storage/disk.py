@@ -1038,13 +1038,16 @@ class DiskIO:
                         self.metrics.add("duplicate_blocks")
                         return None
                     partial.writers.add(writer)
-                    with self._kept_only_if_written(t, piece, partial):
+                    try:
                         if partial.pads:
                             runs = self._cut_pads(partial, begin, (block,), length)
                             for b, views, n in runs:
                                 self._buffer(t, piece, partial, b, b"".join(views), n, flush)
                         else:
                             self._buffer(t, piece, partial, begin, block, length, flush)
+                    except BaseException:
+                        self._forget_if_empty(t, piece, partial)
+                        raise
                     if flush:
                         self._sync(t, t.files_of(piece))
                     self.metrics.add("blocks_written")
@@ -1113,7 +1116,7 @@ class DiskIO:
                     partial.writers.add(writer)
                     runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
                             else [(begin, bufs, length)])
-                    with self._kept_only_if_written(t, piece, partial):
+                    try:
                         for b, views, n in runs:
                             if t.storage.gathers_writes:
                                 # Copied out of the ring into the piece's buffer, written with
@@ -1128,6 +1131,9 @@ class DiskIO:
                                 self._write_through(t, piece, b, views, n, blocks=blocks)
                                 partial.hasher.add(b, views, n)
                             blocks = 0
+                    except BaseException:
+                        self._forget_if_empty(t, piece, partial)
+                        raise
                     if partial.hasher.complete:
                         return self._complete(t, piece, partial)
                 return None
@@ -1165,23 +1171,18 @@ class DiskIO:
             self.metrics.add("duplicate_blocks", blocks)
         return found
 
-    @contextlib.contextmanager
-    def _kept_only_if_written(self, t: Torrent, piece: int, partial: Partial) -> Iterator[None]:
-        """(Caller holds the piece's lock.) A piece made partial for a block whose write
-        failed (a full disk) holds nothing: it goes back to missing, instead of staying
-        "under way" with no byte of it here, a slot of ``max_partial_pieces`` taken for
-        as long as nobody sends it again."""
-        try:
-            yield
-        except BaseException:
-            if partial.hasher.empty and not self.pool.has_dirty((t.id, piece)):
-                with t.lock:
-                    if t.partial.get(piece) is partial and t.state[piece] == PARTIAL:
-                        del t.partial[piece]
-                        partial.done = partial.cleared = True  # (its writers start anew)
-                        self._count_partials(-1)
-                        self._to_missing(t, piece)
-            raise
+    def _forget_if_empty(self, t: Torrent, piece: int, partial: Partial) -> None:
+        """(Caller holds the piece's lock; a write of it just failed.) A piece made
+        partial for a block whose write failed (a full disk) holds nothing: it goes back
+        to missing, instead of staying "under way" with no byte of it here, a slot of
+        ``max_partial_pieces`` taken for as long as nobody sends it again."""
+        if partial.hasher.empty and not self.pool.has_dirty((t.id, piece)):
+            with t.lock:
+                if t.partial.get(piece) is partial and t.state[piece] == PARTIAL:
+                    del t.partial[piece]
+                    partial.done = partial.cleared = True  # (its writers start anew)
+                    self._count_partials(-1)
+                    self._to_missing(t, piece)
 
     def _count_partials(self, delta: int, held: int = 0) -> None:
         """Pieces in progress, daemon-wide: each holds hash state (a few KiB) outside the
