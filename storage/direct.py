@@ -18,8 +18,20 @@ from .hashing import Buffer, sub_views
 from .layout import Segment
 from .sharedpool import SharedPool
 
-MAX_BOUNCES = 8  # 32 MiB at most (CHUNK each), whatever the number of threads
-_bounces: SharedPool[memoryview] = SharedPool(MAX_BOUNCES)
+MAX_BOUNCES = 8  # a file system's: 32 MiB at most (CHUNK each), whatever the number of threads
+_bounces: dict[int, SharedPool[memoryview]] = {}  # by device (st_dev)
+_bounces_lock = threading.Lock()
+
+
+def _bounces_of(device: int) -> SharedPool[memoryview]:
+    """The bounce buffers of one file system. Shared by all of them, the buffers were
+    every one held by calls stuck on a disk that hangs (a dozen clients writing to it),
+    and a write to a healthy disk waited for one as long."""
+    with _bounces_lock:
+        pool = _bounces.get(device)
+        if pool is None:
+            pool = _bounces[device] = SharedPool(MAX_BOUNCES)
+        return pool
 
 
 class DirectStorage(FileStorage):
@@ -29,7 +41,8 @@ class DirectStorage(FileStorage):
     out of the page cache: the daemon's own cache (``cache_bytes``) is then the only one.
     O_DIRECT wants file offsets, lengths and buffers aligned to the device's blocks
     (ALIGN covers 512-byte and 4 KiB devices). Each call moves at most CHUNK bytes
-    through a page-aligned bounce buffer (at most MAX_BOUNCES of them, shared); a block that starts or ends
+    through a page-aligned bounce buffer (at most MAX_BOUNCES of them a file system,
+    shared by the threads); a block that starts or ends
     inside a page (files of a multi-file torrent rarely start on a page) reads that page
     first and writes it back whole (read-modify-write), under the file's lock, since the
     neighbouring block shares the page. A file's last page is written whole too, then
@@ -88,16 +101,17 @@ class DirectStorage(FileStorage):
             except (OSError, PiecedError):
                 pass  # (left longer: its pieces are as good; the next write cuts it too)
 
-    def _bounce(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
+    def _bounce(self, fd: int, size: int) -> contextlib.AbstractContextManager[memoryview]:
         """A page-aligned buffer (an anonymous map) of at least ``size`` bytes, for the
-        ``with`` block: one of the shared ones, grown if it is too small."""
+        ``with`` block: one of those shared by the I/O of ``fd``'s file system, grown if
+        it is too small."""
         def fit(buf: memoryview | None) -> memoryview:
             if buf is not None and buf.nbytes >= size:
                 return buf
             cap = max(size, 1024 * 1024)
             return memoryview(mmap.mmap(-1, cap + -cap % self.ALIGN))
 
-        return _bounces.take(fit)
+        return _bounces_of(os.fstat(fd).st_dev).take(fit)
 
     def _lock_of(self, index: int) -> threading.Lock:
         with self._lock:
@@ -139,7 +153,7 @@ class DirectStorage(FileStorage):
             else:
                 self._check_linked(fd, index)
             lock = self._lock_of(index) if partial else None
-            with self._bounce(end - start) as bounce:  # (taken before the file's lock)
+            with self._bounce(fd, end - start) as bounce:  # (taken before the file's lock)
                 buf = bounce[: end - start]
                 if lock is not None:
                     lock.acquire()
@@ -208,12 +222,12 @@ class DirectStorage(FileStorage):
                     body = seg.length - seg.length % A
                     got = self._read_aligned(fd, dst[:body], start)
                     if body < seg.length and got == body:
-                        with self._bounce(A) as bounce:
+                        with self._bounce(fd, A) as bounce:
                             got += self._read_aligned(fd, bounce[:A], start + body)
                             dst[body:] = bounce[: seg.length - body]
                     self._check_read(seg, start + got, whole)
                     return
-                with self._bounce(end - start) as bounce:
+                with self._bounce(fd, end - start) as bounce:
                     got = self._read_aligned(fd, bounce[: end - start], start)
                     if start + got >= seg.file_offset + seg.length or not whole:
                         off = seg.file_offset - start
