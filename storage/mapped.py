@@ -57,19 +57,35 @@ def _faults_allocate(fd: int) -> bool:
 
 _MADV_POPULATE_WRITE = 23  # (Linux 5.14; Python 3.11's mmap has no name for it)
 _populates = True  # the kernel takes it
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
+
+
+def _madvise(m: mmap.mmap, advice: int, offset: int, length: int) -> None:
+    """``m.madvise`` of a page-aligned range inside the map, with the interpreter's lock
+    let go: a fault it makes waits for the disk (a page to read in, a file system frozen
+    or hung under a write fault), and ``mmap.madvise`` holds the lock meanwhile, which
+    stopped every thread of the daemon, other torrents' and the event loop's, until the
+    disk answered. (The caller holds the map: it is not closed meanwhile.)"""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m))  # (that export ends here)
+    if _libc.madvise(address + offset, length, advice) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _pages_in(m: mmap.mmap, offset: int, length: int) -> bool:
     """Fault a range's pages of the map in for writing, before a store into them: a
     store into a page the kernel must read in, and cannot (a bad sector), is SIGBUS,
     which kills the daemon; here it is an error (EFAULT), and False. True on kernels
-    without MADV_POPULATE_WRITE (the store takes its chance, as it always did)."""
+    without MADV_POPULATE_WRITE (the store takes its chance, as it always did). The
+    store that follows finds its pages in and writable: it waits for no disk while it
+    holds the interpreter's lock."""
     global _populates
     if not _populates:
         return True
     start = offset - offset % mmap.PAGESIZE
     try:
-        m.madvise(_MADV_POPULATE_WRITE, start, offset + length - start)
+        _madvise(m, _MADV_POPULATE_WRITE, start, offset + length - start)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             _populates = False
@@ -318,8 +334,8 @@ class MmapStorage(FileStorage):
                 entry = self._maps.get(seg.file_index)
                 if entry is not None:
                     start = seg.file_offset - seg.file_offset % mmap.PAGESIZE
-                    entry[1].madvise(mmap.MADV_WILLNEED, start,
-                                     seg.file_offset + seg.length - start)
+                    _madvise(entry[1], mmap.MADV_WILLNEED, start,
+                             seg.file_offset + seg.length - start)
                     continue
             rest.append(seg)
         super().advise(rest)

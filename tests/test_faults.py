@@ -944,3 +944,76 @@ def test_a_stop_after_a_torrents_folder_was_deleted_is_clean(tmp_path: Path, bac
             assert c.status(ih_b)["verified_pieces"] == sb.meta.num_pieces
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.backends(exclude={
+    "mmap": "a store into a map waiting on a frozen file system holds the process's "
+            "memory map lock (the kernel's): the whole daemon waits (README)"})
+def test_a_frozen_file_system_holds_up_its_own_torrent_only(tmp_path: Path, backend: str) -> None:
+    """Torrent A's file system is frozen (``fsfreeze``: a write waits until it thaws, as
+    on a disk that hangs) while a client writes to it, its files preallocated. Another
+    client's writes to torrent B on another file system, its ``stats`` and ``/healthz``
+    are answered meanwhile."""
+    frozen, image = tmp_path / "frozen", tmp_path / "ext4.img"
+    frozen.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(frozen)], check=True)
+    raws = [make_torrent_lt(make_payload(tmp_path / n, {f"{n}.bin": 1 << 20}, seed=27),
+                            65536, "v1") for n in ("a", "b")]
+    sa, sb = Source(raws[0], tmp_path / "a"), Source(raws[1], tmp_path / "b")
+    d = Daemon(tmp_path, backend=backend, env={"PIECED_PREALLOCATE": "true"})
+    thawed = False
+    stuck_errors: list[BaseException] = []
+    try:
+        with Client(d.socket) as c1:
+            a = c1.register(raws[0], frozen / "a")
+            c1.write_chunk(a, 0, 0, sa.read(0, 0, 16384), flush=True)
+            c1.wait_writes()  # A's file made (preallocated) before the freeze
+            subprocess.run(["fsfreeze", "-f", str(frozen)], check=True)
+
+            def stuck() -> None:
+                try:
+                    c1.write_chunk(a, 2, 0, sa.read(2, 0, 16384), flush=True)
+                    c1.wait_writes()
+                except BaseException as exc:  # (said after the join)
+                    stuck_errors.append(exc)
+
+            writer = threading.Thread(target=stuck, daemon=True)
+            writer.start()
+            time.sleep(1.0)  # (the write to A waits for the thaw by now)
+            answered: list[str] = []
+
+            def other() -> None:
+                with Client(d.socket) as c2:
+                    b = c2.register(raws[1], tmp_path / "dl_b")
+                    for begin in range(0, 65536, 16384):
+                        c2.write_chunk(b, 1, begin, sb.read(1, begin, 16384), flush=True)
+                    c2.wait_writes()
+                    answered.append("writes")
+                    assert c2.read_chunk(b, 1, 100, 1000) == sb.read(1, 100, 1000)
+                    c2.stats()
+                    answered.append("stats")
+                with urllib.request.urlopen(f"http://{d.http}/healthz", timeout=20) as r:
+                    assert r.status == 200
+                answered.append("healthz")
+
+            t = threading.Thread(target=other, daemon=True)
+            t.start()
+            t.join(timeout=20)
+            assert answered == ["writes", "stats", "healthz"], (
+                f"while A's file system was frozen, only {answered} of another client's "
+                "requests were answered")
+            assert writer.is_alive(), "the write to the frozen file system waits for the thaw"
+            subprocess.run(["fsfreeze", "-u", str(frozen)], check=True)
+            thawed = True
+            writer.join(timeout=30)
+            assert not writer.is_alive() and not stuck_errors, stuck_errors
+            assert c1.read_chunk(a, 2, 0, 16384) == sa.read(2, 0, 16384)
+        assert d.stop() == 0
+    finally:
+        if not thawed:
+            subprocess.run(["fsfreeze", "-u", str(frozen)], check=False)
+        d.proc.kill()
+        subprocess.run(["umount", "-l", str(frozen)], check=False)

@@ -318,3 +318,67 @@ def test_a_recheck_does_not_break_its_own_leases(tmp_path: Path) -> None:
             assert all(_mapped(f) for f in files), [_mapped(f) for f in files]
     finally:
         dio.close()
+
+
+_STORE_WAITS = """
+import sys, threading, time
+from pathlib import Path
+from pieced.storage.disk import DiskIO
+raw, data = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()
+dio = DiskIO("mmap", cache_bytes=0, preallocate=True, roots=[Path(sys.argv[3]).parent])
+ih = dio.register(raw, Path(sys.argv[3]))
+dio.write_chunk(ih, 0, 0, data[:16384], flush=True)  # mapped, preallocated
+print("ready", flush=True)
+sys.stdin.readline()  # (frozen now)
+writer = threading.Thread(target=dio.write_chunk, args=(ih, 2, 0, data[2 * 65536 :][:16384]))
+writer.start()
+time.sleep(0.5)
+start = time.monotonic()
+n = sum(1 for _ in range(100_000))  # Python code of another thread
+print("ran", round(time.monotonic() - start, 2), writer.is_alive(), flush=True)
+writer.join()
+dio.close()
+"""
+
+
+def test_a_store_waiting_on_a_frozen_disk_lets_the_other_threads_run(tmp_path: Path) -> None:
+    """A block stored into the map of a file on a frozen file system (as on a disk that
+    hangs) waits in the page fault that makes its pages writable. That wait held the
+    interpreter's lock (``mmap.madvise`` keeps it): every other thread of the process
+    stood still until the thaw. It is made with the lock let go. (A thread that maps or
+    unmaps memory still waits: the kernel holds the process's memory map lock over the
+    fault; see the README.)"""
+    frozen, image = tmp_path / "frozen", tmp_path / "ext4.img"
+    frozen.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(frozen)], check=True)
+    content = make_payload(tmp_path / "src", {"one.bin": 4 * 65536}, seed=28)
+    (tmp_path / "t.torrent").write_bytes(make_torrent_lt(content, 65536, "v1"))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STORE_WAITS, str(tmp_path / "t.torrent"),
+         str(content / "one.bin"), str(frozen / "dl")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    thawed = False
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        subprocess.run(["fsfreeze", "-f", str(frozen)], check=True)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(child.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=15)
+        subprocess.run(["fsfreeze", "-u", str(frozen)], check=True)
+        thawed = True
+        assert got, "the other thread stood still while the store waited for the thaw"
+        waiting = got[0].split()[-1]
+        assert waiting == "True", "the store waits for the thaw"
+        assert child.wait(timeout=30) == 0
+    finally:
+        if not thawed:
+            subprocess.run(["fsfreeze", "-u", str(frozen)], check=False)
+        child.kill()
+        subprocess.run(["umount", "-l", str(frozen)], check=False)
