@@ -575,25 +575,27 @@ def verify(
 
     def streamed(reader: PreadReader, p: int, size: int, known: bytes | None) -> Row:
         """A piece read in parts: its fingerprint first (when it has one), then, if that
-        does not match, its torrent hashes (and a fingerprint if it has none) in a
-        second pass."""
-        fp: bytes | None = None
+        does not match, its torrent hashes in a second pass, with the fingerprint to
+        keep. Never the first pass's: the file may have changed between the two reads
+        (another program writing it), and that fingerprint would be of bytes that never
+        passed the hashes, which a later recheck would then take for good."""
+        stale = known is None
         if known is not None and trust_fingerprints:
             h = blake3()
             if not reader.stream(p, size, h.update):
                 return (p, *fail, 0, None, False)
-            fp = h.digest(FP)
-            if fp == known:
+            if h.digest(FP) == known:
                 return (p, *good, size, None, True)
+            stale = True
         v2 = meta.v2_piece(p)
-        check = PieceCheck(meta.has_v1, v2, fingerprints is not None and known is None)
+        check = PieceCheck(meta.has_v1, v2, fingerprints is not None and stale)
         if not reader.stream(p, size, check.update):
             return (p, *fail, 0, None, False)
         d1, d2, new = check.result()
         ok1 = d1 == meta.v1_hash(p) if meta.has_v1 else None
         ok2 = d2 == v2.expected if v2 is not None else None
         keep = fingerprints is not None and ok1 is not False and ok2 is not False
-        return (p, ok1, ok2, size, (new or fp) if keep else None, False)
+        return (p, ok1, ok2, size, new if keep else None, False)
 
     def batches() -> Iterator[Sequence[int]]:
         for start in range(0, len(todo), per_batch):

@@ -190,3 +190,52 @@ def test_runs_of_blocks_in_two_slices_give_each_piece_the_hashes_of_its_bytes(
         assert r.ok and r.fingerprint_hits == src.meta.num_pieces
     finally:
         dio.close()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_piece_read_in_two_passes_keeps_the_fingerprint_of_the_pass_that_passed(
+        tmp_path: Path, kind: str) -> None:
+    """A piece over 4 MiB is read twice by a recheck whose fingerprint of it does not
+    match: once for its fingerprint, once for its torrent hashes. Another program wrote
+    the file between the two reads (here: a byte made bad, then put back right after the
+    first read of it). The piece passes on the second read's bytes; it was given the
+    first read's fingerprint, of bytes that never passed the hashes, and once the bad
+    byte was back, a recheck took the piece for good by that fingerprint."""
+    import os
+
+    piece = 8 * 1024 * 1024
+    save = tmp_path / "save"
+    content = make_payload(save, {"big.bin": 2 * piece}, seed=29)
+    raw = make_torrent_lt(content, piece, kind)
+    big = content / "big.bin"
+    at = piece - 100  # late in piece 0: in the second part of each read of it
+    good = big.read_bytes()[at : at + 1]
+    bad = bytes([good[0] ^ 0xFF])
+    dio = DiskIO("posix", cache_bytes=0, roots=[tmp_path])
+    fd = os.open(big, os.O_RDWR)
+    try:
+        ih = dio.register(raw, save)
+        assert dio.recheck(ih, full=True).have == [True, True]  # fingerprints made
+        os.pwrite(fd, bad, at)
+        storage = dio.torrent(ih).storage
+        plain = storage.readinto
+        put_back: list[bool] = []
+
+        def readinto(segments, out):  # type: ignore[no-untyped-def]
+            plain(segments, out)
+            if not put_back and any(s.file_offset <= at < s.file_offset + s.length
+                                    for s in segments):
+                os.pwrite(fd, good, at)  # the other program, between the two reads
+                put_back.append(True)
+
+        storage.readinto = readinto  # type: ignore[method-assign]
+        result = dio.recheck(ih)
+        storage.readinto = plain  # type: ignore[method-assign]
+        assert put_back and result.have == [True, True]  # passed, on the good bytes
+        os.pwrite(fd, bad, at)
+        again = dio.recheck(ih)
+        assert again.have == [False, True], "piece 0 taken for good with a bad byte"
+        assert dio.recheck(ih, full=True).have == [False, True]
+    finally:
+        os.close(fd)
+        dio.close()
