@@ -57,6 +57,7 @@ from .errors import (
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
 from .hashing import (
+    HASH_PART,
     NO_FINGERPRINT,
     Aside,
     Buffer,
@@ -106,7 +107,6 @@ def _observe(callback: Callable[..., object], *args: object) -> None:
     except Exception:
         log.exception("%s raised", getattr(callback, "__name__", "an observer"))
 PARTIAL_FLOOR = 64  # pieces in progress any torrent may have, whatever the others hold
-HASH_PART = 1 << 20  # what hash_piece reads and hashes at a time
 # A write from this size on is hashed by two threads (PieceHasher.add_beside): below
 # it the hand-over (tens of microseconds) would cost more than it saves.
 ASIDE_BYTES = 128 * 1024

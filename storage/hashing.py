@@ -69,6 +69,7 @@ def sha256_of(views: Sequence[Buffer]) -> bytes:
 
 FINGERPRINT_BYTES = 16
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+HASH_PART = 1 << 20  # what is read back and hashed at a time, when bytes must be read back
 
 
 def fingerprint(views: Sequence[Buffer]) -> bytes:
@@ -420,8 +421,10 @@ class PieceHasher:
         (blocks that arrived out of order, or partial leaves): normally not called.
         """
         d1 = d2 = None
-        if self._pos < self.size:
-            rest = fetch(self._pos, self.size - self._pos)
+        for at in range(self._pos, self.size, HASH_PART):
+            # (a part at a time: the rest of a 64 MiB piece whose first block came last
+            # in one buffer, for each piece completing at once, was memory past every budget)
+            rest = fetch(at, min(HASH_PART, self.size - at))
             if self._sha1 is not None:
                 self._sha1.update(rest)
             self._fp.update(rest)

@@ -644,3 +644,32 @@ def test_registers_of_large_metainfo_at_once_hold_one_at_a_time(tmp_path: Path) 
         assert peak < 4 * len(raw), peak
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_huge_piece_whose_first_block_came_last_is_finished_a_part_at_a_time(
+        tmp_path: Path, backend: str) -> None:
+    """A 64 MiB piece whose blocks came in reverse order (as a plugin passing blocks on
+    as several peers send them may): its SHA-1 and fingerprint start at its first byte,
+    so on completion the rest is read back and hashed. It was read in one buffer, the
+    whole piece for each piece completing at once (eight clients: +400 MiB with a 64 MiB
+    budget). A part at a time now: the peak stays near the budget."""
+    from pieced.storage.disk import DiskIO
+
+    piece = 64 * 1024 * 1024
+    raw = sparse_zero_torrent(tmp_path / "src", "zeros.bin", piece, 2)
+    dio = DiskIO(backend, cache_bytes=8 * 1024 * 1024, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        block = bytes(16384)
+        for begin in range(piece - 16384, 0, -16384):
+            dio.write_chunk(ih, 0, begin, block)
+        base = proc_bytes(os.getpid())
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM from here
+        result = dio.write_chunk(ih, 0, 0, block)  # the last block: the piece completes
+        peak = proc_bytes(os.getpid(), "VmHWM") - base
+        print(f"completing a 64 MiB piece out of order: peak +{peak / 2**20:.1f} MiB")
+        assert result is not None and result.ok
+        assert peak < 24 * 1024 * 1024, peak
+    finally:
+        dio.close()
