@@ -878,6 +878,24 @@ class DiskIO:
         self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
     ) -> VerifyResult:
         """Hash pieces as they are on disk; record the fingerprints this computed."""
+        sizes: dict[int, int] = {}  # files not known whole: their length, looked at once
+
+        def past_end(segs: Sequence[Segment]) -> Segment | None:
+            """A segment that runs past its file's end on disk. A read there gives zeros
+            (a download's sparse file), which would pass for the bytes of a file whose
+            tail is zeros, cut short: the piece would verify over bytes not there."""
+            for seg in segs:
+                index = seg.file_index
+                if not seg.stored or not seg.length or t.storage.known_whole(index):
+                    continue
+                size = sizes.get(index)
+                if size is None:
+                    st = t.storage.root.stat(t.storage.parts(index))
+                    size = sizes[index] = st.st_size if st is not None else 0
+                if seg.file_offset + seg.length > size:
+                    return seg
+            return None
+
         def read(piece: int, begin: int, buf: memoryview) -> None:
             segs = t.layout.map(piece, begin, buf.nbytes)
             try:
@@ -902,6 +920,12 @@ class DiskIO:
                 # every piece as it was, instead of failing good pieces.
                 self._record_error(t, exc, piece)
                 raise _CheckFailed(exc) from None
+            cut = past_end(segs)
+            if cut is not None:  # (the piece fails; the file stays as it is)
+                raise StorageIOError(
+                    f"{t.storage.file_path(cut.file_index)} is {sizes[cut.file_index]} bytes, "
+                    f"shorter than the torrent's {t.meta.files.lengths[cut.file_index]}",
+                    errno=errno.ENODATA)
 
         def progress_or_stop(done: int, total: int) -> None:
             if self._stopping.is_set():  # (the checking mark stays: done again at start-up)

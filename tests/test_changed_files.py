@@ -493,3 +493,34 @@ def test_a_move_into_a_folder_of_the_torrents_own_files_is_refused(tmp_path: Pat
     assert _verified(dio.status(ih)) == have
     assert dio.recheck(ih).have == have
     dio.close()
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+def test_a_file_whose_zero_tail_is_cut_off_fails_the_pieces_past_its_end(
+        tmp_path: Path, backend: str, kind: str) -> None:
+    """A file whose last 100,000 bytes are zeros in the torrent, found (or made, while
+    the daemon runs) 50,000 bytes long: a read past its end gives zeros, and the pieces
+    there verified, over bytes not on disk; libtorrent (and ``pieced verify``) fails
+    them. A plugin took the download for complete, with the file short."""
+    save = tmp_path / "save"
+    save.mkdir()
+    data = save / "data.bin"
+    data.write_bytes(os.urandom(50000) + bytes(100000))
+    raw = make_torrent_lt(data, 16384, kind)
+    os.truncate(data, 50000)
+    expected = lt_recheck(raw, save)
+    assert expected == [True] * 3 + [False] * 7
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        ih = dio.register(raw, save)
+        assert dio.recheck(ih, full=True).have == expected
+        assert dio.recheck(ih).have == expected  # (by fingerprint too)
+        assert data.stat().st_size == 50000  # (a check changes nothing on disk)
+        with open(data, "ab") as f:  # whole again: every piece verifies
+            f.write(bytes(100000))
+        assert dio.recheck(ih, full=True).have == [True] * 10
+        os.truncate(data, 50000)  # cut short while the daemon has it verified
+        assert dio.recheck(ih).have == expected
+        assert dio.recheck(ih, full=True).have == expected
+    finally:
+        dio.close()
