@@ -577,24 +577,50 @@ def _copy(sfd: int, src: str, dfd: int, dst: str, allow_hard_links: bool,
 
 
 def _copy_bytes(fin: int, fout: int, size: int) -> None:
-    """In the kernel: copy_file_range, or sendfile where the two file systems are of
-    different kinds (copy_file_range refuses those, EXDEV, since Linux 5.19)."""
-    done = 0
+    """Copy a file's data, leaving its holes holes: a download under way is mostly
+    holes (its file sized at once, sparse), and copied whole it took its full length on
+    the other file system, or failed there for want of room (ENOSPC) where its data
+    would have fitted. As libtorrent does: each range of data (SEEK_DATA to SEEK_HOLE),
+    the file given its length first; the whole where the file system cannot tell."""
+    os.ftruncate(fout, size)
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fin, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole from here to the end
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            _copy_range(fin, fout, pos, size)
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fin, start, os.SEEK_HOLE), size)
+        _copy_range(fin, fout, start, end)
+        pos = end
+
+
+def _copy_range(fin: int, fout: int, start: int, end: int) -> None:
+    """Bytes [start, end) in the kernel: copy_file_range, or sendfile where the two file
+    systems are of different kinds (copy_file_range refuses those, EXDEV, since Linux
+    5.19)."""
+    done = start
     ranged = True
-    while done < size:
+    while done < end:
         if ranged:
             try:
-                n = os.copy_file_range(fin, fout, size - done, done, done)
+                n = os.copy_file_range(fin, fout, end - done, done, done)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 ranged = False
-                os.lseek(fout, done, os.SEEK_SET)  # sendfile writes at the file position
                 continue
         else:
-            n = os.sendfile(fout, fin, done, size - done)
+            os.lseek(fout, done, os.SEEK_SET)  # sendfile writes at the file position
+            n = os.sendfile(fout, fin, done, end - done)
         if n == 0:
-            raise OSError(errno.EIO, f"copy ended at byte {done} of {size}")
+            raise OSError(errno.EIO, f"copy ended at byte {done} of {end}")
         done += n
 
 

@@ -676,6 +676,32 @@ def test_a_move_to_another_file_system(tmp_path: Path, other_fs: Path, backend: 
     dio.close()
 
 
+def test_a_move_to_another_file_system_keeps_the_holes_of_a_download(
+        tmp_path: Path, other_fs: Path, backend: str) -> None:
+    """A download just begun: a 1 GiB file with one piece written (the rest a hole). It
+    was copied whole to the other file system, holes as zeros: 1 GiB there, and on this
+    64 MiB one the move failed (ENOSPC) where 4 MiB of data fit. Only the data is
+    copied; the file keeps its length."""
+    from tests.conftest import sparse_zero_torrent
+
+    piece = 4 * 1024 * 1024
+    raw = sparse_zero_torrent(tmp_path / "src", "zeros.bin", piece, 256)
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        ih = dio.register(raw, tmp_path / "old")
+        for begin in range(0, piece, 16384):
+            dio.write_chunk(ih, 0, begin, bytes(16384))
+        dio.flush_all()
+        dio.move_storage(ih, other_fs / "new")
+        moved = other_fs / "new" / "zeros.bin"
+        assert moved.stat().st_size == 256 * piece
+        assert moved.stat().st_blocks * 512 < 16 * 1024 * 1024, moved.stat().st_blocks
+        assert dio.status(ih)["verified_pieces"] == 1
+        assert dio.recheck(ih, full=True).have == [True] * 256  # (zeros, every one)
+    finally:
+        dio.close()
+
+
 def _downloaded_and_stopped(tmp_path: Path, odd_payload: tuple[Path, Path],
                             backend: str) -> tuple[Source, bytes]:
     """A v1 torrent of ``odd_payload`` downloaded into ``tmp_path/dl`` by an engine on
