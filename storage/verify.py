@@ -15,6 +15,7 @@ read ahead starts nothing, the ``pread`` reader reads ahead itself (:class:`Read
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import itertools
 import mmap
@@ -29,7 +30,7 @@ from typing import NamedTuple
 
 from blake3 import blake3
 
-from .errors import StorageIOError
+from .errors import PathEscape, StorageIOError
 from .hashing import (
     FINGERPRINT_BYTES,
     NO_FINGERPRINT,
@@ -41,6 +42,7 @@ from .hashing import (
 )
 from .layout import Layout
 from .metainfo import Metainfo
+from .paths import open_folder
 
 BATCH_BYTES = 8 * 1024 * 1024
 Progress = Callable[[int, int], None]  # (pieces done, pieces total)
@@ -444,14 +446,32 @@ class FolderFiles:
             return self._fds[index]
 
     def _open(self, index: int) -> int | None:
-        path = self._save_path.joinpath(*self._meta.files[index].path)
+        """The file, reached from the save path one folder at a time and never through a
+        symlink, as the daemon reaches it: a symlink on the way (or in the file's place)
+        fails the pieces it holds, where the daemon's check fails them too. (Followed,
+        this command called good a folder the daemon then failed.)"""
+        parts = self._meta.files[index].path
+        path = self._save_path.joinpath(*parts)
+        try:
+            dfd = open_folder(path.parent, self._save_path, False)
+        except PathEscape:
+            return None  # a symlink or a file where a folder should be
+        except StorageIOError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise Unreadable(path, OSError(exc.errno, str(exc))) from None
         try:
             # O_NONBLOCK: a FIFO in a payload file's place must not hang the open.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
+                         dir_fd=dfd)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None  # a symlink in the file's place
             raise Unreadable(path, exc) from None
+        finally:
+            os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             return None  # its pieces fail

@@ -121,6 +121,37 @@ def test_a_file_cut_short_fails_the_pieces_libtorrent_fails(
             assert out[key] in (None, lt_failed), (key, out[key], lt_failed)
 
 
+@pytest.mark.parametrize("where", ["file", "folder", "loop"])
+def test_a_symlink_fails_its_pieces_as_in_the_daemon(tmp_path: Path, where: str) -> None:
+    """A symlink in a payload file's place, or a folder's, even to the right bytes: the
+    daemon never goes through one, and fails those pieces; this command followed it and
+    called them good (a symlink loop made it stop, exit 2). Now it says what the
+    daemon's check says."""
+    import shutil
+
+    from pieced.storage.disk import DiskIO
+
+    content = make_payload(tmp_path / "save", {"a.bin": 70_000, "sub/b.bin": 200_000}, seed=11)
+    raw = make_torrent_lt(content, 65536, "v1")
+    shutil.copytree(content, tmp_path / "copy")
+    if where == "file":
+        (content / "sub/b.bin").unlink()
+        (content / "sub/b.bin").symlink_to(tmp_path / "copy/sub/b.bin")
+    elif where == "folder":
+        shutil.rmtree(content / "sub")
+        (content / "sub").symlink_to(tmp_path / "copy/sub")
+    else:
+        (content / "sub/b.bin").unlink()
+        (content / "sub/b.bin").symlink_to(content / "sub/b.bin")
+    rc, out, _ = run_verify(raw, tmp_path / "save", tmp_path)
+    dio = DiskIO("posix", roots=[tmp_path])
+    try:
+        daemon = dio.recheck(dio.register(raw, tmp_path / "save"), full=True)
+    finally:
+        dio.close()
+    assert rc == 1 and out["failed_v1"] == daemon.failed_v1 == [1, 2, 3, 4], (out, daemon)
+
+
 def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(tmp_path: Path) -> None:
     """A FIFO where a payload file should be: opening it to read waited for a writer for
     ever, so `pieced verify` and a daemon's recheck never ended (and the daemon could not
