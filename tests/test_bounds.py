@@ -256,6 +256,41 @@ def test_pieces_in_progress_are_bounded(tmp_path: Path, backend: str) -> None:
     dio.close()
 
 
+def test_the_hash_state_of_a_v2_piece_in_progress_is_33_bytes_a_leaf(tmp_path: Path) -> None:
+    """Four 64 MiB pieces of a v2 torrent in progress, every block in but the first (its
+    leaves hashed, its SHA-256 tree waiting): the state they hold outside the budget is
+    what ``max_partial_pieces`` documents, 33 bytes a 16 KiB leaf (132 KiB a piece). It
+    was a dict of digests, over 500 KiB a piece: 2 GiB at the bound of 4096. (On the
+    backend that stores nothing: what is measured is the hash state alone.)"""
+    import tracemalloc
+
+    from pieced.storage.disk import DiskIO
+
+    piece = 64 * 1024 * 1024
+    (tmp_path / "src").mkdir()
+    with open(tmp_path / "src" / "zeros.bin", "wb") as f:
+        f.truncate(4 * piece)  # (sparse: libtorrent hashes zeros)
+    raw = make_torrent_lt(tmp_path / "src" / "zeros.bin", piece, "v2")
+    dio = DiskIO("disabled", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        block = bytes(16384)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for p in range(4):
+                for begin in range(16384, piece, 16384):
+                    dio.write_chunk(ih, p, begin, block)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        print(f"four 64 MiB v2 pieces in progress: {held / 4 / 1024:.0f} KiB a piece")
+        assert dio.status(ih)["partial_pieces"] == 4
+        assert held / 4 < 160 * 1024, held
+    finally:
+        dio.close()
+
+
 def test_register_unregister_storm_gives_no_internal_error(tmp_path: Path, backend: str) -> None:
     """Two clients register and unregister one torrent while a third writes its blocks
     and a fourth rechecks it, for a bounded time: every refusal has its code (never
