@@ -880,13 +880,16 @@ class DiskIO:
         """Hash pieces as they are on disk; record the fingerprints this computed."""
         sizes: dict[int, int] = {}  # files not known whole: their length, looked at once
 
-        def past_end(segs: Sequence[Segment]) -> Segment | None:
+        def past_end(segs: Sequence[Segment], buf: memoryview) -> Segment | None:
             """A segment that runs past its file's end on disk. A read there gives zeros
             (a download's sparse file), which would pass for the bytes of a file whose
-            tail is zeros, cut short: the piece would verify over bytes not there."""
+            tail is zeros, cut short: the piece would verify over bytes not there. (Only
+            a segment read ending in a zero byte can have been cut short: the file is
+            looked at for those alone.)"""
             for seg in segs:
                 index = seg.file_index
-                if not seg.stored or not seg.length or t.storage.known_whole(index):
+                if (not seg.stored or not seg.length or buf[seg.buf_offset + seg.length - 1]
+                        or t.storage.known_whole(index)):
                     continue
                 size = sizes.get(index)
                 if size is None:
@@ -920,7 +923,7 @@ class DiskIO:
                 # every piece as it was, instead of failing good pieces.
                 self._record_error(t, exc, piece)
                 raise _CheckFailed(exc) from None
-            cut = past_end(segs)
+            cut = past_end(segs, buf)
             if cut is not None:  # (the piece fails; the file stays as it is)
                 raise StorageIOError(
                     f"{t.storage.file_path(cut.file_index)} is {sizes[cut.file_index]} bytes, "
