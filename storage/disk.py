@@ -1355,11 +1355,18 @@ class DiskIO:
             if ok and mine:
                 self._write_out(t, piece, blocks)
         except BaseException:
+            # (Its blocks could not be written out, or read back: a full disk.) The piece
+            # starts over, told failed without v1/v2, as in _write_out_buffered: blocks of
+            # it that were acknowledged are gone, and a client that sent again only the
+            # block that got the error would wait for the piece for ever.
             with t.lock:
                 if t.partial.get(piece) is partial:
                     del t.partial[piece]
                     self._count_partials(-1)
                     self._to_missing(t, piece)
+                    self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
+                                                  tuple(sorted(partial.writers)))])
+            self._tell(t)
             raise
         failed = result if not result.ok else PieceResult(t.key, piece, False, None, None,
                                                           result.writers)

@@ -737,6 +737,47 @@ def test_blocks_a_flush_could_not_write_are_never_taken_for_received(
             dio.close()
 
 
+@pytest.mark.parametrize("backend", ["uring", "direct"])
+def test_a_gathered_piece_whose_write_out_fails_is_told_failed(
+    tmp_path: Path, tiny_fs: Path, backend: str
+) -> None:
+    """On the backends that gather a piece's blocks and write them at its last one, the
+    disk full then: the last block got the error (ENOSPC), the blocks before it, which
+    had been acknowledged, were lost with the write, and the piece went back to missing
+    without a word. A client that sent again only the block that got the error waited
+    for the piece for ever. The piece is told failed (no hash verdict: nobody to blame),
+    as when a flush loses buffered blocks, and sent again whole it verifies."""
+    content = make_payload(tmp_path / "src", 2 * 65536, seed=5)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    told: list[tuple[int, bool, bool | None]] = []
+    dio = DiskIO(backend, cache_bytes=16 * 1024 * 1024,
+                 on_piece=lambda r: told.append((r.piece, r.ok, r.v1)))
+    filler = tiny_fs / "filler"
+    try:
+        ih = dio.register(raw, tiny_fs)
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        for b in (0, 16384, 32768):  # acknowledged: gathered in the daemon's buffer
+            dio.write_chunk(ih, 0, b, src.read(0, b, 16384))
+        with pytest.raises(StorageIOError) as exc:
+            dio.write_chunk(ih, 0, 49152, src.read(0, 49152, 16384))
+        assert exc.value.errno == errno.ENOSPC
+        assert told == [(0, False, None)]
+        assert dio.status(ih)["partial_pieces"] == 0
+        filler.unlink()
+        for b in range(0, 65536, 16384):  # sent again whole, as the failure asks
+            dio.write_chunk(ih, 0, b, src.read(0, b, 16384))
+        dio.flush_all()
+        assert told[-1] == (0, True, True)
+        assert dio.read_piece(ih, 0) == src.read(0, 0, 65536)
+    finally:
+        with contextlib.suppress(StorageIOError):
+            dio.close()
+
+
 def test_a_piece_whose_only_block_could_not_be_written_is_missing_not_under_way(
     tmp_path: Path, tiny_fs: Path, backend: str
 ) -> None:
