@@ -1228,18 +1228,24 @@ class _WriteRun:
     def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
         first = self.writes[0]
         tokens = [w.token for w in self.writes if w.token is not None]
+        disk = first.conn.disk
         try:
-            first.conn.subscribe_known(first.ih)
-            first.conn.disk.write_blocks_direct(
-                first.ih, first.piece, first.begin, first.bufs(self.writes),
-                sum(-(-w.length // BLOCK_SIZE) for w in self.writes),
-                writer=first.conn.serial)
+            with disk.errors_held() as merged:
+                first.conn.subscribe_known(first.ih)
+                disk.write_blocks_direct(
+                    first.ih, first.piece, first.begin, first.bufs(self.writes),
+                    sum(-(-w.length // BLOCK_SIZE) for w in self.writes),
+                    writer=first.conn.serial)
         except Exception as exc:
             if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
                 log.exception("merged write failed; retrying its blocks one by one")
             out: list[Out] = []
-            for w in self.writes:
-                out.extend(_run_guarded(w.rid, None, w._write)[0])
+            # The disk's errors are counted as the blocks alone meet them (once each, not
+            # once more for the merged write); the merged write's only if none does.
+            with disk.errors_held() as alone:
+                for w in self.writes:
+                    out.extend(_run_guarded(w.rid, None, w._write)[0])
+            disk.tell_errors(alone or merged)
             return out, tokens
         return [encode_ack(w.rid) for w in self.writes], tokens
 

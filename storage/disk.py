@@ -211,6 +211,7 @@ class DiskIO:
                                       lambda t: t.storage.root.device)
         self._telling = threading.local()  # .depth: this thread is inside on_piece
         self._stopping = threading.Event()  # set: checks of files in progress give up
+        self._held_errors = threading.local()  # see errors_held
         self.state = StateStore(state_dir) if state_dir is not None else None
         self.load_errors: list[str] = []
         if self.state is not None:
@@ -1589,18 +1590,29 @@ class DiskIO:
         if synced:
             self.metrics.add("syncs", synced)
 
+    @contextlib.contextmanager
+    def errors_held(self) -> Iterator[list[tuple[Torrent, PiecedError, int | None]]]:
+        """Within the block, this thread's storage errors change what they change (the
+        pieces they cost start over, and are told so), but are held back from the
+        counts, ``status`` and the error events: the list yields them, for
+        :meth:`tell_errors`. A merged write of a client's blocks that fails is retried
+        block by block, so that each gets the answer it would have had alone; its
+        error was counted once, then once more for each block."""
+        held: list[tuple[Torrent, PiecedError, int | None]] = []
+        outer = getattr(self._held_errors, "list", None)
+        self._held_errors.list = held
+        try:
+            yield held
+        finally:
+            self._held_errors.list = outer
+
+    def tell_errors(self, errors: Sequence[tuple[Torrent, PiecedError, int | None]]) -> None:
+        """Count, list and report errors held back by :meth:`errors_held`."""
+        for t, exc, piece in errors:
+            self._tell_error(t, exc, piece)
+
     def _record_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
-        self.metrics.error(exc.errno, exc.kind)
-        entry = {"piece": piece, "errno": exc.errno, "message": str(exc)}
-        now = time.monotonic()
-        with t.lock:
-            t.errors.append(entry)
-            del t.errors[:-32]
-            # A full disk fails every block: one report a second per kind is enough
-            # (status keeps the last 32, /metrics counts them all).
-            due = now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL) >= ERROR_EVENT_INTERVAL
-            if due:
-                t.error_reported[exc.errno] = now
+        held = getattr(self._held_errors, "list", None)
         try:
             if isinstance(exc, FileVanished):
                 self._start_over(t, exc.file_index, verified=True, partial=exc.written)
@@ -1615,10 +1627,27 @@ class DiskIO:
                 self._start_over(t, exc.file_index, verified=False, partial=True)
                 t.storage.lost_handled(exc)
         finally:
-            # Said after the pieces it cost are told (piece_failed): a client that stops
-            # on the error knows by then what it still has.
-            if due and self.on_error is not None and not t.removed:
-                _observe(self.on_error, t.key, entry)
+            # Told after the pieces it cost are (piece_failed): a client that stops on
+            # the error knows by then what it still has.
+            if held is not None:
+                held.append((t, exc, piece))
+            else:
+                self._tell_error(t, exc, piece)
+
+    def _tell_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
+        self.metrics.error(exc.errno, exc.kind)
+        entry = {"piece": piece, "errno": exc.errno, "message": str(exc)}
+        now = time.monotonic()
+        with t.lock:
+            t.errors.append(entry)
+            del t.errors[:-32]
+            # A full disk fails every block: one report a second per kind is enough
+            # (status keeps the last 32, /metrics counts them all).
+            due = now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL) >= ERROR_EVENT_INTERVAL
+            if due:
+                t.error_reported[exc.errno] = now
+        if due and self.on_error is not None and not t.removed:
+            _observe(self.on_error, t.key, entry)
 
     def _journal_clears(self, t: Torrent, rec: TorrentRecord | None, pieces: list[int],
                         must: bool = False) -> None:

@@ -737,6 +737,43 @@ def test_blocks_a_flush_could_not_write_are_never_taken_for_received(
             dio.close()
 
 
+@pytest.mark.backends(exclude={
+    "uring": "gathers a piece's blocks: its write-out fails at the last, and the blocks "
+             "retried alone start the piece anew (told failed), so are answered OK",
+    "direct": "gathers a piece's blocks: its write-out fails at the last, and the blocks "
+              "retried alone start the piece anew (told failed), so are answered OK"})
+def test_each_failed_write_is_counted_once(tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """The disk full, a client sends the blocks of pieces back to back: the daemon merges
+    them into one write, which fails, and retries each block alone so that each gets
+    its own answer. The error was counted (``stats``, ``/metrics``, ``status``) for the
+    merged write and again for each block: 9 or 10 for 8 failed writes. It is counted
+    once for each write answered with it."""
+    content = make_payload(tmp_path / "src", 1 << 20, seed=12)
+    raw = make_torrent_lt(content, 131072, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path, backend=backend)
+    filler = tiny_fs / "filler"
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tiny_fs)
+            with contextlib.suppress(OSError), open(filler, "wb") as f:
+                while True:
+                    f.write(b"x" * 4096)
+                    f.flush()
+            for p in (1, 2, 3):
+                before = c.stats()["errors"].get("ENOSPC", 0)
+                for b in range(0, 131072, 16384):  # (pipelined: the lane merges them)
+                    c.write_chunk(ih, p, b, src.read(p, b, 16384))
+                with pytest.raises(StorageIOError) as exc:
+                    c.wait_writes()
+                answered = 1 + exc.value.others  # the writes answered with the error
+                counted = c.stats()["errors"].get("ENOSPC", 0) - before
+                assert counted == answered, (p, counted, answered)
+        assert d.stop() == 0
+    finally:
+        d.proc.kill()
+
+
 @pytest.mark.parametrize("backend", ["uring", "direct"])
 def test_a_gathered_piece_whose_write_out_fails_is_told_failed(
     tmp_path: Path, tiny_fs: Path, backend: str
