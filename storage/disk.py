@@ -880,6 +880,7 @@ class DiskIO:
     ) -> VerifyResult:
         """Hash pieces as they are on disk; record the fingerprints this computed."""
         sizes: dict[int, int] = {}  # files not known whole: their length, looked at once
+        read_bytes: list[int] = []  # payload bytes read, for the counters (pads are not)
 
         def past_end(segs: Sequence[Segment], buf: memoryview) -> Segment | None:
             """A segment that runs past its file's end on disk. A read there gives zeros
@@ -924,6 +925,7 @@ class DiskIO:
                 # every piece as it was, instead of failing good pieces.
                 self._record_error(t, exc, piece)
                 raise _CheckFailed(exc) from None
+            read_bytes.append(sum(seg.length for seg in segs if seg.stored))
             cut = past_end(segs, buf)
             if cut is not None:  # (the piece fails; the file stays as it is)
                 raise StorageIOError(
@@ -952,7 +954,7 @@ class DiskIO:
         with t.lock:
             for p, fp in (result.new_fingerprints or {}).items():
                 t.set_fingerprint(p, fp)
-        self.metrics.add("bytes_read", result.bytes_hashed)
+        self.metrics.add("bytes_read", sum(read_bytes))
         self.metrics.add("fingerprint_hits", result.fingerprint_hits)
         return result
 
@@ -1776,7 +1778,7 @@ class DiskIO:
                 if not _never_made(exc):
                     self._record_error(t, exc, piece)
                 raise
-            self.metrics.add("bytes_read", e - s)
+            self.metrics.add("bytes_read", sum(g.length for g in segs if g.stored))  # (no pads)
         return out
 
     def read_chunk(

@@ -1397,3 +1397,27 @@ def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_ot
         assert dio.recheck(ih_long, full=True).ok
     finally:
         dio.close()
+
+
+def test_bytes_read_counts_the_payload_not_the_pads(tmp_path: Path) -> None:
+    """``bytes_read`` ("payload bytes read from disk") counted the pad files of a hybrid
+    torrent, which are never read (262,144 for 175,000 bytes on disk), in reads and in
+    rechecks. It counts the bytes read from the files."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 75_000}, seed=31)
+    raw = make_torrent_lt(content, 32768, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    payload = 175_000
+    assert src.meta.num_pieces * 32768 > payload + 32768  # (pads: there are some)
+    dio = DiskIO("posix", cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "src")
+        before = dio.stats()["bytes_read"]
+        assert dio.recheck(ih, full=True).ok
+        assert dio.stats()["bytes_read"] - before == payload
+        before = dio.stats()["bytes_read"]
+        for p in range(src.meta.num_pieces):
+            size = src.meta.piece_size(p)
+            assert dio.read_chunk(ih, p, 0, size, volatile=True) == src.read(p, 0, size)
+        assert dio.stats()["bytes_read"] - before == payload
+    finally:
+        dio.close()
