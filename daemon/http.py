@@ -218,6 +218,9 @@ class _Collector:
             ("pieces_verified", "Pieces that passed their hash check and are durable"),
             ("pieces_failed", "Pieces that failed their hash check"),
             ("blocks_written", "Blocks accepted"),
+            ("blocks_written_through", "Writes that went straight to disk (not buffered)"),
+            ("hash_jobs", "Batches of pieces a recheck hashed on the hash workers"),
+            ("hash_job_seconds", "Seconds the hash workers spent on those batches"),
             ("duplicate_blocks", "Blocks for pieces already complete"),
             ("syncs", "fdatasync calls (files made durable)"),
             ("fingerprint_hits", "Pieces a recheck found good by their BLAKE3 fingerprint"),
@@ -226,11 +229,16 @@ class _Collector:
             c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])
             c.add_metric(backend, s[name])
             yield c
-        dropped = CounterMetricFamily(
-            "pieced_clients_dropped", "Clients disconnected for not reading what was sent to them"
-        )
-        dropped.add_metric([], self.server.dropped)
-        yield dropped
+        for name, help_, value in [
+            ("clients_dropped", "Clients disconnected for not reading what was sent to them",
+             self.server.dropped),
+            ("clients_accepted", "Clients that connected and were let in", self.server.accepted),
+            ("clients_refused", "Clients refused (not allowed, or past max_clients)",
+             self.server.refused),
+        ]:
+            c = CounterMetricFamily(f"pieced_{name}", help_)
+            c.add_metric([], value)
+            yield c
         errors = CounterMetricFamily("pieced_errors", "Errors by kind (errno name for I/O)", labels=["kind"])
         for kind, n in sorted(s["errors"].items()):
             errors.add_metric([kind], n)
@@ -242,6 +250,7 @@ class _Collector:
             ("recycled_bytes", "Buffers of evicted pieces kept for the next reads (beyond the "
              "budget)", s["recycled_bytes"]),
             ("hash_queue_depth", "Hash jobs queued or running", s["hash_queue_depth"]),
+            ("hash_workers", "Hashing threads of rechecks", s["hash_workers"]),
             ("open_files", "Open payload file descriptors", s["open_files"]),
             ("torrents", "Registered torrents", s["torrents"]),
             ("connected_clients", "Clients connected on the socket", len(self.server.clients)),

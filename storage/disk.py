@@ -2230,6 +2230,8 @@ class DiskIO:
             piece_buffers_reused=self.pool.recycler.reused,
             hash_queue_depth=self.hash_pool.queued,
             hash_workers=self.hash_pool.workers,
+            hash_jobs=self.hash_pool.jobs,
+            hash_job_us=int(self.hash_pool.seconds * 1e6),
             open_files=self.handles.open_count,
         )
         return snap

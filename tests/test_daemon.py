@@ -403,6 +403,10 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     families = {f.name: f for f in text_string_to_metric_families(get("/metrics").decode())}
     assert families["pieced_bytes_read"].samples[0].value == stats["bytes_read"]
     assert "pieced_read_latency_seconds" in families and "pieced_connected_clients" in families
+    for name in ("clients_accepted", "clients_refused", "blocks_written_through",
+                 "hash_workers", "hash_jobs", "hash_job_seconds"):  # (what /stats says too)
+        assert f"pieced_{name}" in families, name
+    assert families["pieced_clients_accepted"].samples[0].value >= 1
 
     r = pieced("rm", ih, *sock)
     assert r.returncode == 0
