@@ -220,7 +220,6 @@ class _Collector:
             ("blocks_written", "Blocks accepted"),
             ("blocks_written_through", "Writes that went straight to disk (not buffered)"),
             ("hash_jobs", "Batches of pieces a recheck hashed on the hash workers"),
-            ("hash_job_seconds", "Seconds the hash workers spent on those batches"),
             ("duplicate_blocks", "Blocks for pieces already complete"),
             ("syncs", "fdatasync calls (files made durable)"),
             ("fingerprint_hits", "Pieces a recheck found good by their BLAKE3 fingerprint"),
@@ -229,6 +228,10 @@ class _Collector:
             c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])
             c.add_metric(backend, s[name])
             yield c
+        c = CounterMetricFamily("pieced_hash_job_seconds",
+                                "Seconds the hash workers spent on those batches", labels=["backend"])
+        c.add_metric(backend, s["hash_job_us"] / 1e6)
+        yield c
         for name, help_, value in [
             ("clients_dropped", "Clients disconnected for not reading what was sent to them",
              self.server.dropped),
