@@ -86,6 +86,64 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+def fill_up(folder: Path) -> Path:
+    """Fill ``folder``'s file system with one file until it is full; that file."""
+    import contextlib
+
+    filler = folder / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+    return filler
+
+
+class FreezableFs:
+    """An ext4 file system of 64 MiB on a loop device, mounted at ``mount``: frozen
+    (``fsfreeze``), a write to it waits until it thaws, as on a disk that hangs, while
+    the other file systems go on."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import subprocess
+
+        image = tmp_path / "ext4.img"
+        self.mount = tmp_path / "frozen"
+        self.mount.mkdir()
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(self.mount)], check=True)
+        self.frozen = False
+
+    def freeze(self) -> None:
+        import subprocess
+
+        subprocess.run(["fsfreeze", "-f", str(self.mount)], check=True)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        import subprocess
+
+        if self.frozen:
+            subprocess.run(["fsfreeze", "-u", str(self.mount)], check=True)
+            self.frozen = False
+
+    def close(self) -> None:
+        import subprocess
+
+        try:
+            self.thaw()
+        finally:
+            subprocess.run(["umount", "-l", str(self.mount)], check=False)
+
+
+@pytest.fixture
+def freezable_fs(tmp_path: Path) -> Iterator[FreezableFs]:
+    fs = FreezableFs(tmp_path)
+    yield fs
+    fs.close()
+
+
 class UnreadableFs:
     """A btrfs file system on a loop device, whose data blocks are checksummed: a byte
     changed in its image behind the file system's back makes the block it lies in

@@ -14,7 +14,7 @@ from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
 from pieced.storage.errors import StorageIOError
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, FreezableFs
 from tests.pagecache import resident_pages
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_daemon import write_from_three_clients
@@ -323,32 +323,24 @@ def test_a_file_end_a_crash_left_a_page_long_is_cut_back_at_the_restart(tmp_path
 
 
 def test_writes_stuck_on_a_frozen_file_system_leave_bounce_buffers_for_the_others(
-        tmp_path: Path) -> None:
+        tmp_path: Path, freezable_fs: FreezableFs) -> None:
     """Twelve writes to torrent A wait on its file system, frozen (``fsfreeze``: writes
     wait until it thaws, as on a disk that hangs); each holds a bounce buffer meanwhile.
     A write and an unaligned read of torrent B, on another file system, took one of the
     same eight buffers and waited for A's disk; each file system has its own now."""
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    image, frozen = tmp_path / "ext4.img", tmp_path / "frozen"
-    frozen.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(frozen)], check=True)
     raws = [make_torrent_lt(make_payload(tmp_path / n, {f"{n}.bin": 1 << 20}, seed=26),
                             65536, "v1") for n in ("a", "b")]
     src, src_b = Source(raws[0], tmp_path / "a"), Source(raws[1], tmp_path / "b")
     dio = DiskIO("direct", cache_bytes=0, roots=[tmp_path])
     pool = ThreadPoolExecutor(13)
-    thawed = False
     try:
-        a = dio.register(raws[0], frozen / "a")
+        a = dio.register(raws[0], freezable_fs.mount / "a")
         b = dio.register(raws[1], tmp_path / "dl_b")
         for ih, s in ((a, src), (b, src_b)):
             dio.write_chunk(ih, 0, 0, s.read(0, 0, 16384), flush=True)  # sized, opened
-        subprocess.run(["fsfreeze", "-f", str(frozen)], check=True)
+        freezable_fs.freeze()
         stuck = [pool.submit(dio.write_chunk, a, p, 0, src.read(p, 0, 16384), True)
                  for p in range(1, 13)]
         threading.Event().wait(1.0)  # (each of A's writes holds its buffer, or waits for one)
@@ -359,14 +351,11 @@ def test_writes_stuck_on_a_frozen_file_system_leave_bounce_buffers_for_the_other
             assert on_b.result(timeout=20)[1] == src_b.read(1, 100, 1000)
         except TimeoutError:
             pytest.fail("B's write waited for a bounce buffer held by writes to A's frozen disk")
-        subprocess.run(["fsfreeze", "-u", str(frozen)], check=True)
-        thawed = True
+        freezable_fs.thaw()
         for f in stuck:
             f.result(timeout=30)
         assert dio.read_chunk(a, 12, 0, 16384, volatile=True) == src.read(12, 0, 16384)
     finally:
-        if not thawed:
-            subprocess.run(["fsfreeze", "-u", str(frozen)], check=False)
+        freezable_fs.thaw()
         pool.shutdown(wait=True)
         dio.close()
-        subprocess.run(["umount", "-l", str(frozen)], check=False)

@@ -26,7 +26,7 @@ from pieced.storage.errors import StorageIOError
 from pieced.storage.hashing import fingerprint
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, UnreadableFs
+from tests.conftest import Daemon, FreezableFs, UnreadableFs, fill_up
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 
@@ -104,10 +104,7 @@ def test_a_piece_never_written_is_read_on_a_full_tmpfs(
             _send(c, ih, src, [blk for blk in src.blocks() if blk[0] == 0])
             c.flush_all()
             assert c.status(ih)["verified_pieces"] == 1
-            with contextlib.suppress(OSError), open(tiny_fs / "filler", "wb") as f:
-                while True:
-                    f.write(b"x" * 4096)
-                    f.flush()
+            fill_up(tiny_fs)
             assert c.read_piece(ih, 0) == src.read(0, 0, 65536)
             assert c.read_chunk(ih, 20, 0, 16384) == bytes(16384)  # a hole reads as zeros
             assert c.hash_piece(ih, 21) is False
@@ -684,6 +681,18 @@ def test_a_piece_the_disk_cannot_read_is_an_error_not_a_dead_daemon(
         assert d.stop() == 0, d.stderr()
 
 
+def _telling(tmp_path: Path, backend: str, pieces: int
+             ) -> tuple[bytes, Source, DiskIO, list[tuple[int, bool, bool | None]]]:
+    """A v1 torrent of ``pieces`` pieces of 64 KiB, and an engine that lists what it
+    tells of pieces, as (piece, ok, v1): (metainfo, source, engine, that list)."""
+    content = make_payload(tmp_path / "src", pieces * 65536, seed=5)
+    raw = make_torrent_lt(content, 65536, "v1")
+    told: list[tuple[int, bool, bool | None]] = []
+    dio = DiskIO(backend, cache_bytes=16 * 1024 * 1024,
+                 on_piece=lambda r: told.append((r.piece, r.ok, r.v1)))
+    return raw, Source(raw, tmp_path / "src"), dio, told
+
+
 def test_blocks_a_flush_could_not_write_are_never_taken_for_received(
     tmp_path: Path, tiny_fs: Path, backend: str
 ) -> None:
@@ -694,12 +703,7 @@ def test_blocks_a_flush_could_not_write_are_never_taken_for_received(
     backends that gather a piece's blocks before writing them; on the others, a read
     back of the lost half failed the piece, blaming its sender). The piece starts over
     instead, told failed without a hash verdict, and sent again whole it verifies."""
-    content = make_payload(tmp_path / "src", 4 * 65536, seed=5)
-    raw = make_torrent_lt(content, 65536, "v1")
-    src = Source(raw, tmp_path / "src")
-    told: list[tuple[int, bool, bool | None]] = []
-    dio = DiskIO(backend, cache_bytes=16 * 1024 * 1024,
-                 on_piece=lambda r: told.append((r.piece, r.ok, r.v1)))
+    raw, src, dio, told = _telling(tmp_path, backend, 4)
     filler = tiny_fs / "filler"
     try:
         ih = dio.register(raw, tiny_fs)
@@ -707,10 +711,7 @@ def test_blocks_a_flush_could_not_write_are_never_taken_for_received(
             dio.write_chunk(ih, 0, b, src.read(0, b, n))
         dio.flush_all()
         assert told == [(0, True, True)]
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
+        fill_up(tiny_fs)
         with contextlib.suppress(StorageIOError):  # (refused at once, or buffered)
             for b in (0, 16384):
                 dio.write_chunk(ih, 1, b, src.read(1, b, 16384))
@@ -752,14 +753,10 @@ def test_each_failed_write_is_counted_once(tmp_path: Path, tiny_fs: Path, backen
     raw = make_torrent_lt(content, 131072, "v1")
     src = Source(raw, tmp_path / "src")
     d = Daemon(tmp_path, backend=backend)
-    filler = tiny_fs / "filler"
     try:
         with Client(d.socket) as c:
             ih = c.register(raw, tiny_fs)
-            with contextlib.suppress(OSError), open(filler, "wb") as f:
-                while True:
-                    f.write(b"x" * 4096)
-                    f.flush()
+            fill_up(tiny_fs)
             for p in (1, 2, 3):
                 before = c.stats()["errors"].get("ENOSPC", 0)
                 for b in range(0, 131072, 16384):  # (pipelined: the lane merges them)
@@ -784,19 +781,11 @@ def test_a_gathered_piece_whose_write_out_fails_is_told_failed(
     without a word. A client that sent again only the block that got the error waited
     for the piece for ever. The piece is told failed (no hash verdict: nobody to blame),
     as when a flush loses buffered blocks, and sent again whole it verifies."""
-    content = make_payload(tmp_path / "src", 2 * 65536, seed=5)
-    raw = make_torrent_lt(content, 65536, "v1")
-    src = Source(raw, tmp_path / "src")
-    told: list[tuple[int, bool, bool | None]] = []
-    dio = DiskIO(backend, cache_bytes=16 * 1024 * 1024,
-                 on_piece=lambda r: told.append((r.piece, r.ok, r.v1)))
+    raw, src, dio, told = _telling(tmp_path, backend, 2)
     filler = tiny_fs / "filler"
     try:
         ih = dio.register(raw, tiny_fs)
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
+        fill_up(tiny_fs)
         for b in (0, 16384, 32768):  # acknowledged: gathered in the daemon's buffer
             dio.write_chunk(ih, 0, b, src.read(0, b, 16384))
         with pytest.raises(StorageIOError) as exc:
@@ -831,10 +820,7 @@ def test_a_piece_whose_only_block_could_not_be_written_is_missing_not_under_way(
     try:
         ih = dio.register(raw, tiny_fs)
         dio.write_chunk(ih, 0, 0, src.read(0, 0, 16384), flush=True)  # piece 0: one block
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
+        fill_up(tiny_fs)
         refused = []
         for write in (lambda: dio.write_block_direct(ih, 2, 0, src.read(2, 0, 16384)),
                       lambda: dio.write_chunk(ih, 3, 16384, src.read(3, 16384, 16384),
@@ -1027,29 +1013,23 @@ def test_a_stop_after_a_torrents_folder_was_deleted_is_clean(tmp_path: Path, bac
 @pytest.mark.backends(exclude={
     "mmap": "a store into a map waiting on a frozen file system holds the process's "
             "memory map lock (the kernel's): the whole daemon waits (README)"})
-def test_a_frozen_file_system_holds_up_its_own_torrent_only(tmp_path: Path, backend: str) -> None:
+def test_a_frozen_file_system_holds_up_its_own_torrent_only(
+        tmp_path: Path, freezable_fs: FreezableFs, backend: str) -> None:
     """Torrent A's file system is frozen (``fsfreeze``: a write waits until it thaws, as
     on a disk that hangs) while a client writes to it, its files preallocated. Another
     client's writes to torrent B on another file system, its ``stats`` and ``/healthz``
     are answered meanwhile."""
-    frozen, image = tmp_path / "frozen", tmp_path / "ext4.img"
-    frozen.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(frozen)], check=True)
     raws = [make_torrent_lt(make_payload(tmp_path / n, {f"{n}.bin": 1 << 20}, seed=27),
                             65536, "v1") for n in ("a", "b")]
     sa, sb = Source(raws[0], tmp_path / "a"), Source(raws[1], tmp_path / "b")
     d = Daemon(tmp_path, backend=backend, env={"PIECED_PREALLOCATE": "true"})
-    thawed = False
     stuck_errors: list[BaseException] = []
     try:
         with Client(d.socket) as c1:
-            a = c1.register(raws[0], frozen / "a")
+            a = c1.register(raws[0], freezable_fs.mount / "a")
             c1.write_chunk(a, 0, 0, sa.read(0, 0, 16384), flush=True)
             c1.wait_writes()  # A's file made (preallocated) before the freeze
-            subprocess.run(["fsfreeze", "-f", str(frozen)], check=True)
+            freezable_fs.freeze()
 
             def stuck() -> None:
                 try:
@@ -1084,14 +1064,11 @@ def test_a_frozen_file_system_holds_up_its_own_torrent_only(tmp_path: Path, back
                 f"while A's file system was frozen, only {answered} of another client's "
                 "requests were answered")
             assert writer.is_alive(), "the write to the frozen file system waits for the thaw"
-            subprocess.run(["fsfreeze", "-u", str(frozen)], check=True)
-            thawed = True
+            freezable_fs.thaw()
             writer.join(timeout=30)
             assert not writer.is_alive() and not stuck_errors, stuck_errors
             assert c1.read_chunk(a, 2, 0, 16384) == sa.read(2, 0, 16384)
         assert d.stop() == 0
     finally:
-        if not thawed:
-            subprocess.run(["fsfreeze", "-u", str(frozen)], check=False)
+        freezable_fs.thaw()
         d.proc.kill()
-        subprocess.run(["umount", "-l", str(frozen)], check=False)

@@ -16,7 +16,7 @@ from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
 from pieced.storage.errors import PiecedError
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, FreezableFs
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_disk import Source, fill
 
@@ -341,44 +341,35 @@ dio.close()
 """
 
 
-def test_a_store_waiting_on_a_frozen_disk_lets_the_other_threads_run(tmp_path: Path) -> None:
+def test_a_store_waiting_on_a_frozen_disk_lets_the_other_threads_run(
+        tmp_path: Path, freezable_fs: FreezableFs) -> None:
     """A block stored into the map of a file on a frozen file system (as on a disk that
     hangs) waits in the page fault that makes its pages writable. That wait held the
     interpreter's lock (``mmap.madvise`` keeps it): every other thread of the process
     stood still until the thaw. It is made with the lock let go. (A thread that maps or
     unmaps memory still waits: the kernel holds the process's memory map lock over the
     fault; see the README.)"""
-    frozen, image = tmp_path / "frozen", tmp_path / "ext4.img"
-    frozen.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(frozen)], check=True)
     content = make_payload(tmp_path / "src", {"one.bin": 4 * 65536}, seed=28)
     (tmp_path / "t.torrent").write_bytes(make_torrent_lt(content, 65536, "v1"))
     child = subprocess.Popen(
         [sys.executable, "-c", _STORE_WAITS, str(tmp_path / "t.torrent"),
-         str(content / "one.bin"), str(frozen / "dl")],
+         str(content / "one.bin"), str(freezable_fs.mount / "dl")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None
-    thawed = False
     try:
         assert child.stdout.readline().strip() == "ready"
-        subprocess.run(["fsfreeze", "-f", str(frozen)], check=True)
+        freezable_fs.freeze()
         child.stdin.write("go\n")
         child.stdin.flush()
         got: list[str] = []
         reader = threading.Thread(target=lambda: got.append(child.stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout=15)
-        subprocess.run(["fsfreeze", "-u", str(frozen)], check=True)
-        thawed = True
+        freezable_fs.thaw()
         assert got, "the other thread stood still while the store waited for the thaw"
         waiting = got[0].split()[-1]
         assert waiting == "True", "the store waits for the thaw"
         assert child.wait(timeout=30) == 0
     finally:
-        if not thawed:
-            subprocess.run(["fsfreeze", "-u", str(frozen)], check=False)
+        freezable_fs.thaw()
         child.kill()
-        subprocess.run(["umount", "-l", str(frozen)], check=False)
