@@ -1365,6 +1365,7 @@ class DiskIO:
             with t.lock:
                 if t.partial.get(piece) is partial:
                     del t.partial[piece]
+                    partial.cleared = True  # (writers waiting for it start a new one)
                     self._count_partials(-1)
                     self._to_missing(t, piece)
                     self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
