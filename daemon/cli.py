@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} hung up: "
               f"{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TimeoutError:
+        print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} did not "
+              "answer in time", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return rc
 
 

@@ -31,7 +31,8 @@ import itertools
 import mmap
 import os
 import socket
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pieced.storage.errors import BadRequest, PiecedError, ProtocolError, TooLarge
@@ -69,6 +70,11 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 #: pass with its first byte, the future its sender awaits (None if nobody does)].
 _Outgoing = list[Any]
 DEFAULT_SOCKET = "var/pieced.sock"
+#: Operations whose reply may take minutes, not a sign of a daemon gone (a recheck, or
+#: one waiting for another's, of a large torrent; a move's copy to another disk; the
+#: sync of a slow one): the blocking client waits for them without its timeout.
+UNTIMED_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "rename_file",
+                         "flush_all"})
 IOV_MAX = 1024  # buffers one sendmsg or writev takes (Linux)
 SEND_BYTES = 1 << 20  # the most the async client offers the socket in one sendmsg
 
@@ -86,6 +92,9 @@ class ShmRing:
             raise BadRequest(f"a ring's size must be a positive number of bytes, not {size!r}")
         self.size = size
         self.fd = os.memfd_create("pieced-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # A client dropped without close() closes its ring's descriptor when collected,
+        # as its socket is: ten such clients kept 160 MiB of rings for the process's life.
+        self._closer = weakref.finalize(self, os.close, self.fd)
         os.ftruncate(self.fd, size)
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
                     fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
@@ -166,7 +175,7 @@ class ShmRing:
         # alive until it goes; the descriptor is closed either way.
         with contextlib.suppress(BufferError):
             self.map.close()
-        os.close(self.fd)
+        self._closer()  # (the descriptor, once)
 
 
 class RingChunk:
@@ -391,13 +400,25 @@ class ClientCore:
             self.shm.release(token)
 
     def received(self, n: int) -> None:
-        """``n`` bytes were received into ``ring.writable()``: process whole frames."""
+        """``n`` bytes were received into ``ring.writable()``: process whole frames.
+
+        An exception of ``on_event`` is raised once every frame received is processed:
+        raised at once, it left the replies that came in the same read unparsed, and the
+        caller waited for them on the socket, until its timeout."""
         self.ring.wrote(n)
+        raised: BaseException | None = None
         while True:
             frame = self.reader.next_frame()
             if frame is None:
-                return
-            self._handle(frame)
+                break
+            try:
+                self._handle(frame)
+            except Exception as exc:
+                if frame.type != FrameType.EVENT:
+                    raise
+                raised = raised or exc  # (the plugin's callback)
+        if raised is not None:
+            raise raised
 
     def _handle(self, f: Frame) -> None:
         if f.type == FrameType.EVENT:
@@ -492,6 +513,12 @@ class ClientCore:
         return first
 
 
+def _close_all(fds: list[int] | None) -> None:
+    for fd in fds or ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _rights(fds: list[int] | None) -> list[tuple[int, int, bytes]]:
     """Ancillary data passing descriptors with SCM_RIGHTS."""
     if not fds:
@@ -521,7 +548,10 @@ def _status_args(ih: bytes | str, files: bool, partial: bool) -> dict[str, Any]:
 
 
 class Client:
-    """Blocking client. Not thread-safe: one per thread, or guard it with a lock."""
+    """Blocking client. Not thread-safe: one per thread, or guard it with a lock.
+
+    ``timeout``: the seconds a reply may take (TimeoutError past them), but for the
+    operations of UNTIMED_OPS, which wait as long as they take."""
 
     def __init__(
         self,
@@ -552,8 +582,12 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # (an exception leaves the block: it is the one raised, not a write's)
+            with contextlib.suppress(PiecedError, OSError):
+                self.close()
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -575,11 +609,21 @@ class Client:
 
     # -- I/O ------------------------------------------------------------------------------
     def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+        if self._broken():
+            raise ConnectionError("the connection to the daemon is closed")
         anc = _rights(fds)
         views = [memoryview(p) for p in parts]
         first = True
         while views:
-            n = self.sock.sendmsg(views, anc if first else [])
+            try:
+                n = self.sock.sendmsg(views, anc if first else [])
+            except BaseException:
+                if not first:
+                    # Part of the frame is out (a timeout, a signal): the daemon would
+                    # read whatever comes next as the rest of it. The connection is
+                    # closed instead, and every later call says so at once.
+                    self.sock.close()
+                raise
             first = False
             while views and n >= views[0].nbytes:
                 n -= views[0].nbytes
@@ -588,6 +632,8 @@ class Client:
                 views[0] = views[0][n:]
 
     def _pump(self) -> None:
+        if self._broken():
+            raise ConnectionError("the connection to the daemon is closed")
         buf = self.core.ring.writable()
         n = self.sock.recv_into(buf)
         if n == 0:
@@ -610,7 +656,20 @@ class Client:
         return waiter.result
 
     def _call(self, op: str, **args: Any) -> Any:
-        return self._roundtrip(*self.core.request(op, args))
+        if op not in UNTIMED_OPS:
+            return self._roundtrip(*self.core.request(op, args))
+        with self._untimed():
+            return self._roundtrip(*self.core.request(op, args))
+
+    @contextlib.contextmanager
+    def _untimed(self) -> Iterator[None]:
+        """Wait for a reply as long as it takes (see UNTIMED_OPS)."""
+        self.sock.settimeout(None)
+        try:
+            yield
+        finally:
+            if not self._broken():
+                self.sock.settimeout(self.timeout)
 
     def _raise_write_error(self) -> None:
         if self.core.write_errors:
@@ -634,7 +693,8 @@ class Client:
     def register(self, metainfo: bytes, save_path: str | os.PathLike[str]) -> bytes:
         rid, frame, fd = self.core.register(metainfo, os.fspath(save_path))
         try:
-            res = self._roundtrip(rid, frame, fds=[fd] if fd is not None else None)
+            with self._untimed():
+                res = self._roundtrip(rid, frame, fds=[fd] if fd is not None else None)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -784,6 +844,7 @@ class AsyncClient:
         self.sock: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._attach_lock = asyncio.Lock()
+        self._attaching: asyncio.Future[None] | None = None  # an attach_ring in flight
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._out: list[bytes] = []  # small frames queued this turn of the loop
@@ -816,8 +877,12 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            await self.close()
+        else:  # (an exception leaves the block: it is the one raised, not a write's)
+            with contextlib.suppress(PiecedError, OSError):
+                await self.close()
 
     async def close(self) -> None:
         self._end_run()
@@ -905,7 +970,11 @@ class AsyncClient:
 
         self._end_run()
         self._queue_posted()
-        entry: _Outgoing = [[memoryview(p) for p in parts], fds, None]
+        # The queue's own copies of the descriptors, closed once passed: the caller's may
+        # be closed before the frame leaves (its task cancelled meanwhile), and the number
+        # then name another of the program's files, or none.
+        entry: _Outgoing = [[memoryview(p) for p in parts],
+                            [os.dup(fd) for fd in fds] if fds else None, None]
         self._pending.append(entry)
         self._write_pending()
         if not self._pending or self._pending[-1] is not entry:  # no longer queued
@@ -950,9 +1019,10 @@ class AsyncClient:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # the stream is broken: no queued frame can follow
-                self._drop_pending(exc)
+                self._fail(exc)  # (frames posted with nobody awaiting them included)
                 return
             if anc and n:
+                _close_all(q[0][1])
                 q[0][1] = None
             while q:  # what was sent leaves the queue; its senders are told
                 e = q[0]
@@ -985,7 +1055,8 @@ class AsyncClient:
         """The frames still queued cannot be sent: their senders raise ``exc``."""
         self._send_failed = exc
         self._watch_writable(False)
-        for _, _, fut in self._pending:
+        for _, fds, fut in self._pending:
+            _close_all(fds)
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
@@ -1093,13 +1164,27 @@ class AsyncClient:
                 await self._attach(size)
 
     async def _attach(self, size: int) -> None:
-        shm = ShmRing(size)
+        """Attach a ring, or wait for the attach already sent. The exchange runs on to
+        its end when the caller is cancelled: sent, the ring is the daemon's whether or
+        not anyone waits for the reply, and a ring closed here meanwhile made every later
+        ring write of the connection fail ("a ring is already attached")."""
+        import asyncio
+
+        if self._attaching is None:
+            self._attaching = asyncio.ensure_future(self._attach_as(ShmRing(size), size))
+            self._attaching.add_done_callback(
+                lambda t: t.cancelled() or t.exception())  # (said to its waiters)
+        await asyncio.shield(self._attaching)
+
+    async def _attach_as(self, shm: ShmRing, size: int) -> None:
         try:
             await self._roundtrip(*self.core.request("attach_ring", {"size": size}), fds=[shm.fd])
+            self.core.shm = shm
         except BaseException:
             shm.close()
             raise
-        self.core.shm = shm
+        finally:
+            self._attaching = None
 
     def try_write_block_direct(self, ih: bytes, piece: int, begin: int,
                                data: bytes | memoryview, flush: bool = False) -> bool:

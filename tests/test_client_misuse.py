@@ -1,0 +1,255 @@
+"""The client library when the plugin's side goes wrong: calls cancelled at awkward
+moments, callbacks that raise, timeouts in the middle of a frame, exceptions leaving
+a ``with`` block, clients never closed, operations longer than the timeout. Each
+against a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import bencodepy
+import pytest
+from pieced.protocol.client import AsyncClient, Client
+from pieced.storage.errors import UnknownTorrent
+
+from tests.conftest import Daemon, sparse_zero_torrent
+from tests.realtools import make_payload, make_torrent_lt
+from tests.test_disk import Source
+
+PIECE = 256 * 1024
+
+
+def _torrent(tmp_path: Path, pieces: int = 16, piece: int = PIECE) -> tuple[bytes, Source]:
+    content = make_payload(tmp_path / "src", pieces * piece, seed=40)
+    raw = make_torrent_lt(content, piece, "v1")
+    return raw, Source(raw, tmp_path / "src")
+
+
+def _ring_memfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (gone since the listing)
+            n += "memfd:pieced-ring" in os.readlink(f"/proc/self/fd/{fd}")
+    return n
+
+
+def test_a_call_cancelled_while_it_attaches_the_ring_leaves_the_ring_usable(
+        tmp_path: Path) -> None:
+    """The first write_block_direct attaches the ring; cancelled while the attach was
+    in flight, the client closed its ring, which the daemon had attached all the same:
+    every later ring write of that client failed ("a ring is already attached"). The
+    attach runs on to its end, and the client keeps the ring."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+
+    async def main() -> None:
+        async with AsyncClient(str(d.socket)) as c:
+            ih = await c.register(raw, tmp_path / "dl")
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(c.write_block_direct(ih, 0, 0, src.read(0, 0, 16384)),
+                                       0.0005)
+            for b in range(0, PIECE, 16384):
+                await c.write_block_direct(ih, 0, b, src.read(0, b, 16384))
+            await c.wait_writes()
+            chunk = await c.read_chunk_ring(ih, 0, 0, 16384)
+            assert bytes(chunk.data) == src.read(0, 0, 16384)
+            chunk.release()
+            await c.flush_all()
+            assert (await c.status(ih, files=False))["verified_pieces"] == 1
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_register_cancelled_while_its_frame_waits_sends_its_own_descriptor(
+        tmp_path: Path) -> None:
+    """A metainfo over the frame limit travels as a memfd. Its register, cancelled while
+    the frame waited for room in the socket (the daemon not reading for a moment), closed
+    the descriptor the queued frame named: the send then failed (EBADF), every frame
+    queued behind it was dropped without a word, and the client waited for their replies
+    for ever. The queue holds descriptors of its own now."""
+    raw, src = _torrent(tmp_path)
+    n = 440_000  # pieces of 16 KiB: 8.8 MB of metainfo, over the 8 MiB frame limit
+    info = {b"name": b"big.bin", b"piece length": 16384, b"length": n * 16384,
+            b"pieces": hashlib.sha1(b"x").digest() * n}
+    big = bytes(bencodepy.encode({b"info": info}))
+    d = Daemon(tmp_path)
+
+    async def main() -> None:
+        c = await AsyncClient(str(d.socket)).connect()
+        try:
+            ih = await c.register(raw, tmp_path / "dl")
+            await c.attach_ring()
+            d.proc.send_signal(signal.SIGSTOP)
+            try:
+                writes = [asyncio.ensure_future(c.write_chunk(ih, k, 16384, bytes(200_000)))
+                          for k in range(16)]  # more than the socket holds
+                await asyncio.sleep(0.2)
+                register = asyncio.ensure_future(c.register(big, tmp_path / "dl"))
+                await asyncio.sleep(0.1)
+                register.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await register
+                for p in range(16):  # queued behind the register's frame
+                    await c.write_block_direct(ih, p, 0, src.read(p, 0, 16384))
+            finally:
+                d.proc.send_signal(signal.SIGCONT)
+            await asyncio.gather(*writes, return_exceptions=True)
+            await asyncio.wait_for(c.wait_writes(), 20)
+            names = {t["name"] for t in await c.torrents()}
+            assert names == {src.meta.name, "big.bin"}  # (the daemon got the metainfo)
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0
+
+
+def test_a_callback_that_raises_leaves_no_reply_unread(tmp_path: Path) -> None:
+    """An ``on_event`` callback raised: the replies that came in the same read as the
+    event were left unparsed, and the next wait for them blocked on the socket until
+    the timeout. Its exception is raised once every frame received is handled."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+
+    def callback(name: str, fields: dict) -> None:
+        if name == "piece_verified":
+            raise RuntimeError("the plugin's bug")
+
+    try:
+        with Client(d.socket, on_event=callback, timeout=5) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            c.subscribe(ih)
+            for b in range(0, PIECE, 16384):  # piece 0 whole: one piece_verified
+                c.write_chunk(ih, 0, b, src.read(0, b, 16384))
+            time.sleep(0.5)
+            for b in range(0, PIECE - 16384, 16384):  # replies only
+                c.write_chunk(ih, 1, b, src.read(1, b, 16384))
+            time.sleep(1)  # (all in the socket, read in one go)
+            with pytest.raises(RuntimeError, match="plugin's bug"):
+                c.wait_writes()
+            started = time.monotonic()
+            c.wait_writes()
+            assert time.monotonic() - started < 2
+            assert c.status(ih, files=False)["verified_pieces"] == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_frame_cut_short_by_the_timeout_closes_the_client(tmp_path: Path) -> None:
+    """The daemon read nothing for longer than the client's timeout (stopped here) in the
+    middle of a 1 MiB WRITE: part of the frame was out, and the client went on, the
+    daemon taking its next requests for the rest of the block. Every later call timed
+    out. The client closes the connection instead, and says so at once."""
+    raw, src = _torrent(tmp_path, pieces=16, piece=1 << 20)
+    d = Daemon(tmp_path)
+    try:
+        c = Client(d.socket, timeout=1)
+        ih = c.register(raw, tmp_path / "dl")
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                for p in range(16):
+                    c.write_chunk(ih, p, 0, src.read(p, 0, 1 << 20))
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="closed"):
+            c.status(ih, files=False)
+        assert time.monotonic() - started < 0.5
+        c.close()
+        with Client(d.socket) as other:  # the daemon is none the worse
+            assert other.status(ih, files=False)["errors"] == []
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0
+
+
+def test_an_exception_leaving_a_with_block_is_the_one_raised(tmp_path: Path) -> None:
+    """A plugin's exception left a ``with Client(...)`` block while a write that fails
+    was in flight: close() raised the write's error in its place (UnknownTorrent), the
+    plugin's only in its context. The plugin's comes out."""
+    d = Daemon(tmp_path)
+
+    async def async_case() -> None:
+        with pytest.raises(KeyError, match="plugin"):
+            async with AsyncClient(str(d.socket)) as ac:
+                await ac.write_chunk(b"\1" * 20, 0, 0, bytes(16384))
+                raise KeyError("the plugin's own")
+
+    try:
+        with pytest.raises(KeyError, match="plugin"), Client(d.socket) as c:
+            c.write_chunk(b"\1" * 20, 0, 0, bytes(16384))
+            raise KeyError("the plugin's own")
+        asyncio.run(async_case())
+        # (left normally, the write's error is raised)
+        with pytest.raises(UnknownTorrent), Client(d.socket) as c:
+            c.write_chunk(b"\1" * 20, 0, 0, bytes(16384))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_client_never_closed_gives_its_ring_back_when_collected(tmp_path: Path) -> None:
+    """Clients dropped without close(): their sockets were closed when collected, their
+    rings (memfds) never: ten of them kept 160 MiB for the life of the process."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+        gc.collect()
+        before = _ring_memfds()
+        for _ in range(5):
+            c = Client(d.socket)
+            c.write_block_direct(ih, 0, 0, src.read(0, 0, 16384))
+            c.wait_writes()
+            del c
+        gc.collect()
+        assert _ring_memfds() == before
+    finally:
+        assert d.stop() == 0
+
+
+def test_long_operations_wait_past_the_timeout(tmp_path: Path) -> None:
+    """A recheck waiting behind another client's recheck of the same torrent hears
+    nothing (the progress goes to the other): after the client's timeout it raised a
+    bare TimeoutError while the daemon carried on, and ``pieced recheck`` printed a
+    traceback and exited 1 ("pieces fail"). The operations that may take minutes
+    wait as long as they take."""
+    raw = sparse_zero_torrent(tmp_path / "save", "zeros.bin", 16 << 20, 64)  # 1 GiB
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "save")
+        first: list[float] = []
+
+        def recheck() -> None:
+            with Client(d.socket) as a:
+                started = time.monotonic()
+                a.recheck(ih, full=True)
+                first.append(time.monotonic() - started)
+
+        t = threading.Thread(target=recheck)
+        t.start()
+        time.sleep(0.2)
+        with Client(d.socket, timeout=0.3) as b:
+            result = b.recheck(ih, full=True)
+            assert result["failed_v1"] == []
+            t.join()
+            assert first and first[0] > 0.3, first  # (long enough to have timed out)
+            assert b.status(ih, files=False)["verified_pieces"] == 64
+    finally:
+        assert d.stop() == 0
