@@ -789,7 +789,9 @@ class Connection:
         if view is None:
             raise BadRequest("no shared-memory ring is attached")
         size = view.nbytes
-        if not 0 <= offset < size or not 0 < length <= min(size, limit):
+        if not 0 < length <= limit:
+            raise BadRequest(f"a ring range of {length} bytes: 1 to {limit} bytes at a time")
+        if not 0 <= offset < size or length > size:
             raise BadRequest(f"ring range offset={offset} length={length} is outside the ring ({size})")
         end = offset + length
         if end <= size:

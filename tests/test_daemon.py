@@ -305,6 +305,11 @@ def test_bad_input_gets_errors_and_disturbs_no_one(
         c._send(frame)
         with pytest.raises(BadRequest, match="outside the ring"):
             c.wait_writes()
+        for length in (0, 2 << 20):  # (not "outside the ring": too short, too long)
+            _rid, frame = c.core.write_ring(ih, 0, 0, 0, length, (0, 0), False)
+            c._send(frame)
+            with pytest.raises(BadRequest, match="bytes at a time"):
+                c.wait_writes()
 
     def raw_conn() -> socket.socket:
         s = socket.socket(socket.AF_UNIX)
