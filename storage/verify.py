@@ -435,6 +435,7 @@ class FolderFiles:
         self._layout = layout
         self._save_path = save_path
         self._fds: dict[int, int | None] = {}
+        self._folders: dict[tuple[str, ...], int | None] = {}
         self._lock = threading.Lock()
 
     def _fd(self, index: int) -> int | None:
@@ -452,14 +453,9 @@ class FolderFiles:
         this command called good a folder the daemon then failed.)"""
         parts = self._meta.files[index].path
         path = self._save_path.joinpath(*parts)
-        try:
-            dfd = open_folder(path.parent, self._save_path, False)
-        except PathEscape:
-            return None  # a symlink or a file where a folder should be
-        except StorageIOError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None
-            raise Unreadable(path, OSError(exc.errno, str(exc))) from None
+        dfd = self._folder(tuple(parts[:-1]), path)
+        if dfd is None:
+            return None
         try:
             # O_NONBLOCK: a FIFO in a payload file's place must not hang the open.
             fd = os.open(parts[-1], os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
@@ -470,12 +466,24 @@ class FolderFiles:
             if exc.errno == errno.ELOOP:
                 return None  # a symlink in the file's place
             raise Unreadable(path, exc) from None
-        finally:
-            os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             return None  # its pieces fail
         return fd
+
+    def _folder(self, folder: tuple[str, ...], path: Path) -> int | None:
+        """A descriptor of a folder of the torrent, walked to once for all its files
+        (the caller holds the lock); None if missing, or a symlink or a file on the way."""
+        if folder not in self._folders:
+            try:
+                self._folders[folder] = open_folder(path.parent, self._save_path, False)
+            except PathEscape:
+                self._folders[folder] = None
+            except StorageIOError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise Unreadable(path, OSError(exc.errno, str(exc))) from None
+                self._folders[folder] = None
+        return self._folders[folder]
 
     def read(self, piece: int, begin: int, out: memoryview) -> None:
         pos = 0
@@ -513,10 +521,11 @@ class FolderFiles:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._folders.values()]:
                 if fd is not None:
                     os.close(fd)
             self._fds.clear()
+            self._folders.clear()
 
 
 # (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)
