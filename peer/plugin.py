@@ -632,10 +632,14 @@ class Peer:
         transport.write(b"".join(parts))
 
     def close(self) -> None:
+        """Let the connection go now. Not ``transport.close()``, which keeps the socket
+        until what is queued for the peer is sent: a peer dropped for reading nothing
+        never takes it, and kept its descriptor and its MiBs of queued blocks for as long
+        as it held its end open (one more of each for every time it dialled again)."""
         if not self.closed:
             self.closed = True
             self.conn.take_outbox()  # blocks queued for it may be views of the daemon ring
-            self.transport.close()
+            self.transport.abort()
 
 
 def _live(peer: object) -> bool:

@@ -1206,3 +1206,73 @@ def test_bursts_and_storms_of_connections_cost_bounded_memory(tmp_path: Path) ->
         for sk in burst:
             sk.close()
         assert d.stop() == 0, d.stderr()
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets a process holds descriptors of."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = fd.readlink().name
+            if target.startswith("socket:["):
+                found.add(int(target[8:-1]))
+    return found
+
+
+def _inode_of_connection(local_port: int, remote_port: int) -> int | None:
+    """The inode of the loopback TCP socket from ``local_port`` to ``remote_port``."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == local_port and int(f[2].split(":")[1], 16) == remote_port:
+            return int(f[9])
+    return None
+
+
+def test_a_dropped_peer_that_reads_nothing_lets_its_socket_and_queued_blocks_go(
+        tmp_path: Path) -> None:
+    """Peers ask for 2,000 blocks once unchoked, read none, then break the protocol (a
+    stream of keep-alives) and keep their end open. pieced-peer dropped them with a close
+    that waits to send what is queued first: each kept its descriptor and MiBs of blocks
+    for as long as it stayed, and a peer doing it again and again took descriptors and
+    memory without bound (1.6 MiB and a descriptor a time). A dropped peer now goes at
+    once: its socket is no more pieced-peer's, and a libtorrent leecher still gets every
+    byte."""
+    piece = 65536
+    files = {"a.bin": 256 * piece + 5}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=59)
+    asks = b"".join(wire.request(j % (meta.num_pieces - 1), (j // meta.num_pieces) % 4 * 16384,
+                                 16384) for j in range(MAX_PEER_QUEUE))
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    rogues: list[RawPeer] = []
+    theirs: set[int | None] = set()
+    try:
+        for i in range(4):  # one after another: each takes the unchoke slot of the last
+            p = RawPeer(seeding.port, rcvbuf=4096)
+            rogues.append(p)
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                  wire.make_reserved(extended=False, fast=True))
+                   + wire.have_none() + wire.interested())
+            got: list[wire.Event] = []
+            deadline = time.monotonic() + 20
+            while not any(isinstance(e, wire.Unchoke) for e in got):
+                assert time.monotonic() < deadline, got
+                more, closed = p.events(0.5)
+                assert not closed
+                got += more
+            p.send(asks)  # and reads nothing more
+            time.sleep(0.5)
+            theirs.add(_inode_of_connection(seeding.port, p.sock.getsockname()[1]))
+            p.send(wire.keep_alive() * 6000)  # past any burst of chatter: dropped
+        assert None not in theirs
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and theirs & _socket_inodes(seeding.proc.pid):
+            time.sleep(0.2)
+        assert not theirs & _socket_inodes(seeding.proc.pid), "dropped peers' sockets kept"
+        assert seeding.proc.poll() is None
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        seeding.stop()
+    finally:
+        for p in rogues:
+            p.close()
+        assert d.stop() == 0, d.stderr()
