@@ -583,8 +583,11 @@ class Connection:
     def _request_job(self, frame: Frame) -> Job:
         msg = from_wire(frame.body)
         op = msg.pop("op", None)
+        # What the tables are looked up by: an op that is a list or a dict (unhashable)
+        # was an INTERNAL error that closed the connection, not an unknown op.
+        name = op if isinstance(op, str) else ""
         rid = frame.id
-        handler: Op | None = OPS.get(op) if isinstance(op, str) else None
+        handler: Op | None = OPS.get(name)
         if op == "attach_ring":
             # The descriptors arrived with these bytes: take them now, on this thread;
             # the ring is attached in the lane, after the frames sent before this one.
@@ -607,14 +610,14 @@ class Connection:
         key = msg.get("ih") if handler is not None and op != "attach_ring" else None
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
-            if self.closed and op in QUERIES:
+            if self.closed and name in QUERIES:
                 return [], None  # nobody to answer
             try:
                 if handler is None:
                     raise BadRequest(f"unknown op {op!r}")
                 if isinstance(key, bytes):
                     self.subscribe_known(key)
-                big = _big_report(self, op, msg)
+                big = _big_report(self, name, msg)
                 with self.server.report_slot if big else contextlib.nullcontext():
                     reply = encode_response(rid, handler(self, rid, msg))
                 if len(reply) - 4 > self.server.max_frame:
@@ -631,7 +634,7 @@ class Connection:
         ih = msg.get("ih")
         size = frame.length  # the body's size: what the decoded request holds, about
         self._queued_bytes += size
-        return _Job(rid, None, job, op in LONG_OPS, ih if isinstance(ih, bytes) else None, size)
+        return _Job(rid, None, job, name in LONG_OPS, ih if isinstance(ih, bytes) else None, size)
 
     def _write_job(self, frame: Frame) -> Job:
         return _InlineWrite(self, frame)
@@ -750,7 +753,10 @@ class Connection:
                 raise BadRequest("a ring is already attached to this connection")
             size = msg.get("size")
             st = os.fstat(fd)
-            if not isinstance(size, int) or size <= 0 or st.st_size != size:
+            if not isinstance(size, int) or size <= 0:
+                raise BadRequest(f"ring size {size!r}: a ring is a whole number of bytes, at "
+                                 "least one")
+            if st.st_size != size:
                 raise BadRequest(f"ring size {size!r} does not match the descriptor ({st.st_size})")
             if size > self.server.max_ring:
                 # What the daemon writes into it (READ_RING) where the client never did
@@ -1353,7 +1359,7 @@ def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     return c.disk.status(_ih(m), files=files, partial=_flag(m, "partial", 0))
 
 
-def _big_report(c: Connection, op: Any, m: dict[str, Any]) -> bool:
+def _big_report(c: Connection, op: str, m: dict[str, Any]) -> bool:
     """Whether a request is a report of over REPORT_ENTRIES files or torrents, or a
     register whose metainfo, larger than a frame, comes in a descriptor (run one at a
     time: each holds megabytes while it runs, and a few dozen clients asking at once

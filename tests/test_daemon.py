@@ -286,6 +286,9 @@ def test_bad_input_gets_errors_and_disturbs_no_one(
     with Client(daemon.socket) as c:
         with pytest.raises(BadRequest, match="unknown op"):
             c._call("frobnicate")
+        for op in (["stats"], {"stats": 1}, 7):  # (a list or a dict closed the connection)
+            with pytest.raises(BadRequest, match="unknown op"):
+                c._roundtrip(*c.core.request(op, {}))  # type: ignore[arg-type]
         with pytest.raises(UnknownTorrent):
             c.status(bytes(20))
         with pytest.raises(BadRequest, match="'files' must be 0 or 1"):
@@ -1238,8 +1241,16 @@ def test_a_ring_read_where_the_client_never_wrote_costs_the_daemon_nothing(
         assert reply.type == FrameType.ERROR
         err = decode_error(reply.body)
         assert isinstance(err, TooLarge) and "max_ring_bytes" in err.message, err
-        raw.close()
         os.close(fd)
+        empty = os.memfd_create("empty", os.MFD_ALLOW_SEALING)  # said to match, but empty
+        fcntl.fcntl(empty, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        raw.sock.sendmsg([encode_request(2, "attach_ring", {"size": 0})],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [empty]).tobytes())])
+        (reply,) = raw.replies(1)
+        err = decode_error(reply.body)
+        assert isinstance(err, BadRequest) and "at least one" in err.message, err
+        raw.close()
+        os.close(empty)
     finally:
         assert small.stop() == 0, small.stderr()
 
