@@ -479,7 +479,7 @@ class StateStore:
             ih_hex = folder.name.removeprefix(REMOVING)
             if (folder / DELETING).exists():
                 try:
-                    meta = parse((folder / "metainfo.torrent").read_bytes())
+                    meta = _own_metainfo(folder, ih_hex, parse)
                     save_path, renames = _read_location(_decode_dict(folder / "location"))
                 except Exception as exc:
                     problems.append(f"torrent {ih_hex} was removed, but its files could "
@@ -504,7 +504,7 @@ class StateStore:
             if _TEMPORARY.fullmatch(name):  # a write_atomic a crash cut short
                 with contextlib.suppress(OSError):
                     os.unlink(folder / name)
-        meta = parse((folder / "metainfo.torrent").read_bytes())
+        meta = _own_metainfo(folder, folder.name, parse)
         n = int(meta.num_pieces)
         resume = _decode_dict(folder / "resume")
         location = _decode_dict(folder / "location")
@@ -587,6 +587,20 @@ class StateStore:
 def _location(save_path: Path, renames: dict[int, tuple[str, ...]]) -> dict[bytes, Any]:
     return {b"save_path": str(save_path).encode(),
             b"renames": {str(i).encode(): "/".join(p).encode() for i, p in renames.items()}}
+
+
+def _own_metainfo(folder: Path, ih_hex: str, parse: Any) -> Any:
+    """The parsed metainfo kept in a torrent's state folder, refused unless it is of the
+    info_hash the folder is named for. A bit of it flipped on disk still parses: loaded,
+    it was another torrent, with the pieces the record proves of the real one called
+    verified, and a removal of it removed the real one's folder (or, with its files, the
+    files its damaged paths name)."""
+    meta = parse((folder / "metainfo.torrent").read_bytes())
+    found = bytes(meta.info_hash).hex()
+    if found != ih_hex:
+        raise ValueError(f"its metainfo is damaged: it is of info_hash {found}, not of the "
+                         f"torrent its folder is named for")
+    return meta
 
 
 def _read_location(record: Any) -> tuple[str, dict[int, tuple[str, ...]]]:

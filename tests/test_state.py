@@ -740,6 +740,53 @@ def test_a_damaged_resume_record_is_rebuilt_from_the_journal(
     assert (folder / "metainfo.torrent").exists()  # kept for the operator to look at
 
 
+def test_a_metainfo_damaged_in_the_state_folder_is_not_taken_for_another_torrent(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
+) -> None:
+    """One bit of a piece hash flipped in a state folder's metainfo.torrent: the metainfo
+    still parsed, and was loaded as the torrent of another info_hash, its pieces called
+    verified from the real one's record; the real torrent, added again, was a second one,
+    and a removal of the phantom removed the real one's state folder. It is skipped now,
+    saying why, and the real torrent can be added again."""
+    src, ih = _downloaded_and_stopped(tmp_path, odd_payload, backend)
+    state = tmp_path / "state"
+    kept = state / "torrents" / ih.hex() / "metainfo.torrent"
+    real = kept.read_bytes()
+    raw = bytearray(real)
+    raw[raw.index(b"6:pieces") + 20] ^= 1
+    kept.write_bytes(raw)
+    again = DiskIO(backend, state_dir=state)
+    assert again.torrents() == []
+    assert any(ih.hex() in e and "metainfo is damaged" in e for e in again.load_errors), \
+        again.load_errors
+    assert again.register(real, tmp_path / "dl") == ih
+    again.close()
+    third = DiskIO(backend, state_dir=state)
+    assert third.torrents() == [ih] and third.load_errors == []
+    assert third.status(ih)["num_pieces"] == src.meta.num_pieces
+    third.close()
+
+
+def test_a_removal_with_its_files_never_deletes_by_a_metainfo_of_another_torrent(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str
+) -> None:
+    """A removal with files that a crash cut short is finished at the next start by the
+    metainfo in the torrent's state folder. Damaged into another torrent's (here: that
+    of a torrent whose file lies in the same save path), it deleted that one's files."""
+    _, ih = _downloaded_and_stopped(tmp_path, odd_payload, backend)
+    other = make_payload(tmp_path / "dl", {"other.bin": 100_000}, seed=3)
+    state = tmp_path / "state"
+    folder = state / "torrents" / ih.hex()
+    (folder / "metainfo.torrent").write_bytes(make_torrent_lt(other, 16384, "v1"))
+    (folder / "delete-files").write_bytes(b"")  # as a removal with its files leaves it
+    again = DiskIO(backend, state_dir=state)
+    assert again.torrents() == []
+    assert any(ih.hex() in e and "metainfo is damaged" in e for e in again.load_errors), \
+        again.load_errors
+    again.close()
+    assert (other / "other.bin").stat().st_size == 100_000
+
+
 @pytest.mark.parametrize("window", [0.0, 0.005])
 def test_a_piece_is_announced_only_once_every_sync_of_its_files_has_returned(
     tmp_path: Path, backend: str, window: float, monkeypatch: pytest.MonkeyPatch
