@@ -298,6 +298,11 @@ def load(
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text") from None
+        except OSError as exc:  # a folder, a file the daemon's user may not read...
+            raise ConfigError(f"config file {path}: cannot read it: "
+                              f"{exc.strerror or exc}") from None
         for key, value in data.items():
             if key not in _TYPES:
                 raise ConfigError(f"{path}: unknown key '{key}'")

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 class ProgressBar:
     """A one-line progress bar on a terminal; silent when the stream is not one."""
+
+    line_open = False  # a bar is drawn and its line not ended: a message starts a new one
 
     def __init__(self, total: int, unit_bytes: int, stream: TextIO = sys.stderr) -> None:
         self.total = total
@@ -47,6 +50,7 @@ class ProgressBar:
             f"\r[{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} {done}/{total} pieces"
             f" {rate:8.1f} MiB/s"
         )
+        ProgressBar.line_open = done < total
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
@@ -80,7 +84,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         result = verify(meta, files.reader(), pool, bar)
     except Unreadable as exc:  # not a piece found wrong: nothing can be said of them
-        print(f"{chr(10) if bar.enabled else ''}pieced verify: {exc}", file=sys.stderr)
+        _complain(f"pieced verify: {exc}")
         return EXIT_BAD_INPUT
     finally:
         pool.shutdown()
@@ -99,16 +103,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "ok": result.ok,
         "seconds": round(elapsed, 4),
     }
-    if args.json:
-        json.dump(report, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        failed = sorted(set(result.failed_v1 or []) | set(result.failed_v2 or []))
-        print(f"{_shown(meta.name)}: {meta.num_pieces - len(failed)}/{meta.num_pieces} pieces verify")
-        if result.failed_v1 is not None:
-            print(f"  v1 failed: {_ranges(result.failed_v1) or 'none'}")
-        if result.failed_v2 is not None:
-            print(f"  v2 failed: {_ranges(result.failed_v2) or 'none'}")
+    failed = sorted(set(result.failed_v1 or []) | set(result.failed_v2 or []))
+    human = [f"{_shown(meta.name)}: {meta.num_pieces - len(failed)}/{meta.num_pieces} pieces verify"]
+    if result.failed_v1 is not None:
+        human.append(f"  v1 failed: {_ranges(result.failed_v1) or 'none'}")
+    if result.failed_v2 is not None:
+        human.append(f"  v2 failed: {_ranges(result.failed_v2) or 'none'}")
+    _print(args, report, "\n".join(human))
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -146,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         raise
     except OSError as exc:  # the state folder or socket path unusable, ...
-        _refused(f"pieced run: cannot start: {exc}")
+        _refused(f"pieced run: {exc}")
         return EXIT_BAD_INPUT
     return EXIT_OK
 
@@ -157,8 +158,8 @@ def _refused(message: str) -> None:
     daemon is not running, not only its last start-up lines."""
     import logging
 
-    if logging.getLogger().handlers:
-        logging.getLogger("pieced").critical("%s", message)
+    if logging.getLogger().handlers:  # (whose lines name the logger "pieced" already)
+        logging.getLogger("pieced").critical("%s", message.removeprefix("pieced: "))
     else:
         print(message, file=sys.stderr)
 
@@ -205,12 +206,22 @@ def _shown(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+class Unwritten(Exception):
+    """The report could not be written to standard output (a full disk, /dev/full)."""
+
+
 def _print(args: argparse.Namespace, data: Any, human: str) -> None:
-    if args.json:
-        json.dump(data, sys.stdout, default=_jsonable)
-        sys.stdout.write("\n")
-    else:
-        print(human)
+    try:
+        if args.json:
+            json.dump(data, sys.stdout, default=_jsonable)
+            sys.stdout.write("\n")
+        else:
+            print(human)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # (piped into `head`: see main)
+    except OSError as exc:
+        raise Unwritten(exc.strerror or str(exc)) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -368,31 +379,47 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT if exc.code else EXIT_OK
     from pieced.storage.errors import PiecedError
 
+    me = f"pieced {args.command}"
     try:
         rc: int = args.func(args)
         sys.stdout.flush()
     except BrokenPipeError as exc:
         if _stdout_gone():  # piped into `head`: end quietly, as other Unix tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _drop_stdout()
             return EXIT_OK
-        print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} hung up: "
-              f"{exc}", file=sys.stderr)
+        _complain(f"{me}: the daemon at {getattr(args, 'socket', '?')} hung up: {exc}")
         return EXIT_BAD_INPUT
     except PiecedError as exc:
-        print(f"pieced {args.command}: {exc}", file=sys.stderr)
+        _complain(f"{me}: {exc}")
         return EXIT_BAD_INPUT
     except Unreachable as exc:
-        print(f"pieced {args.command}: {exc}", file=sys.stderr)
+        _complain(f"{me}: {exc}")
         return EXIT_BAD_INPUT
     except ConnectionError as exc:
-        print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} hung up: "
-              f"{exc}", file=sys.stderr)
+        _complain(f"{me}: the daemon at {getattr(args, 'socket', '?')} hung up: {exc}")
         return EXIT_BAD_INPUT
     except TimeoutError:
-        print(f"pieced {args.command}: the daemon at {getattr(args, 'socket', '?')} did not "
-              "answer in time", file=sys.stderr)
+        _complain(f"{me}: the daemon at {getattr(args, 'socket', '?')} did not answer in time")
         return EXIT_BAD_INPUT
+    except Unwritten as exc:  # (exit 1 would say that a piece failed)
+        _drop_stdout()  # (else the flush at exit fails again, and exits 120)
+        _complain(f"{me}: cannot write the report to standard output: {exc}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _complain(f"{me}: interrupted")
+        return 128 + signal.SIGINT
     return rc
+
+
+def _complain(message: str) -> None:
+    """An error on stderr, on a line of its own (not after a progress bar's)."""
+    print(("\n" if ProgressBar.line_open else "") + message, file=sys.stderr)
+    ProgressBar.line_open = False
+
+
+def _drop_stdout() -> None:
+    """Standard output to /dev/null from now on: what is left to write goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _stdout_gone() -> bool:

@@ -202,7 +202,8 @@ async def serve(settings: Settings) -> None:
     # The socket in use: under socket activation the one passed, not the configured one.
     where = (f"{socket_name(listener)} (passed by the service manager)" if passed
              else settings.socket)
-    listening = (f"listening on {where} and http://{settings.http_host}:{http_port}"
+    host = f"[{settings.http_host}]" if ":" in settings.http_host else settings.http_host
+    listening = (f"listening on {where} and http://{host}:{http_port}"
                  f" (backend {settings.backend})")
     log.info("%s", listening)
     # One line on stdout that scripts (and the tests) can wait for.

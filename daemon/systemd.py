@@ -7,10 +7,14 @@ handed over as descriptors 3.. with ``$LISTEN_FDS`` and ``$LISTEN_PID``.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 SD_LISTEN_FDS_START = 3
+MIN_PING_INTERVAL = 0.01  # seconds: a timeout of a few microseconds pings no busier
+
+log = logging.getLogger("pieced")
 
 
 def notify(message: str, env: dict[str, str] | None = None) -> bool:
@@ -54,6 +58,14 @@ def watchdog_interval() -> float | None:
     if not usec:
         return None
     pid = env.get("WATCHDOG_PID")
-    if pid and int(pid) != os.getpid():
+    try:
+        if pid and int(pid) != os.getpid():
+            return None
+        seconds = int(usec) / 2e6
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:  # (not systemd's doing: a ping loop with no pause, or a traceback)
+        log.warning("WATCHDOG_USEC=%r WATCHDOG_PID=%r make no sense: no watchdog pings",
+                    usec, pid)
         return None
-    return int(usec) / 2e6
+    return max(seconds, MIN_PING_INTERVAL)

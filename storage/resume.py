@@ -527,7 +527,7 @@ class StateStore:
         if resume is None or not isinstance(resume.get(b"have", b""), bytes) or len(
             resume.get(b"have", b"")
         ) != nbytes or not _crc_matches(resume):
-            damaged = "its resume record is missing or damaged"
+            damaged = "its resume record is missing, damaged or unreadable"
         else:
             have[:] = resume[b"have"]
             table = resume.get(b"fingerprints")
@@ -605,7 +605,7 @@ def _own_metainfo(folder: Path, ih_hex: str, parse: Any) -> Any:
 
 def _read_location(record: Any) -> tuple[str, dict[int, tuple[str, ...]]]:
     if not isinstance(record, dict) or not isinstance(record.get(b"save_path"), bytes):
-        raise ValueError("its location record is missing or damaged")
+        raise ValueError("its location record is missing, damaged or unreadable")
     renames: dict[int, tuple[str, ...]] = {}
     for k, v in dict(record.get(b"renames", {})).items():
         renames[int(k)] = tuple(bytes(v).decode().split("/"))

@@ -111,6 +111,25 @@ def test_bad_config_stops_the_daemon(tmp_path: Path) -> None:
     assert r.returncode == 2 and "'cache_bytes' = -5 must be >= 0" in r.stderr
 
 
+@pytest.mark.parametrize("what", ["folder", "not utf-8"])
+def test_a_config_file_that_cannot_be_read_stops_the_daemon_saying_why(
+        tmp_path: Path, what: str) -> None:
+    """A config path that is a folder, or a file that is not text: a traceback, exit 1."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "p.toml"
+    if what == "folder":
+        f.mkdir()
+    else:
+        f.write_bytes(b"cache_bytes = 5 # \xff\xfe\n")
+    r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "run", "--config", str(f)],
+                       capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    said = {"folder": "cannot read it: Is a directory", "not utf-8": "not UTF-8 text"}[what]
+    assert r.returncode == 2 and r.stderr == f"pieced: configuration error: config file {f}: {said}\n", \
+        r.stderr
+
+
 def _unit_problems(*units: Path) -> list[str]:
     import shutil
     import subprocess
@@ -228,6 +247,15 @@ def test_a_start_refused_after_the_log_is_open_is_in_the_log(tmp_path: Path) -> 
         logged = [ln for ln in _log_lines(tmp_path / "second.log")
                   if "in use by another pieced daemon" in ln]
         assert len(logged) == 1 and " CRITICAL pieced: " in logged[0], logged
+        # a refusal worded for stderr ("pieced: ..."): the logger's name is said once
+        r = subprocess.run(
+            [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0",
+             "--socket", str(first.socket), "--state-dir", str(tmp_path / "state3")],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, "PIECED_LOG_FILE": str(tmp_path / "third.log")})
+        assert r.returncode == 2 and "another daemon is listening" in r.stderr, r.stderr
+        logged = [ln for ln in _log_lines(tmp_path / "third.log") if " CRITICAL " in ln]
+        assert len(logged) == 1 and " CRITICAL pieced: another daemon" in logged[0], logged
     finally:
         assert first.stop() == 0, first.stderr()
 

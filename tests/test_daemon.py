@@ -17,6 +17,7 @@ import os
 import random
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -423,6 +424,29 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     r = pieced("status", "00" * 20, *sock)
     assert r.returncode == 2 and "unknown info_hash" in r.stderr
     json.loads(pieced("stats", "--json", *sock).stdout)
+
+
+def test_a_command_interrupted_says_so_and_an_ipv6_address_is_bracketed(tmp_path: Path) -> None:
+    """Ctrl-C on a command waiting for the daemon printed a traceback; the start-up line
+    gave an IPv6 HTTP address as http://::1:PORT, which no browser or tool takes."""
+    d = Daemon(tmp_path, "--http-host", "::1")
+    try:
+        assert d.http.rsplit(":", 1)[0] == "[::1]", d.http
+        with urllib.request.urlopen(f"http://{d.http}/healthz", timeout=10) as resp:
+            assert resp.read() == b"ok\n"
+        os.kill(d.proc.pid, signal.SIGSTOP)  # (it answers nothing now)
+        try:
+            cmd = subprocess.Popen([sys.executable, "-m", "pieced.daemon.cli", "ls",
+                                    "--socket", str(d.socket)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+            time.sleep(2)  # (connected and waiting for the reply)
+            cmd.send_signal(signal.SIGINT)
+            out, err = cmd.communicate(timeout=30)
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        assert cmd.returncode == 130 and err == "pieced ls: interrupted\n" and out == "", err
+    finally:
+        assert d.stop() == 0, d.stderr()
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})

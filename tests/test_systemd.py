@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from pieced.daemon.systemd import MIN_PING_INTERVAL, watchdog_interval
 from pieced.protocol.client import Client
 
 
@@ -59,3 +61,19 @@ def test_notify_and_socket_activation(tmp_path: Path) -> None:
             proc.kill()
         listener.close()
         notify.close()
+
+
+def test_a_watchdog_setting_that_makes_no_sense_gives_no_pings_and_no_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """WATCHDOG_USEC not a number stopped the start with a traceback, after the socket
+    was bound; 0, a negative one or a few microseconds made the ping loop run without a
+    pause."""
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    for usec, want in (("abc", None), ("-5", None), ("0", None), ("1", MIN_PING_INTERVAL),
+                       ("200000", 0.1)):
+        monkeypatch.setenv("WATCHDOG_USEC", usec)
+        assert watchdog_interval() == want, usec
+    monkeypatch.setenv("WATCHDOG_PID", "x")
+    assert watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 0.1

@@ -211,6 +211,43 @@ def test_bad_input_exit_2(tmp_path: Path, odd_payload: tuple[Path, Path]) -> Non
     assert proc.returncode == 2 and "not a regular file" in proc.stderr
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_report_that_cannot_be_written_is_bad_input_not_a_failed_piece(
+        tmp_path: Path, odd_payload: tuple[Path, Path], as_json: bool) -> None:
+    """Standard output on a full disk: a traceback and exit 1, which says a piece
+    failed, where every piece verifies."""
+    save, content = odd_payload
+    tfile = tmp_path / "t.torrent"
+    tfile.write_bytes(make_torrent_lt(content, 16384, "v1"))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*PIECED, "verify", str(tfile), "--data", str(save),
+                               *(["--json"] if as_json else [])],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("pieced verify: cannot write the report to standard output: "
+                           "No space left on device\n"), proc.stderr
+
+
+def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An error of a recheck cut short was written on after the bar's last draw:
+    '...417.9 MiB/spieced recheck: the check was cut short'."""
+    import io
+
+    from pieced.daemon.cli import ProgressBar, _complain
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bar = ProgressBar(10, 16384, stream=Terminal())
+    bar(3, 10)
+    _complain("pieced recheck: cut short")
+    bar(10, 10)  # (a finished bar ends its own line)
+    _complain("pieced recheck: after")
+    assert capsys.readouterr().err == "\npieced recheck: cut short\npieced recheck: after\n"
+
+
 def test_human_output_and_quiet_progress(tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
     save, content = odd_payload
     tfile = tmp_path / "t.torrent"
