@@ -134,6 +134,17 @@ def warn_missing_roots(settings: Settings) -> None:
                         "refused until it can", root, exc.strerror or exc)
 
 
+def warn_open_socket(settings: Settings, passed: bool) -> None:
+    """A socket_mode that lets other users in, with no allow list behind it: any local
+    user may register, write and remove torrents. Allowed (the operator may mean it),
+    but said, since the mode is the only gate then."""
+    if (not passed and settings.socket_mode & 0o006 and not settings.allow_uids
+            and not settings.allow_gids):
+        log.warning("socket_mode %#o lets every local user use this daemon (register, "
+                    "write, remove torrents): allow_uids and allow_gids are empty",
+                    settings.socket_mode)
+
+
 async def serve(settings: Settings) -> None:
     settings = settings.resolved()
     problem = exposure_problem(settings)
@@ -147,6 +158,7 @@ async def serve(settings: Settings) -> None:
         if problem:
             raise SystemExit(problem)
     warn_missing_roots(settings)
+    warn_open_socket(settings, bool(passed))
     make_folders(Path(settings.state_dir))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -279,6 +279,26 @@ def test_a_missing_root_is_warned_of(tmp_path: Path) -> None:
     assert f"roots: {missing} does not exist" in d.stderr()
 
 
+@pytest.mark.parametrize("extra,warned", [
+    ({"PIECED_SOCKET_MODE": "666"}, True),
+    ({"PIECED_SOCKET_MODE": "666", "PIECED_ALLOW_UIDS": "0"}, False),
+    ({}, False),
+])
+def test_a_socket_open_to_every_user_with_nobody_checked_is_warned_of(
+        tmp_path: Path, extra: dict[str, str], warned: bool) -> None:
+    """socket_mode 0666 with both allow lists empty: every local user may register and
+    remove torrents. Allowed, but said at start-up."""
+    from tests.conftest import Daemon
+
+    d = Daemon(tmp_path, env=extra)
+    assert d.stop() == 0
+    said = [ln for ln in _log_lines(tmp_path / "var" / "pieced.log")
+            if "lets every local user use this daemon" in ln]
+    assert len(said) == (1 if warned else 0), said
+    if warned:
+        assert "socket_mode 0o666" in said[0]
+
+
 def test_a_socket_path_too_long_is_named(tmp_path: Path) -> None:
     import subprocess
     import sys
