@@ -56,6 +56,10 @@ class HashServer:
         length = self._files.get(root)
         if length is None or count <= 0 or count > MAX_COUNT or index < 0 or proof_layers < 0:
             return None
+        if count & (count - 1) or index % count:
+            # Nodes that are not one aligned subtree fold into no single node, and the
+            # proof below would be of others (libtorrent asks 2^k nodes at a multiple of 2^k).
+            return None
         num_layers = (next_pow2(leaf_count(length))).bit_length() - 1  # the root's height
         if base >= num_layers or proof_layers >= num_layers - base or base < self.piece_height:
             return None

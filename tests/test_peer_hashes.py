@@ -96,3 +96,7 @@ def test_refusals(meta) -> None:  # type: ignore[no-untyped-def]
     assert server.answer(big.pieces_root, 1, 0, 0, 0) is None  # count 0
     assert server.answer(big.pieces_root, 1, 60, 8, 0) is None  # past the layer's end
     assert server.answer(big.pieces_root, 1, 0, 1, 99) is None  # more proof than the tree
+    # nodes that are not one aligned subtree: no proof could be of them
+    assert server.answer(big.pieces_root, 1, 1, 2, 3) is None  # not at a multiple of 2
+    assert server.answer(big.pieces_root, 1, 0, 3, 3) is None  # not a power of 2
+    assert server.answer(big.pieces_root, 1, 2, 2, 3) is not None
