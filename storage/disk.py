@@ -2258,14 +2258,21 @@ class DiskIO:
                 self._aside.close()
             with self._lock:
                 torrents = {t.id: t for t in self._torrents.values()}
-            saved = True
+            unsaved = []
             for t in torrents.values():
                 t.storage.close()
                 # After the final sync: stamps match the files.
-                saved = self._save_now(t, stamps=True) and saved
+                if not self._save_now(t, stamps=True):
+                    unsaved.append(t.key.hex())
                 rec = self._records.get(t.id)
                 if rec is not None:
                     rec.close()
+            saved = not unsaved
+            if unsaved:
+                log.warning("at the stop: the record of %d torrent(s) could not be saved (%s): "
+                            "their journals keep every verified piece; the next start "
+                            "checks their files as after a crash", len(unsaved),
+                            ", ".join(unsaved[:5]) + (", ..." if len(unsaved) > 5 else ""))
             if self.state is not None:
                 try:
                     if saved:  # else the next start is a crash's: nothing taken on trust

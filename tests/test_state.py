@@ -22,7 +22,7 @@ from pieced.storage.disk import DiskIO
 from pieced.storage.errors import PiecedError, StorageIOError
 from pieced.storage.layout import Layout
 
-from tests.conftest import STORES_NOTHING, Daemon
+from tests.conftest import STORES_NOTHING, Daemon, fill_up
 from tests.realtools import corrupt, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source, fill
 
@@ -259,7 +259,7 @@ def test_a_full_state_disk_loses_no_announced_piece(
                 dio.write_chunk(ih, p, b, src.read(p, b, n))
 
     write(list(range(100)))  # the journal has records in its last page of the disk
-    _fill_up(tiny_fs)
+    fill_up(tiny_fs)
     write(list(range(100, 200)))
     assert failed and len(announced) > 100  # some records fitted, then the disk was full
     os.unlink(tiny_fs / "filler")
@@ -272,6 +272,30 @@ def test_a_full_state_disk_loses_no_announced_piece(
     st = again.status(ih)
     have = {p for p in range(src.meta.num_pieces) if st["have"][p >> 3] & (0x80 >> (p & 7))}
     assert have == announced and st["reverifying_pieces"] == 0
+    again.close()
+
+
+def test_a_stop_whose_records_cannot_be_saved_says_so(
+    tmp_path: Path, tiny_fs: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state folder's disk full at the stop: the records could not be written, the
+    next start was to be a crash's (rightly), and the stop said nothing of it."""
+    from tests.realtools import make_payload
+
+    content = make_payload(tmp_path / "src", 8 * 16384, seed=5)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, state_dir=tiny_fs / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    fill_up(tiny_fs)
+    with caplog.at_level("WARNING", logger="pieced"):
+        dio.close()
+    said = [r.getMessage() for r in caplog.records if "could not be saved" in r.getMessage()]
+    assert len(said) == 1 and ih.hex() in said[0], caplog.text
+    os.unlink(tiny_fs / "filler")
+    again = DiskIO(backend, state_dir=tiny_fs / "state")
+    assert wait_reverified(again, ih)["verified_pieces"] == src.meta.num_pieces
     again.close()
 
 
@@ -291,7 +315,7 @@ def test_a_flush_all_whose_pieces_could_not_be_journaled_says_so(
                  on_piece=lambda r: told.append((r.piece, r.ok)))
     try:
         ih = dio.register(raw, tmp_path / "dl")
-        _fill_up(tiny_fs)
+        fill_up(tiny_fs)
         fill(dio, ih, src)  # every piece whole: committing, the window not over
         with pytest.raises(StorageIOError) as exc:
             dio.flush_all()
@@ -1614,15 +1638,6 @@ def test_a_file_put_in_the_way_of_a_move_is_never_taken_for_the_torrents(
     again.close()
 
 
-def _fill_up(fs: Path) -> None:
-    """No room left on ``fs`` (its file ``filler`` takes it all)."""
-    filler = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(filler, bytes(4096))
-    os.close(filler)
-
-
 def _verified(st: dict) -> set[int]:
     return {p for p in range(len(st["have"]) * 8) if st["have"][p >> 3] & (0x80 >> (p & 7))}
 
@@ -1661,7 +1676,7 @@ def test_pieces_lost_while_stopped_and_not_recorded_at_the_start_never_come_back
     first.close()
     shutil.rmtree(tiny_fs / "a")
     os.truncate(tmp_path / "dl" / "payload" / "b.bin", 0)  # while the daemon is down
-    _fill_up(tiny_fs)
+    fill_up(tiny_fs)
     second = DiskIO(backend, state_dir=tiny_fs / "b", sync_window=0.002)
     assert second.status(ih)["verified_pieces"] == n // 2  # b.bin's went, unrecorded
     last = n - 1
@@ -1766,7 +1781,7 @@ def test_pieces_cleared_while_the_state_disk_is_full_never_come_back_verified(
             dio.write_chunk(ih, p, b, src.read(p, b, k))
     dio.flush_all()
     assert dio.status(ih)["verified_pieces"] == n - 1
-    _fill_up(tiny_fs)
+    fill_up(tiny_fs)
     dio._save_now(dio.torrent(ih))  # fails (no room), and the journal starts a new file
     assert dio.status(ih)["errors"]
 
@@ -2162,7 +2177,7 @@ def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
     raw = make_torrent_lt(content, 16384, "v1")
     state = tiny_fs / "state"
     dio = DiskIO(backend, state_dir=state)
-    _fill_up(tiny_fs)
+    fill_up(tiny_fs)
     with pytest.raises(StorageIOError) as exc:
         dio.register(raw, tmp_path / "dl")
     assert exc.value.errno == errno.ENOSPC
@@ -2202,7 +2217,7 @@ def test_a_write_under_way_does_not_make_a_vanished_file_anew_before_it_is_recor
             dio.write_chunk(ih, p, b, src.read(p, b, k))
     dio.write_block_direct(ih, n - 1, 0, src.read(n - 1, 0, 16384))  # the last piece under way
     dio.flush_all()
-    _fill_up(tiny_fs)
+    fill_up(tiny_fs)
     dio._save_now(dio.torrent(ih))  # fails (no room), and the journal starts a new file
     b_bin = tmp_path / "dl" / "payload" / "b.bin"
     os.unlink(b_bin)
