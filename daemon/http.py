@@ -66,7 +66,10 @@ def guard_connections(server: web.Server, limit: int = MAX_CONNECTIONS,
     def connection_made(handler: Any, transport: Any) -> None:
         made(handler, transport)
         opened[handler] = time.monotonic()
-        conns = server.connections
+        # Those whose connection is open: a handler closed a moment ago stays listed
+        # until its task ends (a stream's, at its next tick), and taken for a victim
+        # again by every newcomer meanwhile, it let hundreds past the bound.
+        conns = [h for h in server.connections if h.transport is not None]
         if len(conns) > limit:
             others = [h for h in conns if h is not handler]
             victim = min((h for h in others if idle(h)), default=None,
