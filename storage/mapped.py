@@ -17,6 +17,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from . import paths
 from .errors import PiecedError, StorageIOError
 from .files import FileStorage, FileVanished, HandlePool
 from .hashing import Buffer
@@ -101,6 +102,7 @@ def watch_leases() -> bool:
     global _watching
     if not _watching and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGIO, _on_lease_break)
+        paths.lease_met = release_broken_leases  # (an open of ours that breaks one)
         _watching = True
     return _watching
 

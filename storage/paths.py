@@ -69,6 +69,13 @@ class _IdleFolders:
 
 IDLE = _IdleFolders(IDLE_FOLDERS)
 
+# Called when an open meets a lease, before it waits for the lease's holder: the mmap
+# backend gives back at once the leases of its own maps that the open is breaking. Its
+# SIGIO handler would too, but a Python handler runs on the main thread between two
+# bytecodes: a main thread that is itself the opener (the storage used in-process) went
+# into the waiting open first, and waited out the kernel's lease-break-time (45 s).
+lease_met: Callable[[], object] | None = None
+
 
 class Beneath:
     """A folder opened at first use (kept open while used, and among the last
@@ -314,6 +321,8 @@ class Beneath:
                     # A lease on the file (another process's, or a map of ours): wait for
                     # its holder to let go, as any open does. (A FIFO never answers so:
                     # its non-blocking open succeeds.)
+                    if lease_met is not None:
+                        lease_met()
                     fd = os.open(name, flags, mode, dir_fd=dfd)
                 if creating:
                     self.changed(parts[:-1])

@@ -320,6 +320,40 @@ def test_a_recheck_does_not_break_its_own_leases(tmp_path: Path) -> None:
         dio.close()
 
 
+def test_an_open_on_the_main_thread_that_breaks_our_own_lease_does_not_wait_it_out(
+        tmp_path: Path) -> None:
+    """The engine used in-process, from the main thread: a second torrent naming a file
+    the first one maps reads it (cross-seeding), and that open breaks our own lease. The
+    SIGIO handler that gives it back is Python's, run on the main thread between two
+    bytecodes: the main thread went into the waiting open first and waited out the
+    kernel's lease-break-time (45 s) for a lease of its own process. The open gives back
+    our own leases it breaks before it waits."""
+    assert threading.current_thread() is threading.main_thread()
+    lease_break = int(Path("/proc/sys/fs/lease-break-time").read_text())
+    assert lease_break >= 10, "a lease-break-time this short would hide the wait"
+    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=16)
+    data = (long_content / "x.bin").read_bytes()
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
+    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
+    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 16384, "v1")
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih_long = dio.register(raw_long, tmp_path / "dl")
+        fill(dio, ih_long, Source(raw_long, long_content), seed=None, direct_every=0)
+        dio.flush_all()
+        assert _mapped(tmp_path / "dl" / "x.bin")
+        ih_short = dio.register(raw_short, tmp_path / "dl")
+        start = time.monotonic()
+        dio.write_chunk(ih_short, 0, 0, data[:16384])  # (reads the file: same bytes?)
+        took = time.monotonic() - start
+        assert took < lease_break / 3, f"{took:.1f} s: the open waited out the lease break"
+        dio.flush_all()
+        assert dio.status(ih_short)["verified_pieces"] == 1
+    finally:
+        dio.close()
+
+
 _STORE_WAITS = """
 import sys, threading, time
 from pathlib import Path
