@@ -447,9 +447,15 @@ class DiskIO:
                 continue
             same = self._same_bytes(t, seg, bufs)
             for x, j in others:
-                start = x.meta.files.offsets[j] + seg.file_offset
+                # The other torrent may say the file is shorter: only what lies inside
+                # its length is in its pieces.
+                first, end = x.meta.files.offsets[j], x.meta.files.offsets[j + 1]
+                start = first + seg.file_offset
+                stop = min(start + seg.length, end)
+                if start >= stop:
+                    continue
                 size = x.layout.piece_length
-                pieces = range(start // size, (start + seg.length - 1) // size + 1)
+                pieces = range(start // size, (stop - 1) // size + 1)
                 with x.lock:
                     if not same:
                         for p in pieces:

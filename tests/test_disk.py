@@ -1399,6 +1399,36 @@ def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_ot
         dio.close()
 
 
+@pytest.mark.backends(exclude={"disabled": "stores nothing: no file to share"})
+def test_writes_past_the_end_a_shorter_torrent_gives_a_shared_file_are_stored(
+        tmp_path: Path, backend: str) -> None:
+    """Two torrents name one file with two lengths, the shorter one registered first:
+    every block of the longer one past the shorter one's end failed with an internal
+    error (its pieces were looked for in the shorter torrent, past its last), and the
+    longer one never finished. Those bytes are the longer one's alone."""
+    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=15)
+    data = (long_content / "x.bin").read_bytes()
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
+    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
+    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 32768, "v1")
+    src_long, src_short = Source(raw_long, long_content), Source(raw_short, tmp_path / "short")
+    dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
+    try:
+        ih_short = dio.register(raw_short, tmp_path / "dl")
+        fill(dio, ih_short, src_short, seed=None, direct_every=0)
+        dio.flush_all()
+        ih_long = dio.register(raw_long, tmp_path / "dl")
+        fill(dio, ih_long, src_long, seed=None, direct_every=0)
+        dio.flush_all()
+        assert dio.status(ih_long)["verified_pieces"] == src_long.meta.num_pieces
+        assert dio.status(ih_short)["verified_pieces"] == src_short.meta.num_pieces
+        assert (tmp_path / "dl" / "x.bin").read_bytes() == data
+        assert dio.recheck(ih_short, full=True).ok and dio.recheck(ih_long, full=True).ok
+    finally:
+        dio.close()
+
+
 def test_bytes_read_counts_the_payload_not_the_pads(tmp_path: Path) -> None:
     """``bytes_read`` ("payload bytes read from disk") counted the pad files of a hybrid
     torrent, which are never read (262,144 for 175,000 bytes on disk), in reads and in
