@@ -1354,9 +1354,22 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
             "verified": sum(r.have), "fingerprint_hits": r.fingerprint_hits}
 
 
+# The fewest bytes a file's entry takes in a status reply:
+# d5:indexi0e6:lengthi0e4:path1:x14:verified_bytesi0ee
+FILE_ENTRY_BYTES = 53
+
+
 def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     files = _flag(m, "files", 1)
-    return c.disk.status(_ih(m), files=files, partial=_flag(m, "partial", 0))
+    ih = _ih(m)
+    if files:
+        listed = c.disk.torrent(ih).meta.files.count_not_pads()
+        if listed * FILE_ENTRY_BYTES > c.server.max_frame:
+            # Refused before the list is made: a million files' entries took gigabytes
+            # on the way to a reply that could never be sent.
+            raise TooLarge(f"a list of {listed} files exceeds the frame limit of "
+                           f"{c.server.max_frame}: ask with files=0")
+    return c.disk.status(ih, files=files, partial=_flag(m, "partial", 0))
 
 
 def _big_report(c: Connection, op: str, m: dict[str, Any]) -> bool:

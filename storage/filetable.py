@@ -42,6 +42,7 @@ class FileEntry(NamedTuple):
 
 
 PAD, UNSTORED = 1, 2  # flag bits: a pad file; a file with no bytes on disk (pad, symlink)
+_PAD_BIT = bytes(b & PAD for b in range(256))
 
 
 class TableBuilder:
@@ -164,6 +165,10 @@ class FileTable(Sequence[FileEntry]):
     @property
     def total(self) -> int:
         return self.offsets[-1]
+
+    def count_not_pads(self) -> int:
+        """How many files are not pads (the files a status lists)."""
+        return len(self.flags) - self.flags.translate(_PAD_BIT).count(1)
 
     @property
     def folders(self) -> list[tuple[str, ...]]:

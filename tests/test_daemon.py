@@ -1025,6 +1025,31 @@ def _many_files(n: int, name_bytes: int = 150) -> bytes:
     return bencodepy.encode({b"info": info})
 
 
+def test_a_file_list_that_cannot_fit_a_reply_is_refused_before_it_is_made(
+        tmp_path: Path) -> None:
+    """A status of a torrent of 200,000 files, whose list no reply could hold: the list
+    was made, then encoded in small pieces (2 KB a file), and only then found too large:
+    hundreds of MB for one request (2.2 GB for a million files). It is refused first;
+    the status without files is answered; a list that fits is encoded in one buffer."""
+    from pieced.daemon.server import FILE_ENTRY_BYTES
+
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket, timeout=60) as c:
+            many = c.register(_many_files(200_000, 20), tmp_path / "many")
+            some = c.register(_many_files(20_000, 20), tmp_path / "some")
+            assert 200_000 * FILE_ENTRY_BYTES > c.core.max_frame
+            before = _vm_hwm(d.proc.pid)
+            with pytest.raises(TooLarge, match="ask with files=0"):
+                c.status(many)
+            assert c.status(many, files=False)["num_pieces"] >= 1
+            assert len(c.status(some)["files"]) == 20_000
+            grown = _vm_hwm(d.proc.pid) - before
+            assert grown < 48 << 20, grown >> 20
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_an_http_client_that_reads_nothing_does_not_hold_up_a_stop(tmp_path: Path) -> None:
     """A client asks for a large JSON document (/torrents of a torrent of 40,000 files,
     megabytes) and reads none of it: a SIGTERM then took two minutes (past systemd's stop
