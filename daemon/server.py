@@ -163,8 +163,13 @@ class Server:
         # Lanes whose next job may take long (LONG_OPS, or a block of a torrent that a
         # fenced operation holds) run here instead, so that they never take every
         # worker from short requests of other clients. Threads start only when needed;
-        # a lane waiting on a fence holds one, hence the generous bound.
-        self.long_executor = ThreadPoolExecutor(LONG_WORKERS, "pieced-long")
+        # a lane waiting on a fence holds one. A connection's lane runs one job at a
+        # time: with a thread for each client there may be, no client's job ever waits
+        # behind another's (130 clients asking a recheck of one torrent held the 64
+        # there were, waiting for it in turn, and a status of another torrent waited
+        # for minutes behind them).
+        self.long_executor = ThreadPoolExecutor(max(LONG_WORKERS, max_clients + 8),
+                                                "pieced-long")
         # Short workers held by block I/O, by file system (device): one at a time each.
         # A disk whose writes hang (a USB disk spinning up, a network mount gone) keeps
         # the worker it holds; four clients writing to it took every short worker, and
