@@ -34,6 +34,7 @@ import logging
 import re
 import shutil
 import threading
+import weakref
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -299,7 +300,17 @@ class DiskIO:
 
     def _torrent(self, meta: Metainfo, storage: FileStorage) -> Torrent:
         t = Torrent(next(self._ids), meta, storage)
-        storage.before_remaking = lambda index: self._before_remaking(t, index)
+        # Through a weak reference: the torrent holds its storage, and a closure over
+        # it made a cycle that kept a removed torrent (a million pieces' arrays) until
+        # the collector came by, a minute later.
+        torrent = weakref.ref(t)
+
+        def before_remaking(index: int) -> None:
+            live = torrent()
+            if live is not None:
+                self._before_remaking(live, index)
+
+        storage.before_remaking = before_remaking
         return t
 
     def _refuse_registered(self, meta: Metainfo) -> None:

@@ -708,3 +708,31 @@ def test_a_huge_piece_whose_first_block_came_last_is_finished_a_part_at_a_time(
         assert peak < 24 * 1024 * 1024, peak
     finally:
         dio.close()
+
+
+def test_a_removed_torrent_is_let_go_at_once(tmp_path: Path, backend: str) -> None:
+    """A torrent and its storage made a cycle (a closure of the storage's over the
+    torrent): removed, a torrent of a million pieces kept its arrays (100 MB) until the
+    collector came by, a minute later. Nothing holds it once it is removed."""
+    import gc
+    import weakref
+
+    from pieced.storage.disk import DiskIO
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 5}, seed=9)
+    raw = make_torrent_lt(content, 16384, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, roots=[tmp_path])
+    gc.collect()
+    gc.disable()
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        p, b, n = src.blocks()[0]
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        torrent = weakref.ref(dio.torrent(ih))
+        dio.unregister(ih, delete_files=True)
+        assert torrent() is None, [type(r) for r in gc.get_referrers(torrent())]
+    finally:
+        gc.enable()
+        dio.close()
