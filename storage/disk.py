@@ -34,8 +34,8 @@ import logging
 import re
 import shutil
 import threading
-import weakref
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
