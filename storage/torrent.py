@@ -143,6 +143,9 @@ class Torrent:
     def __init__(self, tid: int, meta: Metainfo, storage: FileStorage) -> None:
         self.id = tid
         self.meta = meta
+        # The first part of the files' paths (the torrent's folder, or its one file):
+        # where its files begin below the save path, unless renamed.
+        self.first_part = meta.files.path(0)[0] if len(meta.files) else ""
         self.layout = Layout(meta)
         self.storage = storage
         self.state = bytearray(meta.num_pieces)  # one of MISSING..VERIFIED per piece
