@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -1370,6 +1370,30 @@ def test_a_file_longer_than_its_torrent_says_is_cut_to_its_length_by_the_first_w
         dio.close()
 
 
+class LongAndShort(NamedTuple):
+    """One file named by two torrents with two lengths (cross-seeding)."""
+
+    data: bytes  # the longer one's bytes (the shorter one's are the first half)
+    raw_long: bytes
+    raw_short: bytes
+    src_long: Source
+    src_short: Source
+
+
+def long_and_short(tmp_path: Path, seed: int, short_piece: int = 16384) -> LongAndShort:
+    """``x.bin`` of 200,000 bytes in ``tmp_path/long`` and its first 100,000 in
+    ``tmp_path/short``, a v1 torrent of each (16 KiB pieces; ``short_piece`` for the
+    shorter one)."""
+    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=seed)
+    data = (long_content / "x.bin").read_bytes()
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
+    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
+    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", short_piece, "v1")
+    return LongAndShort(data, raw_long, raw_short, Source(raw_long, long_content),
+                        Source(raw_short, tmp_path / "short"))
+
+
 @pytest.mark.backends(exclude={"disabled": "stores nothing: no file to size"})
 def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_other(
         tmp_path: Path, backend: str) -> None:
@@ -1377,13 +1401,7 @@ def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_ot
     first write does not cut the file to its length, which would take the other's
     verified pieces from under it unannounced (still reported verified); nor does the
     direct backend's write of the file's last page, whole."""
-    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=14)
-    data = (long_content / "x.bin").read_bytes()
-    (tmp_path / "short").mkdir()
-    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
-    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
-    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 16384, "v1")
-    src_long, src_short = Source(raw_long, long_content), Source(raw_short, tmp_path / "short")
+    data, raw_long, raw_short, src_long, src_short = long_and_short(tmp_path, seed=14)
     dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
     try:
         ih_long = dio.register(raw_long, tmp_path / "dl")
@@ -1406,13 +1424,8 @@ def test_writes_past_the_end_a_shorter_torrent_gives_a_shared_file_are_stored(
     every block of the longer one past the shorter one's end failed with an internal
     error (its pieces were looked for in the shorter torrent, past its last), and the
     longer one never finished. Those bytes are the longer one's alone."""
-    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=15)
-    data = (long_content / "x.bin").read_bytes()
-    (tmp_path / "short").mkdir()
-    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
-    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
-    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 32768, "v1")
-    src_long, src_short = Source(raw_long, long_content), Source(raw_short, tmp_path / "short")
+    data, raw_long, raw_short, src_long, src_short = long_and_short(tmp_path, seed=15,
+                                                                    short_piece=32768)
     dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
     try:
         ih_short = dio.register(raw_short, tmp_path / "dl")

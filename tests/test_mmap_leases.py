@@ -18,7 +18,7 @@ from pieced.storage.errors import PiecedError
 
 from tests.conftest import Daemon, FreezableFs
 from tests.realtools import make_payload, make_torrent_lt
-from tests.test_disk import Source, fill
+from tests.test_disk import Source, fill, long_and_short
 
 FILES = {"big.bin": 3 * 1024 * 1024 + 7, "small.bin": 300_000}
 
@@ -331,16 +331,11 @@ def test_an_open_on_the_main_thread_that_breaks_our_own_lease_does_not_wait_it_o
     assert threading.current_thread() is threading.main_thread()
     lease_break = int(Path("/proc/sys/fs/lease-break-time").read_text())
     assert lease_break >= 10, "a lease-break-time this short would hide the wait"
-    long_content = make_payload(tmp_path / "long", {"x.bin": 200_000}, seed=16)
-    data = (long_content / "x.bin").read_bytes()
-    (tmp_path / "short").mkdir()
-    (tmp_path / "short" / "x.bin").write_bytes(data[:100_000])
-    raw_long = make_torrent_lt(long_content / "x.bin", 16384, "v1")
-    raw_short = make_torrent_lt(tmp_path / "short" / "x.bin", 16384, "v1")
+    data, raw_long, raw_short, src_long, _ = long_and_short(tmp_path, seed=16)
     dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
     try:
         ih_long = dio.register(raw_long, tmp_path / "dl")
-        fill(dio, ih_long, Source(raw_long, long_content), seed=None, direct_every=0)
+        fill(dio, ih_long, src_long, seed=None, direct_every=0)
         dio.flush_all()
         assert _mapped(tmp_path / "dl" / "x.bin")
         ih_short = dio.register(raw_short, tmp_path / "dl")
