@@ -399,6 +399,33 @@ def test_sharing_is_found_after_a_torrents_first_file_is_renamed_away(
     dio.close()
 
 
+def test_sharing_is_found_between_a_folder_and_a_file_saved_inside_it(tmp_path: Path) -> None:
+    """A torrent of folder ``pack`` and one of its files, ``pack/sub/x.bin``, saved in
+    ``pack/sub``, share that file; a torrent of ``pack-2`` beside them (a name that
+    sorts between the two, character by character) shares nothing with either."""
+    content = make_payload(tmp_path / "src", {"sub/x.bin": 50_000, "y.bin": 7}, seed=19)
+    pack = content.rename(tmp_path / "src" / "pack")
+    other = make_payload(tmp_path / "src2", {"z.bin": 10}, seed=20).rename(
+        tmp_path / "src2" / "pack-2")
+    raw_pack = make_torrent_lt(pack, 16384, "v1")
+    raw_x = make_torrent_lt(pack / "sub" / "x.bin", 16384, "v1")
+    raw_other = make_torrent_lt(other, 16384, "v1")
+    dio = DiskIO("posix", roots=[tmp_path])
+    try:
+        a = dio.register(raw_pack, tmp_path / "dl")
+        c = dio.register(raw_other, tmp_path / "dl")
+        b = dio.register(raw_x, tmp_path / "dl" / "pack" / "sub")
+        ta, tb, tc = dio.torrent(a), dio.torrent(b), dio.torrent(c)
+        x = next(i for i in ta.storage.stored_files() if ta.storage.parts(i)[-1] == "x.bin")
+        assert [(o.key, j) for o, j in ta.shared[x]] == [(b, 0)]
+        assert [(o.key, j) for o, j in tb.shared[0]] == [(a, x)]
+        assert len(ta.shared) == 1 and not tc.shared
+        dio.unregister(b)
+        assert not ta.shared
+    finally:
+        dio.close()
+
+
 def test_files_another_torrent_shares_are_neither_moved_nor_renamed(
         tmp_path: Path, backend: str) -> None:
     """Cross-seeding: moving one of two torrents that share their files took the files
