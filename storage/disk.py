@@ -2345,7 +2345,6 @@ def _tops(t: Torrent) -> set[str]:
     return named | {f"{save}/{parts[0]}" for parts in renames.values()} if renames else named
 
 
-
 def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:
     """A block to write lies inside its piece and holds at least one byte: an empty one
     would make its piece partial (a slot of ``max_partial_pieces``) with nothing in it."""
