@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -1494,6 +1495,8 @@ class DiskIO:
         if self._root_moved(t):  # what was written is not under the save path
             self._uncommit(t, pieces)
             return
+        for gone in t.storage.moved_away(files):  # (their pieces start over, told so)
+            self._record_error(t, gone, None)
         rec = self._records.get(t.id)
         error = None
         with _journal_lock(rec):
@@ -1648,9 +1651,11 @@ class DiskIO:
         try:
             if isinstance(exc, FileVanished):
                 self._start_over(t, exc.file_index, verified=True, partial=exc.written)
-            elif isinstance(exc, SaveFolderGone):
-                # Let go and found gone or another at the next use: as when a commit
-                # finds it so (_root_moved), what was stored in it starts over.
+            elif isinstance(exc, SaveFolderGone) or exc.errno == errno.ENOENT:
+                # Let go and found gone or another at the next use, or held while it
+                # was removed (nothing can be made in it): as when a commit finds it so
+                # (_root_moved), what was stored in it starts over, and the folder at
+                # the save path is the torrent's from now on.
                 for index, written in t.storage.root_moved() or ():
                     self._start_over(t, index, verified=True, partial=written)
             elif isinstance(exc, WriteLost):
@@ -2072,9 +2077,35 @@ class DiskIO:
         up verified or missing as its data says. A piece with a fingerprint is checked
         against it (BLAKE3: faster than SHA-1, and one hash for a hybrid's two); a
         mismatch, or no fingerprint, falls back to the torrent's own hashes. ``full``
-        always uses the torrent's hashes.
+        always uses the torrent's hashes. A recheck asked while another of its kind
+        waits for the torrent joins it (``_Recheck``): the two get one result.
         """
+        t = self._get(ih)
+        with t.lock:
+            mine = _Recheck()
+            run: _Recheck = t.rechecks.setdefault(full, mine)
+            joined = run is not mine
+            if progress is not None:
+                run.progress.append(progress)
+        if joined:
+            return run.done.result()
+        try:
+            result = self._recheck(ih, run, full)
+        except BaseException as exc:
+            run.done.set_exception(exc)
+            raise
+        finally:
+            with t.lock:
+                if t.rechecks.get(full) is run:
+                    del t.rechecks[full]
+        run.done.set_result(result)
+        return result
+
+    def _recheck(self, ih: bytes, run: _Recheck, full: bool) -> VerifyResult:
         with self._alone(ih) as t, self._checking(t, "all"):
+            with t.lock:  # started: a recheck asked from now on checks after this one
+                if t.rechecks.get(full) is run:
+                    del t.rechecks[full]
             self._flush_torrent(t, sync=True)  # what is read below is durable
             self._root_moved(t)  # (the folder at the save path is the one checked)
             # The files as they are now under their names, as libtorrent checks them: a
@@ -2086,7 +2117,7 @@ class DiskIO:
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
                 gens = dict(t.written_into)
-            result = self._verify(t, todo, progress, full)
+            result = self._verify(t, todo, run.tell, full)
             self._apply_verify(t, todo, result, gens)
             for p in self.pool.cached_of(t.id):  # read again from what was just checked
                 self.pool.drop((t.id, p))
@@ -2356,6 +2387,23 @@ def _check_write(t: Torrent, piece: int, begin: int, length: int) -> None:
 
 # A read's errors that mean the piece's bytes are not there (the piece fails a check).
 _NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENXIO, errno.ELOOP})
+
+
+class _Recheck:
+    """A recheck asked and not started yet. A recheck asked meanwhile joins it, since
+    the run starts after both asks: one check answers them all, so rechecks queued
+    behind a long one by many clients (or by one that asks again and again, or hangs
+    up) read the data once, as libtorrent queues one check of a torrent."""
+
+    __slots__ = ("done", "progress")
+
+    def __init__(self) -> None:
+        self.progress: list[Progress] = []  # the askers', told alike
+        self.done: Future[VerifyResult] = Future()
+
+    def tell(self, done: int, total: int) -> None:
+        for progress in self.progress:
+            progress(done, total)
 
 
 class _CheckFailed(Exception):

@@ -367,6 +367,34 @@ class FileStorage:
             self._recreate.clear()
         return changed
 
+    def moved_away(self, indices: Iterable[int]) -> list[FileVanished]:
+        """The files among ``indices`` that the daemon has used and that are not under
+        their names any more: renamed away (alone or with a folder of theirs) or
+        replaced behind its back. Their descriptors would go on writing them wherever
+        they went, out of the configured roots too, while the torrent's paths hold
+        nothing of them. Each is forgotten as a vanished file is (its pieces start
+        over; it is made anew at its place). A look that fails for another reason (no
+        descriptor left, EIO) says nothing: the file is left as it is."""
+        out = []
+        for index in indices:
+            ident = self.identity(index)
+            if ident is None:
+                continue
+            parts = self.parts(index)
+            try:
+                with self.root.folder(parts[:-1], False) as dfd:
+                    st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == ident:
+                    continue
+            except (FileNotFoundError, NotADirectoryError, PathEscape):
+                pass
+            except (OSError, PiecedError):
+                continue
+            out.append(self._vanished(index, (
+                f"{self.file_path(index)} is not the file pieced wrote there any more "
+                "(renamed away or replaced behind pieced's back): its pieces start over")))
+        return out
+
     def root_moved(self) -> list[tuple[int, bool]] | None:
         """None while the save path still names the folder the files were written in;
         else (it was renamed away, or replaced, behind our back) the folder at the save

@@ -228,6 +228,15 @@ class MmapStorage(FileStorage):
         for attempt in (0, 1):
             try:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+                # The kernel signals a lease break to the thread that took the lease:
+                # to no one once that thread has ended (a re-verification's, a check's),
+                # and the other program's open then waits out lease-break-time (45 s).
+                # The process is told instead (F_SETOWN of a pid: its thread group).
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+                except OSError:
+                    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                    return False
                 return True
             except OSError as exc:
                 if exc.errno != errno.EAGAIN or attempt:

@@ -193,6 +193,9 @@ class Torrent:
         self.to_check: set[int] = set()  # pieces such writes left to check again
         self.checker = False  # a thread is checking them
         self.checking = 0  # checks of its files (recheck, start-up check) under way
+        # Rechecks asked and not started yet, by kind (full or not): one asked meanwhile
+        # joins the one of its kind (``DiskIO.recheck``).
+        self.rechecks: dict[bool, Any] = {}
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.
         self.pending: list[tuple[int, Any]] = []

@@ -101,6 +101,31 @@ def test_a_reader_takes_the_map_away_and_it_comes_back(tmp_path: Path, torrent) 
         dio.close()
 
 
+def test_a_lease_taken_on_a_thread_that_ended_is_given_up_at_once(tmp_path: Path, torrent) -> None:  # type: ignore[no-untyped-def]
+    """The file is mapped, and its lease taken, on a thread that then ends (as the
+    daemon's re-verification after a restart, or a check of a shared file, map on
+    threads of their own). The kernel sends the signal of a lease break to the thread
+    that took the lease: to no one, once it had ended, so another program's open of
+    the file waited out lease-break-time (45 s), for each file, and the daemon kept
+    its map of a file the kernel had taken the lease of. The lease now signals the
+    process."""
+    raw, src = torrent
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        done: list[tuple[bytes, Path]] = []
+        writer = threading.Thread(target=lambda: done.append(_written(dio, raw, src, tmp_path)))
+        writer.start()
+        writer.join(60)
+        (ih, big), = done
+        took = _other_process("os.close(os.open(p, os.O_RDONLY))", big)
+        print(f"an open of a file mapped by a thread that ended took {took * 1000:.0f} ms")
+        assert took < 20 and not _mapped(big)
+        last = src.meta.num_pieces - 1
+        assert dio.read_chunk(ih, last, 0, 16384, volatile=True) == src.read(last, 0, 16384)
+    finally:
+        dio.close()
+
+
 def test_truncated_while_mapped_the_daemon_lives_on(tmp_path: Path, torrent) -> None:  # type: ignore[no-untyped-def]
     """Readers hammer a mapped file in the daemon while another process truncates it:
     the daemon keeps serving, the lost pieces are reported lost, and another torrent is

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -2391,6 +2392,109 @@ def test_a_save_folder_gone_while_its_descriptor_was_let_go_takes_its_pieces_wit
             assert not any((tmp_path / "elsewhere").rglob("*"))
     finally:
         dio.close()
+
+
+def _right_where_said(engine: DiskIO, ih: bytes, src: Source, save: Path) -> int:
+    """How many pieces the engine says verified; each of them has its bytes at the
+    save path."""
+    have = engine.status(ih)["have"]
+    said = [p for p in range(src.meta.num_pieces) if have[p >> 3] & (0x80 >> (p & 7))]
+    for p in said:
+        assert _on_disk(src, save, p) == src.read(p, 0, src.layout.piece_size(p)), p
+    return len(said)
+
+
+def _send_until_done(dio: DiskIO, ih: bytes, src: Source, rounds: int = 4) -> None:
+    """What a client does: send the blocks of every piece not verified, round after
+    round, the errors of a round (its pieces are failed) notwithstanding."""
+    for _ in range(rounds):
+        have = dio.status(ih, files=False)["have"]
+        todo = [b for b in src.blocks() if not have[b[0] >> 3] & (0x80 >> (b[0] & 7))]
+        if not todo:
+            return
+        for p, b, n in todo:
+            with contextlib.suppress(PiecedError):
+                dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        with contextlib.suppress(PiecedError):
+            dio.flush_all()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_save_folder_deleted_and_made_again_while_held_gets_the_rest_of_the_download(
+        tmp_path: Path, backend: str) -> None:
+    """Half a torrent downloaded, its save folder deleted with everything in it and made
+    again (``rm -rf``; ``mkdir``) while the engine held it open. Every write failed from
+    then on (ENOENT: nothing can be made in a folder deleted), for ever, and its pieces
+    stayed reported verified, their files gone: only a recheck put it right. The first
+    ENOENT now looks at the save path: the folder there is the torrent's from then on,
+    the pieces of the old one start over, and the download completes in the new one."""
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "sub/b.bin": 200_000}, seed=17)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    save = tmp_path / "save"
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        ih = dio.register(raw, save)
+        blocks = src.blocks()
+        for p, b, n in blocks[: len(blocks) // 3]:  # (pieces of a.bin only)
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] > 0
+        shutil.rmtree(save)
+        save.mkdir()
+        _send_until_done(dio, ih, src)
+        assert _right_where_said(dio, ih, src, save) == src.meta.num_pieces
+        assert any(e["errno"] == errno.ENOENT for e in dio.status(ih)["errors"])
+    finally:
+        dio.close()
+    assert all(lt_recheck(raw, save))
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("what", ["file", "folder", "folder-out"])
+def test_a_payload_file_renamed_away_while_open_takes_nothing_verified_with_it(
+        tmp_path: Path, backend: str, what: str) -> None:
+    """Part of a file downloaded, then the file (or its folder) renamed away behind the
+    engine's back while it held the file open: to another name in the save path, or
+    out of it, out of the roots (``folder-out``). The writes went on through the open
+    descriptor into the file wherever it went, and every piece was reported verified
+    with nothing at the torrent's paths (a client said the download complete). Now a
+    commit looks whether the files it syncs are still under their names: a file that
+    is not is forgotten as a vanished one (its pieces start over, the error says
+    why), made anew at its place, and the download completes there. Whatever is
+    reported verified has its bytes at the save path."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "sub/b.bin": 400_000}, seed=19)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    save = tmp_path / "save"
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        ih = dio.register(raw, save)
+        b_pieces = src.layout.file_pieces(1)
+        blocks = [blk for blk in src.blocks() if blk[0] in b_pieces]
+        for p, b, n in blocks[: len(blocks) // 2]:
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        before = dio.status(ih)["verified_pieces"]
+        assert before > 0
+        if what == "file":
+            (save / "payload" / "sub" / "b.bin").rename(save / "payload" / "sub" / "b.old")
+        else:
+            away = save / "payload" / "away" if what == "folder" else tmp_path / "elsewhere"
+            (save / "payload" / "sub").rename(away)
+        for p, b, n in blocks[len(blocks) // 2:]:
+            with contextlib.suppress(PiecedError):
+                dio.write_block_direct(ih, p, b, src.read(p, b, n))
+        with contextlib.suppress(PiecedError):
+            dio.flush_all()
+        st = dio.status(ih)
+        assert any("renamed away or replaced" in e["message"] for e in st["errors"]), st["errors"]
+        _right_where_said(dio, ih, src, save)
+        _send_until_done(dio, ih, src)
+        assert _right_where_said(dio, ih, src, save) == src.meta.num_pieces
+    finally:
+        dio.close()
+    assert all(lt_recheck(raw, save))
 
 
 def test_many_torrents_with_verified_pieces_hold_few_descriptors(
