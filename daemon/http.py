@@ -236,7 +236,8 @@ class _Collector:
         c.add_metric(backend, s["hash_job_us"] / 1e6)
         yield c
         for name, help_, value in [
-            ("clients_dropped", "Clients disconnected for not reading what was sent to them",
+            ("clients_dropped", "Clients disconnected for not reading what was sent to them, "
+             "or for sending no HELLO in time",
              self.server.dropped),
             ("clients_accepted", "Clients that connected and were let in", self.server.accepted),
             ("clients_refused", "Clients refused (not allowed, or past max_clients)",

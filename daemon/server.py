@@ -82,6 +82,10 @@ Job = Callable[[], tuple[list[Out], Token | list[Token] | None]]
 # control, READ and WRITE_RING frames leave the receive ring once parsed, so the ring
 # alone does not bound them.
 MAX_QUEUED_JOBS = 4096
+# What a reply queued unsent costs beyond its bytes (its object, the queue's slot):
+# counted in a client's unsent output, so that its bound holds for memory. A 12-byte
+# ACK costs 56 bytes: counted by its bytes alone, the buffer held four times its size.
+OUT_PART_BYTES = 48
 # Descriptors received and not yet taken by the attach_ring (or register of a metainfo
 # passed as a descriptor) frame still being read.
 MAX_PENDING_FDS = 4
@@ -981,12 +985,12 @@ class Connection:
             return
         for f in frames:
             self._out.append(f)
-            self._out_bytes += len(f)
+            self._out_bytes += len(f) + OUT_PART_BYTES
         self._flush_out()
         if self._out_bytes > self.server.drop_limit and not self.closed:
             # Only events get here (lane replies pause at out_limit): the client does
             # not read them, and they cannot be held back, so it goes.
-            log.warning("dropping a client that does not read: %d bytes unsent (limit %d)",
+            log.warning("dropping a client that does not read: %d bytes held unsent (limit %d)",
                         self._out_bytes, self.server.drop_limit)
             self.server.dropped += 1
             self.close()
@@ -1006,6 +1010,7 @@ class Connection:
             # one): left at the head, sendmsg would send them for ever, 0 bytes a time.
             while self._out and n >= len(self._out[0]):
                 n -= len(self._out.popleft())
+                self._out_bytes -= OUT_PART_BYTES
             if n:
                 self._out[0] = memoryview(self._out[0])[n:]
         if self._out and not self._writing:

@@ -839,6 +839,13 @@ class Swarm:
         if self.client.failure is not None:
             self._lost()
             return
+        if isinstance(exc, PiecedError):
+            # The daemon's answer to whatever this task asked; a block written before
+            # that the daemon refused is told with the next request too (a full disk, a
+            # file gone): not a bug of ours, said in one line, and we stop.
+            self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
+                                 f"the daemon answered with an error: {_describe(exc)}")
+            return
         log.error("a task failed", exc_info=exc)
 
     def _lost(self) -> None:

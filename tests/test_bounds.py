@@ -12,6 +12,7 @@ import array
 import contextlib
 import functools
 import os
+import select
 import socket
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from pieced.protocol.client import Client
-from pieced.protocol.frames import FrameType
+from pieced.protocol.frames import FrameType, encode_write_header
 from pieced.protocol.messages import encode_request
 
 from tests.conftest import (
@@ -736,3 +737,89 @@ def test_a_removed_torrent_is_let_go_at_once(tmp_path: Path, backend: str) -> No
     finally:
         gc.enable()
         dio.close()
+
+
+def test_rechecks_asked_while_one_waits_run_once(tmp_path: Path, freezable_fs: Any) -> None:
+    """Twelve connections ask a recheck of one torrent while a move holds it (the move
+    waits on a frozen file system); half of them hang up at once. A recheck asked while
+    another of the same kind waits for the torrent joins it: one check of the data
+    answers them all, and a client that asks again and again, or hangs up, queues no
+    more work. Before, each ran in turn, twelve full reads of the payload, those of the
+    clients gone too. The six that stayed get the full answer and their progress."""
+    d = Daemon(tmp_path)
+    try:
+        content = make_payload(tmp_path / "src", 8 * 1024 * 1024, seed=3)
+        raw = make_torrent_lt(content, 65536, "hybrid")
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            n = c.status(ih)["num_pieces"]
+            assert c.recheck(ih, full=True)["verified"] == n
+            read_before = c.stats()["bytes_read"]
+            freezable_fs.freeze()
+            conns = [RawConn(d.socket) for _ in range(13)]
+            mover = conns.pop()
+            mover.sock.sendall(encode_request(1, "move_storage",
+                                              {"ih": ih, "new_path": str(freezable_fs.mount / "x")}))
+            time.sleep(0.5)  # the move holds the torrent, waiting on the frozen file system
+            for conn in conns:
+                conn.sock.sendall(encode_request(1, "recheck", {"ih": ih, "full": 1}))
+            time.sleep(0.3)  # (a hang-up before the daemon read the request asks nothing)
+            for conn in conns[6:]:
+                conn.close()
+            freezable_fs.thaw()
+            (moved,) = mover.replies(1)
+            assert moved.type == FrameType.RESPONSE, moved
+            for conn in conns[:6]:
+                (reply,) = conn.replies(1)
+                assert reply.type == FrameType.RESPONSE, reply
+                assert reply.body[b"result"][b"verified"] == n, reply.body
+                conn.close()
+            mover.close()
+            read = c.stats()["bytes_read"] - read_before
+            assert c.status(ih, files=False)["have"] == bytes([0xFF] * (n // 8))
+    finally:
+        assert d.stop() == 0, d.stderr()
+    print(f"twelve rechecks asked while a move held the torrent: {read} bytes read")
+    assert read <= 2 * 8 * 1024 * 1024, f"{read / (8 * 1024 * 1024):.1f} reads of the payload"
+
+
+def test_the_replies_a_client_leaves_unread_are_bounded_in_memory_not_only_in_bytes(
+        tmp_path: Path) -> None:
+    """A client sends one-byte WRITEs of a verified piece (each a duplicate, answered
+    with a 12-byte ACK) as fast as the daemon reads them, and reads nothing. The
+    daemon stops reading it once its unsent output is over the client buffer; that
+    output was counted in bytes sent, but each ACK is an object of its own that costs
+    four times its bytes: with 4 MiB buffers the daemon's peak grew 23.7 MiB. The
+    bound now counts what a queued reply costs: 9.5 MiB (its receive ring, the
+    requests parsed, and the replies)."""
+    buffer = 4 * 1024 * 1024
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(buffer),
+                              "PIECED_CLIENT_BUFFER_BYTES": str(buffer)})
+    try:
+        content = make_payload(tmp_path / "src", 16384, seed=8)
+        raw = make_torrent_lt(content, 16384, "v1")
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            assert c.recheck(ih)["verified"] == 1
+            with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
+                f.write("5")  # the peak from here on
+            base = proc_bytes(d.proc.pid, "VmHWM")
+            flood = RawConn(d.socket)
+            one = encode_write_header(1, ih, 0, 0, 1) + b"x"
+            burst = memoryview(one * 4096)
+            flood.sock.setblocking(False)
+            sent = 0
+            while True:  # until the daemon has stopped reading it for a second
+                try:
+                    sent += flood.sock.send(burst[sent % len(burst):])
+                except BlockingIOError:
+                    if not select.select([], [flood.sock], [], 1.0)[1]:
+                        break
+            grown = proc_bytes(d.proc.pid, "VmHWM") - base
+            assert c.stats()["connected_clients"] == 2  # (held back, not dropped)
+            flood.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
+    print(f"{sent // len(one)} one-byte WRITEs unread: the daemon's peak grew "
+          f"{grown / 2**20:.1f} MiB with {buffer / 2**20:.0f} MiB buffers")
+    assert grown < 4 * buffer, f"{grown / 2**20:.1f} MiB"

@@ -1671,6 +1671,7 @@ def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: 
                                capture_output=True, text=True, timeout=120)
             assert r.returncode == 2, (r.returncode, r.stderr)
             assert "No space left on device" in r.stderr and "errno 28" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr, r.stderr
             before = _verified(d.socket)
             assert 0 < before < parse(raw).num_pieces
             with LtPeer(other_raw, tmp_path / "other", seed=True) as s2:
@@ -2447,4 +2448,28 @@ def test_an_address_taken_for_a_seed_is_dialled_again_when_a_tracker_names_it(
             assert seeding.stop()["complete"]
     finally:
         listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_file_that_cannot_be_written_any_more_stops_the_download_in_one_line(
+        tmp_path: Path) -> None:
+    """A payload file made immutable (``chattr +i``) mid-download: every block of it is
+    refused (EPERM), and pieced-peer stops (exit 2) with the daemon's error in one line.
+    (A refused block's error comes back with whichever request of ours comes next, in
+    any task: each stops us the same way, none with a traceback.)"""
+    piece = 65536
+    files = {"a.bin": 60 * piece + 999}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=23)
+    d = Daemon(tmp_path)
+    target = tmp_path / "dl" / "payload" / "a.bin"
+    try:
+        with _downloading_slowly(raw, torrent, tmp_path, d, 4) as proc:
+            subprocess.run(["chattr", "+i", str(target)], check=True)
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (proc.returncode, err)
+        assert "Operation not permitted" in err and "errno 1" in err, err
+        assert "Traceback" not in err, err
+        assert json.loads(out)["complete"] is False
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], check=False)
         assert d.stop() == 0, d.stderr()
