@@ -2459,7 +2459,7 @@ def test_a_file_that_cannot_be_written_any_more_stops_the_download_in_one_line(
     any task: each stops us the same way, none with a traceback.)"""
     piece = 65536
     files = {"a.bin": 60 * piece + 999}
-    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=23)
+    _, raw, torrent = _made(tmp_path, files, piece, "v1", seed=23)
     d = Daemon(tmp_path)
     target = tmp_path / "dl" / "payload" / "a.bin"
     try:
