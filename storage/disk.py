@@ -36,7 +36,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,7 +311,15 @@ class DiskIO:
             if live is not None:
                 self._before_remaking(live, index)
 
+        def kin(index: int) -> list[tuple[int, int]]:
+            live = torrent()
+            if live is None:
+                return []
+            return [ident for x, j in list(live.shared.get(index, ()))
+                    if (ident := x.storage.identity(j)) is not None]
+
         storage.before_remaking = before_remaking
+        storage.kin = kin
         return t
 
     def _refuse_registered(self, meta: Metainfo) -> None:
@@ -906,9 +914,11 @@ class DiskIO:
                 rec.mark_checking(None)
 
     def _verify(
-        self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool
+        self, t: Torrent, pieces: Sequence[int] | None, progress: Progress | None, full: bool,
+        vanished: set[int] | None = None,
     ) -> VerifyResult:
-        """Hash pieces as they are on disk; record the fingerprints this computed."""
+        """Hash pieces as they are on disk; record the fingerprints this computed.
+        ``vanished`` gets the files a read found gone."""
         sizes: dict[int, int] = {}  # files not known whole: their length, looked at once
         read_bytes: list[int] = []  # payload bytes read, for the counters (pads are not)
 
@@ -936,6 +946,8 @@ class DiskIO:
             try:
                 t.storage.readinto(segs, buf)
             except FileVanished as exc:
+                if vanished is not None and exc.gone:  # (one cut short: see its size after)
+                    vanished.add(exc.file_index)
                 if exc.written:  # deleted under us (not a file never written): say so
                     self._record_error(t, exc, piece)
                 if exc.gone:
@@ -987,6 +999,51 @@ class DiskIO:
         self.metrics.add("bytes_read", sum(read_bytes))
         self.metrics.add("fingerprint_hits", result.fingerprint_hits)
         return result
+
+    def _forget_moved(self, t: Torrent, files: Iterable[int],
+                      sizes: dict[int, int] | None = None) -> set[int]:
+        """The files among ``files`` renamed away or replaced behind our back (see
+        ``FileStorage.moved_away``): their pieces start over, told so, in this torrent
+        and in those sharing them (cross-seeding), whose descriptors of them would
+        otherwise still read and write the file wherever it went. Returns them."""
+        out = set()
+        for gone in t.storage.moved_away(files, sizes):
+            self._record_error(t, gone, None)
+            out.add(gone.file_index)
+            for x, j in list(t.shared.get(gone.file_index, ())):
+                for lost in x.storage.moved_away([j]):
+                    self._record_error(x, lost, None)
+        return out
+
+    def _distrust_changed(self, t: Torrent, result: VerifyResult,
+                          vanished: set[int]) -> VerifyResult:
+        """The result of a check, but for the pieces of files changed under it while it
+        ran: renamed away or replaced (its reads went on through their descriptors),
+        seen gone, or cut short since (the pieces past its end now). Those are not
+        found good: what was read of them is not what is there now."""
+        sizes: dict[int, int] = {}
+        changed = vanished | self._forget_moved(t, t.storage.stored_files(), sizes)
+        distrust: set[int] = set()
+        for index in changed:
+            distrust.update(t.layout.file_pieces(index))
+        lengths = t.meta.files.lengths
+        for index, size in sizes.items():
+            if size >= lengths[index] or index in changed:
+                continue
+            for p in t.layout.file_pieces(index):  # cut short since read: past its end
+                if any(seg.file_index == index and seg.file_offset + seg.length > size
+                       for seg in t.layout.map(p, 0, t.layout.piece_size(p))):
+                    distrust.add(p)
+        distrust = {p for p in distrust if result.have[p]}
+        if not distrust:
+            return result
+        have = list(result.have)
+        for p in distrust:
+            have[p] = False
+        return result._replace(
+            have=have,
+            failed_v1=None if result.failed_v1 is None else sorted({*result.failed_v1, *distrust}),
+            failed_v2=None if result.failed_v2 is None else sorted({*result.failed_v2, *distrust}))
 
     def _unreadable(self, t: Torrent) -> set[int]:
         """Pieces whose stored bytes all lie in files that are not there (see
@@ -1495,8 +1552,7 @@ class DiskIO:
         if self._root_moved(t):  # what was written is not under the save path
             self._uncommit(t, pieces)
             return
-        for gone in t.storage.moved_away(files):  # (their pieces start over, told so)
-            self._record_error(t, gone, None)
+        self._forget_moved(t, files)  # (their pieces start over, told so)
         rec = self._records.get(t.id)
         error = None
         with _journal_lock(rec):
@@ -2117,7 +2173,9 @@ class DiskIO:
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
                 gens = dict(t.written_into)
-            result = self._verify(t, todo, run.tell, full)
+            vanished: set[int] = set()
+            result = self._verify(t, todo, run.tell, full, vanished)
+            result = self._distrust_changed(t, result, vanished)
             self._apply_verify(t, todo, result, gens)
             for p in self.pool.cached_of(t.id):  # read again from what was just checked
                 self.pool.drop((t.id, p))

@@ -253,6 +253,10 @@ class FileStorage:
         # would pass for them after a crash, zeros under verified pieces.
         self._remaking: set[int] = set()
         self.before_remaking: Callable[[int], None] | None = None
+        # (st_dev, st_ino) of the file at a file's place as the torrents sharing it
+        # (cross-seeding) know it (set by the disk interface): a file one of them made
+        # anew where one went behind our backs is taken as ours, not refused.
+        self.kin: Callable[[int], list[tuple[int, int]]] | None = None
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)  # notified as each sync ends
         self._remake = threading.Lock()  # held while a file seen gone is made anew
@@ -306,6 +310,7 @@ class FileStorage:
         with self._lock:
             recreate = index in self._recreate
             known = index in self._identity
+        kin = set(self.kin(index)) if recreate and self.kin is not None else set()
         if known:
             flags &= ~os.O_CREAT
         elif flags & os.O_CREAT:
@@ -319,15 +324,15 @@ class FileStorage:
             fd, st = made or self.root.open_stat(parts, flags, create_dirs, mode)
         except StorageIOError as exc:
             if recreate and exc.errno == errno.EEXIST:
-                raise PathEscape(f"{self.file_path(index)} went away and something else was "
-                                 "put in its place: refusing to use it") from None
-            if known and exc.errno == errno.ENOENT:
+                fd, st = self._kin_file(index, flags, create_dirs, kin)
+            elif known and exc.errno == errno.ENOENT:
                 raise self._vanished(index, f"{self.file_path(index)}: deleted behind "
                                             "pieced's back") from None
-            raise
+            else:
+                raise
         me = (st.st_dev, st.st_ino)
         with self._lock:
-            if index in self._recreate and not flags & os.O_EXCL:
+            if index in self._recreate and not flags & os.O_EXCL and me not in kin:
                 first = None  # read while it is to be made anew: whatever this is, not ours
             else:
                 self._recreate.discard(index)
@@ -341,6 +346,19 @@ class FileStorage:
             raise PathEscape(f"{self.file_path(index)} is not the file pieced opened there "
                              "before (another was put in its place): refusing to use it")
         return fd
+
+    def _kin_file(self, index: int, flags: int, create_dirs: bool,
+                  kin: set[tuple[int, int]]) -> tuple[int, os.stat_result]:
+        """The file found where one that went is to be made anew: taken if a torrent
+        sharing it made it (or uses it), else refused."""
+        fd, st = self.root.open_stat(self.parts(index), flags & ~(os.O_CREAT | os.O_EXCL),
+                                     create_dirs, self.file_mode(index))
+        if (st.st_dev, st.st_ino) not in kin:
+            os.close(fd)
+            raise PathEscape(f"{self.file_path(index)} went away and something else was "
+                             "put in its place: refusing to use it (a recheck takes the "
+                             "files as they are)")
+        return fd, st
 
     def identity(self, index: int) -> tuple[int, int] | None:
         """(st_dev, st_ino) of the file the daemon has used at the file's place, if any."""
@@ -367,33 +385,46 @@ class FileStorage:
             self._recreate.clear()
         return changed
 
-    def moved_away(self, indices: Iterable[int]) -> list[FileVanished]:
+    def moved_away(self, indices: Iterable[int],
+                   sizes: dict[int, int] | None = None) -> list[FileVanished]:
         """The files among ``indices`` that the daemon has used and that are not under
         their names any more: renamed away (alone or with a folder of theirs) or
         replaced behind its back. Their descriptors would go on writing them wherever
         they went, out of the configured roots too, while the torrent's paths hold
         nothing of them. Each is forgotten as a vanished file is (its pieces start
         over; it is made anew at its place). A look that fails for another reason (no
-        descriptor left, EIO) says nothing: the file is left as it is."""
-        out = []
-        for index in indices:
-            ident = self.identity(index)
-            if ident is None:
-                continue
-            parts = self.parts(index)
+        descriptor left, EIO) says nothing: the file is left as it is. ``sizes`` gets
+        the size of each file found in place."""
+        folders: dict[tuple[str, ...], list[tuple[int, str, tuple[int, int]]]] = {}
+        for index in indices:  # (each folder walked to once: a batch of small files
+            ident = self.identity(index)  # shares a few)
+            if ident is not None:
+                parts = self.parts(index)
+                folders.setdefault(parts[:-1], []).append((index, parts[-1], ident))
+        gone = []
+        for folder, files in folders.items():
             try:
-                with self.root.folder(parts[:-1], False) as dfd:
-                    st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == ident:
-                    continue
+                with self.root.folder(folder, False) as dfd:
+                    for index, name, ident in files:
+                        try:
+                            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            gone.append(index)
+                            continue
+                        except OSError:
+                            continue
+                        if (st.st_dev, st.st_ino) != ident:
+                            gone.append(index)
+                        elif sizes is not None:
+                            sizes[index] = st.st_size
             except (FileNotFoundError, NotADirectoryError, PathEscape):
-                pass
+                gone += [index for index, _, _ in files]  # (the folder went: the walk)
             except (OSError, PiecedError):
                 continue
-            out.append(self._vanished(index, (
-                f"{self.file_path(index)} is not the file pieced wrote there any more "
-                "(renamed away or replaced behind pieced's back): its pieces start over")))
-        return out
+        return [self._vanished(index, (
+            f"{self.file_path(index)} is not the file pieced wrote there any more "
+            "(renamed away or replaced behind pieced's back): its pieces start over"))
+            for index in gone]
 
     def root_moved(self) -> list[tuple[int, bool]] | None:
         """None while the save path still names the folder the files were written in;

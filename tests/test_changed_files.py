@@ -6,6 +6,7 @@ name."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -14,11 +15,12 @@ from typing import Any
 
 import pytest
 from pieced.storage.disk import DiskIO
+from pieced.storage.errors import PiecedError
 
 from tests.conftest import STORES_NOTHING
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source, fill
-from tests.test_state import wait_reverified
+from tests.test_state import _on_disk, wait_reverified
 
 pytestmark = pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 
@@ -551,3 +553,108 @@ def test_a_file_whose_zero_tail_is_cut_off_fails_the_pieces_past_its_end(
         assert dio.recheck(ih, full=True).have == expected
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("change", ["renamed-away", "replaced", "folder-away", "cut-short",
+                                    "deleted"])
+def test_a_file_changed_while_a_recheck_reads_it_is_not_found_good(
+        tmp_path: Path, backend: str, change: str) -> None:
+    """A complete torrent of three files is rechecked; while the check is in the middle
+    file, that file is renamed away, replaced by another renamed over it, moved with
+    its folder, cut short, or deleted. The check read on through its descriptor: every
+    piece was reported verified with the file not there, or another there (a deleted
+    one ended the check with ENOENT). Now the files are looked at when the check is
+    done: the pieces of one changed under it are not found good, and whatever is
+    reported verified has its bytes at the save path."""
+    mib = 1024 * 1024
+    content = make_payload(tmp_path / "src", {"a.bin": 8 * mib, "sub/b.bin": 24 * mib,
+                                              "c.bin": 8 * mib}, seed=29)
+    raw = make_torrent_lt(content, 256 * 1024, "v1")
+    src = Source(raw, tmp_path / "src")
+    meta = src.meta
+    b = next(i for i, f in enumerate(meta.files) if f.path[-1] == "b.bin")
+    b_pieces = src.layout.file_pieces(b)
+    save = tmp_path / "src"
+    path = save.joinpath(*meta.files[b].path)
+    dio = DiskIO(backend, state_dir=tmp_path / "state", hash_workers=1)
+    try:
+        ih = dio.register(raw, save)
+        assert dio.recheck(ih, full=True).ok
+        done_at: list[int] = []
+
+        def change_it(done: int, total: int) -> None:
+            if done_at or done <= b_pieces[0]:  # (reported after each 8 MiB: b half read)
+                return
+            done_at.append(done)
+            if change == "renamed-away":
+                path.rename(path.with_name("b.away"))
+            elif change == "replaced":
+                other = path.with_name("b.new")
+                other.write_bytes(os.urandom(path.stat().st_size))
+                other.rename(path)
+            elif change == "folder-away":
+                path.parent.rename(tmp_path / "elsewhere")
+            elif change == "cut-short":
+                os.truncate(path, 1024 * 1024)
+            else:
+                path.unlink()
+
+        result = dio.recheck(ih, progress=change_it, full=True)
+        assert done_at and done_at[0] < meta.num_pieces, done_at
+        have = dio.status(ih)["have"]
+        said = [p for p in range(meta.num_pieces) if have[p >> 3] & (0x80 >> (p & 7))]
+        for p in said:
+            assert _on_disk(src, save, p) == src.read(p, 0, src.layout.piece_size(p)), p
+        assert sum(result.have) == len(said)
+        assert set(range(meta.num_pieces)) - set(b_pieces) <= set(said)
+    finally:
+        dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_shared_file_renamed_away_takes_nothing_verified_with_it_in_either_torrent(
+        tmp_path: Path, backend: str) -> None:
+    """Two torrents of one payload in one save path (cross-seeding): the v1 one complete,
+    the hybrid one part way. A file they share is renamed out of the save path; the
+    hybrid one goes on downloading. Its next commit found the file gone and started
+    its pieces over, but the v1 torrent was told nothing: its pieces stayed verified,
+    and were checked again (after the hybrid one's writes into the file made anew)
+    through its descriptor of the file renamed away, and found good, with zeros at the
+    path. Now the torrents sharing the file forget it too, and take the file the other
+    made anew at its place as theirs."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "sub/b.bin": 600_000}, seed=31)
+    raw_a = make_torrent_lt(content, 32768, "v1")
+    raw_b = make_torrent_lt(content, 32768, "hybrid")
+    dio, a, src_a = _complete(tmp_path, raw_a, backend)
+    try:
+        b = dio.register(raw_b, tmp_path / "dl")
+        src_b = Source(raw_b, tmp_path / "src")
+        blocks = src_b.blocks()
+        for p, at, n in blocks[: len(blocks) * 2 // 5]:
+            dio.write_block_direct(b, p, at, src_b.read(p, at, n))
+        dio.flush_all()
+        (tmp_path / "dl" / "payload" / "sub" / "b.bin").rename(tmp_path / "b.away")
+        for p, at, n in blocks[len(blocks) * 2 // 5:]:
+            with contextlib.suppress(PiecedError):
+                dio.write_block_direct(b, p, at, src_b.read(p, at, n))
+        with contextlib.suppress(PiecedError):
+            dio.flush_all()
+        for ih, src in ((a, src_a), (b, src_b)):
+            st = wait_reverified(dio, ih)
+            for p, v in enumerate(_verified(st)):
+                if v:
+                    assert _on_disk(src, tmp_path / "dl", p) == src.read(
+                        p, 0, src.layout.piece_size(p)), (ih == a, p)
+        # The v1 torrent gets what it lost again, into the file the hybrid one made
+        # anew (refused before as a stranger's until a recheck), and both complete.
+        for ih, src in ((b, src_b), (a, src_a)):
+            have = _verified(dio.status(ih))
+            for p, at, n in src.blocks():
+                if not have[p]:
+                    dio.write_block_direct(ih, p, at, src.read(p, at, n))
+            dio.flush_all()
+            assert all(_verified(dio.status(ih))), (ih == a, dio.status(ih)["errors"][-3:])
+    finally:
+        dio.close()
+    assert all(lt_recheck(raw_a, tmp_path / "dl")) and all(lt_recheck(raw_b, tmp_path / "dl"))

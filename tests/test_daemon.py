@@ -427,14 +427,15 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
 
 
 def test_many_clients_waiting_on_one_torrent_leave_another_torrent_answered(
-        tmp_path: Path) -> None:
-    """100 clients ask a recheck of one torrent: they run one at a time (a fence), each
-    waiting holding a long-job thread. There were 64: the rest queued, and a status of
-    another torrent, asked after them, waited until 36 rechecks were done (minutes, for
-    a big torrent). Each client has a thread of its own now."""
+        tmp_path: Path, freezable_fs: Any) -> None:
+    """100 clients ask a recheck of one torrent while a move holds it (waiting on a
+    frozen file system): each waits holding a long-job thread. There were 64: the rest
+    queued, and a status of another torrent, asked after them, waited until 36 rechecks
+    were done (minutes, for a big torrent). Each client has a thread of its own now:
+    the status is answered while every recheck still waits."""
     from tests.conftest import sparse_zero_torrent
 
-    big = sparse_zero_torrent(tmp_path / "big", "zeros.bin", 1 << 20, 96)
+    big = sparse_zero_torrent(tmp_path / "big", "zeros.bin", 1 << 20, 8)
     content = make_payload(tmp_path / "src", 3 * 16384, seed=8)
     small = make_torrent_lt(content, 16384, "v1")
     d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "128"})
@@ -444,22 +445,31 @@ def test_many_clients_waiting_on_one_torrent_leave_another_torrent_answered(
             ih_small = c.register(small, tmp_path / "src")
 
         async def main() -> tuple[int, int]:
-            clients = [AsyncClient(d.socket) for _ in range(100)]
-            for ac in clients:
-                await ac.connect()
-            rechecks = [asyncio.create_task(ac.recheck(ih_big, full=True)) for ac in clients]
-            await asyncio.sleep(0.5)  # (all asked, one running)
-            async with AsyncClient(d.socket) as other:
-                st = await asyncio.wait_for(other.status(ih_small), 120)
-            done_then = sum(t.done() for t in rechecks)
+            mover = AsyncClient(d.socket)
+            await mover.connect()
+            freezable_fs.freeze()
+            try:
+                move = asyncio.create_task(mover.move_storage(ih_big, freezable_fs.mount / "x"))
+                await asyncio.sleep(0.5)  # (the move holds the torrent)
+                clients = [AsyncClient(d.socket) for _ in range(100)]
+                for ac in clients:
+                    await ac.connect()
+                rechecks = [asyncio.create_task(ac.recheck(ih_big, full=True)) for ac in clients]
+                await asyncio.sleep(0.5)  # (all asked, all waiting)
+                async with AsyncClient(d.socket) as other:
+                    st = await asyncio.wait_for(other.status(ih_small), 60)
+                done_then = sum(t.done() for t in rechecks)
+            finally:
+                freezable_fs.thaw()
+            await move
             await asyncio.gather(*rechecks)
-            for ac in clients:
+            for ac in (mover, *clients):
                 await ac.close()
             return done_then, st["num_pieces"]
 
         done_then, pieces = asyncio.run(main())
         assert pieces == 3
-        assert done_then <= 10, f"the status waited for {done_then} rechecks of another torrent"
+        assert done_then == 0, f"the status waited for {done_then} rechecks of another torrent"
     finally:
         assert d.stop() == 0, d.stderr()
 
