@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import json
@@ -24,6 +25,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import struct
 import sys
 import termios
@@ -165,6 +167,34 @@ def _kernel_unsent(transport: asyncio.Transport) -> int:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _every_interface(kind: int, port: int) -> socket.socket:
+    """A socket bound to ``port`` of every interface: one IPv6 socket that takes IPv4
+    too (``IPV6_V6ONLY`` off), so that both families have the same port, the one the
+    system picks too; IPv4 alone where the host has no IPv6."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, kind)
+        except OSError:
+            if family == socket.AF_INET6:
+                continue
+            raise
+        try:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            if family == socket.AF_INET6 and exc.errno in (errno.EADDRNOTAVAIL,
+                                                           errno.EAFNOSUPPORT):
+                continue  # (no IPv6 here)
+            raise
+        sock.setblocking(False)
+        return sock
+    raise OSError(errno.EAFNOSUPPORT, "no address family to listen with")
 
 
 _LOCAL_NETS = tuple(ipaddress.ip_network(n) for n in (
@@ -753,7 +783,7 @@ class Swarm:
             try:
                 await self._listen(None, DEFAULT_LISTEN_PORT)
             except OSError:
-                await self._listen("0.0.0.0", 0)
+                await self._listen(None, 0)
         if (not self.opts.peers and self.opts.listen is None and not urls
                 and (self.opts.seed or not self.picker.complete)):
             raise NoSources("no peer to download from or seed to: give --peer HOST:PORT or "
@@ -772,18 +802,31 @@ class Swarm:
         self._completed_announced = self.picker.complete  # nothing to announce then
 
     async def _listen(self, host: str | None, port: int) -> None:
-        """Accept incoming peers on ``host`` (None: every interface) and ``port``
-        (0: one the system picks)."""
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: Inbox(on_connect=self._accepted), host, port)
-        self.listen_port = self.server.sockets[0].getsockname()[1]
+        """Accept incoming peers on ``host`` (None: every interface, IPv4 and IPv6 on
+        one port, whatever the port: a tracker reached over IPv6 hands out the port
+        for that address too) and ``port`` (0: one the system picks); and refuse uTP
+        there (see ``UtpRefuser``)."""
+        loop = asyncio.get_running_loop()
+        if host is None:
+            tcp = _every_interface(socket.SOCK_STREAM, port)
+            self.server = await loop.create_server(
+                lambda: Inbox(on_connect=self._accepted), sock=tcp)
+        else:
+            self.server = await loop.create_server(
+                lambda: Inbox(on_connect=self._accepted), host, port)
+        bound = self.server.sockets[0].getsockname()
+        self.listen_port = bound[1]
         try:
-            self.utp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                UtpRefuser, local_addr=(host or "0.0.0.0", self.listen_port))
+            if host is None:
+                udp = _every_interface(socket.SOCK_DGRAM, self.listen_port)
+                self.utp, _ = await loop.create_datagram_endpoint(UtpRefuser, sock=udp)
+            else:
+                self.utp, _ = await loop.create_datagram_endpoint(
+                    UtpRefuser, local_addr=(host, self.listen_port))
         except OSError as exc:  # (the UDP port is another program's: peers wait for it)
             log.info("uTP attempts on port %d are not refused (%s): peers that try uTP "
                      "first fall back to TCP only after their timeout", self.listen_port, exc)
-        print(f"pieced-peer: listening on {_address(host or '0.0.0.0', self.listen_port)}",
+        print(f"pieced-peer: listening on {_address(host or bound[0], self.listen_port)}",
               file=sys.stderr, flush=True)
 
     def meta_trackers(self) -> list[str]:
@@ -1764,7 +1807,14 @@ class Swarm:
                 if chokes:
                     last_choke = now
                 await self._tick(now, chokes)
-            except Exception:  # one peer's oddity must not end every timeout for good
+            except Exception as exc:  # one peer's oddity must not end every timeout for good
+                if self.client.failure is not None:  # the daemon went during the round
+                    self._lost()
+                    return
+                if isinstance(exc, PiecedError):  # (the daemon's answer: see _task_done)
+                    self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
+                                         f"the daemon answered with an error: {_describe(exc)}")
+                    return
                 log.exception("a timer round failed")
 
     async def _tick(self, now: float, chokes: bool) -> None:

@@ -25,6 +25,7 @@ import libtorrent as lt
 import pytest
 from pieced.peer import wire
 from pieced.peer.plugin import RECONCILE_INTERVAL
+from pieced.peer.utp import ST_RESET
 from pieced.protocol.client import Client
 from pieced.storage.errors import PiecedError, UnknownTorrent
 from pieced.storage.metainfo import parse
@@ -33,6 +34,7 @@ from tests.conftest import Daemon, sparse_zero_torrent
 from tests.ltpeer import LtPeer, make_torrent_v1_pads
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
+from tests.test_peer_utp import _syn
 
 
 def _files(piece: int) -> dict[str, int]:
@@ -523,6 +525,14 @@ def test_without_listen_a_torrent_with_trackers_announces_a_port_it_answers_on(
             assert "listening on" in line, line
             listening = int(line.rsplit(":", 1)[1])
             assert listening not in (0, 6881)
+            # The port the system picked is ours on IPv6 too (a tracker reached over
+            # IPv6 hands it out with that address), for TCP and for uTP's refusal.
+            for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+                socket.create_connection((host, listening), timeout=10).close()
+                with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                    udp.settimeout(10)
+                    udp.sendto(_syn(7, 1), (host, listening))
+                    assert udp.recv(64)[0] >> 4 == ST_RESET, host
             deadline = time.monotonic() + 30
             while not seen and time.monotonic() < deadline:
                 time.sleep(0.05)
