@@ -619,12 +619,19 @@ class DiskIO:
                 unrecorded = set(t.unrecorded)
             gen = rec.rotate()
         files = None
+        partial: list[tuple[int, int, int]] = []
         if stamps:
             folders: dict[str, bool] = {}
             files = [self._stamp(t.storage, i, folders) if not flag & UNSTORED else [0, 0, 0, 0]
                      for i, flag in enumerate(t.meta.files.flags)]
+            # The pieces under way, their blocks flushed: taken up again by the next
+            # start if their files are still as stamped (a clean stop's alone).
+            with t.lock:
+                under_way = [(p, list(part.hasher.received.spans))
+                             for p, part in t.partial.items() if not part.done]
+            partial = [(p, s, e) for p, spans in under_way for s, e in spans]
         try:
-            rec.write_resume(have, fps, gen, files)
+            rec.write_resume(have, fps, gen, files, partial)
         except OSError as exc:  # the journal still holds it all
             self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
             return False
@@ -787,6 +794,8 @@ class DiskIO:
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
+            if saved.partial and self.state.was_clean and saved.stamps is not None:
+                self._take_up(t, saved.partial, saved.stamps, folders)
             if VERIFIED in t.state:
                 storage.known_written(
                     i for i, flag in enumerate(flags)
@@ -841,6 +850,43 @@ class DiskIO:
                 self.state.mark_running()
             except OSError as exc:
                 self.load_errors.append(f"state folder: {exc}")
+
+    def _take_up(self, t: Torrent, partial: dict[int, list[tuple[int, int]]],
+                 stamps: list[list[int]], folders: dict[str, bool]) -> None:
+        """The pieces a clean stop left under way, with the byte ranges of them it had
+        in their files: under way again, so that only the rest of each is fetched (as
+        libtorrent keeps unfinished pieces in its resume data). Not where a file of the
+        piece changed since (its stamp): what it holds there is not known. Their hash
+        state is made from the disk when the last block comes in, and a bad byte there
+        fails the piece, which is then fetched whole."""
+        storage = t.storage
+        same: dict[int, bool] = {}
+
+        def unchanged(i: int) -> bool:
+            if i not in same:
+                stamp = storage.start_stamps.get(i)
+                if stamp is None:
+                    stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i),
+                                                                 folders=folders)
+                same[i] = i < len(stamps) and stamps[i] == stamp[:len(stamps[i])]
+            return same[i]
+
+        for piece, spans in sorted(partial.items()):
+            if t.state[piece] != MISSING or len(t.partial) >= PARTIAL_FLOOR:
+                continue
+            segs = t.layout.map(piece, 0, t.layout.piece_size(piece))
+            if not all(unchanged(seg.file_index) for seg in segs if seg.stored and seg.length):
+                continue
+            pads = t.pads(piece)
+            hasher = PieceHasher(t.layout.piece_size(piece), t.meta.has_v1,
+                                 t.meta.v2_piece(piece), pads)
+            for begin, end in spans:
+                hasher.received.add(begin, min(end, hasher.size))
+            if hasher.empty or hasher.complete:
+                continue
+            self._count_partials(1)
+            t.partial[piece] = Partial(hasher, pads)
+            t.set_state(piece, PARTIAL)
 
     def _finish_deletion(self, gone: Deletion) -> None:
         """Delete the files of a torrent removed with them, which a crash (or an error)

@@ -58,6 +58,7 @@ import struct
 import tempfile
 import threading
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -198,6 +199,8 @@ class Loaded(NamedTuple):
     # A check of the files was under way: None (none), "missing" (its pieces not yet
     # found are to be looked for), "all" (a recheck: every piece is checked again).
     checking: str | None = None
+    # A clean stop's pieces under way: piece -> the byte ranges of it in its files.
+    partial: dict[int, list[tuple[int, int]]] | None = None
 
 
 class Deletion(NamedTuple):
@@ -285,13 +288,18 @@ class TorrentRecord:
 
     # -- whole files (caller holds save_lock) ------------------------------------------
     def write_resume(self, have: bytes, fingerprints: bytes, gen: int,
-                     stamps: list[list[int]] | None) -> None:
+                     stamps: list[list[int]] | None,
+                     partial: Sequence[tuple[int, int, int]] = ()) -> None:
+        """``stamps`` (a clean stop's): each file's; ``partial``: then, the byte ranges
+        of the pieces under way that are in their files, (piece, begin, end)."""
         if self.removed:
             return
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen}
         if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
             resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
             resume[b"stamp_fields"] = STAMP_FIELDS
+            if partial:
+                resume[b"partial"] = array.array("q", [x for r in partial for x in r]).tobytes()
         resume[b"crc"] = zlib.crc32(bencodepy.encode(resume))
         write_atomic(self.folder / "resume", bencodepy.encode(resume))
         for old in self.journals():
@@ -550,6 +558,14 @@ class StateStore:
                 for s in files
             ):
                 stamps = files
+        partial: dict[int, list[tuple[int, int]]] = {}
+        packed_partial = resume.get(b"partial") if damaged is None and resume else None
+        if isinstance(packed_partial, bytes) and len(packed_partial) % 24 == 0:
+            flat = array.array("q", packed_partial).tolist()
+            for i in range(0, len(flat), 3):
+                piece, begin, end = flat[i:i + 3]
+                if 0 <= piece < n and 0 <= begin < end:
+                    partial.setdefault(piece, []).append((begin, end))
         rec = TorrentRecord(folder)
         gens = [g for g in rec.journals() if damaged or g >= gen]
         torn = tail = False
@@ -580,7 +596,7 @@ class StateStore:
             # after the append) is looked for among those missing, found at its hash.
             checking = "missing"
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous, checking)
+                        previous, checking, partial or None)
         return loaded, next_gen
 
 

@@ -1079,12 +1079,14 @@ def test_a_file_deleted_while_seeding_stops_pieced_peer_saying_what_is_left(
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("stopped", ["plugin", "daemon"])
 def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_again(
-        tmp_path: Path) -> None:
-    """pieced-peer stopped (SIGINT) in the middle of a 4 MiB piece, then started again:
-    the blocks the daemon holds of the piece under way are not fetched again (they were:
-    with 64 MiB pieces, a stop cost up to a whole piece's download again, where
-    libtorrent keeps partial pieces)."""
+        tmp_path: Path, stopped: str) -> None:
+    """pieced-peer stopped (SIGINT) in the middle of a 4 MiB piece, or the daemon
+    stopped (SIGTERM) and started again, then pieced-peer started again: the blocks the
+    daemon holds of the piece under way are not fetched again (they were: with 64 MiB
+    pieces, a stop cost up to a whole piece's download again, where libtorrent keeps
+    partial pieces, in its resume data across its own restarts too)."""
     piece = 4 * 1024 * 1024
     files = {"a.bin": 5 * piece + 777}
     content = make_payload(tmp_path / "seed", files, seed=17)
@@ -1107,8 +1109,15 @@ def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_a
                         st = c.status(c.torrents()[0]["info_hash"], files=False, partial=True)
                         held = [r for r in st["partial"]
                                 if sum(e - b for b, e in r[1]) >= piece // 4]
-                first.send_signal(signal.SIGINT)
+                if stopped == "plugin":
+                    first.send_signal(signal.SIGINT)
+                    first.communicate(timeout=30)
+            if stopped == "daemon":
+                assert d.stop() == 0, d.stderr()
                 first.communicate(timeout=30)
+                assert first.returncode == 2
+                d = Daemon(tmp_path)
+            with Client(d.socket) as c:
                 ih = c.torrents()[0]["info_hash"]
                 st = c.status(ih, files=False, partial=True)
             assert st["partial"], st  # (a stop leaves the daemon what it was given)

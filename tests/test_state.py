@@ -2613,3 +2613,68 @@ def test_files_pieced_knows_are_not_taken_for_swapped_ones_at_a_move(
         assert dio.recheck(ih, full=True).ok
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_pieces_under_way_at_a_clean_stop_are_taken_up_at_the_next_start(
+        tmp_path: Path, backend: str, kind: str) -> None:
+    """The engine stopped cleanly with pieces under way: they were forgotten, and a
+    client fetched them whole again (libtorrent keeps unfinished pieces in its resume
+    data). They are under way again after the start, with the blocks they had, and
+    verify once the rest comes, their hash made from the disk. Not a piece of a file
+    changed while the engine was stopped (it is not known what it holds); and a block
+    spoiled on disk behind the engine's back (its times put back)
+    fails its piece, which verifies when sent whole again."""
+    content = make_payload(tmp_path / "src", {"a.bin": 200_000, "b.bin": 300_000}, seed=37)
+    raw = make_torrent_lt(content, 65536, kind)
+    src = Source(raw, tmp_path / "src")
+    save = tmp_path / "dl"
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, save)
+    blocks = src.blocks()
+    under_way = {}
+    for p in range(src.meta.num_pieces):  # the first half of each piece's blocks
+        mine = [b for b in blocks if b[0] == p]
+        for q, b, n in mine[: max(1, len(mine) // 2)]:
+            if len(mine) > 1:
+                dio.write_block_direct(ih, q, b, src.read(q, b, n))
+                under_way[p] = mine
+    held = {p for p, _ in dio.status(ih, partial=True)["partial"]}
+    assert held == set(under_way)
+    dio.close()
+    b_file = next(i for i, f in enumerate(src.meta.files) if f.path[-1] == "b.bin")
+    b_path = save.joinpath(*src.meta.files[b_file].path)
+    later = b_path.stat().st_mtime_ns + 10**9
+    os.utime(b_path, ns=(later, later))  # b.bin changed while stopped: not known now
+    in_b = {p for p in held if b_file in {s.file_index for s in src.layout.map(
+        p, 0, src.layout.piece_size(p)) if s.stored and s.length}}
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        st = again.status(ih, partial=True)
+        taken = {p: spans for p, spans in st["partial"]}
+        assert set(taken) == held - in_b, (sorted(taken), sorted(held), sorted(in_b))
+        assert taken
+        # A block kept on disk spoiled behind the engine's back: its piece fails when
+        # the rest comes, and verifies sent whole.
+        spoiled = min(taken)
+        first = src.layout.map(spoiled, 0, 16384)[0]
+        path = save.joinpath(*src.meta.files[first.file_index].path)
+        times = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(first.file_offset)
+            f.write(bytes([src.read(spoiled, 0, 1)[0] ^ 1]))
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+        for p in sorted(taken):
+            for q, b, n in under_way[p]:
+                if not any(s <= b and b + n <= e for s, e in taken[p]):
+                    again.write_block_direct(ih, q, b, src.read(q, b, n))
+        again.flush_all()
+        have = again.status(ih)["have"]
+        ok = {p for p in taken if have[p >> 3] & (0x80 >> (p & 7))}
+        assert ok == set(taken) - {spoiled}, (sorted(ok), spoiled)
+        _send_until_done(again, ih, src)
+        assert _right_where_said(again, ih, src, save) == src.meta.num_pieces
+    finally:
+        again.close()
+    assert all(lt_recheck(raw, save))
