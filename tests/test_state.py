@@ -2404,6 +2404,17 @@ def _right_where_said(engine: DiskIO, ih: bytes, src: Source, save: Path) -> int
     return len(said)
 
 
+def _registered(tmp_path: Path, backend: str, a: int, b: int, seed: int
+                ) -> tuple[DiskIO, bytes, bytes, Source, Path]:
+    """An engine with a v1 torrent of ``a.bin`` and ``sub/b.bin`` (16 KiB pieces)
+    registered in ``tmp_path/save``: (engine, info hash, metainfo, source, save path)."""
+    content = make_payload(tmp_path / "src", {"a.bin": a, "sub/b.bin": b}, seed=seed)
+    raw = make_torrent_lt(content, 16384, "v1")
+    save = tmp_path / "save"
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    return dio, dio.register(raw, save), raw, Source(raw, tmp_path / "src"), save
+
+
 def _send_until_done(dio: DiskIO, ih: bytes, src: Source, rounds: int = 4) -> None:
     """What a client does: send the blocks of every piece not verified, round after
     round, the errors of a round (its pieces are failed) notwithstanding."""
@@ -2428,13 +2439,8 @@ def test_a_save_folder_deleted_and_made_again_while_held_gets_the_rest_of_the_do
     stayed reported verified, their files gone: only a recheck put it right. The first
     ENOENT now looks at the save path: the folder there is the torrent's from then on,
     the pieces of the old one start over, and the download completes in the new one."""
-    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "sub/b.bin": 200_000}, seed=17)
-    raw = make_torrent_lt(content, 16384, "v1")
-    src = Source(raw, tmp_path / "src")
-    save = tmp_path / "save"
-    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    dio, ih, raw, src, save = _registered(tmp_path, backend, 300_000, 200_000, seed=17)
     try:
-        ih = dio.register(raw, save)
         blocks = src.blocks()
         for p, b, n in blocks[: len(blocks) // 3]:  # (pieces of a.bin only)
             dio.write_block_direct(ih, p, b, src.read(p, b, n))
@@ -2463,13 +2469,8 @@ def test_a_payload_file_renamed_away_while_open_takes_nothing_verified_with_it(
     is not is forgotten as a vanished one (its pieces start over, the error says
     why), made anew at its place, and the download completes there. Whatever is
     reported verified has its bytes at the save path."""
-    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "sub/b.bin": 400_000}, seed=19)
-    raw = make_torrent_lt(content, 16384, "v1")
-    src = Source(raw, tmp_path / "src")
-    save = tmp_path / "save"
-    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    dio, ih, raw, src, save = _registered(tmp_path, backend, 100_000, 400_000, seed=19)
     try:
-        ih = dio.register(raw, save)
         b_pieces = src.layout.file_pieces(1)
         blocks = [blk for blk in src.blocks() if blk[0] in b_pieces]
         for p, b, n in blocks[: len(blocks) // 2]:
