@@ -885,7 +885,8 @@ class DiskIO:
             if hasher.empty or hasher.complete:
                 continue
             self._count_partials(1)
-            t.partial[piece] = Partial(hasher, pads)
+            part = t.partial[piece] = Partial(hasher, pads)
+            part.writers.add(0)  # (no connection's: its blocks came before the start)
             t.set_state(piece, PARTIAL)
 
     def _finish_deletion(self, gone: Deletion) -> None:
@@ -1206,6 +1207,8 @@ class DiskIO:
                             runs = self._cut_pads(partial, begin, (block,), length)
                             for b, views, n in runs:
                                 self._buffer(t, piece, partial, b, b"".join(views), n, flush)
+                            if not runs:
+                                self._all_pad(t, piece, partial)
                         else:
                             self._buffer(t, piece, partial, begin, block, length, flush)
                     except BaseException:
@@ -1297,11 +1300,22 @@ class DiskIO:
                     except BaseException:
                         self._forget_if_empty(t, piece, partial)
                         raise
+                    if not runs:
+                        self._all_pad(t, piece, partial)
                     if partial.hasher.complete:
                         return self._complete(t, piece, partial)
                 return None
         finally:
             t.fence.release_shared()
+
+    def _all_pad(self, t: Torrent, piece: int, partial: Partial) -> None:
+        """(Caller holds the piece's lock.) A block that lay wholly in a pad, of zeros:
+        nothing of the piece is stored, and a piece it made partial is missing again.
+        Left under way with no byte of it here, it took a ``max_partial_pieces`` slot,
+        and every recheck, which leaves pieces under way alone, passed it by. (One of
+        other bytes stays: the piece fails when complete, as v1 would say.)"""
+        if not partial.hasher.bad_pads.spans:
+            self._forget_if_empty(t, piece, partial)
 
     def _partial(self, t: Torrent, piece: int, blocks: int) -> Partial | None:
         """The piece's hash state, made if it is missing; None when it is hashing,
@@ -1335,8 +1349,8 @@ class DiskIO:
         return found
 
     def _forget_if_empty(self, t: Torrent, piece: int, partial: Partial) -> None:
-        """(Caller holds the piece's lock; a write of it just failed.) A piece made
-        partial for a block whose write failed (a full disk) holds nothing: it goes back
+        """(Caller holds the piece's lock; a write of it just failed, or stored nothing.)
+        A piece made partial for a block whose write failed (a full disk) holds nothing: it goes back
         to missing, instead of staying "under way" with no byte of it here, a slot of
         ``max_partial_pieces`` taken for as long as nobody sends it again."""
         if partial.hasher.empty and not self.pool.has_dirty((t.id, piece)):

@@ -1464,3 +1464,36 @@ def test_bytes_read_counts_the_payload_not_the_pads(tmp_path: Path) -> None:
         assert dio.stats()["bytes_read"] - before == payload
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_block_wholly_in_a_pad_leaves_its_piece_missing(tmp_path: Path, backend: str) -> None:
+    """A block of zeros that lies wholly in a pad (a client that sends a piece's every
+    16 KiB block; libtorrent never sends one) made its piece partial with nothing of
+    it stored: a slot of max_partial_pieces taken, and every recheck, which leaves
+    pieces under way alone, passed it by, good data on disk left unverified. Such a
+    block stores nothing and starts nothing; one of other bytes still fails the piece."""
+    content = make_payload(tmp_path / "src", {"a.bin": 3 * 65536 + 3392, "b.bin": 100_000},
+                           seed=41)
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend)
+    try:
+        ih = dio.register(raw, tmp_path / "src")
+        assert dio.recheck(ih, full=True).ok
+        piece, begin = next(
+            (p, b) for p in range(src.meta.num_pieces) for b in range(0, 65536, 16384)
+            if b + 16384 <= src.layout.piece_size(p) and all(
+                not s.stored for s in src.layout.map(p, b, 16384)))
+        dio.clear_piece(ih, piece)
+        dio.write_chunk(ih, piece, begin, bytes(16384))
+        assert dio.status(ih, files=False)["partial_pieces"] == 0
+        assert dio.recheck(ih, full=True).ok
+        dio.clear_piece(ih, piece)
+        dio.write_chunk(ih, piece, begin, b"\x01" * 16384)  # not zeros: the piece fails
+        for p, b, n in src.blocks():
+            if p == piece and b != begin:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        assert not dio.status(ih, files=False)["have"][piece >> 3] & (0x80 >> (piece & 7))
+    finally:
+        dio.close()

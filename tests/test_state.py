@@ -19,7 +19,7 @@ from typing import cast
 import pytest
 from pieced.protocol.client import Client
 from pieced.storage import paths
-from pieced.storage.disk import DiskIO
+from pieced.storage.disk import DiskIO, PieceResult
 from pieced.storage.errors import PiecedError, StorageIOError
 from pieced.storage.layout import Layout
 
@@ -2656,6 +2656,8 @@ def test_pieces_under_way_at_a_clean_stop_are_taken_up_at_the_next_start(
         taken = {p: spans for p, spans in st["partial"]}
         assert set(taken) == held - in_b, (sorted(taken), sorted(held), sorted(in_b))
         assert taken
+        told: list[PieceResult] = []
+        again.on_piece = told.append
         # A block kept on disk spoiled behind the engine's back: its piece fails when
         # the rest comes, and verifies sent whole.
         spoiled = min(taken)
@@ -2669,11 +2671,14 @@ def test_pieces_under_way_at_a_clean_stop_are_taken_up_at_the_next_start(
         for p in sorted(taken):
             for q, b, n in under_way[p]:
                 if not any(s <= b and b + n <= e for s, e in taken[p]):
-                    again.write_block_direct(ih, q, b, src.read(q, b, n))
+                    again.write_block_direct(ih, q, b, src.read(q, b, n), writer=7)
         again.flush_all()
         have = again.status(ih)["have"]
         ok = {p for p in taken if have[p >> 3] & (0x80 >> (p & 7))}
         assert ok == set(taken) - {spoiled}, (sorted(ok), spoiled)
+        # (writers: 0 stands for the blocks from before the start, no connection's)
+        assert {(r.piece, r.ok, r.writers) for r in told} == {
+            (p, p != spoiled, (0, 7)) for p in taken}, told
         _send_until_done(again, ih, src)
         assert _right_where_said(again, ih, src, save) == src.meta.num_pieces
     finally:
