@@ -202,6 +202,18 @@ _LOCAL_NETS = tuple(ipaddress.ip_network(n) for n in (
     "::1/128", "fc00::/7", "fe80::/10"))
 
 
+def unmapped(host: str) -> str:
+    """An IPv4 address as itself: the listening socket takes both families, so an IPv4
+    peer arrives as ``::ffff:a.b.c.d``; known so, it would be another peer than the
+    same address dialled (its record, its bans), and local to nobody."""
+    if host.startswith("::ffff:"):
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+    return host
+
+
 def is_local(host: str) -> bool:
     """An address on this machine or its local network (libtorrent's ``is_local``): such
     peers are dialled first, as libtorrent does; they are the nearest and fastest. A host
@@ -1043,7 +1055,8 @@ class Swarm:
         self._spawn(self._incoming(transport, inbox))
 
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
-        addr = transport.get_extra_info("peername")
+        peername = transport.get_extra_info("peername")
+        addr = (unmapped(peername[0]), peername[1])
         if len(self.peers) >= self.opts.max_peers:
             idle = self._idlest()
             if idle is None:

@@ -202,3 +202,15 @@ def test_local_peers_are_dialled_first_and_each_group_in_a_random_order() -> Non
         assert set(got[:len(local)]) == set(local)
         orders.add((tuple(got[:len(local)]), tuple(got[len(local):])))
     assert len({a for a, _ in orders}) > 1 and len({b for _, b in orders}) > 1
+
+
+def test_an_ipv4_peer_met_on_the_dual_stack_socket_is_known_by_its_ipv4_address() -> None:
+    """The listening socket takes IPv4 and IPv6: an IPv4 peer arrives as
+    ``::ffff:a.b.c.d``, which was another peer than the same address dialled, and local
+    to nobody."""
+    from pieced.peer.plugin import is_local, unmapped
+
+    assert unmapped("::ffff:127.0.0.1") == "127.0.0.1" and is_local(unmapped("::ffff:10.1.2.3"))
+    assert not is_local("::ffff:10.1.2.3")  # (what it was taken for)
+    for host in ("::1", "2001:db8::1", "192.0.2.7", "::ffff:zzz", "example.org"):
+        assert unmapped(host) == host
