@@ -788,9 +788,8 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif self.state.was_clean and saved.stamps is not None and (
-                    i >= len(saved.stamps) or saved.stamps[i] != stamp[:len(saved.stamps[i])]
-                ):
+                elif self.state.was_clean and saved.stamps is not None and not _stamp_kept(
+                        saved.stamps, i, stamp):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
@@ -868,7 +867,7 @@ class DiskIO:
                 if stamp is None:
                     stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i),
                                                                  folders=folders)
-                same[i] = i < len(stamps) and stamps[i] == stamp[:len(stamps[i])]
+                same[i] = _stamp_kept(stamps, i, stamp)
             return same[i]
 
         for piece, spans in sorted(partial.items()):
@@ -2531,6 +2530,12 @@ class _CheckFailed(Exception):
     def __init__(self, error: StorageIOError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _stamp_kept(stamps: list[list[int]], index: int, stamp: list[int]) -> bool:
+    """Whether file ``index`` is as a clean stop stamped it (a record of fewer fields,
+    an older version's, is compared on those)."""
+    return index < len(stamps) and stamps[index] == stamp[:len(stamps[index])]
 
 
 def _never_made(exc: PiecedError) -> bool:

@@ -1394,6 +1394,14 @@ def long_and_short(tmp_path: Path, seed: int, short_piece: int = 16384) -> LongA
                         Source(raw_short, tmp_path / "short"))
 
 
+def _downloaded(dio: DiskIO, raw: bytes, src: Source, save: Path) -> bytes:
+    """Register ``raw`` in ``save`` and write all of it in order, flushed: its info hash."""
+    ih = dio.register(raw, save)
+    fill(dio, ih, src, seed=None, direct_every=0)
+    dio.flush_all()
+    return ih
+
+
 @pytest.mark.backends(exclude={"disabled": "stores nothing: no file to size"})
 def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_other(
         tmp_path: Path, backend: str) -> None:
@@ -1404,12 +1412,8 @@ def test_a_shared_file_longer_than_one_torrent_says_is_not_cut_from_under_the_ot
     data, raw_long, raw_short, src_long, src_short = long_and_short(tmp_path, seed=14)
     dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
     try:
-        ih_long = dio.register(raw_long, tmp_path / "dl")
-        fill(dio, ih_long, src_long, seed=None, direct_every=0)
-        dio.flush_all()
-        ih_short = dio.register(raw_short, tmp_path / "dl")
-        fill(dio, ih_short, src_short, seed=None, direct_every=0)
-        dio.flush_all()
+        ih_long = _downloaded(dio, raw_long, src_long, tmp_path / "dl")
+        ih_short = _downloaded(dio, raw_short, src_short, tmp_path / "dl")
         assert dio.status(ih_short)["verified_pieces"] == src_short.meta.num_pieces
         assert (tmp_path / "dl" / "x.bin").read_bytes() == data
         assert dio.recheck(ih_long, full=True).ok
@@ -1428,12 +1432,8 @@ def test_writes_past_the_end_a_shorter_torrent_gives_a_shared_file_are_stored(
                                                                     short_piece=32768)
     dio = DiskIO(backend, cache_bytes=0, roots=[tmp_path])
     try:
-        ih_short = dio.register(raw_short, tmp_path / "dl")
-        fill(dio, ih_short, src_short, seed=None, direct_every=0)
-        dio.flush_all()
-        ih_long = dio.register(raw_long, tmp_path / "dl")
-        fill(dio, ih_long, src_long, seed=None, direct_every=0)
-        dio.flush_all()
+        ih_short = _downloaded(dio, raw_short, src_short, tmp_path / "dl")
+        ih_long = _downloaded(dio, raw_long, src_long, tmp_path / "dl")
         assert dio.status(ih_long)["verified_pieces"] == src_long.meta.num_pieces
         assert dio.status(ih_short)["verified_pieces"] == src_short.meta.num_pieces
         assert (tmp_path / "dl" / "x.bin").read_bytes() == data
