@@ -90,6 +90,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         pool.shutdown()
         files.close()
     elapsed = time.monotonic() - started
+    unchecked = meta.v2_unchecked()  # (a hybrid without piece layers: v1 checks them)
 
     report = {
         "name": meta.name,
@@ -100,6 +101,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "total_size": meta.total_size,
         "failed_v1": result.failed_v1,
         "failed_v2": result.failed_v2,
+        "unchecked_v2": unchecked,
         "ok": result.ok,
         "seconds": round(elapsed, 4),
     }
@@ -109,6 +111,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         human.append(f"  v1 failed: {_ranges(result.failed_v1) or 'none'}")
     if result.failed_v2 is not None:
         human.append(f"  v2 failed: {_ranges(result.failed_v2) or 'none'}")
+    if unchecked:
+        human.append(f"  v2 not checked (the metainfo has no piece layers for them): "
+                     f"{_ranges(unchecked)}")
     _print(args, report, "\n".join(human))
     return EXIT_OK if result.ok else EXIT_FAILED
 

@@ -37,7 +37,13 @@ from typing import Any, cast
 
 from pieced.config.args import positive_int
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
-from pieced.storage.errors import AlreadyRegistered, PiecedError, TooLarge, UnknownTorrent
+from pieced.storage.errors import (
+    AccessDenied,
+    AlreadyRegistered,
+    PiecedError,
+    TooLarge,
+    UnknownTorrent,
+)
 from pieced.storage.metainfo import Metainfo, parse, read_metainfo
 
 from . import wire
@@ -45,7 +51,7 @@ from .blame import Attribution
 from .conn import DontHave, MetadataRequest, PeerConnection, choke_round
 from .hashes import HashServer
 from .picker import Block, Picker, where
-from .tracker import Tracker
+from .tracker import Tracker, printable
 from .utp import refusal
 from .wire import Ourselves, WireError
 
@@ -723,7 +729,6 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
-        self._completed_announced = False
         self.lost: BaseException | None = None  # the daemon connection, if it broke
         # Pieces with an event since the reconcile under way asked for the daemon's status:
         # the event is as new as its snapshot or newer, and the picker follows it already.
@@ -780,7 +785,8 @@ class Swarm:
         self.order = InOrder(self.picker.plan)
         for piece, spans in st.get("partial", []):
             self._resume(piece, spans)
-        urls = self.meta_trackers()
+        tiers = self.meta_trackers()
+        urls = [u for tier in tiers for u in tier]
         if self.opts.listen is not None:
             host, port = self.opts.listen
             try:
@@ -805,13 +811,15 @@ class Swarm:
             if (host, port) in self.known:
                 self.known[host, port].given = True
         if urls:
-            self.tracker = Tracker(urls, self.ih, self.peer_id, self.listen_port)
+            # Each tier in a random order, as libtorrent takes them (BEP 12): not every
+            # client asks the same tracker of a tier first.
+            self.tracker = Tracker([random.sample(t, len(t)) for t in tiers], self.ih,
+                                   self.peer_id, self.listen_port)
             self._spawn(self._announce_loop())
         self._spawn(self._timers())
         if self.picker.complete:
             self.summary.complete = True
             self.done.set()
-        self._completed_announced = self.picker.complete  # nothing to announce then
 
     async def _listen(self, host: str | None, port: int) -> None:
         """Accept incoming peers on ``host`` (None: every interface, IPv4 and IPv6 on
@@ -841,21 +849,38 @@ class Swarm:
         print(f"pieced-peer: listening on {_address(host or bound[0], self.listen_port)}",
               file=sys.stderr, flush=True)
 
-    def meta_trackers(self) -> list[str]:
-        """The .torrent's HTTP(S) announce URLs, ``announce`` first, each once."""
+    def meta_trackers(self) -> list[list[str]]:
+        """The .torrent's HTTP(S) announce URLs in their tiers, each once: those of
+        ``announce-list`` when it has any (BEP 12: ``announce`` is then left aside, as
+        libtorrent leaves it), else ``announce``. UDP trackers are not spoken to: said."""
         from pieced.storage.bencode import decode
 
         top = decode(self.raw)
-        urls: list[str] = []
-        if isinstance(top, dict):
+        if not isinstance(top, dict):
+            return []
+        listed = top.get(b"announce-list")
+        tiers = [[u for u in tier if isinstance(u, bytes)] for tier in listed
+                 if isinstance(tier, list)] if isinstance(listed, list) else []
+        if not any(tiers):
             a = top.get(b"announce")
-            if isinstance(a, bytes):
-                urls.append(a.decode("utf-8", "replace"))
-            for tier in top.get(b"announce-list", []) or []:
-                for u in tier if isinstance(tier, list) else []:
-                    if isinstance(u, bytes) and u.decode("utf-8", "replace") not in urls:
-                        urls.append(u.decode("utf-8", "replace"))
-        return [u for u in urls if u.startswith(("http://", "https://"))]
+            tiers = [[a]] if isinstance(a, bytes) else []
+        seen: set[str] = set()
+        out: list[list[str]] = []
+        other: list[str] = []
+        for tier in tiers:
+            kept: list[str] = []
+            for raw in tier:
+                url = raw.decode("utf-8", "replace")
+                if url in seen:
+                    continue
+                seen.add(url)
+                (kept if url.startswith(("http://", "https://")) else other).append(url)
+            if kept:
+                out.append(kept)
+        if other:
+            log.warning("trackers not spoken to (only HTTP trackers are): %s",
+                        printable(", ".join(other[:5]) + (" ..." if len(other) > 5 else "")))
+        return out
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -875,9 +900,7 @@ class Swarm:
 
     async def _final_announces(self) -> None:
         assert self.tracker is not None
-        owed = self.summary.complete and not self._completed_announced
-        await self.tracker.goodbye(["completed", "stopped"] if owed else ["stopped"],
-                                   self._counters())
+        await self.tracker.goodbye(self._counters(), self.summary.complete)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -970,7 +993,7 @@ class Swarm:
             transport, inbox = await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(Inbox, host, port), CONNECT_TIMEOUT)
         except (TimeoutError, OSError) as exc:
-            log.info("cannot connect to %s:%d: %s", host, port, exc)
+            log.info("cannot connect to %s: %s", _address(host, port), exc)
         else:
             self.connecting.discard((host, port))  # a peer now: counted in self.peers
             if len(self.peers) >= self.opts.max_peers:  # (filled while we dialled)
@@ -1876,36 +1899,32 @@ class Swarm:
             self._choke_round(rotate=False)
 
     async def _announce_loop(self) -> None:
-        """Announce on start, on completion (at once) and every interval after."""
-        assert self.tracker is not None
-        event = "started"
+        """Announce on start, on completion (at once) and every interval after (never
+        sooner than the tracker's ``min interval``)."""
+        tracker = self.tracker
+        assert tracker is not None
         fails = 0
         while True:
+            complete = self.done.is_set()
             try:
-                reply = await self.tracker.announce(event, self._counters())
-                peers, interval = list(reply.peers), reply.interval
-                if event == "completed":
-                    self._completed_announced = True
-                event = ""  # (said: a failed "started" is sent again, as libtorrent does)
+                reply = await tracker.announce(self._counters(), complete)
                 fails = 0
-                for host, port in dial_order(peers):
+                for host, port in dial_order(list(reply.peers)):
                     self.connect(host, port)
-                wait = max(30.0, interval)  # (at most a day: see parse_response)
+                wait = max(30.0, reply.interval)  # (at most a day: see parse_response)
             except Exception as exc:
-                log.warning("announce failed: %s", exc)
+                log.warning("announce failed: %s", printable(str(exc) or type(exc).__name__))
                 wait = min(ANNOUNCE_RETRY_FIRST * 2 ** min(fails, 16), 3600.0)
                 fails += 1
             sleep = asyncio.ensure_future(asyncio.sleep(wait))
             waits: list[asyncio.Future[Any]] = [sleep]
-            if not self._completed_announced:
-                waits.append(asyncio.ensure_future(self.done.wait()))
+            if not complete:  # completed is announced at once (done may have come while
+                waits.append(asyncio.ensure_future(self.done.wait()))  # that announce ran)
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
-            if self.done.is_set() and not self._completed_announced:
-                event = "completed"
 
 
 def _nodelay(transport: asyncio.Transport) -> None:
@@ -2045,7 +2064,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,
             CannotListen) as exc:
-        print(f"pieced-peer: {exc}", file=sys.stderr)
+        if isinstance(exc, AccessDenied):  # (said by the daemon, not by a peer)
+            print(f"pieced-peer: the daemon at {args.socket} refused us: {exc}",
+                  file=sys.stderr)
+        else:
+            print(f"pieced-peer: {exc}", file=sys.stderr)
         _said(args, exc)
         return 2
     except (OSError, ConnectionError) as exc:

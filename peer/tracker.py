@@ -1,7 +1,10 @@
-"""HTTP tracker announces (BEP 3) with compact peer lists (BEP 23).
+"""HTTP tracker announces (BEP 3) with compact peer lists (BEP 23), in tiers (BEP 12).
 
 ``parse_response`` is pure (bytes in, peers out) so it can be tested and fuzzed
-alone; ``Tracker`` is the aiohttp edge that tries each URL in turn.
+alone; ``Tracker`` is the aiohttp edge that tries each URL in turn. As libtorrent does,
+the events are kept per tracker: each is sent ``started`` by the first announce it
+answers, and ``completed`` once if it heard us as a leecher, whichever tracker
+answered the announces between.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ class Reply(NamedTuple):
 #: The longest announce reply read: 50 peers take 300 bytes in compact form, a few KiB
 #: in the dictionary form; a tracker sending more is cut off, not buffered without end.
 MAX_REPLY = 2 * 1024 * 1024
+ANNOUNCE_TIMEOUT = 15.0  # seconds a tracker has to answer an announce
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped: a tracker's words (or a URL of a
+    .torrent) printed as they came could forge lines of our output, or drive the
+    terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 # A host name as a peer's address: letters, digits and hyphens in dot-separated labels.
@@ -53,10 +67,13 @@ def parse_response(body: bytes) -> Reply:
     if b"failure reason" in msg:
         reason = msg[b"failure reason"]
         text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        raise TrackerError(f"tracker says: {text}")
+        raise TrackerError(f"tracker says: {printable(text)}")
     interval = msg.get(b"interval", 1800)
     if not isinstance(interval, int) or interval <= 0:
         interval = 1800
+    least = msg.get(b"min interval")  # (a tracker may refuse, or ban, announces sooner)
+    if isinstance(least, int) and least > interval:
+        interval = least
     interval = min(interval, 86400)  # (a float of 400 digits is an OverflowError)
     peers: Peers = []
     raw = msg.get(b"peers", b"")
@@ -125,45 +142,80 @@ async def _read_reply(resp: Any, url: str) -> bytes:
     return bytes(body)
 
 
+LEECHER = "leecher"  # a tracker's state: it heard ``started`` while we were not complete
+DONE = "done"  # it heard ``completed``, or heard ``started`` when we were complete already
+
+
 class Tracker:
-    def __init__(self, urls: list[str], info_hash: bytes, peer_id: bytes, port: int) -> None:
-        self.urls = urls
+    """The torrent's trackers, in tiers (BEP 12): an announce asks each in turn, tier
+    after tier, until one answers; the one that answered moves to the front of its
+    tier, and is asked first next time."""
+
+    def __init__(self, tiers: list[list[str]], info_hash: bytes, peer_id: bytes,
+                 port: int) -> None:
+        self.tiers = [list(t) for t in tiers if t]
         self.info_hash = info_hash
         self.peer_id = peer_id
         self.port = port
         self._session: Any = None
         self.answered: list[str] = []  # the URLs that took an announce of ours, in order
+        self._heard: dict[str, str] = {}  # URL -> LEECHER or DONE, once it answered
         self._ids: dict[str, bytes] = {}  # URL -> the tracker id it gave
 
-    async def announce(self, event: str, counters: dict[str, int]) -> Reply:
+    @property
+    def urls(self) -> list[str]:
+        return [u for tier in self.tiers for u in tier]
+
+    def event(self, url: str, complete: bool) -> str:
+        """What the next announce to ``url`` says, we being ``complete`` or not."""
+        heard = self._heard.get(url)
+        if heard is None:
+            return "started"  # (again after a failed one, as libtorrent does)
+        return "completed" if complete and heard == LEECHER else ""
+
+    async def announce(self, counters: dict[str, int], complete: bool) -> Reply:
         import aiohttp
 
         last: Exception = TrackerError("no tracker")
-        for url in self.urls:  # in turn, until one answers
-            try:
-                return await self._announce(url, event, counters)
-            except (aiohttp.ClientError, TrackerError, TimeoutError) as exc:
-                last = exc
-            except Exception as exc:  # whatever else one URL does (a host IDNA refuses...)
-                last = TrackerError(f"{url}: {type(exc).__name__}: {exc}")  # is its own
+        for tier in self.tiers:
+            for url in list(tier):  # in turn, until one answers
+                try:
+                    reply = await self._announce(url, self.event(url, complete), counters,
+                                                 complete)
+                except (aiohttp.ClientError, TrackerError) as exc:
+                    last = exc if str(exc).startswith(url) else TrackerError(
+                        f"{url}: {str(exc) or type(exc).__name__}")
+                    continue
+                except TimeoutError:
+                    last = TrackerError(f"{url}: no answer in {ANNOUNCE_TIMEOUT:.0f} s")
+                    continue
+                except Exception as exc:  # whatever else one URL does (a host IDNA
+                    last = TrackerError(f"{url}: {type(exc).__name__}: {exc}")  # refuses)
+                    continue
+                tier.remove(url)
+                tier.insert(0, url)
+                return reply
         raise last
 
-    async def goodbye(self, events: list[str], counters: dict[str, int]) -> None:
-        """Tell the trackers that took our announces ``events`` in turn (``completed``
-        then ``stopped``), each tracker on its own: one that does not answer holds up
-        no other (libtorrent tells only those too)."""
+    async def goodbye(self, counters: dict[str, int], complete: bool) -> None:
+        """Tell each tracker that took an announce of ours ``stopped`` (``completed``
+        first if it is owed), each tracker on its own: one that does not answer holds
+        up no other (libtorrent tells only those too)."""
         async def tell(url: str) -> None:
-            for event in events:
+            for event in (("completed", "stopped") if self.event(url, complete) == "completed"
+                          else ("stopped",)):
                 with contextlib.suppress(Exception):  # (it may be gone: the next is said)
-                    await self._announce(url, event, counters)
+                    await self._announce(url, event, counters, complete)
 
         await asyncio.gather(*(tell(url) for url in self.answered))
 
-    async def _announce(self, url: str, event: str, counters: dict[str, int]) -> Reply:
+    async def _announce(self, url: str, event: str, counters: dict[str, int],
+                        complete: bool = False) -> Reply:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=ANNOUNCE_TIMEOUT))
         full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters,
                             self._ids.get(url))
         async with self._session.get(full) as resp:
@@ -176,6 +228,10 @@ class Tracker:
             raise TrackerError(f"{url}: {exc}") from None
         if url not in self.answered:
             self.answered.append(url)
+        if event == "started":
+            self._heard[url] = DONE if complete else LEECHER
+        elif event == "completed":
+            self._heard[url] = DONE
         if reply.tracker_id is not None:
             self._ids[url] = reply.tracker_id[:256]
         return reply

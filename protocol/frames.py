@@ -212,10 +212,17 @@ class RecvRing:
         return self.head - self.parsed
 
     def writable(self) -> memoryview:
-        """The largest contiguous free region (empty when full)."""
+        """The largest contiguous free region (empty when full). An empty ring starts
+        again from its first byte: a connection of small frames, each answered before
+        the next, otherwise walked the whole buffer and made every page of it resident
+        for as long as it stayed connected (8 MiB for a plugin's reads). (Only here, in
+        the owner's call before its receive: a view handed out earlier is never moved
+        from under a receive in flight.)"""
         free = self.capacity - self.used
         if free <= 0:
             return self.view[0:0]
+        if free == self.capacity and self.head % self.capacity:
+            self.head = self.parsed = self.tail = -(-self.head // self.capacity) * self.capacity
         start = self.head % self.capacity
         return self.view[start : start + min(free, self.capacity - start)]
 

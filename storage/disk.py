@@ -325,7 +325,13 @@ class DiskIO:
     def _refuse_registered(self, meta: Metainfo) -> None:
         for alias in meta.aliases:
             if alias in self._torrents:
-                raise AlreadyRegistered(f"torrent {alias.hex()} is already registered")
+                lacking = (self._torrents[alias].meta.v2_unchecked()
+                           and not meta.v2_unchecked())
+                raise AlreadyRegistered(
+                    f"torrent {alias.hex()} is already registered" + (
+                        " (from a metainfo without its piece layers: remove it, keeping "
+                        "its files, and add this one to have its pieces checked by v2 too)"
+                        if lacking else ""))
 
     def unregister(self, ih: bytes, delete_files: bool = False) -> None:
         """Forget a torrent, after the block I/O in flight. Pieces still committing are
@@ -1056,10 +1062,19 @@ class DiskIO:
         for gone in t.storage.moved_away(files, sizes):
             self._record_error(t, gone, None)
             out.add(gone.file_index)
-            for x, j in list(t.shared.get(gone.file_index, ())):
-                for lost in x.storage.moved_away([j]):
-                    self._record_error(x, lost, None)
+            self._tell_sharers(t, gone.file_index)
         return out
+
+    def _tell_sharers(self, t: Torrent, index: int) -> None:
+        """File ``index`` of ``t`` is not under its name any more (renamed away or
+        replaced): the torrents sharing it forget it too, where their descriptors still
+        lead to the file that went. (A sharer's pieces verified through such a
+        descriptor, with other bytes at the path, would stay reported verified.)"""
+        for x, j in list(t.shared.get(index, ())):
+            if self._root_moved(x):  # its save folder went (the file with it)
+                continue
+            for lost in x.storage.moved_away([j]):
+                self._record_error(x, lost, None)
 
     def _distrust_changed(self, t: Torrent, result: VerifyResult,
                           vanished: set[int]) -> VerifyResult:
@@ -1657,6 +1672,8 @@ class DiskIO:
             "start over", errno=errno.ENOENT), None)
         for index, written in moved:
             self._start_over(t, index, verified=True, partial=written)
+        for index, _ in moved:
+            self._tell_sharers(t, index)
         return True
 
     def _uncommit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
@@ -2042,9 +2059,12 @@ class DiskIO:
         """BEP 52 Merkle check of a piece against the piece layer (or a given root)."""
         t = self._get(ih)
         t.layout.check(piece, 0, 0)
-        v2 = t.meta.v2_piece(piece)
+        v2 = t.meta.v2_view(piece)
         if v2 is None:
             raise NoHashes("torrent has no v2 hashes: use hash_piece")
+        if expected is None and not v2.expected:
+            raise NoHashes(f"the metainfo has no piece layer for piece {piece}'s file: "
+                           "give the expected root, or use hash_piece")
         want = v2.expected if expected is None else _digest(expected, 32, "a SHA-256 root")
         _, root = self._hash_as_it_stands(t, piece, False, v2)
         return root == want
@@ -2229,6 +2249,7 @@ class DiskIO:
             # holds blocks that went to the other file), told as failed.
             for index in sorted(t.storage.look_again()):
                 self._start_over(t, index, verified=False, partial=True)
+                self._tell_sharers(t, index)
             with t.lock:
                 todo = [p for p, s in enumerate(t.state) if s != PARTIAL]
                 gens = dict(t.written_into)
@@ -2388,6 +2409,7 @@ class DiskIO:
             "committing_pieces": counts["committing"],
             "reverifying_pieces": t.reverifying,
             "checking": t.checking,
+            "v2_unchecked_pieces": len(meta.v2_unchecked()),
             "registration": t.id,
             "errors": errors,
         }

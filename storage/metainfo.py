@@ -14,11 +14,9 @@ torrent's folder named as libtorrent names it (:func:`_torrent_name`).
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import os
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import compress
@@ -28,6 +26,7 @@ from .bencode import BencodeError, Path, _Decoder, decode_spanning
 from .errors import BadMetainfo, PiecedError, TooLarge
 from .filetable import PAD, UNSTORED, FileEntry, FileTable, TableBuilder
 from .merkle import BLOCK_SIZE, leaf_count, piece_width, root_from_layer
+from .paths import read_regular
 
 MAX_METAINFO_BYTES = 64 * 1024 * 1024
 MAX_FILES = 1_000_000
@@ -90,6 +89,7 @@ class Metainfo:
         # Where the info dictionary lies in the metainfo's bytes: the info hashes are
         # over them, and they are the torrent's metadata a peer hands out (BEP 9).
         self.info_span = info_span
+        self._unchecked: list[int] | None = None
 
     def __repr__(self) -> str:
         return f"Metainfo(name={self.name!r}, pieces={self.num_pieces}, files={len(self.files)})"
@@ -128,7 +128,27 @@ class Metainfo:
         return self.pieces_v1[piece * 20 : piece * 20 + 20]
 
     def v2_piece(self, piece: int) -> V2Piece | None:
-        """The v2 view of a piece, or None for a v1-only torrent."""
+        """The v2 view of a piece, or None for a v1-only torrent and for a piece of a
+        hybrid's file whose piece layer the metainfo does not carry (v1 checks it)."""
+        v2 = self.v2_view(piece)
+        return v2 if v2 is not None and v2.expected else None
+
+    def v2_unchecked(self) -> list[int]:
+        """The pieces no v2 check is made of: those of a hybrid's files whose piece
+        layer the metainfo lacks (checked by their v1 hashes alone)."""
+        if self._unchecked is None:
+            out: list[int] = []
+            if self.has_v2 and self.has_v1:
+                for first, fidx in zip(self._v2_first_piece, self._v2_file_index, strict=True):
+                    f = self.files[fidx]
+                    if f.length > self.piece_length and f.pieces_root not in self.piece_layers:
+                        out.extend(range(first, first + -(-f.length // self.piece_length)))
+            self._unchecked = out
+        return self._unchecked
+
+    def v2_view(self, piece: int) -> V2Piece | None:
+        """The v2 view of a piece, None for a v1-only torrent; its ``expected`` is empty
+        where the metainfo has no piece layer for its file."""
         if not self.has_v2:
             return None
         i = bisect.bisect_right(self._v2_first_piece, piece) - 1
@@ -138,34 +158,20 @@ class Metainfo:
         data_length = min(self.piece_length, f.length - j * self.piece_length)
         assert f.pieces_root is not None
         if f.length > self.piece_length:
-            expected = self.piece_layers[f.pieces_root][j * 32 : j * 32 + 32]
+            layer = self.piece_layers.get(f.pieces_root, b"")
+            expected = layer[j * 32 : j * 32 + 32]
         else:
             expected = f.pieces_root
         return V2Piece(fidx, j, data_length, piece_width(f.length, self.piece_length), expected)
 
 
 def read_metainfo(path: str | os.PathLike[str], max_bytes: int = MAX_METAINFO_BYTES) -> bytes:
-    """A .torrent file's bytes, read no further than ``max_bytes`` (``/dev/zero`` given
-    for a .torrent would be read for ever): OSError if it cannot be read or is not a
-    regular file (a FIFO's open does not wait), TooLarge past the limit."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        os.set_blocking(fd, True)
-        chunks = []
-        got = 0
-        while got <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    finally:
-        os.close(fd)
-    if got > max_bytes:
+    """A .torrent file's bytes, read no further than ``max_bytes``: OSError if it cannot
+    be read or is not a regular file, TooLarge past the limit."""
+    data = read_regular(path, max_bytes)
+    if len(data) > max_bytes:
         raise TooLarge(f"{os.fspath(path)} is larger than {max_bytes} bytes: not a .torrent")
-    return b"".join(chunks)
+    return data
 
 
 def parse(
@@ -278,8 +284,17 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
                 continue
             layer = raw_layers.get(f.pieces_root)
             where = "/".join(f.path)
+            if layer is None and has_v1:
+                # A hybrid's info dictionary alone (from a magnet link): its pieces are
+                # checked by their v1 hashes, as libtorrent checks them until peers send
+                # the layer. A v2-only torrent would have nothing to check them by.
+                continue
+            if layer is None:
+                raise BadMetainfo(
+                    f"'piece layers' has no layer for file {where!r}: a v2-only torrent needs "
+                    "them to check its pieces (the whole .torrent, not its info dictionary alone)")
             if not isinstance(layer, bytes):
-                raise BadMetainfo(f"'piece layers' has no layer for file {where!r}")
+                raise BadMetainfo(f"the piece layer of {where!r} is not a byte string")
             want = 32 * ((f.length + piece_length - 1) // piece_length)
             if len(layer) != want:
                 raise BadMetainfo(

@@ -27,6 +27,29 @@ from pathlib import Path
 from .errors import PathEscape, PiecedError, StorageIOError
 
 Parts = Sequence[str]
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """A regular file's bytes (up to ``limit`` + 1 of them, when given: the caller tells
+    a file past its limit by its length). OSError if it cannot be read or is not a
+    regular file: a FIFO in its place would have its open wait for a writer for ever,
+    and ``/dev/zero`` would be read for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{os.fspath(path)} is not a regular file")
+        os.set_blocking(fd, True)
+        chunks = []
+        got = 0
+        while limit is None or got <= limit:
+            chunk = os.read(fd, 1 << 20 if limit is None else min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # The status flags F_SETFL sets (all others it leaves): what an open asked for of these
 # is set again, O_NONBLOCK (used for the open alone) is not.

@@ -3,6 +3,7 @@
 Layout under the state directory::
 
     lock                                    flock'ed by the one daemon using the folder
+                                            (the folder itself is flock'ed too)
     clean                                   exists only while the daemon is stopped
                                             cleanly (not written when the final save
                                             failed; removed once a start-up has
@@ -31,7 +32,9 @@ deleted. A crash between those steps leaves both, and loading replays every
 generation from the resume record's on.
 
 A record is ``kind, piece, fingerprint, crc32``; a torn tail (a crash mid-append)
-fails its checksum and is ignored: its piece was never announced. A bad record with
+fails its checksum and is ignored: its piece was never announced (but damage to the
+last record looks the same, and it may have cleared a piece: every piece is checked
+again after such a start). A bad record with
 good ones after it is damage, not a crash: no piece of that torrent is then taken on
 trust. The resume record carries a crc32 of itself too. A bit is cleared
 (``clear_piece``, a vanished file) by a CLEARED record, so replaying in order gives
@@ -65,6 +68,7 @@ from typing import Any, NamedTuple
 import bencodepy
 
 from .hashing import FINGERPRINT_BYTES
+from .paths import read_regular
 
 RECORD = struct.Struct("<BxxxI16sI")  # kind, piece, fingerprint, crc32 of the first 24 bytes
 REC_VERIFIED = 1
@@ -140,7 +144,7 @@ def make_folders(path: Path, sync_existing: bool = False) -> None:
 
 def _checking_scope(path: Path) -> str | None:
     try:
-        return "all" if path.read_bytes() == b"all" else "missing"
+        return "all" if read_regular(path) == b"all" else "missing"
     except FileNotFoundError:
         return None
     except OSError:
@@ -179,7 +183,7 @@ def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool, bo
         if damaged:
             return out + _decode_records(data[off:])[0], True, False
         out.append((kind, piece, fp))
-    return out, False, damaged
+    return out, False, damaged or len(data) % RECORD.size != 0  # (or one cut short last)
 
 
 class Loaded(NamedTuple):
@@ -316,6 +320,7 @@ class TorrentRecord:
         record: dict[bytes, Any] = _location(save_path, renames)
         if previous is not None:
             record[b"from"] = _location(*previous)
+        record[b"crc"] = zlib.crc32(bencodepy.encode(record))
         write_atomic(self.folder / "location", bencodepy.encode(record))
 
     def mark_checking(self, scope: str | None) -> None:
@@ -410,17 +415,28 @@ class StateStore:
         make_folders(self.root, sync_existing=True)  # (durable before any record in it)
         # One daemon per state folder, taken before anything in it is read or changed: a
         # second one started by mistake compacted the first one's journals away under it.
-        self._lock_fd = os.open(self.state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                0o600)
+        # The folder itself is locked too: the lock file, reached by its name, could be
+        # deleted under a running daemon (a cleaner of stale files) and made anew by a
+        # second one, which would then lock it, while the folder cannot be. (The file
+        # stays: a daemon of an earlier version locks only it.)
+        self._lock_fds: list[int] = []
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StateInUse(errno.EBUSY, f"the state folder {self.state_dir} is in use by "
-                                          "another pieced daemon") from None
+            for path, flags in ((self.state_dir, os.O_RDONLY | os.O_DIRECTORY),
+                                (self.state_dir / LOCK, os.O_RDWR | os.O_CREAT)):
+                fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+                self._lock_fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StateInUse(errno.EBUSY, f"the state folder {self.state_dir} is in "
+                                                  "use by another pieced daemon") from None
+        except BaseException:
+            self.close()
+            raise
         # Payload file stamps are compared only after a clean stop: after a crash the
         # files we were writing have changed since the last save, by our own hand.
-        self.was_clean = (self.state_dir / CLEAN).exists()
+        # (A folder in its place, which no stop made and none can replace, is not it.)
+        self.was_clean = (self.state_dir / CLEAN).is_file()
 
     def mark_clean(self) -> None:
         write_atomic(self.state_dir / CLEAN, b"")
@@ -437,9 +453,8 @@ class StateStore:
 
     def close(self) -> None:
         """Let the state folder go (another daemon may use it from now on)."""
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        while self._lock_fds:
+            os.close(self._lock_fds.pop())
 
     def create(self, ih: bytes, raw: bytes, save_path: Path, pieces: int) -> TorrentRecord:
         """A new torrent's state folder, holding its metainfo, its location and a resume
@@ -516,6 +531,10 @@ class StateStore:
         n = int(meta.num_pieces)
         resume = _decode_dict(folder / "resume")
         location = _decode_dict(folder / "location")
+        if location is not None and not _crc_matches(location):
+            # A bit flipped in a save path still decodes: the torrent's files would be
+            # looked for, and written, in another folder.
+            raise ValueError("its location record is damaged (its checksum does not match)")
         if location is None and resume is not None and b"save_path" in resume:
             location = resume  # written by a version that kept the location in the resume
         save_path, renames = _read_location(location)
@@ -541,7 +560,7 @@ class StateStore:
             table = resume.get(b"fingerprints")
             if table is None:  # an older version kept them in a file of their own
                 with contextlib.suppress(OSError):
-                    table = (folder / "fingerprints").read_bytes()
+                    table = read_regular(folder / "fingerprints")
             if isinstance(table, bytes) and len(table) == len(fps):
                 fps[:] = table
             g = resume.get(b"gen", 0)
@@ -570,7 +589,12 @@ class StateStore:
         gens = [g for g in rec.journals() if damaged or g >= gen]
         torn = tail = False
         for g in gens:
-            records, bad, ends_bad = _decode_records((folder / f"journal.{g}").read_bytes())
+            try:
+                data = read_regular(folder / f"journal.{g}")
+            except OSError:  # (a folder in its place, EIO): what it said is unknown
+                torn = True
+                continue
+            records, bad, ends_bad = _decode_records(data)
             torn = torn or bad
             tail = tail or ends_bad
             for kind, piece, fp in records:
@@ -591,10 +615,13 @@ class StateStore:
             damaged = "a record of its journal is damaged, so no piece is taken as verified"
             have[:] = bytes(len(have))
         checking = _checking_scope(folder / CHECKING)
-        if tail and not torn and checking is None:
-            # What the record said is unknown: a piece it told verified (a bit flipped
-            # after the append) is looked for among those missing, found at its hash.
-            checking = "missing"
+        if tail and not torn and checking != "all":
+            # What the last record said is unknown: a piece it told verified (torn by a
+            # crash mid-append, it was never announced) is looked for among those
+            # missing; a piece it cleared (a bit flipped later) would be taken as
+            # verified over the bytes written since: so every piece is checked again
+            # (reported as it was meanwhile; unchanged ones are found by fingerprint).
+            checking = "all"
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
                         previous, checking, partial or None)
         return loaded, next_gen
@@ -611,7 +638,7 @@ def _own_metainfo(folder: Path, ih_hex: str, parse: Any) -> Any:
     it was another torrent, with the pieces the record proves of the real one called
     verified, and a removal of it removed the real one's folder (or, with its files, the
     files its damaged paths name)."""
-    meta = parse((folder / "metainfo.torrent").read_bytes())
+    meta = parse(read_regular(folder / "metainfo.torrent"))
     found = bytes(meta.info_hash).hex()
     if found != ih_hex:
         raise ValueError(f"its metainfo is damaged: it is of info_hash {found}, not of the "
@@ -628,19 +655,19 @@ def _read_location(record: Any) -> tuple[str, dict[int, tuple[str, ...]]]:
     return record[b"save_path"].decode(), renames
 
 
-def _crc_matches(resume: dict[bytes, Any]) -> bool:
-    """The resume record's checksum (over the record without it) holds; a record from a
-    version that wrote none passes."""
-    crc = resume.get(b"crc")
+def _crc_matches(record: dict[bytes, Any]) -> bool:
+    """A resume or location record's checksum (over the record without it) holds; a
+    record from a version that wrote none passes."""
+    crc = record.get(b"crc")
     if crc is None:
         return True
-    rest = {k: v for k, v in resume.items() if k != b"crc"}
+    rest = {k: v for k, v in record.items() if k != b"crc"}
     return isinstance(crc, int) and zlib.crc32(bencodepy.encode(rest)) == crc
 
 
 def _decode_dict(path: Path) -> dict[bytes, Any] | None:
     try:
-        value = bencodepy.decode(path.read_bytes())
+        value = bencodepy.decode(read_regular(path))
     except Exception:
         return None
     return value if isinstance(value, dict) else None

@@ -14,6 +14,7 @@ import functools
 import os
 import select
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -823,3 +824,64 @@ def test_the_replies_a_client_leaves_unread_are_bounded_in_memory_not_only_in_by
     print(f"{sent // len(one)} one-byte WRITEs unread: the daemon's peak grew "
           f"{grown / 2**20:.1f} MiB with {buffer / 2**20:.0f} MiB buffers")
     assert grown < 4 * buffer, f"{grown / 2**20:.1f} MiB"
+
+
+def test_small_frames_reuse_the_start_of_the_receive_ring() -> None:
+    """Frames taken one at a time, each released before the next arrives: the ring
+    starts again from its first byte whenever it is empty. They walked the whole
+    buffer instead, making every page of it resident for the connection's life."""
+    from pieced.protocol.frames import RecvRing
+
+    ring = RecvRing(1 << 20)
+    for i in range(100_000):
+        buf = ring.writable()
+        assert len(buf) == ring.capacity  # at its start each time
+        buf[:44] = bytes([i & 0xFF]) * 44
+        ring.wrote(44)
+        views, token = ring.take(44)
+        assert bytes(views[0]) == bytes([i & 0xFF]) * 44
+        ring.release(token)
+    ring.wrote(0)
+    buf = ring.writable()
+    buf[:10] = b"x" * 10
+    ring.wrote(10)
+    views, held = ring.take(6)  # one held: the ring is not empty, nothing moves
+    assert len(ring.writable()) == ring.capacity - 10
+    ring.consume(4)
+    ring.release(held)
+    assert len(ring.writable()) == ring.capacity
+
+
+def test_a_long_lived_connection_of_small_requests_keeps_its_buffer_small(
+        tmp_path: Path) -> None:
+    """Three connections each sending 30,000 small READs, one at a time (a plugin
+    seeding for days): each made its whole 8 MiB receive buffer resident, kept while
+    it stayed connected. Now they cost next to nothing."""
+    content = make_payload(tmp_path / "src", 3 * 16384, seed=19)
+    raw = make_torrent_lt(content, 16384, "v1")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            assert c.recheck(ih)["verified"] == 3
+        clients = [Client(d.socket) for _ in range(3)]
+        try:
+            clients[0].read_chunk(ih, 0, 0, 16)
+            before = proc_bytes(d.proc.pid)
+
+            def work(cl: Client) -> None:
+                for i in range(30_000):
+                    cl.read_chunk(ih, i % 3, 0, 16)
+
+            threads = [threading.Thread(target=work, args=(cl,)) for cl in clients]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            grown = proc_bytes(d.proc.pid) - before
+            assert grown < 2 * 1024 * 1024, (grown, before)  # 3 x 1.3 MiB walked before
+        finally:
+            for cl in clients:
+                cl.close()
+    finally:
+        assert d.stop() == 0

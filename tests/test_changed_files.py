@@ -658,3 +658,72 @@ def test_a_shared_file_renamed_away_takes_nothing_verified_with_it_in_either_tor
     finally:
         dio.close()
     assert all(lt_recheck(raw_a, tmp_path / "dl")) and all(lt_recheck(raw_b, tmp_path / "dl"))
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("change", ["renamed away", "replaced"])
+def test_a_shared_file_a_recheck_finds_changed_is_forgotten_by_every_torrent_sharing_it(
+        tmp_path: Path, backend: str, change: str) -> None:
+    """Cross-seeding: both torrents complete; a file they share is renamed away (or
+    another put in its place), and one of them is rechecked. The recheck took the file
+    at the path for its own, but the other torrent was told nothing: its pieces stayed
+    reported verified, read through its descriptor of the file that went, and a write
+    of other bytes into the new file by the first torrent had them checked again
+    through that same descriptor, and found good, over wrong bytes at the path."""
+    raw_a, dio, a, b = _cross_seeded(tmp_path, backend)
+    try:
+        src_a = Source(raw_a, tmp_path / "src")
+        checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
+        assert all(checked.result().have)
+        shared = tmp_path / "dl" / "payload" / "dir" / "b.bin"
+        if change == "renamed away":
+            shared.rename(tmp_path / "b.away")
+        else:
+            (tmp_path / "zeros").write_bytes(bytes(shared.stat().st_size))
+            (tmp_path / "zeros").rename(shared)
+        checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
+        assert not all(checked.result().have)
+        st = wait_reverified(dio, a)
+        for p, v in enumerate(_verified(st)):
+            if v:
+                assert _on_disk(src_a, tmp_path / "dl", p) == src_a.read(
+                    p, 0, src_a.layout.piece_size(p)), p
+        assert not all(_verified(st))
+        # The first torrent writes other bytes into the shared file's pieces: the other
+        # one's pieces are not found good through the file that went.
+        src_b = Source(make_torrent_lt(next((tmp_path / "src").iterdir()), PIECE, "hybrid"),
+                       tmp_path / "src")
+        have_b = _verified(dio.status(b))
+        for p, at, n in src_b.blocks():
+            if not have_b[p]:
+                with contextlib.suppress(PiecedError):
+                    dio.write_chunk(b, p, at, b"\x5a" * n)
+        with contextlib.suppress(PiecedError):
+            dio.flush_all()
+        st = wait_reverified(dio, a)
+        for p, v in enumerate(_verified(st)):
+            if v:
+                assert _on_disk(src_a, tmp_path / "dl", p) == src_a.read(
+                    p, 0, src_a.layout.piece_size(p)), p
+    finally:
+        dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_save_folder_a_recheck_finds_replaced_is_forgotten_by_every_torrent_in_it(
+        tmp_path: Path, backend: str) -> None:
+    """Cross-seeding: both torrents complete; their save folder is renamed away and an
+    empty one made in its place, and one of them is rechecked. It takes the new folder
+    for its own and finds nothing there; the other one, told nothing, still reported
+    every piece verified, with nothing at its paths."""
+    _, dio, a, b = _cross_seeded(tmp_path, backend)
+    try:
+        checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
+        assert all(checked.result().have)
+        (tmp_path / "dl").rename(tmp_path / "dl.away")
+        (tmp_path / "dl").mkdir()
+        checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
+        assert not any(checked.result().have)
+        assert not any(_verified(wait_reverified(dio, a)))
+    finally:
+        dio.close()

@@ -1497,3 +1497,69 @@ def test_a_block_wholly_in_a_pad_leaves_its_piece_missing(tmp_path: Path, backen
         assert not dio.status(ih, files=False)["have"][piece >> 3] & (0x80 >> (piece & 7))
     finally:
         dio.close()
+
+
+def _without_layers(raw: bytes) -> bytes:
+    """The metainfo without ``piece layers``: what a client has from a magnet link (the
+    info dictionary from its peers)."""
+    import bencodepy
+
+    top = bencodepy.decode(raw)
+    assert top.pop(b"piece layers")
+    return bytes(bencodepy.encode(top))
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_hybrid_without_its_piece_layers_is_checked_by_its_v1_hashes(
+        tmp_path: Path, odd_payload: tuple[Path, Path], backend: str) -> None:
+    """A hybrid torrent's info dictionary alone (a magnet link's metadata: no piece
+    layers) was refused, where libtorrent takes it and checks the pieces by their SHA-1
+    until peers send the layers. Taken now: every piece is verified by v1 (a bad block
+    fails its piece), the pieces of files of one piece or less by v2 too (their root is
+    in the info dictionary), and a v2 check of the others needs the root given."""
+    save, content = odd_payload
+    full = make_torrent_lt(content, 16384, "hybrid")
+    raw = _without_layers(full)
+    src, whole = Source(raw, save), parse(full)
+    layerless = [p for p in range(src.meta.num_pieces)
+                 if src.meta.v2_piece(p) is None and not all(
+                     not s.stored for s in src.layout.map(p, 0, src.layout.piece_size(p)))]
+    small = [p for p in range(src.meta.num_pieces) if src.meta.v2_piece(p) is not None]
+    assert len(layerless) >= 10 and small
+    assert all(whole.v2_piece(p) is not None for p in layerless)
+    events: list[PieceResult] = []
+    dio = DiskIO(backend, roots=[tmp_path], on_piece=events.append)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        bad = layerless[3]
+        blocks = src.peer_blocks()
+        for p, b, n in blocks:
+            data = src.read(p, b, n)
+            dio.write_chunk(ih, p, b, data if (p, b) != (bad, 0) else b"\xff" * n)
+        failed = [e for e in events if not e.ok]
+        assert [(e.piece, e.v1, e.v2) for e in failed] == [(bad, False, None)]
+        dio.clear_piece(ih, bad)
+        for p, b, n in blocks:
+            if p == bad:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        status = dio.status(ih, files=False)
+        assert status["verified_pieces"] == src.meta.num_pieces
+        good = {e.piece: e for e in events if e.ok}
+        assert all(good[p].v1 and good[p].v2 is None for p in layerless)
+        assert all(good[p].v1 and good[p].v2 for p in small if p in good)
+        assert all(lt_recheck(full, tmp_path / "dl"))  # libtorrent, with the layers, agrees
+        with pytest.raises(NoHashes, match="no piece layer"):
+            dio.hash_piece_v2(ih, layerless[0])
+        want = whole.v2_piece(layerless[0])
+        assert want is not None
+        assert dio.hash_piece_v2(ih, layerless[0], want.expected)
+        assert not dio.hash_piece_v2(ih, layerless[0], bytes(32))
+        assert dio.hash_piece_v2(ih, small[0])
+        assert dio.recheck(ih, full=True).ok
+        assert sorted(layerless) == src.meta.v2_unchecked()
+        assert status["v2_unchecked_pieces"] == len(layerless)
+        with pytest.raises(AlreadyRegistered, match="without its piece layers"):
+            dio.register(full, tmp_path / "dl")
+    finally:
+        dio.close()

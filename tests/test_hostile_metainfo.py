@@ -699,6 +699,12 @@ ROWS: list[Row] = [
         "v2 piece layer of other hashes", edited("v2", wrong_layer), LT_LAYER, BadMetainfo, "b.bin"
     ),
     Row("v2 piece layer missing", edited("v2", missing_layer), ACCEPTED, BadMetainfo, "b.bin"),
+    Row("v2 without piece layers", edited("v2", lambda t: drop(t, b"piece layers")), ACCEPTED,
+        BadMetainfo, "info dictionary alone"),
+    # A hybrid's v1 hashes check every piece: libtorrent takes it and so do we.
+    Row("hybrid piece layer missing", edited("hybrid", missing_layer), ACCEPTED, None),
+    Row("hybrid without piece layers", edited("hybrid", lambda t: drop(t, b"piece layers")),
+        ACCEPTED, None),
     Row(
         "v2 pieces root of 31 bytes",
         edited("v2", lambda t: put(tree(t, b"c.txt", b""), b"pieces root", bytes(31))),

@@ -873,6 +873,34 @@ def test_a_leecher_without_piece_layers_gets_them_from_us(tmp_path: Path, kind: 
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_hybrid_known_by_its_info_dictionary_alone_is_downloaded_and_seeded(
+        tmp_path: Path) -> None:
+    """A hybrid .torrent without ``piece layers`` (the metadata a magnet link gets from
+    peers): pieced-peer downloads it from a libtorrent seeder, every piece checked by
+    its v1 hash, and seeds it to a libtorrent leecher from a magnet link, whose hash
+    requests it cannot answer (rejected), which finishes on the v1 hashes."""
+    import bencodepy
+
+    piece = 32768
+    files = {"a.bin": 37 * piece + 5, "b.bin": 5 * piece, "small": 1000}
+    content, raw, _ = _made(tmp_path, files, piece, "hybrid", seed=16)
+    top = bencodepy.decode(raw)
+    assert top.pop(b"piece layers")
+    torrent = tmp_path / "bare.torrent"
+    torrent.write_bytes(bencodepy.encode(top))
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            down = download(torrent, tmp_path / "dl", d, seeder.port)
+        assert down["pieces_failed"] == 0
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files, magnet=True)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
 def test_a_leecher_from_a_magnet_link_gets_the_metadata_from_us(tmp_path: Path,
                                                                kind: str) -> None:
@@ -2492,3 +2520,22 @@ def test_a_file_that_cannot_be_written_any_more_stops_the_download_in_one_line(
     finally:
         subprocess.run(["chattr", "-i", str(target)], check=False)
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_pieced_peer_the_daemon_refuses_says_it_is_the_daemon_and_why(
+        tmp_path: Path) -> None:
+    """A pieced-peer refused for max_clients printed only "too many clients (limit 1)",
+    which reads as its own BitTorrent peers; and the daemon said nothing of it."""
+    _, _, torrent = _made(tmp_path, {"a.bin": 40000}, 16384, "v1", seed=17)
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "1"})
+    try:
+        with Client(d.socket):
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                                        "127.0.0.1:1"),
+                               capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        assert f"the daemon at {d.socket} refused us" in r.stderr, r.stderr
+        assert "max_clients = 1" in r.stderr, r.stderr
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert "a client was refused: too many clients" in d.stderr()

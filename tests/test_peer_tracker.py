@@ -4,6 +4,7 @@ IPv6, refusals, and garbage that never raises anything but TrackerError."""
 from __future__ import annotations
 
 import urllib.parse
+from typing import Any, cast
 
 import bencodepy
 import pytest
@@ -105,10 +106,10 @@ def test_a_tracker_that_fails_in_any_way_leaves_the_next_one_asked() -> None:
         port = runner.addresses[0][1]
         try:
             for first in ("http://ex..ample/announce", "http://" + "a" * 64 + ".org/announce"):
-                t = Tracker([first, f"http://127.0.0.1:{port}/good"], bytes(20),
+                t = Tracker([[first, f"http://127.0.0.1:{port}/good"]], bytes(20),
                             b"-PZ0001-abcdefabcdef", 6881)
                 try:
-                    assert (await t.announce("started", {}))[:2] == ([("127.0.0.1", 6881)], 60.0)
+                    assert (await t.announce({}, False))[:2] == ([("127.0.0.1", 6881)], 60.0)
                 finally:
                     await t.close()
         finally:
@@ -165,21 +166,23 @@ def test_goodbyes_go_to_the_trackers_that_answered_each_on_its_own() -> None:
         await site.start()
         port = runner.addresses[0][1]
         base = f"http://127.0.0.1:{port}"
-        t = Tracker([f"{base}/flaky", f"{base}/good", f"{base}/never"], bytes(20),
+        t = Tracker([[f"{base}/flaky", f"{base}/good", f"{base}/never"]], bytes(20),
                     b"-PZ0001-abcdefabcdef", 6881)
         try:
-            await t.announce("started", {})  # the flaky one answers
-            await t.announce("", {})  # it fails: the good one answers, with its id
+            await t.announce({}, False)  # the flaky one answers
+            await t.announce({}, False)  # it fails: the good one answers, with its id
             await t._announce(f"{base}/good", "", {})  # again, as its interval comes
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(t.goodbye(["completed", "stopped"], {}), 3)
+                await asyncio.wait_for(t.goodbye({}, True), 3)
         finally:
             await t.close()
             release.set()
             await runner.cleanup()
 
     asyncio.run(main())
-    assert seen["good"] == [("", None), ("", "t-42"), ("completed", "t-42"), ("stopped", "t-42")]
+    # (the good one's first announce says "started": it is the first it hears of us)
+    assert seen["good"] == [("started", None), ("", "t-42"), ("completed", "t-42"),
+                            ("stopped", "t-42")]
     assert [e for e, _ in seen["flaky"]] == ["started", "", "completed"]
     assert seen["never"] == []
 
@@ -214,3 +217,178 @@ def test_an_ipv4_peer_met_on_the_dual_stack_socket_is_known_by_its_ipv4_address(
     assert not is_local("::ffff:10.1.2.3")  # (what it was taken for)
     for host in ("::1", "2001:db8::1", "192.0.2.7", "::ffff:zzz", "example.org"):
         assert unmapped(host) == host
+
+
+def test_a_min_interval_longer_than_the_interval_is_kept() -> None:
+    """A tracker may refuse (or ban) a client announcing sooner than its ``min
+    interval``: the next announce waits for it."""
+    body = bencodepy.encode({b"interval": 1, b"min interval": 120, b"peers": b""})
+    assert parse_response(body).interval == 120
+    body = bencodepy.encode({b"interval": 900, b"min interval": 60, b"peers": b""})
+    assert parse_response(body).interval == 900
+
+
+def test_a_tracker_refusal_cannot_forge_lines_or_drive_the_terminal() -> None:
+    """A ``failure reason`` was printed as it came: a newline in it forged lines of our
+    output ("download complete"), an escape sequence reached the terminal."""
+    body = bencodepy.encode(
+        {b"failure reason": b"no\npieced-peer: download complete, verified\x1b]0;x\x07"})
+    with pytest.raises(TrackerError) as caught:
+        parse_response(body)
+    text = str(caught.value)
+    assert text.isprintable() and "\\n" in text and "\\x1b" in text
+
+
+def _serve(routes: dict[str, Any]) -> Any:
+    """An aiohttp app on 127.0.0.1 with ``routes`` (path -> handler): (runner, base URL),
+    to be awaited."""
+    from aiohttp import web
+
+    async def start() -> tuple[Any, str]:
+        app = web.Application()
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    return start()
+
+
+def test_each_tracker_hears_started_first_and_completed_once_if_it_heard_a_leecher() -> None:
+    """The events were kept for the run, not per tracker: a tracker first answering
+    after another had taken ``started`` never heard ``started`` (and then got
+    ``stopped``), and a tracker that heard ``started`` never heard ``completed`` when
+    another one took it. As libtorrent keeps them: per tracker. The tracker that answers
+    moves to the front of its tier (BEP 12)."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    fail_a = asyncio.Event()
+
+    def handler(name: str) -> Any:
+        async def answer(req: web.Request) -> web.Response:
+            seen[name].append(urllib.parse.parse_qs(req.query_string).get("event", [""])[0])
+            if name == "a" and fail_a.is_set():
+                return web.Response(status=500)
+            return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": b""}))
+        return answer
+
+    async def main() -> None:
+        runner, base = await _serve({"/a": handler("a"), "/b": handler("b")})
+        t = Tracker([[f"{base}/a", f"{base}/b"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        try:
+            await t.announce({}, False)  # a: started
+            fail_a.set()
+            await t.announce({}, False)  # a fails: b, started
+            assert t.urls == [f"{base}/b", f"{base}/a"]
+            await t.announce({}, True)  # b (first now): completed
+            await t.announce({}, True)  # b: nothing more
+            assert t.event(f"{base}/a", True) == "completed"  # a heard us as a leecher
+            fail_a.clear()
+            await t.goodbye({}, True)
+        finally:
+            await t.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert seen["a"] == ["started", "", "completed", "stopped"]
+    assert seen["b"] == ["started", "completed", "", "stopped"]
+
+
+def test_a_tracker_that_does_not_answer_is_named_in_the_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker that timed out gave "announce failed: " and nothing after it."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer import tracker
+
+    monkeypatch.setattr(tracker, "ANNOUNCE_TIMEOUT", 0.5)
+
+    release = asyncio.Event()
+
+    async def hang(req: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=500)
+
+    async def main() -> str:
+        runner, base = await _serve({"/hang": hang})
+        t = tracker.Tracker([[f"{base}/hang"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        try:
+            with pytest.raises(TrackerError) as caught:
+                await t.announce({}, False)
+            return str(caught.value)
+        finally:
+            release.set()
+            await t.close()
+            await runner.cleanup()
+
+    text = asyncio.run(main())
+    assert "/hang" in text and "no answer in" in text, text
+
+
+def test_announce_list_tiers_are_used_and_announce_left_aside() -> None:
+    """BEP 12: with an ``announce-list``, ``announce`` is left aside (as libtorrent
+    does); it came first, and a dead one was asked before any other at each announce.
+    Trackers that are not HTTP are left out."""
+    from types import SimpleNamespace
+
+    from pieced.peer.plugin import Swarm
+
+    def tiers(top: dict[bytes, Any]) -> list[list[str]]:
+        return Swarm.meta_trackers(cast(Any, SimpleNamespace(raw=bencodepy.encode(top))))
+
+    info = {b"name": b"x", b"piece length": 16384, b"length": 1, b"pieces": bytes(20)}
+    assert tiers({b"announce": b"http://a/x", b"info": info}) == [["http://a/x"]]
+    assert tiers({b"announce": b"http://a/x", b"info": info, b"announce-list": [
+        [b"udp://u/x", b"http://b/x"], [b"http://c/x", b"https://b/y", b"http://b/x"],
+        [b"udp://only/x"]]}) == [["http://b/x"], ["http://c/x", "https://b/y"]]
+    assert tiers({b"announce": b"http://a/x", b"info": info, b"announce-list": [[]]}) == [
+        ["http://a/x"]]
+
+
+def test_a_download_completed_while_an_announce_runs_is_announced_at_once() -> None:
+    """The last piece verified while an announce was on its way (a tracker slow to
+    answer): that announce said nothing of it, and the loop took it as said, so
+    ``completed`` waited a whole interval (half an hour)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from pieced.peer.plugin import Swarm
+    from pieced.peer.tracker import Tracker
+
+    events: list[str] = []
+    swarm: Any = None
+
+    async def slow(req: web.Request) -> web.Response:
+        events.append(urllib.parse.parse_qs(req.query_string).get("event", [""])[0])
+        if len(events) == 1:
+            await asyncio.sleep(0.3)
+            swarm.done.set()  # the download completes meanwhile
+        return web.Response(body=bencodepy.encode({b"interval": 1800, b"peers": b""}))
+
+    async def main() -> None:
+        nonlocal swarm
+        runner, base = await _serve({"/a": slow})
+        tracker = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        swarm = SimpleNamespace(tracker=tracker, done=asyncio.Event(),
+                                _counters=lambda: {}, connect=lambda host, port: None)
+        loop = asyncio.ensure_future(Swarm._announce_loop(swarm))
+        try:
+            deadline = time.monotonic() + 5
+            while len(events) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            loop.cancel()
+            await tracker.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert events == ["started", "completed"]

@@ -14,16 +14,18 @@ import mmap
 import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import pytest
+from pieced.daemon.server import RING_IDLE_SECONDS
 from pieced.protocol.client import AsyncClient, Client, ShmRing
 from pieced.protocol.frames import FrameType, encode_control, encode_read_ring, encode_write_ring
 from pieced.protocol.messages import to_wire
 from pieced.storage.errors import BadRequest, OutOfRange, ProtocolError
 
 from tests.conftest import Daemon
-from tests.realtools import make_torrent_lt
+from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn
 from tests.test_disk import Source
 
@@ -97,6 +99,34 @@ def test_reading_into_the_ring_does_not_make_it_the_daemons_memory(
                 last = chunk  # each read goes where the one before it ended
                 total += n
         assert _rss_shmem_kib(daemon.proc.pid) - before < 1024
+
+
+def test_blocks_written_through_the_ring_do_not_make_it_the_daemons_memory(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """Blocks written through a client's 16 MiB ring: the daemon reads them through its
+    mapping of the ring, and every page it read stayed in its resident set, 16 MiB a
+    client, for as long as the client stayed (a pieced-peer seeding for days). The
+    pages are let go once the client has written nothing for a while; the bytes are
+    all there."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40 << 20}, seed=21)
+    raw = make_torrent_lt(content, 1 << 20, "v1")
+    src = Source(raw, tmp_path / "src")
+    before = _rss_shmem_kib(daemon.proc.pid)
+    with Client(daemon.socket) as c:
+        c.attach_ring(16 * 1024 * 1024)
+        ih = c.register(raw, tmp_path / "dl")
+        for p, b, n in src.blocks():
+            c.write_block_direct(ih, p, b, src.read(p, b, n))
+        c.flush_all()
+        assert c.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert _rss_shmem_kib(daemon.proc.pid) - before > 8 * 1024  # in use: there
+        deadline = time.monotonic() + 3 * RING_IDLE_SECONDS + 5
+        while (grown := _rss_shmem_kib(daemon.proc.pid) - before) >= 1024 and (
+                time.monotonic() < deadline):
+            time.sleep(0.1)
+        assert grown < 1024, grown  # KiB: not the ring's 16 MiB
+        c.write_block_direct(ih, 0, 0, src.read(0, 0, 16384))  # (a duplicate) it goes on
+    assert (tmp_path / "dl" / content.name / "a.bin").read_bytes() == (content / "a.bin").read_bytes()
 
 
 def test_many_reads_in_flight_through_a_small_ring(

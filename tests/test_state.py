@@ -3,6 +3,7 @@ and after a crash every piece it reports verified really is on disk."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -1720,6 +1721,11 @@ def test_a_second_engine_on_one_state_folder_is_refused_before_it_touches_it(
     before = sorted(os.listdir(state / "torrents" / ih.hex()))
     with pytest.raises(StateInUse, match="in use by another pieced daemon"):
         DiskIO(backend, state_dir=state)
+    # The lock file deleted under the first (a cleaner of stale files) is no way in:
+    # the folder itself is held.
+    (state / "lock").unlink()
+    with pytest.raises(StateInUse, match="in use by another pieced daemon"):
+        DiskIO(backend, state_dir=state)
     assert sorted(os.listdir(state / "torrents" / ih.hex())) == before
     dio.close()
     again = DiskIO(backend, state_dir=state)
@@ -2129,6 +2135,134 @@ def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
     st = wait_reverified(again, ih)
     assert st["verified_pieces"] == n
     again.close()
+
+
+@pytest.mark.parametrize("damage", ["a bit flipped", "its last byte lost"])
+def test_a_piece_cleared_by_the_journal_record_damaged_last_is_not_verified_again(
+        tmp_path: Path, backend: str, damage: str) -> None:
+    """The last record of a journal damaged (a bit flipped on the disk, or cut short)
+    was taken as a VERIFIED record torn by a crash: only the pieces not verified were
+    looked for. When it was the CLEARED record of a piece written with other bytes
+    since, that piece came back verified over them, and was served. Every piece is
+    checked again now (by fingerprint: the unchanged ones at the cost of BLAKE3)."""
+    from pieced.storage.resume import REC_CLEARED, RECORD
+
+    dio, ih, n = _journaled(tmp_path, backend, seed=15)
+    state = tmp_path / "state"
+    dio.clear_piece(ih, 5)
+    dio.write_chunk(ih, 5, 0, b"\x33" * 8192)  # other bytes, never verified
+    dio.flush_all()
+    _engine_dies(dio, ih)
+    with open(tmp_path / "dl" / "payload.bin", "rb") as f:
+        f.seek(5 * 16384)
+        assert f.read(8192) == b"\x33" * 8192
+    folder = state / "torrents" / ih.hex()
+    journal = max(folder.glob("journal.*"), key=lambda p: int(p.suffix[1:]))
+    data = bytearray(journal.read_bytes())
+    assert data[len(data) - RECORD.size] == REC_CLEARED
+    if damage == "a bit flipped":
+        data[len(data) - 3] ^= 0x10  # the record's checksum, one bit
+    else:
+        del data[-1:]
+    journal.write_bytes(data)
+    again = DiskIO(backend, state_dir=state)
+    try:
+        st = wait_reverified(again, ih)
+        assert _verified(st) == set(range(n)) - {5}
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("name", ["resume", "location", "metainfo.torrent", "journal.0",
+                                  "checking"])
+def test_a_fifo_in_place_of_a_state_file_is_not_waited_on_at_the_start(
+        tmp_path: Path, backend: str, name: str) -> None:
+    """A FIFO in place of one of a torrent's state files: the start-up opened it and
+    waited for a writer for ever (nothing said, SIGTERM not acted on). It is read as a
+    file that cannot be read now: damaged or missing, as each one is."""
+    dio, ih, n = _journaled(tmp_path, backend, seed=16)
+    _engine_dies(dio, ih)
+    folder = tmp_path / "state" / "torrents" / ih.hex()
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)
+    started = concurrent.futures.ThreadPoolExecutor(1).submit(
+        DiskIO, backend, state_dir=tmp_path / "state")
+    again = started.result(timeout=60)
+    try:
+        if name in ("location", "metainfo.torrent"):
+            assert again.torrents() == [] and any(ih.hex() in e for e in again.load_errors)
+        else:
+            assert _verified(wait_reverified(again, ih)) == set(range(n))
+    finally:
+        again.close()
+
+
+def test_a_clean_mark_that_is_a_folder_is_no_clean_stop(tmp_path: Path) -> None:
+    """``state_dir/clean`` made a folder: no stop can replace it, so it said "stopped
+    cleanly" at every start after, crashes included (file stamps then count)."""
+    from pieced.storage.resume import StateStore
+
+    (tmp_path / "state" / "clean").mkdir(parents=True)
+    store = StateStore(tmp_path / "state")
+    try:
+        assert not store.was_clean
+    finally:
+        store.close()
+    (tmp_path / "state" / "clean").rmdir()
+    (tmp_path / "state" / "clean").write_bytes(b"")
+    store = StateStore(tmp_path / "state")
+    try:
+        assert store.was_clean
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling symlink"])
+def test_a_journal_that_cannot_be_read_costs_the_torrent_only_a_check(
+        tmp_path: Path, backend: str, kind: str) -> None:
+    """A journal that cannot be read (a folder in its place) made the whole torrent be
+    skipped at the start, though its metainfo, location and resume record were good.
+    It is loaded now, and what the journal said is found again by a check."""
+    dio, ih, n = _journaled(tmp_path, backend, seed=17)
+    _engine_dies(dio, ih)
+    folder = tmp_path / "state" / "torrents" / ih.hex()
+    journal = max(folder.glob("journal.*"), key=lambda p: int(p.suffix[1:]))
+    journal.unlink()
+    if kind == "folder":
+        journal.mkdir()
+    else:
+        journal.symlink_to(tmp_path / "nowhere")
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        assert any("journal is damaged" in e for e in again.load_errors), again.load_errors
+        assert _verified(wait_reverified(again, ih)) == set(range(n))
+    finally:
+        again.close()
+
+
+def test_a_location_record_damaged_into_another_save_path_is_refused(
+        tmp_path: Path, backend: str) -> None:
+    """A bit flipped in the save path of a location record still decodes: the torrent
+    was loaded in the other folder, silently, its pieces there reported verified after
+    a crash (a folder of the same names and sizes) or all dropped. The record carries a
+    checksum now, and a damaged one is refused, saying so."""
+    dio, ih, _ = _journaled(tmp_path, backend, seed=18)
+    shutil.copytree(tmp_path / "dl", tmp_path / "dm")  # the other folder: the same names
+    for f in (tmp_path / "dm").rglob("*.bin"):
+        f.write_bytes(bytes(f.stat().st_size))  # and sizes, other bytes
+    _engine_dies(dio, ih)
+    location = tmp_path / "state" / "torrents" / ih.hex() / "location"
+    data = location.read_bytes()
+    where = data.index(str((tmp_path / "dl").resolve()).encode()) + len(str(tmp_path)) + 2
+    assert data[where:where + 1] == b"l"
+    location.write_bytes(data[:where] + b"m" + data[where + 1:])
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        assert again.torrents() == []
+        assert any(ih.hex() in e and "location record is damaged" in e
+                   for e in again.load_errors), again.load_errors
+    finally:
+        again.close()
 
 
 @pytest.mark.parametrize("stop", ["clean", "crash"])

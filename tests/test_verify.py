@@ -332,3 +332,36 @@ def test_a_file_cut_short_during_the_check_fails_pieces_and_kills_nothing(tmp_pa
     assert proc.returncode == 1, stderr
     failed = json.loads(stdout)["failed_v1"]
     assert failed and failed[-1] == 767
+
+
+def test_a_hybrid_without_piece_layers_says_which_pieces_v2_did_not_check(
+        tmp_path: Path, odd_payload: tuple[Path, Path]) -> None:
+    """A hybrid .torrent without ``piece layers``: its pieces of files over one piece
+    are checked by v1 alone, and the report said "v2 failed: none" as if v2 had passed
+    them. It names them as not checked by v2 now; a bad byte still fails by v1."""
+    import bencodepy
+
+    save, content = odd_payload
+    full = make_torrent_lt(content, 16384, "hybrid")
+    top = bencodepy.decode(full)
+    assert top.pop(b"piece layers")
+    bare = bencodepy.encode(top)
+    meta = parse(bare)
+    unchecked = meta.v2_unchecked()
+    assert unchecked and parse(full).v2_unchecked() == []
+    assert all(meta.v2_piece(p) is None for p in unchecked)
+    assert all(meta.v2_piece(p) is not None for p in set(range(meta.num_pieces)) - set(unchecked))
+    code, report, _ = run_verify(bare, save, tmp_path)
+    assert code == 0 and report["failed_v2"] == [] and report["unchecked_v2"] == unchecked
+    code, report, _ = run_verify(full, save, tmp_path)
+    assert code == 0 and report["unchecked_v2"] == []
+    proc = subprocess.run([*PIECED, "verify", str(tmp_path / "t.torrent"), "--data", str(save)],
+                          capture_output=True, text=True, timeout=120)
+    assert "v2 not checked" not in proc.stdout
+    (tmp_path / "t.torrent").write_bytes(bare)
+    proc = subprocess.run([*PIECED, "verify", str(tmp_path / "t.torrent"), "--data", str(save)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "v2 not checked" in proc.stdout, proc.stdout
+    corrupt(content / "a.bin", 5)
+    code, report, _ = run_verify(bare, save, tmp_path)
+    assert code == 1 and report["failed_v1"] == [unchecked[0]] and report["failed_v2"] == []
