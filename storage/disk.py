@@ -1071,10 +1071,17 @@ class DiskIO:
         lead to the file that went. (A sharer's pieces verified through such a
         descriptor, with other bytes at the path, would stay reported verified.)"""
         for x, j in list(t.shared.get(index, ())):
-            if self._root_moved(x):  # its save folder went (the file with it)
+            # Not while x is unregistered, moved or rechecked (or after): its own next
+            # commit or its check looks for moved files all the same.
+            if not x.fence.try_shared():
                 continue
-            for lost in x.storage.moved_away([j]):
-                self._record_error(x, lost, None)
+            try:
+                if self._root_moved(x):  # its save folder went (the file with it)
+                    continue
+                for lost in x.storage.moved_away([j]):
+                    self._record_error(x, lost, None)
+            finally:
+                x.fence.release_shared()
 
     def _distrust_changed(self, t: Torrent, result: VerifyResult,
                           vanished: set[int]) -> VerifyResult:
