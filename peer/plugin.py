@@ -106,6 +106,10 @@ OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it t
 RECONCILE_INTERVAL = 5.0
 _REMOVED = "the torrent is no longer registered in the daemon (removed by another client)"
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
+# Times one piece is tried with the same peer's data (its ban lifted when no other peer
+# has it): a seeder whose copy has one rotten piece serves every other one, and is
+# dropped for three bad pieces, not for one piece failed three times.
+MAX_PIECE_TRIES = 3
 BAD_PEERS_LISTED = 100  # peers named in the summary's bad_peers (the first ones)
 SUGGESTS_PER_PEER = 8
 CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a second
@@ -279,7 +283,8 @@ class Conduct:
 
     addr: str
     bad: int = 0  # pieces that failed with its data, over all its connections
-    banned: set[int] = field(default_factory=set)  # pieces never to ask it for again
+    banned: set[int] = field(default_factory=set)  # pieces not to ask it for again
+    tries: dict[int, int] = field(default_factory=dict)  # times each of those failed
     live: int = 0  # its connections open now
     ourselves: bool = False  # an address of ours (a tracker lists us under any of them)
 
@@ -730,6 +735,7 @@ class Swarm:
         self._cached: list[int] = []
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
         self.lost: BaseException | None = None  # the daemon connection, if it broke
+        self.closing = False
         # Pieces with an event since the reconcile under way asked for the daemon's status:
         # the event is as new as its snapshot or newer, and the picker follows it already.
         self._told: set[int] = set()
@@ -895,6 +901,9 @@ class Swarm:
             self.utp.close()
         for p in list(self.peers):
             p.close()
+        if self.client.failure is not None:
+            self._lost()
+        self.closing = True  # (the client's failure from now on is the close)
         with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):
             await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
 
@@ -928,6 +937,8 @@ class Swarm:
 
     def _lost(self) -> None:
         """The daemon connection broke: no storage, nothing to serve or fetch."""
+        if self.closing:  # (closed by us: its failure says so)
+            return
         self.lost = self.client.failure
         self.stop.set()
 
@@ -1372,19 +1383,50 @@ class Swarm:
         come (no listening socket, no tracker, nobody connected or being dialled): it
         would wait for ever, saying nothing."""
         if (self.opts.seed or self.done.is_set() or self.server is not None
-                or self.tracker is not None or self.peers or self.connecting
-                or not self.known or not all(d.dropped for d in self.known.values())):
+                or self.tracker is not None or self.connecting or not self.known):
             return False
-        if self.no_source is None:
-            dropped = sorted(_address(*a) for a, d in self.known.items() if not d.conduct.ourselves)
+        if not self.peers and all(d.dropped for d in self.known.values()):
+            if self.no_source is None:
+                dropped = sorted(_address(*a) for a, d in self.known.items()
+                                 if not d.conduct.ourselves)
+                left = self.picker.left() if self.picker is not None else self.meta.num_pieces
+                self.no_source = (
+                    f"every peer was dropped for sending bad data ({', '.join(dropped[:10])}"
+                    f"{', ...' if len(dropped) > 10 else ''}) and no other can come: "
+                    f"{left} pieces missing")
+        else:
+            rotten = self._rotten()
+            if not rotten:
+                return False
             left = self.picker.left() if self.picker is not None else self.meta.num_pieces
             self.no_source = (
-                f"every peer was dropped for sending bad data ({', '.join(dropped[:10])}"
-                f"{', ...' if len(dropped) > 10 else ''}) and no other can come: "
+                f"piece{'s' if len(rotten) > 1 else ''} "
+                f"{', '.join(map(str, rotten[:10]))}{', ...' if len(rotten) > 10 else ''} "
+                f"failed {MAX_PIECE_TRIES} times with the data of every peer that has "
+                f"{'them' if len(rotten) > 1 else 'it'}, and no other peer can come: "
                 f"{left} pieces missing")
-            log.info("stopping: %s", self.no_source)
+        log.info("stopping: %s", self.no_source)
         self.stop.set()
         return True
+
+    def _rotten(self) -> list[int]:
+        """The pieces we lack, when every one of them has been tried MAX_PIECE_TRIES times
+        with every connected peer that has it (and at least one peer has each): nothing
+        else is to come from these peers. Empty while any piece can still be had."""
+        picker = self.picker
+        if picker is None or not any(
+                max(p.conduct.tries.values(), default=0) >= MAX_PIECE_TRIES for p in self.peers):
+            return []
+        rotten = []
+        for piece in range(self.meta.num_pieces):
+            if picker.have[piece]:
+                continue
+            sources = [p for p in self.peers if p.counted[piece]]
+            if not sources or any(p.conduct.tries.get(piece, 0) < MAX_PIECE_TRIES
+                                  for p in sources):
+                return []
+            rotten.append(piece)
+        return rotten
 
     def _storage_failed(self, why: str) -> None:
         if self.storage_error is None:
@@ -1778,10 +1820,12 @@ class Swarm:
             self.done.set()
 
     def _blame(self, liar: Conduct, piece: int) -> None:
-        """``liar`` sent bad data for ``piece``: never ask it for that piece again, and
-        drop it (every connection of it, now and to come) after MAX_BAD_PIECES such
-        pieces."""
-        liar.bad += 1
+        """``liar`` sent bad data for ``piece``: do not ask it for that piece again (but
+        see :meth:`_lift_bans`), and drop it (every connection of it, now and to come)
+        after MAX_BAD_PIECES such pieces."""
+        tries = liar.tries[piece] = liar.tries.get(piece, 0) + 1
+        if tries == 1:  # (more: asked of it again, no other peer having it)
+            liar.bad += 1
         listed = self.summary.bad_peers
         if len(listed) < BAD_PEERS_LISTED and liar.addr not in listed:
             listed.append(liar.addr)
@@ -1791,7 +1835,7 @@ class Swarm:
             for p in mine:
                 if p.counted[piece] and not self.picker_has(piece):
                     p.wanted -= 1
-        if liar.bad == MAX_BAD_PIECES:
+        if liar.bad == MAX_BAD_PIECES and tries == 1:
             log.warning("dropping %s: %d pieces failed with its data", liar.addr, liar.bad)
             self.summary.peers_dropped_for_bad_data += 1
             for p in mine:
@@ -1811,6 +1855,9 @@ class Swarm:
             sources = [p for p in self.peers if p.counted[piece]]
             if not sources or any(piece not in p.banned for p in sources):
                 continue
+            sources = [p for p in sources if p.conduct.tries.get(piece, 0) < MAX_PIECE_TRIES]
+            if not sources:
+                continue  # (tried enough with each: see _no_source_left)
             log.info("piece %d: asked again of the peers it failed with (no other has it)",
                      piece)
             for p in sources:

@@ -335,16 +335,14 @@ class ClientCore:
 
     def ring_put(self, data: bytes | memoryview) -> tuple[int, tuple[int, int]] | None:
         """Copy a block into the attached ring: (offset, release token), or None while
-        the ring has no room for it yet (replies to writes in flight will free some)."""
+        the ring has no room for it yet (replies to writes in flight, and chunks read
+        into it once released, free some)."""
         shm = self.shm
         assert shm is not None
         n = memoryview(data).nbytes
         if n > shm.size:
             raise ValueError(f"block of {n} bytes is larger than the ring ({shm.size})")
-        placed = shm.put(data)
-        if placed is None and not self.writes_in_flight:
-            raise ProtocolError("ring full with no write in flight")
-        return placed
+        return shm.put(data)
 
     def read(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool,
              into: memoryview | None = None) -> tuple[int, bytes]:
@@ -590,15 +588,14 @@ class Client:
                 self.close()
 
     def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            try:
-                if self.core.writes_in_flight and not self._broken():
-                    self.wait_writes()
-            finally:
-                self.sock.close()
-                if self.core.shm is not None:
-                    self.core.shm.close()
-                    self.core.shm = None
+        try:
+            if self.sock.fileno() >= 0 and self.core.writes_in_flight and not self._broken():
+                self.wait_writes()
+        finally:
+            self.sock.close()
+            if self.core.shm is not None:  # (also after a send cut short closed the socket)
+                self.core.shm.close()
+                self.core.shm = None
 
     def _broken(self) -> bool:
         return self.sock.fileno() < 0
@@ -735,6 +732,9 @@ class Client:
         self._throttle()
         placed = self.core.ring_put(data)
         while placed is None:
+            if not self.core.writes_in_flight:  # (what holds it is the caller's)
+                raise ProtocolError("the ring is full and no write is in flight: release "
+                                    "the chunks read into it before writing through it")
             self._pump()
             placed = self.core.ring_put(data)
         offset, token = placed
@@ -862,16 +862,24 @@ class AsyncClient:
 
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, self.path)
-        self.sock = sock
-        self._reader = asyncio.create_task(self._read_loop())
-        hello = self.core.hello()
-        woken = self._arm(self.core.hello_waiter)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await self._send(hello)  # if refused, the reason is read next
-        await self._sleep(self.core.hello_waiter, woken)
-        self.core.hello_done()
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, self.path)
+            self.sock = sock
+            self._reader = asyncio.create_task(self._read_loop())
+            hello = self.core.hello()
+            woken = self._arm(self.core.hello_waiter)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await self._send(hello)  # if refused, the reason is read next
+            await self._sleep(self.core.hello_waiter, woken)
+            self.core.hello_done()
+        except BaseException:
+            # Cancelled (a connect timeout) or refused: the connection goes now. Left open,
+            # its reader task kept it alive, and a plugin retrying its connects filled
+            # the daemon's max_clients with connections nobody used.
+            self._shut(ConnectionError("the connection to the daemon was not completed"))
+            sock.close()
+            raise
         return self
 
     async def __aenter__(self) -> AsyncClient:
@@ -890,15 +898,22 @@ class AsyncClient:
             if self.sock is not None and self._failure is None and self.core.writes_in_flight:
                 await self.wait_writes()
         finally:
-            if self._reader is not None:
-                self._reader.cancel()
-            if self.sock is not None:
-                self._drop_pending(ConnectionError("the client is closed"))
-                self.sock.close()
-                self.sock = None
-            if self.core.shm is not None:
-                self.core.shm.close()
-                self.core.shm = None
+            self._shut(ConnectionError("the client is closed"))
+
+    def _shut(self, why: BaseException) -> None:
+        """End the connection: every call waiting for a reply, and every call made after,
+        raises (the first failure, or ``why``), the socket and the ring are let go."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._fail(why)
+        self._out.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.core.shm is not None:
+            self.core.shm.close()
+            self.core.shm = None
 
     @property
     def events(self) -> collections.deque[tuple[str, dict[str, Any]]]:
@@ -1116,6 +1131,9 @@ class AsyncClient:
             self._raise_failure()
 
     async def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
+        if self._failure is not None:  # (closed, or lost): nothing is sent any more
+            self.core.waiters.pop(rid, None)
+            self._raise_failure()
         waiter = self.core.waiters[rid]
         woken = self._arm(waiter)
         if fds or len(frame) > 4096:
@@ -1153,6 +1171,8 @@ class AsyncClient:
 
     async def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                           flush: bool = False) -> None:
+        if self._failure is not None:  # (a write sent after it would be said done)
+            self._raise_failure()
         await self._raise_write_error()
         await self._until(lambda: self.core.writes_in_flight < self.window)
         _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
@@ -1199,7 +1219,7 @@ class AsyncClient:
         Python), not one each."""
         core = self.core
         shm = core.shm
-        if shm is None or core.write_errors:
+        if shm is None or core.write_errors or self._failure is not None:
             return False
         n = memoryview(data).nbytes
         run = self._run
@@ -1231,6 +1251,8 @@ class AsyncClient:
     async def write_block_direct(self, ih: bytes, piece: int, begin: int,
                                  data: bytes | memoryview, flush: bool = False) -> None:
         self._end_run()  # what it waits for below may be the reply to that run
+        if self._failure is not None:
+            self._raise_failure()
         if self.core.shm is None:
             await self.attach_ring()
         shm = self.core.shm

@@ -253,3 +253,168 @@ def test_long_operations_wait_past_the_timeout(tmp_path: Path) -> None:
             assert b.status(ih, files=False)["verified_pieces"] == 64
     finally:
         assert d.stop() == 0
+
+
+def test_close_ends_every_call_in_flight_and_every_call_after_it(tmp_path: Path) -> None:
+    """close() cancelled the reader and let go of the socket, but the calls waiting for
+    a reply waited for ever, and so did every call made after it (its frame dropped
+    without a word). They raise now: those in flight and those after."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+
+    async def main() -> None:
+        c = await AsyncClient(str(d.socket)).connect()
+        ih = await c.register(raw, tmp_path / "dl")
+        for b in range(0, PIECE, 16384):
+            await c.write_block_direct(ih, 0, b, src.read(0, b, 16384))
+        await c.wait_writes()
+        calls = [asyncio.ensure_future(c.status(ih)) for _ in range(50)]
+        calls += [asyncio.ensure_future(c.read_piece(ih, 0)) for _ in range(50)]
+        await asyncio.sleep(0)  # (sent, not answered yet)
+        await c.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert all(isinstance(r, (dict, bytes, ConnectionError)) for r in results), results
+        assert any(isinstance(r, ConnectionError) for r in results)
+        for call in (c.status(ih), c.write_chunk(ih, 1, 0, bytes(16384)),
+                     c.write_block_direct(ih, 1, 0, bytes(16384)), c.read_chunk(ih, 0, 0, 16384)):
+            with pytest.raises(ConnectionError, match="closed"):
+                await asyncio.wait_for(call, 5)
+        assert not c.try_write_block_direct(ih, 1, 0, bytes(16384))
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_write_waits_for_ring_space_that_reads_hold(tmp_path: Path) -> None:
+    """A plugin seeds and downloads through one client: while the ring was full of
+    chunks read for seeding (their replies about to come, or held until sent), a
+    write_block_direct raised "ring full with no write in flight" instead of waiting,
+    and the download stopped. It waits for the reads to give their space back."""
+    raw_a, src_a = _torrent(tmp_path / "a")
+    raw_b, src_b = _torrent(tmp_path / "b", pieces=15)  # (another torrent)
+    d = Daemon(tmp_path)
+    block = 16384
+
+    async def main() -> None:
+        async with AsyncClient(str(d.socket)) as c:
+            await c.attach_ring(4 * block)  # (small: the reads fill it often)
+            ih_a = await c.register(raw_a, tmp_path / "dl")
+            for p in range(16):
+                for b in range(0, PIECE, block):
+                    await c.write_block_direct(ih_a, p, b, src_a.read(p, b, block))
+            await c.wait_writes()
+            ih_b = await c.register(raw_b, tmp_path / "dl")
+
+            async def seed(k: int) -> None:
+                for i in range(150):
+                    p = (i + k) % 16
+                    with await c.read_chunk_ring(ih_a, p, 0, block) as chunk:
+                        assert bytes(chunk.data) == src_a.read(p, 0, block)
+                        await asyncio.sleep(0)  # (sent to a peer meanwhile)
+
+            async def download() -> None:
+                for p in range(15):
+                    for b in range(0, PIECE, block):
+                        await c.write_block_direct(ih_b, p, b, src_b.read(p, b, block))
+                        await c.wait_writes()  # (nothing else in flight: a slow peer)
+
+            await asyncio.gather(seed(0), seed(5), seed(9), seed(12), download())
+            await c.flush_all()
+            assert (await c.status(ih_b, files=False))["verified_pieces"] == 15
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_cancelled_connect_leaves_no_connection_behind(tmp_path: Path) -> None:
+    """A connect cancelled by its timeout left its socket open and its reader running:
+    a plugin retrying against a busy daemon filled max_clients with connections nobody
+    used, and every client was refused."""
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "8"})
+
+    async def main() -> int:
+        cancelled = 0
+        for i in range(40):
+            c = AsyncClient(str(d.socket))
+            try:
+                await asyncio.wait_for(c.connect(), 0.0001 * (i % 5 + 1))
+                await c.close()
+            except TimeoutError:
+                cancelled += 1
+        return cancelled
+
+    try:
+        assert asyncio.run(main()) > 0
+        time.sleep(0.5)  # (the daemon sees the closes)
+        with Client(d.socket) as c:
+            assert c.stats()["connected_clients"] == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_writes_after_the_callback_raised_are_not_said_done(tmp_path: Path) -> None:
+    """An ``on_event`` callback raised, which ends the connection: calls that wait for
+    a reply raised, but writes went on being sent and returned as if done. They raise."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+
+    def callback(name: str, fields: dict) -> None:
+        if name == "piece_verified":
+            raise RuntimeError("the plugin's bug")
+
+    async def main() -> None:
+        c = await AsyncClient(str(d.socket), on_event=callback).connect()
+        ih = await c.register(raw, tmp_path / "dl")
+        await c.subscribe(ih)
+        for b in range(0, PIECE, 16384):
+            await c.write_block_direct(ih, 0, b, src.read(0, b, 16384))
+        for _ in range(100):  # (the event comes after the replies, once the piece is durable)
+            if c.failure is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert isinstance(c.failure, RuntimeError)
+        assert not c.try_write_block_direct(ih, 1, 0, src.read(1, 0, 16384))
+        with pytest.raises(RuntimeError, match="plugin's bug"):
+            await c.write_block_direct(ih, 1, 0, src.read(1, 0, 16384))
+        with pytest.raises(RuntimeError, match="plugin's bug"):
+            await c.write_chunk(ih, 1, 0, src.read(1, 0, 16384))
+        await c.close()
+        with Client(d.socket) as other:  # nothing of piece 1 was sent
+            assert other.status(ih, files=False)["partial_pieces"] == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_close_after_a_frame_cut_short_gives_the_ring_back(tmp_path: Path) -> None:
+    """A send cut short by the timeout closes the socket; close() then did nothing, and
+    the ring (a memfd and 16 MiB mapped) stayed until the client was collected."""
+    raw, src = _torrent(tmp_path, pieces=16, piece=1 << 20)
+    d = Daemon(tmp_path)
+    try:
+        gc.collect()
+        before = _ring_memfds()
+        c = Client(d.socket, timeout=1)
+        ih = c.register(raw, tmp_path / "dl")
+        c.write_block_direct(ih, 0, 0, src.read(0, 0, 16384))
+        c.wait_writes()
+        assert _ring_memfds() > before
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                for p in range(1, 16):
+                    c.write_chunk(ih, p, 0, src.read(p, 0, 1 << 20))
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        c.close()
+        assert _ring_memfds() == before
+        del c
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0

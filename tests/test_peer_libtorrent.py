@@ -277,6 +277,40 @@ def test_a_download_whose_every_seeder_lied_stops_saying_so(tmp_path: Path) -> N
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_seeder_with_one_rotten_piece_gives_every_other_one(tmp_path: Path) -> None:
+    """The only seeder's copy has one bad piece (rotted on its disk after it checked
+    it). That piece, asked again of it for want of another source, failed three times,
+    and the seeder was dropped for three bad pieces: pieced-peer stopped with most of
+    the torrent missing. Three bad pieces are three pieces now: the seeder gives every
+    other piece, and pieced-peer stops (exit 2) naming the piece no peer can give."""
+    piece = 16384
+    files = {"a.bin": 48 * piece + 77}
+    content, raw, torrent = _good_and_bad_copies(tmp_path, files, piece, "v1", seed=8)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "bad", seed=True) as bad:
+            with open(tmp_path / "bad" / "payload" / "a.bin", "r+b") as f:
+                f.seek(7 * piece + 100)
+                f.write(b"rot")
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                                        f"127.0.0.1:{bad.port}"),
+                               capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert "piece 7 failed 3 times with the data of every peer that has it" in r.stderr, \
+            r.stderr
+        summary = json.loads(r.stdout)
+        assert not summary["complete"], summary
+        assert summary["pieces_failed"] == 3 and summary["peers_dropped_for_bad_data"] == 0
+        with Client(d.socket) as c:
+            have = c.status(parse(raw).info_hash)["have"]
+        assert [p for p in range(49) if not have[p // 8] >> (7 - p % 8) & 1] == [7]
+        got = (tmp_path / "dl" / "payload" / "a.bin").read_bytes()
+        want = (content / "a.bin").read_bytes()
+        assert got[: 7 * piece] == want[: 7 * piece] and got[8 * piece:] == want[8 * piece:]
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_pieced_peer_in_the_middle_of_two_seeders_and_a_leecher(tmp_path: Path) -> None:
     """Two libtorrent seeders -> pieced-peer (stores in pieced) -> a libtorrent leecher
     that knows only pieced-peer: pieces reach it as pieced verifies them."""
