@@ -819,6 +819,10 @@ class DiskIO:
                     f"torrent {saved.ih_hex}: {saved.damaged}; rebuilt from its journal "
                     f"({t.count(VERIFIED)} pieces), rechecking "
                     f"{'every piece' if saved.checking == 'all' else 'the rest'}")
+            elif saved.why_checked is not None:
+                self.load_errors.append(
+                    f"torrent {saved.ih_hex}: {saved.why_checked}; every piece is checked "
+                    f"again ({t.count(VERIFIED)} reported verified meanwhile)")
             if saved.checking == "all":  # a recheck cut short (or a damaged journal):
                 suspect = set(range(n))     # carried out again, whole
             elif saved.checking or saved.damaged is not None:

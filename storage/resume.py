@@ -205,6 +205,7 @@ class Loaded(NamedTuple):
     checking: str | None = None
     # A clean stop's pieces under way: piece -> the byte ranges of it in its files.
     partial: dict[int, list[tuple[int, int]]] | None = None
+    why_checked: str | None = None  # why every piece is checked again, said at the start
 
 
 class Deletion(NamedTuple):
@@ -588,6 +589,7 @@ class StateStore:
         rec = TorrentRecord(folder)
         gens = [g for g in rec.journals() if damaged or g >= gen]
         torn = tail = False
+        why: str | None = None
         for g in gens:
             try:
                 data = read_regular(folder / f"journal.{g}")
@@ -622,8 +624,10 @@ class StateStore:
             # verified over the bytes written since: so every piece is checked again
             # (reported as it was meanwhile; unchanged ones are found by fingerprint).
             checking = "all"
+            why = ("the last record of its journal is damaged or cut short (a crash or a "
+                   "power cut in the middle of an append, or damage on the disk)")
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous, checking, partial or None)
+                        previous, checking, partial or None, why)
         return loaded, next_gen
 
 
