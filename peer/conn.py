@@ -119,13 +119,18 @@ class PeerConnection:
         outgoing_hash: bytes | None = None,
         views: bool = False,
         metadata: bytes | None = None,
+        listen_port: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``views``: blocks are handed out as views of the buffer given to
         :meth:`receive`, valid until the caller reuses it (see ``wire.Parser``).
         ``metadata``: the torrent's info dictionary, handed out to peers that ask for it
-        (BEP 9: a leecher that has only the info hash, from a magnet link)."""
+        (BEP 9: a leecher that has only the info hash, from a magnet link).
+        ``listen_port``: where we take connections, told in the extension handshake
+        (``p``), so that a peer we dialled may dial us back (0: we take none)."""
         self._clock = clock
+        self.listen_port = listen_port
+        self.remote_port = 0  # where the peer says it takes connections (its ``p``; 0: unsaid)
         self.metadata = metadata
         self.remote_ut_metadata = 0  # its id of ut_metadata (0: it has none)
         self._metadata_piece: int | None = None  # of the ut_metadata request just read
@@ -278,6 +283,8 @@ class PeerConnection:
                 if self.metadata is not None:
                     ours[b"ut_metadata"] = UT_METADATA
                     hello[b"metadata_size"] = len(self.metadata)
+                if self.listen_port:
+                    hello[b"p"] = self.listen_port
                 self._send(wire.extended(0, bencodepy.encode(hello)))
             return True
         if not self.handshaken:
@@ -366,6 +373,9 @@ class PeerConnection:
                     reqq = msg.get(b"reqq")
                     if isinstance(reqq, int) and reqq > 0:
                         self.reqq = min(reqq, 2000)
+                    port = msg.get(b"p")
+                    if isinstance(port, int) and 0 < port < 65536:
+                        self.remote_port = port
                     m = msg.get(b"m")
                     if isinstance(m, dict):  # (a later handshake may change or drop an id)
                         self.remote_ut_metadata = _ext_id(m, b"ut_metadata", self.remote_ut_metadata)

@@ -1014,7 +1014,7 @@ class Swarm:
                 return
             conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                                   v2=self.meta.has_v2, outgoing_hash=self.ih, views=True,
-                                  metadata=self.metadata)
+                                  metadata=self.metadata, listen_port=self._told_port())
             assert isinstance(transport, asyncio.Transport)
             peer = Peer(conn, transport, inbox, _address(host, port), dial.conduct)
             await self._serve_peer(peer)
@@ -1101,10 +1101,36 @@ class Swarm:
             idle.replaced = True
             self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                              v2=self.meta.has_v2, views=True, metadata=self.metadata)
+                              v2=self.meta.has_v2, views=True, metadata=self.metadata,
+                              listen_port=self._told_port())
         peer = Peer(conn, transport, inbox, _address(addr[0], addr[1]), Conduct(addr[0]))
         peer.stranger = addr[0]  # known by its peer id too, once it says it
-        await self._serve_peer(peer)
+        try:
+            await self._serve_peer(peer)
+        finally:
+            self._dial_back(addr[0], peer)
+
+    def _told_port(self) -> int:
+        """The port peers are told we listen on (0 when we take no connections)."""
+        return self.listen_port if self.server is not None else 0
+
+    def _dial_back(self, host: str, peer: Peer) -> None:
+        """A peer that dialled us has gone: the address it said it listens on (its ``p``)
+        is known from now on, as an address a tracker gave, and dialled again while we
+        lack pieces (libtorrent keeps it so). Its conduct goes with it: a liar dropped is
+        not dialled."""
+        port = peer.conn.remote_port
+        if not port or peer.conduct.ourselves or (
+                port == self.listen_port and host in ("127.0.0.1", "::1")):  # (ourselves)
+            return
+        addr = (host, port)
+        dial = self.known.get(addr)
+        if dial is None:
+            if len(self.known) >= MAX_KNOWN and not self._forget_one():
+                return
+            dial = self.known[addr] = Dial(peer.conduct)
+        if not dial.busy:
+            self._dialled(dial, peer)
 
     def _known_stranger(self, peer: Peer, peer_id: bytes) -> bool:
         """A peer that dialled us said who it is: what it did before is its own again.

@@ -255,6 +255,28 @@ def test_extension_handshake_reqq(payload: Any, reqq: int) -> None:
         c.receive(wire.extended(0, b"d4:reqq"))
 
 
+@pytest.mark.parametrize(
+    ("payload", "port"),
+    [({b"p": 6881}, 6881), ({b"p": 0}, 0), ({b"p": 65536}, 0), ({b"p": -1}, 0),
+     ({b"p": b"6881"}, 0), ({}, 0)],
+    ids=str,
+)
+def test_extension_handshake_listen_port(payload: Any, port: int) -> None:
+    """The port a peer says it takes connections on (``p``): kept when it is one."""
+    c = incoming(extended=True)
+    c.receive(wire.extended(0, bencodepy.encode(payload)))
+    assert c.remote_port == port
+
+
+@pytest.mark.parametrize("ours", [0, 51413])
+def test_our_listen_port_is_told_when_we_listen(ours: int) -> None:
+    c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, listen_port=ours)
+    c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True)))
+    out = sent(c, handshake=True)
+    assert isinstance(out[1], wire.Extended)
+    assert bencodepy.decode(out[1].payload).get(b"p") == (ours or None)
+
+
 @pytest.mark.parametrize("outgoing", [False, True])
 def test_unknown_info_hash_raises(outgoing: bool) -> None:
     c = PeerConnection((IH,), A_ID, list(SIZES), v2=False,

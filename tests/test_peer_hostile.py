@@ -1057,23 +1057,14 @@ def test_a_liar_that_dials_again_is_known_again(tmp_path: Path) -> None:
     by the blame records). What a peer that dials us did is kept per IP address and
     peer id: it is not let in again, and an honest seeder that dials in from the same
     address afterwards is let in, and gives every byte."""
-    import subprocess
-
-    from tests.test_peer_libtorrent import _running, peer_cmd
+    from tests.test_peer_libtorrent import listening
 
     piece = 16384
     files = {"a.bin": 24 * piece + 5}
     content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=46)
     d = Daemon(tmp_path)
-    proc = subprocess.Popen(
-        peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _running.append(proc)
+    proc, ours = listening(torrent, tmp_path / "dl", d)
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "listening on" in line, line
-        ours = int(line.rsplit(":", 1)[1])
         greeted, answered = _lie_until_closed(ours, meta.info_hash)
         assert greeted and answered >= 3
         for _ in range(5):

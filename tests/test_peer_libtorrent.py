@@ -112,20 +112,27 @@ def _no_plugin_left() -> Any:
             proc.wait()
 
 
+def listening(torrent: Path, save: Path, d: Daemon, *extra: str,
+              env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """``pieced-peer --listen 127.0.0.1:0`` in the background, once it listens: (the
+    process, its port)."""
+    proc = subprocess.Popen(
+        peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env} if env else None)
+    _running.append(proc)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "listening on" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
 class Seeding:
     """``pieced-peer --seed --listen 127.0.0.1:0`` in the background."""
 
     def __init__(self, torrent: Path, save: Path, d: Daemon, *extra: str,
                  env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", "--seed", *extra),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **env} if env else None)
-        _running.append(self.proc)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert "listening on" in line, line + self.proc.stderr.read()
-        self.port = int(line.rsplit(":", 1)[1])
+        self.proc, self.port = listening(torrent, save, d, "--seed", *extra, env=env)
 
     def stop(self) -> dict[str, Any]:
         self.proc.send_signal(signal.SIGTERM)
@@ -308,6 +315,40 @@ def test_a_seeder_with_one_rotten_piece_gives_every_other_one(tmp_path: Path) ->
         want = (content / "a.bin").read_bytes()
         assert got[: 7 * piece] == want[: 7 * piece] and got[8 * piece:] == want[8 * piece:]
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_seeder_that_dialled_in_and_left_is_dialled_back(tmp_path: Path) -> None:
+    """A libtorrent seeder dials a downloading pieced-peer, then closes (paused and
+    resumed: libtorrent dials again only a minute later). pieced-peer did not keep the
+    port the seeder said it listens on (``p`` in its extension handshake), and waited for
+    it. It dials the seeder back there, and tells peers its own ``p`` as well."""
+    files = {"a.bin": 3 * 1024 * 1024 + 5}
+    content = make_payload(tmp_path / "seed", files, seed=12)
+    raw = make_torrent_lt(content, 65536, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    proc, ours = listening(torrent, tmp_path / "dl", d)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW, log_peer=True) as seed:
+            seed.connect("127.0.0.1", ours)
+            deadline = time.monotonic() + 30
+            while seed.status()["total_payload_upload"] < 256 * 1024:
+                assert time.monotonic() < deadline, "no block went out"
+                time.sleep(0.05)
+            # (our own port, told to it: it may dial us back too)
+            assert any("<== EXTENDED_HANDSHAKE" in x and f"'p': {ours}" in x
+                       for x in seed.peer_log())
+            seed.handle.pause()
+            time.sleep(0.5)
+            seed.handle.resume()
+            out, err = proc.communicate(timeout=40)  # (libtorrent itself: a minute)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["peers"] >= 2, summary  # (it, and it again)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:  # (pieced-peer, if still running, is stopped by _no_plugin_left)
         assert d.stop() == 0, d.stderr()
 
 
@@ -1011,17 +1052,10 @@ def test_peers_with_nothing_to_exchange_make_room_for_a_seeder_to_be_dialled(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     d = Daemon(tmp_path)
-    proc = subprocess.Popen(
-        peer_cmd(torrent, tmp_path / "dl", d.socket, "--listen", "127.0.0.1:0",
-                 "--max-peers", "2", "--peer", f"127.0.0.1:{port}"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _running.append(proc)
+    proc, ours = listening(torrent, tmp_path / "dl", d, "--max-peers", "2", "--peer",
+                           f"127.0.0.1:{port}")
     squatters: list[socket.socket] = []
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "listening on" in line, line
-        ours = int(line.rsplit(":", 1)[1])
         for i in range(2):
             s = socket.create_connection(("127.0.0.1", ours), timeout=10)
             s.sendall(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
