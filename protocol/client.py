@@ -921,7 +921,8 @@ class AsyncClient:
 
     @property
     def failure(self) -> BaseException | None:
-        """Why the connection to the daemon is lost, or None while it is up."""
+        """Why the connection to the daemon is lost (after :meth:`close`, a
+        ``ConnectionError`` saying so), or None while it is up."""
         return self._failure
 
     async def _read_loop(self) -> None:
