@@ -1405,8 +1405,9 @@ class Swarm:
                 return
 
     def _no_source_left(self) -> bool:
-        """Stop a download whose every peer was dropped for bad data, when no other can
-        come (no listening socket, no tracker, nobody connected or being dialled): it
+        """Stop a download whose every peer was dropped for bad data, or which lacks
+        only pieces that failed with every peer that has them (:meth:`_rotten`), when no
+        other peer can come (no listening socket, no tracker, nobody being dialled): it
         would wait for ever, saying nothing."""
         if (self.opts.seed or self.done.is_set() or self.server is not None
                 or self.tracker is not None or self.connecting or not self.known):
