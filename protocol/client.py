@@ -869,8 +869,17 @@ class AsyncClient:
             self._reader = asyncio.create_task(self._read_loop())
             hello = self.core.hello()
             woken = self._arm(self.core.hello_waiter)
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                await self._send(hello)  # if refused, the reason is read next
+            # Sent here, not through the queue: a daemon that refused us (AccessDenied)
+            # may have closed already, and the queue's failed send would end the
+            # connection with EPIPE before the reader got to the reason, waiting unread.
+            try:
+                sent = sock.send(hello)
+            except (BrokenPipeError, ConnectionResetError):
+                sent = len(hello)  # (refused: the reason is read next)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(hello):
+                await self._send(memoryview(hello)[sent:])
             await self._sleep(self.core.hello_waiter, woken)
             self.core.hello_done()
         except BaseException:

@@ -18,7 +18,7 @@ from pathlib import Path
 import bencodepy
 import pytest
 from pieced.protocol.client import AsyncClient, Client
-from pieced.storage.errors import UnknownTorrent
+from pieced.storage.errors import AccessDenied, UnknownTorrent
 
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.realtools import make_payload, make_torrent_lt
@@ -417,4 +417,35 @@ def test_close_after_a_frame_cut_short_gives_the_ring_back(tmp_path: Path) -> No
         del c
     finally:
         d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0
+
+
+def test_a_refusal_sent_before_the_hello_is_read_and_raised(tmp_path: Path) -> None:
+    """A daemon at max_clients refuses a connection at once (ERROR id 0, then it
+    closes). When it had closed before the client sent its HELLO, the send's EPIPE ended
+    the connection and was raised, the refusal and its reason unread in the socket (a
+    pieced-peer said "Broken pipe" instead of "refused us: too many clients"). The
+    client's connect waits here after connecting, so that the daemon closes first."""
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "1"})
+
+    async def main() -> None:
+        async with AsyncClient(str(d.socket)) as first:
+            await first.stats()
+            loop = asyncio.get_running_loop()
+            real = loop.sock_connect
+
+            async def late(sock: object, address: object) -> None:
+                await real(sock, address)  # type: ignore[arg-type]
+                await asyncio.sleep(0.5)  # (the daemon refuses, and closes, meanwhile)
+
+            loop.sock_connect = late  # type: ignore[method-assign]
+            try:
+                with pytest.raises(AccessDenied, match="max_clients"):
+                    await AsyncClient(str(d.socket)).connect()
+            finally:
+                del loop.sock_connect  # type: ignore[attr-defined]
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
         assert d.stop() == 0
