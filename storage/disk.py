@@ -1043,7 +1043,16 @@ class DiskIO:
         def advise(piece: int, size: int) -> None:
             t.storage.advise(t.layout.map(piece, 0, size))
 
-        reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False))
+        def view(piece: int, begin: int, length: int, warm_too: bool) -> (
+                tuple[list[Buffer], Callable[[], None]] | None):
+            segs = t.layout.map(piece, begin, length)
+            seen = t.storage.views(segs, warm_too)
+            if seen is not None:
+                read_bytes.append(sum(seg.length for seg in segs if seg.stored))
+            return seen
+
+        reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False),
+                             view if t.storage.maps_files else None)
         try:
             result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
                             not full, self._unreadable(t))

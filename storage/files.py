@@ -211,6 +211,7 @@ class FileStorage:
     name = "posix"
     page_cached = True  # what it writes stays in the page cache for a while (read_resident)
     gathers_writes = False  # blocks given straight (the ring) are buffered to a piece first
+    maps_files = False  # a check may hash its bytes where they lie (:meth:`views`)
 
     def __init__(
         self,
@@ -622,7 +623,7 @@ class FileStorage:
             if not seg.stored:
                 continue
             # One segment covering all of bufs (the usual block): hand them over as they are.
-            views = list(bufs) if single else sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length)
+            views = bufs if single else sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length)
             self._pwrite_segment(seg, views)
             written += seg.length
         return written
@@ -634,8 +635,9 @@ class FileStorage:
             if index not in self._sized:
                 self._size_file(entry[0], index)
             else:
-                self._check_linked(entry[0], index)
-            n = os.pwritev(entry[0], views[:_IOV_MAX], seg.file_offset)
+                self._check_linked(entry[0], index, True)  # (sized: known whole)
+            n = os.pwritev(entry[0], views if len(views) <= _IOV_MAX else views[:_IOV_MAX],
+                           seg.file_offset)
             if n != seg.length:  # a short write: finish it the slow way
                 self._pwritev_all(entry[0], [memoryview(v) for v in views], seg.file_offset, index, n)
         except OSError as exc:
@@ -725,6 +727,12 @@ class FileStorage:
                 break
             done += n
         return True
+
+    def views(self, segments: Sequence[Segment], warm_too: bool = True,
+              ) -> tuple[list[Buffer], Callable[[], None]] | None:
+        """The segments' bytes where they lie, without a copy, and the call that gives
+        them back; None where they are to be read (every backend but mmap)."""
+        return None
 
     def advise(self, segments: Sequence[Segment]) -> None:
         """Start reading ``segments`` into the page cache (POSIX_FADV_WILLNEED): a

@@ -298,7 +298,9 @@ class PieceHasher:
 
     @property
     def complete(self) -> bool:
-        return self.received.covers(0, self.size)
+        # (``received.covers(0, size)``: its spans are merged, so one span or none)
+        spans = self.received.spans
+        return len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= self.size
 
     @property
     def empty(self) -> bool:
@@ -321,9 +323,15 @@ class PieceHasher:
         if begin < self._pos:
             self._restart_prefix()
         if begin == self._pos:
-            _feed(bufs, self._sha1, self._fp)
+            # (_feed written out: this runs once a block, and the call is a tenth of it)
+            sha1, fp = self._sha1, self._fp
+            for v in bufs:
+                if sha1 is not None:
+                    sha1.update(v)
+                fp.update(v)
             self._pos = end
-            self._advance_over_pads()
+            if self._pads:
+                self._advance_over_pads()
         if self.v2 is not None:
             self._add_leaves(begin, end, bufs)
 

@@ -53,7 +53,7 @@ class Layout:
         """Refuse a range that is not inside one piece (OutOfRange, naming it)."""
         if not 0 <= piece < self.num_pieces:
             raise OutOfRange(f"piece {piece} is out of range (0..{self.num_pieces - 1})")
-        size = self.piece_size(piece)
+        size = self._last_piece_size if piece == self.num_pieces - 1 else self.piece_length
         if begin < 0 or length < 0 or begin + length > size:
             raise OutOfRange(
                 f"range begin={begin} length={length} is outside piece {piece} of {size} bytes"
@@ -66,9 +66,16 @@ class Layout:
 
     def map_offset(self, offset: int, length: int) -> list[Segment]:
         out: list[Segment] = []
+        if length <= 0:
+            return out
         k = bisect.bisect_right(self._starts, offset) - 1
-        done = 0
+        idx = self._index[k]
         offsets = self._offsets
+        if offset + length <= offsets[idx + 1]:  # in one file (a block, mostly): no loop
+            out.append(Segment(idx, offset - offsets[idx], length, 0,
+                               not self._stored[idx] & UNSTORED))
+            return out
+        done = 0
         while done < length:
             idx = self._index[k]
             pos = offset + done

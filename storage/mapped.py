@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import signal
@@ -15,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import paths
 from .errors import PiecedError, StorageIOError
@@ -56,7 +57,8 @@ def _faults_allocate(fd: int) -> bool:
                                                                 _HUGETLBFS_MAGIC)
 
 
-_MADV_POPULATE_WRITE = 23  # (Linux 5.14; Python 3.11's mmap has no name for it)
+_MADV_POPULATE_READ = 22  # (Linux 5.14, both; Python 3.11's mmap has no names for them)
+_MADV_POPULATE_WRITE = 23
 _populates = True  # the kernel takes it
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.madvise.restype = ctypes.c_int
@@ -91,6 +93,24 @@ def _pages_in(m: mmap.mmap, offset: int, length: int) -> bool:
         if exc.errno == errno.EINVAL:
             _populates = False
             return True
+        return False
+    return True
+
+
+def _pages_read_in(m: mmap.mmap, offset: int, length: int) -> bool:
+    """Fault a range's pages of the map in for reading, reading from the disk those not
+    in the page cache: False if one cannot be (EIO, a bad sector: touched through the
+    map it would be SIGBUS), or if the kernel has no MADV_POPULATE_READ (then nothing is
+    read through a map)."""
+    global _populates
+    if not _populates:
+        return False
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        _madvise(m, _MADV_POPULATE_READ, start, offset + length - start)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            _populates = False
         return False
     return True
 
@@ -142,6 +162,7 @@ class MmapStorage(FileStorage):
     """
 
     name = "mmap"
+    maps_files = True
     RETRY_SECONDS = 1.0  # after a lease is broken or refused, how long until the next try
 
     def _setup(self) -> None:
@@ -150,6 +171,11 @@ class MmapStorage(FileStorage):
         # Held while a map is used or dropped (the copy runs under the GIL anyway);
         # reentrant because a vanished file is unmapped from inside its own write.
         self._map_lock = threading.RLock()
+        # Views of maps handed out (:meth:`views`), per file: a map is closed only once
+        # its views are given back, and takes no new ones while it waits to be.
+        self._viewers: dict[int, int] = {}
+        self._closing: set[int] = set()
+        self._views_back = threading.Condition(self._map_lock)
         # One file mapped at a time: a second open of the same file would break the
         # first one's fresh lease.
         self._open_lock = threading.Lock()
@@ -158,8 +184,10 @@ class MmapStorage(FileStorage):
 
     def _map(self, index: int, writing: bool) -> None:
         """Lease and map a file if it can be; nothing happens otherwise. A read maps
-        only a file the daemon has sized: it never creates or extends one."""
-        if not _watching or not self.meta.files.lengths[index] or not (writing or index in self._sized):
+        only a file known at its full length (sized by the daemon, or found so by a
+        check): it never creates or extends one."""
+        if (not _watching or not self.meta.files.lengths[index]
+                or not (writing or self.known_whole(index))):
             return
         with self._open_lock:
             if index in self._maps or self._retry.get(index, 0.0) > time.monotonic():
@@ -170,14 +198,19 @@ class MmapStorage(FileStorage):
                 try:  # never O_CREAT: a file gone behind our back is not made again
                     fd = self._open_payload(index, os.O_RDWR, False)
                 except StorageIOError as exc:
-                    if exc.errno == errno.ENOENT and not isinstance(exc, FileVanished):
-                        return  # the plain read finds it gone, and says so
-                    raise
+                    if isinstance(exc, FileVanished):
+                        raise
+                    # Gone (the plain read finds it so, and says so), or not to be
+                    # written here (a read-only file system, another owner's file):
+                    # read with pread, as it always could be.
+                    if exc.errno != errno.ENOENT:
+                        self._retry[index] = time.monotonic() + self.RETRY_SECONDS
+                    return
             try:
-                if index not in self._sized:
+                if writing and index not in self._sized:
                     self._size_file(fd, index)
                 else:
-                    self._check_linked(fd, index)
+                    self._check_linked(fd, index)  # (known whole: one found short is gone)
                 if _faults_allocate(fd):
                     os.close(fd)
                     self._retry[index] = float("inf")  # until it moves
@@ -212,10 +245,113 @@ class MmapStorage(FileStorage):
 
     def unmap(self, index: int) -> None:
         """Drop a file's map, if it has one (it is read and written by pread/pwritev
-        until it is mapped again)."""
+        until it is mapped again). One whose views are out is left, over the bound for a
+        moment, as the handle pool leaves a busy handle: waiting here, in a thread that
+        holds views of its own, could wait for ever."""
         with self._map_lock:
-            if index in self._maps:
-                self._unmap(index, retry=False)
+            if index not in self._maps:
+                return
+            if self._viewers.get(index):
+                with _mapped_lock:
+                    lru = _mapped.setdefault(self.handles, OrderedDict())
+                    lru[(id(self), index)] = weakref.ref(self)
+                return
+            self._unmap(index, retry=False)
+
+    def views(self, segments: Sequence[Segment], warm_too: bool = True,
+              ) -> tuple[list[Buffer], Callable[[], None]] | None:
+        """The segments' bytes where they lie, in the files' maps, for a check to hash
+        without copying them out of the page cache; and the call that gives them back.
+        None (and nothing held) unless every file of them is mapped and every page of
+        them could be read in: the caller then reads them with pread, which reports
+        what went wrong. Pads are zeros.
+
+        Hashed through a map, a page the kernel cannot read in, or one of a file cut
+        short, is SIGBUS, which kills the daemon: the pages are read in first
+        (MADV_POPULATE_READ, which says EFAULT instead), and a mapped file is leased, so
+        that no other program truncates it while its views are out (a lease break waits
+        for them: a piece's hashing, milliseconds).
+
+        ``warm_too``: also when the bytes are in the page cache already. SHA-1 reads
+        pages of the page cache slower than the copy pread makes of them (a warm full
+        check of 2 GiB took 0.87 s in place against 0.68 s read); BLAKE3 faster (0.26
+        against 0.32 s); and read from the disk, both are faster in place (the copy of
+        fresh pages was most of a cold check's CPU). Pages are unmapped again once
+        hashed: they stay in the page cache, and out of the daemon's memory."""
+        if not _populates:
+            return None
+        stored = [seg for seg in segments if seg.stored and seg.length]
+        for seg in stored:  # mapped first, with nothing held (a map made may unmap another)
+            if seg.file_index not in self._maps:
+                with contextlib.suppress(OSError, PiecedError):
+                    self._map(seg.file_index, False)
+        if not warm_too and stored and self._nowait:
+            with self._map_lock:
+                entry = self._maps.get(stored[0].file_index)
+                fd = os.dup(entry[0]) if entry is not None else -1  # (a dup keeps the lease)
+            if fd >= 0:
+                try:
+                    if self._resident(fd, stored[0].file_offset, bytearray(1)):
+                        return None  # warm: read
+                finally:
+                    os.close(fd)
+        out: list[Buffer] = []
+        taken: list[tuple[int, mmap.mmap, int, int]] = []
+        given = False
+        try:
+            for seg in segments:
+                if not seg.stored:
+                    out.append(bytes(seg.length))
+                    continue
+                if not seg.length:
+                    continue
+                index = seg.file_index
+                with self._map_lock:
+                    entry = self._maps.get(index)
+                    if entry is None or index in self._closing:
+                        return None
+                    fd, m = entry
+                    try:
+                        st = os.fstat(fd)
+                    except OSError:
+                        return None
+                    if st.st_nlink == 0 or st.st_size < self.meta.files.lengths[index]:
+                        return None  # gone or cut short: the read says so
+                    self._viewers[index] = self._viewers.get(index, 0) + 1
+                    taken.append((index, m, seg.file_offset, seg.length))
+                    self._used(index)
+                if not _pages_read_in(m, seg.file_offset, seg.length):
+                    return None
+                out.append(memoryview(m)[seg.file_offset : seg.file_offset + seg.length])
+            given = True
+            return out, functools.partial(self._give_back, taken, out)
+        finally:
+            if not given:
+                self._give_back(taken, out)
+
+    def _give_back(self, taken: list[tuple[int, mmap.mmap, int, int]],
+                   views: list[Buffer]) -> None:
+        for v in views:
+            if isinstance(v, memoryview):
+                v.release()
+        for _, m, offset, length in taken:
+            # The pages unmapped (not dropped: they stay in the page cache). Still
+            # mapped, they counted in the daemon's memory, and could not be evicted.
+            # Whole pages only: one the piece shares with the next may be another
+            # thread's to hash now.
+            start = offset + -offset % mmap.PAGESIZE
+            end = offset + length - (offset + length) % mmap.PAGESIZE
+            if end > start:
+                with contextlib.suppress(OSError, ValueError):
+                    _madvise(m, mmap.MADV_DONTNEED, start, end - start)
+        with self._map_lock:
+            for index, *_ in taken:
+                n = self._viewers[index] - 1
+                if n:
+                    self._viewers[index] = n
+                else:
+                    del self._viewers[index]
+            self._views_back.notify_all()
 
     def _used(self, index: int) -> None:
         """A map was used: it is the most recently used one (caller holds _map_lock)."""
@@ -260,13 +396,25 @@ class MmapStorage(FileStorage):
 
     def _unmap(self, index: int, retry: bool = True) -> None:
         """Drop a file's map and lease; the caller holds ``_map_lock``. Dirty pages stay
-        in the page cache, synced by the next fdatasync like any write."""
-        fd, m = self._maps.pop(index)
+        in the page cache, synced by the next fdatasync like any write. Its views
+        given out are waited for (their hashing: milliseconds)."""
+        if self._viewers.get(index):
+            self._closing.add(index)
+            try:
+                while self._viewers.get(index):
+                    self._views_back.wait()
+            finally:
+                self._closing.discard(index)
+        entry = self._maps.pop(index, None)
+        if entry is None:  # (unmapped by another thread meanwhile)
+            return
+        fd, m = entry
         with _mapped_lock:
             lru = _mapped.get(self.handles)
             if lru is not None:
                 lru.pop((id(self), index), None)
-        m.close()
+        with contextlib.suppress(BufferError):  # (a view not let go yet: closed with it)
+            m.close()
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         os.close(fd)

@@ -427,3 +427,66 @@ def test_a_store_waiting_on_a_frozen_disk_lets_the_other_threads_run(
     finally:
         freezable_fs.thaw()
         child.kill()
+
+
+def _read_syscall_bytes() -> int:
+    """Bytes this process has read with read/pread so far (not through maps)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def _rss_file_kib() -> int:
+    """The file pages this process has mapped in (RssFile)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_a_recheck_by_fingerprint_hashes_the_mapped_pages_where_they_lie(tmp_path: Path) -> None:
+    """On mmap a recheck by fingerprint hashes the files' pages in their maps, without a
+    copy of them out of the page cache (no byte read by pread), and gives the pages back
+    after (the daemon's memory does not keep them); pieces whose bytes changed behind
+    its back still fail, and a full recheck finds the same."""
+    mib = 1 << 20
+    content = make_payload(tmp_path / "src", {"a.bin": 40 * mib + 5, "b.bin": 24 * mib}, seed=9)
+    raw = make_torrent_lt(content, mib, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src, seed=None, direct_every=0)
+        dio.flush_all()
+        n = src.meta.num_pieces
+        assert dio.recheck(ih, full=True).ok
+        rss = _rss_file_kib()
+        before = _read_syscall_bytes()
+        r = dio.recheck(ih)
+        read = _read_syscall_bytes() - before
+        assert r.ok and r.fingerprint_hits == n
+        assert read < mib, f"{read} bytes read with pread by a recheck of {n} MiB"
+        assert _rss_file_kib() < rss + 8 * 1024, (rss, _rss_file_kib())
+        # Bytes changed by another program (its open breaks the lease; the file is
+        # read then, or mapped again): those pieces fail, by fingerprint as in full.
+        a = tmp_path / "dl" / "payload" / "a.bin"
+        _other_process("f = os.open(p, os.O_WRONLY); os.pwrite(f, b'x' * 10, 3 * 1048576 + 7); "
+                       "os.pwrite(f, b'y', 40 * 1048576); os.close(f)", a)
+        time.sleep(0.1)
+        assert dio.recheck(ih).failed_v1 == [3, 40]
+        assert dio.recheck(ih, full=True).failed_v1 == [3, 40]
+        for _ in range(3):  # pages back where they are mapped: hashed in place again
+            for p in (3, 40):
+                s = src.meta.piece_size(p)
+                dio.write_chunk(ih, p, 0, src.read(p, 0, s))
+            dio.flush_all()
+            before = _read_syscall_bytes()
+            r = dio.recheck(ih)
+            assert r.ok, r.failed_v1
+            if _read_syscall_bytes() - before < mib:
+                break
+        else:
+            raise AssertionError("the files were never mapped again after the lease break")
+    finally:
+        dio.close()
