@@ -47,6 +47,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def read_syscall_bytes(pid: int) -> int:
+    """Bytes a running process has read with read/pread so far (``rchar``; not what it
+    reads through maps), from /proc."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
 class DaemonProcess:
     def __init__(self, folder: Path, cmd: list[str], env: dict[str, str] | None = None,
                  append_log: bool = False) -> None:
