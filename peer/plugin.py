@@ -179,6 +179,10 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _pieces(n: int) -> str:
+    return f"{n} piece" if n == 1 else f"{n} pieces"
+
+
 def _every_interface(kind: int, port: int) -> socket.socket:
     """A socket bound to ``port`` of every interface: one IPv6 socket that takes IPv4
     too (``IPV6_V6ONLY`` off), so that both families have the same port, the one the
@@ -1420,7 +1424,7 @@ class Swarm:
                 self.no_source = (
                     f"every peer was dropped for sending bad data ({', '.join(dropped[:10])}"
                     f"{', ...' if len(dropped) > 10 else ''}) and no other can come: "
-                    f"{left} pieces missing")
+                    f"{_pieces(left)} missing")
         else:
             rotten = self._rotten()
             if not rotten:
@@ -1431,7 +1435,7 @@ class Swarm:
                 f"{', '.join(map(str, rotten[:10]))}{', ...' if len(rotten) > 10 else ''} "
                 f"failed {MAX_PIECE_TRIES} times with the data of every peer that has "
                 f"{'them' if len(rotten) > 1 else 'it'}, and no other peer can come: "
-                f"{left} pieces missing")
+                f"{_pieces(left)} missing")
         log.info("stopping: %s", self.no_source)
         self.stop.set()
         return True

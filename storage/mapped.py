@@ -76,43 +76,37 @@ def _madvise(m: mmap.mmap, advice: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _pages_in(m: mmap.mmap, offset: int, length: int) -> bool:
-    """Fault a range's pages of the map in for writing, before a store into them: a
-    store into a page the kernel must read in, and cannot (a bad sector), is SIGBUS,
-    which kills the daemon; here it is an error (EFAULT), and False. True on kernels
-    without MADV_POPULATE_WRITE (the store takes its chance, as it always did). The
-    store that follows finds its pages in and writable: it waits for no disk while it
-    holds the interpreter's lock."""
+def _populate(m: mmap.mmap, advice: int, offset: int, length: int) -> bool | None:
+    """Fault a range's pages of the map in (``advice``: MADV_POPULATE_READ or _WRITE),
+    reading from the disk those not in the page cache. A page the kernel cannot read in
+    (a bad sector) touched through the map is SIGBUS, which kills the daemon; here it is
+    an error (EFAULT), and False. None on kernels without these advices (before 5.14)."""
     global _populates
     if not _populates:
-        return True
+        return None
     start = offset - offset % mmap.PAGESIZE
     try:
-        _madvise(m, _MADV_POPULATE_WRITE, start, offset + length - start)
+        _madvise(m, advice, start, offset + length - start)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             _populates = False
-            return True
+            return None
         return False
     return True
+
+
+def _pages_in(m: mmap.mmap, offset: int, length: int) -> bool:
+    """The range's pages in for writing, before a store into them: False if one cannot
+    be. On a kernel that cannot say, True: the store takes its chance, as it always did.
+    The store that follows finds its pages in and writable: it waits for no disk while
+    it holds the interpreter's lock."""
+    return _populate(m, _MADV_POPULATE_WRITE, offset, length) is not False
 
 
 def _pages_read_in(m: mmap.mmap, offset: int, length: int) -> bool:
-    """Fault a range's pages of the map in for reading, reading from the disk those not
-    in the page cache: False if one cannot be (EIO, a bad sector: touched through the
-    map it would be SIGBUS), or if the kernel has no MADV_POPULATE_READ (then nothing is
-    read through a map)."""
-    global _populates
-    if not _populates:
-        return False
-    start = offset - offset % mmap.PAGESIZE
-    try:
-        _madvise(m, _MADV_POPULATE_READ, start, offset + length - start)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            _populates = False
-        return False
-    return True
+    """The range's pages in for reading: False if one cannot be, or if the kernel cannot
+    say (then nothing is hashed through a map)."""
+    return _populate(m, _MADV_POPULATE_READ, offset, length) is True
 
 
 def watch_leases() -> bool:

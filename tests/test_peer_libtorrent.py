@@ -303,8 +303,8 @@ def test_a_seeder_with_one_rotten_piece_gives_every_other_one(tmp_path: Path) ->
                                         f"127.0.0.1:{bad.port}"),
                                capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr
-        assert "piece 7 failed 3 times with the data of every peer that has it" in r.stderr, \
-            r.stderr
+        assert ("piece 7 failed 3 times with the data of every peer that has it, and no "
+                "other peer can come: 1 piece missing") in r.stderr, r.stderr
         summary = json.loads(r.stdout)
         assert not summary["complete"], summary
         assert summary["pieces_failed"] == 3 and summary["peers_dropped_for_bad_data"] == 0
