@@ -169,6 +169,10 @@ class MmapStorage(FileStorage):
         # its views are given back, and takes no new ones while it waits to be.
         self._viewers: dict[int, int] = {}
         self._closing: set[int] = set()
+        # Files mapped for reading only: those the daemon has not written (sized). Opened
+        # read-write, a file of someone else's library looked written to every watcher
+        # (a close-write event at each unmap) and was copied up whole on an overlay.
+        self._read_only: set[int] = set()
         self._views_back = threading.Condition(self._map_lock)
         # One file mapped at a time: a second open of the same file would break the
         # first one's fresh lease.
@@ -186,11 +190,13 @@ class MmapStorage(FileStorage):
         with self._open_lock:
             if index in self._maps or self._retry.get(index, 0.0) > time.monotonic():
                 return
+            read_only = not writing and index not in self._sized
             if writing:
                 fd = self.open_file(index, True)
             else:
                 try:  # never O_CREAT: a file gone behind our back is not made again
-                    fd = self._open_payload(index, os.O_RDWR, False)
+                    fd = self._open_payload(index, os.O_RDONLY if read_only else os.O_RDWR,
+                                            False)
                 except StorageIOError as exc:
                     if isinstance(exc, FileVanished):
                         raise
@@ -214,7 +220,10 @@ class MmapStorage(FileStorage):
                     self._retry[index] = time.monotonic() + self.RETRY_SECONDS
                     return
                 try:
-                    m = mmap.mmap(fd, self.meta.files.lengths[index])
+                    # (Read-only: private, so that its address can be taken for
+                    # madvise; nothing is ever stored into it.)
+                    m = mmap.mmap(fd, self.meta.files.lengths[index],
+                                  access=mmap.ACCESS_COPY if read_only else mmap.ACCESS_WRITE)
                 except ValueError:  # cut short between the check and the lease
                     raise self._vanished(index, f"{self.file_path(index)}: truncated "
                                                 "behind pieced's back", gone=False) from None
@@ -223,6 +232,8 @@ class MmapStorage(FileStorage):
                 raise
             with self._map_lock:
                 self._maps[index] = (fd, m)
+                if read_only:
+                    self._read_only.add(index)
                 self.handles.reserve(FDS_PER_MAP)
                 with _mapped_lock:
                     lru = _mapped.setdefault(self.handles, OrderedDict())
@@ -402,6 +413,7 @@ class MmapStorage(FileStorage):
         entry = self._maps.pop(index, None)
         if entry is None:  # (unmapped by another thread meanwhile)
             return
+        self._read_only.discard(index)
         fd, m = entry
         with _mapped_lock:
             lru = _mapped.get(self.handles)
@@ -418,11 +430,13 @@ class MmapStorage(FileStorage):
 
     def _pwrite_segment(self, seg: Segment, views: Sequence[Buffer]) -> None:
         index = seg.file_index
+        if index in self._read_only:
+            self.unmap(index)  # mapped for a check: mapped again to be written
         if index not in self._maps:
             self._map(index, True)
         with self._map_lock:
             entry = self._maps.get(index)
-            if entry is not None:
+            if entry is not None and index not in self._read_only:
                 fd, m = entry
                 self._check_linked(fd, index)
                 self._used(index)

@@ -5,6 +5,8 @@ just read by another program while the daemon has it mapped never kills the daem
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -488,5 +490,55 @@ def test_a_recheck_by_fingerprint_hashes_the_mapped_pages_where_they_lie(tmp_pat
                 break
         else:
             raise AssertionError("the files were never mapped again after the lease break")
+    finally:
+        dio.close()
+
+
+def _payload_fd_modes(folder: Path) -> dict[str, int]:
+    """This process's descriptors of files under ``folder``: path -> access mode."""
+    out = {}
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(folder) + "/"):
+            flags = next(int(line.split()[1], 8) for line in
+                         (Path("/proc/self/fdinfo") / fd.name).read_text().splitlines()
+                         if line.startswith("flags:"))
+            out[target] = flags & os.O_ACCMODE
+    return out
+
+
+def test_files_it_did_not_write_are_mapped_read_only(tmp_path: Path) -> None:
+    """Data found on disk (not written by the daemon) is hashed in place by a recheck,
+    through maps of descriptors opened read-only: a read-write open of someone else's
+    library is a close-write event for every watcher, and a copy-up on an overlay. A
+    piece written later maps its file again, for writing."""
+    mib = 1 << 20
+    content = make_payload(tmp_path / "src", {"a.bin": 12 * mib + 5, "b.bin": 6 * mib}, seed=11)
+    raw = make_torrent_lt(content, mib, "v1")
+    src = Source(raw, tmp_path / "src")
+    dl = tmp_path / "dl"
+    shutil.copytree(tmp_path / "src", dl)
+    dio = DiskIO("mmap", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, dl)
+        assert dio.recheck(ih, full=True).ok  # found whole: mapped from now on
+        before = _read_syscall_bytes()
+        assert dio.recheck(ih).fingerprint_hits == src.meta.num_pieces
+        assert _read_syscall_bytes() - before < mib  # in place
+        fds = _payload_fd_modes(dl)
+        assert any(_mapped(dl / "payload" / name) for name in ("a.bin", "b.bin"))
+        assert fds and all(mode == os.O_RDONLY for mode in fds.values()), fds
+        # A piece written again (the bytes on disk went bad): written, and verified.
+        a = dl / "payload" / "a.bin"
+        _other_process("f = os.open(p, os.O_WRONLY); os.pwrite(f, b'z', 5); os.close(f)", a)
+        assert dio.recheck(ih).failed_v1 == [0]
+        dio.write_chunk(ih, 0, 0, src.read(0, 0, mib))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert a.read_bytes()[:mib] == src.read(0, 0, mib)
+        assert dio.recheck(ih, full=True).ok
     finally:
         dio.close()
