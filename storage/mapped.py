@@ -389,7 +389,10 @@ class MmapStorage(FileStorage):
         """Unmap the files whose lease another process is breaking."""
         released = 0
         with self._map_lock:
-            for index, (fd, _) in list(self._maps.items()):
+            for index, entry in list(self._maps.items()):
+                if self._maps.get(index) is not entry:
+                    continue  # unmapped (or mapped anew) while an unmap waited for views
+                fd = entry[0]
                 try:
                     kind = fcntl.fcntl(fd, fcntl.F_GETLEASE)
                 except OSError:
