@@ -51,15 +51,19 @@ def file_progress(state: bytes, piece_length: int, offset: int, length: int) -> 
 
 
 class Fence:
-    """A readers-writer lock that prefers its writer.
+    """A readers-writer lock that prefers its writer, and takes turns.
 
     Once an exclusive holder waits, new shared holders wait behind it, so a recheck is
-    not starved by a steady stream of blocks. Not re-entrant: code that holds the fence
-    never acquires it again (the committer only ever tries, see :meth:`try_shared`).
-    Taken twice per block, so the uncontended paths are one plain lock round trip.
+    not starved by a steady stream of blocks. When an exclusive holder lets go, the
+    shared holders that waited for it go in before the next exclusive one: a client
+    asking for rechecks back to back kept every other client's blocks for that torrent
+    waiting for as long as it went on. Not re-entrant: code that holds the fence never
+    acquires it again (the committer only ever tries, see :meth:`try_shared`). Taken
+    twice per block, so the uncontended paths are one plain lock round trip.
     """
 
-    __slots__ = ("_cond", "_exclusive", "_lock", "_shared", "_waiting", "closed")
+    __slots__ = ("_admit", "_cond", "_exclusive", "_lock", "_queued", "_shared", "_waiting",
+                 "closed")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -67,6 +71,8 @@ class Fence:
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
+        self._queued = 0  # shared holders waiting
+        self._admit = 0  # of those, how many go in before the next exclusive holder
         self.closed = False  # its torrent is gone: acquiring fails
 
     def acquire_shared(self) -> bool:
@@ -76,8 +82,16 @@ class Fence:
                 self._shared += 1
                 return True
         with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
+            self._queued += 1
+            try:
+                while self._exclusive or (self._waiting and not self._admit):
+                    self._cond.wait()
+            finally:
+                self._queued -= 1
+            if self._admit:
+                self._admit -= 1
+                if not self._admit:
+                    self._cond.notify_all()  # (an exclusive holder waits for the last)
             if self.closed:
                 return False
             self._shared += 1
@@ -102,7 +116,7 @@ class Fence:
         with self._cond:
             self._waiting += 1
             try:
-                while self._exclusive or self._shared:
+                while self._exclusive or self._shared or self._admit:
                     self._cond.wait()
             finally:
                 self._waiting -= 1
@@ -115,6 +129,7 @@ class Fence:
     def release_exclusive(self) -> None:
         with self._cond:
             self._exclusive = False
+            self._admit = self._queued  # their turn, before the next exclusive holder
             self._cond.notify_all()
 
     @property

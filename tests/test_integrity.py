@@ -936,3 +936,97 @@ def test_a_nonzero_byte_in_a_pad_fails_its_piece(
         st = c.status(ih)
         assert not has(st["have"], bad[0])
         assert st["verified_pieces"] == n - 1
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_rechecks_back_to_back_leave_another_clients_blocks_their_turn(
+    tmp_path: Path, backend: str
+) -> None:
+    """Connections A1 and A2 ask for rechecks of a torrent back to back, so that one
+    always waits while the other runs; connection B writes the torrent's missing pieces
+    meanwhile. A recheck waits for the blocks in flight and holds new ones back while it
+    waits (so that it is not starved); but the blocks held back then go in before the
+    next recheck. Before, the recheck waiting went first every time: B's writes waited
+    for as long as A1 and A2 went on."""
+    raw, src = torrent(tmp_path, 8 * MiB, 256 * 1024, "v1", seed=23)
+    dl = tmp_path / "dl"
+    first = [blk for blk in src.blocks() if blk[0] % 2 == 0]
+    rest = [blk for blk in src.blocks() if blk[0] % 2 == 1]
+    with running(tmp_path, backend) as d, client(d) as a1, client(d) as a2, \
+            client(d) as b:
+        ih = a1.register(raw, dl)
+        download(a1, ih, src, first, ring=False)
+        a1.flush_all()
+        stop = threading.Event()
+        rechecks = [0, 0]
+
+        def rechecker(c: Client, k: int) -> None:
+            end = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < end:
+                c.recheck(ih, full=bool(k))  # (one of each kind: the two never join)
+                rechecks[k] += 1
+
+        threads = [threading.Thread(target=rechecker, args=(c, k))
+                   for k, c in enumerate((a1, a2))]
+        for th in threads:
+            th.start()
+        try:
+            while min(rechecks) < 2:
+                time.sleep(0.01)
+            started = time.monotonic()
+            for p, blk, n in rest:
+                b.write_chunk(ih, p, blk, src.read(p, blk, n))
+            b.flush_all()
+            took = time.monotonic() - started
+            running_still = all(th.is_alive() for th in threads)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(90)
+        assert running_still, "the rechecks ended before the writes: nothing was measured"
+        assert took < 30, f"{len(rest)} blocks took {took:.1f} s beside the rechecks"
+        assert b.status(ih)["verified_pieces"] == src.meta.num_pieces
+
+
+def test_rechecks_with_no_gap_between_them_leave_writes_their_turn(tmp_path: Path) -> None:
+    """The engine in-process, where nothing comes between one recheck and the next: two
+    threads recheck (one by fingerprint, one in full: they never join) with one always
+    waiting for the other, while a third writes blocks. Before, the waiting recheck went
+    in first every time and the writer waited until the rechecks stopped (here, after 20 s)."""
+    from pieced.storage.disk import DiskIO
+
+    raw, src = torrent(tmp_path, 4 * MiB, 256 * 1024, "v1", seed=24)
+    dio = DiskIO("posix", roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        blocks = list(src.blocks())
+        for p, blk, n in blocks[: len(blocks) // 2]:
+            dio.write_chunk(ih, p, blk, src.read(p, blk, n))
+        dio.flush_all()
+        stop = threading.Event()
+        rechecks = [0, 0]
+
+        def rechecker(k: int) -> None:
+            end = time.monotonic() + 20
+            while not stop.is_set() and time.monotonic() < end:
+                dio.recheck(ih, full=bool(k))
+                rechecks[k] += 1
+
+        threads = [threading.Thread(target=rechecker, args=(k,)) for k in (0, 1)]
+        for th in threads:
+            th.start()
+        try:
+            while min(rechecks) < 2:
+                time.sleep(0.01)
+            for p, blk, n in blocks[len(blocks) // 2:]:
+                dio.write_chunk(ih, p, blk, src.read(p, blk, n))
+            running_still = all(th.is_alive() for th in threads)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(60)
+        assert running_still, "the writes waited until the rechecks stopped"
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    finally:
+        dio.close()
