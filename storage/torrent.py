@@ -62,8 +62,8 @@ class Fence:
     twice per block, so the uncontended paths are one plain lock round trip.
     """
 
-    __slots__ = ("_admit", "_cond", "_exclusive", "_lock", "_queued", "_shared", "_waiting",
-                 "closed")
+    __slots__ = ("_admit", "_cond", "_exclusive", "_lock", "_queued", "_serving", "_shared",
+                 "_skipped", "_tickets", "_waiting", "closed")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -73,6 +73,12 @@ class Fence:
         self._waiting = 0
         self._queued = 0  # shared holders waiting
         self._admit = 0  # of those, how many go in before the next exclusive holder
+        # Exclusive holders go in the order they came: one that let go and asks again
+        # at once (a client asking for rechecks back to back) went in again before the
+        # one waiting (another client's move, or full recheck), for as long as it asked.
+        self._tickets = 0
+        self._serving = 0
+        self._skipped: set[int] = set()
         self.closed = False  # its torrent is gone: acquiring fails
 
     def acquire_shared(self) -> bool:
@@ -114,21 +120,45 @@ class Fence:
     def acquire_exclusive(self) -> bool:
         """Hold it alone; False (and not held) once the torrent is gone."""
         with self._cond:
+            ticket = self._tickets
+            self._tickets += 1
             self._waiting += 1
             try:
-                while self._exclusive or self._shared or self._admit:
+                while (self._exclusive or self._shared or self._admit
+                       or ticket != self._serving):
                     self._cond.wait()
-            finally:
+            except BaseException:
                 self._waiting -= 1
+                self._skip(ticket)
+                raise
+            self._waiting -= 1
             if self.closed:
-                self._cond.notify_all()  # shared waiters held back by this one
+                self._serving += 1
+                self._cond.notify_all()  # the others held back by this one
                 return False
             self._exclusive = True
             return True
 
+    def _skip(self, ticket: int) -> None:
+        """(Under the lock.) A ticket given up before its turn came: passed over."""
+        if ticket == self._serving:
+            self._serving += 1
+        else:
+            # Its turn is still to come: let it pass when it does. Rare (an interrupt in
+            # the wait), so a small set is enough.
+            self._skipped.add(ticket)
+        while self._serving in self._skipped:
+            self._skipped.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
     def release_exclusive(self) -> None:
         with self._cond:
             self._exclusive = False
+            self._serving += 1
+            while self._serving in self._skipped:
+                self._skipped.discard(self._serving)
+                self._serving += 1
             self._admit = self._queued  # their turn, before the next exclusive holder
             self._cond.notify_all()
 

@@ -971,7 +971,9 @@ def test_rechecks_back_to_back_leave_another_clients_blocks_their_turn(
         for th in threads:
             th.start()
         try:
+            deadline = time.monotonic() + 30
             while min(rechecks) < 2:
+                assert time.monotonic() < deadline, f"one kind of recheck starved: {rechecks}"
                 time.sleep(0.01)
             started = time.monotonic()
             for p, blk, n in rest:
@@ -992,7 +994,9 @@ def test_rechecks_with_no_gap_between_them_leave_writes_their_turn(tmp_path: Pat
     """The engine in-process, where nothing comes between one recheck and the next: two
     threads recheck (one by fingerprint, one in full: they never join) with one always
     waiting for the other, while a third writes blocks. Before, the waiting recheck went
-    in first every time and the writer waited until the rechecks stopped (here, after 20 s)."""
+    in first every time and the writer waited until the rechecks stopped (here, after
+    20 s); and the thread that had just let go went in again before the other, which
+    waited as long."""
     from pieced.storage.disk import DiskIO
 
     raw, src = torrent(tmp_path, 4 * MiB, 256 * 1024, "v1", seed=24)
@@ -1016,7 +1020,9 @@ def test_rechecks_with_no_gap_between_them_leave_writes_their_turn(tmp_path: Pat
         for th in threads:
             th.start()
         try:
-            while min(rechecks) < 2:
+            deadline = time.monotonic() + 15
+            while min(rechecks) < 2:  # (each kind in turn: exclusive holders take turns)
+                assert time.monotonic() < deadline, f"one kind of recheck starved: {rechecks}"
                 time.sleep(0.01)
             for p, blk, n in blocks[len(blocks) // 2:]:
                 dio.write_chunk(ih, p, blk, src.read(p, blk, n))
