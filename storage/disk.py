@@ -1039,20 +1039,43 @@ class DiskIO:
             if progress is not None:
                 progress(done, total)
 
+        def read_span(first: int, buf: memoryview) -> bool:
+            """Consecutive pieces in one read, for pieces smaller than the read buffer.
+            Whatever goes wrong, each piece is then read on its own, whose read tells the
+            error and fails the piece it belongs to; told here is only what that read
+            could not find again: a file that vanished or was cut short, which the
+            storage forgets as it says so."""
+            segs = t.layout.map_offset(first * t.layout.piece_length, buf.nbytes)
+            try:
+                t.storage.readinto(segs, buf)
+            except FileVanished as exc:
+                if vanished is not None and exc.gone:
+                    vanished.add(exc.file_index)
+                if exc.written:  # (told of the first of the pieces that read the file)
+                    at = next(seg.buf_offset for seg in segs if seg.file_index == exc.file_index)
+                    self._record_error(t, exc, first + at // t.layout.piece_length)
+                return False
+            except (PiecedError, OSError):
+                return False
+            if past_end(segs, buf) is not None:
+                return False
+            read_bytes.append(sum(seg.length for seg in segs if seg.stored))
+            return True
+
         known = bytes(t.fingerprints)
         def advise(piece: int, size: int) -> None:
-            t.storage.advise(t.layout.map(piece, 0, size))
+            t.storage.advise(t.layout.map_offset(piece * t.layout.piece_length, size))
 
         def view(piece: int, begin: int, length: int, warm_too: bool) -> (
                 tuple[list[Buffer], Callable[[], None]] | None):
-            segs = t.layout.map(piece, begin, length)
+            segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
             seen = t.storage.views(segs, warm_too)
             if seen is not None:
                 read_bytes.append(sum(seg.length for seg in segs if seg.stored))
             return seen
 
         reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False),
-                             view if t.storage.maps_files else None)
+                             view if t.storage.maps_files else None, read_span)
         try:
             result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
                             not full, self._unreadable(t))

@@ -3,7 +3,9 @@
 Work is handed to the hash pool in batches of consecutive pieces (a few MiB each),
 not piece by piece: with 16 KiB pieces a future per piece would cost more than the
 hashing. Each worker reads into a buffer of its own and hashes it there; pieces larger
-than STREAM_BYTES are read and hashed in parts, so the buffer never grows past it.
+than STREAM_BYTES are read and hashed in parts, so the buffer never grows past it, and
+smaller ones are read several at a time (up to STREAM_BYTES in one read, or one view of
+a mapped file), for the same reason.
 
 Two readers: ``pread`` (safe against files truncated behind our back, used by the
 daemon) and ``mmap`` (no copy out of the page cache, used by the offline verifier,
@@ -40,7 +42,7 @@ from .hashing import (
     check_piece,
     fingerprint,
 )
-from .layout import Layout
+from .layout import Layout, Segment
 from .metainfo import Metainfo
 from .paths import open_folder
 
@@ -77,6 +79,9 @@ def _thread_buffer(size: int) -> memoryview:
 
 
 Read = Callable[[int, int, memoryview], None]  # (piece, begin, out): StorageIOError if not
+# (first piece, out): consecutive pieces read whole; False, and nothing told, if they could
+# not be (each is then read on its own, whose read says what went wrong)
+ReadSpan = Callable[[int, memoryview], bool]
 # (piece, begin, length, warm_too): the bytes where they lie (a backend's maps), and the
 # call that gives them back; None where the backend cannot, or would rather they were
 # read (see MmapStorage.views)
@@ -271,6 +276,25 @@ class ReadAhead:
                     self._cond.notify_all()
 
 
+def _nothing() -> None:
+    return None
+
+
+def cut(views: Sequence[Buffer], start: int, length: int) -> list[memoryview]:
+    """Bytes [start, start + length) of the buffers taken end to end, as views of them."""
+    out: list[memoryview] = []
+    pos, end = 0, start + length
+    for v in views:
+        mv = memoryview(v)
+        n = mv.nbytes
+        if pos + n > start:
+            out.append(mv[max(start - pos, 0) : min(end - pos, n)])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
 _read_ahead: ReadAhead | None = None
 _read_ahead_lock = threading.Lock()
 
@@ -290,8 +314,10 @@ class PreadReader:
     cache), on the :class:`ReadAhead` readers ahead of the hashing."""
 
     def __init__(self, read: Read, advise: Callable[[int, int], None] | None = None,
-                 read_ahead: bool = False, view: View | None = None) -> None:
+                 read_ahead: bool = False, view: View | None = None,
+                 read_span: ReadSpan | None = None) -> None:
         self._read = read
+        self._read_span = read_span
         self._advise = advise
         # A mapped backend's pages hashed where they lie: no copy out of the page cache
         # (the copy was a third of a warm check's CPU, and most of a cold one's).
@@ -323,8 +349,20 @@ class PreadReader:
         """Start reading ``pieces`` now (they are hashed soon): by the kernel
         (POSIX_FADV_WILLNEED), or by the read-ahead."""
         if self._advise is not None:
+            # Once a run of consecutive pieces: per piece, the advice cost more than the
+            # hashing of pieces of 256 KiB (the ranges to map, the page-cache probes).
+            # ``advise(first piece, bytes)`` takes a range over several pieces.
+            first = count = total = 0
             for p in pieces:
-                self._advise(p, size(p))
+                if count and p == first + count:
+                    count += 1
+                    total += size(p)
+                    continue
+                if count:
+                    self._advise(first, total)
+                first, count, total = p, 1, size(p)
+            if count:
+                self._advise(first, total)
         if self._ahead is None:
             return
         # Batches go to the workers in turn: worker k hashes batch n * workers + k, so
@@ -385,6 +423,27 @@ class PreadReader:
         except StorageIOError:
             return None
         return [buf]
+
+    def span(self, first: int, size: int, warm_too: bool = False
+             ) -> tuple[list[Buffer], Callable[[], None]] | None:
+        """Consecutive whole pieces from ``first``, ``size`` bytes in all (at most
+        STREAM_BYTES), in one read or one view, and the call that gives them back; None
+        where they are to be read one by one (a read-ahead backend, or a read that
+        failed: each piece's own read then says which failed, and why).
+
+        Piece by piece, pieces of 256 KiB cost more in reads, page-cache probes and
+        map calls than in hashing: a fingerprint recheck of 2 GiB took 0.54 s (0.76 s
+        on mmap) against 0.35 s (0.29 s) with pieces of 4 MiB."""
+        if self._ahead is not None:
+            return None
+        if self._view is not None:
+            seen = self._view(first, 0, size, warm_too)
+            if seen is not None:
+                return seen
+        if self._read_span is None:
+            return None
+        buf = _thread_buffer(size)[:size]
+        return ([buf], _nothing) if self._read_span(first, buf) else None
 
     def done(self, piece: int, size: int) -> None:
         """The caller is done with ``piece``'s views (a part of it left untaken, after a
@@ -514,8 +573,19 @@ class FolderFiles:
         return self._folders[folder]
 
     def read(self, piece: int, begin: int, out: memoryview) -> None:
+        self._read(self._layout.map(piece, begin, out.nbytes), out)
+
+    def read_span(self, first: int, out: memoryview) -> bool:
+        try:
+            self._read(self._layout.map_offset(first * self._layout.piece_length, out.nbytes),
+                       out)
+        except (StorageIOError, Unreadable):
+            return False  # (read piece by piece, which says which piece, and why)
+        return True
+
+    def _read(self, segments: Sequence[Segment], out: memoryview) -> None:
         pos = 0
-        for seg in self._layout.map(piece, begin, out.nbytes):
+        for seg in segments:
             dst = out[pos : pos + seg.length]
             pos += seg.length
             if not seg.stored:
@@ -536,16 +606,16 @@ class FolderFiles:
                 done += n
 
     def advise(self, piece: int, size: int) -> None:
-        """Start reading the piece (POSIX_FADV_WILLNEED): the disk works while the
-        pieces before it are hashed."""
-        for seg in self._layout.map(piece, 0, size):
+        """Start reading ``size`` bytes from the piece's start, one piece or several
+        (POSIX_FADV_WILLNEED): the disk works while the pieces before them are hashed."""
+        for seg in self._layout.map_offset(piece * self._layout.piece_length, size):
             fd = self._fd(seg.file_index) if seg.stored and seg.length else None
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
 
     def reader(self) -> PreadReader:
-        return PreadReader(self.read, self.advise)
+        return PreadReader(self.read, self.advise, read_span=self.read_span)
 
     def close(self) -> None:
         with self._lock:
@@ -596,24 +666,69 @@ def verify(
 
     def run(batch: Sequence[int]) -> list[Row]:
         out: list[Row] = []
-        for p in batch:
-            if p in unreadable:
-                out.append((p, *fail, 0, None, False))
+        i = 0
+        while i < len(batch):
+            j = span_end(batch, i)
+            if j - i > 1 and spanned(batch[i:j], out):
+                i = j
                 continue
-            size = meta.piece_size(p)
-            try:
-                out.append(one(p, size))
-            finally:
-                reader.done(p, size)  # its views (a buffer read ahead) are given back
+            for p in batch[i:j]:
+                if p in unreadable:
+                    out.append((p, *fail, 0, None, False))
+                    continue
+                size = meta.piece_size(p)
+                try:
+                    out.append(one(p, size))
+                finally:
+                    reader.done(p, size)  # its views (a buffer read ahead) are given back
+            i = j
         return out
 
-    def one(p: int, size: int) -> Row:
+    def span_end(batch: Sequence[int], i: int) -> int:
+        """The end of the run of pieces from ``batch[i]`` to read together: consecutive,
+        readable, STREAM_BYTES at most (pieces are whole but for the torrent's last)."""
+        j, total = i + 1, meta.piece_size(batch[i])
+        if batch[i] in unreadable:
+            return j
+        while (j < len(batch) and batch[j] == batch[j - 1] + 1 and batch[j] not in unreadable
+               and total + meta.piece_size(batch[j]) <= STREAM_BYTES):
+            total += meta.piece_size(batch[j])
+            j += 1
+        return j
+
+    def spanned(pieces: Sequence[int], out: list[Row]) -> bool:
+        """Hash ``pieces`` from one read of them all; False (nothing done) if that read
+        could not be made."""
+        first, last = pieces[0], pieces[-1]
+        warm_too = trust_fingerprints and fingerprints is not None and all(
+            fingerprints[p * FP : (p + 1) * FP] != NO_FINGERPRINT for p in pieces)
+        got = reader.span(first, (last - first) * meta.piece_length + meta.piece_size(last),
+                          warm_too)
+        if got is None:
+            return False
+        views, give_back = got
+        try:
+            for p in pieces:
+                size = meta.piece_size(p)
+                part = cut(views, (p - first) * meta.piece_length, size)
+                try:
+                    out.append(one(p, size, part))
+                finally:
+                    for v in part:
+                        v.release()
+        finally:
+            give_back()
+        return True
+
+    def one(p: int, size: int, given: list[memoryview] | None = None) -> Row:
         known = fingerprints[p * FP : (p + 1) * FP] if fingerprints is not None else None
         if known == NO_FINGERPRINT:
             known = None
         if size > STREAM_BYTES:
             return streamed(reader, p, size, known)
-        views = reader.views(p, size, warm_too=known is not None and trust_fingerprints)
+        views: Sequence[Buffer] | None = given
+        if views is None:
+            views = reader.views(p, size, warm_too=known is not None and trust_fingerprints)
         if views is None:
             return (p, *fail, 0, None, False)
         fp = None
