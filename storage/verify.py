@@ -7,11 +7,12 @@ than STREAM_BYTES are read and hashed in parts, so the buffer never grows past i
 smaller ones are read several at a time (up to STREAM_BYTES in one read, or one view of
 a mapped file), for the same reason.
 
-Two readers: ``pread`` (safe against files truncated behind our back, used by the
-daemon) and ``mmap`` (no copy out of the page cache, used by the offline verifier,
-which is a short-lived process where a SIGBUS on a truncated file only ends itself).
-For a backend that reads past the page cache (O_DIRECT), where asking the kernel to
-read ahead starts nothing, the ``pread`` reader reads ahead itself (:class:`ReadAhead`).
+One reader, :class:`PreadReader`, for the daemon's backends and for the offline
+verifier (:class:`FolderFiles`): pieces are read with pread, safe against files
+truncated behind our back, or, on the mmap backend, hashed in place in its maps of
+leased files (see ``MmapStorage.views``). For a backend that reads past the page cache
+(O_DIRECT), where asking the kernel to read ahead starts nothing, it reads ahead
+itself (:class:`ReadAhead`).
 """
 
 from __future__ import annotations
