@@ -275,7 +275,7 @@ class MmapStorage(FileStorage):
         short, is SIGBUS, which kills the daemon: the pages are read in first
         (MADV_POPULATE_READ, which says EFAULT instead), and a mapped file is leased, so
         that no other program truncates it while its views are out (a lease break waits
-        for them: a piece's hashing, milliseconds).
+        for them: the hashing of a check's batch, 16 MiB at most, milliseconds).
 
         ``warm_too``: also when the bytes are in the page cache already. SHA-1 reads
         pages of the page cache slower than the copy pread makes of them (a warm full
