@@ -308,3 +308,36 @@ def test_a_recheck_of_small_pieces_reads_runs_of_them_not_each_alone(
             assert calls < r.num_pieces / 8, (full, calls, r.num_pieces)
     finally:
         dio.close()
+
+
+def test_recheck_progress_comes_about_ten_times_a_second_and_once_at_the_end(
+        daemon: Daemon) -> None:
+    """A recheck told its progress once a percent: a hundred events (each a wake-up of
+    the event loop and of the client) in a fingerprint recheck of a quarter of a second.
+    Now at most one per 0.1 s, and always the last one, of every piece."""
+    import time
+
+    from pieced.protocol.client import Client
+
+    from tests.conftest import sparse_zero_torrent
+
+    raw = sparse_zero_torrent(daemon.root / "data", "zeros.bin", 262144, 4096)  # 1 GiB
+    seen: list[tuple[float, int, int]] = []
+
+    def on_event(name: str, fields: dict[str, object]) -> None:
+        if name == "recheck_progress":
+            seen.append((time.monotonic(), int(fields["done"]), int(fields["total"])))  # type: ignore[call-overload]
+
+    with Client(str(daemon.socket), on_event=on_event) as c:
+        ih = c.register(raw, save_path=str(daemon.root / "data"))
+        c.recheck(ih)  # (the first gives every piece its fingerprint)
+        for full in (False, True):
+            seen.clear()
+            start = time.monotonic()
+            result = c.recheck(ih, full=full)
+            took = time.monotonic() - start
+            assert result["verified"] == 4096
+            print(f"full={full}: {len(seen)} events in {took:.2f} s")
+            assert seen and seen[-1][1:] == (4096, 4096)
+            assert [d for _, d, _ in seen] == sorted({d for _, d, _ in seen})
+            assert len(seen) <= took / 0.1 + 2, (len(seen), took)
