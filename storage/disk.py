@@ -1193,8 +1193,23 @@ class DiskIO:
             found = [p for p in pieces if result.have[p] and t.state[p] != VERIFIED
                      and p not in moved]
         holding = sorted({f for p in found for f in t.files_of(p)})
-        if found:
-            self._sync(t, holding, force=True)
+        while found:
+            try:
+                self._sync(t, holding, force=True)
+                break
+            except FileVanished as exc:
+                # Deleted or cut short since the check read it (told, and its pieces
+                # started over): none of its pieces is found good, and the rest of the
+                # check still counts. (Raised, it left pieces the check had found bad
+                # reported verified.)
+                gone = [p for p in t.layout.file_pieces(exc.file_index) if p in asked]
+                for p in gone:
+                    result.have[p] = False
+                for failed in (result.failed_v1, result.failed_v2):
+                    if failed is not None:
+                        failed[:] = sorted({*failed, *gone})
+                found = [p for p in found if p not in gone]
+                holding = sorted({f for p in found for f in t.files_of(p)})
         rec = self._records.get(t.id)
         with _journal_lock(rec):
             with t.lock:

@@ -553,10 +553,17 @@ class FolderFiles:
         dfd = self._folder(tuple(parts[:-1]), path)
         if dfd is None:
             return None
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            # O_NONBLOCK: a FIFO in a payload file's place must not hang the open.
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
-                         dir_fd=dfd)
+            try:
+                # O_NONBLOCK: a FIFO in a payload file's place must not hang the open.
+                fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=dfd)
+            except BlockingIOError:
+                # A lease on the file (a daemon on the mmap backend has it mapped): wait
+                # for its holder to let go, as any open does; it does within
+                # milliseconds. (Said "cannot read", this failed the command. A FIFO
+                # never answers so: its non-blocking open succeeds.)
+                fd = os.open(parts[-1], flags, dir_fd=dfd)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:

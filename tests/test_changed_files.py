@@ -734,3 +734,51 @@ def test_a_save_folder_a_recheck_finds_replaced_is_forgotten_by_every_torrent_in
         assert not any(_verified(wait_reverified(dio, a)))
     finally:
         dio.close()
+
+
+def test_a_file_deleted_between_the_check_and_its_sync_fails_its_pieces_and_no_others(
+        tmp_path: Path) -> None:
+    """A recheck fdatasyncs the files of the pieces it found good before it reports them
+    verified. Another program deleted one of them in between: the recheck raised the
+    vanished file, and left unapplied what it had found of the others (a piece it had
+    found bad in another file was still reported verified). Now that file's pieces are
+    failed and the rest of the check counts."""
+    from pieced.storage.disk import DiskIO
+
+    from tests.realtools import corrupt, make_payload, make_torrent_lt
+
+    content = make_payload(tmp_path / "save", {"a.bin": 400_000, "b.bin": 300_000}, seed=13)
+    raw = make_torrent_lt(content, 16384, "v1")
+    dio = DiskIO("posix", cache_bytes=0, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "save")
+        t = dio.torrent(ih)
+        index = {f.path[-1]: i for i, f in enumerate(t.meta.files)}
+        a_pieces = set(t.layout.file_pieces(index["a.bin"]))
+        b_only = [p for p in t.layout.file_pieces(index["b.bin"]) if p not in a_pieces]
+        assert t.layout.file_pieces(index["a.bin"])[0] == 0  # (a.bin first, at offset 0)
+        assert dio.recheck(ih).ok
+        x, y = b_only[5], 3  # x in b.bin, y in a.bin
+        corrupt(content / "b.bin", x * 16384 - 400_000 + 10)
+        assert not dio.recheck(ih).have[x]
+        corrupt(content / "b.bin", x * 16384 - 400_000 + 10)  # (back as it was)
+        corrupt(content / "a.bin", y * 16384 + 10)
+        plain = t.storage.sync
+
+        def sync(files, force=False):  # type: ignore[no-untyped-def]
+            if force and (content / "b.bin").exists():  # (the sync of what was found good)
+                (content / "b.bin").unlink()  # the other program, between read and sync
+            return plain(files, force)
+
+        t.storage.sync = sync  # type: ignore[method-assign]
+        r = dio.recheck(ih)
+        t.storage.sync = plain  # type: ignore[method-assign]
+        have = dio.status(ih)["have"]
+        verified = {p for p in range(len(r.have)) if have[p // 8] >> (7 - p % 8) & 1}
+        assert not r.have[x] and not r.have[y] and y in (r.failed_v1 or [])
+        assert x in (r.failed_v1 or [])
+        assert y not in verified and x not in verified
+        assert verified == {p for p in range(len(r.have)) if r.have[p]}
+        assert verified and verified <= a_pieces - {y}
+    finally:
+        dio.close()
