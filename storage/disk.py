@@ -1202,6 +1202,8 @@ class DiskIO:
                 # started over): none of its pieces is found good, and the rest of the
                 # check still counts. (Raised, it left pieces the check had found bad
                 # reported verified.)
+                if exc.file_index not in holding:
+                    raise  # (not one this sync was for: nothing to take out and retry)
                 gone = [p for p in t.layout.file_pieces(exc.file_index) if p in asked]
                 for p in gone:
                     result.have[p] = False
