@@ -997,15 +997,20 @@ class DiskIO:
                     return seg
             return None
 
+        def seen_vanish(exc: FileVanished, piece: int) -> None:
+            """What a read that found a file gone or cut short tells, once: the storage
+            forgets the file as it raises, and a read after it would not find it so."""
+            if vanished is not None and exc.gone:  # (one cut short: see its size after)
+                vanished.add(exc.file_index)
+            if exc.written:  # deleted under us (not a file never written): say so
+                self._record_error(t, exc, piece)
+
         def read(piece: int, begin: int, buf: memoryview) -> None:
             segs = t.layout.map(piece, begin, buf.nbytes)
             try:
                 t.storage.readinto(segs, buf)
             except FileVanished as exc:
-                if vanished is not None and exc.gone:  # (one cut short: see its size after)
-                    vanished.add(exc.file_index)
-                if exc.written:  # deleted under us (not a file never written): say so
-                    self._record_error(t, exc, piece)
+                seen_vanish(exc, piece)
                 if exc.gone:
                     raise
                 t.storage.readinto(segs, buf)  # cut short: what is left is read as it is
@@ -1042,18 +1047,14 @@ class DiskIO:
         def read_span(first: int, buf: memoryview) -> bool:
             """Consecutive pieces in one read, for pieces smaller than the read buffer.
             Whatever goes wrong, each piece is then read on its own, whose read tells the
-            error and fails the piece it belongs to; told here is only what that read
-            could not find again: a file that vanished or was cut short, which the
-            storage forgets as it says so."""
+            error and fails the piece it belongs to; told here is only a vanished file
+            (see ``seen_vanish``), of the first of the pieces that read it."""
             segs = t.layout.map_offset(first * t.layout.piece_length, buf.nbytes)
             try:
                 t.storage.readinto(segs, buf)
             except FileVanished as exc:
-                if vanished is not None and exc.gone:
-                    vanished.add(exc.file_index)
-                if exc.written:  # (told of the first of the pieces that read the file)
-                    at = next(seg.buf_offset for seg in segs if seg.file_index == exc.file_index)
-                    self._record_error(t, exc, first + at // t.layout.piece_length)
+                at = next(seg.buf_offset for seg in segs if seg.file_index == exc.file_index)
+                seen_vanish(exc, first + at // t.layout.piece_length)
                 return False
             except (PiecedError, OSError):
                 return False

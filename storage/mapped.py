@@ -269,6 +269,9 @@ class MmapStorage(FileStorage):
     # rechecks took 3.8 s, against 1.3 s read).
     VIEW_FILES = 16
 
+    def _few_files(self, stored: Sequence[Segment]) -> bool:
+        return len({seg.file_index for seg in stored}) <= self.VIEW_FILES
+
     def views(self, segments: Sequence[Segment], warm_too: bool = True,
               ) -> tuple[list[Buffer], Callable[[], None]] | None:
         """The segments' bytes where they lie, in the files' maps, for a check to hash
@@ -292,7 +295,7 @@ class MmapStorage(FileStorage):
         if not _populates:
             return None
         stored = [seg for seg in segments if seg.stored and seg.length]
-        if len({seg.file_index for seg in stored}) > self.VIEW_FILES:
+        if not self._few_files(stored):
             return None  # many small files: read (a map each cost more, and evicted others)
         for seg in stored:  # mapped first, with nothing held (a map made may unmap another)
             if seg.file_index not in self._maps:
@@ -509,7 +512,7 @@ class MmapStorage(FileStorage):
         rest = []
         probe = bytearray(1)
         stored = [seg for seg in segments if seg.stored and seg.length]
-        few = len({seg.file_index for seg in stored}) <= self.VIEW_FILES
+        few = self._few_files(stored)
         for seg in stored:
             if few and seg.file_index not in self._maps:
                 with contextlib.suppress(OSError, PiecedError):  # (the read says what)
