@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from pieced.storage.disk import DiskIO  # noqa: E402
 
+from tests.pagecache import drop  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
 from tests.test_disk import Source  # noqa: E402
 
@@ -39,15 +40,6 @@ def cached_mib() -> float:
         if line.startswith("Cached:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def drop(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ import libtorrent as lt  # noqa: E402
 from pieced.storage.mapped import MmapStorage  # noqa: E402
 
 from bench.daemon_proc import DaemonProcess, cpu_seconds, read_syscall_bytes  # noqa: E402
-from tests.pagecache import page_residency  # noqa: E402
+from tests.pagecache import drop, page_residency  # noqa: E402
 from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
@@ -195,14 +195,7 @@ def evict(files: list[Path]) -> float:
     that a process (a daemon of the mmap backend, say) has mapped, and this would then
     measure memory, not the disk.
     """
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    frac = resident_fraction(files)
+    frac = drop(*files)
     if frac > MAX_COLD_RESIDENT:
         raise SystemExit(f"eviction failed: {frac:.1%} of the payload is still in the page "
                          "cache after POSIX_FADV_DONTNEED; cold figures would be warm ones")

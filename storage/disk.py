@@ -1067,16 +1067,19 @@ class DiskIO:
         def advise(piece: int, size: int) -> None:
             t.storage.advise(t.layout.map_offset(piece * t.layout.piece_length, size))
 
-        def view(piece: int, begin: int, length: int, warm_too: bool) -> (
+        def view(piece: int, begin: int, length: int) -> (
                 tuple[list[Buffer], Callable[[], None]] | None):
             segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
-            seen = t.storage.views(segs, warm_too)
+            seen = t.storage.views(segs)
             if seen is not None:
                 read_bytes.append(sum(seg.length for seg in segs if seg.stored))
             return seen
 
+        def resident(piece: int) -> bool:
+            return t.storage.resident(t.layout.map(piece, 0, 1))
+
         reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False),
-                             view if t.storage.maps_files else None, read_span)
+                             view if t.storage.maps_files else None, read_span, resident)
         try:
             result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
                             not full, self._unreadable(t))

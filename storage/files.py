@@ -728,7 +728,7 @@ class FileStorage:
             done += n
         return True
 
-    def views(self, segments: Sequence[Segment], warm_too: bool = True,
+    def views(self, segments: Sequence[Segment],
               ) -> tuple[list[Buffer], Callable[[], None]] | None:
         """The segments' bytes where they lie, without a copy, and the call that gives
         them back; None where they are to be read (every backend but mmap)."""
@@ -756,6 +756,21 @@ class FileStorage:
                     os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
             except (OSError, PiecedError):
                 continue
+
+    def resident(self, segments: Sequence[Segment]) -> bool:
+        """Whether the first stored byte of ``segments`` is in the page cache, which a
+        recheck takes for the whole range: warm data is read in large batches, cold data
+        in small ones (see ``verify.COLD_BATCH_BYTES``). Taken as warm where the file
+        system cannot say (no RWF_NOWAIT), and as cold where the file cannot be opened
+        (its reads say why)."""
+        seg = next((s for s in segments if s.stored and s.length), None)
+        if seg is None or not self._nowait:
+            return True
+        try:
+            with self._fd(seg.file_index, False) as fd:
+                return self._resident(fd, seg.file_offset, bytearray(1))
+        except (OSError, PiecedError):
+            return False
 
     def _resident(self, fd: int, offset: int, probe: bytearray) -> bool:
         try:
@@ -1285,6 +1300,9 @@ class DisabledStorage(FileStorage):
 
     def advise(self, segments: Sequence[Segment]) -> None:
         return None
+
+    def resident(self, segments: Sequence[Segment]) -> bool:
+        return True  # nothing to read: large batches
 
     def sync(self, indices: Sequence[int] | None = None, force: bool = False) -> int:
         return 0

@@ -272,26 +272,21 @@ class MmapStorage(FileStorage):
     def _few_files(self, stored: Sequence[Segment]) -> bool:
         return len({seg.file_index for seg in stored}) <= self.VIEW_FILES
 
-    def views(self, segments: Sequence[Segment], warm_too: bool = True,
+    def views(self, segments: Sequence[Segment],
               ) -> tuple[list[Buffer], Callable[[], None]] | None:
         """The segments' bytes where they lie, in the files' maps, for a check to hash
-        without copying them out of the page cache; and the call that gives them back.
-        None (and nothing held) unless every file of them is mapped and every page of
-        them could be read in: the caller then reads them with pread, which reports
-        what went wrong. Pads are zeros.
+        without copying them out of the page cache (BLAKE3: see ``PreadReader.views``);
+        and the call that gives them back. None (and nothing held) unless every file of
+        them is mapped and every page of them could be read in: the caller then reads
+        them with pread, which reports what went wrong. Pads are zeros.
 
         Hashed through a map, a page the kernel cannot read in, or one of a file cut
         short, is SIGBUS, which kills the daemon: the pages are read in first
         (MADV_POPULATE_READ, which says EFAULT instead), and a mapped file is leased, so
         that no other program truncates it while its views are out (a lease break waits
-        for them: the hashing of a check's batch, 16 MiB at most, milliseconds).
-
-        ``warm_too``: also when the bytes are in the page cache already. SHA-1 reads
-        pages of the page cache slower than the copy pread makes of them (a warm full
-        check of 2 GiB took 0.87 s in place against 0.68 s read); BLAKE3 faster (0.26
-        against 0.32 s); and read from the disk, both are faster in place (the copy of
-        fresh pages was most of a cold check's CPU). Pages are unmapped again once
-        hashed: they stay in the page cache, and out of the daemon's memory."""
+        for them: the hashing of a check's batch, 16 MiB at most, milliseconds). Pages
+        are unmapped again once hashed: they stay in the page cache, and out of the
+        daemon's memory."""
         if not _populates:
             return None
         stored = [seg for seg in segments if seg.stored and seg.length]
@@ -301,16 +296,6 @@ class MmapStorage(FileStorage):
             if seg.file_index not in self._maps:
                 with contextlib.suppress(OSError, PiecedError):
                     self._map(seg.file_index, False)
-        if not warm_too and stored and self._nowait:
-            with self._map_lock:
-                entry = self._maps.get(stored[0].file_index)
-                fd = os.dup(entry[0]) if entry is not None else -1  # (a dup keeps the lease)
-            if fd >= 0:
-                try:
-                    if self._resident(fd, stored[0].file_offset, bytearray(1)):
-                        return None  # warm: read
-                finally:
-                    os.close(fd)
         out: list[Buffer] = []
         taken: list[tuple[int, mmap.mmap, int, int]] = []
         given = False
@@ -499,6 +484,30 @@ class MmapStorage(FileStorage):
             return self._pread_fd(fd, seg, dst, nowait, whole)
         finally:
             os.close(fd)
+
+    def _mapped_resident(self, seg: Segment) -> bool | None:
+        """Whether the segment's first byte is in the page cache, asked through the
+        file's map (None if it has none): a descriptor opened beside the map would
+        break its lease."""
+        with self._map_lock:
+            entry = self._maps.get(seg.file_index)
+            fd = os.dup(entry[0]) if entry is not None else -1  # (a dup keeps the lease)
+        if fd < 0:
+            return None
+        try:
+            return self._resident(fd, seg.file_offset, bytearray(1))
+        finally:
+            os.close(fd)
+
+    def resident(self, segments: Sequence[Segment]) -> bool:
+        stored = [seg for seg in segments if seg.stored and seg.length]
+        if not stored or not self._nowait:
+            return True
+        if self._few_files(stored) and stored[0].file_index not in self._maps:
+            with contextlib.suppress(OSError, PiecedError):  # (mapped as advise maps it)
+                self._map(stored[0].file_index, False)
+        seen = self._mapped_resident(stored[0])
+        return super().resident(stored) if seen is None else seen
 
     def advise(self, segments: Sequence[Segment]) -> None:
         # Through the map, made first where it can be: an open of the file beside it

@@ -32,6 +32,7 @@ from pieced.storage.metainfo import Metainfo, parse
 from pieced.storage.paths import Beneath
 
 from tests.conftest import STORES_NOTHING
+from tests.pagecache import drop
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 
 BLOCK = 16384
@@ -879,14 +880,7 @@ def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
         q = src.meta.num_pieces - 1
         qsize = src.layout.piece_size(q)
         assert isinstance(dio.pool.get((t.id, q), volatile=True), ResidentPiece)
-        for root, _, names in os.walk(tmp_path / "dl"):
-            for name in names:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+        drop(tmp_path / "dl")
         before = dio.stats()
         assert bytes(dio.read_chunk_view(ih, q, 0, qsize)) == src.read(q, 0, qsize)
         after = dio.stats()

@@ -17,9 +17,13 @@ from typing import Any
 import pytest
 from pieced.storage import verify as verify_mod
 from pieced.storage.disk import DiskIO
-from pieced.storage.verify import STREAM_BYTES, ReadAhead
+from pieced.storage.hashing import HashPool
+from pieced.storage.layout import Layout
+from pieced.storage.metainfo import parse
+from pieced.storage.verify import STREAM_BYTES, FolderFiles, PreadReader, ReadAhead
 
 from tests.conftest import proc_bytes, run_threads, sparse_zero_torrent
+from tests.pagecache import drop
 from tests.realtools import corrupt, make_payload, make_torrent_lt
 
 # odd sizes: files start and end inside pages, pieces span files
@@ -266,3 +270,103 @@ def test_slots_are_given_back_when_the_readers_are_idle(tmp_path: Path,
         assert dio.recheck(ih, full=True).ok  # and they come back when needed
     finally:
         dio.close()
+
+
+@pytest.mark.backends(exclude={
+    "disabled": "stores nothing: there is no page cache to read from",
+    "direct": "reads past the page cache, ahead of the hashing itself (tested above)"})
+def test_a_cold_recheck_goes_in_small_batches_and_hashes_copies(tmp_path: Path,
+                                                                backend: str) -> None:
+    """Data not in the page cache is checked in batches of COLD_BATCH_BYTES (the two
+    hash workers then take neighbouring pieces, where the disk's reads come in), with
+    at least READ_AHEAD_BYTES asked ahead; data in it, in batches of BATCH_BYTES. SHA-1
+    hashes a copy of the pages even on mmap; BLAKE3 hashes them where they lie. Each
+    kind of check finds the piece corrupted on disk, and only that one."""
+    piece = 1024 * 1024
+    content = make_payload(tmp_path / "dl", {"a.bin": 30 * piece + 4321, "b/c.bin": 1,
+                                            "d.bin": 17 * piece}, seed=8)
+    raw = make_torrent_lt(content, piece, "v1")
+    dio = DiskIO(backend, roots=[tmp_path], cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        assert dio.recheck(ih, full=True).ok  # fingerprints taken
+        corrupt(tmp_path / "dl" / content.name / "d.bin", 5 * piece + 99)
+        bad = _piece_at(dio, ih, "d.bin", 5 * piece + 99)
+        t = dio._torrents[ih]
+        batches: list[int] = []  # bytes of each batch handed to the hash pool
+        real_submit = dio.hash_pool.submit
+
+        def submit(fn: Any, *args: Any) -> Any:
+            batches.append(sum(map(t.meta.piece_size, args[0])))
+            return real_submit(fn, *args)
+
+        viewed = []
+        real_views = t.storage.views
+
+        def views(segments: Any) -> Any:
+            viewed.append(segments)
+            return real_views(segments)
+
+        dio.hash_pool.submit = submit  # type: ignore[method-assign]
+        t.storage.views = views  # type: ignore[method-assign]
+        for full in (True, False):
+            assert drop(tmp_path / "dl") <= 0.01
+            batches.clear()
+            viewed.clear()
+            result = dio.recheck(ih, full=full)
+            assert [p for p, ok in enumerate(result.have) if not ok] == [bad]
+            assert result.failed_v1 == [bad]
+            print(f"full={full}: cold batches {[b // piece for b in batches]} MiB, "
+                  f"{len(viewed)} views")
+            assert max(batches) <= verify_mod.COLD_BATCH_BYTES, batches
+            assert len(batches) >= 48 * piece // verify_mod.COLD_BATCH_BYTES, batches
+            if full:
+                assert not viewed  # SHA-1: read, copied out
+            else:
+                assert bool(viewed) == (backend == "mmap")  # BLAKE3 in place where mapped
+        batches.clear()
+        assert dio.recheck(ih, full=True).failed_v1 == [bad]  # warm now
+        assert max(batches) == verify_mod.BATCH_BYTES, batches
+    finally:
+        dio.close()
+
+
+def test_a_cold_check_asks_for_what_it_reads_next_well_ahead(tmp_path: Path) -> None:
+    """``pieced verify``'s check of data not in the page cache: the read-ahead asked for
+    (POSIX_FADV_WILLNEED) runs up to READ_AHEAD_BYTES past the pieces being read. (At
+    its peak: the workers run ahead of the thread that asks, when it is slow to wake.)"""
+    piece = 1024 * 1024
+    content = make_payload(tmp_path / "dl", 160 * piece, seed=9)
+    meta = parse(make_torrent_lt(content, piece, "v1"))
+    files = FolderFiles(meta, tmp_path / "dl", Layout(meta))
+    lock = threading.Lock()
+    asked = [0]  # bytes asked for, from the start of the torrent
+    ahead: list[int] = []  # bytes asked for past each piece read, MiB
+    real_advise, real_read = files.advise, files.read
+    far = 160 * piece - verify_mod.READ_AHEAD_BYTES
+
+    def advise(first: int, size: int) -> None:
+        with lock:
+            asked[0] = max(asked[0], first * piece + size)
+        real_advise(first, size)
+
+    def read(p: int, begin: int, out: memoryview) -> None:
+        with lock:
+            if begin == 0 and (p + 1) * piece <= far:
+                ahead.append((asked[0] - (p + 1) * piece) // piece)
+        real_read(p, begin, out)
+
+    assert drop(tmp_path / "dl") <= 0.01
+    pool = HashPool(2)
+    try:
+        result = verify_mod.verify(meta, PreadReader(read, advise, resident=files.resident),
+                                   pool)
+    finally:
+        pool.shutdown()
+        files.close()
+    assert result.ok and result.num_pieces == 160
+    ahead.sort()
+    print(f"asked ahead of each read: {ahead[0]}-{ahead[-1]} MiB, "
+          f"median {ahead[len(ahead) // 2]} MiB")
+    want = (verify_mod.READ_AHEAD_BYTES - 2 * verify_mod.COLD_BATCH_BYTES) // piece
+    assert ahead[-1] >= want, ahead
