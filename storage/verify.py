@@ -836,14 +836,14 @@ def verify(
         keep = fingerprints is not None and ok1 is not False and ok2 is not False
         return (p, ok1, ok2, size, new if keep else None, False)
 
-    def batches() -> Iterator[tuple[Sequence[int], bool]]:
-        """Batches of pieces, and whether each is cold (see COLD_BATCH_BYTES), as the
-        page cache says when it is about to be asked for."""
+    def batches() -> Iterator[Sequence[int]]:
+        """Batches of pieces: smaller where the page cache does not hold the first (see
+        COLD_BATCH_BYTES), as it says just before the batch is asked for."""
         start = 0
         while start < len(todo):
             cold = todo[start] not in unreadable and reader.cold(todo[start])
             end = start + (per_cold if cold else per_batch)
-            yield todo[start:end], cold
+            yield todo[start:end]
             start = end
 
     def submit(batch: Sequence[int]) -> Future[list[Row]]:
@@ -864,11 +864,11 @@ def verify(
     try:
         while True:
             while len(pending) < window or ahead < READ_AHEAD_BYTES:
-                nxt = next(it, None)
-                if nxt is None:
+                batch = next(it, None)
+                if batch is None:
                     break
-                size = sum(map(meta.piece_size, nxt[0]))
-                pending.append((submit(nxt[0]), size))
+                size = sum(map(meta.piece_size, batch))
+                pending.append((submit(batch), size))
                 ahead += size
             if not pending:
                 break
