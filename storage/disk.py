@@ -1005,6 +1005,14 @@ class DiskIO:
             if exc.written:  # deleted under us (not a file never written): say so
                 self._record_error(t, exc, piece)
 
+        def seen_vanish_in(exc: FileVanished, segs: Sequence[Segment], first: int) -> None:
+            """A vanished file found by a look at ``segs``, from piece ``first`` on (a run
+            read at once, or a look that is not a read: the read-ahead advice, the page
+            cache probe, a view): told for the piece of its first segment there. After a
+            look, the piece's read fails it (the file is not there, or is shorter)."""
+            at = next((seg.buf_offset for seg in segs if seg.file_index == exc.file_index), 0)
+            seen_vanish(exc, first + at // t.layout.piece_length)
+
         def read(piece: int, begin: int, buf: memoryview) -> None:
             segs = t.layout.map(piece, begin, buf.nbytes)
             try:
@@ -1053,8 +1061,7 @@ class DiskIO:
             try:
                 t.storage.readinto(segs, buf)
             except FileVanished as exc:
-                at = next(seg.buf_offset for seg in segs if seg.file_index == exc.file_index)
-                seen_vanish(exc, first + at // t.layout.piece_length)
+                seen_vanish_in(exc, segs, first)
                 return False
             except (PiecedError, OSError):
                 return False
@@ -1065,18 +1072,31 @@ class DiskIO:
 
         known = bytes(t.fingerprints)
         def advise(piece: int, size: int) -> None:
-            t.storage.advise(t.layout.map_offset(piece * t.layout.piece_length, size))
+            segs = t.layout.map_offset(piece * t.layout.piece_length, size)
+            try:
+                t.storage.advise(segs)
+            except FileVanished as exc:  # (advice only: the rest of the range goes unasked)
+                seen_vanish_in(exc, segs, piece)
 
         def view(piece: int, begin: int, length: int) -> (
                 tuple[list[Buffer], Callable[[], None]] | None):
             segs = t.layout.map_offset(piece * t.layout.piece_length + begin, length)
-            seen = t.storage.views(segs)
+            try:
+                seen = t.storage.views(segs)
+            except FileVanished as exc:
+                seen_vanish_in(exc, segs, piece)
+                return None
             if seen is not None:
                 read_bytes.append(sum(seg.length for seg in segs if seg.stored))
             return seen
 
         def resident(piece: int) -> bool:
-            return t.storage.resident(t.layout.map(piece, 0, 1))
+            segs = t.layout.map(piece, 0, 1)
+            try:
+                return t.storage.resident(segs)
+            except FileVanished as exc:
+                seen_vanish_in(exc, segs, piece)
+                return False
 
         reader = PreadReader(read, advise, getattr(t.storage, "read_ahead", False),
                              view if t.storage.maps_files else None, read_span, resident)

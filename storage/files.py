@@ -754,6 +754,8 @@ class FileStorage:
                     if self._nowait and self._resident(fd, seg.file_offset, probe):
                         continue
                     os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
+            except FileVanished:
+                raise  # (see resident)
             except (OSError, PiecedError):
                 continue
 
@@ -762,13 +764,19 @@ class FileStorage:
         recheck takes for the whole range: warm data is read in large batches, cold data
         in small ones (see ``verify.COLD_BATCH_BYTES``). Taken as warm where the file
         system cannot say (no RWF_NOWAIT), and as cold where the file cannot be opened
-        (its reads say why)."""
+        (its reads say why).
+
+        A file found gone or cut short (FileVanished) is raised, here as in
+        :meth:`advise`: the storage forgets the file as it says so, so the read after
+        this would not say it, and the caller must (a recheck records it)."""
         seg = next((s for s in segments if s.stored and s.length), None)
         if seg is None or not self._nowait:
             return True
         try:
             with self._fd(seg.file_index, False) as fd:
                 return self._resident(fd, seg.file_offset, bytearray(1))
+        except FileVanished:
+            raise
         except (OSError, PiecedError):
             return False
 

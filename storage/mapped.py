@@ -294,8 +294,7 @@ class MmapStorage(FileStorage):
             return None  # many small files: read (a map each cost more, and evicted others)
         for seg in stored:  # mapped first, with nothing held (a map made may unmap another)
             if seg.file_index not in self._maps:
-                with contextlib.suppress(OSError, PiecedError):
-                    self._map(seg.file_index, False)
+                self._try_map(seg.file_index)
         out: list[Buffer] = []
         taken: list[tuple[int, mmap.mmap, int, int]] = []
         given = False
@@ -485,6 +484,18 @@ class MmapStorage(FileStorage):
         finally:
             os.close(fd)
 
+    def _try_map(self, index: int) -> None:
+        """Map the file for a check where it can be; where it cannot, the read says why.
+        But a file found gone or cut short is raised (FileVanished): the storage forgets
+        it as it says so, and the read after this would not say it (see
+        ``FileStorage.resident``)."""
+        try:
+            self._map(index, False)
+        except FileVanished:
+            raise
+        except (OSError, PiecedError):
+            pass
+
     def _mapped_resident(self, seg: Segment) -> bool | None:
         """Whether the segment's first byte is in the page cache, asked through the
         file's map (None if it has none): a descriptor opened beside the map would
@@ -504,8 +515,7 @@ class MmapStorage(FileStorage):
         if not stored or not self._nowait:
             return True
         if self._few_files(stored) and stored[0].file_index not in self._maps:
-            with contextlib.suppress(OSError, PiecedError):  # (mapped as advise maps it)
-                self._map(stored[0].file_index, False)
+            self._try_map(stored[0].file_index)  # (as advise maps it)
         seen = self._mapped_resident(stored[0])
         return super().resident(stored) if seen is None else seen
 
@@ -524,8 +534,7 @@ class MmapStorage(FileStorage):
         few = self._few_files(stored)
         for seg in stored:
             if few and seg.file_index not in self._maps:
-                with contextlib.suppress(OSError, PiecedError):  # (the read says what)
-                    self._map(seg.file_index, False)
+                self._try_map(seg.file_index)
             with self._map_lock:
                 entry = self._maps.get(seg.file_index)
                 if entry is not None:
