@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from .errors import PathEscape, PiecedError, StorageIOError
-from .files import FileStorage
+from .files import FileStorage, FileVanished
 from .hashing import Buffer, sub_views
 from .layout import Segment
 from .sharedpool import SharedPool
@@ -245,8 +245,8 @@ class DirectStorage(FileStorage):
             raise self._vanished(seg.file_index, f"{self.file_path(seg.file_index)}: "
                                  "truncated behind pieced's back", gone=False)
 
-    def advise(self, segments: Sequence[Segment]) -> None:
-        return None  # read-ahead fills the page cache, which this backend does not use
+    def advise(self, segments: Sequence[Segment]) -> list[FileVanished]:
+        return []  # read-ahead fills the page cache, which this backend does not use
 
 
 def _aligned(buf: memoryview, align: int) -> bool:

@@ -1073,9 +1073,7 @@ class DiskIO:
         known = bytes(t.fingerprints)
         def advise(piece: int, size: int) -> None:
             segs = t.layout.map_offset(piece * t.layout.piece_length, size)
-            try:
-                t.storage.advise(segs)
-            except FileVanished as exc:  # (advice only: the rest of the range goes unasked)
+            for exc in t.storage.advise(segs):
                 seen_vanish_in(exc, segs, piece)
 
         def view(piece: int, begin: int, length: int) -> (

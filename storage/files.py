@@ -734,10 +734,11 @@ class FileStorage:
         them back; None where they are to be read (every backend but mmap)."""
         return None
 
-    def advise(self, segments: Sequence[Segment]) -> None:
+    def advise(self, segments: Sequence[Segment]) -> list[FileVanished]:
         """Start reading ``segments`` into the page cache (POSIX_FADV_WILLNEED): a
         recheck asks for the pieces it hashes next. Best effort: errors are the read's
-        to report.
+        to report, but for files found gone or cut short, returned for the caller to
+        tell (see :meth:`resident`).
 
         A segment whose first byte is in the page cache is taken to be there whole and
         left alone: for a range already read the kernel walks every page of it to find
@@ -746,6 +747,7 @@ class FileStorage:
         (Probing more bytes than the first made the next cold recheck slower: a probe
         of a page that is not there starts a read-ahead of its own from that page.)"""
         probe = bytearray(1)
+        vanished = []
         for seg in segments:
             if not seg.stored or not seg.length:
                 continue
@@ -754,10 +756,11 @@ class FileStorage:
                     if self._nowait and self._resident(fd, seg.file_offset, probe):
                         continue
                     os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
-            except FileVanished:
-                raise  # (see resident)
+            except FileVanished as exc:
+                vanished.append(exc)
             except (OSError, PiecedError):
                 continue
+        return vanished
 
     def resident(self, segments: Sequence[Segment]) -> bool:
         """Whether the first stored byte of ``segments`` is in the page cache, which a
@@ -1306,8 +1309,8 @@ class DisabledStorage(FileStorage):
     def absent_files(self) -> set[int]:
         return set()  # every read succeeds (zeros), whatever is on disk
 
-    def advise(self, segments: Sequence[Segment]) -> None:
-        return None
+    def advise(self, segments: Sequence[Segment]) -> list[FileVanished]:
+        return []
 
     def resident(self, segments: Sequence[Segment]) -> bool:
         return True  # nothing to read: large batches

@@ -519,7 +519,7 @@ class MmapStorage(FileStorage):
         seen = self._mapped_resident(stored[0])
         return super().resident(stored) if seen is None else seen
 
-    def advise(self, segments: Sequence[Segment]) -> None:
+    def advise(self, segments: Sequence[Segment]) -> list[FileVanished]:
         # Through the map, made first where it can be: an open of the file beside it
         # (the plain advice's) would break the lease of a map another thread makes
         # meanwhile, and the file be unmapped for the rest of the recheck. A segment
@@ -529,12 +529,17 @@ class MmapStorage(FileStorage):
         # A range over more files than a view takes is read, not viewed: its files are
         # not mapped for it (see VIEW_FILES).
         rest = []
+        vanished = []
         probe = bytearray(1)
         stored = [seg for seg in segments if seg.stored and seg.length]
         few = self._few_files(stored)
         for seg in stored:
             if few and seg.file_index not in self._maps:
-                self._try_map(seg.file_index)
+                try:
+                    self._try_map(seg.file_index)
+                except FileVanished as exc:
+                    vanished.append(exc)
+                    continue
             with self._map_lock:
                 entry = self._maps.get(seg.file_index)
                 if entry is not None:
@@ -545,7 +550,7 @@ class MmapStorage(FileStorage):
                              seg.file_offset + seg.length - start)
                     continue
             rest.append(seg)
-        super().advise(rest)
+        return vanished + super().advise(rest)
 
     def _datasync(self, index: int, synced_dev: int | None = None) -> None:
         with self._map_lock:

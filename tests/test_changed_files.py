@@ -789,33 +789,36 @@ def test_a_file_deleted_between_the_check_and_its_sync_fails_its_pieces_and_no_o
 @pytest.mark.parametrize("cold", [False, True], ids=["warm", "cold"])
 def test_a_recheck_reports_a_file_deleted_or_cut_short_behind_its_back(
         tmp_path: Path, backend: str, full: bool, change: str, cold: bool) -> None:
-    """A file the daemon wrote, deleted or cut short by another program: a recheck fails
-    its pieces and records the error, with the file's name (``status`` errors, as a
-    read that finds it so records it). The first to find the file so was the recheck's
-    read-ahead advice (or its page cache probe, or a view of the file on mmap), which
-    forgot the file as it found it and said nothing: the read after it only found a
+    """Files the daemon wrote, deleted or cut short by another program: a recheck fails
+    their pieces and records the error, with each file's name (``status`` errors, as a
+    read that finds a file so records it). The first to find them so was the recheck's
+    read-ahead advice (or its page cache probe, or a map made for a view on mmap), which
+    forgot each file as it found it and said nothing: the read after it only found a
     file never written, and no error was recorded."""
     from tests.pagecache import drop
 
     _, src, dio, ih = _downloaded(tmp_path, backend, "v1")
     try:
         t = dio.torrent(ih)
-        index = next(i for i, f in enumerate(t.meta.files) if f.path[-1] == "b.bin")
-        path = tmp_path / "dl" / src.meta.name / "dir" / "b.bin"
-        if change == "deleted":
-            path.unlink()
-        else:  # (another process: on mmap the file is leased, and its truncate waits)
-            subprocess.run([sys.executable, "-c", f"import os; os.truncate({str(path)!r}, "
-                            "50_000)"], check=True, timeout=30)
+        gone: set[int] = set()
+        for name in ("b.bin", "c.bin"):  # (both in the same batch, the same advice)
+            index = next(i for i, f in enumerate(t.meta.files) if f.path[-1] == name)
+            path = tmp_path / "dl" / src.meta.name / "dir" / name
+            pieces = set(t.layout.file_pieces(index))
+            if change == "deleted":
+                path.unlink()
+            else:  # (another process: on mmap the file is leased, and its truncate waits)
+                subprocess.run([sys.executable, "-c", f"import os; os.truncate("
+                                f"{str(path)!r}, 50_000)"], check=True, timeout=30)
+                cut = t.meta.files[index].offset + 50_000
+                pieces = {p for p in pieces if (p + 1) * PIECE > cut}
+            gone |= pieces
         if cold:
             assert drop(tmp_path / "dl") <= 0.01
         r = dio.recheck(ih, full=full)
-        gone = set(t.layout.file_pieces(index))
-        if change == "truncated":  # (the pieces wholly before the cut are still good)
-            gone = {p for p in gone if (p + 1) * PIECE > t.meta.files[index].offset + 50_000}
         assert {p for p, ok in enumerate(r.have) if not ok} == gone
         errors = dio.status(ih)["errors"]
-        assert any("b.bin" in e["message"] and e["piece"] in t.layout.file_pieces(index)
-                   for e in errors), errors
+        for name in ("b.bin", "c.bin"):
+            assert any(name in e["message"] for e in errors), (name, errors)
     finally:
         dio.close()
