@@ -769,9 +769,9 @@ class FileStorage:
         system cannot say (no RWF_NOWAIT), and as cold where the file cannot be opened
         (its reads say why).
 
-        A file found gone or cut short (FileVanished) is raised, here as in
-        :meth:`advise`: the storage forgets the file as it says so, so the read after
-        this would not say it, and the caller must (a recheck records it)."""
+        A file found gone or cut short (FileVanished) is raised (:meth:`advise` returns
+        them): the storage forgets the file as it says so, so the read after this would
+        not say it, and the caller must (a recheck records it)."""
         seg = next((s for s in segments if s.stored and s.length), None)
         if seg is None or not self._nowait:
             return True
