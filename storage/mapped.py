@@ -514,8 +514,8 @@ class MmapStorage(FileStorage):
         stored = [seg for seg in segments if seg.stored and seg.length]
         if not stored or not self._nowait:
             return True
-        if self._few_files(stored) and stored[0].file_index not in self._maps:
-            self._try_map(stored[0].file_index)  # (as advise maps it)
+        if stored[0].file_index not in self._maps:
+            self._try_map(stored[0].file_index)  # (as advise maps it; one file)
         seen = self._mapped_resident(stored[0])
         return super().resident(stored) if seen is None else seen
 
