@@ -1187,6 +1187,7 @@ class _BlockWrite:
 
     __slots__ = ("begin", "conn", "flags", "ih", "length", "piece", "rid", "token")
     long = False
+    shared = False  # its bytes are in memory the client can write (see write_blocks_direct)
 
     def __init__(self, conn: Connection, frame: Frame) -> None:
         self.conn = conn
@@ -1217,7 +1218,7 @@ class _BlockWrite:
             disk = self.conn.disk
             disk.write_blocks_direct(self.ih, self.piece, self.begin, self.bufs([self]),
                                      max(1, -(-self.length // BLOCK_SIZE)),
-                                     writer=self.conn.serial)
+                                     writer=self.conn.serial, shared=self.shared)
             if self.flags & FLAG_FLUSH:
                 disk.flush_piece(self.ih, self.piece)
             return [encode_ack(self.rid)], self.token
@@ -1229,6 +1230,7 @@ class _RingWrite(_BlockWrite):
     """A WRITE_RING: the block is in the client's shared ring."""
 
     __slots__ = ("offset",)
+    shared = True
 
     def __init__(self, conn: Connection, frame: Frame) -> None:
         super().__init__(conn, frame)
@@ -1290,7 +1292,7 @@ class _WriteRun:
                 disk.write_blocks_direct(
                     first.ih, first.piece, first.begin, first.bufs(self.writes),
                     sum(-(-w.length // BLOCK_SIZE) for w in self.writes),
-                    writer=first.conn.serial)
+                    writer=first.conn.serial, shared=first.shared)
         except Exception as exc:
             if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
                 log.exception("merged write failed; retrying its blocks one by one")

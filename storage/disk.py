@@ -113,6 +113,29 @@ PARTIAL_FLOOR = 64  # pieces in progress any torrent may have, whatever the othe
 # it the hand-over (tens of microseconds) would cost more than it saves.
 ASIDE_BYTES = 128 * 1024
 
+# Bytes of another process's memory (a client's shared ring) copied before a write reads
+# them (see ``write_blocks_direct``): each writing thread keeps a buffer of up to this
+# size for it; a longer run gets one of its own for the call.
+SNAPSHOT_KEEP = 4 * 1024 * 1024
+_snapshots = threading.local()
+
+
+def _snapshot(bufs: Sequence[Buffer], length: int) -> memoryview:
+    """``bufs`` copied, once, into memory of this thread's: what is then written and
+    what is hashed are the same bytes, whatever the memory they came from does
+    meanwhile. Valid until the thread's next call."""
+    buf: memoryview | None = getattr(_snapshots, "buf", None)
+    if buf is None or buf.nbytes < length:
+        buf = memoryview(bytearray(max(length, BLOCK_SIZE)))
+        if length <= SNAPSHOT_KEEP:
+            _snapshots.buf = buf
+    pos = 0
+    for b in bufs:
+        v = b if type(b) is memoryview else memoryview(b)
+        buf[pos : pos + v.nbytes] = v
+        pos += v.nbytes
+    return buf[:pos]
+
 
 @dataclass(frozen=True, slots=True)
 class PieceResult:
@@ -1351,17 +1374,26 @@ class DiskIO:
 
     def write_blocks_direct(
         self, ih: bytes, piece: int, begin: int, bufs: Sequence[Buffer], blocks: int,
-        length: int | None = None, writer: int = 0,
+        length: int | None = None, writer: int = 0, shared: bool = False,
     ) -> PieceResult | None:
         """``write_block_direct`` of a run of ``blocks`` adjacent blocks of one piece,
         given as any number of slices (``length`` bytes in all, when the caller knows):
         still one pwritev and one pass of the hashers. The daemon merges the ring writes
         a client sent back to back into one of these.
+
+        ``shared``: the slices are memory that another process may write meanwhile (a
+        client's ring). They are then read once, into a copy that is written and hashed:
+        read twice (by the write, then by the hashers), bytes changed between the two
+        reads would be stored while others passed the hash, and the piece reported
+        verified over bytes that never did. A backend that gathers writes copies them
+        into its piece buffer anyway, and writes and hashes that.
         """
         t = self._get(ih)
         if length is None:
             length = sum(memoryview(b).nbytes for b in bufs)
         _check_write(t, piece, begin, length)
+        if shared and not t.storage.gathers_writes:
+            bufs = (_snapshot(bufs, length),)
         if not t.fence.acquire_shared():
             raise UnknownTorrent(f"unknown info_hash {bytes(ih).hex()}")
         try:

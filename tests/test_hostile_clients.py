@@ -809,3 +809,72 @@ def test_reads_of_a_client_that_hung_up_are_not_carried_out(tmp_path: Path) -> N
             assert spent < 1.0 and waited < 1.0, (spent, waited)
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+# A process that turns the whole of a ring (descriptor ``argv[1]``, ``argv[2]`` bytes)
+# back and forth between two contents, as fast as it can, until killed.
+_FLIPPER = """
+import mmap, sys
+fd, size = int(sys.argv[1]), int(sys.argv[2])
+view = memoryview(mmap.mmap(fd, size))
+good = open(sys.argv[3], "rb").read()
+good = good * (size // len(good))
+bad = bytes(b ^ 0x5A for b in good)
+print("flipping", flush=True)
+while True:
+    view[:] = bad
+    view[:] = good
+"""
+
+
+@pytest.mark.parametrize(("backend", "kind"), [
+    ("posix", "v1"), ("posix", "hybrid"), ("mmap", "v1"), ("uring", "hybrid"),
+    ("direct", "v1")])
+def test_a_client_rewriting_its_ring_under_a_write_never_gets_wrong_bytes_verified(
+        tmp_path: Path, backend: str, kind: str) -> None:
+    """The shared ring stays writable by its client while the daemon carries a WRITE_RING
+    out. A client (buggy or hostile) that rewrites the block meanwhile must not get
+    bytes on disk other than the ones the daemon hashed: a piece reported verified
+    would be wrong on disk, and served as good to everyone. Here every piece of the
+    torrent is the same block, and another process turns the whole ring from that
+    block to other bytes and back without a pause while the writes go on: each piece
+    may pass or fail, but one that passes holds the block on disk."""
+    import subprocess
+    import sys
+
+    block = random.Random(7).randbytes(16384)
+    n = 1500
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "same.bin").write_bytes(block * n)
+    (tmp_path / "block").write_bytes(block)
+    raw = make_torrent_lt(src / "same.bin", 16384, kind)  # type: ignore[arg-type]
+    d = Daemon(tmp_path, backend=backend)
+    save = tmp_path / "save"
+    save.mkdir()
+    ring = 1 << 20
+    with Client(d.socket) as c:
+        ih = c.register(raw, save_path=str(save))
+        c.attach_ring(ring)
+        shm = c.core.shm
+        assert shm is not None
+        flipper = subprocess.Popen(
+            [sys.executable, "-c", _FLIPPER, str(shm.fd), str(ring), str(tmp_path / "block")],
+            pass_fds=[shm.fd], stdout=subprocess.PIPE, text=True)
+        try:
+            assert flipper.stdout is not None and flipper.stdout.readline() == "flipping\n"
+            for p in range(n):
+                c.write_block_direct(ih, p, 0, block)
+            c.flush_all()
+        finally:
+            flipper.kill()
+            flipper.wait()
+        wait_for(lambda: not any(c.status(ih, files=False)[k] for k in (
+            "partial_pieces", "hashing_pieces", "committing_pieces")))
+        st = c.status(ih, files=False)
+    have = [p for p in range(n) if st["have"][p >> 3] & (0x80 >> (p & 7))]
+    data = (save / "same.bin").read_bytes() if have else b""
+    wrong = [p for p in have if data[p * 16384 : (p + 1) * 16384] != block]
+    assert not wrong, f"{len(wrong)} of {len(have)} verified pieces are wrong on disk: {wrong[:10]}"
+    assert 0 < len(have) < n, len(have)  # (both kinds of outcome came: the race ran)
+    _stops_cleanly(d)
