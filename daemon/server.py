@@ -700,7 +700,7 @@ class Connection:
                     raise BadRequest(f"reads are limited to {limit} bytes")
                 data = self.disk.read_chunk_view(frame.info_hash, frame.piece, frame.begin,
                                             frame.length, volatile=bool(frame.flags & FLAG_VOLATILE))
-                return [encode_data_header(rid, len(data)), memoryview(data)], None
+                return [encode_data_header(rid, len(data)), _reply_bytes(data)], None
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
 
@@ -1176,6 +1176,22 @@ class _Job:
 
     def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
         return _run_guarded(self.rid, self.token, self.fn)
+
+
+def _reply_bytes(data: Buffer) -> memoryview:
+    """A DATA reply's bytes, holding no more memory than they count. The read gives a
+    view of the buffer it read the piece into (the cache's), and a reply waiting to be
+    sent counts only its own bytes against the client's buffer: a view of 16 KiB kept a
+    16 MiB piece alive after the cache had let it go, and a client that did not read its
+    replies held a piece a READ. A view of less than half of its buffer is copied."""
+    view = memoryview(data)
+    owner = view.obj
+    if owner is None or owner is data:
+        return view
+    with memoryview(owner) as whole:
+        if whole.nbytes <= 2 * view.nbytes:
+            return view
+    return memoryview(bytes(view))
 
 
 # -- ring writes, one at a time or merged (worker threads) ----------------------------------

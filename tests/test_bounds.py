@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from pieced.protocol.client import Client
-from pieced.protocol.frames import FrameType, encode_write_header
+from pieced.protocol.frames import FrameType, encode_read, encode_write_header
 from pieced.protocol.messages import encode_request
 
 from tests.conftest import (
@@ -824,6 +824,53 @@ def test_the_replies_a_client_leaves_unread_are_bounded_in_memory_not_only_in_by
     print(f"{sent // len(one)} one-byte WRITEs unread: the daemon's peak grew "
           f"{grown / 2**20:.1f} MiB with {buffer / 2**20:.0f} MiB buffers")
     assert grown < 4 * buffer, f"{grown / 2**20:.1f} MiB"
+
+
+def test_unread_replies_of_small_reads_do_not_hold_whole_pieces(
+        tmp_path: Path, backend: str) -> None:
+    """A client READs 16 KiB of each of sixteen 16 MiB pieces in turn (more than the
+    64 MiB budget caches) and reads none of the replies. A reply counts 16 KiB against
+    the client's buffer; it was a view of the whole piece read into the cache for it,
+    which the cache soon evicted but the reply kept: 40 such replies held 640 MiB
+    (2.3 GiB with 150 one-byte reads). A small read of a large buffer is now copied
+    out of it."""
+    piece, pieces, reads = 16 * 1024 * 1024, 16, 40
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", piece, pieces)
+    buffer = 4 * 1024 * 1024
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(64 * 1024 * 1024),
+                              "PIECED_CLIENT_BUFFER_BYTES": str(buffer)}, backend=backend)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            assert c.recheck(ih)["verified"] == pieces
+            with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
+                f.write("5")  # the peak from here on
+            base = proc_bytes(d.proc.pid, "VmHWM")
+            asked = c.stats()
+            slow = RawConn(d.socket)
+            for i in range(reads):
+                slow.sock.sendall(encode_read(i + 1, ih, i % pieces, 0, 16384))
+            deadline = time.monotonic() + 60
+            while True:  # until all were read (the replies wait, unread)
+                now = c.stats()
+                if (now["cache_hits"] + now["cache_misses"]
+                        - asked["cache_hits"] - asked["cache_misses"]) >= reads:
+                    break
+                assert time.monotonic() < deadline, now
+                time.sleep(0.05)
+            time.sleep(0.2)
+            grown = proc_bytes(d.proc.pid, "VmHWM") - base
+            got = slow.replies(reads)
+            assert [f.id for f in got] == list(range(1, reads + 1))
+            assert all(f.type == FrameType.DATA and bytes(f.payload[0]) == bytes(16384)
+                       for f in got)
+            slow.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
+    print(f"{reads} unread 16 KiB reads of 16 MiB pieces: the daemon's peak grew "
+          f"{grown / 2**20:.1f} MiB")
+    # The budget, and the pieces being read (80.6 MiB here): not one piece per reply.
+    assert grown < 64 * 1024 * 1024 + 2 * piece, f"{grown / 2**20:.1f} MiB"
 
 
 def test_small_frames_reuse_the_start_of_the_receive_ring() -> None:
