@@ -73,7 +73,7 @@ from .layout import Segment
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, V2Piece, parse
-from .paths import SaveFolderGone, anchor_of
+from .paths import SaveFolderGone, anchor_of, remove_folder
 from .resume import (
     REC_CLEARED,
     REC_VERIFIED,
@@ -283,10 +283,11 @@ class DiskIO:
                     others = list(self._making)  # registers under way, ours among them
                     others.remove(path)
                     used.update(others)
+                    anchor = anchor_of(path, self.roots)
                     for folder in new_folders:
                         if not any(u == folder or u.is_relative_to(folder) for u in used):
-                            with contextlib.suppress(OSError):
-                                folder.rmdir()  # (only if empty)
+                            with contextlib.suppress(OSError, PiecedError):
+                                remove_folder(folder, anchor)  # (only if empty)
                     raise
                 for alias in meta.aliases:
                     self._torrents[alias] = t
@@ -628,7 +629,13 @@ class DiskIO:
             raise PathEscape("save path contains a NUL byte")
         if not path.is_absolute():
             path = Path.cwd() / path
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except OSError as exc:  # (a folder swapped for a symlink while it was read)
+            raise StorageIOError.wrap(exc, f"save path {path}") from None
+        except RuntimeError:  # (pathlib's word for a symlink loop)
+            raise StorageIOError(f"save path {path}: a loop of symlinks",
+                                 errno=errno.ELOOP) from None
         anchor_of(resolved, self.roots)
         return resolved
 

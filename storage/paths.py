@@ -360,7 +360,7 @@ class Beneath:
                         # folder's lock waits for a rename in it to finish; name and
                         # count are then looked at again (both looks must pass: a swapper
                         # would have to catch that moment twice, a rename apart).
-                        _wait_for_renames(dfd)
+                        _wait_for_renames(dfd, name)
                         st = os.fstat(fd)
                         why = _refusal(st, os.stat(name, dir_fd=dfd, follow_symlinks=False),
                                        False)
@@ -472,20 +472,31 @@ def _refusal(st: os.stat_result, named: os.stat_result, allow_hard_links: bool) 
     return ""
 
 
-_NOT_THERE = ".pieced-never-there"
-
-
-def _wait_for_renames(dfd: int) -> None:
-    """Return once a rename or unlink under way in the folder has finished: the unlink
-    of a name that is not there takes the folder's lock (and fails). A read-only file
-    system refuses it before, and renames nothing either."""
+def _wait_for_renames(dfd: int, name: str) -> None:
+    """Return once a rename or unlink under way in the folder has finished: a rename of
+    ``name`` onto itself takes the folder's lock, then does nothing (POSIX: same file,
+    no change; the folder's times stay). A read-only file system refuses it before,
+    and renames nothing either. (The unlink of a name taken never to be there did the
+    same, and deleted the file of that name that a torrent or its user had.)"""
     try:
-        os.unlink(_NOT_THERE, dir_fd=dfd)
+        os.rename(name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except FileNotFoundError:
-        pass
+        pass  # gone meanwhile: the looks that follow refuse it
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
+
+
+def remove_folder(path: Path, anchor: Path) -> None:
+    """Remove the empty folder ``path``, reached from ``anchor`` one component at a
+    time, never through a symlink: OSError (or PathEscape) where it cannot be. By its
+    name, a parent folder swapped for a symlink meanwhile made it remove a folder of
+    the same name elsewhere."""
+    dfd = open_folder(path.parent, anchor, False)
+    try:
+        os.rmdir(path.name, dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 def open_folder(path: Path, anchor: Path, create: bool) -> int:

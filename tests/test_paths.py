@@ -611,3 +611,88 @@ def test_a_fifo_in_a_files_place_is_named_as_such_on_direct(
     os.mkfifo(dl / "payload" / "a.bin")
     with pytest.raises(PiecedError, match="not a regular file"):
         dio.hash_piece(ih, 0)
+
+
+@OPENS_NO_PATH
+def test_a_payload_file_of_any_name_is_kept(tmp_path: Path, backend: str) -> None:
+    """A payload file named ``.pieced-never-there``: each open of a payload file used to
+    unlink that name in the file's folder (to wait for renames under way there), so a
+    recheck deleted the torrent's own file, and failed its pieces every time."""
+    content = make_payload(tmp_path / "src", {"x/.pieced-never-there": 40_000,
+                                              "x/data.bin": 60_000}, seed=21)
+    raw = make_torrent_lt(content, 16384, "v1")
+    dio = DiskIO(backend, roots=[tmp_path])
+    try:
+        ih = dio.register(raw, tmp_path / "src")
+        for _ in range(2):
+            r = dio.recheck(ih, full=True)
+            assert r.ok, (r.failed_v1, r.failed_v2)
+        assert (content / "x" / ".pieced-never-there").stat().st_size == 40_000
+    finally:
+        dio.close()
+
+
+def test_a_save_path_in_a_loop_of_symlinks_is_refused_with_its_errno(tmp_path: Path) -> None:
+    """Python names a loop of symlinks met while resolving a path with a RuntimeError,
+    which register and move_storage let through: "internal error", logged as a bug."""
+    content = make_payload(tmp_path / "src", {"a.bin": 20_000}, seed=22)
+    raw = make_torrent_lt(content, 16384, "v1")
+    (tmp_path / "loop").symlink_to("loop")
+    dio = DiskIO("posix", roots=[tmp_path])
+    try:
+        with pytest.raises(StorageIOError, match="loop") as got:
+            dio.register(raw, tmp_path / "loop" / "dl")
+        assert got.value.errno == errno.ELOOP
+        ih = dio.register(raw, tmp_path / "src")
+        with pytest.raises(StorageIOError, match="loop"):
+            dio.move_storage(ih, tmp_path / "loop")
+        assert dio.recheck(ih).ok
+    finally:
+        dio.close()
+
+
+def test_a_refused_register_removes_the_folders_it_made_never_through_a_symlink(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two registers of one torrent race; the loser removes the empty folders it made
+    for its save path. It removed them by name: a parent swapped meanwhile for a
+    symlink to a folder outside the roots made it remove the folders of the same names
+    there. (The moment is made here by hand: the other register wins, and the parent is
+    swapped, while the loser makes its folders.)"""
+    import threading
+
+    import pieced.storage.disk as disk
+
+    content = make_payload(tmp_path / "src", {"a.bin": 20_000}, seed=23)
+    raw = make_torrent_lt(content, 16384, "v1")
+    roots = tmp_path / "roots"
+    (roots / "y").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    (outside / "n" / "pB").mkdir(parents=True)  # empty, as the loser's would be
+    dio = DiskIO("posix", roots=[roots])
+    made = disk.make_storage
+
+    def slow_make(*args, **kwargs):  # type: ignore[no-untyped-def]
+        storage = made(*args, **kwargs)
+        if "pB" in str(args[2]):
+            root = storage.root.root
+
+            def then_swap(create: bool = False) -> int:
+                fd = root(create)  # root/y/n/pB made (walked, no symlink)
+                t = threading.Thread(target=dio.register, args=(raw, roots / "x" / "pA"))
+                t.start()
+                t.join()  # the other register wins meanwhile
+                (roots / "y").rename(roots / "y.real")
+                (roots / "y").symlink_to(outside)
+                return fd
+
+            storage.root.root = then_swap
+        return storage
+
+    monkeypatch.setattr(disk, "make_storage", slow_make)
+    try:
+        with pytest.raises(PiecedError, match="already"):
+            dio.register(raw, roots / "y" / "n" / "pB")
+        assert (outside / "n" / "pB").is_dir()  # outside: left alone
+        assert (roots / "y.real" / "n" / "pB").is_dir()  # (unreachable now: left)
+    finally:
+        dio.close()
