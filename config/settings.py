@@ -56,6 +56,12 @@ class Settings:
     log_level: str = "info"
     log_file: str = "var/pieced.log"
 
+    def metainfo_limits(self) -> dict[str, int]:
+        """The limits on a .torrent, as ``parse`` takes them: the daemon's, and those of
+        ``pieced verify``, which must take whatever the daemon takes."""
+        return {"max_bytes": self.max_metainfo_bytes, "max_files": self.max_files,
+                "max_pieces": self.max_pieces, "max_piece_length": self.max_piece_length}
+
     def resolved(self, base: Path | None = None) -> Settings:
         """Relative paths are taken from ``base`` (the folder the daemon started in).
         An empty ``log_file`` stays empty: the log goes to stderr only."""

@@ -57,14 +57,20 @@ class ProgressBar:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pieced.storage.errors import PiecedError
+    from pieced.config.settings import load
+    from pieced.storage.errors import ConfigError, PiecedError
     from pieced.storage.hashing import HashPool
     from pieced.storage.layout import Layout
     from pieced.storage.metainfo import parse, read_metainfo
     from pieced.storage.verify import FolderFiles, Unreadable, verify
 
+    try:  # the daemon's limits on a .torrent: what it takes, this checks
+        limits = load(Path(args.config) if args.config else None).metainfo_limits()
+    except ConfigError as exc:
+        print(f"pieced verify: configuration error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        meta = parse(read_metainfo(args.torrent))
+        meta = parse(read_metainfo(args.torrent, limits["max_bytes"]), **limits)
     except OSError as exc:
         print(f"pieced verify: cannot read {args.torrent}: {exc.strerror or exc}",
               file=sys.stderr)
@@ -333,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--threads", type=positive_int, default=None,
                    help="hashing threads (default: cores)")
+    v.add_argument("--config", default=os.environ.get("PIECED_CONFIG"),
+                   help="the daemon's TOML file, for its limits on a .torrent (max_pieces, "
+                        "max_piece_length, ...; PIECED_* variables too)")
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("run", help="run the daemon in the foreground")

@@ -100,12 +100,7 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
         on_piece=observer.piece if observer is not None else None,
         on_error=observer.disk_error if observer is not None else None,
         on_change=observer.changed if observer is not None else None,
-        metainfo_limits={
-            "max_bytes": settings.max_metainfo_bytes,
-            "max_files": settings.max_files,
-            "max_pieces": settings.max_pieces,
-            "max_piece_length": settings.max_piece_length,
-        },
+        metainfo_limits=settings.metainfo_limits(),
     )
 
 

@@ -365,3 +365,36 @@ def test_a_hybrid_without_piece_layers_says_which_pieces_v2_did_not_check(
     corrupt(content / "a.bin", 5)
     code, report, _ = run_verify(bare, save, tmp_path)
     assert code == 1 and report["failed_v1"] == [unchecked[0]] and report["failed_v2"] == []
+
+
+def test_verify_takes_the_limits_the_daemon_is_given(tmp_path: Path) -> None:
+    """A daemon given a larger max_piece_length (or max_pieces...) registers a torrent
+    of 128 MiB pieces; ``pieced verify`` kept its built-in limits and refused the same
+    .torrent (exit 2). It now reads them as the daemon does: from its config file
+    (``--config``, or $PIECED_CONFIG) and the PIECED_* variables."""
+    import os
+
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 128 << 20, 2)
+    t = tmp_path / "big.torrent"
+    t.write_bytes(raw)
+    cmd = [sys.executable, "-m", "pieced.daemon.cli", "verify", str(t), "--data",
+           str(tmp_path / "dl"), "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIECED_")}
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "over the limit" in refused.stderr, refused.stderr
+    for how in ("env", "file"):
+        if how == "env":
+            run_env = {**env, "PIECED_MAX_PIECE_LENGTH": str(256 << 20)}
+            extra: list[str] = []
+        else:
+            (tmp_path / "pieced.toml").write_text(f"max_piece_length = {256 << 20}\n")
+            run_env, extra = env, ["--config", str(tmp_path / "pieced.toml")]
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True, env=run_env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["num_pieces"] == 2 and out["failed_v1"] == [] and out["ok"]
+    (tmp_path / "bad.toml").write_text("max_piece_lenght = 1\n")
+    bad = subprocess.run([*cmd, "--config", str(tmp_path / "bad.toml")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "max_piece_lenght" in bad.stderr, bad.stderr
