@@ -165,6 +165,9 @@ ERROR_EVENT_INTERVAL = 1.0  # seconds between two on_error calls of one torrent 
 # a torrent of many pieces waits longer, its record being bigger.
 COMPACT_RECORDS = 4096
 MAX_CACHED_READ = 16 * 1024 * 1024  # see DiskIO._cacheable
+# Pieces being read whole into the cache at once, in bytes: this share of the budget (and
+# always one piece). A read that finds no room reads its range alone.
+FILLING_SHARE = 8
 Pending = tuple[PieceResult, bytes]  # a committing piece's result and fingerprint
 
 
@@ -227,6 +230,12 @@ class DiskIO:
         self._shared_writes = threading.Lock()  # writes into files torrents share (_store)
         # The largest piece a read brings whole into the cache (the rest are read by range).
         self._cacheable = min(MAX_CACHED_READ, cache_bytes // 4)
+        # Bytes of pieces being read whole into the cache (see _fill_room).
+        self._filling = 0
+        self._filling_limit = cache_bytes // FILLING_SHARE
+        self._filling_lock = threading.Lock()
+        # Whole-piece hash_piece / hash_piece_v2 at once (see _hash_as_it_stands).
+        self._hashing_alone = threading.BoundedSemaphore(max(2, self.hash_pool.workers))
         self._lock = threading.Lock()
         self._making: list[Path] = []  # save paths of registers under way (under _lock)
         self._torrents: dict[bytes, Torrent] = {}
@@ -2096,33 +2105,58 @@ class DiskIO:
         epoch = t.epoch[piece]  # what is read below is cached only if this does not move
         cached = self.pool.get(key, volatile)
         spare: bytearray | None = None  # a buffer taken for the piece, for the miss below
-        if cached is not None:
-            if not volatile and isinstance(cached, ResidentPiece) and cached.size <= self._cacheable:
-                # The first read of a piece written straight to its file: all of it comes
-                # into the cache from the page cache (never from the disk), into a buffer
-                # used again, so that the reads of its other blocks are hits instead of
-                # one more fresh buffer and one more read each.
-                spare = self.pool.recycler.take(cached.size)
-                if self._read_resident(t, piece, 0, spare):
-                    cached = PieceData.whole(spare)
-                    self._cache_read(t, piece, epoch, cached)
-                    spare = None
-            hit = cached.read(begin, length) if spare is None else None
-            if hit is not None:
-                self.metrics.add("cache_hits")
-                return hit
-            self.pool.drop(key)  # the page cache let it go: read it the usual way
-        self.metrics.add("cache_misses")
-        size = t.layout.piece_size(piece)
-        if volatile or t.state[piece] < COMMITTING or size > self._cacheable:
-            # Only a verified piece is cached: a copy of one still arriving would be stale
-            # at once. Nor is one too big for the budget: a read of 16 bytes then costs 16.
-            return self._read_range(t, piece, begin, length)
-        if spare is None or len(spare) != size:
-            spare = self.pool.recycler.take(size)
-        data = self._read_range(t, piece, 0, size, spare)
-        self._cache_read(t, piece, epoch, PieceData.whole(data))
-        return memoryview(data)[begin : begin + length]
+        held = 0  # bytes of room taken to read the piece whole (_fill_room)
+        try:
+            if cached is not None:
+                if (not volatile and isinstance(cached, ResidentPiece)
+                        and cached.size <= self._cacheable and self._fill_room(cached.size)):
+                    # The first read of a piece written straight to its file: all of it
+                    # comes into the cache from the page cache (never from the disk), into
+                    # a buffer used again, so that the reads of its other blocks are hits
+                    # instead of one more fresh buffer and one more read each.
+                    held = cached.size
+                    spare = self.pool.recycler.take(cached.size)
+                    if self._read_resident(t, piece, 0, spare):
+                        cached = PieceData.whole(spare)
+                        self._cache_read(t, piece, epoch, cached)
+                        spare = None
+                hit = cached.read(begin, length) if spare is None else None
+                if hit is not None:
+                    self.metrics.add("cache_hits")
+                    return hit
+                self.pool.drop(key)  # the page cache let it go: read it the usual way
+            self.metrics.add("cache_misses")
+            size = t.layout.piece_size(piece)
+            if volatile or t.state[piece] < COMMITTING or size > self._cacheable:
+                # Only a verified piece is cached: a copy of one still arriving would be
+                # stale at once. Nor is one too big for the budget: a read of 16 bytes then
+                # costs 16.
+                return self._read_range(t, piece, begin, length)
+            if not held:
+                if not self._fill_room(size):
+                    return self._read_range(t, piece, begin, length)  # (none now: its range)
+                held = size
+            if spare is None or len(spare) != size:
+                spare = self.pool.recycler.take(size)
+            data = self._read_range(t, piece, 0, size, spare)
+            self._cache_read(t, piece, epoch, PieceData.whole(data))
+            return memoryview(data)[begin : begin + length]
+        finally:
+            if held:
+                with self._filling_lock:
+                    self._filling -= held
+
+    def _fill_room(self, size: int) -> bool:
+        """Room to read a piece of ``size`` bytes whole, to cache it: its buffer is
+        outside the budget until the cache takes it, and each miss took one. Reads of a
+        few bytes of many 16 MiB pieces at once, from as many clients, grew the daemon
+        by 16 MiB a client (3 GiB for 200 over a 64 MiB budget). Pieces being read whole
+        take at most ``cache_bytes / FILLING_SHARE`` (one piece at least)."""
+        with self._filling_lock:
+            if self._filling and self._filling + size > self._filling_limit:
+                return False
+            self._filling += size
+            return True
 
     def _cache_read(self, t: Torrent, piece: int, epoch: int, data: PieceData) -> None:
         """Cache a piece read whole, unless it started to change since ``epoch`` was
@@ -2165,6 +2199,15 @@ class DiskIO:
         size = t.layout.piece_size(piece)
         check = PieceCheck(want_v1, v2, False)
         limit = size if want_v1 or v2 is None else v2.data_length
+        # As many at once as there are cores to hash on: 64 clients' calls on 64 threads,
+        # each taking the interpreter's lock back a MiB at a time, kept the short work of
+        # every other client waiting for it for seconds. (Waited for before the torrent
+        # is held: a fence on it does not wait behind the queue.)
+        with self._hashing_alone:
+            return self._hash_held(t, piece, check, limit)
+
+    def _hash_held(self, t: Torrent, piece: int, check: PieceCheck, limit: int
+                   ) -> tuple[bytes | None, bytes | None]:
         t.enter()
         try:
             with self.metrics.timed("hash"):
