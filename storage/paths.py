@@ -530,6 +530,15 @@ def open_folder(path: Path, anchor: Path, create: bool) -> int:
         raise _error(exc, f"open the save path {path}") from None
 
 
+def folder_below(fd: int, parts: Parts, base: Path) -> int:
+    """A descriptor of the folder ``parts`` below the open folder ``fd`` (``base``, as
+    named in errors), walked one component at a time, never through a symlink."""
+    try:
+        return _walk(fd, parts, False, base, owned=False)
+    except OSError as exc:
+        raise _error(exc, f"open {base.joinpath(*parts)}") from None
+
+
 def anchor_of(path: Path, roots: Sequence[Path] | None) -> Path:
     """The root a resolved save path lies in (``/`` when ``roots`` is None: anywhere),
     or PathEscape naming the roots."""

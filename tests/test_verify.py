@@ -398,3 +398,31 @@ def test_verify_takes_the_limits_the_daemon_is_given(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "--config", str(tmp_path / "bad.toml")], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "max_piece_lenght" in bad.stderr, bad.stderr
+
+
+def test_a_check_reads_every_folder_from_the_save_path_it_opened(tmp_path: Path) -> None:
+    """The folder above the save path is swapped for a symlink to another copy of the
+    torrent's tree while a check runs. Each folder of the torrent was reached by opening
+    the save path again by its name: the folders met after the swap were read from the
+    other tree. The save path is now opened once, and every folder walked to from it."""
+    from pieced.storage.layout import Layout
+    from pieced.storage.verify import FolderFiles
+
+    spec = {"a/x.bin": 32768, "b/y.bin": 32768}
+    content = make_payload(tmp_path / "top" / "data", spec, seed=31)
+    make_payload(tmp_path / "other" / "data", spec, seed=32)  # same names, other bytes
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    save = tmp_path / "top" / "data"
+    files = FolderFiles(meta, save, Layout(meta))
+    try:
+        first, second = (Path(*meta.files[i].path) for i in (0, 1))  # in their order
+        got = memoryview(bytearray(16384))
+        files.read(0, 0, got)  # the first file's folder: the save path opened
+        assert bytes(got) == (save / first).read_bytes()[:16384]
+        (tmp_path / "top").rename(tmp_path / "top.real")
+        (tmp_path / "top").symlink_to(tmp_path / "other")
+        files.read(2, 0, got)  # the second file's folder, first met after the swap
+        assert bytes(got) == (tmp_path / "top.real" / "data" / second).read_bytes()[:16384]
+    finally:
+        files.close()
