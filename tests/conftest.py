@@ -218,6 +218,16 @@ def proc_bytes(pid: int, key: str = "VmRSS") -> int:
     raise AssertionError(f"no {key} in /proc/{pid}/status")
 
 
+def peak_from_now(pid: int | str = "self") -> int:
+    """Start a process's peak RSS (VmHWM) anew from its RSS now ("5" to clear_refs, Linux
+    4.0 and later), and return that RSS: the peak later, less it, is what grew since."""
+    import os
+
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+    return proc_bytes(pid if isinstance(pid, int) else os.getpid(), "VmRSS")
+
+
 def open_fds(pid: int) -> int:
     import os
 

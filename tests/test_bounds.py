@@ -28,6 +28,7 @@ from tests.conftest import (
     STORES_NOTHING,
     Daemon,
     open_fds,
+    peak_from_now,
     proc_bytes,
     run_threads,
     sparse_zero_torrent,
@@ -52,9 +53,7 @@ class Meanwhile:
         self.d = d
         self.budget = budget
         self.base = proc_bytes(d.proc.pid, "VmRSS")
-        # The peak from here on: "5" resets VmHWM to the current RSS (Linux >= 4.0).
-        with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
-            f.write("5")
+        peak_from_now(d.proc.pid)  # the peak from here on
         content = make_payload(d.root / "meanwhile-src", {"a.bin": 400_000, "b.bin": 70_001},
                                seed=21)
         self.raw = make_torrent_lt(content, 32768, "hybrid")
@@ -661,9 +660,7 @@ def test_registers_of_large_metainfo_at_once_hold_one_at_a_time(tmp_path: Path) 
     raw = bencodepy.encode({b"info": info})
     d = Daemon(tmp_path)
     try:
-        base = proc_bytes(d.proc.pid)
-        with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
-            f.write("5")  # VmHWM from here
+        base = peak_from_now(d.proc.pid)
         errors: list[BaseException] = []
 
         def register(k: int) -> None:
@@ -700,9 +697,7 @@ def test_a_huge_piece_whose_first_block_came_last_is_finished_a_part_at_a_time(
         block = bytes(16384)
         for begin in range(piece - 16384, 0, -16384):
             dio.write_chunk(ih, 0, begin, block)
-        base = proc_bytes(os.getpid())
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM from here
+        base = peak_from_now()
         result = dio.write_chunk(ih, 0, 0, block)  # the last block: the piece completes
         peak = proc_bytes(os.getpid(), "VmHWM") - base
         print(f"completing a 64 MiB piece out of order: peak +{peak / 2**20:.1f} MiB")
@@ -802,9 +797,7 @@ def test_the_replies_a_client_leaves_unread_are_bounded_in_memory_not_only_in_by
         with Client(d.socket) as c:
             ih = c.register(raw, tmp_path / "src")
             assert c.recheck(ih)["verified"] == 1
-            with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
-                f.write("5")  # the peak from here on
-            base = proc_bytes(d.proc.pid, "VmHWM")
+            base = peak_from_now(d.proc.pid)
             flood = RawConn(d.socket)
             one = encode_write_header(1, ih, 0, 0, 1) + b"x"
             burst = memoryview(one * 4096)
@@ -843,9 +836,7 @@ def test_unread_replies_of_small_reads_do_not_hold_whole_pieces(
         with Client(d.socket) as c:
             ih = c.register(raw, tmp_path / "dl")
             assert c.recheck(ih)["verified"] == pieces
-            with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
-                f.write("5")  # the peak from here on
-            base = proc_bytes(d.proc.pid, "VmHWM")
+            base = peak_from_now(d.proc.pid)
             asked = c.stats()
             slow = RawConn(d.socket)
             for i in range(reads):
@@ -889,9 +880,7 @@ def test_many_clients_missing_the_cache_at_once_read_few_pieces_whole(
         with Client(d.socket) as c:
             ih = c.register(raw, tmp_path / "dl")
             assert c.recheck(ih)["verified"] == pieces
-        with open(f"/proc/{d.proc.pid}/clear_refs", "w") as f:
-            f.write("5")  # the peak from here on
-        base = proc_bytes(d.proc.pid, "VmHWM")
+        base = peak_from_now(d.proc.pid)
         start = threading.Barrier(clients)
 
         def reader(k: int) -> None:

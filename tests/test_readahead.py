@@ -22,7 +22,7 @@ from pieced.storage.layout import Layout
 from pieced.storage.metainfo import parse
 from pieced.storage.verify import STREAM_BYTES, FolderFiles, PreadReader, ReadAhead
 
-from tests.conftest import proc_bytes, run_threads, sparse_zero_torrent
+from tests.conftest import peak_from_now, proc_bytes, run_threads, sparse_zero_torrent
 from tests.pagecache import drop
 from tests.realtools import corrupt, make_payload, make_torrent_lt
 
@@ -227,9 +227,7 @@ def test_memory_read_ahead_is_bounded(tmp_path: Path) -> None:
                             tmp_path / f"dl{k}") for k in range(3)]
         ahead = verify_mod.read_ahead(dio.hash_pool.workers)
         bound = (ahead.slots + dio.hash_pool.workers) * STREAM_BYTES
-        base = proc_bytes(os.getpid())
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM from here on
+        base = peak_from_now()
 
         def recheck(ih: bytes) -> Callable[[], None]:
             def run() -> None:
