@@ -234,8 +234,8 @@ class DiskIO:
         self._filling = 0
         self._filling_limit = cache_bytes // FILLING_SHARE
         self._filling_lock = threading.Lock()
-        # Whole-piece hash_piece / hash_piece_v2 at once (see _hash_as_it_stands).
-        self._hashing_alone = threading.BoundedSemaphore(max(2, self.hash_pool.workers))
+        # Whole-piece hash_piece / hash_piece_v2 at once, per file system (see _hash_slot).
+        self._hash_slots: dict[int | None, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._making: list[Path] = []  # save paths of registers under way (under _lock)
         self._torrents: dict[bytes, Torrent] = {}
@@ -2199,18 +2199,9 @@ class DiskIO:
         size = t.layout.piece_size(piece)
         check = PieceCheck(want_v1, v2, False)
         limit = size if want_v1 or v2 is None else v2.data_length
-        # As many at once as there are cores to hash on: 64 clients' calls on 64 threads,
-        # each taking the interpreter's lock back a MiB at a time, kept the short work of
-        # every other client waiting for it for seconds. (Waited for before the torrent
-        # is held: a fence on it does not wait behind the queue.)
-        with self._hashing_alone:
-            return self._hash_held(t, piece, check, limit)
-
-    def _hash_held(self, t: Torrent, piece: int, check: PieceCheck, limit: int
-                   ) -> tuple[bytes | None, bytes | None]:
         t.enter()
         try:
-            with self.metrics.timed("hash"):
+            with self._hash_slot(t), self.metrics.timed("hash"):
                 for off in range(0, limit, HASH_PART):
                     check.update(memoryview(
                         self._read_range(t, piece, off, min(HASH_PART, limit - off))))
@@ -2218,6 +2209,21 @@ class DiskIO:
             t.leave()
         d1, d2, _ = check.result()
         return d1, d2
+
+    def _hash_slot(self, t: Torrent) -> threading.BoundedSemaphore:
+        """The slot a whole-piece hash of ``t`` holds while it reads and hashes: as many
+        at once on its file system as there are cores to hash on. 64 clients' calls on 64 threads, each
+        taking the interpreter's lock back a MiB at a time, kept the short work of every
+        other client waiting for seconds. Taken once the torrent is held (a hash waiting
+        for a fence on its torrent takes no slot from the others' hashes), and one set
+        per file system (a disk that hangs holds the slots of its own torrents only)."""
+        device = t.storage.root.device
+        slot = self._hash_slots.get(device)
+        if slot is None:
+            with self._lock:
+                slot = self._hash_slots.setdefault(
+                    device, threading.BoundedSemaphore(max(2, self.hash_pool.workers)))
+        return slot
 
     def hash_piece_v2(self, ih: bytes, piece: int, expected: bytes | None = None) -> bool:
         """BEP 52 Merkle check of a piece against the piece layer (or a given root)."""

@@ -552,6 +552,53 @@ def test_a_crowd_hashing_whole_pieces_does_not_hold_up_another_clients_status(
     assert busy < 15 * base + 0.005, (base, busy)
 
 
+def test_hashes_waiting_for_a_fence_on_their_torrent_leave_the_others_hashing(
+        tmp_path: Path) -> None:
+    """A full recheck runs on torrent A (a fence: A's requests wait for it) and four
+    clients ask hash_piece of A meanwhile; then another asks hash_piece of torrent B. The
+    slots that bound whole-piece hashes were taken before the torrent was held: A's
+    waiting hashes held them all, and B's hash waited for A's recheck to end. They are
+    taken once the torrent is held."""
+    from tests.conftest import run_threads, sparse_zero_torrent
+
+    raw_a = sparse_zero_torrent(tmp_path / "a", "a.bin", 4 << 20, 512)  # 2 GiB
+    raw_b = sparse_zero_torrent(tmp_path / "b", "b.bin", 1 << 20, 4)
+    d = Daemon(tmp_path, env={"PIECED_HASH_WORKERS": "2"})
+    try:
+        with Client(d.socket) as c:
+            a = c.register(raw_a, tmp_path / "a")
+            b = c.register(raw_b, tmp_path / "b")
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        def recheck() -> None:
+            with Client(d.socket) as rc:
+                assert rc.recheck(a, full=True)["verified"] == 512
+            times["recheck"] = time.perf_counter() - t0
+
+        def hash_a(k: int) -> None:
+            time.sleep(0.2)  # the recheck holds A
+            with Client(d.socket) as hc:
+                assert hc.hash_piece(a, k)
+
+        def hash_b() -> None:
+            time.sleep(0.5)  # A's hashes wait for the recheck
+            with Client(d.socket) as hc:
+                s = time.perf_counter()
+                assert hc.hash_piece(b, 1)
+                times["b"] = time.perf_counter() - s
+                times["b_done"] = time.perf_counter() - t0
+
+        run_threads(recheck, hash_b, *(functools.partial(hash_a, k) for k in range(4)),
+                    timeout=120)
+    finally:
+        _stops_cleanly(d)
+    print(f"hash of B: {times['b'] * 1000:.0f} ms, done at {times['b_done']:.2f} s; "
+          f"A's recheck done at {times['recheck']:.2f} s")
+    assert times["b_done"] < times["recheck"], times  # (the fence was still there)
+    assert times["b"] < 0.25 * times["recheck"], times
+
+
 def test_a_read_of_a_file_never_written_is_the_readers_error_alone(tmp_path: Path) -> None:
     """A READ (or hash) of a piece in a file nobody wrote gets ENOENT; the torrent's other
     clients are told nothing (a disk_error event stopped a pieced-peer download), its
