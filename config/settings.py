@@ -59,8 +59,7 @@ class Settings:
     def metainfo_limits(self) -> dict[str, int]:
         """The limits on a .torrent, as ``parse`` takes them: the daemon's, and those of
         ``pieced verify``, which must take whatever the daemon takes."""
-        return {"max_bytes": self.max_metainfo_bytes, "max_files": self.max_files,
-                "max_pieces": self.max_pieces, "max_piece_length": self.max_piece_length}
+        return {arg: getattr(self, key) for key, arg in METAINFO_LIMITS.items()}
 
     def resolved(self, base: Path | None = None) -> Settings:
         """Relative paths are taken from ``base`` (the folder the daemon started in).
@@ -291,10 +290,26 @@ def _parse_text(key: str, text: str, typ: Any, source: str) -> Any:
     return text
 
 
+# The settings that bound a .torrent, and ``parse``'s names for them.
+METAINFO_LIMITS = {"max_metainfo_bytes": "max_bytes", "max_files": "max_files",
+                   "max_pieces": "max_pieces", "max_piece_length": "max_piece_length"}
+
+
+def metainfo_limits(path: Path | None) -> dict[str, int]:
+    """The daemon's limits on a .torrent, for a tool that reads .torrents alone
+    (``pieced verify``): from the config file, and from the environment the PIECED_*
+    variables of these settings only (one of the daemon's others, that the tool has
+    no use for, refused it: PIECED_HTTP_HOST without its token)."""
+    names = {"PIECED_" + key.upper() for key in METAINFO_LIMITS}
+    env = {name: value for name, value in os.environ.items() if name in names}
+    return load(path, env, serving=False).metainfo_limits()
+
+
 def load(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    serving: bool = True,
 ) -> Settings:
     values: dict[str, Any] = {}
     if path is not None:
@@ -328,7 +343,7 @@ def load(
             raise ConfigError(f"command line: unknown setting '{key}'")
         values[key] = _coerce(key, value, "command line")
     settings = Settings(**values)
-    problem = exposure_problem(settings)
+    problem = exposure_problem(settings) if serving else None
     if problem:
         raise ConfigError(problem)
     return settings

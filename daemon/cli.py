@@ -57,7 +57,7 @@ class ProgressBar:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pieced.config.settings import load
+    from pieced.config.settings import metainfo_limits
     from pieced.storage.errors import ConfigError, PiecedError
     from pieced.storage.hashing import HashPool
     from pieced.storage.layout import Layout
@@ -65,7 +65,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pieced.storage.verify import FolderFiles, Unreadable, verify
 
     try:  # the daemon's limits on a .torrent: what it takes, this checks
-        limits = load(Path(args.config) if args.config else None).metainfo_limits()
+        limits = metainfo_limits(Path(args.config) if args.config else None)
     except ConfigError as exc:
         print(f"pieced verify: configuration error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hashing threads (default: cores)")
     v.add_argument("--config", default=os.environ.get("PIECED_CONFIG"),
                    help="the daemon's TOML file, for its limits on a .torrent (max_pieces, "
-                        "max_piece_length, ...; PIECED_* variables too)")
+                        "max_piece_length, max_files, max_metainfo_bytes; their PIECED_* "
+                        "variables too)")
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("run", help="run the daemon in the foreground")

@@ -394,6 +394,12 @@ def test_verify_takes_the_limits_the_daemon_is_given(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["num_pieces"] == 2 and out["failed_v1"] == [] and out["ok"]
+    # The daemon's other settings are not this command's business: neither an unknown
+    # variable, nor an HTTP address off loopback whose token is elsewhere, refuse it.
+    other = {**env, "PIECED_MAX_PIECE_LENGTH": str(256 << 20), "PIECED_FROBNICATE": "1",
+             "PIECED_HTTP_HOST": "0.0.0.0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=other, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     (tmp_path / "bad.toml").write_text("max_piece_lenght = 1\n")
     bad = subprocess.run([*cmd, "--config", str(tmp_path / "bad.toml")], capture_output=True,
                          text=True, env=env, timeout=120)
