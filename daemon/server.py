@@ -86,8 +86,10 @@ MAX_QUEUED_JOBS = 4096
 # counted in a client's unsent output, so that its bound holds for memory. A 12-byte
 # ACK costs 56 bytes: counted by its bytes alone, the buffer held four times its size.
 OUT_PART_BYTES = 48
-# Descriptors received and not yet taken by the attach_ring (or register of a metainfo
-# passed as a descriptor) frame still being read.
+# Descriptors a connection holds for its requests (attach_ring, or register of a metainfo
+# passed as a descriptor): received and not yet taken by a frame, or taken by a request
+# still queued. At this many, the connection is not read until one has run; past it,
+# descriptors that come are closed.
 MAX_PENDING_FDS = 4
 REFUSAL_LOG_SECONDS = 10.0  # a refused connection is logged at most once so often
 # Seconds without a block read through a client's shared ring after which the pages
@@ -437,6 +439,10 @@ class Connection:
         self._lane_idle = asyncio.Event()
         self._lane_idle.set()
         self._fds: list[int] = []
+        # Descriptors taken by requests still queued (see MAX_PENDING_FDS): 3,000 queued
+        # attach_ring requests of 4 each held every descriptor the daemon could open.
+        self._held_fds = 0
+        self._held_lock = threading.Lock()
         self.shm: mmap.mmap | None = None
         self.shm_view: memoryview | None = None
         self.shm_fd: int | None = None  # the ring's memfd, for READ_RING (None: read-only)
@@ -477,7 +483,8 @@ class Connection:
         """Flow control: stop reading while any of the client's buffers is full."""
         return (not self.ring.writable() or self._out_bytes > self.server.out_limit
                 or len(self._lane) >= MAX_QUEUED_JOBS
-                or self._queued_bytes > self.server.ring_bytes)
+                or self._queued_bytes > self.server.ring_bytes
+                or self._held_fds >= MAX_PENDING_FDS)
 
     def _resume(self) -> None:
         """Undo the pauses whose cause is gone (a batch done, or output sent)."""
@@ -521,7 +528,7 @@ class Connection:
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 for fd in fds:  # attach_ring and register take one; never hold more than a few
-                    if len(self._fds) < MAX_PENDING_FDS:
+                    if len(self._fds) + self._held_fds < MAX_PENDING_FDS:
                         self._fds.append(fd)
                     else:
                         os.close(fd)
@@ -619,17 +626,25 @@ class Connection:
             # The descriptors arrived with these bytes: take them now, on this thread;
             # the ring is attached in the lane, after the frames sent before this one.
             fds, self._fds = self._fds, []
+            self._hold_fds(len(fds))
 
             def attach(c: Connection, r: int, m: dict[str, Any]) -> Any:
-                return c._attach_ring(m, fds)
+                try:
+                    return c._attach_ring(m, fds)
+                finally:
+                    c._hold_fds(-len(fds))
 
             handler = attach
         elif op == "register" and "metainfo" not in msg:
             # A metainfo larger than a frame comes in a memfd, taken as attach_ring's.
             taken, self._fds = self._fds, []
+            self._hold_fds(len(taken))
 
             def register(c: Connection, r: int, m: dict[str, Any]) -> Any:
-                m["metainfo"] = c._read_metainfo(m, taken)
+                try:
+                    m["metainfo"] = c._read_metainfo(m, taken)
+                finally:
+                    c._hold_fds(-len(taken))
                 return _op_register(c, r, m)
 
             handler = register
@@ -668,6 +683,12 @@ class Connection:
 
     def _ring_job(self, frame: Frame) -> Job:
         return _RingWrite(self, frame)
+
+    def _hold_fds(self, n: int) -> None:
+        """``n`` more (or fewer) descriptors held by queued requests (any thread); once
+        the request has run, the next batch's completion reads the connection again."""
+        with self._held_lock:
+            self._held_fds += n
 
     def subscribe_known(self, ih: bytes) -> None:
         """(Worker thread, before the request on ``ih`` runs.) Events for ``ih`` from now

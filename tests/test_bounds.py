@@ -149,6 +149,66 @@ def test_descriptors_sent_with_other_frames_are_closed_at_once(daemon: Daemon) -
     raw_conn.sock.close()
 
 
+def test_descriptors_taken_by_queued_requests_are_bounded(tmp_path: Path) -> None:
+    """A client's WRITE waits behind a full recheck of its torrent (a fence) that another
+    client runs; behind it, the client sends attach_ring requests, each with 4
+    descriptors. Each request took its descriptors into the queue: 3,000 of them held
+    every descriptor the daemon could open, and the other clients' writes failed with
+    EMFILE. The daemon now stops reading a client whose queued requests hold 4; the
+    rest wait in the socket, the sender's, until those have run."""
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 512)  # 2 GiB
+    d = Daemon(tmp_path)
+    passed = tmp_path / "passed-descriptor"
+    passed.write_bytes(b"")
+    pid = d.proc.pid
+
+    def held() -> int:
+        n = 0
+        for x in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                n += os.readlink(f"/proc/{pid}/fd/{x}") == str(passed)
+        return n
+
+    spare = [os.open(passed, os.O_RDONLY) for _ in range(4)]
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", spare).tobytes())]
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            checking = threading.Thread(target=lambda: c.recheck(ih, full=True))
+            checking.start()
+            time.sleep(0.3)  # the recheck holds the torrent
+            bad = RawConn(d.socket)
+            bad.sock.sendall(encode_write_header(1, ih, 0, 0, 1) + b"x")  # waits for it
+            bad.sock.setblocking(False)
+            sent, peak = 0, 0
+            for i in range(300):
+                try:
+                    bad.sock.sendmsg([encode_request(i + 2, "attach_ring", {"size": 4096})],
+                                     rights)
+                    sent += 1
+                except BlockingIOError:
+                    break
+                if i % 10 == 9:
+                    peak = max(peak, held())
+            time.sleep(0.3)
+            peak = max(peak, held())
+            still = checking.is_alive()
+            checking.join(120)
+        bad.sock.setblocking(True)
+        replies = bad.replies(1 + sent)  # every request answered once the recheck ended
+        assert all(r.type in (FrameType.ACK, FrameType.ERROR) for r in replies[1:])
+        bad.sock.close()
+    finally:
+        for fd in spare:
+            os.close(fd)
+        assert d.stop() == 0, d.stderr()
+    print(f"{sent} attach_ring requests sent behind a fence: the daemon held at most "
+          f"{peak} of their descriptors")
+    assert still  # (the fence held while they were sent)
+    assert sent > 2
+    assert peak <= 8, peak  # 4 queued, 4 pending at most: not 4 a request
+
+
 def test_cli_add_names_a_missing_torrent_file(daemon: Daemon, tmp_path: Path) -> None:
     import subprocess
     import sys
