@@ -264,6 +264,12 @@ class Server:
 
     def _refuse_reason(self, sock: socket.socket) -> str | None:
         if len(self.clients) >= self.max_clients:
+            # Clients that hung up and have not been read since count no more: a burst of
+            # connections accepted in one go, each closed at once by its client, took
+            # every place before their ends were read, and a live newcomer was refused.
+            for gone in [c for c in self.clients if c.hung_up()]:
+                gone.close()
+        if len(self.clients) >= self.max_clients:
             return (f"too many clients: the daemon has max_clients = {self.max_clients} "
                     "connected already")
         if self.allow_uids is None and self.allow_gids is None:
@@ -683,6 +689,18 @@ class Connection:
 
     def _ring_job(self, frame: Frame) -> Job:
         return _RingWrite(self, frame)
+
+    def hung_up(self) -> bool:
+        """Whether the client has closed its end and nothing it sent is left to read or
+        parse (what is queued is still carried out once it is closed)."""
+        if self.closed or self.ring.unparsed:
+            return self.closed
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # (reset: the next read ends it anyway)
 
     def _hold_fds(self, n: int) -> None:
         """``n`` more (or fewer) descriptors held by queued requests (any thread); once
