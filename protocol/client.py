@@ -31,6 +31,7 @@ import itertools
 import mmap
 import os
 import socket
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -77,6 +78,29 @@ UNTIMED_OPS = frozenset({"register", "unregister", "recheck", "move_storage", "r
                          "flush_all"})
 IOV_MAX = 1024  # buffers one sendmsg or writev takes (Linux)
 SEND_BYTES = 1 << 20  # the most the async client offers the socket in one sendmsg
+
+
+# Seconds between two tries of a connect that found the daemon's queue of connections
+# full (see _connect).
+CONNECT_RETRY = 0.01
+
+
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect, waiting while the daemon's queue of connections (its listen backlog) is
+    full: a Unix socket with a timeout (non-blocking underneath) answers EAGAIN then,
+    instead of waiting as a TCP one does, and a client failed at once while the daemon
+    was busy accepting others."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the daemon at {path} took no new connection in "
+                                   f"{timeout} s (its queue of connections stayed full)"
+                                   ) from None
+            time.sleep(CONNECT_RETRY)
 
 
 class ShmRing:
@@ -567,7 +591,7 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(self.path)
+            _connect(self.sock, self.path, timeout)
             # Refused at once (AccessDenied...): the reason is waiting to be read.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._send(self.core.hello())
@@ -860,11 +884,15 @@ class AsyncClient:
     async def connect(self) -> AsyncClient:
         import asyncio
 
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
-            await loop.sock_connect(sock, self.path)
+            while True:  # (see _connect: a full queue of connections is waited out)
+                try:
+                    sock.connect(self.path)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(CONNECT_RETRY)
             self.sock = sock
             self._reader = asyncio.create_task(self._read_loop())
             hello = self.core.hello()

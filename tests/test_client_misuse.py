@@ -449,3 +449,90 @@ def test_a_refusal_sent_before_the_hello_is_read_and_raised(tmp_path: Path) -> N
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         assert d.stop() == 0
+
+
+def test_clients_that_hung_up_before_being_accepted_take_no_place(tmp_path: Path) -> None:
+    """While the daemon was busy (stopped here), 40 connections came and went; it then
+    accepted them in one go, each holding a place of max_clients (16) until its end was
+    read, and a live client that came right after was refused ("too many clients"). Places
+    of clients that hung up with nothing left to read are now taken back first."""
+    import socket
+
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "16"})
+    try:
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(40):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                s.close()
+            got: list[object] = []
+            late = threading.Thread(target=lambda: got.append(_stats(d)))
+            late.start()
+            time.sleep(0.3)  # its connect waits in the queue, behind the 40
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        late.join(60)
+        assert got and isinstance(got[0], dict), got
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def _stats(d: Daemon) -> object:
+    try:
+        with Client(d.socket, timeout=30) as c:
+            return c.stats()
+    except Exception as exc:  # (said by the assertion)
+        return exc
+
+
+def test_a_connect_waits_while_the_daemons_queue_of_connections_is_full(tmp_path: Path) -> None:
+    """The daemon is busy (stopped) and its queue of connections (the listen backlog) is
+    full: a Client with a timeout failed at once with BlockingIOError (EAGAIN: a Unix
+    socket does not wait there as a TCP one does), an AsyncClient with "Transport
+    endpoint is not connected". Both now wait for a place, the Client up to its timeout."""
+    import socket
+
+    d = Daemon(tmp_path)
+    fillers: list[socket.socket] = []
+    try:
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            while True:  # until the queue is full
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                try:
+                    s.connect(str(d.socket))
+                except BlockingIOError:
+                    s.close()
+                    break
+                fillers.append(s)
+            got: list[object] = []
+            blocking = threading.Thread(target=lambda: got.append(_stats(d)))
+            blocking.start()
+
+            async def connect() -> object:
+                try:
+                    c = await AsyncClient(str(d.socket)).connect()
+                    try:
+                        return await c.stats()
+                    finally:
+                        await c.close()
+                except Exception as exc:
+                    return exc
+
+            awaited = threading.Thread(target=lambda: got.append(asyncio.run(connect())))
+            awaited.start()
+            time.sleep(0.5)  # both find the queue full
+            for s in fillers:
+                s.close()
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        blocking.join(60)
+        awaited.join(60)
+        assert len(got) == 2 and all(isinstance(g, dict) for g in got), got
+        assert len(fillers) > 16
+    finally:
+        for s in fillers:
+            s.close()
+        assert d.stop() == 0, d.stderr()
