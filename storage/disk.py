@@ -1347,7 +1347,7 @@ class DiskIO:
                         else:
                             self._buffer(t, piece, partial, begin, block, length, flush)
                     except BaseException:
-                        self._forget_if_empty(t, piece, partial)
+                        self._failed_write(t, piece, partial, begin, length)
                         raise
                     if flush:
                         self._sync(t, t.files_of(piece))
@@ -1442,7 +1442,7 @@ class DiskIO:
                                 partial.hasher.add(b, views, n)
                             blocks = 0
                     except BaseException:
-                        self._forget_if_empty(t, piece, partial)
+                        self._failed_write(t, piece, partial, begin, length)
                         raise
                     if not runs:
                         self._all_pad(t, piece, partial)
@@ -1491,6 +1491,14 @@ class DiskIO:
         if found is None:
             self.metrics.add("duplicate_blocks", blocks)
         return found
+
+    def _failed_write(self, t: Torrent, piece: int, partial: Partial, begin: int,
+                      length: int) -> None:
+        """(Caller holds the piece's lock.) A write of the range failed, perhaps after
+        part of it reached the file: nothing of the range counts any more (see
+        PieceHasher.forget), and a piece left with nothing received is missing again."""
+        partial.hasher.forget(begin, begin + length)
+        self._forget_if_empty(t, piece, partial)
 
     def _forget_if_empty(self, t: Torrent, piece: int, partial: Partial) -> None:
         """(Caller holds the piece's lock; a write of it just failed, or stored nothing.)
@@ -1672,6 +1680,7 @@ class DiskIO:
                 self._count_partials(-1)
                 if ok:
                     t.set_state(piece, COMMITTING)
+                    t.committing[piece] = result  # (this attempt's: see _commit_pieces)
                 else:
                     self._to_missing(t, piece)
             if not mine or not ok:
@@ -1760,8 +1769,11 @@ class DiskIO:
         rec = self._records.get(t.id)
         error = None
         with _journal_lock(rec):
-            with t.lock:  # pieces a vanished file or clear_piece took back are not recorded
-                live = [(p, r, fp) for p, (r, fp) in pieces if t.state[p] == COMMITTING]
+            with t.lock:
+                # Pieces a vanished file or clear_piece took back are not recorded, nor
+                # those taken back and completed again while the files were synced: that
+                # sync may have missed their new bytes (their own batch comes next).
+                live = [(p, r, fp) for p, (r, fp) in pieces if t.committing.get(p) is r]
             try:
                 if rec is not None:
                     rec.append([(REC_VERIFIED, p, fp) for p, _, fp in live])
@@ -1809,7 +1821,7 @@ class DiskIO:
     def _uncommit(self, t: Torrent, pieces: list[tuple[int, Pending]]) -> None:
         """Pieces that could not be made durable or journaled: missing again, and failed."""
         with t.lock:
-            back = [(p, r) for p, (r, _) in pieces if t.state[p] == COMMITTING]
+            back = [(p, r) for p, (r, _) in pieces if t.committing.get(p) is r]
             for p, _ in back:
                 self._to_missing(t, p)
             # the hashes matched (v1/v2 say so); the data is not durable

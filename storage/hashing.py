@@ -335,6 +335,22 @@ class PieceHasher:
         if self.v2 is not None:
             self._add_leaves(begin, end, bufs)
 
+    def forget(self, begin: int, end: int) -> None:
+        """A write of [begin, end) failed: part of it may have reached the file (a disk
+        that filled up half-way), over bytes this state counted. What the file holds
+        there is unknown, so none of it counts as received (the range is to be sent
+        again) and what was hashed of it is stale: kept, a piece completed by the other
+        blocks passed on the old bytes while the file held the new ones."""
+        self.received.remove(begin, end)
+        for s, e in self._pads:  # (never written: they stay received)
+            if s < end and e > begin:
+                self.received.add(max(s, begin), min(e, end))
+        if begin < self._pos:
+            self._restart_prefix()
+        if self.v2 is not None:
+            for k in range(begin // BLOCK_SIZE, -(-min(end, self.v2.data_length) // BLOCK_SIZE)):
+                self.leaves.pop(k, None)
+
     def _add_leaves(self, begin: int, end: int, bufs: Sequence[Buffer]) -> None:
         for k in self._leaves_of(begin, end, bufs, self.leaves):
             self.leaves.pop(k, None)

@@ -244,6 +244,10 @@ class Torrent:
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.
         self.pending: list[tuple[int, Any]] = []
+        # piece -> the result of the attempt being committed: a batch whose sync was
+        # under way when the piece was cleared and completed again (committing once more,
+        # its new bytes not synced by that batch) must not journal or announce it.
+        self.committing: dict[int, Any] = {}
 
     @property
     def key(self) -> bytes:
@@ -281,6 +285,8 @@ class Torrent:
 
     def set_state(self, piece: int, state: int) -> None:
         self.state[piece] = state
+        if self.committing and state != COMMITTING:
+            self.committing.pop(piece, None)
         if state <= PARTIAL:  # MISSING or PARTIAL: what is on disk may change from now on
             self.epoch[piece] = (self.epoch[piece] + 1) & 0xFF
         bit = 0x80 >> (piece & 7)

@@ -936,6 +936,58 @@ def test_a_long_run_whose_write_fails_is_taken_whole_when_sent_again(
         subprocess.run(["umount", "-l", str(fs)], check=True)
 
 
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+@pytest.mark.parametrize("via", ["ring", "inline"])
+def test_a_write_that_fails_half_way_over_received_bytes_leaves_them_to_be_sent_again(
+        tmp_path: Path, tiny_fs: Path, backend: str, kind: TorrentKind, via: str) -> None:
+    """A block received, then a write of 32 KiB over it (a client's merged run, its first
+    16 KiB a bad copy) that fails with the disk full after its first 16 KiB reached the
+    file over the good ones. The piece's hash state must not go on counting the good
+    bytes: completed with the other blocks, it was announced verified, journaled (so
+    verified again after a kill -9) and served, over the bad copy on disk. Nothing of the
+    failed write counts: the piece completes once that range is sent again."""
+    content = make_payload(tmp_path / "src", 65536, seed=12)
+    raw = make_torrent_lt(content, 65536, kind)
+    data = (tmp_path / "src" / "payload.bin").read_bytes()
+    bad = bytearray(data[:32768])
+    bad[100] ^= 0xFF
+    d = Daemon(tmp_path, backend=backend)
+    try:
+        with Client(d.socket) as c:
+            def write(begin: int, block: bytes) -> None:
+                if via == "ring":
+                    c.write_block_direct(ih, 0, begin, block)
+                else:
+                    c.write_chunk(ih, 0, begin, block)
+                c.wait_writes()
+
+            def verified() -> bool:
+                return bool(c.status(ih, files=False)["have"][0] & 0x80)
+
+            ih = c.register(raw, tiny_fs)
+            if via == "ring":
+                c.attach_ring(1 << 20)
+            write(0, data[:16384])
+            filler = fill_up(tiny_fs)
+            try:
+                write(0, bytes(bad))
+            except StorageIOError as exc:
+                assert exc.errno in (errno.ENOSPC, errno.EFBIG)
+            filler.unlink()
+            write(16384, data[16384:])
+            c.flush_all()
+            on_disk = (tiny_fs / "payload.bin").read_bytes()
+            if verified():
+                assert on_disk == data, "a piece reported verified over other bytes on disk"
+            write(0, data[:32768])
+            c.flush_all()
+            assert verified()
+            assert (tiny_fs / "payload.bin").read_bytes() == data
+            assert c.read_chunk(ih, 0, 0, 65536) == data
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_flush_all_does_not_wait_for_another_clients_fenced_torrent(
         tmp_path: Path, backend: str) -> None:
     """Client A's torrent is held by a long recheck (a fence: it runs alone on its

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from pieced.protocol.client import Client
@@ -864,6 +864,60 @@ def test_a_piece_is_announced_only_once_every_sync_of_its_files_has_returned(
             last.join(30)
     dio.flush_all()
     assert announced == [0, 3]
+    dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_piece_completed_again_during_its_batchs_sync_waits_for_a_sync_of_its_own(
+    tmp_path: Path, backend: str
+) -> None:
+    """Piece 0 passes and waits in the group commit; its batch syncs the file. Just as
+    that sync has returned (the commit thread held there, as a busy machine may leave
+    it), another client clears the piece and sends it again, a bad copy of its first
+    block and then good ones, and it passes again. The batch must not journal and
+    announce it: the new attempt's bytes came after the batch's sync, and a power cut
+    then would leave a piece reported verified with the bad copy on disk. It is
+    announced once a sync that began after its last write has returned."""
+    content = make_payload(tmp_path / "src", 65536, seed=9)
+    raw = make_torrent_lt(content, 32768, "v1")
+    data = (tmp_path / "src" / "payload.bin").read_bytes()
+    syncs = [0]  # syncs of the torrent's files begun
+    announced: list[tuple[bool, int]] = []  # (ok, syncs begun when told)
+    dio = DiskIO(backend, sync_window=0.02,
+                 on_piece=lambda r: announced.append((r.ok, syncs[0])))
+    ih = dio.register(raw, tmp_path / "dl")
+    storage = dio.torrent(ih).storage
+    real, held, release = storage.sync, threading.Event(), threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        syncs[0] += 1
+        done = real(*args, **kwargs)
+        if threading.current_thread().name.startswith("pieced-commit") and not release.is_set():
+            held.set()
+            release.wait(30)
+        return done
+
+    storage.sync = slow  # type: ignore[method-assign]
+    try:
+        dio.write_block_direct(ih, 0, 0, data[:16384], writer=1)
+        dio.write_block_direct(ih, 0, 16384, data[16384:32768], writer=1)
+        assert held.wait(30), "the group commit never synced the payload"
+        dio.clear_piece(ih, 0)
+        dio.write_block_direct(ih, 0, 0, bytes(16384), writer=2)  # a bad copy...
+        dio.write_block_direct(ih, 0, 0, data[:16384], writer=2)  # ...sent again
+        last = dio.write_block_direct(ih, 0, 16384, data[16384:32768], writer=2)
+        assert last is not None and last.ok
+        written = syncs[0]
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30  # (no flush_all here: its own sync would come first)
+    while not any(ok for ok, _ in announced) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    verified = [n for ok, n in announced if ok]
+    assert verified, announced
+    assert verified[0] > written, (
+        "piece 0 announced verified by a batch whose sync began before its last writes")
+    assert dio.status(ih)["verified_pieces"] == 1
     dio.close()
 
 
