@@ -308,8 +308,10 @@ def cmd_recheck(args: argparse.Namespace) -> int:
     with _client(args) as c:
         res = _check(c, _known(c, args.info_hash), args.full)
     failed = sorted(set(res.get("failed_v1") or []) | set(res.get("failed_v2") or []))
-    _print(args, res, f"{res['verified']}/{res['num_pieces']} pieces verify"
-           + (f"; failed: {_ranges(failed)}" if failed else ""))
+    shown = f"; failed: {_ranges(failed)}" if failed else ""
+    if res.get("failed_cut"):
+        shown += " and more (too many to list: see pieced status)"
+    _print(args, res, f"{res['verified']}/{res['num_pieces']} pieces verify{shown}")
     return EXIT_OK if not failed else EXIT_FAILED
 
 

@@ -445,6 +445,10 @@ class Connection:
         self._lane_idle = asyncio.Event()
         self._lane_idle.set()
         self._fds: list[int] = []
+        # Bytes received so far, and where the bytes the last descriptors came with end:
+        # once the frames up to there are parsed, descriptors none of them took are closed.
+        self._received = 0
+        self._fds_until = 0
         # Descriptors taken by requests still queued (see MAX_PENDING_FDS): 3,000 queued
         # attach_ring requests of 4 each held every descriptor the daemon could open.
         self._held_fds = 0
@@ -501,6 +505,7 @@ class Connection:
             return  # nothing more is read: the lane finishes (then the error is said)
         if self.ring.unparsed:  # frames left unparsed while the lane was full
             self._parse()
+            self._close_untaken_fds()
         if not self._input_blocked():
             self._resume_reading()
 
@@ -529,8 +534,10 @@ class Connection:
         except OSError:
             self.close()
             return
+        self._received += n
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self._fds_until = self._received
                 fds = array.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 for fd in fds:  # attach_ring and register take one; never hold more than a few
@@ -543,9 +550,15 @@ class Connection:
             return
         self.ring.wrote(n)
         self._parse()
-        if self._fds and not self.ring.unparsed:
-            # Every frame these bytes brought is parsed and none was a request that took
-            # them: descriptors nobody asked for are closed at once.
+        self._close_untaken_fds()
+
+    def _close_untaken_fds(self) -> None:
+        """Every frame the bytes the descriptors came with brought (the last of them,
+        maybe, begun there and ended in later bytes) is parsed, and none was a request
+        that took them: descriptors nobody asked for are closed. Kept until a read
+        happened to end between two frames, they lingered and counted against the
+        connection's few, and a later attach_ring sent without one took them."""
+        if self._fds and self._received - self.ring.unparsed >= self._fds_until:
             for fd in self._fds:
                 os.close(fd)
             self._fds = []
@@ -662,7 +675,7 @@ class Connection:
                 return [], None  # nobody to answer
             try:
                 if handler is None:
-                    raise BadRequest(f"unknown op {op!r}")
+                    raise BadRequest(f"unknown op {op!r:.80}")
                 if isinstance(key, bytes):
                     self.subscribe_known(key)
                 big = _big_report(self, name, msg)
@@ -1462,8 +1475,30 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
             c._post(c.send, [frame])
 
     r = c.disk.recheck(ih, progress, full=full)
-    return {"num_pieces": r.num_pieces, "failed_v1": r.failed_v1, "failed_v2": r.failed_v2,
-            "verified": sum(r.have), "fingerprint_hits": r.fingerprint_hits}
+    out: dict[str, Any] = {"num_pieces": r.num_pieces, "verified": sum(r.have),
+                           "fingerprint_hits": r.fingerprint_hits}
+    # The lists of failed pieces, as many as a reply holds: a check of a torrent of a
+    # million pieces with nothing on disk yet ran, and was answered TOO_LARGE.
+    budget = (c.server.max_frame - 1024) // 2
+    for key, failed in (("failed_v1", r.failed_v1), ("failed_v2", r.failed_v2)):
+        if failed is None:
+            continue
+        out[f"{key}_count"] = len(failed)
+        shown = _fitting(failed, budget)
+        out[key] = failed[:shown]
+        if shown < len(failed):
+            out["failed_cut"] = 1
+    return out
+
+
+def _fitting(indices: list[int], budget: int) -> int:
+    """How many of the first ``indices`` a bencoded list of ``budget`` bytes holds."""
+    used = 2  # "l" ... "e"
+    for n, i in enumerate(indices):
+        used += len(str(i)) + 2  # "i" digits "e"
+        if used > budget:
+            return n
+    return len(indices)
 
 
 # The fewest bytes a file's entry takes in a status reply:

@@ -49,6 +49,7 @@ from .frames import (
     FrameReader,
     FrameType,
     RecvRing,
+    check_info_hash,
     encode_control,
     encode_read,
     encode_read_ring,
@@ -247,6 +248,11 @@ class _Waiter:
         self.notify = notify  # called once done (AsyncClient wakes its task)
         self.into: memoryview | None = None  # a read's bytes go here, not to a new bytes
         self.orphan = False  # nobody waits any more (cancelled): free its ring space on reply
+
+    def took(self) -> bool:
+        """Answered, and not with an error: the daemon did what was asked (an
+        error raised after it was another request's, a write's)."""
+        return self.done and self.error is None
 
 
 def _ring_capacity(max_frame: int) -> int:
@@ -740,10 +746,15 @@ class Client:
         if self.core.shm is not None:
             raise ProtocolError("a ring is already attached")
         shm = ShmRing(size)
+        rid, frame = self.core.request("attach_ring", {"size": size})
+        waiter = self.core.waiters[rid]
         try:
-            self._roundtrip(*self.core.request("attach_ring", {"size": size}), fds=[shm.fd])
+            self._roundtrip(rid, frame, fds=[shm.fd])
         except BaseException:
-            shm.close()
+            if not waiter.took():
+                shm.close()
+                raise
+            self.core.shm = shm  # (what was raised is an earlier write's error)
             raise
         self.core.shm = shm
 
@@ -1235,11 +1246,16 @@ class AsyncClient:
         await asyncio.shield(self._attaching)
 
     async def _attach_as(self, shm: ShmRing, size: int) -> None:
+        rid, frame = self.core.request("attach_ring", {"size": size})
+        waiter = self.core.waiters[rid]
         try:
-            await self._roundtrip(*self.core.request("attach_ring", {"size": size}), fds=[shm.fd])
+            await self._roundtrip(rid, frame, fds=[shm.fd])
             self.core.shm = shm
         except BaseException:
-            shm.close()
+            if waiter.took():
+                self.core.shm = shm  # (what was raised is an earlier write's error)
+            else:
+                shm.close()
             raise
         finally:
             self._attaching = None
@@ -1271,8 +1287,11 @@ class AsyncClient:
             return True
         if core.writes_in_flight + (run is not None) >= self.window or n > shm.size:
             return False
+        # Refused now: a run is framed later, in a callback, where an error could only
+        # be lost (and the flushes of every later request with it).
+        if type(ih) is not bytes or len(ih) != 20:
+            check_info_hash(ih)
         if not (0 <= piece <= _U32 and 0 <= begin <= _U32):
-            # Refused now: a run is framed later, in a callback, where it could only be lost.
             raise unencodable(piece, begin, n)
         placed = shm.put(data)
         if placed is None:

@@ -112,6 +112,17 @@ def not_an_info_hash(ih: object) -> BadRequest:
     return BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
 
 
+def check_info_hash(ih: object) -> None:
+    """Refuse, before anything is sent, an info_hash a block frame cannot carry as it
+    is: its field is 20 bytes, and packed there a shorter one was padded with zeros and
+    a longer one cut, a request for another torrent than the caller named."""
+    if not isinstance(ih, (bytes, bytearray, memoryview)):
+        raise not_an_info_hash(ih)
+    if memoryview(ih).nbytes != 20:
+        raise BadRequest(f"an info_hash is 20 bytes (a v2-only torrent's is its SHA-256 "
+                         f"cut to 20), not {memoryview(ih).nbytes}")
+
+
 def unencodable(piece: object, begin: object, length: object,
                 exc: struct.error | None = None, ih: object = b"") -> PiecedError:
     """The typed error for a block frame whose fields do not fit it (a negative or
@@ -128,6 +139,8 @@ def unencodable(piece: object, begin: object, length: object,
 def encode_write_header(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
     """Header of an inline WRITE; the caller sends the block bytes right after it
     (with sendmsg, so the block is not copied into a joined buffer)."""
+    if type(ih) is not bytes or len(ih) != 20:
+        check_info_hash(ih)
     try:
         return _header(FrameType.WRITE, flags, rid, WRITE_EXT.size + length) + WRITE_EXT.pack(
             ih, piece, begin
@@ -139,6 +152,8 @@ def encode_write_header(rid: int, ih: bytes, piece: int, begin: int, length: int
 def encode_write_ring(
     rid: int, ih: bytes, piece: int, begin: int, offset: int, length: int, flags: int = 0
 ) -> bytes:
+    if type(ih) is not bytes or len(ih) != 20:
+        check_info_hash(ih)
     try:
         return _header(FrameType.WRITE_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
             ih, piece, begin, offset, length
@@ -148,6 +163,8 @@ def encode_write_ring(
 
 
 def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
+    if type(ih) is not bytes or len(ih) != 20:
+        check_info_hash(ih)
     try:
         return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(
             ih, piece, begin, length)
@@ -160,6 +177,8 @@ def encode_read_ring(
 ) -> bytes:
     """A READ whose bytes the daemon puts into the client's shared ring at ``offset``
     (answered with an ACK): for a seeder, no bytes cross the socket."""
+    if type(ih) is not bytes or len(ih) != 20:
+        check_info_hash(ih)
     try:
         return _header(FrameType.READ_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
             ih, piece, begin, offset, length

@@ -124,8 +124,16 @@ def check_hello(body: dict[bytes, Any], role: str) -> dict[str, Any]:
     return dict(msg)
 
 
+#: An ERROR's message is cut to this many characters: it may repeat what a client sent
+#: (an unknown op), and an error frame must stay far below the smallest frame limit.
+MAX_ERROR_MESSAGE = 1024
+
+
 def encode_error(rid: int, err: PiecedError) -> bytes:
-    body: dict[str, Any] = {"code": int(err.code), "message": err.message}
+    message = err.message
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 1] + "\u2026"
+    body: dict[str, Any] = {"code": int(err.code), "message": message}
     if err.errno is not None:
         body["errno"] = err.errno
     return encode_control(FrameType.ERROR, rid, to_wire(body))

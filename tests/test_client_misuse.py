@@ -18,7 +18,7 @@ from pathlib import Path
 import bencodepy
 import pytest
 from pieced.protocol.client import AsyncClient, Client
-from pieced.storage.errors import AccessDenied, UnknownTorrent
+from pieced.storage.errors import AccessDenied, BadRequest, UnknownTorrent
 
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.realtools import make_payload, make_torrent_lt
@@ -64,6 +64,80 @@ def test_a_call_cancelled_while_it_attaches_the_ring_leaves_the_ring_usable(
             chunk.release()
             await c.flush_all()
             assert (await c.status(ih, files=False))["verified_pieces"] == 1
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_ring_attached_while_a_writes_error_waits_is_kept(tmp_path: Path) -> None:
+    """A write's error waiting to be raised (a write to a torrent not registered), then
+    the first ring write, which attaches the ring: the daemon takes the ring, and the
+    write's error is raised. The client took that for a failed attach and closed its
+    ring: every later ring call of the connection was refused, "a ring is already
+    attached". Both clients now keep the ring the daemon took."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+    block = src.read(0, 0, 16384)
+
+    async def main() -> None:
+        async with AsyncClient(str(d.socket)) as c:
+            ih = await c.register(raw, tmp_path / "dl_async")
+            await c.write_chunk(b"\1" * 20, 0, 0, block)
+            with pytest.raises(UnknownTorrent):
+                await c.write_block_direct(ih, 0, 0, block)
+            for b in range(0, PIECE, 16384):
+                await c.write_block_direct(ih, 0, b, src.read(0, b, 16384))
+            await c.wait_writes()
+            await c.flush_all()
+            assert (await c.status(ih, files=False))["verified_pieces"] == 1
+
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            c.write_chunk(b"\1" * 20, 0, 0, block)
+            with pytest.raises(UnknownTorrent):
+                c.write_block_direct(ih, 0, 0, block)
+            for b in range(0, PIECE, 16384):
+                c.write_block_direct(ih, 0, b, src.read(0, b, 16384))
+            c.wait_writes()
+            with c.read_chunk_ring(ih, 0, 0, 16384) as chunk:
+                assert bytes(chunk.data) == block
+            c.flush_all()
+            assert c.status(ih, files=False)["verified_pieces"] == 1
+            c.unregister(ih)
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("bad", ["hex", "short", "long", "int"])
+def test_a_block_call_with_an_info_hash_it_cannot_carry_is_refused_at_once(
+        tmp_path: Path, bad: str) -> None:
+    """A block frame's info_hash field is 20 bytes: one of 19 was padded with a zero,
+    one of 32 cut, silently (a request for another torrent than named). And
+    try_write_block_direct took hex text, framed later in a callback where the error
+    was lost with every later request of the client: its next call never returned.
+    Every block call now refuses them when called, and the client goes on."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+    block = src.read(0, 0, 16384)
+
+    async def main() -> None:
+        async with AsyncClient(str(d.socket)) as c:
+            ih = await c.register(raw, tmp_path / "dl")
+            wrong = {"hex": ih.hex(), "short": ih[:19], "long": ih + bytes(12), "int": 7}[bad]
+            await c.attach_ring(1 << 20)
+            with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
+                c.try_write_block_direct(wrong, 0, 0, block)  # type: ignore[arg-type]
+            with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
+                await c.write_block_direct(wrong, 0, 0, block)  # type: ignore[arg-type]
+            with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
+                await c.write_chunk(wrong, 0, 0, block)  # type: ignore[arg-type]
+            assert c.try_write_block_direct(ih, 0, 0, block)
+            await asyncio.wait_for(c.wait_writes(), 10)
+            assert (await asyncio.wait_for(c.status(ih, files=False), 10))["have"] == bytes(2)
 
     try:
         asyncio.run(asyncio.wait_for(main(), 60))

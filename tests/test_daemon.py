@@ -11,6 +11,7 @@ import array
 import asyncio
 import bisect
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -43,7 +44,13 @@ from pieced.protocol.frames import (
     encode_write_header,
     encode_write_ring,
 )
-from pieced.protocol.messages import decode_error, encode_request, hello, to_wire
+from pieced.protocol.messages import (
+    MAX_ERROR_MESSAGE,
+    decode_error,
+    encode_request,
+    hello,
+    to_wire,
+)
 from pieced.storage.errors import (
     BadRequest,
     OutOfRange,
@@ -633,6 +640,38 @@ def test_no_frame_exceeds_the_negotiated_limit(tmp_path: Path, max_frame: int) -
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_check_failing_more_pieces_than_a_reply_holds_is_answered(tmp_path: Path) -> None:
+    """A recheck of 20,000 pieces, nothing on disk, under a frame limit of 64 KiB: the
+    list of failed pieces does not fit in a reply. The check ran (and changed what it
+    found), and was answered TOO_LARGE; at the default limit, so was a check of a
+    million-piece torrent with nothing downloaded yet. The lists are cut to what fits,
+    with their lengths, and the command line says there are more."""
+    import bencodepy
+
+    pieces = 20_000
+    info = {b"name": b"big.bin", b"piece length": 16384, b"length": pieces * 16384,
+            b"pieces": os.urandom(20 * pieces)}
+    tfile = tmp_path / "big.torrent"
+    tfile.write_bytes(bencodepy.encode({b"info": info}))
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(64 * 1024)})
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(tfile.read_bytes(), tmp_path / "dl")
+            res = c.recheck(ih, full=True)
+            assert res["num_pieces"] == pieces and res["verified"] == 0
+            assert res["failed_v1_count"] == pieces and res["failed_cut"] == 1
+            assert 1000 < len(res["failed_v1"]) < pieces
+            assert res["failed_v1"] == list(range(len(res["failed_v1"])))
+            assert "failed_v2" not in res and "failed_v2_count" not in res
+        r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "recheck", ih.hex(),
+                            "--socket", str(d.socket)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert "0/20000 pieces verify" in r.stdout and "and more" in r.stdout
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_every_reply_keeps_its_place_in_the_lane(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     """attach_ring and unknown ops go through the lane like every request: an unknown
     op's error does not overtake an earlier request's reply, and a WRITE_RING sent
@@ -667,6 +706,58 @@ def test_every_reply_keeps_its_place_in_the_lane(daemon: Daemon, odd_payload: tu
         assert waiters[2].error is None
         assert isinstance(c.core.take_write_error(), BadRequest)
         assert c.read_chunk(ih, p, b, n) == src.read(p, b, n)
+
+
+def test_an_error_repeating_what_a_client_sent_stays_small(tmp_path: Path) -> None:
+    """An unknown op was repeated in its error as Python shows it: an op of 2 MB of
+    bytes 0xff made an ERROR of 8 MB, 6 MB of them a frame larger than the limit the
+    daemon itself set, which a client must take as a broken stream. Error messages are
+    cut to MAX_ERROR_MESSAGE characters."""
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(4 * MiB)})
+    try:
+        conn = RawConn(d.socket)
+        for i, op in enumerate([b"\xff" * (2 * MiB), b"x" * (4 * MiB - 64)], start=1):
+            conn.sock.sendall(encode_control(FrameType.REQUEST, i, {b"op": op}))
+            (reply,) = conn.replies(1)
+            assert reply.type == FrameType.ERROR and reply.id == i
+            err = decode_error(reply.body)
+            assert isinstance(err, BadRequest) and "unknown op" in err.message
+            assert len(err.message) <= MAX_ERROR_MESSAGE
+        conn.sock.sendall(encode_request(9, "stats", {}))
+        assert conn.replies(1)[0].type == FrameType.RESPONSE
+        conn.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_descriptor_no_frame_it_came_with_took_is_closed_before_later_frames(
+        tmp_path: Path) -> None:
+    """A descriptor sent with a `stats` request is closed once the frames its bytes
+    brought are parsed; the last of those may end in later bytes. It was kept until a
+    read happened to end between two frames: with the first bytes of each frame sent
+    with the end of the one before, an attach_ring sent later without a descriptor of
+    its own took it."""
+    d = Daemon(tmp_path)
+    try:
+        conn = RawConn(d.socket)
+        fd = os.memfd_create("stray", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 65536)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        one, two = encode_request(1, "stats", {}), encode_request(2, "stats", {})
+        attach = encode_request(3, "attach_ring", {"size": 65536})
+        conn.sock.sendmsg([one + two[:5]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array("i", [fd]).tobytes())])
+        os.close(fd)
+        assert conn.replies(1)[0].id == 1
+        conn.sock.sendall(two[5:] + attach[:5])
+        assert conn.replies(1)[0].id == 2
+        conn.sock.sendall(attach[5:])
+        (reply,) = conn.replies(1)
+        assert reply.id == 3 and reply.type == FrameType.ERROR
+        assert "exactly one descriptor" in decode_error(reply.body).message
+        conn.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
 
 
 def test_inline_block_over_max_block_is_refused_and_the_connection_kept(
