@@ -157,6 +157,11 @@ class PeerConnection:
         self.peer_has = bytearray(self.num_pieces)
         self.peer_count = 0  # pieces it has
         self.told_pieces = False  # it sent its BITFIELD, HAVE_ALL or HAVE_NONE (or a HAVE)
+        # Ours is sent (send_bitfield): BEP 3 and 6 want it, or HAVE_ALL / HAVE_NONE, first
+        # after the handshakes. Messages made before (REJECTs of requests that came with
+        # the peer's handshake, HAVEs of pieces just verified) wait behind it.
+        self.sent_pieces = False
+        self._early: list[bytes | memoryview] = []
         self.reqq = DEFAULT_REQQ
         self.allowed_fast: set[int] = set()  # pieces it lets us ask for while choked
         self.given_fast: set[int] = set()  # pieces we let it ask for while we choke it
@@ -187,10 +192,15 @@ class PeerConnection:
         self.unchoked_at = 0.0  # when we last unchoked it
         self.stalls = 0  # times it lost its unchoke slot for reading nothing we sent
         if outgoing_hash is not None:
-            self._send(wire.handshake(outgoing_hash, peer_id, self.reserved))
+            self._send_first(wire.handshake(outgoing_hash, peer_id, self.reserved))
 
     # -- helpers -------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
+        (self.outbox if self.sent_pieces else self._early).append(data)
+        self.last_sent = self._clock()
+
+    def _send_first(self, data: bytes) -> None:
+        """A handshake (BitTorrent's or the extension protocol's): before our pieces."""
         self.outbox.append(data)
         self.last_sent = self._clock()
 
@@ -222,6 +232,9 @@ class PeerConnection:
                 if self._apply(ev):
                     if type(ev) in _USEFUL:
                         out.append(ev)
+                        if type(ev) is wire.HashRequest and budget < 0:
+                            raise WireError("hash requests past the chatter budget "
+                                            "(each one rejected counts)")
                         continue
                     if type(ev) is wire.Extended and ev.ext_id == LT_DONTHAVE:
                         out.append(DontHave(int.from_bytes(ev.payload, "big")))
@@ -268,11 +281,11 @@ class PeerConnection:
                 if self.info_hash is None:
                     # Answered first, as libtorrent does: the side that dialled (us, at
                     # an address of ours) learns it too, and dials it no more.
-                    self._send(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
+                    self._send_first(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
                 raise wire.Ourselves("a connection to ourselves")
             if self.info_hash is None:  # incoming: answer with the key it used
                 self.info_hash = ev.info_hash
-                self._send(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
+                self._send_first(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
             self.remote_id = ev.peer_id
             self.handshaken = True
             self.fast = wire.supports_fast(ev.reserved)
@@ -285,7 +298,7 @@ class PeerConnection:
                     hello[b"metadata_size"] = len(self.metadata)
                 if self.listen_port:
                     hello[b"p"] = self.listen_port
-                self._send(wire.extended(0, bencodepy.encode(hello)))
+                self._send_first(wire.extended(0, bencodepy.encode(hello)))
             return True
         if not self.handshaken:
             raise WireError("message before the handshake")
@@ -446,11 +459,14 @@ class PeerConnection:
         """Our pieces right after the handshake (HAVE_ALL / HAVE_NONE where allowed)."""
         count = len(have) - have.count(0)
         if self.fast and count == self.num_pieces:
-            self._send(wire.have_all())
+            self._send_first(wire.have_all())
         elif self.fast and count == 0:
-            self._send(wire.have_none())
+            self._send_first(wire.have_none())
         elif count:
-            self._send(wire.bitfield(wire.bits_from_pieces(have, self.num_pieces)))
+            self._send_first(wire.bitfield(wire.bits_from_pieces(have, self.num_pieces)))
+        self.sent_pieces = True
+        self.outbox += self._early
+        self._early = []
 
     def send_interested(self, interested: bool) -> None:
         if interested != self.am_interested:
@@ -516,11 +532,17 @@ class PeerConnection:
             self._send(wire.reject_request(*blk))
 
     def send_piece(self, blk: Block, data: bytes | memoryview) -> None:
-        self.outbox.append(wire.piece_header(*blk))
-        self.outbox.append(data)
+        if self.sent_pieces:
+            self.outbox.append(wire.piece_header(*blk))
+            self.outbox.append(data)
+        else:  # (kept past the caller's buffer, which may be a ring's: a copy)
+            self._early += (wire.piece_header(*blk), bytes(data))
         self.last_sent = self._clock()
 
     def send_hash_reject(self, ev: wire.HashRequest) -> None:
+        # Chatter: a legitimate peer asks for hashes it can be given (of a v2 torrent,
+        # its piece layers), and a stream of requests answered so costs a flush each.
+        self._chatter -= 1
         self._send(wire.hash_reject(ev.pieces_root, ev.base_layer, ev.index, ev.length,
                                     ev.proof_layers))
 

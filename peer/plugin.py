@@ -1558,6 +1558,8 @@ class Swarm:
                     peer.conn.send_reject(blk)
                 return
             with chunk:
+                if peer.closed or peer.transport.is_closing():
+                    return  # gone while it was read: nothing is sent (nor counted up)
                 data = chunk.data
                 conn = peer.conn
                 for blk in run:

@@ -10,6 +10,7 @@ against a model of what was asked of whom.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import struct
 from collections import Counter
@@ -74,10 +75,12 @@ def incoming(
     keys: tuple[bytes, ...] = (IH,),
 ) -> PeerConnection:
     """An accepted connection past the handshake of a remote with or without the fast
-    bit; its outbox (the answer) is emptied."""
+    bit, having said it has no piece (as the plugin says what it has at once); its
+    outbox (the answer) is emptied."""
     c = PeerConnection(keys, A_ID, list(sizes or SIZES), v2=False)
     c.receive(wire.handshake(keys[0], B_ID, wire.make_reserved(extended=extended, fast=fast)))
     assert c.handshaken and c.fast == fast
+    c.send_bitfield(bytearray(c.num_pieces))
     c.take_outbox()
     return c
 
@@ -126,13 +129,19 @@ def settle(*links: Link) -> None:
     raise AssertionError("the connections never went quiet")
 
 
-def connect(fast: bool = True) -> tuple[PeerConnection, PeerConnection, Link, Link]:
-    """(a, b, a->b, b->a): ``b`` connected out to ``a``, both past the handshake."""
+def connect(fast: bool = True, told: bool = True
+            ) -> tuple[PeerConnection, PeerConnection, Link, Link]:
+    """(a, b, a->b, b->a): ``b`` connected out to ``a``, both past the handshake and,
+    if ``told``, each having said it has no piece (else the caller says what they have)."""
     a = PeerConnection((IH,), A_ID, list(SIZES), v2=False)
     b = PeerConnection((IH,), B_ID, list(SIZES), v2=False, outgoing_hash=IH)
     ab, ba = Link(a, b, not fast), Link(b, a, not fast)
     settle(ab, ba)
     assert a.handshaken and b.handshaken and a.fast == b.fast == fast
+    if told:
+        a.send_bitfield(bytearray(len(SIZES)))
+        b.send_bitfield(bytearray(len(SIZES)))
+        settle(ab, ba)
     return a, b, ab, ba
 
 
@@ -333,7 +342,7 @@ def test_fast_messages_with_the_fast_bit_are_accepted(name: str) -> None:
 
 
 def test_without_fast_no_fast_message_is_sent() -> None:
-    a, b, _, _ = connect(fast=False)
+    a, b, _, _ = connect(fast=False, told=False)
     assert not a.fast and not b.fast
     a.send_bitfield(bytearray(len(SIZES)))  # nothing at all: no HAVE_NONE without fast
     a.send_bitfield(bytearray(b"\x01" * len(SIZES)))  # everything: a BITFIELD, no HAVE_ALL
@@ -497,6 +506,8 @@ def test_requests_are_late_only_when_the_peer_stops_sending() -> None:
     b = PeerConnection((IH,), B_ID, sizes, v2=False, outgoing_hash=IH)
     ab, ba = Link(a, b, False), Link(b, a, False)
     settle(ab, ba)
+    a.send_bitfield(bytearray(b"\x01" * len(sizes)))
+    b.send_bitfield(bytearray(len(sizes)))
     a.send_choke(False)
     settle(ab, ba)
     blocks = valid_blocks(sizes)
@@ -531,6 +542,8 @@ def test_a_peer_that_served_at_once_then_went_quiet_is_found_out_in_seconds() ->
     b = PeerConnection((IH,), B_ID, sizes, v2=False, outgoing_hash=IH, clock=lambda: now[0])
     ab, ba = Link(a, b, False), Link(b, a, False)
     settle(ab, ba)
+    a.send_bitfield(bytearray(b"\x01" * len(sizes)))
+    b.send_bitfield(bytearray(len(sizes)))
     a.send_choke(False)
     settle(ab, ba)
     blocks = valid_blocks(sizes)
@@ -606,7 +619,7 @@ _OPS = ["choke", "unchoke", "interested", "not_interested", "request", "request"
 @given(st.booleans(), st.data())
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_sessions_answer_every_request(fast: bool, data: st.DataObject) -> None:
-    a, b, ab, ba = connect(fast=fast)
+    a, b, ab, ba = connect(fast=fast, told=False)
     n = len(SIZES)
     have = {
         id(a): bytearray(data.draw(st.lists(st.sampled_from([0, 1]), min_size=n, max_size=n))),
@@ -1259,6 +1272,7 @@ def test_the_metadata_is_handed_out_in_pieces() -> None:
     info = bytes(range(256)) * 150  # 38,400 bytes: three pieces
     c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, metadata=info)
     c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True)))
+    c.send_bitfield(bytearray(len(SIZES)))
     hello = [e for e in wire.Parser(handshake=True).feed(b"".join(c.take_outbox()))
              if isinstance(e, wire.Extended)]
     offer = bencodepy.decode(hello[0].payload)
@@ -1299,6 +1313,7 @@ def test_lt_donthave_both_ways() -> None:
 
     c = PeerConnection((IH,), A_ID, list(SIZES), v2=False)
     c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True)))
+    c.send_bitfield(bytearray(len(SIZES)))
     hello = [e for e in wire.Parser(handshake=True).feed(b"".join(c.take_outbox()))
              if isinstance(e, wire.Extended)]
     assert bencodepy.decode(hello[0].payload)[b"m"] == {b"lt_donthave": LT_DONTHAVE}
@@ -1329,6 +1344,57 @@ def test_lt_donthave_both_ways() -> None:
     c.receive(wire.extended(0, bencodepy.encode({b"m": {b"lt_donthave": 0}})))  # off
     c.send_dont_have(2)
     assert c.take_outbox() == []
+
+
+def test_nothing_but_the_handshakes_goes_before_our_pieces() -> None:
+    """A peer's handshake with requests and a CANCEL in the same read: each was answered
+    (a REJECT, we choke it) while the plugin had not yet said what we have, so the
+    REJECTs went out before our HAVE_ALL, which BEP 3 and 6 want first after the
+    handshakes; a HAVE of a piece just verified could too. They wait behind it now."""
+    c = PeerConnection((IH,), A_ID, list(SIZES), v2=False)
+    c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True))
+              + wire.request(0, 0, BLOCK) + wire.request(1, 0, BLOCK)
+              + wire.cancel(2, 0, BLOCK))
+    c.send_have(2)
+    c.send_choke(False)
+    early = sent(c, handshake=True)
+    assert [type(e) for e in early] == [wire.Handshake, wire.Extended]
+    c.send_bitfield(bytearray(b"\x01" * len(SIZES)))
+    assert sent(c) == [wire.HaveAll(), wire.RejectRequest(0, 0, BLOCK),
+                       wire.RejectRequest(1, 0, BLOCK), wire.Have(2), wire.Unchoke()]
+    c.send_have(1)
+    assert sent(c) == [wire.Have(1)]  # (after it, at once)
+
+
+def test_a_peer_streaming_hash_requests_that_are_rejected_is_dropped() -> None:
+    """HASH_REQUEST was never chatter: a peer streaming them on a v1 torrent (each
+    rejected, a flush each) kept pieced-peer's loop busy for as long as it liked, and
+    slowed its other peers 3 to 5 times. A rejected one counts as chatter now; those
+    answered with hashes, as a v2 download asks them, do not."""
+    root = bytes(range(32))
+    ask = wire.hash_request(root, 0, 0, 512, 0)
+    now = [100.0]
+    for answered in (True, False):
+        c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, clock=lambda: now[0])
+        c.receive(wire.handshake(IH, B_ID, wire.make_reserved(extended=True, fast=True,
+                                                              v2=True)))
+        c.send_bitfield(bytearray(len(SIZES)))
+        asked = 0
+        with contextlib.suppress(wire.WireError):
+            for _ in range(40):
+                for ev in c.receive(ask * 500):
+                    assert isinstance(ev, wire.HashRequest)
+                    asked += 1
+                    if answered:
+                        c.send_hashes(ev, bytes(32 * 512))
+                    else:
+                        c.send_hash_reject(ev)
+                c.take_outbox()
+                now[0] += 0.01
+        if answered:
+            assert asked == 20_000
+        else:
+            assert asked < 8_000
 
 
 def test_interest_said_again_is_no_event() -> None:

@@ -1022,6 +1022,48 @@ def test_a_peer_streaming_messages_that_change_nothing_is_dropped(
         assert d.stop() == 0, d.stderr()
 
 
+def test_blocks_of_a_leecher_gone_while_they_were_read_are_not_counted_up(
+        tmp_path: Path) -> None:
+    """Leechers asking for 2 MiB each and hanging up at once (a reset): the blocks read
+    for them from the daemon meanwhile were queued to a closed connection, dropped, and
+    counted in the summary's bytes_up (and the tracker's "uploaded") all the same: 7.7
+    MiB for ten such leechers. Nothing reached them, and nothing is counted now; a
+    libtorrent leecher after them is counted every byte it got."""
+    piece = 1 << 20
+    files = {"a.bin": 16 * piece}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=47)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        for i in range(6):
+            p = RawPeer(seeding.port)
+            p.send(wire.handshake(meta.info_hash, b"-RW0001-" + i.to_bytes(12, "big"),
+                                  wire.make_reserved(fast=True))
+                   + wire.have_none() + wire.interested())
+            events, closed = p.events(1.0)
+            assert wire.Unchoke() in events and not closed
+            asked = [(q % meta.num_pieces, b) for q in (i, i + 1) for b in range(0, piece, 16384)]
+            p.send(b"".join(wire.request(q, b, 16384) for q, b in asked))
+            p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            p.close()  # a reset: nothing more is read
+            time.sleep(0.3)
+        time.sleep(1)
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        up = _summary_after_sigint(seeding)["bytes_up"]
+        assert isinstance(up, int)
+        assert 16 * piece <= up < 17 * piece, f"{up} bytes counted up: 16 MiB were sent"
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def _summary_after_sigint(seeding: Seeding) -> dict[str, object]:
+    seeding.proc.send_signal(signal.SIGINT)
+    out, err = seeding.proc.communicate(timeout=30)
+    assert seeding.proc.returncode == 0, err
+    summary: dict[str, object] = json.loads(out)
+    return summary
+
+
 def _lie_until_closed(port: int, info_hash: bytes) -> tuple[bool, int]:
     """Dial ``port`` as a seeder that answers every request with a block of the right
     length and the wrong bytes, until the connection ends: (whether the handshake was
