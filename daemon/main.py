@@ -164,40 +164,59 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     observer = Observer()
-    disk = make_disk(settings, observer)
-    for problem in disk.load_errors:
-        log.warning("%s", problem)
-    server = Server(
-        disk,
-        ring_bytes=settings.client_buffer_bytes,
-        max_frame=settings.max_frame_bytes,
-        workers=settings.io_workers or None,
-        max_clients=settings.max_clients,
-        max_ring=settings.max_ring_bytes,
-        allow_uids=set(settings.allow_uids) or None,
-        allow_gids=set(settings.allow_gids) or None,
-        observer=observer,
-        handshake_timeout=settings.handshake_timeout_ms / 1000,
-    )
+    # The socket before the state: a start refused there (another daemon listening, a
+    # socket_group that does not exist) leaves the state as the last stop left it.
     listener = passed[0] if passed else bind_socket(settings)
-    server.start(listener)
 
-    runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,
-                           keepalive_timeout=KEEPALIVE_SECONDS,
-                           shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port)
-    try:
-        await site.start()
-    except OSError as exc:  # the port is taken, the host unknown: say so, leave nothing
-        await server.close()
-        await runner.cleanup()
-        await loop_executor(disk.close)
+    def unbind() -> None:
         if not passed:
             Path(settings.socket).unlink(missing_ok=True)
         listener.close()
-        raise SystemExit(f"pieced: cannot serve HTTP on {settings.http_host}:"
-                         f"{settings.http_port}: {exc.strerror or exc}") from None
+
+    try:
+        disk = make_disk(settings, observer)
+    except BaseException:
+        unbind()
+        raise
+    # From here a start that fails closes the engine: loaded, its state is marked in use
+    # until it is closed, and left so it reads at the next start as a crash's, whose
+    # checks take files changed while it was stopped on trust.
+    server: Server | None = None
+    runner: web.AppRunner | None = None
+    try:
+        for problem in disk.load_errors:
+            log.warning("%s", problem)
+        server = Server(
+            disk,
+            ring_bytes=settings.client_buffer_bytes,
+            max_frame=settings.max_frame_bytes,
+            workers=settings.io_workers or None,
+            max_clients=settings.max_clients,
+            max_ring=settings.max_ring_bytes,
+            allow_uids=set(settings.allow_uids) or None,
+            allow_gids=set(settings.allow_gids) or None,
+            observer=observer,
+            handshake_timeout=settings.handshake_timeout_ms / 1000,
+        )
+        server.start(listener)
+        runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,
+                               keepalive_timeout=KEEPALIVE_SECONDS,
+                               shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        try:
+            await site.start()
+        except OSError as exc:  # the port is taken, the host unknown: say so, leave nothing
+            raise SystemExit(f"pieced: cannot serve HTTP on {settings.http_host}:"
+                             f"{settings.http_port}: {exc.strerror or exc}") from None
+    except BaseException:
+        if server is not None:
+            await server.close()
+        if runner is not None:
+            await runner.cleanup()
+        await loop_executor(disk.close)
+        unbind()
+        raise
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
 
     watchdog = systemd.watchdog_interval()

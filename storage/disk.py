@@ -791,8 +791,11 @@ class DiskIO:
                 storage = make_storage(self.backend, meta, save, self.handles,
                                        self.preallocate, self.allow_hard_links, self.roots)
                 storage.renames.update(saved.renames)
-                with contextlib.suppress(PiecedError):  # gone for now: said at its first use
+                absent = False  # the save folder is not there (a disk not mounted yet?)
+                try:
                     storage.root.root()
+                except PiecedError as exc:  # gone for now: said at its first use
+                    absent = exc.errno == errno.ENOENT
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 recorded = False
@@ -816,7 +819,18 @@ class DiskIO:
             # (a torrent with nothing verified, a new download, has no file to look at)
             lengths, flags = meta.files.lengths, meta.files.flags
             folders: dict[str, bool] = {}  # (each looked at once)
-            for i in range(len(lengths) if VERIFIED in t.state else 0):
+            if absent and VERIFIED in t.state:
+                # Each file found gone, its pieces were dropped and the record saved so:
+                # forgotten for good, the disk mounted later. They are kept, their files
+                # unknown (a read says ENOENT, and changes nothing); the next start with
+                # the folder there finds the files changed since this stop's stamps, and
+                # checks them.
+                self.load_errors.append(
+                    f"torrent {saved.ih_hex}: its save path {save} is not there: its "
+                    f"{t.count(VERIFIED)} verified pieces are kept as they were, checked at "
+                    "the first start that finds it (or by a recheck)")
+            short: set[int] = set()  # files gone or shorter than their length
+            for i in range(len(lengths) if VERIFIED in t.state and not absent else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
@@ -828,6 +842,7 @@ class DiskIO:
                     # Gone or short: the pieces with bytes past its end went with them. A
                     # file short from the start (another client's partial download, sparse)
                     # keeps those a check found before its end, as in libtorrent.
+                    short.add(i)
                     begin, size = meta.files.offsets[i], max(stamp[0], 0)
                     pl = t.layout.piece_length
                     for p in pieces:
@@ -840,10 +855,14 @@ class DiskIO:
                 t.set_state(p, MISSING)
             if saved.partial and self.state.was_clean and saved.stamps is not None:
                 self._take_up(t, saved.partial, saved.stamps, folders)
-            if VERIFIED in t.state:
+            if VERIFIED in t.state and not absent:
+                # Known at their full length (so that one found shorter later was cut
+                # behind our back), but those short now: their first use took them for
+                # cut, and dropped the pieces kept before their ends.
                 storage.known_written(
                     i for i, flag in enumerate(flags)
-                    if not flag & UNSTORED and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
+                    if not flag & UNSTORED and i not in short
+                    and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
             try:
                 storage.create_empty_files()
             except PiecedError as exc:  # a vanished folder, a planted symlink: say so, go on
@@ -1675,6 +1694,7 @@ class DiskIO:
                                                           result.writers)
         with t.lock:
             mine = t.partial.get(piece) is partial
+            epoch = t.epoch[piece]  # (the copy below is cached only if it does not move)
             if mine:
                 del t.partial[piece]
                 self._count_partials(-1)
@@ -1695,8 +1715,8 @@ class DiskIO:
         cached: PieceData | ResidentPiece | None = self._as_piece(t, piece, blocks, partial.pads)
         if cached is None and t.storage.page_cached:
             cached = self._resident(t, piece)
-        if cached is not None:
-            self.pool.put(key, cached)
+        if cached is not None:  # (unless cleared and started again meanwhile)
+            self._cache_read(t, piece, epoch, cached)
         self._committer.verified(t, piece, (result, fp))
         return result
 
@@ -2170,7 +2190,8 @@ class DiskIO:
             self._filling += size
             return True
 
-    def _cache_read(self, t: Torrent, piece: int, epoch: int, data: PieceData) -> None:
+    def _cache_read(self, t: Torrent, piece: int, epoch: int,
+                    data: PieceData | ResidentPiece) -> None:
         """Cache a piece read whole, unless it started to change since ``epoch`` was
         taken: its copy may hold bytes from before, and must not replace the piece that
         was verified meanwhile."""
@@ -2213,7 +2234,13 @@ class DiskIO:
         limit = size if want_v1 or v2 is None else v2.data_length
         t.enter()
         try:
-            with self._hash_slot(t), self.metrics.timed("hash"):
+            with t.lock:
+                partial = t.partial.get(piece)
+            # Its lock held while it reads: a write-out of its buffered blocks takes them
+            # from the buffer before they are in the file, and read in between the piece
+            # was neither the one before nor the one after.
+            held = partial.lock if partial is not None else contextlib.nullcontext()
+            with self._hash_slot(t), held, self.metrics.timed("hash"):
                 for off in range(0, limit, HASH_PART):
                     check.update(memoryview(
                         self._read_range(t, piece, off, min(HASH_PART, limit - off))))
@@ -2260,7 +2287,13 @@ class DiskIO:
                 f"(begin={begin}, length={length})"
             )
         t.layout.check(piece, begin, length)
-        return hashlib.sha256(self.read_chunk(ih, piece, begin, length, volatile=True)).digest()
+        # From the file (under the buffered blocks), as hash_piece reads: a copy in the
+        # cache is what was verified, not what the file holds now.
+        t.enter()
+        try:
+            return hashlib.sha256(self._read_range(t, piece, begin, length)).digest()
+        finally:
+            t.leave()
 
     # -- buffer management ----------------------------------------------------------------
     def clear_piece(self, ih: bytes, piece: int) -> None:

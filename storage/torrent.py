@@ -20,6 +20,7 @@ the block jobs in flight and before the next ones.
 
 from __future__ import annotations
 
+import array
 import mmap
 import threading
 from typing import Any
@@ -194,10 +195,11 @@ class Torrent:
         self.layout = Layout(meta)
         self.storage = storage
         self.state = bytearray(meta.num_pieces)  # one of MISSING..VERIFIED per piece
-        # Per piece, a count (mod 256) of the times its bytes may have started to change
+        # Per piece, a count (mod 2**32) of the times its bytes may have started to change
         # (back to missing, a first block): a read that filled the cache keeps its copy
-        # only if the count did not move while it read.
-        self.epoch = bytearray(meta.num_pieces)
+        # only if the count did not move while it read. (A byte came back to where it was
+        # after 128 clears and new attempts during one slow read.)
+        self.epoch = array.array("I", bytes(4 * meta.num_pieces))
         self.have = bytearray((meta.num_pieces + 7) // 8)  # VERIFIED, as a bitfield
         # BLAKE3 of each piece as last verified (zeros: none yet); see hashing.fingerprint.
         # Anonymous memory: pages of pieces never verified cost nothing (16 MiB for a
@@ -288,7 +290,7 @@ class Torrent:
         if self.committing and state != COMMITTING:
             self.committing.pop(piece, None)
         if state <= PARTIAL:  # MISSING or PARTIAL: what is on disk may change from now on
-            self.epoch[piece] = (self.epoch[piece] + 1) & 0xFF
+            self.epoch[piece] = (self.epoch[piece] + 1) & 0xFFFFFFFF
         bit = 0x80 >> (piece & 7)
         if state == VERIFIED:
             self.have[piece >> 3] |= bit

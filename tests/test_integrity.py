@@ -1036,3 +1036,137 @@ def test_rechecks_with_no_gap_between_them_leave_writes_their_turn(tmp_path: Pat
         assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
     finally:
         dio.close()
+
+
+# -- the cache against the file: what a read or a hash answers for ------------------------
+
+
+def _four_pieces(tmp_path: Path, backend: str) -> tuple[Any, bytes, Any]:
+    """(engine, ih, source) of a v1 torrent of four 64 KiB pieces, all written."""
+    from pieced.storage.disk import DiskIO
+
+    from tests.test_disk import Source
+
+    content = make_payload(tmp_path / "src", 4 * 65536, seed=3)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=64 << 20)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, n in src.blocks():
+        dio.write_chunk(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    return dio, ih, src
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_read_that_outlives_many_attempts_of_its_piece_does_not_cache_its_copy(
+        tmp_path: Path, backend: str) -> None:
+    """A read filling the cache with a verified piece is held while the piece is
+    cleared and sent again 128 times (a bad first block on disk meanwhile, read by it),
+    then verified with its right bytes. The count of the piece's changes that a read
+    checks before it caches its copy was a byte: back where it was, the read's copy
+    (the bad block) was cached, offered for SuggestPiece and served as the piece."""
+    dio, ih, src = _four_pieces(tmp_path, backend)
+    t, p = dio.torrent(ih), 1
+    good = src.read(p, 0, 65536)
+    bad = b"\xaa" * 16384
+    dio.pool.drop((t.id, p))
+    go, read_once, release = threading.Event(), threading.Event(), threading.Event()
+    real = t.storage.readinto
+
+    def held(segs: Any, out: Any) -> Any:
+        if threading.current_thread().name == "held-reader" and not read_once.is_set():
+            go.wait(30)
+            got = real(segs, out)
+            read_once.set()
+            release.wait(30)
+            return got
+        return real(segs, out)
+
+    t.storage.readinto = held
+    reader = threading.Thread(target=dio.read_chunk, args=(ih, p, 0, 16), name="held-reader")
+    reader.start()
+    try:
+        time.sleep(0.2)
+        dio.clear_piece(ih, p)
+        dio.write_chunk(ih, p, 0, bad, flush=True)
+        go.set()
+        assert read_once.wait(30)
+        for _ in range(126):
+            dio.clear_piece(ih, p)
+            dio.write_chunk(ih, p, 0, bad, flush=True)
+        dio.clear_piece(ih, p)
+        for b in range(0, 65536, 16384):
+            dio.write_chunk(ih, p, b, good[b : b + 16384])
+        dio.flush_all()
+    finally:
+        go.set()
+        release.set()
+        reader.join(30)
+        t.storage.readinto = real
+    assert dio.status(ih)["verified_pieces"] == 4
+    assert dio.read_chunk(ih, p, 0, 65536) == good
+    assert dio.read_piece(ih, p) == good
+    dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_piece_cleared_as_it_completes_does_not_get_its_old_copy_cached(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a piece passing (committing) and its copy going into the cache, another
+    client clears it and writes a new first block straight to the file: the old
+    attempt's copy went into the cache all the same, and reads of the piece, now under
+    way again, answered with it instead of the file's bytes."""
+    from pieced.storage.disk import DiskIO
+
+    content = make_payload(tmp_path / "src", 4 * 65536, seed=5)
+    raw = make_torrent_lt(content, 65536, "v1")
+    from tests.test_disk import Source
+
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=64 << 20)
+    ih = dio.register(raw, tmp_path / "dl")
+    p, new = 2, b"\x55" * 16384
+    real = DiskIO._as_piece
+    fired: list[bool] = []
+
+    def between(self: DiskIO, t: Any, piece: int, blocks: Any, pads: Any) -> Any:
+        out = real(self, t, piece, blocks, pads)
+        if piece == p and not fired:
+            fired.append(True)
+            other = threading.Thread(target=lambda: (
+                dio.clear_piece(ih, p), dio.write_block_direct(ih, p, 0, new)))
+            other.start()
+            other.join(30)
+        return out
+
+    monkeypatch.setattr(DiskIO, "_as_piece", between)
+    for b in range(0, 65536, 16384):
+        dio.write_chunk(ih, p, b, src.read(p, b, 16384))
+    monkeypatch.undo()
+    assert fired
+    assert dio.read_chunk(ih, p, 0, 16384) == new  # the piece as it stands, not the old copy
+    dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_hash_block_answers_for_the_file_as_hash_piece_does(
+        tmp_path: Path, backend: str) -> None:
+    """A piece cached whole (read by a client), then a byte of it changed behind the
+    daemon's back: hash_piece (reading the file) said it fails while hash_block answered
+    from the cache, for the bytes verified before. Both read the file now."""
+    import hashlib
+
+    dio, ih, src = _four_pieces(tmp_path, backend)
+    p = 1
+    assert dio.read_chunk(ih, p, 0, 65536) == src.read(p, 0, 65536)  # cached whole
+    path = tmp_path / "dl" / "payload.bin"
+    with open(path, "r+b") as f:
+        f.seek(p * 65536 + 5)
+        f.write(b"\x00" if src.read(p, 5, 1) != b"\x00" else b"\x01")
+        f.flush()
+        os.fsync(f.fileno())
+    on_disk = path.read_bytes()[p * 65536 : p * 65536 + 16384]
+    assert not dio.hash_piece(ih, p)
+    assert dio.hash_block(ih, p, 0, 16384) == hashlib.sha256(on_disk).digest()
+    dio.close()

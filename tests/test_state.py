@@ -10,7 +10,9 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -1785,6 +1787,126 @@ def test_a_second_engine_on_one_state_folder_is_refused_before_it_touches_it(
     again = DiskIO(backend, state_dir=state)
     assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
     again.close()
+
+
+@pytest.mark.parametrize("how", ["socket_group", "not_a_socket", "http_port"])
+def test_a_start_refused_leaves_the_state_as_the_stop_before_left_it(
+        tmp_path: Path, how: str) -> None:
+    """A clean stop, then a start refused after the state was loaded (a socket_group
+    that does not exist, a file where the socket goes, the HTTP port taken): the engine
+    was left open, its state marked in use, so the next start took it for a crash's and
+    trusted the files without their stamps: a file replaced while stopped (same size,
+    other bytes) kept its pieces verified, and served. The refused start leaves the state
+    as the clean stop did; the next start checks that file."""
+    content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384, "b.bin": 8 * 16384}, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    save = tmp_path / "dl"
+    d = Daemon(tmp_path)
+    with Client(d.socket) as c:
+        ih = c.register(raw, save)
+        shutil.copytree(content, save / content.name)
+        assert c.recheck(ih)["verified"] == 16
+    assert d.stop() == 0
+    env, extra = dict(os.environ), []
+    taken = socket.socket()
+    try:
+        if how == "socket_group":
+            env["PIECED_SOCKET_GROUP"] = "no-such-group-here"
+        elif how == "not_a_socket":
+            d.socket.write_text("not a socket")
+        else:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            extra = ["--http-port", str(taken.getsockname()[1])]
+        r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0",
+                            *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and "pieced:" in r.stderr, r.stderr
+    finally:
+        taken.close()
+    if how == "not_a_socket":
+        d.socket.unlink()
+    b = save / content.name / "b.bin"
+    new = b.with_name("b.new")
+    new.write_bytes(os.urandom(b.stat().st_size))
+    os.replace(new, b)
+    again = Daemon(tmp_path)
+    try:
+        with Client(again.socket) as c:
+            end = time.monotonic() + 30
+            while (st := c.status(ih))["reverifying_pieces"] and time.monotonic() < end:
+                time.sleep(0.02)
+            good = lt_recheck(raw, save)
+            have = [bool(st["have"][p >> 3] & (0x80 >> (p & 7))) for p in range(16)]
+            assert [p for p in range(16) if have[p] and not good[p]] == [], \
+                "pieces of a file replaced while stopped still verified"
+            assert st["verified_pieces"] == 8
+    finally:
+        assert again.stop() == 0, again.stderr()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_short_file_keeps_the_pieces_before_its_end_across_a_restart(
+        tmp_path: Path, backend: str) -> None:
+    """A file shorter than its length (another client's partial download) keeps the
+    pieces a check found before its end, as in libtorrent. After a restart it was taken
+    for a file at its length: its first read said it had been cut behind pieced's back
+    (ENOENT) and dropped every verified piece of it."""
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * 16384, "b.bin": 8 * 16384}, seed=7)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, content.parent)
+    save = tmp_path / "dl"
+    (save / content.name).mkdir(parents=True)
+    shutil.copy(content / "a.bin", save / content.name / "a.bin")
+    (save / content.name / "b.bin").write_bytes((content / "b.bin").read_bytes()[: 5 * 16384])
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, save)
+    dio.recheck(ih)
+    assert dio.status(ih)["verified_pieces"] == 9
+    dio.close()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert wait_reverified(again, ih)["verified_pieces"] == 9
+    for p in range(9):
+        assert again.read_chunk(ih, p, 0, 16384) == src.read(p, 0, 16384)
+    assert again.status(ih)["verified_pieces"] == 9
+    for p, b, n in src.blocks():  # and the rest completes it
+        if p >= 9:
+            again.write_chunk(ih, p, b, src.read(p, b, n))
+    again.flush_all()
+    assert again.status(ih)["verified_pieces"] == 12
+    again.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_save_folder_not_there_at_a_start_loses_no_verified_piece(
+        tmp_path: Path, backend: str) -> None:
+    """A start while the torrent's save folder is not there (its disk not mounted yet):
+    every file was taken for deleted, its pieces dropped and the record saved so: when
+    the disk came back, nothing was verified any more. They are kept, reported, and
+    checked at the next start that finds the folder."""
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * 16384, "b.bin": 8 * 16384}, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, content.parent)
+    mount = tmp_path / "disk"
+    save = mount / "dl"
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, save)
+    fill(dio, ih, src)
+    dio.flush_all()
+    dio.close()
+    mount.rename(tmp_path / "away")
+    absent = DiskIO(backend, state_dir=tmp_path / "state")
+    assert absent.status(ih)["verified_pieces"] == 12
+    assert any("is not there" in e for e in absent.load_errors), absent.load_errors
+    with pytest.raises(StorageIOError):
+        absent.read_chunk(ih, 0, 0, 16384)
+    absent.close()
+    assert not mount.exists()  # nothing made where the disk goes
+    (tmp_path / "away").rename(mount)
+    back = DiskIO(backend, state_dir=tmp_path / "state")
+    assert wait_reverified(back, ih)["verified_pieces"] == 12
+    assert back.read_chunk(ih, 11, 0, 16384) == src.read(11, 0, 16384)
+    back.close()
 
 
 def test_a_second_daemon_on_one_state_folder_says_why_and_costs_the_first_nothing(
