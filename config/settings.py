@@ -107,7 +107,11 @@ def _port(v: Any) -> str | None:
 
 
 def _mode(v: Any) -> str | None:
-    return None if 0 <= v <= 0o777 else "must be a file mode such as 0o660"
+    if not 0 <= v <= 0o777:
+        return "must be a file mode such as 0o660"
+    if not v & 0o200:  # (connecting takes the write bit: not even its own user could)
+        return "must let its owner write (0o200): connecting to a socket takes its write bit"
+    return None
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")

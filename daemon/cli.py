@@ -27,16 +27,18 @@ class ProgressBar:
 
     line_open = False  # a bar is drawn and its line not ended: a message starts a new one
 
-    def __init__(self, total: int, unit_bytes: int, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, unit_bytes: int, stream: TextIO | None = None) -> None:
         self.total = total
         self.unit_bytes = unit_bytes
-        self.stream = stream
-        self.enabled = stream.isatty()
+        # (None when standard error is closed: no bar then)
+        self.stream: TextIO | None = sys.stderr if stream is None else stream
+        self.enabled = self.stream is not None and self.stream.isatty()
         self.start = time.monotonic()
         self._last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
+        stream = self.stream
+        if not self.enabled or stream is None:
             return
         now = time.monotonic()
         if done < total and now - self._last < 0.1:
@@ -46,14 +48,14 @@ class ProgressBar:
         width = 30
         fill = int(frac * width)
         rate = done * self.unit_bytes / max(now - self.start, 1e-9) / 2**20
-        self.stream.write(
+        stream.write(
             f"\r[{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} {done}/{total} pieces"
             f" {rate:8.1f} MiB/s"
         )
         ProgressBar.line_open = done < total
         if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+            stream.write("\n")
+        stream.flush()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -222,6 +224,8 @@ class Unwritten(Exception):
 
 
 def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    if sys.stdout is None:  # (started with it closed)
+        raise Unwritten("standard output is closed")
     try:
         if args.json:
             json.dump(data, sys.stdout, default=_jsonable)
@@ -230,7 +234,11 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
             print(human)
         sys.stdout.flush()
     except BrokenPipeError:
-        raise  # (piped into `head`: see main)
+        if not _stdout_gone():
+            raise  # (the daemon's socket: see main)
+        # Piped into `head`, which has read what it wanted: the rest goes nowhere, and
+        # the command still exits with its verdict (a check with failed pieces, 1).
+        _drop_stdout()
     except OSError as exc:
         raise Unwritten(exc.strerror or str(exc)) from None
 
@@ -399,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     me = f"pieced {args.command}"
     try:
         rc: int = args.func(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # (None: started with it closed)
+            sys.stdout.flush()
     except BrokenPipeError as exc:
         if _stdout_gone():  # piped into `head`: end quietly, as other Unix tools do
             _drop_stdout()
@@ -430,13 +439,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _complain(message: str) -> None:
     """An error on stderr, on a line of its own (not after a progress bar's)."""
+    if sys.stderr is None:  # (started with it closed: the exit status says it)
+        return
     print(("\n" if ProgressBar.line_open else "") + message, file=sys.stderr)
     ProgressBar.line_open = False
 
 
 def _drop_stdout() -> None:
     """Standard output to /dev/null from now on: what is left to write goes nowhere."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # (fd 1: sys.stdout may be None)
 
 
 def _stdout_gone() -> bool:
@@ -445,7 +456,7 @@ def _stdout_gone() -> bool:
 
     try:
         poll = select.poll()
-        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        poll.register(1, select.POLLOUT)
         return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
     except (OSError, ValueError):
         return False

@@ -129,11 +129,27 @@ def warn_missing_roots(settings: Settings) -> None:
                         "refused until it can", root, exc.strerror or exc)
 
 
+def passed_socket_problem(sock: socket.socket) -> str | None:
+    """What is wrong with the socket the service manager passed, for this daemon: a TCP
+    socket would serve its whole protocol, credentials unchecked, to the network; one
+    not listening fails every accept."""
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        return f"the socket passed (LISTEN_FDS) cannot be used: {exc.strerror or exc}"
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        return ("the socket passed (LISTEN_FDS) must be a listening Unix stream socket "
+                f"(ListenStream=/path), not {sock.family.name} {sock.type.name}"
+                + ("" if listening else ", not listening"))
+    return None
+
+
 def warn_open_socket(settings: Settings, passed: bool) -> None:
     """A socket_mode that lets other users in, with no allow list behind it: any local
     user may register, write and remove torrents. Allowed (the operator may mean it),
     but said, since the mode is the only gate then."""
-    if (not passed and settings.socket_mode & 0o006 and not settings.allow_uids
+    # (Connecting to a Unix socket takes its write bit: 0o664 lets no other user in.)
+    if (not passed and settings.socket_mode & 0o002 and not settings.allow_uids
             and not settings.allow_gids):
         log.warning("socket_mode %#o lets every local user use this daemon (register, "
                     "write, remove torrents): allow_uids and allow_gids are empty",
@@ -148,7 +164,11 @@ async def serve(settings: Settings) -> None:
     # Taken before the state is made or read: a socket path that cannot be bound stops
     # the start at once, and one passed by the service manager makes it irrelevant.
     passed = systemd.listen_fds()
-    if not passed:
+    if passed:
+        problem = passed_socket_problem(passed[0])
+        if problem:
+            raise SystemExit(f"pieced: {problem}")
+    else:
         problem = socket_path_problem(settings)
         if problem:
             raise SystemExit(problem)

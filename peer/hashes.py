@@ -20,6 +20,7 @@ from pieced.storage.merkle import BLOCK_SIZE, leaf_count, next_pow2, pad_hash
 from pieced.storage.metainfo import Metainfo
 
 MAX_COUNT = 8192  # as libtorrent: more than a 128 MiB piece's worth of blocks
+PIECE_LAYER_RUN = 512  # the hashes of the piece layer libtorrent asks for (and takes) at once
 
 
 class HashServer:
@@ -68,6 +69,14 @@ class HashServer:
             return None
         layer = tree[base - self.piece_height]
         if index + count > len(layer):
+            return None
+        if (base == self.piece_height == 0 and count != PIECE_LAYER_RUN
+                and index + count < len(layer)):
+            # libtorrent 2.1 takes hashes of the piece layer only as a run of 512, or one
+            # reaching the file's end, and drops the peer that sent others ("invalid
+            # hashes"). With pieces of 16 KiB that layer is the blocks', which it asks
+            # for one at a time after a piece failed: answered, it dropped us (and could
+            # be left with no good peer); a reject it takes, and goes on.
             return None
         out = layer[index : index + count]
         # The nodes fold up to one node k layers higher; from there each layer up to

@@ -49,12 +49,12 @@ from .frames import (
     FrameReader,
     FrameType,
     RecvRing,
-    check_info_hash,
     encode_control,
     encode_read,
     encode_read_ring,
     encode_write_header,
     encode_write_ring,
+    info_hash_field,
     not_an_info_hash,
     unencodable,
 )
@@ -1290,7 +1290,7 @@ class AsyncClient:
         # Refused now: a run is framed later, in a callback, where an error could only
         # be lost (and the flushes of every later request with it).
         if type(ih) is not bytes or len(ih) != 20:
-            check_info_hash(ih)
+            ih = info_hash_field(ih)
         if not (0 <= piece <= _U32 and 0 <= begin <= _U32):
             raise unencodable(piece, begin, n)
         placed = shm.put(data)

@@ -112,15 +112,23 @@ def not_an_info_hash(ih: object) -> BadRequest:
     return BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
 
 
-def check_info_hash(ih: object) -> None:
-    """Refuse, before anything is sent, an info_hash a block frame cannot carry as it
-    is: its field is 20 bytes, and packed there a shorter one was padded with zeros and
-    a longer one cut, a request for another torrent than the caller named."""
+def info_hash_field(ih: object) -> bytes:
+    """The 20 bytes of a block frame's info_hash field, from bytes (or a bytearray, a
+    memoryview, hex digits, as the control requests take it); refused before anything
+    is sent otherwise: packed there, a shorter one was padded with zeros and a longer
+    one cut, a request for another torrent than the caller named."""
+    if isinstance(ih, str):
+        try:
+            ih = bytes.fromhex(ih)
+        except ValueError:
+            raise BadRequest(f"an info_hash is 20 bytes, or hex digits, not {ih!r:.70}") from None
     if not isinstance(ih, (bytes, bytearray, memoryview)):
         raise not_an_info_hash(ih)
-    if memoryview(ih).nbytes != 20:
+    field = bytes(ih)
+    if len(field) != 20:
         raise BadRequest(f"an info_hash is 20 bytes (a v2-only torrent's is its SHA-256 "
-                         f"cut to 20), not {memoryview(ih).nbytes}")
+                         f"cut to 20), not {len(field)}")
+    return field
 
 
 def unencodable(piece: object, begin: object, length: object,
@@ -140,7 +148,7 @@ def encode_write_header(rid: int, ih: bytes, piece: int, begin: int, length: int
     """Header of an inline WRITE; the caller sends the block bytes right after it
     (with sendmsg, so the block is not copied into a joined buffer)."""
     if type(ih) is not bytes or len(ih) != 20:
-        check_info_hash(ih)
+        ih = info_hash_field(ih)
     try:
         return _header(FrameType.WRITE, flags, rid, WRITE_EXT.size + length) + WRITE_EXT.pack(
             ih, piece, begin
@@ -153,7 +161,7 @@ def encode_write_ring(
     rid: int, ih: bytes, piece: int, begin: int, offset: int, length: int, flags: int = 0
 ) -> bytes:
     if type(ih) is not bytes or len(ih) != 20:
-        check_info_hash(ih)
+        ih = info_hash_field(ih)
     try:
         return _header(FrameType.WRITE_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
             ih, piece, begin, offset, length
@@ -164,7 +172,7 @@ def encode_write_ring(
 
 def encode_read(rid: int, ih: bytes, piece: int, begin: int, length: int, flags: int = 0) -> bytes:
     if type(ih) is not bytes or len(ih) != 20:
-        check_info_hash(ih)
+        ih = info_hash_field(ih)
     try:
         return _header(FrameType.READ, flags, rid, READ_EXT.size) + READ_EXT.pack(
             ih, piece, begin, length)
@@ -178,7 +186,7 @@ def encode_read_ring(
     """A READ whose bytes the daemon puts into the client's shared ring at ``offset``
     (answered with an ACK): for a seeder, no bytes cross the socket."""
     if type(ih) is not bytes or len(ih) != 20:
-        check_info_hash(ih)
+        ih = info_hash_field(ih)
     try:
         return _header(FrameType.READ_RING, flags, rid, RING_EXT.size) + RING_EXT.pack(
             ih, piece, begin, offset, length

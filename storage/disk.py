@@ -819,18 +819,18 @@ class DiskIO:
             # (a torrent with nothing verified, a new download, has no file to look at)
             lengths, flags = meta.files.lengths, meta.files.flags
             folders: dict[str, bool] = {}  # (each looked at once)
-            if absent and VERIFIED in t.state:
-                # Each file found gone, its pieces were dropped and the record saved so:
-                # forgotten for good, the disk mounted later. They are kept, their files
-                # unknown (a read says ENOENT, and changes nothing); the next start with
-                # the folder there finds the files changed since this stop's stamps, and
-                # checks them.
+            # The save folder not there (a disk not mounted yet): its files are taken for
+            # gone, and their pieces missing, as the record is saved; but the record is
+            # marked as a check's under way, so that every start looks for the missing
+            # pieces again until one finds the folder (they were forgotten for good).
+            keep_looking = absent and VERIFIED in t.state
+            if keep_looking:
                 self.load_errors.append(
                     f"torrent {saved.ih_hex}: its save path {save} is not there: its "
-                    f"{t.count(VERIFIED)} verified pieces are kept as they were, checked at "
-                    "the first start that finds it (or by a recheck)")
+                    f"{t.count(VERIFIED)} verified pieces are missing until a start finds "
+                    "it, which checks them again (or a recheck, once it is back)")
             short: set[int] = set()  # files gone or shorter than their length
-            for i in range(len(lengths) if VERIFIED in t.state and not absent else 0):
+            for i in range(len(lengths) if VERIFIED in t.state else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
@@ -855,7 +855,7 @@ class DiskIO:
                 t.set_state(p, MISSING)
             if saved.partial and self.state.was_clean and saved.stamps is not None:
                 self._take_up(t, saved.partial, saved.stamps, folders)
-            if VERIFIED in t.state and not absent:
+            if VERIFIED in t.state:
                 # Known at their full length (so that one found shorter later was cut
                 # behind our back), but those short now: their first use took them for
                 # cut, and dropped the pieces kept before their ends.
@@ -887,10 +887,13 @@ class DiskIO:
                 # Only what the journal proved is known, or a check was looking for the
                 # pieces not yet found: they are looked for.
                 suspect = {p for p in range(n) if t.state[p] == MISSING}
+            scope = ("all" if saved.checking == "all" else "missing"
+                     ) if suspect or keep_looking else None
+            if absent:
+                suspect = set()  # (nothing can be found there now: looked for next time)
             with rec.save_lock:
                 try:  # before the record below forgets them: a crash meanwhile loses none
-                    rec.mark_checking(("all" if saved.checking == "all" else "missing")
-                                      if suspect else None)
+                    rec.mark_checking(scope)
                 except OSError as exc:
                     self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
                 # The replayed journals become the resume record, without the pieces

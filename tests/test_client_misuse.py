@@ -112,14 +112,15 @@ def test_a_ring_attached_while_a_writes_error_waits_is_kept(tmp_path: Path) -> N
         assert d.stop() == 0
 
 
-@pytest.mark.parametrize("bad", ["hex", "short", "long", "int"])
+@pytest.mark.parametrize("bad", ["short", "long", "int", "bad_hex"])
 def test_a_block_call_with_an_info_hash_it_cannot_carry_is_refused_at_once(
         tmp_path: Path, bad: str) -> None:
     """A block frame's info_hash field is 20 bytes: one of 19 was padded with a zero,
     one of 32 cut, silently (a request for another torrent than named). And
-    try_write_block_direct took hex text, framed later in a callback where the error
-    was lost with every later request of the client: its next call never returned.
-    Every block call now refuses them when called, and the client goes on."""
+    try_write_block_direct took whatever it was given, framed later in a callback where
+    the error was lost with every later request of the client: its next call never
+    returned. Every block call now refuses them when called, and the client goes on;
+    hex digits, a bytearray or a memoryview are taken, as by the control requests."""
     raw, src = _torrent(tmp_path)
     d = Daemon(tmp_path)
     block = src.read(0, 0, 16384)
@@ -127,7 +128,7 @@ def test_a_block_call_with_an_info_hash_it_cannot_carry_is_refused_at_once(
     async def main() -> None:
         async with AsyncClient(str(d.socket)) as c:
             ih = await c.register(raw, tmp_path / "dl")
-            wrong = {"hex": ih.hex(), "short": ih[:19], "long": ih + bytes(12), "int": 7}[bad]
+            wrong = {"short": ih[:19], "long": ih + bytes(12), "int": 7, "bad_hex": "zz" * 20}[bad]
             await c.attach_ring(1 << 20)
             with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
                 c.try_write_block_direct(wrong, 0, 0, block)  # type: ignore[arg-type]
@@ -136,8 +137,12 @@ def test_a_block_call_with_an_info_hash_it_cannot_carry_is_refused_at_once(
             with pytest.raises(BadRequest, match="info_hash is 20 bytes"):
                 await c.write_chunk(wrong, 0, 0, block)  # type: ignore[arg-type]
             assert c.try_write_block_direct(ih, 0, 0, block)
+            await c.write_chunk(ih.hex(), 0, 16384, src.read(0, 16384, 16384))  # type: ignore[arg-type]
+            await c.write_block_direct(bytearray(ih), 0, 32768, src.read(0, 32768, 16384))
+            await c.write_chunk(memoryview(ih), 0, 49152, src.read(0, 49152, 16384))
             await asyncio.wait_for(c.wait_writes(), 10)
             assert (await asyncio.wait_for(c.status(ih, files=False), 10))["have"] == bytes(2)
+            assert (await c.status(ih, partial=True))["partial"] == [[0, [[0, 65536]]]]
 
     try:
         asyncio.run(asyncio.wait_for(main(), 60))

@@ -52,6 +52,7 @@ def test_file_modes_are_octal_however_written(tmp_path: Path, written: str) -> N
         ("hash_workers = 100000\n", {}, "'hash_workers' = 100000 must be between 0 and 1024"),
         ("", {"PIECED_SOCKET_MODE": "0999"}, "must be an octal file mode"),
         ("", {"PIECED_SOCKET_MODE": "0o1777"}, "must be a file mode"),
+        ("", {"PIECED_SOCKET_MODE": "0444"}, "must let its owner write"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
@@ -281,6 +282,8 @@ def test_a_missing_root_is_warned_of(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra,warned", [
     ({"PIECED_SOCKET_MODE": "666"}, True),
+    ({"PIECED_SOCKET_MODE": "662"}, True),
+    ({"PIECED_SOCKET_MODE": "664"}, False),  # (connecting takes the write bit: no one else)
     ({"PIECED_SOCKET_MODE": "666", "PIECED_ALLOW_UIDS": "0"}, False),
     ({}, False),
 ])
@@ -296,7 +299,7 @@ def test_a_socket_open_to_every_user_with_nobody_checked_is_warned_of(
             if "lets every local user use this daemon" in ln]
     assert len(said) == (1 if warned else 0), said
     if warned:
-        assert "socket_mode 0o666" in said[0]
+        assert f"socket_mode 0o{extra['PIECED_SOCKET_MODE']}" in said[0]
 
 
 def test_a_socket_path_too_long_is_named(tmp_path: Path) -> None:

@@ -100,3 +100,27 @@ def test_refusals(meta) -> None:  # type: ignore[no-untyped-def]
     assert server.answer(big.pieces_root, 1, 1, 2, 3) is None  # not at a multiple of 2
     assert server.answer(big.pieces_root, 1, 0, 3, 3) is None  # not a power of 2
     assert server.answer(big.pieces_root, 1, 2, 2, 3) is not None
+
+
+def test_block_hashes_of_pieces_of_16_kib_are_refused_as_libtorrent_would_refuse_them(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With 16 KiB pieces the piece layer is the blocks': after a failed piece a
+    libtorrent leecher asks for one of its hashes, and dropped the peer that answered
+    ("invalid hashes": it takes that layer only in runs of 512, or to the file's end),
+    a good seeder lost, the download stalled when it was the only one. Such requests are
+    refused; runs of 512, and the file's last ones, are answered."""
+    root = tmp_path_factory.mktemp("small")
+    content = make_payload(root, {"a.bin": 1500 * BLOCK_SIZE + 5}, seed=3)
+    meta = parse(make_torrent_lt(content, BLOCK_SIZE, "v2"))
+    server = HashServer(meta)
+    f = meta.files[0] if meta.files[0].pieces_root is not None else meta.files[1]
+    assert f.pieces_root is not None
+    n = leaf_count(f.length)
+    num_layers = next_pow2(n).bit_length() - 1
+    assert server.answer(f.pieces_root, 0, 8, 1, 0) is None
+    assert server.answer(f.pieces_root, 0, 8, 8, 3) is None
+    run = server.answer(f.pieces_root, 0, 512, 512, num_layers - 1)
+    assert run is not None and _verify(f.pieces_root, f.length, 0, 512, 512,
+                                       num_layers - 1, run)
+    last = next_pow2(n) - 4  # (the layer padded to a power of 2: its last nodes)
+    assert server.answer(f.pieces_root, 0, last, 4, 0) is not None

@@ -1878,12 +1878,15 @@ def test_a_short_file_keeps_the_pieces_before_its_end_across_a_restart(
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("back", ["at_the_next_start", "during_the_run_changed"])
 def test_a_save_folder_not_there_at_a_start_loses_no_verified_piece(
-        tmp_path: Path, backend: str) -> None:
+        tmp_path: Path, backend: str, back: str) -> None:
     """A start while the torrent's save folder is not there (its disk not mounted yet):
     every file was taken for deleted, its pieces dropped and the record saved so: when
-    the disk came back, nothing was verified any more. They are kept, reported, and
-    checked at the next start that finds the folder."""
+    the disk came back, nothing was verified any more. They are missing for the run,
+    and the record keeps a check under way: the first start that finds the folder finds
+    them again. A folder that comes back during the run, a file of it changed meanwhile,
+    is not taken on trust either: that file's pieces fail the check."""
     content = make_payload(tmp_path / "src", {"a.bin": 4 * 16384, "b.bin": 8 * 16384}, seed=8)
     raw = make_torrent_lt(content, 16384, "v1")
     src = Source(raw, content.parent)
@@ -1896,17 +1899,25 @@ def test_a_save_folder_not_there_at_a_start_loses_no_verified_piece(
     dio.close()
     mount.rename(tmp_path / "away")
     absent = DiskIO(backend, state_dir=tmp_path / "state")
-    assert absent.status(ih)["verified_pieces"] == 12
+    assert absent.status(ih)["verified_pieces"] == 0
     assert any("is not there" in e for e in absent.load_errors), absent.load_errors
-    with pytest.raises(StorageIOError):
-        absent.read_chunk(ih, 0, 0, 16384)
+    if back == "during_the_run_changed":
+        (tmp_path / "away").rename(mount)
+        b = save / content.name / "b.bin"
+        b.write_bytes(bytes(b.stat().st_size))  # same size, other bytes
+        assert absent.status(ih)["verified_pieces"] == 0  # (not taken on trust now)
     absent.close()
-    assert not mount.exists()  # nothing made where the disk goes
-    (tmp_path / "away").rename(mount)
-    back = DiskIO(backend, state_dir=tmp_path / "state")
-    assert wait_reverified(back, ih)["verified_pieces"] == 12
-    assert back.read_chunk(ih, 11, 0, 16384) == src.read(11, 0, 16384)
-    back.close()
+    if back == "at_the_next_start":
+        assert not mount.exists()  # nothing made where the disk goes
+        (tmp_path / "away").rename(mount)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    st = wait_reverified(again, ih)
+    good = lt_recheck(raw, save)
+    have = [p for p in range(12) if st["have"][p >> 3] & (0x80 >> (p & 7))]
+    assert [p for p in have if not good[p]] == []
+    assert len(have) == (12 if back == "at_the_next_start" else 4)
+    assert again.read_chunk(ih, 3, 0, 16384) == src.read(3, 0, 16384)
+    again.close()
 
 
 def test_a_second_daemon_on_one_state_folder_says_why_and_costs_the_first_nothing(

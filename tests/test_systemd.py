@@ -77,3 +77,34 @@ def test_a_watchdog_setting_that_makes_no_sense_gives_no_pings_and_no_traceback(
     assert watchdog_interval() is None
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     assert watchdog_interval() == 0.1
+
+
+@pytest.mark.parametrize("kind", ["tcp", "datagram", "not_listening"])
+def test_a_passed_socket_other_than_a_listening_unix_stream_is_refused(
+        tmp_path: Path, kind: str) -> None:
+    """A socket unit of ListenStream=9000 passed a TCP socket: the daemon served its
+    whole protocol (rm --delete-files too) to the network, no credentials checked. A
+    datagram socket, or one not listening, started "ready" and failed every accept."""
+    if kind == "tcp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+    elif kind == "datagram":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(tmp_path / "dgram.sock"))
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(tmp_path / "quiet.sock"))
+    fd = sock.fileno()
+    script = (f'LISTEN_PID=$$ exec {sys.executable} -m pieced.daemon.cli run '
+              f'--http-port 0 --socket {tmp_path}/unused.sock')
+    try:
+        r = subprocess.run(["sh", "-c", script], cwd=tmp_path,
+                           env={**os.environ, "LISTEN_FDS": "1"},
+                           preexec_fn=lambda: os.dup2(fd, 3), pass_fds=(3, fd),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "must be a listening Unix stream socket" in r.stderr
+        assert "listening on" not in r.stdout
+    finally:
+        sock.close()

@@ -432,3 +432,49 @@ def test_a_check_reads_every_folder_from_the_save_path_it_opened(tmp_path: Path)
         assert bytes(got) == (tmp_path / "top.real" / "data" / second).read_bytes()[:16384]
     finally:
         files.close()
+
+
+@pytest.mark.parametrize("how", ["reader_gone", "stdout_closed", "stderr_closed"])
+def test_the_verdict_survives_an_output_that_cannot_be_written(tmp_path: Path, how: str) -> None:
+    """`pieced verify ... | head -c 60` of data with failed pieces exited 0 once head had
+    gone (the broken pipe taken for the end of a good run): a pipeline with pipefail
+    was told the data was good. Started with standard error closed, the progress bar
+    raised (exit 1, "a piece fails", of good data); with standard output closed, the
+    report did. The verdict is the exit status whatever becomes of the report; a report
+    that cannot be written at all is exit 2."""
+    import os
+
+    content = make_payload(tmp_path / "src", 300_000, seed=21)
+    raw = make_torrent_lt(content, 16384, "v1")
+    tfile = tmp_path / "t.torrent"
+    tfile.write_bytes(raw)
+    data = bytearray((content / "payload.bin").read_bytes() if content.is_dir()
+                     else content.read_bytes())
+    save = tmp_path / "save"
+    good = tmp_path / "src"
+    (save / "payload.bin").parent.mkdir(parents=True)
+    data[5] ^= 0xFF
+    (save / "payload.bin").write_bytes(data)
+    cmd = [*PIECED, "verify", str(tfile), "--json"]
+    if how == "reader_gone":
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            proc = subprocess.run([*cmd, "--data", str(save)], stdout=w,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(w)
+        assert proc.returncode == 1, proc.stderr  # a piece fails
+        assert "Traceback" not in proc.stderr
+        return
+    fd = 1 if how == "stdout_closed" else 2
+    results = {}
+    for name, folder in (("good", good), ("bad", save)):
+        proc = subprocess.run([*cmd, "--data", str(folder)], capture_output=True, text=True,
+                              timeout=120, preexec_fn=lambda: os.close(fd))
+        results[name] = proc.returncode
+        assert "Traceback" not in proc.stdout + proc.stderr
+    if how == "stderr_closed":
+        assert results == {"good": 0, "bad": 1}
+    else:
+        assert results == {"good": 2, "bad": 2}  # no report could be written
