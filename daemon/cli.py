@@ -20,6 +20,8 @@ from typing import Any, TextIO
 from pieced.config.args import positive_int
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: The largest .torrent `pieced add` reads: the most max_metainfo_bytes may be set to.
+MAX_METAINFO_READ = 1 << 30
 
 
 class ProgressBar:
@@ -253,7 +255,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     from pieced.storage.metainfo import read_metainfo
 
     try:  # before connecting: a missing .torrent is not a daemon that cannot be reached
-        raw = read_metainfo(args.torrent)
+        # Read as far as any daemon may take (its max_metainfo_bytes, up to 1 GiB): the
+        # daemon says whether its own limit takes it.
+        raw = read_metainfo(args.torrent, MAX_METAINFO_READ)
     except OSError as exc:
         print(f"pieced add: cannot read {args.torrent}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2130,8 +2130,12 @@ def _said(args: argparse.Namespace, exc: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PIECED_PEER_LOG", "WARNING").upper(),
-                        format="pieced-peer: %(message)s")
+    level = os.environ.get("PIECED_PEER_LOG", "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        print(f"pieced-peer: PIECED_PEER_LOG={level!r} is not a level (DEBUG, INFO, "
+              "WARNING, ERROR)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="pieced-peer: %(message)s")
     try:
         try:
             read_metainfo(args.torrent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -315,3 +316,43 @@ def test_a_socket_path_too_long_is_named(tmp_path: Path) -> None:
     assert f"'socket' = '{long}' is {size} bytes long: a Unix socket path may have at most 108" \
         in r.stderr, r.stderr
     assert not (tmp_path / ("s" * 120)).exists()
+
+
+def test_pieced_add_takes_a_torrent_as_large_as_the_daemon_does(tmp_path: Path) -> None:
+    """A daemon whose max_metainfo_bytes is raised takes a .torrent of 70 MB; `pieced
+    add` read it no further than the 64 MiB default and refused it itself."""
+    import subprocess
+    import sys
+
+    import bencodepy
+
+    from tests.conftest import Daemon
+    from tests.realtools import make_payload, make_torrent_lt
+
+    content = make_payload(tmp_path / "src", 100_000, seed=4)
+    meta = bencodepy.decode(make_torrent_lt(content, 16384, "v1"))
+    meta[b"x-padding"] = b"0" * (70 * 1024 * 1024)  # (outside the info dictionary)
+    tfile = tmp_path / "big.torrent"
+    tfile.write_bytes(bencodepy.encode(meta))
+    d = Daemon(tmp_path, env={"PIECED_MAX_METAINFO_BYTES": str(100 * 1024 * 1024)})
+    try:
+        r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "add", str(tfile),
+                            "--save-path", str(tmp_path / "dl"), "--socket", str(d.socket),
+                            "--json"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert len(json.loads(r.stdout)["info_hash"]) == 40
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieced_peer_names_a_log_level_it_does_not_know(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pieced.peer.plugin", str(tmp_path / "t.torrent"),
+                        "--save-path", str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PIECED_PEER_LOG": "verbose"})
+    assert r.returncode == 2
+    assert "PIECED_PEER_LOG='VERBOSE' is not a level" in r.stderr
+    assert "Traceback" not in r.stderr
