@@ -54,8 +54,8 @@ from .frames import (
     encode_read_ring,
     encode_write_header,
     encode_write_ring,
+    info_hash_bytes,
     info_hash_field,
-    not_an_info_hash,
     unencodable,
 )
 from .messages import check_hello, decode_error, encode_request, from_wire, hello, to_wire
@@ -554,17 +554,7 @@ def _rights(fds: list[int] | None) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
-def _hexless(ih: bytes | str) -> bytes:
-    """An info_hash given as bytes, or as hex digits; anything else is refused before
-    it is sent (``bytes(7)`` would have asked for a torrent of seven zero bytes)."""
-    if isinstance(ih, str):
-        try:
-            return bytes.fromhex(ih)
-        except ValueError:
-            raise BadRequest(f"an info_hash is 20 bytes, or hex digits, not {ih!r:.70}") from None
-    if isinstance(ih, (bytes, bytearray, memoryview)):
-        return bytes(ih)
-    raise not_an_info_hash(ih)
+_hexless = info_hash_bytes  # (control requests: the daemon checks the length)
 
 
 def _status_args(ih: bytes | str, files: bool, partial: bool) -> dict[str, Any]:

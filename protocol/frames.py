@@ -112,19 +112,26 @@ def not_an_info_hash(ih: object) -> BadRequest:
     return BadRequest(f"an info_hash is 20 bytes, not {type(ih).__name__} {ih!r:.60}")
 
 
-def info_hash_field(ih: object) -> bytes:
-    """The 20 bytes of a block frame's info_hash field, from bytes (or a bytearray, a
-    memoryview, hex digits, as the control requests take it); refused before anything
-    is sent otherwise: packed there, a shorter one was padded with zeros and a longer
-    one cut, a request for another torrent than the caller named."""
+def info_hash_bytes(ih: object) -> bytes:
+    """An info_hash given as bytes (a bytearray, a memoryview) or as hex digits; anything
+    else is refused before it is sent (``bytes(7)`` would have asked for a torrent of
+    seven zero bytes)."""
     if isinstance(ih, str):
         try:
-            ih = bytes.fromhex(ih)
+            return bytes.fromhex(ih)
         except ValueError:
             raise BadRequest(f"an info_hash is 20 bytes, or hex digits, not {ih!r:.70}") from None
-    if not isinstance(ih, (bytes, bytearray, memoryview)):
-        raise not_an_info_hash(ih)
-    field = bytes(ih)
+    if isinstance(ih, (bytes, bytearray, memoryview)):
+        return bytes(ih)
+    raise not_an_info_hash(ih)
+
+
+def info_hash_field(ih: object) -> bytes:
+    """The 20 bytes of a block frame's info_hash field (as :func:`info_hash_bytes`
+    takes it); refused before anything is sent otherwise: packed there, a shorter one
+    was padded with zeros and a longer one cut, a request for another torrent than the
+    caller named."""
+    field = info_hash_bytes(ih)
     if len(field) != 20:
         raise BadRequest(f"an info_hash is 20 bytes (a v2-only torrent's is its SHA-256 "
                          f"cut to 20), not {len(field)}")

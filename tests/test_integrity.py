@@ -1170,3 +1170,67 @@ def test_hash_block_answers_for_the_file_as_hash_piece_does(
     assert not dio.hash_piece(ih, p)
     assert dio.hash_block(ih, p, 0, 16384) == hashlib.sha256(on_disk).digest()
     dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_hash_of_a_piece_during_a_flush_of_it_answers_for_the_piece(
+        tmp_path: Path, backend: str) -> None:
+    """A piece whose first block is buffered (good) over a bad one on disk; one client
+    flushes it while another asks hash_piece. The flush takes the blocks out of the
+    buffer before they are in the file: read in between, the piece was the bad block
+    on disk, and hash_piece said it fails. It waits for the piece's write now."""
+    dio, ih, src = _four_pieces(tmp_path, backend)
+    t, p = dio.torrent(ih), 1
+    dio.clear_piece(ih, p)
+    dio.write_chunk(ih, p, 0, b"\x11" * 16384, flush=True)  # on disk: a bad block 0
+    dio.clear_piece(ih, p)
+    dio.write_chunk(ih, p, 0, src.read(p, 0, 16384))  # buffered: the good one
+    assert dio.hash_piece(ih, p)
+    gate, inside = threading.Event(), threading.Event()
+    real = t.storage.writev
+
+    def held(segs: Any, bufs: Any) -> Any:
+        if threading.current_thread().name == "flusher":
+            inside.set()
+            gate.wait(30)
+        return real(segs, bufs)
+
+    t.storage.writev = held
+    answers: list[bool] = []
+    flusher = threading.Thread(target=dio.flush_piece, args=(ih, p), name="flusher")
+    hasher = threading.Thread(target=lambda: answers.append(dio.hash_piece(ih, p)))
+    try:
+        flusher.start()
+        assert inside.wait(30)
+        hasher.start()
+        time.sleep(0.2)
+    finally:
+        gate.set()
+        flusher.join(30)
+        hasher.join(30)
+        t.storage.writev = real
+    assert answers == [True]
+    dio.close()
+
+
+def test_a_failed_write_running_into_a_pad_leaves_the_pad_received() -> None:
+    """PieceHasher.forget of a block that ran from a file's end into a pad (a peer's
+    16 KiB block): the file's bytes of it are to be sent again, the pad's are not (never
+    written, zeros by definition); sent again, the piece completes with the hash of its
+    bytes (read back, its prefix being restarted)."""
+    import hashlib
+
+    from pieced.storage.hashing import PieceHasher
+
+    data = os.urandom(40_000) + bytes(65536 - 40_000)  # a file's end at 40,000, then its pad
+    h = PieceHasher(65536, True, None, [(40_000, 65536)])
+    for b in (0, 16384, 32768):
+        h.add(b, [data[b : min(b + 16384, 40_000)]])
+    assert h.complete
+    h.forget(32768, 32768 + 16384)  # the block running into the pad: its write failed
+    assert not h.complete
+    assert h.received.spans == [[0, 32768], [40_000, 65536]]
+    h.add(32768, [data[32768:40_000]])
+    assert h.complete
+    d1, _, _ = h.finish(lambda b, n: data[b : b + n])
+    assert d1 == hashlib.sha1(data).digest()
