@@ -334,8 +334,9 @@ def test_a_cold_recheck_goes_in_small_batches_and_hashes_copies(tmp_path: Path,
 
 
 def test_a_cold_check_asks_for_what_it_reads_next_well_ahead(tmp_path: Path) -> None:
-    """``pieced verify``'s check of data not in the page cache, on a slow disk (3 ms a
-    read): when a piece is read, the read-ahead asked for (POSIX_FADV_WILLNEED) reaches
+    """``pieced verify``'s check of data not in the page cache, on a slow disk (10 ms a
+    read: the thread that asks ahead has a batch's reads, 80 ms, to wake up in, even on a
+    loaded machine): when a piece is read, the read-ahead asked for (POSIX_FADV_WILLNEED) reaches
     about READ_AHEAD_BYTES past it (less the batches being read, at most three: the
     median over the pieces that far from the torrent's end)."""
     piece = 1024 * 1024
@@ -354,7 +355,7 @@ def test_a_cold_check_asks_for_what_it_reads_next_well_ahead(tmp_path: Path) -> 
         real_advise(first, size)
 
     def read(p: int, begin: int, out: memoryview) -> None:
-        time.sleep(0.003)  # a slow disk: the thread that asks ahead keeps up with it
+        time.sleep(0.010)  # a slow disk: the thread that asks ahead keeps up with it
         with lock:
             if begin == 0 and (p + 1) * piece <= far:
                 ahead.append((asked[0] - (p + 1) * piece) // piece)
