@@ -48,7 +48,7 @@ def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) 
 
 def decode_spanning(
     data: bytes, key: bytes | None, *, max_depth: int = 512, max_values: int | None = None,
-    hook: tuple[bytes, Hook] | None = None,
+    hook: tuple[bytes, Hook] | None = None, trailing: bool = False,
 ) -> tuple[Any, tuple[int, int] | None]:
     """:func:`decode`, and where the value of ``key`` in the top-level dictionary lies in
     ``data`` (start, end), or None: a torrent's info hash is over those exact bytes.
@@ -57,10 +57,14 @@ def decode_spanning(
     (a torrent's ``info.files``) is read by ``reader(decoder, pos, path, depth)``
     instead, which returns (value, end). A reader that knows the usual shape of a large
     value can read it without a Python object per item; for anything else it calls
-    ``decoder.value``, so the rules above hold all the same."""
+    ``decoder.value``, so the rules above hold all the same.
+
+    ``trailing``: bytes after the value are left unread (a .torrent file with a newline
+    or junk after its dictionary, which libtorrent and Transmission read too: they are
+    no part of any value, so no reader can see another torrent in them)."""
     dec = _Decoder(bytes(data), max_depth, max_values, key, hook)
     value, end = dec.value(0, None, 0)
-    if end != len(data):
+    if end != len(data) and not trailing:
         raise BencodeError(f"{len(data) - end} bytes of trailing data after the value "
                            f"(offset {end})")
     return value, dec.span

@@ -39,7 +39,8 @@ MAX_NESTING = 99  # lists and dictionaries in one another, as libtorrent allows 
 # FileTable flags made selectors for itertools.compress: not a pad; a pad.
 _NOT_PAD = bytes(0 if b & PAD else 1 for b in range(256))
 _PAD_ONLY = bytes(1 if b & PAD else 0 for b in range(256))
-_LEGACY_PAD_PREFIX = "_____padding_file_"
+_LEGACY_PAD_MARK = "_____padding_file_"  # BitComet's pad files, before BEP 47
+_LEGACY_PAD_BYTES = _LEGACY_PAD_MARK.encode()
 
 
 class V2Piece(NamedTuple):
@@ -200,7 +201,8 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
         raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
     try:
         top, span = decode_spanning(data, b"info", max_depth=MAX_NESTING,
-                                    hook=(b"files", partial(_read_v1_files, max_files)))
+                                    hook=(b"files", partial(_read_v1_files, max_files)),
+                                    trailing=True)
     except BencodeError as exc:
         raise BadMetainfo(f"not canonical bencode: {exc}") from None
     if not isinstance(top, dict):
@@ -523,7 +525,9 @@ def _renames(entries: list[FileEntry], name: str, lt_pads: bool,
 
 
 def _with_root(f: FileEntry, v2: FileEntry) -> FileEntry:
-    return FileEntry(f.path, f.length, f.offset, f.pad, f.attr or v2.attr, v2.pieces_root)
+    """A hybrid's file: where v1 lays it out, what v2 says of it (its root, and its
+    attributes, as libtorrent takes them from the file tree)."""
+    return FileEntry(f.path, f.length, f.offset, f.pad, v2.attr, v2.pieces_root)
 
 
 def _get(d: dict[bytes, Any], key: bytes, typ: type, where: str) -> Any:
@@ -671,14 +675,25 @@ def _codepoint(raw: bytes, i: int) -> tuple[int, int]:
 
 
 def _is_pad(path: tuple[str, ...], attr: str) -> bool:
-    return "p" in attr or path[-1].startswith(_LEGACY_PAD_PREFIX)
+    """BEP 47's attribute, or BitComet's name: as libtorrent reads it, a file is a pad
+    where any name of its path (a folder's too) holds :data:`_LEGACY_PAD_MARK`, so that
+    both read the same bytes as zeros."""
+    return "p" in attr or any(_LEGACY_PAD_MARK in part for part in path)
 
 
 def _attr(d: dict[bytes, Any], where: str) -> str:
     a = d.get(b"attr", b"")
     if not isinstance(a, bytes):
         raise BadMetainfo(f"{where}.attr must be a string")
-    return a.decode("ascii", "replace")
+    return _real_link(a.decode("ascii", "replace"), d)
+
+
+def _real_link(attr: str, d: dict[bytes, Any]) -> str:
+    """``attr`` without its symlink flag where the entry has no ``symlink path``: an
+    ordinary file then (empty unless it says otherwise), as libtorrent makes it."""
+    if "l" in attr and not isinstance(d.get(b"symlink path"), list):
+        return attr.replace("l", "")
+    return attr
 
 
 def _length(d: dict[bytes, Any], where: str) -> int:
@@ -765,15 +780,17 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
                                 for j, part in enumerate(raw_folder)))
                         name = _plain_name(parts[-1])
                         attr = m.group(1)
-                        if attr is None and not name.startswith(_LEGACY_PAD_PREFIX):
+                        if attr == b"l":  # (no "symlink path" in this entry)
+                            attr = None
+                        legacy = _LEGACY_PAD_BYTES in data[m.end():p]  # (in any name)
+                        if attr is None and not legacy:
                             add_folder(fid)  # b.add(), inline: the usual file
                             add_name(name)
                             add_length(int(m.group(2)))
                             add_flags(0)
                         else:
                             a = "" if attr is None else attr.decode()
-                            b.add(fid, name, int(m.group(2)),
-                                  "p" in a or name.startswith(_LEGACY_PAD_PREFIX), a)
+                            b.add(fid, name, int(m.group(2)), "p" in a or legacy, a)
                         pos = p + 2
                         i += 1
                         continue
@@ -830,7 +847,7 @@ def _v1_file(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
         if len(parts) > MAX_PATH_PARTS or (len(b"".join(parts)) > NAME_CUT
                                            and max(map(len, parts)) > NAME_CUT):
             raise ValueError  # a path too deep, or a name libtorrent cuts short
-        attr = "" if raw_attr is None else raw_attr.decode("ascii", "replace")
+        attr = "" if raw_attr is None else _real_link(raw_attr.decode("ascii", "replace"), fd)
         return int(got), path, attr
     except (ValueError, TypeError, AttributeError):
         return _v1_file_slowly(fd, where)
@@ -891,8 +908,10 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
                 attr = _attr(leaf, where)
                 # A symlink's entry (attr "l") has its "symlink path" and no length in
                 # the torrents libtorrent makes: it holds no data (one with a length is
-                # refused with the v1 form's, in _check_special).
-                length = 0 if "l" in attr and b"length" not in leaf else _length(leaf, where)
+                # refused with the v1 form's, in _check_special). Without its path, it
+                # is an empty file (see _real_link).
+                link = b"l" in leaf.get(b"attr", b"")
+                length = 0 if link and b"length" not in leaf else _length(leaf, where)
                 root = leaf.get(b"pieces root")
                 if length > 0 and (not isinstance(root, bytes) or len(root) != 32):
                     raise BadMetainfo(f"'{where}' needs a 32-byte 'pieces root'")

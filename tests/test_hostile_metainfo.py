@@ -474,7 +474,8 @@ ROWS: list[Row] = [
         "piece length",
     ),
     # -- the shape of the input
-    Row("trailing bytes", lambda b: b["v1"] + b"\n", ACCEPTED, BadMetainfo, "trailing"),
+    Row("trailing bytes", lambda b: b["v1"] + b"\n", ACCEPTED, None, lands=v1_paths()),
+    Row("trailing junk", lambda b: b["v1"] + b"d4:infoi1ee", ACCEPTED, None, lands=v1_paths()),
     Row("truncated in pieces", lambda b: b["v1"][:-30], LT_EOF, BadMetainfo, "pieces"),
     Row(
         "nesting bomb in info",
@@ -693,6 +694,25 @@ ROWS: list[Row] = [
         ".pad",
     ),
     Row("symlink with a length", edited("v1", symlink_with_length), ACCEPTED, BadMetainfo, "c.txt"),
+    Row(  # (made as an empty file, as libtorrent makes it: checked by test_register)
+        "symlink flag without a symlink path",
+        edited("v1", lambda t: put(v1_file(t, b"empty"), b"attr", b"l")),
+        ACCEPTED,
+        None,
+        lands=v1_paths(),
+    ),
+    Row(  # (c.txt a pad to both: left out of the paths of both)
+        "BitComet pad name in a folder's name",
+        edited("v1", set_path(b"c.txt", b"_____padding_file_0", b"c.txt")),
+        ACCEPTED,
+        None,
+    ),
+    Row(
+        "BitComet pad name inside a file's name",
+        edited("v1", set_path(b"c.txt", b"x_____padding_file_0")),
+        ACCEPTED,
+        None,
+    ),
     # -- v2 hashes and version
     Row("v2 piece layer 32 bytes short", edited("v2", short_layer), LT_LAYER, BadMetainfo, "b.bin"),
     Row(

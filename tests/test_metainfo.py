@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,35 @@ def test_files_libtorrent_marks_executable_are_made_executable(
     for name in ("run.sh", "data.bin", "empty-tool"):
         mode = stat.S_IMODE((tmp_path / "dl" / "payload" / name).stat().st_mode)
         assert bool(mode & 0o111) == (name in marked), (name, oct(mode))
+
+
+@pytest.mark.parametrize(("v1_attr", "v2_attr"), [(b"x", None), (None, b"x"), (b"h", b"x")])
+def test_a_hybrids_file_attributes_are_its_file_trees(
+        tmp_path: Path, v1_attr: bytes | None, v2_attr: bytes | None) -> None:
+    """A hybrid whose v1 list and v2 file tree give a file other attributes: libtorrent
+    takes the file tree's (and makes the file 0755 only where it says ``x``); the v1
+    list's were taken first, so the two made one download's file of other modes."""
+    src = tmp_path / "payload"
+    src.mkdir()
+    (src / "a.bin").write_bytes(bytes(range(256)) * 200)
+    (src / "b.bin").write_bytes(b"b" * 30_000)
+    top = bencodepy.decode(make_torrent_lt(src, 16384, "hybrid"))
+    info = top[b"info"]
+    entry = next(f for f in info[b"files"] if f[b"path"] == [b"a.bin"])
+    leaf = info[b"file tree"][b"a.bin"][b""]
+    for d, attr in ((entry, v1_attr), (leaf, v2_attr)):
+        d.pop(b"attr", None)
+        if attr is not None:
+            d[b"attr"] = attr
+    raw = bencodepy.encode(top)
+    meta = parse(raw)
+    got = next(f.attr for f in meta.files if f.path[-1] == "a.bin")
+    assert got == (v2_attr or b"").decode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # files(): deprecated in 2.x
+        fs = lt.torrent_info(raw).files()
+    i = next(i for i in range(fs.num_files()) if fs.file_path(i).endswith("a.bin"))
+    assert bool(fs.file_flags(i) & lt.file_storage.flag_executable) == ("x" in got)
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
