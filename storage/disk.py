@@ -247,6 +247,8 @@ class DiskIO:
         self._stopping = threading.Event()  # set: checks of files in progress give up
         self._held_errors = threading.local()  # see errors_held
         self.state = StateStore(state_dir) if state_dir is not None else None
+        # (resolved once: no payload path may lead into it, see _not_in_state)
+        self._state_real = Path(state_dir).resolve() if state_dir is not None else None
         self.load_errors: list[str] = []
         if self.state is not None:
             self._load_state()
@@ -258,6 +260,11 @@ class DiskIO:
         self._refuse_registered(meta)  # before the save path is made: refused, nothing made
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links, self.roots)
+        try:
+            self._not_in_state(path, map(storage.parts, storage.stored_files()))
+        except BaseException:
+            storage.close()
+            raise
         new_folders = [f for f in (path, *path.parents) if not f.exists()]  # unmade if refused
         with self._lock:
             self._making.append(path)  # (a refused register leaves this one's folders)
@@ -1169,6 +1176,10 @@ class DiskIO:
                 t.set_fingerprint(p, fp)
         self.metrics.add("bytes_read", sum(read_bytes))
         self.metrics.add("fingerprint_hits", result.fingerprint_hits)
+        good = sum(result.have)  # (of the pieces checked: the others are False)
+        self.metrics.add("recheck_verified", good)
+        self.metrics.add("recheck_failed", (t.meta.num_pieces if pieces is None
+                                            else len(pieces)) - good)
         return result
 
     def _forget_moved(self, t: Torrent, files: Iterable[int],
@@ -2488,6 +2499,9 @@ class DiskIO:
             with self._not_shared(t, None):
                 self._flush_torrent(t, sync=True)
                 t.storage.check_move(path)
+                st = t.storage
+                self._not_in_state(path, map(st.parts, st.stored_files()))
+                self._not_others(t, path, (path.joinpath(*st.parts(i)) for i in st.stored_files()))
                 # A file put in the place of one of the torrent's behind pieced's back is
                 # refused where it is; moved, it would be taken for the torrent's at the
                 # new place: its pieces start over first.
@@ -2503,6 +2517,8 @@ class DiskIO:
             parts = t.storage.rename_target(index, new_name)
             if parts is None:
                 return
+            self._not_in_state(t.storage.save_path, [parts])
+            self._not_others(t, t.storage.save_path, [t.storage.save_path.joinpath(*parts)])
             renames = dict(t.storage.renames)
             self._moving(t, lambda: t.storage.rename(index, new_name), t.storage.save_path,
                          {**renames, index: parts}, (t.storage.save_path, renames))
@@ -2529,6 +2545,45 @@ class DiskIO:
         finally:
             with self._lock:
                 t.moving = False
+
+    def _not_in_state(self, save: Path, parts: Iterable[tuple[str, ...]]) -> None:
+        """Refuse (PATH_ESCAPE) payload files in the daemon's state folder (the embedded
+        defaults keep it in ``var/``, inside the allowed root): a torrent's file there
+        could be a record's, and the record folder of a torrent removed is deleted whole,
+        payload files in it too, while they were still reported verified."""
+        state = self._state_real
+        if state is None:
+            return
+        if save == state or save.is_relative_to(state):
+            raise PathEscape(f"save path {save} is inside the daemon's state folder {state}")
+        if not state.is_relative_to(save):
+            return
+        rel = state.relative_to(save).parts
+        k = len(rel)
+        for p in parts:
+            if p[:k] == rel:
+                raise PathEscape(f"{save.joinpath(*p)} is inside the daemon's state folder "
+                                 f"{state}")
+
+    def _not_others(self, t: Torrent, save: Path, paths: Iterable[Path]) -> None:
+        """Refuse (EEXIST) to move or rename files of ``t`` to the paths of another
+        registered torrent's files, or to a folder of them, or below one: written or not
+        yet, they are that torrent's to write, and its download would overwrite pieces
+        verified here (which, shared, could then not be moved away again)."""
+        held = self._held_by_others(save, t)
+        if not held:
+            return
+        folders = {f for h in held for f in h.parents}
+        for there in paths:
+            if there in held or there in folders:
+                raise StorageIOError(f"{there} is the place of a file of another torrent, or "
+                                     "of one of its folders", errno=errno.EEXIST)
+            for up in there.parents:
+                if up in held:
+                    raise StorageIOError(f"{there} would be below {up}, a file of another "
+                                         "torrent", errno=errno.EEXIST)
+                if up == save:
+                    break
 
     def _moving(self, t: Torrent, move: Callable[[], None], path: Path,
                 renames: dict[int, tuple[str, ...]],

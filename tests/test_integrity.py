@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 from pieced.protocol.client import Client
-from pieced.storage.errors import StorageIOError, UnknownTorrent
+from pieced.storage.errors import PathEscape, StorageIOError, UnknownTorrent
 
 from tests.conftest import STORES_NOTHING, Daemon, run_threads
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
@@ -611,6 +611,85 @@ def test_rename_a_file_onto_another_payload_file_is_refused(
             assert dl.joinpath(*p.split("/")).read_bytes() == before[i], p
         for p in range(src.meta.num_pieces):
             assert c.read_chunk(ih, p, 0, src.layout.piece_size(p)) == whole(src, p)
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_move_or_rename_onto_the_files_of_another_torrent_not_yet_written_is_refused(
+    tmp_path: Path, backend: str
+) -> None:
+    """Torrent A is verified in ``dl``; B, of the same file names but other bytes, is
+    registered (nothing of it written yet) in ``there``, and C, one file, in ``dl``. A's
+    move to ``there`` and A's renames to C's file, or below it, are refused (EEXIST)
+    over one connection while another holds B and C: the files not being there yet
+    let them through, B's download then overwrote A's verified pieces, and A, sharing
+    its files with B from then on, could not be moved back."""
+    spec = {"a.bin": 70_000, "sub/b.bin": 50_000}
+    raw_a, src_a = torrent(tmp_path / "one", spec, BLOCK, "v1", seed=41)
+    raw_b, src_b = torrent(tmp_path / "two", spec, BLOCK, "v1", seed=42)
+    raw_c, _ = torrent(tmp_path / "three", 30_000, BLOCK, "v1", seed=43)
+    n = src_a.meta.num_pieces
+    with running(tmp_path, backend) as d, client(d) as a, client(d) as other:
+        ih_a = a.register(raw_a, tmp_path / "dl")
+        download(a, ih_a, src_a)
+        a.flush_all()
+        ih_b = other.register(raw_b, tmp_path / "there")
+        other.register(raw_c, tmp_path / "dl")
+        with pytest.raises(StorageIOError) as caught:
+            a.move_storage(ih_a, tmp_path / "there")
+        assert caught.value.errno == errno.EEXIST, caught.value
+        for target in ("payload.bin", "payload.bin/a.bin"):
+            with pytest.raises(StorageIOError) as caught:
+                a.rename_file(ih_a, 0, target)
+            assert caught.value.errno == errno.EEXIST, caught.value
+        st = a.status(ih_a)
+        assert st["save_path"] == str((tmp_path / "dl").resolve())
+        assert [f["path"] for f in st["files"]] == ["payload/a.bin", "payload/sub/b.bin"]
+        download(other, ih_b, src_b)
+        other.flush_all()
+        assert other.status(ih_b)["verified_pieces"] == n
+        assert a.recheck(ih_a, full=True)["verified"] == n
+        a.move_storage(ih_a, tmp_path / "elsewhere")  # (still free to move)
+        assert a.status(ih_a)["verified_pieces"] == n
+        assert_payload(raw_a, src_a, tmp_path / "elsewhere", backend)
+
+
+def test_no_payload_file_goes_into_the_daemons_state_folder(tmp_path: Path) -> None:
+    """On the embedded defaults the state folder (``var/``) lies inside the allowed root.
+    A save path in it, a torrent whose files would land in it (named ``var``, saved in
+    the root), a move into it and a rename into it are refused (PATH_ESCAPE), and
+    nothing is made there: a payload moved into another torrent's record folder was
+    deleted with that torrent's record, while still reported verified."""
+    spec = {"a.bin": 40_000}
+    raw_a, src_a = torrent(tmp_path / "one", spec, BLOCK, "v1", seed=44)
+    made = tmp_path / "mk" / "var" / "torrents"
+    made.mkdir(parents=True)
+    (made / "x.bin").write_bytes(os.urandom(20_000))
+    raw_var = make_torrent_lt(tmp_path / "mk" / "var", BLOCK, "v1")
+    with running(tmp_path, "posix") as d, client(d) as c:
+        before = sorted((tmp_path / "var").rglob("*"))
+        ih_a = c.register(raw_a, tmp_path / "dl")
+        download(c, ih_a, src_a)
+        c.flush_all()
+        record = tmp_path / "var" / "torrents" / ih_a.hex()
+        assert record.is_dir()
+        raw_b = raw_a.replace(b"4:name7:payload", b"4:name7:payloaD")  # (another torrent)
+        raw_c = raw_a.replace(b"4:name7:payload", b"4:name7:payloaE")
+        ih_b = c.register(raw_b, tmp_path)
+        after_register = sorted((tmp_path / "var").rglob("*"))
+        for call in (lambda: c.register(raw_c, record),
+                     lambda: c.register(raw_var, tmp_path),
+                     lambda: c.move_storage(ih_a, record),
+                     lambda: c.move_storage(ih_a, tmp_path / "var")):
+            with pytest.raises(PathEscape, match="state folder"):
+                call()
+        with pytest.raises(PathEscape, match="state folder"):
+            c.rename_file(ih_b, 0, f"var/torrents/{ih_a.hex()}/a.bin")
+        assert sorted((tmp_path / "var").rglob("*")) == after_register
+        assert before != after_register
+        assert c.status(ih_a)["verified_pieces"] == src_a.meta.num_pieces
+        assert c.status(ih_a)["save_path"] == str((tmp_path / "dl").resolve())
+        c.unregister(ih_a)
+        assert_payload(raw_a, src_a, tmp_path / "dl", "posix")
 
 
 # -- 4. SuggestPiece on the ring path ------------------------------------------------------------
