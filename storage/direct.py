@@ -225,6 +225,8 @@ class DirectStorage(FileStorage):
                         with self._bounce(fd, A) as bounce:
                             got += self._read_aligned(fd, bounce[:A], start + body)
                             dst[body:] = bounce[: seg.length - body]
+                    elif body < seg.length:  # the file ends before: zeros, as in the body
+                        dst[body:] = bytes(seg.length - body)
                     self._check_read(seg, start + got, whole)
                     return
                 with self._bounce(fd, end - start) as bounce:

@@ -359,3 +359,38 @@ def test_writes_stuck_on_a_frozen_file_system_leave_bounce_buffers_for_the_other
         freezable_fs.thaw()
         pool.shutdown(wait=True)
         dio.close()
+
+
+@pytest.mark.parametrize("backend", ["direct", "posix", "mmap", "uring"])
+def test_a_read_past_a_short_files_end_gives_zeros_into_an_aligned_buffer(
+        tmp_path: Path, backend: str) -> None:
+    """A file shorter than its torrent says (another program's, not yet sized by the
+    daemon), read into a page-aligned buffer that held other bytes (a recheck reuses
+    its buffers): past the file's end the buffer holds zeros on every backend. On
+    direct, the part past the last whole 4 KiB page kept the buffer's old bytes, and a
+    check that takes zeros for "past the end" was given something else."""
+    import hashlib
+    import mmap
+
+    import bencodepy
+    from pieced.storage.files import HandlePool, make_storage
+    from pieced.storage.layout import Layout
+    from pieced.storage.metainfo import parse
+
+    content = hashlib.shake_128(b"short").digest(5000)
+    info = {b"name": b"f.bin", b"piece length": 16384, b"length": 5000,
+            b"pieces": hashlib.sha1(content).digest()}
+    meta = parse(bencodepy.encode({b"info": info}))
+    (tmp_path / "f.bin").write_bytes(content[:100])
+    storage = make_storage(backend, meta, tmp_path, HandlePool(8), roots=[tmp_path])
+    region = mmap.mmap(-1, 8192)
+    try:
+        buf = memoryview(region)[:5000]
+        buf[:] = b"\xee" * 5000
+        storage.readinto(Layout(meta).map(0, 0, 5000), buf)
+        assert bytes(buf[:100]) == content[:100]
+        assert bytes(buf[100:]) == bytes(4900)
+        buf.release()
+    finally:
+        storage.close()
+        region.close()
