@@ -590,8 +590,8 @@ class FolderFiles:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None  # a symlink in the file's place
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
+                return None  # a symlink (or a socket: ENXIO) in the file's place
             raise Unreadable(path, exc) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)

@@ -152,17 +152,26 @@ def test_a_symlink_fails_its_pieces_as_in_the_daemon(tmp_path: Path, where: str)
     assert rc == 1 and out["failed_v1"] == daemon.failed_v1 == [1, 2, 3, 4], (out, daemon)
 
 
-def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(
+        tmp_path: Path, kind: str) -> None:
     """A FIFO where a payload file should be: opening it to read waited for a writer for
     ever, so `pieced verify` and a daemon's recheck never ended (and the daemon could not
-    stop). Now its pieces fail, the others verify, and both end."""
+    stop). Now its pieces fail, the others verify, and both end. A Unix socket there
+    (its open says ENXIO) made `pieced verify` give up on the whole check (exit 2)."""
     import os
+    import socket
 
     content = make_payload(tmp_path / "save", {"a.bin": 200_000, "b.bin": 70_000}, seed=10)
     raw = make_torrent_lt(content, 65536, "v1")
     (tmp_path / "t.torrent").write_bytes(raw)
     (content / "a.bin").unlink()
-    os.mkfifo(content / "a.bin")
+    if kind == "fifo":
+        os.mkfifo(content / "a.bin")
+    else:
+        bound = socket.socket(socket.AF_UNIX)
+        bound.bind(str(content / "a.bin"))
+        bound.close()
     rc, out, _ = run_verify(raw, tmp_path / "save", tmp_path)  # (a time limit of its own)
     assert rc == 1 and out["failed_v1"] == [0, 1, 2, 3]  # a.bin is in the first four
     recheck = (  # the storage engine's recheck, in a process of its own: it may hang
