@@ -502,7 +502,7 @@ class Feed:
             "read": rate("bytes_read"),
             "syncs": rate("syncs"),
             "verified": rate("pieces_verified"),
-            "failed": delta("pieces_failed"),
+            "failed": rate("pieces_failed"),  # (per second, as verified: one axis)
             "hash_queue": s["hash_queue_depth"],
             "hash_ms": round(delta("hash_us") / delta("hash_n") / 1000, 3)
             if delta("hash_n") else None,

@@ -27,7 +27,13 @@ from pieced.storage.disk import DiskIO
 from pieced.storage.resume import make_folders
 
 from . import systemd
-from .http import HTTP_SHUTDOWN_SECONDS, KEEPALIVE_SECONDS, guard_connections, make_app
+from .http import (
+    HTTP_SHUTDOWN_SECONDS,
+    KEEPALIVE_SECONDS,
+    MAX_HEADERS,
+    guard_connections,
+    make_app,
+)
 from .server import Observer, Server
 
 log = logging.getLogger("pieced")
@@ -221,7 +227,8 @@ async def serve(settings: Settings) -> None:
         server.start(listener)
         runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,
                                keepalive_timeout=KEEPALIVE_SECONDS,
-                               shutdown_timeout=HTTP_SHUTDOWN_SECONDS)
+                               shutdown_timeout=HTTP_SHUTDOWN_SECONDS,
+                               max_headers=MAX_HEADERS)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         try:

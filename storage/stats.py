@@ -51,6 +51,8 @@ COUNTERS = (
     "pieces_failed",
     "syncs",
     "fingerprint_hits",
+    "recheck_verified",
+    "recheck_failed",
 )
 
 

@@ -423,6 +423,20 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
                  "hash_workers", "hash_jobs", "hash_job_seconds"):  # (what /stats says too)
         assert f"pieced_{name}" in families, name
     assert families["pieced_clients_accepted"].samples[0].value >= 1
+    # A check of the files on disk counts its verdicts (the counters of pieces completed
+    # from blocks stayed 0 while a recheck failed a piece)
+    with open(content / "a.bin", "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    r = pieced("recheck", ih, "--full", "--json", *sock)
+    assert r.returncode == 1 and json.loads(r.stdout)["failed_v1"] == [0], r.stdout
+    after = json.loads(get("/stats"))
+    assert after["recheck_failed"] - stats["recheck_failed"] == 1
+    assert after["recheck_verified"] - stats["recheck_verified"] == st["num_pieces"] - 1
+    assert after["pieces_failed"] == stats["pieces_failed"] == 0
+    families = {f.name: f for f in text_string_to_metric_families(get("/metrics").decode())}
+    assert families["pieced_recheck_failed"].samples[0].value == after["recheck_failed"]
 
     r = pieced("rm", ih, *sock)
     assert r.returncode == 0

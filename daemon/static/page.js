@@ -831,7 +831,7 @@
     setText($('d-ih'), t.ih);
     setText($('d-facts'), [
       fmtBytes(t.size),
-      `${fmtInt(t.pieces)} pieces of ${fmtBytes(t.piece_length)}`,
+      `${fmtInt(t.pieces)} ${t.pieces === 1 ? 'piece' : 'pieces'} of ${fmtBytes(t.piece_length)}`,
       t.version,
       `backend ${t.backend}`,
       `${fmtPct(t.pct)} verified`,
