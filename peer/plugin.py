@@ -865,7 +865,7 @@ class Swarm:
         libtorrent leaves it), else ``announce``. UDP trackers are not spoken to: said."""
         from pieced.storage.bencode import decode
 
-        top = decode(self.raw)
+        top = decode(self.raw, trailing=True)  # (as the daemon read it: see metainfo.parse)
         if not isinstance(top, dict):
             return []
         listed = top.get(b"announce-list")

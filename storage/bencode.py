@@ -36,14 +36,17 @@ MAX_INT_DIGITS = 64
 Hook = Callable[["_Decoder", int, "Path", int], tuple[Any, int]]
 
 
-def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None) -> Any:
-    """The value encoded by ``data``, which must be exactly one canonical value.
+def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None,
+           trailing: bool = False) -> Any:
+    """The value encoded by ``data``, which must be exactly one canonical value
+    (``trailing``: followed by anything, see :func:`decode_spanning`).
 
     ``max_values`` bounds how many values (strings, integers, lists, dictionaries) it
     may hold: a small body of a million empty lists costs seconds and hundreds of MiB to
     decode, so a reader that expects small messages says so and stops early.
     """
-    return decode_spanning(data, None, max_depth=max_depth, max_values=max_values)[0]
+    return decode_spanning(data, None, max_depth=max_depth, max_values=max_values,
+                           trailing=trailing)[0]
 
 
 def decode_spanning(

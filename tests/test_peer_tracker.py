@@ -350,6 +350,9 @@ def test_announce_list_tiers_are_used_and_announce_left_aside() -> None:
         [b"udp://only/x"]]}) == [["http://b/x"], ["http://c/x", "https://b/y"]]
     assert tiers({b"announce": b"http://a/x", b"info": info, b"announce-list": [[]]}) == [
         ["http://a/x"]]
+    # a .torrent with a newline after its dictionary, which the daemon takes, is read too
+    raw = bencodepy.encode({b"announce": b"http://a/x", b"info": info}) + b"\n"
+    assert Swarm.meta_trackers(cast(Any, SimpleNamespace(raw=raw))) == [["http://a/x"]]
 
 
 def test_a_download_completed_while_an_announce_runs_is_announced_at_once() -> None:
