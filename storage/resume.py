@@ -36,7 +36,10 @@ fails its checksum and is ignored: its piece was never announced (but damage to 
 last record looks the same, and it may have cleared a piece: every piece is checked
 again after such a start). A bad record with
 good ones after it is damage, not a crash: no piece of that torrent is then taken on
-trust. The resume record carries a crc32 of itself too. A bit is cleared
+trust. The resume record carries a crc32 of itself too. Every checksum is of the
+torrent's own records: a journal record's starts from the crc32 of the info hash,
+and the resume and location records hold the info hash, so that one of another
+torrent's, put in this one's folder, is never taken for its own. A bit is cleared
 (``clear_piece``, a vanished file) by a CLEARED record, so replaying in order gives
 the state as it was.
 
@@ -151,20 +154,31 @@ def _checking_scope(path: Path) -> str | None:
         return "all"
 
 
-def encode_records(records: list[tuple[int, int, bytes]]) -> bytes:
+def record_seed(folder_name: str) -> int:
+    """The crc32 the checksums of a torrent's records start from: that of its info
+    hash (its folder's name, whatever the prefix a register or a removal gives it), so
+    that a journal or record of another torrent put in its folder fails them. (Taken
+    for this one's, a journal of another torrent's verified pieces made pieces verified
+    here that were not.)"""
+    ih = _ih_of(folder_name)
+    return zlib.crc32(ih) if ih else 0
+
+
+def encode_records(records: list[tuple[int, int, bytes]], seed: int = 0) -> bytes:
     out = bytearray()
     for kind, piece, fp in records:
         head = struct.pack("<BxxxI16s", kind, piece, fp)
-        out += head + struct.pack("<I", zlib.crc32(head))
+        out += head + struct.pack("<I", zlib.crc32(head, seed))
     return bytes(out)
 
 
-def decode_records(data: bytes) -> list[tuple[int, int, bytes]]:
+def decode_records(data: bytes, seed: int = 0) -> list[tuple[int, int, bytes]]:
     """The records up to the first torn or damaged one."""
-    return _decode_records(data)[0]
+    return _decode_records(data, seed)[0]
 
 
-def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool, bool]:
+def _decode_records(data: bytes, seed: int = 0,
+                    ) -> tuple[list[tuple[int, int, bytes]], bool, bool]:
     """(the good records, whether a damaged one lies among them, whether the last
     whole record is bad). A crash tears only the last record (an append that failed
     is cut back, or goes on in a new generation), so a bad record with good ones after
@@ -175,13 +189,15 @@ def _decode_records(data: bytes) -> tuple[list[tuple[int, int, bytes]], bool, bo
     damaged = False
     for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
         kind, piece, fp, crc = RECORD.unpack_from(data, off)
-        if zlib.crc32(data[off : off + RECORD.size - 4]) != crc or kind not in (
+        head = data[off : off + RECORD.size - 4]
+        # (from 0: a record of a version that did not start from the info hash)
+        if crc not in (zlib.crc32(head, seed), zlib.crc32(head)) or kind not in (
             REC_VERIFIED, REC_CLEARED
         ):
             damaged = True
             continue
         if damaged:
-            return out + _decode_records(data[off:])[0], True, False
+            return out + _decode_records(data[off:], seed)[0], True, False
         out.append((kind, piece, fp))
     return out, False, damaged or len(data) % RECORD.size != 0  # (or one cut short last)
 
@@ -224,6 +240,8 @@ class TorrentRecord:
 
     def __init__(self, folder: Path, gen: int = 0) -> None:
         self.folder = folder
+        self.seed = record_seed(folder.name)  # (the folder's name is the info hash)
+        self.ih = _ih_of(folder.name)
         self.gen = gen
         self.save_lock = threading.Lock()
         self.journal_lock = threading.Lock()
@@ -244,7 +262,7 @@ class TorrentRecord:
         if self.removed or not records:
             return
         self._open_journal()
-        data = encode_records(records)
+        data = encode_records(records, self.seed)
         try:
             view = memoryview(data)
             while view:
@@ -299,7 +317,8 @@ class TorrentRecord:
         of the pieces under way that are in their files, (piece, begin, end)."""
         if self.removed:
             return
-        resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen}
+        resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen,
+                                    b"ih": self.ih}
         if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
             resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
             resume[b"stamp_fields"] = STAMP_FIELDS
@@ -319,6 +338,7 @@ class TorrentRecord:
         if self.removed:
             return
         record: dict[bytes, Any] = _location(save_path, renames)
+        record[b"ih"] = self.ih
         if previous is not None:
             record[b"from"] = _location(*previous)
         record[b"crc"] = zlib.crc32(bencodepy.encode(record))
@@ -532,10 +552,14 @@ class StateStore:
         n = int(meta.num_pieces)
         resume = _decode_dict(folder / "resume")
         location = _decode_dict(folder / "location")
+        own = _ih_of(folder.name)
         if location is not None and not _crc_matches(location):
             # A bit flipped in a save path still decodes: the torrent's files would be
             # looked for, and written, in another folder.
             raise ValueError("its location record is damaged (its checksum does not match)")
+        if location is not None and location.get(b"ih", own) != own:
+            # Another torrent's: this one would take its save folder, and write over it.
+            raise ValueError("its location record is of another torrent")
         if location is None and resume is not None and b"save_path" in resume:
             location = resume  # written by a version that kept the location in the resume
         save_path, renames = _read_location(location)
@@ -556,6 +580,8 @@ class StateStore:
             resume.get(b"have", b"")
         ) != nbytes or not _crc_matches(resume):
             damaged = "its resume record is missing, damaged or unreadable"
+        elif resume.get(b"ih", own) != own:
+            damaged = "its resume record is of another torrent"
         else:
             have[:] = resume[b"have"]
             table = resume.get(b"fingerprints")
@@ -596,7 +622,7 @@ class StateStore:
             except OSError:  # (a folder in its place, EIO): what it said is unknown
                 torn = True
                 continue
-            records, bad, ends_bad = _decode_records(data)
+            records, bad, ends_bad = _decode_records(data, rec.seed)
             torn = torn or bad
             tail = tail or ends_bad
             for kind, piece, fp in records:
@@ -629,6 +655,16 @@ class StateStore:
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
                         previous, checking, partial or None, why)
         return loaded, next_gen
+
+
+def _ih_of(folder_name: str) -> bytes:
+    """The info hash a torrent's state folder is named for (b"" for another name)."""
+    for prefix in (MAKING, REMOVING):
+        folder_name = folder_name.removeprefix(prefix)
+    try:
+        return bytes.fromhex(folder_name)
+    except ValueError:
+        return b""
 
 
 def _location(save_path: Path, renames: dict[int, tuple[str, ...]]) -> dict[bytes, Any]:

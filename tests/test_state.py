@@ -2297,6 +2297,48 @@ def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
     again.close()
 
 
+@pytest.mark.parametrize("copied", ["journal", "resume", "location"])
+def test_a_record_of_another_torrent_in_a_torrents_folder_is_not_taken_for_its_own(
+        tmp_path: Path, copied: str) -> None:
+    """Two torrents of 12 pieces: A downloaded, B registered with nothing written. The
+    engine dies; A's journal (or its resume or location record) is put in B's folder,
+    in the place of B's. Its checksums passed, and B was said to have A's 12 pieces
+    (their blocks then refused as duplicates, the download "complete" over nothing), or
+    took A's save folder and wrote over it. Now the record fails them: B has nothing
+    verified (a damaged journal: every piece looked for, none found), or B's state is
+    skipped with the reason said; A keeps every piece."""
+    content_a = make_payload(tmp_path / "a", 12 * 16384, seed=51)
+    content_b = make_payload(tmp_path / "b", 12 * 16384, seed=52)
+    raw_a = make_torrent_lt(content_a, 16384, "v1")
+    raw_b = make_torrent_lt(content_b, 16384, "v1").replace(b"payload.bin", b"payloaB.bin")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state, sync_window=0.002)
+    ih_a = dio.register(raw_a, tmp_path / "dl")
+    ih_b = dio.register(raw_b, tmp_path / "dl")
+    fill(dio, ih_a, Source(raw_a, tmp_path / "a"), seed=None)
+    dio.flush_all()
+    _engine_dies(dio, ih_a)
+    folder_a, folder_b = state / "torrents" / ih_a.hex(), state / "torrents" / ih_b.hex()
+    if copied == "journal":
+        [journal] = folder_a.glob("journal.*")
+        for old in folder_b.glob("journal.*"):
+            old.unlink()
+        shutil.copy(journal, folder_b / journal.name)
+    else:
+        shutil.copy(folder_a / copied, folder_b / copied)
+    again = DiskIO("posix", state_dir=state)
+    try:
+        assert wait_reverified(again, ih_a)["verified_pieces"] == 12
+        if copied == "location":
+            assert ih_b not in again.torrents()
+            assert any("of another torrent" in e for e in again.load_errors), again.load_errors
+        else:
+            assert wait_reverified(again, ih_b)["verified_pieces"] == 0
+            assert any(ih_b.hex() in e for e in again.load_errors), again.load_errors
+    finally:
+        again.close()
+
+
 def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
         tmp_path: Path, backend: str) -> None:
     """A damaged last record of a journal was taken for an append a crash cut short,
