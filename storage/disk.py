@@ -120,6 +120,12 @@ SNAPSHOT_KEEP = 4 * 1024 * 1024
 _snapshots = threading.local()
 
 
+def _differs(there: tuple[bytes, bytearray], a: int, b: int) -> bool:
+    """Whether the write changes the file's bytes ``a:b`` of its segment."""
+    new, old = there
+    return memoryview(new)[a:b] != memoryview(old)[a:b]
+
+
 def _snapshot(bufs: Sequence[Buffer], length: int) -> memoryview:
     """``bufs`` copied, once, into memory of this thread's: what is then written and
     what is hashed are the same bytes, whatever the memory they came from does
@@ -518,12 +524,18 @@ class DiskIO:
             return self._store_shared(t, segs, bufs)
 
     def _store_shared(self, t: Torrent, segs: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
-        plan = []
+        """Write into files other torrents share (cross-seeding): their pieces whose
+        bytes the write changes start over (told), and are checked again once it is
+        done; those it leaves as they were are left alone. (The write was compared
+        whole: a block of the bytes a verified piece of the other torrent holds, running
+        on into zeros not yet written, cleared that piece, and a kill -9 before its check
+        lost it for good.)"""
+        plan: list[tuple[Torrent, int, range, frozenset[int], list[int], list[int]]] = []
         for seg in segs:
             others = t.shared.get(seg.file_index) if seg.stored else None
             if not others:
                 continue
-            same = self._same_bytes(t, seg, bufs)
+            there = self._bytes_there(t, seg, bufs)
             for x, j in others:
                 # The other torrent may say the file is shorter: only what lies inside
                 # its length is in its pieces.
@@ -534,42 +546,46 @@ class DiskIO:
                     continue
                 size = x.layout.piece_length
                 pieces = range(start // size, (stop - 1) // size + 1)
+                changed = [p for p in pieces if there is None or _differs(
+                    there, max(p * size, start) - start, min((p + 1) * size, stop) - start)]
                 with x.lock:
-                    if not same:
-                        for p in pieces:
-                            x.written_into[p] = x.written_into.get(p, 0) + 1
-                            self.pool.drop((x.id, p))  # (what it cached of them is stale)
+                    for p in changed:
+                        x.written_into[p] = x.written_into.get(p, 0) + 1
+                        self.pool.drop((x.id, p))  # (what it cached of them is stale)
                     seen = [x.written_into.get(p, 0) for p in pieces]
-                    verified = [p for p in pieces if x.state[p] == VERIFIED] if not same else []
-                if not same:
-                    self._start_over(x, j, verified=True, partial=True, pieces=pieces)
-                plan.append((x, j, pieces, same, seen, verified))
+                    verified = [p for p in changed if x.state[p] == VERIFIED]
+                if changed:
+                    self._start_over(x, j, verified=True, partial=True, pieces=changed)
+                plan.append((x, j, pieces, frozenset(changed), seen, verified))
         try:
             return t.storage.writev(segs, bufs)
         finally:
-            for x, j, pieces, same, seen, verified in plan:
+            for x, j, pieces, wrote, seen, verified in plan:
                 with x.lock:
-                    moved = seen != [x.written_into.get(p, 0) for p in pieces]
-                    if not same or moved:
-                        for p in pieces:
-                            x.written_into[p] = x.written_into.get(p, 0) + 1
-                            self.pool.drop((x.id, p))
-                    found = [p for p in pieces if x.state[p] == VERIFIED] if (
-                        not same or moved) else []
+                    # Pieces another write went into meanwhile: what this one found
+                    # there is not what it wrote over.
+                    redo = [p for p, was in zip(pieces, seen, strict=True)
+                            if p in wrote or x.written_into.get(p, 0) != was]
+                    for p in redo:
+                        x.written_into[p] = x.written_into.get(p, 0) + 1
+                        self.pool.drop((x.id, p))
+                    found = [p for p in redo if x.state[p] == VERIFIED]
                 if found:
                     self._start_over(x, j, verified=True, partial=False, pieces=found)
                 self._check_again(x, sorted({*verified, *found}))
 
     @staticmethod
-    def _same_bytes(t: Torrent, seg: Segment, bufs: Sequence[Buffer]) -> bool:
-        """Whether the file already holds, where ``seg`` goes, the bytes to be written."""
+    def _bytes_there(t: Torrent, seg: Segment, bufs: Sequence[Buffer],
+                     ) -> tuple[bytes, bytearray] | None:
+        """(the bytes to be written where ``seg`` goes, those the file holds there), or
+        None where the file cannot be read (taken as changed)."""
         new = b"".join(sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length))
         old = bytearray(seg.length)
         try:
             t.storage.readinto([seg._replace(buf_offset=0)], memoryview(old))
         except PiecedError:
-            return False  # (cannot tell: taken as changed)
-        return old == new
+            return None
+        return new, old
 
     def _check_again(self, t: Torrent, pieces: Sequence[int]) -> None:
         """Queue pieces to be checked on the torrent's one checking thread, started if

@@ -326,6 +326,48 @@ def test_a_bad_block_for_one_of_two_cross_seeded_torrents_unverifies_the_other(
     pool.shutdown()
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_good_write_for_one_cross_seeded_torrent_leaves_the_others_verified_pieces_be(
+        tmp_path: Path, backend: str) -> None:
+    """A, of 16 KiB pieces, has its piece 1 verified (its piece 0 not written); B, the
+    same file in 32 KiB pieces, writes its piece 0, good, at once: over A's unwritten
+    piece 0 and A's verified piece 1, whose bytes it leaves as they were. The write was
+    compared whole, so A's piece 1 was cleared (told changed, journaled missing) and
+    checked again, and a crash before the check lost it for good. Now only A's pieces
+    whose bytes the write changes start over: piece 1 stays verified throughout, and
+    after a crash right after the write."""
+    import shutil
+
+    content = make_payload(tmp_path / "src", 4 * 16384, seed=61)
+    raw_a = make_torrent_lt(content, 16384, "v1")
+    raw_b = make_torrent_lt(content, 32768, "v1")
+    src_a, src_b = Source(raw_a, tmp_path / "src"), Source(raw_b, tmp_path / "src")
+    changed: list[bytes] = []
+    dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002,
+                 on_change=changed.append)
+    try:
+        a = dio.register(raw_a, tmp_path / "dl")
+        b = dio.register(raw_b, tmp_path / "dl")
+        assert dio.torrent(a).shared, "the two torrents share their file"
+        r = dio.write_chunk(a, 1, 0, src_a.read(1, 0, 16384))
+        assert r is not None and r.ok
+        dio.flush_all()
+        r = dio.write_chunk(b, 0, 0, src_b.read(0, 0, 32768))
+        assert r is not None and r.ok
+        assert _verified(dio.status(a))[1], "A's piece 1 cleared by a write of its bytes"
+        assert a not in changed
+        shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+        dio.flush_all()
+        assert wait_reverified(dio, a)["verified_pieces"] >= 1
+    finally:
+        dio.close()
+    crashed = DiskIO(backend, state_dir=tmp_path / "crash")
+    try:
+        assert _verified(wait_reverified(crashed, a))[1]
+    finally:
+        crashed.close()
+
+
 def _wrong_verified(dio: DiskIO, ih: bytes, src: Source) -> list[int]:
     """Pieces ``ih`` reports verified whose bytes on disk (after any rename) are not
     the payload's."""
