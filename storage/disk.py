@@ -800,9 +800,12 @@ class DiskIO:
         assert self.state is not None
         loaded, deletions, self.load_errors = self.state.load_all(
             lambda raw: parse(raw, **self.metainfo_limits))
-        # Whether every torrent's record now says what the file stamps put in doubt
-        # (a record not rewritten keeps its stamps, to be compared at the next start).
-        recorded = True
+        # File stamps are those of a clean stop, and a record keeps them until it is
+        # rewritten (at this start, once loaded): a record not rewritten (its torrent
+        # skipped, a full state disk) has them compared at whatever start comes next,
+        # after a crash too; they can only put pieces in doubt. (Compared only after a
+        # clean stop, the mark of one was kept for them past such a start, and a crash
+        # later was taken for a clean stop.)
         for saved, next_gen in loaded:
             try:
                 meta: Metainfo = saved.metainfo
@@ -821,14 +824,12 @@ class DiskIO:
                     absent = exc.errno == errno.ENOENT
             except Exception as exc:  # a damaged record must not stop the daemon
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
-                recorded = False
                 continue
             try:
                 storage, moved, doubtful = self._finish_move(saved, storage)
             except PiecedError as exc:
                 storage.close()
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
-                recorded = False
                 continue
             if not self.state.was_clean:
                 storage.after_crash()
@@ -871,12 +872,12 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif self.state.was_clean and saved.stamps is not None and not _stamp_kept(
+                elif saved.stamps is not None and not _stamp_kept(
                         saved.stamps, i, stamp):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
-            if saved.partial and self.state.was_clean and saved.stamps is not None:
+            if saved.partial and saved.stamps is not None:
                 self._take_up(t, saved.partial, saved.stamps, folders)
             if VERIFIED in t.state:
                 # Known at their full length (so that one found shorter later was cut
@@ -924,7 +925,7 @@ class DiskIO:
                 # says those are verified: they take no block (as any piece whose
                 # loss is not recorded), or a crash would bring them back over it.
                 t.unrecorded.update(p for p in said if t.state[p] != VERIFIED)
-                recorded = self._save(t, rec) and recorded
+                self._save(t, rec)
             if moved:
                 try:
                     self._save_location(t)  # the move is over
@@ -938,11 +939,10 @@ class DiskIO:
         self._reshare()
         for deletion in deletions:  # (after the torrents: files one of them holds stay)
             self._finish_deletion(deletion)
-        if recorded:
-            try:
-                self.state.mark_running()
-            except OSError as exc:
-                self.load_errors.append(f"state folder: {exc}")
+        try:
+            self.state.mark_running()
+        except OSError as exc:
+            self.load_errors.append(f"state folder: {exc}")
 
     def _take_up(self, t: Torrent, partial: dict[int, list[tuple[int, int]]],
                  stamps: list[list[int]], folders: dict[str, bool]) -> None:

@@ -463,11 +463,9 @@ class StateStore:
         write_atomic(self.state_dir / CLEAN, b"")
 
     def mark_running(self) -> None:
-        """The stop was clean, and the start-up has recorded (durably) which pieces the
-        file stamps put in doubt: from now on the daemon changes files itself, so a
-        crash is a crash. Removed any earlier, a start-up cut short (kill -9, power
-        loss) made the next one take every piece of a file changed while the daemon
-        was stopped on trust."""
+        """The start-up is over: from now on the daemon changes files itself, so a
+        crash is a crash (the file stamps of a clean stop stay in the records not
+        rewritten, and are compared at any start: see ``DiskIO._load_state``)."""
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / CLEAN).unlink()
             fsync_dir(self.state_dir)

@@ -2339,6 +2339,42 @@ def test_a_record_of_another_torrent_in_a_torrents_folder_is_not_taken_for_its_o
         again.close()
 
 
+def test_a_start_that_skips_a_torrent_still_takes_a_crash_after_it_for_a_crash(
+        tmp_path: Path) -> None:
+    """A clean stop; a start with the roots narrowed (B's save path outside: skipped,
+    its record and its file stamps kept); a crash. The mark of the clean stop was kept
+    through that start (so that B's stamps would be compared at the next), and the
+    crash was taken for a clean stop (the direct backend's file tails, for one, not
+    cut back). Now the mark goes at every start, and B's stamps, kept in its record,
+    are compared at the next start all the same: B's file changed while it was
+    skipped and the daemon down is found, its changed piece not verified."""
+    state = tmp_path / "state"
+    raws, srcs = {}, {}
+    for name in ("a", "b"):
+        content = make_payload(tmp_path / f"src-{name}", {f"{name}.bin": 6 * 16384}, seed=70)
+        raws[name] = make_torrent_lt(content, 16384, "v1")
+        srcs[name] = Source(raws[name], tmp_path / f"src-{name}")
+    dio = DiskIO("posix", roots=[tmp_path], state_dir=state, sync_window=0.002)
+    ihs = {name: dio.register(raws[name], tmp_path / f"dl-{name}") for name in ("a", "b")}
+    for name, ih in ihs.items():
+        fill(dio, ih, srcs[name], seed=None)
+    dio.flush_all()
+    assert all(dio.status(ih)["verified_pieces"] == 6 for ih in ihs.values())
+    dio.close()
+    assert (state / "clean").exists()
+    narrowed = DiskIO("posix", roots=[tmp_path / "dl-a"], state_dir=state)
+    assert ihs["b"] not in narrowed.torrents()
+    assert not (state / "clean").exists(), "the mark of the clean stop outlived the start"
+    _engine_dies(narrowed, ihs["a"])  # a crash
+    corrupt(tmp_path / "dl-b" / "payload" / "b.bin", 2 * 16384 + 5)  # while it was down
+    again = DiskIO("posix", roots=[tmp_path], state_dir=state)
+    try:
+        assert wait_reverified(again, ihs["a"])["verified_pieces"] == 6
+        assert _verified(wait_reverified(again, ihs["b"])) == {0, 1, 3, 4, 5}
+    finally:
+        again.close()
+
+
 def test_a_piece_whose_journal_record_is_damaged_last_is_looked_for_again(
         tmp_path: Path, backend: str) -> None:
     """A damaged last record of a journal was taken for an append a crash cut short,
