@@ -782,7 +782,7 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
                         attr = m.group(1)
                         if attr == b"l":  # (no "symlink path" in this entry)
                             attr = None
-                        legacy = _LEGACY_PAD_BYTES in data[m.end():p]  # (in any name)
+                        legacy = data.find(_LEGACY_PAD_BYTES, m.end(), p) >= 0  # (any name)
                         if attr is None and not legacy:
                             add_folder(fid)  # b.add(), inline: the usual file
                             add_name(name)
