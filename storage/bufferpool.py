@@ -30,6 +30,18 @@ from .hashing import Buffer
 Key = tuple[int, int]  # (torrent id, piece)
 
 
+
+# What a buffered block holds in memory beyond its bytes (its bytes object and its
+# entry in its piece's table), charged to the budget with them: counted by its bytes
+# alone, a client writing a byte at a time filled a budget of 256 MiB with a quarter
+# of a billion blocks, tens of gigabytes.
+DIRTY_OVERHEAD = 128
+
+
+def _cost(data: bytes) -> int:
+    return len(data) + DIRTY_OVERHEAD
+
+
 class PieceData:
     """A clean piece held as the blocks it arrived in (no join, so no copy)."""
 
@@ -168,11 +180,12 @@ class BufferPool:
 
     # -- write buffer --------------------------------------------------------------
     def add_dirty(self, key: Key, begin: int, data: bytes) -> bool:
-        """Buffer a block; False (and nothing kept) when the budget has no room."""
+        """Buffer a block; False (and nothing kept) when the budget has no room. A block
+        costs its bytes and DIRTY_OVERHEAD (see :func:`_cost`)."""
         with self._lock:
             blocks = self._dirty.get(key)
             old = blocks.get(begin) if blocks else None
-            delta = len(data) - (len(old) if old is not None else 0)
+            delta = _cost(data) - (_cost(old) if old is not None else 0)
             if self.dirty_bytes + delta > self.budget:
                 return False
             if blocks is None:
@@ -207,7 +220,7 @@ class BufferPool:
             blocks = self._dirty.pop(key, None)
             if not blocks:
                 return []
-            self.dirty_bytes -= sum(len(d) for d in blocks.values())
+            self.dirty_bytes -= sum(map(_cost, blocks.values()))
             self._clean.resize(self.budget - self.dirty_bytes)
             return sorted(blocks.items())
 
@@ -218,7 +231,7 @@ class BufferPool:
             if not blocks:
                 return
             for b in [b for b, d in blocks.items() if begin <= b and b + len(d) <= end]:
-                self.dirty_bytes -= len(blocks.pop(b))
+                self.dirty_bytes -= _cost(blocks.pop(b))
             if not blocks:
                 del self._dirty[key]
             self._clean.resize(self.budget - self.dirty_bytes)

@@ -120,6 +120,20 @@ SNAPSHOT_KEEP = 4 * 1024 * 1024
 _snapshots = threading.local()
 
 
+def _room_for(partial: Partial, piece: int, begin: int, length: int) -> None:
+    """Refuse (TOO_LARGE, nothing written) a write that would leave the bytes the piece
+    holds in more separate ranges than it has 16 KiB blocks (and pads): blocks as peers
+    send them never do, and each range is held in memory outside any budget (a client
+    writing a byte at every other offset of 16 MiB pieces grew the daemon by a gigabyte
+    in four minutes)."""
+    hasher = partial.hasher
+    limit = hasher.max_spans
+    if hasher.received.count_after(begin, begin + length) > limit:
+        raise TooLarge(f"piece {piece}: a write at {begin} of {length} bytes would leave "
+                       f"what the piece holds in more than {limit} separate ranges: "
+                       "write it in blocks of 16 KiB")
+
+
 def _differs(there: tuple[bytes, bytearray], a: int, b: int) -> bool:
     """Whether the write changes the file's bytes ``a:b`` of its segment."""
     new, old = there
@@ -1385,6 +1399,7 @@ class DiskIO:
                             continue  # started over meanwhile: to the piece's new hash state
                         self.metrics.add("duplicate_blocks")
                         return None
+                    _room_for(partial, piece, begin, length)
                     partial.writers.add(writer)
                     try:
                         if partial.pads:
@@ -1472,6 +1487,7 @@ class DiskIO:
                             continue  # started over meanwhile: to the piece's new hash state
                         self.metrics.add("duplicate_blocks", blocks)
                         return None
+                    _room_for(partial, piece, begin, length)
                     partial.writers.add(writer)
                     runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
                             else [(begin, bufs, length)])
@@ -1567,10 +1583,13 @@ class DiskIO:
         byte budget, so their number is bounded instead. Refusing a block's new piece
         past the bound leaves the rest as it was. A torrent that ``held`` fewer than
         PARTIAL_FLOOR pieces in progress is never refused: one client filling the bound
-        with its torrent does not stop the downloads of the others."""
+        with its torrent does not stop the downloads of the others; up to twice the
+        bound (that floor, given to thousands of torrents, held gigabytes of hash state
+        past any setting)."""
         with self._partials_lock:
-            if (delta > 0 and held >= PARTIAL_FLOOR
-                    and self._partials + delta > self.max_partial_pieces):
+            want = self._partials + delta
+            if delta > 0 and want > self.max_partial_pieces and (
+                    held >= PARTIAL_FLOOR or want > 2 * self.max_partial_pieces):
                 raise TooLarge(
                     f"{self._partials} pieces are in progress, the limit "
                     f"(max_partial_pieces) is {self.max_partial_pieces}: finish or clear some")

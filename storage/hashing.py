@@ -175,6 +175,15 @@ class Intervals:
             end = max(end, spans[j - 1][1])
         spans[i:j] = [[start, end]]
 
+    def count_after(self, start: int, end: int) -> int:
+        """How many ranges there would be once [start, end) is added."""
+        spans = self.spans
+        if spans and spans[-1][1] == start:
+            return len(spans)
+        i = bisect.bisect_left(spans, start, key=_END)
+        j = bisect.bisect_right(spans, end, key=_START)
+        return len(spans) - (j - i) + 1
+
     def covers(self, start: int, end: int) -> bool:
         spans = self.spans
         if len(spans) == 1:
@@ -276,7 +285,8 @@ class PieceHasher:
     """
 
     __slots__ = (
-        "_fp", "_pads", "_pos", "_sha1", "_want_v1", "bad_pads", "leaves", "received", "size", "v2",
+        "_fp", "_pads", "_pos", "_sha1", "_want_v1", "bad_pads", "leaves", "max_spans",
+        "received", "size", "v2",
     )
 
     def __init__(
@@ -292,6 +302,8 @@ class PieceHasher:
         self.bad_pads = Intervals()
         self.received = Intervals()
         self._pads = list(pads)
+        # Ranges the received bytes may lie in: one a block, and one a pad.
+        self.max_spans = -(-size // BLOCK_SIZE) + len(self._pads) + 1
         for s, e in self._pads:
             self.received.add(s, e)
         self._restart_prefix()

@@ -317,6 +317,99 @@ def test_pieces_in_progress_are_bounded(tmp_path: Path, backend: str) -> None:
     dio.close()
 
 
+def test_the_floor_of_pieces_in_progress_each_torrent_has_ends_at_twice_the_bound(
+        tmp_path: Path) -> None:
+    """Each torrent may have PARTIAL_FLOOR pieces in progress whatever the bound, so
+    that one torrent filling it does not stop the others; given to thousands of
+    torrents, that floor held gigabytes of hash state (100 hybrid torrents of 64 MiB
+    pieces, 64 pieces begun in each: 874 MiB). It ends at twice the bound: past it, a
+    block that would begin a piece is refused in any torrent, and changes nothing."""
+    from pieced.storage.disk import PARTIAL_FLOOR, DiskIO
+    from pieced.storage.errors import TooLarge
+
+    bound = 2 * PARTIAL_FLOOR  # (floors of 64: the third torrent's runs past 2 * bound)
+    dio = DiskIO("posix", max_partial_pieces=bound)
+    try:
+        begun = 0
+        for k in range(5):
+            content = make_payload(tmp_path / f"src{k}", {"a.bin": 80 * 16384}, seed=80 + k)
+            raw = make_torrent_lt(content, 16384, "v1")
+            src = Source(raw, tmp_path / f"src{k}")
+            ih = dio.register(raw, tmp_path / f"dl{k}")
+            for p in range(PARTIAL_FLOOR):
+                if begun == 2 * bound:
+                    with pytest.raises(TooLarge, match="max_partial_pieces"):
+                        dio.write_chunk(ih, p, 0, src.read(p, 0, 100))
+                    assert dio.status(ih)["partial_pieces"] == p
+                    break
+                dio.write_chunk(ih, p, 0, src.read(p, 0, 100))
+                begun += 1
+        assert begun == 2 * bound and dio._partials == 2 * bound
+    finally:
+        dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_piece_written_a_byte_here_and_there_holds_no_more_ranges_than_it_has_blocks(
+        tmp_path: Path, backend: str) -> None:
+    """The ranges of a piece received are kept in memory, outside any budget: a client
+    writing a byte at every other offset of 16 MiB pieces grew the daemon by 1.2 GiB in
+    four minutes. A write that would leave more separate ranges than the piece has
+    blocks (and pads) is refused (TOO_LARGE), nothing of it written; blocks as peers
+    send them, every other one first, still make the whole piece."""
+    from pieced.storage.disk import DiskIO
+    from pieced.storage.errors import TooLarge
+
+    content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384}, seed=90)
+    raw = make_torrent_lt(content, 8 * 16384, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        ranges = 8 + 1  # its blocks (no pad: one file of whole pieces), and one
+        for k in range(ranges):
+            dio.write_block_direct(ih, 0, 2 * k, src.read(0, 2 * k, 1))
+        with pytest.raises(TooLarge, match="ranges"):
+            dio.write_block_direct(ih, 0, 2 * ranges, src.read(0, 2 * ranges, 1))
+        with pytest.raises(TooLarge, match="ranges"):
+            dio.write_chunk(ih, 0, 2 * ranges, src.read(0, 2 * ranges, 1))
+        assert len(dio.torrent(ih).partial[0].hasher.received.spans) == ranges
+        dio.write_chunk(ih, 0, 1, src.read(0, 1, 1))  # (joins two: room for one more)
+        dio.clear_piece(ih, 0)
+        for b in [*range(0, 8, 2), *range(1, 8, 2)]:  # every other block first
+            result = dio.write_block_direct(ih, 0, b * 16384, src.read(0, b * 16384, 16384))
+        assert result is not None and result.ok
+    finally:
+        dio.close()
+
+
+def test_buffered_blocks_of_a_byte_are_charged_what_they_hold(tmp_path: Path) -> None:
+    """A buffered block was charged its bytes alone, so blocks of a byte each filled a
+    budget with hundreds of times its size in memory. Each is charged its bookkeeping
+    too (DIRTY_OVERHEAD): the write buffer stays within the budget in what it holds,
+    and the writes past it go straight to disk."""
+    from pieced.storage.bufferpool import DIRTY_OVERHEAD
+    from pieced.storage.disk import DiskIO
+
+    content = make_payload(tmp_path / "src", {"a.bin": 64 * 16384}, seed=91)
+    raw = make_torrent_lt(content, 64 * 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    budget = 64 * 1024
+    dio = DiskIO("posix", cache_bytes=budget)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for b in range(3000):  # one after the other: one range, 3,000 blocks
+            dio.write_chunk(ih, 0, b, src.read(0, b, 1))
+        held = dio.pool.dirty_blocks((dio.torrent(ih).id, 0))
+        assert len(held) * (1 + DIRTY_OVERHEAD) <= budget, len(held)
+        assert dio.stats()["write_buffer_bytes"] <= budget
+        dio.write_chunk(ih, 0, 3000, src.read(0, 3000, 64 * 16384 - 3000))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == 1
+    finally:
+        dio.close()
+
+
 def test_the_hash_state_of_a_v2_piece_in_progress_is_33_bytes_a_leaf(tmp_path: Path) -> None:
     """Four 64 MiB pieces of a v2 torrent in progress, every block in but the first (its
     leaves hashed, its SHA-256 tree waiting): the state they hold outside the budget is
