@@ -36,6 +36,10 @@ Key = tuple[int, int]  # (torrent id, piece)
 # alone, a client writing a byte at a time filled a budget of 256 MiB with a quarter
 # of a billion blocks, tens of gigabytes.
 DIRTY_OVERHEAD = 128
+# Blocks buffered for one piece at most (a 64 MiB piece's 16 KiB blocks); past it, a
+# block goes straight to disk. A new block is looked for overlaps among those of its
+# piece: ten thousand blocks of a byte made each write slower than the one before.
+MAX_DIRTY_BLOCKS = 4096
 
 
 def _cost(data: bytes) -> int:
@@ -172,6 +176,10 @@ class BufferPool:
         self.recycler = Recycler(min(budget // 16, 16 * 1024 * 1024))
         self._lock = threading.Lock()
         self._dirty: dict[Key, dict[int, bytes]] = {}
+        # Per piece buffered, where its blocks begin and end at most: a block outside
+        # that overlaps none (the usual case, blocks in order). Kept wide, never narrowed
+        # until the piece's blocks go: a wider one only sends more blocks to be looked at.
+        self._extent: dict[Key, list[int]] = {}
         self.dirty_bytes = 0
         self._clean: ArcCache[Key, Clean] | LruCache[Key, Clean] = (
             ArcCache(budget) if policy == "arc" else LruCache(budget)
@@ -186,10 +194,16 @@ class BufferPool:
             blocks = self._dirty.get(key)
             old = blocks.get(begin) if blocks else None
             delta = _cost(data) - (_cost(old) if old is not None else 0)
-            if self.dirty_bytes + delta > self.budget:
+            if self.dirty_bytes + delta > self.budget or (
+                    old is None and blocks is not None and len(blocks) >= MAX_DIRTY_BLOCKS):
                 return False
+            end = begin + len(data)
             if blocks is None:
                 blocks = self._dirty[key] = {}
+                self._extent[key] = [begin, end]
+            else:
+                extent = self._extent[key]
+                extent[0], extent[1] = min(extent[0], begin), max(extent[1], end)
             blocks[begin] = data
             self.dirty_bytes += delta
             self.recycler.give(self._clean.pop(key))
@@ -201,6 +215,9 @@ class BufferPool:
         with self._lock:
             blocks = self._dirty.get(key)
             if not blocks:
+                return False
+            lo, hi = self._extent[key]
+            if begin >= hi or end <= lo:
                 return False
             return any(
                 b < end and begin < b + len(d) and not (b == begin and b + len(d) == end)
@@ -218,6 +235,7 @@ class BufferPool:
         """Remove and return a piece's buffered blocks (written, verified or dropped)."""
         with self._lock:
             blocks = self._dirty.pop(key, None)
+            self._extent.pop(key, None)
             if not blocks:
                 return []
             self.dirty_bytes -= sum(map(_cost, blocks.values()))
@@ -234,6 +252,7 @@ class BufferPool:
                 self.dirty_bytes -= _cost(blocks.pop(b))
             if not blocks:
                 del self._dirty[key]
+                del self._extent[key]
             self._clean.resize(self.budget - self.dirty_bytes)
 
     def dirty_keys(self) -> list[Key]:
