@@ -986,12 +986,15 @@ class DiskIO:
                 continue
             pads = t.pads(piece)
             hasher = PieceHasher(t.layout.piece_size(piece), t.meta.has_v1,
-                                 t.meta.v2_piece(piece), pads)
+                                 t.meta.v2_piece(piece), pads, len(segs))
             for begin, end in spans:
                 hasher.received.add(begin, min(end, hasher.size))
             if hasher.empty or hasher.complete:
                 continue
-            self._count_partials(1)
+            try:
+                self._count_partials(1)
+            except TooLarge:  # (max_partial_pieces lowered since): fetched whole again
+                break
             part = t.partial[piece] = Partial(hasher, pads)
             part.writers.add(0)  # (no connection's: its blocks came before the start)
             t.set_state(piece, PARTIAL)
@@ -1543,7 +1546,8 @@ class DiskIO:
             self._record_unrecorded(t)
         size = t.layout.piece_size(piece)
         pads = t.pads(piece)
-        hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads)
+        files = len(t.layout.map(piece, 0, size)) if len(t.meta.files) > 1 else 1
+        hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads, files)
         with t.lock:
             if t.state[piece] == MISSING:
                 self._count_partials(1, held=len(t.partial))

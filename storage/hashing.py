@@ -152,6 +152,12 @@ def check_piece(
             d2 == v2.expected if v2 is not None else None)
 
 
+# Separate ranges of a piece's bytes allowed beyond its blocks, pads and files: writes
+# of any size, in any order, from a few writers at once (a kilobyte at a time, the even
+# ones first) leave no more, and each range is held in memory outside any budget.
+SPARE_SPANS = 64
+
+
 class Intervals:
     """Sorted, merged [start, end) ranges: which bytes of a piece have arrived. Found by
     bisection: a client writing a piece a byte here and a byte there makes thousands."""
@@ -290,7 +296,8 @@ class PieceHasher:
     )
 
     def __init__(
-        self, size: int, want_v1: bool, v2: V2Piece | None, pads: Sequence[tuple[int, int]] = ()
+        self, size: int, want_v1: bool, v2: V2Piece | None, pads: Sequence[tuple[int, int]] = (),
+        files: int = 1,
     ) -> None:
         self.size = size
         self.v2 = v2
@@ -302,8 +309,9 @@ class PieceHasher:
         self.bad_pads = Intervals()
         self.received = Intervals()
         self._pads = list(pads)
-        # Ranges the received bytes may lie in: one a block, and one a pad.
-        self.max_spans = -(-size // BLOCK_SIZE) + len(self._pads) + 1
+        # Ranges the received bytes may lie in: one a block, a pad and a file (of the
+        # ``files`` the piece holds bytes of), and SPARE_SPANS.
+        self.max_spans = -(-size // BLOCK_SIZE) + len(self._pads) + files + SPARE_SPANS
         for s, e in self._pads:
             self.received.add(s, e)
         self._restart_prefix()

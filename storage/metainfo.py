@@ -685,15 +685,14 @@ def _attr(d: dict[bytes, Any], where: str) -> str:
     a = d.get(b"attr", b"")
     if not isinstance(a, bytes):
         raise BadMetainfo(f"{where}.attr must be a string")
-    return _real_link(a.decode("ascii", "replace"), d)
+    return a.decode("ascii", "replace")
 
 
-def _real_link(attr: str, d: dict[bytes, Any]) -> str:
-    """``attr`` without its symlink flag where the entry has no ``symlink path``: an
-    ordinary file then (empty unless it says otherwise), as libtorrent makes it."""
-    if "l" in attr and not isinstance(d.get(b"symlink path"), list):
-        return attr.replace("l", "")
-    return attr
+def _dangling(attr: str, d: dict[bytes, Any]) -> bool:
+    """A symlink entry (attr "l") without its ``symlink path``: libtorrent makes it an
+    ordinary empty file, whatever length it says (a symlink's is 0, and the flag goes
+    once the path is found missing); so does this reader (``attr`` without its "l")."""
+    return "l" in attr and not isinstance(d.get(b"symlink path"), list)
 
 
 def _length(d: dict[bytes, Any], where: str) -> int:
@@ -779,18 +778,18 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
                                 _component(part, f"info.files[{i}].path[{j}]")
                                 for j, part in enumerate(raw_folder)))
                         name = _plain_name(parts[-1])
-                        attr = m.group(1)
-                        if attr == b"l":  # (no "symlink path" in this entry)
-                            attr = None
+                        attr, length = m.group(1), int(m.group(2))
+                        if attr == b"l":  # (no "symlink path" in this entry: see _dangling)
+                            attr, length = None, 0
                         legacy = data.find(_LEGACY_PAD_BYTES, m.end(), p) >= 0  # (any name)
                         if attr is None and not legacy:
                             add_folder(fid)  # b.add(), inline: the usual file
                             add_name(name)
-                            add_length(int(m.group(2)))
+                            add_length(length)
                             add_flags(0)
                         else:
                             a = "" if attr is None else attr.decode()
-                            b.add(fid, name, int(m.group(2)), "p" in a or legacy, a)
+                            b.add(fid, name, length, "p" in a or legacy, a)
                         pos = p + 2
                         i += 1
                         continue
@@ -808,9 +807,12 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
 
 def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> FileTable:
     if b"files" not in info:
-        length = _length(info, "info")
-        b = TableBuilder()
         attr = _attr(info, "info")
+        if _dangling(attr, info):
+            attr, length = attr.replace("l", ""), 0
+        else:
+            length = _length(info, "info")
+        b = TableBuilder()
         b.add(b.folder(()), name, length, False, attr)
         return b.build()
     raw = info[b"files"]
@@ -847,7 +849,9 @@ def _v1_file(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
         if len(parts) > MAX_PATH_PARTS or (len(b"".join(parts)) > NAME_CUT
                                            and max(map(len, parts)) > NAME_CUT):
             raise ValueError  # a path too deep, or a name libtorrent cuts short
-        attr = "" if raw_attr is None else _real_link(raw_attr.decode("ascii", "replace"), fd)
+        attr = "" if raw_attr is None else raw_attr.decode("ascii", "replace")
+        if "l" in attr and _dangling(attr, fd):
+            return 0, path, attr.replace("l", "")
         return int(got), path, attr
     except (ValueError, TypeError, AttributeError):
         return _v1_file_slowly(fd, where)
@@ -868,11 +872,14 @@ def _plain_name(raw: bytes) -> str:
 def _v1_file_slowly(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
     if not isinstance(fd, dict):
         raise BadMetainfo(f"'{where}' is not a dictionary")
-    length = _length(fd, where)
+    attr = _attr(fd, where)
+    if _dangling(attr, fd):
+        attr, length = attr.replace("l", ""), 0
+    else:
+        length = _length(fd, where)
     parts = fd.get(b"path.utf-8")  # preferred, as libtorrent does, when a list
     if not isinstance(parts, list):
         parts = fd.get(b"path")
-    attr = _attr(fd, where)
     if (not isinstance(parts, list) or not parts) and "p" in attr:
         return length, (".pad", str(length)), attr  # a pad needs no path: libtorrent's name
     if not isinstance(parts, list) or not parts:
@@ -909,9 +916,12 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
                 # A symlink's entry (attr "l") has its "symlink path" and no length in
                 # the torrents libtorrent makes: it holds no data (one with a length is
                 # refused with the v1 form's, in _check_special). Without its path, it
-                # is an empty file (see _real_link).
-                link = b"l" in leaf.get(b"attr", b"")
-                length = 0 if link and b"length" not in leaf else _length(leaf, where)
+                # is an empty file (see _dangling).
+                if _dangling(attr, leaf):
+                    attr, length = attr.replace("l", ""), 0
+                else:
+                    length = (0 if "l" in attr and b"length" not in leaf
+                              else _length(leaf, where))
                 root = leaf.get(b"pieces root")
                 if length > 0 and (not isinstance(root, bytes) or len(root) != 32):
                     raise BadMetainfo(f"'{where}' needs a 32-byte 'pieces root'")

@@ -355,10 +355,12 @@ def test_a_piece_written_a_byte_here_and_there_holds_no_more_ranges_than_it_has_
     """The ranges of a piece received are kept in memory, outside any budget: a client
     writing a byte at every other offset of 16 MiB pieces grew the daemon by 1.2 GiB in
     four minutes. A write that would leave more separate ranges than the piece has
-    blocks (and pads) is refused (TOO_LARGE), nothing of it written; blocks as peers
-    send them, every other one first, still make the whole piece."""
+    blocks, pads and files, and SPARE_SPANS, is refused (TOO_LARGE), nothing of it
+    written; blocks as peers send them, every other one first, still make the whole
+    piece, as do writes of a kilobyte, the even ones first (two writers at once)."""
     from pieced.storage.disk import DiskIO
     from pieced.storage.errors import TooLarge
+    from pieced.storage.hashing import SPARE_SPANS
 
     content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384}, seed=90)
     raw = make_torrent_lt(content, 8 * 16384, "hybrid")
@@ -366,7 +368,7 @@ def test_a_piece_written_a_byte_here_and_there_holds_no_more_ranges_than_it_has_
     dio = DiskIO(backend)
     try:
         ih = dio.register(raw, tmp_path / "dl")
-        ranges = 8 + 1  # its blocks (no pad: one file of whole pieces), and one
+        ranges = 8 + 1 + SPARE_SPANS  # its blocks, its one file (no pad), and the spare
         for k in range(ranges):
             dio.write_block_direct(ih, 0, 2 * k, src.read(0, 2 * k, 1))
         with pytest.raises(TooLarge, match="ranges"):
@@ -379,6 +381,19 @@ def test_a_piece_written_a_byte_here_and_there_holds_no_more_ranges_than_it_has_
         for b in [*range(0, 8, 2), *range(1, 8, 2)]:  # every other block first
             result = dio.write_block_direct(ih, 0, b * 16384, src.read(0, b * 16384, 16384))
         assert result is not None and result.ok
+        size = 8 * 16384
+        chunks = [(at, min(1000, size - at)) for at in range(0, size, 1000)]
+        ih2 = dio.register(make_torrent_lt(content, 16384, "v1"), tmp_path / "dl2")
+        src2 = Source(make_torrent_lt(content, 16384, "v1"), tmp_path / "src")
+        for at, n in chunks[::2] + chunks[1::2]:  # a kilobyte at a time, the even first
+            p, b = divmod(at, 16384)
+            while n:
+                k = min(n, 16384 - b)
+                dio.write_chunk(ih2, p, b, src2.read(p, b, k))
+                at, n = at + k, n - k
+                p, b = divmod(at, 16384)
+        dio.flush_all()
+        assert dio.status(ih2)["verified_pieces"] == 8
     finally:
         dio.close()
 
@@ -408,6 +423,34 @@ def test_buffered_blocks_of_a_byte_are_charged_what_they_hold(tmp_path: Path) ->
         assert dio.status(ih)["verified_pieces"] == 1
     finally:
         dio.close()
+
+
+def test_a_start_with_fewer_pieces_in_progress_allowed_than_were_kept_takes_up_what_fits(
+        tmp_path: Path) -> None:
+    """A clean stop kept 150 pieces in progress (3 torrents); the next start allows 20
+    (max_partial_pieces lowered), so twice that at most. The daemon refused to start
+    at all ("40 pieces are in progress, the limit is 20"): it takes up those that fit,
+    and the others are fetched whole again."""
+    from pieced.storage.disk import DiskIO
+
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state)
+    ihs = []
+    for k in range(3):
+        content = make_payload(tmp_path / f"src{k}", {"a.bin": 60 * 16384}, seed=95 + k)
+        raw = make_torrent_lt(content, 16384, "v1")
+        src = Source(raw, tmp_path / f"src{k}")
+        ih = dio.register(raw, tmp_path / f"dl{k}")
+        for p in range(50):
+            dio.write_chunk(ih, p, 0, src.read(p, 0, 1000))
+        ihs.append(ih)
+    dio.close()
+    again = DiskIO("posix", state_dir=state, max_partial_pieces=20)
+    try:
+        held = [again.status(ih)["partial_pieces"] for ih in ihs]
+        assert sum(held) == 40 and again._partials == 40, held
+    finally:
+        again.close()
 
 
 def test_a_piece_buffers_no_more_blocks_than_a_64_mib_piece_has(tmp_path: Path) -> None:

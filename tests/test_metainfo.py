@@ -218,6 +218,46 @@ def test_files_libtorrent_marks_executable_are_made_executable(
         assert bool(mode & 0o111) == (name in marked), (name, oct(mode))
 
 
+@pytest.mark.parametrize("attr", [b"l", b"lx"])
+@pytest.mark.parametrize("files_at", ["list", "single"])
+def test_a_symlink_flag_without_its_path_is_an_empty_file_as_libtorrent_reads_it(
+        attr: bytes, files_at: str) -> None:
+    """An entry marked ``l`` without a ``symlink path``: libtorrent takes it for an
+    ordinary file of 0 bytes, whatever length it says (a symlink's length is 0; the
+    flag goes once its path is found missing). Read as a file of its length, the two
+    saw two torrents under one info hash: other bytes in other places."""
+    def v1_piece_hashes(data: bytes, plen: int) -> bytes:
+        return b"".join(hashlib.sha1(data[i:i + plen]).digest()
+                        for i in range(0, len(data), plen))
+
+    a = bytes(range(256)) * 80
+    if files_at == "list":
+        info = {b"name": b"t", b"piece length": 16384, b"files": [
+            {b"length": len(a), b"path": [b"a.bin"]},
+            {b"attr": attr, b"length": 100, b"path": [b"x1"]},
+            {b"length": 50, b"path": [b"y"]}],
+            b"pieces": v1_piece_hashes(a + bytes(50), 16384)}
+    else:  # (one file of no data: refused by both)
+        info = {b"name": b"t", b"piece length": 16384, b"attr": attr, b"length": 100,
+                b"pieces": hashlib.sha1(bytes(100)).digest()}
+    raw = bencodepy.encode({b"info": info})
+    try:
+        ti = lt.torrent_info(raw)
+    except RuntimeError:
+        with pytest.raises(BadMetainfo):
+            parse(raw)
+        assert files_at == "single"
+        return
+    meta = parse(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # files(): deprecated in 2.x
+        fs = ti.files()
+    assert [f.length for f in meta.files] == [fs.file_size(i) for i in range(fs.num_files())]
+    assert meta.total_size == ti.total_size() == len(a) + 50
+    x1 = next(f for f in meta.files if f.path[-1] == "x1")
+    assert x1.length == 0 and "l" not in x1.attr and ("x" in x1.attr) == (b"x" in attr)
+
+
 @pytest.mark.parametrize(("v1_attr", "v2_attr"), [(b"x", None), (None, b"x"), (b"h", b"x")])
 def test_a_hybrids_file_attributes_are_its_file_trees(
         tmp_path: Path, v1_attr: bytes | None, v2_attr: bytes | None) -> None:
