@@ -41,6 +41,7 @@ run ingest $PY bench/ingest.py --size-mib 1024 --repeat 3 --no-check
 run ingest_disabled $PY bench/ingest.py --size-mib 1024 --repeat 3 --no-check --backend disabled
 run sync_window $PY bench/sync_window.py --no-check
 run cache $PY bench/cache_arc_vs_lru.py
+run http_load $PY bench/http_load.py --torrents 1000 --payload-mib 128 --seconds 8 --rounds 2
 run crash $PY bench/crash.py --rounds 100
 run peer_transfer $PY bench/peer_transfer.py --size-mib 1024 --kinds v1,hybrid --repeat 3
 run peer_transmission $PY bench/peer_transmission.py --size-mib 256 --repeat 2
