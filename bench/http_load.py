@@ -37,9 +37,9 @@ import bencodepy
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemon_proc import DaemonProcess  # noqa: E402
 from pieced.protocol.client import Client  # noqa: E402
 
+from bench.daemon_proc import DaemonProcess  # noqa: E402
 from tests.realtools import make_payload, make_torrent_lt  # noqa: E402
 
 BLOCK = 16384
@@ -58,6 +58,15 @@ def empty_torrent(i: int, files: int) -> bytes:
             b"files": [{b"length": each, b"path": [f"f{j}.bin".encode()]} for j in range(files)],
             b"pieces": hashlib.sha1(str(i).encode()).digest() * -(-each * files // BLOCK)}
     return bencodepy.encode({b"info": info})
+
+
+def poll(url: str, stop: threading.Event, answers: list[float], sizes: list[int]) -> None:
+    """Ask for ``url`` again and again, each request right after the last answer."""
+    while not stop.is_set():
+        t1 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            sizes.append(len(resp.read()))
+        answers.append(time.perf_counter() - t1)
 
 
 def write_for(sock: str, raw: bytes, data: bytes, piece: int, save: Path,
@@ -136,15 +145,7 @@ def main() -> None:
                 stop = threading.Event()
                 answers: list[float] = []
                 sizes: list[int] = []
-
-                def poll() -> None:
-                    while not stop.is_set():
-                        t1 = time.perf_counter()
-                        with urllib.request.urlopen(url, timeout=60) as resp:
-                            sizes.append(len(resp.read()))
-                        answers.append(time.perf_counter() - t1)
-
-                poller = threading.Thread(target=poll)
+                poller = threading.Thread(target=poll, args=(url, stop, answers, sizes))
                 if kind == "polled":
                     poller.start()
                 try:
