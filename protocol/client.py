@@ -415,6 +415,21 @@ class ClientCore:
         w.into = view
         return rid, frame
 
+    def unsent(self, rid: int) -> None:
+        """The frame of request ``rid`` never left (a timeout or a signal before its first
+        byte): no reply is to come. Its waiter goes, a write is no longer in flight and
+        the ring space it held is free (left, every later ``wait_writes`` waited for its
+        reply, until its timeout or for ever)."""
+        w = self.waiters.pop(rid, None)
+        if w is None:
+            return
+        if w.kind == "write":
+            self.writes_in_flight -= 1
+        if w.kind == "read_ring" and w.into is not None:  # (a READ's is the caller's)
+            w.into.release()
+        if w.token is not None and self.shm is not None:
+            self.shm.release(w.token)
+
     def drop_read_ring(self, w: _Waiter) -> None:
         """The caller of a READ_RING gives up on it (cancelled, or another error raised in
         its stead): its ring space is freed now if the reply came, else when it comes
@@ -625,8 +640,13 @@ class Client:
         return self.core.events
 
     # -- I/O ------------------------------------------------------------------------------
-    def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None) -> None:
+    def _send(self, *parts: bytes | memoryview, fds: list[int] | None = None,
+              rid: int | None = None) -> None:
+        """Send one frame, whole; ``rid``: the request it carries, forgotten if not a
+        byte of the frame left (see ``ClientCore.unsent``)."""
         if self._broken():
+            if rid is not None:
+                self.core.unsent(rid)
             raise ConnectionError("the connection to the daemon is closed")
         anc = _rights(fds)
         views = [memoryview(p) for p in parts]
@@ -640,6 +660,8 @@ class Client:
                     # read whatever comes next as the rest of it. The connection is
                     # closed instead, and every later call says so at once.
                     self.sock.close()
+                elif rid is not None:
+                    self.core.unsent(rid)
                 raise
             first = False
             while views and n >= views[0].nbytes:
@@ -664,7 +686,7 @@ class Client:
     def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
         """Send one request frame and wait for its reply; raise its error, if any."""
         waiter = self.core.waiters[rid]
-        self._send(frame, fds=fds)
+        self._send(frame, fds=fds, rid=rid)
         while not waiter.done:
             self._pump()
         self._raise_write_error()
@@ -728,8 +750,8 @@ class Client:
         """Send a block inline (the bytes follow the header in the stream)."""
         self._raise_write_error()
         self._throttle()
-        _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
-        self._send(header, data)
+        rid, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
+        self._send(header, data, rid=rid)
 
     def attach_ring(self, size: int = 16 * 1024 * 1024) -> None:
         """Create a shared-memory ring and hand it to the daemon (SCM_RIGHTS)."""
@@ -741,12 +763,30 @@ class Client:
         try:
             self._roundtrip(rid, frame, fds=[shm.fd])
         except BaseException:
-            if not waiter.took():
+            if not waiter.took() and not self._attach_pending(rid, shm):
                 shm.close()
                 raise
-            self.core.shm = shm  # (what was raised is an earlier write's error)
+            self.core.shm = shm  # (what was raised is an earlier write's error, or a timeout)
             raise
         self.core.shm = shm
+
+    def _attach_pending(self, rid: int, shm: ShmRing) -> bool:
+        """An attach_ring sent whose reply did not come in time: the ring is taken as
+        attached (the daemon reads the frames in order: it attaches it before any later
+        one), and let go if the reply, when it comes, is a refusal. (Closed here at the
+        timeout, while the daemon kept it, it made every later ring call of the
+        connection fail: "a ring is already attached".)"""
+        waiter = self.core.waiters.get(rid)
+        if waiter is None or waiter.done or self._broken():
+            return False  # (never sent, or answered with its refusal, or the stream cut)
+
+        def settled() -> None:
+            if waiter.error is not None and self.core.shm is shm:
+                self.core.shm = None
+                shm.close()
+
+        waiter.notify = settled
+        return True
 
     def write_block_direct(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                            flush: bool = False) -> None:
@@ -764,8 +804,8 @@ class Client:
             placed = self.core.ring_put(data)
         offset, token = placed
         n = memoryview(data).nbytes
-        _, frame = self.core.write_ring(ih, piece, begin, offset, n, token, flush)
-        self._send(frame)
+        rid, frame = self.core.write_ring(ih, piece, begin, offset, n, token, flush)
+        self._send(frame, rid=rid)
 
     def read_chunk(self, ih: bytes, piece: int, begin: int, length: int, volatile: bool = False) -> bytes:
         return bytes(self._roundtrip(*self.core.read(_hexless(ih), piece, begin, length, volatile)))
@@ -1002,9 +1042,15 @@ class AsyncClient:
         raise self._failure.with_traceback(None)
 
     async def _until(self, cond: Callable[[], bool]) -> None:
-        while not cond():
+        """Wait for ``cond``; raise the failure if the connection is lost (or closed)
+        first, or meanwhile, whatever ``cond`` says then: a write waiting for the window
+        while ``close`` drained it found the window open, and was sent to no socket (its
+        reply awaited for ever, or the ring gone under it)."""
+        while True:
             if self._failure is not None:
                 self._raise_failure()
+            if cond():
+                return
             self._wake.clear()
             await self._wake.wait()
 
@@ -1022,6 +1068,8 @@ class AsyncClient:
         """
         import asyncio
 
+        if self._failure is not None:  # (closed, or lost: no socket to send it on)
+            self._raise_failure()
         self._end_run()
         self._queue_posted()
         # The queue's own copies of the descriptors, closed once passed: the caller's may
@@ -1344,6 +1392,7 @@ class AsyncClient:
             view, token = await self._roundtrip(rid, frame)
         except BaseException:  # cancelled, its error, or a write's raised first
             self.core.drop_read_ring(waiter)
+            self._wake.set()  # (its space, if the reply came: for a call waiting for room)
             raise
         return RingChunk(view, shm, token, self._wake.set)
 

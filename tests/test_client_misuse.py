@@ -615,3 +615,133 @@ def test_a_connect_waits_while_the_daemons_queue_of_connections_is_full(tmp_path
         for s in fillers:
             s.close()
         assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("transport", ["inline", "ring"])
+def test_a_write_waiting_for_the_window_while_the_client_closes_raises(
+        tmp_path: Path, transport: str) -> None:
+    """One write in flight fills a window of one; ``close()`` waits for it; a second
+    write waits for the window meanwhile. Woken once ``close`` had drained the window
+    and let the socket go, it found the window open and was sent to no socket: inline,
+    its reply was awaited for ever; through the ring, the ring was gone under it
+    (AssertionError). It raises ConnectionError now, as every call after ``close``."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+
+    async def main() -> None:
+        c = AsyncClient(str(d.socket), window=1)
+        await c.connect()
+        ih = await c.register(raw, tmp_path / "dl")
+        write = c.write_block_direct if transport == "ring" else c.write_chunk
+        await write(ih, 0, 0, src.read(0, 0, 16384))
+        closer = asyncio.create_task(c.close())
+        await asyncio.sleep(0)  # close() waits for the write in flight
+        second = asyncio.create_task(write(ih, 0, 16384, src.read(0, 16384, 16384)))
+        await closer
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(second, 10)
+        assert c.core.writes_in_flight == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_ring_read_cancelled_once_answered_wakes_a_call_waiting_for_its_space(
+        tmp_path: Path) -> None:
+    """A 48 KiB ring read and a 32 KiB ring write on a 64 KiB ring: the write waits for
+    the read's space. The read, cancelled after its reply came but before its task ran
+    again (a ``wait_for`` timing out in that turn of the loop), freed its space and woke
+    nobody: the write waited for ever. It is woken now, and goes through."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+
+    async def main() -> None:
+        async with AsyncClient(str(d.socket)) as setup:
+            ih = await setup.register(raw, tmp_path / "dl")
+            await setup.write_chunk(ih, 0, 0, src.read(0, 0, PIECE))
+            await setup.flush_all()
+        c = AsyncClient(str(d.socket))
+        await c.connect()
+        await c.attach_ring(65536)
+        read = asyncio.create_task(c.read_chunk_ring(ih, 0, 0, 49152))
+        await asyncio.sleep(0)  # its space taken, its READ_RING sent
+        received = c.core.received
+
+        def cancel_in_the_same_turn(n: int) -> None:
+            received(n)
+            if not read.done():
+                read.cancel()
+
+        c.core.received = cancel_in_the_same_turn  # type: ignore[method-assign]
+        write = asyncio.create_task(c.write_block_direct(ih, 1, 0, src.read(1, 0, 32768)))
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        await asyncio.wait_for(write, 10)
+        await c.wait_writes()
+        await c.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_write_whose_send_timed_out_before_a_byte_left_is_not_awaited(
+        tmp_path: Path) -> None:
+    """The blocking client, ``timeout`` 0.5 s, writes through the ring to a daemon that
+    stopped reading (SIGSTOP) until a send times out before any byte of its frame left.
+    That write was counted in flight for ever, its ring space held: every later
+    ``wait_writes`` and ``close`` timed out. It is forgotten now: once the daemon runs
+    again, every write sent is answered and the client closes cleanly."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+    try:
+        c = Client(d.socket, timeout=0.5, window=100000)
+        ih = c.register(raw, tmp_path / "dl")
+        c.attach_ring(64 << 20)
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                for p in range(16):
+                    for b in range(0, PIECE, 1024):
+                        c.write_block_direct(ih, p, b, src.read(p, b, 1024))
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        c.wait_writes()
+        assert c.core.writes_in_flight == 0
+        assert c.core.shm is not None and c.core.shm.head == c.core.shm.tail
+        assert c.stats()["torrents"] == 1
+        c.close()
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0
+
+
+def test_a_ring_attach_whose_reply_times_out_leaves_the_ring_attached(tmp_path: Path) -> None:
+    """The blocking client's ring attach (made by its first ring call) timed out waiting
+    for its reply (a daemon stopped for a moment): the client closed the ring the daemon
+    had attached, and every later ring call of the connection failed ("a ring is already
+    attached"). The ring is kept now, and used once the daemon answers."""
+    raw, src = _torrent(tmp_path)
+    d = Daemon(tmp_path)
+    try:
+        c = Client(d.socket, timeout=0.3)
+        ih = c.register(raw, tmp_path / "dl")
+        c.write_chunk(ih, 1, 0, src.read(1, 0, PIECE))
+        c.flush_all()
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                c.read_chunk_ring(ih, 1, 0, 4096)
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        with c.read_chunk_ring(ih, 1, 0, 4096) as chunk:
+            assert bytes(chunk.data) == src.read(1, 0, 4096)
+        c.write_block_direct(ih, 0, 0, src.read(0, 0, 16384))
+        c.wait_writes()
+        c.close()
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0
