@@ -28,6 +28,7 @@ import itertools
 import logging
 import mmap
 import os
+import select
 import socket
 import threading
 import time
@@ -704,16 +705,30 @@ class Connection:
         return _RingWrite(self, frame)
 
     def hung_up(self) -> bool:
-        """Whether the client has closed its end and nothing it sent is left to read or
-        parse (what is queued is still carried out once it is closed)."""
-        if self.closed or self.ring.unparsed:
-            return self.closed
+        """Whether the client has closed its end: what it sent before is read and parsed
+        now (the requests in it carried out, as ever; a frame it left unfinished never
+        will be), and the connection closed with it. False while its end is open, or
+        while whole requests of it wait for its lane. (Its end seen only once its
+        readiness was reported, clients that hung up with bytes unread, a frame begun,
+        held their places: connections accepted in a burst, and any whose readiness was
+        never reported, took every place, and live clients were refused.)"""
+        if self.closed:
+            return True
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLRDHUP)
         try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
+            ready = poller.poll(0)
         except OSError:
-            return True  # (reset: the next read ends it anyway)
+            return False
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+        if not ready or not ready[0][1] & gone:
+            return False
+        while not self.closed and self.reading:  # (a blocked lane pauses reading)
+            before = self._received
+            self._on_readable()
+            if self._received == before and not self.closed:
+                break  # (nothing came: EAGAIN)
+        return self.closed
 
     def _hold_fds(self, n: int) -> None:
         """``n`` more (or fewer) descriptors held by queued requests (any thread); once
