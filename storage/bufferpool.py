@@ -30,7 +30,6 @@ from .hashing import Buffer
 Key = tuple[int, int]  # (torrent id, piece)
 
 
-
 # What a buffered block holds in memory beyond its bytes (its bytes object and its
 # entry in its piece's table), charged to the budget with them: counted by its bytes
 # alone, a client writing a byte at a time filled a budget of 256 MiB with a quarter

@@ -122,8 +122,9 @@ _snapshots = threading.local()
 
 def _room_for(partial: Partial, piece: int, begin: int, length: int) -> None:
     """Refuse (TOO_LARGE, nothing written) a write that would leave the bytes the piece
-    holds in more separate ranges than it has 16 KiB blocks (and pads): blocks as peers
-    send them never do, and each range is held in memory outside any budget (a client
+    holds in more separate ranges than ``PieceHasher.max_spans`` (its 16 KiB blocks,
+    pads and files, and SPARE_SPANS): writers never leave so many, and each range is
+    held in memory outside any budget (a client
     writing a byte at every other offset of 16 MiB pieces grew the daemon by a gigabyte
     in four minutes)."""
     hasher = partial.hasher

@@ -154,16 +154,6 @@ def _checking_scope(path: Path) -> str | None:
         return "all"
 
 
-def record_seed(folder_name: str) -> int:
-    """The crc32 the checksums of a torrent's records start from: that of its info
-    hash (its folder's name, whatever the prefix a register or a removal gives it), so
-    that a journal or record of another torrent put in its folder fails them. (Taken
-    for this one's, a journal of another torrent's verified pieces made pieces verified
-    here that were not.)"""
-    ih = _ih_of(folder_name)
-    return zlib.crc32(ih) if ih else 0
-
-
 def encode_records(records: list[tuple[int, int, bytes]], seed: int = 0) -> bytes:
     out = bytearray()
     for kind, piece, fp in records:
@@ -191,9 +181,8 @@ def _decode_records(data: bytes, seed: int = 0,
         kind, piece, fp, crc = RECORD.unpack_from(data, off)
         head = data[off : off + RECORD.size - 4]
         # (from 0: a record of a version that did not start from the info hash)
-        if crc not in (zlib.crc32(head, seed), zlib.crc32(head)) or kind not in (
-            REC_VERIFIED, REC_CLEARED
-        ):
+        good = crc == zlib.crc32(head, seed) or (seed and crc == zlib.crc32(head))
+        if not good or kind not in (REC_VERIFIED, REC_CLEARED):
             damaged = True
             continue
         if damaged:
@@ -240,8 +229,11 @@ class TorrentRecord:
 
     def __init__(self, folder: Path, gen: int = 0) -> None:
         self.folder = folder
-        self.seed = record_seed(folder.name)  # (the folder's name is the info hash)
-        self.ih = _ih_of(folder.name)
+        self.ih = _ih_of(folder.name)  # (the folder's name is the info hash)
+        # What the checksums of its journal records start from: a journal of another
+        # torrent put in its folder fails them. (Taken for this one's, another torrent's
+        # verified pieces were reported verified here.)
+        self.seed = zlib.crc32(self.ih) if self.ih else 0
         self.gen = gen
         self.save_lock = threading.Lock()
         self.journal_lock = threading.Lock()

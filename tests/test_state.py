@@ -3086,3 +3086,19 @@ def test_pieces_under_way_at_a_clean_stop_are_taken_up_at_the_next_start(
     finally:
         again.close()
     assert all(lt_recheck(raw, save))
+
+
+def test_journal_records_of_the_version_before_their_torrents_seed_still_replay() -> None:
+    """Journal checksums start from the crc32 of the torrent's info hash; a journal left
+    by the version before (checksums from 0: a crash before its first compaction) is
+    still replayed whole, while one of another torrent's fails its checksums."""
+    import zlib
+
+    from pieced.storage import resume
+
+    records = [(resume.REC_VERIFIED, p, bytes([p]) * 16) for p in range(5)]
+    seed = zlib.crc32(bytes(range(20)))
+    other = zlib.crc32(bytes(20))
+    assert resume.decode_records(resume.encode_records(records, seed), seed) == records
+    assert resume.decode_records(resume.encode_records(records), seed) == records  # legacy
+    assert resume.decode_records(resume.encode_records(records, other), seed) == []
