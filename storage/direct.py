@@ -213,7 +213,7 @@ class DirectStorage(FileStorage):
         start = seg.file_offset - seg.file_offset % A
         end = seg.file_offset + seg.length
         end += -end % A
-        whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
+        whole = self.short_is_cut(seg.file_index)  # before the read: see _check_linked
         with self._fd(seg.file_index, False) as fd:
             try:
                 if start == seg.file_offset and _aligned(dst, A):

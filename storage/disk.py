@@ -1099,6 +1099,15 @@ class DiskIO:
                     return seg
             return None
 
+        def too_short(index: int) -> StorageIOError:
+            """The error that fails a piece whose bytes run past its file's end."""
+            if index not in sizes:
+                st = t.storage.root.stat(t.storage.parts(index))
+                sizes[index] = st.st_size if st is not None else 0
+            return StorageIOError(
+                f"{t.storage.file_path(index)} is {sizes[index]} bytes, shorter than the "
+                f"torrent's {t.meta.files.lengths[index]}", errno=errno.ENODATA)
+
         def seen_vanish(exc: FileVanished, piece: int) -> None:
             """What a read that found a file gone or cut short tells, once: the storage
             forgets the file as it raises, and a read after it would not find it so."""
@@ -1123,7 +1132,12 @@ class DiskIO:
                 seen_vanish(exc, piece)
                 if exc.gone:
                     raise
-                t.storage.readinto(segs, buf)  # cut short: what is left is read as it is
+                try:
+                    t.storage.readinto(segs, buf)  # cut short: what is left is read as it is
+                except FileVanished as again:  # the piece runs past the cut (short_is_cut)
+                    if again.gone:
+                        raise
+                    raise too_short(again.file_index) from None
             except PathEscape as exc:
                 # A symlink or hard link where a payload file should be: the piece fails
                 # (recorded, with EPERM) and the recheck goes on with the others.
@@ -1141,10 +1155,7 @@ class DiskIO:
             read_bytes.append(sum(seg.length for seg in segs if seg.stored))
             cut = past_end(segs, buf)
             if cut is not None:  # (the piece fails; the file stays as it is)
-                raise StorageIOError(
-                    f"{t.storage.file_path(cut.file_index)} is {sizes[cut.file_index]} bytes, "
-                    f"shorter than the torrent's {t.meta.files.lengths[cut.file_index]}",
-                    errno=errno.ENODATA)
+                raise too_short(cut.file_index)
 
         def progress_or_stop(done: int, total: int) -> None:
             if self._stopping.is_set():  # (the checking mark stays: done again at start-up)

@@ -575,15 +575,25 @@ class FileStorage:
         short behind our back (its bytes past the cut are gone, not zeros)."""
         return index in self._sized or index in self._whole
 
+    def short_is_cut(self, index: int) -> bool:
+        """Whether a read that ends short of what the file should hold is an error (the
+        file was cut short behind our back), not a download's sparse file (zeros): the
+        file is known whole, or was found cut short and is not settled since. Until the
+        pieces of one found cut are journaled as verified no more, they are reported
+        verified: a read of them past the cut, by another thread meanwhile, was served
+        zeros. (Its membership moves from one set to the other without a moment in
+        neither: see :meth:`_vanished`, :meth:`_size_file`; read without the lock.)"""
+        return index in self._sized or index in self._whole or index in self._remaking
+
     def _vanished(self, index: int, message: str, gone: bool = True) -> FileVanished:
         """Forget what we knew of a vanished file: a write sizes it again and, if it is
         ``gone`` from its place, creates it anew."""
         self.handles.forget(self, index)
         with self._lock:
             written = index in self._sized or index in self._whole
+            if written:  # its pieces may be verified still: see _size_file, short_is_cut
+                self._remaking.add(index)  # (first: see short_is_cut)
             self._whole.discard(index)
-            if written:  # its pieces may be verified still: see _size_file
-                self._remaking.add(index)
             self._sized.discard(index)
             self._dirty.discard(index)
             if gone and self._identity.pop(index, None) is not None:
@@ -691,7 +701,7 @@ class FileStorage:
         return True
 
     def _pread_segment(self, seg: Segment, dst: memoryview, nowait: int) -> bool:
-        whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
+        whole = self.short_is_cut(seg.file_index)  # before the read: see _check_linked
         with self._fd(seg.file_index, False) as fd:
             return self._pread_fd(fd, seg, dst, nowait, whole)
 

@@ -467,7 +467,7 @@ class MmapStorage(FileStorage):
         index = seg.file_index
         if index not in self._maps:
             self._map(index, False)
-        whole = self.known_whole(index)
+        whole = self.short_is_cut(index)
         with self._map_lock:
             entry = self._maps.get(index)
             if entry is not None:

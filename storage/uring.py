@@ -277,7 +277,7 @@ class UringStorage(FileStorage):
                 if not seg.stored:
                     dst[:] = bytes(seg.length)
                     continue
-                whole = self.known_whole(seg.file_index)  # before the read: see _check_linked
+                whole = self.short_is_cut(seg.file_index)  # before the read: see _check_linked
                 fd = stack.enter_context(self._fd(seg.file_index, False))
                 ops.append(("readv", fd, [dst], seg.file_offset))
                 todo.append((seg, fd, dst, whole))

@@ -473,6 +473,62 @@ def test_a_truncation_between_the_check_and_the_read_is_not_read_as_zeros(
         dio.close()
 
 
+def test_reads_past_a_cut_met_while_it_is_journaled_serve_no_zeros(
+    tmp_path: Path, backend: str, freezable_fs: FreezableFs
+) -> None:
+    """A verified file cut short behind the daemon's back: the first read past the cut
+    finds it so, and the file's pieces are journaled as verified no more (slowly here:
+    the state folder's file system hangs). Reads of other pieces past the cut meanwhile,
+    from other threads as from other clients, were served zeros with no error, though
+    those pieces were still reported verified: the file no longer counted as one at its
+    full length, and a short read of it was taken for a download's sparse file. They
+    now fail as the first read does, once the pieces are verified no more."""
+    content = make_payload(tmp_path / "src", {"a.bin": 1_000_000, "b.bin": 1_024_690}, seed=71)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=0, state_dir=freezable_fs.mount / "state")
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        t = dio.torrent(ih)
+        past_cut = sorted(t.layout.file_pieces(1))[3:-1]  # (the cut: 10,000 bytes into b.bin)
+        t.storage.close_handles()  # (a map's lease would hold the truncate up)
+        os.truncate(tmp_path / "dl" / "payload" / "b.bin", 10_000)
+        freezable_fs.freeze()
+        got: dict[int, object] = {}
+
+        def read(p: int) -> None:
+            try:
+                got[p] = dio.read_chunk(ih, p, 0, 16384)
+            except StorageIOError as exc:
+                got[p] = exc
+
+        first = threading.Thread(target=read, args=(past_cut[0],))
+        first.start()
+        deadline = time.monotonic() + 30
+        while not t.storage.remaking():  # the first read found the cut, and is journaling
+            assert time.monotonic() < deadline and first.is_alive(), got
+            time.sleep(0.01)
+        others = [threading.Thread(target=read, args=(p,)) for p in past_cut[1:]]
+        for th in others:
+            th.start()
+        time.sleep(0.5)
+        freezable_fs.thaw()
+        for th in [first, *others]:
+            th.join(30)
+        assert len(got) == len(past_cut)
+        zeros = [p for p, v in got.items() if v == bytes(16384)]
+        assert not zeros, f"zeros served for pieces {zeros}"
+        assert all(isinstance(v, StorageIOError) for v in got.values()), got
+        have = dio.status(ih)["have"]
+        assert not [p for p in past_cut if _has(have, p)]
+    finally:
+        freezable_fs.thaw()
+        dio.close()
+
+
 @pytest.mark.parametrize("step", ["open", "fstat", "read"])
 def test_a_read_racing_the_first_write_of_a_file_does_not_take_it_for_one_cut_short(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
