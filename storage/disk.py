@@ -2469,13 +2469,26 @@ class DiskIO:
         if failed is not None and not anyone:
             raise failed
 
-    def _flush_torrent(self, t: Torrent, sync: bool) -> None:
-        """Write out a torrent's buffered blocks (the caller holds it)."""
+    def _flush_torrent(self, t: Torrent, sync: bool, lenient: bool = False) -> None:
+        """Write out a torrent's buffered blocks (the caller holds it). A piece whose
+        blocks cannot be written (a full disk) starts over, told failed (see
+        :meth:`_write_out_buffered`), and the others are written all the same; the first
+        error is raised after the sync, or with ``lenient`` not at all (it was recorded
+        and told): for the fences, which leave pieces under way as they are. (Stopped at
+        the first such piece, a flush left the others buffered, and every recheck and
+        move of a torrent on a full disk failed until each piece under way was
+        cleared by hand.)"""
+        first: PiecedError | None = None
         for tid, piece in self.pool.dirty_keys():
             if tid == t.id:
-                self._flush_piece(t, piece, sync=False)
+                try:
+                    self._flush_piece(t, piece, sync=False)
+                except PiecedError as exc:
+                    first = first or exc
         if sync:
             self._sync(t, None)
+        if first is not None and not lenient:
+            raise first
 
     def cached_pieces(self, ih: bytes) -> list[int]:
         """Verified pieces held in memory, for SuggestPiece."""
@@ -2521,7 +2534,7 @@ class DiskIO:
             with t.lock:  # started: a recheck asked from now on checks after this one
                 if t.rechecks.get(full) is run:
                     del t.rechecks[full]
-            self._flush_torrent(t, sync=True)  # what is read below is durable
+            self._flush_torrent(t, sync=True, lenient=True)  # what is read below is durable
             self._root_moved(t)  # (the folder at the save path is the one checked)
             # The files as they are now under their names, as libtorrent checks them: a
             # file renamed or swapped in meanwhile is the one checked, and written after.
@@ -2548,7 +2561,7 @@ class DiskIO:
             if path == t.storage.save_path:
                 return  # there already
             with self._not_shared(t, None):
-                self._flush_torrent(t, sync=True)
+                self._flush_torrent(t, sync=True, lenient=True)
                 t.storage.check_move(path)
                 st = t.storage
                 self._not_in_state(path, map(st.parts, st.stored_files()))
@@ -2564,7 +2577,7 @@ class DiskIO:
 
     def rename_file(self, ih: bytes, index: int, new_name: str) -> None:
         with self._alone(ih) as t, self._not_shared(t, index):
-            self._flush_torrent(t, sync=True)
+            self._flush_torrent(t, sync=True, lenient=True)
             parts = t.storage.rename_target(index, new_name)
             if parts is None:
                 return

@@ -85,6 +85,50 @@ def test_disk_full(tmp_path: Path, tiny_fs: Path, backend: str) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_on_a_full_disk_pieces_under_way_do_not_stop_rechecks_or_moves(
+    tmp_path: Path, tiny_fs: Path, backend: str,
+) -> None:
+    """Pieces under way on a disk that filled up, their blocks held by a backend that
+    gathers them (direct, uring): the flush that a recheck or a move begins with stopped
+    at the first of them it could not write, the others stayed held, and every recheck
+    and move failed with ENOSPC until the client had cleared each piece under way by
+    hand. Each such piece now starts over, told failed, and the check finds what is
+    still good; a move to a disk with room goes on; a flush says ENOSPC once."""
+    content = make_payload(tmp_path / "src", 2_000_000, seed=6)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    failed: list[int] = []
+    dio = DiskIO(backend, on_piece=lambda r: None if r.ok else failed.append(r.piece))
+    try:
+        ih = dio.register(raw, tiny_fs)
+        for p, b, n in src.blocks():
+            if p == 0:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        fill_up(tiny_fs)
+        under_way = list(range(2, 12))
+        for p in under_way:  # three blocks of four: each piece stays partial
+            for b in range(0, 3 * 16384, 16384):
+                with contextlib.suppress(StorageIOError):
+                    dio.write_chunk(ih, p, b, src.read(p, b, 16384))
+        result = dio.recheck(ih)
+        assert result.have[0] and sum(result.have) == 1
+        st = dio.status(ih)
+        assert st["verified_pieces"] == 1 and st["partial_pieces"] == 0
+        assert set(failed) <= set(under_way)
+        dio.move_storage(ih, tmp_path / "roomy")
+        assert dio.status(ih)["save_path"] == str(tmp_path / "roomy")
+        dio.flush_all()
+        for p, b, n in src.blocks():
+            if p != 0:
+                dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert dio.recheck(ih, full=True).ok
+    finally:
+        dio.close()
+
+
 def test_a_piece_never_written_is_read_on_a_full_tmpfs(
     tmp_path: Path, tiny_fs: Path, backend: str,
 ) -> None:
