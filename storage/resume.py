@@ -88,12 +88,20 @@ _TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean|de
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new bytes.
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new bytes,
+    and an error the old ones.
 
-    The temporary file has a unique name: two writers never share (and tear) one.
+    The temporary file has a unique name: two writers never share (and tear) one. When
+    the folder cannot be synced once the new file is in its place, the old one is put
+    back (kept meanwhile under a second name, a hard link) before the error is raised:
+    the caller, told of an error, says nothing changed, and a record left in place
+    was carried out at the next start (a refused move made; a refused removal's payload
+    deleted).
     """
     make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    old: str | None = tmp + ".old"  # (a temporary name too: see _TEMPORARY)
+    undo = True
     try:
         try:
             view = memoryview(data)
@@ -102,12 +110,33 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(path, old)
+        except FileNotFoundError:
+            old = None  # a new file: undone by its removal
+        except OSError:
+            old, undo = None, False  # (no hard links here: not undone)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for leftover in (tmp, old):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except BaseException:
+        if undo:
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    os.replace(old, path)
+                else:
+                    os.unlink(path)
+                fsync_dir(path.parent)
+        raise
+    if old is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(old)
 
 
 def fsync_dir(path: Path) -> None:

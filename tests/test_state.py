@@ -2974,6 +2974,64 @@ def test_a_register_refused_after_its_record_was_put_in_place_leaves_nothing_to_
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+@pytest.mark.parametrize("op", ["unregister with delete_files", "move_storage", "rename_file"])
+def test_an_operation_refused_after_its_record_was_put_in_place_is_not_done_at_the_next_start(
+        tmp_path: Path, backend: str, op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sync of a torrent's state folder fails right after the operation's record
+    (the mark of a removal with its files; the new location) was renamed into it: the
+    operation is refused, the torrent stays as it was in the running daemon, and so it
+    must at the next start. (The record stayed in place: after a clean stop, the next
+    start deleted the torrent and its payload, or moved it and called its pieces
+    missing.)"""
+    from pieced.storage import resume
+
+    content = make_payload(tmp_path / "dl", {"a.bin": 200_000, "b.bin": 70_001}, seed=3)
+    raw = make_torrent_lt(content, 32768, "v1")
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state, roots=[tmp_path])
+    ih = dio.register(raw, tmp_path / "dl")
+    dio.recheck(ih)
+    n = dio.status(ih)["verified_pieces"]
+    assert n == 9  # (270,001 bytes in pieces of 32 KiB)
+    real = resume.fsync_dir
+    armed = [True]
+
+    def fsync_dir(path: Path) -> None:
+        if armed[0] and Path(path).parent == state / "torrents":  # a torrent's own folder
+            armed[0] = False
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(resume, "fsync_dir", fsync_dir)
+    try:
+        with pytest.raises(StorageIOError):
+            if op == "move_storage":
+                dio.move_storage(ih, tmp_path / "new")
+            elif op == "rename_file":
+                dio.rename_file(ih, 0, "renamed.bin")
+            else:
+                dio.unregister(ih, delete_files=True)
+        assert not armed[0]
+        monkeypatch.setattr(resume, "fsync_dir", real)
+        st = dio.status(ih, files=True)
+        assert st["save_path"] == str(tmp_path / "dl") and st["verified_pieces"] == n
+    finally:
+        dio.close()
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.bin"))
+    assert files == [Path("dl/payload/a.bin"), Path("dl/payload/b.bin")]
+    again = DiskIO(backend, state_dir=state, roots=[tmp_path])
+    try:
+        assert again.torrents() == [ih] and again.load_errors == []
+        st = again.status(ih)
+        assert st["save_path"] == str(tmp_path / "dl")
+        assert st["verified_pieces"] == n and not st["reverifying_pieces"]
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.bin")) == files
+        assert [p.name for p in state.rglob("*") if p.name.startswith(".")] == []
+    finally:
+        again.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize("how", ["a move undone", "chmod", "chattr"])
 def test_files_pieced_knows_are_not_taken_for_swapped_ones_at_a_move(
         tmp_path: Path, backend: str, how: str) -> None:
