@@ -100,7 +100,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     """
     make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    old: str | None = tmp + ".old"  # (a temporary name too: see _TEMPORARY)
+    backup = tmp + ".old"  # (a temporary name too: see _TEMPORARY)
+    old: str | None = backup
     undo = True
     try:
         try:
@@ -111,7 +112,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         finally:
             os.close(fd)
         try:
-            os.link(path, old)
+            os.link(path, backup)
         except FileNotFoundError:
             old = None  # a new file: undone by its removal
         except OSError:
