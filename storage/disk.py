@@ -846,6 +846,12 @@ class DiskIO:
                 storage.close()
                 self.load_errors.append(f"state of torrent {saved.ih_hex} skipped: {exc}")
                 continue
+            if moved:  # looked at again where the move left it (the folder made since?)
+                try:
+                    storage.root.root()
+                    absent = False
+                except PiecedError as exc:
+                    absent = exc.errno == errno.ENOENT
             if not self.state.was_clean:
                 storage.after_crash()
             t = self._torrent(meta, storage)
