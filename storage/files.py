@@ -212,6 +212,7 @@ class FileStorage:
     page_cached = True  # what it writes stays in the page cache for a while (read_resident)
     gathers_writes = False  # blocks given straight (the ring) are buffered to a piece first
     maps_files = False  # a check may hash its bytes where they lie (:meth:`views`)
+    stores = True  # what it is given is there to read back (not so: "disabled")
 
     def __init__(
         self,
@@ -1302,6 +1303,7 @@ class DisabledStorage(FileStorage):
 
     name = "disabled"
     page_cached = False
+    stores = False
 
     def create_empty_files(self) -> None:
         return None

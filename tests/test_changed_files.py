@@ -864,3 +864,50 @@ def test_a_recheck_reports_a_file_deleted_or_cut_short_behind_its_back(
             assert any(name in e["message"] for e in errors), (name, errors)
     finally:
         dio.close()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_bytes_changed_on_disk_are_not_cached_nor_served_once_the_file_is_mended(
+        tmp_path: Path, backend: str, kind: str) -> None:
+    """A verified piece's bytes changed in place behind the daemon's back (an edit, a
+    bad disk), then read whole into the cache for seeding: they were cached as they
+    were, unchecked, and served from there after the file was mended too, until a
+    recheck or a restart (leechers failed the piece again and again). The read that
+    would cache them compares them with the piece's fingerprint: the piece is verified
+    no more (so after a restart too) and the read fails; once mended, the file's bytes
+    are read, and a recheck finds the piece good again."""
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "b.bin": 200_001}, seed=23)
+    raw = make_torrent_lt(content, 65536, kind)
+    src = Source(raw, tmp_path / "src")
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    dio.close()
+    dio = DiskIO(backend, state_dir=state)  # (nothing cached)
+    try:
+        wait_reverified(dio, ih)
+        n = src.meta.num_pieces
+        assert dio.status(ih)["verified_pieces"] == n
+        good = src.read(2, 0, 65536)
+        a_bin = tmp_path / "dl" / "payload" / "a.bin"
+        dio.torrent(ih).storage.close_handles()  # (a map's lease would hold the write up)
+        with open(a_bin, "r+b") as f:
+            f.seek(2 * 65536 + 1000)
+            f.write(bytes(b ^ 0xFF for b in good[1000:1100]))
+        with pytest.raises(PiecedError) as exc:
+            dio.read_chunk(ih, 2, 0, 16384)
+        assert "not those verified" in str(exc.value)
+        assert not _verified(dio.status(ih))[2] and dio.status(ih)["verified_pieces"] == n - 1
+        assert 2 not in dio.cached_pieces(ih)
+        assert dio.read_chunk(ih, 3, 0, 16384) == src.read(3, 0, 16384)  # the others: as ever
+        dio.torrent(ih).storage.close_handles()
+        with open(a_bin, "r+b") as f:  # mended
+            f.seek(2 * 65536)
+            f.write(good)
+        assert dio.read_piece(ih, 2) == good
+        assert dio.recheck(ih).ok
+        assert dio.read_piece(ih, 2) == good and dio.status(ih)["verified_pieces"] == n
+    finally:
+        dio.close()
