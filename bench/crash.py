@@ -97,6 +97,7 @@ sys.path.insert(0, str(REPO))
 import libtorrent as lt  # noqa: E402
 from pieced.config.settings import Settings  # noqa: E402
 from pieced.protocol.client import Client  # noqa: E402
+from pieced.storage.errors import PiecedError  # noqa: E402
 
 from bench.daemon_proc import DaemonProcess  # noqa: E402
 from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
@@ -126,6 +127,64 @@ KILL_FALLBACK = 1.0
 #: (piece, begin, length) of a block.
 BlockRef = tuple[int, int, int]
 Progress = Callable[[str], None]
+#: ``ioctl(EXT4_IOC_SHUTDOWN)`` (``_IOR('X', 125, __u32)``) with NOLOGFLUSH: the file
+#: system stops at once, and what was not durable yet (data not synced, the journal not
+#: committed) never reaches the disk.
+EXT4_IOC_SHUTDOWN = 0x8004587D
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+class Ext4Image:
+    """An ext4 file system in an image file, on a loop device (root only), whose power
+    can be cut: :meth:`cut` drops everything not yet durable at once, as a power loss
+    does (a daemon killed by SIGKILL alone leaves its unsynced writes to the kernel,
+    which writes them all the same); :meth:`restore` mounts it again, its journal
+    replayed as at the next boot."""
+
+    def __init__(self, image: Path, mount: Path, size_mib: int = 256) -> None:
+        import subprocess
+
+        self.image, self.mount = image, mount
+        mount.mkdir(parents=True, exist_ok=True)
+        with open(image, "wb") as f:
+            f.truncate(size_mib * MiB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        self._mount()
+
+    def _mount(self) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mount)], check=True)
+
+    def cut(self) -> None:
+        import fcntl
+        import struct
+
+        fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+        finally:
+            os.close(fd)
+
+    def restore(self, timeout: float = 30.0) -> None:
+        """Unmount (once the processes that used it are gone) and mount again. Never a
+        lazy unmount: the same file system mounted twice would be damaged."""
+        import subprocess
+
+        deadline = time.monotonic() + timeout
+        while True:
+            r = subprocess.run(["umount", str(self.mount)], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot unmount {self.mount}: {r.stderr.strip()}")
+            time.sleep(0.05)
+        self._mount()
+
+    def close(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
 
 
 def log(msg: str) -> None:
@@ -306,13 +365,18 @@ def check_restart(c: Client, ih: bytes, t: CrashTorrent, save: Path,
 
 def write_until_killed(c: CrashClient, daemon: Daemon, ih: bytes, t: CrashTorrent,
                        todo: list[BlockRef], events: Events, rng: random.Random,
-                       max_kill_delay: float, by_announcement: bool) -> dict[str, Any]:
+                       max_kill_delay: float, by_announcement: bool,
+                       power: Ext4Image | None = None) -> dict[str, Any]:
     """Send ``todo`` (both transports at random) until a timer SIGKILLs the daemon; then
     read what it sent before it died.
 
     The timer (a random delay up to ``max_kill_delay``) is armed after a random number of
     blocks is sent or, ``by_announcement``, when a random number of pieces has been
     announced; if that never happens, ``KILL_FALLBACK`` seconds after the last block.
+    With ``power``, the timer cuts its power first (see :class:`Ext4Image`): the pieces
+    announced by then are the ones promised (``promised`` in the result; an fdatasync
+    can still return for a few milliseconds after the cut, the kernel's doing, and what
+    it announces then may be lost, as nothing sent after a real power loss is seen).
     """
     pieces = len({p for p, _, _ in todo})
     trigger = rng.randint(1, pieces if by_announcement else len(todo))
@@ -320,6 +384,8 @@ def write_until_killed(c: CrashClient, daemon: Daemon, ih: bytes, t: CrashTorren
     pump_every = rng.randint(4, 32)
     seen_at_kill = [0]
     killed_at = [0.0]
+    promised: set[int] = set()
+    cut = threading.Event()  # the power is cut: the daemon's answers are errors until it dies
     died_first: list[int] = []
 
     def kill() -> None:
@@ -329,6 +395,10 @@ def write_until_killed(c: CrashClient, daemon: Daemon, ih: bytes, t: CrashTorren
             died_first.append(rc)
         seen_at_kill[0] = len(events.verified)
         killed_at[0] = time.monotonic()
+        if power is not None:
+            promised.update(events.verified.copy())  # (a copy: taken at once, whole)
+            cut.set()  # (first: the daemon's first error may come before cut() returns)
+            power.cut()
         daemon.kill()
 
     timer = threading.Timer(delay, kill)
@@ -366,6 +436,11 @@ def write_until_killed(c: CrashClient, daemon: Daemon, ih: bytes, t: CrashTorren
         daemon.kill()
         raise RuntimeError(f"the daemon stopped answering for {c.timeout}s\n"
                            f"{daemon.log_tail()}") from None
+    except PiecedError:
+        if not cut.is_set():
+            timer.cancel()
+            daemon.kill()
+            raise
     except OSError as exc:  # the kill, or the daemon died by itself (see died_first)
         if timer.ident is None:  # not armed yet: it was not the kill
             daemon.kill()
@@ -390,6 +465,7 @@ def write_until_killed(c: CrashClient, daemon: Daemon, ih: bytes, t: CrashTorren
         "announced_read_after_kill": len(events.verified) - seen_at_kill[0],
         "failed": len(events.failed),
         "failed_pieces": sorted(events.failed)[:20],
+        "promised": sorted(promised if power is not None else events.verified),
         "killed_after_ms": round((killed_at[0] - t0) * 1000, 1),
         "last_announcement_after_ms": round((events.last_at - t0) * 1000, 1)
         if events.verified else None,
@@ -399,9 +475,12 @@ def write_until_killed(c: CrashClient, daemon: Daemon, ih: bytes, t: CrashTorren
 def crash_rounds(t: CrashTorrent, folder: Path, rounds: int, *, seed: int = 1,
                  sync_window_ms: int | None = None, max_kill_delay: float = MAX_KILL_DELAY,
                  window: int = WINDOW, timeout: float = 30.0,
-                 progress: Progress = log) -> list[dict[str, Any]]:
+                 progress: Progress = log, power: Ext4Image | None = None,
+                 ) -> list[dict[str, Any]]:
     """``rounds`` rounds of start, check, write, SIGKILL (see the module's docstring) in
-    a fresh ``folder``, plus the start that checks the last kill; one record per kill."""
+    a fresh ``folder``, plus the start that checks the last kill; one record per kill.
+    With ``power`` (``folder`` on its file system), each kill is a power cut: the file
+    system drops what is not durable, and is mounted again before the next start."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     env = dict(os.environ)
@@ -450,22 +529,26 @@ def crash_rounds(t: CrashTorrent, folder: Path, rounds: int, *, seed: int = 1,
                 c.attach_ring(RING_BYTES)
                 pending = {"kill": r + 1, **write_until_killed(
                     c, daemon, ih, t, todo, events, rng, max_kill_delay,
-                    by_announcement=r % 2 == 1)}
+                    by_announcement=r % 2 == 1, power=power)}
             except BaseException:
                 c.abandon()
                 raise
         except BaseException:
             daemon.kill()
             raise
-        announced |= events.verified
+        promised = pending.pop("promised")
+        announced.update(promised)
+        pending["promised"] = len(promised)
         pending["round_seconds"] = round(time.monotonic() - started, 3)
+        if power is not None:
+            power.restore()
     return kills
 
 
 def summarise(kills: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over the kills of one kind."""
-    keys = ("blocks_sent", "announced", "announced_read_after_kill", "verified_after_restart",
-            "forgotten", "wrong", "failed")
+    keys = ("blocks_sent", "announced", "announced_read_after_kill", "promised",
+            "verified_after_restart", "forgotten", "wrong", "failed")
     out: dict[str, Any] = {"kills": len(kills)}
     out.update({k: sum(x[k] for x in kills) for k in keys})
     out["max_forgotten"] = max((x["forgotten"] for x in kills), default=0)
@@ -496,6 +579,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="of the rounds' random choices")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "crash")
     ap.add_argument("--keep", action="store_true", help="keep the daemons' folders")
+    ap.add_argument("--power-cut", action="store_true",
+                    help="cut the power instead of a bare SIGKILL: the rounds run on an ext4 "
+                    "image loop-mounted in the workdir (root only), whose unsynced writes "
+                    "each kill drops (see Ext4Image)")
     args = ap.parse_args()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or any(k not in ("v1", "hybrid") for k in kinds):
@@ -519,14 +606,24 @@ def main() -> int:
         log(f"{kind}: {t.num_pieces} pieces of {t.piece_length // 1024} KiB, "
             f"{len(t.blocks)} blocks, {len(t.space)} bytes of piece space")
         folder = workdir / "runs" / kind
+        power = None
+        if args.power_cut:
+            folder.mkdir(parents=True, exist_ok=True)
+            power = Ext4Image(workdir / f"{kind}.ext4", folder)
+            folder = folder / "run"
         t0 = time.perf_counter()
-        kills = crash_rounds(t, folder, args.rounds, seed=args.seed + 1000 * i,
-                             sync_window_ms=args.sync_window_ms,
-                             max_kill_delay=args.max_kill_delay_ms / 1000, window=args.window,
-                             timeout=args.timeout)
+        try:
+            kills = crash_rounds(t, folder, args.rounds, seed=args.seed + 1000 * i,
+                                 sync_window_ms=args.sync_window_ms,
+                                 max_kill_delay=args.max_kill_delay_ms / 1000,
+                                 window=args.window, timeout=args.timeout, power=power)
+        finally:
+            if power is not None:
+                power.close()
+                power.image.unlink(missing_ok=True)
         seconds = time.perf_counter() - t0
         if not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(workdir / "runs" / kind, ignore_errors=True)
         results[kind] = {
             "pieces": t.num_pieces,
             "blocks": len(t.blocks),
@@ -544,6 +641,7 @@ def main() -> int:
         "benchmark": "crash",
         "kinds": kinds,
         "rounds": args.rounds,
+        "power_cut": args.power_cut,
         "seconds": round(elapsed, 1),
         "total_forgotten": sum(x["forgotten"] for x in totals.values()),
         "max_forgotten": max(x["max_forgotten"] for x in totals.values()),
@@ -568,6 +666,8 @@ def main() -> int:
         "notes": {
             "announced": "piece_verified events received in the round, including those read "
                          "from the socket after the kill (sent while the daemon was alive)",
+            "promised": "the announced pieces that must survive the kill: all of them, or "
+                        "with --power-cut those received before the cut",
             "forgotten": "pieces announced since the torrent was last registered and not "
                          "verified in the first status after the restart (goal 0)",
             "wrong": "pieces verified in that status whose bytes on disk differ from the "
