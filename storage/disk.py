@@ -716,8 +716,14 @@ class DiskIO:
             partial = [(p, s, e) for p, spans in under_way for s, e in spans]
         try:
             rec.write_resume(have, fps, gen, files, partial)
-        except OSError as exc:  # the journal still holds it all
-            self._record_error(t, StorageIOError.wrap(exc, "save resume"), None)
+        except OSError as exc:
+            # The journal still holds it all: nothing of the torrent is lost or changed,
+            # and there is nothing for its clients to do. Counted and listed, not pushed
+            # (pieced-peer, told a disk error, stopped its download: the state folder's
+            # disk was full, with room enough for the journal).
+            log.warning("torrent %s: its record could not be saved (its journal holds "
+                        "it): %s", t.key.hex(), exc)
+            self._tell_error(t, StorageIOError.wrap(exc, "save resume"), None, push=False)
             return False
         if unrecorded:  # the record now says they are not verified
             with t.lock:
@@ -2037,7 +2043,10 @@ class DiskIO:
             else:
                 self._tell_error(t, exc, piece)
 
-    def _tell_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
+    def _tell_error(self, t: Torrent, exc: PiecedError, piece: int | None,
+                    push: bool = True) -> None:
+        """Count, list (``status``'s ``errors``) and push (``on_error``, unless not
+        ``push``) an error of the torrent."""
         self.metrics.error(exc.errno, exc.kind)
         entry = {"piece": piece, "errno": exc.errno, "message": str(exc)}
         now = time.monotonic()
@@ -2046,7 +2055,8 @@ class DiskIO:
             del t.errors[:-32]
             # A full disk fails every block: one report a second per kind is enough
             # (status keeps the last 32, /metrics counts them all).
-            due = now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL) >= ERROR_EVENT_INTERVAL
+            due = push and (now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL)
+                            >= ERROR_EVENT_INTERVAL)
             if due:
                 t.error_reported[exc.errno] = now
         if due and self.on_error is not None and not t.removed:

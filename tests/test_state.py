@@ -3164,3 +3164,42 @@ def test_journal_records_of_the_version_before_their_torrents_seed_still_replay(
     assert resume.decode_records(resume.encode_records(records, seed), seed) == records
     assert resume.decode_records(resume.encode_records(records), seed) == records  # legacy
     assert resume.decode_records(resume.encode_records(records, other), seed) == []
+
+
+def test_a_record_that_cannot_be_saved_is_listed_not_pushed_and_nothing_is_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state folder's disk has room for journal records but not for a torrent's
+    record (a few kilobytes left): its save fails. Nothing of the torrent is lost (the
+    journal holds it), and nothing is for its clients to do: the error is counted and
+    listed in ``status``, not pushed as a ``disk_error`` (pieced-peer stopped its download
+    on it, saying the torrent's files had an error)."""
+    from pieced.storage import resume
+
+    content = make_payload(tmp_path / "src", 300_000, seed=13)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    pushed: list[Any] = []
+    dio = DiskIO("posix", state_dir=tmp_path / "state",
+                 on_error=lambda ih, e: pushed.append(e))
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src)
+        dio.flush_all()
+
+        def no_room(*a: Any, **k: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(resume.TorrentRecord, "write_resume", no_room)
+        assert dio.recheck(ih).ok  # (it saves the record when done)
+        st = dio.status(ih)
+        assert any("save resume" in e["message"] and e["errno"] == errno.ENOSPC
+                   for e in st["errors"]), st["errors"]
+        assert pushed == []
+        monkeypatch.undo()
+    finally:
+        dio.close()
+    again = DiskIO("posix", state_dir=tmp_path / "state")
+    try:
+        assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+    finally:
+        again.close()
