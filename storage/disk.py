@@ -721,8 +721,6 @@ class DiskIO:
             # and there is nothing for its clients to do. Counted and listed, not pushed
             # (pieced-peer, told a disk error, stopped its download: the state folder's
             # disk was full, with room enough for the journal).
-            log.warning("torrent %s: its record could not be saved (its journal holds "
-                        "it): %s", t.key.hex(), exc)
             self._tell_error(t, StorageIOError.wrap(exc, "save resume"), None, push=False)
             return False
         if unrecorded:  # the record now says they are not verified
@@ -2719,11 +2717,14 @@ class DiskIO:
         except BaseException:
             # The files are back where they were: recorded so; if some stayed where they
             # were going, with that place to bring them back from (and only then: a file
-            # of the torrent's names there would be taken for the torrent's).
+            # of the torrent's names there would be taken for the torrent's). Left in
+            # place even if its folder cannot be synced: the record before it would lead
+            # the next start to finish the move that was refused.
             if rec is not None:
                 with contextlib.suppress(OSError), rec.save_lock:
                     rec.write_location(previous[0], previous[1],
-                                       (path, renames) if t.storage.stranded else None)
+                                       (path, renames) if t.storage.stranded else None,
+                                       undo=False)
             raise
         finally:
             self._reshare()  # (moved or not: where its files are now)

@@ -87,9 +87,10 @@ CLEAN = "clean"  # present while the daemon is stopped cleanly: file stamps then
 _TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean|delete-files)\..+")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, undo: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new bytes,
-    and an error the old ones.
+    and an error the old ones (unless not ``undo``: the new bytes say what is so
+    whatever the caller answers, and stay in place).
 
     The temporary file has a unique name: two writers never share (and tear) one. When
     the folder cannot be synced once the new file is in its place, the old one is put
@@ -101,8 +102,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     backup = tmp + ".old"  # (a temporary name too: see _TEMPORARY)
-    old: str | None = backup
-    undo = True
+    old: str | None = backup if undo else None
     try:
         try:
             view = memoryview(data)
@@ -111,12 +111,13 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.link(path, backup)
-        except FileNotFoundError:
-            old = None  # a new file: undone by its removal
-        except OSError:
-            old, undo = None, False  # (no hard links here: not undone)
+        if undo:
+            try:
+                os.link(path, backup)
+            except FileNotFoundError:
+                old = None  # a new file: undone by its removal
+            except OSError:
+                old, undo = None, False  # (no hard links here: not undone)
         os.replace(tmp, path)
     except BaseException:
         for leftover in (tmp, old):
@@ -354,9 +355,11 @@ class TorrentRecord:
                     (self.folder / f"journal.{old}").unlink()
 
     def write_location(self, save_path: Path, renames: dict[int, tuple[str, ...]],
-                       previous: tuple[Path, dict[int, tuple[str, ...]]] | None = None) -> None:
+                       previous: tuple[Path, dict[int, tuple[str, ...]]] | None = None,
+                       undo: bool = True) -> None:
         """Where the files are; with ``previous``, where they are being moved from (a
-        move or rename under way: a restart finishes it, see ``Loaded.previous``)."""
+        move or rename under way: a restart finishes it, see ``Loaded.previous``).
+        ``undo``: see :func:`write_atomic`."""
         if self.removed:
             return
         record: dict[bytes, Any] = _location(save_path, renames)
@@ -364,7 +367,7 @@ class TorrentRecord:
         if previous is not None:
             record[b"from"] = _location(*previous)
         record[b"crc"] = zlib.crc32(bencodepy.encode(record))
-        write_atomic(self.folder / "location", bencodepy.encode(record))
+        write_atomic(self.folder / "location", bencodepy.encode(record), undo)
 
     def mark_checking(self, scope: str | None) -> None:
         """Say (durably) that a check of the files is under way (``scope``: "missing"
@@ -480,6 +483,10 @@ class StateStore:
         # files we were writing have changed since the last save, by our own hand.
         # (A folder in its place, which no stop made and none can replace, is not it.)
         self.was_clean = (self.state_dir / CLEAN).is_file()
+        for name in os.listdir(self.state_dir):  # (the lock is ours: no writer of them)
+            if _TEMPORARY.fullmatch(name):  # of a mark_clean a crash cut short
+                with contextlib.suppress(OSError):
+                    os.unlink(self.state_dir / name)
 
     def mark_clean(self) -> None:
         write_atomic(self.state_dir / CLEAN, b"")

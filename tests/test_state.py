@@ -2090,10 +2090,10 @@ if how == "deleting":  # a removal with the files: its folder's deletion cut sho
     resume.shutil.rmtree = part_deleted
     dio.unregister(ih, delete_files=True)
 real_write = resume.write_atomic
-def write(path, data):
+def write(path, data, *more):
     if how == "metainfo":
         die()
-    real_write(path, data)
+    real_write(path, data, *more)
     if path.name == how:
         die()
 resume.write_atomic = write
@@ -2139,8 +2139,8 @@ def die(*a, **k):
 how = {how!r}
 if how == "marked":  # the record says its files go; nothing renamed or deleted yet
     real_write = resume.write_atomic
-    def write(path, data):
-        real_write(path, data)
+    def write(path, data, *more):
+        real_write(path, data, *more)
         if path.name == resume.DELETING:
             die()
     resume.write_atomic = write
@@ -2215,10 +2215,10 @@ def test_a_removal_with_files_that_cannot_be_recorded_changes_nothing(
     dio.flush_all()
     real = resume.write_atomic
 
-    def full(path: Path, data: bytes) -> None:
+    def full(path: Path, data: bytes, *more: Any) -> None:
         if path.name == resume.DELETING:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        real(path, data, *more)
 
     monkeypatch.setattr(resume, "write_atomic", full)
     with pytest.raises(StorageIOError):
@@ -3203,3 +3203,65 @@ def test_a_record_that_cannot_be_saved_is_listed_not_pushed_and_nothing_is_lost(
         assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
     finally:
         again.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_move_refused_part_way_whose_record_back_cannot_be_synced_is_not_done_later(
+        tmp_path: Path, backend: str, tiny_fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move to a disk that fills up part-way is undone, the files brought back, and
+    the record that says so is written; its folder's sync fails. That record stays:
+    taken back, the one before it (going to the full disk) led the next start to finish
+    the move the client was told had failed."""
+    from pieced.storage import resume
+
+    content = make_payload(tmp_path / "dl", {"a.bin": 100_000, "b.bin": 300_001}, seed=3)
+    raw = make_torrent_lt(content, 32768, "v1")
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state, roots=[tmp_path])
+    ih = dio.register(raw, tmp_path / "dl")
+    dio.recheck(ih)
+    n = dio.status(ih)["verified_pieces"]
+    assert n == 13
+    real = resume.fsync_dir
+    syncs: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if Path(path).parent == state / "torrents":  # a torrent's own folder
+            syncs.append(Path(path))
+            if len(syncs) == 2:  # the record written once the move failed
+                raise OSError(errno.EIO, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(resume, "fsync_dir", fsync_dir)
+    try:
+        with pytest.raises(StorageIOError) as exc:
+            dio.move_storage(ih, tiny_fs / "new")  # (room for a.bin, not b.bin)
+        assert exc.value.errno == errno.ENOSPC and len(syncs) == 2
+        monkeypatch.setattr(resume, "fsync_dir", real)
+        assert dio.status(ih)["save_path"] == str(tmp_path / "dl")
+    finally:
+        dio.close()
+    again = DiskIO(backend, state_dir=state, roots=[tmp_path])
+    try:
+        st = again.status(ih)
+        assert st["save_path"] == str(tmp_path / "dl") and again.load_errors == []
+        assert st["verified_pieces"] == n
+        assert not any(p.is_file() for p in tiny_fs.rglob("*.bin"))
+    finally:
+        again.close()
+
+
+def test_temporary_files_a_crash_left_beside_the_clean_mark_are_removed_at_start(
+        tmp_path: Path) -> None:
+    """The clean mark is written as every record is (a temporary file renamed into
+    place, the one it replaces kept meanwhile under a second name): those a crash left
+    in the state folder are removed at the next start, as those of the torrents'
+    records are."""
+    state = tmp_path / "state"
+    DiskIO("posix", state_dir=state).close()
+    left = [state / ".clean.k2j4h8", state / ".clean.k2j4h8.old"]
+    for path in left:
+        path.write_bytes(b"")
+    DiskIO("posix", state_dir=state).close()
+    assert not any(p.exists() for p in left)
+    assert sorted(os.listdir(state)) == sorted(["clean", "lock", "torrents"])
