@@ -268,7 +268,9 @@ class Server:
             # Clients that hung up and have not been read since count no more: a burst of
             # connections accepted in one go, each closed at once by its client, took
             # every place before their ends were read, and a live newcomer was refused.
-            for gone in [c for c in self.clients if c.hung_up()]:
+            # (A copy of the set is looked through: a look reads what the client sent,
+            # and closes it when it hung up, which takes it out of the set.)
+            for gone in [c for c in list(self.clients) if c.hung_up()]:
                 gone.close()
         if len(self.clients) >= self.max_clients:
             return (f"too many clients: the daemon has max_clients = {self.max_clients} "
