@@ -70,7 +70,7 @@ from .hashing import (
     fingerprint,
     sub_views,
 )
-from .layout import Segment
+from .layout import Layout, Segment
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
 from .metainfo import Metainfo, V2Piece, parse
@@ -782,6 +782,12 @@ class DiskIO:
         old, renames = saved.previous
         if self._outside_roots(Path(old)):
             return storage, True, set()  # not looked for outside the roots; recorded anew
+        if Path(old) != storage.save_path and self._moved_from_nowhere(
+                storage, Path(old), saved.have):
+            raise StorageIOError(
+                f"the folder its move was from, {old}, is not there (a disk not mounted "
+                f"yet?), and files with verified pieces are not in {storage.save_path}: "
+                "left as it is until a start finds it", errno=errno.ENOENT)
         try:
             n, doubtful = storage.finish_move(Path(old), renames)
         except (OSError, PiecedError) as exc:
@@ -808,6 +814,32 @@ class DiskIO:
                 f"torrent {saved.ih_hex}: {storage.file_path(i)} is in the way of its move "
                 f"from {old} (left as it is, and both kept): its pieces are checked again")
         return storage, True, doubtful
+
+    @staticmethod
+    def _moved_from_nowhere(storage: FileStorage, old: Path, have: bytes | bytearray) -> bool:
+        """Whether the folder a move cut short was from is not there while files with
+        verified pieces (``have``) are missing where it was going: they are where it
+        was, out of sight (a disk not mounted at this start). Finished, the move took
+        them for moved already and recorded the new place: they were left behind for
+        good, and their verified pieces lost. (Every such file there: the move was over
+        but for its record; a file never written is nowhere.)"""
+        try:
+            gone = storage.beneath(old)
+        except PiecedError:
+            return False  # (outside the roots: not looked for)
+        try:
+            gone.root()
+            return False
+        except PiecedError as exc:
+            if exc.errno != errno.ENOENT:
+                return False  # (there, and the move says what it meets)
+        finally:
+            gone.close()
+        layout = Layout(storage.meta)
+        lengths = storage.meta.files.lengths
+        return any(lengths[i] and storage.root.stat(storage.parts(i)) is None
+                   and any(have[p >> 3] & (0x80 >> (p & 7)) for p in layout.file_pieces(i))
+                   for i in storage.stored_files())
 
     def _outside_roots(self, path: Path) -> bool:
         """Whether a recorded path now resolves outside the allowed roots (they changed,

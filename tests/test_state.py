@@ -3265,3 +3265,33 @@ def test_temporary_files_a_crash_left_beside_the_clean_mark_are_removed_at_start
     DiskIO("posix", state_dir=state).close()
     assert not any(p.exists() for p in left)
     assert sorted(os.listdir(state)) == sorted(["clean", "lock", "torrents"])
+
+
+def test_a_move_a_crash_cut_short_waits_for_the_folder_it_was_from(
+        tmp_path: Path, backend: str) -> None:
+    """The process dies once a move is recorded, before any file moved; at the next
+    start the folder it was moving from is not there (a disk not mounted yet). The start
+    took every file for moved already, recorded the new place, and the files and their
+    verified pieces were lost for good, also once the disk was back. Now the torrent is
+    left as it is, not loaded, said so; the start that finds the folder again finishes
+    the move with every piece."""
+    new = tmp_path / "new"
+    _content, src, old = _dies_moving(tmp_path, backend, 6, 21, new, "move", "recorded")
+    os.rename(old, tmp_path / "unmounted")
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        assert again.torrents() == []
+        assert any("is not there" in e for e in again.load_errors), again.load_errors
+    finally:
+        again.close()
+    os.rename(tmp_path / "unmounted", old)
+    third = DiskIO(backend, state_dir=tmp_path / "state")
+    try:
+        ih = third.torrents()[0]
+        st = third.status(ih)
+        assert st["save_path"] == str(new) and st["reverifying_pieces"] == 0
+        assert st["verified_pieces"] == src.meta.num_pieces
+        assert not any(p.is_file() for p in old.rglob("*"))
+        assert third.recheck(ih, full=True).ok
+    finally:
+        third.close()
