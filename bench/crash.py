@@ -52,7 +52,8 @@ Reported per kill (``per_kill`` in the JSON, with the first 20 pieces forgotten 
 ``failed``
     ``piece_failed`` events in the round: pieces whose blocks the daemon hashed to
     something else than the torrent's hashes. Reported, not judged here (0 expected: the
-    blocks sent are the payload's);
+    blocks sent are the payload's; with ``--power-cut``, pieces whose sync failed after
+    the cut are told failed too);
 ``reverifying_pieces``
     the first status's count of pieces being re-verified (a restart that found files
     changed since its state was saved); ``restarts_reverifying`` counts the kills where
@@ -83,6 +84,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -146,10 +148,15 @@ class Ext4Image:
 
         self.image, self.mount = image, mount
         mount.mkdir(parents=True, exist_ok=True)
-        with open(image, "wb") as f:
-            f.truncate(size_mib * MiB)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-        self._mount()
+        try:
+            with open(image, "wb") as f:
+                f.truncate(size_mib * MiB)
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True,
+                           capture_output=True)
+            self._mount()
+        except BaseException:
+            image.unlink(missing_ok=True)
+            raise
 
     def _mount(self) -> None:
         import subprocess
@@ -584,6 +591,9 @@ def main() -> int:
                     "image loop-mounted in the workdir (root only), whose unsynced writes "
                     "each kill drops (see Ext4Image)")
     args = ap.parse_args()
+    # A SIGTERM ends the run as Ctrl-C does, through the cleanups (an image left mounted
+    # otherwise, maybe shut down).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or any(k not in ("v1", "hybrid") for k in kinds):
         raise SystemExit("--kinds takes v1 and/or hybrid")

@@ -823,6 +823,8 @@ class DiskIO:
         them for moved already and recorded the new place: they were left behind for
         good, and their verified pieces lost. (Every such file there: the move was over
         but for its record; a file never written is nowhere.)"""
+        if not storage.stores:
+            return False  # (files never made: nowhere, wherever the move was)
         try:
             gone = storage.beneath(old)
         except PiecedError:

@@ -388,6 +388,7 @@ elif how == "link":  # the n-th file given its new name (the old ones all kept y
 elif how == "recorded":  # where the files go is recorded; nothing made or moved yet
     files.FileStorage.move = die
     files.FileStorage.rename = die
+    files.DisabledStorage.move = die
 elif how == "linked":  # the first file has both names: linked, not yet unlinked
     paths.os.unlink = die
 elif how == "copying":  # half of the first file copied to the other file system
@@ -3295,3 +3296,19 @@ def test_a_move_a_crash_cut_short_waits_for_the_folder_it_was_from(
         assert third.recheck(ih, full=True).ok
     finally:
         third.close()
+
+
+def test_on_the_disabled_backend_a_move_a_crash_cut_short_does_not_wait_for_its_folder(
+        tmp_path: Path) -> None:
+    """As above, on the backend that stores nothing: its files are nowhere, wherever the
+    move was, and the start that finds the folder it was from gone loads the torrent at
+    its new place (it refused it at every start)."""
+    new = tmp_path / "new"
+    _content, _src, old = _dies_moving(tmp_path, "disabled", 6, 22, new, "move", "recorded")
+    shutil.rmtree(old, ignore_errors=True)
+    again = DiskIO("disabled", state_dir=tmp_path / "state")
+    try:
+        assert len(again.torrents()) == 1 and again.load_errors == []
+        assert again.status(again.torrents()[0])["save_path"] == str(new)
+    finally:
+        again.close()
