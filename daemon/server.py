@@ -201,6 +201,10 @@ class Server:
         # torrent's lock, briefly.)
         self.report_slot = threading.Lock()
         self.clients: set[Connection] = set()
+        # The clients' ends, watched for their hanging up (POLLRDHUP alone: poll says only
+        # of those), so that a look for hung-up clients is one call whatever their number.
+        self._ends = select.poll()
+        self._by_fd: dict[int, Connection] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self.accepted = 0
@@ -256,7 +260,15 @@ class Server:
             self.accepted += 1
             conn = Connection(self, sock)
             self.clients.add(conn)
+            self._ends.register(conn.fd, select.POLLRDHUP)
+            self._by_fd[conn.fd] = conn
             conn.start()
+
+    def forget_end(self, conn: Connection) -> None:
+        """``conn`` is closing: its end is watched no more."""
+        if self._by_fd.get(conn.fd) is conn:
+            del self._by_fd[conn.fd]
+            self._ends.unregister(conn.fd)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None and self._listener.fileno() >= 0 and not self._closing:
@@ -268,10 +280,14 @@ class Server:
             # Clients that hung up and have not been read since count no more: a burst of
             # connections accepted in one go, each closed at once by its client, took
             # every place before their ends were read, and a live newcomer was refused.
-            # (A copy of the set is looked through: a look reads what the client sent,
-            # and closes it when it hung up, which takes it out of the set.)
-            for gone in [c for c in list(self.clients) if c.hung_up()]:
-                gone.close()
+            # Only those whose end poll finds closed are looked at (one call for them
+            # all: a look at each of hundreds of clients, for each connection refused,
+            # made a flood of connections dear); a look reads what the client sent, and
+            # closes it when it hung up.
+            for fd, _ in self._ends.poll(0):
+                gone = self._by_fd.get(fd)
+                if gone is not None and gone.hung_up():
+                    gone.close()
         if len(self.clients) >= self.max_clients:
             return (f"too many clients: the daemon has max_clients = {self.max_clients} "
                     "connected already")
@@ -1144,6 +1160,7 @@ class Connection:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        self.server.forget_end(self)  # (before its number can be another's)
         self.sock.close()
         self.server.clients.discard(self)
         self._out.clear()
