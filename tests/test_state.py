@@ -2978,6 +2978,19 @@ def test_a_register_refused_after_its_record_was_put_in_place_leaves_nothing_to_
         again.close()
 
 
+def _checked_in_place(tmp_path: Path, backend: str, files: dict[str, int]
+                      ) -> tuple[DiskIO, bytes, int]:
+    """A v1 torrent of 32 KiB pieces over data already in ``tmp_path/dl``, registered
+    and checked by a DiskIO whose state is in ``tmp_path/state`` (roots: ``tmp_path``):
+    (the DiskIO, the info hash, the pieces verified)."""
+    content = make_payload(tmp_path / "dl", files, seed=3)
+    raw = make_torrent_lt(content, 32768, "v1")
+    dio = DiskIO(backend, state_dir=tmp_path / "state", roots=[tmp_path])
+    ih = dio.register(raw, tmp_path / "dl")
+    dio.recheck(ih)
+    return dio, ih, dio.status(ih)["verified_pieces"]
+
+
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 @pytest.mark.parametrize("op", ["unregister with delete_files", "move_storage", "rename_file"])
 def test_an_operation_refused_after_its_record_was_put_in_place_is_not_done_at_the_next_start(
@@ -2990,13 +3003,8 @@ def test_an_operation_refused_after_its_record_was_put_in_place_is_not_done_at_t
     missing.)"""
     from pieced.storage import resume
 
-    content = make_payload(tmp_path / "dl", {"a.bin": 200_000, "b.bin": 70_001}, seed=3)
-    raw = make_torrent_lt(content, 32768, "v1")
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state, roots=[tmp_path])
-    ih = dio.register(raw, tmp_path / "dl")
-    dio.recheck(ih)
-    n = dio.status(ih)["verified_pieces"]
+    dio, ih, n = _checked_in_place(tmp_path, backend, {"a.bin": 200_000, "b.bin": 70_001})
     assert n == 9  # (270,001 bytes in pieces of 32 KiB)
     real = resume.fsync_dir
     armed = [True]
@@ -3215,13 +3223,8 @@ def test_a_move_refused_part_way_whose_record_back_cannot_be_synced_is_not_done_
     the move the client was told had failed."""
     from pieced.storage import resume
 
-    content = make_payload(tmp_path / "dl", {"a.bin": 100_000, "b.bin": 300_001}, seed=3)
-    raw = make_torrent_lt(content, 32768, "v1")
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state, roots=[tmp_path])
-    ih = dio.register(raw, tmp_path / "dl")
-    dio.recheck(ih)
-    n = dio.status(ih)["verified_pieces"]
+    dio, ih, n = _checked_in_place(tmp_path, backend, {"a.bin": 100_000, "b.bin": 300_001})
     assert n == 13
     real = resume.fsync_dir
     syncs: list[Path] = []
