@@ -61,6 +61,7 @@ class ProgressBar:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pieced.config.descriptors import raise_open_files
     from pieced.config.settings import metainfo_limits
     from pieced.storage.errors import ConfigError, PiecedError
     from pieced.storage.hashing import HashPool
@@ -89,7 +90,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     pool = HashPool(args.threads)
-    files = FolderFiles(meta, data, Layout(meta))
+    files = FolderFiles(meta, data, Layout(meta), descriptors=raise_open_files())
     bar = ProgressBar(meta.num_pieces, meta.piece_length)
     try:
         result = verify(meta, files.reader(), pool, bar)

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
+from pieced.config.descriptors import raise_open_files
 from pieced.config.settings import Settings, exposure_problem
 from pieced.storage.disk import DiskIO
 from pieced.storage.resume import make_folders
@@ -289,18 +290,6 @@ async def _watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def _raise_open_files() -> None:
-    """Payload files, clients and HTTP connections each hold a descriptor: the soft
-    limit (often 1024) is raised to the hard one, as far as 1,048,576."""
-    import resource
-
-    with contextlib.suppress(OSError, ValueError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
 def _bound_malloc() -> None:
     """Piece-sized buffers (staged pieces, cached pieces, reads) come and go by the
     thousand. glibc raises its mmap threshold after the first such buffer is freed and
@@ -388,14 +377,11 @@ def setup_logging(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     _bound_malloc()
-    _raise_open_files()
+    soft = raise_open_files()
     settings = settings.resolved()
     setup_logging(settings)
     logging.getLogger("aiohttp.server").addFilter(_BadRequestsBriefly())
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY:
+    if soft is not None:
         settings = fit_descriptors(settings, soft)
     import uvloop
 

@@ -25,6 +25,7 @@ import mmap
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
@@ -51,6 +52,10 @@ from .paths import folder_below
 # fingerprint recheck on mmap took 0.29 s in batches of 8 MiB, 0.24 s in batches of
 # 16 MiB viewed in place at once (half the futures, page-table calls and hand-overs of
 # the interpreter's lock), the bare BLAKE3 pass 0.23 s.
+# Files and folders :class:`FolderFiles` keeps open at once: far below the usual
+# descriptor limit (1,024), and more than a check reads at once.
+OPEN_FILES = 256
+OPEN_FOLDERS = 64
 BATCH_BYTES = 16 * 1024 * 1024
 # Work on data not in the page cache: smaller batches, and more bytes asked of the disk
 # ahead of the hashing. Measured (2 GiB, 4 MiB pieces, cold, in one process, five
@@ -546,12 +551,24 @@ class FolderFiles:
     holds (StorageIOError, as a read fails them); any other error is :class:`Unreadable`.
     """
 
-    def __init__(self, meta: Metainfo, save_path: Path, layout: Layout) -> None:
+    def __init__(self, meta: Metainfo, save_path: Path, layout: Layout,
+                 descriptors: int | None = None) -> None:
+        """``descriptors``: the process's limit, when its files and folders must stay
+        well within it (a few dozen kept for the rest)."""
         self._meta = meta
         self._layout = layout
         self._save_path = save_path
-        self._fds: dict[int, int | None] = {}
-        self._folders: dict[tuple[str, ...], int | None] = {}
+        # Files open now (None: missing, or not a file), least recently used first; at
+        # most ``open_files`` descriptors, those in use by a read apart. (Every file kept
+        # open, a torrent of more files than the descriptor limit, 1,024 by default,
+        # stopped the check with EMFILE half way.)
+        self._fds: OrderedDict[int, int | None] = OrderedDict()
+        room = OPEN_FILES + OPEN_FOLDERS if descriptors is None else max(2, descriptors - 32)
+        self._open_folders = max(1, min(OPEN_FOLDERS, room // 4))
+        self._open_files = max(1, min(OPEN_FILES, room - self._open_folders))
+        self._opened = 0  # descriptors among them
+        self._using: dict[int, int] = {}  # file index -> reads using its descriptor now
+        self._folders: OrderedDict[tuple[str, ...], int | None] = OrderedDict()
         # The save path, opened once: every folder is walked to from it. (Opened again
         # by its name for each folder, a parent of it swapped meanwhile for a symlink
         # made one check read some files from one tree, the rest from another.)
@@ -559,12 +576,40 @@ class FolderFiles:
         self._lock = threading.Lock()
 
     def _fd(self, index: int) -> int | None:
-        if index in self._fds:
-            return self._fds[index]
+        """The file's descriptor, held for the caller until :meth:`_done` (not closed to
+        make room meanwhile); None if it is missing or not a file (nothing to give back)."""
         with self._lock:
-            if index not in self._fds:
-                self._fds[index] = self._open(index)
-            return self._fds[index]
+            fd = self._fds.get(index, -1)
+            if fd == -1:
+                fd = self._fds[index] = self._open(index)
+                if fd is not None:
+                    self._opened += 1
+                    self._trim()
+            else:
+                self._fds.move_to_end(index)
+            if fd is not None:
+                self._using[index] = self._using.get(index, 0) + 1
+            return fd
+
+    def _done(self, index: int) -> None:
+        with self._lock:
+            left = self._using.pop(index) - 1
+            if left:
+                self._using[index] = left
+
+    def _trim(self) -> None:
+        """Descriptors closed, least recently used first, down to the bound (the caller
+        holds the lock). A file forgotten so is opened again when read again."""
+        if self._opened <= self._open_files:
+            return
+        for index in [i for i, fd in self._fds.items() if fd is not None]:
+            if self._opened <= self._open_files:
+                break
+            if index not in self._using:
+                fd = self._fds.pop(index)
+                assert fd is not None
+                os.close(fd)
+                self._opened -= 1
 
     def _open(self, index: int) -> int | None:
         """The file, reached from the save path one folder at a time and never through a
@@ -601,7 +646,13 @@ class FolderFiles:
     def _folder(self, folder: tuple[str, ...], path: Path) -> int | None:
         """A descriptor of a folder of the torrent, walked to once for all its files
         (the caller holds the lock); None if missing, or a symlink or a file on the way."""
-        if folder not in self._folders:
+        if folder in self._folders:
+            self._folders.move_to_end(folder)
+        else:
+            while len(self._folders) >= self._open_folders:  # (used only here, locked)
+                _, dfd = self._folders.popitem(last=False)
+                if dfd is not None:
+                    os.close(dfd)
             try:
                 if self._root is None:
                     try:
@@ -640,16 +691,19 @@ class FolderFiles:
             fd = self._fd(seg.file_index)
             if fd is None:
                 raise StorageIOError("not there")
-            done = 0
-            while done < seg.length:
-                try:
-                    n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
-                except OSError as exc:
-                    path = self._save_path.joinpath(*self._meta.files[seg.file_index].path)
-                    raise Unreadable(path, exc) from None
-                if n == 0:  # shorter than the torrent says: the pieces past its end fail
-                    raise StorageIOError("cut short")
-                done += n
+            try:
+                done = 0
+                while done < seg.length:
+                    try:
+                        n = os.preadv(fd, [dst[done:]], seg.file_offset + done)
+                    except OSError as exc:
+                        path = self._save_path.joinpath(*self._meta.files[seg.file_index].path)
+                        raise Unreadable(path, exc) from None
+                    if n == 0:  # shorter than the torrent says: the pieces past its end fail
+                        raise StorageIOError("cut short")
+                    done += n
+            finally:
+                self._done(seg.file_index)
 
     def advise(self, piece: int, size: int) -> None:
         """Start reading ``size`` bytes from the piece's start, one piece or several
@@ -659,6 +713,7 @@ class FolderFiles:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(fd, seg.file_offset, seg.length, os.POSIX_FADV_WILLNEED)
+                self._done(seg.file_index)
 
     def resident(self, piece: int) -> bool:
         """Whether the piece's first byte is in the page cache (see PreadReader.cold)."""
@@ -675,6 +730,8 @@ class FolderFiles:
             return False
         except OSError:
             return True  # no RWF_NOWAIT here, or a read that fails: as it was
+        finally:
+            self._done(seg.file_index)
 
     def reader(self) -> PreadReader:
         return PreadReader(self.read, self.advise, read_span=self.read_span,
@@ -686,6 +743,7 @@ class FolderFiles:
                 if fd is not None:
                     os.close(fd)
             self._fds.clear()
+            self._opened = 0
             self._folders.clear()
             self._root = None
 

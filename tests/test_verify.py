@@ -487,3 +487,34 @@ def test_the_verdict_survives_an_output_that_cannot_be_written(tmp_path: Path, h
         assert results == {"good": 0, "bad": 1}
     else:
         assert results == {"good": 2, "bad": 2}  # no report could be written
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_torrent_of_more_files_than_descriptors_is_checked_whole(tmp_path: Path,
+                                                                    kind: str) -> None:
+    """1,200 files, checked with 100 descriptors allowed (soft and hard): every file was
+    kept open, and the check stopped half way on EMFILE, saying the files could not be
+    read (exit 2, as for bad input). Files are now closed least recently used first;
+    every piece is checked, the one corrupted fails and only it."""
+    import resource
+
+    spec = {f"d{i % 7}/f{i}.bin": 1000 + 37 * i for i in range(1200)}
+    content = make_payload(tmp_path / "dl", spec, seed=33)
+    raw = make_torrent_lt(content, 16384, kind)
+    meta = parse(raw)
+    tfile = tmp_path / "t.torrent"
+    tfile.write_bytes(raw)
+    rel = f"d{1000 % 7}/f1000.bin"
+    corrupt(content / rel, 5)
+    bad = torrent_offset(raw, rel, 5) // meta.piece_length
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    proc = subprocess.run([*PIECED, "verify", str(tfile), "--data", str(tmp_path / "dl"),
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=few_descriptors)
+    assert proc.returncode == 1, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["failed_v1"] == [bad]
+    assert out["num_pieces"] == meta.num_pieces
