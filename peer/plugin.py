@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pieced.config.args import positive_int
+from pieced.config.descriptors import raise_open_files
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
 from pieced.storage.errors import (
     AccessDenied,
@@ -102,6 +103,16 @@ IDLE_SECONDS = 10.0  # a peer interested in nothing either way may give its plac
 # newcomer: peers that choke us for ever, filling every place, kept a seed that came
 # later from ever being dialled or let in (libtorrent turns over such peers too).
 UNPRODUCTIVE_SECONDS = 30.0
+# Places are shared out between addresses (an IPv4 address, or an IPv6 /64: one host, or
+# one household behind its router). When every place is held and none idles, a
+# newcomer takes a place from the address holding the most, when that holds at least
+# two more than the newcomer's would; a newcomer from the address holding the most takes
+# the place of its least productive peer connected this long or longer (the time for a
+# newcomer's first unchoke and its first blocks). Peers that handshake, take a block now
+# and then, and so neither idle nor stall, held every place and shut every other peer
+# out for as long as they stayed; libtorrent lets a newcomer in by dropping a peer of
+# lower rank too.
+TURNOVER_SECONDS = 20.0
 OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
@@ -133,6 +144,16 @@ CONNECT_TIMEOUT = 10.0
 # find 2 seeders among 300 dead addresses (libtorrent, which counts its half-open
 # connections in its limit of 200: 0.1-16 s).
 DIALS_PER_PLACE = 4
+# Connections accepted in one go (the listening socket's backlog; asyncio accepts that
+# many at a time before any is looked at), and descriptors held besides peers and dials
+# (standard streams, the daemon's socket, the listening sockets, trackers): with
+# DIALS_PER_PLACE, what --max-peers is lowered to fit the descriptor limit.
+ACCEPT_BURST = 100
+FDS_RESERVED = 32
+# Seconds between two warnings that accepting a peer failed for want of descriptors
+# (asyncio says so, with a traceback, for each connection it could not accept: tens of
+# thousands of lines in a minute under a storm of connections).
+ACCEPT_ERROR_SECONDS = 10.0
 MAX_KNOWN = 1000  # addresses kept to dial; a tracker's further ones are left out
 
 
@@ -216,6 +237,15 @@ def _every_interface(kind: int, port: int) -> socket.socket:
 _LOCAL_NETS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
     "::1/128", "fc00::/7", "fe80::/10"))
+
+
+def place_group(host: str) -> object:
+    """The addresses that share one share of places: an IPv4 address, an IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return int(ip) >> 64 if ip.version == 6 else ip
 
 
 def unmapped(host: str) -> str:
@@ -619,11 +649,12 @@ class Peer:
     """The asyncio side of one connection."""
 
     def __init__(self, conn: PeerConnection, transport: asyncio.Transport, inbox: Inbox,
-                 addr: str, conduct: Conduct) -> None:
+                 host: str, port: int, conduct: Conduct) -> None:
         self.conn = conn
         self.transport = transport
         self.inbox = inbox
-        self.addr = addr
+        self.addr = _address(host, port)
+        self.group = place_group(host)  # whose share of places it takes
         self.conduct = conduct
         self.banned = conduct.banned  # pieces never asked of it: they failed with its data
         self.stranger: str | None = None  # its IP, when it dialled us
@@ -643,6 +674,7 @@ class Peer:
         self.reads = 0  # reads from the daemon in flight for it
         self.reading = 0  # bytes they ask for
         self.blocks = 0  # blocks it sent us
+        self.served = 0  # bytes of blocks we sent it
         self.closed = False
         self.opened = time.monotonic()
         self.queued = 0  # bytes handed to its socket or transport
@@ -857,10 +889,10 @@ class Swarm:
         if host is None:
             tcp = _every_interface(socket.SOCK_STREAM, port)
             self.server = await loop.create_server(
-                lambda: Inbox(on_connect=self._accepted), sock=tcp)
+                lambda: Inbox(on_connect=self._accepted), sock=tcp, backlog=ACCEPT_BURST)
         else:
             self.server = await loop.create_server(
-                lambda: Inbox(on_connect=self._accepted), host, port)
+                lambda: Inbox(on_connect=self._accepted), host, port, backlog=ACCEPT_BURST)
         bound = self.server.sockets[0].getsockname()
         self.listen_port = bound[1]
         try:
@@ -1037,7 +1069,7 @@ class Swarm:
                                   v2=self.meta.has_v2, outgoing_hash=self.ih, views=True,
                                   metadata=self.metadata, listen_port=self._told_port())
             assert isinstance(transport, asyncio.Transport)
-            peer = Peer(conn, transport, inbox, _address(host, port), dial.conduct)
+            peer = Peer(conn, transport, inbox, host, port, dial.conduct)
             await self._serve_peer(peer)
         finally:
             self.connecting.discard((host, port))
@@ -1097,11 +1129,11 @@ class Swarm:
                 # A peer holding a place and doing nothing gives it up, as for a newcomer
                 # that dials us: else peers with nothing to exchange, filling every
                 # place, kept a seeder that came up later from ever being dialled.
-                idle = self._idlest()
+                idle = self._idlest() or self._turned_over(host, own=False)
                 if idle is None:
                     return
-                log.info("%s: dropped to dial %s (it holds a place and gives nothing)", idle.addr,
-                         _address(host, port))
+                log.info("%s: dropped to dial %s (it holds a place and gives nothing, or its"
+                         " address holds the most places)", idle.addr, _address(host, port))
                 idle.replaced = True
                 self._drop(idle)
             self.connect(host, port, named=False)
@@ -1114,17 +1146,21 @@ class Swarm:
         addr = (unmapped(peername[0]), peername[1])
         if len(self.peers) >= self.opts.max_peers:
             idle = self._idlest()
+            why = "it holds a place and gives nothing"
+            if idle is None:
+                idle = self._turned_over(addr[0])
+                why = "its address holds the most places, and it gave the least"
             if idle is None:
                 transport.close()
                 inbox.release()
                 return
-            log.info("%s: dropped for a newcomer (it holds a place and gives nothing)", idle.addr)
+            log.info("%s: dropped for a newcomer (%s)", idle.addr, why)
             idle.replaced = True
             self._drop(idle)  # its place goes to the newcomer, as in libtorrent
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata,
                               listen_port=self._told_port())
-        peer = Peer(conn, transport, inbox, _address(addr[0], addr[1]), Conduct(addr[0]))
+        peer = Peer(conn, transport, inbox, addr[0], addr[1], Conduct(addr[0]))
         peer.stranger = addr[0]  # known by its peer id too, once it says it
         try:
             await self._serve_peer(peer)
@@ -1258,6 +1294,35 @@ class Swarm:
                 and now - max(p.opened, p.conn.last_block, p.conn.unchoked_us_at)
                 >= UNPRODUCTIVE_SECONDS))]
         return min(idle, key=lambda p: p.opened, default=None)
+
+    def _turned_over(self, host: str, own: bool = True) -> Peer | None:
+        """When every place is held and none idles: the peer whose place a newcomer from
+        ``host`` takes (see TURNOVER_SECONDS), or None. Of those the rule offers, the one
+        that moved the fewest bytes of blocks (both ways) for its time connected, those
+        connected TURNOVER_SECONDS or longer first; never one we download from now (it
+        unchoked us, our requests wait on it and it has not let them time out). Not
+        ``own``: only from another address (a peer we dial: dialling more of the crowd's
+        address would turn it over for ever, in a swarm on one host)."""
+        now = time.monotonic()
+        groups: dict[object, list[Peer]] = {}
+        for p in self.peers:
+            if not p.closed:
+                groups.setdefault(p.group, []).append(p)
+        if not groups:
+            return None
+        mine = groups.get(place_group(host), [])
+        most = max(groups.values(), key=len)
+        if len(most) >= len(mine) + 2:
+            pool = most
+        elif own and mine and len(mine) == len(most):
+            pool = [p for p in mine if now - p.opened >= TURNOVER_SECONDS]
+        else:
+            return None
+        pool = [p for p in pool if not (p.conn.our_requests and not p.conn.peer_choking
+                                        and not p.conn.snubbed)]
+        return min(pool, default=None, key=lambda p: (
+            now - p.opened < TURNOVER_SECONDS,
+            (p.served + p.conn.downloaded) / max(now - p.opened, 1.0)))
 
     async def _sent(self, peer: Peer) -> bool:
         """Send what is queued for the peer; past OUT_LIMIT unsent, wait for it to read
@@ -1586,6 +1651,7 @@ class Swarm:
                     off = blk[1] - begin
                     conn.send_piece(blk, data[off : off + blk[2]])
                     self.summary.bytes_up += blk[2]
+                    peer.served += blk[2]
                     peer.served_at = time.monotonic()
                 if begin == 0:  # the piece is in the daemon's cache now: offer it around
                     self._offer(piece, but=peer)
@@ -2064,11 +2130,50 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def fit_max_peers(max_peers: int, limit: int | None) -> int:
+    """``--max-peers`` lowered to fit the descriptor limit: each place may have
+    DIALS_PER_PLACE dials under way, and a burst of connections is accepted before any
+    is refused. Past it, accepts and dials failed with EMFILE."""
+    if limit is None:
+        return max_peers
+    fits = max(1, (limit - FDS_RESERVED - ACCEPT_BURST) // DIALS_PER_PLACE)
+    if fits < max_peers:
+        log.warning("%d descriptors allowed (RLIMIT_NOFILE): --max-peers %d -> %d",
+                    limit, max_peers, fits)
+    return min(max_peers, fits)
+
+
+class _AcceptErrorsBriefly:
+    """The loop's exception handler: a connection that could not be accepted for want
+    of descriptors or memory is said once in ACCEPT_ERROR_SECONDS, in a line (asyncio
+    pauses accepting for a second meanwhile); anything else as asyncio says it."""
+
+    def __init__(self) -> None:
+        self.said = -ACCEPT_ERROR_SECONDS
+        self.unsaid = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (context.get("message") == "socket.accept() out of system resource"
+                and isinstance(exc, OSError)):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.said < ACCEPT_ERROR_SECONDS:
+            self.unsaid += 1
+            return
+        more = f" ({self.unsaid} more since the last warning)" if self.unsaid else ""
+        log.warning("a peer could not be accepted: %s%s; accepting again in a second",
+                    exc.strerror or exc, more)
+        self.said, self.unsaid = now, 0
+
+
 async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     raw = read_metainfo(opts.torrent)
     meta = parse(raw)
     swarm = Swarm(opts, raw, meta)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_AcceptErrorsBriefly())
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, swarm.stop.set)
     started = time.monotonic()
@@ -2161,7 +2266,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
-                       args.seed, args.socket, args.max_peers)
+                       args.seed, args.socket, fit_max_peers(args.max_peers, raise_open_files()))
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,
             CannotListen) as exc:

@@ -836,6 +836,114 @@ def test_peers_with_nothing_to_exchange_give_their_place_to_a_newcomer(tmp_path:
         assert d.stop() == 0, d.stderr()
 
 
+class Sipper:
+    """A peer that holds a place cheaply: it handshakes, has nothing, is interested, and
+    while unchoked asks for one block every 2 s and reads it (so it neither idles nor
+    stalls); keep-alives otherwise. From ``host`` (any address of 127/8 is loopback)."""
+
+    def __init__(self, port: int, info_hash: bytes, n: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), 10, (host, 0))
+        self.sock.sendall(wire.handshake(info_hash, b"-XX0001-" + b"%012d" % n,
+                                         wire.make_reserved(extended=False, fast=True))
+                          + wire.have_none() + wire.interested())
+        self.closed = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        parser = wire.Parser(handshake=True)
+        unchoked = False
+        asked = 0
+        next_ask = time.monotonic()
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self.closed = True
+                return
+            for ev in parser.feed(data) if data else ():
+                if isinstance(ev, wire.Unchoke):
+                    unchoked = True
+                elif isinstance(ev, wire.Choke):
+                    unchoked = False
+            if time.monotonic() >= next_ask:
+                next_ask += 2.0
+                with contextlib.suppress(OSError):
+                    self.sock.sendall(wire.request(asked % 8, 0, 16384) if unchoked
+                                      else wire.keep_alive())
+                    asked += unchoked
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _let_in(port: int, info_hash: bytes, host: str) -> bool:
+    """Whether a newcomer from ``host`` is let in: its handshake answered."""
+    p = socket.create_connection(("127.0.0.1", port), 10, (host, 0))
+    try:
+        p.sendall(wire.handshake(info_hash, b"-XX0001-newcomer0000",
+                                 wire.make_reserved(extended=False, fast=True)))
+        p.settimeout(3)
+        try:
+            return len(p.recv(68)) > 0
+        except (TimeoutError, ConnectionResetError):
+            return False
+    finally:
+        p.close()
+
+
+def test_peers_that_sip_a_block_now_and_then_do_not_shut_newcomers_out(
+        tmp_path: Path) -> None:
+    """Every place (``--max-peers 4``) held by peers that are interested, ask for one
+    block every 2 s while unchoked and read it: they neither idle nor stall, so every
+    newcomer was turned away for as long as they stayed (a libtorrent leecher got
+    nothing). Places are shared between addresses: a newcomer from another address takes
+    the place of one of theirs at once, and a libtorrent leecher from it gets every byte;
+    a newcomer from their own address is let in once they have been connected long
+    enough to have shown what they take (TURNOVER_SECONDS), in place of the one that took
+    least, and never in place of one just arrived."""
+    from pieced.peer.plugin import TURNOVER_SECONDS
+
+    piece = 65536
+    files = {"a.bin": 40 * piece + 7}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=46)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--max-peers", "4")
+    sippers: list[Sipper] = []
+    try:
+        began = time.monotonic()
+        sippers = [Sipper(seeding.port, meta.info_hash, i) for i in range(4)]
+        time.sleep(1.0)
+        assert not _let_in(seeding.port, meta.info_hash, "127.0.0.1")  # (young, theirs)
+        with LtPeer(raw, tmp_path / "leech", seed=False,
+                    settings={"outgoing_interfaces": "127.0.0.2"}) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(30)
+            assert leecher.hash_failures() == 0
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        time.sleep(1.0)
+        assert sum(s.closed for s in sippers) == 1  # one gave its place
+        sippers.append(Sipper(seeding.port, meta.info_hash, 4))  # the place again: full
+        time.sleep(max(0.0, began + TURNOVER_SECONDS + 1 - time.monotonic()))
+        assert _let_in(seeding.port, meta.info_hash, "127.0.0.1")
+        time.sleep(1.0)
+        assert sum(s.closed for s in sippers) == 2
+        assert not sippers[-1].closed  # (just arrived: not the one that goes)
+        seeding.stop()
+    finally:
+        for s in sippers:
+            s.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> None:
     """Ten peers interested, asking for blocks (at once, while still choked: every
     request rejected) and never reading: they held the four unchoke slots, turning one
@@ -1308,4 +1416,63 @@ def test_a_dropped_peer_that_reads_nothing_lets_its_socket_and_queued_blocks_go(
     finally:
         for p in rogues:
             p.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_storm_of_connections_past_the_descriptor_limit_is_said_in_a_few_lines(
+        tmp_path: Path) -> None:
+    """pieced-peer seeding with 64 descriptors allowed (soft and hard) and the default
+    --max-peers 50, and a storm of 150 peers that handshake and hold on: asyncio said
+    each connection it could not accept for want of descriptors, with a traceback, some
+    tens of thousands of lines in half a minute. --max-peers is now lowered to fit the
+    limit (said once), a failed accept is said at most every ten seconds, and once the
+    storm has gone a libtorrent leecher gets every byte."""
+    import resource
+
+    piece = 32768
+    files = {"a.bin": 20 * piece + 3}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=47)
+    d = Daemon(tmp_path)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.Popen(
+        peer_cmd(torrent, tmp_path / "seed", d.socket, "--listen", "127.0.0.1:0", "--seed"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=few_descriptors)
+    storm: list[socket.socket] = []
+    try:
+        assert proc.stderr is not None
+        said = [proc.stderr.readline() for _ in range(2)]
+        assert "--max-peers 50 -> 1" in said[0], said
+        assert "listening on" in said[1], said
+        port = int(said[1].rsplit(":", 1)[1])
+        hello = wire.handshake(meta.info_hash, b"-XX0001-" + b"s" * 12,
+                               wire.make_reserved(extended=False, fast=True))
+        for _ in range(150):
+            s = socket.create_connection(("127.0.0.1", port), 10)
+            with contextlib.suppress(OSError):
+                s.sendall(hello)
+            storm.append(s)
+        time.sleep(5)
+        for s in storm:
+            s.close()
+        storm.clear()
+        time.sleep(1.5)  # (accepting again)
+        seeding = Seeding.__new__(Seeding)
+        seeding.proc, seeding.port = proc, port
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        lines = err.splitlines()
+        assert len(lines) <= 3, lines[:20]  # (a warning or two)
+        assert "Traceback" not in err
+    finally:
+        for s in storm:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         assert d.stop() == 0, d.stderr()

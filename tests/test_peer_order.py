@@ -173,7 +173,7 @@ def test_flush_sends_every_byte_in_order_through_a_full_socket() -> None:
         conn = PeerConnection.__new__(PeerConnection)
         conn.outbox = []
         conn.num_pieces = 0
-        peer = Peer(conn, transport, inbox, "test", Conduct("test"))
+        peer = Peer(conn, transport, inbox, "127.0.0.1", port, Conduct("test"))
         for i in range(0, len(messages), 7):
             conn.outbox.extend(memoryview(m) if i % 2 else m for m in messages[i : i + 7])
             peer.flush()
