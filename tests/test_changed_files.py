@@ -915,3 +915,76 @@ def test_bytes_changed_on_disk_are_not_cached_nor_served_once_the_file_is_mended
         assert dio.read_piece(ih, 2) == good and dio.status(ih)["verified_pieces"] == n
     finally:
         dio.close()
+
+
+def _shares(dio: DiskIO) -> dict[int, dict[int, list[tuple[int, int]]]]:
+    """Every registered torrent's shared files, by ids: torrent -> file -> (other, its file)."""
+    return {t.id: {i: [(o.id, j) for o, j in os_] for i, os_ in sorted(t.shared.items())}
+            for t in {t.id: t for t in dio._torrents.values()}.values()}
+
+
+def test_the_files_torrents_share_are_kept_up_to_date_one_torrent_at_a_time(
+        tmp_path: Path) -> None:
+    """Which files registered torrents share (cross-seeding) was found again from every
+    torrent at each register, removal, move and rename: among 10,000 torrents, a
+    register took 0.1 s, and the daemon's other requests waited. Only the torrent that
+    changed and those it shares with (before or after) are looked at now: after each
+    of 600 random operations on torrents whose files begin at the same place, one
+    inside another's, or apart, what each torrent shares is what a look at every
+    torrent finds."""
+    import random
+
+    import bencodepy
+    from pieced.storage.errors import PiecedError
+
+    def torrent(name: str, files: list[str] | None, n: int) -> bytes:
+        info: dict[bytes, object] = {b"name": name.encode(), b"piece length": 16384}
+        if files is None:
+            info[b"length"] = 1000 + n
+            size = 1000 + n
+        else:
+            info[b"files"] = [{b"length": 500 + n + k, b"path": [p.encode() for p in f.split("/")]}
+                              for k, f in enumerate(files)]
+            size = sum(500 + n + k for k in range(len(files)))
+        info[b"pieces"] = b"\x00" * 20 * ((size + 16383) // 16384)
+        return bytes(bencodepy.encode({b"info": info}))
+
+    shapes = [("p", ["a.bin", "b.bin"]), ("p", ["a.bin", "c/d.bin"]), ("a.bin", None),
+              ("d.bin", None), ("q", ["a.bin"]), ("c", ["d.bin", "e.bin"]), ("p", ["c/d.bin"])]
+    raws = [torrent(name, files, n) for n, (name, files) in enumerate(shapes * 3)]
+    places = [tmp_path / "dl", tmp_path / "dl" / "p", tmp_path / "dl" / "p" / "c",
+              tmp_path / "other"]
+    rng = random.Random(5)
+    dio = DiskIO("posix", roots=[tmp_path])
+    registered: dict[int, bytes] = {}
+    done = {"register": 0, "unregister": 0, "move": 0, "rename": 0}
+    sharing = 0
+    try:
+        for _ in range(600):
+            op = rng.random()
+            n = rng.randrange(len(raws))
+            try:
+                if n not in registered and op < 0.5:
+                    registered[n] = dio.register(raws[n], rng.choice(places))
+                    done["register"] += 1
+                elif n in registered and op < 0.7:
+                    dio.unregister(registered.pop(n))
+                    done["unregister"] += 1
+                elif n in registered and op < 0.85:
+                    dio.move_storage(registered[n], rng.choice(places))
+                    done["move"] += 1
+                elif n in registered:
+                    st = dio.torrent(registered[n]).storage
+                    dio.rename_file(registered[n], rng.choice(list(st.stored_files())),
+                                    rng.choice(["a.bin", "d.bin", "x.bin", "c/d.bin"]))
+                    done["rename"] += 1
+            except PiecedError:
+                pass  # (refused: shared, or the place of another torrent's file)
+            kept = _shares(dio)
+            dio._reshare()  # every torrent looked at
+            assert _shares(dio) == kept
+            sharing += any(kept.values())
+        assert min(done.values()) >= 10, done
+        assert sharing >= 200, sharing  # (most of the time, some torrents shared files)
+    finally:
+        dio.close()
