@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -91,6 +92,31 @@ def bind_socket(settings: Settings) -> socket.socket:
     return sock
 
 
+# Seconds a start may go on from each word that it is still loading saved torrents
+# (systemd's EXTEND_TIMEOUT_USEC, said every second): a library that took longer to load
+# than TimeoutStartSec (90 s unless set) had the service killed as it started, over and
+# over. A load that stops moving is still given up on that long after its last word.
+LOAD_EXTEND_SECONDS = 90
+
+
+def _loading_told() -> Callable[[int, int], None]:
+    """What the engine tells of its load, said to the service manager once a second."""
+    told = -1.0
+
+    def tell(done: int, total: int) -> None:
+        nonlocal told
+        now = time.monotonic()
+        if now - told < 1.0:
+            return
+        told = now
+        status = (f"loading saved torrents: {done} of {total}" if total
+                  else "reading saved torrents")
+        systemd.notify(f"EXTEND_TIMEOUT_USEC={LOAD_EXTEND_SECONDS * 1_000_000}\n"
+                       f"STATUS={status}")
+
+    return tell
+
+
 def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
     return DiskIO(
         settings.backend,
@@ -108,6 +134,7 @@ def make_disk(settings: Settings, observer: Observer | None = None) -> DiskIO:
         on_error=observer.disk_error if observer is not None else None,
         on_change=observer.changed if observer is not None else None,
         metainfo_limits=settings.metainfo_limits(),
+        on_load=_loading_told(),
     )
 
 

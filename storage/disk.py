@@ -224,7 +224,10 @@ class DiskIO:
         metainfo_limits: dict[str, int] | None = None,
         state_dir: Path | None = None,
         max_partial_pieces: int = 4096,
+        on_load: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``on_load(done, total)``: told as the saved torrents load, one by one (a
+        library of tens of thousands takes a while; a service manager is told how far)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
@@ -276,6 +279,7 @@ class DiskIO:
         self._telling = threading.local()  # .depth: this thread is inside on_piece
         self._stopping = threading.Event()  # set: checks of files in progress give up
         self._held_errors = threading.local()  # see errors_held
+        self._on_load = on_load
         self.state = StateStore(state_dir) if state_dir is not None else None
         # (resolved once: no payload path may lead into it, see _not_in_state)
         self._state_real = Path(state_dir).resolve() if state_dir is not None else None
@@ -902,6 +906,8 @@ class DiskIO:
     def _load_state(self) -> None:
         """Re-register every saved torrent with the pieces its record and journal prove."""
         assert self.state is not None
+        told = self._on_load or (lambda done, total: None)
+        told(0, 0)
         loaded, deletions, self.load_errors = self.state.load_all(
             lambda raw: parse(raw, **self.metainfo_limits))
         # File stamps are those of a clean stop, and a record keeps them until it is
@@ -910,7 +916,8 @@ class DiskIO:
         # after a crash too; they can only put pieces in doubt. (Compared only after a
         # clean stop, the mark of one was kept for them past such a start, and a crash
         # later was taken for a clean stop.)
-        for saved, next_gen in loaded:
+        for done, (saved, next_gen) in enumerate(loaded):
+            told(done, len(loaded))
             try:
                 meta: Metainfo = saved.metainfo
                 save = Path(saved.save_path)

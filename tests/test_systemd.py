@@ -108,3 +108,42 @@ def test_a_passed_socket_other_than_a_listening_unix_stream_is_refused(
         assert "listening on" not in r.stdout
     finally:
         sock.close()
+
+
+def test_a_start_that_loads_many_torrents_asks_the_service_manager_for_time(
+        tmp_path: Path) -> None:
+    """A library of tens of thousands of torrents takes longer to load than systemd
+    waits for a start (TimeoutStartSec, 90 s unless set): the service was killed as it
+    started, at every start. While it loads, the daemon now says how far it is and asks
+    for more time (EXTEND_TIMEOUT_USEC) once a second, before READY=1."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from many_torrents import torrent
+    from pieced.storage.disk import DiskIO
+
+    n = 1500
+    dio = DiskIO("posix", roots=[tmp_path], state_dir=tmp_path / "var")
+    for i in range(n):
+        dio.register(torrent(i), tmp_path / "dl")
+    dio.close()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = subprocess.Popen([sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        messages: list[str] = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        loading = [m for m in messages if "EXTEND_TIMEOUT_USEC=90000000" in m]
+        assert loading and "STATUS=reading saved torrents" in loading[0], messages
+        assert any(f" of {n}" in m for m in loading), messages  # (it took over a second)
+        with Client(tmp_path / "var" / "pieced.sock") as c:
+            assert len(c.torrents()) == n
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
