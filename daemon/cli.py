@@ -67,7 +67,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pieced.storage.hashing import HashPool
     from pieced.storage.layout import Layout
     from pieced.storage.metainfo import parse, read_metainfo
-    from pieced.storage.verify import FolderFiles, Unreadable, verify
+    from pieced.storage.verify import FolderFiles, ReadAhead, Unreadable, verify
 
     try:  # the daemon's limits on a .torrent: what it takes, this checks
         limits = metainfo_limits(Path(args.config) if args.config else None)
@@ -90,7 +90,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     pool = HashPool(args.threads)
-    files = FolderFiles(meta, data, Layout(meta), descriptors=raise_open_files())
+    limit = raise_open_files()
+    # (Each reading thread may hold one more file open: a file in use is not closed.)
+    files = FolderFiles(meta, data, Layout(meta), descriptors=None if limit is None else
+                        limit - pool.workers - ReadAhead.READERS)
     bar = ProgressBar(meta.num_pieces, meta.piece_length)
     try:
         result = verify(meta, files.reader(), pool, bar)

@@ -584,11 +584,14 @@ class FolderFiles:
                 fd = self._fds[index] = self._open(index)
                 if fd is not None:
                     self._opened += 1
-                    self._trim()
             else:
                 self._fds.move_to_end(index)
             if fd is not None:
+                # In use before any is closed: trimmed first, the file just opened was
+                # closed when every other was in use, and its number read (another
+                # file's, once reused).
                 self._using[index] = self._using.get(index, 0) + 1
+                self._trim()
             return fd
 
     def _done(self, index: int) -> None:

@@ -4,6 +4,7 @@ exactly the right v1 and v2 pieces fail, and libtorrent's own recheck agrees."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -518,3 +519,37 @@ def test_a_torrent_of_more_files_than_descriptors_is_checked_whole(tmp_path: Pat
     out = json.loads(proc.stdout)
     assert out["failed_v1"] == [bad]
     assert out["num_pieces"] == meta.num_pieces
+
+
+def test_a_file_opened_while_every_other_is_being_read_is_not_closed_under_its_reader(
+        tmp_path: Path) -> None:
+    """Every file kept open at the bound is in use by a read, and one more read opens its
+    file: making room closed the file just opened (the others were in use), and its
+    reader read a closed descriptor, or another file's once its number was reused
+    (``pieced verify --threads 64`` under a low descriptor limit: exit 2 on EBADF, good
+    pieces failed). A file in use is never closed; the bound is met again once the
+    reads are done."""
+    from pieced.storage.layout import Layout
+    from pieced.storage.verify import FolderFiles
+
+    spec = {f"f{i}.bin": 20000 + i for i in range(12)}
+    content = make_payload(tmp_path / "dl", spec, seed=34)
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    files = FolderFiles(meta, tmp_path / "dl", Layout(meta), descriptors=40)
+    try:
+        bound = files._open_files
+        assert bound < len(spec)
+        held = [files._fd(i) for i in range(bound + 1)]  # reads in flight, one past it
+        for i, fd in enumerate(held):
+            assert fd is not None
+            want = (tmp_path / "dl" / Path(*meta.files[i].path)).read_bytes()[:64]
+            assert os.pread(fd, 64, 0) == want  # open, and still that file
+        for i in range(bound + 1):
+            files._done(i)
+        for i in range(bound + 1, len(spec)):  # others opened: unused ones make room
+            files._fd(i)
+            files._done(i)
+        assert files._opened <= bound
+    finally:
+        files.close()
