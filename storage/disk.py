@@ -270,6 +270,9 @@ class DiskIO:
         # register to the next: torrent id -> its places; place -> the torrents there;
         # the places, sorted (those inside a place follow it).
         self._share_lock = threading.Lock()
+        # Where the files of moves and renames under way go: torrent id -> those paths
+        # (under _lock). A torrent registered there meanwhile is refused (see _not_others).
+        self._going: dict[int, frozenset[Path]] = {}
         self._places_of: dict[int, frozenset[str]] = {}
         self._at_place: dict[str, dict[int, Torrent]] = {}
         self._places: list[str] = []
@@ -346,10 +349,21 @@ class DiskIO:
             try:
                 with self._lock:  # (see _not_shared: one of the two sees the other)
                     moving = {o for os_ in t.shared.values() for o, _ in os_ if o.moving}
+                    going = list(self._going.values())
                 if moving:
                     raise BadRequest(
                         f"files of this torrent are being moved by torrent "
                         f"{min(o.key.hex() for o in moving)}: register it again once that is done")
+                if going:  # (see _going_to: one of the two sees the other)
+                    clash = _clash(frozenset().union(*going),
+                                   [storage.file_path(i) for i in storage.stored_files()])
+                    if clash is not None:
+                        there, up = clash
+                        where = ("is where another torrent's files (or their folders) are "
+                                 "being moved" if up is None else
+                                 f"would be below {up}, where another torrent's file is being "
+                                 "moved")
+                        raise BadRequest(f"{there} {where}: register it again once that is done")
                 storage.create_empty_files()
                 if self.state is not None:
                     rec = self.state.create(t.key, metainfo, path, meta.num_pieces)
@@ -2720,7 +2734,9 @@ class DiskIO:
                 t.storage.check_move(path)
                 st = t.storage
                 self._not_in_state(path, map(st.parts, st.stored_files()))
-                self._not_others(t, path, (path.joinpath(*st.parts(i)) for i in st.stored_files()))
+                going = [path.joinpath(*st.parts(i)) for i in st.stored_files()]
+                self._going_to(t, going)
+                self._not_others(t, path, going)
                 # A file put in the place of one of the torrent's behind pieced's back is
                 # refused where it is; moved, it would be taken for the torrent's at the
                 # new place: its pieces start over first.
@@ -2737,7 +2753,9 @@ class DiskIO:
             if parts is None:
                 return
             self._not_in_state(t.storage.save_path, [parts])
-            self._not_others(t, t.storage.save_path, [t.storage.save_path.joinpath(*parts)])
+            going = [t.storage.save_path.joinpath(*parts)]
+            self._going_to(t, going)
+            self._not_others(t, t.storage.save_path, going)
             renames = dict(t.storage.renames)
             self._moving(t, lambda: t.storage.rename(index, new_name), t.storage.save_path,
                          {**renames, index: parts}, (t.storage.save_path, renames))
@@ -2764,6 +2782,7 @@ class DiskIO:
         finally:
             with self._lock:
                 t.moving = False
+                self._going.pop(t.id, None)
 
     def _not_in_state(self, save: Path, parts: Iterable[tuple[str, ...]]) -> None:
         """Refuse (PATH_ESCAPE) payload files in the daemon's state folder (the embedded
@@ -2784,25 +2803,30 @@ class DiskIO:
                 raise PathEscape(f"{save.joinpath(*p)} is inside the daemon's state folder "
                                  f"{state}")
 
+    def _going_to(self, t: Torrent, paths: Iterable[Path]) -> None:
+        """Where the files of ``t``'s move or rename go, known from now until it is over
+        (see _not_shared): a torrent registered there meanwhile is refused. Known before
+        the move looks for other torrents there (_not_others), and a register looks
+        after it has joined: one of the two sees the other. (A torrent registered at a
+        move's destination while the move went on shared its files unknown to either:
+        its bad block went into the moved torrent's verified piece, and its removal with
+        its files deleted them.)"""
+        with self._lock:
+            self._going[t.id] = frozenset(paths)
+
     def _not_others(self, t: Torrent, save: Path, paths: Iterable[Path]) -> None:
         """Refuse (EEXIST) to move or rename files of ``t`` to the paths of another
         registered torrent's files, or to a folder of them, or below one: written or not
         yet, they are that torrent's to write, and its download would overwrite pieces
         verified here (which, shared, could then not be moved away again)."""
         held = self._held_by_others(save, t)
-        if not held:
-            return
-        folders = {f for h in held for f in h.parents}
-        for there in paths:
-            if there in held or there in folders:
-                raise StorageIOError(f"{there} is the place of a file of another torrent, or "
-                                     "of one of its folders", errno=errno.EEXIST)
-            for up in there.parents:
-                if up in held:
-                    raise StorageIOError(f"{there} would be below {up}, a file of another "
-                                         "torrent", errno=errno.EEXIST)
-                if up == save:
-                    break
+        clash = _clash(held, paths) if held else None
+        if clash is not None:
+            there, up = clash
+            raise StorageIOError(
+                f"{there} is the place of a file of another torrent, or of one of its folders"
+                if up is None else f"{there} would be below {up}, a file of another torrent",
+                errno=errno.EEXIST)
 
     def _moving(self, t: Torrent, move: Callable[[], None], path: Path,
                 renames: dict[int, tuple[str, ...]],
@@ -2999,6 +3023,20 @@ def _add_nonzero_runs(bad: Intervals, data: bytes, at: int) -> None:
         runs.append(m.span())
     for s, e in runs:
         bad.add(at + s, at + e)
+
+
+def _clash(held: frozenset[Path] | set[Path], paths: Iterable[Path]
+           ) -> tuple[Path, Path | None] | None:
+    """The first of ``paths`` that meets the files ``held``: (it, None) when it is one of
+    them or a folder of one, (it, that file) when it lies below one; None if none does."""
+    folders = {f for h in held for f in h.parents}
+    for there in paths:
+        if there in held or there in folders:
+            return there, None
+        for up in there.parents:
+            if up in held:
+                return there, up
+    return None
 
 
 def _tops(t: Torrent) -> set[str]:

@@ -988,3 +988,54 @@ def test_the_files_torrents_share_are_kept_up_to_date_one_torrent_at_a_time(
         assert sharing >= 200, sharing  # (most of the time, some torrents shared files)
     finally:
         dio.close()
+
+
+@pytest.mark.parametrize("how", ["move", "rename"])
+def test_a_torrent_registered_where_another_is_being_moved_is_refused(
+        tmp_path: Path, how: str) -> None:
+    """A torrent registered at the place another's files were being moved to (or one
+    of its files renamed to) while the move went on: neither knew they shared files, so
+    the newcomer's bad block went into the moved torrent's verified piece, and its
+    removal with its files deleted them, still reported verified. The register is
+    refused while the move is under way (nothing of it kept); once it is over, the
+    newcomer registers and shares the files, as cross-seeded torrents do."""
+    import threading
+
+    from pieced.storage.errors import BadRequest
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    dio, a, _ = _complete(tmp_path, raw_a)
+    st = dio.torrent(a).storage
+    started, go = threading.Event(), threading.Event()
+    real = st.move if how == "move" else st.rename
+
+    def held(*args: Any) -> None:
+        started.set()
+        assert go.wait(30)
+        real(*args)
+
+    setattr(st, how, held)
+    if how == "move":
+        there = tmp_path / "dl2"
+        run = threading.Thread(target=dio.move_storage, args=(a, there))
+    else:  # a.bin renamed to the place of the newcomer's one file
+        there = tmp_path / "dl"
+        raw_b = make_torrent_lt(make_payload(tmp_path / "src2", 5000), PIECE, "v1")
+        index = next(i for i in st.stored_files() if st.parts(i)[-1] == "a.bin")
+        run = threading.Thread(target=dio.rename_file, args=(a, index, "payload.bin"))
+    try:
+        run.start()
+        assert started.wait(30)
+        with pytest.raises(BadRequest, match="being moved"):
+            dio.register(raw_b, there)
+        assert dio.knows(a) and len(dio.torrents()) == 1
+    finally:
+        go.set()
+        run.join(30)
+    if how == "move":
+        b = dio.register(raw_b, there)
+        assert dio.torrent(b).shared  # (cross-seeded now: both know)
+    assert all(_verified(dio.status(a)))
+    dio.close()
