@@ -3,10 +3,11 @@
 
 Prints one JSON object. ``--torrents`` single-file v1 torrents (nothing on disk, one
 piece each) are registered into one save path by ``DiskIO("posix")`` with a state
-folder, as a daemon does; then ``--sample`` more are registered and removed, timed one
-by one: what a register or a removal costs with that many torrents already there (every
-register and removal looks again for the files torrents share); then the engine is
-made again from the state folder, as at a restart, and timed. A library of thousands of
+folder, as a daemon does; then ``--sample`` more are registered and removed (without
+their files, then with them), timed one by one: what a register or a removal costs with
+that many torrents already there (every register and removal looks again for the files
+torrents share); then the engine is made again from the state folder, as at a restart,
+and timed. A library of thousands of
 torrents is usual for a seedbox.
 
     python bench/many_torrents.py --torrents 1000
@@ -50,7 +51,7 @@ def main() -> int:
         for i in range(args.torrents):
             dio.register(torrent(i), work / "dl")
         first = time.perf_counter() - start
-        adds, removals = [], []
+        adds, removals, deletions = [], [], []
         for i in range(args.torrents, args.torrents + args.sample):
             t0 = time.perf_counter()
             ih = dio.register(torrent(i), work / "dl")
@@ -58,6 +59,10 @@ def main() -> int:
             dio.unregister(ih)
             removals.append(time.perf_counter() - t1)
             adds.append(t1 - t0)
+            ih = dio.register(torrent(i), work / "dl")
+            t2 = time.perf_counter()
+            dio.unregister(ih, delete_files=True)
+            deletions.append(time.perf_counter() - t2)
         dio.close()
         start = time.perf_counter()  # a restart: every torrent loaded from its record
         dio = DiskIO("posix", roots=[work], state_dir=work / "state")
@@ -71,6 +76,7 @@ def main() -> int:
         "seconds_to_register_them": round(first, 2),
         "register_ms_median": round(statistics.median(adds) * 1000, 2),
         "unregister_ms_median": round(statistics.median(removals) * 1000, 2),
+        "unregister_delete_files_ms_median": round(statistics.median(deletions) * 1000, 2),
         "seconds_to_load_them": round(loaded, 2),
         "sample": args.sample,
     }))

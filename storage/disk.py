@@ -467,7 +467,7 @@ class DiskIO:
             try:
                 if delete_files:
                     try:
-                        t.storage.delete_files(keep=self._held_by_others(t.storage.save_path, t))
+                        t.storage.delete_files(keep=self._held_near(t))
                     finally:
                         t.storage.close()
                     if rec is not None:  # (not reached on an error: the next start tries)
@@ -483,6 +483,21 @@ class DiskIO:
                 self._reshare(t)
         finally:
             t.leave_alone()
+
+    def _held_near(self, t: Torrent) -> set[Path]:
+        """The payload paths of the other torrents whose files begin where ``t``'s do,
+        above or inside (see _reshare): the only ones whose files can be ``t``'s, their
+        folders, or below them. (Every torrent in, above or below its save path looked
+        at: among 8,000 torrents in one save path, a removal with the files took 60-80
+        ms, the other clients waiting.)"""
+        with self._share_lock:
+            near = list(self._partners(t).values())
+        held: set[Path] = set()
+        with self._lock:
+            near = [o for o in near if not o.deleting]
+        for o in near:
+            held.update(o.storage.file_path(i) for i in o.storage.stored_files())
+        return held
 
     def _held_by_others(self, save: Path, but: Torrent | None = None) -> set[Path]:
         """The payload paths of the other torrents in, above or below ``save``: a torrent
@@ -698,6 +713,13 @@ class DiskIO:
     def torrents(self) -> list[bytes]:
         with self._lock:
             return sorted({t.key for t in self._torrents.values()})
+
+    def _how_many(self) -> int:
+        """How many torrents are registered (a hybrid is known by two keys). (Counted
+        from the sorted list of keys, a report of the stats among 8,000 torrents cost
+        6 ms of the event loop.)"""
+        with self._lock:
+            return len({t.id for t in self._torrents.values()})
 
     def torrent(self, ih: bytes) -> Torrent:
         return self._get(ih)
@@ -2941,7 +2963,7 @@ class DiskIO:
         snap = self.metrics.snapshot()
         snap.update(
             backend=self.backend,
-            torrents=len(self.torrents()),
+            torrents=self._how_many(),
             cache_bytes=self.pool.cache_bytes,
             write_buffer_bytes=self.pool.dirty_bytes,
             budget_bytes=self.pool.budget,
