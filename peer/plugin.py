@@ -113,6 +113,9 @@ UNPRODUCTIVE_SECONDS = 30.0
 # out for as long as they stayed; libtorrent lets a newcomer in by dropping a peer of
 # lower rank too.
 TURNOVER_SECONDS = 20.0
+# Peers let in over --max-peers at once, waiting for their handshake to be given a place
+# (or dropped): past it, newcomers are turned away at once.
+UNPLACED = 8
 OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
@@ -654,6 +657,7 @@ class Peer:
         self.transport = transport
         self.inbox = inbox
         self.addr = _address(host, port)
+        self.host = host
         self.group = place_group(host)  # whose share of places it takes
         self.conduct = conduct
         self.banned = conduct.banned  # pieces never asked of it: they failed with its data
@@ -669,6 +673,9 @@ class Peer:
         # its DONT_HAVEs (and HAVEs again) since then counted a piece at a time.
         self.seed_counted = False
         self.replaced = False  # gave its place to a newcomer (see Swarm._idlest)
+        # Let in over --max-peers: a place is found for it once it has handshaken (see
+        # Swarm._placed), or it goes.
+        self.unplaced = False
         self.hung_up = False  # it closed the connection (not we)
         self.suggested: set[int] = set()
         self.reads = 0  # reads from the daemon in flight for it
@@ -1129,11 +1136,11 @@ class Swarm:
                 # A peer holding a place and doing nothing gives it up, as for a newcomer
                 # that dials us: else peers with nothing to exchange, filling every
                 # place, kept a seeder that came up later from ever being dialled.
-                idle = self._idlest() or self._turned_over(host, own=False)
+                idle = self._idlest()
                 if idle is None:
                     return
-                log.info("%s: dropped to dial %s (it holds a place and gives nothing, or its"
-                         " address holds the most places)", idle.addr, _address(host, port))
+                log.info("%s: dropped to dial %s (it holds a place and gives nothing)", idle.addr,
+                         _address(host, port))
                 idle.replaced = True
                 self._drop(idle)
             self.connect(host, port, named=False)
@@ -1144,24 +1151,17 @@ class Swarm:
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         peername = transport.get_extra_info("peername")
         addr = (unmapped(peername[0]), peername[1])
-        if len(self.peers) >= self.opts.max_peers:
-            idle = self._idlest()
-            why = "it holds a place and gives nothing"
-            if idle is None:
-                idle = self._turned_over(addr[0])
-                why = "its address holds the most places, and it gave the least"
-            if idle is None:
-                transport.close()
-                inbox.release()
-                return
-            log.info("%s: dropped for a newcomer (%s)", idle.addr, why)
-            idle.replaced = True
-            self._drop(idle)  # its place goes to the newcomer, as in libtorrent
+        unplaced = len(self.peers) >= self.opts.max_peers
+        if unplaced and sum(p.unplaced for p in self.peers) >= UNPLACED:
+            transport.close()
+            inbox.release()
+            return
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata,
                               listen_port=self._told_port())
         peer = Peer(conn, transport, inbox, addr[0], addr[1], Conduct(addr[0]))
         peer.stranger = addr[0]  # known by its peer id too, once it says it
+        peer.unplaced = unplaced
         try:
             await self._serve_peer(peer)
         finally:
@@ -1275,7 +1275,7 @@ class Swarm:
             self._drop(peer)
             inbox.release()
 
-    def _idlest(self) -> Peer | None:
+    def _idlest(self, but: Peer | None = None) -> Peer | None:
         """A peer whose place a newcomer may take: one that has not read what we sent
         for STALL_SECONDS, one that wasted an unchoke slot and waits for another, one
         interested in nothing either way for IDLE_SECONDS, or one we want pieces from
@@ -1285,7 +1285,7 @@ class Swarm:
         everyone else out); the one connected longest. A peer given up so is dialled
         again only after RETRY_MAX, not at once (to take a place back)."""
         now = time.monotonic()
-        idle = [p for p in self.peers if not p.closed and (
+        idle = [p for p in self.peers if not p.closed and p is not but and not p.unplaced and (
             p.stalled(now) or (p.conn.stalls and p.conn.am_choking)
             or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
                 and not p.conn.peer_interested)
@@ -1295,18 +1295,39 @@ class Swarm:
                 >= UNPRODUCTIVE_SECONDS))]
         return min(idle, key=lambda p: p.opened, default=None)
 
-    def _turned_over(self, host: str, own: bool = True) -> Peer | None:
-        """When every place is held and none idles: the peer whose place a newcomer from
-        ``host`` takes (see TURNOVER_SECONDS), or None. Of those the rule offers, the one
-        that moved the fewest bytes of blocks (both ways) for its time connected, those
-        connected TURNOVER_SECONDS or longer first; never one we download from now (it
-        unchoked us, our requests wait on it and it has not let them time out). Not
-        ``own``: only from another address (a peer we dial: dialling more of the crowd's
-        address would turn it over for ever, in a swarm on one host)."""
+    def _placed(self, peer: Peer) -> bool:
+        """A peer let in over --max-peers has handshaken for our torrent: a peer holding
+        a place gives it up to it (see _idlest and TURNOVER_SECONDS), or it is dropped.
+        (Decided at once on the connection, a bare connect, a port scan, dropped a
+        leecher in the middle of its download.)"""
+        peer.unplaced = False
+        if len(self.peers) <= self.opts.max_peers:  # (one left meanwhile)
+            return True
+        gone = self._idlest(but=peer)
+        why = "it holds a place and gives nothing"
+        if gone is None:
+            gone = self._turned_over(peer.host, but=peer)
+            why = "its address holds the most places, and it moved the least"
+        if gone is None:
+            log.info("%s: no place for it", peer.addr)
+            self._drop(peer)
+            return False
+        log.info("%s: dropped for a newcomer (%s)", gone.addr, why)
+        gone.replaced = True
+        self._drop(gone)  # its place goes to the newcomer, as in libtorrent
+        return True
+
+    def _turned_over(self, host: str, but: Peer) -> Peer | None:
+        """When every place is held and none idles: the peer whose place a newcomer
+        (``but``) from ``host`` takes (see TURNOVER_SECONDS), or None. Of those the rule
+        offers, the one that moved the fewest bytes of blocks (both ways) for its time
+        connected, those connected TURNOVER_SECONDS or longer first; never one we
+        download from now (it unchoked us and our requests wait on it, not timed out, or
+        it sent a block within TURNOVER_SECONDS)."""
         now = time.monotonic()
         groups: dict[object, list[Peer]] = {}
         for p in self.peers:
-            if not p.closed:
+            if not p.closed and p is not but and not p.unplaced:
                 groups.setdefault(p.group, []).append(p)
         if not groups:
             return None
@@ -1314,12 +1335,13 @@ class Swarm:
         most = max(groups.values(), key=len)
         if len(most) >= len(mine) + 2:
             pool = most
-        elif own and mine and len(mine) == len(most):
+        elif mine and len(mine) == len(most):
             pool = [p for p in mine if now - p.opened >= TURNOVER_SECONDS]
         else:
             return None
-        pool = [p for p in pool if not (p.conn.our_requests and not p.conn.peer_choking
-                                        and not p.conn.snubbed)]
+        pool = [p for p in pool if not (
+            (p.conn.our_requests and not p.conn.peer_choking and not p.conn.snubbed)
+            or now - p.conn.last_block < TURNOVER_SECONDS)]
         return min(pool, default=None, key=lambda p: (
             now - p.opened < TURNOVER_SECONDS,
             (p.served + p.conn.downloaded) / max(now - p.opened, 1.0)))
@@ -1362,6 +1384,8 @@ class Swarm:
         conn = peer.conn
         if isinstance(ev, wire.Handshake):
             if peer.stranger is not None and not self._known_stranger(peer, ev.peer_id):
+                return
+            if peer.unplaced and not self._placed(peer):
                 return
             self.summary.peers += 1
             log.info("%s: connected", peer.addr)
@@ -2136,7 +2160,7 @@ def fit_max_peers(max_peers: int, limit: int | None) -> int:
     is refused. Past it, accepts and dials failed with EMFILE."""
     if limit is None:
         return max_peers
-    fits = max(1, (limit - FDS_RESERVED - ACCEPT_BURST) // DIALS_PER_PLACE)
+    fits = max(1, (limit - FDS_RESERVED - ACCEPT_BURST - UNPLACED) // DIALS_PER_PLACE)
     if fits < max_peers:
         log.warning("%d descriptors allowed (RLIMIT_NOFILE): --max-peers %d -> %d",
                     limit, max_peers, fits)

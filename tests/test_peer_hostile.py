@@ -909,7 +909,8 @@ def test_peers_that_sip_a_block_now_and_then_do_not_shut_newcomers_out(
     the place of one of theirs at once, and a libtorrent leecher from it gets every byte;
     a newcomer from their own address is let in once they have been connected long
     enough to have shown what they take (TURNOVER_SECONDS), in place of the one that took
-    least, and never in place of one just arrived."""
+    least, and never in place of one just arrived. A bare connection takes no place:
+    one is found for a newcomer once it has handshaken (a port scan dropped leechers)."""
     from pieced.peer.plugin import TURNOVER_SECONDS
 
     piece = 65536
@@ -923,13 +924,21 @@ def test_peers_that_sip_a_block_now_and_then_do_not_shut_newcomers_out(
         sippers = [Sipper(seeding.port, meta.info_hash, i) for i in range(4)]
         time.sleep(1.0)
         assert not _let_in(seeding.port, meta.info_hash, "127.0.0.1")  # (young, theirs)
+        # A bare connection (a port scan) from another address takes no place: it is let
+        # in over the limit, and a place is found for it only once it has handshaken.
+        bare = [socket.create_connection(("127.0.0.1", seeding.port), 10, ("127.0.0.3", 0))
+                for _ in range(3)]
+        time.sleep(1.0)
+        assert not any(s.closed for s in sippers)
+        for b in bare:
+            b.close()
         with LtPeer(raw, tmp_path / "leech", seed=False,
                     settings={"outgoing_interfaces": "127.0.0.2"}) as leecher:
             leecher.connect("127.0.0.1", seeding.port)
             leecher.wait_finished(30)
             assert leecher.hash_failures() == 0
         _same_tree(content, tmp_path / "leech" / "payload", files)
-        time.sleep(1.0)
+        time.sleep(3.0)  # (the leecher's place free again)
         assert sum(s.closed for s in sippers) == 1  # one gave its place
         sippers.append(Sipper(seeding.port, meta.info_hash, 4))  # the place again: full
         time.sleep(max(0.0, began + TURNOVER_SECONDS + 1 - time.monotonic()))
