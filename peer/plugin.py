@@ -114,8 +114,11 @@ UNPRODUCTIVE_SECONDS = 30.0
 # lower rank too.
 TURNOVER_SECONDS = 20.0
 # Peers let in over --max-peers at once, waiting for their handshake to be given a place
-# (or dropped): past it, newcomers are turned away at once.
+# (or dropped), in all and from one address (see place_group): past it, newcomers are
+# turned away at once (connections from one address that never handshake, made again
+# as they time out, must not shut the others out).
 UNPLACED = 8
+UNPLACED_PER_ADDRESS = 2
 OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
@@ -1033,7 +1036,7 @@ class Swarm:
         # holds one for up to CONNECT_TIMEOUT, and a peer dialling us must not be
         # refused because of them (nor a tracker's long list of dead addresses keep
         # the live ones from ever being dialled).
-        if len(self.peers) >= self.opts.max_peers or not self._may_dial():
+        if self._placed_peers() >= self.opts.max_peers or not self._may_dial():
             if not dial.due:
                 dial.due = time.monotonic()  # dialled by _redial once there is room
             return
@@ -1043,7 +1046,7 @@ class Swarm:
         self._spawn(self._outgoing(host, port, dial))
 
     def _may_dial(self) -> bool:
-        free = self.opts.max_peers - len(self.peers)
+        free = self.opts.max_peers - self._placed_peers()
         return len(self.connecting) < DIALS_PER_PLACE * max(1, free)
 
     def _forget_one(self) -> bool:
@@ -1067,7 +1070,7 @@ class Swarm:
             log.info("cannot connect to %s: %s", _address(host, port), exc)
         else:
             self.connecting.discard((host, port))  # a peer now: counted in self.peers
-            if len(self.peers) >= self.opts.max_peers:  # (filled while we dialled)
+            if self._placed_peers() >= self.opts.max_peers:  # (filled while we dialled)
                 full = True
                 transport.close()
                 inbox.release()
@@ -1132,7 +1135,7 @@ class Swarm:
         for *_, (host, port) in due:
             if not self._may_dial():
                 return
-            if len(self.peers) >= self.opts.max_peers:
+            if self._placed_peers() >= self.opts.max_peers:
                 # A peer holding a place and doing nothing gives it up, as for a newcomer
                 # that dials us: else peers with nothing to exchange, filling every
                 # place, kept a seeder that came up later from ever being dialled.
@@ -1151,11 +1154,15 @@ class Swarm:
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         peername = transport.get_extra_info("peername")
         addr = (unmapped(peername[0]), peername[1])
-        unplaced = len(self.peers) >= self.opts.max_peers
-        if unplaced and sum(p.unplaced for p in self.peers) >= UNPLACED:
-            transport.close()
-            inbox.release()
-            return
+        unplaced = self._placed_peers() >= self.opts.max_peers
+        if unplaced:
+            group = place_group(addr[0])
+            waiting = [p for p in self.peers if p.unplaced]
+            if (len(waiting) >= UNPLACED
+                    or sum(p.group == group for p in waiting) >= UNPLACED_PER_ADDRESS):
+                transport.close()
+                inbox.release()
+                return
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata,
                               listen_port=self._told_port())
@@ -1295,13 +1302,18 @@ class Swarm:
                 >= UNPRODUCTIVE_SECONDS))]
         return min(idle, key=lambda p: p.opened, default=None)
 
+    def _placed_peers(self) -> int:
+        """The places of --max-peers held: newcomers waiting for their handshake hold
+        none."""
+        return sum(not p.unplaced for p in self.peers)
+
     def _placed(self, peer: Peer) -> bool:
         """A peer let in over --max-peers has handshaken for our torrent: a peer holding
         a place gives it up to it (see _idlest and TURNOVER_SECONDS), or it is dropped.
         (Decided at once on the connection, a bare connect, a port scan, dropped a
         leecher in the middle of its download.)"""
         peer.unplaced = False
-        if len(self.peers) <= self.opts.max_peers:  # (one left meanwhile)
+        if self._placed_peers() <= self.opts.max_peers:  # (one left meanwhile)
             return True
         gone = self._idlest(but=peer)
         why = "it holds a place and gives nothing"

@@ -1079,9 +1079,12 @@ class DiskIO:
             # start with 4,000 torrents spent 4 of its 6 s in them).
             saves.append(saving.submit(self._loaded, t, rec, saved.ih_hex, scope, moved,
                                        sorted(suspect), saved.checking == "all"))
-        for future in saves:
-            future.result()
-        saving.shutdown()
+        try:
+            for future in saves:  # (told on: a service manager waits for the start)
+                told(len(loaded), len(loaded))
+                future.result()
+        finally:
+            saving.shutdown()
         self._reshare()
         for deletion in deletions:  # (after the torrents: files one of them holds stay)
             self._finish_deletion(deletion)

@@ -203,3 +203,68 @@ def test_an_interrupt_before_the_run_is_under_way_ends_it_quietly(
     torrent.write_bytes(b"d4:infod4:name1:xee")
     assert plugin.main([str(torrent), "--save-path", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "pieced-peer: interrupted\n"
+
+
+def test_newcomers_waiting_for_their_handshake_hold_no_place(daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    """Newcomers let in over ``max_peers`` wait for their handshake before a place is
+    found for them. They were counted as holding places: with a place freed, the first of
+    two such newcomers to handshake was dropped ("no place for it"). And eight of them
+    from one address, connected again as they timed out, turned every other newcomer
+    away: an address may have two waiting, the others are let in to wait as well."""
+    from pieced.peer import wire
+
+    content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384 - 5}, seed=4)
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
+                   listen=("127.0.0.1", 0), socket=str(daemon.socket), max_peers=3)
+    hello = wire.handshake(meta.info_hash, b"-XX0001-" + b"h" * 12,
+                           wire.make_reserved(extended=True, fast=True)) + wire.have_none()
+
+    async def dial(host: str = "127.0.0.1") -> tuple[asyncio.StreamReader,
+                                                    asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", swarm.listen_port,
+                                              local_addr=(host, 0))
+
+    async def answered(r: asyncio.StreamReader) -> bool:
+        try:
+            return bool(await asyncio.wait_for(r.read(68), 2))
+        except (TimeoutError, ConnectionError):
+            return False
+
+    swarm = Swarm(opts, raw, meta)
+
+    async def run() -> None:
+        await swarm.start()
+        ws: list[asyncio.StreamWriter] = []
+        try:
+            placed = [await dial() for _ in range(3)]
+            for _, w in placed:
+                w.write(hello)
+                ws.append(w)
+            await asyncio.sleep(0.5)
+            bare = [await dial() for _ in range(2)]  # over the limit: waiting
+            ws.extend(w for _, w in bare)
+            await asyncio.sleep(0.3)
+            assert sum(p.unplaced for p in swarm.peers) == 2
+            placed[0][1].close()  # a place freed
+            await asyncio.sleep(0.5)
+            r, w = bare[0]
+            w.write(hello)
+            assert await answered(r)  # (it takes the free place)
+            assert any(not p.unplaced and not p.closed for p in swarm.peers)
+            more = [await dial("127.0.0.3") for _ in range(8)]  # one address: 2 wait
+            ws.extend(w for _, w in more)
+            await asyncio.sleep(0.3)
+            assert sum(p.unplaced for p in swarm.peers) == 1 + 2
+            r, w = await dial("127.0.0.4")  # another address still waits its turn
+            ws.append(w)
+            await asyncio.sleep(0.3)
+            assert sum(p.unplaced for p in swarm.peers) == 1 + 2 + 1
+        finally:
+            for w in ws:
+                w.close()
+            await swarm.close()
+
+    asyncio.run(run())
