@@ -316,12 +316,13 @@ def test_a_cold_recheck_goes_in_small_batches_and_hashes_copies(tmp_path: Path,
             assert result.failed_v1 == [bad]
             print(f"full={full}: cold batches {[b // piece for b in batches]} MiB, "
                   f"{len(viewed)} views")
-            # (The first may be a warm one: a page the drop left, one in a hundred at
-            # most, or the kernel's read-ahead of a probe come in meanwhile: it happened
-            # once in a loaded run, to the first piece.)
-            assert batches[0] <= verify_mod.BATCH_BYTES, batches
-            assert max(batches[1:]) <= verify_mod.COLD_BATCH_BYTES, batches
-            assert len(batches) >= 48 * piece // verify_mod.COLD_BATCH_BYTES, batches
+            # (A batch or two may be warm: a page the drop left, one in a hundred at
+            # most, or the kernel's read-ahead of a probe, or of the batches asked
+            # ahead, come in before its turn: in loaded runs it happened to the first
+            # piece, and once to a batch half way. Checked warm all along, the 48 MiB
+            # would be three batches over COLD_BATCH_BYTES.)
+            assert max(batches) <= verify_mod.BATCH_BYTES, batches
+            assert sum(b > verify_mod.COLD_BATCH_BYTES for b in batches) <= 2, batches
             if full:
                 assert not viewed  # SHA-1: read, copied out
             else:
