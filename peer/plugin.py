@@ -660,7 +660,6 @@ class Peer:
         self.transport = transport
         self.inbox = inbox
         self.addr = _address(host, port)
-        self.host = host
         self.group = place_group(host)  # whose share of places it takes
         self.conduct = conduct
         self.banned = conduct.banned  # pieces never asked of it: they failed with its data
@@ -1318,7 +1317,7 @@ class Swarm:
         gone = self._idlest(but=peer)
         why = "it holds a place and gives nothing"
         if gone is None:
-            gone = self._turned_over(peer.host, but=peer)
+            gone = self._turned_over(peer)
             why = "its address holds the most places, and it moved the least"
         if gone is None:
             log.info("%s: no place for it", peer.addr)
@@ -1329,9 +1328,9 @@ class Swarm:
         self._drop(gone)  # its place goes to the newcomer, as in libtorrent
         return True
 
-    def _turned_over(self, host: str, but: Peer) -> Peer | None:
-        """When every place is held and none idles: the peer whose place a newcomer
-        (``but``) from ``host`` takes (see TURNOVER_SECONDS), or None. Of those the rule
+    def _turned_over(self, newcomer: Peer) -> Peer | None:
+        """When every place is held and none idles: the peer whose place ``newcomer``
+        takes (see TURNOVER_SECONDS), or None. Of those the rule
         offers, the one that moved the fewest bytes of blocks (both ways) for its time
         connected, those connected TURNOVER_SECONDS or longer first; never one we
         download from now (it unchoked us and our requests wait on it, not timed out, or
@@ -1339,11 +1338,11 @@ class Swarm:
         now = time.monotonic()
         groups: dict[object, list[Peer]] = {}
         for p in self.peers:
-            if not p.closed and p is not but and not p.unplaced:
+            if not p.closed and p is not newcomer and not p.unplaced:
                 groups.setdefault(p.group, []).append(p)
         if not groups:
             return None
-        mine = groups.get(place_group(host), [])
+        mine = groups.get(newcomer.group, [])
         most = max(groups.values(), key=len)
         if len(most) >= len(mine) + 2:
             pool = most
