@@ -140,7 +140,7 @@ class PeerConnection:
         self.piece_sizes = piece_sizes
         self.num_pieces = len(piece_sizes)
         self.v2 = v2
-        self.parser = wire.Parser(handshake=True, max_message=max(1 << 21, self.num_pieces // 8 + 64),
+        self.parser = wire.Parser(handshake=True, bitfield_bytes=(self.num_pieces + 7) // 8,
                                   views=views)
         self.outbox: list[bytes | memoryview] = []
         self.reserved = wire.make_reserved(extended=True, fast=True, v2=v2)

@@ -19,7 +19,8 @@ from hashlib import sha256
 from pieced.storage.merkle import BLOCK_SIZE, leaf_count, next_pow2, pad_hash
 from pieced.storage.metainfo import Metainfo
 
-MAX_COUNT = 8192  # as libtorrent: more than a 128 MiB piece's worth of blocks
+from .wire import MAX_HASH_COUNT
+
 PIECE_LAYER_RUN = 512  # the hashes of the piece layer libtorrent asks for (and takes) at once
 
 
@@ -55,7 +56,7 @@ class HashServer:
                proof_layers: int) -> bytes | None:
         """The HASHES payload's hashes, or None to reject the request."""
         length = self._files.get(root)
-        if length is None or count <= 0 or count > MAX_COUNT or index < 0 or proof_layers < 0:
+        if length is None or count <= 0 or count > MAX_HASH_COUNT or index < 0 or proof_layers < 0:
             return None
         if count & (count - 1) or index % count:
             # Nodes that are not one aligned subtree fold into no single node, and the

@@ -535,9 +535,46 @@ _HASH_MSGS: dict[int, type[HashRequest] | type[HashReject]] = {
     MsgId.HASH_REJECT: HashReject,
 }
 
+_MSG_IDS = frozenset(int(m) for m in MsgId)
 _PIECE = int(MsgId.PIECE)
 _REQUEST = int(MsgId.REQUEST)
 _PIECE_HEAD = 13  # length prefix, id, index, begin
+
+MAX_HASH_COUNT = 8192  # hashes asked at once, as libtorrent: a 128 MiB piece's blocks
+# The longest message of each kind a correct peer sends (its length field: the id
+# byte and the payload), so that a peer cannot make a connection hold megabytes for a
+# message that could never be that long. A block is at most 16 KiB (every client asks
+# for that or less); an extension message of ours carries at most a 16 KiB metadata
+# piece and its dictionary, other peers' (PEX, handshakes) far less; a HASHES answer
+# at most MAX_HASH_COUNT hashes and the uncles of a tree as high as a file can be.
+_EXTENDED_MAX = 2 + 65536
+_UNKNOWN_MAX = 1 + 65536
+_HASHES_MAX = 1 + _HASH_HEADER + _HASH_LEN * (MAX_HASH_COUNT + 64)
+_FIXED_LENGTHS = {
+    **{int(m): 1 for m in _NO_PAYLOAD},
+    **{int(m): 5 for m in _ONE_U32},
+    **{int(m): 13 for m in _THREE_U32},
+    **{int(m): 1 + _HASH_HEADER for m in _HASH_MSGS},
+    int(MsgId.PORT): 3,
+}
+
+
+def message_limits(*, block: int = BLOCK, bitfield_bytes: int | None = None,
+                   cap: int | None = None) -> list[int]:
+    """The longest length field accepted for each message id (a list of 256).
+
+    ``bitfield_bytes`` is the torrent's bitfield size (None: any up to ``cap``); every
+    limit is lowered to ``cap`` when one is given."""
+    limits = [_UNKNOWN_MAX] * 256
+    for mid, size in _FIXED_LENGTHS.items():
+        limits[mid] = size
+    limits[_PIECE] = 9 + block
+    limits[MsgId.EXTENDED] = _EXTENDED_MAX
+    limits[MsgId.HASHES] = _HASHES_MAX
+    limits[MsgId.BITFIELD] = 1 + bitfield_bytes if bitfield_bytes is not None else 1 << 21
+    if cap is not None:
+        limits = [min(n, cap) for n in limits]
+    return limits
 # A partial message from an immutable ``bytes`` is kept as a view when at least this
 # long; shorter tails are copied into one growing buffer, so a peer trickling single
 # bytes costs one buffer rather than one object per byte.
@@ -546,8 +583,12 @@ _VIEW_MIN = 4096
 _Buf: TypeAlias = bytes | bytearray | memoryview
 
 
+def _name(mid: int) -> str:
+    return MsgId(mid).name if mid in _MSG_IDS else f"id {mid}"
+
+
 def _bad_size(mid: int, size: int, expected: str) -> WireError:
-    return WireError(f"{MsgId(mid).name} message with {size} bytes of payload, expected {expected}")
+    return WireError(f"{_name(mid)} message with {size} bytes of payload, expected {expected}")
 
 
 def _decode(buf: _Buf, start: int, end: int) -> Event:
@@ -646,12 +687,16 @@ class Parser:
     the connection they belong to.
     """
 
-    __slots__ = ("_chunks", "_error", "_expect_handshake", "_max", "_pending", "_views")
+    __slots__ = ("_chunks", "_error", "_expect_handshake", "_limits", "_max", "_pending",
+                 "_views")
 
-    def __init__(self, *, handshake: bool = True, max_message: int = 1 << 21,
-                 views: bool = False) -> None:
+    def __init__(self, *, handshake: bool = True, max_message: int | None = None,
+                 bitfield_bytes: int | None = None, views: bool = False) -> None:
         self._expect_handshake = handshake
-        self._max = max_message
+        # Each kind of message has its own bound (message_limits), checked as soon as
+        # its id arrives; the longest of them is checked on the length field alone.
+        self._limits = message_limits(bitfield_bytes=bitfield_bytes, cap=max_message)
+        self._max = max(self._limits)
         self._views = views
         self._chunks: list[memoryview | bytearray] = []
         self._pending = 0
@@ -697,7 +742,7 @@ class Parser:
             events.append(_handshake_event(mv))
             self._expect_handshake = False
             pos = HANDSHAKE_LEN
-        limit = self._max
+        limits = self._limits
         unpack = _U32.unpack_from
         header = _II.unpack_from
         request3 = _III.unpack_from
@@ -709,12 +754,15 @@ class Parser:
                 append(_KEEP_ALIVE)
                 pos += 4
                 continue
-            if length > limit:
-                raise WireError(f"message of {length} bytes, more than the {limit} allowed")
+            if n - pos < 5:
+                self._check_length(length, None)
+                break
+            mid = mv[pos + 4]
+            if length > limits[mid]:
+                self._check_length(length, mid)
             end = pos + 4 + length
             if end > n:
                 break
-            mid = mv[pos + 4]
             if mid == _PIECE and length >= _PIECE_HEAD - 4:  # a download's message
                 index, begin = header(mv, pos + 5)
                 block = mv[pos + _PIECE_HEAD : end]
@@ -725,6 +773,13 @@ class Parser:
                 append(_decode(mv, pos + 4, end))
             pos = end
         return pos
+
+    def _check_length(self, length: int, mid: int | None) -> None:
+        """Refuses a length no message of id ``mid`` (None: not arrived yet) has."""
+        limit = self._max if mid is None else self._limits[mid]
+        if length > limit:
+            what = "message" if mid is None else f"{_name(mid)} message"
+            raise WireError(f"{what} of {length} bytes, more than the {limit} allowed")
 
     def _prefix(self, mv: memoryview, size: int) -> bytes:
         return _gather([*self._chunks, mv], 0, size)
@@ -740,9 +795,14 @@ class Parser:
             if have + n < 4:
                 self._stash(mv, keep)
                 return None
-            (length,) = _U32.unpack(self._prefix(mv, 4))
-            if length > self._max:
-                raise WireError(f"message of {length} bytes, more than the {self._max} allowed")
+            head = self._prefix(mv, min(5, have + n))
+            (length,) = _U32.unpack_from(head)
+            if length:
+                if len(head) < 5:
+                    self._check_length(length, None)
+                    self._stash(mv, keep)
+                    return None
+                self._check_length(length, head[4])
             total = 4 + length
         if have + n < total:
             self._stash(mv, keep)

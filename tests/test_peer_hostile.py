@@ -674,6 +674,49 @@ def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path
         assert d.stop() == 0, d.stderr()
 
 
+def test_messages_longer_than_their_kind_are_refused_before_their_body(tmp_path: Path) -> None:
+    """Forty peers each start an extension message of 2 MiB (or a HAVE, a block or an
+    unknown message of 1 MiB) and send a MiB of it. pieced-peer took any message up to
+    2 MiB and held it while it came: the forty stayed connected and held 40 MiB and
+    more. Each kind of message has its own bound now (a block 16 KiB, an extension
+    message 64 KiB, a HAVE 4 bytes): each peer is dropped on the message's fifth byte."""
+    piece = 65536
+    files = {"a.bin": 40 * piece + 5}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=43)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    heads = [struct.pack(">IB", (1 << 21) - 1, wire.MsgId.EXTENDED),
+             struct.pack(">IB", 1 << 20, wire.MsgId.HAVE),
+             struct.pack(">IB", 1 << 20, wire.MsgId.PIECE) + struct.pack(">II", 0, 0),
+             struct.pack(">IB", 1 << 20, 99)]
+    peers: list[RawPeer] = []
+    try:
+        time.sleep(1)
+        base = _memory(seeding.proc.pid, "VmRSS")
+        for i in range(40):
+            p = RawPeer(seeding.port)
+            peers.append(p)
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + i.to_bytes(12, "big"),
+                                  wire.make_reserved(extended=True, fast=True))
+                   + wire.have_none() + heads[i % len(heads)])
+            with contextlib.suppress(OSError):  # refused already: the pipe is broken
+                for _ in range(16):
+                    p.send(bytes(65536))
+        dropped = 0
+        for p in peers:
+            _, closed = p.events(3.0)
+            dropped += closed
+        assert dropped == len(peers)
+        assert seeding.proc.poll() is None
+        assert _memory(seeding.proc.pid, "VmHWM") - base < 16 << 20
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        seeding.stop()
+    finally:
+        for p in peers:
+            p.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_metadata_requests_of_peers_that_do_not_read_cost_bounded_memory(tmp_path: Path) -> None:
     """Six peers send 4,900 ut_metadata requests of 31 bytes each, each answered by a
     16 KiB piece of the metadata, and read nothing. pieced-peer answered every request

@@ -277,12 +277,12 @@ def test_views_parser_hands_out_whole_blocks_uncopied_and_cut_ones_right() -> No
 
 
 def test_large_bytes_tail_is_held_without_copy_and_stays_right() -> None:
-    data = bytes(range(256)) * 200
+    data = bytes(range(256)) * 64
     msg = piece(2, BLOCK, data) + have(3)
     p = Parser(handshake=False)
-    assert p.feed(msg[:20000]) == []
-    assert p.feed(msg[20000:20001]) == []
-    assert p.feed(msg[20001:]) == [Piece(2, BLOCK, data), Have(3)]
+    assert p.feed(msg[:10000]) == []
+    assert p.feed(msg[10000:10001]) == []
+    assert p.feed(msg[10001:]) == [Piece(2, BLOCK, data), Have(3)]
 
 
 def test_handshake_then_nothing_waits() -> None:
@@ -327,6 +327,44 @@ def test_bad_protocol_string_refused_before_the_whole_handshake() -> None:
     p = Parser()
     with pytest.raises(WireError, match="length is 18"):
         p.feed(b"\x12")
+
+
+@pytest.mark.parametrize("mid,limit", [
+    (MsgId.CHOKE, 1), (MsgId.HAVE_NONE, 1), (MsgId.HAVE, 5), (MsgId.SUGGEST_PIECE, 5),
+    (MsgId.REQUEST, 13), (MsgId.REJECT_REQUEST, 13), (MsgId.PORT, 3),
+    (MsgId.HASH_REQUEST, 49), (MsgId.PIECE, 9 + BLOCK), (MsgId.BITFIELD, 1 + 13),
+    (MsgId.EXTENDED, 2 + 65536), (99, 1 + 65536),
+])
+def test_each_kind_of_message_is_refused_past_its_longest_as_its_id_arrives(
+        mid: int, limit: int) -> None:
+    """Any message up to 2 MiB was taken and held while its body came: a peer could
+    make each connection hold megabytes for a HAVE or an extension message that no
+    correct peer sends longer than a few bytes or 64 KiB. Each kind now has its own
+    bound, checked on the fifth byte, whether it comes with the length or after."""
+    for cut in (5, 4):
+        p = Parser(handshake=False, bitfield_bytes=13)
+        head = struct.pack(">IB", limit, mid)
+        p.feed(head[:cut])
+        p.feed(head[cut:])  # at the bound: taken (or waited for)
+        p = Parser(handshake=False, bitfield_bytes=13)
+        head = struct.pack(">IB", limit + 1, mid)
+        with pytest.raises(WireError, match=f"{limit + 1} bytes, more than the {limit}"):
+            p.feed(head[:cut])
+            p.feed(head[cut:])
+    # on a stream of whole messages too, after others in the same feed
+    p = Parser(handshake=False, bitfield_bytes=13)
+    with pytest.raises(WireError, match=f"more than the {limit} allowed"):
+        p.feed(have(1) + struct.pack(">IB", limit + 1, mid) + bytes(64))
+
+
+def test_a_bitfield_is_bounded_by_the_torrent_and_the_longest_message_by_the_cap() -> None:
+    p = Parser(handshake=False, bitfield_bytes=(1_000_000 + 7) // 8)
+    assert p.feed(bitfield(bytes(125_000))) == [Bitfield(bytes(125_000))]  # past 64 KiB
+    with pytest.raises(WireError, match="BITFIELD message of 125002 bytes"):
+        p.feed(bitfield(bytes(125_001)))
+    p = Parser(handshake=False, max_message=1000)
+    with pytest.raises(WireError, match="1001 bytes, more than the 1000"):
+        p.feed(struct.pack(">IB", 1001, MsgId.EXTENDED))
 
 
 def test_oversize_length_refused_before_the_body() -> None:
