@@ -106,6 +106,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     unchecked = meta.v2_unchecked()  # (a hybrid without piece layers: v1 checks them)
 
+    refused = [{"path": str(path), "reason": why} for path, why in sorted(files.refused.items())]
     report = {
         "name": meta.name,
         "info_hash_v1": meta.info_hash_v1.hex() if meta.info_hash_v1 else None,
@@ -116,6 +117,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "failed_v1": result.failed_v1,
         "failed_v2": result.failed_v2,
         "unchecked_v2": unchecked,
+        "refused": refused,
         "ok": result.ok,
         "seconds": round(elapsed, 4),
     }
@@ -128,6 +130,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if unchecked:
         human.append(f"  v2 not checked (the metainfo has no piece layers for them): "
                      f"{_ranges(unchecked)}")
+    for entry in refused:
+        human.append(f"  not read: {_shown(entry['path'])}: {entry['reason']}")
     _print(args, report, "\n".join(human))
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -313,21 +317,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         human.append("  (too many files to list in one reply: see "
                      f"http://HOST:PORT/torrents/{args.info_hash.lower()})")
     for f in st.get("files", []):
-        human.append(f"  {f['verified_bytes'] * 100 // max(f['length'], 1):3d}%  {_shown(f['path'])}")
-    for e in st["errors"]:
-        human.append(f"  error: {_shown(e['message'])}")
+        done = f["verified_bytes"] * 100 // f["length"] if f["length"] else 100  # (0 bytes: had)
+        human.append(f"  {done:3d}%  {_shown(f['path'])}")
+    human.extend(_errors(st["errors"]))
     _print(args, st, "\n".join(human))
     return EXIT_OK
 
 
+def _errors(errors: list[dict[str, Any]]) -> list[str]:
+    """A torrent's errors, one line each, the times an error came again said once."""
+    return [f"  error: {_shown(e['message'])}"
+            + (f" ({e['count']} times)" if e.get("count", 1) > 1 else "") for e in errors]
+
+
 def cmd_recheck(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        res = _check(c, _known(c, args.info_hash), args.full)
+        ih = _known(c, args.info_hash)
+        res = _check(c, ih, args.full)
+        # Why pieces failed, where the check could not read them (a file refused, a
+        # folder gone): the check starts the torrent's errors afresh, so these are its.
+        res = {"info_hash": ih.hex(), **res, "errors": c.status(ih, files=False)["errors"]}
     failed = sorted(set(res.get("failed_v1") or []) | set(res.get("failed_v2") or []))
     shown = f"; failed: {_ranges(failed)}" if failed else ""
     if res.get("failed_cut"):
         shown += " and more (too many to list: see pieced status)"
-    _print(args, res, f"{res['verified']}/{res['num_pieces']} pieces verify{shown}")
+    human = [f"{res['verified']}/{res['num_pieces']} pieces verify{shown}", *_errors(res["errors"])]
+    _print(args, res, "\n".join(human))
     return EXIT_OK if not failed else EXIT_FAILED
 
 
@@ -343,7 +358,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         s = c.stats()
     keys = ("torrents", "connected_clients", "bytes_written", "bytes_read", "pieces_verified",
             "pieces_failed", "cache_hits", "cache_misses", "cache_bytes", "write_buffer_bytes")
-    _print(args, s, "\n".join(f"{k:20} {s.get(k)}" for k in keys))
+    lines = [f"{k:20} {s.get(k)}" for k in keys]
+    errors = s.get("errors") or {}
+    lines.append(f"{'errors':20} " + (", ".join(f"{k} {n}" for k, n in sorted(errors.items()))
+                                       or "none"))
+    _print(args, s, "\n".join(lines))
     return EXIT_OK
 
 
@@ -393,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="do not look for the payload's pieces on disk (a torrent "
                                 "added over existing data is otherwise checked at once)")
         elif name in ("status", "recheck", "rm"):
-            p.add_argument("info_hash", help="40 hex digits")
+            p.add_argument("info_hash", help="40 hex digits (or the 64 of a v2 torrent)")
         if name == "rm":
             p.add_argument("--delete-files", action="store_true", help="also delete the payload")
         if name == "recheck":

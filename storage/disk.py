@@ -2192,11 +2192,19 @@ class DiskIO:
         """Count, list (``status``'s ``errors``) and push (``on_error``, unless not
         ``push``) an error of the torrent."""
         self.metrics.error(exc.errno, exc.kind)
-        entry = {"piece": piece, "errno": exc.errno, "message": str(exc)}
+        entry: dict[str, Any] = {"piece": piece, "errno": exc.errno, "message": str(exc)}
         now = time.monotonic()
         with t.lock:
-            t.errors.append(entry)
-            del t.errors[:-32]
+            last = t.errors[-1] if t.errors else None
+            if (last is not None and last["message"] == entry["message"]
+                    and last["errno"] == entry["errno"]):
+                # The same error again (a full disk fails every block; a file refused
+                # fails every read of it): one entry, counted, naming the latest piece.
+                last["piece"] = piece
+                last["count"] = last.get("count", 1) + 1
+            else:
+                t.errors.append(entry)
+                del t.errors[:-32]
             # A full disk fails every block: one report a second per kind is enough
             # (status keeps the last 32, /metrics counts them all).
             due = push and (now - t.error_reported.get(exc.errno, -ERROR_EVENT_INTERVAL)
@@ -2728,6 +2736,10 @@ class DiskIO:
             with t.lock:  # started: a recheck asked from now on checks after this one
                 if t.rechecks.get(full) is run:
                     del t.rechecks[full]
+                # What went wrong before is looked at again now, as libtorrent's
+                # force_recheck clears a torrent's error: what is still wrong is told
+                # again by this check (a file it cannot read, a folder gone).
+                t.errors.clear()
             self._flush_torrent(t, sync=True, lenient=True)  # what is read below is durable
             self._root_moved(t)  # (the folder at the save path is the one checked)
             # The files as they are now under their names, as libtorrent checks them: a
@@ -2899,7 +2911,7 @@ class DiskIO:
             have = bytes(t.have)
             counts = {name: t.count(s) for name, s in (
                 ("partial", PARTIAL), ("hashing", HASHING), ("committing", COMMITTING))}
-            errors = list(t.errors)
+            errors = [dict(e) for e in t.errors]  # (the last one may still be counting)
             verified = t.count(VERIFIED)
             state = bytes(t.state) if files else b""
         st = self._status(t, have, counts, errors, verified,

@@ -574,6 +574,10 @@ class FolderFiles:
         # made one check read some files from one tree, the rest from another.)
         self._root: int | None = None
         self._lock = threading.Lock()
+        # Payload files there but not read, and why: their pieces fail, and a user who
+        # sees them fail should be told why (a file is a symlink, a folder on the way a
+        # symlink or a file), where a missing file needs no word.
+        self.refused: dict[Path, str] = {}
 
     def _fd(self, index: int) -> int | None:
         """The file's descriptor, held for the caller until :meth:`_done` (not closed to
@@ -638,11 +642,14 @@ class FolderFiles:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENXIO):
-                return None  # a symlink (or a socket: ENXIO) in the file's place
+            if exc.errno in (errno.ELOOP, errno.ENXIO):  # (ENXIO: a socket)
+                self.refused[path] = ("a symbolic link: not followed" if exc.errno == errno.ELOOP
+                                      else "not a regular file")
+                return None
             raise Unreadable(path, exc) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
+            self.refused[path] = "not a regular file"
             return None  # its pieces fail
         return fd
 
@@ -665,6 +672,8 @@ class FolderFiles:
                         raise StorageIOError.wrap(exc, f"open {self._save_path}") from None
                 self._folders[folder] = folder_below(self._root, folder, self._save_path)
             except PathEscape:
+                self.refused[self._save_path.joinpath(*folder)] = (
+                    "not a folder (a symbolic link, not followed, or a file)")
                 self._folders[folder] = None
             except StorageIOError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):

@@ -11,11 +11,13 @@ import array
 import asyncio
 import bisect
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -445,6 +447,67 @@ def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     r = pieced("status", "00" * 20, *sock)
     assert r.returncode == 2 and "unknown info_hash" in r.stderr
     json.loads(pieced("stats", "--json", *sock).stdout)
+
+
+def test_a_file_that_is_refused_is_said_so_and_its_errors_are_told_once_and_forgotten_when_mended(
+        daemon: Daemon) -> None:
+    """A payload file that is a symlink fails every piece it holds, as it must (payload
+    paths are never followed through a symlink); but `pieced verify` and `pieced
+    recheck` said nothing of why, and `pieced status` listed the same error once per
+    piece read, still there after the file was mended and checked good. Each command
+    now names the file and why; the same error again is one entry with its count; and
+    a recheck starts the torrent's errors afresh (as libtorrent's force_recheck clears
+    a torrent's error)."""
+    files = {"a.bin": 5 * 65536 + 7, "empty.txt": 0, "b.bin": 3000}
+    content = make_payload(daemon.root / "elsewhere", files, seed=5)
+    tfile = daemon.root / "t.torrent"
+    tfile.write_bytes(make_torrent_lt(content, 65536, "v1"))
+    save = daemon.root / "save"
+    (save / "payload").mkdir(parents=True)
+    for name in files:
+        shutil.copyfile(content / name, save / "payload" / name)
+    (save / "payload" / "a.bin").unlink()
+    (save / "payload" / "a.bin").symlink_to(content / "a.bin")
+    sock = ["--socket", str(daemon.socket)]
+
+    def pieced(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pieced.daemon.cli", *args], capture_output=True,
+                              text=True, cwd=daemon.root, timeout=60)
+
+    r = pieced("verify", str(tfile), "--data", str(save))
+    assert r.returncode == 1
+    assert f"not read: {save / 'payload' / 'a.bin'}: a symbolic link: not followed" in r.stdout
+    report = json.loads(pieced("verify", str(tfile), "--data", str(save), "--json").stdout)
+    assert report["refused"] == [{"path": str(save / "payload" / "a.bin"),
+                                  "reason": "a symbolic link: not followed"}]
+    assert report["failed_v1"] == [0, 1, 2, 3, 4, 5]
+
+    ih = json.loads(pieced("add", str(tfile), "--save-path", str(save), "--json", *sock).stdout)[
+        "info_hash"]
+    for _ in range(2):
+        r = pieced("recheck", ih, "--full", "--json", *sock)
+        assert r.returncode == 1
+        res = json.loads(r.stdout)
+        assert res["info_hash"] == ih and res["failed_v1"] == [0, 1, 2, 3, 4, 5]
+        # one entry, however many pieces met it, and not one more for the second check
+        (err,) = res["errors"]
+        assert "a.bin is a symlink" in err["message"] and err["errno"] == errno.EPERM
+        assert err["count"] == 6, err
+    r = pieced("recheck", ih, *sock)
+    assert "error: " in r.stdout and "a.bin is a symlink" in r.stdout and "(6 times)" in r.stdout
+    r = pieced("status", ih, *sock)
+    assert r.stdout.count("error: ") == 1 and "(6 times)" in r.stdout
+    assert "100%  payload/empty.txt" in r.stdout  # a file of 0 bytes is had, not at 0 %
+    assert re.search(r"^errors +EPERM [1-9]", pieced("stats", *sock).stdout, re.M)
+
+    (save / "payload" / "a.bin").unlink()
+    shutil.copyfile(content / "a.bin", save / "payload" / "a.bin")
+    r = pieced("recheck", ih, *sock)
+    assert r.returncode == 0 and "error" not in r.stdout, r.stdout
+    st = json.loads(pieced("status", ih, "--json", *sock).stdout)
+    assert st["errors"] == [] and st["verified_pieces"] == st["num_pieces"]
+    r = pieced("verify", str(tfile), "--data", str(save), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["refused"] == []
 
 
 def test_many_clients_waiting_on_one_torrent_leave_another_torrent_answered(
