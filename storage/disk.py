@@ -2293,10 +2293,14 @@ class DiskIO:
             cleared = []
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
-                    cleared = [p for p in todo if t.state[p] == VERIFIED]
+                    cleared = [] if t.removed else [p for p in todo if t.state[p] == VERIFIED]
                 self._journal_clears(t, rec, cleared)
             with t.lock:
-                for p in todo:
+                # A torrent unregistered meanwhile (by another client, while a torrent
+                # sharing its files wrote into them) has nothing left to start over: its
+                # pieces under way went with it. (Looked at, they were still partial, and
+                # the write of the other torrent failed INTERNAL.)
+                for p in () if t.removed else todo:
                     state = t.state[p]
                     if state == VERIFIED and verified:
                         pass

@@ -280,6 +280,52 @@ def _off_main(pool: concurrent.futures.ThreadPoolExecutor, fn: Any, *args: Any) 
     return done.result()
 
 
+def test_a_write_into_files_a_torrent_being_removed_shares_is_stored(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two torrents of one payload share its files, both downloading. One is removed
+    (another client's unregister) while a block of the other lands in a piece the first
+    had under way: between the removal letting the first's pieces under way go and its
+    leaving the list of torrents sharing the files, the write found that piece still
+    partial with nothing under way, and failed (KeyError: INTERNAL to the client, a
+    traceback in the daemon's log). The torrent being removed is now left alone."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    a = dio.register(raw_a, tmp_path / "dl")
+    b = dio.register(raw_b, tmp_path / "dl")
+    src_a, src_b = Source(raw_a, tmp_path / "src"), Source(raw_b, tmp_path / "src")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    # B's piece 0 under way (its first block), through the file A shares
+    _off_main(pool, dio.write_chunk, b, 0, 0, src_b.read(0, 0, 16384), True)
+    tb = dio.torrent(b)
+    reached, go = threading.Event(), threading.Event()
+    reshare = DiskIO._reshare
+
+    def held(self: DiskIO, changed: Any = None) -> None:
+        if changed is tb:  # B removed, its pieces under way gone, still sharing A's files
+            reached.set()
+            go.wait(30)
+        reshare(self, changed)
+
+    monkeypatch.setattr(DiskIO, "_reshare", held)
+    removal = concurrent.futures.ThreadPoolExecutor(1).submit(dio.unregister, b, True)
+    assert reached.wait(30)
+    try:  # A's piece 0: into B's piece 0, under way no more
+        _off_main(pool, lambda: [dio.write_block_direct(a, 0, at, src_a.read(0, at, 16384))
+                                 for at in (0, 16384)])
+    finally:
+        go.set()
+    removal.result(30)
+    monkeypatch.undo()
+    _off_main(pool, fill, dio, a, src_a)
+    _off_main(pool, dio.flush_all)
+    assert all(_verified(dio.status(a))) and dio.torrents() == [a]
+    assert all(lt_recheck(raw_a, tmp_path / "dl"))
+    _off_main(pool, dio.close)
+    pool.shutdown()
+
+
 def test_a_bad_block_for_one_of_two_cross_seeded_torrents_unverifies_the_other(
         tmp_path: Path, backend: str) -> None:
     """Two torrents of one payload share its files. Bad blocks written for one (its
