@@ -183,6 +183,7 @@ class PeerConnection:
         # others (the end game), until a block of it comes (libtorrent's snubbed peer).
         self.snubbed = False
         self.downloaded = 0  # bytes of the blocks we asked for that came
+        self.unasked = 0  # bytes of blocks that came not asked for (late after a cancel)
         self.slow_start = True
         self._wanted_queue = START_QUEUE
         self._last_second = 0.0  # bytes a second that came between the last two ticks
@@ -264,6 +265,7 @@ class PeerConnection:
             n = len(ev.data)
             asked = self.our_requests.pop((ev.piece, ev.begin, n), None)
             if asked is None:
+                self.unasked += n
                 return False
             self._waited(self.last_received - max(asked, self.last_block, self._fragment_at))
             self.last_block = self.last_received

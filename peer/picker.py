@@ -200,6 +200,12 @@ class Picker:
                 self._unfinished[piece] = self._open[piece] = None
         return plan
 
+    def asked(self, piece: int) -> list[tuple[Block, set[object]]]:
+        """The piece's blocks asked for and not received yet, and of whom."""
+        requested = self.requested
+        return [(blk, who) for b, n in self.plan(piece)
+                if (who := requested.get(blk := (piece, b, n)))]
+
     def piece_verified(self, piece: int) -> None:
         self._left -= not self.have[piece]
         self.have[piece] = 1

@@ -356,7 +356,12 @@ class Dial:
 
 @dataclass
 class Summary:
-    bytes_down: int = 0
+    bytes_down: int = 0  # of blocks of pieces not had yet, each block counted once
+    # Blocks that came for nothing: a piece had already (verified meanwhile, by this
+    # process or another writing the same torrent into the daemon), or a block of a piece
+    # under way received already (the end game asks some of two peers). As libtorrent's
+    # redundant bytes: a download costs bytes_down + bytes_redundant of the peers' upload.
+    bytes_redundant: int = 0
     bytes_up: int = 0
     seconds: float = 0.0
     peers: int = 0  # peers that completed a handshake
@@ -1357,6 +1362,12 @@ class Swarm:
             now - p.opened < TURNOVER_SECONDS,
             (p.served + p.conn.downloaded) / max(now - p.opened, 1.0)))
 
+    def count_unasked(self, peer: Peer) -> None:
+        """The blocks the peer sent unasked (cancelled, sent all the same) are bytes that
+        came for nothing too: counted once, as the peer leaves or the transfer ends."""
+        self.summary.bytes_redundant += peer.conn.unasked
+        peer.conn.unasked = 0
+
     async def _sent(self, peer: Peer) -> bool:
         """Send what is queued for the peer; past OUT_LIMIT unsent, wait for it to read
         (what one message makes us send can be large: a HASHES answer is up to 256 KiB
@@ -1371,6 +1382,7 @@ class Swarm:
         if peer not in self.peers:
             return
         self.peers.discard(peer)
+        self.count_unasked(peer)
         peer.conduct.live -= 1
         if peer.conn.handshaken:
             log.info("%s: gone", peer.addr)
@@ -1495,13 +1507,17 @@ class Swarm:
         data = ev.data
         blk = (piece, ev.begin, len(data))
         peer.blocks += 1
+        again = picker.have[piece] or blk in picker.received
         for other in picker.block_received(blk):
             if other is not peer and isinstance(other, Peer):
                 other.conn.send_cancel(blk)
                 other.flush()
         late: list[tuple[int, bytes | memoryview]] = []
+        if again:
+            self.summary.bytes_redundant += len(data)
         if not picker.have[piece]:
-            self.summary.bytes_down += len(data)
+            if not again:
+                self.summary.bytes_down += len(data)
             self.blame.block(piece, ev.begin, peer.conduct, data)
             client = self.client
             ready = self.order.arrived(piece, ev.begin, data)
@@ -1847,6 +1863,14 @@ class Swarm:
         download ends once the daemon confirms it has them all. (``fill``: ask the peers
         for more now; a reconcile that gains many pieces does so once, at its end.)"""
         assert self.picker is not None
+        # Blocks of it still asked for (another client verified it first: a second
+        # pieced-peer on the same torrent, or a restart's reconcile) are cancelled: each
+        # would come for nothing (two processes on one torrent had the seeders send the
+        # payload twice over).
+        for blk, who in self.picker.asked(piece):
+            for other in who:
+                if isinstance(other, Peer):
+                    other.conn.send_cancel(blk)
         self.picker.piece_verified(piece)
         for p in list(self.peers):
             if p.counted[piece] and piece not in p.banned:
@@ -2241,6 +2265,8 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     finally:
         # The time of the transfer: saying goodbye to trackers and daemon is not part of it.
         swarm.summary.seconds = round(time.monotonic() - started, 3)
+        for peer in list(swarm.peers):
+            swarm.count_unasked(peer)
         try:
             await swarm.close()
         finally:  # (a second signal meanwhile ends nothing sooner, nor loses the summary)
