@@ -417,7 +417,8 @@ class DiskIO:
                 lacking = (self._torrents[alias].meta.v2_unchecked()
                            and not meta.v2_unchecked())
                 raise AlreadyRegistered(
-                    f"torrent {alias.hex()} is already registered" + (
+                    f"torrent {alias.hex()} is already registered, with save path "
+                    f"{self._torrents[alias].storage.save_path}" + (
                         " (from a metainfo without its piece layers: remove it, keeping "
                         "its files, and add this one to have its pieces checked by v2 too)"
                         if lacking else ""))

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -348,7 +349,8 @@ def test_bad_requests_change_nothing(
     raw, src = torrent
     dio = DiskIO(backend, roots=[tmp_path])
     ih = dio.register(raw, tmp_path / "dl")
-    with pytest.raises(AlreadyRegistered):
+    said = re.escape(f"with save path {tmp_path / 'dl'}") + "$"  # (the user may look there)
+    with pytest.raises(AlreadyRegistered, match=said):
         dio.register(raw, tmp_path / "dl2")
     assert not (tmp_path / "dl2").exists()  # refused before the save path was made
     with pytest.raises(PathEscape):  # a bad save path is refused as such, registered or not
