@@ -335,7 +335,8 @@ def cmd_recheck(args: argparse.Namespace) -> int:
         ih = _known(c, args.info_hash)
         res = _check(c, ih, args.full)
         # Why pieces failed, where the check could not read them (a file refused, a
-        # folder gone): the check starts the torrent's errors afresh, so these are its.
+        # folder gone): the check starts the torrent's errors afresh, so these are its
+        # (and those of any write meanwhile).
         res = {"info_hash": ih.hex(), **res, "errors": c.status(ih, files=False)["errors"]}
     failed = sorted(set(res.get("failed_v1") or []) | set(res.get("failed_v2") or []))
     shown = f"; failed: {_ranges(failed)}" if failed else ""

@@ -392,7 +392,7 @@ class Feed:
     @staticmethod
     def _errors(t: Torrent) -> str:
         with t.lock:
-            entries = list(t.errors)
+            entries = [dict(e) for e in t.errors]  # (the last one may still be counting)
         return json.dumps([{**e, "code": errno.errorcode.get(e.get("errno") or -1, "")}
                            for e in entries])
 

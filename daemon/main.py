@@ -81,10 +81,10 @@ def bind_socket(settings: Settings) -> socket.socket:
             try:
                 gid = grp.getgrnam(settings.socket_group).gr_gid
             except KeyError:
-                if not settings.socket_group.isdigit():  # a number is a gid, as chown takes
-                    raise SystemExit(f"pieced: socket_group {settings.socket_group!r}: "
-                                     "no such group") from None
-                gid = int(settings.socket_group)
+                text = settings.socket_group  # a number is a gid, as chown takes
+                if not (text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF):
+                    raise SystemExit(f"pieced: socket_group {text!r}: no such group") from None
+                gid = int(text)
             os.chown(path, -1, gid)
         sock.listen(128)
     except BaseException:

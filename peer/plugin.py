@@ -356,7 +356,7 @@ class Dial:
 
 @dataclass
 class Summary:
-    bytes_down: int = 0  # of blocks of pieces not had yet, each block counted once
+    bytes_down: int = 0  # of blocks of pieces not had yet (again for a piece that failed)
     # Blocks that came for nothing: a piece had already (verified meanwhile, by this
     # process or another writing the same torrent into the daemon), or a block of a piece
     # under way received already (the end game asks some of two peers). As libtorrent's
@@ -1865,8 +1865,7 @@ class Swarm:
         assert self.picker is not None
         # Blocks of it still asked for (another client verified it first: a second
         # pieced-peer on the same torrent, or a restart's reconcile) are cancelled: each
-        # would come for nothing (two processes on one torrent had the seeders send the
-        # payload twice over).
+        # would come for nothing, and take the place of one that would not.
         for blk, who in self.picker.asked(piece):
             for other in who:
                 if isinstance(other, Peer):

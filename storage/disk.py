@@ -1304,6 +1304,8 @@ class DiskIO:
                 raise err from None
             except StorageIOError as exc:
                 if exc.errno in _NOT_THERE:
+                    if exc.errno == errno.ENXIO:  # a socket there: said, as a symlink is
+                        self._record_error(t, exc, piece)
                     raise  # no file (or not a file) where the piece's bytes would be
                 # The disk failing to read (EIO; EINVAL: O_DIRECT on a file system that
                 # has none...) says nothing of the bytes: the check stops with the error,

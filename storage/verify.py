@@ -672,7 +672,7 @@ class FolderFiles:
                         raise StorageIOError.wrap(exc, f"open {self._save_path}") from None
                 self._folders[folder] = folder_below(self._root, folder, self._save_path)
             except PathEscape:
-                self.refused[self._save_path.joinpath(*folder)] = (
+                self.refused[self._save_path.joinpath(*self._refused_part(folder))] = (
                     "not a folder (a symbolic link, not followed, or a file)")
                 self._folders[folder] = None
             except StorageIOError as exc:
@@ -680,6 +680,17 @@ class FolderFiles:
                     raise Unreadable(path, OSError(exc.errno, str(exc))) from None
                 self._folders[folder] = None
         return self._folders[folder]
+
+    def _refused_part(self, folder: tuple[str, ...]) -> tuple[str, ...]:
+        """The first part of ``folder``'s path that is not a folder (what to name: the
+        folders below a symlink are not each one), walked again on this error only."""
+        assert self._root is not None
+        for k in range(1, len(folder)):
+            try:
+                os.close(folder_below(self._root, folder[:k], self._save_path))
+            except (PathEscape, StorageIOError):
+                return folder[:k]
+        return folder
 
     def read(self, piece: int, begin: int, out: memoryview) -> None:
         self._read(self._layout.map(piece, begin, out.nbytes), out)

@@ -51,3 +51,26 @@ def test_socket_mode_and_peer_credentials() -> None:
             assert c.stats()["clients_refused"] == 1
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_the_socket_group_may_be_a_number_and_a_bad_one_is_refused_with_a_message(
+        tmp_path: Path) -> None:
+    """A group named by its number (one /etc/group does not list, as in a container) was
+    refused as "no such group"; a number too large for a gid, or not in ASCII digits,
+    is refused with the same clear message, not a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a").mkdir()
+    d = Daemon(tmp_path / "a", env={"PIECED_SOCKET_GROUP": "4242"})
+    try:
+        assert d.socket.stat().st_gid == 4242
+    finally:
+        assert d.stop() == 0, d.stderr()
+    for bad in ("99999999999", "4294967295", "\u0663", "no-such-group-here"):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0"],
+                           cwd=tmp_path / "b", capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PIECED_SOCKET_GROUP": bad})
+        assert r.returncode != 0 and f"socket_group {bad!r}: no such group" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -1714,10 +1714,7 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
         # Every block the seeders sent is counted by the process it reached: as new, or
         # as redundant (a piece another process had verified meanwhile, a block twice).
         # (Blocks still on their way when a process finished are not: 2 MiB of slack.)
-        # And blocks of a piece another process verified are cancelled: the seeders sent
-        # 2.5 times the payload, 1.4-1.9 times since.
         assert sent - (2 << 20) <= came <= sent, (sent, came, downloaded)
-        assert sent < 2.2 * sum(files.values()), (sent, came, downloaded)
         with Client(d.socket) as c:
             listed = c.torrents()
             assert len(listed) == 1

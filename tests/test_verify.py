@@ -132,7 +132,8 @@ def test_a_symlink_fails_its_pieces_as_in_the_daemon(tmp_path: Path, where: str)
 
     from pieced.storage.disk import DiskIO
 
-    content = make_payload(tmp_path / "save", {"a.bin": 70_000, "sub/b.bin": 200_000}, seed=11)
+    content = make_payload(tmp_path / "save", {"a.bin": 70_000, "sub/b.bin": 200_000,
+                                               "sub/deeper/c.bin": 1000}, seed=11)
     raw = make_torrent_lt(content, 65536, "v1")
     shutil.copytree(content, tmp_path / "copy")
     if where == "file":
@@ -151,6 +152,13 @@ def test_a_symlink_fails_its_pieces_as_in_the_daemon(tmp_path: Path, where: str)
     finally:
         dio.close()
     assert rc == 1 and out["failed_v1"] == daemon.failed_v1 == [1, 2, 3, 4], (out, daemon)
+    # What was not read is named, with why: the symlink itself, not each folder below it
+    if where == "folder":
+        assert out["refused"] == [{"path": str(content / "sub"), "reason":
+                                   "not a folder (a symbolic link, not followed, or a file)"}]
+    else:
+        assert out["refused"] == [{"path": str(content / "sub/b.bin"),
+                                   "reason": "a symbolic link: not followed"}]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "socket"])
@@ -175,14 +183,19 @@ def test_a_fifo_in_place_of_a_file_fails_its_pieces_and_hangs_nothing(
         bound.close()
     rc, out, _ = run_verify(raw, tmp_path / "save", tmp_path)  # (a time limit of its own)
     assert rc == 1 and out["failed_v1"] == [0, 1, 2, 3]  # a.bin is in the first four
+    assert out["refused"] == [{"path": str(content / "a.bin"), "reason": "not a regular file"}]
     recheck = (  # the storage engine's recheck, in a process of its own: it may hang
         "import sys; from pathlib import Path; from pieced.storage.disk import DiskIO\n"
         "d = DiskIO('posix'); raw = Path(sys.argv[1]).read_bytes()\n"
-        "print(d.recheck(d.register(raw, Path(sys.argv[2])), full=True).failed_v1)\n"
+        "ih = d.register(raw, Path(sys.argv[2]))\n"
+        "print(d.recheck(ih, full=True).failed_v1, [e['errno'] for e in d.status(ih)['errors']])\n"
         "d.close()\n")
     r = subprocess.run([sys.executable, "-c", recheck, str(tmp_path / "t.torrent"),
                         str(tmp_path / "save")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip() == "[0, 1, 2, 3]", r.stderr
+    # the pieces fail, and why is said: a FIFO is no regular file (EPERM), a socket's
+    # open says ENXIO (which said nothing before)
+    told = "[6]" if kind == "socket" else "[1]"
+    assert r.returncode == 0 and r.stdout.strip() == f"[0, 1, 2, 3] {told}", (r.stdout, r.stderr)
 
 
 def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
