@@ -866,8 +866,10 @@
       const tr = el('tr');
       const code = e.code || (e.errno !== null && e.errno !== undefined ? String(e.errno) : '–');
       const c = el('td', 'code', e.errno !== null && e.errno !== undefined ? `${code} (${e.errno})` : code);
-      const msg = el('td', 'msg', escapeControls(e.message));
-      msg.title = escapeControls(e.message);
+      // An error met again right after itself is one entry, counted.
+      const times = e.count > 1 ? ` (${fmtInt(e.count)} times)` : '';
+      const msg = el('td', 'msg', escapeControls(e.message) + times);
+      msg.title = escapeControls(e.message) + times;
       tr.append(c, el('td', 'num', e.piece === null || e.piece === undefined ? '–' : fmtInt(e.piece)), msg);
       return tr;
     }));
