@@ -824,34 +824,12 @@ class Swarm:
         await self.client.connect()
         await self.client.attach_ring()
         try:
-            self.ih = await self.client.register(self.raw, self.opts.save_path)
-            # Newly registered: what is already on disk is checked first, as any client
-            # does with a torrent added over existing data (files that are not there
-            # cost nothing to check).
-            await self.client.recheck(self.ih)
-        except AlreadyRegistered:
-            st = await self.client.status(self.ih, files=False)
-            if Path(st["save_path"]) != self.opts.save_path.resolve():
-                raise ElsewhereAlready(
-                    f"the torrent is registered with save path {st['save_path']}, not "
-                    f"{self.opts.save_path}: run with --save-path {st['save_path']} "
-                    "(or remove it with `pieced rm` to start over in the other)") from None
-            waited = False
-            while st["reverifying_pieces"] or st.get("checking"):
-                # The daemon is checking the files (for another client, or finishing a
-                # check a crash cut short): what it finds is not to be fetched again.
-                waited = True
-                await asyncio.sleep(0.2)
-                st = await self.client.status(self.ih, files=False)
-            if not waited and not st["verified_pieces"] and not st["partial_pieces"]:
-                # Nothing known of it: maybe never checked (the daemon went down between
-                # the register and the check). What is on disk is checked now.
-                await self.client.recheck(self.ih)
-        await self.client.subscribe(self.ih)
-        try:
-            st = await self.client.status(self.ih, files=False, partial=True)
-        except TooLarge:  # (thousands of pieces under way, each in many parts: fetched
-            st = await self.client.status(self.ih, files=False)  # again, whole)
+            st = await self._join()
+        except ConnectionError as exc:
+            # Lost while the daemon registers or checks the torrent (a check may take
+            # hours): said as a loss under way is, with the summary, not as a daemon
+            # that could not be reached.
+            raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
@@ -893,6 +871,39 @@ class Swarm:
         if self.picker.complete:
             self.summary.complete = True
             self.done.set()
+
+    async def _join(self) -> dict[str, Any]:
+        """The torrent registered (or found so), what is on disk checked, its events
+        subscribed to: its status, with the pieces under way."""
+        try:
+            self.ih = await self.client.register(self.raw, self.opts.save_path)
+            # Newly registered: what is already on disk is checked first, as any client
+            # does with a torrent added over existing data (files that are not there
+            # cost nothing to check).
+            await self.client.recheck(self.ih)
+        except AlreadyRegistered:
+            st = await self.client.status(self.ih, files=False)
+            if Path(st["save_path"]) != self.opts.save_path.resolve():
+                raise ElsewhereAlready(
+                    f"the torrent is registered with save path {st['save_path']}, not "
+                    f"{self.opts.save_path}: run with --save-path {st['save_path']} "
+                    "(or remove it with `pieced rm` to start over in the other)") from None
+            waited = False
+            while st["reverifying_pieces"] or st.get("checking"):
+                # The daemon is checking the files (for another client, or finishing a
+                # check a crash cut short): what it finds is not to be fetched again.
+                waited = True
+                await asyncio.sleep(0.2)
+                st = await self.client.status(self.ih, files=False)
+            if not waited and not st["verified_pieces"] and not st["partial_pieces"]:
+                # Nothing known of it: maybe never checked (the daemon went down between
+                # the register and the check). What is on disk is checked now.
+                await self.client.recheck(self.ih)
+        await self.client.subscribe(self.ih)
+        try:
+            return await self.client.status(self.ih, files=False, partial=True)
+        except TooLarge:  # (thousands of pieces under way, each in many parts: fetched
+            return await self.client.status(self.ih, files=False)  # again, whole)
 
     async def _listen(self, host: str | None, port: int) -> None:
         """Accept incoming peers on ``host`` (None: every interface, IPv4 and IPv6 on

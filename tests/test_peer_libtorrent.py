@@ -2018,7 +2018,11 @@ def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
         proc = _seeding_registered(torrent, tmp_path / "dl", d)
         d.proc.kill()  # at once: the check has hardly begun
         d.proc.wait()
-        proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
+        # said as a loss under way is: the daemon lost, and the summary (nothing printed
+        # on stdout, and the bare error, when the loss came before the check's answer)
+        assert proc.returncode == 2 and "lost the daemon" in err, (out, err)
+        assert json.loads(out)["complete"] is False, out
         d = Daemon(tmp_path)
         seeding = Seeding(torrent, tmp_path / "dl", d)
         with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
