@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import errno
 import fcntl
 import itertools
 import logging
@@ -844,6 +845,11 @@ class Connection:
                     raise BadRequest(f"metainfo_size {size} does not match the descriptor")
                 data = os.pread(fds[0], size, 0)
             except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EISDIR, errno.EINVAL, errno.ESPIPE):
+                    # The client's descriptor, not a disk: not open for reading (O_WRONLY,
+                    # O_PATH), a folder, a pipe or a socket.
+                    raise BadRequest("register: the descriptor passed cannot be read from "
+                                     f"the start like a file ({exc.strerror})") from None
                 raise StorageIOError.wrap(exc, "register: read the metainfo") from None
             if len(data) != size:
                 raise BadRequest("the descriptor held less than metainfo_size bytes")

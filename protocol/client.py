@@ -684,12 +684,23 @@ class Client:
             self._pump()
 
     def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
-        """Send one request frame and wait for its reply; raise its error, if any."""
+        """Send one request frame and wait for its reply; raise its error, if any.
+
+        A write's error already received is raised first, and the request is not sent.
+        One that arrives while the request is answered is kept for the next call: the
+        daemon carried the request out, and its answer (a register's info_hash, an
+        unregister done) is the caller's. (Raised instead of the answer, a register
+        after a bad block left the torrent registered and its info_hash unknown.)"""
+        if self.core.write_errors:
+            try:
+                self._raise_write_error()
+            except BaseException:
+                self.core.waiters.pop(rid, None)
+                raise
         waiter = self.core.waiters[rid]
         self._send(frame, fds=fds, rid=rid)
         while not waiter.done:
             self._pump()
-        self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
@@ -1218,9 +1229,17 @@ class AsyncClient:
             self._raise_failure()
 
     async def _roundtrip(self, rid: int, frame: bytes, fds: list[int] | None = None) -> Any:
+        """As :meth:`Client._roundtrip`: a write's error received is raised first, one
+        that arrives meanwhile kept for the next call."""
         if self._failure is not None:  # (closed, or lost): nothing is sent any more
             self.core.waiters.pop(rid, None)
             self._raise_failure()
+        if self.core.write_errors:
+            try:
+                await self._raise_write_error()
+            except BaseException:
+                self.core.waiters.pop(rid, None)
+                raise
         waiter = self.core.waiters[rid]
         woken = self._arm(waiter)
         if fds or len(frame) > 4096:
@@ -1228,7 +1247,6 @@ class AsyncClient:
         else:
             self._post(frame)
         await self._sleep(waiter, woken)
-        await self._raise_write_error()
         if waiter.error is not None:
             raise waiter.error
         return waiter.result

@@ -2695,7 +2695,21 @@ class DiskIO:
                 except PiecedError as exc:
                     first = first or exc
         if sync:
-            self._sync(t, None)
+            # A file found deleted or cut short behind pieced's back stops a sync: its
+            # pieces start over (recorded and told), and a fence goes on with the files
+            # as they are: the others synced all the same (what a recheck then finds
+            # good is durable). (Raised, a recheck asked to find what such a file cost
+            # failed with ENOENT instead.)
+            for _ in range(len(t.meta.files) + 1):
+                try:
+                    self._sync(t, None)
+                    break
+                except FileVanished as exc:
+                    if not lenient:
+                        raise
+                    first = first or exc
+            else:
+                self._sync(t, None)
         if first is not None and not lenient:
             raise first
 

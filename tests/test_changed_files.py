@@ -280,6 +280,45 @@ def _off_main(pool: concurrent.futures.ThreadPoolExecutor, fn: Any, *args: Any) 
     return done.result()
 
 
+@pytest.mark.backends(exclude={
+    "disabled": STORES_NOTHING,
+    "direct": "gathers a piece's blocks before writing them: none of a piece under way is on disk",
+    "uring": "gathers a piece's blocks before writing them: none of a piece under way is on disk"})
+@pytest.mark.parametrize("how", ["deleted", "cut short"])
+def test_a_recheck_answers_for_a_file_gone_with_blocks_not_yet_synced(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """A payload file holding blocks of a piece under way (written, not yet synced) is
+    deleted or cut short behind the daemon's back, and a recheck is asked to find what
+    that cost: its sync of the torrent's files met the file gone, and the recheck failed
+    with ENOENT (a second one answered). It answers now: the file's pieces missing, the
+    others' as the disk says."""
+    content = make_payload(tmp_path / "src", {"a.bin": 300000, "b.bin": 200000}, seed=3)
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, tmp_path / "src")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    dio = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state"))
+    ih = _off_main(pool, dio.register, raw, tmp_path / "dl")
+    last = src.meta.num_pieces - 1
+    _off_main(pool, lambda: [  # b.bin's last piece whole, a.bin's second piece begun
+        *[dio.write_block_direct(ih, last, b, src.read(last, b, min(16384, src.layout.piece_size(last) - b)))
+          for b in range(0, src.layout.piece_size(last), 16384)],
+        dio.write_block_direct(ih, 1, 0, src.read(1, 0, 16384))])
+    victim = tmp_path / "dl" / "payload" / "a.bin"
+    if how == "deleted":
+        subprocess.run(["rm", str(victim)], check=True)
+    else:
+        # (a blocking open, as most programs do: the mmap backend's lease is given back
+        # as it breaks; `truncate` opens without blocking, and fails then, EAGAIN)
+        subprocess.run([sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 1000)",
+                        str(victim)], check=True)
+    result = _off_main(pool, dio.recheck, ih)
+    assert result.failed_v1 == list(range(last)) and result.have[last], result.failed_v1
+    st = _off_main(pool, dio.status, ih)
+    assert _verified(st) == [False] * last + [True]
+    _off_main(pool, dio.close)
+    pool.shutdown()
+
+
 def test_a_write_into_files_a_torrent_being_removed_shares_is_stored(
         tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two torrents of one payload share its files, both downloading. One is removed

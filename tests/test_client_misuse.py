@@ -18,7 +18,7 @@ from pathlib import Path
 import bencodepy
 import pytest
 from pieced.protocol.client import AsyncClient, Client
-from pieced.storage.errors import AccessDenied, BadRequest, UnknownTorrent
+from pieced.storage.errors import AccessDenied, BadRequest, OutOfRange, UnknownTorrent
 
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.realtools import make_payload, make_torrent_lt
@@ -108,6 +108,77 @@ def test_a_ring_attached_while_a_writes_error_waits_is_kept(tmp_path: Path) -> N
             assert c.status(ih, files=False)["verified_pieces"] == 1
             c.unregister(ih)
         asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_call_made_while_a_writes_error_is_on_its_way_gets_its_own_answer(
+        tmp_path: Path) -> None:
+    """A bad write (out of range), then at once a register: the daemon registered the
+    torrent, but the client raised the write's error, which came back first, in place
+    of the register's answer: the info_hash was lost with the torrent registered (a
+    register again: already registered), and an unregister so made said failed, done.
+    A call raises a write's error now only when it was not sent (the error was known
+    first); sent, it gets its own answer, and the error is the next call's."""
+    raw, _src = _torrent(tmp_path)
+    other = make_torrent_lt(make_payload(tmp_path / "other", 3 * 16384, seed=41), 16384, "v1")
+    d = Daemon(tmp_path)
+
+    async def main() -> int:
+        answered = 0
+        async with AsyncClient(str(d.socket)) as c:
+            ih = await c.register(raw, tmp_path / "dl_async")
+            for _ in range(5):
+                for step in ("register", "unregister"):
+                    await c.write_chunk(ih, 999, 0, b"x")
+                    try:
+                        if step == "register":
+                            ih2 = await c.register(other, tmp_path / "dl_async2")
+                        else:
+                            await c.unregister(ih2)
+                    except OutOfRange:  # known before it was sent: not sent, not done
+                        done = False
+                    else:  # sent and done: the write's error is the next call's
+                        done = True
+                        answered += 1
+                        with pytest.raises(OutOfRange):
+                            await c.torrents()
+                    listed = len(await c.torrents())
+                    assert listed == (2 if (step == "register") == done else 1), (step, done)
+                    if not done and step == "register":
+                        break  # (nothing to unregister)
+                    if not done:
+                        await c.unregister(ih2)
+        return answered
+
+    try:
+        answered = 0
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            for _ in range(5):
+                for step in ("register", "unregister"):
+                    c.write_chunk(ih, 999, 0, b"x")
+                    try:
+                        if step == "register":
+                            ih2 = c.register(other, tmp_path / "dl2")
+                        else:
+                            c.unregister(ih2)
+                    except OutOfRange:
+                        done = False
+                    else:
+                        done = True
+                        answered += 1
+                        with pytest.raises(OutOfRange):
+                            c.torrents()
+                    listed = len(c.torrents())
+                    assert listed == (2 if (step == "register") == done else 1), (step, done)
+                    if not done and step == "register":
+                        break
+                    if not done:
+                        c.unregister(ih2)
+            c.unregister(ih)
+        answered += asyncio.run(asyncio.wait_for(main(), 60))
+        assert answered  # (the error came back during a call at least once)
     finally:
         assert d.stop() == 0
 

@@ -55,6 +55,7 @@ from pieced.protocol.messages import (
 )
 from pieced.storage.errors import (
     BadRequest,
+    ErrorCode,
     OutOfRange,
     PiecedError,
     TooLarge,
@@ -1182,6 +1183,22 @@ def test_a_metainfo_larger_than_a_frame_registers_through_a_memfd(tmp_path: Path
                                                             "save_path": "x"}))
             (reply,) = raw.replies(1)  # no descriptor at all
             assert b"exactly one descriptor" in bytes(reply.body.get(b"message", b""))
+            # a descriptor that cannot be read (not open for reading, a folder): the
+            # client's mistake (BAD_REQUEST), not the disk's (it was IO_ERROR, EBADF)
+            (tmp_path / "m.torrent").write_bytes(big)
+            for rid, fd in enumerate([os.open(tmp_path / "m.torrent", os.O_WRONLY),
+                                      os.open(tmp_path / "m.torrent", os.O_PATH),
+                                      os.open(tmp_path, os.O_RDONLY)], start=3):
+                size = len(big) if rid < 5 else os.fstat(fd).st_size
+                req = encode_request(rid, "register", {"metainfo_size": size,
+                                                       "save_path": str(tmp_path / "dl4")})
+                raw.sock.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                          array.array("i", [fd]).tobytes())])
+                os.close(fd)
+                (reply,) = raw.replies(1)
+                assert reply.type == FrameType.ERROR
+                assert reply.body.get(b"code") == ErrorCode.BAD_REQUEST, reply.body
+                assert b"cannot be read" in bytes(reply.body.get(b"message", b"")), reply.body
             assert len(c.torrents()) == 2
     finally:
         assert d.stop() == 0, d.stderr()
