@@ -695,7 +695,7 @@ class Client:
             try:
                 self._raise_write_error()
             except BaseException:
-                self.core.waiters.pop(rid, None)
+                self.core.unsent(rid)  # (and the ring space a READ_RING claimed, free)
                 raise
         waiter = self.core.waiters[rid]
         self._send(frame, fds=fds, rid=rid)
@@ -1238,7 +1238,7 @@ class AsyncClient:
             try:
                 await self._raise_write_error()
             except BaseException:
-                self.core.waiters.pop(rid, None)
+                self.core.unsent(rid)  # (and the ring space a READ_RING claimed, free)
                 raise
         waiter = self.core.waiters[rid]
         woken = self._arm(waiter)
