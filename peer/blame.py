@@ -18,6 +18,16 @@ same torrent): a verdict is given on an attempt only when this process sent ever
 block of it (``blocks_in``) and the daemon saw no other writer (they may have written
 over one of ours), else the bad block may have been theirs.
 
+An attempt is what the daemon had when its last missing block came: a copy of a block
+sent again before then replaces the earlier one, a copy sent after it is not part of
+it (the daemon drops it while it hashes the piece, or starts the next attempt with it
+once the piece failed, and which of the two is not known here). So a copy that comes
+once every block was sent is not recorded against the attempt, and the attempt after
+it (it may hold such copies, unrecorded) gives no verdict of its own: end-game copies
+of a liar's blocks from an honest seeder, arriving while the piece was hashed, had the
+seeder named as the failed attempt's only giver. (Blocks must be recorded in the order
+they are written.)
+
 Sans-I/O: peers are any hashable objects; the caller acts on the verdicts.
 """
 
@@ -43,6 +53,10 @@ class Attribution(Generic[P]):
         self._first: dict[int, P] = {}
         # piece -> its failed attempts, and whether each was all ours
         self._suspects: dict[int, list[tuple[_Sent[P], bool]]] = {}
+        # pieces whose attempt was whole and then had copies sent (not recorded); and
+        # pieces whose attempt may hold such copies of the attempt before
+        self._late: set[int] = set()
+        self._unsure: set[int] = set()
         self.hashed = 0  # blocks hashed, for the curious
 
     def block(self, piece: int, begin: int, peer: P, data: bytes | memoryview) -> None:
@@ -51,6 +65,9 @@ class Attribution(Generic[P]):
         if sent is None:
             sent = self._sent[piece] = {}
             self._first[piece] = peer
+        elif len(sent) >= self._blocks_in(piece):
+            self._late.add(piece)  # the attempt was whole: this copy is not part of it
+            return
         if peer == self._first[piece] and piece not in self._suspects:
             sent[begin] = (peer, None)
         else:
@@ -65,7 +82,13 @@ class Attribution(Generic[P]):
         sent = self._sent.pop(piece, {})
         self._first.pop(piece, None)
         givers = list(dict.fromkeys(peer for peer, _ in sent.values()))
-        whole = alone and len(sent) >= self._blocks_in(piece)
+        recorded = len(sent) >= self._blocks_in(piece)
+        unsure = piece in self._unsure
+        whole = alone and recorded and not unsure
+        # Where the attempt ended among our copies is known only when it was all ours
+        # and began where we began recording it: else copies recorded against it may
+        # have gone to the next one.
+        self._next_attempt(piece, bool(sent) and not whole)
         if len(givers) == 1 and whole:
             return givers
         if givers:
@@ -81,6 +104,10 @@ class Attribution(Generic[P]):
         verified (another client's copy may have replaced it), and no verdict is given."""
         good = self._sent.pop(piece, {})
         self._first.pop(piece, None)
+        if piece in self._unsure:
+            reference = False  # (what it had may not be what we recorded of it)
+        self._late.discard(piece)
+        self._unsure.discard(piece)
         if not reference:
             self._suspects.pop(piece, None)
             return []
@@ -106,8 +133,19 @@ class Attribution(Generic[P]):
         """The piece's attempt came to nothing, through no fault of its givers (its bytes
         were lost on the way to disk): no verdict on it. Earlier failed attempts wait
         for the piece to verify, as before."""
+        self._next_attempt(piece, piece in self._sent)
         self._sent.pop(piece, None)
         self._first.pop(piece, None)
+
+    def _next_attempt(self, piece: int, unplaced: bool) -> None:
+        """The daemon ended an attempt at the piece: the next gives no verdict if copies
+        of ours may be in it unrecorded (sent once the attempt was whole, or ``unplaced``:
+        sent where its end among them is not known). So does every one after it until
+        the piece verifies: where each began among our copies is not known either (the
+        daemon may end several before we hear of the first)."""
+        if unplaced or piece in self._late:
+            self._unsure.add(piece)
+        self._late.discard(piece)
 
     def giver_count(self, piece: int) -> int:
         return len({peer for peer, _ in self._sent.get(piece, {}).values()})

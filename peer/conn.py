@@ -265,6 +265,10 @@ class PeerConnection:
             n = len(ev.data)
             asked = self.our_requests.pop((ev.piece, ev.begin, n), None)
             if asked is None:
+                if not self._valid_block(ev.piece, ev.begin, n):
+                    # (no piece has it: not a late copy but a peer that is wrong; as
+                    # libtorrent, which closes on such a block too)
+                    raise WireError(f"block out of range: piece {ev.piece}, {n} bytes at {ev.begin}")
                 self.unasked += n
                 return False
             self._waited(self.last_received - max(asked, self.last_block, self._fragment_at))

@@ -125,6 +125,13 @@ OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it t
 RECONCILE_INTERVAL = 5.0
 _REMOVED = "the torrent is no longer registered in the daemon (removed by another client)"
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
+# Peers that dialled us from one address (an IPv4 address, an IPv6 /64) and were dropped
+# for bad data, each under a peer id of its own, before the address is let in no more.
+# A peer is known by its address and peer id, so that one liar behind an address shared
+# with others is not held against them; a liar taking a new peer id at each connection
+# was otherwise never shut out (each new one three more failed pieces: a download of
+# 257 pieces, four times as long, 2,700 failures of one piece).
+LIARS_PER_ADDRESS = 3
 # Times one piece is tried with the same peer's data (its ban lifted when no other peer
 # has it): a seeder whose copy has one rotten piece serves every other one, and is
 # dropped for three bad pieces, not for one piece failed three times.
@@ -329,6 +336,7 @@ class Conduct:
     tries: dict[int, int] = field(default_factory=dict)  # times each of those failed
     live: int = 0  # its connections open now
     ourselves: bool = False  # an address of ours (a tracker lists us under any of them)
+    group: object = None  # a peer's that dialled us: the addresses it shares places with
 
     @property
     def dropped(self) -> bool:
@@ -763,8 +771,13 @@ class Peer:
 
 
 def _live(peer: object) -> bool:
-    """Whether a peer holding a block counts in the end game (see Picker.pick)."""
-    return not cast(Peer, peer).conn.snubbed
+    """Whether a peer holding a block counts in the end game (see Picker.pick): one
+    that has sent us a block, and not let a request time out since. A peer that has
+    sent nothing yet proves nothing: peers that unchoke, take requests and never answer
+    (one after another, each new one given the last blocks) held a download that a
+    seeder beside them could finish at once for the whole of their request timeout."""
+    conn = cast(Peer, peer).conn
+    return not conn.snubbed and conn.last_block > 0.0
 
 
 class Swarm:
@@ -784,11 +797,18 @@ class Swarm:
         self.picker: Picker | None = None
         self.hash_server = HashServer(meta)
         self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
+        # Blocks the daemon connection could not take at once are written by their peers'
+        # tasks in turn; while any wait, later blocks wait behind them. Blocks reach the
+        # daemon in the order they arrived, as the blame records them: a block written
+        # ahead of an earlier one kept waiting was not the copy the blame named.
+        self._late_lock = asyncio.Lock()
+        self._late_waiting = 0
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()  # dialled, not yet connected
         self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
         # (IP, peer id) -> what the peer that dials us from there did
         self.strangers: dict[tuple[str, bytes], Conduct] = {}
+        self.liars: dict[object, int] = {}  # address group -> its peers dropped for bad data
         # who sent the blocks of a bad piece
         self.blame: Attribution[Conduct] = Attribution(self._blocks_in)
         self.summary = Summary()
@@ -1169,9 +1189,13 @@ class Swarm:
     async def _incoming(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         peername = transport.get_extra_info("peername")
         addr = (unmapped(peername[0]), peername[1])
+        group = place_group(addr[0])
+        if self.liars.get(group, 0) >= LIARS_PER_ADDRESS:
+            transport.close()  # (said once, when the address was shut out)
+            inbox.release()
+            return
         unplaced = self._placed_peers() >= self.opts.max_peers
         if unplaced:
-            group = place_group(addr[0])
             waiting = [p for p in self.peers if p.unplaced]
             if (len(waiting) >= UNPLACED
                     or sum(p.group == group for p in waiting) >= UNPLACED_PER_ADDRESS):
@@ -1181,7 +1205,7 @@ class Swarm:
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata,
                               listen_port=self._told_port())
-        peer = Peer(conn, transport, inbox, addr[0], addr[1], Conduct(addr[0]))
+        peer = Peer(conn, transport, inbox, addr[0], addr[1], Conduct(addr[0], group=group))
         peer.stranger = addr[0]  # known by its peer id too, once it says it
         peer.unplaced = unplaced
         try:
@@ -1532,25 +1556,31 @@ class Swarm:
             self.blame.block(piece, ev.begin, peer.conduct, data)
             client = self.client
             ready = self.order.arrived(piece, ev.begin, data)
-            for k, (begin, block) in enumerate(ready):
-                if not client.try_write_block_direct(self.ih, piece, begin, block):
-                    late = ready[k:]
-                    break
+            if self._late_waiting:
+                late = ready  # (views of the peer's inbox, held until they are written)
+            else:
+                for k, (begin, block) in enumerate(ready):
+                    if not client.try_write_block_direct(self.ih, piece, begin, block):
+                        late = ready[k:]
+                        break
         conn = peer.conn
         if len(conn.our_requests) <= conn.queue_size // 2:
             self._fill(peer)  # in batches of half the pipeline: one send, not one per block
         return late
 
     async def _write_late(self, piece: int, blocks: list[tuple[int, bytes | memoryview]]) -> None:
-        for begin, data in blocks:
-            try:
-                await self.client.write_block_direct(self.ih, piece, begin, data)
-            except PiecedError as exc:
-                # A block the daemon refused (this one or one written before it) is lost,
-                # and which piece it was is not known here: the piece would never verify.
-                self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
-                                     f"the daemon refused a block: {_describe(exc)}")
-                return
+        self._late_waiting += 1  # (before any await: see _take_block)
+        try:
+            async with self._late_lock:  # (first come, first served)
+                for begin, data in blocks:
+                    await self.client.write_block_direct(self.ih, piece, begin, data)
+        except PiecedError as exc:
+            # A block the daemon refused (this one or one written before it) is lost,
+            # and which piece it was is not known here: the piece would never verify.
+            self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
+                                 f"the daemon refused a block: {_describe(exc)}")
+        finally:
+            self._late_waiting -= 1
 
     def _no_source_left(self) -> bool:
         """Stop a download whose every peer was dropped for bad data, or which lacks
@@ -2025,6 +2055,12 @@ class Swarm:
             self.summary.peers_dropped_for_bad_data += 1
             for p in mine:
                 self._drop(p)
+            group = liar.group
+            if group is not None and (group in self.liars or len(self.liars) < MAX_KNOWN):
+                n = self.liars[group] = self.liars.get(group, 0) + 1
+                if n == LIARS_PER_ADDRESS:
+                    log.warning("%s: %d peers from its address dropped for bad data: no "
+                                "more are let in from it", liar.addr, n)
 
     def _lift_bans(self) -> None:
         """Pieces that every connected peer having them is banned for are asked of them

@@ -247,9 +247,14 @@ def _require_tool(name: str) -> str:
     return exe
 
 
+TOOL_TIMEOUT = 300.0  # seconds (mktorrent never ends on a tree some 80 folders deep)
+
+
 def _run_tool(cmd: list[str]) -> str:
-    """Run a torrent maker; return its stdout+stderr, raising with them if it fails."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    """Run a torrent maker; return its stdout+stderr, raising with them if it fails or
+    has not ended within TOOL_TIMEOUT."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          timeout=TOOL_TIMEOUT)
     log = f"{proc.stdout}\n{proc.stderr}"
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log}")

@@ -130,3 +130,54 @@ def test_with_blocks_from_elsewhere_an_honest_peer_is_never_blamed(data: st.Data
             blamed += a.verified(0)
             break
     assert set(blamed) <= lied, (blamed, liars, lied)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.data())
+def test_copies_sent_while_the_daemon_hashes_the_piece_blame_no_honest_peer(
+        data: st.DataObject) -> None:
+    """Blocks recorded in the order they are written, against a model of what the
+    daemon makes of them: an attempt takes each block's last copy until every block is
+    in; copies written from then on are dropped while it hashes the piece, and once a
+    failed piece is reset they start the next attempt, before this process hears the
+    verdict (a few writes later). An end-game copy from an honest peer sent while a
+    liar's piece was hashed had the honest peer named as the attempt's only giver.
+    Whoever is blamed sent a bad copy."""
+    peers = ["A", "B", "C"]
+    liars = set(data.draw(st.lists(st.sampled_from(peers), max_size=2)))
+    n = data.draw(st.integers(1, 4))
+    a: Attribution[str] = Attribution(lambda piece: n)
+    blamed: list[str] = []
+    lied: set[str] = set()
+    attempt: dict[int, bool] = {}  # the daemon's: block -> its copy is good
+    dropping = 0  # writes the daemon drops from now (it hashes the piece)
+    verified = False  # in the daemon
+    heard: list[list[int | bool]] = []  # verdicts on their way: [writes to come, ok]
+    for _ in range(data.draw(st.integers(1, 40))):
+        i = data.draw(st.integers(0, n - 1))
+        who = data.draw(st.sampled_from(peers))
+        lie = who in liars and data.draw(st.booleans())
+        lied |= {who} if lie else set()
+        a.block(0, i * BLOCK, who, bad(i * BLOCK) if lie else good(i * BLOCK))
+        for v in heard:  # (written after these verdicts were given)
+            v[0] = int(v[0]) - 1
+        if verified or dropping:
+            dropping = max(0, dropping - 1)
+        else:
+            attempt[i] = not lie
+            if len(attempt) == n:
+                ok = all(attempt.values())
+                attempt = {}
+                verified = ok
+                dropping = data.draw(st.integers(0, 3))
+                heard.append([dropping + data.draw(st.integers(0, 3)), ok])
+        while heard and int(heard[0][0]) <= 0:
+            _, ok = heard.pop(0)
+            if ok:
+                blamed += a.verified(0)
+                break
+            blamed += a.failed(0)
+        else:
+            continue
+        break  # (the piece verified: nothing more is sent)
+    assert set(blamed) <= lied, (blamed, liars, lied)

@@ -794,6 +794,19 @@ def test_requests_out_of_range_raise(blk: Block, choking: bool, fast: bool) -> N
     assert not c.peer_requests and c.take_outbox() == []
 
 
+@pytest.mark.parametrize("blk", [b for b in BAD_REQUESTS if b[2] <= BLOCK], ids=str)
+def test_a_block_no_piece_has_raises_and_one_unasked_in_range_is_dropped(blk: Block) -> None:
+    """A block nobody asked for is a late copy (after a cancel), counted and dropped;
+    but one that no piece has (past the last piece, past its piece's end, empty) is a
+    peer that is wrong, as libtorrent says too: it was kept on for the whole download,
+    sending what no request could have asked for."""
+    c = incoming()
+    with pytest.raises(wire.WireError):
+        c.receive(wire.piece(blk[0], blk[1], bytes(blk[2])))
+    c = incoming()
+    assert c.receive(wire.piece(2, BLOCK, bytes(1000))) == [] and c.unasked == 1000
+
+
 @pytest.mark.parametrize("blk", [(0, 0, BLOCK), (0, 2 * BLOCK, BLOCK), (2, BLOCK, 1000),
                                  (2, BLOCK + 999, 1), (1, 5, BLOCK), (0, 3 * BLOCK - 1, 1)],
                          ids=str)

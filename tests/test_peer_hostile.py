@@ -1224,14 +1224,15 @@ def _summary_after_sigint(seeding: Seeding) -> dict[str, object]:
     return summary
 
 
-def _lie_until_closed(port: int, info_hash: bytes) -> tuple[bool, int]:
-    """Dial ``port`` as a seeder that answers every request with a block of the right
-    length and the wrong bytes, until the connection ends: (whether the handshake was
-    answered, requests answered)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+def _lie_until_closed(port: int, info_hash: bytes, peer_id: bytes = b"-LI0001-" + bytes(12),
+                      source: str | None = None) -> tuple[bool, int]:
+    """Dial ``port`` (from the address ``source``) as a seeder that answers every
+    request with a block of the right length and the wrong bytes, until the connection
+    ends: (whether the handshake was answered, requests answered)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                 source_address=(source, 0) if source else None)
     parser = wire.Parser(handshake=True)
-    s.sendall(wire.handshake(info_hash, b"-LI0001-" + bytes(12),
-                             wire.make_reserved(extended=False, fast=True)))
+    s.sendall(wire.handshake(info_hash, peer_id, wire.make_reserved(extended=False, fast=True)))
     greeted, answered = False, 0
     try:
         while True:
@@ -1287,6 +1288,131 @@ def test_a_liar_that_dials_again_is_known_again(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_liar_taking_a_new_peer_id_at_each_dial_is_shut_out_by_its_address(
+        tmp_path: Path) -> None:
+    """A peer that dials us is known by its address and peer id; a liar that took a
+    new peer id at each connection was a stranger each time, three more failed pieces
+    each, for as long as it cared to (a download four times as long, one piece failing
+    thousands of times). Once LIARS_PER_ADDRESS of them from one address are dropped,
+    that address is let in no more (closed before its handshake is answered); a peer
+    from another address still is, and gives every byte."""
+    from pieced.peer.plugin import LIARS_PER_ADDRESS
+
+    from tests.test_peer_libtorrent import listening
+
+    piece = 16384
+    files = {"a.bin": 40 * piece + 5}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=47)
+    d = Daemon(tmp_path)
+    proc, ours = listening(torrent, tmp_path / "dl", d)
+    liar = "127.0.0.2"  # (loopback: any 127.x address reaches 127.0.0.1)
+    try:
+        for i in range(LIARS_PER_ADDRESS):
+            greeted, answered = _lie_until_closed(
+                ours, meta.info_hash, b"-LI0001-" + b"%012d" % i, source=liar)
+            assert greeted and answered >= 3, (i, answered)
+        for i in range(LIARS_PER_ADDRESS, LIARS_PER_ADDRESS + 5):
+            greeted, answered = _lie_until_closed(
+                ours, meta.info_hash, b"-LI0001-" + b"%012d" % i, source=liar)
+            assert not greeted and answered == 0, (i, answered)
+        with LtPeer(raw, tmp_path / "seed", seed=True) as honest:
+            honest.connect("127.0.0.1", ours)  # another address
+            out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"], summary
+        assert summary["bad_peers"] == [liar], summary
+        assert summary["peers_dropped_for_bad_data"] == LIARS_PER_ADDRESS, summary
+        assert "no more are let in from it" in err, err
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert d.stop() == 0, d.stderr()
+
+
+class Staller:
+    """Connections that dial a downloading pieced-peer, say they have every piece,
+    unchoke it, take its requests and never answer one; each gone is replaced."""
+
+    def __init__(self, port: int, info_hash: bytes, connections: int) -> None:
+        self.port, self.info_hash = port, info_hash
+        self.stop = threading.Event()
+        self.requests = 0
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(connections)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(wire.handshake(self.info_hash, b"-ST0001-" + b"%06d%06d" % (i, n),
+                                             wire.make_reserved(extended=False, fast=True))
+                              + wire.have_all() + wire.unchoke())
+                    parser = wire.Parser(handshake=True)
+                    while not self.stop.is_set():
+                        try:
+                            data = s.recv(1 << 16)
+                        except TimeoutError:
+                            continue
+                        if not data:
+                            break
+                        self.requests += sum(isinstance(ev, wire.Request)
+                                             for ev in parser.feed(data))
+            except OSError:
+                pass
+            self.stop.wait(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def test_peers_that_take_requests_and_never_answer_do_not_hold_the_end_game(
+        tmp_path: Path) -> None:
+    """Forty connections that unchoke us and never answer, each replaced as it goes,
+    beside one libtorrent seeder sending 4 MiB a second. In the end game a block asked
+    of two peers is not asked of a third while both count as live, and a peer that had
+    sent nothing counted: each new staller took a copy of the last blocks, and the
+    seeder, idle, waited for two request timeouts after two (a 16 MiB download took 92 s
+    where the seeder alone takes 5). A peer counts once it has sent a block."""
+    from pieced.peer.plugin import REQUEST_TIMEOUT
+
+    from tests.test_peer_libtorrent import listening
+
+    piece = 65536
+    files = {"a.bin": 16 * 1024 * 1024 + 12345}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=48)
+    d = Daemon(tmp_path)
+    with LtPeer(raw, tmp_path / "seed", seed=True,
+                settings={"upload_rate_limit": 4 * 1024 * 1024, "limit_loopback": True}) as honest:
+        proc, ours = listening(torrent, tmp_path / "dl", d, "--peer", f"127.0.0.1:{honest.port}")
+        stallers = Staller(ours, meta.info_hash, 40)
+        try:
+            t0 = time.monotonic()
+            out, err = proc.communicate(timeout=300)
+            took = time.monotonic() - t0
+        finally:
+            stallers.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["complete"], summary
+    assert stallers.requests > 0, "no staller was asked for anything: the case is not made"
+    # (4 s of payload at the seeder's rate; no request timeout waited for)
+    assert took < REQUEST_TIMEOUT, (took, summary)
+    _same_tree(content, tmp_path / "dl" / "payload", files)
+    assert d.stop() == 0, d.stderr()
 
 
 def test_peers_that_ask_for_much_and_read_nothing_cost_bounded_memory(tmp_path: Path) -> None:
