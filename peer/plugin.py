@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from pieced.config.args import positive_int
 from pieced.config.descriptors import raise_open_files
@@ -386,8 +386,13 @@ class Summary:
         return dict(self.__dict__)
 
 
-class InOrder:
-    """Blocks of a piece handed to the daemon in the piece's order.
+T = TypeVar("T")
+#: A block to hand to the daemon: (begin, its bytes, who sent it).
+Ready = tuple[int, bytes | memoryview, T]
+
+
+class InOrder(Generic[T]):
+    """Blocks of a piece handed to the daemon in the piece's order, each with who sent it.
 
     Peers answer a run of requests out of order now and then (libtorrent reads blocks on
     several disk threads). The daemon hashes a piece's in-order prefix as blocks arrive
@@ -400,15 +405,15 @@ class InOrder:
     def __init__(self, plan: Callable[[int], list[tuple[int, int]]]) -> None:
         self._plan = plan
         self._next: dict[int, int] = {}  # piece -> index in its plan of the block due next
-        self._held: dict[int, dict[int, bytes]] = {}  # piece -> begin -> a block ahead
+        self._held: dict[int, dict[int, tuple[bytes, T]]] = {}  # piece -> begin -> a block ahead
         self._passed: dict[int, set[int]] = {}  # blocks ahead sent anyway (over the bound)
         self.held_bytes = 0
         self.reordered = 0  # blocks that arrived ahead of their turn
 
-    def arrived(self, piece: int, begin: int,
-                data: bytes | memoryview) -> list[tuple[int, bytes | memoryview]]:
-        """The (begin, data) blocks to send now, in order (``data`` among them as given:
-        it is used before the caller's buffer is)."""
+    def arrived(self, piece: int, begin: int, data: bytes | memoryview,
+                giver: T) -> list[Ready[T]]:
+        """The (begin, data, giver) blocks to send now, in order (``data`` among them as
+        given: it is used before the caller's buffer is)."""
         plan = self._plan(piece)
         i = self._next.get(piece, 0)
         if i >= len(plan) or begin != plan[i][0]:
@@ -418,18 +423,17 @@ class InOrder:
                 old = held.get(begin)
                 if old is not None:
                     # The same block again (end game): the newest copy is the one written,
-                    # as the blame's record of who sent the block says (a bad copy held
-                    # and a good one dropped had the good sender blamed for a failure).
-                    held[begin] = bytes(data)
-                    self.held_bytes += len(data) - len(old)
+                    # and its sender the one the blame records.
+                    held[begin] = (bytes(data), giver)
+                    self.held_bytes += len(data) - len(old[0])
                     return []
                 if self.held_bytes + len(data) <= self.HOLD_BYTES:
-                    held[begin] = bytes(data)  # a view of a buffer used again: copied
+                    held[begin] = (bytes(data), giver)  # a view of a buffer used again: copied
                     self.held_bytes += len(data)
                     return []
                 self._passed.setdefault(piece, set()).add(begin)
-            return [(begin, data)]  # past the bound, or behind (a duplicate): as it is
-        out = [(begin, data)]
+            return [(begin, data, giver)]  # past the bound, or behind (a duplicate): as it is
+        out: list[Ready[T]] = [(begin, data, giver)]
         i += 1
         waiting = self._held.get(piece)
         passed = self._passed.get(piece)
@@ -441,9 +445,9 @@ class InOrder:
         while i < len(plan):
             b = plan[i][0]
             if b in held:
-                block = held.pop(b)
+                block, who = held.pop(b)
                 self.held_bytes -= len(block)
-                out.append((b, block))
+                out.append((b, block, who))
             elif b not in passed:
                 break
             i += 1
@@ -466,7 +470,7 @@ class InOrder:
         """The piece is verified or failed: what was held of it is of no use."""
         self._next.pop(piece, None)
         self._passed.pop(piece, None)
-        for block in self._held.pop(piece, {}).values():
+        for block, _ in self._held.pop(piece, {}).values():
             self.held_bytes -= len(block)
 
 
@@ -796,13 +800,7 @@ class Swarm:
         self.ih = meta.info_hash
         self.picker: Picker | None = None
         self.hash_server = HashServer(meta)
-        self.order: InOrder = InOrder(lambda p: [])  # replaced once the picker exists
-        # Blocks the daemon connection could not take at once are written by their peers'
-        # tasks in turn; while any wait, later blocks wait behind them. Blocks reach the
-        # daemon in the order they arrived, as the blame records them: a block written
-        # ahead of an earlier one kept waiting was not the copy the blame named.
-        self._late_lock = asyncio.Lock()
-        self._late_waiting = 0
+        self.order: InOrder[Conduct] = InOrder(lambda p: [])  # replaced once the picker exists
         self.peers: set[Peer] = set()
         self.connecting: set[tuple[str, int]] = set()  # dialled, not yet connected
         self.known: dict[tuple[str, int], Dial] = {}  # the addresses we dial
@@ -853,7 +851,7 @@ class Swarm:
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
-        self.order = InOrder(self.picker.plan)
+        self.order = InOrder[Conduct](self.picker.plan)
         for piece, spans in st.get("partial", []):
             self._resume(piece, spans)
         tiers = self.meta_trackers()
@@ -1532,7 +1530,7 @@ class Swarm:
         if late:
             await self._write_late(ev.piece, late)
 
-    def _take_block(self, peer: Peer, ev: wire.Piece) -> list[tuple[int, bytes | memoryview]]:
+    def _take_block(self, peer: Peer, ev: wire.Piece) -> list[Ready[Conduct]]:
         """A block from ``peer``, handed to the daemon connection without a coroutine (a
         download has 65,536 a GiB); returns the blocks it could not take at once, to be
         awaited with :meth:`_write_late`."""
@@ -1547,40 +1545,39 @@ class Swarm:
             if other is not peer and isinstance(other, Peer):
                 other.conn.send_cancel(blk)
                 other.flush()
-        late: list[tuple[int, bytes | memoryview]] = []
+        late: list[Ready[Conduct]] = []
         if again:
             self.summary.bytes_redundant += len(data)
         if not picker.have[piece]:
             if not again:
                 self.summary.bytes_down += len(data)
-            self.blame.block(piece, ev.begin, peer.conduct, data)
             client = self.client
-            ready = self.order.arrived(piece, ev.begin, data)
-            if self._late_waiting:
-                late = ready  # (views of the peer's inbox, held until they are written)
-            else:
-                for k, (begin, block) in enumerate(ready):
-                    if not client.try_write_block_direct(self.ih, piece, begin, block):
-                        late = ready[k:]
-                        break
+            blame = self.blame
+            ready = self.order.arrived(piece, ev.begin, data, peer.conduct)
+            for k, (begin, block, giver) in enumerate(ready):
+                if not client.try_write_block_direct(self.ih, piece, begin, block):
+                    late = ready[k:]
+                    break
+                # Recorded as it is written: the order the daemon has the copies in (a
+                # block written late may come after another peer's copy of it).
+                blame.block(piece, begin, giver, block)
         conn = peer.conn
         if len(conn.our_requests) <= conn.queue_size // 2:
             self._fill(peer)  # in batches of half the pipeline: one send, not one per block
         return late
 
-    async def _write_late(self, piece: int, blocks: list[tuple[int, bytes | memoryview]]) -> None:
-        self._late_waiting += 1  # (before any await: see _take_block)
-        try:
-            async with self._late_lock:  # (first come, first served)
-                for begin, data in blocks:
-                    await self.client.write_block_direct(self.ih, piece, begin, data)
-        except PiecedError as exc:
-            # A block the daemon refused (this one or one written before it) is lost,
-            # and which piece it was is not known here: the piece would never verify.
-            self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
-                                 f"the daemon refused a block: {_describe(exc)}")
-        finally:
-            self._late_waiting -= 1
+    async def _write_late(self, piece: int, blocks: list[Ready[Conduct]]) -> None:
+        for begin, data, giver in blocks:
+            try:
+                await self.client.write_block_direct(self.ih, piece, begin, data)
+            except PiecedError as exc:
+                # A block the daemon refused (this one or one written before it) is lost,
+                # and which piece it was is not known here: the piece would never verify.
+                self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
+                                     f"the daemon refused a block: {_describe(exc)}")
+                return
+            if not self.picker_has(piece):  # (written now: nothing ran in between)
+                self.blame.block(piece, begin, giver, data)
 
     def _no_source_left(self) -> bool:
         """Stop a download whose every peer was dropped for bad data, or which lacks

@@ -19,40 +19,39 @@ def _data(piece: int, begin: int) -> bytes:
 
 
 def test_in_order_passes_at_once_and_ahead_waits() -> None:
-    order = InOrder(PLANS.__getitem__)
-    assert order.arrived(0, 0, _data(0, 0)) == [(0, _data(0, 0))]
-    assert order.arrived(0, 2 * BLOCK, _data(0, 2 * BLOCK)) == []  # ahead: held
-    assert order.arrived(0, 3 * BLOCK, _data(0, 3 * BLOCK)) == []
-    assert order.arrived(0, 3 * BLOCK, b"another copy") == []  # again: it replaces the
-    got = order.arrived(0, BLOCK, _data(0, BLOCK))  # held one; the gap: all three go
-    assert got == [(BLOCK, _data(0, BLOCK)), (2 * BLOCK, _data(0, 2 * BLOCK)),
-                   (3 * BLOCK, b"another copy")]  # (the newest copy: whose sender the
-    # blame has on record for the block)
+    order: InOrder[str] = InOrder(PLANS.__getitem__)
+    assert order.arrived(0, 0, _data(0, 0), "A") == [(0, _data(0, 0), "A")]
+    assert order.arrived(0, 2 * BLOCK, _data(0, 2 * BLOCK), "A") == []  # ahead: held
+    assert order.arrived(0, 3 * BLOCK, _data(0, 3 * BLOCK), "A") == []
+    assert order.arrived(0, 3 * BLOCK, b"another copy", "B") == []  # again: it replaces the
+    got = order.arrived(0, BLOCK, _data(0, BLOCK), "C")  # held one; the gap: all three go
+    assert got == [(BLOCK, _data(0, BLOCK), "C"), (2 * BLOCK, _data(0, 2 * BLOCK), "A"),
+                   (3 * BLOCK, b"another copy", "B")]  # (the newest copy, with its sender)
     assert order.held_bytes == 0 and order.reordered == 3
     # a plan with a skipped block: the next one is due after it
-    assert [b for b, _ in order.arrived(1, 3 * BLOCK, b"x")] == []
-    assert [b for b, _ in order.arrived(1, 0, b"x")] == [0]
-    assert [b for b, _ in order.arrived(1, BLOCK, b"x")] == [BLOCK, 3 * BLOCK]
+    assert [b for b, _, _ in order.arrived(1, 3 * BLOCK, b"x", "A")] == []
+    assert [b for b, _, _ in order.arrived(1, 0, b"x", "A")] == [0]
+    assert [b for b, _, _ in order.arrived(1, BLOCK, b"x", "A")] == [BLOCK, 3 * BLOCK]
 
 
 def test_past_the_bound_blocks_go_as_they_come_and_nothing_stalls() -> None:
-    order = InOrder(PLANS.__getitem__)
+    order: InOrder[None] = InOrder(PLANS.__getitem__)
     order.HOLD_BYTES = 10  # one small block at most
-    assert order.arrived(0, 2 * BLOCK, b"tiny") == []
-    assert order.arrived(0, 3 * BLOCK, b"too big for the bound") == \
-        [(3 * BLOCK, b"too big for the bound")]
-    got = order.arrived(0, 0, b"a") + order.arrived(0, BLOCK, b"b")
-    assert [b for b, _ in got] == [0, BLOCK, 2 * BLOCK]  # 3 was passed: not waited for
-    assert [b for b, _ in order.arrived(0, 4 * BLOCK, b"c")] == [4 * BLOCK]
+    assert order.arrived(0, 2 * BLOCK, b"tiny", None) == []
+    assert order.arrived(0, 3 * BLOCK, b"too big for the bound", None) == \
+        [(3 * BLOCK, b"too big for the bound", None)]
+    got = order.arrived(0, 0, b"a", None) + order.arrived(0, BLOCK, b"b", None)
+    assert [b for b, _, _ in got] == [0, BLOCK, 2 * BLOCK]  # 3 was passed: not waited for
+    assert [b for b, _, _ in order.arrived(0, 4 * BLOCK, b"c", None)] == [4 * BLOCK]
 
 
 def test_forget_drops_what_was_held() -> None:
-    order = InOrder(PLANS.__getitem__)
-    order.arrived(0, 5 * BLOCK, b"12345")
+    order: InOrder[None] = InOrder(PLANS.__getitem__)
+    order.arrived(0, 5 * BLOCK, b"12345", None)
     assert order.held_bytes == 5
     order.forget(0)
     assert order.held_bytes == 0
-    assert order.arrived(0, 0, b"x") == [(0, b"x")]  # a new attempt starts from the start
+    assert order.arrived(0, 0, b"x", None) == [(0, b"x", None)]  # a new attempt starts from the start
 
 
 def test_inbox_keeps_what_arrives_while_the_last_receive_is_in_use() -> None:
@@ -101,25 +100,25 @@ def test_inbox_keeps_what_arrives_while_the_last_receive_is_in_use() -> None:
 def test_a_held_block_is_a_copy_of_the_buffer_it_came_in() -> None:
     """Blocks come as views of a connection's receive buffer, which takes new bytes once
     they are handled: one held for later must not change with it."""
-    order = InOrder(PLANS.__getitem__)
+    order: InOrder[None] = InOrder(PLANS.__getitem__)
     buf = bytearray(b"A" * 100)
-    assert order.arrived(0, BLOCK, memoryview(buf)[10:20]) == []
+    assert order.arrived(0, BLOCK, memoryview(buf)[10:20], None) == []
     buf[:] = b"Z" * 100
-    got = order.arrived(0, 0, b"first")
-    assert got == [(0, b"first"), (BLOCK, b"A" * 10)]
+    got = order.arrived(0, 0, b"first", None)
+    assert got == [(0, b"first", None), (BLOCK, b"A" * 10, None)]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**32))
 def test_any_arrival_order_gives_every_block_once_in_order(seed: int) -> None:
     rng = random.Random(seed)
-    order = InOrder(PLANS.__getitem__)
+    order: InOrder[int] = InOrder(PLANS.__getitem__)
     arrivals = [(p, b) for p, plan in PLANS.items() for b, _ in plan]
     rng.shuffle(arrivals)
     sent: dict[int, list[int]] = {0: [], 1: []}
     for p, b in arrivals:
-        for begin, data in order.arrived(p, b, _data(p, b)):
-            assert data == _data(p, begin)
+        for begin, data, giver in order.arrived(p, b, _data(p, b), b):
+            assert data == _data(p, begin) and giver == begin
             sent[p].append(begin)
     for p, plan in PLANS.items():
         assert sent[p] == [b for b, _ in plan]
