@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -382,6 +383,40 @@ class _OneLine(logging.Formatter):
         return super().format(record).replace("\n", "\\n")
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """The log file. A record it cannot take (its disk full, its file system gone
+    read-only) is said once on stderr, where every record goes too, and again when the
+    file takes records again; logging's own way printed a traceback for each record
+    that failed, a dozen a minute on a full disk, to the one place left to read."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+        self._failing = False
+        self._failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if self._failing and not self._failed_now:
+            self._failing = False
+            self._say(f"pieced: log_file {self.baseFilename!r}: written to again")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if not self._failing:
+            self._failing = True
+            exc = sys.exc_info()[1]
+            why = getattr(exc, "strerror", None) or exc
+            self._say(f"pieced: log_file {self.baseFilename!r}: cannot write to it: {why} "
+                      "(records go to stderr alone until it can be written again)")
+
+    @staticmethod
+    def _say(line: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
 def setup_logging(settings: Settings) -> None:
     """stderr (what journald collects under systemd), and ``log_file`` when it is set:
     appended to, its folder made if missing. A file that cannot be opened stops the
@@ -393,8 +428,7 @@ def setup_logging(settings: Settings) -> None:
             # Made durably: by default this is the state folder, made here first.
             make_folders(path.parent)
             # Reopened when moved away or deleted (logrotate), not written into for ever.
-            handlers.append(logging.handlers.WatchedFileHandler(path, mode="a",
-                                                                encoding="utf-8"))
+            handlers.append(_LogFile(path))
         except OSError as exc:
             raise SystemExit(f"pieced: log_file {str(path)!r}: cannot open it: "
                              f"{exc.strerror or exc}") from None

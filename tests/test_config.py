@@ -227,6 +227,27 @@ def test_a_log_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> Non
     assert not (tmp_path / "var").exists()
 
 
+def test_a_log_file_that_cannot_take_records_is_said_once_without_tracebacks(
+        tmp_path: Path) -> None:
+    """A log file on a full disk (here /dev/full, where every write fails with ENOSPC):
+    the daemon runs and answers, each record still reaches stderr, and the failure is
+    said once there, not as a traceback for every record."""
+    from pieced.protocol.client import Client
+
+    from tests.conftest import Daemon
+
+    d = Daemon(tmp_path, env={"PIECED_LOG_FILE": "/dev/full"})
+    with Client(d.socket) as c:
+        for _ in range(5):
+            c.stats()
+    assert d.stop() == 0
+    err = d.stderr()
+    assert "INFO pieced: listening on" in err and "INFO pieced: stopped" in err, err
+    said = [ln for ln in err.splitlines() if "log_file '/dev/full': cannot write to it" in ln]
+    assert len(said) == 1 and "No space left on device" in said[0], err
+    assert "Traceback" not in err and "Logging error" not in err, err
+
+
 def test_a_start_refused_after_the_log_is_open_is_in_the_log(tmp_path: Path) -> None:
     """A refusal found once logging is set up (the state folder held by another daemon)
     went to stderr alone: under an init system that keeps only the log file, the log
