@@ -394,3 +394,76 @@ def test_a_read_past_a_short_files_end_gives_zeros_into_an_aligned_buffer(
     finally:
         storage.close()
         region.close()
+
+
+def write_piece(dio: DiskIO, ih: bytes, src: Source, piece: int) -> None:
+    for p, b, n in src.blocks():
+        if p == piece:
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
+
+
+def test_torrents_sharing_a_file_never_write_a_page_back_over_each_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two torrents of the same files with other piece lengths (cross-seeding) write one
+    file through a storage each. A piece of torrent X starts inside a page of the second
+    file (the first one's length shifts it off the pages): X reads that page, to write
+    it back whole with its own bytes in it, and is made to wait there while torrent Y
+    writes its piece that holds the page whole. Were the two writes to interleave, X
+    would write back the page as it had read it, and the bytes Y had just put there, of
+    a piece Y verified, would be lost: writes into files torrents share go one at a time
+    (each storage's page lock is its own)."""
+    from pieced.storage.direct import DirectStorage
+
+    content = make_payload(tmp_path / "src", {"a": 50_000, "b": 100_000}, seed=18)
+    raw_x = make_torrent_lt(content, 16384, "v1")
+    raw_y = make_torrent_lt(content, 32768, "v1")
+    src_x, src_y = Source(raw_x, tmp_path / "src"), Source(raw_y, tmp_path / "src")
+    second = src_x.meta.files[1]
+    at = src_x.meta.files[0].length  # where the second file starts in the torrent
+    px = at // 16384 + 1
+    px += px % 2 == 0  # X's piece starts half-way into one of Y's
+    py = px // 2
+    inside = 16384 * px - at  # where X's piece starts in the second file
+    assert inside % 4096 and inside < second.length, (at, px)
+    save = tmp_path / "dl"
+    dio = DiskIO("direct", cache_bytes=0, roots=[tmp_path])
+    x_read, y_written = threading.Event(), threading.Event()
+    read = DirectStorage._read_aligned
+
+    def read_then_wait(self: DirectStorage, fd: int, out: memoryview, offset: int) -> int:
+        n = read(self, fd, out, offset)
+        if threading.current_thread().name == "x" and not x_read.is_set():
+            x_read.set()
+            y_written.wait(2.0)  # (until Y's piece is written, or Y cannot write)
+        return n
+
+    monkeypatch.setattr(DirectStorage, "_read_aligned", read_then_wait)
+    try:
+        ih_x = dio.register(raw_x, save)
+        ih_y = dio.register(raw_y, save)
+        errors: list[BaseException] = []
+
+        def x() -> None:
+            try:
+                write_piece(dio, ih_x, src_x, px)
+            except BaseException as exc:
+                errors.append(exc)
+
+        tx = threading.Thread(target=x, name="x")
+        tx.start()
+        assert x_read.wait(10), "X never read a page to write it back whole: no case"
+        write_piece(dio, ih_y, src_y, py)
+        y_written.set()
+        tx.join(10)
+        assert not errors, errors
+        dio.flush_all()
+        have_x, have_y = dio.status(ih_x)["have"], dio.status(ih_y)["have"]
+        assert have_x[px >> 3] & 0x80 >> (px & 7) and have_y[py >> 3] & 0x80 >> (py & 7)
+    finally:
+        dio.close()
+    name = "/".join(second.path)
+    lo, hi = max(0, 32768 * py - at), min(second.length, 32768 * (py + 1) - at)  # Y's piece
+    got = (save / name).read_bytes()[lo:hi]
+    want = (content.parent / name).read_bytes()[lo:hi]
+    lost = [lo + i for i in range(len(want)) if got[i] != want[i]]
+    assert not lost, f"{len(lost)} bytes of {name} lost, from {lost[0]} (Y's piece: {lo}-{hi})"
