@@ -396,19 +396,25 @@ class _LogFile(logging.handlers.WatchedFileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._failed_now = False
-        super().emit(record)
+        try:
+            super().emit(record)
+        except Exception:  # (the reopen of a file moved away or gone raises past
+            self.handleError(record)  # logging's own handling, out of any log call)
         if self._failing and not self._failed_now:
             self._failing = False
             self._say(f"pieced: log_file {self.baseFilename!r}: written to again")
 
     def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)  # a record that cannot be formatted: a bug, said so
+            return
         self._failed_now = True
         if not self._failing:
             self._failing = True
-            exc = sys.exc_info()[1]
-            why = getattr(exc, "strerror", None) or exc
-            self._say(f"pieced: log_file {self.baseFilename!r}: cannot write to it: {why} "
-                      "(records go to stderr alone until it can be written again)")
+            self._say(f"pieced: log_file {self.baseFilename!r}: cannot write to it: "
+                      f"{exc.strerror or exc} (records go to stderr alone until it can be "
+                      "written again)")
 
     @staticmethod
     def _say(line: str) -> None:

@@ -40,6 +40,8 @@ from blake3 import blake3
 
 P = TypeVar("P")
 
+MAX_ATTEMPTS = 8  # failed attempts at a piece kept to compare with the good one, the latest
+
 # (begin, peer, BLAKE3 of the block, or None for the first giver's unhashed blocks)
 _Sent = list[tuple[int, P, bytes | None]]
 
@@ -92,8 +94,10 @@ class Attribution(Generic[P]):
         if len(givers) == 1 and whole:
             return givers
         if givers:
-            self._suspects.setdefault(piece, []).append(
-                ([(begin, peer, digest) for begin, (peer, digest) in sent.items()], whole))
+            attempts = self._suspects.setdefault(piece, [])
+            attempts.append(([(begin, peer, digest) for begin, (peer, digest) in sent.items()],
+                             whole))
+            del attempts[:-MAX_ATTEMPTS]  # (the latest: a piece may fail again and again)
         return []
 
     def verified(self, piece: int, reference: bool = True) -> list[P]:
@@ -149,6 +153,16 @@ class Attribution(Generic[P]):
 
     def giver_count(self, piece: int) -> int:
         return len({peer for peer, _ in self._sent.get(piece, {}).values()})
+
+    def givers(self, piece: int) -> list[P]:
+        """Who gave the blocks recorded against the piece's attempt under way."""
+        return list(dict.fromkeys(peer for peer, _ in self._sent.get(piece, {}).values()))
+
+    def unsure(self, piece: int) -> bool:
+        """Whether the attempt under way gives no verdict of its own (see above): a
+        caller still counts it as a try with each of its givers, or a piece that only a
+        liar has would be asked of it for ever."""
+        return piece in self._unsure
 
 
 __all__ = ["Attribution"]

@@ -1892,8 +1892,14 @@ class Swarm:
         log.info("piece %d failed its hash (data from %d peers)", piece, givers)
         # With another connection's blocks in the attempt, one of theirs may be the bad
         # one: no verdict until the piece verifies (its only giver; else known then).
-        for liar in self.blame.failed(piece, alone):
+        unsure, givers_of = self.blame.unsure(piece), self.blame.givers(piece)
+        liars = self.blame.failed(piece, alone)
+        for liar in liars:
             self._blame(liar, piece)
+        if unsure and not liars:
+            for giver in givers_of:  # no verdict: a try of the piece with each, no blame
+                giver.tries[piece] = giver.tries.get(piece, 0) + 1
+                self._ban(giver, piece)
         self._fill_all()
 
     def _gained(self, piece: int, fill: bool = True) -> None:
@@ -2041,12 +2047,7 @@ class Swarm:
         listed = self.summary.bad_peers
         if len(listed) < BAD_PEERS_LISTED and liar.addr not in listed:
             listed.append(liar.addr)
-        mine = [p for p in self.peers if p.conduct is liar]
-        if piece not in liar.banned:
-            liar.banned.add(piece)
-            for p in mine:
-                if p.counted[piece] and not self.picker_has(piece):
-                    p.wanted -= 1
+        mine = self._ban(liar, piece)
         if liar.bad == MAX_BAD_PIECES and tries == 1:
             log.warning("dropping %s: %d pieces failed with its data", liar.addr, liar.bad)
             self.summary.peers_dropped_for_bad_data += 1
@@ -2058,6 +2059,17 @@ class Swarm:
                 if n == LIARS_PER_ADDRESS:
                     log.warning("%s: %d peers from its address dropped for bad data: no "
                                 "more are let in from it", liar.addr, n)
+
+    def _ban(self, source: Conduct, piece: int) -> list[Peer]:
+        """Ask ``source`` for the piece no more while another peer has it (see
+        :meth:`_lift_bans`); returns its connections."""
+        mine = [p for p in self.peers if p.conduct is source]
+        if piece not in source.banned:
+            source.banned.add(piece)
+            for p in mine:
+                if p.counted[piece] and not self.picker_has(piece):
+                    p.wanted -= 1
+        return mine
 
     def _lift_bans(self) -> None:
         """Pieces that every connected peer having them is banned for are asked of them

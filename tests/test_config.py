@@ -248,6 +248,32 @@ def test_a_log_file_that_cannot_take_records_is_said_once_without_tracebacks(
     assert "Traceback" not in err and "Logging error" not in err, err
 
 
+def test_a_log_file_whose_folder_is_removed_stops_no_log_call(tmp_path: Path) -> None:
+    """The log file's folder removed while the daemon runs: the handler's reopen of a
+    file gone raised out of every log call (past logging's own handling), so the stop's
+    "stopping" line ended the daemon with a traceback, exit 1, before it closed its
+    storage and removed its socket (and inside the event loop's callbacks, a full disk
+    and a rotated log left a daemon that answered no one). The failure is said once."""
+    import shutil
+
+    from pieced.protocol.client import Client
+
+    from tests.conftest import Daemon
+
+    logs = tmp_path / "logs"
+    d = Daemon(tmp_path, env={"PIECED_LOG_FILE": str(logs / "pieced.log")})
+    assert (logs / "pieced.log").exists()
+    shutil.rmtree(logs)
+    with Client(d.socket) as c:
+        c.stats()
+    assert d.stop() == 0
+    err = d.stderr()
+    assert "INFO pieced: stopped" in err and "Traceback" not in err, err
+    said = [ln for ln in err.splitlines() if "cannot write to it" in ln]
+    assert len(said) == 1 and "No such file or directory" in said[0], err
+    assert not d.socket.exists()
+
+
 def test_a_start_refused_after_the_log_is_open_is_in_the_log(tmp_path: Path) -> None:
     """A refusal found once logging is set up (the state folder held by another daemon)
     went to stderr alone: under an init system that keeps only the log file, the log

@@ -318,6 +318,43 @@ def test_a_seeder_with_one_rotten_piece_gives_every_other_one(tmp_path: Path) ->
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_rotten_piece_the_daemon_held_a_block_of_is_given_up_too(tmp_path: Path) -> None:
+    """As above, but the daemon holds a block of the rotten piece already (an earlier run
+    stopped in the middle of it). The first attempt, with that block not ours, gives no
+    verdict, and no attempt after it did either (each might hold copies not on record):
+    the piece was asked of the seeder for ever, 70,000 failures a minute, the plugin's
+    memory growing. An attempt with no verdict counts as a try with each of its givers:
+    pieced-peer stops as above."""
+    piece = 65536
+    files = {"a.bin": 20 * piece + 77}
+    content, raw, torrent = _good_and_bad_copies(tmp_path, files, piece, "v1", seed=8)
+    ih = parse(raw).info_hash
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "bad", seed=True) as bad:
+            with open(tmp_path / "bad" / "payload" / "a.bin", "r+b") as f:
+                f.seek(7 * piece + 40000)
+                f.write(b"rot")
+            with Client(d.socket) as c:
+                c.register(raw, tmp_path / "dl")
+                good = (content / "a.bin").read_bytes()
+                c.write_chunk(ih, 7, 0, good[7 * piece : 7 * piece + 16384])
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                                        f"127.0.0.1:{bad.port}"),
+                               capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "piece 7 failed 3 times with the data of every peer that has it" in r.stderr, \
+            r.stderr[-3000:]
+        summary = json.loads(r.stdout)
+        assert 3 <= summary["pieces_failed"] <= 5 and summary["peers_dropped_for_bad_data"] == 0, \
+            summary
+        with Client(d.socket) as c:
+            have = c.status(ih)["have"]
+        assert [p for p in range(21) if not have[p // 8] >> (7 - p % 8) & 1] == [7]
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_seeder_that_dialled_in_and_left_is_dialled_back(tmp_path: Path) -> None:
     """A libtorrent seeder dials a downloading pieced-peer, then closes (paused and
     resumed: libtorrent dials again only a minute later). pieced-peer did not keep the
