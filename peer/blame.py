@@ -151,9 +151,6 @@ class Attribution(Generic[P]):
             self._unsure.add(piece)
         self._late.discard(piece)
 
-    def giver_count(self, piece: int) -> int:
-        return len({peer for peer, _ in self._sent.get(piece, {}).values()})
-
     def givers(self, piece: int) -> list[P]:
         """Who gave the blocks recorded against the piece's attempt under way."""
         return list(dict.fromkeys(peer for peer, _ in self._sent.get(piece, {}).values()))

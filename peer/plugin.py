@@ -1886,18 +1886,18 @@ class Swarm:
             log.info("piece %d failed its hash (another client's blocks)", piece)
             self._fill_all()
             return
-        givers = self.blame.giver_count(piece)
+        givers = self.blame.givers(piece)
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
-        log.info("piece %d failed its hash (data from %d peers)", piece, givers)
+        log.info("piece %d failed its hash (data from %d peers)", piece, len(givers))
         # With another connection's blocks in the attempt, one of theirs may be the bad
         # one: no verdict until the piece verifies (its only giver; else known then).
-        unsure, givers_of = self.blame.unsure(piece), self.blame.givers(piece)
+        unsure = self.blame.unsure(piece)
         liars = self.blame.failed(piece, alone)
         for liar in liars:
             self._blame(liar, piece)
         if unsure and not liars:
-            for giver in givers_of:  # no verdict: a try of the piece with each, no blame
+            for giver in givers:  # no verdict: a try of the piece with each, no blame
                 giver.tries[piece] = giver.tries.get(piece, 0) + 1
                 self._ban(giver, piece)
         self._fill_all()
