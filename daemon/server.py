@@ -1405,13 +1405,17 @@ class _WriteRun:
             if not isinstance(exc, PiecedError):  # a bug, not a bad request: say so
                 log.exception("merged write failed; retrying its blocks one by one")
             out: list[Out] = []
-            # The disk's errors are counted as the blocks alone meet them (once each, not
-            # once more for the merged write); the merged write's only if none does.
+            # The error that failed the merged write is counted as the blocks alone meet
+            # it (once each, not once more for the merged write), and only if none does;
+            # the others it met on its way (a journal's, committed in this thread when
+            # there is no sync window) are told as they are.
             with disk.errors_held() as alone:
                 for w in self.writes:
                     out.extend(_run_guarded(w.rid, None, w._write)[0])
-            disk.tell_errors(alone or merged)
+            on_way = [e for e in merged if e[1] is not exc]
+            disk.tell_errors(on_way + (alone or [e for e in merged if e[1] is exc]))
             return out, tokens
+        disk.tell_errors(merged)  # (met by a write that succeeded: a commit's, say)
         return [encode_ack(w.rid) for w in self.writes], tokens
 
 

@@ -871,6 +871,41 @@ def test_each_failed_write_is_counted_once(tmp_path: Path, tiny_fs: Path, backen
         d.proc.kill()
 
 
+def test_journal_records_the_state_disk_refuses_are_reported_with_no_sync_window(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """No sync window: a piece's journal record is written by the thread that wrote its
+    last block. The state folder's disk full, each piece fails (nothing is vouched for
+    that a restart would not know), and each refused record is an error counted, listed
+    and pushed, as with a window. Blocks sent back to back are written as one merged
+    write, which dropped the errors it met on its way when it succeeded: 0 or 1 counted
+    for 64 failed pieces, no ``disk_error`` pushed, and pieced-peer fetched the pieces
+    again and again."""
+    content = make_payload(tmp_path / "src", 64 * 32768, seed=14)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    state = tiny_fs / "state"
+    d = Daemon(tmp_path, env={"PIECED_SYNC_WINDOW_MS": "0", "PIECED_STATE_DIR": str(state)},
+               backend=backend)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            fill_up(tiny_fs)
+            for p, b, n in src.blocks():  # (pipelined: the lane merges them)
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.wait_writes()
+            st = c.status(ih)
+            failed = {f["piece"] for name, f in c.events if name == "piece_failed"}
+            assert st["verified_pieces"] == 0 and len(failed) == src.meta.num_pieces
+            refused = [e for e in st["errors"] if e["errno"] == errno.ENOSPC]
+            assert refused and sum(e.get("count", 1) for e in refused) == len(failed), refused
+            assert c.stats()["errors"].get("ENOSPC", 0) == len(failed)
+            pushed = [f for name, f in c.events if name == "disk_error"]
+            assert pushed and all(f["ih"] == ih and f["errno"] == errno.ENOSPC for f in pushed)
+        assert d.stop() == 0, d.stderr()
+    finally:
+        d.proc.kill()
+
+
 @pytest.mark.parametrize("backend", ["uring", "direct"])
 def test_a_gathered_piece_whose_write_out_fails_is_told_failed(
     tmp_path: Path, tiny_fs: Path, backend: str
