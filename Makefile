@@ -1,7 +1,7 @@
 # The two commands of the README's quick start: `make run` and `make test`.
 # Everything the project needs is installed from here: a venv in .venv and, for the
-# tests, the real torrent makers (mktorrent, transmission-create) and the browser the
-# status page is tested in (chromium) from Debian.
+# tests, the real torrent makers (mktorrent, transmission-create), a real tracker
+# (opentracker) and the browser the status page is tested in (chromium) from Debian.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -35,12 +35,13 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/bin/python
 tools:
 	@command -v mktorrent >/dev/null && command -v transmission-create >/dev/null \
 	  && command -v systemd-analyze >/dev/null && command -v chromium >/dev/null \
-	  && command -v chattr >/dev/null && command -v mkfs.btrfs >/dev/null || { \
+	  && command -v chattr >/dev/null && command -v mkfs.btrfs >/dev/null \
+	  && command -v opentracker >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq mktorrent transmission-cli systemd chromium e2fsprogs \
-	      btrfs-progs >/dev/null; }
+	      btrfs-progs opentracker >/dev/null; }
 
 # docs/status-page.png: the status page mid-download, as the browser test sees it.
 screenshot: $(VENV)/.test-deps tools

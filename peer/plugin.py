@@ -874,7 +874,7 @@ class Swarm:
         if (not self.opts.peers and self.opts.listen is None and not urls
                 and (self.opts.seed or not self.picker.complete)):
             raise NoSources("no peer to download from or seed to: give --peer HOST:PORT or "
-                            "--listen HOST:PORT (the torrent names no HTTP tracker)")
+                            "--listen HOST:PORT (the torrent names no HTTP or UDP tracker)")
         for host, port in self.opts.peers:
             self.connect(host, port)
             if (host, port) in self.known:
@@ -952,9 +952,10 @@ class Swarm:
               file=sys.stderr, flush=True)
 
     def meta_trackers(self) -> list[list[str]]:
-        """The .torrent's HTTP(S) announce URLs in their tiers, each once: those of
-        ``announce-list`` when it has any (BEP 12: ``announce`` is then left aside, as
-        libtorrent leaves it), else ``announce``. UDP trackers are not spoken to: said."""
+        """The .torrent's HTTP(S) and UDP announce URLs in their tiers, each once: those
+        of ``announce-list`` when it has any (BEP 12: ``announce`` is then left aside, as
+        libtorrent leaves it), else ``announce``. Others (WebSocket trackers) are not
+        spoken to: said."""
         from pieced.storage.bencode import decode
 
         top = decode(self.raw, trailing=True)  # (as the daemon read it: see metainfo.parse)
@@ -976,11 +977,11 @@ class Swarm:
                 if url in seen:
                     continue
                 seen.add(url)
-                (kept if url.startswith(("http://", "https://")) else other).append(url)
+                (kept if url.startswith(("http://", "https://", "udp://")) else other).append(url)
             if kept:
                 out.append(kept)
         if other:
-            log.warning("trackers not spoken to (only HTTP trackers are): %s",
+            log.warning("trackers not spoken to (only HTTP and UDP trackers are): %s",
                         printable(", ".join(other[:5]) + (" ..." if len(other) > 5 else "")))
         return out
 

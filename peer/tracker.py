@@ -1,7 +1,8 @@
-"""HTTP tracker announces (BEP 3) with compact peer lists (BEP 23), in tiers (BEP 12).
+"""Tracker announces in tiers (BEP 12): HTTP (BEP 3) with compact peer lists (BEP 23),
+and UDP (BEP 15, ``udptracker.py``).
 
 ``parse_response`` is pure (bytes in, peers out) so it can be tested and fuzzed
-alone; ``Tracker`` is the aiohttp edge that tries each URL in turn. As libtorrent does,
+alone; ``Tracker`` is the edge (aiohttp, or the UDP announcer) that tries each URL in turn. As libtorrent does,
 the events are kept per tracker: each is sent ``started`` by the first announce it
 answers, and ``completed`` once if it heard us as a leecher, whichever tracker
 answered the announces between.
@@ -52,6 +53,17 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
                        r"(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
+def sane_interval(interval: object, least: object = None) -> int:
+    """Seconds until the next announce from what a tracker said: 1800 when it said
+    nothing usable, never sooner than its ``least`` (a tracker may refuse, or ban,
+    announces sooner), a day at most (a float of 400 digits is an OverflowError)."""
+    if not isinstance(interval, int) or interval <= 0:
+        interval = 1800
+    if isinstance(least, int) and least > interval:
+        interval = least
+    return min(interval, 86400)
+
+
 def parse_response(body: bytes) -> Reply:
     """The peers, re-announce interval and tracker id of an announce reply.
 
@@ -68,13 +80,7 @@ def parse_response(body: bytes) -> Reply:
         reason = msg[b"failure reason"]
         text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
         raise TrackerError(f"tracker says: {printable(text)}")
-    interval = msg.get(b"interval", 1800)
-    if not isinstance(interval, int) or interval <= 0:
-        interval = 1800
-    least = msg.get(b"min interval")  # (a tracker may refuse, or ban, announces sooner)
-    if isinstance(least, int) and least > interval:
-        interval = least
-    interval = min(interval, 86400)  # (a float of 400 digits is an OverflowError)
+    interval = sane_interval(msg.get(b"interval"), msg.get(b"min interval"))
     peers: Peers = []
     raw = msg.get(b"peers", b"")
     if isinstance(raw, bytes):  # compact: 4 bytes of address, 2 of port
@@ -161,6 +167,7 @@ class Tracker:
         self.answered: list[str] = []  # the URLs that took an announce of ours, in order
         self._heard: dict[str, str] = {}  # URL -> LEECHER or DONE, once it answered
         self._ids: dict[str, bytes] = {}  # URL -> the tracker id it gave
+        self._udp: Any = None  # the UdpAnnouncer, once a udp:// URL is asked
 
     @property
     def urls(self) -> list[str]:
@@ -211,6 +218,29 @@ class Tracker:
 
     async def _announce(self, url: str, event: str, counters: dict[str, int],
                         complete: bool = False) -> Reply:
+        if url.startswith("udp://"):
+            reply = await self._announce_udp(url, event, counters)
+        else:
+            reply = await self._announce_http(url, event, counters)
+        if url not in self.answered:
+            self.answered.append(url)
+        if event == "started":
+            self._heard[url] = DONE if complete else LEECHER
+        elif event == "completed":
+            self._heard[url] = DONE
+        if reply.tracker_id is not None:
+            self._ids[url] = reply.tracker_id[:256]
+        return reply
+
+    async def _announce_udp(self, url: str, event: str, counters: dict[str, int]) -> Reply:
+        from .udptracker import UdpAnnouncer
+
+        if self._udp is None:
+            self._udp = UdpAnnouncer(self.info_hash, self.peer_id, self.port)
+        reply: Reply = await self._udp.announce(url, event, counters)
+        return reply
+
+    async def _announce_http(self, url: str, event: str, counters: dict[str, int]) -> Reply:
         import aiohttp
 
         if self._session is None:
@@ -223,18 +253,9 @@ class Tracker:
                 raise TrackerError(f"{url}: HTTP {resp.status}")
             body = await _read_reply(resp, url)
         try:
-            reply = parse_response(body)
+            return parse_response(body)
         except TrackerError as exc:
             raise TrackerError(f"{url}: {exc}") from None
-        if url not in self.answered:
-            self.answered.append(url)
-        if event == "started":
-            self._heard[url] = DONE if complete else LEECHER
-        elif event == "completed":
-            self._heard[url] = DONE
-        if reply.tracker_id is not None:
-            self._ids[url] = reply.tracker_id[:256]
-        return reply
 
     async def close(self) -> None:
         if self._session is not None:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bencodepy
 import libtorrent as lt
@@ -32,6 +32,7 @@ from pieced.storage.metainfo import parse
 
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.ltpeer import LtPeer, handshake_info_hash, make_torrent_v1_pads
+from tests.opentracker import OpenTracker
 from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 from tests.test_peer_utp import _syn
@@ -551,10 +552,12 @@ def _tracker(reply: Callable[[dict[str, str]], bytes]) -> Iterator[tuple[int, li
 
 def _with_tracker(raw: bytes, port: int, path: Path) -> Path:
     """``raw`` with the tracker on ``port`` as its announce URL, written to ``path``."""
-    import bencodepy
+    return _with_announce(raw, f"http://127.0.0.1:{port}/announce", path)
 
+
+def _with_announce(raw: bytes, url: str, path: Path) -> Path:
     top = bencodepy.decode(raw)
-    top[b"announce"] = f"http://127.0.0.1:{port}/announce".encode()
+    top[b"announce"] = url.encode()
     path.write_bytes(bencodepy.encode(top))
     return path
 
@@ -633,6 +636,43 @@ def test_a_tracker_hands_out_the_peers(tmp_path: Path) -> None:
         events = [q.get("event", "") for q in seen]
         assert events[0] == "started" and "completed" in events and events[-1] == "stopped", events
         assert all(q["compact"] == "1" and int(q["port"]) > 0 for q in seen)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid", "v2"])
+def test_a_udp_tracker_brings_pieced_peer_and_libtorrent_together_both_ways(
+        tmp_path: Path, kind: str) -> None:
+    """opentracker over UDP (BEP 15), the .torrent naming no other source: a libtorrent
+    seeder announces itself there, and pieced-peer, given no --peer, finds it through the
+    tracker and downloads; then pieced-peer seeds, announced there, and a libtorrent
+    leecher that knows of the tracker alone downloads from it."""
+    piece = 65536
+    files = _files(piece)
+    content = make_payload(tmp_path / "seed", files, seed=5)
+    raw = make_torrent_lt(content, piece, cast(TorrentKind, kind))
+    hashes = lt.torrent_info(raw).info_hashes()
+    ihs = [h for h in (hashes.v1.to_bytes(), hashes.v2.to_bytes()[:20]) if any(h)]
+    ih = parse(raw).info_hash  # (what pieced-peer announces: the daemon's key)
+    d = Daemon(tmp_path)
+    try:
+        with OpenTracker(tmp_path / "tracker", ihs) as ot:
+            torrent = _with_announce(raw, ot.udp_url, tmp_path / "t.torrent")
+            with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+                seeder.handle.add_tracker({"url": ot.udp_url})
+                seeder.handle.force_reannounce()
+                ot.wait_seeders(ih, 1)
+                summary = download(torrent, tmp_path / "dl", d)
+            assert summary["peers"] >= 1 and summary["bytes_down"] > 0, summary
+            _same_tree(content, tmp_path / "dl" / "payload", files)
+            seeding = Seeding(torrent, tmp_path / "dl", d)
+            with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+                leecher.handle.add_tracker({"url": ot.udp_url})
+                leecher.handle.force_reannounce()
+                leecher.wait_finished(120)
+                assert leecher.hash_failures() == 0
+            assert seeding.stop()["bytes_up"] > 0
+            _same_tree(content, tmp_path / "leech" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
 

@@ -335,7 +335,7 @@ def test_a_tracker_that_does_not_answer_is_named_in_the_error(
 def test_announce_list_tiers_are_used_and_announce_left_aside() -> None:
     """BEP 12: with an ``announce-list``, ``announce`` is left aside (as libtorrent
     does); it came first, and a dead one was asked before any other at each announce.
-    Trackers that are not HTTP are left out."""
+    Trackers that are neither HTTP nor UDP (WebSocket ones) are left out."""
     from types import SimpleNamespace
 
     from pieced.peer.plugin import Swarm
@@ -346,8 +346,8 @@ def test_announce_list_tiers_are_used_and_announce_left_aside() -> None:
     info = {b"name": b"x", b"piece length": 16384, b"length": 1, b"pieces": bytes(20)}
     assert tiers({b"announce": b"http://a/x", b"info": info}) == [["http://a/x"]]
     assert tiers({b"announce": b"http://a/x", b"info": info, b"announce-list": [
-        [b"udp://u/x", b"http://b/x"], [b"http://c/x", b"https://b/y", b"http://b/x"],
-        [b"udp://only/x"]]}) == [["http://b/x"], ["http://c/x", "https://b/y"]]
+        [b"udp://u:1/x", b"http://b/x"], [b"http://c/x", b"https://b/y", b"http://b/x"],
+        [b"wss://only/x"]]}) == [["udp://u:1/x", "http://b/x"], ["http://c/x", "https://b/y"]]
     assert tiers({b"announce": b"http://a/x", b"info": info, b"announce-list": [[]]}) == [
         ["http://a/x"]]
     # a .torrent with a newline after its dictionary, which the daemon takes, is read too
