@@ -108,19 +108,28 @@ def test_block_hashes_of_pieces_of_16_kib_are_refused_as_libtorrent_would_refuse
     libtorrent leecher asks for one of its hashes, and dropped the peer that answered
     ("invalid hashes": it takes that layer only in runs of 512, or to the file's end),
     a good seeder lost, the download stalled when it was the only one. Such requests are
-    refused; runs of 512, and the file's last ones, are answered."""
+    refused; runs of 512, and the file's last run, from a multiple of 512 to its last
+    piece, are answered. (The file's end was taken for the end of its layer, padded to a
+    power of 2: the last run of a file of 1,025 pieces, asked as one hash at 1,024, was
+    refused, thousands of times, until libtorrent was dropped for asking too much.)"""
     root = tmp_path_factory.mktemp("small")
-    content = make_payload(root, {"a.bin": 1500 * BLOCK_SIZE + 5}, seed=3)
+    content = make_payload(root, {"a.bin": 1500 * BLOCK_SIZE + 5,
+                                  "b.bin": 1024 * BLOCK_SIZE + 7}, seed=3)
     meta = parse(make_torrent_lt(content, BLOCK_SIZE, "v2"))
     server = HashServer(meta)
-    f = meta.files[0] if meta.files[0].pieces_root is not None else meta.files[1]
-    assert f.pieces_root is not None
-    n = leaf_count(f.length)
-    num_layers = next_pow2(n).bit_length() - 1
-    assert server.answer(f.pieces_root, 0, 8, 1, 0) is None
-    assert server.answer(f.pieces_root, 0, 8, 8, 3) is None
-    run = server.answer(f.pieces_root, 0, 512, 512, num_layers - 1)
-    assert run is not None and _verify(f.pieces_root, f.length, 0, 512, 512,
-                                       num_layers - 1, run)
-    last = next_pow2(n) - 4  # (the layer padded to a power of 2: its last nodes)
-    assert server.answer(f.pieces_root, 0, last, 4, 0) is not None
+    a, b = (f for f in meta.files if f.pieces_root is not None)
+    assert a.pieces_root is not None and b.pieces_root is not None
+    assert leaf_count(a.length) == 1501 and leaf_count(b.length) == 1025
+    num_layers = next_pow2(1501).bit_length() - 1
+    assert server.answer(a.pieces_root, 0, 8, 1, 0) is None
+    assert server.answer(a.pieces_root, 0, 8, 8, 3) is None
+    for index in (512, 1024):  # (the last run of 512 ends in the padding)
+        run = server.answer(a.pieces_root, 0, index, 512, num_layers - 1)
+        assert run is not None and _verify(a.pieces_root, a.length, 0, index, 512,
+                                           num_layers - 1, run)
+    assert server.answer(a.pieces_root, 0, 1536, 512, 0) is None  # padding alone
+    assert server.answer(a.pieces_root, 0, 2044, 4, 0) is None
+    for count in (1, 2, 4):  # b's last run: its piece 1,024 alone, padded as asked
+        run = server.answer(b.pieces_root, 0, 1024, count, 10)
+        assert run is not None and _verify(b.pieces_root, b.length, 0, 1024, count, 10, run)
+    assert server.answer(b.pieces_root, 0, 1023, 1, 0) is None  # not the run's start

@@ -1019,15 +1019,20 @@ def test_a_tracker_reply_too_large_is_refused(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
-@pytest.mark.parametrize("kind", ["v2", "hybrid"])
-def test_a_leecher_without_piece_layers_gets_them_from_us(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "piece"), [("v2", 32768), ("hybrid", 32768), ("v2", 16384)])
+def test_a_leecher_without_piece_layers_gets_them_from_us(tmp_path: Path, kind: str,
+                                                          piece: int) -> None:
     """libtorrent given only the info dictionary (the .torrent without ``piece layers``)
     asks for the piece layer in hash requests; pieced-peer answers them from its own
-    .torrent, with the proofs, and the leecher finishes with no hash failure."""
+    .torrent, with the proofs, and the leecher finishes with no hash failure. With
+    pieces of 16 KiB and files of more than 512 pieces, the last run of each file was
+    refused (thousands of times: the leecher asked again at each event, and was dropped
+    for it)."""
     import bencodepy
 
-    piece = 32768
     files = {"a.bin": 37 * piece + 5, "b.bin": 5 * piece, "small": 1000}
+    if piece == 16384:
+        files.update({"c.bin": 1025 * piece - 3, "d.bin": 1540 * piece})
     content = make_payload(tmp_path / "seed", files, seed=12)
     raw = make_torrent_lt(content, piece, kind)
     torrent = tmp_path / "t.torrent"
