@@ -681,6 +681,7 @@ class Peer:
         self.conduct = conduct
         self.banned = conduct.banned  # pieces never asked of it: they failed with its data
         self.stranger: str | None = None  # its IP, when it dialled us
+        self.peer_id = b""  # what its handshake said
         self.refused: set[int] = set()  # pieces it rejected a request of, since its unchoke
         self.wanted = 0  # pieces it has that we lack (and have not banned it for)
         # The pieces it has as the picker counts them, moved by its events one at a time:
@@ -1262,6 +1263,25 @@ class Swarm:
         peer.conduct, peer.banned = conduct, conduct.banned
         return True
 
+    def _second_connection(self, peer: Peer, peer_id: bytes) -> bool:
+        """Two connections to one peer (two peers that dial each other, as a tracker has
+        them do): one goes, the same one at both ends, as libtorrent decides it: the
+        connection dialled by the greater peer id stays. Kept both, each block was asked
+        of the peer on both (a fifth of a download fetched twice). True if ``peer``'s
+        connection is the one that went."""
+        peer.peer_id = peer_id
+        other = next((p for p in self.peers if p is not peer and not p.closed
+                      and p.peer_id == peer_id), None)
+        if other is None:
+            return False
+        dialler = self.peer_id if peer.stranger is None else peer_id
+        gone = other if dialler == max(self.peer_id, peer_id) else peer
+        log.info("%s: a second connection to the peer of %s: %s closed", peer.addr, other.addr,
+                 "the first" if gone is other else "this one")
+        gone.replaced = True  # (its address is dialled again only after RETRY_MAX)
+        self._drop(gone)
+        return gone is peer
+
     async def _serve_peer(self, peer: Peer) -> None:
         self.peers.add(peer)
         peer.conduct.live += 1
@@ -1441,6 +1461,8 @@ class Swarm:
         conn = peer.conn
         if isinstance(ev, wire.Handshake):
             if peer.stranger is not None and not self._known_stranger(peer, ev.peer_id):
+                return
+            if self._second_connection(peer, ev.peer_id):
                 return
             if peer.unplaced and not self._placed(peer):
                 return

@@ -1746,6 +1746,42 @@ def test_two_torrents_giving_one_file_other_bytes_do_not_take_it_from_each_other
 
 
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_two_pieced_peers_that_dial_each_other_keep_one_connection(tmp_path: Path,
+                                                                   kind: str) -> None:
+    """Two pieced-peers, each on a daemon of its own, each named to the other (as a
+    tracker names them); a libtorrent seeder feeds A only, at 4 MiB/s, and B's pieces
+    come from A as A gets them. Both connections stayed: B asked each block of A on both
+    and took about a fifth of the torrent twice (4-5 MB of 25 MB). One is closed, the
+    same one at both ends: B had one peer, and nothing came twice."""
+    piece = 65536
+    files = {"a.bin": 6 * 1024 * 1024 + 4321, "b.bin": 3 * piece, "one": piece}
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=41)
+    pa, pb = _free_port(), _free_port()
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    da, db = Daemon(tmp_path / "A"), Daemon(tmp_path / "B")
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 4 << 20, "limit_loopback": True}) as seeder:
+            a = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "A" / "dl", da.socket, "--seed", "--listen",
+                         f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{seeder.port}",
+                         "--peer", f"127.0.0.1:{pb}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _running.append(a)
+            summary = download(torrent, tmp_path / "B" / "dl", db, pa,
+                               extra=("--listen", f"127.0.0.1:{pb}"))
+            a.send_signal(signal.SIGTERM)
+            _, err = a.communicate(timeout=30)
+            assert a.returncode == 0, err
+        assert summary["peers"] == 1 and summary["bytes_redundant"] == 0, summary
+        _same_tree(content, tmp_path / "B" / "dl" / "payload", files)
+    finally:
+        assert da.stop() == 0, da.stderr()
+        assert db.stop() == 0, db.stderr()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
 def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
         tmp_path: Path, kind: str) -> None:
     """Three pieced-peer processes (three daemon connections) download the same torrent
