@@ -168,6 +168,7 @@ class PeerConnection:
         self.our_requests: dict[Block, float] = {}  # asked, not yet answered -> when
         self.peer_requests: deque[Block] = deque()  # it asked, not yet served
         self.last_received = clock()
+        self.made_at = self.last_received  # (of peers waiting alike, the oldest is unchoked first)
         self.last_sent = self.last_received
         self._chatter = float(CHATTER_BURST)  # what it may still send of CHATTER_BURST
         self._chatter_at = self.last_received
@@ -649,7 +650,7 @@ def choke_round(conns: Iterable[PeerConnection], slots: int,
     choke = [c for c in conns if not c.peer_interested and not c.am_choking]
     unchoked = sorted((c for c in interested if not c.am_choking), key=lambda c: c.unchoked_at)
     waiting = sorted((c for c in interested if c.am_choking),
-                     key=lambda c: (c in stalled, c.stalls, c.unchoked_at))
+                     key=lambda c: (c in stalled, c.stalls, c.unchoked_at, c.made_at))
     if waiting:
         stuck = [c for c in unchoked if c in stalled][: len(waiting)]
         if stuck:

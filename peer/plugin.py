@@ -119,6 +119,11 @@ TURNOVER_SECONDS = 20.0
 # as they time out, must not shut the others out).
 UNPLACED = 8
 UNPLACED_PER_ADDRESS = 2
+# A connection that has not handshaken within this long (a peer handshakes at once, as
+# soon as its connection is made) gives its place, or its wait for one, to a newcomer:
+# connections from many addresses that never say a word, made again as they time out,
+# held every place and every wait, and no leecher could get in.
+SILENT_SECONDS = 3.0
 OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it to read
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
@@ -1196,12 +1201,16 @@ class Swarm:
             return
         unplaced = self._placed_peers() >= self.opts.max_peers
         if unplaced:
-            waiting = [p for p in self.peers if p.unplaced]
-            if (len(waiting) >= UNPLACED
+            waiting = [p for p in self.peers if p.unplaced and not p.closed]
+            silent = self._silent(waiting) if len(waiting) >= UNPLACED else None
+            if ((len(waiting) >= UNPLACED and silent is None)
                     or sum(p.group == group for p in waiting) >= UNPLACED_PER_ADDRESS):
                 transport.close()
                 inbox.release()
                 return
+            if silent is not None:
+                log.info("%s: dropped for a newcomer (it said nothing)", silent.addr)
+                self._drop(silent)
         conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
                               v2=self.meta.has_v2, views=True, metadata=self.metadata,
                               listen_port=self._told_port())
@@ -1341,7 +1350,8 @@ class Swarm:
             inbox.release()
 
     def _idlest(self, but: Peer | None = None) -> Peer | None:
-        """A peer whose place a newcomer may take: one that has not read what we sent
+        """A peer whose place a newcomer may take: one that has not handshaken in
+        SILENT_SECONDS (first: the one connected longest), else one that has not read what we sent
         for STALL_SECONDS, one that wasted an unchoke slot and waits for another, one
         interested in nothing either way for IDLE_SECONDS, or one we want pieces from
         that has sent none for UNPRODUCTIVE_SECONDS, nor unchoked us, and chokes us
@@ -1349,6 +1359,9 @@ class Swarm:
         not serve it (connections that hold a place and give nothing must not shut
         everyone else out); the one connected longest. A peer given up so is dialled
         again only after RETRY_MAX, not at once (to take a place back)."""
+        silent = self._silent(p for p in self.peers if p is not but and not p.unplaced)
+        if silent is not None:
+            return silent
         now = time.monotonic()
         idle = [p for p in self.peers if not p.closed and p is not but and not p.unplaced and (
             p.stalled(now) or (p.conn.stalls and p.conn.am_choking)
@@ -1359,6 +1372,14 @@ class Swarm:
                 and now - max(p.opened, p.conn.last_block, p.conn.unchoked_us_at)
                 >= UNPRODUCTIVE_SECONDS))]
         return min(idle, key=lambda p: p.opened, default=None)
+
+    @staticmethod
+    def _silent(peers: Iterable[Peer]) -> Peer | None:
+        """Of ``peers``, the one connected longest that has not handshaken in
+        SILENT_SECONDS (see there), or None."""
+        now = time.monotonic()
+        return min((p for p in peers if not p.closed and not p.conn.handshaken
+                    and now - p.opened >= SILENT_SECONDS), key=lambda p: p.opened, default=None)
 
     def _placed_peers(self) -> int:
         """The places of --max-peers held: newcomers waiting for their handshake hold

@@ -1274,6 +1274,28 @@ def test_stalled_peers_give_their_unchoke_slots_to_those_waiting() -> None:
     assert unchoke[0] not in (conns[0], conns[2])
 
 
+def test_of_peers_never_unchoked_the_one_that_waited_longest_goes_first() -> None:
+    """Every slot held, peers that were never unchoked wait alike: the one connected
+    first gets the next free slot, whatever order they are listed in. (Ties were broken
+    by the order of a set: a leecher waiting behind peers that stalled, were dropped and
+    dialled again, each new connection as fresh as it, waited over a minute.)"""
+    now = [0.0]
+    conns = []
+    for t in range(6):
+        now[0] = float(t)
+        c = PeerConnection((IH,), A_ID, list(SIZES), v2=False, clock=lambda: now[0])
+        c.receive(wire.handshake(IH, B_ID, wire.make_reserved(fast=True)) + wire.have_none())
+        c.receive(wire.interested())
+        c.take_outbox()
+        conns.append(c)
+    for c in conns[:2]:
+        c.send_choke(False)
+    patient = conns[2]
+    for order in (conns, conns[::-1], [conns[5], conns[3], conns[1], conns[4], conns[0], conns[2]]):
+        choke, unchoke = choke_round(order, 2, {conns[0]}, rotate=False)
+        assert choke == [conns[0]] and unchoke == [patient]
+
+
 def test_the_metadata_is_handed_out_in_pieces() -> None:
     """BEP 9: the extension handshake offers ut_metadata with the metadata's size; a
     request is answered with that piece of it (16 KiB, the last one shorter), one past

@@ -219,8 +219,10 @@ def test_newcomers_waiting_for_their_handshake_hold_no_place(daemon: Daemon,
     meta = parse(raw)
     opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
                    listen=("127.0.0.1", 0), socket=str(daemon.socket), max_peers=3)
-    hello = wire.handshake(meta.info_hash, b"-XX0001-" + b"h" * 12,
-                           wire.make_reserved(extended=True, fast=True)) + wire.have_none()
+
+    def hello(n: int) -> bytes:  # (a peer id of its own: one peer's second connection goes)
+        return wire.handshake(meta.info_hash, b"-XX0001-" + b"%012d" % n,
+                              wire.make_reserved(extended=True, fast=True)) + wire.have_none()
 
     async def dial(host: str = "127.0.0.1") -> tuple[asyncio.StreamReader,
                                                     asyncio.StreamWriter]:
@@ -240,8 +242,8 @@ def test_newcomers_waiting_for_their_handshake_hold_no_place(daemon: Daemon,
         ws: list[asyncio.StreamWriter] = []
         try:
             placed = [await dial() for _ in range(3)]
-            for _, w in placed:
-                w.write(hello)
+            for n, (_, w) in enumerate(placed):
+                w.write(hello(n))
                 ws.append(w)
             await asyncio.sleep(0.5)
             bare = [await dial() for _ in range(2)]  # over the limit: waiting
@@ -251,7 +253,7 @@ def test_newcomers_waiting_for_their_handshake_hold_no_place(daemon: Daemon,
             placed[0][1].close()  # a place freed
             await asyncio.sleep(0.5)
             r, w = bare[0]
-            w.write(hello)
+            w.write(hello(9))
             assert await answered(r)  # (it takes the free place)
             assert any(not p.unplaced and not p.closed for p in swarm.peers)
             more = [await dial("127.0.0.3") for _ in range(8)]  # one address: 2 wait
@@ -262,6 +264,56 @@ def test_newcomers_waiting_for_their_handshake_hold_no_place(daemon: Daemon,
             ws.append(w)
             await asyncio.sleep(0.3)
             assert sum(p.unplaced for p in swarm.peers) == 1 + 2 + 1
+        finally:
+            for w in ws:
+                w.close()
+            await swarm.close()
+
+    asyncio.run(run())
+
+
+def test_connections_that_never_handshake_make_way_for_a_peer_that_does(
+        daemon: Daemon, tmp_path: Path, monkeypatch: Any) -> None:
+    """Connections from many addresses that say nothing hold every place and every wait
+    for one (made again as they time out, they would for ever): a newcomer that is let in
+    over the limit once a waiting one has been silent for SILENT_SECONDS, and given the
+    place of a silent one when it handshakes. (Every newcomer was turned away, or found
+    "no place for it": a leecher never got in while 50 silent addresses dialled again.)"""
+    from pieced.peer import plugin, wire
+
+    monkeypatch.setattr(plugin, "SILENT_SECONDS", 0.5, raising=False)
+    content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384 - 5}, seed=4)
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
+                   listen=("127.0.0.1", 0), socket=str(daemon.socket), max_peers=3)
+    hello = wire.handshake(meta.info_hash, b"-XX0001-" + b"h" * 12,
+                           wire.make_reserved(extended=True, fast=True)) + wire.have_none()
+    swarm = Swarm(opts, raw, meta)
+
+    async def dial(host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", swarm.listen_port,
+                                              local_addr=(host, 0))
+
+    async def run() -> None:
+        await swarm.start()
+        ws: list[asyncio.StreamWriter] = []
+        try:
+            silent = [await dial(f"127.0.1.{i}") for i in range(1, 12)]  # 3 placed, 8 wait
+            ws.extend(w for _, w in silent)
+            await asyncio.sleep(0.3)
+            assert sum(not p.unplaced for p in swarm.peers) == 3
+            assert sum(p.unplaced for p in swarm.peers) == plugin.UNPLACED
+            await asyncio.sleep(0.5)  # (all silent for SILENT_SECONDS now)
+            r, w = await dial("127.0.0.9")
+            ws.append(w)
+            w.write(hello)
+            answer = await asyncio.wait_for(r.readexactly(68), 5)  # let in, and placed
+            assert answer[28:48] == meta.info_hash
+            await asyncio.sleep(0.3)
+            placed = [p for p in swarm.peers if not p.unplaced and not p.closed]
+            assert len(placed) == 3 and any(p.conn.handshaken for p in placed)
+            assert sum(p.unplaced for p in swarm.peers if not p.closed) == plugin.UNPLACED - 1
         finally:
             for w in ws:
                 w.close()
