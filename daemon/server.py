@@ -1412,7 +1412,7 @@ class _WriteRun:
             with disk.errors_held() as alone:
                 for w in self.writes:
                     out.extend(_run_guarded(w.rid, None, w._write)[0])
-            on_way = [e for e in merged if e[1] is not exc]
+            on_way = [e for e in merged if e[1] is not exc]  # (recorded as raised: the same object)
             disk.tell_errors(on_way + (alone or [e for e in merged if e[1] is exc]))
             return out, tokens
         disk.tell_errors(merged)  # (met by a write that succeeded: a commit's, say)

@@ -72,15 +72,16 @@ class HashServer:
         if index + count > len(layer):
             return None
         if base == self.piece_height == 0:
-            # libtorrent 2.1 takes hashes of the piece layer only as a run of 512, or one
-            # from a multiple of 512 to the file's end (its last piece, not the layer's
+            # libtorrent 2.1 takes hashes of the piece layer only as a run of 512, or a
+            # shorter one from a multiple of 512 to the file's end (its last piece, not the layer's
             # padding past it), and drops the peer that sent others ("invalid hashes").
             # With pieces of 16 KiB that layer is the blocks', which it asks for one at a
             # time after a piece failed: answered, it dropped us (and could be left with
             # no good peer); a reject it takes, and goes on.
             pieces = -(-length // self.meta.piece_length)
             if index >= pieces or (count != PIECE_LAYER_RUN and (
-                    index % PIECE_LAYER_RUN or index + count < pieces)):
+                    count > PIECE_LAYER_RUN or index % PIECE_LAYER_RUN
+                    or index + count < pieces)):
                 return None
         out = layer[index : index + count]
         # The nodes fold up to one node k layers higher; from there each layer up to

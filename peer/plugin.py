@@ -698,6 +698,7 @@ class Peer:
         # its DONT_HAVEs (and HAVEs again) since then counted a piece at a time.
         self.seed_counted = False
         self.replaced = False  # gave its place to a newcomer (see Swarm._idlest)
+        self.duplicate = False  # closed: the peer's other connection stays
         # Let in over --max-peers: a place is found for it once it has handshaken (see
         # Swarm._placed), or it goes.
         self.unplaced = False
@@ -1146,7 +1147,11 @@ class Swarm:
             # wanting any: a seed too (libtorrent closes on our HAVE_ALL, "upload to
             # upload", before its own HAVE_ALL has reached us).
             dial.seed = True
-        if dial.seed and self.done.is_set():
+        if peer is not None and peer.duplicate:
+            # Connected to that peer by its own dial: dialled again when that ends (see
+            # _dial_back), or when a tracker names the address again.
+            dial.due = 0.0
+        elif dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
         elif (dial.unreached >= MAX_UNREACHED and not dial.given and self._dialling()
               and len(self.known) > self.opts.max_peers):
@@ -1287,7 +1292,7 @@ class Swarm:
         gone = other if dialler == max(self.peer_id, peer_id) else peer
         log.info("%s: a second connection to the peer of %s: %s closed", peer.addr, other.addr,
                  "the first" if gone is other else "this one")
-        gone.replaced = True  # (its address is dialled again only after RETRY_MAX)
+        gone.duplicate = True  # (its address is not dialled again while the other lasts)
         self._drop(gone)
         return gone is peer
 

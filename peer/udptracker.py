@@ -30,7 +30,8 @@ CONNECT, ANNOUNCE, ERROR = 0, 1, 3
 EVENTS = {"": 0, "completed": 1, "started": 2, "stopped": 3}
 CONNECTION_ID_SECONDS = 60.0  # how long a connect's id is used (BEP 15: a minute)
 #: Seconds to wait for an answer before the request is sent again, in turn (the last
-#: wait ends at the announce's ANNOUNCE_TIMEOUT at the latest).
+#: copy waits until the announce's time is up: ANNOUNCE_TIMEOUT, shared out between the
+#: tracker's addresses).
 RESEND_AFTER = (2.0, 4.0, 8.0)
 NUM_WANT = 50
 MAX_MESSAGE = 512  # characters of a tracker's error message kept
@@ -141,11 +142,17 @@ class UdpAnnouncer:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise TrackerError(f"{url}: cannot resolve {host}: {exc.strerror or exc}") from None
-        deadline = time.monotonic() + tracker.ANNOUNCE_TIMEOUT
+        end = time.monotonic() + tracker.ANNOUNCE_TIMEOUT
         last: Exception = TrackerError(f"{url}: no address for {host}")
-        for family, _, _, _, addr in infos[:4]:  # each address in turn, within the time
-            if time.monotonic() >= deadline:
+        tried = infos[:4]
+        for n, (family, _, _, _, addr) in enumerate(tried):
+            # Each address in turn, with its share of what time is left: one that does
+            # not answer (an IPv6 address with no route there) leaves the next one as
+            # long as it had.
+            left = end - time.monotonic()
+            if left <= 0:
                 break
+            deadline = time.monotonic() + left / (len(tried) - n)
             try:
                 return await self._exchange(family, addr, path, event, counters, deadline)
             except TimeoutError:
@@ -191,10 +198,12 @@ def _tid() -> int:
 
 async def _ask(transport: asyncio.DatagramTransport, proto: _Datagrams, packet: bytes,
                tid: int, action: int, ipv6: bool, deadline: float) -> Connected | Reply:
-    """Send ``packet`` and again after each of RESEND_AFTER, until its answer comes."""
-    for wait in RESEND_AFTER:
+    """Send ``packet`` and again after each of RESEND_AFTER, until its answer comes (the
+    last copy waits until ``deadline``)."""
+    for n, wait in enumerate(RESEND_AFTER):
         transport.sendto(packet)
-        until = min(time.monotonic() + wait, deadline)
+        until = deadline if n == len(RESEND_AFTER) - 1 else min(time.monotonic() + wait,
+                                                                   deadline)
         while (left := until - time.monotonic()) > 0:
             try:
                 data = await asyncio.wait_for(proto.queue.get(), left)

@@ -128,6 +128,7 @@ def test_block_hashes_of_pieces_of_16_kib_are_refused_as_libtorrent_would_refuse
         assert run is not None and _verify(a.pieces_root, a.length, 0, index, 512,
                                            num_layers - 1, run)
     assert server.answer(a.pieces_root, 0, 1536, 512, 0) is None  # padding alone
+    assert server.answer(a.pieces_root, 0, 1024, 1024, 1) is None  # (over 512: never taken)
     assert server.answer(a.pieces_root, 0, 2044, 4, 0) is None
     for count in (1, 2, 4):  # b's last run: its piece 1,024 alone, padded as asked
         run = server.answer(b.pieces_root, 0, 1024, count, 10)

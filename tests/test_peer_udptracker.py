@@ -228,6 +228,46 @@ def test_a_silent_tracker_times_out_and_a_closed_port_fails_at_once(quick: None)
         loop.close()
 
 
+def test_an_address_that_does_not_answer_leaves_the_next_one_its_share(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker's name with two addresses, the first silent (an IPv6 address with no
+    route there, say): the second has half the announce's time. The first took all but
+    the last second of it (its resends), and a tracker a little slow to answer at the
+    second address was given up."""
+    monkeypatch.setattr(udptracker, "RESEND_AFTER", (0.2, 0.4, 0.8))
+    monkeypatch.setattr(tracker, "ANNOUNCE_TIMEOUT", 1.5)
+    good = opentracker_like()
+    loop = asyncio.new_event_loop()
+
+    class Slow(_Server):  # answers each request 0.15 s late
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.state["got"].append(data)
+            for out in good(data, self.state):
+                loop.call_later(0.15, self.transport.sendto, out, addr)  # type: ignore[union-attr]
+
+    try:
+        silent_t, silent = loop.run_until_complete(loop.create_datagram_endpoint(
+            lambda: _Server(lambda data, state: []), local_addr=("127.0.0.2", 0)))
+        slow_t, _ = loop.run_until_complete(loop.create_datagram_endpoint(
+            lambda: Slow(good), local_addr=("127.0.0.1", 0)))
+        addrs = [silent_t.get_extra_info("sockname"), slow_t.get_extra_info("sockname")]
+
+        async def resolve(host: str, port: int, **kw: Any) -> list[Any]:
+            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", a) for a in addrs]
+
+        loop.getaddrinfo = resolve  # type: ignore[method-assign,assignment]
+        t0 = time.monotonic()
+        reply = loop.run_until_complete(UdpAnnouncer(IH, PID, 1).announce(
+            "udp://tracker.example:6969/announce", "", {}))
+        assert reply.peers == [("127.0.0.1", 6881)]
+        assert 0.75 <= time.monotonic() - t0 < 1.5
+        assert len(silent.state["got"]) == 3  # (its resends, within its share)
+        silent_t.close()
+        slow_t.close()
+    finally:
+        loop.close()
+
+
 def test_an_id_the_tracker_refuses_is_asked_for_again_next_time(quick: None) -> None:
     """A tracker restarted forgets the ids it gave: its refusal fails that announce,
     and the next one connects again instead of using the refused id for a minute."""
