@@ -312,6 +312,11 @@ class FileStorage:
         with self._lock:
             recreate = index in self._recreate
             known = index in self._identity
+        if recreate and flags & os.O_CREAT and not flags & os.O_EXCL:
+            # Seen to go since this open began (another thread's write found it gone): it
+            # is made anew by one thread, with O_EXCL. Created here, it would be refused
+            # as something else put in its place, the torrent's writes with it.
+            return self._open_payload(index, flags, create_dirs)
         kin = set(self.kin(index)) if recreate and self.kin is not None else set()
         if known:
             flags &= ~os.O_CREAT

@@ -709,6 +709,37 @@ def test_writers_racing_to_make_a_vanished_file_anew_do_not_refuse_each_other(
             dio.close()
 
 
+def test_a_write_that_began_before_its_file_was_seen_to_go_makes_no_stray_file(
+    tmp_path: Path, backend: str
+) -> None:
+    """A write that looked whether its file was to be made anew just before another
+    thread saw the file go opened it with O_CREAT: it made an empty file at the place,
+    refused it (read while it is to be made anew), and left it there, and the thread
+    that then made the file anew (O_EXCL) found that one and refused it as "something
+    else put in its place": every write into the file failed until a recheck. (Seen
+    while a file was deleted again and again during a download; the interleaving is
+    made here by calling the open as that write did.)"""
+    content = make_payload(tmp_path / "src", 200_000, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend, cache_bytes=0)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        p, b, n = src.blocks()[0]
+        dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+        next((tmp_path / "dl").rglob("*.bin")).unlink()
+        with pytest.raises(StorageIOError):  # seen to go
+            dio.read_chunk(ih, 0, 0, 16, volatile=True)
+        storage = dio._get(ih).storage
+        with contextlib.suppress(StorageIOError):  # the late write (it may be refused)
+            os.close(storage._open_known(0, os.O_RDWR | os.O_CREAT, True))
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    finally:
+        dio.close()
+
+
 def test_flush_all_flushes_every_torrent_when_one_disk_is_full(
     tmp_path: Path, tiny_fs: Path, backend: str
 ) -> None:
