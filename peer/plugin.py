@@ -1054,25 +1054,26 @@ class Swarm:
                 "left": left}
 
     # -- connections -----------------------------------------------------------------------
-    def connect(self, host: str, port: int, named: bool = True) -> None:
+    def connect(self, host: str, port: int, named: bool = True) -> bool:
         """Dial an address, now if there is room, else once there is. ``named``: a
-        tracker or the user names it (again), not a dial of ours coming round."""
+        tracker or the user names it (again), not a dial of ours coming round. False
+        when a new address cannot be kept: MAX_KNOWN are, and none may be forgotten."""
         if port == self.listen_port and host in ("127.0.0.1", "localhost") and port:
-            return  # ourselves, as a tracker may list us
+            return True  # ourselves, as a tracker may list us
         addr = (host, port)
         dial = self.known.get(addr)
         if dial is None:
             if len(self.known) >= MAX_KNOWN and not self._forget_one():
-                return
+                return False
             dial = self.known[addr] = Dial(Conduct(_address(host, port)))
         if named:
             dial.unreached = 0
             dial.seed = False  # (a new peer may have taken the address; a seed says so again)
         if dial.dropped or dial.busy:
-            return
+            return True
         if dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
-            return
+            return True
         # Dials under way have places of their own: an address that does not answer
         # holds one for up to CONNECT_TIMEOUT, and a peer dialling us must not be
         # refused because of them (nor a tracker's long list of dead addresses keep
@@ -1080,11 +1081,12 @@ class Swarm:
         if self._placed_peers() >= self.opts.max_peers or not self._may_dial():
             if not dial.due:
                 dial.due = time.monotonic()  # dialled by _redial once there is room
-            return
+            return True
         dial.due = 0.0
         dial.busy = True
         self.connecting.add(addr)
         self._spawn(self._outgoing(host, port, dial))
+        return True
 
     def _may_dial(self) -> bool:
         free = self.opts.max_peers - self._placed_peers()
@@ -2236,7 +2238,8 @@ class Swarm:
                 reply = await tracker.announce(self._counters(), complete)
                 fails = 0
                 for host, port in dial_order(list(reply.peers)):
-                    self.connect(host, port)
+                    if not self.connect(host, port):
+                        break  # (no room for more: the rest of a long list is left out)
                 wait = max(30.0, reply.interval)  # (at most a day: see parse_response)
             except Exception as exc:
                 log.warning("announce failed: %s", printable(str(exc) or type(exc).__name__))

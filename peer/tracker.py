@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import random
 import re
 import urllib.parse
 from typing import Any, NamedTuple
@@ -36,6 +37,11 @@ class Reply(NamedTuple):
 #: in the dictionary form; a tracker sending more is cut off, not buffered without end.
 MAX_REPLY = 2 * 1024 * 1024
 ANNOUNCE_TIMEOUT = 15.0  # seconds a tracker has to answer an announce
+#: Peers taken from one reply of each kind (compact, listed, IPv6): a random choice of
+#: them when it names more. A reply of 2 MiB names 340,000, and reading and dialling
+#: them all held the loop (no peer answered) for 10 s at each announce.
+MAX_PEERS = 1000
+MAX_MESSAGE = 512  # characters of a tracker's refusal kept
 
 
 def printable(text: str) -> str:
@@ -51,6 +57,15 @@ def printable(text: str) -> str:
 # A host name as a peer's address: letters, digits and hyphens in dot-separated labels.
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
                        r"(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def strides(size: int, stride: int) -> list[int] | range:
+    """Where the whole entries of ``stride`` bytes begin in ``size`` bytes of compact
+    peers: MAX_PEERS of them at most, a random choice in order when there are more."""
+    count = size // stride
+    if count <= MAX_PEERS:
+        return range(0, count * stride, stride)
+    return sorted(i * stride for i in random.sample(range(count), MAX_PEERS))
 
 
 def sane_interval(interval: object, least: object = None) -> int:
@@ -79,18 +94,18 @@ def parse_response(body: bytes) -> Reply:
     if b"failure reason" in msg:
         reason = msg[b"failure reason"]
         text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        raise TrackerError(f"tracker says: {printable(text)}")
+        raise TrackerError(f"tracker says: {printable(text[:MAX_MESSAGE])}")
     interval = sane_interval(msg.get(b"interval"), msg.get(b"min interval"))
     peers: Peers = []
     raw = msg.get(b"peers", b"")
     if isinstance(raw, bytes):  # compact: 4 bytes of address, 2 of port
-        for i in range(0, len(raw) - len(raw) % 6, 6):
+        for i in strides(len(raw), 6):
             ip = ".".join(str(b) for b in raw[i : i + 4])
             port = int.from_bytes(raw[i + 4 : i + 6], "big")
             if port:
                 peers.append((ip, port))
     elif isinstance(raw, list):
-        for entry in raw:
+        for entry in (raw if len(raw) <= MAX_PEERS else random.sample(raw, MAX_PEERS)):
             if not isinstance(entry, dict):
                 continue
             addr, num = entry.get(b"ip"), entry.get(b"port")
@@ -105,7 +120,7 @@ def parse_response(body: bytes) -> Reply:
                         peers.append((host.lower().rstrip("."), num))
     raw6 = msg.get(b"peers6", b"")
     if isinstance(raw6, bytes):
-        for i in range(0, len(raw6) - len(raw6) % 18, 18):
+        for i in strides(len(raw6), 18):
             ip = str(ipaddress.IPv6Address(raw6[i : i + 16]))
             port = int.from_bytes(raw6[i + 16 : i + 18], "big")
             if port:
@@ -168,6 +183,10 @@ class Tracker:
         self._heard: dict[str, str] = {}  # URL -> LEECHER or DONE, once it answered
         self._ids: dict[str, bytes] = {}  # URL -> the tracker id it gave
         self._udp: Any = None  # the UdpAnnouncer, once a udp:// URL is asked
+        # URL -> the event of an announce to it that was cut short (the run ended while
+        # the tracker took its time): it may have heard it, and a ``completed`` is not
+        # said twice (the goodbye sends ``stopped`` alone then).
+        self._cut_short: dict[str, str] = {}
 
     @property
     def urls(self) -> list[str]:
@@ -178,7 +197,9 @@ class Tracker:
         heard = self._heard.get(url)
         if heard is None:
             return "started"  # (again after a failed one, as libtorrent does)
-        return "completed" if complete and heard == LEECHER else ""
+        if complete and heard == LEECHER and self._cut_short.get(url) != "completed":
+            return "completed"
+        return ""
 
     async def announce(self, counters: dict[str, int], complete: bool) -> Reply:
         import aiohttp
@@ -189,6 +210,13 @@ class Tracker:
                 try:
                     reply = await self._announce(url, self.event(url, complete), counters,
                                                  complete)
+                except aiohttp.TooManyRedirects:
+                    last = TrackerError(f"{url}: redirected too many times")
+                    continue
+                except aiohttp.RedirectClientError as exc:  # (to a URL not HTTP's)
+                    last = TrackerError(f"{url}: redirected to {printable(str(exc)[:200])}, "
+                                        "which is not an HTTP tracker's URL")
+                    continue
                 except (aiohttp.ClientError, TrackerError) as exc:
                     last = exc if str(exc).startswith(url) else TrackerError(
                         f"{url}: {str(exc) or type(exc).__name__}")
@@ -218,10 +246,15 @@ class Tracker:
 
     async def _announce(self, url: str, event: str, counters: dict[str, int],
                         complete: bool = False) -> Reply:
-        if url.startswith("udp://"):
-            reply = await self._announce_udp(url, event, counters)
-        else:
-            reply = await self._announce_http(url, event, counters)
+        try:
+            if url.startswith("udp://"):
+                reply = await self._announce_udp(url, event, counters)
+            else:
+                reply = await self._announce_http(url, event, counters)
+        except asyncio.CancelledError:
+            self._cut_short[url] = event
+            raise
+        self._cut_short.pop(url, None)
         if url not in self.answered:
             self.answered.append(url)
         if event == "started":

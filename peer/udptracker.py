@@ -23,7 +23,7 @@ import urllib.parse
 from typing import Any, NamedTuple
 
 from . import tracker
-from .tracker import Peers, Reply, TrackerError, printable, sane_interval
+from .tracker import MAX_MESSAGE, Peers, Reply, TrackerError, printable, sane_interval, strides
 
 PROTOCOL_ID = 0x41727101980
 CONNECT, ANNOUNCE, ERROR = 0, 1, 3
@@ -34,7 +34,6 @@ CONNECTION_ID_SECONDS = 60.0  # how long a connect's id is used (BEP 15: a minut
 #: tracker's addresses).
 RESEND_AFTER = (2.0, 4.0, 8.0)
 NUM_WANT = 50
-MAX_MESSAGE = 512  # characters of a tracker's error message kept
 URL_DATA = 2  # BEP 41 option: the URL's path and query, as libtorrent sends them
 
 
@@ -86,7 +85,7 @@ def read_reply(data: bytes, tid: int, action: int, ipv6: bool) -> Connected | Re
     stride = 18 if ipv6 else 6
     body = data[20:]
     peers: Peers = []
-    for i in range(0, len(body) - len(body) % stride, stride):
+    for i in strides(len(body), stride):
         port = int.from_bytes(body[i + stride - 2 : i + stride], "big")
         if not port:
             continue

@@ -395,3 +395,97 @@ def test_a_download_completed_while_an_announce_runs_is_announced_at_once() -> N
 
     asyncio.run(main())
     assert events == ["started", "completed"]
+
+
+def test_a_reply_naming_too_many_peers_gives_a_random_choice_of_them() -> None:
+    """A reply of 2 MiB names 340,000 peers: reading them all and dialling each (with
+    room for 1,000) held pieced-peer's loop for 10 s at each announce, no peer answered
+    meanwhile. MAX_PEERS of each kind are taken, a different choice each time, so a seed
+    among them is not left out for ever."""
+    import time
+
+    from pieced.peer.tracker import MAX_PEERS
+
+    compact = b"".join(bytes([10, i >> 16 & 255, i >> 8 & 255, i & 255, 0x1A, 0xE1])
+                       for i in range(340_000))
+    listed = [{b"ip": b"10.0.0.%d" % (i % 250 + 1), b"port": 1000 + i} for i in range(5000)]
+    body = bencodepy.encode({b"peers": compact, b"peers6": bytes(18 * 3000)})
+    t0 = time.monotonic()
+    first = parse_response(body).peers
+    assert time.monotonic() - t0 < 0.2
+    assert len(first) == MAX_PEERS and len(set(first)) == MAX_PEERS  # (port-0 ones left out)
+    assert set(first) != set(parse_response(body).peers)
+    assert len(parse_response(bencodepy.encode({b"peers": listed})).peers) == MAX_PEERS
+
+
+def test_refusals_and_redirects_are_said_in_a_line() -> None:
+    """A refusal of 1.5 MB was printed whole at each failed announce; a redirect to a
+    udp:// URL said only that URL, and a redirect loop aiohttp's empty message and the
+    whole announce query."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import MAX_MESSAGE, Tracker
+
+    async def refuse(req: web.Request) -> web.Response:
+        return web.Response(body=bencodepy.encode({b"failure reason": b"x" * 1_500_000}))
+
+    async def to_udp(req: web.Request) -> web.Response:
+        raise web.HTTPFound("udp://127.0.0.1:1/announce")
+
+    async def loop(req: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def main() -> list[str]:
+        runner, base = await _serve({"/refuse": refuse, "/to_udp": to_udp, "/loop": loop})
+        said = []
+        try:
+            for path in ("/refuse", "/to_udp", "/loop"):
+                t = Tracker([[f"{base}{path}"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+                with pytest.raises(TrackerError) as caught:
+                    await t.announce({}, False)
+                said.append(str(caught.value))
+                await t.close()
+        finally:
+            await runner.cleanup()
+        return said
+
+    refused, udp, looped = asyncio.run(main())
+    assert refused.endswith("tracker says: " + "x" * MAX_MESSAGE), refused[-80:]
+    assert "redirected to udp://127.0.0.1:1/announce" in udp and "not an HTTP" in udp, udp
+    assert looped.endswith("/loop: redirected too many times"), looped
+
+
+def test_a_completed_cut_short_by_the_end_is_not_said_again() -> None:
+    """A run stopped while a slow tracker took its ``completed``: the goodbye sent
+    ``completed`` again (the tracker counted two downloads), and ``stopped`` came too
+    late to be sent. It may have been heard: ``stopped`` alone is sent."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    seen: list[str] = []
+
+    async def answer(req: web.Request) -> web.Response:
+        event = urllib.parse.parse_qs(req.query_string).get("event", [""])[0]
+        seen.append(event)
+        if event == "completed":
+            await asyncio.sleep(5)
+        return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": b""}))
+
+    async def main() -> None:
+        runner, base = await _serve({"/a": answer})
+        t = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        try:
+            await t.announce({}, False)
+            slow = asyncio.ensure_future(t.announce({}, True))
+            await asyncio.sleep(0.3)
+            slow.cancel()  # (the run ends)
+            await asyncio.wait_for(t.goodbye({}, True), 3)
+        finally:
+            await t.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+    assert seen == ["started", "completed", "stopped"], seen
