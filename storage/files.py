@@ -1038,6 +1038,7 @@ class FileStorage:
         moved: list[tuple[int, tuple[str, ...]]] = []  # linked (or copied) there
         gone = 0  # of those, how many are no longer here
         carried: dict[int, bool] = {}
+        doing = f"move to {new_path}"  # (what an error met is said of)
         try:
             new_root.root(create=True)
             for index in self.stored_files():
@@ -1048,12 +1049,14 @@ class FileStorage:
                     raise StorageIOError(f"move: {new_path.joinpath(*parts)} already exists",
                                          errno=errno.EEXIST)
                 known = self._known_now(index)
+                doing = f"move of {self.file_path(index)} to {new_path.joinpath(*parts)}"
                 self.root.link(parts, new_root, parts)
                 moved.append((index, parts))
                 if known is not None:
                     carried[index] = known
             # Every file's new name durable before any old one goes: a power cut between
             # the syncs of an old folder and a new one could take a file under both names.
+            doing = f"move to {new_path}"
             new_root.sync_made()
             for _, parts in moved:
                 self.root.drop(parts)
@@ -1081,7 +1084,9 @@ class FileStorage:
                 self._prune(new_root)  # the folders the move made there, if empty
             new_root.close()
             if isinstance(exc, OSError):
-                raise StorageIOError.wrap(exc, "move") from None
+                undone = "" if self.stranded else "; undone, the files are where they were"
+                raise StorageIOError(f"{doing}: {exc.strerror or exc}{undone}",
+                                     errno=exc.errno) from None
             raise
         self._prune(self.root)
         self.root.close()

@@ -735,6 +735,26 @@ def test_a_move_to_another_file_system_keeps_the_holes_of_a_download(
         dio.close()
 
 
+def test_a_move_to_a_full_file_system_says_which_file_and_where(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """A move to a file system without room fails and is undone; the error said only
+    "move: No space left on device", naming neither the file nor where it went."""
+    content, src, dio, ih = _filled_at_old(tmp_path, backend, {"a.bin": 400_000}, "v1", 9)
+    try:
+        with pytest.raises(StorageIOError) as exc:
+            dio.move_storage(ih, tiny_fs / "new")
+        assert exc.value.errno == errno.ENOSPC
+        said = str(exc.value)
+        assert f"{tmp_path / 'old' / content.name / 'a.bin'}" in said, said
+        assert f"to {tiny_fs / 'new' / content.name / 'a.bin'}" in said, said
+        assert "undone, the files are where they were" in said, said
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert (tmp_path / "old" / content.name / "a.bin").read_bytes() == (
+            content / "a.bin").read_bytes()
+    finally:
+        dio.close()
+
+
 def _downloaded_and_stopped(tmp_path: Path, odd_payload: tuple[Path, Path],
                             backend: str) -> tuple[Source, bytes]:
     """A v1 torrent of ``odd_payload`` downloaded into ``tmp_path/dl`` by an engine on
