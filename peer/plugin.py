@@ -361,6 +361,7 @@ class Dial:
     given: bool = False  # named by the user (--peer): never forgotten
     unreached: int = 0  # attempts in a row that found nobody (no connection at all)
     seed: bool = False  # seen to have every piece: not dialled while we have them too
+    peer_id: bytes = b""  # who answered there last (one peer may have two addresses)
 
     @property
     def dropped(self) -> bool:
@@ -682,6 +683,7 @@ class Peer:
         self.transport = transport
         self.inbox = inbox
         self.addr = _address(host, port)
+        self.host, self.port = host, port
         self.group = place_group(host)  # whose share of places it takes
         self.conduct = conduct
         self.banned = conduct.banned  # pieces never asked of it: they failed with its data
@@ -866,7 +868,9 @@ class Swarm:
         if self.opts.listen is not None:
             host, port = self.opts.listen
             try:
-                await self._listen(host, port)
+                # Every interface, asked as such, is IPv4 and IPv6 on one port (asyncio
+                # makes a socket of [::] IPv6 only): trackers are told the port over either.
+                await self._listen(None if host in ("", "::") else host, port)
             except OSError as exc:
                 raise CannotListen(f"cannot listen on {_address(host, port)}: "
                                    f"{exc.strerror or exc}") from None
@@ -1058,7 +1062,8 @@ class Swarm:
         """Dial an address, now if there is room, else once there is. ``named``: a
         tracker or the user names it (again), not a dial of ours coming round. False
         when a new address cannot be kept: MAX_KNOWN are, and none may be forgotten."""
-        if port == self.listen_port and host in ("127.0.0.1", "localhost") and port:
+        host = unmapped(host)  # (a tracker's peers6 may list IPv4 peers so)
+        if port == self.listen_port and host in ("127.0.0.1", "::1", "localhost") and port:
             return True  # ourselves, as a tracker may list us
         addr = (host, port)
         dial = self.known.get(addr)
@@ -1069,7 +1074,7 @@ class Swarm:
         if named:
             dial.unreached = 0
             dial.seed = False  # (a new peer may have taken the address; a seed says so again)
-        if dial.dropped or dial.busy:
+        if dial.dropped or dial.busy or self._elsewhere(dial):
             return True
         if dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
@@ -1134,12 +1139,15 @@ class Swarm:
 
     def _dialled(self, dial: Dial, peer: Peer | None) -> None:
         """A dial ended (``peer``: the connection it made, or None): when to dial again."""
+        twin = peer is not None and peer.hung_up and self._twin(peer)
         if peer is not None and not peer.conn.handshaken and not dial.warned and (
-                not dial.conduct.ourselves):
+                not dial.conduct.ourselves) and not twin:
             dial.warned = True  # once an address: it is dialled again and again
             log.warning("%s closed the connection before its handshake (it may not "
                         "have the torrent, or be paused, or require encryption: "
                         "pieced-peer speaks plain BitTorrent only)", peer.addr)
+        if peer is not None and peer.peer_id:
+            dial.peer_id = peer.peer_id
         dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
         dial.unreached = 0 if peer is not None else dial.unreached + 1
         if peer is not None and (peer.conn.is_seed or (
@@ -1149,9 +1157,10 @@ class Swarm:
             # wanting any: a seed too (libtorrent closes on our HAVE_ALL, "upload to
             # upload", before its own HAVE_ALL has reached us).
             dial.seed = True
-        if peer is not None and peer.duplicate:
-            # Connected to that peer by its own dial: dialled again when that ends (see
-            # _dial_back), or when a tracker names the address again.
+        if peer is not None and (peer.duplicate or twin):
+            # Connected to that peer by its own dial, or at its other address: dialled
+            # again when a tracker names the address again (or, for a peer that dialled
+            # us, when that connection ends: see _dial_back).
             dial.due = 0.0
         elif dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
@@ -1182,6 +1191,8 @@ class Swarm:
         for *_, (host, port) in due:
             if not self._may_dial():
                 return
+            if self._elsewhere(self.known[host, port]):
+                continue
             if self._placed_peers() >= self.opts.max_peers:
                 # A peer holding a place and doing nothing gives it up, as for a newcomer
                 # that dials us: else peers with nothing to exchange, filling every
@@ -1194,6 +1205,32 @@ class Swarm:
                 idle.replaced = True
                 self._drop(idle)
             self.connect(host, port, named=False)
+
+    def _twin(self, peer: Peer) -> bool:
+        """A connection we dialled, that the peer closed, has a twin: one of ours, open,
+        to the same port at an address of the other family (a peer
+        listening on IPv4 and IPv6, as a tracker lists it). libtorrent closes the older of
+        two connections from one peer id (ours), before its handshake on the newer one
+        says who it is (its peer id is new at each connection: no use to tell it by); the
+        address of the one closed, dialled again a second later, took the other's place,
+        and so on for the whole download."""
+        if peer.stranger is not None:
+            return False
+        v6 = ":" in peer.host
+        return any(p is not peer and not p.closed and p.stranger is None
+                   and p.port == peer.port and (":" in p.host) != v6 for p in self.peers)
+
+    def _elsewhere(self, dial: Dial) -> bool:
+        """The peer that answered at this address last is connected now, at another
+        (IPv4 and IPv6, as a tracker lists it): not dialled here until that connection
+        ends. Dialled, it took the place of the other (libtorrent closes the older of two
+        connections from one peer), whose address was then dialled again, and so on: a
+        new connection every second or two for the whole download."""
+        if not dial.peer_id or not any(p.peer_id == dial.peer_id and not p.closed
+                                       for p in self.peers):
+            return False
+        dial.due = 0.0
+        return True
 
     def _accepted(self, transport: asyncio.Transport, inbox: Inbox) -> None:
         self._spawn(self._incoming(transport, inbox))
@@ -2267,10 +2304,25 @@ def _nodelay(transport: asyncio.Transport) -> None:
 
 # -- command line -------------------------------------------------------------------------
 def _hostport(text: str) -> tuple[str, int]:
+    """HOST:PORT, an IPv6 address in brackets ([::1]:6881); an empty HOST is every
+    interface (for --listen) or this machine (for --peer)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if host.startswith("[") or host.endswith("]"):
+        inside = host[1:-1]
+        try:
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {host} is not an IPv6 address in brackets") from None
+        host = inside
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an IPv6 address goes in brackets, as in [{host}]:{port}")
+    return host, int(port)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -2433,7 +2485,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pieced-peer: cannot read {args.torrent}: {exc.strerror or exc}",
                   file=sys.stderr)
             return 2
-        opts = Options(args.torrent, args.save_path.resolve(), args.peer, args.listen,
+        peers = [(host or "127.0.0.1", port) for host, port in args.peer]
+        opts = Options(args.torrent, args.save_path.resolve(), peers, args.listen,
                        args.seed, args.socket, fit_max_peers(args.max_peers, raise_open_files()))
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,

@@ -201,6 +201,7 @@ class LtPeer:
         if limit_loopback:
             loopback = lt.ip_filter()
             loopback.add_rule("127.0.0.1", "127.0.0.1", 1 << lt.session.global_peer_class_id)
+            loopback.add_rule("::1", "::1", 1 << lt.session.global_peer_class_id)
             self._ses.set_peer_class_filter(loopback)
         self._stop = threading.Event()
         self._drainer = threading.Thread(target=self._drain_loop, name="ltpeer-alerts", daemon=True)

@@ -1782,6 +1782,36 @@ def test_two_pieced_peers_that_dial_each_other_keep_one_connection(tmp_path: Pat
         assert db.stop() == 0, db.stderr()
 
 
+def test_a_seeder_at_an_ipv4_and_an_ipv6_address_is_connected_to_once(tmp_path: Path) -> None:
+    """A libtorrent seeder listening on 127.0.0.1 and ::1 (a tracker lists it in
+    ``peers`` and ``peers6``): of the two connections, libtorrent closes the older as
+    soon as the newer comes, before its handshake says who it is, and the address of
+    the one closed was dialled again a second later, closing the other: a new connection
+    every second or two for the whole download. Now an address whose peer is connected
+    at another is not dialled until that connection ends."""
+    piece = 65536
+    files = {"a.bin": 8 * 1024 * 1024 + 17}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=43)
+    port = _free_port()
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, log_peer=True, settings={
+                "listen_interfaces": f"127.0.0.1:{port},[::1]:{port}",
+                "upload_rate_limit": 2 << 20, "limit_loopback": True}) as seeder:
+            r = subprocess.run(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{port}",
+                         "--peer", f"[::1]:{port}"),
+                capture_output=True, text=True, timeout=120,
+                env={**os.environ, "PIECED_PEER_LOG": "info"})
+            assert r.returncode == 0, r.stderr
+            closed = [line for line in seeder.peer_log() if "duplicate peer-id" in line]
+        connected = [line for line in r.stderr.splitlines() if line.endswith(": connected")]
+        assert len(connected) <= 2 and len(closed) <= 1, (connected, closed)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
 def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
         tmp_path: Path, kind: str) -> None:

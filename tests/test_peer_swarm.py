@@ -320,3 +320,55 @@ def test_connections_that_never_handshake_make_way_for_a_peer_that_does(
             await swarm.close()
 
     asyncio.run(run())
+
+
+def test_addresses_on_the_command_line_take_ipv6_in_brackets_only() -> None:
+    """``--peer ::1`` was read as host ``:`` and port 1, and dialled for ever without a
+    word; ``fe80::1`` as ``fe80:`` port 1. A host with a colon goes in brackets."""
+    import argparse
+
+    import pytest
+    from pieced.peer.plugin import _hostport
+
+    assert _hostport("[::1]:6881") == ("::1", 6881)
+    assert _hostport("10.0.0.1:80") == ("10.0.0.1", 80)
+    assert _hostport("example.org:6881") == ("example.org", 6881)
+    assert _hostport(":6881") == ("", 6881)
+    for bad in ("::1", "fe80::1", "1:2:3:4:5:6:7:8", "::1:6881", "[::1", "[::1:6881",
+                "[127.0.0.1]:5", "[nothost]:5", "host", "host:99999", "[::1]:x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _hostport(bad)
+
+
+def test_listening_on_every_interface_by_name_takes_ipv4_and_ipv6(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """``--listen [::]:PORT`` made an IPv6-only socket (asyncio sets IPV6_V6ONLY), and
+    ``:PORT`` an IPv4-only one, while trackers were told the port over either family:
+    peers that a tracker reached over the other one found nobody there."""
+    from pieced.peer import wire
+
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * 16384}, seed=5)
+    raw = make_torrent_lt(content, 16384, "v1")
+    meta = parse(raw)
+    hello = wire.handshake(meta.info_hash, b"-XX0001-" + b"v" * 12, wire.make_reserved())
+
+    async def answered(host: str, port: int) -> bytes:
+        r, w = await asyncio.open_connection(host, port)
+        try:
+            w.write(hello)
+            return await asyncio.wait_for(r.readexactly(68), 5)
+        finally:
+            w.close()
+
+    async def run(swarm: Swarm) -> None:
+        await swarm.start()
+        try:
+            for host in ("127.0.0.1", "::1"):
+                assert (await answered(host, swarm.listen_port))[28:48] == meta.info_hash
+        finally:
+            await swarm.close()
+
+    for listen in ("::", ""):
+        opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
+                       listen=(listen, 0), socket=str(daemon.socket))
+        asyncio.run(run(Swarm(opts, raw, meta)))

@@ -219,6 +219,23 @@ def test_an_ipv4_peer_met_on_the_dual_stack_socket_is_known_by_its_ipv4_address(
         assert unmapped(host) == host
 
 
+def test_an_ipv4_peer_a_tracker_lists_in_peers6_is_known_by_its_ipv4_address() -> None:
+    """A tracker may list IPv4 peers in ``peers6`` as ``::ffff:a.b.c.d``: known so, they
+    shared one place group with every IPv6 peer (three from three addresses took places
+    from one another), were local to nobody, and another peer than the same address
+    listed plainly."""
+    from types import SimpleNamespace
+
+    from pieced.peer.plugin import Swarm
+
+    known: dict[Any, Any] = {}
+    swarm = cast(Any, SimpleNamespace(listen_port=0, known=known, _elsewhere=lambda d: True,
+                                      done=SimpleNamespace(is_set=lambda: False)))
+    Swarm.connect(swarm, "::ffff:127.0.0.2", 7000)
+    Swarm.connect(swarm, "127.0.0.2", 7000)
+    assert list(known) == [("127.0.0.2", 7000)]
+
+
 def test_a_min_interval_longer_than_the_interval_is_kept() -> None:
     """A tracker may refuse (or ban) a client announcing sooner than its ``min
     interval``: the next announce waits for it."""
