@@ -543,14 +543,32 @@ class DiskIO:
                     self._place(changed)
                 affected = [changed, *before.values(), *self._partners(changed).values()]
             done: set[int] = set()
+            changes: list[tuple[Torrent, dict[int, list[tuple[Torrent, int]]]]] = []
             for t in affected:
                 if t.id in done:
                     continue
                 done.add(t.id)
                 now = self._shared_with(t) if t.id in self._places_of else {}
                 if now or t.shared:  # (most share nothing, before and after)
-                    t.shared = now
-                    t.storage.shared_files = frozenset(now)
+                    changes.append((t, now))
+            if not changes:
+                return
+            # The shares change with no write into shared files under way (it looked up
+            # whose pieces it writes into before they changed), and each torrent that
+            # comes to share waits for its writes that took it as sharing nothing: a
+            # torrent registered meanwhile, and checked at once, took the bytes there
+            # for its verified pieces, and the write then went over them unseen (another
+            # torrent's bad block, in a piece reported verified, after a restart too).
+            with self._shared_writes:
+                for t, now in changes:
+                    with t.lock:
+                        t.shared = now
+                        t.storage.shared_files = frozenset(now)
+                for t, now in changes:
+                    if now:
+                        with t.lock:
+                            while t.plain_writes:
+                                t.plain_done.wait()
 
     def _place(self, t: Torrent) -> None:
         """Index where ``t``'s files begin (the caller holds _share_lock)."""
@@ -617,8 +635,18 @@ class DiskIO:
         not take its answer; a piece a check found good during the write, or one a
         write of the same bytes may have put back over another's, is checked again.
         """
-        if not t.shared:
-            return t.storage.writev(segs, bufs)
+        with t.lock:  # (against _reshare: either it waits for this write, or it is seen)
+            plain = not t.shared
+            if plain:
+                t.plain_writes += 1
+        if plain:
+            try:
+                return t.storage.writev(segs, bufs)
+            finally:
+                with t.lock:
+                    t.plain_writes -= 1
+                    if not t.plain_writes:
+                        t.plain_done.notify_all()
         # One write into shared files at a time: a write of "the bytes already there"
         # is that only if no other lands between the look and the write.
         with self._shared_writes:

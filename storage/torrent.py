@@ -233,6 +233,10 @@ class Torrent:
         # file -> (another torrent, its file) at the same path: cross-seeded torrents share
         # their files, and a write through one changes what the other verified
         self.shared: dict[int, list[tuple[Torrent, int]]] = {}
+        # Writes under way that took the torrent as sharing nothing (DiskIO._store): a
+        # torrent coming to share its files waits for them (DiskIO._reshare).
+        self.plain_writes = 0
+        self.plain_done = threading.Condition(self.lock)
         self.moving = False  # its files are being moved or renamed (a fenced operation)
         # piece -> writes another torrent made into it: a check that read the piece
         # before one of them does not take its answer (it is checked again)

@@ -412,6 +412,67 @@ def test_a_bad_block_for_one_of_two_cross_seeded_torrents_unverifies_the_other(
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_torrent_coming_to_share_files_waits_for_the_writes_under_way_into_them(
+        tmp_path: Path, backend: str) -> None:
+    """A torrent registered over files another torrent was writing a bad block into,
+    and checked at once: the write had taken the other as sharing nothing, and went on
+    unseen. The check found the bytes there before it, the piece was verified, and the
+    write then went over it: a piece reported verified over wrong bytes, after a restart
+    too. (The write is held half-way here by its storage's writev.)"""
+    import shutil
+
+    from tests.test_state import _on_disk
+
+    content = make_payload(tmp_path / "src", {"a.bin": 40 * 16384}, seed=21)
+    raw_a = make_torrent_lt(content, 16384, "v1")
+    raw_b = make_torrent_lt(content, 65536, "v1")
+    src_b = Source(raw_b, content.parent)  # (the bytes as they should be)
+    shutil.copytree(content.parent, tmp_path / "dl")
+    # (mmap: files opened off the main thread, which polls: see the test above)
+    pool = concurrent.futures.ThreadPoolExecutor(3)
+    dio = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state"))
+    try:
+        a = _off_main(pool, dio.register, raw_a, tmp_path / "dl")  # (every piece missing)
+        storage = dio.torrent(a).storage
+        writev, going, go = storage.writev, threading.Event(), threading.Event()
+
+        def held(segs: Any, bufs: Any) -> int:
+            going.set()
+            go.wait(30)
+            return writev(segs, bufs)
+
+        storage.writev = held  # type: ignore[method-assign]
+        bad = pool.submit(dio.write_block_direct, a, 5, 0, b"\xee" * 16384)
+        if not storage.gathers_writes:  # (else a failed piece's block is never written)
+            assert going.wait(30)
+
+        def register_and_check() -> bytes:
+            b = dio.register(raw_b, tmp_path / "dl")
+            dio.recheck(b, full=True)
+            return b
+
+        other = pool.submit(register_and_check)
+        time.sleep(1.0)
+        go.set()
+        bad.result(30)
+        b = other.result(30)
+        storage.writev = writev  # type: ignore[method-assign]
+        _off_main(pool, wait_reverified, dio, b)
+        have = _verified(dio.status(b))
+        wrong = _off_main(pool, lambda: [
+            p for p, v in enumerate(have) if v and _on_disk(src_b, tmp_path / "dl", p)
+            != src_b.read(p, 0, src_b.layout.piece_size(p))])
+        assert wrong == [], "pieces of B reported verified over A's bad block"
+        # (a backend that gathers a piece's blocks holds the bad one: the disk is good)
+        gathers = dio.torrent(b).storage.gathers_writes
+        assert sum(have) == len(have) - (0 if gathers else 1)
+    finally:
+        go.set()
+        _off_main(pool, dio.close)
+        pool.shutdown()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 def test_a_good_write_for_one_cross_seeded_torrent_leaves_the_others_verified_pieces_be(
         tmp_path: Path, backend: str) -> None:
     """A, of 16 KiB pieces, has its piece 1 verified (its piece 0 not written); B, the
