@@ -1208,12 +1208,13 @@ class Swarm:
 
     def _twin(self, peer: Peer) -> bool:
         """A connection we dialled, that the peer closed, has a twin: one of ours, open,
-        to the same port at an address of the other family (a peer
-        listening on IPv4 and IPv6, as a tracker lists it). libtorrent closes the older of
-        two connections from one peer id (ours), before its handshake on the newer one
-        says who it is (its peer id is new at each connection: no use to tell it by); the
-        address of the one closed, dialled again a second later, took the other's place,
-        and so on for the whole download."""
+        to the same port at an address of the other family (a peer listening on IPv4 and
+        IPv6, as a tracker lists it). libtorrent closes the older of two connections from
+        one peer id (ours), before its handshake on the newer one says who it is (its
+        peer id is new at each connection: no use to tell it by); the address of the one
+        closed, dialled again a second later, took the other's place, and so on for the
+        whole download. (Another peer on that port, closing on us then, is dialled again
+        only when named again too.)"""
         if peer.stranger is not None:
             return False
         v6 = ":" in peer.host
