@@ -33,7 +33,7 @@ from pieced.storage.metainfo import parse
 from tests.conftest import Daemon, sparse_zero_torrent
 from tests.ltpeer import LtPeer, handshake_info_hash, make_torrent_v1_pads
 from tests.opentracker import OpenTracker
-from tests.realtools import TorrentKind, lt_recheck, make_payload, make_torrent_lt
+from tests.realtools import TorrentKind, corrupt, lt_recheck, make_payload, make_torrent_lt
 from tests.test_disk import Source
 from tests.test_peer_utp import _syn
 
@@ -297,9 +297,7 @@ def test_a_seeder_with_one_rotten_piece_gives_every_other_one(tmp_path: Path) ->
     d = Daemon(tmp_path)
     try:
         with LtPeer(raw, tmp_path / "bad", seed=True) as bad:
-            with open(tmp_path / "bad" / "payload" / "a.bin", "r+b") as f:
-                f.seek(7 * piece + 100)
-                f.write(b"rot")
+            corrupt(tmp_path / "bad" / "payload" / "a.bin", 7 * piece + 100, 3)
             r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
                                         f"127.0.0.1:{bad.port}"),
                                capture_output=True, text=True, timeout=120)
@@ -333,9 +331,7 @@ def test_a_rotten_piece_the_daemon_held_a_block_of_is_given_up_too(tmp_path: Pat
     d = Daemon(tmp_path)
     try:
         with LtPeer(raw, tmp_path / "bad", seed=True) as bad:
-            with open(tmp_path / "bad" / "payload" / "a.bin", "r+b") as f:
-                f.seek(7 * piece + 40000)
-                f.write(b"rot")
+            corrupt(tmp_path / "bad" / "payload" / "a.bin", 7 * piece + 40000, 3)
             with Client(d.socket) as c:
                 c.register(raw, tmp_path / "dl")
                 good = (content / "a.bin").read_bytes()
