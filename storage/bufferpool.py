@@ -271,6 +271,12 @@ class BufferPool:
     def drop(self, key: Key) -> None:
         """Forget a piece entirely, buffered and cached."""
         self.take_dirty(key)
+        self.drop_clean(key)
+
+    def drop_clean(self, key: Key) -> None:
+        """Forget a piece's cached copy (its bytes on disk changed), not its buffered
+        blocks (another torrent wrote into the file where a piece under way has blocks
+        still to be written out: they go over those bytes then)."""
         with self._lock:
             gone = self._clean.pop(key)
         self.recycler.give(gone)

@@ -143,6 +143,24 @@ def _differs(there: tuple[bytes, bytearray], a: int, b: int) -> bool:
     return memoryview(new)[a:b] != memoryview(old)[a:b]
 
 
+def _changes_received(partial: Partial, buffered: list[tuple[int, bytes]], at: int,
+                      start: int, stop: int, there: tuple[bytes, bytearray]) -> bool:
+    """Whether a write of the torrent's bytes ``start:stop`` (``there``, see
+    DiskIO._bytes_there) changes bytes the piece under way at ``at`` has received and
+    stored: its ``buffered`` blocks are written out later, over what the write puts
+    there. (The spans are copied at once: their writer may add to them meanwhile, and a
+    block it is adding was stored before the write looked, which its writer then sees.)"""
+    held = Intervals()
+    held.spans = [[s, e] for s, e in list(partial.hasher.received.spans)]
+    for b, data in buffered:
+        held.remove(b, b + len(data))
+    for s, e in held.spans:
+        lo, hi = max(at + s, start), min(at + e, stop)
+        if lo < hi and _differs(there, lo - start, hi - start):
+            return True
+    return False
+
+
 def _snapshot(bufs: Sequence[Buffer], length: int) -> memoryview:
     """``bufs`` copied, once, into memory of this thread's: what is then written and
     what is hashed are the same bytes, whatever the memory they came from does
@@ -658,7 +676,13 @@ class DiskIO:
         done; those it leaves as they were are left alone. (The write was compared
         whole: a block of the bytes a verified piece of the other torrent holds, running
         on into zeros not yet written, cleared that piece, and a kill -9 before its check
-        lost it for good.)"""
+        lost it for good.) A piece under way starts over only where the write changes
+        bytes it has received: two torrents of one payload downloading at once write
+        into each other's pieces where the other has nothing yet, and each such write
+        threw the other's piece away (a fifth to a third of the blocks sent twice).
+        Each changed piece's ``written_over`` moves before the write, so that a block of
+        it stored meanwhile, not yet counted received, is seen by its writer as written
+        over (see write_blocks_direct)."""
         plan: list[tuple[Torrent, int, range, frozenset[int], list[int], list[int]]] = []
         for seg in segs:
             others = t.shared.get(seg.file_index) if seg.stored else None
@@ -680,11 +704,19 @@ class DiskIO:
                 with x.lock:
                     for p in changed:
                         x.written_into[p] = x.written_into.get(p, 0) + 1
-                        self.pool.drop((x.id, p))  # (what it cached of them is stale)
+                        x.written_over[p] = x.written_over.get(p, 0) + 1
+                        self.pool.drop_clean((x.id, p))  # (what it cached of them is stale)
                     seen = [x.written_into.get(p, 0) for p in pieces]
                     verified = [p for p in changed if x.state[p] == VERIFIED]
-                if changed:
-                    self._start_over(x, j, verified=True, partial=True, pieces=changed)
+                    # (A torrent being removed has no pieces under way left.)
+                    over = [p for p in changed if x.state[p] != PARTIAL or there is None
+                            or ((q := x.partial.get(p)) is not None and _changes_received(
+                                q, self.pool.dirty_blocks((x.id, p)), p * size, start, stop,
+                                there))]
+                    for p in over:
+                        self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
+                if over:
+                    self._start_over(x, j, verified=True, partial=True, pieces=over)
                 plan.append((x, j, pieces, frozenset(changed), seen, verified))
         try:
             return t.storage.writev(segs, bufs)
@@ -697,7 +729,9 @@ class DiskIO:
                             if p in wrote or x.written_into.get(p, 0) != was]
                     for p in redo:
                         x.written_into[p] = x.written_into.get(p, 0) + 1
-                        self.pool.drop((x.id, p))
+                        # (Not the blocks: of a piece under way that the write left be,
+                        # or started anew meanwhile: they go over what it wrote.)
+                        self.pool.drop_clean((x.id, p))
                     found = [p for p in redo if x.state[p] == VERIFIED]
                 if found:
                     self._start_over(x, j, verified=True, partial=False, pieces=found)
@@ -707,13 +741,16 @@ class DiskIO:
     def _bytes_there(t: Torrent, seg: Segment, bufs: Sequence[Buffer],
                      ) -> tuple[bytes, bytearray] | None:
         """(the bytes to be written where ``seg`` goes, those the file holds there), or
-        None where the file cannot be read (taken as changed)."""
+        None where the file cannot be read (taken as changed). A file not made yet holds
+        zeros (a backend that gathers the blocks of a piece makes it at the first piece
+        written out: the other torrent's blocks under way are all in its buffers)."""
         new = b"".join(sub_views(bufs, seg.buf_offset, seg.buf_offset + seg.length))
         old = bytearray(seg.length)
         try:
             t.storage.readinto([seg._replace(buf_offset=0)], memoryview(old))
-        except PiecedError:
-            return None
+        except PiecedError as exc:
+            if not _never_made(exc):
+                return None
         return new, old
 
     def _check_again(self, t: Torrent, pieces: Sequence[int]) -> None:
@@ -1604,6 +1641,7 @@ class DiskIO:
                         return None
                     _room_for(partial, piece, begin, length)
                     partial.writers.add(writer)
+                    seen = t.written_over.get(piece)
                     try:
                         if partial.pads:
                             runs = self._cut_pads(partial, begin, (block,), length)
@@ -1619,11 +1657,26 @@ class DiskIO:
                     if flush:
                         self._sync(t, t.files_of(piece))
                     self.metrics.add("blocks_written")
-                    if partial.hasher.complete:
+                    if t.written_over.get(piece) != seen and not self._still_there(
+                            t, piece, begin, (block,), length):
+                        self._abandon(t, piece, partial)
+                    elif partial.hasher.complete:
                         return self._complete(t, piece, partial)
                 return None
         finally:
             t.fence.release_shared()
+
+    def _still_there(self, t: Torrent, piece: int, begin: int, bufs: Sequence[Buffer],
+                     length: int) -> bool:
+        """(Caller holds the piece's lock.) Whether the piece holds the block just
+        written, after another torrent began to write into it during the write (see
+        _store_shared): if not, it was written over before it was counted received,
+        and the piece starts over (``_abandon``). Read back only in that race."""
+        try:
+            there = self._read_range(t, piece, begin, length)
+        except PiecedError:
+            return False
+        return memoryview(there) == memoryview(b"".join(bufs))
 
     def _buffer(self, t: Torrent, piece: int, partial: Partial, begin: int, block: bytes,
                 length: int, through: bool) -> None:
@@ -1692,6 +1745,7 @@ class DiskIO:
                         return None
                     _room_for(partial, piece, begin, length)
                     partial.writers.add(writer)
+                    seen = t.written_over.get(piece)
                     runs = (self._cut_pads(partial, begin, bufs, length) if partial.pads
                             else [(begin, bufs, length)])
                     try:
@@ -1714,7 +1768,10 @@ class DiskIO:
                         raise
                     if not runs:
                         self._all_pad(t, piece, partial)
-                    if partial.hasher.complete:
+                    if t.written_over.get(piece) != seen and not self._still_there(
+                            t, piece, begin, bufs, length):
+                        self._abandon(t, piece, partial)
+                    elif partial.hasher.complete:
                         return self._complete(t, piece, partial)
                 return None
         finally:
@@ -1865,16 +1922,22 @@ class DiskIO:
         try:
             self._write_out(t, piece, self.pool.take_dirty((t.id, piece)))
         except BaseException:
-            with t.lock:
-                partial = t.partial.pop(piece, None)
-                if partial is not None:
-                    partial.done = partial.cleared = True  # (its writers start a new one)
-                    self._count_partials(-1)
-                    self._to_missing(t, piece)
-                    self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
-                                                  tuple(sorted(partial.writers)))])
-            self._tell(t)
+            self._abandon(t, piece, t.partial.get(piece))
             raise
+
+    def _abandon(self, t: Torrent, piece: int, partial: Partial | None) -> None:
+        """(Caller holds the piece's lock.) The piece starts over, told failed without
+        v1/v2 so that every block of it is sent again: what its hash state counts is not
+        what the file holds (blocks lost to a failed write, or bytes written over)."""
+        with t.lock:
+            if partial is not None and t.partial.get(piece) is partial:
+                del t.partial[piece]
+                partial.done = partial.cleared = True  # (its writers start a new one)
+                self._count_partials(-1)
+                self._to_missing(t, piece)
+                self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
+                                              tuple(sorted(partial.writers)))])
+        self._tell(t)
 
     def _write_out(self, t: Torrent, piece: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write buffered blocks, one vectored write per run of adjacent blocks."""
@@ -1933,15 +1996,7 @@ class DiskIO:
             # starts over, told failed without v1/v2, as in _write_out_buffered: blocks of
             # it that were acknowledged are gone, and a client that sent again only the
             # block that got the error would wait for the piece for ever.
-            with t.lock:
-                if t.partial.get(piece) is partial:
-                    del t.partial[piece]
-                    partial.cleared = True  # (writers waiting for it start a new one)
-                    self._count_partials(-1)
-                    self._to_missing(t, piece)
-                    self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
-                                                  tuple(sorted(partial.writers)))])
-            self._tell(t)
+            self._abandon(t, piece, partial)
             raise
         failed = result if not result.ok else PieceResult(t.key, piece, False, None, None,
                                                           result.writers)

@@ -241,6 +241,10 @@ class Torrent:
         # piece -> writes another torrent made into it: a check that read the piece
         # before one of them does not take its answer (it is checked again)
         self.written_into: dict[int, int] = {}
+        # piece -> writes another torrent began into it that change its bytes: a block
+        # of it stored meanwhile, not yet counted received, may have been written over
+        # (its writer starts the piece over; see DiskIO._store_shared)
+        self.written_over: dict[int, int] = {}
         self.to_check: set[int] = set()  # pieces such writes left to check again
         self.checker = False  # a thread is checking them
         self.checking = 0  # checks of its files (recheck, start-up check) under way

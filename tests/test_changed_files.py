@@ -567,6 +567,126 @@ def test_a_write_into_a_cross_seeded_piece_while_it_is_checked_is_not_missed(
     dio.close()
 
 
+def _under_way(dio: DiskIO, ih: bytes) -> dict[int, list[list[int]]]:
+    return {p: spans for p, spans in dio.status(ih, files=False, partial=True)["partial"]}
+
+
+def test_two_torrents_of_one_payload_downloading_at_once_keep_each_others_pieces_under_way(
+        tmp_path: Path, backend: str) -> None:
+    """A (64 KiB pieces) and B (16 KiB pieces) of one payload, both downloading into
+    its files. A has the first block of its piece 0; B then writes its pieces 1 and 2,
+    the rest of A's piece 0, where A has nothing yet. The write was compared with the
+    zeros there and threw A's piece away (told failed: sent again whole), and a fifth
+    to a third of the blocks of two such downloads were sent twice. Now A's piece
+    starts over only where B changes bytes A has received: not for B's good bytes, nor
+    for B's bad ones where A has nothing (A's own blocks go over them), but for B's bad
+    bytes over A's block."""
+    content = make_payload(tmp_path / "src", 8 * 16384, seed=62)
+    raw_a = make_torrent_lt(content, 65536, "v1")
+    raw_b = make_torrent_lt(content, 16384, "v1")
+    src_a, src_b = Source(raw_a, tmp_path / "src"), Source(raw_b, tmp_path / "src")
+    told: list[tuple[bytes, int, bool]] = []
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # (mmap: see the tests above)
+    dio = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state",
+                                         on_piece=lambda r: told.append((r.info_hash, r.piece, r.ok))))
+    try:
+        a = _off_main(pool, dio.register, raw_a, tmp_path / "dl")
+        b = _off_main(pool, dio.register, raw_b, tmp_path / "dl")
+        assert dio.torrent(a).shared, "the two torrents share their file"
+        _off_main(pool, dio.write_block_direct, a, 0, 0, src_a.read(0, 0, 16384))
+        assert _under_way(dio, a) == {0: [[0, 16384]]}
+        r = _off_main(pool, dio.write_block_direct, b, 1, 0, src_b.read(1, 0, 16384))
+        assert r is not None and r.ok
+        bad = _off_main(pool, dio.write_block_direct, b, 2, 0, b"\xee" * 16384)
+        assert bad is not None and not bad.ok
+        assert _under_way(dio, a) == {0: [[0, 16384]]}, "A's piece 0 thrown away"
+        assert [x for x in told if x[0] == a] == []
+        for at in (16384, 32768, 49152):  # A's blocks, over B's bad bytes too
+            r = _off_main(pool, dio.write_block_direct, a, 0, at, src_a.read(0, at, 16384))
+        assert r is not None and r.ok
+        _off_main(pool, dio.flush_all)
+        assert _wrong_verified(dio, a, src_a) == []
+        # B's bad bytes over a block A has received: A's piece 1 starts over, told failed
+        _off_main(pool, dio.write_block_direct, a, 1, 0, src_a.read(1, 0, 16384))
+        _off_main(pool, dio.write_block_direct, b, 4, 0, b"\xee" * 16384)
+        if dio.torrent(b).storage.gathers_writes:  # (B's failed piece is never written)
+            assert _under_way(dio, a) == {1: [[0, 16384]]}
+        else:
+            assert _under_way(dio, a) == {} and (a, 1, False) in told
+        _off_main(pool, fill, dio, a, src_a)
+        _off_main(pool, dio.flush_all)
+        assert all(_verified(dio.status(a))) and _wrong_verified(dio, a, src_a) == []
+    finally:
+        _off_main(pool, dio.close)
+        pool.shutdown()
+
+
+@pytest.mark.backends(exclude={
+    "disabled": STORES_NOTHING,
+    "direct": "gathers a piece's blocks before writing them: none of a piece under way is on disk",
+    "uring": "gathers a piece's blocks before writing them: none of a piece under way is on disk"})
+def test_a_block_written_over_before_it_is_counted_received_is_not_taken_as_there(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's first block of its piece 0 is on disk, and not yet counted received by A's
+    hash state (held there), when B's bad block goes over it: B's write finds nothing of
+    A's piece received there, and leaves it under way. A's hash state then counts the
+    block it hashed as it was sent, while the file holds B's bytes: were the piece left
+    under way, it would pass with A's next block and be reported verified over B's.
+    A's writer sees the piece written into during its write, finds its block gone, and
+    starts the piece over."""
+    from pieced.storage.hashing import PieceHasher
+
+    content = make_payload(tmp_path / "src", 4 * 16384, seed=63)
+    raw_a = make_torrent_lt(content, 32768, "v1")
+    raw_b = make_torrent_lt(content, 16384, "v1")
+    src_a = Source(raw_a, tmp_path / "src")
+    told: list[tuple[bytes, int, bool]] = []
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    dio = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state",
+                                         on_piece=lambda r: told.append((r.info_hash, r.piece, r.ok))))
+    try:
+        a = _off_main(pool, dio.register, raw_a, tmp_path / "dl")
+        b = _off_main(pool, dio.register, raw_b, tmp_path / "dl")
+        add, stored, go = PieceHasher.add, threading.Event(), threading.Event()
+
+        def held(self: PieceHasher, *args: Any, **kw: Any) -> None:
+            if threading.current_thread().name == "a" and not stored.is_set():
+                stored.set()
+                go.wait(30)
+            add(self, *args, **kw)
+
+        monkeypatch.setattr(PieceHasher, "add", held)
+
+        def first_block() -> Any:
+            threading.current_thread().name = "a"
+            try:
+                return dio.write_block_direct(a, 0, 0, src_a.read(0, 0, 16384))
+            finally:
+                threading.current_thread().name = "not a"
+
+        under_way = pool.submit(first_block)
+        assert stored.wait(30)
+        try:
+            bad = _off_main(pool, dio.write_block_direct, b, 0, 0, b"\xee" * 16384)
+            assert bad is not None and not bad.ok
+        finally:
+            go.set()
+        under_way.result(30)
+        monkeypatch.undo()
+        r = _off_main(pool, dio.write_block_direct, a, 0, 16384, src_a.read(0, 16384, 16384))
+        _off_main(pool, dio.flush_all)
+        assert r is None or not r.ok
+        assert (a, 0, False) in told
+        assert _wrong_verified(dio, a, src_a) == []
+        _off_main(pool, fill, dio, a, src_a)
+        _off_main(pool, dio.flush_all)
+        assert all(_verified(dio.status(a))) and _wrong_verified(dio, a, src_a) == []
+    finally:
+        go.set()
+        _off_main(pool, dio.close)
+        pool.shutdown()
+
+
 def test_sharing_is_found_after_a_torrents_first_file_is_renamed_away(
         tmp_path: Path) -> None:
     """A torrent whose first file was renamed out of its folder was not seen to share
