@@ -888,12 +888,14 @@ class DiskIO:
     @staticmethod
     def _stamp(storage: FileStorage, index: int, folders: dict[str, bool]) -> list[int]:
         """The stamp a clean stop records of a payload file: one that never matches if
-        the file under its name is not the one the daemon used (opened, or checked at
-        its start and not opened since)."""
+        the file under its name is not the one the daemon used, or if it changed since
+        the daemon first looked at it, unless the daemon wrote it since. (A file only
+        read, seeded, kept the stamp of an edit made meanwhile: the next start took it
+        as it was.)"""
         identity = storage.identity(index)
         stamp = file_stamp(storage.file_path(index), identity, folders)
         seen = storage.start_stamps.get(index)
-        if identity is None and seen is not None and stamp != seen:
+        if seen is not None and index not in storage.written and stamp != seen:
             stamp[2] = -1  # changed behind our back since the start: what it holds is unknown
         return stamp
 

@@ -245,9 +245,13 @@ class FileStorage:
         # file -> (message, errno) of the failure
         self._tickets = itertools.count()
         self._identity: dict[int, tuple[int, int]] = {}  # file -> (st_dev, st_ino) first seen
-        # file -> its stamp (resume.file_stamp) at the start that loaded the torrent: a
-        # file not opened since is the one checked then only if its stamp is the same.
+        # file -> its stamp (resume.file_stamp) at the start that loaded the torrent, or
+        # at its first read since: a file not opened since is the one checked then only
+        # if its stamp is the same, and one not written since is as it was then.
         self.start_stamps: dict[int, list[int]] = {}
+        # Files the daemon has written since the start: their times are its own doing
+        # (a stop's or a save's stamp of one compares its inode alone; see DiskIO._stamps).
+        self.written: set[int] = set()
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         # Files seen gone (or cut short) after we wrote them: before one is given its length
         # again, ``before_remaking(index)`` (set by the disk interface) makes sure the
@@ -344,6 +348,11 @@ class FileStorage:
             else:
                 self._recreate.discard(index)
                 first = self._identity.setdefault(index, me)
+                if first == me and not known and not flags & os.O_CREAT:
+                    # First read in this run (a check of data found there): as it was
+                    # then, so that a stop sees an edit made behind our back since.
+                    self.start_stamps.setdefault(
+                        index, [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         if first is None:
             os.close(fd)  # (a writer may be making it this moment: not there yet, for a read)
             raise StorageIOError(f"{self.file_path(index)} is gone, and not made anew yet",
@@ -667,6 +676,7 @@ class FileStorage:
         if index not in self._dirty:  # (read without the lock: the usual case costs nothing)
             with self._lock:
                 self._dirty.add(index)
+                self.written.add(index)
 
     def _pwritev_all(
         self, fd: int, views: list[memoryview], offset: int, index: int, done: int = 0
@@ -1152,7 +1162,7 @@ class FileStorage:
         with self._lock:
             if opened:
                 self._identity[index] = (st.st_dev, st.st_ino)
-            elif index in self.start_stamps:
+            if index in self.start_stamps:  # (a rename changes the file's ctime)
                 self.start_stamps[index] = file_stamp(path)
 
     def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]]

@@ -252,6 +252,7 @@ class UringStorage(FileStorage):
                 self.handles.put(entry)
         with self._lock:
             self._dirty.update(s.file_index for s in todo)
+            self.written.update(s.file_index for s in todo)
         return sum(s.length for s in todo)
 
     # Segments read in one submission at most, each holding a descriptor of its file

@@ -114,6 +114,66 @@ def test_files_changed_while_stopped_with_their_times_put_back_are_checked(
     again.close()
 
 
+def _plant(folder: Path, name: str = "b.bin") -> None:
+    """Change bytes in the middle of a file, its size and modification time put back."""
+    st = os.stat(folder / name)
+    with open(folder / name, "r+b") as f:
+        f.seek(70000)
+        f.write(b"planted!")
+    os.utime(folder / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("read", [False, True], ids=["unread", "seeded"])
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_file_changed_while_the_daemon_seeds_it_is_checked_after_a_clean_stop(
+        tmp_path: Path, backend: str, kind: str, read: bool) -> None:
+    """Downloaded, then a start that only seeds: bytes of a file are changed behind the
+    daemon's back (time put back), then a clean stop. The stop stamped a file the
+    daemon had opened as it found it, and the next start trusted its pieces (only a
+    file never opened in that run was compared with its stamp of the start). A file
+    not written since the start is now compared with that stamp, read or not."""
+    raw, _, dio, ih = _downloaded(tmp_path, backend, kind)
+    dio.close()
+    seeding = DiskIO(backend, state_dir=tmp_path / "state")
+    assert all(_verified(wait_reverified(seeding, ih)))
+    if read:
+        n = seeding.status(ih)["num_pieces"]
+        for p in range(n):
+            seeding.read_piece(ih, p)
+    _plant(tmp_path / "dl" / "payload" / "dir")
+    seeding.close()
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert _verified(wait_reverified(again, ih)) == truth
+    again.close()
+
+
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_file_changed_after_a_register_found_it_whole_is_checked_after_a_clean_stop(
+        tmp_path: Path, backend: str, kind: str) -> None:
+    """A torrent registered over its data (the check at register reads every file and
+    verifies every piece), bytes of a file changed behind the daemon's back, a clean
+    stop: the file had no stamp of the start, and was stamped as found at the stop. Its
+    first read now stamps it, and the change is seen."""
+    import shutil
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000,
+                                              "dir/c.bin": 200000, "d.bin": 7})
+    raw = make_torrent_lt(content, PIECE, kind)
+    shutil.copytree(tmp_path / "src", tmp_path / "dl")
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, tmp_path / "dl")
+    assert all(dio.recheck(ih).have)  # (what the daemon does at register)
+    _plant(tmp_path / "dl" / "payload" / "dir")
+    dio.close()
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    assert _verified(wait_reverified(again, ih)) == truth
+    again.close()
+
+
 def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) -> None:
     """A resume record written before stamps held the change time and inode holds size
     and modification time: a restart compares those, and does not take every file of
