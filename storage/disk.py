@@ -79,6 +79,8 @@ from .paths import SaveFolderGone, anchor_of, remove_folder
 from .resume import (
     REC_CLEARED,
     REC_VERIFIED,
+    STAMP_FIELDS,
+    UNSTAMPED,
     Deletion,
     Loaded,
     StateStore,
@@ -541,7 +543,19 @@ class DiskIO:
         removed, moved or renamed since the last call (only it and the torrents it
         shared with, or shares with now, are looked at: every torrent gone through at
         each register, one among 10,000 took 0.1 s, the others' requests waiting);
-        None: every torrent (at start)."""
+        None: every torrent (at start, before the records are written).
+
+        A torrent that comes to share files has its record written again: while it
+        runs, a record keeps its stamp of a file only if no torrent can write it (see
+        _kept_stamps), and the one sharing it now may."""
+        came = self._reshare_now(changed)
+        if changed is not None:
+            for x in came:
+                if x is not changed:
+                    self._save_now(x)
+
+    def _reshare_now(self, changed: Torrent | None) -> list[Torrent]:
+        """:meth:`_reshare`: the torrents that came to share files they did not."""
         with self._share_lock:
             if changed is None:
                 with self._lock:
@@ -570,7 +584,8 @@ class DiskIO:
                 if now or t.shared:  # (most share nothing, before and after)
                     changes.append((t, now))
             if not changes:
-                return
+                return []
+            came = [t for t, now in changes if not set(now) <= set(t.shared)]
             # The shares change with no write into shared files under way (it looked up
             # whose pieces it writes into before they changed), and each torrent that
             # comes to share waits for its writes that took it as sharing nothing: a
@@ -587,6 +602,7 @@ class DiskIO:
                         with t.lock:
                             while t.plain_writes:
                                 t.plain_done.wait()
+            return came
 
     def _place(self, t: Torrent) -> None:
         """Index where ``t``'s files begin (the caller holds _share_lock)."""
@@ -861,7 +877,9 @@ class DiskIO:
             gen = rec.rotate()
         files = None
         partial: list[tuple[int, int, int]] = []
-        if stamps:
+        if not stamps:
+            files = _kept_stamps(t)
+        else:
             folders: dict[str, bool] = {}
             files = [self._stamp(t.storage, i, folders) if not flag & UNSTORED else [0, 0, 0, 0]
                      for i, flag in enumerate(t.meta.files.flags)]
@@ -1015,14 +1033,12 @@ class DiskIO:
         told(0, 0)
         loaded, deletions, self.load_errors = self.state.load_all(
             lambda raw: parse(raw, **self.metainfo_limits))
-        # File stamps are those of a clean stop, and a record keeps them until it is
-        # rewritten (at this start, once loaded): a record not rewritten (its torrent
-        # skipped, a full state disk) has them compared at whatever start comes next,
-        # after a crash too; they can only put pieces in doubt. (Compared only after a
-        # clean stop, the mark of one was kept for them past such a start, and a crash
-        # later was taken for a clean stop.)
-        saving = ThreadPoolExecutor(LOAD_SAVERS, thread_name_prefix="pieced-load")
-        saves: list[Future[None]] = []
+        # File stamps are compared at every start: a clean stop's, or those a record
+        # written while the daemon ran kept of the files it could not have written since
+        # (see _kept_stamps), but for the files of pieces the journals cleared since (they
+        # may have been written, their times the daemon's own) and those of a move a
+        # crash cut short; they can only put pieces in doubt.
+        ends: list[tuple[Torrent, TorrentRecord, str, str | None, bool, list[int], bool]] = []
         for done, (saved, next_gen) in enumerate(loaded):
             told(done, len(loaded))
             try:
@@ -1078,6 +1094,9 @@ class DiskIO:
                     f"{t.count(VERIFIED)} verified pieces are missing until a start finds "
                     "it, which checks them again (or a recheck, once it is back)")
             short: set[int] = set()  # files gone or shorter than their length
+            stamps = saved.stamps if saved.previous is None else None
+            written = {i for p in saved.cleared for i in t.files_of(p)} if (
+                stamps is not None and saved.cleared) else set()
             for i in range(len(lengths) if VERIFIED in t.state else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
@@ -1096,8 +1115,8 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif saved.stamps is not None and not _stamp_kept(
-                        saved.stamps, i, stamp):
+                elif stamps is not None and i not in written and not _stamp_kept(
+                        stamps, i, stamp):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
@@ -1145,15 +1164,19 @@ class DiskIO:
             # Each torrent's record is written again (two syncs): on threads, the file
             # system takes the syncs of several records at once (one after the other, a
             # start with 4,000 torrents spent 4 of its 6 s in them).
-            saves.append(saving.submit(self._loaded, t, rec, saved.ih_hex, scope, moved,
-                                       sorted(suspect), saved.checking == "all"))
+            ends.append((t, rec, saved.ih_hex, scope, moved, sorted(suspect),
+                         saved.checking == "all"))
+        # The files torrents share, known before their records are written: a record
+        # keeps no stamp of a file another torrent may write (see _kept_stamps).
+        self._reshare()
+        saving = ThreadPoolExecutor(LOAD_SAVERS, thread_name_prefix="pieced-load")
         try:
+            saves = [saving.submit(self._loaded, *end) for end in ends]
             for future in saves:  # (told on: a service manager waits for the start)
                 told(len(loaded), len(loaded))
                 future.result()
         finally:
             saving.shutdown()
-        self._reshare()
         for deletion in deletions:  # (after the torrents: files one of them holds stay)
             self._finish_deletion(deletion)
         try:
@@ -3002,6 +3025,10 @@ class DiskIO:
             raise
         finally:
             self._reshare(t)  # (moved or not: where its files are now)
+        # The stamps of the files where they are now (a rename changes a file's ctime),
+        # before the location record says the move is over: until then a start after a
+        # crash takes no stamp for its word.
+        self._save_now(t)
         try:
             self._save_location(t)
         except StorageIOError as exc:  # the record above already leads a restart there
@@ -3231,9 +3258,46 @@ class _CheckFailed(Exception):
 
 
 def _stamp_kept(stamps: list[list[int]], index: int, stamp: list[int]) -> bool:
-    """Whether file ``index`` is as a clean stop stamped it (a record of fewer fields,
-    an older version's, is compared on those)."""
-    return index < len(stamps) and stamps[index] == stamp[:len(stamps[index])]
+    """Whether file ``index`` is as the record stamped it (a record of fewer fields, an
+    older version's, is compared on those; one UNSTAMPED on its inode alone)."""
+    if index >= len(stamps):
+        return False
+    kept = stamps[index]
+    if kept[0] == UNSTAMPED:
+        return len(kept) < STAMP_FIELDS or not kept[3] or kept[3] == stamp[3]
+    return kept == stamp[:len(kept)]
+
+
+def _kept_stamps(t: Torrent) -> list[list[int]] | None:
+    """The file stamps a save records while the daemon runs (None: no file looked at or
+    opened since the start), so that a start after a crash sees what was done to the files
+    while the daemon was down (bytes changed, times put back, files swapped, an older
+    copy put back), which it saw only after a clean stop. A file keeps its stamp of the
+    start (or of its first read) only if it has been written by no torrent since, and
+    can be by none until the next save: every piece of it verified (a piece cleared
+    since is journaled first, and the start takes the file as unstamped), no other
+    torrent sharing it (one coming to share it saves this record again). Any other file
+    may be written by the daemon any time: its inode alone. No file is looked at here."""
+    storage = t.storage
+    start, written = storage.start_stamps, storage.written
+    if not start and not storage.opened_any:
+        return None
+    state, layout = t.state, t.layout
+    out: list[list[int]] = []
+    for i, flag in enumerate(t.meta.files.flags):
+        if flag & UNSTORED:
+            out.append([0, 0, 0, 0])
+            continue
+        seen = start.get(i)
+        pieces = layout.file_pieces(i)
+        if seen is not None and i not in written and i not in t.shared and state[
+                pieces.start:pieces.stop].count(VERIFIED) == len(pieces):
+            out.append(seen)
+        else:
+            used = storage.identity(i)
+            out.append([UNSTAMPED, 0, 0, used[1] if used is not None else
+                        seen[3] if seen is not None else 0])
+    return out
 
 
 def _never_made(exc: PiecedError) -> bool:

@@ -376,6 +376,11 @@ class FileStorage:
                              "files as they are)")
         return fd, st
 
+    @property
+    def opened_any(self) -> bool:
+        """Whether any payload file has been opened (its inode known) since the start."""
+        return bool(self._identity)
+
     def identity(self, index: int) -> tuple[int, int] | None:
         """(st_dev, st_ino) of the file the daemon has used at the file's place, if any."""
         with self._lock:

@@ -15,8 +15,12 @@ Layout under the state directory::
                                             that a restart finishes what a crash cut)
     torrents/<info_hash hex>/resume         bencoded: bitfield, BLAKE3 fingerprint of
                                             every verified piece, the journal generation
-                                            that follows it, and at a clean stop the
-                                            (size, mtime_ns) of every payload file
+                                            that follows it, and a stamp (size,
+                                            mtime_ns, ctime_ns, inode) of every payload
+                                            file: at a clean stop, as it is then; while
+                                            running, as at the start for a file whole,
+                                            not written and not shared since, else its
+                                            inode alone
     torrents/<info_hash hex>/journal.<gen>  fixed-size records appended since then
     torrents/<info_hash hex>/checking       exists while a check of the files (a
                                             recheck) is under way: a restart finishes it
@@ -231,7 +235,7 @@ class Loaded(NamedTuple):
     renames: dict[int, tuple[str, ...]]
     have: bytearray  # bitfield of the verified pieces
     fingerprints: bytearray  # the fingerprint table (zeros: none)
-    stamps: list[list[int]] | None  # per file, saved at a clean stop
+    stamps: list[list[int]] | None  # per file (see DiskIO._save)
     damaged: str | None  # why the resume record could not be used, if it could not
     # A move or rename was under way (save path, renames the files had before it): files
     # not yet where the record says are still there.
@@ -242,6 +246,9 @@ class Loaded(NamedTuple):
     # A clean stop's pieces under way: piece -> the byte ranges of it in its files.
     partial: dict[int, list[tuple[int, int]]] | None = None
     why_checked: str | None = None  # why every piece is checked again, said at the start
+    # Pieces the journals cleared since the resume record: their files may have been
+    # written since, their stamps not kept up with it.
+    cleared: frozenset[int] = frozenset()
 
 
 class Deletion(NamedTuple):
@@ -336,8 +343,8 @@ class TorrentRecord:
     def write_resume(self, have: bytes, fingerprints: bytes, gen: int,
                      stamps: list[list[int]] | None,
                      partial: Sequence[tuple[int, int, int]] = ()) -> None:
-        """``stamps`` (a clean stop's): each file's; ``partial``: then, the byte ranges
-        of the pieces under way that are in their files, (piece, begin, end)."""
+        """``stamps``: each file's (see DiskIO._save); ``partial`` (a clean stop's): the
+        byte ranges of the pieces under way that are in their files, (piece, begin, end)."""
         if self.removed:
             return
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen,
@@ -479,9 +486,9 @@ class StateStore:
         except BaseException:
             self.close()
             raise
-        # Payload file stamps are compared only after a clean stop: after a crash the
-        # files we were writing have changed since the last save, by our own hand.
-        # (A folder in its place, which no stop made and none can replace, is not it.)
+        # Whether the last stop was clean: after a crash, a backend puts right what its
+        # own writes may have left half done (``FileStorage.after_crash``). (A folder in
+        # its place, which no stop made and none can replace, is not it.)
         self.was_clean = (self.state_dir / CLEAN).is_file()
         for name in os.listdir(self.state_dir):  # (the lock is ours: no writer of them)
             if _TEMPORARY.fullmatch(name):  # of a mark_clean a crash cut short
@@ -493,8 +500,9 @@ class StateStore:
 
     def mark_running(self) -> None:
         """The start-up is over: from now on the daemon changes files itself, so a
-        crash is a crash (the file stamps of a clean stop stay in the records not
-        rewritten, and are compared at any start: see ``DiskIO._load_state``)."""
+        crash is a crash (file stamps are compared at any start, those a record keeps
+        being of files the daemon could not have written since: see
+        ``DiskIO._load_state``)."""
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / CLEAN).unlink()
             fsync_dir(self.state_dir)
@@ -643,6 +651,7 @@ class StateStore:
         gens = [g for g in rec.journals() if damaged or g >= gen]
         torn = tail = False
         why: str | None = None
+        cleared: set[int] = set()
         for g in gens:
             try:
                 data = read_regular(folder / f"journal.{g}")
@@ -661,6 +670,7 @@ class StateStore:
                     fps[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES] = fp
                 else:
                     have[piece >> 3] &= ~bit & 0xFF
+                    cleared.add(piece)
         # Appends go to a new generation: never after a torn record, which would hide them.
         next_gen = max([gen, *rec.journals()]) + 1
         if torn:
@@ -680,7 +690,7 @@ class StateStore:
             why = ("the last record of its journal is damaged or cut short (a crash or a "
                    "power cut in the middle of an append, or damage on the disk)")
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous, checking, partial or None, why)
+                        previous, checking, partial or None, why, frozenset(cleared))
         return loaded, next_gen
 
 
@@ -804,3 +814,6 @@ def _no_symlink_to(folder: str) -> bool:
 
 
 STAMP_FIELDS = 4  # of a file_stamp (a record written before ctime and inode has two)
+# In place of a stamp's size, in a record written while the daemon runs: the file's
+# times are not known (it may be written any time); only its inode, if not 0, counts.
+UNSTAMPED = -2

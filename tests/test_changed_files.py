@@ -174,6 +174,103 @@ def test_a_file_changed_after_a_register_found_it_whole_is_checked_after_a_clean
     again.close()
 
 
+@pytest.mark.parametrize("how", ["rewritten", "swapped"])
+def test_files_changed_while_the_daemon_is_down_after_a_crash_are_checked(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """A crash (kill -9) while the daemon seeds, then files changed before the next start,
+    their times put back: only a clean stop stamped the files, and every start wrote
+    the records again without stamps, so after a crash only a file's size counted, and
+    the changed pieces were reported verified. A record written while the daemon runs
+    now keeps the start's stamps of the files no torrent can write."""
+    import shutil
+
+    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    dio.close()
+    seeding = DiskIO(backend, state_dir=tmp_path / "state")
+    assert all(_verified(wait_reverified(seeding, ih)))
+    seeding.read_piece(ih, 3)
+    shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+    seeding.close()
+    folder = tmp_path / "dl" / "payload" / "dir"
+    if how == "rewritten":
+        _plant(folder)
+    else:
+        times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
+        _swap(folder)
+        for n, st in times.items():
+            os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)
+    again = DiskIO(backend, state_dir=tmp_path / "crash")
+    assert _verified(wait_reverified(again, ih)) == truth
+    again.close()
+
+
+@pytest.mark.parametrize("how", ["downloaded", "cleared", "moved", "renamed", "shared"])
+def test_files_the_daemon_wrote_or_moved_are_not_taken_for_changed_after_a_crash(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """After a crash, a file the daemon itself changed since its record was written keeps
+    its verified pieces at the start (none is reported missing, none checked again):
+    one it downloaded into, one it wrote again after a piece of it was cleared, one it
+    moved, one another torrent came to share and wrote into. A file swapped in for one
+    of them is still seen (its inode)."""
+    import shutil
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000,
+                                              "dir/c.bin": 200000})
+    raw = make_torrent_lt(content, PIECE, "v1")
+    src = Source(raw, tmp_path / "src")
+    save = tmp_path / "dl"
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # (mmap: see the tests below)
+    dio = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state"))
+    ih = _off_main(pool, dio.register, raw, save)
+    blocks = list(src.blocks())
+    first = blocks if how != "downloaded" else blocks[len(blocks) // 2:]  # (c.bin whole)
+    _off_main(pool, lambda: [dio.write_block_direct(ih, p, b, src.read(p, b, n))
+                             for p, b, n in first])
+    _off_main(pool, dio.flush_all)
+    _off_main(pool, dio.close)
+    again = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state"))
+    assert wait_reverified(again, ih)["reverifying_pieces"] == 0
+    if how == "downloaded":
+        _off_main(pool, lambda: [again.write_block_direct(ih, p, b, src.read(p, b, n))
+                                 for p, b, n in blocks[:len(blocks) // 2]])
+    elif how == "cleared":  # (a piece of a.bin: written again, its stamp not kept)
+        again.clear_piece(ih, 0)
+        _off_main(pool, lambda: [again.write_block_direct(ih, p, b, src.read(p, b, n))
+                                 for p, b, n in blocks if p == 0])
+    elif how == "moved":
+        save = tmp_path / "elsewhere"
+        _off_main(pool, again.move_storage, ih, save)
+    elif how == "renamed":  # (a file renamed has a new change time)
+        _off_main(pool, again.rename_file, ih, 0, "payload/renamed/a.bin")
+    else:
+        other = make_torrent_lt(content, 16384, "v1")
+        o = _off_main(pool, again.register, other, save)
+        osrc = Source(other, tmp_path / "src")
+        _off_main(pool, lambda: [again.write_block_direct(o, p, b, osrc.read(p, b, n))
+                                 for p, b, n in osrc.blocks()])
+    _off_main(pool, again.flush_all)
+    assert all(_verified(again.status(ih)))
+    shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+    shutil.copytree(tmp_path / "state", tmp_path / "crash2")  # (the same crash)
+    _off_main(pool, again.close)
+    crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash"))
+    st = crashed.status(ih)
+    assert all(_verified(st)) and st["reverifying_pieces"] == 0, how
+    _off_main(pool, crashed.close)
+    folder = save / "payload" / "dir"
+    times = {name: os.stat(folder / name) for name in ("b.bin", "c.bin")}
+    _swap(folder)
+    for name, stat in times.items():
+        os.utime(folder / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash2"))
+    assert _off_main(pool, _wrong_verified, crashed, ih, src) == []
+    assert not all(_verified(crashed.status(ih)))
+    _off_main(pool, crashed.close)
+    pool.shutdown()
+
+
 def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) -> None:
     """A resume record written before stamps held the change time and inode holds size
     and modification time: a restart compares those, and does not take every file of
