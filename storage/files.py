@@ -404,6 +404,9 @@ class FileStorage:
         with self._lock:
             self._identity.clear()
             self._recreate.clear()
+            # (stamped anew by the check's reads: a file it took as it is now was stamped
+            # as it was before, and taken by the next stop for one changed since)
+            self.start_stamps.clear()
         return changed
 
     def moved_away(self, indices: Iterable[int],

@@ -174,6 +174,31 @@ def test_a_file_changed_after_a_register_found_it_whole_is_checked_after_a_clean
     again.close()
 
 
+def test_a_file_put_back_and_rechecked_is_not_taken_for_changed_at_the_next_start(
+        tmp_path: Path, backend: str) -> None:
+    """A file replaced by a good copy of itself (restored from a backup: another inode,
+    new times) while the daemon seeds, then a recheck, which takes the files as they are
+    now: the stop compared it with its stamp of the start, and the next start took it
+    for changed (its pieces missing until checked again)."""
+    import shutil
+
+    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    dio.close()
+    seeding = DiskIO(backend, state_dir=tmp_path / "state")
+    assert all(_verified(wait_reverified(seeding, ih)))
+    seeding.read_piece(ih, 5)
+    b = tmp_path / "dl" / "payload" / "dir" / "b.bin"
+    shutil.copy(b, tmp_path / "backup")
+    os.unlink(b)
+    shutil.copy(tmp_path / "backup", b)
+    assert all(seeding.recheck(ih).have)
+    seeding.close()
+    again = DiskIO(backend, state_dir=tmp_path / "state")
+    st = again.status(ih)
+    assert all(_verified(st)) and st["reverifying_pieces"] == 0
+    again.close()
+
+
 @pytest.mark.parametrize("how", ["rewritten", "swapped"])
 def test_files_changed_while_the_daemon_is_down_after_a_crash_are_checked(
         tmp_path: Path, backend: str, how: str) -> None:
