@@ -917,9 +917,10 @@ class DiskIO:
             stamp[2] = -1  # changed behind our back since the start: what it holds is unknown
         return stamp
 
-    def _compact_if_due(self, t: Torrent) -> None:
+    def _compact_if_due(self, t: Torrent, now: bool = False) -> None:
         rec = self._records.get(t.id)
-        if rec is None or rec.records < max(COMPACT_RECORDS, t.meta.num_pieces // 8):
+        if rec is None or not (now or rec.records >= max(COMPACT_RECORDS,
+                                                         t.meta.num_pieces // 8)):
             return
         if rec.save_lock.acquire(blocking=False):  # another thread is already saving
             try:
@@ -2144,8 +2145,17 @@ class DiskIO:
             self._commit_failed(t, error)
             return
         self.metrics.add("pieces_verified", len(live))
+        # A torrent just completed has its record written at once, before its last
+        # pieces are told (as libtorrent's clients save resume data when a torrent
+        # finishes): with the inodes of its files, so that a start after a crash sees
+        # another file put in place of one.
+        finished = bool(live) and not any(
+            s in t.state for s in (MISSING, PARTIAL, HASHING, COMMITTING))
+        if finished:
+            self._compact_if_due(t, True)
         self._tell(t)
-        self._compact_if_due(t)
+        if not finished:
+            self._compact_if_due(t)
 
     @staticmethod
     def _commit_failed(t: Torrent, exc: PiecedError) -> None:

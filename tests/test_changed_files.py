@@ -182,7 +182,7 @@ def test_a_file_put_back_and_rechecked_is_not_taken_for_changed_at_the_next_star
     for changed (its pieces missing until checked again)."""
     import shutil
 
-    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    _, _, dio, ih = _downloaded(tmp_path, backend, "v1")
     dio.close()
     seeding = DiskIO(backend, state_dir=tmp_path / "state")
     assert all(_verified(wait_reverified(seeding, ih)))
@@ -196,6 +196,30 @@ def test_a_file_put_back_and_rechecked_is_not_taken_for_changed_at_the_next_star
     again = DiskIO(backend, state_dir=tmp_path / "state")
     st = again.status(ih)
     assert all(_verified(st)) and st["reverifying_pieces"] == 0
+    again.close()
+
+
+def test_files_swapped_after_a_crash_that_followed_a_download_are_checked(
+        tmp_path: Path, backend: str) -> None:
+    """Downloaded, a crash, then two files of one size swapped (times put back) before
+    the next start: the record had no stamp of them (files written in that run, and the
+    record not written again since they were made), and the swapped pieces were taken
+    as verified. A torrent that completes has its record written at once, with the
+    inodes of its files."""
+    import shutil
+
+    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+    dio.close()
+    folder = tmp_path / "dl" / "payload" / "dir"
+    times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
+    _swap(folder)
+    for n, st in times.items():
+        os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+    truth = lt_recheck(raw, tmp_path / "dl")
+    assert not all(truth)
+    again = DiskIO(backend, state_dir=tmp_path / "crash")
+    assert _verified(wait_reverified(again, ih)) == truth
     again.close()
 
 

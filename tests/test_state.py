@@ -2273,16 +2273,20 @@ def test_a_torrent_registered_again_keeps_the_files_an_earlier_removal_left(
 
 
 def _journaled(tmp_path: Path, backend: str, seed: int) -> tuple[DiskIO, bytes, int]:
-    """A payload of 12 pieces (``tmp_path/src``) downloaded into ``tmp_path/dl`` by an
-    engine on ``tmp_path/state``, its pieces in its journal. (engine, ih, pieces)"""
-    content = make_payload(tmp_path / "src", 12 * 16384, seed=seed)
+    """A payload of 13 pieces (``tmp_path/src``) downloaded into ``tmp_path/dl`` by an
+    engine on ``tmp_path/state`` but its last piece (a torrent that completes has its
+    record written again at once), its first 12 pieces in its journal. (engine, ih,
+    pieces verified)"""
+    content = make_payload(tmp_path / "src", 12 * 16384 + 100, seed=seed)
     raw = make_torrent_lt(content, 16384, "v1")
     src = Source(raw, tmp_path / "src")
     dio = DiskIO(backend, state_dir=tmp_path / "state", sync_window=0.002)
     ih = dio.register(raw, tmp_path / "dl")
-    fill(dio, ih, src, seed=None)
+    for p, b, n in src.blocks():
+        if p < 12:
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
     dio.flush_all()
-    return dio, ih, src.meta.num_pieces
+    return dio, ih, 12
 
 
 def _engine_dies(dio: DiskIO, ih: bytes) -> None:
@@ -2325,9 +2329,10 @@ def test_a_damaged_journal_record_among_good_ones_takes_no_piece_on_trust(
 @pytest.mark.parametrize("copied", ["journal", "resume", "location"])
 def test_a_record_of_another_torrent_in_a_torrents_folder_is_not_taken_for_its_own(
         tmp_path: Path, copied: str) -> None:
-    """Two torrents of 12 pieces: A downloaded, B registered with nothing written. The
+    """Two torrents of 12 pieces: A downloaded but its last piece (its record not yet
+    written again: a completed torrent's is), B registered with nothing written. The
     engine dies; A's journal (or its resume or location record) is put in B's folder,
-    in the place of B's. Its checksums passed, and B was said to have A's 12 pieces
+    in the place of B's. Its checksums passed, and B was said to have A's 11 pieces
     (their blocks then refused as duplicates, the download "complete" over nothing), or
     took A's save folder and wrote over it. Now the record fails them: B has nothing
     verified (a damaged journal: every piece looked for, none found), or B's state is
@@ -2340,7 +2345,10 @@ def test_a_record_of_another_torrent_in_a_torrents_folder_is_not_taken_for_its_o
     dio = DiskIO("posix", state_dir=state, sync_window=0.002)
     ih_a = dio.register(raw_a, tmp_path / "dl")
     ih_b = dio.register(raw_b, tmp_path / "dl")
-    fill(dio, ih_a, Source(raw_a, tmp_path / "a"), seed=None)
+    src_a = Source(raw_a, tmp_path / "a")
+    for p, b, n in src_a.blocks():
+        if p < 11:
+            dio.write_chunk(ih_a, p, b, src_a.read(p, b, n))
     dio.flush_all()
     _engine_dies(dio, ih_a)
     folder_a, folder_b = state / "torrents" / ih_a.hex(), state / "torrents" / ih_b.hex()
@@ -2353,7 +2361,7 @@ def test_a_record_of_another_torrent_in_a_torrents_folder_is_not_taken_for_its_o
         shutil.copy(folder_a / copied, folder_b / copied)
     again = DiskIO("posix", state_dir=state)
     try:
-        assert wait_reverified(again, ih_a)["verified_pieces"] == 12
+        assert wait_reverified(again, ih_a)["verified_pieces"] == 11
         if copied == "location":
             assert ih_b not in again.torrents()
             assert any("of another torrent" in e for e in again.load_errors), again.load_errors
