@@ -2151,7 +2151,8 @@ class DiskIO:
         # another file put in place of one.
         finished = bool(live) and not any(
             s in t.state for s in (MISSING, PARTIAL, HASHING, COMMITTING))
-        if finished:
+        if finished:  # (its stamps as they are now: the next ones compared with them)
+            t.storage.restamp(i for i in t.storage.stored_files() if i not in t.shared)
             self._compact_if_due(t, True)
         self._tell(t)
         if not finished:

@@ -376,6 +376,23 @@ class FileStorage:
                              "files as they are)")
         return fd, st
 
+    def restamp(self, indices: Iterable[int]) -> None:
+        """Stamp files anew, as they are now, and take them as not written since (a
+        torrent just completed, its data synced: no write of it is to come but after a
+        piece of it is cleared, which is journaled first). A file with writes not yet
+        synced is left as it was."""
+        folders: dict[str, bool] = {}
+        for index in indices:
+            with self._lock:
+                if index in self._dirty:
+                    continue
+                used = self._identity.get(index)
+            stamp = file_stamp(self.file_path(index), used, folders)
+            with self._lock:
+                if index not in self._dirty and stamp[0] >= 0 and stamp[2] >= 0:
+                    self.start_stamps[index] = stamp
+                    self.written.discard(index)
+
     @property
     def opened_any(self) -> bool:
         """Whether any payload file has been opened (its inode known) since the start."""

@@ -199,23 +199,27 @@ def test_a_file_put_back_and_rechecked_is_not_taken_for_changed_at_the_next_star
     again.close()
 
 
-def test_files_swapped_after_a_crash_that_followed_a_download_are_checked(
-        tmp_path: Path, backend: str) -> None:
-    """Downloaded, a crash, then two files of one size swapped (times put back) before
-    the next start: the record had no stamp of them (files written in that run, and the
-    record not written again since they were made), and the swapped pieces were taken
-    as verified. A torrent that completes has its record written at once, with the
-    inodes of its files."""
+@pytest.mark.parametrize("how", ["rewritten", "swapped"])
+def test_files_changed_after_a_crash_that_followed_a_download_are_checked(
+        tmp_path: Path, backend: str, how: str) -> None:
+    """Downloaded, a crash, then bytes of a file changed, or two files of one size
+    swapped (times put back), before the next start: the record had no stamp of them
+    (files written in that run, and the record not written again since they were made),
+    and the changed pieces were taken as verified. A torrent that completes has its
+    files stamped and its record written at once."""
     import shutil
 
     raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
     shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
     dio.close()
     folder = tmp_path / "dl" / "payload" / "dir"
-    times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
-    _swap(folder)
-    for n, st in times.items():
-        os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if how == "rewritten":
+        _plant(folder)
+    else:
+        times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
+        _swap(folder)
+        for n, st in times.items():
+            os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
     truth = lt_recheck(raw, tmp_path / "dl")
     assert not all(truth)
     again = DiskIO(backend, state_dir=tmp_path / "crash")
