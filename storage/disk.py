@@ -706,6 +706,7 @@ class DiskIO:
                 continue
             there = self._bytes_there(t, seg, bufs)
             for x, j in others:
+                x.storage.note_written(j)  # (its times are the daemon's doing from now on)
                 # The other torrent may say the file is shorter: only what lies inside
                 # its length is in its pieces.
                 first, end = x.meta.files.offsets[j], x.meta.files.offsets[j + 1]

@@ -376,6 +376,12 @@ class FileStorage:
                              "files as they are)")
         return fd, st
 
+    def note_written(self, index: int) -> None:
+        """The file was written through another torrent's storage (they share it)."""
+        if index not in self.written:
+            with self._lock:
+                self.written.add(index)
+
     def restamp(self, indices: Iterable[int]) -> None:
         """Stamp files anew, as they are now, and take them as not written since (a
         torrent just completed, its data synced: no write of it is to come but after a

@@ -199,6 +199,32 @@ def test_a_file_put_back_and_rechecked_is_not_taken_for_changed_at_the_next_star
     again.close()
 
 
+def test_files_another_torrent_downloads_into_are_not_taken_for_changed_at_the_next_start(
+        tmp_path: Path, backend: str) -> None:
+    """A torrent seeding, a second one of the same files (cross-seeding) downloading into
+    them, a clean stop: the files' new times were not the first torrent's writes, so its
+    stop took them for changed behind the daemon's back, and the next start had its
+    pieces missing until checked again. A write through another torrent counts as the
+    daemon's."""
+    _, _, dio, ih = _downloaded(tmp_path, backend, "v1")
+    dio.close()
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # (mmap: see the tests below)
+    seeding = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state"))
+    assert all(_verified(_off_main(pool, wait_reverified, seeding, ih)))
+    _off_main(pool, seeding.read_piece, ih, 2)
+    raw_b = make_torrent_lt(tmp_path / "src" / "payload", 16384, "hybrid")
+    b = _off_main(pool, seeding.register, raw_b, tmp_path / "dl")
+    _off_main(pool, fill, seeding, b, Source(raw_b, tmp_path / "src"))
+    _off_main(pool, seeding.flush_all)
+    assert all(_verified(seeding.status(b)))
+    _off_main(pool, seeding.close)
+    again = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state"))
+    st = again.status(ih)
+    assert all(_verified(st)) and st["reverifying_pieces"] == 0
+    _off_main(pool, again.close)
+    pool.shutdown()
+
+
 @pytest.mark.parametrize("how", ["rewritten", "swapped"])
 def test_files_changed_after_a_crash_that_followed_a_download_are_checked(
         tmp_path: Path, backend: str, how: str) -> None:
