@@ -107,11 +107,20 @@ def test_files_changed_while_stopped_with_their_times_put_back_are_checked(
         _swap(folder)
     for n, st in times.items():
         os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
-    truth = lt_recheck(raw, tmp_path / "dl")
+    _next_start_sees_it(raw, tmp_path / "dl", backend, ih, tmp_path / "state")
+
+
+def _next_start_sees_it(raw: bytes, save: Path, backend: str, ih: bytes,
+                        state: Path) -> None:
+    """The files changed (libtorrent's check of them fails pieces): the next start on
+    ``state`` reports verified the pieces that check passes, and only those."""
+    truth = lt_recheck(raw, save)
     assert not all(truth)
-    again = DiskIO(backend, state_dir=tmp_path / "state")
-    assert _verified(wait_reverified(again, ih)) == truth
-    again.close()
+    again = DiskIO(backend, state_dir=state)
+    try:
+        assert _verified(wait_reverified(again, ih)) == truth
+    finally:
+        again.close()
 
 
 def _plant(folder: Path, name: str = "b.bin") -> None:
@@ -142,11 +151,7 @@ def test_a_file_changed_while_the_daemon_seeds_it_is_checked_after_a_clean_stop(
             seeding.read_piece(ih, p)
     _plant(tmp_path / "dl" / "payload" / "dir")
     seeding.close()
-    truth = lt_recheck(raw, tmp_path / "dl")
-    assert not all(truth)
-    again = DiskIO(backend, state_dir=tmp_path / "state")
-    assert _verified(wait_reverified(again, ih)) == truth
-    again.close()
+    _next_start_sees_it(raw, tmp_path / "dl", backend, ih, tmp_path / "state")
 
 
 @pytest.mark.parametrize("kind", ["v1", "hybrid"])
@@ -167,11 +172,7 @@ def test_a_file_changed_after_a_register_found_it_whole_is_checked_after_a_clean
     assert all(dio.recheck(ih).have)  # (what the daemon does at register)
     _plant(tmp_path / "dl" / "payload" / "dir")
     dio.close()
-    truth = lt_recheck(raw, tmp_path / "dl")
-    assert not all(truth)
-    again = DiskIO(backend, state_dir=tmp_path / "state")
-    assert _verified(wait_reverified(again, ih)) == truth
-    again.close()
+    _next_start_sees_it(raw, tmp_path / "dl", backend, ih, tmp_path / "state")
 
 
 def test_a_file_put_back_and_rechecked_is_not_taken_for_changed_at_the_next_start(
@@ -225,64 +226,39 @@ def test_files_another_torrent_downloads_into_are_not_taken_for_changed_at_the_n
     pool.shutdown()
 
 
-@pytest.mark.parametrize("how", ["rewritten", "swapped"])
-def test_files_changed_after_a_crash_that_followed_a_download_are_checked(
-        tmp_path: Path, backend: str, how: str) -> None:
-    """Downloaded, a crash, then bytes of a file changed, or two files of one size
-    swapped (times put back), before the next start: the record had no stamp of them
-    (files written in that run, and the record not written again since they were made),
-    and the changed pieces were taken as verified. A torrent that completes has its
-    files stamped and its record written at once."""
-    import shutil
-
-    raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
-    shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
-    dio.close()
-    folder = tmp_path / "dl" / "payload" / "dir"
+def _change(folder: Path, how: str) -> None:
+    """Bytes of b.bin changed, or b.bin and c.bin swapped, their times put back."""
     if how == "rewritten":
         _plant(folder)
-    else:
-        times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
-        _swap(folder)
-        for n, st in times.items():
-            os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
-    truth = lt_recheck(raw, tmp_path / "dl")
-    assert not all(truth)
-    again = DiskIO(backend, state_dir=tmp_path / "crash")
-    assert _verified(wait_reverified(again, ih)) == truth
-    again.close()
+        return
+    times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
+    _swap(folder)
+    for n, st in times.items():
+        os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @pytest.mark.parametrize("how", ["rewritten", "swapped"])
+@pytest.mark.parametrize("when", ["downloaded", "seeding"])
 def test_files_changed_while_the_daemon_is_down_after_a_crash_are_checked(
-        tmp_path: Path, backend: str, how: str) -> None:
-    """A crash (kill -9) while the daemon seeds, then files changed before the next start,
-    their times put back: only a clean stop stamped the files, and every start wrote
-    the records again without stamps, so after a crash only a file's size counted, and
-    the changed pieces were reported verified. A record written while the daemon runs
-    now keeps the start's stamps of the files no torrent can write."""
+        tmp_path: Path, backend: str, how: str, when: str) -> None:
+    """A crash (kill -9) right after a download, or while the daemon seeds, then files
+    changed before the next start, their times put back: only a clean stop stamped the
+    files, and every start wrote the records again without stamps, so after a crash only
+    a file's size counted, and the changed pieces were reported verified. A torrent that
+    completes has its files stamped and its record written at once, and a record written
+    while the daemon runs keeps the stamps of the files no torrent can write."""
     import shutil
 
     raw, _, dio, ih = _downloaded(tmp_path, backend, "v1")
-    dio.close()
-    seeding = DiskIO(backend, state_dir=tmp_path / "state")
-    assert all(_verified(wait_reverified(seeding, ih)))
-    seeding.read_piece(ih, 3)
+    if when == "seeding":
+        dio.close()
+        dio = DiskIO(backend, state_dir=tmp_path / "state")
+        assert all(_verified(wait_reverified(dio, ih)))
+        dio.read_piece(ih, 3)
     shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
-    seeding.close()
-    folder = tmp_path / "dl" / "payload" / "dir"
-    if how == "rewritten":
-        _plant(folder)
-    else:
-        times = {n: os.stat(folder / n) for n in ("b.bin", "c.bin")}
-        _swap(folder)
-        for n, st in times.items():
-            os.utime(folder / n, ns=(st.st_atime_ns, st.st_mtime_ns))
-    truth = lt_recheck(raw, tmp_path / "dl")
-    assert not all(truth)
-    again = DiskIO(backend, state_dir=tmp_path / "crash")
-    assert _verified(wait_reverified(again, ih)) == truth
-    again.close()
+    dio.close()
+    _change(tmp_path / "dl" / "payload" / "dir", how)
+    _next_start_sees_it(raw, tmp_path / "dl", backend, ih, tmp_path / "crash")
 
 
 @pytest.mark.parametrize("how", ["downloaded", "cleared", "moved", "renamed", "shared"])
@@ -338,11 +314,7 @@ def test_files_the_daemon_wrote_or_moved_are_not_taken_for_changed_after_a_crash
     st = crashed.status(ih)
     assert all(_verified(st)) and st["reverifying_pieces"] == 0, how
     _off_main(pool, crashed.close)
-    folder = save / "payload" / "dir"
-    times = {name: os.stat(folder / name) for name in ("b.bin", "c.bin")}
-    _swap(folder)
-    for name, stat in times.items():
-        os.utime(folder / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _change(save / "payload" / "dir", "swapped")
     crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash2"))
     assert _off_main(pool, _wrong_verified, crashed, ih, src) == []
     assert not all(_verified(crashed.status(ih)))
@@ -474,17 +446,9 @@ def test_files_changed_during_a_run_that_never_opened_them_are_not_trusted(
     if how == "swapped":
         _swap(folder)
     else:
-        st = os.stat(folder / "b.bin")
-        with open(folder / "b.bin", "r+b") as f:
-            f.seek(70000)
-            f.write(b"planted!")
-        os.utime(folder / "b.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+        _plant(folder)
     idle.close()
-    truth = lt_recheck(raw, tmp_path / "dl")
-    assert not all(truth)
-    again = DiskIO(backend, state_dir=tmp_path / "state")
-    assert _verified(wait_reverified(again, ih)) == truth
-    again.close()
+    _next_start_sees_it(raw, tmp_path / "dl", backend, ih, tmp_path / "state")
 
 
 def test_two_cross_seeded_torrents_removed_with_their_files_at_once_leave_none(
