@@ -250,7 +250,7 @@ class FileStorage:
         # if its stamp is the same, and one not written since is as it was then.
         self.start_stamps: dict[int, list[int]] = {}
         # Files the daemon has written since the start: their times are its own doing
-        # (a stop's or a save's stamp of one compares its inode alone; see DiskIO._stamps).
+        # (a save while it runs stamps one by its inode alone: see disk._kept_stamps).
         self.written: set[int] = set()
         self._recreate: set[int] = set()  # files seen gone: made anew (O_EXCL) or refused
         # Files seen gone (or cut short) after we wrote them: before one is given its length
