@@ -297,13 +297,19 @@ def test_a_file_end_a_crash_left_a_page_long_is_cut_back_at_the_restart(tmp_path
     """A file's last page is written whole, then the file cut back to its length: a
     kill -9 between the two left the file up to a page longer, for good (a piece found
     good is never written again). The start after a crash cuts it back; a file longer
-    by more than a page is not of the daemon's making, and is left as it is."""
+    by more than a page is not of the daemon's making, and is left as it is. (The
+    torrent's last piece, in other files, is not written: the kill comes during the
+    download, as such a crash does. Once a torrent completes, its files are stamped, and
+    a file found longer than stamped after a crash has its pieces checked again.)"""
     content = make_payload(tmp_path / "src", FILES, seed=19)
     raw = make_torrent_lt(content, 65536, "v1")
     src = Source(raw, tmp_path / "src")
     dio = DiskIO("direct", state_dir=tmp_path / "state")
     ih = dio.register(raw, tmp_path / "dl")
-    fill(dio, ih, src)
+    last = src.meta.num_pieces - 1
+    for p, b, n in src.blocks():
+        if p != last:
+            dio.write_block_direct(ih, p, b, src.read(p, b, n))
     dio.flush_all()
     dio.torrent(ih).storage.close_handles()
     assert dio.state is not None
@@ -314,10 +320,10 @@ def test_a_file_end_a_crash_left_a_page_long_is_cut_back_at_the_restart(tmp_path
             f.write(bytes(extra))  # what the write of a last page whole leaves
     again = DiskIO("direct", state_dir=tmp_path / "state")
     try:
-        assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert again.status(ih)["verified_pieces"] == last
         assert (dl / "a.bin").stat().st_size == FILES["a.bin"]
         assert (dl / "c/d.bin").stat().st_size == FILES["c/d.bin"] + 5000
-        assert all(lt_recheck(raw, tmp_path / "dl"))
+        assert lt_recheck(raw, tmp_path / "dl")[:last] == [True] * last
     finally:
         again.close()
 
