@@ -1097,7 +1097,7 @@ class DiskIO:
                     "it, which checks them again (or a recheck, once it is back)")
             short: set[int] = set()  # files gone or shorter than their length
             stamps = saved.stamps if saved.previous is None else None
-            written = {i for p in saved.cleared for i in t.files_of(p)} if (
+            rewritable = {i for p in saved.cleared for i in t.files_of(p)} if (
                 stamps is not None and saved.cleared) else set()
             for i in range(len(lengths) if VERIFIED in t.state else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
@@ -1117,7 +1117,7 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif stamps is not None and i not in written and not _stamp_kept(
+                elif stamps is not None and i not in rewritable and not _stamp_kept(
                         stamps, i, stamp):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
@@ -2146,13 +2146,13 @@ class DiskIO:
             self._commit_failed(t, error)
             return
         self.metrics.add("pieces_verified", len(live))
-        # A torrent just completed has its record written at once, before its last
-        # pieces are told (as libtorrent's clients save resume data when a torrent
-        # finishes): with the inodes of its files, so that a start after a crash sees
-        # another file put in place of one.
+        # A torrent just completed has its files stamped as they are now (its data
+        # synced) and its record written at once, before its last pieces are told (as
+        # libtorrent's clients save resume data when a torrent finishes): a start after
+        # a crash sees a file changed or put in place of one since.
         finished = bool(live) and not any(
             s in t.state for s in (MISSING, PARTIAL, HASHING, COMMITTING))
-        if finished:  # (its stamps as they are now: the next ones compared with them)
+        if finished:
             t.storage.restamp(i for i in t.storage.stored_files() if i not in t.shared)
             self._compact_if_due(t, True)
         self._tell(t)
