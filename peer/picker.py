@@ -160,6 +160,13 @@ class Picker:
             self.availability[p] -= 1
         self._rank_stale = True
 
+    def unavailable(self) -> int:
+        """Pieces we lack that no connected peer has (what a stalled download waits on)."""
+        if self.seeds:
+            return 0
+        availability = self.availability
+        return sum(1 for p in where(self.have, 0) if not availability[p])
+
     def seed_came(self) -> None:
         """A peer with every piece: one more of each, and no order changes."""
         self.seeds += 1

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from pieced.config.args import positive_int
+from pieced.config.args import positive_int, seconds
 from pieced.config.descriptors import raise_open_files
 from pieced.protocol.client import DEFAULT_SOCKET, IOV_MAX, AsyncClient
 from pieced.storage.errors import (
@@ -128,6 +128,11 @@ OUT_LIMIT = 4 * 1024 * 1024  # unsent bytes for one peer before we wait for it t
 # Seconds between two looks at what the daemon has verified: other clients may recheck
 # the torrent (failing pieces), or remove and add it again (its events then stop).
 RECONCILE_INTERVAL = 5.0
+# A download with no piece verified for this long, lacking pieces no connected peer has,
+# says so (a warning, then again every WAITING_SAY_EVERY while it lasts): else it waits
+# for peers that have them without a word (the progress line shows the count too).
+WAITING_SECONDS = 20.0
+WAITING_SAY_EVERY = 300.0
 _REMOVED = "the torrent is no longer registered in the daemon (removed by another client)"
 MAX_BAD_PIECES = 3  # pieces that failed with this peer's data before it is dropped
 # Peers that dialled us from one address (an IPv4 address, an IPv6 /64) and were dropped
@@ -184,6 +189,9 @@ class Options:
     seed: bool = False
     socket: str = DEFAULT_SOCKET
     max_peers: int = 50
+    # Seconds to wait for the daemon to come back when its connection breaks under way
+    # (a restart: systemd's takes seconds), the peers kept meanwhile; 0 stops at once.
+    daemon_wait: float = 60.0
 
 
 DEFAULT_LISTEN_PORT = 6881  # without --listen, when trackers are to be told a port
@@ -386,6 +394,7 @@ class Summary:
     hash_requests_served: int = 0
     blocks_reordered: int = 0  # arrived ahead of their turn, held to keep piece order
     blocks_resumed: int = 0  # held by the daemon at the start (of pieces under way)
+    daemon_reconnects: int = 0  # the daemon's connection broke, and a new one was made
     complete: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -829,6 +838,10 @@ class Swarm:
         self._cached: list[int] = []
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
         self.lost: BaseException | None = None  # the daemon connection, if it broke
+        # The daemon connection broke and a new one is being made (see _come_back):
+        # nothing is stored, served or asked for meanwhile; the peers stay connected.
+        self.away = False
+        self._dead: list[BaseException] = []  # failures of connections given up
         self.closing = False
         # Pieces with an event since the reconcile under way asked for the daemon's status:
         # the event is as new as its snapshot or newer, and the picker follows it already.
@@ -845,6 +858,9 @@ class Swarm:
         self.no_source: str | None = None  # why no piece we lack can come any more
         self._losses: dict[int, int] = {}  # piece -> times the daemon took it back
         self._to_flush: dict[Peer, None] = {}  # peers to send what this turn queued
+        self._progress_at = time.monotonic()  # when a piece was last verified
+        self._waiting_said = -WAITING_SAY_EVERY
+        self.unavailable = 0  # pieces we lack that no peer has, once the download waits
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -1009,8 +1025,9 @@ class Swarm:
             self.utp.close()
         for p in list(self.peers):
             p.close()
-        if self.client.failure is not None:
-            self._lost()
+        if self.lost is None and (self.away or self.client.failure is not None):
+            # (stopped while the daemon was away: the run ends without it all the same)
+            self.lost = self.client.failure or self._dead[-1]
         self.closing = True  # (the client's failure from now on is the close)
         with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):
             await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
@@ -1031,6 +1048,8 @@ class Swarm:
         self._tasks.discard(t)
         if t.cancelled() or (exc := t.exception()) is None:
             return
+        if any(exc is dead for dead in self._dead):  # (a connection since replaced)
+            return
         if self.client.failure is not None:
             self._lost()
             return
@@ -1044,11 +1063,96 @@ class Swarm:
         log.error("a task failed", exc_info=exc)
 
     def _lost(self) -> None:
-        """The daemon connection broke: no storage, nothing to serve or fetch."""
-        if self.closing:  # (closed by us: its failure says so)
+        """The daemon connection broke: no storage, nothing to serve or fetch. The daemon
+        is waited for (a restart), up to ``daemon_wait`` seconds, the peers kept: each is
+        choked (its requests rejected) and nothing is asked of it meanwhile."""
+        if self.closing or self.away or self.lost is not None:
+            return  # (closed by us: its failure says so; or said already)
+        failure = self.client.failure
+        assert failure is not None
+        if self.opts.daemon_wait <= 0 or self.picker is None:
+            self.lost = failure
+            self.stop.set()
             return
-        self.lost = self.client.failure
-        self.stop.set()
+        self.away = True
+        self._dead.append(failure)
+        self.settled.clear()  # (what the daemon has is not known until it is back)
+        log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
+                    failure, self.opts.daemon_wait)
+        for p in list(self.peers):
+            p.conn.send_choke(True)
+            p.flush()
+        self._spawn(self._come_back())
+
+    async def _come_back(self) -> None:
+        """Connect to the daemon again, and take up the torrent where it is now."""
+        deadline = time.monotonic() + self.opts.daemon_wait
+        delay = 0.1
+        while True:
+            with contextlib.suppress(PiecedError, OSError, TimeoutError):
+                # (the connection that broke, or a new one that did: its socket and ring)
+                await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
+            client = AsyncClient(self.opts.socket, on_event=self._on_event, window=512)
+            self._told = set()  # (events from here on are newer than the status below)
+            try:
+                try:
+                    await client.connect()
+                    await client.attach_ring()
+                except BaseException:
+                    with contextlib.suppress(PiecedError, OSError, TimeoutError):
+                        await asyncio.wait_for(client.close(), STOP_DAEMON_TIMEOUT)
+                    raise
+                self.client = client  # (connected: what tasks ask of it is sent)
+                st = await self._join()
+                break
+            except ElsewhereAlready as exc:
+                self._storage_failed(str(exc))
+                return
+            except PiecedError as exc:
+                self._storage_failed(f"the daemon answered with an error: {_describe(exc)}")
+                return
+            except (OSError, ConnectionError) as exc:
+                if client.failure is not None:
+                    self._dead.append(client.failure)
+                if time.monotonic() + delay > deadline:
+                    log.warning("the daemon did not come back in %g s (%s)",
+                                self.opts.daemon_wait, exc)
+                    self.lost = self._dead[0]  # (the loss said at the end)
+                    self.stop.set()
+                    return
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+        self._back(st)
+
+    def _back(self, st: dict[str, Any]) -> None:
+        """The daemon is back, ``st`` its status of the torrent: the pieces under way
+        start over from the blocks it holds (what it had not stored went with it), what
+        it has verified is taken as it says, and the peers are served and asked again."""
+        picker = self.picker
+        assert picker is not None
+        self.summary.daemon_reconnects += 1
+        log.warning("the daemon is back")
+        self._registration = st.get("registration")
+        have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
+        for piece in list(picker.started):
+            if piece not in self._told:
+                self.order.forget(piece)
+                self.blame.forget(piece)
+                picker.piece_failed(piece)
+        for piece, spans in st.get("partial", []):
+            if not have[piece] and piece not in picker.started:
+                self._resume(piece, spans)
+        self._follow(have)
+        self.away = False
+        if not self._looking:
+            self.settled.set()
+        self._choke_round(rotate=False)
+        for peer in list(self.peers):
+            self._pump_reads(peer)
+        self._fill_all()
+        if picker.complete:
+            self.summary.complete = True
+            self.done.set()
 
     def _counters(self) -> dict[str, int]:
         assert self.picker is not None
@@ -1637,7 +1741,7 @@ class Swarm:
         late: list[Ready[Conduct]] = []
         if again:
             self.summary.bytes_redundant += len(data)
-        if not picker.have[piece]:
+        if not picker.have[piece] and not self.away:  # (else lost: see _back)
             if not again:
                 self.summary.bytes_down += len(data)
             client = self.client
@@ -1659,6 +1763,10 @@ class Swarm:
         for begin, data, giver in blocks:
             try:
                 await self.client.write_block_direct(self.ih, piece, begin, data)
+            except ConnectionError:
+                if self.client.failure is not None:
+                    self._lost()
+                return  # (the piece starts over once the daemon is back: see _back)
             except PiecedError as exc:
                 # A block the daemon refused (this one or one written before it) is lost,
                 # and which piece it was is not known here: the piece would never verify.
@@ -1730,8 +1838,8 @@ class Swarm:
         """Ask the peer for more, if it has what we lack; sent at once, or with ``soon``
         at the end of the turn (see :meth:`_flush_soon`)."""
         picker = self.picker
-        if picker is None or peer.closed or not peer.conn.handshaken:
-            return
+        if picker is None or peer.closed or not peer.conn.handshaken or self.away:
+            return  # (nothing is asked for while the daemon is away: see _back)
         conn = peer.conn
         wanted = peer.wanted > 0
         conn.send_interested(wanted)
@@ -1779,6 +1887,11 @@ class Swarm:
         one piece (what peers send) are read from the daemon as one range of up to
         READ_BYTES: one round trip for many blocks."""
         queue = peer.conn.peer_requests
+        if self.away and not peer.closed:  # (choked: those of its fast pieces)
+            while queue:
+                peer.conn.send_reject(queue.popleft())
+            peer.flush()
+            return
         if self.client.failure is not None or peer.closed:
             return  # nothing to read from (we are stopping), or nobody to send to
         limit = min(READ_BYTES, self.client.core.max_frame - 1024)  # a DATA frame holds it
@@ -1809,6 +1922,12 @@ class Swarm:
                 return
             try:
                 chunk = await self.client.read_chunk_ring(self.ih, piece, begin, size)
+            except ConnectionError:  # (the daemon went: each request is answered)
+                for blk in run:
+                    peer.conn.send_reject(blk)
+                if self.client.failure is not None:
+                    self._lost()
+                return
             except PiecedError as exc:
                 if isinstance(exc, UnknownTorrent):  # removed by another client: stop
                     self._storage_failed(_REMOVED)
@@ -1887,6 +2006,8 @@ class Swarm:
         every CHOKE_INTERVAL: see ``choke_round``; between rounds, every second, with
         ``rotate`` off). A ``newcomer`` that became interested is unchoked at once if a
         slot is free, or held by a peer that reads nothing."""
+        if self.away:  # (every peer choked until the daemon is back)
+            return
         now = time.monotonic()
         if newcomer is not None:
             if not newcomer.conn.am_choking:
@@ -2004,6 +2125,8 @@ class Swarm:
                 if isinstance(other, Peer):
                     other.conn.send_cancel(blk)
         self.picker.piece_verified(piece)
+        self._progress_at = time.monotonic()
+        self.unavailable = 0  # (counted again if the download comes to wait again)
         for p in list(self.peers):
             if p.counted[piece] and piece not in p.banned:
                 p.wanted -= 1
@@ -2045,6 +2168,8 @@ class Swarm:
     def _look_again(self) -> None:
         """Reconcile with the daemon now, or once the reconcile under way is done (what
         changed may have come after its look)."""
+        if self.away:  # (taken up once it is back: see _back)
+            return
         if self._confirming:
             self._again = True
             return
@@ -2063,7 +2188,7 @@ class Swarm:
             if self._again:
                 self._again = False
                 self._look_again()
-            elif not self._looking:
+            elif not self._looking and not self.away:
                 self.settled.set()
 
     def _resume(self, piece: int, spans: list[list[int]]) -> None:
@@ -2102,15 +2227,7 @@ class Swarm:
         finally:
             self._confirming = False
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
-        told = self._told  # (events that came with or before the reply: newer than it)
-        for p, h in enumerate(have):
-            if p in told:
-                continue
-            if h and not picker.have[p]:
-                self._gained(p, fill=False)
-            elif not h and picker.have[p]:
-                log.info("piece %d is not verified in the daemon any more: fetched again", p)
-                self._piece_lost(p)
+        self._follow(have)
         if st.get("registration") != self._registration:
             # Removed and added again by another client: the blocks of the pieces under
             # way went with the registration that is gone, and so did our subscription.
@@ -2125,6 +2242,21 @@ class Swarm:
         if picker.complete:
             self.summary.complete = True
             self.done.set()
+
+    def _follow(self, have: list[bool]) -> None:
+        """Take the daemon's word on the pieces it has verified, ``have``, but for those
+        with an event since it was asked (:attr:`_told`: newer than it)."""
+        picker = self.picker
+        assert picker is not None
+        told = self._told
+        for p, h in enumerate(have):
+            if p in told:
+                continue
+            if h and not picker.have[p]:
+                self._gained(p, fill=False)
+            elif not h and picker.have[p]:
+                log.info("piece %d is not verified in the daemon any more: fetched again", p)
+                self._piece_lost(p)
 
     def _blame(self, liar: Conduct, piece: int) -> None:
         """``liar`` sent bad data for ``piece``: do not ask it for that piece again (but
@@ -2197,8 +2329,9 @@ class Swarm:
         last_choke = last_look = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            if self.client.failure is not None:  # no storage, nothing to serve: stop
+            if self.client.failure is not None:  # no storage, nothing to serve
                 self._lost()
+            if self.lost is not None:  # (not coming back: we stop)
                 return
             now = time.monotonic()
             try:
@@ -2212,7 +2345,9 @@ class Swarm:
             except Exception as exc:  # one peer's oddity must not end every timeout for good
                 if self.client.failure is not None:  # the daemon went during the round
                     self._lost()
-                    return
+                    continue
+                if any(exc is d for d in self._dead):  # (a connection since replaced)
+                    continue
                 if isinstance(exc, PiecedError):  # (the daemon's answer: see _task_done)
                     self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
                                          f"the daemon answered with an error: {_describe(exc)}")
@@ -2223,6 +2358,7 @@ class Swarm:
         """One second's round: dials due, timeouts, keep-alives, choking."""
         if self._no_source_left():
             return
+        self._waiting(now)
         self._redial(now)
         self._lift_bans()
         gave_up = False
@@ -2263,6 +2399,22 @@ class Swarm:
                     await self._suggest(p)
         else:  # between rounds, only the slots of peers that read nothing change hands
             self._choke_round(rotate=False)
+
+    def _waiting(self, now: float) -> None:
+        """A download that has verified nothing for WAITING_SECONDS: the pieces it lacks
+        that no connected peer has are counted, and said."""
+        picker = self.picker
+        if (picker is None or self.done.is_set() or self.away
+                or now - self._progress_at < WAITING_SECONDS):
+            return
+        self.unavailable = picker.unavailable()
+        if self.unavailable and now - self._waiting_said >= WAITING_SAY_EVERY:
+            self._waiting_said = now
+            log.warning("no piece verified for %.0f s: no peer connected (%d) has %d of "
+                        "the %s left; waiting for one that has %s",
+                        now - self._progress_at, sum(p.conn.handshaken for p in self.peers),
+                        self.unavailable, _pieces(picker.left()),
+                        "it" if self.unavailable == 1 else "them")
 
     async def _announce_loop(self) -> None:
         """Announce on start, on completion (at once) and every interval after (never
@@ -2345,6 +2497,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="the daemon's socket")
     ap.add_argument("--max-peers", type=positive_int, default=Options.max_peers, metavar="N",
                     help="connections at once, both ways (default %(default)s)")
+    ap.add_argument("--daemon-wait", type=seconds, default=Options.daemon_wait,
+                    metavar="SECONDS",
+                    help="when the daemon's connection breaks (a restart), wait this long "
+                         "for it to come back, the peers kept (default %(default)g; 0: stop "
+                         "at once)")
     ap.add_argument("--json", action="store_true", help="print one summary object at the end")
     return ap
 
@@ -2460,9 +2617,10 @@ def _draw(swarm: Swarm) -> None:
         n = swarm.meta.num_pieces
         done = n - picker.left()
         bar = "#" * (30 * done // max(1, n))
+        waits = f"  {_pieces(swarm.unavailable)} no peer has" if swarm.unavailable else ""
         print(f"\r[{bar:<30}] {100 * done // max(1, n):3d}%  {len(swarm.peers)} peers  "
-              f"down {swarm.summary.bytes_down >> 20} MiB  up {swarm.summary.bytes_up >> 20} MiB",
-              end="", file=sys.stderr, flush=True)
+              f"down {swarm.summary.bytes_down >> 20} MiB  up {swarm.summary.bytes_up >> 20} MiB"
+              f"{waits}\x1b[K", end="", file=sys.stderr, flush=True)
 
 
 def _said(args: argparse.Namespace, exc: BaseException) -> None:
@@ -2488,7 +2646,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         peers = [(host or "127.0.0.1", port) for host, port in args.peer]
         opts = Options(args.torrent, args.save_path.resolve(), peers, args.listen,
-                       args.seed, args.socket, fit_max_peers(args.max_peers, raise_open_files()))
+                       args.seed, args.socket, fit_max_peers(args.max_peers, raise_open_files()),
+                       args.daemon_wait)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,
             CannotListen) as exc:

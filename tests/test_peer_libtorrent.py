@@ -79,10 +79,11 @@ def peer_cmd(torrent: Path, save: Path, socket: Path, *extra: str) -> list[str]:
             "--socket", str(socket), "--json", *extra]
 
 
-def downloading(torrent: Path, save: Path, d: Daemon, *peers: int) -> subprocess.Popen[str]:
+def downloading(torrent: Path, save: Path, d: Daemon, *peers: int,
+                extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     """``pieced-peer`` downloading from ``peers`` in the background (its output piped)."""
     args = [a for p in peers for a in ("--peer", f"127.0.0.1:{p}")]
-    proc = subprocess.Popen(peer_cmd(torrent, save, d.socket, *args),
+    proc = subprocess.Popen(peer_cmd(torrent, save, d.socket, *args, *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _running.append(proc)
     return proc
@@ -1216,19 +1217,30 @@ def test_an_address_that_cannot_be_listened_on_is_said_so(tmp_path: Path) -> Non
         assert d.stop() == 0, d.stderr()
 
 
-def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait", ["0", "1.5"])
+def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path, wait: str) -> None:
     """Its storage gone, a seeding pieced-peer says so and exits 2 (not serve on), its
-    ``--json`` summary printed all the same."""
+    ``--json`` summary printed all the same: at once with ``--daemon-wait 0``, else once
+    the daemon has not come back in the time given."""
+    import time
+
     files = {"a.bin": 100_000}
     content = make_payload(tmp_path / "seed", files, seed=13)
     torrent = tmp_path / "t.torrent"
     torrent.write_bytes(make_torrent_lt(content, 16384, "v1"))
     d = Daemon(tmp_path)
-    seeding = Seeding(torrent, tmp_path / "seed", d)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--daemon-wait", wait)
     assert d.stop() == 0
+    gone = time.monotonic()
     out, err = seeding.proc.communicate(timeout=30)
+    took = time.monotonic() - gone
     assert seeding.proc.returncode == 2 and "lost the daemon" in err, err
     assert json.loads(out)["complete"] is True
+    if wait == "0":
+        assert "waiting" not in err, err
+    else:
+        assert "waiting up to 1.5 s" in err and "did not come back" in err, err
+        assert took >= 1.5, took
 
 
 def _free_port() -> int:
@@ -1304,7 +1316,8 @@ def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_a
     try:
         with LtPeer(raw, tmp_path / "seed", seed=True,
                     settings={"upload_rate_limit": 4_000_000, "limit_loopback": True}) as seeder:
-            first = downloading(torrent, tmp_path / "dl", d, seeder.port)
+            first = downloading(torrent, tmp_path / "dl", d, seeder.port,
+                                extra=("--daemon-wait", "0"))  # (started again below)
             held: list[Any] = []
             with Client(d.socket) as c:
                 deadline = time.monotonic() + 60
@@ -1874,14 +1887,14 @@ def test_three_pieced_peers_download_one_torrent_into_one_daemon_at_once(
 
 @contextlib.contextmanager
 def _downloading_slowly(raw: bytes, torrent: Path, tmp_path: Path, d: Daemon,
-                        pieces: int) -> Iterator[subprocess.Popen[str]]:
+                        pieces: int, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """pieced-peer downloading into ``tmp_path/dl`` from a libtorrent seeder at 1 MiB/s,
     handed over once the daemon has verified ``pieces`` pieces; the seeder stays up
     until the block ends."""
     import time
 
     with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW) as seeder:
-        proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
+        proc = downloading(torrent, tmp_path / "dl", d, seeder.port, extra=extra)
         deadline = time.monotonic() + 30
         while _verified(d.socket) < pieces:
             assert time.monotonic() < deadline and proc.poll() is None
@@ -1920,15 +1933,16 @@ def test_pieced_peer_killed_mid_download_resumes(tmp_path: Path, kind: str) -> N
 
 
 def test_daemon_killed_under_pieced_peer_keeps_what_it_reported(tmp_path: Path) -> None:
-    """The daemon is killed with SIGKILL mid-download: pieced-peer says it lost the daemon
-    and exits 2; the restarted daemon reports verified every piece it reported verified
-    before the kill, and pieced-peer run again completes the download."""
+    """The daemon is killed with SIGKILL mid-download, pieced-peer told to stop when it
+    loses it: it says so and exits 2; the restarted daemon reports verified every piece
+    it reported verified before the kill, and pieced-peer run again completes the
+    download."""
     piece = 65536
     files = {"a.bin": 70 * piece + 5, "b.bin": 9 * piece}
     content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=17)
     d = Daemon(tmp_path)
     try:
-        with _downloading_slowly(raw, torrent, tmp_path, d, 5) as proc:
+        with _downloading_slowly(raw, torrent, tmp_path, d, 5, "--daemon-wait", "0") as proc:
             with Client(d.socket) as c:
                 ih = bytes.fromhex(c.torrents()[0]["info_hash"])
                 reported = bytes(c.status(ih)["have"])
@@ -1946,6 +1960,116 @@ def test_daemon_killed_under_pieced_peer_keeps_what_it_reported(tmp_path: Path) 
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+@pytest.mark.parametrize("how", ["kill", "restart"])
+def test_pieced_peer_carries_on_when_the_daemon_comes_back(tmp_path: Path, how: str) -> None:
+    """The daemon killed with SIGKILL (or stopped, as ``systemctl restart`` does) in the
+    middle of a download, and started again: the same pieced-peer takes up the torrent
+    with the new daemon, keeps its seeder, and completes; every piece reported verified
+    before stays so, and the bytes on disk are the seeder's."""
+    import time
+
+    piece = 65536
+    files = {"a.bin": 70 * piece + 5, "b.bin": 9 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=23)
+    d = Daemon(tmp_path)
+    try:
+        with _downloading_slowly(raw, torrent, tmp_path, d, 5) as proc:
+            with Client(d.socket) as c:
+                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+                reported = bytes(c.status(ih)["have"])
+            if how == "kill":
+                d.proc.kill()
+                d.proc.wait()
+            else:
+                assert d.stop() == 0, d.stderr()
+            time.sleep(1.0)  # (down a while: dials to it fail, the peer keeps waiting)
+            assert proc.poll() is None, proc.communicate()
+            d = Daemon(tmp_path)
+            with Client(d.socket) as c:
+                have = bytes(c.status(ih)["have"])
+            assert all(h & r == r for h, r in zip(have, reported, strict=True))
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["daemon_reconnects"] == 1, summary
+        assert "lost the daemon" in err and "the daemon is back" in err, err
+        assert "Traceback" not in err, err[:3000]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        with Client(d.socket) as c:
+            assert c.status(ih)["verified_pieces"] == 80
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+def test_pieced_peer_seeding_carries_on_when_the_daemon_comes_back(tmp_path: Path) -> None:
+    """The daemon killed while pieced-peer --seed serves a libtorrent leecher (reads in
+    flight), and started again: the leecher's requests are rejected meanwhile (with the
+    fast extension, each gets an answer: none waits for its timeout), and it finishes
+    from the same pieced-peer without a hash failure."""
+    import time
+
+    piece = 65536
+    files = {"a.bin": 200 * piece + 17}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=24)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            download(torrent, tmp_path / "dl", d, seeder.port)
+        seeding = Seeding(torrent, tmp_path / "dl", d)
+        slow = {"download_rate_limit": 2 << 20, "limit_loopback": True}
+        with LtPeer(raw, tmp_path / "leech", seed=False, settings=slow) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            deadline = time.monotonic() + 60
+            while leecher.status()["total_payload_download"] < 2 << 20:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            d.proc.kill()
+            d.proc.wait()
+            time.sleep(1.0)
+            assert seeding.proc.poll() is None, seeding.proc.communicate()
+            d = Daemon(tmp_path)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        summary = seeding.stop()
+        assert summary["daemon_reconnects"] == 1 and summary["complete"], summary
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_download_waiting_for_pieces_no_peer_has_says_so(tmp_path: Path) -> None:
+    """The only peer has the first file and not the second: once the first is in,
+    pieced-peer says that it waits, and for how many pieces no connected peer has,
+    instead of waiting without a word."""
+    import time
+
+    from pieced.peer.plugin import WAITING_SECONDS
+
+    piece = 32768
+    files = {"a.bin": 4 * piece, "b.bin": 3 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=25)
+    (content / "b.bin").unlink()  # (the peer checks what it has: the first 4 pieces)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=False) as partial:
+            proc = downloading(torrent, tmp_path / "dl", d, partial.port)
+            deadline = time.monotonic() + 30
+            while _verified(d.socket) < 4:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(WAITING_SECONDS + 3)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err  # (stopped before it was complete)
+        assert "no peer connected (1) has 3 of the 3 pieces left; waiting for one that " \
+               "has them" in err, err
+        assert err.count("waiting for one") == 1, err  # (said once, not every second)
+        assert json.loads(out)["complete"] is False
+    finally:
+        assert d.stop() == 0, d.stderr()
 
 
 def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: Path) -> None:
@@ -2124,7 +2248,7 @@ def test_the_daemon_lost_while_seeding_is_said_in_one_line(tmp_path: Path) -> No
     try:
         with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
             download(torrent, tmp_path / "dl", d, seeder.port)
-        seeding = Seeding(torrent, tmp_path / "dl", d)
+        seeding = Seeding(torrent, tmp_path / "dl", d, "--daemon-wait", "0")
         fast = {"download_rate_limit": 4 << 20, "limit_loopback": True}
         with LtPeer(raw, tmp_path / "leech", seed=False, settings=fast) as leecher:
             leecher.connect("127.0.0.1", seeding.port)
