@@ -323,6 +323,10 @@ class DaemonLost(Stopped, ConnectionError):
     """The connection to the daemon broke."""
 
 
+class _GaveUp(Exception):
+    """The daemon did not come back within ``--daemon-wait``."""
+
+
 class NoSourceLeft(Stopped):
     """Every peer the download could come from was dropped for sending bad data, and
     none can come (no listening socket, no tracker): waiting would be for ever."""
@@ -870,9 +874,21 @@ class Swarm:
             st = await self._join()
         except ConnectionError as exc:
             # Lost while the daemon registers or checks the torrent (a check may take
-            # hours): said as a loss under way is, with the summary, not as a daemon
-            # that could not be reached.
-            raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
+            # hours; a restarted daemon finishes it by itself): waited for as under way,
+            # else said as a loss under way is, with the summary, not as a daemon that
+            # could not be reached.
+            if self.opts.daemon_wait > 0:
+                self._dead.append(exc)
+                log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
+                            exc, self.opts.daemon_wait)
+                try:
+                    st = await self._reconnect()
+                except _GaveUp:
+                    raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
+                self.summary.daemon_reconnects += 1
+                log.warning("the daemon is back")
+            else:
+                raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
@@ -1086,6 +1102,24 @@ class Swarm:
 
     async def _come_back(self) -> None:
         """Connect to the daemon again, and take up the torrent where it is now."""
+        try:
+            st = await self._reconnect()
+        except _GaveUp:
+            self.lost = self._dead[0]  # (the loss said at the end)
+            self.stop.set()
+            return
+        except ElsewhereAlready as exc:
+            self._storage_failed(str(exc))
+            return
+        except PiecedError as exc:
+            self._storage_failed(f"the daemon answered with an error: {_describe(exc)}")
+            return
+        self._back(st)
+
+    async def _reconnect(self) -> dict[str, Any]:
+        """A new connection to the daemon, the torrent joined again (see :meth:`_join`):
+        its status. Connections refused or broken are tried again for ``daemon_wait``
+        seconds, then :class:`_GaveUp`; the daemon's errors are raised."""
         deadline = time.monotonic() + self.opts.daemon_wait
         delay = 0.1
         while True:
@@ -1103,26 +1137,16 @@ class Swarm:
                         await asyncio.wait_for(client.close(), STOP_DAEMON_TIMEOUT)
                     raise
                 self.client = client  # (connected: what tasks ask of it is sent)
-                st = await self._join()
-                break
-            except ElsewhereAlready as exc:
-                self._storage_failed(str(exc))
-                return
-            except PiecedError as exc:
-                self._storage_failed(f"the daemon answered with an error: {_describe(exc)}")
-                return
+                return await self._join()
             except (OSError, ConnectionError) as exc:
                 if client.failure is not None:
                     self._dead.append(client.failure)
                 if time.monotonic() + delay > deadline:
                     log.warning("the daemon did not come back in %g s (%s)",
                                 self.opts.daemon_wait, exc)
-                    self.lost = self._dead[0]  # (the loss said at the end)
-                    self.stop.set()
-                    return
+                    raise _GaveUp from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
-        self._back(st)
 
     def _back(self, st: dict[str, Any]) -> None:
         """The daemon is back, ``st`` its status of the torrent: the pieces under way

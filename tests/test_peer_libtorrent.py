@@ -2108,11 +2108,12 @@ def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: 
         assert d.stop() == 0, d.stderr()
 
 
-def _seeding_registered(torrent: Path, save: Path, d: Daemon) -> subprocess.Popen[str]:
+def _seeding_registered(torrent: Path, save: Path, d: Daemon,
+                        *extra: str) -> subprocess.Popen[str]:
     """``pieced-peer --seed`` started, returned as soon as its torrent is registered (the
     daemon checking what is on disk)."""
     proc = subprocess.Popen(
-        peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", "--seed"),
+        peer_cmd(torrent, save, d.socket, "--listen", "127.0.0.1:0", "--seed", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _running.append(proc)
     with Client(d.socket) as c:
@@ -2267,13 +2268,15 @@ def test_the_daemon_lost_while_seeding_is_said_in_one_line(tmp_path: Path) -> No
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("wait", ["0", "60"])
 def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
-    tmp_path: Path,
+    tmp_path: Path, wait: str,
 ) -> None:
     """pieced-peer --seed over a complete copy: the daemon is killed while it checks the
     files for the newly registered torrent. Restarted, it finishes the check by itself,
-    and pieced-peer run again (told the torrent is registered already) seeds the whole
-    torrent to a libtorrent leecher, instead of finding nothing verified."""
+    and pieced-peer (the same one, waiting for it; or, told to stop when it loses it,
+    run again and told the torrent is registered already) seeds the whole torrent to a
+    libtorrent leecher, instead of finding nothing verified."""
     piece = 65536
     files = {"a.bin": 900 * piece + 7, "b.bin": 300 * piece}
     content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=22)
@@ -2284,22 +2287,38 @@ def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
     shutil.copytree(content, dl)
     d = Daemon(tmp_path)
     try:
-        proc = _seeding_registered(torrent, tmp_path / "dl", d)
+        proc = _seeding_registered(torrent, tmp_path / "dl", d, "--daemon-wait", wait)
         d.proc.kill()  # at once: the check has hardly begun
         d.proc.wait()
-        out, err = proc.communicate(timeout=60)
-        # said as a loss under way is: the daemon lost, and the summary (nothing printed
-        # on stdout, and the bare error, when the loss came before the check's answer)
-        assert proc.returncode == 2 and "lost the daemon" in err, (out, err)
-        assert json.loads(out)["complete"] is False, out
-        d = Daemon(tmp_path)
-        seeding = Seeding(torrent, tmp_path / "dl", d)
+        if wait == "0":
+            out, err = proc.communicate(timeout=60)
+            # said as a loss under way is: the daemon lost, and the summary (nothing
+            # printed on stdout, and the bare error, when the loss came before the
+            # check's answer)
+            assert proc.returncode == 2 and "lost the daemon" in err, (out, err)
+            assert json.loads(out)["complete"] is False, out
+            d = Daemon(tmp_path)
+            seeding = Seeding(torrent, tmp_path / "dl", d)
+        else:
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.communicate()
+            d = Daemon(tmp_path)
+            assert proc.stderr is not None
+            said = ""
+            while "listening on" not in said:  # (once the check is over)
+                line = proc.stderr.readline()
+                assert line, said
+                said += line
+            assert "lost the daemon" in said and "the daemon is back" in said, said
+            seeding = Seeding.__new__(Seeding)
+            seeding.proc, seeding.port = proc, int(said.rsplit(":", 1)[1])
         with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
             leecher.connect("127.0.0.1", seeding.port)
             leecher.wait_finished(60)
             assert leecher.hash_failures() == 0
         up = seeding.stop()
         assert up["complete"] and up["bytes_up"] >= sum(files.values())
+        assert up["daemon_reconnects"] == (wait != "0"), up
         _same_tree(content, tmp_path / "leech" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
