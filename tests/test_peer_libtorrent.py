@@ -2004,6 +2004,25 @@ def test_pieced_peer_carries_on_when_the_daemon_comes_back(tmp_path: Path, how: 
     assert all(lt_recheck(raw, tmp_path / "dl"))
 
 
+@contextlib.contextmanager
+def _leeching_midway(raw: bytes, torrent: Path, tmp_path: Path, d: Daemon, rate: int,
+                     *extra: str) -> Iterator[tuple[Seeding, LtPeer]]:
+    """The torrent downloaded into ``tmp_path/dl`` through the daemon, then seeded by
+    pieced-peer (with ``extra``) to a libtorrent leecher that takes ``rate`` bytes a
+    second: handed over once the leecher has ``rate`` bytes (reads in flight)."""
+    with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+        download(torrent, tmp_path / "dl", d, seeder.port)
+    seeding = Seeding(torrent, tmp_path / "dl", d, *extra)
+    limited = {"download_rate_limit": rate, "limit_loopback": True}
+    with LtPeer(raw, tmp_path / "leech", seed=False, settings=limited) as leecher:
+        leecher.connect("127.0.0.1", seeding.port)
+        deadline = time.monotonic() + 60
+        while leecher.status()["total_payload_download"] < rate:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield seeding, leecher
+
+
 def test_pieced_peer_seeding_carries_on_when_the_daemon_comes_back(tmp_path: Path) -> None:
     """The daemon killed while pieced-peer --seed serves a libtorrent leecher (reads in
     flight), and started again: the leecher's requests are rejected meanwhile (with the
@@ -2016,16 +2035,7 @@ def test_pieced_peer_seeding_carries_on_when_the_daemon_comes_back(tmp_path: Pat
     content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=24)
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
-            download(torrent, tmp_path / "dl", d, seeder.port)
-        seeding = Seeding(torrent, tmp_path / "dl", d)
-        slow = {"download_rate_limit": 2 << 20, "limit_loopback": True}
-        with LtPeer(raw, tmp_path / "leech", seed=False, settings=slow) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            deadline = time.monotonic() + 60
-            while leecher.status()["total_payload_download"] < 2 << 20:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        with _leeching_midway(raw, torrent, tmp_path, d, 2 << 20) as (seeding, leecher):
             d.proc.kill()
             d.proc.wait()
             time.sleep(1.0)
@@ -2247,16 +2257,8 @@ def test_the_daemon_lost_while_seeding_is_said_in_one_line(tmp_path: Path) -> No
     _content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=21)
     d = Daemon(tmp_path)
     try:
-        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
-            download(torrent, tmp_path / "dl", d, seeder.port)
-        seeding = Seeding(torrent, tmp_path / "dl", d, "--daemon-wait", "0")
-        fast = {"download_rate_limit": 4 << 20, "limit_loopback": True}
-        with LtPeer(raw, tmp_path / "leech", seed=False, settings=fast) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            deadline = time.monotonic() + 60
-            while leecher.status()["total_payload_download"] < 4 << 20:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        with _leeching_midway(raw, torrent, tmp_path, d, 4 << 20,
+                              "--daemon-wait", "0") as (seeding, _):
             d.proc.kill()
             d.proc.wait()
             _, err = seeding.proc.communicate(timeout=60)
