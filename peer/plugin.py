@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -845,7 +846,10 @@ class Swarm:
         # The daemon connection broke and a new one is being made (see _come_back):
         # nothing is stored, served or asked for meanwhile; the peers stay connected.
         self.away = False
-        self._dead: list[BaseException] = []  # failures of connections given up
+        # Failures of the last connections given up (a task may still raise one: not a
+        # bug), and the one the wait under way began with (said if it is given up).
+        self._dead: collections.deque[BaseException] = collections.deque(maxlen=16)
+        self._first_loss: BaseException | None = None
         self.closing = False
         # Pieces with an event since the reconcile under way asked for the daemon's status:
         # the event is as new as its snapshot or newer, and the picker follows it already.
@@ -878,11 +882,12 @@ class Swarm:
             # else said as a loss under way is, with the summary, not as a daemon that
             # could not be reached.
             if self.opts.daemon_wait > 0:
-                self._dead.append(exc)
+                self._dead.append(_bare(exc))
+                self._first_loss = exc
                 log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
                             exc, self.opts.daemon_wait)
                 try:
-                    st = await self._reconnect()
+                    st = await self._reconnect(registered=False)
                 except _GaveUp:
                     raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
                 self.summary.daemon_reconnects += 1
@@ -933,38 +938,47 @@ class Swarm:
             self.summary.complete = True
             self.done.set()
 
-    async def _join(self) -> dict[str, Any]:
+    async def _join(self, registered: bool = False) -> dict[str, Any]:
         """The torrent registered (or found so), what is on disk checked, its events
-        subscribed to: its status, with the pieces under way."""
-        try:
-            self.ih = await self.client.register(self.raw, self.opts.save_path)
-            # Newly registered: what is already on disk is checked first, as any client
-            # does with a torrent added over existing data (files that are not there
-            # cost nothing to check).
-            await self.client.recheck(self.ih)
-        except AlreadyRegistered:
-            st = await self.client.status(self.ih, files=False)
-            if Path(st["save_path"]) != self.opts.save_path.resolve():
-                raise ElsewhereAlready(
-                    f"the torrent is registered with save path {st['save_path']}, not "
-                    f"{self.opts.save_path}: run with --save-path {st['save_path']} "
-                    "(or remove it with `pieced rm` to start over in the other)") from None
-            waited = False
-            while st["reverifying_pieces"] or st.get("checking"):
-                # The daemon is checking the files (for another client, or finishing a
-                # check a crash cut short): what it finds is not to be fetched again.
-                waited = True
-                await asyncio.sleep(0.2)
-                st = await self.client.status(self.ih, files=False)
-            if not waited and not st["verified_pieces"] and not st["partial_pieces"]:
-                # Nothing known of it: maybe never checked (the daemon went down between
-                # the register and the check). What is on disk is checked now.
+        subscribed to: its status, with the pieces under way. ``registered``: it was, by
+        the daemon that went (a restart): found, not registered again (UnknownTorrent if
+        it was removed meanwhile: a removed torrent stops us)."""
+        if registered:
+            await self._found()
+        else:
+            try:
+                self.ih = await self.client.register(self.raw, self.opts.save_path)
+                # Newly registered: what is already on disk is checked first, as any
+                # client does with a torrent added over existing data (files that are not
+                # there cost nothing to check).
                 await self.client.recheck(self.ih)
+            except AlreadyRegistered:
+                await self._found()
         await self.client.subscribe(self.ih)
         try:
             return await self.client.status(self.ih, files=False, partial=True)
         except TooLarge:  # (thousands of pieces under way, each in many parts: fetched
             return await self.client.status(self.ih, files=False)  # again, whole)
+
+    async def _found(self) -> None:
+        """The torrent is registered: in our save path, and checked."""
+        st = await self.client.status(self.ih, files=False)
+        if Path(st["save_path"]) != self.opts.save_path.resolve():
+            raise ElsewhereAlready(
+                f"the torrent is registered with save path {st['save_path']}, not "
+                f"{self.opts.save_path}: run with --save-path {st['save_path']} "
+                "(or remove it with `pieced rm` to start over in the other)") from None
+        waited = False
+        while st["reverifying_pieces"] or st.get("checking"):
+            # The daemon is checking the files (for another client, or finishing a
+            # check a crash cut short): what it finds is not to be fetched again.
+            waited = True
+            await asyncio.sleep(0.2)
+            st = await self.client.status(self.ih, files=False)
+        if not waited and not st["verified_pieces"] and not st["partial_pieces"]:
+            # Nothing known of it: maybe never checked (the daemon went down between
+            # the register and the check). What is on disk is checked now.
+            await self.client.recheck(self.ih)
 
     async def _listen(self, host: str | None, port: int) -> None:
         """Accept incoming peers on ``host`` (None: every interface, IPv4 and IPv6 on
@@ -1041,9 +1055,10 @@ class Swarm:
             self.utp.close()
         for p in list(self.peers):
             p.close()
-        if self.lost is None and (self.away or self.client.failure is not None):
+        if self.lost is None and self.storage_error is None and (
+                self.away or self.client.failure is not None):
             # (stopped while the daemon was away: the run ends without it all the same)
-            self.lost = self.client.failure or self._dead[-1]
+            self.lost = self.client.failure or self._first_loss
         self.closing = True  # (the client's failure from now on is the close)
         with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):
             await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
@@ -1091,7 +1106,8 @@ class Swarm:
             self.stop.set()
             return
         self.away = True
-        self._dead.append(failure)
+        self._dead.append(_bare(failure))
+        self._first_loss = failure
         self.settled.clear()  # (what the daemon has is not known until it is back)
         log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
                     failure, self.opts.daemon_wait)
@@ -1103,23 +1119,28 @@ class Swarm:
     async def _come_back(self) -> None:
         """Connect to the daemon again, and take up the torrent where it is now."""
         try:
-            st = await self._reconnect()
+            st = await self._reconnect(registered=True)
         except _GaveUp:
-            self.lost = self._dead[0]  # (the loss said at the end)
+            self.lost = self._first_loss  # (the loss said at the end)
             self.stop.set()
             return
         except ElsewhereAlready as exc:
             self._storage_failed(str(exc))
             return
-        except PiecedError as exc:
-            self._storage_failed(f"the daemon answered with an error: {_describe(exc)}")
+        except UnknownTorrent:
+            self._storage_failed(_REMOVED)
+            return
+        except PiecedError as exc:  # (a ring or frame size it refuses now, say)
+            self._storage_failed(f"the daemon came back, but answered with an error: "
+                                 f"{_describe(exc)}")
             return
         self._back(st)
 
-    async def _reconnect(self) -> dict[str, Any]:
+    async def _reconnect(self, registered: bool) -> dict[str, Any]:
         """A new connection to the daemon, the torrent joined again (see :meth:`_join`):
-        its status. Connections refused or broken are tried again for ``daemon_wait``
-        seconds, then :class:`_GaveUp`; the daemon's errors are raised."""
+        its status. A daemon that cannot be reached, or does not answer, is tried again
+        until ``daemon_wait`` seconds from now, then :class:`_GaveUp`; its errors are
+        raised."""
         deadline = time.monotonic() + self.opts.daemon_wait
         delay = 0.1
         while True:
@@ -1130,23 +1151,31 @@ class Swarm:
             self._told = set()  # (events from here on are newer than the status below)
             try:
                 try:
-                    await client.connect()
-                    await client.attach_ring()
+                    # (a listening socket takes the connection of a daemon that does not
+                    # answer, stopped or not yet started: waited for until the deadline)
+                    await asyncio.wait_for(self._attach(client),
+                                           max(deadline - time.monotonic(), 0.05))
                 except BaseException:
                     with contextlib.suppress(PiecedError, OSError, TimeoutError):
                         await asyncio.wait_for(client.close(), STOP_DAEMON_TIMEOUT)
                     raise
                 self.client = client  # (connected: what tasks ask of it is sent)
-                return await self._join()
-            except (OSError, ConnectionError) as exc:
+                return await self._join(registered)
+            except OSError as exc:  # (ConnectionError and TimeoutError among them)
                 if client.failure is not None:
-                    self._dead.append(client.failure)
-                if time.monotonic() + delay > deadline:
+                    self._dead.append(_bare(client.failure))
+                left = deadline - time.monotonic()
+                if left <= 0:
                     log.warning("the daemon did not come back in %g s (%s)",
-                                self.opts.daemon_wait, exc)
+                                self.opts.daemon_wait, str(exc) or "it does not answer")
                     raise _GaveUp from None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, left))  # (and a last try at the deadline)
                 delay = min(2 * delay, 1.0)
+
+    @staticmethod
+    async def _attach(client: AsyncClient) -> None:
+        await client.connect()
+        await client.attach_ring()
 
     def _back(self, st: dict[str, Any]) -> None:
         """The daemon is back, ``st`` its status of the torrent: the pieces under way
@@ -1787,7 +1816,7 @@ class Swarm:
         for begin, data, giver in blocks:
             try:
                 await self.client.write_block_direct(self.ih, piece, begin, data)
-            except ConnectionError:
+            except OSError:  # (the daemon went)
                 if self.client.failure is not None:
                     self._lost()
                 return  # (the piece starts over once the daemon is back: see _back)
@@ -1946,7 +1975,7 @@ class Swarm:
                 return
             try:
                 chunk = await self.client.read_chunk_ring(self.ih, piece, begin, size)
-            except ConnectionError:  # (the daemon went: each request is answered)
+            except OSError:  # (the daemon went: each request is answered all the same)
                 for blk in run:
                     peer.conn.send_reject(blk)
                 if self.client.failure is not None:
@@ -2622,6 +2651,13 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     if swarm.no_source is not None:
         raise NoSourceLeft(swarm.no_source, swarm.summary)
     return swarm.summary
+
+
+def _bare(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback (its frames hold what they held: blocks, buffers),
+    to be kept and compared with."""
+    exc.__traceback__ = None
+    return exc
 
 
 def _describe(exc: PiecedError) -> str:

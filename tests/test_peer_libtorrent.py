@@ -1243,6 +1243,72 @@ def test_pieced_peer_stops_when_the_daemon_goes(tmp_path: Path, wait: str) -> No
         assert took >= 1.5, took
 
 
+def _seeding_then_restarted(tmp_path: Path, wait: str, seed: int,
+                            ) -> tuple[Seeding, Path, bytes]:
+    """pieced-peer seeding a small torrent with ``--daemon-wait wait``, its daemon
+    stopped: (the seeding, the torrent file, its info hash)."""
+    content = make_payload(tmp_path / "seed", {"a.bin": 100_000}, seed=seed)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(make_torrent_lt(content, 16384, "v1"))
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--daemon-wait", wait)
+    with Client(d.socket) as c:
+        ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+    assert d.stop() == 0, d.stderr()
+    return seeding, torrent, ih
+
+
+def test_a_daemon_back_but_not_answering_is_given_up_in_time(tmp_path: Path) -> None:
+    """The daemon comes back but does not answer (stopped with SIGSTOP once it listens:
+    its socket takes connections all the same): pieced-peer gives it up once
+    ``--daemon-wait`` is over, instead of waiting for its answer for ever."""
+    seeding, _, _ = _seeding_then_restarted(tmp_path, "3", seed=26)
+    gone = time.monotonic()
+    d = Daemon(tmp_path)
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        out, err = seeding.proc.communicate(timeout=30)
+        took = time.monotonic() - gone
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0, d.stderr()
+    assert seeding.proc.returncode == 2, err
+    assert "did not come back in 3 s" in err and "lost the daemon" in err, err
+    assert 3 <= took < 10, took
+    assert json.loads(out)["complete"] is True
+
+
+@pytest.mark.parametrize("how", ["removed", "refuses"])
+def test_a_daemon_that_comes_back_changed_stops_pieced_peer_saying_why(
+        tmp_path: Path, how: str) -> None:
+    """The daemon comes back without the torrent (removed by another client before
+    pieced-peer took it up again), or refusing what it asks (a smaller max_ring_bytes
+    now): pieced-peer stops with that reason (exit 2), not as if the daemon had not come
+    back, and does not register a removed torrent again."""
+    seeding, _, ih = _seeding_then_restarted(tmp_path, "30", seed=27)
+    if how == "removed":  # (by a client of the daemon on another socket meanwhile)
+        other = tmp_path / "other.sock"
+        aside = Daemon(tmp_path, env={"PIECED_SOCKET": str(other)})
+        with Client(other) as c:
+            c.unregister(ih)
+        assert aside.stop() == 0, aside.stderr()
+    env = {"PIECED_MAX_RING_BYTES": str(1 << 20)} if how == "refuses" else None
+    d = Daemon(tmp_path, env=env)
+    try:
+        out, err = seeding.proc.communicate(timeout=60)
+        assert seeding.proc.returncode == 2, err
+        assert "lost the daemon" not in err.splitlines()[-1], err
+        if how == "removed":
+            assert "removed" in err.splitlines()[-1], err
+            with Client(d.socket) as c:
+                assert c.torrents() == []  # (not registered again)
+        else:
+            assert "max_ring_bytes" in err.splitlines()[-1], err
+        assert json.loads(out)["daemon_reconnects"] == 0
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def _free_port() -> int:
     import socket
 
