@@ -85,6 +85,7 @@ from .resume import (
     Loaded,
     StateStore,
     TorrentRecord,
+    file_record,
     file_stamp,
 )
 from .stats import Stats
@@ -892,6 +893,8 @@ class DiskIO:
             partial = [(p, s, e) for p, spans in under_way for s, e in spans]
         try:
             rec.write_resume(have, fps, gen, files, partial)
+            with rec.journal_lock:  # (the record names these files now, durably)
+                t.inodes_said = _inodes(files)
         except OSError as exc:
             # The journal still holds it all: nothing of the torrent is lost or changed,
             # and there is nothing for its clients to do. Counted and listed, not pushed
@@ -1096,9 +1099,10 @@ class DiskIO:
                     f"{t.count(VERIFIED)} verified pieces are missing until a start finds "
                     "it, which checks them again (or a recheck, once it is back)")
             short: set[int] = set()  # files gone or shorter than their length
-            stamps = saved.stamps if saved.previous is None else None
-            rewritable = {i for p in saved.cleared for i in t.files_of(p)} if (
-                stamps is not None and saved.cleared) else set()
+            stamps = None if saved.previous is not None else _stamps_since(
+                saved.stamps, {i for p in saved.cleared for i in t.files_of(p)},
+                saved.inodes or {}, len(lengths))
+            t.inodes_said = _inodes(stamps)
             for i in range(len(lengths) if VERIFIED in t.state else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
@@ -1117,8 +1121,7 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif stamps is not None and i not in rewritable and not _stamp_kept(
-                        stamps, i, stamp):
+                elif stamps is not None and not _stamp_kept(stamps, i, stamp):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
@@ -1612,8 +1615,10 @@ class DiskIO:
                 found = [p for p in found if p not in moved]
             if rec is not None and found:
                 try:
-                    rec.append([(REC_VERIFIED, p, t.fingerprint(p) or NO_FINGERPRINT)
-                                for p in found])
+                    named = _named_files(t, holding)
+                    rec.append([*named, *((REC_VERIFIED, p, t.fingerprint(p) or NO_FINGERPRINT)
+                                          for p in found)])
+                    _said_named(t, named)
                 except OSError as exc:
                     error = StorageIOError.wrap(exc, "journal verified pieces")
                     self._record_error(t, error, None)
@@ -2130,8 +2135,10 @@ class DiskIO:
                 # sync may have missed their new bytes (their own batch comes next).
                 live = [(p, r, fp) for p, (r, fp) in pieces if t.committing.get(p) is r]
             try:
-                if rec is not None:
-                    rec.append([(REC_VERIFIED, p, fp) for p, _, fp in live])
+                if rec is not None and live:
+                    named = _named_files(t, files)
+                    rec.append([*named, *((REC_VERIFIED, p, fp) for p, _, fp in live)])
+                    _said_named(t, named)
             except OSError as exc:
                 error = StorageIOError.wrap(exc, "journal verified pieces")
             else:
@@ -3278,6 +3285,52 @@ def _stamp_kept(stamps: list[list[int]], index: int, stamp: list[int]) -> bool:
     if kept[0] == UNSTAMPED:
         return len(kept) < STAMP_FIELDS or not kept[3] or kept[3] == stamp[3]
     return kept == stamp[:len(kept)]
+
+
+def _stamps_since(stamps: list[list[int]] | None, cleared: set[int], inodes: dict[int, int],
+                  files: int) -> list[list[int]] | None:
+    """The file stamps of a resume record as the journals since leave them: a file of a
+    piece cleared since is compared on its inode alone (the daemon may have written it
+    since, and its times are its own), a file a FILE record names on that inode (a file
+    the record names by no stamp, or by an older one: made anew since)."""
+    if stamps is None and not inodes:
+        return None
+    out = [list(s) for s in stamps] if stamps is not None else [
+        [UNSTAMPED, 0, 0, 0] for _ in range(files)]
+    for i in cleared:
+        if i < len(out) and out[i][0] != UNSTAMPED:
+            out[i] = [UNSTAMPED, 0, 0, out[i][3] if len(out[i]) >= STAMP_FIELDS else 0]
+    for i, inode in inodes.items():
+        if i < len(out):
+            out[i] = [UNSTAMPED, 0, 0, inode]
+    return out
+
+
+def _inodes(stamps: list[list[int]] | None) -> dict[int, int]:
+    """File -> inode, of the files ``stamps`` name by their inode."""
+    if stamps is None:
+        return {}
+    return {i: s[3] for i, s in enumerate(stamps) if len(s) >= STAMP_FIELDS and s[3] > 0}
+
+
+def _named_files(t: Torrent, files: Iterable[int]) -> list[tuple[int, int, bytes]]:
+    """FILE records of those of ``files`` whose inode, as the daemon uses them, the
+    state folder does not name (caller holds the journal lock): journaled before the
+    pieces verified in them, so that a start after a crash knows the file by its inode,
+    and sees another put in its place (see :func:`_stamps_since`)."""
+    said, storage = t.inodes_said, t.storage
+    out = []
+    for i in files:
+        used = storage.identity(i)
+        if used is not None and said.get(i) != used[1]:
+            out.append(file_record(i, used[1]))
+    return out
+
+
+def _said_named(t: Torrent, records: list[tuple[int, int, bytes]]) -> None:
+    """The files of FILE records just journaled are named so from now on."""
+    for _, i, packed in records:
+        t.inodes_said[i] = int.from_bytes(packed[:8], "little")
 
 
 def _kept_stamps(t: Torrent) -> list[list[int]] | None:

@@ -45,7 +45,11 @@ torrent's own records: a journal record's starts from the crc32 of the info hash
 and the resume and location records hold the info hash, so that one of another
 torrent's, put in this one's folder, is never taken for its own. A bit is cleared
 (``clear_piece``, a vanished file) by a CLEARED record, so replaying in order gives
-the state as it was.
+the state as it was. A FILE record (its "piece" a file index, its inode in the
+fingerprint's place) says which file held the pieces verified after it: written with
+the first piece verified in a file the record or an earlier FILE record does not name,
+so that a start after a crash knows every file with verified pieces by its inode (a
+file swapped or put in its place meanwhile is seen), however long since the record.
 
 Every decoded field is checked. A resume record that does not decode is never
 replaced by defaults: the torrent keeps its location, gets the bits its journals
@@ -80,6 +84,8 @@ from .paths import read_regular
 RECORD = struct.Struct("<BxxxI16sI")  # kind, piece, fingerprint, crc32 of the first 24 bytes
 REC_VERIFIED = 1
 REC_CLEARED = 2
+REC_FILE = 3
+_KINDS = (REC_VERIFIED, REC_CLEARED, REC_FILE)
 _JOURNAL = re.compile(r"journal\.(\d+)")
 CHECKING = "checking"  # present while a check of the files is under way
 REMOVING = ".removing-"  # a torrent's folder being deleted: never loaded, deleted at start
@@ -197,6 +203,11 @@ def encode_records(records: list[tuple[int, int, bytes]], seed: int = 0) -> byte
     return bytes(out)
 
 
+def file_record(index: int, inode: int) -> tuple[int, int, bytes]:
+    """The journal record that says file ``index`` is the file of inode ``inode``."""
+    return REC_FILE, index, struct.pack("<Q8x", inode)
+
+
 def decode_records(data: bytes, seed: int = 0) -> list[tuple[int, int, bytes]]:
     """The records up to the first torn or damaged one."""
     return _decode_records(data, seed)[0]
@@ -217,7 +228,7 @@ def _decode_records(data: bytes, seed: int = 0,
         head = data[off : off + RECORD.size - 4]
         # (from 0: a record of a version that did not start from the info hash)
         good = crc == zlib.crc32(head, seed) or (seed and crc == zlib.crc32(head))
-        if not good or kind not in (REC_VERIFIED, REC_CLEARED):
+        if not good or kind not in _KINDS:
             damaged = True
             continue
         if damaged:
@@ -249,6 +260,8 @@ class Loaded(NamedTuple):
     # Pieces the journals cleared since the resume record: their files may have been
     # written since, their stamps not kept up with it.
     cleared: frozenset[int] = frozenset()
+    # File index -> the inode the journals last named for it (FILE records).
+    inodes: dict[int, int] | None = None
 
 
 class Deletion(NamedTuple):
@@ -652,6 +665,8 @@ class StateStore:
         torn = tail = False
         why: str | None = None
         cleared: set[int] = set()
+        inodes: dict[int, int] = {}
+        nfiles = len(meta.files.lengths)
         for g in gens:
             try:
                 data = read_regular(folder / f"journal.{g}")
@@ -662,6 +677,10 @@ class StateStore:
             torn = torn or bad
             tail = tail or ends_bad
             for kind, piece, fp in records:
+                if kind == REC_FILE:
+                    if 0 <= piece < nfiles:
+                        inodes[piece] = struct.unpack_from("<Q", fp)[0]
+                    continue
                 if not 0 <= piece < n:
                     continue
                 bit = 0x80 >> (piece & 7)
@@ -690,7 +709,8 @@ class StateStore:
             why = ("the last record of its journal is damaged or cut short (a crash or a "
                    "power cut in the middle of an append, or damage on the disk)")
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
-                        previous, checking, partial or None, why, frozenset(cleared))
+                        previous, checking, partial or None, why, frozenset(cleared),
+                        inodes or None)
         return loaded, next_gen
 
 

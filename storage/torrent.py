@@ -238,6 +238,10 @@ class Torrent:
         self.plain_writes = 0
         self.plain_done = threading.Condition(self.lock)
         self.moving = False  # its files are being moved or renamed (a fenced operation)
+        # File -> the inode the state folder names for it (the resume record's stamps,
+        # then the journal's FILE records; changed under the journal lock): a piece
+        # verified in a file it does not name so is journaled after a FILE record of it.
+        self.inodes_said: dict[int, int] = {}
         # piece -> writes another torrent made into it: a check that read the piece
         # before one of them does not take its answer (it is checked again)
         self.written_into: dict[int, int] = {}

@@ -957,8 +957,9 @@ def _spied(monkeypatch: pytest.MonkeyPatch, syscall: str) -> list[str]:
     real, real_append = getattr(os, syscall), resume.TorrentRecord.append
     monkeypatch.setattr(os, syscall, lambda fd: (
         log.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
-    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (
-        log.append(f"journal {sorted(p for _, p, _ in recs)}"), real_append(self, recs))[1])
+    monkeypatch.setattr(resume.TorrentRecord, "append", lambda self, recs: (  # (pieces only)
+        log.append(f"journal {sorted(p for k, p, _ in recs if k != resume.REC_FILE)}"),
+        real_append(self, recs))[1])
     return log
 
 
