@@ -1112,6 +1112,8 @@ class Swarm:
         log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
                     failure, self.opts.daemon_wait)
         for p in list(self.peers):
+            for blk in list(p.conn.our_requests):  # (what comes meanwhile is dropped)
+                p.conn.send_cancel(blk)
             p.conn.send_choke(True)
             p.flush()
         self._spawn(self._come_back())
@@ -1794,7 +1796,10 @@ class Swarm:
         late: list[Ready[Conduct]] = []
         if again:
             self.summary.bytes_redundant += len(data)
-        if not picker.have[piece] and not self.away:  # (else lost: see _back)
+        if self.away:  # dropped: the piece starts over once the daemon is back
+            if not again:  # (so it came for nothing)
+                self.summary.bytes_redundant += len(data)
+        elif not picker.have[piece]:
             if not again:
                 self.summary.bytes_down += len(data)
             client = self.client
