@@ -363,7 +363,7 @@ def test_a_file_with_a_piece_cleared_since_the_record_is_still_known_by_its_inod
     verified over the other file's bytes. It is compared on its inode."""
     import shutil
 
-    raw, src, dio, ih = _downloaded(tmp_path, backend, "v1")
+    _, src, dio, ih = _downloaded(tmp_path, backend, "v1")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         _off_main(pool, dio.clear_piece, ih, 4)  # (wholly in dir/b.bin)
