@@ -970,14 +970,21 @@ class DiskIO:
                 f"the folder its move was from, {old}, is not there (a disk not mounted "
                 f"yet?), and files with verified pieces are not in {storage.save_path}: "
                 "left as it is until a start finds it", errno=errno.ENOENT)
+        # (the files the state folder names by their inode: one not moved yet is compared
+        # where it is; one moved is not, its inode maybe new: copied to another disk)
+        inodes = _inodes(_stamps_since(saved.stamps, set(), saved.inodes or {},
+                                       len(saved.metainfo.files.lengths)))
         try:
-            n, doubtful = storage.finish_move(Path(old), renames)
+            n, doubtful, changed = storage.finish_move(Path(old), renames, inodes)
         except (OSError, PiecedError) as exc:
             back = make_storage(self.backend, saved.metainfo, Path(old), self.handles,
                                 self.preallocate, self.allow_hard_links, self.roots)
             back.renames.update(renames)
             try:
-                n, doubtful = back.finish_move(storage.save_path, dict(storage.renames))
+                # (from where the move was going: files the daemon copied there have
+                # inodes of their own)
+                n, doubtful, changed = back.finish_move(storage.save_path,
+                                                        dict(storage.renames))
             except (OSError, PiecedError) as again:
                 back.close()
                 raise StorageIOError(
@@ -995,7 +1002,12 @@ class DiskIO:
             self.load_errors.append(
                 f"torrent {saved.ih_hex}: {storage.file_path(i)} is in the way of its move "
                 f"from {old} (left as it is, and both kept): its pieces are checked again")
-        return storage, True, doubtful
+        for i in sorted(changed - doubtful):
+            self.load_errors.append(
+                f"torrent {saved.ih_hex}: {storage.file_path(i)} was not the file its "
+                "pieces were verified in when its move was finished (another put in its "
+                "place while the daemon was down?): its pieces are checked again")
+        return storage, True, doubtful | changed
 
     @staticmethod
     def _moved_from_nowhere(storage: FileStorage, old: Path, have: bytes | bytearray) -> bool:

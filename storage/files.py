@@ -1196,15 +1196,20 @@ class FileStorage:
             if index in self.start_stamps:  # (a rename changes the file's ctime)
                 self.start_stamps[index] = file_stamp(path)
 
-    def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]]
-                    ) -> tuple[int, set[int]]:
+    def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]],
+                    inodes: dict[int, int] | None = None
+                    ) -> tuple[int, set[int], set[int]]:
         """Bring under the save path, as named now, the files a move or rename cut short
         by a crash left where they were (``old_path``, named by ``old_renames``).
-        Returns how many it moved, and the files found at both places that are not one
-        file (nothing is deleted of them: their pieces are to be checked again)."""
+        Returns how many it moved, and two sets of files whose pieces are to be checked
+        again: those found at both places that are not one file (nothing is deleted of
+        them), and those left where they were whose inode is not the one the state
+        folder names (``inodes``: another file put in the place of one while the daemon
+        was down; moved all the same)."""
         old_root = self.beneath(old_path) if old_path != self.save_path else self.root
         moved = 0
         doubtful: set[int] = set()
+        changed: set[int] = set()
         marked: set[tuple[str, ...]] = set()
         try:
             self.root.root(create=True)  # (recorded as where to go before it was made)
@@ -1223,6 +1228,8 @@ class FileStorage:
                 old = old_root.stat(was)
                 if old is None:
                     continue  # moved already (or never made)
+                if inodes and inodes.get(index, old.st_ino) != old.st_ino:
+                    changed.add(index)
                 new = self.root.stat(parts)
                 if new is not None:
                     # Cut short between the link (or the copy, whole: a half one never
@@ -1246,7 +1253,7 @@ class FileStorage:
         finally:
             if old_root is not self.root:
                 old_root.close()
-        return moved, doubtful
+        return moved, doubtful, changed
 
     def rename_target(self, index: int, new_name: str) -> tuple[str, ...] | None:
         """The path a rename of file ``index`` to ``new_name`` gives it, refused (typed

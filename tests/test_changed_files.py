@@ -379,6 +379,48 @@ def test_a_file_with_a_piece_cleared_since_the_record_is_still_known_by_its_inod
         pool.shutdown()
 
 
+def test_a_file_swapped_where_a_move_cut_short_left_it_is_seen(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash in the middle of a move (its files not yet moved), then two of its files
+    swapped where they still were: the start finishes the move, and compared no file
+    then (a file moved may have a new inode: copied to another disk), so the swapped
+    pieces were reported verified over each other's bytes. A file not moved yet is
+    compared on its inode where it is, before it is moved."""
+    import shutil
+
+    from pieced.storage import resume
+
+    _, src, dio, ih = _downloaded(tmp_path, backend, "v1")
+    real = resume.TorrentRecord.write_location
+
+    def crash_as_the_move_begins(self: Any, path: Path, renames: Any, previous: Any = None,
+                                 undo: bool = True) -> None:
+        real(self, path, renames, previous, undo)
+        if previous is not None and not (tmp_path / "crash").exists():
+            shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+
+    monkeypatch.setattr(resume.TorrentRecord, "write_location", crash_as_the_move_begins)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        _off_main(pool, dio.move_storage, ih, tmp_path / "moved")
+        _off_main(pool, dio.close)
+        monkeypatch.undo()
+        # As the crash left them: not moved yet; then swapped while the daemon is down.
+        os.rename(tmp_path / "moved" / "payload", tmp_path / "dl" / "payload")
+        _change(tmp_path / "dl" / "payload" / "dir", "swapped")
+        crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash"))
+        try:
+            assert crashed.status(ih)["save_path"] == str(tmp_path / "moved")
+            assert _off_main(pool, _wrong_verified, crashed, ih, src) == []
+            assert not all(_verified(crashed.status(ih)))
+            assert any("was not the file its pieces were verified in" in e
+                       for e in crashed.load_errors), crashed.load_errors
+        finally:
+            _off_main(pool, crashed.close)
+    finally:
+        pool.shutdown()
+
+
 def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) -> None:
     """A resume record written before stamps held the change time and inode holds size
     and modification time: a restart compares those, and does not take every file of
