@@ -951,7 +951,7 @@ class Swarm:
                 # Newly registered: what is already on disk is checked first, as any
                 # client does with a torrent added over existing data (files that are not
                 # there cost nothing to check).
-                await self.client.recheck(self.ih)
+                await self._check()
             except AlreadyRegistered:
                 await self._found()
         await self.client.subscribe(self.ih)
@@ -978,7 +978,17 @@ class Swarm:
         if not waited and not st["verified_pieces"] and not st["partial_pieces"]:
             # Nothing known of it: maybe never checked (the daemon went down between
             # the register and the check). What is on disk is checked now.
+            await self._check()
+
+    async def _check(self) -> None:
+        """What is on disk checked by the daemon. A check its stop cuts short (carried
+        out again by the daemon when it starts) is a loss of the daemon, waited for."""
+        try:
             await self.client.recheck(self.ih)
+        except PiecedError as exc:
+            if exc.errno == errno.ECANCELED:
+                raise ConnectionError(_describe(exc)) from None
+            raise
 
     async def _listen(self, host: str | None, port: int) -> None:
         """Accept incoming peers on ``host`` (None: every interface, IPv4 and IPv6 on
@@ -1130,7 +1140,9 @@ class Swarm:
             self._storage_failed(str(exc))
             return
         except UnknownTorrent:
-            self._storage_failed(_REMOVED)
+            self._storage_failed("the daemon came back without the torrent (removed by "
+                                 "another client meanwhile, or not loaded: its log says "
+                                 "why)")
             return
         except PiecedError as exc:  # (a ring or frame size it refuses now, say)
             self._storage_failed(f"the daemon came back, but answered with an error: "
@@ -1166,6 +1178,8 @@ class Swarm:
             except OSError as exc:  # (ConnectionError and TimeoutError among them)
                 if client.failure is not None:
                     self._dead.append(_bare(client.failure))
+                if self.client is client:  # reached, then lost again (a check of hours):
+                    deadline = time.monotonic() + self.opts.daemon_wait  # waited anew
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning("the daemon did not come back in %g s (%s)",

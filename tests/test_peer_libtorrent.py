@@ -2223,6 +2223,39 @@ def test_a_signal_during_the_first_check_stops_pieced_peer_at_once(tmp_path: Pat
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_daemon_restarted_during_the_first_check_is_waited_for(tmp_path: Path) -> None:
+    """The daemon stopped (SIGTERM, as ``systemctl restart`` does), then started again,
+    while it checks what is on disk of a newly registered torrent: its answer to the
+    check, cut short by its stop, ended pieced-peer (exit 2), where a kill -9 was waited
+    for. The stop is a loss of the daemon like any: waited for, and the check the
+    restarted daemon carries out again is waited for too (the wait counted from each
+    loss, not from the first)."""
+    raw = sparse_zero_torrent(tmp_path / "dl", "zeros.bin", 4 << 20, 512)  # 2 GiB
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    try:
+        proc = _seeding_registered(torrent, tmp_path / "dl", d, "--daemon-wait", "20")
+        time.sleep(0.2)  # the check under way
+        assert d.stop() == 0, d.stderr()
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        d = Daemon(tmp_path)
+        assert proc.stderr is not None
+        said = ""
+        while "listening on" not in said:  # (once the check is over)
+            line = proc.stderr.readline()
+            assert line, said
+            said += line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, said + err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["daemon_reconnects"] == 1, summary
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Path) -> None:
     """SIGTERM to a downloading pieced-peer whose daemon does not answer (stopped, as one
     stuck in fdatasync on a hung disk would be): it waited for the daemon to take the
