@@ -330,7 +330,6 @@ def test_files_swapped_after_a_crash_early_in_a_download_are_seen(
     pieces): files swapped before the next start were trusted, their pieces reported
     verified over each other's bytes. The journal names each file by its inode with the
     first piece verified in it, and the start compares that."""
-    import shutil
 
     content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000,
                                               "dir/c.bin": 200000})
@@ -343,7 +342,19 @@ def test_files_swapped_after_a_crash_early_in_a_download_are_seen(
                              for p, b, n in src.blocks() if p != 0])
     _off_main(pool, dio.flush_all)
     assert _verified(dio.status(ih)).count(False) == 1
-    shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
+    try:
+        _crash_then_swap(tmp_path, backend, pool, dio, ih, src)
+    finally:
+        pool.shutdown()
+
+
+def _crash_then_swap(tmp_path: Path, backend: str, pool: concurrent.futures.ThreadPoolExecutor,
+                     dio: DiskIO, ih: bytes, src: Source) -> None:
+    """A crash now, then dir/b.bin and dir/c.bin swapped: the next start reports no
+    piece verified over bytes that are not its own."""
+    import shutil
+
+    shutil.copytree(tmp_path / "state", tmp_path / "crash")
     _off_main(pool, dio.close)
     _change(tmp_path / "dl" / "payload" / "dir", "swapped")
     crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash"))
@@ -351,7 +362,6 @@ def test_files_swapped_after_a_crash_early_in_a_download_are_seen(
         assert _off_main(pool, _wrong_verified, crashed, ih, src) == []
     finally:
         _off_main(pool, crashed.close)
-        pool.shutdown()
 
 
 def test_a_file_with_a_piece_cleared_since_the_record_is_still_known_by_its_inode(
@@ -361,20 +371,12 @@ def test_a_file_with_a_piece_cleared_since_the_record_is_still_known_by_its_inod
     start compared nothing of the cleared piece's file (the daemon may have written it
     since: its stamp's times are not to be trusted), and its other pieces were reported
     verified over the other file's bytes. It is compared on its inode."""
-    import shutil
 
     _, src, dio, ih = _downloaded(tmp_path, backend, "v1")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         _off_main(pool, dio.clear_piece, ih, 4)  # (wholly in dir/b.bin)
-        shutil.copytree(tmp_path / "state", tmp_path / "crash")  # a crash now
-        _off_main(pool, dio.close)
-        _change(tmp_path / "dl" / "payload" / "dir", "swapped")
-        crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash"))
-        try:
-            assert _off_main(pool, _wrong_verified, crashed, ih, src) == []
-        finally:
-            _off_main(pool, crashed.close)
+        _crash_then_swap(tmp_path, backend, pool, dio, ih, src)
     finally:
         pool.shutdown()
 

@@ -2184,6 +2184,18 @@ def test_a_full_disk_stops_the_download_with_its_error(tmp_path: Path, tiny_fs: 
         assert d.stop() == 0, d.stderr()
 
 
+def _said_until_listening(proc: subprocess.Popen[str]) -> str:
+    """What pieced-peer says on stderr up to the line that it listens (once its torrent
+    is checked)."""
+    assert proc.stderr is not None
+    said = ""
+    while "listening on" not in said:
+        line = proc.stderr.readline()
+        assert line, said
+        said += line
+    return said
+
+
 def _seeding_registered(torrent: Path, save: Path, d: Daemon,
                         *extra: str) -> subprocess.Popen[str]:
     """``pieced-peer --seed`` started, returned as soon as its torrent is registered (the
@@ -2241,12 +2253,7 @@ def test_a_daemon_restarted_during_the_first_check_is_waited_for(tmp_path: Path)
         time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()
         d = Daemon(tmp_path)
-        assert proc.stderr is not None
-        said = ""
-        while "listening on" not in said:  # (once the check is over)
-            line = proc.stderr.readline()
-            assert line, said
-            said += line
+        said = _said_until_listening(proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, said + err
@@ -2404,12 +2411,7 @@ def test_the_daemon_killed_during_the_first_check_finishes_it_after_a_restart(
             time.sleep(0.5)
             assert proc.poll() is None, proc.communicate()
             d = Daemon(tmp_path)
-            assert proc.stderr is not None
-            said = ""
-            while "listening on" not in said:  # (once the check is over)
-                line = proc.stderr.readline()
-                assert line, said
-                said += line
+            said = _said_until_listening(proc)
             assert "lost the daemon" in said and "the daemon is back" in said, said
             seeding = Seeding.__new__(Seeding)
             seeding.proc, seeding.port = proc, int(said.rsplit(":", 1)[1])
