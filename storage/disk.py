@@ -1627,10 +1627,11 @@ class DiskIO:
                 found = [p for p in found if p not in moved]
             if rec is not None and found:
                 try:
-                    named = _named_files(t, holding)
-                    rec.append([*named, *((REC_VERIFIED, p, t.fingerprint(p) or NO_FINGERPRINT)
-                                          for p in found)])
-                    _said_named(t, named)
+                    named = _unnamed_files(t, holding)
+                    rec.append([*(file_record(i, inode) for i, inode in named),
+                                *((REC_VERIFIED, p, t.fingerprint(p) or NO_FINGERPRINT)
+                                  for p in found)])
+                    t.inodes_said.update(named)
                 except OSError as exc:
                     error = StorageIOError.wrap(exc, "journal verified pieces")
                     self._record_error(t, error, None)
@@ -2148,9 +2149,10 @@ class DiskIO:
                 live = [(p, r, fp) for p, (r, fp) in pieces if t.committing.get(p) is r]
             try:
                 if rec is not None and live:
-                    named = _named_files(t, files)
-                    rec.append([*named, *((REC_VERIFIED, p, fp) for p, _, fp in live)])
-                    _said_named(t, named)
+                    named = _unnamed_files(t, files)
+                    rec.append([*(file_record(i, inode) for i, inode in named),
+                                *((REC_VERIFIED, p, fp) for p, _, fp in live)])
+                    t.inodes_said.update(named)
             except OSError as exc:
                 error = StorageIOError.wrap(exc, "journal verified pieces")
             else:
@@ -3325,24 +3327,18 @@ def _inodes(stamps: list[list[int]] | None) -> dict[int, int]:
     return {i: s[3] for i, s in enumerate(stamps) if len(s) >= STAMP_FIELDS and s[3] > 0}
 
 
-def _named_files(t: Torrent, files: Iterable[int]) -> list[tuple[int, int, bytes]]:
-    """FILE records of those of ``files`` whose inode, as the daemon uses them, the
-    state folder does not name (caller holds the journal lock): journaled before the
-    pieces verified in them, so that a start after a crash knows the file by its inode,
-    and sees another put in its place (see :func:`_stamps_since`)."""
+def _unnamed_files(t: Torrent, files: Iterable[int]) -> list[tuple[int, int]]:
+    """(file, inode) of those of ``files`` whose inode, as the daemon uses them, the
+    state folder does not name (caller holds the journal lock): FILE records of them are
+    journaled before the pieces verified in them, so that a start after a crash knows
+    the file by its inode, and sees another put in its place (see _stamps_since)."""
     said, storage = t.inodes_said, t.storage
     out = []
     for i in files:
         used = storage.identity(i)
         if used is not None and said.get(i) != used[1]:
-            out.append(file_record(i, used[1]))
+            out.append((i, used[1]))
     return out
-
-
-def _said_named(t: Torrent, records: list[tuple[int, int, bytes]]) -> None:
-    """The files of FILE records just journaled are named so from now on."""
-    for _, i, packed in records:
-        t.inodes_said[i] = int.from_bytes(packed[:8], "little")
 
 
 def _kept_stamps(t: Torrent) -> list[list[int]] | None:
