@@ -1111,10 +1111,15 @@ class DiskIO:
                     f"{t.count(VERIFIED)} verified pieces are missing until a start finds "
                     "it, which checks them again (or a recheck, once it is back)")
             short: set[int] = set()  # files gone or shorter than their length
-            stamps = None if saved.previous is not None else _stamps_since(
-                saved.stamps, {i for p in saved.cleared for i in t.files_of(p)},
-                saved.inodes or {}, len(lengths))
+            stamps = _stamps_since(saved.stamps, {i for p in saved.cleared for i in t.files_of(p)},
+                                   saved.inodes or {}, len(lengths))
             t.inodes_said = _inodes(stamps)
+            # A move or rename a crash cut short, finished or undone above: the files it
+            # took from one name to another have a new change time (a link), and a new
+            # inode if copied to another file system: compared on the rest (see
+            # _moved_stamp_kept). The others are as any file.
+            moving = _moved_files(saved) if saved.previous is not None else set()
+            one_fs = bool(moving) and _one_file_system(saved)
             for i in range(len(lengths) if VERIFIED in t.state else 0):
                 if flags[i] & UNSTORED or lengths[i] == 0:
                     continue
@@ -1133,7 +1138,9 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif stamps is not None and not _stamp_kept(stamps, i, stamp):
+                elif stamps is not None and not (
+                        _moved_stamp_kept(stamps, i, stamp, one_fs) if i in moving
+                        else _stamp_kept(stamps, i, stamp)):
                     suspect.update(pieces)  # changed behind our back while we were stopped
             for p in suspect:
                 t.set_state(p, MISSING)
@@ -3299,6 +3306,49 @@ def _stamp_kept(stamps: list[list[int]], index: int, stamp: list[int]) -> bool:
     if kept[0] == UNSTAMPED:
         return len(kept) < STAMP_FIELDS or not kept[3] or kept[3] == stamp[3]
     return kept == stamp[:len(kept)]
+
+
+def _moved_stamp_kept(stamps: list[list[int]], index: int, stamp: list[int],
+                      one_fs: bool) -> bool:
+    """Whether file ``index``, which a move a crash cut short took to another name (or
+    was about to), is as the record stamped it: on its size and modification time (a
+    move keeps them, a copy to another file system too), and on its inode where the
+    move could not have copied it (``one_fs``); not on its change time, which the
+    move's link changed."""
+    if index >= len(stamps):
+        return False
+    kept = stamps[index]
+    if len(kept) >= STAMP_FIELDS and kept[3] and one_fs and kept[3] != stamp[3]:
+        return False
+    return kept[0] == UNSTAMPED or kept[:2] == stamp[:2]
+
+
+def _moved_files(saved: Loaded) -> set[int]:
+    """The files whose path a move or rename under way (``saved.previous``) changes."""
+    assert saved.previous is not None
+    old, old_renames = saved.previous
+    files = saved.metainfo.files
+    return {i for i in range(len(files.lengths))
+            if Path(old).joinpath(*(old_renames.get(i) or files.path(i)))
+            != Path(saved.save_path).joinpath(*(saved.renames.get(i) or files.path(i)))}
+
+
+def _one_file_system(saved: Loaded) -> bool:
+    """Whether the places a move under way was from and to are on one file system (its
+    files linked, not copied: their inodes kept); of a place not there (any more), the
+    nearest folder above it that is. Not known counts as not."""
+    assert saved.previous is not None
+    a, b = _device(Path(saved.previous[0])), _device(Path(saved.save_path))
+    return a is not None and a == b
+
+
+def _device(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return p.stat().st_dev
+        except OSError:
+            continue
+    return None
 
 
 def _stamps_since(stamps: list[list[int]] | None, cleared: set[int], inodes: dict[int, int],

@@ -617,6 +617,9 @@ def _copy(sfd: int, src: str, dfd: int, dst: str, allow_hard_links: bool,
                        st.st_mode & 0o777, dir_fd=dfd)  # (an executable stays one)
         try:
             _copy_bytes(fin, fout, st.st_size)
+            # Its times kept, as mv keeps them: a start after a crash in the middle of a
+            # move knows the copy from its stamp (size, modification time).
+            os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(fout)
             os.link(part, dst, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
         finally:

@@ -381,13 +381,24 @@ def test_a_file_with_a_piece_cleared_since_the_record_is_still_known_by_its_inod
         pool.shutdown()
 
 
-def test_a_file_swapped_where_a_move_cut_short_left_it_is_seen(
-        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crash in the middle of a move (its files not yet moved), then two of its files
-    swapped where they still were: the start finishes the move, and compared no file
-    then (a file moved may have a new inode: copied to another disk), so the swapped
-    pieces were reported verified over each other's bytes. A file not moved yet is
-    compared on its inode where it is, before it is moved."""
+@pytest.mark.parametrize("op,where,how", [
+    ("move", "not moved yet", "swapped"), ("move", "not moved yet", "edited"),
+    ("move", "moved", "swapped"), ("move", "undone", "swapped"),
+    ("rename", "another file", "rewritten")])
+def test_files_changed_while_a_move_cut_short_waits_are_seen(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch, op: str, where: str,
+        how: str) -> None:
+    """A crash in the middle of a move or rename, then files changed before the next
+    start: two swapped where the move left them (not moved yet, or moved, or not moved
+    yet and the move then undone: the place it was going to cannot take them any more),
+    one edited in place, or, during a rename of another file, one rewritten with its
+    times put back.
+    The start finishes the move, and compared no file of the torrent then (a moved file
+    has a new change time, and a new inode if copied to another disk): the changed
+    pieces were reported verified over bytes that are not theirs. A file the move left
+    alone is compared as any; one it took (or was to take) elsewhere on its size,
+    modification time and, on one file system, its inode; one not moved yet on its
+    inode, where it is, before it is moved."""
     import shutil
 
     from pieced.storage import resume
@@ -403,20 +414,36 @@ def test_a_file_swapped_where_a_move_cut_short_left_it_is_seen(
 
     monkeypatch.setattr(resume.TorrentRecord, "write_location", crash_as_the_move_begins)
     pool = concurrent.futures.ThreadPoolExecutor(1)
+    save = tmp_path / "dl"
     try:
-        _off_main(pool, dio.move_storage, ih, tmp_path / "moved")
+        to = tmp_path / "new" / "moved"
+        if op == "move":
+            _off_main(pool, dio.move_storage, ih, to)
+        else:
+            _off_main(pool, dio.rename_file, ih, 0, "payload/renamed/a.bin")
         _off_main(pool, dio.close)
         monkeypatch.undo()
-        # As the crash left them: not moved yet; then swapped while the daemon is down.
-        os.rename(tmp_path / "moved" / "payload", tmp_path / "dl" / "payload")
-        _change(tmp_path / "dl" / "payload" / "dir", "swapped")
+        if where in ("not moved yet", "undone"):  # (as the crash left them)
+            os.rename(to / "payload", save / "payload")
+        elif op == "move":
+            save = to
+        if where == "undone":  # (a file where a folder of the place is to be)
+            shutil.rmtree(tmp_path / "new")
+            (tmp_path / "new").write_bytes(b"in the way")
+        folder = save / "payload" / "dir"
+        if how == "edited":  # (its modification time with it)
+            with open(folder / "b.bin", "r+b") as f:
+                f.seek(70000)
+                f.write(b"edited!")
+        else:
+            _change(folder, how)
         crashed = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "crash"))
         try:
-            assert crashed.status(ih)["save_path"] == str(tmp_path / "moved")
+            assert crashed.torrents() == [ih], crashed.load_errors
+            if where == "undone":
+                assert crashed.status(ih)["save_path"] == str(tmp_path / "dl")
             assert _off_main(pool, _wrong_verified, crashed, ih, src) == []
             assert not all(_verified(crashed.status(ih)))
-            assert any("was not the file its pieces were verified in" in e
-                       for e in crashed.load_errors), crashed.load_errors
         finally:
             _off_main(pool, crashed.close)
     finally:
