@@ -1180,6 +1180,8 @@ class Swarm:
                     self._dead.append(_bare(client.failure))
                 if self.client is client:  # reached, then lost again (a check of hours):
                     deadline = time.monotonic() + self.opts.daemon_wait  # waited anew
+                    log.warning("lost the daemon again (%s): waiting up to %g s for it to "
+                                "come back", str(exc) or "no answer", self.opts.daemon_wait)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning("the daemon did not come back in %g s (%s)",
