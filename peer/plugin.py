@@ -882,16 +882,12 @@ class Swarm:
             # else said as a loss under way is, with the summary, not as a daemon that
             # could not be reached.
             if self.opts.daemon_wait > 0:
-                self._dead.append(_bare(exc))
-                self._first_loss = exc
-                log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
-                            exc, self.opts.daemon_wait)
+                self._wait_for_daemon(exc)
                 try:
                     st = await self._reconnect(registered=False)
                 except _GaveUp:
                     raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
-                self.summary.daemon_reconnects += 1
-                log.warning("the daemon is back")
+                self._returned()
             else:
                 raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
         self._registration = st.get("registration")
@@ -1116,17 +1112,25 @@ class Swarm:
             self.stop.set()
             return
         self.away = True
-        self._dead.append(_bare(failure))
-        self._first_loss = failure
+        self._wait_for_daemon(failure)
         self.settled.clear()  # (what the daemon has is not known until it is back)
-        log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
-                    failure, self.opts.daemon_wait)
         for p in list(self.peers):
             for blk in list(p.conn.our_requests):  # (what comes meanwhile is dropped)
                 p.conn.send_cancel(blk)
             p.conn.send_choke(True)
             p.flush()
         self._spawn(self._come_back())
+
+    def _wait_for_daemon(self, failure: BaseException) -> None:
+        """A wait for the daemon begins, lost with ``failure``."""
+        self._dead.append(_bare(failure))
+        self._first_loss = failure
+        log.warning("lost the daemon (%s): waiting up to %g s for it to come back",
+                    failure, self.opts.daemon_wait)
+
+    def _returned(self) -> None:
+        self.summary.daemon_reconnects += 1
+        log.warning("the daemon is back")
 
     async def _come_back(self) -> None:
         """Connect to the daemon again, and take up the torrent where it is now."""
@@ -1201,8 +1205,7 @@ class Swarm:
         it has verified is taken as it says, and the peers are served and asked again."""
         picker = self.picker
         assert picker is not None
-        self.summary.daemon_reconnects += 1
-        log.warning("the daemon is back")
+        self._returned()
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         for piece in list(picker.started):
