@@ -246,16 +246,16 @@ class Server:
                 self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
                 return
             sock.setblocking(False)
-            reason = self._refuse_reason(sock)
-            if reason is not None:
+            refusal = self._refusal(sock)
+            if refusal is not None:
                 self.refused += 1
                 now = time.monotonic()
                 if now - self._refusal_said >= REFUSAL_LOG_SECONDS:  # (not one a connect)
                     self._refusal_said = now
-                    log.warning("a client was refused: %s (%d refused so far)", reason,
-                                self.refused)
+                    log.warning("a client was refused: %s (%d refused so far)",
+                                refusal.message, self.refused)
                 with contextlib.suppress(OSError):
-                    sock.send(encode_error(0, AccessDenied(reason)))
+                    sock.send(encode_error(0, refusal))
                 sock.close()
                 continue
             self.accepted += 1
@@ -276,7 +276,10 @@ class Server:
             assert self.loop is not None
             self.loop.add_reader(self._listener.fileno(), self._accept)
 
-    def _refuse_reason(self, sock: socket.socket) -> str | None:
+    def _refusal(self, sock: socket.socket) -> AccessDenied | None:
+        """Why a new connection is refused, if it is. A daemon full is said with EBUSY:
+        a refusal for now (a place comes free as another client leaves), where one of
+        credentials stands."""
         if len(self.clients) >= self.max_clients:
             # Clients that hung up and have not been read since count no more: a burst of
             # connections accepted in one go, each closed at once by its client, took
@@ -290,8 +293,8 @@ class Server:
                 if gone is not None and gone.hung_up():
                     gone.close()
         if len(self.clients) >= self.max_clients:
-            return (f"too many clients: the daemon has max_clients = {self.max_clients} "
-                    "connected already")
+            return AccessDenied(f"too many clients: the daemon has max_clients = "
+                                f"{self.max_clients} connected already", errno=errno.EBUSY)
         if self.allow_uids is None and self.allow_gids is None:
             return None
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -302,7 +305,7 @@ class Server:
             return None
         if self.allow_gids is not None and gid in self.allow_gids:
             return None
-        return f"uid {uid} gid {gid} (pid {pid}) is not allowed to use this daemon"
+        return AccessDenied(f"uid {uid} gid {gid} (pid {pid}) is not allowed to use this daemon")
 
     async def close(self) -> None:
         """Stop accepting and reading, let every lane finish and its replies go out (a

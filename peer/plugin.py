@@ -1156,9 +1156,9 @@ class Swarm:
 
     async def _reconnect(self, registered: bool) -> dict[str, Any]:
         """A new connection to the daemon, the torrent joined again (see :meth:`_join`):
-        its status. A daemon that cannot be reached, or does not answer, is tried again
-        until ``daemon_wait`` seconds from now, then :class:`_GaveUp`; its errors are
-        raised."""
+        its status. A daemon that cannot be reached, does not answer, or is full (its
+        other clients came back first) is tried again until ``daemon_wait`` seconds from
+        now, then :class:`_GaveUp`; its other errors are raised."""
         deadline = time.monotonic() + self.opts.daemon_wait
         delay = 0.1
         while True:
@@ -1179,7 +1179,9 @@ class Swarm:
                     raise
                 self.client = client  # (connected: what tasks ask of it is sent)
                 return await self._join(registered)
-            except OSError as exc:  # (ConnectionError and TimeoutError among them)
+            except (OSError, AccessDenied) as exc:  # (ConnectionError, TimeoutError...)
+                if isinstance(exc, AccessDenied) and exc.errno != errno.EBUSY:
+                    raise  # (refused for good: not a daemon full for now)
                 if client.failure is not None:
                     self._dead.append(_bare(client.failure))
                 if self.client is client:  # reached, then lost again (a check of hours):

@@ -15,7 +15,8 @@ from tests.conftest import Daemon
 
 
 def _connect_as(uid: int, sock: Path) -> int:
-    """Fork, drop to ``uid``, connect; exit 0 = served, 3 = AccessDenied, 4 = no access."""
+    """Fork, drop to ``uid``, connect; exit 0 = served, 3 = AccessDenied (5: with an
+    errno), 4 = no access."""
     pid = os.fork()
     if pid == 0:  # child: only sockets and os._exit from here on
         code = 1
@@ -26,8 +27,8 @@ def _connect_as(uid: int, sock: Path) -> int:
                 with Client(sock, timeout=10) as c:
                     c.stats()
                 code = 0
-            except AccessDenied:
-                code = 3
+            except AccessDenied as exc:
+                code = 3 if exc.errno is None else 5  # (not EBUSY: refused for good)
             except PermissionError:
                 code = 4
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import os
@@ -590,8 +591,9 @@ def test_a_refusal_sent_before_the_hello_is_read_and_raised(tmp_path: Path) -> N
 
             loop.sock_connect = late  # type: ignore[method-assign]
             try:
-                with pytest.raises(AccessDenied, match="max_clients"):
+                with pytest.raises(AccessDenied, match="max_clients") as refused:
                     await AsyncClient(str(d.socket)).connect()
+                assert refused.value.errno == errno.EBUSY  # (for now: tried again later)
             finally:
                 del loop.sock_connect  # type: ignore[attr-defined]
 

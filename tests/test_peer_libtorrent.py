@@ -1278,6 +1278,44 @@ def test_a_daemon_back_but_not_answering_is_given_up_in_time(tmp_path: Path) -> 
     assert json.loads(out)["complete"] is True
 
 
+def test_a_daemon_back_but_full_is_waited_for(tmp_path: Path) -> None:
+    """The daemon comes back with every place taken (``max_clients``, by clients that
+    came back first): its refusal is for now (EBUSY), and pieced-peer tries again until
+    a place comes free, instead of stopping as if the daemon had refused it for good."""
+    import urllib.request
+
+    def stats() -> dict[str, int]:
+        with urllib.request.urlopen(f"http://{d.http}/stats", timeout=10) as r:
+            return dict(json.load(r))
+
+    def until(cond: Callable[[dict[str, int]], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not cond(stats()):
+            assert time.monotonic() < deadline and seeding.proc.poll() is None, \
+                seeding.proc.communicate()
+            time.sleep(0.05)
+
+    seeding, torrent, ih = _seeding_then_restarted(tmp_path, "30", seed=28)
+    raw = torrent.read_bytes()
+    seeding.proc.send_signal(signal.SIGSTOP)  # (so that the other client is first)
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "1"})
+    try:
+        with Client(d.socket) as c:
+            seeding.proc.send_signal(signal.SIGCONT)
+            until(lambda s: s["clients_refused"] >= 2)  # (refused, and tried again)
+            assert c.status(ih)["verified_pieces"] == 7
+        until(lambda s: s["clients_accepted"] == 2)  # (its place taken by pieced-peer)
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:  # (served again)
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        summary = seeding.stop()
+        assert summary["daemon_reconnects"] == 1 and summary["complete"], summary
+    finally:
+        seeding.proc.send_signal(signal.SIGCONT)
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("how", ["removed", "refuses"])
 def test_a_daemon_that_comes_back_changed_stops_pieced_peer_saying_why(
         tmp_path: Path, how: str) -> None:
