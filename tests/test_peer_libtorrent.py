@@ -1316,13 +1316,14 @@ def test_a_daemon_back_but_full_is_waited_for(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
-@pytest.mark.parametrize("how", ["removed", "refuses"])
+@pytest.mark.parametrize("how", ["removed", "not loaded", "refuses"])
 def test_a_daemon_that_comes_back_changed_stops_pieced_peer_saying_why(
         tmp_path: Path, how: str) -> None:
     """The daemon comes back without the torrent (removed by another client before
-    pieced-peer took it up again), or refusing what it asks (a smaller max_ring_bytes
-    now): pieced-peer stops with that reason (exit 2), not as if the daemon had not come
-    back, and does not register a removed torrent again."""
+    pieced-peer took it up again; or not loaded, its save path outside the roots the
+    daemon allows now), or refusing what it asks (a smaller max_ring_bytes now):
+    pieced-peer stops with that reason (exit 2), not as if the daemon had not come back,
+    and does not register the torrent again."""
     seeding, _, ih = _seeding_then_restarted(tmp_path, "30", seed=27)
     if how == "removed":  # (by a client of the daemon on another socket meanwhile)
         other = tmp_path / "other.sock"
@@ -1330,14 +1331,16 @@ def test_a_daemon_that_comes_back_changed_stops_pieced_peer_saying_why(
         with Client(other) as c:
             c.unregister(ih)
         assert aside.stop() == 0, aside.stderr()
-    env = {"PIECED_MAX_RING_BYTES": str(1 << 20)} if how == "refuses" else None
+    env = {"refuses": {"PIECED_MAX_RING_BYTES": str(1 << 20)},
+           "not loaded": {"PIECED_ROOTS": str(tmp_path / "elsewhere")}}.get(how)
     d = Daemon(tmp_path, env=env)
     try:
         out, err = seeding.proc.communicate(timeout=60)
         assert seeding.proc.returncode == 2, err
         assert "lost the daemon" not in err.splitlines()[-1], err
-        if how == "removed":
-            assert "removed" in err.splitlines()[-1], err
+        if how != "refuses":
+            assert "came back without the torrent" in err.splitlines()[-1], err
+            assert ("removed" if how == "removed" else "not loaded") in err, err
             with Client(d.socket) as c:
                 assert c.torrents() == []  # (not registered again)
         else:
@@ -2106,6 +2109,35 @@ def test_pieced_peer_carries_on_when_the_daemon_comes_back(tmp_path: Path, how: 
     finally:
         assert d.stop() == 0, d.stderr()
     assert all(lt_recheck(raw, tmp_path / "dl"))
+
+
+def test_what_pieced_peer_asked_for_is_cancelled_when_the_daemon_goes(tmp_path: Path) -> None:
+    """The daemon killed in the middle of a download from a libtorrent seeder that
+    sends slowly: pieced-peer, which could store nothing of what still comes, cancels
+    the requests it has out, and the seeder hears each cancel, instead of sending
+    blocks that would be dropped."""
+    piece = 65536
+    files = {"a.bin": 60 * piece}
+    _, raw, torrent = _made(tmp_path, files, piece, "v1", seed=29)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=SLOW,
+                    log_peer=True) as seeder:
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
+            deadline = time.monotonic() + 30
+            while _verified(d.socket) < 3:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            assert not [line for line in seeder.peer_log() if "<== CANCEL" in line]
+            d.proc.kill()
+            d.proc.wait()
+            cancels = seeder.wait_log("<== CANCEL", timeout=10)
+            assert cancels, seeder.peer_log()[-40:]
+            assert proc.poll() is None  # (waiting for the daemon, its peer kept)
+            proc.kill()
+            proc.communicate()
+    finally:
+        d.stop()
 
 
 @contextlib.contextmanager
