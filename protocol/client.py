@@ -1306,15 +1306,29 @@ class AsyncClient:
         waiter = self.core.waiters[rid]
         try:
             await self._roundtrip(rid, frame, fds=[shm.fd])
-            self.core.shm = shm
         except BaseException:
-            if waiter.took():
+            if waiter.took() and self._failure is None:
                 self.core.shm = shm  # (what was raised is an earlier write's error)
             else:
                 shm.close()
             raise
         finally:
             self._attaching = None
+        if self._failure is not None:  # (closed as the reply came: the ring goes with it)
+            shm.close()
+            self._raise_failure()
+        self.core.shm = shm
+
+    async def _ring(self) -> ShmRing:
+        """The ring, attached first if it is not: a close while it is attached (or while
+        this waits for another call's attach) raises as any call after a close does."""
+        await self.attach_ring()
+        shm = self.core.shm
+        if shm is None:
+            if self._failure is not None:
+                self._raise_failure()
+            raise ConnectionError("the client is closed")
+        return shm
 
     def try_write_block_direct(self, ih: bytes, piece: int, begin: int,
                                data: bytes | memoryview, flush: bool = False) -> bool:
@@ -1366,10 +1380,9 @@ class AsyncClient:
         self._end_run()  # what it waits for below may be the reply to that run
         if self._failure is not None:
             self._raise_failure()
-        if self.core.shm is None:
-            await self.attach_ring()
         shm = self.core.shm
-        assert shm is not None
+        if shm is None:
+            shm = await self._ring()
         core = self.core
         if core.write_errors:  # tested here: a coroutine per block costs what the write does
             await self._raise_write_error()
@@ -1394,10 +1407,9 @@ class AsyncClient:
         flight. While the ring has no room the call waits for writes in flight and
         chunks released to free some (so a task must not hold chunks while it waits for
         another: release each once its bytes are sent)."""
-        if self.core.shm is None:
-            await self.attach_ring()
         shm = self.core.shm
-        assert shm is not None
+        if shm is None:
+            shm = await self._ring()
         key = _hexless(ih)
         got = self.core.read_ring(key, piece, begin, length, volatile)
         while got is None:

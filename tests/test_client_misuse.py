@@ -835,3 +835,56 @@ def test_a_ring_attach_whose_reply_times_out_leaves_the_ring_attached(tmp_path: 
     finally:
         d.proc.send_signal(signal.SIGCONT)
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize("call", ["write_block_direct", "read_chunk_ring"])
+def test_a_ring_call_racing_a_close_raises_as_after_a_close(tmp_path: Path, call: str) -> None:
+    """A ring write (or ring read) that attaches the ring, its client closed by another
+    task while the attach is under way or just done: the call raises ConnectionError,
+    as any call after a close does (a bare AssertionError before), and the closed
+    client keeps no ring (one was attached to it after its close, 16 MiB kept)."""
+    import random
+
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000}, seed=3)
+    raw = make_torrent_lt(content, 16384, "v1")
+    block = (content / "a.bin").read_bytes()[:16384]
+    d = Daemon(tmp_path)
+    rng = random.Random(5)
+    seen: dict[str, int] = {}
+
+    async def once(ih: bytes) -> None:
+        ac = await AsyncClient(str(d.socket)).connect()
+
+        async def use() -> None:
+            if call == "read_chunk_ring":
+                (await ac.read_chunk_ring(ih, 0, 0, 16384)).release()
+            else:
+                await ac.write_block_direct(ih, 0, 0, block)
+
+        task = asyncio.create_task(use())
+        for _ in range(rng.randrange(12)):
+            await asyncio.sleep(0)
+        if rng.random() < 0.5:
+            await asyncio.sleep(rng.random() * 0.0005)
+        await ac.close()
+        try:
+            await task
+            seen["ok"] = seen.get("ok", 0) + 1
+        except ConnectionError:
+            seen["closed"] = seen.get("closed", 0) + 1
+        await asyncio.sleep(0)
+        assert ac.core.shm is None
+
+    async def main() -> None:
+        with Client(d.socket) as c:
+            ih = c.register(raw, str(tmp_path / "dl"))
+            if call == "read_chunk_ring":
+                c.write_chunk(ih, 0, 0, block)
+        for _ in range(600):
+            await once(ih)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        assert d.stop() == 0
+    assert seen.get("closed", 0) > 0, seen  # (the race was run into)
