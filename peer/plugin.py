@@ -155,6 +155,10 @@ CACHED_ASK_SECONDS = 1.0  # the daemon asked what it caches at most once a secon
 # long after each attempt that brought no block, up to RETRY_MAX (libtorrent's wait).
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+# Two connections to one peer id opened this close together, before any block went over
+# the first, are two dials crossing (two peers that found each other at once): one goes,
+# as libtorrent decides (see Swarm._second_connection).
+DUPLICATE_FRESH = 10.0
 # An address that could not be reached this many times in a row (libtorrent's
 # max_failcount is 3 too), when we know more addresses than we dial at once, is dialled
 # again only every UNREACHED_RETRY seconds, after the others, or at once when a tracker
@@ -1254,7 +1258,7 @@ class Swarm:
         if named:
             dial.unreached = 0
             dial.seed = False  # (a new peer may have taken the address; a seed says so again)
-        if dial.dropped or dial.busy or self._elsewhere(dial):
+        if dial.dropped or dial.busy or self._elsewhere(dial, addr):
             return True
         if dial.seed and self.done.is_set():
             dial.due = 0.0  # two seeds: nothing to exchange, until we lose a piece
@@ -1371,7 +1375,7 @@ class Swarm:
         for *_, (host, port) in due:
             if not self._may_dial():
                 return
-            if self._elsewhere(self.known[host, port]):
+            if self._elsewhere(self.known[host, port], (host, port)):
                 continue
             if self._placed_peers() >= self.opts.max_peers:
                 # A peer holding a place and doing nothing gives it up, as for a newcomer
@@ -1401,13 +1405,16 @@ class Swarm:
         return any(p is not peer and not p.closed and p.stranger is None
                    and p.port == peer.port and (":" in p.host) != v6 for p in self.peers)
 
-    def _elsewhere(self, dial: Dial) -> bool:
+    def _elsewhere(self, dial: Dial, addr: tuple[str, int]) -> bool:
         """The peer that answered at this address last is connected now, at another
-        (IPv4 and IPv6, as a tracker lists it): not dialled here until that connection
-        ends. Dialled, it took the place of the other (libtorrent closes the older of two
-        connections from one peer), whose address was then dialled again, and so on: a
-        new connection every second or two for the whole download."""
+        (IPv4 and IPv6, as a tracker lists it), or by a dial of its own from there: not
+        dialled here until that connection ends. Dialled, it took the place of the other
+        (libtorrent closes the older of two connections from one peer), whose address was
+        then dialled again, and so on: a new connection every second or two for the
+        whole download. (A connection that dialled us counts only when it says it
+        listens at this address: else its peer id may be a stranger's claim.)"""
         if not dial.peer_id or not any(p.peer_id == dial.peer_id and not p.closed
+                                       and (p.stranger is None or _listens_at(p, addr))
                                        for p in self.peers):
             return False
         dial.due = 0.0
@@ -1499,20 +1506,36 @@ class Swarm:
 
     def _second_connection(self, peer: Peer, peer_id: bytes) -> bool:
         """Two connections to one peer (two peers that dial each other, as a tracker has
-        them do): one goes, the same one at both ends, as libtorrent decides it: the
-        connection dialled by the greater peer id stays. Kept both, each block was asked
+        them do): one goes, the same one at both ends. Kept both, each block was asked
         of the peer on both (a fifth of a download fetched twice). True if ``peer``'s
-        connection is the one that went."""
+        connection is the one that went.
+
+        Two dials crossing (opened together, no block over either yet): the one dialled
+        by the greater peer id stays, as libtorrent decides it. Else the newer goes,
+        but for a peer id claimed by a connection that dialled us and does not say it
+        listens at the address we dialled: anyone who connects to a peer reads its id,
+        and a stranger that claimed it closed our connection to the peer, which was
+        then never dialled again. Only a connection from the same address, or two that
+        we dialled (a peer at its IPv4 and IPv6 addresses), are taken for one peer's."""
         peer.peer_id = peer_id
         other = next((p for p in self.peers if p is not peer and not p.closed
-                      and p.peer_id == peer_id), None)
+                      and p.peer_id == peer_id and (p.host == peer.host or (
+                          p.stranger is None and peer.stranger is None))), None)
         if other is None:
             return False
-        dialler = self.peer_id if peer.stranger is None else peer_id
-        gone = other if dialler == max(self.peer_id, peer_id) else peer
+        claimed = (peer.stranger is None and other.stranger is not None
+                   and not _listens_at(other, (peer.host, peer.port)))
+        if abs(peer.opened - other.opened) <= DUPLICATE_FRESH and not (
+                other.blocks or other.served):
+            dialler = self.peer_id if peer.stranger is None else peer_id
+            gone = other if dialler == max(self.peer_id, peer_id) else peer
+        else:
+            gone = other if claimed else peer
         log.info("%s: a second connection to the peer of %s: %s closed", peer.addr, other.addr,
                  "the first" if gone is other else "this one")
-        gone.duplicate = True  # (its address is not dialled again while the other lasts)
+        # Its address is not dialled again while the other lasts; but a dial of ours
+        # closed for a claim is dialled again as after any close.
+        gone.duplicate = not (claimed and gone is peer)
         self._drop(gone)
         return gone is peer
 
@@ -2523,6 +2546,12 @@ class Swarm:
             finally:
                 for w in waits:
                     w.cancel()
+
+
+def _listens_at(peer: Peer, addr: tuple[str, int]) -> bool:
+    """Whether a peer that dialled us says (its BEP 10 ``p``) it takes connections at
+    ``addr``."""
+    return peer.host == addr[0] and peer.conn.remote_port == addr[1]
 
 
 def _nodelay(transport: asyncio.Transport) -> None:

@@ -229,6 +229,88 @@ def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
+        tmp_path: Path, when: str) -> None:
+    """A seeder whose peer id stays the same from one connection to the next (as
+    Transmission's, or pieced-peer's own) and sorts above ours: a stranger dials our
+    listening port claiming that id (anyone who connects to the seeder reads it), says it
+    has nothing, and stays. Before: its claim closed our connection to the seeder, which
+    was never dialled again, and the download stalled for good. Now the seeder's
+    connection stays (``during``: it has sent blocks), or is dialled again and kept
+    (``before``: the stranger came first), and the download completes."""
+    from tests.test_peer_libtorrent import listening
+
+    piece = 65536
+    files = {"a.bin": 40 * piece + 11}
+    content, _, meta, torrent = _v1(tmp_path, files, piece, seed=41)
+    blob = (content / "a.bin").read_bytes()
+    seeder_id = b"-TR3000-" + b"s" * 12  # (above pieced-peer's "-PZ...")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    served = {"blocks": 0, "dials": 0}
+    up = threading.Event()
+
+    def seed(conn: socket.socket) -> None:
+        parser = wire.Parser(handshake=True)
+        try:
+            while True:
+                data = conn.recv(1 << 16)
+                if not data:
+                    return
+                out = []
+                for ev in parser.feed(data):
+                    if isinstance(ev, wire.Handshake):
+                        out += [wire.handshake(ev.info_hash, seeder_id, wire.make_reserved()),
+                                wire.have_all(), wire.unchoke()]
+                    elif isinstance(ev, wire.Request):
+                        time.sleep(0.01)  # (a download of a few seconds)
+                        at = ev.piece * piece + ev.begin
+                        out.append(wire.piece(ev.piece, ev.begin, blob[at : at + ev.length]))
+                        served["blocks"] += 1
+                conn.sendall(b"".join(out))
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def accept() -> None:
+        up.wait()
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                served["dials"] += 1
+                threading.Thread(target=seed, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    d = Daemon(tmp_path)
+    stranger: RawPeer | None = None
+    try:
+        proc, port = listening(torrent, tmp_path / "dl", d, "--peer",
+                               f"127.0.0.1:{listener.getsockname()[1]}")
+        if when == "during":
+            up.set()
+            deadline = time.monotonic() + 30
+            while served["blocks"] < 10:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+        stranger = RawPeer(port)
+        stranger.send(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved())
+                      + wire.have_none())
+        up.set()
+        out, err = proc.communicate(timeout=90)  # (the stranger stays connected)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        if when == "during":
+            assert served["dials"] == 1, err  # (its connection was never closed)
+    finally:
+        if stranger is not None:
+            stranger.close()
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_what_a_seeder_says_it_has_is_counted_message_by_message(tmp_path: Path) -> None:
     """A seeder sends its BITFIELD (every piece) and an lt_donthave of every piece in one
     write, then a HAVE of every piece a second later. The connection takes in all of a
