@@ -719,6 +719,8 @@ class Peer:
         self.seed_counted = False
         self.replaced = False  # gave its place to a newcomer (see Swarm._idlest)
         self.duplicate = False  # closed: the peer's other connection stays
+        self.said_where = False  # its extension handshake came (with where it listens)
+        self.say_who = False  # closed once our handshake has gone out (see close)
         # Let in over --max-peers: a place is found for it once it has handshaken (see
         # Swarm._placed), or it goes.
         self.unplaced = False
@@ -796,6 +798,11 @@ class Peer:
         never takes it, and kept its descriptor and its MiBs of queued blocks for as long
         as it held its end open (one more of each for every time it dialled again)."""
         if not self.closed:
+            if self.say_who:  # (only our handshakes are queued: see Swarm._second_connection)
+                self.flush()
+                self.closed = True
+                self.transport.close()
+                return
             self.closed = True
             self.conn.take_outbox()  # blocks queued for it may be views of the daemon ring
             self.transport.abort()
@@ -1507,35 +1514,47 @@ class Swarm:
     def _second_connection(self, peer: Peer, peer_id: bytes) -> bool:
         """Two connections to one peer (two peers that dial each other, as a tracker has
         them do): one goes, the same one at both ends. Kept both, each block was asked
-        of the peer on both (a fifth of a download fetched twice). True if ``peer``'s
-        connection is the one that went.
+        of the peer on both (a fifth of a download fetched twice). Looked at when a
+        connection says its peer id, and again when one that dialled us says (BEP 10
+        ``p``) where it listens. True if ``peer``'s connection is the one that went.
 
-        Two dials crossing (opened together, no block over either yet): the one dialled
-        by the greater peer id stays, as libtorrent decides it. Else the newer goes,
-        but for a peer id claimed by a connection that dialled us and does not say it
-        listens at the address we dialled: anyone who connects to a peer reads its id,
-        and a stranger that claimed it closed our connection to the peer, which was
-        then never dialled again. Only a connection from the same address, or two that
-        we dialled (a peer at its IPv4 and IPv6 addresses), are taken for one peer's."""
+        A peer id proves nothing: anyone who connects to a peer reads it, and a stranger
+        that dialled us claiming it closed our connection to the peer, which was then
+        never dialled again. So a connection that dialled us is taken for the peer we
+        dialled only when it says it listens at the port we dialled (from the same
+        address, or from the other family of the peer's); else it goes, and ours stays.
+        Two dials crossing (opened together, no block over the first yet): the one
+        dialled by the greater peer id stays, as libtorrent decides it at the other end.
+        Any other pair: the newer goes (two that dialled us are never dials crossing)."""
         peer.peer_id = peer_id
         other = next((p for p in self.peers if p is not peer and not p.closed
-                      and p.peer_id == peer_id and (p.host == peer.host or (
-                          p.stranger is None and peer.stranger is None))), None)
+                      and p.peer_id == peer_id and _one_peer(p, peer)), None)
         if other is None:
             return False
-        claimed = (peer.stranger is None and other.stranger is not None
-                   and not _listens_at(other, (peer.host, peer.port)))
-        if abs(peer.opened - other.opened) <= DUPLICATE_FRESH and not (
-                other.blocks or other.served):
-            dialler = self.peer_id if peer.stranger is None else peer_id
-            gone = other if dialler == max(self.peer_id, peer_id) else peer
+        newer = peer if peer.opened >= other.opened else other
+        if (peer.stranger is None) != (other.stranger is None):
+            ours, theirs = (peer, other) if peer.stranger is None else (other, peer)
+            if not _listens_at(theirs, (ours.host, ours.port)):
+                if theirs.conn.extended and not theirs.said_where:
+                    return False  # (decided once its extension handshake says where)
+                gone = theirs  # a claim of the id: our dial stays
+            elif abs(peer.opened - other.opened) <= DUPLICATE_FRESH and not (
+                    other.blocks or other.served or peer.blocks or peer.served):
+                gone = theirs if self.peer_id > peer_id else ours
+            else:
+                gone = newer
         else:
-            gone = other if claimed else peer
+            gone = newer
         log.info("%s: a second connection to the peer of %s: %s closed", peer.addr, other.addr,
                  "the first" if gone is other else "this one")
-        # Its address is not dialled again while the other lasts; but a dial of ours
-        # closed for a claim is dialled again as after any close.
-        gone.duplicate = not (claimed and gone is peer)
+        # Its address is not dialled again while the other lasts (a dial of ours closed
+        # for one that dialled us and says it listens there: see _elsewhere).
+        gone.duplicate = True
+        if gone.stranger is not None and not (gone.served or gone.blocks):
+            # Our handshake goes out first (all that is queued for it): the peer learns
+            # who we are, and that we are connected, instead of a failed dial, which it
+            # dialled again, and again, for as long as the other connection lasted.
+            gone.say_who = True
         self._drop(gone)
         return gone is peer
 
@@ -1739,6 +1758,10 @@ class Swarm:
             log.info("%s: connected", peer.addr)
             await self.settled.wait()  # (the daemon said pieces changed: what it has now)
             conn.send_bitfield(picker.have)
+        elif type(ev) is wire.Extended and ev.ext_id == 0:
+            peer.said_where = True  # (its p, if it has one)
+            if peer.stranger is not None and peer.peer_id:
+                self._second_connection(peer, peer.peer_id)
         elif isinstance(ev, (wire.Bitfield, wire.HaveAll, wire.HaveNone)):
             # The connection takes one of them only, before any HAVE: nothing was counted
             # of this peer before. A connection costs no walk of every piece in Python
@@ -2548,10 +2571,23 @@ class Swarm:
                     w.cancel()
 
 
+def _one_peer(a: Peer, b: Peer) -> bool:
+    """Whether two connections with one peer id may be one peer's: from one address, or
+    two we dialled (a peer at its IPv4 and IPv6 addresses), or one we dialled and one
+    that says it listens there (see _listens_at). (A peer id is no secret: from
+    anywhere else, it is a stranger's claim.)"""
+    if a.host == b.host or (a.stranger is None and b.stranger is None):
+        return True
+    ours, theirs = (a, b) if a.stranger is None else (b, a)
+    return ours.stranger is None and _listens_at(theirs, (ours.host, ours.port))
+
+
 def _listens_at(peer: Peer, addr: tuple[str, int]) -> bool:
     """Whether a peer that dialled us says (its BEP 10 ``p``) it takes connections at
-    ``addr``."""
-    return peer.host == addr[0] and peer.conn.remote_port == addr[1]
+    ``addr``: that port, from that address or from one of the other family (a peer
+    that dials over IPv4 and listens on IPv6 too)."""
+    return peer.conn.remote_port == addr[1] and (
+        peer.host == addr[0] or (":" in peer.host) != (":" in addr[0]))
 
 
 def _nodelay(transport: asyncio.Transport) -> None:

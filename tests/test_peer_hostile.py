@@ -229,16 +229,17 @@ def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
-@pytest.mark.parametrize("when", ["before", "during"])
+@pytest.mark.parametrize("when", ["before", "at once", "during"])
 def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
         tmp_path: Path, when: str) -> None:
     """A seeder whose peer id stays the same from one connection to the next (as
     Transmission's, or pieced-peer's own) and sorts above ours: a stranger dials our
     listening port claiming that id (anyone who connects to the seeder reads it), says it
-    has nothing, and stays. Before: its claim closed our connection to the seeder, which
-    was never dialled again, and the download stalled for good. Now the seeder's
-    connection stays (``during``: it has sent blocks), or is dialled again and kept
-    (``before``: the stranger came first), and the download completes."""
+    has nothing, and stays. Its claim closed our connection to the seeder, which was
+    never dialled again, and the download stalled for good. Now the stranger's
+    connection goes (it does not say it listens where we dialled), whether it came
+    before we reached the seeder, right after (``at once``: the seeder unchokes us 2 s
+    later, no block has come) or during the download; the seeder is dialled once."""
     from tests.test_peer_libtorrent import listening
 
     piece = 65536
@@ -261,8 +262,11 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
                 out = []
                 for ev in parser.feed(data):
                     if isinstance(ev, wire.Handshake):
-                        out += [wire.handshake(ev.info_hash, seeder_id, wire.make_reserved()),
-                                wire.have_all(), wire.unchoke()]
+                        conn.sendall(wire.handshake(ev.info_hash, seeder_id,
+                                                    wire.make_reserved()))
+                        if when == "at once":
+                            time.sleep(2)  # (the stranger comes meanwhile)
+                        out += [wire.have_all(), wire.unchoke()]
                     elif isinstance(ev, wire.Request):
                         time.sleep(0.01)  # (a download of a few seconds)
                         at = ev.piece * piece + ev.begin
@@ -288,12 +292,13 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
     try:
         proc, port = listening(torrent, tmp_path / "dl", d, "--peer",
                                f"127.0.0.1:{listener.getsockname()[1]}")
-        if when == "during":
+        if when != "before":
             up.set()
             deadline = time.monotonic() + 30
-            while served["blocks"] < 10:
+            while served["blocks"] < 10 if when == "during" else served["dials"] < 1:
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.02)
+            time.sleep(0.3)  # (its handshake has come)
         stranger = RawPeer(port)
         stranger.send(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved())
                       + wire.have_none())
@@ -302,12 +307,42 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
         assert proc.returncode == 0, err
         assert json.loads(out)["complete"]
         _same_tree(content, tmp_path / "dl" / "payload", files)
-        if when == "during":
-            assert served["dials"] == 1, err  # (its connection was never closed)
+        assert served["dials"] == 1, err  # (its connection was never closed)
     finally:
         if stranger is not None:
             stranger.close()
         listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_stranger_claiming_a_leechers_peer_id_does_not_take_its_place(
+        tmp_path: Path) -> None:
+    """A leecher with a stable peer id connects to pieced-peer --seed; before it asks
+    for anything, a stranger dials in claiming that id. The stranger's connection is the
+    one closed (two connections that dialled us are never dials crossing: the newer
+    goes), not the leecher's, which then gets what it asks for."""
+    piece = 32768
+    files = {"a.bin": 8 * piece}
+    _, _, meta, torrent = _v1(tmp_path, files, piece, seed=42)
+    leecher_id = b"-TR3000-" + b"l" * 12
+    hello = wire.handshake(meta.info_hash, leecher_id, wire.make_reserved())
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        leecher = RawPeer(seeding.port)
+        leecher.send(hello + wire.have_none() + wire.interested())
+        leecher.events(1.0)
+        stranger = RawPeer(seeding.port)
+        stranger.send(hello + wire.have_none())
+        _, stranger_closed = stranger.events(2.0)
+        assert stranger_closed
+        leecher.send(wire.request(1, 0, 16384))
+        got, closed = leecher.events(1.0)
+        assert any(isinstance(e, wire.Piece) for e in got) and not closed
+        leecher.close()
+        stranger.close()
+        seeding.stop()
+    finally:
         assert d.stop() == 0, d.stderr()
 
 

@@ -1861,14 +1861,17 @@ def test_two_torrents_giving_one_file_other_bytes_do_not_take_it_from_each_other
         assert d.stop() == 0, d.stderr()
 
 
-@pytest.mark.parametrize("kind", ["v1", "hybrid"])
-def test_two_pieced_peers_that_dial_each_other_keep_one_connection(tmp_path: Path,
-                                                                   kind: str) -> None:
+@pytest.mark.parametrize(("kind", "family"), [("v1", "ipv4"), ("hybrid", "ipv4"),
+                                              ("v1", "both")])
+def test_two_pieced_peers_that_dial_each_other_keep_one_connection(
+        tmp_path: Path, kind: str, family: str) -> None:
     """Two pieced-peers, each on a daemon of its own, each named to the other (as a
     tracker names them); a libtorrent seeder feeds A only, at 4 MiB/s, and B's pieces
     come from A as A gets them. Both connections stayed: B asked each block of A on both
     and took about a fifth of the torrent twice (4-5 MB of 25 MB). One is closed, the
-    same one at both ends: nothing came twice."""
+    same one at both ends: nothing came twice. ``both``: A dials B over IPv6, B dials A
+    over IPv4 (a connection from another address is one peer's only when it says it
+    listens at the port dialled)."""
     piece = 65536
     files = {"a.bin": 6 * 1024 * 1024 + 4321, "b.bin": 3 * piece, "one": piece}
     content, raw, torrent = _made(tmp_path, files, piece, kind, seed=41)
@@ -1882,11 +1885,11 @@ def test_two_pieced_peers_that_dial_each_other_keep_one_connection(tmp_path: Pat
             a = subprocess.Popen(
                 peer_cmd(torrent, tmp_path / "A" / "dl", da.socket, "--seed", "--listen",
                          f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{seeder.port}",
-                         "--peer", f"127.0.0.1:{pb}"),
+                         "--peer", f"[::1]:{pb}" if family == "both" else f"127.0.0.1:{pb}"),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             _running.append(a)
-            summary = download(torrent, tmp_path / "B" / "dl", db, pa,
-                               extra=("--listen", f"127.0.0.1:{pb}"))
+            summary = download(torrent, tmp_path / "B" / "dl", db, pa, extra=(
+                "--listen", f":{pb}" if family == "both" else f"127.0.0.1:{pb}"))
             a.send_signal(signal.SIGTERM)
             _, err = a.communicate(timeout=30)
             assert a.returncode == 0, err
