@@ -159,6 +159,15 @@ RETRY_MAX = 60.0
 # the first, are two dials crossing (two peers that found each other at once): one goes,
 # as libtorrent decides (see Swarm._second_connection).
 DUPLICATE_FRESH = 10.0
+# A connection closed as a duplicate that dialled us gets our handshake first, gracefully
+# closed, when no more than SAY_WHO_BYTES went to it in all (else the kernel kept what is
+# unsent, megabytes of hash answers, for as long as a peer that reads nothing lasted);
+# let go for good after SAY_WHO_SECONDS.
+SAY_WHO_BYTES = 4096
+SAY_WHO_SECONDS = 5.0
+# How long the extension handshake of a connection that set the extension bit is waited
+# for, to know where it listens, before its duplicate is decided without.
+SAY_WHERE_SECONDS = 5.0
 # An address that could not be reached this many times in a row (libtorrent's
 # max_failcount is 3 too), when we know more addresses than we dial at once, is dialled
 # again only every UNREACHED_RETRY seconds, after the others, or at once when a tracker
@@ -721,6 +730,9 @@ class Peer:
         self.duplicate = False  # closed: the peer's other connection stays
         self.said_where = False  # its extension handshake came (with where it listens)
         self.say_who = False  # closed once our handshake has gone out (see close)
+        # Our dial to the peer it says it is, at an address of the other family: nothing
+        # is asked of it while that one lasts (see Swarm._second_connection).
+        self.muted_for: Peer | None = None
         # Let in over --max-peers: a place is found for it once it has handshaken (see
         # Swarm._placed), or it goes.
         self.unplaced = False
@@ -798,14 +810,26 @@ class Peer:
         never takes it, and kept its descriptor and its MiBs of queued blocks for as long
         as it held its end open (one more of each for every time it dialled again)."""
         if not self.closed:
-            if self.say_who:  # (only our handshakes are queued: see Swarm._second_connection)
+            if self.say_who:  # (see Swarm._second_connection)
                 self.flush()
                 self.closed = True
-                self.transport.close()
+                transport = self.transport
+                transport.close()  # (after what is queued, at most SAY_WHO_SECONDS)
+                asyncio.get_running_loop().call_later(SAY_WHO_SECONDS, transport.abort)
                 return
             self.closed = True
             self.conn.take_outbox()  # blocks queued for it may be views of the daemon ring
+            # A reset: what the kernel holds unsent goes too. (A close, even the
+            # transport's abort, left the socket to the kernel with MiBs of blocks or hash
+            # answers to a peer that reads nothing, each for minutes.)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self.transport.abort()
+
+
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: a close resets the connection
 
 
 def _live(peer: object) -> bool:
@@ -1421,7 +1445,8 @@ class Swarm:
         whole download. (A connection that dialled us counts only when it says it
         listens at this address: else its peer id may be a stranger's claim.)"""
         if not dial.peer_id or not any(p.peer_id == dial.peer_id and not p.closed
-                                       and (p.stranger is None or _listens_at(p, addr))
+                                       and (p.stranger is None or (
+                                           p.host == addr[0] and _listens_at(p, addr)))
                                        for p in self.peers):
             return False
         dial.due = 0.0
@@ -1520,24 +1545,43 @@ class Swarm:
 
         A peer id proves nothing: anyone who connects to a peer reads it, and a stranger
         that dialled us claiming it closed our connection to the peer, which was then
-        never dialled again. So a connection that dialled us is taken for the peer we
-        dialled only when it says it listens at the port we dialled (from the same
-        address, or from the other family of the peer's); else it goes, and ours stays.
-        Two dials crossing (opened together, no block over the first yet): the one
+        never dialled again. So a connection that dialled us from the address we dialled
+        is taken for that peer's only when it says it listens at the port we dialled;
+        else it claims the id: it goes and ours stays, unless it is the older and blocks
+        went over it (a peer whose port is forwarded from another: both ends close the
+        newer). Two dials crossing (opened together, no block over either yet): the one
         dialled by the greater peer id stays, as libtorrent decides it at the other end.
-        Any other pair: the newer goes (two that dialled us are never dials crossing)."""
+        Any other pair: the newer goes (two that dialled us are never dials crossing).
+        One that dialled us from the other family's address (IPv4 and IPv6) and says it
+        listens where we dialled is not closed (nothing tells it from a stranger's claim,
+        which would close ours): nothing is asked of it while ours lasts, as the peer at
+        the other end asks on its own dial only: no block comes twice."""
         peer.peer_id = peer_id
         other = next((p for p in self.peers if p is not peer and not p.closed
                       and p.peer_id == peer_id and _one_peer(p, peer)), None)
         if other is None:
             return False
         newer = peer if peer.opened >= other.opened else other
+        duplicate = True
         if (peer.stranger is None) != (other.stranger is None):
             ours, theirs = (peer, other) if peer.stranger is None else (other, peer)
+            if theirs.host != ours.host:
+                if theirs.muted_for is None:
+                    theirs.muted_for = ours
+                    log.info("%s: the peer of %s, at another address: asked on that one",
+                             theirs.addr, ours.addr)
+                    self._fill(theirs)  # (not interested there)
+                return False
             if not _listens_at(theirs, (ours.host, ours.port)):
                 if theirs.conn.extended and not theirs.said_where:
+                    asyncio.get_running_loop().call_later(
+                        SAY_WHERE_SECONDS, self._said_nothing_of_where, theirs)
                     return False  # (decided once its extension handshake says where)
-                gone = theirs  # a claim of the id: our dial stays
+                if newer is ours and (theirs.blocks or theirs.served):
+                    gone = ours  # (a forwarded port, or a stranger that trades: tried again)
+                    duplicate = False
+                else:
+                    gone = theirs  # a claim of the id: our dial stays
             elif abs(peer.opened - other.opened) <= DUPLICATE_FRESH and not (
                     other.blocks or other.served or peer.blocks or peer.served):
                 gone = theirs if self.peer_id > peer_id else ours
@@ -1547,16 +1591,22 @@ class Swarm:
             gone = newer
         log.info("%s: a second connection to the peer of %s: %s closed", peer.addr, other.addr,
                  "the first" if gone is other else "this one")
-        # Its address is not dialled again while the other lasts (a dial of ours closed
-        # for one that dialled us and says it listens there: see _elsewhere).
-        gone.duplicate = True
-        if gone.stranger is not None and not (gone.served or gone.blocks):
+        # Its address is not dialled again while the other lasts (see _elsewhere).
+        gone.duplicate = duplicate
+        if gone.stranger is not None and not (gone.served or gone.blocks) and (
+                gone.queued + sum(len(m) for m in gone.conn.outbox) <= SAY_WHO_BYTES):
             # Our handshake goes out first (all that is queued for it): the peer learns
             # who we are, and that we are connected, instead of a failed dial, which it
             # dialled again, and again, for as long as the other connection lasted.
             gone.say_who = True
         self._drop(gone)
         return gone is peer
+
+    def _said_nothing_of_where(self, peer: Peer) -> None:
+        """A connection with a duplicate waited for its extension handshake in vain."""
+        if not peer.closed and not peer.said_where:
+            peer.said_where = True
+            self._second_connection(peer, peer.peer_id)
 
     async def _serve_peer(self, peer: Peer) -> None:
         self.peers.add(peer)
@@ -1724,6 +1774,9 @@ class Swarm:
         if peer not in self.peers:
             return
         self.peers.discard(peer)
+        for p in self.peers:
+            if p.muted_for is peer:  # (the peer's other connection: asked on from now)
+                p.muted_for = None
         self.count_unasked(peer)
         peer.conduct.live -= 1
         if peer.conn.handshaken:
@@ -1966,7 +2019,7 @@ class Swarm:
         if picker is None or peer.closed or not peer.conn.handshaken or self.away:
             return  # (nothing is asked for while the daemon is away: see _back)
         conn = peer.conn
-        wanted = peer.wanted > 0
+        wanted = peer.wanted > 0 and peer.muted_for is None
         conn.send_interested(wanted)
         if wanted:
             room = conn.queue_size - len(conn.our_requests)

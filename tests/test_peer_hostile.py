@@ -229,7 +229,7 @@ def test_a_downloading_peer_shrugs_off_a_rogue_seeder(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
-@pytest.mark.parametrize("when", ["before", "at once", "during"])
+@pytest.mark.parametrize("when", ["before", "at once", "during", "other family"])
 def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
         tmp_path: Path, when: str) -> None:
     """A seeder whose peer id stays the same from one connection to the next (as
@@ -239,7 +239,10 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
     never dialled again, and the download stalled for good. Now the stranger's
     connection goes (it does not say it listens where we dialled), whether it came
     before we reached the seeder, right after (``at once``: the seeder unchokes us 2 s
-    later, no block has come) or during the download; the seeder is dialled once."""
+    later, no block has come) or during the download; the seeder is dialled once.
+    ``other family``: the seeder is dialled over IPv6, the stranger comes from another
+    IPv4 address saying (BEP 10 ``p``) it listens at the seeder's port: nothing is asked
+    of it, and our connection to the seeder stays."""
     from tests.test_peer_libtorrent import listening
 
     piece = 65536
@@ -247,7 +250,10 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
     content, _, meta, torrent = _v1(tmp_path, files, piece, seed=41)
     blob = (content / "a.bin").read_bytes()
     seeder_id = b"-TR3000-" + b"s" * 12  # (above pieced-peer's "-PZ...")
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = (socket.create_server(("::1", 0), family=socket.AF_INET6)
+                if when == "other family" else socket.create_server(("127.0.0.1", 0)))
+    seeder_at = (f"[::1]:{listener.getsockname()[1]}" if when == "other family"
+                 else f"127.0.0.1:{listener.getsockname()[1]}")
     listener.settimeout(60)
     served = {"blocks": 0, "dials": 0}
     up = threading.Event()
@@ -264,7 +270,7 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
                     if isinstance(ev, wire.Handshake):
                         conn.sendall(wire.handshake(ev.info_hash, seeder_id,
                                                     wire.make_reserved()))
-                        if when == "at once":
+                        if when in ("at once", "other family"):
                             time.sleep(2)  # (the stranger comes meanwhile)
                         out += [wire.have_all(), wire.unchoke()]
                     elif isinstance(ev, wire.Request):
@@ -290,8 +296,7 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
     d = Daemon(tmp_path)
     stranger: RawPeer | None = None
     try:
-        proc, port = listening(torrent, tmp_path / "dl", d, "--peer",
-                               f"127.0.0.1:{listener.getsockname()[1]}")
+        proc, port = listening(torrent, tmp_path / "dl", d, "--peer", seeder_at)
         if when != "before":
             up.set()
             deadline = time.monotonic() + 30
@@ -299,9 +304,20 @@ def test_a_stranger_claiming_a_seeders_peer_id_does_not_cut_it_off(
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.02)
             time.sleep(0.3)  # (its handshake has come)
-        stranger = RawPeer(port)
-        stranger.send(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved())
-                      + wire.have_none())
+        if when == "other family":
+            stranger = RawPeer.__new__(RawPeer)
+            stranger.sock = socket.socket()
+            stranger.sock.bind(("127.0.0.2", 0))
+            stranger.sock.connect(("127.0.0.1", port))
+            stranger.parser = wire.Parser(handshake=True)
+            stranger.send(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved())
+                          + wire.extended(0, bencodepy.encode(
+                              {b"m": {}, b"p": listener.getsockname()[1]}))
+                          + wire.have_none())
+        else:
+            stranger = RawPeer(port)
+            stranger.send(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved())
+                          + wire.have_none())
         up.set()
         out, err = proc.communicate(timeout=90)  # (the stranger stays connected)
         assert proc.returncode == 0, err
@@ -1671,8 +1687,8 @@ def test_a_dropped_peer_that_reads_nothing_lets_its_socket_and_queued_blocks_go(
     that waits to send what is queued first: each kept its descriptor and MiBs of blocks
     for as long as it stayed, and a peer doing it again and again took descriptors and
     memory without bound (1.6 MiB and a descriptor a time). A dropped peer now goes at
-    once: its socket is no more pieced-peer's, and a libtorrent leecher still gets every
-    byte."""
+    once (reset: not left to the kernel with its blocks either): its socket is no more
+    pieced-peer's, and a libtorrent leecher still gets every byte."""
     piece = 65536
     files = {"a.bin": 256 * piece + 5}
     content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=59)
@@ -1705,6 +1721,11 @@ def test_a_dropped_peer_that_reads_nothing_lets_its_socket_and_queued_blocks_go(
         while time.monotonic() < deadline and theirs & _socket_inodes(seeding.proc.pid):
             time.sleep(0.2)
         assert not theirs & _socket_inodes(seeding.proc.pid), "dropped peers' sockets kept"
+        # Nor does the kernel keep them, with what was queued for them (a close left each
+        # to it, its blocks unsent, for as long as the peer read nothing): reset.
+        kept = [p for p in rogues
+                if _inode_of_connection(seeding.port, p.sock.getsockname()[1]) is not None]
+        assert not kept, "the kernel still holds the connections of dropped peers"
         assert seeding.proc.poll() is None
         leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
         seeding.stop()

@@ -229,7 +229,7 @@ def test_an_ipv4_peer_a_tracker_lists_in_peers6_is_known_by_its_ipv4_address() -
     from pieced.peer.plugin import Swarm
 
     known: dict[Any, Any] = {}
-    swarm = cast(Any, SimpleNamespace(listen_port=0, known=known, _elsewhere=lambda d: True,
+    swarm = cast(Any, SimpleNamespace(listen_port=0, known=known, _elsewhere=lambda d, a: True,
                                       done=SimpleNamespace(is_set=lambda: False)))
     Swarm.connect(swarm, "::ffff:127.0.0.2", 7000)
     Swarm.connect(swarm, "127.0.0.2", 7000)
