@@ -819,11 +819,11 @@ class Peer:
                 return
             self.closed = True
             self.conn.take_outbox()  # blocks queued for it may be views of the daemon ring
-            # A reset: what the kernel holds unsent goes too. (A close, even the
-            # transport's abort, left the socket to the kernel with MiBs of blocks or hash
-            # answers to a peer that reads nothing, each for minutes.)
+            # With bytes unsent, a reset: they go too. (A close, even the transport's
+            # abort, left the socket to the kernel with MiBs of blocks or hash answers to
+            # a peer that reads nothing, each for minutes.) Else a close, as any peer's.
             sock = self.transport.get_extra_info("socket")
-            if sock is not None:
+            if sock is not None and _kernel_unsent(self.transport):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self.transport.abort()
@@ -1084,6 +1084,12 @@ class Swarm:
         return out
 
     async def close(self) -> None:
+        if (self.picker is not None and self.picker.complete and self.storage_error is None
+                and not self.away):
+            # Every piece said verified by the daemon, one event each: complete, whether
+            # or not the look that confirms it with the daemon's status came back before
+            # the stop (a SIGTERM just after the last piece said it was not).
+            self.summary.complete = True
         for t in list(self._tasks):
             t.cancel()
         if self.tracker is not None:
