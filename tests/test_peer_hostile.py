@@ -362,6 +362,152 @@ def test_a_stranger_claiming_a_leechers_peer_id_does_not_take_its_place(
         assert d.stop() == 0, d.stderr()
 
 
+class _ScriptedSeeder:
+    """A seeder of ``blob`` on a plain socket, with a stable peer id: it says it has
+    every piece and unchokes once ``go`` is set; ``p`` (BEP 10: where it listens) said
+    in its extension handshake when given. Counts dials, requests and blocks."""
+
+    def __init__(self, blob: bytes, piece: int, peer_id: bytes, go: threading.Event,
+                 p: int | None = None) -> None:
+        self.blob, self.piece, self.peer_id, self.go, self.p = blob, piece, peer_id, go, p
+        self.dials = self.requests = self.blocks = 0
+        self.conns: list[socket.socket] = []
+
+    def serve(self, conn: socket.socket, dialled: bool = False) -> None:
+        """``dialled``: the connection is one it dialled, its handshake sent already."""
+        self.dials += not dialled
+        self.conns.append(conn)
+        parser = wire.Parser(handshake=True)
+        with contextlib.suppress(OSError):
+            while data := conn.recv(1 << 16):
+                out = []
+                for ev in parser.feed(data):
+                    if isinstance(ev, wire.Handshake):
+                        hello = b"" if dialled else wire.handshake(
+                            ev.info_hash, self.peer_id, wire.make_reserved())
+                        ext = {b"m": {}} if self.p is None else {b"m": {}, b"p": self.p}
+                        conn.sendall(hello + wire.extended(0, bencodepy.encode(ext))
+                                     + wire.have_all())
+                        self.go.wait(60)
+                        out.append(wire.unchoke())
+                    elif isinstance(ev, wire.Request):
+                        self.requests += 1
+                        at = ev.piece * self.piece + ev.begin
+                        out.append(wire.piece(ev.piece, ev.begin,
+                                              self.blob[at : at + ev.length]))
+                        self.blocks += 1
+                if out:
+                    conn.sendall(b"".join(out))
+        conn.close()
+
+    def accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+
+@pytest.mark.parametrize("claim", ["says nothing of where", "no extensions", "another port"])
+def test_a_claim_of_a_seeders_peer_id_that_does_not_say_where_it_listens_goes(
+        tmp_path: Path, claim: str) -> None:
+    """A stranger dials in claiming the peer id of the seeder we dialled, from its
+    address. Taken for the seeder's only if it says it listens at the port we dialled:
+    one that says another port, or cannot say (no extension protocol), is closed at once;
+    one that could say and says nothing is waited for, a few seconds, then closed. The
+    connection to the seeder stays throughout (it is dialled once), and the download
+    completes once the seeder unchokes."""
+    from tests.test_peer_libtorrent import listening
+
+    piece = 32768
+    files = {"a.bin": 12 * piece + 5}
+    content, _, meta, torrent = _v1(tmp_path, files, piece, seed=43)
+    seeder_id = b"-TR3000-" + b"w" * 12
+    go = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    seeder = _ScriptedSeeder((content / "a.bin").read_bytes(), piece, seeder_id, go,
+                             p=listener.getsockname()[1])
+    threading.Thread(target=seeder.accept, args=(listener,), daemon=True).start()
+    d = Daemon(tmp_path)
+    stranger: RawPeer | None = None
+    try:
+        proc, port = listening(torrent, tmp_path / "dl", d,
+                               "--peer", f"127.0.0.1:{listener.getsockname()[1]}")
+        deadline = time.monotonic() + 30
+        while seeder.dials < 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)  # (its handshake has come: our connection to it is up)
+        stranger = RawPeer(port)
+        hello = wire.handshake(meta.info_hash, seeder_id,
+                               wire.make_reserved(extended=claim != "no extensions"))
+        if claim == "another port":
+            hello += wire.extended(0, bencodepy.encode({b"m": {}, b"p": port + 1}))
+        stranger.send(hello + wire.have_none())
+        _, closed = stranger.events(15.0)  # (the wait for its word is 5 s)
+        assert closed, claim
+        go.set()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert seeder.dials == 1, err
+    finally:
+        go.set()
+        if stranger is not None:
+            stranger.close()
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_peers_connection_from_the_other_family_is_asked_once_our_dial_to_it_goes(
+        tmp_path: Path) -> None:
+    """The seeder we dialled over IPv6 dials us over IPv4 too, and says it listens at
+    the port we dialled: nothing is asked on that second connection while ours lasts
+    (no block comes twice). When ours goes (the seeder closes it and stops listening),
+    the download goes on over the connection that is left, to the end."""
+    from tests.test_peer_libtorrent import listening
+
+    piece = 32768
+    files = {"a.bin": 12 * piece + 5}
+    content, _, meta, torrent = _v1(tmp_path, files, piece, seed=44)
+    blob = (content / "a.bin").read_bytes()
+    seeder_id = b"-TR3000-" + b"f" * 12
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    at6 = listener.getsockname()[1]
+    never = threading.Event()  # (over IPv6 it never unchokes)
+    over6 = _ScriptedSeeder(blob, piece, seeder_id, never, p=at6)
+    threading.Thread(target=over6.accept, args=(listener,), daemon=True).start()
+    over4 = _ScriptedSeeder(blob, piece, seeder_id, threading.Event(), p=at6)
+    over4.go.set()
+    d = Daemon(tmp_path)
+    try:
+        proc, port = listening(torrent, tmp_path / "dl", d, "--peer", f"[::1]:{at6}")
+        deadline = time.monotonic() + 30
+        while over6.dials < 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)  # (its handshake has come)
+        dial4 = socket.socket()
+        dial4.bind(("127.0.0.2", 0))
+        dial4.connect(("127.0.0.1", port))
+        dial4.sendall(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved()))
+        threading.Thread(target=over4.serve, args=(dial4, True), daemon=True).start()
+        time.sleep(2.0)
+        assert over4.requests == 0 and proc.poll() is None  # (muted while ours lasts)
+        listener.close()
+        for conn in over6.conns:
+            conn.shutdown(socket.SHUT_RDWR)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"]
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert over6.blocks == 0 and over4.blocks >= 12 * 2, err
+    finally:
+        never.set()
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_what_a_seeder_says_it_has_is_counted_message_by_message(tmp_path: Path) -> None:
     """A seeder sends its BITFIELD (every piece) and an lt_donthave of every piece in one
     write, then a HAVE of every piece a second later. The connection takes in all of a
