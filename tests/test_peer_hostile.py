@@ -368,8 +368,10 @@ class _ScriptedSeeder:
     in its extension handshake when given. Counts dials, requests and blocks."""
 
     def __init__(self, blob: bytes, piece: int, peer_id: bytes, go: threading.Event,
-                 p: int | None = None) -> None:
+                 p: int | None = None, delay: float = 0.0) -> None:
+        """``delay``: seconds it waits before each block it sends."""
         self.blob, self.piece, self.peer_id, self.go, self.p = blob, piece, peer_id, go, p
+        self.delay = delay
         self.dials = self.requests = self.blocks = 0
         self.conns: list[socket.socket] = []
 
@@ -392,6 +394,7 @@ class _ScriptedSeeder:
                         out.append(wire.unchoke())
                     elif isinstance(ev, wire.Request):
                         self.requests += 1
+                        time.sleep(self.delay)
                         at = ev.piece * self.piece + ev.begin
                         out.append(wire.piece(ev.piece, ev.begin,
                                               self.blob[at : at + ev.length]))
@@ -505,6 +508,57 @@ def test_a_peers_connection_from_the_other_family_is_asked_once_our_dial_to_it_g
     finally:
         never.set()
         listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_peer_that_dialled_us_and_trades_keeps_its_place_when_we_reach_it_through_a_forward(
+        tmp_path: Path) -> None:
+    """A seeder dials us, says it listens at its port, and blocks come; then our own
+    dial reaches it at another port (one forwarded to it, as a router does), and its
+    handshake says the same peer id. Nothing tells a forwarded port from a stranger's
+    claim, but the older connection has carried blocks: ours, the newer, is closed, and
+    the download goes on over the seeder's, to the end, no block asked twice."""
+    from tests.test_peer_libtorrent import listening
+
+    piece = 32768
+    files = {"a.bin": 40 * piece + 7}
+    content, _, meta, torrent = _v1(tmp_path, files, piece, seed=45)
+    blob = (content / "a.bin").read_bytes()
+    seeder_id = b"-TR3000-" + b"n" * 12
+    own = socket.create_server(("127.0.0.1", 0))  # (where it says it listens)
+    forward = socket.socket()
+    forward.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    forward.bind(("127.0.0.1", 0))  # (dials refused until it listens)
+    go = threading.Event()
+    go.set()
+    its_dial = _ScriptedSeeder(blob, piece, seeder_id, go, p=own.getsockname()[1], delay=0.02)
+    reached = _ScriptedSeeder(blob, piece, seeder_id, go, p=own.getsockname()[1], delay=0.02)
+    d = Daemon(tmp_path)
+    try:
+        proc, port = listening(torrent, tmp_path / "dl", d,
+                               "--peer", f"127.0.0.1:{forward.getsockname()[1]}")
+        dial = socket.create_connection(("127.0.0.1", port))
+        dial.sendall(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved()))
+        threading.Thread(target=its_dial.serve, args=(dial, True), daemon=True).start()
+        deadline = time.monotonic() + 30
+        while its_dial.blocks < 3:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        forward.listen()
+        threading.Thread(target=reached.accept, args=(forward,), daemon=True).start()
+        while reached.dials < 1:  # (our dial, tried again since, comes through)
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["bytes_redundant"] == 0, out
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert reached.blocks == 0, err  # (ours closed at its handshake)
+        assert its_dial.blocks == its_dial.requests == 40 * 2 + 1, err  # (never closed)
+    finally:
+        own.close()
+        forward.close()
         assert d.stop() == 0, d.stderr()
 
 
