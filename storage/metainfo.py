@@ -257,7 +257,8 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
     total = files.total
     flags, lengths = files.flags, files.lengths
     if not any(lengths[i] for i in range(len(files)) if not flags[i] & UNSTORED):
-        raise BadMetainfo("the torrent holds no data: every file is empty (total size 0)")
+        raise BadMetainfo("the torrent holds no data: every file is empty, a pad file or "
+                          "a symlink (total size of data 0)")
     if not _surely_fine(files, name, has_v2):
         files = _check_files(files, name, has_v2, piece_length)
     _check_special(files, piece_length)
@@ -305,6 +306,16 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
             if root_from_layer(layer, piece_length) != f.pieces_root:
                 raise BadMetainfo(f"piece layer of {where!r} does not hash to its 'pieces root'")
             layers[f.pieces_root] = layer
+        # Every layer is a file's, as libtorrent requires (a torrent it refuses is not
+        # taken here either): keyed by the 'pieces root' of a file of more than a piece.
+        rooted = {f.pieces_root for f in files
+                  if not f.pad and f.length > piece_length}
+        for key in raw_layers:
+            if key not in rooted:
+                shown = key.hex() if isinstance(key, bytes) and len(key) <= 64 else "a key"
+                raise BadMetainfo(
+                    f"'piece layers' has a layer under {shown} that is the 'pieces root' of no "
+                    "file longer than a piece")
 
     meta = Metainfo(
         name=name,
@@ -408,7 +419,9 @@ def _check_special(files: FileTable, piece_length: int) -> None:
         if f.stored:
             continue
         where = "/".join(f.path)
-        if "l" in f.attr and not f.pad and f.length:
+        if "l" in f.attr and f.length:
+            # (a pad's too: libtorrent takes the symlink, of no bytes, and would lay the
+            # torrent's data out otherwise than a reader taking the pad's length)
             raise BadMetainfo(f"symlink entry {where!r} has a length ({f.length}): "
                               "a symlink carries no data")
         if f.pad and f.length:
@@ -813,7 +826,8 @@ def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> FileTable:
         else:
             length = _length(info, "info")
         b = TableBuilder()
-        b.add(b.folder(()), name, length, False, attr)
+        # (a pad, as libtorrent reads it: refused below, a torrent of pad bytes only)
+        b.add(b.folder(()), name, length, _is_pad((name,), attr), attr)
         return b.build()
     raw = info[b"files"]
     if isinstance(raw, _ReadFiles):
@@ -913,6 +927,9 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
                 if not isinstance(leaf, dict):
                     raise BadMetainfo(f"'{where}' file entry is not a dictionary")
                 attr = _attr(leaf, where)
+                if "p" in attr:  # (as libtorrent refuses it: pad files are v1's alone)
+                    raise BadMetainfo(f"'{where}' has the pad attribute: a v2 file tree "
+                                      "lists no pad files")
                 # A symlink's entry (attr "l") has its "symlink path" and no length in
                 # the torrents libtorrent makes: it holds no data (one with a length is
                 # refused with the v1 form's, in _check_special). Without its path, it

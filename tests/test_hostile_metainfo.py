@@ -316,6 +316,29 @@ def symlink_with_length(top: BDict) -> None:
     put(f, b"symlink path", [b"a.bin"])
 
 
+def pad_symlink_with_length(top: BDict) -> None:
+    """A pad file that is a symlink too: libtorrent takes the symlink (no bytes), a
+    reader taking the pad's length would put every later file elsewhere."""
+    v1_pad(100)(top)  # (as many pieces either way: libtorrent takes it)
+    pad = next(f for f in at(top, b"info", b"files") if get(f, b"attr") == b"p")
+    put(pad, b"attr", b"lp")
+    put(pad, b"symlink path", [b"a.bin"])
+
+
+def single_pad(top: BDict) -> None:
+    put(info(top), b"attr", b"p")
+
+
+def extra_layer(key: bytes) -> Callable[[BDict], None]:
+    return lambda top: put(at(top, b"piece layers"), key, bytes(64))
+
+
+def layer_of_small_file(top: BDict) -> None:
+    """A layer for a file of one piece, which has none (its root is its piece's hash)."""
+    root = at(tree(top, b"c.txt", b""), b"pieces root")
+    put(at(top, b"piece layers"), root, root)
+
+
 def short_layer(top: BDict) -> None:
     root = at(tree(top, b"sub", b"b.bin", b""), b"pieces root")
     put(at(top, b"piece layers"), root, at(top, b"piece layers", root)[:-32])
@@ -694,6 +717,19 @@ ROWS: list[Row] = [
         ".pad",
     ),
     Row("symlink with a length", edited("v1", symlink_with_length), ACCEPTED, BadMetainfo, "c.txt"),
+    Row("pad file that is a symlink, with a length", edited("v1", pad_symlink_with_length),
+        ACCEPTED, BadMetainfo, ".pad"),
+    Row("single file that is a pad", edited("single", single_pad), ACCEPTED, BadMetainfo, "pad"),
+    Row("v2 file with the pad attribute",
+        edited("v2", lambda t: put(tree(t, b"c.txt", b""), b"attr", b"p")),
+        "a file in the v2 metadata has the pad attribute set [libtorrent:218]", BadMetainfo,
+        "c.txt"),
+    Row("piece layer of no file", edited("v2", extra_layer(b"\x01" * 32)), LT_LAYER,
+        BadMetainfo, "piece layers"),
+    Row("piece layer under a short key", edited("hybrid", extra_layer(b"short")), LT_LAYER,
+        BadMetainfo, "piece layers"),
+    Row("piece layer of a file of one piece", edited("v2", layer_of_small_file), LT_LAYER,
+        BadMetainfo, "piece layers"),
     Row(  # (made as an empty file, as libtorrent makes it: checked by test_register)
         "symlink flag without a symlink path",
         edited("v1", lambda t: put(v1_file(t, b"empty"), b"attr", b"l")),
