@@ -902,6 +902,57 @@ def test_registers_of_large_metainfo_at_once_hold_one_at_a_time(tmp_path: Path) 
         assert d.stop() == 0, d.stderr()
 
 
+def _v2_of_many_files(count: int) -> bytes:
+    """A v2 metainfo of ``count`` files of 10 bytes in 100 folders (each file under a
+    block: no piece layers), about 77 bytes a file."""
+    import hashlib
+
+    folders: dict[bytes, list[bytes]] = {}
+    for i in range(count):
+        root = hashlib.sha256(b"%010d" % i).digest()
+        folders.setdefault(b"d%03d" % (i % 100), []).append(
+            b"8:f%07dd0:d6:lengthi10e11:pieces root32:%see" % (i, root))
+    tree = b"d" + b"".join(b"4:%sd%se" % (name, b"".join(sorted(files)))
+                           for name, files in sorted(folders.items())) + b"e"
+    return (b"d4:infod9:file tree" + tree + b"12:meta versioni2e4:name1:t"
+            b"12:piece lengthi16384ee12:piece layersdee")
+
+
+def test_registers_of_large_metainfo_in_their_frames_are_parsed_one_at_a_time(
+        tmp_path: Path) -> None:
+    """A metainfo of a few MB sent in the register's frame (under max_frame_bytes) is
+    parsed into a tree of Python objects some times its size. Four registers of one at
+    once (each refused in the end: the torrent is registered) run in turn: the daemon's
+    peak grows about as much as for one, not four times as much."""
+    from pieced.storage.errors import AlreadyRegistered
+
+    raw = _v2_of_many_files(30_000)
+    assert 2 << 20 < len(raw) < 8 << 20
+    d = Daemon(tmp_path)
+    try:
+        refused: list[BaseException] = []
+
+        def register() -> None:
+            with Client(d.socket) as c:
+                try:
+                    c.register(raw, tmp_path / "dl")
+                except AlreadyRegistered as exc:
+                    refused.append(exc)
+
+        register()
+        grown = []
+        for clients in (1, 4):
+            base = peak_from_now(d.proc.pid)
+            run_threads(*[register] * clients, timeout=120)
+            grown.append(proc_bytes(d.proc.pid, "VmHWM") - base)
+        assert len(refused) == 5
+        print(f"registers of {len(raw) / 2**20:.1f} MB: peak +{grown[0] / 2**20:.0f} MiB "
+              f"for one, +{grown[1] / 2**20:.0f} MiB for four at once")
+        assert grown[1] < 2.5 * max(grown[0], 4 << 20), grown
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_a_huge_piece_whose_first_block_came_last_is_finished_a_part_at_a_time(
         tmp_path: Path, backend: str) -> None:
     """A 64 MiB piece whose blocks came in reverse order (as a plugin passing blocks on
