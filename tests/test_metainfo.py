@@ -11,6 +11,8 @@ from typing import Any
 import bencodepy
 import libtorrent as lt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pieced.storage.errors import BadMetainfo, TooLarge
 from pieced.storage.metainfo import parse
 
@@ -317,3 +319,113 @@ def test_symlink_entries_libtorrent_makes_are_taken_in_every_kind(
         assert dio.status(ih, files=False)["verified_pieces"] == parse(raw).num_pieces
     finally:
         dio.close()
+
+
+# -- pieced reads every torrent it takes as libtorrent does ---------------------------------
+_ATTRS = ["", "", "", "p", "l", "x", "h", "lp", "px", "lx", "pl"]
+_NAMES = [b"a", b"b", b"c", b"d", b".pad", b"_____padding_file_0", b"A"]
+
+
+@st.composite
+def _v1_entries(draw: st.DrawFn) -> list[dict[bytes, Any]]:
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        entry: dict[bytes, Any] = {
+            b"length": draw(st.sampled_from([0, 1, 100, 16383, 16384, 16385, 40000])),
+            b"path": [draw(st.sampled_from(_NAMES))
+                      for _ in range(draw(st.integers(1, 2)))],
+        }
+        attr = draw(st.sampled_from(_ATTRS))
+        if attr:
+            entry[b"attr"] = attr.encode()
+        if "l" in attr and draw(st.booleans()):
+            entry[b"symlink path"] = [draw(st.sampled_from(_NAMES))]
+        out.append(entry)
+    return out
+
+
+def _layouts(raw: bytes) -> tuple[Any, Any]:
+    """(libtorrent's, pieced's) reading of ``raw``: the data files (path, length, offset),
+    piece count and total size; None for a refusal."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # files(): deprecated in 2.x
+            fs = lt.torrent_info(raw).files()  # (the renames it makes applied)
+        theirs: Any = (
+            [(fs.file_path(i), fs.file_size(i), fs.file_offset(i)) for i in range(fs.num_files())
+             if not fs.file_flags(i) & (lt.file_storage.flag_pad_file | lt.file_storage.flag_symlink)
+             and fs.file_size(i)],
+            fs.num_pieces(), fs.total_size())
+    except RuntimeError:
+        theirs = None
+    try:
+        meta = parse(raw)
+        ours: Any = (
+            [("/".join(f.path), f.length, f.offset) for f in meta.files
+             if not f.pad and "l" not in f.attr and f.length],
+            meta.num_pieces, meta.total_size)
+    except (BadMetainfo, TooLarge):
+        ours = None
+    return theirs, ours
+
+
+@settings(max_examples=400, deadline=None)
+@given(_v1_entries(), st.sampled_from([16384, 32768]))
+def test_every_v1_torrent_taken_is_laid_out_as_libtorrent_lays_it_out(
+        entries: list[dict[bytes, Any]], piece_length: int) -> None:
+    """Random file lists (pad files, symlinks with and without their target, BitComet's
+    pad names, empty files, names that collide): whatever pieced takes, libtorrent takes
+    too and puts every byte of data where pieced does. (A pad file that was a symlink
+    too, with a length, was read as libtorrent's symlink of no bytes by one and a pad of
+    that length by the other: every later file's offset differed under one info hash.)
+    The piece count is tried both ways: each file's length counted, and the symlinks'
+    left out."""
+    totals = {sum(e[b"length"] for e in entries),
+              sum(e[b"length"] for e in entries
+                  if not (b"l" in e.get(b"attr", b"") and b"symlink path" in e))}
+    for total in totals:
+        info = {b"name": b"t", b"piece length": piece_length, b"files": entries,
+                b"pieces": bytes(20 * -(-total // piece_length))}
+        theirs, ours = _layouts(bencodepy.encode({b"info": info}))
+        if ours is not None:
+            assert theirs == ours
+
+
+@st.composite
+def _v2_tree(draw: st.DrawFn) -> dict[bytes, Any]:
+    """A v2 file tree of files under a piece each (no piece layers needed)."""
+    tree: dict[bytes, Any] = {}
+    for _ in range(draw(st.integers(1, 5))):
+        leaf: dict[bytes, Any] = {}
+        length = draw(st.sampled_from([0, 1, 100, 16384, None]))
+        if length is not None:
+            leaf[b"length"] = length
+        if length:
+            leaf[b"pieces root"] = hashlib.sha256(b"%d" % length).digest()
+        attr = draw(st.sampled_from(_ATTRS))
+        if attr:
+            leaf[b"attr"] = attr.encode()
+        if "l" in attr and draw(st.booleans()):
+            leaf[b"symlink path"] = [draw(st.sampled_from(_NAMES))]
+        node = tree
+        path = [draw(st.sampled_from(_NAMES)) for _ in range(draw(st.integers(1, 2)))]
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if b"" in node:
+                break
+        else:
+            if path[-1] not in node:
+                node[path[-1]] = {b"": leaf}
+    return tree
+
+
+@settings(max_examples=300, deadline=None)
+@given(_v2_tree())
+def test_every_v2_torrent_taken_is_laid_out_as_libtorrent_lays_it_out(
+        tree: dict[bytes, Any]) -> None:
+    """The same for v2 file trees: pad attributes, symlinks with and without their
+    target or length, empty files, files and folders of one name."""
+    info = {b"name": b"t", b"piece length": 16384, b"meta version": 2, b"file tree": tree}
+    theirs, ours = _layouts(bencodepy.encode({b"info": info, b"piece layers": {}}))
+    if ours is not None:
+        assert theirs == ours
