@@ -586,6 +586,24 @@ class PeerConnection:
         wait = mean * 1.2 if self._waits < 2 else mean + 4 * dev
         return min(longest, max(MIN_REQUEST_TIMEOUT, wait))
 
+    def held(self, seconds: float) -> None:
+        """We read nothing of the peer for ``seconds``, held up on our side (the daemon
+        slow to take the blocks it sent, stopped or busy): that time was not the peer's.
+        Its clocks (silence, requests late, the waits it keeps us) stop for it: what it
+        sent meanwhile waited in our socket. (Counted, a daemon stalled for half a
+        minute had every seeder snubbed and its blocks asked again of others, a fifth
+        of the download fetched twice; for two minutes, the seeder dropped as silent.)"""
+        if seconds <= 0:
+            return
+        now = self._clock()
+        self.last_received = min(now, self.last_received + seconds)
+        if self.last_block:
+            self.last_block = min(now, self.last_block + seconds)
+        if self._fragment_at:
+            self._fragment_at = min(now, self._fragment_at + seconds)
+        for blk, asked in self.our_requests.items():
+            self.our_requests[blk] = min(now, asked + seconds)
+
     def give_up_late(self, now: float, longest: float) -> list[Block]:
         """Cancel the requests the peer let time out (see :meth:`request_timeout`) and
         snub it; returns them, to be asked of others."""

@@ -749,6 +749,17 @@ class Peer:
         self._sent_mark = 0  # bytes gone out at the last look, and when they last moved
         self._moved_at = self.opened
         self.unsent = 0  # bytes sent to it not yet taken, at the last look
+        # Since when its loop waits on us (the daemon), reading nothing of it: None when
+        # it does not.
+        self.held_since: float | None = None
+
+    def release(self) -> None:
+        """Its loop waits on us no more: the time it did, a second or more, was not the
+        peer's (its clocks are moved on by as much: see PeerConnection.held)."""
+        held = time.monotonic() - (self.held_since or 0.0)
+        self.held_since = None
+        if held >= 1.0:
+            self.conn.held(held)
 
     def stalled(self, now: float) -> bool:
         """Nothing we sent it has reached it since STALL_SECONDS ago (it does not read),
@@ -1641,11 +1652,19 @@ class Swarm:
                         if type(ev) is wire.Piece:  # a download's message: no coroutine
                             late = self._take_block(peer, ev)
                             if late:
-                                await self._write_late(ev.piece, late)
+                                peer.held_since = time.monotonic()
+                                try:
+                                    await self._write_late(ev.piece, late)
+                                finally:
+                                    peer.release()
                         elif type(ev) is wire.Request:  # queued by the connection:
                             asked = True  # its reads start once, after the lot
                         else:
-                            await self._handle(peer, ev)
+                            peer.held_since = time.monotonic()  # (what it waits on: ours)
+                            try:
+                                await self._handle(peer, ev)
+                            finally:
+                                peer.release()
                             if peer.closed:  # (dropped by what it said: the rest is moot)
                                 break
                             if type(ev) in _ANSWERED and not await self._sent(peer):
@@ -1686,7 +1705,8 @@ class Swarm:
         if silent is not None:
             return silent
         now = time.monotonic()
-        idle = [p for p in self.peers if not p.closed and p is not but and not p.unplaced and (
+        idle = [p for p in self.peers if not p.closed and p is not but and not p.unplaced
+                and p.held_since is None and (
             p.stalled(now) or (p.conn.stalls and p.conn.am_choking)
             or (now - p.opened >= IDLE_SECONDS and not p.conn.am_interested
                 and not p.conn.peer_interested)
@@ -2555,6 +2575,11 @@ class Swarm:
             if not conn.handshaken and now - p.opened > HANDSHAKE_TIMEOUT:
                 log.info("%s sent no handshake in %.0f s: dropped", p.addr, now - p.opened)
                 self._drop(p)
+                continue
+            if p.held_since is not None:  # (its clocks stand still: see Peer.release)
+                if conn.keepalive_due(now):
+                    conn.send_keepalive()
+                    p.flush()
                 continue
             if now - conn.last_received > PEER_TIMEOUT:
                 log.info("%s silent for %.0f s: dropped", p.addr, now - conn.last_received)

@@ -80,11 +80,13 @@ def peer_cmd(torrent: Path, save: Path, socket: Path, *extra: str) -> list[str]:
 
 
 def downloading(torrent: Path, save: Path, d: Daemon, *peers: int,
-                extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+                extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                ) -> subprocess.Popen[str]:
     """``pieced-peer`` downloading from ``peers`` in the background (its output piped)."""
     args = [a for p in peers for a in ("--peer", f"127.0.0.1:{p}")]
     proc = subprocess.Popen(peer_cmd(torrent, save, d.socket, *args, *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env} if env else None)
     _running.append(proc)
     return proc
 
@@ -2369,6 +2371,46 @@ def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Pa
         assert proc.returncode == 1 and not json.loads(out)["complete"], err
         with Client(d.socket) as c:
             assert c.status(ih)["verified_pieces"] >= 3
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_daemon_that_stalls_a_while_costs_the_seeder_nothing(tmp_path: Path) -> None:
+    """The daemon stops taking blocks for 25 s (stopped, as one held by a slow disk would
+    be): pieced-peer reads nothing of the seeder meanwhile, and what the seeder sends
+    waits in its socket. That time was counted against the seeder: its requests timed
+    out, it was snubbed and its blocks asked again (a fifth of a download fetched twice,
+    for stalls of half a minute; after two minutes, dropped as silent). Now no request
+    times out for it, nothing comes twice, and the download goes on once the daemon
+    does."""
+    piece = 1 << 20
+    files = {"a.bin": 24 * piece + 5}
+    content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=31)
+    d = Daemon(tmp_path)
+    slow = {"upload_rate_limit": 3 << 20, "limit_loopback": True}
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as seeder:
+            proc = downloading(torrent, tmp_path / "dl", d, seeder.port,
+                               env={"PIECED_PEER_LOG": "info"})
+            with Client(d.socket) as c:
+                deadline = time.monotonic() + 60
+                while not c.torrents() or c.status(bytes.fromhex(
+                        c.torrents()[0]["info_hash"]))["verified_pieces"] < 2:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(25)
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+            out, err = proc.communicate(timeout=120)
+            assert seeder.hash_failures() == 0
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"], summary
+        assert "time out" not in err and "silent" not in err, err
+        assert summary["bytes_redundant"] == 0, summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         assert d.stop() == 0, d.stderr()
 
