@@ -1511,7 +1511,7 @@ PROGRESS_EVERY = 0.1
 
 
 def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
-    ih, full = _ih(m), _flag(m, "full", 0)
+    ih, full, join = _ih(m), _flag(m, "full", 0), _flag(m, "join", 0)
     last = [-1, 0.0]  # percent, time of the last event sent
 
     def progress(done: int, total: int) -> None:
@@ -1522,7 +1522,7 @@ def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
             frame = encode_event("recheck_progress", {"ih": ih, "id": rid, "done": done, "total": total})
             c._post(c.send, [frame])
 
-    r = c.disk.recheck(ih, progress, full=full)
+    r = c.disk.recheck(ih, progress, full=full, join=join)
     out: dict[str, Any] = {"num_pieces": r.num_pieces, "verified": sum(r.have),
                            "fingerprint_hits": r.fingerprint_hits}
     # The lists of failed pieces, as many as a reply holds: a check of a torrent of a

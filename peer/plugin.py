@@ -1023,10 +1023,13 @@ class Swarm:
             await self._check()
 
     async def _check(self) -> None:
-        """What is on disk checked by the daemon. A check its stop cuts short (carried
-        out again by the daemon when it starts) is a loss of the daemon, waited for."""
+        """What is on disk checked by the daemon, once: a check under way for another
+        client (one that found the torrent as we registered it, or registered it as we
+        found it) is joined, not run again after it (two pieced-peers started together
+        read the whole of it twice). A check its stop cuts short (carried out again by
+        the daemon when it starts) is a loss of the daemon, waited for."""
         try:
-            await self.client.recheck(self.ih)
+            await self.client.recheck(self.ih, join=True)
         except PiecedError as exc:
             if exc.errno == errno.ECANCELED:
                 raise ConnectionError(_describe(exc)) from None

@@ -889,12 +889,13 @@ class Client:
         adds the byte ranges the daemon holds of each piece under way."""
         return dict(self._call("status", **_status_args(ih, files, partial)))
 
-    def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
+    def recheck(self, ih: bytes, full: bool = False, join: bool = False) -> dict[str, Any]:
         """Verify everything on disk; progress arrives as ``recheck_progress`` events.
 
         Pieces are checked against their BLAKE3 fingerprints where they have one;
-        ``full`` uses the torrent's own hashes for every piece."""
-        return dict(self._call("recheck", ih=_hexless(ih), full=int(full)))
+        ``full`` uses the torrent's own hashes for every piece. ``join``: a check of
+        its kind under way (another client's) is joined, not run again after it."""
+        return dict(self._call("recheck", ih=_hexless(ih), full=int(full), join=int(join)))
 
     def move_storage(self, ih: bytes, new_path: str | os.PathLike[str]) -> None:
         self._call("move_storage", ih=_hexless(ih), new_path=os.fspath(new_path))
@@ -1469,8 +1470,10 @@ class AsyncClient:
     async def status(self, ih: bytes, files: bool = True, partial: bool = False) -> dict[str, Any]:
         return dict(await self._call("status", **_status_args(ih, files, partial)))
 
-    async def recheck(self, ih: bytes, full: bool = False) -> dict[str, Any]:
-        return dict(await self._call("recheck", ih=_hexless(ih), full=int(full)))
+    async def recheck(self, ih: bytes, full: bool = False, join: bool = False
+                      ) -> dict[str, Any]:
+        return dict(await self._call("recheck", ih=_hexless(ih), full=int(full),
+                                     join=int(join)))
 
     async def move_storage(self, ih: bytes, new_path: str | os.PathLike[str]) -> None:
         await self._call("move_storage", ih=_hexless(ih), new_path=os.fspath(new_path))

@@ -2868,7 +2868,8 @@ class DiskIO:
 
     # -- whole-torrent operations: fences ---------------------------------------------------
     def recheck(
-        self, ih: bytes, progress: Progress | None = None, full: bool = False
+        self, ih: bytes, progress: Progress | None = None, full: bool = False,
+        join: bool = False,
     ) -> VerifyResult:
         """Verify what is on disk, after the block I/O in flight and alone on the torrent.
 
@@ -2877,12 +2878,16 @@ class DiskIO:
         against it (BLAKE3: faster than SHA-1, and one hash for a hybrid's two); a
         mismatch, or no fingerprint, falls back to the torrent's own hashes. ``full``
         always uses the torrent's hashes. A recheck asked while another of its kind
-        waits for the torrent joins it (``_Recheck``): the two get one result.
+        waits for the torrent joins it (``_Recheck``): the two get one result. With
+        ``join`` it joins one of its kind under way too (else it checks after it, what
+        changed meanwhile included): a client that found the torrent registered by
+        another, and wants what is on disk checked once, whoever asked first.
         """
         t = self._get(ih)
         with t.lock:
             mine = _Recheck()
-            run: _Recheck = t.rechecks.setdefault(full, mine)
+            running = t.rechecks_running.get(full) if join else None
+            run: _Recheck = running or t.rechecks.setdefault(full, mine)
             joined = run is not mine
             if progress is not None:
                 run.progress.append(progress)
@@ -2897,6 +2902,8 @@ class DiskIO:
             with t.lock:
                 if t.rechecks.get(full) is run:
                     del t.rechecks[full]
+                if t.rechecks_running.get(full) is run:
+                    del t.rechecks_running[full]
         run.done.set_result(result)
         return result
 
@@ -2905,6 +2912,7 @@ class DiskIO:
             with t.lock:  # started: a recheck asked from now on checks after this one
                 if t.rechecks.get(full) is run:
                     del t.rechecks[full]
+                t.rechecks_running[full] = run  # (unless it asks to join it)
                 # What went wrong before is looked at again now, as libtorrent's
                 # force_recheck clears a torrent's error: what is still wrong is told
                 # again by this check (a file it cannot read, a folder gone).

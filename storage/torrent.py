@@ -255,6 +255,8 @@ class Torrent:
         # Rechecks asked and not started yet, by kind (full or not): one asked meanwhile
         # joins the one of its kind (``DiskIO.recheck``).
         self.rechecks: dict[bool, Any] = {}
+        # And those under way, by kind: joined only by a recheck asked to (``join``).
+        self.rechecks_running: dict[bool, Any] = {}
         # Verified pieces whose data is written but not yet durable: (piece, result),
         # committed by the group commit or by the next fenced operation.
         self.pending: list[tuple[int, Any]] = []

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import select
+import shutil
 import socket
 import threading
 import time
@@ -1050,6 +1051,45 @@ def test_rechecks_asked_while_one_waits_run_once(tmp_path: Path, freezable_fs: A
         assert d.stop() == 0, d.stderr()
     print(f"twelve rechecks asked while a move held the torrent: {read} bytes read")
     assert read <= 2 * 8 * 1024 * 1024, f"{read / (8 * 1024 * 1024):.1f} reads of the payload"
+
+
+@pytest.mark.parametrize("join", [True, False])
+def test_a_recheck_asked_to_join_one_under_way_reads_the_data_once(
+        tmp_path: Path, freezable_fs: Any, join: bool) -> None:
+    """Two clients find a torrent's data on disk (two pieced-peers started together):
+    the first asks a check, which starts (held here by its sync on a frozen file
+    system); the second asks one too, with ``join``: it gets the first one's answer,
+    and the data is read once, not once after the other. Without ``join`` a recheck
+    asked while one runs checks after it (what changed meanwhile included)."""
+    content = make_payload(tmp_path / "src", 4 * 1024 * 1024, seed=5)
+    raw = make_torrent_lt(content, 65536, "v1")
+    shutil.copytree(content.parent, freezable_fs.mount, dirs_exist_ok=True)
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as first, Client(d.socket) as second:
+            ih = first.register(raw, freezable_fs.mount)
+            n = first.status(ih)["num_pieces"]
+            # A block buffered, not yet written: the check's flush writes it first.
+            first.write_chunk(ih, 3, 0, content.read_bytes()[:16384][::-1])
+            freezable_fs.freeze()
+            results: list[dict[str, Any]] = []
+            run_first = threading.Thread(target=lambda: results.append(
+                first.recheck(ih, join=True)))
+            run_first.start()
+            time.sleep(1.0)  # (its check has begun: it waits on the frozen file system)
+            run_second = threading.Thread(target=lambda: results.append(
+                second.recheck(ih, join=join)))
+            run_second.start()
+            time.sleep(0.5)
+            freezable_fs.thaw()
+            run_first.join(60)
+            run_second.join(60)
+            assert [r["verified"] for r in results] == [n - 1, n - 1], results
+            checked = first.stats()["recheck_verified"]
+    finally:
+        freezable_fs.thaw()
+        assert d.stop() == 0, d.stderr()
+    assert checked == (n - 1 if join else 2 * (n - 1)), checked
 
 
 def test_the_replies_a_client_leaves_unread_are_bounded_in_memory_not_only_in_bytes(
