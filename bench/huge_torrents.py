@@ -14,6 +14,7 @@ of the same bytes and ``add_torrent`` to a session, timed, with the RSS it added
 the same added to check its (missing) files, timed up to the end of its check.
 
     python bench/huge_torrents.py --files 100000
+    python bench/huge_torrents.py --files 100000 --kind v2
     python bench/huge_torrents.py --files 1 --file-bytes 17179869184 --piece-kib 16
 """
 
@@ -58,19 +59,36 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--file-bytes", type=int, default=1000)
     ap.add_argument("--piece-kib", type=int, default=64)
+    ap.add_argument("--kind", choices=("v1", "v2"), default="v1",
+                    help="v2: the files in a BEP 52 file tree (each file on pieces of its "
+                    "own; files of a piece or less, so no piece layers)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "huge")
     args = ap.parse_args()
     n, size, piece = args.files, args.file_bytes, args.piece_kib * 1024
-    files = [{b"length": size, b"path": [f"d{i // 1000}".encode(), f"f{i}.bin".encode()]}
-             for i in range(n)]
-    pieces = -(-n * size // piece)
-    info = {b"name": b"many", b"piece length": piece, b"files": files,
-            b"pieces": random.Random(1).randbytes(20 * pieces)}
-    raw = bencodepy.encode({b"info": info})
+    rng = random.Random(1)
+    if args.kind == "v2":
+        if size > piece:
+            ap.error("--kind v2 takes files of a piece or less (no piece layers are made)")
+        tree: dict[bytes, dict[bytes, object]] = {}
+        for i in range(n):
+            leaf = {b"length": size, b"pieces root": rng.randbytes(32)}
+            tree.setdefault(f"d{i // 1000}".encode(), {})[f"f{i}.bin".encode()] = {b"": leaf}
+        pieces = n
+        info: dict[bytes, object] = {b"name": b"many", b"piece length": piece,
+                                     b"meta version": 2, b"file tree": tree}
+        raw = bencodepy.encode({b"info": info, b"piece layers": {}})
+    else:
+        files = [{b"length": size, b"path": [f"d{i // 1000}".encode(), f"f{i}.bin".encode()]}
+                 for i in range(n)]
+        pieces = -(-n * size // piece)
+        info = {b"name": b"many", b"piece length": piece, b"files": files,
+                b"pieces": rng.randbytes(20 * pieces)}
+        raw = bencodepy.encode({b"info": info})
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    out: dict[str, object] = {"files": n, "pieces": pieces, "metainfo_bytes": len(raw)}
+    out: dict[str, object] = {"kind": args.kind, "files": n, "pieces": pieces,
+                              "metainfo_bytes": len(raw)}
 
     d, secs = started(work / "bare")
     out["bare_start_s"] = round(secs, 3)

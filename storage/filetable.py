@@ -152,6 +152,10 @@ class FileTable(Sequence[FileEntry]):
     def pad(self, i: int) -> bool:
         return bool(self.flags[i] & PAD)
 
+    def attr(self, i: int) -> str:
+        """BEP 47's attributes of file ``i`` ("" for none)."""
+        return self._attrs.get(i, "")
+
     def executable(self, i: int) -> bool:
         """BEP 47's ``x`` attribute: the file is made 0o755, as libtorrent makes it."""
         return "x" in self._attrs.get(i, "")

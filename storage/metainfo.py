@@ -17,7 +17,7 @@ import bisect
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
 from itertools import compress
 from typing import Any, NamedTuple
@@ -252,7 +252,7 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
             files = FileTable.of(f if f.pad else _with_root(f, next(roots)) for f in v1_files)
     else:
         pieces = None
-        files = FileTable.of(_align_v2(v2_files, piece_length, name))
+        files = _align_v2(v2_files, piece_length, name)
 
     total = files.total
     flags, lengths = files.flags, files.lengths
@@ -277,39 +277,43 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
         raw_layers = top.get(b"piece layers", {})
         if not isinstance(raw_layers, dict):
             raise BadMetainfo("'piece layers' is not a dictionary")
-        for idx, f in enumerate(files):
-            if f.pad or f.length == 0:
+        # (by the table's arrays: a FileEntry a file cost 100,000-file torrents seconds)
+        lengths, offsets, flags = files.lengths, files.offsets, files.flags
+        rooted: set[bytes] = set()  # the roots of files of more than a piece
+        for idx in range(len(files)):
+            length = lengths[idx]
+            if flags[idx] & PAD or length == 0:
                 continue
-            assert f.pieces_root is not None
-            first_piece.append(f.offset // piece_length)
+            root = files.pieces_root(idx)
+            assert root is not None
+            first_piece.append(offsets[idx] // piece_length)
             file_of.append(idx)
-            if f.length <= piece_length:
+            if length <= piece_length:
                 continue
-            layer = raw_layers.get(f.pieces_root)
-            where = "/".join(f.path)
+            rooted.add(root)
+            layer = raw_layers.get(root)
             if layer is None and has_v1:
                 # A hybrid's info dictionary alone (from a magnet link): its pieces are
                 # checked by their v1 hashes, as libtorrent checks them until peers send
                 # the layer. A v2-only torrent would have nothing to check them by.
                 continue
+            where = "/".join(files.path(idx))
             if layer is None:
                 raise BadMetainfo(
                     f"'piece layers' has no layer for file {where!r}: a v2-only torrent needs "
                     "them to check its pieces (the whole .torrent, not its info dictionary alone)")
             if not isinstance(layer, bytes):
                 raise BadMetainfo(f"the piece layer of {where!r} is not a byte string")
-            want = 32 * ((f.length + piece_length - 1) // piece_length)
+            want = 32 * ((length + piece_length - 1) // piece_length)
             if len(layer) != want:
                 raise BadMetainfo(
                     f"piece layer of {where!r} is {len(layer)} bytes, expected {want}"
                 )
-            if root_from_layer(layer, piece_length) != f.pieces_root:
+            if root_from_layer(layer, piece_length) != root:
                 raise BadMetainfo(f"piece layer of {where!r} does not hash to its 'pieces root'")
-            layers[f.pieces_root] = layer
+            layers[root] = layer
         # Every layer is a file's, as libtorrent requires (a torrent it refuses is not
         # taken here either): keyed by the 'pieces root' of a file of more than a piece.
-        rooted = {f.pieces_root for f in files
-                  if not f.pad and f.length > piece_length}
         for key in raw_layers:
             if key not in rooted:
                 shown = key.hex() if isinstance(key, bytes) and len(key) <= 64 else "a key"
@@ -413,25 +417,25 @@ def _check_special(files: FileTable, piece_length: int) -> None:
     block of it would ever be sent), whether one pad file covers it or several in a row
     (empty files between them hold no bytes either)."""
     total = files.total
+    lengths, offsets, flags = files.lengths, files.offsets, files.flags
     run_start = run_end = -1
-    for i in files.special():
-        f = files[i]
-        if f.stored:
+    for i in files.special():  # (by the table's arrays: pads may be half the files)
+        length = lengths[i]
+        if not flags[i] & UNSTORED or not length:
             continue
-        where = "/".join(f.path)
-        if "l" in f.attr and f.length:
+        if "l" in files.attr(i):
             # (a pad's too: libtorrent takes the symlink, of no bytes, and would lay the
             # torrent's data out otherwise than a reader taking the pad's length)
-            raise BadMetainfo(f"symlink entry {where!r} has a length ({f.length}): "
-                              "a symlink carries no data")
-        if f.pad and f.length:
-            if f.offset != run_end:
-                run_start = f.offset
-            run_end = f.end
+            raise BadMetainfo(f"symlink entry {'/'.join(files.path(i))!r} has a length "
+                              f"({length}): a symlink carries no data")
+        if flags[i] & PAD:
+            if offsets[i] != run_end:
+                run_start = offsets[i]
+            run_end = offsets[i + 1]
             first = -(-run_start // piece_length) * piece_length
             if first < run_end and min(first + piece_length, total) <= run_end:
-                raise BadMetainfo(f"pad file {where!r} covers the whole of piece "
-                                  f"{first // piece_length}: a piece of pad only")
+                raise BadMetainfo(f"pad file {'/'.join(files.path(i))!r} covers the whole "
+                                  f"of piece {first // piece_length}: a piece of pad only")
 
 
 def _check_files(files: FileTable, name: str, lt_pads: bool, piece_length: int) -> FileTable:
@@ -906,73 +910,97 @@ def _v1_file_slowly(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
 
 
 def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEntry]:
-    """Files of a v2 file tree in its (sorted) order, offsets not yet assigned."""
+    """Files of a v2 file tree in its (sorted) order, offsets not yet assigned, their
+    paths under the torrent's folder (NAME/...) unless the tree is one file at its
+    root. The usual entry (a plain name; a leaf of a length and a 32-byte root, nothing
+    else) is taken as it is; anything else the long way, which says what is wrong (a
+    100,000-file tree spent a second on messages made for every node, used by none)."""
     out: list[FileEntry] = []
+    append = out.append
 
-    def walk(node: dict[bytes, Any], prefix: tuple[str, ...], depth: int) -> Iterator[FileEntry]:
+    def where(prefix: tuple[str, ...], key: bytes) -> str:
+        return "'file tree/" + "/".join((*prefix[1:], key.decode("utf-8", "replace"))) + "'"
+
+    def walk(node: dict[bytes, Any], prefix: tuple[str, ...], depth: int) -> None:
         if depth > 256:
             raise BadMetainfo("'file tree' is nested too deeply")
         for key in sorted(node):
             child = node[key]
-            where = "file tree/" + "/".join((*prefix, key.decode("utf-8", "replace")))
-            if not isinstance(child, dict):
-                raise BadMetainfo(f"'{where}' is not a dictionary")
+            if type(child) is not dict:
+                raise BadMetainfo(f"{where(prefix, key)} is not a dictionary")
             if not key:
-                raise BadMetainfo(f"'{where}' has an empty name")
-            comp = _component(key, f"'{where}'")
-            if b"" in child:
-                if len(child) != 1:
-                    raise BadMetainfo(f"'{where}' is both a file and a folder")
-                leaf = child[b""]
-                if not isinstance(leaf, dict):
-                    raise BadMetainfo(f"'{where}' file entry is not a dictionary")
-                attr = _attr(leaf, where)
-                if "p" in attr:  # (as libtorrent refuses it: pad files are v1's alone)
-                    raise BadMetainfo(f"'{where}' has the pad attribute: a v2 file tree "
-                                      "lists no pad files")
-                # A symlink's entry (attr "l") has its "symlink path" and no length in
-                # the torrents libtorrent makes: it holds no data (one with a length is
-                # refused with the v1 form's, in _check_special). Without its path, it
-                # is an empty file (see _dangling).
-                if _dangling(attr, leaf):
-                    attr, length = attr.replace("l", ""), 0
-                else:
-                    length = (0 if "l" in attr and b"length" not in leaf
-                              else _length(leaf, where))
+                raise BadMetainfo(f"{where(prefix, key)} has an empty name")
+            try:
+                if len(key) > NAME_CUT:
+                    raise ValueError
+                comp = _plain_name(key)
+            except (ValueError, UnicodeDecodeError):
+                comp = _component(key, where(prefix, key))
+            leaf = child.get(b"")
+            if leaf is None:
+                walk(child, (*prefix, comp), depth + 1)
+                continue
+            if len(child) != 1:
+                raise BadMetainfo(f"{where(prefix, key)} is both a file and a folder")
+            if type(leaf) is dict and len(leaf) == 2:  # the usual: length, pieces root
+                length = leaf.get(b"length")
                 root = leaf.get(b"pieces root")
-                if length > 0 and (not isinstance(root, bytes) or len(root) != 32):
-                    raise BadMetainfo(f"'{where}' needs a 32-byte 'pieces root'")
-                yield FileEntry(
-                    (*prefix, comp), length, 0, attr=attr,
-                    pieces_root=root if length > 0 else None,
-                )
-            else:
-                yield from walk(child, (*prefix, comp), depth + 1)
+                if (type(length) is int and length > 0 and type(root) is bytes
+                        and len(root) == 32):
+                    append(FileEntry((*prefix, comp), length, 0, pieces_root=root))
+                    if len(out) > max_files:
+                        raise TooLarge(f"torrent has more than {max_files} files")
+                    continue
+            append(_tree_leaf(leaf, (*prefix, comp), where(prefix, key)))
+            if len(out) > max_files:
+                raise TooLarge(f"torrent has more than {max_files} files")
 
-    for f in walk(tree, (), 0):
-        out.append(f)
-        if len(out) > max_files:
-            raise TooLarge(f"torrent has more than {max_files} files")
-    single = len(out) == 1 and len(out[0].path) == 1
-    if not single:
-        out = [FileEntry((name, *f.path), f.length, 0, f.pad, f.attr, f.pieces_root) for f in out]
+    walk(tree, (name,), 0)
+    if len(out) == 1 and len(out[0].path) == 2:  # one file at the root: NAME is its own
+        f = out[0]
+        out = [FileEntry(f.path[1:], f.length, 0, f.pad, f.attr, f.pieces_root)]
     return out
 
 
-def _align_v2(files: list[FileEntry], piece_length: int, name: str) -> list[FileEntry]:
+def _tree_leaf(leaf: Any, path: tuple[str, ...], where: str) -> FileEntry:
+    """A file entry of a v2 file tree, read the long way (``where``: its place, quoted)."""
+    if not isinstance(leaf, dict):
+        raise BadMetainfo(f"{where} file entry is not a dictionary")
+    attr = _attr(leaf, where[1:-1])
+    if "p" in attr:  # (as libtorrent refuses it: pad files are v1's alone)
+        raise BadMetainfo(f"{where} has the pad attribute: a v2 file tree lists no pad "
+                          "files")
+    # A symlink's entry (attr "l") has its "symlink path" and no length in the torrents
+    # libtorrent makes: it holds no data (one with a length is refused with the v1
+    # form's, in _check_special). Without its path, it is an empty file (see _dangling).
+    if _dangling(attr, leaf):
+        attr, length = attr.replace("l", ""), 0
+    else:
+        length = (0 if "l" in attr and b"length" not in leaf
+                  else _length(leaf, where[1:-1]))
+    root = leaf.get(b"pieces root")
+    if length > 0 and (not isinstance(root, bytes) or len(root) != 32):
+        raise BadMetainfo(f"{where} needs a 32-byte 'pieces root'")
+    return FileEntry(path, length, 0, attr=attr, pieces_root=root if length > 0 else None)
+
+
+def _align_v2(files: list[FileEntry], piece_length: int, name: str) -> FileTable:
     """Place v2-only files on piece boundaries with pad entries, exactly as libtorrent
     lays them out (the last file padded too, pads named NAME/.pad/SIZE), so piece and
-    file indices agree with it."""
-    out: list[FileEntry] = []
+    file indices agree with it. (Straight into the table: no entry made per pad.)"""
+    b = TableBuilder()
+    pads = -1  # (their folder, once there is one)
     pos = 0
     for f in files:
-        out.append(FileEntry(f.path, f.length, pos, f.pad, f.attr, f.pieces_root))
+        b.add(b.folder(f.path[:-1]), f.path[-1], f.length, f.pad, f.attr, f.pieces_root)
         pos += f.length
         if pos % piece_length:
             gap = piece_length - pos % piece_length
-            out.append(FileEntry((name, ".pad", str(gap)), gap, pos, pad=True, attr="p"))
+            if pads < 0:
+                pads = b.folder((name, ".pad"))
+            b.add(pads, str(gap), gap, pad=True, attr="p")
             pos += gap
-    return out
+    return b.build()
 
 
 def _check_hybrid(v1: list[FileEntry], v2: list[FileEntry], piece_length: int) -> None:

@@ -29,7 +29,6 @@ def _v1_meta(sizes: list[int], piece_length: int) -> Metainfo:
 
 def _v2_meta(sizes: list[int], piece_length: int) -> Metainfo:
     """A v2-shaped layout (hashes are irrelevant to the mapping)."""
-    from pieced.storage.filetable import FileTable
     from pieced.storage.metainfo import FileEntry
 
     files = _align_v2(
@@ -37,8 +36,8 @@ def _v2_meta(sizes: list[int], piece_length: int) -> Metainfo:
         piece_length,
         "t",
     )
-    total = files[-1].end if files else 0
-    return Metainfo("t", piece_length, FileTable.of(files), total,
+    total = files.total
+    return Metainfo("t", piece_length, files, total,
                     (total + piece_length - 1) // piece_length, None,
                     hashlib.sha256(b"x").digest(), None, {}, b"")
 
