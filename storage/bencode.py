@@ -52,20 +52,24 @@ def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None,
 def decode_spanning(
     data: bytes, key: bytes | None, *, max_depth: int = 512, max_values: int | None = None,
     hook: tuple[bytes, Hook] | None = None, trailing: bool = False,
+    hooks: dict[bytes, Hook] | None = None,
 ) -> tuple[Any, tuple[int, int] | None]:
     """:func:`decode`, and where the value of ``key`` in the top-level dictionary lies in
     ``data`` (start, end), or None: a torrent's info hash is over those exact bytes.
 
     ``hook`` = (name, reader): the value of ``name`` inside the dictionary of ``key``
     (a torrent's ``info.files``) is read by ``reader(decoder, pos, path, depth)``
-    instead, which returns (value, end). A reader that knows the usual shape of a large
+    instead, which returns (value, end); ``hooks``: name -> reader, for several. A reader that knows the usual shape of a large
     value can read it without a Python object per item; for anything else it calls
     ``decoder.value``, so the rules above hold all the same.
 
     ``trailing``: bytes after the value are left unread (a .torrent file with a newline
     or junk after its dictionary, which libtorrent and Transmission read too: they are
     no part of any value, so no reader can see another torrent in them)."""
-    dec = _Decoder(bytes(data), max_depth, max_values, key, hook)
+    readers = dict(hooks or {})
+    if hook is not None:
+        readers[hook[0]] = hook[1]
+    dec = _Decoder(bytes(data), max_depth, max_values, key, readers or None)
     value, end = dec.value(0, None, 0)
     if end != len(data) and not trailing:
         raise BencodeError(f"{len(data) - end} bytes of trailing data after the value "
@@ -102,7 +106,7 @@ class _Decoder:
     __slots__ = ("budget", "data", "hook", "max_depth", "n", "span", "want")
 
     def __init__(self, data: bytes, max_depth: int, max_values: int | None,
-                 want: bytes | None = None, hook: tuple[bytes, Hook] | None = None) -> None:
+                 want: bytes | None = None, hook: dict[bytes, Hook] | None = None) -> None:
         self.data = data
         self.n = len(data)
         self.max_depth = max_depth
@@ -175,9 +179,9 @@ class _Decoder:
                     raise self.fail((path, key), pos, why)
                 first = False
                 last = key
-                if (depth == 1 and self.hook is not None and key == self.hook[0]
+                if (depth == 1 and self.hook is not None and key in self.hook
                         and path == (None, self.want)):
-                    d[key], pos = self.hook[1](self, kpos, (path, key), depth + 1)
+                    d[key], pos = self.hook[key](self, kpos, (path, key), depth + 1)
                     continue
                 d[key], pos = self.value(kpos, (path, key), depth + 1)
                 if top and key == self.want:

@@ -201,7 +201,8 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
         raise TooLarge(f"metainfo is {len(data)} bytes, the limit is {max_bytes}")
     try:
         top, span = decode_spanning(data, b"info", max_depth=MAX_NESTING,
-                                    hook=(b"files", partial(_read_v1_files, max_files)),
+                                    hooks={b"files": partial(_read_v1_files, max_files),
+                                           b"file tree": partial(_read_file_tree, max_files)},
                                     trailing=True)
     except BencodeError as exc:
         raise BadMetainfo(f"not canonical bencode: {exc}") from None
@@ -234,8 +235,12 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
 
     v2_files: list[FileEntry] = []
     if has_v2:
-        tree = _get(info, b"file tree", dict, "info")
-        v2_files = _walk_tree(tree, name, max_files)
+        tree = info.get(b"file tree")
+        if isinstance(tree, _ReadTree):  # (every entry of the usual shape: read as it is)
+            v2_files = tree.entries(name)
+        else:
+            tree = _get(info, b"file tree", dict, "info")
+            v2_files = _walk_tree(tree, name, max_files)
         if not v2_files:
             raise BadMetainfo("'file tree' has no files")
 
@@ -907,6 +912,108 @@ def _v1_file_slowly(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
                           "(libtorrent refuses it too)")
     path = tuple(_component(p, f"{where}.path[{j}]") for j, p in enumerate(parts))
     return length, path, attr
+
+
+class _ReadTree:
+    """A v2 ``file tree`` as :func:`_read_file_tree` read it: each file's folder (an
+    index into ``folders``, paths below the torrent's folder), name, length and root."""
+
+    __slots__ = ("files", "folders")
+
+    def __init__(self) -> None:
+        self.folders: list[tuple[str, ...]] = []
+        self.files: list[tuple[int, str, int, bytes | None]] = []
+
+    def entries(self, name: str) -> list[FileEntry]:
+        """As :func:`_walk_tree` gives them: under NAME, unless one file at the root."""
+        files = self.files
+        if len(files) == 1 and not self.folders[files[0][0]]:
+            _, leaf, length, root = files[0]
+            return [FileEntry((leaf,), length, 0, pieces_root=root)]
+        folders = [(name, *parts) for parts in self.folders]
+        return [FileEntry((*folders[fid], leaf), length, 0, pieces_root=root)
+                for fid, leaf, length, root in files]
+
+
+class _NotUsual(Exception):
+    """A file tree the reader leaves to the decoder and :func:`_walk_tree`."""
+
+
+# The usual file node of a v2 tree, from its "d0:": a leaf of a length and a pieces
+# root (or of a length of 0 alone), then the ends of the leaf and of the node.
+_TREE_LEAF = re.compile(rb"d0:d6:lengthi(0|[1-9][0-9]{0,17})e(?:11:pieces root32:)?")
+_TREE_DEPTH = 48  # folders in one another the reader follows (deeper: the long way)
+
+
+def _read_file_tree(max_files: int, dec: _Decoder, pos: int, path: Path,
+                    depth: int) -> tuple[Any, int]:
+    """Read a v2 ``file tree`` into a :class:`_ReadTree` when every node in it is of the
+    usual shape (names of at most NAME_CUT bytes that libtorrent keeps as they are, in
+    order; files of a length and a 32-byte root; folders): a torrent of 100,000 files
+    makes no dictionary per file or folder. Anything else, or anything wrong, anywhere
+    in it: the decoder reads the whole tree and :func:`_walk_tree` walks it, which says
+    what is wrong (the same outcome both ways: ``tests/test_filetable.py``)."""
+    # (a folder of level L is a dictionary at depth + L, its files' at depth + L + 2:
+    # every tree taken here is one the decoder takes)
+    if dec.budget >= 0 or depth + _TREE_DEPTH + 2 >= dec.max_depth:
+        return dec.value(pos, path, depth)
+    data, n = dec.data, dec.n
+    tree = _ReadTree()
+    folder_ids: dict[tuple[str, ...], int] = {}
+    add = tree.files.append
+    match = _TREE_LEAF.match
+
+    def key_at(p: int) -> tuple[bytes, int]:
+        colon = data.find(b":", p, p + 5)  # (a name of at most NAME_CUT bytes)
+        digits = data[p:colon]
+        if colon < 0 or not digits.isdigit() or digits[0] == 0x30:
+            raise _NotUsual  # (also the empty name, "0:")
+        end = colon + 1 + int(digits)
+        if end > n or end - colon - 1 > NAME_CUT:
+            raise _NotUsual
+        return data[colon + 1 : end], end
+
+    def folder(p: int, parts: tuple[str, ...], level: int) -> int:
+        """The folder whose dictionary begins at ``p``: its end."""
+        if level > _TREE_DEPTH or data[p : p + 1] != b"d":
+            raise _NotUsual
+        p += 1
+        last = b""
+        while data[p : p + 1] != b"e":
+            key, p = key_at(p)
+            if key <= last:
+                raise _NotUsual  # (out of order, or twice: the decoder names it)
+            last = key
+            leaf = _plain_name(key)
+            m = match(data, p)
+            if m is not None:  # a file
+                length = int(m.group(1))
+                end = m.end()
+                if (length > 0) != (end - p > 14 + len(m.group(1))):
+                    raise _NotUsual  # (a length without its root, or a root of no data)
+                root = data[end : end + 32] if length else None
+                end += 32 if length else 0
+                if data[end : end + 2] != b"ee":
+                    raise _NotUsual
+                fid = folder_ids.get(parts)
+                if fid is None:
+                    fid = folder_ids[parts] = len(tree.folders)
+                    tree.folders.append(parts)
+                add((fid, leaf, length, root))
+                if len(tree.files) > max_files:
+                    raise _NotUsual
+                p = end + 2
+            elif data[p : p + 3] == b"d0:":
+                raise _NotUsual  # a file of another shape
+            else:
+                p = folder(p, (*parts, leaf), level + 1)
+        return p + 1
+
+    try:
+        end = folder(pos, (), 0)
+    except (_NotUsual, ValueError, UnicodeDecodeError, IndexError):
+        return dec.value(pos, path, depth)
+    return tree, end
 
 
 def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEntry]:

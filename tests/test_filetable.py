@@ -8,6 +8,7 @@ files, or the same error, for generated torrents and for byte-level damage to th
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -99,6 +100,127 @@ def test_damaged_file_lists_fail_or_read_alike(data: st.DataObject) -> None:
             del raw[at]
     fast, slow = both_ways(bytes(raw))
     assert fast == slow
+
+
+# -- the v2 file tree, read the same way ---------------------------------------------------
+def tree_ways(data: bytes) -> tuple[Any, Any]:
+    """The outcome of ``data`` with the file tree reader, and with the decoder and walk."""
+    fast = outcome(data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metainfo, "_read_file_tree", _long_way)
+        slow = outcome(data)
+    return fast, slow
+
+
+def v2_torrent(tree: Any, layers: Any = None) -> bytes:
+    info = {b"name": b"t", b"piece length": PIECE, b"meta version": 2, b"file tree": tree}
+    return bencodepy.encode({b"info": info, b"piece layers": layers or {}})
+
+
+leaves = st.one_of(
+    st.builds(lambda n, r: {b"length": n, b"pieces root": r},
+              st.sampled_from([0, 1, 5000, PIECE, -1]),
+              st.sampled_from([bytes(32), b"\x01" * 31, b"\x02" * 33])),
+    st.builds(lambda n: {b"length": n}, st.sampled_from([0, 7])),
+    st.fixed_dictionaries({b"length": st.just(9), b"pieces root": st.just(b"\x03" * 32)},
+                          optional={b"attr": st.sampled_from([b"x", b"p", b"l", b""]),
+                                    b"symlink path": st.just([b"a"])}),
+    st.just(b"not a dict"), st.just({}),
+)
+tree_names = st.one_of(st.sampled_from([b"a", b"b.bin", b"..", b".", b"", b"x/y", b"nul\0",
+                                        b"\xff", "é".encode(), b"x" * 240, b"y" * 241,
+                                        b"_____padding_file_0"]),
+                       st.binary(min_size=1, max_size=4))
+trees = st.recursive(
+    st.dictionaries(tree_names, st.builds(lambda leaf: {b"": leaf}, leaves), max_size=4),
+    lambda children: st.dictionaries(
+        tree_names, st.one_of(children, st.builds(lambda leaf: {b"": leaf}, leaves),
+                              st.builds(lambda leaf, c: {b"": leaf, **c}, leaves, children)),
+        max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees)
+def test_the_file_tree_reader_agrees_with_the_walk(tree: dict[bytes, Any]) -> None:
+    fast, slow = tree_ways(v2_torrent(tree))
+    assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_file_trees_fail_or_read_alike(data: st.DataObject) -> None:
+    tree = {b"d%d" % (i % 3): {} for i in range(3)}
+    for i in range(6):
+        leaf = {b"length": 1000 + i, b"pieces root": bytes([i]) * 32}
+        tree[b"d%d" % (i % 3)][b"f%d.bin" % i] = {b"": leaf}
+    tree[b"e.bin"] = {b"": {b"length": 0}}
+    raw = bytearray(v2_torrent(tree))
+    start = raw.index(b"9:file treed") + 11
+    end = raw.index(b"12:meta version")
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(start, end - 1))
+        op = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        byte = data.draw(st.sampled_from(b"0123456789:eldi-/.\0xp"))
+        if op == "set":
+            raw[at] = byte
+        elif op == "insert":
+            raw.insert(at, byte)
+        else:
+            del raw[at]
+    fast, slow = tree_ways(bytes(raw))
+    assert fast == slow
+
+
+LEAF = b"d0:d6:lengthi5e11:pieces root32:" + bytes(32) + b"ee"
+
+
+@pytest.mark.parametrize(("tree", "refused"), [
+    (b"d1:a" + LEAF + b"1:a" + LEAF + b"e", "duplicate key"),
+    (b"d1:b" + LEAF + b"1:a" + LEAF + b"e", "out of order"),
+    (b"d1:ad0:d6:lengthi5e11:pieces root32:" + bytes(32) + b"e1:b" + LEAF + b"ee",
+     "both a file and a folder"),
+    (b"d1:ad0:d6:lengthi5e11:pieces root32:" + bytes(32) + b"12:symlink pathl1:beee"
+     + b"e", ""),
+    (b"d1:ad0:d6:lengthi5e11:pieces root31:" + bytes(31) + b"eee", "pieces root"),
+    (b"d1:ad0:d6:lengthi5eeee", "pieces root"),
+    (b"d1:ad0:d6:lengthi0e11:pieces root32:" + bytes(32) + b"ee1:b" + LEAF + b"e", ""),
+    (b"d2:..d0:d6:lengthi5e11:pieces root32:" + bytes(32) + b"eee", ".."),
+    (b"d0:" + LEAF + b"e", "empty name"),
+    (b"d1:ade1:b" + LEAF + b"e", ""),
+    (b"d1:a" + LEAF, "truncated"),
+])
+def test_file_trees_of_unusual_bytes_read_alike(tree: bytes, refused: str) -> None:
+    """Bytes no encoder writes (a name twice, names out of order), and entries the
+    reader leaves to the walk: the same outcome both ways, refused with the decoder's
+    or the walk's message (or taken, where ``refused`` is empty)."""
+    info = (b"d9:file tree" + tree + b"12:meta versioni2e4:name1:t12:piece lengthi16384ee")
+    fast, slow = tree_ways(b"d4:info" + info + b"12:piece layersdee")
+    assert fast == slow
+    if refused:
+        assert isinstance(fast[0], str) and refused in fast[1], fast
+    else:
+        assert not isinstance(fast[0], str), fast
+
+
+def test_a_usual_file_tree_is_read_without_the_decoder() -> None:
+    """The reader takes a tree of the usual shape as it is (and is what the outcome
+    above was of); one deeper than it follows, or over max_files, is left to the walk,
+    which refuses or takes it as before."""
+    from pieced.storage.bencode import decode_spanning
+
+    tree: dict[bytes, Any] = {b"a": {b"": {b"length": 5, b"pieces root": bytes(32)}}}
+    top, _ = decode_spanning(v2_torrent(tree), b"info", hooks={
+        b"file tree": functools.partial(metainfo._read_file_tree, 10)})
+    assert isinstance(top[b"info"][b"file tree"], metainfo._ReadTree)
+    deep: dict[bytes, Any] = {b"f": {b"": {b"length": 5, b"pieces root": bytes(32)}}}
+    for i in range(60):
+        deep = {b"d%d" % i: deep}
+    fast, slow = tree_ways(v2_torrent(deep))
+    assert fast == slow and not isinstance(fast[0], str), fast
+    many = {b"f%d" % i: {b"": {b"length": 5, b"pieces root": bytes(32)}} for i in range(4)}
+    with pytest.raises(PiecedError, match="more than 3 files"):
+        parse(v2_torrent(many), max_files=3)
 
 
 def test_many_files_are_columns_not_objects() -> None:
