@@ -79,15 +79,8 @@ def test_the_fast_reader_agrees_with_the_decoder(files: list[dict[bytes, Any]]) 
     assert fast == slow
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_damaged_file_lists_fail_or_read_alike(data: st.DataObject) -> None:
-    files = [{b"length": 1000 + i, b"path": [b"d%d" % (i % 3), b"f%d.bin" % i]}
-             for i in range(6)]
-    files[2] = {b"attr": b"p", b"length": 7, b"path": [b".pad", b"7"]}
-    raw = bytearray(torrent(files))
-    start = raw.index(b"5:filesl") + 8
-    end = raw.index(b"4:name")
+def damage(raw: bytearray, start: int, end: int, data: st.DataObject) -> None:
+    """One to three bytes set, inserted or deleted in ``raw[start:end]``."""
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(start, end - 1))
         op = data.draw(st.sampled_from(["set", "insert", "delete"]))
@@ -98,6 +91,18 @@ def test_damaged_file_lists_fail_or_read_alike(data: st.DataObject) -> None:
             raw.insert(at, byte)
         else:
             del raw[at]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_file_lists_fail_or_read_alike(data: st.DataObject) -> None:
+    files = [{b"length": 1000 + i, b"path": [b"d%d" % (i % 3), b"f%d.bin" % i]}
+             for i in range(6)]
+    files[2] = {b"attr": b"p", b"length": 7, b"path": [b".pad", b"7"]}
+    raw = bytearray(torrent(files))
+    start = raw.index(b"5:filesl") + 8
+    end = raw.index(b"4:name")
+    damage(raw, start, end, data)
     fast, slow = both_ways(bytes(raw))
     assert fast == slow
 
@@ -158,16 +163,7 @@ def test_damaged_file_trees_fail_or_read_alike(data: st.DataObject) -> None:
     raw = bytearray(v2_torrent(tree))
     start = raw.index(b"9:file treed") + 11
     end = raw.index(b"12:meta version")
-    for _ in range(data.draw(st.integers(1, 3))):
-        at = data.draw(st.integers(start, end - 1))
-        op = data.draw(st.sampled_from(["set", "insert", "delete"]))
-        byte = data.draw(st.sampled_from(b"0123456789:eldi-/.\0xp"))
-        if op == "set":
-            raw[at] = byte
-        elif op == "insert":
-            raw.insert(at, byte)
-        else:
-            del raw[at]
+    damage(raw, start, end, data)
     fast, slow = tree_ways(bytes(raw))
     assert fast == slow
 

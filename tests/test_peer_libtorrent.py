@@ -2338,6 +2338,18 @@ def test_a_daemon_restarted_during_the_first_check_is_waited_for(tmp_path: Path)
         assert d.stop() == 0, d.stderr()
 
 
+def _once_verified(d: Daemon, proc: subprocess.Popen[str], pieces: int) -> bytes:
+    """The info-hash of the one torrent of ``d``, once ``pieces`` of it are verified
+    (``proc`` downloading it)."""
+    with Client(d.socket) as c:
+        deadline = time.monotonic() + 60
+        while not c.torrents() or c.status(bytes.fromhex(
+                c.torrents()[0]["info_hash"]))["verified_pieces"] < pieces:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        return bytes.fromhex(c.torrents()[0]["info_hash"])
+
+
 def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Path) -> None:
     """SIGTERM to a downloading pieced-peer whose daemon does not answer (stopped, as one
     stuck in fdatasync on a hung disk would be): it waited for the daemon to take the
@@ -2351,13 +2363,7 @@ def test_a_signal_stops_a_download_while_the_daemon_does_not_answer(tmp_path: Pa
     try:
         with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as seeder:
             proc = downloading(torrent, tmp_path / "dl", d, seeder.port)
-            with Client(d.socket) as c:
-                deadline = time.monotonic() + 60
-                while not c.torrents() or c.status(bytes.fromhex(
-                        c.torrents()[0]["info_hash"]))["verified_pieces"] < 3:
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.05)
-                ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+            ih = _once_verified(d, proc, 3)
             os.kill(d.proc.pid, signal.SIGSTOP)
             try:
                 time.sleep(0.5)  # blocks sent meanwhile wait in the daemon's socket
@@ -2392,12 +2398,7 @@ def test_a_daemon_that_stalls_a_while_costs_the_seeder_nothing(tmp_path: Path) -
         with LtPeer(raw, tmp_path / "seed", seed=True, settings=slow) as seeder:
             proc = downloading(torrent, tmp_path / "dl", d, seeder.port,
                                env={"PIECED_PEER_LOG": "info"})
-            with Client(d.socket) as c:
-                deadline = time.monotonic() + 60
-                while not c.torrents() or c.status(bytes.fromhex(
-                        c.torrents()[0]["info_hash"]))["verified_pieces"] < 2:
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.05)
+            _once_verified(d, proc, 2)
             os.kill(d.proc.pid, signal.SIGSTOP)
             try:
                 time.sleep(25)
