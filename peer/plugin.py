@@ -90,6 +90,7 @@ STOP_ANNOUNCE_TIMEOUT = 5.0  # seconds an exit waits for the trackers (libtorren
 # disk) must not hold a signal up.
 STOP_DAEMON_TIMEOUT = 3.0
 PEER_TIMEOUT = 120.0
+DAEMON_QUIET_SECONDS = 30.0  # the daemon silent that long with requests waiting: said
 # A connection whose handshake has not arrived by then is closed (libtorrent's
 # handshake_timeout): one that says nothing holds a slot of max_peers and its buffer.
 HANDSHAKE_TIMEOUT = 10.0
@@ -782,7 +783,9 @@ class Peer:
             return None
         if stalled:
             return "takes nothing we send"
-        if now - self.served_at >= STALL_SECONDS and not self.unsent:
+        if (now - self.served_at >= STALL_SECONDS and not self.unsent and not self.reads
+                and not self.conn.peer_requests):
+            # (one whose requests wait on us, the daemon slow to read them, asks)
             return "asks for nothing"
         return None
 
@@ -888,6 +891,8 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
+        self._suggesting: asyncio.Task[Any] | None = None  # the choke round's suggestions
+        self._quiet_said = -60.0  # when a silent daemon was last said
         self.lost: BaseException | None = None  # the daemon connection, if it broke
         # The daemon connection broke and a new one is being made (see _come_back):
         # nothing is stored, served or asked for meanwhile; the peers stay connected.
@@ -2169,6 +2174,11 @@ class Swarm:
             if not peer.closed:
                 self._pump_reads(peer)
 
+    async def _suggest_unchoked(self) -> None:
+        for p in list(self.peers):
+            if p.conn.peer_interested and not p.conn.am_choking and not p.closed:
+                await self._suggest(p)
+
     async def _suggest(self, peer: Peer, pieces: Iterable[int] | None = None) -> None:
         """Offer pieces the daemon holds in memory: a peer that takes them is served
         without a disk read."""
@@ -2565,6 +2575,7 @@ class Swarm:
         """One second's round: dials due, timeouts, keep-alives, choking."""
         if self._no_source_left():
             return
+        self._daemon_quiet(now)
         self._waiting(now)
         self._redial(now)
         self._lift_bans()
@@ -2606,18 +2617,31 @@ class Swarm:
             for p in self.peers:  # what a peer rejected is asked of it again, now
                 p.refused.clear()  # and then (a reject may have passing causes)
             self._choke_round()
-            for p in list(self.peers):
-                if p.conn.peer_interested and not p.conn.am_choking:
-                    await self._suggest(p)
+            if self._suggesting is None or self._suggesting.done():
+                # (in a task of its own: a daemon slow to answer holds the suggestions,
+                # not the second's timers of every peer)
+                self._suggesting = self._spawn(self._suggest_unchoked())
         else:  # between rounds, only the slots of peers that read nothing change hands
             self._choke_round(rotate=False)
+
+    def _daemon_quiet(self, now: float) -> None:
+        """Said, once a minute, while the daemon answers nothing of what waits for it
+        (stopped, or held by a disk that hangs): the download or the seeding waits on
+        it, not on the peers. (Nothing was said, for as long as it lasted.)"""
+        quiet = self.client.core.unanswered_for(now)
+        if quiet >= DAEMON_QUIET_SECONDS and now - self._quiet_said >= 60.0:
+            self._quiet_said = now
+            log.warning("the daemon has answered nothing for %.0f s (%d requests wait for "
+                        "it): stopped, or held by its disk? Waiting for it",
+                        quiet, len(self.client.core.waiters))
 
     def _waiting(self, now: float) -> None:
         """A download that has verified nothing for WAITING_SECONDS: the pieces it lacks
         that no connected peer has are counted, and said."""
         picker = self.picker
         if (picker is None or self.done.is_set() or self.away
-                or now - self._progress_at < WAITING_SECONDS):
+                or now - self._progress_at < WAITING_SECONDS
+                or self.client.core.unanswered_for(now) >= 5.0):  # (the daemon's wait)
             return
         self.unavailable = picker.unavailable()
         if self.unavailable and now - self._waiting_said >= WAITING_SAY_EVERY:
@@ -2789,7 +2813,9 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
         # a large torrent, hours): the check goes on in the daemon, and is not ours to wait for.
         starting = asyncio.ensure_future(swarm.start())
         stopped = asyncio.ensure_future(swarm.stop.wait())
-        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        while not (await asyncio.wait([starting, stopped], timeout=1.0,
+                                      return_when=asyncio.FIRST_COMPLETED))[0]:
+            swarm._daemon_quiet(time.monotonic())  # (a daemon that answers nothing: said)
         stopped.cancel()
         if not starting.done():  # a signal, or the daemon's error (said below)
             starting.cancel()

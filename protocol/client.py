@@ -288,6 +288,7 @@ class ClientCore:
         self.writes_in_flight = 0
         self.writes_done = 0  # grows with every write reply: what write-window waiters watch
         self.max_block = MAX_BLOCK  # the largest write the daemon takes (its HELLO says)
+        self.heard_at = time.monotonic()  # when bytes last came from the daemon
 
     def hello(self) -> bytes:
         self.hello_waiter = self.waiters[0] = _Waiter("hello")
@@ -296,6 +297,11 @@ class ClientCore:
     @property
     def max_frame(self) -> int:
         return self.reader.max_frame
+
+    def unanswered_for(self, now: float) -> float:
+        """Seconds the daemon has sent nothing while requests wait for its answer (0
+        when none waits)."""
+        return now - self.heard_at if self.waiters else 0.0
 
     @property
     def conn(self) -> int | None:
@@ -449,6 +455,7 @@ class ClientCore:
         raised at once, it left the replies that came in the same read unparsed, and the
         caller waited for them on the socket, until its timeout."""
         self.ring.wrote(n)
+        self.heard_at = time.monotonic()
         raised: BaseException | None = None
         while True:
             frame = self.reader.next_frame()

@@ -2416,6 +2416,65 @@ def test_a_daemon_that_stalls_a_while_costs_the_seeder_nothing(tmp_path: Path) -
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_daemon_that_stalls_while_seeding_blames_no_leecher(tmp_path: Path) -> None:
+    """Five leechers (one more than the unchoke slots) download slowly from pieced-peer
+    --seed; the daemon stops answering for 40 s. A leecher whose requests wait on the
+    daemon's reads was said to ask for nothing and lost its slot, last in line from then
+    on; the second's timers all waited on the daemon (a connection that never says its
+    handshake was dropped only once the daemon was back); and nothing said why all
+    stood still. Now no leecher is blamed, the timers go on (that connection is dropped
+    while the daemon is stopped), the daemon's silence is said, and every leecher
+    finishes with every byte."""
+    import socket
+
+    piece = 65536
+    files = {"a.bin": 96 * piece + 3}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=37)
+    d = Daemon(tmp_path)
+    limited = {"download_rate_limit": 384 * 1024}
+    leechers = [LtPeer(raw, tmp_path / f"leech{i}", seed=False, settings=limited)
+                for i in range(5)]
+    seeding = Seeding(torrent, tmp_path / "seed", d, env={"PIECED_PEER_LOG": "info"})
+    try:
+        for leecher in leechers:
+            leecher.connect("127.0.0.1", seeding.port)
+        deadline = time.monotonic() + 60
+        while min(lt.status()["progress"] for lt in leechers) < 0.1:
+            assert time.monotonic() < deadline and seeding.proc.poll() is None
+            time.sleep(0.1)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            time.sleep(12)  # (a choke round has come meanwhile, and asked the daemon)
+            mute = socket.create_connection(("127.0.0.1", seeding.port))
+            mute.settimeout(30)
+            started = time.monotonic()
+            assert mute.recv(1) == b""  # (closed: no handshake in 10 s)
+            assert time.monotonic() - started < 18  # (before: once the daemon was back)
+            mute.close()
+            time.sleep(max(0.0, 40 - (time.monotonic() - stopped)))
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        for leecher in leechers:
+            leecher.wait_finished(120)
+            assert leecher.hash_failures() == 0
+        seeding.proc.send_signal(signal.SIGTERM)
+        out, err = seeding.proc.communicate(timeout=30)
+        assert seeding.proc.returncode == 0, err
+        summary = json.loads(out)
+        assert "asks for nothing" not in err, err
+        assert "the daemon has answered nothing for" in err, err
+        assert summary["bytes_up"] >= 5 * sum(files.values())
+        for i in range(5):
+            _same_tree(content, tmp_path / f"leech{i}" / "payload", files)
+    finally:
+        for leecher in leechers:
+            leecher.close()
+        if seeding.proc.poll() is None:
+            seeding.proc.kill()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_an_address_found_to_be_ourselves_is_not_dialled_again(tmp_path: Path) -> None:
     """A tracker (or ``--peer``) may name us under an address other than the one we
     listen on: the handshake told so (our own peer id), but the address was dialled
