@@ -913,6 +913,7 @@ class Swarm:
         self.settled = asyncio.Event()
         self.settled.set()
         self._registration: Any = None  # the daemon's registration of the torrent
+        self.save_path = opts.save_path.resolve()  # where the daemon keeps it (moves followed)
         self.storage_error: str | None = None  # why the daemon could not store the torrent
         self.no_source: str | None = None  # why no piece we lack can come any more
         self._losses: dict[int, int] = {}  # piece -> times the daemon took it back
@@ -923,8 +924,27 @@ class Swarm:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.client.connect()
-        await self.client.attach_ring()
+        try:
+            await self.client.connect()
+            await self.client.attach_ring()
+        except AccessDenied as exc:
+            # Every place taken (max_clients): for now, as after a loss; waited for
+            # within --daemon-wait, a place tried for again and again (at a restart of
+            # the daemon, its clients come back in any order).
+            if exc.errno != errno.EBUSY or self.opts.daemon_wait <= 0:
+                raise
+            log.warning("%s: waiting up to %g s for a place", _describe(exc),
+                        self.opts.daemon_wait)
+            try:
+                st = await self._reconnect(registered=False)
+            except _GaveUp:
+                raise exc from None
+        else:
+            st = await self._joined()
+        await self._begin(st)
+
+    async def _joined(self) -> dict[str, Any]:
+        """The torrent joined on the first connection (see :meth:`_join`)."""
         try:
             st = await self._join()
         except ConnectionError as exc:
@@ -941,6 +961,10 @@ class Swarm:
                 self._returned()
             else:
                 raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
+        return st
+
+    async def _begin(self, st: dict[str, Any]) -> None:
+        """The torrent as the daemon has it (``st``, its status): taken up."""
         self._registration = st.get("registration")
         have = wire.pieces_from_bits(bytes(st["have"]), self.meta.num_pieces)
         self.picker = Picker(self.meta, have)
@@ -991,7 +1015,7 @@ class Swarm:
         the daemon that went (a restart): found, not registered again (UnknownTorrent if
         it was removed meanwhile: a removed torrent stops us)."""
         if registered:
-            await self._found()
+            await self._found(follow=True)
         else:
             try:
                 self.ih = await self.client.register(self.raw, self.opts.save_path)
@@ -1007,10 +1031,18 @@ class Swarm:
         except TooLarge:  # (thousands of pieces under way, each in many parts: fetched
             return await self.client.status(self.ih, files=False)  # again, whole)
 
-    async def _found(self) -> None:
-        """The torrent is registered: in our save path, and checked."""
+    async def _found(self, follow: bool = False) -> None:
+        """The torrent is registered: in our save path, and checked. ``follow``: found
+        again (the daemon back), wherever it is now: moved by another client meanwhile,
+        its files are the daemon's to keep, and the torrent is taken up where it is (it
+        stopped us, seeding for days, after any move and restart)."""
         st = await self.client.status(self.ih, files=False)
-        if Path(st["save_path"]) != self.opts.save_path.resolve():
+        if follow:
+            if Path(st["save_path"]) != self.save_path:
+                log.warning("the torrent is in %s now (moved by another client): followed",
+                            st["save_path"])
+                self.save_path = Path(st["save_path"])
+        elif Path(st["save_path"]) != self.opts.save_path.resolve():
             raise ElsewhereAlready(
                 f"the torrent is registered with save path {st['save_path']}, not "
                 f"{self.opts.save_path}: run with --save-path {st['save_path']} "
@@ -2367,9 +2399,10 @@ class Swarm:
         if lost >= LOSSES_PER_PIECE:
             self._storage_failed(
                 f"piece {piece} was verified, then taken back by the daemon {lost} times: "
-                "another client keeps writing other bytes into its files (a torrent that "
-                "shares a file path with this one but not its contents?); stopping rather "
-                "than fetching it again for ever")
+                "its bytes keep changing on disk (another client writing other bytes into "
+                "its files, a torrent that shares a file path with this one but not its "
+                "contents? or its files changed behind the daemon's back, as rechecks "
+                "found); stopping rather than fetching it again for ever")
         if self.done.is_set():  # (seeding) the peers left once we had it all: dial again
             self.done.clear()
             now = time.monotonic()

@@ -1352,6 +1352,42 @@ def test_a_daemon_that_comes_back_changed_stops_pieced_peer_saying_why(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_torrent_moved_by_another_client_is_followed_across_a_restart(
+        tmp_path: Path) -> None:
+    """Another client moves the torrent pieced-peer seeds (move_storage), and the daemon
+    restarts later: pieced-peer found the torrent registered at another save path than
+    its own --save-path and stopped (exit 2), a seed gone for a move. It takes the
+    torrent up where the daemon has it now, and a libtorrent leecher gets every byte."""
+    content = make_payload(tmp_path / "seed", {"a.bin": 300_000}, seed=41)
+    raw = make_torrent_lt(content, 16384, "v1")
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--daemon-wait", "30")
+    try:
+        with Client(d.socket) as c:
+            ih = bytes.fromhex(c.torrents()[0]["info_hash"])
+            c.move_storage(ih, tmp_path / "moved")
+        time.sleep(1.5)  # (pieced-peer goes on seeding, as the daemon has it)
+        assert d.stop() == 0, d.stderr()
+        d = Daemon(tmp_path)
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(60)
+            assert leecher.hash_failures() == 0
+        seeding.proc.send_signal(signal.SIGTERM)
+        out, err = seeding.proc.communicate(timeout=30)
+        assert seeding.proc.returncode == 0, err
+        assert json.loads(out)["daemon_reconnects"] == 1, out
+        assert "moved by another client" in err, err
+        _same_tree(tmp_path / "moved" / "payload", tmp_path / "leech" / "payload",
+                   {"a.bin": 300_000})
+    finally:
+        if seeding.proc.poll() is None:
+            seeding.proc.kill()
+        assert d.stop() == 0, d.stderr()
+
+
 def _free_port() -> int:
     import socket
 
@@ -3202,17 +3238,41 @@ def test_a_file_that_cannot_be_written_any_more_stops_the_download_in_one_line(
 def test_a_pieced_peer_the_daemon_refuses_says_it_is_the_daemon_and_why(
         tmp_path: Path) -> None:
     """A pieced-peer refused for max_clients printed only "too many clients (limit 1)",
-    which reads as its own BitTorrent peers; and the daemon said nothing of it."""
+    which reads as its own BitTorrent peers; and the daemon said nothing of it. (Its
+    place is waited for within --daemon-wait: 1 s here.)"""
     _, _, torrent = _made(tmp_path, {"a.bin": 40000}, 16384, "v1", seed=17)
     d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "1"})
     try:
         with Client(d.socket):
             r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
-                                        "127.0.0.1:1"),
+                                        "127.0.0.1:1", "--daemon-wait", "1"),
                                capture_output=True, text=True, timeout=60)
         assert r.returncode == 2
         assert f"the daemon at {d.socket} refused us" in r.stderr, r.stderr
         assert "max_clients = 1" in r.stderr, r.stderr
+        assert "waiting up to 1 s for a place" in r.stderr, r.stderr
     finally:
         assert d.stop() == 0, d.stderr()
     assert "a client was refused: too many clients" in d.stderr()
+
+
+def test_a_daemon_full_at_the_start_is_waited_for(tmp_path: Path) -> None:
+    """pieced-peer starting while every place of the daemon is taken (max_clients)
+    stopped at once, where after a loss it waits for a place: it waits within
+    --daemon-wait at the start too, then downloads once a place comes free."""
+    content, raw, torrent = _made(tmp_path, {"a.bin": 200_000}, 16384, "v1", seed=19)
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "1"})
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            with Client(d.socket) as c:
+                proc = downloading(torrent, tmp_path / "dl", d, seeder.port,
+                                   extra=("--daemon-wait", "30"))
+                time.sleep(2.0)
+                assert proc.poll() is None
+                assert c.stats()["clients_refused"] >= 2  # (refused, and tried again)
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["complete"] and "waiting up to 30 s for a place" in err, err
+        _same_tree(content, tmp_path / "dl" / "payload", {"a.bin": 200_000})
+    finally:
+        assert d.stop() == 0, d.stderr()
