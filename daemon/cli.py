@@ -444,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         _complain(f"{me}: the daemon at {getattr(args, 'socket', '?')} hung up: {exc}")
         return EXIT_BAD_INPUT
     except PiecedError as exc:
-        _complain(f"{me}: {exc}")
+        from pieced.storage.errors import AccessDenied
+
+        if isinstance(exc, AccessDenied):  # (the daemon's refusal of us, not of a request)
+            _complain(f"{me}: the daemon at {getattr(args, 'socket', '?')} refused us: {exc}")
+        else:
+            _complain(f"{me}: {exc}")
         return EXIT_BAD_INPUT
     except Unreachable as exc:
         _complain(f"{me}: {exc}")

@@ -888,3 +888,21 @@ def test_a_ring_call_racing_a_close_raises_as_after_a_close(tmp_path: Path, call
     finally:
         assert d.stop() == 0
     assert seen.get("closed", 0) > 0, seen  # (the race was run into)
+
+
+def test_the_cli_refused_for_too_many_clients_names_the_daemon(tmp_path: Path) -> None:
+    """``pieced ls`` against a daemon whose places are all taken said only "too many
+    clients", which did not say which daemon, nor that it was the daemon's refusal of
+    the connection (not of the request)."""
+    import subprocess
+    import sys
+
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "1"})
+    try:
+        with Client(d.socket):
+            r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "ls", "--socket",
+                                str(d.socket)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        assert f"the daemon at {d.socket} refused us: too many clients" in r.stderr, r.stderr
+    finally:
+        assert d.stop() == 0, d.stderr()
