@@ -39,10 +39,12 @@ def outcome(data: bytes, monkeypatch: pytest.MonkeyPatch | None = None) -> Any:
     return list(m.files), m.num_pieces, m.info_hash
 
 
-def both_ways(data: bytes) -> tuple[Any, Any]:
+def both_ways(data: bytes, reader: str = "_read_v1_files") -> tuple[Any, Any]:
+    """The outcome of ``data`` with the fast ``reader``, and with the decoder in its
+    place (the long way)."""
     fast = outcome(data)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metainfo, "_read_v1_files", _long_way)
+        mp.setattr(metainfo, reader, _long_way)
         slow = outcome(data)
     return fast, slow
 
@@ -110,11 +112,7 @@ def test_damaged_file_lists_fail_or_read_alike(data: st.DataObject) -> None:
 # -- the v2 file tree, read the same way ---------------------------------------------------
 def tree_ways(data: bytes) -> tuple[Any, Any]:
     """The outcome of ``data`` with the file tree reader, and with the decoder and walk."""
-    fast = outcome(data)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metainfo, "_read_file_tree", _long_way)
-        slow = outcome(data)
-    return fast, slow
+    return both_ways(data, "_read_file_tree")
 
 
 def v2_torrent(tree: Any, layers: Any = None) -> bytes:
