@@ -757,7 +757,9 @@ class Peer:
     def release(self) -> None:
         """Its loop waits on us no more: the time it did, a second or more, was not the
         peer's (its clocks are moved on by as much: see PeerConnection.held)."""
-        held = time.monotonic() - (self.held_since or 0.0)
+        if self.held_since is None:
+            return
+        held = time.monotonic() - self.held_since
         self.held_since = None
         if held >= 1.0:
             self.conn.held(held)

@@ -32,7 +32,7 @@ class BencodeError(ValueError):
 MAX_INT_DIGITS = 64
 
 
-# Reads one value at ``pos`` in place of the decoder (see ``decode_spanning``'s ``hook``).
+# Reads one value at ``pos`` in place of the decoder (see ``decode_spanning``'s ``hooks``).
 Hook = Callable[["_Decoder", int, "Path", int], tuple[Any, int]]
 
 
@@ -51,25 +51,21 @@ def decode(data: bytes, *, max_depth: int = 512, max_values: int | None = None,
 
 def decode_spanning(
     data: bytes, key: bytes | None, *, max_depth: int = 512, max_values: int | None = None,
-    hook: tuple[bytes, Hook] | None = None, trailing: bool = False,
-    hooks: dict[bytes, Hook] | None = None,
+    hooks: dict[bytes, Hook] | None = None, trailing: bool = False,
 ) -> tuple[Any, tuple[int, int] | None]:
     """:func:`decode`, and where the value of ``key`` in the top-level dictionary lies in
     ``data`` (start, end), or None: a torrent's info hash is over those exact bytes.
 
-    ``hook`` = (name, reader): the value of ``name`` inside the dictionary of ``key``
-    (a torrent's ``info.files``) is read by ``reader(decoder, pos, path, depth)``
-    instead, which returns (value, end); ``hooks``: name -> reader, for several. A reader that knows the usual shape of a large
-    value can read it without a Python object per item; for anything else it calls
+    ``hooks``, name -> reader: the value of ``name`` inside the dictionary of ``key``
+    (a torrent's ``info.files``, its ``file tree``) is read by ``reader(decoder, pos,
+    path, depth)`` instead, which returns (value, end). A reader that knows the usual
+    shape of a large value can read it without a Python object per item; for anything else it calls
     ``decoder.value``, so the rules above hold all the same.
 
     ``trailing``: bytes after the value are left unread (a .torrent file with a newline
     or junk after its dictionary, which libtorrent and Transmission read too: they are
     no part of any value, so no reader can see another torrent in them)."""
-    readers = dict(hooks or {})
-    if hook is not None:
-        readers[hook[0]] = hook[1]
-    dec = _Decoder(bytes(data), max_depth, max_values, key, readers or None)
+    dec = _Decoder(bytes(data), max_depth, max_values, key, hooks)
     value, end = dec.value(0, None, 0)
     if end != len(data) and not trailing:
         raise BencodeError(f"{len(data) - end} bytes of trailing data after the value "
@@ -103,17 +99,17 @@ def _key(key: bytes) -> str:
 
 
 class _Decoder:
-    __slots__ = ("budget", "data", "hook", "max_depth", "n", "span", "want")
+    __slots__ = ("budget", "data", "hooks", "max_depth", "n", "span", "want")
 
     def __init__(self, data: bytes, max_depth: int, max_values: int | None,
-                 want: bytes | None = None, hook: dict[bytes, Hook] | None = None) -> None:
+                 want: bytes | None = None, hooks: dict[bytes, Hook] | None = None) -> None:
         self.data = data
         self.n = len(data)
         self.max_depth = max_depth
         self.budget = max_values if max_values is not None else -1
         self.want = want  # a top-level key whose value's span is recorded
         self.span: tuple[int, int] | None = None
-        self.hook = hook if want is not None else None
+        self.hooks = hooks if want is not None else None
 
     def fail(self, path: Path, pos: int, why: str) -> BencodeError:
         return BencodeError(f"{_where(path)}: {why} (offset {pos})")
@@ -179,9 +175,9 @@ class _Decoder:
                     raise self.fail((path, key), pos, why)
                 first = False
                 last = key
-                if (depth == 1 and self.hook is not None and key in self.hook
+                if (depth == 1 and self.hooks is not None and key in self.hooks
                         and path == (None, self.want)):
-                    d[key], pos = self.hook[key](self, kpos, (path, key), depth + 1)
+                    d[key], pos = self.hooks[key](self, kpos, (path, key), depth + 1)
                     continue
                 d[key], pos = self.value(kpos, (path, key), depth + 1)
                 if top and key == self.want:
