@@ -1508,17 +1508,36 @@ def _op_unregister(c: Connection, rid: int, m: dict[str, Any]) -> Any:
 # event loop and the client a hundred times in a fingerprint recheck of a quarter of a
 # second, on cores that the hashing wants.
 PROGRESS_EVERY = 0.1
+# The most time between two of them while pieces are being done, percent changed or
+# not: a check of a few terabytes on a slow disk can spend minutes in one percent, and a
+# client that hears nothing that long takes the daemon for stopped.
+PROGRESS_BEAT = 2.0
+
+
+class ProgressPace:
+    """Which of a check's progress reports become events: see the two figures above."""
+
+    __slots__ = ("at", "pct")
+
+    def __init__(self) -> None:
+        self.pct, self.at = -1, float("-inf")  # the last event's percent, and its time
+
+    def due(self, done: int, total: int, now: float) -> bool:
+        pct = done * 100 // max(total, 1)
+        since = now - self.at
+        if ((pct != self.pct and (since >= PROGRESS_EVERY or done == total))
+                or since >= PROGRESS_BEAT):
+            self.pct, self.at = pct, now
+            return True
+        return False
 
 
 def _op_recheck(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     ih, full, join = _ih(m), _flag(m, "full", 0), _flag(m, "join", 0)
-    last = [-1, 0.0]  # percent, time of the last event sent
+    pace = ProgressPace()
 
     def progress(done: int, total: int) -> None:
-        pct = done * 100 // max(total, 1)
-        now = time.monotonic()
-        if pct != last[0] and (now - last[1] >= PROGRESS_EVERY or done == total):
-            last[0], last[1] = pct, now
+        if pace.due(done, total, time.monotonic()):
             frame = encode_event("recheck_progress", {"ih": ih, "id": rid, "done": done, "total": total})
             c._post(c.send, [frame])
 

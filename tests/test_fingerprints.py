@@ -310,6 +310,30 @@ def test_a_recheck_of_small_pieces_reads_runs_of_them_not_each_alone(
         dio.close()
 
 
+def test_a_check_long_in_one_percent_still_says_it_goes_on() -> None:
+    """A check of a few terabytes on a slow disk spends minutes in one percent: told
+    only when the percent changed, its client heard nothing meanwhile and took the
+    daemon for stopped (pieced-peer says so after 30 s). While pieces are being done,
+    an event goes at least every PROGRESS_BEAT seconds; when they come fast, at most
+    one every PROGRESS_EVERY, and the last one always."""
+    import itertools
+
+    from pieced.daemon.server import PROGRESS_BEAT, PROGRESS_EVERY, ProgressPace
+
+    total = 1_000_000  # pieces: ten thousand to a percent
+    pace = ProgressPace()
+    reports = [(i * 0.001, 5 * i) for i in range(1, 2001)]  # fast: 5 pieces a ms
+    reports += [(2.0 + i, 10_000 + 10 * i) for i in range(1, 601)]  # slow: 10 a second
+    reports.append((603.0, total))
+    sent = [(now, done) for now, done in reports if pace.due(done, total, now)]
+    assert sent[-1] == (603.0, total)
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(sent)]
+    assert min(gaps) >= PROGRESS_EVERY, min(gaps)
+    slow = [b - a for (a, _), (b, _) in itertools.pairwise(sent) if a >= 2.0]
+    assert max(slow) <= PROGRESS_BEAT, max(slow)  # (one event in 600 s before)
+    assert len(sent) < 2 / PROGRESS_EVERY + 600 / PROGRESS_BEAT + 3, len(sent)
+
+
 def test_recheck_progress_comes_about_ten_times_a_second_and_once_at_the_end(
         daemon: Daemon) -> None:
     """A recheck told its progress once a percent: a hundred events (each a wake-up of
