@@ -3367,8 +3367,8 @@ def _stamps_since(stamps: list[list[int]] | None, cleared: set[int], inodes: dic
     the record names by no stamp, or by an older one: made anew since)."""
     if stamps is None and not inodes:
         return None
-    out = [list(s) for s in stamps] if stamps is not None else [
-        [UNSTAMPED, 0, 0, 0] for _ in range(files)]
+    # (rows are replaced, never changed: the outer list alone is copied)
+    out = list(stamps) if stamps is not None else [[UNSTAMPED, 0, 0, 0]] * files
     for i in cleared:
         if i < len(out) and out[i][0] != UNSTAMPED:
             out[i] = [UNSTAMPED, 0, 0, out[i][3] if len(out[i]) >= STAMP_FIELDS else 0]

@@ -234,14 +234,17 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
     name = _torrent_name(raw_name, has_v1 and b"files" not in info, info_bytes)
 
     v2_files: list[FileEntry] = []
+    read: _ReadTree | None = None  # a tree of the usual shape, read as it is
     if has_v2:
         tree = info.get(b"file tree")
-        if isinstance(tree, _ReadTree):  # (every entry of the usual shape: read as it is)
-            v2_files = tree.entries(name)
+        if isinstance(tree, _ReadTree):
+            read = tree
+            if has_v1:
+                v2_files = tree.entries(name)
         else:
             tree = _get(info, b"file tree", dict, "info")
             v2_files = _walk_tree(tree, name, max_files)
-        if not v2_files:
+        if not (v2_files or (read is not None and read.names)):
             raise BadMetainfo("'file tree' has no files")
 
     if has_v1:
@@ -257,7 +260,8 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
             files = FileTable.of(f if f.pad else _with_root(f, next(roots)) for f in v1_files)
     else:
         pieces = None
-        files = _align_v2(v2_files, piece_length, name)
+        files = (read.table(name, piece_length) if read is not None
+                 else _align_v2(v2_files, piece_length, name))
 
     total = files.total
     flags, lengths = files.flags, files.lengths
@@ -266,7 +270,8 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
                           "a symlink (total size of data 0)")
     if not _surely_fine(files, name, has_v2):
         files = _check_files(files, name, has_v2, piece_length)
-    _check_special(files, piece_length)
+    if read is None or has_v1:  # (the usual v2-only tree holds nothing special: see table)
+        _check_special(files, piece_length)
     num_pieces = (total + piece_length - 1) // piece_length
     if num_pieces > max_pieces:
         raise TooLarge(f"torrent has {num_pieces} pieces, the limit is {max_pieces}")
@@ -285,16 +290,15 @@ def _parse(data: bytes, max_bytes: int, max_files: int, max_pieces: int,
         # (by the table's arrays: a FileEntry a file cost 100,000-file torrents seconds)
         lengths, offsets, flags = files.lengths, files.offsets, files.flags
         rooted: set[bytes] = set()  # the roots of files of more than a piece
-        for idx in range(len(files)):
+        file_of = [i for i in compress(range(len(files)), flags.translate(_NOT_PAD))
+                   if lengths[i]]
+        first_piece = [offsets[i] // piece_length for i in file_of]
+        for idx in file_of:
             length = lengths[idx]
-            if flags[idx] & PAD or length == 0:
+            if length <= piece_length:
                 continue
             root = files.pieces_root(idx)
             assert root is not None
-            first_piece.append(offsets[idx] // piece_length)
-            file_of.append(idx)
-            if length <= piece_length:
-                continue
             rooted.add(root)
             layer = raw_layers.get(root)
             if layer is None and has_v1:
@@ -892,6 +896,23 @@ def _plain_name(raw: bytes) -> str:
     return s
 
 
+def _plain_names(keys: list[bytes]) -> list[str]:
+    """:func:`_plain_name` of each of ``keys`` (of at most NAME_CUT bytes), checked
+    together, a file tree's hundred thousand names in a few C loops: joined by "/" they
+    decode, are printable, free of "\\" and split back into as many, exactly when each
+    one is a plain name ("/" cuts no UTF-8 sequence short that was whole, nor makes one
+    whole that was not)."""
+    if not keys:
+        return []
+    joined = b"/".join(keys).decode("utf-8")
+    if not joined.isprintable() or "\\" in joined:
+        raise ValueError(joined)
+    names = joined.split("/")
+    if len(names) != len(keys) or "" in names or "." in names or ".." in names:
+        raise ValueError(joined)
+    return names
+
+
 def _v1_file_slowly(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
     if not isinstance(fd, dict):
         raise BadMetainfo(f"'{where}' is not a dictionary")
@@ -915,24 +936,62 @@ def _v1_file_slowly(fd: Any, where: str) -> tuple[int, tuple[str, ...], str]:
 
 
 class _ReadTree:
-    """A v2 ``file tree`` as :func:`_read_file_tree` read it: each file's folder (an
-    index into ``folders``, paths below the torrent's folder), name, length and root."""
+    """A v2 ``file tree`` as :func:`_read_file_tree` read it, by columns: each file's
+    folder (an index into ``folders``, paths below the torrent's folder), name, length
+    and root."""
 
-    __slots__ = ("files", "folders")
+    __slots__ = ("fids", "folders", "lengths", "names", "roots")
 
     def __init__(self) -> None:
         self.folders: list[tuple[str, ...]] = []
-        self.files: list[tuple[int, str, int, bytes | None]] = []
+        self.fids: list[int] = []
+        self.names: list[str] = []
+        self.lengths: list[int] = []
+        self.roots: list[bytes | None] = []
+
+    def _prefix(self, name: str) -> tuple[str, ...]:
+        """Where the folders are: under NAME, unless the tree is one file at its root."""
+        return () if len(self.names) == 1 and not self.folders[self.fids[0]] else (name,)
 
     def entries(self, name: str) -> list[FileEntry]:
-        """As :func:`_walk_tree` gives them: under NAME, unless one file at the root."""
-        files = self.files
-        if len(files) == 1 and not self.folders[files[0][0]]:
-            _, leaf, length, root = files[0]
-            return [FileEntry((leaf,), length, 0, pieces_root=root)]
-        folders = [(name, *parts) for parts in self.folders]
+        """As :func:`_walk_tree` gives them (a hybrid's v2 side, matched to its v1 list)."""
+        prefix = self._prefix(name)
+        folders = [(*prefix, *parts) for parts in self.folders]
         return [FileEntry((*folders[fid], leaf), length, 0, pieces_root=root)
-                for fid, leaf, length, root in files]
+                for fid, leaf, length, root in zip(self.fids, self.names, self.lengths,
+                                                   self.roots, strict=True)]
+
+    def table(self, name: str, piece_length: int) -> FileTable:
+        """The files of a v2-only torrent laid out as :func:`_align_v2` lays them out,
+        straight from the columns (no entry, nor call, a file). Nothing here is for
+        :func:`_check_special` to refuse: a pad follows a file with bytes, in its last
+        piece, and no file has attributes."""
+        b = TableBuilder()
+        prefix = self._prefix(name)
+        for parts in self.folders:
+            b.folder((*prefix, *parts))
+        pads = -1
+        folder_of, names, lengths, flags, roots, attrs = (
+            b.folder_of, b.names, b.lengths, b.flags, b.roots, b.attrs)
+        pad_flag = PAD | UNSTORED
+        for fid, leaf, length, root in zip(self.fids, self.names, self.lengths, self.roots,
+                                           strict=True):
+            if root is not None:
+                roots[len(names)] = root
+            folder_of.append(fid)
+            names.append(leaf)
+            lengths.append(length)
+            flags.append(0)
+            gap = -length % piece_length  # (every file begins a piece)
+            if gap:
+                if pads < 0:
+                    pads = b.folder((name, ".pad"))
+                attrs[len(names)] = "p"
+                folder_of.append(pads)
+                names.append(str(gap))
+                lengths.append(gap)
+                flags.append(pad_flag)
+        return b.build()
 
 
 class _NotUsual(Exception):
@@ -941,6 +1000,7 @@ class _NotUsual(Exception):
 
 # The usual file node of a v2 tree, from its "d0:": a leaf of a length and a pieces
 # root (or of a length of 0 alone), then the ends of the leaf and of the node.
+_TREE_KEY = re.compile(rb"([1-9][0-9]{0,2}):")  # a name's length (NAME_CUT: 3 digits)
 _TREE_LEAF = re.compile(rb"d0:d6:lengthi(0|[1-9][0-9]{0,17})e(?:11:pieces root32:)?")
 _TREE_DEPTH = 48  # folders in one another the reader follows (deeper: the long way)
 
@@ -959,19 +1019,9 @@ def _read_file_tree(max_files: int, dec: _Decoder, pos: int, path: Path,
         return dec.value(pos, path, depth)
     data, n = dec.data, dec.n
     tree = _ReadTree()
-    folder_ids: dict[tuple[str, ...], int] = {}
-    add = tree.files.append
-    match = _TREE_LEAF.match
-
-    def key_at(p: int) -> tuple[bytes, int]:
-        colon = data.find(b":", p, p + 5)  # (a name of at most NAME_CUT bytes)
-        digits = data[p:colon]
-        if colon < 0 or not digits.isdigit() or digits[0] == 0x30:
-            raise _NotUsual  # (also the empty name, "0:")
-        end = colon + 1 + int(digits)
-        if end > n or end - colon - 1 > NAME_CUT:
-            raise _NotUsual
-        return data[colon + 1 : end], end
+    folders, fids, lengths, roots = tree.folders, tree.fids, tree.lengths, tree.roots
+    keys: list[bytes] = []  # the files' names, checked together at the end
+    key_head, leaf_at = _TREE_KEY.match, _TREE_LEAF.match
 
     def folder(p: int, parts: tuple[str, ...], level: int) -> int:
         """The folder whose dictionary begins at ``p``: its end."""
@@ -979,38 +1029,52 @@ def _read_file_tree(max_files: int, dec: _Decoder, pos: int, path: Path,
             raise _NotUsual
         p += 1
         last = b""
+        fid = -1  # (a folder's path is its own: it is listed at its first file)
         while data[p : p + 1] != b"e":
-            key, p = key_at(p)
+            head = key_head(data, p)
+            if head is None:
+                raise _NotUsual  # (also the empty name, "0:", and one over NAME_CUT)
+            p = head.end()
+            end = p + int(head.group(1))
+            if end > n or end - p > NAME_CUT:
+                raise _NotUsual
+            key = data[p:end]
+            p = end
             if key <= last:
                 raise _NotUsual  # (out of order, or twice: the decoder names it)
             last = key
-            leaf = _plain_name(key)
-            m = match(data, p)
+            m = leaf_at(data, p)
             if m is not None:  # a file
-                length = int(m.group(1))
+                digits = m.group(1)
+                length = int(digits)
                 end = m.end()
-                if (length > 0) != (end - p > 14 + len(m.group(1))):
+                if (length > 0) != (end - p > 14 + len(digits)):
                     raise _NotUsual  # (a length without its root, or a root of no data)
-                root = data[end : end + 32] if length else None
-                end += 32 if length else 0
+                if length:
+                    roots.append(data[end : end + 32])
+                    end += 32
+                else:
+                    roots.append(None)
                 if data[end : end + 2] != b"ee":
                     raise _NotUsual
-                fid = folder_ids.get(parts)
-                if fid is None:
-                    fid = folder_ids[parts] = len(tree.folders)
-                    tree.folders.append(parts)
-                add((fid, leaf, length, root))
-                if len(tree.files) > max_files:
-                    raise _NotUsual
+                if fid < 0:
+                    fid = len(folders)
+                    folders.append(parts)
+                fids.append(fid)
+                keys.append(key)
+                lengths.append(length)
                 p = end + 2
             elif data[p : p + 3] == b"d0:":
                 raise _NotUsual  # a file of another shape
             else:
-                p = folder(p, (*parts, leaf), level + 1)
+                p = folder(p, (*parts, _plain_name(key)), level + 1)
+        if len(keys) > max_files:
+            raise _NotUsual
         return p + 1
 
     try:
         end = folder(pos, (), 0)
+        tree.names = _plain_names(keys)
     except (_NotUsual, ValueError, UnicodeDecodeError, IndexError):
         return dec.value(pos, path, depth)
     return tree, end

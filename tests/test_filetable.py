@@ -131,7 +131,8 @@ leaves = st.one_of(
     st.just(b"not a dict"), st.just({}),
 )
 tree_names = st.one_of(st.sampled_from([b"a", b"b.bin", b"..", b".", b"", b"x/y", b"nul\0",
-                                        b"\xff", "é".encode(), b"x" * 240, b"y" * 241,
+                                        b"\xff", "é".encode(), b"\xc3", b"\xa9",
+                                        b"a\\b", b"tab\t", b"x" * 240, b"y" * 241,
                                         b"_____padding_file_0"]),
                        st.binary(min_size=1, max_size=4))
 trees = st.recursive(
