@@ -917,7 +917,8 @@ class DiskIO:
         identity = storage.identity(index)
         stamp = file_stamp(storage.file_path(index), identity, folders)
         seen = storage.start_stamps.get(index)
-        if seen is not None and index not in storage.written and stamp != seen:
+        if ((seen is not None and index not in storage.written and stamp != seen)
+                or index in storage.doubted):
             stamp[2] = -1  # changed behind our back since the start: what it holds is unknown
         return stamp
 
@@ -1138,10 +1139,14 @@ class DiskIO:
                     for p in pieces:
                         if min((p + 1) * pl, begin + lengths[i]) - begin > size:
                             t.set_state(p, MISSING)
-                elif stamps is not None and not (
+                    pieces = [p for p in pieces if t.state[p] == VERIFIED]
+                if stamps is not None and not (
                         _moved_stamp_kept(stamps, i, stamp, one_fs) if i in moving
                         else _stamp_kept(stamps, i, stamp)):
-                    suspect.update(pieces)  # changed behind our back while we were stopped
+                    # Changed behind our back while we were stopped, short or not (a short
+                    # file's stamp was taken to be looked at alone: edited, it kept every
+                    # piece before its end).
+                    suspect.update(pieces)
             for p in suspect:
                 t.set_state(p, MISSING)
             if saved.partial and saved.stamps is not None:
@@ -2933,6 +2938,7 @@ class DiskIO:
             result = self._verify(t, todo, run.tell, full, vanished)
             result = self._distrust_changed(t, result, vanished)
             self._apply_verify(t, todo, result, gens)
+            t.storage.doubted.clear()  # (every piece looked at: as they are now, known)
             for p in self.pool.cached_of(t.id):  # read again from what was just checked
                 self.pool.drop((t.id, p))
             self._save_now(t)

@@ -249,6 +249,10 @@ class FileStorage:
         # at its first read since: a file not opened since is the one checked then only
         # if its stamp is the same, and one not written since is as it was then.
         self.start_stamps: dict[int, list[int]] = {}
+        # Files a check found changed behind our back since their start stamp, before it
+        # stamped them anew: until a check is over, a stop records them as changed (a
+        # check cut short by the stop left pieces of them verified that it never reached).
+        self.doubted: set[int] = set()
         # Files the daemon has written since the start: their times are its own doing
         # (a save while it runs stamps one by its inode alone: see disk._kept_stamps).
         self.written: set[int] = set()
@@ -419,12 +423,17 @@ class FileStorage:
         self.close_handles()
         with self._lock:
             known = dict(self._identity)
+            stamped = {i: s for i, s in self.start_stamps.items() if i not in self.written}
         changed = set()
         for index, ident in known.items():
             st = self.root.stat(self.parts(index))
             if st is None or (st.st_dev, st.st_ino) != ident:
                 changed.add(index)
+        folders: dict[str, bool] = {}
+        doubted = {i for i, s in stamped.items()
+                   if file_stamp(self.file_path(i), folders=folders) != s}
         with self._lock:
+            self.doubted |= doubted
             self._identity.clear()
             self._recreate.clear()
             # (stamped anew by the check's reads: a file it took as it is now was stamped

@@ -2604,6 +2604,84 @@ def test_pieces_found_in_a_file_shorter_than_its_length_stay_verified_after_a_re
     third.close()
 
 
+def test_a_short_file_edited_while_the_daemon_is_down_is_checked_again(
+        tmp_path: Path, backend: str) -> None:
+    """A file shorter than its length keeps the pieces before its end across a start;
+    its stamp was then taken to be looked at alone: edited in place while the daemon was
+    stopped again, before its end, it kept them all verified, wrong bytes and all. A
+    short file is compared on its stamp as any file is."""
+    content = make_payload(tmp_path / "src", {"a.bin": 10 * 16384, "b.bin": 3 * 16384},
+                           seed=21)
+    raw = make_torrent_lt(content, 16384, "v1")
+    dl = tmp_path / "dl"
+    shutil.copytree(content, dl / content.name)
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, dl)
+    assert dio.recheck(ih).ok
+    dio.close()
+    a = dl / content.name / "a.bin"
+    os.truncate(a, 8 * 16384 + 100)  # cut while stopped: its last two pieces go
+    again = DiskIO(backend, state_dir=state)
+    kept = _verified(wait_reverified(again, ih))
+    assert kept == set(range(13)) - {8, 9}, kept
+    again.close()
+    with open(a, "r+b") as f:  # an edit in place of piece 3, the file's length kept
+        f.seek(3 * 16384 + 5)
+        byte = f.read(1)
+        f.seek(3 * 16384 + 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    third = DiskIO(backend, state_dir=state)
+    try:
+        assert _verified(wait_reverified(third, ih)) == kept - {3}
+    finally:
+        third.close()
+
+
+def test_a_file_edited_before_a_check_that_a_stop_cut_short_is_not_taken_as_checked(
+        tmp_path: Path, backend: str) -> None:
+    """A file of a complete torrent edited behind the daemon's back, then a check asked
+    and cut short by a stop before it reached the edit: the check had stamped the file
+    anew at its first read (as it is now, edit and all), so the stop recorded it
+    unchanged, and the next start reported the edited piece verified until its check
+    came by again. What a check found changed is held as changed until a check ends."""
+    n, size = 768, 65536  # (48 MiB: checked in batches of 8 MiB)
+    content = make_payload(tmp_path / "src", n * size, seed=22)
+    raw = make_torrent_lt(content, size, "v1")
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    shutil.copy(content, dl / content.name)
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, dl)
+    assert dio.recheck(ih).ok
+    dio.close()
+    again = DiskIO(backend, state_dir=state)
+    assert len(_verified(wait_reverified(again, ih))) == n
+    with open(dl / content.name, "r+b") as f:  # the last piece, edited in place
+        f.seek((n - 1) * size + 9)
+        byte = f.read(1)
+        f.seek((n - 1) * size + 9)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    told: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not told:
+            again.stop_checks()  # (the stop, as SIGTERM's comes: checks first)
+        told.append(done)
+
+    with pytest.raises(PiecedError):
+        again.recheck(ih, progress)
+    assert told and told[-1] < n
+    again.close()
+    third = DiskIO(backend, state_dir=state)
+    try:
+        assert n - 1 not in _verified(third.status(ih))  # (not even before its check)
+        assert _verified(wait_reverified(third, ih)) == set(range(n - 1))
+    finally:
+        third.close()
+
+
 def test_a_register_refused_for_a_full_state_disk_leaves_no_record(
         tmp_path: Path, tiny_fs: Path, backend: str) -> None:
     """A register that cannot write its record (the state folder's disk is full) fails
