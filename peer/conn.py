@@ -36,6 +36,7 @@ MIN_QUEUE = 2
 MIN_REQUEST_TIMEOUT = 2.0  # seconds (libtorrent's floor too)
 MAX_QUEUE = 500
 QUEUE_SECONDS = 3.0
+STALL_MEMORY = 600.0  # seconds a peer's stalls are held against it (see note_stall)
 UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
 LT_DONTHAVE = 7  # our id of BEP 54's lt_donthave (libtorrent's own)
 METADATA_PIECE = 16384  # the torrent's metadata is handed out in pieces of this size
@@ -192,7 +193,8 @@ class PeerConnection:
         self._rate = 0.0  # bytes a second, smoothed over the last ticks
         self._tick_at = self.last_received
         self.unchoked_at = 0.0  # when we last unchoked it
-        self.stalls = 0  # times it lost its unchoke slot for reading nothing we sent
+        self._stalls = 0  # times it lost its unchoke slot for reading nothing we sent
+        self._stalled_at = 0.0  # the last of them
         if outgoing_hash is not None:
             self._send_first(wire.handshake(outgoing_hash, peer_id, self.reserved))
 
@@ -480,6 +482,21 @@ class PeerConnection:
             self.am_interested = interested
             self._send(wire.interested() if interested else wire.not_interested())
 
+    def note_stall(self) -> None:
+        """It lost its unchoke slot for reading nothing we sent: it waits behind the
+        peers that did not, and is the first let go when a place is wanted, for
+        STALL_MEMORY seconds from its last stall (a leecher whose disk was busy a while,
+        on a seed that runs for days, is not last in line for good)."""
+        self._stalls += 1
+        self._stalled_at = self._clock()
+
+    @property
+    def stalls(self) -> int:
+        """Its stalls, counted while it stalled again within STALL_MEMORY of the last."""
+        if self._stalls and self._clock() - self._stalled_at >= STALL_MEMORY:
+            self._stalls = 0
+        return self._stalls
+
     def send_choke(self, choke: bool) -> None:
         if choke == self.am_choking:
             return
@@ -673,7 +690,7 @@ def choke_round(conns: Iterable[PeerConnection], slots: int,
         stuck = [c for c in unchoked if c in stalled][: len(waiting)]
         if stuck:
             for c in stuck:
-                c.stalls += 1
+                c.note_stall()
             choke += stuck
             unchoked = [c for c in unchoked if c not in stuck]
         elif rotate and len(unchoked) >= slots:

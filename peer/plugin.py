@@ -2271,7 +2271,7 @@ class Swarm:
                 if stuck is None:
                     return
                 log.info("%s %s: its unchoke slot goes to %s", stuck.addr, why, newcomer.addr)
-                stuck.conn.stalls += 1
+                stuck.conn.note_stall()
                 stuck.conn.send_choke(True)
                 stuck.flush()
             newcomer.conn.send_choke(False)

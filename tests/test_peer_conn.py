@@ -1230,6 +1230,42 @@ def test_left_counts_the_pieces_missing_whatever_is_gained_and_lost(
         assert pk.complete == all(pk.have)
 
 
+def test_a_stall_is_held_against_a_peer_for_a_while_not_for_good() -> None:
+    """A peer that lost its slot for taking nothing waits behind the others, and is the
+    first let go when a place is wanted; on a seed that runs for days, a leecher whose
+    disk was busy once was last in line for good. Its stalls are forgotten STALL_MEMORY
+    after the last one, and held again if it stalls again."""
+    from pieced.peer.conn import STALL_MEMORY
+
+    now = [1000.0]
+    conns = [PeerConnection((IH,), A_ID, list(SIZES), v2=False, clock=lambda: now[0])
+             for _ in range(3)]
+    for c in conns:
+        c.receive(wire.handshake(IH, B_ID, wire.make_reserved(fast=True)))
+        c.receive(wire.interested())
+    hog, other, third = conns
+    hog.send_choke(False)
+    now[0] += 30
+    assert choke_round(conns, 1, {hog}, rotate=False) == ([hog], [other])
+    assert hog.stalls == 1
+    hog.send_choke(True)
+    other.send_choke(False)
+    now[0] += 30
+    # The slot goes round: the one that stalled waits behind those that did not.
+    assert choke_round(conns, 1) == ([other], [third])
+    other.send_choke(True)
+    third.send_choke(False)
+    now[0] += 30
+    assert choke_round(conns, 1) == ([third], [other])  # (though hog waited longer)
+    now[0] += STALL_MEMORY
+    assert hog.stalls == 0
+    assert choke_round(conns, 1) == ([third], [hog])  # forgotten: its turn
+    hog.note_stall()
+    hog.note_stall()
+    now[0] += STALL_MEMORY - 1
+    assert hog.stalls == 2 and choke_round(conns, 1) == ([third], [other])
+
+
 def test_a_connection_to_ourselves_is_dropped() -> None:
     """A handshake with our own peer id is our own dial come back (a tracker hands out
     our address): dropped, as libtorrent does."""
