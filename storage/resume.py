@@ -509,15 +509,17 @@ class StateStore:
                     os.unlink(self.state_dir / name)
 
     def mark_clean(self) -> None:
-        write_atomic(self.state_dir / CLEAN, b"")
+        path = self.state_dir / CLEAN
+        if path.is_dir() and not path.is_symlink():  # (made while the daemon ran)
+            _remove_entry(path)
+        write_atomic(path, b"")
 
     def mark_running(self) -> None:
         """The start-up is over: from now on the daemon changes files itself, so a
         crash is a crash (file stamps are compared at any start, those a record keeps
         being of files the daemon could not have written since: see
         ``DiskIO._load_state``)."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / CLEAN).unlink()
+        if _remove_entry(self.state_dir / CLEAN):  # (a folder too: no stop could replace it)
             fsync_dir(self.state_dir)
 
     def close(self) -> None:
@@ -530,8 +532,7 @@ class StateStore:
         record of no piece verified (``pieces``: how many it has): a crash before its
         first save finds a whole record, not one to be rebuilt and checked again."""
         folder = self.root / ih.hex()
-        if folder.exists():  # left over from a torrent whose removal did not finish
-            shutil.rmtree(folder)
+        _remove_entry(folder)  # left over from a torrent whose removal did not finish
         # Files an earlier removal could not delete are this torrent's now: kept.
         shutil.rmtree(self.root / (REMOVING + ih.hex()), ignore_errors=True)
         # Made whole aside, then put in place by one rename: no half-made record (a
@@ -768,6 +769,20 @@ def _decode_dict(path: Path) -> dict[bytes, Any] | None:
     except Exception:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _remove_entry(path: Path) -> bool:
+    """Remove what is at ``path`` in the state folder, a folder or anything else (a
+    file or symlink where the daemon keeps a folder, or the reverse, was met at every
+    register or stop after); whether there was something."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def file_stamp(path: Path, identity: tuple[int, int] | None = None,

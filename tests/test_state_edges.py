@@ -216,3 +216,57 @@ def test_what_is_not_a_regular_file_beneath_the_save_path_loses_its_pieces_at_th
             assert again.read_chunk(ih, p, 0, size) == src.read(p, 0, size), p
     finally:
         again.close()
+
+
+# -- 4. the state folder's own entries, of the wrong kind ------------------------------------
+
+def test_a_file_where_a_torrents_state_folder_goes_does_not_block_its_register(
+        tmp_path: Path) -> None:
+    """A file (or symlink) in the place of a torrent's folder in the state folder: the
+    start skips it with a warning, as it should, but every register of that torrent then
+    failed with "register: Not a directory", naming nothing. It is the daemon's own
+    place: the register clears it and records the torrent there."""
+    content = make_payload(tmp_path / "src", 4 * 16384, seed=31)
+    raw = make_torrent_lt(content, 16384, "v1")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    dio.close()
+    entry = state / "torrents" / ih.hex()
+    shutil.rmtree(entry)
+    entry.write_bytes(b"not a folder")
+    again = DiskIO("posix", state_dir=state)
+    try:
+        assert again.torrents() == []
+        assert any(ih.hex() in e for e in again.load_errors), again.load_errors
+        assert again.register(raw, tmp_path / "dl") == ih
+    finally:
+        again.close()
+    third = DiskIO("posix", state_dir=state)
+    try:
+        assert third.torrents() == [ih] and not third.load_errors, third.load_errors
+    finally:
+        third.close()
+
+
+def test_a_folder_where_the_clean_stop_mark_goes_is_cleared(tmp_path: Path) -> None:
+    """The mark a clean stop leaves in the state folder, replaced by a folder while the
+    daemon was down: no stop could write the mark from then on (every SIGTERM ended in
+    exit 2, the socket left behind), so every start after was taken for one after a
+    crash. The start clears it, and the next stop is clean."""
+    state = tmp_path / "state"
+    DiskIO("posix", state_dir=state).close()
+    mark = state / "clean"
+    assert mark.is_file()
+    mark.unlink()
+    mark.mkdir()
+    (mark / "x").write_bytes(b"")
+    again = DiskIO("posix", state_dir=state)
+    assert not again.load_errors, again.load_errors
+    again.close()
+    assert mark.is_file()
+    third = DiskIO("posix", state_dir=state)
+    try:
+        assert third.state is not None and third.state.was_clean
+    finally:
+        third.close()
