@@ -1417,6 +1417,39 @@ def test_event_streams_do_not_shut_monitoring_out(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_connection_past_the_bound_is_refused_without_a_traceback(tmp_path: Path) -> None:
+    """Every HTTP place held by connections with requests waiting their turn: the
+    newcomer is refused (its place would be someone else's), but it was closed before
+    its handler started, which failed an assertion of aiohttp's: a traceback in the log
+    for every refusal, one a connection for any client that wanted to fill it."""
+    from pieced.daemon.http import MAX_CONNECTIONS
+
+    d = Daemon(tmp_path)
+    held = []
+    try:
+        host, port = d.http.rsplit(":", 1)
+        ask = f"GET /healthz HTTP/1.1\r\nHost: {d.http}\r\n\r\n".encode()
+        for _ in range(MAX_CONNECTIONS + 5):  # (each with 40 requests: busy for a while)
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(ask * 40)
+            held.append(s)
+        time.sleep(0.5)
+        refused = 0
+        for _ in range(5):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(ask)
+                try:
+                    refused += not s.recv(100)
+                except ConnectionError:
+                    refused += 1
+        assert refused, "no newcomer was refused: the bound was not reached"
+    finally:
+        for s in held:
+            s.close()
+        assert d.stop() == 0, d.stderr()
+    assert "Traceback" not in d.stderr(), d.stderr()[-2000:]
+
+
 def _sockets_of(pid: int) -> int:
     """How many sockets a process holds descriptors of."""
     n = 0

@@ -446,3 +446,71 @@ def test_clients_asking_again_and_again_are_answered_in_turn_at_a_bounded_rate(
         assert min(answered) >= max(answered) // 2, answered  # in turn: nobody starved
 
     run(main)
+
+
+def _abandon(port: int, path: str, n: int) -> None:
+    """``n`` requests for ``path``, each on a connection closed as soon as it is sent."""
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+
+
+def test_requests_given_up_before_their_turn_take_none(tmp_path: Path) -> None:
+    """Requests sent and given up at once (the connection closed unread) each took a
+    turn of the rate all clients share, their handlers alive until then: one client
+    sending 1,500 of them held everyone's /healthz back 20 s. A request whose client
+    has gone by its turn takes none."""
+    from pieced.daemon.http import REQUEST_BURST, REQUESTS_PER_SECOND
+
+    n = int(10 * REQUESTS_PER_SECOND)  # ten seconds of turns, taken as they came
+
+    async def main() -> None:
+        async with Live(tmp_path) as live, aiohttp.ClientSession() as session:
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            await loop.run_in_executor(None, _abandon, live.port, "/healthz", n)
+            start = loop.time()
+            async with session.get(live.url("/healthz")) as r:
+                assert r.status == 200
+            took = loop.time() - start
+            backlog = (n - REQUEST_BURST) / REQUESTS_PER_SECOND - (start - sent)
+            print(f"/healthz after {n} requests given up: {took:.2f} s (a backlog of "
+                  f"{backlog:.1f} s, were they served)")
+            assert took < max(backlog, 3.0) / 3, (took, backlog)
+
+    run(main)
+
+
+def test_reports_for_clients_gone_are_not_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests for a report whose clients hung up while it waited for a place to be
+    built were built all the same, each followed by its rest: eight given up on a
+    daemon of 10,000 torrents held a /torrents/IH back 77 s. Gone by its turn, a
+    report is not built."""
+    from pieced.daemon import http
+
+    built: list[int] = []
+    go = threading.Event()
+    inner = http.status_json
+
+    def status_json(disk: DiskIO, ih: bytes) -> dict[str, Any]:
+        built.append(1)
+        go.wait(30)
+        return inner(disk, ih)
+
+    monkeypatch.setattr(http, "status_json", status_json)
+    monkeypatch.setattr(http, "PACE", 0.0)  # (no rest between builds: not what is looked at)
+
+    async def main() -> None:
+        async with Live(tmp_path) as live, aiohttp.ClientSession() as session:
+            ih = live.register(small_torrent("one"))
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, _abandon, live.port, f"/torrents/{ih.hex()}", 8)
+            await asyncio.sleep(1.0)  # (each hung up before, or while, two were built)
+            go.set()
+            async with session.get(live.url(f"/torrents/{ih.hex()}")) as r:
+                assert r.status == 200
+                assert json.loads(await r.read())["num_pieces"] == 2
+        assert len(built) <= 3, built  # at most two begun before the hang-ups, and ours
+
+    run(main)
