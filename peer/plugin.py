@@ -702,6 +702,15 @@ class Inbox(asyncio.BufferedProtocol):
             await self._drainer
 
 
+def _had_all(peer: Peer) -> bool:
+    """Whether every piece is one the peer said it has or one we sent it blocks of."""
+    has, sent = peer.conn.peer_has, peer.sent
+    if len(sent) != len(has):
+        return False
+    return (int.from_bytes(has, "little") | int.from_bytes(sent, "little")
+            ) == int.from_bytes(b"\x01" * len(has), "little")
+
+
 class Peer:
     """The asyncio side of one connection."""
 
@@ -743,6 +752,7 @@ class Peer:
         self.reading = 0  # bytes they ask for
         self.blocks = 0  # blocks it sent us
         self.served = 0  # bytes of blocks we sent it
+        self.sent = bytearray()  # pieces we sent it blocks of (made at the first)
         self.closed = False
         self.opened = time.monotonic()
         self.queued = 0  # bytes handed to its socket or transport
@@ -1425,11 +1435,14 @@ class Swarm:
         dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
         dial.unreached = 0 if peer is not None else dial.unreached + 1
         if peer is not None and (peer.conn.is_seed or (
-                self.done.is_set() and peer.conn.handshaken and not peer.conn.peer_interested
-                and peer.hung_up)):
+                self.done.is_set() and peer.conn.handshaken and peer.hung_up
+                and (not peer.conn.peer_interested or _had_all(peer)))):
             # It has every piece; or, while we have them all, it closed without
             # wanting any: a seed too (libtorrent closes on our HAVE_ALL, "upload to
-            # upload", before its own HAVE_ALL has reached us).
+            # upload", before its own HAVE_ALL has reached us); or it closed having
+            # every piece it said it had or we sent it blocks of (Transmission frees a
+            # connection the moment its download completes, its last HAVEs unsent: it
+            # was dialled again once a minute, and closed each time, for good).
             dial.seed = True
         if peer is not None and (peer.duplicate or twin):
             # Connected to that peer by its own dial, or at its other address: dialled
@@ -2195,6 +2208,9 @@ class Swarm:
                     conn.send_piece(blk, data[off : off + blk[2]])
                     self.summary.bytes_up += blk[2]
                     peer.served += blk[2]
+                    if not peer.sent:
+                        peer.sent = bytearray(conn.num_pieces)
+                    peer.sent[piece] = 1
                     peer.served_at = time.monotonic()
                 if begin == 0:  # the piece is in the daemon's cache now: offer it around
                     self._offer(piece, but=peer)

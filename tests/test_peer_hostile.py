@@ -410,6 +410,79 @@ class _ScriptedSeeder:
                 threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
 
+class _ScriptedLeecher:
+    """A leecher on a plain socket that completes the way Transmission 3.00 does: it
+    asks for every block, and the moment it has them all closes the connection, the
+    HAVEs of its last pieces unsent; every later connection is closed before its
+    handshake (a seed wants nothing of a seed). Counts the connections it is given."""
+
+    def __init__(self, piece: int, total: int, peer_id: bytes) -> None:
+        self.piece, self.total, self.peer_id = piece, total, peer_id
+        self.dials = 0
+        self.done = threading.Event()
+
+    def serve(self, conn: socket.socket) -> None:
+        self.dials += 1
+        if self.done.is_set():
+            conn.close()
+            return
+        parser = wire.Parser(handshake=True)
+        got = 0
+        with contextlib.suppress(OSError):
+            while data := conn.recv(1 << 16):
+                out = []
+                for ev in parser.feed(data):
+                    if isinstance(ev, wire.Handshake):
+                        out.append(wire.handshake(ev.info_hash, self.peer_id,
+                                                  wire.make_reserved(extended=False))
+                                   + wire.have_none() + wire.interested())
+                    elif isinstance(ev, wire.Unchoke):
+                        for at in range(0, self.total, wire.BLOCK):
+                            p, b = divmod(at, self.piece)
+                            out.append(wire.request(p, b, min(wire.BLOCK, self.total - at,
+                                                              self.piece - b)))
+                    elif isinstance(ev, wire.Piece):
+                        got += len(ev.data)
+                if got >= self.total:
+                    self.done.set()
+                    break
+                if out:
+                    conn.sendall(b"".join(out))
+        conn.close()
+
+    def accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+
+def test_a_leecher_that_hangs_up_as_it_completes_is_not_dialled_again(tmp_path: Path) -> None:
+    """A leecher named with --peer that closes the connection the moment its download
+    completes, before the HAVEs of its last pieces went out (Transmission 3.00), was
+    not known for a seed: dialled again and again while we seed (with Transmission,
+    once a minute for good), each dial closed at once. A peer that hangs up having
+    every piece it said it had or we sent it is a seed: two seeds have nothing to
+    exchange."""
+    piece = 32768
+    files = {"a.bin": 6 * piece + 5}
+    _, _, _, torrent = _v1(tmp_path, files, piece, seed=44)
+    listener = socket.create_server(("127.0.0.1", 0))
+    leecher = _ScriptedLeecher(piece, files["a.bin"], b"-TR3000-" + b"c" * 12)
+    threading.Thread(target=leecher.accept, args=(listener,), daemon=True).start()
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d,
+                          "--peer", f"127.0.0.1:{listener.getsockname()[1]}")
+        assert leecher.done.wait(60), "the leecher did not get every block"
+        time.sleep(8.0)  # (dialled again after 1, 2 and 4 s, were it not a seed)
+        assert leecher.dials == 1, leecher.dials
+        seeding.stop()
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("claim", ["says nothing of where", "no extensions", "another port"])
 def test_a_claim_of_a_seeders_peer_id_that_does_not_say_where_it_listens_goes(
         tmp_path: Path, claim: str) -> None:
