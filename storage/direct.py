@@ -10,7 +10,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import PathEscape, PiecedError, StorageIOError
 from .files import FileStorage, FileVanished
@@ -78,11 +78,14 @@ class DirectStorage(FileStorage):
                     errno=errno.EINVAL) from None
             raise
 
-    def after_crash(self) -> None:
+    def after_crash(self, floor: Callable[[int], int] = lambda index: 0) -> None:
         """A crash between a file's last page written whole and the cut back to its
         length leaves the file up to a page longer than it is, for good (a piece found
-        good is never written again): it is cut back here. A file longer by more than
-        that is not of our making, and is left as it is."""
+        good is never written again): it is cut back here, by the zeros that page put
+        past the end, no further. What the file held past its length before that write
+        (its page read, then written back) is not of our making: a file only read
+        (another program's, seeded), or one another torrent (``floor(index)``: the
+        longest length another gives it) knows as longer, keeps it."""
         A = self.ALIGN
         lengths = self.meta.files.lengths
         for index in self.stored_files():
@@ -93,9 +96,16 @@ class DirectStorage(FileStorage):
                     length < st.st_size <= length + A - length % A):
                 continue
             try:
-                fd = self.root.open(parts, os.O_WRONLY)
+                fd = self.root.open(parts, os.O_RDWR)
                 try:
-                    os.ftruncate(fd, length)
+                    tail = os.pread(fd, st.st_size - length, length)
+                    keep = max(length + len(tail.rstrip(b"\0")), floor(index))
+                    if keep < st.st_size:
+                        os.ftruncate(fd, keep)
+                        if index in self.start_stamps:  # (as it is now, cut)
+                            st = os.fstat(fd)
+                            self.start_stamps[index] = [st.st_size, st.st_mtime_ns,
+                                                        st.st_ctime_ns, st.st_ino]
                 finally:
                     os.close(fd)
             except (OSError, PiecedError):

@@ -500,9 +500,10 @@ class FileStorage:
                 out.append((index, self._vanished(index, "").written))
         return out
 
-    def after_crash(self) -> None:
+    def after_crash(self, floor: Callable[[int], int] = lambda index: 0) -> None:
         """Put right what a crash can leave half done by this backend's own writes, at
-        the start after it (before any block of this process is written)."""
+        the start after it (before any block of this process is written). ``floor``:
+        the longest length another torrent gives a file (one it shares)."""
 
     def stored_files(self) -> Iterator[int]:
         files = self.meta.files

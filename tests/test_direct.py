@@ -19,6 +19,7 @@ from tests.pagecache import resident_pages
 from tests.realtools import lt_recheck, make_payload, make_torrent_lt
 from tests.test_daemon import write_from_three_clients
 from tests.test_disk import Source, fill
+from tests.test_state import wait_reverified
 
 # no file a multiple of 4 KiB: every file boundary falls inside a page
 FILES = {"a.bin": 100_001, "b.bin": 3, "c/d.bin": 77_777, "e.bin": 250_000, "f.bin": 1}
@@ -326,6 +327,59 @@ def test_a_file_end_a_crash_left_a_page_long_is_cut_back_at_the_restart(tmp_path
         assert lt_recheck(raw, tmp_path / "dl")[:last] == [True] * last
     finally:
         again.close()
+
+
+def test_what_a_file_held_past_its_length_is_kept_at_the_start_after_a_crash(
+        tmp_path: Path) -> None:
+    """The start after a crash cut any file longer than the torrent says by less than a
+    page back to its length, written by the daemon or not: a user's file with bytes
+    past the torrent's end, only read (seeded), lost them; a file another torrent knows
+    as longer lost its tail, and that torrent its verified pieces. A file the state
+    folder knows unwritten since is left as it is now; of the others, only the zeros a
+    page written whole put past the end are cut, and none shorter than a torrent
+    sharing it says it is."""
+    content = make_payload(tmp_path / "src", {"a.bin": 5200, "b.bin": 300}, seed=23)
+    long_raw = make_torrent_lt(content, 16384, "v1")
+    data = (content / "a.bin").read_bytes()
+    # a.bin holds 100 zeros at its end; the other torrent takes its first 5000 bytes
+    (content / "a.bin").write_bytes(data[:5100] + bytes(100))
+    long_raw = make_torrent_lt(content, 16384, "v1")
+    short = make_payload(tmp_path / "short", {"a.bin": 5000, "b.bin": 100}, seed=23)
+    (short / "a.bin").write_bytes(data[:5000])
+    (short / "b.bin").write_bytes((content / "b.bin").read_bytes()[:100])
+    short_raw = make_torrent_lt(short, 16384, "v1")
+    dl = tmp_path / "dl"
+    import shutil
+
+    shutil.copytree(content, dl / content.name)
+    dio = DiskIO("direct", state_dir=tmp_path / "state")
+    first = dio.register(short_raw, dl)  # (only read: both its files are longer)
+    assert dio.recheck(first).ok
+    dio.torrent(first).storage.close_handles()
+    assert dio.state is not None
+    dio.state.close()  # killed: no clean stop
+    again = DiskIO("direct", state_dir=tmp_path / "state")
+    try:
+        assert again.status(first)["verified_pieces"] == 1
+        sizes = {n: (dl / content.name / n).stat().st_size for n in ("a.bin", "b.bin")}
+        assert sizes == {"a.bin": 5200, "b.bin": 300}, sizes  # (cut to 5000, 100 before)
+        second = again.register(long_raw, dl)
+        assert again.recheck(second).ok
+        again.torrent(second).storage.close_handles()
+        assert again.state is not None
+        again.state.close()  # killed again
+    finally:
+        again.torrent(first).storage.close_handles()
+    with open(dl / content.name / "a.bin", "ab") as f:
+        f.write(bytes(4096 - 5200 % 4096))  # what the write of a last page whole leaves
+    third = DiskIO("direct", state_dir=tmp_path / "state")
+    try:
+        # Cut to 5200 (the zeros past 5100 are the longer torrent's data), not to 5000.
+        assert (dl / content.name / "a.bin").stat().st_size == 5200
+        for ih in (first, second):  # (found longer than stamped: checked again, good)
+            assert wait_reverified(third, ih)["verified_pieces"] == 1
+    finally:
+        third.close()
 
 
 def test_writes_stuck_on_a_frozen_file_system_leave_bounce_buffers_for_the_others(
