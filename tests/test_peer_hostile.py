@@ -362,7 +362,20 @@ def test_a_stranger_claiming_a_leechers_peer_id_does_not_take_its_place(
         assert d.stop() == 0, d.stderr()
 
 
-class _ScriptedSeeder:
+class _Scripted:
+    """A peer on a plain socket, a thread for each connection it is given."""
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+
+class _ScriptedSeeder(_Scripted):
     """A seeder of ``blob`` on a plain socket, with a stable peer id: it says it has
     every piece and unchokes once ``go`` is set; ``p`` (BEP 10: where it listens) said
     in its extension handshake when given. Counts dials, requests and blocks."""
@@ -403,14 +416,8 @@ class _ScriptedSeeder:
                     conn.sendall(b"".join(out))
         conn.close()
 
-    def accept(self, listener: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
-
-class _ScriptedLeecher:
+class _ScriptedLeecher(_Scripted):
     """A leecher on a plain socket that completes the way Transmission 3.00 does: it
     asks for every block, and the moment it has them all closes the connection, the
     HAVEs of its last pieces unsent; every later connection is closed before its
@@ -449,12 +456,6 @@ class _ScriptedLeecher:
                 if out:
                     conn.sendall(b"".join(out))
         conn.close()
-
-    def accept(self, listener: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
 
 def test_a_leecher_that_hangs_up_as_it_completes_is_not_dialled_again(tmp_path: Path) -> None:

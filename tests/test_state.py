@@ -2626,11 +2626,7 @@ def test_a_short_file_edited_while_the_daemon_is_down_is_checked_again(
     kept = _verified(wait_reverified(again, ih))
     assert kept == set(range(13)) - {8, 9}, kept
     again.close()
-    with open(a, "r+b") as f:  # an edit in place of piece 3, the file's length kept
-        f.seek(3 * 16384 + 5)
-        byte = f.read(1)
-        f.seek(3 * 16384 + 5)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    corrupt(a, 3 * 16384 + 5)  # an edit in place of piece 3, the file's length kept
     third = DiskIO(backend, state_dir=state)
     try:
         assert _verified(wait_reverified(third, ih)) == kept - {3}
@@ -2658,11 +2654,7 @@ def test_a_file_edited_before_a_check_that_a_stop_cut_short_is_not_taken_as_chec
     dio.close()
     again = DiskIO(backend, state_dir=state)
     assert len(_verified(wait_reverified(again, ih))) == n
-    with open(dl / content.name, "r+b") as f:  # the last piece, edited in place
-        f.seek((n - 1) * size + 9)
-        byte = f.read(1)
-        f.seek((n - 1) * size + 9)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    corrupt(dl / content.name, (n - 1) * size + 9)  # the last piece, edited in place
     told: list[int] = []
 
     def progress(done: int, total: int) -> None:
