@@ -203,6 +203,12 @@ class Server:
         # torrent's lock, briefly.)
         self.report_slot = threading.Lock()
         self.clients: set[Connection] = set()
+        # Clients gone with jobs of theirs still in their lane (a write waiting for a
+        # torrent another operation holds): they keep their receive ring, their shared
+        # ring and a worker until it drains, and count against max_clients until then
+        # (a client that sent a write and hung up, again and again, took the daemon's
+        # descriptors and memory without bound while a recheck held the torrent).
+        self.draining: set[Connection] = set()
         # The clients' ends, watched for their hanging up (POLLRDHUP alone: poll says only
         # of those), so that a look for hung-up clients is one call whatever their number.
         self._ends = select.poll()
@@ -281,7 +287,7 @@ class Server:
         """Why a new connection is refused, if it is. A daemon full is said with EBUSY:
         a refusal for now (a place comes free as another client leaves), where one of
         credentials stands."""
-        if len(self.clients) >= self.max_clients:
+        if len(self.clients) + len(self.draining) >= self.max_clients:
             # Clients that hung up and have not been read since count no more: a burst of
             # connections accepted in one go, each closed at once by its client, took
             # every place before their ends were read, and a live newcomer was refused.
@@ -293,9 +299,12 @@ class Server:
                 gone = self._by_fd.get(fd)
                 if gone is not None and gone.hung_up():
                     gone.close()
-        if len(self.clients) >= self.max_clients:
+        if len(self.clients) + len(self.draining) >= self.max_clients:
+            left = (f" ({len(self.draining)} of them gone, their last jobs still waiting "
+                    "to be carried out)" if self.draining else "")
             return AccessDenied(f"too many clients: the daemon has max_clients = "
-                                f"{self.max_clients} connected already", errno=errno.EBUSY)
+                                f"{self.max_clients} connected already{left}",
+                                errno=errno.EBUSY)
         if self.allow_uids is None and self.allow_gids is None:
             return None
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -1092,6 +1101,7 @@ class Connection:
             self._lane_idle.set()
             if self.closed:
                 self._drop_shm()
+                self.server.draining.discard(self)
             elif self._failing is not None:
                 exc, self._failing = self._failing, None
                 self._fail_now(exc)
@@ -1178,6 +1188,8 @@ class Connection:
         self._kick_lane()  # a lane paused on output carries out its jobs all the same
         if not self._lane_busy:
             self._drop_shm()
+        else:
+            self.server.draining.add(self)
 
 
 _READ_ONLY_RING = ("the ring is read-only to the daemon (its descriptor is not open for "

@@ -24,6 +24,7 @@ import pytest
 from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType, encode_read, encode_write_header
 from pieced.protocol.messages import encode_request
+from pieced.storage.errors import AccessDenied
 
 from tests.conftest import (
     STORES_NOTHING,
@@ -1090,6 +1091,59 @@ def test_a_recheck_asked_to_join_one_under_way_reads_the_data_once(
         freezable_fs.thaw()
         assert d.stop() == 0, d.stderr()
     assert checked == (n - 1 if join else 2 * (n - 1)), checked
+
+
+def test_clients_gone_with_writes_still_waiting_keep_their_places_until_those_run(
+        tmp_path: Path, freezable_fs: Any) -> None:
+    """A client sends a write for a torrent another operation holds (a recheck, here
+    held by its sync on a frozen file system), and hangs up: its place was free at once,
+    but its lane, its receive ring (8 MiB), its shared ring and a worker stayed until
+    the write ran. Again and again, that took the daemon's memory and descriptors
+    without bound (1.4 GB and every descriptor, other clients' writes failing EMFILE).
+    Such a client keeps its place until its jobs have run: past max_clients, newcomers
+    are refused, saying why; once the operation ends, the places come free."""
+    content = make_payload(tmp_path / "src", 4 * 1024 * 1024, seed=6)
+    raw = make_torrent_lt(content, 65536, "v1")
+    shutil.copytree(content.parent, freezable_fs.mount, dirs_exist_ok=True)
+    d = Daemon(tmp_path, env={"PIECED_MAX_CLIENTS": "4"})
+    try:
+        with Client(d.socket) as first:
+            ih = first.register(raw, freezable_fs.mount)
+            first.write_chunk(ih, 3, 0, content.read_bytes()[:16384][::-1])  # (buffered)
+            freezable_fs.freeze()
+            checked: list[dict[str, Any]] = []
+            check = threading.Thread(target=lambda: checked.append(first.recheck(ih)))
+            check.start()
+            time.sleep(1.0)  # (the check holds the torrent: it waits on the file system)
+            gone = 0
+            refusals: list[str] = []
+            for _ in range(12):
+                try:
+                    raw_conn = RawConn(d.socket)
+                except (AssertionError, OSError) as exc:
+                    refusals.append(str(exc))
+                    continue
+                raw_conn.sock.sendall(encode_write_header(1, ih, 5, 0, 16384) + bytes(16384))
+                raw_conn.sock.close()
+                gone += 1
+                time.sleep(0.1)  # (its write reached its lane before the next one)
+            with pytest.raises(AccessDenied, match="gone"):
+                Client(d.socket).close()
+            freezable_fs.thaw()
+            check.join(60)
+            assert checked and checked[0]["verified"] == 63, checked
+            for _ in range(100):  # (the writes waiting run, and the places come free)
+                with contextlib.suppress(AccessDenied):
+                    with Client(d.socket) as again:
+                        assert again.status(ih)["num_pieces"] == 64
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("no place came free once the check ended")
+        assert gone == 3 and len(refusals) == 9, (gone, refusals)  # (first held one place)
+    finally:
+        freezable_fs.thaw()
+        assert d.stop() == 0, d.stderr()
 
 
 def test_the_replies_a_client_leaves_unread_are_bounded_in_memory_not_only_in_bytes(
