@@ -31,6 +31,7 @@ import mmap
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
@@ -887,6 +888,9 @@ class Connection:
             if not isinstance(size, int) or size <= 0:
                 raise BadRequest(f"ring size {size!r}: a ring is a whole number of bytes, at "
                                  "least one")
+            if not stat.S_ISREG(st.st_mode):  # (a pipe, a socket, a device: size 0)
+                raise BadRequest("the ring's descriptor is not a memfd (nor any file): "
+                                 "a pipe, a socket or a device")
             if st.st_size != size:
                 raise BadRequest(f"ring size {size!r} does not match the descriptor ({st.st_size})")
             if size > self.server.max_ring:

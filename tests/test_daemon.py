@@ -838,6 +838,34 @@ def test_a_descriptor_no_frame_it_came_with_took_is_closed_before_later_frames(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_ring_that_is_no_file_is_refused_saying_so(tmp_path: Path) -> None:
+    """A pipe, a socket or a device passed as a ring was refused for its size ("ring
+    size 65536 does not match the descriptor (0)"), which sent its writer looking at
+    the wrong thing. It is refused for what it is; the connection is kept."""
+    d = Daemon(tmp_path)
+    try:
+        conn = RawConn(d.socket)
+        r, w = os.pipe()
+        a, b = socket.socketpair()
+        zero = os.open("/dev/zero", os.O_RDWR)
+        for rid, fd in enumerate([r, a.fileno(), zero], start=1):
+            conn.sock.sendmsg([encode_request(rid, "attach_ring", {"size": 65536})],
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [fd]).tobytes())])
+            (reply,) = conn.replies(1)
+            assert reply.id == rid and reply.type == FrameType.ERROR
+            assert "is not a memfd" in decode_error(reply.body).message, reply.body
+        for fd in (r, w, zero):
+            os.close(fd)
+        a.close()
+        b.close()
+        conn.sock.sendall(encode_request(9, "stats", {}))
+        assert conn.replies(1)[0].type == FrameType.RESPONSE
+        conn.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_inline_block_over_max_block_is_refused_and_the_connection_kept(
     daemon: Daemon, odd_payload: tuple[Path, Path]
 ) -> None:
