@@ -1576,7 +1576,10 @@ class Swarm:
         if dial is None:
             if len(self.known) >= MAX_KNOWN and not self._forget_one():
                 return
-            dial = self.known[addr] = Dial(peer.conduct)
+            # (not warned of: a peer that dialled us, gone, closing our dial before its
+            # handshake has left the torrent; it spoke plain BitTorrent to us. A seed
+            # said so once for every leecher that had come and gone.)
+            dial = self.known[addr] = Dial(peer.conduct, warned=True)
         if not dial.busy:
             self._dialled(dial, peer)
 

@@ -484,6 +484,50 @@ def test_a_leecher_that_hangs_up_as_it_completes_is_not_dialled_again(tmp_path: 
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_leecher_gone_that_turns_our_dial_back_away_is_not_warned_of(
+        tmp_path: Path) -> None:
+    """A leecher that dialled a seed and left is dialled back at the port it said it
+    listens on; one that has left the torrent closes that dial before its handshake.
+    The seed warned of it as of a peer that may want encryption, once for every
+    leecher that had come and gone (a soak of 41 leechers: 41 warnings). It spoke plain
+    BitTorrent to us: nothing is said."""
+    piece = 32768
+    files = {"a.bin": 6 * piece + 5}
+    _, _, meta, torrent = _v1(tmp_path, files, piece, seed=45)
+    listener = socket.create_server(("127.0.0.1", 0))  # (where it says it listens)
+    turned: list[int] = []
+
+    def turn_away() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                turned.append(1)
+                conn.close()
+
+    threading.Thread(target=turn_away, daemon=True).start()
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        leecher = RawPeer(seeding.port)
+        ext = {b"m": {}, b"p": listener.getsockname()[1]}
+        leecher.send(wire.handshake(meta.info_hash, b"-LT2000-" + b"g" * 12,
+                                    wire.make_reserved())
+                     + wire.extended(0, bencodepy.encode(ext)) + wire.have_none()
+                     + wire.interested())
+        leecher.events(1.0)
+        leecher.close()
+        deadline = time.monotonic() + 20
+        while len(turned) < 2 and time.monotonic() < deadline:  # (dialled back, twice)
+            time.sleep(0.1)
+        assert len(turned) >= 2, turned
+        seeding.proc.send_signal(signal.SIGTERM)
+        _, err = seeding.proc.communicate(timeout=30)
+        assert "before its handshake" not in err, err
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("claim", ["says nothing of where", "no extensions", "another port"])
 def test_a_claim_of_a_seeders_peer_id_that_does_not_say_where_it_listens_goes(
         tmp_path: Path, claim: str) -> None:
