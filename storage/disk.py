@@ -3455,7 +3455,8 @@ def _kept_stamps(t: Torrent) -> list[list[int]] | None:
         pieces = layout.file_pieces(i)
         if seen is not None and i not in written and i not in t.shared and state[
                 pieces.start:pieces.stop].count(VERIFIED) == len(pieces):
-            out.append(seen)
+            # (a file a check found changed, not through yet: a stamp that never matches)
+            out.append(seen if i not in storage.doubted else [*seen[:2], -1, *seen[3:]])
         else:
             used = storage.identity(i)
             out.append([UNSTAMPED, 0, 0, used[1] if used is not None else

@@ -2634,13 +2634,16 @@ def test_a_short_file_edited_while_the_daemon_is_down_is_checked_again(
         third.close()
 
 
+@pytest.mark.parametrize("stop", ["clean", "crash"])
 def test_a_file_edited_before_a_check_that_a_stop_cut_short_is_not_taken_as_checked(
-        tmp_path: Path, backend: str) -> None:
+        tmp_path: Path, backend: str, stop: str) -> None:
     """A file of a complete torrent edited behind the daemon's back, then a check asked
     and cut short by a stop before it reached the edit: the check had stamped the file
     anew at its first read (as it is now, edit and all), so the stop recorded it
     unchanged, and the next start reported the edited piece verified until its check
-    came by again. What a check found changed is held as changed until a check ends."""
+    came by again. What a check found changed is held as changed until a check ends,
+    in the stamps of a clean stop and in those a save records while the daemon runs
+    (the start after a crash compares the files with those)."""
     n, size = 768, 65536  # (48 MiB: checked in batches of 8 MiB)
     content = make_payload(tmp_path / "src", n * size, seed=22)
     raw = make_torrent_lt(content, size, "v1")
@@ -2665,7 +2668,13 @@ def test_a_file_edited_before_a_check_that_a_stop_cut_short_is_not_taken_as_chec
     with pytest.raises(PiecedError):
         again.recheck(ih, progress)
     assert told and told[-1] < n
-    again.close()
+    if stop == "crash":
+        again._save_now(again.torrent(ih))  # (a save while it runs, as a compaction's)
+        again.torrent(ih).storage.close_handles()
+        assert again.state is not None
+        again.state.close()  # (the process dies)
+    else:
+        again.close()
     third = DiskIO(backend, state_dir=state)
     try:
         assert n - 1 not in _verified(third.status(ih))  # (not even before its check)
