@@ -510,7 +510,7 @@ class StateStore:
 
     def mark_clean(self) -> None:
         path = self.state_dir / CLEAN
-        if path.is_dir() and not path.is_symlink():  # (made while the daemon ran)
+        if path.is_dir():  # (made while the daemon ran: a rename cannot replace it)
             _remove_entry(path)
         write_atomic(path, b"")
 

@@ -497,14 +497,12 @@ def test_a_leecher_gone_that_turns_our_dial_back_away_is_not_warned_of(
     listener = socket.create_server(("127.0.0.1", 0))  # (where it says it listens)
     turned: list[int] = []
 
-    def turn_away() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                turned.append(1)
-                conn.close()
+    class TurnAway(_Scripted):
+        def serve(self, conn: socket.socket) -> None:
+            turned.append(1)
+            conn.close()
 
-    threading.Thread(target=turn_away, daemon=True).start()
+    threading.Thread(target=TurnAway().accept, args=(listener,), daemon=True).start()
     d = Daemon(tmp_path)
     try:
         seeding = Seeding(torrent, tmp_path / "seed", d)
