@@ -80,6 +80,7 @@ from .paths import SaveFolderGone, anchor_of, remove_folder
 from .resume import (
     REC_CLEARED,
     REC_VERIFIED,
+    SETTLE_BUDGET_NS,
     STAMP_FIELDS,
     UNSTAMPED,
     Deletion,
@@ -88,6 +89,7 @@ from .resume import (
     TorrentRecord,
     file_record,
     file_stamp,
+    unsettled_for,
 )
 from .stats import Stats
 from .torrent import (
@@ -305,6 +307,8 @@ class DiskIO:
                                       lambda t: t.storage.root.device)
         self._telling = threading.local()  # .depth: this thread is inside on_piece
         self._stopping = threading.Event()  # set: checks of files in progress give up
+        # What a stop may still wait for file times to settle (see _settle), ns.
+        self._settle_left = SETTLE_BUDGET_NS
         self._held_errors = threading.local()  # see errors_held
         self._on_load = on_load
         self.state = StateStore(state_dir) if state_dir is not None else None
@@ -896,6 +900,7 @@ class DiskIO:
             folders: dict[str, bool] = {}
             files = [self._stamp(t.storage, i, folders) if not flag & UNSTORED else [0, 0, 0, 0]
                      for i, flag in enumerate(t.meta.files.flags)]
+            self._settle(t.storage, files, folders)
             # The pieces under way, their blocks flushed: taken up again by the next
             # start if their files are still as stamped (a clean stop's alone).
             with t.lock:
@@ -917,6 +922,24 @@ class DiskIO:
             with t.lock:
                 t.unrecorded.difference_update(unrecorded)
         return True
+
+    def _settle(self, storage: FileStorage, files: list[list[int]],
+                folders: dict[str, bool]) -> None:
+        """Take again, once the clock has moved past their times' step, the stamps of
+        files changed in the step they were taken in (the daemon's last writes at a
+        stop): an edit later in that step would keep the times they hold, and the next
+        start would take the file as it left it. The wait is bounded for the whole stop
+        (``_settle_left``): file times ahead of this clock (a server's) cannot hold it."""
+        now = time.time_ns()
+        waits = {i: w for i, s in enumerate(files) if (w := unsettled_for(s, now))}
+        if not waits:
+            return
+        wait = min(max(waits.values()), self._settle_left)
+        if wait > 0:
+            self._settle_left -= wait
+            time.sleep(wait / 1e9)
+        for i in waits:
+            files[i] = self._stamp(storage, i, folders)
 
     @staticmethod
     def _stamp(storage: FileStorage, index: int, folders: dict[str, bool]) -> list[int]:

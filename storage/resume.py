@@ -808,6 +808,27 @@ def file_stamp(path: Path, identity: tuple[int, int] | None = None,
     return [st.st_size, st.st_mtime_ns, ctime, st.st_ino]
 
 
+# A file's times come from a clock that moves in steps: the kernel's tick (up to 10 ms)
+# on most file systems, whole seconds on some (ext4 with 128-byte inodes, ext3, NFS
+# servers that keep seconds) and two on FAT. A write in the same step as the one a stamp
+# saw leaves its times as they were: taken in that step, the stamp would match the file
+# edited after it. A stamp is settled once the clock has moved past the step of its
+# times (as git takes an index entry as "racy" until then).
+TICK_NS = 10_000_000
+COARSE_STEP_NS = 2_000_000_000
+SETTLE_BUDGET_NS = COARSE_STEP_NS + 2 * TICK_NS  # the most a stop waits for stamps to settle
+
+
+def unsettled_for(stamp: list[int], now_ns: int) -> int:
+    """How long (ns) before ``stamp``, taken at ``now_ns``, is settled: 0 if it is now.
+    Times in whole seconds are taken for a file system that keeps no more."""
+    if stamp[0] < 0 or stamp[2] < 0:
+        return 0  # no file, or a stamp that never matches
+    last = max(stamp[1], stamp[2])
+    coarse = stamp[1] % 1_000_000_000 == 0 and stamp[2] % 1_000_000_000 == 0
+    return max(0, last + (COARSE_STEP_NS if coarse else 0) + TICK_NS - now_ns)
+
+
 # A descriptor of a folder itself (never a symlink's target), that opens nothing.
 _FOLDER_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

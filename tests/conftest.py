@@ -144,6 +144,23 @@ def freezable_fs(tmp_path: Path) -> Iterator[FreezableFs]:
     fs.close()
 
 
+@pytest.fixture
+def coarse_fs(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 file system of 32 MiB with 128-byte inodes, mounted: room for no more
+    than whole seconds in its file times (as ext3's, or an NFS server's that keeps
+    seconds; FAT keeps two)."""
+    import subprocess
+
+    image, mnt = tmp_path / "coarse.img", tmp_path / "coarse"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 class UnreadableFs:
     """A btrfs file system on a loop device, whose data blocks are checksummed: a byte
     changed in its image behind the file system's back makes the block it lies in

@@ -2634,6 +2634,35 @@ def test_a_short_file_edited_while_the_daemon_is_down_is_checked_again(
         third.close()
 
 
+def test_a_file_edited_in_the_second_of_the_stop_is_checked_again(
+        tmp_path: Path, coarse_fs: Path, backend: str) -> None:
+    """On a file system whose file times are whole seconds, the stop stamped the files
+    the daemon had written in the same second as its last write: an edit in place right
+    after the stop, in that second, left their times as they were, and the next start
+    took the edited piece as verified. The stop stamps such a file once the clock has
+    moved past its times' step."""
+    content = make_payload(tmp_path / "src", 8 * 16384, seed=24)
+    raw = make_torrent_lt(content, 16384, "v1")
+    data = content.read_bytes()
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    ih = dio.register(raw, coarse_fs)
+    time.sleep(1.02 - time.time() % 1)  # (the writes, the stop and the edit in one second)
+    for p in range(8):
+        dio.write_chunk(ih, p, 0, data[p * 16384:(p + 1) * 16384])
+    dio.flush_all()
+    assert _verified(dio.status(ih)) == set(range(8))
+    dio.close()
+    f = coarse_fs / content.name
+    assert os.stat(f).st_mtime_ns % 1_000_000_000 == 0  # (whole seconds: the file system)
+    corrupt(f, 3 * 16384 + 5)  # the file's length kept
+    again = DiskIO(backend, state_dir=state)
+    try:
+        assert _verified(wait_reverified(again, ih)) == set(range(8)) - {3}
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("stop", ["clean", "crash"])
 def test_a_file_edited_before_a_check_that_a_stop_cut_short_is_not_taken_as_checked(
         tmp_path: Path, backend: str, stop: str) -> None:
