@@ -821,12 +821,13 @@ SETTLE_BUDGET_NS = COARSE_STEP_NS + 2 * TICK_NS  # the most a stop waits for sta
 
 def unsettled_for(stamp: list[int], now_ns: int) -> int:
     """How long (ns) before ``stamp``, taken at ``now_ns``, is settled: 0 if it is now.
-    Times in whole seconds are taken for a file system that keeps no more."""
+    On its change time alone, which every write sets from the clock (a modification
+    time can be set to any time); one in whole seconds is taken for a file system that
+    keeps no more."""
     if stamp[0] < 0 or stamp[2] < 0:
         return 0  # no file, or a stamp that never matches
-    last = max(stamp[1], stamp[2])
-    coarse = stamp[1] % 1_000_000_000 == 0 and stamp[2] % 1_000_000_000 == 0
-    return max(0, last + (COARSE_STEP_NS if coarse else 0) + TICK_NS - now_ns)
+    step = COARSE_STEP_NS if stamp[2] % 1_000_000_000 == 0 else 0
+    return max(0, stamp[2] + step + TICK_NS - now_ns)
 
 
 # A descriptor of a folder itself (never a symlink's target), that opens nothing.
