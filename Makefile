@@ -24,12 +24,19 @@ lint: $(VENV)/.test-deps
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
+# LIBURING_CACHE: the liburing package keeps a cache of its names beside its files,
+# made here at the install, so that a daemon that may not write there reads it.
+LIBURING_CACHE := $(BIN)/python -c "from pieced.storage.uring import liburing; liburing()" \
+	|| echo "liburing does not load here: the uring backend is not available"
+
 $(VENV)/.run-deps: pyproject.toml $(VENV)/bin/python
 	$(BIN)/pip install -q -e .
+	$(LIBURING_CACHE)
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml $(VENV)/bin/python
 	$(BIN)/pip install -q -e '.[test]'
+	$(LIBURING_CACHE)
 	touch $@ $(VENV)/.run-deps
 
 tools:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import marshal
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import StorageIOError
 from .files import _IOV_MAX, FileStorage
@@ -44,6 +46,42 @@ def check_uring() -> None:
                              "another backend, such as posix", errno=-results[0])
 
 
+def liburing() -> Any:
+    """The liburing package, imported without writing into the folder it is installed
+    in. It loads through the dynamic_import package, whose reader of its own cache
+    (2024.5.2) never reads one back (a statement split over two lines), so that every
+    import deleted and wrote that cache again among the installed files: refused to a
+    service user (a PermissionError), and under a read-only /usr. Its reader is put
+    right first, and the cache an install writes (``make``) is then read, not written."""
+    if "liburing" not in sys.modules:
+        import dynamic_import  # noqa: F401  (its submodule below, not the function)
+        loader: Any = sys.modules.get("dynamic_import.importer")
+        if loader is not None and hasattr(loader, "load_cache"):
+            loader.load_cache = _load_cache
+    import liburing as lib
+    return lib
+
+
+def _load_cache(path: str, recursive: bool, exclude_file: list[str], exclude_dir: list[str],
+                version: str) -> Any:
+    """dynamic_import's cache of a package's names, if it is of the package as it is
+    installed now; else None, and it is made again."""
+    try:
+        with open(path, "rb") as f:
+            (cached_version, cached_recursive, cached_exclude_file, cached_exclude_dir,
+             dir_mtime, data) = marshal.load(f)
+        if (cached_version, cached_recursive, cached_exclude_file, cached_exclude_dir) != (
+                version, recursive, exclude_file, exclude_dir):
+            return None
+        if any(os.stat(d).st_mtime != m for d, m in dir_mtime.items()):
+            return None
+        if any(os.stat(entry[1]).st_mtime != entry[3] for entry in data.values()):
+            return None
+        return data
+    except Exception:  # (anything amiss: made again, as its own reader does)
+        return None
+
+
 _probed: list[str] = []  # what the child found, once a process
 
 
@@ -52,8 +90,8 @@ def _probe_in_child() -> str:
     lacks (a wheel of the package needs AVX-512) dies of SIGILL, and would take the
     daemon with it. What went wrong there, or "" when it worked (or could not be run)."""
     if not _probed:
-        code = ("import liburing; r = liburing.io_uring(); "
-                "liburing.io_uring_queue_init(2, r); liburing.io_uring_queue_exit(r)")
+        code = ("from pieced.storage.uring import liburing; lib = liburing(); "
+                "r = lib.io_uring(); lib.io_uring_queue_init(2, r); lib.io_uring_queue_exit(r)")
         try:
             done = subprocess.run([sys.executable, "-c", code], capture_output=True,
                                   timeout=30, check=False)
@@ -81,12 +119,10 @@ class _Ring:
     live = False  # io_uring_queue_init succeeded: the ring is to be closed
 
     def __init__(self) -> None:
-        import liburing
-
-        self.lib = liburing
-        self.ring = liburing.io_uring()
-        self.cqe = liburing.io_uring_cqe()
-        liburing.io_uring_queue_init(self.DEPTH, self.ring)
+        self.lib = lib = liburing()
+        self.ring = lib.io_uring()
+        self.cqe = lib.io_uring_cqe()
+        lib.io_uring_queue_init(self.DEPTH, self.ring)
         self.live = True
 
     def __del__(self) -> None:

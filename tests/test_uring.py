@@ -4,6 +4,9 @@ finds."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,25 @@ from tests.test_disk import Source
 
 def test_io_uring_works_here() -> None:
     check_uring()  # the machines this runs on allow it: the tests below must not skip
+
+
+def test_io_uring_works_where_its_package_cannot_be_written(tmp_path: Path) -> None:
+    """The liburing package rewrote a cache in its own folder at every import, so a
+    daemon that may not write there (a service user, a read-only /usr) could never use
+    the backend ("io_uring is not available here (Permission denied ...)"). Its folder
+    made read-only (a bind mount in a mount namespace of the test's own), the backend
+    still starts and writes."""
+    subprocess.run([sys.executable, "-c", "from pieced.storage.uring import liburing; "
+                    "liburing()"], check=True)  # (the cache an install makes)
+    folder = Path(importlib.util.find_spec("liburing").origin).parent  # type: ignore[union-attr, arg-type]
+    script = ("from pieced.storage.disk import DiskIO; from pieced.storage.uring import "
+              "check_uring; import sys; check_uring(); d = DiskIO('uring', roots=[sys.argv[1]]); "
+              "d.close(); print('started')")
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$1" && '
+         'mount -o remount,bind,ro "$1" && exec "$2" -c "$3" "$4"', "sh", str(folder),
+         sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
