@@ -16,6 +16,7 @@ import itertools
 import os
 import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
 from .paths import Beneath, anchor_of, part_name
-from .resume import file_stamp
+from .resume import file_stamp, unsettled_for
 
 BACKENDS = ("posix", "mmap", "direct", "uring", "disabled")
 _IOV_MAX = 1024
@@ -250,8 +251,10 @@ class FileStorage:
         # if its stamp is the same, and one not written since is as it was then.
         self.start_stamps: dict[int, list[int]] = {}
         # Files a check found changed behind our back since their start stamp, before it
-        # stamped them anew: until a check is over, a stop records them as changed (a
-        # check cut short by the stop left pieces of them verified that it never reached).
+        # stamped them anew, and files stamped in the clock's step of their last write
+        # (see restamp): until a check is over, a stop, or a save while the daemon runs,
+        # records them as changed (a check cut short by the stop left pieces of them
+        # verified that it never reached).
         self.doubted: set[int] = set()
         # Files the daemon has written since the start: their times are its own doing
         # (a save while it runs stamps one by its inode alone: see disk._kept_stamps).
@@ -390,7 +393,10 @@ class FileStorage:
         """Stamp files anew, as they are now, and take them as not written since (a
         torrent just completed, its data synced: no write of it is to come but after a
         piece of it is cleared, which is journaled first). A file with writes not yet
-        synced is left as it was."""
+        synced is left as it was. One stamped in the clock's step of its last write (a
+        second, on some file systems) is doubted (see ``doubted``): an edit later in that
+        step would keep the times stamped, and only a read can tell it from the daemon's
+        own write; the next start checks it again."""
         folders: dict[str, bool] = {}
         for index in indices:
             with self._lock:
@@ -398,10 +404,13 @@ class FileStorage:
                     continue
                 used = self._identity.get(index)
             stamp = file_stamp(self.file_path(index), used, folders)
+            unsettled = unsettled_for(stamp, time.time_ns())
             with self._lock:
                 if index not in self._dirty and stamp[0] >= 0 and stamp[2] >= 0:
                     self.start_stamps[index] = stamp
                     self.written.discard(index)
+                    if unsettled:
+                        self.doubted.add(index)
 
     @property
     def opened_any(self) -> bool:
