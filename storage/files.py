@@ -27,7 +27,7 @@ from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
 from .paths import Beneath, anchor_of, part_name
-from .resume import file_stamp, unsettled_for
+from .resume import TICK_NS, file_stamp, unsettled_for
 
 BACKENDS = ("posix", "mmap", "direct", "uring", "disabled")
 _IOV_MAX = 1024
@@ -393,10 +393,11 @@ class FileStorage:
         """Stamp files anew, as they are now, and take them as not written since (a
         torrent just completed, its data synced: no write of it is to come but after a
         piece of it is cleared, which is journaled first). A file with writes not yet
-        synced is left as it was. One stamped in the clock's step of its last write (a
-        second, on some file systems) is doubted (see ``doubted``): an edit later in that
-        step would keep the times stamped, and only a read can tell it from the daemon's
-        own write; the next start checks it again."""
+        synced is left as it was. One stamped in the clock's step of its last write is
+        stamped again once the step is over, if that is a tick (10 ms at most); else (a
+        second, on some file systems) it is doubted (see ``doubted``): an edit later in
+        that step would keep the times stamped, and only a read can tell it from the
+        daemon's own write; the next start checks it again."""
         folders: dict[str, bool] = {}
         for index in indices:
             with self._lock:
@@ -405,6 +406,10 @@ class FileStorage:
                 used = self._identity.get(index)
             stamp = file_stamp(self.file_path(index), used, folders)
             unsettled = unsettled_for(stamp, time.time_ns())
+            if 0 < unsettled <= TICK_NS:
+                time.sleep(unsettled / 1e9)
+                stamp = file_stamp(self.file_path(index), used, folders)
+                unsettled = unsettled_for(stamp, time.time_ns())
             with self._lock:
                 if index not in self._dirty and stamp[0] >= 0 and stamp[2] >= 0:
                     self.start_stamps[index] = stamp
