@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import itertools
 import logging
 import logging.handlers
 import os
@@ -22,17 +23,21 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from aiohttp import web
 from pieced.config.descriptors import raise_open_files
 from pieced.config.settings import Settings, exposure_problem
+from pieced.storage import paths
 from pieced.storage.disk import DiskIO
+from pieced.storage.paths import IDLE_FOLDERS
 from pieced.storage.resume import make_folders
 
 from . import systemd
 from .http import (
     HTTP_SHUTDOWN_SECONDS,
     KEEPALIVE_SECONDS,
+    MAX_CONNECTIONS,
     MAX_HEADERS,
     guard_connections,
     make_app,
@@ -57,8 +62,17 @@ def socket_path_problem(settings: Settings) -> str | None:
 
 
 def bind_socket(settings: Settings) -> socket.socket:
+    """The daemon's listening socket at ``settings.socket``; a stale one there (no one
+    listening) is replaced. A start refused here names the socket and says why (a
+    socket's bind and connect errors name no file)."""
     path = Path(settings.socket)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = ("a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError))
+               else exc.strerror or exc)
+        raise SystemExit(f"pieced: socket {path}: cannot make its folder {path.parent}: "
+                         f"{why}") from None
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise SystemExit(f"pieced: {path} exists and is not a socket")
@@ -68,12 +82,21 @@ def bind_socket(settings: Settings) -> socket.socket:
             raise SystemExit(f"pieced: another daemon is listening on {path}")
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink()
+        except PermissionError:
+            raise SystemExit(f"pieced: socket {path}: this user may not connect to it, to "
+                             "see whether a daemon listens there (another user's daemon "
+                             "may): choose another socket, or remove it if it is stale"
+                             ) from None
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o777 & ~settings.socket_mode)  # never world-accessible, even briefly
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"pieced: socket {path}: cannot bind it: "
+                         f"{exc.strerror or exc}") from None
     finally:
         os.umask(old)
     try:
@@ -193,7 +216,7 @@ def warn_open_socket(settings: Settings, passed: bool) -> None:
                     settings.socket_mode)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, http_connections: int = MAX_CONNECTIONS) -> None:
     settings = settings.resolved()
     problem = exposure_problem(settings)
     if problem:
@@ -224,10 +247,11 @@ async def serve(settings: Settings) -> None:
     # The socket before the state: a start refused there (another daemon listening, a
     # socket_group that does not exist) leaves the state as the last stop left it.
     listener = passed[0] if passed else bind_socket(settings)
+    bound = None if passed else _identity(Path(settings.socket))
 
     def unbind() -> None:
-        if not passed:
-            Path(settings.socket).unlink(missing_ok=True)
+        if bound is not None:
+            _unlink_if(Path(settings.socket), bound)
         listener.close()
 
     try:
@@ -280,7 +304,7 @@ async def serve(settings: Settings) -> None:
     watchdog = systemd.watchdog_interval()
     pinger = asyncio.create_task(_watchdog(watchdog)) if watchdog else None
     assert runner.server is not None
-    guard = guard_connections(runner.server)
+    guard = guard_connections(runner.server, http_connections)
 
     systemd.notify("READY=1\nSTATUS=serving")
     # The socket in use: under socket activation the one passed, not the configured one.
@@ -303,11 +327,27 @@ async def serve(settings: Settings) -> None:
     await server.close()
     await runner.cleanup()
     await loop.run_in_executor(None, disk.close)
-    if not passed:
-        with contextlib.suppress(FileNotFoundError):
-            Path(settings.socket).unlink()
+    if bound is not None:
+        _unlink_if(Path(settings.socket), bound)
     listener.close()
     log.info("stopped")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _unlink_if(path: Path, identity: tuple[int, int]) -> None:
+    """Remove the daemon's socket file if it is still the one it bound: one put there
+    since (removed and bound again by another daemon) is that daemon's, whose clients
+    would find no socket."""
+    if _identity(path) == identity:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 async def loop_executor(fn: Callable[[], None]) -> None:
@@ -352,26 +392,52 @@ class _BadRequestsBriefly(logging.Filter):
 # Descriptors a client may hold: its socket, its ring's three (the memfd, a description
 # of our own to probe it, the map's), 4 received and not yet taken.
 FDS_PER_CLIENT = 8
-# Held besides payload files and clients: HTTP connections (at most 128), the state
-# folder's files, the save folders in use or last used (64: storage/paths.py), a
-# journal being appended to, the listening sockets.
-FDS_RESERVED = 256
+# Held besides payload files, clients, HTTP connections and idle save folders: the
+# state folder's files, a journal being appended to, the listening sockets, the event
+# loop's, the log (about 20 at rest).
+FDS_BASE = 64
+# HTTP connections (at most MAX_CONNECTIONS) and save folders kept open idle (at most
+# IDLE_FOLDERS) take these shares of a low limit.
+HTTP_SHARE, FOLDERS_SHARE = 8, 16
+FDS_RESERVED = FDS_BASE + MAX_CONNECTIONS + IDLE_FOLDERS  # under a limit of 1,024 or more
 
 
-def fit_descriptors(settings: Settings, limit: int) -> Settings:
-    """``max_open_files`` and ``max_clients`` lowered to fit the descriptor limit:
-    past it, idle clients took the last descriptors, and other clients' writes failed
-    with EMFILE (recorded as their torrents' errors) while new clients waited unanswered
-    in the backlog. Within it, a client over ``max_clients`` is refused at once."""
-    room = max(limit - FDS_RESERVED, 2 * FDS_PER_CLIENT)
+def _shares(limit: int) -> tuple[int, int, int]:
+    """(HTTP connections, idle save folders, room for files and clients) of a limit."""
+    http = max(4, min(MAX_CONNECTIONS, limit // HTTP_SHARE))
+    folders = max(4, min(IDLE_FOLDERS, limit // FOLDERS_SHARE))
+    return http, folders, limit - FDS_BASE - http - folders
+
+
+class Fitted(NamedTuple):
+    settings: Settings
+    http_connections: int
+    idle_folders: int
+
+
+def fit_descriptors(settings: Settings, limit: int) -> Fitted:
+    """``max_open_files`` and ``max_clients`` lowered to fit the descriptor limit, and
+    under a low one the HTTP connections and idle save folders held: past it, idle
+    clients took the last descriptors, and other clients' writes failed with EMFILE
+    (recorded as their torrents' errors) while new clients waited unanswered in the
+    backlog; under a few hundred, save folders and HTTP connections took them all, and
+    no client could connect at all. Within it, a client over ``max_clients`` is refused
+    at once. A limit too low for a client and a file stops the start, saying so."""
+    http, folders, room = _shares(limit)
+    if room < 2 + FDS_PER_CLIENT:
+        least = next(n for n in itertools.count(limit) if _shares(n)[2] >= 2 + FDS_PER_CLIENT)
+        raise SystemExit(f"pieced: {limit} descriptors allowed (RLIMIT_NOFILE): the daemon "
+                         f"needs {least} at least (raise LimitNOFILE, or ulimit -n)")
     files = max(1, min(settings.max_open_files, room // 2))
     clients = max(1, min(settings.max_clients, (room - files) // FDS_PER_CLIENT))
     if (files, clients) != (settings.max_open_files, settings.max_clients):
         log.warning("%d descriptors allowed (RLIMIT_NOFILE): max_open_files %d -> %d, "
-                    "max_clients %d -> %d (raise LimitNOFILE to have them back)", limit,
-                    settings.max_open_files, files, settings.max_clients, clients)
+                    "max_clients %d -> %d, HTTP connections %d, idle save folders %d "
+                    "(raise LimitNOFILE to have them back)", limit,
+                    settings.max_open_files, files, settings.max_clients, clients, http,
+                    folders)
         settings = replace(settings, max_open_files=files, max_clients=clients)
-    return settings
+    return Fitted(settings, http, folders)
 
 
 class _OneLine(logging.Formatter):
@@ -450,8 +516,9 @@ def run(settings: Settings) -> None:
     settings = settings.resolved()
     setup_logging(settings)
     logging.getLogger("aiohttp.server").addFilter(_BadRequestsBriefly())
+    http_connections = MAX_CONNECTIONS
     if soft is not None:
-        settings = fit_descriptors(settings, soft)
+        settings, http_connections, paths.IDLE.limit = fit_descriptors(settings, soft)
     import uvloop
 
-    uvloop.run(serve(settings))
+    uvloop.run(serve(settings, http_connections))

@@ -309,6 +309,45 @@ def test_a_start_refused_after_the_log_is_open_is_in_the_log(tmp_path: Path) -> 
         assert first.stop() == 0, first.stderr()
 
 
+def test_a_stop_leaves_a_socket_another_daemon_bound_since(tmp_path: Path) -> None:
+    """A daemon's socket file removed, and another daemon started on the same path (its
+    own state): the first one's clean stop removed the second one's socket by name, and
+    the second one's clients found none. A stop removes the socket it bound alone."""
+    from pieced.protocol.client import Client
+
+    from tests.conftest import Daemon
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Daemon(tmp_path / "a")
+    try:
+        first.socket.unlink()
+        second = Daemon(tmp_path / "b", "--socket", str(first.socket))
+        try:
+            assert first.stop() == 0, first.stderr()
+            with Client(first.socket) as c:  # (the second one's now)
+                assert c.stats() is not None
+        finally:
+            assert second.stop() == 0, second.stderr()
+        assert not first.socket.exists()  # (the second one's, removed at its stop)
+    finally:
+        first.stop()
+
+
+def test_a_socket_whose_folder_cannot_be_made_is_named(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("")
+    sock = tmp_path / "a-file" / "pieced.sock"
+    r = subprocess.run(
+        [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0",
+         "--socket", str(sock)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"socket {sock}: cannot make its folder {sock.parent}: a file is in the way" \
+        in r.stderr, r.stderr
+
+
 def test_a_missing_root_is_warned_of(tmp_path: Path) -> None:
     """Every save path below it would be refused: said at start-up, not only at each
     add, and not refused (the mount it stands for may come later)."""

@@ -1621,13 +1621,15 @@ def test_a_low_descriptor_limit_lowers_the_client_bound_instead_of_starving_clie
     failed with EMFILE, recorded as its torrent's errors, and new clients waited
     unanswered. The bounds are lowered to fit at start-up, said in the log: a client
     past them is refused at once, and the others' writes go on."""
-    from pieced.daemon.main import FDS_PER_CLIENT, FDS_RESERVED
+    from pieced.config.settings import Settings
+    from pieced.daemon.main import fit_descriptors
 
     content = make_payload(tmp_path / "src", 40 * 16384, seed=33)
     raw = make_torrent_lt(content, 16384, "v1")
     src = Source(raw, tmp_path / "src")
     d = Daemon(tmp_path, wrap=("prlimit", "--nofile=400:400"))
-    clients = (400 - FDS_RESERVED - (400 - FDS_RESERVED) // 2) // FDS_PER_CLIENT
+    clients = fit_descriptors(Settings(), 400).settings.max_clients
+    assert 1 < clients < 256
     held: list[Client] = []
     try:
         with Client(d.socket) as c:
@@ -1649,6 +1651,41 @@ def test_a_low_descriptor_limit_lowers_the_client_bound_instead_of_starving_clie
             idle.close()
         assert d.stop() == 0
     assert "max_clients 256 ->" in d.stderr()
+
+
+def test_a_descriptor_limit_of_a_hundred_leaves_the_daemon_reachable(tmp_path: Path) -> None:
+    """Under a limit of a hundred descriptors, the save folders the daemon keeps open
+    (64) and its HTTP connections (128) were not fitted to it: torrents in folders of
+    their own took the descriptors until every register failed ("Too many open files"),
+    and a restart with them saved accepted no client at all. They are fitted now; and a
+    limit too low for one client stops the start, saying so."""
+    wrap = ("prlimit", "--nofile=100:100")
+    d = Daemon(tmp_path, wrap=wrap)
+    ihs = []
+    try:
+        with Client(d.socket) as c:
+            for k in range(40):  # (each its own torrent, each in a folder of its own)
+                content = make_payload(tmp_path / f"src{k}", 2 * 16384, seed=100 + k)
+                raw = make_torrent_lt(content, 16384, "v1")
+                src = Source(raw, tmp_path / f"src{k}")
+                ihs.append(ih := c.register(raw, tmp_path / f"dl{k}"))
+                for p, b, n in src.blocks():
+                    c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            assert [c.status(ih)["verified_pieces"] for ih in ihs] == [2] * 40
+    finally:
+        assert d.stop() == 0
+    d = Daemon(tmp_path, wrap=wrap)
+    try:
+        with Client(d.socket, timeout=20) as c:
+            assert [c.status(ih)["verified_pieces"] for ih in ihs] == [2] * 40
+    finally:
+        assert d.stop() == 0
+    refused = subprocess.run(["prlimit", "--nofile=64:64", sys.executable, "-m",
+                              "pieced.daemon.cli", "run", "--http-port", "0"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "64 descriptors allowed (RLIMIT_NOFILE)" in refused.stderr, refused.stderr
 
 
 def test_the_hello_exchange_of_the_protocol_document_is_what_a_daemon_sends(tmp_path: Path) -> None:
