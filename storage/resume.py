@@ -419,7 +419,8 @@ class TorrentRecord:
         (caller holds both locks): from then on a restart deletes it and never loads the
         torrent, whatever becomes of the rest of the removal. OSError when the folder
         cannot be renamed (a read-only state file system, a folder made immutable or
-        not ours): nothing has changed then, and the removal must be refused, for a
+        not ours) or the rename made durable: nothing has changed then (the rename is
+        put back), and the removal must be refused, for a
         record left where it is would bring the torrent back at the next start, its old
         bitfield taken on trust over files the user was told are no longer its own."""
         if self.folder.name.startswith(REMOVING):
@@ -436,9 +437,17 @@ class TorrentRecord:
             # it was to go anyway.
             shutil.rmtree(gone, ignore_errors=True)
             os.replace(self.folder, gone)
-        self.folder = gone
-        with contextlib.suppress(OSError):
+        try:
             fsync_dir(gone.parent)
+        except OSError:
+            # Not durable: a power cut could bring the record back after the removal
+            # was answered. Put back, and refused, as write_atomic does.
+            try:
+                os.replace(gone, self.folder)
+            except OSError:
+                self.folder = gone  # (where it is now: removed at the next start)
+            raise
+        self.folder = gone
 
     def remove(self, keep: bool = False) -> None:
         """Forget the torrent (caller holds both locks): nothing is written after this.

@@ -270,3 +270,44 @@ def test_a_folder_where_the_clean_stop_mark_goes_is_cleared(tmp_path: Path) -> N
         assert third.state is not None and third.state.was_clean
     finally:
         third.close()
+
+
+def test_a_removal_whose_record_cannot_be_set_aside_durably_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal that keeps the files sets the torrent's record aside (a rename), the
+    step that commits it: when the rename could not be made durable (the fsync of the
+    state folder failed), the removal was answered done all the same, and a power cut
+    could bring the torrent back with its old bitfield. It is refused now, the record
+    left where it was."""
+    from pieced.storage import resume
+
+    content = make_payload(tmp_path / "src", 4 * 16384, seed=41)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    real = resume.fsync_dir
+
+    def failing(path: Path) -> None:
+        if path == state / "torrents":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(path)
+
+    monkeypatch.setattr(resume, "fsync_dir", failing)
+    try:
+        with pytest.raises(StorageIOError, match="cannot be changed"):
+            dio.unregister(ih)
+        assert dio.torrents() == [ih]
+        assert not [p for p in (state / "torrents").iterdir() if p.name.startswith(".")]
+    finally:
+        monkeypatch.undo()
+        dio.close()
+    again = DiskIO("posix", state_dir=state)
+    try:
+        assert again.torrents() == [ih]
+        assert _verified(again.status(ih)) == set(range(4))
+    finally:
+        again.close()
