@@ -406,8 +406,9 @@ class DiskIO:
                     self._forget(t)
                 self._reshare(t)
                 storage.close()
-                if isinstance(exc, OSError):
-                    raise StorageIOError.wrap(exc, "register") from None
+                if isinstance(exc, OSError):  # (the state folder's file, if it is one)
+                    raise StorageIOError.wrap(exc, "register" + (
+                        f": {exc.filename}" if exc.filename else "")) from None
                 raise
         finally:
             t.leave_alone()

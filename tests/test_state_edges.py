@@ -311,3 +311,22 @@ def test_a_removal_whose_record_cannot_be_set_aside_durably_is_refused(
         assert _verified(again.status(ih)) == set(range(4))
     finally:
         again.close()
+
+
+def test_a_register_the_state_folder_refuses_names_where(tmp_path: Path) -> None:
+    """A register whose record the state folder would not take (a folder made
+    immutable here; not writable by the service user, in the field) failed with
+    "register: Permission denied", naming nothing to look at."""
+    content = make_payload(tmp_path / "src", 2 * 16384, seed=42)
+    raw = make_torrent_lt(content, 16384, "v1")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state)
+    subprocess.run(["chattr", "+i", str(state / "torrents")], check=True)
+    try:
+        with pytest.raises(StorageIOError) as refused:
+            dio.register(raw, tmp_path / "dl")
+        assert str(state / "torrents") in str(refused.value), refused.value
+        assert dio.torrents() == []
+    finally:
+        subprocess.run(["chattr", "-i", str(state / "torrents")], check=True)
+        dio.close()
