@@ -527,14 +527,18 @@ def reads_per_peer(piece_length: int) -> int:
 class UtpRefuser(asyncio.DatagramProtocol):
     """The listening port's UDP side: a uTP SYN gets a RESET (``utp.py``), so that a
     peer that dials over uTP first falls back to TCP at once; at most ``RESETS_PER_SECOND``
-    of them, and nothing else is answered."""
+    of them, ``RESETS_PER_ADDRESS`` to one address (a flood of SYNs from one took them
+    all, and the others' dials waited out their uTP timeouts), and nothing else is
+    answered."""
 
     RESETS_PER_SECOND = 50
+    RESETS_PER_ADDRESS = 5
 
     def __init__(self) -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self._second = 0
         self._sent = 0
+        self._to: dict[str, int] = {}  # this second's RESETs by address
         self._seq = int.from_bytes(os.urandom(2), "big")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -545,12 +549,17 @@ class UtpRefuser(asyncio.DatagramProtocol):
         now = time.monotonic()
         if int(now) != self._second:
             self._second, self._sent = int(now), 0
-        if self._sent >= self.RESETS_PER_SECOND or self.transport is None:
+            self._to.clear()
+        host = str(addr[0])
+        sent = self._to.get(host, 0)
+        if (self._sent >= self.RESETS_PER_SECOND or sent >= self.RESETS_PER_ADDRESS
+                or self.transport is None):
             return
         self._seq = (self._seq + 1) & 0xFFFF
         reply = refusal(data, int(time.time() * 1e6), self._seq)
         if reply is not None:
             self._sent += 1
+            self._to[host] = sent + 1
             self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:

@@ -3,6 +3,7 @@ for anything else, never longer than what came."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from hypothesis import given
@@ -38,3 +39,51 @@ def test_any_datagram_is_answered_at_most_by_its_own_length(
     if reply is not None:
         assert len(data) >= 20 and data[0] == 0x41
         assert len(reply) <= len(data) and reply[2:4] == data[2:4]
+
+
+def test_a_flood_of_syns_from_one_address_leaves_resets_for_the_others() -> None:
+    """The port answers at most 50 SYNs a second: a flood from one address took them
+    all, and a real peer dialling over uTP meanwhile got no RESET, and fell back to TCP
+    only after its uTP timeout (3 s more). One address gets a few of them a second."""
+    import asyncio
+    import socket
+    import time
+
+    from pieced.peer.plugin import UtpRefuser
+
+    async def main() -> tuple[int, bool]:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(UtpRefuser,
+                                                           local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flood.bind(("127.0.0.1", 0))
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.2", 0))
+        for s in (flood, peer):
+            s.setblocking(False)
+        try:
+            if time.time() % 1 > 0.8:  # (the flood and the dial in one second)
+                await asyncio.sleep(1 - time.time() % 1)
+            for k in range(500):
+                flood.sendto(_syn(k, k), ("127.0.0.1", port))
+            await asyncio.sleep(0.05)
+            peer.sendto(_syn(0xAAAA, 7), ("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            flooded = 0
+            with contextlib.suppress(BlockingIOError):
+                while flood.recv(64):
+                    flooded += 1
+            try:
+                answered = peer.recv(64)[2:4] == b"\xaa\xaa"
+            except BlockingIOError:
+                answered = False
+            return flooded, answered
+        finally:
+            transport.close()
+            flood.close()
+            peer.close()
+
+    flooded, answered = asyncio.run(main())
+    assert answered
+    assert 0 < flooded < 50
