@@ -109,13 +109,35 @@ def bind_socket(settings: Settings) -> socket.socket:
                 if not (text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF):
                     raise SystemExit(f"pieced: socket_group {text!r}: no such group") from None
                 gid = int(text)
-            os.chown(path, -1, gid)
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise SystemExit(f"pieced: socket_group {settings.socket_group!r}: this "
+                                 "user may not give its socket to that group (it is not "
+                                 "a member)") from None
+            _warn_folders_shut(path.parent, gid, settings.socket_group)
         sock.listen(128)
     except BaseException:
         sock.close()
         path.unlink(missing_ok=True)  # not left behind for the next start to trip on
         raise
     return sock
+
+
+def _warn_folders_shut(folder: Path, gid: int, group: str) -> None:
+    """Said when a folder on the way to the socket lets no member of its group through
+    (a state folder made under umask 077 holds it, by default): the socket's mode and
+    group alone do not let them in."""
+    for f in (folder, *folder.parents):
+        try:
+            st = f.stat()
+        except OSError:
+            return
+        through = st.st_mode & (stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH)
+        if not through:
+            log.warning("socket_group %s: the folder %s (mode %#o) lets no member of the "
+                        "group through to the socket", group, f, stat.S_IMODE(st.st_mode))
+            return
 
 
 # Seconds a start may go on from each word that it is still loading saved torrents

@@ -54,6 +54,18 @@ def test_socket_mode_and_peer_credentials() -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_socket_group_a_folder_on_the_way_shuts_out_is_warned_of(tmp_path: Path) -> None:
+    """Under umask 077 the state folder, which holds the socket by default, is made
+    0700: ``socket_group`` and ``socket_mode`` 0660 then let no member of the group in,
+    and nothing said why."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "var").mkdir(mode=0o700)
+    d = Daemon(tmp_path, env={"PIECED_SOCKET_GROUP": "4242"})
+    assert d.stop() == 0, d.stderr()
+    assert (f"socket_group 4242: the folder {tmp_path / 'var'} (mode 0o700) lets no member "
+            "of the group through to the socket") in d.stderr(), d.stderr()
+
+
 def test_the_socket_group_may_be_a_number_and_a_bad_one_is_refused_with_a_message(
         tmp_path: Path) -> None:
     """A group named by its number (one /etc/group does not list, as in a container) was
