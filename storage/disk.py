@@ -2358,6 +2358,10 @@ class DiskIO:
 
     def _record_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
         held = getattr(self._held_errors, "list", None)
+        if isinstance(exc, PathEscape) and exc.errno is None:
+            # A symlink or hard link where a payload file should be, met by a read or a
+            # write: listed and told with EPERM, as a check finds it (events carry one).
+            exc = StorageIOError(str(exc), errno=errno.EPERM)
         try:
             if isinstance(exc, FileVanished):
                 self._start_over(t, exc.file_index, verified=True, partial=exc.written)

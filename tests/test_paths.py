@@ -111,6 +111,9 @@ def test_hard_links_and_symlinked_files_are_refused(setup) -> None:  # type: ign
     target.symlink_to(canary / "victim")
     errors = _write(dio, ih, src, {"a.bin"})
     assert errors and all(isinstance(e, PathEscape) for e in errors)
+    # listed, and told, with an errno as the events document it (EPERM, as a check says)
+    listed = dio.status(ih)["errors"]
+    assert listed and all(e["errno"] == errno.EPERM for e in listed), listed
     # a symlink to nothing yet: the first write's create (O_EXCL) makes nothing through it
     target.unlink()
     target.symlink_to(canary / "made-through-a-link")
