@@ -22,7 +22,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import BadRequest, OutOfRange, PathEscape, PiecedError, StorageIOError
-from .filetable import UNSTORED
+from .filetable import PAD, UNSTORED
 from .hashing import Buffer, sub_views
 from .layout import Segment
 from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
@@ -1296,7 +1296,9 @@ class FileStorage:
         if parts == self.parts(index):
             return None
         dst = self.save_path.joinpath(*parts)
-        for i in self.stored_files():
+        flags = self.meta.files.flags
+        # (a symlink entry's name is the torrent's too, though nothing is stored there)
+        for i in (i for i in range(len(flags)) if not flags[i] & PAD):
             other = self.parts(i)
             k = min(len(other), len(parts))
             if i == index or other[:k] != parts[:k]:

@@ -715,10 +715,12 @@ def _attr(d: dict[bytes, Any], where: str) -> str:
 
 
 def _dangling(attr: str, d: dict[bytes, Any]) -> bool:
-    """A symlink entry (attr "l") without its ``symlink path``: libtorrent makes it an
-    ordinary empty file, whatever length it says (a symlink's is 0, and the flag goes
-    once the path is found missing); so does this reader (``attr`` without its "l")."""
-    return "l" in attr and not isinstance(d.get(b"symlink path"), list)
+    """A symlink entry (attr "l") without its ``symlink path``, or with an empty one:
+    libtorrent makes it an ordinary empty file, whatever length it says (a symlink's is
+    0, and the flag goes once the path is found missing); so does this reader (``attr``
+    without its "l")."""
+    link = d.get(b"symlink path")
+    return "l" in attr and not (isinstance(link, list) and link)
 
 
 def _length(d: dict[bytes, Any], where: str) -> int:

@@ -222,12 +222,14 @@ def test_files_libtorrent_marks_executable_are_made_executable(
 
 @pytest.mark.parametrize("attr", [b"l", b"lx"])
 @pytest.mark.parametrize("files_at", ["list", "single"])
+@pytest.mark.parametrize("link", [None, []])
 def test_a_symlink_flag_without_its_path_is_an_empty_file_as_libtorrent_reads_it(
-        attr: bytes, files_at: str) -> None:
-    """An entry marked ``l`` without a ``symlink path``: libtorrent takes it for an
-    ordinary file of 0 bytes, whatever length it says (a symlink's length is 0; the
-    flag goes once its path is found missing). Read as a file of its length, the two
-    saw two torrents under one info hash: other bytes in other places."""
+        attr: bytes, files_at: str, link: list[bytes] | None) -> None:
+    """An entry marked ``l`` without a ``symlink path`` (or with an empty one): libtorrent
+    takes it for an ordinary file of 0 bytes, whatever length it says (a symlink's
+    length is 0; the flag goes once its path is found missing). Read as a file of its
+    length, the two saw two torrents under one info hash: other bytes in other places;
+    read as a symlink (an empty path), no file was made where libtorrent makes one."""
     def v1_piece_hashes(data: bytes, plen: int) -> bytes:
         return b"".join(hashlib.sha1(data[i:i + plen]).digest()
                         for i in range(0, len(data), plen))
@@ -236,12 +238,14 @@ def test_a_symlink_flag_without_its_path_is_an_empty_file_as_libtorrent_reads_it
     if files_at == "list":
         info = {b"name": b"t", b"piece length": 16384, b"files": [
             {b"length": len(a), b"path": [b"a.bin"]},
-            {b"attr": attr, b"length": 100, b"path": [b"x1"]},
+            {b"attr": attr, b"length": 100, b"path": [b"x1"],
+             **({} if link is None else {b"symlink path": link})},
             {b"length": 50, b"path": [b"y"]}],
             b"pieces": v1_piece_hashes(a + bytes(50), 16384)}
     else:  # (one file of no data: refused by both)
         info = {b"name": b"t", b"piece length": 16384, b"attr": attr, b"length": 100,
-                b"pieces": hashlib.sha1(bytes(100)).digest()}
+                b"pieces": hashlib.sha1(bytes(100)).digest(),
+                **({} if link is None else {b"symlink path": link})}
     raw = bencodepy.encode({b"info": info})
     try:
         ti = lt.torrent_info(raw)
@@ -300,6 +304,7 @@ def test_symlink_entries_libtorrent_makes_are_taken_in_every_kind(
     import os
 
     from pieced.storage.disk import DiskIO
+    from pieced.storage.errors import StorageIOError
 
     src = tmp_path / "seed" / "payload"
     src.mkdir(parents=True)
@@ -317,6 +322,11 @@ def test_symlink_entries_libtorrent_makes_are_taken_in_every_kind(
         ih = dio.register(raw, tmp_path / "seed")
         assert dio.recheck(ih, full=True).ok
         assert dio.status(ih, files=False)["verified_pieces"] == parse(raw).num_pieces
+        # (the link's name is the torrent's too, made or not: no file may be renamed there)
+        (src / "link.bin").unlink()
+        data = next(i for i, f in enumerate(parse(raw).files) if f.path[-1] == "data.bin")
+        with pytest.raises(StorageIOError, match="already exists"):
+            dio.rename_file(ih, data, "payload/link.bin")
     finally:
         dio.close()
 
