@@ -104,6 +104,18 @@ def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
             time.sleep(CONNECT_RETRY)
 
 
+def block_view(data: bytes | memoryview) -> memoryview:
+    """A block to write, as the bytes it is made of; a view that is not one contiguous
+    run of memory (``buf[::2]``) is refused here, before anything is counted, queued or
+    put in the ring (its copy failed half-way, and the ring's room or the connection's
+    send queue was lost with it)."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("a block must be one contiguous buffer (a strided view cannot be "
+                         "sent): pass bytes(view)")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 class ShmRing:
     """The client's half of the zero-copy transport: a sealed memfd used as a ring.
 
@@ -149,22 +161,24 @@ class ShmRing:
         """Copy a block in; returns (ring offset, release token), or None when full.
         (A plugin puts tens of thousands of blocks a second: a block that does not wrap,
         the usual one, goes in without making any slice.)"""
-        src = memoryview(data)
-        if src.format != "B":
-            src = src.cast("B")
+        src = block_view(data)
         n = src.nbytes
         pos = self.head
         start = pos % self.size
         if start + n <= self.size and n <= self.free_bytes():
-            self.head = pos + n
             self.map[start : start + n] = src
+            self.head = pos + n
             return start, (pos, pos + n)
         got = self.reserve(n)
         if got is None:
             return None
         _, a, b = got
-        a[:] = src[: a.nbytes]
-        b[:] = src[a.nbytes :]
+        try:
+            a[:] = src[: a.nbytes]
+            b[:] = src[a.nbytes :]
+        except BaseException:
+            self.head = pos  # (the room given back: nothing was put)
+            raise
         return start, (pos, pos + n)
 
     def reserve_contiguous(self, n: int) -> tuple[int, memoryview, tuple[int, int]] | None:
@@ -766,9 +780,10 @@ class Client:
     def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                     flush: bool = False) -> None:
         """Send a block inline (the bytes follow the header in the stream)."""
+        data = block_view(data)
         self._raise_write_error()
         self._throttle()
-        rid, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
+        rid, header = self.core.write(ih, piece, begin, data.nbytes, flush)
         self._send(header, data, rid=rid)
 
     def attach_ring(self, size: int = 16 * 1024 * 1024) -> None:
@@ -809,6 +824,7 @@ class Client:
     def write_block_direct(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                            flush: bool = False) -> None:
         """Send a block through the shared ring: only (offset, length) crosses the socket."""
+        data = block_view(data)
         if self.core.shm is None:
             self.attach_ring()
         self._raise_write_error()
@@ -1284,11 +1300,12 @@ class AsyncClient:
 
     async def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                           flush: bool = False) -> None:
+        data = block_view(data)
         if self._failure is not None:  # (a write sent after it would be said done)
             self._raise_failure()
         await self._raise_write_error()
         await self._until(lambda: self.core.writes_in_flight < self.window)
-        _, header = self.core.write(ih, piece, begin, memoryview(data).nbytes, flush)
+        _, header = self.core.write(ih, piece, begin, data.nbytes, flush)
         await self._send(header, data)
 
     async def attach_ring(self, size: int = 16 * 1024 * 1024) -> None:
@@ -1385,6 +1402,7 @@ class AsyncClient:
 
     async def write_block_direct(self, ih: bytes, piece: int, begin: int,
                                  data: bytes | memoryview, flush: bool = False) -> None:
+        data = block_view(data)
         self._end_run()  # what it waits for below may be the reply to that run
         if self._failure is not None:
             self._raise_failure()

@@ -906,3 +906,45 @@ def test_the_cli_refused_for_too_many_clients_names_the_daemon(tmp_path: Path) -
         assert f"the daemon at {d.socket} refused us: too many clients" in r.stderr, r.stderr
     finally:
         assert d.stop() == 0, d.stderr()
+
+
+def test_a_block_that_is_no_contiguous_buffer_is_refused_and_costs_nothing(
+        tmp_path: Path) -> None:
+    """A strided view (``buf[::2]``) handed as a block: the ring's copy of it failed
+    after its room was taken, for good (four such blocks filled a 64 KiB ring, and
+    every later write failed "the ring is full", or, through AsyncClient, waited for
+    ever); inline through AsyncClient, the frame stayed at the head of the send queue,
+    and every later call failed or hung. It is refused first, and nothing changes."""
+    raw, src = _torrent(tmp_path, pieces=2, piece=65536)
+    d = Daemon(tmp_path)
+    strided = memoryview(bytearray(2 * 16384))[::2]
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            c.attach_ring(65536)
+            for _ in range(8):
+                with pytest.raises(ValueError, match="contiguous"):
+                    c.write_block_direct(ih, 0, 0, strided)
+                with pytest.raises(ValueError, match="contiguous"):
+                    c.write_chunk(ih, 0, 0, strided)
+            for b in range(0, 65536, 16384):
+                c.write_block_direct(ih, 0, b, src.read(0, b, 16384))
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == 1
+
+        async def main() -> None:
+            async with AsyncClient(str(d.socket)) as a:
+                await a.attach_ring(65536)
+                for _ in range(8):
+                    with pytest.raises(ValueError, match="contiguous"):
+                        await a.write_block_direct(ih, 1, 0, strided)
+                    with pytest.raises(ValueError, match="contiguous"):
+                        await a.write_chunk(ih, 1, 0, strided)
+                for b in range(0, 65536, 16384):
+                    await asyncio.wait_for(a.write_block_direct(ih, 1, b, src.read(1, b, 16384)), 10)
+                await asyncio.wait_for(a.flush_all(), 10)
+                assert (await asyncio.wait_for(a.status(ih), 10))["verified_pieces"] == 2
+
+        asyncio.run(main())
+    finally:
+        assert d.stop() == 0
