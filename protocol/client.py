@@ -104,6 +104,14 @@ def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
             time.sleep(CONNECT_RETRY)
 
 
+class _Raised(Exception):
+    """What ``on_event`` raised while events were handed to it (its exceptions)."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
 def block_view(data: bytes | memoryview) -> memoryview:
     """A block to write, as the bytes it is made of; a view that is not one contiguous
     run of memory (``buf[::2]``) is refused here, before anything is counted, queued or
@@ -296,6 +304,10 @@ class ClientCore:
             maxlen=KEPT_EVENTS)
         self.events_dropped = 0
         self.on_event: EventCallback | None = None
+        # Events that came while ``on_event`` ran (a handler that calls the client
+        # receives them), handed to it once it returns: nested, one handler inside the
+        # other for as long as a burst of events was, they overflowed the stack.
+        self._deferred: collections.deque[tuple[str, dict[str, Any]]] | None = None
         self.shm: ShmRing | None = None
         self.server_hello: dict[str, Any] | None = None
         self.hello_waiter = _Waiter("hello")
@@ -470,26 +482,47 @@ class ClientCore:
         caller waited for them on the socket, until its timeout."""
         self.ring.wrote(n)
         self.heard_at = time.monotonic()
-        raised: BaseException | None = None
+        raised: list[BaseException] = []
         while True:
             frame = self.reader.next_frame()
             if frame is None:
                 break
             try:
                 self._handle(frame)
-            except Exception as exc:
-                if frame.type != FrameType.EVENT:
-                    raise
-                raised = raised or exc  # (the plugin's callback)
-        if raised is not None:
-            raise raised
+            except _Raised as exc:  # (the plugin's callback)
+                raised += exc.errors
+        if raised:
+            if len(raised) > 1:
+                raised[0].add_note(f"on_event raised {len(raised) - 1} more time(s) in the "
+                                   "same read; the first is raised")
+            raise raised[0]
+
+    def _deliver(self, name: str, msg: dict[str, Any]) -> None:
+        """Hand an event to ``on_event``, and those that come meanwhile after it, in
+        order; _Raised with what the handler raised."""
+        assert self.on_event is not None
+        if self._deferred is not None:
+            self._deferred.append((name, msg))
+            return
+        self._deferred = collections.deque([(name, msg)])
+        errors: list[BaseException] = []
+        try:
+            while self._deferred:
+                try:
+                    self.on_event(*self._deferred.popleft())
+                except Exception as exc:
+                    errors.append(exc)
+        finally:
+            self._deferred = None
+        if errors:
+            raise _Raised(errors)
 
     def _handle(self, f: Frame) -> None:
         if f.type == FrameType.EVENT:
             msg = from_wire(f.body)
             name = str(msg.pop("event", ""))
             if self.on_event is not None:
-                self.on_event(name, msg)
+                self._deliver(name, msg)
             else:
                 if len(self.events) == self.events.maxlen:
                     self.events_dropped += 1

@@ -948,3 +948,42 @@ def test_a_block_that_is_no_contiguous_buffer_is_refused_and_costs_nothing(
         asyncio.run(main())
     finally:
         assert d.stop() == 0
+
+
+def test_event_handlers_that_call_the_client_run_one_after_the_other(tmp_path: Path) -> None:
+    """A ``piece_verified`` handler of the blocking Client that reads the piece pumps
+    the connection, and received the next event of the burst inside that read: handlers
+    nested as deep as a burst was long (165 for 4,096 pieces announced together, past
+    the recursion limit, every one of them aborted). Events that come while a handler
+    runs are handed over once it returns, in order."""
+    raw, src = _torrent(tmp_path, pieces=1024, piece=16384)
+    d = Daemon(tmp_path)
+    depth, deepest, seen, errors = 0, 0, [], []
+
+    def on_event(name: str, fields: dict) -> None:
+        nonlocal depth, deepest
+        if name != "piece_verified":
+            return
+        depth += 1
+        deepest = max(deepest, depth)
+        try:
+            p = fields["piece"]
+            if c.read_chunk(ih, p, 0, 16) != src.read(p, 0, 16):
+                errors.append(p)
+            seen.append(p)
+        finally:
+            depth -= 1
+
+    try:
+        with Client(d.socket, on_event=on_event) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            for p, b, n in src.blocks():
+                c.write_chunk(ih, p, b, src.read(p, b, n))
+            c.flush_all()
+            end = time.monotonic() + 30
+            while len(seen) < 1024 and time.monotonic() < end:
+                c.status(ih)
+        assert sorted(seen) == list(range(1024)) and not errors
+        assert deepest == 1
+    finally:
+        assert d.stop() == 0
