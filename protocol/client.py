@@ -708,7 +708,7 @@ class Client:
         while views:
             try:
                 n = self.sock.sendmsg(views, anc if first else [])
-            except BaseException:
+            except BaseException as exc:
                 if not first:
                     # Part of the frame is out (a timeout, a signal): the daemon would
                     # read whatever comes next as the rest of it. The connection is
@@ -716,6 +716,10 @@ class Client:
                     self.sock.close()
                 elif rid is not None:
                     self.core.unsent(rid)
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    raise type(exc)(exc.errno, f"the daemon closed the connection "
+                                    f"({exc.strerror}): it stopped, or dropped this client "
+                                    "(its log says why)") from None
                 raise
             first = False
             while views and n >= views[0].nbytes:

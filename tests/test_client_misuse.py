@@ -987,3 +987,16 @@ def test_event_handlers_that_call_the_client_run_one_after_the_other(tmp_path: P
         assert deepest == 1
     finally:
         assert d.stop() == 0
+
+
+def test_a_write_after_the_daemon_stopped_says_the_daemon_closed_the_connection(
+        tmp_path: Path) -> None:
+    """It said "[Errno 32] Broken pipe", naming neither the daemon nor why."""
+    raw, src = _torrent(tmp_path, pieces=2)
+    d = Daemon(tmp_path)
+    with Client(d.socket) as c:
+        ih = c.register(raw, tmp_path / "dl")
+        assert d.stop() == 0
+        with pytest.raises(ConnectionError, match="the daemon closed the connection"):
+            for _ in range(64):  # (the first sends may land in the socket's buffer)
+                c.write_chunk(ih, 0, 0, src.read(0, 0, 16384))
