@@ -167,6 +167,14 @@ def _changes_received(partial: Partial, buffered: list[tuple[int, bytes]], at: i
     return False
 
 
+def _mostly_pads(t: Torrent, piece: int) -> bool:
+    """Whether pads (and symlinks) are more than three quarters of the piece."""
+    if not t.layout.unstored:
+        return False
+    segs = t.layout.map(piece, 0, t.layout.piece_size(piece))
+    return 4 * sum(s.length for s in segs if s.stored) < t.layout.piece_size(piece)
+
+
 def _snapshot(bufs: Sequence[Buffer], length: int) -> memoryview:
     """``bufs`` copied, once, into memory of this thread's: what is then written and
     what is hashed are the same bytes, whatever the memory they came from does
@@ -2115,8 +2123,11 @@ class DiskIO:
         # Cached either way: the buffered blocks themselves, or (written straight to the
         # file) the page cache's copy, which the write just made (a backend that keeps
         # nothing there caches only what it has in hand).
-        cached: PieceData | ResidentPiece | None = self._as_piece(t, piece, blocks, partial.pads)
-        if cached is None and t.storage.page_cached:
+        # (Not a piece mostly of pads: its reads take what they ask; see _read_chunk.)
+        sparse = _mostly_pads(t, piece)
+        cached: PieceData | ResidentPiece | None = (
+            None if sparse else self._as_piece(t, piece, blocks, partial.pads))
+        if cached is None and t.storage.page_cached and not sparse:
             cached = self._resident(t, piece)
         if cached is not None:  # (unless cleared and started again meanwhile)
             self._cache_read(t, piece, epoch, cached)
@@ -2577,7 +2588,8 @@ class DiskIO:
         try:
             if cached is not None:
                 if (not volatile and isinstance(cached, ResidentPiece)
-                        and cached.size <= self._cacheable and self._fill_room(cached.size)):
+                        and cached.size <= self._cacheable and not _mostly_pads(t, piece)
+                        and self._fill_room(cached.size)):
                     # The first read of a piece written straight to its file: all of it
                     # comes into the cache from the page cache (never from the disk), into
                     # a buffer used again, so that the reads of its other blocks are hits
@@ -2596,10 +2608,14 @@ class DiskIO:
                 self.pool.drop(key)  # the page cache let it go: read it the usual way
             self.metrics.add("cache_misses")
             size = t.layout.piece_size(piece)
-            if volatile or t.state[piece] < COMMITTING or size > self._cacheable:
+            if (volatile or t.state[piece] < COMMITTING or size > self._cacheable
+                    or _mostly_pads(t, piece)):
                 # Only a verified piece is cached: a copy of one still arriving would be
                 # stale at once. Nor is one too big for the budget: a read of 16 bytes then
-                # costs 16.
+                # costs 16. Nor one mostly of pads (a small file's piece in a v2 torrent
+                # of 16 MiB pieces): read whole, zeros and all, and its fingerprint taken
+                # over them, each of its reads cost 16 MiB, and a torrent of many small
+                # files seeded 40 times slower than libtorrent.
                 return self._read_range(t, piece, begin, length)
             if not held:
                 if not self._fill_room(size):

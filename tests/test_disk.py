@@ -895,6 +895,39 @@ def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_piece_mostly_of_pads_is_read_as_asked_not_whole(tmp_path: Path, backend: str) -> None:
+    """A small file's piece in a v2 torrent of big pieces is its few bytes and a pad to
+    the piece's end: read whole into the cache (zeros and all, its fingerprint taken
+    over them), every read of it cost the whole piece, and a torrent of many small files
+    was seeded many times slower than by libtorrent. Such a piece is read as asked, and
+    takes no room in the cache; a piece of data is still cached whole."""
+    content = tmp_path / "src" / "payload"
+    content.mkdir(parents=True)
+    (content / "big.bin").write_bytes(random.Random(5).randbytes(1 << 20))
+    for i in range(4):
+        (content / f"small{i}.txt").write_bytes(random.Random(i).randbytes(3000 + i))
+    raw = make_torrent_lt(content, 1 << 20, "v2")
+    src = Source(raw, tmp_path / "src")
+    dio = DiskIO(backend)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src, seed=None)
+        dio.flush_all()
+        for p in range(src.meta.num_pieces):
+            stored = sum(s.length for s in src.layout.map(p, 0, src.layout.piece_size(p))
+                         if s.stored)
+            before = dio.stats()
+            assert bytes(dio.read_chunk_view(ih, p, 0, 1000)) == src.read(p, 0, 1000)
+            read = dio.stats()["bytes_read"] - before["bytes_read"]
+            if stored == 1 << 20:  # (big.bin's piece: cached whole, read whole once)
+                assert p in dio.cached_pieces(ih) and read in (0, 1 << 20)
+            else:
+                assert p not in dio.cached_pieces(ih) and read == 1000, (p, read)
+    finally:
+        dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 def test_blocks_that_land_while_a_piece_is_cleared_are_never_dropped(
         tmp_path: Path, backend: str) -> None:
     """clear_piece let its piece go (missing) and only then dropped what the buffer pool
