@@ -104,8 +104,8 @@ class DirectStorage(FileStorage):
                         os.ftruncate(fd, keep)
                         if index in self.start_stamps:  # (as it is now, cut)
                             st = os.fstat(fd)
-                            self.start_stamps[index] = [st.st_size, st.st_mtime_ns,
-                                                        st.st_ctime_ns, st.st_ino]
+                            self.take_stamp(index, [st.st_size, st.st_mtime_ns,
+                                                    st.st_ctime_ns, st.st_ino])
                 finally:
                     os.close(fd)
             except (OSError, PiecedError):

@@ -960,8 +960,8 @@ class DiskIO:
         identity = storage.identity(index)
         stamp = file_stamp(storage.file_path(index), identity, folders)
         seen = storage.start_stamps.get(index)
-        if ((seen is not None and index not in storage.written and stamp != seen)
-                or index in storage.doubted):
+        if ((seen is not None and index not in storage.written
+                and (stamp != seen or index in storage.racy)) or index in storage.doubted):
             stamp[2] = -1  # changed behind our back since the start: what it holds is unknown
         return stamp
 
@@ -1172,8 +1172,8 @@ class DiskIO:
                 pieces = [p for p in t.layout.file_pieces(i) if t.state[p] == VERIFIED]
                 if not pieces:
                     continue
-                stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i),
-                                                             folders=folders)
+                stamp = file_stamp(storage.file_path(i), folders=folders)
+                storage.take_stamp(i, stamp)
                 if stamp[0] < lengths[i]:
                     # Gone or short: the pieces with bytes past its end went with them. A
                     # file short from the start (another client's partial download, sparse)
@@ -1297,8 +1297,8 @@ class DiskIO:
             if i not in same:
                 stamp = storage.start_stamps.get(i)
                 if stamp is None:
-                    stamp = storage.start_stamps[i] = file_stamp(storage.file_path(i),
-                                                                 folders=folders)
+                    stamp = file_stamp(storage.file_path(i), folders=folders)
+                    storage.take_stamp(i, stamp)
                 same[i] = _stamp_kept(stamps, i, stamp)
             return same[i]
 
@@ -3500,7 +3500,8 @@ def _kept_stamps(t: Torrent) -> list[list[int]] | None:
         if seen is not None and i not in written and i not in t.shared and state[
                 pieces.start:pieces.stop].count(VERIFIED) == len(pieces):
             # (a file a check found changed, not through yet: a stamp that never matches)
-            out.append(seen if i not in storage.doubted else [*seen[:2], -1, *seen[3:]])
+            out.append(seen if i not in storage.doubted and i not in storage.racy
+                       else [*seen[:2], -1, *seen[3:]])
         else:
             used = storage.identity(i)
             out.append([UNSTAMPED, 0, 0, used[1] if used is not None else

@@ -251,11 +251,14 @@ class FileStorage:
         # if its stamp is the same, and one not written since is as it was then.
         self.start_stamps: dict[int, list[int]] = {}
         # Files a check found changed behind our back since their start stamp, before it
-        # stamped them anew, and files stamped in the clock's step of their last write
-        # (see restamp): until a check is over, a stop, or a save while the daemon runs,
-        # records them as changed (a check cut short by the stop left pieces of them
-        # verified that it never reached).
+        # stamped them anew: until a check is over, a stop, or a save while the daemon
+        # runs, records them as changed (a check cut short by the stop left pieces of
+        # them verified that it never reached).
         self.doubted: set[int] = set()
+        # Files whose start stamp is in whole seconds and was taken in the second of
+        # their last change (see take_stamp): recorded as changed too, until stamped
+        # again once the second is over.
+        self.racy: set[int] = set()
         # Files the daemon has written since the start: their times are its own doing
         # (a save while it runs stamps one by its inode alone: see disk._kept_stamps).
         self.written: set[int] = set()
@@ -355,11 +358,12 @@ class FileStorage:
             else:
                 self._recreate.discard(index)
                 first = self._identity.setdefault(index, me)
-                if first == me and not known and not flags & os.O_CREAT:
+                if (first == me and not known and not flags & os.O_CREAT
+                        and index not in self.start_stamps):
                     # First read in this run (a check of data found there): as it was
                     # then, so that a stop sees an edit made behind our back since.
-                    self.start_stamps.setdefault(
-                        index, [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+                    self.take_stamp(index, [st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                            st.st_ino])
         if first is None:
             os.close(fd)  # (a writer may be making it this moment: not there yet, for a read)
             raise StorageIOError(f"{self.file_path(index)} is gone, and not made anew yet",
@@ -395,9 +399,7 @@ class FileStorage:
         piece of it is cleared, which is journaled first). A file with writes not yet
         synced is left as it was. One stamped in the clock's step of its last write is
         stamped again once the step is over, if that is a tick (10 ms at most); else (a
-        second, on some file systems) it is doubted (see ``doubted``): an edit later in
-        that step would keep the times stamped, and only a read can tell it from the
-        daemon's own write; the next start checks it again."""
+        second, on some file systems) it is racy (see take_stamp)."""
         folders: dict[str, bool] = {}
         for index in indices:
             with self._lock:
@@ -412,10 +414,24 @@ class FileStorage:
                 unsettled = unsettled_for(stamp, time.time_ns())
             with self._lock:
                 if index not in self._dirty and stamp[0] >= 0 and stamp[2] >= 0:
-                    self.start_stamps[index] = stamp
+                    self.take_stamp(index, stamp)
                     self.written.discard(index)
-                    if unsettled:
-                        self.doubted.add(index)
+
+    def take_stamp(self, index: int, stamp: list[int]) -> None:
+        """Keep ``stamp`` as the file's start stamp (what a stop, or a save while the
+        daemon runs, compares it with). One in whole seconds taken in the second of the
+        file's last change is racy: an edit later in that second keeps the times it
+        holds, and only a read can tell it from the change before it; such a file is
+        recorded as changed, so that the next start checks it again, until it is
+        stamped once the second is over. (Of finer times the step is the kernel's tick,
+        which a stop waits out, see DiskIO._settle, and which this kernel's file
+        systems of fine times do not keep, a stat making the next change's time
+        another.)"""
+        self.start_stamps[index] = stamp
+        if stamp[2] % 1_000_000_000 == 0 and unsettled_for(stamp, time.time_ns()):
+            self.racy.add(index)
+        else:
+            self.racy.discard(index)
 
     @property
     def opened_any(self) -> bool:
@@ -453,6 +469,7 @@ class FileStorage:
             # (stamped anew by the check's reads: a file it took as it is now was stamped
             # as it was before, and taken by the next stop for one changed since)
             self.start_stamps.clear()
+            self.racy.clear()
         return changed
 
     def moved_away(self, indices: Iterable[int],
@@ -1218,7 +1235,7 @@ class FileStorage:
             if opened:
                 self._identity[index] = (st.st_dev, st.st_ino)
             if index in self.start_stamps:  # (a rename changes the file's ctime)
-                self.start_stamps[index] = file_stamp(path)
+                self.take_stamp(index, file_stamp(path))
 
     def finish_move(self, old_path: Path, old_renames: dict[int, tuple[str, ...]],
                     inodes: dict[int, int] | None = None

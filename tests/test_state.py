@@ -2664,13 +2664,15 @@ def test_a_file_edited_in_the_second_of_the_stop_is_checked_again(
 
 
 @pytest.mark.parametrize("stop", ["clean", "crash"])
+@pytest.mark.parametrize("check", [False, True])
 def test_a_file_edited_in_the_second_its_torrent_completed_is_checked_again(
-        tmp_path: Path, coarse_fs: Path, backend: str, stop: str) -> None:
+        tmp_path: Path, coarse_fs: Path, backend: str, stop: str, check: bool) -> None:
     """A torrent that completes has its files stamped (a start after a crash, or after a
     stop, compares them): on a file system of whole-second times, an edit in place in
     the second of the last write left the times stamped, and the next start, after a
-    stop or a crash, took the edited piece as verified. A file stamped in its last
-    write's step is held as changed until a read looks at it again."""
+    stop or a crash, took the edited piece as verified; so did a check run in that
+    second (its reads stamp the files anew). A file stamped in the second of its last
+    change is held as changed until stamped once the second is over."""
     content = make_payload(tmp_path / "src", 8 * 16384, seed=25)
     raw = make_torrent_lt(content, 16384, "v1")
     data = content.read_bytes()
@@ -2682,6 +2684,8 @@ def test_a_file_edited_in_the_second_its_torrent_completed_is_checked_again(
         dio.write_chunk(ih, p, 0, data[p * 16384:(p + 1) * 16384])
     dio.flush_all()
     assert _verified(dio.status(ih)) == set(range(8))
+    if check:
+        assert dio.recheck(ih).ok
     f = coarse_fs / content.name
     corrupt(f, 3 * 16384 + 5)  # the file's length kept
     if stop == "clean":
