@@ -167,6 +167,13 @@ def _changes_received(partial: Partial, buffered: list[tuple[int, bytes]], at: i
     return False
 
 
+def _finished(t: Torrent) -> bool:
+    """Whether every piece of ``t`` is verified (and it is not being removed)."""
+    with t.lock:
+        return not t.removed and not t.deleting and not any(
+            s in t.state for s in (MISSING, PARTIAL, HASHING, COMMITTING))
+
+
 def _mostly_pads(t: Torrent, piece: int) -> bool:
     """Whether pads (and symlinks) are more than three quarters of the piece."""
     if not t.layout.unstored:
@@ -2236,10 +2243,25 @@ class DiskIO:
             s in t.state for s in (MISSING, PARTIAL, HASHING, COMMITTING))
         if finished:
             t.storage.restamp(i for i in t.storage.stored_files() if i not in t.shared)
+            self._restamp_shared(t)
             self._compact_if_due(t, True)
         self._tell(t)
         if not finished:
             self._compact_if_due(t)
+
+    def _restamp_shared(self, t: Torrent) -> None:
+        """The files ``t`` (just completed) shares with other torrents, stamped in each
+        of them as a completion stamps a torrent's own, once every torrent sharing one
+        is complete (none is to write it then but after clearing a piece): a file left
+        taken as written by the daemon was recorded at the stop as it was found, an
+        edit made after both torrents completed and all."""
+        with self._lock:
+            shared = {i: list(others) for i, others in t.shared.items()}
+        for i, others in shared.items():
+            if all(_finished(o) for o, _ in others):
+                t.storage.restamp([i])
+                for o, j in others:
+                    o.storage.restamp([j])
 
     @staticmethod
     def _commit_failed(t: Torrent, exc: PiecedError) -> None:

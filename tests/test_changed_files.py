@@ -1638,3 +1638,45 @@ def test_a_torrent_registered_where_another_is_being_moved_is_refused(
         assert dio.torrent(b).shared  # (cross-seeded now: both know)
     assert all(_verified(dio.status(a)))
     dio.close()
+
+
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_shared_file_edited_after_both_torrents_completed_is_checked_again(
+        tmp_path: Path, backend: str) -> None:
+    """Cross-seeding: a v1 and a hybrid torrent of one payload downloaded together in
+    one save path. A completed torrent's files are stamped, but not those another
+    torrent shares (it may still write them): they stayed taken as written by the
+    daemon, and a clean stop recorded them as it found them, an edit made after both
+    had completed and all; the next start reported the edited pieces verified in both.
+    They are stamped once every torrent sharing them is complete."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000})
+    raw_a = make_torrent_lt(content, PIECE, "v1")
+    raw_b = make_torrent_lt(content, PIECE, "hybrid")
+    state = tmp_path / "state"
+    dio = DiskIO(backend, state_dir=state)
+    a = dio.register(raw_a, tmp_path / "dl")
+    b = dio.register(raw_b, tmp_path / "dl")
+    for ih, raw in ((a, raw_a), (b, raw_b)):
+        fill(dio, ih, Source(raw, tmp_path / "src"))
+    dio.flush_all()
+    assert all(_verified(dio.status(a))) and all(_verified(dio.status(b)))
+    time.sleep(2.1)  # (the edit in a second of its own, on any file system)
+    shared = tmp_path / "dl" / "payload" / "dir" / "b.bin"
+    with open(shared, "r+b") as f:
+        f.seek(150000)
+        byte = f.read(1)
+        f.seek(150000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    dio.close()
+    again = DiskIO(backend, state_dir=state)
+    try:
+        for ih, raw in ((a, raw_a), (b, raw_b)):
+            src = Source(raw, tmp_path / "src")
+            st = wait_reverified(again, ih)
+            assert not all(_verified(st)), ih.hex()
+            for p, v in enumerate(_verified(st)):
+                if v:
+                    assert _on_disk(src, tmp_path / "dl", p) == src.read(
+                        p, 0, src.layout.piece_size(p)), p
+    finally:
+        again.close()
