@@ -33,6 +33,13 @@ def _verified(st: dict) -> list[bool]:
     return [bool(st["have"][p >> 3] & (0x80 >> (p & 7))) for p in range(st["num_pieces"])]
 
 
+def _verified_are_right(st: dict, src: Source, save: Path) -> None:
+    """Every piece ``st`` (a status) reports verified holds the source's bytes on disk."""
+    for p, v in enumerate(_verified(st)):
+        if v:
+            assert _on_disk(src, save, p) == src.read(p, 0, src.layout.piece_size(p)), p
+
+
 def _downloaded(tmp_path: Path, backend: str, kind: str) -> tuple[bytes, Source, DiskIO, bytes]:
     content = make_payload(tmp_path / "src", {"a.bin": 100000, "dir/b.bin": 200000,
                                               "dir/c.bin": 200000, "d.bin": 7})
@@ -1289,11 +1296,7 @@ def test_a_shared_file_renamed_away_takes_nothing_verified_with_it_in_either_tor
         with contextlib.suppress(PiecedError):
             dio.flush_all()
         for ih, src in ((a, src_a), (b, src_b)):
-            st = wait_reverified(dio, ih)
-            for p, v in enumerate(_verified(st)):
-                if v:
-                    assert _on_disk(src, tmp_path / "dl", p) == src.read(
-                        p, 0, src.layout.piece_size(p)), (ih == a, p)
+            _verified_are_right(wait_reverified(dio, ih), src, tmp_path / "dl")
         # The v1 torrent gets what it lost again, into the file the hybrid one made
         # anew (refused before as a stranger's until a recheck), and both complete.
         for ih, src in ((b, src_b), (a, src_a)):
@@ -1332,10 +1335,7 @@ def test_a_shared_file_a_recheck_finds_changed_is_forgotten_by_every_torrent_sha
         checked = concurrent.futures.ThreadPoolExecutor(1).submit(dio.recheck, b)
         assert not all(checked.result().have)
         st = wait_reverified(dio, a)
-        for p, v in enumerate(_verified(st)):
-            if v:
-                assert _on_disk(src_a, tmp_path / "dl", p) == src_a.read(
-                    p, 0, src_a.layout.piece_size(p)), p
+        _verified_are_right(st, src_a, tmp_path / "dl")
         assert not all(_verified(st))
         # The first torrent writes other bytes into the shared file's pieces: the other
         # one's pieces are not found good through the file that went.
@@ -1348,11 +1348,7 @@ def test_a_shared_file_a_recheck_finds_changed_is_forgotten_by_every_torrent_sha
                     dio.write_chunk(b, p, at, b"\x5a" * n)
         with contextlib.suppress(PiecedError):
             dio.flush_all()
-        st = wait_reverified(dio, a)
-        for p, v in enumerate(_verified(st)):
-            if v:
-                assert _on_disk(src_a, tmp_path / "dl", p) == src_a.read(
-                    p, 0, src_a.layout.piece_size(p)), p
+        _verified_are_right(wait_reverified(dio, a), src_a, tmp_path / "dl")
     finally:
         dio.close()
 
@@ -1674,9 +1670,6 @@ def test_a_shared_file_edited_after_both_torrents_completed_is_checked_again(
             src = Source(raw, tmp_path / "src")
             st = wait_reverified(again, ih)
             assert not all(_verified(st)), ih.hex()
-            for p, v in enumerate(_verified(st)):
-                if v:
-                    assert _on_disk(src, tmp_path / "dl", p) == src.read(
-                        p, 0, src.layout.piece_size(p)), p
+            _verified_are_right(st, src, tmp_path / "dl")
     finally:
         again.close()

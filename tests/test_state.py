@@ -2634,6 +2634,24 @@ def test_a_short_file_edited_while_the_daemon_is_down_is_checked_again(
         third.close()
 
 
+def _completed_at_a_second(tmp_path: Path, fs: Path, backend: str,
+                           seed: int) -> tuple[DiskIO, bytes, Path]:
+    """A torrent of one file of 8 pieces on ``fs``, every piece written and verified
+    just after a second begins (so that what follows at once is in that second), by an
+    engine on ``tmp_path/state``: (engine, info-hash, the file)."""
+    content = make_payload(tmp_path / "src", 8 * 16384, seed=seed)
+    raw = make_torrent_lt(content, 16384, "v1")
+    data = content.read_bytes()
+    dio = DiskIO(backend, state_dir=tmp_path / "state")
+    ih = dio.register(raw, fs)
+    time.sleep(1.02 - time.time() % 1)
+    for p in range(8):
+        dio.write_chunk(ih, p, 0, data[p * 16384:(p + 1) * 16384])
+    dio.flush_all()
+    assert _verified(dio.status(ih)) == set(range(8))
+    return dio, ih, fs / content.name
+
+
 def test_a_file_edited_in_the_second_of_the_stop_is_checked_again(
         tmp_path: Path, coarse_fs: Path, backend: str) -> None:
     """On a file system whose file times are whole seconds, the stop stamped the files
@@ -2641,19 +2659,9 @@ def test_a_file_edited_in_the_second_of_the_stop_is_checked_again(
     after the stop, in that second, left their times as they were, and the next start
     took the edited piece as verified. The stop stamps such a file once the clock has
     moved past its times' step."""
-    content = make_payload(tmp_path / "src", 8 * 16384, seed=24)
-    raw = make_torrent_lt(content, 16384, "v1")
-    data = content.read_bytes()
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state)
-    ih = dio.register(raw, coarse_fs)
-    time.sleep(1.02 - time.time() % 1)  # (the writes, the stop and the edit in one second)
-    for p in range(8):
-        dio.write_chunk(ih, p, 0, data[p * 16384:(p + 1) * 16384])
-    dio.flush_all()
-    assert _verified(dio.status(ih)) == set(range(8))
+    dio, ih, f = _completed_at_a_second(tmp_path, coarse_fs, backend, 24)
     dio.close()
-    f = coarse_fs / content.name
     assert os.stat(f).st_mtime_ns % 1_000_000_000 == 0  # (whole seconds: the file system)
     corrupt(f, 3 * 16384 + 5)  # the file's length kept
     again = DiskIO(backend, state_dir=state)
@@ -2673,20 +2681,10 @@ def test_a_file_edited_in_the_second_its_torrent_completed_is_checked_again(
     stop or a crash, took the edited piece as verified; so did a check run in that
     second (its reads stamp the files anew). A file stamped in the second of its last
     change is held as changed until stamped once the second is over."""
-    content = make_payload(tmp_path / "src", 8 * 16384, seed=25)
-    raw = make_torrent_lt(content, 16384, "v1")
-    data = content.read_bytes()
     state = tmp_path / "state"
-    dio = DiskIO(backend, state_dir=state)
-    ih = dio.register(raw, coarse_fs)
-    time.sleep(1.02 - time.time() % 1)  # (the writes and the edit in one second)
-    for p in range(8):
-        dio.write_chunk(ih, p, 0, data[p * 16384:(p + 1) * 16384])
-    dio.flush_all()
-    assert _verified(dio.status(ih)) == set(range(8))
+    dio, ih, f = _completed_at_a_second(tmp_path, coarse_fs, backend, 25)
     if check:
         assert dio.recheck(ih).ok
-    f = coarse_fs / content.name
     corrupt(f, 3 * 16384 + 5)  # the file's length kept
     if stop == "clean":
         dio.close()
