@@ -2391,10 +2391,6 @@ class DiskIO:
 
     def _record_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
         held = getattr(self._held_errors, "list", None)
-        if isinstance(exc, PathEscape) and exc.errno is None:
-            # A symlink or hard link where a payload file should be, met by a read or a
-            # write: listed and told with EPERM, as a check finds it (events carry one).
-            exc = StorageIOError(str(exc), errno=errno.EPERM)
         try:
             if isinstance(exc, FileVanished):
                 self._start_over(t, exc.file_index, verified=True, partial=exc.written)
@@ -2423,7 +2419,10 @@ class DiskIO:
         """Count, list (``status``'s ``errors``) and push (``on_error``, unless not
         ``push``) an error of the torrent."""
         self.metrics.error(exc.errno, exc.kind)
-        entry: dict[str, Any] = {"piece": piece, "errno": exc.errno, "message": str(exc)}
+        # (A symlink or hard link where a payload file should be, met by a read or a
+        # write: listed and told with EPERM, as a check says it; events carry an errno.)
+        code = errno.EPERM if exc.errno is None and isinstance(exc, PathEscape) else exc.errno
+        entry: dict[str, Any] = {"piece": piece, "errno": code, "message": str(exc)}
         now = time.monotonic()
         with t.lock:
             last = t.errors[-1] if t.errors else None

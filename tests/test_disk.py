@@ -868,7 +868,11 @@ def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
         fill(dio, ih, src, seed=None, direct_every=1)
         dio.flush_all()
         t = dio._torrents[ih]
-        p = src.meta.num_pieces // 2
+        n = src.meta.num_pieces
+        # (a piece mostly of pads is not cached: see the test after this one)
+        data = [x for x in range(n) if 4 * sum(s.length for s in src.layout.map(
+            x, 0, src.layout.piece_size(x)) if s.stored) >= src.layout.piece_size(x)]
+        p = next(x for x in data if x >= n // 2)
         size = src.layout.piece_size(p)
         assert isinstance(dio.pool.get((t.id, p), volatile=True), ResidentPiece)
         assert bytes(dio.read_chunk_view(ih, p, 0, 100, volatile=True)) == src.read(p, 0, 100)
@@ -879,7 +883,7 @@ def test_a_piece_written_straight_through_comes_whole_into_the_cache_when_read(
         assert isinstance(entry.read(0, size).obj, PieceBuffer)
         assert bytes(entry.read(0, size)) == src.read(p, 0, size)
         # A piece whose pages the kernel has let go meanwhile: read the usual way, once.
-        q = src.meta.num_pieces - 1
+        q = data[-1]
         qsize = src.layout.piece_size(q)
         assert isinstance(dio.pool.get((t.id, q), volatile=True), ResidentPiece)
         drop(tmp_path / "dl")
