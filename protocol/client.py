@@ -116,7 +116,8 @@ def block_view(data: bytes | memoryview) -> memoryview:
     """A block to write, as the bytes it is made of; a view that is not one contiguous
     run of memory (``buf[::2]``) is refused here, before anything is counted, queued or
     put in the ring (its copy failed half-way, and the ring's room or the connection's
-    send queue was lost with it)."""
+    send queue was lost with it). Called by ``ShmRing.put`` for every ring write, and
+    by the inline writes."""
     view = memoryview(data)
     if not view.c_contiguous:
         raise ValueError("a block must be one contiguous buffer (a strided view cannot be "
@@ -181,12 +182,8 @@ class ShmRing:
         if got is None:
             return None
         _, a, b = got
-        try:
-            a[:] = src[: a.nbytes]
-            b[:] = src[a.nbytes :]
-        except BaseException:
-            self.head = pos  # (the room given back: nothing was put)
-            raise
+        a[:] = src[: a.nbytes]
+        b[:] = src[a.nbytes :]
         return start, (pos, pos + n)
 
     def reserve_contiguous(self, n: int) -> tuple[int, memoryview, tuple[int, int]] | None:
@@ -861,7 +858,6 @@ class Client:
     def write_block_direct(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                            flush: bool = False) -> None:
         """Send a block through the shared ring: only (offset, length) crosses the socket."""
-        data = block_view(data)
         if self.core.shm is None:
             self.attach_ring()
         self._raise_write_error()
@@ -1439,7 +1435,6 @@ class AsyncClient:
 
     async def write_block_direct(self, ih: bytes, piece: int, begin: int,
                                  data: bytes | memoryview, flush: bool = False) -> None:
-        data = block_view(data)
         self._end_run()  # what it waits for below may be the reply to that run
         if self._failure is not None:
             self._raise_failure()

@@ -2239,8 +2239,7 @@ class DiskIO:
         # synced) and its record written at once, before its last pieces are told (as
         # libtorrent's clients save resume data when a torrent finishes): a start after
         # a crash sees a file changed or put in place of one since.
-        finished = bool(live) and not any(
-            s in t.state for s in (MISSING, PARTIAL, HASHING, COMMITTING))
+        finished = bool(live) and _finished(t)
         if finished:
             t.storage.restamp(i for i in t.storage.stored_files() if i not in t.shared)
             self._restamp_shared(t)
@@ -3522,7 +3521,8 @@ def _kept_stamps(t: Torrent) -> list[list[int]] | None:
         pieces = layout.file_pieces(i)
         if seen is not None and i not in written and i not in t.shared and state[
                 pieces.start:pieces.stop].count(VERIFIED) == len(pieces):
-            # (a file a check found changed, not through yet: a stamp that never matches)
+            # (a file a check found changed, not through yet, or stamped in the second
+            # of its last change: a stamp that never matches)
             out.append(seen if i not in storage.doubted and i not in storage.racy
                        else [*seen[:2], -1, *seen[3:]])
         else:
