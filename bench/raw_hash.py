@@ -27,8 +27,8 @@ root``), so this is a verifier in its own right, just one with no I/O scheduling
 resume data and no error handling worth the name. Stdlib only (it has its own tiny
 bdecoder) so that interpreter start-up is the only fixed cost.
 
-``--blake3`` instead does the work of a fingerprint recheck: one BLAKE3 per piece (the
-same bytes, pads as zeros) and nothing else; there is nothing to compare them with, so
+``--blake3`` instead does the work of a fingerprint recheck: one BLAKE3 per piece (of
+its stored bytes: pads left out) and nothing else; there is nothing to compare them with, so
 it verifies nothing. That is the limit for ``pieced recheck`` of fingerprinted data.
 
 Usage: ``raw_hash.py TORRENT SAVE_PATH [--threads N] [--no-verify] [--blake3]``. Prints
@@ -226,7 +226,8 @@ def main() -> int:
             if args.blake3:
                 b = blake3()
                 for src, a, n in segs:
-                    b.update(views[src][a : a + n] if src >= 0 else zeros[:n])
+                    if src >= 0:  # (pads left out, as pieced's fingerprints leave them)
+                        b.update(views[src][a : a + n])
                 b.digest(16)
                 continue
             if v1_hashes is not None:

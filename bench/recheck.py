@@ -89,13 +89,14 @@ import libtorrent as lt  # noqa: E402
 from pieced.storage.mapped import MmapStorage  # noqa: E402
 
 from bench.daemon_proc import DaemonProcess, cpu_seconds, read_syscall_bytes  # noqa: E402
+from bench.peer_transfer import payload_files  # noqa: E402
 from tests.pagecache import drop, page_residency  # noqa: E402
 from tests.realtools import TorrentKind, cached_torrent_lt, make_payload  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
 SEED = 0
-KINDS = ("v1", "hybrid")
+KINDS = ("v1", "hybrid", "v2")
 BACKENDS = ("posix", "mmap", "direct", "uring")
 #: Stop a cold run when more of the payload than this is still in the page cache.
 MAX_COLD_RESIDENT = 0.01
@@ -132,12 +133,15 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- payload
 
 
-def payload_spec(size: int) -> dict[str, int]:
+def payload_spec(size: int, files: int = 0) -> dict[str, int]:
     """A few files of odd sizes, in nested folders, summing to exactly ``size`` bytes.
 
     Odd sizes so that v1 pieces straddle files and hybrid torrents need pad files; a
-    one-byte and an empty file because those are where checkers go wrong.
+    one-byte and an empty file because those are where checkers go wrong. With
+    ``files``, that many small files instead (``peer_transfer.payload_files``).
     """
+    if files:
+        return payload_files(size, files)
     spec = {
         "disc1/track01.bin": size * 5 // 16 + 12_345,
         "disc1/track02.bin": size * 3 // 16 - 4_567,
@@ -153,9 +157,10 @@ def payload_spec(size: int) -> dict[str, int]:
     return spec
 
 
-def prepare_payload(workdir: Path, size: int) -> tuple[Path, dict[str, int], bool]:
+def prepare_payload(workdir: Path, size: int, files: int = 0
+                    ) -> tuple[Path, dict[str, int], bool]:
     """Generate (or reuse, if ``manifest.json`` matches) the payload; return its folder."""
-    spec = payload_spec(size)
+    spec = payload_spec(size, files)
     manifest = workdir / "manifest.json"
     want = {"spec": spec, "seed": SEED, "generator": "tests.realtools.make_payload"}
     top = workdir / "data" / "payload"
@@ -435,7 +440,9 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="evict the payload before every run")
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--piece-kib", type=int, default=4096)
-    ap.add_argument("--kinds", default="v1,hybrid", help="comma-separated: v1, hybrid")
+    ap.add_argument("--kinds", default="v1,hybrid", help="comma-separated: v1, hybrid, v2")
+    ap.add_argument("--files", type=int, default=0,
+                    help="that many small files (0: a few large ones)")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="daemon backends")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "recheck")
@@ -453,7 +460,7 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir.resolve()
 
-    content, spec, reused = prepare_payload(workdir, size)
+    content, spec, reused = prepare_payload(workdir, size, args.files)
     save_path = content.parent
     files = [content / rel for rel in spec]
     torrents = {k: cached_torrent_lt(workdir, content, args.piece_kib * 1024,

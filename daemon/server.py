@@ -441,6 +441,15 @@ class Server:
             self._short_held.difference_update(devices)
 
 
+def _who(sock: socket.socket, serial: int) -> str:
+    """``client N (pid P, uid U)``: the process at the other end, as the kernel says."""
+    try:
+        pid, uid, _ = array.array("i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return f"client {serial}"
+    return f"client {serial} (pid {pid}, uid {uid})"
+
+
 class Connection:
     """One client: its socket, its receive ring, its lane, its shared-memory ring."""
 
@@ -450,6 +459,7 @@ class Connection:
         self.sock = sock
         self.fd = sock.fileno()
         self.serial = next(_SERIALS)
+        self.who = _who(sock, self.serial)  # (for the log: which client it was)
         assert server.loop is not None
         self.loop = server.loop
         self.ring = RecvRing(server.ring_bytes)
@@ -510,8 +520,8 @@ class Connection:
     def _handshake_due(self) -> None:
         self._hello_timer = None
         if not self.handshaken and not self.closed:
-            log.info("dropping a client that sent no HELLO within %.1f s",
-                     self.server.handshake_timeout)
+            log.info("dropping a client that sent no HELLO within %.1f s, %s",
+                     self.server.handshake_timeout, self.who)
             self.server.dropped += 1
             self._fail(ProtocolError(
                 f"no HELLO within {self.server.handshake_timeout:g} s"))
@@ -1135,8 +1145,8 @@ class Connection:
         if self._out_bytes > self.server.drop_limit and not self.closed:
             # Only events get here (lane replies pause at out_limit): the client does
             # not read them, and they cannot be held back, so it goes.
-            log.warning("dropping a client that does not read: %d bytes held unsent (limit %d)",
-                        self._out_bytes, self.server.drop_limit)
+            log.warning("dropping a client that does not read, %s: %d bytes held unsent "
+                        "(limit %d)", self.who, self._out_bytes, self.server.drop_limit)
             self.server.dropped += 1
             self.close()
 

@@ -64,22 +64,33 @@ def block_plan(meta: Metainfo, layout: Layout, piece: int) -> list[tuple[int, in
     block stops at its file's end: the space after it is alignment, not data.
     """
     size = layout.piece_size(piece)
-    if not layout.unstored or all(s.stored for s in layout.map(piece, 0, size)):
-        # no pad in it: the usual piece
+    if not layout.unstored:
+        return _plain_plan(size)
+    # The stored runs (adjacent files merged), walked once: a piece of a small file in
+    # a v2 torrent of 16 MiB pieces is 1,024 blocks of which one holds data, and a look
+    # at each of them cost 2 ms a piece (most of a download of many small files).
+    runs: list[list[int]] = []
+    for s in layout.map(piece, 0, size):
+        if not s.stored or not s.length:
+            continue
+        if runs and runs[-1][1] == s.buf_offset:
+            runs[-1][1] += s.length
+        else:
+            runs.append([s.buf_offset, s.buf_offset + s.length])
+    if runs == [[0, size]]:  # no pad in it: the usual piece
         return _plain_plan(size)
     clip = not meta.has_v1
-    out = []
-    for b in range(0, size, BLOCK):
-        n = min(BLOCK, size - b)
-        segs = layout.map(piece, b, n)
-        pads = [s for s in segs if not s.stored]
-        if len(pads) == len(segs):
-            continue
-        if clip and pads:
-            n = pads[0].buf_offset
-            if n == 0:
-                continue
-        out.append((b, n))
+    out: list[tuple[int, int]] = []
+    for start, end in runs:
+        first = start // BLOCK
+        if clip and start % BLOCK:
+            first += 1  # (a block that starts in a pad is not asked for)
+        for k in range(first, -(-end // BLOCK)):
+            b = k * BLOCK
+            if out and out[-1][0] == b:
+                continue  # (the block that runs on from the run before into this one)
+            n = min(BLOCK, size - b)
+            out.append((b, min(n, end - b) if clip else n))
     return out
 
 

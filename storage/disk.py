@@ -61,6 +61,7 @@ from .errors import (
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
 from .hashing import (
+    FINGERPRINT_FORM,
     HASH_PART,
     NO_FINGERPRINT,
     Aside,
@@ -75,7 +76,7 @@ from .hashing import (
 from .layout import Layout, Segment
 from .mapped import watch_leases
 from .merkle import BLOCK_SIZE
-from .metainfo import Metainfo, V2Piece, parse
+from .metainfo import MAX_METAINFO_BYTES, Metainfo, V2Piece, parse
 from .paths import SaveFolderGone, anchor_of, remove_folder
 from .resume import (
     REC_CLEARED,
@@ -1100,7 +1101,8 @@ class DiskIO:
         told = self._on_load or (lambda done, total: None)
         told(0, 0)
         loaded, deletions, self.load_errors = self.state.load_all(
-            lambda raw: parse(raw, **self.metainfo_limits))
+            lambda raw: parse(raw, **self.metainfo_limits),
+            self.metainfo_limits.get("max_bytes", MAX_METAINFO_BYTES))
         # File stamps are compared at every start: a clean stop's, or those a record
         # written while the daemon ran kept of the files it could not have written since
         # (see _kept_stamps), but for the files of pieces the journals cleared since (they
@@ -1143,6 +1145,9 @@ class DiskIO:
                     absent = exc.errno == errno.ENOENT
             t = self._torrent(meta, storage)
             t.fingerprints[:] = saved.fingerprints
+            if saved.fingerprint_form != FINGERPRINT_FORM:  # (pads were in them: dropped,
+                for q in t.layout.padded_pieces():  # found again by the torrent's hashes)
+                    t.set_fingerprint(q, NO_FINGERPRINT)
             n = meta.num_pieces
             t.load_have(saved.have)
             said = [p for p, st in enumerate(t.state) if st == VERIFIED]
@@ -1315,7 +1320,7 @@ class DiskIO:
             segs = t.layout.map(piece, 0, t.layout.piece_size(piece))
             if not all(unchanged(seg.file_index) for seg in segs if seg.stored and seg.length):
                 continue
-            pads = t.pads(piece)
+            pads = t.layout.pads(piece)
             hasher = PieceHasher(t.layout.piece_size(piece), t.meta.has_v1,
                                  t.meta.v2_piece(piece), pads, len(segs))
             for begin, end in spans:
@@ -1545,7 +1550,7 @@ class DiskIO:
                              view if t.storage.maps_files else None, read_span, resident)
         try:
             result = verify(t.meta, reader, self.hash_pool, progress_or_stop, pieces, known,
-                            not full, self._unreadable(t))
+                            not full, self._unreadable(t), t.layout.pads)
         except _CheckFailed as exc:
             raise exc.error from None
         with t.lock:
@@ -1912,7 +1917,7 @@ class DiskIO:
             # journal still says verified would be taken as such, over its zeros.
             self._record_unrecorded(t)
         size = t.layout.piece_size(piece)
-        pads = t.pads(piece)
+        pads = t.layout.pads(piece)
         files = len(t.layout.map(piece, 0, size)) if len(t.meta.files) > 1 else 1
         hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads, files)
         with t.lock:
@@ -2625,6 +2630,10 @@ class DiskIO:
                 hit = cached.read(begin, length) if spare is None else None
                 if hit is not None:
                     self.metrics.add("cache_hits")
+                    if (isinstance(cached, ResidentPiece) and length == cached.size
+                            and t.state[piece] == VERIFIED):
+                        # (the file's pages: vouched for whole, as a read of the file is)
+                        self._vouch(t, piece, epoch, hit)
                     return hit
                 self.pool.drop(key)  # the page cache let it go: read it the usual way
             self.metrics.add("cache_misses")
@@ -2638,10 +2647,10 @@ class DiskIO:
                 # and its fingerprint taken over them, each of its blocks cost 16 MiB,
                 # and a torrent of many small files seeded 20 times slower than by
                 # libtorrent. (A read of all of it is checked and cached, as any.)
-                return self._read_range(t, piece, begin, length)
+                return self._read_uncached(t, piece, begin, length, epoch)
             if not held:
-                if not self._fill_room(size):
-                    return self._read_range(t, piece, begin, length)  # (none now: its range)
+                if not self._fill_room(size):  # (no room now: its range)
+                    return self._read_uncached(t, piece, begin, length, epoch)
                 held = size
             if spare is None or len(spare) != size:
                 spare = self.pool.recycler.take(size)
@@ -2654,6 +2663,17 @@ class DiskIO:
                 with self._filling_lock:
                     self._filling -= held
 
+    def _read_uncached(self, t: Torrent, piece: int, begin: int, length: int,
+                       epoch: int) -> Buffer:
+        """A range read as it is on disk, not cached: vouched for (:meth:`_vouch`) when it
+        is a verified piece whole, as a read into the cache is. Unchecked, a whole piece
+        read past the cache (no cache, a piece larger than it may hold, no room at that
+        moment) served bytes changed on disk as verified, and a seeder sent them."""
+        data = self._read_range(t, piece, begin, length)
+        if begin == 0 and length == t.layout.piece_size(piece) and t.state[piece] == VERIFIED:
+            self._vouch(t, piece, epoch, data)
+        return data
+
     def _vouch(self, t: Torrent, piece: int, epoch: int, data: Buffer) -> None:
         """A verified piece read whole from its files, to be cached, is compared with
         its fingerprint (BLAKE3: a fraction of a millisecond for 4 MiB), so that the
@@ -2664,7 +2684,7 @@ class DiskIO:
         again. (Reads of parts of a piece that do not fill the cache serve what is on
         disk, as libtorrent does.)"""
         fp = t.fingerprint(piece)
-        if fp is None or not t.storage.stores or fingerprint([data]) == fp:
+        if fp is None or not t.storage.stores or fingerprint([data], t.layout.pads(piece)) == fp:
             return
         rec = self._records.get(t.id)
         with _journal_lock(rec):

@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import BadRequest, OutOfRange, PathEscape, PiecedError, StorageIOError
 from .filetable import PAD, UNSTORED
 from .hashing import Buffer, sub_views
-from .layout import Segment
+from .layout import Segment, fill_zeros
 from .metainfo import MAX_NAME_BYTES, MAX_PATH_BYTES, Metainfo
 from .paths import Beneath, anchor_of, part_name
 from .resume import TICK_NS, file_stamp, unsettled_for
@@ -783,7 +783,7 @@ class FileStorage:
         for seg in segments:
             dst = out[seg.buf_offset : seg.buf_offset + seg.length]
             if not seg.stored:
-                dst[:] = bytes(seg.length)
+                fill_zeros(dst)
             elif not self._pread_segment(seg, dst, nowait):
                 return False
         return True
@@ -1414,7 +1414,7 @@ class DisabledStorage(FileStorage):
 
     def readinto(self, segments: Sequence[Segment], out: memoryview) -> None:
         for seg in segments:
-            out[seg.buf_offset : seg.buf_offset + seg.length] = bytes(seg.length)
+            fill_zeros(out[seg.buf_offset : seg.buf_offset + seg.length])
 
     def read_resident(self, segments: Sequence[Segment], out: memoryview) -> bool:
         return False  # nothing is stored, so nothing is cached either

@@ -70,18 +70,52 @@ def sha256_of(views: Sequence[Buffer]) -> bytes:
 FINGERPRINT_BYTES = 16
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
 HASH_PART = 1 << 20  # what is read back and hashed at a time, when bytes must be read back
+# Which bytes a fingerprint is taken of, as the state records say: 2, the piece's stored
+# bytes alone (its pads and symlinks left out); before it, every byte, pads as zeros.
+FINGERPRINT_FORM = 2
+
+Pads = Sequence[tuple[int, int]]  # a piece's unstored ranges, in order (Layout.pads)
 
 
-def fingerprint(views: Sequence[Buffer]) -> bytes:
-    """BLAKE3 of a piece's bytes (pads as zeros), cut to 128 bits.
+def feed_stored(h: Any, part: Buffer, at: int, pads: Pads) -> None:
+    """Feed ``h`` the bytes of ``part`` (bytes ``at`` on of a piece) outside ``pads``."""
+    mv = part if type(part) is memoryview else memoryview(part)
+    end = at + mv.nbytes
+    pos = at
+    for s, e in pads:
+        if e <= pos:
+            continue
+        if s >= end:
+            break
+        if s > pos:
+            h.update(mv[pos - at : s - at])
+        pos = max(pos, e)
+        if pos >= end:
+            return
+    if pos < end:
+        h.update(mv[pos - at :] if pos > at else mv)
+
+
+def fingerprint(views: Sequence[Buffer], pads: Pads = ()) -> bytes:
+    """BLAKE3 of a piece's stored bytes (``pads``, the ranges never stored, left out),
+    cut to 128 bits.
 
     It stands in for the torrent's own hashes when data is rechecked: only ever taken
     of bytes that passed them, so a match proves the piece is still what was verified.
-    128 bits keep second preimages out of reach and the state file small.
+    128 bits keep second preimages out of reach and the state file small. Pads are
+    zeros by definition, where the torrent says: hashing them proved nothing, and a
+    small file's piece in a v2 torrent of 16 MiB pieces cost a 16 MiB hash.
     """
     h = blake3()
+    if not pads:
+        for v in views:
+            h.update(v)
+        return h.digest(FINGERPRINT_BYTES)
+    at = 0
     for v in views:
-        h.update(v)
+        n = memoryview(v).nbytes
+        feed_stored(h, v, at, pads)
+        at += n
     return h.digest(FINGERPRINT_BYTES)
 
 
@@ -100,14 +134,16 @@ class PieceCheck:
 
     Parts are consecutive; up to the end of the v2 data, each part but the last holds
     whole 16 KiB leaves. The fingerprint is taken only when asked for: a full recheck
-    of data that has one does not need it.
+    of data that has one does not need it; it is of the bytes outside ``pads``.
     """
 
-    __slots__ = ("_fp", "_leaves", "_pos", "_sha1", "v2")
+    __slots__ = ("_fp", "_leaves", "_pads", "_pos", "_sha1", "v2")
 
-    def __init__(self, want_v1: bool, v2: V2Piece | None, want_fingerprint: bool) -> None:
+    def __init__(self, want_v1: bool, v2: V2Piece | None, want_fingerprint: bool,
+                 pads: Pads = ()) -> None:
         self._sha1 = hashlib.sha1() if want_v1 else None
         self._fp = blake3() if want_fingerprint else None
+        self._pads = pads
         self.v2 = v2
         self._leaves: list[bytes] = []
         self._pos = 0
@@ -116,7 +152,10 @@ class PieceCheck:
         if self._sha1 is not None:
             self._sha1.update(part)
         if self._fp is not None:
-            self._fp.update(part)
+            if self._pads:
+                feed_stored(self._fp, part, self._pos, self._pads)
+            else:
+                self._fp.update(part)
         n = part.nbytes
         v2 = self.v2
         if v2 is not None and self._pos < v2.data_length:
@@ -284,8 +323,9 @@ class PieceHasher:
 
     The in-order prefix feeds SHA-1 (v1) and the BLAKE3 fingerprint; v2 leaves are
     hashed as each block lands, in any order. ``pads`` are the piece's pad ranges:
-    they count as received zeros; the caller feeds only the stored bytes of a block
-    that runs into a pad (and checks its pad bytes are zeros). A write over bytes
+    they count as received zeros (for SHA-1; the fingerprint leaves them out); the
+    caller feeds only the stored bytes of a block that runs into a pad (and checks its
+    pad bytes are zeros). A write over bytes
     already hashed (a duplicate block) invalidates what it touches, so the result is
     always the hash of the latest data.
     """
@@ -483,7 +523,6 @@ class PieceHasher:
             if s == self._pos:
                 if self._sha1 is not None:
                     feed_zeros(self._sha1, e - s)
-                feed_zeros(self._fp, e - s)
                 self._pos = e
 
     def finish(
@@ -501,7 +540,10 @@ class PieceHasher:
             rest = fetch(at, min(HASH_PART, self.size - at))
             if self._sha1 is not None:
                 self._sha1.update(rest)
-            self._fp.update(rest)
+            if self._pads:
+                feed_stored(self._fp, rest, at, self._pads)
+            else:
+                self._fp.update(rest)
         if self._sha1 is not None:
             d1 = self._sha1.digest()
         fp = self._fp.digest(FINGERPRINT_BYTES)

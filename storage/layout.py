@@ -16,6 +16,24 @@ from .errors import OutOfRange
 from .filetable import UNSTORED
 from .metainfo import Metainfo
 
+_ZEROS = bytes(1 << 20)
+
+
+def fill_zeros(dst: memoryview) -> None:
+    """Zeros into ``dst`` (a pad's bytes, read), copied from one buffer: a new
+    ``bytes(n)`` a pad cost a fresh allocation of 16 MiB, faulted in page by page, for
+    each small file's piece in a torrent of 16 MiB pieces."""
+    n = dst.nbytes
+    for at in range(0, n, len(_ZEROS)):
+        k = min(len(_ZEROS), n - at)
+        dst[at : at + k] = _ZEROS[:k] if k < len(_ZEROS) else _ZEROS
+
+
+def zero_views(n: int) -> list[memoryview]:
+    """``n`` zeros as read-only views of one buffer (no copy)."""
+    z = memoryview(_ZEROS)
+    return [z[: min(len(_ZEROS), n - at)] for at in range(0, n, len(_ZEROS))]
+
 
 class Segment(NamedTuple):
     """``length`` bytes at ``file_offset`` of file ``file_index``, starting
@@ -58,6 +76,22 @@ class Layout:
             raise OutOfRange(
                 f"range begin={begin} length={length} is outside piece {piece} of {size} bytes"
             )
+
+    def pads(self, piece: int) -> list[tuple[int, int]]:
+        """Ranges of the piece that are never stored (BEP 47 pads, symlinks): zeros."""
+        if not self.unstored:
+            return []
+        return [(s.buf_offset, s.buf_offset + s.length)
+                for s in self.map(piece, 0, self.piece_size(piece)) if not s.stored]
+
+    def padded_pieces(self) -> set[int]:
+        """The pieces that have pads (or symlinks): see :meth:`pads`."""
+        out: set[int] = set()
+        if self.unstored:
+            for i in self._index:
+                if self._stored[i] & UNSTORED:
+                    out.update(self.file_pieces(i))
+        return out
 
     def map(self, piece: int, begin: int, length: int) -> list[Segment]:
         """Segments covering the range, in order; the range must pass :meth:`check`."""

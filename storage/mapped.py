@@ -22,7 +22,7 @@ from . import paths
 from .errors import PiecedError, StorageIOError
 from .files import FileStorage, FileVanished, HandlePool
 from .hashing import Buffer
-from .layout import Segment
+from .layout import Segment, zero_views
 
 # Mapped files and the leases that keep them safe to map -------------------------------
 # A map holds two descriptors (the leased one and mmap's own), counted against the
@@ -301,7 +301,7 @@ class MmapStorage(FileStorage):
         try:
             for seg in segments:
                 if not seg.stored:
-                    out.append(bytes(seg.length))
+                    out.extend(zero_views(seg.length))
                     continue
                 if not seg.length:
                     continue

@@ -78,10 +78,14 @@ from typing import Any, NamedTuple
 
 import bencodepy
 
-from .hashing import FINGERPRINT_BYTES
+from .hashing import FINGERPRINT_BYTES, FINGERPRINT_FORM
+from .metainfo import MAX_METAINFO_BYTES, read_metainfo
 from .paths import read_regular
 
 RECORD = struct.Struct("<BxxxI16sI")  # kind, piece, fingerprint, crc32 of the first 24 bytes
+# The byte ranges of pieces under way a resume record keeps, at most (of a clean stop's:
+# those past it are fetched again); a resume record is read no further than it can hold.
+MAX_PARTIAL_RECORD = 16 << 20
 REC_VERIFIED = 1
 REC_CLEARED = 2
 REC_FILE = 3
@@ -262,6 +266,9 @@ class Loaded(NamedTuple):
     cleared: frozenset[int] = frozenset()
     # File index -> the inode the journals last named for it (FILE records).
     inodes: dict[int, int] | None = None
+    # Which bytes its fingerprints are of (hashing.FINGERPRINT_FORM): 1 when the record
+    # does not say (written before the form was recorded, or not decoded).
+    fingerprint_form: int = 1
 
 
 class Deletion(NamedTuple):
@@ -361,12 +368,13 @@ class TorrentRecord:
         if self.removed:
             return
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen,
-                                    b"ih": self.ih}
+                                    b"ih": self.ih, b"fp_form": FINGERPRINT_FORM}
         if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
             resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
             resume[b"stamp_fields"] = STAMP_FIELDS
             if partial:
-                resume[b"partial"] = array.array("q", [x for r in partial for x in r]).tobytes()
+                kept = partial[: MAX_PARTIAL_RECORD // 24]
+                resume[b"partial"] = array.array("q", [x for r in kept for x in r]).tobytes()
         resume[b"crc"] = zlib.crc32(bencodepy.encode(resume))
         write_atomic(self.folder / "resume", bencodepy.encode(resume))
         for old in self.journals():
@@ -397,9 +405,10 @@ class TorrentRecord:
             return
         path = self.folder / CHECKING
         if scope is not None:
+            if path.is_dir():  # (a rename cannot replace it: every check was refused)
+                _remove_entry(path)
             write_atomic(path, scope.encode())
-        elif path.exists():
-            path.unlink()
+        elif _remove_entry(path):  # (a folder in its place too)
             fsync_dir(self.folder)
 
     def journals(self) -> list[int]:
@@ -566,22 +575,31 @@ class StateStore:
     def record(self, ih_hex: str, gen: int) -> TorrentRecord:
         return TorrentRecord(self.root / ih_hex, gen)
 
-    def load_all(self, parse: Any) -> tuple[list[tuple[Loaded, int]], list[Deletion], list[str]]:
+    def load_all(self, parse: Any, metainfo_bytes: int = MAX_METAINFO_BYTES
+                 ) -> tuple[list[tuple[Loaded, int]], list[Deletion], list[str]]:
         """Every saved torrent as (state, next journal generation), the torrents whose
         removal with their files a crash cut short, and the problems met.
 
         ``parse(metainfo bytes)`` parses the metainfo (raising on bad input) into an
         object with ``num_pieces``, so records can be range-checked; it is what
         ``Loaded.metainfo`` holds (parsed once: a torrent of 100,000 files takes a while).
+        ``metainfo_bytes``: the most a metainfo may hold (state files are read no further
+        than they can hold: a resume of 2 GB, read whole, took the daemon to 4 GB).
         """
+        self._metainfo_bytes = metainfo_bytes
         out: list[tuple[Loaded, int]] = []
         deletions: list[Deletion] = []
         problems: list[str] = []
         for folder in sorted(self.root.iterdir()):
             ih_hex = folder.name.removeprefix(REMOVING)
-            if (folder / DELETING).exists():
+            try:
+                deleting = (folder / DELETING).exists()
+            except OSError as exc:  # (EACCES, EIO: that torrent's alone, not the daemon's)
+                problems.append(f"state of torrent {folder.name} skipped: {exc}")
+                continue
+            if deleting:
                 try:
-                    meta = _own_metainfo(folder, ih_hex, parse)
+                    meta = _own_metainfo(folder, ih_hex, parse, metainfo_bytes)
                     save_path, renames = _read_location(_decode_dict(folder / "location"))
                 except Exception as exc:
                     problems.append(f"torrent {ih_hex} was removed, but its files could "
@@ -606,9 +624,13 @@ class StateStore:
             if _TEMPORARY.fullmatch(name):  # a write_atomic a crash cut short
                 with contextlib.suppress(OSError):
                     os.unlink(folder / name)
-        meta = _own_metainfo(folder, folder.name, parse)
+        meta = _own_metainfo(folder, folder.name, parse, self._metainfo_bytes)
         n = int(meta.num_pieces)
-        resume = _decode_dict(folder / "resume")
+        nfiles = len(meta.files.lengths)
+        # What a record of this torrent can hold, twice over: past it, it is damage.
+        resume = _decode_dict(folder / "resume",
+                              2 * (n // 8 + n * FINGERPRINT_BYTES + nfiles * 8 * STAMP_FIELDS
+                                   + MAX_PARTIAL_RECORD) + 4096)
         location = _decode_dict(folder / "location")
         own = _ih_of(folder.name)
         if location is not None and not _crc_matches(location):
@@ -634,6 +656,7 @@ class StateStore:
         damaged = None
         gen = 0
         stamps = None
+        form = 1
         if resume is None or not isinstance(resume.get(b"have", b""), bytes) or len(
             resume.get(b"have", b"")
         ) != nbytes or not _crc_matches(resume):
@@ -648,6 +671,8 @@ class StateStore:
                     table = read_regular(folder / "fingerprints")
             if isinstance(table, bytes) and len(table) == len(fps):
                 fps[:] = table
+            f = resume.get(b"fp_form", 1)
+            form = f if isinstance(f, int) else 1
             g = resume.get(b"gen", 0)
             gen = g if isinstance(g, int) and g >= 0 else 0
             packed = resume.get(b"stamps")
@@ -676,11 +701,17 @@ class StateStore:
         why: str | None = None
         cleared: set[int] = set()
         inodes: dict[int, int] = {}
-        nfiles = len(meta.files.lengths)
+        # Records a generation holds at most, twice over (a compaction is due after
+        # max(COMPACT_RECORDS, n / 8); a piece's and a file's records at most once each
+        # per batch): past it, damage, not read (2 GB of it took 97 s and 4 GB).
+        journal_limit = RECORD.size * 2 * (max(4096, n) + nfiles) + (1 << 20)
         for g in gens:
             try:
-                data = read_regular(folder / f"journal.{g}")
+                data = read_regular(folder / f"journal.{g}", journal_limit)
             except OSError:  # (a folder in its place, EIO): what it said is unknown
+                torn = True
+                continue
+            if len(data) > journal_limit:
                 torn = True
                 continue
             records, bad, ends_bad = _decode_records(data, rec.seed)
@@ -720,7 +751,7 @@ class StateStore:
                    "power cut in the middle of an append, or damage on the disk)")
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
                         previous, checking, partial or None, why, frozenset(cleared),
-                        inodes or None)
+                        inodes or None, form)
         return loaded, next_gen
 
 
@@ -739,13 +770,13 @@ def _location(save_path: Path, renames: dict[int, tuple[str, ...]]) -> dict[byte
             b"renames": {str(i).encode(): "/".join(p).encode() for i, p in renames.items()}}
 
 
-def _own_metainfo(folder: Path, ih_hex: str, parse: Any) -> Any:
+def _own_metainfo(folder: Path, ih_hex: str, parse: Any, limit: int) -> Any:
     """The parsed metainfo kept in a torrent's state folder, refused unless it is of the
     info_hash the folder is named for. A bit of it flipped on disk still parses: loaded,
     it was another torrent, with the pieces the record proves of the real one called
     verified, and a removal of it removed the real one's folder (or, with its files, the
     files its damaged paths name)."""
-    meta = parse(read_regular(folder / "metainfo.torrent"))
+    meta = parse(read_metainfo(folder / "metainfo.torrent", limit))
     found = bytes(meta.info_hash).hex()
     if found != ih_hex:
         raise ValueError(f"its metainfo is damaged: it is of info_hash {found}, not of the "
@@ -764,17 +795,24 @@ def _read_location(record: Any) -> tuple[str, dict[int, tuple[str, ...]]]:
 
 def _crc_matches(record: dict[bytes, Any]) -> bool:
     """A resume or location record's checksum (over the record without it) holds; a
-    record from a version that wrote none passes."""
+    record from a version that wrote none passes. Not one that holds the info hash
+    (written since the checksums): a bit flipped in the name of its checksum took the
+    checksum away, and every other bit of the record was then taken as it was."""
     crc = record.get(b"crc")
     if crc is None:
-        return True
+        return b"ih" not in record and b"fp_form" not in record
     rest = {k: v for k, v in record.items() if k != b"crc"}
     return isinstance(crc, int) and zlib.crc32(bencodepy.encode(rest)) == crc
 
 
-def _decode_dict(path: Path) -> dict[bytes, Any] | None:
+def _decode_dict(path: Path, limit: int = 1 << 20) -> dict[bytes, Any] | None:
+    """The bencoded dict at ``path``; None if it cannot be read, does not decode or is
+    over ``limit`` bytes."""
     try:
-        value = bencodepy.decode(read_regular(path))
+        data = read_regular(path, limit)
+        if len(data) > limit:
+            return None
+        value = bencodepy.decode(data)
     except Exception:
         return None
     return value if isinstance(value, dict) else None

@@ -334,17 +334,6 @@ class Torrent:
         self.fingerprints[piece * FINGERPRINT_BYTES : (piece + 1) * FINGERPRINT_BYTES] = fp
 
     # -- layout shortcuts ------------------------------------------------------------------
-    def pads(self, piece: int) -> list[tuple[int, int]]:
-        """Ranges of the piece that are never stored (BEP 47 pads, symlinks): zeros."""
-        if not self.layout.unstored:
-            return []
-        size = self.layout.piece_size(piece)
-        return [
-            (s.buf_offset, s.buf_offset + s.length)
-            for s in self.layout.map(piece, 0, size)
-            if not s.stored
-        ]
-
     def files_of(self, piece: int) -> list[int]:
         size = self.layout.piece_size(piece)
         return [s.file_index for s in self.layout.map(piece, 0, size) if s.stored]

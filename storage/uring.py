@@ -18,7 +18,7 @@ from typing import Any
 from .errors import StorageIOError
 from .files import _IOV_MAX, FileStorage
 from .hashing import Buffer, sub_views
-from .layout import Segment
+from .layout import Segment, fill_zeros
 from .sharedpool import SharedPool
 
 # io_uring ------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ class UringStorage(FileStorage):
             for seg in segments:
                 dst = out[seg.buf_offset : seg.buf_offset + seg.length]
                 if not seg.stored:
-                    dst[:] = bytes(seg.length)
+                    fill_zeros(dst)
                     continue
                 whole = self.short_is_cut(seg.file_index)  # before the read: see _check_linked
                 fd = stack.enter_context(self._fd(seg.file_index, False))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import itertools
 import mmap
@@ -32,19 +33,18 @@ from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import NamedTuple
 
-from blake3 import blake3
-
 from .errors import PathEscape, StorageIOError
 from .hashing import (
     FINGERPRINT_BYTES,
     NO_FINGERPRINT,
     Buffer,
     HashPool,
+    Pads,
     PieceCheck,
     check_piece,
     fingerprint,
 )
-from .layout import Layout, Segment
+from .layout import Layout, Segment, fill_zeros
 from .metainfo import Metainfo
 from .paths import folder_below
 
@@ -709,7 +709,7 @@ class FolderFiles:
             dst = out[pos : pos + seg.length]
             pos += seg.length
             if not seg.stored:
-                dst[:] = bytes(seg.length)
+                fill_zeros(dst)
                 continue
             fd = self._fd(seg.file_index)
             if fd is None:
@@ -771,6 +771,15 @@ class FolderFiles:
             self._root = None
 
 
+def _no_pads(piece: int) -> Pads:
+    return ()
+
+
+def _v2_extent(meta: Metainfo, piece: int) -> int:
+    v2 = meta.v2_piece(piece)
+    return v2.data_length if v2 is not None else meta.piece_size(piece)
+
+
 # (piece, v1 ok, v2 ok, bytes hashed, new fingerprint, good by its fingerprint)
 Row = tuple[int, bool | None, bool | None, int, bytes | None, bool]
 
@@ -784,6 +793,7 @@ def verify(
     fingerprints: bytes | None = None,
     trust_fingerprints: bool = True,
     unreadable: Collection[int] = (),
+    pads: Callable[[int], Pads] | None = None,
 ) -> VerifyResult:
     """Hash every piece (or the given ones), in batches on the hash pool.
 
@@ -796,7 +806,18 @@ def verify(
     ``unreadable``: pieces the caller knows cannot be read (their files are not
     there); they fail as a failed read fails them, without being asked for, so that
     a torrent with nothing on disk yet costs no read, nor open, per piece.
+
+    ``pads``: a piece's unstored ranges (``Layout.pads``, made of ``meta`` when not
+    given), which fingerprints leave out.
     """
+    if pads is None:
+        layout = Layout(meta)
+        pads = layout.pads if layout.unstored else _no_pads
+    # What is read of a piece: the bytes its hashes cover. In a v2-only torrent that is
+    # its file's bytes (the rest is alignment, never stored, which neither its Merkle
+    # root nor its fingerprint covers): a small file's piece of 16 MiB was read whole,
+    # 16 MiB of zeros made for each.
+    extent = meta.piece_size if meta.has_v1 else functools.partial(_v2_extent, meta)
     todo = list(pieces) if pieces is not None else range(meta.num_pieces)
     have = [False] * meta.num_pieces
     failed_v1: list[int] | None = [] if meta.has_v1 else None
@@ -836,7 +857,7 @@ def verify(
         if p in unreadable:
             out.append((p, *fail, 0, None, False))
             return
-        size = meta.piece_size(p)
+        size = extent(p)
         try:
             out.append(one(p, size))
         finally:
@@ -844,14 +865,15 @@ def verify(
 
     def span_end(batch: Sequence[int], i: int, end: int, limit: int) -> int:
         """The end (before ``end``) of the run of pieces from ``batch[i]`` to take
-        together: consecutive, readable, ``limit`` bytes at most (pieces are whole but
-        for the torrent's last)."""
-        j, total = i + 1, meta.piece_size(batch[i])
+        together: consecutive, readable, ``limit`` bytes at most, none after one read
+        short of its piece's end (pieces are whole but for the torrent's last)."""
+        j, total = i + 1, extent(batch[i])
         if batch[i] in unreadable:
             return j
         while (j < end and batch[j] == batch[j - 1] + 1 and batch[j] not in unreadable
-               and total + meta.piece_size(batch[j]) <= limit):
-            total += meta.piece_size(batch[j])
+               and extent(batch[j - 1]) == meta.piece_length
+               and total + extent(batch[j]) <= limit):
+            total += extent(batch[j])
             j += 1
         return j
 
@@ -861,14 +883,14 @@ def verify(
         first, last = pieces[0], pieces[-1]
         in_place = trust_fingerprints and fingerprints is not None and all(
             fingerprints[p * FP : (p + 1) * FP] != NO_FINGERPRINT for p in pieces)
-        got = reader.span(first, (last - first) * meta.piece_length + meta.piece_size(last),
+        got = reader.span(first, (last - first) * meta.piece_length + extent(last),
                           in_place)
         if got is None:
             return False
         views, give_back = got
         try:
             for p in pieces:
-                size = meta.piece_size(p)
+                size = extent(p)
                 part = cut(views, (p - first) * meta.piece_length, size)
                 try:
                     out.append(one(p, size, part))
@@ -892,7 +914,7 @@ def verify(
             return (p, *fail, 0, None, False)
         fp = None
         if known is not None and trust_fingerprints:
-            fp = fingerprint(views)
+            fp = fingerprint(views, pads(p))
             if fp == known:
                 return (p, *good, size, None, True)
         ok1, ok2 = check_piece(
@@ -901,7 +923,7 @@ def verify(
         new = None
         stale = known is None or fp is not None  # fp set here means it did not match
         if fingerprints is not None and ok1 is not False and ok2 is not False and stale:
-            new = fp if fp is not None else fingerprint(views)
+            new = fp if fp is not None else fingerprint(views, pads(p))
         return (p, ok1, ok2, size, new, False)
 
     def streamed(reader: PreadReader, p: int, size: int, known: bytes | None) -> Row:
@@ -912,14 +934,14 @@ def verify(
         passed the hashes, which a later recheck would then take for good."""
         stale = known is None
         if known is not None and trust_fingerprints:
-            h = blake3()
-            if not reader.stream(p, size, h.update, in_place=True):
+            first = PieceCheck(False, None, True, pads(p))
+            if not reader.stream(p, size, first.update, in_place=True):
                 return (p, *fail, 0, None, False)
-            if h.digest(FP) == known:
+            if first.result()[2] == known:
                 return (p, *good, size, None, True)
             stale = True
         v2 = meta.v2_piece(p)
-        check = PieceCheck(meta.has_v1, v2, fingerprints is not None and stale)
+        check = PieceCheck(meta.has_v1, v2, fingerprints is not None and stale, pads(p))
         if not reader.stream(p, size, check.update):
             return (p, *fail, 0, None, False)
         d1, d2, new = check.result()
@@ -946,7 +968,7 @@ def verify(
             done_now: Future[list[Row]] = Future()
             done_now.set_result(run(batch))
             return done_now
-        reader.prefetch(wanted, meta.piece_size)
+        reader.prefetch(wanted, extent)
         return pool.submit(run, batch)
 
     pending: list[tuple[Future[list[Row]], int]] = []  # (batch, its bytes)
@@ -959,7 +981,7 @@ def verify(
                 batch = next(it, None)
                 if batch is None:
                     break
-                size = sum(map(meta.piece_size, batch))
+                size = sum(map(extent, batch))
                 pending.append((submit(batch), size))
                 ahead += size
             if not pending:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -474,7 +475,8 @@ def test_stamps_of_an_earlier_version_still_count(tmp_path: Path, backend: str) 
     assert old[b"stamp_fields"] == 4
     old[b"stamps"] = array.array("q", [x for i in range(0, len(flat), 4)
                                        for x in flat[i:i + 2]]).tobytes()
-    del old[b"stamp_fields"], old[b"crc"]
+    # (as that version wrote it: no checksum, nor what came after it)
+    del old[b"stamp_fields"], old[b"crc"], old[b"ih"], old[b"fp_form"]
     resume.write_atomic(record, bencodepy.encode(old))
     again = DiskIO(backend, state_dir=tmp_path / "state")
     st = again.status(ih)
@@ -1457,6 +1459,64 @@ def test_a_recheck_reports_a_file_deleted_or_cut_short_behind_its_back(
         errors = dio.status(ih)["errors"]
         for name in ("b.bin", "c.bin"):
             assert any(name in e["message"] for e in errors), (name, errors)
+    finally:
+        dio.close()
+
+
+@pytest.mark.parametrize("past", ["no cache", "a piece larger than it caches", "volatile",
+                                  "volatile, just written"])
+def test_a_whole_piece_read_past_the_cache_is_checked_too(
+        tmp_path: Path, backend: str, past: str) -> None:
+    """A verified piece read whole is compared with its fingerprint however it is read:
+    not cached (no cache at all, a piece larger than the cache takes, a volatile read)
+    its changed bytes were served as verified, with no error, and a seeder sent them
+    (a libtorrent leecher failed their hashes and dropped it). Just written, a piece
+    may be served from a copy of the bytes that passed (which is right), never from
+    the changed file."""
+    content = make_payload(tmp_path / "src", {"a.bin": 300_000, "b.bin": 200_001}, seed=29)
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    cache = {"no cache": 0, "a piece larger than it caches": 4 * 65536 - 4}.get(past, 2**24)
+    state = tmp_path / "state"
+    dio = DiskIO(backend, cache_bytes=cache, state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    fill(dio, ih, src)
+    dio.flush_all()
+    if past != "volatile, just written":
+        # (Started again, nothing cached: a piece cached as it verified is served from
+        # the copy, the bytes that passed, whatever the file holds since.)
+        dio.close()
+        dio = DiskIO(backend, cache_bytes=cache, state_dir=state)
+    try:
+        wait_reverified(dio, ih)
+        n = src.meta.num_pieces
+        assert dio.status(ih)["verified_pieces"] == n
+        good = src.read(2, 0, 65536)
+        a_bin = tmp_path / "dl" / "payload" / "a.bin"
+        dio.torrent(ih).storage.close_handles()  # (a map's lease would hold the write up)
+        with open(a_bin, "r+b") as f:
+            f.seek(2 * 65536 + 1000)
+            f.write(bytes(b ^ 0xFF for b in good[1000:1100]))
+        volatile = past.startswith("volatile")
+        try:
+            if volatile:
+                got = dio.read_chunk(ih, 2, 0, 65536, volatile=True)
+            else:
+                got = dio.read_piece(ih, 2)
+        except PiecedError as exc:
+            assert "not those verified" in str(exc) and exc.errno == errno.EIO
+            assert not _verified(dio.status(ih))[2]
+            assert dio.status(ih)["verified_pieces"] == n - 1
+        else:
+            assert past == "volatile, just written" and got == good
+        for p in (1, 3, n - 1):  # the others: as ever
+            size = src.layout.piece_size(p)
+            assert dio.read_chunk(ih, p, 0, size, volatile=volatile) == src.read(p, 0, size)
+        dio.torrent(ih).storage.close_handles()
+        with open(a_bin, "r+b") as f:  # mended
+            f.seek(2 * 65536)
+            f.write(good)
+        assert dio.recheck(ih).ok and dio.read_piece(ih, 2) == good
     finally:
         dio.close()
 

@@ -944,7 +944,8 @@ def test_a_client_that_never_reads_its_events_is_dropped(tmp_path: Path) -> None
             deaf.close()
     finally:
         assert d.stop() == 0
-    assert "dropping a client that does not read" in d.stderr()
+    assert re.search(rf"dropping a client that does not read, client \d+ \(pid {os.getpid()}, "
+                     r"uid \d+\)", d.stderr()), d.stderr()
 
 
 @pytest.mark.parametrize("kind", ["write", "read"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from blake3 import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pieced.storage.disk import DiskIO, PieceResult
@@ -57,6 +58,13 @@ class Source:
                 f.seek(s.file_offset)
                 out += f.read(s.length)
         return bytes(out)
+
+    def fingerprint(self, piece: int) -> bytes:
+        """What the daemon's fingerprint of the piece must be: BLAKE3 of its stored
+        bytes (pads left out), cut to 128 bits."""
+        stored = [self.read(piece, s.buf_offset, s.length)
+                  for s in self.layout.map(piece, 0, self.layout.piece_size(piece)) if s.stored]
+        return blake3(b"".join(stored)).digest(16)
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """Every (piece, begin, length) a peer would send: pad bytes are never sent."""

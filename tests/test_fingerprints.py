@@ -8,10 +8,12 @@ import json
 import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import bencodepy
 import pytest
+from blake3 import blake3
 from pieced.storage.disk import DiskIO
 from pieced.storage.hashing import FINGERPRINT_BYTES, fingerprint
 
@@ -36,10 +38,16 @@ def test_every_verified_piece_gets_the_fingerprint_of_its_bytes(
     fill(dio, ih, src)  # shuffled blocks, half through the ring path: gaps get read back
     dio.flush_all()
     t = dio.torrent(ih)
+    padded = src.layout.padded_pieces()
     for p in range(src.meta.num_pieces):
-        expected = fingerprint([src.read(p, 0, src.layout.piece_size(p))])
+        # Of the stored bytes alone: the pads, zeros wherever the torrent puts them,
+        # are left out (a 16 MiB piece of a small file cost a hash of 16 MiB).
+        expected = src.fingerprint(p)
         assert t.fingerprint(p) == expected, p
-        assert len(expected) == FINGERPRINT_BYTES
+        whole = [src.read(p, 0, src.layout.piece_size(p))]
+        assert fingerprint(whole, src.layout.pads(p)) == expected
+        assert (fingerprint(whole) == expected) == (p not in padded)
+    assert padded or not src.meta.has_v2  # (v2 gives each file pieces of its own)
 
     r = dio.recheck(ih)
     assert r.ok and r.fingerprint_hits == src.meta.num_pieces and not r.new_fingerprints
@@ -68,7 +76,7 @@ def test_changed_data_falls_back_to_the_torrent_hashes(
     if src.meta.has_v2:
         assert r.failed_v2 == [bad]
     # The failed piece keeps its old fingerprint: a hint, never a verdict.
-    assert dio.torrent(ih).fingerprint(bad) == fingerprint([src.read(bad, 0, 32768)])
+    assert dio.torrent(ih).fingerprint(bad) == src.fingerprint(bad)
     assert not dio.status(ih)["have"][bad >> 3] & (0x80 >> (bad & 7))
 
     # A stale fingerprint on good data (a lost state write, say) costs a full hash of
@@ -79,7 +87,7 @@ def test_changed_data_falls_back_to_the_torrent_hashes(
         t.set_fingerprint(3, b"\x01" * FINGERPRINT_BYTES)
     r = dio.recheck(ih)
     assert r.ok and r.fingerprint_hits == n - 1 and set(r.new_fingerprints or {}) == {3}
-    assert t.fingerprint(3) == fingerprint([src.read(3, 0, src.layout.piece_size(3))])
+    assert t.fingerprint(3) == src.fingerprint(3)
     dio.close()
 
 
@@ -113,15 +121,71 @@ def test_fingerprints_persist_and_are_made_by_the_first_recheck(
     # A lost or damaged table only costs speed.
     record = bencodepy.decode(resume.read_bytes())
     record[b"fingerprints"] = b"short"
-    # (Without its checksum, as an older version wrote it: a record whose checksum fails
-    # is damaged as a whole, and its torrent's pieces are checked again.)
-    del record[b"crc"]
+    # (Without its checksum, as an older version wrote it, nor what came after it: a
+    # record whose checksum fails is damaged as a whole, and its torrent's pieces are
+    # checked again.)
+    del record[b"crc"], record[b"ih"], record[b"fp_form"]
     resume.write_bytes(bencodepy.encode(record))
     third = DiskIO(state_dir=state)
     r = third.recheck(ih)
     assert r.ok and r.fingerprint_hits == 0
     third.close()
     assert len(table()) == n * FINGERPRINT_BYTES
+
+
+@pytest.mark.parametrize("kind", ["v2", "hybrid"])
+def test_fingerprints_taken_over_pads_are_dropped_and_no_piece_is_lost(
+    tmp_path: Path, odd_payload: tuple[Path, Path], kind: str
+) -> None:
+    """A state whose record does not say its fingerprints leave pads out (written when
+    they were taken over every byte of the piece, pads as zeros) keeps every piece
+    verified: the fingerprints of pieces with pads are dropped, not compared, so a
+    read of such a piece whole is served (a mismatch there would take the piece for
+    changed on disk, verified no more), and the next recheck finds them again by the
+    torrent's hashes; the others are kept."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, kind)  # type: ignore[arg-type]
+    src = Source(raw, save)
+    n = src.meta.num_pieces
+    padded = src.layout.padded_pieces()
+    assert 0 < len(padded) < n
+    state = tmp_path / "state"
+    dio = DiskIO(state_dir=state)
+    ih = dio.register(raw, save)
+    assert dio.recheck(ih).ok
+    dio.close()
+    resume = state / "torrents" / ih.hex() / "resume"
+    record = bencodepy.decode(resume.read_bytes())
+    assert record[b"fp_form"] == 2
+    old = b"".join(blake3(src.read(p, 0, src.layout.piece_size(p))).digest(FINGERPRINT_BYTES)
+                   for p in range(n))  # every byte, pads as zeros
+    record[b"fingerprints"] = old
+    del record[b"fp_form"], record[b"crc"]
+    record[b"crc"] = zlib.crc32(bencodepy.encode(record))
+    resume.write_bytes(bencodepy.encode(record))
+
+    again = DiskIO(state_dir=state)
+    try:
+        assert again.status(ih)["verified_pieces"] == n
+        t = again.torrent(ih)
+        for p in range(n):
+            assert (t.fingerprint(p) is None) == (p in padded), p
+            assert again.read_piece(ih, p) == src.read(p, 0, src.layout.piece_size(p)), p
+        assert again.status(ih)["verified_pieces"] == n
+        r = again.recheck(ih)
+        assert r.ok and r.fingerprint_hits == n - len(padded)
+        assert set(r.new_fingerprints or {}) == padded
+    finally:
+        again.close()
+    record = bencodepy.decode(resume.read_bytes())
+    assert record[b"fp_form"] == 2
+    assert record[b"fingerprints"] == b"".join(src.fingerprint(p) for p in range(n))
+    third = DiskIO(state_dir=state)
+    try:
+        r = third.recheck(ih)
+        assert r.ok and r.fingerprint_hits == n
+    finally:
+        third.close()
 
 
 def test_cli_recheck_full_and_fingerprinted(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
@@ -185,7 +249,7 @@ def test_runs_of_blocks_in_two_slices_give_each_piece_the_hashes_of_its_bytes(
         t = dio.torrent(ih)
         assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
         for p in range(src.meta.num_pieces):
-            assert t.fingerprint(p) == fingerprint([src.read(p, 0, src.layout.piece_size(p))]), p
+            assert t.fingerprint(p) == src.fingerprint(p), p
         r = dio.recheck(ih)
         assert r.ok and r.fingerprint_hits == src.meta.num_pieces
     finally:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
+import bencodepy
 import pytest
 from pieced.protocol.client import Client
 from pieced.storage.disk import DiskIO
@@ -22,6 +26,7 @@ from pieced.storage.errors import BadRequest, StorageIOError
 from tests.conftest import STORES_NOTHING, Daemon
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_disk import Source, fill
+from tests.test_state import wait_reverified
 
 
 def _verified(st: dict) -> set[int]:
@@ -330,3 +335,149 @@ def test_a_register_the_state_folder_refuses_names_where(tmp_path: Path) -> None
     finally:
         subprocess.run(["chattr", "-i", str(state / "torrents")], check=True)
         dio.close()
+
+
+# -- damaged state folders: each damage costs its torrent at most ----------------------------
+
+def _load_as(uid: int, state: Path) -> dict:
+    """Fork, drop to ``uid``, start a DiskIO on ``state``: what it loaded and said."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drops its rights, reports through the pipe, os._exit
+        code = 1
+        try:
+            os.close(r)
+            os.setgid(uid)
+            os.setuid(uid)
+            d = DiskIO("posix", state_dir=state)
+            got = {"torrents": [ih.hex() for ih in d.torrents()], "errors": d.load_errors}
+            d.close()
+            code = 0
+        except BaseException as exc:
+            got = {"raised": repr(exc)}
+        finally:
+            with contextlib.suppress(BaseException):
+                os.write(w, json.dumps(got).encode())
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return dict(json.loads(out))
+
+
+def test_a_torrent_state_folder_that_cannot_be_read_skips_that_torrent_alone() -> None:
+    """A torrent's state folder the daemon's user may not read (EACCES; EIO on a bad
+    disk) stopped the whole start: every torrent was out of reach. It is skipped, said,
+    and the others load."""
+    root = Path(tempfile.mkdtemp(prefix="pieced-unreadable-"))
+    try:
+        root.chmod(0o755)  # (the user the daemon runs as must reach the files)
+        ihs = []
+        dio = DiskIO("posix", state_dir=root / "state")
+        for k in range(2):
+            content = make_payload(root / f"src{k}", {f"f{k}.bin": 40000}, seed=k)
+            ih = dio.register(make_torrent_lt(content, 16384, "v1"), root / f"src{k}")
+            assert dio.recheck(ih).ok
+            ihs.append(ih)
+        dio.close()
+        subprocess.run(["chown", "-R", "65534:65534", str(root / "state")], check=True)
+        (root / "state" / "torrents" / ihs[0].hex()).chmod(0)
+        got = _load_as(65534, root / "state")
+        assert got.get("torrents") == [ihs[1].hex()], got
+        assert got["torrents"] == [ihs[1].hex()]
+        assert any(ihs[0].hex() in e and "Permission denied" in e for e in got["errors"]), got
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(root)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _record(path: Path) -> dict:
+    return dict(bencodepy.decode(path.read_bytes()))
+
+
+def test_a_record_whose_checksum_lost_its_name_is_damaged(tmp_path: Path) -> None:
+    """A bit flipped in the name of a resume record's checksum (``crc`` read ``crb``)
+    took the checksum away: the record passed as one of a version that wrote none, and
+    a bit flipped in its bitfield too made a piece with nothing on disk verified. A
+    record holding the info hash (written since the checksums) must have its checksum."""
+    content = make_payload(tmp_path / "src", {"a.bin": 5 * 16384}, seed=8)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state)
+    ih = dio.register(raw, tmp_path / "dl")
+    for p, b, n in src.blocks():
+        if p != 3:  # (piece 3 never comes)
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+    dio.flush_all()
+    assert _verified(dio.status(ih)) == {0, 1, 2, 4}
+    dio.close()
+    resume = state / "torrents" / ih.hex() / "resume"
+    record = _record(resume)
+    record[b"crb"] = record.pop(b"crc")
+    record[b"have"] = bytes([record[b"have"][0] | 0x10])  # piece 3 said verified
+    resume.write_bytes(bencodepy.encode(record))
+    again = DiskIO("posix", state_dir=state)
+    try:
+        st = wait_reverified(again, ih)
+        assert _verified(st) == {0, 1, 2, 4}
+    finally:
+        again.close()
+
+
+def test_a_folder_where_the_check_under_way_mark_goes_is_cleared(tmp_path: Path) -> None:
+    """A folder named ``checking`` in a torrent's state folder (a restore, a tool) made
+    every recheck fail, at every start ("record the check under way: Is a directory"),
+    and pieces in doubt could never be found again. It is cleared, as the clean stop's
+    mark is."""
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * 16384}, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state)
+    ih = dio.register(raw, tmp_path / "src")
+    dio.close()
+    (state / "torrents" / ih.hex() / "checking" / "x").mkdir(parents=True)
+    again = DiskIO("posix", state_dir=state)
+    try:
+        wait_reverified(again, ih)
+        r = again.recheck(ih)
+        assert r.ok and _verified(again.status(ih)) == set(range(4))
+        assert not (state / "torrents" / ih.hex() / "checking").exists()
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("name", ["resume", "journal.9", "metainfo.torrent"])
+def test_a_state_file_far_larger_than_its_torrent_needs_is_not_read_whole(
+        tmp_path: Path, name: str) -> None:
+    """A state file grown past what its torrent can need (a bad disk, a tool run amok)
+    was read whole: 2 GB of it took the daemon to 4 GB, or a start to 97 s. It is read no
+    further than its torrent can need: damage, the torrent's pieces found again (a
+    metainfo that large: the torrent skipped, said)."""
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * 16384}, seed=10)
+    raw = make_torrent_lt(content, 16384, "v1")
+    state = tmp_path / "state"
+    dio = DiskIO("posix", state_dir=state, metainfo_limits={"max_bytes": 1 << 20})
+    ih = dio.register(raw, tmp_path / "src")
+    assert dio.recheck(ih).ok
+    dio.close()
+    path = state / "torrents" / ih.hex() / name
+    with open(path, "ab") as f:
+        f.truncate(max(path.stat().st_size if path.exists() else 0, 1) + (512 << 20))  # sparse
+    tracemalloc.start()
+    try:
+        again = DiskIO("posix", state_dir=state, metainfo_limits={"max_bytes": 1 << 20})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 128 << 20, f"{peak} bytes at the peak"  # (not 1 GiB: 512 MiB read, joined)
+        if name == "metainfo.torrent":
+            assert again.torrents() == []
+            assert any(ih.hex() in e and "larger" in e for e in again.load_errors)
+        else:
+            wait_reverified(again, ih)
+            assert _verified(again.status(ih)) == set(range(4))
+    finally:
+        again.close()
