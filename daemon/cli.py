@@ -363,6 +363,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     errors = s.get("errors") or {}
     lines.append(f"{'errors':20} " + (", ".join(f"{k} {n}" for k, n in sorted(errors.items()))
                                        or "none"))
+    lines += [f"{'at the start':20} {problem}" for problem in s.get("load_errors") or ()]
     _print(args, s, "\n".join(lines))
     return EXIT_OK
 

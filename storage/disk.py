@@ -3276,6 +3276,10 @@ class DiskIO:
             hash_jobs=self.hash_pool.jobs,
             hash_job_us=int(self.hash_pool.seconds * 1e6),
             open_files=self.handles.open_count,
+            # What the start found in the state folder and could not use (a torrent
+            # skipped, a record damaged): the log alone said so, and a skipped torrent
+            # just was not there.
+            load_errors=list(self.load_errors),
         )
         return snap
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -350,7 +351,8 @@ def _load_as(uid: int, state: Path) -> dict:
             os.setgid(uid)
             os.setuid(uid)
             d = DiskIO("posix", state_dir=state)
-            got = {"torrents": [ih.hex() for ih in d.torrents()], "errors": d.load_errors}
+            got = {"torrents": [ih.hex() for ih in d.torrents()], "errors": d.load_errors,
+                   "stats_errors": d.stats()["load_errors"]}
             d.close()
             code = 0
         except BaseException as exc:
@@ -385,6 +387,7 @@ def test_a_torrent_state_folder_that_cannot_be_read_skips_that_torrent_alone() -
         (root / "state" / "torrents" / ihs[0].hex()).chmod(0)
         got = _load_as(65534, root / "state")
         assert got.get("torrents") == [ihs[1].hex()], got
+        assert got["stats_errors"] == got["errors"]
         assert got["torrents"] == [ihs[1].hex()]
         assert any(ihs[0].hex() in e and "Permission denied" in e for e in got["errors"]), got
     finally:
@@ -481,3 +484,29 @@ def test_a_state_file_far_larger_than_its_torrent_needs_is_not_read_whole(
             assert _verified(again.status(ih)) == set(range(4))
     finally:
         again.close()
+
+
+def test_what_the_start_could_not_use_is_in_the_stats(tmp_path: Path) -> None:
+    """A torrent the start skipped (its state damaged) was said in the log alone: to a
+    client, and on the HTTP page, it just was not there. ``stats`` says it, and ``pieced
+    stats`` prints it."""
+    content = make_payload(tmp_path / "src", {"a.bin": 40000}, seed=12)
+    raw = make_torrent_lt(content, 16384, "v1")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            assert c.stats()["load_errors"] == []
+    finally:
+        assert d.stop() == 0
+    (tmp_path / "var" / "torrents" / ih.hex() / "metainfo.torrent").write_bytes(b"d4:infoi1ee")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            [said] = c.stats()["load_errors"]
+            assert said.startswith(f"state of torrent {ih.hex()} skipped: ")
+        out = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "stats", "--socket",
+                              str(d.socket)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and f"at the start         {said}" in out.stdout, out
+    finally:
+        assert d.stop() == 0
