@@ -327,7 +327,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _errors(errors: list[dict[str, Any]]) -> list[str]:
     """A torrent's errors, one line each, the times an error came again said once."""
     return [f"  error: {_shown(e['message'])}"
-            + (f" ({e['count']} times)" if e.get("count", 1) > 1 else "") for e in errors]
+            + (f" ({e['count']} times" + (f", pieces {_listed(e['pieces'])}"
+                                          if len(e.get("pieces") or ()) > 1 else "") + ")"
+               if e.get("count", 1) > 1 else "") for e in errors]
+
+
+def _listed(pieces: list[int]) -> str:
+    shown = ", ".join(map(str, sorted(pieces)[:10]))
+    return shown + (", ..." if len(pieces) > 10 else "")
 
 
 def cmd_recheck(args: argparse.Namespace) -> int:

@@ -224,6 +224,7 @@ ErrorCallback = Callable[[bytes, dict[str, Any]], None]
 # pieces, or lost them; a file vanished): its key.
 ChangeCallback = Callable[[bytes], None]
 ERROR_EVENT_INTERVAL = 1.0  # seconds between two on_error calls of one torrent and errno
+MERGED_PIECES = 64  # the pieces an error met again and again names, at most
 # Journal records after which the torrent's resume record is rewritten (compaction);
 # a torrent of many pieces waits longer, its record being bigger.
 COMPACT_RECORDS = 4096
@@ -2433,7 +2434,12 @@ class DiskIO:
             if (last is not None and last["message"] == entry["message"]
                     and last["errno"] == entry["errno"]):
                 # The same error again (a full disk fails every block; a file refused
-                # fails every read of it): one entry, counted, naming the latest piece.
+                # fails every read of it): one entry, counted, naming the latest piece,
+                # and the first MERGED_PIECES pieces it was met at (a bad disk's reads
+                # failed at 16 pieces, and the entry named the last alone).
+                met = last.setdefault("pieces", [] if last["piece"] is None else [last["piece"]])
+                if piece is not None and piece not in met and len(met) < MERGED_PIECES:
+                    met.append(piece)
                 last["piece"] = piece
                 last["count"] = last.get("count", 1) + 1
             else:
@@ -3198,7 +3204,9 @@ class DiskIO:
             have = bytes(t.have)
             counts = {name: t.count(s) for name, s in (
                 ("partial", PARTIAL), ("hashing", HASHING), ("committing", COMMITTING))}
-            errors = [dict(e) for e in t.errors]  # (the last one may still be counting)
+            # (the last one may still be counting: copied, its list of pieces too)
+            errors = [{**e, "pieces": list(e["pieces"])} if "pieces" in e else dict(e)
+                      for e in t.errors]
             verified = t.count(VERIFIED)
             state = bytes(t.state) if files else b""
         st = self._status(t, have, counts, errors, verified,

@@ -493,11 +493,11 @@ def test_a_file_that_is_refused_is_said_so_and_its_errors_are_told_once_and_forg
         # one entry, however many pieces met it, and not one more for the second check
         (err,) = res["errors"]
         assert "a.bin is a symlink" in err["message"] and err["errno"] == errno.EPERM
-        assert err["count"] == 6, err
+        assert err["count"] == 6 and sorted(err["pieces"]) == [0, 1, 2, 3, 4, 5], err
     r = pieced("recheck", ih, *sock)
-    assert "error: " in r.stdout and "a.bin is a symlink" in r.stdout and "(6 times)" in r.stdout
+    assert "error: " in r.stdout and "a.bin is a symlink" in r.stdout and "(6 times" in r.stdout
     r = pieced("status", ih, *sock)
-    assert r.stdout.count("error: ") == 1 and "(6 times)" in r.stdout
+    assert r.stdout.count("error: ") == 1 and "(6 times, pieces 0, 1, 2, 3, 4, 5)" in r.stdout
     assert "100%  payload/empty.txt" in r.stdout  # a file of 0 bytes is had, not at 0 %
     assert re.search(r"^errors +EPERM [1-9]", pieced("stats", *sock).stdout, re.M)
 
