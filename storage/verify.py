@@ -775,6 +775,16 @@ def _no_pads(piece: int) -> Pads:
     return ()
 
 
+def _stored_end(size: int, pads: Pads) -> int:
+    """Where a piece's stored bytes end: its size less the pads it ends with."""
+    end = size
+    for s, e in reversed(pads):
+        if e != end:
+            break
+        end = s
+    return end or size
+
+
 def _v2_extent(meta: Metainfo, piece: int) -> int:
     v2 = meta.v2_piece(piece)
     return v2.data_length if v2 is not None else meta.piece_size(piece)
@@ -813,11 +823,26 @@ def verify(
     if pads is None:
         layout = Layout(meta)
         pads = layout.pads if layout.unstored else _no_pads
-    # What is read of a piece: the bytes its hashes cover. In a v2-only torrent that is
-    # its file's bytes (the rest is alignment, never stored, which neither its Merkle
-    # root nor its fingerprint covers): a small file's piece of 16 MiB was read whole,
-    # 16 MiB of zeros made for each.
-    extent = meta.piece_size if meta.has_v1 else functools.partial(_v2_extent, meta)
+    # What a check of a piece by its torrent's hashes reads: the bytes they cover. In a
+    # v2-only torrent that is its file's bytes (the rest is alignment, never stored,
+    # which neither its Merkle root nor its fingerprint covers): a small file's piece of
+    # 16 MiB was read whole, 16 MiB of zeros made for each.
+    whole: Callable[[int], int] = (meta.piece_size if meta.has_v1
+                                   else functools.partial(_v2_extent, meta))
+    extent = whole  # what is read first
+    if meta.has_v1 and fingerprints is not None and trust_fingerprints:
+        known_fps = fingerprints
+
+        def stored_first(p: int) -> int:
+            """A piece with a fingerprint is read first as far as its stored bytes go
+            (a hybrid's small file in a piece of 16 MiB: a few KiB, not its pad too),
+            whole only if that does not match."""
+            size = meta.piece_size(p)
+            if known_fps[p * FP : (p + 1) * FP] == NO_FINGERPRINT:
+                return size
+            return _stored_end(size, pads(p))
+
+        extent = stored_first
     todo = list(pieces) if pieces is not None else range(meta.num_pieces)
     have = [False] * meta.num_pieces
     failed_v1: list[int] | None = [] if meta.has_v1 else None
@@ -917,6 +942,8 @@ def verify(
             fp = fingerprint(views, pads(p))
             if fp == known:
                 return (p, *good, size, None, True)
+            if size < whole(p):  # (its stored bytes alone were read: all of it now)
+                return streamed(reader, p, whole(p), None)
         ok1, ok2 = check_piece(
             views, meta.v1_hash(p) if meta.has_v1 else None, meta.v2_piece(p)
         )
@@ -942,7 +969,7 @@ def verify(
             stale = True
         v2 = meta.v2_piece(p)
         check = PieceCheck(meta.has_v1, v2, fingerprints is not None and stale, pads(p))
-        if not reader.stream(p, size, check.update):
+        if not reader.stream(p, whole(p), check.update):
             return (p, *fail, 0, None, False)
         d1, d2, new = check.result()
         ok1 = d1 == meta.v1_hash(p) if meta.has_v1 else None

@@ -188,6 +188,45 @@ def test_fingerprints_taken_over_pads_are_dropped_and_no_piece_is_lost(
         third.close()
 
 
+@pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
+def test_a_hybrids_fingerprinted_pieces_are_read_as_far_as_their_stored_bytes(
+        tmp_path: Path, backend: str) -> None:
+    """A recheck by fingerprint reads a hybrid's piece as far as its stored bytes (a
+    small file's piece is a few bytes and a pad to the piece's end): read whole, pads
+    made as zeros, it cost ten times the BLAKE3 of the data with pieces of 16 MiB. A
+    piece whose stored bytes changed is then read whole, and fails its SHA-1."""
+    content = make_payload(tmp_path / "src", {"a.bin": 100_000, "b.bin": 3, "c.bin": 70_001},
+                           seed=31)
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    stored = {p: sum(s.length for s in src.layout.map(p, 0, src.layout.piece_size(p)) if s.stored)
+              for p in range(n)}
+    padded = sorted(src.layout.padded_pieces())
+    assert len(padded) >= 2
+    dio = DiskIO(backend)
+    try:
+        ih = dio.register(raw, tmp_path / "dl")
+        fill(dio, ih, src)
+        dio.flush_all()
+        r = dio.recheck(ih)
+        assert r.ok and r.fingerprint_hits == n
+        assert r.bytes_hashed == sum(stored.values()) < src.meta.total_size
+        bad = padded[0]  # (the end of a.bin, and a pad)
+        dio.torrent(ih).storage.close_handles()
+        with open(tmp_path / "dl" / "payload" / "a.bin", "r+b") as f:
+            f.seek(bad * 65536 + 7)
+            byte = f.read(1)
+            f.seek(bad * 65536 + 7)
+            f.write(bytes([byte[0] ^ 1]))
+        r = dio.recheck(ih)
+        assert r.failed_v1 == [bad] and r.fingerprint_hits == n - 1
+        # (a piece checked whole counts whole)
+        assert r.bytes_hashed == sum(stored.values()) - stored[bad] + src.layout.piece_size(bad)
+    finally:
+        dio.close()
+
+
 def test_cli_recheck_full_and_fingerprinted(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     save, content = odd_payload
     tfile = daemon.root / "t.torrent"
