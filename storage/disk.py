@@ -1955,6 +1955,17 @@ class DiskIO:
                     self._count_partials(-1)
                     self._to_missing(t, piece)
 
+    def _partials_where(self) -> str:
+        """Which torrents hold the pieces in progress (for the refusal: a client refused
+        because of another's torrents was told to finish or clear pieces it had none
+        of)."""
+        torrents = {t.id: t for t in list(self._torrents.values())}.values()
+        busy = sorted((t for t in torrents if t.partial), key=lambda t: -len(t.partial))
+        if not busy:
+            return ""
+        return (f" in {len(busy)} torrent{'s' if len(busy) > 1 else ''} (the most, "
+                f"{len(busy[0].partial)}, in {busy[0].key.hex()})")
+
     def _count_partials(self, delta: int, held: int = 0) -> None:
         """Pieces in progress, daemon-wide: each holds hash state (a few KiB) outside the
         byte budget, so their number is bounded instead. Refusing a block's new piece
@@ -1968,8 +1979,9 @@ class DiskIO:
             if delta > 0 and want > self.max_partial_pieces and (
                     held >= PARTIAL_FLOOR or want > 2 * self.max_partial_pieces):
                 raise TooLarge(
-                    f"{self._partials} pieces are in progress, the limit "
-                    f"(max_partial_pieces) is {self.max_partial_pieces}: finish or clear some")
+                    f"{self._partials} pieces are in progress{self._partials_where()}, the "
+                    f"limit (max_partial_pieces) is {self.max_partial_pieces}: finish or "
+                    "clear some")
             self._partials += delta
 
     def _cut_pads(
