@@ -338,6 +338,8 @@ class _Collector:
             ("syncs", "fdatasync calls (files made durable)"),
             ("fingerprint_hits", "Pieces a recheck found good by their BLAKE3 fingerprint"),
             ("piece_buffers_reused", "Pieces read into the buffer of an evicted one"),
+            ("pieces_parked", "Pieces in progress whose hash state was let go to make room "
+             "for another torrent's (their bytes kept)"),
         ]:
             c = CounterMetricFamily(f"pieced_{name}", help_, labels=["backend"])
             c.add_metric(backend, s[name])

@@ -924,6 +924,7 @@ class DiskIO:
             with t.lock:
                 under_way = [(p, list(part.hasher.received.spans))
                              for p, part in t.partial.items() if not part.done]
+                under_way += [(p, [[b, e] for b, e in spans]) for p, (spans, _) in t.parked.items()]
             partial = [(p, s, e) for p, spans in under_way for s, e in spans]
         try:
             rec.write_resume(have, fps, gen, files, partial)
@@ -1921,13 +1922,38 @@ class DiskIO:
         pads = t.layout.pads(piece)
         files = len(t.layout.map(piece, 0, size)) if len(t.meta.files) > 1 else 1
         hasher = PieceHasher(size, t.meta.has_v1, t.meta.v2_piece(piece), pads, files)
-        with t.lock:
-            if t.state[piece] == MISSING:
-                self._count_partials(1, held=len(t.partial))
+        refused: TooLarge | None = None
+        while True:
+            if refused is not None:
+                # Refused for the others' pieces in progress (this torrent holds fewer
+                # than its floor): one of the torrent holding the most is let go to
+                # make room, its bytes kept, rather than this torrent stopped by
+                # another's (one client's 128 torrents, 64 pieces begun in each,
+                # stopped every other download of the daemon, for good).
+                if not self._park_one(t):
+                    raise refused
+                refused = None
+            with t.lock:
+                if t.state[piece] != MISSING:
+                    break
+                held = len(t.partial)
+                try:
+                    self._count_partials(1, held=held)
+                except TooLarge as exc:
+                    if held >= PARTIAL_FLOOR:
+                        raise
+                    refused = exc
+                    continue
                 partial = t.partial[piece] = Partial(hasher, pads)
+                parked = t.parked.pop(piece, None)
+                if parked is not None:  # taken up again: what it had is in its files
+                    for b, e in parked[0]:
+                        hasher.received.add(b, min(e, size))
+                    partial.writers |= parked[1]
                 t.set_state(piece, PARTIAL)
                 self.pool.drop((t.id, piece))  # what a read cached of it is stale from now on
                 return partial
+        with t.lock:
             state = t.state[piece]
             found = t.partial.get(piece) if state == PARTIAL else None
         if found is None:
@@ -1954,6 +1980,48 @@ class DiskIO:
                     partial.done = partial.cleared = True  # (its writers start anew)
                     self._count_partials(-1)
                     self._to_missing(t, piece)
+
+    def _park_one(self, requester: Torrent) -> bool:
+        """(Caller holds no lock.) Let go of the hash state of one piece under way of the
+        torrent holding the most (more than ``requester`` would), its buffered blocks
+        written to its files and their ranges kept in ``parked``: a block of it takes it
+        up again (its hash state then made from the disk when the last block comes in,
+        as for a piece a clean stop left under way). Not a piece with a bad pad, nor one
+        whose blocks cannot be written. Whether one was let go."""
+        others = {o.id: o for o in list(self._torrents.values()) if o is not requester}
+        floor = len(requester.partial) + 1
+        for o in sorted(others.values(), key=lambda o: -len(o.partial)):
+            if len(o.partial) <= floor:
+                return False
+            if not o.fence.try_shared():  # (being moved or removed: another one)
+                continue
+            try:
+                with o.lock:
+                    candidates = [(p, part) for p, part in o.partial.items()
+                                  if o.state[p] == PARTIAL and not part.done]
+                for piece, part in candidates[:8]:
+                    with part.lock:
+                        if part.done or part.hasher.bad_pads.spans:
+                            continue
+                        try:
+                            self._write_out_buffered(o, piece)
+                        except PiecedError:
+                            continue  # (it starts over, told failed: see the method)
+                        with o.lock:
+                            if (o.partial.get(piece) is not part or o.state[piece] != PARTIAL
+                                    or self.pool.has_dirty((o.id, piece))):
+                                continue
+                            del o.partial[piece]
+                            part.done = part.cleared = True  # (its writers start anew)
+                            self._count_partials(-1)
+                            self._to_missing(o, piece)
+                            o.parked[piece] = ([(b, e) for b, e in part.hasher.received.spans],
+                                               set(part.writers))
+                        self.metrics.add("pieces_parked")
+                        return True
+            finally:
+                o.fence.release_shared()
+        return False
 
     def _partials_where(self) -> str:
         """Which torrents hold the pieces in progress (for the refusal: a client refused
@@ -2320,6 +2388,7 @@ class DiskIO:
         state of the piece buffered meanwhile (its piece would then verify from the hash
         state, over the old bytes on disk)."""
         t.set_state(piece, MISSING)
+        t.parked.pop(piece, None)  # (started over: what it had here counts no more)
         self.pool.drop((t.id, piece))
 
     @staticmethod
@@ -2564,6 +2633,8 @@ class DiskIO:
                     elif state == PARTIAL and partial:
                         t.partial.pop(p).done = True
                         self._count_partials(-1)
+                        failed.append(p)
+                    elif state == MISSING and partial and p in t.parked:  # (its bytes too)
                         failed.append(p)
                     else:
                         continue
@@ -3236,13 +3307,14 @@ class DiskIO:
         with t.lock:
             under_way = sorted(((p, part) for p, part in t.partial.items()
                                 if t.state[p] == PARTIAL), key=lambda x: x[0])
+            parked = [[p, [[a, b] for a, b in spans]] for p, (spans, _) in t.parked.items()]
         out: list[list[Any]] = []
         for p, part in under_way:
             with part.lock:
                 if part.done:
                     continue
                 out.append([p, [[a, b] for a, b in part.hasher.received.spans]])
-        return out
+        return sorted(out + parked)
 
     def _file_progress(self, t: Torrent, state: bytes) -> list[dict[str, Any]]:
         """Verified bytes per file (pads left out), read off the columns."""

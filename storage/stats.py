@@ -53,6 +53,7 @@ COUNTERS = (
     "fingerprint_hits",
     "recheck_verified",
     "recheck_failed",
+    "pieces_parked",
 )
 
 

@@ -195,6 +195,10 @@ class Torrent:
         self.layout = Layout(meta)
         self.storage = storage
         self.state = bytearray(meta.num_pieces)  # one of MISSING..VERIFIED per piece
+        # Pieces under way whose hash state was let go to make room for another
+        # torrent's (DiskIO._park_one), missing meanwhile: piece -> (the byte ranges of it
+        # received, in its files, and who gave them). A block of it takes it up again.
+        self.parked: dict[int, tuple[list[tuple[int, int]], set[int]]] = {}
         # Per piece, a count (mod 2**32) of the times its bytes may have started to change
         # (back to missing, a first block): a read that filled the cache keeps its copy
         # only if the count did not move while it read. (A byte came back to where it was
@@ -307,6 +311,8 @@ class Torrent:
             self.epoch[piece] = (self.epoch[piece] + 1) & 0xFFFFFFFF
         bit = 0x80 >> (piece & 7)
         if state == VERIFIED:
+            if self.parked:  # (found whole by a check: nothing of it is to be taken up)
+                self.parked.pop(piece, None)
             self.have[piece >> 3] |= bit
         else:
             self.have[piece >> 3] &= ~bit & 0xFF

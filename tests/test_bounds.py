@@ -324,34 +324,99 @@ def test_the_floor_of_pieces_in_progress_each_torrent_has_ends_at_twice_the_boun
     """Each torrent may have PARTIAL_FLOOR pieces in progress whatever the bound, so
     that one torrent filling it does not stop the others; given to thousands of
     torrents, that floor held gigabytes of hash state (100 hybrid torrents of 64 MiB
-    pieces, 64 pieces begun in each: 874 MiB). It ends at twice the bound: past it, a
-    block that would begin a piece is refused in any torrent, and changes nothing."""
+    pieces, 64 pieces begun in each: 874 MiB). It ends at twice the bound: past it, the
+    daemon never holds more. A torrent under its floor then takes the hash state of a
+    piece of the torrent holding the most (its bytes kept: ``parked``): 128 torrents
+    begun 64 pieces each by one client stopped every other download, for good. The
+    piece let go is taken up again by its next block, and verifies; a torrent holding
+    as many as the others is refused, and nothing changes."""
     from pieced.storage.disk import PARTIAL_FLOOR, DiskIO
     from pieced.storage.errors import TooLarge
 
-    bound = 2 * PARTIAL_FLOOR  # (floors of 64: the third torrent's runs past 2 * bound)
+    bound = 2 * PARTIAL_FLOOR  # (floors of 64: the fifth torrent's runs past 2 * bound)
     dio = DiskIO("posix", max_partial_pieces=bound)
     try:
-        begun = 0
-        for k in range(5):
+        srcs, ihs = [], []
+        for k in range(6):
             content = make_payload(tmp_path / f"src{k}", {"a.bin": 80 * 16384}, seed=80 + k)
             raw = make_torrent_lt(content, 16384, "v1")
-            src = Source(raw, tmp_path / f"src{k}")
-            ih = dio.register(raw, tmp_path / f"dl{k}")
+            srcs.append(Source(raw, tmp_path / f"src{k}"))
+            ihs.append(dio.register(raw, tmp_path / f"dl{k}"))
+        for k in range(4):  # one client begins 64 pieces in each of four torrents
             for p in range(PARTIAL_FLOOR):
-                if begun == 2 * bound:
-                    # (told where the pieces in progress are: not in this torrent)
-                    with pytest.raises(TooLarge, match=rf"{2 * bound} pieces are in progress "
-                                       rf"in 4 torrents \(the most, {PARTIAL_FLOOR}, in [0-9a-f]{{40}}\)"
-                                       ".*max_partial_pieces"):
-                        dio.write_chunk(ih, p, 0, src.read(p, 0, 100))
-                    assert dio.status(ih)["partial_pieces"] == p
-                    break
-                dio.write_chunk(ih, p, 0, src.read(p, 0, 100))
-                begun += 1
-        assert begun == 2 * bound and dio._partials == 2 * bound
+                dio.write_chunk(ihs[k], p, 0, srcs[k].read(p, 0, 100))
+        assert dio._partials == 2 * bound
+        # another torrent downloads all the same, its pieces one after the other
+        src, ih = srcs[4], ihs[4]
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+        assert dio._partials <= 2 * bound and dio.stats()["pieces_parked"] >= 1
+        parked = [(k, p) for k in range(4)
+                  for p in range(PARTIAL_FLOOR) if p in dio.torrent(ihs[k]).parked]
+        assert parked
+        k, p = parked[0]
+        st = dio.status(ihs[k], partial=True)
+        assert [p, [[0, 100]]] in st["partial"]  # (its bytes kept: said to the client)
+        # a torrent holding as many as the most is refused, and changes nothing
+        busiest = max(range(4), key=lambda j: len(dio.torrent(ihs[j]).partial))
+        held = dio.status(ihs[busiest])["partial_pieces"]
+        with pytest.raises(TooLarge, match="max_partial_pieces"):
+            dio.write_chunk(ihs[busiest], PARTIAL_FLOOR, 0, srcs[busiest].read(PARTIAL_FLOOR, 0, 100))
+        assert dio.status(ihs[busiest])["partial_pieces"] == held
+        # the piece let go: its next blocks take it up again (the first 100 bytes are
+        # not sent again), and it verifies from what its file holds
+        dio.clear_piece(ihs[busiest], 0 if busiest != k else 1)  # (a slot comes free)
+        size = srcs[k].layout.piece_size(p)
+        dio.write_chunk(ihs[k], p, 100, srcs[k].read(p, 100, size - 100))
+        dio.flush_all()
+        assert p not in dio.torrent(ihs[k]).parked
+        assert dio.torrent(ihs[k]).has(p)
+        assert dio.read_piece(ihs[k], p) == srcs[k].read(p, 0, size)
     finally:
         dio.close()
+
+
+def test_one_clients_pieces_in_progress_do_not_stop_anothers_download(tmp_path: Path) -> None:
+    """Two real connections. One begins PARTIAL_FLOOR pieces in each of two torrents,
+    twice the daemon's bound in all, and stays connected; the other then downloads its
+    own torrent whole (it was refused its first block, for good: "finish or clear
+    some", of pieces it had none of). The first then sends the rest of its pieces, and
+    each is verified with the right bytes, those it had to let go too."""
+    from pieced.storage.disk import PARTIAL_FLOOR
+
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": str(PARTIAL_FLOOR)})
+    try:
+        srcs, raws = [], []
+        for k in range(3):
+            content = make_payload(tmp_path / f"src{k}", {"a.bin": PARTIAL_FLOOR * 16384},
+                                   seed=90 + k)
+            raws.append(make_torrent_lt(content, 16384, "v1"))
+            srcs.append(Source(raws[k], tmp_path / f"src{k}"))
+        with Client(d.socket) as greedy, Client(d.socket) as other:
+            mine = [greedy.register(raws[k], tmp_path / f"dl{k}") for k in range(2)]
+            for k, ih in enumerate(mine):
+                for p in range(PARTIAL_FLOOR):
+                    greedy.write_chunk(ih, p, 0, srcs[k].read(p, 0, 100))
+            greedy.wait_writes()
+            assert sum(greedy.status(ih)["partial_pieces"] for ih in mine) == 2 * PARTIAL_FLOOR
+            theirs = other.register(raws[2], tmp_path / "dl2")
+            for p, b, n in srcs[2].blocks():
+                other.write_chunk(theirs, p, b, srcs[2].read(p, b, n))
+            other.flush_all()
+            assert other.status(theirs)["verified_pieces"] == PARTIAL_FLOOR
+            assert other.stats()["pieces_parked"] >= 1
+            for k, ih in enumerate(mine):  # the rest of every piece: each verifies
+                for p in range(PARTIAL_FLOOR):
+                    greedy.write_chunk(ih, p, 100, srcs[k].read(p, 100, 16384 - 100))
+            greedy.flush_all()
+            for k, ih in enumerate(mine):
+                assert greedy.status(ih)["verified_pieces"] == PARTIAL_FLOOR
+                for p in (0, PARTIAL_FLOOR // 2, PARTIAL_FLOOR - 1):
+                    assert greedy.read_piece(ih, p) == srcs[k].read(p, 0, 16384)
+    finally:
+        assert d.stop() == 0
 
 
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
