@@ -1147,14 +1147,26 @@ class DiskIO:
                     absent = exc.errno == errno.ENOENT
             t = self._torrent(meta, storage)
             t.fingerprints[:] = saved.fingerprints
-            if saved.fingerprint_form != FINGERPRINT_FORM:  # (pads were in them: dropped,
-                for q in t.layout.padded_pieces():  # found again by the torrent's hashes)
+            # Fingerprints of an older form (pads hashed as zeros) are dropped where the
+            # piece has pads, and those pieces are checked again by the torrent's hashes,
+            # as pieces in doubt are: kept verified without a fingerprint, a whole read
+            # of one could no longer tell its bytes changed behind our back.
+            old_form: set[int] = set()
+            if saved.fingerprint_form != FINGERPRINT_FORM:
+                old_form = t.layout.padded_pieces()
+                for q in old_form:
                     t.set_fingerprint(q, NO_FINGERPRINT)
             n = meta.num_pieces
             t.load_have(saved.have)
             said = [p for p, st in enumerate(t.state) if st == VERIFIED]
             suspect: set[int] = {p for i in doubtful for p in t.layout.file_pieces(i)
                                  if t.state[p] == VERIFIED}
+            again = {p for p in old_form if t.state[p] == VERIFIED}
+            if again:
+                suspect |= again
+                self.load_errors.append(
+                    f"torrent {saved.ih_hex}: {len(again)} verified pieces with pads are "
+                    "checked again (their fingerprints were of an older form)")
             # (a torrent with nothing verified, a new download, has no file to look at)
             lengths, flags = meta.files.lengths, meta.files.flags
             folders: dict[str, bool] = {}  # (each looked at once)

@@ -79,7 +79,7 @@ from typing import Any, NamedTuple
 import bencodepy
 
 from .hashing import FINGERPRINT_BYTES, FINGERPRINT_FORM
-from .metainfo import MAX_METAINFO_BYTES, read_metainfo
+from .metainfo import MAX_METAINFO_BYTES
 from .paths import read_regular
 
 RECORD = struct.Struct("<BxxxI16sI")  # kind, piece, fingerprint, crc32 of the first 24 bytes
@@ -600,7 +600,8 @@ class StateStore:
             if deleting:
                 try:
                     meta = _own_metainfo(folder, ih_hex, parse, metainfo_bytes)
-                    save_path, renames = _read_location(_decode_dict(folder / "location"))
+                    save_path, renames = _read_location(
+                        _decode_dict(folder / "location", _location_limit(meta)))
                 except Exception as exc:
                     problems.append(f"torrent {ih_hex} was removed, but its files could "
                                     f"not be deleted: {exc}")
@@ -631,7 +632,7 @@ class StateStore:
         resume = _decode_dict(folder / "resume",
                               2 * (n // 8 + n * FINGERPRINT_BYTES + nfiles * 8 * STAMP_FIELDS
                                    + MAX_PARTIAL_RECORD) + 4096)
-        location = _decode_dict(folder / "location")
+        location = _decode_dict(folder / "location", _location_limit(meta))
         own = _ih_of(folder.name)
         if location is not None and not _crc_matches(location):
             # A bit flipped in a save path still decodes: the torrent's files would be
@@ -776,7 +777,11 @@ def _own_metainfo(folder: Path, ih_hex: str, parse: Any, limit: int) -> Any:
     it was another torrent, with the pieces the record proves of the real one called
     verified, and a removal of it removed the real one's folder (or, with its files, the
     files its damaged paths name)."""
-    meta = parse(read_metainfo(folder / "metainfo.torrent", limit))
+    path = folder / "metainfo.torrent"
+    raw = read_regular(path, limit)
+    if len(raw) > limit:
+        raise ValueError(f"its metainfo ({path}) is larger than max_metainfo_bytes ({limit})")
+    meta = parse(raw)
     found = bytes(meta.info_hash).hex()
     if found != ih_hex:
         raise ValueError(f"its metainfo is damaged: it is of info_hash {found}, not of the "
@@ -803,6 +808,12 @@ def _crc_matches(record: dict[bytes, Any]) -> bool:
         return b"ih" not in record and b"fp_form" not in record
     rest = {k: v for k, v in record.items() if k != b"crc"}
     return isinstance(crc, int) and zlib.crc32(bencodepy.encode(rest)) == crc
+
+
+def _location_limit(meta: Any) -> int:
+    """The most a torrent's location record can hold: its save path, and a new name of
+    every file (a path of up to PATH_MAX bytes), twice during a move; past it, damage."""
+    return (1 << 20) + 2 * len(meta.files.lengths) * (os.pathconf("/", "PC_PATH_MAX") + 32)
 
 
 def _decode_dict(path: Path, limit: int = 1 << 20) -> dict[bytes, Any] | None:
