@@ -1463,6 +1463,18 @@ def test_a_recheck_reports_a_file_deleted_or_cut_short_behind_its_back(
         dio.close()
 
 
+def _edit_piece_2(dio: DiskIO, ih: bytes, src: Source, dl: Path) -> tuple[bytes, Path]:
+    """Bytes of piece 2 (of 64 KiB, in a.bin) changed in place behind the daemon's back:
+    (what it held, the file)."""
+    good = src.read(2, 0, 65536)
+    a_bin = dl / "payload" / "a.bin"
+    dio.torrent(ih).storage.close_handles()  # (a map's lease would hold the write up)
+    with open(a_bin, "r+b") as f:
+        f.seek(2 * 65536 + 1000)
+        f.write(bytes(b ^ 0xFF for b in good[1000:1100]))
+    return good, a_bin
+
+
 @pytest.mark.parametrize("past", ["no cache", "a piece larger than it caches", "volatile",
                                   "volatile, just written"])
 def test_a_whole_piece_read_past_the_cache_is_checked_too(
@@ -1491,12 +1503,7 @@ def test_a_whole_piece_read_past_the_cache_is_checked_too(
         wait_reverified(dio, ih)
         n = src.meta.num_pieces
         assert dio.status(ih)["verified_pieces"] == n
-        good = src.read(2, 0, 65536)
-        a_bin = tmp_path / "dl" / "payload" / "a.bin"
-        dio.torrent(ih).storage.close_handles()  # (a map's lease would hold the write up)
-        with open(a_bin, "r+b") as f:
-            f.seek(2 * 65536 + 1000)
-            f.write(bytes(b ^ 0xFF for b in good[1000:1100]))
+        good, a_bin = _edit_piece_2(dio, ih, src, tmp_path / "dl")
         volatile = past.startswith("volatile")
         try:
             if volatile:
@@ -1545,12 +1552,7 @@ def test_bytes_changed_on_disk_are_not_cached_nor_served_once_the_file_is_mended
         wait_reverified(dio, ih)
         n = src.meta.num_pieces
         assert dio.status(ih)["verified_pieces"] == n
-        good = src.read(2, 0, 65536)
-        a_bin = tmp_path / "dl" / "payload" / "a.bin"
-        dio.torrent(ih).storage.close_handles()  # (a map's lease would hold the write up)
-        with open(a_bin, "r+b") as f:
-            f.seek(2 * 65536 + 1000)
-            f.write(bytes(b ^ 0xFF for b in good[1000:1100]))
+        good, a_bin = _edit_piece_2(dio, ih, src, tmp_path / "dl")
         with pytest.raises(PiecedError) as exc:
             dio.read_chunk(ih, 2, 0, 16384)
         assert "not those verified" in str(exc.value)
