@@ -629,9 +629,10 @@ class StateStore:
         n = int(meta.num_pieces)
         nfiles = len(meta.files.lengths)
         # What a record of this torrent can hold, twice over: past it, it is damage.
+        # (An older version kept the location in it too.)
         resume = _decode_dict(folder / "resume",
                               2 * (n // 8 + n * FINGERPRINT_BYTES + nfiles * 8 * STAMP_FIELDS
-                                   + MAX_PARTIAL_RECORD) + 4096)
+                                   + MAX_PARTIAL_RECORD) + _location_limit(meta))
         location = _decode_dict(folder / "location", _location_limit(meta))
         own = _ih_of(folder.name)
         if location is not None and not _crc_matches(location):
