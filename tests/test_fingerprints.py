@@ -130,8 +130,9 @@ def test_fingerprints_persist_and_are_made_by_the_first_recheck(
     del record[b"crc"], record[b"ih"], record[b"fp_form"]
     resume.write_bytes(bencodepy.encode(record))
     third = DiskIO(state_dir=state)
+    wait_reverified(third, ih)  # (its pieces with pads: checked again, being of that form)
     r = third.recheck(ih)
-    assert r.ok and r.fingerprint_hits == 0
+    assert r.ok and r.fingerprint_hits == len(Source(raw, save).layout.padded_pieces()) > 0
     third.close()
     assert len(table()) == n * FINGERPRINT_BYTES
 
