@@ -377,21 +377,46 @@ class _Scripted:
 
 class _ScriptedSeeder(_Scripted):
     """A seeder of ``blob`` on a plain socket, with a stable peer id: it says it has
-    every piece and unchokes once ``go`` is set; ``p`` (BEP 10: where it listens) said
-    in its extension handshake when given. Counts dials, requests and blocks."""
+    every piece (or the first ``first`` of them, the others when told to) and unchokes
+    once ``go`` is set; ``p`` (BEP 10: where it listens) said in its extension handshake
+    when given. Counts dials, requests, blocks and connections ended."""
 
     def __init__(self, blob: bytes, piece: int, peer_id: bytes, go: threading.Event,
-                 p: int | None = None, delay: float = 0.0) -> None:
+                 p: int | None = None, delay: float = 0.0, first: int | None = None) -> None:
         """``delay``: seconds it waits before each block it sends."""
         self.blob, self.piece, self.peer_id, self.go, self.p = blob, piece, peer_id, go, p
-        self.delay = delay
-        self.dials = self.requests = self.blocks = 0
+        self.delay, self.first = delay, first
+        self.dials = self.requests = self.blocks = self.ended = 0
         self.conns: list[socket.socket] = []
+        self.sending = threading.Lock()
+
+    def _says_it_has(self) -> bytes:
+        if self.first is None:
+            return wire.have_all()
+        n = -(-len(self.blob) // self.piece)
+        bits = bytearray(-(-n // 8))
+        for i in range(self.first):
+            bits[i // 8] |= 0x80 >> (i % 8)
+        return wire.bitfield(bytes(bits))
+
+    def has_the_rest(self) -> None:
+        """Says HAVE of each piece it did not say at first, on every connection."""
+        assert self.first is not None
+        n = -(-len(self.blob) // self.piece)
+        for conn in self.conns:
+            with self.sending:
+                conn.sendall(b"".join(wire.have(i) for i in range(self.first, n)))
 
     def serve(self, conn: socket.socket, dialled: bool = False) -> None:
         """``dialled``: the connection is one it dialled, its handshake sent already."""
         self.dials += not dialled
         self.conns.append(conn)
+        try:
+            self._serve(conn, dialled)
+        finally:
+            self.ended += 1
+
+    def _serve(self, conn: socket.socket, dialled: bool) -> None:
         parser = wire.Parser(handshake=True)
         with contextlib.suppress(OSError):
             while data := conn.recv(1 << 16):
@@ -401,8 +426,9 @@ class _ScriptedSeeder(_Scripted):
                         hello = b"" if dialled else wire.handshake(
                             ev.info_hash, self.peer_id, wire.make_reserved())
                         ext = {b"m": {}} if self.p is None else {b"m": {}, b"p": self.p}
-                        conn.sendall(hello + wire.extended(0, bencodepy.encode(ext))
-                                     + wire.have_all())
+                        with self.sending:
+                            conn.sendall(hello + wire.extended(0, bencodepy.encode(ext))
+                                         + self._says_it_has())
                         self.go.wait(60)
                         out.append(wire.unchoke())
                     elif isinstance(ev, wire.Request):
@@ -413,7 +439,8 @@ class _ScriptedSeeder(_Scripted):
                                               self.blob[at : at + ev.length]))
                         self.blocks += 1
                 if out:
-                    conn.sendall(b"".join(out))
+                    with self.sending:
+                        conn.sendall(b"".join(out))
         conn.close()
 
 
@@ -647,7 +674,10 @@ def test_a_peer_that_dialled_us_and_trades_keeps_its_place_when_we_reach_it_thro
     forward.bind(("127.0.0.1", 0))  # (dials refused until it listens)
     go = threading.Event()
     go.set()
-    its_dial = _ScriptedSeeder(blob, piece, seeder_id, go, p=own.getsockname()[1], delay=0.02)
+    # It says at first it has 4 pieces, the others once our dial has reached it: the
+    # download cannot end before (our dial is tried again after a wait that doubles).
+    its_dial = _ScriptedSeeder(blob, piece, seeder_id, go, p=own.getsockname()[1], delay=0.02,
+                               first=4)
     reached = _ScriptedSeeder(blob, piece, seeder_id, go, p=own.getsockname()[1], delay=0.02)
     d = Daemon(tmp_path)
     try:
@@ -656,15 +686,17 @@ def test_a_peer_that_dialled_us_and_trades_keeps_its_place_when_we_reach_it_thro
         dial = socket.create_connection(("127.0.0.1", port))
         dial.sendall(wire.handshake(meta.info_hash, seeder_id, wire.make_reserved()))
         threading.Thread(target=its_dial.serve, args=(dial, True), daemon=True).start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while its_dial.blocks < 3:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
         forward.listen()
         threading.Thread(target=reached.accept, args=(forward,), daemon=True).start()
-        while reached.dials < 1:  # (our dial, tried again since, comes through)
+        while reached.ended < 1:  # (our dial, tried again since, comes through: closed)
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
+        assert its_dial.ended == 0  # (the older connection is kept)
+        its_dial.has_the_rest()
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         summary = json.loads(out)
