@@ -2222,7 +2222,8 @@ class DiskIO:
             if not mine or not ok:
                 self._to_tell(t, [failed])
         if not mine or not ok:
-            self.metrics.add("pieces_failed")
+            if not ok:  # (taken back meanwhile, its hash right: told, not a failure)
+                self.metrics.add("pieces_failed")
             self._tell(t)
             return failed
         # Cached either way: the buffered blocks themselves, or (written straight to the

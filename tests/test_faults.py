@@ -1289,3 +1289,59 @@ def test_a_frozen_file_system_holds_up_its_own_torrent_only(
     finally:
         freezable_fs.thaw()
         d.proc.kill()
+
+
+@pytest.mark.backends(exclude={"disabled": "opens no payload file: none can vanish"})
+def test_a_piece_taken_back_as_it_hashes_is_not_counted_failed(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A piece's last block arrives and, while it is hashed, its file vanishes (a write
+    of another piece of the file finds it gone): the piece starts over, told failed
+    without v1/v2, for its blocks to be sent again. Its hash was right: it was counted
+    in ``pieces_failed`` (pieces whose blocks failed their hash check) all the same."""
+    from pieced.storage import hashing
+
+    content = make_payload(tmp_path / "src", {"a.bin": 4 * 32768}, seed=8)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    events: list[Any] = []
+    dio = DiskIO(backend, cache_bytes=1 << 20, on_piece=events.append)
+    ih = dio.register(raw, tmp_path / "dl")
+    dio.write_chunk(ih, 1, 0, src.read(1, 0, 16384))
+    dio.write_chunk(ih, 0, 0, src.read(0, 0, 16384))
+    dio.flush_all()  # (the file made)
+    real = hashing.PieceHasher.finish
+    met: list[BaseException | None] = []
+    fired: list[bool] = []
+
+    def vanishing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not fired:  # (once: the other write may complete its own piece)
+            fired.append(True)
+
+            def other() -> None:
+                os.unlink(tmp_path / "dl" / "payload" / "a.bin")
+                try:
+                    dio.write_chunk(ih, 1, 16384, src.read(1, 16384, 16384))
+                except StorageIOError as exc:
+                    met.append(exc)
+                else:
+                    met.append(None)
+            t = threading.Thread(target=other)
+            t.start()
+            t.join(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(hashing.PieceHasher, "finish", vanishing)
+    done = dio.write_chunk(ih, 0, 16384, src.read(0, 16384, 16384))
+    monkeypatch.undo()
+    assert len(met) == 1
+    told = [e for e in events if e.piece == 0]
+    assert told and not told[-1].ok and told[-1].v1 is None, (done, told)  # taken back
+    assert dio.status(ih)["verified_pieces"] == 0
+    assert dio.stats()["pieces_failed"] == 0
+    for p in range(4):  # sent again, every piece verifies
+        for b in (0, 16384):
+            dio.write_chunk(ih, p, b, src.read(p, b, 16384))
+    dio.flush_all()
+    assert dio.status(ih)["verified_pieces"] == 4
+    assert dio.stats()["pieces_failed"] == 0
+    dio.close()
