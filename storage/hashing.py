@@ -27,12 +27,12 @@ from typing import Any, TypeVar, cast
 
 from blake3 import blake3
 
+from .layout import zero_views
 from .merkle import BLOCK_SIZE, leaf_count, merkle_root
 from .metainfo import V2Piece
 
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
-_ZEROS = bytes(256 * 1024)
 
 
 def sub_views(bufs: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
@@ -52,10 +52,8 @@ def sub_views(bufs: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
 
 
 def feed_zeros(h: Any, n: int) -> None:
-    while n > 0:
-        k = min(n, len(_ZEROS))
-        h.update(_ZEROS[:k] if k < len(_ZEROS) else _ZEROS)
-        n -= k
+    for z in zero_views(n):
+        h.update(z)
 
 
 def sha256_of(views: Sequence[Buffer]) -> bytes:
