@@ -571,8 +571,14 @@ def test_a_command_interrupted_says_so_and_an_ipv6_address_is_bracketed(tmp_path
         try:
             cmd = subprocess.Popen([sys.executable, "-m", "pieced.daemon.cli", "ls",
                                     "--socket", str(d.socket)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-            time.sleep(2)  # (connected and waiting for the reply)
+                                   stderr=subprocess.PIPE, text=True,
+                                   # (a shell's background job starts with SIGINT ignored)
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            deadline = time.monotonic() + 30
+            while _sockets_of(cmd.pid) == 0:  # (connected, in the call: waiting for the reply)
+                assert time.monotonic() < deadline and cmd.poll() is None
+                time.sleep(0.01)
+            time.sleep(0.2)
             cmd.send_signal(signal.SIGINT)
             out, err = cmd.communicate(timeout=30)
         finally:

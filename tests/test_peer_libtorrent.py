@@ -3267,9 +3267,11 @@ def test_a_daemon_full_at_the_start_is_waited_for(tmp_path: Path) -> None:
             with Client(d.socket) as c:
                 proc = downloading(torrent, tmp_path / "dl", d, seeder.port,
                                    extra=("--daemon-wait", "30"))
-                time.sleep(2.0)
+                deadline = time.monotonic() + 20  # (well within --daemon-wait)
+                while c.stats()["clients_refused"] < 2:  # (refused, and tried again)
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
                 assert proc.poll() is None
-                assert c.stats()["clients_refused"] >= 2  # (refused, and tried again)
             out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert json.loads(out)["complete"] and "waiting up to 30 s for a place" in err, err

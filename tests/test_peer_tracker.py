@@ -427,9 +427,9 @@ def test_a_reply_naming_too_many_peers_gives_a_random_choice_of_them() -> None:
                        for i in range(340_000))
     listed = [{b"ip": b"10.0.0.%d" % (i % 250 + 1), b"port": 1000 + i} for i in range(5000)]
     body = bencodepy.encode({b"peers": compact, b"peers6": bytes(18 * 3000)})
-    t0 = time.monotonic()
+    t0 = time.thread_time()  # (this thread's CPU time: not the time others had the CPU)
     first = parse_response(body).peers
-    assert time.monotonic() - t0 < 0.2
+    assert time.thread_time() - t0 < 0.2
     assert len(first) == MAX_PEERS and len(set(first)) == MAX_PEERS  # (port-0 ones left out)
     assert set(first) != set(parse_response(body).peers)
     assert len(parse_response(bencodepy.encode({b"peers": listed})).peers) == MAX_PEERS
