@@ -11,7 +11,7 @@ import functools
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from pieced.storage.layout import Layout
 from pieced.storage.metainfo import Metainfo
@@ -130,6 +130,17 @@ class Picker:
         # of 20,000 pieces take ten times as long as libtorrent's).
         self._unfinished: dict[int, None] = {}
         self._open: dict[int, None] = {}
+        # How many pieces may be under way at once (None: no bound). The daemon holds a
+        # few KiB of hash state for each piece in progress and refuses a block that would
+        # start one past its bound (max_partial_pieces): a refusal halves it, and it grows
+        # by one for as many pieces verified as it is (as TCP's window). Refusals of
+        # pieces begun before the last cut are of the same cause (their blocks were on
+        # their way): they cut no further. ``_begun``: piece -> the count of pieces begun
+        # when it was.
+        self.max_started: float | None = None
+        self._begun: dict[int, int] = {}
+        self._starts = 0
+        self._cut_at = -1
         # Outside end game a piece's blocks are asked for in order: the first never
         # asked for is at its cursor, and blocks given back (rejected, their peer gone)
         # wait in ``_returned``, so a pick does not walk the blocks already asked for.
@@ -214,6 +225,8 @@ class Picker:
         plan = self.plan(piece)
         if piece not in self.started:
             self.started[piece] = len(plan)
+            self._starts += 1
+            self._begun[piece] = self._starts
             if plan:
                 self._unfinished[piece] = self._open[piece] = None
         return plan
@@ -228,6 +241,19 @@ class Picker:
         self._left -= not self.have[piece]
         self.have[piece] = 1
         self._forget(piece)
+        if self.max_started is not None:
+            self.max_started += 1 / self.max_started
+
+    def refused(self, pieces: Collection[int]) -> None:
+        """The daemon refused blocks of these pieces (too many pieces in progress): each
+        is asked for again from its start, and fewer pieces are begun at once."""
+        since = max((self._begun.get(p, self._starts) for p in pieces), default=-1)
+        for piece in pieces:
+            self._forget(piece)
+        self._ranked_from = 0
+        if since > self._cut_at or self.max_started is None:
+            self._cut_at = self._starts
+            self.max_started = max(1, len(self.started) // 2)
 
     def piece_lost(self, piece: int) -> None:
         """A piece we had is not verified any more (another client's recheck failed it):
@@ -245,6 +271,7 @@ class Picker:
 
     def _forget(self, piece: int) -> None:
         self.started.pop(piece, None)
+        self._begun.pop(piece, None)
         self._unfinished.pop(piece, None)
         self._open.pop(piece, None)
         self._cursor.pop(piece, None)
@@ -334,13 +361,21 @@ class Picker:
         for p in list(self._open):
             if (candidates is None or p in candidates) and has(p) and take(p, False):
                 return out
+        bound = self.max_started
+        if bound is not None and len(self.started) >= bound and self._left > len(self.started):
+            # As many under way as the daemon takes: none begun; nor the end game (not
+            # every piece left is asked for: the others wait for room, not for a peer).
+            return out
+        fresh: Iterable[int]
         if candidates is not None:  # (a few allowed-fast pieces)
-            fresh: Iterable[int] = sorted(
+            fresh = sorted(
                 (p for p in candidates if has(p) and p not in self.started),
                 key=lambda p: (self.availability[p], self._tie[p]))
         else:
             fresh = self._fresh(peer_has, peer_count)
         for p in fresh:
+            if bound is not None and len(self.started) >= bound:
+                return out
             if take(p, False):
                 return out
         if endgame and not out and not outstanding:  # nothing new to ask for: end game, an idle

@@ -413,6 +413,9 @@ class Summary:
     hash_requests_served: int = 0
     blocks_reordered: int = 0  # arrived ahead of their turn, held to keep piece order
     blocks_resumed: int = 0  # held by the daemon at the start (of pieces under way)
+    # Refused by the daemon for want of room for one more piece in progress (its
+    # max_partial_pieces): their pieces were asked for again, fewer begun at once.
+    blocks_refused: int = 0
     daemon_reconnects: int = 0  # the daemon's connection broke, and a new one was made
     complete: bool = False
 
@@ -889,7 +892,8 @@ class Swarm:
         span = meta.info_span
         self.metadata = bytes(raw[span[0] : span[1]])  # handed to peers that ask (BEP 9)
         self.piece_sizes = [meta.piece_size(p) for p in range(meta.num_pieces)]
-        self.client = AsyncClient(opts.socket, on_event=self._on_event, window=512)
+        self.client = AsyncClient(opts.socket, on_event=self._on_event, window=512,
+                                  on_write_error=self._write_refused)
         self.ih = meta.info_hash
         self.picker: Picker | None = None
         self.hash_server = HashServer(meta)
@@ -912,6 +916,8 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
+        self._refill_soon = False  # a refused block's piece is to be asked for again
+        self._shunned: set[int] = set()  # pieces refused, not begun again yet: see _write_refused
         self._suggesting: asyncio.Task[Any] | None = None  # the choke round's suggestions
         self._quiet_said = -60.0  # when a silent daemon was last said
         self.lost: BaseException | None = None  # the daemon connection, if it broke
@@ -1278,7 +1284,8 @@ class Swarm:
             with contextlib.suppress(PiecedError, OSError, TimeoutError):
                 # (the connection that broke, or a new one that did: its socket and ring)
                 await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
-            client = AsyncClient(self.opts.socket, on_event=self._on_event, window=512)
+            client = AsyncClient(self.opts.socket, on_event=self._on_event, window=512,
+                                 on_write_error=self._write_refused)
             self._told = set()  # (events from here on are newer than the status below)
             try:
                 try:
@@ -2009,7 +2016,8 @@ class Swarm:
         late: list[Ready[Conduct]] = []
         if again:
             self.summary.bytes_redundant += len(data)
-        if self.away:  # dropped: the piece starts over once the daemon is back
+        if self.away or (self._shunned and self._shunning(piece)):
+            # Dropped: the piece starts over once the daemon is back, or is begun again.
             if not again:  # (so it came for nothing)
                 self.summary.bytes_redundant += len(data)
         elif not picker.have[piece]:
@@ -2030,6 +2038,17 @@ class Swarm:
             self._fill(peer)  # in batches of half the pipeline: one send, not one per block
         return late
 
+    def _shunning(self, piece: int) -> bool:
+        """Whether a block of the piece is dropped: the daemon refused one of it, and it
+        has not been begun again since."""
+        if piece not in self._shunned:
+            return False
+        assert self.picker is not None
+        if piece in self.picker.started:
+            self._shunned.discard(piece)
+            return False
+        return True
+
     async def _write_late(self, piece: int, blocks: list[Ready[Conduct]]) -> None:
         for begin, data, giver in blocks:
             try:
@@ -2038,14 +2057,50 @@ class Swarm:
                 if self.client.failure is not None:
                     self._lost()
                 return  # (the piece starts over once the daemon is back: see _back)
-            except PiecedError as exc:
-                # A block the daemon refused (this one or one written before it) is lost,
-                # and which piece it was is not known here: the piece would never verify.
-                self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
-                                     f"the daemon refused a block: {_describe(exc)}")
+            except PiecedError as exc:  # (refused before it was sent: see _write_refused)
+                self._storage_failed(f"a block could not be written: {_describe(exc)}")
                 return
             if not self.picker_has(piece):  # (written now: nothing ran in between)
                 self.blame.block(piece, begin, giver, data)
+
+    def _write_refused(self, exc: PiecedError) -> None:
+        """A block the daemon refused (each write's error comes here with its reply, not
+        raised by the next call). Refused for want of room for one more piece in
+        progress (``max_partial_pieces``: TOO_LARGE, EBUSY), the block's piece is asked
+        for again, and fewer are begun at once; any other refusal, the piece would
+        never verify: stop, saying why."""
+        block = exc.block
+        if not (isinstance(exc, TooLarge) and exc.errno == errno.EBUSY and block is not None
+                and block[0] == self.ih):
+            self._storage_failed(_REMOVED if isinstance(exc, UnknownTorrent) else
+                                 f"the daemon refused a block: {_describe(exc)}")
+            return
+        self.summary.blocks_refused += 1
+        picker = self.picker
+        piece = block[1]
+        if picker is None or picker.have[piece]:
+            return
+        # Its blocks asked for are cancelled, and those that come all the same dropped
+        # until it is begun again: written, they would be refused again, or, taken once
+        # the daemon has room, start a piece in progress we do not wait for.
+        for blk, who in picker.asked(piece):
+            for other in who:
+                if isinstance(other, Peer):
+                    other.conn.send_cancel(blk)
+                    other.flush()
+        self._shunned.add(piece)
+        self.order.forget(piece)
+        self.blame.forget(piece)
+        picker.refused((piece,))
+        if not self._refill_soon:
+            self._refill_soon = True
+            log.info("the daemon has no room for more pieces in progress: at most %d under "
+                     "way from now (%s)", int(picker.max_started or 0), _describe(exc))
+            asyncio.get_running_loop().call_soon(self._refill)
+
+    def _refill(self) -> None:
+        self._refill_soon = False
+        self._fill_all()
 
     def _no_source_left(self) -> bool:
         """Stop a download whose every peer was dropped for bad data, or which lacks

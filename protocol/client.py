@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     import asyncio
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+WriteErrorCallback = Callable[[PiecedError], None]
 #: A frame of the async client waiting to be sent: [views still to send, descriptors to
 #: pass with its first byte, the future its sender awaits (None if nobody does)].
 _Outgoing = list[Any]
@@ -256,7 +257,7 @@ class RingChunk:
 class _Waiter:
     """One reply awaited (a slotted class: one is made per request)."""
 
-    __slots__ = ("done", "error", "into", "kind", "notify", "orphan", "result", "token")
+    __slots__ = ("block", "done", "error", "into", "kind", "notify", "orphan", "result", "token")
 
     def __init__(self, kind: str, notify: Callable[[], None] | None = None) -> None:
         self.kind = kind  # "request", "write", "read"
@@ -267,6 +268,7 @@ class _Waiter:
         self.notify = notify  # called once done (AsyncClient wakes its task)
         self.into: memoryview | None = None  # a read's bytes go here, not to a new bytes
         self.orphan = False  # nobody waits any more (cancelled): free its ring space on reply
+        self.block: tuple[bytes, int, int, int] | None = None  # a write's (ih, piece, begin, n)
 
     def took(self) -> bool:
         """Answered, and not with an error: the daemon did what was asked (an
@@ -301,10 +303,15 @@ class ClientCore:
             maxlen=KEPT_EVENTS)
         self.events_dropped = 0
         self.on_event: EventCallback | None = None
-        # Events that came while ``on_event`` ran (a handler that calls the client
-        # receives them), handed to it once it returns: nested, one handler inside the
-        # other for as long as a burst of events was, they overflowed the stack.
-        self._deferred: collections.deque[tuple[str, dict[str, Any]]] | None = None
+        # Given, each write's error is handed to it as it comes (its ``block`` says which
+        # write), in order with the events, and never raised by a later call: a client
+        # that writes from many places and can act on each refused block (a plugin asking
+        # a peer for it again) does not have it raised by whichever call comes next.
+        self.on_write_error: WriteErrorCallback | None = None
+        # Events (and write errors) that came while a handler ran (a handler that calls
+        # the client receives them), handed over once it returns: nested, one handler
+        # inside the other for as long as a burst of events was, they overflowed the stack.
+        self._deferred: collections.deque[tuple[str, dict[str, Any]] | PiecedError] | None = None
         self.shm: ShmRing | None = None
         self.server_hello: dict[str, Any] | None = None
         self.hello_waiter = _Waiter("hello")
@@ -371,7 +378,8 @@ class ClientCore:
         # Encoded first: a field that does not fit raises here, and no waiter is left
         # behind for a write never sent (wait_writes would wait for it for ever).
         header = encode_write_header(rid, ih, piece, begin, length, FLAG_FLUSH if flush else 0)
-        self.waiters[rid] = _Waiter("write")
+        self.waiters[rid] = w = _Waiter("write")
+        w.block = (ih, piece, begin, length)
         self.writes_in_flight += 1
         return rid, header
 
@@ -389,6 +397,7 @@ class ClientCore:
             raise
         self.waiters[rid] = w = _Waiter("write")
         w.token = token
+        w.block = (ih, piece, begin, length)
         self.writes_in_flight += 1
         return rid, frame
 
@@ -494,19 +503,24 @@ class ClientCore:
                                    "same read; the first is raised")
             raise raised[0]
 
-    def _deliver(self, name: str, msg: dict[str, Any]) -> None:
-        """Hand an event to ``on_event``, and those that come meanwhile after it, in
-        order; _Raised with what the handler raised."""
-        assert self.on_event is not None
+    def _deliver(self, item: tuple[str, dict[str, Any]] | PiecedError) -> None:
+        """Hand an event to ``on_event`` (a write's error to ``on_write_error``), and those
+        that come meanwhile after it, in order; _Raised with what the handlers raised."""
         if self._deferred is not None:
-            self._deferred.append((name, msg))
+            self._deferred.append(item)
             return
-        self._deferred = collections.deque([(name, msg)])
+        self._deferred = collections.deque([item])
         errors: list[BaseException] = []
         try:
             while self._deferred:
+                got = self._deferred.popleft()
                 try:
-                    self.on_event(*self._deferred.popleft())
+                    if isinstance(got, PiecedError):
+                        assert self.on_write_error is not None
+                        self.on_write_error(got)
+                    else:
+                        assert self.on_event is not None
+                        self.on_event(*got)
                 except Exception as exc:
                     errors.append(exc)
         finally:
@@ -519,7 +533,7 @@ class ClientCore:
             msg = from_wire(f.body)
             name = str(msg.pop("event", ""))
             if self.on_event is not None:
-                self._deliver(name, msg)
+                self._deliver((name, msg))
             else:
                 if len(self.events) == self.events.maxlen:
                     self.events_dropped += 1
@@ -570,15 +584,22 @@ class ClientCore:
             elif self.shm is not None:
                 w.into.release()
                 self.shm.release(w.token)
+        refused = None
         if w.kind == "write":
             self.writes_in_flight -= 1
             self.writes_done += 1
             if w.token is not None and self.shm is not None:
                 self.shm.release(w.token)
             if w.error is not None:
-                self.write_errors.append(w.error)
+                w.error.block = w.block
+                if self.on_write_error is not None:
+                    refused = w.error
+                else:
+                    self.write_errors.append(w.error)
         if w.notify is not None:
             w.notify()
+        if refused is not None:
+            self._deliver(refused)
 
     def _adopt_max_frame(self, max_frame: int) -> None:
         """Take the daemon's frame limit; grow the receive ring if it cannot hold such a
@@ -597,12 +618,14 @@ class ClientCore:
             raise self.hello_waiter.error
 
     def take_write_error(self) -> PiecedError | None:
-        """The first pending write error, with the count of the others (``err.others``);
+        """The first pending write error, with the count of the others (``err.others``)
+        and the others (``err.further``; each with the ``block`` it was the answer to);
         call only once no write is in flight, so one burst is reported exactly once."""
         if not self.write_errors:
             return None
         first = self.write_errors.popleft()
         first.others = len(self.write_errors)
+        first.further = list(self.write_errors)
         self.write_errors.clear()
         return first
 
@@ -644,12 +667,14 @@ class Client:
         timeout: float | None = 60.0,
         on_event: EventCallback | None = None,
         window: int = 256,
+        on_write_error: WriteErrorCallback | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
         self.window = window
         self.core = ClientCore()
         self.core.on_event = on_event
+        self.core.on_write_error = on_write_error
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
@@ -967,13 +992,15 @@ class AsyncClient:
     """asyncio client: the same operations, awaited; writes may be issued concurrently."""
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_SOCKET, *,
-                 on_event: EventCallback | None = None, window: int = 256) -> None:
+                 on_event: EventCallback | None = None, window: int = 256,
+                 on_write_error: WriteErrorCallback | None = None) -> None:
         import asyncio
 
         self.path = os.fspath(path)
         self.window = window
         self.core = ClientCore()
         self.core.on_event = on_event
+        self.core.on_write_error = on_write_error
         self.sock: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._attach_lock = asyncio.Lock()

@@ -2061,7 +2061,7 @@ class DiskIO:
                 raise TooLarge(
                     f"{self._partials} pieces are in progress{self._partials_where()}, the "
                     f"limit (max_partial_pieces) is {self.max_partial_pieces}: finish or "
-                    "clear some")
+                    "clear some", errno=errno.EBUSY)  # (EBUSY: send it again later)
             self._partials += delta
 
     def _cut_pads(

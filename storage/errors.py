@@ -40,6 +40,13 @@ class PiecedError(Exception):
         self.message = message
         self.errno = errno
         self.others = 0  # further errors of the same burst (pipelined writes), if any
+        # A write's error, as the client library raises it: the write it answered,
+        # (info_hash, piece, begin, length); and on the first error of a burst, the
+        # others, in order, so that a caller can tell each refused block. (Never the
+        # error itself: a cycle would keep it, and every frame its traceback holds, until
+        # the garbage collector ran; a daemon refusing large registers grew by gigabytes.)
+        self.block: tuple[bytes, int, int, int] | None = None
+        self.further: list[PiecedError] = []
 
     @property
     def kind(self) -> str:

@@ -419,6 +419,50 @@ def test_one_clients_pieces_in_progress_do_not_stop_anothers_download(tmp_path: 
         assert d.stop() == 0
 
 
+def test_blocks_refused_for_want_of_room_say_which_they_were(tmp_path: Path) -> None:
+    """With as many pieces in progress as the daemon may hold, the block that would
+    begin one more is refused: TOO_LARGE with EBUSY (try again later), the client's
+    error naming the write it answered, and the others of its burst. A client given
+    ``on_write_error`` has each handed to it as its reply comes, never raised by a
+    later call; a client without it has the first raised, the burst with it. Sent again
+    once there is room, the refused pieces verify."""
+    import errno
+
+    from pieced.storage.errors import PiecedError, TooLarge
+
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": "1"})  # (2 for one torrent)
+    try:
+        content = make_payload(tmp_path / "src", {"a.bin": 8 * 16384}, seed=91)
+        raw = make_torrent_lt(content, 16384, "v1")
+        src = Source(raw, tmp_path / "src")
+        handed: list[PiecedError] = []
+        with Client(d.socket, on_write_error=handed.append) as a, Client(d.socket) as b:
+            ih = a.register(raw, tmp_path / "dl")
+            a.write_chunk(ih, 0, 0, src.read(0, 0, 100))
+            a.write_block_direct(ih, 1, 0, src.read(1, 0, 100))
+            a.write_chunk(ih, 2, 0, src.read(2, 0, 100))
+            a.write_block_direct(ih, 3, 0, src.read(3, 0, 100))
+            a.wait_writes()  # (nothing raised: handed over)
+            assert a.status(ih)["partial_pieces"] == 2
+            assert [e.block for e in handed] == [(ih, 2, 0, 100), (ih, 3, 0, 100)]
+            assert all(isinstance(e, TooLarge) and e.errno == errno.EBUSY for e in handed)
+            for p in (4, 5):
+                b.write_chunk(ih, p, 0, src.read(p, 0, 100))
+            with pytest.raises(TooLarge) as got:
+                b.wait_writes()
+            assert got.value.errno == errno.EBUSY and got.value.others == 1
+            assert got.value.block == (ih, 4, 0, 100)
+            assert [e.block for e in got.value.further] == [(ih, 5, 0, 100)]
+            for p in range(8):  # the first two finished, then the others whole
+                a.write_chunk(ih, p, 0, src.read(p, 0, 16384))
+                a.wait_writes()
+            a.flush_all()
+            assert a.status(ih)["verified_pieces"] == 8
+            assert len(handed) == 2
+    finally:
+        assert d.stop() == 0
+
+
 @pytest.mark.backends(exclude={"disabled": STORES_NOTHING})
 def test_a_piece_written_a_byte_here_and_there_holds_no_more_ranges_than_it_has_blocks(
         tmp_path: Path, backend: str) -> None:

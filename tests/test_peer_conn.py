@@ -1105,6 +1105,38 @@ def test_started_pieces_are_finished_before_rarer_ones(torrents: dict[str, Sourc
     assert nxt[0][0] != 0 and nxt[0][0] != 3  # a rare one, not the common piece 3
 
 
+def test_refusals_of_the_daemon_halve_the_pieces_begun_and_verified_ones_grow_them(
+        tmp_path: Path) -> None:
+    """The daemon refuses a block when it holds as many pieces in progress as it may: the
+    piece is asked for again from its start, and fewer are begun at once: half as many
+    as are under way, once for a burst of refusals (pieces begun before the cut were on
+    their way), growing by one for as many pieces verified as the bound is."""
+    content = make_payload(tmp_path / "src", 32 * 32768, seed=9)
+    meta = Source(make_torrent_lt(content, 32768, "v1"), content.parent).meta
+    n = meta.num_pieces
+    pk = Picker(meta, [False] * n)
+    pk.peer_has(range(n))
+    per = len(pk.plan(0))
+    first = pk.pick("A", None, 8 * per)
+    begun = sorted({b[0] for b in first})
+    assert len(begun) == 8 and pk.max_started is None
+    pk.refused([begun[0]])
+    assert pk.max_started == 3 and begun[0] not in pk.started  # (7 under way, halved)
+    assert pk.pick("B", None, 100) == []  # every block of those asked: nothing new begun
+    pk.refused([begun[1]])  # begun before the cut: no further cut
+    assert pk.max_started == 3 and len(pk.started) == 6
+    for p in begun[2:]:  # those under way arrive and verify
+        for b, size in pk.plan(p):
+            pk.block_received((p, b, size))
+        pk.piece_verified(p)
+    assert 4 < pk.max_started < 5  # (3 + 1/3 + ... for six pieces)
+    again = pk.pick("A", None, 100)
+    now = sorted({b[0] for b in again})
+    assert len(now) == 5 and begun[0] in now  # (begun while fewer than 4.x: the refused too)
+    pk.refused([now[-1]])  # begun after the cut: cut again
+    assert pk.max_started == 2
+
+
 def test_peer_gone_returns_its_blocks(torrents: dict[str, Source]) -> None:
     pk = Picker(torrents["hybrid/odd/64k"].meta, [False] * torrents["hybrid/odd/64k"].meta.num_pieces)
     total = len(all_blocks(pk))

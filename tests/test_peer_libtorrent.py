@@ -449,6 +449,33 @@ def test_pieced_peer_in_the_middle_of_two_seeders_and_a_leecher(tmp_path: Path) 
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("kind", ["v1", "hybrid"])
+def test_a_daemon_with_no_room_for_more_pieces_in_progress_slows_the_download_not_stops_it(
+        tmp_path: Path, kind: str) -> None:
+    """The daemon may hold two pieces in progress (max_partial_pieces 1, and a torrent's
+    floor up to twice it); three libtorrent seeders each give pieced-peer blocks of
+    their own pieces. The daemon refuses the blocks that would begin a third: pieced-peer
+    stopped on the first ("the daemon refused a block"). It asks for those pieces again,
+    fewer begun at once, and the download completes, every byte right."""
+    piece = 1 << 20
+    files = {"a.bin": 24 * piece + 5, "b.bin": piece // 2}
+    content, raw, torrent = _made(tmp_path, files, piece, kind, seed=14)
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": "1"})
+    try:
+        with LtPeer(raw, content.parent, seed=True) as s1, \
+                LtPeer(raw, content.parent, seed=True) as s2, \
+                LtPeer(raw, content.parent, seed=True) as s3:
+            summary = download(torrent, tmp_path / "dl", d, s1.port, s2.port, s3.port)
+        assert summary["blocks_refused"] >= 1, summary
+        assert summary["pieces_failed"] == 0 and summary["peers_dropped_for_bad_data"] == 0
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        with Client(d.socket) as c:
+            st = c.status(c.torrents()[0]["info_hash"])
+            assert st["verified_pieces"] == st["num_pieces"]
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
     """A seeder closes mid-download: its requests go to the other one. A leecher closes
     mid-piece: the seeding side serves the next leecher as if nothing happened."""
