@@ -150,6 +150,17 @@ def _differs(there: tuple[bytes, bytearray], a: int, b: int) -> bool:
     return memoryview(new)[a:b] != memoryview(old)[a:b]
 
 
+def _changes_parked(spans: list[tuple[int, int]], at: int, start: int, stop: int,
+                    there: tuple[bytes, bytearray]) -> bool:
+    """Whether a write of the torrent's bytes ``start:stop`` changes bytes a parked piece
+    at ``at`` holds (``spans``: its ranges, all in its files)."""
+    for s, e in spans:
+        lo, hi = max(at + s, start), min(at + e, stop)
+        if lo < hi and _differs(there, lo - start, hi - start):
+            return True
+    return False
+
+
 def _changes_received(partial: Partial, buffered: list[tuple[int, bytes]], at: int,
                       start: int, stop: int, there: tuple[bytes, bytearray]) -> bool:
     """Whether a write of the torrent's bytes ``start:stop`` (``there``, see
@@ -747,11 +758,15 @@ class DiskIO:
                         self.pool.drop_clean((x.id, p))  # (what it cached of them is stale)
                     seen = [x.written_into.get(p, 0) for p in pieces]
                     verified = [p for p in changed if x.state[p] == VERIFIED]
-                    # (A torrent being removed has no pieces under way left.)
-                    over = [p for p in changed if x.state[p] != PARTIAL or there is None
-                            or ((q := x.partial.get(p)) is not None and _changes_received(
-                                q, self.pool.dirty_blocks((x.id, p)), p * size, start, stop,
-                                there))]
+                    # Pieces whose bytes the write changes: a piece under way, or one
+                    # parked, only if it changes bytes it holds (its own blocks go over
+                    # the rest). (A torrent being removed has no pieces under way left.)
+                    over = [p for p in changed if there is None or (
+                        (q := x.partial.get(p)) is not None and _changes_received(
+                            q, self.pool.dirty_blocks((x.id, p)), p * size, start, stop, there)
+                        if x.state[p] == PARTIAL else
+                        (k := x.parked.get(p)) is None
+                        or _changes_parked(k[0], p * size, start, stop, there))]
                     for p in over:
                         self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
                 if over:
@@ -1343,8 +1358,12 @@ class DiskIO:
                 continue
             try:
                 self._count_partials(1)
-            except TooLarge:  # (max_partial_pieces lowered since): fetched whole again
-                break
+            except TooLarge:
+                # Past the bound (other torrents' pieces taken up first, or the bound
+                # lowered since): parked, as _park_one leaves a piece, its bytes in its
+                # files; its next block takes it up.
+                t.parked[piece] = ([(b, e) for b, e in hasher.received.spans], {0})
+                continue
             part = t.partial[piece] = Partial(hasher, pads)
             part.writers.add(0)  # (no connection's: its blocks came before the start)
             t.set_state(piece, PARTIAL)
@@ -2949,11 +2968,14 @@ class DiskIO:
                                 continue  # a block started (or finished) it meanwhile
                             state = t.state[piece]
                             if state != VERIFIED:
+                                # (A parked piece holds blocks written too: its writers
+                                # are told, as of a piece under way.)
+                                parked = state == MISSING and piece in t.parked
                                 if partial is not None:
                                     del t.partial[piece]
                                     self._count_partials(-1)
                                 self._to_missing(t, piece)
-                                if state in (PARTIAL, COMMITTING):
+                                if state in (PARTIAL, COMMITTING) or parked:
                                     self._to_tell(t, told)
                         if state == VERIFIED:
                             # Journaled before it is missing (no block can land in it

@@ -38,6 +38,7 @@ from tests.conftest import (
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn
 from tests.test_disk import Source
+from tests.test_integrity import has
 
 
 class Meanwhile:
@@ -417,6 +418,82 @@ def test_one_clients_pieces_in_progress_do_not_stop_anothers_download(tmp_path: 
                     assert greedy.read_piece(ih, p) == srcs[k].read(p, 0, 16384)
     finally:
         assert d.stop() == 0
+
+
+def _parked_one(tmp_path: Path, d: Daemon, greedy: Client, other: Client, kind: str,
+                begin: int = 0) -> tuple[bytes, bytes, list[Source]]:
+    """Two torrents of 8 pieces of 32 KiB; ``greedy`` begins 4 pieces of the first (a
+    block at ``begin`` of each: twice the bound of 2), ``other``'s first block of the
+    second makes the daemon let one of them go (parked). (the two keys, their sources)"""
+    srcs, raws = [], []
+    for k in range(2):
+        content = make_payload(tmp_path / f"src{k}", {"a.bin": 8 * 32768}, seed=17 + k)
+        raws.append(make_torrent_lt(content, 32768, kind))
+        srcs.append(Source(raws[k], tmp_path / f"src{k}"))
+    g = greedy.register(raws[0], tmp_path / "dl0")
+    o = other.register(raws[1], tmp_path / "dl1")
+    for p in range(4):
+        greedy.write_chunk(g, p, begin, srcs[0].read(p, begin, 16384))
+    greedy.wait_writes()
+    other.write_chunk(o, 0, 0, srcs[1].read(0, 0, 16384))
+    other.wait_writes()
+    assert other.stats()["pieces_parked"] == 1
+    assert greedy.status(g, files=False)["partial_pieces"] == 3  # (and one parked, listed)
+    assert len(greedy.status(g, files=False, partial=True)["partial"]) == 4
+    return g, o, srcs
+
+
+def test_a_parked_piece_cleared_is_told_failed_as_any_piece_under_way(tmp_path: Path) -> None:
+    """A piece let go to make room for another torrent's (parked: its blocks in its
+    files, its ranges kept) holds blocks written: cleared, its writer was told nothing
+    (the pieces under way were told failed, it alone not), and went on sending the rest
+    of a piece that could never verify."""
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": "2"})
+    try:
+        events: list[tuple[str, int]] = []
+        with Client(d.socket, on_event=lambda n, f: events.append((n, f["piece"]))) as greedy, \
+                Client(d.socket) as other:
+            g, _, srcs = _parked_one(tmp_path, d, greedy, other, "v1")
+            for p in range(4):
+                other.clear_piece(g, p)
+            greedy.flush_all()  # (the events delivered)
+            assert sorted(p for n, p in events if n == "piece_failed") == [0, 1, 2, 3]
+            assert greedy.status(g, files=False, partial=True)["partial"] == []
+            for p in range(8):  # told, the writer sends each piece again: all verify
+                greedy.write_chunk(g, p, 0, srcs[0].read(p, 0, 32768))
+            greedy.flush_all()
+            assert greedy.status(g, files=False)["verified_pieces"] == 8
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieces_under_way_past_the_bound_at_a_clean_stop_are_kept_parked(tmp_path: Path) -> None:
+    """A clean stop keeps the pieces under way (their ranges, their blocks in their
+    files), parked ones too; the start took them up until the bound of pieces in
+    progress, and forgot the others: their blocks were lost, and a writer sending the
+    rest of such a piece never saw it verify. Past the bound they are parked again."""
+    env = {"PIECED_MAX_PARTIAL_PIECES": "2"}
+    d = Daemon(tmp_path, env=env)
+    try:
+        with Client(d.socket) as greedy, Client(d.socket) as other:
+            g, o, srcs = _parked_one(tmp_path, d, greedy, other, "hybrid", begin=16384)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    d = Daemon(tmp_path, env=env)
+    try:
+        with Client(d.socket) as c:
+            held = dict(c.status(g, files=False, partial=True)["partial"])
+            assert held == {p: [[16384, 32768]] for p in range(4)}, held
+            for p in range(4):  # the rest of each: all verify
+                c.write_chunk(g, p, 0, srcs[0].read(p, 0, 16384))
+            c.write_chunk(o, 0, 16384, srcs[1].read(0, 16384, 16384))
+            c.flush_all()
+            have = c.status(g, files=False)["have"]
+            assert all(has(have, p) for p in range(4)), have
+            assert all(c.read_piece(g, p) == srcs[0].read(p, 0, 32768) for p in range(4))
+            assert has(c.status(o, files=False)["have"], 0)
+    finally:
+        assert d.stop() == 0, d.stderr()
 
 
 def test_blocks_refused_for_want_of_room_say_which_they_were(tmp_path: Path) -> None:

@@ -963,6 +963,54 @@ def test_two_torrents_of_one_payload_downloading_at_once_keep_each_others_pieces
         pool.shutdown()
 
 
+def test_a_parked_piece_keeps_its_place_when_a_torrent_of_the_same_payload_writes_beside_it(
+        tmp_path: Path, backend: str) -> None:
+    """As above, with A's piece let go to make room for a third torrent's (parked: its
+    block in its file, its ranges kept). B's good bytes where the parked piece has
+    nothing threw it away all the same (told failed: fetched again whole), as they did a
+    piece under way before; B's bad bytes over its block still start it over."""
+    content = make_payload(tmp_path / "src", 16 * 16384, seed=62)
+    raw_a = make_torrent_lt(content, 65536, "v1")
+    raw_b = make_torrent_lt(content, 16384, "v1")
+    other = make_payload(tmp_path / "srcc", 4 * 16384, seed=63)
+    raw_c = make_torrent_lt(other, 16384, "v1")
+    src_a, src_b = Source(raw_a, tmp_path / "src"), Source(raw_b, tmp_path / "src")
+    src_c = Source(raw_c, tmp_path / "srcc")
+    told: list[tuple[bytes, int, bool]] = []
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # (mmap: see the tests above)
+    dio = _off_main(pool, lambda: DiskIO(backend, state_dir=tmp_path / "state",
+                                         max_partial_pieces=2,
+                                         on_piece=lambda r: told.append((r.info_hash, r.piece, r.ok))))
+    try:
+        a = _off_main(pool, dio.register, raw_a, tmp_path / "dl")
+        b = _off_main(pool, dio.register, raw_b, tmp_path / "dl")
+        c = _off_main(pool, dio.register, raw_c, tmp_path / "dlc")
+        for p in range(4):  # A begins twice the bound: C's first block parks one of them
+            _off_main(pool, dio.write_block_direct, a, p, 0, src_a.read(p, 0, 16384))
+        _off_main(pool, dio.write_block_direct, c, 0, 0, src_c.read(0, 0, 8192))
+        parked = sorted(dio.torrent(a).parked)
+        assert parked and dio.stats()["pieces_parked"] == 1
+        p = parked[0]
+        for q in range(4 * p + 1, 4 * p + 3):  # B's good bytes beside A's block
+            r = _off_main(pool, dio.write_block_direct, b, q, 0, src_b.read(q, 0, 16384))
+            assert r is not None and r.ok
+        assert _under_way(dio, a)[p] == [[0, 16384]], "A's parked piece thrown away"
+        assert [x for x in told if x[0] == a] == []
+        _off_main(pool, dio.write_block_direct, b, 4 * p, 0, b"\xee" * 16384)  # over its block
+        if dio.torrent(b).storage.gathers_writes:  # (B's failed piece is never written)
+            assert _under_way(dio, a)[p] == [[0, 16384]]
+        else:
+            assert p not in _under_way(dio, a) and (a, p, False) in told
+        # C's piece done, A's pieces are taken up (the parked one too), one at a time
+        _off_main(pool, dio.write_block_direct, c, 0, 8192, src_c.read(0, 8192, 8192))
+        _off_main(pool, fill, dio, a, src_a)
+        _off_main(pool, dio.flush_all)
+        assert all(_verified(dio.status(a))) and _wrong_verified(dio, a, src_a) == []
+    finally:
+        _off_main(pool, dio.close)
+        pool.shutdown()
+
+
 @pytest.mark.backends(exclude={
     "disabled": STORES_NOTHING,
     "direct": "gathers a piece's blocks before writing them: none of a piece under way is on disk",
