@@ -8,7 +8,10 @@ Writes are pipelined: ``write_chunk`` and ``write_block_direct`` return once the
 block is sent (the blocking client waits only when ``window`` writes are in
 flight). When a write fails, the next call first lets every write in flight
 settle, then raises the first error, once; how many more writes of that burst
-failed is in its ``others`` attribute. Every other call waits for its reply. Events
+failed is in its ``others`` attribute, those errors in ``further``, and each says the
+write it answered in ``block``. Given ``on_write_error``, each write's error goes
+there instead, as its reply comes, never raised by a later call. Every other call
+waits for its reply. Events
 (``piece_verified``, ``piece_failed``, ``pieces_changed``, ``disk_error``,
 ``recheck_progress``) go to the
 ``on_event`` callback as ``(name, fields)``, and are kept in ``events`` otherwise
