@@ -49,6 +49,7 @@ class Settings:
     max_clients: int = 256
     max_ring_bytes: int = 256 * MiB
     handshake_timeout_ms: int = 10_000
+    frame_timeout_ms: int = 60_000
     max_files: int = 1_000_000
     max_pieces: int = 4_000_000
     max_piece_length: int = 64 * MiB
@@ -153,6 +154,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_clients": _between(1, 1 << 16),
     "max_ring_bytes": _between(64 * 1024, 64 * GiB, " bytes"),
     "handshake_timeout_ms": _between(1, 3_600_000, " (ms)"),
+    "frame_timeout_ms": _between(1, 3_600_000, " (ms)"),
     "max_files": _positive,
     "max_pieces": _positive,
     "max_partial_pieces": _positive,

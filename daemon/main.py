@@ -300,6 +300,7 @@ async def serve(settings: Settings, http_connections: int = MAX_CONNECTIONS) -> 
             allow_gids=set(settings.allow_gids) or None,
             observer=observer,
             handshake_timeout=settings.handshake_timeout_ms / 1000,
+            frame_timeout=settings.frame_timeout_ms / 1000,
         )
         server.start(listener)
         runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,

@@ -164,6 +164,7 @@ class Server:
         allow_gids: set[int] | None = None,
         observer: Observer | None = None,
         handshake_timeout: float = 10.0,
+        frame_timeout: float = 60.0,
     ) -> None:
         self.disk = disk
         self.ring_bytes = max(ring_bytes, max_frame + 4)
@@ -176,6 +177,7 @@ class Server:
         self.max_clients = max_clients
         self.max_ring = max_ring
         self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
         self.allow_uids = allow_uids
         self.allow_gids = allow_gids
         self.executor = ThreadPoolExecutor(workers or (os.cpu_count() or 1) + 2, "pieced-io")
@@ -472,6 +474,12 @@ class Connection:
         self._prune_at = 64
         self.handshaken = False
         self._hello_timer: asyncio.TimerHandle | None = None
+        # A frame begun and not finished holds its bytes in the receive buffer (up to
+        # max_frame): one that gets nothing more for frame_timeout while the daemon
+        # reads is given up, and the client dropped (max_clients of them held gigabytes
+        # outside any budget, for ever). ``_stall_mark``: bytes received at the last look.
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_mark = 0
         self.closed = False
         self.reading = False
         self._closing_after_send = False
@@ -532,6 +540,35 @@ class Connection:
                 and self._failing is None and not self._stopped):
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
+            self._watch_frame()
+
+    def _watch_frame(self) -> None:
+        """Look again in frame_timeout at a frame left unfinished, while reading (a pause
+        of the daemon's own, flow control, stops the clock: the client cannot send)."""
+        if (self._stall_timer is None and self.reading and self.handshaken
+                and self.ring.unparsed):
+            self._stall_mark = self._received
+            self._stall_timer = self.loop.call_later(self.server.frame_timeout,
+                                                     self._frame_due)
+
+    def _unwatch_frame(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _frame_due(self) -> None:
+        self._stall_timer = None
+        if self.closed or not self.reading or not self.ring.unparsed:
+            return
+        if self._received != self._stall_mark:  # (bytes came meanwhile: looked at again)
+            self._watch_frame()
+            return
+        log.info("dropping a client whose frame is unfinished, nothing more sent in %.0f s "
+                 "(%d bytes of it held), %s", self.server.frame_timeout, self.ring.unparsed,
+                 self.who)
+        self.server.dropped += 1
+        self._fail(ProtocolError(
+            f"a frame is unfinished, nothing more sent in {self.server.frame_timeout:g} s"))
 
     def _input_blocked(self) -> bool:
         """Flow control: stop reading while any of the client's buffers is full."""
@@ -565,6 +602,7 @@ class Connection:
         if self.reading:
             self.reading = False
             self.loop.remove_reader(self.fd)
+        self._unwatch_frame()
 
     def _on_readable(self) -> None:
         buf = self.ring.writable()
@@ -595,6 +633,7 @@ class Connection:
         self.ring.wrote(n)
         self._parse()
         self._close_untaken_fds()
+        self._watch_frame()
 
     def _close_untaken_fds(self) -> None:
         """Every frame the bytes the descriptors came with brought (the last of them,

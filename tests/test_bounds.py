@@ -860,6 +860,85 @@ def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Pa
         assert d.stop() == 0
 
 
+def test_a_frame_left_unfinished_is_given_up_and_its_buffer_freed(
+        tmp_path: Path, freezable_fs: Any) -> None:
+    """Twenty connections each send most of a 7 MiB frame, and no more: each held 7 MiB
+    of receive buffer for as long as it stayed (max_clients of them, gigabytes outside
+    any budget). Once nothing more has come for frame_timeout they are told why and
+    dropped, their memory given back; the replies to what they sent before come first.
+    A client that sends its frame slowly, and one the daemon itself stops reading (its
+    writes wait for a torrent a move holds, on a frozen file system), are not dropped."""
+    MiB = 1 << 20
+    d = Daemon(tmp_path, env={"PIECED_FRAME_TIMEOUT_MS": "1500"})
+    stalled: list[RawConn] = []
+    try:
+        content = make_payload(tmp_path / "src", 16 * MiB, seed=5)
+        raw = make_torrent_lt(content, MiB, "v1")
+        src = Source(raw, tmp_path / "src")
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            before = proc_bytes(d.proc.pid)
+            for _ in range(20):
+                conn = RawConn(d.socket)
+                conn.sock.sendall(encode_request(1, "stats", {})
+                                  + encode_write_header(2, ih, 0, 0, 7 * MiB) + bytes(6 * MiB))
+                stalled.append(conn)
+            assert all(conn.replies(1)[0].type == FrameType.RESPONSE for conn in stalled)
+            held = proc_bytes(d.proc.pid) - before
+            assert held > 20 * 5 * MiB, held  # (the bytes are there: 6 MiB each)
+            slow = RawConn(d.socket)  # a frame sent in four parts a second apart
+            block = src.read(1, 0, MiB)
+            whole = encode_write_header(3, ih, 1, 0, MiB) + block
+            for k in range(4):
+                slow.sock.sendall(whole[k * len(whole) // 4 : (k + 1) * len(whole) // 4])
+                time.sleep(1.0)
+            for conn in stalled:  # told why, then hung up on
+                (why,) = conn.replies(1)
+                assert why.type == FrameType.ERROR and why.id == 0, why
+                assert b"unfinished" in why.body[b"message"], why.body
+                with pytest.raises(ConnectionError):
+                    conn.replies(1)
+            (ack,) = slow.replies(1)
+            assert ack.type == FrameType.ACK and ack.id == 3, ack
+            deadline = time.monotonic() + 10
+            while proc_bytes(d.proc.pid) - before > 32 * MiB and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc_bytes(d.proc.pid) - before <= 32 * MiB  # (their buffers given back)
+            assert c.stats()["clients_dropped"] == 20
+
+            # The daemon's own pause: the move holds the torrent on a frozen file system,
+            # the writes wait, reading stops once 8 MiB of them are queued; the frame
+            # begun after them waits far longer than frame_timeout, not for the client.
+            freezable_fs.freeze()
+            mover = RawConn(d.socket)
+            mover.sock.sendall(encode_request(1, "move_storage",
+                                              {"ih": ih, "new_path": str(freezable_fs.mount)}))
+            time.sleep(0.5)  # (the move holds the torrent)
+            held_back = RawConn(d.socket)
+            frames = b"".join(encode_write_header(10 + p, ih, p, 0, MiB) + src.read(p, 0, MiB)
+                              for p in range(2, 12))
+            last = encode_write_header(30, ih, 12, 0, MiB) + src.read(12, 0, MiB)
+            sender = threading.Thread(target=held_back.sock.sendall,
+                                      args=(frames + last[: len(last) // 2],))
+            sender.start()
+            time.sleep(4.0)
+            freezable_fs.thaw()
+            sender.join(30)
+            held_back.sock.sendall(last[len(last) // 2 :])
+            (moved,) = mover.replies(1)
+            assert moved.type == FrameType.RESPONSE, moved
+            acks = held_back.replies(11)
+            assert [f.type for f in acks] == [FrameType.ACK] * 11, acks
+            c.flush_all()
+            assert c.status(ih, files=False)["verified_pieces"] == 12  # (pieces 1 to 12)
+            assert c.stats()["clients_dropped"] == 20
+    finally:
+        freezable_fs.thaw()
+        for conn in stalled:
+            conn.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) -> None:
     """A recheck, then 200 requests of 1 MiB each, sent at once: the daemon parses only
     about a receive buffer's worth behind the busy lane and stops reading the rest until
