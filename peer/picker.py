@@ -32,6 +32,13 @@ SPARSE = 16
 # of 12,000 files each time made the daemon open a file for nearly every piece).
 EXTENT = 4 * 1024 * 1024
 
+# Refused with no piece of ours in progress (other torrents' fill the daemon), no piece is
+# begun for a while: HOLD_FIRST seconds, twice as long at each such refusal, up to
+# HOLD_MAX, until a piece verifies. Else each piece would be asked for, come whole, and
+# be dropped again, as fast as the peers send (a download took 100 times its size).
+HOLD_FIRST = 0.05
+HOLD_MAX = 2.0
+
 Block = tuple[int, int, int]  # (piece, begin, length)
 _NOBODY: frozenset[object] = frozenset()
 
@@ -141,6 +148,8 @@ class Picker:
         self._begun: dict[int, int] = {}
         self._starts = 0
         self._cut_at = -1
+        self._hold_until = 0.0  # (0: no hold)
+        self._hold = 0.0
         # Outside end game a piece's blocks are asked for in order: the first never
         # asked for is at its cursor, and blocks given back (rejected, their peer gone)
         # wait in ``_returned``, so a pick does not walk the blocks already asked for.
@@ -243,6 +252,7 @@ class Picker:
         self._forget(piece)
         if self.max_started is not None:
             self.max_started += 1 / self.max_started
+        self._hold_until = self._hold = 0.0
 
     def refused(self, pieces: Collection[int]) -> None:
         """The daemon refused blocks of these pieces (too many pieces in progress): each
@@ -254,6 +264,13 @@ class Picker:
         if since > self._cut_at or self.max_started is None:
             self._cut_at = self._starts
             self.max_started = max(1, len(self.started) // 2)
+            if not self.started:  # (none of ours under way: only others' can end)
+                self._hold = min(HOLD_MAX, max(HOLD_FIRST, 2 * self._hold))
+                self._hold_until = self._clock() + self._hold
+
+    def held_for(self) -> float:
+        """Seconds before a piece may be begun again after a refusal (0: now)."""
+        return max(0.0, self._hold_until - self._clock()) if self._hold_until else 0.0
 
     def piece_lost(self, piece: int) -> None:
         """A piece we had is not verified any more (another client's recheck failed it):
@@ -362,9 +379,11 @@ class Picker:
             if (candidates is None or p in candidates) and has(p) and take(p, False):
                 return out
         bound = self.max_started
-        if bound is not None and len(self.started) >= bound and self._left > len(self.started):
-            # As many under way as the daemon takes: none begun; nor the end game (not
-            # every piece left is asked for: the others wait for room, not for a peer).
+        if bound is not None and (
+                (len(self.started) >= bound and self._left > len(self.started))
+                or self.held_for()):
+            # As many under way as the daemon takes, or a hold: none begun; nor the end
+            # game (not every piece left is asked for: the others wait for room).
             return out
         fresh: Iterable[int]
         if candidates is not None:  # (a few allowed-fast pieces)

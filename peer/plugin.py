@@ -2096,9 +2096,14 @@ class Swarm:
             self._refill_soon = True
             log.info("the daemon has no room for more pieces in progress: at most %d under "
                      "way from now (%s)", int(picker.max_started or 0), _describe(exc))
-            asyncio.get_running_loop().call_soon(self._refill)
+            asyncio.get_running_loop().call_later(picker.held_for(), self._refill)
 
     def _refill(self) -> None:
+        """The pieces refused asked for again, once the picker's hold (if any) is over."""
+        wait = self.picker.held_for() if self.picker is not None else 0.0
+        if wait:
+            asyncio.get_running_loop().call_later(wait, self._refill)
+            return
         self._refill_soon = False
         self._fill_all()
 

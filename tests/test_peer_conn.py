@@ -1137,6 +1137,37 @@ def test_refusals_of_the_daemon_halve_the_pieces_begun_and_verified_ones_grow_th
     assert pk.max_started == 2
 
 
+def test_a_refusal_with_nothing_of_ours_under_way_holds_new_pieces_back_a_while(
+        tmp_path: Path) -> None:
+    """Refused with none of our pieces in progress (others hold the daemon's places:
+    only theirs can end), the picker begins nothing for 50 ms, twice as long at each
+    such refusal up to 2 s, and from the start again once a piece verifies."""
+    from pieced.peer.picker import HOLD_FIRST, HOLD_MAX
+
+    content = make_payload(tmp_path / "src", 32 * 32768, seed=9)
+    meta = Source(make_torrent_lt(content, 32768, "v1"), content.parent).meta
+    now = [100.0]
+    pk = Picker(meta, [False] * meta.num_pieces, clock=lambda: now[0])
+    pk.peer_has(range(meta.num_pieces))
+    holds = []
+    for _ in range(8):
+        (blk,) = pk.pick("A", None, 1)
+        pk.refused([blk[0]])
+        holds.append(pk.held_for())
+        assert pk.pick("A", None, 1) == []
+        now[0] += holds[-1]
+    assert holds[:2] == pytest.approx([HOLD_FIRST, 2 * HOLD_FIRST])
+    assert holds[-1] == pytest.approx(HOLD_MAX)
+    (blk,) = pk.pick("A", None, 1)
+    for b, size in pk.plan(blk[0]):
+        pk.block_received((blk[0], b, size))
+    pk.piece_verified(blk[0])
+    assert pk.held_for() == 0
+    (blk,) = pk.pick("A", None, 1)
+    pk.refused([blk[0]])
+    assert pk.held_for() == pytest.approx(HOLD_FIRST)
+
+
 def test_peer_gone_returns_its_blocks(torrents: dict[str, Source]) -> None:
     pk = Picker(torrents["hybrid/odd/64k"].meta, [False] * torrents["hybrid/odd/64k"].meta.num_pieces)
     total = len(all_blocks(pk))

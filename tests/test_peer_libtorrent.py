@@ -476,6 +476,48 @@ def test_a_daemon_with_no_room_for_more_pieces_in_progress_slows_the_download_no
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_download_with_no_room_at_all_waits_for_it_instead_of_fetching_pieces_to_drop(
+        tmp_path: Path) -> None:
+    """Another client holds the daemon's every place for a piece in progress (one piece in
+    each of two torrents: none can be let go for ours) for three seconds. Every piece
+    pieced-peer began was refused, dropped, and begun again at once: the download pulled
+    two to three times its size from the seeders meanwhile here (a hundred times, with
+    pieced-peers holding the places). It waits now, longer at each refusal, and
+    completes once the places are free, near its size in bytes."""
+    piece = 256 * 1024
+    files = {"a.bin": 24 * piece + 5, "b.bin": 8 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "v2", seed=15)
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": "1"})  # (2 in all)
+    try:
+        holders = []
+        for k in range(2):
+            other = make_payload(tmp_path / f"other{k}", {"x.bin": 2 * 16384}, seed=30 + k)
+            holders.append((make_torrent_lt(other, 32768, "v1"), other / "x.bin"))
+        with Client(d.socket) as c, LtPeer(raw, content.parent, seed=True) as s1, \
+                LtPeer(raw, content.parent, seed=True) as s2:
+            held = []
+            for k, (other_raw, path) in enumerate(holders):
+                ih = c.register(other_raw, tmp_path / f"dl-other{k}")
+                c.write_chunk(ih, 0, 0, path.read_bytes()[:100])
+                held.append((ih, path))
+            c.wait_writes()
+            proc = downloading(torrent, tmp_path / "dl", d, s1.port, s2.port)
+            time.sleep(3.0)
+            assert proc.poll() is None
+            for ih, path in held:  # the places come free
+                c.write_chunk(ih, 0, 100, path.read_bytes()[100:])
+            c.flush_all()
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["blocks_refused"] >= 1, summary
+        size = sum(files.values())
+        assert summary["bytes_down"] + summary["bytes_redundant"] < 1.8 * size, summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
     """A seeder closes mid-download: its requests go to the other one. A leecher closes
     mid-piece: the seeding side serves the next leecher as if nothing happened."""
