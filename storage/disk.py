@@ -1344,7 +1344,7 @@ class DiskIO:
             return same[i]
 
         for piece, spans in sorted(partial.items()):
-            if t.state[piece] != MISSING or len(t.partial) >= PARTIAL_FLOOR:
+            if t.state[piece] != MISSING:
                 continue
             segs = t.layout.map(piece, 0, t.layout.piece_size(piece))
             if not all(unchanged(seg.file_index) for seg in segs if seg.stored and seg.length):
@@ -1357,12 +1357,15 @@ class DiskIO:
             if hasher.empty or hasher.complete:
                 continue
             try:
+                if len(t.partial) >= PARTIAL_FLOOR:
+                    raise TooLarge("past the floor")  # (parked too: see below)
                 self._count_partials(1)
             except TooLarge:
-                # Past the bound (other torrents' pieces taken up first, or the bound
-                # lowered since): parked, as _park_one leaves a piece, its bytes in its
-                # files; its next block takes it up.
+                # Past the bound or the torrent's floor (other torrents' pieces taken up
+                # first, or the bound lowered since): parked, as _park_one leaves a
+                # piece, its bytes in its files; its next block takes it up.
                 t.parked[piece] = ([(b, e) for b, e in hasher.received.spans], {0})
+                self.metrics.add("pieces_parked")
                 continue
             part = t.partial[piece] = Partial(hasher, pads)
             part.writers.add(0)  # (no connection's: its blocks came before the start)
@@ -2200,6 +2203,8 @@ class DiskIO:
             mine = t.partial.get(piece) is partial
             if mine:
                 t.set_state(piece, HASHING)
+        held = contextlib.ExitStack()
+        errors = held.enter_context(self.errors_held())  # (told after the piece: see below)
         try:
             with self.metrics.timed("hash"):
                 d1, d2, fp = partial.hasher.finish(lambda b, n: self._read_range(t, piece, b, n))
@@ -2222,9 +2227,24 @@ class DiskIO:
             # (Its blocks could not be written out, or read back: a full disk.) The piece
             # starts over, told failed without v1/v2, as in _write_out_buffered: blocks of
             # it that were acknowledged are gone, and a client that sent again only the
-            # block that got the error would wait for the piece for ever.
-            self._abandon(t, piece, partial)
+            # block that got the error would wait for the piece for ever. Taken back by
+            # the error itself (its file found gone: _start_over leaves a piece hashing to
+            # its writer to tell), it is told here all the same; and before the error,
+            # as _record_error promises (a client that stops on it knows what it has).
+            held.close()
+            with t.lock:
+                taken = t.partial.get(piece) is not partial
+                if taken:
+                    self._to_tell(t, [PieceResult(t.key, piece, False, None, None,
+                                                  tuple(sorted(partial.writers)))])
+            if taken:
+                self._tell(t)
+            else:
+                self._abandon(t, piece, partial)
+            self._pass_on(errors)
             raise
+        held.close()
+        self._pass_on(errors)
         failed = result if not result.ok else PieceResult(t.key, piece, False, None, None,
                                                           result.writers)
         with t.lock:
@@ -2506,6 +2526,15 @@ class DiskIO:
         """Count, list and report errors held back by :meth:`errors_held`."""
         for t, exc, piece in errors:
             self._tell_error(t, exc, piece)
+
+    def _pass_on(self, errors: Sequence[tuple[Torrent, PiecedError, int | None]]) -> None:
+        """Errors an inner :meth:`errors_held` held: to the outer one's list if this
+        thread is within one, else told."""
+        outer = getattr(self._held_errors, "list", None)
+        if outer is not None:
+            outer.extend(errors)
+        else:
+            self.tell_errors(errors)
 
     def _record_error(self, t: Torrent, exc: PiecedError, piece: int | None) -> None:
         held = getattr(self._held_errors, "list", None)

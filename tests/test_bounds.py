@@ -496,6 +496,43 @@ def test_pieces_under_way_past_the_bound_at_a_clean_stop_are_kept_parked(tmp_pat
         assert d.stop() == 0, d.stderr()
 
 
+def test_more_pieces_under_way_than_a_torrents_floor_are_all_kept_by_a_clean_stop(
+        tmp_path: Path) -> None:
+    """70 pieces of one torrent under way at a clean stop: the start took up 64 (the
+    torrent's floor) and forgot the other six, whose blocks were then fetched again.
+    Those are parked now (counted in pieces_parked): listed, and the rest of each
+    verifies them all."""
+    from pieced.storage.disk import PARTIAL_FLOOR
+
+    n = PARTIAL_FLOOR + 6
+    content = make_payload(tmp_path / "src", {"a.bin": n * 32768}, seed=23)
+    raw = make_torrent_lt(content, 32768, "v1")
+    src = Source(raw, tmp_path / "src")
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            for p in range(n):
+                c.write_chunk(ih, p, 16384, src.read(p, 16384, 16384))
+            c.wait_writes()
+            assert c.status(ih, files=False)["partial_pieces"] == n
+    finally:
+        assert d.stop() == 0, d.stderr()
+    d = Daemon(tmp_path)
+    try:
+        with Client(d.socket) as c:
+            listed = dict(c.status(ih, files=False, partial=True)["partial"])
+            assert listed == {p: [[16384, 32768]] for p in range(n)}, sorted(listed)
+            assert c.stats()["pieces_parked"] == n - PARTIAL_FLOOR
+            for p in range(n):  # the rest of each
+                c.write_chunk(ih, p, 0, src.read(p, 0, 16384))
+                c.wait_writes()
+            c.flush_all()
+            assert c.status(ih, files=False)["verified_pieces"] == n
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_blocks_refused_for_want_of_room_say_which_they_were(tmp_path: Path) -> None:
     """With as many pieces in progress as the daemon may hold, the block that would
     begin one more is refused: TOO_LARGE with EBUSY (try again later), the client's

@@ -1345,3 +1345,42 @@ def test_a_piece_taken_back_as_it_hashes_is_not_counted_failed(
     assert dio.status(ih)["verified_pieces"] == 4
     assert dio.stats()["pieces_failed"] == 0
     dio.close()
+
+
+@pytest.mark.backends(exclude={
+    "disabled": "opens no payload file: none can vanish",
+    "posix": "writes each block as it comes: the block write meets the vanished file, "
+             "the piece under way (tested above)",
+    "mmap": "writes each block as it comes: the block write meets the vanished file, "
+            "the piece under way (tested above)"})
+def test_a_piece_whose_file_vanished_as_its_blocks_are_written_out_is_told_failed(
+        tmp_path: Path, backend: str) -> None:
+    """A backend that gathers a piece's blocks writes them out once the piece verifies;
+    the file was deleted behind the daemon's back meanwhile. The write-out finds it gone,
+    the piece is taken back (its blocks with it), and the writer got the error for its
+    last block alone: the piece was told failed to no one, and a client that sent that
+    block again waited for the piece for ever. It is told failed, before the error."""
+    content = make_payload(tmp_path / "src", {"x.bin": 4 * 65536, "y.bin": 4 * 65536}, seed=9)
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw, tmp_path / "src")
+    told: list[tuple[str, int | None, bool | None]] = []
+    dio = DiskIO(backend, cache_bytes=1 << 20,
+                 on_piece=lambda r: told.append(("piece", r.piece, r.v2)),
+                 on_error=lambda ih, e: told.append(("error", e.get("piece"), None)))
+    ih = dio.register(raw, tmp_path / "dl")
+    for b in range(0, 3 * 16384, 16384):  # piece 0: three blocks of four, gathered
+        dio.write_chunk(ih, 0, b, src.read(0, b, 16384))
+    dio.write_chunk(ih, 1, 0, src.read(1, 0, 16384))
+    dio.flush_piece(ih, 1)  # (x.bin made; piece 0's blocks still in memory)
+    os.unlink(tmp_path / "dl" / "payload" / "x.bin")
+    with pytest.raises(StorageIOError) as got:
+        dio.write_chunk(ih, 0, 3 * 16384, src.read(0, 3 * 16384, 16384))
+    assert got.value.errno == errno.ENOENT
+    assert ("piece", 0, None) in told, told  # (failed, no hash said so)
+    assert told.index(("piece", 0, None)) < told.index(("error", 0, None)), told
+    assert dio.status(ih, files=False, partial=True)["partial"] == []  # (nothing kept)
+    for b in range(0, 65536, 16384):  # sent again whole: it verifies
+        dio.write_chunk(ih, 0, b, src.read(0, b, 16384))
+    dio.flush_all()
+    assert dio.read_piece(ih, 0) == src.read(0, 0, 65536)
+    dio.close()
