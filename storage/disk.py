@@ -150,10 +150,11 @@ def _differs(there: tuple[bytes, bytearray], a: int, b: int) -> bool:
     return memoryview(new)[a:b] != memoryview(old)[a:b]
 
 
-def _changes_parked(spans: list[tuple[int, int]], at: int, start: int, stop: int,
-                    there: tuple[bytes, bytearray]) -> bool:
-    """Whether a write of the torrent's bytes ``start:stop`` changes bytes a parked piece
-    at ``at`` holds (``spans``: its ranges, all in its files)."""
+def _changes_held(spans: Sequence[Sequence[int]], at: int, start: int, stop: int,
+                  there: tuple[bytes, bytearray]) -> bool:
+    """Whether a write of the torrent's bytes ``start:stop`` changes bytes a piece at
+    ``at`` holds in its files (``spans``: those ranges; a parked piece's, or what a piece
+    under way has stored)."""
     for s, e in spans:
         lo, hi = max(at + s, start), min(at + e, stop)
         if lo < hi and _differs(there, lo - start, hi - start):
@@ -172,11 +173,7 @@ def _changes_received(partial: Partial, buffered: list[tuple[int, bytes]], at: i
     held.spans = [[s, e] for s, e in list(partial.hasher.received.spans)]
     for b, data in buffered:
         held.remove(b, b + len(data))
-    for s, e in held.spans:
-        lo, hi = max(at + s, start), min(at + e, stop)
-        if lo < hi and _differs(there, lo - start, hi - start):
-            return True
-    return False
+    return _changes_held(held.spans, at, start, stop, there)
 
 
 def _finished(t: Torrent) -> bool:
@@ -766,7 +763,7 @@ class DiskIO:
                             q, self.pool.dirty_blocks((x.id, p)), p * size, start, stop, there)
                         if x.state[p] == PARTIAL else
                         (k := x.parked.get(p)) is None
-                        or _changes_parked(k[0], p * size, start, stop, there))]
+                        or _changes_held(k[0], p * size, start, stop, there))]
                     for p in over:
                         self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
                 if over:
