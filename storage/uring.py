@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,13 +54,31 @@ def liburing() -> Any:
     import deleted and wrote that cache again among the installed files: refused to a
     service user (a PermissionError), and under a read-only /usr. Its reader is put
     right first, and the cache an install writes (``make``) is then read, not written."""
-    if "liburing" not in sys.modules:
-        import dynamic_import  # noqa: F401  (its submodule below, not the function)
-        loader: Any = sys.modules.get("dynamic_import.importer")
-        if loader is not None and hasattr(loader, "load_cache"):
-            loader.load_cache = _load_cache
-    import liburing as lib
+    with _importing:
+        if "liburing" not in sys.modules:
+            import dynamic_import  # noqa: F401  (its submodule below, not the function)
+            loader: Any = sys.modules.get("dynamic_import.importer")
+            if loader is not None and hasattr(loader, "load_cache"):
+                loader.load_cache = _load_cache
+        import liburing as lib
+        if not _resolved:
+            # The package loads each of its modules at the first use of one of its
+            # names, with nothing to keep two threads from loading the same one: the
+            # second is refused ("has already been imported. Re-initialisation is not
+            # supported") and the other names of the module are missing meanwhile. Two
+            # hashing threads of a daemon's first recheck met so. All loaded here, once.
+            for name in _USED:
+                getattr(lib, name)
+            _resolved.append(True)
     return lib
+
+
+# The package's names the backend uses (see liburing()).
+_USED = ("io_uring", "io_uring_cqe", "io_uring_queue_init", "io_uring_queue_exit", "iovec",
+         "io_uring_get_sqe", "io_uring_prep_nop", "io_uring_prep_writev",
+         "io_uring_prep_readv", "io_uring_submit", "io_uring_wait_cqe", "io_uring_cqe_seen")
+_importing = threading.Lock()
+_resolved: list[bool] = []
 
 
 def _load_cache(path: str, recursive: bool, exclude_file: list[str], exclude_dir: list[str],

@@ -41,6 +41,50 @@ def test_io_uring_works_where_its_package_cannot_be_written(tmp_path: Path) -> N
     assert done.returncode == 0 and "started" in done.stdout, done.stderr
 
 
+_FIRST_USE = """
+import os, sys, threading
+sys.setswitchinterval(1e-6)  # (a thread switch at every turn: the race, if there is one)
+from pieced.storage.uring import _run, check_uring
+check_uring()  # (as a daemon starts: a no-op through the package)
+fd = os.open(sys.argv[1], os.O_RDWR)
+start = threading.Barrier(4)
+failed = []
+def first_use(k):
+    start.wait()
+    try:
+        if k % 2:
+            buf = bytearray(5)
+            assert _run([("readv", fd, [buf], 0)]) == [5]
+        else:
+            assert _run([("writev", fd, [b"x" * 5], 5 * k)]) == [5]
+    except BaseException as exc:
+        failed.append(repr(exc))
+threads = [threading.Thread(target=first_use, args=(k,)) for k in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(failed)
+"""
+
+
+def test_threads_that_first_read_and_write_at_once_each_get_their_io_done(
+        tmp_path: Path) -> None:
+    """The liburing package loads each of its modules at the first use of one of its
+    names, and two threads using a name of the same module first at once loaded it
+    twice: the second was refused ("Module 'file' has already been imported.
+    Re-initialisation is not supported"). A uring daemon's first recheck failed so, its
+    two hashing threads reading together. In a fresh interpreter each time, four threads
+    read and write first at once."""
+    data = tmp_path / "data"
+    data.write_bytes(b"y" * 64)
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _FIRST_USE, str(data)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]", done.stdout
+
+
 @pytest.mark.parametrize("kind", ["v1", "v2", "hybrid"])
 def test_a_daemon_on_io_uring(tmp_path: Path, kind: str) -> None:
     daemon_on(tmp_path, "uring", kind, 32768, seed=23)
@@ -120,7 +164,9 @@ def test_a_binding_that_dies_on_this_cpu_is_refused_not_followed(
     (fake / "__init__.py").write_text(
         "import os, signal\n"
         "def io_uring():\n"
-        "    os.kill(os.getpid(), signal.SIGILL)\n")
+        "    os.kill(os.getpid(), signal.SIGILL)\n"
+        "def __getattr__(name):\n"  # (the package's other names)
+        "    return None\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setattr(uring, "_probed", [])
     with pytest.raises(StorageIOError, match="SIGILL"):
