@@ -454,11 +454,12 @@ def fit_descriptors(settings: Settings, limit: int) -> Fitted:
     files = max(1, min(settings.max_open_files, room // 2))
     clients = max(1, min(settings.max_clients, (room - files) // FDS_PER_CLIENT))
     if (files, clients) != (settings.max_open_files, settings.max_clients):
-        log.warning("%d descriptors allowed (RLIMIT_NOFILE): max_open_files %d -> %d, "
-                    "max_clients %d -> %d, HTTP connections %d, idle save folders %d "
-                    "(raise LimitNOFILE to have them back)", limit,
-                    settings.max_open_files, files, settings.max_clients, clients, http,
-                    folders)
+        lowered = [f"{name} {was} -> {now}" for name, was, now in (
+            ("max_open_files", settings.max_open_files, files),
+            ("max_clients", settings.max_clients, clients)) if was != now]
+        log.warning("%d descriptors allowed (RLIMIT_NOFILE): %s, HTTP connections %d, idle "
+                    "save folders %d (raise LimitNOFILE to have them back)", limit,
+                    ", ".join(lowered), http, folders)
         settings = replace(settings, max_open_files=files, max_clients=clients)
     return Fitted(settings, http, folders)
 

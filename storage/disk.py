@@ -347,7 +347,11 @@ class DiskIO:
     def register(self, metainfo: bytes, save_path: str | Path) -> bytes:
         meta = parse(metainfo, **self.metainfo_limits)
         path = self._check_save_path(Path(save_path))
-        self._refuse_registered(meta)  # before the save path is made: refused, nothing made
+        try:
+            self._refuse_registered(meta)  # before the save path is made: refused, nothing made
+        except AlreadyRegistered:
+            self._look_at_files(meta)
+            raise
         storage = make_storage(self.backend, meta, path, self.handles, self.preallocate,
                                self.allow_hard_links, self.roots)
         try:
@@ -461,6 +465,32 @@ class DiskIO:
         storage.before_remaking = before_remaking
         storage.kin = kin
         return t
+
+    def _look_at_files(self, meta: Metainfo) -> None:
+        """A register of a torrent registered already: the client takes it up as it is
+        (a torrent client started again, which looks for its data as Transmission does
+        at a start). Its files deleted, renamed away, replaced or cut short behind
+        pieced's back since it last used them are found so first, their verified pieces
+        started over (journaled, told), as the next read of them would find; else a
+        download found every piece verified and ended at once, nothing on disk. A stat
+        of each file that holds a verified piece, not a read."""
+        with self._lock:
+            t = next((self._torrents[a] for a in meta.aliases if a in self._torrents), None)
+        if t is None or not t.fence.try_shared():
+            return  # (gone meanwhile; or rechecked, moved or removed now: looked at so)
+        try:
+            if self._root_moved(t):  # its save folder went, the files with it
+                return
+            lengths = t.meta.files.lengths
+            with t.lock:
+                state = t.state
+                holding = [i for i in t.storage.stored_files() if lengths[i] and any(
+                    state[p] == VERIFIED for p in t.layout.file_pieces(i))]
+            for lost in t.storage.lost(holding):
+                self._record_error(t, lost, None)
+                self._tell_sharers(t, lost.file_index)
+        finally:
+            t.fence.release_shared()
 
     def _refuse_registered(self, meta: Metainfo) -> None:
         for alias in meta.aliases:

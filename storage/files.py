@@ -513,6 +513,38 @@ class FileStorage:
             "(renamed away or replaced behind pieced's back): its pieces start over"))
             for index in gone]
 
+    def lost(self, indices: Iterable[int]) -> list[FileVanished]:
+        """The files among ``indices`` not at their places as the daemon left them:
+        renamed away or replaced (see :meth:`moved_away`), gone, not a file any more, or
+        cut short. A look at each (a stat), not a read; each found so is forgotten as a
+        vanished file is. A look that fails for another reason says nothing."""
+        indices = list(indices)
+        sizes: dict[int, int] = {}
+        out = self.moved_away(indices, sizes)
+        seen = {exc.file_index for exc in out}
+        lengths = self.meta.files.lengths
+        for index in indices:
+            if index in seen:
+                continue
+            size = sizes.get(index)
+            if size is None:  # (not one this run has opened: looked at by its name)
+                if self.root.missing(self.parts(index)):
+                    out.append(self._vanished(
+                        index, f"{self.file_path(index)}: deleted behind pieced's back"))
+                    continue
+                st = self.root.stat(self.parts(index))
+                if st is None:
+                    continue  # (no look to be had: said by its next use)
+                if not stat.S_ISREG(st.st_mode):
+                    out.append(self._vanished(index, f"{self.file_path(index)}: not a file "
+                                                     "any more (replaced behind pieced's back)"))
+                    continue
+                size = st.st_size
+            if size < lengths[index]:
+                out.append(self._vanished(index, f"{self.file_path(index)}: truncated behind "
+                                                 "pieced's back", gone=False))
+        return out
+
     def root_moved(self) -> list[tuple[int, bool]] | None:
         """None while the save path still names the folder the files were written in;
         else (it was renamed away, or replaced, behind our back) the folder at the save

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -1619,6 +1620,21 @@ def test_a_ring_read_where_the_client_never_wrote_costs_the_daemon_nothing(
         os.close(empty)
     finally:
         assert small.stop() == 0, small.stderr()
+
+
+def test_the_start_up_warning_names_only_the_bounds_it_lowered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """20,000 descriptors allowed: max_open_files is lowered, max_clients not; the
+    warning said "max_clients 256 -> 256" all the same."""
+    from pieced.config.settings import Settings
+    from pieced.daemon.main import fit_descriptors
+
+    with caplog.at_level(logging.WARNING, logger="pieced"):
+        fitted = fit_descriptors(Settings(), 20000).settings
+    assert fitted.max_clients == 256 and fitted.max_open_files < 16384
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"max_open_files 16384 -> {fitted.max_open_files}" in said, said
+    assert "max_clients" not in said, said
 
 
 def test_a_low_descriptor_limit_lowers_the_client_bound_instead_of_starving_clients(

@@ -1511,6 +1511,38 @@ def test_a_file_deleted_while_seeding_stops_pieced_peer_saying_what_is_left(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_download_deleted_and_started_again_is_fetched_again(tmp_path: Path) -> None:
+    """A download completed, its files deleted (``rm -rf`` of the download, the daemon
+    running), then the same pieced-peer command again: it ended at once, "complete",
+    with nothing on disk (the daemon still had every piece verified, and found the
+    files gone only at a read of them). Its register now has the daemon look at the
+    files first: the download is fetched again, whole. The save folder deleted too is
+    not made again (a drive not mounted would be downloaded to the disk below it, as
+    Transmission refuses to): pieced-peer stops saying so."""
+    piece = 262144
+    files = {"a.bin": 9 * piece + 1000, "sub/b.bin": 3 * piece}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=29)
+    total = sum(files.values())
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
+            first = download(torrent, tmp_path / "dl", d, seeder.port)
+            assert first["bytes_down"] >= total
+            shutil.rmtree(tmp_path / "dl" / "payload")  # the files, not the save folder
+            again = download(torrent, tmp_path / "dl", d, seeder.port)
+            assert again["bytes_down"] >= total, again
+            _same_tree(content, tmp_path / "dl" / "payload", files)
+            shutil.rmtree(tmp_path / "dl")  # the save folder too
+            r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer",
+                                        f"127.0.0.1:{seeder.port}"),
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+            assert "save path" in r.stderr, r.stderr
+            assert not (tmp_path / "dl").exists()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("stopped", ["plugin", "daemon"])
 def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_again(
         tmp_path: Path, stopped: str) -> None:
