@@ -2044,7 +2044,9 @@ class DiskIO:
 
     def _park_one(self, requester: Torrent) -> bool:
         """(Caller holds no lock.) Let go of the hash state of one piece under way of the
-        torrent holding the most (more than ``requester`` would), its buffered blocks
+        torrent holding the most (as many as ``requester`` would at least: torrents of
+        one piece under way each, twice ``max_partial_pieces`` of them, were never let
+        go of theirs, and stopped every new piece of every other torrent), its buffered blocks
         written to its files and their ranges kept in ``parked``: a block of it takes it
         up again (its hash state then made from the disk when the last block comes in,
         as for a piece a clean stop left under way). Not a piece with a bad pad, nor one
@@ -2052,7 +2054,7 @@ class DiskIO:
         others = {o.id: o for o in list(self._torrents.values()) if o is not requester}
         floor = len(requester.partial) + 1
         for o in sorted(others.values(), key=lambda o: -len(o.partial)):
-            if len(o.partial) <= floor:
+            if len(o.partial) < floor:
                 return False
             if not o.fence.try_shared():  # (being moved or removed: another one)
                 continue

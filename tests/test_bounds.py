@@ -420,6 +420,44 @@ def test_one_clients_pieces_in_progress_do_not_stop_anothers_download(tmp_path: 
         assert d.stop() == 0
 
 
+def test_pieces_in_progress_spread_one_a_torrent_do_not_stop_anothers_download(
+        tmp_path: Path) -> None:
+    """Two real connections. One begins a single piece in each of twice
+    ``max_partial_pieces`` torrents (4, with a bound of 2), the most there may be, and
+    hangs up; the other then downloads its own torrent. A torrent was let go of a piece
+    only when it held more than the requester would after taking one, so torrents of
+    one piece each were never let go of theirs: every new piece of every other torrent
+    was refused, for good (a restart too kept them under way). The piece of one of the
+    four is parked now, its bytes kept, and the download completes, a piece at a time."""
+    bound = 2
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": str(bound)})
+    try:
+        srcs, raws = [], []
+        for k in range(2 * bound + 1):
+            content = make_payload(tmp_path / f"src{k}", {"a.bin": 6 * 16384}, seed=60 + k)
+            raws.append(make_torrent_lt(content, 16384, "v1"))
+            srcs.append(Source(raws[k], tmp_path / f"src{k}"))
+        with Client(d.socket) as spreader:
+            begun = [spreader.register(raws[k], tmp_path / f"dl{k}") for k in range(2 * bound)]
+            for k, ih in enumerate(begun):
+                spreader.write_chunk(ih, 0, 0, srcs[k].read(0, 0, 100))
+            spreader.wait_writes()
+            assert sum(spreader.status(ih)["partial_pieces"] for ih in begun) == 2 * bound
+        k = 2 * bound
+        with Client(d.socket) as other:
+            ih = other.register(raws[k], tmp_path / f"dl{k}")
+            for p, b, n in srcs[k].blocks():
+                other.write_chunk(ih, p, b, srcs[k].read(p, b, n))
+            other.flush_all()
+            assert other.status(ih)["verified_pieces"] == srcs[k].meta.num_pieces
+            assert other.read_piece(ih, 5) == srcs[k].read(5, 0, srcs[k].layout.piece_size(5))
+            assert other.stats()["pieces_parked"] >= 1
+            kept = [other.status(j, files=False, partial=True)["partial"] for j in begun]
+            assert all(got == [[0, [[0, 100]]]] for got in kept), kept  # (parked: kept)
+    finally:
+        assert d.stop() == 0
+
+
 def _parked_one(tmp_path: Path, d: Daemon, greedy: Client, other: Client, kind: str,
                 begin: int = 0) -> tuple[bytes, bytes, list[Source]]:
     """Two torrents of 8 pieces of 32 KiB; ``greedy`` begins 4 pieces of the first (a
