@@ -1196,6 +1196,15 @@ def _check_hybrid(v1: list[FileEntry], v2: list[FileEntry], piece_length: int) -
             raise BadMetainfo(
                 f"hybrid torrent: file {'/'.join(a.path)!r} does not start on a piece boundary"
             )
+    # A tail pad (after the last file) that does not end on a piece boundary (cut short,
+    # or of 0 bytes) is not the layout v2 gives the payload, and libtorrent refuses it
+    # ("the v1 and v2 file metadata does not match"); taken, a v1 hash of the last piece
+    # made over the whole pad never passed, and the download never completed, unsaid.
+    if v1 and v1[-1].pad and (v1[-1].offset + v1[-1].length) % piece_length:
+        raise BadMetainfo(
+            f"hybrid torrent: the pad file {'/'.join(v1[-1].path)!r} ({v1[-1].length} bytes) "
+            "does not end on a piece boundary"
+        )
 
 
 __all__ = [

@@ -295,6 +295,18 @@ def v1_pad(length: int) -> Callable[[BDict], None]:
     return change
 
 
+def tail_pad(length: Callable[[int], int]) -> Callable[[BDict], None]:
+    """Give the hybrid base's tail pad (after its last file) ``length(its length)``
+    bytes, the hashes left as they are."""
+
+    def change(top: BDict) -> None:
+        pad = at(top, b"info", b"files")[-1]
+        assert get(pad, b"attr") == b"p", pad  # (libtorrent pads a hybrid's last file too)
+        put(pad, b"length", length(at(pad, b"length")))
+
+    return change
+
+
 def two_pads(length: int) -> Callable[[BDict], None]:
     """``v1_pad(length)`` as two pad files, one after the other (neither covers a piece
     alone)."""
@@ -695,6 +707,16 @@ ROWS: list[Row] = [
         "pieces",
     ),
     # -- pad files and symlinks
+    *(Row(
+        f"hybrid tail pad {how}",
+        edited("hybrid", tail_pad(length)),
+        "the v1 and v2 file metadata does not match [libtorrent:213]",
+        BadMetainfo,
+        "does not end on a piece boundary",
+    ) for how, length in (("of 0 bytes", lambda n: 0), ("of 1 byte", lambda n: 1),
+                          ("one byte short", lambda n: n - 1))),
+    Row("control: hybrid without its tail pad",
+        edited("hybrid", lambda t: at(t, b"info", b"files").pop()), ACCEPTED, None),
     Row(
         "hybrid piece of pad bytes only",
         edited("hybrid", pad_only_piece),
