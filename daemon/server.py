@@ -94,6 +94,11 @@ OUT_PART_BYTES = 48
 # still queued. At this many, the connection is not read until one has run; past it,
 # descriptors that come are closed.
 MAX_PENDING_FDS = 4
+# A frame begun must come in at this many bytes a second at least, on average over each
+# frame_timeout while the daemon reads: one trickled in a byte a second kept its receive
+# buffer (megabytes, with what was sent at first) for as long as the client liked, and
+# max_clients of them gigabytes. A client sending what it has sends megabytes a second.
+MIN_FRAME_RATE = 16 * 1024
 REFUSAL_LOG_SECONDS = 10.0  # a refused connection is logged at most once so often
 # Seconds without a block read through a client's shared ring after which the pages
 # of it mapped in the daemon are let go (MADV_DONTNEED). They are the client's, in its
@@ -475,9 +480,10 @@ class Connection:
         self.handshaken = False
         self._hello_timer: asyncio.TimerHandle | None = None
         # A frame begun and not finished holds its bytes in the receive buffer (up to
-        # max_frame): one that gets nothing more for frame_timeout while the daemon
-        # reads is given up, and the client dropped (max_clients of them held gigabytes
-        # outside any budget, for ever). ``_stall_mark``: bytes received at the last look.
+        # max_frame): one that gets less than MIN_FRAME_RATE a second for frame_timeout
+        # while the daemon reads is given up, and the client dropped (max_clients of
+        # them held gigabytes outside any budget, for ever). ``_stall_mark``: bytes
+        # received at the last look.
         self._stall_timer: asyncio.TimerHandle | None = None
         self._stall_mark = 0
         self.closed = False
@@ -560,15 +566,19 @@ class Connection:
         self._stall_timer = None
         if self.closed or not self.reading or not self.ring.unparsed:
             return
-        if self._received != self._stall_mark:  # (bytes came meanwhile: looked at again)
+        timeout = self.server.frame_timeout
+        got = self._received - self._stall_mark
+        if got >= MIN_FRAME_RATE * timeout:  # (coming in: looked at again)
             self._watch_frame()
             return
-        log.info("dropping a client whose frame is unfinished, nothing more sent in %.0f s "
-                 "(%d bytes of it held), %s", self.server.frame_timeout, self.ring.unparsed,
+        log.info("dropping a client whose frame is unfinished, %d bytes sent in the last "
+                 "%.0f s (%d bytes of it held), %s", got, timeout, self.ring.unparsed,
                  self.who)
         self.server.dropped += 1
         self._fail(ProtocolError(
-            f"a frame is unfinished, nothing more sent in {self.server.frame_timeout:g} s"))
+            f"a frame is unfinished, {got} bytes of it sent in {timeout:g} s (at least "
+            f"{MIN_FRAME_RATE} a second are wanted)" if got else
+            f"a frame is unfinished, nothing more sent in {timeout:g} s"))
 
     def _input_blocked(self) -> bool:
         """Flow control: stop reading while any of the client's buffers is full."""

@@ -1014,6 +1014,59 @@ def test_a_frame_left_unfinished_is_given_up_and_its_buffer_freed(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_frame_trickled_in_is_given_up_too(tmp_path: Path) -> None:
+    """Ten connections each send 6 MiB of a 7 MiB frame, then go on sending it a few
+    bytes at a time: nothing more for frame_timeout never came, so each held its 6 MiB
+    for as long as it trickled (at max_clients, gigabytes, for ever). A frame must come
+    in at 16 KiB a second at least: they are told why and dropped, their memory given
+    back, while a client whose frame comes in four parts a second apart is served."""
+    MiB = 1 << 20
+    d = Daemon(tmp_path, env={"PIECED_FRAME_TIMEOUT_MS": "1500"})
+    tricklers: list[RawConn] = []
+    stop = threading.Event()
+    try:
+        content = make_payload(tmp_path / "src", 4 * MiB, seed=6)
+        raw = make_torrent_lt(content, MiB, "v1")
+        src = Source(raw, tmp_path / "src")
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            before = proc_bytes(d.proc.pid)
+            for _ in range(10):
+                conn = RawConn(d.socket)
+                conn.sock.sendall(encode_write_header(2, ih, 0, 0, 7 * MiB) + bytes(6 * MiB))
+                tricklers.append(conn)
+
+            def trickle() -> None:
+                while not stop.wait(0.1):
+                    for conn in tricklers:
+                        with contextlib.suppress(OSError):
+                            conn.sock.send(bytes(8))
+
+            threading.Thread(target=trickle, daemon=True).start()
+            slow = RawConn(d.socket)
+            whole = encode_write_header(3, ih, 1, 0, MiB) + src.read(1, 0, MiB)
+            for k in range(4):
+                slow.sock.sendall(whole[k * len(whole) // 4 : (k + 1) * len(whole) // 4])
+                time.sleep(1.0)
+            (ack,) = slow.replies(1)
+            assert ack.type == FrameType.ACK and ack.id == 3, ack
+            for conn in tricklers:  # told why, then hung up on
+                (why,) = conn.replies(1)
+                assert why.type == FrameType.ERROR and why.id == 0, why
+                assert b"unfinished" in why.body[b"message"], why.body
+            stop.set()
+            deadline = time.monotonic() + 10
+            while proc_bytes(d.proc.pid) - before > 32 * MiB and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc_bytes(d.proc.pid) - before <= 32 * MiB  # (their buffers given back)
+            assert c.stats()["clients_dropped"] == 10
+    finally:
+        stop.set()
+        for conn in tricklers:
+            conn.close()
+        assert d.stop() == 0, d.stderr()
+
+
 def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) -> None:
     """A recheck, then 200 requests of 1 MiB each, sent at once: the daemon parses only
     about a receive buffer's worth behind the busy lane and stops reading the rest until
