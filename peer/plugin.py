@@ -1452,10 +1452,13 @@ class Swarm:
         dial.unreached = 0 if peer is not None else dial.unreached + 1
         if peer is not None and (peer.conn.is_seed or (
                 self.done.is_set() and peer.conn.handshaken and peer.hung_up
-                and (not peer.conn.peer_interested or _had_all(peer)))):
+                and ((not peer.conn.peer_interested and not peer.conn.told_pieces)
+                     or _had_all(peer)))):
             # It has every piece; or, while we have them all, it closed without
-            # wanting any: a seed too (libtorrent closes on our HAVE_ALL, "upload to
-            # upload", before its own HAVE_ALL has reached us); or it closed having
+            # wanting any, or saying what it has: a seed too (libtorrent closes on our
+            # HAVE_ALL, "upload to upload", before its own HAVE_ALL has reached us; one
+            # that said it lacks pieces is a leecher that closed on our last HAVE before
+            # it took it in, and is dialled back); or it closed having
             # every piece it said it had or we sent it blocks of (Transmission frees a
             # connection the moment its download completes, its last HAVEs unsent: it
             # was dialled again once a minute, and closed each time, for good).

@@ -553,6 +553,48 @@ def test_a_leecher_gone_that_turns_our_dial_back_away_is_not_warned_of(
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_leecher_that_hangs_up_on_our_last_have_is_dialled_back(tmp_path: Path) -> None:
+    """libtorrent hangs up on a peer it wants nothing of that has become a seed ("an
+    uninteresting upload-only peer"): a relay's last HAVE reaches it while it is not
+    interested, before it takes in that it lacks that piece. A peer that hung up while
+    we had every piece, not interested, was taken for a seed, and never dialled back,
+    though its bitfield said it lacks a piece (the leecher waited for its own dial, a
+    minute later; one that cannot dial, for ever). It is dialled back; a peer that
+    said nothing of what it has is still taken for a seed (a libtorrent seed closes on
+    our HAVE_ALL before its own has reached us)."""
+    piece = 32768
+    files = {"a.bin": 6 * piece + 5}
+    _, _, meta, torrent = _v1(tmp_path, files, piece, seed=46)
+    listener = socket.create_server(("127.0.0.1", 0))  # (where it says it listens)
+    dialled: list[int] = []
+
+    class Count(_Scripted):
+        def serve(self, conn: socket.socket) -> None:
+            dialled.append(1)
+            conn.close()
+
+    threading.Thread(target=Count().accept, args=(listener,), daemon=True).start()
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        lacking = wire.bits_from_pieces(range(meta.num_pieces - 1), meta.num_pieces)
+        leecher = RawPeer(seeding.port)
+        ext = {b"m": {}, b"p": listener.getsockname()[1]}
+        leecher.send(wire.handshake(meta.info_hash, b"-LT2000-" + b"h" * 12,
+                                    wire.make_reserved())
+                     + wire.extended(0, bencodepy.encode(ext)) + wire.bitfield(lacking))
+        leecher.events(1.0)
+        leecher.close()  # never interested
+        deadline = time.monotonic() + 20
+        while not dialled and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dialled, "the leecher was not dialled back"
+        seeding.stop()
+    finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
 @pytest.mark.parametrize("claim", ["says nothing of where", "no extensions", "another port"])
 def test_a_claim_of_a_seeders_peer_id_that_does_not_say_where_it_listens_goes(
         tmp_path: Path, claim: str) -> None:
