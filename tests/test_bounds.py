@@ -935,6 +935,35 @@ def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Pa
         assert d.stop() == 0
 
 
+def _slow_frame_served(d: Daemon, ih: bytes, src: Source) -> None:
+    """A client sends a 1 MiB block's frame in four parts a second apart: acknowledged."""
+    slow = RawConn(d.socket)
+    whole = encode_write_header(3, ih, 1, 0, 1 << 20) + src.read(1, 0, 1 << 20)
+    for k in range(4):
+        slow.sock.sendall(whole[k * len(whole) // 4 : (k + 1) * len(whole) // 4])
+        time.sleep(1.0)
+    (ack,) = slow.replies(1)
+    assert ack.type == FrameType.ACK and ack.id == 3, ack
+
+
+def _told_unfinished(conns: list[RawConn]) -> None:
+    """Each connection is told its frame is unfinished (ERROR id 0), then hung up on."""
+    for conn in conns:
+        (why,) = conn.replies(1)
+        assert why.type == FrameType.ERROR and why.id == 0, why
+        assert b"unfinished" in why.body[b"message"], why.body
+        with pytest.raises(ConnectionError):
+            conn.replies(1)
+
+
+def _given_back(d: Daemon, before: int) -> None:
+    """The daemon's memory comes back within 32 MiB of ``before``."""
+    deadline = time.monotonic() + 10
+    while proc_bytes(d.proc.pid) - before > 32 * (1 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc_bytes(d.proc.pid) - before <= 32 * (1 << 20)
+
+
 def test_a_frame_left_unfinished_is_given_up_and_its_buffer_freed(
         tmp_path: Path, freezable_fs: Any) -> None:
     """Twenty connections each send most of a 7 MiB frame, and no more: each held 7 MiB
@@ -961,24 +990,9 @@ def test_a_frame_left_unfinished_is_given_up_and_its_buffer_freed(
             assert all(conn.replies(1)[0].type == FrameType.RESPONSE for conn in stalled)
             held = proc_bytes(d.proc.pid) - before
             assert held > 20 * 5 * MiB, held  # (the bytes are there: 6 MiB each)
-            slow = RawConn(d.socket)  # a frame sent in four parts a second apart
-            block = src.read(1, 0, MiB)
-            whole = encode_write_header(3, ih, 1, 0, MiB) + block
-            for k in range(4):
-                slow.sock.sendall(whole[k * len(whole) // 4 : (k + 1) * len(whole) // 4])
-                time.sleep(1.0)
-            for conn in stalled:  # told why, then hung up on
-                (why,) = conn.replies(1)
-                assert why.type == FrameType.ERROR and why.id == 0, why
-                assert b"unfinished" in why.body[b"message"], why.body
-                with pytest.raises(ConnectionError):
-                    conn.replies(1)
-            (ack,) = slow.replies(1)
-            assert ack.type == FrameType.ACK and ack.id == 3, ack
-            deadline = time.monotonic() + 10
-            while proc_bytes(d.proc.pid) - before > 32 * MiB and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proc_bytes(d.proc.pid) - before <= 32 * MiB  # (their buffers given back)
+            _slow_frame_served(d, ih, src)
+            _told_unfinished(stalled)
+            _given_back(d, before)  # (their buffers)
             assert c.stats()["clients_dropped"] == 20
 
             # The daemon's own pause: the move holds the torrent on a frozen file system,
@@ -1043,22 +1057,10 @@ def test_a_frame_trickled_in_is_given_up_too(tmp_path: Path) -> None:
                             conn.sock.send(bytes(8))
 
             threading.Thread(target=trickle, daemon=True).start()
-            slow = RawConn(d.socket)
-            whole = encode_write_header(3, ih, 1, 0, MiB) + src.read(1, 0, MiB)
-            for k in range(4):
-                slow.sock.sendall(whole[k * len(whole) // 4 : (k + 1) * len(whole) // 4])
-                time.sleep(1.0)
-            (ack,) = slow.replies(1)
-            assert ack.type == FrameType.ACK and ack.id == 3, ack
-            for conn in tricklers:  # told why, then hung up on
-                (why,) = conn.replies(1)
-                assert why.type == FrameType.ERROR and why.id == 0, why
-                assert b"unfinished" in why.body[b"message"], why.body
+            _slow_frame_served(d, ih, src)
+            _told_unfinished(tricklers)
             stop.set()
-            deadline = time.monotonic() + 10
-            while proc_bytes(d.proc.pid) - before > 32 * MiB and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proc_bytes(d.proc.pid) - before <= 32 * MiB  # (their buffers given back)
+            _given_back(d, before)  # (their buffers)
             assert c.stats()["clients_dropped"] == 10
     finally:
         stop.set()

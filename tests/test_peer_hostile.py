@@ -511,6 +511,32 @@ def test_a_leecher_that_hangs_up_as_it_completes_is_not_dialled_again(tmp_path: 
         assert d.stop() == 0, d.stderr()
 
 
+def _turning_away() -> tuple[socket.socket, list[int]]:
+    """A listening socket that closes every connection it is given at once, and the
+    list that counts them (a leecher gone: where it said it listens, nothing wants us)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    dialled: list[int] = []
+
+    class TurnAway(_Scripted):
+        def serve(self, conn: socket.socket) -> None:
+            dialled.append(1)
+            conn.close()
+
+    threading.Thread(target=TurnAway().accept, args=(listener,), daemon=True).start()
+    return listener, dialled
+
+
+def _come_and_gone(port: int, meta: Metainfo, peer_id: bytes, listens: int, said: bytes) -> None:
+    """A leecher dials the seed at ``port``, says it listens at ``listens`` (BEP 10)
+    and ``said`` (what it has, whether it is interested), and hangs up."""
+    leecher = RawPeer(port)
+    ext = {b"m": {}, b"p": listens}
+    leecher.send(wire.handshake(meta.info_hash, peer_id, wire.make_reserved())
+                 + wire.extended(0, bencodepy.encode(ext)) + said)
+    leecher.events(1.0)
+    leecher.close()
+
+
 def test_a_leecher_gone_that_turns_our_dial_back_away_is_not_warned_of(
         tmp_path: Path) -> None:
     """A leecher that dialled a seed and left is dialled back at the port it said it
@@ -521,26 +547,12 @@ def test_a_leecher_gone_that_turns_our_dial_back_away_is_not_warned_of(
     piece = 32768
     files = {"a.bin": 6 * piece + 5}
     _, _, meta, torrent = _v1(tmp_path, files, piece, seed=45)
-    listener = socket.create_server(("127.0.0.1", 0))  # (where it says it listens)
-    turned: list[int] = []
-
-    class TurnAway(_Scripted):
-        def serve(self, conn: socket.socket) -> None:
-            turned.append(1)
-            conn.close()
-
-    threading.Thread(target=TurnAway().accept, args=(listener,), daemon=True).start()
+    listener, turned = _turning_away()
     d = Daemon(tmp_path)
     try:
         seeding = Seeding(torrent, tmp_path / "seed", d)
-        leecher = RawPeer(seeding.port)
-        ext = {b"m": {}, b"p": listener.getsockname()[1]}
-        leecher.send(wire.handshake(meta.info_hash, b"-LT2000-" + b"g" * 12,
-                                    wire.make_reserved())
-                     + wire.extended(0, bencodepy.encode(ext)) + wire.have_none()
-                     + wire.interested())
-        leecher.events(1.0)
-        leecher.close()
+        _come_and_gone(seeding.port, meta, b"-LT2000-" + b"g" * 12,
+                       listener.getsockname()[1], wire.have_none() + wire.interested())
         deadline = time.monotonic() + 20
         while len(turned) < 2 and time.monotonic() < deadline:  # (dialled back, twice)
             time.sleep(0.1)
@@ -565,26 +577,13 @@ def test_a_leecher_that_hangs_up_on_our_last_have_is_dialled_back(tmp_path: Path
     piece = 32768
     files = {"a.bin": 6 * piece + 5}
     _, _, meta, torrent = _v1(tmp_path, files, piece, seed=46)
-    listener = socket.create_server(("127.0.0.1", 0))  # (where it says it listens)
-    dialled: list[int] = []
-
-    class Count(_Scripted):
-        def serve(self, conn: socket.socket) -> None:
-            dialled.append(1)
-            conn.close()
-
-    threading.Thread(target=Count().accept, args=(listener,), daemon=True).start()
+    listener, dialled = _turning_away()
     d = Daemon(tmp_path)
     try:
         seeding = Seeding(torrent, tmp_path / "seed", d)
         lacking = wire.bits_from_pieces(range(meta.num_pieces - 1), meta.num_pieces)
-        leecher = RawPeer(seeding.port)
-        ext = {b"m": {}, b"p": listener.getsockname()[1]}
-        leecher.send(wire.handshake(meta.info_hash, b"-LT2000-" + b"h" * 12,
-                                    wire.make_reserved())
-                     + wire.extended(0, bencodepy.encode(ext)) + wire.bitfield(lacking))
-        leecher.events(1.0)
-        leecher.close()  # never interested
+        _come_and_gone(seeding.port, meta, b"-LT2000-" + b"h" * 12,
+                       listener.getsockname()[1], wire.bitfield(lacking))  # (not interested)
         deadline = time.monotonic() + 20
         while not dialled and time.monotonic() < deadline:
             time.sleep(0.1)
