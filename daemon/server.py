@@ -550,7 +550,13 @@ class Connection:
 
     def _watch_frame(self) -> None:
         """Look again in frame_timeout at a frame left unfinished, while reading (a pause
-        of the daemon's own, flow control, stops the clock: the client cannot send)."""
+        of the daemon's own, flow control, stops the clock: the client cannot send).
+        Every frame read whole stops the clock: the next one begun gets a whole window
+        of its own (one begun at the end of a window kept open by the frames before it
+        was judged by the bytes of that window, and its client dropped)."""
+        if not self.ring.unparsed:
+            self._unwatch_frame()
+            return
         if (self._stall_timer is None and self.reading and self.handshaken
                 and self.ring.unparsed):
             self._stall_mark = self._received

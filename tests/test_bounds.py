@@ -1069,6 +1069,41 @@ def test_a_frame_trickled_in_is_given_up_too(tmp_path: Path) -> None:
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_frame_begun_late_in_a_window_gets_a_window_of_its_own(tmp_path: Path) -> None:
+    """A request answered, then, most of a frame_timeout later, the first KiB of a
+    block's frame, and the rest of it a little later: the frame was judged at the end
+    of the window the first request had opened, by the bytes of that window (about a
+    KiB, under 16 KiB a second), and the client dropped for a frame it had begun a
+    moment before. Each frame begun has a window of its own."""
+    MiB = 1 << 20
+    d = Daemon(tmp_path, env={"PIECED_FRAME_TIMEOUT_MS": "1500"})
+    try:
+        content = make_payload(tmp_path / "src", 2 * MiB, seed=7)
+        raw = make_torrent_lt(content, MiB, "v1")
+        src = Source(raw, tmp_path / "src")
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            conn = RawConn(d.socket)
+            whole = encode_write_header(3, ih, 0, 0, MiB) + src.read(0, 0, MiB)
+            # (the first, in two parts: the window is opened by a frame not yet whole)
+            first = encode_request(1, "stats", {})
+            conn.sock.sendall(first[:10])
+            time.sleep(0.1)
+            conn.sock.sendall(first[10:])
+            (reply,) = conn.replies(1)
+            assert reply.type == FrameType.RESPONSE, reply
+            time.sleep(1.2)
+            conn.sock.sendall(whole[:1024])
+            time.sleep(0.6)  # (past the end of the first window)
+            conn.sock.sendall(whole[1024:])
+            (ack,) = conn.replies(1)
+            assert ack.type == FrameType.ACK and ack.id == 3, ack
+            assert c.stats()["clients_dropped"] == 0
+            conn.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_requests_queued_behind_a_long_one_are_bounded_in_bytes(tmp_path: Path) -> None:
     """A recheck, then 200 requests of 1 MiB each, sent at once: the daemon parses only
     about a receive buffer's worth behind the busy lane and stops reading the rest until
