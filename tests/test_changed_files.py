@@ -1854,3 +1854,37 @@ def test_a_torrent_registered_again_is_taken_up_with_its_files_as_they_are_now(
         _verified_are_right(st, src, tmp_path / "dl")
     finally:
         dio.close()
+
+
+@pytest.mark.parametrize("change", ["deleted", "cut short", "replaced"])
+def test_a_torrent_registered_again_tells_the_torrents_sharing_its_files(
+        tmp_path: Path, backend: str, change: str) -> None:
+    """Cross-seeding: a v1 and a hybrid torrent of one payload in one save path, both
+    complete. A shared file changed behind the daemon's back, then the v1 registered
+    again: its pieces of the file start over, and so do the hybrid's (a file cut short
+    was found by the v1 alone: the hybrid went on reporting verified pieces whose bytes
+    were not on disk any more). What each reports verified, libtorrent finds good."""
+    raw_a, dio, a, b = _cross_seeded(tmp_path, backend)
+    try:
+        raw_b = make_torrent_lt(next((tmp_path / "src").iterdir()), PIECE, "hybrid")
+        dio.recheck(b)  # (found complete in the files the v1 wrote)
+        assert all(_verified(dio.status(b)))
+        shared = tmp_path / "dl" / "payload" / "dir" / "b.bin"
+        if change == "deleted":
+            shared.unlink()
+        elif change == "cut short":
+            with open(shared, "r+b") as f:  # (an open waits out a lease)
+                f.truncate(1000)
+        else:
+            shared.unlink()
+            shared.write_bytes(bytes(200000))
+        with pytest.raises(AlreadyRegistered):
+            dio.register(raw_a, tmp_path / "dl")
+        for ih, raw in ((a, raw_a), (b, raw_b)):
+            have = _verified(dio.status(ih))
+            assert not all(have), (ih.hex(), change)
+            if change != "deleted":  # (libtorrent checks what is there)
+                truth = lt_recheck(raw, tmp_path / "dl")
+                assert not [p for p, v in enumerate(have) if v and not truth[p]], ih.hex()
+    finally:
+        dio.close()
