@@ -2046,17 +2046,22 @@ class DiskIO:
 
     def _park_one(self, requester: Torrent) -> bool:
         """(Caller holds no lock.) Let go of the hash state of one piece under way of the
-        torrent holding the most (as many as ``requester`` would at least: torrents of
-        one piece under way each, twice ``max_partial_pieces`` of them, were never let
-        go of theirs, and stopped every new piece of every other torrent), its buffered blocks
+        torrent holding the most (more than ``requester`` would, or any if it has none
+        under way: torrents of one piece under way each, twice ``max_partial_pieces``
+        of them, were never let go of theirs, and stopped every new piece of every other
+        torrent), its buffered blocks
         written to its files and their ranges kept in ``parked``: a block of it takes it
         up again (its hash state then made from the disk when the last block comes in,
         as for a piece a clean stop left under way). Not a piece with a bad pad, nor one
         whose blocks cannot be written. Whether one was let go."""
         others = {o.id: o for o in list(self._torrents.values()) if o is not requester}
-        floor = len(requester.partial) + 1
+        held = len(requester.partial)
         for o in sorted(others.values(), key=lambda o: -len(o.partial)):
-            if len(o.partial) < floor:
+            # One holding more than the requester would after taking one; or, for a
+            # requester with none under way, one holding any: every torrent may have a
+            # piece under way, while torrents of nearly as many do not take pieces from
+            # each other back and forth (each time a write-out of its blocks).
+            if len(o.partial) <= held + 1 and (held or not o.partial):
                 return False
             if not o.fence.try_shared():  # (being moved or removed: another one)
                 continue

@@ -12,6 +12,7 @@ import array
 import contextlib
 import functools
 import os
+import random
 import select
 import shutil
 import socket
@@ -456,6 +457,46 @@ def test_pieces_in_progress_spread_one_a_torrent_do_not_stop_anothers_download(
             assert all(got == [[0, [[0, 100]]]] for got in kept), kept  # (parked: kept)
     finally:
         assert d.stop() == 0
+
+
+def test_torrents_at_the_bound_do_not_take_pieces_from_each_other_back_and_forth(
+        tmp_path: Path) -> None:
+    """Six torrents downloading at once, their blocks shuffled, with room for 4 pieces
+    in progress (8 with the floors): a torrent that holds pieces under way took one of
+    a torrent holding as many as it would, and that one took it back, each time a
+    write-out of the piece's blocks (353 pieces parked for 144; with clients sending
+    again the blocks of pieces not verified, twice the payload written). Only a
+    torrent with none under way takes one of a torrent holding as many; each completes."""
+    from pieced.storage.disk import DiskIO
+    from pieced.storage.errors import TooLarge
+
+    dio = DiskIO("posix", max_partial_pieces=4)
+    try:
+        srcs, ihs, todo = [], [], []
+        for k in range(6):
+            content = make_payload(tmp_path / f"src{k}", {"a.bin": 24 * 65536}, seed=70 + k)
+            raw = make_torrent_lt(content, 65536, "v1")
+            srcs.append(Source(raw, tmp_path / f"src{k}"))
+            ihs.append(dio.register(raw, tmp_path / f"dl{k}"))
+            blocks = srcs[k].blocks()
+            random.Random(k).shuffle(blocks)
+            todo.append(blocks)
+        payload = sum(src.meta.total_size for src in srcs)
+        while any(todo):
+            for k in range(6):  # a block of each in turn; one refused comes again later
+                if todo[k]:
+                    p, b, n = todo[k].pop()
+                    try:
+                        dio.write_chunk(ihs[k], p, b, srcs[k].read(p, b, n))
+                    except TooLarge:
+                        todo[k].insert(0, (p, b, n))
+        dio.flush_all()
+        assert all(dio.status(ih)["verified_pieces"] == 24 for ih in ihs)
+        parked = dio.stats()["pieces_parked"]
+        assert parked < 6 * 24, parked  # (fewer than the pieces: before, 353 for 144)
+        assert dio.stats()["bytes_written"] == payload
+    finally:
+        dio.close()
 
 
 def _parked_one(tmp_path: Path, d: Daemon, greedy: Client, other: Client, kind: str,
