@@ -976,6 +976,13 @@ def test_idle_connections_cost_little_and_are_dropped_without_hello(tmp_path: Pa
         assert d.stop() == 0
 
 
+def _mib_pieces(tmp_path: Path, size: int, seed: int) -> tuple[bytes, Source]:
+    """A v1 torrent of pieces of 1 MiB over ``size`` bytes in ``tmp_path/src``."""
+    content = make_payload(tmp_path / "src", size, seed=seed)
+    raw = make_torrent_lt(content, 1 << 20, "v1")
+    return raw, Source(raw, tmp_path / "src")
+
+
 def _slow_frame_served(d: Daemon, ih: bytes, src: Source) -> None:
     """A client sends a 1 MiB block's frame in four parts a second apart: acknowledged."""
     slow = RawConn(d.socket)
@@ -1017,9 +1024,7 @@ def test_a_frame_left_unfinished_is_given_up_and_its_buffer_freed(
     d = Daemon(tmp_path, env={"PIECED_FRAME_TIMEOUT_MS": "1500"})
     stalled: list[RawConn] = []
     try:
-        content = make_payload(tmp_path / "src", 16 * MiB, seed=5)
-        raw = make_torrent_lt(content, MiB, "v1")
-        src = Source(raw, tmp_path / "src")
+        raw, src = _mib_pieces(tmp_path, 16 * MiB, 5)
         with Client(d.socket) as c:
             ih = c.register(raw, tmp_path / "dl")
             before = proc_bytes(d.proc.pid)
@@ -1080,9 +1085,7 @@ def test_a_frame_trickled_in_is_given_up_too(tmp_path: Path) -> None:
     tricklers: list[RawConn] = []
     stop = threading.Event()
     try:
-        content = make_payload(tmp_path / "src", 4 * MiB, seed=6)
-        raw = make_torrent_lt(content, MiB, "v1")
-        src = Source(raw, tmp_path / "src")
+        raw, src = _mib_pieces(tmp_path, 4 * MiB, 6)
         with Client(d.socket) as c:
             ih = c.register(raw, tmp_path / "dl")
             before = proc_bytes(d.proc.pid)
@@ -1119,9 +1122,7 @@ def test_a_frame_begun_late_in_a_window_gets_a_window_of_its_own(tmp_path: Path)
     MiB = 1 << 20
     d = Daemon(tmp_path, env={"PIECED_FRAME_TIMEOUT_MS": "1500"})
     try:
-        content = make_payload(tmp_path / "src", 2 * MiB, seed=7)
-        raw = make_torrent_lt(content, MiB, "v1")
-        src = Source(raw, tmp_path / "src")
+        raw, src = _mib_pieces(tmp_path, 2 * MiB, 7)
         with Client(d.socket) as c:
             ih = c.register(raw, tmp_path / "dl")
             conn = RawConn(d.socket)
