@@ -488,7 +488,7 @@ class DiskIO:
                     state[p] == VERIFIED for p in t.layout.file_pieces(i))]
             for lost in t.storage.lost(holding):
                 self._record_error(t, lost, None)
-                self._tell_sharers(t, lost.file_index, cut=not lost.gone)
+                self._tell_sharers(t, lost.file_index, by_name=True)
         finally:
             t.fence.release_shared()
 
@@ -1640,7 +1640,7 @@ class DiskIO:
             self._tell_sharers(t, gone.file_index)
         return out
 
-    def _tell_sharers(self, t: Torrent, index: int, cut: bool = False) -> None:
+    def _tell_sharers(self, t: Torrent, index: int, by_name: bool = False) -> None:
         """File ``index`` of ``t`` is not under its name any more (renamed away or
         replaced): the torrents sharing it forget it too, where their descriptors still
         lead to the file that went. (A sharer's pieces verified through such a
@@ -1653,8 +1653,9 @@ class DiskIO:
             try:
                 if self._root_moved(x):  # its save folder went (the file with it)
                     continue
-                # (cut short, not moved: the sharer's pieces past its end went too)
-                found = x.storage.lost([j]) if cut else x.storage.moved_away([j])
+                # ``by_name``: the file looked at by its name too (see FileStorage.lost):
+                # cut short, or gone where the sharer has not opened it since its start.
+                found = x.storage.lost([j]) if by_name else x.storage.moved_away([j])
                 for lost in found:
                     self._record_error(x, lost, None)
             finally:

@@ -515,8 +515,9 @@ class FileStorage:
 
     def lost(self, indices: Iterable[int]) -> list[FileVanished]:
         """The files among ``indices`` not at their places as the daemon left them:
-        renamed away or replaced (see :meth:`moved_away`), gone, not a file any more, or
-        cut short. A look at each (a stat), not a read; each found so is forgotten as a
+        renamed away or replaced (see :meth:`moved_away`), gone, not a file any more,
+        changed since the start's look at it (a file not opened since), or cut short. A
+        look at each (a stat), not a read; each found so is forgotten as a
         vanished file is. A look that fails for another reason says nothing."""
         indices = list(indices)
         sizes: dict[int, int] = {}
@@ -538,6 +539,15 @@ class FileStorage:
                 if not stat.S_ISREG(st.st_mode):
                     out.append(self._vanished(index, f"{self.file_path(index)}: not a file "
                                                      "any more (replaced behind pieced's back)"))
+                    continue
+                with self._lock:
+                    stamp = None if index in self.written else self.start_stamps.get(index)
+                if stamp is not None and file_stamp(self.file_path(index)) != stamp:
+                    # Not the file the start found there, nor one written since: another
+                    # put in its place, or changed (as a start doubts it, a look stops
+                    # trusting its pieces).
+                    out.append(self._vanished(index, f"{self.file_path(index)}: changed behind "
+                                                     "pieced's back since it started"))
                     continue
                 size = st.st_size
             if size < lengths[index]:

@@ -1857,18 +1857,23 @@ def test_a_torrent_registered_again_is_taken_up_with_its_files_as_they_are_now(
 
 
 @pytest.mark.parametrize("change", ["deleted", "cut short", "replaced"])
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "restarted"])
 def test_a_torrent_registered_again_tells_the_torrents_sharing_its_files(
-        tmp_path: Path, backend: str, change: str) -> None:
+        tmp_path: Path, backend: str, change: str, restarted: bool) -> None:
     """Cross-seeding: a v1 and a hybrid torrent of one payload in one save path, both
     complete. A shared file changed behind the daemon's back, then the v1 registered
     again: its pieces of the file start over, and so do the hybrid's (a file cut short
     was found by the v1 alone: the hybrid went on reporting verified pieces whose bytes
-    were not on disk any more). What each reports verified, libtorrent finds good."""
+    were not on disk any more; after a restart, one deleted too). What each reports
+    verified, libtorrent finds good."""
     raw_a, dio, a, b = _cross_seeded(tmp_path, backend)
     try:
         raw_b = make_torrent_lt(next((tmp_path / "src").iterdir()), PIECE, "hybrid")
         dio.recheck(b)  # (found complete in the files the v1 wrote)
         assert all(_verified(dio.status(b)))
+        if restarted:  # (neither has opened the files since)
+            dio.close()
+            dio = DiskIO(backend, state_dir=tmp_path / "state")
         shared = tmp_path / "dl" / "payload" / "dir" / "b.bin"
         if change == "deleted":
             shared.unlink()
