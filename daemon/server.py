@@ -557,8 +557,7 @@ class Connection:
         if not self.ring.unparsed:
             self._unwatch_frame()
             return
-        if (self._stall_timer is None and self.reading and self.handshaken
-                and self.ring.unparsed):
+        if self._stall_timer is None and self.reading and self.handshaken:
             self._stall_mark = self._received
             self._stall_timer = self.loop.call_later(self.server.frame_timeout,
                                                      self._frame_due)
