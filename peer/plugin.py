@@ -2108,6 +2108,22 @@ class Swarm:
             asyncio.get_running_loop().call_later(wait, self._refill)
             return
         self._refill_soon = False
+        self._spawn(self._refill_ours())
+
+    async def _refill_ours(self) -> None:
+        """The pieces the daemon holds in progress of ours that we no longer fetch taken
+        up first, then the rest asked for. Writes are pipelined: a block of a piece sent
+        before the refusal of an earlier one came back is taken once the daemon has room,
+        and begins a piece we had given up. Left so, it held a place for ever; at a bound
+        of one or two, every piece begun after it was refused, and the download stopped."""
+        picker = self.picker
+        if picker is not None and not self.away:
+            with contextlib.suppress(OSError, ConnectionError):  # (the loss is told apart)
+                st = await self.client.status(self.ih, files=False, partial=True)
+                for piece, spans in st.get("partial", []):
+                    if (0 <= piece < self.meta.num_pieces and not picker.have[piece]
+                            and piece not in picker.started):
+                        self._resume(piece, spans)
         self._fill_all()
 
     def _no_source_left(self) -> bool:
@@ -2542,8 +2558,9 @@ class Swarm:
             return
         held = [(piece, b, n) for b, n in self.picker.plan(piece)
                 if any(s <= b and b + n <= e for s, e in spans)]
+        # (begun even with no whole block held: the daemon counts it in progress)
+        self.picker.held(piece, held)
         if held:
-            self.picker.held(piece, held)
             self.order.had(piece, {b for _, b, _ in held})
             self.summary.blocks_resumed += len(held)
 

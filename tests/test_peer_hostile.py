@@ -18,6 +18,7 @@ import bencodepy
 import pytest
 from pieced.peer import wire
 from pieced.peer.conn import MAX_PEER_QUEUE
+from pieced.protocol.client import Client
 from pieced.storage.metainfo import Metainfo, parse
 
 from tests.conftest import Daemon
@@ -507,6 +508,54 @@ def test_a_leecher_that_hangs_up_as_it_completes_is_not_dialled_again(tmp_path: 
         assert leecher.dials == 1, leecher.dials
         seeding.stop()
     finally:
+        listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_pieces_another_client_began_that_fill_the_bound_are_taken_up(tmp_path: Path) -> None:
+    """The daemon may hold two pieces in progress (max_partial_pieces 1); another client
+    begins two pieces of the torrent pieced-peer downloads, once it has begun (as a
+    block of a piece it gave up does: sent before the refusal of an earlier one came
+    back, it is taken once the daemon has room). Every piece pieced-peer began was
+    refused, for ever: it never fetched the two the daemon held (1 run of the no-room
+    downloads in 3 stopped so). Refused, it asks the daemon which pieces of the torrent
+    are in progress, fetches their other blocks first, and completes."""
+    piece = 256 * 1024
+    files = {"a.bin": 64 * piece + 5}  # (the pieces begun far past the first requests)
+    content, _, meta, torrent = _v1(tmp_path, files, piece, seed=47)
+    blob = (content / "a.bin").read_bytes()
+    go = threading.Event()
+    seeder = _ScriptedSeeder(blob, piece, b"-SS0001-" + b"o" * 12, go)
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=seeder.accept, args=(listener,), daemon=True).start()
+    d = Daemon(tmp_path, env={"PIECED_MAX_PARTIAL_PIECES": "1"})  # (2 in all)
+    proc = subprocess.Popen(
+        peer_cmd(torrent, tmp_path / "dl", d.socket,
+                 "--peer", f"127.0.0.1:{listener.getsockname()[1]}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not seeder.dials and time.monotonic() < deadline:  # (registered, taken up)
+            time.sleep(0.05)
+        assert seeder.dials
+        begun = (meta.num_pieces - 3, meta.num_pieces - 2)  # (whole pieces, picked last)
+        with Client(d.socket) as c:
+            for p in begun:
+                c.write_chunk(meta.info_hash, p, 0, blob[p * piece : p * piece + wire.BLOCK])
+            c.wait_writes()
+            assert c.status(meta.info_hash, files=False)["partial_pieces"] == 2
+        go.set()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["blocks_refused"] >= 1, summary
+        assert summary["blocks_resumed"] == len(begun), summary  # (theirs: not fetched)
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        go.set()
         listener.close()
         assert d.stop() == 0, d.stderr()
 
