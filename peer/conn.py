@@ -35,6 +35,9 @@ START_QUEUE = 4
 MIN_QUEUE = 2
 MIN_REQUEST_TIMEOUT = 2.0  # seconds (libtorrent's floor too)
 MAX_QUEUE = 500
+# Requests cancelled and not yet answered that a connection keeps track of (see
+# Conn._cancelled): a peer that never answers its cancels costs no more than this.
+MAX_CANCELLED = 2 * MAX_QUEUE
 QUEUE_SECONDS = 3.0
 STALL_MEMORY = 600.0  # seconds a peer's stalls are held against it (see note_stall)
 UT_METADATA = 2  # our id of BEP 9's ut_metadata in the extension handshake
@@ -167,6 +170,13 @@ class PeerConnection:
         self.allowed_fast: set[int] = set()  # pieces it lets us ask for while choked
         self.given_fast: set[int] = set()  # pieces we let it ask for while we choke it
         self.our_requests: dict[Block, float] = {}  # asked, not yet answered -> when
+        # Requests we cancelled on a fast connection, not yet answered: the peer answers
+        # each with its block or a REJECT, in order, before it answers the block asked
+        # again. A REJECT of a cancel was taken for the answer to the block asked again
+        # since (by piece, begin and length alone): that request was dropped, and the
+        # piece not asked of the peer again until its next unchoke (10 s without a
+        # request where it was the only seeder). Block -> answers still to come.
+        self._cancelled: dict[Block, int] = {}
         self.peer_requests: deque[Block] = deque()  # it asked, not yet served
         self.last_received = clock()
         self.made_at = self.last_received  # (of peers waiting alike, the oldest is unchoked first)
@@ -266,6 +276,9 @@ class PeerConnection:
         if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested
             # first; dropped when not asked for (late after a cancel, or unsolicited)
             n = len(ev.data)
+            if self._cancelled:
+                # (its bytes are good all the same: taken for a request asked again)
+                self._answered_cancel((ev.piece, ev.begin, n))
             asked = self.our_requests.pop((ev.piece, ev.begin, n), None)
             if asked is None:
                 if not self._valid_block(ev.piece, ev.begin, n):
@@ -373,7 +386,7 @@ class PeerConnection:
                 self._send(wire.reject_request(*blk))
         elif isinstance(ev, wire.RejectRequest):
             blk = (ev.piece, ev.begin, ev.length)
-            if self.our_requests.pop(blk, None) is None:
+            if self._answered_cancel(blk) or self.our_requests.pop(blk, None) is None:
                 return False
         elif isinstance(ev, wire.AllowedFast):
             if (not 0 <= ev.piece < self.num_pieces or ev.piece in self.allowed_fast
@@ -533,6 +546,23 @@ class PeerConnection:
     def send_cancel(self, blk: Block) -> None:
         if self.our_requests.pop(blk, None) is not None:
             self._send(wire.cancel(*blk))
+            if self.fast:
+                cancelled = self._cancelled
+                cancelled[blk] = cancelled.get(blk, 0) + 1
+                if len(cancelled) > MAX_CANCELLED:  # (a peer that answers none of them)
+                    del cancelled[next(iter(cancelled))]
+
+    def _answered_cancel(self, blk: Block) -> bool:
+        """Whether this answer to ``blk`` (its block or a REJECT) is the one owed to a
+        request we cancelled: the peer answers in order, that one first."""
+        left = self._cancelled.get(blk)
+        if left is None:
+            return False
+        if left > 1:
+            self._cancelled[blk] = left - 1
+        else:
+            del self._cancelled[blk]
+        return True
 
     def send_have(self, piece: int) -> None:
         self._send(wire.have(piece))

@@ -610,6 +610,41 @@ def test_answers_to_what_we_no_longer_want_are_not_events(fast: bool) -> None:
     assert a.take_outbox() == []  # nothing queued: no reject for the cancel
 
 
+def test_the_reject_of_a_cancel_is_not_taken_for_the_block_asked_again() -> None:
+    """A block cancelled and asked for again before the peer answered the cancel: with
+    the fast extension the peer answers the cancel with a REJECT, then the new request.
+    The REJECT was taken for the answer to the new request (they name the same block),
+    which was dropped, and the plugin asked the piece of that peer no more until its
+    next unchoke: a download whose daemon had refused a block of the piece, resumed at
+    once, stood still for up to 10 s where that peer was its only seeder."""
+    a, b, ab, ba = connect(fast=True)
+    a.send_choke(False)
+    settle(ab, ba)
+    x = valid_blocks(SIZES)[0]
+    b.send_request(x)
+    b.send_cancel(x)
+    b.send_request(x)  # asked again before the cancel was answered
+    ba.deliver()
+    assert ab.deliver() == []  # the answer to the cancel: nothing for the plugin
+    assert [e for e in ab.log if isinstance(e, wire.RejectRequest)] == [wire.RejectRequest(*x)]
+    assert x in b.our_requests
+    a.send_piece(a.peer_requests.popleft(), bytes(x[2]))
+    assert ab.deliver() == [wire.Piece(x[0], x[1], bytes(x[2]))]
+    assert b.our_requests == {}
+    # A block the peer had sent before the cancel reached it is that cancel's answer,
+    # taken for the block asked again (its bytes are as good).
+    b.send_request(x)
+    ba.deliver()
+    a.send_piece(a.peer_requests.popleft(), bytes(x[2]))
+    b.send_cancel(x)
+    b.send_request(x)
+    assert ab.deliver() == [wire.Piece(x[0], x[1], bytes(x[2]))]  # (good bytes: taken)
+    ba.deliver()
+    a.send_reject(a.peer_requests.popleft())
+    assert ab.deliver() == []  # (the request it answers was answered by the block)
+    assert not b._cancelled
+
+
 # ============================================================ 3. random sessions
 
 _OPS = ["choke", "unchoke", "interested", "not_interested", "request", "request", "request",
@@ -689,6 +724,7 @@ def test_random_sessions_answer_every_request(fast: bool, data: st.DataObject) -
             answered = pieces + rejects + queued
             assert {k: v for k, v in answered.items() if v} == dict(asked)
             assert set(x.our_requests) <= set(y.peer_requests)
+            assert not x._cancelled  # every cancel answered, and told apart
         else:
             assert not rejects and not any(
                 isinstance(e, wire.HaveAll | wire.HaveNone | wire.SuggestPiece
