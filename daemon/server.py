@@ -85,6 +85,11 @@ Job = Callable[[], tuple[list[Out], Token | list[Token] | None]]
 # control, READ and WRITE_RING frames leave the receive ring once parsed, so the ring
 # alone does not bound them.
 MAX_QUEUED_JOBS = 4096
+# Frames parsed from one connection at a turn of the event loop; the rest at its next
+# turn, after every other connection's. A client's 4,000 requests sent at once were
+# parsed in one go: a hundred such clients held the loop for seconds, and every other
+# client's requests, its connect too, waited (a 16 KiB read took 5 s).
+PARSE_TURN = 256
 # What a reply queued unsent costs beyond its bytes (its object, the queue's slot):
 # counted in a client's unsent output, so that its bound holds for memory. A 12-byte
 # ACK costs 56 bytes: counted by its bytes alone, the buffer held four times its size.
@@ -488,6 +493,7 @@ class Connection:
         self._stall_mark = 0
         self.closed = False
         self.reading = False
+        self._parse_due = False  # frames left for the loop's next turn (PARSE_TURN)
         self._closing_after_send = False
         self._failing: PiecedError | None = None  # said once the lane's jobs are done
         self._stopped = False  # the daemon is stopping: nothing more is read
@@ -543,7 +549,7 @@ class Connection:
     # -- reading ------------------------------------------------------------------------
     def _resume_reading(self) -> None:
         if (not self.reading and not self.closed and not self._closing_after_send
-                and self._failing is None and not self._stopped):
+                and self._failing is None and not self._stopped and not self._parse_due):
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
             self._watch_frame()
@@ -599,7 +605,7 @@ class Connection:
         self._kick_lane()
         if self._failing is not None or self._stopped:
             return  # nothing more is read: the lane finishes (then the error is said)
-        if self.ring.unparsed:  # frames left unparsed while the lane was full
+        if self.ring.unparsed and not self._parse_due:  # (left while the lane was full)
             self._parse()
             self._close_untaken_fds()
         if not self._input_blocked():
@@ -664,7 +670,14 @@ class Connection:
     def _parse(self) -> None:
         jobs: list[Job] = []
         failed: PiecedError | None = None
+        turn = PARSE_TURN
         while not self.closed and len(self._lane) + len(jobs) < MAX_QUEUED_JOBS:
+            if not turn:  # (the others' turn: reading waits for the rest to be parsed)
+                if not self._parse_due:
+                    self._parse_due = True
+                    self.loop.call_soon(self._parse_turn)
+                break
+            turn -= 1
             try:
                 frame = self.reader.next_frame()
                 if frame is None:
@@ -686,8 +699,18 @@ class Connection:
         if failed is not None:
             self._fail(failed)
             return
-        if self._input_blocked():
+        if self._input_blocked() or self._parse_due:
             self._pause_reading()
+
+    def _parse_turn(self) -> None:
+        """The connection's next turn of parsing what it sent."""
+        self._parse_due = False
+        if self.closed or self._closing_after_send or self._failing is not None or self._stopped:
+            return
+        self._parse()
+        self._close_untaken_fds()
+        if not self._input_blocked():
+            self._resume_reading()
 
     def _fail(self, exc: PiecedError) -> None:
         """Say why the connection ends, then hang up: after the replies to the requests

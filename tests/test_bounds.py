@@ -9,22 +9,27 @@ default one.
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
+import fcntl
 import functools
 import os
 import random
 import select
 import shutil
 import socket
+import termios
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pieced.daemon.server import Server
 from pieced.protocol.client import Client
 from pieced.protocol.frames import FrameType, encode_read, encode_write_header
 from pieced.protocol.messages import encode_request
+from pieced.storage.disk import DiskIO
 from pieced.storage.errors import AccessDenied
 
 from tests.conftest import (
@@ -1806,3 +1811,56 @@ def test_a_long_lived_connection_of_small_requests_keeps_its_buffer_small(
                 cl.close()
     finally:
         assert d.stop() == 0
+
+
+def test_a_flood_of_requests_is_parsed_in_turns_with_the_other_clients(tmp_path: Path) -> None:
+    """Twenty connections each send 4,000 requests at once and read nothing. Each one's
+    were parsed in one go, in the event loop: a hundred such held it for seconds, and a
+    client's every request, its connect too, waited (a `stats` took 25 s). Each is parsed
+    a turn of PARSE_TURN frames at a time, the others' turns between: another client is
+    answered while most of the flood waits to be parsed, and the flood is answered whole
+    after. (The daemon's own objects, in this process: what is left to parse is seen.)"""
+    floods, each = 20, 4000
+    disk = DiskIO(cache_bytes=4 * 1024 * 1024, state_dir=tmp_path / "state")
+    server = Server(disk)
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    conns: list[RawConn] = []
+    try:
+        loop.call_soon_threadsafe(server.start, listener)
+        unknown = bytes(range(20))  # (each READ answered with an error: no work besides)
+        flood = b"".join(encode_read(k + 1, unknown, 0, 0, 1) for k in range(each))
+        for _ in range(floods):
+            conns.append(RawConn(path))
+        for conn in conns:
+            conn.sock.sendall(flood)
+
+        def left_to_parse() -> int:
+            return sum(c.ring.unparsed + int.from_bytes(
+                fcntl.ioctl(c.fd, termios.FIONREAD, bytes(4)), "little")
+                for c in list(server.clients))
+
+        with Client(path) as good:
+            good.stats()
+            left = left_to_parse()
+        sent = len(flood) * floods
+        print(f"answered with {left / sent:.0%} of the flood left to parse")
+        assert left > sent // 4, f"{left} of {sent} bytes left to parse"
+        for conn in conns:
+            replies = conn.replies(each)
+            assert sorted(r.id for r in replies) == list(range(1, each + 1))
+            assert {r.type for r in replies} == {FrameType.ERROR}
+    finally:
+        for conn in conns:
+            conn.sock.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        server.executor.shutdown()
+        server.long_executor.shutdown()
+        disk.close()
+        listener.close()
