@@ -966,6 +966,18 @@ class Swarm:
                 st = await self._reconnect(registered=False)
             except _GaveUp:
                 raise exc from None
+        except ConnectionError as exc:
+            # Reached, then lost before it had taken us in (killed as it accepted us, and
+            # started again): a restart, waited for as a loss under way is. A daemon never
+            # reached (not running: refused, or no socket) is said at once.
+            if isinstance(exc, ConnectionRefusedError) or self.opts.daemon_wait <= 0:
+                raise
+            self._wait_for_daemon(exc)
+            try:
+                st = await self._reconnect(registered=False)
+            except _GaveUp:
+                raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
+            self._returned()
         else:
             st = await self._joined()
         await self._begin(st)

@@ -2479,6 +2479,49 @@ def test_a_daemon_restarted_during_the_first_check_is_waited_for(tmp_path: Path)
         assert d.stop() == 0, d.stderr()
 
 
+def _connections_to(path: Path) -> int:
+    """Sockets bound to or connected at ``path`` (the listener, and one for each
+    connection taken by the kernel, accepted by the daemon or not)."""
+    with open("/proc/net/unix") as f:
+        return sum(1 for line in f if line.rstrip().endswith(str(path)))
+
+
+def test_a_daemon_killed_as_it_takes_pieced_peer_in_is_waited_for(tmp_path: Path) -> None:
+    """pieced-peer connects while the daemon does not answer (stopped, SIGSTOP): the
+    kernel takes the connection, its HELLO waits; the daemon is killed (kill -9) and
+    started again. pieced-peer stopped at once, exit 2 ("Connection reset by peer"), where
+    the same loss a moment later was waited for (``--daemon-wait``). It waits, and
+    completes. A daemon that was never reached (not running) is still said at once."""
+    files = {"a.bin": 4 * 65536 + 5}
+    content, raw, torrent = _made(tmp_path, files, 65536, "v1", seed=16)
+    d = Daemon(tmp_path)
+    try:
+        with LtPeer(raw, content.parent, seed=True) as s:
+            d.proc.send_signal(signal.SIGSTOP)
+            proc = downloading(torrent, tmp_path / "dl", d, s.port,
+                               extra=("--daemon-wait", "30"))
+            deadline = time.monotonic() + 30
+            while _connections_to(d.socket) < 2:  # (pieced-peer's, taken by the kernel)
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            d.proc.kill()
+            d.proc.wait()
+            d = Daemon(tmp_path)
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"] and summary["daemon_reconnects"] == 1, summary
+        assert "waiting up to 30 s" in err, err
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+        assert d.stop() == 0, d.stderr()
+        r = subprocess.run(peer_cmd(torrent, tmp_path / "dl", d.socket), capture_output=True,
+                           text=True, timeout=30)  # (the daemon not running)
+        assert r.returncode == 2 and "waiting" not in r.stderr, r.stderr
+    finally:
+        if d.proc.poll() is None:
+            assert d.stop() == 0, d.stderr()
+
+
 def _once_verified(d: Daemon, proc: subprocess.Popen[str], pieces: int) -> bytes:
     """The info-hash of the one torrent of ``d``, once ``pieces`` of it are verified
     (``proc`` downloading it)."""
