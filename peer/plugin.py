@@ -972,15 +972,21 @@ class Swarm:
             # reached (not running: refused, or no socket) is said at once.
             if isinstance(exc, ConnectionRefusedError) or self.opts.daemon_wait <= 0:
                 raise
-            self._wait_for_daemon(exc)
-            try:
-                st = await self._reconnect(registered=False)
-            except _GaveUp:
-                raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
-            self._returned()
+            st = await self._rejoined(exc)
         else:
             st = await self._joined()
         await self._begin(st)
+
+    async def _rejoined(self, exc: BaseException) -> dict[str, Any]:
+        """The first connection lost with ``exc`` before the torrent was taken up: the
+        daemon waited for (a restart), the torrent joined on a new one."""
+        self._wait_for_daemon(exc)
+        try:
+            st = await self._reconnect(registered=False)
+        except _GaveUp:
+            raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
+        self._returned()
+        return st
 
     async def _joined(self) -> dict[str, Any]:
         """The torrent joined on the first connection (see :meth:`_join`)."""
@@ -991,15 +997,9 @@ class Swarm:
             # hours; a restarted daemon finishes it by itself): waited for as under way,
             # else said as a loss under way is, with the summary, not as a daemon that
             # could not be reached.
-            if self.opts.daemon_wait > 0:
-                self._wait_for_daemon(exc)
-                try:
-                    st = await self._reconnect(registered=False)
-                except _GaveUp:
-                    raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
-                self._returned()
-            else:
+            if self.opts.daemon_wait <= 0:
                 raise DaemonLost(f"lost the daemon: {exc}", self.summary) from None
+            st = await self._rejoined(exc)
         return st
 
     async def _begin(self, st: dict[str, Any]) -> None:
