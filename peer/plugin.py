@@ -1348,7 +1348,7 @@ class Swarm:
                 self.blame.forget(piece)
                 picker.piece_failed(piece)
         for piece, spans in st.get("partial", []):
-            if not have[piece] and piece not in picker.started:
+            if 0 <= piece < len(have) and not have[piece]:
                 self._resume(piece, spans)
         self._follow(have)
         self.away = False
@@ -2128,14 +2128,11 @@ class Swarm:
         before the refusal of an earlier one came back is taken once the daemon has room,
         and begins a piece we had given up. Left so, it held a place for ever; at a bound
         of one or two, every piece begun after it was refused, and the download stopped."""
-        picker = self.picker
-        if picker is not None and not self.away:
-            with contextlib.suppress(OSError, ConnectionError):  # (the loss is told apart)
+        if self.picker is not None and not self.away:
+            with contextlib.suppress(OSError):  # (a loss: told apart, see _lost)
                 st = await self.client.status(self.ih, files=False, partial=True)
                 for piece, spans in st.get("partial", []):
-                    if (0 <= piece < self.meta.num_pieces and not picker.have[piece]
-                            and piece not in picker.started):
-                        self._resume(piece, spans)
+                    self._resume(piece, spans)
         self._fill_all()
 
     def _no_source_left(self) -> bool:
@@ -2564,14 +2561,16 @@ class Swarm:
 
     def _resume(self, piece: int, spans: list[list[int]]) -> None:
         """A piece the daemon holds ``spans`` of (an earlier run stopped in the middle
-        of it): only its other blocks are fetched."""
-        assert self.picker is not None
-        if not 0 <= piece < self.meta.num_pieces:
+        of it, or a block of it came after we gave it up): only its other blocks are
+        fetched. One we had, or fetch already, is left as it is."""
+        picker = self.picker
+        assert picker is not None
+        if not 0 <= piece < self.meta.num_pieces or picker.have[piece] or piece in picker.started:
             return
-        held = [(piece, b, n) for b, n in self.picker.plan(piece)
+        held = [(piece, b, n) for b, n in picker.plan(piece)
                 if any(s <= b and b + n <= e for s, e in spans)]
         # (begun even with no whole block held: the daemon counts it in progress)
-        self.picker.held(piece, held)
+        picker.held(piece, held)
         if held:
             self.order.had(piece, {b for _, b, _ in held})
             self.summary.blocks_resumed += len(held)
