@@ -932,6 +932,9 @@ class Swarm:
         # Pieces with an event since the reconcile under way asked for the daemon's status:
         # the event is as new as its snapshot or newer, and the picker follows it already.
         self._told: set[int] = set()
+        # The daemon's events that came before the torrent was taken up (its status on
+        # its way, or read with them): applied once it is, see _begin.
+        self._early: list[tuple[str, dict[str, Any]]] = []
         self._confirming = False  # a reconcile is under way
         self._again = False  # and another is to follow it
         self._looking = 0  # reconciles under way
@@ -1010,6 +1013,18 @@ class Swarm:
         self.order = InOrder[Conduct](self.picker.plan)
         for piece, spans in st.get("partial", []):
             self._resume(piece, spans)
+        # Events read before this: those that came after the status's reply are newer than
+        # it (a piece another client verified meanwhile would else be waited for until the
+        # next reconcile). A verified piece is taken as said (had already: nothing to do),
+        # pieces changed have the daemon asked again; a failed one may be older than the
+        # status (and verified since), so it has the daemon asked again too.
+        early, self._early = self._early, []
+        again = False
+        for name, msg in early:
+            if name == "piece_failed":
+                again = True
+            else:
+                self._on_event(name, msg)
         tiers = self.meta_trackers()
         urls = [u for tier in tiers for u in tier]
         if self.opts.listen is not None:
@@ -1044,6 +1059,9 @@ class Swarm:
                                    self.peer_id, self.listen_port)
             self._spawn(self._announce_loop())
         self._spawn(self._timers())
+        if again:  # (nothing served meanwhile, as for pieces changed)
+            self.settled.clear()
+            self._look_again()
         if self.picker.complete:
             self.summary.complete = True
             self.done.set()
@@ -2417,6 +2435,7 @@ class Swarm:
             return
         picker = self.picker
         if picker is None:
+            self._early.append((name, msg))
             return
         if name == "pieces_changed":  # (a check, another client's): the daemon is asked
             self.settled.clear()

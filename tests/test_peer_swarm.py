@@ -4,6 +4,7 @@ word on which pieces are verified when other clients change it too."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,95 @@ def test_listening_on_every_interface_by_name_takes_ipv4_and_ipv6(
         opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
                        listen=(listen, 0), socket=str(daemon.socket))
         asyncio.run(run(Swarm(opts, raw, meta)))
+
+
+def test_a_piece_verified_as_the_first_status_comes_is_taken_at_once(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A piece another client verifies once pieced-peer has the daemon's first status,
+    before it has taken the torrent up (two pieced-peers started on one torrent at
+    once): its piece_verified is not dropped, and the piece is had at once, not found at
+    the next reconcile (5 s later, the download held up for it meanwhile)."""
+    n = 6
+    content = make_payload(tmp_path / "src", {"a.bin": n * 32768 - 9}, seed=5)
+    raw = make_torrent_lt(content, 32768, "v1")
+    meta = parse(raw)
+    data = (content / "a.bin").read_bytes()
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "dl",
+                   listen=("127.0.0.1", 0), socket=str(daemon.socket))
+    piece = 3
+
+    def verify_by_another_client() -> None:
+        with Client(daemon.socket) as c:
+            for begin in (0, 16384):
+                start = piece * 32768 + begin
+                c.write_chunk(meta.info_hash, piece, begin, data[start:start + 16384])
+            for _ in range(500):
+                if c.status(meta.info_hash)["have"][0] & (0x80 >> piece):
+                    return
+                time.sleep(0.01)
+            raise AssertionError("the other client's piece did not verify")
+
+    async def run() -> None:
+        swarm = Swarm(opts, raw, meta)
+        join = swarm._join
+
+        async def join_then_a_verify(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            st = await join(*args, **kwargs)
+            await asyncio.to_thread(verify_by_another_client)
+            await asyncio.sleep(0.3)  # its event read by the swarm meanwhile
+            return st
+
+        swarm._join = join_then_a_verify  # type: ignore[method-assign]
+        await swarm.start()
+        try:
+            picker = swarm.picker
+            assert picker is not None
+            assert picker.have[piece]
+            assert sum(picker.have) == 1
+        finally:
+            await swarm.close()
+
+    asyncio.run(run())
+
+
+def test_a_piece_cleared_as_the_first_status_comes_is_asked_about_at_once(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The same for a piece another client clears then: its piece_failed may be older
+    than the status or newer, so the daemon is asked again at once (not at the next
+    reconcile, 5 s later), and the piece is not announced or served meanwhile."""
+    content = make_payload(tmp_path / "save", {"a.bin": 6 * 32768 - 9}, seed=6)
+    raw = make_torrent_lt(content, 32768, "v1")
+    meta = parse(raw)
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "save",
+                   listen=("127.0.0.1", 0), seed=True, socket=str(daemon.socket))
+    victim = 4
+
+    def clear_by_another_client() -> None:
+        with Client(daemon.socket) as c:
+            c.clear_piece(meta.info_hash, victim)
+
+    async def run() -> None:
+        swarm = Swarm(opts, raw, meta)
+        join = swarm._join
+
+        async def join_then_a_clear(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            st = await join(*args, **kwargs)
+            await asyncio.to_thread(clear_by_another_client)
+            await asyncio.sleep(0.3)  # its event read by the swarm meanwhile
+            return st
+
+        swarm._join = join_then_a_clear  # type: ignore[method-assign]
+        await swarm.start()
+        try:
+            picker = swarm.picker
+            assert picker is not None
+            assert not swarm.settled.is_set() or not picker.have[victim]
+            await asyncio.wait_for(swarm.settled.wait(), 10.0)
+            assert not picker.have[victim]
+            assert sum(picker.have) == meta.num_pieces - 1
+        finally:
+            await swarm.close()
+
+    asyncio.run(run())
