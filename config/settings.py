@@ -48,6 +48,7 @@ class Settings:
     max_metainfo_bytes: int = 64 * MiB
     max_clients: int = 256
     max_ring_bytes: int = 256 * MiB
+    max_unsent_bytes: int = 256 * MiB
     handshake_timeout_ms: int = 10_000
     frame_timeout_ms: int = 60_000
     max_files: int = 1_000_000
@@ -153,6 +154,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_metainfo_bytes": _between(64 * 1024, 1 * GiB, " bytes"),
     "max_clients": _between(1, 1 << 16),
     "max_ring_bytes": _between(64 * 1024, 64 * GiB, " bytes"),
+    "max_unsent_bytes": _between(64 * 1024, 64 * GiB, " bytes"),
     "handshake_timeout_ms": _between(1, 3_600_000, " (ms)"),
     "frame_timeout_ms": _between(1, 3_600_000, " (ms)"),
     "max_files": _positive,

@@ -374,6 +374,8 @@ class _Collector:
             ("open_files", "Open payload file descriptors", s["open_files"]),
             ("torrents", "Registered torrents", s["torrents"]),
             ("connected_clients", "Clients connected on the socket", len(self.server.clients)),
+            ("unsent_bytes", "Replies and events waiting to be sent to clients, all together",
+             self.server.unsent),
         ]:
             g = GaugeMetricFamily(f"pieced_{name}", help_)
             g.add_metric([], value)

@@ -301,6 +301,7 @@ async def serve(settings: Settings, http_connections: int = MAX_CONNECTIONS) -> 
             observer=observer,
             handshake_timeout=settings.handshake_timeout_ms / 1000,
             frame_timeout=settings.frame_timeout_ms / 1000,
+            max_unsent=settings.max_unsent_bytes,
         )
         server.start(listener)
         runner = web.AppRunner(make_app(disk, server, settings.http_token), access_log=None,

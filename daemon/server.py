@@ -32,6 +32,7 @@ import os
 import select
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
@@ -175,6 +176,7 @@ class Server:
         observer: Observer | None = None,
         handshake_timeout: float = 10.0,
         frame_timeout: float = 60.0,
+        max_unsent: int = 256 * 1024 * 1024,
     ) -> None:
         self.disk = disk
         self.ring_bytes = max(ring_bytes, max_frame + 4)
@@ -184,6 +186,20 @@ class Server:
         # events can push it past drop_limit, and that client is disconnected.
         self.out_limit = self.ring_bytes
         self.drop_limit = 4 * self.ring_bytes
+        # Unsent output of every client together (``unsent``), and the replies of reads
+        # under way (``pledged``, taken by the worker that runs them): over max_unsent, a
+        # read waits for room, and a client with output unsent runs nothing more. Bounded
+        # per client alone, max_clients clients that send reads and read nothing held
+        # gigabytes (255: 5 GiB). Those that wait are woken in turn as room is made; a
+        # client that reads nothing of what it holds meanwhile is dropped (see _room_due).
+        self.max_unsent = max_unsent
+        self.shut = False  # the workers are shut down (see close)
+        self.unsent = 0
+        self.pledged = 0
+        self._pledge_lock = threading.Lock()
+        self._waiting_room: collections.deque[Connection] = collections.deque()
+        self._room_timer: asyncio.TimerHandle | None = None
+        self._room_marks: dict[Connection, int] = {}
         self.max_clients = max_clients
         self.max_ring = max_ring
         self.handshake_timeout = handshake_timeout
@@ -340,8 +356,15 @@ class Server:
         conns = list(self.clients)
         for conn in conns:
             conn.stop_reading()
+        # What the lanes have left runs whatever it makes (bounded for each client as
+        # ever): a client that reads nothing would hold the others' room till the drain
+        # gives up on them all.
+        self.max_unsent = sys.maxsize
+        self.room_made()
+        gone = list(self.draining)  # (clients gone with requests still to run)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(c.drained() for c in conns)), DRAIN_SECONDS)
+            await asyncio.wait_for(asyncio.gather(*(c.drained() for c in conns + gone)),
+                                   DRAIN_SECONDS)
         deadline = time.monotonic() + 1.0
         while any(c.unsent() for c in conns) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -349,6 +372,10 @@ class Server:
             conn.close()
         for conn in conns:
             await conn.drained()
+        if self._room_timer is not None:
+            self._room_timer.cancel()
+            self._room_timer = None
+        self.shut = True  # (lanes of clients gone meanwhile run no more)
         self.executor.shutdown(wait=True)
         self.long_executor.shutdown(wait=True)
 
@@ -429,8 +456,93 @@ class Server:
                 log.exception("sending events to a client failed")
         events.clear()
 
+    # -- the daemon-wide bound on unsent output (loop thread, but pledge) ---------------------
+    def room(self, needs: int, idle: bool = False) -> bool:
+        """Whether ``needs`` more bytes of replies fit (0: whether any room is left). With
+        nothing unsent anywhere, anything fits: some client must go on. ``idle``: for a
+        client with nothing unsent, one reply always fits, so that a client that reads
+        what it asks for is never held up by others that do not (they hold the room
+        until they are dropped, see _room_due); the bound is passed by a reply a client
+        at most."""
+        held = self.unsent + self.pledged
+        return idle or held + needs <= self.max_unsent or held == 0
+
+    def pledge(self, needs: int, idle: bool) -> bool:
+        """(Worker thread) Take room for a reply of ``needs`` bytes, if it fits."""
+        with self._pledge_lock:
+            if not self.room(needs, idle):
+                return False
+            self.pledged += needs
+            return True
+
+    def waits_for_room(self) -> bool:
+        return bool(self._waiting_room)
+
+    def unpledge(self, n: int) -> None:
+        with self._pledge_lock:
+            self.pledged -= n
+
+    def wait_for_room(self, conn: Connection) -> None:
+        """``conn``'s lane waits for room (its ``needs``): woken in turn by room_made."""
+        if not conn.waiting_room:
+            conn.waiting_room = True
+            self._waiting_room.append(conn)
+        if self._room_timer is None and self.loop is not None:
+            self._room_marks = {c: c.sent for c in self.clients if c.holds_unsent()}
+            self._room_timer = self.loop.call_later(self.frame_timeout, self._room_due)
+
+    def room_made(self) -> None:
+        """Output was sent or dropped, or a pledge given back: the clients waiting for
+        room that now fit go on, first come first, each counted as it goes (not all
+        woken at once, to find most of them no room again)."""
+        held = self.unsent + self.pledged
+        waiting = self._waiting_room
+        while waiting:
+            conn = waiting[0]
+            if conn.closed or not conn.waiting_room:
+                waiting.popleft()
+                conn.waiting_room = False
+                continue
+            needs = conn.needs
+            idle = not conn.holds_unsent()
+            if not (idle or held + needs <= self.max_unsent or held == 0):
+                break
+            waiting.popleft()
+            conn.waiting_room = False
+            if not idle:
+                held += max(needs, 1)
+            conn.resume_for_room()
+
+    def _room_due(self) -> None:
+        """Clients wait for room: a client that held output unsent for the whole of the
+        last frame_timeout and read less than MIN_FRAME_RATE a second of it holds room
+        others wait for, and is dropped (what it was sent is its own to read; it reads
+        nothing). While nobody waits, nobody is dropped for it."""
+        self._room_timer = None
+        if not any(c.waiting_room and not c.closed for c in self._waiting_room):
+            self._waiting_room.clear()
+            self._room_marks = {}
+            return
+        timeout = self.frame_timeout
+        for conn, mark in list(self._room_marks.items()):
+            if conn.closed or not conn.holds_unsent():
+                continue
+            got = conn.sent - mark
+            if got < MIN_FRAME_RATE * timeout:
+                log.warning("dropping a client that does not read its replies while others "
+                            "wait for room (%d bytes held unsent, %d read in the last %.0f s; "
+                            "max_unsent_bytes %d), %s", conn.unsent_bytes(), got, timeout,
+                            self.max_unsent, conn.who)
+                self.dropped += 1
+                conn.close()  # (room made: those waiting go on, and may wait again)
+        if self._room_timer is None:
+            assert self.loop is not None
+            self._room_marks = {c: c.sent for c in self.clients if c.holds_unsent()}
+            self._room_timer = self.loop.call_later(timeout, self._room_due)
+
     def stats(self) -> dict[str, Any]:
         return {
+            "unsent_bytes": self.unsent,
             "connected_clients": len(self.clients),
             "clients_accepted": self.accepted,
             "clients_refused": self.refused,
@@ -499,6 +611,11 @@ class Connection:
         self._stopped = False  # the daemon is stopping: nothing more is read
         self._out: collections.deque[Out] = collections.deque()
         self._out_bytes = 0
+        self.sent = 0  # bytes of output sent, ever (see Server._room_due)
+        # The lane waits for room in the daemon-wide bound on unsent output: for a reply
+        # of ``needs`` bytes (0: for any room; see Server.room).
+        self.waiting_room = False
+        self.needs = 0
         self._writing = False
         self._lane: collections.deque[Job] = collections.deque()
         # Bytes of request bodies parsed and waiting in the lane (copied out of the ring,
@@ -816,7 +933,10 @@ class Connection:
         ih = msg.get("ih")
         size = frame.length  # the body's size: what the decoded request holds, about
         self._queued_bytes += size
-        return _Job(rid, None, job, name in LONG_OPS, ih if isinstance(ih, bytes) else None, size)
+        # (a piece's size is not known before the torrent is looked at: the most it can be)
+        reply = self.server.max_frame if name == "read_piece" else 0
+        return _Job(rid, None, job, name in LONG_OPS, ih if isinstance(ih, bytes) else None, size,
+                    reply)
 
     def _write_job(self, frame: Frame) -> Job:
         return _InlineWrite(self, frame)
@@ -891,7 +1011,8 @@ class Connection:
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
 
-        return _Job(rid, None, job, False, frame.info_hash)
+        return _Job(rid, None, job, False, frame.info_hash,
+                    reply=min(frame.length, limit) + OUT_PART_BYTES)
 
     def _read_ring_job(self, frame: Frame) -> Job:
         """A READ whose bytes go into the client's ring, not the socket: one copy, from
@@ -1095,11 +1216,23 @@ class Connection:
     def _kick_lane(self) -> None:
         """Start the lane's worker (loop thread only) if it has jobs and is not running,
         unless the client's unsent output is over the limit: then :meth:`_resume` starts
-        it once the client has read enough. A closed connection finishes its jobs."""
+        it once the client has read enough. Nor while the daemon's unsent output, all
+        clients', has no room for what it waits for (a read's reply; or any room, for a
+        client with output unsent): then the server wakes it in turn. A closed
+        connection finishes its jobs."""
         if self._lane_busy or not self._lane:
             return
-        if self._out_bytes > self.server.out_limit and not self.closed:
+        if self.server.shut:  # (the daemon has stopped: a client gone since has nobody
+            self._lane.clear()  # to carry out its requests)
+            self._lane_idle.set()
             return
+        if not self.closed:
+            if self._out_bytes > self.server.out_limit:
+                return
+            if ((self.needs or self._out_bytes)
+                    and not self.server.room(self.needs, not self._out_bytes)):
+                self.server.wait_for_room(self)
+                return
         self._lane_busy = True
         self._lane_idle.clear()
         if self._is_long(self._lane[0]):
@@ -1136,6 +1269,8 @@ class Connection:
     def _drain(self, long: bool, limit: int, held: set[Hashable]) -> None:
         produced = 0
         moving = False
+        server = self.server
+        self.needs = 0
         while produced <= limit and not moving:
             with self._lane_lock:
                 if not self._lane:
@@ -1144,7 +1279,7 @@ class Connection:
                 self._lane.clear()
             out: list[Out] = []
             tokens: list[tuple[int, int]] = []
-            freed = 0
+            freed = pledged = 0
             batch = _coalesce(batch)
             for i, job in enumerate(batch):
                 if not long and (self._is_long(job, held) or not self._hold(job, held)):
@@ -1152,6 +1287,17 @@ class Connection:
                         self._lane.extendleft(reversed(batch[i:]))
                     moving = True
                     break
+                reply = getattr(job, "reply", 0)
+                if reply and not self.closed:
+                    # Room for its reply in the daemon-wide bound, with what this run
+                    # made and has not handed the loop yet (held as a pledge till then).
+                    if not server.pledge(reply, not produced and not self._out_bytes):
+                        with self._lane_lock:
+                            self._lane.extendleft(reversed(batch[i:]))
+                        self.needs = reply  # (the loop waits for room: _kick_lane)
+                        moving = True
+                        break
+                    pledged += reply
                 try:
                     frames, token = job()
                 except Exception as exc:  # a bug must not kill the lane
@@ -1169,7 +1315,7 @@ class Connection:
                     with self._lane_lock:
                         self._lane.extendleft(reversed(batch[i + 1 :]))
                     break
-            self._post(self._completed, out, tokens, freed)
+            self._post(self._completed, out, tokens, freed, pledged)
 
     def _hold(self, job: Job, held: set[Hashable]) -> bool:
         """(Short workers) hold the short worker of the job's file system, unless this
@@ -1200,12 +1346,26 @@ class Connection:
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         self.server.post(fn, *args)
 
-    def _completed(self, out: list[Out], tokens: list[tuple[int, int]], freed: int) -> None:
+    def _completed(self, out: list[Out], tokens: list[tuple[int, int]], freed: int,
+                   pledged: int) -> None:
         self._queued_bytes -= freed
         for token in tokens:
             self.ring.release(token)
-        self.send(out)
+        self.send(out)  # (counted unsent before the pledge is given back)
+        if pledged:
+            self.server.unpledge(pledged)
+            self.server.room_made()
         self._resume()
+
+    def resume_for_room(self) -> None:
+        """(Server.room_made) There is room for what the lane waits for."""
+        self._resume()
+
+    def holds_unsent(self) -> bool:
+        return not self.closed and self._out_bytes > 0
+
+    def unsent_bytes(self) -> int:
+        return self._out_bytes
 
     async def drained(self) -> None:
         await self._lane_idle.wait()
@@ -1215,9 +1375,12 @@ class Connection:
     def send(self, frames: list[Out]) -> None:
         if self.closed:
             return
+        added = 0
         for f in frames:
             self._out.append(f)
-            self._out_bytes += len(f) + OUT_PART_BYTES
+            added += len(f) + OUT_PART_BYTES
+        self._out_bytes += added
+        self.server.unsent += added
         self._flush_out()
         if self._out_bytes > self.server.drop_limit and not self.closed:
             # Only events get here (lane replies pause at out_limit): the client does
@@ -1228,6 +1391,8 @@ class Connection:
             self.close()
 
     def _flush_out(self) -> None:
+        server = self.server
+        before = self._out_bytes
         while self._out:
             chunk = list(itertools.islice(self._out, 64))
             try:
@@ -1237,14 +1402,19 @@ class Connection:
             except OSError:
                 self.close()
                 return
-            self._out_bytes -= n
+            self.sent += n
+            gone = n
             # Empty parts are dropped too (a DATA frame of a zero-length read ends in
             # one): left at the head, sendmsg would send them for ever, 0 bytes a time.
             while self._out and n >= len(self._out[0]):
                 n -= len(self._out.popleft())
-                self._out_bytes -= OUT_PART_BYTES
+                gone += OUT_PART_BYTES
             if n:
                 self._out[0] = memoryview(self._out[0])[n:]
+            self._out_bytes -= gone
+            server.unsent -= gone
+        if self._out_bytes != before and server.waits_for_room():
+            server.room_made()
         if self._out and not self._writing:
             self._writing = True
             self.loop.add_writer(self.fd, self._on_writable)
@@ -1275,7 +1445,10 @@ class Connection:
         self.sock.close()
         self.server.clients.discard(self)
         self._out.clear()
+        self.server.unsent -= self._out_bytes
         self._out_bytes = 0
+        if self.server.waits_for_room():
+            self.server.room_made()
         self._kick_lane()  # a lane paused on output carries out its jobs all the same
         if not self._lane_busy:
             self._drop_shm()
@@ -1366,12 +1539,15 @@ class _Job:
     """A lane job with what the lane needs to know to place it: whether it may run long,
     and which torrent it touches (a job on a fenced torrent waits for the fence)."""
 
-    __slots__ = ("fn", "ih", "long", "rid", "size", "token")
+    __slots__ = ("fn", "ih", "long", "reply", "rid", "size", "token")
 
     def __init__(self, rid: int, token: tuple[int, int] | None, fn: Job, long: bool,
-                 ih: bytes | None, size: int = 0) -> None:
+                 ih: bytes | None, size: int = 0, reply: int = 0) -> None:
         self.rid, self.token, self.fn, self.long, self.ih = rid, token, fn, long, ih
         self.size = size  # request body bytes it holds, until it has run
+        # The bytes of data its reply may hold (a read's), room for which is taken in the
+        # daemon-wide bound on unsent output before it runs; 0: a reply of a few bytes.
+        self.reply = reply
 
     def __call__(self) -> tuple[list[Out], Token | list[Token] | None]:
         return _run_guarded(self.rid, self.token, self.fn)

@@ -980,3 +980,69 @@ def test_a_client_rewriting_its_ring_under_a_write_never_gets_wrong_bytes_verifi
     assert not wrong, f"{len(wrong)} of {len(have)} verified pieces are wrong on disk: {wrong[:10]}"
     assert 0 < len(have) < n, len(have)  # (both kinds of outcome came: the race ran)
     _stops_cleanly(d)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: Path) -> None:
+    """Twenty connections each ask for 8 MiB of reads and read none of it. Bounded per
+    connection alone (about its receive buffer, 8 MiB), they held 160 MiB of the daemon's
+    memory, and 255 of them 5 GiB. All clients' unsent output shares `max_unsent_bytes`:
+    past it, a client with replies unsent runs nothing more, and one with none a reply at
+    a time. Another client that reads what it asks for is answered meanwhile, large reads
+    too; the clients that read nothing of what they hold for `frame_timeout_ms` while
+    others wait for room are dropped."""
+    mib = 1024 * 1024
+    bound, hostile, asks = 4 * mib, 20, 8
+    content = make_payload(tmp_path / "src", 8 * mib, seed=11)
+    data = content.read_bytes()
+    raw = make_torrent_lt(content, 4 * mib, "v1")
+    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": str(bound),
+                              "PIECED_FRAME_TIMEOUT_MS": "2000"})
+    conns: list[RawConn] = []
+    try:
+        with Client(d.socket) as good:
+            ih = good.register(raw, tmp_path / "src")
+            good.recheck(ih)
+            assert good.status(ih)["verified_pieces"] == 2
+            for piece in (0, 1):  # (the pieces in the cache before the baseline)
+                good.read_chunk(ih, piece, 0, 4 * mib - 16)
+            before = _rss(d.proc.pid)
+            # Reads of a quarter of a piece: each reply is a copy of its own.
+            flood = b"".join(encode_read(k + 1, ih, k % 2, (k // 2 % 4) * mib, mib)
+                             for k in range(asks))
+            for _ in range(hostile):
+                conn = RawConn(d.socket)
+                conn.sock.sendall(flood)
+                conns.append(conn)
+            peak_unsent = peak_rss = reads = 0
+            deadline = time.monotonic() + 1.5  # (within frame_timeout: none dropped yet)
+            while time.monotonic() < deadline:
+                begin = reads % 4 * mib
+                assert good.read_chunk(ih, 1, 16384, 16384) == data[4 * mib + 16384: 4 * mib + 32768]
+                assert good.read_chunk(ih, 0, begin, mib) == data[begin: begin + mib]
+                reads += 1
+                peak_unsent = max(peak_unsent, good.stats()["unsent_bytes"])
+                peak_rss = max(peak_rss, _rss(d.proc.pid))
+            print(f"unsent at most {peak_unsent / mib:.1f} MiB, RSS +{(peak_rss - before) / mib:.1f}"
+                  f" MiB, {reads} rounds of reads answered meanwhile")
+            # The bound, and at most a reply more a client (of those that read nothing).
+            most = bound + hostile * (mib + 4096) + mib
+            assert bound // 2 < peak_unsent <= most
+            assert peak_rss - before < most + 16 * mib
+            assert good.stats()["clients_dropped"] == 0
+            wait_for(lambda: good.stats()["clients_dropped"] == hostile, timeout=30)
+            assert good.stats()["unsent_bytes"] < 65536
+    finally:
+        for conn in conns:
+            conn.sock.close()
+        code = d.stop()
+    err = d.stderr()
+    assert code == 0 and "Traceback" not in err, err
+    assert "dropping a client that does not read its replies while others wait" in err
