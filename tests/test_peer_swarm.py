@@ -5,16 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bencodepy
 from pieced.peer.plugin import Options, Swarm
 from pieced.protocol.client import Client
-from pieced.storage.metainfo import parse
+from pieced.storage.metainfo import Metainfo, parse
 
 from tests.conftest import Daemon
 from tests.realtools import make_payload, make_torrent_lt
+
+
+def _seeding(daemon: Daemon, tmp_path: Path, size: int, piece_length: int,
+             seed: int) -> tuple[bytes, Metainfo, Options]:
+    """A one-file v1 torrent whose payload is in the save path, and a seeder's options."""
+    content = make_payload(tmp_path / "save", {"a.bin": size}, seed=seed)
+    raw = make_torrent_lt(content, piece_length, "v1")
+    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "save",
+                   listen=("127.0.0.1", 0), seed=True, socket=str(daemon.socket))
+    return raw, parse(raw), opts
+
+
+def _clearer(daemon: Daemon, ih: bytes, piece: int) -> Callable[[], None]:
+    """Another client's clear of ``piece``."""
+    def clear() -> None:
+        with Client(daemon.socket) as c:
+            c.clear_piece(ih, piece)
+    return clear
 
 
 def test_a_piece_cleared_while_a_status_is_on_its_way_is_not_taken_from_it(
@@ -24,16 +43,9 @@ def test_a_piece_cleared_while_a_status_is_on_its_way_is_not_taken_from_it(
     come before the reply are as new as its snapshot, or newer. A piece another client
     clears once the snapshot is taken, its piece_failed arriving first, stays missing:
     the older snapshot does not make pieced-peer announce it and serve it again."""
-    content = make_payload(tmp_path / "save", {"a.bin": 6 * 65536 + 7}, seed=3)
-    raw = make_torrent_lt(content, 65536, "v1")
-    meta = parse(raw)
-    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "save",
-                   listen=("127.0.0.1", 0), seed=True, socket=str(daemon.socket))
+    raw, meta, opts = _seeding(daemon, tmp_path, 6 * 65536 + 7, 65536, seed=3)
     victim = 2
-
-    def clear_by_another_client() -> None:
-        with Client(daemon.socket) as c:
-            c.clear_piece(meta.info_hash, victim)
+    clear_by_another_client = _clearer(daemon, meta.info_hash, victim)
 
     async def run() -> None:
         swarm = Swarm(opts, raw, meta)
@@ -375,6 +387,21 @@ def test_listening_on_every_interface_by_name_takes_ipv4_and_ipv6(
         asyncio.run(run(Swarm(opts, raw, meta)))
 
 
+async def _start_with(swarm: Swarm, between: Callable[[], None]) -> None:
+    """Start ``swarm``, ``between`` (another client's doing) run once the daemon's first
+    status has come, before the swarm takes the torrent up; its events read meanwhile."""
+    join = swarm._join
+
+    async def join_then(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        st = await join(*args, **kwargs)
+        await asyncio.to_thread(between)
+        await asyncio.sleep(0.3)  # (the events it caused reach the swarm)
+        return st
+
+    swarm._join = join_then  # type: ignore[method-assign]
+    await swarm.start()
+
+
 def test_a_piece_verified_as_the_first_status_comes_is_taken_at_once(
     daemon: Daemon, tmp_path: Path
 ) -> None:
@@ -404,16 +431,7 @@ def test_a_piece_verified_as_the_first_status_comes_is_taken_at_once(
 
     async def run() -> None:
         swarm = Swarm(opts, raw, meta)
-        join = swarm._join
-
-        async def join_then_a_verify(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            st = await join(*args, **kwargs)
-            await asyncio.to_thread(verify_by_another_client)
-            await asyncio.sleep(0.3)  # its event read by the swarm meanwhile
-            return st
-
-        swarm._join = join_then_a_verify  # type: ignore[method-assign]
-        await swarm.start()
+        await _start_with(swarm, verify_by_another_client)
         try:
             picker = swarm.picker
             assert picker is not None
@@ -431,29 +449,13 @@ def test_a_piece_cleared_as_the_first_status_comes_is_asked_about_at_once(
     """The same for a piece another client clears then: its piece_failed may be older
     than the status or newer, so the daemon is asked again at once (not at the next
     reconcile, 5 s later), and the piece is not announced or served meanwhile."""
-    content = make_payload(tmp_path / "save", {"a.bin": 6 * 32768 - 9}, seed=6)
-    raw = make_torrent_lt(content, 32768, "v1")
-    meta = parse(raw)
-    opts = Options(torrent=tmp_path / "t.torrent", save_path=tmp_path / "save",
-                   listen=("127.0.0.1", 0), seed=True, socket=str(daemon.socket))
+    raw, meta, opts = _seeding(daemon, tmp_path, 6 * 32768 - 9, 32768, seed=6)
     victim = 4
-
-    def clear_by_another_client() -> None:
-        with Client(daemon.socket) as c:
-            c.clear_piece(meta.info_hash, victim)
+    clear_by_another_client = _clearer(daemon, meta.info_hash, victim)
 
     async def run() -> None:
         swarm = Swarm(opts, raw, meta)
-        join = swarm._join
-
-        async def join_then_a_clear(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            st = await join(*args, **kwargs)
-            await asyncio.to_thread(clear_by_another_client)
-            await asyncio.sleep(0.3)  # its event read by the swarm meanwhile
-            return st
-
-        swarm._join = join_then_a_clear  # type: ignore[method-assign]
-        await swarm.start()
+        await _start_with(swarm, clear_by_another_client)
         try:
             picker = swarm.picker
             assert picker is not None
