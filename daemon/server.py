@@ -91,6 +91,11 @@ MAX_QUEUED_JOBS = 4096
 # parsed in one go: a hundred such clients held the loop for seconds, and every other
 # client's requests, its connect too, waited (a 16 KiB read took 5 s).
 PARSE_TURN = 256
+# Jobs a lane carries out in one run of a worker: then it waits, at the back of the queue,
+# behind the other lanes' runs. A run that went on while its lane had jobs held a worker
+# for a client's thousands of requests, and another client's one request waited for
+# every such run before it to finish (a second, under a hundred clients' floods).
+LANE_TURN = 256
 # What a reply queued unsent costs beyond its bytes (its object, the queue's slot):
 # counted in a client's unsent output, so that its bound holds for memory. A 12-byte
 # ACK costs 56 bytes: counted by its bytes alone, the buffer held four times its size.
@@ -1271,12 +1276,17 @@ class Connection:
         moving = False
         server = self.server
         self.needs = 0
-        while produced <= limit and not moving:
+        ran = 0
+        while produced <= limit and not moving and ran < LANE_TURN:
             with self._lane_lock:
                 if not self._lane:
                     break
-                batch = list(self._lane)
-                self._lane.clear()
+                if len(self._lane) <= LANE_TURN:
+                    batch = list(self._lane)
+                    self._lane.clear()
+                else:
+                    batch = [self._lane.popleft() for _ in range(LANE_TURN)]
+            ran += len(batch)
             out: list[Out] = []
             tokens: list[tuple[int, int]] = []
             freed = pledged = 0

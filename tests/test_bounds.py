@@ -1864,3 +1864,63 @@ def test_a_flood_of_requests_is_parsed_in_turns_with_the_other_clients(tmp_path:
         server.long_executor.shutdown()
         disk.close()
         listener.close()
+
+
+def test_a_lane_with_thousands_of_requests_runs_them_in_turns_with_the_others(
+    tmp_path: Path
+) -> None:
+    """Three connections each have 4,000 requests parsed and waiting in their lanes, then
+    another client sends one. A lane ran on its worker for as long as it had jobs: the
+    other client's request waited for all 12,000. A run carries out LANE_TURN jobs, then
+    the lane waits behind the others' runs: the request is answered with most of the
+    flood still waiting. (One short worker, held by the test until the lanes are full;
+    the daemon's own objects, in this process: what waits is seen.)"""
+    floods, each = 3, 4000
+    disk = DiskIO(cache_bytes=4 * 1024 * 1024, state_dir=tmp_path / "state")
+    server = Server(disk, workers=1)
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    conns: list[RawConn] = []
+    held = threading.Event()
+    try:
+        loop.call_soon_threadsafe(server.start, listener)
+        unknown = bytes(range(20))  # (each READ answered with an error: no work besides)
+        flood = b"".join(encode_read(k + 1, unknown, 0, 0, 1) for k in range(each))
+        for _ in range(floods):
+            conns.append(RawConn(path))
+        server.executor.submit(held.wait, 60)  # (the one short worker, held)
+        for conn in conns:
+            conn.sock.sendall(flood)
+
+        def waiting() -> int:
+            return sum(len(c._lane) for c in list(server.clients))
+
+        deadline = time.monotonic() + 30
+        while waiting() < floods * each and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiting() == floods * each
+        good = RawConn(path)
+        good.sock.sendall(encode_request(1, "stats", {}))
+        time.sleep(0.2)  # (its request parsed, its lane queued behind the floods')
+        held.set()
+        (reply,) = good.replies(1)
+        left = waiting()
+        print(f"answered with {left} of {floods * each} flooded requests waiting")
+        assert reply.type == FrameType.RESPONSE
+        assert left > floods * each // 2
+        good.sock.close()
+    finally:
+        held.set()
+        for conn in conns:
+            conn.sock.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        server.executor.shutdown()
+        server.long_executor.shutdown()
+        disk.close()
+        listener.close()
