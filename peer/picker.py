@@ -155,6 +155,13 @@ class Picker:
         # wait in ``_returned``, so a pick does not walk the blocks already asked for.
         self._cursor: dict[int, int] = {}
         self._returned: dict[int, list[Block]] = {}
+        # Pieces asked of one peer alone, whole, until they verify (-> that peer, or None
+        # while none has taken it): a piece that failed with blocks of several peers. Its
+        # next attempts from a mix of peers fail as long as one of them lies, and none
+        # says which (a seeder spoiling one block in twenty of every 4 MiB piece spoilt
+        # every attempt, and the download never ended); an attempt of one peer's blocks
+        # says whether that peer lied.
+        self._solo: dict[int, object | None] = {}
         self._order = extent_order(n, meta.piece_length)
         self._tie = [0] * n  # piece -> its place in _order
         for i, p in enumerate(self._order):
@@ -250,6 +257,7 @@ class Picker:
         self._left -= not self.have[piece]
         self.have[piece] = 1
         self._forget(piece)
+        self._solo.pop(piece, None)
         if self.max_started is not None:
             self.max_started += 1 / self.max_started
         self._hold_until = self._hold = 0.0
@@ -278,13 +286,27 @@ class Picker:
         self._left += self.have[piece]
         self.have[piece] = 0
         self._forget(piece)
+        self._solo.pop(piece, None)
         self._ranked_at = -math.inf  # (not in the order: it was had when it was sorted)
         self._rank_stale = True
 
     def piece_failed(self, piece: int) -> None:
-        """All of the piece is asked for again (a block was bad; which one is unknown)."""
+        """All of the piece is asked for again (a block was bad; which one is unknown).
+        One asked of one peer alone is taken by the next peer that is asked for it."""
         self._forget(piece)
+        if piece in self._solo:
+            self._solo[piece] = None
         self._ranked_from = 0  # (it may lie before: it was started)
+
+    def ask_of_one(self, piece: int) -> None:
+        """The piece (failed with blocks of several peers) is asked of one peer alone,
+        whole, from now until it verifies."""
+        if not self.have[piece] and piece not in self._solo:
+            self._solo[piece] = None
+
+    def taker(self, piece: int) -> object | None:
+        """The peer the piece is asked of alone (None: not taken, or not asked of one)."""
+        return self._solo.get(piece)
 
     def _forget(self, piece: int) -> None:
         self.started.pop(piece, None)
@@ -298,9 +320,12 @@ class Picker:
             self.requested.pop((piece, b, n), None)
 
     def peer_gone(self, peer: object) -> None:
-        """Its outstanding requests may be given to others."""
+        """Its outstanding requests may be given to others, and so may the pieces it
+        was asked for alone."""
         for block in [b for b, who in self.requested.items() if peer in who]:
             self.request_dropped(peer, block)
+        for piece in [p for p, taker in self._solo.items() if taker is peer]:
+            self._solo[piece] = None
 
     def request_dropped(self, peer: object, block: Block) -> None:
         who = self.requested.get(block)
@@ -311,6 +336,10 @@ class Picker:
                 if block not in self.received and block[0] in self.started:
                     self._returned.setdefault(block[0], []).append(block)
                     self._open[block[0]] = None
+        if self._solo.get(block[0]) is peer:
+            # (choked, rejected, gone, late: the next peer takes the piece over; the
+            # blocks come from two then, and it fails with both as before, or verifies)
+            self._solo[block[0]] = None
 
     # -- what to ask for -----------------------------------------------------------------
     def pick(self, peer: object, peer_has: bytearray | None, want: int,
@@ -334,6 +363,14 @@ class Picker:
             return not self.have[p] and (peer_has is None or bool(peer_has[p]))
 
         def take(p: int, endgame: bool) -> bool:
+            if p in self._solo:
+                if endgame:  # (never a copy of a block of it: see _solo)
+                    return False
+                owner = self._solo[p]
+                if owner is None:
+                    self._solo[p] = peer
+                elif owner is not peer:
+                    return False
             plan = self._start(p)
             if not endgame:
                 back = self._returned.get(p)

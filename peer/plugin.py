@@ -2486,6 +2486,8 @@ class Swarm:
         if givers:  # (else another client's: not ours to count)
             self.summary.pieces_failed += 1
         log.info("piece %d failed its hash (data from %d peers)", piece, len(givers))
+        if len(givers) > 1:  # (its next attempt says which lied, or that the one did not)
+            picker.ask_of_one(piece)
         # With another connection's blocks in the attempt, one of theirs may be the bad
         # one: no verdict until the piece verifies (its only giver; else known then).
         unsure = self.blame.unsure(piece)

@@ -383,11 +383,14 @@ class _ScriptedSeeder(_Scripted):
     when given. Counts dials, requests, blocks and connections ended."""
 
     def __init__(self, blob: bytes, piece: int, peer_id: bytes, go: threading.Event,
-                 p: int | None = None, delay: float = 0.0, first: int | None = None) -> None:
-        """``delay``: seconds it waits before each block it sends."""
+                 p: int | None = None, delay: float = 0.0, first: int | None = None,
+                 spoil: float = 0.0) -> None:
+        """``delay``: seconds it waits before each block it sends; ``spoil``: the share
+        of its blocks it sends with a bit flipped."""
         self.blob, self.piece, self.peer_id, self.go, self.p = blob, piece, peer_id, go, p
-        self.delay, self.first = delay, first
-        self.dials = self.requests = self.blocks = self.ended = 0
+        self.delay, self.first, self.spoil = delay, first, spoil
+        self.rng = random.Random(peer_id)
+        self.dials = self.requests = self.blocks = self.ended = self.spoilt = 0
         self.conns: list[socket.socket] = []
         self.sending = threading.Lock()
 
@@ -436,8 +439,11 @@ class _ScriptedSeeder(_Scripted):
                         self.requests += 1
                         time.sleep(self.delay)
                         at = ev.piece * self.piece + ev.begin
-                        out.append(wire.piece(ev.piece, ev.begin,
-                                              self.blob[at : at + ev.length]))
+                        block = bytearray(self.blob[at : at + ev.length])
+                        if self.spoil and self.rng.random() < self.spoil:
+                            block[self.rng.randrange(len(block))] ^= 1
+                            self.spoilt += 1
+                        out.append(wire.piece(ev.piece, ev.begin, bytes(block)))
                         self.blocks += 1
                 if out:
                     with self.sending:
@@ -509,6 +515,55 @@ def test_a_leecher_that_hangs_up_as_it_completes_is_not_dialled_again(tmp_path: 
         seeding.stop()
     finally:
         listener.close()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_seeder_that_spoils_a_few_blocks_of_every_piece_is_found_out(tmp_path: Path) -> None:
+    """Two seeders serve at the same pace; one flips a bit in one block in twenty. Each
+    4 MiB piece is asked of both, so nearly every attempt holds a spoilt block and fails,
+    and with two givers it says nothing of which lied: it was asked of both again, for
+    ever (the download never ended, the liar never named). A piece that failed with
+    several peers' blocks is asked of one peer alone, whole: that attempt names its giver
+    or verifies (and the blocks of the failed ones then name the liar). The download
+    completes with the right bytes, at a small cost, and the liar is dropped."""
+    piece = 4 * 1024 * 1024
+    files = {"a.bin": 8 * piece + 777}
+    content, _, _, torrent = _v1(tmp_path, files, piece, seed=53)
+    blob = (content / "a.bin").read_bytes()
+    go = threading.Event()
+    go.set()
+    honest = _ScriptedSeeder(blob, piece, b"-HS0001-" + b"h" * 12, go, delay=0.002)
+    liar = _ScriptedSeeder(blob, piece, b"-LS0001-" + b"l" * 12, go, delay=0.002, spoil=0.05)
+    listeners = []
+    for seeder in (honest, liar):
+        listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=seeder.accept, args=(listener,), daemon=True).start()
+        listeners.append(listener)
+    d = Daemon(tmp_path)
+    proc = subprocess.Popen(
+        peer_cmd(torrent, tmp_path / "dl", d.socket,
+                 *(a for lst in listeners for a in ("--peer", f"127.0.0.1:{lst.getsockname()[1]}"))),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["complete"], summary
+        assert liar.spoilt and summary["pieces_failed"] >= 1, summary
+        # (each piece's first attempt from both, and a few of the liar's alone, wasted:
+        # asked of both again and again, the download took 17 times its size, or never
+        # ended)
+        assert summary["bytes_down"] < 4 * len(blob), summary
+        liar_addr = f"127.0.0.1:{listeners[1].getsockname()[1]}"
+        assert summary["bad_peers"] == [liar_addr], summary
+        assert summary["peers_dropped_for_bad_data"] == 1, summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for listener in listeners:
+            listener.close()
         assert d.stop() == 0, d.stderr()
 
 
