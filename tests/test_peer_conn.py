@@ -1141,6 +1141,43 @@ def test_started_pieces_are_finished_before_rarer_ones(torrents: dict[str, Sourc
     assert nxt[0][0] != 0 and nxt[0][0] != 3  # a rare one, not the common piece 3
 
 
+def test_a_piece_asked_of_one_peer_alone_is_given_to_no_other(
+        torrents: dict[str, Source]) -> None:
+    """A piece that failed with blocks of several peers is asked of one peer alone,
+    whole: the first that is asked for it takes it, no other peer is given a block of
+    it (nor a copy in the end game) while that peer has it, and it passes to the next
+    peer when that one lets a request of it go (choked, rejected, late) or goes; it is
+    asked of one alone again after another failure, until it verifies."""
+    meta = torrents["v1/odd/64k"].meta
+    n = meta.num_pieces
+    pk = Picker(meta, [True] * n)
+    pk.piece_lost(0)  # (the one piece we lack)
+    pk.peer_has([0])
+    pk.peer_has([0])
+    per = len(pk.plan(0))
+    a = pk.pick("A", None, 1)
+    b = pk.pick("B", None, per)
+    assert {x[0] for x in a + b} == {0} and len(a) + len(b) == per  # (both gave blocks)
+    pk.piece_failed(0)
+    pk.ask_of_one(0)
+    assert pk.taker(0) is None
+    got = pk.pick("B", None, 2)
+    assert [x[0] for x in got] == [0, 0] and pk.taker(0) == "B"
+    assert pk.pick("A", None, per) == []  # (not even in the end game)
+    assert {x[1] for x in pk.pick("B", None, per)} == {b for b, _ in pk.plan(0)[2:]}
+    pk.request_dropped("B", got[0])  # (B rejected a block: the piece passes on)
+    assert pk.taker(0) is None
+    assert pk.pick("A", None, per) == [got[0]] and pk.taker(0) == "A"
+    assert pk.pick("B", None, per) == []
+    pk.peer_gone("A")
+    assert pk.taker(0) is None
+    pk.piece_failed(0)  # (failed again: still asked of one alone)
+    assert len(pk.pick("B", None, per)) == per and pk.taker(0) == "B"
+    assert pk.pick("A", None, per) == []
+    pk.piece_verified(0)
+    assert pk.taker(0) is None and pk.complete
+
+
 def test_refusals_of_the_daemon_halve_the_pieces_begun_and_verified_ones_grow_them(
         tmp_path: Path) -> None:
     """The daemon refuses a block when it holds as many pieces in progress as it may: the
