@@ -82,7 +82,7 @@ def reads_unread(work: Path, args: argparse.Namespace, env: dict[str, str]) -> d
                     encode_read(j + 1, ih, (i + j) % pieces, (j % 4) * length, length)
                     for j in range(args.reads)))
                 conns.append(rc)
-            peak_rss = peak_unsent = 0
+            peak_rss, peak_unsent = 0, -1
             small: list[float] = []
             big: list[float] = []
             end = time.monotonic() + args.seconds

@@ -1289,8 +1289,15 @@ class Connection:
             ran += len(batch)
             out: list[Out] = []
             tokens: list[tuple[int, int]] = []
-            freed = pledged = 0
+            freed = pledged = credit = 0
             batch = _coalesce(batch)
+            if not self.closed:
+                # Room for the batch's replies taken at once where it fits (a lock taken
+                # for every one of thousands of small reads, by every worker, made a
+                # flood of them take half as long again); else a reply at a time.
+                want = sum(getattr(job, "reply", 0) for job in batch)
+                if want and server.pledge(want, False):
+                    pledged = credit = want
             for i, job in enumerate(batch):
                 if not long and (self._is_long(job, held) or not self._hold(job, held)):
                     with self._lane_lock:
@@ -1298,7 +1305,9 @@ class Connection:
                     moving = True
                     break
                 reply = getattr(job, "reply", 0)
-                if reply and not self.closed:
+                if reply and reply <= credit:
+                    credit -= reply
+                elif reply and not self.closed:
                     # Room for its reply in the daemon-wide bound, with what this run
                     # made and has not handed the loop yet (held as a pledge till then).
                     if not server.pledge(reply, not produced and not self._out_bytes):
