@@ -51,4 +51,5 @@ run async_writes $PY bench/async_reads.py --size-mib 256 --repeat 3 --inflight 6
 run huge_files $PY bench/huge_torrents.py --files 100000
 run huge_pieces $PY bench/huge_torrents.py --files 1 --file-bytes 17179869184 --piece-kib 16
 run backends $PY bench/backends.py --size-mib 1024 --backends posix,direct,uring
+run hostile_clients $PY bench/hostile_clients.py
 $PY -c 'import json, os; print(json.dumps({"loadavg_at_end": os.getloadavg()}))' >"$OUT/end.json"
