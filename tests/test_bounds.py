@@ -21,6 +21,7 @@ import socket
 import termios
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1813,16 +1814,14 @@ def test_a_long_lived_connection_of_small_requests_keeps_its_buffer_small(
         assert d.stop() == 0
 
 
-def test_a_flood_of_requests_is_parsed_in_turns_with_the_other_clients(tmp_path: Path) -> None:
-    """Twenty connections each send 4,000 requests at once and read nothing. Each one's
-    were parsed in one go, in the event loop: a hundred such held it for seconds, and a
-    client's every request, its connect too, waited (a `stats` took 25 s). Each is parsed
-    a turn of PARSE_TURN frames at a time, the others' turns between: another client is
-    answered while most of the flood waits to be parsed, and the flood is answered whole
-    after. (The daemon's own objects, in this process: what is left to parse is seen.)"""
-    floods, each = 20, 4000
+@contextlib.contextmanager
+def _server_in_process(tmp_path: Path, workers: int | None = None
+                       ) -> Iterator[tuple[Server, Path, list[RawConn]]]:
+    """The daemon's server on a Unix socket, run by a loop in a thread of this process
+    (its objects seen by the test): it, the socket's path, and a list for the test's
+    connections to it, closed before the server stops."""
     disk = DiskIO(cache_bytes=4 * 1024 * 1024, state_dir=tmp_path / "state")
-    server = Server(disk)
+    server = Server(disk, workers=workers)
     path = tmp_path / "s.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -1833,10 +1832,35 @@ def test_a_flood_of_requests_is_parsed_in_turns_with_the_other_clients(tmp_path:
     conns: list[RawConn] = []
     try:
         loop.call_soon_threadsafe(server.start, listener)
-        unknown = bytes(range(20))  # (each READ answered with an error: no work besides)
-        flood = b"".join(encode_read(k + 1, unknown, 0, 0, 1) for k in range(each))
-        for _ in range(floods):
-            conns.append(RawConn(path))
+        yield server, path, conns
+    finally:
+        for conn in conns:
+            conn.sock.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        server.executor.shutdown()
+        server.long_executor.shutdown()
+        disk.close()
+        listener.close()
+
+
+def _flood(each: int) -> bytes:
+    """READs of a torrent the daemon does not have: each answered with an error, no work
+    besides."""
+    return b"".join(encode_read(k + 1, bytes(range(20)), 0, 0, 1) for k in range(each))
+
+
+def test_a_flood_of_requests_is_parsed_in_turns_with_the_other_clients(tmp_path: Path) -> None:
+    """Twenty connections each send 4,000 requests at once and read nothing. Each one's
+    were parsed in one go, in the event loop: a hundred such held it for seconds, and a
+    client's every request, its connect too, waited (a `stats` took 25 s). Each is parsed
+    a turn of PARSE_TURN frames at a time, the others' turns between: another client is
+    answered while most of the flood waits to be parsed, and the flood is answered whole
+    after. (The daemon's own objects, in this process: what is left to parse is seen.)"""
+    floods, each = 20, 4000
+    flood = _flood(each)
+    with _server_in_process(tmp_path) as (server, path, conns):
+        conns += [RawConn(path) for _ in range(floods)]
         for conn in conns:
             conn.sock.sendall(flood)
 
@@ -1855,15 +1879,6 @@ def test_a_flood_of_requests_is_parsed_in_turns_with_the_other_clients(tmp_path:
             replies = conn.replies(each)
             assert sorted(r.id for r in replies) == list(range(1, each + 1))
             assert {r.type for r in replies} == {FrameType.ERROR}
-    finally:
-        for conn in conns:
-            conn.sock.close()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        server.executor.shutdown()
-        server.long_executor.shutdown()
-        disk.close()
-        listener.close()
 
 
 def test_a_lane_with_thousands_of_requests_runs_them_in_turns_with_the_others(
@@ -1876,51 +1891,30 @@ def test_a_lane_with_thousands_of_requests_runs_them_in_turns_with_the_others(
     flood still waiting. (One short worker, held by the test until the lanes are full;
     the daemon's own objects, in this process: what waits is seen.)"""
     floods, each = 3, 4000
-    disk = DiskIO(cache_bytes=4 * 1024 * 1024, state_dir=tmp_path / "state")
-    server = Server(disk, workers=1)
-    path = tmp_path / "s.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(64)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    conns: list[RawConn] = []
     held = threading.Event()
-    try:
-        loop.call_soon_threadsafe(server.start, listener)
-        unknown = bytes(range(20))  # (each READ answered with an error: no work besides)
-        flood = b"".join(encode_read(k + 1, unknown, 0, 0, 1) for k in range(each))
-        for _ in range(floods):
-            conns.append(RawConn(path))
-        server.executor.submit(held.wait, 60)  # (the one short worker, held)
-        for conn in conns:
-            conn.sock.sendall(flood)
+    with _server_in_process(tmp_path, workers=1) as (server, path, conns):
+        try:
+            conns += [RawConn(path) for _ in range(floods)]
+            server.executor.submit(held.wait, 60)  # (the one short worker, held)
+            for conn in conns:
+                conn.sock.sendall(_flood(each))
 
-        def waiting() -> int:
-            return sum(len(c._lane) for c in list(server.clients))
+            def waiting() -> int:
+                return sum(len(c._lane) for c in list(server.clients))
 
-        deadline = time.monotonic() + 30
-        while waiting() < floods * each and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert waiting() == floods * each
-        good = RawConn(path)
-        good.sock.sendall(encode_request(1, "stats", {}))
-        time.sleep(0.2)  # (its request parsed, its lane queued behind the floods')
-        held.set()
-        (reply,) = good.replies(1)
-        left = waiting()
-        print(f"answered with {left} of {floods * each} flooded requests waiting")
-        assert reply.type == FrameType.RESPONSE
-        assert left > floods * each // 2
-        good.sock.close()
-    finally:
-        held.set()
-        for conn in conns:
-            conn.sock.close()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        server.executor.shutdown()
-        server.long_executor.shutdown()
-        disk.close()
-        listener.close()
+            deadline = time.monotonic() + 30
+            while waiting() < floods * each and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert waiting() == floods * each
+            good = RawConn(path)
+            conns.append(good)
+            good.sock.sendall(encode_request(1, "stats", {}))
+            time.sleep(0.2)  # (its request parsed, its lane queued behind the floods')
+            held.set()
+            (reply,) = good.replies(1)
+            left = waiting()
+            print(f"answered with {left} of {floods * each} flooded requests waiting")
+            assert reply.type == FrameType.RESPONSE
+            assert left > floods * each // 2
+        finally:
+            held.set()
