@@ -32,7 +32,9 @@ import os
 import select
 import socket
 import stat
+import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
@@ -193,7 +195,7 @@ class Server:
         self.drop_limit = 4 * self.ring_bytes
         # Unsent output of every client together (``unsent``), and the replies of reads
         # under way (``pledged``, taken by the worker that runs them): over max_unsent, a
-        # read waits for room, and a client with output unsent runs nothing more. Bounded
+        # read waits for room (a client with nothing unsent gets a reply at a time). Bounded
         # per client alone, max_clients clients that send reads and read nothing held
         # gigabytes (255: 5 GiB). Those that wait are woken in turn as room is made; a
         # client that reads nothing of what it holds meanwhile is dropped (see _room_due).
@@ -463,22 +465,31 @@ class Server:
 
     # -- the daemon-wide bound on unsent output (loop thread, but pledge) ---------------------
     def room(self, needs: int, idle: bool = False) -> bool:
-        """Whether ``needs`` more bytes of replies fit (0: whether any room is left). With
-        nothing unsent anywhere, anything fits: some client must go on. ``idle``: for a
-        client with nothing unsent, one reply always fits, so that a client that reads
-        what it asks for is never held up by others that do not (they hold the room
-        until they are dropped, see _room_due); the bound is passed by a reply a client
-        at most."""
+        """Whether a read's reply of ``needs`` bytes fits. With nothing unsent anywhere,
+        anything fits: some client must go on. ``idle``: for a client with nothing
+        unsent, one reply always fits, so that a client that reads what it asks for is
+        never held up by others that do not (they hold the room until they are dropped,
+        see _room_due); the bound is passed by a reply a client at most, for as long."""
         held = self.unsent + self.pledged
         return idle or held + needs <= self.max_unsent or held == 0
 
-    def pledge(self, needs: int, idle: bool) -> bool:
-        """(Worker thread) Take room for a reply of ``needs`` bytes, if it fits."""
+    def pledge(self, needs: int, idle: bool, strict: bool = False) -> bool:
+        """(Worker thread) Take room for replies of ``needs`` bytes, if they fit
+        (``strict``: within the bound, whatever else holds)."""
         with self._pledge_lock:
-            if not self.room(needs, idle):
+            if strict:
+                if self.unsent + self.pledged + needs > self.max_unsent:
+                    return False
+            elif not self.room(needs, idle):
                 return False
             self.pledged += needs
             return True
+
+    def over_bound(self) -> None:
+        """(After output was queued) More than max_unsent_bytes is held: the clients that
+        read nothing of theirs are looked for (see _room_due) even if nobody waits."""
+        if self.unsent > self.max_unsent:
+            self._watch_room()
 
     def waits_for_room(self) -> bool:
         return bool(self._waiting_room)
@@ -488,12 +499,16 @@ class Server:
             self.pledged -= n
 
     def wait_for_room(self, conn: Connection) -> None:
-        """``conn``'s lane waits for room (its ``needs``): woken in turn by room_made."""
+        """``conn``'s lane waits for room (its ``needs``): woken in turn by room_made,
+        or as soon as it has nothing unsent (see Connection._flush_out)."""
         if not conn.waiting_room:
             conn.waiting_room = True
             self._waiting_room.append(conn)
+        self._watch_room()
+
+    def _watch_room(self) -> None:
         if self._room_timer is None and self.loop is not None:
-            self._room_marks = {c: c.sent for c in self.clients if c.holds_unsent()}
+            self._room_marks = {c: c.consumed() for c in self.clients if c.holds_unsent()}
             self._room_timer = self.loop.call_later(self.frame_timeout, self._room_due)
 
     def room_made(self) -> None:
@@ -519,20 +534,23 @@ class Server:
             conn.resume_for_room()
 
     def _room_due(self) -> None:
-        """Clients wait for room: a client that held output unsent for the whole of the
-        last frame_timeout and read less than MIN_FRAME_RATE a second of it holds room
-        others wait for, and is dropped (what it was sent is its own to read; it reads
-        nothing). While nobody waits, nobody is dropped for it."""
+        """Clients wait for room, or more than max_unsent_bytes is held: a client that
+        held output unsent for the whole of the last frame_timeout and read less than
+        MIN_FRAME_RATE a second of it holds room others need, and is dropped (what it
+        was sent is its own to read; it reads nothing). While nobody waits and the bound
+        holds, nobody is dropped for it."""
         self._room_timer = None
-        if not any(c.waiting_room and not c.closed for c in self._waiting_room):
+        waiting = any(c.waiting_room and not c.closed for c in self._waiting_room)
+        if not waiting:
             self._waiting_room.clear()
+        if not waiting and self.unsent <= self.max_unsent:
             self._room_marks = {}
             return
         timeout = self.frame_timeout
         for conn, mark in list(self._room_marks.items()):
             if conn.closed or not conn.holds_unsent():
                 continue
-            got = conn.sent - mark
+            got = conn.consumed() - mark
             if got < MIN_FRAME_RATE * timeout:
                 log.warning("dropping a client that does not read its replies while others "
                             "wait for room (%d bytes held unsent, %d read in the last %.0f s; "
@@ -540,10 +558,7 @@ class Server:
                             self.max_unsent, conn.who)
                 self.dropped += 1
                 conn.close()  # (room made: those waiting go on, and may wait again)
-        if self._room_timer is None:
-            assert self.loop is not None
-            self._room_marks = {c: c.sent for c in self.clients if c.holds_unsent()}
-            self._room_timer = self.loop.call_later(timeout, self._room_due)
+        self._watch_room()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -1222,9 +1237,11 @@ class Connection:
         """Start the lane's worker (loop thread only) if it has jobs and is not running,
         unless the client's unsent output is over the limit: then :meth:`_resume` starts
         it once the client has read enough. Nor while the daemon's unsent output, all
-        clients', has no room for what it waits for (a read's reply; or any room, for a
-        client with output unsent): then the server wakes it in turn. A closed
-        connection finishes its jobs."""
+        clients', has no room for the read it waits for: then the server wakes it in
+        turn, or it goes on once it has nothing unsent. (Its other jobs are not held:
+        their replies are a few bytes, and a client whose writes stopped while events
+        for it waited unread stopped reading, blocked in its send.) A closed connection
+        finishes its jobs."""
         if self._lane_busy or not self._lane:
             return
         if self.server.shut:  # (the daemon has stopped: a client gone since has nobody
@@ -1234,8 +1251,7 @@ class Connection:
         if not self.closed:
             if self._out_bytes > self.server.out_limit:
                 return
-            if ((self.needs or self._out_bytes)
-                    and not self.server.room(self.needs, not self._out_bytes)):
+            if self.needs and not self.server.room(self.needs, not self._out_bytes):
                 self.server.wait_for_room(self)
                 return
         self._lane_busy = True
@@ -1296,7 +1312,7 @@ class Connection:
                 # for every one of thousands of small reads, by every worker, made a
                 # flood of them take half as long again); else a reply at a time.
                 want = sum(getattr(job, "reply", 0) for job in batch)
-                if want and server.pledge(want, False):
+                if want and server.pledge(want, False, strict=True):
                     pledged = credit = want
             for i, job in enumerate(batch):
                 if not long and (self._is_long(job, held) or not self._hold(job, held)):
@@ -1383,6 +1399,17 @@ class Connection:
     def holds_unsent(self) -> bool:
         return not self.closed and self._out_bytes > 0
 
+    def consumed(self) -> int:
+        """About how many bytes of its output the client has read: what was sent less
+        what its socket still holds unread. (Sent alone moves in bursts: the socket
+        takes more only once the client has read most of what it holds, 200 KiB, and
+        a client reading 20 KiB a second was seen to read nothing over 3-10 s.)"""
+        try:
+            queued: int = struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, _INT))[0]
+        except OSError:
+            queued = 0
+        return self.sent - queued
+
     def unsent_bytes(self) -> int:
         return self._out_bytes
 
@@ -1401,6 +1428,8 @@ class Connection:
         self._out_bytes += added
         self.server.unsent += added
         self._flush_out()
+        if self._out_bytes > 0:
+            self.server.over_bound()
         if self._out_bytes > self.server.drop_limit and not self.closed:
             # Only events get here (lane replies pause at out_limit): the client does
             # not read them, and they cannot be held back, so it goes.
@@ -1433,6 +1462,8 @@ class Connection:
             self._out_bytes -= gone
             server.unsent -= gone
         if self._out_bytes != before and server.waits_for_room():
+            if self.waiting_room and not self._out_bytes:
+                self._resume()  # (a read that waits for room: it has nothing unsent now)
             server.room_made()
         if self._out and not self._writing:
             self._writing = True
@@ -1481,6 +1512,7 @@ _WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 
 
 _PAGE = mmap.PAGESIZE
+_INT = bytes(4)
 # mincore is a call of a microsecond: made holding the interpreter's lock (PyDLL), a
 # lane does not give that lock up at each block and wait to get it back.
 _libc = ctypes.PyDLL(None, use_errno=True)

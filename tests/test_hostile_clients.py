@@ -28,6 +28,7 @@ from pieced.protocol.frames import (
     FrameType,
     encode_control,
     encode_read,
+    encode_write_header,
     encode_write_ring,
 )
 from pieced.protocol.messages import decode_error, encode_request, hello, to_wire
@@ -1046,3 +1047,184 @@ def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: P
     err = d.stderr()
     assert code == 0 and "Traceback" not in err, err
     assert "dropping a client that does not read its replies while others wait" in err
+
+
+def _never_reading(path: Path, ih: bytes, count: int, length: int, pieces: int) -> RawConn:
+    """A client that sends ``count`` READs of ``length`` bytes and reads nothing."""
+    conn = RawConn(path)
+    conn.sock.setblocking(False)
+    frames = b"".join(encode_read(k + 1, ih, k % pieces, 0, length) for k in range(count))
+    with contextlib.suppress(BlockingIOError):
+        conn.sock.send(frames)  # (as much as the daemon takes)
+    return conn
+
+
+def test_a_writer_whose_events_wait_unread_goes_on_writing_past_the_bound(
+    tmp_path: Path
+) -> None:
+    """A client sends thousands of blocks, reading nothing meanwhile (a send that blocks
+    blocks it), and the replies and events for it pile up past `max_unsent_bytes`. Its
+    writes must go on all the same: held back, its receive buffer filled, the daemon
+    stopped reading it, its send blocked for ever, and it never read (the reference
+    blocking client writing while subscribed to busy torrents hung so)."""
+    mib = 1024 * 1024
+    content = make_payload(tmp_path / "src", 48 * mib, seed=12)
+    data = content.read_bytes()
+    raw = make_torrent_lt(content, 16384, "v1")
+    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": "65536"})
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+        writer = RawConn(d.socket)
+        pieces = len(data) // 16384
+        writer.sock.settimeout(60)  # (a send that never ends fails the test)
+        for k in range(pieces):
+            writer.sock.sendall(encode_write_header(k + 1, ih, k, 0, 16384)
+                                + data[k * 16384 : (k + 1) * 16384])
+        replies = writer.replies(pieces)
+        assert {r.type for r in replies} == {FrameType.ACK}
+        writer.sock.close()
+        with Client(d.socket) as c:
+            c.flush_all()
+            assert c.status(ih)["verified_pieces"] == pieces
+    finally:
+        _stops_cleanly(d)
+
+
+def test_readers_are_not_held_up_by_clients_that_read_nothing_as_events_come(
+    tmp_path: Path
+) -> None:
+    """Readers with many reads in flight, subscribed to torrents another client fills
+    (events for them all the time), beside ten clients that read nothing and hold the
+    room of `max_unsent_bytes`. A reader whose read waited for room, and whose output an
+    event's send emptied, was not woken: its reads waited until the clients that read
+    nothing were dropped (2 x frame_timeout_ms). They are all answered before any is."""
+    mib = 1024 * 1024
+    content = make_payload(tmp_path / "src", 16 * mib, seed=13)
+    data = content.read_bytes()
+    raw = make_torrent_lt(content, mib, "v1")
+    busy = make_payload(tmp_path / "busy", 8 * mib, seed=14)
+    busy_raw = make_torrent_lt(busy, 16384, "v1")
+    busy_data = busy.read_bytes()
+    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": "65536",
+                              "PIECED_FRAME_TIMEOUT_MS": "20000"})
+    hostile: list[RawConn] = []
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            c.recheck(ih)
+            busy_ih = c.register(busy_raw, tmp_path / "dl")
+        hostile = [_never_reading(d.socket, ih, 3000, [16384, mib][k % 2], 16)
+                   for k in range(10)]
+
+        def fill() -> None:
+            with Client(d.socket) as c:
+                for k in range(len(busy_data) // 16384):
+                    c.write_chunk(busy_ih, k, 0, busy_data[k * 16384 : (k + 1) * 16384])
+                c.wait_writes()
+
+        writer = threading.Thread(target=fill)
+        writer.start()
+
+        async def read(seed: int) -> int:
+            rng = random.Random(seed)
+            done = 0
+            async with AsyncClient(d.socket) as c:
+                await c.subscribe(busy_ih)
+                for _ in range(20):
+                    asks = [(rng.randrange(16), rng.choice([16384, 65536, 262144]))
+                            for _ in range(rng.choice([16, 64]))]
+                    got = await asyncio.wait_for(asyncio.gather(
+                        *(c.read_chunk(ih, p, 0, n) for p, n in asks)), 120)
+                    for (p, n), g in zip(asks, got, strict=True):
+                        assert bytes(g) == data[p * mib : p * mib + n]
+                    done += len(asks)
+            return done
+
+        async def readers() -> list[int]:
+            return list(await asyncio.gather(*(read(k) for k in range(4))))
+
+        assert all(asyncio.run(readers()))
+        with Client(d.socket) as c:
+            assert c.stats()["clients_dropped"] == 0  # (answered within the window)
+        writer.join(60)
+    finally:
+        for conn in hostile:
+            conn.sock.close()
+        _stops_cleanly(d)
+
+
+def test_a_client_that_reads_nothing_holds_the_bound_and_a_reply_then_goes(
+    tmp_path: Path
+) -> None:
+    """One client sends 256 READs and reads nothing, on a daemon nothing else uses. Its
+    lane took room for a batch of them at once when nothing else was held, whatever the
+    bound (4 MiB held against 64 KiB); and nobody waiting, it was never dropped. It
+    holds the bound and a reply more at most, and is dropped once it has read nothing
+    for `frame_timeout_ms` with more than the bound held."""
+    bound, block = 65536, 16384
+    content = make_payload(tmp_path / "src", 8 * 1024 * 1024, seed=15)
+    raw = make_torrent_lt(content, 1024 * 1024, "v1")
+    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": str(bound),
+                              "PIECED_FRAME_TIMEOUT_MS": "2000"})
+    conn: RawConn | None = None
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            c.recheck(ih)
+            conn = _never_reading(d.socket, ih, 256, block, 8)
+            peak = 0
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                peak = max(peak, c.stats()["unsent_bytes"])
+            assert bound // 2 < peak <= bound + 2 * block, peak
+            wait_for(lambda: c.stats()["clients_dropped"] == 1, timeout=30)
+            assert c.stats()["unsent_bytes"] == 0
+    finally:
+        if conn is not None:
+            conn.sock.close()
+        _stops_cleanly(d)
+
+
+def test_a_client_reading_a_little_faster_than_wanted_is_kept(tmp_path: Path) -> None:
+    """While others wait for room, a client holding replies is dropped if it reads less
+    than 16 KiB a second of them. What it read was taken as what the daemon sent, which
+    comes in bursts (its socket takes more only once the client has read most of what
+    the socket holds, 200 KiB): a client reading 24 KiB a second saw nothing sent in a
+    window of 3 s, and was dropped. What it read is what was sent less what its socket
+    still holds; a client reading twice as fast as wanted is kept, one reading nothing
+    is dropped."""
+    mib = 1024 * 1024
+    content = make_payload(tmp_path / "src", 8 * mib, seed=16)
+    raw = make_torrent_lt(content, mib, "v1")
+    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": "65536",
+                              "PIECED_FRAME_TIMEOUT_MS": "3000"})
+    conns: list[RawConn] = []
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "src")
+            c.recheck(ih)
+            hostile = _never_reading(d.socket, ih, 3000, mib, 8)  # (others wait for room)
+            slow = _never_reading(d.socket, ih, 3000, 65536, 8)
+            conns += [hostile, slow]
+            slow.sock.setblocking(True)
+            slow.sock.settimeout(5)
+            got, start = 0, time.monotonic()
+            with contextlib.suppress(OSError):
+                while time.monotonic() - start < 10:
+                    allowed = int(32 * 1024 * (time.monotonic() - start)) - got
+                    if allowed <= 0:
+                        time.sleep(0.05)
+                        continue
+                    chunk = slow.sock.recv(min(allowed, 4096))
+                    if not chunk:
+                        break
+                    got += len(chunk)
+            print(f"read {got} bytes in {time.monotonic() - start:.1f} s")
+            assert time.monotonic() - start >= 10, "the slow reader was dropped"
+            wait_for(lambda: c.stats()["clients_dropped"] >= 1, timeout=30)  # (the other)
+            assert c.stats()["clients_dropped"] == 1
+    finally:
+        for conn in conns:
+            conn.sock.close()
+        _stops_cleanly(d)
