@@ -983,6 +983,21 @@ def test_a_client_rewriting_its_ring_under_a_write_never_gets_wrong_bytes_verifi
     _stops_cleanly(d)
 
 
+def _checked(tmp_path: Path, size: int, piece: int, seed: int,
+             env: dict[str, str]) -> tuple[Daemon, bytes, bytes]:
+    """A daemon (run with ``env``) and a v1 torrent of ``size`` bytes in pieces of
+    ``piece``, registered over its data and checked: the daemon, the torrent's key and
+    its bytes."""
+    content = make_payload(tmp_path / "src", size, seed=seed)
+    raw = make_torrent_lt(content, piece, "v1")
+    d = Daemon(tmp_path, env=env)
+    with Client(d.socket) as c:
+        ih = c.register(raw, tmp_path / "src")
+        c.recheck(ih)
+        assert c.status(ih)["verified_pieces"] == -(-size // piece)
+    return d, ih, content.read_bytes()
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -1001,17 +1016,12 @@ def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: P
     others wait for room are dropped."""
     mib = 1024 * 1024
     bound, hostile, asks = 4 * mib, 20, 8
-    content = make_payload(tmp_path / "src", 8 * mib, seed=11)
-    data = content.read_bytes()
-    raw = make_torrent_lt(content, 4 * mib, "v1")
-    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": str(bound),
-                              "PIECED_FRAME_TIMEOUT_MS": "2000"})
+    d, ih, data = _checked(tmp_path, 8 * mib, 4 * mib, 11,
+                           {"PIECED_MAX_UNSENT_BYTES": str(bound),
+                            "PIECED_FRAME_TIMEOUT_MS": "2000"})
     conns: list[RawConn] = []
     try:
         with Client(d.socket) as good:
-            ih = good.register(raw, tmp_path / "src")
-            good.recheck(ih)
-            assert good.status(ih)["verified_pieces"] == 2
             for piece in (0, 1):  # (the pieces in the cache before the baseline)
                 good.read_chunk(ih, piece, 0, 4 * mib - 16)
             before = _rss(d.proc.pid)
@@ -1100,19 +1110,15 @@ def test_readers_are_not_held_up_by_clients_that_read_nothing_as_events_come(
     event's send emptied, was not woken: its reads waited until the clients that read
     nothing were dropped (2 x frame_timeout_ms). They are all answered before any is."""
     mib = 1024 * 1024
-    content = make_payload(tmp_path / "src", 16 * mib, seed=13)
-    data = content.read_bytes()
-    raw = make_torrent_lt(content, mib, "v1")
+    d, ih, data = _checked(tmp_path, 16 * mib, mib, 13,
+                           {"PIECED_MAX_UNSENT_BYTES": "65536",
+                            "PIECED_FRAME_TIMEOUT_MS": "20000"})
     busy = make_payload(tmp_path / "busy", 8 * mib, seed=14)
     busy_raw = make_torrent_lt(busy, 16384, "v1")
     busy_data = busy.read_bytes()
-    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": "65536",
-                              "PIECED_FRAME_TIMEOUT_MS": "20000"})
     hostile: list[RawConn] = []
     try:
         with Client(d.socket) as c:
-            ih = c.register(raw, tmp_path / "src")
-            c.recheck(ih)
             busy_ih = c.register(busy_raw, tmp_path / "dl")
         hostile = [_never_reading(d.socket, ih, 3000, [16384, mib][k % 2], 16)
                    for k in range(10)]
@@ -1163,15 +1169,12 @@ def test_a_client_that_reads_nothing_holds_the_bound_and_a_reply_then_goes(
     holds the bound and a reply more at most, and is dropped once it has read nothing
     for `frame_timeout_ms` with more than the bound held."""
     bound, block = 65536, 16384
-    content = make_payload(tmp_path / "src", 8 * 1024 * 1024, seed=15)
-    raw = make_torrent_lt(content, 1024 * 1024, "v1")
-    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": str(bound),
-                              "PIECED_FRAME_TIMEOUT_MS": "2000"})
+    d, ih, _ = _checked(tmp_path, 8 * 1024 * 1024, 1024 * 1024, 15,
+                        {"PIECED_MAX_UNSENT_BYTES": str(bound),
+                         "PIECED_FRAME_TIMEOUT_MS": "2000"})
     conn: RawConn | None = None
     try:
         with Client(d.socket) as c:
-            ih = c.register(raw, tmp_path / "src")
-            c.recheck(ih)
             conn = _never_reading(d.socket, ih, 256, block, 8)
             peak = 0
             end = time.monotonic() + 1.0
@@ -1195,15 +1198,12 @@ def test_a_client_reading_a_little_faster_than_wanted_is_kept(tmp_path: Path) ->
     still holds; a client reading twice as fast as wanted is kept, one reading nothing
     is dropped."""
     mib = 1024 * 1024
-    content = make_payload(tmp_path / "src", 8 * mib, seed=16)
-    raw = make_torrent_lt(content, mib, "v1")
-    d = Daemon(tmp_path, env={"PIECED_MAX_UNSENT_BYTES": "65536",
-                              "PIECED_FRAME_TIMEOUT_MS": "3000"})
+    d, ih, _ = _checked(tmp_path, 8 * mib, mib, 16,
+                        {"PIECED_MAX_UNSENT_BYTES": "65536",
+                         "PIECED_FRAME_TIMEOUT_MS": "3000"})
     conns: list[RawConn] = []
     try:
         with Client(d.socket) as c:
-            ih = c.register(raw, tmp_path / "src")
-            c.recheck(ih)
             hostile = _never_reading(d.socket, ih, 3000, mib, 8)  # (others wait for room)
             slow = _never_reading(d.socket, ih, 3000, 65536, 8)
             conns += [hostile, slow]
