@@ -547,14 +547,15 @@ class Server:
             self._room_marks = {}
             return
         timeout = self.frame_timeout
+        why = "others wait for room" if waiting else "more than max_unsent_bytes is held"
         for conn, mark in list(self._room_marks.items()):
             if conn.closed or not conn.holds_unsent():
                 continue
             got = conn.consumed() - mark
             if got < MIN_FRAME_RATE * timeout:
-                log.warning("dropping a client that does not read its replies while others "
-                            "wait for room (%d bytes held unsent, %d read in the last %.0f s; "
-                            "max_unsent_bytes %d), %s", conn.unsent_bytes(), got, timeout,
+                log.warning("dropping a client that does not read its replies while %s (%d "
+                            "bytes held unsent, %d read in the last %.0f s; max_unsent_bytes "
+                            "%d), %s", why, conn.unsent_bytes(), got, timeout,
                             self.max_unsent, conn.who)
                 self.dropped += 1
                 conn.close()  # (room made: those waiting go on, and may wait again)

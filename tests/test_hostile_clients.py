@@ -1056,7 +1056,7 @@ def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: P
         code = d.stop()
     err = d.stderr()
     assert code == 0 and "Traceback" not in err, err
-    assert "dropping a client that does not read its replies while others wait" in err
+    assert "dropping a client that does not read its replies while" in err
 
 
 def _never_reading(path: Path, ih: bytes, count: int, length: int, pieces: int) -> RawConn:
