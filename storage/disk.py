@@ -661,7 +661,9 @@ class DiskIO:
                     if now:
                         with t.lock:
                             while t.plain_writes:
+                                t.plain_awaited = True
                                 t.plain_done.wait()
+                            t.plain_awaited = False
             return came
 
     def _place(self, t: Torrent) -> None:
@@ -739,7 +741,7 @@ class DiskIO:
             finally:
                 with t.lock:
                     t.plain_writes -= 1
-                    if not t.plain_writes:
+                    if t.plain_awaited and not t.plain_writes:  # (a notify costs, per block)
                         t.plain_done.notify_all()
         # One write into shared files at a time: a write of "the bytes already there"
         # is that only if no other lands between the look and the write.

@@ -241,6 +241,7 @@ class Torrent:
         # torrent coming to share its files waits for them (DiskIO._reshare).
         self.plain_writes = 0
         self.plain_done = threading.Condition(self.lock)
+        self.plain_awaited = False  # someone waits on plain_done
         self.moving = False  # its files are being moved or renamed (a fenced operation)
         # File -> the inode the state folder names for it (the resume record's stamps,
         # then the journal's FILE records; changed under the journal lock): a piece
