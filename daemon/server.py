@@ -206,7 +206,12 @@ class Server:
         self._pledge_lock = threading.Lock()
         self._waiting_room: collections.deque[Connection] = collections.deque()
         self._room_timer: asyncio.TimerHandle | None = None
-        self._room_marks: dict[Connection, int] = {}
+        # Client -> (what it had read, what it had been sent, when): see _watch_room.
+        self._room_marks: dict[Connection, tuple[int, int, float]] = {}
+        # Until when a place is wanted (a client allowed in was refused for max_clients),
+        # and whether the marks of this round are of every client that leaves output unread.
+        self._places_until = 0.0
+        self._marked_places = False
         self.max_clients = max_clients
         self.max_ring = max_ring
         self.handshake_timeout = handshake_timeout
@@ -335,12 +340,21 @@ class Server:
                 gone = self._by_fd.get(fd)
                 if gone is not None and gone.hung_up():
                     gone.close()
+        denied = self._denied(sock)
+        if denied is not None:  # (full or not: a stranger is told no more than that)
+            return denied
         if len(self.clients) + len(self.draining) >= self.max_clients:
+            self._want_place()
             left = (f" ({len(self.draining)} of them gone, their last jobs still waiting "
                     "to be carried out)" if self.draining else "")
             return AccessDenied(f"too many clients: the daemon has max_clients = "
-                                f"{self.max_clients} connected already{left}",
+                                f"{self.max_clients} connected already{left}; clients that "
+                                "leave their replies unread are dropped to make room",
                                 errno=errno.EBUSY)
+        return None
+
+    def _denied(self, sock: socket.socket) -> AccessDenied | None:
+        """The refusal of a peer whose credentials are not allowed, if they are not."""
         if self.allow_uids is None and self.allow_gids is None:
             return None
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -506,9 +520,39 @@ class Server:
             self._waiting_room.append(conn)
         self._watch_room()
 
+    def _want_place(self) -> None:
+        """A client allowed in was refused for max_clients: for two frame_timeouts from
+        now, the clients that leave what they were sent unread are looked for, as for
+        clients waiting for room (see _room_due), so that clients that connect and read
+        nothing (their replies, or a mere HELLO's) do not hold the places for good."""
+        if self.loop is None:
+            return
+        now = self.loop.time()
+        self._places_until = now + 2 * self.frame_timeout
+        if self._room_timer is None:
+            self._watch_room()
+        elif not self._marked_places:  # (once a round: refusals may come in floods)
+            self._mark(now, True)
+
+    def _mark(self, now: float, places: bool) -> None:
+        """Mark the clients not marked yet that hold output unsent, or, while a place is
+        wanted, that leave any unread in their socket (one that reads what it is sent
+        holds nothing a moment later, and is not marked)."""
+        marks = self._room_marks
+        for c in self.clients:
+            if c in marks:
+                continue
+            if c.holds_unsent():
+                marks[c] = (c.consumed(), c.sent, now)
+            elif places and not c.closed and (got := c.consumed()) < c.sent:
+                marks[c] = (got, c.sent, now)
+        self._marked_places = self._marked_places or places
+
     def _watch_room(self) -> None:
         if self._room_timer is None and self.loop is not None:
-            self._room_marks = {c: c.consumed() for c in self.clients if c.holds_unsent()}
+            now = self.loop.time()
+            self._marked_places = False
+            self._mark(now, now < self._places_until)
             self._room_timer = self.loop.call_later(self.frame_timeout, self._room_due)
 
     def room_made(self) -> None:
@@ -540,23 +584,34 @@ class Server:
         was sent is its own to read; it reads nothing). While nobody waits and the bound
         holds, nobody is dropped for it."""
         self._room_timer = None
+        assert self.loop is not None
+        now = self.loop.time()
+        places = now < self._places_until
         waiting = any(c.waiting_room and not c.closed for c in self._waiting_room)
         if not waiting:
             self._waiting_room.clear()
-        if not waiting and self.unsent <= self.max_unsent:
+        if not waiting and not places and self.unsent <= self.max_unsent:
             self._room_marks = {}
             return
         timeout = self.frame_timeout
-        why = "others wait for room" if waiting else "more than max_unsent_bytes is held"
-        for conn, mark in list(self._room_marks.items()):
-            if conn.closed or not conn.holds_unsent():
+        why = ("others wait for room" if waiting else "clients are refused for max_clients"
+               if places else "more than max_unsent_bytes is held")
+        marks, self._room_marks = self._room_marks, {}
+        for conn, (mark, sent, when) in marks.items():
+            if conn.closed or not (conn.holds_unsent() or places):
                 continue
-            got = conn.consumed() - mark
+            read = conn.consumed()
+            if read >= sent:
+                continue  # (it has read all it had been sent by the mark: it reads)
+            if now - when < 0.99 * timeout:  # (marked during the round: looked at next)
+                self._room_marks[conn] = (mark, sent, when)
+                continue
+            got = read - mark
             if got < MIN_FRAME_RATE * timeout:
                 log.warning("dropping a client that does not read its replies while %s (%d "
-                            "bytes held unsent, %d read in the last %.0f s; max_unsent_bytes "
-                            "%d), %s", why, conn.unsent_bytes(), got, timeout,
-                            self.max_unsent, conn.who)
+                            "bytes held unsent, %d unread in its socket, %d read in the last "
+                            "%.0f s; max_unsent_bytes %d), %s", why, conn.unsent_bytes(),
+                            conn.sent - read, got, timeout, self.max_unsent, conn.who)
                 self.dropped += 1
                 conn.close()  # (room made: those waiting go on, and may wait again)
         self._watch_room()

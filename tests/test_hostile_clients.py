@@ -10,6 +10,7 @@ import errno
 import functools
 import hashlib
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -1228,3 +1229,54 @@ def test_a_client_reading_a_little_faster_than_wanted_is_kept(tmp_path: Path) ->
         for conn in conns:
             conn.sock.close()
         _stops_cleanly(d)
+
+
+def test_a_daemon_full_of_clients_that_read_nothing_makes_room_for_a_newcomer(
+    tmp_path: Path
+) -> None:
+    """`max_clients` taken by clients that read nothing: two that sent a READ of 256 KiB
+    (its reply held unsent, within `max_unsent_bytes`), one that sent its HELLO and never
+    read the answer, and one that reads what it is sent and sits idle. A client dropped
+    for reading nothing was one that held room others waited for; a newcomer refused for
+    `max_clients` waited for nothing, and was refused for good. While clients allowed in
+    are refused, those that leave what they were sent unread for `frame_timeout_ms` are
+    dropped: the newcomer gets in; the idle client that reads is kept."""
+    d, ih, data = _checked(tmp_path, 2 * 1024 * 1024, 1024 * 1024, 17,
+                           {"PIECED_MAX_CLIENTS": "4", "PIECED_MAX_UNSENT_BYTES": "1048576",
+                            "PIECED_FRAME_TIMEOUT_MS": "2000"})
+    conns: list[RawConn] = []
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with Client(d.socket) as idle:
+            assert idle.read_chunk(ih, 1, 0, 16384) == data[1024 * 1024: 1024 * 1024 + 16384]
+            conns += [_never_reading(d.socket, ih, 1, 256 * 1024, 2) for _ in range(2)]
+            mute.connect(str(d.socket))
+            mute.sendall(encode_control(FrameType.HELLO, 0, to_wire(hello("client", "mute"))))
+            wait_for(lambda: idle.stats()["connected_clients"] == 4)
+            with pytest.raises(PiecedError) as refused:
+                Client(d.socket).close()
+            assert refused.value.errno == errno.EBUSY
+            start = time.monotonic()
+            newcomer: Client | None = None
+            while newcomer is None:
+                assert time.monotonic() - start < 15, "the newcomer was never let in"
+                try:
+                    newcomer = Client(d.socket)
+                except PiecedError as exc:
+                    assert exc.errno == errno.EBUSY
+                    time.sleep(0.2)
+            with newcomer:
+                assert newcomer.read_chunk(ih, 0, 0, 16384) == data[:16384]
+            print(f"let in after {time.monotonic() - start:.1f} s")
+            stats = idle.stats()  # (kept: it reads what it is sent)
+            assert stats["clients_dropped"] == 3, stats
+            assert idle.read_chunk(ih, 1, 16384, 16384) == data[1024 * 1024 + 16384:
+                                                                  1024 * 1024 + 32768]
+    finally:
+        mute.close()
+        for conn in conns:
+            conn.sock.close()
+        code = d.stop()
+    err = d.stderr()
+    assert code == 0 and "Traceback" not in err, err
+    assert "while clients are refused for max_clients" in err, err
