@@ -42,7 +42,7 @@ from pieced.storage.errors import (
 )
 from pieced.storage.metainfo import parse
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, proc_bytes
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_daemon import RawConn, _cpu_seconds, wait_for
 from tests.test_disk import Source
@@ -999,14 +999,6 @@ def _checked(tmp_path: Path, size: int, piece: int, seed: int,
     return d, ih, content.read_bytes()
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: Path) -> None:
     """Twenty connections each ask for 8 MiB of reads and read none of it. Bounded per
     connection alone (about its receive buffer, 8 MiB), they held 160 MiB of the daemon's
@@ -1025,7 +1017,7 @@ def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: P
         with Client(d.socket) as good:
             for piece in (0, 1):  # (the pieces in the cache before the baseline)
                 good.read_chunk(ih, piece, 0, 4 * mib - 16)
-            before = _rss(d.proc.pid)
+            before = proc_bytes(d.proc.pid)
             # Reads of a quarter of a piece: each reply is a copy of its own.
             flood = b"".join(encode_read(k + 1, ih, k % 2, (k // 2 % 4) * mib, mib)
                              for k in range(asks))
@@ -1041,7 +1033,7 @@ def test_clients_that_ask_for_reads_and_read_nothing_share_one_bound(tmp_path: P
                 assert good.read_chunk(ih, 0, begin, mib) == data[begin: begin + mib]
                 reads += 1
                 peak_unsent = max(peak_unsent, good.stats()["unsent_bytes"])
-                peak_rss = max(peak_rss, _rss(d.proc.pid))
+                peak_rss = max(peak_rss, proc_bytes(d.proc.pid))
             print(f"unsent at most {peak_unsent / mib:.1f} MiB, RSS +{(peak_rss - before) / mib:.1f}"
                   f" MiB, {reads} rounds of reads answered meanwhile")
             # The bound, and at most a reply more a client (of those that read nothing).

@@ -16,7 +16,7 @@ from pieced.protocol.client import Client
 
 import tests.browser
 from tests.browser import Browser
-from tests.conftest import Daemon
+from tests.conftest import Daemon, proc_bytes
 from tests.realtools import make_payload, make_torrent_lt
 from tests.test_page import ROUTES, TOKEN, open_page
 
@@ -201,11 +201,6 @@ def test_a_request_of_more_header_lines_than_a_browser_sends_is_refused(
         d.stop()
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_requests_with_endless_header_lines_at_once_leave_the_daemon_as_it_was(
         tmp_path: Path) -> None:
     """Sixty connections send a header line of 8 MB at once. Each is answered 400 at its
@@ -217,7 +212,7 @@ def test_requests_with_endless_header_lines_at_once_leave_the_daemon_as_it_was(
     d = Daemon(tmp_path)
     try:
         assert ask(d.http, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")[0] == 200
-        before = _rss(d.proc.pid)
+        before = proc_bytes(d.proc.pid)
         host, port = d.http.rsplit(":", 1)
         line = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"x" * (8 << 20)
 
@@ -237,7 +232,7 @@ def test_requests_with_endless_header_lines_at_once_leave_the_daemon_as_it_was(
 
         answers = asyncio.run(wave())
         assert all(a[9:12] == b"400" or a == b"reset" for a in answers), set(answers)
-        grown = _rss(d.proc.pid) - before
+        grown = proc_bytes(d.proc.pid) - before
         print(f"RSS +{grown / 2**20:.0f} MiB")
         assert grown < 96 * 2**20, grown
         assert ask(d.http, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")[0] == 200
