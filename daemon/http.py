@@ -57,14 +57,15 @@ class _Handler(web_protocol.RequestHandler):
     cycles the collector seldom reached: 60 connections sending a header line of 8 MB at
     once grew the daemon by 900 MB, for good."""
 
-    __slots__ = ()
+    __slots__ = ("_refused",)
 
     def data_received(self, data: bytes) -> None:
+        if getattr(self, "_refused", False):
+            return  # (its error is answered, and the connection closed after it)
+        super().data_received(data)
         queued = self._messages
         if queued and isinstance(queued[-1][0], _ERROR):
-            return  # (one error is answered, and the connection closed after it)
-        super().data_received(data)
-        if queued and isinstance(queued[-1][0], _ERROR):
+            self._refused = True
             queued[-1][0].exc.__traceback__ = None  # (its frames hold the chunk)
             if self.transport is not None:
                 self.transport.pause_reading()
