@@ -187,6 +187,10 @@ class Pacer:
             self._due = due + self.interval
         return max(0.0, wait)
 
+    def due(self) -> bool:
+        """Whether a turn is free now (taken, if so); never waits."""
+        return not self._waiting and not self._take(asyncio.get_running_loop().time())
+
     async def turn(self, request: web.Request) -> bool:
         """Wait for the request's turn: False if its client hung up meanwhile."""
         loop = asyncio.get_running_loop()
@@ -461,9 +465,12 @@ def make_app(disk: DiskIO, server: Server, token: str = "",
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     pacer = Pacer(REQUESTS_PER_SECOND, REQUEST_BURST)
-    app = web.Application(middlewares=[
-        pacer.middleware(),  # first: a request refused costs the daemon as much
-        require_token(token) if token else require_loopback_host()])
+    if token:  # refused first, at a pace of their own (see require_token)
+        strangers = Pacer(REQUESTS_PER_SECOND, REQUEST_BURST)
+        middlewares = [require_token(token, strangers.due), pacer.middleware()]
+    else:  # paced first: a request refused costs the daemon as much
+        middlewares = [pacer.middleware(), require_loopback_host()]
+    app = web.Application(middlewares=middlewares)
     app[REPORTS] = reports  # (what it holds, for tests and for a look in a debugger)
     app.on_response_prepare.append(add_headers)
     app.router.add_get("/healthz", healthz)

@@ -8,7 +8,10 @@ told that a name of another site is 127.0.0.1, is the rebinding itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -237,4 +240,56 @@ def test_requests_with_endless_header_lines_at_once_leave_the_daemon_as_it_was(
         assert grown < 96 * 2**20, grown
         assert ask(d.http, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")[0] == 200
     finally:
+        d.stop()
+
+
+def test_clients_without_the_token_neither_slow_nor_lock_out_those_with_it(
+        tmp_path: Path) -> None:
+    """With a token, 130 connections ask without it, 50 requests at a time again and
+    again. Refused after their turn, they took the turns of every client (50 a second
+    for all): requests with the token waited behind theirs, and, their connections
+    counted as serving while they waited, took no place (128) and were closed
+    unanswered, the open event stream of the status page chosen to go first. A request
+    without the token is refused before any turn, its connection with it, at a pace of
+    their own; those with it are answered, and the stream stays."""
+    d = Daemon(tmp_path, env={"PIECED_HTTP_TOKEN": TOKEN})
+    host, port = d.http.rsplit(":", 1)
+    stop = threading.Event()
+    refused = [0]
+
+    def stranger() -> None:
+        ask_bare = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 50
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection(
+                    (host, int(port)), timeout=5) as s:
+                while not stop.is_set():
+                    s.sendall(ask_bare)
+                    got = s.recv(65536)
+                    if not got:
+                        break
+                    refused[0] += got.count(b" 401 ")
+                    time.sleep(0.2)
+
+    threads = [threading.Thread(target=stranger, daemon=True) for _ in range(130)]
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as stream:
+            stream.sendall(f"GET /page/events?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n"
+                           .encode())
+            assert b" 200 " in stream.recv(65536).split(b"\r\n", 1)[0]
+            for t in threads:
+                t.start()
+            time.sleep(3)
+            for k in range(10):
+                path = "/metrics" if k % 2 else "/healthz"
+                status, _, body = ask(d.http, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                                              f"Authorization: Bearer {TOKEN}\r\n")
+                assert status == 200, (status, body)
+                time.sleep(0.3)
+            stream.settimeout(5)
+            assert stream.recv(65536), "the event stream was closed"
+        assert refused[0] > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
         d.stop()
