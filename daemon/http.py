@@ -193,9 +193,9 @@ class Pacer:
 
     async def turn(self, request: web.Request) -> bool:
         """Wait for the request's turn: False if its client hung up meanwhile."""
-        loop = asyncio.get_running_loop()
-        if not self._waiting and not self._take(loop.time()):
+        if self.due():
             return True
+        loop = asyncio.get_running_loop()
         ready: asyncio.Future[bool] = loop.create_future()
         self._waiting.append((ready, request))
         if self._handing is None or self._handing.done():
