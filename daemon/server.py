@@ -139,6 +139,7 @@ MAX_UNKNOWN_SUBSCRIPTIONS = 1024
 # drops the clients (a lane can wait for a client that reads nothing).
 DRAIN_SECONDS = 5.0
 ACCEPT_PAUSE = 0.5  # seconds without accepting after accept failed (out of descriptors)
+ACCEPT_TURN = 16  # connections accepted at most in one turn of the event loop
 # Values a control body from a client may hold: every request is a handful (a .torrent
 # travels as one string), so this only stops bodies built to be slow to decode.
 MAX_REQUEST_VALUES = 4096
@@ -279,7 +280,10 @@ class Server:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        while True:
+        # A bounded number a turn, the other clients served between: a client connecting
+        # and closing in a loop refilled the backlog as fast as it was emptied, kept the
+        # loop here, and every other client waited seconds for each reply.
+        for _ in range(ACCEPT_TURN):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -684,6 +688,10 @@ class Connection:
         self._parse_due = False  # frames left for the loop's next turn (PARSE_TURN)
         self._closing_after_send = False
         self._failing: PiecedError | None = None  # said once the lane's jobs are done
+        self._ended = False  # the client shut its end for writing: its lane, then close
+        # The client takes nothing more (a send failed: it hung up, or shut its end for
+        # reading): output is dropped, and its queries are not carried out.
+        self.deaf = False
         self._stopped = False  # the daemon is stopping: nothing more is read
         self._out: collections.deque[Out] = collections.deque()
         self._out_bytes = 0
@@ -742,7 +750,8 @@ class Connection:
     # -- reading ------------------------------------------------------------------------
     def _resume_reading(self) -> None:
         if (not self.reading and not self.closed and not self._closing_after_send
-                and self._failing is None and not self._stopped and not self._parse_due):
+                and self._failing is None and not self._stopped and not self._parse_due
+                and not self._ended):
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
             self._watch_frame()
@@ -796,7 +805,7 @@ class Connection:
         if self.closed or self._closing_after_send:
             return
         self._kick_lane()
-        if self._failing is not None or self._stopped:
+        if self._failing is not None or self._stopped or self._ended:
             return  # nothing more is read: the lane finishes (then the error is said)
         if self.ring.unparsed and not self._parse_due:  # (left while the lane was full)
             self._parse()
@@ -842,7 +851,7 @@ class Connection:
                     else:
                         os.close(fd)
         if n == 0:
-            self.close()
+            self._end()
             return
         self.ring.wrote(n)
         self._parse()
@@ -898,12 +907,62 @@ class Connection:
     def _parse_turn(self) -> None:
         """The connection's next turn of parsing what it sent."""
         self._parse_due = False
-        if self.closed or self._closing_after_send or self._failing is not None or self._stopped:
+        if (self.closed or self._closing_after_send or self._failing is not None
+                or self._stopped or self._ended):
             return
         self._parse()
         self._close_untaken_fds()
         if not self._input_blocked():
             self._resume_reading()
+
+    def _end(self) -> None:
+        """The client's stream ended. One that hung up is closed now (its writes read
+        before are carried out all the same, its queries dropped: see close). One that
+        only shut its end for writing (``shutdown(SHUT_WR)``) still reads: the requests
+        it sent are carried out and answered, then the connection is closed."""
+        self._pause_reading()
+        if self._peer_closed():
+            self.close()
+            return
+        self._ended = True
+        if not self._lane_busy and not self._lane:
+            self._end_now()  # (else once the lane is done: _lane_stopped)
+
+    def _end_now(self) -> None:
+        self._closing_after_send = True
+        if not self._out:
+            self.close()
+
+    def _peer_closed(self) -> bool:
+        """Whether the client closed its socket, not only its writing end (on a Unix
+        socket, a peer's close shuts both ways of ours, which poll says with POLLHUP)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        try:
+            ready = poller.poll(0)
+        except OSError:
+            return True
+        return bool(ready) and bool(ready[0][1] & (select.POLLHUP | select.POLLERR))
+
+    def _deafen(self) -> None:
+        """A send failed: the client takes nothing more (it hung up, or shut its end for
+        reading). What was unsent is dropped, and so is all output after; what it sent
+        before is still read and carried out, to the end of its stream, which closes the
+        connection (closed at once, the writes it had sent and the daemon not yet read
+        were lost, pieces left partial, for want of a place to put a reply)."""
+        self.deaf = True
+        self.server.unsent -= self._out_bytes
+        self._out.clear()
+        self._out_bytes = 0
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+        if self._closing_after_send:
+            self.close()
+            return
+        if self.server.waits_for_room():
+            self.server.room_made()
+        self.loop.call_soon(self._resume)  # (output no longer holds its reading back)
 
     def _fail(self, exc: PiecedError) -> None:
         """Say why the connection ends, then hang up: after the replies to the requests
@@ -985,7 +1044,7 @@ class Connection:
         key = msg.get("ih") if handler is not None and op != "attach_ring" else None
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
-            if self.closed and name in QUERIES:
+            if (self.closed or self.deaf) and name in QUERIES:
                 return [], None  # nobody to answer
             try:
                 if handler is None:
@@ -1023,7 +1082,8 @@ class Connection:
     def hung_up(self) -> bool:
         """Whether the client has closed its end: what it sent before is read and parsed
         now (the requests in it carried out, as ever; a frame it left unfinished never
-        will be), and the connection closed with it. False while its end is open, or
+        will be), and the connection closed with it (by the caller, when the client only
+        shut its end for writing: not answered then). False while its end is open, or
         while whole requests of it wait for its lane. (Its end seen only once its
         readiness was reported, clients that hung up with bytes unread, a frame begun,
         held their places: connections accepted in a burst, and any whose readiness was
@@ -1044,7 +1104,7 @@ class Connection:
             self._on_readable()
             if self._received == before and not self.closed:
                 break  # (nothing came: EAGAIN)
-        return self.closed
+        return self.closed or self._ended
 
     def _hold_fds(self, n: int) -> None:
         """``n`` more (or fewer) descriptors held by queued requests (any thread); once
@@ -1076,7 +1136,7 @@ class Connection:
         limit = self.server.max_frame - LENGTH_AFTER  # as much as one DATA frame holds
 
         def job() -> tuple[list[Out], tuple[int, int] | None]:
-            if self.closed:
+            if self.closed or self.deaf:
                 return [], None  # nobody to read for
             try:
                 if frame.length > limit:
@@ -1098,7 +1158,7 @@ class Connection:
         limit = self.server.max_frame - LENGTH_AFTER  # what a READ may ask for
 
         def job() -> tuple[list[Out], Token | None]:
-            if self.closed:
+            if self.closed or self.deaf:
                 return [], None  # nobody to read for (its ring is going)
             try:
                 if frame.length > limit:
@@ -1197,10 +1257,19 @@ class Connection:
             self.loop.call_soon_threadsafe(self._ring_idle)  # (its looks begin)
             # READ_RING writes into the ring through the descriptor, kept for that when
             # the client can write it too (opened read-write, not sealed against writes).
+            # Through a description of the daemon's own: the client's may be O_APPEND
+            # (then every pwrite lands at the end of the memfd and grows it, whatever the
+            # offset: 1,500 READ_RINGs into a 16 MiB ring made it 1.5 GB), and its flags
+            # are the client's to change with F_SETFL at any time. With no /proc to open
+            # one, only a ring sealed against growing (where an append fails) is written.
             writable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
                         and not seals & _WRITE_SEALS)
             if writable:
-                self.shm_fd, fd = fd, -1
+                try:
+                    self.shm_fd = _reopened(fd, os.O_RDWR)
+                except OSError:
+                    if seals & fcntl.F_SEAL_GROW:
+                        self.shm_fd, fd = fd, -1
         except OSError as exc:
             raise StorageIOError.wrap(exc, "attach_ring") from None
         finally:
@@ -1433,6 +1502,8 @@ class Connection:
             elif self._failing is not None:
                 exc, self._failing = self._failing, None
                 self._fail_now(exc)
+            elif self._ended:
+                self._end_now()
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         self.server.post(fn, *args)
@@ -1475,7 +1546,7 @@ class Connection:
 
     # -- writing --------------------------------------------------------------------------
     def send(self, frames: list[Out]) -> None:
-        if self.closed:
+        if self.closed or self.deaf:
             return
         added = 0
         for f in frames:
@@ -1504,7 +1575,7 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self.close()
+                self._deafen()
                 return
             self.sent += n
             gone = n
@@ -1609,11 +1680,18 @@ def _first_not_resident(base: int, offset: int, length: int) -> int | None:
     return None if i < 0 else first + i * _PAGE
 
 
+def _reopened(fd: int, flags: int) -> int:
+    """The file of ``fd`` opened again with ``flags``: a description of the daemon's
+    own, whose offset and flags the client cannot change (a descriptor passed with
+    SCM_RIGHTS shares the client's)."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
+
 def _own_description(fd: int) -> int:
     """The file of ``fd`` opened again, read-only: a seek on it moves no offset the
-    client shares (a descriptor passed with SCM_RIGHTS is the client's description)."""
+    client shares."""
     try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return _reopened(fd, os.O_RDONLY)
     except OSError:
         return os.dup(fd)  # (no /proc: pwrite and mmap, all the client needs, take none)
 

@@ -1275,3 +1275,125 @@ def test_a_daemon_full_of_clients_that_read_nothing_makes_room_for_a_newcomer(
     err = d.stderr()
     assert code == 0 and "Traceback" not in err, err
     assert "while clients are refused for max_clients" in err, err
+
+
+# A process that connects to the socket ``argv[1]`` and closes at once, in a loop, until
+# killed (nothing sent).
+_STORM = """
+import socket, sys
+print("storming", flush=True)
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sys.argv[1])
+    except OSError:
+        pass
+    s.close()
+"""
+
+
+def test_a_client_connecting_and_closing_in_a_loop_leaves_the_others_served(
+        tmp_path: Path) -> None:
+    """One process connects and closes as fast as it can. The daemon accepted until the
+    backlog was empty, which the loop refilled as fast: its event loop stayed there, and
+    a connected client got two replies in ten seconds instead of thousands, a newcomer's
+    HELLO went unanswered. The connected client keeps most of its pace, and newcomers
+    get in."""
+    import subprocess
+    import sys
+
+    d, ih, data = _checked(tmp_path, 1024 * 1024, 256 * 1024, 21, {})
+    storm: subprocess.Popen[str] | None = None
+    try:
+        with Client(d.socket, timeout=60) as c:
+
+            def round_trips(seconds: float) -> int:
+                n, end = 0, time.monotonic() + seconds
+                while time.monotonic() < end:
+                    c.status(ih)
+                    assert c.read_chunk(ih, 1, 0, 16384) == data[256 * 1024: 256 * 1024 + 16384]
+                    n += 1
+                return n
+
+            alone = round_trips(3)
+            storm = subprocess.Popen([sys.executable, "-c", _STORM, str(d.socket)],
+                                     stdout=subprocess.PIPE, text=True)
+            assert storm.stdout is not None and storm.stdout.readline() == "storming\n"
+            time.sleep(0.5)
+            stormed = round_trips(3)
+            for _ in range(3):
+                with Client(d.socket, timeout=60) as newcomer:
+                    assert newcomer.read_chunk(ih, 0, 0, 100) == data[:100]
+            print(f"round trips in 3 s: {alone} alone, {stormed} beside the storm")
+            assert stormed * 50 >= alone, (alone, stormed)
+    finally:
+        if storm is not None:
+            storm.kill()
+            storm.wait()
+        _stops_cleanly(d)
+
+
+@pytest.mark.parametrize("hello_read", [True, False])
+def test_writes_sent_whole_land_when_their_client_hangs_up_without_reading_the_replies(
+        tmp_path: Path, hello_read: bool) -> None:
+    """Forty connections each send a whole piece as inline WRITEs (all of it in the
+    daemon's socket when sendall returns), then close without reading a reply, having
+    read the HELLO's answer or not (pipelined after their HELLO). A reply the daemon
+    then failed to send closed the connection with the writes it had not yet read
+    unread: most pieces were left partial. Every piece is verified."""
+    piece = 256 * 1024
+    d, ih, data = _checked(tmp_path, 40 * piece, piece, 23, {})
+    try:
+        with Client(d.socket) as c:  # the same torrent again, to be written afresh
+            c.unregister(ih)
+            raw = make_torrent_lt(tmp_path / "src" / "payload.bin", piece, "v1")
+            ih = c.register(raw, tmp_path / "dl")
+        rid = 10
+        for p in range(40):
+            frames = b"".join(
+                encode_write_header(rid + i, ih, p, b, 16384)
+                + data[p * piece + b: p * piece + b + 16384]
+                for i, b in enumerate(range(0, piece, 16384)))
+            rid += 100
+            if hello_read:
+                sock = RawConn(d.socket).sock
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(d.socket))
+                frames = encode_control(FrameType.HELLO, 0, to_wire(hello("client", "x"))) + frames
+            sock.sendall(frames)
+            sock.close()
+        with Client(d.socket) as c:
+            wait_for(lambda: c.status(ih)["verified_pieces"] == 40, timeout=30)
+            assert c.read_chunk(ih, 39, 0, piece) == data[39 * piece:]
+    finally:
+        _stops_cleanly(d)
+
+
+def test_a_client_that_shuts_its_writing_end_gets_every_reply(tmp_path: Path) -> None:
+    """A client sends its requests and shuts its end for writing (``shutdown(SHUT_WR)``,
+    as a pipe into a socket does at its input's end), then reads. The daemon took the
+    end of its input for a hang-up and closed the connection, the replies not yet sent
+    with it: it got none of them, or a few. It gets every reply, in order, then the end
+    of the stream."""
+    piece = 256 * 1024
+    d, ih, data = _checked(tmp_path, 4 * piece, piece, 29, {})
+    try:
+        for _ in range(3):
+            conn = RawConn(d.socket)
+            frames = [encode_read(i + 1, ih, i % 4, 0, piece) for i in range(40)]
+            frames += [encode_control(FrameType.REQUEST, 41, to_wire({"op": "stats"}))]
+            conn.sock.sendall(b"".join(frames))
+            conn.sock.shutdown(socket.SHUT_WR)
+            replies = conn.replies(41)
+            assert [r.id for r in replies] == list(range(1, 42))
+            for r in replies[:40]:
+                assert r.type == FrameType.DATA, r
+                p = (r.id - 1) % 4
+                assert bytes(r.payload[0]) == data[p * piece: (p + 1) * piece]
+            assert replies[40].type == FrameType.RESPONSE
+            with pytest.raises(ConnectionError):
+                conn.replies(1)
+            conn.close()
+    finally:
+        _stops_cleanly(d)

@@ -403,3 +403,39 @@ def test_a_read_into_the_ring_is_refused_before_it_is_sent_when_it_cannot_fit(
             c.read_chunk_ring(ih, 0, 0, 65537)
         with pytest.raises(BadRequest):
             c._call("frobnicate")  # the connection goes on
+
+
+@pytest.mark.parametrize("when", ["passed", "after"])
+def test_a_ring_open_for_appending_is_still_written_at_the_offsets_asked(
+        daemon: Daemon, odd_payload: tuple[Path, Path], when: str) -> None:
+    """A ring whose descriptor is O_APPEND, as passed or made so by the client after the
+    attach (F_SETFL on the description it shares with the daemon): a pwrite through it
+    would land at the memfd's end whatever the offset, and grow it by every read. Each
+    READ_RING lands where it was asked to, and the memfd stays the ring's size."""
+    ih, src = _registered(daemon, odd_payload, "v1")
+    size = 65536
+    fd = os.memfd_create("ring", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    flags = os.O_RDWR | (os.O_APPEND if when == "passed" else 0)
+    shared = os.open(f"/proc/self/fd/{fd}", flags)  # (the description the daemon gets)
+    conn = RawConn(daemon.socket)
+    conn.sock.sendmsg([encode_control(FrameType.REQUEST, 1, to_wire({"op": "attach_ring",
+                                                                     "size": size}))],
+                      _rights(shared))
+    (ok,) = conn.replies(1)
+    assert ok.type == FrameType.RESPONSE, ok
+    if when == "after":
+        fcntl.fcntl(shared, fcntl.F_SETFL, fcntl.fcntl(shared, fcntl.F_GETFL) | os.O_APPEND)
+    view = mmap.mmap(fd, size)
+    for i in range(40):
+        offset = (i * 5000) % (size - 4096)
+        conn.sock.sendall(encode_read_ring(2 + i, ih, 0, i, offset, 4096))
+        (reply,) = conn.replies(1)
+        assert reply.type == FrameType.ACK, reply
+        assert view[offset : offset + 4096] == src.read(0, i, 4096)
+    assert os.fstat(fd).st_size == size
+    view.close()
+    conn.close()
+    os.close(shared)
+    os.close(fd)
