@@ -909,6 +909,7 @@ class Swarm:
         self.summary = Summary()
         self.done = asyncio.Event()
         self.stop = asyncio.Event()
+        self.signalled = False  # stopped by SIGINT or SIGTERM
         self.server: asyncio.Server | None = None
         self.utp: asyncio.DatagramTransport | None = None
         self.listen_port = 0
@@ -1191,6 +1192,10 @@ class Swarm:
                         printable(", ".join(other[:5]) + (" ..." if len(other) > 5 else "")))
         return out
 
+    def stopped_by_signal(self) -> None:
+        self.signalled = True
+        self.stop.set()
+
     async def close(self) -> None:
         if (self.picker is not None and self.picker.complete and self.storage_error is None
                 and not self.away):
@@ -1212,8 +1217,10 @@ class Swarm:
             p.close()
         if self.lost is None and self.storage_error is None and (
                 self.away or self.client.failure is not None):
-            # (stopped while the daemon was away: the run ends without it all the same)
-            self.lost = self.client.failure or self._first_loss
+            if self.signalled:  # (a stop asked for, as any other: the daemon was awaited)
+                log.warning("stopped while waiting for the daemon to come back")
+            else:  # (stopped while the daemon was away: the run ends without it all the same)
+                self.lost = self.client.failure or self._first_loss
         self.closing = True  # (the client's failure from now on is the close)
         with contextlib.suppress(PiecedError, OSError, ConnectionError, TimeoutError):
             await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
@@ -2981,7 +2988,7 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_AcceptErrorsBriefly())
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, swarm.stop.set)
+        loop.add_signal_handler(sig, swarm.stopped_by_signal)
     started = time.monotonic()
     try:
         # A signal is heeded at once, also while the daemon checks what is on disk (for

@@ -2332,6 +2332,35 @@ def test_pieced_peer_seeding_carries_on_when_the_daemon_comes_back(tmp_path: Pat
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("back", [False, True])
+def test_a_signal_while_the_daemon_is_away_stops_a_seed_as_any_stop(
+        tmp_path: Path, back: bool) -> None:
+    """SIGTERM to pieced-peer --seed while it waits for its daemon (stopped; or started
+    again, and not yet joined): it ended with exit 2 and "lost the daemon", an error,
+    though the daemon was waited for and the stop was asked for. It stops as a signal
+    stops a seed: exit 0, with its summary."""
+    import time
+
+    files = {"a.bin": 300_000, "b.bin": 1000}
+    _content, _raw, torrent = _made(tmp_path, files, 32768, "v1", seed=26)
+    d = Daemon(tmp_path)
+    try:
+        seeding = Seeding(torrent, tmp_path / "seed", d)
+        assert d.stop() == 0, d.stderr()
+        time.sleep(1.0)  # (the loss seen: waiting for it to come back)
+        assert seeding.proc.poll() is None
+        if back:
+            d = Daemon(tmp_path)
+        seeding.proc.send_signal(signal.SIGTERM)
+        out, err = seeding.proc.communicate(timeout=30)
+        assert seeding.proc.returncode == 0, err
+        assert "lost the daemon:" not in err, err
+        assert json.loads(out)["bytes_up"] == 0
+    finally:
+        if d.proc.poll() is None:
+            assert d.stop() == 0, d.stderr()
+
+
 def test_a_download_waiting_for_pieces_no_peer_has_says_so(tmp_path: Path) -> None:
     """The only peer has the first file and not the second: once the first is in,
     pieced-peer says that it waits, and for how many pieces no connected peer has,
