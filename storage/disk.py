@@ -3696,10 +3696,17 @@ def _crash_floor(t: Torrent, stamps: list[list[int]] | None, index: int) -> int:
 
 
 def _inodes(stamps: list[list[int]] | None) -> dict[int, int]:
-    """File -> inode, of the files ``stamps`` name by their inode."""
+    """File -> inode, of the files ``stamps`` name by their inode alone. A file stamped
+    whole (size and times: a clean stop's stamp, or one kept of a file nobody could
+    write) is not among them: written since, it no longer matches its stamp, so a FILE
+    record is journaled with the first piece verified in it, and a start after a crash
+    compares it on its inode (the record's stamps of a clean stop, which a full disk kept
+    from being written again, withheld every piece verified in the files written since
+    until they were checked again)."""
     if stamps is None:
         return {}
-    return {i: s[3] for i, s in enumerate(stamps) if len(s) >= STAMP_FIELDS and s[3] > 0}
+    return {i: s[3] for i, s in enumerate(stamps)
+            if len(s) >= STAMP_FIELDS and s[0] == UNSTAMPED and s[3] > 0}
 
 
 def _unnamed_files(t: Torrent, files: Iterable[int]) -> list[tuple[int, int]]:

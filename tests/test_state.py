@@ -3488,3 +3488,58 @@ def test_on_the_disabled_backend_a_move_a_crash_cut_short_does_not_wait_for_its_
         assert again.status(again.torrents()[0])["save_path"] == str(new)
     finally:
         again.close()
+
+
+def test_pieces_verified_while_the_records_cannot_be_written_are_known_after_a_crash(
+        tmp_path: Path, backend: str) -> None:
+    """A clean stop stamps every file in the resume record; the daemon started after it
+    cannot write that record again (the state folder's disk full: here a file-size limit
+    the record is over and the journal is not), downloads the rest and is killed. Every
+    piece it reported verified is reported verified at the next start, at once: its
+    writes made the stamps the clean stop left stale, which withheld every piece of
+    every file written until a check of them, though the journal held them all."""
+    rng = random.Random(7)
+    files = {f"d{i % 7}/f{i:03d}.bin": rng.randrange(2000, 4000) for i in range(300)}
+    content = make_payload(tmp_path / "src", files, seed=9)
+    raw = make_torrent_lt(content, 16384, "v1")
+    src = Source(raw, tmp_path / "src")
+    n = src.meta.num_pieces
+    dl = tmp_path / "dl"
+    env = {"PIECED_LOG_FILE": ""}  # (a file-size limit would stop the log file too)
+
+    def have(c: Client, ih: bytes) -> set[int]:
+        bits = c.status(ih)["have"]
+        return {p for p in range(n) if bits[p >> 3] & (0x80 >> (p & 7))}
+
+    def write(c: Client, ih: bytes, pieces: range) -> None:
+        for p, b, size in src.blocks():
+            if p in pieces:
+                c.write_chunk(ih, p, b, src.read(p, b, size))
+        c.wait_writes()
+
+    d = Daemon(tmp_path, env=env, backend=backend)
+    with Client(d.socket) as c:
+        ih = c.register(raw, dl)
+        write(c, ih, range(n // 2))
+        c.flush_all()
+    assert d.stop() == 0, d.stderr()
+    record = next((tmp_path / "var").rglob("resume"))
+    assert record.stat().st_size > 8192  # (300 stamps: the limit below is under it)
+
+    d = Daemon(tmp_path, env=env, backend=backend, wrap=("prlimit", "--fsize=8192", "--"))
+    with Client(d.socket) as c:
+        write(c, ih, range(n // 2, n))
+        deadline = time.monotonic() + 30
+        while len(told := have(c, ih)) < n:
+            assert time.monotonic() < deadline, f"{len(told)} of {n} pieces verified"
+            time.sleep(0.02)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(10)
+
+    d = Daemon(tmp_path, env=env, backend=backend)
+    with Client(d.socket) as c:
+        st = c.status(ih)
+        assert st["reverifying_pieces"] == 0 and st["verified_pieces"] == n, (
+            st["reverifying_pieces"], st["verified_pieces"], n)
+    assert d.stop() == 0, d.stderr()
+    assert all(lt_recheck(raw, dl))
