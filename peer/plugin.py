@@ -913,7 +913,10 @@ class Swarm:
         self.server: asyncio.Server | None = None
         self.utp: asyncio.DatagramTransport | None = None
         self.listen_port = 0
-        self.tracker: Tracker | None = None
+        # One for each key the torrent answers to (a hybrid's v1 hash and its v2 hash
+        # truncated): peers that know it by one alone find us there (libtorrent
+        # announces both too).
+        self.trackers: list[Tracker] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cached: list[int] = []
         self._cached_at = -CACHED_ASK_SECONDS  # when the daemon was last asked
@@ -1056,9 +1059,11 @@ class Swarm:
         if urls:
             # Each tier in a random order, as libtorrent takes them (BEP 12): not every
             # client asks the same tracker of a tier first.
-            self.tracker = Tracker([random.sample(t, len(t)) for t in tiers], self.ih,
-                                   self.peer_id, self.listen_port)
-            self._spawn(self._announce_loop())
+            for key in self.meta.aliases:
+                tracker = Tracker([random.sample(t, len(t)) for t in tiers], key,
+                                  self.peer_id, self.listen_port)
+                self.trackers.append(tracker)
+                self._spawn(self._announce_loop(tracker))
         self._spawn(self._timers())
         if again:  # (nothing served meanwhile, as for pieces changed)
             self.settled.clear()
@@ -1205,10 +1210,11 @@ class Swarm:
             self.summary.complete = True
         for t in list(self._tasks):
             t.cancel()
-        if self.tracker is not None:
+        if self.trackers:
             with contextlib.suppress(Exception):  # a tracker that does not answer: let it be
                 await asyncio.wait_for(self._final_announces(), STOP_ANNOUNCE_TIMEOUT)
-            await self.tracker.close()
+            for tracker in self.trackers:
+                await tracker.close()
         if self.server is not None:
             self.server.close()
         if self.utp is not None:
@@ -1226,8 +1232,8 @@ class Swarm:
             await asyncio.wait_for(self.client.close(), STOP_DAEMON_TIMEOUT)
 
     async def _final_announces(self) -> None:
-        assert self.tracker is not None
-        await self.tracker.goodbye(self._counters(), self.summary.complete)
+        counters, complete = self._counters(), self.summary.complete
+        await asyncio.gather(*(t.goodbye(counters, complete) for t in self.trackers))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -2166,7 +2172,7 @@ class Swarm:
         other peer can come (no listening socket, no tracker, nobody being dialled): it
         would wait for ever, saying nothing."""
         if (self.opts.seed or self.done.is_set() or self.server is not None
-                or self.tracker is not None or self.connecting or not self.known):
+                or self.trackers or self.connecting or not self.known):
             return False
         if not self.peers and all(d.dropped for d in self.known.values()):
             if self.no_source is None:
@@ -2834,11 +2840,9 @@ class Swarm:
                         self.unavailable, _pieces(picker.left()),
                         "it" if self.unavailable == 1 else "them")
 
-    async def _announce_loop(self) -> None:
+    async def _announce_loop(self, tracker: Tracker) -> None:
         """Announce on start, on completion (at once) and every interval after (never
         sooner than the tracker's ``min interval``)."""
-        tracker = self.tracker
-        assert tracker is not None
         fails = 0
         while True:
             complete = self.done.is_set()

@@ -174,7 +174,7 @@ class LtPeer:
         log_peer: bool = False,
         settings: dict[str, Any] | None = None,
         timeout: float = 60.0,
-        magnet: bool = False,
+        magnet: bool | str = False,
     ) -> None:
         self.torrent = torrent
         self.save_path = Path(save_path)
@@ -210,7 +210,9 @@ class LtPeer:
             self.port: int = self._wait_listening(timeout)
             self.save_path.mkdir(parents=True, exist_ok=True)
             atp = lt.add_torrent_params()
-            if magnet:  # the info hashes alone, as from a magnet link: the rest from peers
+            if magnet == "v2":  # the v2 hash alone, as from a v2 magnet link (btmh)
+                atp.info_hashes = lt.info_hash_t(self.ti.info_hashes().v2)
+            elif magnet:  # the info hashes alone, as from a magnet link: the rest from peers
                 atp.info_hashes = self.ti.info_hashes()
             else:
                 atp.ti = self.ti

@@ -590,8 +590,10 @@ def _tracker(reply: Callable[[dict[str, str]], bytes]) -> Iterator[tuple[int, li
 
     def serve() -> None:
         async def announce(request: web.Request) -> web.Response:
-            seen.append(dict(request.query))
-            return web.Response(body=reply(dict(request.query)))
+            query = dict(request.query)  # (binary values decoded as text, and mangled:
+            query["raw"] = request.query_string  # as sent, under "raw")
+            seen.append(query)
+            return web.Response(body=reply(query))
 
         async def main() -> None:
             app = web.Application()
@@ -2359,6 +2361,55 @@ def test_a_signal_while_the_daemon_is_away_stops_a_seed_as_any_stop(
     finally:
         if d.proc.poll() is None:
             assert d.stop() == 0, d.stderr()
+
+
+def test_a_hybrid_is_announced_under_both_its_keys(tmp_path: Path) -> None:
+    """pieced-peer seeding a hybrid torrent announced it under its v1 hash alone: a
+    libtorrent leecher that knows it by its v2 hash alone (a v2 magnet link) announces
+    that one, and the tracker never brought them together (no peer, no metadata after
+    25 s). It is announced under both, as libtorrent does, and the leecher gets it all
+    from us, metadata first."""
+    import re
+    import time
+    from urllib.parse import unquote_to_bytes
+
+    import bencodepy
+
+    piece = 65536
+    files = {"a.bin": 20 * piece + 5, "b.bin": 777}
+    content, raw, _ = _made(tmp_path, files, piece, "hybrid", seed=27)
+    meta = parse(raw)
+    assert meta.info_hash_v1 is not None and meta.info_hash_v2 is not None
+    swarm: dict[bytes, set[int]] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        found = re.search("(?:^|&)info_hash=([^&]*)", query["raw"])
+        assert found is not None
+        key, port = unquote_to_bytes(found.group(1)), int(query["port"])
+        others = sorted(swarm.setdefault(key, set()) - {port})
+        swarm[key].add(port)
+        return bencodepy.encode({b"interval": 60, b"peers": _compact(*others)})
+
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(reply) as (port, _seen):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            seeding = Seeding(torrent, tmp_path / "seed", d)
+            deadline = time.monotonic() + 20
+            while len(swarm) < 2:
+                assert time.monotonic() < deadline, swarm
+                time.sleep(0.05)
+            assert set(swarm) == {meta.info_hash_v1, meta.info_hash_v2[:20]}
+            with LtPeer(raw, tmp_path / "leech", seed=False, magnet="v2") as leecher:
+                leecher.handle.add_tracker({"url": f"http://127.0.0.1:{port}/announce"})
+                leecher.handle.force_reannounce()
+                leecher.wait_finished(60)
+                assert leecher.hash_failures() == 0
+            summary = seeding.stop()
+        assert summary["bytes_up"] >= sum(files.values())
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
 
 
 def test_a_download_waiting_for_pieces_no_peer_has_says_so(tmp_path: Path) -> None:

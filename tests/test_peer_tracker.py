@@ -398,9 +398,9 @@ def test_a_download_completed_while_an_announce_runs_is_announced_at_once() -> N
         nonlocal swarm
         runner, base = await _serve({"/a": slow})
         tracker = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
-        swarm = SimpleNamespace(tracker=tracker, done=asyncio.Event(),
-                                _counters=lambda: {}, connect=lambda host, port: None)
-        loop = asyncio.ensure_future(Swarm._announce_loop(swarm))
+        swarm = SimpleNamespace(done=asyncio.Event(), _counters=lambda: {},
+                                connect=lambda host, port: None)
+        loop = asyncio.ensure_future(Swarm._announce_loop(swarm, tracker))
         try:
             deadline = time.monotonic() + 5
             while len(events) < 2 and time.monotonic() < deadline:
