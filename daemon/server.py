@@ -140,6 +140,7 @@ MAX_UNKNOWN_SUBSCRIPTIONS = 1024
 DRAIN_SECONDS = 5.0
 ACCEPT_PAUSE = 0.5  # seconds without accepting after accept failed (out of descriptors)
 ACCEPT_TURN = 16  # connections accepted at most in one turn of the event loop
+DEAF_LOOK = 0.5  # seconds between looks at a deaf client's socket that held nothing
 # Values a control body from a client may hold: every request is a handful (a .torrent
 # travels as one string), so this only stops bodies built to be slow to decode.
 MAX_REQUEST_VALUES = 4096
@@ -692,6 +693,7 @@ class Connection:
         # The client takes nothing more (a send failed: it hung up, or shut its end for
         # reading): output is dropped, and its queries are not carried out.
         self.deaf = False
+        self._pull_timer: asyncio.TimerHandle | None = None  # (see _pull)
         self._stopped = False  # the daemon is stopping: nothing more is read
         self._out: collections.deque[Out] = collections.deque()
         self._out_bytes = 0
@@ -755,6 +757,28 @@ class Connection:
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
             self._watch_frame()
+        if self.deaf and self.reading:
+            self._pull_soon(0)
+
+    def _pull_soon(self, delay: float) -> None:
+        if self._pull_timer is None and not self.closed:
+            self._pull_timer = self.loop.call_later(delay, self._pull)
+
+    def _pull(self) -> None:
+        """(A deaf connection) Read without waiting to be told the socket is readable:
+        a client that closed with replies unread leaves the daemon's end in error
+        (ECONNRESET), which the event loop reports by no longer watching the socket,
+        not by a call to the reader, and the connection, waiting for the end of the
+        stream, was kept for good. What the client sent is in the socket already; while
+        nothing comes, it is looked at again every DEAF_LOOK seconds."""
+        self._pull_timer = None
+        while self.reading and not self.closed:
+            before = self._received
+            self._on_readable()
+            if self._received == before:
+                break  # (nothing there, or the end: closed, or reading paused)
+        if self.reading and not self.closed:
+            self._pull_soon(DEAF_LOOK)
 
     def _watch_frame(self) -> None:
         """Look again in frame_timeout at a frame left unfinished, while reading (a pause
@@ -1082,8 +1106,8 @@ class Connection:
     def hung_up(self) -> bool:
         """Whether the client has closed its end: what it sent before is read and parsed
         now (the requests in it carried out, as ever; a frame it left unfinished never
-        will be), and the connection closed with it (by the caller, when the client only
-        shut its end for writing: not answered then). False while its end is open, or
+        will be), and the connection closed with it. False while its end is open (or
+        only shut for writing: the client reads its replies, and keeps its place), or
         while whole requests of it wait for its lane. (Its end seen only once its
         readiness was reported, clients that hung up with bytes unread, a frame begun,
         held their places: connections accepted in a burst, and any whose readiness was
@@ -1104,7 +1128,7 @@ class Connection:
             self._on_readable()
             if self._received == before and not self.closed:
                 break  # (nothing came: EAGAIN)
-        return self.closed or self._ended
+        return self.closed
 
     def _hold_fds(self, n: int) -> None:
         """``n`` more (or fewer) descriptors held by queued requests (any thread); once
@@ -1612,6 +1636,9 @@ class Connection:
             return
         self.closed = True
         self._cancel_hello_timer()
+        if self._pull_timer is not None:
+            self._pull_timer.cancel()
+            self._pull_timer = None
         self._pause_reading()
         if self._writing:
             self.loop.remove_writer(self.fd)

@@ -1370,14 +1370,19 @@ def test_writes_sent_whole_land_when_their_client_hangs_up_without_reading_the_r
         _stops_cleanly(d)
 
 
-def test_a_client_that_shuts_its_writing_end_gets_every_reply(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full", [False, True])
+def test_a_client_that_shuts_its_writing_end_gets_every_reply(tmp_path: Path,
+                                                              full: bool) -> None:
     """A client sends its requests and shuts its end for writing (``shutdown(SHUT_WR)``,
     as a pipe into a socket does at its input's end), then reads. The daemon took the
     end of its input for a hang-up and closed the connection, the replies not yet sent
     with it: it got none of them, or a few. It gets every reply, in order, then the end
-    of the stream."""
+    of the stream; also when a newcomer is refused meanwhile for ``max_clients`` (the
+    daemon looks for clients gone to make room: one that only shut its writing end was
+    taken for one, and cut off)."""
     piece = 256 * 1024
-    d, ih, data = _checked(tmp_path, 4 * piece, piece, 29, {})
+    env = {"PIECED_MAX_CLIENTS": "1"} if full else {}
+    d, ih, data = _checked(tmp_path, 4 * piece, piece, 29, env)
     try:
         for _ in range(3):
             conn = RawConn(d.socket)
@@ -1385,7 +1390,13 @@ def test_a_client_that_shuts_its_writing_end_gets_every_reply(tmp_path: Path) ->
             frames += [encode_control(FrameType.REQUEST, 41, to_wire({"op": "stats"}))]
             conn.sock.sendall(b"".join(frames))
             conn.sock.shutdown(socket.SHUT_WR)
-            replies = conn.replies(41)
+            replies = conn.replies(1, exact=False)
+            if full:
+                for _ in range(2):
+                    with pytest.raises(PiecedError) as refused:
+                        Client(d.socket).close()
+                    assert refused.value.errno == errno.EBUSY
+            replies += conn.replies(41 - len(replies))
             assert [r.id for r in replies] == list(range(1, 42))
             for r in replies[:40]:
                 assert r.type == FrameType.DATA, r
@@ -1395,5 +1406,49 @@ def test_a_client_that_shuts_its_writing_end_gets_every_reply(tmp_path: Path) ->
             with pytest.raises(ConnectionError):
                 conn.replies(1)
             conn.close()
+    finally:
+        _stops_cleanly(d)
+
+
+def test_a_client_that_closes_with_replies_unread_and_writes_behind_them_is_let_go(
+        tmp_path: Path) -> None:
+    """A client asks for 32 MiB of reads, reads none (the daemon stops reading it, its
+    replies unsent), sends writes behind them and closes. Its replies unread make the
+    daemon's end of the socket an error (ECONNRESET), which the event loop reports by
+    no longer watching it: the connection, waiting to read the end of the stream, was
+    kept for good (a place and a descriptor a client). Every whole piece it sent is
+    verified, and the connection goes."""
+    piece = 4 * 1024 * 1024
+    d, ih, _data = _checked(tmp_path, 16 * piece, piece, 31, {})
+    small = 16384
+    content = make_payload(tmp_path / "src2", 256 * small, seed=32)
+    raw = make_torrent_lt(content, small, "v1")
+    data = content.read_bytes()
+    try:
+        for trial in range(3):
+            with Client(d.socket) as c:
+                ih2 = c.register(raw, tmp_path / f"dl{trial}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(d.socket))
+            sock.sendall(encode_control(FrameType.HELLO, 0, to_wire(hello("client", "x")))
+                         + b"".join(encode_read(k + 1, ih, k % 16, 0, piece - 64)
+                                    for k in range(8)))
+            time.sleep(0.5)  # (its replies fill what the daemon holds for it)
+            frames = [encode_write_header(1000 + p, ih2, p, 0, small)
+                      + data[p * small: (p + 1) * small] for p in range(256)]
+            sock.setblocking(False)
+            whole = 0
+            with contextlib.suppress(BlockingIOError):
+                for f in frames:
+                    sent = sock.send(f)
+                    if sent < len(f):
+                        break
+                    whole += 1
+            sock.close()
+            with Client(d.socket) as c:
+                wait_for(lambda: c.stats()["connected_clients"] == 1, timeout=10)
+                wait_for(lambda ih2=ih2, whole=whole: c.status(ih2)["verified_pieces"] >= whole,
+                         timeout=10)
+                c.unregister(ih2)
     finally:
         _stops_cleanly(d)
