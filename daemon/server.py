@@ -960,13 +960,18 @@ class Connection:
     def _peer_closed(self) -> bool:
         """Whether the client closed its socket, not only its writing end (on a Unix
         socket, a peer's close shuts both ways of ours, which poll says with POLLHUP)."""
+        events = self._poll_now(select.POLLIN)
+        return events is None or bool(events & (select.POLLHUP | select.POLLERR))
+
+    def _poll_now(self, mask: int) -> int | None:
+        """What poll says of the socket now, asked for ``mask`` (None: it could not)."""
         poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
+        poller.register(self.fd, mask)
         try:
             ready = poller.poll(0)
         except OSError:
-            return True
-        return bool(ready) and bool(ready[0][1] & (select.POLLHUP | select.POLLERR))
+            return None
+        return ready[0][1] if ready else 0
 
     def _deafen(self) -> None:
         """A send failed: the client takes nothing more (it hung up, or shut its end for
@@ -1114,14 +1119,8 @@ class Connection:
         never reported, took every place, and live clients were refused.)"""
         if self.closed:
             return True
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN | select.POLLRDHUP)
-        try:
-            ready = poller.poll(0)
-        except OSError:
-            return False
-        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
-        if not ready or not ready[0][1] & gone:
+        events = self._poll_now(select.POLLIN | select.POLLRDHUP)
+        if not (events or 0) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
             return False
         while not self.closed and self.reading:  # (a blocked lane pauses reading)
             before = self._received
