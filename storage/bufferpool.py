@@ -175,6 +175,8 @@ class BufferPool:
         self.recycler = Recycler(min(budget // 16, 16 * 1024 * 1024))
         self._lock = threading.Lock()
         self._dirty: dict[Key, dict[int, bytes]] = {}
+        # Blocks taken to be written out, until their write is done (see take_dirty).
+        self._leaving: dict[Key, list[list[tuple[int, bytes]]]] = {}
         # Per piece buffered, where its blocks begin and end at most: a block outside
         # that overlaps none (the usual case, blocks in order). Kept wide, never narrowed
         # until the piece's blocks go: a wider one only sends more blocks to be looked at.
@@ -227,11 +229,23 @@ class BufferPool:
         return key in self._dirty
 
     def dirty_blocks(self, key: Key) -> list[tuple[int, bytes]]:
+        """A piece's blocks not in its files yet: those on their way there first (see
+        take_dirty), then those buffered, newer, sorted (where they overlap, the later
+        in the list goes over the earlier)."""
         with self._lock:
-            return sorted(self._dirty.get(key, {}).items())
+            leaving = self._leaving.get(key)
+            blocks = sorted(self._dirty.get(key, {}).items())
+            return [b for run in leaving for b in run] + blocks if leaving else blocks
 
-    def take_dirty(self, key: Key) -> list[tuple[int, bytes]]:
-        """Remove and return a piece's buffered blocks (written, verified or dropped)."""
+    def take_dirty(self, key: Key, leaving: bool = False) -> list[tuple[int, bytes]]:
+        """Remove and return a piece's buffered blocks (written, verified or dropped).
+
+        ``leaving``: they are taken to be written out, and dirty_blocks still gives them
+        until :meth:`written` says their write is done. Between the two they are in
+        neither place a look at the piece's bytes goes to (not buffered, not yet in the
+        file): a write of another torrent into the same file, waiting for them, took
+        identical bytes for changed ones and threw away the piece they belong to, and
+        reading the piece back found zeros where they go."""
         with self._lock:
             blocks = self._dirty.pop(key, None)
             self._extent.pop(key, None)
@@ -239,7 +253,24 @@ class BufferPool:
                 return []
             self.dirty_bytes -= sum(map(_cost, blocks.values()))
             self._clean.resize(self.budget - self.dirty_bytes)
-            return sorted(blocks.items())
+            taken = sorted(blocks.items())
+            if leaving:
+                self._leaving.setdefault(key, []).append(taken)
+            return taken
+
+    def written(self, key: Key, taken: list[tuple[int, bytes]]) -> None:
+        """Blocks taken with ``take_dirty(key, leaving=True)`` are written (or their
+        write failed): no longer the pool's to show."""
+        if not taken:
+            return
+        with self._lock:
+            runs = self._leaving.get(key, [])
+            for i, run in enumerate(runs):
+                if run is taken:
+                    del runs[i]
+                    break
+            if not runs:
+                self._leaving.pop(key, None)
 
     def discard_dirty(self, key: Key, begin: int, end: int) -> None:
         """Forget buffered blocks inside [begin, end): newer data went straight to disk."""

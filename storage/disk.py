@@ -787,15 +787,8 @@ class DiskIO:
                         self.pool.drop_clean((x.id, p))  # (what it cached of them is stale)
                     seen = [x.written_into.get(p, 0) for p in pieces]
                     verified = [p for p in changed if x.state[p] == VERIFIED]
-                    # Pieces whose bytes the write changes: a piece under way, or one
-                    # parked, only if it changes bytes it holds (its own blocks go over
-                    # the rest). (A torrent being removed has no pieces under way left.)
-                    over = [p for p in changed if there is None or (
-                        (q := x.partial.get(p)) is not None and _changes_received(
-                            q, self.pool.dirty_blocks((x.id, p)), p * size, start, stop, there)
-                        if x.state[p] == PARTIAL else
-                        (k := x.parked.get(p)) is None
-                        or _changes_held(k[0], p * size, start, stop, there))]
+                    over = [p for p in changed
+                            if self._written_over(x, p, start, stop, there)]
                     for p in over:
                         self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
                 if over:
@@ -819,6 +812,33 @@ class DiskIO:
                 if found:
                     self._start_over(x, j, verified=True, partial=False, pieces=found)
                 self._check_again(x, sorted({*verified, *found}))
+
+    def _written_over(self, x: Torrent, p: int, start: int, stop: int,
+                      there: tuple[bytes, bytearray] | None) -> bool:
+        """(Caller holds ``x.lock``.) Whether a write of ``x``'s bytes ``start:stop``
+        (``there``: see _bytes_there, None where the file could not be read) changes
+        what piece ``p`` of ``x`` holds, so that it starts over: a piece verified or
+        committing, if it changes its bytes at all; one under way (or being hashed: its
+        buffered blocks are written out after the write, over it) or parked, only if it
+        changes bytes it has received (its own blocks go over the rest). A piece missing
+        and not parked holds nothing: it is not started over, since by the time it would
+        be (the torrent's lock let go meanwhile) a writer may have begun it, and the
+        blocks it buffered would go with it, sent for nothing. (A torrent being removed
+        has no pieces under way left.)"""
+        state = x.state[p]
+        if state == MISSING:
+            k = x.parked.get(p)
+            return k is not None and (
+                there is None or _changes_held(k[0], p * x.layout.piece_length, start, stop,
+                                               there))
+        if there is None:
+            return True
+        if state in (PARTIAL, HASHING):
+            q = x.partial.get(p)
+            return q is not None and _changes_received(
+                q, self.pool.dirty_blocks((x.id, p)), p * x.layout.piece_length, start, stop,
+                there)
+        return True
 
     @staticmethod
     def _bytes_there(t: Torrent, seg: Segment, bufs: Sequence[Buffer],
@@ -2188,11 +2208,15 @@ class DiskIO:
         its sender, where a lost block was read back). So the piece starts over, told
         failed without v1/v2 (every block of it is to be sent again), as one whose file
         vanished."""
+        key = (t.id, piece)
+        blocks = self.pool.take_dirty(key, leaving=True)
         try:
-            self._write_out(t, piece, self.pool.take_dirty((t.id, piece)))
+            self._write_out(t, piece, blocks)
         except BaseException:
             self._abandon(t, piece, t.partial.get(piece))
             raise
+        finally:
+            self.pool.written(key, blocks)
 
     def _abandon(self, t: Torrent, piece: int, partial: Partial | None) -> None:
         """(Caller holds the piece's lock.) The piece starts over, told failed without
@@ -2259,9 +2283,12 @@ class DiskIO:
             result = PieceResult(t.key, piece, ok, ok1, ok2, tuple(sorted(partial.writers)))
             with t.lock:  # taken together with the check: no other hash state's blocks
                 mine = t.partial.get(piece) is partial
-                blocks = self.pool.take_dirty(key) if mine else []
-            if ok and mine:
-                self._write_out(t, piece, blocks)
+                blocks = self.pool.take_dirty(key, leaving=ok) if mine else []
+            try:
+                if ok and mine:
+                    self._write_out(t, piece, blocks)
+            finally:
+                self.pool.written(key, blocks)
         except BaseException:
             # (Its blocks could not be written out, or read back: a full disk.) The piece
             # starts over, told failed without v1/v2, as in _write_out_buffered: blocks of
