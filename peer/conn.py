@@ -54,6 +54,12 @@ CHATTER_RATE = 500.0
 # the event loop: it costs one unit of chatter per EXT_CHATTER_BYTES (at least one), so
 # a stream of large ones is dropped as soon as one of small ones would be.
 EXT_CHATTER_BYTES = 64
+# A HASHES answer costs one unit of chatter per HASHES_CHATTER_BYTES of it (and one):
+# 53 bytes ask for up to 256 KiB, and a peer that asked for them over and over, reading
+# the answers, had them built and sent at a gigabyte a second, a leecher beside it
+# served a twelfth as fast. What a peer needs is each file's piece layer once (runs of
+# 512 hashes: 9 units each), far inside the burst.
+HASHES_CHATTER_BYTES = 2048
 # Past these, an extension handshake or a ut_metadata message breaks the protocol.
 # libtorrent's handshakes are a few hundred bytes; a ut_metadata message is a small
 # dictionary and, in a data message, at most 16 KiB of the metadata (libtorrent drops a
@@ -601,6 +607,12 @@ class PeerConnection:
                                     ev.proof_layers))
 
     def send_hashes(self, ev: wire.HashRequest, hashes: bytes) -> None:
+        """Raises WireError, and sends nothing, once the peer is past its chatter
+        budget: the requests of one read all come before any is answered."""
+        if self._chatter < 0:
+            raise WireError("hash requests past the chatter budget (each one answered "
+                            f"counts one per {HASHES_CHATTER_BYTES} bytes of hashes)")
+        self._chatter -= 1 + len(hashes) // HASHES_CHATTER_BYTES
         self._send(wire.hashes(ev.pieces_root, ev.base_layer, ev.index, ev.length,
                                ev.proof_layers, hashes))
 

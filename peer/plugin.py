@@ -99,6 +99,10 @@ HANDSHAKE_TIMEOUT = 10.0
 # bytes, each re-fetching what the other's writes take back, for ever. The run stops.
 LOSSES_PER_PIECE = 3
 STALL_SECONDS = 5.0  # a peer that takes nothing we send for this long gives its slots up
+# ... and for this long, while a peer that reads waits for a slot; a peer still choked
+# that has taken nothing we sent (rejects of its requests) for this long waits last.
+# A reader, however slow, takes some of what is on its way every moment.
+LAG_SECONDS = 2.0
 IDLE_SECONDS = 10.0  # a peer interested in nothing either way may give its place after
 # A peer with pieces we want that has sent us no block for this long (it chokes us, or
 # lets our requests time out), and that we do not serve, may give its place to a
@@ -786,27 +790,30 @@ class Peer:
         if held >= 1.0:
             self.conn.held(held)
 
-    def stalled(self, now: float) -> bool:
-        """Nothing we sent it has reached it since STALL_SECONDS ago (it does not read),
+    def stalled(self, now: float, seconds: float = STALL_SECONDS) -> bool:
+        """Nothing we sent it has reached it since ``seconds`` ago (it does not read),
         by looks at least that far apart: a slow reader takes some between any two."""
         unsent = self.unsent = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
         sent = self.queued - unsent
         if sent != self._sent_mark or not unsent:
             self._sent_mark, self._moved_at = sent, now
             return False
-        return now - self._moved_at >= STALL_SECONDS
+        return now - self._moved_at >= seconds
 
-    def wastes_slot(self, now: float) -> str | None:
-        """Why its unchoke slot is wasted, if it is: unchoked for STALL_SECONDS or more,
-        and it takes nothing we send, or has been sent nothing for that long and has
-        nothing left to take (it asks for nothing; a slow reader still working through
-        what it asked for asks for no more meanwhile, and keeps its slot)."""
-        stalled = self.stalled(now)  # (a look, whatever the answer: its marks stay fresh)
+    def wastes_slot(self, now: float, patience: float = STALL_SECONDS) -> str | None:
+        """Why its unchoke slot is wasted, if it is: unchoked for ``patience`` seconds
+        or more, and it takes nothing we send; or unchoked for STALL_SECONDS, has been
+        sent nothing for that long and has nothing left to take (it asks for nothing; a
+        slow reader still working through what it asked for asks for no more
+        meanwhile, and keeps its slot)."""
+        stalled = self.stalled(now, patience)  # (a look, whatever the answer: marks kept fresh)
         conn = self.conn
-        if conn.am_choking or now - conn.unchoked_at < STALL_SECONDS:
+        if conn.am_choking or now - conn.unchoked_at < patience:
             return None
         if stalled:
             return "takes nothing we send"
+        if now - conn.unchoked_at < STALL_SECONDS:
+            return None
         if (now - self.served_at >= STALL_SECONDS and not self.unsent and not self.reads
                 and not self.conn.peer_requests):
             # (one whose requests wait on us, the daemon slow to read them, asks)
@@ -2413,8 +2420,9 @@ class Swarm:
             unchoked = [p for p in self.peers if p.conn.peer_interested
                         and not p.conn.am_choking and not p.closed]
             if len(unchoked) >= UNCHOKE_SLOTS:
-                why, stuck = next(((w, p) for p in unchoked if (w := p.wastes_slot(now))),
-                                  (None, None))
+                patience = STALL_SECONDS if newcomer.stalled(now, LAG_SECONDS) else LAG_SECONDS
+                why, stuck = next(((w, p) for p in unchoked
+                                   if (w := p.wastes_slot(now, patience))), (None, None))
                 if stuck is None:
                     return
                 log.info("%s %s: its unchoke slot goes to %s", stuck.addr, why, newcomer.addr)
@@ -2425,7 +2433,17 @@ class Swarm:
             newcomer.flush()
             return
         by_conn = {p.conn: p for p in self.peers if not p.closed}
-        stalled = {c: why for c, p in by_conn.items() if (why := p.wastes_slot(now))}
+        # Peers waiting for a slot that take nothing we send (the rejects of what they
+        # asked while choked) wait last: peers that never read, come a moment before a
+        # leecher, took every slot in turn, STALL_SECONDS each, before it had one. While
+        # one that reads waits, a slot is wasted after LAG_SECONDS.
+        lagging = {c for c, p in by_conn.items()
+                   if c.am_choking and c.peer_interested and p.stalled(now, LAG_SECONDS)}
+        patience = (LAG_SECONDS if any(c.am_choking and c.peer_interested and c not in lagging
+                                       for c in by_conn) else STALL_SECONDS)
+        stalled: dict[PeerConnection, str] = {
+            c: why for c, p in by_conn.items() if (why := p.wastes_slot(now, patience))}
+        stalled.update((c, "takes nothing we send") for c in lagging)
         choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS, stalled, rotate)
         for conn in choke:
             if conn in stalled:

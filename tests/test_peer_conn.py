@@ -1603,8 +1603,11 @@ def test_nothing_but_the_handshakes_goes_before_our_pieces() -> None:
 def test_a_peer_streaming_hash_requests_that_are_rejected_is_dropped() -> None:
     """HASH_REQUEST was never chatter: a peer streaming them on a v1 torrent (each
     rejected, a flush each) kept pieced-peer's loop busy for as long as it liked, and
-    slowed its other peers 3 to 5 times. A rejected one counts as chatter now; those
-    answered with hashes, as a v2 download asks them, do not."""
+    slowed its other peers 3 to 5 times. A rejected one counts as chatter now. So does
+    one answered, by the size of its answer (53 bytes ask for up to 256 KiB of hashes:
+    a peer asking for them over and over, and reading the answers, had them built and
+    sent at a gigabyte a second); what an honest peer asks, a piece layer once, stays
+    far inside the budget (see the next test)."""
     root = bytes(range(32))
     ask = wire.hash_request(root, 0, 0, 512, 0)
     now = [100.0]
@@ -1625,10 +1628,27 @@ def test_a_peer_streaming_hash_requests_that_are_rejected_is_dropped() -> None:
                         c.send_hash_reject(ev)
                 c.take_outbox()
                 now[0] += 0.01
-        if answered:
-            assert asked == 20_000
+        if answered:  # (9 units each: a burst of 5,000 and 500 a second)
+            assert 500 < asked < 1_000
         else:
-            assert asked < 8_000
+            assert 5_000 < asked < 8_000
+
+
+def test_a_peer_asking_for_the_piece_layers_of_a_large_torrent_is_answered() -> None:
+    """A leecher from a magnet link asks for each file's piece layer in runs of 512
+    hashes, as fast as the answers come: the layers of a 1 TiB torrent of 4 MiB pieces
+    (262,144 hashes, 8 MiB) in a second, all answered."""
+    root = bytes(range(32))
+    c, clock = _clocked()
+    answered = 0
+    for run in range(512):
+        for ev in c.receive(wire.hash_request(root, 8, run * 512, 512, 10)):
+            assert isinstance(ev, wire.HashRequest)
+            c.send_hashes(ev, bytes(32 * (512 + 10)))
+            answered += 1
+        c.take_outbox()
+        clock.now += 1 / 512
+    assert answered == 512
 
 
 def test_interest_said_again_is_no_event() -> None:

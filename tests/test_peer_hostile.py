@@ -1300,6 +1300,52 @@ def test_hash_requests_of_a_peer_that_does_not_read_cost_bounded_memory(tmp_path
         assert d.stop() == 0, d.stderr()
 
 
+def test_a_peer_asking_for_hashes_over_and_over_is_dropped(tmp_path: Path) -> None:
+    """A peer pipelines hash requests that can all be answered (2,048 hashes of the
+    piece layer, 64 KiB of answer for 53 bytes) and reads the answers. An answered
+    request cost nothing: pieced-peer built and sent them at a gigabyte a second for as
+    long as the peer liked, and a leecher beside one such peer was served twelve times
+    slower (sixty, beside four). An answer now costs chatter by its size: the peer is
+    dropped after a few MiB, and the leecher gets every byte."""
+    piece = 32768
+    files = {"a.bin": 2048 * piece}
+    content, raw, meta, torrent, roots = _hybrid(tmp_path, files, piece, seed=47)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        p = RawPeer(seeding.port)
+        p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes(12),
+                              wire.make_reserved(extended=True, fast=True, v2=True))
+               + wire.have_none())
+        ask = wire.hash_request(roots[0], 1, 0, 2048, 0) * 16
+        got, closed = 0, False
+        p.sock.setblocking(False)
+        deadline = time.monotonic() + 20
+        while not closed and time.monotonic() < deadline:  # (closed: reset, or at its end)
+            try:
+                p.sock.send(ask)
+            except BlockingIOError:
+                pass
+            except OSError:  # (reset: dropped)
+                closed = True
+                break
+            try:
+                while data := p.sock.recv(1 << 20):
+                    got += len(data)
+                closed = True
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:
+                closed = True
+        assert closed, f"still answered after {got >> 20} MiB of hashes"
+        assert got < 64 << 20
+        p.close()
+        leecher_gets_every_byte(raw, seeding, tmp_path, content, files)
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_messages_longer_than_their_kind_are_refused_before_their_body(tmp_path: Path) -> None:
     """Forty peers each start an extension message of 2 MiB (or a HAVE, a block or an
     unknown message of 1 MiB) and send a MiB of it. pieced-peer took any message up to
@@ -1649,6 +1695,46 @@ def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> No
         with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
             leecher.connect("127.0.0.1", seeding.port)
             leecher.wait_finished(45)  # behind ten hogs, one slot every 10 s: over 60 s
+            assert leecher.hash_failures() == 0
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+        for p in hogs:
+            p.close()
+        seeding.stop()
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_peers_that_never_read_come_a_moment_before_a_leecher_do_not_keep_it_waiting(
+        tmp_path: Path) -> None:
+    """Sixteen peers with small receive buffers say they are interested, ask for 1,500
+    blocks and never read; a second later a leecher comes. The four slots went to the
+    first four, each kept until it had wasted it for STALL_SECONDS, then to the next
+    four: the leecher, waiting behind peers not yet found out, got its first byte after
+    20 s (48 s behind forty). Peers that take nothing of what we sent while they wait
+    (the rejects of their requests) now wait last, and while one that reads waits, a
+    slot taken by a peer that takes nothing goes after a couple of seconds."""
+    piece = 65536
+    files = {"a.bin": 64 * piece + 1234}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=48)
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+    try:
+        n = meta.num_pieces
+        asks = b"".join(wire.request(j % (n - 1), (j // (n - 1)) % 4 * 16384, 16384)
+                        for j in range(1500))
+        hogs = []
+        for i in range(16):
+            p = RawPeer(seeding.port, rcvbuf=4096)
+            p.send(wire.handshake(meta.info_hash, b"-XX0001-" + bytes([i]) * 12,
+                                  wire.make_reserved(extended=False, fast=True))
+                   + wire.have_none() + wire.interested())
+            with contextlib.suppress(OSError):
+                p.send(asks)
+            hogs.append(p)
+        time.sleep(1)
+        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            leecher.connect("127.0.0.1", seeding.port)
+            leecher.wait_finished(12)  # (behind the sixteen, four at a time: over 20 s)
             assert leecher.hash_failures() == 0
         _same_tree(content, tmp_path / "leech" / "payload", files)
         for p in hogs:
