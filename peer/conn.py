@@ -54,6 +54,11 @@ CHATTER_RATE = 500.0
 # the event loop: it costs one unit of chatter per EXT_CHATTER_BYTES (at least one), so
 # a stream of large ones is dropped as soon as one of small ones would be.
 EXT_CHATTER_BYTES = 64
+# Blocks that come not asked for (late after a cancel or a choke: at most a pipeline's
+# worth at a time) are thrown away; past this many bytes of them, and a quarter of
+# what the peer sent that was asked for, the peer is dropped: one streaming blocks
+# nobody asked for cost a unit of chatter each, 8 MB/s of them for as long as it liked.
+UNASKED_BYTES = 16 * 1024 * 1024
 # A HASHES answer costs one unit of chatter per HASHES_CHATTER_BYTES of it (and one):
 # 53 bytes ask for up to 256 KiB, and a peer that asked for them over and over, reading
 # the answers, had them built and sent at a gigabyte a second, a leecher beside it
@@ -292,6 +297,9 @@ class PeerConnection:
                     # libtorrent, which closes on such a block too)
                     raise WireError(f"block out of range: piece {ev.piece}, {n} bytes at {ev.begin}")
                 self.unasked += n
+                if self.unasked > UNASKED_BYTES + self.downloaded // 4:
+                    raise WireError(f"{self.unasked} bytes of blocks not asked for (against "
+                                    f"{self.downloaded} asked for)")
                 return False
             self._waited(self.last_received - max(asked, self.last_block, self._fragment_at))
             self.last_block = self.last_received

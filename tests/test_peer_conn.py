@@ -1634,6 +1634,27 @@ def test_a_peer_streaming_hash_requests_that_are_rejected_is_dropped() -> None:
             assert 5_000 < asked < 8_000
 
 
+def test_a_peer_streaming_blocks_nobody_asked_for_is_dropped() -> None:
+    """Each block not asked for cost a unit of chatter: 300 a second (5 MB/s) of them
+    went on for as long as the peer liked. Past 16 MiB of them (and a quarter of what
+    it sent that was asked for) the peer is dropped; the late blocks of a pipeline
+    cancelled, or voided by a choke, are far fewer."""
+    c, clock = _clocked()
+    c.receive(wire.have_all())
+    block = wire.piece(0, 0, bytes(BLOCK))
+    late = 0
+    for _ in range(500):  # (a pipeline's worth, late after a choke)
+        assert c.receive(block) == []
+        late += 1
+        clock.now += 0.002
+    with pytest.raises(wire.WireError):
+        for _ in range(2000):
+            c.receive(block)
+            late += 1
+            clock.now += 0.004
+    assert late == 1024  # (16 MiB taken; the next one is past the bound)
+
+
 def test_a_peer_asking_for_the_piece_layers_of_a_large_torrent_is_answered() -> None:
     """A leecher from a magnet link asks for each file's piece layer in runs of 512
     hashes, as fast as the answers come: the layers of a 1 TiB torrent of 4 MiB pieces
