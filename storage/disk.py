@@ -762,41 +762,50 @@ class DiskIO:
         it stored meanwhile, not yet counted received, is seen by its writer as written
         over (see write_blocks_direct)."""
         plan: list[tuple[Torrent, int, range, frozenset[int], list[int], list[int]]] = []
-        for seg in segs:
-            others = t.shared.get(seg.file_index) if seg.stored else None
-            if not others:
-                continue
-            there = self._bytes_there(t, seg, bufs)
-            for x, j in others:
-                x.storage.note_written(j)  # (its times are the daemon's doing from now on)
-                # The other torrent may say the file is shorter: only what lies inside
-                # its length is in its pieces.
-                first, end = x.meta.files.offsets[j], x.meta.files.offsets[j + 1]
-                start = first + seg.file_offset
-                stop = min(start + seg.length, end)
-                if start >= stop:
-                    continue
-                size = x.layout.piece_length
-                pieces = range(start // size, (stop - 1) // size + 1)
-                changed = [p for p in pieces if there is None or _differs(
-                    there, max(p * size, start) - start, min((p + 1) * size, stop) - start)]
-                with x.lock:
-                    for p in changed:
-                        x.written_into[p] = x.written_into.get(p, 0) + 1
-                        x.written_over[p] = x.written_over.get(p, 0) + 1
-                        self.pool.drop_clean((x.id, p))  # (what it cached of them is stale)
-                    seen = [x.written_into.get(p, 0) for p in pieces]
-                    verified = [p for p in changed if x.state[p] == VERIFIED]
-                    over = [p for p in changed
-                            if self._written_over(x, p, start, stop, there)]
-                    for p in over:
-                        self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
-                if over:
-                    self._start_over(x, j, verified=True, partial=True, pieces=over)
-                plan.append((x, j, pieces, frozenset(changed), seen, verified))
         try:
+            for seg in segs:
+                others = t.shared.get(seg.file_index) if seg.stored else None
+                if not others:
+                    continue
+                there = self._bytes_there(t, seg, bufs)
+                for x, j in others:
+                    x.storage.note_written(j)  # (its times are the daemon's doing from now on)
+                    # The other torrent may say the file is shorter: only what lies inside
+                    # its length is in its pieces.
+                    first, end = x.meta.files.offsets[j], x.meta.files.offsets[j + 1]
+                    start = first + seg.file_offset
+                    stop = min(start + seg.length, end)
+                    if start >= stop:
+                        continue
+                    size = x.layout.piece_length
+                    pieces = range(start // size, (stop - 1) // size + 1)
+                    changed = [p for p in pieces if there is None or _differs(
+                        there, max(p * size, start) - start, min((p + 1) * size, stop) - start)]
+                    with x.lock:
+                        for p in changed:
+                            x.written_into[p] = x.written_into.get(p, 0) + 1
+                            x.written_over[p] = x.written_over.get(p, 0) + 1
+                            self.pool.drop_clean((x.id, p))  # (what it cached of them is stale)
+                        seen = [x.written_into.get(p, 0) for p in pieces]
+                        verified = [p for p in changed if x.state[p] == VERIFIED]
+                        over = [p for p in changed
+                                if self._written_over(x, p, start, stop, there)]
+                    if verified:
+                        # Journaled before the write, or the write is refused (a full state
+                        # folder): a crash after it brought them back verified over its bytes.
+                        rec = self._records.get(x.id)
+                        with _journal_lock(rec):
+                            self._journal_clears(x, rec, verified, must=True)
+                    with x.lock:
+                        for p in over:
+                            self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
+                    if over:
+                        self._start_over(x, j, verified=True, partial=True, pieces=over)
+                    plan.append((x, j, pieces, frozenset(changed), seen, verified))
             return t.storage.writev(segs, bufs)
         finally:
+            # (Also when the write was refused: the pieces started over before it are
+            # checked again.)
             for x, j, pieces, wrote, seen, verified in plan:
                 with x.lock:
                     # Pieces another write went into meanwhile: what this one found

@@ -1977,6 +1977,62 @@ def test_a_second_daemon_on_one_state_folder_says_why_and_costs_the_first_nothin
         first.proc.kill()
 
 
+def test_a_block_that_changes_a_piece_a_torrent_sharing_its_file_verified_waits_for_its_record(
+        tmp_path: Path, tiny_fs: Path, backend: str) -> None:
+    """A v1 and a hybrid torrent of one file; the v1 complete, then the state folder's
+    disk full; a bad block written for the hybrid, into a piece the v1 has verified.
+    The record that the v1's piece is verified no more could not be written, and the
+    block was written all the same: after a crash (or a clean stop) the v1's piece
+    came back verified over the bad bytes. The write is now refused (ENOSPC) and
+    changes nothing; with room again, it goes, and the v1's piece with it."""
+    content = make_payload(tmp_path / "src", 16 * 65536, seed=12)
+    raw_a = make_torrent_lt(content, 65536, "v1")
+    raw_b = make_torrent_lt(content, 65536, "hybrid")
+    src = Source(raw_a, tmp_path / "src")
+    n = src.meta.num_pieces
+    state = tiny_fs / "state"
+    dio = DiskIO(backend, state_dir=state, sync_window=0.002)
+    a = dio.register(raw_a, tmp_path / "dl")
+    b = dio.register(raw_b, tmp_path / "dl")
+    assert dio.torrent(a).shared
+    fill(dio, a, src)
+    dio.flush_all()
+    assert _verified(dio.status(a)) == set(range(n))
+    fill_up(tiny_fs)
+    bad = bytes(x ^ 0x5A for x in src.read(3, 16384, 16384))
+    refused = []
+    for at in range(0, 65536, 16384):
+        try:
+            dio.write_block_direct(b, 3, at, bad if at == 16384 else src.read(3, at, 16384))
+        except StorageIOError as exc:
+            refused.append((at, exc.errno))
+    with contextlib.suppress(StorageIOError):
+        dio.flush_all()
+    if not dio.torrent(b).storage.gathers_writes:  # (else the bad piece is never written)
+        assert refused == [(16384, errno.ENOSPC)]
+    assert _on_disk(src, tmp_path / "dl", 3) == src.read(3, 0, 65536), "the bad block landed"
+
+    def truth(engine: DiskIO) -> set[int]:
+        st = wait_reverified(engine, a)
+        engine.torrent(a).storage.close_handles()
+        for p in _verified(st):
+            assert _on_disk(src, tmp_path / "dl", p) == src.read(p, 0, 65536), p
+        return _verified(st)
+
+    crashed = _crash_copy(dio, state, tmp_path / "crash1", a)
+    assert truth(crashed) == set(range(n))
+    crashed.close()
+    os.unlink(tiny_fs / "filler")  # room again: the bad block goes, and the v1's piece
+    dio.write_block_direct(b, 3, 16384, bad)
+    dio.flush_all()
+    crashed = _crash_copy(dio, state, tmp_path / "crash2", a)
+    truth(crashed)
+    crashed.close()
+    assert _on_disk(src, tmp_path / "dl", 3) != src.read(3, 0, 65536)
+    assert truth(dio) == set(range(n)) - {3}
+    dio.close()
+
+
 def test_pieces_cleared_while_the_state_disk_is_full_never_come_back_verified(
         tmp_path: Path, tiny_fs: Path, backend: str) -> None:
     """While the state folder's disk is full, the record that a piece is verified no
