@@ -984,6 +984,14 @@ def _same_payload_twice(tmp_path: Path, backend: str, seed: int, pieces: int = 4
     return dio, a, b, Source(raw_a, tmp_path / "src"), told
 
 
+def _piece_0_kept(pool: concurrent.futures.ThreadPoolExecutor, dio: DiskIO, a: bytes,
+                  src: Source, told: list[tuple[bytes, int, bool]]) -> None:
+    """A's piece 0 was never told failed, and is verified, over the right bytes."""
+    assert (a, 0, False) not in told
+    _off_main(pool, dio.flush_all)
+    assert _verified(dio.status(a))[0] and _wrong_verified(dio, a, src) == []
+
+
 def test_a_piece_begun_while_a_torrent_of_the_same_payload_writes_into_it_is_kept(
         tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """B writes the first block of a piece where A has nothing yet; A begins that piece
@@ -1012,9 +1020,7 @@ def test_a_piece_begun_while_a_torrent_of_the_same_payload_writes_into_it_is_kep
         for at in (0, 32768, 49152):
             r = _off_main(pool, dio.write_chunk, a, 0, at, src.read(0, at, 16384))
         assert r is not None and r.ok, "A's piece was started over: its block lost"
-        assert (a, 0, False) not in told
-        _off_main(pool, dio.flush_all)
-        assert _verified(dio.status(a))[0] and _wrong_verified(dio, a, src) == []
+        _piece_0_kept(pool, dio, a, src, told)
     finally:
         _off_main(pool, dio.close)
         pool.shutdown()
@@ -1045,9 +1051,7 @@ def test_a_piece_whose_blocks_are_on_their_way_to_the_file_is_not_thrown_away_by
             time.sleep(0.01)
         r = writes.result()[-1]
         assert r is not None and r.ok, "A's piece thrown away by B's write of its bytes"
-        assert (a, 0, False) not in told
-        _off_main(pool, dio.flush_all)
-        assert _verified(dio.status(a))[0] and _wrong_verified(dio, a, src) == []
+        _piece_0_kept(pool, dio, a, src, told)
     finally:
         _off_main(pool, dio.close)
         pool.shutdown()
