@@ -337,15 +337,21 @@ class Picker:
                     self._returned.setdefault(block[0], []).append(block)
                     self._open[block[0]] = None
         if self._solo.get(block[0]) is peer:
-            # (choked, rejected, gone, late: the next peer takes the piece over; the
-            # blocks come from two then, and it fails with both as before, or verifies)
+            # (choked, rejected, gone, late: the next peer takes the piece over, and is
+            # asked for all of it, the blocks it already has too: its copies go over the
+            # others in the daemon, so that the attempt is one peer's. Finished with the
+            # first peer's blocks, it failed with both as before, again and again while
+            # the first was a liar that let requests time out, and no verdict came.)
             self._solo[block[0]] = None
+            self._forget(block[0])
+            self._ranked_from = 0  # (it may lie before: it was started)
 
     # -- what to ask for -----------------------------------------------------------------
     def pick(self, peer: object, peer_has: bytearray | None, want: int,
              allowed: Iterable[int] | None = None, outstanding: int = 0,
              peer_count: int | None = None, endgame: bool = True,
-             live: Callable[[object], bool] | None = None) -> list[Block]:
+             live: Callable[[object], bool] | None = None,
+             solo_elsewhere: Callable[[int], bool] | None = None) -> list[Block]:
         """Up to ``want`` blocks to ask ``peer`` for (``peer_has``: None when it has
         all; ``peer_count``: how many it has, if known). ``allowed``: only these pieces
         (a choked peer's allowed-fast set).
@@ -354,7 +360,11 @@ class Picker:
         time (as libtorrent does: each such block is sent twice, one copy wasted), and
         not to a third peer while two ``live`` ones have it (by default every peer is
         live; one that lets requests time out is not, and does not count). Without
-        ``endgame`` the peer is given no block already asked of another."""
+        ``endgame`` the peer is given no block already asked of another.
+        ``solo_elsewhere(piece)``: whether a piece asked of one peer alone, and taken by
+        none, is better left for another (one that sends what it is asked for): a peer
+        that took it and let its requests time out, taking it again at once, held it
+        for good while a seeder beside it waited with nothing to do."""
         out: list[Block] = []
         if want <= 0:
             return out
@@ -368,6 +378,8 @@ class Picker:
                     return False
                 owner = self._solo[p]
                 if owner is None:
+                    if solo_elsewhere is not None and solo_elsewhere(p):
+                        return False
                     self._solo[p] = peer
                 elif owner is not peer:
                     return False

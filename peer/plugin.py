@@ -877,6 +877,14 @@ class Peer:
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: a close resets the connection
 
 
+def _may_ask(peer: Peer, piece: int) -> bool:
+    """Whether the peer has the piece, is not banned for it, and may be asked for it
+    now (it unchokes us, or lets us ask for it choked)."""
+    conn = peer.conn
+    return bool(peer.counted[piece]) and piece not in peer.banned and (
+        not conn.peer_choking or (conn.fast and piece in conn.allowed_fast))
+
+
 def _live(peer: object) -> bool:
     """Whether a peer holding a block counts in the end game (see Picker.pick): one
     that has sent us a block, and not let a request time out since. A peer that has
@@ -2251,10 +2259,10 @@ class Swarm:
                     mask = bytearray(mask)
                     for p in (*peer.banned, *peer.refused):
                         mask[p] = 0
-                conn.send_requests(picker.pick(peer, mask, room, allowed,
-                                               outstanding=len(conn.our_requests),
-                                               peer_count=conn.peer_count,
-                                               endgame=not conn.snubbed, live=_live))
+                conn.send_requests(picker.pick(
+                    peer, mask, room, allowed, outstanding=len(conn.our_requests),
+                    peer_count=conn.peer_count, endgame=not conn.snubbed, live=_live,
+                    solo_elsewhere=lambda piece: self._serves_elsewhere(piece, peer)))
         if soon:
             self._flush_soon(peer)
         else:
@@ -2277,6 +2285,23 @@ class Swarm:
     def _fill_all(self) -> None:
         for p in list(self.peers):
             self._fill(p)
+
+    def _trust(self, peer: Peer, piece: int) -> tuple[int, int, int, int]:
+        """How far a peer is from trusted with a piece asked of one peer alone (lower
+        is better): whether it does not send what it is asked for (see _live), how many
+        peers of its address were dropped for bad data (a liar comes back with another
+        peer id), the pieces that failed with its data, its failed tries of this one."""
+        conduct = peer.conduct
+        return (not _live(peer), self.liars.get(conduct.group, 0) if conduct.group else 0,
+                conduct.bad, conduct.tries.get(piece, 0))
+
+    def _serves_elsewhere(self, piece: int, but: Peer) -> bool:
+        """Whether a piece asked of one peer alone is better asked of another than
+        ``but``: one that sends what it is asked for, has the piece, may be asked for it
+        now, and is trusted more (see _trust)."""
+        mine = self._trust(but, piece)
+        return any(q is not but and not q.closed and _live(q) and _may_ask(q, piece)
+                   and self._trust(q, piece) < mine for q in self.peers)
 
     # -- what we give -------------------------------------------------------------------------
     def _pump_reads(self, peer: Peer) -> None:
@@ -2727,9 +2752,15 @@ class Swarm:
         banned = {piece for p in self.peers for piece in p.banned if not picker.have[piece]}
         for piece in banned:
             sources = [p for p in self.peers if p.counted[piece]]
-            if not sources or any(piece not in p.banned for p in sources):
+            # (A source that lets our requests time out, chokes us, or is known for
+            # bad data (its own, or its address's) does not count: a piece whose only
+            # unbanned source was such a peer was asked of it alone, for good, its
+            # other sources banned after one try without a verdict.)
+            if not sources or any(not p.conn.snubbed and _may_ask(p, piece)
+                                  and self._trust(p, piece)[1:3] == (0, 0) for p in sources):
                 continue
-            sources = [p for p in sources if p.conduct.tries.get(piece, 0) < MAX_PIECE_TRIES]
+            sources = [p for p in sources if piece in p.banned
+                       and p.conduct.tries.get(piece, 0) < MAX_PIECE_TRIES]
             if not sources:
                 continue  # (tried enough with each: see _no_source_left)
             log.info("piece %d: asked again of the peers it failed with (no other has it)",
@@ -2816,8 +2847,9 @@ class Swarm:
             if conn.keepalive_due(now):
                 conn.send_keepalive()
             p.flush()
-        if gave_up:  # what the late peers had is asked of the others (the idle first)
-            for p in sorted(self.peers, key=lambda q: len(q.conn.our_requests)):
+        if gave_up:  # what the late peers had is asked of the others (the idle first,
+            # the peers that let requests time out last)
+            for p in sorted(self.peers, key=lambda q: (q.conn.snubbed, len(q.conn.our_requests))):
                 self._fill(p)
         if chokes:
             for p in self.peers:  # what a peer rejected is asked of it again, now

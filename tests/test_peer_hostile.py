@@ -2371,3 +2371,82 @@ def test_a_storm_of_connections_past_the_descriptor_limit_is_said_in_a_few_lines
             proc.kill()
             proc.wait()
         assert d.stop() == 0, d.stderr()
+
+
+def _liar_dialling_in(port: int, info_hash: bytes, stop: threading.Event) -> None:
+    """From 127.0.0.2: says it has every piece and unchokes, answers requests for the
+    first two blocks of a piece with garbage and lets the others time out; when
+    dropped, comes back half a second later with another peer id."""
+    while not stop.is_set():
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(0.1)
+            s.connect(("127.0.0.1", port))
+            s.sendall(wire.handshake(info_hash, b"-LR0001-" + random.randbytes(12),
+                                     wire.make_reserved(extended=False, fast=True))
+                      + wire.have_all() + wire.unchoke())
+            parser = wire.Parser(handshake=True)
+            while not stop.is_set():
+                try:
+                    data = s.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                for ev in parser.feed(data):
+                    if isinstance(ev, wire.Request) and ev.begin < 2 * 16384:
+                        s.sendall(wire.piece(ev.piece, ev.begin, b"\x5a" * ev.length))
+        stop.wait(0.5)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["", "daemon_restarted"])
+def test_a_liar_that_lets_requests_time_out_holds_no_piece_an_honest_seed_has(
+        tmp_path: Path, restart: bool) -> None:
+    """A downloading pieced-peer dials an honest seed (libtorrent, 800 kB/s); a liar
+    dials in (see _liar_dialling_in). A piece that failed with blocks of both was asked
+    of one peer alone: the liar took it again each time its requests timed out, and the
+    seed waited with nothing to do (the download stopped short in 7 of 12 runs). With
+    the daemon restarted midway, the pieces the liar had begun (its blocks kept by the
+    daemon, their sender unknown) failed with the seed's blocks, the seed was banned
+    for them with no verdict, and they were asked of the liar alone: 13 to 20 of them
+    never came (4 of 4). Now a piece asked of one peer goes to one that sends what it
+    is asked for and has tried it least, whole; a source that lets requests time out
+    does not keep the bans of the others; the download finishes, the liar named."""
+    piece = 65536
+    files = {"a.bin": 100 * piece + 777}
+    content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=49)
+    d = Daemon(tmp_path)
+    stop = threading.Event()
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with LtPeer(raw, tmp_path / "seed", seed=True,
+                    settings={"upload_rate_limit": 800_000, "limit_loopback": True}) as seed:
+            proc = subprocess.Popen(
+                peer_cmd(torrent, tmp_path / "dl", d.socket, "--peer", f"127.0.0.1:{seed.port}",
+                         "--listen", "127.0.0.1:0"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert "listening on" in line, line
+            port = int(line.rsplit(":", 1)[1])
+            threading.Thread(target=_liar_dialling_in, args=(port, meta.info_hash, stop),
+                             daemon=True).start()
+            if restart:
+                deadline = time.monotonic() + 60
+                with Client(d.socket) as c:
+                    while c.status(meta.info_hash, files=False)["verified_pieces"] < 30:
+                        assert time.monotonic() < deadline and proc.poll() is None
+                        time.sleep(0.05)
+                assert d.stop() == 0, d.stderr()
+                d = Daemon(tmp_path)
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-3000:]
+            summary = json.loads(out)
+            assert summary["complete"] and "127.0.0.2" in summary["bad_peers"], summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        stop.set()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        assert d.stop() == 0, d.stderr()
