@@ -1668,6 +1668,20 @@ def test_peers_that_sip_a_block_now_and_then_do_not_shut_newcomers_out(
         assert d.stop() == 0, d.stderr()
 
 
+def _leecher_beside(hogs: list[RawPeer], seconds: float, raw: bytes, seeding: Seeding,
+                    tmp_path: Path, content: Path, files: dict[str, int]) -> None:
+    """A libtorrent leecher gets every byte within ``seconds`` beside ``hogs``; then
+    they hang up and the seeding stops."""
+    with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+        leecher.connect("127.0.0.1", seeding.port)
+        leecher.wait_finished(seconds)
+        assert leecher.hash_failures() == 0
+    _same_tree(content, tmp_path / "leech" / "payload", files)
+    for p in hogs:
+        p.close()
+    seeding.stop()
+
+
 def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> None:
     """Ten peers interested, asking for blocks (at once, while still choked: every
     request rejected) and never reading: they held the four unchoke slots, turning one
@@ -1692,14 +1706,8 @@ def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> No
                    + wire.have_none() + wire.interested() + asks)
             hogs.append(p)
         time.sleep(8)  # (past STALL_SECONDS)
-        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            leecher.wait_finished(45)  # behind ten hogs, one slot every 10 s: over 60 s
-            assert leecher.hash_failures() == 0
-        _same_tree(content, tmp_path / "leech" / "payload", files)
-        for p in hogs:
-            p.close()
-        seeding.stop()
+        # (behind ten hogs, one slot every 10 s: over 60 s)
+        _leecher_beside(hogs, 45, raw, seeding, tmp_path, content, files)
     finally:
         assert d.stop() == 0, d.stderr()
 
@@ -1732,14 +1740,8 @@ def test_peers_that_never_read_come_a_moment_before_a_leecher_do_not_keep_it_wai
                 p.send(asks)
             hogs.append(p)
         time.sleep(1)
-        with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
-            leecher.connect("127.0.0.1", seeding.port)
-            leecher.wait_finished(12)  # (behind the sixteen, four at a time: over 20 s)
-            assert leecher.hash_failures() == 0
-        _same_tree(content, tmp_path / "leech" / "payload", files)
-        for p in hogs:
-            p.close()
-        seeding.stop()
+        # (behind the sixteen, four at a time: over 20 s)
+        _leecher_beside(hogs, 12, raw, seeding, tmp_path, content, files)
     finally:
         assert d.stop() == 0, d.stderr()
 
