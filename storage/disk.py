@@ -800,7 +800,8 @@ class DiskIO:
                         for p in over:
                             self.pool.drop((x.id, p))  # (with the blocks of a piece started over)
                     if over:
-                        self._start_over(x, j, verified=True, partial=True, pieces=over)
+                        self._start_over(x, j, verified=True, partial=True, pieces=over,
+                                         journaled=verified)
                     plan.append((x, j, pieces, frozenset(changed), seen, verified))
             return t.storage.writev(segs, bufs)
         finally:
@@ -2731,7 +2732,7 @@ class DiskIO:
             self._record_unrecorded(t)  # raises while the state disk is full
 
     def _start_over(self, t: Torrent, index: int, verified: bool, partial: bool,
-                    pieces: Sequence[int] | None = None) -> None:
+                    pieces: Sequence[int] | None = None, journaled: Sequence[int] = ()) -> None:
         """What a payload file held may be gone (it vanished, or its write-back failed):
         its pieces start over. Verified ones (if ``verified``: the file itself went) are
         verified no more, and a write re-creates the file empty; those hashing or
@@ -2741,7 +2742,8 @@ class DiskIO:
         Runs under at most one piece lock; a reset piece is marked done without taking
         its lock (no thread holds two), so its writers drop what they still send. The
         pieces failed or started over are told as failed (without v1/v2: no hash said
-        so), so that their blocks are sent again. ``pieces``: only those of the file.
+        so), so that their blocks are sent again. ``pieces``: only those of the file;
+        ``journaled``: those of them the caller journaled cleared already.
         """
         failed = []
         todo = t.layout.file_pieces(index) if pieces is None else pieces
@@ -2751,7 +2753,7 @@ class DiskIO:
             if verified:  # journaled first: a write may re-create the file at once after
                 with t.lock:
                     cleared = [] if t.removed else [p for p in todo if t.state[p] == VERIFIED]
-                self._journal_clears(t, rec, cleared)
+                self._journal_clears(t, rec, [p for p in cleared if p not in journaled])
             with t.lock:
                 # A torrent unregistered meanwhile (by another client, while a torrent
                 # sharing its files wrote into them) has nothing left to start over: its
