@@ -80,7 +80,7 @@ SEND_AHEAD = 2 * 1024 * 1024
 # in 8.4-8.7 s, against 11.0-11.3 s).
 READS_PER_PEER = (8, 64)
 SEND_LOW_WATER = 256 * 1024
-UNCHOKE_SLOTS = 4
+UNCHOKE_SLOTS = 8  # --upload-slots by default, as libtorrent's unchoke_slots_limit
 CHOKE_INTERVAL = 10.0
 REQUEST_TIMEOUT = 30.0  # the longest a request waits (PeerConnection.request_timeout)
 ANNOUNCE_RETRY_FIRST = 10.0  # seconds after a failed announce, doubled at each failure
@@ -208,6 +208,7 @@ class Options:
     seed: bool = False
     socket: str = DEFAULT_SOCKET
     max_peers: int = 50
+    upload_slots: int = UNCHOKE_SLOTS  # peers unchoked at once; the others take turns
     # Seconds to wait for the daemon to come back when its connection breaks under way
     # (a restart: systemd's takes seconds), the peers kept meanwhile; 0 stops at once.
     daemon_wait: float = 60.0
@@ -2432,7 +2433,7 @@ class Swarm:
                 self._flush_soon(p)
 
     def _choke_round(self, newcomer: Peer | None = None, rotate: bool = True) -> None:
-        """Unchoke up to UNCHOKE_SLOTS interested peers; the rest take turns (called
+        """Unchoke up to ``--upload-slots`` interested peers; the rest take turns (called
         every CHOKE_INTERVAL: see ``choke_round``; between rounds, every second, with
         ``rotate`` off). A ``newcomer`` that became interested is unchoked at once if a
         slot is free, or held by a peer that reads nothing."""
@@ -2444,7 +2445,7 @@ class Swarm:
                 return
             unchoked = [p for p in self.peers if p.conn.peer_interested
                         and not p.conn.am_choking and not p.closed]
-            if len(unchoked) >= UNCHOKE_SLOTS:
+            if len(unchoked) >= self.opts.upload_slots:
                 patience = STALL_SECONDS if newcomer.stalled(now, LAG_SECONDS) else LAG_SECONDS
                 why, stuck = next(((w, p) for p in unchoked
                                    if (w := p.wastes_slot(now, patience))), (None, None))
@@ -2469,7 +2470,7 @@ class Swarm:
         stalled: dict[PeerConnection, str] = {
             c: why for c, p in by_conn.items() if (why := p.wastes_slot(now, patience))}
         stalled.update((c, "takes nothing we send") for c in lagging)
-        choke, unchoke = choke_round(by_conn, UNCHOKE_SLOTS, stalled, rotate)
+        choke, unchoke = choke_round(by_conn, self.opts.upload_slots, stalled, rotate)
         for conn in choke:
             if conn in stalled:
                 log.info("%s %s: its unchoke slot goes to another", by_conn[conn].addr,
@@ -2988,6 +2989,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="the daemon's socket")
     ap.add_argument("--max-peers", type=positive_int, default=Options.max_peers, metavar="N",
                     help="connections at once, both ways (default %(default)s)")
+    ap.add_argument("--upload-slots", type=positive_int, default=Options.upload_slots,
+                    metavar="N",
+                    help="peers served at once; the other interested peers wait their turn, "
+                         "one more every 10 s (default %(default)s)")
     ap.add_argument("--daemon-wait", type=seconds, default=Options.daemon_wait,
                     metavar="SECONDS",
                     help="when the daemon's connection breaks (a restart), wait this long "
@@ -3147,7 +3152,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = [(host or "127.0.0.1", port) for host, port in args.peer]
         opts = Options(args.torrent, args.save_path.resolve(), peers, args.listen,
                        args.seed, args.socket, fit_max_peers(args.max_peers, raise_open_files()),
-                       args.daemon_wait)
+                       args.upload_slots, args.daemon_wait)
         summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,
             CannotListen) as exc:

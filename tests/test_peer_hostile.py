@@ -1218,12 +1218,15 @@ def test_random_seeders_never_break_a_downloading_pieced_peer(tmp_path: Path) ->
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("slots", [None, 4])
 def test_an_unchoke_slot_freed_by_a_leecher_that_leaves_is_given_at_once(
-        tmp_path: Path) -> None:
-    """Five interested peers on a seeding pieced-peer with four unchoke slots: four are
-    unchoked, the fifth waits. One of the four leaves (as a libtorrent leecher does once
-    it has everything): the fifth is unchoked at once, not at the next choke round, ten
-    seconds on (with five leechers, the fifth finished ten seconds after the others)."""
+        tmp_path: Path, slots: int | None) -> None:
+    """One interested peer more than the unchoke slots (``--upload-slots``, 8 by
+    default as in libtorrent) on a seeding pieced-peer: the slots' worth are unchoked,
+    the last waits. One of them leaves (as a libtorrent leecher does once it has
+    everything): the last is unchoked at once, not at the next choke round, ten seconds
+    on (with five leechers and four slots, the fifth finished ten seconds after the
+    others)."""
     from pieced.peer.plugin import CHOKE_INTERVAL, UNCHOKE_SLOTS
 
     piece = 32768
@@ -1235,11 +1238,13 @@ def test_an_unchoke_slot_freed_by_a_leecher_that_leaves_is_given_at_once(
     ih = parse(raw).info_hash
     fast = wire.make_reserved(extended=False, fast=True)
     d = Daemon(tmp_path)
-    seeding = Seeding(torrent, tmp_path / "seed", d)
+    seeding = Seeding(torrent, tmp_path / "seed", d,
+                      *(("--upload-slots", str(slots)) if slots else ()))
+    n = slots or UNCHOKE_SLOTS
     started = time.monotonic()
     peers: list[RawPeer] = []
     try:
-        for k in range(UNCHOKE_SLOTS + 1):
+        for k in range(n + 1):
             p = RawPeer(seeding.port)
             p.send(wire.handshake(ih, b"-XX0001-" + bytes([k]) * 12, fast)
                    + wire.have_none() + wire.interested())
@@ -1247,7 +1252,7 @@ def test_an_unchoke_slot_freed_by_a_leecher_that_leaves_is_given_at_once(
             got, closed = p.events(0.3)
             assert not closed
             unchoked = any(isinstance(e, wire.Unchoke) for e in got)
-            assert unchoked == (k < UNCHOKE_SLOTS), (k, got)
+            assert unchoked == (k < n), (k, got)
         peers[0].close()
         got, closed = peers[-1].events(0.5)
         assert time.monotonic() - started < CHOKE_INTERVAL * 0.8  # the round is not due
@@ -1693,7 +1698,7 @@ def test_peers_that_never_read_give_their_unchoke_slots_up(tmp_path: Path) -> No
     files = {"a.bin": 64 * piece}
     content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=44)
     d = Daemon(tmp_path)
-    seeding = Seeding(torrent, tmp_path / "seed", d)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--upload-slots", "4")
     try:
         hogs = []
         asks = b"".join(wire.request(p, b, 16384) for p in range(meta.num_pieces)
@@ -1725,7 +1730,7 @@ def test_peers_that_never_read_come_a_moment_before_a_leecher_do_not_keep_it_wai
     files = {"a.bin": 64 * piece + 1234}
     content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=48)
     d = Daemon(tmp_path)
-    seeding = Seeding(torrent, tmp_path / "seed", d)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--upload-slots", "4")
     try:
         n = meta.num_pieces
         asks = b"".join(wire.request(j % (n - 1), (j // (n - 1)) % 4 * 16384, 16384)
@@ -1761,7 +1766,7 @@ def test_slow_readers_still_taking_what_they_asked_for_keep_their_unchoke_slots(
     files = {"a.bin": 48 * piece}
     _, _, meta, torrent = _v1(tmp_path, files, piece, seed=45)
     d = Daemon(tmp_path)
-    seeding = Seeding(torrent, tmp_path / "seed", d)
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--upload-slots", "4")
     got = [0] * 4
     stop = threading.Event()
 

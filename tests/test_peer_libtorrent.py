@@ -2698,7 +2698,8 @@ def test_a_daemon_that_stalls_while_seeding_blames_no_leecher(tmp_path: Path) ->
     limited = {"download_rate_limit": 384 * 1024}
     leechers = [LtPeer(raw, tmp_path / f"leech{i}", seed=False, settings=limited)
                 for i in range(5)]
-    seeding = Seeding(torrent, tmp_path / "seed", d, env={"PIECED_PEER_LOG": "info"})
+    seeding = Seeding(torrent, tmp_path / "seed", d, "--upload-slots", "4",
+                      env={"PIECED_PEER_LOG": "info"})
     try:
         for leecher in leechers:
             leecher.connect("127.0.0.1", seeding.port)
