@@ -200,7 +200,7 @@ def lt_to_pieced(s: Setup) -> dict[str, Any]:
             lt0 = time.process_time()
             t0 = time.monotonic()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
+                [sys.executable, "-m", "pieced.peer.command", str(s.torrent), "--save-path",
                  str(fresh(daemon.folder / "dl")), "--peer", f"127.0.0.1:{seeder.port}",
                  "--socket", sock, "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -240,7 +240,7 @@ def pieced_to_lt(s: Setup) -> dict[str, Any]:
     proc: subprocess.Popen[str] | None = None
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
+            [sys.executable, "-m", "pieced.peer.command", str(s.torrent), "--save-path",
              str(s.src), "--listen", "127.0.0.1:0", "--seed", "--socket", sock, "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None

@@ -83,7 +83,7 @@ def tr_to_pieced(s: Setup) -> dict[str, Any]:
         settle()
         t0 = time.monotonic()
         r = subprocess.run(
-            [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
+            [sys.executable, "-m", "pieced.peer.command", str(s.torrent), "--save-path",
              str(folder / "dl"), "--peer", f"127.0.0.1:{tr.port}", "--socket", str(d.socket),
              "--json"], capture_output=True, text=True, timeout=3600)
         secs = time.monotonic() - t0
@@ -125,7 +125,7 @@ def pieced_to_tr(s: Setup) -> dict[str, Any]:
         settle()
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pieced.peer.plugin", str(s.torrent), "--save-path",
+            [sys.executable, "-m", "pieced.peer.command", str(s.torrent), "--save-path",
              str(s.src), "--seed", "--peer", f"127.0.0.1:{tr.port}", "--socket",
              str(d.socket), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         tr.wait_seeding(3600)

@@ -3040,7 +3040,10 @@ class _AcceptErrorsBriefly:
         self.said, self.unsaid = now, 0
 
 
-async def run(opts: Options, *, show_progress: bool = False) -> Summary:
+async def run(opts: Options, *, show_progress: bool = False,
+              early: list[int] | None = None) -> Summary:
+    """``early``: signals received before the run's handlers were in place (a SIGTERM
+    sent a moment after the start): the run stops as soon as it begins."""
     raw = read_metainfo(opts.torrent)
     meta = parse(raw)
     swarm = Swarm(opts, raw, meta)
@@ -3048,6 +3051,8 @@ async def run(opts: Options, *, show_progress: bool = False) -> Summary:
     loop.set_exception_handler(_AcceptErrorsBriefly())
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, swarm.stopped_by_signal)
+    if early:
+        swarm.stopped_by_signal()
     started = time.monotonic()
     try:
         # A signal is heeded at once, also while the daemon checks what is on disk (for
@@ -3134,7 +3139,9 @@ def _said(args: argparse.Namespace, exc: BaseException) -> None:
         print(json.dumps(exc.summary.as_dict()))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early: list[int] | None = None) -> int:
+    """The command (see ``command.py``, its entry point: ``early`` holds the signals
+    received before the run's own handlers are in place)."""
     args = _parser().parse_args(argv)
     level = os.environ.get("PIECED_PEER_LOG", "WARNING").upper()
     if not isinstance(logging.getLevelName(level), int):
@@ -3153,7 +3160,14 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(args.torrent, args.save_path.resolve(), peers, args.listen,
                        args.seed, args.socket, fit_max_peers(args.max_peers, raise_open_files()),
                        args.upload_slots, args.daemon_wait)
-        summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json))
+        try:
+            summary = asyncio.run(run(opts, show_progress=sys.stderr.isatty() and not args.json,
+                                      early=early))
+        finally:
+            # The run is over: a signal now would only cut short what it says and its exit
+            # status (the loop, closing, put the default handlers back: killed by it).
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
     except (PiecedError, NoSources, ElsewhereAlready, StorageFailed, NoSourceLeft,
             CannotListen) as exc:
         if isinstance(exc, AccessDenied):  # (said by the daemon, not by a peer)
@@ -3173,7 +3187,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary.as_dict()))
     return 0 if summary.complete or args.seed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -436,7 +436,7 @@ def test_pieced_peer_names_a_log_level_it_does_not_know(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pieced.peer.plugin", str(tmp_path / "t.torrent"),
+    r = subprocess.run([sys.executable, "-m", "pieced.peer.command", str(tmp_path / "t.torrent"),
                         "--save-path", str(tmp_path)], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "PIECED_PEER_LOG": "verbose"})
     assert r.returncode == 2

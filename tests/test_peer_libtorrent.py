@@ -75,7 +75,7 @@ def _made(tmp_path: Path, files: dict[str, int], piece: int, kind: str,
 
 
 def peer_cmd(torrent: Path, save: Path, socket: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pieced.peer.plugin", str(torrent), "--save-path", str(save),
+    return [sys.executable, "-m", "pieced.peer.command", str(torrent), "--save-path", str(save),
             "--socket", str(socket), "--json", *extra]
 
 
@@ -3505,5 +3505,45 @@ def test_a_daemon_full_at_the_start_is_waited_for(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
         assert json.loads(out)["complete"] and "waiting up to 30 s for a place" in err, err
         _same_tree(content, tmp_path / "dl" / "payload", {"a.bin": 200_000})
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler of its own for ``sig`` (SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_the_command_heeds_sigterm_from_its_first_moment(tmp_path: Path) -> None:
+    """``pieced-peer`` sent SIGTERM as soon as it has a handler for it (its entry point
+    has imported nothing of the peer yet): it stops as any stop before completion does,
+    exit 1 and its ``--json`` summary. It had no handler until its run began, and a
+    SIGTERM in its first few hundred milliseconds killed it, with nothing said."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pieced.peer.command; "
+         "print([m for m in ('asyncio', 'pieced.peer.plugin') if m in sys.modules])"],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", probe.stdout  # (the entry point is light)
+    _, _, torrent = _made(tmp_path, {"a.bin": 1 << 20}, 1 << 16, "v1", seed=5)
+    d = Daemon(tmp_path)
+    try:
+        command = Path(sys.executable).parent / "pieced-peer"  # (as installed)
+        proc = subprocess.Popen(
+            [str(command), str(torrent), "--save-path", str(tmp_path / "dl"), "--socket",
+             str(d.socket), "--json", "--peer", "127.0.0.1:9"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _running.append(proc)
+        deadline = time.monotonic() + 30
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, (proc.returncode, err)
+        summary = json.loads(out)
+        assert not summary["complete"] and summary["bytes_down"] == 0
     finally:
         assert d.stop() == 0, d.stderr()
