@@ -143,10 +143,13 @@ class Ext4Image:
     which writes them all the same); :meth:`restore` mounts it again, its journal
     replayed as at the next boot."""
 
-    def __init__(self, image: Path, mount: Path, size_mib: int = 256) -> None:
+    def __init__(self, image: Path, mount: Path, size_mib: int = 256,
+                 options: str = "") -> None:
+        """``options``: mount options beside ``loop`` (``commit=60`` keeps what only the
+        file system's journal commit makes durable undone for a minute)."""
         import subprocess
 
-        self.image, self.mount = image, mount
+        self.image, self.mount, self.options = image, mount, options
         mount.mkdir(parents=True, exist_ok=True)
         try:
             with open(image, "wb") as f:
@@ -161,7 +164,8 @@ class Ext4Image:
     def _mount(self) -> None:
         import subprocess
 
-        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mount)], check=True)
+        options = ",".join(o for o in ("loop", self.options) if o)
+        subprocess.run(["mount", "-o", options, str(self.image), str(self.mount)], check=True)
 
     def cut(self) -> None:
         import fcntl

@@ -3539,6 +3539,7 @@ class DiskIO:
                 torrents = {t.id: t for t in self._torrents.values()}
             unsaved = []
             for t in torrents.values():
+                t.storage.times_durable(t.storage.written_files())  # (as written this run)
                 t.storage.close()
                 # After the final sync: stamps match the files.
                 if not self._save_now(t, stamps=True):

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import paths
 from .errors import PiecedError, StorageIOError
@@ -552,17 +552,35 @@ class MmapStorage(FileStorage):
             rest.append(seg)
         return vanished + super().advise(rest)
 
-    def _datasync(self, index: int, synced_dev: int | None = None) -> None:
+    @contextlib.contextmanager
+    def _map_fd(self, index: int) -> Iterator[int | None]:
+        """A descriptor of the file's map, or None when it is not mapped: a dup of the
+        leased one, which keeps the lease (an open of the file, even ours, breaks it,
+        and the map goes)."""
         with self._map_lock:
             entry = self._maps.get(index)
-            fd = os.dup(entry[0]) if entry is not None else -1  # a dup keeps the lease
+            fd = os.dup(entry[0]) if entry is not None else -1
         if fd < 0:
-            super()._datasync(index, synced_dev)
+            yield None
             return
         try:
-            self._sync_fd(fd, synced_dev)  # the map's dirty pages, as msync would
+            yield fd
         finally:
             os.close(fd)
+
+    def _datasync(self, index: int, synced_dev: int | None = None) -> None:
+        with self._map_fd(index) as fd:
+            if fd is None:
+                super()._datasync(index, synced_dev)
+            else:
+                self._sync_fd(fd, synced_dev)  # the map's dirty pages, as msync would
+
+    def _fsync(self, index: int) -> None:
+        with self._map_fd(index) as fd:
+            if fd is None:
+                super()._fsync(index)
+            else:
+                os.fsync(fd)
 
     def _vanished(self, index: int, message: str, gone: bool = True) -> FileVanished:
         with self._map_lock:
