@@ -62,6 +62,7 @@ from pieced.protocol.messages import (
     from_wire,
     hello,
     to_wire,
+    wire_bencode,
 )
 from pieced.storage.disk import DiskIO, PieceResult
 from pieced.storage.errors import (
@@ -72,6 +73,7 @@ from pieced.storage.errors import (
     ProtocolError,
     StorageIOError,
     TooLarge,
+    UnknownTorrent,
 )
 from pieced.storage.hashing import Buffer
 from pieced.storage.merkle import BLOCK_SIZE
@@ -1085,9 +1087,7 @@ class Connection:
                     reply = encode_response(rid, handler(self, rid, msg))
                 if len(reply) - 4 > self.server.max_frame:
                     raise TooLarge(f"a reply of {len(reply) - 4} bytes exceeds the frame limit of "
-                                   f"{self.server.max_frame}" + (
-                                       "; read the piece in blocks with READ (read_chunk)"
-                                       if op == "read_piece" else ""))
+                                   f"{self.server.max_frame}" + _TOO_LARGE_HINTS.get(op, ""))
                 return [reply], None
             except PiecedError as exc:
                 return [encode_error(rid, exc)], None
@@ -2073,7 +2073,20 @@ def _op_status(c: Connection, rid: int, m: dict[str, Any]) -> Any:
             # on the way to a reply that could never be sent.
             raise TooLarge(f"a list of {listed} files exceeds the frame limit of "
                            f"{c.server.max_frame}: ask with files=0")
-    return c.disk.status(ih, files=files, partial=_flag(m, "partial", 0))
+    partial = _flag(m, "partial", 0)
+    st = c.disk.status(ih, files=files, partial=partial)
+    if partial:
+        # Cut to the first pieces, as many as half a frame holds (thousands of pieces
+        # under way, each in many parts: a client told none of them, that had no room
+        # for a new piece, began pieces the daemon refused, for ever).
+        held = st["partial"]
+        room = c.server.max_frame // 2
+        for n, entry in enumerate(held):
+            room -= len(wire_bencode(entry))
+            if room < 0:
+                st["partial"], st["partial_cut"] = held[:n], 1
+                break
+    return st
 
 
 def _big_report(c: Connection, op: str, m: dict[str, Any]) -> bool:
@@ -2110,13 +2123,41 @@ def _op_read_piece(c: Connection, rid: int, m: dict[str, Any]) -> Any:
     return {"data": c.disk.read_piece(ih, piece)}
 
 
+# What a RESPONSE frame holds around its result: the frame's header and
+# "d6:result" ... "e" (a page of ``list`` is cut to fit in what is left).
+RESPONSE_ENVELOPE_BYTES = 64
+
+
 def _op_list(c: Connection, rid: int, m: dict[str, Any]) -> Any:
-    out = []
+    after = m.get("after")
+    if after is not None and (not isinstance(after, bytes) or len(after) > 20):
+        raise BadRequest("'after' must be an info_hash of at most 20 bytes (b'' for the first page)")
+    out: list[dict[str, Any]] = []
+    room = c.server.max_frame - RESPONSE_ENVELOPE_BYTES - 2  # (the list's "l" ... "e")
     for ih in c.disk.torrents():
-        st = c.disk.status(ih, files=False)
-        out.append({k: st[k] for k in ("info_hash", "name", "num_pieces", "verified_pieces",
-                                        "total_size", "save_path")} | {"ih": ih})
+        if after is not None and ih <= after:
+            continue
+        try:
+            st = c.disk.status(ih, files=False)
+        except UnknownTorrent:
+            continue  # removed by another client meanwhile: not listed, not an error
+        entry = {k: st[k] for k in ("info_hash", "name", "num_pieces", "verified_pieces",
+                                    "total_size", "save_path")} | {"ih": ih}
+        if after is not None:
+            # A page: as many torrents as its reply holds (the next page starts after
+            # the last one); without ``after``, all of them or TOO_LARGE.
+            room -= len(wire_bencode(entry))
+            if room < 0 and out:
+                break
+        out.append(entry)
     return out
+
+
+# What to do instead, said with a reply too large for a frame.
+_TOO_LARGE_HINTS = {
+    "read_piece": "; read the piece in blocks with READ (read_chunk)",
+    "list": "; ask for it in pages, with 'after'",
+}
 
 
 def _op_stats(c: Connection, rid: int, m: dict[str, Any]) -> Any:

@@ -1105,10 +1105,18 @@ class Swarm:
             except AlreadyRegistered:
                 await self._found()
         await self.client.subscribe(self.ih)
+        return await self._status_held()
+
+    async def _status_held(self) -> dict[str, Any]:
+        """The torrent's status with the byte ranges the daemon holds of its pieces under
+        way; without them when they are more than a reply holds (thousands of pieces
+        under way, each in many parts, some perhaps another client's): those pieces are
+        then fetched again, whole. (Asked again when the daemon had no room for a new
+        piece, the refusal ended the download.)"""
         try:
             return await self.client.status(self.ih, files=False, partial=True)
-        except TooLarge:  # (thousands of pieces under way, each in many parts: fetched
-            return await self.client.status(self.ih, files=False)  # again, whole)
+        except TooLarge:
+            return await self.client.status(self.ih, files=False)
 
     async def _found(self, follow: bool = False) -> None:
         """The torrent is registered: in our save path, and checked. ``follow``: found
@@ -2177,7 +2185,7 @@ class Swarm:
         of one or two, every piece begun after it was refused, and the download stopped."""
         if self.picker is not None and not self.away:
             with contextlib.suppress(OSError):  # (a loss: told apart, see _lost)
-                st = await self.client.status(self.ih, files=False, partial=True)
+                st = await self._status_held()
                 for piece, spans in st.get("partial", []):
                     self._resume(piece, spans)
         self._fill_all()
@@ -2487,6 +2495,13 @@ class Swarm:
         if name == "disk_error":
             piece = msg.get("piece")
             where = f" (piece {piece})" if isinstance(piece, int) else ""
+            if msg.get("changed") == 1:
+                # A piece's bytes changed on disk behind the daemon's back: verified no
+                # more (its pieces_changed follows), fetched again like a piece a recheck
+                # failed; the other pieces are served and fetched on.
+                log.warning("the daemon found a piece changed on disk%s: %s", where,
+                            msg.get("message", ""))
+                return
             self._storage_failed(f"the daemon met an error on the torrent's files{where}: "
                                  f"{msg.get('message', 'I/O error')} (errno {msg.get('errno')})")
             return

@@ -837,7 +837,16 @@ class Client:
         self._call("unregister", ih=_hexless(ih), delete_files=delete_files)
 
     def torrents(self) -> list[dict[str, Any]]:
-        return list(self._call("list") or [])
+        """Every torrent registered (``list``); a library whose list is larger than a
+        reply is fetched in pages."""
+        try:
+            return list(self._call("list") or [])
+        except TooLarge:
+            pass
+        out: list[dict[str, Any]] = []
+        while page := self._call("list", after=out[-1]["ih"] if out else b""):
+            out += page
+        return out
 
     def write_chunk(self, ih: bytes, piece: int, begin: int, data: bytes | memoryview,
                     flush: bool = False) -> None:
@@ -1524,7 +1533,15 @@ class AsyncClient:
         await self._call("unregister", ih=_hexless(ih), delete_files=delete_files)
 
     async def torrents(self) -> list[dict[str, Any]]:
-        return list(await self._call("list") or [])
+        """As :meth:`Client.torrents`."""
+        try:
+            return list(await self._call("list") or [])
+        except TooLarge:
+            pass
+        out: list[dict[str, Any]] = []
+        while page := await self._call("list", after=out[-1]["ih"] if out else b""):
+            out += page
+        return out
 
     async def read_piece(self, ih: bytes, piece: int) -> bytes:
         return bytes((await self._call("read_piece", ih=_hexless(ih), piece=piece))["data"])

@@ -16,7 +16,7 @@ from pieced.storage.errors import PiecedError, ProtocolError, error_from_code
 from .frames import PROTOCOL_VERSION, FrameType, encode_control
 
 # Keys whose values are raw bytes, never text.
-BINARY_KEYS = frozenset({"ih", "metainfo", "have", "expected", "digest", "aliases", "data"})
+BINARY_KEYS = frozenset({"ih", "after", "metainfo", "have", "expected", "digest", "aliases", "data"})
 
 def to_wire(value: Any) -> Any:
     if isinstance(value, bool):

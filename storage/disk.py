@@ -53,6 +53,7 @@ from .errors import (
     NoHashes,
     OutOfRange,
     PathEscape,
+    PieceChanged,
     PiecedError,
     StorageIOError,
     TooLarge,
@@ -2646,6 +2647,8 @@ class DiskIO:
         # write: listed and told with EPERM, as a check says it; events carry an errno.)
         code = errno.EPERM if exc.errno is None and isinstance(exc, PathEscape) else exc.errno
         entry: dict[str, Any] = {"piece": piece, "errno": code, "message": str(exc)}
+        if isinstance(exc, PieceChanged):
+            entry["changed"] = 1
         now = time.monotonic()
         with t.lock:
             last = t.errors[-1] if t.errors else None
@@ -2925,10 +2928,10 @@ class DiskIO:
         self._changed(t)
         files = sorted({seg.file_index for seg in t.layout.map(piece, 0, len(data))
                         if seg.stored})
-        error = StorageIOError(
+        error = PieceChanged(
             f"piece {piece}: its bytes on disk ({', '.join(str(t.storage.file_path(i)) for i in files)})"
             " are not those verified: changed behind pieced's back, it is verified no "
-            "more", errno=errno.EIO)
+            "more")
         self._record_error(t, error, piece)
         raise error
 

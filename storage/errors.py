@@ -94,6 +94,18 @@ class StorageIOError(PiecedError):
         return cls(f"{what}: {exc.strerror or exc}", errno=exc.errno)
 
 
+class PieceChanged(StorageIOError):
+    """A verified piece's bytes on disk are not those verified any more (changed behind
+    the daemon's back): the piece is verified no more, to be fetched again; nothing
+    else of the torrent's storage is known to be wrong. Reported with EIO, and marked
+    ``changed`` in the torrent's errors and its ``disk_error`` event, so that a client
+    that stops on errors of its files tells this one apart (as a recheck that fails a
+    piece stops no one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno=_errno.EIO)
+
+
 class ProtocolError(PiecedError):
     code = ErrorCode.PROTOCOL
 

@@ -51,6 +51,7 @@ from pieced.protocol.messages import (
     MAX_ERROR_MESSAGE,
     decode_error,
     encode_request,
+    encode_response,
     hello,
     to_wire,
 )
@@ -754,6 +755,71 @@ def test_a_check_failing_more_pieces_than_a_reply_holds_is_answered(tmp_path: Pa
                            cwd=tmp_path, timeout=60)
         assert r.returncode == 1, r.stderr
         assert "0/20000 pieces verify" in r.stdout and "and more" in r.stdout
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_library_larger_than_a_reply_is_listed_in_pages(tmp_path: Path) -> None:
+    """``list`` of more torrents than a reply holds (some 34,000 with the default frame
+    limit) was TOO_LARGE, with nothing else to ask: ``pieced ls`` failed for every
+    client. Now it says to ask in pages, pages hold what the frame does, the client
+    libraries and the command page by themselves, and a torrent removed by another
+    client while a list is made is left out, not the list's error."""
+    import bencodepy
+
+    max_frame = 64 * 1024
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(max_frame)})
+    deep = tmp_path / ("s" * 200)
+    rng = random.Random(7)
+    try:
+        with Client(d.socket) as c:
+            ihs = sorted(
+                c.register(bencodepy.encode({b"info": {
+                    b"name": b"t%03d" % i, b"piece length": 16384, b"length": 5,
+                    b"pieces": rng.randbytes(20)}}), deep)
+                for i in range(300))
+            with pytest.raises(TooLarge, match="in pages, with 'after'"):
+                c._call("list")  # the whole list, as before: too large, and says what to do
+            first = c._call("list", after=b"")
+            assert 1 < len(first) < 300
+            assert len(encode_response(1, first)) <= max_frame
+            assert [r["ih"] for r in first] == ihs[:len(first)]
+            second = c._call("list", after=first[-1]["ih"])
+            assert second[0]["ih"] == ihs[len(first)]
+            assert c._call("list", after=ihs[-1]) == []
+            for bad in (5, b"x" * 21, [b"x"]):
+                with pytest.raises(BadRequest, match="'after'"):
+                    c._call("list", after=bad)
+            rows = c.torrents()
+            assert [r["ih"] for r in rows] == ihs
+            assert all(r["save_path"] == str(deep) and r["num_pieces"] == 1 for r in rows)
+
+        async def listed() -> list[bytes]:
+            async with AsyncClient(d.socket) as ac:
+                return [r["ih"] for r in await ac.torrents()]
+        assert asyncio.run(listed()) == ihs
+
+        r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "ls", "--socket",
+                            str(d.socket)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert [line.split()[0] for line in r.stdout.splitlines()] == [ih.hex() for ih in ihs]
+
+        # Another client removes torrents while lists are made, over two connections.
+        gone: list[bytes] = []
+        with Client(d.socket) as lister, Client(d.socket) as remover:
+            def remove() -> None:
+                for ih in ihs[::2]:
+                    remover.unregister(ih)
+                    gone.append(ih)
+            t = threading.Thread(target=remove)
+            t.start()
+            seen = 0
+            while t.is_alive() or not seen:
+                listed_now = [r["ih"] for r in lister.torrents()]
+                assert listed_now == sorted(listed_now) and set(listed_now) <= set(ihs)
+                seen += 1
+            t.join()
+            assert [r["ih"] for r in lister.torrents()] == ihs[1::2]
     finally:
         assert d.stop() == 0, d.stderr()
 

@@ -5,6 +5,7 @@ v1, v1 with pads, v2-only and hybrid torrents made by libtorrent."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -1605,10 +1606,12 @@ def test_a_download_stopped_mid_piece_fetches_only_the_rest_of_it_when_started_a
         assert d.stop() == 0, d.stderr()
 
 
-def test_pieces_under_way_in_too_many_parts_to_tell_are_fetched_whole(tmp_path: Path) -> None:
+def test_pieces_under_way_in_too_many_parts_to_tell_are_resumed_as_far_as_told(
+        tmp_path: Path) -> None:
     """The ranges held of the pieces under way do not fit the daemon's frame limit (every
-    other block of 120 pieces, and a limit of 64 KiB): pieced-peer fetches those pieces
-    whole instead of failing to start."""
+    other block of 120 pieces, and a limit of 64 KiB): the status tells the first pieces'
+    (``partial_cut``), pieced-peer resumes those and fetches the others whole, instead of
+    failing to start."""
     from tests.test_disk import Source
 
     piece = 1024 * 1024
@@ -1626,13 +1629,124 @@ def test_pieces_under_way_in_too_many_parts_to_tell_are_fetched_whole(tmp_path: 
                 for b in range(0, piece, 2 * 16384):
                     c.write_chunk(ih, p, b, src.read(p, b, 16384))
             c.wait_writes()
-            with pytest.raises(PiecedError, match="frame limit"):
-                c.status(ih, files=False, partial=True)
+            st = c.status(ih, files=False, partial=True)
+            told = [p for p, _ in st["partial"]]
+            assert st["partial_cut"] == 1 and told == list(range(len(told))), told
+            assert 0 < len(told) < 120 and st["partial_pieces"] == 120
         with LtPeer(raw, tmp_path / "seed", seed=True) as seeder:
             summary = download(torrent, tmp_path / "dl", d, seeder.port)
-        assert summary["blocks_resumed"] == 0
+        assert summary["blocks_resumed"] == 32 * len(told)  # every other block of 64
         _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_no_room_for_a_piece_and_pieces_under_way_too_many_to_tell_is_waited_out(
+        tmp_path: Path) -> None:
+    """Another client holds every place for a piece in progress (``max_partial_pieces``),
+    each piece in more parts than a reply can list, and pieced-peer's first peer has only
+    other pieces: its blocks are refused for want of room. It asked the daemon again for
+    the pieces under way, was answered TOO_LARGE, and stopped (exit 2); told none of
+    them, it went on beginning pieces the daemon refused (its one place taken by the
+    first peer, which had none of those under way). Now the status tells the first
+    pieces under way, it waits, and finishes once a seed that has them comes."""
+    piece = 1024 * 1024
+    files = {"a.bin": 128 * piece}
+    content = make_payload(tmp_path / "seed", files, seed=23)
+    raw = _torrent("v1", content, piece)
+    torrent = tmp_path / "t.torrent"
+    torrent.write_bytes(raw)
+    src = Source(raw, tmp_path / "seed")
+    half = tmp_path / "half" / "payload" / "a.bin"  # pieces 64 to 127 only
+    half.parent.mkdir(parents=True)
+    with open(content / "a.bin", "rb") as f, open(half, "wb") as out:
+        out.truncate(64 * piece)
+        f.seek(64 * piece)
+        out.seek(64 * piece)
+        shutil.copyfileobj(f, out)
+    d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(64 * 1024),
+                              "PIECED_MAX_PARTIAL_PIECES": "64"})
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with Client(d.socket) as c:
+            ih = c.register(raw, tmp_path / "dl")
+            for p in range(64):
+                for b in range(0, piece, 8192):
+                    c.write_chunk(ih, p, b, src.read(p, b, 4096))
+            c.wait_writes()
+            st = c.status(ih, files=False, partial=True)
+            assert st["partial_cut"] == 1 and len(st["partial"]) < 64
+        port = _free_port()
+        with LtPeer(raw, tmp_path / "half", seed=False) as halfway:
+            assert halfway.status()["num_pieces"] == 64
+            proc = downloading(torrent, tmp_path / "dl", d, halfway.port, port)
+            time.sleep(4)  # blocks refused, the pieces under way asked for again
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            with LtPeer(raw, tmp_path / "seed", seed=True, port=port):
+                out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        summary = json.loads(out)
+        assert summary["complete"] and summary["blocks_refused"] > 0, summary
+        _same_tree(content, tmp_path / "dl" / "payload", files)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_piece_changed_on_disk_while_seeding_is_fetched_again_and_the_rest_served(
+        tmp_path: Path) -> None:
+    """A piece's bytes changed on disk behind the daemon's back while pieced-peer seeds
+    (a cache too small to keep it: read whole from disk, found not what was verified):
+    the daemon says so with a ``disk_error`` marked ``changed``, and the piece is
+    verified no more. pieced-peer stopped (exit 2) on that error, and its leecher never got the
+    pieces it still lacked. Now it serves the others on, fetches that one again from a
+    seed that comes, and the leecher gets everything."""
+    piece = 65536
+    files = {"a.bin": 40 * piece + 11}
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=29)
+    shutil.copytree(content, tmp_path / "dl" / content.name)
+    d = Daemon(tmp_path, env={"PIECED_CACHE_BYTES": str(piece)})
+    victim = 7
+    proc: subprocess.Popen[str] | None = None
+    try:
+        proc, port = listening(torrent, tmp_path / "dl", d, "--seed")
+        with Client(d.socket) as c:
+            ih = c.torrents()[0]["ih"]
+            assert c.status(ih, files=False)["verified_pieces"] == 41
+            with open(tmp_path / "dl" / content.name / "a.bin", "r+b") as f:
+                f.seek(victim * piece + 500)
+                f.write(b"changed!")
+            # Read whole (as a read that fills the cache is): found changed. (A part of a
+            # piece read alone is served as it is on disk, as libtorrent serves it.)
+            with pytest.raises(PiecedError, match="not those verified") as found:
+                c.read_piece(ih, victim)
+            assert found.value.errno == errno.EIO
+            st = c.status(ih, files=False)
+            assert not st["have"][victim // 8] & (0x80 >> victim % 8)
+            assert any(e.get("changed") == 1 and e["piece"] == victim for e in st["errors"]), st
+            with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+                leecher.connect("127.0.0.1", port)
+                deadline = time.monotonic() + 60
+                while leecher.status()["num_pieces"] < 40:  # every other piece, from us
+                    assert time.monotonic() < deadline and proc.poll() is None, (
+                        leecher.status(), proc.communicate()[1][-3000:])
+                    time.sleep(0.05)
+                with LtPeer(raw, tmp_path / "seed", seed=True) as seed:
+                    seed.connect("127.0.0.1", port)
+                    leecher.wait_finished(60)
+                assert leecher.hash_failures() == 0
+            assert c.status(ih, files=False)["verified_pieces"] == 41
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err[-3000:]
+        assert "changed on disk" in err and json.loads(out)["complete"]
+        _same_tree(content, tmp_path / "dl" / content.name, files)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
         assert d.stop() == 0, d.stderr()
 
 
