@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import struct
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -1344,6 +1344,50 @@ def test_the_end_game_gives_a_third_peer_what_two_late_peers_hold(
     third = pk.pick("D", None, len(blocks), live=live)
     assert set(twice) <= set(third) or len(third) == ENDGAME_BLOCKS
     assert set(third) & set(twice)  # what two late peers hold goes to a third
+
+
+@given(st.sampled_from(PICK_KEYS), st.integers(1, 8), st.integers(1, 4))
+@settings(max_examples=60, deadline=None)
+def test_the_end_game_asks_for_what_a_slow_peer_would_send_last(
+        torrents: dict[str, Source], key: str, buffered: int, slow: int) -> None:
+    """A slow peer S is asked for every block; it sends one every ``slow`` turns, in the
+    order asked, and a cancel takes back any but the ``buffered`` at the head of its
+    queue (on their way already: in its send buffer). An idle fast peer F is given
+    end-game copies and sends them at once, and each copy of F's that comes first
+    cancels S's request. No more blocks come twice than S could not take back: F is
+    given the blocks S would send last, not those it is sending (the first blocks of
+    the first piece not finished: nearly each of F's copies came twice)."""
+    meta = torrents[key].meta
+    pk = Picker(meta, [False] * meta.num_pieces)
+    queue = deque(pk.pick("S", None, 10**6))  # S's requests, in the order asked
+    assert sorted(queue) == sorted(all_blocks(pk))
+    came: set[Block] = set()
+    twice = 0
+
+    def arrive(peer: str, blk: Block) -> None:
+        nonlocal twice
+        if blk in came:
+            twice += 1
+            return
+        came.add(blk)
+        asked = pk.block_received(blk)
+        if peer == "F" and "S" in asked and blk in list(queue)[buffered:]:
+            queue.remove(blk)  # cancelled in time
+        p = blk[0]
+        if all((p, b, n) in came for b, n in pk.plan(p)):
+            pk.piece_verified(p)
+
+    turn = 0
+    while not pk.complete:
+        turn += 1
+        assert turn < 10 * len(all_blocks(pk)) + 10
+        if turn % slow == 0 and queue:
+            arrive("S", queue.popleft())
+        for blk in pk.pick("F", None, 100):
+            arrive("F", blk)
+    while queue:  # what S sends all the same
+        arrive("S", queue.popleft())
+    assert twice <= buffered, (twice, len(came))
 
 
 @given(st.sampled_from(PICK_KEYS), st.data())
