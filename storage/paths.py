@@ -428,6 +428,12 @@ class Beneath:
             try:
                 os.link(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
+                if exc.errno == errno.EPERM and stat.S_ISDIR(
+                        os.stat(src[-1], dir_fd=sfd, follow_symlinks=False).st_mode):
+                    # (what link() says of a folder: "Operation not permitted")
+                    raise IsADirectoryError(errno.EISDIR, "a folder stands where a file of "
+                                            "the torrent should be", str(self.path.joinpath(*src))
+                                            ) from None
                 if exc.errno != errno.EXDEV:
                     raise
                 _copy(sfd, src[-1], dfd, dst[-1], self.allow_hard_links,

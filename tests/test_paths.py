@@ -575,6 +575,29 @@ def test_a_removal_whose_files_cannot_be_deleted_says_so_with_its_errno(
 
 
 @OPENS_NO_PATH
+def test_a_move_over_a_folder_where_a_file_should_be_says_so(
+        setup, backend: str) -> None:  # type: ignore[no-untyped-def]
+    """A folder (someone else's) stands where a file of the torrent should be: a move
+    is undone, saying so; it said "Operation not permitted" (what link() says of a
+    folder), which named no cause. The folder and what it holds stay."""
+    raw, src, _canary, roots, dio = setup
+    dl = roots / "dl"
+    folder = dl / "payload" / "sub" / "b.bin"  # (no piece of it is one of a.bin's)
+    (folder / "inner").mkdir(parents=True)
+    (folder / "inner" / "keep").write_bytes(b"not the torrent's")
+    ih = dio.register(raw, dl)
+    assert not _write(dio, ih, src, {"a.bin"})
+    dio.flush_all()
+    before = _tree(dl)
+    with pytest.raises(StorageIOError) as exc:
+        dio.move_storage(ih, roots / "moved")
+    assert exc.value.errno == errno.EISDIR, exc.value
+    assert "a folder stands where a file of the torrent should be" in str(exc.value)
+    assert str(folder) in str(exc.value) and "undone" in str(exc.value)
+    assert _tree(dl) == before and dio.status(ih)["save_path"] == str(dl)
+
+
+@OPENS_NO_PATH
 def test_a_move_undone_across_file_systems_leaves_no_copy_behind(
         setup, other_fs: Path, backend: str) -> None:  # type: ignore[no-untyped-def]
     """A move to another file system whose source file cannot be removed once copied
