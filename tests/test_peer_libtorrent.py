@@ -1616,10 +1616,7 @@ def test_pieces_under_way_in_too_many_parts_to_tell_are_resumed_as_far_as_told(
 
     piece = 1024 * 1024
     files = {"a.bin": 128 * piece}
-    content = make_payload(tmp_path / "seed", files, seed=19)
-    raw = _torrent("v1", content, piece)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=19)
     src = Source(raw, tmp_path / "seed")
     d = Daemon(tmp_path, env={"PIECED_MAX_FRAME_BYTES": str(64 * 1024)})
     try:
@@ -1652,10 +1649,7 @@ def test_no_room_for_a_piece_and_pieces_under_way_too_many_to_tell_is_waited_out
     pieces under way, it waits, and finishes once a seed that has them comes."""
     piece = 1024 * 1024
     files = {"a.bin": 128 * piece}
-    content = make_payload(tmp_path / "seed", files, seed=23)
-    raw = _torrent("v1", content, piece)
-    torrent = tmp_path / "t.torrent"
-    torrent.write_bytes(raw)
+    content, raw, torrent = _made(tmp_path, files, piece, "v1", seed=23)
     src = Source(raw, tmp_path / "seed")
     half = tmp_path / "half" / "payload" / "a.bin"  # pieces 64 to 127 only
     half.parent.mkdir(parents=True)
