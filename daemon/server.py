@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -2134,9 +2135,8 @@ def _op_list(c: Connection, rid: int, m: dict[str, Any]) -> Any:
         raise BadRequest("'after' must be an info_hash of at most 20 bytes (b'' for the first page)")
     out: list[dict[str, Any]] = []
     room = c.server.max_frame - RESPONSE_ENVELOPE_BYTES - 2  # (the list's "l" ... "e")
-    for ih in c.disk.torrents():
-        if after is not None and ih <= after:
-            continue
+    ihs = c.disk.torrents()  # (sorted)
+    for ih in ihs[bisect.bisect_right(ihs, after):] if after is not None else ihs:
         try:
             st = c.disk.status(ih, files=False)
         except UnknownTorrent:

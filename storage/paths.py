@@ -428,8 +428,7 @@ class Beneath:
             try:
                 os.link(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
-                if exc.errno == errno.EPERM and stat.S_ISDIR(
-                        os.stat(src[-1], dir_fd=sfd, follow_symlinks=False).st_mode):
+                if exc.errno == errno.EPERM and _is_folder(sfd, src[-1]):
                     # (what link() says of a folder: "Operation not permitted")
                     raise IsADirectoryError(errno.EISDIR, "a folder stands where a file of "
                                             "the torrent should be", str(self.path.joinpath(*src))
@@ -463,6 +462,14 @@ class Beneath:
             with contextlib.suppress(OSError, PiecedError):
                 dst_root.drop(dst)
             raise
+
+
+def _is_folder(dfd: int, name: str) -> bool:
+    """Whether ``name`` in the folder ``dfd`` is a folder (not followed; gone: not)."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _refusal(st: os.stat_result, named: os.stat_result, allow_hard_links: bool) -> str:
