@@ -75,6 +75,7 @@ from pieced.storage.errors import (
     StorageIOError,
     TooLarge,
     UnknownTorrent,
+    detached,
 )
 from pieced.storage.hashing import Buffer
 from pieced.storage.merkle import BLOCK_SIZE
@@ -915,7 +916,9 @@ class Connection:
             except PiecedError as exc:
                 # The stream can no longer be trusted: say why, then hang up (after the
                 # requests before it, as if they had come in a read of their own).
-                failed = exc
+                # (Detached: its traceback holds this frame, and so the connection, its
+                # receive ring with it, in a cycle the collector seldom looks at.)
+                failed = detached(exc)
                 break
             except Exception as exc:  # a bug here must not leave the connection wedged
                 log.exception("parsing a client's frame failed")

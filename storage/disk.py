@@ -58,6 +58,7 @@ from .errors import (
     StorageIOError,
     TooLarge,
     UnknownTorrent,
+    detached,
 )
 from .files import BACKENDS, FileStorage, FileVanished, HandlePool, WriteLost, make_storage
 from .filetable import PAD, UNSTORED
@@ -2481,7 +2482,7 @@ class DiskIO:
     def _commit_failed(t: Torrent, exc: PiecedError) -> None:
         with t.lock:
             t.commit_failures += 1
-            t.commit_error = exc
+            t.commit_error = detached(exc)  # (kept on the torrent: see detached)
 
     def _root_moved(self, t: Torrent) -> bool:
         """Whether the save-path folder the torrent's files are in was renamed away or

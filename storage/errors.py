@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno as _errno
 from enum import IntEnum
+from typing import TypeVar
 
+E = TypeVar("E", bound=BaseException)
 
 class ErrorCode(IntEnum):
     """Codes are part of the wire protocol: never renumber, only append."""
@@ -146,6 +148,16 @@ _BY_CODE: dict[int, type[PiecedError]] = {
         NoHashes,
     )
 }
+
+
+def detached(exc: E) -> E:
+    """``exc``, to be kept and said or raised later: without the traceback and the
+    chained errors that tie it to the frames it went through. Kept in a local of one of
+    them (or in anything such a local holds), it makes a cycle that holds them all, and
+    whatever they hold (a metainfo, a client's receive ring, a batch of pieces read),
+    until a full garbage collection, which a busy daemon runs seldom."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 def error_from_code(code: int, message: str, errno: int | None = None) -> PiecedError:

@@ -23,7 +23,7 @@ from itertools import compress
 from typing import Any, NamedTuple
 
 from .bencode import BencodeError, Path, _Decoder, decode_spanning
-from .errors import BadMetainfo, PiecedError, TooLarge
+from .errors import BadMetainfo, PiecedError, TooLarge, detached
 from .filetable import PAD, UNSTORED, FileEntry, FileTable, TableBuilder
 from .merkle import BLOCK_SIZE, leaf_count, piece_width, root_from_layer
 from .paths import read_regular
@@ -829,7 +829,7 @@ def _read_v1_files(max_files: int, dec: _Decoder, pos: int, path: Path,
                 length, fpath, attr = _v1_file(fd, f"info.files[{i}]")
                 b.add(b.folder(fpath[:-1]), fpath[-1], length, _is_pad(fpath, attr), attr)
             except PiecedError as exc:
-                error = exc
+                error = detached(exc)  # (its traceback holds this frame)
         i += 1
 
 
@@ -849,7 +849,14 @@ def _v1_files(info: dict[bytes, Any], name: str, max_files: int) -> FileTable:
         if not raw.count:
             raise BadMetainfo("'info.files' is empty")
         if raw.error is not None:
-            raise raw.error
+            # Raised from a local that goes with the frame: held here (or by the
+            # table), it and its traceback through this frame would make a cycle
+            # holding the whole metainfo until a full garbage collection.
+            error, raw.error = raw.error, None
+            try:
+                raise error
+            finally:
+                del error
         return raw.builder.build((name,))
     raw = _get(info, b"files", list, "info")
     if not raw:
@@ -1069,7 +1076,7 @@ def _read_file_tree(max_files: int, dec: _Decoder, pos: int, path: Path,
             elif data[p : p + 3] == b"d0:":
                 raise _NotUsual  # a file of another shape
             else:
-                p = folder(p, (*parts, _plain_name(key)), level + 1)
+                p = folder(p, (*parts, _plain_name(key)), level + 1)  # noqa: F821 (deleted after)
         if len(keys) > max_files:
             raise _NotUsual
         return p + 1
@@ -1079,6 +1086,11 @@ def _read_file_tree(max_files: int, dec: _Decoder, pos: int, path: Path,
         tree.names = _plain_names(keys)
     except (_NotUsual, ValueError, UnicodeDecodeError, IndexError):
         return dec.value(pos, path, depth)
+    finally:
+        # It calls itself through its own closure: a cycle that held the whole metainfo
+        # (``data``) until a full garbage collection, which a busy daemon runs seldom:
+        # registers of a 60 MB torrent refused one after the other took gigabytes.
+        del folder
     return tree, end
 
 
@@ -1111,7 +1123,7 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
                 comp = _component(key, where(prefix, key))
             leaf = child.get(b"")
             if leaf is None:
-                walk(child, (*prefix, comp), depth + 1)
+                walk(child, (*prefix, comp), depth + 1)  # noqa: F821 (deleted after)
                 continue
             if len(child) != 1:
                 raise BadMetainfo(f"{where(prefix, key)} is both a file and a folder")
@@ -1128,7 +1140,10 @@ def _walk_tree(tree: dict[bytes, Any], name: str, max_files: int) -> list[FileEn
             if len(out) > max_files:
                 raise TooLarge(f"torrent has more than {max_files} files")
 
-    walk(tree, (name,), 0)
+    try:
+        walk(tree, (name,), 0)
+    finally:
+        del walk  # (a cycle through its closure, holding ``out``: see _read_file_tree)
     if len(out) == 1 and len(out[0].path) == 2:  # one file at the root: NAME is its own
         f = out[0]
         out = [FileEntry(f.path[1:], f.length, 0, f.pad, f.attr, f.pieces_root)]

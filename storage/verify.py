@@ -33,7 +33,7 @@ from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import PathEscape, StorageIOError
+from .errors import PathEscape, StorageIOError, detached
 from .hashing import (
     FINGERPRINT_BYTES,
     NO_FINGERPRINT,
@@ -278,7 +278,7 @@ class ReadAhead:
                         job.read(part.piece, part.begin, part.view())
                         state = READ
                     except Exception as exc:  # StorageIOError: the piece fails
-                        part.error, state = exc, FAILED
+                        part.error, state = detached(exc), FAILED  # (part holds its buffer)
                     with self._cond:
                         part.state = state
                         if part.orphan:

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import gc
 import os
 import random
 import select
 import shutil
 import socket
+import struct
 import termios
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from tests.conftest import (
     sparse_zero_torrent,
 )
 from tests.realtools import make_payload, make_torrent_lt
-from tests.test_daemon import RawConn
+from tests.test_daemon import MiB, RawConn
 from tests.test_disk import Source
 from tests.test_integrity import has
 
@@ -1842,6 +1845,46 @@ def _server_in_process(tmp_path: Path, workers: int | None = None
         server.long_executor.shutdown()
         disk.close()
         listener.close()
+
+
+@pytest.mark.parametrize("bad", ["unknown frame type", "frame over the limit", "hangs up"])
+def test_a_connection_ended_for_a_bad_frame_is_freed_at_once(tmp_path: Path, bad: str) -> None:
+    """A client whose stream breaks the framing is told why and hung up on; its
+    connection, and the receive ring it filled (up to a frame: 8 MiB), must go with it
+    (as they go when a client hangs up).
+    The error kept to be said held, through its traceback, the frame that parsed it, and
+    so the connection: a cycle, freed only by a full garbage collection, which a daemon
+    with a large library runs seldom. (The collector is off here: what is not freed by
+    its last reference going stays, and is seen.)"""
+    with _server_in_process(tmp_path) as (server, path, conns):
+        gc.collect()
+        gc.disable()
+        try:
+            conn = RawConn(path)
+            conns.append(conn)
+            (held,) = server.clients
+            gone = weakref.ref(held)
+            del held
+            # A large request first (an unknown op, answered), then the bad frame.
+            body = encode_request(1, "nothing", {"pad": b"x" * (6 * MiB)})
+            if bad == "hangs up":
+                conn.sock.sendall(body)
+                assert [f.type for f in conn.replies(1)] == [FrameType.ERROR]
+                conn.sock.close()
+            else:
+                tail = (struct.pack(">IBBHI", 8, 99, 0, 0, 2) if bad == "unknown frame type"
+                        else struct.pack(">IBBHI", 64 * MiB, FrameType.REQUEST, 0, 0, 2))
+                conn.sock.sendall(body + tail)
+                replies = conn.replies(2)
+                assert [f.type for f in replies] == [FrameType.ERROR, FrameType.ERROR]
+                with pytest.raises(ConnectionError):
+                    conn.replies(1)
+            deadline = time.monotonic() + 10
+            while gone() is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert gone() is None, gc.get_referrers(gone())
+        finally:
+            gc.enable()
 
 
 def _flood(each: int) -> bytes:
