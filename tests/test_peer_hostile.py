@@ -2449,7 +2449,7 @@ def test_a_liar_that_lets_requests_time_out_holds_no_piece_an_honest_seed_has(
             out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err[-3000:]
             summary = json.loads(out)
-            assert summary["complete"] and "127.0.0.2" in summary["bad_peers"], summary
+            assert summary["complete"] and "127.0.0.2" in summary["bad_peers"], (summary, err[-8000:])
         _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         stop.set()
