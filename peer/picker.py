@@ -163,6 +163,10 @@ class Picker:
         # says whether that peer lied.
         self._solo: dict[int, object | None] = {}
         self._order = extent_order(n, meta.piece_length)
+        self._run = max(1, EXTENT // meta.piece_length)  # pieces in a run of _order
+        # Pieces left to another client of the daemon (1), taken after the others as
+        # rare: see left_to_others. None until there is one.
+        self._yielded: bytearray | None = None
         self._tie = [0] * n  # piece -> its place in _order
         for i, p in enumerate(self._order):
             self._tie[p] = i
@@ -261,6 +265,24 @@ class Picker:
         if self.max_started is not None:
             self.max_started += 1 / self.max_started
         self._hold_until = self._hold = 0.0
+
+    def left_to_others(self, piece: int) -> None:
+        """Another client of the daemon (a second plugin on the same torrent) fetches
+        the run of pieces ``piece`` is in: it has just verified this one. The pieces of
+        the run not begun here are taken after all others as rare. Two clients that
+        came to one run went through it side by side, each fetching every piece, until
+        the run ended (a fifth to a half more of a download, from both together); the
+        caller leaves the run to one of the two, always the same one."""
+        start = piece - piece % self._run  # (runs begin at multiples of _run: extent_order)
+        yielded = self._yielded
+        if yielded is None:
+            yielded = self._yielded = bytearray(len(self.have))
+        elif yielded[start]:
+            return
+        end = min(start + self._run, len(yielded))
+        yielded[start:end] = b"\x01" * (end - start)
+        self._ranked_at = -math.inf
+        self._rank_stale = True
 
     def refused(self, pieces: Collection[int]) -> None:
         """The daemon refused blocks of these pieces (too many pieces in progress): each
@@ -465,14 +487,16 @@ class Picker:
         if peer_has is not None and (
                 peer_has.count(1) if count is None else count) * SPARSE < n:
             mine = [p for p in where(peer_has) if not have[p] and p not in started]
-            avail, tie = self.availability, self._tie
-            mine.sort(key=lambda p: (avail[p], tie[p]))
+            avail, tie, y = self.availability, self._tie, self._yielded
+            mine.sort(key=lambda p: (avail[p], y[p] if y is not None else 0, tie[p]))
             yield from mine
             return
         now = self._clock()
         if self._rank_stale and now - self._ranked_at >= self._rank_every:
-            avail = self.availability
-            self._ranked = sorted((p for p in self._order if not have[p]), key=avail.__getitem__)
+            avail, y = self.availability, self._yielded
+            self._ranked = sorted((p for p in self._order if not have[p]),
+                                  key=avail.__getitem__ if y is None
+                                  else lambda p: 2 * avail[p] + y[p])
             self._ranked_from, self._ranked_at, self._rank_stale = 0, now, False
         ranked = self._ranked
         i = self._ranked_from

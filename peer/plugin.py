@@ -2528,6 +2528,12 @@ class Swarm:
         else:
             alone, ours = writers == [me], me in writers
         if name == "piece_verified":
+            if writers is not None and me is not None and any(
+                    isinstance(w, int) and 0 < w < me for w in writers):
+                # An older connection of the daemon wrote into it: another client on
+                # this torrent fetches that run of pieces. The younger leaves it (both
+                # leaving it, or neither, it would be fetched twice all the same).
+                picker.left_to_others(piece)
             # Earlier attempts are compared with this one only if it was all ours: else
             # what we sent of it may not be what verified.
             liars = self.blame.verified(piece, reference=alone)

@@ -21,6 +21,7 @@ import bencodepy
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pieced.peer import picker as picker_mod
 from pieced.peer import wire
 from pieced.peer.conn import (
     DEFAULT_REQQ,
@@ -1139,6 +1140,50 @@ def test_started_pieces_are_finished_before_rarer_ones(torrents: dict[str, Sourc
     assert {b[0] for b in got} == {0}
     nxt = pk.pick("A", None, 1)
     assert nxt[0][0] != 0 and nxt[0][0] != 3  # a rare one, not the common piece 3
+
+
+def test_a_run_another_client_fetches_is_left_to_it(
+        torrents: dict[str, Source], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two clients of the daemon on one torrent that came to the same run of pieces went
+    through it side by side, each fetching every piece. Told that another client
+    verified a piece, the picker takes the pieces of that run it has not begun after
+    every other piece as rare, and before rarer ones; those it has begun it finishes."""
+    meta = torrents["v1/odd/16k"].meta
+    n = meta.num_pieces
+    monkeypatch.setattr(picker_mod, "EXTENT", 4 * meta.piece_length)  # runs of 4 pieces
+    assert n > 12, n
+    for sparse in (False, True):
+        pk = Picker(meta, [False] * n)
+        pk.peer_has(range(n))
+        first = pk.pick("A", None, 1)[0][0]
+        run = first - first % 4
+        other = (run + 4) % (n - n % 4)  # another run, whole
+        pk.left_to_others(other + 1)
+        pk.left_to_others(first)  # (the pieces begun here are finished all the same)
+        have = None
+        if sparse:  # a peer with few pieces: its own are looked at, and ranked alike
+            have = bytearray(n)
+            have[first] = have[other] = have[other + 3] = have[(other + 8) % n] = 1
+        picked = [first]
+        for blk in pk.pick("A", have, 10**6):
+            if blk[0] not in picked:
+                picked.append(blk[0])
+        late = {p for p in range(run, min(run + 4, n)) if p != first} | set(
+            range(other, other + 4))
+        wanted = [p for p in range(n) if have is None or have[p]]
+        assert sorted(picked) == wanted
+        tail = [p for p in picked if p in late]
+        assert picked[len(picked) - len(tail):] == tail, (picked, late)
+    # Rarer pieces still come first: a yielded piece of one peer before others' of two.
+    pk = Picker(meta, [False] * n)
+    pk.peer_has(range(n))
+    pk.peer_has(p for p in range(n) if p // 4 != 1)
+    pk.left_to_others(4)
+    picked = []
+    for blk in pk.pick("A", None, 10**6):
+        if blk[0] not in picked:
+            picked.append(blk[0])
+    assert sorted(picked[:4]) == [4, 5, 6, 7]
 
 
 def test_a_piece_asked_of_one_peer_alone_is_given_to_no_other(

