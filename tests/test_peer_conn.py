@@ -1019,8 +1019,9 @@ def test_two_peers_against_a_model(
 ) -> None:
     """Picks, arrivals, rejects and disconnects at random; the picker's answers are
     checked against a model of what is asked of whom: a block is asked of a second
-    peer only in end game (nothing new left for that peer), never twice of one peer,
-    and ``block_received`` names exactly the peers it was asked of."""
+    peer only in end game (nothing new left for that peer, and every piece left under
+    way), never twice of one peer, and ``block_received`` names exactly the peers it
+    was asked of."""
     meta = torrents[key].meta
     n = meta.num_pieces
     pk = Picker(meta, [False] * n)
@@ -1031,6 +1032,7 @@ def test_two_peers_against_a_model(
         pk.peer_has(i for i, h in enumerate(m) if h)
     out: dict[str, set[Block]] = {"A": set(), "B": set()}
     received: set[Block] = set()
+    started: set[int] = set()  # pieces a block of which was asked for, until done
 
     def wanted(peer: str) -> list[Block]:
         return [blk for blk in all_blocks(pk) if masks[peer][blk[0]] and not pk.have[blk[0]]
@@ -1041,7 +1043,9 @@ def test_two_peers_against_a_model(
         fresh = {blk for blk in wanted(peer) if blk not in out["A"] | out["B"]}
         late = {blk for blk in wanted(peer) if blk in out[other] and blk not in out[peer]}
         busy = data.draw(st.booleans())  # the peer has requests out
+        all_under_way = all(pk.have[p] or p in started for p in range(n))
         got = pk.pick(peer, masks[peer], want, outstanding=int(busy))
+        started.update(blk[0] for blk in got)
         assert len(got) <= want and len(set(got)) == len(got)
         assert not set(got) & out[peer], "the same block asked twice of one peer"
         assert set(got) <= set(wanted(peer))
@@ -1049,6 +1053,8 @@ def test_two_peers_against_a_model(
             assert got and set(got) <= fresh, "a second peer asked before end game"
         elif busy:
             assert got == [], "end game for a peer that still has requests out"
+        elif not all_under_way:
+            assert got == [], "end game while pieces are left that nobody was asked for"
         else:
             assert set(got) <= late and len(got) <= ENDGAME_BLOCKS
             assert bool(got) == bool(late), "end game asks nobody for what is late"
@@ -1066,6 +1072,7 @@ def test_two_peers_against_a_model(
         plan = {(p, b, m) for b, m in pk.plan(p)}
         if plan <= received:
             received.difference_update(plan)
+            started.discard(p)
             if fail:
                 pk.piece_failed(p)
             else:
@@ -1322,8 +1329,8 @@ def test_blocks_the_daemon_holds_are_not_asked_for_and_their_piece_comes_first(
 
 def test_piece_failed_makes_every_block_pickable_again(torrents: dict[str, Source]) -> None:
     meta = torrents["v2/odd/64k"].meta
-    pk = Picker(meta, [False] * meta.num_pieces)
     p = 5
+    pk = Picker(meta, [q != p for q in range(meta.num_pieces)])  # (the end game: p is left)
     plan = [(p, b, m) for b, m in pk.plan(p)]
     assert len(plan) > 1
     assert pk.pick("A", None, 100, allowed=[p]) == plan
@@ -1452,9 +1459,13 @@ def test_allowed_restricts_picks(torrents: dict[str, Source], key: str, data: st
     expect = {blk for blk in all_blocks(pk) if blk[0] in ok and blk not in pre}
     if expect:
         assert set(got) == expect
-    else:  # end game over what A was given, ENDGAME_BLOCKS at a time
+    elif all(had[p] or p in {blk[0] for blk in pre} for p in range(n)):
+        # end game (every piece left under way) over what A was given, ENDGAME_BLOCKS at
+        # a time
         given = {blk for blk in pre if blk[0] in ok}
         assert set(got) <= given and len(got) == min(len(given), ENDGAME_BLOCKS)
+    else:  # pieces nobody was asked for are left: no end game yet
+        assert got == []
 
 
 @pytest.mark.parametrize("want", [0, 1, 2, 3])
