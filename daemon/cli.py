@@ -8,6 +8,7 @@ the daemon's event loop, HTTP server or metrics.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -433,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A name its encoding cannot spell (a file's, on a terminal not in UTF-8) is
+        # written escaped, as stderr writes it: it raised UnicodeEncodeError, exit 1,
+        # which says a piece failed.
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import itertools
 import logging
@@ -59,6 +60,20 @@ def socket_path_problem(settings: Settings) -> str | None:
         return None
     return (f"pieced: 'socket' = {settings.socket!r} is {size} bytes long: a Unix socket path "
             f"may have at most {UNIX_PATH_MAX} (AF_UNIX); set a shorter socket path")
+
+
+def make_state_dir(settings: Settings) -> None:
+    """The state folder, made if it is missing; a start that cannot have it names the
+    setting and says why (it said only "[Errno 20] Not a directory: '.../torrents'",
+    of a folder of its own inside a file)."""
+    path = Path(settings.state_dir)
+    try:
+        make_folders(path)
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way")
+    except OSError as exc:
+        raise SystemExit(f"pieced: 'state_dir' = {settings.state_dir!r}: cannot make the "
+                         f"folder: {exc.strerror or exc}") from None
 
 
 def bind_socket(settings: Settings) -> socket.socket:
@@ -256,7 +271,7 @@ async def serve(settings: Settings, http_connections: int = MAX_CONNECTIONS) -> 
             raise SystemExit(problem)
     warn_missing_roots(settings)
     warn_open_socket(settings, bool(passed))
-    make_folders(Path(settings.state_dir))
+    make_state_dir(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # A hang-up (a closed terminal; `kill -HUP`) stops cleanly too: nothing is to be
@@ -339,7 +354,17 @@ async def serve(settings: Settings, http_connections: int = MAX_CONNECTIONS) -> 
                  f" (backend {settings.backend})")
     log.info("%s", listening)
     # One line on stdout that scripts (and the tests) can wait for.
-    print(f"pieced: {listening}", flush=True)
+    try:
+        print(f"pieced: {listening}", flush=True)
+    except (OSError, ValueError) as exc:
+        # Standard output full (a file on a full disk), closed or gone: nothing for the
+        # daemon to stop for (it stopped, its socket left behind). What it would write
+        # there goes nowhere from now on; the log has the line.
+        log.warning("standard output cannot be written (%s): sent to /dev/null", exc)
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
     await stop.wait()
 
     systemd.notify("STOPPING=1\nSTATUS=flushing")

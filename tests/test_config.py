@@ -348,6 +348,65 @@ def test_a_socket_whose_folder_cannot_be_made_is_named(tmp_path: Path) -> None:
         in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_a_state_dir_that_cannot_be_made_is_named(tmp_path: Path, where: str) -> None:
+    """It said only "[Errno 20] Not a directory: '.../torrents'", of a folder of its
+    own inside the file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("")
+    state = tmp_path / "a-file" if where == "a file" else tmp_path / "a-file" / "state"
+    r = subprocess.run(
+        [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0",
+         "--state-dir", str(state)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    why = "a file is in the way" if where == "a file" else "Not a directory"
+    assert f"'state_dir' = '{state}': cannot make the folder: {why}" in r.stderr, r.stderr
+    assert (tmp_path / "a-file").read_text() == ""
+
+
+def test_a_daemon_whose_standard_output_is_full_runs_on(tmp_path: Path) -> None:
+    """Its one line on standard output failed (ENOSPC: a file on a full disk, here
+    /dev/full): the daemon stopped with exit 2 just after it had begun to listen, its
+    socket left behind. It is said once in the log, and the daemon serves on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pieced.protocol.client import Client
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pieced.daemon.cli", "run", "--http-port", "0"],
+            stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        sock = tmp_path / "var" / "pieced.sock"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                with Client(sock) as c:
+                    c.stats()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        time.sleep(0.3)  # (past the start line)
+        with Client(sock) as c:
+            assert c.stats() is not None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert err.count("standard output cannot be written") == 1, err
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_a_missing_root_is_warned_of(tmp_path: Path) -> None:
     """Every save path below it would be refused: said at start-up, not only at each
     add, and not refused (the mount it stands for may come later)."""

@@ -382,6 +382,22 @@ def test_async_client(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     assert st["verified_pieces"] == src.meta.num_pieces
 
 
+def test_a_name_standard_output_cannot_spell_is_written_escaped(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """A file named in Japanese, listed on a standard output in ASCII (a terminal of
+    another locale): ``pieced status`` raised UnicodeEncodeError, exit 1 (which says a
+    piece failed). The name is written escaped, as stderr writes it, and it exits 0."""
+    content = make_payload(tmp_path / "src" / "payload", {"\u30c7\u30fc\u30bf.bin": 5000}, seed=2)
+    raw = make_torrent_lt(content, 16384, "v1")
+    with Client(daemon.socket) as c:
+        ih = c.register(raw, str(tmp_path / "src"))
+    r = subprocess.run([sys.executable, "-m", "pieced.daemon.cli", "status", ih.hex(),
+                        "--socket", str(daemon.socket)], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr
+    assert "\\u30c7\\u30fc\\u30bf.bin" in r.stdout, r.stdout
+
+
 def test_cli_and_http(daemon: Daemon, odd_payload: tuple[Path, Path]) -> None:
     save, content = odd_payload
     tfile = daemon.root / "t.torrent"
