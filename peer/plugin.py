@@ -1075,9 +1075,12 @@ class Swarm:
         if urls:
             # Each tier in a random order, as libtorrent takes them (BEP 12): not every
             # client asks the same tracker of a tier first.
-            for key in self.meta.aliases:
+            keys = self.meta.aliases
+            for n, key in enumerate(keys):
+                # (a hybrid's two keys: each announce's words said once, naming its key)
+                label = "" if len(keys) == 1 else f"v{n + 1} hash"
                 tracker = Tracker([random.sample(t, len(t)) for t in tiers], key,
-                                  self.peer_id, self.listen_port)
+                                  self.peer_id, self.listen_port, label)
                 self.trackers.append(tracker)
                 self._spawn(self._announce_loop(tracker))
         self._spawn(self._timers())
@@ -1257,7 +1260,8 @@ class Swarm:
 
     async def _final_announces(self) -> None:
         counters, complete = self._counters(), self.summary.complete
-        await asyncio.gather(*(t.goodbye(counters, complete) for t in self.trackers))
+        await asyncio.gather(*(t.goodbye(counters, complete, STOP_ANNOUNCE_TIMEOUT)
+                               for t in self.trackers))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -2916,17 +2920,21 @@ class Swarm:
         """Announce on start, on completion (at once) and every interval after (never
         sooner than the tracker's ``min interval``)."""
         fails = 0
+        under = f" (under the {tracker.label})" if tracker.label else ""
         while True:
             complete = self.done.is_set()
             try:
                 reply = await tracker.announce(self._counters(), complete)
                 fails = 0
+                if reply.warning is not None:
+                    log.warning("tracker warning%s: %s", under, printable(reply.warning))
                 for host, port in dial_order(list(reply.peers)):
                     if not self.connect(host, port):
                         break  # (no room for more: the rest of a long list is left out)
                 wait = max(30.0, reply.interval)  # (at most a day: see parse_response)
             except Exception as exc:
-                log.warning("announce failed: %s", printable(str(exc) or type(exc).__name__))
+                log.warning("announce failed%s: %s", under,
+                            printable(str(exc) or type(exc).__name__))
                 wait = min(ANNOUNCE_RETRY_FIRST * 2 ** min(fails, 16), 3600.0)
                 fails += 1
             sleep = asyncio.ensure_future(asyncio.sleep(wait))

@@ -2,7 +2,8 @@
 and UDP (BEP 15, ``udptracker.py``).
 
 ``parse_response`` is pure (bytes in, peers out) so it can be tested and fuzzed
-alone; ``Tracker`` is the edge (aiohttp, or the UDP announcer) that tries each URL in turn. As libtorrent does,
+alone; ``Tracker`` is the edge (``http_get``, or the UDP announcer) that tries each URL in
+turn. As libtorrent does,
 the events are kept per tracker: each is sent ``started`` by the first announce it
 answers, and ``completed`` once if it heard us as a leecher, whichever tracker
 answered the announces between.
@@ -11,11 +12,14 @@ answered the announces between.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import random
 import re
+import ssl
 import urllib.parse
+import zlib
 from typing import Any, NamedTuple
 
 import bencodepy
@@ -32,6 +36,7 @@ class Reply(NamedTuple):
     peers: Peers
     interval: float  # seconds until the next announce
     tracker_id: bytes | None  # to be sent back in the next announces (BEP 3 "tracker id")
+    warning: str | None = None  # its "warning message", escaped and cut: to be shown
 
 #: The longest announce reply read: 50 peers take 300 bytes in compact form, a few KiB
 #: in the dictionary form; a tracker sending more is cut off, not buffered without end.
@@ -42,6 +47,9 @@ ANNOUNCE_TIMEOUT = 15.0  # seconds a tracker has to answer an announce
 #: them all held the loop (no peer answered) for 10 s at each announce.
 MAX_PEERS = 1000
 MAX_MESSAGE = 512  # characters of a tracker's refusal kept
+#: Seconds a goodbye is given (the caller's limit on it: pieced-peer's exit waits 5 s
+#: for the trackers, as libtorrent's stop_tracker_timeout).
+GOODBYE_WITHIN = 5.0
 
 
 def printable(text: str) -> str:
@@ -79,22 +87,45 @@ def sane_interval(interval: object, least: object = None) -> int:
     return min(interval, 86400)
 
 
-def parse_response(body: bytes) -> Reply:
-    """The peers, re-announce interval and tracker id of an announce reply.
+_LENIENT = bencodepy.BencodeDecoder()
 
-    Read leniently (bencode.py, not the daemon's canonical decoder): trackers in the
-    wild send unsorted keys, and nothing here is keyed by a hash of the bytes.
+
+def decode_first(body: bytes) -> Any:
+    """The first bencoded value of ``body``; what follows it is left unread, as
+    libtorrent leaves it (a tracker's script may end its reply with a newline, or HTML).
+
+    Read leniently (bencode.py, not the daemon's canonical decoder, whose
+    ``trailing=True`` reads a .torrent so): trackers in the wild send unsorted keys,
+    which that decoder refuses, and nothing here is keyed by a hash of the bytes.
     """
     try:
-        msg = bencodepy.decode(body)
-    except Exception as exc:
+        # (bencodepy.decode reads the same way, then refuses anything after the value)
+        value, _ = _LENIENT.decode_func[body[:1]](body, 0)
+    except RecursionError:
+        raise TrackerError("reply is not bencode: nested too deep") from None
+    except bencodepy.BencodeDecodeError as exc:
         raise TrackerError(f"reply is not bencode: {exc}") from None
+    except Exception:  # (IndexError, KeyError, ValueError: as bencodepy.decode says them)
+        raise TrackerError("reply is not bencode: not a valid bencoded value") from None
+    return value
+
+
+def _text(value: object) -> str:
+    """A tracker's message as printed: escaped, MAX_MESSAGE characters at most."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return printable(text[:MAX_MESSAGE])
+
+
+def parse_response(body: bytes) -> Reply:
+    """The peers, re-announce interval, tracker id and warning of an announce reply
+    (its first bencoded value: see :func:`decode_first`)."""
+    msg = decode_first(body)
     if not isinstance(msg, dict):
         raise TrackerError("reply is not a dictionary")
     if b"failure reason" in msg:
-        reason = msg[b"failure reason"]
-        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
-        raise TrackerError(f"tracker says: {printable(text[:MAX_MESSAGE])}")
+        raise TrackerError(f"tracker says: {_text(msg[b'failure reason'])}")
+    warned = msg.get(b"warning message")
+    warning = _text(warned) if isinstance(warned, bytes) and warned else None
     interval = sane_interval(msg.get(b"interval"), msg.get(b"min interval"))
     peers: Peers = []
     raw = msg.get(b"peers", b"")
@@ -126,7 +157,8 @@ def parse_response(body: bytes) -> Reply:
             if port:
                 peers.append((ip, port))
     tid = msg.get(b"tracker id")
-    return Reply(peers, float(interval), tid if isinstance(tid, bytes) and tid else None)
+    return Reply(peers, float(interval), tid if isinstance(tid, bytes) and tid else None,
+                 warning)
 
 
 def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: str,
@@ -150,17 +182,146 @@ def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: 
     return base + sep + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
 
 
-async def _read_reply(resp: Any, url: str) -> bytes:
-    """The reply's body, refused (TrackerError) past MAX_REPLY bytes."""
-    too_long = TrackerError(f"{url}: reply larger than {MAX_REPLY} bytes")
-    if resp.content_length is not None and resp.content_length > MAX_REPLY:
-        raise too_long
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        body += chunk
+MAX_HEAD = 64 * 1024  # bytes of a reply's status line and headers read
+MAX_REDIRECTS = 10  # redirects followed in an announce
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_STATUS = re.compile(rb"HTTP/\d(?:\.\d)?[ \t]+(\d{3})(?:[ \t]|$)")
+_NOT_IN_TARGET = re.compile(rb"[^\x21-\x7e]")  # (escaped in a request's target)
+_tls: ssl.SSLContext | None = None
+
+
+def _too_long() -> TrackerError:
+    return TrackerError(f"reply larger than {MAX_REPLY} bytes")
+
+
+async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` over HTTP/1.1 (``https``: TLS, the certificate checked): (status,
+    headers by lower-case name, body: only a 200's is read).
+
+    Written here, as libtorrent has its own, to read a reply as leniently as libtorrent
+    does: the body is what came of what the headers promised (a Content-Length longer
+    than the body, the connection then closed: the bytes that came; shorter: that
+    many, whatever follows, Connection: close or not; chunks cut short: the whole ones).
+    Whether that is a complete announce reply is :func:`parse_response`'s to say. At
+    most MAX_REPLY bytes of body (decompressed, for gzip) and MAX_HEAD of headers are
+    taken; the caller bounds the time."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in ("http", "https") or not host:
+        raise TrackerError(f"not an HTTP URL: {printable(url[:200])}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a name: as DNS takes it (an empty label, or one of 64 bytes: no)
+        host = host.encode("idna").decode("ascii")
+    default = 443 if scheme == "https" else 80
+    port = parts.port or default
+    netloc = f"[{host}]" if ":" in host else host
+    if port != default:
+        netloc += f":{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [b"GET " + _NOT_IN_TARGET.sub(lambda m: b"%%%02X" % m[0][0], target.encode())
+             + b" HTTP/1.1", b"Host: " + netloc.encode("ascii"), b"User-Agent: pieced-peer",
+             b"Accept-Encoding: gzip", b"Connection: close"]
+    if parts.username is not None:
+        secret = (urllib.parse.unquote(parts.username) + ":"
+                  + urllib.parse.unquote(parts.password or ""))
+        lines.append(b"Authorization: Basic " + base64.b64encode(secret.encode()))
+    context = None
+    if scheme == "https":
+        global _tls
+        if _tls is None:
+            _tls = ssl.create_default_context()
+        context = _tls
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=context, server_hostname=host if context else None,
+        happy_eyeballs_delay=0.25)
+    try:
+        writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        buf = bytearray()
+        while not (end := _HEAD_END.search(buf)):
+            if len(buf) > MAX_HEAD:
+                raise TrackerError(f"reply headers larger than {MAX_HEAD} bytes")
+            chunk = await reader.read(64 * 1024)
+            if not chunk:
+                raise TrackerError("connection closed before a reply" if not buf
+                                   else "connection closed within the reply's headers")
+            buf += chunk
+        head = bytes(buf[: end.start()]).split(b"\n")
+        match = _STATUS.match(head[0].rstrip(b"\r"))
+        if match is None:
+            raise TrackerError(f"reply is not HTTP: {printable(repr(head[0][:80]))}")
+        status = int(match[1])
+        headers: dict[str, str] = {}
+        for line in head[1:]:
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        if status != 200:
+            return status, headers, b""
+        body = await _body(reader, bytes(buf[end.end() :]), headers)
+    finally:
+        writer.transport.abort()  # (nothing more is read from it: no goodbye awaited)
+    coding = headers.get("content-encoding", "").lower()
+    if coding in ("gzip", "x-gzip", "deflate"):
+        inflate = zlib.decompressobj(zlib.MAX_WBITS | (16 if "gzip" in coding else 32))
+        try:
+            body = inflate.decompress(body, MAX_REPLY + 1)
+        except zlib.error as exc:
+            raise TrackerError(f"reply's {coding} does not inflate: {exc}") from None
         if len(body) > MAX_REPLY:
-            raise too_long
-    return bytes(body)
+            raise _too_long()
+    return status, headers, body
+
+
+async def _body(reader: asyncio.StreamReader, have: bytes, headers: dict[str, str]) -> bytes:
+    """A reply's body, ``have`` its first bytes (read with the headers): see http_get."""
+    buf = bytearray(have)
+
+    async def more() -> bool:  # (a connection reset ends the body as its close does)
+        try:
+            chunk = await reader.read(64 * 1024)
+        except (ConnectionError, ssl.SSLError):
+            chunk = b""
+        buf.extend(chunk)
+        return bool(chunk)
+
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = bytearray()
+        while True:
+            while (nl := buf.find(b"\n")) < 0:
+                if len(buf) > 1024 or not await more():
+                    return bytes(body)  # (cut short: the chunks that came whole)
+            line = bytes(buf[:nl]).split(b";")[0].strip()
+            del buf[: nl + 1]
+            if not line:  # (the line end after a chunk's data)
+                continue
+            try:
+                size = int(line, 16)
+            except ValueError:
+                return bytes(body)
+            if size <= 0:
+                return bytes(body)
+            if len(body) + size > MAX_REPLY:
+                raise _too_long()
+            while len(buf) < size:
+                if not await more():
+                    return bytes(body)
+            body += buf[:size]
+            del buf[:size]
+    length = headers.get("content-length", "")
+    if length.isdigit():
+        if int(length) > MAX_REPLY:
+            raise _too_long()
+        while len(buf) < int(length) and await more():
+            pass
+        return bytes(buf[: int(length)])  # (what follows it is no part of it)
+    while len(buf) <= MAX_REPLY and await more():  # no length: until the connection closes
+        pass
+    if len(buf) > MAX_REPLY:
+        raise _too_long()
+    return bytes(buf)
 
 
 LEECHER = "leecher"  # a tracker's state: it heard ``started`` while we were not complete
@@ -173,12 +334,14 @@ class Tracker:
     tier, and is asked first next time."""
 
     def __init__(self, tiers: list[list[str]], info_hash: bytes, peer_id: bytes,
-                 port: int) -> None:
+                 port: int, label: str = "") -> None:
         self.tiers = [list(t) for t in tiers if t]
         self.info_hash = info_hash
+        #: Which of the torrent's keys this announces ("v2 hash" of a hybrid's two), said
+        #: with what its trackers answer: "" when the torrent has one key.
+        self.label = label
         self.peer_id = peer_id
         self.port = port
-        self._session: Any = None
         self.answered: list[str] = []  # the URLs that took an announce of ours, in order
         self._heard: dict[str, str] = {}  # URL -> LEECHER or DONE, once it answered
         self._ids: dict[str, bytes] = {}  # URL -> the tracker id it gave
@@ -202,45 +365,46 @@ class Tracker:
         return ""
 
     async def announce(self, counters: dict[str, int], complete: bool) -> Reply:
-        import aiohttp
-
         last: Exception = TrackerError("no tracker")
         for tier in self.tiers:
             for url in list(tier):  # in turn, until one answers
                 try:
                     reply = await self._announce(url, self.event(url, complete), counters,
                                                  complete)
-                except aiohttp.TooManyRedirects:
-                    last = TrackerError(f"{url}: redirected too many times")
-                    continue
-                except aiohttp.RedirectClientError as exc:  # (to a URL not HTTP's)
-                    last = TrackerError(f"{url}: redirected to {printable(str(exc)[:200])}, "
-                                        "which is not an HTTP tracker's URL")
-                    continue
-                except (aiohttp.ClientError, TrackerError) as exc:
-                    last = exc if str(exc).startswith(url) else TrackerError(
-                        f"{url}: {str(exc) or type(exc).__name__}")
+                except TrackerError as exc:
+                    last = exc if str(exc).startswith(url) else TrackerError(f"{url}: {exc}")
                     continue
                 except TimeoutError:
                     last = TrackerError(f"{url}: no answer in {ANNOUNCE_TIMEOUT:.0f} s")
+                    continue
+                except OSError as exc:  # (no such host, refused, reset, a TLS failure)
+                    last = TrackerError(f"{url}: {exc.strerror or exc or type(exc).__name__}")
                     continue
                 except Exception as exc:  # whatever else one URL does (a host IDNA
                     last = TrackerError(f"{url}: {type(exc).__name__}: {exc}")  # refuses)
                     continue
                 tier.remove(url)
                 tier.insert(0, url)
+                if reply.warning is not None:  # (named as a failure is: by its URL)
+                    reply = reply._replace(warning=f"{url}: {reply.warning}")
                 return reply
         raise last
 
-    async def goodbye(self, counters: dict[str, int], complete: bool) -> None:
+    async def goodbye(self, counters: dict[str, int], complete: bool,
+                      within: float = GOODBYE_WITHIN) -> None:
         """Tell each tracker that took an announce of ours ``stopped`` (``completed``
         first if it is owed), each tracker on its own: one that does not answer holds
-        up no other (libtorrent tells only those too)."""
+        up no other (libtorrent tells only those too). The caller gives it ``within``
+        seconds: a ``completed`` has half of them at most, so that a tracker that never
+        answers it still hears ``stopped`` in the other half (cut short, it may have
+        heard ``completed``: it is not said again)."""
         async def tell(url: str) -> None:
-            for event in (("completed", "stopped") if self.event(url, complete) == "completed"
-                          else ("stopped",)):
-                with contextlib.suppress(Exception):  # (it may be gone: the next is said)
-                    await self._announce(url, event, counters, complete)
+            if self.event(url, complete) == "completed":
+                with contextlib.suppress(Exception):  # (it may be gone: stopped is said)
+                    await asyncio.wait_for(
+                        self._announce(url, "completed", counters, complete), within / 2)
+            with contextlib.suppress(Exception):
+                await self._announce(url, "stopped", counters, complete)
 
         await asyncio.gather(*(tell(url) for url in self.answered))
 
@@ -274,23 +438,28 @@ class Tracker:
         return reply
 
     async def _announce_http(self, url: str, event: str, counters: dict[str, int]) -> Reply:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=ANNOUNCE_TIMEOUT))
         full = announce_url(url, self.info_hash, self.peer_id, self.port, event, counters,
                             self._ids.get(url))
-        async with self._session.get(full) as resp:
-            if resp.status != 200:
-                raise TrackerError(f"{url}: HTTP {resp.status}")
-            body = await _read_reply(resp, url)
+        target, body = full, b""
+        async with asyncio.timeout(ANNOUNCE_TIMEOUT):  # (the redirects within it too)
+            for _ in range(MAX_REDIRECTS + 1):
+                status, headers, body = await http_get(target)
+                if status in _REDIRECTS and "location" in headers:
+                    target = urllib.parse.urljoin(target, headers["location"])
+                    if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+                        raise TrackerError(f"{url}: redirected to {printable(target[:200])}, "
+                                           "which is not an HTTP tracker's URL")
+                    continue
+                if status != 200:
+                    raise TrackerError(f"{url}: HTTP {status}")
+                break
+            else:
+                raise TrackerError(f"{url}: redirected too many times")
         try:
             return parse_response(body)
         except TrackerError as exc:
             raise TrackerError(f"{url}: {exc}") from None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """(Nothing is kept open between announces: each HTTP one has a connection of its
+        own, as libtorrent's, and each UDP one a socket.)"""

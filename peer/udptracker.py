@@ -34,6 +34,11 @@ CONNECTION_ID_SECONDS = 60.0  # how long a connect's id is used (BEP 15: a minut
 #: tracker's addresses).
 RESEND_AFTER = (2.0, 4.0, 8.0)
 NUM_WANT = 50
+#: Bytes of datagrams the kernel keeps for an exchange's socket until they are read (as
+#: far as net.core.rmem_max allows): each datagram costs it a kernel buffer of a KiB or so,
+#: and a burst of a few hundred strays filled the default 208 KiB, the answer behind
+#: them dropped.
+RECEIVE_BUFFER = 1 << 20
 URL_DATA = 2  # BEP 41 option: the URL's path and query, as libtorrent sends them
 
 
@@ -111,12 +116,27 @@ def split_url(url: str) -> tuple[str, int, str]:
 
 
 class _Datagrams(asyncio.DatagramProtocol):
+    """The datagrams that may answer the request under way (``tid``, set by
+    :func:`_ask`), queued; any other (from another address, too short to hold a
+    transaction id, or another transaction's) is dropped as it comes, so that a flood
+    of strays cannot fill the queue and push the answer out of it."""
+
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=64)
+        self.tid: int | None = None
+        self.peer: Any = None  # the tracker's address, as the socket is connected to it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer = transport.get_extra_info("peername")
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        with contextlib.suppress(asyncio.QueueFull):  # (a flood: the rest is dropped)
-            self.queue.put_nowait(data)
+        if (len(data) < 8 or self.tid is None
+                or int.from_bytes(data[4:8], "big") != self.tid
+                or (addr is not None and self.peer is not None
+                    and tuple(addr[:2]) != tuple(self.peer[:2]))):
+            return
+        with contextlib.suppress(asyncio.QueueFull):  # (copies of the answer: the
+            self.queue.put_nowait(data)  # first ones are what it takes)
 
     def error_received(self, exc: Exception) -> None:  # (ICMP: nobody listens there)
         with contextlib.suppress(asyncio.QueueFull):
@@ -168,6 +188,10 @@ class UdpAnnouncer:
         transport, proto = await loop.create_datagram_endpoint(
             _Datagrams, remote_addr=addr[:2], family=family)
         ipv6 = family == socket.AF_INET6
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # (room for a burst of strays, and the answer behind them)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         try:
             known = self._ids.get(addr)
             if known is None or known[1] <= time.monotonic():
@@ -199,6 +223,7 @@ async def _ask(transport: asyncio.DatagramTransport, proto: _Datagrams, packet: 
                tid: int, action: int, ipv6: bool, deadline: float) -> Connected | Reply:
     """Send ``packet`` and again after each of RESEND_AFTER, until its answer comes (the
     last copy waits until ``deadline``)."""
+    proto.tid = tid
     for n, wait in enumerate(RESEND_AFTER):
         transport.sendto(packet)
         until = deadline if n == len(RESEND_AFTER) - 1 else min(time.monotonic() + wait,

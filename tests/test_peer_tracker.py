@@ -3,7 +3,9 @@ IPv6, refusals, and garbage that never raises anything but TrackerError."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
+from pathlib import Path
 from typing import Any, cast
 
 import bencodepy
@@ -17,7 +19,7 @@ def test_compact_peers_and_interval() -> None:
     body = bencodepy.encode({b"interval": 900, b"peers": bytes([10, 0, 0, 1, 0x1A, 0xE1,
                                                                 127, 0, 0, 1, 0, 0,
                                                                 192, 168, 1, 2, 0x1A, 0xE2, 9])})
-    peers, interval, _ = parse_response(body)
+    peers, interval, *_ = parse_response(body)
     assert peers == [("10.0.0.1", 6881), ("192.168.1.2", 6882)]  # port 0 and a stray byte left out
     assert interval == 900
 
@@ -37,7 +39,7 @@ def test_dictionary_peers_and_ipv6() -> None:
                    {b"ip": b"10.1.2.4", b"port": 70000}, b"junk"],
         b"peers6": bytes(15) + b"\x01" + b"\x1a\xe1",
     })
-    peers, interval, _ = parse_response(body)
+    peers, interval, *_ = parse_response(body)
     assert peers == [("10.1.2.3", 51413), ("::1", 6881)]
     assert interval == 1800  # none given
 
@@ -56,7 +58,7 @@ def test_refusals(body: bytes, why: str) -> None:
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_tracker_error(body: bytes) -> None:
     try:
-        peers, interval, _ = parse_response(body)
+        peers, interval, *_ = parse_response(body)
     except TrackerError:
         return
     assert interval > 0 and all(0 < port < 65536 for _, port in peers)
@@ -172,8 +174,8 @@ def test_goodbyes_go_to_the_trackers_that_answered_each_on_its_own() -> None:
             await t.announce({}, False)  # the flaky one answers
             await t.announce({}, False)  # it fails: the good one answers, with its id
             await t._announce(f"{base}/good", "", {})  # again, as its interval comes
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(t.goodbye({}, True), 3)
+            with pytest.raises(TimeoutError):  # (the silent one hears stopped, and hangs)
+                await asyncio.wait_for(t.goodbye({}, True, 3), 3)
         finally:
             await t.close()
             release.set()
@@ -183,7 +185,8 @@ def test_goodbyes_go_to_the_trackers_that_answered_each_on_its_own() -> None:
     # (the good one's first announce says "started": it is the first it hears of us)
     assert seen["good"] == [("started", None), ("", "t-42"), ("completed", "t-42"),
                             ("stopped", "t-42")]
-    assert [e for e, _ in seen["flaky"]] == ["started", "", "completed"]
+    # (its completed given up after half the goodbye's time: stopped is said all the same)
+    assert [e for e, _ in seen["flaky"]] == ["started", "", "completed", "stopped"]
     assert seen["never"] == []
 
 
@@ -506,3 +509,356 @@ def test_a_completed_cut_short_by_the_end_is_not_said_again() -> None:
 
     asyncio.run(main())
     assert seen == ["started", "completed", "stopped"], seen
+
+
+@pytest.mark.parametrize("after", [b"\n", b"\r\n", b"\r\n\r\n<br />\n", b"garbage"])
+def test_bytes_after_the_reply_dictionary_are_left_unread(after: bytes) -> None:
+    """A reply with anything after its dictionary (a PHP tracker's newline) was refused
+    whole ("data after valid prefix"), and the download never began; libtorrent reads
+    the dictionary and leaves the rest. Its keys may come in any order all the same."""
+    body = b"d5:peers6:" + bytes([10, 0, 0, 1, 0x1A, 0xE1]) + b"8:intervali900ee" + after
+    assert parse_response(body)[:2] == ([("10.0.0.1", 6881)], 900.0)
+    with pytest.raises(TrackerError, match="tracker says: gone"):
+        parse_response(bencodepy.encode({b"failure reason": b"gone"}) + after)
+    with pytest.raises(TrackerError, match="not bencode"):  # (what comes first still counts)
+        parse_response(after + body)
+
+
+def test_a_reply_with_a_newline_after_it_is_taken_over_http() -> None:
+    """The same, from an HTTP tracker (its Content-Length counting the newline)."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    async def newline(req: web.Request) -> web.Response:
+        return web.Response(body=bencodepy.encode(
+            {b"interval": 60, b"peers": bytes([127, 0, 0, 1, 0x1A, 0xE1])}) + b"\n")
+
+    async def main() -> Any:
+        runner, base = await _serve({"/a": newline})
+        t = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        try:
+            return await t.announce({}, False)
+        finally:
+            await t.close()
+            await runner.cleanup()
+
+    assert asyncio.run(main())[:2] == ([("127.0.0.1", 6881)], 60.0)
+
+
+_REPLY = bencodepy.encode({b"interval": 60, b"peers": bytes([127, 0, 0, 1, 0x1A, 0xE1])})
+
+
+def _raw_reply(parts: list[bytes], keep_open: bool = False) -> Any:
+    """Announce to a raw HTTP server on loopback that sends ``parts`` (a moment apart)
+    to the request, then closes (or, ``keep_open``, holds the connection): the reply,
+    or the TrackerError, and the time it took."""
+    import asyncio
+    import time
+
+    from pieced.peer.tracker import Tracker
+
+    async def main() -> tuple[Any, float]:
+        hold = asyncio.Event()
+        handlers: list[asyncio.Task[Any]] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(cast(Any, asyncio.current_task()))
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                for part in parts:
+                    writer.write(part)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                if keep_open:
+                    await hold.wait()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t = Tracker([[f"http://127.0.0.1:{port}/announce"]], bytes(20),
+                    b"-PZ0001-abcdefabcdef", 6881)
+        t0 = time.monotonic()
+        try:
+            return await t.announce({}, False), time.monotonic() - t0
+        except TrackerError as exc:
+            return exc, time.monotonic() - t0
+        finally:
+            hold.set()
+            await t.close()
+            server.close()
+            if handlers:  # (each ends as it comes to its close)
+                await asyncio.wait(handlers, timeout=5)
+
+    return asyncio.run(main())
+
+
+_OK = b"HTTP/1.1 200 OK\r\n"
+
+
+@pytest.mark.parametrize("name,parts", [
+    # a Content-Length longer than the body, then the connection closed
+    ("long", [_OK + b"Content-Length: %d\r\n\r\n" % (len(_REPLY) + 40) + _REPLY]),
+    ("long, in pieces", [_OK + b"Content-Length: 4000\r\n\r\n", _REPLY[:9], _REPLY[9:]]),
+    # shorter than the body, and Connection: close
+    ("short", [_OK + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_REPLY)
+               + _REPLY + b"<html>PHP notice: ...</html>"]),
+    ("short, said twice", [_OK + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (
+        len(_REPLY) + 2) + _REPLY + b"\r\nmore", b"and more"]),
+    # (what was taken before: no length, chunks, gzip, a bare LF between the lines)
+    ("until closed", [_OK + b"Connection: close\r\n\r\n" + _REPLY[:10], _REPLY[10:]]),
+    ("chunked", [_OK + b"Transfer-Encoding: chunked\r\n\r\n7\r\n" + _REPLY[:7] + b"\r\n",
+                 b"%x;ext=1\r\n" % (len(_REPLY) - 7) + _REPLY[7:] + b"\r\n0\r\n\r\n"]),
+    ("chunks cut short", [_OK + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(_REPLY)
+                          + _REPLY + b"\r\n"]),
+    ("gzip", [_OK + b"Content-Encoding: gzip\r\n\r\n" + __import__("gzip").compress(_REPLY)]),
+    ("bare LF", [b"HTTP/1.0 200 OK\nContent-Length: %d\n\n" % len(_REPLY) + _REPLY]),
+])
+def test_http_framing_is_read_as_leniently_as_libtorrent_reads_it(
+        name: str, parts: list[bytes]) -> None:
+    """A Content-Length longer than the body, the connection then closed, was refused
+    (aiohttp: "Not enough data to satisfy content length header"), and one shorter than
+    the body with Connection: close too ("Data after `Connection: close`"): libtorrent
+    takes the peers in both. The bytes that came are read, and taken when they are a
+    whole reply."""
+    got, _ = _raw_reply(parts)
+    assert not isinstance(got, Exception), f"{name}: {got}"
+    assert got[:2] == ([("127.0.0.1", 6881)], 60.0), name
+
+
+def test_what_came_of_a_reply_is_refused_when_it_is_not_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes that came are taken only when they are a complete reply; the 2 MiB
+    bound holds, and so does the time an announce has (a body promised and not sent,
+    the connection held open)."""
+    from pieced.peer import tracker
+
+    got, _ = _raw_reply([_OK + b"Content-Length: 4000\r\n\r\n" + _REPLY[:-3]])
+    assert isinstance(got, TrackerError) and "not bencode" in str(got), got
+    got, _ = _raw_reply([_OK + b"Content-Length: %d\r\n\r\n" % (tracker.MAX_REPLY + 1)])
+    assert isinstance(got, TrackerError) and "larger than" in str(got), got
+    got, _ = _raw_reply([_OK + b"\r\n", *[b"d" * (1 << 20)] * 3])  # (no length: until closed)
+    assert isinstance(got, TrackerError) and "larger than" in str(got), got
+    got, _ = _raw_reply([b"SSH-2.0-OpenSSH_9.2\r\n\r\n"])
+    assert isinstance(got, TrackerError) and "not HTTP" in str(got), got
+    monkeypatch.setattr(tracker, "ANNOUNCE_TIMEOUT", 0.5)
+    got, took = _raw_reply([_OK + b"Content-Length: 4000\r\n\r\n" + _REPLY[:10]],
+                           keep_open=True)
+    assert isinstance(got, TrackerError) and "no answer in" in str(got), got
+    assert took < 2, took
+
+
+def test_a_tracker_silent_on_completed_still_hears_stopped_before_the_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The goodbye sent ``completed``, waited for its answer, and the exit's limit (5 s)
+    cut it off: a tracker that never answered ``completed`` never heard ``stopped`` (and
+    kept handing our address out). ``completed`` has half the time now: ``stopped``
+    goes out in the other half."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from pieced.peer import plugin
+    from pieced.peer.plugin import Swarm
+    from pieced.peer.tracker import Tracker
+
+    monkeypatch.setattr(plugin, "STOP_ANNOUNCE_TIMEOUT", 2.0)
+    seen: list[tuple[str, float]] = []
+
+    async def main() -> float:
+        release = asyncio.Event()
+
+        async def answer(req: web.Request) -> web.Response:
+            event = urllib.parse.parse_qs(req.query_string).get("event", [""])[0]
+            seen.append((event, time.monotonic()))
+            if event == "completed":
+                await release.wait()  # never, as far as the exit goes
+            return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": b""}))
+
+        runner, base = await _serve({"/a": answer})
+        t = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        swarm = SimpleNamespace(trackers=[t], _counters=lambda: {},
+                                summary=SimpleNamespace(complete=True))
+        try:
+            await t.announce({}, False)
+            t0 = time.monotonic()
+            with contextlib.suppress(TimeoutError):  # (as Swarm.close waits for them)
+                await asyncio.wait_for(Swarm._final_announces(cast(Any, swarm)),
+                                       plugin.STOP_ANNOUNCE_TIMEOUT)
+            return t0
+        finally:
+            release.set()
+            await t.close()
+            await runner.cleanup()
+
+    t0 = asyncio.run(main())
+    assert [e for e, _ in seen] == ["started", "completed", "stopped"], seen
+    assert seen[2][1] - t0 < 2.0
+
+
+def test_a_trackers_warning_is_shown_escaped_and_cut() -> None:
+    """A reply's ``warning message`` was never shown. It is, after the tracker's URL, with
+    its control characters escaped and cut as a refusal is."""
+    import asyncio
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from pieced.peer.plugin import Swarm
+    from pieced.peer.tracker import MAX_MESSAGE, Tracker
+
+    warning = b"your client is old\npieced-peer: download complete\x1b[2J" + b"!" * 1000
+    body = bencodepy.encode({b"interval": 60, b"peers": b"", b"warning message": warning})
+    said = parse_response(body).warning
+    assert said is not None and said.isprintable() and "\\n" in said and "\\x1b" in said
+    assert said.startswith("your client is old\\npieced") and len(said) < MAX_MESSAGE + 10
+    assert parse_response(bencodepy.encode({b"peers": b""})).warning is None
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    async def answer(req: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    async def main() -> str:
+        runner, base = await _serve({"/a": answer})
+        t = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+        swarm = SimpleNamespace(done=asyncio.Event(), _counters=lambda: {},
+                                connect=lambda host, port: None)
+        loop = asyncio.ensure_future(Swarm._announce_loop(cast(Any, swarm), t))
+        try:
+            deadline = time.monotonic() + 5
+            while not records and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            loop.cancel()
+            await t.close()
+            await runner.cleanup()
+        return base
+
+    log = logging.getLogger("pieced.peer")
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        base = asyncio.run(main())
+    finally:
+        log.removeHandler(handler)
+    assert records == [f"tracker warning: {base}/a: {said}"], records
+
+
+def test_each_key_of_a_hybrid_says_what_its_trackers_answer_once(tmp_path: Path) -> None:
+    """A hybrid torrent is announced under both its keys: each failure was printed twice,
+    in two identical lines, and a tracker's warning never. Each line names its key now
+    (a tracker may know the torrent under one of them only)."""
+    import signal
+    import threading
+    import time
+
+    from pieced.storage.metainfo import parse
+
+    from tests.conftest import Daemon
+    from tests.realtools import make_payload, make_torrent_lt
+    from tests.test_peer_libtorrent import _tracker, _with_tracker, downloading
+
+    content = make_payload(tmp_path / "seed", {"a.bin": 70_000}, seed=71)
+    raw = make_torrent_lt(content, 65536, "hybrid")
+    v1 = parse(raw).info_hash
+
+    def reply(query: dict[str, str]) -> bytes:
+        ih = urllib.parse.unquote_to_bytes(query["raw"].split("info_hash=")[1].split("&")[0])
+        if ih == v1:
+            return bencodepy.encode({b"interval": 60, b"peers": b"",
+                                     b"warning message": b"v1 is old"})
+        return bencodepy.encode({b"failure reason": b"tracker down"})
+
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(reply) as (port, _):
+            torrent = _with_tracker(raw, port, tmp_path / "t.torrent")
+            proc = downloading(torrent, tmp_path / "dl", d)
+            lines: list[str] = []
+
+            def read() -> None:
+                assert proc.stderr is not None
+                lines.extend(proc.stderr)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 30
+            while (time.monotonic() < deadline
+                   and sum("tracker" in line or "announce" in line for line in lines) < 2):
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            reader.join(10)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    url = f"http://127.0.0.1:{port}/announce"
+    said = [line.split(": ", 1)[1].strip() for line in lines
+            if "tracker warning" in line or "announce failed" in line]
+    assert sorted(said) == sorted([
+        f"tracker warning (under the v1 hash): {url}: v1 is old",
+        f"announce failed (under the v2 hash): {url}: tracker says: tracker down"]), lines
+
+
+def test_an_https_tracker_is_asked_over_tls_and_its_certificate_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS trackers (read by pieced-peer's own HTTP client now, as libtorrent reads
+    them): the reply comes over TLS when the certificate is trusted, and a certificate
+    nobody vouches for is refused, in a line naming the tracker."""
+    import asyncio
+    import shutil
+    import ssl
+    import subprocess
+
+    from aiohttp import web
+    from pieced.peer import tracker
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+
+    async def answer(req: web.Request) -> web.Response:
+        return web.Response(body=_REPLY + b"\r\n")
+
+    async def main() -> list[Any]:
+        served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        served.load_cert_chain(cert, key)
+        app = web.Application()
+        app.router.add_get("/announce", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=served).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}/announce"
+        got: list[Any] = []
+        try:
+            for trusted in (False, True):
+                monkeypatch.setattr(tracker, "_tls", ssl.create_default_context(
+                    cafile=str(cert)) if trusted else None)
+                t = tracker.Tracker([[url]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+                try:
+                    got.append(await t.announce({}, False))
+                except TrackerError as exc:
+                    got.append(exc)
+                await t.close()
+        finally:
+            await runner.cleanup()
+        got.append(url)
+        return got
+
+    refused, reply, url = asyncio.run(main())
+    assert isinstance(refused, TrackerError) and str(refused).startswith(url), refused
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused) or "certificate" in str(refused), refused
+    assert reply[:2] == ([("127.0.0.1", 6881)], 60.0)

@@ -344,3 +344,25 @@ def test_the_announcer_keeps_no_socket_open() -> None:
             loop.run_until_complete(udp.announce(f"udp://127.0.0.1:{port}", "", {}))
         during = len(os.listdir("/proc/self/fd"))
     assert during <= before + 4  # (the loop's own and the server's)
+
+
+def test_a_flood_of_strays_does_not_push_the_answer_out(quick: None) -> None:
+    """500 stray datagrams (another transaction's, too short) came before each answer:
+    they filled the queue of 64 and the answer, coming last, was dropped, at every copy
+    of the request (the announce timed out). They are dropped as they come now, the
+    answer kept."""
+    good = opentracker_like()
+
+    def answer(data: bytes, state: dict[str, Any]) -> list[bytes]:
+        tid = struct.unpack_from(">I", data, 12)[0]
+        strays = [struct.pack(">IIQ", CONNECT, (tid + 1 + i) & 0xFFFFFFFF, 9) if i % 2
+                  else b"\0\0\0" for i in range(500)]
+        return [*strays, *good(data, state)]
+
+    with _running(answer) as (loop, port, state):
+        t0 = time.monotonic()
+        reply = loop.run_until_complete(UdpAnnouncer(IH, PID, 1).announce(
+            f"udp://127.0.0.1:{port}", "started", {}))
+        assert reply.peers == [("127.0.0.1", 6881)]
+        assert time.monotonic() - t0 < 0.2 * 2  # (no copy of a request sent again)
+        assert [len(p) for p in state["got"]] == [16, 98]
