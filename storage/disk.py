@@ -422,7 +422,7 @@ class DiskIO:
                                  f"would be below {up}, where another torrent's file is being "
                                  "moved")
                         raise BadRequest(f"{there} {where}: register it again once that is done")
-                storage.create_empty_files()
+                unmade = storage.create_empty_files()
                 if self.state is not None:
                     rec = self.state.create(t.key, metainfo, path, meta.num_pieces)
                     self._records[t.id] = rec
@@ -442,6 +442,8 @@ class DiskIO:
                     raise StorageIOError.wrap(exc, "register" + (
                         f": {exc.filename}" if exc.filename else "")) from None
                 raise
+            for error in unmade:  # (listed in its status and counted: see create_empty_files)
+                self._tell_error(t, error, None, push=False)
         finally:
             t.leave_alone()
         return meta.info_hash
@@ -1310,9 +1312,11 @@ class DiskIO:
                     if not flag & UNSTORED and i not in short
                     and any(t.state[p] == VERIFIED for p in t.layout.file_pieces(i)))
             try:
-                storage.create_empty_files()
-            except PiecedError as exc:  # a vanished folder, a planted symlink: say so, go on
-                self.load_errors.append(f"torrent {saved.ih_hex}: {exc}")
+                unmade = storage.create_empty_files()
+            except PiecedError as exc:  # a vanished folder: say so, go on
+                unmade = [exc]
+            for error in unmade:  # (a folder in an empty file's place, a planted symlink)
+                self.load_errors.append(f"torrent {saved.ih_hex}: {error}")
             rec = self.state.record(saved.ih_hex, next_gen)
             self._records[t.id] = rec
             with self._lock:

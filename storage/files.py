@@ -626,13 +626,21 @@ class FileStorage:
         files = self.meta.files
         return (i for i, f in enumerate(files.flags) if not f & UNSTORED)
 
-    def create_empty_files(self) -> None:
-        """Zero-length files have no piece to write them, so they are made up front."""
+    def create_empty_files(self) -> list[PiecedError]:
+        """Zero-length files have no piece to write them, so they are made up front.
+        One that cannot be (a folder in its place, a symlink planted on its way) is no
+        reason to refuse the torrent, whose pieces it is no part of (libtorrent adds
+        it too): the errors are returned, for the caller to say, and the rest made."""
         lengths = self.meta.files.lengths
+        errors: list[PiecedError] = []
         for index in self.stored_files():
             if lengths[index] == 0:
-                os.close(self.root.open(self.parts(index), os.O_WRONLY | os.O_CREAT,
-                                        True, self.file_mode(index)))
+                try:
+                    os.close(self.root.open(self.parts(index), os.O_WRONLY | os.O_CREAT,
+                                            True, self.file_mode(index)))
+                except PiecedError as exc:
+                    errors.append(exc)
+        return errors
 
     def file_mode(self, index: int) -> int:
         """The mode a payload file is made with."""
@@ -1492,8 +1500,8 @@ class DisabledStorage(FileStorage):
     page_cached = False
     stores = False
 
-    def create_empty_files(self) -> None:
-        return None
+    def create_empty_files(self) -> list[PiecedError]:
+        return []
 
     def writev(self, segments: Sequence[Segment], bufs: Sequence[Buffer]) -> int:
         return sum(s.length for s in segments if s.stored)

@@ -703,8 +703,16 @@ def test_symlinks_never_lead_out_of_the_save_path(
     dl.mkdir()
     (dl / "payload").symlink_to(outside)  # the torrent's folder, planted as a symlink
     dio = DiskIO(backend)
-    with pytest.raises(PathEscape):
-        ih = dio.register(raw, dl)  # the empty file would be made through it
+    # Registered (as a torrent without an empty file always was; libtorrent adds it
+    # too), the empty file, which would be made through it, not made and said so; and
+    # nothing is written through it.
+    ih = dio.register(raw, dl)
+    errors = dio.status(ih)["errors"]
+    assert len(errors) == 1 and "symlink" in errors[0]["message"], errors
+    p, b, n = src.blocks()[0]
+    with pytest.raises(PathEscape, match="symlink"):
+        dio.write_chunk(ih, p, b, src.read(p, b, n), flush=True)
+    assert list(outside.iterdir()) == []
     dio.close()
     (dl / "payload").unlink()
     (dl / "payload").mkdir()

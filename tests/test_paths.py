@@ -283,6 +283,49 @@ def test_a_symlink_planted_for_an_empty_file_while_stopped(
 
 
 @OPENS_NO_PATH
+@pytest.mark.parametrize("there", ["folder", "symlink"])
+def test_a_register_over_a_folder_or_symlink_where_an_empty_file_goes_is_taken(
+    tmp_path: Path, odd_payload: tuple[Path, Path], backend: str, there: str
+) -> None:
+    """A folder (or a symlink out of the save path) where the torrent's empty file goes:
+    the register was refused (EISDIR), nothing registered, though the file is part of no
+    piece (libtorrent adds such a torrent, and ``pieced verify`` finds it whole). It is
+    registered, the error listed in its status; its pieces download; nothing is made
+    through the symlink, and a start after says it again and loads the torrent."""
+    save, content = odd_payload
+    raw = make_torrent_lt(content, 65536, "v1")
+    src = Source(raw, save)
+    state, dl = tmp_path / "state", tmp_path / "dl"
+    empty = dl / "payload" / "empty"
+    empty.parent.mkdir(parents=True)
+    if there == "folder":
+        empty.mkdir()
+    else:
+        empty.symlink_to(tmp_path / "elsewhere")
+    dio = DiskIO(backend, state_dir=state)
+    try:
+        ih = dio.register(raw, dl)
+        errors = dio.status(ih)["errors"]
+        assert len(errors) == 1 and errors[0]["piece"] is None, errors
+        assert "empty" in errors[0]["message"], errors
+        for p, b, n in src.blocks():
+            dio.write_chunk(ih, p, b, src.read(p, b, n))
+        dio.flush_all()
+        assert dio.status(ih)["verified_pieces"] == src.meta.num_pieces
+    finally:
+        dio.close()
+    assert not (tmp_path / "elsewhere").exists()
+    assert empty.is_dir() if there == "folder" else empty.is_symlink()
+    again = DiskIO(backend, state_dir=state)
+    try:
+        assert again.torrents() == [ih]
+        assert any("empty" in e for e in again.load_errors), again.load_errors
+        assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+    finally:
+        again.close()
+
+
+@OPENS_NO_PATH
 def test_swaps_while_writes_run(setup) -> None:  # type: ignore[no-untyped-def]
     """A writer and a reader run flat out while another thread swaps, over and over, a
     subfolder for a symlink out of the roots and a payload file for a hard link to a
