@@ -984,27 +984,24 @@ class DiskIO:
         """
         if rec.removed:
             return True
+        if rec.written is not None:
+            # A record that would say what the one on disk says (a torrent seeded or
+            # left alone since): not written again, the journal not rotated (what it
+            # holds still follows that record). A clean stop of 17,000 idle torrents
+            # spent 16 s and more in their records' two fsyncs each.
+            with rec.journal_lock:
+                with t.lock:
+                    have, fps = bytes(t.have), bytes(t.fingerprints)
+                    doubted = bool(t.unrecorded)
+                quiet = not rec.records
+            if quiet and not doubted and rec.says(have, fps, *self._record_files(t, stamps)):
+                return True
         with rec.journal_lock:
             with t.lock:
                 have, fps = bytes(t.have), bytes(t.fingerprints)
                 unrecorded = set(t.unrecorded)
             gen = rec.rotate()
-        files = None
-        partial: list[tuple[int, int, int]] = []
-        if not stamps:
-            files = _kept_stamps(t)
-        else:
-            folders: dict[str, bool] = {}
-            files = [self._stamp(t.storage, i, folders) if not flag & UNSTORED else [0, 0, 0, 0]
-                     for i, flag in enumerate(t.meta.files.flags)]
-            self._settle(t.storage, files, folders)
-            # The pieces under way, their blocks flushed: taken up again by the next
-            # start if their files are still as stamped (a clean stop's alone).
-            with t.lock:
-                under_way = [(p, list(part.hasher.received.spans))
-                             for p, part in t.partial.items() if not part.done]
-                under_way += [(p, [[b, e] for b, e in spans]) for p, (spans, _) in t.parked.items()]
-            partial = [(p, s, e) for p, spans in under_way for s, e in spans]
+        files, partial = self._record_files(t, stamps)
         try:
             rec.write_resume(have, fps, gen, files, partial)
             with rec.journal_lock:  # (the record names these files now, durably)
@@ -1020,6 +1017,23 @@ class DiskIO:
             with t.lock:
                 t.unrecorded.difference_update(unrecorded)
         return True
+
+    def _record_files(self, t: Torrent, stamps: bool
+                      ) -> tuple[list[list[int]] | None, list[tuple[int, int, int]]]:
+        """The file stamps and the pieces under way a record of ``t`` holds (see _save)."""
+        if not stamps:
+            return _kept_stamps(t), []
+        folders: dict[str, bool] = {}
+        files = [self._stamp(t.storage, i, folders) if not flag & UNSTORED else [0, 0, 0, 0]
+                 for i, flag in enumerate(t.meta.files.flags)]
+        self._settle(t.storage, files, folders)
+        # The pieces under way, their blocks flushed: taken up again by the next
+        # start if their files are still as stamped (a clean stop's alone).
+        with t.lock:
+            under_way = [(p, list(part.hasher.received.spans))
+                         for p, part in t.partial.items() if not part.done]
+            under_way += [(p, [[b, e] for b, e in spans]) for p, (spans, _) in t.parked.items()]
+        return files, [(p, s, e) for p, spans in under_way for s, e in spans]
 
     def _settle(self, storage: FileStorage, files: list[list[int]],
                 folders: dict[str, bool]) -> None:
@@ -1318,6 +1332,7 @@ class DiskIO:
             for error in unmade:  # (a folder in an empty file's place, a planted symlink)
                 self.load_errors.append(f"torrent {saved.ih_hex}: {error}")
             rec = self.state.record(saved.ih_hex, next_gen)
+            rec.written = saved.said  # (a record that still says all is not written again)
             self._records[t.id] = rec
             with self._lock:
                 self._keep(t)

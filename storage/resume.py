@@ -101,6 +101,17 @@ CLEAN = "clean"  # present while the daemon is stopped cleanly: file stamps then
 _TEMPORARY = re.compile(r"\.(resume|location|checking|metainfo\.torrent|clean|delete-files)\..+")
 
 
+def _said(have: bytes, fingerprints: bytes, stamps: list[list[int]] | None,
+          partial: Sequence[tuple[int, int, int]]) -> tuple[bytes, bytes, bytes | None, bytes]:
+    """What a resume record says, its generation aside: the bitfield, the fingerprints,
+    the file stamps and the pieces under way, packed as the record holds them."""
+    if stamps is None:
+        return have, fingerprints, None, b""
+    kept = partial[: MAX_PARTIAL_RECORD // 24]
+    return (have, fingerprints, array.array("q", [x for s in stamps for x in s]).tobytes(),
+            array.array("q", [x for r in kept for x in r]).tobytes())
+
+
 def write_atomic(path: Path, data: bytes, undo: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new bytes,
     and an error the old ones (unless not ``undo``: the new bytes say what is so
@@ -269,6 +280,9 @@ class Loaded(NamedTuple):
     # Which bytes its fingerprints are of (hashing.FINGERPRINT_FORM): 1 when the record
     # does not say (written before the form was recorded, or not decoded).
     fingerprint_form: int = 1
+    # What its resume record says (TorrentRecord.written), when the record alone says
+    # all (read whole, no journal record after it, no check under way): None otherwise.
+    said: tuple[bytes, bytes, bytes | None, bytes] | None = None
 
 
 class Deletion(NamedTuple):
@@ -297,6 +311,9 @@ class TorrentRecord:
         self.journal_lock = threading.Lock()
         self.removed = False
         self.records = 0  # appended since the last compaction
+        # What the resume record on disk says, as this process last wrote it (None: not
+        # written by it yet): see ``says``.
+        self.written: tuple[bytes, bytes, bytes | None, bytes] | None = None
         self._fd = -1
         self._good = 0  # bytes of whole records in the journal when it was opened
         self._named = -1  # the generation whose journal's name was made durable
@@ -369,18 +386,27 @@ class TorrentRecord:
             return
         resume: dict[bytes, Any] = {b"have": have, b"fingerprints": fingerprints, b"gen": gen,
                                     b"ih": self.ih, b"fp_form": FINGERPRINT_FORM}
-        if stamps is not None:  # packed: a torrent of 100,000 files reads it at once
-            resume[b"stamps"] = array.array("q", [x for s in stamps for x in s]).tobytes()
+        said = _said(have, fingerprints, stamps, partial)
+        if said[2] is not None:  # packed: a torrent of 100,000 files reads it at once
+            resume[b"stamps"] = said[2]
             resume[b"stamp_fields"] = STAMP_FIELDS
-            if partial:
-                kept = partial[: MAX_PARTIAL_RECORD // 24]
-                resume[b"partial"] = array.array("q", [x for r in kept for x in r]).tobytes()
+            if said[3]:
+                resume[b"partial"] = said[3]
         resume[b"crc"] = zlib.crc32(bencodepy.encode(resume))
+        self.written = None  # (unknown while it is replaced: failed, either may be there)
         write_atomic(self.folder / "resume", bencodepy.encode(resume))
+        self.written = said
         for old in self.journals():
             if old < gen:
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / f"journal.{old}").unlink()
+
+    def says(self, have: bytes, fingerprints: bytes, stamps: list[list[int]] | None,
+             partial: Sequence[tuple[int, int, int]] = ()) -> bool:
+        """Whether the resume record on disk, as last written here, says just this
+        (its journal generation aside)."""
+        return self.written is not None and self.written == _said(
+            have, fingerprints, stamps, partial)
 
     def write_location(self, save_path: Path, renames: dict[int, tuple[str, ...]],
                        previous: tuple[Path, dict[int, tuple[str, ...]]] | None = None,
@@ -704,7 +730,7 @@ class StateStore:
                     partial.setdefault(piece, []).append((begin, end))
         rec = TorrentRecord(folder)
         gens = [g for g in rec.journals() if damaged or g >= gen]
-        torn = tail = False
+        torn = tail = replayed = False
         why: str | None = None
         cleared: set[int] = set()
         inodes: dict[int, int] = {}
@@ -724,6 +750,7 @@ class StateStore:
             records, bad, ends_bad = _decode_records(data, rec.seed)
             torn = torn or bad
             tail = tail or ends_bad
+            replayed = replayed or bool(records)
             for kind, piece, fp in records:
                 if kind == REC_FILE:
                     if 0 <= piece < nfiles:
@@ -756,9 +783,17 @@ class StateStore:
             checking = "all"
             why = ("the last record of its journal is damaged or cut short (a crash or a "
                    "power cut in the middle of an append, or damage on the disk)")
+        said = None
+        if (resume is not None and damaged is None and not (torn or tail or replayed)
+                and checking is None and previous is None and form == FINGERPRINT_FORM
+                and isinstance(table, bytes) and len(table) == len(fps)
+                and isinstance(packed, bytes) and width == STAMP_FIELDS):
+            kept = resume.get(b"partial", b"")
+            said = (bytes(resume[b"have"]), table, packed, kept if isinstance(kept, bytes)
+                    else b"\0")  # (a partial of another type: never what is written)
         loaded = Loaded(folder.name, meta, save_path, renames, have, fps, stamps, damaged,
                         previous, checking, partial or None, why, frozenset(cleared),
-                        inodes or None, form)
+                        inodes or None, form, said)
         return loaded, next_gen
 
 
