@@ -184,7 +184,7 @@ def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: 
 
 MAX_HEAD = 64 * 1024  # bytes of a reply's status line and headers read
 MAX_REDIRECTS = 10  # redirects followed in an announce
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_DIGITS = re.compile(r"[0-9]+")  # (str.isdigit takes "²" and other scripts' digits)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _STATUS = re.compile(rb"HTTP/\d(?:\.\d)?[ \t]+(\d{3})(?:[ \t]|$)")
 _NOT_IN_TARGET = re.compile(rb"[^\x21-\x7e]")  # (escaped in a request's target)
@@ -216,7 +216,13 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
     except ValueError:  # a name: as DNS takes it (an empty label, or one of 64 bytes: no)
         host = host.encode("idna").decode("ascii")
     default = 443 if scheme == "https" else 80
-    port = parts.port or default
+    try:
+        given = parts.port
+    except ValueError:  # (70000, -1, not a number)
+        raise TrackerError(f"not a port: {printable(url[:200])}") from None
+    if given == 0:  # (not the default port: no port at all, as libtorrent fails it)
+        raise TrackerError(f"port 0 in {printable(url[:200])}")
+    port = given or default
     netloc = f"[{host}]" if ":" in host else host
     if port != default:
         netloc += f":{port}"
@@ -248,16 +254,33 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
                 raise TrackerError("connection closed before a reply" if not buf
                                    else "connection closed within the reply's headers")
             buf += chunk
-        head = bytes(buf[: end.start()]).split(b"\n")
-        match = _STATUS.match(head[0].rstrip(b"\r"))
-        if match is None:
-            raise TrackerError(f"reply is not HTTP: {printable(repr(head[0][:80]))}")
-        status = int(match[1])
+        while True:
+            head = bytes(buf[: end.start()]).split(b"\n")
+            match = _STATUS.match(head[0].rstrip(b"\r"))
+            if match is None:
+                raise TrackerError(f"reply is not HTTP: {printable(repr(head[0][:80]))}")
+            status = int(match[1])
+            if not (100 <= status < 200 and status != 101):
+                break
+            # An interim reply (100 Continue) before the real one: skipped, as
+            # libtorrent skips it; the next reply's head is read.
+            del buf[: end.end()]
+            while not (end := _HEAD_END.search(buf)):
+                if len(buf) > MAX_HEAD:
+                    raise TrackerError(f"reply headers larger than {MAX_HEAD} bytes")
+                chunk = await reader.read(64 * 1024)
+                if not chunk:
+                    raise TrackerError("connection closed after an interim reply")
+                buf += chunk
         headers: dict[str, str] = {}
         for line in head[1:]:
+            if line[:1] in (b" ", b"\t"):
+                continue  # (a folded line goes on the header before: never one of its own)
             name, colon, value = line.decode("latin-1").partition(":")
             if colon:
-                headers[name.strip().lower()] = value.strip()
+                # The first of a header said twice, as libtorrent takes it (two lengths:
+                # the first is the one it reads by).
+                headers.setdefault(name.strip().lower(), value.strip())
         if status != 200:
             return status, headers, b""
         body = await _body(reader, bytes(buf[end.end() :]), headers)
@@ -311,7 +334,7 @@ async def _body(reader: asyncio.StreamReader, have: bytes, headers: dict[str, st
             body += buf[:size]
             del buf[:size]
     length = headers.get("content-length", "")
-    if length.isdigit():
+    if _DIGITS.fullmatch(length):  # (else ignored, as libtorrent ignores it: to the close)
         if int(length) > MAX_REPLY:
             raise _too_long()
         while len(buf) < int(length) and await more():
@@ -444,7 +467,7 @@ class Tracker:
         async with asyncio.timeout(ANNOUNCE_TIMEOUT):  # (the redirects within it too)
             for _ in range(MAX_REDIRECTS + 1):
                 status, headers, body = await http_get(target)
-                if status in _REDIRECTS and "location" in headers:
+                if 300 <= status < 400 and "location" in headers:  # (any, as libtorrent)
                     target = urllib.parse.urljoin(target, headers["location"])
                     if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
                         raise TrackerError(f"{url}: redirected to {printable(target[:200])}, "

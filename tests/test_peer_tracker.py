@@ -476,6 +476,44 @@ def test_refusals_and_redirects_are_said_in_a_line() -> None:
     assert looped.endswith("/loop: redirected too many times"), looped
 
 
+def test_a_300_with_a_location_is_followed_and_a_port_0_refused() -> None:
+    """libtorrent follows any 3xx with a Location (300 Multiple Choices was "HTTP 300"
+    here); a URL with port 0 was dialled at port 80, one of 70000 said Python's
+    "Port out of range 0-65535"."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    async def choices(req: web.Request) -> web.Response:
+        return web.Response(status=300, headers={"Location": "/good"})
+
+    async def good(req: web.Request) -> web.Response:
+        return web.Response(body=bencodepy.encode(
+            {b"interval": 60, b"peers": bytes([127, 0, 0, 1, 0x1a, 0xe1])}))
+
+    async def main() -> tuple[Any, list[str]]:
+        runner, base = await _serve({"/choices": choices, "/good": good})
+        try:
+            t = Tracker([[f"{base}/choices"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+            reply = await t.announce({}, False)
+            said = []
+            for url in ("http://127.0.0.1:0/announce", "https://[::1]:0/announce",
+                        "http://127.0.0.1:70000/announce"):
+                with pytest.raises(TrackerError) as caught:
+                    await Tracker([[url]], bytes(20), b"-PZ0001-abcdefabcdef",
+                                  6881).announce({}, False)
+                said.append(str(caught.value))
+        finally:
+            await runner.cleanup()
+        return reply, said
+
+    reply, said = asyncio.run(main())
+    assert reply.peers == [("127.0.0.1", 6881)]
+    assert "port 0 in" in said[0] and "port 0 in" in said[1], said
+    assert "not a port" in said[2], said
+
+
 def test_a_completed_cut_short_by_the_end_is_not_said_again() -> None:
     """A run stopped while a slow tracker took its ``completed``: the goodbye sent
     ``completed`` again (the tracker counted two downloads), and ``stopped`` came too
@@ -617,6 +655,15 @@ _OK = b"HTTP/1.1 200 OK\r\n"
                           + _REPLY + b"\r\n"]),
     ("gzip", [_OK + b"Content-Encoding: gzip\r\n\r\n" + __import__("gzip").compress(_REPLY)]),
     ("bare LF", [b"HTTP/1.0 200 OK\nContent-Length: %d\n\n" % len(_REPLY) + _REPLY]),
+    # An interim reply first (it failed: "HTTP 100"); a length said twice, the first
+    # right (the last was taken); a folded line that reads as a length; a length in
+    # digits of another script (a ValueError of Python's): as libtorrent reads them
+    ("100 Continue", [b"HTTP/1.1 100 Continue\r\nX-A: b\r\n\r\n" + _OK
+                      + b"Content-Length: %d\r\n\r\n" % len(_REPLY) + _REPLY]),
+    ("two lengths", [_OK + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(_REPLY)
+                     + _REPLY]),
+    ("folded", [_OK + b"X-Note: see below\r\n  Content-Length: 5\r\n\r\n" + _REPLY]),
+    ("odd digits", [_OK + "Content-Length: \u00b2\r\n\r\n".encode("latin-1") + _REPLY]),
 ])
 def test_http_framing_is_read_as_leniently_as_libtorrent_reads_it(
         name: str, parts: list[bytes]) -> None:
@@ -645,6 +692,8 @@ def test_what_came_of_a_reply_is_refused_when_it_is_not_whole(
     assert isinstance(got, TrackerError) and "larger than" in str(got), got
     got, _ = _raw_reply([b"SSH-2.0-OpenSSH_9.2\r\n\r\n"])
     assert isinstance(got, TrackerError) and "not HTTP" in str(got), got
+    got, _ = _raw_reply([b"HTTP/1.1 100 Continue\r\n\r\n"])
+    assert isinstance(got, TrackerError) and "after an interim reply" in str(got), got
     monkeypatch.setattr(tracker, "ANNOUNCE_TIMEOUT", 0.5)
     got, took = _raw_reply([_OK + b"Content-Length: 4000\r\n\r\n" + _REPLY[:10]],
                            keep_open=True)
