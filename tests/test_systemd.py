@@ -110,6 +110,18 @@ def test_a_passed_socket_other_than_a_listening_unix_stream_is_refused(
         sock.close()
 
 
+def _saved_library(root: Path, n: int) -> None:
+    """``n`` small torrents registered, their state saved in ``root/var``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from many_torrents import torrent
+    from pieced.storage.disk import DiskIO
+
+    dio = DiskIO("posix", roots=[root], state_dir=root / "var")
+    for i in range(n):
+        dio.register(torrent(i), root / "dl")
+    dio.close()
+
+
 def test_a_start_tells_of_its_progress_while_it_reads_each_saved_torrent(
         tmp_path: Path) -> None:
     """What the service manager is told comes from the engine's progress calls, said at
@@ -117,15 +129,10 @@ def test_a_start_tells_of_its_progress_while_it_reads_each_saved_torrent(
     none but its first, and with 17,000 torrents went 7.5 s without a word (past a
     start's timeout on a slower disk). It now calls once before each torrent it reads
     (``done`` and ``total`` 0: the count is not known yet), then once as each loads."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from many_torrents import torrent
     from pieced.storage.disk import DiskIO
 
     n = 20
-    dio = DiskIO("posix", roots=[tmp_path], state_dir=tmp_path / "var")
-    for i in range(n):
-        dio.register(torrent(i), tmp_path / "dl")
-    dio.close()
+    _saved_library(tmp_path, n)
     calls: list[tuple[int, int]] = []
     dio = DiskIO("posix", roots=[tmp_path], state_dir=tmp_path / "var",
                  on_load=lambda done, total: calls.append((done, total)))
@@ -144,15 +151,8 @@ def test_a_start_that_loads_many_torrents_asks_the_service_manager_for_time(
     waits for a start (TimeoutStartSec, 90 s unless set): the service was killed as it
     started, at every start. While it loads, the daemon now says how far it is and asks
     for more time (EXTEND_TIMEOUT_USEC) once a second, before READY=1."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from many_torrents import torrent
-    from pieced.storage.disk import DiskIO
-
     n = 1500
-    dio = DiskIO("posix", roots=[tmp_path], state_dir=tmp_path / "var")
-    for i in range(n):
-        dio.register(torrent(i), tmp_path / "dl")
-    dio.close()
+    _saved_library(tmp_path, n)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(60)
