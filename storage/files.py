@@ -1149,7 +1149,9 @@ class FileStorage:
             if self.file_path(index) in keep:
                 continue
             try:
-                with contextlib.suppress(FileNotFoundError, PathEscape):
+                # (a folder in a file's place, or a symlink on its way: never the
+                # torrent's, left as they are; an empty file's place may hold one)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PathEscape):
                     self.root.unlink(self.parts(index))
             except OSError as exc:  # (the others are deleted all the same)
                 failed = failed or StorageIOError.wrap(exc, f"delete {self.file_path(index)}")

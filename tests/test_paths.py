@@ -316,13 +316,23 @@ def test_a_register_over_a_folder_or_symlink_where_an_empty_file_goes_is_taken(
         dio.close()
     assert not (tmp_path / "elsewhere").exists()
     assert empty.is_dir() if there == "folder" else empty.is_symlink()
+    if there == "folder":
+        (empty / "mine.txt").write_text("the user's")
     again = DiskIO(backend, state_dir=state)
     try:
         assert again.torrents() == [ih]
         assert any("empty" in e for e in again.load_errors), again.load_errors
         assert again.status(ih)["verified_pieces"] == src.meta.num_pieces
+        # Removed with its files: the folder (never the torrent's) is left, no error.
+        again.unregister(ih, delete_files=True)
+        assert again.torrents() == []
     finally:
         again.close()
+    left = sorted(str(p.relative_to(dl)) for p in dl.rglob("*"))
+    # (a symlink in a file's place is removed, never followed: nothing was made there)
+    assert left == (["payload", "payload/empty", "payload/empty/mine.txt"] if there == "folder"
+                    else []), left
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @OPENS_NO_PATH
