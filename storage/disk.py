@@ -984,6 +984,7 @@ class DiskIO:
         """
         if rec.removed:
             return True
+        taken = None
         if rec.written is not None:
             # A record that would say what the one on disk says (a torrent seeded or
             # left alone since): not written again, the journal not rotated (what it
@@ -994,14 +995,19 @@ class DiskIO:
                     have, fps = bytes(t.have), bytes(t.fingerprints)
                     doubted = bool(t.unrecorded)
                 quiet = not rec.records
-            if quiet and not doubted and rec.says(have, fps, *self._record_files(t, stamps)):
-                return True
+            if quiet and not doubted:
+                taken = self._record_files(t, stamps)
+                if rec.says(have, fps, *taken):
+                    return True
         with rec.journal_lock:
             with t.lock:
                 have, fps = bytes(t.have), bytes(t.fingerprints)
                 unrecorded = set(t.unrecorded)
             gen = rec.rotate()
-        files, partial = self._record_files(t, stamps)
+        # A stop's stamps just taken hold (nothing writes any more: every file is
+        # flushed and closed), not taken again; a running save's are taken after the
+        # bitfield, as ever (they are no stat of the files, only what is known of them).
+        files, partial = taken if taken is not None and stamps else self._record_files(t, stamps)
         try:
             rec.write_resume(have, fps, gen, files, partial)
             with rec.journal_lock:  # (the record names these files now, durably)
