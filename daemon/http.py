@@ -73,6 +73,26 @@ class _Handler(web_protocol.RequestHandler):
 
 _ERROR = web_protocol._ErrInfo
 
+# aiohttp's stop waits on a future that the connection's request ends; its timeout
+# cancels the future, and a request ending in the same turn of the loop set the result
+# of the cancelled future: InvalidStateError, a traceback in the log, at a stop with
+# requests waiting their turn. Read through this, a future already done is no future.
+_WAITER_SLOT: Any = getattr(web_protocol.RequestHandler, "_handler_waiter", None)
+
+
+def _waiter_get(h: Any) -> Any:
+    waiter = _WAITER_SLOT.__get__(h)
+    return None if waiter is None or waiter.done() else waiter
+
+
+def _waiter_set(h: Any, value: Any) -> None:
+    _WAITER_SLOT.__set__(h, value)
+
+
+if _WAITER_SLOT is not None and hasattr(_WAITER_SLOT, "__set__"):
+    _Handler._handler_waiter = property(  # type: ignore[misc,assignment]
+        _waiter_get, _waiter_set)
+
 
 class _Server(web.Server):
     __slots__ = ()
