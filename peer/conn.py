@@ -122,7 +122,7 @@ Event = wire.Event | DontHave | MetadataRequest
 
 class PeerConnection:
     """The state of one connection; ``info_hashes`` are the keys it may use (a hybrid
-    has two: the v1 hash and the truncated v2 one)."""
+    has two: the v1 hash, then the truncated v2 one)."""
 
     def __init__(
         self,
@@ -283,6 +283,17 @@ class PeerConnection:
             self._fragment_at = now  # more of a block (or another message) on its way
         return out
 
+    def _answer_key(self, ev: wire.Handshake) -> bytes:
+        """The key an incoming handshake is answered with: the one it used, but for a
+        hybrid's v1 hash with the upgrade bit (BEP 52), answered with the v2 one, as
+        libtorrent answers it. Answered with the v1 hash, a libtorrent that had learnt
+        meanwhile (from a tracker's v2 announce) that the peer speaks v2 expected the v2
+        hash and closed with "invalid info-hash": a tracker's leecher never connected."""
+        keys = self.info_hashes
+        if len(keys) == 2 and ev.info_hash == keys[0] and wire.supports_v2(ev.reserved):
+            return keys[1]
+        return ev.info_hash
+
     def _apply(self, ev: wire.Event) -> bool:
         if type(ev) is wire.Piece and self.handshaken:  # a download's message, tested
             # first; dropped when not asked for (late after a cancel, or unsolicited)
@@ -320,8 +331,8 @@ class PeerConnection:
                     self._send_first(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
                 raise wire.Ourselves("a connection to ourselves")
             if self.info_hash is None:  # incoming: answer with the key it used
-                self.info_hash = ev.info_hash
-                self._send_first(wire.handshake(ev.info_hash, self.peer_id, self.reserved))
+                self.info_hash = self._answer_key(ev)
+                self._send_first(wire.handshake(self.info_hash, self.peer_id, self.reserved))
             self.remote_id = ev.peer_id
             self.handshaken = True
             self.fast = wire.supports_fast(ev.reserved)

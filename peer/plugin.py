@@ -2926,6 +2926,7 @@ class Swarm:
             try:
                 reply = await tracker.announce(self._counters(), complete)
                 fails = 0
+                log.info("announced%s: %d peers", under, len(reply.peers))
                 if reply.warning is not None:
                     log.warning("tracker warning%s: %s", under, printable(reply.warning))
                 for host, port in dial_order(list(reply.peers)):

@@ -234,6 +234,25 @@ def test_incoming_answers_with_the_key_used(
             assert len(out) == 1
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_incoming_v1_key_with_the_upgrade_bit_is_answered_with_the_v2_key(
+        torrents: dict[str, Source], kind: str) -> None:
+    """BEP 52's upgrade, as libtorrent answers it: a hybrid's v1 hash with bit 0x10 of
+    the last reserved byte gets the truncated v2 hash back (without the bit: the v1
+    hash); a torrent with one key answers with that key whatever the bit."""
+    meta = torrents[f"{kind}/odd/64k"].meta
+    keys = meta.aliases
+    sizes = [meta.piece_size(p) for p in range(meta.num_pieces)]
+    for bit in (False, True):
+        c = PeerConnection(keys, A_ID, sizes, v2=meta.has_v2)
+        c.receive(wire.handshake(keys[0], B_ID, wire.make_reserved(extended=True, v2=bit)))
+        hs = sent(c, handshake=True)[0]
+        assert isinstance(hs, wire.Handshake)
+        expected = keys[1] if bit and kind == "hybrid" else keys[0]
+        assert hs.info_hash == expected == c.info_hash
+        assert c.handshaken and c.remote_id == B_ID
+
+
 def test_outgoing_hybrid_accepts_either_key(torrents: dict[str, Source]) -> None:
     meta = torrents["hybrid/odd/64k"].meta
     v1, v2 = meta.aliases

@@ -139,6 +139,15 @@ class Seeding:
                  env: dict[str, str] | None = None) -> None:
         self.proc, self.port = listening(torrent, save, d, "--seed", *extra, env=env)
 
+    def watch(self, wait: Callable[[float], None], timeout: float) -> None:
+        """``wait(timeout)``; if it fails, what pieced-peer said is told with it."""
+        try:
+            wait(timeout)
+        except Exception as exc:
+            self.proc.send_signal(signal.SIGTERM)
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"{exc}\npieced-peer said:\n{err[-6000:]}") from exc
+
     def stop(self) -> dict[str, Any]:
         self.proc.send_signal(signal.SIGTERM)
         out, err = self.proc.communicate(timeout=30)
@@ -578,10 +587,12 @@ def test_peers_that_leave_mid_piece(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _tracker(reply: Callable[[dict[str, str]], bytes]) -> Iterator[tuple[int, list[dict[str, str]]]]:
+def _tracker(reply: Callable[[dict[str, str]], Any]) -> Iterator[tuple[int, list[dict[str, str]]]]:
     """An HTTP tracker on loopback (aiohttp, on a thread of its own) answering every
-    announce with ``reply(query)``; yields its port and the queries it got."""
+    announce with ``reply(query)`` (bytes, or a coroutine that gives them: an answer held
+    back holds no other); yields its port and the queries it got."""
     import asyncio
+    import inspect
 
     from aiohttp import web
 
@@ -594,7 +605,10 @@ def _tracker(reply: Callable[[dict[str, str]], bytes]) -> Iterator[tuple[int, li
             query = dict(request.query)  # (binary values decoded as text, and mangled:
             query["raw"] = request.query_string  # as sent, under "raw")
             seen.append(query)
-            return web.Response(body=reply(query))
+            body = reply(query)
+            if inspect.isawaitable(body):
+                body = await body
+            return web.Response(body=body)
 
         async def main() -> None:
             app = web.Application()
@@ -740,15 +754,89 @@ def test_a_udp_tracker_brings_pieced_peer_and_libtorrent_together_both_ways(
                 summary = download(torrent, tmp_path / "dl", d)
             assert summary["peers"] >= 1 and summary["bytes_down"] > 0, summary
             _same_tree(content, tmp_path / "dl" / "payload", files)
-            seeding = Seeding(torrent, tmp_path / "dl", d)
-            with LtPeer(raw, tmp_path / "leech", seed=False) as leecher:
+            seeding = Seeding(torrent, tmp_path / "dl", d, env={"PIECED_PEER_LOG": "INFO"})
+            with LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True) as leecher:
                 leecher.handle.add_tracker({"url": ot.udp_url})
                 leecher.handle.force_reannounce()
-                leecher.wait_finished(120)
+                seeding.watch(leecher.wait_finished, 120)
                 assert leecher.hash_failures() == 0
             assert seeding.stop()["bytes_up"] > 0
             _same_tree(content, tmp_path / "leech" / "payload", files)
     finally:
+        assert d.stop() == 0, d.stderr()
+
+
+def test_a_leecher_told_of_us_under_a_hybrids_v2_hash_as_it_dials_takes_our_answer(
+        tmp_path: Path) -> None:
+    """A libtorrent leecher of a hybrid announces under both keys. Given our address by
+    the v1 announce, it dials with the v1 hash and the upgrade bit; if the v2 announce's
+    reply names us too before our answer comes, it expects the v2 hash back, and closed
+    on our v1 hash ("invalid info-hash"), not to dial again for a minute or more: seen
+    with a real tracker when the two replies came together. Made certain here: our
+    answer goes through a relay that holds it until the v2 reply is out. Answered with
+    the v2 hash (as libtorrent answers such a handshake), the leecher takes it."""
+    import asyncio
+    import re
+    import socket
+    from urllib.parse import unquote_to_bytes
+
+    import bencodepy
+
+    piece = 65536
+    content, raw, torrent = _made(tmp_path, {"a.bin": 6 * piece + 11}, piece, "hybrid", seed=43)
+    meta = parse(raw)
+    assert meta.info_hash_v2 is not None
+    dialled, v2_out = threading.Event(), threading.Event()
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay_port = relay.getsockname()[1]
+    threads: list[threading.Thread] = []
+    d = Daemon(tmp_path)
+    seeding = Seeding(torrent, tmp_path / "seed", d)
+
+    def pump(src: socket.socket, dst: socket.socket, hold: bool) -> None:
+        if hold:
+            v2_out.wait(30)
+            time.sleep(0.5)  # (the reply read by the leecher, its peer marked v2)
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                down, _ = relay.accept()
+                up = socket.create_connection(("127.0.0.1", seeding.port))
+                dialled.set()
+                for src, dst, hold in ((down, up, False), (up, down, True)):
+                    t = threading.Thread(target=pump, args=(src, dst, hold), daemon=True)
+                    t.start()
+                    threads.append(t)
+
+    async def reply(query: dict[str, str]) -> bytes:
+        found = re.search("(?:^|&)info_hash=([^&]*)", query["raw"])
+        assert found is not None
+        if unquote_to_bytes(found.group(1)) == meta.info_hash_v2[:20]:
+            await asyncio.get_running_loop().run_in_executor(None, dialled.wait, 30)
+            asyncio.get_running_loop().call_later(0.05, v2_out.set)
+        return bencodepy.encode({b"interval": 1800, b"peers": _compact(relay_port)})
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with _tracker(reply) as (port, _seen), \
+                LtPeer(raw, tmp_path / "leech", seed=False, log_peer=True) as leecher:
+            leecher.handle.add_tracker({"url": f"http://127.0.0.1:{port}/announce"})
+            leecher.handle.force_reannounce()
+            seeding.watch(leecher.wait_finished, 45)
+            assert dialled.is_set() and v2_out.is_set()  # (the race, made)
+            assert not [line for line in leecher.peer_log() if "invalid info" in line]
+            assert leecher.hash_failures() == 0
+        assert seeding.stop()["bytes_up"] > 0
+        _same_tree(content, tmp_path / "leech" / "payload", {"a.bin": 6 * piece + 11})
+    finally:
+        relay.close()
         assert d.stop() == 0, d.stderr()
 
 
