@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import random
 import re
+import socket
 import ssl
 import urllib.parse
 import zlib
@@ -161,8 +162,45 @@ def parse_response(body: bytes) -> Reply:
                  warning)
 
 
+# Request forgery (a .torrent, or a tracker's redirect, that has us send a GET of its
+# making to another service), refused as libtorrent refuses it: a request to this machine
+# must be an announce (its path begins with /announce), and a tracker's URL may not carry
+# an announce's arguments already (a GET shaped by the .torrent, ours appended after).
+ANNOUNCE_PATH = "/announce"
+ANNOUNCE_ARGS = frozenset({"info_hash", "event", "port", "left", "key", "uploaded",
+                           "downloaded", "corrupt", "peer_id"})
+
+
+def _forged_argument(base: str) -> str | None:
+    """The first announce argument the URL's own query carries, if any."""
+    query = urllib.parse.urlsplit(base).query
+    for arg in query.split("&"):
+        name = arg.partition("=")[0]
+        if name.lower() in ANNOUNCE_ARGS:
+            return name
+    return None
+
+
+def this_machine(ip: str) -> bool:
+    """Whether a connection to ``ip`` reaches this machine: loopback, the unspecified
+    address (0.0.0.0 is dialled as this machine), either as an IPv4-mapped IPv6 one."""
+    try:
+        a = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    return a.is_loopback or a.is_unspecified
+
+
 def announce_url(base: str, info_hash: bytes, peer_id: bytes, port: int, event: str,
                  counters: dict[str, int], tracker_id: bytes | None = None) -> str:
+    """The announce's URL; TrackerError if ``base`` carries an announce argument of its
+    own (see ANNOUNCE_ARGS)."""
+    forged = _forged_argument(base.split("#", 1)[0])
+    if forged is not None:
+        raise TrackerError(f"refused: the tracker's URL carries {printable(forged[:40])}= "
+                           "already, as only a forged request would")
     query = {
         "info_hash": info_hash,
         "peer_id": peer_id,
@@ -226,7 +264,8 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
     netloc = f"[{host}]" if ":" in host else host
     if port != default:
         netloc += f":{port}"
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    path = parts.path or "/"
+    target = path + (f"?{parts.query}" if parts.query else "")
     lines = [b"GET " + _NOT_IN_TARGET.sub(lambda m: b"%%%02X" % m[0][0], target.encode())
              + b" HTTP/1.1", b"Host: " + netloc.encode("ascii"), b"User-Agent: pieced-peer",
              b"Accept-Encoding: gzip", b"Connection: close"]
@@ -240,9 +279,12 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
         if _tls is None:
             _tls = ssl.create_default_context()
         context = _tls
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=context, server_hostname=host if context else None,
-        happy_eyeballs_delay=0.25)
+    if path.startswith(ANNOUNCE_PATH):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=host if context else None,
+            happy_eyeballs_delay=0.25)
+    else:
+        reader, writer = await _elsewhere(url, host, port, context)
     try:
         writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
         buf = bytearray()
@@ -296,6 +338,33 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
         if len(body) > MAX_REPLY:
             raise _too_long()
     return status, headers, body
+
+
+async def not_this_machine(url: str, host: str, port: int) -> list[str]:
+    """The addresses of ``host`` a request that is not an announce may go to: those
+    that are not this machine (resolved once, and dialled as resolved: a name that
+    resolves elsewhere first and here at the dial is no way round); TrackerError if
+    none is."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = [str(info[4][0]) for info in infos if not this_machine(str(info[4][0]))]
+    if not addresses:
+        raise TrackerError(f"refused: {printable(url[:200])} is on this machine and is not "
+                           f"an announce (its path does not begin with {ANNOUNCE_PATH})")
+    return list(dict.fromkeys(addresses))
+
+
+async def _elsewhere(url: str, host: str, port: int, context: ssl.SSLContext | None) -> tuple[
+        asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection for a request that is not an announce (see not_this_machine): its
+    host's first addresses tried in turn."""
+    last: OSError = OSError(f"no address of {host} answered")
+    for ip in (await not_this_machine(url, host, port))[:4]:
+        try:
+            return await asyncio.open_connection(
+                ip, port, ssl=context, server_hostname=host if context else None)
+        except OSError as exc:
+            last = exc
+    raise last
 
 
 async def _body(reader: asyncio.StreamReader, have: bytes, headers: dict[str, str]) -> bytes:

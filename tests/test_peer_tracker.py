@@ -66,11 +66,11 @@ def test_garbage_raises_only_tracker_error(body: bytes) -> None:
 
 def test_announce_url_escapes_binary_hashes() -> None:
     ih = bytes(range(20))
-    url = announce_url("http://t.example/announce?key=1", ih, b"-PZ0001-abcdefabcdef", 6881,
+    url = announce_url("http://t.example/announce?passkey=1", ih, b"-PZ0001-abcdefabcdef", 6881,
                        "started", {"uploaded": 1, "downloaded": 2, "left": 3})
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert urllib.parse.unquote_to_bytes(url.split("info_hash=")[1].split("&")[0]) == ih
-    assert query["key"] == ["1"] and query["event"] == ["started"] and query["compact"] == ["1"]
+    assert query["passkey"] == ["1"] and query["event"] == ["started"] and query["compact"] == ["1"]
     assert query["left"] == ["3"] and query["port"] == ["6881"]
 
 
@@ -100,7 +100,7 @@ def test_a_tracker_that_fails_in_any_way_leaves_the_next_one_asked() -> None:
                 {b"interval": 60, b"peers": bytes([127, 0, 0, 1, 0x1A, 0xE1])}))
 
         app = web.Application()
-        app.router.add_get("/good", good)
+        app.router.add_get("/announce/good", good)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -108,7 +108,7 @@ def test_a_tracker_that_fails_in_any_way_leaves_the_next_one_asked() -> None:
         port = runner.addresses[0][1]
         try:
             for first in ("http://ex..ample/announce", "http://" + "a" * 64 + ".org/announce"):
-                t = Tracker([[first, f"http://127.0.0.1:{port}/good"]], bytes(20),
+                t = Tracker([[first, f"http://127.0.0.1:{port}/announce/good"]], bytes(20),
                             b"-PZ0001-abcdefabcdef", 6881)
                 try:
                     assert (await t.announce({}, False))[:2] == ([("127.0.0.1", 6881)], 60.0)
@@ -161,13 +161,13 @@ def test_goodbyes_go_to_the_trackers_that_answered_each_on_its_own() -> None:
 
         app = web.Application()
         for name, handler in (("flaky", flaky), ("good", good), ("never", never)):
-            app.router.add_get(f"/{name}", handler)
+            app.router.add_get(f"/announce/{name}", handler)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}/announce"
         t = Tracker([[f"{base}/flaky", f"{base}/good", f"{base}/never"]], bytes(20),
                     b"-PZ0001-abcdefabcdef", 6881)
         try:
@@ -260,18 +260,19 @@ def test_a_tracker_refusal_cannot_forge_lines_or_drive_the_terminal() -> None:
 
 
 def _serve(routes: dict[str, Any]) -> Any:
-    """An aiohttp app on 127.0.0.1 with ``routes`` (path -> handler): (runner, base URL),
-    to be awaited."""
+    """An aiohttp app on 127.0.0.1 with ``routes`` (path -> handler) under /announce:
+    (runner, base URL: its /announce), to be awaited. (A request to this machine must
+    be an announce: see test_requests_that_are_not_announces_are_not_sent_here.)"""
     from aiohttp import web
 
     async def start() -> tuple[Any, str]:
         app = web.Application()
         for path, handler in routes.items():
-            app.router.add_get(path, handler)
+            app.router.add_get("/announce" + path, handler)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/announce"
 
     return start()
 
@@ -454,7 +455,7 @@ def test_refusals_and_redirects_are_said_in_a_line() -> None:
         raise web.HTTPFound("udp://127.0.0.1:1/announce")
 
     async def loop(req: web.Request) -> web.Response:
-        raise web.HTTPFound("/loop")
+        raise web.HTTPFound("/announce/loop")
 
     async def main() -> list[str]:
         runner, base = await _serve({"/refuse": refuse, "/to_udp": to_udp, "/loop": loop})
@@ -486,7 +487,7 @@ def test_a_300_with_a_location_is_followed_and_a_port_0_refused() -> None:
     from pieced.peer.tracker import Tracker
 
     async def choices(req: web.Request) -> web.Response:
-        return web.Response(status=300, headers={"Location": "/good"})
+        return web.Response(status=300, headers={"Location": "/announce/good"})
 
     async def good(req: web.Request) -> web.Response:
         return web.Response(body=bencodepy.encode(
@@ -911,3 +912,83 @@ def test_an_https_tracker_is_asked_over_tls_and_its_certificate_checked(
     assert isinstance(refused, TrackerError) and str(refused).startswith(url), refused
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused) or "certificate" in str(refused), refused
     assert reply[:2] == ([("127.0.0.1", 6881)], 60.0)
+
+
+def test_requests_that_are_not_announces_are_not_sent_here() -> None:
+    """A .torrent (or a tracker's redirect) could have us GET any URL, with our announce's
+    arguments after it: another service of this machine, whatever it does on a GET. As
+    libtorrent refuses them: a request to this machine (by any of its names: loopback,
+    0.0.0.0, an IPv4-mapped IPv6 address) must be an announce (its path begins with
+    /announce), and a tracker's URL may not carry announce arguments of its own. Nothing
+    of a refused request reaches the service."""
+    import asyncio
+
+    from aiohttp import web
+    from pieced.peer.tracker import Tracker
+
+    hits: list[str] = []
+
+    async def service(req: web.Request) -> web.Response:
+        hits.append(req.path)
+        if req.path == "/announce/to-admin":  # (an announce's path, sent elsewhere)
+            raise web.HTTPFound("/admin/delete")
+        return web.Response(body=bencodepy.encode({b"interval": 60, b"peers": b""}))
+
+    async def main() -> tuple[list[str], list[str]]:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", service)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", 0).start()
+        port = runner.addresses[0][1]
+        refused, answered = [], []
+        try:
+            for url in (f"http://127.0.0.1:{port}/admin/delete",
+                        f"http://localhost:{port}/x",
+                        f"http://127.9.9.9:{port}/",
+                        f"http://0.0.0.0:{port}/x",
+                        f"http://[::ffff:127.0.0.1]:{port}/x",
+                        f"http://127.0.0.1:{port}/announce?info_hash=forged",
+                        f"http://127.0.0.1:{port}/announce?PORT=1&a=b",
+                        f"http://192.0.2.7:{port}/x?peer_id=y",
+                        f"http://127.0.0.1:{port}/announce/to-admin",
+                        f"http://127.0.0.1:{port}/announce.php?passkey=k"):
+                t = Tracker([[url]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
+                try:
+                    await t.announce({}, False)
+                    answered.append(url)
+                except TrackerError as exc:
+                    refused.append(str(exc))
+                finally:
+                    await t.close()
+        finally:
+            await runner.cleanup()
+        return refused, answered
+
+    refused, answered = asyncio.run(main())
+    assert hits == ["/announce/to-admin", "/announce.php"], hits  # (the admin never)
+    assert [u.split("/", 3)[3] for u in answered] == ["announce.php?passkey=k"], answered
+    assert all("is on this machine and is not an announce" in r for r in refused[:5]), refused
+    assert "refused: the tracker's URL carries info_hash= already" in refused[5], refused
+    assert "carries PORT= already" in refused[6] and "carries peer_id=" in refused[7]
+    assert "/admin/delete" in refused[8] and "is on this machine" in refused[8], refused
+
+
+@pytest.mark.parametrize(("host", "kept"), [
+    ("192.0.2.7", ["192.0.2.7"]), ("2001:db8::1", ["2001:db8::1"]), ("127.0.0.1", None),
+    ("127.200.1.1", None), ("::1", None), ("0.0.0.0", None), ("::", None),
+    ("::ffff:127.0.0.1", None), ("::ffff:192.0.2.7", ["::ffff:192.0.2.7"]),
+    ("localhost", None)])
+def test_a_request_that_is_not_an_announce_goes_only_where_this_machine_is_not(
+        host: str, kept: list[str] | None) -> None:
+    """The addresses such a request may be dialled at (a private tracker's
+    http://host/KEY/announce is one): every address of the host but this machine's."""
+    import asyncio
+
+    from pieced.peer.tracker import not_this_machine
+
+    if kept is None:
+        with pytest.raises(TrackerError, match="is on this machine"):
+            asyncio.run(not_this_machine(f"http://{host}/x", host, 80))
+    else:
+        assert asyncio.run(not_this_machine(f"http://{host}/x", host, 80)) == kept
