@@ -348,7 +348,8 @@ async def not_this_machine(url: str, host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = [str(info[4][0]) for info in infos if not this_machine(str(info[4][0]))]
     if not addresses:
-        raise TrackerError(f"refused: {printable(url[:200])} is on this machine and is not "
+        where = url.split("?", 1)[0].split("#", 1)[0]  # (our announce's query left out)
+        raise TrackerError(f"refused: {printable(where[:200])} is on this machine and is not "
                            f"an announce (its path does not begin with {ANNOUNCE_PATH})")
     return list(dict.fromkeys(addresses))
 
