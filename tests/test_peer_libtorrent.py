@@ -1553,11 +1553,25 @@ def test_a_torrent_moved_by_another_client_is_followed_across_a_restart(
 
 
 def _free_port() -> int:
+    """A port free now on every interface, TCP and UDP, that the system hands out to no
+    outgoing connection meanwhile: one of its ephemeral range (what a bind to port 0
+    gives) was now and then taken, before the test's listener came, by a connection of
+    the test's own (a dial of that very port gets it as its source port), and the
+    listener failed with "address already in use"."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10000, max(low, 10001))
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET6, kind) as s:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    s.bind(("::", port))
+        except OSError:
+            continue
+        return port
 
 
 def _verified(socket_path: str) -> int:
