@@ -394,6 +394,11 @@ class Dial:
     unreached: int = 0  # attempts in a row that found nobody (no connection at all)
     seed: bool = False  # seen to have every piece: not dialled while we have them too
     peer_id: bytes = b""  # who answered there last (one peer may have two addresses)
+    # A hybrid's peer known to know it by its v2 hash (named by the v2 hash's announce,
+    # or it dialled us with that hash): dialled with it, as libtorrent dials such a peer.
+    # Dialled with the v1 hash, a libtorrent that had it from a v2 magnet link alone
+    # (no v1 hash known until the metadata came) refused every dial. (See _dialled too.)
+    v2: bool = False
 
     @property
     def dropped(self) -> bool:
@@ -1429,10 +1434,11 @@ class Swarm:
                 "left": left}
 
     # -- connections -----------------------------------------------------------------------
-    def connect(self, host: str, port: int, named: bool = True) -> bool:
+    def connect(self, host: str, port: int, named: bool = True, v2: bool = False) -> bool:
         """Dial an address, now if there is room, else once there is. ``named``: a
-        tracker or the user names it (again), not a dial of ours coming round. False
-        when a new address cannot be kept: MAX_KNOWN are, and none may be forgotten."""
+        tracker or the user names it (again), not a dial of ours coming round. ``v2``:
+        named under a hybrid's v2 hash (see Dial.v2). False when a new address cannot
+        be kept: MAX_KNOWN are, and none may be forgotten."""
         host = unmapped(host)  # (a tracker's peers6 may list IPv4 peers so)
         if port == self.listen_port and host in ("127.0.0.1", "::1", "localhost") and port:
             return True  # ourselves, as a tracker may list us
@@ -1442,6 +1448,7 @@ class Swarm:
             if len(self.known) >= MAX_KNOWN and not self._forget_one():
                 return False
             dial = self.known[addr] = Dial(Conduct(_address(host, port)))
+        dial.v2 |= v2
         if named:
             dial.unreached = 0
             dial.seed = False  # (a new peer may have taken the address; a seed says so again)
@@ -1494,8 +1501,9 @@ class Swarm:
                 transport.close()
                 inbox.release()
                 return
-            conn = PeerConnection(self.meta.aliases, self.peer_id, self.piece_sizes,
-                                  v2=self.meta.has_v2, outgoing_hash=self.ih, views=True,
+            keys = self.meta.aliases
+            conn = PeerConnection(keys, self.peer_id, self.piece_sizes, v2=self.meta.has_v2,
+                                  outgoing_hash=keys[-1] if dial.v2 else keys[0], views=True,
                                   metadata=self.metadata, listen_port=self._told_port())
             assert isinstance(transport, asyncio.Transport)
             peer = Peer(conn, transport, inbox, host, port, dial.conduct)
@@ -1519,6 +1527,12 @@ class Swarm:
                         "pieced-peer speaks plain BitTorrent only)", peer.addr)
         if peer is not None and peer.peer_id:
             dial.peer_id = peer.peer_id
+        if (peer is not None and not peer.conn.handshaken and peer.hung_up and not twin
+                and len(self.meta.aliases) == 2):
+            # A hybrid's peer that closed before its handshake may know the torrent by
+            # the other hash alone (from a magnet link of one hash: a --peer given, or
+            # a tracker's list of one swarm): dialled with the other hash next.
+            dial.v2 = not dial.v2
         dial.fails = 0 if peer is not None and peer.blocks else dial.fails + 1
         dial.unreached = 0 if peer is not None else dial.unreached + 1
         if peer is not None and (peer.conn.is_seed or (
@@ -1670,6 +1684,8 @@ class Swarm:
             # handshake has left the torrent; it spoke plain BitTorrent to us. A seed
             # said so once for every leecher that had come and gone.)
             dial = self.known[addr] = Dial(peer.conduct, warned=True)
+        keys = self.meta.aliases
+        dial.v2 |= len(keys) == 2 and peer.conn.info_hash == keys[1]
         if not dial.busy:
             self._dialled(dial, peer)
 
@@ -2929,8 +2945,9 @@ class Swarm:
                 log.info("announced%s: %d peers", under, len(reply.peers))
                 if reply.warning is not None:
                     log.warning("tracker warning%s: %s", under, printable(reply.warning))
+                v2 = len(self.meta.aliases) == 2 and tracker.info_hash == self.meta.aliases[1]
                 for host, port in dial_order(list(reply.peers)):
-                    if not self.connect(host, port):
+                    if not self.connect(host, port, v2=v2):
                         break  # (no room for more: the rest of a long list is left out)
                 wait = max(30.0, reply.interval)  # (at most a day: see parse_response)
             except Exception as exc:

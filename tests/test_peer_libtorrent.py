@@ -840,6 +840,58 @@ def test_a_leecher_told_of_us_under_a_hybrids_v2_hash_as_it_dials_takes_our_answ
         assert d.stop() == 0, d.stderr()
 
 
+@pytest.mark.parametrize("named_by", ["tracker", "user"])
+def test_a_hybrids_peer_that_knows_it_by_its_v2_hash_alone_is_dialled_with_that_hash(
+        tmp_path: Path, named_by: str) -> None:
+    """A libtorrent leecher of a hybrid added from a v2 magnet link knows the torrent by
+    its v2 hash alone (the v1 one comes with the metadata). pieced-peer, seeding, dialled
+    it with the v1 hash: "couldn't find a torrent with the given info_hash", at every
+    dial, and the leecher waited for its own next announce (half an hour on opentracker).
+    A peer named under the v2 hash (by that hash's announce) is dialled with it, as
+    libtorrent dials it; one named otherwise (``--peer``) that closes before its
+    handshake is dialled with the other hash next."""
+    import re
+    from urllib.parse import unquote_to_bytes
+
+    import bencodepy
+
+    piece = 65536
+    files = {"a.bin": 5 * piece + 77, "b.bin": 999}
+    content, raw, torrent = _made(tmp_path, files, piece, "hybrid", seed=47)
+    meta = parse(raw)
+    assert meta.info_hash_v2 is not None
+    state: dict[str, int] = {}
+
+    def reply(query: dict[str, str]) -> bytes:
+        found = re.search("(?:^|&)info_hash=([^&]*)", query["raw"])
+        assert found is not None
+        named = unquote_to_bytes(found.group(1)) == meta.info_hash_v2[:20]  # (the v2 swarm)
+        return bencodepy.encode({b"interval": 1800,
+                                 b"peers": _compact(state["leecher"]) if named else b""})
+
+    d = Daemon(tmp_path)
+    try:
+        with _tracker(reply) as (port, seen), \
+                LtPeer(raw, tmp_path / "leech", seed=False, magnet="v2", log_peer=True) as leecher:
+            state["leecher"] = leecher.port
+            if named_by == "tracker":
+                seeding = Seeding(_with_tracker(raw, port, tmp_path / "t2.torrent"),
+                                  tmp_path / "seed", d)
+            else:
+                seeding = Seeding(torrent, tmp_path / "seed", d, "--peer",
+                                  f"127.0.0.1:{leecher.port}")
+            seeding.watch(leecher.wait_finished, 45)
+            refused = [line for line in leecher.peer_log()
+                       if "invalid info" in line or "couldn't find a torrent" in line]
+            assert len(refused) <= (0 if named_by == "tracker" else 2), refused
+            assert leecher.hash_failures() == 0
+            assert seeding.stop()["bytes_up"] > 0
+        assert len(seen) >= (2 if named_by == "tracker" else 0)  # (both keys announced)
+        _same_tree(content, tmp_path / "leech" / "payload", files)
+    finally:
+        assert d.stop() == 0, d.stderr()
+
+
 def test_without_listen_a_torrent_with_trackers_announces_a_port_it_answers_on(
         tmp_path: Path) -> None:
     """No --listen, and the torrent names a tracker: pieced-peer told the tracker port
