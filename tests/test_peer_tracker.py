@@ -403,7 +403,8 @@ def test_a_download_completed_while_an_announce_runs_is_announced_at_once() -> N
         runner, base = await _serve({"/a": slow})
         tracker = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
         swarm = SimpleNamespace(done=asyncio.Event(), _counters=lambda: {},
-                                connect=lambda host, port: None)
+                                meta=SimpleNamespace(aliases=(bytes(20),)),
+                                connect=lambda host, port, v2=False: None)
         loop = asyncio.ensure_future(Swarm._announce_loop(swarm, tracker))
         try:
             deadline = time.monotonic() + 5
@@ -783,7 +784,8 @@ def test_a_trackers_warning_is_shown_escaped_and_cut() -> None:
         runner, base = await _serve({"/a": answer})
         t = Tracker([[f"{base}/a"]], bytes(20), b"-PZ0001-abcdefabcdef", 6881)
         swarm = SimpleNamespace(done=asyncio.Event(), _counters=lambda: {},
-                                connect=lambda host, port: None)
+                                meta=SimpleNamespace(aliases=(bytes(20),)),
+                                connect=lambda host, port, v2=False: None)
         loop = asyncio.ensure_future(Swarm._announce_loop(cast(Any, swarm), t))
         try:
             deadline = time.monotonic() + 5
